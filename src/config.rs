@@ -1,0 +1,217 @@
+//! Server settings: the `serve` flags (each also an `IVR311_*` environment variable) and the
+//! `--config` YAML for everything else. Every setting has a documented default, so
+//! `ivr311 serve` with no flags at all runs the shipped menu.
+//!
+//! The YAML is parsed with `deny_unknown_fields`: a misspelt key is an error naming the file,
+//! line and column, never silently ignored.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// `ivr311 serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// SIP listen address, UDP and TCP on the same port.
+    #[arg(long, env = "IVR311_SIP", default_value = "0.0.0.0:5060")]
+    pub sip: SocketAddr,
+    /// HTTP listen address (health, API).
+    #[arg(long, env = "IVR311_HTTP", default_value = "127.0.0.1:8311")]
+    pub http: SocketAddr,
+    /// The menu file.
+    #[arg(long, env = "IVR311_MENU", default_value = "menus/311.yaml")]
+    pub menu: PathBuf,
+    /// The prompts directory (`<dir>/<lang>/<name>.wav`).
+    #[arg(long, env = "IVR311_PROMPTS", default_value = "prompts")]
+    pub prompts: PathBuf,
+    /// SQLite database file.
+    #[arg(long, env = "IVR311_DB", default_value = "ivr311.db")]
+    pub db: PathBuf,
+    /// RTP port range, `LO-HI` (one port per call).
+    #[arg(long, env = "IVR311_RTP_PORTS", default_value = "10000-20000", value_parser = parse_port_range)]
+    pub rtp_ports: PortRange,
+    /// YAML file with the remaining settings (limits, media, emergency...).
+    #[arg(long, env = "IVR311_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// Parse `LO-HI`.
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected LO-HI, got {s:?}"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("bad port {lo:?}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("bad port {hi:?}"))?;
+    if lo == 0 || hi < lo {
+        return Err(format!("bad range {lo}-{hi}: need 0 < LO <= HI"));
+    }
+    Ok(PortRange { lo, hi })
+}
+
+/// The `--config` YAML.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub limits: Limits,
+    pub media: MediaConfig,
+}
+
+/// Bounds on everything that grows with traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most simultaneous calls; INVITEs past it get 503 with Retry-After. Default 5000.
+    pub max_calls: usize,
+    /// Largest SIP message accepted, bytes. Default 65536.
+    pub max_message_bytes: usize,
+    /// A call with no RTP from the caller for this long is ended with BYE. Default 60.
+    pub no_media_seconds: u64,
+    /// Longest call, seconds (a stuck caller cannot hold a port forever). Default 3600.
+    pub max_call_seconds: u64,
+    /// On shutdown, how long calls in progress may continue. Default 30.
+    pub drain_seconds: u64,
+    /// Most simultaneous TCP connections for SIP. Default 1024.
+    pub max_tcp_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_calls: 5000,
+            max_message_bytes: 64 * 1024,
+            no_media_seconds: 60,
+            max_call_seconds: 3600,
+            drain_seconds: 30,
+            max_tcp_connections: 1024,
+        }
+    }
+}
+
+/// Media settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// The IP put in SDP and Contact. Default: the SIP address if it is specific, else the
+    /// local address that routes to each caller.
+    pub advertise_ip: Option<std::net::IpAddr>,
+    /// Default language of prompts. Default `en`.
+    pub default_language: String,
+    /// Ring (180 Ringing) for this many milliseconds before answering. Default 0.
+    pub answer_after_ms: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            advertise_ip: None,
+            default_language: "en".into(),
+            answer_after_ms: 0,
+        }
+    }
+}
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// YAML syntax or schema error, with line and column where known.
+    #[error("{path}:{line}:{column}: {message}")]
+    Yaml {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(FileConfig::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            ConfigError::Yaml {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            parse_port_range("10000-20000"),
+            Ok(PortRange {
+                lo: 10000,
+                hi: 20000
+            })
+        );
+        assert!(parse_port_range("20000-10000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("abc").is_err());
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = FileConfig::parse(Path::new("x.yaml"), "").unwrap();
+        assert_eq!(c.limits.max_calls, 5000);
+        assert_eq!(c.limits.no_media_seconds, 60);
+        assert_eq!(c.media.default_language, "en");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_location() {
+        let e = FileConfig::parse(
+            Path::new("c.yaml"),
+            "limits:\n  max_calls: 10\n  max_cals: 3\n",
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("c.yaml:3:"), "{s}");
+        assert!(s.contains("max_cals"), "{s}");
+    }
+
+    #[test]
+    fn every_shipped_sample_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "yaml") {
+                FileConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no sample configs in {}", dir.display());
+    }
+}

@@ -1,0 +1,291 @@
+//! RTP packets (RFC 3550) through webrtc-rs's sans-IO `rtc-rtp`: our outgoing stream's
+//! sequence/timestamp/SSRC bookkeeping, parsing of incoming packets, and symmetric-RTP latching.
+//!
+//! No sockets and no clock here. Writing goes into a caller-provided buffer so the send path
+//! allocates nothing per packet.
+
+use rtc_rtp::header::Header;
+use rtc_shared::marshal::{Marshal, MarshalSize, Unmarshal};
+use std::net::SocketAddr;
+
+/// RTP fixed header length without CSRCs or extensions.
+pub const HEADER_LEN: usize = 12;
+
+/// Why an incoming datagram is not usable RTP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RtpError {
+    #[error("not RTP: {0}")]
+    Malformed(String),
+    #[error("RTP version {0} is not 2")]
+    Version(u8),
+    /// RTCP sent to the RTP port (rtcp-mux); ignored, not an error for the call.
+    #[error("RTCP packet type {0}")]
+    Rtcp(u8),
+}
+
+/// A parsed incoming packet borrowing its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming<'a> {
+    pub payload_type: u8,
+    pub marker: bool,
+    pub sequence: u16,
+    pub timestamp: u32,
+    pub ssrc: u32,
+    pub payload: &'a [u8],
+}
+
+/// Parse one datagram as RTP.
+pub fn parse(buf: &[u8]) -> Result<Incoming<'_>, RtpError> {
+    if buf.len() < HEADER_LEN {
+        return Err(RtpError::Malformed(format!("{} bytes", buf.len())));
+    }
+    let version = buf[0] >> 6;
+    if version != 2 {
+        return Err(RtpError::Version(version));
+    }
+    // RFC 5761: RTCP packet types 200..=204 (as the second byte) when muxed.
+    if (200..=204).contains(&buf[1]) {
+        return Err(RtpError::Rtcp(buf[1]));
+    }
+    let mut reader = buf;
+    let header = Header::unmarshal(&mut reader).map_err(|e| RtpError::Malformed(e.to_string()))?;
+    let start = header.marshal_size();
+    let mut end = buf.len();
+    if header.padding {
+        let pad = buf[end - 1] as usize;
+        if pad == 0 || start + pad > end {
+            return Err(RtpError::Malformed("bad padding".into()));
+        }
+        end -= pad;
+    }
+    if start > end {
+        return Err(RtpError::Malformed("header longer than packet".into()));
+    }
+    Ok(Incoming {
+        payload_type: header.payload_type,
+        marker: header.marker,
+        sequence: header.sequence_number,
+        timestamp: header.timestamp,
+        ssrc: header.ssrc,
+        payload: &buf[start..end],
+    })
+}
+
+/// Our outgoing RTP stream: one SSRC, a running sequence number and timestamp.
+#[derive(Debug, Clone)]
+pub struct RtpStream {
+    ssrc: u32,
+    sequence: u16,
+    timestamp: u32,
+    marker_next: bool,
+}
+
+impl RtpStream {
+    /// A stream with random SSRC, sequence and timestamp origins (RFC 3550 §5.1).
+    pub fn new() -> Self {
+        Self::with_origin(rand::random(), rand::random(), rand::random())
+    }
+
+    pub fn with_origin(ssrc: u32, sequence: u16, timestamp: u32) -> Self {
+        RtpStream {
+            ssrc,
+            sequence,
+            timestamp,
+            marker_next: true,
+        }
+    }
+
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    pub fn timestamp(&self) -> u32 {
+        self.timestamp
+    }
+
+    /// The next packet starts a talk spurt (RFC 3551 §4.1: marker bit).
+    pub fn start_talkspurt(&mut self) {
+        self.marker_next = true;
+    }
+
+    /// Let `samples` of time pass without sending (after a stall): the receiver sees a gap in
+    /// timestamps, not a burst of late packets.
+    pub fn skip(&mut self, samples: u32) {
+        self.timestamp = self.timestamp.wrapping_add(samples);
+        self.marker_next = true;
+    }
+
+    /// Write one packet carrying `payload` (covering `samples` of time) into `out`; returns its
+    /// length. `out` must hold `HEADER_LEN + payload.len()` bytes.
+    pub fn write(
+        &mut self,
+        payload_type: u8,
+        payload: &[u8],
+        samples: u32,
+        out: &mut [u8],
+    ) -> usize {
+        let n = self.write_at(payload_type, self.timestamp, self.marker_next, payload, out);
+        self.marker_next = false;
+        self.timestamp = self.timestamp.wrapping_add(samples);
+        n
+    }
+
+    /// Write a packet with an explicit timestamp and marker (RFC 4733 events keep the event's
+    /// start timestamp across packets). Advances only the sequence number.
+    pub fn write_at(
+        &mut self,
+        payload_type: u8,
+        timestamp: u32,
+        marker: bool,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> usize {
+        let header = Header {
+            version: 2,
+            marker,
+            payload_type,
+            sequence_number: self.sequence,
+            timestamp,
+            ssrc: self.ssrc,
+            ..Default::default()
+        };
+        self.sequence = self.sequence.wrapping_add(1);
+        let n = header.marshal_to(out).unwrap_or(HEADER_LEN);
+        out[n..n + payload.len()].copy_from_slice(payload);
+        n + payload.len()
+    }
+}
+
+impl Default for RtpStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Symmetric RTP (RFC 4961 style, "comedia"): send to where the caller's media comes from.
+///
+/// We start with the address from the SDP and latch once to the source of the first valid RTP
+/// packet, which is the right address behind NAT. After latching, packets from other addresses
+/// are dropped (and counted), so a third party cannot hijack the stream.
+#[derive(Debug, Clone)]
+pub struct Latch {
+    signalled: SocketAddr,
+    latched: Option<SocketAddr>,
+}
+
+/// What to do with a packet from a given source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatchDecision {
+    /// First packet: we now send to this address.
+    Latched,
+    Accept,
+    /// From somewhere else after latching: drop it.
+    Foreign,
+}
+
+impl Latch {
+    pub fn new(signalled: SocketAddr) -> Self {
+        Latch {
+            signalled,
+            latched: None,
+        }
+    }
+
+    /// Where our packets go now.
+    pub fn remote(&self) -> SocketAddr {
+        self.latched.unwrap_or(self.signalled)
+    }
+
+    pub fn is_latched(&self) -> bool {
+        self.latched.is_some()
+    }
+
+    /// A new SDP (re-INVITE) names a new address: follow it and latch again.
+    pub fn resignal(&mut self, addr: SocketAddr) {
+        if addr != self.signalled {
+            self.signalled = addr;
+            self.latched = None;
+        }
+    }
+
+    pub fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
+        match self.latched {
+            None => {
+                self.latched = Some(from);
+                LatchDecision::Latched
+            }
+            Some(a) if a == from => LatchDecision::Accept,
+            Some(_) => LatchDecision::Foreign,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_parse_round_trip_with_marker_on_first_packet() {
+        let mut s = RtpStream::with_origin(0xdead_beef, 65535, 1000);
+        let mut buf = [0u8; 200];
+        let n = s.write(0, &[0xff; 160], 160, &mut buf);
+        assert_eq!(n, 172);
+        let p = parse(&buf[..n]).unwrap();
+        assert_eq!(
+            (
+                p.payload_type,
+                p.marker,
+                p.sequence,
+                p.timestamp,
+                p.ssrc,
+                p.payload.len()
+            ),
+            (0, true, 65535, 1000, 0xdead_beef, 160)
+        );
+        let n = s.write(0, &[0xff; 160], 160, &mut buf);
+        let p = parse(&buf[..n]).unwrap();
+        assert_eq!((p.marker, p.sequence, p.timestamp), (false, 0, 1160));
+        s.skip(320);
+        let n = s.write(8, &[0xd5; 160], 160, &mut buf);
+        let p = parse(&buf[..n]).unwrap();
+        assert_eq!(
+            (p.marker, p.sequence, p.timestamp, p.payload_type),
+            (true, 1, 1640, 8)
+        );
+    }
+
+    #[test]
+    fn garbage_is_rejected_without_panic() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&[0x80; 5]).is_err());
+        assert_eq!(parse(&[0x40; 20]), Err(RtpError::Version(1)));
+        // RTCP receiver report muxed onto the RTP port
+        let rr = [0x81, 201, 0, 1, 0, 0, 0, 1];
+        assert!(parse(&rr).is_err());
+        // padding longer than the packet
+        let mut p = [0u8; 14];
+        p[0] = 0xA0;
+        p[13] = 200;
+        assert!(parse(&p).is_err());
+        // CSRC count promising more than present
+        let mut p = [0u8; 12];
+        p[0] = 0x8F;
+        assert!(parse(&p).is_err());
+    }
+
+    #[test]
+    fn latch_once_then_drop_foreign_sources() {
+        let sdp: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let real: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+        let mut l = Latch::new(sdp);
+        assert_eq!(l.remote(), sdp);
+        assert_eq!(l.on_packet(real), LatchDecision::Latched);
+        assert_eq!(l.remote(), real);
+        assert_eq!(l.on_packet(real), LatchDecision::Accept);
+        assert_eq!(l.on_packet(other), LatchDecision::Foreign);
+        assert_eq!(l.remote(), real);
+        l.resignal(other);
+        assert_eq!(l.on_packet(other), LatchDecision::Latched);
+    }
+}

@@ -1,0 +1,314 @@
+//! One call's media, sans-IO: the prompt player, our RTP stream, the caller's DTMF, and
+//! symmetric-RTP latching.
+//!
+//! The call task owns the socket and the 20 ms tick and drives a [`MediaSession`]:
+//! [`MediaSession::on_rtp`] for each datagram that arrives, [`MediaSession::on_tick`] every
+//! packet time. What comes out: bytes to send to [`MediaSession::remote`], and [`MediaEvent`]s
+//! (a key pressed, the prompt queue ran dry). Prompts are shared `Arc`s, pre-encoded in both
+//! G.711 laws at start-up, so playing one copies 160 bytes per tick and allocates nothing.
+//!
+//! While nothing is queued we keep sending silence: it keeps NAT bindings open and lets the
+//! caller's phone see a live stream. On hold (the caller's SDP says sendonly or inactive) we
+//! send nothing and the player pauses.
+
+use crate::media::dtmf::DtmfDetector;
+use crate::media::g711::Codec;
+use crate::media::prompt::Prompt;
+use crate::media::rtp::{self, LatchDecision, RtpStream};
+use crate::media::sdp::{Direction, Negotiated};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Samples in one 20 ms G.711 packet.
+pub const FRAME_SAMPLES: usize = 160;
+/// Buffer size that fits any packet we send.
+pub const MAX_PACKET: usize = rtp::HEADER_LEN + FRAME_SAMPLES + 16;
+
+/// Something the call should react to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaEvent {
+    /// A key press (RFC 4733), reported once.
+    Digit(char),
+    /// The prompt queue has finished playing.
+    PlayDone,
+}
+
+/// Counters, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MediaStats {
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub malformed_in: u64,
+    pub foreign_in: u64,
+    pub digits: u64,
+}
+
+/// Per-call media state.
+pub struct MediaSession {
+    neg: Negotiated,
+    stream: RtpStream,
+    latch: rtp::Latch,
+    dtmf: DtmfDetector,
+    queue: VecDeque<Arc<Prompt>>,
+    current: Option<(Arc<Prompt>, usize)>,
+    last_rx: Instant,
+    pub stats: MediaStats,
+    silence: [u8; FRAME_SAMPLES],
+    /// Set once a malformed or foreign packet was logged, so a flood logs once.
+    pub warned: bool,
+}
+
+impl MediaSession {
+    pub fn new(now: Instant, neg: Negotiated, remote: SocketAddr) -> Self {
+        MediaSession {
+            neg,
+            stream: RtpStream::new(),
+            latch: rtp::Latch::new(remote),
+            dtmf: DtmfDetector::new(),
+            queue: VecDeque::new(),
+            current: None,
+            last_rx: now,
+            stats: MediaStats::default(),
+            silence: [neg.codec.silence_byte(); FRAME_SAMPLES],
+            warned: false,
+        }
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.neg.codec
+    }
+
+    pub fn negotiated(&self) -> Negotiated {
+        self.neg
+    }
+
+    /// Where our packets go.
+    pub fn remote(&self) -> SocketAddr {
+        self.latch.remote()
+    }
+
+    /// When the last valid RTP packet arrived (or the session started).
+    pub fn last_rx(&self) -> Instant {
+        self.last_rx
+    }
+
+    /// A new offer/answer inside the call (re-INVITE: hold, unhold, new address or codec).
+    pub fn renegotiate(&mut self, neg: Negotiated, remote: SocketAddr) {
+        if neg.codec != self.neg.codec {
+            self.silence = [neg.codec.silence_byte(); FRAME_SAMPLES];
+        }
+        self.neg = neg;
+        self.latch.resignal(remote);
+        self.stream.start_talkspurt();
+    }
+
+    /// Queue prompts after whatever is playing.
+    pub fn play<I: IntoIterator<Item = Arc<Prompt>>>(&mut self, prompts: I) {
+        self.queue.extend(prompts);
+    }
+
+    /// Stop playing and forget the queue (barge-in).
+    pub fn stop(&mut self) {
+        self.queue.clear();
+        if self.current.take().is_some() {
+            self.stream.start_talkspurt();
+        }
+    }
+
+    pub fn is_playing(&self) -> bool {
+        self.current.is_some() || !self.queue.is_empty()
+    }
+
+    /// We may send unless the caller put us on hold.
+    fn may_send(&self) -> bool {
+        matches!(
+            self.neg.direction,
+            Direction::SendRecv | Direction::SendOnly
+        )
+    }
+
+    /// A datagram arrived on the call's RTP port.
+    pub fn on_rtp(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &[u8],
+    ) -> Result<Option<MediaEvent>, rtp::RtpError> {
+        let p = match rtp::parse(buf) {
+            Ok(p) => p,
+            Err(rtp::RtpError::Rtcp(_)) => return Ok(None),
+            Err(e) => {
+                self.stats.malformed_in += 1;
+                return Err(e);
+            }
+        };
+        match self.latch.on_packet(from) {
+            LatchDecision::Foreign => {
+                self.stats.foreign_in += 1;
+                return Ok(None);
+            }
+            LatchDecision::Latched | LatchDecision::Accept => {}
+        }
+        self.stats.packets_in += 1;
+        self.last_rx = now;
+        if Some(p.payload_type) == self.neg.telephone_event {
+            if let Ok(Some(d)) = self.dtmf.on_packet(now, p.timestamp, p.payload) {
+                self.stats.digits += 1;
+                return Ok(Some(MediaEvent::Digit(d)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the last foreign-source packet count changed (for one-time logging).
+    pub fn foreign_count(&self) -> u64 {
+        self.stats.foreign_in
+    }
+
+    /// One packet time passed. Writes the packet to send into `out` and returns its length
+    /// (0 when nothing is sent), plus an event when the queue just ran dry.
+    pub fn on_tick(&mut self, out: &mut [u8; MAX_PACKET]) -> (usize, Option<MediaEvent>) {
+        if !self.may_send() {
+            self.stream.skip(FRAME_SAMPLES as u32);
+            return (0, None);
+        }
+        if self.current.is_none() {
+            if let Some(p) = self.queue.pop_front() {
+                self.current = Some((p, 0));
+                self.stream.start_talkspurt();
+            }
+        }
+        let mut event = None;
+        let mut frame = [0u8; FRAME_SAMPLES];
+        let payload: &[u8] = match &mut self.current {
+            Some((prompt, i)) => {
+                let has = prompt.frame(self.neg.codec, *i, &mut frame);
+                *i += 1;
+                if *i >= prompt.frames() {
+                    self.current = None;
+                    if self.queue.is_empty() {
+                        event = Some(MediaEvent::PlayDone);
+                    }
+                }
+                if has {
+                    &frame
+                } else {
+                    &self.silence
+                }
+            }
+            None => &self.silence,
+        };
+        let n = self
+            .stream
+            .write(self.neg.payload_type, payload, FRAME_SAMPLES as u32, out);
+        self.stats.packets_out += 1;
+        (n, event)
+    }
+
+    /// Packet times were missed (the task was stalled): move our timestamp on instead of
+    /// sending a burst of late packets.
+    pub fn skip_ticks(&mut self, ticks: u32) {
+        self.stream.skip(ticks * FRAME_SAMPLES as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::dtmf::TelephoneEvent;
+
+    fn neg() -> Negotiated {
+        Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event: Some(101),
+            direction: Direction::SendRecv,
+        }
+    }
+
+    fn tone(name: &str, ms: usize) -> Arc<Prompt> {
+        let samples: Vec<i16> = (0..ms * 8)
+            .map(|i| ((i as f32 * 0.785).sin() * 8000.0) as i16)
+            .collect();
+        Arc::new(Prompt::from_pcm(name, &samples, 8000, 1).unwrap())
+    }
+
+    fn dtmf_packet(ts: u32, seq: u16, event: u8, end: bool) -> Vec<u8> {
+        let mut s = RtpStream::with_origin(7, seq, ts);
+        let ev = TelephoneEvent {
+            event,
+            end,
+            volume: 10,
+            duration: 800,
+        };
+        let mut out = [0u8; 64];
+        let n = s.write_at(101, ts, false, &ev.write(), &mut out);
+        out[..n].to_vec()
+    }
+
+    #[test]
+    fn plays_queue_then_silence_and_reports_done_once() {
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, neg(), "127.0.0.1:4000".parse().unwrap());
+        m.play([tone("a", 40), tone("b", 20)]);
+        let mut out = [0u8; MAX_PACKET];
+        let mut events = vec![];
+        let mut markers = vec![];
+        for _ in 0..6 {
+            let (n, ev) = m.on_tick(&mut out);
+            assert_eq!(n, 172);
+            let p = rtp::parse(&out[..n]).unwrap();
+            markers.push(p.marker);
+            events.push(ev);
+        }
+        assert_eq!(
+            events,
+            vec![None, None, Some(MediaEvent::PlayDone), None, None, None]
+        );
+        // marker at the start of each talk spurt (prompt a, prompt b), not on silence
+        assert_eq!(markers, vec![true, false, true, false, false, false]);
+        assert!(!m.is_playing());
+    }
+
+    #[test]
+    fn digits_are_reported_once_and_barge_in_stops_playback() {
+        let t0 = Instant::now();
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut m = MediaSession::new(t0, neg(), from);
+        m.play([tone("long", 2000)]);
+        let mut out = [0u8; MAX_PACKET];
+        m.on_tick(&mut out);
+        assert!(m.is_playing());
+        let mut digits = vec![];
+        for (i, end) in [false, false, true, true, true].iter().enumerate() {
+            if let Ok(Some(MediaEvent::Digit(d))) =
+                m.on_rtp(t0, from, &dtmf_packet(500, i as u16, 5, *end))
+            {
+                digits.push(d);
+                m.stop();
+            }
+        }
+        assert_eq!(digits, vec!['5']);
+        assert!(!m.is_playing());
+        // garbage never panics and is counted
+        assert!(m.on_rtp(t0, from, b"hello").is_err());
+        assert_eq!(m.stats.malformed_in, 1);
+    }
+
+    #[test]
+    fn hold_sends_nothing_and_unhold_resumes() {
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, neg(), "127.0.0.1:4000".parse().unwrap());
+        let mut out = [0u8; MAX_PACKET];
+        let held = Negotiated {
+            direction: Direction::RecvOnly,
+            ..neg()
+        };
+        m.renegotiate(held, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(m.on_tick(&mut out).0, 0);
+        m.renegotiate(neg(), "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(m.on_tick(&mut out).0, 172);
+    }
+}

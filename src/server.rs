@@ -1,0 +1,169 @@
+//! Start and stop a whole ivr311 node: SIP transports, the UA core, the call acceptor and the
+//! HTTP API, each an owned task on one [`TaskTracker`] under one [`CancellationToken`].
+//!
+//! `main.rs` and the integration tests both start the server through [`start`], so the tests
+//! run exactly what operators run (on port 0).
+
+use crate::api::{self, ApiState};
+use crate::call::{self, CallApp, CallContext, CallMeta, CallRegistry, EchoApp, PortPool};
+use crate::config::{FileConfig, ServeArgs};
+use crate::media::prompt::{PromptError, PromptStore};
+use crate::sip::transport::{self, TransportLimits};
+use crate::sip::ua::UaCore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("prompts: {0}")]
+    Prompts(#[from] PromptError),
+    #[error("prompts: no prompts found in {0}")]
+    NoPrompts(String),
+    #[error("cannot bind SIP on {addr}: {source}")]
+    SipBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind HTTP on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("prompt loader failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A running node.
+pub struct RunningServer {
+    pub sip_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub registry: Arc<CallRegistry>,
+    /// Cancelled to refuse new calls while the ones in progress finish.
+    pub draining: CancellationToken,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    drain: Duration,
+}
+
+impl RunningServer {
+    /// Graceful stop: refuse new calls (503), let calls finish for up to the drain time, then
+    /// end the rest and stop every task.
+    pub async fn shutdown(self) {
+        self.draining.cancel();
+        let deadline = Instant::now() + self.drain;
+        while !self.registry.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        info!(remaining = self.registry.len(), "stopping");
+        self.cancel.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+    }
+}
+
+/// Load prompts, bind sockets and start every task.
+pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
+    let dir = args.prompts.clone();
+    let prompts = tokio::task::spawn_blocking(move || PromptStore::load_dir(&dir)).await??;
+    if prompts.is_empty() {
+        return Err(StartError::NoPrompts(args.prompts.display().to_string()));
+    }
+    info!(prompts = prompts.len(), languages = ?prompts.languages(), "prompts loaded");
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (in_tx, in_rx) = mpsc::channel(8192);
+    let limits = TransportLimits {
+        max_message_bytes: file.limits.max_message_bytes,
+        max_tcp_connections: file.limits.max_tcp_connections,
+        ..TransportLimits::default()
+    };
+    let transport = transport::bind(args.sip, limits, in_tx, &tracker, cancel.clone())
+        .await
+        .map_err(|source| StartError::SipBind {
+            addr: args.sip,
+            source,
+        })?;
+    let sip_addr = transport.local_addr();
+    let advertised = match (file.media.advertise_ip, sip_addr.ip().is_unspecified()) {
+        (Some(ip), _) => SocketAddr::new(ip, sip_addr.port()),
+        (None, false) => sip_addr,
+        (None, true) => SocketAddr::new(
+            call::local_ip_for("127.0.0.1".parse().expect("static")).unwrap_or(sip_addr.ip()),
+            sip_addr.port(),
+        ),
+    };
+    let (app_tx, app_rx) = mpsc::channel(1024);
+    let ua = UaCore::new(
+        transport.clone(),
+        advertised,
+        format!("ivr311/{}", env!("CARGO_PKG_VERSION")),
+        app_tx,
+    );
+    let ua_stats = ua.stats();
+    tracker.spawn(ua.run(in_rx, cancel.clone()));
+
+    let registry = Arc::new(CallRegistry::default());
+    let draining = CancellationToken::new();
+    let default_language = file.media.default_language.clone();
+    let lang = default_language.clone();
+    let factory = move |_: &CallMeta| -> Box<dyn CallApp> { Box::new(EchoApp::new(&lang)) };
+    let ctx = CallContext {
+        prompts: Arc::new(prompts),
+        registry: registry.clone(),
+        ports: PortPool::new(args.rtp_ports, args.sip.ip()),
+        limits: file.limits.clone(),
+        advertise_ip: file.media.advertise_ip,
+        default_language,
+        answer_after: Duration::from_millis(file.media.answer_after_ms),
+        app_factory: Arc::new(factory),
+        draining: draining.clone(),
+    };
+    tracker.spawn(call::accept_calls(
+        app_rx,
+        ctx,
+        tracker.clone(),
+        cancel.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .map_err(|source| StartError::HttpBind {
+            addr: args.http,
+            source,
+        })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::HttpBind {
+            addr: args.http,
+            source,
+        })?;
+    let router = api::router(ApiState {
+        registry: registry.clone(),
+        ua: ua_stats,
+        transport: transport.stats.clone(),
+        started: Instant::now(),
+    });
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { c.cancelled().await })
+            .await;
+    });
+    info!(%sip_addr, %http_addr, "ivr311 serving");
+    Ok(RunningServer {
+        sip_addr,
+        http_addr,
+        registry,
+        draining,
+        cancel,
+        tracker,
+        drain: Duration::from_secs(file.limits.drain_seconds),
+    })
+}

@@ -1,0 +1,9 @@
+//! SIP (RFC 3261): wire format, transports, transactions, dialogs and the UA core.
+//!
+//! Ground floor: imports nothing from `call`, `dispatch` or `api`.
+
+pub mod dialog;
+pub mod message;
+pub mod transaction;
+pub mod transport;
+pub mod ua;

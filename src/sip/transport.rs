@@ -1,0 +1,359 @@
+//! SIP transports: UDP and TCP on the same address, framing and parsing at the edge.
+//!
+//! Owns the SIP sockets. Every datagram or framed stream message is parsed here (through
+//! [`crate::sip::message`]) and handed to the UA core as an [`Inbound`]; a request that cannot be
+//! parsed but whose Via/From/To/Call-ID/CSeq survived gets a stateless error answer from here
+//! (400 with a `Warning` saying why, 505, 416, 513), is logged once, and nothing else happens.
+//! Garbage without those headers is dropped. Responses that fail to parse are dropped.
+//!
+//! Sending goes through [`TransportHandle::send`] on a [`Flow`]: UDP sends to the flow's remote
+//! address; TCP writes to the connection the flow names (each connection has a writer task with a
+//! bounded queue).
+//!
+//! This module knows nothing of transactions, dialogs or calls.
+
+use crate::sip::message::{self, Frame, Message, ParseError};
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Which transport a message travelled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+
+    /// Reliable transports do not need SIP-level retransmission of requests.
+    pub fn is_reliable(self) -> bool {
+        matches!(self, Transport::Tcp)
+    }
+}
+
+/// A path to a peer: the transport, the remote address, and for TCP the connection id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub transport: Transport,
+    pub remote: SocketAddr,
+    /// TCP connection id; 0 for UDP.
+    pub conn: u64,
+}
+
+/// A parsed message and where it came from.
+#[derive(Debug)]
+pub struct Inbound {
+    pub msg: Message,
+    pub flow: Flow,
+}
+
+/// Transport limits.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportLimits {
+    /// Largest message accepted on TCP (and UDP), in bytes.
+    pub max_message_bytes: usize,
+    /// Most simultaneous TCP connections.
+    pub max_tcp_connections: usize,
+    /// A TCP connection with no traffic for this long is closed.
+    pub tcp_idle: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            max_message_bytes: 64 * 1024,
+            max_tcp_connections: 1024,
+            tcp_idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Counters read by the HTTP API.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub received: AtomicU64,
+    pub malformed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Cloneable handle for sending.
+#[derive(Clone)]
+pub struct TransportHandle {
+    udp: Arc<UdpSocket>,
+    tcp: Arc<DashMap<u64, mpsc::Sender<Bytes>>>,
+    local: SocketAddr,
+    pub stats: Arc<TransportStats>,
+}
+
+impl TransportHandle {
+    /// The address the SIP sockets are bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Send bytes along a flow. Errors are logged, not returned: SIP retransmission covers loss.
+    pub async fn send(&self, flow: &Flow, data: Bytes) {
+        match flow.transport {
+            Transport::Udp => {
+                if let Err(e) = self.udp.send_to(&data, flow.remote).await {
+                    debug!(remote = %flow.remote, error = %e, "udp send failed");
+                }
+            }
+            Transport::Tcp => {
+                let tx = self.tcp.get(&flow.conn).map(|s| s.clone());
+                match tx {
+                    Some(tx) => {
+                        if tx.try_send(data).is_err() {
+                            warn!(remote = %flow.remote, "tcp connection backlogged or closed; message dropped");
+                        }
+                    }
+                    None => debug!(remote = %flow.remote, "tcp connection gone; message dropped"),
+                }
+            }
+        }
+    }
+}
+
+/// Bind UDP and TCP on `addr` (port 0 picks one port free for both) and start the receive tasks.
+pub async fn bind(
+    addr: SocketAddr,
+    limits: TransportLimits,
+    inbound: mpsc::Sender<Inbound>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> std::io::Result<TransportHandle> {
+    let (udp, tcp) = bind_pair(addr).await?;
+    let local = udp.local_addr()?;
+    let udp = Arc::new(udp);
+    let handle = TransportHandle {
+        udp: udp.clone(),
+        tcp: Arc::new(DashMap::new()),
+        local,
+        stats: Arc::new(TransportStats::default()),
+    };
+    tracker.spawn(udp_loop(
+        handle.clone(),
+        limits,
+        inbound.clone(),
+        cancel.clone(),
+    ));
+    tracker.spawn(tcp_accept_loop(
+        handle.clone(),
+        tcp,
+        limits,
+        inbound,
+        tracker.clone(),
+        cancel,
+    ));
+    Ok(handle)
+}
+
+/// Bind UDP and TCP to the same port; with port 0, retry until one port is free for both.
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last_err = None;
+    for _ in 0..50 {
+        let udp = UdpSocket::bind(addr).await?;
+        let port = udp.local_addr()?.port();
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::Error::other("no free port")))
+}
+
+async fn udp_loop(
+    handle: TransportHandle,
+    limits: TransportLimits,
+    inbound: mpsc::Sender<Inbound>,
+    cancel: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, remote) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = handle.udp.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP port unreachable surfaces here on some platforms; keep serving.
+                    debug!(error = %e, "udp recv error");
+                    continue;
+                }
+            },
+        };
+        let data = &buf[..n];
+        // Keep-alives (RFC 5626 CRLF) and stray empty datagrams.
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        handle.stats.received.fetch_add(1, Ordering::Relaxed);
+        let flow = Flow {
+            transport: Transport::Udp,
+            remote,
+            conn: 0,
+        };
+        match message::parse_datagram(data, limits.max_message_bytes) {
+            Ok(msg) => {
+                if inbound.try_send(Inbound { msg, flow }).is_err() {
+                    handle.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "sip core backlogged; datagram dropped (peer will retransmit)");
+                }
+            }
+            Err(e) => reject(&handle, &flow, e).await,
+        }
+    }
+}
+
+/// Answer (or drop) a message that failed to parse, and log it once.
+async fn reject(handle: &TransportHandle, flow: &Flow, e: ParseError) {
+    handle.stats.malformed.fetch_add(1, Ordering::Relaxed);
+    let status = e.status();
+    match &e.salvage {
+        Some(s) if s.method != "ACK" => {
+            warn!(remote = %flow.remote, call_id = %s.call_id, status, reason = %e.kind, "malformed request answered");
+            let reason = match status {
+                505 => "Version Not Supported",
+                416 => "Unsupported URI Scheme",
+                513 => "Message Too Large",
+                _ => "Bad Request",
+            };
+            let tag = message::random_token(10);
+            handle
+                .send(flow, s.response(status, reason, &e.kind.to_string(), &tag))
+                .await;
+        }
+        _ => warn!(remote = %flow.remote, reason = %e.kind, "malformed message dropped"),
+    }
+}
+
+async fn tcp_accept_loop(
+    handle: TransportHandle,
+    listener: TcpListener,
+    limits: TransportLimits,
+    inbound: mpsc::Sender<Inbound>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if handle.tcp.len() >= limits.max_tcp_connections {
+            warn!(%remote, "too many tcp connections; refusing");
+            drop(stream);
+            continue;
+        }
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(tcp_connection(
+            handle.clone(),
+            stream,
+            remote,
+            conn,
+            limits,
+            inbound.clone(),
+            cancel.clone(),
+        ));
+    }
+}
+
+async fn tcp_connection(
+    handle: TransportHandle,
+    stream: TcpStream,
+    remote: SocketAddr,
+    conn: u64,
+    limits: TransportLimits,
+    inbound: mpsc::Sender<Inbound>,
+    cancel: CancellationToken,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    handle.tcp.insert(conn, tx);
+    let flow = Flow {
+        transport: Transport::Tcp,
+        remote,
+        conn,
+    };
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = BytesMut::with_capacity(8192);
+    'conn: loop {
+        let read = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = tokio::time::timeout(limits.tcp_idle, rd.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+        loop {
+            match message::frame_stream(&buf, limits.max_message_bytes) {
+                Ok(Frame::Incomplete) => break,
+                Ok(Frame::KeepAlive(n)) => {
+                    let _ = buf.split_to(n);
+                }
+                Ok(Frame::Complete(n)) => {
+                    let bytes = buf.split_to(n).freeze();
+                    handle.stats.received.fetch_add(1, Ordering::Relaxed);
+                    match message::parse_stream_message(&bytes, limits.max_message_bytes) {
+                        Ok(msg) => {
+                            if inbound.send(Inbound { msg, flow }).await.is_err() {
+                                break 'conn;
+                            }
+                        }
+                        Err(e) => reject(&handle, &flow, e).await,
+                    }
+                }
+                Err(e) => {
+                    // Framing is lost (oversize or bad Content-Length): answer if we can, close.
+                    let head =
+                        Bytes::copy_from_slice(&buf[..buf.len().min(limits.max_message_bytes)]);
+                    let e = match message::parse_datagram(&head, usize::MAX) {
+                        Err(mut pe) => {
+                            pe.kind = e.kind;
+                            pe
+                        }
+                        Ok(_) => e,
+                    };
+                    reject(&handle, &flow, e).await;
+                    break 'conn;
+                }
+            }
+        }
+    }
+    handle.tcp.remove(&conn);
+    // Let queued responses drain before the socket closes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    debug!(%remote, "tcp connection closed");
+}

@@ -1,0 +1,310 @@
+//! Integration: the real server on loopback port 0, called by a Rust test UA over real SIP and
+//! RTP. What a caller would notice is what is asserted: the prompt heard, each key read back
+//! once, hang-ups from either side, and that bad input never disturbs a call in progress.
+
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use ivr311::media::g711::Codec;
+use ivr311::sip::message::Message;
+use std::time::Duration;
+
+const S: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn answers_plays_welcome_and_reads_back_each_digit_once() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let ok = ua.call("0 8 101").await;
+    assert_eq!(ok.code, 200);
+    assert_eq!(ua.codec, Codec::Pcmu, "caller's first choice wins");
+    assert!(ok.to.tag().is_some());
+    assert!(!ok.contacts().is_empty(), "200 carries a Contact");
+
+    let ear = PromptEar::new("en", &["welcome", "digit_5", "digit_7"], Codec::Pcmu);
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert!(heard.len() >= 60, "about 50 packets/s: got {}", heard.len());
+    assert_eq!(ear.playbacks(&heard), vec!["welcome"]);
+
+    // Barge-in: the key stops the welcome and is read back, exactly once even though the
+    // End packet came three times.
+    ua.press('5').await;
+    let heard = ua.listen(Duration::from_millis(1200)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["digit_5"]);
+    ua.press('7').await;
+    let heard = ua.listen(Duration::from_millis(1200)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["digit_7"]);
+
+    assert_eq!(health(srv.http_addr).await["live_calls"], 1);
+    ua.bye().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = health(srv.http_addr).await;
+    assert_eq!(h["live_calls"], 0);
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn pcma_is_chosen_when_the_caller_prefers_it_and_info_digits_work() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("8 0 101").await.code, 200);
+    assert_eq!(ua.codec, Codec::Pcma);
+    let ear = PromptEar::new("en", &["welcome", "digit_3", "star"], Codec::Pcma);
+    ua.listen(Duration::from_millis(300)).await;
+    let info = ua.in_dialog(
+        "INFO",
+        "Content-Type: application/dtmf-relay\r\n",
+        "Signal=3\r\nDuration=160\r\n",
+    );
+    ua.send_raw(&info).await;
+    ua.expect_response("INFO", 200, S).await;
+    let heard = ua.listen(Duration::from_millis(1000)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["digit_3"]);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn retransmitted_invite_is_absorbed_not_a_second_call() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let sdp = ua.offer("0 101");
+    let inv = ua.invite_bytes(&sdp);
+    ua.send_raw(&inv).await;
+    ua.send_raw(&inv).await;
+    ua.send_raw(&inv).await;
+    let mut oks = 0;
+    let mut tags = std::collections::HashSet::new();
+    while let Some(m) = ua.recv(Duration::from_millis(700)).await {
+        if let Message::Response(r) = m {
+            if r.code == 200 {
+                oks += 1;
+                tags.insert(r.to.tag().unwrap().to_owned());
+            }
+        }
+    }
+    assert!(oks >= 1);
+    assert_eq!(tags.len(), 1, "one dialog, however many retransmissions");
+    assert_eq!(health(srv.http_addr).await["live_calls"], 1);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn ok_is_retransmitted_until_ack() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let sdp = ua.offer("0 101");
+    let inv = ua.invite_bytes(&sdp);
+    ua.send_raw(&inv).await;
+    // Do not ACK: the 200 must come again (timer G: 0.5 s, then 1 s later).
+    let mut oks = 0;
+    let deadline = std::time::Instant::now() + Duration::from_millis(1800);
+    while std::time::Instant::now() < deadline {
+        match ua.recv(Duration::from_millis(200)).await {
+            Some(Message::Response(r)) if r.code == 200 => oks += 1,
+            _ => {}
+        }
+    }
+    assert!(oks >= 3, "200 sent and retransmitted twice, got {oks}");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_common_codec_gets_488() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let r = ua.call("18").await;
+    assert_eq!(r.code, 488);
+    assert!(r.header("Warning").is_some(), "488 says why");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(health(srv.http_addr).await["live_calls"], 0);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_before_answer_gives_200_and_487() {
+    let mut file = FileConfig::default();
+    file.media.answer_after_ms = 3000;
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let sdp = ua.offer("0 101");
+    let inv = ua.invite_bytes(&sdp);
+    ua.send_raw(&inv).await;
+    ua.expect_response("INVITE", 180, S).await;
+    let cancel = format!(
+        "CANCEL sip:311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch={br};rport\r\nMax-Forwards: 70\r\n\
+From: \"Test Caller\" <sip:+15550001111@{me}>;tag={tag}\r\nTo: <sip:311@{srv}>\r\nCall-ID: {cid}\r\n\
+CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = ua.local,
+        br = ua.invite_branch,
+        tag = ua.from_tag,
+        cid = ua.call_id
+    );
+    ua.send_raw(cancel.as_bytes()).await;
+    let mut got = vec![];
+    while let Some(m) = ua.recv(Duration::from_millis(500)).await {
+        if let Message::Response(r) = m {
+            got.push((r.cseq_method.to_string(), r.code));
+        }
+    }
+    assert!(got.contains(&("CANCEL".into(), 200)), "{got:?}");
+    assert!(got.contains(&("INVITE".into(), 487)), "{got:?}");
+    assert!(
+        !got.iter().any(|(m, c)| m == "INVITE" && *c == 200),
+        "never answered: {got:?}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_hangs_up_a_call_with_no_media() {
+    let mut file = FileConfig::default();
+    file.limits.no_media_seconds = 1;
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    // Send nothing: within ~1 s the server sends BYE, which we answer.
+    let bye = ua.expect_request("BYE", Duration::from_secs(4)).await;
+    assert_eq!(bye.call_id, ua.call_id);
+    assert_eq!(bye.to.tag(), Some(ua.from_tag.as_str()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(health(srv.http_addr).await["live_calls"], 0);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn options_ping_unknown_methods_and_unknown_dialogs() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let opt = format!(
+        "OPTIONS sip:311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKopt1\r\nMax-Forwards: 70\r\n\
+From: <sip:mon@{me}>;tag=m1\r\nTo: <sip:311@{srv}>\r\nCall-ID: opt1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = ua.local
+    );
+    ua.send_raw(opt.as_bytes()).await;
+    let r = ua.expect_response("OPTIONS", 200, S).await;
+    assert!(r.header("Allow").unwrap().contains("INVITE"));
+
+    let unknown = opt
+        .replace("OPTIONS sip", "FROBNICATE sip")
+        .replace("1 OPTIONS", "1 FROBNICATE")
+        .replace("opt1", "frob1");
+    ua.send_raw(unknown.as_bytes()).await;
+    ua.expect_response("FROBNICATE", 501, S).await;
+
+    let sub = opt
+        .replace("OPTIONS sip", "SUBSCRIBE sip")
+        .replace("1 OPTIONS", "1 SUBSCRIBE")
+        .replace("opt1", "sub1");
+    ua.send_raw(sub.as_bytes()).await;
+    let r = ua.expect_response("SUBSCRIBE", 405, S).await;
+    assert!(r.header("Allow").is_some());
+
+    ua.to_tag = Some("nosuchtag".into());
+    let bye = ua.in_dialog("BYE", "", "");
+    ua.send_raw(&bye).await;
+    ua.expect_response("BYE", 481, S).await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_while_a_call_goes_on() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(caller.call("0 101").await.code, 200);
+    let ear = PromptEar::new("en", &["welcome", "digit_4"], Codec::Pcmu);
+
+    let mut bad = TestUa::udp(srv.sip_addr).await;
+    let garbage = format!(
+        "INVITE sip:311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKbad\r\nMax-Forwards: 70\r\n\
+From: <sip:x@{me}>;tag=1\r\nTo: <sip:311@{srv}>\r\nCall-ID: bad1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = bad.local
+    );
+    bad.send_raw(garbage.as_bytes()).await;
+    let r = bad.expect_response("OPTIONS", 400, S).await;
+    assert!(
+        r.header("Warning").unwrap().contains("CSeq"),
+        "400 says why"
+    );
+    // Raw junk and a huge datagram: no answer possible, no harm done.
+    bad.send_raw(b"\x00\x01\x02 hello there\r\n\r\n").await;
+    bad.send_raw(&vec![b'A'; 60000]).await;
+
+    // The call in progress still hears keys.
+    caller.listen(Duration::from_millis(200)).await;
+    caller.press('4').await;
+    let heard = caller.listen(Duration::from_millis(1000)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["digit_4"]);
+    let h = health(srv.http_addr).await;
+    assert!(h["sip_messages_malformed"].as_u64().unwrap() >= 2);
+    caller.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn hold_and_unhold_by_reinvite_keep_the_call() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    assert!(ua.listen(Duration::from_millis(300)).await.len() > 5);
+
+    let hold = ua.offer("0 101").replace("a=sendrecv", "a=sendonly");
+    let reinv = ua.in_dialog("INVITE", "Content-Type: application/sdp\r\n", &hold);
+    ua.send_raw(&reinv).await;
+    let r = ua.expect_response("INVITE", 200, S).await;
+    assert!(String::from_utf8_lossy(&r.body).contains("a=recvonly"));
+    ua.ack().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = ua.listen(Duration::from_millis(400)).await.len();
+    assert!(held <= 2, "silent on hold, got {held} packets");
+
+    let unhold = ua.offer("0 101");
+    let reinv = ua.in_dialog("INVITE", "Content-Type: application/sdp\r\n", &unhold);
+    ua.send_raw(&reinv).await;
+    let r = ua.expect_response("INVITE", 200, S).await;
+    assert!(String::from_utf8_lossy(&r.body).contains("a=sendrecv"));
+    ua.ack().await;
+    assert!(
+        ua.listen(Duration::from_millis(400)).await.len() > 10,
+        "audio is back"
+    );
+    assert_eq!(health(srv.http_addr).await["live_calls"], 1);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn call_over_tcp() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::tcp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    let ear = PromptEar::new("en", &["welcome", "digit_9"], Codec::Pcmu);
+    ua.listen(Duration::from_millis(300)).await;
+    ua.press('9').await;
+    let heard = ua.listen(Duration::from_millis(1000)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["digit_9"]);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn call_limit_gives_503_with_retry_after() {
+    let mut file = FileConfig::default();
+    file.limits.max_calls = 1;
+    let srv = start_server(file).await;
+    let mut a = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(a.call("0 101").await.code, 200);
+    let mut b = TestUa::udp(srv.sip_addr).await;
+    let r = b.call("0 101").await;
+    assert_eq!(r.code, 503);
+    assert!(r.header("Retry-After").is_some());
+    // The first call still has audio.
+    assert!(a.listen(Duration::from_millis(300)).await.len() > 5);
+    srv.shutdown().await;
+}
