@@ -30,5 +30,6 @@ pub mod api;
 pub mod call;
 pub mod config;
 pub mod media;
+pub mod menu;
 pub mod server;
 pub mod sip;

@@ -1,0 +1,479 @@
+//! The menu language admins edit (`menus/*.yaml`), as serde types. This is the only place that
+//! knows `serde_yaml` exists, so swapping it for a maintained fork is a one-line change.
+//!
+//! The vocabulary follows what contact-centre admins know from FreeSWITCH IVR menus
+//! (greet-long, greet-short, invalid-sound, timeout, inter-digit-timeout, max-failures,
+//! max-timeouts, digit-len, confirm-key) in plain YAML. A menu file looks like:
+//!
+//! ```yaml
+//! languages: [en, es]          # the first is the default
+//! start: language              # the first menu (language choice)
+//! screening: screening         # the menu that tells callers about 911 (checked by `ivr311 check`)
+//! defaults:
+//!   timeout_seconds: 5         # wait for the first key after the greeting ends
+//!   inter_digit_timeout_seconds: 3
+//!   max_failures: 3            # invalid keys before `on_exhausted`
+//!   max_timeouts: 3            # silent waits before `on_exhausted`
+//!   on_exhausted: {queue: general}
+//!   repeat_key: "*"
+//!   back_key: "#"
+//!   emergency_key: "9"         # works in every choice menu after screening
+//! menus:
+//!   main:
+//!     greet_long: main_menu
+//!     greet_short: main_menu_short
+//!     entries:
+//!       "1": {goto: streets}
+//!       "6": status
+//!       "0": {queue: general}
+//!       "9": emergency
+//!   streets:
+//!     category: Streets and infrastructure
+//!     greet_long: streets_menu
+//!     entries:
+//!       "1": {ticket: {service: pothole, name: Pothole, description: "A pothole in a city street"}}
+//!       "5": {emergency: {reason: downed power lines}}
+//! ```
+//!
+//! Actions are written as a one-key map (`{goto: streets}`) or, when they take nothing, as a
+//! plain word (`emergency`, `back`, `status`). Semantic checks (dangling menus, unreachable
+//! menus, shadowed emergency key, missing prompts...) live in [`crate::menu::validate`].
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A whole menu file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MenuFile {
+    /// Languages callers can choose; the first is the default.
+    pub languages: Vec<String>,
+    /// The first menu a caller hears (normally the language choice).
+    pub start: String,
+    /// The 911 screening menu: heard right after the language choice.
+    pub screening: String,
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// Menus by id.
+    pub menus: BTreeMap<String, Menu>,
+}
+
+/// Settings every menu inherits unless it sets its own.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    /// Seconds to wait for the first key after the greeting ends. Default 5.
+    pub timeout_seconds: f64,
+    /// Seconds allowed between keys while entering digits (ZIP, request number). Default 3.
+    pub inter_digit_timeout_seconds: f64,
+    /// Invalid keys allowed in a menu before `on_exhausted`. Default 3.
+    pub max_failures: u32,
+    /// Silent waits allowed in a menu before `on_exhausted`. Default 3.
+    pub max_timeouts: u32,
+    /// What happens when failures or timeouts run out. Default: the operator queue `general`.
+    pub on_exhausted: Action,
+    /// Played after an invalid key. Default `invalid_entry`.
+    pub invalid_prompt: String,
+    /// Played after a silent wait. Default `no_entry`.
+    pub timeout_prompt: String,
+    /// Repeats the current menu. Default `*`.
+    pub repeat_key: char,
+    /// Goes back one menu (and ends digit entry). Default `#`.
+    pub back_key: char,
+    /// Redirects to 911 from every choice menu after screening. Default `9`.
+    pub emergency_key: char,
+    /// Steps every ticket takes unless it sets its own: a ZIP code and a spoken description.
+    pub ticket: TicketSteps,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            timeout_seconds: 5.0,
+            inter_digit_timeout_seconds: 3.0,
+            max_failures: 3,
+            max_timeouts: 3,
+            on_exhausted: Action::Queue(QueueTarget {
+                queue: "general".into(),
+                skill: None,
+            }),
+            invalid_prompt: "invalid_entry".into(),
+            timeout_prompt: "no_entry".into(),
+            repeat_key: '*',
+            back_key: '#',
+            emergency_key: '9',
+            ticket: TicketSteps::default(),
+        }
+    }
+}
+
+/// One menu.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Menu {
+    /// Played on entry (FreeSWITCH greet-long).
+    pub greet_long: String,
+    /// Played instead when the menu is repeated (greet-short). Defaults to `greet_long`.
+    #[serde(default)]
+    pub greet_short: Option<String>,
+    /// The service group this menu's tickets belong to (Open311 `group`).
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    #[serde(default)]
+    pub max_failures: Option<u32>,
+    #[serde(default)]
+    pub max_timeouts: Option<u32>,
+    #[serde(default)]
+    pub invalid_prompt: Option<String>,
+    #[serde(default)]
+    pub timeout_prompt: Option<String>,
+    /// Instead of re-prompting after a silent wait, do this (e.g. the language menu picks
+    /// English; the screening menu goes on to the main menu).
+    #[serde(default)]
+    pub on_timeout: Option<Action>,
+    #[serde(default)]
+    pub on_exhausted: Option<Action>,
+    /// Keys and what they do.
+    pub entries: BTreeMap<String, Action>,
+}
+
+/// What a key (or a timeout) does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Go to another menu.
+    Goto(String),
+    /// Back to the menu before this one.
+    Back,
+    /// Back to the main menu (the one after screening).
+    Top,
+    /// Play this menu again (short greeting).
+    Repeat,
+    /// Play an information prompt, then come back to this menu.
+    Info(String),
+    /// Switch the caller's language, then go to a menu.
+    Language(LanguageSwitch),
+    /// File a service request.
+    Ticket(Box<TicketAction>),
+    /// Ask for a request number and read its status.
+    Status,
+    /// Wait for an operator.
+    Queue(QueueTarget),
+    /// Redirect to 911 now (the emergency key, and entries for dangers such as gas smell).
+    Emergency(EmergencyEntry),
+    /// Say goodbye and hang up.
+    Hangup,
+}
+
+/// The one-key-map forms of [`Action`].
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ActionMap {
+    Goto(String),
+    Back(Empty),
+    Top(Empty),
+    Repeat(Empty),
+    Info(String),
+    Language(LanguageSwitch),
+    Ticket(Box<TicketAction>),
+    Status(Empty),
+    Queue(QueueTarget),
+    Emergency(EmergencyEntry),
+    Hangup(Empty),
+}
+
+/// `{}` or nothing, for `{back: {}}`-style spellings of word actions.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+const WORDS: &[&str] = &["back", "top", "repeat", "status", "emergency", "hangup"];
+const ACTIONS: &[&str] = &[
+    "goto",
+    "back",
+    "top",
+    "repeat",
+    "info",
+    "language",
+    "ticket",
+    "status",
+    "queue",
+    "emergency",
+    "hangup",
+];
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Action;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an action: a word (back, top, repeat, status, emergency, hangup) or a one-key map such as {goto: menu}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Action, E> {
+                Ok(match v {
+                    "back" => Action::Back,
+                    "top" => Action::Top,
+                    "repeat" => Action::Repeat,
+                    "status" => Action::Status,
+                    "emergency" => Action::Emergency(EmergencyEntry::default()),
+                    "hangup" => Action::Hangup,
+                    other => return Err(E::unknown_variant(other, WORDS)),
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Action, A::Error> {
+                let m = ActionMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(match m {
+                    ActionMap::Goto(x) => Action::Goto(x),
+                    ActionMap::Back(_) => Action::Back,
+                    ActionMap::Top(_) => Action::Top,
+                    ActionMap::Repeat(_) => Action::Repeat,
+                    ActionMap::Info(x) => Action::Info(x),
+                    ActionMap::Language(x) => Action::Language(x),
+                    ActionMap::Ticket(x) => Action::Ticket(x),
+                    ActionMap::Status(_) => Action::Status,
+                    ActionMap::Queue(x) => Action::Queue(x),
+                    ActionMap::Emergency(x) => Action::Emergency(x),
+                    ActionMap::Hangup(_) => Action::Hangup,
+                })
+            }
+        }
+        let _ = ACTIONS;
+        d.deserialize_any(V)
+    }
+}
+
+/// `{language: {set: es, goto: screening}}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LanguageSwitch {
+    pub set: String,
+    pub goto: String,
+}
+
+/// `{queue: {queue: general, skill: es}}`, or `{queue: general}` for short.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(from = "QueueTargetRepr")]
+pub struct QueueTarget {
+    pub queue: String,
+    pub skill: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QueueTargetRepr {
+    Name(String),
+    Full {
+        queue: String,
+        #[serde(default)]
+        skill: Option<String>,
+    },
+}
+
+impl From<QueueTargetRepr> for QueueTarget {
+    fn from(r: QueueTargetRepr) -> Self {
+        match r {
+            QueueTargetRepr::Name(queue) => QueueTarget { queue, skill: None },
+            QueueTargetRepr::Full { queue, skill } => QueueTarget { queue, skill },
+        }
+    }
+}
+
+/// `{emergency: {reason: gas smell}}` or just `emergency`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyEntry {
+    /// What the danger is, for the audit log.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A service request the caller can file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TicketAction {
+    /// Open311 `service_code`, e.g. `pothole`.
+    pub service: String,
+    /// Open311 `service_name`, e.g. `Pothole`.
+    pub name: String,
+    /// Open311 service `description`.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Department that handles it (`agency_responsible`).
+    #[serde(default)]
+    pub agency: Option<String>,
+    /// Search keywords (Open311 `keywords`).
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Steps for this service; default: the file's `defaults.ticket`.
+    #[serde(default)]
+    pub steps: Option<TicketSteps>,
+}
+
+/// What a ticket asks the caller for before filing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TicketSteps {
+    /// Digit entries, in order (e.g. the ZIP code).
+    pub collect: Vec<Collect>,
+    /// A spoken description, recorded.
+    pub record: Option<Record>,
+}
+
+impl Default for TicketSteps {
+    fn default() -> Self {
+        TicketSteps {
+            collect: vec![Collect::zipcode()],
+            record: Some(Record::default()),
+        }
+    }
+}
+
+/// Collect digits into a ticket field (FreeSWITCH digit-len / terminators).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Collect {
+    /// Ticket field: `zipcode` or `address` (address_id).
+    pub field: String,
+    pub prompt: String,
+    /// Played when the entry does not match; then the prompt again.
+    #[serde(default = "default_invalid_collect")]
+    pub invalid_prompt: String,
+    #[serde(default = "default_min")]
+    pub min_digits: usize,
+    pub max_digits: usize,
+    /// A regular expression the digits must match in full, e.g. `^[0-9]{5}$`.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Ends the entry early. Default `#`.
+    #[serde(default = "default_terminator")]
+    pub terminator: char,
+    /// Tries before giving up on this field. Default 3.
+    #[serde(default = "default_tries")]
+    pub tries: u32,
+    /// What happens when the tries run out: skip the field (true) or the exhausted action.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+fn default_invalid_collect() -> String {
+    "invalid_entry".into()
+}
+fn default_min() -> usize {
+    1
+}
+fn default_terminator() -> char {
+    '#'
+}
+fn default_tries() -> u32 {
+    3
+}
+
+impl Collect {
+    /// The shipped ZIP-code entry.
+    pub fn zipcode() -> Collect {
+        Collect {
+            field: "zipcode".into(),
+            prompt: "enter_zip".into(),
+            invalid_prompt: "invalid_zip".into(),
+            min_digits: 5,
+            max_digits: 5,
+            pattern: Some("^[0-9]{5}$".into()),
+            terminator: '#',
+            tries: 3,
+            optional: false,
+        }
+    }
+}
+
+/// Record the caller (hound WAV), ended by a key, silence or the maximum length.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Record {
+    pub prompt: String,
+    /// Played before recording starts (a beep).
+    pub beep: Option<String>,
+    pub max_seconds: u32,
+    /// This much silence ends the recording.
+    pub silence_seconds: u32,
+    /// Ends the recording (or skips it when pressed at once).
+    pub end_key: char,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Record {
+            prompt: "record_description".into(),
+            beep: Some("beep".into()),
+            max_seconds: 60,
+            silence_seconds: 5,
+            end_key: '#',
+        }
+    }
+}
+
+/// A YAML syntax or schema error with its position (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Parse menu YAML into types. Actions may be one-key maps or plain words.
+pub fn parse(text: &str) -> Result<MenuFile, SchemaError> {
+    serde_yaml::from_str(text).map_err(|e: serde_yaml::Error| {
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        SchemaError {
+            line,
+            column,
+            message: e.to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_read_as_words_or_one_key_maps() {
+        let f = parse(
+            "languages: [en]\nstart: main\nscreening: main\nmenus:\n  main:\n    greet_long: main_menu\n    entries:\n      '1': {goto: other}\n      '2': emergency\n      '3': {emergency: {reason: gas smell}}\n      '4': {queue: general}\n      '5': {queue: {queue: general, skill: es}}\n      '6': status\n      '7': {info: recycling_info}\n      '8': {ticket: {service: pothole, name: Pothole}}\n      '0': {language: {set: es, goto: main}}\n",
+        )
+        .unwrap();
+        let e = &f.menus["main"].entries;
+        assert_eq!(e["1"], Action::Goto("other".into()));
+        assert_eq!(e["2"], Action::Emergency(EmergencyEntry::default()));
+        assert_eq!(
+            e["3"],
+            Action::Emergency(EmergencyEntry {
+                reason: Some("gas smell".into())
+            })
+        );
+        assert_eq!(
+            e["5"],
+            Action::Queue(QueueTarget {
+                queue: "general".into(),
+                skill: Some("es".into())
+            })
+        );
+        assert_eq!(e["6"], Action::Status);
+        let Action::Ticket(t) = &e["8"] else { panic!() };
+        assert_eq!(t.service, "pothole");
+        assert_eq!(f.defaults.emergency_key, '9');
+    }
+
+    #[test]
+    fn unknown_keys_and_actions_have_positions() {
+        let e = parse("languages: [en]\nstart: m\nscreening: m\nmenus:\n  m:\n    greet_long: x\n    entrys: {}\n")
+            .unwrap_err();
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("entrys"), "{}", e.message);
+        let e = parse("languages: [en]\nstart: m\nscreening: m\nmenus:\n  m:\n    greet_long: x\n    entries:\n      '1': {gotoo: y}\n")
+            .unwrap_err();
+        assert_eq!(e.line, 8);
+        assert!(e.message.contains("gotoo"));
+    }
+}
