@@ -1,110 +1,91 @@
-//! Calls: where a SIP dialog, its media and the caller-facing logic meet.
+//! Calls: where a SIP dialog, its media, the menu engine and dispatch meet.
 //!
-//! [`accept_calls`] takes each new INVITE from the UA core, checks limits, does SDP
-//! offer/answer, binds the call's RTP port and answers; then one task per call ([`run_call`])
-//! owns that port and drives the [`MediaSession`] (20 ms send tick, incoming RTP, DTMF) and the
-//! call's [`CallApp`] (what the caller hears and what keys do), inside one tracing span that
-//! names the call-id and caller.
+//! [`accept_calls`] takes each new INVITE from the UA core and gives it a task: limits, SDP
+//! offer/answer, an RTP port, 200 OK; then [`run_call`] owns that port and drives, in one
+//! `select!` loop and one tracing span (Call-ID and caller):
+//! - the [`MediaSession`] (20 ms send tick, incoming RTP, DTMF),
+//! - the [`Engine`] (menu walk): its outputs are carried out here (play, timer, record, file
+//!   a ticket, look one up, redirect to 911, queue, hang up) and their results fed back,
+//! - dialog events (BYE, re-INVITE, INFO digits, REFER progress).
 //!
-//! The seam for later layers is [`CallApp`]: it receives [`AppInput`]s (call started, a digit,
-//! prompts finished) and answers with [`AppAction`]s (play, stop, hang up). The menu engine and
-//! dispatch plug in there; this module never decides what a caller hears.
+//! Database work runs in spawned tasks that report back through a channel, so a slow disk
+//! never stalls the 20 ms packet clock. A ticket the caller was told about is always
+//! committed first; a ticket whose caller hung up mid-recording is still filed.
+//!
+//! 911: the redirect is carried out here ([`EmergencyRun`]) with the policy of
+//! [`crate::dispatch::emergency`]: the caller hears "connecting you to 911" while the audit
+//! row is written, then the methods are tried in order. If the audit write fails the redirect
+//! goes ahead anyway (and the failure is logged as an error): nothing may stand between a
+//! caller and 911, not even our own database.
 
 use crate::config::{Limits, PortRange};
+use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
+use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
 use crate::media::prompt::{Prompt, PromptStore};
+use crate::media::record::{RecordState, Recorder};
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use crate::menu::engine::{Engine, Input, Output, StatusResult, TicketRequest};
+use crate::menu::schema::MenuFile;
+use crate::sip::message::Method;
 use crate::sip::ua::{AppEvent, DialogEvent, DialogHandle, IncomingCall};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// Codecs we offer/accept, in our order of preference when the caller has none.
 pub const SUPPORTED_CODECS: [Codec; 2] = [Codec::Pcmu, Codec::Pcma];
 /// Packet time.
 pub const PTIME: Duration = Duration::from_millis(20);
 
-/// Input to a call's application logic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppInput {
-    /// The call was answered and media is flowing.
-    Started,
-    /// The caller pressed a key (RFC 4733 or SIP INFO).
-    Digit(char),
-    /// Everything queued has been played.
-    PlayDone,
-}
-
-/// What the application wants done.
+/// The menu new calls start on. Replaced whole on reload; a call keeps the `Arc` it started
+/// with, so calls in progress finish on their own menu.
 #[derive(Debug, Clone)]
-pub enum AppAction {
-    /// Queue these prompts (by name, in the call's language).
-    Play(Vec<String>),
-    /// Stop playing and drop the queue.
-    Stop,
-    /// End the call.
-    Hangup,
+pub struct ActiveMenu {
+    pub file: Arc<MenuFile>,
+    /// The menu after screening (`top`).
+    pub main: String,
+    pub path: PathBuf,
 }
 
-/// The caller-facing logic of one call.
-pub trait CallApp: Send {
-    fn on_input(&mut self, input: AppInput) -> Vec<AppAction>;
-    /// The language prompts are played in.
-    fn language(&self) -> &str;
+/// Holder of the current menu.
+#[derive(Debug)]
+pub struct MenuHolder {
+    current: RwLock<Arc<ActiveMenu>>,
 }
 
-/// The pre-menu test application: a welcome prompt, then every key read back (barge-in).
-pub struct EchoApp {
-    language: String,
-}
-
-impl EchoApp {
-    pub fn new(language: &str) -> Self {
-        EchoApp {
-            language: language.to_owned(),
-        }
-    }
-}
-
-/// The prompt that speaks a key.
-pub fn digit_prompt(d: char) -> Option<String> {
-    match d {
-        '0'..='9' => Some(format!("digit_{d}")),
-        '*' => Some("star".into()),
-        '#' => Some("pound".into()),
-        _ => None,
-    }
-}
-
-impl CallApp for EchoApp {
-    fn on_input(&mut self, input: AppInput) -> Vec<AppAction> {
-        match input {
-            AppInput::Started => vec![AppAction::Play(vec!["welcome".into()])],
-            AppInput::Digit(d) => {
-                let mut v = vec![AppAction::Stop];
-                if let Some(p) = digit_prompt(d) {
-                    v.push(AppAction::Play(vec![p]));
-                }
-                v
-            }
-            AppInput::PlayDone => vec![],
+impl MenuHolder {
+    pub fn new(menu: ActiveMenu) -> Self {
+        MenuHolder {
+            current: RwLock::new(Arc::new(menu)),
         }
     }
 
-    fn language(&self) -> &str {
-        &self.language
+    pub fn get(&self) -> Arc<ActiveMenu> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, menu: ActiveMenu) {
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(menu),
+            Err(p) => *p.into_inner() = Arc::new(menu),
+        }
     }
 }
 
@@ -125,6 +106,9 @@ pub struct CallInfo {
     pub caller: String,
     pub started: Instant,
     pub rtp_port: u16,
+    pub language: String,
+    /// The menu the caller is in, or what is happening (`filing`, `emergency`...).
+    pub state: String,
 }
 
 /// Live calls, shared with the HTTP API.
@@ -157,6 +141,17 @@ impl CallRegistry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.calls.insert(id, info);
         id
+    }
+
+    fn update(&self, id: u64, language: &str, state: &str) {
+        if let Some(mut c) = self.calls.get_mut(&id) {
+            if c.language != language {
+                c.language = language.to_owned();
+            }
+            if c.state != state {
+                c.state = state.to_owned();
+            }
+        }
     }
 
     fn remove(&self, id: u64) {
@@ -246,9 +241,6 @@ pub fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
     s.local_addr().ok().map(|a| a.ip())
 }
 
-/// Makes the [`CallApp`] for each new call.
-pub type AppFactory = Arc<dyn Fn(&CallMeta) -> Box<dyn CallApp> + Send + Sync>;
-
 /// Everything a call needs that outlives it.
 #[derive(Clone)]
 pub struct CallContext {
@@ -260,8 +252,13 @@ pub struct CallContext {
     pub default_language: String,
     /// Ring (180) this long before answering; zero answers at once.
     pub answer_after: Duration,
-    /// Makes the application for each new call.
-    pub app_factory: AppFactory,
+    pub menu: Arc<MenuHolder>,
+    pub tickets: TicketStore,
+    pub emergency: EmergencyConfig,
+    /// Where caller recordings are written (`<dir>/<generated>.wav`).
+    pub recordings: PathBuf,
+    /// Owns work that must finish even if the call ends (filing an abandoned ticket).
+    pub tracker: TaskTracker,
     /// Stops accepting new calls (shutdown); calls in progress keep going.
     pub draining: CancellationToken,
 }
@@ -420,6 +417,8 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
         caller: caller_id(&call),
         started: now(),
         rtp_port: port.port,
+        language: ctx.default_language.clone(),
+        state: "answering".into(),
     });
     info!(codec = ?neg.codec, rtp_port = port.port, remote_media = %offer.addr, "answering");
     call.handle
@@ -457,11 +456,55 @@ fn now() -> Instant {
 pub enum EndReason {
     CallerHungUp,
     Cancelled,
-    AppHungUp,
+    MenuHungUp,
     NoMedia,
     MaxDuration,
     SignallingTimeout,
     Shutdown,
+    /// Handed to 911 (REFER accepted or announced).
+    Emergency,
+}
+
+/// Results of work done off the call's loop.
+#[derive(Debug)]
+enum Work {
+    Engine(Input),
+    /// The emergency audit row is durable (or could not be written: `None`).
+    Audited(Option<i64>),
+}
+
+/// A 911 redirect in progress.
+#[derive(Debug)]
+struct EmergencyRun {
+    plan: VecDeque<EmergencyMethod>,
+    current: Option<EmergencyMethod>,
+    audit: Option<Option<i64>>,
+    connecting_played: bool,
+    deadline: Option<tokio::time::Instant>,
+    refer_accepted: bool,
+    announce_left: u32,
+    failures: Vec<String>,
+}
+
+/// One call's driver state.
+struct Call {
+    ctx: CallContext,
+    meta: CallMeta,
+    handle: DialogHandle,
+    engine: Engine,
+    media: MediaSession,
+    port: RtpPort,
+    local_media: SocketAddr,
+    session_id: u64,
+    version: u64,
+    registry_id: u64,
+    timer: Option<tokio::time::Instant>,
+    recorder: Option<Recorder>,
+    work_tx: mpsc::Sender<Work>,
+    emergency: Option<EmergencyRun>,
+    inputs: VecDeque<Input>,
+    next_req: u64,
+    end: Option<EndReason>,
 }
 
 /// One call's task.
@@ -470,7 +513,7 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         call,
         meta,
         port,
-        mut media,
+        media,
         local_media,
         session_id,
         registry_id,
@@ -478,183 +521,642 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
     let IncomingCall {
         handle, mut events, ..
     } = call;
-    let mut app = (ctx.app_factory)(&meta);
-    let reason = call_loop(
-        &ctx,
-        &handle,
-        &mut events,
-        &port,
-        &mut media,
-        app.as_mut(),
+    let menu = ctx.menu.get();
+    let engine = Engine::new(menu.file.clone(), menu.main.clone());
+    let (work_tx, mut work_rx) = mpsc::channel(16);
+    let mut c = Call {
+        ctx,
+        meta,
+        handle,
+        engine,
+        media,
+        port,
         local_media,
         session_id,
-        cancel,
-    )
-    .await;
-    match reason {
-        EndReason::CallerHungUp | EndReason::Cancelled | EndReason::SignallingTimeout => {}
-        _ => handle.hangup().await,
-    }
-    handle.release();
-    ctx.registry.remove(registry_id);
-    let s = media.stats;
-    ctx.registry
-        .rtp_in
-        .fetch_add(s.packets_in, Ordering::Relaxed);
-    ctx.registry
-        .rtp_out
-        .fetch_add(s.packets_out, Ordering::Relaxed);
-    ctx.registry.digits.fetch_add(s.digits, Ordering::Relaxed);
-    info!(
-        ?reason,
-        packets_in = s.packets_in,
-        packets_out = s.packets_out,
-        digits = s.digits,
-        malformed_in = s.malformed_in,
-        foreign_in = s.foreign_in,
-        "call ended"
-    );
-    drop(port);
+        version: 1,
+        registry_id,
+        timer: None,
+        recorder: None,
+        work_tx,
+        emergency: None,
+        inputs: VecDeque::from([Input::Start]),
+        next_req: 1,
+        end: None,
+    };
+    let reason = c.run(&mut events, &mut work_rx, cancel).await;
+    c.finish(reason).await;
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn call_loop(
-    ctx: &CallContext,
-    handle: &DialogHandle,
-    events: &mut mpsc::Receiver<DialogEvent>,
-    port: &RtpPort,
-    media: &mut MediaSession,
-    app: &mut dyn CallApp,
-    local_media: SocketAddr,
-    session_id: u64,
-    cancel: CancellationToken,
-) -> EndReason {
-    let started = now();
-    let mut confirmed = false;
-    let mut version = 1u64;
-    let mut tick = tokio::time::interval(PTIME);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut last_tick: Option<tokio::time::Instant> = None;
-    let mut buf = [0u8; 2048];
-    let mut out = [0u8; MAX_PACKET];
-    let no_media = Duration::from_secs(ctx.limits.no_media_seconds);
-    let max_call = Duration::from_secs(ctx.limits.max_call_seconds);
-    let mut inputs: VecDeque<AppInput> = VecDeque::new();
-    inputs.push_back(AppInput::Started);
-    let mut logged_foreign = false;
-    let mut logged_malformed = false;
+impl Call {
+    async fn run(
+        &mut self,
+        events: &mut mpsc::Receiver<DialogEvent>,
+        work_rx: &mut mpsc::Receiver<Work>,
+        cancel: CancellationToken,
+    ) -> EndReason {
+        let started = now();
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut last_tick: Option<tokio::time::Instant> = None;
+        let mut buf = [0u8; 2048];
+        let mut out = [0u8; MAX_PACKET];
+        let no_media = Duration::from_secs(self.ctx.limits.no_media_seconds);
+        let max_call = Duration::from_secs(self.ctx.limits.max_call_seconds);
+        let mut logged_foreign = false;
+        let mut logged_malformed = false;
 
-    loop {
-        // Let the app react to everything that happened before waiting again.
-        while let Some(input) = inputs.pop_front() {
-            for action in app.on_input(input) {
-                match action {
-                    AppAction::Play(names) => {
-                        let lang = app.language().to_owned();
-                        let prompts: Vec<Arc<Prompt>> = names
-                            .iter()
-                            .filter_map(|n| {
-                                let p = ctx
-                                    .prompts
-                                    .get(&lang, n)
-                                    .or_else(|| ctx.prompts.get(&ctx.default_language, n));
-                                if p.is_none() {
-                                    warn!(prompt = %n, language = %lang, "prompt missing; skipped");
-                                }
-                                p
-                            })
-                            .collect();
-                        let was_playing = media.is_playing();
-                        media.play(prompts);
-                        if !was_playing && !media.is_playing() {
-                            inputs.push_back(AppInput::PlayDone);
-                        }
-                    }
-                    AppAction::Stop => media.stop(),
-                    AppAction::Hangup => return EndReason::AppHungUp,
+        loop {
+            // Let the menu react to everything that happened before waiting again.
+            while let Some(input) = self.inputs.pop_front() {
+                let outputs = self.engine.handle(input);
+                for o in outputs {
+                    self.carry_out(o).await;
                 }
             }
-        }
+            if let Some(r) = self.end {
+                return r;
+            }
+            self.ctx
+                .registry
+                .update(self.registry_id, self.engine.language(), &self.state_name());
 
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return EndReason::Shutdown,
-            ev = events.recv() => {
-                let Some(ev) = ev else { return EndReason::SignallingTimeout };
-                match ev {
-                    DialogEvent::Confirmed => confirmed = true,
-                    DialogEvent::Cancelled => return EndReason::Cancelled,
-                    DialogEvent::Bye => return EndReason::CallerHungUp,
-                    DialogEvent::Timeout => return EndReason::SignallingTimeout,
-                    DialogEvent::Info { content_type, body } => {
-                        if let Some(d) = dtmf_info_digit(&content_type, &body) {
-                            media.stats.digits += 1;
-                            inputs.push_back(AppInput::Digit(d));
-                        }
+            let timer = self.timer;
+            let emergency_deadline = self.emergency.as_ref().and_then(|e| e.deadline);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return EndReason::Shutdown,
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return EndReason::SignallingTimeout };
+                    if let Some(r) = self.on_dialog_event(ev).await {
+                        return r;
                     }
-                    DialogEvent::Reoffer { txn, body, .. } => {
-                        version += 1;
-                        let answer = reoffer(media, &body, local_media, session_id, version);
-                        match answer {
-                            Ok(sdp) => handle.answer_reoffer(txn, 200, Some(("application/sdp".into(), Bytes::from(sdp)))).await,
-                            Err(e) => {
-                                warn!(error = %e, "re-offer refused; 488 and the call goes on");
-                                handle.answer_reoffer(txn, 488, None).await;
+                }
+                Some(w) = work_rx.recv() => match w {
+                    Work::Engine(i) => self.inputs.push_back(i),
+                    Work::Audited(id) => {
+                        if let Some(e) = &mut self.emergency {
+                            e.audit = Some(id);
+                        }
+                        self.emergency_step().await;
+                    }
+                },
+                r = self.port.socket.recv_from(&mut buf) => {
+                    let Ok((n, from)) = r else { continue };
+                    let t = now();
+                    match self.media.on_rtp(t, from, &buf[..n]) {
+                        Ok(Some(MediaEvent::Digit(d))) => {
+                            debug!(digit = %d, "digit");
+                            self.on_digit(d);
+                        }
+                        Ok(_) => {
+                            if self.media.stats.foreign_in > 0 && !logged_foreign {
+                                logged_foreign = true;
+                                warn!(%from, "RTP from an unexpected address after latching; dropped");
+                            }
+                            if let Some(rec) = &mut self.recorder {
+                                if let Ok(p) = crate::media::rtp::parse(&buf[..n]) {
+                                    if p.payload_type == self.media.negotiated().payload_type {
+                                        let state = rec.push(t, self.media.codec(), p.payload);
+                                        if state != RecordState::Recording {
+                                            self.stop_recording().await;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            if !logged_malformed {
+                                logged_malformed = true;
+                                warn!(%from, error = %e, "garbage on the RTP port; dropped");
                             }
                         }
                     }
-                    DialogEvent::RequestOutcome { .. } | DialogEvent::Notify { .. } => {}
                 }
-            }
-            r = port.socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                match media.on_rtp(now(), from, &buf[..n]) {
-                    Ok(Some(MediaEvent::Digit(d))) => {
-                        debug!(digit = %d, "digit");
-                        inputs.push_back(AppInput::Digit(d));
+                _ = sleep_opt(timer) => {
+                    self.timer = None;
+                    self.inputs.push_back(Input::Timeout);
+                }
+                _ = sleep_opt(emergency_deadline) => {
+                    if let Some(e) = &mut self.emergency {
+                        e.deadline = None;
                     }
-                    Ok(_) => {
-                        if media.stats.foreign_in > 0 && !logged_foreign {
-                            logged_foreign = true;
-                            warn!(%from, "RTP from an unexpected address after latching; dropped");
+                    self.emergency_failed("no answer in time").await;
+                }
+                at = tick.tick() => {
+                    if let Some(prev) = last_tick {
+                        let gap = at.duration_since(prev);
+                        let missed = (gap.as_millis() / PTIME.as_millis()).saturating_sub(1) as u32;
+                        if missed > 0 {
+                            self.media.skip_ticks(missed);
                         }
                     }
-                    Err(e) => {
-                        if !logged_malformed {
-                            logged_malformed = true;
-                            warn!(%from, error = %e, "garbage on the RTP port; dropped");
+                    last_tick = Some(at);
+                    let (n, ev) = self.media.on_tick(&mut out);
+                    if n > 0 {
+                        let _ = self.port.socket.try_send_to(&out[..n], self.media.remote());
+                    }
+                    if ev == Some(MediaEvent::PlayDone) {
+                        self.on_play_done().await;
+                    }
+                    let t = now();
+                    if let Some(rec) = &self.recorder {
+                        if rec.state(t) != RecordState::Recording {
+                            self.stop_recording().await;
                         }
                     }
-                }
-            }
-            at = tick.tick() => {
-                if let Some(prev) = last_tick {
-                    let gap = at.duration_since(prev);
-                    let missed = (gap.as_millis() / PTIME.as_millis()).saturating_sub(1) as u32;
-                    if missed > 0 {
-                        media.skip_ticks(missed);
+                    if t.duration_since(self.media.last_rx()) > no_media {
+                        info!(seconds = no_media.as_secs(), "no media from the caller; hanging up");
+                        return EndReason::NoMedia;
+                    }
+                    if t.duration_since(started) > max_call {
+                        info!("call reached its maximum length; hanging up");
+                        return EndReason::MaxDuration;
                     }
                 }
-                last_tick = Some(at);
-                let (n, ev) = media.on_tick(&mut out);
-                if n > 0 {
-                    let _ = port.socket.try_send_to(&out[..n], media.remote());
-                }
-                if ev == Some(MediaEvent::PlayDone) {
-                    inputs.push_back(AppInput::PlayDone);
-                }
-                let t = now();
-                if t.duration_since(media.last_rx()) > no_media {
-                    info!(seconds = no_media.as_secs(), "no media from the caller; hanging up");
-                    return EndReason::NoMedia;
-                }
-                if t.duration_since(started) > max_call {
-                    info!("call reached its maximum length; hanging up");
-                    return EndReason::MaxDuration;
-                }
-                let _ = confirmed;
             }
         }
+    }
+
+    fn state_name(&self) -> String {
+        if self.emergency.is_some() {
+            return "emergency".into();
+        }
+        if self.recorder.is_some() {
+            return "recording".into();
+        }
+        self.engine
+            .current_menu()
+            .map(str::to_owned)
+            .unwrap_or_else(|| "in menu".into())
+    }
+
+    fn on_digit(&mut self, d: char) {
+        if self.emergency.is_some() {
+            return; // a 911 redirect is not interrupted by keys
+        }
+        self.inputs.push_back(Input::Digit(d));
+    }
+
+    async fn on_play_done(&mut self) {
+        if self.emergency.is_some() {
+            self.emergency_played().await;
+            return;
+        }
+        self.inputs.push_back(Input::PlayDone);
+    }
+
+    /// Carry out one engine output.
+    async fn carry_out(&mut self, o: Output) {
+        match o {
+            Output::Play(names) => {
+                let prompts = self.prompts(&names);
+                let was_playing = self.media.is_playing();
+                self.media.play(prompts);
+                if !was_playing && !self.media.is_playing() {
+                    self.inputs.push_back(Input::PlayDone);
+                }
+            }
+            Output::StopPlayback => self.media.stop(),
+            Output::Timer(d) => self.timer = d.map(|d| tokio::time::Instant::now() + d),
+            Output::StartRecording { max, silence } => self.start_recording(max, silence),
+            Output::StopRecording => self.stop_recording().await,
+            Output::FileTicket(t) => self.file_ticket(t, true),
+            Output::LookupTicket(id) => {
+                let store = self.ctx.tickets.clone();
+                let tx = self.work_tx.clone();
+                tokio::spawn(
+                    async move {
+                        let r = match store.get(id).await {
+                            Ok(Some(t)) => StatusResult::Found {
+                                open: t.status == Status::Open,
+                                days_since_update: (time::OffsetDateTime::now_utc()
+                                    - t.updated_datetime)
+                                    .whole_days()
+                                    .clamp(0, u32::MAX as i64)
+                                    as u32,
+                            },
+                            Ok(None) => StatusResult::NotFound,
+                            Err(e) => {
+                                warn!(error = %e, "status lookup failed");
+                                StatusResult::Failed
+                            }
+                        };
+                        let _ = tx.send(Work::Engine(Input::Status(r))).await;
+                    }
+                    .in_current_span(),
+                );
+            }
+            Output::Emergency { reason, menu_path } => self.start_emergency(reason, menu_path),
+            Output::Queue { queue, .. } => {
+                // No operator queue in this build: say so at once rather than hold forever.
+                info!(%queue, "operator requested; no queue available");
+                self.inputs.push_back(Input::QueueUnavailable);
+            }
+            Output::Language(l) => info!(language = %l, "language chosen"),
+            Output::Hangup => self.end = Some(EndReason::MenuHungUp),
+        }
+    }
+
+    fn prompts(&self, names: &[String]) -> Vec<Arc<Prompt>> {
+        let lang = self.engine.language();
+        names
+            .iter()
+            .filter_map(|n| {
+                let p = self
+                    .ctx
+                    .prompts
+                    .get(lang, n)
+                    .or_else(|| self.ctx.prompts.get(&self.ctx.default_language, n));
+                if p.is_none() {
+                    warn!(prompt = %n, language = %lang, "prompt missing; skipped");
+                }
+                p
+            })
+            .collect()
+    }
+
+    async fn on_dialog_event(&mut self, ev: DialogEvent) -> Option<EndReason> {
+        match ev {
+            DialogEvent::Confirmed => None,
+            DialogEvent::Cancelled => Some(EndReason::Cancelled),
+            DialogEvent::Bye => Some(EndReason::CallerHungUp),
+            DialogEvent::Timeout => Some(EndReason::SignallingTimeout),
+            DialogEvent::Info { content_type, body } => {
+                if let Some(d) = dtmf_info_digit(&content_type, &body) {
+                    self.media.stats.digits += 1;
+                    self.on_digit(d);
+                }
+                None
+            }
+            DialogEvent::Reoffer { txn, body, .. } => {
+                self.version += 1;
+                match reoffer(
+                    &mut self.media,
+                    &body,
+                    self.local_media,
+                    self.session_id,
+                    self.version,
+                ) {
+                    Ok(sdp) => {
+                        self.handle
+                            .answer_reoffer(
+                                txn,
+                                200,
+                                Some(("application/sdp".into(), Bytes::from(sdp))),
+                            )
+                            .await
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "re-offer refused; 488 and the call goes on");
+                        self.handle.answer_reoffer(txn, 488, None).await;
+                    }
+                }
+                None
+            }
+            DialogEvent::RequestOutcome { method, code, .. } => {
+                if method == Method::Refer {
+                    self.on_refer_response(code).await;
+                }
+                self.end.take()
+            }
+            DialogEvent::Notify { event, body } => {
+                if event.to_ascii_lowercase().starts_with("refer") {
+                    self.on_refer_notify(&body).await;
+                }
+                self.end.take()
+            }
+        }
+    }
+
+    // ---- recording ---------------------------------------------------------------------
+
+    fn start_recording(&mut self, max: Duration, silence: Duration) {
+        let name = format!(
+            "{}-{:08x}.wav",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            rand::random::<u32>()
+        );
+        let path = self.ctx.recordings.join(name);
+        match Recorder::create(&path, now(), max, silence) {
+            Ok(r) => {
+                info!(path = %path.display(), "recording");
+                self.recorder = Some(r);
+            }
+            Err(e) => {
+                // Cannot record: file the ticket without a description rather than lose it.
+                error!(error = %e, "cannot record; continuing without a description");
+                self.inputs.push_back(Input::Recorded { media_url: None });
+            }
+        }
+    }
+
+    /// Close the recording; returns the media URL of what was kept.
+    fn close_recording(&mut self) -> Option<String> {
+        let rec = self.recorder.take()?;
+        let secs = rec.seconds();
+        match rec.finish() {
+            Ok(Some(path)) => {
+                info!(seconds = secs, "recording kept");
+                path.file_name()
+                    .map(|n| format!("/recordings/{}", n.to_string_lossy()))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                error!(error = %e, "recording could not be finished");
+                None
+            }
+        }
+    }
+
+    async fn stop_recording(&mut self) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let media_url = self.close_recording();
+        self.inputs.push_back(Input::Recorded { media_url });
+    }
+
+    // ---- tickets -----------------------------------------------------------------------
+
+    /// Commit a ticket off the loop; report to the engine when `report` (not after hang-up).
+    fn file_ticket(&mut self, t: TicketRequest, report: bool) {
+        let new = NewTicket {
+            service_code: t.service_code.clone(),
+            service_name: t.service_name.clone(),
+            description: t.description.clone(),
+            agency_responsible: t.agency.clone(),
+            zipcode: t.field("zipcode").map(str::to_owned),
+            address_id: t.field("address").map(str::to_owned),
+            phone: Some(self.meta.caller.clone()),
+            media_url: t.media_url.clone(),
+            channel: Channel::Phone,
+            language: Some(t.language.clone()),
+            call_id: Some(self.meta.call_id.clone()),
+            ..NewTicket::default()
+        };
+        let store = self.ctx.tickets.clone();
+        let tx = self.work_tx.clone();
+        let service = t.service_code;
+        let fut = async move {
+            let input = match store.file(new).await {
+                Ok(ticket) => {
+                    info!(id = ticket.service_request_id, %service, "ticket filed");
+                    Input::TicketFiled {
+                        id: ticket.service_request_id,
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, %service, "ticket could not be filed");
+                    Input::TicketFailed
+                }
+            };
+            if report {
+                let _ = tx.send(Work::Engine(input)).await;
+            }
+        }
+        .in_current_span();
+        // On the server's tracker, so shutdown waits for it and no ticket is lost.
+        self.ctx.tracker.spawn(fut);
+    }
+
+    // ---- 911 ---------------------------------------------------------------------------
+
+    fn start_emergency(&mut self, reason: Option<String>, menu_path: String) {
+        let plan: VecDeque<EmergencyMethod> = self.ctx.emergency.plan().into();
+        warn!(?reason, %menu_path, plan = ?plan, "redirecting caller to 911");
+        self.timer = None;
+        self.media.stop();
+        if let Some(rec) = self.recorder.take() {
+            let _ = rec.finish();
+        }
+        self.media.play(self.prompts(&["connecting_911".into()]));
+        let method = plan.front().copied().unwrap_or(EmergencyMethod::Announce);
+        self.emergency = Some(EmergencyRun {
+            plan,
+            current: None,
+            audit: None,
+            connecting_played: false,
+            deadline: None,
+            refer_accepted: false,
+            announce_left: self.ctx.emergency.announce_repeats.max(1),
+            failures: vec![],
+        });
+        let store = self.ctx.tickets.clone();
+        let tx = self.work_tx.clone();
+        let audit = EmergencyAudit {
+            caller: Some(self.meta.caller.clone()),
+            call_id: self.meta.call_id.clone(),
+            menu_path,
+            reason,
+            method: method.as_str().to_owned(),
+        };
+        self.ctx.tracker.spawn(
+            async move {
+                let id = match store.audit_emergency_start(&audit).await {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        error!(error = %e, "911 audit row could not be written; redirecting anyway");
+                        None
+                    }
+                };
+                let _ = tx.send(Work::Audited(id)).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    async fn emergency_played(&mut self) {
+        let Some(e) = &mut self.emergency else { return };
+        match e.current {
+            None => {
+                e.connecting_played = true;
+                self.emergency_step().await;
+            }
+            Some(EmergencyMethod::Announce) => {
+                e.announce_left = e.announce_left.saturating_sub(1);
+                if e.announce_left > 0 {
+                    let p = self.prompts(&["emergency_announce".into()]);
+                    self.media.play(p);
+                } else {
+                    self.emergency_done("announced");
+                    self.end = Some(EndReason::Emergency);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Start the next method once "connecting you to 911" has played and the audit is durable.
+    async fn emergency_step(&mut self) {
+        let Some(e) = &mut self.emergency else { return };
+        if e.current.is_some() || !e.connecting_played || e.audit.is_none() {
+            return;
+        }
+        let method = e.plan.pop_front().unwrap_or(EmergencyMethod::Announce);
+        e.current = Some(method);
+        let timeout = Duration::from_secs(self.ctx.emergency.timeout_seconds);
+        match method {
+            EmergencyMethod::Refer => {
+                let uri = self.ctx.emergency.uri.clone().unwrap_or_default();
+                e.deadline = Some(tokio::time::Instant::now() + timeout);
+                info!(%uri, "REFER to 911");
+                let req = self.next_req;
+                self.next_req += 1;
+                self.handle
+                    .request(
+                        req,
+                        Method::Refer,
+                        vec![
+                            ("Refer-To".into(), format!("<{uri}>")),
+                            (
+                                "Referred-By".into(),
+                                format!("<sip:311@{}>", self.local_media.ip()),
+                            ),
+                        ],
+                        None,
+                    )
+                    .await;
+            }
+            EmergencyMethod::Bridge => {
+                // Outbound legs are not available in this build: fall through to the next method.
+                Box::pin(self.emergency_failed("bridge: outbound calls not available")).await;
+            }
+            EmergencyMethod::Announce => {
+                info!("announcing: hang up and dial 911");
+                let p = self.prompts(&["emergency_announce".into()]);
+                self.media.play(p);
+            }
+        }
+    }
+
+    async fn on_refer_response(&mut self, code: u16) {
+        let Some(e) = &mut self.emergency else { return };
+        if e.current != Some(EmergencyMethod::Refer) {
+            return;
+        }
+        if (200..300).contains(&code) {
+            e.refer_accepted = true;
+            info!(code, "REFER accepted; waiting for the transfer's outcome");
+        } else {
+            Box::pin(self.emergency_failed(&format!("REFER answered {code}"))).await;
+        }
+    }
+
+    async fn on_refer_notify(&mut self, body: &[u8]) {
+        let Some(e) = &mut self.emergency else { return };
+        if e.current != Some(EmergencyMethod::Refer) {
+            return;
+        }
+        // message/sipfrag: "SIP/2.0 200 OK"
+        let text = String::from_utf8_lossy(body);
+        let code: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        match code {
+            100..=199 => debug!(code, "911 transfer in progress"),
+            200..=299 => {
+                info!("caller transferred to 911");
+                self.emergency_done("connected");
+                self.end = Some(EndReason::Emergency);
+            }
+            _ => {
+                Box::pin(self.emergency_failed(&format!("transfer failed: {}", text.trim()))).await
+            }
+        }
+    }
+
+    async fn emergency_failed(&mut self, why: &str) {
+        let Some(e) = &mut self.emergency else { return };
+        warn!(method = ?e.current, reason = why, "911 method failed; trying the next");
+        e.failures
+            .push(format!("{}: {why}", e.current.map_or("?", |m| m.as_str())));
+        e.current = None;
+        e.deadline = None;
+        e.refer_accepted = false;
+        Box::pin(self.emergency_step()).await;
+    }
+
+    fn emergency_done(&mut self, outcome: &str) {
+        let Some(e) = &self.emergency else { return };
+        let method = e.current.map_or("announce", |m| m.as_str());
+        let mut outcome = format!("{outcome} via {method}");
+        if !e.failures.is_empty() {
+            outcome.push_str(&format!(" after {}", e.failures.join("; ")));
+        }
+        if let Some(Some(id)) = e.audit {
+            let store = self.ctx.tickets.clone();
+            self.ctx.tracker.spawn(async move {
+                if let Err(err) = store.audit_emergency_outcome(id, &outcome).await {
+                    error!(error = %err, "911 audit outcome not written");
+                }
+            });
+        }
+    }
+
+    // ---- the end -----------------------------------------------------------------------
+
+    async fn finish(mut self, reason: EndReason) {
+        // A caller who hung up mid-ticket: file what we have (the ZIP was given).
+        if matches!(
+            reason,
+            EndReason::CallerHungUp | EndReason::SignallingTimeout | EndReason::NoMedia
+        ) {
+            let media_url = self.close_recording();
+            if let Some(t) = self.engine.abandon(media_url) {
+                info!("caller left mid-ticket; filing what was given");
+                self.file_ticket(t, false);
+            }
+        }
+        if let Some(e) = &self.emergency {
+            if e.current.is_some() && reason == EndReason::CallerHungUp {
+                self.emergency_done(if e.refer_accepted {
+                    "caller left during transfer"
+                } else {
+                    "caller hung up"
+                });
+            }
+        }
+        match reason {
+            EndReason::CallerHungUp | EndReason::Cancelled | EndReason::SignallingTimeout => {}
+            _ => self.handle.hangup().await,
+        }
+        self.handle.release();
+        self.ctx.registry.remove(self.registry_id);
+        let s = self.media.stats;
+        self.ctx
+            .registry
+            .rtp_in
+            .fetch_add(s.packets_in, Ordering::Relaxed);
+        self.ctx
+            .registry
+            .rtp_out
+            .fetch_add(s.packets_out, Ordering::Relaxed);
+        self.ctx
+            .registry
+            .digits
+            .fetch_add(s.digits, Ordering::Relaxed);
+        info!(
+            ?reason,
+            menu_path = %self.engine.menu_path(),
+            packets_in = s.packets_in,
+            packets_out = s.packets_out,
+            digits = s.digits,
+            malformed_in = s.malformed_in,
+            foreign_in = s.foreign_in,
+            "call ended"
+        );
+    }
+}
+
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -61,6 +61,25 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
 pub struct FileConfig {
     pub limits: Limits,
     pub media: MediaConfig,
+    /// How callers are sent to 911 (see [`crate::dispatch::emergency`]).
+    pub emergency: crate::dispatch::emergency::EmergencyConfig,
+    pub storage: StorageConfig,
+}
+
+/// Where files go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Caller recordings (WAV). Default `recordings`.
+    pub recordings_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            recordings_dir: PathBuf::from("recordings"),
+        }
+    }
 }
 
 /// Bounds on everything that grows with traffic.

@@ -23,12 +23,14 @@
 //! | [`api`] | HTTP (axum): `/health` |
 //! | [`server`] | starting and stopping all of the above |
 //! | [`config`] | flags, environment and the `--config` YAML |
+//! | [`dispatch::tickets`] | the ticket store (SQLite, sqlx): 311 tickets, emergency-redirect audit |
 //!
 //! Dependency rule: `sip` and `media` never import `call`, `api` or `server`.
 
 pub mod api;
 pub mod call;
 pub mod config;
+pub mod dispatch;
 pub mod media;
 pub mod menu;
 pub mod server;

@@ -1,8 +1,11 @@
-//! `ivr311` command line: parse flags, load config, start the server, wait for a signal.
+//! `ivr311` command line: parse flags, load config, start the server or run a one-shot
+//! command (`check`, `tickets list`), and nothing more.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ivr311::config::{FileConfig, ServeArgs};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -20,26 +23,90 @@ struct Cli {
 enum Command {
     /// Answer calls (the default command).
     Serve(ServeArgs),
+    /// Check a menu file: exit 0, or print `path:line:col: message` lines and exit 1.
+    Check {
+        #[arg(long, env = "IVR311_MENU", default_value = "menus/311.yaml")]
+        menu: PathBuf,
+        #[arg(long, env = "IVR311_PROMPTS", default_value = "prompts")]
+        prompts: PathBuf,
+    },
+    /// Service requests in the database.
+    Tickets {
+        #[command(subcommand)]
+        command: TicketsCommand,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum TicketsCommand {
+    /// List tickets, newest first.
+    List {
+        #[arg(long, env = "IVR311_DB", default_value = "ivr311.db")]
+        db: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(a)) => a,
-        None => match Cli::parse_from(["ivr311", "serve"]).command {
-            Some(Command::Serve(a)) => a,
-            None => unreachable!("serve parses"),
+    let command =
+        cli.command
+            .unwrap_or_else(|| match Cli::parse_from(["ivr311", "serve"]).command {
+                Some(c) => c,
+                None => unreachable!("serve parses"),
+            });
+    match command {
+        Command::Check { menu, prompts } => match ivr311::server::load_menu(&menu, &prompts) {
+            Ok(m) => {
+                println!(
+                    "{}: ok ({} menus, languages {})",
+                    menu.display(),
+                    m.file.menus.len(),
+                    m.file.languages.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e}");
+                ExitCode::FAILURE
+            }
         },
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+        Command::Serve(args) => run(serve(args)),
+        Command::Tickets {
+            command: TicketsCommand::List { db, json, limit },
+        } => run(list_tickets(db, json, limit)),
+    }
+}
+
+fn run(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(serve(args))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ivr311: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ivr311: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -53,6 +120,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down: refusing new calls, draining calls in progress");
     server.shutdown().await;
+    Ok(())
+}
+
+async fn list_tickets(db: PathBuf, json: bool, limit: u32) -> anyhow::Result<()> {
+    use ivr311::dispatch::tickets::{TicketQuery, TicketStore};
+    let store = TicketStore::open(&db).await?;
+    let q = TicketQuery {
+        limit: Some(limit),
+        ..TicketQuery::default()
+    };
+    let tickets = store.list(&q).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tickets)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<20} {:<7} {:<6} {:<8} {:<16} {:<22}",
+        "id", "service", "status", "zip", "channel", "phone", "requested"
+    );
+    for t in &tickets {
+        println!(
+            "{:<10} {:<20} {:<7} {:<6} {:<8} {:<16} {:<22}",
+            t.service_request_id,
+            t.service_code,
+            t.status.as_str(),
+            t.zipcode.as_deref().unwrap_or("-"),
+            t.channel.as_str(),
+            t.phone.as_deref().unwrap_or("-"),
+            t.requested_datetime.to_string(),
+        );
+    }
+    println!("{} ticket(s)", tickets.len());
     Ok(())
 }
 

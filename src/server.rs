@@ -5,9 +5,11 @@
 //! run exactly what operators run (on port 0).
 
 use crate::api::{self, ApiState};
-use crate::call::{self, CallApp, CallContext, CallMeta, CallRegistry, EchoApp, PortPool};
+use crate::call::{self, ActiveMenu, CallContext, CallRegistry, MenuHolder, PortPool};
 use crate::config::{FileConfig, ServeArgs};
+use crate::dispatch::tickets::{StoreError, TicketStore};
 use crate::media::prompt::{PromptError, PromptStore};
+use crate::menu::validate::{self, MenuError, PromptIndex};
 use crate::sip::transport::{self, TransportLimits};
 use crate::sip::ua::UaCore;
 use std::net::SocketAddr;
@@ -37,6 +39,30 @@ pub enum StartError {
     },
     #[error("prompt loader failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The menu does not pass `ivr311 check` (every problem, `path:line:col: message`).
+    #[error("menu refused:\n{0}")]
+    Menu(#[from] MenuError),
+    #[error("database: {0}")]
+    Db(#[from] StoreError),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// Load and check a menu against the prompts that exist.
+pub fn load_menu(
+    path: &std::path::Path,
+    prompts_dir: &std::path::Path,
+) -> Result<ActiveMenu, MenuError> {
+    let index = PromptIndex::from_dir(prompts_dir).map_err(|source| MenuError::Io {
+        path: prompts_dir.to_owned(),
+        source,
+    })?;
+    let loaded = validate::load(path, &index)?;
+    Ok(ActiveMenu {
+        file: Arc::new(loaded.file),
+        main: loaded.main,
+        path: loaded.path,
+    })
 }
 
 /// A running node.
@@ -44,6 +70,9 @@ pub struct RunningServer {
     pub sip_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub registry: Arc<CallRegistry>,
+    pub tickets: TicketStore,
+    /// The menu new calls start on (replace it to reload).
+    pub menu: Arc<MenuHolder>,
     /// Cancelled to refuse new calls while the ones in progress finish.
     pub draining: CancellationToken,
     cancel: CancellationToken,
@@ -69,6 +98,11 @@ impl RunningServer {
 
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
+    file.emergency.check().map_err(StartError::Config)?;
+    let menu = load_menu(&args.menu, &args.prompts)?;
+    info!(menu = %args.menu.display(), menus = menu.file.menus.len(), "menu loaded");
+    let tickets = TicketStore::open(&args.db).await?;
+    info!(db = %args.db.display(), "ticket store open");
     let dir = args.prompts.clone();
     let prompts = tokio::task::spawn_blocking(move || PromptStore::load_dir(&dir)).await??;
     if prompts.is_empty() {
@@ -111,18 +145,20 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
 
     let registry = Arc::new(CallRegistry::default());
     let draining = CancellationToken::new();
-    let default_language = file.media.default_language.clone();
-    let lang = default_language.clone();
-    let factory = move |_: &CallMeta| -> Box<dyn CallApp> { Box::new(EchoApp::new(&lang)) };
+    let menu_holder = Arc::new(MenuHolder::new(menu));
     let ctx = CallContext {
         prompts: Arc::new(prompts),
         registry: registry.clone(),
         ports: PortPool::new(args.rtp_ports, args.sip.ip()),
         limits: file.limits.clone(),
         advertise_ip: file.media.advertise_ip,
-        default_language,
+        default_language: file.media.default_language.clone(),
         answer_after: Duration::from_millis(file.media.answer_after_ms),
-        app_factory: Arc::new(factory),
+        menu: menu_holder.clone(),
+        tickets: tickets.clone(),
+        emergency: file.emergency.clone(),
+        recordings: file.storage.recordings_dir.clone(),
+        tracker: tracker.clone(),
         draining: draining.clone(),
     };
     tracker.spawn(call::accept_calls(
@@ -161,6 +197,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         sip_addr,
         http_addr,
         registry,
+        tickets,
+        menu: menu_holder,
         draining,
         cancel,
         tracker,

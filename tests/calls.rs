@@ -13,7 +13,7 @@ use std::time::Duration;
 const S: Duration = Duration::from_secs(1);
 
 #[tokio::test]
-async fn answers_plays_welcome_and_reads_back_each_digit_once() {
+async fn answers_with_the_language_menu_and_hears_each_key_once() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let ok = ua.call("0 8 101").await;
@@ -22,19 +22,23 @@ async fn answers_plays_welcome_and_reads_back_each_digit_once() {
     assert!(ok.to.tag().is_some());
     assert!(!ok.contacts().is_empty(), "200 carries a Contact");
 
-    let ear = PromptEar::new("en", &["welcome", "digit_5", "digit_7"], Codec::Pcmu);
+    let ear = PromptEar::new(
+        "en",
+        &["language_menu", "screening", "main_menu"],
+        Codec::Pcmu,
+    );
     let heard = ua.listen(Duration::from_millis(1500)).await;
     assert!(heard.len() >= 60, "about 50 packets/s: got {}", heard.len());
-    assert_eq!(ear.playbacks(&heard), vec!["welcome"]);
+    assert_eq!(ear.playbacks(&heard), vec!["language_menu"]);
 
-    // Barge-in: the key stops the welcome and is read back, exactly once even though the
-    // End packet came three times.
-    ua.press('5').await;
+    // Barge-in: "1" stops the language menu and English screening plays. The End packet came
+    // three times; had it counted twice, the second "1" would have skipped to the main menu.
+    ua.press('1').await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["screening"]);
+    ua.press('1').await;
     let heard = ua.listen(Duration::from_millis(1200)).await;
-    assert_eq!(ear.playbacks(&heard), vec!["digit_5"]);
-    ua.press('7').await;
-    let heard = ua.listen(Duration::from_millis(1200)).await;
-    assert_eq!(ear.playbacks(&heard), vec!["digit_7"]);
+    assert_eq!(ear.playbacks(&heard), vec!["main_menu"]);
 
     assert_eq!(health(srv.http_addr).await["live_calls"], 1);
     ua.bye().await;
@@ -52,17 +56,17 @@ async fn pcma_is_chosen_when_the_caller_prefers_it_and_info_digits_work() {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("8 0 101").await.code, 200);
     assert_eq!(ua.codec, Codec::Pcma);
-    let ear = PromptEar::new("en", &["welcome", "digit_3", "star"], Codec::Pcma);
+    let ear = PromptEar::new("en", &["language_menu", "screening"], Codec::Pcma);
     ua.listen(Duration::from_millis(300)).await;
     let info = ua.in_dialog(
         "INFO",
         "Content-Type: application/dtmf-relay\r\n",
-        "Signal=3\r\nDuration=160\r\n",
+        "Signal=1\r\nDuration=160\r\n",
     );
     ua.send_raw(&info).await;
     ua.expect_response("INFO", 200, S).await;
     let heard = ua.listen(Duration::from_millis(1000)).await;
-    assert_eq!(ear.playbacks(&heard), vec!["digit_3"]);
+    assert_eq!(ear.playbacks(&heard), vec!["screening"]);
     ua.bye().await;
     srv.shutdown().await;
 }
@@ -217,7 +221,7 @@ async fn malformed_request_gets_400_while_a_call_goes_on() {
     let srv = start_server(FileConfig::default()).await;
     let mut caller = TestUa::udp(srv.sip_addr).await;
     assert_eq!(caller.call("0 101").await.code, 200);
-    let ear = PromptEar::new("en", &["welcome", "digit_4"], Codec::Pcmu);
+    let ear = PromptEar::new("en", &["language_menu", "screening"], Codec::Pcmu);
 
     let mut bad = TestUa::udp(srv.sip_addr).await;
     let garbage = format!(
@@ -238,9 +242,9 @@ From: <sip:x@{me}>;tag=1\r\nTo: <sip:311@{srv}>\r\nCall-ID: bad1\r\nCSeq: 1 OPTI
 
     // The call in progress still hears keys.
     caller.listen(Duration::from_millis(200)).await;
-    caller.press('4').await;
+    caller.press('1').await;
     let heard = caller.listen(Duration::from_millis(1000)).await;
-    assert_eq!(ear.playbacks(&heard), vec!["digit_4"]);
+    assert_eq!(ear.playbacks(&heard), vec!["screening"]);
     let h = health(srv.http_addr).await;
     assert!(h["sip_messages_malformed"].as_u64().unwrap() >= 2);
     caller.bye().await;
@@ -284,11 +288,12 @@ async fn call_over_tcp() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::tcp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    let ear = PromptEar::new("en", &["welcome", "digit_9"], Codec::Pcmu);
+    // Spanish, over TCP.
+    let ear = PromptEar::new("es", &["screening"], Codec::Pcmu);
     ua.listen(Duration::from_millis(300)).await;
-    ua.press('9').await;
+    ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(1000)).await;
-    assert_eq!(ear.playbacks(&heard), vec!["digit_9"]);
+    assert_eq!(ear.playbacks(&heard), vec!["screening"]);
     ua.bye().await;
     srv.shutdown().await;
 }

@@ -5,6 +5,7 @@
 pub mod dtmf;
 pub mod g711;
 pub mod prompt;
+pub mod record;
 pub mod rtp;
 pub mod sdp;
 pub mod session;

@@ -22,19 +22,40 @@
 //! inside a dialog go back along the flow the dialog came in on rather than to the Contact.
 //! 311 callers are often behind NAT, where the Contact is a private address; the flow is the one
 //! path known to work. The Route set from Record-Route is still honoured in the request.
+//!
+//! Outbound calls (UAC), for bridging a caller to 911 or an operator: [`OutboundHandle::invite`]
+//! sends an INVITE over UDP to a `sip:` URI with an IP-literal host and reports progress as
+//! [`LegEvent`]s. On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
+//! itself (and ACKs every retransmission of that 2xx again), and from then on the dialog is
+//! handled exactly like an inbound one: the same [`DialogHandle`], the same in-dialog requests,
+//! with each [`DialogEvent`] wrapped in [`LegEvent::Dialog`]. Non-2xx finals are ACKed by the
+//! INVITE client transaction. Hanging up (or releasing) a leg that has not been answered CANCELs
+//! it (RFC 3261 §9.1: only once a provisional response has arrived; if none has, the CANCEL
+//! waits for the first one); a 2xx that crosses the CANCEL is ACKed and then BYEd. Further 2xx
+//! from other forks (other To tags) are ACKed and BYEd too.
+//!
+//! Ringing has no time limit here: RFC 3261 §17.1.1.2 stops timer B once a provisional response
+//! has arrived, and although our INVITE client transaction keeps it armed in Proceeding, the UA
+//! does not let it fire for an outbound leg that is ringing. How long to let a leg ring is the
+//! caller's decision ([`OutboundHandle::cancel`]). After a CANCEL the UA waits 64·T1 for the
+//! INVITE's final response, then gives up and reports [`LegEvent::Failed`] with 487.
 
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
-use crate::sip::message::{Header, Message, Method, NameAddr, Request, Response, ResponseBuilder};
-use crate::sip::transaction::{ClientTransaction, Output, ServerTransaction};
+use crate::sip::message::{
+    new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
+    Request, RequestBuilder, Response, ResponseBuilder,
+};
+use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -94,9 +115,120 @@ pub enum DialogEvent {
     Timeout,
 }
 
+/// What happens to an outbound call (UAC leg), as its owner sees it.
+#[derive(Debug)]
+pub enum LegEvent {
+    /// A provisional response other than 100 (180 Ringing, 183 Session Progress...).
+    Provisional { code: u16 },
+    /// A 2xx answered the INVITE; the UA has already ACKed it. `sdp` is the 2xx body (the answer).
+    Answered { sdp: Bytes },
+    /// The call did not happen: the final non-2xx response (already ACKed), 408 when nothing
+    /// answered (timer B), 487 after a CANCEL (also when a 2xx crossed the CANCEL: that dialog
+    /// is ACKed and BYEd at once), 503 when the target could not be used or reached.
+    Failed { code: u16, reason: String },
+    /// After [`LegEvent::Answered`]: what happens in the dialog, exactly as for inbound calls
+    /// (Bye, Info, Notify, Reoffer, RequestOutcome...).
+    Dialog(DialogEvent),
+}
+
+/// An outbound call just started by [`OutboundHandle::invite`].
+#[derive(Debug)]
+pub struct OutboundCall {
+    /// The leg's handle: `hangup` CANCELs while ringing and BYEs once answered; `request`,
+    /// `answer_reoffer` and `release` work as for inbound dialogs once answered. `release`
+    /// CANCELs a leg that has not been answered yet.
+    pub handle: DialogHandle,
+    pub events: mpsc::Receiver<LegEvent>,
+}
+
+/// Starts outbound calls through the UA core. Cloneable; get one from [`UaCore::outbound`].
+#[derive(Debug, Clone)]
+pub struct OutboundHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl OutboundHandle {
+    /// Send an INVITE with our SDP offer `sdp` to `target`, a `sip:` URI whose host is an IP
+    /// literal (e.g. `sip:911@127.0.0.1:5080`; no port means 5060). DNS and TCP are out of
+    /// scope: any other target fails at once with [`LegEvent::Failed`] 503.
+    ///
+    /// From is `"<from_display>" <sip:<from_user>@<our address>>;tag=...`, so that the far end
+    /// (a 911 centre) sees the caller's number; `from_user` is %-escaped where needed and the
+    /// display name stripped of quotes and control characters. `extra_headers` (e.g.
+    /// `P-Asserted-Identity`, `X-311-*`) are added as given, minus control characters; headers
+    /// the UA writes itself (Via, From, To, Call-ID, CSeq, Contact, Route, Max-Forwards,
+    /// Content-*, User-Agent) and names that are not tokens are refused with a warning.
+    ///
+    /// The leg rings for as long as the far end lets it: use [`OutboundHandle::cancel`] (or
+    /// [`DialogHandle::hangup`]) to give up. If the UA core has stopped, the returned events
+    /// hold a single `Failed { code: 503 }`.
+    pub async fn invite(
+        &self,
+        target: &str,
+        from_user: &str,
+        from_display: Option<&str>,
+        extra_headers: Vec<(String, String)>,
+        sdp: Bytes,
+    ) -> OutboundCall {
+        let (ev_tx, ev_rx) = mpsc::channel(64);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let cmd = Command::Invite(Box::new(InviteCommand {
+            target: target.to_owned(),
+            from_user: from_user.to_owned(),
+            from_display: from_display.map(str::to_owned),
+            headers: extra_headers,
+            sdp,
+            events: ev_tx.clone(),
+            reply: reply_tx,
+        }));
+        let id = match self.tx.send(cmd).await {
+            Ok(()) => reply_rx.await.ok(),
+            Err(_) => None,
+        };
+        let id = id.unwrap_or_else(|| {
+            let _ = ev_tx.try_send(LegEvent::Failed {
+                code: 503,
+                reason: "SIP stack stopped".into(),
+            });
+            0
+        });
+        OutboundCall {
+            handle: DialogHandle {
+                id,
+                tx: self.tx.clone(),
+            },
+            events: ev_rx,
+        }
+    }
+
+    /// Cancel the outbound call `id` (its [`DialogHandle::id`]) if it has not been answered yet:
+    /// CANCEL with the INVITE's branch, once a provisional response has arrived; the 487 that
+    /// follows is ACKed by the transaction and reported as `Failed { code: 487 }`. If a 2xx
+    /// crosses the CANCEL, the UA ACKs it, BYEs it, and still reports `Failed { code: 487 }`.
+    /// If `Answered` has already been reported, this hangs the call up (BYE), like
+    /// [`DialogHandle::hangup`].
+    pub async fn cancel(&self, id: DialogId) {
+        let _ = self.tx.send(Command::Hangup { dialog: id }).await;
+    }
+}
+
+/// An outbound INVITE to start (boxed in [`Command`]).
+#[derive(Debug)]
+struct InviteCommand {
+    target: String,
+    from_user: String,
+    from_display: Option<String>,
+    headers: Vec<(String, String)>,
+    sdp: Bytes,
+    events: mpsc::Sender<LegEvent>,
+    reply: oneshot::Sender<DialogId>,
+}
+
 /// Commands from a call to the UA core.
 #[derive(Debug)]
 enum Command {
+    /// Start an outbound call.
+    Invite(Box<InviteCommand>),
     Respond {
         dialog: DialogId,
         code: u16,
@@ -188,12 +320,15 @@ impl DialogHandle {
             .await;
     }
 
-    /// Hang up: BYE if answered (after the ACK), otherwise nothing more is sent.
+    /// Hang up: BYE if answered (after the ACK). For an inbound call not answered yet, 480; for
+    /// an outbound call not answered yet, CANCEL (see [`OutboundHandle::cancel`]).
     pub async fn hangup(&self) {
         let _ = self.tx.send(Command::Hangup { dialog: self.id }).await;
     }
 
-    /// The call is finished with this dialog (best effort, never blocks).
+    /// The call is finished with this dialog (best effort, never blocks). A dialog still up is
+    /// ended properly (BYE; 500 for an inbound call not answered; CANCEL for an outbound call
+    /// not answered).
     pub fn release(&self) {
         let _ = self.tx.try_send(Command::Drop { dialog: self.id });
     }
@@ -249,21 +384,132 @@ struct ServerEntry {
     dialog: Option<DialogId>,
 }
 
+/// Client transaction key (RFC 3261 §17.1.3): branch and CSeq method, so that a CANCEL (which
+/// reuses its INVITE's branch) is a transaction of its own.
+type ClientKey = (String, Method);
+
+/// What a client transaction is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// A request inside a dialog: from [`DialogHandle::request`], or our BYE.
+    InDialog,
+    /// The INVITE of an outbound call ([`OutboundHandle::invite`]).
+    OutboundInvite,
+    /// The CANCEL of an outbound INVITE.
+    Cancel,
+}
+
 struct ClientEntry {
     tx: ClientTransaction,
     flow: Flow,
     dialog: Option<DialogId>,
     req: u64,
     method: Method,
+    kind: ClientKind,
+    /// INVITE only: what we sent, for its CANCEL and the ACK of a non-2xx final.
+    invite: Option<SentInvite>,
+    /// INVITE only: the ACK we sent for each 2xx, by the 2xx's To tag; sent again whenever that
+    /// 2xx is retransmitted (the transaction's Accepted state passes those up).
+    acks: HashMap<String, Bytes>,
+}
+
+/// The parts of an INVITE we sent that its CANCEL (§9.1) and the ACK of a non-2xx final
+/// (§17.1.1.3) repeat: Request-URI, Via branch, From, Call-ID, CSeq number, Route.
+#[derive(Debug, Clone)]
+struct SentInvite {
+    uri: String,
+    branch: String,
+    transport: Transport,
+    local: SocketAddr,
+    /// The whole From value, with our tag.
+    from: String,
+    /// The INVITE's To (no tag for an initial INVITE).
+    to: String,
+    call_id: String,
+    cseq: u32,
+    routes: Vec<String>,
+    /// Our From URI and tag, for the UAC dialog a 2xx creates.
+    local_uri: String,
+    local_tag: String,
+}
+
+impl SentInvite {
+    /// CANCEL (with the INVITE's To) or the ACK of a non-2xx final (with the response's To).
+    fn build(&self, method: &Method, to: &str) -> Bytes {
+        let mut b = RequestBuilder::new(
+            method,
+            &self.uri,
+            self.transport.via_name(),
+            self.local,
+            &self.branch,
+        );
+        for r in &self.routes {
+            b = b.header("Route", r);
+        }
+        b.header("From", &self.from)
+            .header("To", to)
+            .header("Call-ID", &self.call_id)
+            .header("CSeq", format_args!("{} {}", self.cseq, method))
+            .build()
+    }
+}
+
+/// An outbound call between its INVITE and the first final response.
+struct OutboundLeg {
+    events: mpsc::Sender<LegEvent>,
+    /// The INVITE client transaction.
+    invite: ClientKey,
+    state: LegState,
+    /// After a CANCEL: when to stop waiting for the INVITE's final response (64·T1, §9.1).
+    cancel_deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegState {
+    /// INVITE sent, no response yet.
+    Calling,
+    /// A provisional response arrived.
+    Proceeding,
+    /// Cancelled before any provisional response: the CANCEL goes out with the first one.
+    CancelPending,
+    /// CANCEL sent; waiting for the INVITE's final response.
+    Cancelling,
+}
+
+impl LegState {
+    fn cancelled(self) -> bool {
+        matches!(self, LegState::CancelPending | LegState::Cancelling)
+    }
+}
+
+/// Who hears a dialog's events.
+enum EventSink {
+    /// An inbound call.
+    Call(mpsc::Sender<DialogEvent>),
+    /// An outbound leg: events are wrapped in [`LegEvent::Dialog`].
+    Leg(mpsc::Sender<LegEvent>),
+    /// Nobody: a dialog kept only to end it (a 2xx that crossed our CANCEL, another fork).
+    Detached,
+}
+
+impl EventSink {
+    /// False when the listener is full or gone.
+    fn send(&self, ev: DialogEvent) -> bool {
+        match self {
+            EventSink::Call(tx) => tx.try_send(ev).is_ok(),
+            EventSink::Leg(tx) => tx.try_send(LegEvent::Dialog(ev)).is_ok(),
+            EventSink::Detached => true,
+        }
+    }
 }
 
 struct DialogEntry {
     dialog: Dialog,
-    events: mpsc::Sender<DialogEvent>,
-    /// The INVITE server transaction that created the dialog.
-    invite: ServerKey,
-    /// The latest INVITE (initial or re-INVITE), which a 2xx ACK confirms.
-    last_invite: ServerKey,
+    events: EventSink,
+    /// The INVITE server transaction that created the dialog (none for outbound calls).
+    invite: Option<ServerKey>,
+    /// The latest INVITE received (initial or re-INVITE), which a 2xx ACK confirms.
+    last_invite: Option<ServerKey>,
     /// re-INVITE/UPDATE server transactions waiting for the call's answer, by txn number.
     reoffers: HashMap<u64, ServerKey>,
     /// A hang-up asked for before the ACK arrived.
@@ -274,6 +520,8 @@ struct DialogEntry {
 enum TimerRef {
     Server(u64),
     Client(u64),
+    /// An outbound leg's wait for the final response after CANCEL.
+    Leg(DialogId),
 }
 
 /// The UA core task's state.
@@ -286,9 +534,11 @@ pub struct UaCore {
     cmd_rx: mpsc::Receiver<Command>,
     server: HashMap<ServerKey, (u64, ServerEntry)>,
     server_ids: HashMap<u64, ServerKey>,
-    client: HashMap<String, (u64, ClientEntry)>,
-    client_ids: HashMap<u64, String>,
+    client: HashMap<ClientKey, (u64, ClientEntry)>,
+    client_ids: HashMap<u64, ClientKey>,
     dialogs: HashMap<DialogId, DialogEntry>,
+    /// Outbound calls not answered (nor failed) yet.
+    outbound: HashMap<DialogId, OutboundLeg>,
     by_local_tag: HashMap<(String, String), DialogId>,
     timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
     next_id: u64,
@@ -316,6 +566,7 @@ impl UaCore {
             client: HashMap::new(),
             client_ids: HashMap::new(),
             dialogs: HashMap::new(),
+            outbound: HashMap::new(),
             by_local_tag: HashMap::new(),
             timers: BinaryHeap::new(),
             next_id: 1,
@@ -325,6 +576,13 @@ impl UaCore {
 
     pub fn stats(&self) -> Arc<UaStats> {
         self.stats.clone()
+    }
+
+    /// A handle for starting outbound calls; take it before [`UaCore::run`].
+    pub fn outbound(&self) -> OutboundHandle {
+        OutboundHandle {
+            tx: self.cmd_tx.clone(),
+        }
     }
 
     /// Run until cancelled or the transport closes.
@@ -345,7 +603,7 @@ impl UaCore {
                     None => return,
                 },
                 Some(c) = self.cmd_rx.recv() => self.on_command(c).await,
-                _ = sleep => self.on_timers().await,
+                _ = sleep => self.on_timers(Self::now()).await,
             }
             self.stats
                 .dialogs
@@ -531,7 +789,10 @@ impl UaCore {
                     let dialog = self.server.get(&key).and_then(|(_, e)| e.dialog);
                     if let Some(d) = dialog {
                         // Only the dialog-creating INVITE's timeout ends the call.
-                        let is_creator = self.dialogs.get(&d).is_some_and(|de| de.invite == key);
+                        let is_creator = self
+                            .dialogs
+                            .get(&d)
+                            .is_some_and(|de| de.invite.as_ref() == Some(&key));
                         if is_creator {
                             warn!(timer = ?t, "no ACK for our final response; ending the call");
                             self.dialog_event(d, DialogEvent::Timeout);
@@ -574,7 +835,7 @@ impl UaCore {
             return;
         };
         // The ACK belongs to the dialog's latest INVITE (the initial one or a re-INVITE).
-        let Some(invite) = self.dialogs.get(&d).map(|de| de.last_invite.clone()) else {
+        let Some(invite) = self.dialogs.get(&d).and_then(|de| de.last_invite.clone()) else {
             return;
         };
         if let Some((id, e)) = self.server.get_mut(&invite) {
@@ -674,9 +935,9 @@ impl UaCore {
             d,
             DialogEntry {
                 dialog,
-                events: ev_tx,
-                invite: key.clone(),
-                last_invite: key,
+                events: EventSink::Call(ev_tx),
+                invite: Some(key.clone()),
+                last_invite: Some(key),
                 reoffers: HashMap::new(),
                 bye_pending: false,
             },
@@ -746,9 +1007,10 @@ impl UaCore {
             Method::Invite | Method::Update => {
                 let busy = self.dialogs.get(&d).is_some_and(|de| {
                     !de.reoffers.is_empty()
-                        || self
-                            .server
-                            .get(&de.invite)
+                        || de
+                            .invite
+                            .as_ref()
+                            .and_then(|k| self.server.get(k))
                             .is_some_and(|(_, e)| !e.tx.is_final())
                 });
                 if busy {
@@ -772,7 +1034,7 @@ impl UaCore {
                 let id = self.insert_server(key.clone(), req, flow, Some(d));
                 if let Some(de) = self.dialogs.get_mut(&d) {
                     if de.dialog.state != DialogState::Early && key.method == Method::Invite {
-                        de.last_invite = key.clone();
+                        de.last_invite = Some(key.clone());
                     }
                     de.reoffers.insert(id, key);
                 }
@@ -832,7 +1094,7 @@ impl UaCore {
 
     fn dialog_event(&mut self, d: DialogId, ev: DialogEvent) {
         if let Some(de) = self.dialogs.get(&d) {
-            if de.events.try_send(ev).is_err() {
+            if !de.events.send(ev) {
                 debug!("call not listening; dialog event dropped");
             }
         }
@@ -840,8 +1102,11 @@ impl UaCore {
 
     fn remove_dialog(&mut self, d: DialogId) {
         if let Some(de) = self.dialogs.remove(&d) {
-            self.by_local_tag
-                .remove(&(de.dialog.call_id.clone(), de.dialog.local_tag.clone()));
+            let k = (de.dialog.call_id.clone(), de.dialog.local_tag.clone());
+            // Another fork's dialog shares the Call-ID and our tag; only drop our own entry.
+            if self.by_local_tag.get(&k) == Some(&d) {
+                self.by_local_tag.remove(&k);
+            }
         }
     }
 
@@ -857,7 +1122,10 @@ impl UaCore {
         let Some(de) = self.dialogs.get(&d) else {
             return;
         };
-        let key = de.invite.clone();
+        // Outbound dialogs have no INVITE of ours to answer.
+        let Some(key) = de.invite.clone() else {
+            return;
+        };
         let local_tag = de.dialog.local_tag.clone();
         let flow = de.dialog.flow;
         let Some((id, e)) = self.server.get_mut(&key) else {
@@ -897,6 +1165,13 @@ impl UaCore {
     async fn on_command(&mut self, c: Command) {
         let now = Self::now();
         match c {
+            Command::Invite(inv) => self.start_outbound(*inv, now).await,
+            Command::Hangup { dialog } | Command::Drop { dialog }
+                if self.outbound.contains_key(&dialog) =>
+            {
+                // An outbound call not answered yet: CANCEL it.
+                self.cancel_leg(dialog, now).await
+            }
             Command::Respond {
                 dialog,
                 code,
@@ -1037,28 +1312,356 @@ impl UaCore {
             body.as_ref().map(|(ct, b)| (ct.as_str(), b.clone())),
         );
         let flow = de.dialog.flow;
+        // A re-INVITE: remember what the ACK of a non-2xx final must repeat.
+        let invite = (method == Method::Invite).then(|| SentInvite {
+            uri: de.dialog.remote_target.clone(),
+            branch: branch.clone(),
+            transport: flow.transport,
+            local,
+            from: format!("<{}>;tag={}", de.dialog.local_uri, de.dialog.local_tag),
+            to: de.dialog.remote_from.clone(),
+            call_id: de.dialog.call_id.clone(),
+            cseq: de.dialog.local_cseq,
+            routes: de.dialog.route_set.clone(),
+            local_uri: de.dialog.local_uri.clone(),
+            local_tag: de.dialog.local_tag.clone(),
+        });
         let (tx, out) = ClientTransaction::new(
             now,
             method == Method::Invite,
             flow.transport.is_reliable(),
             bytes,
         );
+        self.start_client(
+            (branch, method.clone()),
+            ClientEntry {
+                tx,
+                flow,
+                dialog: Some(d),
+                req,
+                method,
+                kind: ClientKind::InDialog,
+                invite,
+                acks: HashMap::new(),
+            },
+            out,
+        )
+        .await;
+    }
+
+    /// Register a new client transaction and carry out its first outputs (the request itself).
+    /// Kept apart from [`UaCore::apply_client`] so that sending a request never recurses.
+    async fn start_client(&mut self, key: ClientKey, entry: ClientEntry, out: Vec<Output>) {
         let id = self.next_id();
-        self.client_ids.insert(id, branch.clone());
-        self.client.insert(
-            branch,
-            (
-                id,
-                ClientEntry {
-                    tx,
-                    flow,
-                    dialog: Some(d),
-                    req,
-                    method,
-                },
-            ),
+        let flow = entry.flow;
+        let deadline = entry.tx.next_deadline();
+        self.client_ids.insert(id, key.clone());
+        self.client.insert(key, (id, entry));
+        for o in out {
+            if let Output::Transmit(b) = o {
+                self.transport.send(&flow, b).await;
+            }
+        }
+        if let Some(at) = deadline {
+            self.timers.push(Reverse((at, TimerRef::Client(id))));
+        }
+    }
+
+    // ---- outbound calls (UAC) -----------------------------------------------------------------
+
+    async fn start_outbound(&mut self, inv: InviteCommand, now: Instant) {
+        let d = self.next_id();
+        let InviteCommand {
+            target,
+            from_user,
+            from_display,
+            headers,
+            sdp,
+            events,
+            reply,
+        } = inv;
+        let _ = reply.send(d);
+        let target = target.trim().to_owned();
+        let remote = match outbound_target(&target, self.transport.local_addr()) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(%target, why, "outbound call refused");
+                let _ = events.try_send(LegEvent::Failed {
+                    code: 503,
+                    reason: why.to_owned(),
+                });
+                return;
+            }
+        };
+        let flow = Flow {
+            transport: Transport::Udp,
+            remote,
+            conn: 0,
+        };
+        let local = self.local;
+        let local_tag = random_token(12);
+        let local_uri = format!("sip:{}@{local}", escape_user(&from_user));
+        let from = match from_display
+            .as_deref()
+            .map(sanitize_quoted)
+            .filter(|s| !s.trim().is_empty())
+        {
+            Some(name) => format!("\"{name}\" <{local_uri}>;tag={local_tag}"),
+            None => format!("<{local_uri}>;tag={local_tag}"),
+        };
+        let sent = SentInvite {
+            to: format!("<{target}>"),
+            uri: target,
+            branch: new_branch(),
+            transport: flow.transport,
+            local,
+            from,
+            call_id: random_token(24),
+            cseq: 1,
+            routes: Vec::new(),
+            local_uri,
+            local_tag,
+        };
+        let mut b = RequestBuilder::new(
+            &Method::Invite,
+            &sent.uri,
+            flow.transport.via_name(),
+            local,
+            &sent.branch,
+        )
+        .header("From", &sent.from)
+        .header("To", &sent.to)
+        .header("Call-ID", &sent.call_id)
+        .header("CSeq", format_args!("{} INVITE", sent.cseq))
+        .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
+        .header("Allow", ALLOW)
+        .header("User-Agent", &self.user_agent);
+        for (name, value) in headers {
+            match extra_header(&name, &value) {
+                Some((name, value)) => b = b.header(&name, value),
+                None => warn!(header = %name, "extra header refused on outbound INVITE"),
+            }
+        }
+        let bytes = b.body("application/sdp", sdp).build();
+        info!(call_id = %sent.call_id, target = %sent.uri, "outbound INVITE");
+        let key = (sent.branch.clone(), Method::Invite);
+        let (tx, out) = ClientTransaction::new(now, true, flow.transport.is_reliable(), bytes);
+        self.outbound.insert(
+            d,
+            OutboundLeg {
+                events,
+                invite: key.clone(),
+                state: LegState::Calling,
+                cancel_deadline: None,
+            },
         );
-        self.apply_client(id, out, None).await;
+        self.start_client(
+            key,
+            ClientEntry {
+                tx,
+                flow,
+                dialog: Some(d),
+                req: 0,
+                method: Method::Invite,
+                kind: ClientKind::OutboundInvite,
+                invite: Some(sent),
+                acks: HashMap::new(),
+            },
+            out,
+        )
+        .await;
+    }
+
+    /// Hang up an outbound leg that has not been answered: CANCEL once it is allowed (§9.1).
+    async fn cancel_leg(&mut self, d: DialogId, now: Instant) {
+        let Some(leg) = self.outbound.get_mut(&d) else {
+            return;
+        };
+        match leg.state {
+            LegState::Calling => {
+                debug!("CANCEL held until a provisional response arrives");
+                leg.state = LegState::CancelPending;
+            }
+            LegState::Proceeding => self.send_cancel(d, now).await,
+            LegState::CancelPending | LegState::Cancelling => {}
+        }
+    }
+
+    async fn send_cancel(&mut self, d: DialogId, now: Instant) {
+        let Some(leg) = self.outbound.get_mut(&d) else {
+            return;
+        };
+        if leg.state == LegState::Cancelling {
+            return;
+        }
+        leg.state = LegState::Cancelling;
+        let deadline = now + 64 * T1;
+        leg.cancel_deadline = Some(deadline);
+        let invite = leg.invite.clone();
+        self.timers.push(Reverse((deadline, TimerRef::Leg(d))));
+        let Some((_, e)) = self.client.get(&invite) else {
+            return;
+        };
+        let Some(sent) = &e.invite else {
+            return;
+        };
+        info!(call_id = %sent.call_id, "outbound call cancelled");
+        let bytes = sent.build(&Method::Cancel, &sent.to);
+        let key = (sent.branch.clone(), Method::Cancel);
+        let flow = e.flow;
+        let (tx, out) = ClientTransaction::new(now, false, flow.transport.is_reliable(), bytes);
+        self.start_client(
+            key,
+            ClientEntry {
+                tx,
+                flow,
+                dialog: Some(d),
+                req: 0,
+                method: Method::Cancel,
+                kind: ClientKind::Cancel,
+                invite: None,
+                acks: HashMap::new(),
+            },
+            out,
+        )
+        .await;
+    }
+
+    fn leg_event(&self, d: DialogId, ev: LegEvent) {
+        if let Some(leg) = self.outbound.get(&d) {
+            if leg.events.try_send(ev).is_err() {
+                debug!("outbound call not listening; event dropped");
+            }
+        }
+    }
+
+    /// A response to an outbound INVITE, as its transaction passed it up.
+    async fn on_outbound_response(
+        &mut self,
+        key: &ClientKey,
+        d: DialogId,
+        resp: &Response,
+        now: Instant,
+    ) {
+        match resp.code {
+            100..=199 => {
+                if resp.code > 100 {
+                    self.leg_event(d, LegEvent::Provisional { code: resp.code });
+                }
+                let Some(leg) = self.outbound.get_mut(&d) else {
+                    return;
+                };
+                match leg.state {
+                    LegState::Calling if leg.events.is_closed() => {
+                        // Nobody wants this call any more.
+                        self.send_cancel(d, now).await
+                    }
+                    LegState::Calling => leg.state = LegState::Proceeding,
+                    LegState::CancelPending => self.send_cancel(d, now).await,
+                    LegState::Proceeding | LegState::Cancelling => {}
+                }
+            }
+            200..=299 => self.on_outbound_2xx(key, d, resp, now).await,
+            _ => {
+                let Some(leg) = self.outbound.remove(&d) else {
+                    return;
+                };
+                info!(code = resp.code, reason = %resp.reason, "outbound call failed");
+                let _ = leg.events.try_send(LegEvent::Failed {
+                    code: resp.code,
+                    reason: resp.reason.clone(),
+                });
+            }
+        }
+    }
+
+    /// A 2xx to an outbound INVITE: ACK it, and either hand the dialog to the leg (the first
+    /// 2xx of a call still wanted) or BYE it (the call was cancelled, or another fork answered
+    /// already). A retransmitted 2xx only gets its ACK again.
+    async fn on_outbound_2xx(
+        &mut self,
+        key: &ClientKey,
+        d: DialogId,
+        resp: &Response,
+        now: Instant,
+    ) {
+        let tag = resp.to.tag().unwrap_or_default().to_owned();
+        let Some((_, e)) = self.client.get(key) else {
+            return;
+        };
+        let flow = e.flow;
+        if let Some(ack) = e.acks.get(&tag).cloned() {
+            debug!("2xx retransmitted; ACK sent again");
+            self.transport.send(&flow, ack).await;
+            return;
+        }
+        let Some(sent) = e.invite.clone() else {
+            return;
+        };
+        let mut dialog = Dialog::from_uac(
+            resp,
+            sent.local_uri.clone(),
+            sent.local_tag.clone(),
+            &sent.uri,
+            sent.cseq,
+            flow,
+        );
+        let ack = dialog.ack(sent.cseq, self.local, &[]);
+        self.transport.send(&flow, ack.clone()).await;
+        if let Some((_, e)) = self.client.get_mut(key) {
+            e.acks.insert(tag, ack);
+        }
+        let leg = self.outbound.remove(&d);
+        let (id, events, wanted) = match leg {
+            Some(leg) if leg.state.cancelled() || leg.events.is_closed() => {
+                info!(call_id = %sent.call_id, "2xx crossed our CANCEL; ACK and BYE");
+                let _ = leg.events.try_send(LegEvent::Failed {
+                    code: 487,
+                    reason: "Request Terminated".into(),
+                });
+                (d, EventSink::Detached, false)
+            }
+            Some(leg) => (d, EventSink::Leg(leg.events), true),
+            None => {
+                info!(call_id = %sent.call_id, "2xx from another fork (or too late); ACK and BYE");
+                (self.next_id(), EventSink::Detached, false)
+            }
+        };
+        if !wanted {
+            dialog.state = DialogState::Terminating;
+        }
+        let tag_key = (dialog.call_id.clone(), dialog.local_tag.clone());
+        let body = resp.body.clone();
+        self.by_local_tag.entry(tag_key).or_insert(id);
+        self.dialogs.insert(
+            id,
+            DialogEntry {
+                dialog,
+                events,
+                invite: None,
+                last_invite: None,
+                reoffers: HashMap::new(),
+                bye_pending: false,
+            },
+        );
+        if wanted {
+            info!(call_id = %sent.call_id, "outbound call answered");
+            self.dialog_answered(id, body);
+        } else {
+            self.send_bye(id, now).await;
+        }
+    }
+
+    fn dialog_answered(&mut self, d: DialogId, sdp: Bytes) {
+        if let Some(DialogEntry {
+            events: EventSink::Leg(tx),
+            ..
+        }) = self.dialogs.get(&d)
+        {
+            if tx.try_send(LegEvent::Answered { sdp }).is_err() {
+                debug!("outbound call not listening; answer dropped");
+            }
+        }
     }
 
     // ---- client side ------------------------------------------------------------------------
@@ -1068,62 +1671,49 @@ impl UaCore {
         let Some(branch) = resp.top_via().branch.clone() else {
             return;
         };
-        let Some((id, e)) = self.client.get_mut(&branch) else {
+        let key = (branch, resp.cseq_method.clone());
+        let Some((id, e)) = self.client.get_mut(&key) else {
             debug!(code = resp.code, "response for no transaction dropped");
             return;
         };
-        if e.method != resp.cseq_method {
-            return;
-        }
         let id = *id;
-        let out = e.tx.on_response(now, resp.code, Bytes::new);
-        self.apply_client(id, out, Some(resp.code)).await;
+        let ClientEntry { tx, invite, .. } = e;
+        // The ACK of a non-2xx final to an INVITE (§17.1.1.3), built only when needed.
+        let out = tx.on_response(now, resp.code, || match invite {
+            Some(sent) => sent.build(&Method::Ack, &resp.to.raw),
+            None => Bytes::new(),
+        });
+        self.apply_client(id, out, Some(&resp), now).await;
     }
 
-    async fn apply_client(&mut self, id: u64, out: Vec<Output>, code: Option<u16>) {
-        let Some(branch) = self.client_ids.get(&id).cloned() else {
+    async fn apply_client(
+        &mut self,
+        id: u64,
+        out: Vec<Output>,
+        resp: Option<&Response>,
+        now: Instant,
+    ) {
+        let Some(key) = self.client_ids.get(&id).cloned() else {
             return;
         };
         for o in out {
             match o {
                 Output::Transmit(b) => {
-                    if let Some((_, e)) = self.client.get(&branch) {
+                    if b.is_empty() {
+                        continue;
+                    }
+                    if let Some((_, e)) = self.client.get(&key) {
                         self.transport.send(&e.flow, b).await;
                     }
                 }
                 Output::Deliver => {
-                    let Some(code) = code else { continue };
-                    if code < 200 {
-                        continue;
-                    }
-                    let info = self
-                        .client
-                        .get(&branch)
-                        .map(|(_, e)| (e.dialog, e.req, e.method.clone()));
-                    if let Some((Some(d), req, method)) = info {
-                        if method == Method::Bye {
-                            self.remove_dialog(d);
-                        } else {
-                            self.dialog_event(d, DialogEvent::RequestOutcome { req, method, code });
-                        }
+                    if let Some(resp) = resp {
+                        self.on_client_deliver(&key, resp, now).await;
                     }
                 }
-                Output::Timeout(_) => {
-                    let info = self
-                        .client
-                        .get(&branch)
-                        .map(|(_, e)| (e.dialog, e.method.clone()));
-                    if let Some((Some(d), method)) = info {
-                        if method == Method::Bye {
-                            debug!("BYE got no answer; dialog released");
-                            self.remove_dialog(d);
-                        } else {
-                            self.dialog_event(d, DialogEvent::Timeout);
-                        }
-                    }
-                }
+                Output::Timeout(_) => self.on_client_timeout(&key),
                 Output::Terminated => {
-                    self.client.remove(&branch);
+                    self.client.remove(&key);
                     self.client_ids.remove(&id);
                     return;
                 }
@@ -1132,15 +1722,123 @@ impl UaCore {
         }
         let deadline = self
             .client
-            .get(&branch)
+            .get(&key)
             .and_then(|(_, e)| e.tx.next_deadline());
         if let Some(at) = deadline {
             self.timers.push(Reverse((at, TimerRef::Client(id))));
         }
     }
 
-    async fn on_timers(&mut self) {
-        let now = Self::now();
+    /// A response the client transaction passes up.
+    async fn on_client_deliver(&mut self, key: &ClientKey, resp: &Response, now: Instant) {
+        let Some((_, e)) = self.client.get(key) else {
+            return;
+        };
+        let (kind, dialog, req, method) = (e.kind, e.dialog, e.req, e.method.clone());
+        let Some(d) = dialog else {
+            return;
+        };
+        match kind {
+            ClientKind::Cancel => {}
+            ClientKind::OutboundInvite => self.on_outbound_response(key, d, resp, now).await,
+            ClientKind::InDialog => {
+                if resp.code < 200 {
+                    return;
+                }
+                if method == Method::Invite
+                    && resp.code < 300
+                    && !self.ack_in_dialog_2xx(key, d, resp).await
+                {
+                    return; // a retransmitted 2xx, ACKed again
+                }
+                if method == Method::Bye {
+                    self.remove_dialog(d);
+                } else {
+                    self.dialog_event(
+                        d,
+                        DialogEvent::RequestOutcome {
+                            req,
+                            method,
+                            code: resp.code,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// ACK a 2xx to a re-INVITE we sent (§13.2.2.4). True the first time; a retransmitted 2xx
+    /// gets the same ACK again and false.
+    async fn ack_in_dialog_2xx(&mut self, key: &ClientKey, d: DialogId, resp: &Response) -> bool {
+        let tag = resp.to.tag().unwrap_or_default().to_owned();
+        let Some((_, e)) = self.client.get(key) else {
+            return false;
+        };
+        let flow = e.flow;
+        if let Some(ack) = e.acks.get(&tag).cloned() {
+            self.transport.send(&flow, ack).await;
+            return false;
+        }
+        let local = self.local;
+        let Some(de) = self.dialogs.get_mut(&d) else {
+            return true;
+        };
+        // A 2xx to a re-INVITE refreshes the remote target (§12.2.1.2).
+        de.dialog.refresh_target(resp);
+        let ack = de.dialog.ack(resp.cseq, local, &[]);
+        self.transport.send(&flow, ack.clone()).await;
+        if let Some((_, e)) = self.client.get_mut(key) {
+            e.acks.insert(tag, ack);
+        }
+        true
+    }
+
+    /// A client transaction timed out (timer B or F): a 408 for its user (§8.1.3.1).
+    fn on_client_timeout(&mut self, key: &ClientKey) {
+        let Some((_, e)) = self.client.get(key) else {
+            return;
+        };
+        let (kind, dialog, req, method) = (e.kind, e.dialog, e.req, e.method.clone());
+        let Some(d) = dialog else {
+            return;
+        };
+        match kind {
+            ClientKind::Cancel => debug!("CANCEL got no answer"),
+            ClientKind::OutboundInvite => {
+                let Some(leg) = self.outbound.remove(&d) else {
+                    return;
+                };
+                let (code, reason) = if leg.state.cancelled() {
+                    (487, "Request Terminated")
+                } else {
+                    (408, "Request Timeout")
+                };
+                info!(code, "outbound INVITE got no answer");
+                let _ = leg.events.try_send(LegEvent::Failed {
+                    code,
+                    reason: reason.into(),
+                });
+            }
+            ClientKind::InDialog => {
+                if method == Method::Bye {
+                    debug!("BYE got no answer; dialog released");
+                    self.remove_dialog(d);
+                } else {
+                    // As RFC 3261 §8.1.3.1 says: a timeout is a 408 to the TU.
+                    self.dialog_event(
+                        d,
+                        DialogEvent::RequestOutcome {
+                            req,
+                            method,
+                            code: 408,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    async fn on_timers(&mut self, now: Instant) {
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -1160,18 +1858,355 @@ impl UaCore {
                     self.apply_server(id, out, now).await;
                 }
                 TimerRef::Client(id) => {
-                    let Some(branch) = self.client_ids.get(&id).cloned() else {
+                    let Some(key) = self.client_ids.get(&id).cloned() else {
                         continue;
                     };
-                    let out = match self.client.get_mut(&branch) {
+                    let out = match self.client.get_mut(&key) {
+                        // An outbound INVITE that is ringing: timer B no longer applies
+                        // (§17.1.1.2; see the module docs). Its final response re-arms timers.
+                        Some((_, e))
+                            if e.kind == ClientKind::OutboundInvite
+                                && e.tx.state() == ClientState::Proceeding =>
+                        {
+                            continue
+                        }
                         Some((_, e)) if e.tx.next_deadline().is_some_and(|d| d <= now) => {
                             e.tx.on_timeout(now)
                         }
                         _ => continue,
                     };
-                    self.apply_client(id, out, None).await;
+                    self.apply_client(id, out, None, now).await;
                 }
+                TimerRef::Leg(d) => self.on_cancel_deadline(d, now),
             }
         }
+    }
+
+    /// 64·T1 after our CANCEL and still no final response for the INVITE: give up (§9.1).
+    fn on_cancel_deadline(&mut self, d: DialogId, now: Instant) {
+        let due = self.outbound.get(&d).is_some_and(|leg| {
+            leg.state == LegState::Cancelling && leg.cancel_deadline.is_some_and(|t| t <= now)
+        });
+        if !due {
+            return;
+        }
+        let Some(leg) = self.outbound.remove(&d) else {
+            return;
+        };
+        warn!("no final response to a cancelled INVITE; giving up on it");
+        if let Some((id, _)) = self.client.remove(&leg.invite) {
+            self.client_ids.remove(&id);
+        }
+        let _ = leg.events.try_send(LegEvent::Failed {
+            code: 487,
+            reason: "Request Terminated".into(),
+        });
+    }
+}
+
+/// Check an outbound target: a `sip:` URI with an IP-literal host, over UDP, that our socket
+/// (bound to `bound`) can reach.
+fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'static str> {
+    let scheme_ok = target
+        .get(..4)
+        .is_some_and(|s| s.eq_ignore_ascii_case("sip:"));
+    if !scheme_ok {
+        return Err("only sip: targets are supported");
+    }
+    if target
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
+    {
+        return Err("malformed target URI");
+    }
+    let lower = target.to_ascii_lowercase();
+    if let Some(i) = lower.find(";transport=") {
+        let value = lower[i + ";transport=".len()..]
+            .split([';', '?'])
+            .next()
+            .unwrap_or_default();
+        if value != "udp" {
+            return Err("only UDP is supported for outbound calls");
+        }
+    }
+    let addr =
+        uri_socket_addr(target).ok_or("target host is not an IP address (no DNS lookups)")?;
+    if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err("target address is not usable");
+    }
+    if bound.is_ipv4() && addr.is_ipv6() {
+        return Err("target is IPv6 but SIP is bound to IPv4");
+    }
+    Ok(addr)
+}
+
+/// The user part of our From URI: RFC 3261 `user` characters as they are, the rest %-escaped.
+fn escape_user(user: &str) -> String {
+    let mut out = String::new();
+    for b in user.trim().bytes().take(64) {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    if out.is_empty() {
+        "anonymous".to_owned()
+    } else {
+        out
+    }
+}
+
+/// Headers the UA writes itself on an outbound INVITE (compact forms are refused by length).
+const OWN_HEADERS: &[&str] = &[
+    "via",
+    "from",
+    "to",
+    "call-id",
+    "cseq",
+    "contact",
+    "route",
+    "record-route",
+    "max-forwards",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "user-agent",
+];
+
+/// An extra header for an outbound INVITE, made safe: the name must be a token of two or more
+/// characters the UA does not write itself; control characters (CR, LF...) leave the value.
+fn extra_header(name: &str, value: &str) -> Option<(String, String)> {
+    let name = name.trim();
+    let token = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b));
+    if name.len() < 2 || !token || OWN_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+        return None;
+    }
+    let value: String = value.chars().filter(|c| !c.is_control()).collect();
+    Some((name.to_owned(), value.trim().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::parse_datagram;
+    use crate::sip::transport::{self, TransportLimits};
+    use std::time::Duration;
+    use tokio::net::UdpSocket;
+    use tokio::time::timeout;
+    use tokio_util::task::TaskTracker;
+
+    /// A UA core driven by hand (no `run`), so that tests choose the time its timers see.
+    struct Rig {
+        ua: UaCore,
+        inbound: mpsc::Receiver<Inbound>,
+        far: UdpSocket,
+        target: String,
+        _cancel: CancellationToken,
+    }
+
+    async fn rig() -> Rig {
+        let (in_tx, inbound) = mpsc::channel(64);
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let t = transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            TransportLimits::default(),
+            in_tx,
+            &tracker,
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        let (app_tx, _) = mpsc::channel(4);
+        let ua = UaCore::new(t.clone(), t.local_addr(), "ivr311-test".into(), app_tx);
+        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = format!("sip:911@{}", far.local_addr().unwrap());
+        Rig {
+            ua,
+            inbound,
+            far,
+            target,
+            _cancel: cancel,
+        }
+    }
+
+    impl Rig {
+        async fn invite(&mut self) -> (DialogId, mpsc::Receiver<LegEvent>) {
+            let (events, rx) = mpsc::channel(64);
+            let (reply, reply_rx) = oneshot::channel();
+            let target = self.target.clone();
+            self.ua
+                .on_command(Command::Invite(Box::new(InviteCommand {
+                    target,
+                    from_user: "+15551234567".into(),
+                    from_display: Some("Caller".into()),
+                    headers: vec![],
+                    sdp: Bytes::from_static(b"v=0\r\n"),
+                    events,
+                    reply,
+                })))
+                .await;
+            (reply_rx.await.unwrap(), rx)
+        }
+
+        /// The next request the far end receives, with its source.
+        async fn far_recv(&self) -> Option<(Request, SocketAddr)> {
+            let mut buf = vec![0u8; 65535];
+            let (n, from) = timeout(Duration::from_millis(300), self.far.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            match parse_datagram(&buf[..n], 65535) {
+                Ok(Message::Request(r)) => Some((r, from)),
+                _ => None,
+            }
+        }
+
+        /// The far end answers `req`; the UA core takes the response in.
+        async fn answer(&mut self, req: &Request, to: SocketAddr, code: u16, reason: &str) {
+            let bytes = ResponseBuilder::new(req, code, reason, Some("far")).build();
+            self.far.send_to(&bytes, to).await.unwrap();
+            let m = timeout(Duration::from_secs(2), self.inbound.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            self.ua.on_inbound(m).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn no_answer_fails_with_408_on_timer_b() {
+        let mut r = rig().await;
+        let (_, mut events) = r.invite().await;
+        let Some((inv, _)) = r.far_recv().await else {
+            panic!("INVITE expected")
+        };
+        assert_eq!(inv.method, Method::Invite);
+        r.ua.on_timers(Instant::now() + Duration::from_secs(31))
+            .await;
+        assert!(events.try_recv().is_err(), "nothing before 64*T1");
+        r.ua.on_timers(Instant::now() + Duration::from_secs(33))
+            .await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 408, .. }) => {}
+            other => panic!("expected Failed 408, got {other:?}"),
+        }
+        assert!(r.ua.outbound.is_empty());
+        assert!(r.ua.client.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ringing_outlives_timer_b_until_cancelled_then_gives_up_after_64_t1() {
+        let mut r = rig().await;
+        let (d, mut events) = r.invite().await;
+        let Some((inv, src)) = r.far_recv().await else {
+            panic!("INVITE expected")
+        };
+        r.answer(&inv, src, 180, "Ringing").await;
+        assert!(matches!(
+            events.try_recv(),
+            Ok(LegEvent::Provisional { code: 180 })
+        ));
+        // Timer B is not allowed to end a ringing call.
+        r.ua.on_timers(Instant::now() + Duration::from_secs(40))
+            .await;
+        assert!(events.try_recv().is_err());
+        assert!(r.ua.outbound.contains_key(&d));
+        // Cancel: a CANCEL with the INVITE's branch and CSeq number.
+        r.ua.on_command(Command::Hangup { dialog: d }).await;
+        let Some((cancel, _)) = r.far_recv().await else {
+            panic!("CANCEL expected")
+        };
+        assert_eq!(cancel.method, Method::Cancel);
+        assert_eq!(cancel.top_via().branch, inv.top_via().branch);
+        assert_eq!(cancel.cseq, inv.cseq);
+        assert_eq!(cancel.uri, inv.uri);
+        assert_eq!(cancel.to.tag(), None);
+        // The far end never answers: 64*T1 later the UA gives up on the INVITE.
+        r.ua.on_timers(Instant::now() + Duration::from_secs(20))
+            .await;
+        assert!(events.try_recv().is_err());
+        r.ua.on_timers(Instant::now() + Duration::from_secs(33))
+            .await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 487, .. }) => {}
+            other => panic!("expected Failed 487, got {other:?}"),
+        }
+        assert!(r.ua.outbound.is_empty());
+        assert!(r.ua.client.is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_before_any_provisional_waits_for_one() {
+        let mut r = rig().await;
+        let (d, mut events) = r.invite().await;
+        let Some((inv, src)) = r.far_recv().await else {
+            panic!("INVITE expected")
+        };
+        r.ua.on_command(Command::Drop { dialog: d }).await;
+        assert!(
+            r.far_recv().await.is_none(),
+            "no CANCEL before a provisional"
+        );
+        r.answer(&inv, src, 100, "Trying").await;
+        assert!(events.try_recv().is_err(), "100 is not reported");
+        let Some((cancel, _)) = r.far_recv().await else {
+            panic!("CANCEL expected after the 100")
+        };
+        assert_eq!(cancel.method, Method::Cancel);
+        assert_eq!(cancel.top_via().branch, inv.top_via().branch);
+    }
+
+    #[tokio::test]
+    async fn cancel_pending_and_no_response_at_all_reports_487() {
+        let mut r = rig().await;
+        let (d, mut events) = r.invite().await;
+        assert!(r.far_recv().await.is_some());
+        r.ua.on_command(Command::Hangup { dialog: d }).await;
+        r.ua.on_timers(Instant::now() + Duration::from_secs(33))
+            .await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 487, .. }) => {}
+            other => panic!("expected Failed 487, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unusable_targets_fail_with_503_at_once() {
+        let mut r = rig().await;
+        for target in [
+            "sip:911@psap.example.org",
+            "tel:911",
+            "sip:911@127.0.0.1:5080;transport=tcp",
+            "sip:911@[::1]:5080",
+            "sip:911@127.0.0.1:5080>\r\nX: y",
+        ] {
+            r.target = target.to_owned();
+            let (_, mut events) = r.invite().await;
+            match events.try_recv() {
+                Ok(LegEvent::Failed { code: 503, .. }) => {}
+                other => panic!("{target}: expected Failed 503, got {other:?}"),
+            }
+        }
+        assert!(r.ua.outbound.is_empty());
+        assert!(r.ua.client.is_empty());
+    }
+
+    #[test]
+    fn from_user_is_escaped_and_extra_headers_are_checked() {
+        assert_eq!(escape_user("+1 (555) 123"), "+1%20(555)%20123");
+        assert_eq!(escape_user("a@b;c"), "a%40b%3Bc");
+        assert_eq!(escape_user(""), "anonymous");
+        assert_eq!(
+            extra_header("X-311-Case", "42\r\nVia: evil"),
+            Some(("X-311-Case".to_owned(), "42Via: evil".to_owned()))
+        );
+        assert_eq!(extra_header("Call-ID", "x"), None);
+        assert_eq!(extra_header("f", "x"), None);
+        assert_eq!(extra_header("Bad Name", "x"), None);
+        assert!(extra_header("P-Asserted-Identity", "<sip:+15551234567@city>").is_some());
     }
 }

@@ -54,6 +54,10 @@ pub async fn start_server(file: FileConfig) -> RunningServer {
         .try_init();
     let mut file = file;
     file.limits.drain_seconds = 0;
+    if file.storage.recordings_dir == std::path::Path::new("recordings") {
+        file.storage.recordings_dir =
+            std::env::temp_dir().join(format!("ivr311-rec-{}", rand::random::<u64>()));
+    }
     server::start(&serve_args(), file)
         .await
         .expect("server starts")
@@ -445,6 +449,13 @@ Contact: <sip:caller@{me}>\r\n\
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
         }
         self.rtp_out.skip(960);
+        self.drain_rtp();
+    }
+
+    /// Discard RTP already received (what was playing before a key press).
+    pub fn drain_rtp(&self) {
+        let mut buf = [0u8; 2048];
+        while self.rtp.try_recv_from(&mut buf).is_ok() {}
     }
 
     /// Send `packets` of audio (silence) at 20 ms pacing.
@@ -458,6 +469,32 @@ Contact: <sip:caller@{me}>\r\n\
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Send `packets` of loud speech-like audio (a 400 Hz tone) at 20 ms pacing.
+    pub async fn speak(&mut self, packets: usize) {
+        let remote = self.remote_rtp.expect("call is up");
+        let mut buf = [0u8; 200];
+        let pcm: Vec<i16> = (0..160)
+            .map(|i| ((i as f32 * std::f32::consts::TAU * 400.0 / 8000.0).sin() * 12000.0) as i16)
+            .collect();
+        let mut payload = [0u8; 160];
+        self.codec.encode(&pcm, &mut payload);
+        for _ in 0..packets {
+            let n = self
+                .rtp_out
+                .write(self.codec.payload_type(), &payload, 160, &mut buf);
+            self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Press keys one after another with a short pause (as a person does).
+    pub async fn keys(&mut self, keys: &str) {
+        for k in keys.chars() {
+            self.press(k).await;
+            tokio::time::sleep(Duration::from_millis(120)).await;
         }
     }
 

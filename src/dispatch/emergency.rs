@@ -1,0 +1,128 @@
+//! 911 redirect policy: which methods to try, in what order.
+//!
+//! Set in the `--config` YAML as `emergency: {method: refer|bridge|announce, uri: "sip:..."}`.
+//! The configured method falls back along refer → bridge → announce; with no `uri` the only
+//! method is `announce` (the spoken instruction to hang up and dial 911). Why all three: a
+//! carrier trunk often cannot act on a REFER; a bridged leg shows the 911 centre the city's
+//! trunk unless the caller's number travels in From and P-Asserted-Identity; so the method is
+//! the city's choice, and the plain instruction is always the last resort.
+//!
+//! This module decides; the call carries it out (REFER through its dialog, an outbound INVITE
+//! for bridging) and writes the audit row through the ticket store before anything starts.
+
+use serde::Deserialize;
+
+/// How a caller is sent to 911.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmergencyMethod {
+    /// REFER the caller's phone to the emergency URI (RFC 3515) and follow the NOTIFYs.
+    Refer,
+    /// Call the emergency URI ourselves and bridge the caller to it.
+    Bridge,
+    /// Tell the caller to hang up and dial 911, repeated, then hang up so the line is free.
+    Announce,
+}
+
+impl EmergencyMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmergencyMethod::Refer => "refer",
+            EmergencyMethod::Bridge => "bridge",
+            EmergencyMethod::Announce => "announce",
+        }
+    }
+}
+
+/// The `emergency:` section of the config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmergencyConfig {
+    /// Default: `refer` when a `uri` is set, else `announce`.
+    pub method: Option<EmergencyMethod>,
+    /// Where 911 is reached, e.g. `sip:911@psap.example.gov`.
+    pub uri: Option<String>,
+    /// How many times `announce` speaks the instruction. Default 2.
+    pub announce_repeats: u32,
+    /// How long to wait for a REFER's final NOTIFY or a bridged leg's answer. Default 30.
+    pub timeout_seconds: u64,
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        EmergencyConfig {
+            method: None,
+            uri: None,
+            announce_repeats: 2,
+            timeout_seconds: 30,
+        }
+    }
+}
+
+impl EmergencyConfig {
+    /// The methods to try, in order; always ends with `Announce`.
+    pub fn plan(&self) -> Vec<EmergencyMethod> {
+        use EmergencyMethod::*;
+        if self.uri.is_none() {
+            return vec![Announce];
+        }
+        match self.method.unwrap_or(Refer) {
+            Refer => vec![Refer, Bridge, Announce],
+            Bridge => vec![Bridge, Announce],
+            Announce => vec![Announce],
+        }
+    }
+
+    /// Problems with the section, for start-up.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(u) = &self.uri {
+            let scheme = u.split(':').next().unwrap_or("");
+            if !matches!(scheme, "sip" | "sips" | "tel") || !u.contains(':') {
+                return Err(format!(
+                    "emergency.uri {u:?} must be a sip:, sips: or tel: URI"
+                ));
+            }
+        }
+        if matches!(
+            self.method,
+            Some(EmergencyMethod::Refer | EmergencyMethod::Bridge)
+        ) && self.uri.is_none()
+        {
+            return Err("emergency.method refer/bridge needs emergency.uri".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EmergencyMethod::*;
+    use super::*;
+
+    #[test]
+    fn fallback_order() {
+        let mut c = EmergencyConfig::default();
+        assert_eq!(c.plan(), vec![Announce]);
+        c.uri = Some("sip:911@psap".into());
+        assert_eq!(c.plan(), vec![Refer, Bridge, Announce]);
+        c.method = Some(Bridge);
+        assert_eq!(c.plan(), vec![Bridge, Announce]);
+        c.method = Some(Announce);
+        assert_eq!(c.plan(), vec![Announce]);
+    }
+
+    #[test]
+    fn check_rejects_bad_uris_and_missing_uri() {
+        let c = EmergencyConfig {
+            uri: Some("http://x".into()),
+            ..Default::default()
+        };
+        assert!(c.check().is_err());
+        let c = EmergencyConfig {
+            method: Some(Refer),
+            ..Default::default()
+        };
+        assert!(c.check().is_err());
+        assert!(EmergencyConfig::default().check().is_ok());
+    }
+}

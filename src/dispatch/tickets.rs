@@ -1,0 +1,1697 @@
+//! The ticket store: 311 service requests and the emergency-redirect audit, in SQLite.
+//!
+//! One [`TicketStore`] (cheap to clone: it is a connection pool) is shared by the call
+//! flow, which files tickets and audits emergency transfers, and the HTTP API, which lists
+//! and updates them.
+//!
+//! # Guarantees
+//!
+//! * **Durable before spoken.** The database runs in WAL mode with `synchronous=FULL`, and
+//!   [`TicketStore::file`] and [`TicketStore::audit_emergency_start`] return only after
+//!   their single-statement transaction has committed, so a ticket number read to a caller
+//!   survives a crash or power cut.
+//! * **No caller input in SQL text.** Every value is bound as a parameter; the only
+//!   dynamic SQL is the number of `?` placeholders in [`TicketStore::list`].
+//! * **Phone-friendly numbers.** `service_request_id` is 8 random digits
+//!   ([`ID_MIN`]..=[`ID_MAX`], never a leading 0), retried on collision.
+//! * **Times.** Stored and serialised as ISO 8601 UTC with whole seconds
+//!   (`2026-11-26T03:22:09Z`), so text order is time order; query bounds are compared at
+//!   one-second granularity, both ends inclusive.
+//!
+//! # Errors
+//!
+//! [`StoreError::is_transient`] separates "the disk is busy, full or read-only right now"
+//! (the caller hears an apology and is offered the operator) from bugs and corruption.
+//!
+//! Schema: `migrations/` at the crate root, embedded with [`sqlx::migrate!`] and run by
+//! [`TicketStore::open`].
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The migrations in `migrations/`, compiled in.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Smallest ticket number: 8 digits, no leading zero.
+pub const ID_MIN: u64 = 10_000_000;
+/// Largest ticket number.
+pub const ID_MAX: u64 = 99_999_999;
+/// How many random numbers [`TicketStore::file`] tries before giving up.
+pub const ID_ATTEMPTS: u32 = 32;
+/// Rows returned by [`TicketStore::list`] when [`TicketQuery::limit`] is `None`.
+pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// Most `ids` plus `service_codes` one [`TicketQuery`] may carry.
+pub const MAX_FILTER_VALUES: usize = 1000;
+/// How long a statement waits for another writer's lock before failing with
+/// [`StoreError::Busy`].
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections in the pool of a file database.
+pub const MAX_CONNECTIONS: u32 = 4;
+/// How long a query waits for a free pooled connection before [`StoreError::PoolTimeout`].
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+// SQLite primary result codes (the low byte of an extended code).
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_FULL: i32 = 13;
+// Extended code: a PRIMARY KEY already in use.
+const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
+
+/// Everything the store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or created (missing directory, permissions,
+    /// not a database, or the WAL/pragma setup failed).
+    #[error("cannot open ticket database {}: {source}", path.display())]
+    Open {
+        /// The file that was being opened.
+        path: PathBuf,
+        /// What SQLite or sqlx said.
+        source: sqlx::Error,
+    },
+    /// Applying the embedded migrations failed (or the database was migrated by a newer,
+    /// different build).
+    #[error("ticket database migration failed: {0}")]
+    Migrate(#[from] MigrateError),
+    /// Another connection or process holds the lock past [`BUSY_TIMEOUT`]
+    /// (`SQLITE_BUSY`, `SQLITE_LOCKED` and their extended codes). Transient.
+    #[error("ticket database is busy (locked): {0}")]
+    Busy(#[source] sqlx::Error),
+    /// The disk or the database's size limit is full (`SQLITE_FULL`). Transient.
+    #[error("ticket database is full: {0}")]
+    Full(#[source] sqlx::Error),
+    /// The database or its file system is read-only (`SQLITE_READONLY`). Transient.
+    #[error("ticket database is read-only: {0}")]
+    ReadOnly(#[source] sqlx::Error),
+    /// No pooled connection came free within [`ACQUIRE_TIMEOUT`]. Transient.
+    #[error("no ticket database connection free within {ACQUIRE_TIMEOUT:?}")]
+    PoolTimeout,
+    /// [`ID_ATTEMPTS`] random ticket numbers in a row were already taken.
+    #[error("no free ticket number after {attempts} attempts")]
+    NoFreeId {
+        /// How many numbers were tried.
+        attempts: u32,
+    },
+    /// `lat`/`long` are not finite, not within ±90/±180, or only one of them is given.
+    #[error("invalid coordinates lat={lat:?} long={long:?}")]
+    InvalidCoordinates {
+        /// The latitude given.
+        lat: Option<f64>,
+        /// The longitude given.
+        long: Option<f64>,
+    },
+    /// A [`TicketQuery`] carries more than [`MAX_FILTER_VALUES`] ids and service codes.
+    #[error("{count} filter values in one query, at most {MAX_FILTER_VALUES} allowed")]
+    TooManyFilterValues {
+        /// `ids.len() + service_codes.len()`.
+        count: usize,
+    },
+    /// A datetime cannot be written as ISO 8601 (year outside 0000–9999).
+    #[error("datetime cannot be written as ISO 8601: {0}")]
+    InvalidDatetime(#[from] time::error::Format),
+    /// [`TicketStore::audit_emergency_outcome`] named an audit row that does not exist.
+    #[error("no emergency audit row {id}")]
+    NoSuchAudit {
+        /// The row id asked for.
+        id: i64,
+    },
+    /// A stored row holds a value this build cannot read (corruption or a hand edit).
+    #[error("stored {column} is unreadable: {value}")]
+    BadRow {
+        /// The column.
+        column: &'static str,
+        /// The value found, or the decode error.
+        value: String,
+    },
+    /// Any other database error (SQL error, I/O error, corruption, pool closed).
+    #[error("ticket database error: {0}")]
+    Db(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when retrying later may succeed: busy/locked, disk full, read-only, pool
+    /// exhausted. The caller should hear an apology and be offered the operator.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Busy(_)
+                | StoreError::Full(_)
+                | StoreError::ReadOnly(_)
+                | StoreError::PoolTimeout
+        )
+    }
+}
+
+/// The primary SQLite result code of a database error, if it is one.
+fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
+    match e {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        _ => None,
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if matches!(e, sqlx::Error::PoolTimedOut) {
+            return StoreError::PoolTimeout;
+        }
+        match sqlite_code(&e).map(|c| c & 0xff) {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => StoreError::Busy(e),
+            Some(SQLITE_FULL) => StoreError::Full(e),
+            Some(SQLITE_READONLY) => StoreError::ReadOnly(e),
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+/// Logs a failed operation (transient ones as warnings) and converts it.
+fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
+    let e = StoreError::from(e);
+    if e.is_transient() {
+        tracing::warn!(op, error = %e, "ticket store unavailable");
+    } else {
+        tracing::error!(op, error = %e, "ticket store failed");
+    }
+    e
+}
+
+/// A ticket's state (Open311 `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Filed and not yet resolved.
+    Open,
+    /// Resolved or rejected.
+    Closed,
+}
+
+impl Status {
+    /// The stored and Open311 spelling: `open` or `closed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Open => "open",
+            Status::Closed => "closed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a known [`Status`] or [`Channel`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct UnknownValue {
+    /// `status` or `channel`.
+    pub kind: &'static str,
+    /// The string given.
+    pub value: String,
+}
+
+impl FromStr for Status {
+    type Err = UnknownValue;
+    /// Parses `open` or `closed` (exact, lower case, as Open311 spells them).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Status::Open),
+            "closed" => Ok(Status::Closed),
+            _ => Err(UnknownValue {
+                kind: "status",
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// How a ticket reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// Filed from a call to the IVR.
+    #[default]
+    Phone,
+    /// Filed through the HTTP API (Open311 POST).
+    Web,
+}
+
+impl Channel {
+    /// The stored spelling: `phone` or `web`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Phone => "phone",
+            Channel::Web => "web",
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Channel {
+    type Err = UnknownValue;
+    /// Parses `phone` or `web`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "phone" => Ok(Channel::Phone),
+            "web" => Ok(Channel::Web),
+            _ => Err(UnknownValue {
+                kind: "channel",
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// What a caller or web client gives to file a ticket. The store adds the number, the
+/// `open` status and the timestamps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewTicket {
+    /// Open311 `service_code` of the menu leaf / service definition.
+    pub service_code: String,
+    /// Human name of the service, as of filing.
+    pub service_name: String,
+    pub description: Option<String>,
+    pub agency_responsible: Option<String>,
+    /// Open311 `service_notice`, e.g. "expect a visit within 5 business days".
+    pub service_notice: Option<String>,
+    pub zipcode: Option<String>,
+    pub address: Option<String>,
+    pub address_id: Option<String>,
+    /// WGS84 latitude, −90..=90; given together with `long` or not at all.
+    pub lat: Option<f64>,
+    /// WGS84 longitude, −180..=180.
+    pub long: Option<f64>,
+    /// Caller's number (from SIP or keyed in). Personal data.
+    pub phone: Option<String>,
+    /// Personal data.
+    pub email: Option<String>,
+    /// Personal data.
+    pub first_name: Option<String>,
+    /// Personal data.
+    pub last_name: Option<String>,
+    pub media_url: Option<String>,
+    pub channel: Channel,
+    /// Language of the call or request, e.g. `en`, `es`.
+    pub language: Option<String>,
+    /// SIP Call-ID of the call that filed it.
+    pub call_id: Option<String>,
+    /// The caller asked to be called back.
+    pub callback_requested: bool,
+}
+
+/// A stored ticket. Serialises with the Open311 GeoReport v2 field names, plus our
+/// extras (`phone`, `email`, `first_name`, `last_name`, `channel`, `language`, `call_id`,
+/// `callback_requested`).
+///
+/// The extras include personal data: a public Open311 `GET service_requests` response
+/// should not serialise this struct as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// 8 digits, [`ID_MIN`]..=[`ID_MAX`].
+    pub service_request_id: u64,
+    pub status: Status,
+    pub status_notes: Option<String>,
+    pub service_name: String,
+    pub service_code: String,
+    pub description: Option<String>,
+    pub agency_responsible: Option<String>,
+    pub service_notice: Option<String>,
+    /// When it was filed, UTC, whole seconds.
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_datetime: OffsetDateTime,
+    /// Last change (filing or status update), UTC, whole seconds.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_datetime: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expected_datetime: Option<OffsetDateTime>,
+    pub address: Option<String>,
+    pub address_id: Option<String>,
+    pub zipcode: Option<String>,
+    pub lat: Option<f64>,
+    pub long: Option<f64>,
+    pub media_url: Option<String>,
+    pub phone: Option<String>,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub channel: Channel,
+    pub language: Option<String>,
+    pub call_id: Option<String>,
+    pub callback_requested: bool,
+}
+
+/// Filters for [`TicketStore::list`]; all given filters must match. The default lists the
+/// newest [`DEFAULT_LIST_LIMIT`] tickets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TicketQuery {
+    /// Only these numbers (any of them), if not empty.
+    pub ids: Vec<u64>,
+    /// Only these service codes (any of them), if not empty.
+    pub service_codes: Vec<String>,
+    pub status: Option<Status>,
+    /// `requested_datetime >= start` (to the second).
+    pub start: Option<OffsetDateTime>,
+    /// `requested_datetime <= end` (to the second).
+    pub end: Option<OffsetDateTime>,
+    /// At most this many rows; `None` means [`DEFAULT_LIST_LIMIT`].
+    pub limit: Option<u32>,
+}
+
+/// What the call flow records just before it starts an emergency transfer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmergencyAudit {
+    /// Caller's number, if known.
+    pub caller: Option<String>,
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// Keys and menu nodes that led here, e.g. `main>1>emergency`.
+    pub menu_path: String,
+    /// Why (screening answer, keyword, operator), if known.
+    pub reason: Option<String>,
+    /// How the caller is sent on, e.g. `refer`, `bridge`, `announce`.
+    pub method: String,
+}
+
+/// One row of the emergency-redirect audit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmergencyAuditRow {
+    pub id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub caller: Option<String>,
+    pub call_id: String,
+    pub menu_path: String,
+    pub reason: Option<String>,
+    pub method: String,
+    /// `started`, then `connected`, `failed:<why>` or `announced`.
+    pub outcome: String,
+}
+
+/// The ticket database: a small SQLite connection pool.
+#[derive(Clone)]
+pub struct TicketStore {
+    pool: SqlitePool,
+}
+
+impl fmt::Debug for TicketStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TicketStore")
+            .field("connections", &self.pool.size())
+            .finish()
+    }
+}
+
+const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, status, \
+    status_notes, description, agency_responsible, service_notice, requested_datetime, \
+    updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
+    email, first_name, last_name, media_url, channel, language, call_id, callback_requested";
+
+const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome";
+
+impl TicketStore {
+    /// Opens (creating if missing) the database file at `path` and applies the migrations.
+    pub async fn open(path: &Path) -> Result<TicketStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true)
+            .disable_statement_logging();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let store = TicketStore::migrated(pool).await?;
+        tracing::info!(path = %path.display(), "ticket store open");
+        Ok(store)
+    }
+
+    /// Opens a private in-memory database (one connection, gone when the store is
+    /// dropped). For tests and demos.
+    pub async fn open_in_memory() -> Result<TicketStore, StoreError> {
+        let path = PathBuf::from(":memory:");
+        // "sqlite::memory:" gets a unique shared-cache name per call.
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true)
+            .disable_statement_logging();
+        // One connection that never retires, or the database would vanish with it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open { path, source })?;
+        TicketStore::migrated(pool).await
+    }
+
+    async fn migrated(pool: SqlitePool) -> Result<TicketStore, StoreError> {
+        MIGRATOR.run(&pool).await?;
+        Ok(TicketStore { pool })
+    }
+
+    /// Closes every connection (checkpointing the WAL); later calls fail with
+    /// [`StoreError::Db`]. For an orderly shutdown.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Files a ticket under a fresh random number; it is committed (durable) when this
+    /// returns.
+    pub async fn file(&self, t: NewTicket) -> Result<Ticket, StoreError> {
+        let mut next_id = || rand::rng().random_range(ID_MIN..=ID_MAX);
+        self.file_with(t, OffsetDateTime::now_utc(), &mut next_id)
+            .await
+    }
+
+    /// [`file`](Self::file) with the clock and the number source given.
+    async fn file_with(
+        &self,
+        t: NewTicket,
+        now: OffsetDateTime,
+        next_id: &mut (dyn FnMut() -> u64 + Send),
+    ) -> Result<Ticket, StoreError> {
+        check_coordinates(t.lat, t.long)?;
+        let now = whole_second_utc(now);
+        let now_text = iso(now)?;
+        for attempt in 1..=ID_ATTEMPTS {
+            let id = next_id();
+            let Ok(id_sql) = i64::try_from(id) else {
+                continue;
+            };
+            let result = sqlx::query(
+                "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
+                 status_notes, description, agency_responsible, service_notice, \
+                 requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
+                 address_id, lat, long, phone, email, first_name, last_name, media_url, \
+                 channel, language, call_id, callback_requested) \
+                 VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
+                 ?, ?, ?, ?)",
+            )
+            .bind(id_sql)
+            .bind(&t.service_code)
+            .bind(&t.service_name)
+            .bind(Status::Open.as_str())
+            .bind(&t.description)
+            .bind(&t.agency_responsible)
+            .bind(&t.service_notice)
+            .bind(&now_text)
+            .bind(&now_text)
+            .bind(&t.zipcode)
+            .bind(&t.address)
+            .bind(&t.address_id)
+            .bind(t.lat)
+            .bind(t.long)
+            .bind(&t.phone)
+            .bind(&t.email)
+            .bind(&t.first_name)
+            .bind(&t.last_name)
+            .bind(&t.media_url)
+            .bind(t.channel.as_str())
+            .bind(&t.language)
+            .bind(&t.call_id)
+            .bind(t.callback_requested)
+            .execute(&self.pool)
+            .await;
+            match result {
+                Ok(_) => {
+                    tracing::info!(
+                        service_request_id = id,
+                        service_code = %t.service_code,
+                        channel = %t.channel,
+                        "ticket filed"
+                    );
+                    return Ok(Ticket::filed(id, t, now));
+                }
+                Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {
+                    tracing::debug!(attempt, "ticket number taken, drawing another");
+                }
+                Err(e) => return Err(fail("file", e)),
+            }
+        }
+        tracing::error!(attempts = ID_ATTEMPTS, "no free ticket number");
+        Err(StoreError::NoFreeId {
+            attempts: ID_ATTEMPTS,
+        })
+    }
+
+    /// The ticket with this number, if any.
+    pub async fn get(&self, id: u64) -> Result<Option<Ticket>, StoreError> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE service_request_id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| fail("get", e))?;
+        row.as_ref().map(ticket_from_row).transpose()
+    }
+
+    /// Tickets matching every filter in `q`, newest `requested_datetime` first (ties, within
+    /// one second, by descending number).
+    pub async fn list(&self, q: &TicketQuery) -> Result<Vec<Ticket>, StoreError> {
+        let count = q.ids.len() + q.service_codes.len();
+        if count > MAX_FILTER_VALUES {
+            return Err(StoreError::TooManyFilterValues { count });
+        }
+        // Numbers outside i64 can match nothing.
+        let ids: Vec<i64> = q
+            .ids
+            .iter()
+            .filter_map(|&id| i64::try_from(id).ok())
+            .collect();
+        if !q.ids.is_empty() && ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let start = q.start.map(|t| iso(whole_second_utc(t))).transpose()?;
+        let end = q.end.map(|t| iso(whole_second_utc(t))).transpose()?;
+
+        // Only fixed fragments and placeholders go into the text.
+        let mut sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE 1 = 1");
+        if !ids.is_empty() {
+            sql.push_str(" AND service_request_id IN (");
+            sql.push_str(&placeholders(ids.len()));
+            sql.push(')');
+        }
+        if !q.service_codes.is_empty() {
+            sql.push_str(" AND service_code IN (");
+            sql.push_str(&placeholders(q.service_codes.len()));
+            sql.push(')');
+        }
+        if q.status.is_some() {
+            sql.push_str(" AND status = ?");
+        }
+        if start.is_some() {
+            sql.push_str(" AND requested_datetime >= ?");
+        }
+        if end.is_some() {
+            sql.push_str(" AND requested_datetime <= ?");
+        }
+        sql.push_str(" ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?");
+
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id);
+        }
+        for code in &q.service_codes {
+            query = query.bind(code);
+        }
+        if let Some(status) = q.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(start) = start {
+            query = query.bind(start);
+        }
+        if let Some(end) = end {
+            query = query.bind(end);
+        }
+        query = query.bind(q.limit.unwrap_or(DEFAULT_LIST_LIMIT));
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("list", e))?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+
+    /// Sets the status, and the notes when `notes` is `Some` (`None` keeps the old notes),
+    /// and bumps `updated_datetime`. `None` if there is no such ticket.
+    pub async fn update_status(
+        &self,
+        id: u64,
+        status: Status,
+        notes: Option<&str>,
+    ) -> Result<Option<Ticket>, StoreError> {
+        self.update_status_at(id, status, notes, OffsetDateTime::now_utc())
+            .await
+    }
+
+    async fn update_status_at(
+        &self,
+        id: u64,
+        status: Status,
+        notes: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Option<Ticket>, StoreError> {
+        let Ok(id_sql) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let now = iso(whole_second_utc(now))?;
+        // MAX keeps updated_datetime from going backwards if the clock does.
+        let sql = format!(
+            "UPDATE tickets SET status = ?, status_notes = COALESCE(?, status_notes), \
+             updated_datetime = MAX(?, updated_datetime) \
+             WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(status.as_str())
+            .bind(notes)
+            .bind(now)
+            .bind(id_sql)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| fail("update_status", e))?;
+        if row.is_some() {
+            tracing::info!(service_request_id = id, status = %status, "ticket status updated");
+        }
+        row.as_ref().map(ticket_from_row).transpose()
+    }
+
+    /// Records an emergency redirect with outcome `started`, before the transfer begins.
+    /// Durable when this returns; the row id is for
+    /// [`audit_emergency_outcome`](Self::audit_emergency_outcome).
+    pub async fn audit_emergency_start(&self, e: &EmergencyAudit) -> Result<i64, StoreError> {
+        let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
+        let result = sqlx::query(
+            "INSERT INTO emergency_redirects \
+             (at, caller, call_id, menu_path, reason, method, outcome) \
+             VALUES (?, ?, ?, ?, ?, ?, 'started')",
+        )
+        .bind(at)
+        .bind(&e.caller)
+        .bind(&e.call_id)
+        .bind(&e.menu_path)
+        .bind(&e.reason)
+        .bind(&e.method)
+        .execute(&self.pool)
+        .await
+        .map_err(|err| fail("audit_emergency_start", err))?;
+        let id = result.last_insert_rowid();
+        tracing::warn!(
+            audit_id = id,
+            call_id = %e.call_id,
+            menu_path = %e.menu_path,
+            method = %e.method,
+            "emergency redirect started"
+        );
+        Ok(id)
+    }
+
+    /// Sets the outcome of audit row `id`: `connected`, `failed:<why>` or `announced`.
+    pub async fn audit_emergency_outcome(&self, id: i64, outcome: &str) -> Result<(), StoreError> {
+        let result = sqlx::query("UPDATE emergency_redirects SET outcome = ? WHERE id = ?")
+            .bind(outcome)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| fail("audit_emergency_outcome", e))?;
+        if result.rows_affected() == 0 {
+            tracing::error!(audit_id = id, "emergency audit row missing");
+            return Err(StoreError::NoSuchAudit { id });
+        }
+        tracing::info!(audit_id = id, outcome, "emergency redirect outcome");
+        Ok(())
+    }
+
+    /// The newest `limit` audit rows, newest first.
+    pub async fn emergency_audits(&self, limit: u32) -> Result<Vec<EmergencyAuditRow>, StoreError> {
+        let sql =
+            format!("SELECT {AUDIT_COLUMNS} FROM emergency_redirects ORDER BY id DESC LIMIT ?");
+        let rows = sqlx::query(&sql)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("emergency_audits", e))?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Checks that the database answers (`SELECT 1`).
+    pub async fn health(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| fail("health", e))?;
+        Ok(())
+    }
+}
+
+impl Ticket {
+    /// The ticket as just inserted.
+    fn filed(id: u64, t: NewTicket, now: OffsetDateTime) -> Ticket {
+        Ticket {
+            service_request_id: id,
+            status: Status::Open,
+            status_notes: None,
+            service_name: t.service_name,
+            service_code: t.service_code,
+            description: t.description,
+            agency_responsible: t.agency_responsible,
+            service_notice: t.service_notice,
+            requested_datetime: now,
+            updated_datetime: now,
+            expected_datetime: None,
+            address: t.address,
+            address_id: t.address_id,
+            zipcode: t.zipcode,
+            lat: t.lat,
+            long: t.long,
+            media_url: t.media_url,
+            phone: t.phone,
+            email: t.email,
+            first_name: t.first_name,
+            last_name: t.last_name,
+            channel: t.channel,
+            language: t.language,
+            call_id: t.call_id,
+            callback_requested: t.callback_requested,
+        }
+    }
+}
+
+fn check_coordinates(lat: Option<f64>, long: Option<f64>) -> Result<(), StoreError> {
+    let ok = match (lat, long) {
+        (None, None) => true,
+        (Some(la), Some(lo)) => {
+            la.is_finite() && lo.is_finite() && la.abs() <= 90.0 && lo.abs() <= 180.0
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidCoordinates { lat, long })
+    }
+}
+
+/// `?, ?, ?` with `n` marks.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// UTC with the fraction of a second dropped: the stored precision.
+fn whole_second_utc(t: OffsetDateTime) -> OffsetDateTime {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    t - time::Duration::nanoseconds(i64::from(t.nanosecond()))
+}
+
+/// `2026-11-26T03:22:09Z` for a [`whole_second_utc`] time.
+fn iso(t: OffsetDateTime) -> Result<String, StoreError> {
+    Ok(t.format(&Rfc3339)?)
+}
+
+fn column<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(column).map_err(|e| StoreError::BadRow {
+        column,
+        value: e.to_string(),
+    })
+}
+
+fn datetime(column: &'static str, text: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(text, &Rfc3339).map_err(|_| StoreError::BadRow {
+        column,
+        value: text.to_owned(),
+    })
+}
+
+fn parsed<T: FromStr>(column: &'static str, text: String) -> Result<T, StoreError> {
+    text.parse().map_err(|_| StoreError::BadRow {
+        column,
+        value: text,
+    })
+}
+
+fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
+    let id: i64 = column(row, "service_request_id")?;
+    let service_request_id = u64::try_from(id).map_err(|_| StoreError::BadRow {
+        column: "service_request_id",
+        value: id.to_string(),
+    })?;
+    let requested: String = column(row, "requested_datetime")?;
+    let updated: String = column(row, "updated_datetime")?;
+    let expected: Option<String> = column(row, "expected_datetime")?;
+    Ok(Ticket {
+        service_request_id,
+        status: parsed("status", column(row, "status")?)?,
+        status_notes: column(row, "status_notes")?,
+        service_name: column(row, "service_name")?,
+        service_code: column(row, "service_code")?,
+        description: column(row, "description")?,
+        agency_responsible: column(row, "agency_responsible")?,
+        service_notice: column(row, "service_notice")?,
+        requested_datetime: datetime("requested_datetime", &requested)?,
+        updated_datetime: datetime("updated_datetime", &updated)?,
+        expected_datetime: expected
+            .map(|e| datetime("expected_datetime", &e))
+            .transpose()?,
+        address: column(row, "address")?,
+        address_id: column(row, "address_id")?,
+        zipcode: column(row, "zipcode")?,
+        lat: column(row, "lat")?,
+        long: column(row, "long")?,
+        media_url: column(row, "media_url")?,
+        phone: column(row, "phone")?,
+        email: column(row, "email")?,
+        first_name: column(row, "first_name")?,
+        last_name: column(row, "last_name")?,
+        channel: parsed("channel", column(row, "channel")?)?,
+        language: column(row, "language")?,
+        call_id: column(row, "call_id")?,
+        callback_requested: column(row, "callback_requested")?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
+    let at: String = column(row, "at")?;
+    Ok(EmergencyAuditRow {
+        id: column(row, "id")?,
+        at: datetime("at", &at)?,
+        caller: column(row, "caller")?,
+        call_id: column(row, "call_id")?,
+        menu_path: column(row, "menu_path")?,
+        reason: column(row, "reason")?,
+        method: column(row, "method")?,
+        outcome: column(row, "outcome")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use time::macros::datetime;
+
+    /// A database file under the temp dir, removed (with -wal/-shm) on drop.
+    struct TempDb(PathBuf);
+
+    impl TempDb {
+        fn new(name: &str) -> TempDb {
+            static SEQ: AtomicU32 = AtomicU32::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "ivr311-tickets-{name}-{}-{n}.db",
+                std::process::id()
+            ));
+            let db = TempDb(path);
+            db.remove();
+            db
+        }
+
+        fn remove(&self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.0.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            self.remove();
+        }
+    }
+
+    fn full_ticket(text: &str) -> NewTicket {
+        NewTicket {
+            service_code: format!("code-{text}"),
+            service_name: format!("name-{text}"),
+            description: Some(format!("description-{text}")),
+            agency_responsible: Some(format!("agency-{text}")),
+            service_notice: Some(format!("notice-{text}")),
+            zipcode: Some(format!("zip-{text}")),
+            address: Some(format!("address-{text}")),
+            address_id: Some(format!("address_id-{text}")),
+            lat: Some(40.712_776),
+            long: Some(-74.005_974),
+            phone: Some(format!("phone-{text}")),
+            email: Some(format!("email-{text}")),
+            first_name: Some(format!("first-{text}")),
+            last_name: Some(format!("last-{text}")),
+            media_url: Some(format!("media-{text}")),
+            channel: Channel::Web,
+            language: Some(format!("lang-{text}")),
+            call_id: Some(format!("call-{text}")),
+            callback_requested: true,
+        }
+    }
+
+    fn pothole() -> NewTicket {
+        NewTicket {
+            service_code: "pothole".into(),
+            service_name: "Pothole".into(),
+            ..NewTicket::default()
+        }
+    }
+
+    async fn count(store: &TicketStore, table: &str) -> i64 {
+        let sql = match table {
+            "tickets" => "SELECT COUNT(*) FROM tickets",
+            _ => "SELECT COUNT(*) FROM emergency_redirects",
+        };
+        let row = sqlx::query(sql).fetch_one(&store.pool).await.unwrap();
+        row.get(0)
+    }
+
+    #[tokio::test]
+    async fn file_then_get_round_trips_every_field() {
+        let db = TempDb::new("roundtrip");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let new = full_ticket("x");
+        let filed = store.file(new.clone()).await.unwrap();
+        let got = store.get(filed.service_request_id).await.unwrap().unwrap();
+        assert_eq!(got, filed);
+        assert_eq!(got.status, Status::Open);
+        assert_eq!(got.status_notes, None);
+        assert_eq!(got.expected_datetime, None);
+        assert_eq!(got.requested_datetime, got.updated_datetime);
+        assert_eq!(got.requested_datetime.nanosecond(), 0);
+        assert_eq!(got.requested_datetime.offset(), time::UtcOffset::UTC);
+        let expect = Ticket::filed(got.service_request_id, new, got.requested_datetime);
+        assert_eq!(got, expect);
+        assert!(store.get(ID_MIN - 1).await.unwrap().is_none());
+        assert!(store.get(u64::MAX).await.unwrap().is_none());
+
+        // All-None optionals round-trip too.
+        let bare = store.file(pothole()).await.unwrap();
+        assert_eq!(
+            store.get(bare.service_request_id).await.unwrap(),
+            Some(bare)
+        );
+    }
+
+    #[tokio::test]
+    async fn serialises_with_open311_names_and_iso_times() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        let filed = store
+            .file_with(
+                full_ticket("j"),
+                datetime!(2026-11-26 03:22:09.75 UTC),
+                &mut || 12_345_678,
+            )
+            .await
+            .unwrap();
+        let json = serde_json::to_value(&filed).unwrap();
+        assert_eq!(json["service_request_id"], 12_345_678);
+        assert_eq!(json["status"], "open");
+        assert_eq!(json["requested_datetime"], "2026-11-26T03:22:09Z");
+        assert_eq!(json["updated_datetime"], "2026-11-26T03:22:09Z");
+        assert!(json["expected_datetime"].is_null());
+        assert_eq!(json["channel"], "web");
+        assert_eq!(json["long"], -74.005_974);
+        for key in [
+            "status_notes",
+            "service_name",
+            "service_code",
+            "description",
+            "agency_responsible",
+            "service_notice",
+            "address",
+            "address_id",
+            "zipcode",
+            "lat",
+            "media_url",
+        ] {
+            assert!(json.get(key).is_some(), "{key} missing");
+        }
+        let back: Ticket = serde_json::from_value(json).unwrap();
+        assert_eq!(back, filed);
+    }
+
+    #[tokio::test]
+    async fn ids_are_8_digits_and_unique_across_2000_filings() {
+        let db = TempDb::new("ids");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let mut seen = HashSet::new();
+        for _ in 0..2000 {
+            let t = store.file(pothole()).await.unwrap();
+            let id = t.service_request_id;
+            assert!((ID_MIN..=ID_MAX).contains(&id), "{id}");
+            assert_eq!(id.to_string().len(), 8);
+            assert!(seen.insert(id), "duplicate {id}");
+        }
+        assert_eq!(count(&store, "tickets").await, 2000);
+    }
+
+    #[tokio::test]
+    async fn taken_numbers_are_redrawn_then_given_up_on() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        let first = store
+            .file_with(pothole(), now, &mut || 55_555_555)
+            .await
+            .unwrap();
+        let mut draws = [55_555_555, 55_555_555, 66_666_666].into_iter();
+        let second = store
+            .file_with(pothole(), now, &mut || draws.next().unwrap_or(0))
+            .await
+            .unwrap();
+        assert_eq!(first.service_request_id, 55_555_555);
+        assert_eq!(second.service_request_id, 66_666_666);
+
+        let err = store
+            .file_with(pothole(), now, &mut || 55_555_555)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::NoFreeId {
+                    attempts: ID_ATTEMPTS
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        assert_eq!(count(&store, "tickets").await, 2);
+    }
+
+    #[tokio::test]
+    async fn list_filters_and_orders_newest_first() {
+        let db = TempDb::new("list");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let day = |d: u8| datetime!(2026-03-01 12:00:00 UTC).replace_day(d).unwrap();
+        let mut ids = Vec::new();
+        for (n, (code, d)) in [
+            ("pothole", 1),
+            ("graffiti", 2),
+            ("pothole", 3),
+            ("noise", 4),
+            ("pothole", 5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let new = NewTicket {
+                service_code: code.into(),
+                service_name: code.into(),
+                ..NewTicket::default()
+            };
+            let id = 20_000_000 + n as u64;
+            let t = store.file_with(new, day(d), &mut || id).await.unwrap();
+            ids.push(t.service_request_id);
+        }
+        store
+            .update_status(ids[2], Status::Closed, Some("filled"))
+            .await
+            .unwrap();
+        let list = |q: TicketQuery| {
+            let store = store.clone();
+            async move {
+                store
+                    .list(&q)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| t.service_request_id)
+                    .collect::<Vec<_>>()
+            }
+        };
+
+        // Everything, newest first.
+        let all = list(TicketQuery::default()).await;
+        assert_eq!(all, ids.iter().rev().copied().collect::<Vec<_>>());
+        // ids.
+        let q = TicketQuery {
+            ids: vec![ids[0], ids[3], 99_999_999, u64::MAX],
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[3], ids[0]]);
+        let q = TicketQuery {
+            ids: vec![u64::MAX],
+            ..TicketQuery::default()
+        };
+        assert!(list(q).await.is_empty());
+        // service codes.
+        let q = TicketQuery {
+            service_codes: vec!["pothole".into()],
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[4], ids[2], ids[0]]);
+        let q = TicketQuery {
+            service_codes: vec!["noise".into(), "graffiti".into()],
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[3], ids[1]]);
+        // status.
+        let q = TicketQuery {
+            status: Some(Status::Closed),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[2]]);
+        let q = TicketQuery {
+            status: Some(Status::Open),
+            service_codes: vec!["pothole".into()],
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[4], ids[0]]);
+        // date range, inclusive, in any offset.
+        let q = TicketQuery {
+            start: Some(day(2)),
+            end: Some(day(4)),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[3], ids[2], ids[1]]);
+        let q = TicketQuery {
+            start: Some(day(4).to_offset(time::macros::offset!(-5))),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[4], ids[3]]);
+        let q = TicketQuery {
+            end: Some(day(1) + time::Duration::milliseconds(999)),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[0]]);
+        let q = TicketQuery {
+            start: Some(day(4)),
+            end: Some(day(2)),
+            ..TicketQuery::default()
+        };
+        assert!(list(q).await.is_empty());
+        // limit.
+        let q = TicketQuery {
+            limit: Some(2),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[4], ids[3]]);
+        let q = TicketQuery {
+            limit: Some(0),
+            ..TicketQuery::default()
+        };
+        assert!(list(q).await.is_empty());
+        // Too many filter values.
+        let q = TicketQuery {
+            ids: vec![ID_MIN; MAX_FILTER_VALUES + 1],
+            ..TicketQuery::default()
+        };
+        let err = store.list(&q).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::TooManyFilterValues { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn default_limit_is_1000() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut next = ID_MIN;
+        for _ in 0..1005 {
+            store
+                .file_with(pothole(), now, &mut || {
+                    next += 1;
+                    next
+                })
+                .await
+                .unwrap();
+        }
+        let all = store.list(&TicketQuery::default()).await.unwrap();
+        assert_eq!(all.len(), DEFAULT_LIST_LIMIT as usize);
+        // Same second: ties broken by descending number.
+        assert_eq!(all[0].service_request_id, ID_MIN + 1005);
+    }
+
+    #[tokio::test]
+    async fn update_status_bumps_updated_datetime_and_notes() {
+        let db = TempDb::new("update");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let filed_at = datetime!(2020-01-05 08:00:00 UTC);
+        let t = store
+            .file_with(pothole(), filed_at, &mut || 31_415_926)
+            .await
+            .unwrap();
+        let later = datetime!(2020-01-06 09:30:00 UTC);
+        let closed = store
+            .update_status_at(
+                t.service_request_id,
+                Status::Closed,
+                Some("Repaired 🚧"),
+                later,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.status, Status::Closed);
+        assert_eq!(closed.status_notes.as_deref(), Some("Repaired 🚧"));
+        assert_eq!(closed.requested_datetime, filed_at);
+        assert_eq!(closed.updated_datetime, later);
+        assert_eq!(
+            store.get(t.service_request_id).await.unwrap(),
+            Some(closed.clone())
+        );
+
+        // None keeps the notes; a clock that went backwards does not move the time back.
+        let reopened = store
+            .update_status_at(t.service_request_id, Status::Open, None, filed_at)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reopened.status, Status::Open);
+        assert_eq!(reopened.status_notes.as_deref(), Some("Repaired 🚧"));
+        assert_eq!(reopened.updated_datetime, later);
+
+        // The public wrapper uses the real clock.
+        let now = store
+            .update_status(t.service_request_id, Status::Closed, Some("done"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(now.updated_datetime > later);
+        assert_eq!(now.status_notes.as_deref(), Some("done"));
+
+        assert_eq!(
+            store
+                .update_status(ID_MIN, Status::Closed, None)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .update_status(u64::MAX, Status::Closed, None)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn hostile_and_unicode_text_survives_unchanged() {
+        let db = TempDb::new("hostile");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        for text in [
+            "'); DROP TABLE tickets;--",
+            "\" OR 1=1; --",
+            "Robert'); DELETE FROM emergency_redirects; --",
+            "🚨🕳️🐀 👩🏽‍🚒",
+            "Calle Ñandú 5, señora Muñoz, ¿cuándo? Árbol caído — pingüino",
+            "line\nbreak\ttab \\ backslash % _ ?1 :name $1",
+            "nul\0inside",
+            "",
+        ] {
+            let filed = store.file(full_ticket(text)).await.unwrap();
+            let got = store.get(filed.service_request_id).await.unwrap().unwrap();
+            assert_eq!(got, filed, "{text:?}");
+            assert_eq!(
+                got.description.as_deref(),
+                Some(&*format!("description-{text}"))
+            );
+            let updated = store
+                .update_status(filed.service_request_id, Status::Closed, Some(text))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(updated.status_notes.as_deref(), Some(text));
+            let q = TicketQuery {
+                service_codes: vec![format!("code-{text}")],
+                ..TicketQuery::default()
+            };
+            let listed = store.list(&q).await.unwrap();
+            assert_eq!(listed.len(), 1, "{text:?}");
+            assert_eq!(listed[0].service_request_id, filed.service_request_id);
+
+            let audit = EmergencyAudit {
+                caller: Some(text.into()),
+                call_id: text.into(),
+                menu_path: text.into(),
+                reason: Some(text.into()),
+                method: text.into(),
+            };
+            let id = store.audit_emergency_start(&audit).await.unwrap();
+            store.audit_emergency_outcome(id, text).await.unwrap();
+            let row = store.emergency_audits(1).await.unwrap().remove(0);
+            assert_eq!(row.id, id);
+            assert_eq!(row.caller.as_deref(), Some(text));
+            assert_eq!(row.call_id, text);
+            assert_eq!(row.menu_path, text);
+            assert_eq!(row.reason.as_deref(), Some(text));
+            assert_eq!(row.method, text);
+            assert_eq!(row.outcome, text);
+        }
+        assert_eq!(count(&store, "tickets").await, 8);
+        assert_eq!(count(&store, "emergency_redirects").await, 8);
+    }
+
+    #[tokio::test]
+    async fn emergency_audit_is_written_then_its_outcome_updated() {
+        let db = TempDb::new("audit");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let audit = EmergencyAudit {
+            caller: Some("+15551234567".into()),
+            call_id: "abc@host".into(),
+            menu_path: "main>screen>1".into(),
+            reason: Some("caller pressed 1: emergency".into()),
+            method: "refer".into(),
+        };
+        let before = whole_second_utc(OffsetDateTime::now_utc());
+        let first = store.audit_emergency_start(&audit).await.unwrap();
+        let second = store
+            .audit_emergency_start(&EmergencyAudit {
+                caller: None,
+                reason: None,
+                call_id: "def@host".into(),
+                ..audit.clone()
+            })
+            .await
+            .unwrap();
+        assert!(second > first);
+
+        let rows = store.emergency_audits(10).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, second);
+        assert_eq!(rows[0].caller, None);
+        assert_eq!(rows[1].id, first);
+        assert_eq!(rows[1].outcome, "started");
+        assert_eq!(rows[1].call_id, "abc@host");
+        assert_eq!(rows[1].menu_path, "main>screen>1");
+        assert_eq!(rows[1].method, "refer");
+        assert_eq!(rows[1].caller.as_deref(), Some("+15551234567"));
+        assert!(rows[1].at >= before);
+
+        store
+            .audit_emergency_outcome(first, "connected")
+            .await
+            .unwrap();
+        store
+            .audit_emergency_outcome(second, "failed:503 Service Unavailable")
+            .await
+            .unwrap();
+        let rows = store.emergency_audits(10).await.unwrap();
+        assert_eq!(rows[1].outcome, "connected");
+        assert_eq!(rows[0].outcome, "failed:503 Service Unavailable");
+        assert_eq!(store.emergency_audits(1).await.unwrap().len(), 1);
+
+        let err = store
+            .audit_emergency_outcome(9999, "connected")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoSuchAudit { id: 9999 }), "{err}");
+
+        // The table refuses deletes and rewrites of anything but the outcome.
+        let deleted = sqlx::query("DELETE FROM emergency_redirects")
+            .execute(&store.pool)
+            .await;
+        assert!(deleted.is_err());
+        let rewritten = sqlx::query("UPDATE emergency_redirects SET caller = 'x'")
+            .execute(&store.pool)
+            .await;
+        assert!(rewritten.is_err());
+        assert_eq!(count(&store, "emergency_redirects").await, 2);
+        assert_eq!(
+            store.emergency_audits(10).await.unwrap()[1]
+                .caller
+                .as_deref(),
+            Some("+15551234567")
+        );
+    }
+
+    #[tokio::test]
+    async fn held_write_lock_makes_file_fail_transiently_and_writes_nothing() {
+        let db = TempDb::new("busy");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let kept = store.file(full_ticket("kept")).await.unwrap();
+
+        let mut other = SqliteConnectOptions::new()
+            .filename(&db.0)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        let err = store.file(full_ticket("lost")).await.unwrap_err();
+        assert!(matches!(err, StoreError::Busy(_)), "{err}");
+        assert!(err.is_transient());
+        assert!(started.elapsed() >= BUSY_TIMEOUT - Duration::from_millis(100));
+        let err = store
+            .audit_emergency_start(&EmergencyAudit::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Busy(_)), "{err}");
+        // Readers are not blocked in WAL mode.
+        assert_eq!(
+            store.get(kept.service_request_id).await.unwrap(),
+            Some(kept.clone())
+        );
+
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        drop(other);
+        assert_eq!(count(&store, "tickets").await, 1);
+        assert_eq!(count(&store, "emergency_redirects").await, 0);
+        let all = store.list(&TicketQuery::default()).await.unwrap();
+        assert_eq!(all, vec![kept]);
+        // And the store works again once the lock is gone.
+        store.file(pothole()).await.unwrap();
+        assert_eq!(count(&store, "tickets").await, 2);
+    }
+
+    #[tokio::test]
+    async fn read_only_database_makes_file_fail_transiently() {
+        let db = TempDb::new("readonly");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let kept = store.file(pothole()).await.unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(&db.0)
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let read_only = TicketStore {
+            pool: SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap(),
+        };
+        let err = read_only.file(full_ticket("lost")).await.unwrap_err();
+        assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
+        assert!(err.is_transient());
+        let err = read_only
+            .update_status(kept.service_request_id, Status::Closed, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
+        assert_eq!(
+            read_only.get(kept.service_request_id).await.unwrap(),
+            Some(kept.clone())
+        );
+        read_only.health().await.unwrap();
+        assert_eq!(
+            store.list(&TicketQuery::default()).await.unwrap(),
+            vec![kept]
+        );
+    }
+
+    #[tokio::test]
+    async fn full_database_makes_file_fail_transiently() {
+        let db = TempDb::new("full");
+        TicketStore::open(&db.0).await.unwrap().close().await;
+        // Cap the file at its current size: the next page needed is "disk full".
+        let options = SqliteConnectOptions::new()
+            .filename(&db.0)
+            .journal_mode(SqliteJournalMode::Wal)
+            .pragma("max_page_count", "1");
+        let full = TicketStore {
+            pool: SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap(),
+        };
+        let mut err = None;
+        for _ in 0..100 {
+            if let Err(e) = full.file(full_ticket(&"x".repeat(2000))).await {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = err.expect("never filled up");
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+        assert!(err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn tickets_survive_reopening_the_file() {
+        let db = TempDb::new("reopen");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let mut filed = Vec::new();
+        for n in 0..5 {
+            filed.push(store.file(full_ticket(&n.to_string())).await.unwrap());
+        }
+        let audit = store
+            .audit_emergency_start(&EmergencyAudit {
+                call_id: "c".into(),
+                menu_path: "m".into(),
+                method: "refer".into(),
+                ..EmergencyAudit::default()
+            })
+            .await
+            .unwrap();
+        // Committed work is visible to a second, independent opener at once.
+        let second = TicketStore::open(&db.0).await.unwrap();
+        assert_eq!(
+            second
+                .get(filed[4].service_request_id)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&filed[4])
+        );
+        second.close().await;
+        store.close().await;
+        assert!(store.health().await.is_err());
+        drop(store);
+
+        // Migrations are idempotent on reopen.
+        let store = TicketStore::open(&db.0).await.unwrap();
+        for t in &filed {
+            assert_eq!(
+                store.get(t.service_request_id).await.unwrap().as_ref(),
+                Some(t)
+            );
+        }
+        assert_eq!(store.emergency_audits(5).await.unwrap()[0].id, audit);
+        store.health().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn file_databases_are_wal_full_sync_with_busy_timeout() {
+        let db = TempDb::new("pragmas");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        // Check several pooled connections, not just the first.
+        let mut conns = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut conns {
+            let pragma = |name: &'static str| format!("PRAGMA {name}");
+            let mode: String = sqlx::query(&pragma("journal_mode"))
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(mode, "wal");
+            for (name, want) in [
+                ("synchronous", 2), // FULL
+                ("foreign_keys", 1),
+                ("busy_timeout", 2000),
+            ] {
+                let got: i64 = sqlx::query(&pragma(name))
+                    .fetch_one(&mut **conn)
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(got, want, "{name}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unopenable_path_is_an_open_error() {
+        let dir = std::env::temp_dir().join(format!("ivr311-no-such-dir-{}", std::process::id()));
+        let err = TicketStore::open(&dir.join("t.db")).await.unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn invalid_coordinates_are_refused() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        for (lat, long) in [
+            (Some(f64::NAN), Some(0.0)),
+            (Some(0.0), Some(f64::INFINITY)),
+            (Some(91.0), Some(0.0)),
+            (Some(0.0), Some(-180.5)),
+            (Some(1.0), None),
+            (None, Some(1.0)),
+        ] {
+            let t = NewTicket {
+                lat,
+                long,
+                ..pothole()
+            };
+            let err = store.file(t).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::InvalidCoordinates { .. }),
+                "{err}"
+            );
+        }
+        assert_eq!(count(&store, "tickets").await, 0);
+    }
+
+    #[tokio::test]
+    async fn in_memory_stores_are_separate() {
+        let a = TicketStore::open_in_memory().await.unwrap();
+        let b = TicketStore::open_in_memory().await.unwrap();
+        let t = a.file(pothole()).await.unwrap();
+        assert!(b.get(t.service_request_id).await.unwrap().is_none());
+        assert_eq!(a.get(t.service_request_id).await.unwrap(), Some(t));
+        a.health().await.unwrap();
+    }
+
+    /// Handlers and call tasks are spawned: every operation's future must be `Send`.
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        async fn all(s: TicketStore) {
+            let f = s.file(NewTicket::default());
+            send(&f);
+            let q = TicketQuery::default();
+            let g = s.list(&q);
+            send(&g);
+            let h = s.update_status(1, Status::Open, None);
+            send(&h);
+            let a = EmergencyAudit::default();
+            let i = s.audit_emergency_start(&a);
+            send(&i);
+            send(&s.audit_emergency_outcome(1, "x"));
+            send(&s.emergency_audits(1));
+            send(&s.get(1));
+            send(&s.health());
+            send(&TicketStore::open(Path::new("x")));
+            send(&TicketStore::open_in_memory());
+        }
+        let _ = all;
+    }
+
+    #[test]
+    fn status_and_channel_parse_and_print() {
+        for s in [Status::Open, Status::Closed] {
+            assert_eq!(s.as_str().parse::<Status>(), Ok(s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        for c in [Channel::Phone, Channel::Web] {
+            assert_eq!(c.as_str().parse::<Channel>(), Ok(c));
+        }
+        assert!("Open".parse::<Status>().is_err());
+        assert!("fax".parse::<Channel>().is_err());
+    }
+}

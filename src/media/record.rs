@@ -1,0 +1,218 @@
+//! Recording a caller (the spoken description of a problem) to a WAV file with hound.
+//!
+//! The call task feeds each audio payload it receives; the recorder decodes G.711 to 16-bit
+//! PCM, writes 8 kHz mono WAV, and says when to stop: after `silence` of quiet (once the caller
+//! has spoken) or at `max`. Time is passed in. File names are chosen by the caller of
+//! [`Recorder::create`] (generated, never taken from caller input).
+
+use crate::media::g711::Codec;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Mean absolute amplitude below which a 20 ms frame counts as silence (about -40 dBFS).
+const SILENCE_LEVEL: u32 = 330;
+
+/// Why recording stopped (or may go on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    Recording,
+    /// Quiet for the silence limit after the caller spoke.
+    Silence,
+    /// The maximum length was reached.
+    MaxLength,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Wav { path: PathBuf, source: hound::Error },
+}
+
+/// One recording in progress.
+pub struct Recorder {
+    writer: Option<hound::WavWriter<BufWriter<File>>>,
+    path: PathBuf,
+    started: Instant,
+    last_voice: Option<Instant>,
+    max: Duration,
+    silence: Duration,
+    samples: u64,
+    pcm: [i16; 1024],
+}
+
+impl Recorder {
+    pub fn create(
+        path: &Path,
+        now: Instant,
+        max: Duration,
+        silence: Duration,
+    ) -> Result<Recorder, RecordError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| RecordError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 8000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let writer = hound::WavWriter::create(path, spec).map_err(|source| RecordError::Wav {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Recorder {
+            writer: Some(writer),
+            path: path.to_owned(),
+            started: now,
+            last_voice: None,
+            max,
+            silence,
+            samples: 0,
+            pcm: [0; 1024],
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Seconds recorded so far.
+    pub fn seconds(&self) -> f64 {
+        self.samples as f64 / 8000.0
+    }
+
+    /// Add one received audio payload.
+    pub fn push(&mut self, now: Instant, codec: Codec, payload: &[u8]) -> RecordState {
+        let n = payload.len().min(self.pcm.len());
+        codec.decode(&payload[..n], &mut self.pcm[..n]);
+        if let Some(w) = &mut self.writer {
+            for s in &self.pcm[..n] {
+                if w.write_sample(*s).is_err() {
+                    break;
+                }
+            }
+        }
+        self.samples += n as u64;
+        let level = if n == 0 {
+            0
+        } else {
+            self.pcm[..n]
+                .iter()
+                .map(|s| s.unsigned_abs() as u32)
+                .sum::<u32>()
+                / n as u32
+        };
+        if level >= SILENCE_LEVEL {
+            self.last_voice = Some(now);
+        }
+        self.state(now)
+    }
+
+    /// Whether to stop, judged at `now` (also call this on ticks when no audio arrives).
+    pub fn state(&self, now: Instant) -> RecordState {
+        if now.duration_since(self.started) >= self.max {
+            return RecordState::MaxLength;
+        }
+        // Silence counts from the last speech, or from the start if the caller never spoke.
+        let since = self.last_voice.unwrap_or(self.started);
+        if now.duration_since(since) >= self.silence {
+            return RecordState::Silence;
+        }
+        RecordState::Recording
+    }
+
+    /// Close the file. Returns its path if any audio was written (an empty file is removed).
+    pub fn finish(mut self) -> Result<Option<PathBuf>, RecordError> {
+        if let Some(w) = self.writer.take() {
+            w.finalize().map_err(|source| RecordError::Wav {
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        if self.samples == 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return Ok(None);
+        }
+        Ok(Some(self.path.clone()))
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A recording dropped without finish (call torn down) is still closed properly.
+        if let Some(w) = self.writer.take() {
+            let _ = w.finalize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ivr311-rec-{}-{name}.wav", std::process::id()))
+    }
+
+    #[test]
+    fn records_until_silence_after_speech() {
+        let t0 = Instant::now();
+        let p = tmp("silence");
+        let mut r =
+            Recorder::create(&p, t0, Duration::from_secs(60), Duration::from_secs(2)).unwrap();
+        let mut loud = [0u8; 160];
+        let pcm: Vec<i16> = (0..160)
+            .map(|i| if i % 2 == 0 { 8000 } else { -8000 })
+            .collect();
+        Codec::Pcmu.encode(&pcm, &mut loud);
+        let quiet = [0xFFu8; 160];
+        let ms = Duration::from_millis;
+        for i in 0..50 {
+            assert_eq!(
+                r.push(t0 + ms(20 * i), Codec::Pcmu, &loud),
+                RecordState::Recording
+            );
+        }
+        let mut t = t0 + ms(1000);
+        let mut stopped = None;
+        for i in 0..200 {
+            t = t0 + ms(1000 + 20 * i);
+            if r.push(t, Codec::Pcmu, &quiet) == RecordState::Silence {
+                stopped = Some(t);
+                break;
+            }
+        }
+        let stopped = stopped.expect("silence ends it");
+        assert!(
+            stopped - t0 >= ms(2900) && stopped - t0 <= ms(3100),
+            "{:?}",
+            stopped - t0
+        );
+        let _ = t;
+        let path = r.finish().unwrap().expect("audio kept");
+        let reader = hound::WavReader::open(&path).unwrap();
+        assert_eq!(reader.spec().sample_rate, 8000);
+        assert!(reader.duration() > 8000 * 2);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn max_length_and_empty_recordings() {
+        let t0 = Instant::now();
+        let p = tmp("max");
+        let r = Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(60)).unwrap();
+        assert_eq!(r.state(t0 + Duration::from_secs(5)), RecordState::MaxLength);
+        assert_eq!(r.finish().unwrap(), None, "nothing recorded, no file");
+        assert!(!p.exists());
+    }
+}

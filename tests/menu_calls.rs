@@ -1,0 +1,284 @@
+//! Integration: the shipped city menu (menus/311.yaml) over real SIP and RTP, with the real
+//! ticket database. What a caller hears is recognised from the RTP payloads themselves.
+
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use ivr311::dispatch::emergency::EmergencyMethod;
+use ivr311::dispatch::tickets::{Channel, NewTicket};
+use ivr311::media::g711::Codec;
+use std::time::Duration;
+
+/// The audit rows once the latest one has an outcome other than `started` (it is written just
+/// after the call ends).
+async fn settled_audits(
+    store: &ivr311::dispatch::tickets::TicketStore,
+) -> Vec<ivr311::dispatch::tickets::EmergencyAuditRow> {
+    for _ in 0..50 {
+        let rows = store.emergency_audits(10).await.unwrap();
+        if rows.first().is_some_and(|r| r.outcome != "started") {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.emergency_audits(10).await.unwrap()
+}
+
+fn digits(id: u64) -> Vec<String> {
+    id.to_string()
+        .chars()
+        .map(|c| format!("digit_{c}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn pothole_ticket_with_zip_and_recording_is_filed_then_read_back() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    // English, not an emergency, streets, pothole, ZIP 94103.
+    ua.keys("1111").await;
+    ua.keys("94103").await;
+    // "After the tone, describe..." then the beep: speak for a second, then press pound.
+    ua.listen(Duration::from_millis(9000)).await;
+    ua.speak(50).await;
+    ua.press('#').await;
+    let heard = ua.listen(Duration::from_millis(10000)).await;
+
+    let all = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 1, "one ticket filed");
+    let t = &all[0];
+    assert_eq!(t.service_code, "pothole");
+    assert_eq!(t.zipcode.as_deref(), Some("94103"));
+    assert_eq!(t.phone.as_deref(), Some("+15550001111"));
+    assert_eq!(t.channel, Channel::Phone);
+    assert_eq!(t.language.as_deref(), Some("en"));
+    assert_eq!(t.call_id.as_deref(), Some(ua.call_id.as_str()));
+    let media = t.media_url.clone().expect("the description was recorded");
+    assert!(
+        media.starts_with("/recordings/") && media.ends_with(".wav"),
+        "{media}"
+    );
+
+    // The number is read back digit by digit (after "your service request number is").
+    let mut names: Vec<&str> = vec!["ticket_filed"];
+    let ds = digits(t.service_request_id);
+    let ds_ref: Vec<&str> = ds.iter().map(String::as_str).collect();
+    names.extend(ds_ref.iter());
+    let ear = PromptEar::new(
+        "en",
+        &[
+            "ticket_filed",
+            "digit_0",
+            "digit_1",
+            "digit_2",
+            "digit_3",
+            "digit_4",
+            "digit_5",
+            "digit_6",
+            "digit_7",
+            "digit_8",
+            "digit_9",
+        ],
+        Codec::Pcmu,
+    );
+    let got = ear.playbacks(&heard);
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("ticket_filed"),
+        "{got:?}"
+    );
+    assert_eq!(
+        &got[1..got.len().min(9)],
+        &ds[..],
+        "read back digit by digit: {got:?}"
+    );
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_lookup_of_a_filed_ticket_and_of_a_missing_one() {
+    let srv = start_server(FileConfig::default()).await;
+    let t = srv
+        .tickets
+        .file(NewTicket {
+            service_code: "graffiti".into(),
+            service_name: "Graffiti".into(),
+            channel: Channel::Web,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("116").await;
+    ua.keys(&t.service_request_id.to_string()).await;
+    let heard = ua.listen(Duration::from_millis(8000)).await;
+    let ear = PromptEar::new(
+        "en",
+        &["ticket_status_open", "updated_today", "ticket_not_found"],
+        Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["ticket_status_open", "updated_today"]
+    );
+    // A number that does not exist.
+    ua.keys("6").await;
+    ua.keys("99999998").await;
+    let heard = ua.listen(Duration::from_millis(3000)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["ticket_not_found"]);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn spanish_callers_hear_spanish() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("21").await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    let ear = PromptEar::new("es", &["main_menu"], Codec::Pcmu);
+    assert_eq!(ear.playbacks(&heard), vec!["main_menu"]);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn emergency_with_no_uri_announces_and_hangs_up_and_is_audited() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await; // English, then 9 at screening
+    let heard = ua.listen(Duration::from_millis(4000)).await;
+    let ear = PromptEar::new("en", &["connecting_911", "emergency_announce"], Codec::Pcmu);
+    let got = ear.playbacks(&heard);
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("connecting_911"),
+        "{got:?}"
+    );
+    let bye = ua.expect_request("BYE", Duration::from_secs(20)).await;
+    assert_eq!(bye.call_id, ua.call_id);
+    let audits = settled_audits(&srv.tickets).await;
+    assert_eq!(audits.len(), 1);
+    assert_eq!(audits[0].call_id, ua.call_id);
+    assert_eq!(audits[0].method, EmergencyMethod::Announce.as_str());
+    assert!(
+        audits[0].outcome.starts_with("announced"),
+        "{}",
+        audits[0].outcome
+    );
+    assert!(
+        audits[0].menu_path.contains("screening:9"),
+        "{}",
+        audits[0].menu_path
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn emergency_by_refer_follows_the_notify_and_is_audited() {
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Refer);
+    file.emergency.uri = Some("sip:911@127.0.0.1:5999".into());
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    // English, not an emergency, streets, downed power lines (an emergency entry).
+    ua.keys("1115").await;
+    let refer = ua.expect_request("REFER", Duration::from_secs(10)).await;
+    assert_eq!(refer.header("Refer-To"), Some("<sip:911@127.0.0.1:5999>"));
+    // The audit row exists before the transfer starts.
+    let audits = srv.tickets.emergency_audits(10).await.unwrap();
+    assert_eq!(audits.len(), 1);
+    assert_eq!(
+        audits[0].reason.as_deref(),
+        Some("downed or sparking power lines")
+    );
+    // Our phone reports the transfer succeeded.
+    let notify = ua.in_dialog(
+        "NOTIFY",
+        "Event: refer\r\nSubscription-State: terminated;reason=noresource\r\nContent-Type: message/sipfrag\r\n",
+        "SIP/2.0 200 OK\r\n",
+    );
+    ua.send_raw(&notify).await;
+    ua.expect_request("BYE", Duration::from_secs(5)).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("connected via refer"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_refer_falls_back_to_the_announcement() {
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Refer);
+    file.emergency.uri = Some("sip:911@127.0.0.1:5999".into());
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    // A trunk that cannot act on REFER.
+    let refer = loop {
+        match ua.recv(Duration::from_secs(10)).await {
+            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "REFER" => {
+                break r
+            }
+            Some(_) => continue,
+            None => panic!("no REFER"),
+        }
+    };
+    let resp =
+        ivr311::sip::message::ResponseBuilder::new(&refer, 501, "Not Implemented", None).build();
+    ua.send_raw(&resp).await;
+    let heard = ua.listen(Duration::from_millis(4000)).await;
+    let ear = PromptEar::new("en", &["emergency_announce"], Codec::Pcmu);
+    assert!(ear
+        .playbacks(&heard)
+        .contains(&"emergency_announce".to_string()));
+    ua.expect_request("BYE", Duration::from_secs(20)).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("announced"),
+        "{}",
+        audits[0].outcome
+    );
+    assert!(
+        audits[0].outcome.contains("REFER answered 501"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("1111").await;
+    ua.keys("94110").await;
+    ua.listen(Duration::from_millis(9000)).await;
+    ua.speak(40).await;
+    ua.bye().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].zipcode.as_deref(), Some("94110"));
+    assert!(all[0].media_url.is_some(), "the partial recording is kept");
+    srv.shutdown().await;
+}
