@@ -45,12 +45,11 @@ pub fn sipp(args: &[String]) -> std::process::Output {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sipp_caller_with_pcap_audio_and_dtmf() {
-    let srv = start_server(FileConfig::default()).await;
-    let scenario = repo().join("tests/sipp/uac_dtmf.xml");
+/// Run one SIPp UAC scenario against the server; panics with SIPp's output if it fails.
+async fn run_sipp(sip: std::net::SocketAddr, scenario: &str, timeout_s: u32) {
+    let scenario = repo().join("tests/sipp").join(scenario);
     let args: Vec<String> = vec![
-        srv.sip_addr.to_string(),
+        sip.to_string(),
         "-sf".into(),
         scenario.display().to_string(),
         "-s".into(),
@@ -69,7 +68,7 @@ async fn sipp_caller_with_pcap_audio_and_dtmf() {
         "1".into(),
         "-nostdin".into(),
         "-timeout".into(),
-        "30".into(),
+        timeout_s.to_string(),
         "-timeout_error".into(),
     ];
     let out = tokio::task::spawn_blocking(move || sipp(&args))
@@ -86,6 +85,12 @@ async fn sipp_caller_with_pcap_audio_and_dtmf() {
             .join("\n"),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_caller_with_pcap_audio_and_dtmf() {
+    let srv = start_server(FileConfig::default()).await;
+    run_sipp(srv.sip_addr, "uac_dtmf.xml", 30).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let h = health(srv.http_addr).await;
     assert_eq!(h["live_calls"], 0, "call ended: {h}");
@@ -95,5 +100,49 @@ async fn sipp_caller_with_pcap_audio_and_dtmf() {
     // The caller's pcap audio arrived and the server streamed back to SIPp's media port.
     assert!(h["rtp_packets_received"].as_u64().unwrap() > 50, "{h}");
     assert!(h["rtp_packets_sent"].as_u64().unwrap() > 150, "{h}");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_pothole_path_files_a_ticket() {
+    let srv = start_server(FileConfig::default()).await;
+    run_sipp(srv.sip_addr, "uac_pothole.xml", 60).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tickets = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(tickets.len(), 1, "one ticket");
+    let t = &tickets[0];
+    assert_eq!(t.service_code, "pothole");
+    assert_eq!(t.zipcode.as_deref(), Some("94103"));
+    assert_eq!(t.phone.as_deref(), Some("+15557654321"));
+    assert!(
+        t.media_url.is_some(),
+        "SIPp's pcap audio was recorded as the description"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_emergency_path_is_told_to_dial_911_and_audited() {
+    let srv = start_server(FileConfig::default()).await;
+    run_sipp(srv.sip_addr, "uac_emergency.xml", 60).await;
+    let mut audits = vec![];
+    for _ in 0..30 {
+        audits = srv.tickets.emergency_audits(10).await.unwrap();
+        if audits.first().is_some_and(|a| a.outcome != "started") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(audits.len(), 1);
+    assert_eq!(audits[0].caller.as_deref(), Some("+15557654321"));
+    assert!(
+        audits[0].outcome.starts_with("announced"),
+        "{}",
+        audits[0].outcome
+    );
+    assert_eq!(
+        srv.tickets.list(&Default::default()).await.unwrap().len(),
+        0
+    );
     srv.shutdown().await;
 }

@@ -467,7 +467,9 @@ impl ClientTransaction {
                     };
                     self.timers.set(Timer::E, now + self.interval);
                 }
-                (Timer::B, ClientState::Calling | ClientState::Proceeding)
+                // Timer B only matters before any response (§17.1.1.2): a phone that is
+                // ringing may ring for as long as the TU lets it (the TU CANCELs).
+                (Timer::B, ClientState::Calling)
                 | (Timer::F, ClientState::Calling | ClientState::Proceeding) => {
                     out.push(Output::Timeout(t));
                     self.terminate(&mut out);
