@@ -21,6 +21,7 @@
 use crate::config::{Limits, PortRange};
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
+use crate::media::bridge::{relay, Relay};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
 use crate::media::prompt::{Prompt, PromptStore};
@@ -30,7 +31,7 @@ use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
 use crate::menu::engine::{Engine, Input, Output, StatusResult, TicketRequest};
 use crate::menu::schema::MenuFile;
 use crate::sip::message::Method;
-use crate::sip::ua::{AppEvent, DialogEvent, DialogHandle, IncomingCall};
+use crate::sip::ua::{AppEvent, DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundHandle};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::VecDeque;
@@ -50,6 +51,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 pub const SUPPORTED_CODECS: [Codec; 2] = [Codec::Pcmu, Codec::Pcma];
 /// Packet time.
 pub const PTIME: Duration = Duration::from_millis(20);
+/// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
+pub const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
 /// The menu new calls start on. Replaced whole on reload; a call keeps the `Arc` it started
 /// with, so calls in progress finish on their own menu.
@@ -255,6 +258,8 @@ pub struct CallContext {
     pub menu: Arc<MenuHolder>,
     pub tickets: TicketStore,
     pub emergency: EmergencyConfig,
+    /// Places outbound legs (the 911 bridge).
+    pub outbound: OutboundHandle,
     /// Where caller recordings are written (`<dir>/<generated>.wav`).
     pub recordings: PathBuf,
     /// Owns work that must finish even if the call ends (filing an abandoned ticket).
@@ -486,6 +491,14 @@ struct EmergencyRun {
     failures: Vec<String>,
 }
 
+/// An outbound leg bridged to the caller (the 911 trunk).
+struct Leg {
+    handle: DialogHandle,
+    port: RtpPort,
+    /// Set once the leg answered: its codec and where its media goes.
+    answered: Option<(Negotiated, SocketAddr)>,
+}
+
 /// One call's driver state.
 struct Call {
     ctx: CallContext,
@@ -502,6 +515,9 @@ struct Call {
     recorder: Option<Recorder>,
     work_tx: mpsc::Sender<Work>,
     emergency: Option<EmergencyRun>,
+    leg: Option<Leg>,
+    /// The leg's signalling events (apart from `leg` so both can be awaited at once).
+    leg_events: Option<mpsc::Receiver<LegEvent>>,
     inputs: VecDeque<Input>,
     next_req: u64,
     end: Option<EndReason>,
@@ -539,6 +555,8 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         recorder: None,
         work_tx,
         emergency: None,
+        leg: None,
+        leg_events: None,
         inputs: VecDeque::from([Input::Start]),
         next_req: 1,
         end: None,
@@ -559,6 +577,7 @@ impl Call {
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut last_tick: Option<tokio::time::Instant> = None;
         let mut buf = [0u8; 2048];
+        let mut buf2 = [0u8; 2048];
         let mut out = [0u8; MAX_PACKET];
         let no_media = Duration::from_secs(self.ctx.limits.no_media_seconds);
         let max_call = Duration::from_secs(self.ctx.limits.max_call_seconds);
@@ -600,10 +619,36 @@ impl Call {
                         self.emergency_step().await;
                     }
                 },
+                ev = leg_event(&mut self.leg_events) => {
+                    if let Some(r) = self.on_leg_event(ev).await {
+                        return r;
+                    }
+                }
+                r = leg_recv(&self.leg, &mut buf2) => {
+                    // The bridged leg's media goes to the caller.
+                    let Ok((n, _)) = r else { continue };
+                    if let Some(Leg { answered: Some((leg_neg, _)), .. }) = &self.leg {
+                        let caller_neg = self.media.negotiated();
+                        if let Relay::Forward { len, .. } = relay(&mut buf2, n, leg_neg, &caller_neg) {
+                            let _ = self.port.socket.try_send_to(&buf2[..len], self.media.remote());
+                        }
+                    }
+                }
                 r = self.port.socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
                     let t = now();
-                    match self.media.on_rtp(t, from, &buf[..n]) {
+                    let media_event = self.media.on_rtp(t, from, &buf[..n]);
+                    if let Some(Leg { answered: Some((leg_neg, leg_remote)), port, .. }) = &self.leg {
+                        // Bridged: the caller's media (and keys) go to the other leg.
+                        if media_event.is_ok() {
+                            let caller_neg = self.media.negotiated();
+                            if let Relay::Forward { len, .. } = relay(&mut buf, n, &caller_neg, leg_neg) {
+                                let _ = port.socket.try_send_to(&buf[..len], *leg_remote);
+                            }
+                        }
+                        continue;
+                    }
+                    match media_event {
                         Ok(Some(MediaEvent::Digit(d))) => {
                             debug!(digit = %d, "digit");
                             self.on_digit(d);
@@ -651,7 +696,8 @@ impl Call {
                         }
                     }
                     last_tick = Some(at);
-                    let (n, ev) = self.media.on_tick(&mut out);
+                    let bridged = self.leg.as_ref().is_some_and(|l| l.answered.is_some());
+                    let (n, ev) = if bridged { (0, None) } else { self.media.on_tick(&mut out) };
                     if n > 0 {
                         let _ = self.port.socket.try_send_to(&out[..n], self.media.remote());
                     }
@@ -1021,8 +1067,12 @@ impl Call {
                     .await;
             }
             EmergencyMethod::Bridge => {
-                // Outbound legs are not available in this build: fall through to the next method.
-                Box::pin(self.emergency_failed("bridge: outbound calls not available")).await;
+                // A healthy trunk rings or answers within moments; one that says nothing for
+                // a few seconds is down, and the caller must not wait on it.
+                e.deadline = Some(tokio::time::Instant::now() + BRIDGE_FIRST_RESPONSE.min(timeout));
+                if let Err(why) = self.start_bridge().await {
+                    Box::pin(self.emergency_failed(&why)).await;
+                }
             }
             EmergencyMethod::Announce => {
                 info!("announcing: hang up and dial 911");
@@ -1030,6 +1080,117 @@ impl Call {
                 self.media.play(p);
             }
         }
+    }
+
+    /// Call the emergency URI with the caller's number in From and P-Asserted-Identity.
+    async fn start_bridge(&mut self) -> Result<(), String> {
+        let uri = self.ctx.emergency.uri.clone().unwrap_or_default();
+        let port = self
+            .ctx
+            .ports
+            .allocate()
+            .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
+        let local = SocketAddr::new(self.local_media.ip(), port.port);
+        let caller_codec = self.media.codec();
+        let other = if caller_codec == Codec::Pcmu {
+            Codec::Pcma
+        } else {
+            Codec::Pcmu
+        };
+        let offer = sdp::build_offer(
+            local,
+            rand::random::<u32>() as u64,
+            1,
+            &[caller_codec, other],
+            Some(101),
+            sdp::Direction::SendRecv,
+        );
+        let caller = self.meta.caller.clone();
+        let pai = format!(
+            "<sip:{}@{}>",
+            crate::sip::message::sanitize_quoted(&caller),
+            self.local_media.ip()
+        );
+        let headers = vec![
+            ("P-Asserted-Identity".to_owned(), pai),
+            ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
+            (
+                "X-311-Language".to_owned(),
+                self.engine.language().to_owned(),
+            ),
+        ];
+        info!(%uri, "bridging the caller to 911");
+        let call = self
+            .ctx
+            .outbound
+            .invite(
+                &uri,
+                &caller,
+                Some("311 caller"),
+                headers,
+                Bytes::from(offer),
+            )
+            .await;
+        self.leg = Some(Leg {
+            handle: call.handle,
+            port,
+            answered: None,
+        });
+        self.leg_events = Some(call.events);
+        Ok(())
+    }
+
+    async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
+        let Some(ev) = ev else {
+            self.leg = None;
+            self.leg_events = None;
+            return None;
+        };
+        match ev {
+            LegEvent::Provisional { code } => {
+                debug!(code, "911 leg ringing");
+                let timeout = Duration::from_secs(self.ctx.emergency.timeout_seconds);
+                if let Some(e) = &mut self.emergency {
+                    e.deadline = Some(tokio::time::Instant::now() + timeout);
+                }
+            }
+            LegEvent::Answered { sdp: body } => {
+                let parsed = sdp::parse(&body)
+                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                match parsed {
+                    Ok((neg, addr)) => {
+                        info!(codec = ?neg.codec, "911 answered; caller bridged");
+                        if let Some(l) = &mut self.leg {
+                            l.answered = Some((neg, addr));
+                        }
+                        self.media.stop();
+                        if let Some(e) = &mut self.emergency {
+                            e.deadline = None;
+                        }
+                        self.emergency_done("connected");
+                    }
+                    Err(e) => {
+                        if let Some(l) = self.leg.take() {
+                            l.handle.hangup().await;
+                        }
+                        self.emergency_failed(&format!("bridge: unusable answer: {e}"))
+                            .await;
+                    }
+                }
+            }
+            LegEvent::Failed { code, reason } => {
+                self.leg = None;
+                self.emergency_failed(&format!("bridge answered {code} {reason}"))
+                    .await;
+            }
+            LegEvent::Dialog(DialogEvent::Bye) => {
+                info!("911 side hung up");
+                self.leg = None;
+                return Some(EndReason::Emergency);
+            }
+            LegEvent::Dialog(_) => {}
+        }
+        self.end.take()
     }
 
     async fn on_refer_response(&mut self, code: u16) {
@@ -1071,6 +1232,11 @@ impl Call {
     }
 
     async fn emergency_failed(&mut self, why: &str) {
+        if let Some(l) = self.leg.take() {
+            if l.answered.is_none() {
+                l.handle.hangup().await; // CANCEL a leg still ringing
+            }
+        }
         let Some(e) = &mut self.emergency else { return };
         warn!(method = ?e.current, reason = why, "911 method failed; trying the next");
         e.failures
@@ -1121,6 +1287,10 @@ impl Call {
                 });
             }
         }
+        if let Some(l) = self.leg.take() {
+            l.handle.hangup().await;
+            l.handle.release();
+        }
         match reason {
             EndReason::CallerHungUp | EndReason::Cancelled | EndReason::SignallingTimeout => {}
             _ => self.handle.hangup().await,
@@ -1150,6 +1320,20 @@ impl Call {
             foreign_in = s.foreign_in,
             "call ended"
         );
+    }
+}
+
+async fn leg_event(events: &mut Option<mpsc::Receiver<LegEvent>>) -> Option<LegEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn leg_recv(leg: &Option<Leg>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match leg {
+        Some(l) if l.answered.is_some() => l.port.socket.recv_from(buf).await,
+        _ => std::future::pending().await,
     }
 }
 

@@ -141,6 +141,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         app_tx,
     );
     let ua_stats = ua.stats();
+    let outbound = ua.outbound();
     tracker.spawn(ua.run(in_rx, cancel.clone()));
 
     let registry = Arc::new(CallRegistry::default());
@@ -157,6 +158,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         menu: menu_holder.clone(),
         tickets: tickets.clone(),
         emergency: file.emergency.clone(),
+        outbound,
         recordings: file.storage.recordings_dir.clone(),
         tracker: tracker.clone(),
         draining: draining.clone(),

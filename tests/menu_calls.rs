@@ -257,7 +257,13 @@ async fn refused_refer_falls_back_to_the_announcement() {
         audits[0].outcome
     );
     assert!(
-        audits[0].outcome.contains("REFER answered 501"),
+        audits[0].outcome.contains("refer: REFER answered 501"),
+        "{}",
+        audits[0].outcome
+    );
+    // The bridge was tried in between (nothing answers at 127.0.0.1:5999).
+    assert!(
+        audits[0].outcome.contains("bridge: "),
         "{}",
         audits[0].outcome
     );
@@ -280,5 +286,136 @@ async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].zipcode.as_deref(), Some("94110"));
     assert!(all[0].media_url.is_some(), "the partial recording is kept");
+    srv.shutdown().await;
+}
+
+/// A stand-in for the 911 trunk: answers one INVITE and exchanges RTP.
+struct Trunk {
+    sip: tokio::net::UdpSocket,
+    rtp: tokio::net::UdpSocket,
+}
+
+impl Trunk {
+    async fn new() -> Trunk {
+        Trunk {
+            sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    async fn recv(
+        &self,
+        timeout: Duration,
+    ) -> Option<(ivr311::sip::message::Message, std::net::SocketAddr)> {
+        let mut buf = vec![0u8; 65535];
+        let (n, from) = tokio::time::timeout(timeout, self.sip.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some((
+            ivr311::sip::message::parse_datagram(&buf[..n], 65536).unwrap(),
+            from,
+        ))
+    }
+}
+
+#[tokio::test]
+async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
+    let trunk = Trunk::new().await;
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+
+    // The 911 side is called with the caller's number in From and P-Asserted-Identity.
+    let (msg, from) = trunk
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE to 911");
+    let ivr311::sip::message::Message::Request(inv) = msg else {
+        panic!("not a request")
+    };
+    assert_eq!(inv.method.as_str(), "INVITE");
+    assert_eq!(inv.from.user(), Some("+15550001111"));
+    assert!(inv
+        .header("P-Asserted-Identity")
+        .unwrap()
+        .contains("+15550001111"));
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    let rtp = trunk.rtp.local_addr().unwrap();
+    let answer = format!(
+        "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
+        rtp.port()
+    );
+    let ok = ivr311::sip::message::ResponseBuilder::new(&inv, 200, "OK", Some("psap1"))
+        .header(
+            "Contact",
+            format!("<sip:911@{}>", trunk.sip.local_addr().unwrap()),
+        )
+        .body("application/sdp", answer)
+        .build();
+    trunk.sip.send_to(&ok, from).await.unwrap();
+    let (ack, _) = trunk.recv(Duration::from_secs(5)).await.expect("ACK");
+    assert!(
+        matches!(ack, ivr311::sip::message::Message::Request(ref r) if r.method.as_str() == "ACK")
+    );
+
+    // Caller -> 911: the caller's PCMU arrives at the trunk as PCMA.
+    let caller_side = tokio::spawn(async move {
+        ua.speak(25).await;
+        ua
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(700), trunk.rtp.recv_from(&mut buf)).await
+    {
+        if ivr311::media::rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 8) {
+            got += 1;
+        }
+    }
+    let mut ua = caller_side.await.unwrap();
+    assert!(got >= 15, "caller audio reached 911: {got} packets");
+    // 911 -> caller.
+    let mut s = ivr311::media::rtp::RtpStream::new();
+    let mut out = [0u8; 200];
+    for _ in 0..20 {
+        let n = s.write(8, &[0xd5; 160], 160, &mut out);
+        trunk.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard = ua.listen(Duration::from_millis(300)).await;
+    assert!(
+        heard.len() >= 10,
+        "911 audio reached the caller: {}",
+        heard.len()
+    );
+
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("connected via bridge"),
+        "{}",
+        audits[0].outcome
+    );
+
+    // The 911 side hangs up: the caller gets BYE.
+    let bye = format!(
+        "BYE sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKpsapbye\r\nMax-Forwards: 70\r\nFrom: {to};tag=psap1\r\nTo: {fr}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = trunk.sip.local_addr().unwrap(),
+        to = inv.to.raw,
+        fr = inv.from.raw,
+        cid = inv.call_id
+    );
+    trunk
+        .sip
+        .send_to(bye.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    ua.expect_request("BYE", Duration::from_secs(5)).await;
     srv.shutdown().await;
 }

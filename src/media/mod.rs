@@ -2,6 +2,7 @@
 //!
 //! Ground floor: no SIP, no sockets (the call task owns the RTP socket), no menus.
 
+pub mod bridge;
 pub mod dtmf;
 pub mod g711;
 pub mod prompt;

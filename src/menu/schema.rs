@@ -264,6 +264,8 @@ pub struct QueueTarget {
 #[serde(untagged)]
 enum QueueTargetRepr {
     Name(String),
+    // Unknown fields here are reported by `validate` with their exact position (an untagged
+    // enum would only say "did not match any variant").
     Full {
         queue: String,
         #[serde(default)]
@@ -311,7 +313,9 @@ pub struct TicketAction {
     pub steps: Option<TicketSteps>,
 }
 
-/// What a ticket asks the caller for before filing.
+/// What a ticket asks the caller for before filing. A `steps:` block that names only one of
+/// `collect`/`record` keeps the default for the other: write `collect: []` or `record: null`
+/// to drop a step.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TicketSteps {
