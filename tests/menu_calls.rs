@@ -419,3 +419,73 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     ua.expect_request("BYE", Duration::from_secs(5)).await;
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() {
+    use sqlx::Connection;
+    let args = serve_args();
+    let db = args.db.clone();
+    let srv = start_server_with(args, FileConfig::default()).await;
+    // Another process holds the database.
+    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("1111").await;
+    ua.keys("94107").await;
+    ua.press('#').await; // skip the description: file at once
+    let heard = ua.listen(Duration::from_millis(6000)).await;
+    let ear = PromptEar::new(
+        "en",
+        &["db_error", "operator_unavailable", "ticket_filed"],
+        Codec::Pcmu,
+    );
+    let got = ear.playbacks(&heard);
+    assert_eq!(got.first().map(String::as_str), Some("db_error"), "{got:?}");
+    assert!(
+        !got.contains(&"ticket_filed".to_string()),
+        "no number read for an unsaved ticket"
+    );
+    ua.expect_request("BYE", Duration::from_secs(15)).await;
+
+    // The database comes back: nothing was half-written, and the next caller is served.
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(lock);
+    assert_eq!(
+        srv.tickets.list(&Default::default()).await.unwrap().len(),
+        0
+    );
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("1111").await;
+    ua.keys("94107").await;
+    ua.press('#').await;
+    ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(
+        srv.tickets.list(&Default::default()).await.unwrap().len(),
+        1
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn gas_smell_in_the_streets_menu_goes_to_911() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("1116").await;
+    ua.listen(Duration::from_millis(500)).await;
+    let audits = srv.tickets.emergency_audits(10).await.unwrap();
+    assert_eq!(audits.len(), 1);
+    assert_eq!(audits[0].reason.as_deref(), Some("gas smell"));
+    srv.shutdown().await;
+}

@@ -45,6 +45,11 @@ pub fn serve_args() -> ServeArgs {
 
 /// Start the real server on loopback, port 0.
 pub async fn start_server(file: FileConfig) -> RunningServer {
+    start_server_with(serve_args(), file).await
+}
+
+/// Start the real server with these flags (loopback, port 0).
+pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -58,9 +63,7 @@ pub async fn start_server(file: FileConfig) -> RunningServer {
         file.storage.recordings_dir =
             std::env::temp_dir().join(format!("ivr311-rec-{}", rand::random::<u64>()));
     }
-    server::start(&serve_args(), file)
-        .await
-        .expect("server starts")
+    server::start(&args, file).await.expect("server starts")
 }
 
 /// The shipped prompts, loaded once per test binary.

@@ -1,0 +1,80 @@
+//! The command line as admins use it: `ivr311 check` and `ivr311 tickets list`.
+
+mod common;
+
+use ivr311::dispatch::tickets::{Channel, NewTicket, TicketStore};
+use std::process::Command;
+
+fn ivr311(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ivr311"))
+        .args(args)
+        .current_dir(common::repo())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("binary runs")
+}
+
+#[test]
+fn check_accepts_the_shipped_menu() {
+    let out = ivr311(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("menus/311.yaml: ok"));
+}
+
+#[test]
+fn check_refuses_a_broken_menu_with_path_line_col() {
+    let menu = "tests/fixtures/menus/several_problems.yaml";
+    let out = ivr311(&["check", "--menu", menu]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 2, "all problems at once: {text}");
+    for l in &lines {
+        let mut parts = l.splitn(4, ':');
+        assert_eq!(parts.next(), Some(menu), "{l}");
+        assert!(
+            parts.next().unwrap().parse::<usize>().is_ok(),
+            "line number: {l}"
+        );
+        assert!(
+            parts.next().unwrap().parse::<usize>().is_ok(),
+            "column: {l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tickets_list_shows_filed_tickets_as_table_and_json() {
+    let db = std::env::temp_dir().join(format!("ivr311-cli-{}.db", rand::random::<u64>()));
+    let store = TicketStore::open(&db).await.unwrap();
+    let t = store
+        .file(NewTicket {
+            service_code: "pothole".into(),
+            service_name: "Pothole".into(),
+            zipcode: Some("94103".into()),
+            phone: Some("+15550001111".into()),
+            channel: Channel::Phone,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    let db_s = db.display().to_string();
+    let out = ivr311(&["tickets", "list", "--db", &db_s]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&t.service_request_id.to_string())
+            && text.contains("pothole")
+            && text.contains("94103"),
+        "{text}"
+    );
+    let out = ivr311(&["tickets", "list", "--db", &db_s, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["service_request_id"], t.service_request_id);
+    assert_eq!(v[0]["zipcode"], "94103");
+}
