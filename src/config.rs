@@ -64,6 +64,28 @@ pub struct FileConfig {
     /// How callers are sent to 911 (see [`crate::dispatch::emergency`]).
     pub emergency: crate::dispatch::emergency::EmergencyConfig,
     pub storage: StorageConfig,
+    pub open311: Open311Config,
+    pub admin: AdminConfig,
+}
+
+/// The Open311 GeoReport v2 API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Open311Config {
+    /// Keys accepted for `POST requests` (`api_key`). With none, POST is refused (403).
+    pub api_keys: Vec<String>,
+    /// Our jurisdiction (accepted and ignored when it matches; any value is accepted if unset).
+    pub jurisdiction_id: Option<String>,
+    /// Base URL of this server as residents reach it (for `media_url` of recordings).
+    pub public_url: Option<String>,
+}
+
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/*`. With none, the admin API answers only on loopback.
+    pub token: Option<String>,
 }
 
 /// Where files go.

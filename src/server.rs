@@ -187,6 +187,10 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         ua: ua_stats,
         transport: transport.stats.clone(),
         started: Instant::now(),
+        tickets: tickets.clone(),
+        menu: menu_holder.clone(),
+        open311: Arc::new(file.open311.clone()),
+        admin: Arc::new(file.admin.clone()),
     });
     let c = cancel.clone();
     tracker.spawn(async move {

@@ -1,9 +1,14 @@
-//! The HTTP API (axum): health now; Open311, admin and metrics join it later.
+//! The HTTP API (axum): `/health`, Open311 GeoReport v2 under `/open311/v2/` ([`open311`]),
+//! the admin API under `/admin/` and Prometheus metrics at `/metrics`.
 //!
-//! Reads state through shared handles ([`crate::call::CallRegistry`], UA counters); never
-//! touches sockets of the SIP or media layers.
+//! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
+//! holder, UA counters); never touches sockets of the SIP or media layers.
 
-use crate::call::CallRegistry;
+pub mod open311;
+
+use crate::call::{CallRegistry, MenuHolder};
+use crate::config::{AdminConfig, Open311Config};
+use crate::dispatch::tickets::TicketStore;
 use crate::sip::transport::TransportStats;
 use crate::sip::ua::UaStats;
 use axum::extract::State;
@@ -21,6 +26,11 @@ pub struct ApiState {
     pub ua: Arc<UaStats>,
     pub transport: Arc<TransportStats>,
     pub started: Instant,
+    pub tickets: TicketStore,
+    /// The menu new calls start on (Open311 services are derived from it).
+    pub menu: Arc<MenuHolder>,
+    pub open311: Arc<Open311Config>,
+    pub admin: Arc<AdminConfig>,
 }
 
 /// `GET /health` body.
@@ -44,6 +54,7 @@ pub struct Health {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .nest("/open311/v2", open311::router())
         .with_state(state)
 }
 
