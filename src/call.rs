@@ -36,7 +36,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -54,26 +54,75 @@ pub const PTIME: Duration = Duration::from_millis(20);
 /// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
 pub const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
-/// The menu new calls start on. Replaced whole on reload; a call keeps the `Arc` it started
-/// with, so calls in progress finish on their own menu.
+/// The menu and prompts new calls start on. Replaced whole on reload; a call keeps the `Arc`
+/// it started with, so calls in progress finish on their own menu and prompts. Prompts travel
+/// with the menu so a reloaded menu never refers to a prompt that was not loaded.
 #[derive(Debug, Clone)]
 pub struct ActiveMenu {
     pub file: Arc<MenuFile>,
     /// The menu after screening (`top`).
     pub main: String,
     pub path: PathBuf,
+    pub prompts: Arc<PromptStore>,
 }
 
-/// Holder of the current menu.
+/// Why a menu could not be (re)loaded. The menu in service stays.
+#[derive(Debug, thiserror::Error)]
+pub enum MenuLoadError {
+    #[error("prompts: {0}")]
+    Prompts(#[from] crate::media::prompt::PromptError),
+    #[error("prompts: no prompts found in {0}")]
+    NoPrompts(String),
+    /// `ivr311 check` problems, one `path:line:col: message` per line.
+    #[error("{0}")]
+    Menu(#[from] crate::menu::validate::MenuError),
+}
+
+impl MenuLoadError {
+    /// The individual `path:line:col: message` lines (one line for other errors).
+    pub fn lines(&self) -> Vec<String> {
+        self.to_string().lines().map(str::to_owned).collect()
+    }
+}
+
+/// Load prompts and a menu, and check the menu against them (blocking: file I/O and
+/// resampling; run it off the async threads).
+pub fn load_active_menu(menu: &Path, prompts_dir: &Path) -> Result<ActiveMenu, MenuLoadError> {
+    use crate::menu::validate::{self, MenuError, PromptIndex};
+    let index = PromptIndex::from_dir(prompts_dir).map_err(|source| MenuError::Io {
+        path: prompts_dir.to_owned(),
+        source,
+    })?;
+    let loaded = validate::load(menu, &index)?;
+    let prompts = PromptStore::load_dir(prompts_dir)?;
+    if prompts.is_empty() {
+        return Err(MenuLoadError::NoPrompts(prompts_dir.display().to_string()));
+    }
+    Ok(ActiveMenu {
+        file: Arc::new(loaded.file),
+        main: loaded.main,
+        path: loaded.path,
+        prompts: Arc::new(prompts),
+    })
+}
+
+/// Holder of the current menu, and where to reload it from.
 #[derive(Debug)]
 pub struct MenuHolder {
     current: RwLock<Arc<ActiveMenu>>,
+    menu_path: PathBuf,
+    prompts_dir: PathBuf,
+    /// Serialises reloads (two admins at once).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl MenuHolder {
-    pub fn new(menu: ActiveMenu) -> Self {
+    pub fn new(menu: ActiveMenu, menu_path: PathBuf, prompts_dir: PathBuf) -> Self {
         MenuHolder {
             current: RwLock::new(Arc::new(menu)),
+            menu_path,
+            prompts_dir,
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -89,6 +138,20 @@ impl MenuHolder {
             Ok(mut g) => *g = Arc::new(menu),
             Err(p) => *p.into_inner() = Arc::new(menu),
         }
+    }
+
+    /// Validate the menu file (and prompts) again and swap it in for new calls; on any
+    /// problem the menu in service stays and the problems are returned.
+    pub async fn reload(&self) -> Result<Arc<ActiveMenu>, MenuLoadError> {
+        let _one = self.reloading.lock().await;
+        let (m, p) = (self.menu_path.clone(), self.prompts_dir.clone());
+        let loaded = tokio::task::spawn_blocking(move || load_active_menu(&m, &p))
+            .await
+            .map_err(|_| MenuLoadError::NoPrompts("reload task failed".into()))??;
+        self.replace(loaded);
+        let now = self.get();
+        info!(menu = %now.path.display(), menus = now.file.menus.len(), "menu reloaded for new calls");
+        Ok(now)
     }
 }
 
@@ -112,6 +175,8 @@ pub struct CallInfo {
     pub language: String,
     /// The menu the caller is in, or what is happening (`filing`, `emergency`...).
     pub state: String,
+    /// Cancelled by an admin to hang the call up.
+    pub hangup: CancellationToken,
 }
 
 /// Live calls, shared with the HTTP API.
@@ -144,6 +209,17 @@ impl CallRegistry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.calls.insert(id, info);
         id
+    }
+
+    /// Hang up the call with this Call-ID (admin). False if there is none.
+    pub fn hangup(&self, call_id: &str) -> bool {
+        match self.calls.iter().find(|c| c.value().call_id == call_id) {
+            Some(c) => {
+                c.value().hangup.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     fn update(&self, id: u64, language: &str, state: &str) {
@@ -247,7 +323,6 @@ pub fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
 /// Everything a call needs that outlives it.
 #[derive(Clone)]
 pub struct CallContext {
-    pub prompts: Arc<PromptStore>,
     pub registry: Arc<CallRegistry>,
     pub ports: Arc<PortPool>,
     pub limits: Limits,
@@ -260,6 +335,7 @@ pub struct CallContext {
     pub emergency: EmergencyConfig,
     /// Places outbound legs (the 911 bridge).
     pub outbound: OutboundHandle,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Where caller recordings are written (`<dir>/<generated>.wav`).
     pub recordings: PathBuf,
     /// Owns work that must finish even if the call ends (filing an abandoned ticket).
@@ -424,6 +500,7 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
         rtp_port: port.port,
         language: ctx.default_language.clone(),
         state: "answering".into(),
+        hangup: CancellationToken::new(),
     });
     info!(codec = ?neg.codec, rtp_port = port.port, remote_media = %offer.addr, "answering");
     call.handle
@@ -468,6 +545,8 @@ pub enum EndReason {
     Shutdown,
     /// Handed to 911 (REFER accepted or announced).
     Emergency,
+    /// An admin hung the call up.
+    Admin,
 }
 
 /// Results of work done off the call's loop.
@@ -489,6 +568,8 @@ struct EmergencyRun {
     refer_accepted: bool,
     announce_left: u32,
     failures: Vec<String>,
+    /// The outcome has been recorded.
+    finished: bool,
 }
 
 /// An outbound leg bridged to the caller (the 911 trunk).
@@ -502,6 +583,8 @@ struct Leg {
 /// One call's driver state.
 struct Call {
     ctx: CallContext,
+    /// The menu and prompts this call started on (a reload does not change them).
+    menu: Arc<ActiveMenu>,
     meta: CallMeta,
     handle: DialogHandle,
     engine: Engine,
@@ -521,6 +604,9 @@ struct Call {
     inputs: VecDeque<Input>,
     next_req: u64,
     end: Option<EndReason>,
+    /// What the call achieved, for metrics: ticket, operator, emergency, info.
+    outcome: Option<&'static str>,
+    hangup: CancellationToken,
 }
 
 /// One call's task.
@@ -539,9 +625,16 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
     } = call;
     let menu = ctx.menu.get();
     let engine = Engine::new(menu.file.clone(), menu.main.clone());
+    let hangup = ctx
+        .registry
+        .calls
+        .get(&registry_id)
+        .map(|c| c.hangup.clone())
+        .unwrap_or_default();
     let (work_tx, mut work_rx) = mpsc::channel(16);
     let mut c = Call {
         ctx,
+        menu,
         meta,
         handle,
         engine,
@@ -560,6 +653,8 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         inputs: VecDeque::from([Input::Start]),
         next_req: 1,
         end: None,
+        outcome: None,
+        hangup,
     };
     let reason = c.run(&mut events, &mut work_rx, cancel).await;
     c.finish(reason).await;
@@ -604,6 +699,10 @@ impl Call {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return EndReason::Shutdown,
+                _ = self.hangup.cancelled() => {
+                    info!("hung up by an admin");
+                    return EndReason::Admin;
+                }
                 ev = events.recv() => {
                     let Some(ev) = ev else { return EndReason::SignallingTimeout };
                     if let Some(r) = self.on_dialog_event(ev).await {
@@ -766,8 +865,12 @@ impl Call {
             Output::Timer(d) => self.timer = d.map(|d| tokio::time::Instant::now() + d),
             Output::StartRecording { max, silence } => self.start_recording(max, silence),
             Output::StopRecording => self.stop_recording().await,
-            Output::FileTicket(t) => self.file_ticket(t, true),
+            Output::FileTicket(t) => {
+                self.outcome = Some("ticket");
+                self.file_ticket(t, true)
+            }
             Output::LookupTicket(id) => {
+                self.outcome.get_or_insert("info");
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
                 tokio::spawn(
@@ -792,8 +895,12 @@ impl Call {
                     .in_current_span(),
                 );
             }
-            Output::Emergency { reason, menu_path } => self.start_emergency(reason, menu_path),
+            Output::Emergency { reason, menu_path } => {
+                self.outcome = Some("emergency");
+                self.start_emergency(reason, menu_path)
+            }
             Output::Queue { queue, .. } => {
+                self.outcome.get_or_insert("operator");
                 // No operator queue in this build: say so at once rather than hold forever.
                 info!(%queue, "operator requested; no queue available");
                 self.inputs.push_back(Input::QueueUnavailable);
@@ -809,10 +916,10 @@ impl Call {
             .iter()
             .filter_map(|n| {
                 let p = self
-                    .ctx
+                    .menu
                     .prompts
                     .get(lang, n)
-                    .or_else(|| self.ctx.prompts.get(&self.ctx.default_language, n));
+                    .or_else(|| self.menu.prompts.get(&self.ctx.default_language, n));
                 if p.is_none() {
                     warn!(prompt = %n, language = %lang, "prompt missing; skipped");
                 }
@@ -989,6 +1096,7 @@ impl Call {
             refer_accepted: false,
             announce_left: self.ctx.emergency.announce_repeats.max(1),
             failures: vec![],
+            finished: false,
         });
         let store = self.ctx.tickets.clone();
         let tx = self.work_tx.clone();
@@ -1248,8 +1356,22 @@ impl Call {
     }
 
     fn emergency_done(&mut self, outcome: &str) {
-        let Some(e) = &self.emergency else { return };
-        let method = e.current.map_or("announce", |m| m.as_str());
+        let Some(e) = &mut self.emergency else { return };
+        if e.finished {
+            return;
+        }
+        e.finished = true;
+        let e = &*e;
+        let method = e
+            .current
+            .or(e.plan.front().copied())
+            .map_or("announce", |m| m.as_str());
+        self.ctx.metrics.add(
+            "ivr311_emergency_redirects_total",
+            "Callers redirected to 911, by method and outcome.",
+            &[("method", method), ("outcome", outcome)],
+            1,
+        );
         let mut outcome = format!("{outcome} via {method}");
         if !e.failures.is_empty() {
             outcome.push_str(&format!(" after {}", e.failures.join("; ")));
@@ -1279,12 +1401,13 @@ impl Call {
             }
         }
         if let Some(e) = &self.emergency {
-            if e.current.is_some() && reason == EndReason::CallerHungUp {
-                self.emergency_done(if e.refer_accepted {
+            if reason == EndReason::CallerHungUp {
+                let outcome = if e.refer_accepted {
                     "caller left during transfer"
                 } else {
                     "caller hung up"
-                });
+                };
+                self.emergency_done(outcome);
             }
         }
         if let Some(l) = self.leg.take() {
@@ -1310,6 +1433,7 @@ impl Call {
             .registry
             .digits
             .fetch_add(s.digits, Ordering::Relaxed);
+        self.record_metrics(reason);
         info!(
             ?reason,
             menu_path = %self.engine.menu_path(),
@@ -1319,6 +1443,79 @@ impl Call {
             malformed_in = s.malformed_in,
             foreign_in = s.foreign_in,
             "call ended"
+        );
+    }
+}
+
+impl Call {
+    fn record_metrics(&self, reason: EndReason) {
+        let m = &self.ctx.metrics;
+        let st = self.engine.stats();
+        let outcome = self
+            .outcome
+            .or(st.heard_info.then_some("info"))
+            .unwrap_or("abandoned");
+        m.add(
+            "ivr311_calls_total",
+            "Finished calls by outcome.",
+            &[("outcome", outcome)],
+            1,
+        );
+        let reason = format!("{reason:?}");
+        m.add(
+            "ivr311_call_ends_total",
+            "Finished calls by who ended them.",
+            &[("reason", &reason)],
+            1,
+        );
+        for menu in &st.menus {
+            m.add(
+                "ivr311_menu_visits_total",
+                "Times callers entered each menu.",
+                &[("menu", menu)],
+                1,
+            );
+        }
+        for (menu, n) in &st.invalid {
+            m.add(
+                "ivr311_dtmf_invalid_total",
+                "Invalid keys pressed, by menu.",
+                &[("menu", menu)],
+                *n as u64,
+            );
+        }
+        for (menu, n) in &st.timeouts {
+            m.add(
+                "ivr311_dtmf_timeouts_total",
+                "Silent waits for a key, by menu.",
+                &[("menu", menu)],
+                *n as u64,
+            );
+        }
+        let s = self.media.stats;
+        m.add(
+            "ivr311_rtp_packets_received_total",
+            "RTP packets received from callers.",
+            &[],
+            s.packets_in,
+        );
+        m.add(
+            "ivr311_rtp_packets_sent_total",
+            "RTP packets sent to callers.",
+            &[],
+            s.packets_out,
+        );
+        m.add(
+            "ivr311_rtp_late_sends_total",
+            "Packet times missed because a call's task ran late.",
+            &[],
+            s.late_ticks,
+        );
+        m.add(
+            "ivr311_dtmf_digits_total",
+            "Keys heard (RFC 4733 and SIP INFO).",
+            &[],
+            s.digits,
         );
     }
 }

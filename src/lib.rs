@@ -33,5 +33,6 @@ pub mod config;
 pub mod dispatch;
 pub mod media;
 pub mod menu;
+pub mod metrics;
 pub mod server;
 pub mod sip;

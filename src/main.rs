@@ -117,7 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = ivr311::server::start(&args, file)
         .await
         .context("ivr311 could not start")?;
-    wait_for_signal().await;
+    wait_for_signal(&server).await;
     tracing::info!("shutting down: refusing new calls, draining calls in progress");
     server.shutdown().await;
     Ok(())
@@ -155,22 +155,34 @@ async fn list_tickets(db: PathBuf, json: bool, limit: u32) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Wait for SIGTERM or Ctrl-C; SIGHUP reloads the menu (and prompts) for new calls.
+async fn wait_for_signal(server: &ivr311::server::RunningServer) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the menu");
+                    if let Err(e) = server.menu.reload().await {
+                        tracing::error!("menu reload refused; the menu in service stays:\n{e}");
+                    }
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    {
+        let _ = server;
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -5,11 +5,11 @@
 //! run exactly what operators run (on port 0).
 
 use crate::api::{self, ApiState};
-use crate::call::{self, ActiveMenu, CallContext, CallRegistry, MenuHolder, PortPool};
+use crate::call::{self, CallContext, CallRegistry, MenuHolder, PortPool};
+use crate::call::{load_active_menu, MenuLoadError};
 use crate::config::{FileConfig, ServeArgs};
 use crate::dispatch::tickets::{StoreError, TicketStore};
-use crate::media::prompt::{PromptError, PromptStore};
-use crate::menu::validate::{self, MenuError, PromptIndex};
+use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::transport::{self, TransportLimits};
 use crate::sip::ua::UaCore;
 use std::net::SocketAddr;
@@ -23,10 +23,6 @@ use tracing::info;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("prompts: {0}")]
-    Prompts(#[from] PromptError),
-    #[error("prompts: no prompts found in {0}")]
-    NoPrompts(String),
     #[error("cannot bind SIP on {addr}: {source}")]
     SipBind {
         addr: SocketAddr,
@@ -37,32 +33,28 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("prompt loader failed: {0}")]
+    #[error("menu loader failed: {0}")]
     Join(#[from] tokio::task::JoinError),
-    /// The menu does not pass `ivr311 check` (every problem, `path:line:col: message`).
+    /// The menu does not pass `ivr311 check` (every problem, `path:line:col: message`), or
+    /// the prompts could not be loaded.
     #[error("menu refused:\n{0}")]
-    Menu(#[from] MenuError),
+    Menu(#[from] MenuLoadError),
     #[error("database: {0}")]
     Db(#[from] StoreError),
     #[error("config: {0}")]
     Config(String),
 }
 
-/// Load and check a menu against the prompts that exist.
+/// Load and check a menu against the prompts that exist (for `ivr311 check`).
 pub fn load_menu(
     path: &std::path::Path,
     prompts_dir: &std::path::Path,
-) -> Result<ActiveMenu, MenuError> {
+) -> Result<LoadedMenu, MenuError> {
     let index = PromptIndex::from_dir(prompts_dir).map_err(|source| MenuError::Io {
         path: prompts_dir.to_owned(),
         source,
     })?;
-    let loaded = validate::load(path, &index)?;
-    Ok(ActiveMenu {
-        file: Arc::new(loaded.file),
-        main: loaded.main,
-        path: loaded.path,
-    })
+    validate::load(path, &index)
 }
 
 /// A running node.
@@ -99,16 +91,17 @@ impl RunningServer {
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
     file.emergency.check().map_err(StartError::Config)?;
-    let menu = load_menu(&args.menu, &args.prompts)?;
-    info!(menu = %args.menu.display(), menus = menu.file.menus.len(), "menu loaded");
+    let (m, p) = (args.menu.clone(), args.prompts.clone());
+    let menu = tokio::task::spawn_blocking(move || load_active_menu(&m, &p)).await??;
+    info!(
+        menu = %args.menu.display(),
+        menus = menu.file.menus.len(),
+        prompts = menu.prompts.len(),
+        languages = ?menu.prompts.languages(),
+        "menu and prompts loaded"
+    );
     let tickets = TicketStore::open(&args.db).await?;
     info!(db = %args.db.display(), "ticket store open");
-    let dir = args.prompts.clone();
-    let prompts = tokio::task::spawn_blocking(move || PromptStore::load_dir(&dir)).await??;
-    if prompts.is_empty() {
-        return Err(StartError::NoPrompts(args.prompts.display().to_string()));
-    }
-    info!(prompts = prompts.len(), languages = ?prompts.languages(), "prompts loaded");
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -146,11 +139,16 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
 
     let registry = Arc::new(CallRegistry::default());
     let draining = CancellationToken::new();
-    let menu_holder = Arc::new(MenuHolder::new(menu));
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let ports = PortPool::new(args.rtp_ports, args.sip.ip());
+    let menu_holder = Arc::new(MenuHolder::new(
+        menu,
+        args.menu.clone(),
+        args.prompts.clone(),
+    ));
     let ctx = CallContext {
-        prompts: Arc::new(prompts),
         registry: registry.clone(),
-        ports: PortPool::new(args.rtp_ports, args.sip.ip()),
+        ports: ports.clone(),
         limits: file.limits.clone(),
         advertise_ip: file.media.advertise_ip,
         default_language: file.media.default_language.clone(),
@@ -159,6 +157,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         tickets: tickets.clone(),
         emergency: file.emergency.clone(),
         outbound,
+        metrics: metrics.clone(),
         recordings: file.storage.recordings_dir.clone(),
         tracker: tracker.clone(),
         draining: draining.clone(),
@@ -191,10 +190,13 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         menu: menu_holder.clone(),
         open311: Arc::new(file.open311.clone()),
         admin: Arc::new(file.admin.clone()),
+        metrics: metrics.clone(),
+        ports: ports.clone(),
     });
     let c = cancel.clone();
     tracker.spawn(async move {
-        let _ = axum::serve(listener, router)
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { c.cancelled().await })
             .await;
     });

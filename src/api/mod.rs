@@ -4,6 +4,7 @@
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
 //! holder, UA counters); never touches sockets of the SIP or media layers.
 
+pub mod admin;
 pub mod open311;
 
 use crate::call::{CallRegistry, MenuHolder};
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub menu: Arc<MenuHolder>,
     pub open311: Arc<Open311Config>,
     pub admin: Arc<AdminConfig>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub ports: Arc<crate::call::PortPool>,
 }
 
 /// `GET /health` body.
@@ -55,6 +58,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health))
         .nest("/open311/v2", open311::router())
+        .merge(admin::router())
         .with_state(state)
 }
 

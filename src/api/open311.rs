@@ -1,9 +1,1306 @@
-//! Open311 GeoReport v2 (stub; filled in by the Open311 work).
+//! Open311 GeoReport v2 (the frozen spec at <http://wiki.open311.org/GeoReport_v2>), served
+//! under `/open311/v2/` in XML (the spec's required format) and JSON.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | `discovery.{xml,json}` | service discovery |
+//! | GET | `services.{xml,json}` | one service per ticket the phone menu can file, plus `general` |
+//! | GET | `services/{code}.{xml,json}` | the fields a service collects (e.g. the ZIP code) |
+//! | POST | `requests.{xml,json}` | file a ticket (`channel: web`), needs an `api_key` |
+//! | GET | `requests.{xml,json}` | search tickets (filters below) |
+//! | GET | `requests/{id}.{xml,json}` | one ticket |
+//!
+//! Services come from the loaded menu, read on every request, so a menu reload shows at once.
+//! Phone tickets and web tickets are the same records: a pothole reported by phone is read
+//! back here like one posted by an app.
+//!
+//! # Choices where the spec leaves room
+//!
+//! * **Errors** are always the spec's array (`[{"code":400,"description":"..."}]`, XML
+//!   `<errors><error>...`), the body `code` equal to the HTTP status: 403 for a missing or
+//!   wrong `api_key` (also when no keys are configured: posting is then closed), 404 for
+//!   anything that does not exist (unknown path or format extension, unknown `service_code`
+//!   in a path or a POST, unknown request number, a `jurisdiction_id` that is not ours), 400
+//!   for invalid input (every problem found is listed), 405 for a wrong method, 413 for a
+//!   POST body over [`MAX_BODY_BYTES`], 500 when the database fails (logged).
+//! * **jurisdiction_id** is optional (we serve one jurisdiction). When one is configured, a
+//!   request naming a different one gets 404 "jurisdiction_id not found"; when none is
+//!   configured any value is accepted.
+//! * **Optional arguments** that are empty (`?status=&service_code=`) are treated as absent,
+//!   as the spec requires.
+//! * **Dates** (`start_date`, `end_date`) are W3C/RFC 3339 with a time zone (seconds may be
+//!   left out). A space is read as `+`, since an unencoded `+05:00` in a query string arrives
+//!   as a space. With neither date the last 90 days are searched; with one, the 90 days after
+//!   `start_date` or before `end_date`. A span over 90 days, or an end before the start, is
+//!   400. At most [`MAX_RESULTS`] requests are returned, newest first.
+//! * `service_request_id` in `GET requests` (comma-separated) overrides every other filter.
+//! * **Personal data** (phone, email, names, call ids) is stored but never returned.
+//!   `device_id` is accepted and not stored; `account_id` is echoed in the POST response.
+//! * `service_request_id` is a string in JSON (the store's numbers are 8 digits).
+//! * Attributes (`attribute[zipcode]=94103`) are checked against the service definition:
+//!   a required field missing or not matching the menu's digit rules is 400; `zipcode` fills
+//!   the ticket's `zipcode`, `address` its `address_id` (as on the phone); unknown attribute
+//!   codes are ignored.
+//! * `media_url` in a POST must be an absolute `http(s)` URL. Recordings (stored as
+//!   `/recordings/<file>.wav`) are returned prefixed with `public_url` when it is configured.
 
 use crate::api::ApiState;
+use crate::dispatch::tickets::{
+    Channel, NewTicket, Status, StoreError, Ticket, TicketQuery, MAX_FILTER_VALUES,
+};
+use crate::menu::engine::{GENERAL_SERVICE, GENERAL_SERVICE_NAME};
+use crate::menu::schema::{Action, Collect, MenuFile, TicketAction, TicketSteps};
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use axum::Router;
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime, UtcOffset};
+
+/// Largest `POST requests` body accepted; larger ones get 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest `description`, in characters (the spec's limit).
+pub const MAX_DESCRIPTION_CHARS: usize = 4000;
+/// Most requests one `GET requests` returns (the spec's default limit).
+pub const MAX_RESULTS: u32 = 1000;
+/// Widest `start_date`..`end_date` span, and the default search window.
+pub const MAX_SPAN_DAYS: i64 = 90;
+/// The `specification` token of this API in the discovery document.
+pub const SPECIFICATION: &str = "http://wiki.open311.org/GeoReport_v2";
+/// Where this router is mounted (for discovery's endpoint URL).
+pub const BASE_PATH: &str = "/open311/v2";
+
+const JSON_TYPE: &str = "application/json; charset=utf-8";
+const XML_TYPE: &str = "text/xml; charset=utf-8";
+const XML_DECLARATION: &str = "<?xml version=\"1.0\" encoding=\"utf-8\"?>";
+const GENERAL_DESCRIPTION: &str =
+    "Any other non-emergency request for city services that is not listed separately.";
 
 /// Routes under `/open311/v2`.
 pub fn router() -> Router<ApiState> {
     Router::new()
+        .route("/{file}", any(top_level))
+        .route("/services/{file}", any(service_definition))
+        .route("/requests/{file}", any(one_request))
+        .fallback(fallback)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formats and documents
+
+/// The response format, from the resource's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Xml,
+}
+
+/// Splits `services.json` into `("services", Json)`. `Err` carries the name for a 404.
+fn split_format(file: &str) -> Result<(&str, Format), ApiError> {
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown format: use .xml or .json".to_string(),
+        )
+    };
+    let (name, ext) = file.rsplit_once('.').ok_or_else(unknown)?;
+    if ext.eq_ignore_ascii_case("json") {
+        Ok((name, Format::Json))
+    } else if ext.eq_ignore_ascii_case("xml") {
+        Ok((name, Format::Xml))
+    } else {
+        Err(unknown())
+    }
+}
+
+/// A document, written as JSON or as XML from one description, so the two always agree
+/// (the spec's JSON is a mapping of its XML).
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    /// A string; `None` is JSON `null` and an empty XML element.
+    Text(Option<String>),
+    /// A number; `None` (or not finite) is `null` / empty.
+    Num(Option<f64>),
+    Int(u64),
+    Bool(bool),
+    /// A JSON array; in XML, one element named by the `&str` per item.
+    List(&'static str, Vec<Node>),
+    /// A JSON object; in XML, child elements in this order.
+    Obj(Vec<(&'static str, Node)>),
+}
+
+fn text(s: impl Into<String>) -> Node {
+    Node::Text(Some(s.into()))
+}
+
+fn opt_text(s: Option<&str>) -> Node {
+    Node::Text(s.map(str::to_owned))
+}
+
+impl Node {
+    fn write_json(&self, out: &mut String) {
+        match self {
+            Node::Text(Some(s)) => json_string(s, out),
+            Node::Text(None) => out.push_str("null"),
+            Node::Num(Some(n)) if n.is_finite() => {
+                // serde_json writes the shortest form that reads back as the same f64.
+                match serde_json::to_string(n) {
+                    Ok(s) => out.push_str(&s),
+                    Err(_) => out.push_str("null"),
+                }
+            }
+            Node::Num(_) => out.push_str("null"),
+            Node::Int(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Node::List(_, items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    item.write_json(out);
+                }
+                out.push(']');
+            }
+            Node::Obj(fields) => {
+                out.push('{');
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    json_string(key, out);
+                    out.push(':');
+                    value.write_json(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    fn write_xml(&self, name: &str, out: &mut String) {
+        match self {
+            Node::Text(None) | Node::Num(None) => {
+                let _ = write!(out, "<{name}/>");
+            }
+            Node::Num(Some(n)) if !n.is_finite() => {
+                let _ = write!(out, "<{name}/>");
+            }
+            Node::Text(Some(s)) => {
+                let _ = write!(out, "<{name}>");
+                xml_escape(s, out);
+                let _ = write!(out, "</{name}>");
+            }
+            Node::Num(Some(n)) => {
+                let _ = write!(out, "<{name}>{n}</{name}>");
+            }
+            Node::Int(n) => {
+                let _ = write!(out, "<{name}>{n}</{name}>");
+            }
+            Node::Bool(b) => {
+                let _ = write!(out, "<{name}>{b}</{name}>");
+            }
+            Node::List(child, items) => {
+                let _ = write!(out, "<{name}>");
+                for item in items {
+                    item.write_xml(child, out);
+                }
+                let _ = write!(out, "</{name}>");
+            }
+            Node::Obj(fields) => {
+                let _ = write!(out, "<{name}>");
+                for (key, value) in fields {
+                    value.write_xml(key, out);
+                }
+                let _ = write!(out, "</{name}>");
+            }
+        }
+    }
+}
+
+fn json_string(s: &str, out: &mut String) {
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serialising a &str cannot fail; an empty string keeps the document valid anyway.
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+/// Escapes text for an XML 1.0 element. Characters XML 1.0 cannot carry at all (NUL and
+/// most C0 controls, U+FFFE, U+FFFF) become U+FFFD; a carriage return is kept as `&#13;`
+/// so parsers do not fold it into a newline.
+fn xml_escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\r' => out.push_str("&#13;"),
+            '\t' | '\n' => out.push(c),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A response: `root` names the XML document element (JSON has no root).
+fn document(format: Format, status: StatusCode, root: &str, node: &Node) -> Response {
+    let mut body = String::new();
+    let content_type = match format {
+        Format::Json => {
+            node.write_json(&mut body);
+            JSON_TYPE
+        }
+        Format::Xml => {
+            body.push_str(XML_DECLARATION);
+            body.push('\n');
+            node.write_xml(root, &mut body);
+            body.push('\n');
+            XML_TYPE
+        }
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One or more errors with one HTTP status, answered as the spec's error array.
+#[derive(Debug, Clone, PartialEq)]
+struct ApiError {
+    status: StatusCode,
+    descriptions: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, description: String) -> Self {
+        ApiError {
+            status,
+            descriptions: vec![description],
+        }
+    }
+
+    fn bad_request(description: String) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, description)
+    }
+
+    fn not_found(description: String) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, description)
+    }
+
+    fn store(op: &'static str, e: &StoreError) -> Self {
+        tracing::error!(op, error = %e, "open311: ticket store failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the service request database is unavailable; try again later".to_string(),
+        )
+    }
+
+    fn respond(&self, format: Format) -> Response {
+        let code = u64::from(self.status.as_u16());
+        let items = self
+            .descriptions
+            .iter()
+            .map(|d| Node::Obj(vec![("code", Node::Int(code)), ("description", text(d))]))
+            .collect();
+        document(format, self.status, "errors", &Node::List("error", items))
+    }
+}
+
+/// Collects the 400s of one request so they are reported together.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, description: String) {
+        self.0.push(description);
+    }
+
+    fn into_result(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                descriptions: self.0,
+            })
+        }
+    }
+}
+
+fn method_not_allowed(format: Format, allow: &'static str) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed here (allowed: {allow})"),
+    )
+    .respond(format);
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The format of a path's extension, for errors before the resource is known (XML, the
+/// spec's required format, unless the path ends in `.json`).
+fn guess_format(path: &str) -> Format {
+    match path.rsplit_once('.') {
+        Some((_, ext)) if ext.eq_ignore_ascii_case("json") => Format::Json,
+        _ => Format::Xml,
+    }
+}
+
+async fn fallback(uri: Uri) -> Response {
+    ApiError::not_found(format!("no such resource: {}", uri.path()))
+        .respond(guess_format(uri.path()))
+}
+
+/// The `{file}` path segment and its format, or the error response (400 for an undecodable
+/// segment, 404 for an unknown extension).
+fn path_file(
+    path: Result<Path<String>, PathRejection>,
+    uri: &Uri,
+) -> Result<(String, Format), Box<Response>> {
+    let fail = |e: ApiError| Box::new(e.respond(guess_format(uri.path())));
+    let Path(file) = path.map_err(|e| fail(ApiError::bad_request(format!("invalid path: {e}"))))?;
+    let (name, format) = split_format(&file).map_err(fail)?;
+    Ok((name.to_owned(), format))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+
+/// Decoded `name=value` pairs of a query string or form body, in order.
+#[derive(Debug, Default)]
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(bytes: &[u8]) -> Params {
+        Params(
+            form_urlencoded::parse(bytes)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    /// The first non-empty value of `name` (an empty value counts as absent).
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, v)| k == name && !v.trim().is_empty())
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every comma-separated item of every `name` parameter, trimmed, empties dropped.
+    fn list(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// `attribute[code]=value` pairs (non-empty values; the first per code).
+    fn attributes(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for (k, v) in &self.0 {
+            let Some(code) = k
+                .strip_prefix("attribute[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            else {
+                continue;
+            };
+            if v.trim().is_empty() || out.iter().any(|(c, _)| *c == code) {
+                continue;
+            }
+            out.push((code, v.as_str()));
+        }
+        out
+    }
+}
+
+/// 404 when a `jurisdiction_id` is given, one is configured, and they differ.
+fn check_jurisdiction(state: &ApiState, params: &Params) -> Result<(), ApiError> {
+    let (Some(given), Some(ours)) = (
+        params.get("jurisdiction_id"),
+        state.open311.jurisdiction_id.as_deref(),
+    ) else {
+        return Ok(());
+    };
+    if given.trim() == ours {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "jurisdiction_id {given:?} not found"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services (from the menu)
+
+/// A ticket the menu can file, with the group of the menu it is in.
+#[derive(Debug, Clone)]
+struct Service {
+    action: TicketAction,
+    group: String,
+}
+
+/// One service per distinct ticket action (by code, first one wins) in menu order (menus by
+/// id, entries by key, then `on_timeout`, `on_exhausted`), then the defaults'
+/// `on_exhausted`, then the general service if the menu does not define it.
+fn services(file: &MenuFile) -> Vec<Service> {
+    let mut out: Vec<Service> = Vec::new();
+    let mut push = |action: &Action, group: Option<&String>| {
+        if let Action::Ticket(t) = action {
+            if !out.iter().any(|s| s.action.service == t.service) {
+                out.push(Service {
+                    action: (**t).clone(),
+                    group: group.cloned().unwrap_or_default(),
+                });
+            }
+        }
+    };
+    for menu in file.menus.values() {
+        let group = menu.category.as_ref();
+        for action in menu
+            .entries
+            .values()
+            .chain(menu.on_timeout.iter())
+            .chain(menu.on_exhausted.iter())
+        {
+            push(action, group);
+        }
+    }
+    push(&file.defaults.on_exhausted, None);
+    if !out.iter().any(|s| s.action.service == GENERAL_SERVICE) {
+        out.push(Service {
+            action: TicketAction {
+                service: GENERAL_SERVICE.into(),
+                name: GENERAL_SERVICE_NAME.into(),
+                description: Some(GENERAL_DESCRIPTION.into()),
+                agency: None,
+                keywords: vec![],
+                steps: None,
+            },
+            group: String::new(),
+        });
+    }
+    out
+}
+
+fn find_service(file: &MenuFile, code: &str) -> Option<Service> {
+    services(file)
+        .into_iter()
+        .find(|s| s.action.service == code)
+}
+
+/// The steps a ticket takes: its own, else the file's defaults.
+fn steps<'a>(file: &'a MenuFile, action: &'a TicketAction) -> &'a TicketSteps {
+    action.steps.as_ref().unwrap_or(&file.defaults.ticket)
+}
+
+fn service_node(file: &MenuFile, s: &Service) -> Node {
+    let a = &s.action;
+    Node::Obj(vec![
+        ("service_code", text(&a.service)),
+        ("service_name", text(&a.name)),
+        (
+            "description",
+            text(a.description.clone().unwrap_or_default()),
+        ),
+        ("metadata", Node::Bool(!steps(file, a).collect.is_empty())),
+        ("type", text("realtime")),
+        ("keywords", text(a.keywords.join(", "))),
+        ("group", text(&s.group)),
+    ])
+}
+
+/// What a field is called to people.
+fn field_label(field: &str) -> &str {
+    match field {
+        "zipcode" => "ZIP code",
+        "address" => "address ID",
+        other => other,
+    }
+}
+
+fn datatype_description(c: &Collect) -> String {
+    let label = field_label(&c.field);
+    if c.min_digits == c.max_digits {
+        format!("{}-digit {label}", c.max_digits)
+    } else {
+        format!("{label} of {} to {} digits", c.min_digits, c.max_digits)
+    }
+}
+
+fn attribute_description(c: &Collect) -> String {
+    match c.field.as_str() {
+        "zipcode" => "The ZIP code of the location of the problem.".to_string(),
+        "address" => {
+            "The city's address ID of the location of the problem (from the city's address \
+             register)."
+                .to_string()
+        }
+        other => format!("The {other} of the problem."),
+    }
+}
+
+fn definition_node(file: &MenuFile, s: &Service) -> Node {
+    let attributes = steps(file, &s.action)
+        .collect
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            Node::Obj(vec![
+                ("variable", Node::Bool(true)),
+                ("code", text(&c.field)),
+                ("datatype", text("string")),
+                ("required", Node::Bool(!c.optional)),
+                ("datatype_description", text(datatype_description(c))),
+                ("order", Node::Int(i as u64 + 1)),
+                ("description", text(attribute_description(c))),
+            ])
+        })
+        .collect();
+    Node::Obj(vec![
+        ("service_code", text(&s.action.service)),
+        ("attributes", Node::List("attribute", attributes)),
+    ])
+}
+
+/// Checks a collected value as the phone would: digits only, the allowed length, the
+/// pattern if any.
+fn collect_value_ok(c: &Collect, value: &str) -> bool {
+    let n = value.chars().count();
+    if !value.chars().all(|ch| ch.is_ascii_digit()) || n < c.min_digits || n > c.max_digits {
+        return false;
+    }
+    match &c.pattern {
+        None => true,
+        // The menu checker has compiled every pattern; one that fails here matches nothing.
+        Some(p) => regex::Regex::new(p).is_ok_and(|re| re.is_match(value)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests (tickets)
+
+fn iso(t: OffsetDateTime) -> Option<String> {
+    t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
+}
+
+/// Our recordings (`/recordings/x.wav`) under `public_url` when it is set.
+fn public_media_url(media: Option<&str>, public_url: Option<&str>) -> Option<String> {
+    let media = media?;
+    match public_url {
+        Some(base) if media.starts_with('/') => {
+            Some(format!("{}{media}", base.trim_end_matches('/')))
+        }
+        _ => Some(media.to_owned()),
+    }
+}
+
+/// The public view of a ticket: the spec's fields, no personal data.
+fn request_node(t: &Ticket, public_url: Option<&str>) -> Node {
+    Node::Obj(vec![
+        ("service_request_id", text(t.service_request_id.to_string())),
+        ("status", text(t.status.as_str())),
+        ("status_notes", opt_text(t.status_notes.as_deref())),
+        ("service_name", text(&t.service_name)),
+        ("service_code", text(&t.service_code)),
+        ("description", opt_text(t.description.as_deref())),
+        (
+            "agency_responsible",
+            opt_text(t.agency_responsible.as_deref()),
+        ),
+        ("service_notice", opt_text(t.service_notice.as_deref())),
+        ("requested_datetime", Node::Text(iso(t.requested_datetime))),
+        ("updated_datetime", Node::Text(iso(t.updated_datetime))),
+        (
+            "expected_datetime",
+            Node::Text(t.expected_datetime.and_then(iso)),
+        ),
+        ("address", opt_text(t.address.as_deref())),
+        ("address_id", opt_text(t.address_id.as_deref())),
+        ("zipcode", opt_text(t.zipcode.as_deref())),
+        ("lat", Node::Num(t.lat)),
+        ("long", Node::Num(t.long)),
+        (
+            "media_url",
+            Node::Text(public_media_url(t.media_url.as_deref(), public_url)),
+        ),
+    ])
+}
+
+fn requests_document(format: Format, tickets: &[Ticket], public_url: Option<&str>) -> Response {
+    let items = tickets
+        .iter()
+        .map(|t| request_node(t, public_url))
+        .collect();
+    document(
+        format,
+        StatusCode::OK,
+        "service_requests",
+        &Node::List("request", items),
+    )
+}
+
+/// A W3C / RFC 3339 datetime with a time zone; seconds may be left out. A space is read as
+/// the `+` of an offset that was not percent-encoded.
+fn parse_datetime(raw: &str) -> Option<OffsetDateTime> {
+    let s = raw.trim().replace(' ', "+");
+    let s = if s.get(13..14) == Some(":") && s.len() > 16 && s.get(16..17) != Some(":") {
+        // YYYY-MM-DDThh:mmTZD
+        format!("{}:00{}", s.get(..16)?, s.get(16..)?)
+    } else {
+        s
+    };
+    let t = OffsetDateTime::parse(&s, &Rfc3339).ok()?;
+    // The store keeps four-digit UTC years.
+    let year = t.to_offset(UtcOffset::UTC).year();
+    (0..=9999).contains(&year).then_some(t)
+}
+
+fn parse_id(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The store query for `GET requests`, or every 400 found.
+fn requests_query(params: &Params, now: OffsetDateTime) -> Result<TicketQuery, ApiError> {
+    let mut problems = Problems::default();
+    let ids = params.list("service_request_id");
+    if !ids.is_empty() {
+        // It overrides every other argument.
+        let mut parsed = Vec::new();
+        for id in &ids {
+            match parse_id(id) {
+                Some(n) => parsed.push(n),
+                None => problems.add(format!(
+                    "service_request_id {id:?} is not a service request number"
+                )),
+            }
+        }
+        if ids.len() > MAX_FILTER_VALUES {
+            problems.add(format!(
+                "at most {MAX_FILTER_VALUES} service_request_id values per query"
+            ));
+        }
+        problems.into_result()?;
+        return Ok(TicketQuery {
+            ids: parsed,
+            limit: Some(MAX_RESULTS),
+            ..TicketQuery::default()
+        });
+    }
+
+    let codes: Vec<String> = params
+        .list("service_code")
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if codes.len() > MAX_FILTER_VALUES {
+        problems.add(format!(
+            "at most {MAX_FILTER_VALUES} service_code values per query"
+        ));
+    }
+
+    let mut open = false;
+    let mut closed = false;
+    for s in params.list("status") {
+        match s.parse::<Status>() {
+            Ok(Status::Open) => open = true,
+            Ok(Status::Closed) => closed = true,
+            Err(_) => problems.add(format!("status {s:?} is not open or closed")),
+        }
+    }
+    let status = match (open, closed) {
+        (true, false) => Some(Status::Open),
+        (false, true) => Some(Status::Closed),
+        _ => None,
+    };
+
+    let mut date = |name: &str| {
+        let raw = params.get(name)?;
+        let parsed = parse_datetime(raw);
+        if parsed.is_none() {
+            problems.add(format!(
+                "{name} {raw:?} is not a W3C datetime with a time zone, e.g. 2010-01-01T00:00:00Z"
+            ));
+        }
+        parsed
+    };
+    let start = date("start_date");
+    let end = date("end_date");
+    let span = Duration::days(MAX_SPAN_DAYS);
+    let given_start = params.get("start_date").is_some();
+    let given_end = params.get("end_date").is_some();
+    let (start, end) = match (start, end) {
+        (Some(s), Some(e)) => {
+            if e < s {
+                problems.add("end_date is before start_date".to_string());
+            } else if e - s > span {
+                problems.add(format!(
+                    "start_date to end_date may not span more than {MAX_SPAN_DAYS} days"
+                ));
+            }
+            (Some(s), Some(e))
+        }
+        (Some(s), None) if !given_end => (Some(s), s.checked_add(span)),
+        (None, Some(e)) if !given_start => (e.checked_sub(span), Some(e)),
+        (None, None) if !given_start && !given_end => (now.checked_sub(span), None),
+        // A bad date was reported above.
+        _ => (None, None),
+    };
+    problems.into_result()?;
+    Ok(TicketQuery {
+        ids: Vec::new(),
+        service_codes: codes,
+        status,
+        start,
+        end,
+        limit: Some(MAX_RESULTS),
+    })
+}
+
+/// Constant-time comparison of equal-length byte strings.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn api_key_ok(given: &str, keys: &[String]) -> bool {
+    keys.iter().filter(|k| !k.is_empty()).fold(false, |ok, k| {
+        same_bytes(given.as_bytes(), k.as_bytes()) | ok
+    })
+}
+
+fn absolute_http_url(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    (lower.starts_with("http://") || lower.starts_with("https://"))
+        && s.len() > "http://".len()
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn owned(s: Option<&str>) -> Option<String> {
+    s.map(str::to_owned)
+}
+
+/// Reads one of `lat`/`long`, adding a problem when it is not a number in range.
+fn coordinate(params: &Params, name: &str, max: f64, problems: &mut Problems) -> Option<f64> {
+    let raw = params.get(name)?;
+    match raw.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v.abs() <= max => Some(v),
+        _ => {
+            problems.add(format!(
+                "{name} {raw:?} is not a WGS84 coordinate between -{max} and {max}"
+            ));
+            None
+        }
+    }
+}
+
+/// The ticket a `POST requests` asks for (after the key and jurisdiction checks), or the
+/// errors: 400 for missing or invalid input, 404 for an unknown service.
+fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
+    let Some(code) = params.get("service_code") else {
+        return Err(ApiError::bad_request(
+            "service_code was not provided".to_string(),
+        ));
+    };
+    let Some(service) = find_service(file, code.trim()) else {
+        return Err(ApiError::not_found(format!(
+            "service_code {code:?} not found"
+        )));
+    };
+    let mut problems = Problems::default();
+
+    let lat = coordinate(params, "lat", 90.0, &mut problems);
+    let long = coordinate(params, "long", 180.0, &mut problems);
+    let lat_given = params.get("lat").is_some();
+    let long_given = params.get("long").is_some();
+    if lat_given != long_given {
+        problems.add("lat and long must be given together".to_string());
+    }
+    let address = params.get("address_string");
+    let mut address_id = params.get("address_id").map(str::to_owned);
+    if !lat_given && !long_given && address.is_none() && address_id.is_none() {
+        problems.add(
+            "a location is required: lat and long, or address_string, or address_id".to_string(),
+        );
+    }
+
+    let description = params.get("description");
+    if let Some(d) = description {
+        let n = d.chars().count();
+        if n > MAX_DESCRIPTION_CHARS {
+            problems.add(format!(
+                "description is {n} characters; at most {MAX_DESCRIPTION_CHARS} are allowed"
+            ));
+        }
+    }
+
+    let media_url = params.get("media_url");
+    if let Some(m) = media_url {
+        if !absolute_http_url(m) {
+            problems.add(format!("media_url {m:?} is not an absolute http(s) URL"));
+        }
+    }
+
+    let attributes = params.attributes();
+    let mut zipcode = None;
+    for c in &steps(file, &service.action).collect {
+        let value = attributes
+            .iter()
+            .find(|(code, _)| *code == c.field)
+            .map(|(_, v)| v.trim());
+        match value {
+            None if !c.optional => problems.add(format!(
+                "attribute[{}] is required: {}",
+                c.field,
+                datatype_description(c)
+            )),
+            None => {}
+            Some(v) if !collect_value_ok(c, v) => problems.add(format!(
+                "attribute[{}] {v:?} is not valid: {}",
+                c.field,
+                datatype_description(c)
+            )),
+            Some(v) => match c.field.as_str() {
+                "zipcode" => zipcode = Some(v.to_owned()),
+                "address" if address_id.is_none() => address_id = Some(v.to_owned()),
+                _ => {}
+            },
+        }
+    }
+    problems.into_result()?;
+
+    let a = service.action;
+    Ok(NewTicket {
+        service_code: a.service,
+        service_name: a.name,
+        description: owned(description),
+        agency_responsible: a.agency,
+        service_notice: None,
+        zipcode,
+        address: owned(address),
+        address_id,
+        lat,
+        long,
+        phone: owned(params.get("phone")),
+        email: owned(params.get("email")),
+        first_name: owned(params.get("first_name")),
+        last_name: owned(params.get("last_name")),
+        media_url: owned(media_url),
+        channel: Channel::Web,
+        language: None,
+        call_id: None,
+        callback_requested: false,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+/// `/{name}.{format}`: discovery, services, requests.
+async fn top_level(
+    State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (name, format) = match path_file(path, &uri) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let params = Params::parse(query.as_deref().unwrap_or("").as_bytes());
+    let is_get = method == Method::GET || method == Method::HEAD;
+    let result = match name.as_str() {
+        "discovery" if is_get => Ok(discovery(&state, format).await),
+        "services" if is_get => service_list(&state, &params, format),
+        "requests" if is_get => list_requests(&state, &params, format).await,
+        "requests" if method == Method::POST => post_request(&state, &headers, body, format).await,
+        "discovery" | "services" => return method_not_allowed(format, "GET, HEAD"),
+        "requests" => return method_not_allowed(format, "GET, HEAD, POST"),
+        other => Err(ApiError::not_found(format!("no such resource: {other}"))),
+    };
+    result.unwrap_or_else(|e| e.respond(format))
+}
+
+/// `GET services/{code}.{format}`.
+async fn service_definition(
+    State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let (code, format) = match path_file(path, &uri) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed(format, "GET, HEAD");
+    }
+    let params = Params::parse(query.as_deref().unwrap_or("").as_bytes());
+    let result = check_jurisdiction(&state, &params).and_then(|()| {
+        let menu = state.menu.get();
+        let service = find_service(&menu.file, &code)
+            .ok_or_else(|| ApiError::not_found(format!("service_code {code:?} not found")))?;
+        Ok(document(
+            format,
+            StatusCode::OK,
+            "service_definition",
+            &definition_node(&menu.file, &service),
+        ))
+    });
+    result.unwrap_or_else(|e| e.respond(format))
+}
+
+/// `GET requests/{id}.{format}`.
+async fn one_request(
+    State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let (id, format) = match path_file(path, &uri) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed(format, "GET, HEAD");
+    }
+    let params = Params::parse(query.as_deref().unwrap_or("").as_bytes());
+    if let Err(e) = check_jurisdiction(&state, &params) {
+        return e.respond(format);
+    }
+    let not_found = || ApiError::not_found(format!("service_request_id {id:?} not found"));
+    let Some(n) = parse_id(&id) else {
+        return not_found().respond(format);
+    };
+    match state.tickets.get(n).await {
+        Ok(Some(t)) => requests_document(
+            format,
+            std::slice::from_ref(&t),
+            state.open311.public_url.as_deref(),
+        ),
+        Ok(None) => not_found().respond(format),
+        Err(e) => ApiError::store("get", &e).respond(format),
+    }
+}
+
+/// When the menu file last changed (services and definitions come from it).
+async fn changeset(state: &ApiState) -> String {
+    static STARTED: OnceLock<OffsetDateTime> = OnceLock::new();
+    let path = state.menu.get().path.clone();
+    let modified = tokio::fs::metadata(&path)
+        .await
+        .and_then(|m| m.modified())
+        .ok()
+        .map(OffsetDateTime::from);
+    let t = modified.unwrap_or_else(|| *STARTED.get_or_init(OffsetDateTime::now_utc));
+    let t = t.to_offset(UtcOffset::UTC);
+    iso(t - Duration::nanoseconds(i64::from(t.nanosecond()))).unwrap_or_default()
+}
+
+async fn discovery(state: &ApiState, format: Format) -> Response {
+    let changeset = changeset(state).await;
+    let url = match state.open311.public_url.as_deref() {
+        Some(base) => format!("{}{BASE_PATH}", base.trim_end_matches('/')),
+        None => BASE_PATH.to_string(),
+    };
+    let endpoint = Node::Obj(vec![
+        ("specification", text(SPECIFICATION)),
+        ("url", text(url)),
+        ("changeset", text(&changeset)),
+        ("type", text("production")),
+        (
+            "formats",
+            Node::List("format", vec![text("text/xml"), text("application/json")]),
+        ),
+    ]);
+    let doc = Node::Obj(vec![
+        ("changeset", text(&changeset)),
+        (
+            "contact",
+            text("Call 311 for non-emergency city services. In an emergency, dial 911."),
+        ),
+        (
+            "key_service",
+            text(
+                "API keys for posting service requests are issued by the city's 311 \
+                 administrators; reading services and requests needs no key.",
+            ),
+        ),
+        ("endpoints", Node::List("endpoint", vec![endpoint])),
+    ]);
+    document(format, StatusCode::OK, "discovery", &doc)
+}
+
+fn service_list(state: &ApiState, params: &Params, format: Format) -> Result<Response, ApiError> {
+    check_jurisdiction(state, params)?;
+    let menu = state.menu.get();
+    let items = services(&menu.file)
+        .iter()
+        .map(|s| service_node(&menu.file, s))
+        .collect();
+    Ok(document(
+        format,
+        StatusCode::OK,
+        "services",
+        &Node::List("service", items),
+    ))
+}
+
+async fn list_requests(
+    state: &ApiState,
+    params: &Params,
+    format: Format,
+) -> Result<Response, ApiError> {
+    check_jurisdiction(state, params)?;
+    let query = requests_query(params, OffsetDateTime::now_utc())?;
+    let tickets = state.tickets.list(&query).await.map_err(|e| match e {
+        StoreError::TooManyFilterValues { .. } => {
+            ApiError::bad_request(format!("too many filter values: {e}"))
+        }
+        e => ApiError::store("list", &e),
+    })?;
+    Ok(requests_document(
+        format,
+        &tickets,
+        state.open311.public_url.as_deref(),
+    ))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        // Clients that send no type get their body read as a form all the same.
+        None => true,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.split(';').next())
+            .is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            }),
+    }
+}
+
+async fn post_request(
+    state: &ApiState,
+    headers: &HeaderMap,
+    body: Body,
+    format: Format,
+) -> Result<Response, ApiError> {
+    if !is_form(headers) {
+        return Err(ApiError::bad_request(
+            "the body must be application/x-www-form-urlencoded".to_string(),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        })?;
+    let params = Params::parse(&bytes);
+
+    let keys = &state.open311.api_keys;
+    match params.get("api_key") {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "api_key was not provided".to_string(),
+            ))
+        }
+        Some(k) if !api_key_ok(k, keys) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid api_key received -- can't proceed with create_request".to_string(),
+            ))
+        }
+        Some(_) => {}
+    }
+    check_jurisdiction(state, &params)?;
+    let new = {
+        let menu = state.menu.get();
+        new_ticket(&menu.file, &params)?
+    };
+    let ticket = state.tickets.file(new).await.map_err(|e| match e {
+        StoreError::InvalidCoordinates { .. } => {
+            ApiError::bad_request(format!("invalid location: {e}"))
+        }
+        e => ApiError::store("file", &e),
+    })?;
+    let response = Node::Obj(vec![
+        (
+            "service_request_id",
+            text(ticket.service_request_id.to_string()),
+        ),
+        ("service_notice", opt_text(ticket.service_notice.as_deref())),
+        ("account_id", opt_text(params.get("account_id"))),
+    ]);
+    Ok(document(
+        format,
+        StatusCode::OK,
+        "service_requests",
+        &Node::List("request", vec![response]),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(q: &str) -> Params {
+        Params::parse(q.as_bytes())
+    }
+
+    #[test]
+    fn documents_agree_in_json_and_xml() {
+        let doc = Node::List(
+            "request",
+            vec![Node::Obj(vec![
+                ("id", text("12345678")),
+                ("none", Node::Text(None)),
+                ("lat", Node::Num(Some(37.5))),
+                ("long", Node::Num(Some(f64::NAN))),
+                ("ok", Node::Bool(true)),
+                ("n", Node::Int(3)),
+                ("s", text("<a & 'b'> \"c\"\r\n\u{0}é🚧")),
+            ])],
+        );
+        let mut json = String::new();
+        doc.write_json(&mut json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v[0]["id"], "12345678");
+        assert!(v[0]["none"].is_null());
+        assert_eq!(v[0]["lat"], 37.5);
+        assert!(v[0]["long"].is_null());
+        assert_eq!(v[0]["s"], "<a & 'b'> \"c\"\r\n\u{0}é🚧");
+        let mut xml = String::new();
+        doc.write_xml("service_requests", &mut xml);
+        assert_eq!(
+            xml,
+            "<service_requests><request><id>12345678</id><none/><lat>37.5</lat><long/>\
+             <ok>true</ok><n>3</n>\
+             <s>&lt;a &amp; &apos;b&apos;&gt; &quot;c&quot;&#13;\n\u{FFFD}é🚧</s>\
+             </request></service_requests>"
+        );
+    }
+
+    #[test]
+    fn formats_come_from_the_extension() {
+        assert_eq!(
+            split_format("services.json").unwrap(),
+            ("services", Format::Json)
+        );
+        assert_eq!(split_format("12.XML").unwrap(), ("12", Format::Xml));
+        assert_eq!(
+            split_format("services.csv").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+        assert!(split_format("services").is_err());
+    }
+
+    #[test]
+    fn datetimes_need_a_zone() {
+        let t = parse_datetime("2010-01-01T00:00:00Z").unwrap();
+        assert_eq!(t.unix_timestamp(), 1_262_304_000);
+        assert_eq!(
+            parse_datetime("2010-01-01T05:00:00 05:00").unwrap(),
+            parse_datetime("2010-01-01T00:00:00+00:00").unwrap()
+        );
+        assert_eq!(parse_datetime("2010-01-01T00:00Z").unwrap(), t);
+        assert!(parse_datetime("2010-01-01T00:00:00").is_none());
+        assert!(parse_datetime("2010-01-01").is_none());
+        assert!(parse_datetime("yesterday").is_none());
+        assert!(parse_datetime("é").is_none());
+        assert!(parse_datetime("0000-01-01T00:00:00+01:00").is_none());
+    }
+
+    #[test]
+    fn query_defaults_and_limits() {
+        let now = parse_datetime("2026-06-01T00:00:00Z").unwrap();
+        let q = requests_query(&params("status=&service_code="), now).unwrap();
+        assert_eq!(q.start, now.checked_sub(Duration::days(90)));
+        assert_eq!(q.end, None);
+        assert_eq!(q.status, None);
+        assert!(q.service_codes.is_empty());
+        assert_eq!(q.limit, Some(MAX_RESULTS));
+
+        let q = requests_query(&params("status=open,closed"), now).unwrap();
+        assert_eq!(q.status, None);
+        let q = requests_query(&params("status=closed&service_code=a,b"), now).unwrap();
+        assert_eq!(q.status, Some(Status::Closed));
+        assert_eq!(q.service_codes, vec!["a", "b"]);
+
+        let q = requests_query(
+            &params("service_request_id=12345678,%2087654321&status=bogus"),
+            now,
+        )
+        .unwrap();
+        assert_eq!(q.ids, vec![12345678, 87654321]);
+        assert_eq!(q.start, None);
+
+        let e = requests_query(
+            &params("start_date=2026-01-01T00:00:00Z&end_date=2026-04-02T00:00:00Z"),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = requests_query(&params("status=pending&start_date=x"), now).unwrap_err();
+        assert_eq!(e.descriptions.len(), 2, "{e:?}");
+        assert!(requests_query(&params("service_request_id=abc"), now).is_err());
+    }
+
+    #[test]
+    fn api_keys_must_match_exactly() {
+        let keys = vec!["k1".to_string(), String::new()];
+        assert!(api_key_ok("k1", &keys));
+        assert!(!api_key_ok("k", &keys));
+        assert!(!api_key_ok("", &keys));
+        assert!(!api_key_ok("k1", &[]));
+    }
+
+    #[test]
+    fn media_urls() {
+        assert!(absolute_http_url("https://example.org/a.jpg"));
+        assert!(absolute_http_url("HTTP://example.org/a.jpg"));
+        assert!(!absolute_http_url("javascript:alert(1)"));
+        assert!(!absolute_http_url("/recordings/x.wav"));
+        assert!(!absolute_http_url("http://"));
+        assert!(!absolute_http_url("http://a b"));
+        assert_eq!(
+            public_media_url(Some("/recordings/x.wav"), Some("https://311.city.gov/")),
+            Some("https://311.city.gov/recordings/x.wav".to_string())
+        );
+        assert_eq!(
+            public_media_url(Some("/recordings/x.wav"), None),
+            Some("/recordings/x.wav".to_string())
+        );
+    }
 }

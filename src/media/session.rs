@@ -43,6 +43,8 @@ pub struct MediaStats {
     pub malformed_in: u64,
     pub foreign_in: u64,
     pub digits: u64,
+    /// Packet times missed because the call's task was late (sent as a timestamp gap).
+    pub late_ticks: u64,
 }
 
 /// Per-call media state.
@@ -210,6 +212,7 @@ impl MediaSession {
     /// Packet times were missed (the task was stalled): move our timestamp on instead of
     /// sending a burst of late packets.
     pub fn skip_ticks(&mut self, ticks: u32) {
+        self.stats.late_ticks += ticks as u64;
         self.stream.skip(ticks * FRAME_SAMPLES as u32);
     }
 }

@@ -194,6 +194,17 @@ pub struct Engine {
     /// The ticket could not be saved: do not offer another ticket.
     db_failed: bool,
     out: Vec<Output>,
+    /// Per-call figures for metrics.
+    stats: EngineStats,
+}
+
+/// What one caller did, for metrics: invalid keys and silent waits per menu, information heard.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub invalid: std::collections::BTreeMap<String, u32>,
+    pub timeouts: std::collections::BTreeMap<String, u32>,
+    pub heard_info: bool,
+    pub menus: Vec<String>,
 }
 
 impl Engine {
@@ -215,7 +226,13 @@ impl Engine {
             draft: None,
             db_failed: false,
             out: Vec::new(),
+            stats: EngineStats::default(),
         }
+    }
+
+    /// Invalid keys, timeouts and menus visited so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn language(&self) -> &str {
@@ -327,6 +344,7 @@ impl Engine {
             timeouts: 0,
             waiting: false,
         };
+        self.stats.menus.push(id.to_owned());
         if self.pending.is_empty() {
             self.play(vec![greet]);
         } else {
@@ -494,6 +512,7 @@ impl Engine {
 
     fn invalid(&mut self, id: &str, failures: u32) {
         let (_, max_failures, _, invalid, _, exhausted) = self.menu_settings(id);
+        *self.stats.invalid.entry(id.to_owned()).or_insert(0) += 1;
         let failures = failures + 1;
         if failures >= max_failures {
             self.path.push(format!("{id}:exhausted"));
@@ -529,6 +548,7 @@ impl Engine {
             }
             Action::Repeat => self.enter_menu(from, false),
             Action::Info(prompt) => {
+                self.stats.heard_info = true;
                 self.state = State::Info {
                     id: from.to_owned(),
                 };
@@ -938,6 +958,7 @@ impl Engine {
                     return;
                 }
                 let (_, _, max_timeouts, _, timeout_prompt, exhausted) = self.menu_settings(&id);
+                *self.stats.timeouts.entry(id.clone()).or_insert(0) += 1;
                 let timeouts = timeouts + 1;
                 if timeouts >= max_timeouts {
                     self.path.push(format!("{id}:timeout"));

@@ -1,0 +1,293 @@
+//! The admin API under `/admin/` and `/metrics`.
+//!
+//! Authorisation: with `admin.token` configured, every request needs
+//! `Authorization: Bearer <token>`; with none, only loopback clients are served (403 otherwise),
+//! so a fresh install never exposes call control to the network.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | `/admin/calls` | live calls: caller, language, current menu or state, seconds in call |
+//! | POST | `/admin/calls/{call_id}/hangup` | hang a call up (BYE) |
+//! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
+//! | POST | `/admin/requests/{id}` | staff status update: JSON `{"status": "open"/"closed", "status_notes": "..."}` |
+//! | GET | `/admin/emergency` | the latest 911 redirect audit rows |
+//! | GET | `/metrics` | Prometheus text format |
+
+use crate::api::ApiState;
+use crate::dispatch::tickets::Status;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use tracing::{info, warn};
+
+/// Routes (nested at the root: they carry their own `/admin` and `/metrics` prefixes).
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/admin/calls", get(calls))
+        .route("/admin/calls/{call_id}/hangup", post(hangup))
+        .route("/admin/menu/reload", post(reload))
+        .route("/admin/requests/{id}", post(update_request))
+        .route("/admin/emergency", get(emergency))
+        .route("/metrics", get(metrics))
+}
+
+/// Whether this request may use the admin API.
+fn authorized(s: &ApiState, headers: &HeaderMap, remote: SocketAddr) -> bool {
+    match &s.admin.token {
+        Some(token) => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes())),
+        None => remote.ip().is_loopback(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn forbidden() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({"error": "admin API: a valid bearer token is required (or loopback when none is configured)"})),
+    )
+        .into_response()
+}
+
+macro_rules! guard {
+    ($s:expr, $h:expr, $r:expr) => {
+        if !authorized(&$s, &$h, $r) {
+            warn!(remote = %$r, "admin request refused");
+            return forbidden();
+        }
+    };
+}
+
+/// One live call.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LiveCall {
+    pub call_id: String,
+    pub caller: String,
+    pub language: String,
+    pub state: String,
+    pub seconds: u64,
+    pub rtp_port: u16,
+}
+
+async fn calls(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    let mut v: Vec<LiveCall> = s
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|c| LiveCall {
+            seconds: c.started.elapsed().as_secs(),
+            call_id: c.call_id,
+            caller: c.caller,
+            language: c.language,
+            state: c.state,
+            rtp_port: c.rtp_port,
+        })
+        .collect();
+    v.sort_by_key(|c| std::cmp::Reverse(c.seconds));
+    Json(v).into_response()
+}
+
+async fn hangup(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(call_id): Path<String>,
+) -> Response {
+    guard!(s, h, r);
+    if s.registry.hangup(&call_id) {
+        info!(%call_id, "admin hung up a call");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such call"})),
+        )
+            .into_response()
+    }
+}
+
+async fn reload(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    match s.menu.reload().await {
+        Ok(m) => Json(json!({
+            "status": "ok",
+            "path": m.path.display().to_string(),
+            "menus": m.file.menus.len(),
+            "languages": m.file.languages,
+        }))
+        .into_response(),
+        Err(e) => {
+            warn!(error = %e, "menu reload refused; the menu in service stays");
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"status": "refused", "errors": e.lines()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Body of a staff status update.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusUpdate {
+    pub status: String,
+    #[serde(default)]
+    pub status_notes: Option<String>,
+}
+
+async fn update_request(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    guard!(s, h, r);
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, Json(json!({"error": msg}))).into_response();
+    let Ok(id) = id.parse::<u64>() else {
+        return bad(format!("{id:?} is not a request number"));
+    };
+    let upd: StatusUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return bad(format!("body: {e}")),
+    };
+    let Ok(status) = upd.status.parse::<Status>() else {
+        return bad(format!("status {:?} must be open or closed", upd.status));
+    };
+    if upd
+        .status_notes
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > 4000)
+    {
+        return bad("status_notes longer than 4000 characters".into());
+    }
+    match s
+        .tickets
+        .update_status(id, status, upd.status_notes.as_deref())
+        .await
+    {
+        Ok(Some(t)) => {
+            info!(id, status = status.as_str(), "request status updated");
+            Json(json!({
+                "service_request_id": t.service_request_id.to_string(),
+                "status": t.status.as_str(),
+                "status_notes": t.status_notes,
+            }))
+            .into_response()
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such request"})),
+        )
+            .into_response(),
+        Err(e) => {
+            warn!(error = %e, "status update failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn emergency(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    match s.tickets.emergency_audits(100).await {
+        Ok(rows) => Json(
+            rows.into_iter()
+                .map(|a| {
+                    json!({
+                        "id": a.id, "at": a.at.to_string(), "caller": a.caller, "call_id": a.call_id,
+                        "menu_path": a.menu_path, "reason": a.reason, "method": a.method, "outcome": a.outcome,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+async fn metrics(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    let gauges = [
+        (
+            "ivr311_live_calls",
+            "Calls in progress.",
+            s.registry.len() as f64,
+        ),
+        (
+            "ivr311_sip_dialogs",
+            "SIP dialogs held by the UA core.",
+            s.ua.dialogs.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ivr311_sip_transactions",
+            "SIP transactions held by the UA core.",
+            (s.ua.server_transactions.load(Ordering::Relaxed)
+                + s.ua.client_transactions.load(Ordering::Relaxed)) as f64,
+        ),
+        (
+            "ivr311_rtp_ports_free",
+            "RTP ports free in --rtp-ports.",
+            s.ports.available() as f64,
+        ),
+        (
+            "ivr311_calls_rejected",
+            "INVITEs refused (limits, codecs, shutdown) since start.",
+            s.registry.rejected.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ivr311_sip_messages_malformed",
+            "SIP messages that failed to parse since start.",
+            s.transport.malformed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ivr311_uptime_seconds",
+            "Seconds since start.",
+            s.started.elapsed().as_secs_f64(),
+        ),
+    ];
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(&gauges),
+    )
+        .into_response()
+}

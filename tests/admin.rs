@@ -1,0 +1,252 @@
+//! Admin API, live menu reload and metrics, against the real server with live calls.
+
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use ivr311::dispatch::tickets::{Channel, NewTicket};
+use ivr311::media::g711::Codec;
+use std::time::Duration;
+
+#[tokio::test]
+async fn live_calls_are_listed_and_can_be_hung_up() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("211").await; // Spanish, continue, streets
+    ua.listen(Duration::from_millis(300)).await;
+    let (code, body) = http(srv.http_addr, "GET", "/admin/calls", &[], b"").await;
+    assert_eq!(code, 200, "{body}");
+    let calls: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(calls.as_array().unwrap().len(), 1);
+    assert_eq!(calls[0]["call_id"], ua.call_id.as_str());
+    assert_eq!(calls[0]["caller"], "+15550001111");
+    assert_eq!(calls[0]["language"], "es");
+    assert_eq!(calls[0]["state"], "streets");
+
+    let (code, _) = http(
+        srv.http_addr,
+        "POST",
+        &format!("/admin/calls/{}/hangup", ua.call_id),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 204);
+    ua.expect_request("BYE", Duration::from_secs(3)).await;
+    let (code, _) = http(srv.http_addr, "POST", "/admin/calls/nope/hangup", &[], b"").await;
+    assert_eq!(code, 404);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_configured() {
+    let mut file = FileConfig::default();
+    file.admin.token = Some("s3cret".into());
+    let srv = start_server(file).await;
+    assert_eq!(
+        http(srv.http_addr, "GET", "/admin/calls", &[], b"").await.0,
+        403
+    );
+    let wrong = [("Authorization", "Bearer nope")];
+    assert_eq!(
+        http(srv.http_addr, "GET", "/admin/calls", &wrong, b"")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        http(srv.http_addr, "GET", "/metrics", &wrong, b"").await.0,
+        403
+    );
+    let right = [("Authorization", "Bearer s3cret")];
+    assert_eq!(
+        http(srv.http_addr, "GET", "/admin/calls", &right, b"")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(srv.http_addr, "POST", "/admin/menu/reload", &wrong, b"")
+            .await
+            .0,
+        403
+    );
+    srv.shutdown().await;
+}
+
+/// A copy of the shipped menu in a temp file the test may edit.
+fn menu_copy() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ivr311-menu-{}.yaml", rand::random::<u64>()));
+    std::fs::copy(repo().join("menus/311.yaml"), &p).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
+    let menu = menu_copy();
+    let mut args = serve_args();
+    args.menu = menu.clone();
+    let srv = start_server_with(args, FileConfig::default()).await;
+    let ear = PromptEar::new(
+        "en",
+        &["main_menu", "main_menu_short", "screening"],
+        Codec::Pcmu,
+    );
+
+    // A call in progress, still at the language menu.
+    let mut old = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(old.call("0 101").await.code, 200);
+    old.listen(Duration::from_millis(200)).await;
+
+    // The admin changes the main menu's greeting and reloads.
+    let text = std::fs::read_to_string(&menu).unwrap();
+    let changed = text.replacen(
+        "greet_long: main_menu\n",
+        "greet_long: main_menu_short\n",
+        1,
+    );
+    assert_ne!(text, changed, "the edit applies");
+    std::fs::write(&menu, &changed).unwrap();
+    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &[], b"").await;
+    assert_eq!(code, 200, "{body}");
+
+    // The call in progress finishes on the menu it started with.
+    old.keys("11").await;
+    let heard = old.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["main_menu"]);
+    // A new call gets the new menu.
+    let mut new = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(new.call("0 101").await.code, 200);
+    new.listen(Duration::from_millis(200)).await;
+    new.keys("11").await;
+    let heard = new.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["main_menu_short"]);
+
+    // A broken menu is refused with path:line:col errors and the last good one stays.
+    std::fs::write(
+        &menu,
+        changed.replacen("{goto: streets}", "{goto: streetz}", 1),
+    )
+    .unwrap();
+    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &[], b"").await;
+    assert_eq!(code, 422, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "refused");
+    let first = v["errors"][0].as_str().unwrap();
+    let prefix = format!("{}:", menu.display());
+    assert!(
+        first.starts_with(&prefix) && first.contains("streetz"),
+        "{first}"
+    );
+    let mut after = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(after.call("0 101").await.code, 200);
+    after.listen(Duration::from_millis(200)).await;
+    after.keys("11").await;
+    let heard = after.listen(Duration::from_millis(1500)).await;
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["main_menu_short"],
+        "the last good menu serves"
+    );
+    for ua in [&mut old, &mut new, &mut after] {
+        ua.bye().await;
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn staff_status_updates_reach_the_phone_lookup() {
+    let srv = start_server(FileConfig::default()).await;
+    let t = srv
+        .tickets
+        .file(NewTicket {
+            service_code: "streetlight".into(),
+            service_name: "Streetlight out".into(),
+            channel: Channel::Web,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let path = format!("/admin/requests/{}", t.service_request_id);
+    let (code, body) = http(
+        srv.http_addr,
+        "POST",
+        &path,
+        &[("Content-Type", "application/json")],
+        br#"{"status":"closed","status_notes":"Lamp replaced"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http(srv.http_addr, "POST", &path, &[], br#"{"status":"maybe"}"#).await;
+    assert_eq!(code, 400);
+    let (code, _) = http(
+        srv.http_addr,
+        "POST",
+        "/admin/requests/99999999",
+        &[],
+        br#"{"status":"closed"}"#,
+    )
+    .await;
+    assert_eq!(code, 404);
+    let stored = srv
+        .tickets
+        .get(t.service_request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status_notes.as_deref(), Some("Lamp replaced"));
+
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("116").await;
+    ua.keys(&t.service_request_id.to_string()).await;
+    let heard = ua.listen(Duration::from_millis(5000)).await;
+    let ear = PromptEar::new(
+        "en",
+        &["ticket_status_closed", "ticket_status_open"],
+        Codec::Pcmu,
+    );
+    assert_eq!(ear.playbacks(&heard), vec!["ticket_status_closed"]);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes_menus_and_emergencies() {
+    let srv = start_server(FileConfig::default()).await;
+    // One caller presses 9 at screening; one hears recycling information and hangs up.
+    let mut a = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(a.call("0 101").await.code, 200);
+    a.listen(Duration::from_millis(200)).await;
+    a.keys("19").await;
+    a.listen(Duration::from_millis(300)).await;
+    a.bye().await;
+    let mut b = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(b.call("0 101").await.code, 200);
+    b.listen(Duration::from_millis(200)).await;
+    b.keys("11237").await; // trash, recycling information, then an invalid key in trash
+    b.listen(Duration::from_millis(300)).await;
+    b.bye().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, text) = http(srv.http_addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(code, 200);
+    for line in [
+        "ivr311_calls_total{outcome=\"emergency\"} 1",
+        "ivr311_calls_total{outcome=\"info\"} 1",
+        "ivr311_menu_visits_total{menu=\"screening\"} 2",
+        "ivr311_menu_visits_total{menu=\"trash\"} 1",
+        "ivr311_dtmf_invalid_total{menu=\"trash\"} 1",
+        "ivr311_emergency_redirects_total{method=\"announce\",outcome=\"caller hung up\"} 1",
+        "ivr311_live_calls 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert!(text.contains("# TYPE ivr311_rtp_packets_sent_total counter"));
+    srv.shutdown().await;
+}
