@@ -66,6 +66,91 @@ pub struct FileConfig {
     pub storage: StorageConfig,
     pub open311: Open311Config,
     pub admin: AdminConfig,
+    /// Operators who log in by registering a SIP phone.
+    pub agents: Vec<AgentConfig>,
+    /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
+    pub queues: Vec<QueueConfig>,
+    pub callback: CallbackConfig,
+}
+
+/// One operator.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// SIP user name the phone registers with (e.g. "1001").
+    pub id: String,
+    /// Digest password.
+    pub password: String,
+    /// Skills/languages the agent can take (e.g. [en, es]). Empty: any call.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// Lower tiers are offered calls first. Default 1.
+    #[serde(default = "one")]
+    pub tier: u32,
+    /// Display name for the admin view.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How a queue picks an agent.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The agent idle longest (default; fairest for agents).
+    #[default]
+    LongestIdle,
+    RoundRobin,
+    FewestCalls,
+    /// Ring every available agent; the first to answer takes the call.
+    RingAll,
+}
+
+/// One operator queue.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub name: String,
+    pub strategy: Strategy,
+    /// Seconds an agent rests after each call before the next offer. Default 10.
+    pub wrap_up_seconds: u64,
+    /// Seconds an agent's phone rings before the next agent is tried. Default 20.
+    pub ring_timeout_seconds: u64,
+    /// Seconds an agent who did not answer is skipped. Default 30.
+    pub no_answer_pause_seconds: u64,
+    /// Longest wait before the caller is offered a ticket or a call back. Default 600.
+    pub max_wait_seconds: u64,
+    /// Most callers waiting; beyond it callers are offered a ticket or a call back. Default 50.
+    pub max_length: usize,
+    /// Position and estimated wait are announced this often. Default 60.
+    pub announce_every_seconds: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            name: "general".into(),
+            strategy: Strategy::LongestIdle,
+            wrap_up_seconds: 10,
+            ring_timeout_seconds: 20,
+            no_answer_pause_seconds: 30,
+            max_wait_seconds: 600,
+            max_length: 50,
+            announce_every_seconds: 60,
+        }
+    }
+}
+
+/// Calling callers back.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackConfig {
+    /// Trunk URI for call-backs (`sip:{number}@trunk` style: the caller's number is the user).
+    /// With none, a call-back request becomes a ticket flagged for call-back.
+    pub trunk_uri: Option<String>,
 }
 
 /// The Open311 GeoReport v2 API.
