@@ -20,6 +20,7 @@
 
 use crate::config::{Limits, PortRange};
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
+use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
 use crate::media::bridge::{relay, Relay};
 use crate::media::dtmf::dtmf_info_digit;
@@ -336,6 +337,10 @@ pub struct CallContext {
     /// Places outbound legs (the 911 bridge).
     pub outbound: OutboundHandle,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Operator queues; `None` when no agents are configured.
+    pub queues: Option<QueueHandle>,
+    /// Where each logged-in agent's phone is reached.
+    pub agent_contacts: Arc<DashMap<String, (String, crate::sip::transport::Flow)>>,
     /// Where caller recordings are written (`<dir>/<generated>.wav`).
     pub recordings: PathBuf,
     /// Owns work that must finish even if the call ends (filing an abandoned ticket).
@@ -547,6 +552,8 @@ pub enum EndReason {
     Emergency,
     /// An admin hung the call up.
     Admin,
+    /// The operator ended the bridged call.
+    AgentHungUp,
 }
 
 /// Results of work done off the call's loop.
@@ -576,8 +583,22 @@ struct EmergencyRun {
 struct Leg {
     handle: DialogHandle,
     port: RtpPort,
+    /// The operator this leg rings; `None` for the 911 leg.
+    agent: Option<String>,
     /// Set once the leg answered: its codec and where its media goes.
     answered: Option<(Negotiated, SocketAddr)>,
+}
+
+/// A caller in an operator queue.
+#[derive(Debug)]
+struct Queued {
+    name: String,
+    entered: Instant,
+    menu_path: String,
+    /// The agent being rung, and until when.
+    ringing: Option<(String, tokio::time::Instant)>,
+    /// The agent the caller is talking to.
+    connected: Option<String>,
 }
 
 /// One call's driver state.
@@ -606,6 +627,13 @@ struct Call {
     end: Option<EndReason>,
     /// What the call achieved, for metrics: ticket, operator, emergency, info.
     outcome: Option<&'static str>,
+    /// Waiting for (or talking to) an operator.
+    queue: Option<Queued>,
+    queue_events: Option<mpsc::Receiver<QueueEvent>>,
+    /// Hang up once the prompts queued now have played.
+    hangup_after_play: bool,
+    /// Keys pressed while waiting for an operator.
+    queued_keys: VecDeque<char>,
     hangup: CancellationToken,
 }
 
@@ -654,6 +682,10 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         next_req: 1,
         end: None,
         outcome: None,
+        queue: None,
+        queue_events: None,
+        hangup_after_play: false,
+        queued_keys: VecDeque::new(),
         hangup,
     };
     let reason = c.run(&mut events, &mut work_rx, cancel).await;
@@ -687,6 +719,9 @@ impl Call {
                     self.carry_out(o).await;
                 }
             }
+            while let Some(d) = self.queued_keys.pop_front() {
+                self.on_queued_key(d).await;
+            }
             if let Some(r) = self.end {
                 return r;
             }
@@ -695,6 +730,10 @@ impl Call {
                 .update(self.registry_id, self.engine.language(), &self.state_name());
 
             let timer = self.timer;
+            let ring_deadline = self
+                .queue
+                .as_ref()
+                .and_then(|q| q.ringing.as_ref().map(|(_, at)| *at));
             let emergency_deadline = self.emergency.as_ref().and_then(|e| e.deadline);
             tokio::select! {
                 biased;
@@ -718,6 +757,21 @@ impl Call {
                         self.emergency_step().await;
                     }
                 },
+                qe = queue_event(&mut self.queue_events) => {
+                    match qe {
+                        Some(qe) => self.on_queue_event(qe).await,
+                        None => self.queue_events = None,
+                    }
+                }
+                _ = sleep_opt(ring_deadline) => {
+                    if let Some(q) = &mut self.queue {
+                        if let Some((agent, _)) = q.ringing.take() {
+                            info!(%agent, "operator did not answer in time");
+                            self.drop_agent_leg().await;
+                            self.queue_offer_failed(&agent, OfferFailure::NoAnswer).await;
+                        }
+                    }
+                }
                 ev = leg_event(&mut self.leg_events) => {
                     if let Some(r) = self.on_leg_event(ev).await {
                         return r;
@@ -839,12 +893,28 @@ impl Call {
         if self.emergency.is_some() {
             return; // a 911 redirect is not interrupted by keys
         }
+        if self.queue.is_some() {
+            self.queued_keys.push_back(d);
+            return;
+        }
         self.inputs.push_back(Input::Digit(d));
     }
 
     async fn on_play_done(&mut self) {
         if self.emergency.is_some() {
             self.emergency_played().await;
+            return;
+        }
+        if self.hangup_after_play {
+            self.end = Some(EndReason::MenuHungUp);
+            return;
+        }
+        if let Some(q) = &self.queue {
+            if q.connected.is_none() {
+                // Hold music, looped, between announcements.
+                let p = self.prompts(&["hold_music".into()]);
+                self.media.play(p);
+            }
             return;
         }
         self.inputs.push_back(Input::PlayDone);
@@ -899,11 +969,13 @@ impl Call {
                 self.outcome = Some("emergency");
                 self.start_emergency(reason, menu_path)
             }
-            Output::Queue { queue, .. } => {
+            Output::Queue {
+                queue,
+                skill,
+                menu_path,
+            } => {
                 self.outcome.get_or_insert("operator");
-                // No operator queue in this build: say so at once rather than hold forever.
-                info!(%queue, "operator requested; no queue available");
-                self.inputs.push_back(Input::QueueUnavailable);
+                self.enter_queue(queue, skill, menu_path).await;
             }
             Output::Language(l) => info!(language = %l, "language chosen"),
             Output::Hangup => self.end = Some(EndReason::MenuHungUp),
@@ -1242,6 +1314,7 @@ impl Call {
         self.leg = Some(Leg {
             handle: call.handle,
             port,
+            agent: None,
             answered: None,
         });
         self.leg_events = Some(call.events);
@@ -1249,6 +1322,9 @@ impl Call {
     }
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
+        if self.leg.as_ref().is_some_and(|l| l.agent.is_some()) {
+            return self.on_agent_leg_event(ev).await;
+        }
         let Some(ev) = ev else {
             self.leg = None;
             self.leg_events = None;
@@ -1386,6 +1462,326 @@ impl Call {
         }
     }
 
+    // ---- operators -------------------------------------------------------------------
+
+    async fn enter_queue(&mut self, queue: String, skill: Option<String>, menu_path: String) {
+        let Some(q) = self.ctx.queues.clone() else {
+            info!(%queue, "operator requested; no operators are configured");
+            self.inputs.push_back(Input::QueueUnavailable);
+            return;
+        };
+        let (tx, rx) = mpsc::channel(16);
+        // Callers are matched to operators who speak their language unless the menu says otherwise.
+        let skill = skill.or_else(|| Some(self.engine.language().to_owned()));
+        match q.enqueue(self.registry_id, &queue, skill, 0, tx).await {
+            Ok(pos) => {
+                info!(%queue, place = pos.place, ewt = pos.ewt.as_secs(), "waiting for an operator");
+                self.queue = Some(Queued {
+                    name: queue,
+                    entered: now(),
+                    menu_path,
+                    ringing: None,
+                    connected: None,
+                });
+                self.queue_events = Some(rx);
+                let mut p = vec!["operator_queue".to_owned()];
+                p.extend(position_prompts(pos));
+                let p = self.prompts(&p);
+                self.media.play(p);
+            }
+            Err(why) => {
+                info!(%queue, reason = %why, "no operator can take the call now");
+                self.inputs.push_back(Input::QueueUnavailable);
+            }
+        }
+    }
+
+    async fn on_queue_event(&mut self, ev: QueueEvent) {
+        match ev {
+            QueueEvent::Offer {
+                agent,
+                ring_timeout,
+            } => self.offer_agent(agent, ring_timeout).await,
+            QueueEvent::CancelOffer { agent } => {
+                let ringing_this = self.leg.as_ref().is_some_and(|l| {
+                    l.agent.as_deref() == Some(agent.as_str()) && l.answered.is_none()
+                });
+                if ringing_this {
+                    self.drop_agent_leg().await;
+                    if let Some(q) = &mut self.queue {
+                        q.ringing = None;
+                    }
+                }
+            }
+            QueueEvent::Announce(pos) => {
+                if self.queue.as_ref().is_some_and(|q| q.connected.is_none()) {
+                    self.media.stop();
+                    let p = self.prompts(&position_prompts(pos));
+                    self.media.play(p);
+                }
+            }
+            QueueEvent::MaxWait => {
+                info!("waited the longest allowed; offering a ticket instead");
+                self.leave_queue().await;
+                self.inputs.push_back(Input::QueueUnavailable);
+            }
+        }
+    }
+
+    /// Keys pressed while waiting: 1 leaves the queue for a ticket, 2 asks for a call back,
+    /// 9 is still 911.
+    async fn on_queued_key(&mut self, d: char) {
+        if self.queue.as_ref().is_some_and(|q| q.connected.is_some()) {
+            return; // talking to an operator: keys were relayed to them
+        }
+        match d {
+            '1' => {
+                info!("caller left the queue to file a ticket");
+                self.leave_queue().await;
+                self.media.stop();
+                self.inputs.push_back(Input::QueueUnavailable);
+            }
+            '2' => {
+                info!("caller asked for a call back");
+                self.leave_queue().await;
+                self.media.stop();
+                // Without a call-back trunk in this build, the request becomes a ticket flagged for
+                // call-back with the caller's number, so an operator calls them.
+                let t = TicketRequest {
+                    service_code: crate::menu::engine::GENERAL_SERVICE.into(),
+                    service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
+                    description: Some("Caller asked to be called back by an operator".into()),
+                    language: self.engine.language().to_owned(),
+                    menu_path: self.engine.menu_path(),
+                    ..TicketRequest::default()
+                };
+                self.file_callback_ticket(t);
+                let p = self.prompts(&["callback_confirmed".into()]);
+                self.media.play(p);
+                self.hangup_after_play = true;
+            }
+            '9' => {
+                self.leave_queue().await;
+                let path = format!("{} > queue:9", self.engine.menu_path());
+                self.outcome = Some("emergency");
+                self.start_emergency(Some("caller pressed 9 while waiting".into()), path);
+            }
+            _ => {}
+        }
+    }
+
+    /// Ring an operator's phone with the caller's number and context.
+    async fn offer_agent(&mut self, agent: String, ring_timeout: Duration) {
+        let Some((contact, flow)) = self
+            .ctx
+            .agent_contacts
+            .get(&agent)
+            .map(|c| c.value().clone())
+        else {
+            warn!(%agent, "offered an operator who has no registered phone");
+            self.queue_offer_failed(&agent, OfferFailure::Unreachable)
+                .await;
+            return;
+        };
+        let Some(port) = self.ctx.ports.allocate() else {
+            warn!("no RTP port for the operator leg");
+            self.queue_offer_failed(&agent, OfferFailure::Unreachable)
+                .await;
+            return;
+        };
+        let local = SocketAddr::new(self.local_media.ip(), port.port);
+        let caller_codec = self.media.codec();
+        let other = if caller_codec == Codec::Pcmu {
+            Codec::Pcma
+        } else {
+            Codec::Pcmu
+        };
+        let offer = sdp::build_offer(
+            local,
+            rand::random::<u32>() as u64,
+            1,
+            &[caller_codec, other],
+            Some(101),
+            sdp::Direction::SendRecv,
+        );
+        let (queue, waited, path) = match &self.queue {
+            Some(q) => (
+                q.name.clone(),
+                q.entered.elapsed().as_secs(),
+                q.menu_path.clone(),
+            ),
+            None => return,
+        };
+        let caller = self.meta.caller.clone();
+        let headers = vec![
+            (
+                "P-Asserted-Identity".to_owned(),
+                format!(
+                    "<sip:{}@{}>",
+                    crate::sip::message::sanitize_quoted(&caller),
+                    self.local_media.ip()
+                ),
+            ),
+            (
+                "X-311-Language".to_owned(),
+                self.engine.language().to_owned(),
+            ),
+            ("X-311-Menu-Path".to_owned(), path),
+            ("X-311-Queue".to_owned(), queue),
+            ("X-311-Waited".to_owned(), waited.to_string()),
+            ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
+        ];
+        let span = tracing::info_span!("agent_leg", %agent);
+        span.in_scope(|| info!(%contact, "offering the call to an operator"));
+        let call = self
+            .ctx
+            .outbound
+            .invite_via(
+                &contact,
+                flow,
+                &caller,
+                Some("311 caller"),
+                headers,
+                Bytes::from(offer),
+            )
+            .instrument(span)
+            .await;
+        self.leg = Some(Leg {
+            handle: call.handle,
+            port,
+            agent: Some(agent.clone()),
+            answered: None,
+        });
+        self.leg_events = Some(call.events);
+        if let Some(q) = &mut self.queue {
+            q.ringing = Some((agent, tokio::time::Instant::now() + ring_timeout));
+        }
+    }
+
+    async fn on_agent_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
+        let agent = self
+            .leg
+            .as_ref()
+            .and_then(|l| l.agent.clone())
+            .unwrap_or_default();
+        let Some(ev) = ev else {
+            self.leg = None;
+            self.leg_events = None;
+            return None;
+        };
+        match ev {
+            LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
+            LegEvent::Answered { sdp: body } => {
+                let parsed = sdp::parse(&body)
+                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                match parsed {
+                    Ok((neg, addr)) => {
+                        info!(%agent, codec = ?neg.codec, "operator answered; caller bridged");
+                        if let Some(l) = &mut self.leg {
+                            l.answered = Some((neg, addr));
+                        }
+                        self.media.stop();
+                        if let Some(q) = &mut self.queue {
+                            q.ringing = None;
+                            q.connected = Some(agent.clone());
+                        }
+                        if let Some(q) = &self.ctx.queues {
+                            q.offer_answered(self.registry_id, &agent).await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%agent, error = %e, "operator answered with unusable SDP");
+                        self.drop_agent_leg().await;
+                        self.queue_offer_failed(&agent, OfferFailure::NoCommonCodec)
+                            .await;
+                    }
+                }
+            }
+            LegEvent::Failed { code, reason } => {
+                info!(%agent, code, %reason, "operator phone did not take the call");
+                self.leg = None;
+                self.leg_events = None;
+                let why = match code {
+                    486 | 600 => OfferFailure::Busy,
+                    603 | 403 => OfferFailure::Rejected,
+                    488 | 606 => OfferFailure::NoCommonCodec,
+                    408 | 480 | 487 => OfferFailure::NoAnswer,
+                    _ => OfferFailure::Unreachable,
+                };
+                if let Some(q) = &mut self.queue {
+                    q.ringing = None;
+                }
+                self.queue_offer_failed(&agent, why).await;
+            }
+            LegEvent::Dialog(DialogEvent::Bye) => {
+                info!(%agent, "operator hung up");
+                self.leg = None;
+                self.leg_events = None;
+                return Some(EndReason::AgentHungUp);
+            }
+            LegEvent::Dialog(_) => {}
+        }
+        self.end.take()
+    }
+
+    async fn queue_offer_failed(&mut self, agent: &str, why: OfferFailure) {
+        if let Some(q) = &self.ctx.queues {
+            q.offer_failed(self.registry_id, agent, why).await;
+        }
+        // Back to hold music while the next operator is tried.
+        if !self.media.is_playing() {
+            let p = self.prompts(&["hold_music".into()]);
+            self.media.play(p);
+        }
+    }
+
+    /// Hang up (or CANCEL) the operator leg, if any.
+    async fn drop_agent_leg(&mut self) {
+        if let Some(l) = self.leg.take() {
+            l.handle.hangup().await;
+            l.handle.release();
+        }
+        self.leg_events = None;
+    }
+
+    /// Leave the queue (caller's choice, max wait, or 911).
+    async fn leave_queue(&mut self) {
+        if let Some(q) = self.queue.take() {
+            if q.ringing.is_some() || q.connected.is_none() {
+                self.drop_agent_leg().await;
+            }
+            if let Some(h) = &self.ctx.queues {
+                h.abandon(self.registry_id).await;
+            }
+        }
+        self.queue_events = None;
+    }
+
+    /// A call-back request: a ticket flagged for call-back with the caller's number.
+    fn file_callback_ticket(&mut self, t: TicketRequest) {
+        let new = NewTicket {
+            service_code: t.service_code,
+            service_name: t.service_name,
+            description: t.description,
+            phone: Some(self.meta.caller.clone()),
+            channel: Channel::Phone,
+            language: Some(t.language),
+            call_id: Some(self.meta.call_id.clone()),
+            callback_requested: true,
+            ..NewTicket::default()
+        };
+        let store = self.ctx.tickets.clone();
+        self.ctx.tracker.spawn(
+            async move {
+                match store.file(new).await {
+                    Ok(t) => info!(id = t.service_request_id, "call-back ticket filed"),
+                    Err(e) => error!(error = %e, "call-back ticket could not be filed"),
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
     // ---- the end -----------------------------------------------------------------------
 
     async fn finish(mut self, reason: EndReason) {
@@ -1408,6 +1804,14 @@ impl Call {
                     "caller hung up"
                 };
                 self.emergency_done(outcome);
+            }
+        }
+        if let Some(q) = self.queue.take() {
+            if let Some(h) = &self.ctx.queues {
+                match &q.connected {
+                    Some(agent) => h.call_ended(agent).await,
+                    None => h.abandon(self.registry_id).await,
+                }
             }
         }
         if let Some(l) = self.leg.take() {
@@ -1517,6 +1921,29 @@ impl Call {
             &[],
             s.digits,
         );
+    }
+}
+
+/// "You are caller number N. Your estimated wait is about M minutes." and the options.
+fn position_prompts(pos: Position) -> Vec<String> {
+    let mut p = vec!["queue_position".to_owned()];
+    p.extend(crate::menu::engine::number_prompts(pos.place as u64));
+    let minutes = pos.ewt.as_secs().div_ceil(60).max(1);
+    p.push("queue_wait".into());
+    p.extend(crate::menu::engine::number_prompts(minutes));
+    p.push(if minutes == 1 {
+        "minute".into()
+    } else {
+        "minutes".into()
+    });
+    p.push("queue_options".into());
+    p
+}
+
+async fn queue_event(events: &mut Option<mpsc::Receiver<QueueEvent>>) -> Option<QueueEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

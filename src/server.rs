@@ -8,8 +8,10 @@ use crate::api::{self, ApiState};
 use crate::call::{self, CallContext, CallRegistry, MenuHolder, PortPool};
 use crate::call::{load_active_menu, MenuLoadError};
 use crate::config::{FileConfig, ServeArgs};
+use crate::dispatch::queue::{spawn_dispatcher, Dispatcher, QueueHandle};
 use crate::dispatch::tickets::{StoreError, TicketStore};
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
+use crate::sip::registrar::AgentEvent;
 use crate::sip::transport::{self, TransportLimits};
 use crate::sip::ua::UaCore;
 use std::net::SocketAddr;
@@ -132,7 +134,16 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         advertised,
         format!("ivr311/{}", env!("CARGO_PKG_VERSION")),
         app_tx,
+    )
+    .with_agents(
+        "ivr311",
+        file.agents
+            .iter()
+            .map(|a| (a.id.clone(), a.password.clone())),
     );
+    let mut ua = ua;
+    let agent_rx = ua.agent_events();
+    let agent_contacts = ua.agent_contacts();
     let ua_stats = ua.stats();
     let outbound = ua.outbound();
     tracker.spawn(ua.run(in_rx, cancel.clone()));
@@ -140,6 +151,20 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let registry = Arc::new(CallRegistry::default());
     let draining = CancellationToken::new();
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    // Operators: with agents configured, a queue dispatcher fed by their registrations.
+    let queues = (!file.agents.is_empty()).then(|| {
+        let handle = spawn_dispatcher(
+            Dispatcher::new(&file.agents, &file.queues),
+            &tracker,
+            cancel.clone(),
+        );
+        tracker.spawn(forward_agent_events(
+            agent_rx,
+            handle.clone(),
+            cancel.clone(),
+        ));
+        handle
+    });
     let ports = PortPool::new(args.rtp_ports, args.sip.ip());
     let menu_holder = Arc::new(MenuHolder::new(
         menu,
@@ -158,6 +183,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         emergency: file.emergency.clone(),
         outbound,
         metrics: metrics.clone(),
+        queues: queues.clone(),
+        agent_contacts,
         recordings: file.storage.recordings_dir.clone(),
         tracker: tracker.clone(),
         draining: draining.clone(),
@@ -192,6 +219,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         admin: Arc::new(file.admin.clone()),
         metrics: metrics.clone(),
         ports: ports.clone(),
+        queues,
     });
     let c = cancel.clone();
     tracker.spawn(async move {
@@ -212,4 +240,28 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         tracker,
         drain: Duration::from_secs(file.limits.drain_seconds),
     })
+}
+
+/// Agents logging in and out (REGISTER) become available or logged out in the queues.
+async fn forward_agent_events(
+    mut rx: mpsc::Receiver<AgentEvent>,
+    queues: QueueHandle,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+        };
+        match ev {
+            AgentEvent::LoggedIn { agent, contact, .. } => {
+                info!(%agent, %contact, "agent logged in");
+                queues.agent_logged_in(&agent).await;
+            }
+            AgentEvent::LoggedOut { agent } => {
+                info!(%agent, "agent logged out");
+                queues.agent_logged_out(&agent).await;
+            }
+        }
+    }
 }

@@ -11,6 +11,9 @@
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
 //! | POST | `/admin/requests/{id}` | staff status update: JSON `{"status": "open"/"closed", "status_notes": "..."}` |
 //! | GET | `/admin/emergency` | the latest 911 redirect audit rows |
+//! | GET | `/admin/queues` | per queue: waiting, longest wait, agents by status, answered, abandoned, service level |
+//! | GET | `/admin/agents` | each operator: status, calls taken, idle since |
+//! | POST | `/admin/agents/{id}/pause` | pause an operator, JSON `{"reason": "..."}`; `/unpause` to resume |
 //! | GET | `/metrics` | Prometheus text format |
 
 use crate::api::ApiState;
@@ -34,6 +37,10 @@ pub fn router() -> Router<ApiState> {
         .route("/admin/menu/reload", post(reload))
         .route("/admin/requests/{id}", post(update_request))
         .route("/admin/emergency", get(emergency))
+        .route("/admin/queues", get(queues))
+        .route("/admin/agents", get(agents))
+        .route("/admin/agents/{id}/pause", post(pause))
+        .route("/admin/agents/{id}/unpause", post(unpause))
         .route("/metrics", get(metrics))
 }
 
@@ -282,12 +289,161 @@ async fn metrics(
             s.started.elapsed().as_secs_f64(),
         ),
     ];
+    let mut text = s.metrics.render(&gauges);
+    if let Some(q) = &s.queues {
+        use std::fmt::Write as _;
+        let figures = q.figures().await;
+        type Get = fn(&crate::dispatch::queue::QueueFigures) -> f64;
+        let series: [(&str, &str, Get); 6] = [
+            (
+                "ivr311_queue_waiting",
+                "Callers waiting for an operator.",
+                |f| f.waiting as f64,
+            ),
+            (
+                "ivr311_queue_longest_wait_seconds",
+                "Longest current wait.",
+                |f| f.longest_wait.as_secs_f64(),
+            ),
+            (
+                "ivr311_queue_answered",
+                "Callers answered by an operator since start.",
+                |f| f.answered as f64,
+            ),
+            (
+                "ivr311_queue_abandoned",
+                "Callers who left the queue unanswered since start.",
+                |f| f.abandoned as f64,
+            ),
+            (
+                "ivr311_queue_answered_within_30s",
+                "Callers answered within 30 seconds since start.",
+                |f| f.answered_within_30s as f64,
+            ),
+            (
+                "ivr311_queue_service_level",
+                "Answered within 30 s / (answered + abandoned).",
+                |f| f.service_level.unwrap_or(1.0),
+            ),
+        ];
+        for (name, help, get) in series {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for f in &figures {
+                let _ = writeln!(
+                    text,
+                    "{name}{{queue=\"{}\"}} {}",
+                    f.name.replace('"', "'"),
+                    get(f)
+                );
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(&gauges),
+        text,
     )
         .into_response()
+}
+
+fn no_queues() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "no operators are configured"})),
+    )
+        .into_response()
+}
+
+async fn queues(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    match &s.queues {
+        Some(q) => Json(q.figures().await).into_response(),
+        None => Json(Vec::<()>::new()).into_response(),
+    }
+}
+
+async fn agents(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+) -> Response {
+    guard!(s, h, r);
+    match &s.queues {
+        Some(q) => Json(q.agents().await).into_response(),
+        None => Json(Vec::<()>::new()).into_response(),
+    }
+}
+
+/// Body of a pause.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pause {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn pause(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    guard!(s, h, r);
+    let Some(q) = &s.queues else {
+        return no_queues();
+    };
+    let p: Pause = if body.is_empty() {
+        Pause::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": format!("body: {e}")})),
+                )
+                    .into_response()
+            }
+        }
+    };
+    let reason = p.reason.unwrap_or_else(|| "paused by admin".into());
+    if q.pause(&id, &reason).await {
+        info!(agent = %id, %reason, "agent paused");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such agent, or not logged in"})),
+        )
+            .into_response()
+    }
+}
+
+async fn unpause(
+    State(s): State<ApiState>,
+    ConnectInfo(r): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    guard!(s, h, r);
+    let Some(q) = &s.queues else {
+        return no_queues();
+    };
+    if q.unpause(&id).await {
+        info!(agent = %id, "agent unpaused");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such agent, or not paused"})),
+        )
+            .into_response()
+    }
 }

@@ -34,6 +34,8 @@ pub struct ApiState {
     pub admin: Arc<AdminConfig>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub ports: Arc<crate::call::PortPool>,
+    /// Operator queues (none when no agents are configured).
+    pub queues: Option<crate::dispatch::queue::QueueHandle>,
 }
 
 /// `GET /health` body.

@@ -6,4 +6,5 @@
 //! which lists and updates them.
 
 pub mod emergency;
+pub mod queue;
 pub mod tickets;

@@ -11,8 +11,14 @@
 //! - CANCEL: `200` for the CANCEL, `487` for the INVITE, and the call hears [`DialogEvent::Cancelled`].
 //! - In-dialog: BYE (200), INFO (200, passed up), re-INVITE/UPDATE (passed up, the call answers
 //!   with SDP), OPTIONS (200); CSeq going backwards gets 500; unknown dialogs get 481.
-//! - Out of dialog: OPTIONS gets 200 (monitoring pings); REGISTER, SUBSCRIBE, MESSAGE... get 405
-//!   with `Allow`; methods we do not know get 501.
+//! - Out of dialog: OPTIONS gets 200 (monitoring pings); SUBSCRIBE, MESSAGE... get 405 with
+//!   `Allow`; methods we do not know get 501.
+//! - REGISTER (operators logging in): answered by the [`Registrar`] when agents are configured
+//!   ([`UaCore::with_registrar`], [`UaCore::with_agents`]; `Allow` then lists REGISTER), else
+//!   403. Log-ins and log-outs go out as [`AgentEvent`]s on their own channel
+//!   ([`UaCore::agent_events`], so the [`AppEvent`] consumers are untouched), and the preferred
+//!   contact of every agent logged in is kept in a shared map ([`UaCore::agent_contacts`]).
+//!   Binding expiry rides on the same timer heap as the transactions.
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
@@ -25,7 +31,8 @@
 //!
 //! Outbound calls (UAC), for bridging a caller to 911 or an operator: [`OutboundHandle::invite`]
 //! sends an INVITE over UDP to a `sip:` URI with an IP-literal host and reports progress as
-//! [`LegEvent`]s. On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
+//! [`LegEvent`]s; [`OutboundHandle::invite_via`] sends it along a given flow instead (an agent's
+//! registration flow, which reaches phones behind NAT). On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
 //! itself (and ACKs every retransmission of that 2xx again), and from then on the dialog is
 //! handled exactly like an inbound one: the same [`DialogHandle`], the same in-dialog requests,
 //! with each [`DialogEvent`] wrapped in [`LegEvent::Dialog`]. Non-2xx finals are ACKed by the
@@ -45,9 +52,11 @@ use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
     Request, RequestBuilder, Response, ResponseBuilder,
 };
+use crate::sip::registrar::{AgentEvent, Registrar};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
 use bytes::Bytes;
+use dashmap::DashMap;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt::Write as _;
@@ -61,6 +70,9 @@ use tracing::{debug, info, warn};
 
 /// Methods we implement, for `Allow`.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+/// `Allow` when agents can log in (a registrar is configured).
+pub const ALLOW_WITH_REGISTER: &str =
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REGISTER";
 
 /// Internal dialog id.
 pub type DialogId = u64;
@@ -170,10 +182,52 @@ impl OutboundHandle {
         extra_headers: Vec<(String, String)>,
         sdp: Bytes,
     ) -> OutboundCall {
+        self.start(target, None, from_user, from_display, extra_headers, sdp)
+            .await
+    }
+
+    /// Like [`OutboundHandle::invite`], but the INVITE goes along `flow` instead of to the
+    /// target's host: for an agent's phone, pass the contact and flow from its registration
+    /// ([`AgentEvent::LoggedIn`], [`UaCore::agent_contacts`]). Phones behind NAT register a
+    /// private Contact; the flow (the address and port, or the TCP connection, the REGISTER
+    /// came from) is the path that reaches them. `target` is only the Request-URI (and To): any
+    /// `sip:`/`sips:` URI, its host need not be an IP address. A flow the UA cannot use (IPv6
+    /// while SIP is bound to IPv4, port 0...) fails at once with 503; a TCP connection that has
+    /// closed shows as no answer (408).
+    pub async fn invite_via(
+        &self,
+        target: &str,
+        flow: Flow,
+        from_user: &str,
+        from_display: Option<&str>,
+        extra_headers: Vec<(String, String)>,
+        sdp: Bytes,
+    ) -> OutboundCall {
+        self.start(
+            target,
+            Some(flow),
+            from_user,
+            from_display,
+            extra_headers,
+            sdp,
+        )
+        .await
+    }
+
+    async fn start(
+        &self,
+        target: &str,
+        via: Option<Flow>,
+        from_user: &str,
+        from_display: Option<&str>,
+        extra_headers: Vec<(String, String)>,
+        sdp: Bytes,
+    ) -> OutboundCall {
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (reply_tx, reply_rx) = oneshot::channel();
         let cmd = Command::Invite(Box::new(InviteCommand {
             target: target.to_owned(),
+            via,
             from_user: from_user.to_owned(),
             from_display: from_display.map(str::to_owned),
             headers: extra_headers,
@@ -216,6 +270,8 @@ impl OutboundHandle {
 #[derive(Debug)]
 struct InviteCommand {
     target: String,
+    /// Send along this flow instead of to the target's host ([`OutboundHandle::invite_via`]).
+    via: Option<Flow>,
     from_user: String,
     from_display: Option<String>,
     headers: Vec<(String, String)>,
@@ -522,6 +578,8 @@ enum TimerRef {
     Client(u64),
     /// An outbound leg's wait for the final response after CANCEL.
     Leg(DialogId),
+    /// The registrar's next binding expiry.
+    Registrar,
 }
 
 /// The UA core task's state.
@@ -543,6 +601,14 @@ pub struct UaCore {
     timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
     next_id: u64,
     stats: Arc<UaStats>,
+    /// Agents' log-in; None when no agents are configured (REGISTER is then refused).
+    registrar: Option<Registrar>,
+    /// The registrar expiry the timer heap holds (earliest scheduled).
+    registrar_timer: Option<Instant>,
+    /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
+    agent_tx: Option<mpsc::Sender<AgentEvent>>,
+    /// Agent id → preferred contact URI and flow, kept by this task.
+    agent_contacts: Arc<DashMap<String, (String, Flow)>>,
 }
 
 impl UaCore {
@@ -571,6 +637,60 @@ impl UaCore {
             timers: BinaryHeap::new(),
             next_id: 1,
             stats: Arc::new(UaStats::default()),
+            registrar: None,
+            registrar_timer: None,
+            agent_tx: None,
+            agent_contacts: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// Let agents log in through this registrar: REGISTER is answered by it (and listed in
+    /// `Allow`). Without one, REGISTER gets 403.
+    pub fn with_registrar(mut self, registrar: Registrar) -> Self {
+        self.registrar = Some(registrar);
+        self
+    }
+
+    /// [`UaCore::with_registrar`] for these `(agent id, password)` pairs, with digest realm
+    /// `realm` and a random nonce secret; no agents, no registrar.
+    pub fn with_agents(
+        self,
+        realm: &str,
+        agents: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        let agents: Vec<(String, String)> = agents.into_iter().collect();
+        if agents.is_empty() {
+            return self;
+        }
+        info!(
+            agents = agents.len(),
+            realm, "agents can log in by REGISTER"
+        );
+        let secret: [u8; 32] = rand::random();
+        self.with_registrar(Registrar::new(realm.to_owned(), &agents, secret))
+    }
+
+    /// Agents logging in and out, in order; take it before [`UaCore::run`]. Only the receiver
+    /// of the latest call hears events. Events are dropped (with a warning) when the receiver
+    /// lags 1024 behind; [`UaCore::agent_contacts`] is always current.
+    pub fn agent_events(&mut self) -> mpsc::Receiver<AgentEvent> {
+        let (tx, rx) = mpsc::channel(1024);
+        self.agent_tx = Some(tx);
+        rx
+    }
+
+    /// Agent id → (preferred contact URI, flow it registered over), for every agent logged in;
+    /// kept current by the UA task. Read it to place an INVITE to an agent with
+    /// [`OutboundHandle::invite_via`].
+    pub fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
+        self.agent_contacts.clone()
+    }
+
+    fn allow(&self) -> &'static str {
+        if self.registrar.is_some() {
+            ALLOW_WITH_REGISTER
+        } else {
+            ALLOW
         }
     }
 
@@ -655,6 +775,10 @@ impl UaCore {
             self.on_cancel(req, key, flow, now).await;
             return;
         }
+        if req.method == Method::Register {
+            self.on_register(req, key, flow, now).await;
+            return;
+        }
         if req.to.tag().is_some() {
             self.on_in_dialog(req, key, flow, now).await;
             return;
@@ -664,7 +788,7 @@ impl UaCore {
             Method::Options => {
                 let resp = self
                     .response(&req, 200, "OK", None)
-                    .header("Allow", ALLOW)
+                    .header("Allow", self.allow())
                     .header("Accept", "application/sdp")
                     .header("Supported", "")
                     .build();
@@ -682,7 +806,7 @@ impl UaCore {
             Method::Other(_) => {
                 let resp = self
                     .response(&req, 501, "Not Implemented", None)
-                    .header("Allow", ALLOW)
+                    .header("Allow", self.allow())
                     .build();
                 self.new_server_and_respond(key, req, flow, None, 501, resp, now)
                     .await;
@@ -690,7 +814,7 @@ impl UaCore {
             _ => {
                 let resp = self
                     .response(&req, 405, "Method Not Allowed", None)
-                    .header("Allow", ALLOW)
+                    .header("Allow", self.allow())
                     .build();
                 self.new_server_and_respond(key, req, flow, None, 405, resp, now)
                     .await;
@@ -716,6 +840,83 @@ impl UaCore {
             None => None,
         };
         ResponseBuilder::new(req, code, reason, to_tag).header("Server", &self.user_agent)
+    }
+
+    /// REGISTER (never part of a dialog): the registrar answers, through a server transaction
+    /// so that retransmissions get the same answer and are not counted twice.
+    async fn on_register(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
+        let Some(registrar) = self.registrar.as_mut() else {
+            let resp = self
+                .response(&req, 403, "Forbidden", None)
+                .header("Warning", "399 ivr311 \"no agents configured\"")
+                .build();
+            self.new_server_and_respond(key, req, flow, None, 403, resp, now)
+                .await;
+            return;
+        };
+        let (reply, events) = registrar.handle(now, &req, flow);
+        let mut b = self.response(&req, reply.code, reply.reason, None);
+        for (name, value) in &reply.headers {
+            b = b.header(name, value);
+        }
+        let resp = b.build();
+        self.new_server_and_respond(key, req, flow, None, reply.code, resp, now)
+            .await;
+        self.on_agent_events(events);
+        self.schedule_registrar();
+    }
+
+    /// Keep [`UaCore::agent_contacts`] current and pass the events on.
+    fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
+        for ev in events {
+            match &ev {
+                AgentEvent::LoggedIn {
+                    agent,
+                    contact,
+                    flow,
+                } => {
+                    self.agent_contacts
+                        .insert(agent.clone(), (contact.clone(), *flow));
+                }
+                AgentEvent::LoggedOut { agent } => {
+                    self.agent_contacts.remove(agent);
+                }
+            }
+            let Some(tx) = &self.agent_tx else {
+                continue;
+            };
+            match tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    warn!(?ev, "agent event listener backlogged; event dropped")
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.agent_tx = None,
+            }
+        }
+    }
+
+    /// Make sure the timer heap wakes us for the registrar's next expiry.
+    fn schedule_registrar(&mut self) {
+        let Some(next) = self.registrar.as_ref().and_then(Registrar::next_expiry) else {
+            return;
+        };
+        if self.registrar_timer.is_some_and(|t| t <= next) {
+            return;
+        }
+        self.registrar_timer = Some(next);
+        self.timers.push(Reverse((next, TimerRef::Registrar)));
+    }
+
+    fn on_registrar_timer(&mut self, now: Instant) {
+        if self.registrar_timer.is_some_and(|t| t <= now) {
+            self.registrar_timer = None;
+        }
+        let events = match self.registrar.as_mut() {
+            Some(r) => r.expire(now),
+            None => return,
+        };
+        self.on_agent_events(events);
+        self.schedule_registrar();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1076,7 +1277,7 @@ impl UaCore {
             Method::Other(_) => {
                 let resp = self
                     .response(&req, 501, "Not Implemented", Some(&local_tag))
-                    .header("Allow", ALLOW)
+                    .header("Allow", self.allow())
                     .build();
                 self.new_server_and_respond(key, req, flow, None, 501, resp, now)
                     .await;
@@ -1084,7 +1285,7 @@ impl UaCore {
             _ => {
                 let resp = self
                     .response(&req, 405, "Method Not Allowed", Some(&local_tag))
-                    .header("Allow", ALLOW)
+                    .header("Allow", self.allow())
                     .build();
                 self.new_server_and_respond(key, req, flow, None, 405, resp, now)
                     .await;
@@ -1119,6 +1320,7 @@ impl UaCore {
         body: Option<(String, Bytes)>,
         now: Instant,
     ) {
+        let allow = self.allow();
         let Some(de) = self.dialogs.get(&d) else {
             return;
         };
@@ -1140,7 +1342,7 @@ impl UaCore {
                     "Contact",
                     format_args!("<{}>", contact_uri(self.local, flow)),
                 )
-                .header("Allow", ALLOW)
+                .header("Allow", allow)
                 .header("Supported", "");
         }
         for (k, v) in headers {
@@ -1203,6 +1405,7 @@ impl UaCore {
                 let flow = self.dialogs.get(&dialog).map(|de| de.dialog.flow);
                 let local = self.local;
                 let ua = self.user_agent.clone();
+                let allow = self.allow();
                 let Some((id, e)) = self.server.get_mut(&key) else {
                     return;
                 };
@@ -1217,7 +1420,7 @@ impl UaCore {
                 if let (Some(flow), true) = (flow, code < 300) {
                     b = b
                         .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
-                        .header("Allow", ALLOW);
+                        .header("Allow", allow);
                 }
                 if let Some((ct, body)) = body {
                     b = b.body(&ct, body);
@@ -1373,6 +1576,7 @@ impl UaCore {
         let d = self.next_id();
         let InviteCommand {
             target,
+            via,
             from_user,
             from_display,
             headers,
@@ -1382,8 +1586,17 @@ impl UaCore {
         } = inv;
         let _ = reply.send(d);
         let target = target.trim().to_owned();
-        let remote = match outbound_target(&target, self.transport.local_addr()) {
-            Ok(a) => a,
+        let bound = self.transport.local_addr();
+        let flow = match via {
+            Some(flow) => via_flow(&target, flow, bound),
+            None => outbound_target(&target, bound).map(|remote| Flow {
+                transport: Transport::Udp,
+                remote,
+                conn: 0,
+            }),
+        };
+        let flow = match flow {
+            Ok(f) => f,
             Err(why) => {
                 warn!(%target, why, "outbound call refused");
                 let _ = events.try_send(LegEvent::Failed {
@@ -1392,11 +1605,6 @@ impl UaCore {
                 });
                 return;
             }
-        };
-        let flow = Flow {
-            transport: Transport::Udp,
-            remote,
-            conn: 0,
         };
         let local = self.local;
         let local_tag = random_token(12);
@@ -1434,7 +1642,7 @@ impl UaCore {
         .header("Call-ID", &sent.call_id)
         .header("CSeq", format_args!("{} INVITE", sent.cseq))
         .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
-        .header("Allow", ALLOW)
+        .header("Allow", self.allow())
         .header("User-Agent", &self.user_agent);
         for (name, value) in headers {
             match extra_header(&name, &value) {
@@ -1878,6 +2086,7 @@ impl UaCore {
                     self.apply_client(id, out, None, now).await;
                 }
                 TimerRef::Leg(d) => self.on_cancel_deadline(d, now),
+                TimerRef::Registrar => self.on_registrar_timer(now),
             }
         }
     }
@@ -1913,10 +2122,7 @@ fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'stat
     if !scheme_ok {
         return Err("only sip: targets are supported");
     }
-    if target
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
-    {
+    if !clean_uri(target) {
         return Err("malformed target URI");
     }
     let lower = target.to_ascii_lowercase();
@@ -1938,6 +2144,34 @@ fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'stat
         return Err("target is IPv6 but SIP is bound to IPv4");
     }
     Ok(addr)
+}
+
+/// No characters that would break out of a Request-URI or a `<...>`.
+fn clean_uri(uri: &str) -> bool {
+    !uri.chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
+}
+
+/// Check an outbound target sent along a given flow ([`OutboundHandle::invite_via`]): a `sip:`
+/// or `sips:` URI, and a flow our sockets can use.
+fn via_flow(target: &str, flow: Flow, bound: SocketAddr) -> Result<Flow, &'static str> {
+    let scheme_ok = target.split_once(':').is_some_and(|(s, rest)| {
+        (s.eq_ignore_ascii_case("sip") || s.eq_ignore_ascii_case("sips")) && !rest.is_empty()
+    });
+    if !scheme_ok {
+        return Err("only sip: targets are supported");
+    }
+    if !clean_uri(target) || target.len() > 512 {
+        return Err("malformed target URI");
+    }
+    let addr = flow.remote;
+    if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err("flow address is not usable");
+    }
+    if bound.is_ipv4() && addr.is_ipv6() {
+        return Err("flow is IPv6 but SIP is bound to IPv4");
+    }
+    Ok(flow)
 }
 
 /// The user part of our From URI: RFC 3261 `user` characters as they are, the rest %-escaped.
@@ -2008,6 +2242,15 @@ mod tests {
     }
 
     async fn rig() -> Rig {
+        rig_with(|ua| ua).await
+    }
+
+    /// A rig whose UA core lets agent 1001 (password "pw") log in.
+    async fn rig_with_agent() -> Rig {
+        rig_with(|ua| ua.with_agents("ivr311", [("1001".to_owned(), "pw".to_owned())])).await
+    }
+
+    async fn rig_with(setup: impl FnOnce(UaCore) -> UaCore) -> Rig {
         let (in_tx, inbound) = mpsc::channel(64);
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -2021,7 +2264,12 @@ mod tests {
         .await
         .unwrap();
         let (app_tx, _) = mpsc::channel(4);
-        let ua = UaCore::new(t.clone(), t.local_addr(), "ivr311-test".into(), app_tx);
+        let ua = setup(UaCore::new(
+            t.clone(),
+            t.local_addr(),
+            "ivr311-test".into(),
+            app_tx,
+        ));
         let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let target = format!("sip:911@{}", far.local_addr().unwrap());
         Rig {
@@ -2041,6 +2289,7 @@ mod tests {
             self.ua
                 .on_command(Command::Invite(Box::new(InviteCommand {
                     target,
+                    via: None,
                     from_user: "+15551234567".into(),
                     from_display: Some("Caller".into()),
                     headers: vec![],
@@ -2075,6 +2324,188 @@ mod tests {
                 .unwrap();
             self.ua.on_inbound(m).await;
         }
+    }
+
+    impl Rig {
+        /// The far end sends `bytes` to the UA core, which takes them in.
+        async fn far_send(&mut self, bytes: &[u8]) {
+            let to = self.ua.transport.local_addr();
+            self.far.send_to(bytes, to).await.unwrap();
+            let m = timeout(Duration::from_secs(2), self.inbound.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            self.ua.on_inbound(m).await;
+        }
+
+        /// The next response the far end receives.
+        async fn far_response(&self) -> Option<Response> {
+            let mut buf = vec![0u8; 65535];
+            let (n, _) = timeout(Duration::from_millis(300), self.far.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            match parse_datagram(&buf[..n], 65535) {
+                Ok(Message::Response(r)) => Some(r),
+                _ => None,
+            }
+        }
+
+        /// REGISTER from the far end as agent 1001; `auth` is an Authorization value.
+        async fn register(&mut self, cseq: u32, auth: Option<&str>) -> Response {
+            let from = self.far.local_addr().unwrap();
+            let mut b = RequestBuilder::new(
+                &Method::Register,
+                "sip:127.0.0.1",
+                "UDP",
+                from,
+                &new_branch(),
+            )
+            .header("From", "<sip:1001@127.0.0.1>;tag=reg")
+            .header("To", "<sip:1001@127.0.0.1>")
+            .header("Call-ID", "reg-1001")
+            .header("CSeq", format_args!("{cseq} REGISTER"))
+            .header("Contact", "<sip:1001@10.255.0.7:5062>");
+            if let Some(a) = auth {
+                b = b.header("Authorization", a);
+            }
+            self.far_send(&b.build()).await;
+            self.far_response().await.expect("a response to REGISTER")
+        }
+    }
+
+    /// The MD5 answer to the challenge in `resp`.
+    fn md5_authorization(resp: &Response) -> String {
+        use md5::{Digest, Md5};
+        let h = |s: String| -> String {
+            Md5::digest(s.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let challenge = resp
+            .headers_named("WWW-Authenticate")
+            .find(|v| v.contains("algorithm=MD5"))
+            .expect("MD5 challenge");
+        let param = |name: &str| {
+            let at = challenge.find(&format!("{name}=\"")).expect("param") + name.len() + 2;
+            let len = challenge[at..].find('"').expect("closing quote");
+            challenge[at..at + len].to_owned()
+        };
+        let (nonce, opaque) = (param("nonce"), param("opaque"));
+        let ha1 = h("1001:ivr311:pw".to_owned());
+        let ha2 = h("REGISTER:sip:127.0.0.1".to_owned());
+        let response = h(format!("{ha1}:{nonce}:00000001:abc:auth:{ha2}"));
+        format!(
+            "Digest username=\"1001\", realm=\"ivr311\", nonce=\"{nonce}\", uri=\"sip:127.0.0.1\", \
+             response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"abc\", \
+             opaque=\"{opaque}\""
+        )
+    }
+
+    #[tokio::test]
+    async fn register_without_agents_is_forbidden() {
+        let mut r = rig().await;
+        let resp = r.register(1, None).await;
+        assert_eq!(resp.code, 403);
+        assert_eq!(r.ua.allow(), ALLOW);
+    }
+
+    #[tokio::test]
+    async fn agent_logs_in_is_reachable_through_its_flow_and_expires() {
+        let mut r = rig_with_agent().await;
+        let mut events = r.ua.agent_events();
+        let contacts = r.ua.agent_contacts();
+        assert_eq!(r.ua.allow(), ALLOW_WITH_REGISTER);
+        let challenge = r.register(1, None).await;
+        assert_eq!(challenge.code, 401);
+        assert_eq!(challenge.headers_named("WWW-Authenticate").count(), 2);
+        let ok = r.register(2, Some(&md5_authorization(&challenge))).await;
+        assert_eq!(ok.code, 200, "{ok:?}");
+        assert_eq!(ok.contacts()[0].uri, "sip:1001@10.255.0.7:5062");
+        let far = r.far.local_addr().unwrap();
+        let Ok(AgentEvent::LoggedIn {
+            agent,
+            contact,
+            flow,
+        }) = events.try_recv()
+        else {
+            panic!("LoggedIn expected");
+        };
+        assert_eq!(
+            (agent.as_str(), contact.as_str()),
+            ("1001", "sip:1001@10.255.0.7:5062")
+        );
+        assert_eq!(flow.remote, far);
+        assert_eq!(
+            contacts.get("1001").map(|c| c.value().clone()),
+            Some((contact.clone(), flow))
+        );
+
+        // An INVITE to the agent goes along the flow, with the registered contact as target.
+        let (reply, reply_rx) = oneshot::channel();
+        let (ev_tx, _leg) = mpsc::channel(8);
+        r.ua.on_command(Command::Invite(Box::new(InviteCommand {
+            target: contact.clone(),
+            via: Some(flow),
+            from_user: "+15551234567".into(),
+            from_display: None,
+            headers: vec![],
+            sdp: Bytes::from_static(b"v=0\r\n"),
+            events: ev_tx,
+            reply,
+        })))
+        .await;
+        assert!(reply_rx.await.is_ok());
+        let Some((inv, _)) = r.far_recv().await else {
+            panic!("INVITE expected at the registration's address")
+        };
+        assert_eq!(inv.method, Method::Invite);
+        assert_eq!(inv.uri, "sip:1001@10.255.0.7:5062");
+
+        // The binding runs out on the timer heap.
+        assert!(r.ua.registrar_timer.is_some());
+        r.ua.on_timers(Instant::now() + Duration::from_secs(3601))
+            .await;
+        assert!(matches!(
+            events.try_recv(),
+            Ok(AgentEvent::LoggedOut { agent }) if agent == "1001"
+        ));
+        assert!(contacts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn invite_via_refuses_unusable_flows() {
+        let mut r = rig().await;
+        for (target, remote) in [
+            ("sip:1001@10.0.0.1", "[::1]:5060"),
+            ("sip:1001@10.0.0.1", "127.0.0.1:0"),
+            ("tel:1001", "127.0.0.1:5060"),
+            ("sip:1001@10.0.0.1>\r\nX: y", "127.0.0.1:5060"),
+        ] {
+            let (reply, _) = oneshot::channel();
+            let (ev_tx, mut events) = mpsc::channel(8);
+            r.ua.on_command(Command::Invite(Box::new(InviteCommand {
+                target: target.into(),
+                via: Some(Flow {
+                    transport: Transport::Udp,
+                    remote: remote.parse().unwrap(),
+                    conn: 0,
+                }),
+                from_user: "x".into(),
+                from_display: None,
+                headers: vec![],
+                sdp: Bytes::new(),
+                events: ev_tx,
+                reply,
+            })))
+            .await;
+            assert!(
+                matches!(events.try_recv(), Ok(LegEvent::Failed { code: 503, .. })),
+                "{target} via {remote}"
+            );
+        }
+        assert!(r.ua.client.is_empty());
     }
 
     #[tokio::test]

@@ -1,0 +1,2424 @@
+//! The operator queue: callers who press 0 (or run out of tries) wait here and are offered to
+//! operators (agents) fairly.
+//!
+//! Two layers, as elsewhere in the crate:
+//!
+//! - [`Dispatcher`] is the sans-IO core. It never reads a clock or touches a socket: every
+//!   input carries `now`, and [`Dispatcher::poll`] returns the [`Action`]s to carry out
+//!   (ring an agent for a caller, stop ringing, tell a caller their place, offer a ticket after
+//!   the longest wait). [`Dispatcher::next_deadline`] says when to poll again.
+//! - [`spawn_dispatcher`] runs one core in a task and hands out [`QueueHandle`]s; each waiting
+//!   call registers an `mpsc` sender and receives its [`QueueEvent`]s there.
+//!
+//! # Routing
+//!
+//! Every configured agent serves every queue; skills do the routing. A caller with skill
+//! (language) `es` can go to an agent whose `skills` contain `es` (case-insensitively) or who
+//! has no skills at all; a caller with no skill can go to anyone. Callers are served in one
+//! global order, higher `priority` first, then earlier arrival (across queues, so no queue
+//! starves another). A caller nobody free can take does not block the callers behind it.
+//!
+//! For each caller the eligible `Available` agents are narrowed to the lowest `tier` present
+//! (Asterisk's penalty), then the caller's queue strategy picks:
+//!
+//! | strategy | picks | Asterisk `app_queue` | FreeSWITCH `mod_callcenter` |
+//! | --- | --- | --- | --- |
+//! | `longest_idle` | earliest last call end, or login if none since | `leastrecent` (`lastcall`; never-called members first) | `longest-idle-agent` orders by last *offer*, so a missed offer sends the agent to the back; here it does not |
+//! | `round_robin` | next after the agent this queue offered last, config order, wrapping | `rrmemory` | `round-robin` |
+//! | `fewest_calls` | fewest calls answered since the server started | `fewestcalls` | `agent-with-fewest-calls` (`calls_answered`) |
+//! | `ring_all` | every eligible agent of the best tier at once; first answer wins | `ringall` | `ring-all` |
+//!
+//! Remaining ties go to the agent listed first in the config. One caller rings one agent at a
+//! time (all of them for `ring_all`); an agent rings for one caller at a time; agents in
+//! wrap-up, paused, in a no-answer pause, on a call or ringing are never offered.
+//!
+//! # Agent states
+//!
+//! `LoggedOut → Available` at login (idle since then). An offer makes the agent `Ringing`;
+//! answered → `OnCall`; the call's end → `WrapUp` for the queue's `wrap_up_seconds`, then
+//! `Available`. Any failed offer (no answer, busy, rejected, unreachable, no common codec) →
+//! `NoAnswerPause` for `no_answer_pause_seconds` (Asterisk uses one `retry` for all of these;
+//! FreeSWITCH has separate busy/reject/no-answer delays), and the caller keeps its place at
+//! the head of the line and is offered to the next agent at once. Losing a ring-all race, or a
+//! caller hanging up while the phone rings, costs the agent nothing.
+//!
+//! `pause` while ringing or on a call takes effect when that ends (Asterisk-style "pause
+//! after this call"); `unpause` also ends a no-answer pause early. Pausing does not change
+//! how long an agent counts as idle (as in both Asterisk and FreeSWITCH).
+//!
+//! If the call never reports an offer's outcome, the core gives up `ring_timeout + 5 s` after
+//! the offer: `CancelOffer`, then treated as no answer, so a lost report cannot hold an agent.
+//!
+//! # Callers
+//!
+//! [`Dispatcher::enqueue`] refuses at once with [`Refusal::NoAgents`] when no logged-in agent
+//! (available, busy or paused) could ever take the caller (Asterisk `joinempty`), and with
+//! [`Refusal::QueueFull`] at `max_length` (Asterisk `maxlen`). While waiting, a caller gets
+//! `Announce` every `announce_every_seconds` (skipped while an agent's phone rings for it) and
+//! one `MaxWait` after `max_wait_seconds` (deferred while ringing). `MaxWait` also comes at once
+//! when every agent who could take the caller logs out (Asterisk `leavewhenempty`, FreeSWITCH
+//! `max-wait-time-with-no-agent`), so nobody holds for nothing. After `MaxWait` the caller
+//! stays queued (and can still be offered) until the call says [`Dispatcher::abandon`].
+//!
+//! A queue the menu names but the config does not list behaves as a default [`QueueConfig`]
+//! with that name. For `max_length`, `max_wait_seconds` and `announce_every_seconds`, 0 means
+//! "no limit"/"never" (Asterisk's convention); `ring_timeout_seconds` is at least 1.
+//!
+//! # Estimated wait (EWT)
+//!
+//! `AHT = mean talk time of the queue's last 20 answered-and-ended calls + wrap_up_seconds`
+//! (180 s until the queue has ended a call). With `staffed` = logged-in agents who can take
+//! the caller and are not paused (available, ringing, on a call, in wrap-up or a no-answer
+//! pause) and `free` = those of them available right now:
+//!
+//! `EWT = AHT × ceil(max(0, place − free) / max(1, staffed))`
+//!
+//! so a caller an idle agent can take at once is told 0, and each "round" of `staffed`
+//! callers ahead costs one handle time. (Asterisk announces a smoothed average hold time not
+//! scaled by position; FreeSWITCH announces nothing.)
+//!
+//! # Service level
+//!
+//! `service_level = answered_within_30s / (answered + abandoned)`, where `abandoned` counts
+//! every caller who left the queue unanswered, whatever the wait (also after `MaxWait`).
+//! Refused callers never entered and are not counted. `None` until a caller has left the
+//! queue. This is stricter than Asterisk's `QUEUESRVLEVELPERF` (answered-in-SL / answered,
+//! abandons ignored) and its SL2 ((answered-in-SL + abandoned-in-SL) / (answered +
+//! abandoned), quick abandons forgiven); `abandoned_within_30s` is reported so SL2 can be
+//! derived. Counters run from server start.
+//!
+//! `figures()` and `agents()` take no clock: durations in them are as of the latest `now`
+//! the dispatcher was given (the driver polls just before answering).
+
+use crate::config::{AgentConfig, QueueConfig, Strategy};
+use serde::{Serialize, Serializer};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Identifies one waiting call (chosen by the call layer, unique while the call lives).
+pub type CallerId = u64;
+
+/// Answered within this counts toward the service level.
+pub const SERVICE_LEVEL_TARGET: Duration = Duration::from_secs(30);
+/// How many recent calls the average handle time is taken over.
+const AHT_SAMPLES: usize = 20;
+/// Average handle time before the queue has ended a call.
+const DEFAULT_AHT: Duration = Duration::from_secs(180);
+/// An offer with no reported outcome is withdrawn this long after its ring timeout.
+const OFFER_GRACE: Duration = Duration::from_secs(5);
+/// Settings are capped at a year so `Instant` arithmetic cannot overflow.
+const MAX_SETTING_SECS: u64 = 365 * 86_400;
+
+/// What an agent is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStatus {
+    LoggedOut,
+    Available,
+    Ringing { caller: CallerId },
+    OnCall { caller: CallerId },
+    WrapUp { until: Instant },
+    NoAnswerPause { until: Instant },
+    Paused { reason: String },
+}
+
+impl AgentStatus {
+    /// `snake_case` name, as in the admin JSON.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AgentStatus::LoggedOut => "logged_out",
+            AgentStatus::Available => "available",
+            AgentStatus::Ringing { .. } => "ringing",
+            AgentStatus::OnCall { .. } => "on_call",
+            AgentStatus::WrapUp { .. } => "wrap_up",
+            AgentStatus::NoAnswerPause { .. } => "no_answer_pause",
+            AgentStatus::Paused { .. } => "paused",
+        }
+    }
+}
+
+/// A caller's place in its queue and the estimated wait (see the module docs for EWT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Position {
+    /// 1-based place among the callers waiting in the same queue.
+    pub place: usize,
+    #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
+    pub ewt: Duration,
+}
+
+/// Why a caller was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No logged-in agent could ever take this caller (skill): say so now, never hold.
+    #[error("no operator who can take this call is logged in")]
+    NoAgents,
+    /// The queue already holds `max_length` callers.
+    #[error("the queue is full")]
+    QueueFull,
+}
+
+/// Why an offer to an agent failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferFailure {
+    /// Rang for the whole ring timeout.
+    NoAnswer,
+    Busy,
+    Rejected,
+    Unreachable,
+    NoCommonCodec,
+}
+
+/// What the core asks the outside to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ring `agent` for `caller` (INVITE), then report `offer_answered` or `offer_failed`.
+    Offer {
+        caller: CallerId,
+        agent: String,
+        ring_timeout: Duration,
+    },
+    /// Stop ringing `agent` for `caller` (another agent took it, the caller left, the agent
+    /// logged out, or the outcome was never reported).
+    CancelOffer { caller: CallerId, agent: String },
+    /// Tell a waiting caller their place and estimated wait.
+    Announce {
+        caller: CallerId,
+        position: Position,
+    },
+    /// The caller waited `max_wait_seconds` (or nobody who could take it is logged in any
+    /// more): offer a ticket or a call-back. It stays queued until `abandon`.
+    MaxWait { caller: CallerId },
+}
+
+impl Action {
+    /// The caller this action concerns.
+    pub fn caller(&self) -> CallerId {
+        match self {
+            Action::Offer { caller, .. }
+            | Action::CancelOffer { caller, .. }
+            | Action::Announce { caller, .. }
+            | Action::MaxWait { caller } => *caller,
+        }
+    }
+}
+
+/// Agents of a queue by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgentCounts {
+    pub logged_out: usize,
+    pub available: usize,
+    pub ringing: usize,
+    pub on_call: usize,
+    pub wrap_up: usize,
+    pub no_answer_pause: usize,
+    pub paused: usize,
+}
+
+/// One queue's live figures and counters (since server start).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueFigures {
+    pub name: String,
+    pub strategy: &'static str,
+    /// Callers waiting now (including those an agent's phone is ringing for).
+    pub waiting: usize,
+    #[serde(rename = "longest_wait_seconds", serialize_with = "whole_seconds")]
+    pub longest_wait: Duration,
+    /// All agents (every agent serves every queue), by status.
+    pub agents: AgentCounts,
+    pub answered: u64,
+    /// Left unanswered (hung up, or left after `MaxWait`).
+    pub abandoned: u64,
+    pub answered_within_30s: u64,
+    pub abandoned_within_30s: u64,
+    /// `MaxWait` actions issued.
+    pub max_wait_reached: u64,
+    /// Refused at `enqueue` (no agents, queue full).
+    pub refused: u64,
+    /// `answered_within_30s / (answered + abandoned)`; `None` before anyone left the queue.
+    pub service_level: Option<f64>,
+    #[serde(rename = "average_handle_seconds", serialize_with = "whole_seconds")]
+    pub average_handle_time: Duration,
+    /// Estimated wait for a caller (no skill) joining now.
+    #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
+    pub ewt: Duration,
+}
+
+/// One agent, for the admin view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentView {
+    pub id: String,
+    pub name: Option<String>,
+    #[serde(skip)]
+    pub status: AgentStatus,
+    /// `status` as a `snake_case` word.
+    pub state: &'static str,
+    /// The caller ringing or connected.
+    pub caller: Option<CallerId>,
+    /// Why paused, or the reason of a pause that starts when the current call ends.
+    pub pause_reason: Option<String>,
+    /// Seconds left of wrap-up or no-answer pause.
+    pub seconds_left: Option<u64>,
+    pub calls_taken: u64,
+    /// Last call end or login (`None` while logged out).
+    #[serde(skip)]
+    pub idle_since: Option<Instant>,
+    /// Seconds since `idle_since`, while available.
+    pub idle_seconds: Option<u64>,
+    pub skills: Vec<String>,
+    pub tier: u32,
+}
+
+fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs() + u64::from(d.subsec_millis() >= 500))
+}
+
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::LongestIdle => "longest_idle",
+        Strategy::RoundRobin => "round_robin",
+        Strategy::FewestCalls => "fewest_calls",
+        Strategy::RingAll => "ring_all",
+    }
+}
+
+fn setting(secs: u64) -> Duration {
+    Duration::from_secs(secs.min(MAX_SETTING_SECS))
+}
+
+/// `now + d`, saturating at `now` in the (capped, so impossible) overflow case.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or(now)
+}
+
+struct Agent {
+    id: String,
+    name: Option<String>,
+    skills: Vec<String>,
+    tier: u32,
+    status: AgentStatus,
+    idle_since: Option<Instant>,
+    calls_taken: u64,
+    /// While ringing: when the core gives up on hearing the outcome.
+    offer_expires: Option<Instant>,
+    /// While on a call.
+    call: Option<Connected>,
+    /// Pause requested while ringing or on a call.
+    pause_after: Option<String>,
+}
+
+struct Connected {
+    queue: usize,
+    answered_at: Instant,
+}
+
+impl Agent {
+    fn can_take(&self, skill: Option<&str>) -> bool {
+        match skill {
+            None => true,
+            Some(s) => {
+                self.skills.is_empty() || self.skills.iter().any(|k| k.eq_ignore_ascii_case(s))
+            }
+        }
+    }
+
+    fn logged_in(&self) -> bool {
+        self.status != AgentStatus::LoggedOut
+    }
+
+    fn ringing_for(&self, caller: CallerId) -> bool {
+        self.status == AgentStatus::Ringing { caller }
+    }
+
+    /// Stop ringing without penalty.
+    fn release(&mut self) {
+        self.offer_expires = None;
+        self.status = match self.pause_after.take() {
+            Some(reason) => AgentStatus::Paused { reason },
+            None => AgentStatus::Available,
+        };
+    }
+}
+
+struct QueueState {
+    name: String,
+    strategy: Strategy,
+    wrap_up: Duration,
+    ring_timeout: Duration,
+    no_answer_pause: Duration,
+    max_wait: Option<Duration>,
+    max_length: Option<usize>,
+    announce_every: Option<Duration>,
+    /// Round robin: the agent this queue offered last.
+    rr_last: Option<usize>,
+    talk_times: VecDeque<Duration>,
+    answered: u64,
+    abandoned: u64,
+    answered_in_sl: u64,
+    abandoned_in_sl: u64,
+    max_wait_reached: u64,
+    refused: u64,
+}
+
+impl QueueState {
+    fn new(c: &QueueConfig) -> Self {
+        let positive = |secs: u64| (secs > 0).then(|| setting(secs));
+        QueueState {
+            name: c.name.clone(),
+            strategy: c.strategy,
+            wrap_up: setting(c.wrap_up_seconds),
+            ring_timeout: setting(c.ring_timeout_seconds.max(1)),
+            no_answer_pause: setting(c.no_answer_pause_seconds),
+            max_wait: positive(c.max_wait_seconds),
+            max_length: (c.max_length > 0).then_some(c.max_length),
+            announce_every: positive(c.announce_every_seconds),
+            rr_last: None,
+            talk_times: VecDeque::with_capacity(AHT_SAMPLES),
+            answered: 0,
+            abandoned: 0,
+            answered_in_sl: 0,
+            abandoned_in_sl: 0,
+            max_wait_reached: 0,
+            refused: 0,
+        }
+    }
+
+    fn aht(&self) -> Duration {
+        let n = self.talk_times.len();
+        if n == 0 {
+            return DEFAULT_AHT;
+        }
+        let total: Duration = self.talk_times.iter().sum();
+        total / u32::try_from(n).unwrap_or(1) + self.wrap_up
+    }
+}
+
+struct Waiting {
+    caller: CallerId,
+    queue: usize,
+    skill: Option<String>,
+    priority: i32,
+    since: Instant,
+    next_announce: Option<Instant>,
+    max_wait_at: Option<Instant>,
+    max_wait_sent: bool,
+}
+
+/// The sans-IO queue core. See the module docs.
+pub struct Dispatcher {
+    agents: Vec<Agent>,
+    queues: Vec<QueueState>,
+    /// Sorted: higher priority first, then arrival (new callers go after their equals).
+    waiting: Vec<Waiting>,
+    outbox: Vec<Action>,
+    /// The latest `now` seen.
+    now: Option<Instant>,
+}
+
+impl Dispatcher {
+    /// Agents start logged out. Duplicate agent ids or queue names: the first wins.
+    pub fn new(agents: &[AgentConfig], queues: &[QueueConfig]) -> Self {
+        let mut d = Dispatcher {
+            agents: Vec::with_capacity(agents.len()),
+            queues: Vec::with_capacity(queues.len()),
+            waiting: Vec::new(),
+            outbox: Vec::new(),
+            now: None,
+        };
+        for a in agents {
+            if d.agent_idx(&a.id).is_some() {
+                continue;
+            }
+            d.agents.push(Agent {
+                id: a.id.clone(),
+                name: a.name.clone(),
+                skills: a.skills.clone(),
+                tier: a.tier,
+                status: AgentStatus::LoggedOut,
+                idle_since: None,
+                calls_taken: 0,
+                offer_expires: None,
+                call: None,
+                pause_after: None,
+            });
+        }
+        for q in queues {
+            if d.queue_idx(&q.name).is_none() {
+                d.queues.push(QueueState::new(q));
+            }
+        }
+        d
+    }
+
+    /// `LoggedOut → Available`, idle since `now`. Other states (and unknown ids) unchanged.
+    pub fn agent_logged_in(&mut self, now: Instant, agent: &str) {
+        self.touch(now);
+        if let Some(a) = self.agent_mut(agent) {
+            if a.status == AgentStatus::LoggedOut {
+                a.status = AgentStatus::Available;
+                a.idle_since = Some(now);
+            }
+        }
+    }
+
+    /// Any state → `LoggedOut`. A ringing offer is withdrawn (`CancelOffer`; the caller keeps
+    /// its place). A call in progress is forgotten (it is not counted in the handle time).
+    pub fn agent_logged_out(&mut self, now: Instant, agent: &str) {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return;
+        };
+        let Some(a) = self.agents.get_mut(i) else {
+            return;
+        };
+        if let AgentStatus::Ringing { caller } = a.status {
+            self.outbox.push(Action::CancelOffer {
+                caller,
+                agent: a.id.clone(),
+            });
+        }
+        a.status = AgentStatus::LoggedOut;
+        a.idle_since = None;
+        a.offer_expires = None;
+        a.call = None;
+        a.pause_after = None;
+    }
+
+    /// Stop offering calls to `agent`. While ringing or on a call the pause starts when that
+    /// ends. `false` for an unknown or logged-out agent.
+    pub fn pause(&mut self, agent: &str, reason: &str) -> bool {
+        let Some(a) = self.agent_mut(agent) else {
+            return false;
+        };
+        match a.status {
+            AgentStatus::LoggedOut => false,
+            AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                a.pause_after = Some(reason.to_owned());
+                true
+            }
+            _ => {
+                a.status = AgentStatus::Paused {
+                    reason: reason.to_owned(),
+                };
+                true
+            }
+        }
+    }
+
+    /// `Paused` or `NoAnswerPause` → `Available`, or cancel a pending pause. `false` if there
+    /// was nothing to undo.
+    pub fn unpause(&mut self, now: Instant, agent: &str) -> bool {
+        self.touch(now);
+        let Some(a) = self.agent_mut(agent) else {
+            return false;
+        };
+        match a.status {
+            AgentStatus::Paused { .. } | AgentStatus::NoAnswerPause { .. } => {
+                a.status = AgentStatus::Available;
+                true
+            }
+            AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                a.pause_after.take().is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// Queue a caller. Returns its position at once (no `Announce` for it); offers follow from
+    /// the next `poll`. A caller already waiting gets its current position back.
+    pub fn enqueue(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<&str>,
+        priority: i32,
+    ) -> Result<Position, Refusal> {
+        self.touch(now);
+        if let Some(p) = self.position(caller) {
+            return Ok(p);
+        }
+        let q = self.queue_or_default(queue);
+        let refuse = if !self
+            .agents
+            .iter()
+            .any(|a| a.logged_in() && a.can_take(skill))
+        {
+            Some(Refusal::NoAgents)
+        } else {
+            let here = self.waiting.iter().filter(|w| w.queue == q).count();
+            self.queues
+                .get(q)
+                .and_then(|qs| qs.max_length)
+                .filter(|max| here >= *max)
+                .map(|_| Refusal::QueueFull)
+        };
+        let Some(qs) = self.queues.get_mut(q) else {
+            return Err(Refusal::NoAgents);
+        };
+        if let Some(r) = refuse {
+            qs.refused += 1;
+            return Err(r);
+        }
+        let w = Waiting {
+            caller,
+            queue: q,
+            skill: skill.map(str::to_owned),
+            priority,
+            since: now,
+            next_announce: qs.announce_every.map(|e| later(now, e)),
+            max_wait_at: qs.max_wait.map(|m| later(now, m)),
+            max_wait_sent: false,
+        };
+        // After every caller of the same or higher priority (all arrived earlier).
+        let at = self.waiting.partition_point(|x| x.priority >= priority);
+        self.waiting.insert(at, w);
+        Ok(self.position_at(at))
+    }
+
+    /// The caller hung up or left. Waiting (or ringing): removed, counted as abandoned, any
+    /// ringing agents get `CancelOffer`. Connected to an agent: that agent's call ended.
+    pub fn abandon(&mut self, now: Instant, caller: CallerId) {
+        self.touch(now);
+        if let Some(wi) = self.waiting_idx(caller) {
+            let w = self.waiting.remove(wi);
+            self.cancel_offers(caller, None);
+            if let Some(qs) = self.queues.get_mut(w.queue) {
+                qs.abandoned += 1;
+                if now.saturating_duration_since(w.since) <= SERVICE_LEVEL_TARGET {
+                    qs.abandoned_in_sl += 1;
+                }
+            }
+        } else if let Some(i) = self
+            .agents
+            .iter()
+            .position(|a| a.status == AgentStatus::OnCall { caller })
+        {
+            self.end_call(now, i);
+        }
+    }
+
+    /// `agent` answered for `caller`: it goes `OnCall`, the caller leaves the queue, other
+    /// agents ringing for it (ring-all) get `CancelOffer`. Ignored unless that agent is
+    /// ringing for that caller.
+    pub fn offer_answered(&mut self, now: Instant, caller: CallerId, agent: &str) {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return;
+        };
+        if !self.agents.get(i).is_some_and(|a| a.ringing_for(caller)) {
+            return;
+        }
+        let Some(wi) = self.waiting_idx(caller) else {
+            if let Some(a) = self.agents.get_mut(i) {
+                a.release();
+            }
+            return;
+        };
+        let w = self.waiting.remove(wi);
+        self.cancel_offers(caller, Some(i));
+        if let Some(a) = self.agents.get_mut(i) {
+            a.status = AgentStatus::OnCall { caller };
+            a.offer_expires = None;
+            a.calls_taken += 1;
+            a.call = Some(Connected {
+                queue: w.queue,
+                answered_at: now,
+            });
+        }
+        if let Some(qs) = self.queues.get_mut(w.queue) {
+            qs.answered += 1;
+            if now.saturating_duration_since(w.since) <= SERVICE_LEVEL_TARGET {
+                qs.answered_in_sl += 1;
+            }
+        }
+    }
+
+    /// The offer to `agent` failed: the agent rests for `no_answer_pause_seconds` (or starts a
+    /// pending pause); the caller keeps its place and is offered again on the next `poll`.
+    /// Ignored unless that agent is ringing for that caller.
+    pub fn offer_failed(&mut self, now: Instant, caller: CallerId, agent: &str, why: OfferFailure) {
+        self.touch(now);
+        if let Some(i) = self.agent_idx(agent) {
+            if self.agents.get(i).is_some_and(|a| a.ringing_for(caller)) {
+                debug!(caller, agent, ?why, "queue offer failed");
+                self.fail_offer(now, i, caller);
+            }
+        }
+    }
+
+    /// `OnCall → WrapUp` for the queue's wrap-up time (or `Paused` if a pause was asked for).
+    pub fn call_ended(&mut self, now: Instant, agent: &str) {
+        self.touch(now);
+        if let Some(i) = self.agent_idx(agent) {
+            self.end_call(now, i);
+        }
+    }
+
+    /// Advance to `now`: end wrap-ups and pauses that are over, give up on unreported offers,
+    /// make offers, send `MaxWait` and announcements. Returns everything to do, in order.
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        self.touch(now);
+        // Rests that are over.
+        for a in &mut self.agents {
+            if let AgentStatus::WrapUp { until } | AgentStatus::NoAnswerPause { until } = a.status {
+                if until <= now {
+                    a.status = AgentStatus::Available;
+                }
+            }
+        }
+        // Offers whose outcome never came.
+        let stale: Vec<(usize, CallerId)> = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a.status {
+                AgentStatus::Ringing { caller } if a.offer_expires.is_some_and(|t| t <= now) => {
+                    Some((i, caller))
+                }
+                _ => None,
+            })
+            .collect();
+        for (i, caller) in stale {
+            if let Some(a) = self.agents.get(i) {
+                warn!(caller, agent = %a.id, "queue offer outcome never reported; withdrawing");
+                self.outbox.push(Action::CancelOffer {
+                    caller,
+                    agent: a.id.clone(),
+                });
+            }
+            self.fail_offer(now, i, caller);
+        }
+        self.make_offers(now);
+        self.max_waits(now);
+        self.announcements(now);
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// When `poll` next has something to do (`None`: only after the next input).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.outbox.is_empty() {
+            return self.now;
+        }
+        let ringing = self.ringing_callers();
+        let agents = self.agents.iter().filter_map(|a| match a.status {
+            AgentStatus::WrapUp { until } | AgentStatus::NoAnswerPause { until } => Some(until),
+            AgentStatus::Ringing { .. } => a.offer_expires,
+            _ => None,
+        });
+        let callers = self.waiting.iter().flat_map(|w| {
+            let max_wait = if w.max_wait_sent || ringing.contains(&w.caller) {
+                None
+            } else {
+                w.max_wait_at
+            };
+            [w.next_announce, max_wait].into_iter().flatten()
+        });
+        agents.chain(callers).min()
+    }
+
+    /// A waiting caller's place and EWT (`None` if not waiting).
+    pub fn position(&self, caller: CallerId) -> Option<Position> {
+        self.waiting_idx(caller).map(|wi| self.position_at(wi))
+    }
+
+    /// Every queue (configured first, then those created on demand).
+    pub fn figures(&self) -> Vec<QueueFigures> {
+        let mut counts = AgentCounts::default();
+        for a in &self.agents {
+            let c = match a.status {
+                AgentStatus::LoggedOut => &mut counts.logged_out,
+                AgentStatus::Available => &mut counts.available,
+                AgentStatus::Ringing { .. } => &mut counts.ringing,
+                AgentStatus::OnCall { .. } => &mut counts.on_call,
+                AgentStatus::WrapUp { .. } => &mut counts.wrap_up,
+                AgentStatus::NoAnswerPause { .. } => &mut counts.no_answer_pause,
+                AgentStatus::Paused { .. } => &mut counts.paused,
+            };
+            *c += 1;
+        }
+        self.queues
+            .iter()
+            .enumerate()
+            .map(|(qi, q)| {
+                let here = || self.waiting.iter().filter(move |w| w.queue == qi);
+                let waiting = here().count();
+                let longest_wait = match (self.now, here().map(|w| w.since).min()) {
+                    (Some(now), Some(since)) => now.saturating_duration_since(since),
+                    _ => Duration::ZERO,
+                };
+                let left = q.answered + q.abandoned;
+                QueueFigures {
+                    name: q.name.clone(),
+                    strategy: strategy_name(q.strategy),
+                    waiting,
+                    longest_wait,
+                    agents: counts.clone(),
+                    answered: q.answered,
+                    abandoned: q.abandoned,
+                    answered_within_30s: q.answered_in_sl,
+                    abandoned_within_30s: q.abandoned_in_sl,
+                    max_wait_reached: q.max_wait_reached,
+                    refused: q.refused,
+                    service_level: (left > 0).then(|| q.answered_in_sl as f64 / left as f64),
+                    average_handle_time: q.aht(),
+                    ewt: self.ewt(qi, None, waiting + 1),
+                }
+            })
+            .collect()
+    }
+
+    /// Every agent, in config order.
+    pub fn agents(&self) -> Vec<AgentView> {
+        self.agents
+            .iter()
+            .map(|a| {
+                let since = |t: Instant| self.now.map(|n| n.saturating_duration_since(t));
+                let until = |t: Instant| self.now.map(|n| t.saturating_duration_since(n));
+                let (caller, seconds_left, pause_reason) = match &a.status {
+                    AgentStatus::Ringing { caller } | AgentStatus::OnCall { caller } => {
+                        (Some(*caller), None, a.pause_after.clone())
+                    }
+                    AgentStatus::WrapUp { until: t } | AgentStatus::NoAnswerPause { until: t } => {
+                        (None, until(*t).map(|d| d.as_secs()), None)
+                    }
+                    AgentStatus::Paused { reason } => (None, None, Some(reason.clone())),
+                    AgentStatus::LoggedOut | AgentStatus::Available => (None, None, None),
+                };
+                let idle_seconds = match a.status {
+                    AgentStatus::Available => a.idle_since.and_then(since).map(|d| d.as_secs()),
+                    _ => None,
+                };
+                AgentView {
+                    id: a.id.clone(),
+                    name: a.name.clone(),
+                    status: a.status.clone(),
+                    state: a.status.as_str(),
+                    caller,
+                    pause_reason,
+                    seconds_left,
+                    calls_taken: a.calls_taken,
+                    idle_since: a.idle_since,
+                    idle_seconds,
+                    skills: a.skills.clone(),
+                    tier: a.tier,
+                }
+            })
+            .collect()
+    }
+
+    // ---- internals ----
+
+    fn touch(&mut self, now: Instant) {
+        self.now = Some(self.now.map_or(now, |n| n.max(now)));
+    }
+
+    fn agent_idx(&self, id: &str) -> Option<usize> {
+        self.agents.iter().position(|a| a.id == id)
+    }
+
+    fn agent_mut(&mut self, id: &str) -> Option<&mut Agent> {
+        self.agents.iter_mut().find(|a| a.id == id)
+    }
+
+    fn queue_idx(&self, name: &str) -> Option<usize> {
+        self.queues.iter().position(|q| q.name == name)
+    }
+
+    fn queue_or_default(&mut self, name: &str) -> usize {
+        if let Some(q) = self.queue_idx(name) {
+            return q;
+        }
+        self.queues.push(QueueState::new(&QueueConfig {
+            name: name.to_owned(),
+            ..QueueConfig::default()
+        }));
+        self.queues.len() - 1
+    }
+
+    fn waiting_idx(&self, caller: CallerId) -> Option<usize> {
+        self.waiting.iter().position(|w| w.caller == caller)
+    }
+
+    /// Whether the caller is waiting or connected (the driver keeps its events sender so long).
+    fn holds(&self, caller: CallerId) -> bool {
+        self.waiting_idx(caller).is_some()
+            || self
+                .agents
+                .iter()
+                .any(|a| a.status == AgentStatus::OnCall { caller })
+    }
+
+    fn ringing_callers(&self) -> HashSet<CallerId> {
+        self.agents
+            .iter()
+            .filter_map(|a| match a.status {
+                AgentStatus::Ringing { caller } => Some(caller),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn position_at(&self, wi: usize) -> Position {
+        let Some(w) = self.waiting.get(wi) else {
+            return Position {
+                place: 0,
+                ewt: Duration::ZERO,
+            };
+        };
+        let place = self
+            .waiting
+            .iter()
+            .take(wi)
+            .filter(|x| x.queue == w.queue)
+            .count()
+            + 1;
+        Position {
+            place,
+            ewt: self.ewt(w.queue, w.skill.as_deref(), place),
+        }
+    }
+
+    fn ewt(&self, queue: usize, skill: Option<&str>, place: usize) -> Duration {
+        let Some(q) = self.queues.get(queue) else {
+            return Duration::ZERO;
+        };
+        let mut staffed = 0usize;
+        let mut free = 0usize;
+        for a in self.agents.iter().filter(|a| a.can_take(skill)) {
+            match a.status {
+                AgentStatus::LoggedOut | AgentStatus::Paused { .. } => {}
+                AgentStatus::Available => {
+                    staffed += 1;
+                    free += 1;
+                }
+                _ => staffed += 1,
+            }
+        }
+        let ahead = place.saturating_sub(free);
+        let rounds = ahead.div_ceil(staffed.max(1));
+        q.aht()
+            .saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+    }
+
+    fn cancel_offers(&mut self, caller: CallerId, except: Option<usize>) {
+        for (i, a) in self.agents.iter_mut().enumerate() {
+            if Some(i) != except && a.ringing_for(caller) {
+                self.outbox.push(Action::CancelOffer {
+                    caller,
+                    agent: a.id.clone(),
+                });
+                a.release();
+            }
+        }
+    }
+
+    fn fail_offer(&mut self, now: Instant, i: usize, caller: CallerId) {
+        let pause = self
+            .waiting_idx(caller)
+            .and_then(|wi| self.waiting.get(wi))
+            .and_then(|w| self.queues.get(w.queue))
+            .map_or(
+                setting(QueueConfig::default().no_answer_pause_seconds),
+                |q| q.no_answer_pause,
+            );
+        if let Some(a) = self.agents.get_mut(i) {
+            a.offer_expires = None;
+            a.status = match a.pause_after.take() {
+                Some(reason) => AgentStatus::Paused { reason },
+                None => AgentStatus::NoAnswerPause {
+                    until: later(now, pause),
+                },
+            };
+        }
+    }
+
+    /// Withdraw an offer that could not be delivered, at no cost to the agent.
+    fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
+        if let Some(a) = self.agent_mut(agent) {
+            if a.ringing_for(caller) {
+                a.release();
+            }
+        }
+    }
+
+    fn end_call(&mut self, now: Instant, i: usize) {
+        let Some(a) = self.agents.get_mut(i) else {
+            return;
+        };
+        if !matches!(a.status, AgentStatus::OnCall { .. }) {
+            return;
+        }
+        let mut wrap_up = setting(QueueConfig::default().wrap_up_seconds);
+        if let Some(c) = a.call.take() {
+            if let Some(q) = self.queues.get_mut(c.queue) {
+                if q.talk_times.len() >= AHT_SAMPLES {
+                    q.talk_times.pop_front();
+                }
+                q.talk_times
+                    .push_back(now.saturating_duration_since(c.answered_at));
+                wrap_up = q.wrap_up;
+            }
+        }
+        a.idle_since = Some(now);
+        a.status = match a.pause_after.take() {
+            Some(reason) => AgentStatus::Paused { reason },
+            None => AgentStatus::WrapUp {
+                until: later(now, wrap_up),
+            },
+        };
+    }
+
+    fn make_offers(&mut self, now: Instant) {
+        let mut ringing = self.ringing_callers();
+        for w in &self.waiting {
+            if !self
+                .agents
+                .iter()
+                .any(|a| a.status == AgentStatus::Available)
+            {
+                return;
+            }
+            if ringing.contains(&w.caller) {
+                continue;
+            }
+            let Some(q) = self.queues.get_mut(w.queue) else {
+                continue;
+            };
+            let candidates: Vec<usize> = self
+                .agents
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| {
+                    a.status == AgentStatus::Available && a.can_take(w.skill.as_deref())
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let chosen = choose(q, &self.agents, candidates);
+            for i in chosen {
+                let Some(a) = self.agents.get_mut(i) else {
+                    continue;
+                };
+                a.status = AgentStatus::Ringing { caller: w.caller };
+                a.offer_expires = Some(later(now, q.ring_timeout + OFFER_GRACE));
+                self.outbox.push(Action::Offer {
+                    caller: w.caller,
+                    agent: a.id.clone(),
+                    ring_timeout: q.ring_timeout,
+                });
+                if q.strategy == Strategy::RoundRobin {
+                    q.rr_last = Some(i);
+                }
+                ringing.insert(w.caller);
+            }
+        }
+    }
+
+    fn max_waits(&mut self, now: Instant) {
+        let ringing = self.ringing_callers();
+        for w in &mut self.waiting {
+            if w.max_wait_sent || ringing.contains(&w.caller) {
+                continue;
+            }
+            let due = w.max_wait_at.is_some_and(|t| t <= now);
+            let skill = w.skill.as_deref();
+            let stranded = !self
+                .agents
+                .iter()
+                .any(|a| a.logged_in() && a.can_take(skill));
+            if due || stranded {
+                w.max_wait_sent = true;
+                self.outbox.push(Action::MaxWait { caller: w.caller });
+                if let Some(q) = self.queues.get_mut(w.queue) {
+                    q.max_wait_reached += 1;
+                    // No announcement on top of the ticket/call-back offer.
+                    w.next_announce = q.announce_every.map(|e| later(now, e));
+                }
+            }
+        }
+    }
+
+    fn announcements(&mut self, now: Instant) {
+        let ringing = self.ringing_callers();
+        for wi in 0..self.waiting.len() {
+            let Some(w) = self.waiting.get(wi) else {
+                continue;
+            };
+            if w.next_announce.is_none_or(|t| t > now) {
+                continue;
+            }
+            let caller = w.caller;
+            let every = self.queues.get(w.queue).and_then(|q| q.announce_every);
+            let position = self.position_at(wi);
+            if let Some(w) = self.waiting.get_mut(wi) {
+                w.next_announce = every.map(|e| later(now, e));
+            }
+            if !ringing.contains(&caller) {
+                self.outbox.push(Action::Announce { caller, position });
+            }
+        }
+    }
+}
+
+/// Pick the agent(s) to ring among `candidates` (available and able to take the caller).
+fn choose(q: &QueueState, agents: &[Agent], candidates: Vec<usize>) -> Vec<usize> {
+    let tier_of = |i: &usize| agents.get(*i).map_or(u32::MAX, |a| a.tier);
+    let Some(best) = candidates.iter().map(tier_of).min() else {
+        return Vec::new();
+    };
+    let mut best_tier: Vec<usize> = candidates
+        .into_iter()
+        .filter(|i| tier_of(i) == best)
+        .collect();
+    let pick = match q.strategy {
+        Strategy::RingAll => return best_tier,
+        Strategy::LongestIdle => best_tier
+            .iter()
+            .copied()
+            .min_by_key(|&i| (agents.get(i).and_then(|a| a.idle_since), i)),
+        Strategy::FewestCalls => best_tier
+            .iter()
+            .copied()
+            .min_by_key(|&i| (agents.get(i).map_or(u64::MAX, |a| a.calls_taken), i)),
+        Strategy::RoundRobin => {
+            let n = agents.len().max(1);
+            let start = q.rr_last.map_or(0, |l| l + 1);
+            best_tier.sort_by_key(|&i| (i + n - start % n) % n);
+            best_tier.first().copied()
+        }
+    };
+    pick.into_iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tokio driver.
+
+/// What a queued call hears about, on the sender it registered at `enqueue`. The channel
+/// closing means the queue is gone (shutdown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEvent {
+    Offer {
+        agent: String,
+        ring_timeout: Duration,
+    },
+    CancelOffer {
+        agent: String,
+    },
+    Announce(Position),
+    MaxWait,
+}
+
+/// Commands queued to the driver task before callers feel back-pressure.
+const COMMAND_QUEUE: usize = 1024;
+/// How often the driver looks for calls whose events receiver is gone.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+enum Cmd {
+    Enqueue {
+        caller: CallerId,
+        queue: String,
+        skill: Option<String>,
+        priority: i32,
+        events: mpsc::Sender<QueueEvent>,
+        reply: oneshot::Sender<Result<Position, Refusal>>,
+    },
+    Abandon(CallerId),
+    Answered(CallerId, String),
+    Failed(CallerId, String, OfferFailure),
+    CallEnded(String),
+    LoggedIn(String),
+    LoggedOut(String),
+    Pause(String, String, oneshot::Sender<bool>),
+    Unpause(String, oneshot::Sender<bool>),
+    Figures(oneshot::Sender<Vec<QueueFigures>>),
+    Agents(oneshot::Sender<Vec<AgentView>>),
+}
+
+/// A cheap handle on the running dispatcher, for calls and the admin API. Once the driver has
+/// stopped, `enqueue` answers `NoAgents`, `pause`/`unpause` `false`, lists are empty.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl QueueHandle {
+    /// Queue a caller; its events go to `events` until it is answered and its call ends, or
+    /// it abandons. If `events` closes (the call is gone), the caller is abandoned.
+    pub async fn enqueue(
+        &self,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<String>,
+        priority: i32,
+        events: mpsc::Sender<QueueEvent>,
+    ) -> Result<Position, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Enqueue {
+            caller,
+            queue: queue.to_owned(),
+            skill,
+            priority,
+            events,
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Err(Refusal::NoAgents);
+        }
+        rx.await.unwrap_or(Err(Refusal::NoAgents))
+    }
+
+    pub async fn abandon(&self, caller: CallerId) {
+        self.send(Cmd::Abandon(caller)).await;
+    }
+
+    pub async fn offer_answered(&self, caller: CallerId, agent: &str) {
+        self.send(Cmd::Answered(caller, agent.to_owned())).await;
+    }
+
+    pub async fn offer_failed(&self, caller: CallerId, agent: &str, why: OfferFailure) {
+        self.send(Cmd::Failed(caller, agent.to_owned(), why)).await;
+    }
+
+    pub async fn call_ended(&self, agent: &str) {
+        self.send(Cmd::CallEnded(agent.to_owned())).await;
+    }
+
+    pub async fn agent_logged_in(&self, agent: &str) {
+        self.send(Cmd::LoggedIn(agent.to_owned())).await;
+    }
+
+    pub async fn agent_logged_out(&self, agent: &str) {
+        self.send(Cmd::LoggedOut(agent.to_owned())).await;
+    }
+
+    pub async fn pause(&self, agent: &str, reason: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Pause(agent.to_owned(), reason.to_owned(), reply))
+            .await;
+        rx.await.unwrap_or(false)
+    }
+
+    pub async fn unpause(&self, agent: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Unpause(agent.to_owned(), reply)).await;
+        rx.await.unwrap_or(false)
+    }
+
+    pub async fn figures(&self) -> Vec<QueueFigures> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Figures(reply)).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn agents(&self) -> Vec<AgentView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Agents(reply)).await;
+        rx.await.unwrap_or_default()
+    }
+
+    async fn send(&self, cmd: Cmd) {
+        if self.tx.send(cmd).await.is_err() {
+            debug!("queue dispatcher has stopped; command dropped");
+        }
+    }
+}
+
+/// Run `dispatcher` in a task on `tracker` until `cancel` (or every handle is dropped).
+pub fn spawn_dispatcher(
+    dispatcher: Dispatcher,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> QueueHandle {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    tracker.spawn(Driver::new(dispatcher).run(rx, cancel));
+    QueueHandle { tx }
+}
+
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+struct Driver {
+    core: Dispatcher,
+    events: HashMap<CallerId, mpsc::Sender<QueueEvent>>,
+}
+
+impl Driver {
+    fn new(core: Dispatcher) -> Self {
+        Driver {
+            core,
+            events: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, cancel: CancellationToken) {
+        loop {
+            let sweep = tokio::time::Instant::now() + SWEEP_EVERY;
+            let wake = self
+                .core
+                .next_deadline()
+                .map_or(sweep, |t| tokio::time::Instant::from_std(t).min(sweep));
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            self.settle();
+        }
+        debug!("queue dispatcher stopped");
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        let now = clock();
+        let d = &mut self.core;
+        match cmd {
+            Cmd::Enqueue {
+                caller,
+                queue,
+                skill,
+                priority,
+                events,
+                reply,
+            } => {
+                let r = d.enqueue(now, caller, &queue, skill.as_deref(), priority);
+                if r.is_ok() {
+                    self.events.insert(caller, events);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::Abandon(caller) => d.abandon(now, caller),
+            Cmd::Answered(caller, agent) => d.offer_answered(now, caller, &agent),
+            Cmd::Failed(caller, agent, why) => d.offer_failed(now, caller, &agent, why),
+            Cmd::CallEnded(agent) => d.call_ended(now, &agent),
+            Cmd::LoggedIn(agent) => d.agent_logged_in(now, &agent),
+            Cmd::LoggedOut(agent) => d.agent_logged_out(now, &agent),
+            Cmd::Pause(agent, reason, reply) => {
+                let _ = reply.send(d.pause(&agent, &reason));
+            }
+            Cmd::Unpause(agent, reply) => {
+                let _ = reply.send(d.unpause(now, &agent));
+            }
+            Cmd::Figures(reply) => {
+                self.settle();
+                let _ = reply.send(self.core.figures());
+            }
+            Cmd::Agents(reply) => {
+                self.settle();
+                let _ = reply.send(self.core.agents());
+            }
+        }
+    }
+
+    /// Abandon callers whose call is gone, poll and deliver until nothing changes.
+    fn settle(&mut self) {
+        let now = clock();
+        let gone: Vec<CallerId> = self
+            .events
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(c, _)| *c)
+            .collect();
+        for caller in gone {
+            debug!(caller, "queued call went away");
+            self.events.remove(&caller);
+            self.core.abandon(now, caller);
+        }
+        // Each extra round follows an abandon, which removes a registration: this ends.
+        loop {
+            let mut again = false;
+            for action in self.core.poll(now) {
+                again |= self.deliver(now, action);
+            }
+            if !again {
+                break;
+            }
+        }
+        let core = &self.core;
+        self.events.retain(|caller, _| core.holds(*caller));
+    }
+
+    /// Hand one action to its caller; `true` if the caller turned out to be gone.
+    fn deliver(&mut self, now: Instant, action: Action) -> bool {
+        let caller = action.caller();
+        let Some(tx) = self.events.get(&caller) else {
+            return false;
+        };
+        let (event, offered) = match action {
+            Action::Offer {
+                agent,
+                ring_timeout,
+                ..
+            } => (
+                QueueEvent::Offer {
+                    agent: agent.clone(),
+                    ring_timeout,
+                },
+                Some(agent),
+            ),
+            Action::CancelOffer { agent, .. } => (QueueEvent::CancelOffer { agent }, None),
+            Action::Announce { position, .. } => (QueueEvent::Announce(position), None),
+            Action::MaxWait { .. } => (QueueEvent::MaxWait, None),
+        };
+        match tx.try_send(event) {
+            Ok(()) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.events.remove(&caller);
+                self.core.abandon(now, caller);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    caller,
+                    "queued call is not reading its events; event dropped"
+                );
+                if let Some(agent) = offered {
+                    self.core.withdraw_offer(caller, &agent);
+                }
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, skills: &[&str], tier: u32) -> AgentConfig {
+        AgentConfig {
+            id: id.into(),
+            password: "pw".into(),
+            skills: skills.iter().map(|s| s.to_string()).collect(),
+            tier,
+            name: None,
+        }
+    }
+
+    fn queue(name: &str, strategy: Strategy) -> QueueConfig {
+        QueueConfig {
+            name: name.into(),
+            strategy,
+            ..QueueConfig::default()
+        }
+    }
+
+    /// A dispatcher on virtual time: `t(s)` is `s` seconds after one base instant.
+    struct T {
+        d: Dispatcher,
+        base: Instant,
+    }
+
+    impl T {
+        fn new(agents: &[AgentConfig], queues: &[QueueConfig]) -> Self {
+            T {
+                d: Dispatcher::new(agents, queues),
+                base: Instant::now(),
+            }
+        }
+
+        fn t(&self, s: f64) -> Instant {
+            self.base + Duration::from_secs_f64(s)
+        }
+
+        fn login(&mut self, s: f64, ids: &[&str]) {
+            for id in ids {
+                self.d.agent_logged_in(self.t(s), id);
+            }
+        }
+
+        fn enqueue(&mut self, s: f64, caller: CallerId, skill: Option<&str>) -> Position {
+            self.d
+                .enqueue(self.t(s), caller, "general", skill, 0)
+                .unwrap()
+        }
+
+        fn poll(&mut self, s: f64) -> Vec<Action> {
+            self.d.poll(self.t(s))
+        }
+
+        fn answer(&mut self, s: f64, caller: CallerId, agent: &str) {
+            self.d.offer_answered(self.t(s), caller, agent);
+        }
+
+        fn end(&mut self, s: f64, agent: &str) {
+            self.d.call_ended(self.t(s), agent);
+        }
+
+        fn status(&self, id: &str) -> AgentStatus {
+            self.d
+                .agents()
+                .into_iter()
+                .find(|a| a.id == id)
+                .unwrap()
+                .status
+        }
+
+        fn figures(&self) -> QueueFigures {
+            self.d
+                .figures()
+                .into_iter()
+                .find(|f| f.name == "general")
+                .unwrap()
+        }
+    }
+
+    fn offers(actions: &[Action]) -> Vec<(CallerId, &str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Offer { caller, agent, .. } => Some((*caller, agent.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cancels(actions: &[Action]) -> Vec<(CallerId, &str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CancelOffer { caller, agent } => Some((*caller, agent.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn abc(strategy: Strategy) -> T {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1), agent("c", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 0,
+                ..queue("general", strategy)
+            }],
+        );
+        t.login(0.0, &["a", "b", "c"]);
+        t
+    }
+
+    /// Enqueue, offer, answer and end a call at `s`; returns the agent that got it.
+    fn one_call(t: &mut T, s: f64, caller: CallerId) -> String {
+        t.enqueue(s, caller, None);
+        let acts = t.poll(s);
+        let o = offers(&acts);
+        assert_eq!(o.len(), 1, "{acts:?}");
+        let agent = o[0].1.to_owned();
+        t.answer(s, caller, &agent);
+        t.end(s + 1.0, &agent);
+        t.poll(s + 1.0);
+        agent
+    }
+
+    #[test]
+    fn longest_idle_offers_the_agent_idle_longest() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1), agent("c", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(10.0, &["a"]);
+        t.login(20.0, &["b"]);
+        t.login(5.0, &["c"]);
+        t.enqueue(30.0, 1, None);
+        assert_eq!(offers(&t.poll(30.0)), [(1, "c")]);
+        t.answer(31.0, 1, "c");
+        t.end(60.0, "c");
+        // c has just finished a call: a (idle since 10) then b (20) are next.
+        t.enqueue(80.0, 2, None);
+        assert_eq!(offers(&t.poll(80.0)), [(2, "a")]);
+        t.enqueue(81.0, 3, None);
+        assert_eq!(offers(&t.poll(81.0)), [(3, "b")]);
+    }
+
+    #[test]
+    fn longest_idle_ties_go_to_config_order_every_time() {
+        for _ in 0..3 {
+            let mut t = abc(Strategy::LongestIdle);
+            t.enqueue(1.0, 1, None);
+            t.enqueue(1.0, 2, None);
+            assert_eq!(offers(&t.poll(1.0)), [(1, "a"), (2, "b")]);
+        }
+    }
+
+    #[test]
+    fn round_robin_rotates_from_the_last_offered() {
+        let mut t = abc(Strategy::RoundRobin);
+        // Every agent is free each time (no wrap-up), yet the pointer moves on.
+        let got: Vec<String> = (1..=5)
+            .map(|c| one_call(&mut t, c as f64 * 10.0, c))
+            .collect();
+        assert_eq!(got, ["a", "b", "c", "a", "b"]);
+        // Busy agents are skipped, and the pointer still remembers the last one offered.
+        t.d.pause("c", "lunch");
+        assert_eq!(one_call(&mut t, 100.0, 6), "a");
+        assert_eq!(one_call(&mut t, 110.0, 7), "b");
+        t.d.unpause(t.t(115.0), "c");
+        assert_eq!(one_call(&mut t, 120.0, 8), "c");
+    }
+
+    #[test]
+    fn fewest_calls_offers_the_agent_with_fewest_answered() {
+        let mut t = abc(Strategy::FewestCalls);
+        // All at 0: config order.
+        assert_eq!(one_call(&mut t, 10.0, 1), "a");
+        assert_eq!(one_call(&mut t, 20.0, 2), "b");
+        assert_eq!(one_call(&mut t, 30.0, 3), "c");
+        assert_eq!(one_call(&mut t, 40.0, 4), "a");
+        // a: 2, b: 1, c: 1 -> b (config order among the 1s).
+        assert_eq!(one_call(&mut t, 50.0, 5), "b");
+        let taken: Vec<u64> = t.d.agents().iter().map(|a| a.calls_taken).collect();
+        assert_eq!(taken, [2, 2, 1]);
+        // A failed offer is not a call taken.
+        t.enqueue(60.0, 6, None);
+        assert_eq!(offers(&t.poll(60.0)), [(6, "c")]);
+        t.d.offer_failed(t.t(61.0), 6, "c", OfferFailure::NoAnswer);
+        assert_eq!(offers(&t.poll(61.0)), [(6, "a")]);
+        assert_eq!(t.d.agents()[2].calls_taken, 1);
+    }
+
+    #[test]
+    fn ring_all_rings_everyone_and_the_first_answer_wins() {
+        let mut t = abc(Strategy::RingAll);
+        t.d.pause("b", "training");
+        t.enqueue(1.0, 7, None);
+        let acts = t.poll(1.0);
+        assert_eq!(offers(&acts), [(7, "a"), (7, "c")]);
+        // Nothing else for this caller while it rings.
+        assert!(offers(&t.poll(2.0)).is_empty());
+        t.answer(5.0, 7, "c");
+        let acts = t.poll(5.0);
+        assert_eq!(cancels(&acts), [(7, "a")]);
+        assert_eq!(t.status("c"), AgentStatus::OnCall { caller: 7 });
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        // A late answer from the loser changes nothing.
+        t.answer(6.0, 7, "a");
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        assert_eq!(t.figures().answered, 1);
+    }
+
+    #[test]
+    fn ring_all_failures_pause_only_that_agent() {
+        let mut t = abc(Strategy::RingAll);
+        t.enqueue(1.0, 7, None);
+        assert_eq!(offers(&t.poll(1.0)).len(), 3);
+        t.d.offer_failed(t.t(2.0), 7, "b", OfferFailure::Rejected);
+        assert!(t.poll(2.0).is_empty());
+        assert!(matches!(t.status("b"), AgentStatus::NoAnswerPause { .. }));
+        t.d.abandon(t.t(3.0), 7);
+        assert_eq!(cancels(&t.poll(3.0)), [(7, "a"), (7, "c")]);
+        assert_eq!(t.status("a"), AgentStatus::Available);
+    }
+
+    #[test]
+    fn lower_tiers_are_offered_first() {
+        let mut t = T::new(
+            &[
+                agent("backup", &[], 2),
+                agent("x", &[], 1),
+                agent("y", &[], 1),
+            ],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        // backup has been idle longest, but tier 1 comes first.
+        t.login(0.0, &["backup"]);
+        t.login(5.0, &["x", "y"]);
+        t.enqueue(10.0, 1, None);
+        t.enqueue(10.0, 2, None);
+        t.enqueue(10.0, 3, None);
+        assert_eq!(offers(&t.poll(10.0)), [(1, "x"), (2, "y"), (3, "backup")]);
+    }
+
+    #[test]
+    fn ring_all_rings_only_the_best_tier() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 2), agent("c", &[], 1)],
+            &[queue("general", Strategy::RingAll)],
+        );
+        t.login(0.0, &["a", "b", "c"]);
+        t.enqueue(1.0, 1, None);
+        assert_eq!(offers(&t.poll(1.0)), [(1, "a"), (1, "c")]);
+    }
+
+    #[test]
+    fn skills_route_languages() {
+        let mut t = T::new(
+            &[
+                agent("en", &["en"], 1),
+                agent("es", &["ES"], 1),
+                agent("any", &[], 1),
+            ],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["en", "es"]);
+        t.enqueue(1.0, 1, Some("es"));
+        t.enqueue(1.0, 2, Some("en"));
+        assert_eq!(offers(&t.poll(1.0)), [(1, "es"), (2, "en")]);
+        // Nobody logged in speaks French, but an agent with no skills takes anything.
+        assert_eq!(
+            t.d.enqueue(t.t(2.0), 3, "general", Some("fr"), 0),
+            Err(Refusal::NoAgents)
+        );
+        t.login(3.0, &["any"]);
+        t.enqueue(4.0, 3, Some("fr"));
+        assert_eq!(offers(&t.poll(4.0)), [(3, "any")]);
+    }
+
+    #[test]
+    fn a_caller_nobody_free_can_take_does_not_block_the_line() {
+        let mut t = T::new(
+            &[agent("es", &["es"], 1), agent("en", &["en"], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["es", "en"]);
+        t.d.pause("es", "break");
+        t.enqueue(1.0, 1, Some("es"));
+        t.enqueue(2.0, 2, Some("en"));
+        assert_eq!(offers(&t.poll(2.0)), [(2, "en")]);
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        t.d.unpause(t.t(3.0), "es");
+        assert_eq!(offers(&t.poll(3.0)), [(1, "es")]);
+    }
+
+    #[test]
+    fn no_offer_during_wrap_up_then_offered_after() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 15,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.answer(2.0, 1, "a");
+        t.end(100.0, "a");
+        assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(115.0) });
+        t.enqueue(101.0, 2, None);
+        assert!(offers(&t.poll(101.0)).is_empty());
+        assert_eq!(t.d.next_deadline(), Some(t.t(115.0)));
+        assert!(offers(&t.poll(114.9)).is_empty());
+        assert_eq!(offers(&t.poll(115.0)), [(2, "a")]);
+    }
+
+    #[test]
+    fn no_answer_pauses_the_agent_and_the_next_is_offered() {
+        let mut t = abc(Strategy::LongestIdle);
+        t.enqueue(1.0, 1, None);
+        t.enqueue(1.0, 2, None);
+        assert_eq!(offers(&t.poll(1.0)), [(1, "a"), (2, "b")]);
+        t.d.offer_failed(t.t(21.0), 1, "a", OfferFailure::NoAnswer);
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::NoAnswerPause { until: t.t(51.0) }
+        );
+        // The caller kept its place at the head and goes to c at once.
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        assert_eq!(offers(&t.poll(21.0)), [(1, "c")]);
+        t.answer(22.0, 1, "c");
+        t.answer(22.0, 2, "b");
+        // a is back after the pause.
+        t.enqueue(30.0, 3, None);
+        assert!(offers(&t.poll(50.0)).is_empty());
+        assert_eq!(offers(&t.poll(51.0)), [(3, "a")]);
+    }
+
+    #[test]
+    fn busy_likewise_and_the_caller_keeps_its_place() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.enqueue(2.0, 2, None);
+        assert_eq!(offers(&t.poll(2.0)), [(1, "a")]);
+        t.d.offer_failed(t.t(3.0), 1, "a", OfferFailure::Busy);
+        assert!(matches!(t.status("a"), AgentStatus::NoAnswerPause { .. }));
+        assert!(offers(&t.poll(3.0)).is_empty());
+        t.login(4.0, &["b"]);
+        // Caller 1 is still first in line, ahead of 2.
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        assert_eq!(t.d.position(2).unwrap().place, 2);
+        assert_eq!(offers(&t.poll(4.0)), [(1, "b")]);
+        // Other failures behave the same.
+        for why in [
+            OfferFailure::Rejected,
+            OfferFailure::Unreachable,
+            OfferFailure::NoCommonCodec,
+        ] {
+            t.d.offer_failed(t.t(5.0), 1, "b", why);
+            assert!(matches!(t.status("b"), AgentStatus::NoAnswerPause { .. }));
+            t.d.unpause(t.t(5.0), "b");
+            assert_eq!(offers(&t.poll(5.0)), [(1, "b")]);
+        }
+    }
+
+    #[test]
+    fn abandon_while_waiting() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.enqueue(1.0, 1, None);
+        t.enqueue(2.0, 2, None);
+        t.d.abandon(t.t(10.0), 1);
+        assert!(t.poll(10.0).is_empty());
+        assert_eq!(t.d.position(1), None);
+        assert_eq!(t.d.position(2).unwrap().place, 1);
+        let f = t.figures();
+        assert_eq!((f.abandoned, f.abandoned_within_30s, f.waiting), (1, 1, 1));
+        // Unknown callers are ignored.
+        t.d.abandon(t.t(11.0), 99);
+        assert_eq!(t.figures().abandoned, 1);
+    }
+
+    #[test]
+    fn abandon_while_ringing_cancels_the_offer_without_penalty() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.enqueue(2.0, 2, None);
+        assert_eq!(offers(&t.poll(2.0)), [(1, "a")]);
+        t.d.abandon(t.t(5.0), 1);
+        let acts = t.poll(5.0);
+        assert_eq!(cancels(&acts), [(1, "a")]);
+        assert_eq!(offers(&acts), [(2, "a")]);
+        // A failure report arriving after the cancel is ignored.
+        t.d.offer_failed(t.t(6.0), 1, "a", OfferFailure::NoAnswer);
+        assert_eq!(t.status("a"), AgentStatus::Ringing { caller: 2 });
+    }
+
+    #[test]
+    fn abandon_after_answer_ends_the_agents_call() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.answer(2.0, 1, "a");
+        t.d.abandon(t.t(62.0), 1);
+        assert!(matches!(t.status("a"), AgentStatus::WrapUp { .. }));
+        let f = t.figures();
+        assert_eq!((f.answered, f.abandoned), (1, 0));
+        // 60 s talk + 10 s wrap-up.
+        assert_eq!(f.average_handle_time, Duration::from_secs(70));
+        // A late call_ended changes nothing.
+        t.end(63.0, "a");
+        assert!(matches!(t.status("a"), AgentStatus::WrapUp { until } if until == t.t(72.0)));
+    }
+
+    #[test]
+    fn max_wait_fires_once_at_the_right_time_and_the_caller_stays() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                max_wait_seconds: 600,
+                announce_every_seconds: 0,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.enqueue(100.0, 1, None);
+        assert_eq!(t.d.next_deadline(), Some(t.t(700.0)));
+        assert!(t.poll(699.9).is_empty());
+        assert_eq!(t.poll(700.0), [Action::MaxWait { caller: 1 }]);
+        assert!(t.poll(800.0).is_empty());
+        assert_eq!(t.d.next_deadline(), None);
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        assert_eq!(t.figures().max_wait_reached, 1);
+        // Still offered if an agent frees up.
+        t.d.unpause(t.t(801.0), "a");
+        assert_eq!(offers(&t.poll(801.0)), [(1, "a")]);
+    }
+
+    #[test]
+    fn max_wait_waits_for_a_ringing_offer() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                max_wait_seconds: 30,
+                announce_every_seconds: 0,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(0.0, 1, None);
+        assert_eq!(offers(&t.poll(20.0)), [(1, "a")]);
+        assert!(t.poll(30.0).is_empty());
+        t.d.offer_failed(t.t(40.0), 1, "a", OfferFailure::NoAnswer);
+        assert_eq!(t.poll(40.0), [Action::MaxWait { caller: 1 }]);
+    }
+
+    #[test]
+    fn everyone_who_could_take_a_caller_logging_out_sends_max_wait_at_once() {
+        let mut t = T::new(
+            &[agent("es", &["es"], 1), agent("en", &["en"], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["es", "en"]);
+        t.d.pause("es", "x");
+        t.d.pause("en", "x");
+        t.enqueue(1.0, 1, Some("es"));
+        t.enqueue(1.0, 2, Some("en"));
+        t.d.agent_logged_out(t.t(5.0), "es");
+        assert_eq!(t.poll(5.0), [Action::MaxWait { caller: 1 }]);
+        assert!(t.poll(6.0).is_empty());
+    }
+
+    #[test]
+    fn announcements_come_every_period_not_at_enqueue_and_not_while_ringing() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                announce_every_seconds: 60,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        let p = t.enqueue(0.0, 1, None);
+        assert_eq!(p.place, 1);
+        assert!(t.poll(0.0).is_empty());
+        assert_eq!(t.d.next_deadline(), Some(t.t(60.0)));
+        assert!(t.poll(59.0).is_empty());
+        let pos = t.d.position(1).unwrap();
+        assert_eq!(
+            t.poll(60.0),
+            [Action::Announce {
+                caller: 1,
+                position: pos
+            }]
+        );
+        assert_eq!(t.d.next_deadline(), Some(t.t(120.0)));
+        // At 120 an agent is ringing for the caller: no announcement, the next is at 180.
+        t.d.unpause(t.t(110.0), "a");
+        assert_eq!(offers(&t.poll(110.0)), [(1, "a")]);
+        assert!(t.poll(120.0).is_empty());
+        t.d.offer_failed(t.t(130.0), 1, "a", OfferFailure::NoAnswer);
+        assert!(t.d.pause("a", "x"));
+        assert!(t.poll(130.0).is_empty());
+        assert!(matches!(
+            t.poll(180.0)[..],
+            [Action::Announce { caller: 1, .. }]
+        ));
+    }
+
+    #[test]
+    fn priority_jumps_the_line() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.d.enqueue(t.t(1.0), 1, "general", None, 0).unwrap();
+        t.d.enqueue(t.t(2.0), 2, "general", None, 0).unwrap();
+        let p = t.d.enqueue(t.t(3.0), 3, "general", None, 5).unwrap();
+        assert_eq!(p.place, 1);
+        assert_eq!(t.d.position(1).unwrap().place, 2);
+        assert_eq!(t.d.position(2).unwrap().place, 3);
+        // Same priority: arrival order.
+        let p = t.d.enqueue(t.t(4.0), 4, "general", None, 5).unwrap();
+        assert_eq!(p.place, 2);
+        t.d.unpause(t.t(5.0), "a");
+        assert_eq!(offers(&t.poll(5.0)), [(3, "a")]);
+    }
+
+    #[test]
+    fn refused_at_once_without_agents() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        assert_eq!(
+            t.d.enqueue(t.t(0.0), 1, "general", None, 0),
+            Err(Refusal::NoAgents)
+        );
+        // Logged in but busy or paused still counts: the caller can wait.
+        t.login(1.0, &["a"]);
+        t.d.pause("a", "lunch");
+        assert!(t.d.enqueue(t.t(2.0), 1, "general", None, 0).is_ok());
+        t.d.agent_logged_out(t.t(3.0), "a");
+        assert_eq!(
+            t.d.enqueue(t.t(4.0), 2, "general", None, 0),
+            Err(Refusal::NoAgents)
+        );
+        assert_eq!(t.figures().refused, 2);
+        // No agents configured at all.
+        let mut d = Dispatcher::new(&[], &[]);
+        assert_eq!(
+            d.enqueue(t.t(0.0), 1, "general", None, 0),
+            Err(Refusal::NoAgents)
+        );
+    }
+
+    #[test]
+    fn queue_full_at_max_length() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[
+                QueueConfig {
+                    max_length: 2,
+                    ..queue("general", Strategy::LongestIdle)
+                },
+                queue("other", Strategy::LongestIdle),
+            ],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.enqueue(1.0, 1, None);
+        t.enqueue(1.0, 2, None);
+        assert_eq!(
+            t.d.enqueue(t.t(2.0), 3, "general", None, 0),
+            Err(Refusal::QueueFull)
+        );
+        // Another queue has its own limit.
+        assert!(t.d.enqueue(t.t(2.0), 3, "other", None, 0).is_ok());
+        t.d.abandon(t.t(3.0), 1);
+        assert!(t.d.enqueue(t.t(3.0), 4, "general", None, 0).is_ok());
+    }
+
+    #[test]
+    fn logout_while_ringing_cancels_and_the_caller_goes_to_the_next_agent() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.enqueue(1.0, 2, None);
+        assert_eq!(offers(&t.poll(1.0)), [(1, "a")]);
+        t.login(2.0, &["b"]);
+        assert_eq!(offers(&t.poll(2.0)), [(2, "b")]);
+        t.d.agent_logged_out(t.t(3.0), "a");
+        assert_eq!(cancels(&t.poll(3.0)), [(1, "a")]);
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        // Later answers or failures from a are ignored.
+        t.answer(4.0, 1, "a");
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        t.d.offer_failed(t.t(4.0), 2, "b", OfferFailure::Busy);
+        t.d.unpause(t.t(4.0), "b");
+        assert_eq!(offers(&t.poll(4.0)), [(1, "b")]);
+    }
+
+    #[test]
+    fn position_and_ewt_follow_the_line_and_the_handle_time() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 10,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        // One free agent: the first caller will be taken at once.
+        let p = t.enqueue(0.0, 1, None);
+        assert_eq!((p.place, p.ewt), (1, Duration::ZERO));
+        t.poll(0.0);
+        t.answer(1.0, 1, "a");
+        // Busy agent, default handle time 180 s.
+        let p = t.enqueue(2.0, 2, None);
+        assert_eq!((p.place, p.ewt), (1, Duration::from_secs(180)));
+        let p = t.enqueue(3.0, 3, None);
+        assert_eq!((p.place, p.ewt), (2, Duration::from_secs(360)));
+        // Two busy agents: two callers per round.
+        t.login(4.0, &["b"]);
+        t.d.pause("b", "x");
+        assert_eq!(t.d.position(3).unwrap().ewt, Duration::from_secs(360));
+        t.d.unpause(t.t(4.0), "b");
+        t.poll(4.0); // b rings for caller 2
+        assert_eq!(t.d.position(3).unwrap().ewt, Duration::from_secs(180));
+        // A 41 s call + 10 s wrap-up: handle time 51 s.
+        t.end(42.0, "a");
+        assert_eq!(t.figures().average_handle_time, Duration::from_secs(51));
+        assert_eq!(t.d.position(3).unwrap().ewt, Duration::from_secs(51));
+        // Caller 2 leaves: 3 moves up.
+        t.d.abandon(t.t(43.0), 2);
+        assert_eq!(t.d.position(3).unwrap().place, 1);
+        assert_eq!(t.d.position(2), None);
+    }
+
+    #[test]
+    fn handle_time_averages_the_last_twenty_calls() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 0,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        let mut s = 0.0;
+        for c in 0..25u64 {
+            // Five 1000 s calls first, then twenty 100 s calls.
+            let talk = if c < 5 { 1000.0 } else { 100.0 };
+            t.enqueue(s, c, None);
+            t.poll(s);
+            t.answer(s, c, "a");
+            s += talk;
+            t.end(s, "a");
+            t.poll(s);
+        }
+        assert_eq!(t.figures().average_handle_time, Duration::from_secs(100));
+    }
+
+    #[test]
+    fn figures_count_service_level_and_abandons() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        assert_eq!(t.figures().service_level, None);
+        t.d.pause("a", "x");
+        t.enqueue(0.0, 1, None); // answered at 20 s
+        t.enqueue(0.0, 2, None); // answered at 100 s
+        t.enqueue(0.0, 3, None); // abandons at 10 s
+        t.enqueue(0.0, 4, None); // abandons at 200 s
+        t.enqueue(0.0, 5, None); // still waiting
+        let f = t.d.figures();
+        assert_eq!(f.len(), 1);
+        t.d.abandon(t.t(10.0), 3);
+        t.d.unpause(t.t(20.0), "a");
+        assert_eq!(offers(&t.poll(20.0)), [(1, "a")]);
+        t.answer(20.0, 1, "a");
+        t.end(50.0, "a");
+        // Wrap-up ends at 60.
+        assert!(offers(&t.poll(59.0)).is_empty());
+        assert_eq!(offers(&t.poll(60.0)), [(2, "a")]);
+        t.answer(70.0, 2, "a");
+        t.d.abandon(t.t(200.0), 4);
+        t.poll(250.0);
+        let f = t.figures();
+        assert_eq!(f.answered, 2);
+        assert_eq!(f.answered_within_30s, 1);
+        assert_eq!(f.abandoned, 2);
+        assert_eq!(f.abandoned_within_30s, 1);
+        assert_eq!(f.service_level, Some(0.25));
+        assert_eq!(f.waiting, 1);
+        assert_eq!(f.longest_wait, Duration::from_secs(250));
+        assert_eq!(
+            f.agents,
+            AgentCounts {
+                on_call: 1,
+                ..AgentCounts::default()
+            }
+        );
+        assert_eq!(f.strategy, "longest_idle");
+    }
+
+    #[test]
+    fn pause_and_unpause() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        assert!(!t.d.pause("a", "x"), "logged out");
+        assert!(!t.d.pause("nobody", "x"));
+        t.login(0.0, &["a"]);
+        assert!(t.d.pause("a", "lunch"));
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::Paused {
+                reason: "lunch".into()
+            }
+        );
+        t.enqueue(1.0, 1, None);
+        assert!(offers(&t.poll(1.0)).is_empty());
+        assert!(t.d.unpause(t.t(2.0), "a"));
+        assert!(!t.d.unpause(t.t(2.0), "a"), "nothing to undo");
+        assert_eq!(offers(&t.poll(2.0)), [(1, "a")]);
+        // Pause while on a call: it starts when the call ends, instead of wrap-up.
+        t.answer(3.0, 1, "a");
+        assert!(t.d.pause("a", "after call"));
+        assert_eq!(t.status("a"), AgentStatus::OnCall { caller: 1 });
+        assert_eq!(t.d.agents()[0].pause_reason.as_deref(), Some("after call"));
+        t.end(10.0, "a");
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::Paused {
+                reason: "after call".into()
+            }
+        );
+        // Pause while ringing, then the offer fails: paused, not no-answer pause.
+        t.d.unpause(t.t(11.0), "a");
+        t.enqueue(11.0, 2, None);
+        assert_eq!(offers(&t.poll(11.0)), [(2, "a")]);
+        assert!(t.d.pause("a", "phone"));
+        t.d.offer_failed(t.t(12.0), 2, "a", OfferFailure::NoAnswer);
+        assert!(matches!(t.status("a"), AgentStatus::Paused { .. }));
+        // Unpause also ends a no-answer pause early.
+        t.d.unpause(t.t(13.0), "a");
+        assert_eq!(offers(&t.poll(13.0)), [(2, "a")]);
+        t.d.offer_failed(t.t(14.0), 2, "a", OfferFailure::NoAnswer);
+        assert!(t.d.unpause(t.t(15.0), "a"));
+        assert_eq!(t.status("a"), AgentStatus::Available);
+    }
+
+    #[test]
+    fn an_unreported_offer_is_withdrawn_after_ring_timeout_and_grace() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a", "b"]);
+        t.enqueue(0.0, 1, None);
+        let acts = t.poll(0.0);
+        assert_eq!(
+            acts,
+            [Action::Offer {
+                caller: 1,
+                agent: "a".into(),
+                ring_timeout: Duration::from_secs(20)
+            }]
+        );
+        assert_eq!(t.d.next_deadline(), Some(t.t(25.0)));
+        let acts = t.poll(25.0);
+        assert_eq!(cancels(&acts), [(1, "a")]);
+        assert_eq!(offers(&acts), [(1, "b")]);
+        assert!(matches!(t.status("a"), AgentStatus::NoAnswerPause { .. }));
+    }
+
+    #[test]
+    fn a_queue_the_config_does_not_list_uses_defaults() {
+        let mut t = T::new(&[agent("a", &[], 1)], &[]);
+        t.login(0.0, &["a"]);
+        t.enqueue(0.0, 1, None);
+        let acts = t.poll(0.0);
+        assert!(matches!(
+            &acts[..],
+            [Action::Offer { ring_timeout, .. }] if *ring_timeout == Duration::from_secs(20)
+        ));
+        let f = t.d.figures();
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].name.as_str(), f[0].waiting), ("general", 1));
+    }
+
+    #[test]
+    fn queues_share_agents_in_one_line() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[
+                queue("general", Strategy::LongestIdle),
+                queue("potholes", Strategy::RoundRobin),
+            ],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.d.enqueue(t.t(1.0), 1, "potholes", None, 0).unwrap();
+        let p = t.d.enqueue(t.t(2.0), 2, "general", None, 0).unwrap();
+        assert_eq!(p.place, 1, "place counts only the caller's own queue");
+        t.d.unpause(t.t(3.0), "a");
+        assert_eq!(offers(&t.poll(3.0)), [(1, "a")]);
+    }
+
+    #[test]
+    fn enqueue_twice_returns_the_current_position() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.d.pause("a", "x");
+        t.enqueue(0.0, 1, None);
+        t.enqueue(0.0, 2, None);
+        assert_eq!(t.enqueue(1.0, 2, None).place, 2);
+        assert_eq!(t.figures().waiting, 2);
+    }
+
+    #[test]
+    fn login_twice_keeps_the_state() {
+        let mut t = abc(Strategy::LongestIdle);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.login(2.0, &["a"]);
+        assert_eq!(t.status("a"), AgentStatus::Ringing { caller: 1 });
+        t.d.agent_logged_in(t.t(2.0), "nobody");
+    }
+
+    #[test]
+    fn views_serialize_for_the_admin_api() {
+        let mut t = T::new(
+            &[AgentConfig {
+                name: Some("Ana".into()),
+                ..agent("1001", &["en", "es"], 1)
+            }],
+            &[queue("general", Strategy::RingAll)],
+        );
+        t.login(0.0, &["1001"]);
+        t.d.pause("1001", "x");
+        let p = t.enqueue(0.0, 1, None);
+        let v = serde_json::to_value(p).unwrap();
+        assert_eq!(v, serde_json::json!({"place": 1, "ewt_seconds": 180}));
+        t.d.unpause(t.t(30.0), "1001");
+        t.poll(30.0);
+        let v = serde_json::to_value(t.d.agents()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([{
+                "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
+                "pause_reason": null, "seconds_left": null, "calls_taken": 0,
+                "idle_seconds": null, "skills": ["en", "es"], "tier": 1
+            }])
+        );
+        let v = serde_json::to_value(t.d.figures()).unwrap();
+        assert_eq!(v[0]["name"], "general");
+        assert_eq!(v[0]["strategy"], "ring_all");
+        assert_eq!(v[0]["waiting"], 1);
+        assert_eq!(v[0]["longest_wait_seconds"], 30);
+        assert_eq!(v[0]["agents"]["ringing"], 1);
+        assert_eq!(v[0]["service_level"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn next_deadline_is_none_when_idle() {
+        let mut t = abc(Strategy::LongestIdle);
+        assert_eq!(t.d.next_deadline(), None);
+        t.d.agent_logged_out(t.t(1.0), "a");
+        assert_eq!(t.d.next_deadline(), None);
+        assert!(t.poll(1.0).is_empty());
+    }
+
+    // ---- the driver (real time, short) ----
+
+    async fn recv(rx: &mut mpsc::Receiver<QueueEvent>) -> QueueEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event in time")
+            .expect("channel open")
+    }
+
+    #[tokio::test]
+    async fn driver_offers_connects_and_reports() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[queue("general", Strategy::RingAll)],
+        );
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        let (tx, _rx) = mpsc::channel(8);
+        assert_eq!(
+            q.enqueue(1, "general", None, 0, tx).await,
+            Err(Refusal::NoAgents)
+        );
+        q.agent_logged_in("a").await;
+        q.agent_logged_in("b").await;
+        let (tx, mut rx) = mpsc::channel(8);
+        let p = q
+            .enqueue(2, "general", Some("en".into()), 0, tx)
+            .await
+            .unwrap();
+        assert_eq!((p.place, p.ewt), (1, Duration::ZERO));
+        let mut rung = Vec::new();
+        for _ in 0..2 {
+            match recv(&mut rx).await {
+                QueueEvent::Offer {
+                    agent,
+                    ring_timeout,
+                } => {
+                    assert_eq!(ring_timeout, Duration::from_secs(20));
+                    rung.push(agent);
+                }
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!(rung, ["a", "b"]);
+        q.offer_answered(2, "b").await;
+        assert_eq!(
+            recv(&mut rx).await,
+            QueueEvent::CancelOffer { agent: "a".into() }
+        );
+        let agents = q.agents().await;
+        assert_eq!(agents[1].status, AgentStatus::OnCall { caller: 2 });
+        assert!(q.pause("a", "lunch").await);
+        assert!(q.unpause("a").await);
+        q.call_ended("b").await;
+        let f = q.figures().await;
+        assert_eq!((f[0].answered, f[0].answered_within_30s), (1, 1));
+        assert!(matches!(
+            q.agents().await[1].status,
+            AgentStatus::WrapUp { .. }
+        ));
+
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+        // The queue is gone: the events channel closes, and the handle answers safely.
+        assert_eq!(rx.recv().await, None);
+        let (tx, _rx) = mpsc::channel(8);
+        assert_eq!(
+            q.enqueue(3, "general", None, 0, tx).await,
+            Err(Refusal::NoAgents)
+        );
+        assert!(!q.pause("a", "x").await);
+        assert!(q.figures().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn driver_withdraws_an_offer_the_caller_cannot_take_yet() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(&[agent("a", &[], 1)], &[]);
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        q.agent_logged_in("a").await;
+        // A call that has not read its (one-slot) channel yet.
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(QueueEvent::MaxWait).unwrap();
+        q.enqueue(1, "general", None, 0, tx).await.unwrap();
+        // The offer could not be delivered: withdrawn at no cost to the agent.
+        assert_eq!(q.agents().await[0].status, AgentStatus::Available);
+        assert_eq!(recv(&mut rx).await, QueueEvent::MaxWait);
+        // Offered again on the next pass once the call reads its events.
+        assert_eq!(
+            q.agents().await[0].status,
+            AgentStatus::Ringing { caller: 1 }
+        );
+        assert!(matches!(recv(&mut rx).await, QueueEvent::Offer { .. }));
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn driver_abandons_a_caller_whose_call_is_gone() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        q.agent_logged_in("a").await;
+        let (tx, mut rx) = mpsc::channel(8);
+        q.enqueue(1, "general", None, 0, tx).await.unwrap();
+        assert!(matches!(recv(&mut rx).await, QueueEvent::Offer { .. }));
+        drop(rx);
+        // Noticed by the sweep within a second: the offer is withdrawn, the agent is free.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if q.agents().await[0].status == AgentStatus::Available {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never abandoned");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(q.figures().await[0].abandoned, 1);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}

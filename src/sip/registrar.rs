@@ -1,0 +1,1550 @@
+//! Operator log-in: a sans-IO SIP registrar (RFC 3261 §10) with digest authentication
+//! (RFC 7616, compatible with RFC 2617 clients).
+//!
+//! Operators log in by registering a SIP phone: the address-of-record is `sip:<agent id>@...`
+//! (the To URI's user part is the agent id) and the digest user name must be that same id.
+//! Nothing here does I/O or reads a clock: the UA core passes the time in, sends the reply, and
+//! hands the [`AgentEvent`]s on.
+//!
+//! Bindings (§10.3):
+//! - each Contact's `expires` parameter, else the `Expires` header, else 3600 s; anything from
+//!   1 to 59 s is refused with `423 Interval Too Brief` and `Min-Expires: 60`; more than 7200 s
+//!   is cut to 7200;
+//! - `expires=0` removes that contact; `Contact: *` with `Expires: 0` removes them all;
+//! - a known contact is refreshed when the Call-ID differs or the CSeq is higher; the same
+//!   Call-ID with a CSeq not higher fails the whole request with 500 (step 7), nothing changed;
+//! - an agent may have several phones (up to 10 contacts; the oldest is dropped beyond that). The
+//!   newest registration (a new contact, or a known one under a new Call-ID, i.e. a rebooted
+//!   phone) is the preferred contact; a plain refresh does not change the preference;
+//! - the 200 lists every current binding of the agent with its remaining `expires`.
+//!
+//! Authentication: a REGISTER without credentials gets `401 Unauthorized` with two
+//! `WWW-Authenticate` challenges, `algorithm=SHA-256` first and `algorithm=MD5` (RFC 8760),
+//! both `qop="auth"`, sharing one nonce. The nonce is stateless: its creation time, a counter,
+//! and an HMAC-SHA-256 of both under a secret made at start, so a restart (new secret) simply
+//! makes old nonces stale. A nonce lives 5 minutes; after that, a request whose digest is
+//! right gets a fresh challenge with `stale=true` (the phone retries without asking the user).
+//! Replays are refused: the nonce count `nc` of each nonce in use must strictly increase. Only
+//! `qop=auth` is accepted: the RFC 2069 form (no qop) has no nonce count, hence no replay
+//! protection, and every client that understands our challenge does `qop=auth`.
+//!
+//! A wrong password, an unknown agent id and a malformed `Authorization` all get the same answer,
+//! a 401 with a fresh challenge, computed the same way (an unknown id is checked against a dummy
+//! password, and digests are compared in constant time), so the server never tells whether an
+//! agent id exists.
+//!
+//! Guessing is slowed per source IP: 5 failed attempts within 60 s and that address gets
+//! `403 Forbidden` (no challenge) for the next 60 s, whatever it sends. A missing
+//! `Authorization`, a stale nonce and a successful registration do not count. At most 10,000
+//! addresses are tracked (the oldest is forgotten first), and at most 10,000 nonces in use.
+
+use crate::sip::message::{sanitize_quoted, split_list, NameAddr, Request};
+use crate::sip::transport::Flow;
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+use tracing::{debug, info, warn};
+
+/// Expiry given to a binding when the REGISTER names none, in seconds.
+pub const DEFAULT_EXPIRES: u64 = 3600;
+/// Shortest binding accepted (shorter gets 423 with this as `Min-Expires`), in seconds.
+pub const MIN_EXPIRES: u64 = 60;
+/// Longest binding granted (longer requests are cut to this), in seconds.
+pub const MAX_EXPIRES: u64 = 7200;
+/// How long a nonce may be used.
+pub const NONCE_LIFETIME: Duration = Duration::from_secs(300);
+/// Failed attempts from one address within [`FAILURE_WINDOW`] that get it blocked.
+pub const MAX_FAILURES: usize = 5;
+/// The window failed attempts are counted in.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a blocked address gets 403.
+pub const BLOCK_FOR: Duration = Duration::from_secs(60);
+
+/// Most source addresses whose failures are tracked.
+const MAX_TRACKED_IPS: usize = 10_000;
+/// Most nonces whose count is tracked.
+const MAX_TRACKED_NONCES: usize = 10_000;
+/// Most contacts per agent.
+const MAX_BINDINGS_PER_AGENT: usize = 10;
+/// Longest contact URI kept.
+const MAX_CONTACT_LEN: usize = 256;
+/// Unknown agent ids are checked against this, so that they cost the same as known ones.
+const DUMMY_PASSWORD: &str = "\u{1}ivr311-no-such-agent\u{1}";
+/// How often the failure and nonce tables are pruned.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
+
+/// An agent's log-in state changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The agent's preferred contact is now `contact`, reached over `flow` (the path the REGISTER
+    /// came in on, which works through NAT where the Contact may not). Raised on the first
+    /// registration, and again whenever the preferred contact or its flow changes.
+    LoggedIn {
+        agent: String,
+        contact: String,
+        flow: Flow,
+    },
+    /// The agent's last binding is gone (unregistered or expired).
+    LoggedOut { agent: String },
+}
+
+/// The answer to a REGISTER: status, reason, and the headers to add to the response (the UA
+/// core writes Via, From, To, Call-ID and CSeq itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterReply {
+    pub code: u16,
+    pub reason: &'static str,
+    pub headers: Vec<(String, String)>,
+}
+
+impl RegisterReply {
+    fn new(code: u16, reason: &'static str) -> RegisterReply {
+        RegisterReply {
+            code,
+            reason,
+            headers: Vec::new(),
+        }
+    }
+
+    fn header(mut self, name: &str, value: impl Into<String>) -> RegisterReply {
+        self.headers.push((name.to_owned(), value.into()));
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Binding {
+    /// The Contact URI as registered.
+    uri: String,
+    call_id: String,
+    cseq: u32,
+    expires_at: Instant,
+    /// Registration order: higher is newer.
+    seq: u64,
+    flow: Flow,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct NonceUse {
+    created_ms: u64,
+    last_nc: u32,
+}
+
+#[derive(Debug)]
+struct FailRecord {
+    /// Failures within the window, oldest first (never more than [`MAX_FAILURES`]).
+    recent: VecDeque<Instant>,
+    blocked_until: Option<Instant>,
+    /// Insertion order, for eviction.
+    seq: u64,
+}
+
+/// What the Authorization header amounted to.
+enum Auth {
+    /// The digest is right for this agent id, the nonce fresh and the count new.
+    Ok(String),
+    /// Ask (again), without counting a failure: no credentials, or right credentials on a
+    /// nonce that is stale or not ours (`stale`).
+    Challenge { stale: bool },
+    /// Wrong or unusable credentials: counts as a failure.
+    Failed(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    Md5,
+    Sha256,
+}
+
+impl Algorithm {
+    /// Lower-case hex of the hash of `data`.
+    fn hex(self, data: &str) -> String {
+        match self {
+            Algorithm::Md5 => hex(&Md5::digest(data.as_bytes())),
+            Algorithm::Sha256 => hex(&Sha256::digest(data.as_bytes())),
+        }
+    }
+}
+
+/// The registrar: agents' credentials, their bindings, nonce counts and failure counts.
+pub struct Registrar {
+    realm: String,
+    passwords: HashMap<String, String>,
+    secret: [u8; 32],
+    opaque: String,
+    /// The first instant seen; nonce times are milliseconds since then.
+    epoch: Option<Instant>,
+    nonce_seq: u64,
+    nonces: HashMap<String, NonceUse>,
+    /// Nonces created at or before this were evicted from `nonces`: treated as stale.
+    nonce_floor_ms: Option<u64>,
+    bindings: HashMap<String, Vec<Binding>>,
+    /// The contact last announced per agent (by [`AgentEvent::LoggedIn`]).
+    published: HashMap<String, (String, Flow)>,
+    binding_seq: u64,
+    failures: HashMap<IpAddr, FailRecord>,
+    failure_order: VecDeque<(IpAddr, u64)>,
+    failure_seq: u64,
+    last_housekeeping: Option<Instant>,
+}
+
+impl fmt::Debug for Registrar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registrar")
+            .field("realm", &self.realm)
+            .field("agents", &self.passwords.len())
+            .field("registered", &self.bindings.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registrar {
+    /// `agents` are `(agent id, password)` pairs; `secret` keys the nonces (make it random at
+    /// start). Entries with an empty id or password are skipped with a warning.
+    pub fn new(realm: String, agents: &[(String, String)], secret: [u8; 32]) -> Registrar {
+        let mut passwords = HashMap::new();
+        for (id, password) in agents {
+            let id = id.trim();
+            if id.is_empty() || password.is_empty() {
+                warn!(agent = %id, "agent without an id or a password; it cannot log in");
+                continue;
+            }
+            if passwords.insert(id.to_owned(), password.clone()).is_some() {
+                warn!(agent = %id, "agent listed twice; the last password wins");
+            }
+        }
+        let realm = sanitize_quoted(&realm);
+        let realm = if realm.trim().is_empty() {
+            "ivr311".to_owned()
+        } else {
+            realm
+        };
+        let mut r = Registrar {
+            realm,
+            passwords,
+            secret,
+            opaque: String::new(),
+            epoch: None,
+            nonce_seq: 0,
+            nonces: HashMap::new(),
+            nonce_floor_ms: None,
+            bindings: HashMap::new(),
+            published: HashMap::new(),
+            binding_seq: 0,
+            failures: HashMap::new(),
+            failure_order: VecDeque::new(),
+            failure_seq: 0,
+            last_housekeeping: None,
+        };
+        r.opaque = hex(&r.mac(b"opaque", &[])[..8]);
+        r
+    }
+
+    /// The digest realm in our challenges.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// Answer one REGISTER that arrived over `flow`. The events include those of bindings that
+    /// expired before `now`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        req: &Request,
+        flow: Flow,
+    ) -> (RegisterReply, Vec<AgentEvent>) {
+        let mut events = self.expire(now);
+        self.housekeeping(now);
+        let ip = flow.remote.ip();
+        if self.blocked(ip, now) {
+            debug!(%ip, "REGISTER from a blocked address refused");
+            return (RegisterReply::new(403, "Forbidden"), events);
+        }
+        let agent = match self.authenticate(now, req) {
+            Auth::Ok(agent) => agent,
+            Auth::Challenge { stale } => return (self.challenge(now, stale), events),
+            Auth::Failed(why) => {
+                self.record_failure(ip, now, why);
+                return (self.challenge(now, false), events);
+            }
+        };
+        // §10.3 step 3: an agent registers its own address-of-record only.
+        if req.to.user() != Some(agent.as_str()) {
+            info!(%agent, to = %req.to.uri, "agent tried to register another address");
+            return (RegisterReply::new(403, "Forbidden"), events);
+        }
+        let reply = match self.update(now, &agent, req, flow) {
+            Ok(()) => {
+                self.publish(&agent, &mut events);
+                self.ok(now, &agent)
+            }
+            Err(reply) => reply,
+        };
+        (reply, events)
+    }
+
+    /// Drop the bindings whose time is up (at or before `now`); an agent left with none is
+    /// [`AgentEvent::LoggedOut`], one whose preferred contact went falls back to the next newest.
+    pub fn expire(&mut self, now: Instant) -> Vec<AgentEvent> {
+        let mut changed = Vec::new();
+        self.bindings.retain(|agent, list| {
+            let before = list.len();
+            list.retain(|b| b.expires_at > now);
+            if list.len() != before {
+                changed.push(agent.clone());
+            }
+            !list.is_empty()
+        });
+        changed.sort();
+        let mut events = Vec::new();
+        for agent in changed {
+            self.publish(&agent, &mut events);
+        }
+        events
+    }
+
+    /// When the next binding expires (call [`Registrar::expire`] then).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.bindings.values().flatten().map(|b| b.expires_at).min()
+    }
+
+    /// The agent's preferred contact (its newest binding) and the flow it registered over.
+    pub fn contact(&self, agent: &str) -> Option<(String, Flow)> {
+        self.bindings
+            .get(agent)?
+            .iter()
+            .max_by_key(|b| b.seq)
+            .map(|b| (b.uri.clone(), b.flow))
+    }
+
+    /// The agents with at least one binding, sorted.
+    pub fn registered(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.bindings.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    // ---- authentication --------------------------------------------------------------------
+
+    fn authenticate(&mut self, now: Instant, req: &Request) -> Auth {
+        let mut offered = false;
+        let mut params = None;
+        for value in req.headers_named("Authorization") {
+            offered = true;
+            if let Some(p) = parse_digest(value) {
+                if p.get("realm").map(String::as_str) == Some(self.realm.as_str()) {
+                    params = Some(p);
+                    break;
+                }
+            }
+        }
+        if !offered {
+            return Auth::Challenge { stale: false };
+        }
+        let Some(p) = params else {
+            return Auth::Failed("no usable Digest credentials for our realm");
+        };
+        let get = |k: &str| p.get(k).map(String::as_str);
+        let (Some(username), Some(nonce), Some(uri), Some(response)) =
+            (get("username"), get("nonce"), get("uri"), get("response"))
+        else {
+            return Auth::Failed("missing digest parameter");
+        };
+        let algorithm = match get("algorithm") {
+            None => Algorithm::Md5,
+            Some(a) if a.eq_ignore_ascii_case("MD5") => Algorithm::Md5,
+            Some(a) if a.eq_ignore_ascii_case("SHA-256") => Algorithm::Sha256,
+            Some(_) => return Auth::Failed("unsupported algorithm"),
+        };
+        if get("userhash").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Auth::Failed("userhash not supported");
+        }
+        let (Some(qop), Some(cnonce), Some(nc_raw)) = (get("qop"), get("cnonce"), get("nc")) else {
+            return Auth::Failed("qop=auth required");
+        };
+        if !qop.eq_ignore_ascii_case("auth") || cnonce.is_empty() {
+            return Auth::Failed("qop=auth required");
+        }
+        let nc = match parse_nc(nc_raw) {
+            Some(n) => n,
+            None => return Auth::Failed("bad nonce count"),
+        };
+        if !uri_matches(uri, &req.uri) {
+            return Auth::Failed("digest uri does not match the Request-URI");
+        }
+        // The same work for an unknown id as for a known one.
+        let known = self.passwords.get(username);
+        let password = known.map_or(DUMMY_PASSWORD, String::as_str);
+        let ha1 = algorithm.hex(&format!("{username}:{}:{password}", self.realm));
+        let ha2 = algorithm.hex(&format!("{}:{uri}", req.method));
+        let expected = algorithm.hex(&format!("{ha1}:{nonce}:{nc_raw}:{cnonce}:{qop}:{ha2}"));
+        let given = response.to_ascii_lowercase();
+        let right = bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
+        if !(right & known.is_some()) {
+            return Auth::Failed("wrong credentials");
+        }
+        // The credentials are right; is the nonce ours, fresh, and this count new?
+        let ours = self
+            .nonce_time(nonce)
+            .filter(|_| get("opaque").is_none_or(|o| o == self.opaque));
+        let now_ms = self.millis(now);
+        let Some(created) = ours else {
+            return Auth::Challenge { stale: true };
+        };
+        if created > now_ms || now_ms - created > millis(NONCE_LIFETIME) {
+            return Auth::Challenge { stale: true };
+        }
+        match self.nonces.get_mut(nonce) {
+            Some(u) if nc <= u.last_nc => return Auth::Failed("nonce count replayed"),
+            Some(u) => u.last_nc = nc,
+            None if self.nonce_floor_ms.is_some_and(|f| created <= f) => {
+                return Auth::Challenge { stale: true }
+            }
+            None => {
+                self.nonces.insert(
+                    nonce.to_owned(),
+                    NonceUse {
+                        created_ms: created,
+                        last_nc: nc,
+                    },
+                );
+                self.evict_nonces(now_ms);
+            }
+        }
+        Auth::Ok(username.to_owned())
+    }
+
+    /// A 401 with a fresh nonce: SHA-256 first, then MD5.
+    fn challenge(&mut self, now: Instant, stale: bool) -> RegisterReply {
+        let nonce = self.new_nonce(now);
+        let stale = if stale { ", stale=true" } else { "" };
+        let mut reply = RegisterReply::new(401, "Unauthorized");
+        for algorithm in ["SHA-256", "MD5"] {
+            reply = reply.header(
+                "WWW-Authenticate",
+                format!(
+                    "Digest realm=\"{}\", qop=\"auth\", algorithm={algorithm}, nonce=\"{nonce}\", opaque=\"{}\"{stale}",
+                    self.realm, self.opaque
+                ),
+            );
+        }
+        reply
+    }
+
+    /// Milliseconds since the first instant this registrar saw.
+    fn millis(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        millis(now.saturating_duration_since(epoch))
+    }
+
+    fn mac(&self, label: &[u8], data: &[u8]) -> [u8; 32] {
+        // HMAC pads keys to the block size with zeros; doing it here makes `new` infallible.
+        let mut key = [0u8; 64];
+        key[..32].copy_from_slice(&self.secret);
+        let mut mac = <Hmac<Sha256> as KeyInit>::new(&key.into());
+        mac.update(label);
+        mac.update(&[0]);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// time (8 bytes) ‖ counter (8 bytes) ‖ HMAC of both (16 bytes), in hex.
+    fn new_nonce(&mut self, now: Instant) -> String {
+        let ts = self.millis(now);
+        self.nonce_seq = self.nonce_seq.wrapping_add(1);
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&ts.to_be_bytes());
+        body[8..].copy_from_slice(&self.nonce_seq.to_be_bytes());
+        let mac = self.mac(b"nonce", &body);
+        let mut out = hex(&body);
+        out.push_str(&hex(&mac[..16]));
+        out
+    }
+
+    /// The creation time of a nonce we made (None: not ours, or altered).
+    fn nonce_time(&self, nonce: &str) -> Option<u64> {
+        let raw = unhex(nonce)?;
+        if raw.len() != 32 {
+            return None;
+        }
+        let mac = self.mac(b"nonce", &raw[..16]);
+        if !bool::from(mac[..16].ct_eq(&raw[16..])) {
+            return None;
+        }
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&raw[..8]);
+        Some(u64::from_be_bytes(ts))
+    }
+
+    /// Keep the nonce table bounded: drop expired nonces, then the oldest tenth. Nonces not
+    /// newer than the newest dropped are stale from then on, so dropping never allows a replay.
+    fn evict_nonces(&mut self, now_ms: u64) {
+        if self.nonces.len() <= MAX_TRACKED_NONCES {
+            return;
+        }
+        let life = millis(NONCE_LIFETIME);
+        self.nonces
+            .retain(|_, u| now_ms.saturating_sub(u.created_ms) <= life);
+        if self.nonces.len() <= MAX_TRACKED_NONCES {
+            return;
+        }
+        let mut created: Vec<u64> = self.nonces.values().map(|u| u.created_ms).collect();
+        created.sort_unstable();
+        let cut = created[created.len() / 10];
+        self.nonces.retain(|_, u| u.created_ms > cut);
+        self.nonce_floor_ms = Some(self.nonce_floor_ms.map_or(cut, |f| f.max(cut)));
+        warn!(
+            tracked = self.nonces.len(),
+            "nonce table full; the oldest nonces are now stale"
+        );
+    }
+
+    // ---- failures ----------------------------------------------------------------------------
+
+    fn blocked(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let Some(r) = self.failures.get_mut(&ip) else {
+            return false;
+        };
+        match r.blocked_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                r.blocked_until = None;
+                r.recent.clear();
+                info!(%ip, "registration block lifted");
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn record_failure(&mut self, ip: IpAddr, now: Instant, why: &'static str) {
+        if !self.failures.contains_key(&ip) {
+            self.failure_seq += 1;
+            let seq = self.failure_seq;
+            self.failures.insert(
+                ip,
+                FailRecord {
+                    recent: VecDeque::new(),
+                    blocked_until: None,
+                    seq,
+                },
+            );
+            self.failure_order.push_back((ip, seq));
+            self.evict_failures();
+        }
+        let Some(r) = self.failures.get_mut(&ip) else {
+            return;
+        };
+        r.recent
+            .retain(|t| now.saturating_duration_since(*t) < FAILURE_WINDOW);
+        r.recent.push_back(now);
+        debug!(%ip, why, failures = r.recent.len(), "REGISTER not authenticated");
+        if r.recent.len() >= MAX_FAILURES {
+            r.recent.clear();
+            r.blocked_until = Some(now.checked_add(BLOCK_FOR).unwrap_or(now));
+            warn!(
+                %ip,
+                "{MAX_FAILURES} failed registrations within {} s; refusing this address for {} s",
+                FAILURE_WINDOW.as_secs(),
+                BLOCK_FOR.as_secs()
+            );
+        }
+    }
+
+    fn evict_failures(&mut self) {
+        while self.failures.len() > MAX_TRACKED_IPS {
+            let Some((ip, seq)) = self.failure_order.pop_front() else {
+                break;
+            };
+            if self.failures.get(&ip).is_some_and(|r| r.seq == seq) {
+                self.failures.remove(&ip);
+            }
+        }
+        self.compact_failure_order();
+    }
+
+    /// Forget queue entries of addresses no longer tracked, once they are the majority.
+    fn compact_failure_order(&mut self) {
+        if self.failure_order.len() > 2 * self.failures.len() + 64 {
+            let failures = &self.failures;
+            self.failure_order
+                .retain(|(ip, seq)| failures.get(ip).is_some_and(|r| r.seq == *seq));
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        if self
+            .last_housekeeping
+            .is_some_and(|t| now.saturating_duration_since(t) < HOUSEKEEPING_EVERY)
+        {
+            return;
+        }
+        self.last_housekeeping = Some(now);
+        self.failures.retain(|_, r| {
+            r.blocked_until.is_some_and(|t| now < t)
+                || r.recent
+                    .iter()
+                    .any(|t| now.saturating_duration_since(*t) < FAILURE_WINDOW)
+        });
+        self.compact_failure_order();
+        let now_ms = self.millis(now);
+        let life = millis(NONCE_LIFETIME);
+        self.nonces
+            .retain(|_, u| now_ms.saturating_sub(u.created_ms) <= life);
+    }
+
+    // ---- bindings ------------------------------------------------------------------------------
+
+    /// Apply the request's Contacts to the agent's bindings, all or nothing.
+    fn update(
+        &mut self,
+        now: Instant,
+        agent: &str,
+        req: &Request,
+        flow: Flow,
+    ) -> Result<(), RegisterReply> {
+        let bad = |why: &str| {
+            RegisterReply::new(400, "Bad Request").header(
+                "Warning",
+                format!("399 ivr311 \"{}\"", sanitize_quoted(why)),
+            )
+        };
+        let values: Vec<&str> = req.headers_named("Contact").flat_map(split_list).collect();
+        let header_expires = req.header("Expires").and_then(parse_delta);
+        let original = self.bindings.get(agent).cloned().unwrap_or_default();
+        let server_error = || {
+            RegisterReply::new(500, "Server Internal Error").header(
+                "Warning",
+                "399 ivr311 \"CSeq not higher than the one of this registration\"",
+            )
+        };
+
+        if values.contains(&"*") {
+            if values.len() != 1 || header_expires != Some(0) {
+                return Err(bad("Contact: * needs Expires: 0 and no other contact"));
+            }
+            if original
+                .iter()
+                .any(|b| b.call_id == req.call_id && req.cseq <= b.cseq)
+            {
+                return Err(server_error());
+            }
+            if !original.is_empty() {
+                info!(%agent, "all contacts unregistered");
+            }
+            self.bindings.remove(agent);
+            return Ok(());
+        }
+
+        // Parse and check every contact before changing anything.
+        let mut wanted: Vec<(String, u64)> = Vec::new();
+        for v in &values {
+            let contact = NameAddr::parse(v).map_err(|_| bad("malformed Contact"))?;
+            let uri = contact.uri.clone();
+            let scheme_ok = uri.split_once(':').is_some_and(|(s, _)| {
+                s.eq_ignore_ascii_case("sip") || s.eq_ignore_ascii_case("sips")
+            });
+            let clean = !uri
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'));
+            if !scheme_ok || !clean || uri.len() > MAX_CONTACT_LEN {
+                return Err(bad("Contact must be a sip: URI"));
+            }
+            let expires = contact
+                .param("expires")
+                .and_then(parse_delta)
+                .or(header_expires)
+                .unwrap_or(DEFAULT_EXPIRES);
+            if expires > 0 && expires < MIN_EXPIRES {
+                return Err(RegisterReply::new(423, "Interval Too Brief")
+                    .header("Min-Expires", MIN_EXPIRES.to_string()));
+            }
+            let expires = expires.min(MAX_EXPIRES);
+            match wanted.iter_mut().find(|(u, _)| same_uri(u, &uri)) {
+                Some(w) => w.1 = expires,
+                None => wanted.push((uri, expires)),
+            }
+        }
+
+        let mut list = original.clone();
+        for (uri, expires) in wanted {
+            if original
+                .iter()
+                .any(|b| same_uri(&b.uri, &uri) && b.call_id == req.call_id && req.cseq <= b.cseq)
+            {
+                return Err(server_error());
+            }
+            let at = list.iter().position(|b| same_uri(&b.uri, &uri));
+            if expires == 0 {
+                if let Some(i) = at {
+                    list.remove(i);
+                    info!(%agent, contact = %uri, "contact unregistered");
+                }
+                continue;
+            }
+            let expires_at = now.checked_add(Duration::from_secs(expires)).unwrap_or(now);
+            match at {
+                Some(i) => {
+                    let b = &mut list[i];
+                    if b.call_id != req.call_id {
+                        // Another Call-ID: the phone restarted; a new registration.
+                        self.binding_seq += 1;
+                        b.seq = self.binding_seq;
+                        b.call_id = req.call_id.clone();
+                    }
+                    b.uri = uri;
+                    b.cseq = req.cseq;
+                    b.expires_at = expires_at;
+                    b.flow = flow;
+                }
+                None => {
+                    self.binding_seq += 1;
+                    list.push(Binding {
+                        uri,
+                        call_id: req.call_id.clone(),
+                        cseq: req.cseq,
+                        expires_at,
+                        seq: self.binding_seq,
+                        flow,
+                    });
+                }
+            }
+        }
+        if list.len() > MAX_BINDINGS_PER_AGENT {
+            list.sort_by_key(|b| std::cmp::Reverse(b.seq));
+            list.truncate(MAX_BINDINGS_PER_AGENT);
+            info!(%agent, "too many contacts; the oldest were dropped");
+        }
+        if list.is_empty() {
+            self.bindings.remove(agent);
+        } else {
+            self.bindings.insert(agent.to_owned(), list);
+        }
+        Ok(())
+    }
+
+    /// Announce the agent's preferred contact if it changed.
+    fn publish(&mut self, agent: &str, events: &mut Vec<AgentEvent>) {
+        let newest = self.contact(agent);
+        if newest.as_ref() == self.published.get(agent) {
+            return;
+        }
+        match newest {
+            Some((contact, flow)) => {
+                info!(%agent, %contact, remote = %flow.remote, "agent logged in");
+                self.published
+                    .insert(agent.to_owned(), (contact.clone(), flow));
+                events.push(AgentEvent::LoggedIn {
+                    agent: agent.to_owned(),
+                    contact,
+                    flow,
+                });
+            }
+            None => {
+                info!(%agent, "agent logged out");
+                self.published.remove(agent);
+                events.push(AgentEvent::LoggedOut {
+                    agent: agent.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// 200 with every binding of the agent, newest first, and its remaining time.
+    fn ok(&self, now: Instant, agent: &str) -> RegisterReply {
+        let mut reply = RegisterReply::new(200, "OK");
+        let mut list: Vec<&Binding> = self.bindings.get(agent).into_iter().flatten().collect();
+        list.sort_by_key(|b| std::cmp::Reverse(b.seq));
+        for b in list {
+            let left = b.expires_at.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            reply = reply.header("Contact", format!("<{}>;expires={secs}", b.uri));
+        }
+        reply
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let hi = char::from(pair[0]).to_digit(16)?;
+            let lo = char::from(pair[1]).to_digit(16)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
+}
+
+/// A delta-seconds value; absurdly large ones saturate (and are cut to the maximum later).
+fn parse_delta(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.parse().unwrap_or(u64::MAX))
+}
+
+/// `nc`: exactly 8 hex digits, not zero.
+fn parse_nc(v: &str) -> Option<u32> {
+    if v.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(v, 16).ok().filter(|n| *n > 0)
+}
+
+/// Contact URI equality, simplified (RFC 3261 §19.1.4 compares most parts case-insensitively).
+fn same_uri(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// The digest `uri` against the Request-URI, loosely: case, URI parameters, headers and the
+/// default port do not matter.
+fn uri_matches(digest_uri: &str, request_uri: &str) -> bool {
+    fn norm(u: &str) -> String {
+        let u = u.trim().trim_start_matches('<').trim_end_matches('>');
+        let u = u.split([';', '?']).next().unwrap_or(u).to_ascii_lowercase();
+        match u.strip_suffix(":5060") {
+            Some(s) if u.starts_with("sip:") => s.to_owned(),
+            _ => u,
+        }
+    }
+    norm(digest_uri) == norm(request_uri)
+}
+
+/// Parse `Digest name=value, name="quoted value", ...` into lower-case names and unquoted
+/// values. None when the scheme is not Digest, the syntax is broken, or a name repeats.
+fn parse_digest(value: &str) -> Option<HashMap<String, String>> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return None;
+    }
+    let b = rest.as_bytes();
+    let mut i = 0;
+    let mut out = HashMap::new();
+    let skip_ws = |i: &mut usize| {
+        while *i < b.len() && (b[*i] == b' ' || b[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= b.len() {
+            break;
+        }
+        let start = i;
+        while i < b.len() && (b[i].is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b[i])) {
+            i += 1;
+        }
+        let name = rest.get(start..i)?.to_ascii_lowercase();
+        if name.is_empty() {
+            return None;
+        }
+        skip_ws(&mut i);
+        if b.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        skip_ws(&mut i);
+        let mut val = String::new();
+        if b.get(i) == Some(&b'"') {
+            i += 1;
+            let mut closed = false;
+            let mut bytes = Vec::new();
+            while i < b.len() {
+                match b[i] {
+                    b'\\' if i + 1 < b.len() => {
+                        bytes.push(b[i + 1]);
+                        i += 2;
+                    }
+                    b'"' => {
+                        closed = true;
+                        i += 1;
+                        break;
+                    }
+                    c => {
+                        bytes.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            if !closed {
+                return None;
+            }
+            val = String::from_utf8(bytes).ok()?;
+        } else {
+            let start = i;
+            while i < b.len() && b[i] != b',' && b[i] != b' ' && b[i] != b'\t' {
+                i += 1;
+            }
+            val.push_str(rest.get(start..i)?);
+            if val.is_empty() {
+                return None;
+            }
+        }
+        if out.insert(name, val).is_some() {
+            return None;
+        }
+        skip_ws(&mut i);
+        match b.get(i) {
+            None => break,
+            Some(b',') => i += 1,
+            Some(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{parse_datagram, Message};
+    use crate::sip::transport::Transport;
+
+    const SECRET: [u8; 32] = [7; 32];
+
+    fn registrar() -> Registrar {
+        Registrar::new(
+            "ivr311".into(),
+            &[
+                ("1001".into(), "pw".into()),
+                ("1002".into(), "other".into()),
+            ],
+            SECRET,
+        )
+    }
+
+    fn flow(port: u16) -> Flow {
+        Flow {
+            transport: Transport::Udp,
+            remote: format!("192.0.2.1:{port}").parse().expect("addr"),
+            conn: 0,
+        }
+    }
+
+    /// A REGISTER for `user`; `contacts` are full Contact values; `extra` more header lines.
+    fn register(
+        user: &str,
+        call_id: &str,
+        cseq: u32,
+        contacts: &[&str],
+        extra: &[String],
+    ) -> Request {
+        let mut s = format!(
+            "REGISTER sip:127.0.0.1 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-{cseq}{call_id}\r\n\
+From: <sip:{user}@127.0.0.1>;tag=ft\r\n\
+To: <sip:{user}@127.0.0.1>\r\n\
+Call-ID: {call_id}\r\n\
+CSeq: {cseq} REGISTER\r\n\
+Max-Forwards: 70\r\n"
+        );
+        for c in contacts {
+            s.push_str(&format!("Contact: {c}\r\n"));
+        }
+        for e in extra {
+            s.push_str(e);
+            s.push_str("\r\n");
+        }
+        s.push_str("Content-Length: 0\r\n\r\n");
+        match parse_datagram(s.as_bytes(), 65536) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("test REGISTER does not parse: {other:?}"),
+        }
+    }
+
+    fn challenge_params(reply: &RegisterReply, algorithm: &str) -> HashMap<String, String> {
+        reply
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "WWW-Authenticate")
+            .filter_map(|(_, v)| parse_digest(v))
+            .find(|p| p.get("algorithm").map(String::as_str) == Some(algorithm))
+            .expect("challenge for the algorithm")
+    }
+
+    /// The client side of digest: an Authorization value answering `reply`'s challenge.
+    fn authorization(
+        reply: &RegisterReply,
+        algorithm: &str,
+        user: &str,
+        password: &str,
+        nc: u32,
+    ) -> String {
+        let p = challenge_params(reply, algorithm);
+        let alg = if algorithm == "MD5" {
+            Algorithm::Md5
+        } else {
+            Algorithm::Sha256
+        };
+        let (realm, nonce, opaque) = (&p["realm"], &p["nonce"], &p["opaque"]);
+        let uri = "sip:127.0.0.1";
+        let nc = format!("{nc:08x}");
+        let cnonce = "c0ffee";
+        let ha1 = alg.hex(&format!("{user}:{realm}:{password}"));
+        let ha2 = alg.hex(&format!("REGISTER:{uri}"));
+        let resp = alg.hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"));
+        format!(
+            "Authorization: Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", \
+uri=\"{uri}\", response=\"{resp}\", algorithm={algorithm}, qop=auth, nc={nc}, \
+cnonce=\"{cnonce}\", opaque=\"{opaque}\""
+        )
+    }
+
+    struct Phone {
+        user: &'static str,
+        password: &'static str,
+        call_id: String,
+        cseq: u32,
+        flow: Flow,
+    }
+
+    impl Phone {
+        fn new(user: &'static str, password: &'static str, port: u16) -> Phone {
+            Phone {
+                user,
+                password,
+                call_id: format!("reg-{user}-{port}"),
+                cseq: 0,
+                flow: flow(port),
+            }
+        }
+
+        fn send(
+            &mut self,
+            r: &mut Registrar,
+            now: Instant,
+            contacts: &[&str],
+            extra: &[String],
+        ) -> (RegisterReply, Vec<AgentEvent>) {
+            self.cseq += 1;
+            let req = register(self.user, &self.call_id, self.cseq, contacts, extra);
+            r.handle(now, &req, self.flow)
+        }
+
+        /// REGISTER, 401, REGISTER with credentials: the second reply.
+        fn login(
+            &mut self,
+            r: &mut Registrar,
+            now: Instant,
+            contacts: &[&str],
+            extra: &[String],
+        ) -> (RegisterReply, Vec<AgentEvent>) {
+            let (challenge, _) = self.send(r, now, contacts, extra);
+            assert_eq!(challenge.code, 401);
+            let mut extra = extra.to_vec();
+            extra.push(authorization(
+                &challenge,
+                "SHA-256",
+                self.user,
+                self.password,
+                1,
+            ));
+            self.send(r, now, contacts, &extra)
+        }
+    }
+
+    fn contacts(reply: &RegisterReply) -> Vec<&str> {
+        reply
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "Contact")
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn logged_in(agent: &str, contact: &str, flow: Flow) -> AgentEvent {
+        AgentEvent::LoggedIn {
+            agent: agent.into(),
+            contact: contact.into(),
+            flow,
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn challenge_then_sha256_digest_logs_in() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let (challenge, events) = phone.send(&mut r, t0, &["<sip:1001@10.0.0.5:5062>"], &[]);
+        assert_eq!((challenge.code, challenge.reason), (401, "Unauthorized"));
+        assert!(events.is_empty());
+        let www: Vec<&str> = challenge
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "WWW-Authenticate")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(www.len(), 2);
+        assert!(www[0]
+            .starts_with("Digest realm=\"ivr311\", qop=\"auth\", algorithm=SHA-256, nonce=\""));
+        assert!(www[1].contains("algorithm=MD5"));
+        assert!(!www[0].contains("stale"));
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        let (ok, events) = phone.send(&mut r, t0, &["<sip:1001@10.0.0.5:5062>"], &[auth]);
+        assert_eq!(ok.code, 200);
+        assert_eq!(contacts(&ok), vec!["<sip:1001@10.0.0.5:5062>;expires=3600"]);
+        assert_eq!(
+            events,
+            vec![logged_in("1001", "sip:1001@10.0.0.5:5062", phone.flow)]
+        );
+        assert_eq!(r.registered(), vec!["1001".to_owned()]);
+        assert_eq!(
+            r.contact("1001"),
+            Some(("sip:1001@10.0.0.5:5062".to_owned(), phone.flow))
+        );
+        assert_eq!(r.next_expiry(), Some(t0 + secs(3600)));
+    }
+
+    #[test]
+    fn md5_works_too() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1002", "other", 5062);
+        let (challenge, _) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.6>"], &[]);
+        let auth = authorization(&challenge, "MD5", "1002", "other", 1);
+        let (ok, events) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.6>"], &[auth]);
+        assert_eq!(ok.code, 200);
+        assert_eq!(events.len(), 1);
+        // No algorithm parameter means MD5 as well (RFC 2617).
+        let (challenge, _) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.6>"], &[]);
+        let auth =
+            authorization(&challenge, "MD5", "1002", "other", 1).replace(", algorithm=MD5", "");
+        let (ok, events) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.6>"], &[auth]);
+        assert_eq!(ok.code, 200);
+        assert!(events.is_empty(), "a refresh is not a new log-in");
+    }
+
+    /// The reply with the nonce and opaque values blanked.
+    fn shape(reply: &RegisterReply) -> RegisterReply {
+        let mut reply = reply.clone();
+        for (_, v) in &mut reply.headers {
+            let mut p = parse_digest(v).expect("digest challenge");
+            for (k, x) in [("nonce", "N"), ("opaque", "O")] {
+                let old = p.remove(k).expect("param");
+                *v = v.replace(&old, x);
+            }
+        }
+        reply
+    }
+
+    #[test]
+    fn wrong_password_unknown_agent_and_garbage_look_the_same() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let contact = ["<sip:1001@10.0.0.5>"];
+        let mut answers = Vec::new();
+        for (user, password) in [("1001", "wrong"), ("9999", "pw"), ("1001", "")] {
+            let mut phone = Phone::new(user, password, 5070);
+            let (challenge, _) = phone.send(&mut r, t0, &contact, &[]);
+            let auth = authorization(&challenge, "SHA-256", user, password, 1);
+            let (reply, events) = phone.send(&mut r, t0, &contact, &[auth]);
+            assert!(events.is_empty());
+            answers.push(reply);
+        }
+        let mut phone = Phone::new("1001", "pw", 5071);
+        let garbage =
+            "Authorization: Digest username=\"1001\", realm=\"ivr311\", nonce=".to_owned();
+        answers.push(phone.send(&mut r, t0, &contact, &[garbage]).0);
+        let basic = "Authorization: Basic MTAwMTpwdw==".to_owned();
+        answers.push(phone.send(&mut r, t0, &contact, &[basic]).0);
+        let first = shape(&answers[0]);
+        assert_eq!(first.code, 401);
+        for a in &answers {
+            assert_eq!(shape(a), first, "{a:?}");
+        }
+        assert!(r.registered().is_empty());
+    }
+
+    #[test]
+    fn stale_nonce_gets_stale_true_and_a_fresh_nonce_works() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let c = ["<sip:1001@10.0.0.5>"];
+        let (challenge, _) = phone.send(&mut r, t0, &c, &[]);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        let later = t0 + secs(301);
+        let (stale, _) = phone.send(&mut r, later, &c, &[auth]);
+        assert_eq!(stale.code, 401);
+        assert!(stale
+            .headers
+            .iter()
+            .all(|(_, v)| v.ends_with(", stale=true")));
+        let auth = authorization(&stale, "SHA-256", "1001", "pw", 1);
+        assert_eq!(phone.send(&mut r, later, &c, &[auth]).0.code, 200);
+        // Within the lifetime the same nonce is still good (with a higher count).
+        let auth = authorization(&stale, "SHA-256", "1001", "pw", 2);
+        assert_eq!(
+            phone.send(&mut r, later + secs(299), &c, &[auth]).0.code,
+            200
+        );
+        // A nonce from another registrar (a restart) with the right password: stale, too.
+        let mut other = Registrar::new("ivr311".into(), &[("1001".into(), "pw".into())], [9; 32]);
+        let (foreign, _) = phone.send(&mut other, t0, &c, &[]);
+        let auth = authorization(&foreign, "SHA-256", "1001", "pw", 1);
+        let (reply, _) = phone.send(&mut r, later, &c, &[auth]);
+        assert_eq!(reply.code, 401);
+        assert!(reply.headers[0].1.ends_with("stale=true"));
+        // ... but with a wrong password it is a plain failure.
+        let auth = authorization(&foreign, "SHA-256", "1001", "nope", 1);
+        let (reply, _) = phone.send(&mut r, later, &c, &[auth]);
+        assert!(!reply.headers[0].1.contains("stale"));
+    }
+
+    #[test]
+    fn replayed_nonce_count_is_refused() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let c = ["<sip:1001@10.0.0.5>"];
+        let (challenge, _) = phone.send(&mut r, t0, &c, &[]);
+        let auth1 = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        assert_eq!(
+            phone
+                .send(&mut r, t0, &c, std::slice::from_ref(&auth1))
+                .0
+                .code,
+            200
+        );
+        // The very same credentials again (a captured request replayed).
+        let (replay, _) = phone.send(&mut r, t0 + secs(1), &c, &[auth1]);
+        assert_eq!(replay.code, 401);
+        assert!(!replay.headers[0].1.contains("stale"));
+        let auth3 = authorization(&challenge, "SHA-256", "1001", "pw", 3);
+        assert_eq!(phone.send(&mut r, t0 + secs(2), &c, &[auth3]).0.code, 200);
+        let auth2 = authorization(&challenge, "SHA-256", "1001", "pw", 2);
+        assert_eq!(phone.send(&mut r, t0 + secs(3), &c, &[auth2]).0.code, 401);
+    }
+
+    #[test]
+    fn qop_is_required_and_the_uri_must_match() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let c = ["<sip:1001@10.0.0.5>"];
+        let (challenge, _) = phone.send(&mut r, t0, &c, &[]);
+        let p = challenge_params(&challenge, "MD5");
+        // RFC 2069 style: no qop, nc or cnonce.
+        let ha1 = Algorithm::Md5.hex("1001:ivr311:pw");
+        let ha2 = Algorithm::Md5.hex("REGISTER:sip:127.0.0.1");
+        let resp = Algorithm::Md5.hex(&format!("{ha1}:{}:{ha2}", p["nonce"]));
+        let auth = format!(
+            "Authorization: Digest username=\"1001\", realm=\"ivr311\", nonce=\"{}\", uri=\"sip:127.0.0.1\", response=\"{resp}\"",
+            p["nonce"]
+        );
+        assert_eq!(phone.send(&mut r, t0, &c, &[auth]).0.code, 401);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1)
+            .replace("sip:127.0.0.1", "sip:10.9.9.9");
+        assert_eq!(phone.send(&mut r, t0, &c, &[auth]).0.code, 401);
+        assert!(uri_matches(
+            "sip:127.0.0.1:5060;transport=udp",
+            "SIP:127.0.0.1"
+        ));
+        assert!(!uri_matches("sip:127.0.0.2", "sip:127.0.0.1"));
+    }
+
+    #[test]
+    fn expires_header_and_param_refresh_and_unregister() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let (ok, _) = phone.login(
+            &mut r,
+            t0,
+            &["<sip:1001@10.0.0.5>"],
+            &["Expires: 120".into()],
+        );
+        assert_eq!(contacts(&ok), vec!["<sip:1001@10.0.0.5>;expires=120"]);
+        assert_eq!(r.next_expiry(), Some(t0 + secs(120)));
+        // The parameter wins over the header; too long is cut to 7200.
+        let (ok, _) = phone.login(
+            &mut r,
+            t0 + secs(10),
+            &["<sip:1001@10.0.0.5>;expires=100000"],
+            &["Expires: 120".into()],
+        );
+        assert_eq!(contacts(&ok), vec!["<sip:1001@10.0.0.5>;expires=7200"]);
+        assert_eq!(r.next_expiry(), Some(t0 + secs(7210)));
+        // A refresh from the same Call-ID with a lower CSeq: 500, nothing changes.
+        let saved = phone.cseq;
+        phone.cseq = 0;
+        let (challenge, _) = phone.send(&mut r, t0 + secs(20), &["<sip:1001@10.0.0.5>"], &[]);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        let (err, _) = phone.send(
+            &mut r,
+            t0 + secs(20),
+            &["<sip:1001@10.0.0.5>;expires=0"],
+            &[auth],
+        );
+        assert_eq!(err.code, 500);
+        assert_eq!(r.registered(), vec!["1001".to_owned()]);
+        phone.cseq = saved;
+        // A query (no Contact) lists the binding with its remaining time.
+        let (ok, events) = phone.login(&mut r, t0 + secs(30), &[], &[]);
+        assert_eq!(ok.code, 200);
+        assert!(events.is_empty());
+        assert_eq!(contacts(&ok), vec!["<sip:1001@10.0.0.5>;expires=7180"]);
+        // expires=0 removes it: logged out.
+        let (ok, events) = phone.login(
+            &mut r,
+            t0 + secs(40),
+            &["<sip:1001@10.0.0.5>;expires=0"],
+            &[],
+        );
+        assert_eq!(ok.code, 200);
+        assert!(contacts(&ok).is_empty());
+        assert_eq!(
+            events,
+            vec![AgentEvent::LoggedOut {
+                agent: "1001".into()
+            }]
+        );
+        assert!(r.registered().is_empty());
+        assert_eq!(r.next_expiry(), None);
+    }
+
+    #[test]
+    fn star_unregisters_everything() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let (ok, _) = phone.login(
+            &mut r,
+            t0,
+            &["<sip:1001@10.0.0.5>", "<sip:1001@10.0.0.6>"],
+            &[],
+        );
+        assert_eq!(contacts(&ok).len(), 2);
+        // `*` needs Expires: 0.
+        let (bad, _) = phone.login(&mut r, t0, &["*"], &["Expires: 60".into()]);
+        assert_eq!(bad.code, 400);
+        let (ok, events) = phone.login(&mut r, t0, &["*"], &["Expires: 0".into()]);
+        assert_eq!(ok.code, 200);
+        assert!(contacts(&ok).is_empty());
+        assert_eq!(
+            events,
+            vec![AgentEvent::LoggedOut {
+                agent: "1001".into()
+            }]
+        );
+        assert!(r.registered().is_empty());
+    }
+
+    #[test]
+    fn newest_contact_wins_and_removing_it_falls_back() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut desk = Phone::new("1001", "pw", 5062);
+        let mut soft = Phone::new("1001", "pw", 5064);
+        let (_, events) = desk.login(&mut r, t0, &["<sip:1001@10.0.0.5>"], &[]);
+        assert_eq!(
+            events,
+            vec![logged_in("1001", "sip:1001@10.0.0.5", desk.flow)]
+        );
+        let (ok, events) = soft.login(&mut r, t0 + secs(5), &["<sip:1001@10.0.0.9>"], &[]);
+        assert_eq!(
+            contacts(&ok),
+            vec![
+                "<sip:1001@10.0.0.9>;expires=3600",
+                "<sip:1001@10.0.0.5>;expires=3595"
+            ]
+        );
+        assert_eq!(
+            events,
+            vec![logged_in("1001", "sip:1001@10.0.0.9", soft.flow)]
+        );
+        // The desk phone refreshing does not take the preference back.
+        let (_, events) = desk.login(&mut r, t0 + secs(10), &["<sip:1001@10.0.0.5>"], &[]);
+        assert!(events.is_empty());
+        assert_eq!(
+            r.contact("1001").map(|c| c.0),
+            Some("sip:1001@10.0.0.9".into())
+        );
+        // The soft phone leaves: back to the desk phone.
+        let (_, events) = soft.login(
+            &mut r,
+            t0 + secs(20),
+            &["<sip:1001@10.0.0.9>;expires=0"],
+            &[],
+        );
+        assert_eq!(
+            events,
+            vec![logged_in("1001", "sip:1001@10.0.0.5", desk.flow)]
+        );
+        // The desk phone moves behind another NAT port: the flow changed, announced again.
+        desk.flow = flow(6000);
+        let (_, events) = desk.login(&mut r, t0 + secs(30), &["<sip:1001@10.0.0.5>"], &[]);
+        assert_eq!(
+            events,
+            vec![logged_in("1001", "sip:1001@10.0.0.5", flow(6000))]
+        );
+    }
+
+    #[test]
+    fn expiry_logs_out() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut a = Phone::new("1001", "pw", 5062);
+        let mut b = Phone::new("1002", "other", 5063);
+        a.login(&mut r, t0, &["<sip:1001@10.0.0.5>;expires=60"], &[]);
+        b.login(&mut r, t0, &["<sip:1002@10.0.0.6>"], &[]);
+        let mut a2 = Phone::new("1001", "pw", 5064);
+        a2.login(&mut r, t0, &["<sip:1001@10.0.0.7>;expires=120"], &[]);
+        assert_eq!(r.next_expiry(), Some(t0 + secs(60)));
+        assert!(r.expire(t0 + secs(59)).is_empty());
+        // The older binding goes: the preferred one stays, nothing to say.
+        assert!(r.expire(t0 + secs(60)).is_empty());
+        assert_eq!(r.next_expiry(), Some(t0 + secs(120)));
+        assert_eq!(
+            r.expire(t0 + secs(120)),
+            vec![AgentEvent::LoggedOut {
+                agent: "1001".into()
+            }]
+        );
+        assert_eq!(r.registered(), vec!["1002".to_owned()]);
+        assert_eq!(r.contact("1001"), None);
+    }
+
+    #[test]
+    fn too_brief_gets_423() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let (reply, events) = phone.login(&mut r, t0, &["<sip:1001@10.0.0.5>;expires=30"], &[]);
+        assert_eq!((reply.code, reply.reason), (423, "Interval Too Brief"));
+        assert_eq!(
+            reply.headers,
+            vec![("Min-Expires".to_owned(), "60".to_owned())]
+        );
+        assert!(events.is_empty());
+        let (reply, _) = phone.login(
+            &mut r,
+            t0,
+            &["<sip:1001@10.0.0.5>"],
+            &["Expires: 59".into()],
+        );
+        assert_eq!(reply.code, 423);
+        assert!(r.registered().is_empty());
+    }
+
+    #[test]
+    fn an_agent_registers_only_its_own_address() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1002", "pw", 5062);
+        let (challenge, _) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.5>"], &[]);
+        // Right credentials of 1001, To is 1002.
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        let (reply, _) = phone.send(&mut r, t0, &["<sip:1002@10.0.0.5>"], &[auth]);
+        assert_eq!(reply.code, 403);
+        assert!(r.registered().is_empty());
+    }
+
+    #[test]
+    fn five_failures_block_the_address_for_a_minute() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        let mut thief = Phone::new("1001", "guess", 7000);
+        for i in 0..5 {
+            let (reply, _) = thief.login(&mut r, t0 + secs(i), &c, &[]);
+            assert_eq!(reply.code, 401, "attempt {i}");
+        }
+        // Blocked: 403 without a challenge, even with the right password and no credentials.
+        let (reply, _) = thief.send(&mut r, t0 + secs(5), &c, &[]);
+        assert_eq!(reply, RegisterReply::new(403, "Forbidden"));
+        let mut same_ip = Phone::new("1001", "pw", 7001);
+        assert_eq!(same_ip.send(&mut r, t0 + secs(30), &c, &[]).0.code, 403);
+        // Another address is not affected.
+        let mut other = Phone::new("1001", "pw", 7002);
+        other.flow.remote = "198.51.100.7:7002".parse().expect("addr");
+        assert_eq!(other.login(&mut r, t0 + secs(30), &c, &[]).0.code, 200);
+        // 60 s after the fifth failure, allowed again.
+        assert_eq!(same_ip.send(&mut r, t0 + secs(63), &c, &[]).0.code, 403);
+        assert_eq!(same_ip.login(&mut r, t0 + secs(64), &c, &[]).0.code, 200);
+    }
+
+    #[test]
+    fn failures_spread_out_do_not_block_and_successes_do_not_count() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        let mut thief = Phone::new("1001", "guess", 7000);
+        let mut good = Phone::new("1001", "pw", 7001);
+        for i in 0..12 {
+            let (reply, _) = thief.login(&mut r, t0 + secs(i * 20), &c, &[]);
+            assert_eq!(reply.code, 401, "attempt {i}");
+            let (reply, _) = good.login(&mut r, t0 + secs(i * 20 + 1), &c, &[]);
+            assert_eq!(reply.code, 200, "attempt {i}");
+        }
+    }
+
+    #[test]
+    fn failure_table_is_bounded() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let req = register(
+            "1001",
+            "x",
+            1,
+            &[],
+            &["Authorization: Digest nonsense".into()],
+        );
+        for i in 0..(MAX_TRACKED_IPS as u32 + 500) {
+            let mut f = flow(5060);
+            f.remote = std::net::SocketAddr::new(IpAddr::from(i.to_be_bytes()), 5060);
+            let (reply, _) = r.handle(t0, &req, f);
+            assert_eq!(reply.code, 401);
+        }
+        assert_eq!(r.failures.len(), MAX_TRACKED_IPS);
+        assert!(r.failure_order.len() <= 2 * MAX_TRACKED_IPS + 64);
+    }
+
+    #[test]
+    fn digest_parsing() {
+        let p = parse_digest(
+            r#"Digest username="a\"b", realm="r", nc=00000001 , qop=auth,uri="sip:x;a=b,c""#,
+        )
+        .expect("parses");
+        assert_eq!(p["username"], "a\"b");
+        assert_eq!(p["nc"], "00000001");
+        assert_eq!(p["qop"], "auth");
+        assert_eq!(p["uri"], "sip:x;a=b,c");
+        assert!(parse_digest("Digest realm=\"a\", realm=\"b\"").is_none());
+        assert!(parse_digest("Digest realm=\"a").is_none());
+        assert!(parse_digest("Digest realm").is_none());
+        assert!(parse_digest("Basic abc").is_none());
+        assert_eq!(parse_nc("00000000"), None);
+        assert_eq!(parse_nc("0000000a"), Some(10));
+        assert_eq!(parse_nc("1"), None);
+        assert_eq!(unhex("0aFF"), Some(vec![10, 255]));
+        assert_eq!(unhex("0g"), None);
+    }
+}

@@ -1,0 +1,300 @@
+//! Operators: agents register with digest auth, a caller presses 0, the agent's phone is
+//! offered the call with the caller's context, answers, and media flows both ways.
+
+mod common;
+
+use common::*;
+use ivr311::config::{AgentConfig, FileConfig, QueueConfig};
+use ivr311::media::rtp;
+use ivr311::sip::message::{parse_datagram, Message, Request, Response, ResponseBuilder};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
+    let mut f = FileConfig::default();
+    f.agents = agents
+        .iter()
+        .map(|id| AgentConfig {
+            id: (*id).into(),
+            password: format!("pw{id}"),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        })
+        .collect();
+    f.queues = vec![QueueConfig {
+        name: "general".into(),
+        ring_timeout_seconds: ring_timeout,
+        ..QueueConfig::default()
+    }];
+    f
+}
+
+/// An operator's SIP phone.
+struct Agent {
+    id: String,
+    sip: UdpSocket,
+    rtp: UdpSocket,
+    server: SocketAddr,
+}
+
+fn param(challenge: &str, name: &str) -> Option<String> {
+    let rest = challenge.strip_prefix("Digest ")?;
+    rest.split(", ").find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+fn sha256(data: &str) -> String {
+    Sha256::digest(data.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Agent {
+    async fn login(server: SocketAddr, id: &str) -> Agent {
+        let a = Agent {
+            id: id.into(),
+            sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+        };
+        let uri = format!("sip:{server}");
+        let me = a.sip.local_addr().unwrap();
+        let reg = |cseq: u32, auth: Option<String>| {
+            format!(
+                "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKreg{cseq}{id};rport\r\nMax-Forwards: 70\r\n\
+From: <sip:{id}@{server}>;tag=a{id}\r\nTo: <sip:{id}@{server}>\r\nCall-ID: reg-{id}@{me}\r\nCSeq: {cseq} REGISTER\r\n\
+Contact: <sip:{id}@{me}>\r\nExpires: 600\r\n{}Content-Length: 0\r\n\r\n",
+                auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default()
+            )
+        };
+        a.sip
+            .send_to(reg(1, None).as_bytes(), server)
+            .await
+            .unwrap();
+        let challenge = a.response().await;
+        assert_eq!(challenge.code, 401);
+        let c = challenge
+            .headers_named("WWW-Authenticate")
+            .find(|c| param(c, "algorithm").as_deref() == Some("SHA-256"))
+            .expect("SHA-256 challenge")
+            .to_owned();
+        let (realm, nonce, opaque) = (
+            param(&c, "realm").unwrap(),
+            param(&c, "nonce").unwrap(),
+            param(&c, "opaque").unwrap(),
+        );
+        let ha1 = sha256(&format!("{id}:{realm}:pw{id}"));
+        let ha2 = sha256(&format!("REGISTER:{uri}"));
+        let resp = sha256(&format!("{ha1}:{nonce}:00000001:abcdef:auth:{ha2}"));
+        let auth = format!(
+            "Digest username=\"{id}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", \
+algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\""
+        );
+        a.sip
+            .send_to(reg(2, Some(auth)).as_bytes(), server)
+            .await
+            .unwrap();
+        assert_eq!(a.response().await.code, 200, "agent {id} logged in");
+        a
+    }
+
+    async fn recv(&self, t: Duration) -> Option<Message> {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = tokio::time::timeout(t, self.sip.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(parse_datagram(&buf[..n], 65536).unwrap())
+    }
+
+    async fn response(&self) -> Response {
+        match self.recv(Duration::from_secs(3)).await {
+            Some(Message::Response(r)) => r,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    /// Wait for a request with `method` (answering nothing).
+    async fn request(&self, method: &str, t: Duration) -> Request {
+        let deadline = std::time::Instant::now() + t;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.recv(left).await {
+                Some(Message::Request(r)) if r.method.as_str() == method => return r,
+                Some(_) => continue,
+                None => panic!("agent {} got no {method} within {t:?}", self.id),
+            }
+        }
+    }
+
+    async fn reply(&self, req: &Request, code: u16, reason: &str, sdp: Option<String>) {
+        let mut b = ResponseBuilder::new(req, code, reason, Some(&format!("ag{}", self.id)))
+            .header(
+                "Contact",
+                format!("<sip:{}@{}>", self.id, self.sip.local_addr().unwrap()),
+            );
+        if let Some(sdp) = sdp {
+            b = b.body("application/sdp", sdp);
+        }
+        self.sip.send_to(&b.build(), self.server).await.unwrap();
+    }
+
+    fn answer_sdp(&self) -> String {
+        let p = self.rtp.local_addr().unwrap().port();
+        format!("v=0\r\no=agent 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {p} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n")
+    }
+}
+
+/// Caller: English, not an emergency, then 0 for an operator.
+async fn caller_presses_zero(srv: &ivr311::server::RunningServer) -> TestUa {
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("110").await;
+    ua
+}
+
+#[tokio::test]
+async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_ways() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(inv.from.user(), Some("+15550001111"), "the caller's number");
+    assert!(inv
+        .header("P-Asserted-Identity")
+        .unwrap()
+        .contains("+15550001111"));
+    assert_eq!(inv.header("X-311-Language"), Some("en"));
+    assert_eq!(inv.header("X-311-Queue"), Some("general"));
+    assert!(
+        inv.header("X-311-Menu-Path").unwrap().contains("main:0"),
+        "{:?}",
+        inv.header("X-311-Menu-Path")
+    );
+    assert!(inv.header("X-311-Waited").unwrap().parse::<u64>().is_ok());
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    agent.reply(&inv, 180, "Ringing", None).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    assert_eq!(
+        agent
+            .request("ACK", Duration::from_secs(3))
+            .await
+            .method
+            .as_str(),
+        "ACK"
+    );
+
+    // Caller -> agent.
+    let speaking = tokio::spawn(async move {
+        ua.speak(25).await;
+        ua
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(700), agent.rtp.recv_from(&mut buf)).await
+    {
+        if rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 0) {
+            got += 1;
+        }
+    }
+    let mut ua = speaking.await.unwrap();
+    assert!(got >= 15, "caller audio reached the agent: {got}");
+    // Agent -> caller.
+    let mut s = rtp::RtpStream::new();
+    let mut out = [0u8; 200];
+    for _ in 0..20 {
+        let n = s.write(0, &[0x55; 160], 160, &mut out);
+        agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard = ua.listen(Duration::from_millis(300)).await;
+    assert!(
+        heard.iter().filter(|p| p[0] == 0x55).count() >= 10,
+        "agent audio reached the caller"
+    );
+
+    let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
+    assert!(
+        agents.contains("on_call") || agents.contains("OnCall") || agents.contains("on call"),
+        "{agents}"
+    );
+
+    // The agent hangs up: the caller gets BYE.
+    let bye = format!(
+        "BYE sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKagbye\r\nMax-Forwards: 70\r\nFrom: {to};tag=ag1001\r\nTo: {fr}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = agent.sip.local_addr().unwrap(),
+        to = inv.to.raw,
+        fr = inv.from.raw,
+        cid = inv.call_id
+    );
+    agent
+        .sip
+        .send_to(bye.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    ua.expect_request("BYE", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, q) = http(srv.http_addr, "GET", "/admin/queues", &[], b"").await;
+    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+    assert_eq!(q[0]["answered"], 1, "{q}");
+    assert_eq!(q[0]["waiting"], 0, "{q}");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_who_does_not_answer_is_skipped_for_the_next() {
+    let srv = start_server(config(&["1001", "1002"], 2)).await;
+    let a1 = Agent::login(srv.sip_addr, "1001").await;
+    let a2 = Agent::login(srv.sip_addr, "1002").await;
+    let _ua = caller_presses_zero(&srv).await;
+    // Longest idle first: 1001 logged in first.
+    let inv1 = a1.request("INVITE", Duration::from_secs(5)).await;
+    a1.reply(&inv1, 180, "Ringing", None).await;
+    // No answer within the 2 s ring timeout: CANCEL, and 1002 is offered the call.
+    let cancel = a1.request("CANCEL", Duration::from_secs(5)).await;
+    a1.reply(&cancel, 200, "OK", None).await;
+    a1.reply(&inv1, 487, "Request Terminated", None).await;
+    let inv2 = a2.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(inv2.from.user(), Some("+15550001111"));
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn caller_hanging_up_while_the_agent_rings_cancels_the_offer() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 180, "Ringing", None).await;
+    ua.bye().await;
+    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
+    assert_eq!(cancel.call_id, inv.call_id);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_no_agent_logged_in_the_caller_is_told_at_once() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let heard = ua.listen(Duration::from_millis(2500)).await;
+    let ear = PromptEar::new(
+        "en",
+        &["operator_unavailable", "hold_music"],
+        ivr311::media::g711::Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard).first().map(String::as_str),
+        Some("operator_unavailable")
+    );
+    srv.shutdown().await;
+}

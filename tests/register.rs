@@ -1,0 +1,348 @@
+//! Integration: operators log in by registering a SIP phone with the real server.
+//!
+//! The server runs with one agent configured ("1001", password "pw"); the phone is a plain UDP
+//! socket that builds its REGISTERs by hand and answers the digest challenge itself, so what is
+//! asserted is exactly what goes over the wire.
+
+mod common;
+
+use ivr311::config::{AgentConfig, FileConfig};
+use ivr311::server::RunningServer;
+use ivr311::sip::message::{parse_datagram, Message, Response};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::time::timeout;
+
+fn agents() -> FileConfig {
+    FileConfig {
+        agents: vec![AgentConfig {
+            id: "1001".into(),
+            password: "pw".into(),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        }],
+        ..FileConfig::default()
+    }
+}
+
+/// A phone: one UDP socket, one registration Call-ID, its own CSeq.
+struct Phone {
+    sock: UdpSocket,
+    local: SocketAddr,
+    server: SocketAddr,
+    user: String,
+    call_id: String,
+    cseq: u32,
+    branch: u32,
+}
+
+impl Phone {
+    async fn new(server: &RunningServer, user: &str) -> Phone {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = sock.local_addr().unwrap();
+        Phone {
+            sock,
+            local,
+            server: server.sip_addr,
+            user: user.to_owned(),
+            call_id: format!("reg-{}@test", rand::random::<u32>()),
+            cseq: 0,
+            branch: 0,
+        }
+    }
+
+    fn request_uri(&self) -> String {
+        format!("sip:{}", self.server)
+    }
+
+    /// A REGISTER with a new branch and the next CSeq.
+    fn build(&mut self, contact: Option<&str>, extra: &[String]) -> String {
+        self.cseq += 1;
+        self.branch += 1;
+        let mut s = format!(
+            "REGISTER {uri} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {local};branch=z9hG4bK-reg-{b}-{cid};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:{user}@{server}>;tag=phone{b}\r\n\
+To: <sip:{user}@{server}>\r\n\
+Call-ID: {cid}\r\n\
+CSeq: {cseq} REGISTER\r\n",
+            uri = self.request_uri(),
+            local = self.local,
+            b = self.branch,
+            cid = self.call_id,
+            user = self.user,
+            server = self.server,
+            cseq = self.cseq,
+        );
+        if let Some(c) = contact {
+            s.push_str(&format!("Contact: {c}\r\n"));
+        }
+        for e in extra {
+            s.push_str(e);
+            s.push_str("\r\n");
+        }
+        s.push_str("User-Agent: register-test\r\nContent-Length: 0\r\n\r\n");
+        s
+    }
+
+    async fn send_raw(&self, msg: &str) -> Response {
+        self.sock
+            .send_to(msg.as_bytes(), self.server)
+            .await
+            .unwrap();
+        self.recv().await.expect("a response to REGISTER")
+    }
+
+    async fn recv(&self) -> Option<Response> {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = timeout(Duration::from_secs(2), self.sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        match parse_datagram(&buf[..n], 65535) {
+            Ok(Message::Response(r)) => Some(r),
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    async fn register(&mut self, contact: Option<&str>, extra: &[String]) -> Response {
+        let msg = self.build(contact, extra);
+        self.send_raw(&msg).await
+    }
+
+    /// REGISTER, answer the 401 with `password` (SHA-256), and return the second answer.
+    async fn login(&mut self, password: &str, contact: Option<&str>, extra: &[String]) -> Response {
+        let challenge = self.register(contact, extra).await;
+        assert_eq!(challenge.code, 401, "{challenge:?}");
+        let mut extra = extra.to_vec();
+        let auth = authorization(
+            &challenge,
+            "SHA-256",
+            &self.user,
+            password,
+            &self.request_uri(),
+        );
+        extra.push(format!("Authorization: {auth}"));
+        self.register(contact, &extra).await
+    }
+}
+
+/// One parameter of a `WWW-Authenticate` value (quoted or not).
+fn param(challenge: &str, name: &str) -> Option<String> {
+    let rest = challenge.strip_prefix("Digest ")?;
+    for part in rest.split(", ") {
+        if let Some((k, v)) = part.split_once('=') {
+            if k.trim() == name {
+                return Some(v.trim().trim_matches('"').to_owned());
+            }
+        }
+    }
+    None
+}
+
+fn hash(algorithm: &str, data: &str) -> String {
+    let bytes: Vec<u8> = if algorithm == "MD5" {
+        Md5::digest(data.as_bytes()).to_vec()
+    } else {
+        Sha256::digest(data.as_bytes()).to_vec()
+    };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// RFC 7616 `qop=auth` credentials answering the `algorithm` challenge of `resp`.
+fn authorization(
+    resp: &Response,
+    algorithm: &str,
+    user: &str,
+    password: &str,
+    uri: &str,
+) -> String {
+    let challenge = resp
+        .headers_named("WWW-Authenticate")
+        .find(|c| param(c, "algorithm").as_deref() == Some(algorithm))
+        .expect("a challenge for the algorithm");
+    let realm = param(challenge, "realm").expect("realm");
+    let nonce = param(challenge, "nonce").expect("nonce");
+    let opaque = param(challenge, "opaque").expect("opaque");
+    let cnonce = format!("{:08x}", rand::random::<u32>());
+    let nc = "00000001";
+    let ha1 = hash(algorithm, &format!("{user}:{realm}:{password}"));
+    let ha2 = hash(algorithm, &format!("REGISTER:{uri}"));
+    let response = hash(
+        algorithm,
+        &format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"),
+    );
+    format!(
+        "Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+         response=\"{response}\", algorithm={algorithm}, qop=auth, nc={nc}, cnonce=\"{cnonce}\", \
+         opaque=\"{opaque}\""
+    )
+}
+
+fn contacts(resp: &Response) -> Vec<String> {
+    resp.headers_named("Contact").map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn phone_logs_in_with_digest_and_logs_out() {
+    let server = common::start_server(agents()).await;
+    let mut phone = Phone::new(&server, "1001").await;
+    let contact = format!("<sip:1001@{}>", phone.local);
+
+    // The challenge: two WWW-Authenticate, SHA-256 first, then MD5, both qop=auth.
+    let challenge = phone.register(Some(&contact), &[]).await;
+    assert_eq!(challenge.code, 401);
+    assert_eq!(challenge.reason, "Unauthorized");
+    assert!(challenge.to.tag().is_some());
+    let www: Vec<&str> = challenge.headers_named("WWW-Authenticate").collect();
+    assert_eq!(www.len(), 2, "{www:?}");
+    assert_eq!(param(www[0], "algorithm").as_deref(), Some("SHA-256"));
+    assert_eq!(param(www[1], "algorithm").as_deref(), Some("MD5"));
+    for w in &www {
+        assert_eq!(param(w, "qop").as_deref(), Some("auth"));
+        assert_eq!(param(w, "realm").as_deref(), Some("ivr311"));
+        assert!(param(w, "opaque").is_some());
+        assert_eq!(param(w, "stale"), None);
+    }
+    assert_eq!(param(www[0], "nonce"), param(www[1], "nonce"));
+
+    // The answer with SHA-256: logged in, the binding listed with its expiry.
+    let auth = authorization(&challenge, "SHA-256", "1001", "pw", &phone.request_uri());
+    let ok = phone
+        .register(
+            Some(&contact),
+            &["Expires: 600".into(), format!("Authorization: {auth}")],
+        )
+        .await;
+    assert_eq!((ok.code, ok.reason.as_str()), (200, "OK"), "{ok:?}");
+    assert_eq!(contacts(&ok), vec![format!("{contact};expires=600")]);
+
+    // MD5 works as well; a query (no Contact) lists the binding.
+    let challenge = phone.register(None, &[]).await;
+    let auth = authorization(&challenge, "MD5", "1001", "pw", &phone.request_uri());
+    let ok = phone
+        .register(None, &[format!("Authorization: {auth}")])
+        .await;
+    assert_eq!(ok.code, 200);
+    let listed = contacts(&ok);
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].starts_with(&format!("{contact};expires=")));
+
+    // The wrong password: 401 with a fresh challenge, nothing else.
+    let bad = phone.login("wrong", Some(&contact), &[]).await;
+    assert_eq!(bad.code, 401);
+    assert_eq!(bad.headers_named("WWW-Authenticate").count(), 2);
+
+    // Too short: 423 with Min-Expires.
+    let brief = phone
+        .login("pw", Some(&format!("{contact};expires=10")), &[])
+        .await;
+    assert_eq!(brief.code, 423);
+    assert_eq!(brief.header("Min-Expires"), Some("60"));
+
+    // Log out: expires=0 leaves no binding.
+    let out = phone
+        .login("pw", Some(&format!("{contact};expires=0")), &[])
+        .await;
+    assert_eq!(out.code, 200);
+    assert!(contacts(&out).is_empty(), "{out:?}");
+
+    // Log in again, then `Contact: *` with `Expires: 0` removes everything.
+    let ok = phone.login("pw", Some(&contact), &[]).await;
+    assert_eq!(contacts(&ok).len(), 1);
+    let out = phone.login("pw", Some("*"), &["Expires: 0".into()]).await;
+    assert_eq!(out.code, 200);
+    assert!(contacts(&out).is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_agent_gets_the_same_answer_as_a_wrong_password() {
+    let server = common::start_server(agents()).await;
+    let mut known = Phone::new(&server, "1001").await;
+    let mut unknown = Phone::new(&server, "4242").await;
+    let a = known.login("nope", None, &[]).await;
+    let b = unknown.login("pw", None, &[]).await;
+    assert_eq!((a.code, b.code), (401, 401));
+    let shape = |r: &Response| -> Vec<String> {
+        r.headers
+            .iter()
+            .map(|h| {
+                let mut v = h.value.clone();
+                for p in ["nonce", "opaque"] {
+                    if let Some(x) = param(&h.value, p) {
+                        v = v.replace(&x, "X");
+                    }
+                }
+                match h.name.as_str() {
+                    "WWW-Authenticate" | "Server" | "Content-Length" => format!("{}: {v}", h.name),
+                    other => other.to_owned(),
+                }
+            })
+            .collect()
+    };
+    assert_eq!(shape(&a), shape(&b));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_attempts_gets_403() {
+    let server = common::start_server(agents()).await;
+    let mut thief = Phone::new(&server, "1001").await;
+
+    // One bad REGISTER retransmitted is one failure: the transaction absorbs the copies.
+    let challenge = thief.register(None, &[]).await;
+    let auth = authorization(&challenge, "SHA-256", "1001", "guess", &thief.request_uri());
+    let msg = thief.build(None, &[format!("Authorization: {auth}")]);
+    for _ in 0..6 {
+        assert_eq!(thief.send_raw(&msg).await.code, 401);
+    }
+
+    // Four more failures make five: from then on 403, without a challenge.
+    for i in 0..4 {
+        let r = thief.login(&format!("guess{i}"), None, &[]).await;
+        assert_eq!(r.code, 401, "attempt {i}");
+    }
+    let blocked = thief.register(None, &[]).await;
+    assert_eq!(blocked.code, 403);
+    assert_eq!(blocked.headers_named("WWW-Authenticate").count(), 0);
+
+    // Every port of that address is refused, even with the right password.
+    let mut same_host = Phone::new(&server, "1001").await;
+    assert_eq!(same_host.register(None, &[]).await.code, 403);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn options_lists_register_and_without_agents_register_is_forbidden() {
+    let with = common::start_server(agents()).await;
+    let phone = Phone::new(&with, "1001").await;
+    let options = format!(
+        "OPTIONS sip:{s} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {l};branch=z9hG4bK-opt-1\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:mon@{l}>;tag=m\r\n\
+To: <sip:{s}>\r\n\
+Call-ID: opt-1@test\r\n\
+CSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n",
+        s = with.sip_addr,
+        l = phone.local
+    );
+    let r = phone.send_raw(&options).await;
+    assert_eq!(r.code, 200);
+    assert!(r.header("Allow").is_some_and(|a| a.contains("REGISTER")));
+    with.shutdown().await;
+
+    let without = common::start_server(FileConfig::default()).await;
+    let mut phone = Phone::new(&without, "1001").await;
+    let r = phone.register(Some("<sip:1001@127.0.0.1:5999>"), &[]).await;
+    assert_eq!(r.code, 403);
+    assert_eq!(r.headers_named("WWW-Authenticate").count(), 0);
+    without.shutdown().await;
+}
