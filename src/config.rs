@@ -71,6 +71,24 @@ pub struct FileConfig {
     /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
     pub queues: Vec<QueueConfig>,
     pub callback: CallbackConfig,
+    pub registrar: RegistrarConfig,
+}
+
+/// How agents' phones authenticate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// Digest algorithms offered, in order. Default `[SHA-256, MD5]`. Phones built on libre
+    /// 1.x (Debian's baresip 1.0) give up when offered SHA-256: use `[MD5]` for them.
+    pub digest_algorithms: Vec<String>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
+        }
+    }
 }
 
 /// One operator.

@@ -13,19 +13,29 @@
 //! | [`sip::message`] | the wire format (the only user of `rsip`), compact-form normalisation |
 //! | [`sip::transaction`] | sans-IO RFC 3261 transactions and their timers |
 //! | [`sip::dialog`] | dialog identifiers, route set, CSeq |
-//! | [`sip::ua`] | the UA core task: transactions + dialogs, events to calls |
+//! | [`sip::ua`] | the UA core task: transactions + dialogs (inbound and outbound), events to calls |
+//! | [`sip::registrar`] | agents' REGISTER with digest authentication |
 //! | [`media::sdp`] | SDP offer/answer (webrtc-rs `rtc-sdp`) |
 //! | [`media::rtp`] | RTP packets (webrtc-rs `rtc-rtp`), symmetric-RTP latch |
 //! | [`media::g711`], [`media::dtmf`] | G.711 µ/A-law, RFC 4733 events and the digit detector |
 //! | [`media::prompt`] | WAV prompts, resampled and pre-encoded once, shared by all calls |
 //! | [`media::session`] | one call's media, sans-IO: player, RTP stream, DTMF |
+//! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
+//! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
+//! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
+//! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
+//! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce) |
+//! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
 //! | [`call`] | accepting calls, the per-call task, the [`call::CallApp`] seam |
-//! | [`api`] | HTTP (axum): `/health` |
+//! | [`api`] | HTTP (axum): `/health`, Open311 GeoReport v2, admin API, `/metrics` |
+//! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
 //! | [`config`] | flags, environment and the `--config` YAML |
 //! | [`dispatch::tickets`] | the ticket store (SQLite, sqlx): 311 tickets, emergency-redirect audit |
 //!
-//! Dependency rule: `sip` and `media` never import `call`, `api` or `server`.
+//! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
+//! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
+//! (calls act for it through channels).
 
 pub mod api;
 pub mod call;

@@ -140,6 +140,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         file.agents
             .iter()
             .map(|a| (a.id.clone(), a.password.clone())),
+        &file.registrar.digest_algorithms,
     );
     let mut ua = ua;
     let agent_rx = ua.agent_events();

@@ -13,23 +13,24 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 
 fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
-    let mut f = FileConfig::default();
-    f.agents = agents
-        .iter()
-        .map(|id| AgentConfig {
-            id: (*id).into(),
-            password: format!("pw{id}"),
-            skills: vec![],
-            tier: 1,
-            name: None,
-        })
-        .collect();
-    f.queues = vec![QueueConfig {
-        name: "general".into(),
-        ring_timeout_seconds: ring_timeout,
-        ..QueueConfig::default()
-    }];
-    f
+    FileConfig {
+        agents: agents
+            .iter()
+            .map(|id| AgentConfig {
+                id: (*id).into(),
+                password: format!("pw{id}"),
+                skills: vec![],
+                tier: 1,
+                name: None,
+            })
+            .collect(),
+        queues: vec![QueueConfig {
+            name: "general".into(),
+            ring_timeout_seconds: ring_timeout,
+            ..QueueConfig::default()
+        }],
+        ..FileConfig::default()
+    }
 }
 
 /// An operator's SIP phone.

@@ -192,6 +192,8 @@ pub struct Registrar {
     failure_order: VecDeque<(IpAddr, u64)>,
     failure_seq: u64,
     last_housekeeping: Option<Instant>,
+    /// Digest algorithms offered in challenges, in order.
+    algorithms: Vec<&'static str>,
 }
 
 impl fmt::Debug for Registrar {
@@ -238,6 +240,7 @@ impl Registrar {
             published: HashMap::new(),
             binding_seq: 0,
             failures: HashMap::new(),
+            algorithms: vec!["SHA-256", "MD5"],
             failure_order: VecDeque::new(),
             failure_seq: 0,
             last_housekeeping: None,
@@ -420,12 +423,32 @@ impl Registrar {
         Auth::Ok(username.to_owned())
     }
 
-    /// A 401 with a fresh nonce: SHA-256 first, then MD5.
+    /// Offer only these digest algorithms (`SHA-256`, `MD5`), in this order. Some phones
+    /// (libre 1.x, hence Debian's baresip 1.0) give up on a 401 that offers any algorithm they
+    /// do not know, so a city with such phones offers MD5 alone. Unknown names are ignored;
+    /// an empty list keeps the default (SHA-256 then MD5).
+    pub fn with_algorithms(mut self, names: &[String]) -> Self {
+        let chosen: Vec<&'static str> = names
+            .iter()
+            .filter_map(|n| match n.to_ascii_uppercase().as_str() {
+                "SHA-256" => Some("SHA-256"),
+                "MD5" => Some("MD5"),
+                _ => None,
+            })
+            .collect();
+        if !chosen.is_empty() {
+            self.algorithms = chosen;
+        }
+        self
+    }
+
+    /// A 401 with a fresh nonce: one challenge per offered algorithm (SHA-256 first, then MD5,
+    /// by default).
     fn challenge(&mut self, now: Instant, stale: bool) -> RegisterReply {
         let nonce = self.new_nonce(now);
         let stale = if stale { ", stale=true" } else { "" };
         let mut reply = RegisterReply::new(401, "Unauthorized");
-        for algorithm in ["SHA-256", "MD5"] {
+        for algorithm in self.algorithms.clone() {
             reply = reply.header(
                 "WWW-Authenticate",
                 format!(
@@ -1525,6 +1548,28 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         }
         assert_eq!(r.failures.len(), MAX_TRACKED_IPS);
         assert!(r.failure_order.len() <= 2 * MAX_TRACKED_IPS + 64);
+    }
+
+    #[test]
+    fn nonce_table_is_bounded_and_forgotten_nonces_are_stale() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let mut phone = Phone::new("1001", "pw", 5062);
+        let c = ["<sip:1001@10.0.0.5>"];
+        let (first, _) = phone.send(&mut r, t0, &c, &[]);
+        let auth = authorization(&first, "SHA-256", "1001", "pw", 1);
+        assert_eq!(phone.send(&mut r, t0, &c, &[auth]).0.code, 200);
+        for i in 0..MAX_TRACKED_NONCES as u64 {
+            let at = t0 + Duration::from_millis(i + 1);
+            assert_eq!(phone.login(&mut r, at, &c, &[]).0.code, 200);
+        }
+        assert!(r.nonces.len() <= MAX_TRACKED_NONCES);
+        // Still within its lifetime, and the count is new: were it remembered, it would pass.
+        // Forgotten, it is stale: the phone is asked again, never let in on an unknown count.
+        let auth = authorization(&first, "SHA-256", "1001", "pw", 2);
+        let (reply, _) = phone.send(&mut r, t0 + secs(20), &c, &[auth]);
+        assert_eq!(reply.code, 401);
+        assert!(reply.headers[0].1.ends_with("stale=true"));
     }
 
     #[test]

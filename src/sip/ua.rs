@@ -657,6 +657,7 @@ impl UaCore {
         self,
         realm: &str,
         agents: impl IntoIterator<Item = (String, String)>,
+        digest_algorithms: &[String],
     ) -> Self {
         let agents: Vec<(String, String)> = agents.into_iter().collect();
         if agents.is_empty() {
@@ -667,7 +668,9 @@ impl UaCore {
             realm, "agents can log in by REGISTER"
         );
         let secret: [u8; 32] = rand::random();
-        self.with_registrar(Registrar::new(realm.to_owned(), &agents, secret))
+        self.with_registrar(
+            Registrar::new(realm.to_owned(), &agents, secret).with_algorithms(digest_algorithms),
+        )
     }
 
     /// Agents logging in and out, in order; take it before [`UaCore::run`]. Only the receiver
@@ -2247,7 +2250,7 @@ mod tests {
 
     /// A rig whose UA core lets agent 1001 (password "pw") log in.
     async fn rig_with_agent() -> Rig {
-        rig_with(|ua| ua.with_agents("ivr311", [("1001".to_owned(), "pw".to_owned())])).await
+        rig_with(|ua| ua.with_agents("ivr311", [("1001".to_owned(), "pw".to_owned())], &[])).await
     }
 
     async fn rig_with(setup: impl FnOnce(UaCore) -> UaCore) -> Rig {
