@@ -78,3 +78,76 @@ async fn tickets_list_shows_filed_tickets_as_table_and_json() {
     assert_eq!(v[0]["service_request_id"], t.service_request_id);
     assert_eq!(v[0]["zipcode"], "94103");
 }
+
+/// `ivr311 serve` as operators run it: SIGHUP reloads the menu; a broken one is refused and the
+/// old one keeps serving; SIGTERM stops it.
+#[test]
+fn sighup_reloads_the_menu_and_sigterm_stops_the_server() {
+    use std::io::{BufRead, BufReader};
+    let menu = std::env::temp_dir().join(format!("ivr311-hup-{}.yaml", rand::random::<u64>()));
+    std::fs::copy(common::repo().join("menus/311.yaml"), &menu).unwrap();
+    let db = std::env::temp_dir().join(format!("ivr311-hup-{}.db", rand::random::<u64>()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ivr311"))
+        .args([
+            "serve",
+            "--sip",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--rtp-ports",
+            "41000-41100",
+        ])
+        .arg("--menu")
+        .arg(&menu)
+        .arg("--db")
+        .arg(&db)
+        .current_dir(common::repo())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    assert!(wait_for("ivr311 serving"), "server never came up");
+    kill("-HUP");
+    assert!(wait_for("menu reloaded for new calls"), "SIGHUP reloads");
+    let text = std::fs::read_to_string(&menu).unwrap();
+    std::fs::write(
+        &menu,
+        text.replacen("{goto: streets}", "{goto: nowhere}", 1),
+    )
+    .unwrap();
+    kill("-HUP");
+    assert!(wait_for("menu reload refused"), "a broken menu is refused");
+    kill("-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let _ = std::fs::remove_file(menu);
+}
