@@ -585,6 +585,8 @@ struct Leg {
     port: RtpPort,
     /// The operator this leg rings; `None` for the 911 leg.
     agent: Option<String>,
+    /// The leg's own span, a child of the call's span.
+    span: tracing::Span,
     /// Set once the leg answered: its codec and where its media goes.
     answered: Option<(Negotiated, SocketAddr)>,
 }
@@ -1315,6 +1317,7 @@ impl Call {
             handle: call.handle,
             port,
             agent: None,
+            span: tracing::info_span!("emergency_leg", %uri),
             answered: None,
         });
         self.leg_events = Some(call.events);
@@ -1322,8 +1325,10 @@ impl Call {
     }
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
-        if self.leg.as_ref().is_some_and(|l| l.agent.is_some()) {
-            return self.on_agent_leg_event(ev).await;
+        if let Some(l) = self.leg.as_ref().filter(|l| l.agent.is_some()) {
+            // Everything about the operator leg logs in its own span, under the call's.
+            let span = l.span.clone();
+            return Box::pin(self.on_agent_leg_event(ev)).instrument(span).await;
         }
         let Some(ev) = ev else {
             self.leg = None;
@@ -1644,12 +1649,13 @@ impl Call {
                 headers,
                 Bytes::from(offer),
             )
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         self.leg = Some(Leg {
             handle: call.handle,
             port,
             agent: Some(agent.clone()),
+            span,
             answered: None,
         });
         self.leg_events = Some(call.events);
