@@ -1045,6 +1045,8 @@ menus:
     entries:
       "1": {ticket: {service: pothole, name: Pothole, agency: Streets}}
       "5": {emergency: {reason: downed power lines}}
+      "7": top
+      "8": hangup
 "#;
 
     fn engine() -> Engine {
@@ -1270,6 +1272,19 @@ menus:
         assert_eq!(plays(&keys(&mut e, "#")), vec!["main_menu_short"]);
         assert_eq!(plays(&keys(&mut e, "3")), vec!["recycling_info"]);
         assert_eq!(plays(&e.handle(Input::PlayDone)), vec!["main_menu_short"]);
+    }
+
+    #[test]
+    fn top_goes_to_the_main_menu_and_hangup_says_goodbye_first() {
+        let mut e = at_main();
+        keys(&mut e, "1");
+        assert_eq!(plays(&keys(&mut e, "7")), vec!["main_menu_short"]);
+        assert_eq!(e.current_menu(), Some("main"));
+        keys(&mut e, "1");
+        let out = keys(&mut e, "8");
+        assert_eq!(plays(&out), vec!["goodbye"]);
+        assert!(!out.contains(&Output::Hangup), "the goodbye is heard first");
+        assert_eq!(e.handle(Input::PlayDone), vec![Output::Hangup]);
     }
 
     #[test]
