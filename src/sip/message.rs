@@ -195,14 +195,23 @@ impl Salvage {
         for v in &self.vias {
             let _ = write!(out, "Via: {v}\r\n");
         }
-        let _ = write!(out, "From: {}\r\n", self.from);
-        if self.to.contains(";tag=") || to_tag.is_empty() {
-            let _ = write!(out, "To: {}\r\n", self.to);
-        } else {
-            let _ = write!(out, "To: {};tag={to_tag}\r\n", self.to);
+        // A header the request lacked is left out (insuf has no From, To or Call-ID).
+        if !self.from.is_empty() {
+            let _ = write!(out, "From: {}\r\n", self.from);
         }
-        let _ = write!(out, "Call-ID: {}\r\n", self.call_id);
-        let _ = write!(out, "CSeq: {}\r\n", self.cseq);
+        if !self.to.is_empty() {
+            if self.to.contains(";tag=") || to_tag.is_empty() {
+                let _ = write!(out, "To: {}\r\n", self.to);
+            } else {
+                let _ = write!(out, "To: {};tag={to_tag}\r\n", self.to);
+            }
+        }
+        if !self.call_id.is_empty() {
+            let _ = write!(out, "Call-ID: {}\r\n", self.call_id);
+        }
+        if !self.cseq.is_empty() {
+            let _ = write!(out, "CSeq: {}\r\n", self.cseq);
+        }
         let _ = write!(
             out,
             "Warning: 399 ivr311 \"{}\"\r\n",
@@ -244,7 +253,10 @@ pub struct Via {
 impl Via {
     pub fn parse(raw: &str) -> Result<Via, String> {
         let raw = raw.trim();
-        let (proto, rest) = raw
+        // RFC 3261 allows LWS around the slashes of the sent-protocol (`SIP / 2.0 / UDP`,
+        // RFC 4475 wsinv): close it up before splitting off the sent-by.
+        let compact = compact_slashes(raw);
+        let (proto, rest) = compact
             .split_once([' ', '\t'])
             .ok_or_else(|| "no sent-by".to_owned())?;
         let mut parts = proto.split('/').map(str::trim);
@@ -288,6 +300,32 @@ impl Via {
     pub fn has_rfc3261_branch(&self) -> bool {
         matches!(&self.branch, Some(b) if b.len() > BRANCH_COOKIE.len() && b.starts_with(BRANCH_COOKIE))
     }
+}
+
+/// Remove whitespace next to the `/` separators of a Via's sent-protocol (parameters, after
+/// the first `;`, are left alone).
+fn compact_slashes(raw: &str) -> String {
+    let (head, params) = match raw.find(';') {
+        Some(i) => raw.split_at(i),
+        None => (raw, ""),
+    };
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = head.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '/' {
+            while out.ends_with([' ', '\t']) {
+                out.pop();
+            }
+            out.push('/');
+            while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.push_str(params);
+    out
 }
 
 /// Split `host[:port]`, including `[v6]:port`.
@@ -721,9 +759,16 @@ pub fn frame_stream(buf: &[u8], limit: usize) -> Result<Frame, ParseError> {
 }
 
 fn content_length(headers: &[Header]) -> Result<Option<usize>, ParseError> {
-    let Some(h) = headers.iter().find(|h| h.name == "Content-Length") else {
+    let mut all = headers.iter().filter(|h| h.name == "Content-Length");
+    let Some(h) = all.next() else {
         return Ok(None);
     };
+    // Two Content-Length values leave the framing unknown (RFC 4475 §3.3.9, mcl01).
+    if all.next().is_some() {
+        return Err(ParseError::new(ParseErrorKind::ContentLength(
+            "appears more than once".into(),
+        )));
+    }
     h.value
         .trim()
         .parse::<usize>()
@@ -808,16 +853,20 @@ fn salvage(start: &str, headers: &[Header]) -> Option<Salvage> {
         .filter(|h| h.name == "Via")
         .flat_map(|h| split_list(&h.value).into_iter().map(str::to_owned))
         .collect();
-    if vias.is_empty() || Via::parse(&vias[0]).is_err() {
+    // The answer goes back to where the datagram came from (or down the TCP connection), so
+    // the Via only has to be there, not to parse (badvers has `SIP/7.0/UDP`). Missing From/To/
+    // Call-ID/CSeq are left out of the answer rather than leaving the request unanswered
+    // (RFC 4475 §3.3.1, insuf).
+    if vias.is_empty() {
         return None;
     }
     Some(Salvage {
         method,
         vias,
-        from: get("From")?,
-        to: get("To")?,
-        call_id: get("Call-ID")?,
-        cseq: get("CSeq")?,
+        from: get("From").unwrap_or_default(),
+        to: get("To").unwrap_or_default(),
+        call_id: get("Call-ID").unwrap_or_default(),
+        cseq: get("CSeq").unwrap_or_default(),
     })
 }
 
@@ -879,12 +928,21 @@ fn parse_request(
     }
 
     // rsip parses the normalised message. It does not know every method, so an unknown method
-    // is presented to it as OPTIONS (we keep ours), and tel: URIs are checked by us.
+    // is presented to it as OPTIONS (we keep ours). Its SIP-URI grammar is stricter than RFC
+    // 3261's (it refuses the `user;par=u%40example.net` user part of RFC 4475 semiuri and the
+    // unreserved marks of intmeth), so the Request-URI is checked by `request_uri_ok` and rsip
+    // is shown a placeholder; rsip still checks every header.
     let rsip_method = match method {
         Method::Other(_) => "OPTIONS",
         ref m => m.as_str(),
     };
-    let rsip_uri = if is_tel { "sip:tel@invalid" } else { uri };
+    if !request_uri_ok(uri, is_tel) {
+        return Err(ParseErrorKind::StartLine(format!(
+            "bad Request-URI {:?}",
+            uri.chars().take(80).collect::<String>()
+        )));
+    }
+    let rsip_uri = "sip:request-uri@invalid";
     let text = normalised_text(
         &format!("{rsip_method} {rsip_uri} {SIP_VERSION}"),
         &common.headers,
@@ -908,6 +966,41 @@ fn parse_request(
         max_forwards,
         common,
     })
+}
+
+/// The RFC 3261 §25.1 Request-URI checks that matter to us: a `sip:`/`sips:` URI has a
+/// non-empty host (after the userinfo, if any) with an optional numeric port, and no character
+/// outside the URI grammar (no spaces, controls, quotes or angle brackets). `tel:` needs a
+/// non-empty number.
+fn request_uri_ok(uri: &str, is_tel: bool) -> bool {
+    let Some((_, rest)) = uri.split_once(':') else {
+        return false;
+    };
+    if rest.is_empty()
+        || !rest
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"<>\"{}|\\^`".contains(&b))
+    {
+        return false;
+    }
+    if is_tel {
+        return true;
+    }
+    // userinfo ends at the last '@' before any URI parameters or headers.
+    let hostport_etc = match rest.rfind('@') {
+        Some(i) => &rest[i + 1..],
+        None => rest,
+    };
+    let hostport = hostport_etc.split([';', '?']).next().unwrap_or_default();
+    match split_host_port(hostport) {
+        Some((host, _)) => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+        }
+        None => false,
+    }
 }
 
 fn rsip_reason(e: &rsip::Error) -> String {
@@ -1237,6 +1330,48 @@ l: 2\r\n\r\nhi";
         let s = INVITE.replace("Call-ID: call-1@test\r\n", "");
         let e = parse_datagram(s.as_bytes(), 65536).unwrap_err();
         assert_eq!(e.kind, ParseErrorKind::Missing("Call-ID"));
+    }
+
+    #[test]
+    fn rfc4475_leniencies_and_strictness() {
+        // LWS around the sent-protocol slashes (wsinv).
+        let v =
+            Via::parse("SIP  / 2.0  / TCP     spindle.example.com   ;branch=z9hG4bK9ikj8").unwrap();
+        assert_eq!(
+            (v.transport.as_str(), v.host.as_str()),
+            ("TCP", "spindle.example.com")
+        );
+        assert_eq!(v.branch.as_deref(), Some("z9hG4bK9ikj8"));
+        // A `;` in the user part of the Request-URI (semiuri), which rsip's grammar refuses.
+        let s = INVITE.replace(
+            "INVITE sip:311@127.0.0.1:5060",
+            "INVITE sip:user;par=u%40example.net@example.com",
+        );
+        assert_eq!(req(&s).uri, "sip:user;par=u%40example.net@example.com");
+        // Embedded LWS or angle brackets in the Request-URI are still refused.
+        for bad in ["INVITE <sip:311@127.0.0.1:5060>", "INVITE sip:311@"] {
+            let s = INVITE.replace("INVITE sip:311@127.0.0.1:5060", bad);
+            assert_eq!(
+                parse_datagram(s.as_bytes(), 65536).unwrap_err().status(),
+                400
+            );
+        }
+        // Two Content-Length values (mcl01).
+        let s = INVITE.replace("Content-Length: 4\r\n", "Content-Length: 4\r\nl: 3\r\n");
+        let e = parse_datagram(s.as_bytes(), 65536).unwrap_err();
+        assert!(matches!(e.kind, ParseErrorKind::ContentLength(_)));
+        // A request missing From/To/Call-ID is still answered, without them (insuf).
+        let s = INVITE.replace("Call-ID: call-1@test\r\n", "").replace(
+            "From: \"Caller\" <sip:alice@127.0.0.1:5070>;tag=abc\r\n",
+            "",
+        );
+        let e = parse_datagram(s.as_bytes(), 65536).unwrap_err();
+        let resp = e
+            .salvage
+            .expect("answerable")
+            .response(400, "Bad Request", "x", "t");
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.contains("CSeq: 1 INVITE") && !text.contains("From:"));
     }
 
     #[test]

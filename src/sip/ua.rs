@@ -778,6 +778,11 @@ impl UaCore {
             self.on_cancel(req, key, flow, now).await;
             return;
         }
+        if let Some((code, resp)) = self.refuse_extension_or_body(&req) {
+            self.new_server_and_respond(key, req, flow, None, code, resp, now)
+                .await;
+            return;
+        }
         if req.method == Method::Register {
             self.on_register(req, key, flow, now).await;
             return;
@@ -823,6 +828,72 @@ impl UaCore {
                     .await;
             }
         }
+    }
+
+    /// Refusals that come before method handling (RFC 3261 §8.2.2-8.2.3, RFC 4475 §3.3.5,
+    /// §3.3.6, §3.3.15): a `Require`d extension we do not support (420, listing it in
+    /// `Unsupported`; we support none), an INVITE body that is not SDP (415), and an INVITE
+    /// whose `Accept` excludes SDP, so that no answer we could send is acceptable (406).
+    fn refuse_extension_or_body(&self, req: &Request) -> Option<(u16, Bytes)> {
+        let required: Vec<&str> = req
+            .headers_named("Require")
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        if !required.is_empty() {
+            let resp = self
+                .response(req, 420, "Bad Extension", None)
+                .header("Unsupported", required.join(", "))
+                .build();
+            return Some((420, resp));
+        }
+        if req.method != Method::Invite {
+            return None;
+        }
+        let is_sdp = |t: &str| {
+            let t = t.split(';').next().unwrap_or("").trim();
+            t.eq_ignore_ascii_case("application/sdp")
+        };
+        if !req.body.is_empty() {
+            if let Some(ct) = req.content_type().filter(|ct| !is_sdp(ct)) {
+                let resp = self
+                    .response(req, 415, "Unsupported Media Type", None)
+                    .header("Accept", "application/sdp")
+                    .header(
+                        "Warning",
+                        format!(
+                            "399 ivr311 \"unsupported body {}\"",
+                            crate::sip::message::sanitize_quoted(ct)
+                        ),
+                    )
+                    .build();
+                return Some((415, resp));
+            }
+        }
+        let accepts: Vec<&str> = req
+            .headers_named("Accept")
+            .flat_map(|v| v.split(','))
+            .map(|t| t.split(';').next().unwrap_or("").trim())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let sdp_ok = accepts
+            .iter()
+            .any(|t| is_sdp(t) || *t == "*/*" || t.eq_ignore_ascii_case("application/*"));
+        // An Accept header that is present but empty means "no body", which we can honour
+        // only by answering without SDP; treat it like one that excludes SDP.
+        if req.headers_named("Accept").next().is_some() && !sdp_ok {
+            let resp = self
+                .response(req, 406, "Not Acceptable", None)
+                .header("Accept", "application/sdp")
+                .header(
+                    "Warning",
+                    "399 ivr311 \"our answers carry application/sdp\"",
+                )
+                .build();
+            return Some((406, resp));
+        }
+        None
     }
 
     fn response(
