@@ -636,6 +636,8 @@ struct Call {
     hangup_after_play: bool,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
+    /// (language, state) last written to the registry.
+    shown: (String, String),
     hangup: CancellationToken,
 }
 
@@ -688,6 +690,7 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         queue_events: None,
         hangup_after_play: false,
         queued_keys: VecDeque::new(),
+        shown: (String::new(), String::new()),
         hangup,
     };
     let reason = c.run(&mut events, &mut work_rx, cancel).await;
@@ -727,9 +730,16 @@ impl Call {
             if let Some(r) = self.end {
                 return r;
             }
-            self.ctx
-                .registry
-                .update(self.registry_id, self.engine.language(), &self.state_name());
+            // Only touch the shared registry when what it shows changed (not per packet).
+            if self.shown.0 != self.engine.language() || self.shown.1 != self.state_name() {
+                self.shown = (
+                    self.engine.language().to_owned(),
+                    self.state_name().to_owned(),
+                );
+                self.ctx
+                    .registry
+                    .update(self.registry_id, &self.shown.0, &self.shown.1);
+            }
 
             let timer = self.timer;
             let ring_deadline = self
@@ -878,17 +888,22 @@ impl Call {
         }
     }
 
-    fn state_name(&self) -> String {
+    /// What the admin view shows as the call's state (no allocation: this runs per packet).
+    fn state_name(&self) -> &str {
         if self.emergency.is_some() {
-            return "emergency".into();
+            return "emergency";
+        }
+        if let Some(q) = &self.queue {
+            return if q.connected.is_some() {
+                "with operator"
+            } else {
+                "waiting for operator"
+            };
         }
         if self.recorder.is_some() {
-            return "recording".into();
+            return "recording";
         }
-        self.engine
-            .current_menu()
-            .map(str::to_owned)
-            .unwrap_or_else(|| "in menu".into())
+        self.engine.current_menu().unwrap_or("in menu")
     }
 
     fn on_digit(&mut self, d: char) {
