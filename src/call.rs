@@ -1,9 +1,11 @@
 //! Calls: where a SIP dialog, its media, the menu engine and dispatch meet.
 //!
 //! [`accept_calls`] takes each new INVITE from the UA core and gives it a task: limits, SDP
-//! offer/answer, an RTP port, 200 OK; then [`run_call`] owns that port and drives, in one
-//! `select!` loop and one tracing span (Call-ID and caller):
-//! - the [`MediaSession`] (20 ms send tick, incoming RTP, DTMF),
+//! offer/answer, an RTP port, 200 OK; then [`run_call`] hands the port and the call's
+//! [`MediaSession`] to the shared [`MediaClock`] (which sends and reads the call's RTP every
+//! 20 ms and passes up keys and "prompt done") and drives, in one `select!` loop and one
+//! tracing span (Call-ID and caller):
+//! - the media notes and, while bridged to an operator or 911, the relay of both legs' RTP,
 //! - the [`Engine`] (menu walk): its outputs are carried out here (play, timer, record, file
 //!   a ticket, look one up, redirect to 911, queue, hang up) and their results fed back,
 //! - dialog events (BYE, re-INVITE, INFO digits, REFER progress).
@@ -18,17 +20,19 @@
 //! goes ahead anyway (and the failure is logged as an error): nothing may stand between a
 //! caller and 911, not even our own database.
 
-use crate::config::{Limits, PortRange};
+use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
 use crate::media::bridge::{relay, Relay};
+use crate::media::clock::{MediaClock, MediaHandle, MediaNote};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
+use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::{Prompt, PromptStore};
-use crate::media::record::{RecordState, Recorder};
+use crate::media::record::Recorder;
 use crate::media::sdp::{self, Negotiated};
-use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use crate::media::session::MediaSession;
 use crate::menu::engine::{Engine, Input, Output, StatusResult, TicketRequest};
 use crate::menu::schema::MenuFile;
 use crate::sip::message::Method;
@@ -39,11 +43,9 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -241,74 +243,6 @@ impl CallRegistry {
     }
 }
 
-/// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
-#[derive(Debug)]
-pub struct PortPool {
-    free: Mutex<VecDeque<u16>>,
-    bind_ip: IpAddr,
-}
-
-/// A bound RTP port; the port goes back to the pool when this is dropped.
-pub struct RtpPort {
-    pub socket: UdpSocket,
-    pub port: u16,
-    pool: Arc<PortPool>,
-}
-
-impl Drop for RtpPort {
-    fn drop(&mut self) {
-        if let Ok(mut f) = self.pool.free.lock() {
-            f.push_back(self.port);
-        }
-    }
-}
-
-impl PortPool {
-    pub fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
-        // Even ports only (RFC 3550 §11), leaving odd ones for RTCP.
-        let first = range.lo + (range.lo % 2);
-        let free = (first..=range.hi).step_by(2).collect();
-        Arc::new(PortPool {
-            free: Mutex::new(free),
-            bind_ip,
-        })
-    }
-
-    pub fn available(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
-    }
-
-    /// Take a port and bind it; ports in use by another program are skipped (and kept out).
-    pub fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
-        for _ in 0..64 {
-            let port = self.free.lock().ok()?.pop_front()?;
-            let std = match std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, port)) {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(port, error = %e, "rtp port busy; trying the next");
-                    // Put it at the back: it may be free later.
-                    if let Ok(mut f) = self.free.lock() {
-                        f.push_back(port);
-                    }
-                    continue;
-                }
-            };
-            if std.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let Ok(socket) = UdpSocket::from_std(std) else {
-                continue;
-            };
-            return Some(RtpPort {
-                socket,
-                port,
-                pool: self.clone(),
-            });
-        }
-        None
-    }
-}
-
 /// The local IP that routes to `remote` (no packet is sent: a UDP connect only picks a route).
 pub fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
     let bind: SocketAddr = if remote.is_ipv4() {
@@ -347,6 +281,10 @@ pub struct CallContext {
     pub tracker: TaskTracker,
     /// Stops accepting new calls (shutdown); calls in progress keep going.
     pub draining: CancellationToken,
+    /// The drain time is over: calls in a menu hear a goodbye and are hung up.
+    pub closing: CancellationToken,
+    /// Paces every call's RTP.
+    pub clock: Arc<MediaClock>,
 }
 
 /// Take new calls from the UA core until it closes.
@@ -554,6 +492,8 @@ pub enum EndReason {
     Admin,
     /// The operator ended the bridged call.
     AgentHungUp,
+    /// The caller's media could not be relayed (no socket could be registered).
+    MediaError,
 }
 
 /// Results of work done off the call's loop.
@@ -583,6 +523,8 @@ struct EmergencyRun {
 struct Leg {
     handle: DialogHandle,
     port: RtpPort,
+    /// `port`'s socket registered with the runtime, to await the leg's packets.
+    socket: tokio::net::UdpSocket,
     /// The operator this leg rings; `None` for the 911 leg.
     agent: Option<String>,
     /// The leg's own span, a child of the call's span.
@@ -611,14 +553,13 @@ struct Call {
     meta: CallMeta,
     handle: DialogHandle,
     engine: Engine,
-    media: MediaSession,
-    port: RtpPort,
+    /// The call's media, paced by the shared [`MediaClock`].
+    media: MediaHandle,
     local_media: SocketAddr,
     session_id: u64,
     version: u64,
     registry_id: u64,
     timer: Option<tokio::time::Instant>,
-    recorder: Option<Recorder>,
     work_tx: mpsc::Sender<Work>,
     emergency: Option<EmergencyRun>,
     leg: Option<Leg>,
@@ -632,8 +573,12 @@ struct Call {
     /// Waiting for (or talking to) an operator.
     queue: Option<Queued>,
     queue_events: Option<mpsc::Receiver<QueueEvent>>,
-    /// Hang up once the prompts queued now have played.
-    hangup_after_play: bool,
+    /// Hang up (for this reason) once the prompts queued now have played.
+    hangup_after_play: Option<EndReason>,
+    /// The bridged flag last given to the media clock.
+    bridged_shown: bool,
+    /// While bridged: the caller's RTP socket, registered so this task can await it.
+    caller_socket: Option<tokio::net::UdpSocket>,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
     /// (language, state) last written to the registry.
@@ -657,6 +602,10 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
     } = call;
     let menu = ctx.menu.get();
     let engine = Engine::new(menu.file.clone(), menu.main.clone());
+    let no_media = Duration::from_secs(ctx.limits.no_media_seconds);
+    let (media, mut notes) = ctx
+        .clock
+        .attach(port, media, no_media, tracing::Span::current());
     let hangup = ctx
         .registry
         .calls
@@ -671,13 +620,11 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         handle,
         engine,
         media,
-        port,
         local_media,
         session_id,
         version: 1,
         registry_id,
         timer: None,
-        recorder: None,
         work_tx,
         emergency: None,
         leg: None,
@@ -688,12 +635,14 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         outcome: None,
         queue: None,
         queue_events: None,
-        hangup_after_play: false,
+        hangup_after_play: None,
+        bridged_shown: false,
+        caller_socket: None,
         queued_keys: VecDeque::new(),
         shown: (String::new(), String::new()),
         hangup,
     };
-    let reason = c.run(&mut events, &mut work_rx, cancel).await;
+    let reason = c.run(&mut events, &mut notes, &mut work_rx, cancel).await;
     c.finish(reason).await;
 }
 
@@ -701,23 +650,22 @@ impl Call {
     async fn run(
         &mut self,
         events: &mut mpsc::Receiver<DialogEvent>,
+        notes: &mut mpsc::Receiver<MediaNote>,
         work_rx: &mut mpsc::Receiver<Work>,
         cancel: CancellationToken,
     ) -> EndReason {
-        let started = now();
-        let mut tick = tokio::time::interval(PTIME);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut last_tick: Option<tokio::time::Instant> = None;
+        let max_call =
+            tokio::time::Instant::now() + Duration::from_secs(self.ctx.limits.max_call_seconds);
         let mut buf = [0u8; 2048];
         let mut buf2 = [0u8; 2048];
-        let mut out = [0u8; MAX_PACKET];
-        let no_media = Duration::from_secs(self.ctx.limits.no_media_seconds);
-        let max_call = Duration::from_secs(self.ctx.limits.max_call_seconds);
-        let mut logged_foreign = false;
-        let mut logged_malformed = false;
+        let mut closing = false;
 
         loop {
-            // Let the menu react to everything that happened before waiting again.
+            // Let the menu react to everything that happened before waiting again (unless the
+            // call is saying its last words).
+            if self.hangup_after_play.is_some() {
+                self.inputs.clear();
+            }
             while let Some(input) = self.inputs.pop_front() {
                 let outputs = self.engine.handle(input);
                 for o in outputs {
@@ -740,6 +688,23 @@ impl Call {
                     .registry
                     .update(self.registry_id, &self.shown.0, &self.shown.1);
             }
+            // Bridged to another leg: this task relays the caller's packets, not the clock.
+            let bridged = self.bridged();
+            if bridged != self.bridged_shown {
+                self.bridged_shown = bridged;
+                self.media.lock().bridged = bridged;
+                self.caller_socket = if bridged {
+                    match self.media.rtp_port().registered() {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            error!(error = %e, "cannot relay the caller's media; hanging up");
+                            return EndReason::MediaError;
+                        }
+                    }
+                } else {
+                    None
+                };
+            }
 
             let timer = self.timer;
             let ring_deadline = self
@@ -754,12 +719,30 @@ impl Call {
                     info!("hung up by an admin");
                     return EndReason::Admin;
                 }
+                _ = self.ctx.closing.cancelled(), if !closing => {
+                    closing = true;
+                    if let Some(r) = self.say_goodbye() {
+                        return r;
+                    }
+                }
                 ev = events.recv() => {
                     let Some(ev) = ev else { return EndReason::SignallingTimeout };
                     if let Some(r) = self.on_dialog_event(ev).await {
                         return r;
                     }
                 }
+                Some(note) = notes.recv() => match note {
+                    MediaNote::Digit(d) => self.on_digit(d),
+                    // A note from before something new was queued is stale.
+                    MediaNote::PlayDone => if !self.media.lock().media.is_playing() {
+                        self.on_play_done().await;
+                    },
+                    MediaNote::RecordingEnded => self.stop_recording().await,
+                    MediaNote::NoMedia => {
+                        info!(seconds = self.ctx.limits.no_media_seconds, "no media from the caller; hanging up");
+                        return EndReason::NoMedia;
+                    }
+                },
                 Some(w) = work_rx.recv() => match w {
                     Work::Engine(i) => self.inputs.push_back(i),
                     Work::Audited(id) => {
@@ -793,51 +776,26 @@ impl Call {
                     // The bridged leg's media goes to the caller.
                     let Ok((n, _)) = r else { continue };
                     if let Some(Leg { answered: Some((leg_neg, _)), .. }) = &self.leg {
-                        let caller_neg = self.media.negotiated();
+                        let (caller_neg, remote) = {
+                            let st = self.media.lock();
+                            (st.media.negotiated(), st.media.remote())
+                        };
                         if let Relay::Forward { len, .. } = relay(&mut buf2, n, leg_neg, &caller_neg) {
-                            let _ = self.port.socket.try_send_to(&buf2[..len], self.media.remote());
+                            let _ = self.media.rtp_port().socket.send_to(&buf2[..len], remote);
                         }
                     }
                 }
-                r = self.port.socket.recv_from(&mut buf) => {
+                r = caller_recv(&self.caller_socket, &mut buf) => {
+                    // Bridged: the caller's media (and keys) go to the other leg.
                     let Ok((n, from)) = r else { continue };
-                    let t = now();
-                    let media_event = self.media.on_rtp(t, from, &buf[..n]);
+                    let (ok, caller_neg) = {
+                        let mut st = self.media.lock();
+                        (st.media.on_rtp(now(), from, &buf[..n]).is_ok(), st.media.negotiated())
+                    };
                     if let Some(Leg { answered: Some((leg_neg, leg_remote)), port, .. }) = &self.leg {
-                        // Bridged: the caller's media (and keys) go to the other leg.
-                        if media_event.is_ok() {
-                            let caller_neg = self.media.negotiated();
+                        if ok {
                             if let Relay::Forward { len, .. } = relay(&mut buf, n, &caller_neg, leg_neg) {
-                                let _ = port.socket.try_send_to(&buf[..len], *leg_remote);
-                            }
-                        }
-                        continue;
-                    }
-                    match media_event {
-                        Ok(Some(MediaEvent::Digit(d))) => {
-                            debug!(digit = %d, "digit");
-                            self.on_digit(d);
-                        }
-                        Ok(_) => {
-                            if self.media.stats.foreign_in > 0 && !logged_foreign {
-                                logged_foreign = true;
-                                warn!(%from, "RTP from an unexpected address after latching; dropped");
-                            }
-                            if let Some(rec) = &mut self.recorder {
-                                if let Ok(p) = crate::media::rtp::parse(&buf[..n]) {
-                                    if p.payload_type == self.media.negotiated().payload_type {
-                                        let state = rec.push(t, self.media.codec(), p.payload);
-                                        if state != RecordState::Recording {
-                                            self.stop_recording().await;
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            if !logged_malformed {
-                                logged_malformed = true;
-                                warn!(%from, error = %e, "garbage on the RTP port; dropped");
+                                let _ = port.socket.send_to(&buf[..len], *leg_remote);
                             }
                         }
                     }
@@ -852,40 +810,37 @@ impl Call {
                     }
                     self.emergency_failed("no answer in time").await;
                 }
-                at = tick.tick() => {
-                    if let Some(prev) = last_tick {
-                        let gap = at.duration_since(prev);
-                        let missed = (gap.as_millis() / PTIME.as_millis()).saturating_sub(1) as u32;
-                        if missed > 0 {
-                            self.media.skip_ticks(missed);
-                        }
-                    }
-                    last_tick = Some(at);
-                    let bridged = self.leg.as_ref().is_some_and(|l| l.answered.is_some());
-                    let (n, ev) = if bridged { (0, None) } else { self.media.on_tick(&mut out) };
-                    if n > 0 {
-                        let _ = self.port.socket.try_send_to(&out[..n], self.media.remote());
-                    }
-                    if ev == Some(MediaEvent::PlayDone) {
-                        self.on_play_done().await;
-                    }
-                    let t = now();
-                    if let Some(rec) = &self.recorder {
-                        if rec.state(t) != RecordState::Recording {
-                            self.stop_recording().await;
-                        }
-                    }
-                    if t.duration_since(self.media.last_rx()) > no_media {
-                        info!(seconds = no_media.as_secs(), "no media from the caller; hanging up");
-                        return EndReason::NoMedia;
-                    }
-                    if t.duration_since(started) > max_call {
-                        info!("call reached its maximum length; hanging up");
-                        return EndReason::MaxDuration;
-                    }
+                _ = tokio::time::sleep_until(max_call) => {
+                    info!("call reached its maximum length; hanging up");
+                    return EndReason::MaxDuration;
                 }
             }
         }
+    }
+
+    /// Whether the caller is bridged to an answered leg (operator or 911).
+    fn bridged(&self) -> bool {
+        self.leg.as_ref().is_some_and(|l| l.answered.is_some())
+    }
+
+    /// The server is closing after its drain time: tell the caller, then hang up. A caller
+    /// talking to an operator or 911 is not talked over: that call ends at the final stop.
+    fn say_goodbye(&mut self) -> Option<EndReason> {
+        if self.emergency.is_some() || self.bridged() {
+            return None;
+        }
+        info!("server closing; saying goodbye");
+        let p = self.prompts(&["shutdown_goodbye".into()]);
+        let mut st = self.media.lock();
+        st.media.stop();
+        if p.is_empty() {
+            return Some(EndReason::Shutdown);
+        }
+        st.media.play(p);
+        drop(st);
+        self.timer = None;
+        self.hangup_after_play = Some(EndReason::Shutdown);
+        None
     }
 
     /// What the admin view shows as the call's state (no allocation: this runs per packet).
@@ -900,7 +855,7 @@ impl Call {
                 "waiting for operator"
             };
         }
-        if self.recorder.is_some() {
+        if self.media.lock().recorder.is_some() {
             return "recording";
         }
         self.engine.current_menu().unwrap_or("in menu")
@@ -909,6 +864,9 @@ impl Call {
     fn on_digit(&mut self, d: char) {
         if self.emergency.is_some() {
             return; // a 911 redirect is not interrupted by keys
+        }
+        if self.hangup_after_play.is_some() {
+            return; // the last words before hanging up are not interrupted either
         }
         if self.queue.is_some() {
             self.queued_keys.push_back(d);
@@ -922,15 +880,15 @@ impl Call {
             self.emergency_played().await;
             return;
         }
-        if self.hangup_after_play {
-            self.end = Some(EndReason::MenuHungUp);
+        if let Some(r) = self.hangup_after_play {
+            self.end = Some(r);
             return;
         }
         if let Some(q) = &self.queue {
             if q.connected.is_none() {
                 // Hold music, looped, between announcements.
                 let p = self.prompts(&["hold_music".into()]);
-                self.media.play(p);
+                self.media.lock().media.play(p);
             }
             return;
         }
@@ -942,13 +900,13 @@ impl Call {
         match o {
             Output::Play(names) => {
                 let prompts = self.prompts(&names);
-                let was_playing = self.media.is_playing();
-                self.media.play(prompts);
-                if !was_playing && !self.media.is_playing() {
+                let was_playing = self.media.lock().media.is_playing();
+                self.media.lock().media.play(prompts);
+                if !was_playing && !self.media.lock().media.is_playing() {
                     self.inputs.push_back(Input::PlayDone);
                 }
             }
-            Output::StopPlayback => self.media.stop(),
+            Output::StopPlayback => self.media.lock().media.stop(),
             Output::Timer(d) => self.timer = d.map(|d| tokio::time::Instant::now() + d),
             Output::StartRecording { max, silence } => self.start_recording(max, silence),
             Output::StopRecording => self.stop_recording().await,
@@ -1025,20 +983,21 @@ impl Call {
             DialogEvent::Timeout => Some(EndReason::SignallingTimeout),
             DialogEvent::Info { content_type, body } => {
                 if let Some(d) = dtmf_info_digit(&content_type, &body) {
-                    self.media.stats.digits += 1;
+                    self.media.lock().media.stats.digits += 1;
                     self.on_digit(d);
                 }
                 None
             }
             DialogEvent::Reoffer { txn, body, .. } => {
                 self.version += 1;
-                match reoffer(
-                    &mut self.media,
+                let answer = reoffer(
+                    &mut self.media.lock().media,
                     &body,
                     self.local_media,
                     self.session_id,
                     self.version,
-                ) {
+                );
+                match answer {
                     Ok(sdp) => {
                         self.handle
                             .answer_reoffer(
@@ -1085,7 +1044,7 @@ impl Call {
         match Recorder::create(&path, now(), max, silence) {
             Ok(r) => {
                 info!(path = %path.display(), "recording");
-                self.recorder = Some(r);
+                self.media.lock().start_recording(r);
             }
             Err(e) => {
                 // Cannot record: file the ticket without a description rather than lose it.
@@ -1097,7 +1056,7 @@ impl Call {
 
     /// Close the recording; returns the media URL of what was kept.
     fn close_recording(&mut self) -> Option<String> {
-        let rec = self.recorder.take()?;
+        let rec = self.media.lock().recorder.take()?;
         let secs = rec.seconds();
         match rec.finish() {
             Ok(Some(path)) => {
@@ -1114,7 +1073,7 @@ impl Call {
     }
 
     async fn stop_recording(&mut self) {
-        if self.recorder.is_none() {
+        if self.media.lock().recorder.is_none() {
             return;
         }
         let media_url = self.close_recording();
@@ -1170,11 +1129,16 @@ impl Call {
         let plan: VecDeque<EmergencyMethod> = self.ctx.emergency.plan().into();
         warn!(?reason, %menu_path, plan = ?plan, "redirecting caller to 911");
         self.timer = None;
-        self.media.stop();
-        if let Some(rec) = self.recorder.take() {
+        let connecting = self.prompts(&["connecting_911".into()]);
+        let recording = {
+            let mut st = self.media.lock();
+            st.media.stop();
+            st.media.play(connecting);
+            st.recorder.take()
+        };
+        if let Some(rec) = recording {
             let _ = rec.finish();
         }
-        self.media.play(self.prompts(&["connecting_911".into()]));
         let method = plan.front().copied().unwrap_or(EmergencyMethod::Announce);
         self.emergency = Some(EmergencyRun {
             plan,
@@ -1222,7 +1186,7 @@ impl Call {
                 e.announce_left = e.announce_left.saturating_sub(1);
                 if e.announce_left > 0 {
                     let p = self.prompts(&["emergency_announce".into()]);
-                    self.media.play(p);
+                    self.media.lock().media.play(p);
                 } else {
                     self.emergency_done("announced");
                     self.end = Some(EndReason::Emergency);
@@ -1274,7 +1238,7 @@ impl Call {
             EmergencyMethod::Announce => {
                 info!("announcing: hang up and dial 911");
                 let p = self.prompts(&["emergency_announce".into()]);
-                self.media.play(p);
+                self.media.lock().media.play(p);
             }
         }
     }
@@ -1287,8 +1251,11 @@ impl Call {
             .ports
             .allocate()
             .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
+        let socket = port
+            .registered()
+            .map_err(|e| format!("bridge: RTP socket: {e}"))?;
         let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let caller_codec = self.media.codec();
+        let caller_codec = self.media.lock().media.codec();
         let other = if caller_codec == Codec::Pcmu {
             Codec::Pcma
         } else {
@@ -1331,6 +1298,7 @@ impl Call {
         self.leg = Some(Leg {
             handle: call.handle,
             port,
+            socket,
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
             answered: None,
@@ -1367,7 +1335,7 @@ impl Call {
                         if let Some(l) = &mut self.leg {
                             l.answered = Some((neg, addr));
                         }
-                        self.media.stop();
+                        self.media.lock().media.stop();
                         if let Some(e) = &mut self.emergency {
                             e.deadline = None;
                         }
@@ -1507,7 +1475,7 @@ impl Call {
                 let mut p = vec!["operator_queue".to_owned()];
                 p.extend(position_prompts(pos));
                 let p = self.prompts(&p);
-                self.media.play(p);
+                self.media.lock().media.play(p);
             }
             Err(why) => {
                 info!(%queue, reason = %why, "no operator can take the call now");
@@ -1535,9 +1503,9 @@ impl Call {
             }
             QueueEvent::Announce(pos) => {
                 if self.queue.as_ref().is_some_and(|q| q.connected.is_none()) {
-                    self.media.stop();
+                    self.media.lock().media.stop();
                     let p = self.prompts(&position_prompts(pos));
-                    self.media.play(p);
+                    self.media.lock().media.play(p);
                 }
             }
             QueueEvent::MaxWait => {
@@ -1558,13 +1526,13 @@ impl Call {
             '1' => {
                 info!("caller left the queue to file a ticket");
                 self.leave_queue().await;
-                self.media.stop();
+                self.media.lock().media.stop();
                 self.inputs.push_back(Input::QueueUnavailable);
             }
             '2' => {
                 info!("caller asked for a call back");
                 self.leave_queue().await;
-                self.media.stop();
+                self.media.lock().media.stop();
                 // Without a call-back trunk in this build, the request becomes a ticket flagged for
                 // call-back with the caller's number, so an operator calls them.
                 let t = TicketRequest {
@@ -1577,8 +1545,8 @@ impl Call {
                 };
                 self.file_callback_ticket(t);
                 let p = self.prompts(&["callback_confirmed".into()]);
-                self.media.play(p);
-                self.hangup_after_play = true;
+                self.media.lock().media.play(p);
+                self.hangup_after_play = Some(EndReason::MenuHungUp);
             }
             '9' => {
                 self.leave_queue().await;
@@ -1609,8 +1577,17 @@ impl Call {
                 .await;
             return;
         };
+        let socket = match port.registered() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot register the operator leg's RTP socket");
+                self.queue_offer_failed(&agent, OfferFailure::Unreachable)
+                    .await;
+                return;
+            }
+        };
         let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let caller_codec = self.media.codec();
+        let caller_codec = self.media.lock().media.codec();
         let other = if caller_codec == Codec::Pcmu {
             Codec::Pcma
         } else {
@@ -1669,6 +1646,7 @@ impl Call {
         self.leg = Some(Leg {
             handle: call.handle,
             port,
+            socket,
             agent: Some(agent.clone()),
             span,
             answered: None,
@@ -1701,7 +1679,7 @@ impl Call {
                         if let Some(l) = &mut self.leg {
                             l.answered = Some((neg, addr));
                         }
-                        self.media.stop();
+                        self.media.lock().media.stop();
                         if let Some(q) = &mut self.queue {
                             q.ringing = None;
                             q.connected = Some(agent.clone());
@@ -1750,9 +1728,9 @@ impl Call {
             q.offer_failed(self.registry_id, agent, why).await;
         }
         // Back to hold music while the next operator is tried.
-        if !self.media.is_playing() {
+        if !self.media.lock().media.is_playing() {
             let p = self.prompts(&["hold_music".into()]);
-            self.media.play(p);
+            self.media.lock().media.play(p);
         }
     }
 
@@ -1845,7 +1823,7 @@ impl Call {
         }
         self.handle.release();
         self.ctx.registry.remove(self.registry_id);
-        let s = self.media.stats;
+        let s = self.media.lock().media.stats;
         self.ctx
             .registry
             .rtp_in
@@ -1917,7 +1895,7 @@ impl Call {
                 *n as u64,
             );
         }
-        let s = self.media.stats;
+        let s = self.media.lock().media.stats;
         m.add(
             "ivr311_rtp_packets_received_total",
             "RTP packets received from callers.",
@@ -1932,7 +1910,7 @@ impl Call {
         );
         m.add(
             "ivr311_rtp_late_sends_total",
-            "Packet times missed because a call's task ran late.",
+            "Packet times skipped because the media clock ran late.",
             &[],
             s.late_ticks,
         );
@@ -1977,8 +1955,23 @@ async fn leg_event(events: &mut Option<mpsc::Receiver<LegEvent>>) -> Option<LegE
 
 async fn leg_recv(leg: &Option<Leg>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
     match leg {
-        Some(l) if l.answered.is_some() => l.port.socket.recv_from(buf).await,
+        Some(Leg {
+            answered: Some(_),
+            socket,
+            ..
+        }) => socket.recv_from(buf).await,
         _ => std::future::pending().await,
+    }
+}
+
+/// The caller's packets, read by this task only while bridged (the clock reads them otherwise).
+async fn caller_recv(
+    socket: &Option<tokio::net::UdpSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
     }
 }
 

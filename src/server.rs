@@ -5,11 +5,13 @@
 //! run exactly what operators run (on port 0).
 
 use crate::api::{self, ApiState};
-use crate::call::{self, CallContext, CallRegistry, MenuHolder, PortPool};
+use crate::call::{self, CallContext, CallRegistry, MenuHolder};
 use crate::call::{load_active_menu, MenuLoadError};
 use crate::config::{FileConfig, ServeArgs};
 use crate::dispatch::queue::{spawn_dispatcher, Dispatcher, QueueHandle};
 use crate::dispatch::tickets::{StoreError, TicketStore};
+use crate::media::clock::MediaClock;
+use crate::media::ports::PortPool;
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::registrar::AgentEvent;
 use crate::sip::transport::{self, TransportLimits};
@@ -45,6 +47,9 @@ pub enum StartError {
     Db(#[from] StoreError),
     #[error("config: {0}")]
     Config(String),
+    /// The media clock's threads could not be started.
+    #[error("cannot start the media clock: {0}")]
+    MediaClock(std::io::Error),
 }
 
 /// Load and check a menu against the prompts that exist (for `ivr311 check`).
@@ -69,6 +74,9 @@ pub struct RunningServer {
     pub menu: Arc<MenuHolder>,
     /// Cancelled to refuse new calls while the ones in progress finish.
     pub draining: CancellationToken,
+    /// Cancelled when the drain time is over: calls still in a menu hear a goodbye.
+    closing: CancellationToken,
+    clock: Arc<MediaClock>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     drain: Duration,
@@ -83,12 +91,28 @@ impl RunningServer {
         while !self.registry.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        if !self.registry.is_empty() {
+            // Calls still in a menu hear why they are being hung up, then get a BYE.
+            info!(
+                remaining = self.registry.len(),
+                "drain time over; saying goodbye"
+            );
+            self.closing.cancel();
+            let deadline = Instant::now() + GOODBYE_TIME;
+            while !self.registry.is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         info!(remaining = self.registry.len(), "stopping");
         self.cancel.cancel();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        self.clock.stop();
     }
 }
+
+/// How long calls get to hear the closing goodbye before the final stop.
+const GOODBYE_TIME: Duration = Duration::from_secs(10);
 
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
@@ -167,6 +191,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         handle
     });
     let ports = PortPool::new(args.rtp_ports, args.sip.ip());
+    let clock = MediaClock::per_core().map_err(StartError::MediaClock)?;
+    let closing = CancellationToken::new();
     let menu_holder = Arc::new(MenuHolder::new(
         menu,
         args.menu.clone(),
@@ -189,6 +215,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         recordings: file.storage.recordings_dir.clone(),
         tracker: tracker.clone(),
         draining: draining.clone(),
+        closing: closing.clone(),
+        clock: clock.clone(),
     };
     tracker.spawn(call::accept_calls(
         app_rx,
@@ -237,6 +265,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         tickets,
         menu: menu_holder,
         draining,
+        closing,
+        clock,
         cancel,
         tracker,
         drain: Duration::from_secs(file.limits.drain_seconds),

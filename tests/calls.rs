@@ -313,3 +313,42 @@ async fn call_limit_gives_503_with_retry_after() {
     assert!(a.listen(Duration::from_millis(300)).await.len() > 5);
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_still_in_the_menu_after_the_drain_time_hears_goodbye_then_bye() {
+    let mut file = FileConfig::default();
+    file.limits.drain_seconds = 1;
+    let srv = start_server(file).await;
+    let http = srv.http_addr;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(300)).await;
+
+    // SIGTERM-style stop while the caller is in the language menu: new calls are refused at
+    // once, this one keeps its menu for the drain time, then is told why it is hung up.
+    let stop = tokio::spawn(srv.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = TestUa::udp(ua.server).await;
+    assert_eq!(
+        late.call("0 101").await.code,
+        503,
+        "no new calls while draining"
+    );
+    assert_eq!(
+        health(http).await["live_calls"],
+        1,
+        "the call in progress goes on"
+    );
+
+    let ear = PromptEar::new("en", &["language_menu", "shutdown_goodbye"], Codec::Pcmu);
+    let heard = ua.listen(Duration::from_millis(7500)).await;
+    let playbacks = ear.playbacks(&heard);
+    assert_eq!(
+        playbacks.last().map(String::as_str),
+        Some("shutdown_goodbye"),
+        "heard {playbacks:?}"
+    );
+    let bye = ua.expect_request("BYE", Duration::from_secs(6)).await;
+    assert_eq!(bye.call_id, ua.call_id);
+    stop.await.unwrap();
+}

@@ -33,7 +33,7 @@ pub struct ApiState {
     pub open311: Arc<Open311Config>,
     pub admin: Arc<AdminConfig>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub ports: Arc<crate::call::PortPool>,
+    pub ports: Arc<crate::media::ports::PortPool>,
     /// Operator queues (none when no agents are configured).
     pub queues: Option<crate::dispatch::queue::QueueHandle>,
 }

@@ -1,10 +1,14 @@
 //! Media: SDP offer/answer, RTP, G.711, RFC 4733 DTMF, prompts, and the per-call media session.
 //!
-//! Ground floor: no SIP, no sockets (the call task owns the RTP socket), no menus.
+//! Ground floor: no SIP, no menus. The cores (session, DTMF, G.711, RTP, SDP, bridge relay)
+//! touch no sockets and read no clock; two drivers do: [`ports`] binds each call's RTP port and
+//! [`clock`] paces every call's RTP on shared 20 ms threads.
 
 pub mod bridge;
+pub mod clock;
 pub mod dtmf;
 pub mod g711;
+pub mod ports;
 pub mod prompt;
 pub mod record;
 pub mod rtp;

@@ -1,0 +1,88 @@
+//! The RTP port pool: one even port per call from `--rtp-ports`, bound when taken and returned
+//! when the call's [`RtpPort`] is dropped.
+//!
+//! A port's socket is a plain non-blocking std socket, not registered with the tokio reactor:
+//! the media clock reads and writes it on its own schedule, and a registered socket would wake
+//! the reactor for every packet that arrives. A task that must await packets (relaying a
+//! bridged call) registers a duplicate with [`RtpPort::registered`] for as long as it needs.
+
+use crate::config::PortRange;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use tokio::net::UdpSocket;
+use tracing::debug;
+
+/// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
+#[derive(Debug)]
+pub struct PortPool {
+    free: Mutex<VecDeque<u16>>,
+    bind_ip: IpAddr,
+}
+
+/// A bound RTP port; the port goes back to the pool when this is dropped.
+pub struct RtpPort {
+    /// Non-blocking.
+    pub socket: std::net::UdpSocket,
+    pub port: u16,
+    pool: Arc<PortPool>,
+}
+
+impl RtpPort {
+    /// The same socket registered with the runtime, to await its packets (must be called from
+    /// within the runtime).
+    pub fn registered(&self) -> std::io::Result<UdpSocket> {
+        UdpSocket::from_std(self.socket.try_clone()?)
+    }
+}
+
+impl Drop for RtpPort {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.pool.free.lock() {
+            f.push_back(self.port);
+        }
+    }
+}
+
+impl PortPool {
+    pub fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
+        // Even ports only (RFC 3550 §11), leaving odd ones for RTCP.
+        let first = range.lo + (range.lo % 2);
+        let free = (first..=range.hi).step_by(2).collect();
+        Arc::new(PortPool {
+            free: Mutex::new(free),
+            bind_ip,
+        })
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Take a port and bind it; ports in use by another program are skipped (and kept out).
+    pub fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
+        for _ in 0..64 {
+            let port = self.free.lock().ok()?.pop_front()?;
+            let std = match std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, port)) {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(port, error = %e, "rtp port busy; trying the next");
+                    // Put it at the back: it may be free later.
+                    if let Ok(mut f) = self.free.lock() {
+                        f.push_back(port);
+                    }
+                    continue;
+                }
+            };
+            if std.set_nonblocking(true).is_err() {
+                continue;
+            }
+            return Some(RtpPort {
+                socket: std,
+                port,
+                pool: self.clone(),
+            });
+        }
+        None
+    }
+}
