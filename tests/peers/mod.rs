@@ -281,3 +281,120 @@ impl Transport {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// linphonec
+
+/// A linphonec config for a headless phone on 127.0.0.1: SIP on `sip_port` (UDP and TCP; -1 for
+/// a random port), RTP on `rtp_port`, RFC 4733 keys, no echo canceller, no TLS, no IPv6.
+pub fn linphonerc(sip_port: i32, rtp_port: u16) -> String {
+    format!(
+        "[sip]\n\
+sip_port={sip_port}\n\
+sip_tcp_port={sip_port}\n\
+sip_tls_port=0\n\
+bind_address=127.0.0.1\n\
+use_ipv6=0\n\
+use_rfc2833=1\n\
+use_info=0\n\
+contact=\"Linphone caller\" <sip:+15550003333@127.0.0.1>\n\
+[rtp]\n\
+audio_rtp_port={rtp_port}\n\
+bind_address=127.0.0.1\n\
+[sound]\n\
+echocancellation=0\n\
+[video]\n\
+capture=0\n\
+display=0\n"
+    )
+}
+
+/// Write `seconds` of a `hz` tone at a third of full scale as a 16-bit 8 kHz mono WAV: the
+/// voice of a file-mode linphonec.
+pub fn write_tone(path: &Path, hz: f32, seconds: u32) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for i in 0..8000 * seconds {
+        let t = i as f32 / 8000.0;
+        w.write_sample(((t * hz * std::f32::consts::TAU).sin() * 10000.0) as i16)
+            .unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+pub struct Linphonec {
+    pub proc: Running,
+    out: std::path::PathBuf,
+    debug: std::path::PathBuf,
+}
+
+impl Linphonec {
+    /// Start linphonec with `rc` in `dir` (its HOME too: it keeps a database there), in file
+    /// mode: it says `tone.wav` and records what it hears to `heard.wav`.
+    pub fn start(dir: &Path, rc: &str, auto_answer: bool) -> Linphonec {
+        // liblinphone does not start its SIP transports when it cannot open its database.
+        fs::create_dir_all(dir.join(".local/share/linphone")).unwrap();
+        fs::write(dir.join("linphonerc"), rc).unwrap();
+        write_tone(&dir.join("tone.wav"), 1000.0, 20);
+        let out = dir.join("linphonec.out");
+        let debug = dir.join("linphonec.log");
+        let file = fs::File::create(&out).unwrap();
+        let mut cmd = Command::new("linphonec");
+        cmd.env("HOME", dir)
+            .arg("-c")
+            .arg(dir.join("linphonerc"))
+            .args(["-d", "6", "-l"])
+            .arg(&debug)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        if auto_answer {
+            cmd.arg("-a");
+        }
+        let mut proc = Running::interactive(&mut cmd, "linphonec");
+        proc.send(&format!(
+            "soundcard use files\nplay {}\nrecord {}\n",
+            dir.join("tone.wav").display(),
+            dir.join("heard.wav").display()
+        ));
+        Linphonec { proc, out, debug }
+    }
+
+    /// Wait until liblinphone listens for SIP (it does so on its first iteration, once it finds
+    /// the network up; a call placed before that fails at once).
+    pub async fn ready(&self) {
+        for _ in 0..100 {
+            if self.debug_log().contains("Creating listening point") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "linphonec did not start listening within 10 s:\n{}",
+            self.log()
+        );
+    }
+
+    /// Its output and the end of its debug log, for a failure message.
+    pub fn log(&self) -> String {
+        format!(
+            "{}\n--- linphonec's debug log ---\n{}",
+            self.output(),
+            tail(&self.debug_log(), 40)
+        )
+    }
+
+    /// What linphonec printed (call progress).
+    pub fn output(&self) -> String {
+        read_log(&self.out)
+    }
+
+    /// liblinphone's debug log, with every SIP message.
+    pub fn debug_log(&self) -> String {
+        read_log(&self.debug)
+    }
+}
