@@ -15,7 +15,7 @@
 //! and gives up on a 401 that offers any other algorithm ("reg: ...: Register: Function not
 //! implemented", ENOSYS); SIPp's `[authentication]` is MD5 only too. Those tests configure the
 //! server as a city with such phones would: `registrar.digest_algorithms: [MD5]`. linphonec
-//! logs in against the default (SHA-256 and MD5).
+//! logs in against the default (SHA-256, then MD5) and answers with SHA-256.
 
 mod common;
 mod peers;
@@ -348,6 +348,12 @@ async fn caller_is_bridged_to_linphone(transport: Transport) {
     for header in ["X-311-Queue: general", "X-311-Language: en", "main:0"] {
         assert!(invite.contains(header), "{header} in the INVITE:\n{invite}");
     }
+    assert!(
+        debug
+            .lines()
+            .any(|l| l.contains("Authorization:") && l.contains("algorithm=SHA-256")),
+        "linphonec answered the SHA-256 challenge (the server offers SHA-256, then MD5)"
+    );
     let invite_head = &invite[..invite.len().min(400)];
     assert!(
         invite_head.contains(transport.via()),
