@@ -24,7 +24,7 @@ use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
-use crate::media::bridge::{relay, Relay};
+use crate::media::bridge::{relay, Relay, Restamp};
 use crate::media::clock::{MediaClock, MediaHandle, MediaNote};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
@@ -531,6 +531,9 @@ struct Leg {
     span: tracing::Span,
     /// Set once the leg answered: its codec and where its media goes.
     answered: Option<(Negotiated, SocketAddr)>,
+    /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
+    to_leg: Restamp,
+    to_caller: Restamp,
 }
 
 /// A caller in an operator queue.
@@ -775,12 +778,13 @@ impl Call {
                 r = leg_recv(&self.leg, &mut buf2) => {
                     // The bridged leg's media goes to the caller.
                     let Ok((n, _)) = r else { continue };
-                    if let Some(Leg { answered: Some((leg_neg, _)), .. }) = &self.leg {
+                    if let Some(Leg { answered: Some((leg_neg, _)), to_caller, .. }) = &mut self.leg {
                         let (caller_neg, remote) = {
                             let st = self.media.lock();
                             (st.media.negotiated(), st.media.remote())
                         };
-                        if let Relay::Forward { len, .. } = relay(&mut buf2, n, leg_neg, &caller_neg) {
+                        if let Relay::Forward { len, event } = relay(&mut buf2, n, leg_neg, &caller_neg) {
+                            to_caller.apply(&mut buf2[..len], event);
                             let _ = self.media.rtp_port().socket.send_to(&buf2[..len], remote);
                         }
                     }
@@ -792,9 +796,10 @@ impl Call {
                         let mut st = self.media.lock();
                         (st.media.on_rtp(now(), from, &buf[..n]).is_ok(), st.media.negotiated())
                     };
-                    if let Some(Leg { answered: Some((leg_neg, leg_remote)), port, .. }) = &self.leg {
+                    if let Some(Leg { answered: Some((leg_neg, leg_remote)), port, to_leg, .. }) = &mut self.leg {
                         if ok {
-                            if let Relay::Forward { len, .. } = relay(&mut buf, n, &caller_neg, leg_neg) {
+                            if let Relay::Forward { len, event } = relay(&mut buf, n, &caller_neg, leg_neg) {
+                                to_leg.apply(&mut buf[..len], event);
                                 let _ = port.socket.send_to(&buf[..len], *leg_remote);
                             }
                         }
@@ -1302,6 +1307,8 @@ impl Call {
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
             answered: None,
+            to_leg: Restamp::new(rand::random()),
+            to_caller: Restamp::new(rand::random()),
         });
         self.leg_events = Some(call.events);
         Ok(())
@@ -1650,6 +1657,8 @@ impl Call {
             agent: Some(agent.clone()),
             span,
             answered: None,
+            to_leg: Restamp::new(rand::random()),
+            to_caller: Restamp::new(rand::random()),
         });
         self.leg_events = Some(call.events);
         if let Some(q) = &mut self.queue {

@@ -3,9 +3,15 @@
 //! Each leg negotiated its own codec and payload types. A packet from one leg is rewritten in
 //! place for the other: audio is transcoded PCMU⇄PCMA when the laws differ, the payload type
 //! is renumbered, and RFC 4733 events pass through at the other leg's telephone-event type
-//! (dropped if that leg has none). Sequence numbers, timestamps and SSRC pass through
-//! unchanged: we relay the talker's stream, we do not re-originate it. Anything else (other
-//! payload types, garbage) is dropped. No allocation per packet.
+//! (dropped if that leg has none). Anything else (other payload types, garbage) is dropped. No
+//! allocation per packet.
+//!
+//! Each direction then goes through a [`Restamp`]: the far phone sees one stream under one
+//! SSRC whose sequence numbers and timestamps run on, even when the talker's side switches
+//! streams (a gateway moving from its DTMF generator to its audio source, a re-INVITE to
+//! another media server). Passing the talker's numbering through unchanged, as the first
+//! version did, made baresip 1.0 drop every packet after such a switch as "late" when the new
+//! stream's sequence numbers looked older, so the operator heard nothing.
 
 use crate::media::g711::Codec;
 use crate::media::rtp;
@@ -48,6 +54,75 @@ pub fn relay(buf: &mut [u8], len: usize, from: &Negotiated, to: &Negotiated) -> 
     }
     Relay::Drop
 }
+
+/// One direction of a bridge, as the receiving phone sees it: our SSRC, and sequence numbers
+/// and timestamps that continue across a change of the sending stream.
+#[derive(Debug, Clone)]
+pub struct Restamp {
+    ssrc: u32,
+    /// The sending stream we are following, and the offsets that map it onto ours.
+    source: Option<u32>,
+    seq_delta: u16,
+    ts_delta: u32,
+    /// The newest sequence number and timestamp we sent.
+    last_seq: u16,
+    last_ts: u32,
+}
+
+impl Restamp {
+    pub fn new(ssrc: u32) -> Self {
+        Restamp {
+            ssrc,
+            source: None,
+            seq_delta: 0,
+            ts_delta: 0,
+            last_seq: 0,
+            last_ts: 0,
+        }
+    }
+
+    /// Rewrite the header of a packet [`relay`] forwarded (`buf` starts with a parsed RTP
+    /// header). A new sending stream continues one packet after the last one sent, and its
+    /// first audio packet carries the marker (a new talk spurt, so the phone resyncs).
+    pub fn apply(&mut self, buf: &mut [u8], event: bool) {
+        if buf.len() < rtp::HEADER_LEN {
+            return;
+        }
+        let seq = u16::from_be_bytes([buf[2], buf[3]]);
+        let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+        let first = self.source.is_none();
+        if self.source != Some(ssrc) {
+            let (next_seq, next_ts) = if first {
+                (seq, ts)
+            } else {
+                (
+                    self.last_seq.wrapping_add(1),
+                    self.last_ts.wrapping_add(FRAME_SAMPLES),
+                )
+            };
+            self.seq_delta = next_seq.wrapping_sub(seq);
+            self.ts_delta = next_ts.wrapping_sub(ts);
+            self.source = Some(ssrc);
+            if !event {
+                buf[1] |= 0x80;
+            }
+        }
+        let out_seq = seq.wrapping_add(self.seq_delta);
+        let out_ts = ts.wrapping_add(self.ts_delta);
+        buf[2..4].copy_from_slice(&out_seq.to_be_bytes());
+        buf[4..8].copy_from_slice(&out_ts.to_be_bytes());
+        buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+        // Only newer packets move the mark (a reordered old one must not pull it back).
+        if first || (1..0x8000).contains(&out_seq.wrapping_sub(self.last_seq)) {
+            self.last_seq = out_seq;
+            self.last_ts = out_ts;
+        }
+    }
+}
+
+/// Samples in a 20 ms G.711 packet: the timestamp step assumed across a stream switch.
+const FRAME_SAMPLES: u32 = 160;
 
 fn padding(buf: &[u8]) -> usize {
     if buf.first().is_some_and(|b| b & 0x20 != 0) {
@@ -136,6 +211,57 @@ mod tests {
             relay(&mut buf, n, &caller, &neg(Codec::Pcmu, 0, None)),
             Relay::Drop
         );
+    }
+
+    fn header(buf: &[u8]) -> (bool, u16, u32, u32) {
+        let p = rtp::parse(buf).unwrap();
+        (p.marker, p.sequence, p.timestamp, p.ssrc)
+    }
+
+    #[test]
+    fn a_switch_of_the_sending_stream_continues_ours() {
+        let mut r = Restamp::new(77);
+        let mut buf = [0u8; 200];
+        // The first stream keeps its numbering, under our SSRC.
+        let mut a = RtpStream::with_origin(1, 1000, 50_000);
+        for _ in 0..3 {
+            let n = a.write(0, &[0xff; 160], 160, &mut buf);
+            r.apply(&mut buf[..n], false);
+        }
+        let n = a.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]), (false, 1003, 50_480, 77));
+        // A new stream whose numbers look older (SIPp switching pcaps): it runs on from ours.
+        let mut b = RtpStream::with_origin(2, 10, 160);
+        let n = b.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]), (true, 1004, 50_640, 77));
+        let n = b.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]), (false, 1005, 50_800, 77));
+    }
+
+    #[test]
+    fn a_late_packet_keeps_its_place_and_does_not_pull_the_mark_back() {
+        let mut r = Restamp::new(9);
+        let mut buf = [0u8; 200];
+        let mut s = RtpStream::with_origin(3, 65_534, 0);
+        let mut packets = Vec::new();
+        for _ in 0..4 {
+            let n = s.write(0, &[0xff; 160], 160, &mut buf);
+            packets.push(buf[..n].to_vec());
+        }
+        // Delivered 0, 2, 1 (late), 3 across the sequence wrap.
+        for i in [0, 2, 1, 3] {
+            let mut p = packets[i].clone();
+            r.apply(&mut p, false);
+            assert_eq!(header(&p).1, 65_534u16.wrapping_add(i as u16));
+        }
+        // Then a new stream continues after the newest (3 → 65_537 = 1), not the late one.
+        let mut t = RtpStream::with_origin(4, 500, 0);
+        let n = t.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]).1, 2);
     }
 
     #[test]
