@@ -13,7 +13,7 @@ use crate::dispatch::tickets::{StoreError, TicketStore};
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::registrar::AgentEvent;
 use crate::sip::transport::{self, TransportLimits};
-use crate::sip::ua::UaCore;
+use crate::sip::ua::{Screening, UaCore};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,6 +129,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         ),
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let ua = UaCore::new(
         transport.clone(),
         advertised,
@@ -141,6 +142,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             .iter()
             .map(|a| (a.id.clone(), a.password.clone())),
         &file.registrar.digest_algorithms,
+    )
+    .with_screening(
+        Screening {
+            trunks_allow: file.trunks.allow.clone(),
+            per_second: file.limits.options_per_second,
+            burst: file.limits.options_burst,
+        },
+        metrics.clone(),
     );
     let mut ua = ua;
     let agent_rx = ua.agent_events();
@@ -151,7 +160,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
 
     let registry = Arc::new(CallRegistry::default());
     let draining = CancellationToken::new();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     // Operators: with agents configured, a queue dispatcher fed by their registrations.
     let queues = (!file.agents.is_empty()).then(|| {
         let handle = spawn_dispatcher(
