@@ -120,13 +120,11 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             source,
         })?;
     let sip_addr = transport.local_addr();
-    let advertised = match (file.media.advertise_ip, sip_addr.ip().is_unspecified()) {
-        (Some(ip), _) => SocketAddr::new(ip, sip_addr.port()),
-        (None, false) => sip_addr,
-        (None, true) => SocketAddr::new(
-            call::local_ip_for("127.0.0.1".parse().expect("static")).unwrap_or(sip_addr.ip()),
-            sip_addr.port(),
-        ),
+    // Bound to 0.0.0.0 or [::] with no advertise_ip: left unspecified, and the UA names the
+    // local address that routes to each peer (an IPv6 one for IPv6 peers).
+    let advertised = match file.media.advertise_ip {
+        Some(ip) => SocketAddr::new(ip, sip_addr.port()),
+        None => sip_addr,
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
     let metrics = Arc::new(crate::metrics::Metrics::default());

@@ -725,6 +725,17 @@ impl UaCore {
         self.agent_contacts.clone()
     }
 
+    /// The address to name in Via and Contact towards a peer at `remote`: the advertised one,
+    /// or, when that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the
+    /// local address that routes to the peer, so that IPv6 peers get an IPv6 Contact.
+    fn local_for(&self, remote: SocketAddr) -> SocketAddr {
+        if !self.local.ip().is_unspecified() {
+            return self.local;
+        }
+        let ip = crate::sip::transport::local_ip_towards(remote.ip()).unwrap_or(self.local.ip());
+        SocketAddr::new(ip, self.local.port())
+    }
+
     fn allow(&self) -> &'static str {
         if self.registrar.is_some() {
             ALLOW_WITH_REGISTER
@@ -1266,7 +1277,7 @@ impl UaCore {
             request_uri: req.uri.clone(),
             source: flow.remote,
             transport: flow.transport,
-            local: self.local,
+            local: self.local_for(flow.remote),
             content_type: req.content_type().map(str::to_owned),
             body: req.body.clone(),
             headers: req.headers.clone(),
@@ -1473,6 +1484,7 @@ impl UaCore {
         };
         let local_tag = de.dialog.local_tag.clone();
         let flow = de.dialog.flow;
+        let local = self.local_for(flow.remote);
         let Some((id, e)) = self.server.get_mut(&key) else {
             return;
         };
@@ -1481,10 +1493,7 @@ impl UaCore {
             .header("Server", &self.user_agent);
         if (101..300).contains(&code) {
             b = b
-                .header(
-                    "Contact",
-                    format_args!("<{}>", contact_uri(self.local, flow)),
-                )
+                .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
                 .header("Allow", allow)
                 .header("Supported", "");
         }
@@ -1546,7 +1555,7 @@ impl UaCore {
                     .map(|de| de.dialog.local_tag.clone())
                     .unwrap_or_default();
                 let flow = self.dialogs.get(&dialog).map(|de| de.dialog.flow);
-                let local = self.local;
+                let local = flow.map_or(self.local, |f| self.local_for(f.remote));
                 let ua = self.user_agent.clone();
                 let allow = self.allow();
                 let Some((id, e)) = self.server.get_mut(&key) else {
@@ -1645,7 +1654,10 @@ impl UaCore {
         body: Option<(String, Bytes)>,
         now: Instant,
     ) {
-        let local = self.local;
+        let local = self
+            .dialogs
+            .get(&d)
+            .map_or(self.local, |de| self.local_for(de.dialog.flow.remote));
         let Some(de) = self.dialogs.get_mut(&d) else {
             return;
         };
@@ -1749,7 +1761,7 @@ impl UaCore {
                 return;
             }
         };
-        let local = self.local;
+        let local = self.local_for(flow.remote);
         let local_tag = random_token(12);
         let local_uri = format!("sip:{}@{local}", escape_user(&from_user));
         let from = match from_display
@@ -1957,7 +1969,7 @@ impl UaCore {
             sent.cseq,
             flow,
         );
-        let ack = dialog.ack(sent.cseq, self.local, &[]);
+        let ack = dialog.ack(sent.cseq, self.local_for(flow.remote), &[]);
         self.transport.send(&flow, ack.clone()).await;
         if let Some((_, e)) = self.client.get_mut(key) {
             e.acks.insert(tag, ack);
@@ -2130,7 +2142,7 @@ impl UaCore {
             self.transport.send(&flow, ack).await;
             return false;
         }
-        let local = self.local;
+        let local = self.local_for(flow.remote);
         let Some(de) = self.dialogs.get_mut(&d) else {
             return true;
         };
