@@ -72,6 +72,28 @@ pub struct FileConfig {
     pub queues: Vec<QueueConfig>,
     pub callback: CallbackConfig,
     pub registrar: RegistrarConfig,
+    pub trunks: TrunksConfig,
+}
+
+/// Where calls may come from.
+///
+/// With `allow` empty (the default) INVITEs are taken from any address, as a public SIP line
+/// must be when callers reach it directly. A city that receives calls only through its carrier's
+/// SIP trunk lists the carrier's signalling networks, and INVITEs from anywhere else are
+/// dropped without an answer (counted in `/metrics` as
+/// `ivr311_sip_requests_dropped_total{reason="source_not_allowed"}`): a scanner learns nothing,
+/// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
+/// tell it both, and invite it to try other sources or spoofed ones.
+///
+/// Agents' phones are not covered: they log in with digest authentication (with guessing
+/// blocked per address, see `sip::registrar`), receive calls rather than make them, and work
+/// from wherever operators sit, so an address list would only lock out home workers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrunksConfig {
+    /// Source networks INVITEs are accepted from, e.g. `["203.0.113.0/24", "2001:db8::/32",
+    /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
+    pub allow: Vec<crate::sip::guard::IpNet>,
 }
 
 /// How agents' phones authenticate.
@@ -223,6 +245,16 @@ pub struct Limits {
     pub drain_seconds: u64,
     /// Most simultaneous TCP connections for SIP. Default 1024.
     pub max_tcp_connections: usize,
+    /// Out-of-dialog requests other than INVITE (OPTIONS, REGISTER, MESSAGE, SUBSCRIBE..., and
+    /// requests naming a dialog that does not exist) accepted per second from one source (an
+    /// IPv4 address or an IPv6 /64). Past it they are dropped without an answer and counted in
+    /// `/metrics` (`ivr311_sip_requests_dropped_total{reason="rate_limited"}`). A monitor
+    /// pinging every second, a trunk's keep-alive OPTIONS and agents' phones registering stay
+    /// far below it; a scanner does not. 0 turns the limit off. Default 10.
+    pub options_per_second: u32,
+    /// How many such requests one source may send at once before `options_per_second`
+    /// applies. Default 40.
+    pub options_burst: u32,
 }
 
 impl Default for Limits {
@@ -234,6 +266,8 @@ impl Default for Limits {
             max_call_seconds: 3600,
             drain_seconds: 30,
             max_tcp_connections: 1024,
+            options_per_second: 10,
+            options_burst: 40,
         }
     }
 }
@@ -331,6 +365,28 @@ mod tests {
         assert_eq!(c.limits.max_calls, 5000);
         assert_eq!(c.limits.no_media_seconds, 60);
         assert_eq!(c.media.default_language, "en");
+        assert_eq!(c.limits.options_per_second, 10);
+        assert_eq!(c.limits.options_burst, 40);
+        assert!(c.trunks.allow.is_empty());
+    }
+
+    #[test]
+    fn trunk_allow_lists_parse_and_bad_networks_are_refused_with_a_location() {
+        let c = FileConfig::parse(
+            Path::new("t.yaml"),
+            "trunks:\n  allow: [\"203.0.113.0/24\", \"::1/128\", 198.51.100.7]\n",
+        )
+        .unwrap();
+        let allow: Vec<String> = c.trunks.allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(allow, ["203.0.113.0/24", "::1/128", "198.51.100.7/32"]);
+        let e = FileConfig::parse(Path::new("t.yaml"), "trunks:\n  allow: [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.yaml:2:"), "{e}");
+        let e = FileConfig::parse(Path::new("t.yaml"), "trunks:\n  alow: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alow"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`sip::dialog`] | dialog identifiers, route set, CSeq |
 //! | [`sip::ua`] | the UA core task: transactions + dialogs (inbound and outbound), events to calls |
 //! | [`sip::registrar`] | agents' REGISTER with digest authentication |
+//! | [`sip::guard`] | trunk allow-lists, per-source rate limits, scanner User-Agents |
 //! | [`media::sdp`] | SDP offer/answer (webrtc-rs `rtc-sdp`) |
 //! | [`media::rtp`] | RTP packets (webrtc-rs `rtc-rtp`), symmetric-RTP latch |
 //! | [`media::g711`], [`media::dtmf`] | G.711 µ/A-law, RFC 4733 events and the digit detector |

@@ -15,7 +15,7 @@ use crate::media::ports::PortPool;
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::registrar::AgentEvent;
 use crate::sip::transport::{self, TransportLimits};
-use crate::sip::ua::UaCore;
+use crate::sip::ua::{Screening, UaCore};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,15 +144,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             source,
         })?;
     let sip_addr = transport.local_addr();
-    let advertised = match (file.media.advertise_ip, sip_addr.ip().is_unspecified()) {
-        (Some(ip), _) => SocketAddr::new(ip, sip_addr.port()),
-        (None, false) => sip_addr,
-        (None, true) => SocketAddr::new(
-            call::local_ip_for("127.0.0.1".parse().expect("static")).unwrap_or(sip_addr.ip()),
-            sip_addr.port(),
-        ),
+    // Bound to 0.0.0.0 or [::] with no advertise_ip: left unspecified, and the UA names the
+    // local address that routes to each peer (an IPv6 one for IPv6 peers).
+    let advertised = match file.media.advertise_ip {
+        Some(ip) => SocketAddr::new(ip, sip_addr.port()),
+        None => sip_addr,
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let ua = UaCore::new(
         transport.clone(),
         advertised,
@@ -165,6 +164,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             .iter()
             .map(|a| (a.id.clone(), a.password.clone())),
         &file.registrar.digest_algorithms,
+    )
+    .with_screening(
+        Screening {
+            trunks_allow: file.trunks.allow.clone(),
+            per_second: file.limits.options_per_second,
+            burst: file.limits.options_burst,
+        },
+        metrics.clone(),
     );
     let mut ua = ua;
     let agent_rx = ua.agent_events();
@@ -175,7 +182,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
 
     let registry = Arc::new(CallRegistry::default());
     let draining = CancellationToken::new();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     // Operators: with agents configured, a queue dispatcher fed by their registrations.
     let queues = (!file.agents.is_empty()).then(|| {
         let handle = spawn_dispatcher(

@@ -1,6 +1,7 @@
-//! RFC 4475 SIP torture tests: every message of the RFC's archive (tests/torture/*.dat, see
-//! tests/torture/INDEX.md) is sent to the real server, the answer is checked against what the
-//! RFC expects, and a well-formed OPTIONS afterwards must still get a 200.
+//! SIP torture tests: every message of RFC 4475's archive and of RFC 5118 (IPv6) section 4
+//! (tests/torture/*.dat, see tests/torture/INDEX.md) is sent to the real server over UDP and
+//! over TCP, the answer is checked against what the RFC expects, and a well-formed OPTIONS
+//! afterwards must still get a 200.
 mod common;
 
 use common::start_server;
@@ -90,10 +91,64 @@ const CASES: &[(&str, Expect)] = &[
 /// connection (with or without an answer) is right.
 const TCP_FRAMING: &[&str] = &["clerr", "ncl", "mcl01"];
 
-/// Messages that never end on a stream: clerr promises more body than it has, and baddn has no
-/// blank line after its headers. A server can only wait for more bytes; when the client then
+/// Messages that never end on a stream: clerr and RFC 5118's ipv6-in-sdp promise more body
+/// than they have, and baddn and RFC 5118's 4.10 pair have no blank line after their headers. A server can only wait for more bytes; when the client then
 /// closes its side, the server must close too (and may send nothing).
-const TCP_UNFINISHED: &[&str] = &["clerr", "baddn"];
+const TCP_UNFINISHED: &[&str] = &[
+    "clerr",
+    "baddn",
+    "ipv6-in-sdp",
+    "ipv6-bug-abnf-3-colons",
+    "ipv6-correct-abnf-2-colons",
+];
+
+/// How a copy of an RFC 5118 message is repaired (INDEX.md): its Content-Length set to the
+/// length of its body, or the blank line that ends its headers added.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Repair {
+    None,
+    ContentLength,
+    BlankLine,
+}
+
+/// RFC 5118 section 4, in order: the file, what its bytes should get over UDP (INDEX.md), and
+/// whether a repaired copy is sent as well (which must be handled `Normal`ly).
+const RFC5118: &[(&str, Expect, Repair)] = &[
+    ("ipv6-good", Normal, Repair::None),
+    ("ipv6-bad", Bad, Repair::None),
+    ("port-ambiguous", Normal, Repair::None),
+    ("port-unambiguous", Normal, Repair::None),
+    ("via-received-param-with-delim", Normal, Repair::None),
+    ("via-received-param-no-delim", Normal, Repair::None),
+    ("ipv6-in-sdp", Bad, Repair::ContentLength),
+    ("mult-ip-in-header", Normal, Repair::None),
+    ("mult-ip-in-sdp", Normal, Repair::ContentLength),
+    ("ipv4-mapped-ipv6", Normal, Repair::ContentLength),
+    ("ipv6-bug-abnf-3-colons", Lenient, Repair::BlankLine),
+    ("ipv6-correct-abnf-2-colons", Lenient, Repair::BlankLine),
+];
+
+fn repaired(bytes: &[u8], how: Repair) -> Vec<u8> {
+    match how {
+        Repair::None => bytes.to_vec(),
+        Repair::BlankLine => [bytes, b"\r\n"].concat(),
+        Repair::ContentLength => {
+            let text = String::from_utf8(bytes.to_vec()).expect("RFC 5118 messages are text");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a header section");
+            let head: Vec<String> = head
+                .split("\r\n")
+                .map(|l| {
+                    if l.to_ascii_lowercase().starts_with("content-length:") {
+                        format!("Content-Length: {}", body.len())
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect();
+            format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+        }
+    }
+}
 
 fn dat(name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -375,6 +430,97 @@ async fn run(tcp: bool) {
     assert!(failures.is_empty(), "{transport} failures: {failures:#?}");
 }
 
+/// The RFC 3261 §17.2.3 server transaction a message would match: branch, sent-by, method.
+fn transaction_key(bytes: &[u8]) -> Option<String> {
+    match parse_datagram(bytes, 1 << 20) {
+        Ok(Message::Request(r)) => {
+            let v = r.top_via();
+            Some(format!("{:?}|{}|{}", v.branch, v.sent_by(), r.method))
+        }
+        _ => None,
+    }
+}
+
+/// RFC 5118: each message (and its repaired copy) goes to a server that has not seen its
+/// transaction key, since several share branch, sent-by and method (a server rightly takes the
+/// second for a retransmission of the first).
+async fn run_rfc5118(tcp: bool) {
+    let transport = if tcp { "TCP" } else { "UDP" };
+    let mut failures = Vec::new();
+    let mut passed = 0;
+    let mut servers: Vec<(ivr311::server::RunningServer, Vec<String>)> = Vec::new();
+    eprintln!("RFC 5118 torture over {transport}");
+    eprintln!("{:<36} {:<12} {:<16} result", "file", "expected", "got");
+    let mut n = 0;
+    for (name, expect, repair) in RFC5118 {
+        let raw = dat(name);
+        let fixed = repaired(&raw, *repair);
+        let key = transaction_key(&fixed);
+        let mut sends = vec![(name.to_string(), *expect, raw)];
+        if *repair != Repair::None {
+            sends.push((format!("{name}+repaired"), Normal, fixed));
+        }
+        for (label, expect, bytes) in sends {
+            n += 1;
+            let i = match servers
+                .iter()
+                .position(|(_, seen)| key.as_ref().is_none_or(|k| !seen.contains(k)))
+            {
+                Some(i) => i,
+                None => {
+                    servers.push((start_server(FileConfig::default()).await, Vec::new()));
+                    servers.len() - 1
+                }
+            };
+            servers[i].1.extend(key.clone());
+            let sip = servers[i].0.sip_addr;
+            let (rs, closed) = if tcp {
+                tcp_exchange(sip, &label, &bytes).await
+            } else {
+                (udp_exchange(sip, &bytes).await, false)
+            };
+            let verdict = judge(&label, expect, &rs, closed, tcp);
+            let live = alive(sip, 1000 + n).await;
+            let mut note = match &verdict {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => format!("FAIL: {e}"),
+            };
+            if !live {
+                note.push_str(" FAIL: liveness OPTIONS got no 200");
+            }
+            eprintln!(
+                "{:<36} {:<12} {:<16} {note}",
+                label,
+                format!("{expect:?}"),
+                got(&rs, closed)
+            );
+            if verdict.is_ok() && live {
+                passed += 1;
+            } else {
+                failures.push(format!("{label}: {note}"));
+            }
+        }
+    }
+    eprintln!(
+        "RFC 5118 over {transport}: {passed}/{n} passed ({} servers)",
+        servers.len()
+    );
+    for (srv, _) in servers {
+        srv.shutdown().await;
+    }
+    assert!(failures.is_empty(), "{transport} failures: {failures:#?}");
+}
+
+#[tokio::test]
+async fn rfc5118_ipv6_torture_over_udp() {
+    run_rfc5118(false).await;
+}
+
+#[tokio::test]
+async fn rfc5118_ipv6_torture_over_tcp() {
+    run_rfc5118(true).await;
+}
+
 #[tokio::test]
 async fn rfc4475_torture_over_udp() {
     run(false).await;
@@ -387,16 +533,38 @@ async fn rfc4475_torture_over_tcp() {
 
 #[test]
 fn torture_files_are_byte_exact() {
+    use sha2::{Digest, Sha256};
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/torture");
     let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
     let mut n = 0;
     for line in sums.lines().filter(|l| !l.trim().is_empty()) {
-        let (_, file) = line.split_once("  ").unwrap();
-        assert!(dir.join(file).exists(), "{file} missing");
+        let (sum, file) = line.split_once("  ").unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, sum, "{file} changed");
         n += 1;
     }
-    assert_eq!(n, 50);
+    assert_eq!(n, 50 + 12);
     assert_eq!(CASES.len(), 50);
+    assert_eq!(RFC5118.len(), 12);
     // The two lengths INDEX.md calls out.
     assert_eq!(dat("baddn").len(), 331);
+    // RFC 5118 as the RFC prints it: CRLF lines, its own Content-Length values, and the
+    // 4.10 pair with no blank line after the headers.
+    for (name, _, _) in RFC5118 {
+        let b = dat(name);
+        assert!(
+            !b.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'),
+            "{name}: bare LF"
+        );
+    }
+    assert!(String::from_utf8(dat("ipv6-in-sdp"))
+        .unwrap()
+        .contains("Content-Length: 268\r\n"));
+    assert!(!dat("ipv6-bug-abnf-3-colons").ends_with(b"\r\n\r\n"));
+    let fixed = String::from_utf8(repaired(&dat("ipv6-in-sdp"), Repair::ContentLength)).unwrap();
+    assert!(fixed.contains("Content-Length: 251\r\n"), "{fixed}");
 }

@@ -632,7 +632,9 @@ fn connection_ip(desc: &SessionDescription, m: &MediaDescription) -> Result<IpAd
     if declared_v6 != ip.is_ipv6() {
         tracing::debug!(addrtype = %conn.address_type, address = %raw, "c= address type mismatch; using the literal");
     }
-    Ok(ip)
+    // An IPv4-mapped IPv6 address (`c=IN IP6 ::ffff:192.0.2.2`, RFC 5118 §4.9) names an IPv4
+    // host: send to it as one, which an IPv4 RTP socket can.
+    Ok(ip.to_canonical())
 }
 
 fn media_direction(desc: &SessionDescription, m: &MediaDescription) -> Direction {
@@ -1803,5 +1805,27 @@ a=rtcp-fb:* nack
                 }
             }
         }
+    }
+
+    /// The SDP bodies of RFC 5118 §4.6, §4.8 and §4.9 (tests/torture), as the RFC prints them.
+    fn rfc5118_body(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/torture")
+            .join(format!("{name}.dat"));
+        let bytes = std::fs::read(path).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        bytes[at + 4..].to_vec()
+    }
+
+    #[test]
+    fn rfc5118_ipv6_sdp_bodies() {
+        let r = parse(&rfc5118_body("ipv6-in-sdp")).unwrap();
+        assert_eq!(r.addr, "[2001:db8::20]:6000".parse().unwrap());
+        // Per-media c= lines: the audio one (IPv4) is ours, the IPv6 one is the video's.
+        let r = parse(&rfc5118_body("mult-ip-in-sdp")).unwrap();
+        assert_eq!(r.addr, "192.0.2.1:22334".parse().unwrap());
+        // An IPv4-mapped address is the IPv4 host.
+        let r = parse(&rfc5118_body("ipv4-mapped-ipv6")).unwrap();
+        assert_eq!(r.addr, "192.0.2.2:6000".parse().unwrap());
     }
 }

@@ -439,7 +439,13 @@ pub fn uri_socket_addr(uri: &str) -> Option<SocketAddr> {
     let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let hostport = hostport.split([';', '?']).next()?;
     let (host, port) = split_host_port(hostport)?;
-    let ip: std::net::IpAddr = host.trim_matches(['[', ']']).parse().ok()?;
+    let literal = host.trim_matches(['[', ']']);
+    // RFC 3261's ABNF (from RFC 2373) allows a third colon before an embedded IPv4 address,
+    // `[2001:db8:::192.0.2.1]`; RFC 5118 §4.10 asks receivers to tolerate it.
+    let ip: std::net::IpAddr = literal
+        .parse()
+        .or_else(|_| literal.replacen(":::", "::", 1).parse())
+        .ok()?;
     Some(SocketAddr::new(ip, port.unwrap_or(5060)))
 }
 
@@ -1438,5 +1444,87 @@ l: 2\r\n\r\nhi";
             split_list("<sip:a,b>;x, \"c,d\" <sip:e>"),
             vec!["<sip:a,b>;x", "\"c,d\" <sip:e>"]
         );
+    }
+
+    fn rfc5118(name: &str) -> Request {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/torture")
+            .join(format!("{name}.dat"));
+        match parse_datagram(&std::fs::read(path).unwrap(), 65536) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// RFC 5118 section 4: what the IPv6 references parse to.
+    #[test]
+    fn rfc5118_ipv6_references() {
+        let r = rfc5118("ipv6-good");
+        assert_eq!(uri_socket_addr(&r.uri), Some(addr("[2001:db8::10]:5060")));
+        assert_eq!(
+            (r.top_via().host.as_str(), r.top_via().port),
+            ("[2001:db8::9:1]", None)
+        );
+        assert_eq!(
+            uri_socket_addr(&r.contacts()[0].uri),
+            Some(addr("[2001:db8::1]:5060"))
+        );
+        // §4.2: the undelimited address is refused with 400.
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torture/ipv6-bad.dat");
+        let e = parse_datagram(&std::fs::read(path).unwrap(), 65536).unwrap_err();
+        assert_eq!(e.status(), 400);
+        // §4.3: the "port" inside the brackets is part of the address, as the RFC predicts.
+        let r = rfc5118("port-ambiguous");
+        assert_eq!(
+            uri_socket_addr(&r.uri),
+            Some(addr("[2001:db8::10:5070]:5060"))
+        );
+        // §4.4: port after the bracket.
+        let r = rfc5118("port-unambiguous");
+        assert_eq!(uri_socket_addr(&r.uri), Some(addr("[2001:db8::10]:5070")));
+        // §4.5: `received` with and without brackets; the sent-by is what matters to us.
+        for name in [
+            "via-received-param-with-delim",
+            "via-received-param-no-delim",
+        ] {
+            let r = rfc5118(name);
+            assert_eq!(r.top_via().host, "[2001:db8::9:1]", "{name}");
+            assert!(r.top_via().has_rfc3261_branch(), "{name}");
+        }
+        // §4.7: three Vias, IPv6 with a port, IPv4, IPv6 over TCP.
+        let r = rfc5118("mult-ip-in-header");
+        let vias: Vec<(&str, Option<u16>, &str)> = r
+            .vias
+            .iter()
+            .map(|v| (v.host.as_str(), v.port, v.transport.as_str()))
+            .collect();
+        assert_eq!(
+            vias,
+            [
+                ("[2001:db8::9:1]", Some(6050), "UDP"),
+                ("192.0.2.1", None, "UDP"),
+                ("[2001:db8::9:255]", None, "TCP")
+            ]
+        );
+        // §4.9: IPv4-mapped addresses.
+        let r = rfc5118("ipv4-mapped-ipv6");
+        assert_eq!(r.top_via().sent_by(), "[::ffff:192.0.2.10]:19823");
+        assert_eq!(
+            uri_socket_addr(&r.contacts()[0].uri),
+            Some(addr("[::ffff:192.0.2.2]:5060"))
+        );
+        // §4.10: three colons are tolerated and mean the same address as two.
+        let three = rfc5118("ipv6-bug-abnf-3-colons");
+        let two = rfc5118("ipv6-correct-abnf-2-colons");
+        assert_eq!(
+            uri_socket_addr(&three.uri),
+            Some(addr("[2001:db8::c000:201]:5060"))
+        );
+        assert_eq!(uri_socket_addr(&three.uri), uri_socket_addr(&two.uri));
     }
 }

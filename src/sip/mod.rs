@@ -3,6 +3,7 @@
 //! Ground floor: imports nothing from `call`, `dispatch` or `api`.
 
 pub mod dialog;
+pub mod guard;
 pub mod message;
 pub mod registrar;
 pub mod transaction;

@@ -10,12 +10,17 @@
 //! address; TCP writes to the connection the flow names (each connection has a writer task with a
 //! bounded queue).
 //!
+//! IPv6: bind `[::1]` (IPv6 only) or `[::]`. On `[::]` the sockets are dual-stack where the
+//! system allows it, and IPv4 peers arrive as IPv4-mapped addresses (`::ffff:192.0.2.1`); they
+//! are turned back into plain IPv4 addresses here, at the edge, so that everything above sees
+//! one address per peer, and mapped again when sending.
+//!
 //! This module knows nothing of transactions, dialogs or calls.
 
 use crate::sip::message::{self, Frame, Message, ParseError};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +116,14 @@ impl TransportHandle {
     pub async fn send(&self, flow: &Flow, data: Bytes) {
         match flow.transport {
             Transport::Udp => {
-                if let Err(e) = self.udp.send_to(&data, flow.remote).await {
+                let to = match (self.local, flow.remote) {
+                    // An IPv4 peer of a dual-stack IPv6 socket is reached at its mapped address.
+                    (SocketAddr::V6(_), SocketAddr::V4(a)) => {
+                        SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+                    }
+                    _ => flow.remote,
+                };
+                if let Err(e) = self.udp.send_to(&data, to).await {
                     debug!(remote = %flow.remote, error = %e, "udp send failed");
                 }
             }
@@ -128,6 +140,18 @@ impl TransportHandle {
             }
         }
     }
+}
+
+/// The local IP that routes to `remote` (a UDP connect picks the route; nothing is sent).
+pub fn local_ip_towards(remote: IpAddr) -> Option<IpAddr> {
+    let bind = if remote.is_ipv4() {
+        SocketAddr::from(([0u8; 4], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(SocketAddr::new(remote, 9)).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
 }
 
 /// Bind UDP and TCP on `addr` (port 0 picks one port free for both) and start the receive tasks.
@@ -199,6 +223,7 @@ async fn udp_loop(
             },
         };
         let data = &buf[..n];
+        let remote = crate::sip::guard::canonical(remote);
         // Keep-alives (RFC 5626 CRLF) and stray empty datagrams.
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
@@ -270,6 +295,7 @@ async fn tcp_accept_loop(
             continue;
         }
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let remote = crate::sip::guard::canonical(remote);
         let _ = stream.set_nodelay(true);
         tracker.spawn(tcp_connection(
             handle.clone(),

@@ -19,6 +19,12 @@
 //!   ([`UaCore::agent_events`], so the [`AppEvent`] consumers are untouched), and the preferred
 //!   contact of every agent logged in is kept in a shared map ([`UaCore::agent_contacts`]).
 //!   Binding expiry rides on the same timer heap as the transactions.
+//! - Screening, before any of the above and before any state is made ([`UaCore::with_screening`]):
+//!   requests from a known SIP scanner (by `User-Agent`, see [`crate::sip::guard`]) outside a
+//!   dialog, INVITEs from sources outside the trunk allow-list, and out-of-dialog requests other
+//!   than INVITE and CANCEL past their source's token bucket are dropped without an answer and
+//!   counted in `ivr311_sip_requests_dropped_total{reason}`. Requests in an existing dialog are
+//!   never screened.
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
@@ -47,7 +53,9 @@
 //! caller's decision ([`OutboundHandle::cancel`]). After a CANCEL the UA waits 64·T1 for the
 //! INVITE's final response, then gives up and reports [`LegEvent::Failed`] with 487.
 
+use crate::metrics::Metrics;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
+use crate::sip::guard::{self, IpNet, RateLimiter};
 use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
     Request, RequestBuilder, Response, ResponseBuilder,
@@ -609,6 +617,23 @@ pub struct UaCore {
     agent_tx: Option<mpsc::Sender<AgentEvent>>,
     /// Agent id → preferred contact URI and flow, kept by this task.
     agent_contacts: Arc<DashMap<String, (String, Flow)>>,
+    /// Source networks INVITEs are taken from (empty: any).
+    trunks_allow: Vec<IpNet>,
+    /// Per-source limit on out-of-dialog requests other than INVITE.
+    limiter: RateLimiter,
+    /// Where dropped requests are counted.
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// What [`UaCore::with_screening`] drops.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Screening {
+    /// Source networks INVITEs are taken from; empty takes them from anywhere.
+    pub trunks_allow: Vec<IpNet>,
+    /// Out-of-dialog requests other than INVITE/CANCEL per second per source; 0: no limit.
+    pub per_second: u32,
+    /// Burst allowed per source before `per_second` applies.
+    pub burst: u32,
 }
 
 impl UaCore {
@@ -641,7 +666,18 @@ impl UaCore {
             registrar_timer: None,
             agent_tx: None,
             agent_contacts: Arc::new(DashMap::new()),
+            trunks_allow: Vec::new(),
+            limiter: RateLimiter::new(0, 0, 1),
+            metrics: None,
         }
+    }
+
+    /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
+    pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
+        self.trunks_allow = screening.trunks_allow;
+        self.limiter = RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES);
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Let agents log in through this registrar: REGISTER is answered by it (and listed in
@@ -687,6 +723,17 @@ impl UaCore {
     /// [`OutboundHandle::invite_via`].
     pub fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
         self.agent_contacts.clone()
+    }
+
+    /// The address to name in Via and Contact towards a peer at `remote`: the advertised one,
+    /// or, when that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the
+    /// local address that routes to the peer, so that IPv6 peers get an IPv6 Contact.
+    fn local_for(&self, remote: SocketAddr) -> SocketAddr {
+        if !self.local.ip().is_unspecified() {
+            return self.local;
+        }
+        let ip = crate::sip::transport::local_ip_towards(remote.ip()).unwrap_or(self.local.ip());
+        SocketAddr::new(ip, self.local.port())
     }
 
     fn allow(&self) -> &'static str {
@@ -778,6 +825,18 @@ impl UaCore {
             self.on_cancel(req, key, flow, now).await;
             return;
         }
+        if let Some(reason) = self.screen(&req, &flow, now) {
+            debug!(remote = %flow.remote, method = %req.method, reason, "request dropped unanswered");
+            if let Some(m) = &self.metrics {
+                m.add(
+                    "ivr311_sip_requests_dropped_total",
+                    "SIP requests dropped without an answer (scanner, source not allowed, rate limited).",
+                    &[("reason", reason)],
+                    1,
+                );
+            }
+            return;
+        }
         if let Some((code, resp)) = self.refuse_extension_or_body(&req) {
             self.new_server_and_respond(key, req, flow, None, code, resp, now)
                 .await;
@@ -828,6 +887,27 @@ impl UaCore {
                     .await;
             }
         }
+    }
+
+    /// Why a new request (not ACK, CANCEL or a retransmission) is dropped unanswered, if it is:
+    /// requests inside a dialog we hold always pass.
+    fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Option<&'static str> {
+        if let Some(tag) = req.to.tag() {
+            if self
+                .by_local_tag
+                .contains_key(&(req.call_id.clone(), tag.to_owned()))
+            {
+                return None;
+            }
+        }
+        if req.header("User-Agent").is_some_and(guard::is_scanner) {
+            return Some("scanner");
+        }
+        if req.method == Method::Invite {
+            return (!guard::allowed(&self.trunks_allow, flow.remote.ip()))
+                .then_some("source_not_allowed");
+        }
+        (!self.limiter.allow(flow.remote.ip(), now)).then_some("rate_limited")
     }
 
     /// Refusals that come before method handling (RFC 3261 §8.2.2-8.2.3, RFC 4475 §3.3.5,
@@ -1197,7 +1277,7 @@ impl UaCore {
             request_uri: req.uri.clone(),
             source: flow.remote,
             transport: flow.transport,
-            local: self.local,
+            local: self.local_for(flow.remote),
             content_type: req.content_type().map(str::to_owned),
             body: req.body.clone(),
             headers: req.headers.clone(),
@@ -1404,6 +1484,7 @@ impl UaCore {
         };
         let local_tag = de.dialog.local_tag.clone();
         let flow = de.dialog.flow;
+        let local = self.local_for(flow.remote);
         let Some((id, e)) = self.server.get_mut(&key) else {
             return;
         };
@@ -1412,10 +1493,7 @@ impl UaCore {
             .header("Server", &self.user_agent);
         if (101..300).contains(&code) {
             b = b
-                .header(
-                    "Contact",
-                    format_args!("<{}>", contact_uri(self.local, flow)),
-                )
+                .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
                 .header("Allow", allow)
                 .header("Supported", "");
         }
@@ -1477,7 +1555,7 @@ impl UaCore {
                     .map(|de| de.dialog.local_tag.clone())
                     .unwrap_or_default();
                 let flow = self.dialogs.get(&dialog).map(|de| de.dialog.flow);
-                let local = self.local;
+                let local = flow.map_or(self.local, |f| self.local_for(f.remote));
                 let ua = self.user_agent.clone();
                 let allow = self.allow();
                 let Some((id, e)) = self.server.get_mut(&key) else {
@@ -1576,7 +1654,10 @@ impl UaCore {
         body: Option<(String, Bytes)>,
         now: Instant,
     ) {
-        let local = self.local;
+        let local = self
+            .dialogs
+            .get(&d)
+            .map_or(self.local, |de| self.local_for(de.dialog.flow.remote));
         let Some(de) = self.dialogs.get_mut(&d) else {
             return;
         };
@@ -1680,7 +1761,7 @@ impl UaCore {
                 return;
             }
         };
-        let local = self.local;
+        let local = self.local_for(flow.remote);
         let local_tag = random_token(12);
         let local_uri = format!("sip:{}@{local}", escape_user(&from_user));
         let from = match from_display
@@ -1888,7 +1969,7 @@ impl UaCore {
             sent.cseq,
             flow,
         );
-        let ack = dialog.ack(sent.cseq, self.local, &[]);
+        let ack = dialog.ack(sent.cseq, self.local_for(flow.remote), &[]);
         self.transport.send(&flow, ack.clone()).await;
         if let Some((_, e)) = self.client.get_mut(key) {
             e.acks.insert(tag, ack);
@@ -2061,7 +2142,7 @@ impl UaCore {
             self.transport.send(&flow, ack).await;
             return false;
         }
-        let local = self.local;
+        let local = self.local_for(flow.remote);
         let Some(de) = self.dialogs.get_mut(&d) else {
             return true;
         };

@@ -144,7 +144,7 @@ pub struct TestUa {
 
 impl TestUa {
     pub async fn udp(server: SocketAddr) -> TestUa {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sock = UdpSocket::bind(loopback_like(server)).await.unwrap();
         let local = sock.local_addr().unwrap();
         Self::with(Sip::Udp(sock), local, server).await
     }
@@ -164,7 +164,7 @@ impl TestUa {
     }
 
     async fn with(sip: Sip, local: SocketAddr, server: SocketAddr) -> TestUa {
-        let rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rtp = UdpSocket::bind(loopback_like(server)).await.unwrap();
         TestUa {
             sip,
             local,
@@ -306,7 +306,8 @@ impl TestUa {
     pub fn offer(&self, codecs: &str) -> String {
         let a = self.rtp.local_addr().unwrap();
         let mut s = format!(
-            "v=0\r\no=test 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP {codecs}\r\n",
+            "v=0\r\no=test 1 1 IN {fam} {ip}\r\ns=-\r\nc=IN {fam} {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP {codecs}\r\n",
+            fam = if a.is_ipv6() { "IP6" } else { "IP4" },
             ip = a.ip(),
             port = a.port()
         );
@@ -528,6 +529,15 @@ Contact: <sip:caller@{me}>\r\n\
             }
         }
         out
+    }
+}
+
+/// Port 0 on the loopback address of `server`'s family (`[::1]` for an IPv6 server).
+pub fn loopback_like(server: SocketAddr) -> SocketAddr {
+    if server.is_ipv6() {
+        "[::1]:0".parse().unwrap()
+    } else {
+        "127.0.0.1:0".parse().unwrap()
     }
 }
 

@@ -1,0 +1,392 @@
+//! Who may talk to the SIP core, and how often: source networks ([`IpNet`], for the trunk
+//! allow-list), per-source token buckets ([`RateLimiter`], for floods of OPTIONS, REGISTER and
+//! other out-of-dialog requests) and the User-Agent names of known SIP scanners.
+//!
+//! Sans-IO: the UA core passes the source address and the time in and gets a yes or no back.
+//! Nothing here answers, logs per packet or reads a clock.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// An IP network: an address and a prefix length (`203.0.113.0/24`, `2001:db8::/32`). A bare
+/// address is a network of one (`/32` or `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Why a network did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpNetError {
+    #[error("{0:?} is not an IP address")]
+    Address(String),
+    #[error("prefix length {0:?} is not a number from 0 to {1}")]
+    Prefix(String, u8),
+}
+
+impl IpNet {
+    /// The network of `addr` with this prefix length (bits past it are ignored).
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<IpNet> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network. An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, as a
+    /// dual-stack socket reports IPv4 peers) counts as the IPv4 address it carries.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let full = usize::from(prefix / 8);
+    let rest = prefix % 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    a[full] & mask == b[full] & mask
+}
+
+impl FromStr for IpNet {
+    type Err = IpNetError;
+
+    fn from_str(s: &str) -> Result<IpNet, IpNetError> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| IpNetError::Address(addr.to_owned()))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| IpNetError::Prefix(p.to_owned(), max))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether `ip` is in any of `nets`; an empty list allows everyone.
+pub fn allowed(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.is_empty() || nets.iter().any(|n| n.contains(ip))
+}
+
+/// User-Agent names of SIP scanning and password-guessing tools (matched case-insensitively
+/// anywhere in the header). No phone, PBX or monitoring probe calls itself any of these.
+const SCANNER_AGENTS: &[&str] = &[
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "sip-scan",
+    "sundayddr",
+    "iwar",
+    "sivus",
+];
+
+/// Whether this User-Agent value names a known SIP scanner.
+pub fn is_scanner(user_agent: &str) -> bool {
+    let ua = user_agent.to_ascii_lowercase();
+    SCANNER_AGENTS.iter().any(|s| ua.contains(s))
+}
+
+/// The unit a rate limit applies to: an IPv4 address, or an IPv6 /64 (one site or one
+/// subscriber holds a whole /64, so per-address buckets would be no limit at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(Ipv4Addr),
+    V6Net([u16; 4]),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => Source::V4(a),
+            IpAddr::V6(a) => {
+                let s = a.segments();
+                Source::V6Net([s[0], s[1], s[2], s[3]])
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.at = now;
+    }
+
+    fn take(&mut self) -> bool {
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Most sources with a bucket of their own.
+pub const MAX_SOURCES: usize = 10_000;
+/// How often, at most, a full table is swept for buckets that have refilled.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Token buckets per source: each source may send `burst` requests at once, then `rate` per
+/// second. A source that has been quiet long enough to refill is forgotten, so the table holds
+/// only sources active in the last `burst / rate` seconds, and never more than `max_sources`.
+/// When it is full of active sources (a flood from very many addresses), new sources share
+/// one overflow bucket: the flood as a whole gets `rate` per second, and the sources already
+/// known keep theirs.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    max_sources: usize,
+    buckets: HashMap<Source, Bucket>,
+    overflow: Option<Bucket>,
+    last_prune: Option<Instant>,
+}
+
+impl RateLimiter {
+    /// `rate` requests per second after a burst of `burst`; a rate of 0 turns limiting off.
+    pub fn new(rate: u32, burst: u32, max_sources: usize) -> RateLimiter {
+        RateLimiter {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            max_sources: max_sources.max(1),
+            buckets: HashMap::new(),
+            overflow: None,
+            last_prune: None,
+        }
+    }
+
+    /// Whether a request from `ip` at `now` is within its source's limit (and count it).
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let src = Source::of(ip);
+        if let Some(b) = self.buckets.get_mut(&src) {
+            b.refill(now, rate, burst);
+            return b.take();
+        }
+        if self.buckets.len() >= self.max_sources {
+            self.prune(now);
+        }
+        if self.buckets.len() >= self.max_sources {
+            let b = self.overflow.get_or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            });
+            b.refill(now, rate, burst);
+            return b.take();
+        }
+        let mut b = Bucket {
+            tokens: burst,
+            at: now,
+        };
+        let ok = b.take();
+        self.buckets.insert(src, b);
+        ok
+    }
+
+    /// Forget sources whose bucket is full again (they are as good as new).
+    fn prune(&mut self, now: Instant) {
+        if self
+            .last_prune
+            .is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_prune = Some(now);
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, b| {
+            let dt = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens + dt * rate < burst
+        });
+    }
+
+    /// Sources with a bucket of their own.
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+/// Turn an IPv4-mapped IPv6 socket address into the IPv4 one it stands for.
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let n: IpNet = "203.0.113.0/24".parse().unwrap();
+        assert!(n.contains(ip("203.0.113.77")));
+        assert!(!n.contains(ip("203.0.114.1")));
+        assert!(n.contains(ip("::ffff:203.0.113.9")), "mapped IPv4 counts");
+        assert!(!n.contains(ip("2001:db8::1")));
+        let one: IpNet = "127.0.0.2".parse().unwrap();
+        assert_eq!(one.to_string(), "127.0.0.2/32");
+        assert!(one.contains(ip("127.0.0.2")) && !one.contains(ip("127.0.0.1")));
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        let lo: IpNet = "[::1]/128".parse().unwrap();
+        assert!(lo.contains(ip("::1")));
+        let odd: IpNet = "10.0.0.0/9".parse().unwrap();
+        assert!(odd.contains(ip("10.127.255.255")) && !odd.contains(ip("10.128.0.0")));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("198.51.100.1")) && !all.contains(ip("::1")));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("example.com/24".parse::<IpNet>().is_err());
+        assert!("10.0.0.0/x".parse::<IpNet>().is_err());
+        assert!(allowed(&[], ip("192.0.2.1")));
+        assert!(!allowed(&[one], ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn scanners_are_recognised() {
+        assert!(is_scanner("friendly-scanner"));
+        assert!(is_scanner("SIPVicious 0.3.4"));
+        assert!(!is_scanner("Linphone/5.2.0 (belle-sip/5.2.0)"));
+        assert!(!is_scanner("baresip v1.0.0 (x86_64/linux)"));
+    }
+
+    #[test]
+    fn a_burst_then_the_rate_on_virtual_time() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(2, 5, 100);
+        let a = ip("192.0.2.1");
+        let answered = (0..20).filter(|_| l.allow(a, t0)).count();
+        assert_eq!(answered, 5, "the burst, and nothing more at one instant");
+        // Half a second later one more token (2 per second).
+        let t = t0 + Duration::from_millis(500);
+        assert!(l.allow(a, t));
+        assert!(!l.allow(a, t));
+        // Another source is not affected.
+        assert!(l.allow(ip("192.0.2.2"), t));
+        // Steady 2 per second for a minute: all allowed; 3 per second: a third dropped.
+        let mut ok = 0;
+        for i in 1..=120u64 {
+            if l.allow(a, t + Duration::from_millis(500 * i)) {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 120);
+        let t = t + Duration::from_secs(600);
+        let mut ok = 0;
+        for i in 1..=180u64 {
+            if l.allow(a, t + Duration::from_millis(1000 * i / 3)) {
+                ok += 1;
+            }
+        }
+        // 60 s at 2/s, plus the refilled burst of 5.
+        assert!((120..=126).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn a_monitor_pinging_every_few_seconds_is_never_limited() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(10, 40, 100);
+        for i in 0..10_000u64 {
+            assert!(l.allow(ip("198.51.100.9"), t0 + Duration::from_secs(2 * i)));
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_slash_64() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(1, 2, 100);
+        assert!(l.allow(ip("2001:db8:1:2::1"), t0));
+        assert!(l.allow(ip("2001:db8:1:2::ffff"), t0));
+        assert!(!l.allow(ip("2001:db8:1:2:abcd::9"), t0));
+        assert!(l.allow(ip("2001:db8:1:3::1"), t0));
+        // A mapped IPv4 peer is the IPv4 source.
+        assert!(l.allow(ip("192.0.2.7"), t0));
+        assert!(l.allow(ip("::ffff:192.0.2.7"), t0));
+        assert!(!l.allow(ip("192.0.2.7"), t0));
+    }
+
+    #[test]
+    fn rate_zero_is_no_limit() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(0, 0, 1);
+        assert!((0..1000).all(|_| l.allow(ip("192.0.2.1"), t0)));
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_a_crowd_shares_one_bucket() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(1, 3, 50);
+        for i in 0..50u32 {
+            assert!(l.allow(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), t0));
+        }
+        assert_eq!(l.tracked(), 50);
+        // The table is full of active sources: newcomers share the overflow bucket.
+        let newcomers = (0..100u32)
+            .filter(|i| l.allow(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)), t0))
+            .count();
+        assert_eq!(newcomers, 3);
+        assert_eq!(l.tracked(), 50);
+        // Known sources keep their own bucket meanwhile.
+        assert!(l.allow(IpAddr::V4(Ipv4Addr::from(0x0a00_0000)), t0));
+        // Once the crowd has been quiet long enough to refill, its entries are forgotten and a
+        // newcomer gets its own bucket again.
+        let later = t0 + Duration::from_secs(10);
+        assert!(l.allow(ip("203.0.113.1"), later));
+        assert!(l.tracked() <= 2, "{}", l.tracked());
+    }
+}
