@@ -243,18 +243,6 @@ impl CallRegistry {
     }
 }
 
-/// The local IP that routes to `remote` (no packet is sent: a UDP connect only picks a route).
-pub fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
-    let bind: SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0".parse().ok()?
-    } else {
-        "[::]:0".parse().ok()?
-    };
-    let s = std::net::UdpSocket::bind(bind).ok()?;
-    s.connect(SocketAddr::new(remote, 9)).ok()?;
-    s.local_addr().ok().map(|a| a.ip())
-}
-
 /// Everything a call needs that outlives it.
 #[derive(Clone)]
 pub struct CallContext {
@@ -427,7 +415,7 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
             let bound = port.socket.local_addr().ok()?.ip();
             (!bound.is_unspecified()).then_some(bound)
         })
-        .or_else(|| local_ip_for(offer.addr.ip()))
+        .or_else(|| crate::sip::transport::local_ip_towards(offer.addr.ip()))
         .unwrap_or(call.local.ip());
     let local_media = SocketAddr::new(ip, port.port);
     let session_id: u64 = rand::random::<u32>() as u64;
