@@ -1,0 +1,65 @@
+//! Server (and our own) resource use from /proc: CPU seconds (utime + stime), resident memory
+//! now and at peak, live threads.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcSample {
+    /// utime + stime, seconds.
+    pub cpu_seconds: f64,
+    /// VmRSS, KiB.
+    pub rss_kib: u64,
+    /// VmHWM (peak RSS), KiB.
+    pub hwm_kib: u64,
+    pub threads: u64,
+}
+
+/// Read `/proc/<pid>/stat` and `/proc/<pid>/status` (`pid` "self" works too).
+pub fn sample(pid: &str) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`, which may contain spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: plain sysconf query.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(ProcSample {
+        cpu_seconds: (utime + stime) as f64 / hz,
+        rss_kib: field("VmRSS:"),
+        hwm_kib: field("VmHWM:"),
+        threads: field("Threads:"),
+    })
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_process_reads() {
+        let s = sample("self").expect("/proc/self");
+        assert!(
+            s.rss_kib > 0 && s.hwm_kib >= s.rss_kib && s.threads >= 1,
+            "{s:?}"
+        );
+        assert_eq!(loadavg().split(' ').count(), 3);
+    }
+}
