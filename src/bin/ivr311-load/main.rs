@@ -100,6 +100,10 @@ struct Args {
     /// Prompts directory for --spawn-server.
     #[arg(long, default_value = "prompts")]
     prompts: PathBuf,
+    /// Run every ramp step even after one broke a target (the highest step that held is still
+    /// the last one before the first break).
+    #[arg(long)]
+    keep_going: bool,
     /// Print one JSON document to stdout (the tables go to stderr).
     #[arg(long)]
     json: bool,
@@ -277,6 +281,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             server: s0.zip(sample_server()),
             generator: g0.zip(procfs::sample("self")),
             loadavg: procfs::loadavg(),
+            server_idle_rss_kib: first_server.map(|s| s.rss_kib),
         };
         out(&r.table(&targets));
         let broken = !r.broken(&targets).is_empty();
@@ -284,9 +289,12 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         if p.check {
             if broken {
                 all_held = false;
-                break;
+                if !args.keep_going {
+                    break;
+                }
+            } else if all_held {
+                highest_held = Some(p.label.clone());
             }
-            highest_held = Some(p.label.clone());
         }
     }
 
@@ -313,6 +321,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         server: s0.zip(sample_server()),
         generator: g0.zip(procfs::sample("self")),
         loadavg: procfs::loadavg(),
+        server_idle_rss_kib: first_server.map(|s| s.rss_kib),
     };
     out(&drain.table(&targets));
     shared.exit.store(true, Ordering::Release);
@@ -334,6 +343,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         server: first_server.zip(sample_server()),
         generator: first_gen.zip(procfs::sample("self")),
         loadavg: procfs::loadavg(),
+        server_idle_rss_kib: first_server.map(|s| s.rss_kib),
     };
     out(&whole.table(&targets));
     let ramp = !args.ramp.is_empty();

@@ -12,6 +12,22 @@ pub struct ProcSample {
     /// VmHWM (peak RSS), KiB.
     pub hwm_kib: u64,
     pub threads: u64,
+    /// Time its threads spent runnable but waiting for a CPU (sum of the second field of
+    /// `/proc/<pid>/task/*/schedstat`), seconds. Threads that already exited are not counted.
+    pub run_delay_seconds: f64,
+}
+
+/// Sum of the run-queue wait of every live thread of `pid`, seconds.
+fn run_delay(pid: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = dir
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
 }
 
 /// Read `/proc/<pid>/stat` and `/proc/<pid>/status` (`pid` "self" works too).
@@ -38,6 +54,7 @@ pub fn sample(pid: &str) -> Option<ProcSample> {
         rss_kib: field("VmRSS:"),
         hwm_kib: field("VmHWM:"),
         threads: field("Threads:"),
+        run_delay_seconds: run_delay(pid),
     })
 }
 

@@ -138,6 +138,8 @@ pub struct StepReport {
     pub server: Option<(ProcSample, ProcSample)>,
     pub generator: Option<(ProcSample, ProcSample)>,
     pub loadavg: String,
+    /// The server's RSS before the first call, KiB.
+    pub server_idle_rss_kib: Option<u64>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -167,6 +169,23 @@ fn pct_line(h: &Hist) -> String {
         ms(h.max()),
         h.count()
     )
+}
+
+impl StepReport {
+    /// Server RSS beyond idle per call live at the end of the step, KiB.
+    fn rss_per_call_kib(&self) -> Option<f64> {
+        let idle = self.server_idle_rss_kib?;
+        let (_, now) = self.server.as_ref()?;
+        (self.live_at_end > 0).then(|| (now.rss_kib as f64 - idle as f64) / self.live_at_end as f64)
+    }
+}
+
+/// Run-queue wait over the step as % of one core's time (threads summed).
+fn wait_pct(a: &ProcSample, b: &ProcSample, seconds: f64) -> f64 {
+    if seconds <= 0.0 {
+        return 0.0;
+    }
+    100.0 * (b.run_delay_seconds - a.run_delay_seconds).max(0.0) / seconds
 }
 
 fn cpu_pct(a: &ProcSample, b: &ProcSample, seconds: f64) -> f64 {
@@ -236,6 +255,7 @@ impl StepReport {
                 "rss_kib": b.rss_kib,
                 "rss_peak_kib": b.hwm_kib,
                 "threads": b.threads,
+                "waited_for_cpu_percent": wait_pct(a, b, self.seconds),
             }),
             None => Value::Null,
         };
@@ -277,6 +297,8 @@ impl StepReport {
                 "press_to_response": pct(&s.press_to_response),
             },
             "server": proc_json(&self.server),
+            "server_idle_rss_kib": self.server_idle_rss_kib,
+            "server_rss_per_live_call_kib": self.rss_per_call_kib(),
             "generator": {
                 "process": proc_json(&self.generator),
                 "send_lag": pct(&s.send_lag),
@@ -320,18 +342,25 @@ impl StepReport {
             s.answered_before_end,
             s.digits_unanswered
         );
-        let proc_line = |p: &Option<(ProcSample, ProcSample)>| match p {
+        let proc_line = |p: &Option<(ProcSample, ProcSample)>| {
+            match p {
             Some((a, b)) => format!(
-                "CPU {:.1}% of one core ({:.2} s)  RSS {:.1} MiB (peak {:.1} MiB)  threads {}",
+                "CPU {:.1}% of one core ({:.2} s), waited for a CPU {:.1}%  RSS {:.1} MiB (peak {:.1} MiB)  threads {}",
                 cpu_pct(a, b, self.seconds),
                 b.cpu_seconds - a.cpu_seconds,
+                wait_pct(a, b, self.seconds),
                 b.rss_kib as f64 / 1024.0,
                 b.hwm_kib as f64 / 1024.0,
                 b.threads
             ),
             None => "(no --server-pid / --spawn-server)".into(),
+        }
         };
-        o += &format!("  server    {}\n", proc_line(&self.server));
+        let per_call = self
+            .rss_per_call_kib()
+            .map(|k| format!("  ({k:.1} KiB per live call over idle)"))
+            .unwrap_or_default();
+        o += &format!("  server    {}{per_call}\n", proc_line(&self.server));
         o += &format!(
             "  loadgen   {}  send lag p99 {:.2} ms max {:.2} ms  stalls {}\n",
             proc_line(&self.generator),
