@@ -240,7 +240,10 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     let run_start = Instant::now();
     let first_server = sample_server();
     let first_gen = procfs::sample("self");
+    let first_machine = procfs::machine();
     let mut all_held = true;
+    // (sum, samples) of the live-call count, sampled every 50 ms.
+    let mut whole_avg = (0u64, 0u64);
     let mut highest_held: Option<String> = None;
 
     let collect = |step_no: &mut u32| -> Stats {
@@ -267,8 +270,13 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             t.concurrent.store(c, Ordering::Relaxed);
         }
         let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
+        let m0 = procfs::machine();
+        let mut avg = (0u64, 0u64);
         while t0.elapsed().as_secs_f64() < p.seconds {
             std::thread::sleep(Duration::from_millis(50));
+            let live = shared.live();
+            avg = (avg.0 + live, avg.1 + 1);
+            whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
         }
         let stats = collect(&mut step_no);
         let seconds = t0.elapsed().as_secs_f64();
@@ -278,10 +286,12 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             seconds,
             stats,
             live_at_end: shared.live(),
+            avg_live: avg.0 as f64 / avg.1.max(1) as f64,
             server: s0.zip(sample_server()),
             generator: g0.zip(procfs::sample("self")),
             loadavg: procfs::loadavg(),
             server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+            machine: m0.zip(procfs::machine()),
         };
         out(&r.table(&targets));
         let broken = !r.broken(&targets).is_empty();
@@ -301,8 +311,13 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     // Drain: no new calls; let the calls in progress finish their script.
     shared.placing.store(false, Ordering::Release);
     let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
+    let m0 = procfs::machine();
+    let mut avg = (0u64, 0u64);
     while shared.live() > 0 && t0.elapsed().as_secs_f64() < args.drain_seconds {
         std::thread::sleep(Duration::from_millis(50));
+        let live = shared.live();
+        avg = (avg.0 + live, avg.1 + 1);
+        whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
     }
     if shared.live() > 0 {
         shared.abort.store(true, Ordering::Release);
@@ -312,14 +327,18 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         }
     }
     let stats = collect(&mut step_no);
+    // Sampled while the workers still run (an exited thread's run-queue wait is not counted).
+    let gen_end = procfs::sample("self");
     let drain = StepReport {
         index: reports.len() + 1,
         label: "drain (calls in progress finish, none placed)".into(),
+        machine: m0.zip(procfs::machine()),
         seconds: t0.elapsed().as_secs_f64(),
         stats,
         live_at_end: shared.live(),
+        avg_live: avg.0 as f64 / avg.1.max(1) as f64,
         server: s0.zip(sample_server()),
-        generator: g0.zip(procfs::sample("self")),
+        generator: g0.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
     };
@@ -337,11 +356,13 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     let whole = StepReport {
         index: 0,
         label: "whole run".into(),
+        machine: first_machine.zip(procfs::machine()),
         seconds: run_start.elapsed().as_secs_f64(),
         stats: total,
         live_at_end: shared.live(),
+        avg_live: whole_avg.0 as f64 / whole_avg.1.max(1) as f64,
         server: first_server.zip(sample_server()),
-        generator: first_gen.zip(procfs::sample("self")),
+        generator: first_gen.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
     };

@@ -58,6 +58,49 @@ pub fn sample(pid: &str) -> Option<ProcSample> {
     })
 }
 
+/// Machine-wide CPU time from the first line of /proc/stat, in clock ticks (all CPUs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineSample {
+    pub total: u64,
+    pub idle: u64,
+    /// Time in niced user processes (the other sessions' builds run niced).
+    pub nice: u64,
+    /// Time in softirq (on loopback, much of the packet delivery work).
+    pub softirq: u64,
+    pub cpus: u64,
+}
+
+pub fn machine() -> Option<MachineSample> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = stat.lines();
+    let f: Vec<u64> = lines
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let cpus = lines.filter(|l| l.starts_with("cpu")).count() as u64;
+    Some(MachineSample {
+        total: f.iter().take(8).sum(),
+        idle: f.get(3)? + f.get(4)?,
+        nice: *f.get(1)?,
+        softirq: *f.get(6)?,
+        cpus,
+    })
+}
+
+/// Between two samples: (busy, niced, softirq) as % of one core.
+pub fn machine_use(a: &MachineSample, b: &MachineSample) -> (f64, f64, f64) {
+    let total = b.total.saturating_sub(a.total).max(1) as f64;
+    let cores = b.cpus.max(1) as f64;
+    let pct = |x: u64| 100.0 * cores * x as f64 / total;
+    (
+        pct(b.total.saturating_sub(a.total) - b.idle.saturating_sub(a.idle)),
+        pct(b.nice.saturating_sub(a.nice)),
+        pct(b.softirq.saturating_sub(a.softirq)),
+    )
+}
+
 /// The 1-, 5- and 15-minute load averages.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

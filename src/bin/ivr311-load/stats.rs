@@ -2,7 +2,7 @@
 //! (human table and JSON).
 
 use crate::hist::Hist;
-use crate::procfs::ProcSample;
+use crate::procfs::{MachineSample, ProcSample};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -135,9 +135,13 @@ pub struct StepReport {
     pub seconds: f64,
     pub stats: Stats,
     pub live_at_end: u64,
+    /// Calls live on average over the step (sampled every 50 ms).
+    pub avg_live: f64,
     pub server: Option<(ProcSample, ProcSample)>,
     pub generator: Option<(ProcSample, ProcSample)>,
     pub loadavg: String,
+    /// Machine-wide CPU (/proc/stat) at the start and end of the step.
+    pub machine: Option<(MachineSample, MachineSample)>,
     /// The server's RSS before the first call, KiB.
     pub server_idle_rss_kib: Option<u64>,
 }
@@ -278,6 +282,7 @@ impl StepReport {
                 },
                 "server_byes_answered": s.server_byes_seen,
                 "live_at_end": self.live_at_end,
+                "live_average": self.avg_live,
             },
             "setup": pct(&s.setup),
             "pacing_deviation": pct(&s.pacing),
@@ -297,6 +302,10 @@ impl StepReport {
                 "press_to_response": pct(&s.press_to_response),
             },
             "server": proc_json(&self.server),
+            "server_cpu_percent_per_live_call": match &self.server {
+                Some((a, b)) if self.avg_live >= 1.0 => json!(cpu_pct(a, b, self.seconds) / self.avg_live),
+                _ => Value::Null,
+            },
             "server_idle_rss_kib": self.server_idle_rss_kib,
             "server_rss_per_live_call_kib": self.rss_per_call_kib(),
             "generator": {
@@ -304,6 +313,10 @@ impl StepReport {
                 "send_lag": pct(&s.send_lag),
                 "stalls_over_20ms": s.stalls,
             },
+            "machine": self.machine.map(|(a, b)| {
+                let (busy, nice, softirq) = crate::procfs::machine_use(&a, &b);
+                json!({"cpus": b.cpus, "busy_percent_of_one_core": busy, "niced_percent": nice, "softirq_percent": softirq})
+            }),
             "held": broken.is_empty(),
             "broken": broken,
         })
@@ -360,7 +373,18 @@ impl StepReport {
             .rss_per_call_kib()
             .map(|k| format!("  ({k:.1} KiB per live call over idle)"))
             .unwrap_or_default();
-        o += &format!("  server    {}{per_call}\n", proc_line(&self.server));
+        let cpu_per_call = match &self.server {
+            Some((a, b)) if self.avg_live >= 1.0 => format!(
+                "  {:.3}% of a core per live call (avg {:.0} live)",
+                cpu_pct(a, b, self.seconds) / self.avg_live,
+                self.avg_live
+            ),
+            _ => String::new(),
+        };
+        o += &format!(
+            "  server    {}{per_call}{cpu_per_call}\n",
+            proc_line(&self.server)
+        );
         o += &format!(
             "  loadgen   {}  send lag p99 {:.2} ms max {:.2} ms  stalls {}\n",
             proc_line(&self.generator),
@@ -368,6 +392,13 @@ impl StepReport {
             ms(s.send_lag.max()),
             s.stalls
         );
+        if let Some((a, b)) = &self.machine {
+            let (busy, nice, softirq) = crate::procfs::machine_use(a, b);
+            o += &format!(
+                "  machine   {} CPUs busy {:.0}% of one core: niced processes (other sessions' builds) {:.0}%, softirq {:.0}%\n",
+                b.cpus, busy, nice, softirq
+            );
+        }
         let broken = self.broken(t);
         if broken.is_empty() {
             o += "  targets   HELD (failed < 0.1%, pacing p99 < 2 ms, setup p99 < 20 ms, digit p99 < 60 ms)\n";
