@@ -374,8 +374,15 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             highest_held.as_deref().unwrap_or("none")
         ));
     }
+    let server_final = sample_server();
+    // Stop a spawned server first so its ticket count can go in the report.
+    let tickets_filed = server.take().and_then(spawn::Server::stop);
+    if let Some(n) = tickets_filed {
+        out(&format!("tickets filed (spawned server's database): {n}\n"));
+    }
     if args.json {
         let doc = serde_json::json!({
+            "tickets_filed": tickets_filed,
             "target": args.target.to_string(),
             "script": script.name,
             "keys": script.keys(),
@@ -385,12 +392,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             "total": whole.json(&targets),
             "highest_step_held": highest_held,
             "all_checked_steps_held": all_held,
-            "server_peak": sample_server().map(|s: ProcSample| serde_json::json!({"rss_peak_kib": s.hwm_kib})),
+            "server_peak": server_final.map(|s: ProcSample| serde_json::json!({"rss_peak_kib": s.hwm_kib})),
         });
         println!("{doc}");
-    }
-    if let Some(s) = server {
-        s.stop();
     }
     Ok(all_held)
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub struct Server {
     child: Child,
+    bin: PathBuf,
     pub sip: SocketAddr,
     dir: PathBuf,
 }
@@ -71,7 +72,12 @@ impl Server {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut s = Server { child, sip, dir };
+        let mut s = Server {
+            child,
+            bin: bin.clone(),
+            sip,
+            dir,
+        };
         let t = Instant::now();
         while TcpStream::connect(http).is_err() {
             if let Ok(Some(status)) = s.child.try_wait() {
@@ -100,20 +106,32 @@ impl Server {
         self.child.id()
     }
 
-    /// SIGTERM, then SIGKILL after 5 s; remove the temporary files.
-    pub fn stop(mut self) {
+    /// SIGTERM, then SIGKILL after 5 s; count the tickets filed (with `ivr311 tickets list`);
+    /// remove the temporary files.
+    pub fn stop(mut self) -> Option<usize> {
+        self.terminate();
+        let out = Command::new(&self.bin)
+            .args(["tickets", "list", "--json", "--limit", "4000000000", "--db"])
+            .arg(self.dir.join("tickets.db"))
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array().map(Vec::len)
+    }
+
+    fn terminate(&mut self) {
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_dir_all(&self.dir);
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
