@@ -1,0 +1,445 @@
+//! `ivr311-load`: a load generator for SIP IVRs that sends full media and measures on the
+//! receiving side (issue 7's harness). See the README section "Load harness".
+//!
+//! It places calls over UDP SIP (`sip:311@target`), streams G.711 at 50 packets/s for the whole
+//! call, presses RFC 4733 keys from a script, hangs up, and reports per step: failed calls by
+//! reason, setup latency, the server's RTP pacing as received (kernel timestamps), digit to
+//! response latency, and the server's CPU and memory from /proc.
+//!
+//! Layout: `script` (what a caller does, as data), `worker` (the per-thread call loop),
+//! `net` (recvmsg timestamps, epoll, timerfd), `hist` (fixed histograms), `stats` (counts,
+//! targets, report), `procfs` (/proc readings), `spawn` (`--spawn-server`).
+
+mod hist;
+mod net;
+mod procfs;
+mod script;
+mod spawn;
+mod stats;
+mod worker;
+
+use clap::{Parser, ValueEnum};
+use procfs::ProcSample;
+use script::Script;
+use stats::{Stats, StepReport, Targets};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use worker::{Shared, Worker};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScriptName {
+    /// Digit 1 at 1.5 s, digit 1 again at 3.5 s, hang up at 8 s (the Asterisk reference call).
+    Asterisk,
+    /// File a ticket (`--service`, default pothole) along the menu's keys, then hang up.
+    Pothole,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ivr311-load",
+    about = "Full-media SIP IVR load generator: places calls, streams G.711, presses RFC 4733 keys, measures the server"
+)]
+struct Args {
+    /// SIP server (UDP).
+    #[arg(long, default_value = "127.0.0.1:5060")]
+    target: SocketAddr,
+    /// What each caller does.
+    #[arg(long, value_enum, default_value = "asterisk")]
+    script: ScriptName,
+    /// Menu file the pothole script reads its keys from (and `--spawn-server` serves).
+    #[arg(long, default_value = "menus/311.yaml")]
+    menu: PathBuf,
+    /// Ticket service the pothole script files.
+    #[arg(long, default_value = "pothole")]
+    service: String,
+    /// Pothole script: ms to listen to the ticket read-back before hanging up.
+    #[arg(long, default_value_t = 5000)]
+    listen_ms: u32,
+    /// Hang up this many ms after the answer instead of where the script says.
+    #[arg(long)]
+    hangup_at_ms: Option<u32>,
+    /// Place this many calls (with --rate).
+    #[arg(long)]
+    calls: Option<u64>,
+    /// New calls per second (with --calls: the offered rate; with --concurrent/--ramp: a cap,
+    /// default 400).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Keep this many calls up, replacing each one that ends, for --duration seconds.
+    #[arg(long)]
+    concurrent: Option<u64>,
+    /// Concurrency steps, e.g. 500,1000,2000,3000; stops at the first step that breaks a target.
+    #[arg(long, value_delimiter = ',')]
+    ramp: Vec<u64>,
+    /// Length of each ramp step, and of each report while --calls runs.
+    #[arg(long, default_value_t = 30.0)]
+    step_seconds: f64,
+    /// Length of a --concurrent run (default: --step-seconds).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Worker threads (each with its own SIP socket and share of the calls).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Longest wait for calls in progress at the end (timers B/F are 32 s).
+    #[arg(long, default_value_t = 45.0)]
+    drain_seconds: f64,
+    /// Server process to sample from /proc each step.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Start the server binary with a temporary database, free ports and --menu, and stop it
+    /// at the end (overrides --target).
+    #[arg(long)]
+    spawn_server: bool,
+    /// The server binary for --spawn-server (default: `ivr311` next to this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Prompts directory for --spawn-server.
+    #[arg(long, default_value = "prompts")]
+    prompts: PathBuf,
+    /// Run every ramp step even after one broke a target (the highest step that held is still
+    /// the last one before the first break).
+    #[arg(long)]
+    keep_going: bool,
+    /// Print one JSON document to stdout (the tables go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("ivr311-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A step of the plan.
+struct Plan {
+    label: String,
+    seconds: f64,
+    /// Total concurrency target (None: rate mode, no cap).
+    concurrent: Option<u64>,
+    /// Check the targets and stop the ramp when broken.
+    check: bool,
+}
+
+fn build_script(args: &Args) -> anyhow::Result<Script> {
+    let s = match args.script {
+        ScriptName::Asterisk => Script::asterisk(),
+        ScriptName::Pothole => {
+            let text = std::fs::read_to_string(&args.menu)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.menu.display()))?;
+            let menu = ivr311::menu::schema::parse(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}:{}: {}",
+                    args.menu.display(),
+                    e.line,
+                    e.column,
+                    e.message
+                )
+            })?;
+            Script::pothole(&menu, &args.service, args.listen_ms)?
+        }
+    };
+    let s = match args.hangup_at_ms {
+        Some(ms) => s.with_hangup_at(ms),
+        None => s,
+    };
+    s.check()?;
+    Ok(s)
+}
+
+/// Returns whether every checked step held.
+fn run(mut args: Args) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    let script = Arc::new(build_script(&args)?);
+    let nofile = net::raise_nofile();
+    let mut server = None;
+    if args.spawn_server {
+        let s = spawn::Server::start(&args.server_bin, &args.menu, &args.prompts)?;
+        args.target = s.sip;
+        args.server_pid = Some(s.pid());
+        server = Some(s);
+    }
+    let plans = plan(&args)?;
+    let calls_total = args.calls;
+    let rate_total = match (args.calls, args.rate) {
+        (Some(_), Some(r)) => r,
+        (Some(_), None) => anyhow::bail!("--calls needs --rate"),
+        (None, r) => r.unwrap_or(400.0),
+    };
+    let local_ip = {
+        let probe = UdpSocket::bind(("0.0.0.0", 0))?;
+        probe.connect(args.target)?;
+        probe.local_addr()?.ip()
+    };
+    let out = |s: &str| {
+        if args.json {
+            eprint!("{s}");
+        } else {
+            print!("{s}");
+        }
+    };
+    out(&format!(
+        "ivr311-load: target {} script {} (keys {}, {} responses expected per call), {} thread(s), local {}, open files {}\n",
+        args.target,
+        script.name,
+        script.keys(),
+        script.responses_expected(),
+        args.threads,
+        local_ip,
+        nofile
+    ));
+
+    let shared = Arc::new(Shared::new(args.threads));
+    let (tx, rx) = mpsc::channel();
+    let run_id: u32 = rand::random();
+    let mut handles = Vec::new();
+    for id in 0..args.threads {
+        let share = |total: u64| {
+            total / args.threads as u64 + u64::from((id as u64) < total % args.threads as u64)
+        };
+        let cfg = worker::Config {
+            id,
+            target: args.target,
+            local_ip,
+            script: script.clone(),
+            rate: rate_total / args.threads as f64,
+            calls: calls_total.map(share),
+            run: run_id,
+        };
+        let w = Worker::new(cfg, shared.clone(), tx.clone())?;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("load-{id}"))
+                .spawn(move || w.run())?,
+        );
+    }
+    drop(tx);
+
+    let targets = Targets::default();
+    let server_pid = args.server_pid.map(|p| p.to_string());
+    let sample_server = || server_pid.as_deref().and_then(procfs::sample);
+    let mut reports: Vec<StepReport> = Vec::new();
+    let mut step_no: u32 = 0;
+    let run_start = Instant::now();
+    let first_server = sample_server();
+    let first_gen = procfs::sample("self");
+    let first_machine = procfs::machine();
+    let mut all_held = true;
+    // (sum, samples) of the live-call count, sampled every 50 ms.
+    let mut whole_avg = (0u64, 0u64);
+    let mut highest_held: Option<String> = None;
+
+    let collect = |step_no: &mut u32| -> Stats {
+        *step_no += 1;
+        shared.step.store(*step_no, Ordering::Release);
+        let mut total = Stats::default();
+        for _ in 0..args.threads {
+            if let Ok((_, _, s)) = rx.recv_timeout(Duration::from_secs(10)) {
+                total.merge(&s);
+            }
+        }
+        total
+    };
+
+    shared.placing.store(true, Ordering::Release);
+    for (i, p) in plans.iter().enumerate() {
+        for (id, t) in shared.threads.iter().enumerate() {
+            let c = match p.concurrent {
+                Some(c) => {
+                    c / args.threads as u64 + u64::from((id as u64) < c % args.threads as u64)
+                }
+                None => u64::MAX,
+            };
+            t.concurrent.store(c, Ordering::Relaxed);
+        }
+        let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
+        let m0 = procfs::machine();
+        let mut avg = (0u64, 0u64);
+        while t0.elapsed().as_secs_f64() < p.seconds {
+            std::thread::sleep(Duration::from_millis(50));
+            let live = shared.live();
+            avg = (avg.0 + live, avg.1 + 1);
+            whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
+        }
+        let stats = collect(&mut step_no);
+        let seconds = t0.elapsed().as_secs_f64();
+        let r = StepReport {
+            index: i + 1,
+            label: p.label.clone(),
+            seconds,
+            stats,
+            live_at_end: shared.live(),
+            avg_live: avg.0 as f64 / avg.1.max(1) as f64,
+            server: s0.zip(sample_server()),
+            generator: g0.zip(procfs::sample("self")),
+            loadavg: procfs::loadavg(),
+            server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+            machine: m0.zip(procfs::machine()),
+        };
+        out(&r.table(&targets));
+        let broken = !r.broken(&targets).is_empty();
+        reports.push(r);
+        if p.check {
+            if broken {
+                all_held = false;
+                if !args.keep_going {
+                    break;
+                }
+            } else if all_held {
+                highest_held = Some(p.label.clone());
+            }
+        }
+    }
+
+    // Drain: no new calls; let the calls in progress finish their script.
+    shared.placing.store(false, Ordering::Release);
+    let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
+    let m0 = procfs::machine();
+    let mut avg = (0u64, 0u64);
+    while shared.live() > 0 && t0.elapsed().as_secs_f64() < args.drain_seconds {
+        std::thread::sleep(Duration::from_millis(50));
+        let live = shared.live();
+        avg = (avg.0 + live, avg.1 + 1);
+        whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
+    }
+    if shared.live() > 0 {
+        shared.abort.store(true, Ordering::Release);
+        let t = Instant::now();
+        while shared.live() > 0 && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let stats = collect(&mut step_no);
+    // Sampled while the workers still run (an exited thread's run-queue wait is not counted).
+    let gen_end = procfs::sample("self");
+    let drain = StepReport {
+        index: reports.len() + 1,
+        label: "drain (calls in progress finish, none placed)".into(),
+        machine: m0.zip(procfs::machine()),
+        seconds: t0.elapsed().as_secs_f64(),
+        stats,
+        live_at_end: shared.live(),
+        avg_live: avg.0 as f64 / avg.1.max(1) as f64,
+        server: s0.zip(sample_server()),
+        generator: g0.zip(gen_end),
+        loadavg: procfs::loadavg(),
+        server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+    };
+    out(&drain.table(&targets));
+    shared.exit.store(true, Ordering::Release);
+    for h in handles {
+        let _ = h.join();
+    }
+
+    // The whole run in one report.
+    let mut total = Stats::default();
+    for r in reports.iter().chain(std::iter::once(&drain)) {
+        total.merge(&r.stats);
+    }
+    let whole = StepReport {
+        index: 0,
+        label: "whole run".into(),
+        machine: first_machine.zip(procfs::machine()),
+        seconds: run_start.elapsed().as_secs_f64(),
+        stats: total,
+        live_at_end: shared.live(),
+        avg_live: whole_avg.0 as f64 / whole_avg.1.max(1) as f64,
+        server: first_server.zip(sample_server()),
+        generator: first_gen.zip(gen_end),
+        loadavg: procfs::loadavg(),
+        server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+    };
+    out(&whole.table(&targets));
+    let ramp = !args.ramp.is_empty();
+    if ramp {
+        out(&format!(
+            "highest step that held: {}\n",
+            highest_held.as_deref().unwrap_or("none")
+        ));
+    }
+    let server_final = sample_server();
+    // Stop a spawned server first so its ticket count can go in the report.
+    let tickets_filed = server.take().and_then(spawn::Server::stop);
+    if let Some(n) = tickets_filed {
+        out(&format!("tickets filed (spawned server's database): {n}\n"));
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "tickets_filed": tickets_filed,
+            "target": args.target.to_string(),
+            "script": script.name,
+            "keys": script.keys(),
+            "threads": args.threads,
+            "steps": reports.iter().map(|r| r.json(&targets)).collect::<Vec<_>>(),
+            "drain": drain.json(&targets),
+            "total": whole.json(&targets),
+            "highest_step_held": highest_held,
+            "all_checked_steps_held": all_held,
+            "server_peak": server_final.map(|s: ProcSample| serde_json::json!({"rss_peak_kib": s.hwm_kib})),
+        });
+        println!("{doc}");
+    }
+    Ok(all_held)
+}
+
+fn plan(args: &Args) -> anyhow::Result<Vec<Plan>> {
+    let modes = usize::from(args.calls.is_some())
+        + usize::from(args.concurrent.is_some())
+        + usize::from(!args.ramp.is_empty());
+    anyhow::ensure!(
+        modes == 1,
+        "give exactly one of --calls N --rate R, --concurrent C, --ramp C1,C2,..."
+    );
+    if let Some(n) = args.calls {
+        let rate = args.rate.unwrap_or(0.0);
+        anyhow::ensure!(rate > 0.0, "--calls needs --rate > 0");
+        let placing = n as f64 / rate;
+        let steps = (placing / args.step_seconds).ceil().max(1.0) as usize;
+        return Ok((0..steps)
+            .map(|i| {
+                let left = placing - i as f64 * args.step_seconds;
+                Plan {
+                    label: format!("{n} calls at {rate}/s ({}/{})", i + 1, steps),
+                    seconds: left.min(args.step_seconds),
+                    concurrent: None,
+                    check: false,
+                }
+            })
+            .collect());
+    }
+    if let Some(c) = args.concurrent {
+        return Ok(vec![Plan {
+            label: format!("{c} concurrent"),
+            seconds: args.duration.unwrap_or(args.step_seconds),
+            concurrent: Some(c),
+            check: false,
+        }]);
+    }
+    Ok(args
+        .ramp
+        .iter()
+        .map(|c| Plan {
+            label: format!("{c} concurrent"),
+            seconds: args.step_seconds,
+            concurrent: Some(*c),
+            check: true,
+        })
+        .collect())
+}

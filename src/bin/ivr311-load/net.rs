@@ -1,0 +1,199 @@
+//! The few Linux calls std does not offer: kernel receive timestamps (`SO_TIMESTAMPNS` read
+//! with `recvmsg`), epoll, a 1 ms timerfd, and the realtime clock the kernel stamps with.
+//!
+//! Why kernel timestamps: the generator runs on the same two cores as the server, so the time
+//! at which our thread gets to read a packet includes our own scheduling delay. The kernel
+//! stamps each datagram when it is queued on our socket, which on loopback is the moment the
+//! server's `sendto` ran; pacing and latency figures use that stamp.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// CLOCK_REALTIME in ns (the clock `SO_TIMESTAMPNS` uses).
+pub fn realtime_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    timespec_ns(&ts)
+}
+
+// The casts are no-ops on 64-bit Linux, not on 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
+fn timespec_ns(ts: &libc::timespec) -> i64 {
+    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+}
+
+/// Ask the kernel to stamp every datagram received on `fd`.
+pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: valid fd, option value points to a c_int of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Room for the SCM_TIMESTAMPNS control message (aligned).
+pub type CmsgBuf = [u64; 8];
+
+/// Receive one datagram without blocking. Returns its length and the kernel receive time
+/// (realtime ns), or 0 as the time when the kernel gave none.
+pub fn recv_stamped(fd: RawFd, buf: &mut [u8], cmsg: &mut CmsgBuf) -> io::Result<(usize, i64)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; we point it at live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(cmsg) as _;
+    // SAFETY: msg points at buffers that outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = 0i64;
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                stamp = timespec_ns(&ts);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
+/// A level-triggered epoll set.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours and open.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watch `fd` for input; `token` comes back with its events. Closing the fd removes it.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: valid fds and event struct.
+        let r = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Wait up to `timeout_ms` (-1: forever); returns how many events were written.
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+        // SAFETY: events is a valid writable array of the given length.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(n as usize)
+    }
+}
+
+/// A monotonic timerfd firing every millisecond (the worker's tick).
+pub struct Ticker {
+    fd: OwnedFd,
+}
+
+impl Ticker {
+    pub fn every_ms() -> io::Result<Ticker> {
+        // SAFETY: plain syscalls on a fd we own.
+        unsafe {
+            let fd = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let ms = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            };
+            let spec = libc::itimerspec {
+                it_interval: ms,
+                it_value: ms,
+            };
+            if libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Ticker { fd })
+        }
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Clear the expirations (so level-triggered epoll stops reporting it).
+    pub fn clear(&self) {
+        let mut n = [0u8; 8];
+        // SAFETY: reading 8 bytes into an 8-byte buffer.
+        unsafe { libc::read(self.fd.as_raw_fd(), n.as_mut_ptr() as *mut libc::c_void, 8) };
+    }
+}
+
+/// Raise the open-files soft limit to the hard limit (one RTP socket per call).
+pub fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then the same struct back in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let n = r.rlim_cur as u64;
+    n
+}

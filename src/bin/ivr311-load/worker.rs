@@ -1,0 +1,946 @@
+//! One worker thread: a share of the calls, one SIP socket, one RTP socket per call, one epoll
+//! set and a 1 ms timerfd.
+//!
+//! Every call sits in one of 20 one-millisecond slots of a wheel (its phase inside the 20 ms
+//! packet period, fixed when it is placed). Each millisecond the worker visits that slot's
+//! calls once: send this period's RTP packet (audio, or a DTMF event packet), run the script,
+//! retransmit INVITE/BYE per RFC 3261 timers A/E. Receiving is epoll-driven (level-triggered,
+//! one datagram per ready socket per wake-up) and every datagram carries its kernel receive
+//! stamp. Nothing on the per-packet path allocates: packets are written into one buffer, the
+//! histograms are fixed arrays, calls are found by the slot index in their epoll token.
+
+use crate::net::{self, CmsgBuf, Epoll, Ticker};
+use crate::script::{Action, At, Script};
+use crate::stats::{Failure, Stats};
+use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
+use ivr311::media::g711::Codec;
+use ivr311::media::rtp::RtpStream;
+use ivr311::sip::message::{parse_datagram, Message, Request, Response, ResponseBuilder};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// RFC 3261 T1 and T2, ms.
+const T1_MS: u64 = 500;
+const T2_MS: u64 = 4000;
+/// Timers B and F: 64·T1.
+const TIMER_B_MS: u64 = 64 * T1_MS;
+/// The packet period.
+const PERIOD_MS: u64 = 20;
+const SAMPLES: u32 = 160;
+/// A key is held for this many packets (100 ms) ...
+const HOLD_PACKETS: u64 = 5;
+/// ... then ended with this many End packets, one per period, same timestamp and duration.
+const END_PACKETS: u64 = 3;
+/// A key that expects a response and gets none within this is counted unanswered.
+const RESPONSE_TIMEOUT_MS: u64 = 3000;
+
+const SIP_TOKEN: u64 = u64::MAX;
+const TICK_TOKEN: u64 = u64::MAX - 1;
+
+/// What the main thread and the workers share.
+pub struct Shared {
+    /// Bumped by the main thread at each step boundary; each worker then sends its counts.
+    pub step: AtomicU32,
+    /// Place new calls.
+    pub placing: AtomicBool,
+    /// Drain timed out: end every call now.
+    pub abort: AtomicBool,
+    /// Stop the thread (after the last step was collected).
+    pub exit: AtomicBool,
+    pub threads: Vec<PerThread>,
+}
+
+#[derive(Default)]
+pub struct PerThread {
+    /// Calls this thread keeps up (u64::MAX: no limit, rate mode).
+    pub concurrent: AtomicU64,
+    pub live: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(threads: usize) -> Shared {
+        Shared {
+            step: AtomicU32::new(0),
+            placing: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            exit: AtomicBool::new(false),
+            threads: (0..threads).map(|_| PerThread::default()).collect(),
+        }
+    }
+
+    pub fn live(&self) -> u64 {
+        self.threads
+            .iter()
+            .map(|t| t.live.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+pub struct Config {
+    pub id: usize,
+    pub target: SocketAddr,
+    pub local_ip: IpAddr,
+    pub script: Arc<Script>,
+    /// New calls per second from this thread (0: no cap).
+    pub rate: f64,
+    /// Calls this thread places in all (None: no limit).
+    pub calls: Option<u64>,
+    /// Distinguishes this run's Call-IDs.
+    pub run: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Inviting,
+    Up,
+    Ending,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Digit {
+    /// Period index of the start packet.
+    k0: u64,
+    /// RTP timestamp of the event (its start).
+    ts: u32,
+    event: u8,
+    expect: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Await {
+    start_rt: i64,
+    end_rt: Option<i64>,
+    deadline_ms: u64,
+}
+
+struct Call {
+    gen: u32,
+    bucket: usize,
+    pos: usize,
+    phase: Phase,
+    call_id: String,
+    from_tag: String,
+    to_tag: String,
+    remote_uri: String,
+    invite: Vec<u8>,
+    bye: Vec<u8>,
+    invite_rt: i64,
+    retrans_ms: u64,
+    interval_ms: u64,
+    deadline_ms: u64,
+    provisional: bool,
+    outcome: Option<Failure>,
+    sock: UdpSocket,
+    codec: Codec,
+    pt: u8,
+    te_pt: u8,
+    rtp: RtpStream,
+    ts0: u32,
+    media_start_ms: u64,
+    last_k: Option<u64>,
+    marker_next: bool,
+    step: usize,
+    next_step_ms: Option<u64>,
+    digit: Option<Digit>,
+    awaiting: Option<Await>,
+    rx: u64,
+    last_rx_ns: i64,
+    last_seq: u16,
+}
+
+/// Sockets, buffers and counters (kept apart from the calls so both can be borrowed at once).
+struct Io {
+    target: SocketAddr,
+    sip: UdpSocket,
+    sip_local: SocketAddr,
+    stats: Stats,
+    pkt: [u8; 256],
+    rx: Box<[u8; 65536]>,
+    cmsg: CmsgBuf,
+    /// 50 frames (1 s) of a quiet 440 Hz tone in each law, sent in turn.
+    audio: [Vec<[u8; 160]>; 2],
+}
+
+pub struct Worker {
+    cfg: Config,
+    shared: Arc<Shared>,
+    tx: Sender<(usize, u32, Stats)>,
+    io: Io,
+    epoll: Epoll,
+    ticker: Ticker,
+    calls: Vec<Option<Box<Call>>>,
+    gens: Vec<u32>,
+    free: Vec<usize>,
+    buckets: [Vec<usize>; PERIOD_MS as usize],
+    epoch: Instant,
+    done_ms: u64,
+    live: u64,
+    placed: u64,
+    next_place_ms: f64,
+    step: u32,
+}
+
+fn tone(codec: Codec) -> Vec<[u8; 160]> {
+    (0..50)
+        .map(|f| {
+            let pcm: Vec<i16> = (0..160)
+                .map(|i| {
+                    let t = (f * 160 + i) as f32 / 8000.0;
+                    ((t * std::f32::consts::TAU * 440.0).sin() * 1500.0) as i16
+                })
+                .collect();
+            let mut out = [0u8; 160];
+            codec.encode(&pcm, &mut out);
+            out
+        })
+        .collect()
+}
+
+fn law(c: Codec) -> usize {
+    match c {
+        Codec::Pcmu => 0,
+        Codec::Pcma => 1,
+    }
+}
+
+impl Worker {
+    pub fn new(
+        cfg: Config,
+        shared: Arc<Shared>,
+        tx: Sender<(usize, u32, Stats)>,
+    ) -> std::io::Result<Worker> {
+        let sip = UdpSocket::bind((cfg.local_ip, 0))?;
+        sip.set_nonblocking(true)?;
+        net::enable_rx_timestamps(sip.as_raw_fd())?;
+        let sip_local = sip.local_addr()?;
+        let epoll = Epoll::new()?;
+        epoll.add(sip.as_raw_fd(), SIP_TOKEN)?;
+        let ticker = Ticker::every_ms()?;
+        epoll.add(ticker.raw(), TICK_TOKEN)?;
+        let step = shared.step.load(Ordering::Acquire);
+        Ok(Worker {
+            io: Io {
+                target: cfg.target,
+                sip,
+                sip_local,
+                stats: Stats::default(),
+                pkt: [0; 256],
+                rx: Box::new([0; 65536]),
+                cmsg: [0; 8],
+                audio: [tone(Codec::Pcmu), tone(Codec::Pcma)],
+            },
+            cfg,
+            shared,
+            tx,
+            epoll,
+            ticker,
+            calls: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            buckets: Default::default(),
+            epoch: Instant::now(),
+            done_ms: 0,
+            live: 0,
+            placed: 0,
+            next_place_ms: 0.0,
+            step,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn run(mut self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        loop {
+            let step = self.shared.step.load(Ordering::Acquire);
+            if step != self.step {
+                let stats = std::mem::take(&mut self.io.stats);
+                let _ = self.tx.send((self.cfg.id, self.step, stats));
+                self.step = step;
+            }
+            if self.shared.exit.load(Ordering::Acquire) {
+                return;
+            }
+            if self.shared.abort.load(Ordering::Acquire) && self.live > 0 {
+                self.abort_all();
+            }
+            let now_ms = self.now_ms();
+            self.place(now_ms);
+            self.run_wheel(now_ms);
+            let n = match self.epoll.wait(&mut events, 50) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed; worker stops");
+                    return;
+                }
+            };
+            let now_ms = self.now_ms();
+            for ev in &events[..n] {
+                let token = ev.u64;
+                match token {
+                    TICK_TOKEN => self.ticker.clear(),
+                    SIP_TOKEN => self.recv_sip(now_ms),
+                    t => self.recv_rtp(t, now_ms),
+                }
+            }
+        }
+    }
+
+    fn set_live(&self) {
+        self.shared.threads[self.cfg.id]
+            .live
+            .store(self.live, Ordering::Relaxed);
+    }
+
+    fn place(&mut self, now_ms: u64) {
+        if !self.shared.placing.load(Ordering::Relaxed) {
+            return;
+        }
+        let target = self.shared.threads[self.cfg.id]
+            .concurrent
+            .load(Ordering::Relaxed);
+        let now = now_ms as f64;
+        loop {
+            if self.live >= target || self.cfg.calls.is_some_and(|n| self.placed >= n) {
+                return;
+            }
+            if self.cfg.rate > 0.0 {
+                if now < self.next_place_ms {
+                    return;
+                }
+                // Never make up for more than 100 ms of lost placements in one burst.
+                self.next_place_ms = self.next_place_ms.max(now - 100.0) + 1000.0 / self.cfg.rate;
+            }
+            self.place_call(now_ms);
+        }
+    }
+
+    fn place_call(&mut self, now_ms: u64) {
+        self.placed += 1;
+        self.io.stats.placed += 1;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.calls.push(None);
+                self.gens.push(0);
+                self.calls.len() - 1
+            }
+        };
+        self.gens[slot] = self.gens[slot].wrapping_add(1).max(1);
+        let gen = self.gens[slot];
+        let sock = match self.rtp_socket(slot, gen) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open an RTP socket; call not placed");
+                self.io.stats.fail(Failure::No200);
+                self.free.push(slot);
+                return;
+            }
+        };
+        let rtp_addr = sock
+            .local_addr()
+            .unwrap_or(SocketAddr::new(self.cfg.local_ip, 0));
+        let call_id = format!(
+            "{:08x}-{}-{}-{}@ivr311-load",
+            self.cfg.run, self.cfg.id, slot, gen
+        );
+        let from_tag = format!("{:x}", rand::random::<u64>());
+        let invite = self.invite(&call_id, &from_tag, rtp_addr, slot);
+        let rtp = RtpStream::new();
+        let ts0 = rtp.timestamp();
+        let bucket = (now_ms % PERIOD_MS) as usize;
+        let pos = self.buckets[bucket].len();
+        self.buckets[bucket].push(slot);
+        let mut call = Box::new(Call {
+            gen,
+            bucket,
+            pos,
+            phase: Phase::Inviting,
+            call_id,
+            from_tag,
+            to_tag: String::new(),
+            remote_uri: format!("sip:311@{}", self.cfg.target),
+            invite,
+            bye: Vec::new(),
+            invite_rt: 0,
+            retrans_ms: now_ms + T1_MS,
+            interval_ms: T1_MS,
+            deadline_ms: now_ms + TIMER_B_MS,
+            provisional: false,
+            outcome: None,
+            sock,
+            codec: Codec::Pcma,
+            pt: 8,
+            te_pt: 101,
+            rtp,
+            ts0,
+            media_start_ms: 0,
+            last_k: None,
+            marker_next: true,
+            step: 0,
+            next_step_ms: None,
+            digit: None,
+            awaiting: None,
+            rx: 0,
+            last_rx_ns: 0,
+            last_seq: 0,
+        });
+        call.invite_rt = net::realtime_ns();
+        self.io.send_sip(&call.invite);
+        self.calls[slot] = Some(call);
+        self.live += 1;
+        self.set_live();
+    }
+
+    fn rtp_socket(&self, slot: usize, gen: u32) -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
+        s.set_nonblocking(true)?;
+        net::enable_rx_timestamps(s.as_raw_fd())?;
+        self.epoll
+            .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
+        Ok(s)
+    }
+
+    fn invite(&self, call_id: &str, tag: &str, rtp: SocketAddr, slot: usize) -> Vec<u8> {
+        let ip = rtp.ip();
+        let sdp = format!(
+            "v=0\r\no=ivr311-load {slot} 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+m=audio {port} RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n",
+            port = rtp.port()
+        );
+        let me = self.io.sip_local;
+        format!(
+            "INVITE sip:311@{srv} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {me};branch=z9hG4bK{call_id_hash:x}i;rport\r\n\
+Max-Forwards: 70\r\n\
+From: \"ivr311-load\" <sip:+1555{num:07}@{ip}>;tag={tag}\r\n\
+To: <sip:311@{srv}>\r\n\
+Call-ID: {call_id}\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:load@{me}>\r\n\
+User-Agent: ivr311-load\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: {len}\r\n\r\n{sdp}",
+            srv = self.cfg.target,
+            call_id_hash = rand::random::<u64>(),
+            num = slot % 10_000_000,
+            ip = me.ip(),
+            len = sdp.len(),
+        )
+        .into_bytes()
+    }
+
+    fn run_wheel(&mut self, now_ms: u64) {
+        if now_ms <= self.done_ms {
+            return;
+        }
+        let from = self.done_ms + 1;
+        let start = if now_ms - from >= PERIOD_MS {
+            self.io.stats.stalls += 1;
+            now_ms + 1 - PERIOD_MS
+        } else {
+            from
+        };
+        let real_us = self.epoch.elapsed().as_micros() as u64;
+        for m in start..=now_ms {
+            self.io
+                .stats
+                .send_lag
+                .record(real_us.saturating_sub(m * 1000));
+            let b = (m % PERIOD_MS) as usize;
+            let mut i = 0;
+            while i < self.buckets[b].len() {
+                let slot = self.buckets[b][i];
+                let finished = match self.calls[slot].as_mut() {
+                    Some(call) => visit(&mut self.io, &self.cfg.script, call, m),
+                    None => true,
+                };
+                if finished {
+                    self.finish(slot);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.done_ms = now_ms;
+    }
+
+    /// Take a call out: count its outcome, free its slot (closing its socket).
+    fn finish(&mut self, slot: usize) {
+        let Some(call) = self.calls[slot].take() else {
+            return;
+        };
+        let bucket = &mut self.buckets[call.bucket];
+        bucket.swap_remove(call.pos);
+        if let Some(&moved) = bucket.get(call.pos) {
+            if let Some(c) = self.calls[moved].as_mut() {
+                c.pos = call.pos;
+            }
+        }
+        match call.outcome {
+            Some(f) => self.io.stats.fail(f),
+            None if call.rx == 0 => self.io.stats.fail(Failure::NoRtp),
+            None => self.io.stats.ok += 1,
+        }
+        self.free.push(slot);
+        self.live -= 1;
+        self.set_live();
+    }
+
+    fn abort_all(&mut self) {
+        for slot in 0..self.calls.len() {
+            if let Some(call) = self.calls[slot].as_mut() {
+                match call.phase {
+                    Phase::Inviting => call.outcome = Some(Failure::No200),
+                    Phase::Ending => call.outcome = Some(Failure::ByeUnanswered),
+                    Phase::Up => {
+                        let bye = bye_bytes(&self.io, call);
+                        self.io.send_sip(&bye);
+                    }
+                }
+                self.finish(slot);
+            }
+        }
+    }
+
+    fn call_for(&mut self, call_id: &str) -> Option<usize> {
+        let id = call_id.split('@').next()?;
+        let mut parts = id.split('-');
+        let run = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let thread: usize = parts.next()?.parse().ok()?;
+        let slot: usize = parts.next()?.parse().ok()?;
+        let gen: u32 = parts.next()?.parse().ok()?;
+        if run != self.cfg.run || thread != self.cfg.id {
+            return None;
+        }
+        self.calls
+            .get(slot)?
+            .as_ref()
+            .filter(|c| c.gen == gen)
+            .map(|_| slot)
+    }
+
+    fn recv_sip(&mut self, now_ms: u64) {
+        loop {
+            let fd = self.io.sip.as_raw_fd();
+            let (n, stamp) = match net::recv_stamped(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let stamp = if stamp == 0 {
+                self.io.stats.unstamped += 1;
+                net::realtime_ns()
+            } else {
+                stamp
+            };
+            let Ok(msg) = parse_datagram(&self.io.rx[..n], 65536) else {
+                continue;
+            };
+            let slot = self.call_for(&msg.common().call_id);
+            match msg {
+                Message::Request(req) => self.on_request(slot, &req),
+                Message::Response(resp) => {
+                    if let Some(slot) = slot {
+                        self.on_response(slot, &resp, stamp, now_ms);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, slot: Option<usize>, req: &Request) {
+        let method = req.method.as_str();
+        if method == "ACK" {
+            return;
+        }
+        let ok = ResponseBuilder::new(req, 200, "OK", None).build();
+        self.io.send_sip(&ok);
+        if method != "BYE" {
+            return;
+        }
+        self.io.stats.server_byes_seen += 1;
+        let Some(slot) = slot else { return };
+        if let Some(call) = self.calls[slot].as_mut() {
+            if call.phase != Phase::Ending {
+                call.outcome = Some(Failure::ServerBye);
+            }
+        }
+        self.finish(slot);
+    }
+
+    fn on_response(&mut self, slot: usize, r: &Response, stamp: i64, now_ms: u64) {
+        let Some(call) = self.calls[slot].as_mut() else {
+            return;
+        };
+        let finished = match r.cseq_method.as_str() {
+            "INVITE" => on_invite_response(&mut self.io, &self.cfg.script, call, r, stamp, now_ms),
+            "BYE" if call.phase == Phase::Ending => {
+                if r.code < 200 {
+                    call.provisional = true;
+                    false
+                } else {
+                    if r.code >= 300 {
+                        call.outcome = Some(Failure::Non2xx(r.code));
+                    }
+                    true
+                }
+            }
+            _ => false,
+        };
+        if finished {
+            self.finish(slot);
+        }
+    }
+
+    fn recv_rtp(&mut self, token: u64, now_ms: u64) {
+        let slot = (token & 0xffff_ffff) as usize;
+        let gen = (token >> 32) as u32;
+        let Some(call) = self.calls.get_mut(slot).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        if call.gen != gen {
+            return;
+        }
+        let io = &mut self.io;
+        let (n, stamp) =
+            match net::recv_stamped(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+        let stamp = if stamp == 0 {
+            io.stats.unstamped += 1;
+            net::realtime_ns()
+        } else {
+            stamp
+        };
+        let b = &io.rx[..n];
+        if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
+            return;
+        }
+        let marker = b[1] & 0x80 != 0;
+        let seq = u16::from_be_bytes([b[2], b[3]]);
+        let s = &mut io.stats;
+        if call.rx > 0 {
+            let d = stamp - call.last_rx_ns;
+            s.pacing.record((d - 20_000_000).unsigned_abs() / 1000);
+            if d < 5_000_000 {
+                s.bursts += 1;
+            }
+            let expected = call.last_seq.wrapping_add(1);
+            let gap = seq.wrapping_sub(expected);
+            if gap != 0 && gap < 1000 {
+                s.rtp_gaps += u64::from(gap);
+            }
+        }
+        call.rx += 1;
+        call.last_rx_ns = stamp;
+        call.last_seq = seq;
+        s.rtp_rx += 1;
+        if marker {
+            if let Some(a) = call.awaiting {
+                if stamp > a.start_rt {
+                    s.press_to_response
+                        .record(((stamp - a.start_rt) / 1000) as u64);
+                    match a.end_rt {
+                        Some(end) if stamp > end => {
+                            s.end_to_response.record(((stamp - end) / 1000) as u64)
+                        }
+                        _ => {
+                            s.answered_before_end += 1;
+                            s.end_to_response.record(0);
+                        }
+                    }
+                    call.awaiting = None;
+                    anchor(&self.cfg.script, call, now_ms);
+                }
+            }
+        }
+    }
+}
+
+impl Io {
+    fn send_sip(&mut self, bytes: &[u8]) {
+        if self.sip.send_to(bytes, self.target).is_err() {
+            self.stats.send_errors += 1;
+        }
+    }
+
+    fn send_rtp(&mut self, call: &mut Call, pt: u8, ts: u32, marker: bool, payload: &[u8]) {
+        let n = call.rtp.write_at(pt, ts, marker, payload, &mut self.pkt);
+        match call.sock.send(&self.pkt[..n]) {
+            Ok(_) => self.stats.rtp_tx += 1,
+            Err(_) => self.stats.send_errors += 1,
+        }
+    }
+}
+
+/// The previous step settled at `now_ms`: schedule a step that waits for that.
+fn anchor(script: &Script, call: &mut Call, now_ms: u64) {
+    if call.next_step_ms.is_some() {
+        return;
+    }
+    if let Some(step) = script.steps.get(call.step) {
+        if let At::AfterPrevious(ms) = step.at {
+            call.next_step_ms = Some(now_ms + u64::from(ms));
+        }
+    }
+}
+
+/// When step `i` is due, if that is known yet.
+fn schedule(script: &Script, call: &Call, i: usize) -> Option<u64> {
+    match script.steps.get(i)?.at {
+        At::FromAnswer(ms) => Some(call.media_start_ms + u64::from(ms)),
+        At::AfterPrevious(ms) if i == 0 => Some(call.media_start_ms + u64::from(ms)),
+        At::AfterPrevious(_) => None,
+    }
+}
+
+fn via_branch() -> String {
+    format!("z9hG4bK{:x}", rand::random::<u64>())
+}
+
+fn in_dialog(io: &Io, call: &Call, method: &str, cseq: u32, branch: &str, uri: &str) -> Vec<u8> {
+    format!(
+        "{method} {uri} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {me};branch={branch};rport\r\n\
+Max-Forwards: 70\r\n\
+From: \"ivr311-load\" <sip:load@{me}>;tag={tag}\r\n\
+To: <sip:311@{srv}>;tag={tt}\r\n\
+Call-ID: {cid}\r\n\
+CSeq: {cseq} {method}\r\n\
+Content-Length: 0\r\n\r\n",
+        me = io.sip_local,
+        tag = call.from_tag,
+        srv = io.target,
+        tt = call.to_tag,
+        cid = call.call_id,
+    )
+    .into_bytes()
+}
+
+fn bye_bytes(io: &Io, call: &Call) -> Vec<u8> {
+    in_dialog(io, call, "BYE", 2, &via_branch(), &call.remote_uri)
+}
+
+fn on_invite_response(
+    io: &mut Io,
+    script: &Script,
+    call: &mut Call,
+    r: &Response,
+    stamp: i64,
+    now_ms: u64,
+) -> bool {
+    if r.code < 200 {
+        call.provisional = true;
+        return false;
+    }
+    if r.code >= 300 {
+        if call.phase != Phase::Inviting {
+            return false;
+        }
+        // ACK for a non-2xx final response: same branch as the INVITE (hop-by-hop).
+        call.to_tag = r.to.tag().unwrap_or_default().to_owned();
+        let branch = r.top_via().branch.clone().unwrap_or_default();
+        let uri = format!("sip:311@{}", io.target);
+        let ack = in_dialog(io, call, "ACK", 1, &branch, &uri);
+        io.send_sip(&ack);
+        call.outcome = Some(Failure::Non2xx(r.code));
+        return true;
+    }
+    if call.phase != Phase::Inviting {
+        // A retransmitted 200: our ACK was lost; send it again.
+        let ack = in_dialog(io, call, "ACK", 1, &via_branch(), &call.remote_uri);
+        io.send_sip(&ack);
+        return false;
+    }
+    io.stats
+        .setup
+        .record(((stamp - call.invite_rt).max(0) / 1000) as u64);
+    call.to_tag = r.to.tag().unwrap_or_default().to_owned();
+    if let Some(c) = r.contacts().into_iter().next() {
+        call.remote_uri = c.uri;
+    }
+    let ack = in_dialog(io, call, "ACK", 1, &via_branch(), &call.remote_uri);
+    io.send_sip(&ack);
+    call.invite = Vec::new();
+    let media = ivr311::media::sdp::parse(&r.body)
+        .ok()
+        .and_then(|m| Some((m.addr, *m.codecs.first()?, m.telephone_event)));
+    let Some((addr, (pt, codec), te)) = media else {
+        // No usable answer: nothing can flow; hang up at once.
+        call.outcome = Some(Failure::NoRtp);
+        start_bye(io, call, now_ms);
+        return false;
+    };
+    if call.sock.connect(addr).is_err() {
+        call.outcome = Some(Failure::NoRtp);
+        start_bye(io, call, now_ms);
+        return false;
+    }
+    call.codec = codec;
+    call.pt = pt;
+    call.te_pt = te.unwrap_or(101);
+    call.phase = Phase::Up;
+    // Media starts at this call's next slot of the wheel.
+    call.media_start_ms =
+        now_ms + (call.bucket as u64 + PERIOD_MS - now_ms % PERIOD_MS) % PERIOD_MS;
+    if call.media_start_ms <= now_ms {
+        call.media_start_ms += PERIOD_MS;
+    }
+    call.step = 0;
+    call.next_step_ms = schedule(script, call, 0);
+    false
+}
+
+fn start_bye(io: &mut Io, call: &mut Call, now_ms: u64) {
+    call.bye = bye_bytes(io, call);
+    io.send_sip(&call.bye);
+    call.phase = Phase::Ending;
+    call.provisional = false;
+    call.interval_ms = T1_MS;
+    call.retrans_ms = now_ms + T1_MS;
+    call.deadline_ms = now_ms + TIMER_B_MS;
+}
+
+/// One visit of a call in its wheel slot at ms `m`. Returns true when the call is over.
+fn visit(io: &mut Io, script: &Script, call: &mut Call, m: u64) -> bool {
+    match call.phase {
+        Phase::Inviting => {
+            if m >= call.deadline_ms {
+                call.outcome = Some(Failure::No200);
+                return true;
+            }
+            if !call.provisional && m >= call.retrans_ms {
+                // Timer A: T1, 2·T1, 4·T1...
+                let inv = std::mem::take(&mut call.invite);
+                io.send_sip(&inv);
+                call.invite = inv;
+                call.interval_ms *= 2;
+                call.retrans_ms = m + call.interval_ms;
+            }
+            false
+        }
+        Phase::Ending => {
+            if m >= call.deadline_ms {
+                call.outcome = Some(Failure::ByeUnanswered);
+                return true;
+            }
+            if m >= call.retrans_ms {
+                // Timer E: T1 doubling up to T2 (T2 once a provisional came).
+                io.send_sip(&call.bye);
+                call.interval_ms = if call.provisional {
+                    T2_MS
+                } else {
+                    (call.interval_ms * 2).min(T2_MS)
+                };
+                call.retrans_ms = m + call.interval_ms;
+            }
+            false
+        }
+        Phase::Up => {
+            media_tick(io, script, call, m);
+            false
+        }
+    }
+}
+
+fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
+    if m < call.media_start_ms {
+        return;
+    }
+    let k = (m - call.media_start_ms) / PERIOD_MS;
+    if call.last_k.is_some_and(|l| k <= l) {
+        return;
+    }
+    call.last_k = Some(k);
+    let ts = call.ts0.wrapping_add(SAMPLES.wrapping_mul(k as u32));
+    if let Some(a) = call.awaiting {
+        if m >= a.deadline_ms {
+            io.stats.digits_unanswered += 1;
+            call.awaiting = None;
+            anchor(script, call, m);
+        }
+    }
+    if let Some(d) = call.digit {
+        let j = k - d.k0;
+        if j < HOLD_PACKETS + END_PACKETS {
+            send_event(io, script, call, d, j, m);
+            return;
+        }
+        call.digit = None;
+        // The audio after an event starts a new talk spurt.
+        call.marker_next = true;
+    }
+    if call.next_step_ms.is_some_and(|due| m >= due) {
+        let Some(step) = script.steps.get(call.step) else {
+            return;
+        };
+        call.step += 1;
+        call.next_step_ms = schedule(script, call, call.step);
+        match step.action {
+            Action::Press {
+                key,
+                expect_response,
+            } => {
+                let Some(event) = digit_to_event(key) else {
+                    return;
+                };
+                let d = Digit {
+                    k0: k,
+                    ts,
+                    event,
+                    expect: expect_response,
+                };
+                call.digit = Some(d);
+                io.stats.digits_sent += 1;
+                send_event(io, script, call, d, 0, m);
+                return;
+            }
+            Action::Hangup => {
+                start_bye(io, call, m);
+                return;
+            }
+        }
+    }
+    let frame = &io.audio[law(call.codec)][(k % 50) as usize];
+    let frame: [u8; 160] = *frame;
+    let marker = std::mem::take(&mut call.marker_next);
+    io.send_rtp(call, call.pt, ts, marker, &frame);
+}
+
+/// Packet `j` of a key press: start (marker) and continuations while held, then the End
+/// packets, all with the event's start timestamp; audio is suspended meanwhile.
+fn send_event(io: &mut Io, script: &Script, call: &mut Call, d: Digit, j: u64, m: u64) {
+    let end = j >= HOLD_PACKETS;
+    let duration = (j.min(HOLD_PACKETS - 1) + 1) as u16 * SAMPLES as u16;
+    let ev = TelephoneEvent {
+        event: d.event,
+        end,
+        volume: 10,
+        duration,
+    };
+    let now_rt = net::realtime_ns();
+    io.send_rtp(call, call.te_pt, d.ts, j == 0, &ev.write());
+    if j == 0 && d.expect {
+        call.awaiting = Some(Await {
+            start_rt: now_rt,
+            end_rt: None,
+            deadline_ms: m + RESPONSE_TIMEOUT_MS,
+        });
+    }
+    if j == HOLD_PACKETS {
+        if let Some(a) = call.awaiting.as_mut() {
+            a.end_rt = Some(now_rt);
+        }
+        if !d.expect {
+            anchor(script, call, m);
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Smoke test of the load harness (`ivr311-load`): a few seconds, ~10 calls per script against
+//! the real server on loopback, asserting only that the harness works: every call succeeds,
+//! every key that should get a response got one, and the pothole callers filed tickets. No
+//! timing assertions (performance figures belong in bench/RESULTS-loadgen.md).
+
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use serde_json::Value;
+
+/// Run the generator against `target` with `extra` flags and return its JSON report.
+async fn run_loadgen(target: std::net::SocketAddr, extra: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ivr311-load"));
+    cmd.arg("--target")
+        .arg(target.to_string())
+        .arg("--menu")
+        .arg(repo().join("menus/311.yaml"))
+        .arg("--json")
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("ivr311-load runs"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || out.status.code() == Some(2),
+        "ivr311-load failed: {}\n{stderr}",
+        out.status
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("JSON: {e}\n{stdout}\n{stderr}"))
+}
+
+fn assert_every_call_succeeded(report: &Value, calls: u64) {
+    let total = &report["total"];
+    let c = &total["calls"];
+    assert_eq!(c["placed"], calls, "{c}");
+    assert_eq!(c["ok"], calls, "every call succeeded: {c}");
+    assert_eq!(c["failed"], 0, "{c}");
+    assert!(
+        total["rtp"]["received"].as_u64().unwrap() > 100 * calls,
+        "server audio arrived for every call: {}",
+        total["rtp"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_reference_calls_all_complete_and_both_digits_get_responses() {
+    let srv = start_server(FileConfig::default()).await;
+    let report = run_loadgen(
+        srv.sip_addr,
+        &["--script", "asterisk", "--calls", "10", "--rate", "5"],
+    )
+    .await;
+    assert_every_call_succeeded(&report, 10);
+    let d = &report["total"]["digits"];
+    assert_eq!(d["sent"], 20, "two distinct key presses per call: {d}");
+    assert_eq!(d["unanswered"], 0, "{d}");
+    assert_eq!(
+        d["press_to_response"]["count"], 20,
+        "each press started a new prompt: {d}"
+    );
+    // The caller hung up every call; the server did not.
+    assert_eq!(report["total"]["calls"]["server_byes_answered"], 0);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pothole_callers_walk_the_menu_and_file_tickets() {
+    let srv = start_server(FileConfig::default()).await;
+    let report = run_loadgen(
+        srv.sip_addr,
+        &[
+            "--script",
+            "pothole",
+            "--calls",
+            "8",
+            "--rate",
+            "4",
+            "--listen-ms",
+            "1500",
+        ],
+    )
+    .await;
+    assert_eq!(report["keys"], "111194103#", "keys read from the menu");
+    assert_every_call_succeeded(&report, 8);
+    let d = &report["total"]["digits"];
+    assert_eq!(d["sent"], 8 * 10, "{d}");
+    assert_eq!(d["unanswered"], 0, "{d}");
+    assert_eq!(d["press_to_response"]["count"], 8 * 6, "{d}");
+
+    let tickets = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(tickets.len(), 8, "one ticket per caller");
+    for t in &tickets {
+        assert_eq!(t.service_code, "pothole");
+        assert_eq!(t.zipcode.as_deref(), Some("94103"));
+        assert!(
+            t.call_id
+                .as_deref()
+                .is_some_and(|c| c.ends_with("@ivr311-load")),
+            "{:?}",
+            t.call_id
+        );
+    }
+    srv.shutdown().await;
+}
