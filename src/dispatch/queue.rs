@@ -102,8 +102,8 @@
 //!   e.g. a higher priority, may still take that agent), so nobody who came later overtakes
 //!   the caller while their phone rings, and one free agent never has two call-backs dialled
 //!   for it. [`Dispatcher::callback_answered`] makes the entry
-//!   *answered*; [`Dispatcher::callback_failed`] (or no report within the dial's ring timeout
-//!   + 5 s) parks it again for `retry_after`, until `attempts` dials have failed: then the
+//!   *answered*; [`Dispatcher::callback_failed`] (or no report within the dial's ring
+//!   timeout plus 5 s) parks it again for `retry_after`, until `attempts` dials have failed: then the
 //!   entry leaves the line with [`Action::CallbackUnreached`] (the driver files a ticket
 //!   flagged for call-back, so nobody is lost) and counts as abandoned.
 //! - *answered*: the caller is on the line again and the entry is an ordinary waiting caller
