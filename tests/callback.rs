@@ -444,3 +444,89 @@ async fn a_callback_pending_at_shutdown_becomes_a_flagged_ticket() {
     assert!(all[0].callback_requested);
     assert_eq!(all[0].phone.as_deref(), Some(CALLER));
 }
+
+#[tokio::test]
+async fn a_called_back_caller_who_hangs_up_before_an_operator_answers_cancels_the_offer() {
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let srv = start_server(config(trunk_sip.local_addr().unwrap(), 3)).await;
+    let trunk = Peer {
+        sip: trunk_sip,
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        server: srv.sip_addr,
+        tag: "trunk3".into(),
+    };
+    let agent = Peer::agent(srv.sip_addr, "1001").await;
+    caller_asks_for_a_callback(&srv).await;
+    assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
+    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
+    trunk
+        .reply(&inv, 200, "OK", Some(trunk.answer_sdp(0)))
+        .await;
+    trunk.request("ACK", Duration::from_secs(3)).await;
+    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&ainv, 180, "Ringing", None).await;
+    // The caller hangs up while the operator's phone rings.
+    trunk.bye(&inv).await;
+    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
+    assert_eq!(cancel.call_id, ainv.call_id);
+    agent.reply(&cancel, 200, "OK", None).await;
+    agent.reply(&ainv, 487, "Request Terminated", None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = general_queue(&srv).await;
+    assert_eq!(
+        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
+        (Some(0), Some(1)),
+        "{q}"
+    );
+    let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
+    assert!(
+        agents.contains("\"available\""),
+        "the operator is free again: {agents}"
+    );
+    assert!(
+        srv.tickets
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "a caller who hung up is not filed"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
+    let mut file = config("127.0.0.1:9".parse().unwrap(), 3);
+    file.callback.trunk_uri = None;
+    let srv = start_server(file).await;
+    let _agent = Peer::agent(srv.sip_addr, "1001").await;
+    assert_eq!(admin(&srv, "/admin/agents/1001/pause").await.0 / 100, 2);
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("110").await;
+    ua.listen(Duration::from_millis(500)).await;
+    ua.press('2').await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    let ear = PromptEar::new(
+        "en",
+        &["callback_kept", "callback_confirmed", "hold_music"],
+        Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard).first().map(String::as_str),
+        Some("callback_confirmed")
+    );
+    ua.expect_request("BYE", Duration::from_secs(15)).await;
+    let all = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].callback_requested);
+    assert_eq!(all[0].phone.as_deref(), Some(CALLER));
+    let q = general_queue(&srv).await;
+    assert_eq!(
+        (q["waiting"].as_u64(), q["callbacks_pending"].as_u64()),
+        (Some(0), Some(0)),
+        "{q}"
+    );
+    srv.shutdown().await;
+}
