@@ -3046,4 +3046,48 @@ mod tests {
         tracker.close();
         tracker.wait().await;
     }
+
+    #[tokio::test]
+    async fn driver_hands_a_call_back_to_its_own_listener_and_keeps_it_after_the_call_hangs_up() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        )
+        .with_callback_policy(CallbackPolicy {
+            first_delay: Duration::ZERO,
+            ..CallbackPolicy::default()
+        });
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        q.agent_logged_in("a").await;
+        assert!(q.pause("a", "busy").await);
+        let (tx, rx) = mpsc::channel(8);
+        q.enqueue(1, "general", None, 0, tx).await.unwrap();
+        let (cb_tx, mut cb_rx) = mpsc::channel(8);
+        assert!(q.request_callback(1, cb_tx).await);
+        let (other, _) = mpsc::channel(8);
+        assert!(!q.request_callback(2, other).await, "2 is not waiting");
+        // The call hangs up; well past a sweep, the place is still kept.
+        drop(rx);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let f = &q.figures().await[0];
+        assert_eq!((f.waiting, f.callbacks_pending, f.abandoned), (1, 1, 0));
+        // The agent is back: the call-back's listener is told to dial, then gets the offer.
+        assert!(q.unpause("a").await);
+        let ev = tokio::time::timeout(Duration::from_secs(5), cb_rx.recv()).await;
+        assert!(matches!(
+            ev,
+            Ok(Some(CallbackEvent::DialBack { attempt: 1, .. }))
+        ));
+        q.callback_answered(1).await;
+        let ev = tokio::time::timeout(Duration::from_secs(5), cb_rx.recv()).await;
+        assert!(
+            matches!(&ev, Ok(Some(CallbackEvent::Queue(QueueEvent::Offer { agent, .. }))) if agent == "a"),
+            "{ev:?}"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
 }
