@@ -12,7 +12,8 @@
 //! 2. on answer plays `callback_hello` ("This is 311 calling you back; please hold for an
 //!    operator") in the caller's language, then hold music;
 //! 3. rings each agent the queue offers, with the same `X-311-*` headers as a live caller's
-//!    offer plus `X-311-Callback: yes`, From and P-Asserted-Identity the caller's number;
+//!    offer plus `X-311-Callback: yes`, From and P-Asserted-Identity the caller's number (one
+//!    phone at a time: with `ring_all`, the round's other offers are withdrawn at no cost);
 //! 4. on the agent's 200 relays RTP between the two outbound legs with
 //!    [`crate::media::bridge::relay`] (PCMU⇄PCMA transcoding, RFC 4733 events passed on);
 //!    either side's BYE hangs up the other.
@@ -562,7 +563,17 @@ impl Run {
             .agent_contacts
             .get(&agent)
             .map(|c| c.value().clone());
-        let port = if codec.is_some() && contact.is_some() && self.agent.is_none() {
+        if self.agent.is_some() {
+            // One operator leg at a time: the other phones of a `ring_all` round are not
+            // rung for a call-back, and that costs their agents nothing.
+            debug!(%agent, "already ringing an operator; offer withdrawn");
+            self.inner
+                .queues
+                .offer_withdrawn(self.req.caller, &agent)
+                .await;
+            return;
+        }
+        let port = if codec.is_some() && contact.is_some() {
             self.inner.ports.allocate()
         } else {
             None

@@ -1190,8 +1190,10 @@ impl Dispatcher {
         }
     }
 
-    /// Withdraw an offer that could not be delivered, at no cost to the agent.
-    fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
+    /// Withdraw an offer that could not be delivered (or that the caller's side will not
+    /// ring, e.g. the extra phones of a `ring_all` round for a call-back), at no cost to the
+    /// agent. Ignored unless that agent is ringing for that caller.
+    pub fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
         if let Some(a) = self.agent_mut(agent) {
             if a.ringing_for(caller) {
                 a.release();
@@ -1466,6 +1468,7 @@ enum Cmd {
         reply: oneshot::Sender<bool>,
     },
     CallbackAnswered(CallerId),
+    Withdraw(CallerId, String),
     CallbackFailed(CallerId),
     Answered(CallerId, String),
     Failed(CallerId, String, OfferFailure),
@@ -1531,6 +1534,11 @@ impl QueueHandle {
         })
         .await;
         rx.await.unwrap_or(false)
+    }
+
+    /// The offer will not be rung (see [`Dispatcher::withdraw_offer`]).
+    pub async fn offer_withdrawn(&self, caller: CallerId, agent: &str) {
+        self.send(Cmd::Withdraw(caller, agent.to_owned())).await;
     }
 
     pub async fn callback_answered(&self, caller: CallerId) {
@@ -1673,6 +1681,7 @@ impl Driver {
                 let _ = reply.send(ok);
             }
             Cmd::CallbackAnswered(caller) => d.callback_answered(now, caller),
+            Cmd::Withdraw(caller, agent) => d.withdraw_offer(caller, &agent),
             Cmd::CallbackFailed(caller) => d.callback_failed(now, caller),
             Cmd::Answered(caller, agent) => d.offer_answered(now, caller, &agent),
             Cmd::Failed(caller, agent, why) => d.offer_failed(now, caller, &agent, why),
@@ -2898,6 +2907,37 @@ mod tests {
         t.answer(3.0, 2, "a");
         t.end(12.0, "a");
         assert_eq!(dials(&t.poll(12.0)), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn ring_all_offers_withdrawn_by_a_call_back_cost_nothing_and_are_not_repeated() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 0,
+                ..queue("general", Strategy::RingAll)
+            }],
+        );
+        t.d = std::mem::replace(&mut t.d, Dispatcher::new(&[], &[])).with_callback_policy(
+            CallbackPolicy {
+                first_delay: Duration::ZERO,
+                ..CallbackPolicy::default()
+            },
+        );
+        t.login(0.0, &["a", "b"]);
+        t.enqueue(0.0, 1, None);
+        assert_eq!(offers(&t.poll(0.0)), vec![(1, "a"), (1, "b")]);
+        t.d.request_callback(t.t(1.0), 1);
+        let acts = t.poll(1.0);
+        assert_eq!(cancels(&acts), vec![(1, "a"), (1, "b")]);
+        assert_eq!(dials(&acts), vec![(1, 1)]);
+        t.d.callback_answered(t.t(2.0), 1);
+        assert_eq!(offers(&t.poll(2.0)), vec![(1, "a"), (1, "b")]);
+        t.d.withdraw_offer(1, "b");
+        assert_eq!(t.status("b"), AgentStatus::Available);
+        assert!(t.poll(3.0).is_empty(), "no second offer while a rings");
+        t.answer(4.0, 1, "a");
+        assert_eq!(t.figures().answered, 1);
     }
 
     #[test]
