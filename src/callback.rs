@@ -34,8 +34,9 @@
 //!
 //! This module owns no queue logic and no SIP: it uses [`QueueHandle`] and
 //! [`OutboundHandle`], and must not reach into a live call's state ([`crate::call`] only
-//! calls [`Callbacks::keep_place`]). Call-back legs do not show in `/admin/calls`; their
-//! entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
+//! calls [`Callbacks::keep_place`]). Call-back legs do not show in `/admin/calls` and the
+//! shutdown drain does not wait for a bridged call-back (it is hung up when the server stops);
+//! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
 
 use crate::call::{MenuHolder, PortPool, RtpPort, PTIME, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
@@ -309,7 +310,8 @@ impl Run {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::Receiver<CallbackEvent>) {
+    async fn run(mut self, events: mpsc::Receiver<CallbackEvent>) {
+        let mut events = Some(events);
         let cancel = self.inner.cancel.clone();
         let no_media = Duration::from_secs(self.inner.limits.no_media_seconds);
         let max_call = Duration::from_secs(self.inner.limits.max_call_seconds);
@@ -325,8 +327,14 @@ impl Run {
             let step = tokio::select! {
                 biased;
                 () = cancel.cancelled() => Some(End::Shutdown),
-                ev = events.recv() => match ev {
+                ev = recv_opt(&mut events) => match ev {
                     Some(ev) => self.on_queue_event(ev).await,
+                    // The queue forgot us (stopped, or the operator logged out mid-call): a
+                    // call in progress goes on; a caller not yet served is filed.
+                    None if self.served => {
+                        events = None;
+                        None
+                    }
                     None => Some(End::Shutdown),
                 },
                 ev = recv_opt(&mut self.trunk_events) => self.on_trunk_event(ev).await,
