@@ -261,6 +261,8 @@ pub struct CallContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Operator queues; `None` when no agents are configured.
     pub queues: Option<QueueHandle>,
+    /// Call-backs that keep the caller's place; `None` without `callback.trunk_uri`.
+    pub callbacks: Option<crate::callback::Callbacks>,
     /// Where each logged-in agent's phone is reached.
     pub agent_contacts: Arc<DashMap<String, (String, crate::sip::transport::Flow)>>,
     /// Where caller recordings are written (`<dir>/<generated>.wav`).
@@ -1526,6 +1528,33 @@ impl Call {
             }
             '2' => {
                 info!("caller asked for a call back");
+                if let (Some(cb), Some(q)) = (self.ctx.callbacks.clone(), &self.queue) {
+                    let req = crate::callback::CallbackRequest {
+                        caller: self.registry_id,
+                        number: self.meta.caller.clone(),
+                        call_id: self.meta.call_id.clone(),
+                        language: self.engine.language().to_owned(),
+                        menu_path: q.menu_path.clone(),
+                        queue: q.name.clone(),
+                        entered: q.entered,
+                        local_ip: self.local_media.ip(),
+                    };
+                    if q.ringing.is_some() {
+                        self.drop_agent_leg().await;
+                    }
+                    match cb.keep_place(req).await {
+                        Ok(()) => {
+                            // The place is the call-back's now: hang up without abandoning it.
+                            (self.queue, self.queue_events) = (None, None);
+                            self.media.stop();
+                            let p = self.prompts(&["callback_kept".into()]);
+                            self.media.play(p);
+                            self.hangup_after_play = true;
+                            return;
+                        }
+                        Err(why) => info!(reason = %why, "place not kept; filing a ticket"),
+                    }
+                }
                 self.leave_queue().await;
                 self.media.lock().media.stop();
                 // Without a call-back trunk in this build, the request becomes a ticket flagged for

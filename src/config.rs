@@ -184,13 +184,105 @@ impl Default for QueueConfig {
     }
 }
 
-/// Calling callers back.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// Calling callers back who asked to keep their place in the queue (see `crate::callback`).
+///
+/// ```yaml
+/// callback:
+///   trunk_uri: "sip:{number}@192.0.2.10:5060"   # or "sip:192.0.2.10:5060"
+///   from_user: "311"
+///   ring_timeout_seconds: 30
+///   attempts: 3
+///   retry_after_seconds: 300
+///   first_delay_seconds: 10
+///   max_pending: 200
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackConfig {
-    /// Trunk URI for call-backs (`sip:{number}@trunk` style: the caller's number is the user).
-    /// With none, a call-back request becomes a ticket flagged for call-back.
+    /// Where call-backs go: a `sip:` URI whose host is an IP literal (with optional port).
+    /// `{number}` in it is replaced by the caller's number; without it the number becomes the
+    /// URI's user part. With none, a call-back request becomes a ticket flagged for call-back.
     pub trunk_uri: Option<String>,
+    /// The user part of From on call-backs (what the caller's phone shows). Default `311`.
+    pub from_user: String,
+    /// How long the caller's phone may ring before the attempt counts as unanswered. Default 30.
+    pub ring_timeout_seconds: u64,
+    /// Attempts before giving up and filing a ticket flagged for call-back. Default 3, at least 1.
+    pub attempts: u32,
+    /// Wait between attempts. Default 300.
+    pub retry_after_seconds: u64,
+    /// The earliest a first attempt is made after the request (the caller is still hanging
+    /// up). Default 10.
+    pub first_delay_seconds: u64,
+    /// Call-backs pending at once; beyond this a request becomes a flagged ticket. Default 200.
+    pub max_pending: usize,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            trunk_uri: None,
+            from_user: "311".into(),
+            ring_timeout_seconds: 30,
+            attempts: 3,
+            retry_after_seconds: 300,
+            first_delay_seconds: 10,
+            max_pending: 200,
+        }
+    }
+}
+
+/// Why the `callback` section cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackConfigError {
+    /// `trunk_uri` is not `sip:[{number}@]IP[:port]`.
+    #[error("callback.trunk_uri {0:?} must be sip:[{{number}}@]IP[:port] (an IP literal host)")]
+    TrunkUri(String),
+    /// `from_user` is empty or has characters a SIP user part cannot carry unescaped.
+    #[error("callback.from_user {0:?} must be digits, letters, '+', '-', '.' or '_'")]
+    FromUser(String),
+}
+
+impl CallbackConfig {
+    /// Problems with the section, for start-up.
+    pub fn check(&self) -> Result<(), CallbackConfigError> {
+        let ok_user = !self.from_user.is_empty()
+            && self
+                .from_user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c));
+        if !ok_user {
+            return Err(CallbackConfigError::FromUser(self.from_user.clone()));
+        }
+        if let Some(u) = &self.trunk_uri {
+            if self.target_for("5550100").is_none() {
+                return Err(CallbackConfigError::TrunkUri(u.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Request-URI that reaches `number` through the trunk, or `None` without a (usable)
+    /// trunk. `number` must already be dialable (see `crate::callback::dialable`).
+    pub fn target_for(&self, number: &str) -> Option<String> {
+        let uri = self.trunk_uri.as_deref()?;
+        let rest = uri.strip_prefix("sip:")?;
+        let (user, host) = match rest.split_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        if user.is_some_and(|u| u != "{number}") {
+            return None;
+        }
+        // The host must be an IP literal with an optional port (the UA does no DNS).
+        let ok_host = host.parse::<SocketAddr>().is_ok()
+            || host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+        ok_host.then(|| format!("sip:{number}@{host}"))
+    }
 }
 
 /// The Open311 GeoReport v2 API.
@@ -413,5 +505,46 @@ mod tests {
             }
         }
         assert!(n > 0, "no sample configs in {}", dir.display());
+    }
+
+    #[test]
+    fn callback_trunk_uris() {
+        let c = |u: &str| CallbackConfig {
+            trunk_uri: Some(u.into()),
+            ..CallbackConfig::default()
+        };
+        assert_eq!(
+            c("sip:192.0.2.1:5070")
+                .target_for("+15550001111")
+                .as_deref(),
+            Some("sip:+15550001111@192.0.2.1:5070")
+        );
+        assert_eq!(
+            c("sip:{number}@192.0.2.1").target_for("5551234").as_deref(),
+            Some("sip:5551234@192.0.2.1")
+        );
+        assert_eq!(
+            c("sip:[::1]:5070").target_for("1").as_deref(),
+            Some("sip:1@[::1]:5070")
+        );
+        for bad in [
+            "sip:trunk.example.com",
+            "tel:+1555",
+            "sip:911@192.0.2.1",
+            "http://x",
+        ] {
+            assert_eq!(
+                c(bad).check(),
+                Err(CallbackConfigError::TrunkUri(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(CallbackConfig::default().target_for("1"), None);
+        assert!(CallbackConfig::default().check().is_ok());
+        let bad_from = CallbackConfig {
+            from_user: "3 11".into(),
+            ..CallbackConfig::default()
+        };
+        assert!(bad_from.check().is_err());
     }
 }

@@ -28,6 +28,7 @@
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
 //! | [`call`] | accepting calls, the per-call task, the [`call::CallApp`] seam |
+//! | [`callback`] | call-backs that keep the caller's place: dialling back through the trunk, bridging to the operator |
 //! | [`api`] | HTTP (axum): `/health`, Open311 GeoReport v2, admin API, `/metrics` |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
@@ -36,10 +37,12 @@
 //!
 //! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
-//! (calls act for it through channels).
+//! (calls act for it through channels). `callback` is a driver like `call`: it may use
+//! `sip`, `media`, `dispatch` and `call`'s shared pieces (ports, menu holder), never a live call.
 
 pub mod api;
 pub mod call;
+pub mod callback;
 pub mod config;
 pub mod dispatch;
 pub mod media;

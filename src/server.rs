@@ -117,6 +117,9 @@ const GOODBYE_TIME: Duration = Duration::from_secs(10);
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
     file.emergency.check().map_err(StartError::Config)?;
+    file.callback
+        .check()
+        .map_err(|e| StartError::Config(e.to_string()))?;
     let (m, p) = (args.menu.clone(), args.prompts.clone());
     let menu = tokio::task::spawn_blocking(move || load_active_menu(&m, &p)).await??;
     info!(
@@ -185,7 +188,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     // Operators: with agents configured, a queue dispatcher fed by their registrations.
     let queues = (!file.agents.is_empty()).then(|| {
         let handle = spawn_dispatcher(
-            Dispatcher::new(&file.agents, &file.queues),
+            Dispatcher::new(&file.agents, &file.queues)
+                .with_callback_policy((&file.callback).into()),
             &tracker,
             cancel.clone(),
         );
@@ -204,6 +208,23 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         args.menu.clone(),
         args.prompts.clone(),
     ));
+    let callbacks = queues.as_ref().and_then(|q| {
+        crate::callback::Callbacks::new(
+            &file.callback,
+            crate::callback::CallbackDeps {
+                queues: q.clone(),
+                outbound: outbound.clone(),
+                ports: ports.clone(),
+                agent_contacts: agent_contacts.clone(),
+                menu: menu_holder.clone(),
+                default_language: file.media.default_language.clone(),
+                tickets: tickets.clone(),
+                limits: file.limits.clone(),
+                tracker: tracker.clone(),
+                cancel: cancel.clone(),
+            },
+        )
+    });
     let ctx = CallContext {
         registry: registry.clone(),
         ports: ports.clone(),
@@ -217,6 +238,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         outbound,
         metrics: metrics.clone(),
         queues: queues.clone(),
+        callbacks,
         agent_contacts,
         recordings: file.storage.recordings_dir.clone(),
         tracker: tracker.clone(),

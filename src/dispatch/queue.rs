@@ -87,6 +87,45 @@
 //! abandoned), quick abandons forgiven); `abandoned_within_30s` is reported so SL2 can be
 //! derived. Counters run from server start.
 //!
+//! # Call-backs that keep the caller's place
+//!
+//! A waiting caller can ask to be called back ([`Dispatcher::request_callback`]): they hang
+//! up, and their entry stays in the line with its arrival and priority (it counts in
+//! `waiting`, `longest_wait` and everyone's `place`), in one of three phases:
+//!
+//! - *parked*: not on the line. When it comes up (it is the first entry, in the usual order,
+//!   for which an eligible agent is `Available`, and its retry time has passed) the core asks
+//!   for [`Action::DialBack`] and the entry goes *dialing*. A parked entry is never offered
+//!   to an agent, gets no `Announce` and no `MaxWait`.
+//! - *dialing*: the caller's phone rings. One free agent who can take the caller is *held
+//!   back* from the callers behind it (not rung, still shown `available`; callers ahead of it,
+//!   e.g. a higher priority, may still take that agent), so nobody who came later overtakes
+//!   the caller while their phone rings, and one free agent never has two call-backs dialled
+//!   for it. [`Dispatcher::callback_answered`] makes the entry
+//!   *answered*; [`Dispatcher::callback_failed`] (or no report within the dial's ring
+//!   timeout plus 5 s) parks it again for `retry_after`, until `attempts` dials have failed: then the
+//!   entry leaves the line with [`Action::CallbackUnreached`] (the driver files a ticket
+//!   flagged for call-back, so nobody is lost) and counts as abandoned.
+//! - *answered*: the caller is on the line again and the entry is an ordinary waiting caller
+//!   at its old place (usually the head), offered to agents as any other, with the usual
+//!   no-answer and next-agent rules. `max_wait_seconds` restarts at the answer (and `MaxWait`
+//!   comes at once if nobody who could take it is logged in), so a called-back caller is
+//!   not held for nothing either. No announcements: their place is first or close to it.
+//!
+//! Commercial "virtual hold" products come in two orders. *Customer-first* (Cisco's
+//! Courtesy Callback, Genesys "customer first") dials the caller when their estimated turn
+//! comes and re-queues them at the head once they answer, leaving agents busy with others
+//! meanwhile: no agent time lost, but the free agent goes to someone who arrived later and
+//! the answered caller waits again. *Agent-first*/preview rings an agent first and dials the
+//! caller from the agent's call: the caller never waits, but every unanswered dial (30 s of
+//! ringing, voicemail, retries) burns agent time. We take the middle: dial the caller first
+//! (customer-first, so an agent's phone never rings for a caller who may not answer) but
+//! only when an agent is free for them, and hold that agent back from later callers for at
+//! most the dial's ring timeout (+5 s if the outcome is never reported). The caller keeps
+//! their place for real, and the price is bounded agent idle time per dial. Asterisk's
+//! `app_queue` and FreeSWITCH's `mod_callcenter` have no built-in call-back; both leave it to
+//! dial plans and call files.
+//!
 //! `figures()` and `agents()` take no clock: durations in them are as of the latest `now`
 //! the dispatcher was given (the driver polls just before answering).
 
@@ -149,6 +188,36 @@ pub struct Position {
     pub ewt: Duration,
 }
 
+/// How call-backs are dialled (from the `callback` config section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallbackPolicy {
+    /// How long the caller's phone may ring per attempt.
+    pub ring_timeout: Duration,
+    /// Dials before the entry gives up (at least 1).
+    pub attempts: u32,
+    /// Wait after a failed dial before the entry may be dialled again.
+    pub retry_after: Duration,
+    /// The earliest first dial after the request.
+    pub first_delay: Duration,
+}
+
+impl Default for CallbackPolicy {
+    fn default() -> Self {
+        Self::from(&crate::config::CallbackConfig::default())
+    }
+}
+
+impl From<&crate::config::CallbackConfig> for CallbackPolicy {
+    fn from(c: &crate::config::CallbackConfig) -> Self {
+        CallbackPolicy {
+            ring_timeout: setting(c.ring_timeout_seconds.max(1)),
+            attempts: c.attempts.max(1),
+            retry_after: setting(c.retry_after_seconds),
+            first_delay: setting(c.first_delay_seconds),
+        }
+    }
+}
+
 /// Why a caller was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -191,6 +260,16 @@ pub enum Action {
     /// The caller waited `max_wait_seconds` (or nobody who could take it is logged in any
     /// more): offer a ticket or a call-back. It stays queued until `abandon`.
     MaxWait { caller: CallerId },
+    /// A call-back's turn came: ring the caller's phone (dial number `attempt`, from 1) for
+    /// up to `ring_timeout`, then report `callback_answered` or `callback_failed`.
+    DialBack {
+        caller: CallerId,
+        attempt: u32,
+        ring_timeout: Duration,
+    },
+    /// Every dial of a call-back failed: the entry has left the line; file a ticket flagged
+    /// for call-back instead.
+    CallbackUnreached { caller: CallerId },
 }
 
 impl Action {
@@ -200,7 +279,9 @@ impl Action {
             Action::Offer { caller, .. }
             | Action::CancelOffer { caller, .. }
             | Action::Announce { caller, .. }
-            | Action::MaxWait { caller } => *caller,
+            | Action::MaxWait { caller }
+            | Action::DialBack { caller, .. }
+            | Action::CallbackUnreached { caller } => *caller,
         }
     }
 }
@@ -244,6 +325,14 @@ pub struct QueueFigures {
     /// Estimated wait for a caller (no skill) joining now.
     #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
     pub ewt: Duration,
+    /// Of `waiting`: call-backs keeping their place (parked, dialling, or answered and
+    /// waiting for an agent).
+    pub callbacks_pending: usize,
+    /// Call-backs asked for since start.
+    pub callbacks_requested: u64,
+    /// Call-backs given up after every dial failed (filed as flagged tickets; also counted in
+    /// `abandoned`).
+    pub callbacks_unreached: u64,
 }
 
 /// One agent, for the admin view.
@@ -360,6 +449,8 @@ struct QueueState {
     abandoned_in_sl: u64,
     max_wait_reached: u64,
     refused: u64,
+    callbacks_requested: u64,
+    callbacks_unreached: u64,
 }
 
 impl QueueState {
@@ -382,6 +473,8 @@ impl QueueState {
             abandoned_in_sl: 0,
             max_wait_reached: 0,
             refused: 0,
+            callbacks_requested: 0,
+            callbacks_unreached: 0,
         }
     }
 
@@ -404,6 +497,34 @@ struct Waiting {
     next_announce: Option<Instant>,
     max_wait_at: Option<Instant>,
     max_wait_sent: bool,
+    /// Set once the caller asked for a call-back that keeps this place.
+    callback: Option<Callback>,
+}
+
+/// A call-back entry's phase (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallbackPhase {
+    /// Not on the line; dial once it comes up, not before `not_before`.
+    Parked { not_before: Instant },
+    /// The caller's phone rings; given up as failed at `expires` if nothing is reported.
+    Dialing { expires: Instant },
+    /// The caller is on the line again: an ordinary waiting entry.
+    Answered,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Callback {
+    phase: CallbackPhase,
+    /// Dials made so far.
+    attempts: u32,
+}
+
+impl Waiting {
+    /// On the line (not a parked or dialling call-back): may be offered to agents.
+    fn offerable(&self) -> bool {
+        self.callback
+            .is_none_or(|c| c.phase == CallbackPhase::Answered)
+    }
 }
 
 /// The sans-IO queue core. See the module docs.
@@ -415,6 +536,7 @@ pub struct Dispatcher {
     outbox: Vec<Action>,
     /// The latest `now` seen.
     now: Option<Instant>,
+    callback_policy: CallbackPolicy,
 }
 
 impl Dispatcher {
@@ -426,6 +548,7 @@ impl Dispatcher {
             waiting: Vec::new(),
             outbox: Vec::new(),
             now: None,
+            callback_policy: CallbackPolicy::default(),
         };
         for a in agents {
             if d.agent_idx(&a.id).is_some() {
@@ -450,6 +573,16 @@ impl Dispatcher {
             }
         }
         d
+    }
+
+    /// How call-backs are dialled (default: [`CallbackPolicy::default`]).
+    pub fn with_callback_policy(mut self, policy: CallbackPolicy) -> Self {
+        self.callback_policy = CallbackPolicy {
+            attempts: policy.attempts.max(1),
+            ring_timeout: policy.ring_timeout.max(Duration::from_secs(1)),
+            ..policy
+        };
+        self
     }
 
     /// `LoggedOut → Available`, idle since `now`. Other states (and unknown ids) unchanged.
@@ -571,6 +704,7 @@ impl Dispatcher {
             next_announce: qs.announce_every.map(|e| later(now, e)),
             max_wait_at: qs.max_wait.map(|m| later(now, m)),
             max_wait_sent: false,
+            callback: None,
         };
         // After every caller of the same or higher priority (all arrived earlier).
         let at = self.waiting.partition_point(|x| x.priority >= priority);
@@ -649,6 +783,97 @@ impl Dispatcher {
         }
     }
 
+    /// The waiting `caller` asks to be called back and hangs up: its entry keeps its place
+    /// and becomes a parked call-back (see the module docs), first dialled no earlier than
+    /// `first_delay` from now. Agents ringing for it get `CancelOffer` (no penalty). `false`
+    /// (and nothing changes) unless the caller is waiting on the line.
+    pub fn request_callback(&mut self, now: Instant, caller: CallerId) -> bool {
+        self.touch(now);
+        let first = self.callback_policy.first_delay;
+        let Some(w) = self
+            .waiting
+            .iter_mut()
+            .find(|w| w.caller == caller && w.callback.is_none())
+        else {
+            return false;
+        };
+        w.callback = Some(Callback {
+            phase: CallbackPhase::Parked {
+                not_before: later(now, first),
+            },
+            attempts: 0,
+        });
+        w.next_announce = None;
+        w.max_wait_at = None;
+        let q = w.queue;
+        if let Some(qs) = self.queues.get_mut(q) {
+            qs.callbacks_requested += 1;
+        }
+        self.cancel_offers(caller, None);
+        true
+    }
+
+    /// The caller answered the call-back: the entry is on the line again, at its place, and
+    /// is offered to agents from the next `poll`; `max_wait_seconds` counts from now.
+    /// Ignored unless that call-back is dialling.
+    pub fn callback_answered(&mut self, now: Instant, caller: CallerId) {
+        self.touch(now);
+        let Some(wi) = self.waiting_idx(caller) else {
+            return;
+        };
+        let max_wait = self
+            .waiting
+            .get(wi)
+            .and_then(|w| self.queues.get(w.queue))
+            .and_then(|q| q.max_wait);
+        if let Some(w) = self.waiting.get_mut(wi) {
+            if let Some(cb) = w.callback.as_mut() {
+                if matches!(cb.phase, CallbackPhase::Dialing { .. }) {
+                    cb.phase = CallbackPhase::Answered;
+                    w.max_wait_at = max_wait.map(|m| later(now, m));
+                    w.max_wait_sent = false;
+                }
+            }
+        }
+    }
+
+    /// The call-back dial failed (no answer, busy, unreachable): parked again for
+    /// `retry_after`, or, after the last attempt, removed with `CallbackUnreached`. Ignored
+    /// unless that call-back is dialling (a caller who hangs up after answering is `abandon`).
+    pub fn callback_failed(&mut self, now: Instant, caller: CallerId) {
+        self.touch(now);
+        let Some(wi) = self.waiting_idx(caller) else {
+            return;
+        };
+        let policy = self.callback_policy;
+        let Some(w) = self.waiting.get_mut(wi) else {
+            return;
+        };
+        let Some(cb) = w.callback.as_mut() else {
+            return;
+        };
+        if !matches!(cb.phase, CallbackPhase::Dialing { .. }) {
+            return;
+        }
+        if cb.attempts < policy.attempts {
+            debug!(
+                caller,
+                attempts = cb.attempts,
+                "call-back not answered; will retry"
+            );
+            cb.phase = CallbackPhase::Parked {
+                not_before: later(now, policy.retry_after),
+            };
+            return;
+        }
+        let w = self.waiting.remove(wi);
+        if let Some(qs) = self.queues.get_mut(w.queue) {
+            qs.callbacks_unreached += 1;
+            qs.abandoned += 1;
+        }
+        self.outbox.push(Action::CallbackUnreached { caller });
+    }
+
     /// `OnCall → WrapUp` for the queue's wrap-up time (or `Paused` if a pause was asked for).
     pub fn call_ended(&mut self, now: Instant, agent: &str) {
         self.touch(now);
@@ -691,6 +916,22 @@ impl Dispatcher {
             }
             self.fail_offer(now, i, caller);
         }
+        // Call-back dials whose outcome never came.
+        let lost: Vec<CallerId> = self
+            .waiting
+            .iter()
+            .filter(|w| {
+                matches!(w.callback, Some(Callback { phase: CallbackPhase::Dialing { expires }, .. }) if expires <= now)
+            })
+            .map(|w| w.caller)
+            .collect();
+        for caller in lost {
+            warn!(
+                caller,
+                "call-back dial outcome never reported; counted as unanswered"
+            );
+            self.callback_failed(now, caller);
+        }
         self.make_offers(now);
         self.max_waits(now);
         self.announcements(now);
@@ -708,13 +949,23 @@ impl Dispatcher {
             AgentStatus::Ringing { .. } => a.offer_expires,
             _ => None,
         });
+        let now = self.now;
         let callers = self.waiting.iter().flat_map(|w| {
             let max_wait = if w.max_wait_sent || ringing.contains(&w.caller) {
                 None
             } else {
                 w.max_wait_at
             };
-            [w.next_announce, max_wait].into_iter().flatten()
+            // A parked call-back matters when its retry time comes (later, it waits for an
+            // agent, which is an input); a dial when its outcome is overdue.
+            let callback = match w.callback.map(|c| c.phase) {
+                Some(CallbackPhase::Parked { not_before }) => {
+                    now.is_none_or(|n| not_before > n).then_some(not_before)
+                }
+                Some(CallbackPhase::Dialing { expires }) => Some(expires),
+                _ => None,
+            };
+            [w.next_announce, max_wait, callback].into_iter().flatten()
         });
         agents.chain(callers).min()
     }
@@ -745,6 +996,7 @@ impl Dispatcher {
             .map(|(qi, q)| {
                 let here = || self.waiting.iter().filter(move |w| w.queue == qi);
                 let waiting = here().count();
+                let callbacks_pending = here().filter(|w| w.callback.is_some()).count();
                 let longest_wait = match (self.now, here().map(|w| w.since).min()) {
                     (Some(now), Some(since)) => now.saturating_duration_since(since),
                     _ => Duration::ZERO,
@@ -765,6 +1017,9 @@ impl Dispatcher {
                     service_level: (left > 0).then(|| q.answered_in_sl as f64 / left as f64),
                     average_handle_time: q.aht(),
                     ewt: self.ewt(qi, None, waiting + 1),
+                    callbacks_pending,
+                    callbacks_requested: q.callbacks_requested,
+                    callbacks_unreached: q.callbacks_unreached,
                 }
             })
             .collect()
@@ -935,8 +1190,10 @@ impl Dispatcher {
         }
     }
 
-    /// Withdraw an offer that could not be delivered, at no cost to the agent.
-    fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
+    /// Withdraw an offer that could not be delivered (or that the caller's side will not
+    /// ring, e.g. the extra phones of a `ring_all` round for a call-back), at no cost to the
+    /// agent. Ignored unless that agent is ringing for that caller.
+    pub fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
         if let Some(a) = self.agent_mut(agent) {
             if a.ringing_for(caller) {
                 a.release();
@@ -973,7 +1230,10 @@ impl Dispatcher {
 
     fn make_offers(&mut self, now: Instant) {
         let mut ringing = self.ringing_callers();
-        for w in &self.waiting {
+        // Free agents held back for call-backs being dialled (ahead of the entries after them).
+        let mut claimed: HashSet<usize> = HashSet::new();
+        let policy = self.callback_policy;
+        for w in &mut self.waiting {
             if !self
                 .agents
                 .iter()
@@ -984,6 +1244,37 @@ impl Dispatcher {
             if ringing.contains(&w.caller) {
                 continue;
             }
+            if let Some(cb) = w.callback.as_mut() {
+                let free = self.agents.iter().enumerate().find(|(i, a)| {
+                    a.status == AgentStatus::Available
+                        && a.can_take(w.skill.as_deref())
+                        && !claimed.contains(i)
+                });
+                match cb.phase {
+                    CallbackPhase::Answered => {}
+                    CallbackPhase::Dialing { .. } => {
+                        if let Some((i, _)) = free {
+                            claimed.insert(i);
+                        }
+                        continue;
+                    }
+                    CallbackPhase::Parked { not_before } => {
+                        if let Some((i, _)) = free.filter(|_| not_before <= now) {
+                            claimed.insert(i);
+                            cb.attempts += 1;
+                            cb.phase = CallbackPhase::Dialing {
+                                expires: later(now, policy.ring_timeout + OFFER_GRACE),
+                            };
+                            self.outbox.push(Action::DialBack {
+                                caller: w.caller,
+                                attempt: cb.attempts,
+                                ring_timeout: policy.ring_timeout,
+                            });
+                        }
+                        continue;
+                    }
+                }
+            }
             let Some(q) = self.queues.get_mut(w.queue) else {
                 continue;
             };
@@ -991,8 +1282,10 @@ impl Dispatcher {
                 .agents
                 .iter()
                 .enumerate()
-                .filter(|(_, a)| {
-                    a.status == AgentStatus::Available && a.can_take(w.skill.as_deref())
+                .filter(|(i, a)| {
+                    a.status == AgentStatus::Available
+                        && a.can_take(w.skill.as_deref())
+                        && !claimed.contains(i)
                 })
                 .map(|(i, _)| i)
                 .collect();
@@ -1019,7 +1312,7 @@ impl Dispatcher {
     fn max_waits(&mut self, now: Instant) {
         let ringing = self.ringing_callers();
         for w in &mut self.waiting {
-            if w.max_wait_sent || ringing.contains(&w.caller) {
+            if w.max_wait_sent || ringing.contains(&w.caller) || !w.offerable() {
                 continue;
             }
             let due = w.max_wait_at.is_some_and(|t| t <= now);
@@ -1110,6 +1403,50 @@ pub enum QueueEvent {
     MaxWait,
 }
 
+/// What a call-back's driver (`crate::callback`) hears about, on the sender it gave to
+/// [`QueueHandle::request_callback`]. The channel closing means the queue is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbackEvent {
+    /// Ring the caller back now (see [`Action::DialBack`]).
+    DialBack {
+        attempt: u32,
+        ring_timeout: Duration,
+    },
+    /// Every dial failed; the entry has left the line.
+    Unreached,
+    /// Once answered, the entry hears what any waiting call hears.
+    Queue(QueueEvent),
+}
+
+/// Where a waiting entry's events go: the caller's own call, or its call-back driver.
+enum Listener {
+    Call(mpsc::Sender<QueueEvent>),
+    Callback(mpsc::Sender<CallbackEvent>),
+}
+
+impl Listener {
+    fn is_closed(&self) -> bool {
+        match self {
+            Listener::Call(tx) => tx.is_closed(),
+            Listener::Callback(tx) => tx.is_closed(),
+        }
+    }
+
+    /// `Err(true)`: closed; `Err(false)`: full.
+    fn try_send(&self, ev: CallbackEvent) -> Result<(), bool> {
+        use mpsc::error::TrySendError;
+        fn flag<T>(e: TrySendError<T>) -> bool {
+            matches!(e, TrySendError::Closed(_))
+        }
+        match (self, ev) {
+            (Listener::Call(tx), CallbackEvent::Queue(q)) => tx.try_send(q).map_err(flag),
+            // A call on the line has no use for call-back events (none are sent to one).
+            (Listener::Call(_), _) => Ok(()),
+            (Listener::Callback(tx), ev) => tx.try_send(ev).map_err(flag),
+        }
+    }
+}
+
 /// Commands queued to the driver task before callers feel back-pressure.
 const COMMAND_QUEUE: usize = 1024;
 /// How often the driver looks for calls whose events receiver is gone.
@@ -1125,6 +1462,14 @@ enum Cmd {
         reply: oneshot::Sender<Result<Position, Refusal>>,
     },
     Abandon(CallerId),
+    RequestCallback {
+        caller: CallerId,
+        events: mpsc::Sender<CallbackEvent>,
+        reply: oneshot::Sender<bool>,
+    },
+    CallbackAnswered(CallerId),
+    Withdraw(CallerId, String),
+    CallbackFailed(CallerId),
     Answered(CallerId, String),
     Failed(CallerId, String, OfferFailure),
     CallEnded(String),
@@ -1171,6 +1516,37 @@ impl QueueHandle {
 
     pub async fn abandon(&self, caller: CallerId) {
         self.send(Cmd::Abandon(caller)).await;
+    }
+
+    /// The waiting `caller` asks for a call-back that keeps its place
+    /// ([`Dispatcher::request_callback`]); from now on its events go to `events` (the call
+    /// can hang up). `false` if it was not waiting (or the queue has stopped).
+    pub async fn request_callback(
+        &self,
+        caller: CallerId,
+        events: mpsc::Sender<CallbackEvent>,
+    ) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::RequestCallback {
+            caller,
+            events,
+            reply,
+        })
+        .await;
+        rx.await.unwrap_or(false)
+    }
+
+    /// The offer will not be rung (see [`Dispatcher::withdraw_offer`]).
+    pub async fn offer_withdrawn(&self, caller: CallerId, agent: &str) {
+        self.send(Cmd::Withdraw(caller, agent.to_owned())).await;
+    }
+
+    pub async fn callback_answered(&self, caller: CallerId) {
+        self.send(Cmd::CallbackAnswered(caller)).await;
+    }
+
+    pub async fn callback_failed(&self, caller: CallerId) {
+        self.send(Cmd::CallbackFailed(caller)).await;
     }
 
     pub async fn offer_answered(&self, caller: CallerId, agent: &str) {
@@ -1242,7 +1618,7 @@ fn clock() -> Instant {
 
 struct Driver {
     core: Dispatcher,
-    events: HashMap<CallerId, mpsc::Sender<QueueEvent>>,
+    events: HashMap<CallerId, Listener>,
 }
 
 impl Driver {
@@ -1288,11 +1664,25 @@ impl Driver {
             } => {
                 let r = d.enqueue(now, caller, &queue, skill.as_deref(), priority);
                 if r.is_ok() {
-                    self.events.insert(caller, events);
+                    self.events.insert(caller, Listener::Call(events));
                 }
                 let _ = reply.send(r);
             }
             Cmd::Abandon(caller) => d.abandon(now, caller),
+            Cmd::RequestCallback {
+                caller,
+                events,
+                reply,
+            } => {
+                let ok = d.request_callback(now, caller);
+                if ok {
+                    self.events.insert(caller, Listener::Callback(events));
+                }
+                let _ = reply.send(ok);
+            }
+            Cmd::CallbackAnswered(caller) => d.callback_answered(now, caller),
+            Cmd::Withdraw(caller, agent) => d.withdraw_offer(caller, &agent),
+            Cmd::CallbackFailed(caller) => d.callback_failed(now, caller),
             Cmd::Answered(caller, agent) => d.offer_answered(now, caller, &agent),
             Cmd::Failed(caller, agent, why) => d.offer_failed(now, caller, &agent, why),
             Cmd::CallEnded(agent) => d.call_ended(now, &agent),
@@ -1349,30 +1739,48 @@ impl Driver {
         let Some(tx) = self.events.get(&caller) else {
             return false;
         };
+        let q = CallbackEvent::Queue;
         let (event, offered) = match action {
             Action::Offer {
                 agent,
                 ring_timeout,
                 ..
             } => (
-                QueueEvent::Offer {
+                q(QueueEvent::Offer {
                     agent: agent.clone(),
                     ring_timeout,
-                },
+                }),
                 Some(agent),
             ),
-            Action::CancelOffer { agent, .. } => (QueueEvent::CancelOffer { agent }, None),
-            Action::Announce { position, .. } => (QueueEvent::Announce(position), None),
-            Action::MaxWait { .. } => (QueueEvent::MaxWait, None),
+            Action::CancelOffer { agent, .. } => (q(QueueEvent::CancelOffer { agent }), None),
+            Action::Announce { position, .. } => (q(QueueEvent::Announce(position)), None),
+            Action::MaxWait { .. } => (q(QueueEvent::MaxWait), None),
+            Action::DialBack {
+                attempt,
+                ring_timeout,
+                ..
+            } => (
+                CallbackEvent::DialBack {
+                    attempt,
+                    ring_timeout,
+                },
+                None,
+            ),
+            Action::CallbackUnreached { .. } => (CallbackEvent::Unreached, None),
         };
+        let dial = matches!(event, CallbackEvent::DialBack { .. });
         match tx.try_send(event) {
             Ok(()) => false,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(true) => {
                 self.events.remove(&caller);
                 self.core.abandon(now, caller);
                 true
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(false) => {
+                if dial {
+                    // Nobody will dial: count it as an unanswered attempt.
+                    self.core.callback_failed(now, caller);
+                }
                 warn!(
                     caller,
                     "queued call is not reading its events; event dropped"
@@ -2292,6 +2700,263 @@ mod tests {
         assert!(t.poll(1.0).is_empty());
     }
 
+    // ---- call-backs that keep the caller's place ----
+
+    /// Agents `ids`, wrap-up 0; call-backs dialled at once, ringing 30 s, retried after 60 s.
+    fn cb(ids: &[&str], attempts: u32) -> T {
+        let agents: Vec<AgentConfig> = ids.iter().map(|id| agent(id, &[], 1)).collect();
+        let mut t = T::new(
+            &agents,
+            &[QueueConfig {
+                wrap_up_seconds: 0,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.d = std::mem::replace(&mut t.d, Dispatcher::new(&[], &[])).with_callback_policy(
+            CallbackPolicy {
+                ring_timeout: Duration::from_secs(30),
+                attempts,
+                retry_after: Duration::from_secs(60),
+                first_delay: Duration::ZERO,
+            },
+        );
+        t.login(0.0, ids);
+        t
+    }
+
+    /// Put `agent` on a call with caller `busy` at `s`.
+    fn busy(t: &mut T, s: f64, busy: CallerId, agent: &str) {
+        t.enqueue(s, busy, None);
+        assert_eq!(offers(&t.poll(s)), vec![(busy, agent)]);
+        t.answer(s, busy, agent);
+    }
+
+    fn dials(actions: &[Action]) -> Vec<(CallerId, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::DialBack {
+                    caller, attempt, ..
+                } => Some((*caller, *attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_call_back_keeps_its_place_is_dialled_when_it_comes_up_and_offered_once_answered() {
+        let mut t = cb(&["a"], 3);
+        busy(&mut t, 0.0, 9, "a");
+        t.enqueue(1.0, 1, None);
+        t.enqueue(2.0, 2, None);
+        assert!(t.d.request_callback(t.t(3.0), 1));
+        assert!(t.poll(3.0).is_empty());
+        let f = t.figures();
+        assert_eq!(
+            (f.waiting, f.callbacks_pending, f.callbacks_requested),
+            (2, 1, 1)
+        );
+        assert_eq!(t.d.position(2).unwrap().place, 2, "caller 2 stays behind");
+        assert_eq!(
+            f.longest_wait,
+            Duration::from_secs(2),
+            "waited since arrival"
+        );
+
+        // The agent frees up: the caller is rung back; caller 2 does not overtake meanwhile.
+        t.end(10.0, "a");
+        let acts = t.poll(10.0);
+        assert_eq!(dials(&acts), vec![(1, 1)]);
+        assert!(offers(&acts).is_empty(), "{acts:?}");
+        assert!(matches!(
+            acts[0],
+            Action::DialBack { ring_timeout, .. } if ring_timeout == Duration::from_secs(30)
+        ));
+        assert!(t.poll(20.0).is_empty());
+
+        t.d.callback_answered(t.t(21.0), 1);
+        assert_eq!(offers(&t.poll(21.0)), vec![(1, "a")]);
+        t.answer(22.0, 1, "a");
+        let f = t.figures();
+        assert_eq!((f.waiting, f.callbacks_pending, f.answered), (1, 0, 2));
+        assert_eq!(t.status("a"), AgentStatus::OnCall { caller: 1 });
+    }
+
+    #[test]
+    fn an_unanswered_call_back_is_retried_then_filed_and_frees_the_held_agent() {
+        let mut t = cb(&["a"], 2);
+        busy(&mut t, 0.0, 9, "a");
+        t.enqueue(1.0, 1, None);
+        assert!(t.d.request_callback(t.t(2.0), 1));
+        t.end(10.0, "a");
+        assert_eq!(dials(&t.poll(10.0)), vec![(1, 1)]);
+        t.enqueue(20.0, 2, None);
+        assert!(offers(&t.poll(20.0)).is_empty(), "a is held for the dial");
+
+        // No answer: parked for 60 s, and the agent goes to caller 2 at once.
+        t.d.callback_failed(t.t(40.0), 1);
+        let acts = t.poll(40.0);
+        assert_eq!(offers(&acts), vec![(2, "a")]);
+        assert!(dials(&acts).is_empty());
+        t.answer(41.0, 2, "a");
+        t.end(50.0, "a");
+        assert!(dials(&t.poll(50.0)).is_empty(), "not before the retry time");
+        assert_eq!(t.d.next_deadline(), Some(t.t(100.0)));
+        assert_eq!(dials(&t.poll(100.0)), vec![(1, 2)]);
+
+        // The last attempt fails: the entry leaves with a ticket to file.
+        t.d.callback_failed(t.t(130.0), 1);
+        assert_eq!(t.poll(130.0), vec![Action::CallbackUnreached { caller: 1 }]);
+        let f = t.figures();
+        assert_eq!(
+            (
+                f.waiting,
+                f.callbacks_pending,
+                f.callbacks_unreached,
+                f.abandoned
+            ),
+            (0, 0, 1, 1)
+        );
+        assert_eq!(t.d.position(1), None);
+    }
+
+    #[test]
+    fn a_dial_whose_outcome_never_comes_counts_as_unanswered_not_before() {
+        let mut t = cb(&["a"], 1);
+        t.enqueue(0.0, 1, None);
+        assert_eq!(offers(&t.poll(0.0)), vec![(1, "a")]);
+        t.d.request_callback(t.t(1.0), 1);
+        // The ringing offer is withdrawn at no cost, and the agent is free for the dial.
+        let acts = t.poll(1.0);
+        assert_eq!(cancels(&acts), vec![(1, "a")]);
+        assert_eq!(dials(&acts), vec![(1, 1)]);
+        assert_eq!(
+            t.d.next_deadline(),
+            Some(t.t(36.0)),
+            "30 s ring + 5 s grace"
+        );
+        assert!(t.poll(35.9).is_empty(), "still pending just before");
+        assert_eq!(t.figures().waiting, 1);
+        assert_eq!(t.poll(36.0), vec![Action::CallbackUnreached { caller: 1 }]);
+    }
+
+    #[test]
+    fn after_answering_a_failed_agent_offer_goes_to_the_next_agent() {
+        let mut t = cb(&["a", "b"], 3);
+        busy(&mut t, 0.0, 8, "a");
+        busy(&mut t, 0.0, 9, "b");
+        t.enqueue(1.0, 1, None);
+        t.d.request_callback(t.t(2.0), 1);
+        t.end(10.0, "a");
+        assert_eq!(dials(&t.poll(10.0)), vec![(1, 1)]);
+        t.d.callback_answered(t.t(15.0), 1);
+        assert_eq!(offers(&t.poll(15.0)), vec![(1, "a")]);
+        t.d.offer_failed(t.t(20.0), 1, "a", OfferFailure::NoAnswer);
+        assert!(offers(&t.poll(20.0)).is_empty(), "b is still on a call");
+        assert!(matches!(t.status("a"), AgentStatus::NoAnswerPause { .. }));
+        t.end(25.0, "b");
+        assert_eq!(offers(&t.poll(25.0)), vec![(1, "b")]);
+        assert_eq!(t.d.position(1).map(|p| p.place), Some(1));
+    }
+
+    #[test]
+    fn a_called_back_caller_who_hangs_up_is_abandoned_and_releases_the_agent() {
+        let mut t = cb(&["a"], 3);
+        busy(&mut t, 0.0, 9, "a");
+        t.enqueue(1.0, 1, None);
+        t.d.request_callback(t.t(2.0), 1);
+        t.end(10.0, "a");
+        t.poll(10.0);
+        t.d.callback_answered(t.t(15.0), 1);
+        assert_eq!(offers(&t.poll(15.0)), vec![(1, "a")]);
+        t.d.abandon(t.t(16.0), 1);
+        assert_eq!(cancels(&t.poll(16.0)), vec![(1, "a")]);
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        let f = t.figures();
+        assert_eq!((f.waiting, f.abandoned, f.callbacks_unreached), (0, 1, 0));
+        // Reports about a call-back that is gone are ignored.
+        t.d.callback_failed(t.t(17.0), 1);
+        t.d.callback_answered(t.t(17.0), 1);
+        assert!(t.poll(17.0).is_empty());
+    }
+
+    #[test]
+    fn request_callback_needs_a_caller_waiting_on_the_line_and_honours_the_first_delay() {
+        let mut t = cb(&["a"], 3);
+        t.d = std::mem::replace(&mut t.d, Dispatcher::new(&[], &[])).with_callback_policy(
+            CallbackPolicy {
+                first_delay: Duration::from_secs(10),
+                ..CallbackPolicy::default()
+            },
+        );
+        t.login(0.0, &["a"]);
+        assert!(!t.d.request_callback(t.t(0.0), 1), "not waiting");
+        busy(&mut t, 0.0, 9, "a");
+        t.enqueue(1.0, 1, None);
+        assert!(t.d.request_callback(t.t(1.0), 1));
+        assert!(!t.d.request_callback(t.t(1.0), 1), "only once");
+        assert!(
+            !t.d.request_callback(t.t(1.0), 9),
+            "9 is talking to an agent"
+        );
+        t.end(2.0, "a");
+        assert!(t.poll(2.0).is_empty(), "not dialled within the first delay");
+        // A new caller meanwhile takes the free agent: nobody is held for a parked entry.
+        t.enqueue(3.0, 2, None);
+        assert_eq!(offers(&t.poll(3.0)), vec![(2, "a")]);
+        t.answer(3.0, 2, "a");
+        t.end(12.0, "a");
+        assert_eq!(dials(&t.poll(12.0)), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn ring_all_offers_withdrawn_by_a_call_back_cost_nothing_and_are_not_repeated() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 0,
+                ..queue("general", Strategy::RingAll)
+            }],
+        );
+        t.d = std::mem::replace(&mut t.d, Dispatcher::new(&[], &[])).with_callback_policy(
+            CallbackPolicy {
+                first_delay: Duration::ZERO,
+                ..CallbackPolicy::default()
+            },
+        );
+        t.login(0.0, &["a", "b"]);
+        t.enqueue(0.0, 1, None);
+        assert_eq!(offers(&t.poll(0.0)), vec![(1, "a"), (1, "b")]);
+        t.d.request_callback(t.t(1.0), 1);
+        let acts = t.poll(1.0);
+        assert_eq!(cancels(&acts), vec![(1, "a"), (1, "b")]);
+        assert_eq!(dials(&acts), vec![(1, 1)]);
+        t.d.callback_answered(t.t(2.0), 1);
+        assert_eq!(offers(&t.poll(2.0)), vec![(1, "a"), (1, "b")]);
+        t.d.withdraw_offer(1, "b");
+        assert_eq!(t.status("b"), AgentStatus::Available);
+        assert!(t.poll(3.0).is_empty(), "no second offer while a rings");
+        t.answer(4.0, 1, "a");
+        assert_eq!(t.figures().answered, 1);
+    }
+
+    #[test]
+    fn a_parked_call_back_gets_no_max_wait_but_an_answered_one_does() {
+        let mut t = cb(&["a"], 3);
+        busy(&mut t, 0.0, 9, "a");
+        t.enqueue(1.0, 1, None);
+        t.d.request_callback(t.t(2.0), 1);
+        // Way past max_wait_seconds (600): still parked, no MaxWait, no announcements.
+        assert!(t.poll(1000.0).is_empty());
+        t.end(1001.0, "a");
+        t.poll(1001.0);
+        t.d.callback_answered(t.t(1002.0), 1);
+        t.poll(1002.0);
+        t.d.offer_failed(t.t(1003.0), 1, "a", OfferFailure::Busy);
+        t.d.agent_logged_out(t.t(1004.0), "a");
+        assert_eq!(t.poll(1004.0), vec![Action::MaxWait { caller: 1 }]);
+    }
+
     // ---- the driver (real time, short) ----
 
     async fn recv(rx: &mut mpsc::Receiver<QueueEvent>) -> QueueEvent {
@@ -2417,6 +3082,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(q.figures().await[0].abandoned, 1);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn driver_hands_a_call_back_to_its_own_listener_and_keeps_it_after_the_call_hangs_up() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        )
+        .with_callback_policy(CallbackPolicy {
+            first_delay: Duration::ZERO,
+            ..CallbackPolicy::default()
+        });
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        q.agent_logged_in("a").await;
+        assert!(q.pause("a", "busy").await);
+        let (tx, rx) = mpsc::channel(8);
+        q.enqueue(1, "general", None, 0, tx).await.unwrap();
+        let (cb_tx, mut cb_rx) = mpsc::channel(8);
+        assert!(q.request_callback(1, cb_tx).await);
+        let (other, _) = mpsc::channel(8);
+        assert!(!q.request_callback(2, other).await, "2 is not waiting");
+        // The call hangs up; well past a sweep, the place is still kept.
+        drop(rx);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let f = &q.figures().await[0];
+        assert_eq!((f.waiting, f.callbacks_pending, f.abandoned), (1, 1, 0));
+        // The agent is back: the call-back's listener is told to dial, then gets the offer.
+        assert!(q.unpause("a").await);
+        let ev = tokio::time::timeout(Duration::from_secs(5), cb_rx.recv()).await;
+        assert!(matches!(
+            ev,
+            Ok(Some(CallbackEvent::DialBack { attempt: 1, .. }))
+        ));
+        q.callback_answered(1).await;
+        let ev = tokio::time::timeout(Duration::from_secs(5), cb_rx.recv()).await;
+        assert!(
+            matches!(&ev, Ok(Some(CallbackEvent::Queue(QueueEvent::Offer { agent, .. }))) if agent == "a"),
+            "{ev:?}"
+        );
         cancel.cancel();
         tracker.close();
         tracker.wait().await;

@@ -1,0 +1,935 @@
+//! Call-backs that keep the caller's place: the tokio driver.
+//!
+//! A caller waiting for an operator presses 2 and hangs up; with `callback.trunk_uri`
+//! configured their queue entry stays where it was (see "Call-backs" in
+//! [`crate::dispatch::queue`] for the sans-IO rules: when the caller is dialled, retries, the
+//! agent held back meanwhile). The call hands the entry to [`Callbacks::keep_place`], which
+//! starts one task per call-back, owned by the server's tracker. The task:
+//!
+//! 1. waits for [`CallbackEvent::DialBack`], then INVITEs `sip:<number>@<trunk>` with From
+//!    `<from_user>` (the 311 number) and reports the outcome to the queue (ring timeout:
+//!    CANCEL and report a failure; the queue retries or gives up);
+//! 2. on answer plays `callback_hello` ("This is 311 calling you back; please hold for an
+//!    operator") in the caller's language, then hold music;
+//! 3. rings each agent the queue offers, with the same `X-311-*` headers as a live caller's
+//!    offer plus `X-311-Callback: yes`, From and P-Asserted-Identity the caller's number (one
+//!    phone at a time: with `ring_all`, the round's other offers are withdrawn at no cost);
+//! 4. on the agent's 200 relays RTP between the two outbound legs with
+//!    [`crate::media::bridge::relay`] (PCMU⇄PCMA transcoding, RFC 4733 events passed on);
+//!    either side's BYE hangs up the other.
+//!
+//! Nobody is lost: when every dial failed ([`CallbackEvent::Unreached`]), when the answered
+//! caller can be taken by no logged-in operator (`MaxWait`: they hear `callback_confirmed`),
+//! and when the server stops (or the queue goes away) before an operator took the call, the
+//! task files a ticket flagged for call-back with the caller's number. So pending call-backs
+//! do not survive a restart as queue entries, but each becomes a flagged ticket at shutdown
+//! (`ivr311 serve` allows 5 s for tasks to finish after the drain). A caller who answers and
+//! hangs up before an operator takes the call counts as abandoned, like a live caller who
+//! hangs up (there is no answering-machine detection: a voicemail that answers is treated as
+//! the caller).
+//!
+//! Bounds: at most `callback.max_pending` call-backs at once (more requests become flagged
+//! tickets at once), one trunk leg and one agent leg per task, `limits.no_media_seconds`
+//! without RTP from the answered caller and `limits.max_call_seconds` end the call.
+//!
+//! This module owns no queue logic and no SIP: it uses [`QueueHandle`] and
+//! [`OutboundHandle`], and must not reach into a live call's state ([`crate::call`] only
+//! calls [`Callbacks::keep_place`]). Call-back legs do not show in `/admin/calls` and the
+//! shutdown drain does not wait for a bridged call-back (it is hung up when the server stops);
+//! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
+
+use crate::call::{MenuHolder, PortPool, RtpPort, PTIME, SUPPORTED_CODECS};
+use crate::config::{CallbackConfig, Limits};
+use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
+use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
+use crate::media::bridge::{relay, Relay};
+use crate::media::g711::Codec;
+use crate::media::prompt::Prompt;
+use crate::media::sdp::{self, Negotiated};
+use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use crate::sip::transport::Flow;
+use crate::sip::ua::{DialogEvent, DialogHandle, LegEvent, OutboundHandle};
+use bytes::Bytes;
+use dashmap::DashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+/// Events buffered per call-back (the queue drops, never blocks, when full).
+const EVENTS: usize = 16;
+
+/// Why a call-back request could not keep the caller's place (the call files a flagged
+/// ticket instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotKept {
+    /// The caller's number is not one a trunk can dial (anonymous, a name...).
+    #[error("the caller's number cannot be dialled")]
+    NotDialable,
+    /// `callback.max_pending` call-backs are pending already.
+    #[error("too many call-backs pending")]
+    TooMany,
+    /// The caller was no longer waiting (answered, gone) or the queue has stopped.
+    #[error("the caller is not waiting in a queue")]
+    NotWaiting,
+}
+
+/// What the call knows that the call-back needs.
+#[derive(Debug, Clone)]
+pub struct CallbackRequest {
+    /// The caller's queue entry.
+    pub caller: CallerId,
+    /// The number to call back (the call's caller id).
+    pub number: String,
+    /// The original call's Call-ID (for `X-311-Call-ID` and the ticket).
+    pub call_id: String,
+    pub language: String,
+    pub menu_path: String,
+    pub queue: String,
+    /// When the caller entered the queue (`X-311-Waited` counts from here).
+    pub entered: Instant,
+    /// Our media address family/interface as the caller's call used it.
+    pub local_ip: IpAddr,
+}
+
+/// A number a trunk can dial: an optional `+`, then 3 to 20 digits.
+pub fn dialable(number: &str) -> bool {
+    let digits = number.strip_prefix('+').unwrap_or(number);
+    (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Starts call-backs; cheap to clone. Built by the server when `callback.trunk_uri` and
+/// agents are configured.
+#[derive(Clone)]
+pub struct Callbacks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CallbackConfig,
+    queues: QueueHandle,
+    outbound: OutboundHandle,
+    ports: Arc<PortPool>,
+    agent_contacts: Arc<DashMap<String, (String, Flow)>>,
+    menu: Arc<MenuHolder>,
+    default_language: String,
+    tickets: TicketStore,
+    limits: Limits,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    pending: AtomicUsize,
+}
+
+/// Everything [`Callbacks`] uses that the server owns.
+pub struct CallbackDeps {
+    pub queues: QueueHandle,
+    pub outbound: OutboundHandle,
+    pub ports: Arc<PortPool>,
+    pub agent_contacts: Arc<DashMap<String, (String, Flow)>>,
+    pub menu: Arc<MenuHolder>,
+    pub default_language: String,
+    pub tickets: TicketStore,
+    pub limits: Limits,
+    pub tracker: TaskTracker,
+    /// Server stop: pending call-backs become flagged tickets.
+    pub cancel: CancellationToken,
+}
+
+impl Callbacks {
+    /// `None` without a trunk (`config` must have passed [`CallbackConfig::check`]).
+    pub fn new(config: &CallbackConfig, deps: CallbackDeps) -> Option<Self> {
+        config.trunk_uri.as_ref()?;
+        Some(Callbacks {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                queues: deps.queues,
+                outbound: deps.outbound,
+                ports: deps.ports,
+                agent_contacts: deps.agent_contacts,
+                menu: deps.menu,
+                default_language: deps.default_language,
+                tickets: deps.tickets,
+                limits: deps.limits,
+                tracker: deps.tracker,
+                cancel: deps.cancel,
+                pending: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// Call-backs pending now.
+    pub fn pending(&self) -> usize {
+        self.inner.pending.load(Ordering::Relaxed)
+    }
+
+    /// Take over the waiting caller's queue entry: from now on it is a call-back that keeps
+    /// its place, and the call may hang up. On `Err` nothing changed in the queue.
+    pub async fn keep_place(&self, req: CallbackRequest) -> Result<(), NotKept> {
+        let inner = &self.inner;
+        if !dialable(&req.number) {
+            return Err(NotKept::NotDialable);
+        }
+        let target = inner
+            .config
+            .target_for(&req.number)
+            .ok_or(NotKept::NotDialable)?;
+        let slot = inner
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < inner.config.max_pending).then_some(n + 1)
+            });
+        if slot.is_err() {
+            return Err(NotKept::TooMany);
+        }
+        let guard = Pending(self.inner.clone());
+        let (tx, rx) = mpsc::channel(EVENTS);
+        if !inner.queues.request_callback(req.caller, tx).await {
+            return Err(NotKept::NotWaiting);
+        }
+        // Its own root span: the call that asked is about to end.
+        let span =
+            info_span!(parent: None, "callback", caller = %req.number, call_id = %req.call_id);
+        span.in_scope(|| info!(%target, queue = %req.queue, "call-back keeps the caller's place"));
+        let run = Run::new(self.inner.clone(), req, target, span.clone());
+        inner.tracker.spawn(
+            async move {
+                let _guard = guard;
+                run.run(rx).await;
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+}
+
+/// Counts one pending call-back while alive.
+struct Pending(Arc<Inner>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a call-back ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// An operator took the call and one side hung up.
+    Served,
+    /// The caller hung up (or went silent) before an operator took the call.
+    CallerLeft,
+    /// Every dial failed.
+    Unreached,
+    /// Answered, but no operator who could take it is logged in any more.
+    NoOperator,
+    /// The server is stopping, or the queue went away.
+    Shutdown,
+}
+
+/// The caller's leg (through the trunk).
+struct TrunkLeg {
+    handle: DialogHandle,
+    /// While ringing: when to give up.
+    ring_until: Option<tokio::time::Instant>,
+    /// Once answered.
+    media: Option<MediaSession>,
+    answered_at: Option<tokio::time::Instant>,
+}
+
+/// The operator's leg.
+struct AgentLeg {
+    id: String,
+    handle: DialogHandle,
+    ring_until: Option<tokio::time::Instant>,
+    answered: Option<(Negotiated, SocketAddr)>,
+    span: Span,
+}
+
+struct Run {
+    inner: Arc<Inner>,
+    req: CallbackRequest,
+    target: String,
+    span: Span,
+    trunk: Option<TrunkLeg>,
+    trunk_events: Option<mpsc::Receiver<LegEvent>>,
+    trunk_port: Option<RtpPort>,
+    agent: Option<AgentLeg>,
+    agent_events: Option<mpsc::Receiver<LegEvent>>,
+    agent_port: Option<RtpPort>,
+    /// An operator answered: the call is theirs.
+    served: bool,
+    /// End once the prompts queued now have played.
+    end_after_play: Option<End>,
+}
+
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn rtp_opt(port: Option<&RtpPort>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match port {
+        Some(p) => p.socket.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Run {
+    fn new(inner: Arc<Inner>, req: CallbackRequest, target: String, span: Span) -> Self {
+        Run {
+            inner,
+            req,
+            target,
+            span,
+            trunk: None,
+            trunk_events: None,
+            trunk_port: None,
+            agent: None,
+            agent_events: None,
+            agent_port: None,
+            served: false,
+            end_after_play: None,
+        }
+    }
+
+    async fn run(mut self, events: mpsc::Receiver<CallbackEvent>) {
+        let mut events = Some(events);
+        let cancel = self.inner.cancel.clone();
+        let no_media = Duration::from_secs(self.inner.limits.no_media_seconds);
+        let max_call = Duration::from_secs(self.inner.limits.max_call_seconds);
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut buf = [0u8; 2048];
+        let mut buf2 = [0u8; 2048];
+        let mut out = [0u8; MAX_PACKET];
+        let end = loop {
+            let trunk_ring = self.trunk.as_ref().and_then(|t| t.ring_until);
+            let agent_ring = self.agent.as_ref().and_then(|a| a.ring_until);
+            let media_up = self.trunk.as_ref().is_some_and(|t| t.media.is_some());
+            let step = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Some(End::Shutdown),
+                ev = recv_opt(&mut events) => match ev {
+                    Some(ev) => self.on_queue_event(ev).await,
+                    // The queue forgot us (stopped, or the operator logged out mid-call): a
+                    // call in progress goes on; a caller not yet served is filed.
+                    None if self.served => {
+                        events = None;
+                        None
+                    }
+                    None => Some(End::Shutdown),
+                },
+                ev = recv_opt(&mut self.trunk_events) => self.on_trunk_event(ev).await,
+                ev = recv_opt(&mut self.agent_events) => {
+                    let span = self.agent.as_ref().map_or_else(Span::none, |a| a.span.clone());
+                    self.on_agent_event(ev).instrument(span).await
+                }
+                () = sleep_opt(trunk_ring) => {
+                    info!("the caller did not answer the call-back in time");
+                    self.drop_trunk().await;
+                    self.inner.queues.callback_failed(self.req.caller).await;
+                    None
+                }
+                () = sleep_opt(agent_ring) => {
+                    if let Some(agent) = self.agent.as_ref().map(|a| a.id.clone()) {
+                        info!(%agent, "operator did not answer in time");
+                        self.drop_agent().await;
+                        self.inner.queues.offer_failed(self.req.caller, &agent, OfferFailure::NoAnswer).await;
+                    }
+                    None
+                }
+                r = rtp_opt(self.trunk_port.as_ref(), &mut buf) => {
+                    if let Ok((n, from)) = r {
+                        self.on_trunk_rtp(&mut buf, n, from);
+                    }
+                    None
+                }
+                r = rtp_opt(self.agent_port.as_ref(), &mut buf2) => {
+                    if let Ok((n, _)) = r {
+                        self.on_agent_rtp(&mut buf2, n);
+                    }
+                    None
+                }
+                _ = tick.tick(), if media_up => self.on_tick(&mut out, no_media, max_call).await,
+            };
+            if let Some(end) = step {
+                break end;
+            }
+        };
+        self.finish(end).await;
+    }
+
+    fn prompts(&self, names: &[&str]) -> Vec<Arc<Prompt>> {
+        let store = self.inner.menu.get().prompts.clone();
+        names
+            .iter()
+            .filter_map(|n| {
+                let p = store
+                    .get(&self.req.language, n)
+                    .or_else(|| store.get(&self.inner.default_language, n));
+                if p.is_none() {
+                    warn!(prompt = %n, language = %self.req.language, "prompt missing; skipped");
+                }
+                p
+            })
+            .collect()
+    }
+
+    fn bridged(&self) -> bool {
+        self.agent.as_ref().is_some_and(|a| a.answered.is_some())
+    }
+
+    async fn on_queue_event(&mut self, ev: CallbackEvent) -> Option<End> {
+        match ev {
+            CallbackEvent::DialBack {
+                attempt,
+                ring_timeout,
+            } => {
+                if self.trunk.is_none() {
+                    self.dial(attempt, ring_timeout).await;
+                }
+                None
+            }
+            CallbackEvent::Unreached => Some(End::Unreached),
+            CallbackEvent::Queue(QueueEvent::Offer {
+                agent,
+                ring_timeout,
+            }) => {
+                self.offer_agent(agent, ring_timeout).await;
+                None
+            }
+            CallbackEvent::Queue(QueueEvent::CancelOffer { agent }) => {
+                let ringing = self
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.id == agent && a.answered.is_none());
+                if ringing {
+                    self.drop_agent().await;
+                    self.hold_music();
+                }
+                None
+            }
+            CallbackEvent::Queue(QueueEvent::Announce(_)) => None,
+            CallbackEvent::Queue(QueueEvent::MaxWait) => {
+                if self.served {
+                    return None;
+                }
+                info!("no operator can take the called-back caller; filing a ticket instead");
+                self.drop_agent().await;
+                self.inner.queues.abandon(self.req.caller).await;
+                // They hear that an operator will call them back (the flagged ticket).
+                let p = self.prompts(&["callback_confirmed"]);
+                match self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
+                    Some(media) => {
+                        media.stop();
+                        media.play(p);
+                        self.end_after_play = Some(End::NoOperator);
+                        None
+                    }
+                    None => Some(End::NoOperator),
+                }
+            }
+        }
+    }
+
+    /// Ring the caller back through the trunk.
+    async fn dial(&mut self, attempt: u32, ring_timeout: Duration) {
+        let Some(port) = self.inner.ports.allocate() else {
+            warn!("no RTP port for the call-back; counted as unanswered");
+            self.inner.queues.callback_failed(self.req.caller).await;
+            return;
+        };
+        let local = SocketAddr::new(self.req.local_ip, port.port);
+        let offer = sdp::build_offer(
+            local,
+            rand::random::<u32>() as u64,
+            1,
+            &SUPPORTED_CODECS,
+            Some(101),
+            sdp::Direction::SendRecv,
+        );
+        let from = self.inner.config.from_user.clone();
+        let headers = vec![
+            (
+                "P-Asserted-Identity".to_owned(),
+                format!("<sip:{from}@{}>", self.req.local_ip),
+            ),
+            ("X-311-Callback".to_owned(), "yes".to_owned()),
+            ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
+        ];
+        info!(target = %self.target, attempt, "calling the caller back");
+        let call = self
+            .inner
+            .outbound
+            .invite(
+                &self.target,
+                &from,
+                Some("311"),
+                headers,
+                Bytes::from(offer),
+            )
+            .await;
+        self.trunk = Some(TrunkLeg {
+            handle: call.handle,
+            ring_until: Some(tokio::time::Instant::now() + ring_timeout),
+            media: None,
+            answered_at: None,
+        });
+        self.trunk_events = Some(call.events);
+        self.trunk_port = Some(port);
+    }
+
+    async fn on_trunk_event(&mut self, ev: Option<LegEvent>) -> Option<End> {
+        let Some(ev) = ev else {
+            // The UA forgot the leg: treat as the caller gone.
+            self.trunk_events = None;
+            return self.caller_gone().await;
+        };
+        match ev {
+            LegEvent::Provisional { code } => {
+                debug!(code, "call-back ringing");
+                None
+            }
+            LegEvent::Answered { sdp: body } => {
+                let parsed = sdp::parse(&body)
+                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                match parsed {
+                    Ok((neg, addr)) => {
+                        info!(codec = ?neg.codec, "the caller answered the call-back");
+                        let mut media = MediaSession::new(clock(), neg, addr);
+                        media.play(self.prompts(&["callback_hello", "hold_music"]));
+                        if let Some(t) = &mut self.trunk {
+                            t.ring_until = None;
+                            t.media = Some(media);
+                            t.answered_at = Some(tokio::time::Instant::now());
+                        }
+                        self.inner.queues.callback_answered(self.req.caller).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the call-back was answered with unusable SDP");
+                        self.drop_trunk().await;
+                        self.inner.queues.callback_failed(self.req.caller).await;
+                    }
+                }
+                None
+            }
+            LegEvent::Failed { code, reason } => {
+                info!(code, %reason, "the call-back did not get through");
+                self.drop_trunk().await;
+                self.inner.queues.callback_failed(self.req.caller).await;
+                None
+            }
+            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
+                info!("the caller hung up");
+                if let Some(t) = self.trunk.take() {
+                    t.handle.release();
+                }
+                self.trunk_events = None;
+                self.caller_gone().await
+            }
+            LegEvent::Dialog(_) => None,
+        }
+    }
+
+    /// The answered caller left: end the operator's side too.
+    async fn caller_gone(&mut self) -> Option<End> {
+        if self.served {
+            return Some(End::Served);
+        }
+        self.drop_agent().await;
+        self.inner.queues.abandon(self.req.caller).await;
+        Some(End::CallerLeft)
+    }
+
+    /// Ring an operator for the answered caller.
+    async fn offer_agent(&mut self, agent: String, ring_timeout: Duration) {
+        let codec = self
+            .trunk
+            .as_ref()
+            .and_then(|t| t.media.as_ref())
+            .map(MediaSession::codec);
+        let contact = self
+            .inner
+            .agent_contacts
+            .get(&agent)
+            .map(|c| c.value().clone());
+        if self.agent.is_some() {
+            // One operator leg at a time: the other phones of a `ring_all` round are not
+            // rung for a call-back, and that costs their agents nothing.
+            debug!(%agent, "already ringing an operator; offer withdrawn");
+            self.inner
+                .queues
+                .offer_withdrawn(self.req.caller, &agent)
+                .await;
+            return;
+        }
+        let port = if codec.is_some() && contact.is_some() {
+            self.inner.ports.allocate()
+        } else {
+            None
+        };
+        let (Some(codec), Some((contact, flow)), Some(port)) = (codec, contact, port) else {
+            warn!(%agent, "cannot ring the operator for the call-back (no phone, leg or port)");
+            self.inner
+                .queues
+                .offer_failed(self.req.caller, &agent, OfferFailure::Unreachable)
+                .await;
+            return;
+        };
+        let other = if codec == Codec::Pcmu {
+            Codec::Pcma
+        } else {
+            Codec::Pcmu
+        };
+        let offer = sdp::build_offer(
+            SocketAddr::new(self.req.local_ip, port.port),
+            rand::random::<u32>() as u64,
+            1,
+            &[codec, other],
+            Some(101),
+            sdp::Direction::SendRecv,
+        );
+        let number = self.req.number.clone();
+        let headers = vec![
+            (
+                "P-Asserted-Identity".to_owned(),
+                format!(
+                    "<sip:{}@{}>",
+                    crate::sip::message::sanitize_quoted(&number),
+                    self.req.local_ip
+                ),
+            ),
+            ("X-311-Language".to_owned(), self.req.language.clone()),
+            ("X-311-Menu-Path".to_owned(), self.req.menu_path.clone()),
+            ("X-311-Queue".to_owned(), self.req.queue.clone()),
+            (
+                "X-311-Waited".to_owned(),
+                self.req.entered.elapsed().as_secs().to_string(),
+            ),
+            ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
+            ("X-311-Callback".to_owned(), "yes".to_owned()),
+        ];
+        let span = info_span!(parent: &self.span, "agent_leg", %agent);
+        span.in_scope(|| info!(%contact, "offering the called-back caller to an operator"));
+        let call = self
+            .inner
+            .outbound
+            .invite_via(
+                &contact,
+                flow,
+                &number,
+                Some("311 caller"),
+                headers,
+                Bytes::from(offer),
+            )
+            .instrument(span.clone())
+            .await;
+        self.agent = Some(AgentLeg {
+            id: agent,
+            handle: call.handle,
+            ring_until: Some(tokio::time::Instant::now() + ring_timeout),
+            answered: None,
+            span,
+        });
+        self.agent_events = Some(call.events);
+        self.agent_port = Some(port);
+    }
+
+    async fn on_agent_event(&mut self, ev: Option<LegEvent>) -> Option<End> {
+        let agent = self
+            .agent
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let Some(ev) = ev else {
+            self.agent_events = None;
+            return None;
+        };
+        match ev {
+            LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
+            LegEvent::Answered { sdp: body } => {
+                let parsed = sdp::parse(&body)
+                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                match parsed {
+                    Ok((neg, addr)) => {
+                        info!(%agent, codec = ?neg.codec, "operator answered; called-back caller bridged");
+                        if let Some(a) = &mut self.agent {
+                            a.answered = Some((neg, addr));
+                            a.ring_until = None;
+                        }
+                        if let Some(m) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
+                            m.stop();
+                        }
+                        self.served = true;
+                        self.inner
+                            .queues
+                            .offer_answered(self.req.caller, &agent)
+                            .await;
+                    }
+                    Err(e) => {
+                        warn!(%agent, error = %e, "operator answered with unusable SDP");
+                        self.drop_agent().await;
+                        self.agent_failed(&agent, OfferFailure::NoCommonCodec).await;
+                    }
+                }
+            }
+            LegEvent::Failed { code, reason } => {
+                info!(%agent, code, %reason, "operator phone did not take the call-back");
+                self.agent = None;
+                self.agent_events = None;
+                self.agent_port = None;
+                self.agent_failed(&agent, offer_failure(code)).await;
+            }
+            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
+                info!(%agent, "operator hung up");
+                if let Some(a) = self.agent.take() {
+                    a.handle.release();
+                }
+                self.agent_events = None;
+                self.agent_port = None;
+                return Some(End::Served);
+            }
+            LegEvent::Dialog(_) => {}
+        }
+        None
+    }
+
+    async fn agent_failed(&mut self, agent: &str, why: OfferFailure) {
+        self.inner
+            .queues
+            .offer_failed(self.req.caller, agent, why)
+            .await;
+        self.hold_music();
+    }
+
+    /// Back to hold music while the next operator is tried.
+    fn hold_music(&mut self) {
+        let playing = self
+            .trunk
+            .as_ref()
+            .and_then(|t| t.media.as_ref())
+            .is_none_or(MediaSession::is_playing);
+        if !playing {
+            let p = self.prompts(&["hold_music"]);
+            if let Some(m) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
+                m.play(p);
+            }
+        }
+    }
+
+    fn on_trunk_rtp(&mut self, buf: &mut [u8], n: usize, from: SocketAddr) {
+        let Some(media) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) else {
+            return;
+        };
+        // Latches the caller's address and keeps the no-media watch fed; keys are not ours.
+        if media.on_rtp(clock(), from, &buf[..n]).is_err() {
+            return;
+        }
+        let caller_neg = media.negotiated();
+        if let (
+            Some(AgentLeg {
+                answered: Some((agent_neg, agent_remote)),
+                ..
+            }),
+            Some(port),
+        ) = (&self.agent, &self.agent_port)
+        {
+            if let Relay::Forward { len, .. } = relay(buf, n, &caller_neg, agent_neg) {
+                let _ = port.socket.try_send_to(&buf[..len], *agent_remote);
+            }
+        }
+    }
+
+    fn on_agent_rtp(&mut self, buf: &mut [u8], n: usize) {
+        let (
+            Some(AgentLeg {
+                answered: Some((agent_neg, _)),
+                ..
+            }),
+            Some(media),
+            Some(port),
+        ) = (
+            &self.agent,
+            self.trunk.as_ref().and_then(|t| t.media.as_ref()),
+            &self.trunk_port,
+        )
+        else {
+            return;
+        };
+        if let Relay::Forward { len, .. } = relay(buf, n, agent_neg, &media.negotiated()) {
+            let _ = port.socket.try_send_to(&buf[..len], media.remote());
+        }
+    }
+
+    async fn on_tick(
+        &mut self,
+        out: &mut [u8; MAX_PACKET],
+        no_media: Duration,
+        max_call: Duration,
+    ) -> Option<End> {
+        let bridged = self.bridged();
+        let (Some(t), Some(port)) = (&mut self.trunk, &self.trunk_port) else {
+            return None;
+        };
+        let media = t.media.as_mut()?;
+        if !bridged {
+            let (n, ev) = media.on_tick(out);
+            if n > 0 {
+                let _ = port.socket.try_send_to(&out[..n], media.remote());
+            }
+            if ev == Some(MediaEvent::PlayDone) {
+                if let Some(end) = self.end_after_play {
+                    return Some(end);
+                }
+                self.hold_music();
+                return None;
+            }
+        }
+        let now = clock();
+        if now.saturating_duration_since(media.last_rx()) > no_media {
+            info!(
+                seconds = no_media.as_secs(),
+                "no media from the called-back caller; hanging up"
+            );
+            return self.caller_gone().await;
+        }
+        if t.answered_at.is_some_and(|a| a.elapsed() > max_call) {
+            info!("call-back reached the maximum call length; hanging up");
+            return Some(if self.served {
+                End::Served
+            } else {
+                End::CallerLeft
+            });
+        }
+        None
+    }
+
+    async fn drop_trunk(&mut self) {
+        if let Some(t) = self.trunk.take() {
+            t.handle.hangup().await;
+            t.handle.release();
+        }
+        self.trunk_events = None;
+        self.trunk_port = None;
+    }
+
+    async fn drop_agent(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.handle.hangup().await;
+            a.handle.release();
+        }
+        self.agent_events = None;
+        self.agent_port = None;
+    }
+
+    async fn finish(mut self, end: End) {
+        let agent = self.agent.as_ref().map(|a| a.id.clone());
+        self.drop_agent().await;
+        self.drop_trunk().await;
+        let queues = &self.inner.queues;
+        match (end, self.served) {
+            (_, true) => {
+                if let Some(agent) = agent {
+                    queues.call_ended(&agent).await;
+                } else {
+                    // The agent's BYE already dropped the leg: the queue knows the agent by
+                    // the caller.
+                    queues.abandon(self.req.caller).await;
+                }
+            }
+            (End::Shutdown, false) => {
+                // The queue may be gone already; if not, free the place.
+                queues.abandon(self.req.caller).await;
+            }
+            _ => {}
+        }
+        info!(?end, served = self.served, "call-back finished");
+        let why = match (end, self.served) {
+            (_, true) | (End::CallerLeft, _) | (End::Served, _) => return,
+            (End::Unreached, _) => "Call-back requested; the caller did not answer any attempt",
+            (End::NoOperator, _) => "Call-back answered, but no operator could take the call",
+            (End::Shutdown, _) => "Call-back still pending when the server stopped",
+        };
+        self.file_ticket(why).await;
+    }
+
+    /// The flagged ticket that stands in for a call-back that did not happen.
+    async fn file_ticket(&self, why: &str) {
+        let t = NewTicket {
+            service_code: crate::menu::engine::GENERAL_SERVICE.into(),
+            service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
+            description: Some(why.to_owned()),
+            phone: Some(self.req.number.clone()),
+            channel: Channel::Phone,
+            language: Some(self.req.language.clone()),
+            call_id: Some(self.req.call_id.clone()),
+            callback_requested: true,
+            ..NewTicket::default()
+        };
+        match self.inner.tickets.file(t).await {
+            Ok(t) => info!(id = t.service_request_id, "call-back ticket filed"),
+            Err(e) => error!(error = %e, "call-back ticket could not be filed"),
+        }
+    }
+}
+
+/// An operator phone's final answer, as the queue counts it.
+fn offer_failure(code: u16) -> OfferFailure {
+    match code {
+        486 | 600 => OfferFailure::Busy,
+        603 | 403 => OfferFailure::Rejected,
+        488 | 606 => OfferFailure::NoCommonCodec,
+        408 | 480 | 487 => OfferFailure::NoAnswer,
+        _ => OfferFailure::Unreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialable_numbers() {
+        for ok in ["+15550001111", "5551234", "311"] {
+            assert!(dialable(ok), "{ok}");
+        }
+        for bad in [
+            "anonymous",
+            "",
+            "+",
+            "12",
+            "555 1234",
+            "+1555x",
+            "123456789012345678901",
+        ] {
+            assert!(!dialable(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn operator_phone_answers_map_to_offer_failures() {
+        assert_eq!(offer_failure(486), OfferFailure::Busy);
+        assert_eq!(offer_failure(603), OfferFailure::Rejected);
+        assert_eq!(offer_failure(488), OfferFailure::NoCommonCodec);
+        assert_eq!(offer_failure(408), OfferFailure::NoAnswer);
+        assert_eq!(offer_failure(503), OfferFailure::Unreachable);
+    }
+}
