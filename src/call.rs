@@ -1546,10 +1546,13 @@ impl Call {
                         Ok(()) => {
                             // The place is the call-back's now: hang up without abandoning it.
                             (self.queue, self.queue_events) = (None, None);
-                            self.media.stop();
                             let p = self.prompts(&["callback_kept".into()]);
-                            self.media.play(p);
-                            self.hangup_after_play = true;
+                            {
+                                let mut st = self.media.lock();
+                                st.media.stop();
+                                st.media.play(p);
+                            }
+                            self.hangup_after_play = Some(EndReason::MenuHungUp);
                             return;
                         }
                         Err(why) => info!(reason = %why, "place not kept; filing a ticket"),

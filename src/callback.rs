@@ -38,12 +38,13 @@
 //! shutdown drain does not wait for a bridged call-back (it is hung up when the server stops);
 //! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
 
-use crate::call::{MenuHolder, PortPool, RtpPort, PTIME, SUPPORTED_CODECS};
+use crate::call::{MenuHolder, PTIME, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
-use crate::media::bridge::{relay, Relay};
+use crate::media::bridge::{relay, Relay, Restamp};
 use crate::media::g711::Codec;
+use crate::media::ports::{AsyncRtpPort, PortPool};
 use crate::media::prompt::Prompt;
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
@@ -257,14 +258,17 @@ struct Run {
     span: Span,
     trunk: Option<TrunkLeg>,
     trunk_events: Option<mpsc::Receiver<LegEvent>>,
-    trunk_port: Option<RtpPort>,
+    trunk_port: Option<AsyncRtpPort>,
     agent: Option<AgentLeg>,
     agent_events: Option<mpsc::Receiver<LegEvent>>,
-    agent_port: Option<RtpPort>,
+    agent_port: Option<AsyncRtpPort>,
     /// An operator answered: the call is theirs.
     served: bool,
     /// End once the prompts queued now have played.
     end_after_play: Option<End>,
+    /// Each direction of the bridge as the far phone sees it.
+    to_agent: Restamp,
+    to_caller: Restamp,
 }
 
 fn clock() -> Instant {
@@ -285,7 +289,10 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn rtp_opt(port: Option<&RtpPort>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+async fn rtp_opt(
+    port: Option<&AsyncRtpPort>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
     match port {
         Some(p) => p.socket.recv_from(buf).await,
         None => std::future::pending().await,
@@ -307,6 +314,8 @@ impl Run {
             agent_port: None,
             served: false,
             end_after_play: None,
+            to_agent: Restamp::new(rand::random()),
+            to_caller: Restamp::new(rand::random()),
         }
     }
 
@@ -452,12 +461,17 @@ impl Run {
 
     /// Ring the caller back through the trunk.
     async fn dial(&mut self, attempt: u32, ring_timeout: Duration) {
-        let Some(port) = self.inner.ports.allocate() else {
+        let Some(port) = self
+            .inner
+            .ports
+            .allocate()
+            .and_then(|p| p.into_async().ok())
+        else {
             warn!("no RTP port for the call-back; counted as unanswered");
             self.inner.queues.callback_failed(self.req.caller).await;
             return;
         };
-        let local = SocketAddr::new(self.req.local_ip, port.port);
+        let local = SocketAddr::new(self.req.local_ip, port.port.port);
         let offer = sdp::build_offer(
             local,
             rand::random::<u32>() as u64,
@@ -582,7 +596,10 @@ impl Run {
             return;
         }
         let port = if codec.is_some() && contact.is_some() {
-            self.inner.ports.allocate()
+            self.inner
+                .ports
+                .allocate()
+                .and_then(|p| p.into_async().ok())
         } else {
             None
         };
@@ -600,7 +617,7 @@ impl Run {
             Codec::Pcmu
         };
         let offer = sdp::build_offer(
-            SocketAddr::new(self.req.local_ip, port.port),
+            SocketAddr::new(self.req.local_ip, port.port.port),
             rand::random::<u32>() as u64,
             1,
             &[codec, other],
@@ -752,7 +769,8 @@ impl Run {
             Some(port),
         ) = (&self.agent, &self.agent_port)
         {
-            if let Relay::Forward { len, .. } = relay(buf, n, &caller_neg, agent_neg) {
+            if let Relay::Forward { len, event } = relay(buf, n, &caller_neg, agent_neg) {
+                self.to_agent.apply(&mut buf[..len], event);
                 let _ = port.socket.try_send_to(&buf[..len], *agent_remote);
             }
         }
@@ -774,7 +792,8 @@ impl Run {
         else {
             return;
         };
-        if let Relay::Forward { len, .. } = relay(buf, n, agent_neg, &media.negotiated()) {
+        if let Relay::Forward { len, event } = relay(buf, n, agent_neg, &media.negotiated()) {
+            self.to_caller.apply(&mut buf[..len], event);
             let _ = port.socket.try_send_to(&buf[..len], media.remote());
         }
     }

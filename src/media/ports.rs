@@ -34,6 +34,21 @@ impl RtpPort {
     pub fn registered(&self) -> std::io::Result<UdpSocket> {
         UdpSocket::from_std(self.socket.try_clone()?)
     }
+
+    /// This port for a task that awaits its packets itself (an outbound leg).
+    pub fn into_async(self) -> std::io::Result<AsyncRtpPort> {
+        Ok(AsyncRtpPort {
+            socket: self.registered()?,
+            port: self,
+        })
+    }
+}
+
+/// An RTP port whose socket is registered with the runtime; the port goes back to the pool
+/// when this is dropped.
+pub struct AsyncRtpPort {
+    pub socket: UdpSocket,
+    pub port: RtpPort,
 }
 
 impl Drop for RtpPort {
