@@ -1813,10 +1813,15 @@ impl Call {
     // ---- the end -----------------------------------------------------------------------
 
     async fn finish(mut self, reason: EndReason) {
-        // A caller who hung up mid-ticket: file what we have (the ZIP was given).
+        // A call that ended mid-ticket (the caller hung up, or we did: shutdown, time limit):
+        // file what we have (the ZIP was given), so no report is lost.
         if matches!(
             reason,
-            EndReason::CallerHungUp | EndReason::SignallingTimeout | EndReason::NoMedia
+            EndReason::CallerHungUp
+                | EndReason::SignallingTimeout
+                | EndReason::NoMedia
+                | EndReason::Shutdown
+                | EndReason::MaxDuration
         ) {
             let media_url = self.close_recording();
             if let Some(t) = self.engine.abandon(media_url) {

@@ -289,6 +289,30 @@ async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     srv.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_ticket_being_recorded_when_the_server_stops_is_still_filed() {
+    let mut file = FileConfig::default();
+    file.limits.drain_seconds = 1;
+    let srv = start_server(file).await;
+    let tickets = srv.tickets.clone();
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("1111").await;
+    ua.keys("94107").await;
+    ua.listen(Duration::from_millis(9000)).await;
+    ua.speak(40).await;
+    // SIGTERM while the caller describes the pothole: the drain runs out, the caller hears
+    // goodbye and is hung up, and what they gave is filed.
+    let stop = tokio::spawn(srv.shutdown());
+    ua.listen(Duration::from_millis(1500)).await;
+    ua.expect_request("BYE", Duration::from_secs(10)).await;
+    stop.await.unwrap();
+    let all = tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 1, "the ticket is not lost to the shutdown");
+    assert_eq!(all[0].zipcode.as_deref(), Some("94107"));
+}
+
 /// A stand-in for the 911 trunk: answers one INVITE and exchanges RTP.
 struct Trunk {
     sip: tokio::net::UdpSocket,
