@@ -375,6 +375,13 @@ pub struct MediaConfig {
     pub default_language: String,
     /// Ring (180 Ringing) for this many milliseconds before answering. Default 0.
     pub answer_after_ms: u64,
+    /// Threads that pace every call's RTP (src/media/clock.rs). Default: one per core.
+    pub clock_threads: Option<usize>,
+    /// Run those threads at real-time priority (`SCHED_FIFO` 10, like Asterisk's `-p` and
+    /// FreeSWITCH's `-rp`), so other work on the machine cannot delay packets. Needs
+    /// `CAP_SYS_NICE` (root, or `AmbientCapabilities=CAP_SYS_NICE` under systemd); without it
+    /// the server logs a warning and runs at normal priority. Default false.
+    pub realtime: bool,
 }
 
 impl Default for MediaConfig {
@@ -383,6 +390,8 @@ impl Default for MediaConfig {
             advertise_ip: None,
             default_language: "en".into(),
             answer_after_ms: 0,
+            clock_threads: None,
+            realtime: false,
         }
     }
 }

@@ -201,7 +201,13 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         handle
     });
     let ports = PortPool::new(args.rtp_ports, args.sip.ip());
-    let clock = MediaClock::per_core().map_err(StartError::MediaClock)?;
+    let clock = MediaClock::start_with(
+        file.media
+            .clock_threads
+            .unwrap_or_else(crate::media::clock::cores),
+        file.media.realtime,
+    )
+    .map_err(StartError::MediaClock)?;
     let closing = CancellationToken::new();
     let menu_holder = Arc::new(MenuHolder::new(
         menu,

@@ -147,8 +147,14 @@ pub struct MediaClock {
 }
 
 impl MediaClock {
-    /// Start `shards` threads (at least one).
+    /// Start `shards` threads (at least one) at normal priority.
     pub fn start(shards: usize) -> io::Result<Arc<MediaClock>> {
+        Self::start_with(shards, false)
+    }
+
+    /// Start `shards` threads (at least one), at real-time priority when `realtime` (and the
+    /// process may; otherwise a warning and normal priority).
+    pub fn start_with(shards: usize, realtime: bool) -> io::Result<Arc<MediaClock>> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -158,7 +164,12 @@ impl MediaClock {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ivr311-media-{i}"))
-                    .spawn(move || run_shard(rx, stop))?,
+                    .spawn(move || {
+                        if realtime {
+                            set_realtime(i);
+                        }
+                        run_shard(rx, stop)
+                    })?,
             );
             senders.push(tx);
         }
@@ -172,7 +183,7 @@ impl MediaClock {
 
     /// One shard per core.
     pub fn per_core() -> io::Result<Arc<MediaClock>> {
-        Self::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        Self::start(cores())
     }
 
     /// Hand a call's port and session to a shard.
@@ -227,6 +238,30 @@ impl Drop for MediaClock {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The machine's cores (the default number of shards).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Real-time priority for the calling thread (Linux `SCHED_FIFO`).
+#[cfg(target_os = "linux")]
+fn set_realtime(shard: usize) {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        warn!(shard, error = %e, "media clock stays at normal priority (real-time refused)");
+    } else {
+        debug!(shard, "media clock at real-time priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_realtime(shard: usize) {
+    warn!(shard, "real-time priority is only supported on Linux");
 }
 
 /// One shard: tick every 20 ms on a fixed grid while it has calls.
