@@ -103,7 +103,10 @@ impl Setup {
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(http).await.is_err() {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("the server exited at start: {status} (database {:?})", self.db);
+                panic!(
+                    "the server exited at start: {status} (database {:?})",
+                    self.db
+                );
             }
             assert!(Instant::now() < deadline, "the server did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -162,7 +165,10 @@ async fn try_call(ua: &mut TestUa) -> bool {
     ua.send_raw(&invite).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match ua.recv(deadline.saturating_duration_since(Instant::now())).await {
+        match ua
+            .recv(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
             Some(Message::Response(r)) if r.cseq_method.as_str() == "INVITE" && r.code >= 200 => {
                 let Ok(answer) = sdp::parse(&r.body) else {
                     return false;
@@ -240,7 +246,10 @@ async fn check_database(
     let ids: HashSet<u64> = tickets.iter().map(|t| t.service_request_id).collect();
     for h in heard {
         if let Some(n) = h.ticket_number() {
-            assert!(ids.contains(&n), "ticket {n} was read to a caller and is gone");
+            assert!(
+                ids.contains(&n),
+                "ticket {n} was read to a caller and is gone"
+            );
         }
     }
     let audits: BTreeMap<i64, EmergencyAuditRow> = store
@@ -262,7 +271,12 @@ async fn check_database(
             .unwrap_or_else(|| panic!("audit row {id} lost"));
         assert_eq!(
             (&now.at, &now.call_id, &now.menu_path, &now.method),
-            (&before.at, &before.call_id, &before.menu_path, &before.method),
+            (
+                &before.at,
+                &before.call_id,
+                &before.menu_path,
+                &before.method
+            ),
             "audit row {id} changed"
         );
     }

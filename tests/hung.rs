@@ -41,7 +41,10 @@ async fn a_caller_that_never_acks_is_torn_down_by_timer_h_and_everything_is_rele
     // 64·T1 after the 200: the server gives up on the ACK and ends the call.
     let live = settle_metric(srv.http_addr, "ivr311_live_calls", 0.0, TIMER_64T1).await;
     assert_eq!(live, 0.0, "the unacknowledged call is torn down");
-    assert!(admin_calls(srv.http_addr).await.is_empty(), "admin view empty");
+    assert!(
+        admin_calls(srv.http_addr).await.is_empty(),
+        "admin view empty"
+    );
     let m = metrics(srv.http_addr).await;
     assert_eq!(m["ivr311_rtp_ports_free"], ports_idle, "RTP port released");
     assert_eq!(m["ivr311_sip_dialogs"], 0.0, "dialog released");
@@ -141,7 +144,10 @@ async fn an_agent_phone_that_vanishes_mid_ring_is_skipped_and_not_left_ringing()
     // Timer B (64·T1) ends the INVITE that 1001 never answered: nothing is left behind, and
     // 1001 is not stuck ringing (available again after its no-answer pause).
     let txns = settle_metric(srv.http_addr, "ivr311_sip_transactions", 0.0, TIMER_64T1).await;
-    assert_eq!(txns, 0.0, "the vanished agent's INVITE transaction is released");
+    assert_eq!(
+        txns, 0.0,
+        "the vanished agent's INVITE transaction is released"
+    );
     let m = metrics(srv.http_addr).await;
     assert_eq!(m["ivr311_sip_dialogs"], 0.0);
     assert_eq!(m["ivr311_live_calls"], 0.0);

@@ -240,7 +240,8 @@ async fn lossy_call(server: SocketAddr, seed: u64, ear: Arc<PromptEar>) -> Resul
         None,
         RTP_DROP,
         seed + 1000,
-    ).await;
+    )
+    .await;
     let own_port = ua.rtp.local_addr().unwrap().port();
     let offer = ua.offer("0 101").replace(
         &format!("m=audio {own_port} "),
@@ -396,6 +397,9 @@ async fn calls_complete_through_loss_duplication_and_reordering_and_leave_nothin
     assert_eq!(txns, 0.0, "no transaction leaks");
     let m = metrics(srv.http_addr).await;
     assert_eq!(m["ivr311_sip_dialogs"], 0.0, "no dialog leaks");
-    assert_eq!(m["ivr311_rtp_ports_free"], ports_idle, "every RTP port back");
+    assert_eq!(
+        m["ivr311_rtp_ports_free"], ports_idle,
+        "every RTP port back"
+    );
     srv.shutdown().await;
 }

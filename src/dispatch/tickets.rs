@@ -570,11 +570,7 @@ impl TicketStore {
         let mut held = Vec::new();
         let mut cap = SQLITE_MAX_PAGES;
         for _ in 0..self.pool.options().get_max_connections() {
-            let mut conn = self
-                .pool
-                .acquire()
-                .await
-                .map_err(|e| fail("restrict", e))?;
+            let mut conn = self.pool.acquire().await.map_err(|e| fail("restrict", e))?;
             cap = self
                 .restrictions
                 .apply(&mut conn)
@@ -1551,7 +1547,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
-        assert_eq!(store.get(kept.service_request_id).await.unwrap(), Some(kept));
+        assert_eq!(
+            store.get(kept.service_request_id).await.unwrap(),
+            Some(kept)
+        );
         store.set_read_only(false).await.unwrap();
         store.file(pothole()).await.unwrap();
         assert_eq!(count(&store, "tickets").await, 2);

@@ -728,7 +728,10 @@ Contact: <sip:{id}@{me}>\r\nExpires: 600\r\n{}Content-Length: 0\r\n\r\n",
                 auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default()
             )
         };
-        a.sip.send_to(reg(1, None).as_bytes(), server).await.unwrap();
+        a.sip
+            .send_to(reg(1, None).as_bytes(), server)
+            .await
+            .unwrap();
         let challenge = a.response().await;
         assert_eq!(challenge.code, 401);
         let c = challenge
