@@ -16,7 +16,7 @@ use std::time::Duration;
 const TIMER_64T1: Duration = Duration::from_secs(40);
 
 #[tokio::test]
-async fn a_caller_that_never_acks_is_torn_down_by_timer_h_and_everything_is_released() {
+async fn a_caller_that_never_acks_is_torn_down_after_64_t1_and_everything_is_released() {
     let srv = start_server(FileConfig::default()).await;
     let ports_idle = metric(srv.http_addr, "ivr311_rtp_ports_free").await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
@@ -38,7 +38,8 @@ async fn a_caller_that_never_acks_is_torn_down_by_timer_h_and_everything_is_rele
         ports_idle - 1.0
     );
 
-    // 64·T1 after the 200: the server gives up on the ACK and ends the call.
+    // 64·T1 after the 200 (timer L of RFC 6026, which took over timer H's job for a 2xx), the
+    // server gives up on the ACK and ends the call.
     let live = settle_metric(srv.http_addr, "ivr311_live_calls", 0.0, TIMER_64T1).await;
     assert_eq!(live, 0.0, "the unacknowledged call is torn down");
     assert!(
