@@ -558,7 +558,7 @@ impl TicketStore {
     pub async fn set_max_pages(&self, pages: Option<u64>) -> Result<u64, StoreError> {
         self.restrictions
             .max_pages
-            .store(pages.unwrap_or(0), Ordering::Relaxed);
+            .store(pages.map_or(0, |p| p.max(1)), Ordering::Relaxed);
         let cap = self.apply_restrictions().await?;
         tracing::warn!(max_pages = cap, "ticket store size cap changed");
         Ok(cap)
