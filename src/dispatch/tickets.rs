@@ -22,6 +22,8 @@
 //!
 //! [`StoreError::is_transient`] separates "the disk is busy, full or read-only right now"
 //! (the caller hears an apology and is offered the operator) from bugs and corruption.
+//! [`TicketStore::set_read_only`] and [`TicketStore::set_max_pages`] put a running store in
+//! those states on purpose (a maintenance window, a size cap, a fault drill).
 //!
 //! Schema: `migrations/` at the crate root, embedded with [`sqlx::migrate!`] and run by
 //! [`TicketStore::open`].
@@ -37,6 +39,8 @@ use sqlx::{ConnectOptions, Row};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -61,6 +65,8 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_CONNECTIONS: u32 = 4;
 /// How long a query waits for a free pooled connection before [`StoreError::PoolTimeout`].
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite's largest `max_page_count` (its default): no cap.
+const SQLITE_MAX_PAGES: u64 = 4_294_967_294;
 
 // SQLite primary result codes (the low byte of an extended code).
 const SQLITE_BUSY: i32 = 5;
@@ -410,6 +416,43 @@ pub struct EmergencyAuditRow {
 #[derive(Clone)]
 pub struct TicketStore {
     pool: SqlitePool,
+    restrictions: Arc<Restrictions>,
+}
+
+/// Write restrictions every connection of the pool carries, including ones opened later.
+#[derive(Debug, Default)]
+struct Restrictions {
+    /// `PRAGMA query_only`.
+    read_only: AtomicBool,
+    /// `PRAGMA max_page_count`; 0 for none.
+    max_pages: AtomicU64,
+}
+
+impl Restrictions {
+    fn any(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed) || self.max_pages.load(Ordering::Relaxed) != 0
+    }
+
+    /// Applies the restrictions to one connection; returns the page cap now in force.
+    async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<u64, sqlx::Error> {
+        let read_only = self.read_only.load(Ordering::Relaxed);
+        sqlx::query(if read_only {
+            "PRAGMA query_only = ON"
+        } else {
+            "PRAGMA query_only = OFF"
+        })
+        .execute(&mut *conn)
+        .await?;
+        let pages = match self.max_pages.load(Ordering::Relaxed) {
+            0 => SQLITE_MAX_PAGES,
+            n => n,
+        };
+        // PRAGMA takes no bound parameters; `pages` is a number, never caller input.
+        let cap: i64 = sqlx::query_scalar(&format!("PRAGMA max_page_count = {pages}"))
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(u64::try_from(cap).unwrap_or(0))
+    }
 }
 
 impl fmt::Debug for TicketStore {
@@ -438,16 +481,27 @@ impl TicketStore {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
             .disable_statement_logging();
+        let restrictions = Arc::new(Restrictions::default());
+        let on_connect = restrictions.clone();
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _| {
+                let r = on_connect.clone();
+                Box::pin(async move {
+                    if r.any() {
+                        r.apply(conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Open {
                 path: path.to_owned(),
                 source,
             })?;
-        let store = TicketStore::migrated(pool).await?;
+        let store = TicketStore::migrated(pool, restrictions).await?;
         tracing::info!(path = %path.display(), "ticket store open");
         Ok(store)
     }
@@ -475,12 +529,56 @@ impl TicketStore {
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Open { path, source })?;
-        TicketStore::migrated(pool).await
+        TicketStore::migrated(pool, Arc::default()).await
     }
 
-    async fn migrated(pool: SqlitePool) -> Result<TicketStore, StoreError> {
+    async fn migrated(
+        pool: SqlitePool,
+        restrictions: Arc<Restrictions>,
+    ) -> Result<TicketStore, StoreError> {
         MIGRATOR.run(&pool).await?;
-        Ok(TicketStore { pool })
+        Ok(TicketStore { pool, restrictions })
+    }
+
+    /// Makes the store read-only (`PRAGMA query_only` on every connection, including ones
+    /// opened later) or writable again. While read-only, filing and updates fail with
+    /// [`StoreError::ReadOnly`] and reads work: for a maintenance window (a backup copying
+    /// the file) and for fault drills.
+    pub async fn set_read_only(&self, on: bool) -> Result<(), StoreError> {
+        self.restrictions.read_only.store(on, Ordering::Relaxed);
+        self.apply_restrictions().await?;
+        tracing::warn!(read_only = on, "ticket store write mode changed");
+        Ok(())
+    }
+
+    /// Caps the database at `pages` pages (`PRAGMA max_page_count` on every connection; SQLite
+    /// never sets it below the current size, so `Some(1)` freezes the database at its size
+    /// now), or lifts the cap with `None`. A write that needs more room fails with
+    /// [`StoreError::Full`], exactly as on a full disk. Returns the cap in force.
+    pub async fn set_max_pages(&self, pages: Option<u64>) -> Result<u64, StoreError> {
+        self.restrictions
+            .max_pages
+            .store(pages.map_or(0, |p| p.max(1)), Ordering::Relaxed);
+        let cap = self.apply_restrictions().await?;
+        tracing::warn!(max_pages = cap, "ticket store size cap changed");
+        Ok(cap)
+    }
+
+    /// Applies [`Restrictions`] to every open connection: holding as many connections as the
+    /// pool may have at once means holding each of them.
+    async fn apply_restrictions(&self) -> Result<u64, StoreError> {
+        let mut held = Vec::new();
+        let mut cap = SQLITE_MAX_PAGES;
+        for _ in 0..self.pool.options().get_max_connections() {
+            let mut conn = self.pool.acquire().await.map_err(|e| fail("restrict", e))?;
+            cap = self
+                .restrictions
+                .apply(&mut conn)
+                .await
+                .map_err(|e| fail("restrict", e))?;
+            held.push(conn);
+        }
+        Ok(cap)
     }
 
     /// Closes every connection (checkpointing the WAL); later calls fail with
@@ -1433,6 +1531,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn read_only_store_refuses_writes_transiently_then_recovers() {
+        let db = TempDb::new("ro");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let kept = store.file(full_ticket("kept")).await.unwrap();
+        store.set_read_only(true).await.unwrap();
+        // On every connection, however many the pool has open.
+        for _ in 0..MAX_CONNECTIONS + 1 {
+            let err = store.file(full_ticket("lost")).await.unwrap_err();
+            assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
+            assert!(err.is_transient());
+        }
+        let err = store
+            .audit_emergency_start(&EmergencyAudit::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
+        assert_eq!(
+            store.get(kept.service_request_id).await.unwrap(),
+            Some(kept)
+        );
+        store.set_read_only(false).await.unwrap();
+        store.file(pothole()).await.unwrap();
+        assert_eq!(count(&store, "tickets").await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_size_cap_makes_filing_fail_as_disk_full_then_recovers() {
+        let db = TempDb::new("full");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let cap = store.set_max_pages(Some(1)).await.unwrap();
+        assert!(cap > 1, "never below the current size: {cap}");
+        // Fill the pages there are: tickets go into one table page until it must split.
+        let mut filed = 0;
+        let err = loop {
+            match store.file(pothole()).await {
+                Ok(_) => filed += 1,
+                Err(e) => break e,
+            }
+            assert!(filed < 10_000, "the cap never bit");
+        };
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+        assert!(err.is_transient());
+        assert!(filed > 0);
+        assert_eq!(count(&store, "tickets").await, filed);
+        assert!(matches!(
+            store.file(full_ticket("x")).await,
+            Err(StoreError::Full(_))
+        ));
+        store.set_max_pages(None).await.unwrap();
+        store.file(full_ticket("x")).await.unwrap();
+        assert_eq!(count(&store, "tickets").await, filed + 1);
+    }
+
+    #[tokio::test]
     async fn held_write_lock_makes_file_fail_transiently_and_writes_nothing() {
         let db = TempDb::new("busy");
         let store = TicketStore::open(&db.0).await.unwrap();
@@ -1490,6 +1642,7 @@ mod tests {
                 .connect_with(options)
                 .await
                 .unwrap(),
+            restrictions: Arc::default(),
         };
         let err = read_only.file(full_ticket("lost")).await.unwrap_err();
         assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
@@ -1525,6 +1678,7 @@ mod tests {
                 .connect_with(options)
                 .await
                 .unwrap(),
+            restrictions: Arc::default(),
         };
         let mut err = None;
         for _ in 0..100 {

@@ -863,8 +863,9 @@ impl Engine {
             return;
         }
         if self.db_failed {
+            // Not "we can take your request instead": the database just failed to.
             self.state = State::Goodbye;
-            self.play(vec!["operator_unavailable".into(), "goodbye".into()]);
+            self.play(vec!["call_again_later".into()]);
             return;
         }
         self.state = State::Offer {
@@ -1321,8 +1322,9 @@ menus:
         let out = e.handle(Input::TicketFailed);
         assert_eq!(plays(&out), vec!["db_error"]);
         assert!(matches!(out.last(), Some(Output::Queue { .. })));
+        // No operator either: told to call again, never offered another ticket.
         let out = e.handle(Input::QueueUnavailable);
-        assert_eq!(plays(&out), vec!["operator_unavailable", "goodbye"]);
+        assert_eq!(plays(&out), vec!["call_again_later"]);
         assert_eq!(e.handle(Input::PlayDone), vec![Output::Hangup]);
     }
 

@@ -46,6 +46,7 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     "operator_unavailable",
     "offer_general_ticket",
     "db_error",
+    "call_again_later",
     "goodbye",
 ];
 

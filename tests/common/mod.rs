@@ -615,3 +615,234 @@ fn dechunk(s: &str) -> String {
     }
     out
 }
+
+// ---- Resilience helpers (loss, crash, hung peers, soak) -------------------------------------
+
+/// The gauges of `GET /metrics` (Prometheus text), by name.
+pub async fn metrics(http_addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http(http_addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200, "/metrics: {body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.trim().to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// One gauge of `/metrics` (panics if the server does not export it).
+pub async fn metric(http_addr: SocketAddr, name: &str) -> f64 {
+    *metrics(http_addr)
+        .await
+        .get(name)
+        .unwrap_or_else(|| panic!("/metrics has no {name}"))
+}
+
+/// Poll gauge `name` every 250 ms until it equals `want` or `within` has passed; returns the
+/// last value read (the caller asserts on it, so a failure shows the value).
+pub async fn settle_metric(http_addr: SocketAddr, name: &str, want: f64, within: Duration) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = metric(http_addr, name).await;
+        if v == want || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `GET /admin/calls` as JSON (loopback needs no token).
+pub async fn admin_calls(http_addr: SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = http(http_addr, "GET", "/admin/calls", &[], b"").await;
+    assert_eq!(status, 200, "/admin/calls: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/admin/calls JSON: {e}: {body}"))
+}
+
+/// The state word of agent `id` in `GET /admin/agents`.
+pub async fn agent_state(http_addr: SocketAddr, id: &str) -> String {
+    let (_, body) = http(http_addr, "GET", "/admin/agents", &[], b"").await;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/admin/agents JSON: {e}: {body}"));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["id"] == id)
+        .and_then(|a| a["state"].as_str())
+        .unwrap_or_else(|| panic!("no agent {id} in {body}"))
+        .to_owned()
+}
+
+/// A config with these agents (password `pw<id>`) and one `general` queue.
+pub fn agents_config(agents: &[&str], ring_timeout: u64, no_answer_pause: u64) -> FileConfig {
+    FileConfig {
+        agents: agents
+            .iter()
+            .map(|id| ivr311::config::AgentConfig {
+                id: (*id).into(),
+                password: format!("pw{id}"),
+                skills: vec![],
+                tier: 1,
+                name: None,
+            })
+            .collect(),
+        queues: vec![ivr311::config::QueueConfig {
+            name: "general".into(),
+            ring_timeout_seconds: ring_timeout,
+            no_answer_pause_seconds: no_answer_pause,
+            ..ivr311::config::QueueConfig::default()
+        }],
+        ..FileConfig::default()
+    }
+}
+
+/// An operator's SIP phone over UDP that logs in with SHA-256 digest (password `pw<id>`).
+pub struct TestAgent {
+    pub id: String,
+    pub sip: UdpSocket,
+    pub rtp: UdpSocket,
+    pub server: SocketAddr,
+}
+
+fn digest_param(challenge: &str, name: &str) -> Option<String> {
+    let rest = challenge.strip_prefix("Digest ")?;
+    rest.split(", ").find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+fn sha256_hex(data: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl TestAgent {
+    pub async fn login(server: SocketAddr, id: &str) -> TestAgent {
+        let a = TestAgent {
+            id: id.into(),
+            sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+        };
+        let uri = format!("sip:{server}");
+        let me = a.sip.local_addr().unwrap();
+        let reg = |cseq: u32, auth: Option<String>| {
+            format!(
+                "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKreg{cseq}{id};rport\r\nMax-Forwards: 70\r\n\
+From: <sip:{id}@{server}>;tag=a{id}\r\nTo: <sip:{id}@{server}>\r\nCall-ID: reg-{id}@{me}\r\nCSeq: {cseq} REGISTER\r\n\
+Contact: <sip:{id}@{me}>\r\nExpires: 600\r\n{}Content-Length: 0\r\n\r\n",
+                auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default()
+            )
+        };
+        a.sip
+            .send_to(reg(1, None).as_bytes(), server)
+            .await
+            .unwrap();
+        let challenge = a.response().await;
+        assert_eq!(challenge.code, 401);
+        let c = challenge
+            .headers_named("WWW-Authenticate")
+            .find(|c| digest_param(c, "algorithm").as_deref() == Some("SHA-256"))
+            .expect("SHA-256 challenge")
+            .to_owned();
+        let (realm, nonce, opaque) = (
+            digest_param(&c, "realm").unwrap(),
+            digest_param(&c, "nonce").unwrap(),
+            digest_param(&c, "opaque").unwrap(),
+        );
+        let ha1 = sha256_hex(&format!("{id}:{realm}:pw{id}"));
+        let ha2 = sha256_hex(&format!("REGISTER:{uri}"));
+        let resp = sha256_hex(&format!("{ha1}:{nonce}:00000001:abcdef:auth:{ha2}"));
+        let auth = format!(
+            "Digest username=\"{id}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", \
+algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\""
+        );
+        a.sip
+            .send_to(reg(2, Some(auth)).as_bytes(), server)
+            .await
+            .unwrap();
+        assert_eq!(a.response().await.code, 200, "agent {id} logged in");
+        a
+    }
+
+    pub async fn recv(&self, t: Duration) -> Option<Message> {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = tokio::time::timeout(t, self.sip.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(parse_datagram(&buf[..n], 65536).unwrap())
+    }
+
+    pub async fn response(&self) -> Response {
+        match self.recv(Duration::from_secs(3)).await {
+            Some(Message::Response(r)) => r,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    /// Wait for a request with `method` (answering nothing; other messages are skipped).
+    pub async fn request(&self, method: &str, t: Duration) -> Request {
+        let deadline = Instant::now() + t;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left).await {
+                Some(Message::Request(r)) if r.method.as_str() == method => return r,
+                Some(_) => continue,
+                None => panic!("agent {} got no {method} within {t:?}", self.id),
+            }
+        }
+    }
+
+    pub async fn reply(&self, req: &Request, code: u16, reason: &str, sdp: Option<String>) {
+        let mut b = ivr311::sip::message::ResponseBuilder::new(
+            req,
+            code,
+            reason,
+            Some(&format!("ag{}", self.id)),
+        )
+        .header(
+            "Contact",
+            format!("<sip:{}@{}>", self.id, self.sip.local_addr().unwrap()),
+        );
+        if let Some(sdp) = sdp {
+            b = b.body("application/sdp", sdp);
+        }
+        self.sip.send_to(&b.build(), self.server).await.unwrap();
+    }
+
+    pub fn answer_sdp(&self) -> String {
+        let p = self.rtp.local_addr().unwrap().port();
+        format!("v=0\r\no=agent 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {p} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n")
+    }
+}
+
+/// Resident set size of this process, KiB (`VmRSS` of /proc/self/status).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The prompt names heard in `payloads`, consecutive repeats collapsed (robust to frames
+/// lost, duplicated or swapped in transit, where [`PromptEar::playbacks`] would count a
+/// reordered frame as a new playback).
+pub fn prompts_heard(ear: &PromptEar, payloads: &[Vec<u8>]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in ear.playbacks(payloads) {
+        if out.last() != Some(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
