@@ -128,6 +128,8 @@ struct Call {
     phase: Phase,
     call_id: String,
     from_tag: String,
+    /// The caller's number: the From user of every request of the call.
+    number: u64,
     to_tag: String,
     remote_uri: String,
     invite: Vec<u8>,
@@ -368,6 +370,7 @@ impl Worker {
             phase: Phase::Inviting,
             call_id,
             from_tag,
+            number: slot as u64 % 10_000_000,
             to_tag: String::new(),
             remote_uri: format!("sip:311@{}", self.cfg.target),
             invite,
@@ -715,13 +718,15 @@ fn in_dialog(io: &Io, call: &Call, method: &str, cseq: u32, branch: &str, uri: &
         "{method} {uri} SIP/2.0\r\n\
 Via: SIP/2.0/UDP {me};branch={branch};rport\r\n\
 Max-Forwards: 70\r\n\
-From: \"ivr311-load\" <sip:load@{me}>;tag={tag}\r\n\
+From: \"ivr311-load\" <sip:+1555{num:07}@{ip}>;tag={tag}\r\n\
 To: <sip:311@{srv}>;tag={tt}\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} {method}\r\n\
 Content-Length: 0\r\n\r\n",
         me = io.sip_local,
         tag = call.from_tag,
+        num = call.number,
+        ip = io.sip_local.ip(),
         srv = io.target,
         tt = call.to_tag,
         cid = call.call_id,
