@@ -108,6 +108,10 @@ struct Digit {
     ts: u32,
     event: u8,
     expect: bool,
+    /// End packets sent so far.
+    ends_sent: u64,
+    /// The duration the End packets carry (fixed by the first one).
+    end_duration: u16,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +128,8 @@ struct Call {
     phase: Phase,
     call_id: String,
     from_tag: String,
+    /// The caller's number: the From user of every request of the call.
+    number: u64,
     to_tag: String,
     remote_uri: String,
     invite: Vec<u8>,
@@ -364,6 +370,7 @@ impl Worker {
             phase: Phase::Inviting,
             call_id,
             from_tag,
+            number: slot as u64 % 10_000_000,
             to_tag: String::new(),
             remote_uri: format!("sip:311@{}", self.cfg.target),
             invite,
@@ -711,13 +718,15 @@ fn in_dialog(io: &Io, call: &Call, method: &str, cseq: u32, branch: &str, uri: &
         "{method} {uri} SIP/2.0\r\n\
 Via: SIP/2.0/UDP {me};branch={branch};rport\r\n\
 Max-Forwards: 70\r\n\
-From: \"ivr311-load\" <sip:load@{me}>;tag={tag}\r\n\
+From: \"ivr311-load\" <sip:+1555{num:07}@{ip}>;tag={tag}\r\n\
 To: <sip:311@{srv}>;tag={tt}\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} {method}\r\n\
 Content-Length: 0\r\n\r\n",
         me = io.sip_local,
         tag = call.from_tag,
+        num = call.number,
+        ip = io.sip_local.ip(),
         srv = io.target,
         tt = call.to_tag,
         cid = call.call_id,
@@ -868,10 +877,14 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
             anchor(script, call, m);
         }
     }
-    if let Some(d) = call.digit {
-        let j = k - d.k0;
-        if j < HOLD_PACKETS + END_PACKETS {
-            send_event(io, script, call, d, j, m);
+    if let Some(mut d) = call.digit {
+        // Progress is counted in packets sent, not periods elapsed, so a stall of this thread
+        // never skips the End packets (their duration then says how long the key really was
+        // held).
+        let held = k - d.k0;
+        if d.ends_sent < END_PACKETS {
+            send_event(io, script, call, &mut d, held, m);
+            call.digit = Some(d);
             return;
         }
         call.digit = None;
@@ -892,15 +905,17 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
                 let Some(event) = digit_to_event(key) else {
                     return;
                 };
-                let d = Digit {
+                let mut d = Digit {
                     k0: k,
                     ts,
                     event,
                     expect: expect_response,
+                    ends_sent: 0,
+                    end_duration: 0,
                 };
-                call.digit = Some(d);
                 io.stats.digits_sent += 1;
-                send_event(io, script, call, d, 0, m);
+                send_event(io, script, call, &mut d, 0, m);
+                call.digit = Some(d);
                 return;
             }
             Action::Hangup => {
@@ -915,32 +930,115 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
     io.send_rtp(call, call.pt, ts, marker, &frame);
 }
 
-/// Packet `j` of a key press: start (marker) and continuations while held, then the End
-/// packets, all with the event's start timestamp; audio is suspended meanwhile.
-fn send_event(io: &mut Io, script: &Script, call: &mut Call, d: Digit, j: u64, m: u64) {
-    let end = j >= HOLD_PACKETS;
-    let duration = (j.min(HOLD_PACKETS - 1) + 1) as u16 * SAMPLES as u16;
+/// The next packet of a key press `held` periods after it started: the start (marker) and
+/// continuations while held, then the End packets, all with the event's start timestamp.
+/// Returns the payload, the marker bit, and whether this is the first End packet.
+fn event_packet(d: &mut Digit, held: u64) -> (TelephoneEvent, bool, bool) {
+    let end = d.ends_sent > 0 || held >= HOLD_PACKETS;
+    let first_end = end && d.ends_sent == 0;
+    if first_end {
+        d.end_duration = (held.max(1) * u64::from(SAMPLES)).min(u64::from(u16::MAX)) as u16;
+    }
+    let duration = if end {
+        d.end_duration
+    } else {
+        ((held + 1) * u64::from(SAMPLES)) as u16
+    };
+    if end {
+        d.ends_sent += 1;
+    }
     let ev = TelephoneEvent {
         event: d.event,
         end,
         volume: 10,
         duration,
     };
+    (ev, held == 0, first_end)
+}
+
+/// Send the next packet of a key press (audio is suspended meanwhile) and note the times the
+/// latency figures start from.
+fn send_event(io: &mut Io, script: &Script, call: &mut Call, d: &mut Digit, held: u64, m: u64) {
+    let (ev, marker, first_end) = event_packet(d, held);
     let now_rt = net::realtime_ns();
-    io.send_rtp(call, call.te_pt, d.ts, j == 0, &ev.write());
-    if j == 0 && d.expect {
+    io.send_rtp(call, call.te_pt, d.ts, marker, &ev.write());
+    if marker && d.expect {
         call.awaiting = Some(Await {
             start_rt: now_rt,
             end_rt: None,
             deadline_ms: m + RESPONSE_TIMEOUT_MS,
         });
     }
-    if j == HOLD_PACKETS {
+    if first_end {
         if let Some(a) = call.awaiting.as_mut() {
             a.end_rt = Some(now_rt);
         }
         if !d.expect {
             anchor(script, call, m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digit() -> Digit {
+        Digit {
+            k0: 0,
+            ts: 1234,
+            event: 1,
+            expect: true,
+            ends_sent: 0,
+            end_duration: 0,
+        }
+    }
+
+    /// (end, duration, marker) for each period the worker got to run.
+    fn packets(periods: &[u64]) -> Vec<(bool, u16, bool)> {
+        let mut d = digit();
+        let mut out = Vec::new();
+        for &h in periods {
+            if d.ends_sent == END_PACKETS {
+                break;
+            }
+            let (ev, marker, _) = event_packet(&mut d, h);
+            out.push((ev.end, ev.duration, marker));
+        }
+        out
+    }
+
+    #[test]
+    fn a_key_is_start_four_continuations_and_three_ends() {
+        let p = packets(&(0..20).collect::<Vec<_>>());
+        assert_eq!(
+            p,
+            vec![
+                (false, 160, true),
+                (false, 320, false),
+                (false, 480, false),
+                (false, 640, false),
+                (false, 800, false),
+                (true, 800, false),
+                (true, 800, false),
+                (true, 800, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stall_of_the_worker_never_skips_the_end_packets() {
+        // The thread ran at periods 0, 1, then not until 9.
+        let p = packets(&[0, 1, 9, 10, 11, 12]);
+        assert_eq!(
+            p,
+            vec![
+                (false, 160, true),
+                (false, 320, false),
+                (true, 1440, false),
+                (true, 1440, false),
+                (true, 1440, false),
+            ]
+        );
     }
 }
