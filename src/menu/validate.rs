@@ -48,6 +48,19 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     "db_error",
     "call_again_later",
     "goodbye",
+    // Operator queue and call-back (src/call.rs, src/callback.rs).
+    "operator_queue",
+    "queue_position",
+    "queue_wait",
+    "queue_options",
+    "minute",
+    "minutes",
+    "hold_music",
+    "callback_confirmed",
+    "callback_kept",
+    "callback_hello",
+    // Said to callers still in a menu when the server stops (src/call.rs).
+    "shutdown_goodbye",
 ];
 
 /// The keys of a phone keypad (RFC 4733 events 0-15).
