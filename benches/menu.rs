@@ -33,7 +33,8 @@ fn engine(c: &mut Criterion) {
     let out = e.handle(Input::Digit('1'));
     assert!(out.contains(&Output::StopPlayback), "{out:?}");
     assert!(
-        out.iter().any(|o| matches!(o, Output::Play(p) if p.iter().any(|n| n.starts_with("streets")))),
+        out.iter()
+            .any(|o| matches!(o, Output::Play(p) if p.iter().any(|n| n.starts_with("streets")))),
         "{out:?}"
     );
     assert_eq!(e.current_menu(), Some("streets"));

@@ -66,10 +66,13 @@ fn compact_invite() -> Vec<u8> {
 /// SIPp's INVITE for call number `n`: SIPp varies branch, From tag and Call-ID per call.
 fn sipp_invite_n(n: usize) -> Vec<u8> {
     let text = std::str::from_utf8(SIPP_INVITE).expect("UTF-8");
-    text.replace("branch=z9hG4bK-780-1-0", &format!("branch=z9hG4bK-780-{n}-0"))
-        .replace("tag=780SIPpTag001", &format!("tag=780SIPpTag00{n}"))
-        .replace("Call-ID: 1-780@", &format!("Call-ID: {n}-780@"))
-        .into_bytes()
+    text.replace(
+        "branch=z9hG4bK-780-1-0",
+        &format!("branch=z9hG4bK-780-{n}-0"),
+    )
+    .replace("tag=780SIPpTag001", &format!("tag=780SIPpTag00{n}"))
+    .replace("Call-ID: 1-780@", &format!("Call-ID: {n}-780@"))
+    .into_bytes()
 }
 
 fn request(bytes: &[u8]) -> Request {
