@@ -23,6 +23,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::measured;
+
 const DTMF_PCAP: &[u8] = include_bytes!("data/dtmf_2833_1.pcap");
 const AUDIO_PCAP: &[u8] = include_bytes!("data/g711a_50.pcap");
 
@@ -96,30 +99,38 @@ fn g711(c: &mut Criterion) {
         let mut out = [0u8; FRAME_SAMPLES];
         g.bench_function(format!("encode_{name}"), |b| {
             b.iter(|| {
-                codec.encode(black_box(&pcm), &mut out);
-                out
+                measured(|| {
+                    codec.encode(black_box(&pcm), &mut out);
+                    out
+                })
             })
         });
         let enc = if codec == Codec::Pcmu { ulaw } else { alaw };
         let mut out = [0i16; FRAME_SAMPLES];
         g.bench_function(format!("decode_{name}"), |b| {
             b.iter(|| {
-                codec.decode(black_box(&enc), &mut out);
-                out
+                measured(|| {
+                    codec.decode(black_box(&enc), &mut out);
+                    out
+                })
             })
         });
     }
     let mut out = [0u8; FRAME_SAMPLES];
     g.bench_function("transcode_pcmu_to_pcma", |b| {
         b.iter(|| {
-            Codec::transcode(Codec::Pcmu, Codec::Pcma, black_box(&ulaw), &mut out);
-            out
+            measured(|| {
+                Codec::transcode(Codec::Pcmu, Codec::Pcma, black_box(&ulaw), &mut out);
+                out
+            })
         })
     });
     g.bench_function("transcode_pcma_to_pcmu", |b| {
         b.iter(|| {
-            Codec::transcode(Codec::Pcma, Codec::Pcmu, black_box(&alaw), &mut out);
-            out
+            measured(|| {
+                Codec::transcode(Codec::Pcma, Codec::Pcmu, black_box(&alaw), &mut out);
+                out
+            })
         })
     });
     g.finish();
@@ -148,14 +159,16 @@ fn dtmf(c: &mut Criterion) {
     g.throughput(Throughput::Elements(digit.len() as u64));
     g.bench_function("detector_one_digit_10_packets", |b| {
         b.iter(|| {
-            let mut d = DtmfDetector::new();
-            let mut keys = 0;
-            for (i, (ts, payload)) in parsed.iter().enumerate() {
-                if let Ok(Some(_)) = d.on_packet(arrival(i), *ts, black_box(payload)) {
-                    keys += 1;
+            measured(|| {
+                let mut d = DtmfDetector::new();
+                let mut keys = 0;
+                for (i, (ts, payload)) in parsed.iter().enumerate() {
+                    if let Ok(Some(_)) = d.on_packet(arrival(i), *ts, black_box(payload)) {
+                        keys += 1;
+                    }
                 }
-            }
-            assert_eq!(keys, 1);
+                assert_eq!(keys, 1);
+            })
         })
     });
     // The same packets through the whole receive path of a call (RTP parse, symmetric-RTP
@@ -164,15 +177,17 @@ fn dtmf(c: &mut Criterion) {
         b.iter_batched_ref(
             || MediaSession::new(t0, pcma(), from),
             |m| {
-                let mut keys = 0;
-                for (i, p) in digit.iter().enumerate() {
-                    if let Ok(Some(MediaEvent::Digit('1'))) =
-                        m.on_rtp(arrival(i), from, black_box(p))
-                    {
-                        keys += 1;
+                measured(|| {
+                    let mut keys = 0;
+                    for (i, p) in digit.iter().enumerate() {
+                        if let Ok(Some(MediaEvent::Digit('1'))) =
+                            m.on_rtp(arrival(i), from, black_box(p))
+                        {
+                            keys += 1;
+                        }
                     }
-                }
-                assert_eq!(keys, 1);
+                    assert_eq!(keys, 1);
+                })
             },
             BatchSize::SmallInput,
         )
@@ -182,10 +197,12 @@ fn dtmf(c: &mut Criterion) {
     let mut m = MediaSession::new(t0, pcma(), from);
     g.bench_function("session_on_rtp_audio_50_packets", |b| {
         b.iter(|| {
-            for p in &audio {
-                let r = m.on_rtp(t0, from, black_box(p));
-                debug_assert!(matches!(r, Ok(None)));
-            }
+            measured(|| {
+                for p in &audio {
+                    let r = m.on_rtp(t0, from, black_box(p));
+                    debug_assert!(matches!(r, Ok(None)));
+                }
+            })
         })
     });
     assert_eq!(
@@ -196,7 +213,7 @@ fn dtmf(c: &mut Criterion) {
 }
 
 /// One tick for every call: each writes its packet into its slot of `batch`. Not inlined, so
-/// that callgrind reports its calls and inclusive cost (instructions per tick).
+/// that profiles name it.
 #[inline(never)]
 fn tick_all(
     calls: &mut [MediaSession],
@@ -240,8 +257,10 @@ fn tick(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(BenchmarkId::new("calls", n), |b| {
             b.iter(|| {
-                tick_all(&mut calls, &mut batch, &mut lens, &prompt);
-                black_box(&lens);
+                measured(|| {
+                    tick_all(&mut calls, &mut batch, &mut lens, &prompt);
+                    black_box(&lens);
+                })
             })
         });
     }
@@ -263,11 +282,13 @@ fn bridge(c: &mut Criterion) {
         let mut buf = [0u8; 1500];
         g.bench_function(name, |b| {
             b.iter(|| {
-                // The packet as received (the driver receives into this buffer anyway).
-                buf[..len].copy_from_slice(&packet[..len]);
-                let r = relay(black_box(&mut buf), len, &from, &to);
-                debug_assert_eq!(r, Relay::Forward { len, event: false });
-                r
+                measured(|| {
+                    // The packet as received (the driver receives into this buffer anyway).
+                    buf[..len].copy_from_slice(&packet[..len]);
+                    let r = relay(black_box(&mut buf), len, &from, &to);
+                    debug_assert_eq!(r, Relay::Forward { len, event: false });
+                    r
+                })
             })
         });
     }

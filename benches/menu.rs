@@ -11,6 +11,9 @@ use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::measured;
+
 /// An engine for a new caller who chose English (1) and passed screening (1): in the main menu.
 fn in_main_menu(menu: &Arc<MenuFile>, main: &str) -> Engine {
     let mut e = Engine::new(menu.clone(), main.to_owned());
@@ -43,7 +46,7 @@ fn engine(c: &mut Criterion) {
     g.bench_function("main_menu_digit_1_to_streets", |b| {
         b.iter_batched_ref(
             || in_main_menu(&menu, &main),
-            |e| e.handle(black_box(Input::Digit('1'))),
+            |e| measured(|| e.handle(black_box(Input::Digit('1')))),
             BatchSize::SmallInput,
         )
     });
@@ -51,7 +54,7 @@ fn engine(c: &mut Criterion) {
     g.bench_function("main_menu_invalid_key_7", |b| {
         b.iter_batched_ref(
             || in_main_menu(&menu, &main),
-            |e| e.handle(black_box(Input::Digit('7'))),
+            |e| measured(|| e.handle(black_box(Input::Digit('7')))),
             BatchSize::SmallInput,
         )
     });

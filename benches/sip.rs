@@ -17,6 +17,9 @@ use ivr311::sip::ua::ServerKey;
 use std::collections::HashMap;
 use std::hint::black_box;
 
+mod common;
+use common::measured;
+
 /// The datagram size limit the transport uses for UDP.
 const LIMIT: usize = 65_535;
 
@@ -100,7 +103,7 @@ fn parse(c: &mut Criterion) {
         request(msg);
         g.throughput(Throughput::Bytes(msg.len() as u64));
         g.bench_function(name, |b| {
-            b.iter(|| parse_datagram(black_box(msg), LIMIT).expect("parses"))
+            b.iter(|| measured(|| parse_datagram(black_box(msg), LIMIT).expect("parses")))
         });
     }
     g.finish();
@@ -114,7 +117,7 @@ fn parse(c: &mut Criterion) {
         let text = std::str::from_utf8(msg).expect("UTF-8");
         let head = &text[..text.find("\r\n\r\n").expect("header end") + 4];
         g.bench_function(name, |b| {
-            b.iter(|| normalise_headers(black_box(head)).expect("normalises"))
+            b.iter(|| measured(|| normalise_headers(black_box(head)).expect("normalises")))
         });
     }
     g.finish();
@@ -154,14 +157,18 @@ fn transaction_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("sip/txn_lookup_3000");
     g.bench_function("key_and_hit", |b| {
         b.iter(|| {
-            let key = ServerKey::of(black_box(&retrans));
-            table.get_mut(&key).map(|(id, _)| *id)
+            measured(|| {
+                let key = ServerKey::of(black_box(&retrans));
+                table.get_mut(&key).map(|(id, _)| *id)
+            })
         })
     });
     g.bench_function("key_and_miss", |b| {
         b.iter(|| {
-            let key = ServerKey::of(black_box(&fresh));
-            table.get_mut(&key).map(|(id, _)| *id)
+            measured(|| {
+                let key = ServerKey::of(black_box(&fresh));
+                table.get_mut(&key).map(|(id, _)| *id)
+            })
         })
     });
     g.finish();
@@ -177,13 +184,15 @@ fn transaction_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("sip/per_message_3000");
     g.bench_function("invite_parse_key_insert_remove", |b| {
         b.iter(|| {
-            let req = request(black_box(&fresh_bytes));
-            let key = ServerKey::of(&req);
-            if table.get_mut(&key).is_none() {
-                let tx = ServerTransaction::new(true, false);
-                table.insert(key.clone(), (0, (tx, flow, req)));
-            }
-            table.remove(&key).map(|(id, _)| id)
+            measured(|| {
+                let req = request(black_box(&fresh_bytes));
+                let key = ServerKey::of(&req);
+                if table.get_mut(&key).is_none() {
+                    let tx = ServerTransaction::new(true, false);
+                    table.insert(key.clone(), (0, (tx, flow, req)));
+                }
+                table.remove(&key).map(|(id, _)| id)
+            })
         })
     });
     g.finish();

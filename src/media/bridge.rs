@@ -31,7 +31,9 @@ pub fn relay(buf: &mut [u8], len: usize, from: &Negotiated, to: &Negotiated) -> 
     };
     let marker = buf[1] & 0x80;
     if pt == from.payload_type {
-        Codec::transcode_in_place(from.codec, to.codec, &mut buf[start..end]);
+        if from.codec != to.codec {
+            Codec::transcode_in_place(from.codec, to.codec, &mut buf[start..end]);
+        }
         buf[1] = marker | (to.payload_type & 0x7f);
         return Relay::Forward { len, event: false };
     }
