@@ -38,7 +38,7 @@ pub fn relay(buf: &mut [u8], len: usize, from: &Negotiated, to: &Negotiated) -> 
     let marker = buf[1] & 0x80;
     if pt == from.payload_type {
         if from.codec != to.codec {
-            transcode_in_place(from.codec, to.codec, &mut buf[start..end]);
+            Codec::transcode_in_place(from.codec, to.codec, &mut buf[start..end]);
         }
         buf[1] = marker | (to.payload_type & 0x7f);
         return Relay::Forward { len, event: false };
@@ -130,13 +130,6 @@ fn padding(buf: &[u8]) -> usize {
     } else {
         0
     }
-}
-
-fn transcode_in_place(from: Codec, to: Codec, payload: &mut [u8]) {
-    let mut tmp = [0u8; 1500];
-    let n = payload.len().min(tmp.len());
-    Codec::transcode(from, to, &payload[..n], &mut tmp[..n]);
-    payload[..n].copy_from_slice(&tmp[..n]);
 }
 
 #[cfg(test)]

@@ -113,6 +113,19 @@ impl Codec {
             *o = table[usize::from(b)];
         }
     }
+
+    /// [`Codec::transcode`] in place, for relaying a packet without a second buffer. When
+    /// `from == to` nothing changes.
+    pub fn transcode_in_place(from: Codec, to: Codec, buf: &mut [u8]) {
+        let table = match (from, to) {
+            (Codec::Pcmu, Codec::Pcma) => &ULAW_TO_ALAW,
+            (Codec::Pcma, Codec::Pcmu) => &ALAW_TO_ULAW,
+            (Codec::Pcmu, Codec::Pcmu) | (Codec::Pcma, Codec::Pcma) => return,
+        };
+        for b in buf {
+            *b = table[usize::from(*b)];
+        }
+    }
 }
 
 const ULAW_SILENCE: u8 = 0xFF;
@@ -359,6 +372,18 @@ mod tests {
         }
         Codec::transcode(Codec::Pcma, Codec::Pcma, &all, &mut out);
         assert_eq!(out, all);
+        // In place gives the same bytes.
+        for (from, to) in [
+            (Codec::Pcmu, Codec::Pcma),
+            (Codec::Pcma, Codec::Pcmu),
+            (Codec::Pcmu, Codec::Pcmu),
+            (Codec::Pcma, Codec::Pcma),
+        ] {
+            Codec::transcode(from, to, &all, &mut out);
+            let mut in_place = all.clone();
+            Codec::transcode_in_place(from, to, &mut in_place);
+            assert_eq!(in_place, out);
+        }
         // µ-law silence is exactly 0, so it maps to A-law silence; A-law's
         // smallest code is +8, which µ-law represents exactly (0xFE).
         assert_eq!(ULAW_TO_ALAW[usize::from(ULAW_SILENCE)], ALAW_SILENCE);

@@ -5,7 +5,8 @@
 //! [`MediaSession::on_rtp`] for each datagram that arrives, [`MediaSession::on_tick`] every
 //! packet time. What comes out: bytes to send to [`MediaSession::remote`], and [`MediaEvent`]s
 //! (a key pressed, the prompt queue ran dry). Prompts are shared `Arc`s, pre-encoded in both
-//! G.711 laws at start-up, so playing one copies 160 bytes per tick and allocates nothing.
+//! G.711 laws at start-up, so playing one copies 160 bytes per tick (from the prompt straight
+//! into the packet) and allocates nothing.
 //!
 //! While nothing is queued we keep sending silence: it keeps NAT bindings open and lets the
 //! caller's phone see a live stream. On hold (the caller's SDP says sendonly or inactive) we
@@ -183,10 +184,23 @@ impl MediaSession {
             }
         }
         let mut event = None;
-        let mut frame = [0u8; FRAME_SAMPLES];
-        let payload: &[u8] = match &mut self.current {
+        let pt = self.neg.payload_type;
+        let samples = FRAME_SAMPLES as u32;
+        let n = match &mut self.current {
             Some((prompt, i)) => {
-                let has = prompt.frame(self.neg.codec, *i, &mut frame);
+                let data = prompt.encoded(self.neg.codec);
+                let start = i.saturating_mul(FRAME_SAMPLES);
+                // Whole frames go from the shared prompt straight into the packet.
+                let n = match data.get(start..start.saturating_add(FRAME_SAMPLES)) {
+                    Some(frame) => self.stream.write(pt, frame, samples, out),
+                    None => {
+                        // The final partial frame, padded with silence.
+                        let mut frame = self.silence;
+                        let rest = data.get(start..).unwrap_or_default();
+                        frame[..rest.len()].copy_from_slice(rest);
+                        self.stream.write(pt, &frame, samples, out)
+                    }
+                };
                 *i += 1;
                 if *i >= prompt.frames() {
                     self.current = None;
@@ -194,17 +208,10 @@ impl MediaSession {
                         event = Some(MediaEvent::PlayDone);
                     }
                 }
-                if has {
-                    &frame
-                } else {
-                    &self.silence
-                }
+                n
             }
-            None => &self.silence,
+            None => self.stream.write(pt, &self.silence, samples, out),
         };
-        let n = self
-            .stream
-            .write(self.neg.payload_type, payload, FRAME_SAMPLES as u32, out);
         self.stats.packets_out += 1;
         (n, event)
     }
@@ -273,6 +280,28 @@ mod tests {
         // marker at the start of each talk spurt (prompt a, prompt b), not on silence
         assert_eq!(markers, vec![true, false, true, false, false, false]);
         assert!(!m.is_playing());
+    }
+
+    #[test]
+    fn prompt_frames_are_sent_as_encoded_and_the_last_partial_one_is_padded() {
+        let t0 = Instant::now();
+        let mut m = MediaSession::new(t0, neg(), "127.0.0.1:4000".parse().unwrap());
+        let p = tone("odd", 25); // 200 samples: one whole frame and 40 samples
+        m.play([p.clone()]);
+        let mut out = [0u8; MAX_PACKET];
+        let (n, ev) = m.on_tick(&mut out);
+        assert_eq!((n, ev), (172, None));
+        assert_eq!(
+            rtp::parse(&out[..n]).unwrap().payload,
+            &p.encoded(Codec::Pcmu)[..160]
+        );
+        let (n, ev) = m.on_tick(&mut out);
+        assert_eq!((n, ev), (172, Some(MediaEvent::PlayDone)));
+        let payload = rtp::parse(&out[..n]).unwrap().payload;
+        assert_eq!(&payload[..40], &p.encoded(Codec::Pcmu)[160..]);
+        assert!(payload[40..]
+            .iter()
+            .all(|b| *b == Codec::Pcmu.silence_byte()));
     }
 
     #[test]

@@ -407,15 +407,17 @@ pub struct UaStats {
 }
 
 /// Server transaction key (RFC 3261 §17.2.3): branch, sent-by, and method (ACK matches INVITE).
+/// Public only so that the benchmarks (`benches/sip.rs`) can time the per-message lookup.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ServerKey {
+pub struct ServerKey {
     branch: String,
     sent_by: String,
     method: Method,
 }
 
 impl ServerKey {
-    fn of(req: &Request) -> ServerKey {
+    /// The key of the transaction `req` belongs to.
+    pub fn of(req: &Request) -> ServerKey {
         let via = req.top_via();
         let method = match &req.method {
             Method::Ack => Method::Invite,
