@@ -726,10 +726,16 @@ impl Call {
                 }
                 Some(note) = notes.recv() => match note {
                     MediaNote::Digit(d) => self.on_digit(d),
-                    // A note from before something new was queued is stale.
-                    MediaNote::PlayDone => if !self.media.lock().media.is_playing() {
-                        self.on_play_done().await;
-                    },
+                    // A note from before a barge-in, or before more was queued, is stale.
+                    MediaNote::PlayDone { stops } => {
+                        let current = {
+                            let st = self.media.lock();
+                            !st.media.is_playing() && st.media.stops() == stops
+                        };
+                        if current {
+                            self.on_play_done().await;
+                        }
+                    }
                     MediaNote::RecordingEnded => self.stop_recording().await,
                     MediaNote::NoMedia => {
                         info!(seconds = self.ctx.limits.no_media_seconds, "no media from the caller; hanging up");

@@ -68,8 +68,9 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 pub enum MediaNote {
     /// A key press (RFC 4733), reported once.
     Digit(char),
-    /// The prompt queue ran dry. May be stale: check [`MediaSession::is_playing`].
-    PlayDone,
+    /// The prompt queue ran dry, with [`MediaSession::stops`] at that moment. Stale if the
+    /// call stopped playback or queued more since.
+    PlayDone { stops: u64 },
     /// The recording reached its limit or the caller fell silent.
     RecordingEnded,
     /// No valid RTP from the caller for the configured time.
@@ -322,7 +323,9 @@ impl Slot {
                 let _ = self.port.socket.send_to(&io.out[..n], st.media.remote());
             }
             if ev == Some(MediaEvent::PlayDone) {
-                self.note(MediaNote::PlayDone);
+                self.note(MediaNote::PlayDone {
+                    stops: st.media.stops(),
+                });
             }
             if let Some(rec) = &st.recorder {
                 if !st.record_ended && rec.state(now) != RecordState::Recording {
@@ -629,7 +632,10 @@ mod tests {
         {
             seen.push(n);
         }
-        assert_eq!(seen, vec![MediaNote::Digit('5'), MediaNote::PlayDone]);
+        assert_eq!(
+            seen,
+            vec![MediaNote::Digit('5'), MediaNote::PlayDone { stops: 0 }]
+        );
         assert_eq!(media.lock().media.stats.digits, 1);
 
         // Detached: the shard lets go and the port is back in the pool within a tick or two.

@@ -61,6 +61,9 @@ pub struct MediaSession {
     silence: [u8; FRAME_SAMPLES],
     /// Set once a malformed or foreign packet was logged, so a flood logs once.
     pub warned: bool,
+    /// How many times playback was stopped (barge-in): tells a "queue ran dry" noticed before
+    /// a stop from one that belongs to what was queued after it.
+    stops: u64,
 }
 
 impl MediaSession {
@@ -74,6 +77,7 @@ impl MediaSession {
             current: None,
             last_rx: now,
             stats: MediaStats::default(),
+            stops: 0,
             silence: [neg.codec.silence_byte(); FRAME_SAMPLES],
             warned: false,
         }
@@ -114,10 +118,16 @@ impl MediaSession {
 
     /// Stop playing and forget the queue (barge-in).
     pub fn stop(&mut self) {
+        self.stops += 1;
         self.queue.clear();
         if self.current.take().is_some() {
             self.stream.start_talkspurt();
         }
+    }
+
+    /// See [`MediaSession::stop`]; compare with the value when an event was noticed.
+    pub fn stops(&self) -> u64 {
+        self.stops
     }
 
     pub fn is_playing(&self) -> bool {
