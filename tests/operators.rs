@@ -6,11 +6,7 @@ mod common;
 use common::*;
 use ivr311::config::{AgentConfig, FileConfig, QueueConfig};
 use ivr311::media::rtp;
-use ivr311::sip::message::{parse_datagram, Message, Request, Response, ResponseBuilder};
-use sha2::{Digest, Sha256};
-use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::net::UdpSocket;
 
 fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
     FileConfig {
@@ -33,124 +29,8 @@ fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
     }
 }
 
-/// An operator's SIP phone.
-struct Agent {
-    id: String,
-    sip: UdpSocket,
-    rtp: UdpSocket,
-    server: SocketAddr,
-}
-
-fn param(challenge: &str, name: &str) -> Option<String> {
-    let rest = challenge.strip_prefix("Digest ")?;
-    rest.split(", ").find_map(|part| {
-        let (k, v) = part.split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
-    })
-}
-
-fn sha256(data: &str) -> String {
-    Sha256::digest(data.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-impl Agent {
-    async fn login(server: SocketAddr, id: &str) -> Agent {
-        let a = Agent {
-            id: id.into(),
-            sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            server,
-        };
-        let uri = format!("sip:{server}");
-        let me = a.sip.local_addr().unwrap();
-        let reg = |cseq: u32, auth: Option<String>| {
-            format!(
-                "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKreg{cseq}{id};rport\r\nMax-Forwards: 70\r\n\
-From: <sip:{id}@{server}>;tag=a{id}\r\nTo: <sip:{id}@{server}>\r\nCall-ID: reg-{id}@{me}\r\nCSeq: {cseq} REGISTER\r\n\
-Contact: <sip:{id}@{me}>\r\nExpires: 600\r\n{}Content-Length: 0\r\n\r\n",
-                auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default()
-            )
-        };
-        a.sip
-            .send_to(reg(1, None).as_bytes(), server)
-            .await
-            .unwrap();
-        let challenge = a.response().await;
-        assert_eq!(challenge.code, 401);
-        let c = challenge
-            .headers_named("WWW-Authenticate")
-            .find(|c| param(c, "algorithm").as_deref() == Some("SHA-256"))
-            .expect("SHA-256 challenge")
-            .to_owned();
-        let (realm, nonce, opaque) = (
-            param(&c, "realm").unwrap(),
-            param(&c, "nonce").unwrap(),
-            param(&c, "opaque").unwrap(),
-        );
-        let ha1 = sha256(&format!("{id}:{realm}:pw{id}"));
-        let ha2 = sha256(&format!("REGISTER:{uri}"));
-        let resp = sha256(&format!("{ha1}:{nonce}:00000001:abcdef:auth:{ha2}"));
-        let auth = format!(
-            "Digest username=\"{id}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", \
-algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\""
-        );
-        a.sip
-            .send_to(reg(2, Some(auth)).as_bytes(), server)
-            .await
-            .unwrap();
-        assert_eq!(a.response().await.code, 200, "agent {id} logged in");
-        a
-    }
-
-    async fn recv(&self, t: Duration) -> Option<Message> {
-        let mut buf = vec![0u8; 65535];
-        let (n, _) = tokio::time::timeout(t, self.sip.recv_from(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        Some(parse_datagram(&buf[..n], 65536).unwrap())
-    }
-
-    async fn response(&self) -> Response {
-        match self.recv(Duration::from_secs(3)).await {
-            Some(Message::Response(r)) => r,
-            other => panic!("expected a response, got {other:?}"),
-        }
-    }
-
-    /// Wait for a request with `method` (answering nothing).
-    async fn request(&self, method: &str, t: Duration) -> Request {
-        let deadline = std::time::Instant::now() + t;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.recv(left).await {
-                Some(Message::Request(r)) if r.method.as_str() == method => return r,
-                Some(_) => continue,
-                None => panic!("agent {} got no {method} within {t:?}", self.id),
-            }
-        }
-    }
-
-    async fn reply(&self, req: &Request, code: u16, reason: &str, sdp: Option<String>) {
-        let mut b = ResponseBuilder::new(req, code, reason, Some(&format!("ag{}", self.id)))
-            .header(
-                "Contact",
-                format!("<sip:{}@{}>", self.id, self.sip.local_addr().unwrap()),
-            );
-        if let Some(sdp) = sdp {
-            b = b.body("application/sdp", sdp);
-        }
-        self.sip.send_to(&b.build(), self.server).await.unwrap();
-    }
-
-    fn answer_sdp(&self) -> String {
-        let p = self.rtp.local_addr().unwrap().port();
-        format!("v=0\r\no=agent 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {p} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n")
-    }
-}
+/// An operator's SIP phone (shared with the other operator tests).
+use common::TestAgent as Agent;
 
 /// Caller: English, not an emergency, then 0 for an operator.
 async fn caller_presses_zero(srv: &ivr311::server::RunningServer) -> TestUa {
