@@ -30,7 +30,7 @@ use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::{Prompt, PromptStore};
-use crate::media::record::Recorder;
+use crate::media::record::{Recorder, VoiceMeter};
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::MediaSession;
 use crate::menu::engine::{Engine, Input, Output, StatusResult, TicketRequest};
@@ -553,6 +553,10 @@ struct Call {
     version: u64,
     registry_id: u64,
     timer: Option<tokio::time::Instant>,
+    /// The caller's recording file; the media clock meters and collects the samples.
+    recorder: Option<Recorder>,
+    /// Samples taken from the clock, reused between writes.
+    recorded: Vec<i16>,
     work_tx: mpsc::Sender<Work>,
     emergency: Option<EmergencyRun>,
     leg: Option<Leg>,
@@ -618,6 +622,8 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         version: 1,
         registry_id,
         timer: None,
+        recorder: None,
+        recorded: Vec::new(),
         work_tx,
         emergency: None,
         leg: None,
@@ -736,6 +742,7 @@ impl Call {
                             self.on_play_done().await;
                         }
                     }
+                    MediaNote::RecordingData => self.write_recorded(),
                     MediaNote::RecordingEnded => self.stop_recording().await,
                     MediaNote::NoMedia => {
                         info!(seconds = self.ctx.limits.no_media_seconds, "no media from the caller; hanging up");
@@ -856,7 +863,7 @@ impl Call {
                 "waiting for operator"
             };
         }
-        if self.media.lock().recorder.is_some() {
+        if self.recorder.is_some() {
             return "recording";
         }
         self.engine.current_menu().unwrap_or("in menu")
@@ -1042,10 +1049,14 @@ impl Call {
             rand::random::<u32>()
         );
         let path = self.ctx.recordings.join(name);
-        match Recorder::create(&path, now(), max, silence) {
+        let t = now();
+        match Recorder::create(&path, t, max, silence) {
             Ok(r) => {
                 info!(path = %path.display(), "recording");
-                self.media.lock().start_recording(r);
+                self.recorder = Some(r);
+                self.media
+                    .lock()
+                    .start_recording(VoiceMeter::new(t, max, silence));
             }
             Err(e) => {
                 // Cannot record: file the ticket without a description rather than lose it.
@@ -1055,9 +1066,23 @@ impl Call {
         }
     }
 
+    /// Write what the media clock recorded since the last time (here, not on the clock's
+    /// thread: file IO must not delay packets).
+    fn write_recorded(&mut self) {
+        let Some(rec) = &mut self.recorder else {
+            return;
+        };
+        self.media.lock().take_recorded(&mut self.recorded);
+        rec.write(&self.recorded);
+        self.recorded.clear();
+    }
+
     /// Close the recording; returns the media URL of what was kept.
     fn close_recording(&mut self) -> Option<String> {
-        let rec = self.media.lock().recorder.take()?;
+        let mut rec = self.recorder.take()?;
+        self.media.lock().stop_recording(&mut self.recorded);
+        rec.write(&self.recorded);
+        self.recorded.clear();
         let secs = rec.seconds();
         match rec.finish() {
             Ok(Some(path)) => {
@@ -1074,7 +1099,7 @@ impl Call {
     }
 
     async fn stop_recording(&mut self) {
-        if self.media.lock().recorder.is_none() {
+        if self.recorder.is_none() {
             return;
         }
         let media_url = self.close_recording();
@@ -1131,15 +1156,13 @@ impl Call {
         warn!(?reason, %menu_path, plan = ?plan, "redirecting caller to 911");
         self.timer = None;
         let connecting = self.prompts(&["connecting_911".into()]);
-        let recording = {
+        {
             let mut st = self.media.lock();
             st.media.stop();
             st.media.play(connecting);
-            st.recorder.take()
-        };
-        if let Some(rec) = recording {
-            let _ = rec.finish();
         }
+        // What was recorded is kept (the file), but nothing more is.
+        let _ = self.close_recording();
         let method = plan.front().copied().unwrap_or(EmergencyMethod::Announce);
         self.emergency = Some(EmergencyRun {
             plan,

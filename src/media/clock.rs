@@ -17,7 +17,10 @@
 //!    call per call per tick, no wake-up at all when nothing arrived),
 //! 2. let its [`MediaSession`] write the next packet and send it (one `sendto`),
 //! 3. tell the call's task only what it must act on ([`MediaNote`]: a key, the prompt queue
-//!    ran dry, the recording ended, the caller went silent).
+//!    ran dry, a second of recording to write, the recording ended, the caller went silent).
+//!
+//! No file or database work happens on these threads: a recording is metered here (silence,
+//! length) and its samples handed to the call's task, which writes the file.
 //!
 //! The call task wakes for notes and signalling, not for packets. Every call in a shard is
 //! served in the same order each tick, so each stream keeps a steady 20 ms spacing even when
@@ -39,7 +42,7 @@
 //! (at most one packet time after the call ends). The threads stop when the clock is dropped.
 
 use crate::media::ports::RtpPort;
-use crate::media::record::{RecordState, Recorder};
+use crate::media::record::{RecordState, VoiceMeter};
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
 use std::io;
 use std::net::SocketAddr;
@@ -71,6 +74,9 @@ pub enum MediaNote {
     /// The prompt queue ran dry, with [`MediaSession::stops`] at that moment. Stale if the
     /// call stopped playback or queued more since.
     PlayDone { stops: u64 },
+    /// About a second of the caller's recording is waiting: take it with
+    /// [`SlotState::take_recorded`] and write it.
+    RecordingData,
     /// The recording reached its limit or the caller fell silent.
     RecordingEnded,
     /// No valid RTP from the caller for the configured time.
@@ -80,8 +86,8 @@ pub enum MediaNote {
 /// A call's media state, shared between its task and its shard.
 pub struct SlotState {
     pub media: MediaSession,
-    /// The caller's recording, fed from the clock while it runs.
-    pub recorder: Option<Recorder>,
+    /// The caller's recording while it runs: metered here, written by the call's task.
+    tap: Option<Tap>,
     /// The call's task relays this port's packets itself (bridged to another leg).
     pub bridged: bool,
     record_ended: bool,
@@ -90,11 +96,45 @@ pub struct SlotState {
     logged_malformed: bool,
 }
 
+/// A recording in progress, on the clock's side.
+struct Tap {
+    meter: VoiceMeter,
+    /// Decoded samples not yet taken by the call.
+    pending: Vec<i16>,
+    /// `RecordingData` was sent and the samples not taken yet.
+    asked: bool,
+}
+
+/// Samples (one second) after which the call is asked to write what was recorded.
+const TAP_FLUSH: usize = 8000;
+/// Samples kept at most for a call that does not take them (then the newest are dropped).
+const TAP_MAX: usize = 8000 * 10;
+
 impl SlotState {
-    /// Start feeding a new recording.
-    pub fn start_recording(&mut self, rec: Recorder) {
-        self.recorder = Some(rec);
+    /// Start recording the caller: samples are kept for [`SlotState::take_recorded`] and the
+    /// meter decides when it ends ([`MediaNote::RecordingEnded`]).
+    pub fn start_recording(&mut self, meter: VoiceMeter) {
+        self.tap = Some(Tap {
+            meter,
+            pending: Vec::with_capacity(TAP_FLUSH + 160),
+            asked: false,
+        });
         self.record_ended = false;
+    }
+
+    /// Swap the samples recorded since the last call into `into` (which should be empty; its
+    /// allocation is reused next time).
+    pub fn take_recorded(&mut self, into: &mut Vec<i16>) {
+        if let Some(t) = &mut self.tap {
+            std::mem::swap(&mut t.pending, into);
+            t.asked = false;
+        }
+    }
+
+    /// Stop recording; the samples not yet taken go into `into`.
+    pub fn stop_recording(&mut self, into: &mut Vec<i16>) {
+        self.take_recorded(into);
+        self.tap = None;
     }
 }
 
@@ -199,7 +239,7 @@ impl MediaClock {
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState {
                 media,
-                recorder: None,
+                tap: None,
                 bridged: false,
                 record_ended: false,
                 no_media_reported: false,
@@ -327,8 +367,8 @@ impl Slot {
                     stops: st.media.stops(),
                 });
             }
-            if let Some(rec) = &st.recorder {
-                if !st.record_ended && rec.state(now) != RecordState::Recording {
+            if let Some(tap) = &st.tap {
+                if !st.record_ended && tap.meter.state(now) != RecordState::Recording {
                     st.record_ended = true;
                     self.note(MediaNote::RecordingEnded);
                 }
@@ -376,13 +416,23 @@ impl Slot {
                         || warn!(%from, "RTP from an unexpected address after latching; dropped"),
                     );
                 }
-                if let (Some(rec), false) = (&mut st.recorder, st.record_ended) {
+                if let (Some(tap), false) = (&mut st.tap, st.record_ended) {
                     if let Ok(p) = crate::media::rtp::parse(buf) {
-                        if p.payload_type == st.media.negotiated().payload_type
-                            && rec.push(now, st.media.codec(), p.payload) != RecordState::Recording
-                        {
-                            st.record_ended = true;
-                            self.note(MediaNote::RecordingEnded);
+                        if p.payload_type == st.media.negotiated().payload_type {
+                            let mut pcm = [0i16; 1024];
+                            let n = p.payload.len().min(pcm.len());
+                            st.media.codec().decode(&p.payload[..n], &mut pcm[..n]);
+                            if tap.pending.len() + n <= TAP_MAX {
+                                tap.pending.extend_from_slice(&pcm[..n]);
+                            }
+                            if tap.pending.len() >= TAP_FLUSH && !tap.asked {
+                                tap.asked = true;
+                                self.note(MediaNote::RecordingData);
+                            }
+                            if tap.meter.hear(now, &pcm[..n]) != RecordState::Recording {
+                                st.record_ended = true;
+                                self.note(MediaNote::RecordingEnded);
+                            }
                         }
                     }
                 }
@@ -647,6 +697,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(pool.available(), before);
+        clock.stop();
+    }
+
+    #[tokio::test]
+    async fn a_recording_is_handed_to_the_call_a_second_at_a_time_and_ends_on_silence() {
+        let clock = MediaClock::start(1).unwrap();
+        let pool = pool();
+        let port = pool.allocate().unwrap();
+        let ours = SocketAddr::new("127.0.0.1".parse().unwrap(), port.port);
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
+        let (media, mut notes) = clock.attach(port, session, Duration::from_secs(60), Span::none());
+        media.lock().start_recording(VoiceMeter::new(
+            Instant::now(),
+            Duration::from_secs(30),
+            Duration::from_millis(400),
+        ));
+        // 60 loud packets (1.2 s), then silence: one "data" note, then the end.
+        let pcm: Vec<i16> = (0..160)
+            .map(|i| if i % 2 == 0 { 8000 } else { -8000 })
+            .collect();
+        let mut loud = [0u8; 160];
+        Codec::Pcmu.encode(&pcm, &mut loud);
+        let mut s = RtpStream::with_origin(3, 1, 0);
+        let mut buf = [0u8; 200];
+        for i in 0..90 {
+            let payload = if i < 60 { loud } else { [0xff; 160] };
+            let n = s.write(0, &payload, 160, &mut buf);
+            caller.send_to(&buf[..n], ours).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut seen = Vec::new();
+        while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(600), notes.recv()).await
+        {
+            if n != (MediaNote::PlayDone { stops: 0 }) {
+                seen.push(n);
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![MediaNote::RecordingData, MediaNote::RecordingEnded]
+        );
+        let mut got = Vec::new();
+        media.lock().stop_recording(&mut got);
+        assert!(
+            got.len() >= 8000,
+            "a second of audio at least: {}",
+            got.len()
+        );
+        let mut expect = [0i16; 160];
+        Codec::Pcmu.decode(&loud, &mut expect);
+        assert_eq!(&got[..160], &expect[..], "the caller's audio, decoded");
         clock.stop();
     }
 

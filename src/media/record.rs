@@ -39,12 +39,54 @@ pub enum RecordError {
 pub struct Recorder {
     writer: Option<hound::WavWriter<BufWriter<File>>>,
     path: PathBuf,
+    meter: VoiceMeter,
+    samples: u64,
+}
+
+/// When a recording ends (the caller fell silent after speaking, or the limit), without the
+/// file: the media clock meters each packet as it arrives and leaves the writing to the call
+/// (a disk that stalls must not stall the packets of every call on that clock).
+#[derive(Debug, Clone)]
+pub struct VoiceMeter {
     started: Instant,
     last_voice: Option<Instant>,
     max: Duration,
     silence: Duration,
-    samples: u64,
-    pcm: [i16; 1024],
+}
+
+impl VoiceMeter {
+    pub fn new(now: Instant, max: Duration, silence: Duration) -> Self {
+        VoiceMeter {
+            started: now,
+            last_voice: None,
+            max,
+            silence,
+        }
+    }
+
+    /// Hear one packet's samples.
+    pub fn hear(&mut self, now: Instant, pcm: &[i16]) -> RecordState {
+        let level = if pcm.is_empty() {
+            0
+        } else {
+            pcm.iter().map(|s| s.unsigned_abs() as u32).sum::<u32>() / pcm.len() as u32
+        };
+        if level >= SILENCE_LEVEL {
+            self.last_voice = Some(now);
+        }
+        self.state(now)
+    }
+
+    pub fn state(&self, now: Instant) -> RecordState {
+        if now.duration_since(self.started) >= self.max {
+            return RecordState::MaxLength;
+        }
+        let since = self.last_voice.unwrap_or(self.started);
+        if now.duration_since(since) >= self.silence {
+            return RecordState::Silence;
+        }
+        RecordState::Recording
+    }
 }
 
 impl Recorder {
@@ -73,12 +115,8 @@ impl Recorder {
         Ok(Recorder {
             writer: Some(writer),
             path: path.to_owned(),
-            started: now,
-            last_voice: None,
-            max,
-            silence,
+            meter: VoiceMeter::new(now, max, silence),
             samples: 0,
-            pcm: [0; 1024],
         })
     }
 
@@ -93,45 +131,29 @@ impl Recorder {
 
     /// Add one received audio payload.
     pub fn push(&mut self, now: Instant, codec: Codec, payload: &[u8]) -> RecordState {
-        let n = payload.len().min(self.pcm.len());
-        codec.decode(&payload[..n], &mut self.pcm[..n]);
+        let mut pcm = [0i16; 1024];
+        let n = payload.len().min(pcm.len());
+        codec.decode(&payload[..n], &mut pcm[..n]);
+        self.write(&pcm[..n]);
+        self.meter.hear(now, &pcm[..n])
+    }
+
+    /// Append samples already metered elsewhere (see [`VoiceMeter`]).
+    pub fn write(&mut self, pcm: &[i16]) {
         if let Some(w) = &mut self.writer {
-            for s in &self.pcm[..n] {
+            for s in pcm {
                 if w.write_sample(*s).is_err() {
                     break;
                 }
             }
         }
-        self.samples += n as u64;
-        let level = if n == 0 {
-            0
-        } else {
-            self.pcm[..n]
-                .iter()
-                .map(|s| s.unsigned_abs() as u32)
-                .sum::<u32>()
-                / n as u32
-        };
-        if level >= SILENCE_LEVEL {
-            self.last_voice = Some(now);
-        }
-        self.state(now)
+        self.samples += pcm.len() as u64;
     }
 
-    /// Whether to stop, judged at `now` (also call this on ticks when no audio arrives).
     pub fn state(&self, now: Instant) -> RecordState {
-        if now.duration_since(self.started) >= self.max {
-            return RecordState::MaxLength;
-        }
-        // Silence counts from the last speech, or from the start if the caller never spoke.
-        let since = self.last_voice.unwrap_or(self.started);
-        if now.duration_since(since) >= self.silence {
-            return RecordState::Silence;
-        }
-        RecordState::Recording
+        self.meter.state(now)
     }
 
-    /// Close the file. Returns its path if any audio was written (an empty file is removed).
     pub fn finish(mut self) -> Result<Option<PathBuf>, RecordError> {
         if let Some(w) = self.writer.take() {
             w.finalize().map_err(|source| RecordError::Wav {
