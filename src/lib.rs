@@ -1,7 +1,8 @@
 //! # ivr311
 //!
 //! An open telephony server for a city's 311 line: it answers SIP calls, plays prompts over
-//! RTP, hears the caller's keys and (as the layers land) walks them through the city menu.
+//! RTP, hears the caller's keys, walks them through the city menu, files tickets, sends anyone
+//! in danger to 911, and queues callers for operators.
 //!
 //! # Layout
 //!
@@ -21,24 +22,25 @@
 //! | [`media::g711`], [`media::dtmf`] | G.711 µ/A-law, RFC 4733 events and the digit detector |
 //! | [`media::prompt`] | WAV prompts, resampled and pre-encoded once, shared by all calls |
 //! | [`media::session`] | one call's media, sans-IO: player, RTP stream, DTMF |
+//! | [`media::clock`] | the media clock: threads that pace every call's RTP on a 20 ms grid |
+//! | [`media::ports`] | the RTP port pool (plain sockets, not registered with the reactor) |
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
-//! | [`call`] | accepting calls, the per-call task, the [`call::CallApp`] seam |
+//! | [`call`] | accepting calls, the per-call task (menu, 911, queue, bridge) |
 //! | [`callback`] | call-backs that keep the caller's place: dialling back through the trunk, bridging to the operator |
 //! | [`api`] | HTTP (axum): `/health`, Open311 GeoReport v2, admin API, `/metrics` |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
 //! | [`config`] | flags, environment and the `--config` YAML |
-//! | [`dispatch::tickets`] | the ticket store (SQLite, sqlx): 311 tickets, emergency-redirect audit |
 //!
 //! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
 //! (calls act for it through channels). `callback` is a driver like `call`: it may use
-//! `sip`, `media`, `dispatch` and `call`'s shared pieces (ports, menu holder), never a live call.
+//! `sip`, `media`, `dispatch` and `call`'s shared pieces (menu holder), never a live call.
 
 pub mod api;
 pub mod call;

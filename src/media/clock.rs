@@ -2,7 +2,7 @@
 //! and reads what each caller sent since the last tick.
 //!
 //! This is the media path's IO driver; the per-call logic stays in the sans-IO
-//! [`MediaSession`] (player, RTP stream, DTMF, latching) and [`Recorder`].
+//! [`MediaSession`] (player, RTP stream, DTMF, latching) and [`VoiceMeter`].
 //!
 //! # Why a shared clock instead of a timer per call
 //!
