@@ -5,7 +5,8 @@
 //! [`MediaSession`] to the shared [`MediaClock`] (which sends and reads the call's RTP every
 //! 20 ms and passes up keys and "prompt done") and drives, in one `select!` loop and one
 //! tracing span (Call-ID and caller):
-//! - the media notes and, while bridged to an operator or 911, the relay of both legs' RTP,
+//! - the media notes; while the caller is bridged to an operator or 911 the clock also relays
+//!   both legs' RTP ([`Bridge`]), so this task does not wake per packet,
 //! - the [`Engine`] (menu walk): its outputs are carried out here (play, timer, record, file
 //!   a ticket, look one up, redirect to 911, queue, hang up) and their results fed back,
 //! - dialog events (BYE, re-INVITE, INFO digits, REFER progress).
@@ -24,8 +25,7 @@ use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
-use crate::media::bridge::{relay, Relay, Restamp};
-use crate::media::clock::{MediaClock, MediaHandle, MediaNote};
+use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
 use crate::media::ports::{PortPool, RtpPort};
@@ -482,8 +482,6 @@ pub enum EndReason {
     Admin,
     /// The operator ended the bridged call.
     AgentHungUp,
-    /// The caller's media could not be relayed (no socket could be registered).
-    MediaError,
 }
 
 /// Results of work done off the call's loop.
@@ -512,18 +510,14 @@ struct EmergencyRun {
 /// An outbound leg bridged to the caller (the 911 trunk).
 struct Leg {
     handle: DialogHandle,
-    port: RtpPort,
-    /// `port`'s socket registered with the runtime, to await the leg's packets.
-    socket: tokio::net::UdpSocket,
+    /// Shared with the media clock, which relays it while bridged.
+    port: Arc<RtpPort>,
     /// The operator this leg rings; `None` for the 911 leg.
     agent: Option<String>,
     /// The leg's own span, a child of the call's span.
     span: tracing::Span,
     /// Set once the leg answered: its codec and where its media goes.
     answered: Option<(Negotiated, SocketAddr)>,
-    /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
-    to_leg: Restamp,
-    to_caller: Restamp,
 }
 
 /// A caller in an operator queue.
@@ -572,10 +566,8 @@ struct Call {
     queue_events: Option<mpsc::Receiver<QueueEvent>>,
     /// Hang up (for this reason) once the prompts queued now have played.
     hangup_after_play: Option<EndReason>,
-    /// The bridged flag last given to the media clock.
+    /// Whether the media clock was last told to bridge the caller.
     bridged_shown: bool,
-    /// While bridged: the caller's RTP socket, registered so this task can await it.
-    caller_socket: Option<tokio::net::UdpSocket>,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
     /// (language, state) last written to the registry.
@@ -636,7 +628,6 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         queue_events: None,
         hangup_after_play: None,
         bridged_shown: false,
-        caller_socket: None,
         queued_keys: VecDeque::new(),
         shown: (String::new(), String::new()),
         hangup,
@@ -655,8 +646,6 @@ impl Call {
     ) -> EndReason {
         let max_call =
             tokio::time::Instant::now() + Duration::from_secs(self.ctx.limits.max_call_seconds);
-        let mut buf = [0u8; 2048];
-        let mut buf2 = [0u8; 2048];
         let mut closing = false;
 
         loop {
@@ -687,22 +676,16 @@ impl Call {
                     .registry
                     .update(self.registry_id, &self.shown.0, &self.shown.1);
             }
-            // Bridged to another leg: this task relays the caller's packets, not the clock.
+            // Bridged to another leg: the media clock relays both ways, this task only
+            // tells it when the bridge starts and ends.
             let bridged = self.bridged();
             if bridged != self.bridged_shown {
                 self.bridged_shown = bridged;
-                self.media.lock().bridged = bridged;
-                self.caller_socket = if bridged {
-                    match self.media.rtp_port().registered() {
-                        Ok(s) => Some(s),
-                        Err(e) => {
-                            error!(error = %e, "cannot relay the caller's media; hanging up");
-                            return EndReason::MediaError;
-                        }
-                    }
-                } else {
-                    None
-                };
+                let bridge = self.leg.as_ref().and_then(|l| {
+                    let (neg, remote) = l.answered.as_ref()?;
+                    Some(Bridge::new(l.port.clone(), *remote, *neg))
+                });
+                self.media.lock().set_bridge(bridge);
             }
 
             let timer = self.timer;
@@ -776,36 +759,6 @@ impl Call {
                 ev = leg_event(&mut self.leg_events) => {
                     if let Some(r) = self.on_leg_event(ev).await {
                         return r;
-                    }
-                }
-                r = leg_recv(&self.leg, &mut buf2) => {
-                    // The bridged leg's media goes to the caller.
-                    let Ok((n, _)) = r else { continue };
-                    if let Some(Leg { answered: Some((leg_neg, _)), to_caller, .. }) = &mut self.leg {
-                        let (caller_neg, remote) = {
-                            let st = self.media.lock();
-                            (st.media.negotiated(), st.media.remote())
-                        };
-                        if let Relay::Forward { len, event } = relay(&mut buf2, n, leg_neg, &caller_neg) {
-                            to_caller.apply(&mut buf2[..len], event);
-                            let _ = self.media.rtp_port().socket.send_to(&buf2[..len], remote);
-                        }
-                    }
-                }
-                r = caller_recv(&self.caller_socket, &mut buf) => {
-                    // Bridged: the caller's media (and keys) go to the other leg.
-                    let Ok((n, from)) = r else { continue };
-                    let (ok, caller_neg) = {
-                        let mut st = self.media.lock();
-                        (st.media.on_rtp(now(), from, &buf[..n]).is_ok(), st.media.negotiated())
-                    };
-                    if let Some(Leg { answered: Some((leg_neg, leg_remote)), port, to_leg, .. }) = &mut self.leg {
-                        if ok {
-                            if let Relay::Forward { len, event } = relay(&mut buf, n, &caller_neg, leg_neg) {
-                                to_leg.apply(&mut buf[..len], event);
-                                let _ = port.socket.send_to(&buf[..len], *leg_remote);
-                            }
-                        }
                     }
                 }
                 _ = sleep_opt(timer) => {
@@ -1275,9 +1228,6 @@ impl Call {
             .ports
             .allocate()
             .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
-        let socket = port
-            .registered()
-            .map_err(|e| format!("bridge: RTP socket: {e}"))?;
         let local = SocketAddr::new(self.local_media.ip(), port.port);
         let caller_codec = self.media.lock().media.codec();
         let other = if caller_codec == Codec::Pcmu {
@@ -1321,13 +1271,10 @@ impl Call {
             .await;
         self.leg = Some(Leg {
             handle: call.handle,
-            port,
-            socket,
+            port: Arc::new(port),
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
             answered: None,
-            to_leg: Restamp::new(rand::random()),
-            to_caller: Restamp::new(rand::random()),
         });
         self.leg_events = Some(call.events);
         Ok(())
@@ -1633,15 +1580,6 @@ impl Call {
                 .await;
             return;
         };
-        let socket = match port.registered() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot register the operator leg's RTP socket");
-                self.queue_offer_failed(&agent, OfferFailure::Unreachable)
-                    .await;
-                return;
-            }
-        };
         let local = SocketAddr::new(self.local_media.ip(), port.port);
         let caller_codec = self.media.lock().media.codec();
         let other = if caller_codec == Codec::Pcmu {
@@ -1701,13 +1639,10 @@ impl Call {
             .await;
         self.leg = Some(Leg {
             handle: call.handle,
-            port,
-            socket,
+            port: Arc::new(port),
             agent: Some(agent.clone()),
             span,
             answered: None,
-            to_leg: Restamp::new(rand::random()),
-            to_caller: Restamp::new(rand::random()),
         });
         self.leg_events = Some(call.events);
         if let Some(q) = &mut self.queue {
@@ -2012,28 +1947,6 @@ async fn queue_event(events: &mut Option<mpsc::Receiver<QueueEvent>>) -> Option<
 async fn leg_event(events: &mut Option<mpsc::Receiver<LegEvent>>) -> Option<LegEvent> {
     match events {
         Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn leg_recv(leg: &Option<Leg>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    match leg {
-        Some(Leg {
-            answered: Some(_),
-            socket,
-            ..
-        }) => socket.recv_from(buf).await,
-        _ => std::future::pending().await,
-    }
-}
-
-/// The caller's packets, read by this task only while bridged (the clock reads them otherwise).
-async fn caller_recv(
-    socket: &Option<tokio::net::UdpSocket>,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match socket {
-        Some(s) => s.recv_from(buf).await,
         None => std::future::pending().await,
     }
 }

@@ -30,9 +30,19 @@
 //! A call's packets are read up to one tick after they arrive; a key press therefore reaches
 //! the menu within 20 ms, and the prompt it starts goes out on the next tick.
 //!
-//! While a call is bridged to another leg (an operator, the 911 trunk), its task relays the
-//! caller's packets itself the moment they arrive (relay latency matters in a conversation);
-//! the clock leaves that socket alone and only watches for a silent caller.
+//! # Bridged calls
+//!
+//! While a call is bridged to another leg (an operator, the 911 trunk), the call's task hands
+//! the leg's port to its slot ([`SlotState::set_bridge`]) and the shard relays both directions
+//! ([`crate::media::bridge`]: transcoding, payload renumbering, [`Restamp`]). Relaying at the
+//! next tick would add up to 20 ms each way to a conversation, so on Linux each shard watches
+//! its bridged sockets with epoll between ticks and forwards a packet the moment it arrives
+//! (one `recvmmsg` per ready socket, one `sendto` per packet). The first version relayed in the
+//! call's task: two task wake-ups per packet through tokio's reactor, 200 a second per bridge,
+//! which is what a 1,500-bridge load cannot afford. The wait for the next tick is an
+//! `epoll_pwait2` with a nanosecond timeout, so pacing of the shard's other calls keeps the
+//! precision of the plain sleep used when a shard has no bridges. Elsewhere than Linux the
+//! bridge is relayed at each tick.
 //!
 //! # Ownership
 //!
@@ -41,13 +51,16 @@
 //! slot; its shard lets go of it at the next tick, and the port goes back to the pool then
 //! (at most one packet time after the call ends). The threads stop when the clock is dropped.
 
+use crate::media::bridge::{relay, Relay, Restamp};
 use crate::media::ports::RtpPort;
 use crate::media::record::{RecordState, VoiceMeter};
+use crate::media::sdp::Negotiated;
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -88,12 +101,42 @@ pub struct SlotState {
     pub media: MediaSession,
     /// The caller's recording while it runs: metered here, written by the call's task.
     tap: Option<Tap>,
-    /// The call's task relays this port's packets itself (bridged to another leg).
-    pub bridged: bool,
+    /// Bridged to another leg: the shard relays instead of playing.
+    bridge: Option<Bridge>,
+    /// Bumped by every [`SlotState::set_bridge`]; the shard compares it with `relay_epoch`.
+    bridge_epoch: u64,
+    /// The `bridge_epoch` the shard last acted on (written by the shard only).
+    relay_epoch: u64,
     record_ended: bool,
     no_media_reported: bool,
     logged_foreign: bool,
     logged_malformed: bool,
+}
+
+/// The other leg of a bridged call, as the shard relays it.
+pub struct Bridge {
+    /// The leg's port (shared with the call's task; it goes back to the pool when both let go).
+    pub leg: Arc<RtpPort>,
+    /// Where the leg's media goes, and what it negotiated.
+    pub leg_remote: SocketAddr,
+    pub leg_neg: Negotiated,
+    /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
+    pub to_leg: Restamp,
+    pub to_caller: Restamp,
+}
+
+impl Bridge {
+    /// A bridge to the leg on `leg`, answered from `leg_remote` with `leg_neg`; each direction
+    /// gets its own random SSRC.
+    pub fn new(leg: Arc<RtpPort>, leg_remote: SocketAddr, leg_neg: Negotiated) -> Self {
+        Bridge {
+            leg,
+            leg_remote,
+            leg_neg,
+            to_leg: Restamp::new(rand::random()),
+            to_caller: Restamp::new(rand::random()),
+        }
+    }
 }
 
 /// A recording in progress, on the clock's side.
@@ -111,6 +154,18 @@ const TAP_FLUSH: usize = 8000;
 const TAP_MAX: usize = 8000 * 10;
 
 impl SlotState {
+    /// Bridge the caller to another leg (`Some`: the shard relays both ways from its next
+    /// tick and stops playing), or end the bridge (`None`: prompts play again).
+    pub fn set_bridge(&mut self, bridge: Option<Bridge>) {
+        self.bridge = bridge;
+        self.bridge_epoch += 1;
+    }
+
+    /// Whether the shard relays this call to another leg.
+    pub fn bridged(&self) -> bool {
+        self.bridge.is_some()
+    }
+
     /// Start recording the caller: samples are kept for [`SlotState::take_recorded`] and the
     /// meter decides when it ends ([`MediaNote::RecordingEnded`]).
     pub fn start_recording(&mut self, meter: VoiceMeter) {
@@ -139,6 +194,8 @@ impl SlotState {
 }
 
 struct Slot {
+    /// Unique within the clock: the slot's epoll tokens.
+    id: u64,
     state: Mutex<SlotState>,
     port: RtpPort,
     notes: mpsc::Sender<MediaNote>,
@@ -162,11 +219,6 @@ impl MediaHandle {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The call's RTP port (for relaying while bridged).
-    pub fn rtp_port(&self) -> &RtpPort {
-        &self.slot.port
-    }
-
     /// The call's RTP port number.
     pub fn port(&self) -> u16 {
         self.slot.port.port
@@ -183,6 +235,7 @@ impl Drop for MediaHandle {
 pub struct MediaClock {
     shards: Mutex<Vec<std_mpsc::Sender<Arc<Slot>>>>,
     next: AtomicUsize,
+    ids: AtomicU64,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -217,6 +270,7 @@ impl MediaClock {
         Ok(Arc::new(MediaClock {
             shards: Mutex::new(senders),
             next: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
             stop,
             threads: Mutex::new(threads),
         }))
@@ -237,10 +291,13 @@ impl MediaClock {
     ) -> (MediaHandle, mpsc::Receiver<MediaNote>) {
         let (tx, rx) = mpsc::channel(NOTE_CAPACITY);
         let slot = Arc::new(Slot {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(SlotState {
                 media,
                 tap: None,
-                bridged: false,
+                bridge: None,
+                bridge_epoch: 0,
+                relay_epoch: 0,
                 record_ended: false,
                 no_media_reported: false,
                 logged_foreign: false,
@@ -305,10 +362,12 @@ fn set_realtime(shard: usize) {
     warn!(shard, "real-time priority is only supported on Linux");
 }
 
-/// One shard: tick every 20 ms on a fixed grid while it has calls.
+/// One shard: tick every 20 ms on a fixed grid while it has calls, relaying bridged calls'
+/// packets as they arrive in between.
 fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
     let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut io = Box::new(Batch::new());
+    let mut relays = Relays::new();
     let mut due = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if slots.is_empty() {
@@ -324,17 +383,110 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         while let Ok(s) = rx.try_recv() {
             slots.push(s);
         }
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
+        relays.wait_until(due, &mut io);
         let now = Instant::now();
         // Late by whole packet times (the machine stalled us): skip them, no burst.
         let missed = (now.saturating_duration_since(due).as_nanos() / PTIME.as_nanos()) as u32;
         due += PTIME * (missed + 1);
-        slots.retain(|s| !s.detached.load(Ordering::Acquire));
+        slots.retain(|s| {
+            let keep = !s.detached.load(Ordering::Acquire);
+            if !keep {
+                relays.forget(s.id);
+            }
+            keep
+        });
         for s in &slots {
-            s.tick(now, missed, &mut io);
+            s.tick(now, missed, &mut io, &mut relays);
+        }
+    }
+}
+
+/// A shard's bridged calls: which sockets it watches, and for whom.
+struct Relays {
+    /// By slot id: the slot and the leg port registered for it.
+    by_id: HashMap<u64, (Arc<Slot>, Arc<RtpPort>)>,
+    #[cfg(target_os = "linux")]
+    poll: Option<linux::Poller>,
+}
+
+/// Which socket of a bridge an epoll token names.
+const CALLER_SIDE: u64 = 0;
+const LEG_SIDE: u64 = 1;
+
+impl Relays {
+    fn new() -> Self {
+        Relays {
+            by_id: HashMap::new(),
+            #[cfg(target_os = "linux")]
+            poll: linux::Poller::new()
+                .map_err(|e| warn!(error = %e, "no epoll: bridged calls are relayed at each tick"))
+                .ok(),
+        }
+    }
+
+    /// Whether packets are relayed as they arrive (otherwise at each tick).
+    fn immediate(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.poll.is_some();
+        #[cfg(not(target_os = "linux"))]
+        return false;
+    }
+
+    /// Sleep until `due`, relaying bridged packets as they arrive if there are bridges.
+    fn wait_until(&mut self, due: Instant, io: &mut Batch) {
+        #[cfg(target_os = "linux")]
+        if !self.by_id.is_empty() {
+            if let Some(poll) = &mut self.poll {
+                loop {
+                    let now = Instant::now();
+                    if now >= due {
+                        return;
+                    }
+                    let n = poll.wait(due - now);
+                    for i in 0..n {
+                        let token = poll.token(i);
+                        if let Some((slot, _)) = self.by_id.get(&(token >> 1)) {
+                            slot.relay(token & 1, Instant::now(), io);
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+
+    /// Start or stop watching `slot`'s sockets to match its bridge (called with the slot's
+    /// state locked).
+    fn sync(&mut self, slot: &Arc<Slot>, st: &mut SlotState) {
+        st.relay_epoch = st.bridge_epoch;
+        self.forget(slot.id);
+        let Some(b) = &st.bridge else { return };
+        #[cfg(target_os = "linux")]
+        if let Some(poll) = &mut self.poll {
+            use std::os::fd::AsRawFd;
+            let caller = poll.add(slot.port.socket.as_raw_fd(), slot.id << 1 | CALLER_SIDE);
+            let leg = poll.add(b.leg.socket.as_raw_fd(), slot.id << 1 | LEG_SIDE);
+            if let Err(e) = caller.and(leg) {
+                slot.span
+                    .in_scope(|| warn!(error = %e, "cannot watch the bridge; relayed per tick"));
+            }
+        }
+        self.by_id.insert(slot.id, (slot.clone(), b.leg.clone()));
+    }
+
+    /// Stop watching slot `id`'s sockets (its bridge ended or the call is gone).
+    fn forget(&mut self, id: u64) {
+        let Some((_slot, _leg)) = self.by_id.remove(&id) else {
+            return;
+        };
+        #[cfg(target_os = "linux")]
+        if let Some(poll) = &mut self.poll {
+            use std::os::fd::AsRawFd;
+            poll.remove(_slot.port.socket.as_raw_fd());
+            poll.remove(_leg.socket.as_raw_fd());
         }
     }
 }
@@ -349,10 +501,18 @@ impl Slot {
         }
     }
 
-    fn tick(&self, now: Instant, missed: u32, io: &mut Batch) {
+    fn tick(self: &Arc<Self>, now: Instant, missed: u32, io: &mut Batch, relays: &mut Relays) {
         let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let st = &mut *guard;
-        if !st.bridged {
+        if st.relay_epoch != st.bridge_epoch {
+            relays.sync(self, st);
+            if st.bridge.is_some() {
+                // What arrived before the sockets were watched.
+                self.relay_locked(st, CALLER_SIDE, now, io);
+                self.relay_locked(st, LEG_SIDE, now, io);
+            }
+        }
+        if st.bridge.is_none() {
             if missed > 0 {
                 st.media.skip_ticks(missed);
             }
@@ -373,12 +533,73 @@ impl Slot {
                     self.note(MediaNote::RecordingEnded);
                 }
             }
+        } else if !relays.immediate() {
+            self.relay_locked(st, CALLER_SIDE, now, io);
+            self.relay_locked(st, LEG_SIDE, now, io);
         }
         if !st.no_media_reported
             && now.saturating_duration_since(st.media.last_rx()) > self.no_media
         {
             st.no_media_reported = true;
             self.note(MediaNote::NoMedia);
+        }
+    }
+
+    /// Relay what waits on one side of the bridge (the socket epoll reported ready).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    fn relay(&self, side: u64, now: Instant, io: &mut Batch) {
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.relay_locked(&mut guard, side, now, io);
+    }
+
+    /// Read everything waiting on one side of the bridge and forward it to the other side.
+    /// The caller's packets still go through its session (latching, statistics, the silence
+    /// watch); keys pass through to the leg as RFC 4733 events.
+    fn relay_locked(&self, st: &mut SlotState, side: u64, now: Instant, io: &mut Batch) {
+        let caller_neg = st.media.negotiated();
+        let caller_remote = st.media.remote();
+        let Some(leg) = st.bridge.as_ref().map(|b| b.leg.clone()) else {
+            return;
+        };
+        let from_socket = if side == CALLER_SIDE {
+            &self.port.socket
+        } else {
+            &leg.socket
+        };
+        loop {
+            let n = match io.recv(from_socket) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.span
+                        .in_scope(|| debug!(error = %e, "RTP receive failed (bridge)"));
+                    return;
+                }
+            };
+            for i in 0..n {
+                let (len, from) = (io.lens[i], io.froms[i]);
+                let buf = &mut io.bufs[i];
+                if side == CALLER_SIDE {
+                    if st.media.on_rtp(now, from, &buf[..len]).is_err() {
+                        continue;
+                    }
+                    let Some(b) = &mut st.bridge else { return };
+                    if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
+                    {
+                        b.to_leg.apply(&mut buf[..len], event);
+                        let _ = leg.socket.send_to(&buf[..len], b.leg_remote);
+                    }
+                } else {
+                    let Some(b) = &mut st.bridge else { return };
+                    if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
+                    {
+                        b.to_caller.apply(&mut buf[..len], event);
+                        let _ = self.port.socket.send_to(&buf[..len], caller_remote);
+                    }
+                }
+            }
+            if n < BATCH {
+                return;
+            }
         }
     }
 
@@ -581,6 +802,103 @@ mod linux {
         Ok(n)
     }
 
+    /// An epoll set of bridged calls' sockets, waited on with a nanosecond timeout
+    /// (`epoll_pwait2`, Linux 5.11; older kernels get `epoll_wait`'s milliseconds, the rest
+    /// slept precisely).
+    pub(super) struct Poller {
+        fd: RawFd,
+        events: Vec<libc::epoll_event>,
+        ready: usize,
+        ms_only: bool,
+    }
+
+    /// Events taken per wait.
+    const EVENTS: usize = 256;
+
+    impl Poller {
+        pub(super) fn new() -> io::Result<Poller> {
+            // SAFETY: plain system call; the result is checked.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Poller {
+                fd,
+                events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+                ready: 0,
+                ms_only: false,
+            })
+        }
+
+        /// Watch `fd` for input (level-triggered), reported with `token`.
+        pub(super) fn add(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
+            // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+            let rc = unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// Stop watching `fd` (still open: the caller holds it).
+        pub(super) fn remove(&mut self, fd: RawFd) {
+            let mut ev = libc::epoll_event { events: 0, u64: 0 };
+            // SAFETY: as above; a fd that was never added just gives ENOENT.
+            unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+        }
+
+        /// Wait at most `timeout` for input; the number of ready sockets ([`Poller::token`]).
+        pub(super) fn wait(&mut self, timeout: std::time::Duration) -> usize {
+            let n = if self.ms_only {
+                let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+                if ms == 0 {
+                    std::thread::sleep(timeout);
+                    return 0;
+                }
+                // SAFETY: `events` has EVENTS entries.
+                unsafe { libc::epoll_wait(self.fd, self.events.as_mut_ptr(), EVENTS as i32, ms) }
+            } else {
+                let ts = libc::timespec {
+                    tv_sec: timeout.as_secs() as libc::time_t,
+                    tv_nsec: timeout.subsec_nanos() as libc::c_long,
+                };
+                // SAFETY: `events` has EVENTS entries; `ts` outlives the call; no signal mask.
+                let n = unsafe {
+                    libc::epoll_pwait2(
+                        self.fd,
+                        self.events.as_mut_ptr(),
+                        EVENTS as i32,
+                        &ts,
+                        std::ptr::null(),
+                    )
+                };
+                if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                    self.ms_only = true;
+                    return 0;
+                }
+                n
+            };
+            self.ready = n.max(0) as usize;
+            self.ready
+        }
+
+        /// The token of the `i`th ready socket of the last wait.
+        pub(super) fn token(&self, i: usize) -> u64 {
+            self.events[i].u64
+        }
+    }
+
+    impl Drop for Poller {
+        fn drop(&mut self) {
+            // SAFETY: our own descriptor, closed once.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+
     fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         match s.ss_family as libc::c_int {
             libc::AF_INET => {
@@ -749,6 +1067,126 @@ mod tests {
         let mut expect = [0i16; 160];
         Codec::Pcmu.decode(&loud, &mut expect);
         assert_eq!(&got[..160], &expect[..], "the caller's audio, decoded");
+        clock.stop();
+    }
+
+    #[tokio::test]
+    async fn a_bridge_is_relayed_both_ways_transcoded_and_restamped_then_prompts_resume() {
+        let clock = MediaClock::start(1).unwrap();
+        let pool = pool();
+        let before = pool.available();
+        let port = pool.allocate().unwrap();
+        let ours = SocketAddr::new("127.0.0.1".parse().unwrap(), port.port);
+        let leg_port = Arc::new(pool.allocate().unwrap());
+        let leg_ours = SocketAddr::new("127.0.0.1".parse().unwrap(), leg_port.port);
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let agent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
+        let tone: Vec<i16> = (0..800).map(|i| ((i % 16) * 500) as i16).collect();
+        let tone = Arc::new(Prompt::from_pcm("tone", &tone, 8000, 1).unwrap());
+        session.play([tone.clone()]);
+        let (media, _notes) = clock.attach(port, session, Duration::from_secs(60), Span::none());
+        // The operator's phone answered with PCMA at payload type 8, events at 96.
+        let agent_neg = Negotiated {
+            codec: Codec::Pcma,
+            payload_type: 8,
+            telephone_event: Some(96),
+            direction: Direction::SendRecv,
+        };
+        media.lock().set_bridge(Some(Bridge::new(
+            leg_port.clone(),
+            agent.local_addr().unwrap(),
+            agent_neg,
+        )));
+        assert!(media.lock().bridged());
+        // Let the shard see the bridge, then drop what the caller was sent before it.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut buf = [0u8; 512];
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(30), caller.recv_from(&mut buf)).await
+        {
+        }
+
+        // Caller → operator: PCMU 0 becomes PCMA 8 under the bridge's own SSRC.
+        let mut pcmu = [0u8; 160];
+        Codec::Pcmu.encode(&[1000i16; 160], &mut pcmu);
+        let mut s = RtpStream::with_origin(7, 100, 0);
+        let mut pkt = [0u8; 200];
+        for _ in 0..3 {
+            let n = s.write(0, &pcmu, 160, &mut pkt);
+            caller.send_to(&pkt[..n], ours).await.unwrap();
+        }
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(1), agent.recv_from(&mut buf))
+                .await
+                .expect("relayed to the operator")
+                .unwrap();
+            assert_eq!(from, leg_ours);
+            let p = crate::media::rtp::parse(&buf[..n]).unwrap();
+            assert_eq!(p.payload_type, 8);
+            assert_ne!(p.ssrc, 7, "the bridge's own SSRC");
+            let mut expect = [0u8; 160];
+            Codec::transcode(Codec::Pcmu, Codec::Pcma, &pcmu, &mut expect);
+            assert_eq!(p.payload, &expect[..]);
+            seqs.push(p.sequence);
+        }
+        assert_eq!(seqs[1], seqs[0].wrapping_add(1));
+        assert_eq!(seqs[2], seqs[1].wrapping_add(1));
+        // A key from the caller reaches the operator as an event at their payload type.
+        caller.send_to(&dtmf(1, false), ours).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(1), agent.recv_from(&mut buf))
+            .await
+            .expect("key relayed")
+            .unwrap();
+        assert_eq!(
+            crate::media::rtp::parse(&buf[..n]).unwrap().payload_type,
+            96
+        );
+
+        // Operator → caller: PCMA 8 becomes PCMU 0; the clock plays nothing meanwhile.
+        let mut pcma = [0u8; 160];
+        Codec::Pcma.encode(&[-2000i16; 160], &mut pcma);
+        let mut s = RtpStream::with_origin(55, 9, 0);
+        let n = s.write(8, &pcma, 160, &mut pkt);
+        agent.send_to(&pkt[..n], leg_ours).await.unwrap();
+        let (n, from) = tokio::time::timeout(Duration::from_secs(1), caller.recv_from(&mut buf))
+            .await
+            .expect("relayed to the caller")
+            .unwrap();
+        assert_eq!(from, ours);
+        let p = crate::media::rtp::parse(&buf[..n]).unwrap();
+        assert_eq!(p.payload_type, 0);
+        let mut expect = [0u8; 160];
+        Codec::transcode(Codec::Pcma, Codec::Pcmu, &pcma, &mut expect);
+        assert_eq!(p.payload, &expect[..]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), caller.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "nothing but the relayed packet while bridged"
+        );
+
+        // The bridge ends: the caller hears prompts again and the leg's port goes back.
+        {
+            let mut st = media.lock();
+            st.set_bridge(None);
+            st.media.play([tone]);
+        }
+        drop(leg_port);
+        let (n, _) = tokio::time::timeout(Duration::from_secs(1), caller.recv_from(&mut buf))
+            .await
+            .expect("prompts again")
+            .unwrap();
+        assert_eq!(n, crate::media::rtp::HEADER_LEN + 160);
+        drop(media);
+        for _ in 0..50 {
+            if pool.available() == before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.available(), before, "both ports back in the pool");
         clock.stop();
     }
 

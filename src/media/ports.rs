@@ -3,8 +3,9 @@
 //!
 //! A port's socket is a plain non-blocking std socket, not registered with the tokio reactor:
 //! the media clock reads and writes it on its own schedule, and a registered socket would wake
-//! the reactor for every packet that arrives. A task that must await packets (relaying a
-//! bridged call) registers a duplicate with [`RtpPort::registered`] for as long as it needs.
+//! the reactor for every packet that arrives (bridged calls are relayed by the clock too). A
+//! task that must await packets itself (a call-back's outbound leg) registers a duplicate with
+//! [`RtpPort::registered`].
 
 use crate::config::PortRange;
 use std::collections::VecDeque;
