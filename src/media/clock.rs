@@ -13,8 +13,9 @@
 //! runtime gets round to each task. Here a few threads (one per core by default) each own a
 //! shard of the calls and, every 20 ms on a fixed grid:
 //!
-//! 1. drain each call's socket with one `recvmmsg` (caller audio, RFC 4733 events: one system
-//!    call per call per tick, no wake-up at all when nothing arrived),
+//! 1. drain, with one `recvmmsg` each, the sockets of the calls that received something
+//!    (caller audio, RFC 4733 events); an edge-triggered epoll set asked once per tick without
+//!    waiting names them, so a quiet caller costs no system call and nothing wakes the thread,
 //! 2. let its [`MediaSession`] write the next packet and send it (one `sendto`),
 //! 3. tell the call's task only what it must act on ([`MediaNote`]: a key, the prompt queue
 //!    ran dry, a second of recording to write, the recording ended, the caller went silent).
@@ -200,6 +201,10 @@ struct Slot {
     port: RtpPort,
     notes: mpsc::Sender<MediaNote>,
     detached: AtomicBool,
+    /// The socket received something since it was last read (set from the shard's epoll).
+    readable: AtomicBool,
+    /// The socket could not be watched: read it at every tick.
+    unwatched: AtomicBool,
     no_media: Duration,
     /// The call's span, so what the clock logs is filed under the call.
     span: Span,
@@ -306,6 +311,8 @@ impl MediaClock {
             port,
             notes: tx,
             detached: AtomicBool::new(false),
+            readable: AtomicBool::new(true),
+            unwatched: AtomicBool::new(false),
             no_media,
             span,
         });
@@ -367,12 +374,13 @@ fn set_realtime(shard: usize) {
 fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
     let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut io = Box::new(Batch::new());
-    let mut relays = Relays::new();
+    let mut watch = Watch::new();
     let mut due = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if slots.is_empty() {
             match rx.recv_timeout(IDLE_POLL) {
                 Ok(s) => {
+                    watch.add(&s);
                     slots.push(s);
                     due = Instant::now();
                 }
@@ -381,9 +389,10 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
             }
         }
         while let Ok(s) = rx.try_recv() {
+            watch.add(&s);
             slots.push(s);
         }
-        relays.wait_until(due, &mut io);
+        watch.wait_until(due, &mut io);
         let now = Instant::now();
         // Late by whole packet times (the machine stalled us): skip them, no burst.
         let missed = (now.saturating_duration_since(due).as_nanos() / PTIME.as_nanos()) as u32;
@@ -391,43 +400,115 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         slots.retain(|s| {
             let keep = !s.detached.load(Ordering::Acquire);
             if !keep {
-                relays.forget(s.id);
+                watch.remove(s);
             }
             keep
         });
+        watch.mark_readable();
         for s in &slots {
-            s.tick(now, missed, &mut io, &mut relays);
+            s.tick(now, missed, &mut io, &mut watch);
         }
     }
 }
 
-/// A shard's bridged calls: which sockets it watches, and for whom.
-struct Relays {
-    /// By slot id: the slot and the leg port registered for it.
-    by_id: HashMap<u64, (Arc<Slot>, Arc<RtpPort>)>,
+/// What a shard knows of its sockets.
+///
+/// On Linux two epoll sets: every playing call's socket in `rx` (edge-triggered), asked
+/// without waiting at each tick which sockets received anything, so a tick reads only those
+/// (a caller sending no audio, as SIPp's pcap calls mostly do, costs no `recvmmsg`); and the
+/// bridged calls' sockets in `relay`, waited on between ticks. Without epoll every socket is
+/// read at every tick and bridges are relayed at ticks.
+struct Watch {
+    /// Every slot of the shard, by id (epoll tokens name slots).
+    slots: HashMap<u64, Arc<Slot>>,
+    /// Bridged slots, by id, with the leg port registered for each.
+    relays: HashMap<u64, (Arc<Slot>, Arc<RtpPort>)>,
     #[cfg(target_os = "linux")]
-    poll: Option<linux::Poller>,
+    rx: Option<linux::Poller>,
+    #[cfg(target_os = "linux")]
+    relay: Option<linux::Poller>,
 }
 
 /// Which socket of a bridge an epoll token names.
 const CALLER_SIDE: u64 = 0;
 const LEG_SIDE: u64 = 1;
 
-impl Relays {
+impl Watch {
     fn new() -> Self {
-        Relays {
-            by_id: HashMap::new(),
+        #[cfg(target_os = "linux")]
+        let poller = |what: &str| {
+            linux::Poller::new()
+                .map_err(|e| warn!(error = %e, "no epoll: {what}"))
+                .ok()
+        };
+        Watch {
+            slots: HashMap::new(),
+            relays: HashMap::new(),
             #[cfg(target_os = "linux")]
-            poll: linux::Poller::new()
-                .map_err(|e| warn!(error = %e, "no epoll: bridged calls are relayed at each tick"))
-                .ok(),
+            rx: poller("every call's socket is read at every tick"),
+            #[cfg(target_os = "linux")]
+            relay: poller("bridged calls are relayed at each tick"),
+        }
+    }
+
+    /// A new slot: watch its socket (it is read at its first tick in any case).
+    fn add(&mut self, slot: &Arc<Slot>) {
+        slot.readable.store(true, Ordering::Relaxed);
+        self.slots.insert(slot.id, slot.clone());
+        self.watch_rx(slot);
+    }
+
+    fn watch_rx(&mut self, slot: &Slot) {
+        #[cfg(target_os = "linux")]
+        if let Some(rx) = &mut self.rx {
+            use std::os::fd::AsRawFd;
+            if let Err(e) = rx.add(slot.port.socket.as_raw_fd(), slot.id, true) {
+                slot.span
+                    .in_scope(|| warn!(error = %e, "cannot watch the RTP socket; read every tick"));
+                slot.unwatched.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        slot.unwatched.store(true, Ordering::Relaxed);
+    }
+
+    fn unwatch_rx(&mut self, slot: &Slot) {
+        #[cfg(target_os = "linux")]
+        if let Some(rx) = &mut self.rx {
+            use std::os::fd::AsRawFd;
+            rx.remove(slot.port.socket.as_raw_fd());
+        }
+    }
+
+    /// The slot is gone (its call ended).
+    fn remove(&mut self, slot: &Slot) {
+        self.forget_bridge(slot.id);
+        self.unwatch_rx(slot);
+        self.slots.remove(&slot.id);
+    }
+
+    /// Flag the slots whose sockets received something since the last tick.
+    fn mark_readable(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(rx) = &mut self.rx {
+            loop {
+                let n = rx.wait(Duration::ZERO);
+                for i in 0..n {
+                    if let Some(s) = self.slots.get(&rx.token(i)) {
+                        s.readable.store(true, Ordering::Relaxed);
+                    }
+                }
+                if n < rx.capacity() {
+                    break;
+                }
+            }
         }
     }
 
     /// Whether packets are relayed as they arrive (otherwise at each tick).
     fn immediate(&self) -> bool {
         #[cfg(target_os = "linux")]
-        return self.poll.is_some();
+        return self.relay.is_some();
         #[cfg(not(target_os = "linux"))]
         return false;
     }
@@ -435,8 +516,8 @@ impl Relays {
     /// Sleep until `due`, relaying bridged packets as they arrive if there are bridges.
     fn wait_until(&mut self, due: Instant, io: &mut Batch) {
         #[cfg(target_os = "linux")]
-        if !self.by_id.is_empty() {
-            if let Some(poll) = &mut self.poll {
+        if !self.relays.is_empty() {
+            if let Some(poll) = &mut self.relay {
                 loop {
                     let now = Instant::now();
                     if now >= due {
@@ -445,7 +526,7 @@ impl Relays {
                     let n = poll.wait(due - now);
                     for i in 0..n {
                         let token = poll.token(i);
-                        if let Some((slot, _)) = self.by_id.get(&(token >> 1)) {
+                        if let Some((slot, _)) = self.relays.get(&(token >> 1)) {
                             slot.relay(token & 1, Instant::now(), io);
                         }
                     }
@@ -458,36 +539,50 @@ impl Relays {
         }
     }
 
-    /// Start or stop watching `slot`'s sockets to match its bridge (called with the slot's
-    /// state locked).
+    /// Start or stop relaying `slot` to match its bridge (called with the slot's state
+    /// locked). A bridged caller's socket leaves the tick's set and joins the relay set.
     fn sync(&mut self, slot: &Arc<Slot>, st: &mut SlotState) {
         st.relay_epoch = st.bridge_epoch;
-        self.forget(slot.id);
-        let Some(b) = &st.bridge else { return };
+        let was = self.forget_bridge(slot.id);
+        let Some(b) = &st.bridge else {
+            if was {
+                self.watch_rx(slot);
+                slot.readable.store(true, Ordering::Relaxed);
+            }
+            return;
+        };
+        if !was {
+            self.unwatch_rx(slot);
+        }
         #[cfg(target_os = "linux")]
-        if let Some(poll) = &mut self.poll {
+        if let Some(poll) = &mut self.relay {
             use std::os::fd::AsRawFd;
-            let caller = poll.add(slot.port.socket.as_raw_fd(), slot.id << 1 | CALLER_SIDE);
-            let leg = poll.add(b.leg.socket.as_raw_fd(), slot.id << 1 | LEG_SIDE);
+            let caller = poll.add(
+                slot.port.socket.as_raw_fd(),
+                slot.id << 1 | CALLER_SIDE,
+                false,
+            );
+            let leg = poll.add(b.leg.socket.as_raw_fd(), slot.id << 1 | LEG_SIDE, false);
             if let Err(e) = caller.and(leg) {
                 slot.span
                     .in_scope(|| warn!(error = %e, "cannot watch the bridge; relayed per tick"));
             }
         }
-        self.by_id.insert(slot.id, (slot.clone(), b.leg.clone()));
+        self.relays.insert(slot.id, (slot.clone(), b.leg.clone()));
     }
 
-    /// Stop watching slot `id`'s sockets (its bridge ended or the call is gone).
-    fn forget(&mut self, id: u64) {
-        let Some((_slot, _leg)) = self.by_id.remove(&id) else {
-            return;
+    /// Stop relaying slot `id` (its bridge ended or the call is gone); whether it was.
+    fn forget_bridge(&mut self, id: u64) -> bool {
+        let Some((_slot, _leg)) = self.relays.remove(&id) else {
+            return false;
         };
         #[cfg(target_os = "linux")]
-        if let Some(poll) = &mut self.poll {
+        if let Some(poll) = &mut self.relay {
             use std::os::fd::AsRawFd;
             poll.remove(_slot.port.socket.as_raw_fd());
             poll.remove(_leg.socket.as_raw_fd());
         }
+        true
     }
 }
 
@@ -501,11 +596,11 @@ impl Slot {
         }
     }
 
-    fn tick(self: &Arc<Self>, now: Instant, missed: u32, io: &mut Batch, relays: &mut Relays) {
+    fn tick(self: &Arc<Self>, now: Instant, missed: u32, io: &mut Batch, watch: &mut Watch) {
         let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let st = &mut *guard;
         if st.relay_epoch != st.bridge_epoch {
-            relays.sync(self, st);
+            watch.sync(self, st);
             if st.bridge.is_some() {
                 // What arrived before the sockets were watched.
                 self.relay_locked(st, CALLER_SIDE, now, io);
@@ -516,7 +611,11 @@ impl Slot {
             if missed > 0 {
                 st.media.skip_ticks(missed);
             }
-            self.receive(st, now, io);
+            if self.readable.swap(false, Ordering::Relaxed)
+                || self.unwatched.load(Ordering::Relaxed)
+            {
+                self.receive(st, now, io);
+            }
             let (n, ev) = st.media.on_tick(&mut io.out);
             if n > 0 {
                 // Non-blocking: a full socket buffer drops the packet, as a late one would be.
@@ -533,7 +632,7 @@ impl Slot {
                     self.note(MediaNote::RecordingEnded);
                 }
             }
-        } else if !relays.immediate() {
+        } else if !watch.immediate() {
             self.relay_locked(st, CALLER_SIDE, now, io);
             self.relay_locked(st, LEG_SIDE, now, io);
         }
@@ -830,12 +929,13 @@ mod linux {
             })
         }
 
-        /// Watch `fd` for input (level-triggered), reported with `token`.
-        pub(super) fn add(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
-            let mut ev = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: token,
-            };
+        /// Watch `fd` for input (edge-triggered when `edge`), reported with `token`.
+        pub(super) fn add(&mut self, fd: RawFd, token: u64, edge: bool) -> io::Result<()> {
+            let mut events = libc::EPOLLIN as u32;
+            if edge {
+                events |= libc::EPOLLET as u32;
+            }
+            let mut ev = libc::epoll_event { events, u64: token };
             // SAFETY: `ev` is a valid epoll_event for the duration of the call.
             let rc = unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
             if rc < 0 {
@@ -853,9 +953,9 @@ mod linux {
 
         /// Wait at most `timeout` for input; the number of ready sockets ([`Poller::token`]).
         pub(super) fn wait(&mut self, timeout: std::time::Duration) -> usize {
-            let n = if self.ms_only {
+            let n = if self.ms_only || timeout.is_zero() {
                 let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-                if ms == 0 {
+                if ms == 0 && !timeout.is_zero() {
                     std::thread::sleep(timeout);
                     return 0;
                 }
@@ -884,6 +984,11 @@ mod linux {
             };
             self.ready = n.max(0) as usize;
             self.ready
+        }
+
+        /// Events one wait can return.
+        pub(super) fn capacity(&self) -> usize {
+            EVENTS
         }
 
         /// The token of the `i`th ready socket of the last wait.
