@@ -23,6 +23,7 @@
 
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
+use crate::dispatch::offer::{asserted_identity, leg_offer, OperatorOffer};
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
 use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
@@ -1229,28 +1230,10 @@ impl Call {
             .allocate()
             .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
         let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let caller_codec = self.media.lock().media.codec();
-        let other = if caller_codec == Codec::Pcmu {
-            Codec::Pcma
-        } else {
-            Codec::Pcmu
-        };
-        let offer = sdp::build_offer(
-            local,
-            rand::random::<u32>() as u64,
-            1,
-            &[caller_codec, other],
-            Some(101),
-            sdp::Direction::SendRecv,
-        );
+        let offer = leg_offer(local, self.media.lock().media.codec());
         let caller = self.meta.caller.clone();
-        let pai = format!(
-            "<sip:{}@{}>",
-            crate::sip::message::sanitize_quoted(&caller),
-            self.local_media.ip()
-        );
         let headers = vec![
-            ("P-Asserted-Identity".to_owned(), pai),
+            asserted_identity(&caller, self.local_media.ip()),
             ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
             (
                 "X-311-Language".to_owned(),
@@ -1581,47 +1564,20 @@ impl Call {
             return;
         };
         let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let caller_codec = self.media.lock().media.codec();
-        let other = if caller_codec == Codec::Pcmu {
-            Codec::Pcma
-        } else {
-            Codec::Pcmu
-        };
-        let offer = sdp::build_offer(
-            local,
-            rand::random::<u32>() as u64,
-            1,
-            &[caller_codec, other],
-            Some(101),
-            sdp::Direction::SendRecv,
-        );
-        let (queue, waited, path) = match &self.queue {
-            Some(q) => (
-                q.name.clone(),
-                q.entered.elapsed().as_secs(),
-                q.menu_path.clone(),
-            ),
-            None => return,
-        };
+        let offer = leg_offer(local, self.media.lock().media.codec());
+        let Some(q) = &self.queue else { return };
         let caller = self.meta.caller.clone();
-        let headers = vec![
-            (
-                "P-Asserted-Identity".to_owned(),
-                format!(
-                    "<sip:{}@{}>",
-                    crate::sip::message::sanitize_quoted(&caller),
-                    self.local_media.ip()
-                ),
-            ),
-            (
-                "X-311-Language".to_owned(),
-                self.engine.language().to_owned(),
-            ),
-            ("X-311-Menu-Path".to_owned(), path),
-            ("X-311-Queue".to_owned(), queue),
-            ("X-311-Waited".to_owned(), waited.to_string()),
-            ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
-        ];
+        let headers = OperatorOffer {
+            number: &caller,
+            host: self.local_media.ip(),
+            language: self.engine.language(),
+            menu_path: &q.menu_path,
+            queue: &q.name,
+            waited: q.entered.elapsed().as_secs(),
+            call_id: &self.meta.call_id,
+            callback: false,
+        }
+        .headers();
         let span = tracing::info_span!("agent_leg", %agent);
         span.in_scope(|| info!(%contact, "offering the call to an operator"));
         let call = self

@@ -40,10 +40,10 @@
 
 use crate::call::{MenuHolder, PTIME, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
+use crate::dispatch::offer::{asserted_identity, leg_offer, OperatorOffer};
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
 use crate::media::bridge::{relay, Relay, Restamp};
-use crate::media::g711::Codec;
 use crate::media::ports::{AsyncRtpPort, PortPool};
 use crate::media::prompt::Prompt;
 use crate::media::sdp::{self, Negotiated};
@@ -482,10 +482,7 @@ impl Run {
         );
         let from = self.inner.config.from_user.clone();
         let headers = vec![
-            (
-                "P-Asserted-Identity".to_owned(),
-                format!("<sip:{from}@{}>", self.req.local_ip),
-            ),
+            asserted_identity(&from, self.req.local_ip),
             ("X-311-Callback".to_owned(), "yes".to_owned()),
             ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
         ];
@@ -611,39 +608,19 @@ impl Run {
                 .await;
             return;
         };
-        let other = if codec == Codec::Pcmu {
-            Codec::Pcma
-        } else {
-            Codec::Pcmu
-        };
-        let offer = sdp::build_offer(
-            SocketAddr::new(self.req.local_ip, port.port.port),
-            rand::random::<u32>() as u64,
-            1,
-            &[codec, other],
-            Some(101),
-            sdp::Direction::SendRecv,
-        );
+        let offer = leg_offer(SocketAddr::new(self.req.local_ip, port.port.port), codec);
         let number = self.req.number.clone();
-        let headers = vec![
-            (
-                "P-Asserted-Identity".to_owned(),
-                format!(
-                    "<sip:{}@{}>",
-                    crate::sip::message::sanitize_quoted(&number),
-                    self.req.local_ip
-                ),
-            ),
-            ("X-311-Language".to_owned(), self.req.language.clone()),
-            ("X-311-Menu-Path".to_owned(), self.req.menu_path.clone()),
-            ("X-311-Queue".to_owned(), self.req.queue.clone()),
-            (
-                "X-311-Waited".to_owned(),
-                self.req.entered.elapsed().as_secs().to_string(),
-            ),
-            ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
-            ("X-311-Callback".to_owned(), "yes".to_owned()),
-        ];
+        let headers = OperatorOffer {
+            number: &number,
+            host: self.req.local_ip,
+            language: &self.req.language,
+            menu_path: &self.req.menu_path,
+            queue: &self.req.queue,
+            waited: self.req.entered.elapsed().as_secs(),
+            call_id: &self.req.call_id,
+            callback: true,
+        }
+        .headers();
         let span = info_span!(parent: &self.span, "agent_leg", %agent);
         span.in_scope(|| info!(%contact, "offering the called-back caller to an operator"));
         let call = self

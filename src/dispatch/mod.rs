@@ -6,5 +6,6 @@
 //! which lists and updates them.
 
 pub mod emergency;
+pub mod offer;
 pub mod queue;
 pub mod tickets;

@@ -1,0 +1,122 @@
+//! What an operator's phone (or the 911 trunk) is sent when the server calls it for a caller:
+//! the SDP offer of the new leg and the headers that carry the caller's context.
+//!
+//! One place for both, because a live caller's offer ([`crate::call`]) and a called-back
+//! caller's ([`crate::callback`]) must look the same to the operator's phone; the README's
+//! table of `X-311-*` headers documents what these build.
+
+use crate::media::g711::Codec;
+use crate::media::sdp;
+use crate::sip::message::sanitize_quoted;
+use std::net::{IpAddr, SocketAddr};
+
+/// The SDP offer of a new leg whose media is at `local`: the caller's codec first (so the
+/// bridge need not transcode when the far end takes it), the other G.711 law second, and
+/// RFC 4733 events at 101.
+pub fn leg_offer(local: SocketAddr, caller_codec: Codec) -> String {
+    let other = if caller_codec == Codec::Pcmu {
+        Codec::Pcma
+    } else {
+        Codec::Pcmu
+    };
+    sdp::build_offer(
+        local,
+        rand::random::<u32>() as u64,
+        1,
+        &[caller_codec, other],
+        Some(101),
+        sdp::Direction::SendRecv,
+    )
+}
+
+/// `P-Asserted-Identity: <sip:NUMBER@HOST>` with the caller's number as the trunk gave it.
+pub fn asserted_identity(number: &str, host: IpAddr) -> (String, String) {
+    (
+        "P-Asserted-Identity".to_owned(),
+        format!("<sip:{}@{host}>", sanitize_quoted(number)),
+    )
+}
+
+/// The caller's context, as an operator's phone receives it.
+#[derive(Debug, Clone)]
+pub struct OperatorOffer<'a> {
+    /// The caller's number (P-Asserted-Identity).
+    pub number: &'a str,
+    /// The host put in P-Asserted-Identity (our address facing the operator).
+    pub host: IpAddr,
+    pub language: &'a str,
+    pub menu_path: &'a str,
+    pub queue: &'a str,
+    /// Seconds waited in the queue.
+    pub waited: u64,
+    /// The caller's Call-ID.
+    pub call_id: &'a str,
+    /// The server called the caller back.
+    pub callback: bool,
+}
+
+impl OperatorOffer<'_> {
+    /// The INVITE's extra headers.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![
+            asserted_identity(self.number, self.host),
+            ("X-311-Language".to_owned(), self.language.to_owned()),
+            ("X-311-Menu-Path".to_owned(), self.menu_path.to_owned()),
+            ("X-311-Queue".to_owned(), self.queue.to_owned()),
+            ("X-311-Waited".to_owned(), self.waited.to_string()),
+            ("X-311-Call-ID".to_owned(), self.call_id.to_owned()),
+        ];
+        if self.callback {
+            h.push(("X-311-Callback".to_owned(), "yes".to_owned()));
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_sees_the_callers_context_and_a_spoofed_number_cannot_inject_headers() {
+        let o = OperatorOffer {
+            number: "5551234\r\nX-Evil: 1",
+            host: "192.0.2.1".parse().unwrap(),
+            language: "es",
+            menu_path: "language:2 > screening:1 > main:0",
+            queue: "general",
+            waited: 42,
+            call_id: "abc@host",
+            callback: true,
+        };
+        let h = o.headers();
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("X-311-Language"), Some("es"));
+        assert_eq!(
+            get("X-311-Menu-Path"),
+            Some("language:2 > screening:1 > main:0")
+        );
+        assert_eq!(get("X-311-Queue"), Some("general"));
+        assert_eq!(get("X-311-Waited"), Some("42"));
+        assert_eq!(get("X-311-Call-ID"), Some("abc@host"));
+        assert_eq!(get("X-311-Callback"), Some("yes"));
+        let pai = get("P-Asserted-Identity").unwrap();
+        assert!(
+            pai.starts_with("<sip:") && pai.ends_with("@192.0.2.1>"),
+            "{pai}"
+        );
+        assert!(!pai.contains('\r') && !pai.contains('\n'), "{pai}");
+        let live = OperatorOffer {
+            callback: false,
+            ..o
+        };
+        assert!(!live.headers().iter().any(|(k, _)| k == "X-311-Callback"));
+    }
+
+    #[test]
+    fn a_leg_offer_puts_the_callers_codec_first() {
+        let o = leg_offer("127.0.0.1:40000".parse().unwrap(), Codec::Pcma);
+        let m = o.lines().find(|l| l.starts_with("m=audio")).unwrap();
+        assert_eq!(m, "m=audio 40000 RTP/AVP 8 0 101");
+    }
+}
