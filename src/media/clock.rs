@@ -108,6 +108,8 @@ pub struct SlotState {
     bridge_epoch: u64,
     /// The `bridge_epoch` the shard last acted on (written by the shard only).
     relay_epoch: u64,
+    /// The latched caller address the socket is `connect`ed to (written by the shard only).
+    connected: Option<SocketAddr>,
     record_ended: bool,
     no_media_reported: bool,
     logged_foreign: bool,
@@ -303,6 +305,7 @@ impl MediaClock {
                 bridge: None,
                 bridge_epoch: 0,
                 relay_epoch: 0,
+                connected: None,
                 record_ended: false,
                 no_media_reported: false,
                 logged_foreign: false,
@@ -616,10 +619,16 @@ impl Slot {
             {
                 self.receive(st, now, io);
             }
+            self.connect(st);
             let (n, ev) = st.media.on_tick(&mut io.out);
             if n > 0 {
                 // Non-blocking: a full socket buffer drops the packet, as a late one would be.
-                let _ = self.port.socket.send_to(&io.out[..n], st.media.remote());
+                let remote = st.media.remote();
+                let _ = if st.connected == Some(remote) {
+                    self.port.socket.send(&io.out[..n])
+                } else {
+                    self.port.socket.send_to(&io.out[..n], remote)
+                };
             }
             if ev == Some(MediaEvent::PlayDone) {
                 self.note(MediaNote::PlayDone {
@@ -632,9 +641,13 @@ impl Slot {
                     self.note(MediaNote::RecordingEnded);
                 }
             }
-        } else if !watch.immediate() {
-            self.relay_locked(st, CALLER_SIDE, now, io);
-            self.relay_locked(st, LEG_SIDE, now, io);
+        } else {
+            if !watch.immediate() {
+                self.relay_locked(st, CALLER_SIDE, now, io);
+                self.relay_locked(st, LEG_SIDE, now, io);
+            }
+            // A re-INVITE during the bridge may have moved the caller.
+            self.connect(st);
         }
         if !st.no_media_reported
             && now.saturating_duration_since(st.media.last_rx()) > self.no_media
@@ -642,6 +655,28 @@ impl Slot {
             st.no_media_reported = true;
             self.note(MediaNote::NoMedia);
         }
+    }
+
+    /// Keep the socket `connect`ed to the latched caller (Linux), and return where it is
+    /// connected. A connected UDP socket sends without a route lookup per packet, and the
+    /// kernel then drops packets from other sources, exactly what the latch does after the
+    /// first packet (so they are no longer counted in `foreign_in`). Before latching, and
+    /// again after a re-INVITE names a new address, the socket is unconnected so the caller's
+    /// first packet can come from anywhere.
+    fn connect(&self, st: &mut SlotState) -> Option<SocketAddr> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let want = st.media.is_latched().then(|| st.media.remote());
+            if want != st.connected {
+                let ok = match want {
+                    Some(a) => self.port.socket.connect(a).is_ok(),
+                    None => linux::disconnect(self.port.socket.as_raw_fd()).is_ok(),
+                };
+                st.connected = if ok { want } else { None };
+            }
+        }
+        st.connected
     }
 
     /// Relay what waits on one side of the bridge (the socket epoll reported ready).
@@ -1004,6 +1039,25 @@ mod linux {
         }
     }
 
+    /// Undo `connect` on a UDP socket (connect to `AF_UNSPEC`).
+    pub(super) fn disconnect(fd: RawFd) -> io::Result<()> {
+        // SAFETY: all-zero is a valid sockaddr; only its family is read.
+        let mut a: libc::sockaddr = unsafe { std::mem::zeroed() };
+        a.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        // SAFETY: `a` is a valid sockaddr of the given length.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                &a,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         match s.ss_family as libc::c_int {
             libc::AF_INET => {
@@ -1060,7 +1114,12 @@ mod tests {
     }
 
     fn dtmf(seq: u16, end: bool) -> Vec<u8> {
-        let mut s = RtpStream::with_origin(9, seq, 4000);
+        dtmf_at(seq, end, 4000)
+    }
+
+    /// Key 5 as an RFC 4733 event starting at RTP timestamp `ts`.
+    fn dtmf_at(seq: u16, end: bool, ts: u32) -> Vec<u8> {
+        let mut s = RtpStream::with_origin(9, seq, ts);
         let ev = TelephoneEvent {
             event: 5,
             end,
@@ -1068,7 +1127,7 @@ mod tests {
             duration: 800,
         };
         let mut out = [0u8; 64];
-        let n = s.write_at(101, 4000, seq == 1, &ev.write(), &mut out);
+        let n = s.write_at(101, ts, seq == 1, &ev.write(), &mut out);
         out[..n].to_vec()
     }
 
@@ -1292,6 +1351,65 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(pool.available(), before, "both ports back in the pool");
+        clock.stop();
+    }
+
+    #[tokio::test]
+    async fn after_latching_only_the_caller_is_heard_until_a_reinvite_moves_it() {
+        let clock = MediaClock::start(1).unwrap();
+        let pool = pool();
+        let port = pool.allocate().unwrap();
+        let ours = SocketAddr::new("127.0.0.1".parse().unwrap(), port.port);
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
+        let (media, mut notes) = clock.attach(port, session, Duration::from_secs(60), Span::none());
+        let mut buf = [0u8; 512];
+        // The caller's key latches; the stranger's key afterwards is not heard.
+        for (seq, end) in [(1, false), (2, true)] {
+            caller.send_to(&dtmf(seq, end), ours).await.unwrap();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(1), notes.recv()).await;
+        assert_eq!(first.unwrap(), Some(MediaNote::Digit('5')));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for (seq, end) in [(10, false), (11, true)] {
+            stranger
+                .send_to(&dtmf_at(seq, end, 8000), ours)
+                .await
+                .unwrap();
+        }
+        let n = tokio::time::timeout(Duration::from_millis(200), notes.recv()).await;
+        assert!(n.is_err(), "a stranger's key after latching: {n:?}");
+        // Our packets still reach the caller.
+        let (_, from) = tokio::time::timeout(Duration::from_secs(1), caller.recv_from(&mut buf))
+            .await
+            .expect("packets to the caller")
+            .unwrap();
+        assert_eq!(from, ours);
+
+        // A re-INVITE moves the caller to the stranger's address: it is heard and served.
+        media
+            .lock()
+            .media
+            .renegotiate(neg(), stranger.local_addr().unwrap());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for (seq, end) in [(20, false), (21, true)] {
+            stranger
+                .send_to(&dtmf_at(seq, end, 12000), ours)
+                .await
+                .unwrap();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(1), notes.recv()).await;
+        assert_eq!(
+            n.unwrap(),
+            Some(MediaNote::Digit('5')),
+            "heard at the new address"
+        );
+        let (_, from) = tokio::time::timeout(Duration::from_secs(1), stranger.recv_from(&mut buf))
+            .await
+            .expect("packets follow the caller")
+            .unwrap();
+        assert_eq!(from, ours);
         clock.stop();
     }
 

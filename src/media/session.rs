@@ -96,6 +96,13 @@ impl MediaSession {
         self.latch.remote()
     }
 
+    /// Whether the caller's source address is known (the first packet came): from then on
+    /// only packets from [`MediaSession::remote`] are accepted, until a re-INVITE names
+    /// another address.
+    pub fn is_latched(&self) -> bool {
+        self.latch.is_latched()
+    }
+
     /// When the last valid RTP packet arrived (or the session started).
     pub fn last_rx(&self) -> Instant {
         self.last_rx
