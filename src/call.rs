@@ -491,6 +491,8 @@ enum Work {
     Engine(Input),
     /// The emergency audit row is durable (or could not be written: `None`).
     Audited(Option<i64>),
+    /// A waiting caller's call-back ticket is durable (`true`) or could not be written.
+    CallbackFiled(bool),
 }
 
 /// A 911 redirect in progress.
@@ -571,6 +573,9 @@ struct Call {
     bridged_shown: bool,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
+    /// A waiting caller's call-back ticket is being written (they stay in the queue until
+    /// it is durable, and only then hear that they will be called back).
+    callback_filing: bool,
     /// (language, state) last written to the registry.
     shown: (String, String),
     hangup: CancellationToken,
@@ -630,6 +635,7 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         hangup_after_play: None,
         bridged_shown: false,
         queued_keys: VecDeque::new(),
+        callback_filing: false,
         shown: (String::new(), String::new()),
         hangup,
     };
@@ -735,6 +741,7 @@ impl Call {
                 },
                 Some(w) = work_rx.recv() => match w {
                     Work::Engine(i) => self.inputs.push_back(i),
+                    Work::CallbackFiled(ok) => self.callback_filed(ok).await,
                     Work::Audited(id) => {
                         if let Some(e) = &mut self.emergency {
                             e.audit = Some(id);
@@ -1517,10 +1524,13 @@ impl Call {
                         Err(why) => info!(reason = %why, "place not kept; filing a ticket"),
                     }
                 }
-                self.leave_queue().await;
-                self.media.lock().media.stop();
-                // Without a call-back trunk in this build, the request becomes a ticket flagged for
-                // call-back with the caller's number, so an operator calls them.
+                if self.callback_filing {
+                    return; // pressed again while the first request is being written
+                }
+                // Without a call-back trunk, the request becomes a ticket flagged for call-back
+                // with the caller's number, so an operator calls them. The caller keeps their
+                // place (and hold music) until the ticket is durable: only then are they told
+                // they will be called back ([`Call::callback_filed`]).
                 let t = TicketRequest {
                     service_code: crate::menu::engine::GENERAL_SERVICE.into(),
                     service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
@@ -1529,10 +1539,8 @@ impl Call {
                     menu_path: self.engine.menu_path(),
                     ..TicketRequest::default()
                 };
+                self.callback_filing = true;
                 self.file_callback_ticket(t);
-                let p = self.prompts(&["callback_confirmed".into()]);
-                self.media.lock().media.play(p);
-                self.hangup_after_play = Some(EndReason::MenuHungUp);
             }
             '9' => {
                 self.leave_queue().await;
@@ -1705,7 +1713,35 @@ impl Call {
         self.queue_events = None;
     }
 
-    /// A call-back request: a ticket flagged for call-back with the caller's number.
+    /// The call-back ticket of a waiting caller was written (or not). Saved: they leave the
+    /// queue, hear that they will be called back, and are hung up. Not saved: they hear the
+    /// apology and go on waiting for an operator (pressing 2 again tries again), so a request
+    /// that was not stored is never confirmed.
+    async fn callback_filed(&mut self, ok: bool) {
+        self.callback_filing = false;
+        if self.queue.as_ref().is_some_and(|q| q.connected.is_some()) {
+            info!(
+                saved = ok,
+                "an operator answered while the call-back ticket was written"
+            );
+            return;
+        }
+        let mut prompts = vec![if ok { "callback_confirmed" } else { "db_error" }.to_owned()];
+        if ok {
+            self.leave_queue().await;
+            self.hangup_after_play = Some(EndReason::MenuHungUp);
+        } else if self.queue.is_some() {
+            warn!("call-back ticket not saved; the caller keeps waiting");
+            prompts.push("hold_music".to_owned());
+        }
+        let p = self.prompts(&prompts);
+        let mut st = self.media.lock();
+        st.media.stop();
+        st.media.play(p);
+    }
+
+    /// A call-back request: a ticket flagged for call-back with the caller's number; the
+    /// outcome comes back as [`Work::CallbackFiled`].
     fn file_callback_ticket(&mut self, t: TicketRequest) {
         let new = NewTicket {
             service_code: t.service_code,
@@ -1719,12 +1755,20 @@ impl Call {
             ..NewTicket::default()
         };
         let store = self.ctx.tickets.clone();
+        let tx = self.work_tx.clone();
         self.ctx.tracker.spawn(
             async move {
-                match store.file(new).await {
-                    Ok(t) => info!(id = t.service_request_id, "call-back ticket filed"),
-                    Err(e) => error!(error = %e, "call-back ticket could not be filed"),
-                }
+                let ok = match store.file(new).await {
+                    Ok(t) => {
+                        info!(id = t.service_request_id, "call-back ticket filed");
+                        true
+                    }
+                    Err(e) => {
+                        error!(error = %e, "call-back ticket could not be filed");
+                        false
+                    }
+                };
+                let _ = tx.send(Work::CallbackFiled(ok)).await;
             }
             .in_current_span(),
         );

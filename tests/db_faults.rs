@@ -206,3 +206,54 @@ async fn with_no_operator_either_the_caller_is_told_to_call_again_not_offered_a_
     assert_eq!(health(srv.http_addr).await["status"], "ok");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_waiting_callers_call_back_is_confirmed_only_once_it_is_saved() {
+    let srv = start_server(agents_config(&["1001"], 30, 2)).await;
+    let agent = TestAgent::login(srv.sip_addr, "1001").await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("110").await;
+    // Waiting: the operator's phone rings and nobody answers.
+    let inv = agent.request("INVITE", Duration::from_secs(10)).await;
+    agent.reply(&inv, 180, "Ringing", None).await;
+    let ear = PromptEar::new("en", &["db_error", "callback_confirmed"], Codec::Pcmu);
+
+    // The database refuses: the caller is told, not promised a call back, and keeps waiting.
+    srv.tickets.set_read_only(true).await.unwrap();
+    ua.press('2').await;
+    let got = prompts_heard(&ear, &ua.listen(Duration::from_millis(6500)).await);
+    assert!(
+        got.contains(&"db_error".to_owned()) && !got.contains(&"callback_confirmed".to_owned()),
+        "told the request was not saved: heard {got:?}"
+    );
+    let (_, q) = http(srv.http_addr, "GET", "/admin/queues", &[], b"").await;
+    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+    assert_eq!(q[0]["waiting"], 1, "still in the queue: {q}");
+    assert!(srv
+        .tickets
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Once it can be saved, pressing 2 again is confirmed, stored, and the call ends.
+    srv.tickets.set_read_only(false).await.unwrap();
+    ua.press('2').await;
+    let got = prompts_heard(&ear, &ua.listen(Duration::from_millis(4000)).await);
+    assert!(
+        got.contains(&"callback_confirmed".to_owned()),
+        "confirmed: heard {got:?}"
+    );
+    let all = srv.tickets.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 1, "one call-back ticket");
+    assert!(all[0].callback_requested);
+    assert_eq!(all[0].phone.as_deref(), Some("+15550001111"));
+    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
+    agent.reply(&cancel, 200, "OK", None).await;
+    agent.reply(&inv, 487, "Request Terminated", None).await;
+    ua.expect_request("BYE", Duration::from_secs(15)).await;
+    assert_eq!(health(srv.http_addr).await["status"], "ok");
+    srv.shutdown().await;
+}
