@@ -266,6 +266,8 @@ struct Run {
     served: bool,
     /// End once the prompts queued now have played.
     end_after_play: Option<End>,
+    /// The flagged ticket that stands in for this call-back is already written.
+    ticket_filed: bool,
     /// Each direction of the bridge as the far phone sees it.
     to_agent: Restamp,
     to_caller: Restamp,
@@ -314,6 +316,7 @@ impl Run {
             agent_port: None,
             served: false,
             end_after_play: None,
+            ticket_filed: false,
             to_agent: Restamp::new(rand::random()),
             to_caller: Restamp::new(rand::random()),
         }
@@ -444,8 +447,16 @@ impl Run {
                 info!("no operator can take the called-back caller; filing a ticket instead");
                 self.drop_agent().await;
                 self.inner.queues.abandon(self.req.caller).await;
-                // They hear that an operator will call them back (the flagged ticket).
-                let p = self.prompts(&["callback_confirmed"]);
+                // The flagged ticket is written first: only a saved request is promised.
+                self.ticket_filed = true;
+                let saved = self
+                    .file_ticket("Call-back answered, but no operator could take the call")
+                    .await;
+                let p = self.prompts(&[if saved {
+                    "callback_confirmed"
+                } else {
+                    "db_error"
+                }]);
                 match self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
                     Some(media) => {
                         media.stop();
@@ -861,14 +872,16 @@ impl Run {
         let why = match (end, self.served) {
             (_, true) | (End::CallerLeft, _) | (End::Served, _) => return,
             (End::Unreached, _) => "Call-back requested; the caller did not answer any attempt",
+            (End::NoOperator, _) if self.ticket_filed => return,
             (End::NoOperator, _) => "Call-back answered, but no operator could take the call",
             (End::Shutdown, _) => "Call-back still pending when the server stopped",
         };
         self.file_ticket(why).await;
     }
 
-    /// The flagged ticket that stands in for a call-back that did not happen.
-    async fn file_ticket(&self, why: &str) {
+    /// The flagged ticket that stands in for a call-back that did not happen; whether it
+    /// was saved.
+    async fn file_ticket(&self, why: &str) -> bool {
         let t = NewTicket {
             service_code: crate::menu::engine::GENERAL_SERVICE.into(),
             service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
@@ -881,8 +894,14 @@ impl Run {
             ..NewTicket::default()
         };
         match self.inner.tickets.file(t).await {
-            Ok(t) => info!(id = t.service_request_id, "call-back ticket filed"),
-            Err(e) => error!(error = %e, "call-back ticket could not be filed"),
+            Ok(t) => {
+                info!(id = t.service_request_id, "call-back ticket filed");
+                true
+            }
+            Err(e) => {
+                error!(error = %e, "call-back ticket could not be filed");
+                false
+            }
         }
     }
 }
