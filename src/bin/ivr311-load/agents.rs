@@ -124,6 +124,7 @@ struct AgentCall {
     last_k: Option<u64>,
     rx: u64,
     last_rx_ns: i64,
+    last_sent_ns: i64,
     last_seq: u16,
 }
 
@@ -487,7 +488,7 @@ Content-Length: 0\r\n\r\n",
                         self.io.stats.bridge.byes += 1;
                         self.end_call(slot, End::Bye);
                     }
-                    None => self.io.stats.bridge.unknown_requests += 1,
+                    None => self.io.stats.bridge.late_byes += 1,
                 }
             }
             "CANCEL" => {
@@ -605,6 +606,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             last_k: None,
             rx: 0,
             last_rx_ns: 0,
+            last_sent_ns: 0,
             last_seq: 0,
         }));
         self.live += 1;
@@ -737,6 +739,8 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             let d = stamp - call.last_rx_ns;
             b.at_agent_pacing
                 .record((d - 20_000_000).unsigned_abs() / 1000);
+            b.to_agent_jitter
+                .record((d - (sent - call.last_sent_ns)).unsigned_abs() / 1000);
             if d < 5_000_000 {
                 b.at_agent_bursts += 1;
             }
@@ -750,6 +754,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         b.at_agent_rx += 1;
         call.rx += 1;
         call.last_rx_ns = stamp;
+        call.last_sent_ns = sent;
         call.last_seq = seq;
     }
 }

@@ -39,6 +39,9 @@ pub struct BridgeStats {
     pub at_caller_gaps: u64,
     /// Agent's send → caller's kernel receive stamp, µs.
     pub to_caller_transit: Hist,
+    /// What the relay added to the spacing: |Δreceive − Δsend| of consecutive agent packets
+    /// (the pacing figure without the agent's own send jitter), µs.
+    pub to_caller_jitter: Hist,
     /// Packets from the server after the bridge that carried no agent mark (hold music
     /// leftovers, transcoded audio).
     pub at_caller_foreign: u64,
@@ -53,8 +56,11 @@ pub struct BridgeStats {
     /// BYEs from the server (the caller hung up).
     pub byes: u64,
     pub cancels: u64,
-    /// Requests for an agent id or a call we do not know (answered 481/404).
+    /// INVITEs for an agent id that is not ours (answered 404).
     pub unknown_requests: u64,
+    /// BYEs for a call no longer up: retransmissions of a BYE we answered (our 200 was late
+    /// or lost). Answered 200 again.
+    pub late_byes: u64,
     /// Agent calls that ended (BYE) having received caller audio.
     pub agent_calls_ok: u64,
     /// Agent calls that ended without one packet of caller audio.
@@ -75,6 +81,8 @@ pub struct BridgeStats {
     pub at_agent_events: u64,
     /// Caller's send → agent's kernel receive stamp, µs.
     pub to_agent_transit: Hist,
+    /// |Δreceive − Δsend| of consecutive caller packets at the agent, µs.
+    pub to_agent_jitter: Hist,
     pub agent_tx: u64,
     pub agent_send_errors: u64,
 }
@@ -101,6 +109,7 @@ impl BridgeStats {
         self.at_caller_rx += o.at_caller_rx;
         self.at_caller_gaps += o.at_caller_gaps;
         self.to_caller_transit.merge(&o.to_caller_transit);
+        self.to_caller_jitter.merge(&o.to_caller_jitter);
         self.at_caller_foreign += o.at_caller_foreign;
         self.registrations += o.registrations;
         self.register_failures += o.register_failures;
@@ -109,6 +118,7 @@ impl BridgeStats {
         self.byes += o.byes;
         self.cancels += o.cancels;
         self.unknown_requests += o.unknown_requests;
+        self.late_byes += o.late_byes;
         self.agent_calls_ok += o.agent_calls_ok;
         self.agent_no_caller_audio += o.agent_no_caller_audio;
         self.agent_no_ack += o.agent_no_ack;
@@ -121,6 +131,7 @@ impl BridgeStats {
         self.at_agent_foreign += o.at_agent_foreign;
         self.at_agent_events += o.at_agent_events;
         self.to_agent_transit.merge(&o.to_agent_transit);
+        self.to_agent_jitter.merge(&o.to_agent_jitter);
         self.agent_tx += o.agent_tx;
         self.agent_send_errors += o.agent_send_errors;
     }
@@ -482,6 +493,7 @@ impl StepReport {
                 "sequence_gaps": b.at_caller_gaps,
                 "unmarked": b.at_caller_foreign,
                 "transit_from_agent": pct(&b.to_caller_transit),
+                "relay_added_jitter": pct(&b.to_caller_jitter),
             },
             "at_agent": {
                 "pacing_deviation": pct(&b.at_agent_pacing),
@@ -491,6 +503,7 @@ impl StepReport {
                 "unmarked": b.at_agent_foreign,
                 "telephone_events": b.at_agent_events,
                 "transit_from_caller": pct(&b.to_agent_transit),
+                "relay_added_jitter": pct(&b.to_agent_jitter),
             },
             "agents": {
                 "registrations": b.registrations,
@@ -500,6 +513,7 @@ impl StepReport {
                 "byes": b.byes,
                 "cancels": b.cancels,
                 "unknown_requests": b.unknown_requests,
+                "bye_retransmissions": b.late_byes,
                 "calls_ok": b.agent_calls_ok,
                 "failed": b.agent_failed(),
                 "failed_by_reason": {
@@ -527,8 +541,9 @@ impl StepReport {
             pct_line(&b.press_to_agent_audio)
         );
         o += &format!(
-            "  at caller pacing |Δt−20ms|  {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}\n",
+            "  at caller pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}\n",
             pct_line(&b.at_caller_pacing),
+            pct_line(&b.to_caller_jitter),
             pct_line(&b.to_caller_transit),
             b.at_caller_rx,
             b.at_caller_bursts,
@@ -536,8 +551,9 @@ impl StepReport {
             b.at_caller_foreign
         );
         o += &format!(
-            "  at agent  pacing |Δt−20ms|  {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}\n",
+            "  at agent  pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}\n",
             pct_line(&b.at_agent_pacing),
+            pct_line(&b.to_agent_jitter),
             pct_line(&b.to_agent_transit),
             b.at_agent_rx,
             b.at_agent_bursts,
@@ -546,7 +562,7 @@ impl StepReport {
             b.at_agent_events
         );
         o += &format!(
-            "  agents    registrations {} (failures {})  offers answered {}  ACKs {}  BYEs {}  CANCELs {}  unknown requests {}  | calls ok {}  failed {}: no caller audio {}, no ACK {}  | cut at end {}  offers to a busy agent {}  | sent {}  send errors {}\n",
+            "  agents    registrations {} (failures {})  offers answered {}  ACKs {}  BYEs {}  CANCELs {}  unknown requests {}  BYE retransmissions {}  | calls ok {}  failed {}: no caller audio {}, no ACK {}  | cut at end {}  offers to a busy agent {}  | sent {}  send errors {}\n",
             b.registrations,
             b.register_failures,
             b.offers,
@@ -554,6 +570,7 @@ impl StepReport {
             b.byes,
             b.cancels,
             b.unknown_requests,
+            b.late_byes,
             b.agent_calls_ok,
             b.agent_failed(),
             b.agent_no_caller_audio,

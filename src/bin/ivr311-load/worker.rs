@@ -170,6 +170,7 @@ struct Call {
     /// Packets from an agent (operator script), the last one's stamp and sequence number.
     agent_rx: u64,
     last_agent_rx_ns: i64,
+    last_agent_sent_ns: i64,
     last_agent_seq: u16,
 }
 
@@ -419,6 +420,7 @@ impl Worker {
             bridge_deadline_ms: None,
             agent_rx: 0,
             last_agent_rx_ns: 0,
+            last_agent_sent_ns: 0,
             last_agent_seq: 0,
         });
         call.invite_rt = net::realtime_ns();
@@ -680,6 +682,8 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 let d = stamp - call.last_agent_rx_ns;
                 bs.at_caller_pacing
                     .record((d - 20_000_000).unsigned_abs() / 1000);
+                bs.to_caller_jitter
+                    .record((d - (sent - call.last_agent_sent_ns)).unsigned_abs() / 1000);
                 if d < 5_000_000 {
                     bs.at_caller_bursts += 1;
                 }
@@ -693,6 +697,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
             bs.at_caller_rx += 1;
             call.agent_rx += 1;
             call.last_agent_rx_ns = stamp;
+            call.last_agent_sent_ns = sent;
             call.last_agent_seq = seq;
             return;
         }
