@@ -53,7 +53,7 @@ enum ScriptName {
 #[command(
     name = "ivr311-load",
     about = "Full-media SIP IVR load generator: places calls, streams G.711, presses RFC 4733 keys, measures the server",
-    after_help = "Operators (--agents N, --script operator): the generator registers N phones load-0001..load-NNNN (password --agent-password) and answers every call the server offers them. With --spawn-server the server's config gets those agents, a queue `general` (longest_idle, wrap_up_seconds 0, ring_timeout_seconds 10, large max_length/max_wait_seconds), limits.options_per_second 0, limits.max_calls 10000 and --rtp-ports 10000-29999 (two ports per bridge). Against another server (--target/--server-pid) its config needs the same: agents `{id: load-0001, password: <--agent-password>}`... for every agent, a queue named as --queue reachable from the menu, limits.options_per_second: 0 (all REGISTERs come from one address), max_calls and --rtp-ports for two ports per bridge; its SIP replies must come from --target (the agents answer there)."
+    after_help = "Operators (--agents N, --script operator): the generator registers N phones load-0001..load-NNNN (password --agent-password) and answers every call the server offers them. With --spawn-server the server's config gets those agents, a queue `general` (longest_idle, wrap_up_seconds 0, ring_timeout_seconds 10, large max_length/max_wait_seconds), limits.options_per_second 0, limits.max_calls 10000 and --rtp-ports 2000-9999 (two ports per bridge, clear of the default 10000-20000 other servers on this machine may hold). Against another server (--target/--server-pid) its config needs the same: agents `{id: load-0001, password: <--agent-password>}`... for every agent, a queue named as --queue reachable from the menu, limits.options_per_second: 0 (all REGISTERs come from one address), max_calls and --rtp-ports for two ports per bridge; its SIP replies must come from --target (the agents answer there)."
 )]
 struct Args {
     /// SIP server (UDP).
@@ -144,7 +144,8 @@ struct Args {
     /// Longest wait for every agent to be registered before the first call.
     #[arg(long, default_value_t = 30.0)]
     register_wait_seconds: f64,
-    /// --spawn-server: the server's --rtp-ports (default with --agents: 10000-29999).
+    /// --spawn-server: the server's --rtp-ports (default with --agents: 2000-9999, 4000 even
+    /// ports, clear of the default 10000-20000 and of the ephemeral ports our sockets use).
     #[arg(long)]
     rtp_ports: Option<String>,
 }
@@ -231,7 +232,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         let rtp_ports = args
             .rtp_ports
             .clone()
-            .or_else(|| (args.agents > 0).then(|| "10000-29999".to_string()));
+            .or_else(|| (args.agents > 0).then(|| "2000-9999".to_string()));
         let s = spawn::Server::start(
             &args.server_bin,
             &args.menu,

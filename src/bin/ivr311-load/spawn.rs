@@ -121,7 +121,8 @@ impl Server {
     }
 
     /// SIGTERM, then SIGKILL after 5 s; count the tickets filed (with `ivr311 tickets list`);
-    /// remove the temporary files.
+    /// remove the temporary files (kept, with the server's log, when the environment has
+    /// `IVR311_LOAD_KEEP_SERVER_DIR`).
     pub fn stop(mut self) -> Option<usize> {
         self.terminate();
         let out = Command::new(&self.bin)
@@ -130,7 +131,11 @@ impl Server {
             .stderr(Stdio::null())
             .output()
             .ok()?;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("IVR311_LOAD_KEEP_SERVER_DIR").is_some() {
+            eprintln!("ivr311-load: kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v.as_array().map(Vec::len)
     }
