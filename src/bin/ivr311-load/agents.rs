@@ -126,6 +126,8 @@ struct AgentCall {
     last_rx_ns: i64,
     last_sent_ns: i64,
     last_seq: u16,
+    /// The socket's drop count last seen.
+    drops: u32,
 }
 
 struct Io {
@@ -608,6 +610,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             last_rx_ns: 0,
             last_sent_ns: 0,
             last_seq: 0,
+            drops: 0,
         }));
         self.live += 1;
         self.shared.bridges.fetch_add(1, Ordering::Relaxed);
@@ -617,6 +620,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
+        net::rtp_socket_options(s.as_raw_fd(), net::RTP_RCVBUF)?;
         s.connect(remote)?;
         self.epoll
             .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
@@ -704,11 +708,15 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             return;
         }
         let io = &mut self.io;
-        let (n, stamp) =
-            match net::recv_stamped(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
+        let (n, stamp, drops) =
+            match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
                 Ok(x) => x,
                 Err(_) => return,
             };
+        if drops > call.drops {
+            io.stats.bridge.at_agent_dropped_here += u64::from(drops - call.drops);
+            call.drops = drops;
+        }
         let stamp = if stamp == 0 {
             io.stats.unstamped += 1;
             net::realtime_ns()

@@ -68,6 +68,25 @@ pub struct MachineSample {
     /// Time in softirq (on loopback, much of the packet delivery work).
     pub softirq: u64,
     pub cpus: u64,
+    /// UDP datagrams dropped machine-wide for want of receive-buffer room (/proc/net/snmp
+    /// `Udp: RcvbufErrors`; every process's sockets).
+    pub udp_rcvbuf_errors: u64,
+}
+
+fn udp_rcvbuf_errors() -> u64 {
+    let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn machine() -> Option<MachineSample> {
@@ -86,6 +105,7 @@ pub fn machine() -> Option<MachineSample> {
         nice: *f.get(1)?,
         softirq: *f.get(6)?,
         cpus,
+        udp_rcvbuf_errors: udp_rcvbuf_errors(),
     })
 }
 

@@ -45,6 +45,8 @@ pub struct BridgeStats {
     /// Packets from the server after the bridge that carried no agent mark (hold music
     /// leftovers, transcoded audio).
     pub at_caller_foreign: u64,
+    /// Agent audio the callers' sockets dropped (receive buffer full), kernel's count.
+    pub at_caller_dropped_here: u64,
     // ---- agents --------------------------------------------------------------------------
     /// Successful REGISTERs (first ones and refreshes).
     pub registrations: u64,
@@ -79,6 +81,8 @@ pub struct BridgeStats {
     pub at_agent_foreign: u64,
     /// RFC 4733 events relayed to the agent (the end of the caller's key into the queue).
     pub at_agent_events: u64,
+    /// Caller audio the agents' sockets dropped (receive buffer full), kernel's count.
+    pub at_agent_dropped_here: u64,
     /// Caller's send → agent's kernel receive stamp, µs.
     pub to_agent_transit: Hist,
     /// |Δreceive − Δsend| of consecutive caller packets at the agent, µs.
@@ -111,6 +115,7 @@ impl BridgeStats {
         self.to_caller_transit.merge(&o.to_caller_transit);
         self.to_caller_jitter.merge(&o.to_caller_jitter);
         self.at_caller_foreign += o.at_caller_foreign;
+        self.at_caller_dropped_here += o.at_caller_dropped_here;
         self.registrations += o.registrations;
         self.register_failures += o.register_failures;
         self.offers += o.offers;
@@ -130,6 +135,7 @@ impl BridgeStats {
         self.at_agent_gaps += o.at_agent_gaps;
         self.at_agent_foreign += o.at_agent_foreign;
         self.at_agent_events += o.at_agent_events;
+        self.at_agent_dropped_here += o.at_agent_dropped_here;
         self.to_agent_transit.merge(&o.to_agent_transit);
         self.to_agent_jitter.merge(&o.to_agent_jitter);
         self.agent_tx += o.agent_tx;
@@ -162,6 +168,9 @@ pub struct Stats {
     pub rtp_rx: u64,
     /// Sequence-number gaps (packets the server never sent or that were lost).
     pub rtp_gaps: u64,
+    /// RTP datagrams our callers' sockets dropped (receive buffer full: our thread was late),
+    /// by the kernel's count (SO_RXQ_OVFL). Part of the gaps, not the server's doing.
+    pub rtp_dropped_here: u64,
     /// Datagrams without a kernel timestamp (timed by our clock instead).
     pub unstamped: u64,
     pub rtp_tx: u64,
@@ -221,6 +230,7 @@ impl Stats {
         self.bursts += o.bursts;
         self.rtp_rx += o.rtp_rx;
         self.rtp_gaps += o.rtp_gaps;
+        self.rtp_dropped_here += o.rtp_dropped_here;
         self.unstamped += o.unstamped;
         self.rtp_tx += o.rtp_tx;
         self.send_errors += o.send_errors;
@@ -445,6 +455,7 @@ impl StepReport {
                 "received": s.rtp_rx,
                 "bursts_under_5ms": s.bursts,
                 "sequence_gaps": s.rtp_gaps,
+                "dropped_by_our_sockets": s.rtp_dropped_here,
                 "unstamped": s.unstamped,
                 "sent": s.rtp_tx,
                 "send_errors": s.send_errors,
@@ -471,7 +482,7 @@ impl StepReport {
             },
             "machine": self.machine.map(|(a, b)| {
                 let (busy, nice, softirq) = crate::procfs::machine_use(&a, &b);
-                json!({"cpus": b.cpus, "busy_percent_of_one_core": busy, "niced_percent": nice, "softirq_percent": softirq})
+                json!({"cpus": b.cpus, "busy_percent_of_one_core": busy, "niced_percent": nice, "softirq_percent": softirq, "udp_rcvbuf_errors_all_processes": b.udp_rcvbuf_errors.saturating_sub(a.udp_rcvbuf_errors)})
             }),
             "held": broken.is_empty(),
             "broken": broken,
@@ -492,6 +503,7 @@ impl StepReport {
                 "bursts_under_5ms": b.at_caller_bursts,
                 "sequence_gaps": b.at_caller_gaps,
                 "unmarked": b.at_caller_foreign,
+                "dropped_by_our_socket": b.at_caller_dropped_here,
                 "transit_from_agent": pct(&b.to_caller_transit),
                 "relay_added_jitter": pct(&b.to_caller_jitter),
             },
@@ -502,6 +514,7 @@ impl StepReport {
                 "sequence_gaps": b.at_agent_gaps,
                 "unmarked": b.at_agent_foreign,
                 "telephone_events": b.at_agent_events,
+                "dropped_by_our_socket": b.at_agent_dropped_here,
                 "transit_from_caller": pct(&b.to_agent_transit),
                 "relay_added_jitter": pct(&b.to_agent_jitter),
             },
@@ -541,17 +554,18 @@ impl StepReport {
             pct_line(&b.press_to_agent_audio)
         );
         o += &format!(
-            "  at caller pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}\n",
+            "  at caller pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  dropped by our sockets {}\n",
             pct_line(&b.at_caller_pacing),
             pct_line(&b.to_caller_jitter),
             pct_line(&b.to_caller_transit),
             b.at_caller_rx,
             b.at_caller_bursts,
             b.at_caller_gaps,
-            b.at_caller_foreign
+            b.at_caller_foreign,
+            b.at_caller_dropped_here
         );
         o += &format!(
-            "  at agent  pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}\n",
+            "  at agent  pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}  dropped by our sockets {}\n",
             pct_line(&b.at_agent_pacing),
             pct_line(&b.to_agent_jitter),
             pct_line(&b.to_agent_transit),
@@ -559,7 +573,8 @@ impl StepReport {
             b.at_agent_bursts,
             b.at_agent_gaps,
             b.at_agent_foreign,
-            b.at_agent_events
+            b.at_agent_events,
+            b.at_agent_dropped_here
         );
         o += &format!(
             "  agents    registrations {} (failures {})  offers answered {}  ACKs {}  BYEs {}  CANCELs {}  unknown requests {}  BYE retransmissions {}  | calls ok {}  failed {}: no caller audio {}, no ACK {}  | cut at end {}  offers to a busy agent {}  | sent {}  send errors {}\n",
@@ -605,8 +620,8 @@ impl StepReport {
         o += &format!("  setup     INVITE→200        {}\n", pct_line(&s.setup));
         o += &format!("  pacing    |Δt−20ms|         {}\n", pct_line(&s.pacing));
         o += &format!(
-            "  rtp       received {}  bursts(<5ms) {}  seq gaps {}  unstamped {}  | sent {}  send errors {}\n",
-            s.rtp_rx, s.bursts, s.rtp_gaps, s.unstamped, s.rtp_tx, s.send_errors
+            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}\n",
+            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors
         );
         o += &format!(
             "  digits    End→response      {}\n            press→response    {}\n            sent {}  answered before End {}  unanswered {}\n",
@@ -659,8 +674,8 @@ impl StepReport {
         if let Some((a, b)) = &self.machine {
             let (busy, nice, softirq) = crate::procfs::machine_use(a, b);
             o += &format!(
-                "  machine   {} CPUs busy {:.0}% of one core: niced processes (other sessions' builds) {:.0}%, softirq {:.0}%\n",
-                b.cpus, busy, nice, softirq
+                "  machine   {} CPUs busy {:.0}% of one core: niced processes (other sessions' builds) {:.0}%, softirq {:.0}%  | UDP receive-buffer drops (all processes) {}\n",
+                b.cpus, busy, nice, softirq, b.udp_rcvbuf_errors.saturating_sub(a.udp_rcvbuf_errors)
             );
         }
         let broken = self.broken(t);

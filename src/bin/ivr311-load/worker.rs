@@ -172,6 +172,8 @@ struct Call {
     last_agent_rx_ns: i64,
     last_agent_sent_ns: i64,
     last_agent_seq: u16,
+    /// The socket's drop count last seen.
+    drops: u32,
 }
 
 /// Sockets, buffers and counters (kept apart from the calls so both can be borrowed at once).
@@ -422,6 +424,7 @@ impl Worker {
             last_agent_rx_ns: 0,
             last_agent_sent_ns: 0,
             last_agent_seq: 0,
+            drops: 0,
         });
         call.invite_rt = net::realtime_ns();
         self.io.send_sip(&call.invite);
@@ -434,6 +437,7 @@ impl Worker {
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
+        net::rtp_socket_options(s.as_raw_fd(), net::RTP_RCVBUF)?;
         self.epoll
             .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
         Ok(s)
@@ -648,8 +652,8 @@ Content-Length: {len}\r\n\r\n{sdp}",
             return;
         }
         let io = &mut self.io;
-        let (n, stamp) =
-            match net::recv_stamped(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
+        let (n, stamp, drops) =
+            match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
                 Ok(x) => x,
                 Err(_) => return,
             };
@@ -659,6 +663,16 @@ Content-Length: {len}\r\n\r\n{sdp}",
         } else {
             stamp
         };
+        if drops > call.drops {
+            // Once the operator is heard, whatever is lost is theirs.
+            let lost = u64::from(drops - call.drops);
+            if call.agent_rx > 0 {
+                io.stats.bridge.at_caller_dropped_here += lost;
+            } else {
+                io.stats.rtp_dropped_here += lost;
+            }
+            call.drops = drops;
+        }
         let b = &io.rx[..n];
         if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
             return;
