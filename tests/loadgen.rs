@@ -171,8 +171,10 @@ async fn operator_callers_are_bridged_to_the_generators_agents_and_talk_both_way
             e["pacing_deviation"]["count"].as_u64().unwrap() > 0,
             "{end}: {e}"
         );
-        assert_eq!(e["unmarked"], 0, "{end}: {e}");
     }
+    // Everything the agents got was the callers' marked audio or their key into the queue
+    // (a caller may still get a last prompt packet the media clock sent as the bridge began).
+    assert_eq!(b["at_agent"]["unmarked"], 0, "{b}");
     assert_eq!(
         b["press_to_agent_audio"]["count"], placed,
         "time to the operator measured for every call: {b}"
