@@ -327,6 +327,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         );
     }
     drop(tx);
+    let mut register_seconds = None;
     if args.agents > 0 {
         let t = Instant::now();
         while (shared.registered.load(Ordering::Relaxed) as usize) < args.agents
@@ -341,7 +342,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             t.elapsed().as_secs_f64(),
             agent_threads
         ));
+        register_seconds = Some(t.elapsed().as_secs_f64());
     }
+    let agents_registered = shared.registered.load(Ordering::Relaxed);
     let senders = args.threads + agent_threads;
 
     let targets = Targets::default();
@@ -523,6 +526,8 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             "threads": args.threads,
             "agents": args.agents,
             "agent_threads": agent_threads,
+            "agents_registered_before_first_call": agents_registered,
+            "agents_register_seconds": register_seconds,
             "steps": reports.iter().map(|r| r.json(&targets)).collect::<Vec<_>>(),
             "drain": drain.json(&targets),
             "total": whole.json(&targets),
