@@ -141,6 +141,9 @@ struct Args {
     /// REGISTERs per second the agents send in all.
     #[arg(long, default_value_t = 400.0)]
     register_rate: f64,
+    /// Registration expiry the agents ask for, seconds (they refresh at 80 % of it).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(60..=7200))]
+    register_expires: u32,
     /// Longest wait for every agent to be registered before the first call.
     #[arg(long, default_value_t = 30.0)]
     register_wait_seconds: f64,
@@ -314,7 +317,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             target: args.target,
             local_ip,
             password: args.agent_password.clone(),
-            expires: 600,
+            expires: args.register_expires,
             register_rate: args.register_rate / agent_threads as f64,
             run: run_id,
         };
