@@ -139,6 +139,8 @@ struct Io {
     rx: Box<[u8; 65536]>,
     cmsg: CmsgBuf,
     audio: [Vec<[u8; 160]>; 2],
+    /// The SIP socket's drop count last seen.
+    sip_drops: u32,
 }
 
 impl Io {
@@ -179,6 +181,7 @@ impl AgentWorker {
         let sip = UdpSocket::bind((cfg.local_ip, 0))?;
         sip.set_nonblocking(true)?;
         net::enable_rx_timestamps(sip.as_raw_fd())?;
+        net::buffer_and_count_drops(sip.as_raw_fd(), net::SIP_RCVBUF)?;
         let sip_local = sip.local_addr()?;
         let epoll = Epoll::new()?;
         epoll.add(sip.as_raw_fd(), SIP_TOKEN)?;
@@ -210,6 +213,7 @@ impl AgentWorker {
                 rx: Box::new([0; 65536]),
                 cmsg: [0; 8],
                 audio: [tone(Codec::Pcmu), tone(Codec::Pcma)],
+                sip_drops: 0,
             },
             cfg,
             shared,
@@ -436,8 +440,14 @@ Content-Length: 0\r\n\r\n",
     fn recv_sip(&mut self, now_ms: u64) {
         loop {
             let fd = self.io.sip.as_raw_fd();
-            let n = match net::recv_stamped(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
-                Ok((n, _)) => n,
+            let n = match net::recv_stamped_drops(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
+                Ok((n, _, drops)) => {
+                    if drops > self.io.sip_drops {
+                        self.io.stats.sip_dropped_here += u64::from(drops - self.io.sip_drops);
+                        self.io.sip_drops = drops;
+                    }
+                    n
+                }
                 Err(_) => return,
             };
             let Ok(msg) = parse_datagram(&self.io.rx[..n], 65536) else {
@@ -620,7 +630,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
-        net::rtp_socket_options(s.as_raw_fd(), net::RTP_RCVBUF)?;
+        net::buffer_and_count_drops(s.as_raw_fd(), net::RTP_RCVBUF)?;
         s.connect(remote)?;
         self.epoll
             .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;

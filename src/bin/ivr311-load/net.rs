@@ -62,11 +62,11 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> 
     Ok(())
 }
 
-/// For an RTP socket: a receive buffer of `bytes` (capped by net.core.rmem_max), so a few
-/// seconds of our thread waiting for a CPU lose nothing, and the kernel's count of datagrams
-/// dropped on it (SO_RXQ_OVFL, read by [`recv_stamped_drops`]): losses on our side are then
-/// told apart from packets the server never sent.
-pub fn rtp_socket_options(fd: RawFd, bytes: usize) -> io::Result<()> {
+/// A receive buffer of `bytes` (capped by net.core.rmem_max), so a few seconds of our thread
+/// waiting for a CPU lose nothing, and the kernel's count of datagrams dropped on the socket
+/// (SO_RXQ_OVFL, read by [`recv_stamped_drops`]): losses on our side are then told apart from
+/// packets the server never sent.
+pub fn buffer_and_count_drops(fd: RawFd, bytes: usize) -> io::Result<()> {
     set_int(
         fd,
         libc::SOL_SOCKET,
@@ -80,17 +80,17 @@ pub fn rtp_socket_options(fd: RawFd, bytes: usize) -> io::Result<()> {
 /// takes about 1 KiB of buffer accounting on loopback).
 pub const RTP_RCVBUF: usize = 512 * 1024;
 
+/// Receive buffer of each SIP socket (capped by net.core.rmem_max): registration and call
+/// bursts of a few thousand agents and callers.
+pub const SIP_RCVBUF: usize = 4 * 1024 * 1024;
+
 /// Room for the SCM_TIMESTAMPNS and SO_RXQ_OVFL control messages (aligned).
 pub type CmsgBuf = [u64; 8];
 
-/// Receive one datagram without blocking. Returns its length and the kernel receive time
-/// (realtime ns), or 0 as the time when the kernel gave none.
-pub fn recv_stamped(fd: RawFd, buf: &mut [u8], cmsg: &mut CmsgBuf) -> io::Result<(usize, i64)> {
-    recv_stamped_drops(fd, buf, cmsg).map(|(n, t, _)| (n, t))
-}
-
-/// [`recv_stamped`], plus the socket's count of datagrams dropped so far for want of buffer
-/// room (0 until the first drop, or without [`rtp_socket_options`]).
+/// Receive one datagram without blocking. Returns its length, the kernel receive time
+/// (realtime ns, or 0 when the kernel gave none), and the socket's count of datagrams dropped
+/// so far for want of buffer room (0 until the first drop, or without
+/// [`buffer_and_count_drops`]).
 pub fn recv_stamped_drops(
     fd: RawFd,
     buf: &mut [u8],

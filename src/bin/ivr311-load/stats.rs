@@ -171,6 +171,8 @@ pub struct Stats {
     /// RTP datagrams our callers' sockets dropped (receive buffer full: our thread was late),
     /// by the kernel's count (SO_RXQ_OVFL). Part of the gaps, not the server's doing.
     pub rtp_dropped_here: u64,
+    /// SIP datagrams our SIP sockets (callers' and agents') dropped, kernel's count.
+    pub sip_dropped_here: u64,
     /// Datagrams without a kernel timestamp (timed by our clock instead).
     pub unstamped: u64,
     pub rtp_tx: u64,
@@ -231,6 +233,7 @@ impl Stats {
         self.rtp_rx += o.rtp_rx;
         self.rtp_gaps += o.rtp_gaps;
         self.rtp_dropped_here += o.rtp_dropped_here;
+        self.sip_dropped_here += o.sip_dropped_here;
         self.unstamped += o.unstamped;
         self.rtp_tx += o.rtp_tx;
         self.send_errors += o.send_errors;
@@ -456,6 +459,7 @@ impl StepReport {
                 "bursts_under_5ms": s.bursts,
                 "sequence_gaps": s.rtp_gaps,
                 "dropped_by_our_sockets": s.rtp_dropped_here,
+                "sip_dropped_by_our_sockets": s.sip_dropped_here,
                 "unstamped": s.unstamped,
                 "sent": s.rtp_tx,
                 "send_errors": s.send_errors,
@@ -620,8 +624,8 @@ impl StepReport {
         o += &format!("  setup     INVITE→200        {}\n", pct_line(&s.setup));
         o += &format!("  pacing    |Δt−20ms|         {}\n", pct_line(&s.pacing));
         o += &format!(
-            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}\n",
-            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors
+            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}  | SIP dropped by our sockets {}\n",
+            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors, s.sip_dropped_here
         );
         o += &format!(
             "  digits    End→response      {}\n            press→response    {}\n            sent {}  answered before End {}  unanswered {}\n",

@@ -189,6 +189,8 @@ struct Io {
     audio: [Vec<[u8; 160]>; 2],
     /// Mark the audio with its send time (the script talks to our agents).
     stamp_audio: bool,
+    /// The SIP socket's drop count last seen.
+    sip_drops: u32,
 }
 
 pub struct Worker {
@@ -242,6 +244,7 @@ impl Worker {
         let sip = UdpSocket::bind((cfg.local_ip, 0))?;
         sip.set_nonblocking(true)?;
         net::enable_rx_timestamps(sip.as_raw_fd())?;
+        net::buffer_and_count_drops(sip.as_raw_fd(), net::SIP_RCVBUF)?;
         let sip_local = sip.local_addr()?;
         let epoll = Epoll::new()?;
         epoll.add(sip.as_raw_fd(), SIP_TOKEN)?;
@@ -259,6 +262,7 @@ impl Worker {
                 cmsg: [0; 8],
                 audio: [tone(Codec::Pcmu), tone(Codec::Pcma)],
                 stamp_audio: cfg.script.bridges(),
+                sip_drops: 0,
             },
             cfg,
             shared,
@@ -437,7 +441,7 @@ impl Worker {
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
-        net::rtp_socket_options(s.as_raw_fd(), net::RTP_RCVBUF)?;
+        net::buffer_and_count_drops(s.as_raw_fd(), net::RTP_RCVBUF)?;
         self.epoll
             .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
         Ok(s)
@@ -573,10 +577,15 @@ Content-Length: {len}\r\n\r\n{sdp}",
     fn recv_sip(&mut self, now_ms: u64) {
         loop {
             let fd = self.io.sip.as_raw_fd();
-            let (n, stamp) = match net::recv_stamped(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
-                Ok(x) => x,
-                Err(_) => return,
-            };
+            let (n, stamp, drops) =
+                match net::recv_stamped_drops(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
+                    Ok(x) => x,
+                    Err(_) => return,
+                };
+            if drops > self.io.sip_drops {
+                self.io.stats.sip_dropped_here += u64::from(drops - self.io.sip_drops);
+                self.io.sip_drops = drops;
+            }
             let stamp = if stamp == 0 {
                 self.io.stats.unstamped += 1;
                 net::realtime_ns()
