@@ -147,6 +147,13 @@ struct Args {
     /// Longest wait for every agent to be registered before the first call.
     #[arg(long, default_value_t = 30.0)]
     register_wait_seconds: f64,
+    /// Run the generator's call and agent threads at this nice value (e.g. 10), after the
+    /// server was spawned at ours: on a shared machine the server then gets a CPU before the
+    /// generator. Receive stamps are taken by the kernel when the server sends, and the
+    /// relay-added jitter (|Δrx−Δtx|) discounts our late sends, so the figures stay the
+    /// server's.
+    #[arg(long, default_value_t = 0)]
+    generator_nice: i32,
     /// --spawn-server: the server's --rtp-ports (default with --agents: 2000-9999, 4000 even
     /// ports, clear of the default 10000-20000 and of the ephemeral ports our sockets use).
     #[arg(long)]
@@ -279,6 +286,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     ));
 
     let shared = Arc::new(Shared::new(args.threads));
+    let nice = args.generator_nice;
     let (tx, rx) = mpsc::channel();
     let run_id: u32 = rand::random();
     let mut handles = Vec::new();
@@ -299,7 +307,10 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("load-{id}"))
-                .spawn(move || w.run())?,
+                .spawn(move || {
+                    net::nice_this_thread(nice);
+                    w.run()
+                })?,
         );
     }
     let agent_threads = if args.agents > 0 {
@@ -326,7 +337,10 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("agents-{i}"))
-                .spawn(move || w.run())?,
+                .spawn(move || {
+                    net::nice_this_thread(nice);
+                    w.run()
+                })?,
         );
     }
     drop(tx);

@@ -228,6 +228,21 @@ impl Ticker {
     }
 }
 
+/// Set the calling thread's nice value (Linux: per thread). 0 leaves it alone.
+pub fn nice_this_thread(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: plain syscalls on our own thread id.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r < 0 {
+        tracing::warn!(nice, error = %io::Error::last_os_error(), "cannot set the thread's nice value");
+    }
+}
+
 /// Raise the open-files soft limit to the hard limit (one RTP socket per call).
 pub fn raise_nofile() -> u64 {
     let mut r = libc::rlimit {
