@@ -128,6 +128,9 @@ struct AgentCall {
     last_seq: u16,
     /// The socket's drop count last seen.
     drops: u32,
+    tx: u64,
+    /// The caller's Call-ID the server names (X-311-Call-ID), for diagnostics.
+    caller_call_id: String,
 }
 
 struct Io {
@@ -621,6 +624,8 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             last_sent_ns: 0,
             last_seq: 0,
             drops: 0,
+            tx: 0,
+            caller_call_id: req.header("X-311-Call-ID").unwrap_or_default().to_owned(),
         }));
         self.live += 1;
         self.shared.bridges.fetch_add(1, Ordering::Relaxed);
@@ -651,6 +656,16 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             }
         }
         self.by_call_id.remove(&call.call_id);
+        tracing::debug!(
+            caller = %call.caller_call_id,
+            agent = %self.agents[call.agent].id,
+            local = ?call.sock.local_addr().ok(),
+            server_leg = ?call.sock.peer_addr().ok(),
+            sent = call.tx,
+            received = call.rx,
+            ?why,
+            "agent call ended"
+        );
         if self.agents[call.agent].call == Some(slot) {
             self.agents[call.agent].call = None;
         }
@@ -813,7 +828,10 @@ fn visit(io: &mut Io, call: &mut AgentCall, m: u64) -> Option<End> {
     payload::stamp(&mut frame, payload::FROM_AGENT, net::realtime_ns());
     let n = call.rtp.write_at(call.pt, ts, k == 0, &frame, &mut io.pkt);
     match call.sock.send(&io.pkt[..n]) {
-        Ok(_) => io.stats.bridge.agent_tx += 1,
+        Ok(_) => {
+            io.stats.bridge.agent_tx += 1;
+            call.tx += 1;
+        }
         Err(_) => io.stats.bridge.agent_send_errors += 1,
     }
     None

@@ -173,6 +173,9 @@ pub struct Stats {
     pub rtp_dropped_here: u64,
     /// SIP datagrams our SIP sockets (callers' and agents') dropped, kernel's count.
     pub sip_dropped_here: u64,
+    /// Answered calls that ended without one RTP packet from the server (whatever else
+    /// happened to them).
+    pub silent_calls: u64,
     /// Datagrams without a kernel timestamp (timed by our clock instead).
     pub unstamped: u64,
     pub rtp_tx: u64,
@@ -234,6 +237,7 @@ impl Stats {
         self.rtp_gaps += o.rtp_gaps;
         self.rtp_dropped_here += o.rtp_dropped_here;
         self.sip_dropped_here += o.sip_dropped_here;
+        self.silent_calls += o.silent_calls;
         self.unstamped += o.unstamped;
         self.rtp_tx += o.rtp_tx;
         self.send_errors += o.send_errors;
@@ -449,6 +453,7 @@ impl StepReport {
                     "not_bridged": s.not_bridged,
                 },
                 "server_byes_answered": s.server_byes_seen,
+                "answered_but_no_rtp_received": s.silent_calls,
                 "live_at_end": self.live_at_end,
                 "live_average": self.avg_live,
             },
@@ -617,9 +622,9 @@ impl StepReport {
         );
         let codes: Vec<String> = s.non_2xx.iter().map(|(c, n)| format!("{c}×{n}")).collect();
         o += &format!(
-            "  calls     placed {}  ok {}  failed {} ({:.3}%): no-200 {}, non-2xx {} [{}], no-RTP {}, BYE-unanswered {}, server-BYE-first {}, not-bridged {}  | live at end {}, server BYEs answered {}\n",
+            "  calls     placed {}  ok {}  failed {} ({:.3}%): no-200 {}, non-2xx {} [{}], no-RTP {}, BYE-unanswered {}, server-BYE-first {}, not-bridged {}  | live at end {}, server BYEs answered {}, answered but silent {}\n",
             s.placed, s.ok, s.failed(), frac, s.no_200, s.non_2xx.values().sum::<u64>(), codes.join(" "),
-            s.no_rtp, s.bye_unanswered, s.server_bye, s.not_bridged, self.live_at_end, s.server_byes_seen
+            s.no_rtp, s.bye_unanswered, s.server_bye, s.not_bridged, self.live_at_end, s.server_byes_seen, s.silent_calls
         );
         o += &format!("  setup     INVITE→200        {}\n", pct_line(&s.setup));
         o += &format!("  pacing    |Δt−20ms|         {}\n", pct_line(&s.pacing));

@@ -531,6 +531,21 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 c.pos = call.pos;
             }
         }
+        if call.rx == 0 && call.agent_rx == 0 && call.phase != Phase::Inviting {
+            self.io.stats.silent_calls += 1;
+        }
+        if call.outcome == Some(Failure::NotBridged) {
+            tracing::debug!(
+                call_id = %call.call_id,
+                local = ?call.sock.local_addr().ok(),
+                server_media = ?call.sock.peer_addr().ok(),
+                server_packets = call.rx,
+                "caller heard no operator"
+            );
+        }
+        if call.agent_rx > 0 {
+            tracing::debug!(call_id = %call.call_id, agent_packets = call.agent_rx, "caller heard an operator");
+        }
         match call.outcome {
             Some(f) => self.io.stats.fail(f),
             None if call.rx == 0 => self.io.stats.fail(Failure::NoRtp),
