@@ -129,6 +129,8 @@ struct AgentCall {
     /// The socket's drop count last seen.
     drops: u32,
     tx: u64,
+    /// When our 200 went out (realtime ns).
+    answered_rt: i64,
     /// The caller's Call-ID the server names (X-311-Call-ID), for diagnostics.
     caller_call_id: String,
 }
@@ -444,7 +446,11 @@ Content-Length: 0\r\n\r\n",
         loop {
             let fd = self.io.sip.as_raw_fd();
             let n = match net::recv_stamped_drops(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
-                Ok((n, _, drops)) => {
+                Ok((n, stamp, drops)) => {
+                    if stamp > 0 {
+                        let late = (net::realtime_ns() - stamp).max(0) / 1000;
+                        self.io.stats.bridge.agent_sip_delay.record(late as u64);
+                    }
                     if drops > self.io.sip_drops {
                         self.io.stats.sip_dropped_here += u64::from(drops - self.io.sip_drops);
                         self.io.sip_drops = drops;
@@ -493,6 +499,8 @@ Content-Length: 0\r\n\r\n",
                         c.phase = Phase::Up;
                         c.ok = Vec::new();
                         self.io.stats.bridge.acks += 1;
+                        let us = (net::realtime_ns() - c.answered_rt).max(0) / 1000;
+                        self.io.stats.bridge.answer_to_ack.record(us as u64);
                     }
                 }
             }
@@ -625,6 +633,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             last_seq: 0,
             drops: 0,
             tx: 0,
+            answered_rt: net::realtime_ns(),
             caller_call_id: req.header("X-311-Call-ID").unwrap_or_default().to_owned(),
         }));
         self.live += 1;

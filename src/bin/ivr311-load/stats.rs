@@ -89,6 +89,11 @@ pub struct BridgeStats {
     pub to_agent_jitter: Hist,
     pub agent_tx: u64,
     pub agent_send_errors: u64,
+    /// How long SIP messages waited on the agents' socket before an agent thread read them
+    /// (kernel receive stamp → read), µs: the generator's own share of late answers.
+    pub agent_sip_delay: Hist,
+    /// An agent's 200 OK sent → the server's ACK read, µs (the server taking the answer).
+    pub answer_to_ack: Hist,
 }
 
 impl BridgeStats {
@@ -140,6 +145,8 @@ impl BridgeStats {
         self.to_agent_jitter.merge(&o.to_agent_jitter);
         self.agent_tx += o.agent_tx;
         self.agent_send_errors += o.agent_send_errors;
+        self.agent_sip_delay.merge(&o.agent_sip_delay);
+        self.answer_to_ack.merge(&o.answer_to_ack);
     }
 
     /// Agent calls that failed.
@@ -546,6 +553,8 @@ impl StepReport {
                 "offers_to_busy_agent": b.offers_to_busy_agent,
                 "rtp_sent": b.agent_tx,
                 "send_errors": b.agent_send_errors,
+                "sip_read_delay": pct(&b.agent_sip_delay),
+                "answer_to_ack": pct(&b.answer_to_ack),
             },
         })
     }
@@ -584,6 +593,11 @@ impl StepReport {
             b.at_agent_foreign,
             b.at_agent_events,
             b.at_agent_dropped_here
+        );
+        o += &format!(
+            "  agents    SIP read delay    {}\n            200 OK→ACK        {}\n",
+            pct_line(&b.agent_sip_delay),
+            pct_line(&b.answer_to_ack)
         );
         o += &format!(
             "  agents    registrations {} (failures {})  offers answered {}  ACKs {}  BYEs {}  CANCELs {}  unknown requests {}  BYE retransmissions {}  | calls ok {}  failed {}: no caller audio {}, no ACK {}  | cut at end {}  offers to a busy agent {}  | sent {}  send errors {}\n",
