@@ -367,6 +367,12 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     let targets = Targets::default();
     let server_pid = args.server_pid.map(|p| p.to_string());
     let sample_server = || server_pid.as_deref().and_then(procfs::sample);
+    let sip_port = args.target.port();
+    let server_drops = || {
+        server_pid
+            .as_deref()
+            .and_then(|p| procfs::udp_drops(p, sip_port))
+    };
     let mut reports: Vec<StepReport> = Vec::new();
     let mut step_no: u32 = 0;
     let run_start = Instant::now();
@@ -428,6 +434,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             generator: g0.zip(procfs::sample("self")),
             loadavg: procfs::loadavg(),
             server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+            server_udp_drops: server_drops(),
             machine: m0.zip(procfs::machine()),
             avg_bridges: avg_b as f64 / avg.1.max(1) as f64,
             bridges_at_end: bridges(),
@@ -491,6 +498,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         generator: g0.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+        server_udp_drops: server_drops(),
         avg_bridges: avg_b as f64 / avg.1.max(1) as f64,
         bridges_at_end: bridges(),
     };
@@ -517,6 +525,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         generator: first_gen.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+        server_udp_drops: server_drops(),
         avg_bridges: whole_bridges as f64 / whole_avg.1.max(1) as f64,
         bridges_at_end: bridges(),
     };

@@ -295,6 +295,9 @@ pub struct StepReport {
     pub machine: Option<(MachineSample, MachineSample)>,
     /// The server's RSS before the first call, KiB.
     pub server_idle_rss_kib: Option<u64>,
+    /// Datagrams dropped on the server's open UDP sockets for want of buffer room at the
+    /// end of the step: (its SIP socket, all its open sockets), since they were opened.
+    pub server_udp_drops: Option<(u64, u64)>,
     /// Agent calls up on average over the step (sampled every 50 ms), and at its end.
     pub avg_bridges: f64,
     pub bridges_at_end: u64,
@@ -490,6 +493,7 @@ impl StepReport {
                 _ => Value::Null,
             },
             "server_idle_rss_kib": self.server_idle_rss_kib,
+            "server_udp_drops_since_open": self.server_udp_drops.map(|(sip, all)| json!({"sip_socket": sip, "all_open_sockets": all})),
             "server_rss_per_live_call_kib": self.rss_per_call_kib(),
             "generator": {
                 "process": proc_json(&self.generator),
@@ -683,8 +687,14 @@ impl StepReport {
             ),
             _ => String::new(),
         };
+        let drops = self
+            .server_udp_drops
+            .map(|(sip, all)| {
+                format!("\n            UDP receive-buffer drops on its open sockets so far: SIP socket {sip}, all {all}")
+            })
+            .unwrap_or_default();
         o += &format!(
-            "  server    {}{per_call}{cpu_per_call}\n",
+            "  server    {}{per_call}{cpu_per_call}{drops}\n",
             proc_line(&self.server)
         );
         o += &format!(
