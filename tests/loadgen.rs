@@ -105,3 +105,79 @@ async fn pothole_callers_walk_the_menu_and_file_tickets() {
     }
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_callers_are_bridged_to_the_generators_agents_and_talk_both_ways() {
+    // Four agents load-0001..load-0004 with the generator's default password, one queue.
+    let mut file = agents_config(&[], 10, 5);
+    file.agents = (1..=4)
+        .map(|n| ivr311::config::AgentConfig {
+            id: format!("load-{n:04}"),
+            password: "load-agent-pw".into(),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        })
+        .collect();
+    file.queues[0].wrap_up_seconds = 0;
+    // Every REGISTER comes from one address.
+    file.limits.options_per_second = 0;
+    let srv = start_server(file).await;
+    let report = run_loadgen(
+        srv.sip_addr,
+        &[
+            "--script",
+            "operator",
+            "--agents",
+            "4",
+            "--concurrent",
+            "4",
+            "--duration",
+            "3",
+            "--talk-seconds",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(report["keys"], "110", "keys read from the menu");
+    let total = &report["total"];
+    let c = &total["calls"];
+    let placed = c["placed"].as_u64().unwrap();
+    assert!(placed >= 4, "{c}");
+    assert_eq!(c["ok"], placed, "every call succeeded: {c}");
+    assert_eq!(c["failed"], 0, "{c}");
+    let b = &total["bridge"];
+    assert_eq!(b["bridged"], placed, "every caller heard an operator: {b}");
+    assert_eq!(b["not_bridged"], 0, "{b}");
+    let a = &b["agents"];
+    assert_eq!(a["registrations"], 4, "{a}");
+    assert_eq!(a["register_failures"], 0, "{a}");
+    assert_eq!(a["offers_answered"], placed, "{a}");
+    assert_eq!(
+        a["calls_ok"], placed,
+        "the server hung up every agent leg: {a}"
+    );
+    assert_eq!(a["failed"], 0, "{a}");
+    assert_eq!(a["offers_to_busy_agent"], 0, "{a}");
+    // Audio both ways through the server, marked by its sender (passed through untranscoded).
+    for (end, transit) in [
+        ("at_caller", "transit_from_agent"),
+        ("at_agent", "transit_from_caller"),
+    ] {
+        let e = &b[end];
+        assert!(e["received"].as_u64().unwrap() > 50 * placed, "{end}: {e}");
+        assert!(e[transit]["count"].as_u64().unwrap() > 0, "{end}: {e}");
+        assert!(
+            e["pacing_deviation"]["count"].as_u64().unwrap() > 0,
+            "{end}: {e}"
+        );
+    }
+    // Everything the agents got was the callers' marked audio or their key into the queue
+    // (a caller may still get a last prompt packet the media clock sent as the bridge began).
+    assert_eq!(b["at_agent"]["unmarked"], 0, "{b}");
+    assert_eq!(
+        b["press_to_agent_audio"]["count"], placed,
+        "time to the operator measured for every call: {b}"
+    );
+    srv.shutdown().await;
+}

@@ -6,12 +6,20 @@
 //! reason, setup latency, the server's RTP pacing as received (kernel timestamps), digit to
 //! response latency, and the server's CPU and memory from /proc.
 //!
+//! With `--agents N` it also plays the operators: N SIP phones (`load-0001`...) register with
+//! the server and answer the calls its queue offers them; the `operator` script's callers walk
+//! the menu to the queue, wait to be bridged, and talk both ways through the server, which is
+//! measured at both ends (pacing, transit time, time to the operator).
+//!
 //! Layout: `script` (what a caller does, as data), `worker` (the per-thread call loop),
-//! `net` (recvmsg timestamps, epoll, timerfd), `hist` (fixed histograms), `stats` (counts,
-//! targets, report), `procfs` (/proc readings), `spawn` (`--spawn-server`).
+//! `agents` (the operators' phones), `payload` (send-time marks in the audio), `net` (recvmsg
+//! timestamps, epoll, timerfd), `hist` (fixed histograms), `stats` (counts, targets, report),
+//! `procfs` (/proc readings), `spawn` (`--spawn-server`).
 
+mod agents;
 mod hist;
 mod net;
+mod payload;
 mod procfs;
 mod script;
 mod spawn;
@@ -36,12 +44,16 @@ enum ScriptName {
     Asterisk,
     /// File a ticket (`--service`, default pothole) along the menu's keys, then hang up.
     Pothole,
+    /// Walk the menu's keys to the operator queue (`--queue`), wait for one of our agents
+    /// (`--agents`) to be bridged in, talk `--talk-seconds` both ways, hang up.
+    Operator,
 }
 
 #[derive(Parser, Debug)]
 #[command(
     name = "ivr311-load",
-    about = "Full-media SIP IVR load generator: places calls, streams G.711, presses RFC 4733 keys, measures the server"
+    about = "Full-media SIP IVR load generator: places calls, streams G.711, presses RFC 4733 keys, measures the server",
+    after_help = "Operators (--agents N, --script operator): the generator registers N phones load-0001..load-NNNN (password --agent-password) and answers every call the server offers them. With --spawn-server the server's config gets those agents, a queue `general` (longest_idle, wrap_up_seconds 0, ring_timeout_seconds 10, large max_length/max_wait_seconds), limits.options_per_second 0, limits.max_calls 10000 and --rtp-ports 2000-9999 (two ports per bridge, clear of the default 10000-20000 other servers on this machine may hold). Against another server (--target/--server-pid) its config needs the same: agents `{id: load-0001, password: <--agent-password>}`... for every agent, a queue named as --queue reachable from the menu, limits.options_per_second: 0 (all REGISTERs come from one address), max_calls and --rtp-ports for two ports per bridge; its SIP replies must come from --target (the agents answer there)."
 )]
 struct Args {
     /// SIP server (UDP).
@@ -107,6 +119,45 @@ struct Args {
     /// Print one JSON document to stdout (the tables go to stderr).
     #[arg(long)]
     json: bool,
+    /// Operator phones to register and answer with (ids load-0001...).
+    #[arg(long, default_value_t = 0)]
+    agents: usize,
+    /// The agents' digest password.
+    #[arg(long, default_value = "load-agent-pw")]
+    agent_password: String,
+    /// Threads for the agents (each with its own SIP socket and share of the agents).
+    #[arg(long, default_value_t = 1)]
+    agent_threads: usize,
+    /// Operator script: the queue to reach (its key path comes from --menu).
+    #[arg(long, default_value = "general")]
+    queue: String,
+    /// Operator script: seconds to talk once the operator is heard.
+    #[arg(long, default_value_t = 10.0)]
+    talk_seconds: f64,
+    /// Operator script: a caller not hearing an operator this long after the key into the
+    /// queue hangs up and counts as not bridged.
+    #[arg(long, default_value_t = 20.0)]
+    bridge_timeout_seconds: f64,
+    /// REGISTERs per second the agents send in all.
+    #[arg(long, default_value_t = 400.0)]
+    register_rate: f64,
+    /// Registration expiry the agents ask for, seconds (they refresh at 80 % of it).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(60..=7200))]
+    register_expires: u32,
+    /// Longest wait for every agent to be registered before the first call.
+    #[arg(long, default_value_t = 30.0)]
+    register_wait_seconds: f64,
+    /// Run the generator's call and agent threads at this nice value (e.g. 10), after the
+    /// server was spawned at ours: on a shared machine the server then gets a CPU before the
+    /// generator. Receive stamps are taken by the kernel when the server sends, and the
+    /// relay-added jitter (|Δrx−Δtx|) discounts our late sends, so the figures stay the
+    /// server's.
+    #[arg(long, default_value_t = 0)]
+    generator_nice: i32,
+    /// --spawn-server: the server's --rtp-ports (default with --agents: 2000-9999, 4000 even
+    /// ports, clear of the default 10000-20000 and of the ephemeral ports our sockets use).
+    #[arg(long)]
+    rtp_ports: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -141,7 +192,7 @@ struct Plan {
 fn build_script(args: &Args) -> anyhow::Result<Script> {
     let s = match args.script {
         ScriptName::Asterisk => Script::asterisk(),
-        ScriptName::Pothole => {
+        ScriptName::Pothole | ScriptName::Operator => {
             let text = std::fs::read_to_string(&args.menu)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.menu.display()))?;
             let menu = ivr311::menu::schema::parse(&text).map_err(|e| {
@@ -153,7 +204,15 @@ fn build_script(args: &Args) -> anyhow::Result<Script> {
                     e.message
                 )
             })?;
-            Script::pothole(&menu, &args.service, args.listen_ms)?
+            match args.script {
+                ScriptName::Operator => Script::operator(
+                    &menu,
+                    &args.queue,
+                    (args.talk_seconds * 1000.0) as u32,
+                    (args.bridge_timeout_seconds * 1000.0) as u32,
+                )?,
+                _ => Script::pothole(&menu, &args.service, args.listen_ms)?,
+            }
         }
     };
     let s = match args.hangup_at_ms {
@@ -169,9 +228,29 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     let script = Arc::new(build_script(&args)?);
     let nofile = net::raise_nofile();
+    anyhow::ensure!(
+        !script.bridges() || args.agents > 0,
+        "--script operator needs --agents N (the operators it talks to)"
+    );
+    anyhow::ensure!(
+        args.agent_threads >= 1,
+        "--agent-threads must be at least 1"
+    );
     let mut server = None;
     if args.spawn_server {
-        let s = spawn::Server::start(&args.server_bin, &args.menu, &args.prompts)?;
+        let (limits, extra) = spawned_config(&args);
+        let rtp_ports = args
+            .rtp_ports
+            .clone()
+            .or_else(|| (args.agents > 0).then(|| "2000-9999".to_string()));
+        let s = spawn::Server::start(
+            &args.server_bin,
+            &args.menu,
+            &args.prompts,
+            &limits,
+            &extra,
+            rtp_ports.as_deref(),
+        )?;
         args.target = s.sip;
         args.server_pid = Some(s.pid());
         server = Some(s);
@@ -207,6 +286,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     ));
 
     let shared = Arc::new(Shared::new(args.threads));
+    let nice = args.generator_nice;
     let (tx, rx) = mpsc::channel();
     let run_id: u32 = rand::random();
     let mut handles = Vec::new();
@@ -227,14 +307,72 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("load-{id}"))
-                .spawn(move || w.run())?,
+                .spawn(move || {
+                    net::nice_this_thread(nice);
+                    w.run()
+                })?,
+        );
+    }
+    let agent_threads = if args.agents > 0 {
+        args.agent_threads.min(args.agents)
+    } else {
+        0
+    };
+    let mut first = 1;
+    for i in 0..agent_threads {
+        let count = args.agents / agent_threads + usize::from(i < args.agents % agent_threads);
+        let cfg = agents::Config {
+            id: args.threads + i,
+            first,
+            count,
+            target: args.target,
+            local_ip,
+            password: args.agent_password.clone(),
+            expires: args.register_expires,
+            register_rate: args.register_rate / agent_threads as f64,
+            run: run_id,
+        };
+        first += count;
+        let w = agents::AgentWorker::new(cfg, shared.clone(), tx.clone())?;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("agents-{i}"))
+                .spawn(move || {
+                    net::nice_this_thread(nice);
+                    w.run()
+                })?,
         );
     }
     drop(tx);
+    let mut register_seconds = None;
+    if args.agents > 0 {
+        let t = Instant::now();
+        while (shared.registered.load(Ordering::Relaxed) as usize) < args.agents
+            && t.elapsed().as_secs_f64() < args.register_wait_seconds
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out(&format!(
+            "ivr311-load: {} of {} agents registered in {:.2} s ({} agent thread(s))\n",
+            shared.registered.load(Ordering::Relaxed),
+            args.agents,
+            t.elapsed().as_secs_f64(),
+            agent_threads
+        ));
+        register_seconds = Some(t.elapsed().as_secs_f64());
+    }
+    let agents_registered = shared.registered.load(Ordering::Relaxed);
+    let senders = args.threads + agent_threads;
 
     let targets = Targets::default();
     let server_pid = args.server_pid.map(|p| p.to_string());
     let sample_server = || server_pid.as_deref().and_then(procfs::sample);
+    let sip_port = args.target.port();
+    let server_drops = || {
+        server_pid
+            .as_deref()
+            .and_then(|p| procfs::udp_drops(p, sip_port))
+    };
     let mut reports: Vec<StepReport> = Vec::new();
     let mut step_no: u32 = 0;
     let run_start = Instant::now();
@@ -242,15 +380,17 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     let first_gen = procfs::sample("self");
     let first_machine = procfs::machine();
     let mut all_held = true;
-    // (sum, samples) of the live-call count, sampled every 50 ms.
+    // (sum, samples) of the live-call count, sampled every 50 ms; the same for live bridges.
     let mut whole_avg = (0u64, 0u64);
+    let mut whole_bridges = 0u64;
+    let bridges = || shared.bridges.load(Ordering::Relaxed);
     let mut highest_held: Option<String> = None;
 
     let collect = |step_no: &mut u32| -> Stats {
         *step_no += 1;
         shared.step.store(*step_no, Ordering::Release);
         let mut total = Stats::default();
-        for _ in 0..args.threads {
+        for _ in 0..senders {
             if let Ok((_, _, s)) = rx.recv_timeout(Duration::from_secs(10)) {
                 total.merge(&s);
             }
@@ -272,11 +412,14 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
         let m0 = procfs::machine();
         let mut avg = (0u64, 0u64);
+        let mut avg_b = 0u64;
         while t0.elapsed().as_secs_f64() < p.seconds {
             std::thread::sleep(Duration::from_millis(50));
             let live = shared.live();
             avg = (avg.0 + live, avg.1 + 1);
             whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
+            avg_b += bridges();
+            whole_bridges += bridges();
         }
         let stats = collect(&mut step_no);
         let seconds = t0.elapsed().as_secs_f64();
@@ -291,7 +434,10 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             generator: g0.zip(procfs::sample("self")),
             loadavg: procfs::loadavg(),
             server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+            server_udp_drops: server_drops(),
             machine: m0.zip(procfs::machine()),
+            avg_bridges: avg_b as f64 / avg.1.max(1) as f64,
+            bridges_at_end: bridges(),
         };
         out(&r.table(&targets));
         let broken = !r.broken(&targets).is_empty();
@@ -313,16 +459,27 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
     let (s0, g0, t0) = (sample_server(), procfs::sample("self"), Instant::now());
     let m0 = procfs::machine();
     let mut avg = (0u64, 0u64);
-    while shared.live() > 0 && t0.elapsed().as_secs_f64() < args.drain_seconds {
+    let mut avg_b = 0u64;
+    // Callers first; then the server's BYEs to the agents (a few seconds at most).
+    let mut callers_done: Option<Instant> = None;
+    while (shared.live() > 0 || bridges() > 0)
+        && t0.elapsed().as_secs_f64() < args.drain_seconds
+        && callers_done.is_none_or(|t| t.elapsed() < Duration::from_secs(5))
+    {
         std::thread::sleep(Duration::from_millis(50));
         let live = shared.live();
+        if live == 0 && callers_done.is_none() {
+            callers_done = Some(Instant::now());
+        }
         avg = (avg.0 + live, avg.1 + 1);
         whole_avg = (whole_avg.0 + live, whole_avg.1 + 1);
+        avg_b += bridges();
+        whole_bridges += bridges();
     }
-    if shared.live() > 0 {
+    if shared.live() > 0 || bridges() > 0 {
         shared.abort.store(true, Ordering::Release);
         let t = Instant::now();
-        while shared.live() > 0 && t.elapsed() < Duration::from_secs(2) {
+        while (shared.live() > 0 || bridges() > 0) && t.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -341,6 +498,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         generator: g0.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+        server_udp_drops: server_drops(),
+        avg_bridges: avg_b as f64 / avg.1.max(1) as f64,
+        bridges_at_end: bridges(),
     };
     out(&drain.table(&targets));
     shared.exit.store(true, Ordering::Release);
@@ -365,6 +525,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         generator: first_gen.zip(gen_end),
         loadavg: procfs::loadavg(),
         server_idle_rss_kib: first_server.map(|s| s.rss_kib),
+        server_udp_drops: server_drops(),
+        avg_bridges: whole_bridges as f64 / whole_avg.1.max(1) as f64,
+        bridges_at_end: bridges(),
     };
     out(&whole.table(&targets));
     let ramp = !args.ramp.is_empty();
@@ -387,6 +550,10 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
             "script": script.name,
             "keys": script.keys(),
             "threads": args.threads,
+            "agents": args.agents,
+            "agent_threads": agent_threads,
+            "agents_registered_before_first_call": agents_registered,
+            "agents_register_seconds": register_seconds,
             "steps": reports.iter().map(|r| r.json(&targets)).collect::<Vec<_>>(),
             "drain": drain.json(&targets),
             "total": whole.json(&targets),
@@ -397,6 +564,29 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
         println!("{doc}");
     }
     Ok(all_held)
+}
+
+/// The spawned server's config beyond storage and drain: (more `limits:` keys, other
+/// top-level keys). With agents: the agents, the queue, no REGISTER rate limit, room for the
+/// calls and their operator legs.
+fn spawned_config(args: &Args) -> (String, String) {
+    if args.agents == 0 {
+        return (String::new(), String::new());
+    }
+    let limits = "  options_per_second: 0\n  max_calls: 10000\n".to_string();
+    let mut extra = String::from("agents:\n");
+    for n in 1..=args.agents {
+        extra += &format!(
+            "  - {{id: {:?}, password: {:?}}}\n",
+            agents::agent_id(n),
+            args.agent_password
+        );
+    }
+    extra += &format!(
+        "queues:\n  - name: {:?}\n    strategy: longest_idle\n    wrap_up_seconds: 0\n    ring_timeout_seconds: 10\n    no_answer_pause_seconds: 5\n    max_wait_seconds: 3600\n    max_length: 100000\n    announce_every_seconds: 3600\n",
+        args.queue
+    );
+    (limits, extra)
 }
 
 fn plan(args: &Args) -> anyhow::Result<Vec<Plan>> {

@@ -45,12 +45,57 @@ pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Room for the SCM_TIMESTAMPNS control message (aligned).
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid fd, option value points to a c_int of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A receive buffer of `bytes` (capped by net.core.rmem_max), so a few seconds of our thread
+/// waiting for a CPU lose nothing, and the kernel's count of datagrams dropped on the socket
+/// (SO_RXQ_OVFL, read by [`recv_stamped_drops`]): losses on our side are then told apart from
+/// packets the server never sent.
+pub fn buffer_and_count_drops(fd: RawFd, bytes: usize) -> io::Result<()> {
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        bytes.min(i32::MAX as usize) as libc::c_int,
+    )?;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)
+}
+
+/// Receive buffer of each RTP socket: ~10 s of one 50 packets/s stream (a small datagram
+/// takes about 1 KiB of buffer accounting on loopback).
+pub const RTP_RCVBUF: usize = 512 * 1024;
+
+/// Receive buffer of each SIP socket (capped by net.core.rmem_max): registration and call
+/// bursts of a few thousand agents and callers.
+pub const SIP_RCVBUF: usize = 4 * 1024 * 1024;
+
+/// Room for the SCM_TIMESTAMPNS and SO_RXQ_OVFL control messages (aligned).
 pub type CmsgBuf = [u64; 8];
 
-/// Receive one datagram without blocking. Returns its length and the kernel receive time
-/// (realtime ns), or 0 as the time when the kernel gave none.
-pub fn recv_stamped(fd: RawFd, buf: &mut [u8], cmsg: &mut CmsgBuf) -> io::Result<(usize, i64)> {
+/// Receive one datagram without blocking. Returns its length, the kernel receive time
+/// (realtime ns, or 0 when the kernel gave none), and the socket's count of datagrams dropped
+/// so far for want of buffer room (0 until the first drop, or without
+/// [`buffer_and_count_drops`]).
+pub fn recv_stamped_drops(
+    fd: RawFd,
+    buf: &mut [u8],
+    cmsg: &mut CmsgBuf,
+) -> io::Result<(usize, i64, u32)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -67,6 +112,7 @@ pub fn recv_stamped(fd: RawFd, buf: &mut [u8], cmsg: &mut CmsgBuf) -> io::Result
         return Err(io::Error::last_os_error());
     }
     let mut stamp = 0i64;
+    let mut drops = 0u32;
     // SAFETY: walking the control buffer the kernel filled, with the libc macros.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
@@ -75,11 +121,13 @@ pub fn recv_stamped(fd: RawFd, buf: &mut [u8], cmsg: &mut CmsgBuf) -> io::Result
                 let ts: libc::timespec =
                     std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
                 stamp = timespec_ns(&ts);
+            } else if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                drops = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u32);
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok((n as usize, stamp))
+    Ok((n as usize, stamp, drops))
 }
 
 /// A level-triggered epoll set.
@@ -177,6 +225,21 @@ impl Ticker {
         let mut n = [0u8; 8];
         // SAFETY: reading 8 bytes into an 8-byte buffer.
         unsafe { libc::read(self.fd.as_raw_fd(), n.as_mut_ptr() as *mut libc::c_void, 8) };
+    }
+}
+
+/// Set the calling thread's nice value (Linux: per thread). 0 leaves it alone.
+pub fn nice_this_thread(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: plain syscalls on our own thread id.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r < 0 {
+        tracing::warn!(nice, error = %io::Error::last_os_error(), "cannot set the thread's nice value");
     }
 }
 

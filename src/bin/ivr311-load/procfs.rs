@@ -68,6 +68,25 @@ pub struct MachineSample {
     /// Time in softirq (on loopback, much of the packet delivery work).
     pub softirq: u64,
     pub cpus: u64,
+    /// UDP datagrams dropped machine-wide for want of receive-buffer room (/proc/net/snmp
+    /// `Udp: RcvbufErrors`; every process's sockets).
+    pub udp_rcvbuf_errors: u64,
+}
+
+fn udp_rcvbuf_errors() -> u64 {
+    let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn machine() -> Option<MachineSample> {
@@ -86,6 +105,7 @@ pub fn machine() -> Option<MachineSample> {
         nice: *f.get(1)?,
         softirq: *f.get(6)?,
         cpus,
+        udp_rcvbuf_errors: udp_rcvbuf_errors(),
     })
 }
 
@@ -99,6 +119,52 @@ pub fn machine_use(a: &MachineSample, b: &MachineSample) -> (f64, f64, f64) {
         pct(b.nice.saturating_sub(a.nice)),
         pct(b.softirq.saturating_sub(a.softirq)),
     )
+}
+
+/// Datagrams the kernel dropped on `pid`'s open UDP sockets for want of receive-buffer room
+/// (the `drops` column of /proc/net/udp and udp6): (the socket bound to `sip_port`, all of
+/// them). Sockets already closed are not counted.
+pub fn udp_drops(pid: &str, sip_port: u16) -> Option<(u64, u64)> {
+    let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let (mut sip, mut all) = (0, 0);
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(inode), Some(drops)) = (f.get(1), f.get(9), f.get(12)) else {
+                continue;
+            };
+            let Ok(inode) = inode.parse::<u64>() else {
+                continue;
+            };
+            if !inodes.contains(&inode) {
+                continue;
+            }
+            let drops: u64 = drops.parse().unwrap_or(0);
+            all += drops;
+            let port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if port == Some(sip_port) {
+                sip += drops;
+            }
+        }
+    }
+    Some((sip, all))
 }
 
 /// The 1-, 5- and 15-minute load averages.

@@ -7,6 +7,9 @@
 //!   start menu (language, screening, main, streets, pothole), a valid ZIP code, the record
 //!   step's end key pressed during its prompt (skip the description), then listen to the
 //!   ticket number read-back and hang up.
+//! - `operator`: derived from the menu YAML: the keys that reach `{queue: general}` (language
+//!   1, screening 1, main 0 in the shipped menu), then wait for an operator (the generator's
+//!   agents) to be bridged in, talk for a while and hang up.
 
 use ivr311::menu::schema::{Action as MenuAction, MenuFile, TicketSteps};
 use std::collections::{BTreeSet, VecDeque};
@@ -26,6 +29,10 @@ pub enum Action {
     /// Press a key (RFC 4733). `expect_response`: the server should start a new prompt (RTP
     /// marker bit) in reply; the latency is measured and a missing reply counted.
     Press { key: char, expect_response: bool },
+    /// Wait until audio from an operator (one of our agents) arrives through the server; the
+    /// next step is timed from that. No operator audio within `timeout_ms`: the call failed
+    /// (not bridged) and hangs up.
+    AwaitBridge { timeout_ms: u32 },
     /// Send BYE.
     Hangup,
 }
@@ -56,6 +63,8 @@ pub enum ScriptError {
         max: usize,
         pattern: Option<String>,
     },
+    #[error("no key path from menu {start:?} reaches the operator queue {queue:?}")]
+    NoQueue { start: String, queue: String },
     #[error("the script must end with a hangup")]
     NoHangup,
 }
@@ -102,7 +111,7 @@ impl Script {
             .iter()
             .filter_map(|s| match s.action {
                 Action::Press { key, .. } => Some(key),
-                Action::Hangup => None,
+                Action::AwaitBridge { .. } | Action::Hangup => None,
             })
             .collect()
     }
@@ -121,6 +130,64 @@ impl Script {
                 )
             })
             .count()
+    }
+
+    /// Whether the callers wait for an operator (the run needs agents).
+    pub fn bridges(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.action, Action::AwaitBridge { .. }))
+    }
+
+    /// Reach the operator queue `queue` through `menu` (the shortest key path from the start
+    /// menu, first language, each key pressed after the menu it leads to has started), wait
+    /// up to `bridge_timeout_ms` for an operator's audio, talk `talk_ms`, hang up.
+    pub fn operator(
+        menu: &MenuFile,
+        queue: &str,
+        talk_ms: u32,
+        bridge_timeout_ms: u32,
+    ) -> Result<Script, ScriptError> {
+        const MENU_KEY_DELAY: u32 = 400;
+        let (keys, _) = key_path(
+            menu,
+            |a| matches!(a, MenuAction::Queue(q) if q.queue == queue),
+        )
+        .ok_or_else(|| ScriptError::NoQueue {
+            start: menu.start.clone(),
+            queue: queue.into(),
+        })?;
+        let last = keys.len() - 1;
+        let mut steps = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            steps.push(Step {
+                at: if i == 0 {
+                    At::FromAnswer(1000)
+                } else {
+                    At::AfterPrevious(MENU_KEY_DELAY)
+                },
+                // The key into the queue gets hold music or an operator, not a menu prompt:
+                // its answer is the operator's audio (AwaitBridge).
+                action: Action::Press {
+                    key: *k,
+                    expect_response: i != last,
+                },
+            });
+        }
+        steps.push(Step {
+            at: At::AfterPrevious(0),
+            action: Action::AwaitBridge {
+                timeout_ms: bridge_timeout_ms,
+            },
+        });
+        steps.push(Step {
+            at: At::AfterPrevious(talk_ms),
+            action: Action::Hangup,
+        });
+        Ok(Script {
+            name: format!("operator (queue {queue}, keys from the menu)"),
+            steps,
+        })
     }
 
     /// File a `service` ticket through `menu`: the shortest key path from the start menu
@@ -215,6 +282,25 @@ fn press_at(ms: u32, key: char) -> Step {
 
 /// Breadth-first search over menu keys from the start menu to the ticket for `service`.
 fn ticket_path(menu: &MenuFile, service: &str) -> Option<(Vec<char>, TicketSteps)> {
+    let (keys, action) = key_path(
+        menu,
+        |a| matches!(a, MenuAction::Ticket(t) if t.service == service),
+    )?;
+    match action {
+        MenuAction::Ticket(t) => {
+            let steps = t.steps.clone().unwrap_or(menu.defaults.ticket.clone());
+            Some((keys, steps))
+        }
+        _ => None,
+    }
+}
+
+/// Breadth-first search over menu keys from the start menu (first language, no emergency
+/// entries) to the first entry whose action satisfies `want`.
+fn key_path(
+    menu: &MenuFile,
+    want: impl Fn(&MenuAction) -> bool,
+) -> Option<(Vec<char>, &MenuAction)> {
     let first_language = menu.languages.first()?;
     let mut seen = BTreeSet::new();
     let mut queue = VecDeque::from([(menu.start.clone(), Vec::<char>::new())]);
@@ -229,11 +315,10 @@ fn ticket_path(menu: &MenuFile, service: &str) -> Option<(Vec<char>, TicketSteps
             };
             let mut next = keys.clone();
             next.push(k);
+            if want(action) {
+                return Some((next, action));
+            }
             match action {
-                MenuAction::Ticket(t) if t.service == service => {
-                    let steps = t.steps.clone().unwrap_or(menu.defaults.ticket.clone());
-                    return Some((next, steps));
-                }
                 MenuAction::Goto(to) => queue.push_back((to.clone(), next)),
                 MenuAction::Language(l) if &l.set == first_language => {
                     queue.push_back((l.goto.clone(), next))
@@ -276,6 +361,32 @@ mod tests {
         assert!(matches!(
             Script::pothole(&m, "no_such_service", 1000),
             Err(ScriptError::NoPath { .. })
+        ));
+    }
+
+    #[test]
+    fn operator_keys_come_from_the_shipped_menu() {
+        let s = Script::operator(&shipped_menu(), "general", 10_000, 20_000).unwrap();
+        // language 1, screening 1, main 0 ({queue: general}).
+        assert_eq!(s.keys(), "110");
+        assert!(s.check().is_ok());
+        assert!(s.bridges());
+        assert_eq!(
+            s.responses_expected(),
+            2,
+            "key 0 is answered by an operator"
+        );
+        assert_eq!(
+            s.steps[3].action,
+            Action::AwaitBridge { timeout_ms: 20_000 }
+        );
+        assert_eq!(s.steps[4].at, At::AfterPrevious(10_000));
+        assert!(!Script::pothole(&shipped_menu(), "pothole", 1)
+            .unwrap()
+            .bridges());
+        assert!(matches!(
+            Script::operator(&shipped_menu(), "no_such_queue", 1, 1),
+            Err(ScriptError::NoQueue { .. })
         ));
     }
 

@@ -27,7 +27,16 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Server {
-    pub fn start(bin: &Option<PathBuf>, menu: &Path, prompts: &Path) -> anyhow::Result<Server> {
+    /// `extra_config`: more YAML for the server's config file (top-level keys other than
+    /// `storage` and `limits`), `limits`: more keys under `limits:` (indented lines).
+    pub fn start(
+        bin: &Option<PathBuf>,
+        menu: &Path,
+        prompts: &Path,
+        limits: &str,
+        extra_config: &str,
+        rtp_ports: Option<&str>,
+    ) -> anyhow::Result<Server> {
         let bin = match bin {
             Some(b) => b.clone(),
             None => std::env::current_exe()?
@@ -41,7 +50,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "storage:\n  recordings_dir: {:?}\nlimits:\n  drain_seconds: 1\n",
+                "storage:\n  recordings_dir: {:?}\nlimits:\n  drain_seconds: 1\n{limits}{extra_config}",
                 dir.join("recordings")
             ),
         )?;
@@ -49,8 +58,13 @@ impl Server {
         let sip: SocketAddr = ([127, 0, 0, 1], sip_port).into();
         let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
         let log = std::fs::File::create(dir.join("server.log"))?;
-        let child = Command::new(&bin)
-            .arg("serve")
+        let mut cmd = Command::new(&bin);
+        if let Some(r) = rtp_ports {
+            cmd.arg("serve").arg("--rtp-ports").arg(r);
+        } else {
+            cmd.arg("serve");
+        }
+        let child = cmd
             .arg("--sip")
             .arg(sip.to_string())
             .arg("--http")
@@ -107,7 +121,8 @@ impl Server {
     }
 
     /// SIGTERM, then SIGKILL after 5 s; count the tickets filed (with `ivr311 tickets list`);
-    /// remove the temporary files.
+    /// remove the temporary files (kept, with the server's log, when the environment has
+    /// `IVR311_LOAD_KEEP_SERVER_DIR`).
     pub fn stop(mut self) -> Option<usize> {
         self.terminate();
         let out = Command::new(&self.bin)
@@ -116,7 +131,11 @@ impl Server {
             .stderr(Stdio::null())
             .output()
             .ok()?;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("IVR311_LOAD_KEEP_SERVER_DIR").is_some() {
+            eprintln!("ivr311-load: kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v.as_array().map(Vec::len)
     }

@@ -19,6 +19,140 @@ pub enum Failure {
     ByeUnanswered,
     /// The server sent BYE before the script hung up.
     ServerBye,
+    /// Operator script: no audio from an operator within the script's wait after the key
+    /// into the queue.
+    NotBridged,
+}
+
+/// The operator script's callers and the generator's agents (all zero for other scripts).
+#[derive(Clone, Default)]
+pub struct BridgeStats {
+    // ---- callers -------------------------------------------------------------------------
+    /// Calls whose caller heard an operator (first agent packet through the server).
+    pub bridged: u64,
+    /// Key into the queue (its first packet sent) → first agent packet at the caller, µs.
+    pub press_to_agent_audio: Hist,
+    /// |inter-arrival − 20 ms| of the agent audio the caller receives through the server, µs.
+    pub at_caller_pacing: Hist,
+    pub at_caller_bursts: u64,
+    pub at_caller_rx: u64,
+    pub at_caller_gaps: u64,
+    /// Agent's send → caller's kernel receive stamp, µs.
+    pub to_caller_transit: Hist,
+    /// What the relay added to the spacing: |Δreceive − Δsend| of consecutive agent packets
+    /// (the pacing figure without the agent's own send jitter), µs.
+    pub to_caller_jitter: Hist,
+    /// Packets from the server after the bridge that carried no agent mark (hold music
+    /// leftovers, transcoded audio).
+    pub at_caller_foreign: u64,
+    /// Agent audio the callers' sockets dropped (receive buffer full), kernel's count.
+    pub at_caller_dropped_here: u64,
+    // ---- agents --------------------------------------------------------------------------
+    /// Successful REGISTERs (first ones and refreshes).
+    pub registrations: u64,
+    /// REGISTERs that ended in a final response other than 200/401, or no response.
+    pub register_failures: u64,
+    /// INVITEs the agents got (retransmissions not counted) and answered with 200.
+    pub offers: u64,
+    pub acks: u64,
+    /// BYEs from the server (the caller hung up).
+    pub byes: u64,
+    pub cancels: u64,
+    /// INVITEs for an agent id that is not ours (answered 404).
+    pub unknown_requests: u64,
+    /// BYEs for a call no longer up: retransmissions of a BYE we answered (our 200 was late
+    /// or lost). Answered 200 again.
+    pub late_byes: u64,
+    /// Agent calls that ended (BYE) having received caller audio.
+    pub agent_calls_ok: u64,
+    /// Agent calls that ended without one packet of caller audio.
+    pub agent_no_caller_audio: u64,
+    /// Our 200 was never ACKed within 64·T1.
+    pub agent_no_ack: u64,
+    /// Agent calls ended by the end of the run (no BYE came).
+    pub agent_calls_cut: u64,
+    /// An INVITE for an agent that already had a call up.
+    pub offers_to_busy_agent: u64,
+    /// |inter-arrival − 20 ms| of the caller audio the agent receives through the server, µs.
+    pub at_agent_pacing: Hist,
+    pub at_agent_bursts: u64,
+    pub at_agent_rx: u64,
+    pub at_agent_gaps: u64,
+    pub at_agent_foreign: u64,
+    /// RFC 4733 events relayed to the agent (the end of the caller's key into the queue).
+    pub at_agent_events: u64,
+    /// Caller audio the agents' sockets dropped (receive buffer full), kernel's count.
+    pub at_agent_dropped_here: u64,
+    /// Caller's send → agent's kernel receive stamp, µs.
+    pub to_agent_transit: Hist,
+    /// |Δreceive − Δsend| of consecutive caller packets at the agent, µs.
+    pub to_agent_jitter: Hist,
+    pub agent_tx: u64,
+    pub agent_send_errors: u64,
+    /// How long SIP messages waited on the agents' socket before an agent thread read them
+    /// (kernel receive stamp → read), µs: the generator's own share of late answers.
+    pub agent_sip_delay: Hist,
+    /// An agent's 200 OK sent → the server's ACK read, µs (the server taking the answer).
+    pub answer_to_ack: Hist,
+}
+
+impl BridgeStats {
+    pub fn active(&self) -> bool {
+        self.bridged
+            + self.offers
+            + self.registrations
+            + self.register_failures
+            + self.byes
+            + self.agent_tx
+            + self.at_caller_rx
+            + self.at_agent_rx
+            + self.agent_calls_cut
+            > 0
+    }
+
+    pub fn merge(&mut self, o: &BridgeStats) {
+        self.bridged += o.bridged;
+        self.press_to_agent_audio.merge(&o.press_to_agent_audio);
+        self.at_caller_pacing.merge(&o.at_caller_pacing);
+        self.at_caller_bursts += o.at_caller_bursts;
+        self.at_caller_rx += o.at_caller_rx;
+        self.at_caller_gaps += o.at_caller_gaps;
+        self.to_caller_transit.merge(&o.to_caller_transit);
+        self.to_caller_jitter.merge(&o.to_caller_jitter);
+        self.at_caller_foreign += o.at_caller_foreign;
+        self.at_caller_dropped_here += o.at_caller_dropped_here;
+        self.registrations += o.registrations;
+        self.register_failures += o.register_failures;
+        self.offers += o.offers;
+        self.acks += o.acks;
+        self.byes += o.byes;
+        self.cancels += o.cancels;
+        self.unknown_requests += o.unknown_requests;
+        self.late_byes += o.late_byes;
+        self.agent_calls_ok += o.agent_calls_ok;
+        self.agent_no_caller_audio += o.agent_no_caller_audio;
+        self.agent_no_ack += o.agent_no_ack;
+        self.agent_calls_cut += o.agent_calls_cut;
+        self.offers_to_busy_agent += o.offers_to_busy_agent;
+        self.at_agent_pacing.merge(&o.at_agent_pacing);
+        self.at_agent_bursts += o.at_agent_bursts;
+        self.at_agent_rx += o.at_agent_rx;
+        self.at_agent_gaps += o.at_agent_gaps;
+        self.at_agent_foreign += o.at_agent_foreign;
+        self.at_agent_events += o.at_agent_events;
+        self.at_agent_dropped_here += o.at_agent_dropped_here;
+        self.to_agent_transit.merge(&o.to_agent_transit);
+        self.to_agent_jitter.merge(&o.to_agent_jitter);
+        self.agent_tx += o.agent_tx;
+        self.agent_send_errors += o.agent_send_errors;
+        self.agent_sip_delay.merge(&o.agent_sip_delay);
+        self.answer_to_ack.merge(&o.answer_to_ack);
+    }
+
+    /// Agent calls that failed.
+    pub fn agent_failed(&self) -> u64 {
+        self.agent_no_caller_audio + self.agent_no_ack
+    }
 }
 
 #[derive(Clone, Default)]
@@ -41,6 +175,14 @@ pub struct Stats {
     pub rtp_rx: u64,
     /// Sequence-number gaps (packets the server never sent or that were lost).
     pub rtp_gaps: u64,
+    /// RTP datagrams our callers' sockets dropped (receive buffer full: our thread was late),
+    /// by the kernel's count (SO_RXQ_OVFL). Part of the gaps, not the server's doing.
+    pub rtp_dropped_here: u64,
+    /// SIP datagrams our SIP sockets (callers' and agents') dropped, kernel's count.
+    pub sip_dropped_here: u64,
+    /// Answered calls that ended without one RTP packet from the server (whatever else
+    /// happened to them).
+    pub silent_calls: u64,
     /// Datagrams without a kernel timestamp (timed by our clock instead).
     pub unstamped: u64,
     pub rtp_tx: u64,
@@ -59,6 +201,8 @@ pub struct Stats {
     pub send_lag: Hist,
     /// Times a worker fell ≥ 20 ms behind its schedule.
     pub stalls: u64,
+    pub not_bridged: u64,
+    pub bridge: BridgeStats,
 }
 
 impl Stats {
@@ -69,6 +213,7 @@ impl Stats {
             Failure::NoRtp => self.no_rtp += 1,
             Failure::ByeUnanswered => self.bye_unanswered += 1,
             Failure::ServerBye => self.server_bye += 1,
+            Failure::NotBridged => self.not_bridged += 1,
         }
     }
 
@@ -78,6 +223,7 @@ impl Stats {
             + self.no_rtp
             + self.bye_unanswered
             + self.server_bye
+            + self.not_bridged
     }
 
     pub fn merge(&mut self, o: &Stats) {
@@ -96,6 +242,9 @@ impl Stats {
         self.bursts += o.bursts;
         self.rtp_rx += o.rtp_rx;
         self.rtp_gaps += o.rtp_gaps;
+        self.rtp_dropped_here += o.rtp_dropped_here;
+        self.sip_dropped_here += o.sip_dropped_here;
+        self.silent_calls += o.silent_calls;
         self.unstamped += o.unstamped;
         self.rtp_tx += o.rtp_tx;
         self.send_errors += o.send_errors;
@@ -106,6 +255,8 @@ impl Stats {
         self.press_to_response.merge(&o.press_to_response);
         self.send_lag.merge(&o.send_lag);
         self.stalls += o.stalls;
+        self.not_bridged += o.not_bridged;
+        self.bridge.merge(&o.bridge);
     }
 }
 
@@ -144,6 +295,12 @@ pub struct StepReport {
     pub machine: Option<(MachineSample, MachineSample)>,
     /// The server's RSS before the first call, KiB.
     pub server_idle_rss_kib: Option<u64>,
+    /// Datagrams dropped on the server's open UDP sockets for want of buffer room at the
+    /// end of the step: (its SIP socket, all its open sockets), since they were opened.
+    pub server_udp_drops: Option<(u64, u64)>,
+    /// Agent calls up on average over the step (sampled every 50 ms), and at its end.
+    pub avg_bridges: f64,
+    pub bridges_at_end: u64,
 }
 
 fn ms(us: u64) -> f64 {
@@ -247,6 +404,30 @@ impl StepReport {
         if s.digits_unanswered > 0 {
             out.push(format!("{} digits got no response", s.digits_unanswered));
         }
+        let b = &s.bridge;
+        if b.active() {
+            for (what, h) in [
+                ("bridge pacing at the caller", &b.at_caller_pacing),
+                ("bridge pacing at the agent", &b.at_agent_pacing),
+            ] {
+                let p = h.quantile(0.99);
+                if p >= t.pacing_p99_us {
+                    out.push(format!(
+                        "{what} p99 {:.2} ms ≥ {:.2} ms",
+                        ms(p),
+                        ms(t.pacing_p99_us)
+                    ));
+                }
+            }
+            if b.agent_failed() > 0 {
+                out.push(format!(
+                    "{} agent calls failed (no caller audio {}, no ACK {})",
+                    b.agent_failed(),
+                    b.agent_no_caller_audio,
+                    b.agent_no_ack
+                ));
+            }
+        }
         out
     }
 
@@ -279,8 +460,10 @@ impl StepReport {
                     "no_rtp": s.no_rtp,
                     "bye_unanswered": s.bye_unanswered,
                     "server_bye_first": s.server_bye,
+                    "not_bridged": s.not_bridged,
                 },
                 "server_byes_answered": s.server_byes_seen,
+                "answered_but_no_rtp_received": s.silent_calls,
                 "live_at_end": self.live_at_end,
                 "live_average": self.avg_live,
             },
@@ -290,6 +473,8 @@ impl StepReport {
                 "received": s.rtp_rx,
                 "bursts_under_5ms": s.bursts,
                 "sequence_gaps": s.rtp_gaps,
+                "dropped_by_our_sockets": s.rtp_dropped_here,
+                "sip_dropped_by_our_sockets": s.sip_dropped_here,
                 "unstamped": s.unstamped,
                 "sent": s.rtp_tx,
                 "send_errors": s.send_errors,
@@ -301,12 +486,14 @@ impl StepReport {
                 "answered_before_end": s.answered_before_end,
                 "press_to_response": pct(&s.press_to_response),
             },
+            "bridge": self.bridge_json(),
             "server": proc_json(&self.server),
             "server_cpu_percent_per_live_call": match &self.server {
                 Some((a, b)) if self.avg_live >= 1.0 => json!(cpu_pct(a, b, self.seconds) / self.avg_live),
                 _ => Value::Null,
             },
             "server_idle_rss_kib": self.server_idle_rss_kib,
+            "server_udp_drops_since_open": self.server_udp_drops.map(|(sip, all)| json!({"sip_socket": sip, "all_open_sockets": all})),
             "server_rss_per_live_call_kib": self.rss_per_call_kib(),
             "generator": {
                 "process": proc_json(&self.generator),
@@ -315,11 +502,127 @@ impl StepReport {
             },
             "machine": self.machine.map(|(a, b)| {
                 let (busy, nice, softirq) = crate::procfs::machine_use(&a, &b);
-                json!({"cpus": b.cpus, "busy_percent_of_one_core": busy, "niced_percent": nice, "softirq_percent": softirq})
+                json!({"cpus": b.cpus, "busy_percent_of_one_core": busy, "niced_percent": nice, "softirq_percent": softirq, "udp_rcvbuf_errors_all_processes": b.udp_rcvbuf_errors.saturating_sub(a.udp_rcvbuf_errors)})
             }),
             "held": broken.is_empty(),
             "broken": broken,
         })
+    }
+
+    fn bridge_json(&self) -> Value {
+        let b = &self.stats.bridge;
+        json!({
+            "bridged": b.bridged,
+            "not_bridged": self.stats.not_bridged,
+            "bridges_live_average": self.avg_bridges,
+            "bridges_live_at_end": self.bridges_at_end,
+            "press_to_agent_audio": pct(&b.press_to_agent_audio),
+            "at_caller": {
+                "pacing_deviation": pct(&b.at_caller_pacing),
+                "received": b.at_caller_rx,
+                "bursts_under_5ms": b.at_caller_bursts,
+                "sequence_gaps": b.at_caller_gaps,
+                "unmarked": b.at_caller_foreign,
+                "dropped_by_our_socket": b.at_caller_dropped_here,
+                "transit_from_agent": pct(&b.to_caller_transit),
+                "relay_added_jitter": pct(&b.to_caller_jitter),
+            },
+            "at_agent": {
+                "pacing_deviation": pct(&b.at_agent_pacing),
+                "received": b.at_agent_rx,
+                "bursts_under_5ms": b.at_agent_bursts,
+                "sequence_gaps": b.at_agent_gaps,
+                "unmarked": b.at_agent_foreign,
+                "telephone_events": b.at_agent_events,
+                "dropped_by_our_socket": b.at_agent_dropped_here,
+                "transit_from_caller": pct(&b.to_agent_transit),
+                "relay_added_jitter": pct(&b.to_agent_jitter),
+            },
+            "agents": {
+                "registrations": b.registrations,
+                "register_failures": b.register_failures,
+                "offers_answered": b.offers,
+                "acks": b.acks,
+                "byes": b.byes,
+                "cancels": b.cancels,
+                "unknown_requests": b.unknown_requests,
+                "bye_retransmissions": b.late_byes,
+                "calls_ok": b.agent_calls_ok,
+                "failed": b.agent_failed(),
+                "failed_by_reason": {
+                    "no_caller_audio": b.agent_no_caller_audio,
+                    "no_ack": b.agent_no_ack,
+                },
+                "calls_cut_at_end": b.agent_calls_cut,
+                "offers_to_busy_agent": b.offers_to_busy_agent,
+                "rtp_sent": b.agent_tx,
+                "send_errors": b.agent_send_errors,
+                "sip_read_delay": pct(&b.agent_sip_delay),
+                "answer_to_ack": pct(&b.answer_to_ack),
+            },
+        })
+    }
+
+    fn bridge_table(&self) -> String {
+        let s = &self.stats;
+        let b = &s.bridge;
+        let mut o = String::new();
+        o += &format!(
+            "  bridge    bridged {}  not bridged {}  | live bridges avg {:.0}, at end {}\n",
+            b.bridged, s.not_bridged, self.avg_bridges, self.bridges_at_end
+        );
+        o += &format!(
+            "            key→agent audio   {}\n",
+            pct_line(&b.press_to_agent_audio)
+        );
+        o += &format!(
+            "  at caller pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  dropped by our sockets {}\n",
+            pct_line(&b.at_caller_pacing),
+            pct_line(&b.to_caller_jitter),
+            pct_line(&b.to_caller_transit),
+            b.at_caller_rx,
+            b.at_caller_bursts,
+            b.at_caller_gaps,
+            b.at_caller_foreign,
+            b.at_caller_dropped_here
+        );
+        o += &format!(
+            "  at agent  pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}  dropped by our sockets {}\n",
+            pct_line(&b.at_agent_pacing),
+            pct_line(&b.to_agent_jitter),
+            pct_line(&b.to_agent_transit),
+            b.at_agent_rx,
+            b.at_agent_bursts,
+            b.at_agent_gaps,
+            b.at_agent_foreign,
+            b.at_agent_events,
+            b.at_agent_dropped_here
+        );
+        o += &format!(
+            "  agents    SIP read delay    {}\n            200 OK→ACK        {}\n",
+            pct_line(&b.agent_sip_delay),
+            pct_line(&b.answer_to_ack)
+        );
+        o += &format!(
+            "  agents    registrations {} (failures {})  offers answered {}  ACKs {}  BYEs {}  CANCELs {}  unknown requests {}  BYE retransmissions {}  | calls ok {}  failed {}: no caller audio {}, no ACK {}  | cut at end {}  offers to a busy agent {}  | sent {}  send errors {}\n",
+            b.registrations,
+            b.register_failures,
+            b.offers,
+            b.acks,
+            b.byes,
+            b.cancels,
+            b.unknown_requests,
+            b.late_byes,
+            b.agent_calls_ok,
+            b.agent_failed(),
+            b.agent_no_caller_audio,
+            b.agent_no_ack,
+            b.agent_calls_cut,
+            b.offers_to_busy_agent,
+            b.agent_tx,
+            b.agent_send_errors
+        );
+        o
     }
 
     pub fn table(&self, t: &Targets) -> String {
@@ -337,15 +640,15 @@ impl StepReport {
         );
         let codes: Vec<String> = s.non_2xx.iter().map(|(c, n)| format!("{c}×{n}")).collect();
         o += &format!(
-            "  calls     placed {}  ok {}  failed {} ({:.3}%): no-200 {}, non-2xx {} [{}], no-RTP {}, BYE-unanswered {}, server-BYE-first {}  | live at end {}, server BYEs answered {}\n",
+            "  calls     placed {}  ok {}  failed {} ({:.3}%): no-200 {}, non-2xx {} [{}], no-RTP {}, BYE-unanswered {}, server-BYE-first {}, not-bridged {}  | live at end {}, server BYEs answered {}, answered but silent {}\n",
             s.placed, s.ok, s.failed(), frac, s.no_200, s.non_2xx.values().sum::<u64>(), codes.join(" "),
-            s.no_rtp, s.bye_unanswered, s.server_bye, self.live_at_end, s.server_byes_seen
+            s.no_rtp, s.bye_unanswered, s.server_bye, s.not_bridged, self.live_at_end, s.server_byes_seen, s.silent_calls
         );
         o += &format!("  setup     INVITE→200        {}\n", pct_line(&s.setup));
         o += &format!("  pacing    |Δt−20ms|         {}\n", pct_line(&s.pacing));
         o += &format!(
-            "  rtp       received {}  bursts(<5ms) {}  seq gaps {}  unstamped {}  | sent {}  send errors {}\n",
-            s.rtp_rx, s.bursts, s.rtp_gaps, s.unstamped, s.rtp_tx, s.send_errors
+            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}  | SIP dropped by our sockets {}\n",
+            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors, s.sip_dropped_here
         );
         o += &format!(
             "  digits    End→response      {}\n            press→response    {}\n            sent {}  answered before End {}  unanswered {}\n",
@@ -355,6 +658,9 @@ impl StepReport {
             s.answered_before_end,
             s.digits_unanswered
         );
+        if s.bridge.active() {
+            o += &self.bridge_table();
+        }
         let proc_line = |p: &Option<(ProcSample, ProcSample)>| {
             match p {
             Some((a, b)) => format!(
@@ -381,8 +687,14 @@ impl StepReport {
             ),
             _ => String::new(),
         };
+        let drops = self
+            .server_udp_drops
+            .map(|(sip, all)| {
+                format!("\n            UDP receive-buffer drops on its open sockets so far: SIP socket {sip}, all {all}")
+            })
+            .unwrap_or_default();
         o += &format!(
-            "  server    {}{per_call}{cpu_per_call}\n",
+            "  server    {}{per_call}{cpu_per_call}{drops}\n",
             proc_line(&self.server)
         );
         o += &format!(
@@ -395,13 +707,13 @@ impl StepReport {
         if let Some((a, b)) = &self.machine {
             let (busy, nice, softirq) = crate::procfs::machine_use(a, b);
             o += &format!(
-                "  machine   {} CPUs busy {:.0}% of one core: niced processes (other sessions' builds) {:.0}%, softirq {:.0}%\n",
-                b.cpus, busy, nice, softirq
+                "  machine   {} CPUs busy {:.0}% of one core: niced processes (other sessions' builds) {:.0}%, softirq {:.0}%  | UDP receive-buffer drops (all processes) {}\n",
+                b.cpus, busy, nice, softirq, b.udp_rcvbuf_errors.saturating_sub(a.udp_rcvbuf_errors)
             );
         }
         let broken = self.broken(t);
         if broken.is_empty() {
-            o += "  targets   HELD (failed < 0.1%, pacing p99 < 2 ms, setup p99 < 20 ms, digit p99 < 60 ms)\n";
+            o += "  targets   HELD (failed < 0.1%, pacing p99 < 2 ms (bridges: at both ends), setup p99 < 20 ms, digit p99 < 60 ms)\n";
         } else {
             o += &format!("  targets   BROKEN: {}\n", broken.join("; "));
         }

@@ -10,6 +10,7 @@
 //! histograms are fixed arrays, calls are found by the slot index in their epoll token.
 
 use crate::net::{self, CmsgBuf, Epoll, Ticker};
+use crate::payload;
 use crate::script::{Action, At, Script};
 use crate::stats::{Failure, Stats};
 use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
@@ -52,6 +53,10 @@ pub struct Shared {
     /// Stop the thread (after the last step was collected).
     pub exit: AtomicBool,
     pub threads: Vec<PerThread>,
+    /// Agent calls up (answered, no BYE yet), over all agent threads.
+    pub bridges: AtomicU64,
+    /// Agents whose registration holds.
+    pub registered: AtomicU64,
 }
 
 #[derive(Default)]
@@ -69,6 +74,8 @@ impl Shared {
             abort: AtomicBool::new(false),
             exit: AtomicBool::new(false),
             threads: (0..threads).map(|_| PerThread::default()).collect(),
+            bridges: AtomicU64::new(0),
+            registered: AtomicU64::new(0),
         }
     }
 
@@ -156,6 +163,17 @@ struct Call {
     rx: u64,
     last_rx_ns: i64,
     last_seq: u16,
+    /// When the last key's first packet was sent (realtime ns).
+    last_press_rt: i64,
+    /// Waiting for an operator: give up at this ms.
+    bridge_deadline_ms: Option<u64>,
+    /// Packets from an agent (operator script), the last one's stamp and sequence number.
+    agent_rx: u64,
+    last_agent_rx_ns: i64,
+    last_agent_sent_ns: i64,
+    last_agent_seq: u16,
+    /// The socket's drop count last seen.
+    drops: u32,
 }
 
 /// Sockets, buffers and counters (kept apart from the calls so both can be borrowed at once).
@@ -169,6 +187,10 @@ struct Io {
     cmsg: CmsgBuf,
     /// 50 frames (1 s) of a quiet 440 Hz tone in each law, sent in turn.
     audio: [Vec<[u8; 160]>; 2],
+    /// Mark the audio with its send time (the script talks to our agents).
+    stamp_audio: bool,
+    /// The SIP socket's drop count last seen.
+    sip_drops: u32,
 }
 
 pub struct Worker {
@@ -190,7 +212,7 @@ pub struct Worker {
     step: u32,
 }
 
-fn tone(codec: Codec) -> Vec<[u8; 160]> {
+pub(crate) fn tone(codec: Codec) -> Vec<[u8; 160]> {
     (0..50)
         .map(|f| {
             let pcm: Vec<i16> = (0..160)
@@ -206,7 +228,7 @@ fn tone(codec: Codec) -> Vec<[u8; 160]> {
         .collect()
 }
 
-fn law(c: Codec) -> usize {
+pub(crate) fn law(c: Codec) -> usize {
     match c {
         Codec::Pcmu => 0,
         Codec::Pcma => 1,
@@ -222,6 +244,7 @@ impl Worker {
         let sip = UdpSocket::bind((cfg.local_ip, 0))?;
         sip.set_nonblocking(true)?;
         net::enable_rx_timestamps(sip.as_raw_fd())?;
+        net::buffer_and_count_drops(sip.as_raw_fd(), net::SIP_RCVBUF)?;
         let sip_local = sip.local_addr()?;
         let epoll = Epoll::new()?;
         epoll.add(sip.as_raw_fd(), SIP_TOKEN)?;
@@ -238,6 +261,8 @@ impl Worker {
                 rx: Box::new([0; 65536]),
                 cmsg: [0; 8],
                 audio: [tone(Codec::Pcmu), tone(Codec::Pcma)],
+                stamp_audio: cfg.script.bridges(),
+                sip_drops: 0,
             },
             cfg,
             shared,
@@ -397,6 +422,13 @@ impl Worker {
             rx: 0,
             last_rx_ns: 0,
             last_seq: 0,
+            last_press_rt: 0,
+            bridge_deadline_ms: None,
+            agent_rx: 0,
+            last_agent_rx_ns: 0,
+            last_agent_sent_ns: 0,
+            last_agent_seq: 0,
+            drops: 0,
         });
         call.invite_rt = net::realtime_ns();
         self.io.send_sip(&call.invite);
@@ -409,6 +441,7 @@ impl Worker {
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
+        net::buffer_and_count_drops(s.as_raw_fd(), net::RTP_RCVBUF)?;
         self.epoll
             .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
         Ok(s)
@@ -416,9 +449,16 @@ impl Worker {
 
     fn invite(&self, call_id: &str, tag: &str, rtp: SocketAddr, slot: usize) -> Vec<u8> {
         let ip = rtp.ip();
+        // Callers who talk to our agents prefer PCMU, the law the server offers the agent leg
+        // first, so it passes their audio (and its marks) through untranscoded.
+        let laws = if self.io.stamp_audio {
+            "0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000"
+        } else {
+            "8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000"
+        };
         let sdp = format!(
             "v=0\r\no=ivr311-load {slot} 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
-m=audio {port} RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
+m=audio {port} RTP/AVP {laws}\r\n\
 a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n",
             port = rtp.port()
         );
@@ -491,6 +531,21 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 c.pos = call.pos;
             }
         }
+        if call.rx == 0 && call.agent_rx == 0 && call.phase != Phase::Inviting {
+            self.io.stats.silent_calls += 1;
+        }
+        if call.outcome == Some(Failure::NotBridged) {
+            tracing::debug!(
+                call_id = %call.call_id,
+                local = ?call.sock.local_addr().ok(),
+                server_media = ?call.sock.peer_addr().ok(),
+                server_packets = call.rx,
+                "caller heard no operator"
+            );
+        }
+        if call.agent_rx > 0 {
+            tracing::debug!(call_id = %call.call_id, agent_packets = call.agent_rx, "caller heard an operator");
+        }
         match call.outcome {
             Some(f) => self.io.stats.fail(f),
             None if call.rx == 0 => self.io.stats.fail(Failure::NoRtp),
@@ -537,10 +592,15 @@ Content-Length: {len}\r\n\r\n{sdp}",
     fn recv_sip(&mut self, now_ms: u64) {
         loop {
             let fd = self.io.sip.as_raw_fd();
-            let (n, stamp) = match net::recv_stamped(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
-                Ok(x) => x,
-                Err(_) => return,
-            };
+            let (n, stamp, drops) =
+                match net::recv_stamped_drops(fd, &mut self.io.rx[..], &mut self.io.cmsg) {
+                    Ok(x) => x,
+                    Err(_) => return,
+                };
+            if drops > self.io.sip_drops {
+                self.io.stats.sip_dropped_here += u64::from(drops - self.io.sip_drops);
+                self.io.sip_drops = drops;
+            }
             let stamp = if stamp == 0 {
                 self.io.stats.unstamped += 1;
                 net::realtime_ns()
@@ -616,8 +676,8 @@ Content-Length: {len}\r\n\r\n{sdp}",
             return;
         }
         let io = &mut self.io;
-        let (n, stamp) =
-            match net::recv_stamped(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
+        let (n, stamp, drops) =
+            match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
                 Ok(x) => x,
                 Err(_) => return,
             };
@@ -627,6 +687,16 @@ Content-Length: {len}\r\n\r\n{sdp}",
         } else {
             stamp
         };
+        if drops > call.drops {
+            // Once the operator is heard, whatever is lost is theirs.
+            let lost = u64::from(drops - call.drops);
+            if call.agent_rx > 0 {
+                io.stats.bridge.at_caller_dropped_here += lost;
+            } else {
+                io.stats.rtp_dropped_here += lost;
+            }
+            call.drops = drops;
+        }
         let b = &io.rx[..n];
         if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
             return;
@@ -634,6 +704,46 @@ Content-Length: {len}\r\n\r\n{sdp}",
         let marker = b[1] & 0x80 != 0;
         let seq = u16::from_be_bytes([b[2], b[3]]);
         let s = &mut io.stats;
+        let mark = payload::rtp_payload(b).and_then(payload::read);
+        if let Some((payload::FROM_AGENT, sent)) = mark {
+            let bs = &mut s.bridge;
+            if call.agent_rx == 0 {
+                bs.bridged += 1;
+                if call.last_press_rt > 0 {
+                    bs.press_to_agent_audio
+                        .record(((stamp - call.last_press_rt).max(0) / 1000) as u64);
+                }
+                if call.bridge_deadline_ms.take().is_some() {
+                    anchor(&self.cfg.script, call, now_ms);
+                }
+            } else {
+                let d = stamp - call.last_agent_rx_ns;
+                bs.at_caller_pacing
+                    .record((d - 20_000_000).unsigned_abs() / 1000);
+                bs.to_caller_jitter
+                    .record((d - (sent - call.last_agent_sent_ns)).unsigned_abs() / 1000);
+                if d < 5_000_000 {
+                    bs.at_caller_bursts += 1;
+                }
+                let gap = seq.wrapping_sub(call.last_agent_seq.wrapping_add(1));
+                if gap != 0 && gap < 1000 {
+                    bs.at_caller_gaps += u64::from(gap);
+                }
+            }
+            bs.to_caller_transit
+                .record(((stamp - sent).max(0) / 1000) as u64);
+            bs.at_caller_rx += 1;
+            call.agent_rx += 1;
+            call.last_agent_rx_ns = stamp;
+            call.last_agent_sent_ns = sent;
+            call.last_agent_seq = seq;
+            return;
+        }
+        if call.agent_rx > 0 {
+            // Bridged: anything else from the server is not the operator's audio.
+            s.bridge.at_caller_foreign += 1;
+            return;
+        }
         if call.rx > 0 {
             let d = stamp - call.last_rx_ns;
             s.pacing.record((d - 20_000_000).unsigned_abs() / 1000);
@@ -877,6 +987,12 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
             anchor(script, call, m);
         }
     }
+    if call.bridge_deadline_ms.is_some_and(|d| m >= d) {
+        call.bridge_deadline_ms = None;
+        call.outcome = Some(Failure::NotBridged);
+        start_bye(io, call, m);
+        return;
+    }
     if let Some(mut d) = call.digit {
         // Progress is counted in packets sent, not periods elapsed, so a stall of this thread
         // never skips the End packets (their duration then says how long the key really was
@@ -918,6 +1034,14 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
                 call.digit = Some(d);
                 return;
             }
+            Action::AwaitBridge { timeout_ms } => {
+                if call.agent_rx > 0 {
+                    // The operator came while the key's End packets were still going out.
+                    anchor(script, call, m);
+                } else {
+                    call.bridge_deadline_ms = Some(m + u64::from(timeout_ms));
+                }
+            }
             Action::Hangup => {
                 start_bye(io, call, m);
                 return;
@@ -925,7 +1049,10 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
         }
     }
     let frame = &io.audio[law(call.codec)][(k % 50) as usize];
-    let frame: [u8; 160] = *frame;
+    let mut frame: [u8; 160] = *frame;
+    if io.stamp_audio {
+        payload::stamp(&mut frame, payload::FROM_CALLER, net::realtime_ns());
+    }
     let marker = std::mem::take(&mut call.marker_next);
     io.send_rtp(call, call.pt, ts, marker, &frame);
 }
@@ -962,6 +1089,9 @@ fn send_event(io: &mut Io, script: &Script, call: &mut Call, d: &mut Digit, held
     let (ev, marker, first_end) = event_packet(d, held);
     let now_rt = net::realtime_ns();
     io.send_rtp(call, call.te_pt, d.ts, marker, &ev.write());
+    if marker {
+        call.last_press_rt = now_rt;
+    }
     if marker && d.expect {
         call.awaiting = Some(Await {
             start_rt: now_rt,
