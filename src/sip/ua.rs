@@ -60,7 +60,7 @@
 //! 25 MB for the unboxed transaction table and ~1.8 KB of parsed request per transaction.
 //! Now a lingering transaction keeps only its boxed state, key, flow and the exact bytes of
 //! its last response (see [`ServerEntry`], [`crate::sip::transaction`]); the server's RSS per
-//! live call beyond idle went from 99 KiB to 48 KiB in that run. The allocator is left at
+//! live call beyond idle went from 96 KiB to 48 KiB in that run. The allocator is left at
 //! glibc's defaults on purpose: after this change about a third of the remainder is free
 //! memory glibc keeps in the worker threads' arenas (mallinfo2: ~24 MB at 1,500 calls, flat
 //! after the first 45 s), and what would return it cost more than it saves: a periodic
