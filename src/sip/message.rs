@@ -1137,6 +1137,10 @@ impl ResponseBuilder {
     }
 }
 
+/// The message as one exactly-sized buffer. Built messages can outlive the call by 32 s (a
+/// server transaction keeps its last response for retransmissions, timers J and L; a client
+/// transaction its request), so they are copied out of the builder's string, whose capacity
+/// grows by doubling (a 2xx with SDP would otherwise keep up to twice its size).
 fn finish(mut out: String, body: Option<(String, Bytes)>) -> Bytes {
     match body {
         Some((ct, b)) => {
@@ -1145,13 +1149,14 @@ fn finish(mut out: String, body: Option<(String, Bytes)>) -> Bytes {
                 "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
                 b.len()
             );
-            let mut v = out.into_bytes();
+            let mut v = Vec::with_capacity(out.len() + b.len());
+            v.extend_from_slice(out.as_bytes());
             v.extend_from_slice(&b);
             Bytes::from(v)
         }
         None => {
             out.push_str("Content-Length: 0\r\n\r\n");
-            Bytes::from(out)
+            Bytes::copy_from_slice(out.as_bytes())
         }
     }
 }

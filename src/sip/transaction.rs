@@ -20,6 +20,15 @@
 //! INVITEs. We let the server INVITE transaction do both in the Accepted state (timer G resends
 //! the 2xx until the ACK arrives, timer L ends it), so that one table holds every SIP timer and
 //! the UA core only has to report the ACK.
+//!
+//! Memory: a transaction over UDP lingers after its final response (timers I, J, L: up to
+//! 32 s), which at 8 s calls is several ended calls' transactions per live call. While it
+//! lingers it holds only its state, its timers and the bytes of the last response, and drops
+//! even those once nothing can ask for them again: after the ACK of an INVITE's final response
+//! (Confirmed, or Accepted and acked), a retransmitted INVITE is absorbed without an answer
+//! (RFC 6026 §7.1: in Accepted the 2xx is resent only until the ACK) and retransmitted ACKs
+//! need none. A non-INVITE transaction keeps its response for the whole of timer J: a
+//! retransmitted BYE must get its 200 again.
 
 use bytes::Bytes;
 use std::time::{Duration, Instant};
@@ -238,7 +247,8 @@ impl ServerTransaction {
         out
     }
 
-    /// The same request arrived again: resend the last response, if any.
+    /// The same request arrived again: resend the last response, if any (none once an INVITE's
+    /// final response has been ACKed: the retransmission is absorbed).
     pub fn on_retransmission(&mut self) -> Vec<Output> {
         match (&self.state, &self.last_response) {
             (
@@ -260,12 +270,17 @@ impl ServerTransaction {
                     return vec![Output::Terminated];
                 }
                 self.state = ServerState::Confirmed;
+                // Timer I only absorbs ACKs: the response is never sent again.
+                self.last_response = None;
                 self.timers.set(Timer::I, now + T4);
                 Vec::new()
             }
             ServerState::Accepted { acked: false } => {
                 self.timers.clear(Timer::G);
                 self.state = ServerState::Accepted { acked: true };
+                // The ACK ends 2xx retransmission; INVITE retransmissions until timer L are
+                // absorbed silently (RFC 6026 §7.1), so the 2xx is not needed any more.
+                self.last_response = None;
                 vec![Output::Acked]
             }
             _ => Vec::new(),
@@ -566,6 +581,10 @@ mod tests {
         assert_eq!(tx.on_ack(t0 + ms(3600)), vec![Output::Acked]);
         // A second ACK is not reported again.
         assert!(tx.on_ack(t0 + ms(3700)).is_empty());
+        // After the ACK, a retransmitted INVITE is absorbed (RFC 6026 §7.1) and the 2xx is
+        // no longer held.
+        assert!(tx.on_retransmission().is_empty());
+        assert!(tx.last_response().is_none());
         // No more retransmissions; L ends it at 32 s without a timeout.
         let log = run_server(&mut tx, t0, Duration::from_secs(40));
         assert_eq!(log, vec![(Duration::from_secs(32), Output::Terminated)]);
@@ -605,6 +624,7 @@ mod tests {
         assert_eq!(log.len(), 2); // G at 0.5 and 1.5
         assert!(tx.on_ack(t0 + ms(2000)).is_empty());
         assert_eq!(tx.state(), ServerState::Confirmed);
+        assert!(tx.last_response().is_none());
         // Timer I (T4) absorbs ACK retransmissions, then terminates.
         let log = run_server(&mut tx, t0, Duration::from_secs(10));
         assert_eq!(log, vec![(ms(7000), Output::Terminated)]);
