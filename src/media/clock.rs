@@ -432,6 +432,13 @@ struct Watch {
     relay: Option<linux::Poller>,
 }
 
+/// After relaying what one wake-up found, the shard waits this long before looking again.
+/// A packet arriving on a quiet shard is relayed at once; under load a packet waits at most
+/// this long, and a wake-up carries tens of packets instead of one. Waking for every packet
+/// cost 500 bridges (50,000 packets a second in) about 30% of the server's CPU in context
+/// switches alone.
+const RELAY_HOLD: Duration = Duration::from_micros(500);
+
 /// Which socket of a bridge an epoll token names.
 const CALLER_SIDE: u64 = 0;
 const LEG_SIDE: u64 = 1;
@@ -532,6 +539,12 @@ impl Watch {
                         if let Some((slot, _)) = self.relays.get(&(token >> 1)) {
                             slot.relay(token & 1, Instant::now(), io);
                         }
+                    }
+                    // Hold off before waiting again, so that under load one wake-up relays
+                    // what arrived over RELAY_HOLD rather than one packet.
+                    if n > 0 {
+                        let left = due.saturating_duration_since(Instant::now());
+                        std::thread::sleep(RELAY_HOLD.min(left));
                     }
                 }
             }

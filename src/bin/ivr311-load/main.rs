@@ -154,6 +154,10 @@ struct Args {
     /// server's.
     #[arg(long, default_value_t = 0)]
     generator_nice: i32,
+    /// --spawn-server: run the server's media clock at real-time priority
+    /// (`media: {realtime: true}`, SCHED_FIFO; needs root or CAP_SYS_NICE), as `asterisk -p`.
+    #[arg(long)]
+    server_realtime: bool,
     /// --spawn-server: the server's --rtp-ports (default with --agents: 2000-9999, 4000 even
     /// ports, clear of the default 10000-20000 and of the ephemeral ports our sockets use).
     #[arg(long)]
@@ -570,11 +574,16 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
 /// top-level keys). With agents: the agents, the queue, no REGISTER rate limit, room for the
 /// calls and their operator legs.
 fn spawned_config(args: &Args) -> (String, String) {
+    let media = if args.server_realtime {
+        "media:\n  realtime: true\n".to_string()
+    } else {
+        String::new()
+    };
     if args.agents == 0 {
-        return (String::new(), String::new());
+        return (String::new(), media);
     }
     let limits = "  options_per_second: 0\n  max_calls: 10000\n".to_string();
-    let mut extra = String::from("agents:\n");
+    let mut extra = media + "agents:\n";
     for n in 1..=args.agents {
         extra += &format!(
             "  - {{id: {:?}, password: {:?}}}\n",
