@@ -13,9 +13,11 @@
 //! runtime gets round to each task. Here a few threads (one per core by default) each own a
 //! shard of the calls and, every 20 ms on a fixed grid:
 //!
-//! 1. drain, with one `recvmmsg` each, the sockets of the calls that received something
-//!    (caller audio, RFC 4733 events); an edge-triggered epoll set asked once per tick without
-//!    waiting names them, so a quiet caller costs no system call and nothing wakes the thread,
+//! 1. drain each call's socket with one `recvmmsg` (caller audio, RFC 4733 events: one system
+//!    call per call per tick, no wake-up at all when nothing arrived). An edge-triggered epoll
+//!    set asked once per tick which sockets received anything was tried: it saved the empty
+//!    reads of silent callers (SIPp's), but with full media every socket is ready every tick
+//!    and the epoll bookkeeping per packet cost 20% more CPU at 3,000 calls, so it was removed,
 //! 2. let its [`MediaSession`] write the next packet and send it (one `sendto`),
 //! 3. tell the call's task only what it must act on ([`MediaNote`]: a key, the prompt queue
 //!    ran dry, a second of recording to write, the recording ended, the caller went silent).
@@ -203,10 +205,6 @@ struct Slot {
     port: RtpPort,
     notes: mpsc::Sender<MediaNote>,
     detached: AtomicBool,
-    /// The socket received something since it was last read (set from the shard's epoll).
-    readable: AtomicBool,
-    /// The socket could not be watched: read it at every tick.
-    unwatched: AtomicBool,
     no_media: Duration,
     /// The call's span, so what the clock logs is filed under the call.
     span: Span,
@@ -314,8 +312,6 @@ impl MediaClock {
             port,
             notes: tx,
             detached: AtomicBool::new(false),
-            readable: AtomicBool::new(true),
-            unwatched: AtomicBool::new(false),
             no_media,
             span,
         });
@@ -383,7 +379,6 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         if slots.is_empty() {
             match rx.recv_timeout(IDLE_POLL) {
                 Ok(s) => {
-                    watch.add(&s);
                     slots.push(s);
                     due = Instant::now();
                 }
@@ -392,7 +387,6 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
             }
         }
         while let Ok(s) = rx.try_recv() {
-            watch.add(&s);
             slots.push(s);
         }
         watch.wait_until(due, &mut io);
@@ -403,31 +397,21 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         slots.retain(|s| {
             let keep = !s.detached.load(Ordering::Acquire);
             if !keep {
-                watch.remove(s);
+                watch.forget_bridge(s.id);
             }
             keep
         });
-        watch.mark_readable();
         for s in &slots {
             s.tick(now, missed, &mut io, &mut watch);
         }
     }
 }
 
-/// What a shard knows of its sockets.
-///
-/// On Linux two epoll sets: every playing call's socket in `rx` (edge-triggered), asked
-/// without waiting at each tick which sockets received anything, so a tick reads only those
-/// (a caller sending no audio, as SIPp's pcap calls mostly do, costs no `recvmmsg`); and the
-/// bridged calls' sockets in `relay`, waited on between ticks. Without epoll every socket is
-/// read at every tick and bridges are relayed at ticks.
+/// A shard's bridged calls: the relay epoll set (Linux) and who each socket belongs to.
 struct Watch {
-    /// Every slot of the shard, by id (epoll tokens name slots).
-    slots: HashMap<u64, Arc<Slot>>,
-    /// Bridged slots, by id, with the leg port registered for each.
-    relays: HashMap<u64, (Arc<Slot>, Arc<RtpPort>)>,
-    #[cfg(target_os = "linux")]
-    rx: Option<linux::Poller>,
+    /// Bridged slots, by id, with the leg port registered for each and whether epoll
+    /// watches the pair (otherwise the bridge is relayed at each tick).
+    relays: HashMap<u64, (Arc<Slot>, Arc<RtpPort>, bool)>,
     #[cfg(target_os = "linux")]
     relay: Option<linux::Poller>,
 }
@@ -445,82 +429,18 @@ const LEG_SIDE: u64 = 1;
 
 impl Watch {
     fn new() -> Self {
-        #[cfg(target_os = "linux")]
-        let poller = |what: &str| {
-            linux::Poller::new()
-                .map_err(|e| warn!(error = %e, "no epoll: {what}"))
-                .ok()
-        };
         Watch {
-            slots: HashMap::new(),
             relays: HashMap::new(),
             #[cfg(target_os = "linux")]
-            rx: poller("every call's socket is read at every tick"),
-            #[cfg(target_os = "linux")]
-            relay: poller("bridged calls are relayed at each tick"),
+            relay: linux::Poller::new()
+                .map_err(|e| warn!(error = %e, "no epoll: bridged calls are relayed at each tick"))
+                .ok(),
         }
     }
 
-    /// A new slot: watch its socket (it is read at its first tick in any case).
-    fn add(&mut self, slot: &Arc<Slot>) {
-        slot.readable.store(true, Ordering::Relaxed);
-        self.slots.insert(slot.id, slot.clone());
-        self.watch_rx(slot);
-    }
-
-    fn watch_rx(&mut self, slot: &Slot) {
-        #[cfg(target_os = "linux")]
-        if let Some(rx) = &mut self.rx {
-            use std::os::fd::AsRawFd;
-            if let Err(e) = rx.add(slot.port.socket.as_raw_fd(), slot.id, true) {
-                slot.span
-                    .in_scope(|| warn!(error = %e, "cannot watch the RTP socket; read every tick"));
-                slot.unwatched.store(true, Ordering::Relaxed);
-            }
-            return;
-        }
-        slot.unwatched.store(true, Ordering::Relaxed);
-    }
-
-    fn unwatch_rx(&mut self, slot: &Slot) {
-        #[cfg(target_os = "linux")]
-        if let Some(rx) = &mut self.rx {
-            use std::os::fd::AsRawFd;
-            rx.remove(slot.port.socket.as_raw_fd());
-        }
-    }
-
-    /// The slot is gone (its call ended).
-    fn remove(&mut self, slot: &Slot) {
-        self.forget_bridge(slot.id);
-        self.unwatch_rx(slot);
-        self.slots.remove(&slot.id);
-    }
-
-    /// Flag the slots whose sockets received something since the last tick.
-    fn mark_readable(&mut self) {
-        #[cfg(target_os = "linux")]
-        if let Some(rx) = &mut self.rx {
-            loop {
-                let n = rx.wait(Duration::ZERO);
-                for i in 0..n {
-                    if let Some(s) = self.slots.get(&rx.token(i)) {
-                        s.readable.store(true, Ordering::Relaxed);
-                    }
-                }
-                if n < rx.capacity() {
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Whether packets are relayed as they arrive (otherwise at each tick).
-    fn immediate(&self) -> bool {
-        #[cfg(target_os = "linux")]
-        return self.relay.is_some();
-        #[cfg(not(target_os = "linux"))]
-        return false;
+    /// Whether slot `id`'s bridge is relayed as packets arrive (otherwise at each tick).
+    fn immediate(&self, id: u64) -> bool {
+        self.relays.get(&id).is_some_and(|r| r.2)
     }
 
     /// Sleep until `due`, relaying bridged packets as they arrive if there are bridges.
@@ -536,7 +456,7 @@ impl Watch {
                     let n = poll.wait(due - now);
                     for i in 0..n {
                         let token = poll.token(i);
-                        if let Some((slot, _)) = self.relays.get(&(token >> 1)) {
+                        if let Some((slot, _, _)) = self.relays.get(&(token >> 1)) {
                             slot.relay(token & 1, Instant::now(), io);
                         }
                     }
@@ -556,41 +476,32 @@ impl Watch {
     }
 
     /// Start or stop relaying `slot` to match its bridge (called with the slot's state
-    /// locked). A bridged caller's socket leaves the tick's set and joins the relay set.
+    /// locked).
     fn sync(&mut self, slot: &Arc<Slot>, st: &mut SlotState) {
         st.relay_epoch = st.bridge_epoch;
-        let was = self.forget_bridge(slot.id);
-        let Some(b) = &st.bridge else {
-            if was {
-                self.watch_rx(slot);
-                slot.readable.store(true, Ordering::Relaxed);
-            }
-            return;
-        };
-        if !was {
-            self.unwatch_rx(slot);
-        }
+        self.forget_bridge(slot.id);
+        let Some(b) = &st.bridge else { return };
+        #[allow(unused_mut)]
+        let mut watched = Err(());
         #[cfg(target_os = "linux")]
         if let Some(poll) = &mut self.relay {
             use std::os::fd::AsRawFd;
-            let caller = poll.add(
-                slot.port.socket.as_raw_fd(),
-                slot.id << 1 | CALLER_SIDE,
-                false,
-            );
-            let leg = poll.add(b.leg.socket.as_raw_fd(), slot.id << 1 | LEG_SIDE, false);
-            if let Err(e) = caller.and(leg) {
+            let caller = poll.add(slot.port.socket.as_raw_fd(), slot.id << 1 | CALLER_SIDE);
+            let leg = poll.add(b.leg.socket.as_raw_fd(), slot.id << 1 | LEG_SIDE);
+            watched = caller.and(leg).map_err(|e| {
                 slot.span
-                    .in_scope(|| warn!(error = %e, "cannot watch the bridge; relayed per tick"));
-            }
+                    .in_scope(|| warn!(error = %e, "cannot watch the bridge; relayed per tick"))
+            });
         }
-        self.relays.insert(slot.id, (slot.clone(), b.leg.clone()));
+        let watched = watched.is_ok();
+        self.relays
+            .insert(slot.id, (slot.clone(), b.leg.clone(), watched));
     }
 
-    /// Stop relaying slot `id` (its bridge ended or the call is gone); whether it was.
-    fn forget_bridge(&mut self, id: u64) -> bool {
-        let Some((_slot, _leg)) = self.relays.remove(&id) else {
-            return false;
+    /// Stop relaying slot `id` (its bridge ended or the call is gone).
+    fn forget_bridge(&mut self, id: u64) {
+        let Some((_slot, _leg, _)) = self.relays.remove(&id) else {
+            return;
         };
         #[cfg(target_os = "linux")]
         if let Some(poll) = &mut self.relay {
@@ -598,7 +509,6 @@ impl Watch {
             poll.remove(_slot.port.socket.as_raw_fd());
             poll.remove(_leg.socket.as_raw_fd());
         }
-        true
     }
 }
 
@@ -627,11 +537,7 @@ impl Slot {
             if missed > 0 {
                 st.media.skip_ticks(missed);
             }
-            if self.readable.swap(false, Ordering::Relaxed)
-                || self.unwatched.load(Ordering::Relaxed)
-            {
-                self.receive(st, now, io);
-            }
+            self.receive(st, now, io);
             self.connect(st);
             let (n, ev) = st.media.on_tick(&mut io.out);
             if n > 0 {
@@ -655,7 +561,7 @@ impl Slot {
                 }
             }
         } else {
-            if !watch.immediate() {
+            if !watch.immediate(self.id) {
                 self.relay_locked(st, CALLER_SIDE, now, io);
                 self.relay_locked(st, LEG_SIDE, now, io);
             }
@@ -977,13 +883,12 @@ mod linux {
             })
         }
 
-        /// Watch `fd` for input (edge-triggered when `edge`), reported with `token`.
-        pub(super) fn add(&mut self, fd: RawFd, token: u64, edge: bool) -> io::Result<()> {
-            let mut events = libc::EPOLLIN as u32;
-            if edge {
-                events |= libc::EPOLLET as u32;
-            }
-            let mut ev = libc::epoll_event { events, u64: token };
+        /// Watch `fd` for input (level-triggered), reported with `token`.
+        pub(super) fn add(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
             // SAFETY: `ev` is a valid epoll_event for the duration of the call.
             let rc = unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
             if rc < 0 {
@@ -1032,11 +937,6 @@ mod linux {
             };
             self.ready = n.max(0) as usize;
             self.ready
-        }
-
-        /// Events one wait can return.
-        pub(super) fn capacity(&self) -> usize {
-            EVENTS
         }
 
         /// The token of the `i`th ready socket of the last wait.
