@@ -1531,16 +1531,8 @@ impl Call {
                 // with the caller's number, so an operator calls them. The caller keeps their
                 // place (and hold music) until the ticket is durable: only then are they told
                 // they will be called back ([`Call::callback_filed`]).
-                let t = TicketRequest {
-                    service_code: crate::menu::engine::GENERAL_SERVICE.into(),
-                    service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
-                    description: Some("Caller asked to be called back by an operator".into()),
-                    language: self.engine.language().to_owned(),
-                    menu_path: self.engine.menu_path(),
-                    ..TicketRequest::default()
-                };
                 self.callback_filing = true;
-                self.file_callback_ticket(t);
+                self.file_callback_ticket("Caller asked to be called back by an operator");
             }
             '9' => {
                 self.leave_queue().await;
@@ -1742,32 +1734,18 @@ impl Call {
 
     /// A call-back request: a ticket flagged for call-back with the caller's number; the
     /// outcome comes back as [`Work::CallbackFiled`].
-    fn file_callback_ticket(&mut self, t: TicketRequest) {
-        let new = NewTicket {
-            service_code: t.service_code,
-            service_name: t.service_name,
-            description: t.description,
-            phone: Some(self.meta.caller.clone()),
-            channel: Channel::Phone,
-            language: Some(t.language),
-            call_id: Some(self.meta.call_id.clone()),
-            callback_requested: true,
-            ..NewTicket::default()
-        };
+    fn file_callback_ticket(&mut self, why: &str) {
+        let new = crate::callback::flagged_ticket(
+            why,
+            &self.meta.caller,
+            self.engine.language(),
+            &self.meta.call_id,
+        );
         let store = self.ctx.tickets.clone();
         let tx = self.work_tx.clone();
         self.ctx.tracker.spawn(
             async move {
-                let ok = match store.file(new).await {
-                    Ok(t) => {
-                        info!(id = t.service_request_id, "call-back ticket filed");
-                        true
-                    }
-                    Err(e) => {
-                        error!(error = %e, "call-back ticket could not be filed");
-                        false
-                    }
-                };
+                let ok = crate::callback::file_flagged(&store, new).await;
                 let _ = tx.send(Work::CallbackFiled(ok)).await;
             }
             .in_current_span(),

@@ -882,26 +882,38 @@ impl Run {
     /// The flagged ticket that stands in for a call-back that did not happen; whether it
     /// was saved.
     async fn file_ticket(&self, why: &str) -> bool {
-        let t = NewTicket {
-            service_code: crate::menu::engine::GENERAL_SERVICE.into(),
-            service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
-            description: Some(why.to_owned()),
-            phone: Some(self.req.number.clone()),
-            channel: Channel::Phone,
-            language: Some(self.req.language.clone()),
-            call_id: Some(self.req.call_id.clone()),
-            callback_requested: true,
-            ..NewTicket::default()
-        };
-        match self.inner.tickets.file(t).await {
-            Ok(t) => {
-                info!(id = t.service_request_id, "call-back ticket filed");
-                true
-            }
-            Err(e) => {
-                error!(error = %e, "call-back ticket could not be filed");
-                false
-            }
+        let t = flagged_ticket(why, &self.req.number, &self.req.language, &self.req.call_id);
+        file_flagged(&self.inner.tickets, t).await
+    }
+}
+
+/// A ticket flagged for call-back: the general service, the caller's number to call, `why`
+/// as its description. It stands in for a call-back the server could not make (or was not
+/// configured to make).
+pub fn flagged_ticket(why: &str, number: &str, language: &str, call_id: &str) -> NewTicket {
+    NewTicket {
+        service_code: crate::menu::engine::GENERAL_SERVICE.into(),
+        service_name: crate::menu::engine::GENERAL_SERVICE_NAME.into(),
+        description: Some(why.to_owned()),
+        phone: Some(number.to_owned()),
+        channel: Channel::Phone,
+        language: Some(language.to_owned()),
+        call_id: Some(call_id.to_owned()),
+        callback_requested: true,
+        ..NewTicket::default()
+    }
+}
+
+/// Write a flagged ticket, logging the outcome; whether it is durable.
+pub async fn file_flagged(store: &TicketStore, t: NewTicket) -> bool {
+    match store.file(t).await {
+        Ok(t) => {
+            info!(id = t.service_request_id, "call-back ticket filed");
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "call-back ticket could not be filed");
+            false
         }
     }
 }
