@@ -39,8 +39,10 @@
 //! the leg's port to its slot ([`SlotState::set_bridge`]) and the shard relays both directions
 //! ([`crate::media::bridge`]: transcoding, payload renumbering, [`Restamp`]). Relaying at the
 //! next tick would add up to 20 ms each way to a conversation, so on Linux each shard watches
-//! its bridged sockets with epoll between ticks and forwards a packet the moment it arrives
-//! (one `recvmmsg` per ready socket, one `sendto` per packet). The first version relayed in the
+//! its bridged sockets with epoll between ticks and forwards a packet when it arrives (one
+//! `recvmmsg` per ready socket, one `sendto` per packet); after a wake-up it waits
+//! [`RELAY_HOLD`] (0.5 ms) before looking again, so under load one wake-up carries many
+//! packets (see BENCHMARKS.md, "Bridged calls"). The first version relayed in the
 //! call's task: two task wake-ups per packet through tokio's reactor, 200 a second per bridge,
 //! which is what a 1,500-bridge load cannot afford. The wait for the next tick is an
 //! `epoll_pwait2` with a nanosecond timeout, so pacing of the shard's other calls keeps the
