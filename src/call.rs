@@ -1290,8 +1290,7 @@ impl Call {
                 }
             }
             LegEvent::Answered { sdp: body } => {
-                let parsed = sdp::parse(&body)
-                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                let parsed = crate::dispatch::offer::leg_answer(&body);
                 match parsed {
                     Ok((neg, addr)) => {
                         info!(codec = ?neg.codec, "911 answered; caller bridged");
@@ -1620,8 +1619,7 @@ impl Call {
         match ev {
             LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
             LegEvent::Answered { sdp: body } => {
-                let parsed = sdp::parse(&body)
-                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                let parsed = crate::dispatch::offer::leg_answer(&body);
                 match parsed {
                     Ok((neg, addr)) => {
                         info!(%agent, codec = ?neg.codec, "operator answered; caller bridged");

@@ -531,8 +531,7 @@ impl Run {
                 None
             }
             LegEvent::Answered { sdp: body } => {
-                let parsed = sdp::parse(&body)
-                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                let parsed = crate::dispatch::offer::leg_answer(&body);
                 match parsed {
                     Ok((neg, addr)) => {
                         info!(codec = ?neg.codec, "the caller answered the call-back");
@@ -671,8 +670,7 @@ impl Run {
         match ev {
             LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
             LegEvent::Answered { sdp: body } => {
-                let parsed = sdp::parse(&body)
-                    .and_then(|a| Ok((sdp::negotiate(&a, &SUPPORTED_CODECS)?, a.addr)));
+                let parsed = crate::dispatch::offer::leg_answer(&body);
                 match parsed {
                     Ok((neg, addr)) => {
                         info!(%agent, codec = ?neg.codec, "operator answered; called-back caller bridged");

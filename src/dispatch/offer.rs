@@ -29,6 +29,13 @@ pub fn leg_offer(local: SocketAddr, caller_codec: Codec) -> String {
     )
 }
 
+/// The far end's answer to a [`leg_offer`]: the codec agreed among those we support, and
+/// where the leg's media goes.
+pub fn leg_answer(body: &[u8]) -> Result<(sdp::Negotiated, SocketAddr), sdp::SdpError> {
+    let a = sdp::parse(body)?;
+    Ok((sdp::negotiate(&a, &crate::call::SUPPORTED_CODECS)?, a.addr))
+}
+
 /// `P-Asserted-Identity: <sip:NUMBER@HOST>` with the caller's number as the trunk gave it.
 pub fn asserted_identity(number: &str, host: IpAddr) -> (String, String) {
     (
@@ -118,5 +125,14 @@ mod tests {
         let o = leg_offer("127.0.0.1:40000".parse().unwrap(), Codec::Pcma);
         let m = o.lines().find(|l| l.starts_with("m=audio")).unwrap();
         assert_eq!(m, "m=audio 40000 RTP/AVP 8 0 101");
+    }
+
+    #[test]
+    fn an_answer_gives_the_agreed_codec_and_where_media_goes() {
+        let body = b"v=0\r\no=- 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+        let (neg, addr) = leg_answer(body).unwrap();
+        assert_eq!(neg.codec, Codec::Pcma);
+        assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+        assert!(leg_answer(b"garbage").is_err());
     }
 }
