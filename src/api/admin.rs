@@ -284,6 +284,11 @@ async fn metrics(
             s.transport.malformed.load(Ordering::Relaxed) as f64,
         ),
         (
+            "ivr311_sip_malformed_unanswered",
+            "Malformed SIP requests left unanswered since start: their source was over the error-answer rate limit.",
+            s.transport.malformed_unanswered.load(Ordering::Relaxed) as f64,
+        ),
+        (
             "ivr311_uptime_seconds",
             "Seconds since start.",
             s.started.elapsed().as_secs_f64(),

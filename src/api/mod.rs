@@ -50,6 +50,8 @@ pub struct Health {
     pub calls_rejected: u64,
     pub sip_messages_received: u64,
     pub sip_messages_malformed: u64,
+    /// Malformed requests not answered: their source was over the error-answer rate limit.
+    pub sip_messages_malformed_unanswered: u64,
     /// Over finished calls: RTP packets from callers, to callers, and keys heard.
     pub rtp_packets_received: u64,
     pub rtp_packets_sent: u64,
@@ -75,6 +77,7 @@ async fn health(State(s): State<ApiState>) -> Json<Health> {
         calls_rejected: s.registry.rejected.load(Ordering::Relaxed),
         sip_messages_received: s.transport.received.load(Ordering::Relaxed),
         sip_messages_malformed: s.transport.malformed.load(Ordering::Relaxed),
+        sip_messages_malformed_unanswered: s.transport.malformed_unanswered.load(Ordering::Relaxed),
         rtp_packets_received: s.registry.rtp_in.load(Ordering::Relaxed),
         rtp_packets_sent: s.registry.rtp_out.load(Ordering::Relaxed),
         digits_received: s.registry.digits.load(Ordering::Relaxed),

@@ -1,9 +1,11 @@
 //! Who may talk to the SIP core, and how often: source networks ([`IpNet`], for the trunk
 //! allow-list), per-source token buckets ([`RateLimiter`], for floods of OPTIONS, REGISTER and
-//! other out-of-dialog requests) and the User-Agent names of known SIP scanners.
+//! other out-of-dialog requests, and for the transport's answers to malformed messages),
+//! per-source log windows ([`LogThrottle`], one log line per source and window for a flood of
+//! garbage) and the User-Agent names of known SIP scanners.
 //!
-//! Sans-IO: the UA core passes the source address and the time in and gets a yes or no back.
-//! Nothing here answers, logs per packet or reads a clock.
+//! Sans-IO: the UA core (or the transport) passes the source address and the time in and gets a
+//! yes or no back. Nothing here answers, logs per packet or reads a clock.
 
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -130,13 +132,27 @@ pub fn is_scanner(user_agent: &str) -> bool {
 /// The unit a rate limit applies to: an IPv4 address, or an IPv6 /64 (one site or one
 /// subscriber holds a whole /64, so per-address buckets would be no limit at all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
+pub enum Source {
     V4(Ipv4Addr),
     V6Net([u16; 4]),
 }
 
+/// `192.0.2.1`, or `2001:db8:1:2::/64`.
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::V4(a) => write!(f, "{a}"),
+            Source::V6Net([a, b, c, d]) => {
+                let net = std::net::Ipv6Addr::new(*a, *b, *c, *d, 0, 0, 0, 0);
+                write!(f, "{net}/64")
+            }
+        }
+    }
+}
+
 impl Source {
-    fn of(ip: IpAddr) -> Source {
+    /// The source `ip` belongs to (an IPv4-mapped address is its IPv4 address).
+    pub fn of(ip: IpAddr) -> Source {
         match ip.to_canonical() {
             IpAddr::V4(a) => Source::V4(a),
             IpAddr::V6(a) => {
@@ -254,6 +270,174 @@ impl RateLimiter {
     /// Sources with a bucket of their own.
     pub fn tracked(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// One log window of a source: when it opened and how many events in it were not logged.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    suppressed: u64,
+}
+
+impl Window {
+    fn open(now: Instant) -> Window {
+        Window {
+            start: now,
+            suppressed: 0,
+        }
+    }
+}
+
+/// Events of one source (or of the overflow) that were not logged in a window now over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suppressed {
+    /// `None`: sources that arrived while the table was full, counted together.
+    pub source: Option<Source>,
+    pub count: u64,
+    /// From the start of the window to when it was found over.
+    pub over: Duration,
+}
+
+impl Suppressed {
+    /// The source for a log line: its address or /64, or `other sources` for the overflow.
+    pub fn from(&self) -> String {
+        match self.source {
+            Some(s) => s.to_string(),
+            None => "other sources".to_owned(),
+        }
+    }
+}
+
+/// What to do with the log line of one event ([`LogThrottle::note`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogVerdict {
+    /// Log it: the first of its source in a new window.
+    Log,
+    /// Log it, after one summary line for the window before, which ended with events unlogged.
+    LogAfter(Suppressed),
+    /// Do not log it; it is counted for the window's summary.
+    Quiet,
+}
+
+/// Per-source log windows: the first event of a source is logged, further ones within `window`
+/// are only counted, and when the window is over (the source's next event, or
+/// [`LogThrottle::sweep`], whichever comes first) one summary says how many were left out. A
+/// flood from one source thus costs two log lines per window, not one per packet.
+///
+/// Bounded like [`RateLimiter`]: at most `max_sources` windows; when the table is full of open
+/// windows, newcomers share one overflow window (logged as "other sources"). [`sweep`] is meant
+/// to be called every second or so; it closes windows that are over and returns their
+/// summaries. A window of zero turns throttling off (every event is logged).
+///
+/// [`sweep`]: LogThrottle::sweep
+#[derive(Debug)]
+pub struct LogThrottle {
+    window: Duration,
+    max_sources: usize,
+    windows: HashMap<Source, Window>,
+    overflow: Option<Window>,
+    last_prune: Option<Instant>,
+}
+
+impl LogThrottle {
+    pub fn new(window: Duration, max_sources: usize) -> LogThrottle {
+        LogThrottle {
+            window,
+            max_sources: max_sources.max(1),
+            windows: HashMap::new(),
+            overflow: None,
+            last_prune: None,
+        }
+    }
+
+    /// An event from `ip` at `now`: whether to log it (and a summary of the window before).
+    pub fn note(&mut self, ip: IpAddr, now: Instant) -> LogVerdict {
+        if self.window.is_zero() {
+            return LogVerdict::Log;
+        }
+        let src = Source::of(ip);
+        let window = self.window;
+        if let Some(w) = self.windows.get_mut(&src) {
+            return step(w, Some(src), now, window);
+        }
+        if self.windows.len() >= self.max_sources {
+            self.prune(now);
+        }
+        if self.windows.len() >= self.max_sources {
+            return match &mut self.overflow {
+                Some(w) => step(w, None, now, window),
+                None => {
+                    self.overflow = Some(Window::open(now));
+                    LogVerdict::Log
+                }
+            };
+        }
+        self.windows.insert(src, Window::open(now));
+        LogVerdict::Log
+    }
+
+    /// Close every window that is over at `now`; the summaries of those with events unlogged.
+    pub fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
+        let window = self.window;
+        let mut out = Vec::new();
+        let mut close = |source: Option<Source>, w: &Window| {
+            let age = now.saturating_duration_since(w.start);
+            if age < window {
+                return false;
+            }
+            if w.suppressed > 0 {
+                out.push(Suppressed {
+                    source,
+                    count: w.suppressed,
+                    over: age,
+                });
+            }
+            true
+        };
+        self.windows.retain(|s, w| !close(Some(*s), w));
+        if self.overflow.as_ref().is_some_and(|w| close(None, w)) {
+            self.overflow = None;
+        }
+        out
+    }
+
+    /// Forget windows that are over with nothing unlogged (a table left unswept stays usable).
+    fn prune(&mut self, now: Instant) {
+        if self
+            .last_prune
+            .is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_prune = Some(now);
+        let window = self.window;
+        self.windows
+            .retain(|_, w| w.suppressed > 0 || now.saturating_duration_since(w.start) < window);
+    }
+
+    /// Sources with a window of their own.
+    pub fn tracked(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+/// One event in window `w`: counted if the window is open, else a new window starts with it.
+fn step(w: &mut Window, source: Option<Source>, now: Instant, window: Duration) -> LogVerdict {
+    let age = now.saturating_duration_since(w.start);
+    if age < window {
+        w.suppressed += 1;
+        return LogVerdict::Quiet;
+    }
+    let before = std::mem::replace(w, Window::open(now));
+    if before.suppressed == 0 {
+        LogVerdict::Log
+    } else {
+        LogVerdict::LogAfter(Suppressed {
+            source,
+            count: before.suppressed,
+            over: age,
+        })
     }
 }
 
@@ -388,5 +572,82 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert!(l.allow(ip("203.0.113.1"), later));
         assert!(l.tracked() <= 2, "{}", l.tracked());
+    }
+
+    #[test]
+    fn a_flood_logs_once_per_window_then_a_summary() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(10);
+        let mut t = LogThrottle::new(w, 100);
+        let a = ip("192.0.2.1");
+        assert_eq!(t.note(a, t0), LogVerdict::Log);
+        let quiet = (1..1000u64)
+            .map(|i| t.note(a, t0 + Duration::from_millis(i)))
+            .filter(|v| *v == LogVerdict::Quiet)
+            .count();
+        assert_eq!(quiet, 999, "the rest of the window is only counted");
+        // Another source has its own window.
+        assert_eq!(t.note(ip("192.0.2.2"), t0), LogVerdict::Log);
+        // The next event after the window: logged, after the summary of the one before.
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(
+            t.note(a, later),
+            LogVerdict::LogAfter(Suppressed {
+                source: Some(Source::of(a)),
+                count: 999,
+                over: Duration::from_secs(11),
+            })
+        );
+        assert_eq!(t.note(a, later), LogVerdict::Quiet);
+        // The sweep closes windows that are over: a's new one has one event to report, b's
+        // has none; the table is empty afterwards and the next event is logged again.
+        assert_eq!(t.sweep(later + Duration::from_secs(5)), vec![]);
+        let done = t.sweep(later + w);
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].from().as_str(), done[0].count), ("192.0.2.1", 1));
+        assert_eq!(t.tracked(), 0);
+        assert_eq!(t.note(a, later + w), LogVerdict::Log);
+    }
+
+    #[test]
+    fn log_windows_are_bounded_and_ipv6_counts_per_slash_64() {
+        let t0 = Instant::now();
+        let mut t = LogThrottle::new(Duration::from_secs(10), 3);
+        assert_eq!(t.note(ip("2001:db8:1:2::1"), t0), LogVerdict::Log);
+        assert_eq!(t.note(ip("2001:db8:1:2::9"), t0), LogVerdict::Quiet);
+        assert_eq!(t.note(ip("192.0.2.7"), t0), LogVerdict::Log);
+        assert_eq!(t.note(ip("::ffff:192.0.2.7"), t0), LogVerdict::Quiet);
+        assert_eq!(t.note(ip("192.0.2.8"), t0), LogVerdict::Log);
+        // Full: newcomers share one window.
+        assert_eq!(t.note(ip("198.51.100.1"), t0), LogVerdict::Log);
+        assert_eq!(t.note(ip("198.51.100.2"), t0), LogVerdict::Quiet);
+        assert_eq!(t.note(ip("198.51.100.3"), t0), LogVerdict::Quiet);
+        assert_eq!(t.tracked(), 3);
+        let done = t.sweep(t0 + Duration::from_secs(10));
+        let seen: Vec<(String, u64)> = done.iter().map(|s| (s.from(), s.count)).collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen.contains(&("2001:db8:1:2::/64".to_owned(), 1)),
+            "{seen:?}"
+        );
+        assert!(seen.contains(&("192.0.2.7".to_owned(), 1)), "{seen:?}");
+        assert!(seen.contains(&("other sources".to_owned(), 2)), "{seen:?}");
+        assert_eq!(t.tracked(), 0);
+        // Unswept windows with nothing to report make room for newcomers once over.
+        let t1 = t0 + Duration::from_secs(20);
+        for i in 0..3u32 {
+            assert_eq!(t.note(IpAddr::V4(Ipv4Addr::from(i)), t1), LogVerdict::Log);
+        }
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(t.note(ip("203.0.113.1"), t2), LogVerdict::Log);
+        assert_eq!(t.tracked(), 1);
+    }
+
+    #[test]
+    fn a_zero_window_logs_everything() {
+        let t0 = Instant::now();
+        let mut t = LogThrottle::new(Duration::ZERO, 1);
+        assert!((0..100).all(|_| t.note(ip("192.0.2.1"), t0) == LogVerdict::Log));
+        assert_eq!(t.tracked(), 0);
     }
 }

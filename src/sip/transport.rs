@@ -3,8 +3,29 @@
 //! Owns the SIP sockets. Every datagram or framed stream message is parsed here (through
 //! [`crate::sip::message`]) and handed to the UA core as an [`Inbound`]; a request that cannot be
 //! parsed but whose Via/From/To/Call-ID/CSeq survived gets a stateless error answer from here
-//! (400 with a `Warning` saying why, 505, 416, 513), is logged once, and nothing else happens.
-//! Garbage without those headers is dropped. Responses that fail to parse are dropped.
+//! (400 with a `Warning` saying why, 505, 416, 513), and nothing else happens. Garbage without
+//! those headers is dropped. Responses that fail to parse are dropped. Every one is counted
+//! (`TransportStats::malformed`, `ivr311_sip_messages_malformed`).
+//!
+//! Malformed messages are rate-limited per source, both their answers and their log lines,
+//! because otherwise they are an amplifier: a spoofed UDP source can make the server answer
+//! every datagram of a garbage flood (to a victim, at the server's bandwidth and CPU), and even
+//! an unanswerable flood would write a log line per packet, filling disks and burying real
+//! events. So (per IPv4 address or IPv6 /64, as [`crate::sip::guard::RateLimiter`] keys them):
+//!
+//! - error answers follow a token bucket, by default a burst of 50 and then 20 per second
+//!   ([`TransportLimits::malformed_answers_burst`], `malformed_answers_per_second`); past it the
+//!   request is not answered, only counted (`TransportStats::malformed_unanswered`,
+//!   `ivr311_sip_malformed_unanswered`). A peer that sends the odd broken request (or the RFC
+//!   4475 torture suite, one message at a time) is answered every time.
+//! - the first malformed message of a source is logged (`warn`) with its reason; further ones
+//!   within 10 s ([`TransportLimits::malformed_log_window`]) are not, and when the window is
+//!   over one line says "N malformed messages from X suppressed in the last Ts"
+//!   ([`crate::sip::guard::LogThrottle`]; a task checks once a second).
+//!
+//! Both tables hold at most [`crate::sip::guard::MAX_SOURCES`] sources (beyond that newcomers
+//! share one bucket and one window). They sit behind one `std::sync::Mutex` in the
+//! [`TransportHandle`], shared by the UDP and TCP readers and held only for the look-up.
 //!
 //! Sending goes through [`TransportHandle::send`] on a [`Flow`]: UDP sends to the flow's remote
 //! address; TCP writes to the connection the flow names (each connection has a writer task with a
@@ -17,13 +38,14 @@
 //!
 //! This module knows nothing of transactions, dialogs or calls.
 
+use crate::sip::guard::{self, LogThrottle, LogVerdict, RateLimiter, Suppressed};
 use crate::sip::message::{self, Frame, Message, ParseError};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -77,6 +99,13 @@ pub struct TransportLimits {
     pub max_tcp_connections: usize,
     /// A TCP connection with no traffic for this long is closed.
     pub tcp_idle: Duration,
+    /// Error answers to malformed requests per second and source, after the burst; 0: no limit.
+    pub malformed_answers_per_second: u32,
+    /// Error answers one source may get at once.
+    pub malformed_answers_burst: u32,
+    /// After a source's first malformed message is logged, how long its further ones are only
+    /// counted (then summarised in one line); zero logs every one.
+    pub malformed_log_window: Duration,
 }
 
 impl Default for TransportLimits {
@@ -85,6 +114,9 @@ impl Default for TransportLimits {
             max_message_bytes: 64 * 1024,
             max_tcp_connections: 1024,
             tcp_idle: Duration::from_secs(300),
+            malformed_answers_per_second: 20,
+            malformed_answers_burst: 50,
+            malformed_log_window: Duration::from_secs(10),
         }
     }
 }
@@ -94,7 +126,17 @@ impl Default for TransportLimits {
 pub struct TransportStats {
     pub received: AtomicU64,
     pub malformed: AtomicU64,
+    /// Malformed requests that would have been answered but were not: their source was over
+    /// the error-answer rate limit.
+    pub malformed_unanswered: AtomicU64,
     pub dropped: AtomicU64,
+}
+
+/// Per-source state of the reject path: error answers left, and log windows.
+#[derive(Debug)]
+struct RejectGuard {
+    answers: RateLimiter,
+    logs: LogThrottle,
 }
 
 /// Cloneable handle for sending.
@@ -104,6 +146,8 @@ pub struct TransportHandle {
     tcp: Arc<DashMap<u64, mpsc::Sender<Bytes>>>,
     local: SocketAddr,
     pub stats: Arc<TransportStats>,
+    /// Locked briefly by [`reject`] and the summary task; never held across an `.await`.
+    reject: Arc<Mutex<RejectGuard>>,
 }
 
 impl TransportHandle {
@@ -170,7 +214,16 @@ pub async fn bind(
         tcp: Arc::new(DashMap::new()),
         local,
         stats: Arc::new(TransportStats::default()),
+        reject: Arc::new(Mutex::new(RejectGuard {
+            answers: RateLimiter::new(
+                limits.malformed_answers_per_second,
+                limits.malformed_answers_burst,
+                guard::MAX_SOURCES,
+            ),
+            logs: LogThrottle::new(limits.malformed_log_window, guard::MAX_SOURCES),
+        })),
     };
+    tracker.spawn(summarise_suppressed(handle.clone(), cancel.clone()));
     tracker.spawn(udp_loop(
         handle.clone(),
         limits,
@@ -293,25 +346,85 @@ async fn udp_loop(
     }
 }
 
-/// Answer (or drop) a message that failed to parse, and log it once.
+impl TransportHandle {
+    /// Lock the reject path's per-source state (a panic elsewhere leaves it usable).
+    fn reject_guard(&self) -> std::sync::MutexGuard<'_, RejectGuard> {
+        self.reject.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Answer (or drop) a message that failed to parse, within its source's limits (module docs).
 async fn reject(handle: &TransportHandle, flow: &Flow, e: ParseError) {
     handle.stats.malformed.fetch_add(1, Ordering::Relaxed);
     let status = e.status();
-    match &e.salvage {
-        Some(s) if s.method != "ACK" => {
-            warn!(remote = %flow.remote, call_id = %s.call_id, status, reason = %e.kind, "malformed request answered");
-            let reason = match status {
-                505 => "Version Not Supported",
-                416 => "Unsupported URI Scheme",
-                513 => "Message Too Large",
-                _ => "Bad Request",
-            };
-            let tag = message::random_token(10);
-            handle
-                .send(flow, s.response(status, reason, &e.kind.to_string(), &tag))
-                .await;
+    let salvage = e.salvage.as_ref().filter(|s| s.method != "ACK");
+    let ip = flow.remote.ip();
+    let now = Instant::now();
+    let (answer, log) = {
+        let mut g = handle.reject_guard();
+        let answer = salvage.is_some() && g.answers.allow(ip, now);
+        (answer, g.logs.note(ip, now))
+    };
+    if salvage.is_some() && !answer {
+        handle
+            .stats
+            .malformed_unanswered
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    if let LogVerdict::LogAfter(s) = &log {
+        log_suppressed(s);
+    }
+    if log != LogVerdict::Quiet {
+        match salvage {
+            Some(s) if answer => {
+                warn!(remote = %flow.remote, call_id = %s.call_id, status, reason = %e.kind, "malformed request answered")
+            }
+            Some(s) => {
+                warn!(remote = %flow.remote, call_id = %s.call_id, status, reason = %e.kind, "malformed request not answered: source over its error-answer rate limit")
+            }
+            None => warn!(remote = %flow.remote, reason = %e.kind, "malformed message dropped"),
         }
-        _ => warn!(remote = %flow.remote, reason = %e.kind, "malformed message dropped"),
+    }
+    if let (Some(s), true) = (salvage, answer) {
+        let reason = match status {
+            505 => "Version Not Supported",
+            416 => "Unsupported URI Scheme",
+            513 => "Message Too Large",
+            _ => "Bad Request",
+        };
+        let tag = message::random_token(10);
+        handle
+            .send(flow, s.response(status, reason, &e.kind.to_string(), &tag))
+            .await;
+    }
+}
+
+/// The summary line of a log window that ended with malformed messages left unlogged.
+fn log_suppressed(s: &Suppressed) {
+    let from = s.from();
+    let secs = s.over.as_secs_f64().round() as u64;
+    warn!(
+        source = %from,
+        suppressed = s.count,
+        "{} malformed messages from {from} suppressed in the last {secs}s",
+        s.count
+    );
+}
+
+/// Once a second, close the log windows that are over and log their summaries, so that the
+/// last window of a flood is reported even when its source goes quiet.
+async fn summarise_suppressed(handle: TransportHandle, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let done = handle.reject_guard().logs.sweep(Instant::now());
+        for s in &done {
+            log_suppressed(s);
+        }
     }
 }
 
