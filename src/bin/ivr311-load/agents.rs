@@ -245,7 +245,7 @@ impl AgentWorker {
     }
 
     pub fn run(mut self) {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; net::EVENTS];
         loop {
             let step = self.shared.step.load(Ordering::Acquire);
             if step != self.step {

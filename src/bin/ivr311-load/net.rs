@@ -130,6 +130,14 @@ pub fn recv_stamped_drops(
     Ok((n as usize, stamp, drops))
 }
 
+/// Events taken per `epoll_wait` by the generator's loops: more than the sockets a thread
+/// can have ready at once, so that each wait serves every ready socket. With a smaller buffer
+/// (1,024) and more ready sockets than that (an overloaded worker: every call's socket holding
+/// a backlog), the level-triggered set was seen on Linux 6.18 to report the same sockets wait
+/// after wait and leave the rest unread for seconds; their calls then showed no response to
+/// their keys although the server had sent it.
+pub const EVENTS: usize = 16 * 1024;
+
 /// A level-triggered epoll set.
 pub struct Epoll {
     fd: OwnedFd,

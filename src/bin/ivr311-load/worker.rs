@@ -40,6 +40,10 @@ const END_PACKETS: u64 = 3;
 const RESPONSE_TIMEOUT_MS: u64 = 3000;
 
 const SIP_TOKEN: u64 = u64::MAX;
+/// Most packets read from one call's socket per readiness event.
+const RTP_DRAIN: usize = 64;
+/// A packet that waited this long in its socket means more are likely waiting behind it.
+const BACKLOG_NS: i64 = 10_000_000;
 const TICK_TOKEN: u64 = u64::MAX - 1;
 
 /// What the main thread and the workers share.
@@ -287,7 +291,7 @@ impl Worker {
     }
 
     pub fn run(mut self) {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; net::EVENTS];
         loop {
             let step = self.shared.step.load(Ordering::Acquire);
             if step != self.step {
@@ -666,20 +670,31 @@ Content-Length: {len}\r\n\r\n{sdp}",
         }
     }
 
+    /// Read what waits on a call's socket: one packet, and more while the ones read are
+    /// older than [`BACKLOG_NS`] (the worker fell behind and the socket holds a backlog). In
+    /// step with the server it costs one read per packet and no extra system call.
     fn recv_rtp(&mut self, token: u64, now_ms: u64) {
+        for _ in 0..RTP_DRAIN {
+            match self.recv_rtp_one(token, now_ms) {
+                Some(stamp) if net::realtime_ns() - stamp > BACKLOG_NS => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// Read and account one packet from a call's socket: its receive time, if one was read.
+    fn recv_rtp_one(&mut self, token: u64, now_ms: u64) -> Option<i64> {
         let slot = (token & 0xffff_ffff) as usize;
         let gen = (token >> 32) as u32;
-        let Some(call) = self.calls.get_mut(slot).and_then(|c| c.as_mut()) else {
-            return;
-        };
+        let call = self.calls.get_mut(slot).and_then(|c| c.as_mut())?;
         if call.gen != gen {
-            return;
+            return None;
         }
         let io = &mut self.io;
         let (n, stamp, drops) =
             match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
                 Ok(x) => x,
-                Err(_) => return,
+                Err(_) => return None,
             };
         let stamp = if stamp == 0 {
             io.stats.unstamped += 1;
@@ -699,7 +714,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
         }
         let b = &io.rx[..n];
         if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
-            return;
+            return Some(stamp);
         }
         let marker = b[1] & 0x80 != 0;
         let seq = u16::from_be_bytes([b[2], b[3]]);
@@ -737,12 +752,12 @@ Content-Length: {len}\r\n\r\n{sdp}",
             call.last_agent_rx_ns = stamp;
             call.last_agent_sent_ns = sent;
             call.last_agent_seq = seq;
-            return;
+            return Some(stamp);
         }
         if call.agent_rx > 0 {
             // Bridged: anything else from the server is not the operator's audio.
             s.bridge.at_caller_foreign += 1;
-            return;
+            return Some(stamp);
         }
         if call.rx > 0 {
             let d = stamp - call.last_rx_ns;
@@ -779,6 +794,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 }
             }
         }
+        Some(stamp)
     }
 }
 
