@@ -136,6 +136,7 @@ pub struct SlotState {
     no_media_reported: bool,
     logged_foreign: bool,
     logged_malformed: bool,
+    logged_send_error: bool,
     /// Reads in a row that found nothing (shard only).
     empty_ticks: u32,
     /// The socket is armed in the shard's quiet set: not read at ticks until it reports input.
@@ -334,6 +335,7 @@ impl MediaClock {
                 no_media_reported: false,
                 logged_foreign: false,
                 logged_malformed: false,
+                logged_send_error: false,
                 empty_ticks: 0,
                 quiet_armed: false,
                 quiet_registered: false,
@@ -434,10 +436,16 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         watch.poll_quiet();
         // Every call's packet first, then what the callers sent: each send's offset from the
         // tick then depends only on the sends before it, not on how much each caller sent.
-        for s in &slots {
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(next) = slots.get(i + PREFETCH_AHEAD) {
+                next.prefetch();
+            }
             s.tick(now, missed, &mut io, &mut watch);
         }
-        for s in &slots {
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(next) = slots.get(i + PREFETCH_AHEAD) {
+                next.prefetch();
+            }
             s.drain(now, &mut io, &mut watch);
         }
     }
@@ -633,7 +641,29 @@ impl Watch {
     }
 }
 
+/// How many slots ahead a pass asks the CPU to load. Between two visits of a slot the
+/// kernel's send and receive paths for every other call of the shard have gone through the
+/// caches, so each slot is cold when its turn comes: at 1,000 calls a shard, the first touch
+/// of a slot's lock was two thirds of the shard's own (user-space) time.
+const PREFETCH_AHEAD: usize = 2;
+
 impl Slot {
+    /// Ask the CPU to start loading this slot (its lock and media state) into the cache.
+    #[inline]
+    fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let base = (self as *const Slot).cast::<i8>();
+            let lines = std::mem::size_of::<Slot>().div_ceil(64).min(24);
+            for line in 0..lines {
+                // SAFETY: SSE is part of x86_64; a prefetch is only a hint, it never faults
+                // (whatever the address) and changes no memory.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line * 64)) };
+            }
+        }
+    }
+
     fn note(&self, n: MediaNote) {
         if let Err(e) = self.notes.try_send(n) {
             if matches!(e, mpsc::error::TrySendError::Full(_)) {
@@ -663,11 +693,17 @@ impl Slot {
             if n > 0 {
                 // Non-blocking: a full socket buffer drops the packet, as a late one would be.
                 let remote = st.media.remote();
-                let _ = if st.connected == Some(remote) {
+                let sent = if st.connected == Some(remote) {
                     self.port.socket.send(&io.out[..n])
                 } else {
                     self.port.socket.send_to(&io.out[..n], remote)
                 };
+                if let Err(e) = sent {
+                    if !st.logged_send_error {
+                        st.logged_send_error = true;
+                        self.span.in_scope(|| debug!(error = %e, %remote, connected = ?st.connected, "RTP send failed"));
+                    }
+                }
             }
             if ev == Some(MediaEvent::PlayDone) {
                 self.note(MediaNote::PlayDone {
