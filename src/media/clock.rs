@@ -81,7 +81,7 @@ use std::net::SocketAddr;
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -405,6 +405,7 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
     let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut io = Box::new(Batch::new());
     let mut watch = Watch::new();
+    let mut busy: Vec<usize> = Vec::new();
     let mut due = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if slots.is_empty() {
@@ -436,17 +437,30 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         watch.poll_quiet();
         // Every call's packet first, then what the callers sent: each send's offset from the
         // tick then depends only on the sends before it, not on how much each caller sent.
+        // A slot whose call's task holds its lock is left for the end of the pass rather
+        // than waited for: that task runs at normal priority and may have been preempted
+        // while holding it, and waiting would stall every call after it in the shard.
         for (i, s) in slots.iter().enumerate() {
             if let Some(next) = slots.get(i + PREFETCH_AHEAD) {
                 next.prefetch();
             }
-            s.tick(now, missed, &mut io, &mut watch);
+            if !s.tick(now, missed, &mut io, &mut watch, false) {
+                busy.push(i);
+            }
+        }
+        for i in busy.drain(..) {
+            slots[i].tick(now, missed, &mut io, &mut watch, true);
         }
         for (i, s) in slots.iter().enumerate() {
             if let Some(next) = slots.get(i + PREFETCH_AHEAD) {
                 next.prefetch();
             }
-            s.drain(now, &mut io, &mut watch);
+            if !s.drain(now, &mut io, &mut watch, false) {
+                busy.push(i);
+            }
+        }
+        for i in busy.drain(..) {
+            slots[i].drain(now, &mut io, &mut watch, true);
         }
     }
 }
@@ -673,8 +687,30 @@ impl Slot {
         }
     }
 
-    fn tick(self: &Arc<Self>, now: Instant, missed: u32, io: &mut Batch, watch: &mut Watch) {
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// The slot's state if nobody holds it now (the call's task, briefly), else `None`.
+    fn try_state(&self) -> Option<MutexGuard<'_, SlotState>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Tick the slot with its state locked: at once if it is free (`wait` false: false when
+    /// it is not, to be tried again later in the pass), or waiting for it.
+    fn tick(
+        self: &Arc<Self>,
+        now: Instant,
+        missed: u32,
+        io: &mut Batch,
+        watch: &mut Watch,
+        wait: bool,
+    ) -> bool {
+        let mut guard = match self.try_state() {
+            Some(g) => g,
+            None if wait => self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            None => return false,
+        };
         let st = &mut *guard;
         if st.relay_epoch != st.bridge_epoch {
             watch.sync(self, st);
@@ -734,17 +770,24 @@ impl Slot {
             st.no_media_reported = true;
             self.note(MediaNote::NoMedia);
         }
+        true
     }
 
     /// Read what a playing call's caller sent since the last tick (unless the caller is quiet
     /// and its socket reported nothing); bridged calls are read by the relay.
-    fn drain(&self, now: Instant, io: &mut Batch, watch: &mut Watch) {
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// (Same `wait` and result as [`Slot::tick`].)
+    fn drain(&self, now: Instant, io: &mut Batch, watch: &mut Watch, wait: bool) -> bool {
+        let mut guard = match self.try_state() {
+            Some(g) => g,
+            None if wait => self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            None => return false,
+        };
         let st = &mut *guard;
         if st.bridge.is_none() && watch.should_read(self.id, st) {
             let got = self.receive(st, now, io);
             watch.after_read(self, st, got);
         }
+        true
     }
 
     /// Keep the socket `connect`ed to the latched caller (Linux), and return where it is
