@@ -191,6 +191,16 @@ pub const MAX_SOURCES: usize = 10_000;
 /// How often, at most, a full table is swept for buckets that have refilled.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
+/// Whether a table's sweep, last run at `last`, is due at `now` (at most every
+/// [`PRUNE_EVERY`]); if so `last` becomes `now`.
+fn sweep_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Token buckets per source: each source may send `burst` requests at once, then `rate` per
 /// second. A source that has been quiet long enough to refill is forgotten, so the table holds
 /// only sources active in the last `burst / rate` seconds, and never more than `max_sources`.
@@ -253,13 +263,9 @@ impl RateLimiter {
 
     /// Forget sources whose bucket is full again (they are as good as new).
     fn prune(&mut self, now: Instant) {
-        if self
-            .last_prune
-            .is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY)
-        {
+        if !sweep_due(&mut self.last_prune, now) {
             return;
         }
-        self.last_prune = Some(now);
         let (rate, burst) = (self.rate, self.burst);
         self.buckets.retain(|_, b| {
             let dt = now.saturating_duration_since(b.at).as_secs_f64();
@@ -404,13 +410,9 @@ impl LogThrottle {
 
     /// Forget windows that are over with nothing unlogged (a table left unswept stays usable).
     fn prune(&mut self, now: Instant) {
-        if self
-            .last_prune
-            .is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY)
-        {
+        if !sweep_due(&mut self.last_prune, now) {
             return;
         }
-        self.last_prune = Some(now);
         let window = self.window;
         self.windows
             .retain(|_, w| w.suppressed > 0 || now.saturating_duration_since(w.start) < window);
