@@ -1334,12 +1334,7 @@ mod tests {
 
         // Detached: the shard lets go and the port is back in the pool within a tick or two.
         drop(media);
-        for _ in 0..50 {
-            if pool.available() == before {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_available(&pool, before).await;
         assert_eq!(pool.available(), before);
         clock.stop();
     }
@@ -1506,12 +1501,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, crate::media::rtp::HEADER_LEN + 160);
         drop(media);
-        for _ in 0..50 {
-            if pool.available() == before {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_available(&pool, before).await;
         assert_eq!(pool.available(), before, "both ports back in the pool");
         clock.stop();
     }
@@ -1575,6 +1565,17 @@ mod tests {
         clock.stop();
     }
 
+    /// Waits (up to 1 s) until the pool has `n` ports free (a detached slot's port goes back at
+    /// the shard's next tick).
+    async fn until_available(pool: &PortPool, n: usize) {
+        for _ in 0..50 {
+            if pool.available() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits (up to 2 s) until the slot's quiet state is `armed`.
     async fn until_armed(media: &MediaHandle, armed: bool) {
         for _ in 0..200 {
@@ -1636,12 +1637,12 @@ mod tests {
             assert_eq!(n.unwrap(), Some(MediaNote::Digit('7')), "call {call}");
             drop(media);
             // The port goes back to the pool at the shard's next tick.
-            for _ in 0..200 {
-                if pool.available() == 1 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            until_available(&pool, 1).await;
+            assert_eq!(
+                pool.available(),
+                1,
+                "call {call}: the port is back in the pool"
+            );
         }
     }
 
