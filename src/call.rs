@@ -1647,17 +1647,11 @@ impl Call {
                 info!(%agent, code, %reason, "operator phone did not take the call");
                 self.leg = None;
                 self.leg_events = None;
-                let why = match code {
-                    486 | 600 => OfferFailure::Busy,
-                    603 | 403 => OfferFailure::Rejected,
-                    488 | 606 => OfferFailure::NoCommonCodec,
-                    408 | 480 | 487 => OfferFailure::NoAnswer,
-                    _ => OfferFailure::Unreachable,
-                };
                 if let Some(q) = &mut self.queue {
                     q.ringing = None;
                 }
-                self.queue_offer_failed(&agent, why).await;
+                self.queue_offer_failed(&agent, OfferFailure::from_status(code))
+                    .await;
             }
             LegEvent::Dialog(DialogEvent::Bye) => {
                 info!(%agent, "operator hung up");

@@ -699,7 +699,8 @@ impl Run {
                 self.agent = None;
                 self.agent_events = None;
                 self.agent_port = None;
-                self.agent_failed(&agent, offer_failure(code)).await;
+                self.agent_failed(&agent, OfferFailure::from_status(code))
+                    .await;
             }
             LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
                 info!(%agent, "operator hung up");
@@ -916,17 +917,6 @@ pub async fn file_flagged(store: &TicketStore, t: NewTicket) -> bool {
     }
 }
 
-/// An operator phone's final answer, as the queue counts it.
-fn offer_failure(code: u16) -> OfferFailure {
-    match code {
-        486 | 600 => OfferFailure::Busy,
-        603 | 403 => OfferFailure::Rejected,
-        488 | 606 => OfferFailure::NoCommonCodec,
-        408 | 480 | 487 => OfferFailure::NoAnswer,
-        _ => OfferFailure::Unreachable,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -947,14 +937,5 @@ mod tests {
         ] {
             assert!(!dialable(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn operator_phone_answers_map_to_offer_failures() {
-        assert_eq!(offer_failure(486), OfferFailure::Busy);
-        assert_eq!(offer_failure(603), OfferFailure::Rejected);
-        assert_eq!(offer_failure(488), OfferFailure::NoCommonCodec);
-        assert_eq!(offer_failure(408), OfferFailure::NoAnswer);
-        assert_eq!(offer_failure(503), OfferFailure::Unreachable);
     }
 }

@@ -240,6 +240,19 @@ pub enum OfferFailure {
     NoCommonCodec,
 }
 
+impl OfferFailure {
+    /// What an operator phone's final answer to our INVITE means for the queue.
+    pub fn from_status(code: u16) -> OfferFailure {
+        match code {
+            486 | 600 => OfferFailure::Busy,
+            603 | 403 => OfferFailure::Rejected,
+            488 | 606 => OfferFailure::NoCommonCodec,
+            408 | 480 | 487 => OfferFailure::NoAnswer,
+            _ => OfferFailure::Unreachable,
+        }
+    }
+}
+
 /// What the core asks the outside to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -1797,6 +1810,15 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operator_phone_answers_map_to_offer_failures() {
+        assert_eq!(OfferFailure::from_status(486), OfferFailure::Busy);
+        assert_eq!(OfferFailure::from_status(603), OfferFailure::Rejected);
+        assert_eq!(OfferFailure::from_status(488), OfferFailure::NoCommonCodec);
+        assert_eq!(OfferFailure::from_status(408), OfferFailure::NoAnswer);
+        assert_eq!(OfferFailure::from_status(503), OfferFailure::Unreachable);
+    }
 
     fn agent(id: &str, skills: &[&str], tier: u32) -> AgentConfig {
         AgentConfig {

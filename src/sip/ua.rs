@@ -146,7 +146,8 @@ pub enum DialogEvent {
     RequestOutcome { req: u64, method: Method, code: u16 },
     /// A NOTIFY inside the dialog (REFER progress), already answered 200.
     Notify { event: String, body: Bytes },
-    /// No ACK came for our 2xx, or a request we sent got no answer: the peer is gone.
+    /// No ACK came for our 2xx to the dialog's INVITE: the peer is gone. (A request we send in
+    /// a dialog that gets no answer is a [`DialogEvent::RequestOutcome`] with code 408.)
     Timeout,
 }
 
