@@ -183,6 +183,9 @@ pub struct Stats {
     /// Answered calls that ended without one RTP packet from the server (whatever else
     /// happened to them).
     pub silent_calls: u64,
+    /// 2xx answers to INVITEs of calls we had already given up on (no answer within 32 s):
+    /// each was acknowledged and hung up at once, so the server does not keep the call.
+    pub late_answers_ended: u64,
     /// Datagrams without a kernel timestamp (timed by our clock instead).
     pub unstamped: u64,
     pub rtp_tx: u64,
@@ -245,6 +248,7 @@ impl Stats {
         self.rtp_dropped_here += o.rtp_dropped_here;
         self.sip_dropped_here += o.sip_dropped_here;
         self.silent_calls += o.silent_calls;
+        self.late_answers_ended += o.late_answers_ended;
         self.unstamped += o.unstamped;
         self.rtp_tx += o.rtp_tx;
         self.send_errors += o.send_errors;
@@ -475,6 +479,7 @@ impl StepReport {
                 "sequence_gaps": s.rtp_gaps,
                 "dropped_by_our_sockets": s.rtp_dropped_here,
                 "sip_dropped_by_our_sockets": s.sip_dropped_here,
+                "late_answers_ended": s.late_answers_ended,
                 "unstamped": s.unstamped,
                 "sent": s.rtp_tx,
                 "send_errors": s.send_errors,
@@ -647,8 +652,8 @@ impl StepReport {
         o += &format!("  setup     INVITE→200        {}\n", pct_line(&s.setup));
         o += &format!("  pacing    |Δt−20ms|         {}\n", pct_line(&s.pacing));
         o += &format!(
-            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}  | SIP dropped by our sockets {}\n",
-            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors, s.sip_dropped_here
+            "  rtp       received {}  bursts(<5ms) {}  seq gaps {} (dropped by our sockets {})  unstamped {}  | sent {}  send errors {}  | SIP dropped by our sockets {}  late answers ended {}\n",
+            s.rtp_rx, s.bursts, s.rtp_gaps, s.rtp_dropped_here, s.unstamped, s.rtp_tx, s.send_errors, s.sip_dropped_here, s.late_answers_ended
         );
         o += &format!(
             "  digits    End→response      {}\n            press→response    {}\n            sent {}  answered before End {}  unanswered {}\n",

@@ -16,7 +16,7 @@ use crate::stats::{Failure, Stats};
 use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
 use ivr311::media::g711::Codec;
 use ivr311::media::rtp::RtpStream;
-use ivr311::sip::message::{parse_datagram, Message, Request, Response, ResponseBuilder};
+use ivr311::sip::message::{parse_datagram, Message, Method, Request, Response, ResponseBuilder};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -617,11 +617,10 @@ Content-Length: {len}\r\n\r\n{sdp}",
             let slot = self.call_for(&msg.common().call_id);
             match msg {
                 Message::Request(req) => self.on_request(slot, &req),
-                Message::Response(resp) => {
-                    if let Some(slot) = slot {
-                        self.on_response(slot, &resp, stamp, now_ms);
-                    }
-                }
+                Message::Response(resp) => match slot {
+                    Some(slot) => self.on_response(slot, &resp, stamp, now_ms),
+                    None => end_late_answer(&mut self.io, &resp),
+                },
             }
         }
     }
@@ -856,6 +855,52 @@ Content-Length: 0\r\n\r\n",
         srv = io.target,
         tt = call.to_tag,
         cid = call.call_id,
+    )
+    .into_bytes()
+}
+
+/// A 2xx to an INVITE of a call we no longer have (it gave up waiting for the answer):
+/// acknowledge it and hang up at once, as RFC 3261 §13.2.2.4 asks of a UAC that does not want
+/// the session, so the server does not hold a call nobody is on. Built from the response
+/// alone; a retransmitted 2xx is acknowledged again and its BYE gets a 481, which is harmless.
+fn end_late_answer(io: &mut Io, r: &Response) {
+    if r.code / 100 != 2 || r.cseq_method != Method::Invite {
+        return;
+    }
+    for (method, cseq) in [("ACK", r.cseq), ("BYE", r.cseq.wrapping_add(1))] {
+        let m = late_answer_request(io.sip_local, io.target, r, method, cseq);
+        io.send_sip(&m);
+    }
+    io.stats.late_answers_ended += 1;
+}
+
+/// `method` from `me` in the dialog a 2xx `r` set up (to its Contact, or to `server` if it
+/// had none).
+fn late_answer_request(
+    me: SocketAddr,
+    server: SocketAddr,
+    r: &Response,
+    method: &str,
+    cseq: u32,
+) -> Vec<u8> {
+    let target = r
+        .contacts()
+        .first()
+        .map(|c| c.uri.clone())
+        .unwrap_or_else(|| format!("sip:311@{server}"));
+    format!(
+        "{method} {target} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {me};branch={branch};rport\r\n\
+Max-Forwards: 70\r\n\
+From: {from}\r\n\
+To: {to}\r\n\
+Call-ID: {cid}\r\n\
+CSeq: {cseq} {method}\r\n\
+Content-Length: 0\r\n\r\n",
+        branch = via_branch(),
+        from = r.from.raw,
+        to = r.to.raw,
+        cid = r.call_id,
     )
     .into_bytes()
 }
@@ -1152,6 +1197,35 @@ mod tests {
             out.push((ev.end, ev.duration, marker));
         }
         out
+    }
+
+    #[test]
+    fn a_late_answer_is_acknowledged_and_hung_up_in_its_dialog() {
+        let ok = b"SIP/2.0 200 OK\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport=5070\r\n\
+From: \"ivr311-load\" <sip:+15550000001@127.0.0.1>;tag=ours\r\n\
+To: <sip:311@127.0.0.1:5060>;tag=theirs\r\n\
+Call-ID: late-1@ivr311-load\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:311@127.0.0.1:5060;transport=udp>\r\n\
+Content-Length: 0\r\n\r\n";
+        let Ok(Message::Response(r)) = parse_datagram(ok, 65536) else {
+            panic!("the 200 parses");
+        };
+        let me: SocketAddr = "127.0.0.1:5070".parse().unwrap();
+        let server: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        for (method, m, cseq) in [("ACK", Method::Ack, 1), ("BYE", Method::Bye, 2)] {
+            let bytes = late_answer_request(me, server, &r, method, cseq);
+            let Ok(Message::Request(q)) = parse_datagram(&bytes, 65536) else {
+                panic!("the {method} parses");
+            };
+            assert_eq!(q.method, m);
+            assert_eq!(q.uri, "sip:311@127.0.0.1:5060;transport=udp");
+            assert_eq!(q.call_id, "late-1@ivr311-load");
+            assert_eq!((q.cseq, q.cseq_method.clone()), (cseq, m));
+            assert_eq!(q.from.param("tag"), Some("ours"));
+            assert_eq!(q.to.param("tag"), Some("theirs"));
+        }
     }
 
     #[test]
