@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use ivr311::config::FileConfig;
-use ivr311::sip::message::{parse_datagram, Message, Response};
 use ivr311::sip::transport::TransportLimits;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -42,18 +41,6 @@ Content-Length: 0\r\n\r\n",
         r = rand::random::<u32>()
     )
     .into_bytes()
-}
-
-/// Every SIP response that arrives on `sock` until none has for `quiet`.
-async fn responses(sock: &UdpSocket, quiet: Duration) -> Vec<Response> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65535];
-    while let Ok(Ok((n, _))) = tokio::time::timeout(quiet, sock.recv_from(&mut buf)).await {
-        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
-            out.push(r);
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ mod common;
 use common::*;
 use ivr311::config::{AgentConfig, FileConfig};
 use ivr311::media::g711::Codec;
-use ivr311::sip::message::{parse_datagram, Message, Response};
+use ivr311::sip::message::Response;
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -59,18 +59,6 @@ Contact: <sip:{user}@{me}>\r\n\
         r = rand::random::<u32>()
     )
     .into_bytes()
-}
-
-/// Every SIP response that arrives on `sock` within `window` after the last one.
-async fn responses(sock: &UdpSocket, window: Duration) -> Vec<Response> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65535];
-    while let Ok(Ok((n, _))) = tokio::time::timeout(window, sock.recv_from(&mut buf)).await {
-        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
-            out.push(r);
-        }
-    }
-    out
 }
 
 async fn one_response(sock: &UdpSocket, window: Duration) -> Option<Response> {

@@ -618,6 +618,18 @@ fn dechunk(s: &str) -> String {
 
 // ---- Resilience helpers (loss, crash, hung peers, soak) -------------------------------------
 
+/// Every SIP response that arrives on `sock` until none has for `quiet`.
+pub async fn responses(sock: &UdpSocket, quiet: Duration) -> Vec<Response> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65535];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(quiet, sock.recv_from(&mut buf)).await {
+        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// The gauges of `GET /metrics` (Prometheus text), by name.
 pub async fn metrics(http_addr: SocketAddr) -> HashMap<String, f64> {
     let (status, body) = http(http_addr, "GET", "/metrics", &[], b"").await;
