@@ -11,7 +11,8 @@
 //! caller's packet), each polling a large `select!`. At a few thousand calls that is hundreds
 //! of thousands of wake-ups a second on a 2-core machine, and pacing depends on how late the
 //! runtime gets round to each task. Here a few threads (one per core by default) each own a
-//! shard of the calls and, every 20 ms on a fixed grid:
+//! shard of the calls, spread over [`PHASES`] groups a millisecond apart (see [`Phases`]),
+//! and serve each group every 20 ms on a fixed grid:
 //!
 //! 1. let each call's [`MediaSession`] write its next packet and send it (one `sendto`),
 //! 2. then drain each call's socket with one `recvmmsg` (caller audio, RFC 4733 events: one
@@ -25,9 +26,9 @@
 //! No file or database work happens on these threads: a recording is metered here (silence,
 //! length) and its samples handed to the call's task, which writes the file.
 //!
-//! The call task wakes for notes and signalling, not for packets. Every call in a shard is
-//! served in the same order each tick, so each stream keeps a steady 20 ms spacing even when
-//! the whole pass takes milliseconds. A shard that falls behind by whole packet times skips
+//! The call task wakes for notes and signalling, not for packets. Every call keeps its phase
+//! and its place in it, so each stream keeps a steady 20 ms spacing; a phase's pass is a few
+//! dozen sends, so how long the sends before a call take moves its spacing by microseconds. A shard that falls behind by whole packet times skips
 //! them (the RTP timestamp jumps, [`MediaSession::skip_ticks`]) rather than sending a burst.
 //!
 //! A call's packets are read up to one tick after they arrive; a key press therefore reaches
@@ -37,15 +38,23 @@
 //!
 //! A caller that sends nothing (a phone with silence suppression, a muted or held phone,
 //! SIPp's pcap callers between their pcaps) would cost an empty `recvmmsg` every tick. After
-//! [`QUIET_AFTER`] empty reads in a row its socket is armed one-shot (`EPOLLONESHOT`) in the
-//! shard's quiet set and no longer read; each tick asks that set once, without waiting, which
-//! sockets received anything, and those are read at that same tick and go back to being read
-//! every tick. So a quiet caller's first packet is read as early as before (at the next tick),
-//! and a streaming caller, the usual case, is never in the set and costs no epoll
-//! bookkeeping per packet. That is why it is one-shot and only for quiet callers: the first
-//! version watched every playing call's socket edge-triggered, which saved SIPp's empty reads
-//! but, with full media, every socket was ready every tick and the per-packet epoll work cost
-//! about 20% more CPU at 3,000 calls.
+//! [`QUIET_AFTER`] empty reads in a row its socket moves to its phase's quiet set and is no
+//! longer read; each time the phase is served the set is asked once with one `poll(2)` that
+//! does not wait, and the sockets that received anything are read at that same tick and go
+//! back to being read every tick. So a quiet caller's first packet is read as early as before (at the next tick),
+//! and a streaming caller, the usual case, is never in the set.
+//!
+//! Why `poll` with a zero timeout and not epoll: a socket registered with an epoll instance
+//! sits on the socket's wait queue, and Linux then runs a wake-up over that queue for every
+//! packet the socket *sends* (`sock_wfree` → write space), whatever events were asked for.
+//! The quiet callers are the ones we still play prompts to, so with the stop-11 one-shot
+//! epoll set every prompt packet to a quiet caller paid a locked wake-up (3% of the server's
+//! samples under SIPp at 100 calls/s). A zero-timeout `poll` registers nothing: it only
+//! looks at each socket's receive queue. (It costs about what it saves: the look at each
+//! quiet socket is a cache miss, as the wake-up was. It is kept for the simpler code: no
+//! registration to arm, mend or undo.) Before either, every playing call's socket was
+//! watched edge-triggered, which saved SIPp's empty reads but, with full media, every socket
+//! was ready every tick and the per-packet epoll work cost about 20% more CPU at 3,000 calls.
 //!
 //! # Bridged calls
 //!
@@ -97,7 +106,7 @@ const MAX_DATAGRAM: usize = 2048;
 const NOTE_CAPACITY: usize = 64;
 /// How often an idle shard (no calls) looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(200);
-/// Empty reads in a row after which a caller counts as quiet: its socket is armed in the
+/// Empty reads in a row after which a caller counts as quiet: its socket moves to the
 /// shard's quiet set instead of being read every tick (100 ms: a streaming phone's jitter
 /// leaves at most one or two empty ticks).
 pub const QUIET_AFTER: u32 = 5;
@@ -139,10 +148,11 @@ pub struct SlotState {
     logged_send_error: bool,
     /// Reads in a row that found nothing (shard only).
     empty_ticks: u32,
-    /// The socket is armed in the shard's quiet set: not read at ticks until it reports input.
+    /// The socket is in the shard's quiet set (shard only): not read at ticks until it
+    /// reports input.
     quiet_armed: bool,
-    /// The socket is registered in the shard's quiet set (armed or spent).
-    quiet_registered: bool,
+    /// The shard phase the call is served in (set by the shard when it takes the call).
+    phase: usize,
 }
 
 /// The other leg of a bridged call, as the shard relays it.
@@ -338,7 +348,7 @@ impl MediaClock {
                 logged_send_error: false,
                 empty_ticks: 0,
                 quiet_armed: false,
-                quiet_registered: false,
+                phase: 0,
             }),
             port,
             notes: tx,
@@ -399,34 +409,111 @@ fn set_realtime(shard: usize) {
     warn!(shard, "real-time priority is only supported on Linux");
 }
 
-/// One shard: tick every 20 ms on a fixed grid while it has calls, relaying bridged calls'
-/// packets as they arrive in between.
-fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
-    let mut slots: Vec<Arc<Slot>> = Vec::new();
-    let mut io = Box::new(Batch::new());
-    let mut watch = Watch::new();
-    let mut busy: Vec<usize> = Vec::new();
-    let mut due = Instant::now();
-    while !stop.load(Ordering::Acquire) {
-        if slots.is_empty() {
-            match rx.recv_timeout(IDLE_POLL) {
-                Ok(s) => {
-                    slots.push(s);
-                    due = Instant::now();
-                }
-                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            }
+/// Phases a shard spreads its calls over within each packet time: phase `p` is served
+/// `p` × [`PHASE_SPAN`] after the start of each 20 ms round.
+pub const PHASES: usize = 20;
+/// Time between two phases.
+const PHASE_SPAN: Duration = Duration::from_millis(1);
+/// Calls a phase takes before a new call goes to the next phase. Below this many calls per
+/// phase a shard wakes only for the phases in use; above, calls are spread evenly.
+const PHASE_FILL: usize = 64;
+
+/// A shard's calls, in [`PHASES`] groups served one after another within each round.
+///
+/// Why phases: serving every call of a shard at the same instant made a pass of 1,500 sends
+/// (about 3 ms at 3,000 calls on two cores), and each stream's spacing then moved with how
+/// long the sends before it took that round. Serving one phase a millisecond keeps a pass
+/// to a few dozen sends, so a stream's spacing moves only with those, and the shard's
+/// traffic goes out in 20 small groups instead of one burst. A call keeps its phase for
+/// life, so its own spacing stays 20 ms.
+struct Phases {
+    groups: Vec<Vec<Arc<Slot>>>,
+    /// The round each phase was last served in (`None`: not since it was empty).
+    served: [Option<u64>; PHASES],
+    len: usize,
+    /// Where round 0 starts.
+    origin: Instant,
+    /// The next phase to serve and its round.
+    round: u64,
+    phase: usize,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            groups: vec![Vec::new(); PHASES],
+            served: [None; PHASES],
+            len: 0,
+            origin: Instant::now(),
+            round: 0,
+            phase: 0,
         }
-        while let Ok(s) = rx.try_recv() {
-            slots.push(s);
+    }
+
+    /// Give a new call a phase: the first with room (up to [`PHASE_FILL`]), else the one
+    /// with the fewest calls. The first call of an idle shard starts a new grid now.
+    fn place(&mut self, slot: Arc<Slot>) {
+        if self.len == 0 {
+            self.origin = Instant::now();
+            self.round = 0;
+            self.phase = 0;
         }
-        watch.wait_until(due, &mut io);
-        let now = Instant::now();
-        // Late by whole packet times (the machine stalled us): skip them, no burst.
-        let missed = (now.saturating_duration_since(due).as_nanos() / PTIME.as_nanos()) as u32;
-        due += PTIME * (missed + 1);
-        slots.retain(|s| {
+        let p = (0..PHASES)
+            .find(|&p| self.groups[p].len() < PHASE_FILL)
+            .unwrap_or_else(|| {
+                (0..PHASES)
+                    .min_by_key(|&p| self.groups[p].len())
+                    .unwrap_or(0)
+            });
+        slot.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .phase = p;
+        if self.groups[p].is_empty() {
+            self.served[p] = None;
+        }
+        self.groups[p].push(slot);
+        self.len += 1;
+    }
+
+    /// The next phase with calls and when it is due (the cursor moves to it).
+    fn next_due(&mut self) -> Option<(usize, Instant)> {
+        if self.len == 0 {
+            return None;
+        }
+        while self.groups[self.phase].is_empty() {
+            self.advance();
+        }
+        let round = Duration::from_nanos(PTIME.as_nanos() as u64 * self.round);
+        let at = self.origin + round + PHASE_SPAN * self.phase as u32;
+        Some((self.phase, at))
+    }
+
+    fn advance(&mut self) {
+        self.phase += 1;
+        if self.phase == PHASES {
+            self.phase = 0;
+            self.round += 1;
+        }
+    }
+
+    /// The shard woke `late` after the current phase was due: skip the whole rounds it
+    /// missed (no burst), and return how many packet times the phase's calls missed since
+    /// they were last served.
+    fn start_serving(&mut self, late: Duration) -> u32 {
+        let skipped = (late.as_nanos() / PTIME.as_nanos()) as u64;
+        self.round += skipped;
+        let p = self.phase;
+        let missed = self.served[p].map_or(0, |last| self.round.saturating_sub(last + 1));
+        self.served[p] = Some(self.round);
+        missed.min(u32::MAX as u64) as u32
+    }
+
+    /// Drop the current phase's detached calls, then move the cursor past it.
+    fn finish_serving(&mut self, watch: &mut Watch) {
+        let g = &mut self.groups[self.phase];
+        let before = g.len();
+        g.retain(|s| {
             let keep = !s.detached.load(Ordering::Acquire);
             if !keep {
                 watch.forget_bridge(s.id);
@@ -434,12 +521,43 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
             }
             keep
         });
-        watch.poll_quiet();
+        self.len -= before - g.len();
+        self.advance();
+    }
+}
+
+/// One shard: serve each phase of its calls every 20 ms on a fixed grid while it has calls,
+/// relaying bridged calls' packets as they arrive in between.
+fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
+    let mut phases = Phases::new();
+    let mut io = Box::new(Batch::new());
+    let mut watch = Watch::new();
+    let mut busy: Vec<usize> = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        if phases.len == 0 {
+            match rx.recv_timeout(IDLE_POLL) {
+                Ok(s) => phases.place(s),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            phases.place(s);
+        }
+        let Some((p, due)) = phases.next_due() else {
+            continue;
+        };
+        watch.wait_until(due, &mut io);
+        let now = Instant::now();
+        // Late by whole packet times (the machine stalled us): skip them, no burst.
+        let missed = phases.start_serving(now.saturating_duration_since(due));
+        let slots = &phases.groups[p];
+        watch.poll_quiet(p);
         // Every call's packet first, then what the callers sent: each send's offset from the
-        // tick then depends only on the sends before it, not on how much each caller sent.
-        // A slot whose call's task holds its lock is left for the end of the pass rather
-        // than waited for: that task runs at normal priority and may have been preempted
-        // while holding it, and waiting would stall every call after it in the shard.
+        // phase's start then depends only on the sends before it, not on how much each
+        // caller sent. A slot whose call's task holds its lock is left for the end of the
+        // pass rather than waited for: that task runs at normal priority and may have been
+        // preempted while holding it, and waiting would stall every call after it.
         for (i, s) in slots.iter().enumerate() {
             if let Some(next) = slots.get(i + PREFETCH_AHEAD) {
                 next.prefetch();
@@ -462,6 +580,7 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         for i in busy.drain(..) {
             slots[i].drain(now, &mut io, &mut watch, true);
         }
+        phases.finish_serving(&mut watch);
     }
 }
 
@@ -473,10 +592,10 @@ struct Watch {
     relays: HashMap<u64, (Arc<Slot>, Arc<RtpPort>, bool)>,
     #[cfg(target_os = "linux")]
     relay: Option<linux::Poller>,
-    /// Quiet callers' sockets, armed one-shot; tokens are slot ids.
+    /// Quiet callers' sockets, by slot id, one set per phase.
     #[cfg(target_os = "linux")]
-    quiet: Option<linux::Poller>,
-    /// The slots whose armed socket reported input at this tick's [`Watch::poll_quiet`].
+    quiet: Vec<linux::QuietSet>,
+    /// The slots whose quiet socket reported input at this tick's [`Watch::poll_quiet`].
     woken: HashSet<u64>,
 }
 
@@ -500,27 +619,21 @@ impl Watch {
                 .map_err(|e| warn!(error = %e, "no epoll: bridged calls are relayed at each tick"))
                 .ok(),
             #[cfg(target_os = "linux")]
-            quiet: linux::Poller::new()
-                .map_err(|e| warn!(error = %e, "no epoll: quiet callers are read at each tick"))
-                .ok(),
+            quiet: (0..PHASES).map(|_| linux::QuietSet::default()).collect(),
             woken: HashSet::new(),
         }
     }
 
-    /// Ask the quiet set, without waiting, which armed sockets received something (each
-    /// reports once, then is spent until armed again).
-    fn poll_quiet(&mut self) {
+    /// Ask phase `p`'s quiet set, without waiting, which sockets received something; those
+    /// leave the set and are read at this tick.
+    fn poll_quiet(&mut self, p: usize) {
         self.woken.clear();
         #[cfg(target_os = "linux")]
-        if let Some(q) = &mut self.quiet {
-            loop {
-                let n = q.wait(Duration::ZERO);
-                self.woken.extend((0..n).map(|i| q.token(i)));
-                if n < linux::EVENTS {
-                    break;
-                }
-            }
-        }
+        self.quiet[p].take_ready(|id| {
+            self.woken.insert(id);
+        });
+        #[cfg(not(target_os = "linux"))]
+        let _ = p;
     }
 
     /// Whether to read the slot's socket at this tick: unless it is armed and reported
@@ -548,37 +661,30 @@ impl Watch {
             return;
         }
         #[cfg(target_os = "linux")]
-        if let Some(q) = &mut self.quiet {
+        {
             use std::os::fd::AsRawFd;
-            match q.arm_once(slot.port.socket.as_raw_fd(), slot.id, st.quiet_registered) {
-                Ok(()) => {
-                    st.quiet_registered = true;
-                    st.quiet_armed = true;
-                }
-                Err(e) => {
-                    // Keep reading it every tick; try again after another quiet spell.
-                    st.empty_ticks = 0;
-                    slot.span
-                        .in_scope(|| debug!(error = %e, "cannot arm a quiet caller's socket"));
-                }
-            }
+            self.quiet[st.phase].insert(slot.port.socket.as_raw_fd(), slot.id);
+            st.quiet_armed = true;
         }
         #[cfg(not(target_os = "linux"))]
         let _ = slot;
     }
 
-    /// The slot is gone: take its socket out of the quiet set (its port may be bound again
-    /// for another call).
+    /// Read the slot's socket every tick again (the relay took it over, or the slot is gone
+    /// and its port may be bound again for another call).
+    fn unquiet(&mut self, id: u64, st: &mut SlotState) {
+        if std::mem::take(&mut st.quiet_armed) {
+            #[cfg(target_os = "linux")]
+            self.quiet[st.phase].remove(id);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = id;
+    }
+
+    /// The slot is gone: take its socket out of the quiet set.
     fn forget_quiet(&mut self, slot: &Slot) {
         let mut st = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.quiet_armed = false;
-        #[cfg(target_os = "linux")]
-        if std::mem::take(&mut st.quiet_registered) {
-            if let Some(q) = &mut self.quiet {
-                use std::os::fd::AsRawFd;
-                q.remove(slot.port.socket.as_raw_fd());
-            }
-        }
+        self.unquiet(slot.id, &mut st);
     }
 
     /// Whether slot `id`'s bridge is relayed as packets arrive (otherwise at each tick).
@@ -754,8 +860,8 @@ impl Slot {
             }
         } else {
             // The relay reads the caller's socket; when the bridge ends it is read every tick
-            // again (an armed registration that fires meanwhile is ignored).
-            st.quiet_armed = false;
+            // again.
+            watch.unquiet(self.id, st);
             st.empty_ticks = 0;
             if !watch.immediate(self.id) {
                 self.relay_locked(st, CALLER_SIDE, now, io);
@@ -1071,6 +1177,62 @@ mod linux {
         Ok(n)
     }
 
+    /// The quiet callers' sockets of one shard, asked together with one `poll(2)` that does
+    /// not wait (which, unlike an epoll registration, puts nothing on the sockets' wait
+    /// queues; see the module docs).
+    #[derive(Default)]
+    pub(super) struct QuietSet {
+        fds: Vec<libc::pollfd>,
+        ids: Vec<u64>,
+    }
+
+    impl QuietSet {
+        /// Add slot `id`'s socket `fd` (open as long as the slot is in the shard).
+        pub(super) fn insert(&mut self, fd: RawFd, id: u64) {
+            self.fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            self.ids.push(id);
+        }
+
+        pub(super) fn remove(&mut self, id: u64) {
+            if let Some(i) = self.ids.iter().position(|&x| x == id) {
+                self.fds.swap_remove(i);
+                self.ids.swap_remove(i);
+            }
+        }
+
+        /// Give `woke` each socket that has input (or an error to read), taking it out of
+        /// the set. If `poll` itself fails, every socket is given back, to be read.
+        pub(super) fn take_ready(&mut self, mut woke: impl FnMut(u64)) {
+            if self.fds.is_empty() {
+                return;
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd; timeout 0 returns at once.
+            let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, 0) };
+            if n == 0 {
+                return;
+            }
+            let mut i = 0;
+            while i < self.fds.len() {
+                if n < 0 || self.fds[i].revents != 0 {
+                    woke(self.ids[i]);
+                    self.fds.swap_remove(i);
+                    self.ids.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+
+        #[cfg(test)]
+        pub(super) fn len(&self) -> usize {
+            self.fds.len()
+        }
+    }
+
     /// An epoll set of bridged calls' sockets, waited on with a nanosecond timeout
     /// (`epoll_pwait2`, Linux 5.11; older kernels get `epoll_wait`'s milliseconds, the rest
     /// slept precisely).
@@ -1111,39 +1273,6 @@ mod linux {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
-        }
-
-        /// Arm `fd` to report input once (`EPOLLONESHOT`) with `token`: added to the set the
-        /// first time (`registered` false), re-armed after.
-        pub(super) fn arm_once(
-            &mut self,
-            fd: RawFd,
-            token: u64,
-            registered: bool,
-        ) -> io::Result<()> {
-            let ctl = |op| {
-                let mut ev = libc::epoll_event {
-                    events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
-                    u64: token,
-                };
-                // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-                let rc = unsafe { libc::epoll_ctl(self.fd, op, fd, &mut ev) };
-                if rc < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            };
-            let (first, other) = if registered {
-                (libc::EPOLL_CTL_MOD, libc::EPOLL_CTL_ADD)
-            } else {
-                (libc::EPOLL_CTL_ADD, libc::EPOLL_CTL_MOD)
-            };
-            // A registration we did not expect (or expected and lost) is mended by the other op.
-            ctl(first).or_else(|e| match e.raw_os_error() {
-                Some(libc::EEXIST) | Some(libc::ENOENT) => ctl(other),
-                _ => Err(e),
-            })
         }
 
         /// Stop watching `fd` (still open: the caller holds it).
@@ -1615,7 +1744,7 @@ mod tests {
             let n = tokio::time::timeout(Duration::from_secs(2), notes.recv()).await;
             assert_eq!(n.unwrap(), Some(MediaNote::Digit('5')), "call {call}");
             until_armed(&media, false).await;
-            // Quiet again: armed again (re-armed, not registered twice).
+            // Quiet again: back in the quiet set.
             until_armed(&media, true).await;
             let mut s = RtpStream::with_origin(9, 6, 8000);
             let mut out = [0u8; 256];
@@ -1644,6 +1773,131 @@ mod tests {
                 "call {call}: the port is back in the pool"
             );
         }
+    }
+
+    /// A slot as the clock makes it, not attached to any shard.
+    fn loose_slot(pool: &Arc<PortPool>, id: u64) -> Arc<Slot> {
+        let port = pool.allocate().expect("a free port");
+        let remote = "127.0.0.1:9".parse().unwrap();
+        let (notes, _) = mpsc::channel(1);
+        Arc::new(Slot {
+            id,
+            state: Mutex::new(SlotState {
+                media: MediaSession::new(Instant::now(), neg(), remote),
+                tap: None,
+                bridge: None,
+                bridge_epoch: 0,
+                relay_epoch: 0,
+                connected: None,
+                record_ended: false,
+                no_media_reported: false,
+                logged_foreign: false,
+                logged_malformed: false,
+                logged_send_error: false,
+                empty_ticks: 0,
+                quiet_armed: false,
+                phase: usize::MAX,
+            }),
+            port,
+            notes,
+            detached: AtomicBool::new(false),
+            no_media: Duration::from_secs(60),
+            span: Span::none(),
+        })
+    }
+
+    #[test]
+    fn calls_fill_a_phase_then_the_next_keep_their_grid_and_skip_whole_missed_rounds() {
+        // Above the ephemeral ports and the integration tests' RTP ranges; ports another
+        // program holds are skipped.
+        let pool = PortPool::new(
+            PortRange {
+                lo: 62000,
+                hi: 63999,
+            },
+            "127.0.0.1".parse().unwrap(),
+        );
+        let mut watch = Watch::new();
+        let mut phases = Phases::new();
+        let slots: Vec<_> = (0..PHASE_FILL as u64 + 1)
+            .map(|id| loose_slot(&pool, id))
+            .collect();
+        for s in &slots {
+            phases.place(s.clone());
+        }
+        let origin = phases.origin;
+        assert_eq!(
+            phases.groups[0].len(),
+            PHASE_FILL,
+            "the first phase fills first"
+        );
+        assert_eq!(phases.groups[1].len(), 1, "then the next one");
+        assert_eq!(slots[PHASE_FILL].state.lock().unwrap().phase, 1);
+        let span = |rounds: u64, phase: u32| {
+            origin + Duration::from_nanos(PTIME.as_nanos() as u64 * rounds) + PHASE_SPAN * phase
+        };
+
+        // Round 0: phase 0 at the origin, phase 1 a span later; empty phases are not waited
+        // for, so the next is phase 0 of round 1.
+        assert_eq!(phases.next_due(), Some((0, span(0, 0))));
+        assert_eq!(phases.start_serving(Duration::ZERO), 0);
+        phases.finish_serving(&mut watch);
+        assert_eq!(phases.next_due(), Some((1, span(0, 1))));
+        assert_eq!(phases.start_serving(Duration::from_micros(300)), 0);
+        phases.finish_serving(&mut watch);
+        assert_eq!(phases.next_due(), Some((0, span(1, 0))));
+
+        // The shard wakes 45 ms late: two whole rounds are skipped (no burst) and each phase
+        // reports the two packet times its calls missed, once.
+        assert_eq!(phases.start_serving(Duration::from_millis(45)), 2);
+        phases.finish_serving(&mut watch);
+        assert_eq!(phases.next_due(), Some((1, span(3, 1))));
+        assert_eq!(phases.start_serving(Duration::ZERO), 2);
+        // The call in phase 1 hangs up: it leaves at its phase's pass.
+        slots[PHASE_FILL].detached.store(true, Ordering::Release);
+        phases.finish_serving(&mut watch);
+        assert_eq!(phases.len, PHASE_FILL);
+        assert!(phases.groups[1].is_empty());
+        assert_eq!(phases.next_due(), Some((0, span(4, 0))));
+        assert_eq!(phases.start_serving(Duration::ZERO), 0);
+        phases.finish_serving(&mut watch);
+
+        // A new call goes to the phase with room; having been empty, the phase reports no
+        // missed packet times for it.
+        phases.place(loose_slot(&pool, 100));
+        assert_eq!(phases.groups[1].len(), 1);
+        assert_eq!(phases.next_due(), Some((1, span(4, 1))));
+        assert_eq!(phases.start_serving(Duration::ZERO), 0);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_quiet_set_reports_only_sockets_with_input_and_lets_them_go() {
+        use std::os::fd::AsRawFd;
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut set = linux::QuietSet::default();
+        set.insert(a.as_raw_fd(), 1);
+        set.insert(b.as_raw_fd(), 2);
+        set.insert(c.as_raw_fd(), 3);
+        let ready = |set: &mut linux::QuietSet| {
+            let mut got = Vec::new();
+            set.take_ready(|id| got.push(id));
+            got.sort();
+            got
+        };
+        assert!(ready(&mut set).is_empty(), "nothing arrived yet");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"x", b.local_addr().unwrap()).unwrap();
+        peer.send_to(b"y", c.local_addr().unwrap()).unwrap();
+        set.remove(3);
+        assert_eq!(ready(&mut set), vec![2], "only b has input; c was removed");
+        assert_eq!(set.len(), 1, "b left the set when it reported");
+        peer.send_to(b"z", a.local_addr().unwrap()).unwrap();
+        assert_eq!(ready(&mut set), vec![1]);
+        assert_eq!(set.len(), 0);
+        assert!(ready(&mut set).is_empty());
     }
 
     #[tokio::test]
