@@ -11,7 +11,7 @@
 //! caller's packet), each polling a large `select!`. At a few thousand calls that is hundreds
 //! of thousands of wake-ups a second on a 2-core machine, and pacing depends on how late the
 //! runtime gets round to each task. Here a few threads (one per core by default) each own a
-//! shard of the calls, spread over [`PHASES`] groups a millisecond apart (see [`Phases`]),
+//! shard of the calls, spread over [`PHASES`] groups 4 ms apart (see [`Phases`]),
 //! and serve each group every 20 ms on a fixed grid:
 //!
 //! 1. let each call's [`MediaSession`] write its next packet and send it (one `sendto`),
@@ -411,21 +411,27 @@ fn set_realtime(shard: usize) {
 
 /// Phases a shard spreads its calls over within each packet time: phase `p` is served
 /// `p` × [`PHASE_SPAN`] after the start of each 20 ms round.
-pub const PHASES: usize = 20;
+pub const PHASES: usize = 5;
 /// Time between two phases.
-const PHASE_SPAN: Duration = Duration::from_millis(1);
+const PHASE_SPAN: Duration = Duration::from_nanos(PTIME.as_nanos() as u64 / PHASES as u64);
 /// Calls a phase takes before a new call goes to the next phase. Below this many calls per
 /// phase a shard wakes only for the phases in use; above, calls are spread evenly.
-const PHASE_FILL: usize = 64;
+const PHASE_FILL: usize = 256;
 
 /// A shard's calls, in [`PHASES`] groups served one after another within each round.
 ///
 /// Why phases: serving every call of a shard at the same instant made a pass of 1,500 sends
 /// (about 3 ms at 3,000 calls on two cores), and each stream's spacing then moved with how
-/// long the sends before it took that round. Serving one phase a millisecond keeps a pass
-/// to a few dozen sends, so a stream's spacing moves only with those, and the shard's
-/// traffic goes out in 20 small groups instead of one burst. A call keeps its phase for
-/// life, so its own spacing stays 20 ms.
+/// long the sends before it took that round. Serving one phase every 4 ms keeps a pass to a
+/// fifth of the calls, so a stream's spacing moves only with those sends, and the shard's
+/// traffic goes out in five groups instead of one burst. A call keeps its phase for life,
+/// so its own spacing stays 20 ms.
+///
+/// Measured at 3,000 calls (RT ramp, BENCHMARKS.md "Stop 12"): pacing p99 went from
+/// 1.41–4.25 ms to 0.83–0.85 ms. Twenty phases 1 ms apart paced about as well (0.81–1.00
+/// ms, and a better p99.9) but cost about 7% more CPU at 3,000 calls, for four times the
+/// wake-ups; five cost none we could measure. Small loads fill a phase first ([`PHASE_FILL`]), so a shard with a few
+/// hundred calls still wakes once or twice per round.
 struct Phases {
     groups: Vec<Vec<Arc<Slot>>>,
     /// The round each phase was last served in (`None`: not since it was empty).
