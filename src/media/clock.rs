@@ -235,6 +235,42 @@ impl SlotState {
     }
 }
 
+impl Slot {
+    fn new(
+        id: u64,
+        port: RtpPort,
+        media: MediaSession,
+        notes: mpsc::Sender<MediaNote>,
+        no_media: Duration,
+        span: Span,
+    ) -> Arc<Slot> {
+        Arc::new(Slot {
+            id,
+            state: Mutex::new(SlotState {
+                media,
+                tap: None,
+                bridge: None,
+                bridge_epoch: 0,
+                relay_epoch: 0,
+                connected: None,
+                record_ended: false,
+                no_media_reported: false,
+                logged_foreign: false,
+                logged_malformed: false,
+                logged_send_error: false,
+                empty_ticks: 0,
+                quiet_armed: false,
+                phase: 0,
+            }),
+            port,
+            notes,
+            detached: AtomicBool::new(false),
+            no_media,
+            span,
+        })
+    }
+}
+
 struct Slot {
     /// Unique within the clock: the slot's epoll tokens.
     id: u64,
@@ -332,30 +368,8 @@ impl MediaClock {
         span: Span,
     ) -> (MediaHandle, mpsc::Receiver<MediaNote>) {
         let (tx, rx) = mpsc::channel(NOTE_CAPACITY);
-        let slot = Arc::new(Slot {
-            id: self.ids.fetch_add(1, Ordering::Relaxed),
-            state: Mutex::new(SlotState {
-                media,
-                tap: None,
-                bridge: None,
-                bridge_epoch: 0,
-                relay_epoch: 0,
-                connected: None,
-                record_ended: false,
-                no_media_reported: false,
-                logged_foreign: false,
-                logged_malformed: false,
-                logged_send_error: false,
-                empty_ticks: 0,
-                quiet_armed: false,
-                phase: 0,
-            }),
-            port,
-            notes: tx,
-            detached: AtomicBool::new(false),
-            no_media,
-            span,
-        });
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot::new(id, port, media, tx, no_media, span);
         let shards = self.shards.lock().unwrap_or_else(PoisonError::into_inner);
         if !shards.is_empty() {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % shards.len();
@@ -1786,30 +1800,17 @@ mod tests {
         let port = pool.allocate().expect("a free port");
         let remote = "127.0.0.1:9".parse().unwrap();
         let (notes, _) = mpsc::channel(1);
-        Arc::new(Slot {
+        let media = MediaSession::new(Instant::now(), neg(), remote);
+        let slot = Slot::new(
             id,
-            state: Mutex::new(SlotState {
-                media: MediaSession::new(Instant::now(), neg(), remote),
-                tap: None,
-                bridge: None,
-                bridge_epoch: 0,
-                relay_epoch: 0,
-                connected: None,
-                record_ended: false,
-                no_media_reported: false,
-                logged_foreign: false,
-                logged_malformed: false,
-                logged_send_error: false,
-                empty_ticks: 0,
-                quiet_armed: false,
-                phase: usize::MAX,
-            }),
             port,
+            media,
             notes,
-            detached: AtomicBool::new(false),
-            no_media: Duration::from_secs(60),
-            span: Span::none(),
-        })
+            Duration::from_secs(60),
+            Span::none(),
+        );
+        slot.state.lock().unwrap().phase = usize::MAX;
+        slot
     }
 
     #[test]
