@@ -501,8 +501,16 @@ impl Phases {
         if self.len == 0 {
             return None;
         }
-        while self.groups[self.phase].is_empty() {
+        // At most one round of empty phases (`len` says one has calls; never spin on it).
+        for _ in 0..PHASES {
+            if !self.groups[self.phase].is_empty() {
+                break;
+            }
             self.advance();
+        }
+        if self.groups[self.phase].is_empty() {
+            self.len = 0;
+            return None;
         }
         let round = Duration::from_nanos(PTIME.as_nanos() as u64 * self.round);
         let at = self.origin + round + PHASE_SPAN * self.phase as u32;
