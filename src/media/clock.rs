@@ -27,9 +27,10 @@
 //! length) and its samples handed to the call's task, which writes the file.
 //!
 //! The call task wakes for notes and signalling, not for packets. Every call keeps its phase
-//! and its place in it, so each stream keeps a steady 20 ms spacing; a phase's pass is a few
-//! dozen sends, so how long the sends before a call take moves its spacing by microseconds. A shard that falls behind by whole packet times skips
-//! them (the RTP timestamp jumps, [`MediaSession::skip_ticks`]) rather than sending a burst.
+//! and its place in it, so each stream keeps a steady 20 ms spacing; a phase's pass is a fifth
+//! of the shard's calls, so the sends before a call in its pass move its spacing little. A
+//! shard that falls behind by whole packet times skips them (the RTP timestamp jumps,
+//! [`MediaSession::skip_ticks`]) rather than sending a burst.
 //!
 //! A call's packets are read up to one tick after they arrive; a key press therefore reaches
 //! the menu within 20 ms, and the prompt it starts goes out on the next tick.
@@ -41,8 +42,8 @@
 //! [`QUIET_AFTER`] empty reads in a row its socket moves to its phase's quiet set and is no
 //! longer read; each time the phase is served the set is asked once with one `poll(2)` that
 //! does not wait, and the sockets that received anything are read at that same tick and go
-//! back to being read every tick. So a quiet caller's first packet is read as early as before (at the next tick),
-//! and a streaming caller, the usual case, is never in the set.
+//! back to being read every tick. So a quiet caller's first packet is read as early as before
+//! (at its phase's next pass), and a streaming caller, the usual case, is never in the set.
 //!
 //! Why `poll` with a zero timeout and not epoll: a socket registered with an epoll instance
 //! sits on the socket's wait queue, and Linux then runs a wake-up over that queue for every
@@ -444,8 +445,8 @@ const PHASE_FILL: usize = 256;
 /// Measured at 3,000 calls (RT ramp, BENCHMARKS.md "Stop 12"): pacing p99 went from
 /// 1.41–4.25 ms to 0.83–0.85 ms. Twenty phases 1 ms apart paced about as well (0.81–1.00
 /// ms, and a better p99.9) but cost about 7% more CPU at 3,000 calls, for four times the
-/// wake-ups; five cost none we could measure. Small loads fill a phase first ([`PHASE_FILL`]), so a shard with a few
-/// hundred calls still wakes once or twice per round.
+/// wake-ups; five cost none we could measure. Small loads fill a phase first
+/// ([`PHASE_FILL`]), so a shard with a few hundred calls still wakes once or twice per round.
 struct Phases {
     groups: Vec<Vec<Arc<Slot>>>,
     /// The round each phase was last served in (`None`: not since it was empty).
@@ -471,10 +472,10 @@ impl Phases {
     }
 
     /// Give a new call a phase: the first with room (up to [`PHASE_FILL`]), else the one
-    /// with the fewest calls. The first call of an idle shard starts a new grid now.
-    fn place(&mut self, slot: Arc<Slot>) {
+    /// with the fewest calls. The first call of an idle shard starts a new grid at `now`.
+    fn place(&mut self, slot: Arc<Slot>, now: Instant) {
         if self.len == 0 {
-            self.origin = Instant::now();
+            self.origin = now;
             self.round = 0;
             self.phase = 0;
         }
@@ -564,13 +565,13 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Acquire) {
         if phases.len == 0 {
             match rx.recv_timeout(IDLE_POLL) {
-                Ok(s) => phases.place(s),
+                Ok(s) => phases.place(s, Instant::now()),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         while let Ok(s) = rx.try_recv() {
-            phases.place(s);
+            phases.place(s, Instant::now());
         }
         let Some((p, due)) = phases.next_due() else {
             continue;
@@ -1837,10 +1838,11 @@ mod tests {
         let slots: Vec<_> = (0..PHASE_FILL as u64 + 1)
             .map(|id| loose_slot(&pool, id))
             .collect();
+        let origin = Instant::now();
         for s in &slots {
-            phases.place(s.clone());
+            phases.place(s.clone(), origin);
         }
-        let origin = phases.origin;
+        assert_eq!(phases.origin, origin, "the first call starts the grid");
         assert_eq!(
             phases.groups[0].len(),
             PHASE_FILL,
@@ -1879,7 +1881,7 @@ mod tests {
 
         // A new call goes to the phase with room; having been empty, the phase reports no
         // missed packet times for it.
-        phases.place(loose_slot(&pool, 100));
+        phases.place(loose_slot(&pool, 100), span(4, 3));
         assert_eq!(phases.groups[1].len(), 1);
         assert_eq!(phases.next_due(), Some((1, span(4, 1))));
         assert_eq!(phases.start_serving(Duration::ZERO), 0);
