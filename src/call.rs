@@ -1747,6 +1747,9 @@ impl Call {
     // ---- the end -----------------------------------------------------------------------
 
     async fn finish(mut self, reason: EndReason) {
+        // No more RTP to the caller: a phone that hung up has closed its port, which may
+        // already be another program's.
+        self.media.end();
         // A call that ended mid-ticket (the caller hung up, or we did: shutdown, time limit):
         // file what we have (the ZIP was given), so no report is lost.
         if matches!(

@@ -302,6 +302,13 @@ impl MediaHandle {
     pub fn port(&self) -> u16 {
         self.slot.port.port
     }
+
+    /// The call is over: the shard sends nothing more and lets go of the slot when its
+    /// phase's turn comes (dropping the handle does the same; this is for a call that still
+    /// reads its statistics while it winds down).
+    pub fn end(&self) {
+        self.slot.detached.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for MediaHandle {
@@ -526,20 +533,11 @@ impl Phases {
         }
     }
 
-    /// The shard woke `late` after the current phase was due: skip the whole rounds it
-    /// missed (no burst), and return how many packet times the phase's calls missed since
-    /// they were last served.
-    fn start_serving(&mut self, late: Duration) -> u32 {
-        let skipped = (late.as_nanos() / PTIME.as_nanos()) as u64;
-        self.round += skipped;
-        let p = self.phase;
-        let missed = self.served[p].map_or(0, |last| self.round.saturating_sub(last + 1));
-        self.served[p] = Some(self.round);
-        missed.min(u32::MAX as u64) as u32
-    }
-
-    /// Drop the current phase's detached calls, then move the cursor past it.
-    fn finish_serving(&mut self, watch: &mut Watch) {
+    /// The shard woke `late` after the current phase was due: drop the phase's calls that
+    /// ended (before the pass, so an ended call is sent nothing more: its port may already be
+    /// another program's), skip the whole rounds it missed (no burst), and return how many
+    /// packet times the phase's calls missed since they were last served.
+    fn start_serving(&mut self, late: Duration, watch: &mut Watch) -> u32 {
         let g = &mut self.groups[self.phase];
         let before = g.len();
         g.retain(|s| {
@@ -551,6 +549,16 @@ impl Phases {
             keep
         });
         self.len -= before - g.len();
+        let skipped = (late.as_nanos() / PTIME.as_nanos()) as u64;
+        self.round += skipped;
+        let p = self.phase;
+        let missed = self.served[p].map_or(0, |last| self.round.saturating_sub(last + 1));
+        self.served[p] = Some(self.round);
+        missed.min(u32::MAX as u64) as u32
+    }
+
+    /// The current phase was served: move the cursor past it.
+    fn finish_serving(&mut self) {
         self.advance();
     }
 }
@@ -579,7 +587,7 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         watch.wait_until(due, &mut io);
         let now = Instant::now();
         // Late by whole packet times (the machine stalled us): skip them, no burst.
-        let missed = phases.start_serving(now.saturating_duration_since(due));
+        let missed = phases.start_serving(now.saturating_duration_since(due), &mut watch);
         let slots = &phases.groups[p];
         watch.poll_quiet(p);
         // Every call's packet first, then what the callers sent: each send's offset from the
@@ -609,7 +617,7 @@ fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>) {
         for i in busy.drain(..) {
             slots[i].drain(now, &mut io, &mut watch, true);
         }
-        phases.finish_serving(&mut watch);
+        phases.finish_serving();
     }
 }
 
@@ -1857,34 +1865,48 @@ mod tests {
         // Round 0: phase 0 at the origin, phase 1 a span later; empty phases are not waited
         // for, so the next is phase 0 of round 1.
         assert_eq!(phases.next_due(), Some((0, span(0, 0))));
-        assert_eq!(phases.start_serving(Duration::ZERO), 0);
-        phases.finish_serving(&mut watch);
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 0);
+        phases.finish_serving();
         assert_eq!(phases.next_due(), Some((1, span(0, 1))));
-        assert_eq!(phases.start_serving(Duration::from_micros(300)), 0);
-        phases.finish_serving(&mut watch);
+        assert_eq!(
+            phases.start_serving(Duration::from_micros(300), &mut watch),
+            0
+        );
+        phases.finish_serving();
         assert_eq!(phases.next_due(), Some((0, span(1, 0))));
 
         // The shard wakes 45 ms late: two whole rounds are skipped (no burst) and each phase
         // reports the two packet times its calls missed, once.
-        assert_eq!(phases.start_serving(Duration::from_millis(45)), 2);
-        phases.finish_serving(&mut watch);
+        assert_eq!(
+            phases.start_serving(Duration::from_millis(45), &mut watch),
+            2
+        );
+        phases.finish_serving();
         assert_eq!(phases.next_due(), Some((1, span(3, 1))));
-        assert_eq!(phases.start_serving(Duration::ZERO), 2);
-        // The call in phase 1 hangs up: it leaves at its phase's pass.
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 2);
+        phases.finish_serving();
+
+        // The call in phase 1 hangs up: it leaves when its phase's turn comes, before that
+        // pass sends anything, and the emptied phase is not waited for after that.
         slots[PHASE_FILL].detached.store(true, Ordering::Release);
-        phases.finish_serving(&mut watch);
-        assert_eq!(phases.len, PHASE_FILL);
-        assert!(phases.groups[1].is_empty());
         assert_eq!(phases.next_due(), Some((0, span(4, 0))));
-        assert_eq!(phases.start_serving(Duration::ZERO), 0);
-        phases.finish_serving(&mut watch);
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 0);
+        phases.finish_serving();
+        assert_eq!(phases.next_due(), Some((1, span(4, 1))));
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 0);
+        assert!(phases.groups[1].is_empty(), "dropped before the pass");
+        assert_eq!(phases.len, PHASE_FILL);
+        phases.finish_serving();
+        assert_eq!(phases.next_due(), Some((0, span(5, 0))));
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 0);
+        phases.finish_serving();
 
         // A new call goes to the phase with room; having been empty, the phase reports no
         // missed packet times for it.
-        phases.place(loose_slot(&pool, 100), span(4, 3));
+        phases.place(loose_slot(&pool, 100), span(5, 3));
         assert_eq!(phases.groups[1].len(), 1);
-        assert_eq!(phases.next_due(), Some((1, span(4, 1))));
-        assert_eq!(phases.start_serving(Duration::ZERO), 0);
+        assert_eq!(phases.next_due(), Some((1, span(5, 1))));
+        assert_eq!(phases.start_serving(Duration::ZERO, &mut watch), 0);
     }
 
     #[cfg(target_os = "linux")]
