@@ -49,15 +49,7 @@ async fn a_caller_that_never_acks_is_torn_down_after_64_t1_and_everything_is_rel
         admin_calls(srv.http_addr).await.is_empty(),
         "admin view empty"
     );
-    // The port goes back when the media clock lets go of the call, at its next tick.
-    let ports = settle_metric(
-        srv.http_addr,
-        "ivr311_rtp_ports_free",
-        ports_idle,
-        PORT_BACK,
-    )
-    .await;
-    assert_eq!(ports, ports_idle, "RTP port released");
+    assert_port_back(srv.http_addr, ports_idle).await;
     assert_eq!(
         metric(srv.http_addr, "ivr311_sip_dialogs").await,
         0.0,
@@ -118,14 +110,7 @@ async fn a_caller_that_never_answers_our_bye_is_released_by_timer_f() {
     .await;
     assert_eq!(live, 0.0);
     assert!(admin_calls(srv.http_addr).await.is_empty());
-    let ports = settle_metric(
-        srv.http_addr,
-        "ivr311_rtp_ports_free",
-        ports_idle,
-        PORT_BACK,
-    )
-    .await;
-    assert_eq!(ports, ports_idle, "RTP port released");
+    assert_port_back(srv.http_addr, ports_idle).await;
     // Timer F (64·T1): the BYE transaction gives up and the dialog goes.
     let txns = settle_metric(srv.http_addr, "ivr311_sip_transactions", 0.0, TIMER_64T1).await;
     assert_eq!(txns, 0.0, "the BYE client transaction timed out");
@@ -172,4 +157,11 @@ async fn an_agent_phone_that_vanishes_mid_ring_is_skipped_and_not_left_ringing()
     assert_eq!(m["ivr311_live_calls"], 0.0);
     assert_eq!(agent_state(srv.http_addr, "1001").await, "available");
     srv.shutdown().await;
+}
+
+/// The call's RTP port goes back to the pool when the media clock lets go of the call (when
+/// its phase's turn next comes, within one packet time), so wait up to [`PORT_BACK`] for it.
+async fn assert_port_back(http: std::net::SocketAddr, ports_idle: f64) {
+    let ports = settle_metric(http, "ivr311_rtp_ports_free", ports_idle, PORT_BACK).await;
+    assert_eq!(ports, ports_idle, "RTP port released");
 }
