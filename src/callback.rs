@@ -14,9 +14,17 @@
 //! 3. rings each agent the queue offers, with the same `X-311-*` headers as a live caller's
 //!    offer plus `X-311-Callback: yes`, From and P-Asserted-Identity the caller's number (one
 //!    phone at a time: with `ring_all`, the round's other offers are withdrawn at no cost);
-//! 4. on the agent's 200 relays RTP between the two outbound legs with
+//! 4. on the agent's 200 bridges the two outbound legs: RTP is relayed with
 //!    [`crate::media::bridge::relay`] (PCMU⇄PCMA transcoding, RFC 4733 events passed on);
 //!    either side's BYE hangs up the other.
+//!
+//! The answered caller's leg is a slot on the [`MediaClock`], like a live caller's: the
+//! shards pace its prompts and hold music, watch it for silence
+//! ([`MediaNote::NoMedia`]) and, once an operator answers, relay the bridge themselves
+//! ([`SlotState::set_bridge`](crate::media::clock::SlotState::set_bridge)). The first
+//! version ran its own 20 ms tokio interval and read both legs in this task: two reactor
+//! wake-ups per relayed packet and prompt timing at the mercy of the runtime, which is what
+//! the live calls' bridges had moved away from already.
 //!
 //! Nobody is lost: when every dial failed ([`CallbackEvent::Unreached`]), when the answered
 //! caller can be taken by no logged-in operator (`MaxWait`: they hear `callback_confirmed`),
@@ -38,16 +46,16 @@
 //! shutdown drain does not wait for a bridged call-back (it is hung up when the server stops);
 //! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
 
-use crate::call::{MenuHolder, PTIME, SUPPORTED_CODECS};
+use crate::call::{MenuHolder, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::offer::{asserted_identity, leg_offer, OperatorOffer};
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
-use crate::media::bridge::{relay, Relay, Restamp};
-use crate::media::ports::{AsyncRtpPort, PortPool};
+use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
+use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::Prompt;
 use crate::media::sdp::{self, Negotiated};
-use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use crate::media::session::MediaSession;
 use crate::sip::transport::Flow;
 use crate::sip::ua::{DialogEvent, DialogHandle, LegEvent, OutboundHandle};
 use bytes::Bytes;
@@ -57,7 +65,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -116,6 +123,7 @@ struct Inner {
     queues: QueueHandle,
     outbound: OutboundHandle,
     ports: Arc<PortPool>,
+    clock: Arc<MediaClock>,
     agent_contacts: Arc<DashMap<String, (String, Flow)>>,
     menu: Arc<MenuHolder>,
     default_language: String,
@@ -131,6 +139,8 @@ pub struct CallbackDeps {
     pub queues: QueueHandle,
     pub outbound: OutboundHandle,
     pub ports: Arc<PortPool>,
+    /// Plays to the answered caller and relays the bridge.
+    pub clock: Arc<MediaClock>,
     pub agent_contacts: Arc<DashMap<String, (String, Flow)>>,
     pub menu: Arc<MenuHolder>,
     pub default_language: String,
@@ -151,6 +161,7 @@ impl Callbacks {
                 queues: deps.queues,
                 outbound: deps.outbound,
                 ports: deps.ports,
+                clock: deps.clock,
                 agent_contacts: deps.agent_contacts,
                 menu: deps.menu,
                 default_language: deps.default_language,
@@ -237,9 +248,10 @@ struct TrunkLeg {
     handle: DialogHandle,
     /// While ringing: when to give up.
     ring_until: Option<tokio::time::Instant>,
-    /// Once answered.
-    media: Option<MediaSession>,
-    answered_at: Option<tokio::time::Instant>,
+    /// Once answered: the leg's slot on the media clock.
+    media: Option<MediaHandle>,
+    /// Once answered: when `limits.max_call_seconds` hangs up.
+    hang_up_at: Option<tokio::time::Instant>,
 }
 
 /// The operator's leg.
@@ -258,19 +270,20 @@ struct Run {
     span: Span,
     trunk: Option<TrunkLeg>,
     trunk_events: Option<mpsc::Receiver<LegEvent>>,
-    trunk_port: Option<AsyncRtpPort>,
+    /// The caller's port while their phone rings (the clock takes it on answer).
+    trunk_port: Option<RtpPort>,
+    /// What the clock tells us about the answered caller's media.
+    notes: Option<mpsc::Receiver<MediaNote>>,
     agent: Option<AgentLeg>,
     agent_events: Option<mpsc::Receiver<LegEvent>>,
-    agent_port: Option<AsyncRtpPort>,
+    /// The operator's port (shared with the clock's bridge once they answer).
+    agent_port: Option<Arc<RtpPort>>,
     /// An operator answered: the call is theirs.
     served: bool,
     /// End once the prompts queued now have played.
     end_after_play: Option<End>,
     /// The flagged ticket that stands in for this call-back is already written.
     ticket_filed: bool,
-    /// Each direction of the bridge as the far phone sees it.
-    to_agent: Restamp,
-    to_caller: Restamp,
 }
 
 fn clock() -> Instant {
@@ -291,16 +304,6 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn rtp_opt(
-    port: Option<&AsyncRtpPort>,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
-    match port {
-        Some(p) => p.socket.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Run {
     fn new(inner: Arc<Inner>, req: CallbackRequest, target: String, span: Span) -> Self {
         Run {
@@ -311,31 +314,23 @@ impl Run {
             trunk: None,
             trunk_events: None,
             trunk_port: None,
+            notes: None,
             agent: None,
             agent_events: None,
             agent_port: None,
             served: false,
             end_after_play: None,
             ticket_filed: false,
-            to_agent: Restamp::new(rand::random()),
-            to_caller: Restamp::new(rand::random()),
         }
     }
 
     async fn run(mut self, events: mpsc::Receiver<CallbackEvent>) {
         let mut events = Some(events);
         let cancel = self.inner.cancel.clone();
-        let no_media = Duration::from_secs(self.inner.limits.no_media_seconds);
-        let max_call = Duration::from_secs(self.inner.limits.max_call_seconds);
-        let mut tick = tokio::time::interval(PTIME);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut buf = [0u8; 2048];
-        let mut buf2 = [0u8; 2048];
-        let mut out = [0u8; MAX_PACKET];
         let end = loop {
             let trunk_ring = self.trunk.as_ref().and_then(|t| t.ring_until);
             let agent_ring = self.agent.as_ref().and_then(|a| a.ring_until);
-            let media_up = self.trunk.as_ref().is_some_and(|t| t.media.is_some());
+            let hang_up_at = self.trunk.as_ref().and_then(|t| t.hang_up_at);
             let step = tokio::select! {
                 biased;
                 () = cancel.cancelled() => Some(End::Shutdown),
@@ -368,19 +363,11 @@ impl Run {
                     }
                     None
                 }
-                r = rtp_opt(self.trunk_port.as_ref(), &mut buf) => {
-                    if let Ok((n, from)) = r {
-                        self.on_trunk_rtp(&mut buf, n, from);
-                    }
-                    None
+                note = recv_opt(&mut self.notes) => self.on_note(note).await,
+                () = sleep_opt(hang_up_at) => {
+                    info!("call-back reached the maximum call length; hanging up");
+                    self.caller_gone().await
                 }
-                r = rtp_opt(self.agent_port.as_ref(), &mut buf2) => {
-                    if let Ok((n, _)) = r {
-                        self.on_agent_rtp(&mut buf2, n);
-                    }
-                    None
-                }
-                _ = tick.tick(), if media_up => self.on_tick(&mut out, no_media, max_call).await,
             };
             if let Some(end) = step {
                 break end;
@@ -403,10 +390,6 @@ impl Run {
                 p
             })
             .collect()
-    }
-
-    fn bridged(&self) -> bool {
-        self.agent.as_ref().is_some_and(|a| a.answered.is_some())
     }
 
     async fn on_queue_event(&mut self, ev: CallbackEvent) -> Option<End> {
@@ -457,14 +440,16 @@ impl Run {
                 } else {
                     "db_error"
                 }]);
-                match self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
-                    Some(media) => {
-                        media.stop();
-                        media.play(p);
-                        self.end_after_play = Some(End::NoOperator);
-                        None
-                    }
-                    None => Some(End::NoOperator),
+                let queued = self.trunk_media().map(|m| {
+                    let mut st = m.lock();
+                    st.media.stop();
+                    st.media.play(p);
+                });
+                if queued.is_some() {
+                    self.end_after_play = Some(End::NoOperator);
+                    None
+                } else {
+                    Some(End::NoOperator)
                 }
             }
         }
@@ -472,17 +457,12 @@ impl Run {
 
     /// Ring the caller back through the trunk.
     async fn dial(&mut self, attempt: u32, ring_timeout: Duration) {
-        let Some(port) = self
-            .inner
-            .ports
-            .allocate()
-            .and_then(|p| p.into_async().ok())
-        else {
+        let Some(port) = self.inner.ports.allocate() else {
             warn!("no RTP port for the call-back; counted as unanswered");
             self.inner.queues.callback_failed(self.req.caller).await;
             return;
         };
-        let local = SocketAddr::new(self.req.local_ip, port.port.port);
+        let local = SocketAddr::new(self.req.local_ip, port.port);
         let offer = sdp::build_offer(
             local,
             rand::random::<u32>() as u64,
@@ -513,7 +493,7 @@ impl Run {
             handle: call.handle,
             ring_until: Some(tokio::time::Instant::now() + ring_timeout),
             media: None,
-            answered_at: None,
+            hang_up_at: None,
         });
         self.trunk_events = Some(call.events);
         self.trunk_port = Some(port);
@@ -532,19 +512,32 @@ impl Run {
             }
             LegEvent::Answered { sdp: body } => {
                 let parsed = crate::dispatch::offer::leg_answer(&body);
-                match parsed {
-                    Ok((neg, addr)) => {
+                match (parsed, self.trunk_port.take()) {
+                    (Ok((neg, addr)), Some(port)) => {
                         info!(codec = ?neg.codec, "the caller answered the call-back");
-                        let mut media = MediaSession::new(clock(), neg, addr);
-                        media.play(self.prompts(&["callback_hello", "hold_music"]));
+                        let inner = &self.inner;
+                        let no_media = Duration::from_secs(inner.limits.no_media_seconds);
+                        let max_call = Duration::from_secs(inner.limits.max_call_seconds);
+                        let session = MediaSession::new(clock(), neg, addr);
+                        let (media, notes) =
+                            inner
+                                .clock
+                                .attach(port, session, no_media, self.span.clone());
+                        let greeting = self.prompts(&["callback_hello", "hold_music"]);
+                        media.lock().media.play(greeting);
                         if let Some(t) = &mut self.trunk {
                             t.ring_until = None;
                             t.media = Some(media);
-                            t.answered_at = Some(tokio::time::Instant::now());
+                            t.hang_up_at = Some(tokio::time::Instant::now() + max_call);
                         }
+                        self.notes = Some(notes);
                         self.inner.queues.callback_answered(self.req.caller).await;
                     }
-                    Err(e) => {
+                    (Ok(_), None) => {
+                        // Answered twice (a forked INVITE): the first answer has the port.
+                        warn!("a second answer to the call-back ignored");
+                    }
+                    (Err(e), _) => {
                         warn!(error = %e, "the call-back was answered with unusable SDP");
                         self.drop_trunk().await;
                         self.inner.queues.callback_failed(self.req.caller).await;
@@ -582,11 +575,7 @@ impl Run {
 
     /// Ring an operator for the answered caller.
     async fn offer_agent(&mut self, agent: String, ring_timeout: Duration) {
-        let codec = self
-            .trunk
-            .as_ref()
-            .and_then(|t| t.media.as_ref())
-            .map(MediaSession::codec);
+        let codec = self.trunk_media().map(|m| m.lock().media.codec());
         let contact = self
             .inner
             .agent_contacts
@@ -603,10 +592,7 @@ impl Run {
             return;
         }
         let port = if codec.is_some() && contact.is_some() {
-            self.inner
-                .ports
-                .allocate()
-                .and_then(|p| p.into_async().ok())
+            self.inner.ports.allocate().map(Arc::new)
         } else {
             None
         };
@@ -618,7 +604,7 @@ impl Run {
                 .await;
             return;
         };
-        let offer = leg_offer(SocketAddr::new(self.req.local_ip, port.port.port), codec);
+        let offer = leg_offer(SocketAddr::new(self.req.local_ip, port.port), codec);
         let number = self.req.number.clone();
         let headers = OperatorOffer {
             number: &number,
@@ -678,8 +664,11 @@ impl Run {
                             a.answered = Some((neg, addr));
                             a.ring_until = None;
                         }
-                        if let Some(m) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
-                            m.stop();
+                        // From the clock's next pass the caller hears the operator.
+                        if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
+                            let mut st = m.lock();
+                            st.media.stop();
+                            st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));
                         }
                         self.served = true;
                         self.inner
@@ -704,6 +693,9 @@ impl Run {
             }
             LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
                 info!(%agent, "operator hung up");
+                if let Some(m) = self.trunk_media() {
+                    m.lock().set_bridge(None);
+                }
                 if let Some(a) = self.agent.take() {
                     a.handle.release();
                 }
@@ -724,121 +716,82 @@ impl Run {
         self.hold_music();
     }
 
+    /// The answered caller's media, if they answered.
+    fn trunk_media(&self) -> Option<&MediaHandle> {
+        self.trunk.as_ref()?.media.as_ref()
+    }
+
     /// Back to hold music while the next operator is tried.
     fn hold_music(&mut self) {
         let playing = self
-            .trunk
-            .as_ref()
-            .and_then(|t| t.media.as_ref())
-            .is_none_or(MediaSession::is_playing);
+            .trunk_media()
+            .is_none_or(|m| m.lock().media.is_playing());
         if !playing {
             let p = self.prompts(&["hold_music"]);
-            if let Some(m) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) {
-                m.play(p);
+            if let Some(m) = self.trunk_media() {
+                m.lock().media.play(p);
             }
         }
     }
 
-    fn on_trunk_rtp(&mut self, buf: &mut [u8], n: usize, from: SocketAddr) {
-        let Some(media) = self.trunk.as_mut().and_then(|t| t.media.as_mut()) else {
-            return;
-        };
-        // Latches the caller's address and keeps the no-media watch fed; keys are not ours.
-        if media.on_rtp(clock(), from, &buf[..n]).is_err() {
-            return;
-        }
-        let caller_neg = media.negotiated();
-        if let (
-            Some(AgentLeg {
-                answered: Some((agent_neg, agent_remote)),
-                ..
-            }),
-            Some(port),
-        ) = (&self.agent, &self.agent_port)
-        {
-            if let Relay::Forward { len, event } = relay(buf, n, &caller_neg, agent_neg) {
-                self.to_agent.apply(&mut buf[..len], event);
-                let _ = port.socket.try_send_to(&buf[..len], *agent_remote);
+    /// What the media clock noticed on the answered caller's leg.
+    async fn on_note(&mut self, note: Option<MediaNote>) -> Option<End> {
+        match note {
+            // The clock stopped (the server is stopping; the cancel token ends us).
+            None => {
+                self.notes = None;
+                None
             }
-        }
-    }
-
-    fn on_agent_rtp(&mut self, buf: &mut [u8], n: usize) {
-        let (
-            Some(AgentLeg {
-                answered: Some((agent_neg, _)),
-                ..
-            }),
-            Some(media),
-            Some(port),
-        ) = (
-            &self.agent,
-            self.trunk.as_ref().and_then(|t| t.media.as_ref()),
-            &self.trunk_port,
-        )
-        else {
-            return;
-        };
-        if let Relay::Forward { len, event } = relay(buf, n, agent_neg, &media.negotiated()) {
-            self.to_caller.apply(&mut buf[..len], event);
-            let _ = port.socket.try_send_to(&buf[..len], media.remote());
-        }
-    }
-
-    async fn on_tick(
-        &mut self,
-        out: &mut [u8; MAX_PACKET],
-        no_media: Duration,
-        max_call: Duration,
-    ) -> Option<End> {
-        let bridged = self.bridged();
-        let (Some(t), Some(port)) = (&mut self.trunk, &self.trunk_port) else {
-            return None;
-        };
-        let media = t.media.as_mut()?;
-        if !bridged {
-            let (n, ev) = media.on_tick(out);
-            if n > 0 {
-                let _ = port.socket.try_send_to(&out[..n], media.remote());
-            }
-            if ev == Some(MediaEvent::PlayDone) {
+            Some(MediaNote::PlayDone { stops }) => {
+                // A note from before the queue changed, or from before the bridge, is stale.
+                let current = self.trunk_media().is_some_and(|m| {
+                    let st = m.lock();
+                    !st.bridged() && !st.media.is_playing() && st.media.stops() == stops
+                });
+                if !current {
+                    return None;
+                }
                 if let Some(end) = self.end_after_play {
                     return Some(end);
                 }
                 self.hold_music();
-                return None;
+                None
+            }
+            Some(MediaNote::NoMedia) => {
+                info!(
+                    seconds = self.inner.limits.no_media_seconds,
+                    "no media from the called-back caller; hanging up"
+                );
+                self.caller_gone().await
+            }
+            // Keys reach the operator through the bridge; nothing records a call-back.
+            Some(MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded) => {
+                None
             }
         }
-        let now = clock();
-        if now.saturating_duration_since(media.last_rx()) > no_media {
-            info!(
-                seconds = no_media.as_secs(),
-                "no media from the called-back caller; hanging up"
-            );
-            return self.caller_gone().await;
-        }
-        if t.answered_at.is_some_and(|a| a.elapsed() > max_call) {
-            info!("call-back reached the maximum call length; hanging up");
-            return Some(if self.served {
-                End::Served
-            } else {
-                End::CallerLeft
-            });
-        }
-        None
     }
 
     async fn drop_trunk(&mut self) {
         if let Some(t) = self.trunk.take() {
+            // Nothing more is sent to a phone we are hanging up on.
+            if let Some(m) = &t.media {
+                m.end();
+            }
             t.handle.hangup().await;
             t.handle.release();
         }
         self.trunk_events = None;
         self.trunk_port = None;
+        self.notes = None;
     }
 
     async fn drop_agent(&mut self) {
         if let Some(a) = self.agent.take() {
+            if a.answered.is_some() {
+                if let Some(m) = self.trunk_media() {
+                    m.lock().set_bridge(None);
+                }
+            }
             a.handle.hangup().await;
             a.handle.release();
         }

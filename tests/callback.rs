@@ -495,6 +495,61 @@ async fn a_called_back_caller_who_hangs_up_before_an_operator_answers_cancels_th
 }
 
 #[tokio::test]
+async fn a_called_back_phone_that_sends_no_audio_is_hung_up_and_the_offer_withdrawn() {
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut file = config(trunk_sip.local_addr().unwrap(), 3);
+    file.limits.no_media_seconds = 3;
+    let srv = start_server(file).await;
+    let trunk = Peer {
+        sip: trunk_sip,
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        server: srv.sip_addr,
+        tag: "trunk4".into(),
+    };
+    let agent = Peer::agent(srv.sip_addr, "1001").await;
+    caller_asks_for_a_callback(&srv).await;
+    assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
+    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
+    trunk
+        .reply(&inv, 200, "OK", Some(trunk.answer_sdp(0)))
+        .await;
+    trunk.request("ACK", Duration::from_secs(3)).await;
+    let answered = tokio::time::Instant::now();
+    // A line that answers but carries no audio back (a fax tone, a broken gateway): the
+    // greeting still plays to it...
+    let greeting = trunk.hear(0, Duration::from_millis(800)).await;
+    let ear = PromptEar::new("en", &["callback_hello", "hold_music"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&greeting).first().map(String::as_str),
+        Some("callback_hello"),
+        "{} packets",
+        greeting.len()
+    );
+    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&ainv, 180, "Ringing", None).await;
+    // ...and after `limits.no_media_seconds` without a packet from it, the server hangs up
+    // and withdraws the operator's offer.
+    trunk.request("BYE", Duration::from_secs(6)).await;
+    let waited = answered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "hung up after {waited:?}, before the caller was silent for 3 s"
+    );
+    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
+    assert_eq!(cancel.call_id, ainv.call_id);
+    agent.reply(&cancel, 200, "OK", None).await;
+    agent.reply(&ainv, 487, "Request Terminated", None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = general_queue(&srv).await;
+    assert_eq!(
+        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
+        (Some(0), Some(1)),
+        "{q}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     let mut file = config("127.0.0.1:9".parse().unwrap(), 3);
     file.callback.trunk_uri = None;

@@ -3,15 +3,13 @@
 //!
 //! A port's socket is a plain non-blocking std socket, not registered with the tokio reactor:
 //! the media clock reads and writes it on its own schedule, and a registered socket would wake
-//! the reactor for every packet that arrives (bridged calls are relayed by the clock too). A
-//! task that must await packets itself (a call-back's outbound leg) registers a duplicate with
-//! [`RtpPort::registered`].
+//! the reactor for every packet that arrives (bridged calls, call-back legs included, are
+//! relayed by the clock too).
 
 use crate::config::PortRange;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tokio::net::UdpSocket;
 use tracing::debug;
 
 /// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
@@ -27,29 +25,6 @@ pub struct RtpPort {
     pub socket: std::net::UdpSocket,
     pub port: u16,
     pool: Arc<PortPool>,
-}
-
-impl RtpPort {
-    /// The same socket registered with the runtime, to await its packets (must be called from
-    /// within the runtime).
-    pub fn registered(&self) -> std::io::Result<UdpSocket> {
-        UdpSocket::from_std(self.socket.try_clone()?)
-    }
-
-    /// This port for a task that awaits its packets itself (an outbound leg).
-    pub fn into_async(self) -> std::io::Result<AsyncRtpPort> {
-        Ok(AsyncRtpPort {
-            socket: self.registered()?,
-            port: self,
-        })
-    }
-}
-
-/// An RTP port whose socket is registered with the runtime; the port goes back to the pool
-/// when this is dropped.
-pub struct AsyncRtpPort {
-    pub socket: UdpSocket,
-    pub port: RtpPort,
 }
 
 impl Drop for RtpPort {
