@@ -255,17 +255,67 @@ async fn caller_asks_for_a_callback(srv: &ivr311::server::RunningServer) {
     ua.expect_request("BYE", Duration::from_secs(15)).await;
 }
 
+/// The trunk's stand-in: `sip` (bound before the server was configured with its address)
+/// and a fresh RTP socket.
+async fn trunk_peer(sip: UdpSocket, srv: &ivr311::server::RunningServer, tag: &str) -> Peer {
+    Peer {
+        sip,
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        server: srv.sip_addr,
+        tag: tag.into(),
+    }
+}
+
+/// What the called-back caller heard (in `codec`) starts with the call-back greeting.
+fn assert_greeted(heard: &[Vec<u8>], codec: Codec) {
+    let ear = PromptEar::new("en", &["callback_hello", "hold_music"], codec);
+    assert_eq!(
+        ear.playbacks(heard).first().map(String::as_str),
+        Some("callback_hello"),
+        "{} packets",
+        heard.len()
+    );
+}
+
+/// A waiting caller asks for a call-back, the operator comes back, and the trunk answers the
+/// call-back in PCMU: the call-back's INVITE.
+async fn call_back_answered(srv: &ivr311::server::RunningServer, trunk: &Peer) -> Request {
+    caller_asks_for_a_callback(srv).await;
+    assert_eq!(admin(srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
+    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
+    trunk
+        .reply(&inv, 200, "OK", Some(trunk.answer_sdp(0)))
+        .await;
+    trunk.request("ACK", Duration::from_secs(3)).await;
+    inv
+}
+
+/// The operator's ringing phone gets CANCEL for `ainv`, and the queue counts the called-back
+/// caller as abandoned.
+async fn offer_withdrawn_caller_abandoned(
+    srv: &ivr311::server::RunningServer,
+    agent: &Peer,
+    ainv: &Request,
+) {
+    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
+    assert_eq!(cancel.call_id, ainv.call_id);
+    agent.reply(&cancel, 200, "OK", None).await;
+    agent.reply(ainv, 487, "Request Terminated", None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = general_queue(srv).await;
+    assert_eq!(
+        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
+        (Some(0), Some(1)),
+        "{q}"
+    );
+}
+
 #[tokio::test]
 async fn a_callback_keeps_the_place_rings_the_caller_back_and_bridges_them_to_the_operator() {
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let trunk_addr = trunk_sip.local_addr().unwrap();
     let srv = start_server(config(trunk_addr, 3)).await;
-    let trunk = Peer {
-        sip: trunk_sip,
-        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        server: srv.sip_addr,
-        tag: "trunk1".into(),
-    };
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk1").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
     caller_asks_for_a_callback(&srv).await;
 
@@ -302,13 +352,7 @@ async fn a_callback_keeps_the_place_rings_the_caller_back_and_bridges_them_to_th
         trunk.hear(8, Duration::from_millis(1000)),
         trunk.send_rtp(offer.addr, 8, 0xd5, 10)
     );
-    let ear = PromptEar::new("en", &["callback_hello", "hold_music"], Codec::Pcma);
-    assert_eq!(
-        ear.playbacks(&greeting).first().map(String::as_str),
-        Some("callback_hello"),
-        "{} packets",
-        greeting.len()
-    );
+    assert_greeted(&greeting, Codec::Pcma);
 
     // The operator is offered the called-back caller with the context headers.
     let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
@@ -384,12 +428,7 @@ async fn a_callback_nobody_answers_is_retried_then_filed_as_a_flagged_ticket() {
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let trunk_addr = trunk_sip.local_addr().unwrap();
     let srv = start_server(config(trunk_addr, 2)).await;
-    let trunk = Peer {
-        sip: trunk_sip,
-        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        server: srv.sip_addr,
-        tag: "trunk2".into(),
-    };
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk2").await;
     let _agent = Peer::agent(srv.sip_addr, "1001").await;
     caller_asks_for_a_callback(&srv).await;
     assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
@@ -449,35 +488,14 @@ async fn a_callback_pending_at_shutdown_becomes_a_flagged_ticket() {
 async fn a_called_back_caller_who_hangs_up_before_an_operator_answers_cancels_the_offer() {
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let srv = start_server(config(trunk_sip.local_addr().unwrap(), 3)).await;
-    let trunk = Peer {
-        sip: trunk_sip,
-        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        server: srv.sip_addr,
-        tag: "trunk3".into(),
-    };
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk3").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
-    caller_asks_for_a_callback(&srv).await;
-    assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
-    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
-    trunk
-        .reply(&inv, 200, "OK", Some(trunk.answer_sdp(0)))
-        .await;
-    trunk.request("ACK", Duration::from_secs(3)).await;
+    let inv = call_back_answered(&srv, &trunk).await;
     let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
     agent.reply(&ainv, 180, "Ringing", None).await;
     // The caller hangs up while the operator's phone rings.
     trunk.bye(&inv).await;
-    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
-    assert_eq!(cancel.call_id, ainv.call_id);
-    agent.reply(&cancel, 200, "OK", None).await;
-    agent.reply(&ainv, 487, "Request Terminated", None).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let q = general_queue(&srv).await;
-    assert_eq!(
-        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
-        (Some(0), Some(1)),
-        "{q}"
-    );
+    offer_withdrawn_caller_abandoned(&srv, &agent, &ainv).await;
     let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
     assert!(
         agents.contains("\"available\""),
@@ -500,31 +518,14 @@ async fn a_called_back_phone_that_sends_no_audio_is_hung_up_and_the_offer_withdr
     let mut file = config(trunk_sip.local_addr().unwrap(), 3);
     file.limits.no_media_seconds = 3;
     let srv = start_server(file).await;
-    let trunk = Peer {
-        sip: trunk_sip,
-        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        server: srv.sip_addr,
-        tag: "trunk4".into(),
-    };
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk4").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
-    caller_asks_for_a_callback(&srv).await;
-    assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
-    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
-    trunk
-        .reply(&inv, 200, "OK", Some(trunk.answer_sdp(0)))
-        .await;
-    trunk.request("ACK", Duration::from_secs(3)).await;
+    call_back_answered(&srv, &trunk).await;
     let answered = tokio::time::Instant::now();
     // A line that answers but carries no audio back (a fax tone, a broken gateway): the
     // greeting still plays to it...
     let greeting = trunk.hear(0, Duration::from_millis(800)).await;
-    let ear = PromptEar::new("en", &["callback_hello", "hold_music"], Codec::Pcmu);
-    assert_eq!(
-        ear.playbacks(&greeting).first().map(String::as_str),
-        Some("callback_hello"),
-        "{} packets",
-        greeting.len()
-    );
+    assert_greeted(&greeting, Codec::Pcmu);
     let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
     agent.reply(&ainv, 180, "Ringing", None).await;
     // ...and after `limits.no_media_seconds` without a packet from it, the server hangs up
@@ -535,17 +536,7 @@ async fn a_called_back_phone_that_sends_no_audio_is_hung_up_and_the_offer_withdr
         waited >= Duration::from_millis(2500),
         "hung up after {waited:?}, before the caller was silent for 3 s"
     );
-    let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
-    assert_eq!(cancel.call_id, ainv.call_id);
-    agent.reply(&cancel, 200, "OK", None).await;
-    agent.reply(&ainv, 487, "Request Terminated", None).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let q = general_queue(&srv).await;
-    assert_eq!(
-        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
-        (Some(0), Some(1)),
-        "{q}"
-    );
+    offer_withdrawn_caller_abandoned(&srv, &agent, &ainv).await;
     srv.shutdown().await;
 }
 
