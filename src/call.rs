@@ -23,7 +23,9 @@
 
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
-use crate::dispatch::offer::{asserted_identity, leg_offer, OperatorOffer};
+use crate::dispatch::offer::{
+    agent_leg_step, asserted_identity, leg_offer, AgentLegStep, OperatorOffer,
+};
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
 use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
@@ -1616,50 +1618,39 @@ impl Call {
             self.leg_events = None;
             return None;
         };
-        match ev {
-            LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
-            LegEvent::Answered { sdp: body } => {
-                let parsed = crate::dispatch::offer::leg_answer(&body);
-                match parsed {
-                    Ok((neg, addr)) => {
-                        info!(%agent, codec = ?neg.codec, "operator answered; caller bridged");
-                        if let Some(l) = &mut self.leg {
-                            l.answered = Some((neg, addr));
-                        }
-                        self.media.lock().media.stop();
-                        if let Some(q) = &mut self.queue {
-                            q.ringing = None;
-                            q.connected = Some(agent.clone());
-                        }
-                        if let Some(q) = &self.ctx.queues {
-                            q.offer_answered(self.registry_id, &agent).await;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(%agent, error = %e, "operator answered with unusable SDP");
-                        self.drop_agent_leg().await;
-                        self.queue_offer_failed(&agent, OfferFailure::NoCommonCodec)
-                            .await;
-                    }
+        match agent_leg_step(&agent, ev) {
+            AgentLegStep::Nothing => {}
+            AgentLegStep::Answered(neg, addr) => {
+                if let Some(l) = &mut self.leg {
+                    l.answered = Some((neg, addr));
+                }
+                self.media.lock().media.stop();
+                if let Some(q) = &mut self.queue {
+                    q.ringing = None;
+                    q.connected = Some(agent.clone());
+                }
+                if let Some(q) = &self.ctx.queues {
+                    q.offer_answered(self.registry_id, &agent).await;
                 }
             }
-            LegEvent::Failed { code, reason } => {
-                info!(%agent, code, %reason, "operator phone did not take the call");
+            AgentLegStep::Unusable => {
+                self.drop_agent_leg().await;
+                self.queue_offer_failed(&agent, OfferFailure::NoCommonCodec)
+                    .await;
+            }
+            AgentLegStep::Failed(why) => {
                 self.leg = None;
                 self.leg_events = None;
                 if let Some(q) = &mut self.queue {
                     q.ringing = None;
                 }
-                self.queue_offer_failed(&agent, OfferFailure::from_status(code))
-                    .await;
+                self.queue_offer_failed(&agent, why).await;
             }
-            LegEvent::Dialog(DialogEvent::Bye) => {
-                info!(%agent, "operator hung up");
+            AgentLegStep::HungUp => {
                 self.leg = None;
                 self.leg_events = None;
                 return Some(EndReason::AgentHungUp);
             }
-            LegEvent::Dialog(_) => {}
         }
         self.end.take()
     }

@@ -48,7 +48,9 @@
 
 use crate::call::{MenuHolder, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
-use crate::dispatch::offer::{asserted_identity, leg_offer, OperatorOffer};
+use crate::dispatch::offer::{
+    agent_leg_step, asserted_identity, leg_offer, AgentLegStep, OperatorOffer,
+};
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
 use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
@@ -653,46 +655,36 @@ impl Run {
             self.agent_events = None;
             return None;
         };
-        match ev {
-            LegEvent::Provisional { code } => debug!(%agent, code, "operator phone ringing"),
-            LegEvent::Answered { sdp: body } => {
-                let parsed = crate::dispatch::offer::leg_answer(&body);
-                match parsed {
-                    Ok((neg, addr)) => {
-                        info!(%agent, codec = ?neg.codec, "operator answered; called-back caller bridged");
-                        if let Some(a) = &mut self.agent {
-                            a.answered = Some((neg, addr));
-                            a.ring_until = None;
-                        }
-                        // From the clock's next pass the caller hears the operator.
-                        if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
-                            let mut st = m.lock();
-                            st.media.stop();
-                            st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));
-                        }
-                        self.served = true;
-                        self.inner
-                            .queues
-                            .offer_answered(self.req.caller, &agent)
-                            .await;
-                    }
-                    Err(e) => {
-                        warn!(%agent, error = %e, "operator answered with unusable SDP");
-                        self.drop_agent().await;
-                        self.agent_failed(&agent, OfferFailure::NoCommonCodec).await;
-                    }
+        match agent_leg_step(&agent, ev) {
+            AgentLegStep::Nothing => {}
+            AgentLegStep::Answered(neg, addr) => {
+                if let Some(a) = &mut self.agent {
+                    a.answered = Some((neg, addr));
+                    a.ring_until = None;
                 }
+                // From the clock's next pass the caller hears the operator.
+                if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
+                    let mut st = m.lock();
+                    st.media.stop();
+                    st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));
+                }
+                self.served = true;
+                self.inner
+                    .queues
+                    .offer_answered(self.req.caller, &agent)
+                    .await;
             }
-            LegEvent::Failed { code, reason } => {
-                info!(%agent, code, %reason, "operator phone did not take the call-back");
+            AgentLegStep::Unusable => {
+                self.drop_agent().await;
+                self.agent_failed(&agent, OfferFailure::NoCommonCodec).await;
+            }
+            AgentLegStep::Failed(why) => {
                 self.agent = None;
                 self.agent_events = None;
                 self.agent_port = None;
-                self.agent_failed(&agent, OfferFailure::from_status(code))
-                    .await;
+                self.agent_failed(&agent, why).await;
             }
-            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
-                info!(%agent, "operator hung up");
+            AgentLegStep::HungUp => {
                 if let Some(m) = self.trunk_media() {
                     m.lock().set_bridge(None);
                 }
@@ -703,7 +695,6 @@ impl Run {
                 self.agent_port = None;
                 return Some(End::Served);
             }
-            LegEvent::Dialog(_) => {}
         }
         None
     }

@@ -3,12 +3,16 @@
 //!
 //! One place for both, because a live caller's offer ([`crate::call`]) and a called-back
 //! caller's ([`crate::callback`]) must look the same to the operator's phone; the README's
-//! table of `X-311-*` headers documents what these build.
+//! table of `X-311-*` headers documents what these build. What the operator's phone answers
+//! is read here for both too ([`agent_leg_step`]).
 
+use crate::dispatch::queue::OfferFailure;
 use crate::media::g711::Codec;
 use crate::media::sdp;
 use crate::sip::message::sanitize_quoted;
+use crate::sip::ua::{DialogEvent, LegEvent};
 use std::net::{IpAddr, SocketAddr};
+use tracing::{debug, info, warn};
 
 /// The SDP offer of a new leg whose media is at `local`: the caller's codec first (so the
 /// bridge need not transcode when the far end takes it), the other G.711 law second, and
@@ -34,6 +38,52 @@ pub fn leg_offer(local: SocketAddr, caller_codec: Codec) -> String {
 pub fn leg_answer(body: &[u8]) -> Result<(sdp::Negotiated, SocketAddr), sdp::SdpError> {
     let a = sdp::parse(body)?;
     Ok((sdp::negotiate(&a, &crate::call::SUPPORTED_CODECS)?, a.addr))
+}
+
+/// What an event on an operator's leg means to whoever rang that operator: a live call or a
+/// call-back. Each keeps its own state; the reading of the event, and its log line, is this.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentLegStep {
+    /// Nothing to do (the phone rings, or in-dialog traffic).
+    Nothing,
+    /// The operator answered with media we can use: bridge the caller to it.
+    Answered(sdp::Negotiated, SocketAddr),
+    /// The operator answered with SDP we cannot use: hang the leg up and report
+    /// [`OfferFailure::NoCommonCodec`].
+    Unusable,
+    /// The phone did not take the call (the leg is over): report this to the queue.
+    Failed(OfferFailure),
+    /// The operator hung up (or their dialog died).
+    HungUp,
+}
+
+/// Read `ev`, from the leg that rang `agent`, and log it.
+pub fn agent_leg_step(agent: &str, ev: LegEvent) -> AgentLegStep {
+    match ev {
+        LegEvent::Provisional { code } => {
+            debug!(%agent, code, "operator phone ringing");
+            AgentLegStep::Nothing
+        }
+        LegEvent::Answered { sdp: body } => match leg_answer(&body) {
+            Ok((neg, addr)) => {
+                info!(%agent, codec = ?neg.codec, "operator answered; caller bridged");
+                AgentLegStep::Answered(neg, addr)
+            }
+            Err(e) => {
+                warn!(%agent, error = %e, "operator answered with unusable SDP");
+                AgentLegStep::Unusable
+            }
+        },
+        LegEvent::Failed { code, reason } => {
+            info!(%agent, code, %reason, "operator phone did not take the call");
+            AgentLegStep::Failed(OfferFailure::from_status(code))
+        }
+        LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
+            info!(%agent, "operator hung up");
+            AgentLegStep::HungUp
+        }
+        LegEvent::Dialog(_) => AgentLegStep::Nothing,
+    }
 }
 
 /// `P-Asserted-Identity: <sip:NUMBER@HOST>` with the caller's number as the trunk gave it.
@@ -83,6 +133,59 @@ impl OperatorOffer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operator_legs_answer_failure_and_hang_up_read_the_same_for_every_caller() {
+        let sdp = |codecs: &str, maps: &str| {
+            LegEvent::Answered {
+                sdp: format!(
+                    "v=0\r\no=op 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP {codecs}\r\n{maps}"
+                )
+                .into(),
+            }
+        };
+        match agent_leg_step(
+            "1001",
+            sdp("8 101", "a=rtpmap:101 telephone-event/8000\r\n"),
+        ) {
+            AgentLegStep::Answered(neg, addr) => {
+                assert_eq!(neg.codec, Codec::Pcma);
+                assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A phone that answers with G.729 only cannot be bridged.
+        assert_eq!(
+            agent_leg_step("1001", sdp("18", "a=rtpmap:18 G729/8000\r\n")),
+            AgentLegStep::Unusable
+        );
+        let failed = |code| LegEvent::Failed {
+            code,
+            reason: "x".into(),
+        };
+        assert_eq!(
+            agent_leg_step("1001", failed(486)),
+            AgentLegStep::Failed(OfferFailure::Busy)
+        );
+        assert_eq!(
+            agent_leg_step("1001", failed(408)),
+            AgentLegStep::Failed(OfferFailure::from_status(408))
+        );
+        for ev in [DialogEvent::Bye, DialogEvent::Timeout] {
+            assert_eq!(
+                agent_leg_step("1001", LegEvent::Dialog(ev)),
+                AgentLegStep::HungUp
+            );
+        }
+        assert_eq!(
+            agent_leg_step("1001", LegEvent::Provisional { code: 180 }),
+            AgentLegStep::Nothing
+        );
+        assert_eq!(
+            agent_leg_step("1001", LegEvent::Dialog(DialogEvent::Confirmed)),
+            AgentLegStep::Nothing
+        );
+    }
 
     #[test]
     fn an_operator_sees_the_callers_context_and_a_spoofed_number_cannot_inject_headers() {
