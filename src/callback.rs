@@ -520,6 +520,8 @@ impl Run {
                         let inner = &self.inner;
                         let no_media = Duration::from_secs(inner.limits.no_media_seconds);
                         let max_call = Duration::from_secs(inner.limits.max_call_seconds);
+                        // Early media (the trunk's ringback) is not the caller.
+                        port.discard_queued();
                         let session = MediaSession::new(clock(), neg, addr);
                         let (media, notes) =
                             inner
@@ -662,8 +664,13 @@ impl Run {
                     a.answered = Some((neg, addr));
                     a.ring_until = None;
                 }
-                // From the clock's next pass the caller hears the operator.
+                // From the clock's next pass the caller hears the operator (and nothing the
+                // operator's phone sent before it answered).
                 if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
+                    let early = port.discard_queued();
+                    if early > 0 {
+                        debug!(%agent, packets = early, "early media dropped at the answer");
+                    }
                     let mut st = m.lock();
                     st.media.stop();
                     st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));

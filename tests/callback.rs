@@ -368,11 +368,19 @@ async fn a_callback_keeps_the_place_rings_the_caller_back_and_bridges_them_to_th
     );
     assert!(ainv.header("X-311-Waited").unwrap().parse::<u64>().is_ok());
     let agent_offer = ivr311::media::sdp::parse(&ainv.body).unwrap();
+    // The operator's phone sends early media while it rings: the caller never gets it.
+    agent.reply(&ainv, 180, "Ringing", None).await;
+    agent.send_rtp(agent_offer.addr, 0, 0x11, 10).await;
+    trunk.drain_rtp();
     agent
         .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
         .await;
     agent.request("ACK", Duration::from_secs(3)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after_answer = trunk.hear(8, Duration::from_millis(300)).await;
+    let mut early = [0u8; 160];
+    Codec::transcode(Codec::Pcmu, Codec::Pcma, &[0x11; 160], &mut early);
+    let stale = after_answer.iter().filter(|p| p[..] == early[..]).count();
+    assert_eq!(stale, 0, "early media relayed after the answer");
     trunk.drain_rtp();
 
     // Caller (PCMA) -> operator (PCMU), transcoded.

@@ -63,6 +63,14 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
     assert!(inv.header("X-311-Waited").unwrap().parse::<u64>().is_ok());
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
     agent.reply(&inv, 180, "Ringing", None).await;
+    // While it rings the phone sends early media (a ringback tone, 30 packets).
+    let mut early = rtp::RtpStream::new();
+    let mut out = [0u8; 200];
+    for _ in 0..30 {
+        let n = early.write(0, &[0x11; 160], 160, &mut out);
+        agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
     assert_eq!(
         agent
@@ -91,7 +99,6 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
     assert!(got >= 15, "caller audio reached the agent: {got}");
     // Agent -> caller.
     let mut s = rtp::RtpStream::new();
-    let mut out = [0u8; 200];
     for _ in 0..20 {
         let n = s.write(0, &[0x55; 160], 160, &mut out);
         agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
@@ -102,6 +109,13 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
         heard.iter().filter(|p| p[0] == 0x55).count() >= 10,
         "agent audio reached the caller"
     );
+    // What the phone sent before it answered never reaches the caller (relayed, it would
+    // arrive as one burst of stale audio ahead of the agent's voice).
+    let stale = heard
+        .iter()
+        .filter(|p| p.iter().all(|&b| b == 0x11))
+        .count();
+    assert_eq!(stale, 0, "early media relayed after the answer");
 
     let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
     assert!(

@@ -27,6 +27,23 @@ pub struct RtpPort {
     pool: Arc<PortPool>,
 }
 
+impl RtpPort {
+    /// Drop every datagram waiting on the socket; how many there were. A leg's port is not
+    /// read while its phone rings, so what waits there when it answers is early media (a
+    /// ringback tone, an announcement) from before the answer. Relayed, it would reach the
+    /// caller as one burst of seconds of stale audio, which a phone's jitter buffer either
+    /// throws away or plays late, pushing the operator's first words back by as much.
+    pub fn discard_queued(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        // Non-blocking: stops at the first WouldBlock (or any other error).
+        while self.socket.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
 impl Drop for RtpPort {
     fn drop(&mut self) {
         if let Ok(mut f) = self.pool.free.lock() {
