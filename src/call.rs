@@ -32,7 +32,7 @@ use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::g711::Codec;
 use crate::media::ports::{PortPool, RtpPort};
-use crate::media::prompt::{Prompt, PromptStore};
+use crate::media::prompt::{ringback, Prompt, PromptStore};
 use crate::media::record::{Recorder, VoiceMeter};
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::MediaSession;
@@ -1186,7 +1186,13 @@ impl Call {
                     self.end = Some(EndReason::Emergency);
                 }
             }
-            Some(_) => {}
+            // The 911 leg rings on: so does the caller's line (see `prompt::ringback`).
+            Some(EmergencyMethod::Bridge) => {
+                if self.leg.as_ref().is_some_and(|l| l.answered.is_none()) {
+                    self.media.lock().media.play(vec![ringback()]);
+                }
+            }
+            Some(EmergencyMethod::Refer) => {}
         }
     }
 
@@ -1225,8 +1231,10 @@ impl Call {
                 // A healthy trunk rings or answers within moments; one that says nothing for
                 // a few seconds is down, and the caller must not wait on it.
                 e.deadline = Some(tokio::time::Instant::now() + BRIDGE_FIRST_RESPONSE.min(timeout));
-                if let Err(why) = self.start_bridge().await {
-                    Box::pin(self.emergency_failed(&why)).await;
+                match self.start_bridge().await {
+                    // From the INVITE on, the caller hears ringing until 911 answers.
+                    Ok(()) => self.media.lock().media.play(vec![ringback()]),
+                    Err(why) => Box::pin(self.emergency_failed(&why)).await,
                 }
             }
             EmergencyMethod::Announce => {
@@ -1380,6 +1388,8 @@ impl Call {
                 l.handle.hangup().await; // CANCEL a leg still ringing
             }
         }
+        // Ringback for a leg that failed stops; the next method brings its own sound.
+        self.media.lock().media.stop();
         let Some(e) = &mut self.emergency else { return };
         warn!(method = ?e.current, reason = why, "911 method failed; trying the next");
         e.failures

@@ -370,6 +370,24 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
         .unwrap()
         .contains("+15550001111"));
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    // While 911 rings, the caller hears the line ringing (not silence).
+    ua.listen(Duration::from_millis(100)).await;
+    let ringing =
+        ivr311::sip::message::ResponseBuilder::new(&inv, 180, "Ringing", Some("psap1")).build();
+    trunk.sip.send_to(&ringing, from).await.unwrap();
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    let tone = ivr311::media::prompt::ringback();
+    let tone_frames: std::collections::HashSet<&[u8]> =
+        tone.encoded(Codec::Pcmu)[..16000].chunks(160).collect();
+    let rings = heard
+        .iter()
+        .filter(|p| tone_frames.contains(&p[..]))
+        .count();
+    assert!(
+        rings >= 50,
+        "ringback frames heard while 911 rang: {rings} of {}",
+        heard.len()
+    );
     let rtp = trunk.rtp.local_addr().unwrap();
     let answer = format!(
         "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n",

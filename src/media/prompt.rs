@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rubato::{FftFixedInOut, Resampler};
@@ -86,6 +86,31 @@ pub struct Prompt {
     pcm: Vec<i16>,
     ulaw: Vec<u8>,
     alaw: Vec<u8>,
+}
+
+/// One cycle of the North American ringback tone (ANSI T1.401: 440 Hz + 480 Hz, each at
+/// -19 dBm0, 2 s on, 4 s off), generated once and shared. Played, and replayed, to a caller
+/// while a leg we dial for them rings (the 911 trunk), so that after "connecting you to 911"
+/// they hear the line ringing rather than a silence they could take for a dead call. A tone,
+/// not a recording: it is the same in every language and needs no file in `prompts/`.
+pub fn ringback() -> Arc<Prompt> {
+    static RINGBACK: OnceLock<Arc<Prompt>> = OnceLock::new();
+    RINGBACK
+        .get_or_init(|| {
+            // 0 dBm0 is a sine 3.17 dB below G.711's full scale; -19 dBm0 each tone.
+            let peak = 32767.0 * 10f32.powf(-(3.17 + 19.0) / 20.0);
+            let rate = SAMPLE_RATE as f32;
+            let on = SAMPLE_RATE as usize * 2;
+            let mut pcm = vec![0i16; SAMPLE_RATE as usize * 6];
+            for (i, s) in pcm[..on].iter_mut().enumerate() {
+                let t = i as f32 / rate;
+                let v = (std::f32::consts::TAU * 440.0 * t).sin()
+                    + (std::f32::consts::TAU * 480.0 * t).sin();
+                *s = (v * peak).round() as i16;
+            }
+            Arc::new(Prompt::from_pcm_8k("ringback", pcm))
+        })
+        .clone()
 }
 
 impl fmt::Debug for Prompt {
@@ -509,6 +534,40 @@ fn visible_utf8_name(path: &Path, name: Option<&std::ffi::OsStr>) -> Option<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Power of `f` Hz in `x` (Goertzel), per sample.
+    fn tone_power(x: &[i16], f: f32) -> f32 {
+        let w = std::f32::consts::TAU * f / SAMPLE_RATE as f32;
+        let (mut s1, mut s2) = (0f32, 0f32);
+        for &v in x {
+            let s0 = f32::from(v) + 2.0 * w.cos() * s1 - s2;
+            s2 = s1;
+            s1 = s0;
+        }
+        (s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2) / (x.len() as f32).powi(2)
+    }
+
+    #[test]
+    fn ringback_is_440_and_480_hz_for_two_seconds_then_four_of_silence() {
+        let r = ringback();
+        assert_eq!(r.duration(), Duration::from_secs(6));
+        let (on, off) = r.pcm().split_at(16000);
+        assert!(off.iter().all(|&v| v == 0), "the 4 s off are silent");
+        let (p440, p480, p1000) = (
+            tone_power(on, 440.0),
+            tone_power(on, 480.0),
+            tone_power(on, 1000.0),
+        );
+        assert!(
+            p440 > 1000.0 * p1000 && p480 > 1000.0 * p1000,
+            "{p440} {p480} {p1000}"
+        );
+        // Each tone at -19 dBm0: amplitude ~2,540 of 32,767 (Goertzel power ~ (A/2)^2).
+        let amplitude = 2.0 * p440.sqrt();
+        assert!((2300.0..2800.0).contains(&amplitude), "{amplitude}");
+        // The same tone for every caller: one shared copy.
+        assert!(Arc::ptr_eq(&r, &ringback()));
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A fresh directory under the system temp dir, removed on drop.
