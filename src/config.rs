@@ -42,6 +42,99 @@ pub struct PortRange {
     pub hi: u16,
 }
 
+/// A DSCP code point (RFC 2474): 0 to 63. Read from YAML as a number; anything larger is refused
+/// with the line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dscp(pub u8);
+
+impl<'de> Deserialize<'de> for Dscp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u8::deserialize(d)?;
+        if v > 63 {
+            return Err(serde::de::Error::custom(format!(
+                "DSCP {v} is out of range: a code point is 0 to 63 (46 = EF, 24 = CS3, 0 = unmarked)"
+            )));
+        }
+        Ok(Dscp(v))
+    }
+}
+
+/// How our packets are marked for the network's quality of service (the `qos:` section).
+///
+/// A city's network (or its carrier's) queues voice ahead of bulk traffic only if the packets
+/// say they are voice. Phones mark their own RTP EF; a server that leaves its RTP unmarked
+/// gets one-way quality problems under load that no phone-side setting fixes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QosConfig {
+    /// RTP (every call's and every bridged leg's audio). Default 46: Expedited Forwarding
+    /// (RFC 3246), RFC 4594's class for telephony.
+    pub rtp_dscp: Dscp,
+    /// SIP (UDP, and TCP connections callers open). Default 24: CS3, the call-signalling
+    /// class of Cisco's QoS baseline and Asterisk's sample configuration (RFC 4594 suggests
+    /// CS5 = 40; set that if your network follows it).
+    pub sip_dscp: Dscp,
+}
+
+impl Default for QosConfig {
+    fn default() -> Self {
+        QosConfig {
+            rtp_dscp: Dscp(46),
+            sip_dscp: Dscp(24),
+        }
+    }
+}
+
+/// Mark a socket's packets with `dscp` (IPv4 `IP_TOS` or IPv6 `IPV6_TCLASS`; the two ECN bits
+/// are left clear). A failure only costs the marking, so callers log it and go on.
+/// An IPv6 socket also gets `IP_TOS`, for the IPv4 peers it reaches as mapped addresses.
+pub fn set_dscp(socket: &impl std::os::fd::AsRawFd, ipv6: bool, dscp: Dscp) -> std::io::Result<()> {
+    let tos = libc::c_int::from(dscp.0) << 2;
+    let set = |level, name| {
+        // SAFETY: a valid socket, an int option of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&tos as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    if ipv6 {
+        set(libc::IPPROTO_IPV6, libc::IPV6_TCLASS)?;
+        let _ = set(libc::IPPROTO_IP, libc::IP_TOS);
+        Ok(())
+    } else {
+        set(libc::IPPROTO_IP, libc::IP_TOS)
+    }
+}
+
+/// The DSCP an IPv4 socket marks its packets with (tests).
+#[cfg(test)]
+pub(crate) fn dscp_of(socket: &impl std::os::fd::AsRawFd) -> u8 {
+    let mut tos: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket; `tos` and `len` outlive the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_TOS,
+            (&mut tos as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    (tos >> 2) as u8
+}
+
 /// Parse `LO-HI`.
 pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
     let (lo, hi) = s
@@ -73,6 +166,7 @@ pub struct FileConfig {
     pub callback: CallbackConfig,
     pub registrar: RegistrarConfig,
     pub trunks: TrunksConfig,
+    pub qos: QosConfig,
 }
 
 /// Where calls may come from.
@@ -445,6 +539,26 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qos_marks_voice_ef_and_signalling_cs3_unless_told_and_refuses_a_code_point_past_63() {
+        let path = Path::new("server.yaml");
+        let c = FileConfig::parse(path, "limits:\n  max_calls: 10\n").unwrap();
+        assert_eq!(c.qos, QosConfig::default());
+        assert_eq!((c.qos.rtp_dscp, c.qos.sip_dscp), (Dscp(46), Dscp(24)));
+        let c = FileConfig::parse(path, "qos:\n  sip_dscp: 40\n  rtp_dscp: 0\n").unwrap();
+        assert_eq!((c.qos.rtp_dscp, c.qos.sip_dscp), (Dscp(0), Dscp(40)));
+        let e = FileConfig::parse(path, "qos:\n  rtp_dscp: 184\n").unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("server.yaml:2:") && shown.contains("DSCP 184 is out of range"),
+            "{shown}"
+        );
+        // Marking a socket: what the kernel then puts in every packet's header.
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_dscp(&s, false, Dscp(46)).unwrap();
+        assert_eq!(dscp_of(&s), 46);
+    }
 
     #[test]
     fn port_ranges() {

@@ -138,6 +138,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
         max_tcp_connections: file.limits.max_tcp_connections,
+        dscp: file.qos.sip_dscp,
         ..TransportLimits::default()
     };
     let transport = transport::bind(args.sip, limits, in_tx, &tracker, cancel.clone())
@@ -200,7 +201,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         ));
         handle
     });
-    let ports = PortPool::new(args.rtp_ports, args.sip.ip());
+    let ports = PortPool::with_dscp(args.rtp_ports, args.sip.ip(), file.qos.rtp_dscp);
     let clock = MediaClock::start_with(
         file.media
             .clock_threads

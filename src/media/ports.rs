@@ -6,17 +6,22 @@
 //! the reactor for every packet that arrives (bridged calls, call-back legs included, are
 //! relayed by the clock too).
 
-use crate::config::PortRange;
+use crate::config::{set_dscp, Dscp, PortRange};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
 #[derive(Debug)]
 pub struct PortPool {
     free: Mutex<VecDeque<u16>>,
     bind_ip: IpAddr,
+    /// How every port's packets are marked (`qos.rtp_dscp`); 0 leaves them unmarked.
+    dscp: Dscp,
+    /// A marking failure was logged (once: the cause is the same for every port).
+    dscp_warned: AtomicBool,
 }
 
 /// A bound RTP port; the port goes back to the pool when this is dropped.
@@ -53,13 +58,21 @@ impl Drop for RtpPort {
 }
 
 impl PortPool {
+    /// A pool whose packets are marked EF (the `qos.rtp_dscp` default).
     pub fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
+        Self::with_dscp(range, bind_ip, crate::config::QosConfig::default().rtp_dscp)
+    }
+
+    /// A pool whose packets are marked `dscp` (0: unmarked).
+    pub fn with_dscp(range: PortRange, bind_ip: IpAddr, dscp: Dscp) -> Arc<Self> {
         // Even ports only (RFC 3550 §11), leaving odd ones for RTCP.
         let first = range.lo + (range.lo % 2);
         let free = (first..=range.hi).step_by(2).collect();
         Arc::new(PortPool {
             free: Mutex::new(free),
             bind_ip,
+            dscp,
+            dscp_warned: AtomicBool::new(false),
         })
     }
 
@@ -85,6 +98,13 @@ impl PortPool {
             if std.set_nonblocking(true).is_err() {
                 continue;
             }
+            if self.dscp.0 != 0 {
+                if let Err(e) = set_dscp(&std, self.bind_ip.is_ipv6(), self.dscp) {
+                    if !self.dscp_warned.swap(true, Ordering::Relaxed) {
+                        warn!(error = %e, dscp = self.dscp.0, "cannot mark RTP packets; sent unmarked");
+                    }
+                }
+            }
             return Some(RtpPort {
                 socket: std,
                 port,
@@ -92,5 +112,42 @@ impl PortPool {
             });
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dscp_of;
+
+    fn range() -> PortRange {
+        let lo = 50000 + 2 * (rand::random::<u16>() % 4000);
+        PortRange { lo, hi: lo + 40 }
+    }
+
+    #[test]
+    fn rtp_is_marked_ef_by_default_and_left_unmarked_with_dscp_0() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let p = PortPool::new(range(), ip).allocate().expect("a free port");
+        assert_eq!(dscp_of(&p.socket), 46);
+        let p = PortPool::with_dscp(range(), ip, Dscp(0))
+            .allocate()
+            .expect("a free port");
+        assert_eq!(dscp_of(&p.socket), 0);
+    }
+
+    #[test]
+    fn what_waits_on_a_port_is_discarded_and_counted() {
+        let p = PortPool::new(range(), "127.0.0.1".parse().unwrap())
+            .allocate()
+            .expect("a free port");
+        let to = SocketAddr::new("127.0.0.1".parse().unwrap(), p.port);
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..5 {
+            s.send_to(&[0x80; 172], to).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(p.discard_queued(), 5);
+        assert_eq!(p.discard_queued(), 0);
     }
 }

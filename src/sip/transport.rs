@@ -38,6 +38,7 @@
 //!
 //! This module knows nothing of transactions, dialogs or calls.
 
+use crate::config::{set_dscp, Dscp};
 use crate::sip::guard::{self, LogThrottle, LogVerdict, RateLimiter, Suppressed};
 use crate::sip::message::{self, Frame, Message, ParseError};
 use bytes::{Bytes, BytesMut};
@@ -106,6 +107,9 @@ pub struct TransportLimits {
     /// After a source's first malformed message is logged, how long its further ones are only
     /// counted (then summarised in one line); zero logs every one.
     pub malformed_log_window: Duration,
+    /// How SIP packets are marked (`qos.sip_dscp`; 0: unmarked). Set on the UDP socket and
+    /// the TCP listener, whose accepted connections inherit it.
+    pub dscp: Dscp,
 }
 
 impl Default for TransportLimits {
@@ -117,6 +121,7 @@ impl Default for TransportLimits {
             malformed_answers_per_second: 20,
             malformed_answers_burst: 50,
             malformed_log_window: Duration::from_secs(10),
+            dscp: crate::config::QosConfig::default().sip_dscp,
         }
     }
 }
@@ -208,6 +213,13 @@ pub async fn bind(
 ) -> std::io::Result<TransportHandle> {
     let (udp, tcp) = bind_pair(addr).await?;
     let local = udp.local_addr()?;
+    if limits.dscp.0 != 0 {
+        let marked = set_dscp(&udp, local.is_ipv6(), limits.dscp)
+            .and_then(|()| set_dscp(&tcp, local.is_ipv6(), limits.dscp));
+        if let Err(e) = marked {
+            warn!(error = %e, dscp = limits.dscp.0, "cannot mark SIP packets; sent unmarked");
+        }
+    }
     let udp = Arc::new(udp);
     let handle = TransportHandle {
         udp: udp.clone(),
@@ -542,4 +554,39 @@ async fn tcp_connection(
     // Let queued responses drain before the socket closes.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     debug!(%remote, "tcp connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dscp_of;
+
+    #[tokio::test]
+    async fn sip_over_udp_and_accepted_tcp_connections_carry_the_configured_dscp() {
+        let (tx, _rx) = mpsc::channel(8);
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let limits = TransportLimits {
+            dscp: Dscp(40),
+            ..TransportLimits::default()
+        };
+        let t = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            limits,
+            tx,
+            &tracker,
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(dscp_of(&*t.udp), 40);
+        // The listener is marked the same way; Linux copies that to each connection it
+        // accepts (checked here on a listener of our own, since the loop owns the real one).
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        set_dscp(&l, false, Dscp(40)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, _client) = tokio::join!(l.accept(), TcpStream::connect(addr));
+        assert_eq!(dscp_of(&accepted.unwrap().0), 40);
+        cancel.cancel();
+    }
 }
