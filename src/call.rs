@@ -523,6 +523,15 @@ struct Leg {
     span: tracing::Span,
     /// Set once the leg answered: its codec and where its media goes.
     answered: Option<(Negotiated, SocketAddr)>,
+    /// The 911 leg's early media (a 183 with SDP), relayed to the caller until it answers.
+    early: Option<(Negotiated, SocketAddr)>,
+}
+
+impl Leg {
+    /// Where the caller's bridge goes now: the answer, else the 911 side's early media.
+    fn media(&self) -> Option<(Negotiated, SocketAddr)> {
+        self.answered.or(self.early)
+    }
 }
 
 /// A caller in an operator queue.
@@ -572,7 +581,8 @@ struct Call {
     /// Hang up (for this reason) once the prompts queued now have played.
     hangup_after_play: Option<EndReason>,
     /// Whether the media clock was last told to bridge the caller.
-    bridged_shown: bool,
+    /// The leg media the clock was last told to bridge to.
+    bridged_shown: Option<(Negotiated, SocketAddr)>,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
     /// A waiting caller's call-back ticket is being written (they stay in the queue until
@@ -635,7 +645,7 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         queue: None,
         queue_events: None,
         hangup_after_play: None,
-        bridged_shown: false,
+        bridged_shown: None,
         queued_keys: VecDeque::new(),
         callback_filing: false,
         shown: (String::new(), String::new()),
@@ -686,12 +696,13 @@ impl Call {
                     .update(self.registry_id, &self.shown.0, &self.shown.1);
             }
             // Bridged to another leg: the media clock relays both ways, this task only
-            // tells it when the bridge starts and ends.
-            let bridged = self.bridged();
-            if bridged != self.bridged_shown {
-                self.bridged_shown = bridged;
+            // tells it when the bridge starts, moves (early media, then the answer from
+            // elsewhere) and ends.
+            let target = self.leg.as_ref().and_then(Leg::media);
+            if target != self.bridged_shown {
+                self.bridged_shown = target;
                 let bridge = self.leg.as_ref().and_then(|l| {
-                    let (neg, remote) = l.answered.as_ref()?;
+                    let (neg, remote) = target?;
                     let early = l.port.discard_queued();
                     if early > 0 {
                         debug!(
@@ -699,7 +710,7 @@ impl Call {
                             "the leg's early media dropped at its answer"
                         );
                     }
-                    Some(Bridge::new(l.port.clone(), *remote, *neg))
+                    Some(Bridge::new(l.port.clone(), remote, neg))
                 });
                 self.media.lock().set_bridge(bridge);
             }
@@ -1188,7 +1199,7 @@ impl Call {
             }
             // The 911 leg rings on: so does the caller's line (see `prompt::ringback`).
             Some(EmergencyMethod::Bridge) => {
-                if self.leg.as_ref().is_some_and(|l| l.answered.is_none()) {
+                if self.leg.as_ref().is_some_and(|l| l.media().is_none()) {
                     self.media.lock().media.play(vec![ringback()]);
                 }
             }
@@ -1282,6 +1293,7 @@ impl Call {
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
             answered: None,
+            early: None,
         });
         self.leg_events = Some(call.events);
         Ok(())
@@ -1299,11 +1311,22 @@ impl Call {
             return None;
         };
         match ev {
-            LegEvent::Provisional { code } => {
-                debug!(code, "911 leg ringing");
+            LegEvent::Provisional { code, sdp } => {
+                debug!(code, early_media = sdp.is_some(), "911 leg ringing");
                 let timeout = Duration::from_secs(self.ctx.emergency.timeout_seconds);
                 if let Some(e) = &mut self.emergency {
                     e.deadline = Some(tokio::time::Instant::now() + timeout);
+                }
+                // Early media (RFC 3960): what the 911 side plays before it answers (its
+                // ringback, "all lines are busy, stay on the line") is what the caller must
+                // hear, in place of our own ringback.
+                let early = sdp.and_then(|b| crate::dispatch::offer::leg_answer(&b).ok());
+                if let (Some(l), Some(media)) = (&mut self.leg, early) {
+                    if l.answered.is_none() && l.early != Some(media) {
+                        info!(codec = ?media.0.codec, "911 side sends early media; relayed to the caller");
+                        l.early = Some(media);
+                        self.media.lock().media.stop();
+                    }
                 }
             }
             LegEvent::Answered { sdp: body } => {
@@ -1617,6 +1640,7 @@ impl Call {
             agent: Some(agent.clone()),
             span,
             answered: None,
+            early: None,
         });
         self.leg_events = Some(call.events);
         if let Some(q) = &mut self.queue {

@@ -508,7 +508,7 @@ impl Run {
             return self.caller_gone().await;
         };
         match ev {
-            LegEvent::Provisional { code } => {
+            LegEvent::Provisional { code, .. } => {
                 debug!(code, "call-back ringing");
                 None
             }

@@ -463,6 +463,79 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
 }
 
 #[tokio::test]
+async fn emergency_bridge_relays_the_911_sides_early_media_and_falls_back_when_it_fails() {
+    use ivr311::sip::message::{Message, ResponseBuilder};
+    let trunk = Trunk::new().await;
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    let (msg, from) = trunk
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE to 911");
+    let Message::Request(inv) = msg else {
+        panic!("not a request")
+    };
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+
+    // 183 Session Progress with SDP: the 911 side plays its own audio before answering (an
+    // announcement, in PCMA). The caller hears that, not our ringback.
+    let sdp = format!(
+        "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
+        trunk.rtp.local_addr().unwrap().port()
+    );
+    let progress = ResponseBuilder::new(&inv, 183, "Session Progress", Some("psap1"))
+        .body("application/sdp", sdp)
+        .build();
+    trunk.sip.send_to(&progress, from).await.unwrap();
+    ua.listen(Duration::from_millis(150)).await;
+    let announcement = async {
+        let mut s = ivr311::media::rtp::RtpStream::new();
+        let mut out = [0u8; 200];
+        for _ in 0..30 {
+            let n = s.write(8, &[0x2a; 160], 160, &mut out);
+            trunk.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (heard, ()) = tokio::join!(ua.listen(Duration::from_millis(800)), announcement);
+    let mut expect = [0u8; 160];
+    Codec::transcode(Codec::Pcma, Codec::Pcmu, &[0x2a; 160], &mut expect);
+    let relayed = heard.iter().filter(|p| p[..] == expect[..]).count();
+    let tone = ivr311::media::prompt::ringback();
+    let rings = heard
+        .iter()
+        .filter(|p| {
+            tone.encoded(Codec::Pcmu)[..16000]
+                .chunks(160)
+                .any(|f| f == &p[..])
+        })
+        .count();
+    assert!(
+        relayed >= 20 && rings == 0,
+        "early media relayed: {relayed}, ringback over it: {rings}, of {}",
+        heard.len()
+    );
+
+    // The 911 side then refuses (486): the caller is not left on dead air but told to hang
+    // up and dial 911 (the last method), and the audit row says what failed.
+    let busy = ResponseBuilder::new(&inv, 486, "Busy Here", Some("psap1")).build();
+    trunk.sip.send_to(&busy, from).await.unwrap();
+    let heard = ua.listen(Duration::from_millis(3000)).await;
+    let ear = PromptEar::new("en", &["emergency_announce"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&heard).first().map(String::as_str),
+        Some("emergency_announce")
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() {
     use sqlx::Connection;
     let args = serve_args();

@@ -207,7 +207,10 @@ async fn answered(ua: &Ua, far: &Far) -> (OutboundCall, Request, Request, Socket
     far.respond(&invite, src, 180, "Ringing").await;
     assert!(matches!(
         event(&mut leg).await,
-        LegEvent::Provisional { code: 180 }
+        LegEvent::Provisional {
+            code: 180,
+            sdp: None
+        }
     ));
     far.send(far.ok_2xx(&invite), src).await;
     match event(&mut leg).await {
@@ -432,7 +435,10 @@ async fn cancel_while_ringing_ends_with_487() {
     far.respond(&invite, src, 180, "Ringing").await;
     assert!(matches!(
         event(&mut leg).await,
-        LegEvent::Provisional { code: 180 }
+        LegEvent::Provisional {
+            code: 180,
+            sdp: None
+        }
     ));
     ua.out.cancel(leg.handle.id).await;
     let (cancel, from) = far.expect(Method::Cancel).await;
@@ -463,7 +469,10 @@ async fn answer_crossing_the_cancel_is_acked_then_byed() {
     far.respond(&invite, src, 180, "Ringing").await;
     assert!(matches!(
         event(&mut leg).await,
-        LegEvent::Provisional { code: 180 }
+        LegEvent::Provisional {
+            code: 180,
+            sdp: None
+        }
     ));
     leg.handle.hangup().await;
     let (cancel, from) = far.expect(Method::Cancel).await;
@@ -494,11 +503,18 @@ async fn releasing_a_ringing_leg_cancels_it() {
     let far = Far::new().await;
     let mut leg = call(&ua, &far).await;
     let (invite, src) = far.expect(Method::Invite).await;
-    far.respond(&invite, src, 183, "Session Progress").await;
-    assert!(matches!(
-        event(&mut leg).await,
-        LegEvent::Provisional { code: 183 }
-    ));
+    // Session Progress with early media: its SDP reaches the leg's owner.
+    let progress = ResponseBuilder::new(&invite, 183, "Session Progress", Some("far"))
+        .body("application/sdp", Bytes::from_static(ANSWER))
+        .build();
+    far.send(progress, src).await;
+    match event(&mut leg).await {
+        LegEvent::Provisional {
+            code: 183,
+            sdp: Some(sdp),
+        } => assert_eq!(&sdp[..], ANSWER),
+        other => panic!("expected 183 with SDP, got {other:?}"),
+    }
     leg.handle.release();
     let (cancel, _) = far.expect(Method::Cancel).await;
     assert_eq!(cancel.top_via().branch, invite.top_via().branch);

@@ -60,7 +60,7 @@ pub enum AgentLegStep {
 /// Read `ev`, from the leg that rang `agent`, and log it.
 pub fn agent_leg_step(agent: &str, ev: LegEvent) -> AgentLegStep {
     match ev {
-        LegEvent::Provisional { code } => {
+        LegEvent::Provisional { code, .. } => {
             debug!(%agent, code, "operator phone ringing");
             AgentLegStep::Nothing
         }
@@ -178,7 +178,13 @@ mod tests {
             );
         }
         assert_eq!(
-            agent_leg_step("1001", LegEvent::Provisional { code: 180 }),
+            agent_leg_step(
+                "1001",
+                LegEvent::Provisional {
+                    code: 183,
+                    sdp: Some("v=0\r\n".into())
+                }
+            ),
             AgentLegStep::Nothing
         );
         assert_eq!(

@@ -154,8 +154,9 @@ pub enum DialogEvent {
 /// What happens to an outbound call (UAC leg), as its owner sees it.
 #[derive(Debug)]
 pub enum LegEvent {
-    /// A provisional response other than 100 (180 Ringing, 183 Session Progress...).
-    Provisional { code: u16 },
+    /// A provisional response other than 100 (180 Ringing, 183 Session Progress...). `sdp`:
+    /// its SDP body, if it has one: the far end's early media (RFC 3960) goes there.
+    Provisional { code: u16, sdp: Option<Bytes> },
     /// A 2xx answered the INVITE; the UA has already ACKed it. `sdp` is the 2xx body (the answer).
     Answered { sdp: Bytes },
     /// The call did not happen: the final non-2xx response (already ACKed), 408 when nothing
@@ -1952,7 +1953,18 @@ impl UaCore {
         match resp.code {
             100..=199 => {
                 if resp.code > 100 {
-                    self.leg_event(d, LegEvent::Provisional { code: resp.code });
+                    let sdp = (!resp.body.is_empty()
+                        && resp.header("Content-Type").is_some_and(|t| {
+                            t.trim().to_ascii_lowercase().starts_with("application/sdp")
+                        }))
+                    .then(|| resp.body.clone());
+                    self.leg_event(
+                        d,
+                        LegEvent::Provisional {
+                            code: resp.code,
+                            sdp,
+                        },
+                    );
                 }
                 let Some(leg) = self.outbound.get_mut(&d) else {
                     return;
@@ -2737,7 +2749,10 @@ mod tests {
         r.answer(&inv, src, 180, "Ringing").await;
         assert!(matches!(
             events.try_recv(),
-            Ok(LegEvent::Provisional { code: 180 })
+            Ok(LegEvent::Provisional {
+                code: 180,
+                sdp: None
+            })
         ));
         // Timer B is not allowed to end a ringing call.
         r.ua.on_timers(Instant::now() + Duration::from_secs(40))
