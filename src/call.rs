@@ -703,13 +703,6 @@ impl Call {
                 self.bridged_shown = target;
                 let bridge = self.leg.as_ref().and_then(|l| {
                     let (neg, remote) = target?;
-                    let early = l.port.discard_queued();
-                    if early > 0 {
-                        debug!(
-                            packets = early,
-                            "the leg's early media dropped at its answer"
-                        );
-                    }
                     Some(Bridge::new(l.port.clone(), remote, neg))
                 });
                 self.media.lock().set_bridge(bridge);

@@ -665,12 +665,8 @@ impl Run {
                     a.ring_until = None;
                 }
                 // From the clock's next pass the caller hears the operator (and nothing the
-                // operator's phone sent before it answered).
+                // operator's phone sent before it answered: the clock drops that).
                 if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
-                    let early = port.discard_queued();
-                    if early > 0 {
-                        debug!(%agent, packets = early, "early media dropped at the answer");
-                    }
                     let mut st = m.lock();
                     st.media.stop();
                     st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));

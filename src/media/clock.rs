@@ -857,10 +857,19 @@ impl Slot {
         let st = &mut *guard;
         if st.relay_epoch != st.bridge_epoch {
             watch.sync(self, st);
-            if st.bridge.is_some() {
-                // What arrived before the sockets were watched.
+            if let Some(b) = &st.bridge {
+                // The leg's port was not read while its phone rang: what waits there is early
+                // media from before the answer (a ringback tone, an announcement), up to a
+                // socket buffer of it. Relayed, it would reach the caller as one burst of
+                // stale audio, which a phone's jitter buffer drops or plays late, pushing the
+                // answerer's first words back. So it goes; what the caller sent meanwhile is
+                // theirs and is relayed.
+                let early = b.leg.discard_queued();
+                if early > 0 {
+                    self.span
+                        .in_scope(|| debug!(packets = early, "the leg's early media dropped"));
+                }
                 self.relay_locked(st, CALLER_SIDE, now, io);
-                self.relay_locked(st, LEG_SIDE, now, io);
             }
         }
         if st.bridge.is_none() {

@@ -33,11 +33,9 @@ pub struct RtpPort {
 }
 
 impl RtpPort {
-    /// Drop every datagram waiting on the socket; how many there were. A leg's port is not
-    /// read while its phone rings, so what waits there when it answers is early media (a
-    /// ringback tone, an announcement) from before the answer. Relayed, it would reach the
-    /// caller as one burst of seconds of stale audio, which a phone's jitter buffer either
-    /// throws away or plays late, pushing the operator's first words back by as much.
+    /// Drop every datagram waiting on the socket; how many there were. For a port nobody read
+    /// while its phone rang: the media clock empties a leg's port as a bridge to it starts,
+    /// and a call-back its caller's port as they answer (see the clock's `tick`).
     pub fn discard_queued(&self) -> usize {
         let mut buf = [0u8; 2048];
         let mut n = 0;
