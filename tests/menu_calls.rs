@@ -327,6 +327,17 @@ impl Trunk {
         }
     }
 
+    /// `n` PCMA packets of `byte`, 20 ms apart, to `to`.
+    async fn send_rtp(&self, to: std::net::SocketAddr, byte: u8, n: usize) {
+        let mut s = ivr311::media::rtp::RtpStream::new();
+        let mut out = [0u8; 200];
+        for _ in 0..n {
+            let len = s.write(8, &[byte; 160], 160, &mut out);
+            self.rtp.send_to(&out[..len], to).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn recv(
         &self,
         timeout: Duration,
@@ -343,9 +354,16 @@ impl Trunk {
     }
 }
 
-#[tokio::test]
-async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
-    let trunk = Trunk::new().await;
+/// A server that bridges 911 calls to `trunk`, a caller (PCMU) who has pressed 9 at the
+/// screening menu, and the INVITE the 911 side got (and where from).
+async fn caller_presses_911_with_a_bridge(
+    trunk: &Trunk,
+) -> (
+    ivr311::server::RunningServer,
+    TestUa,
+    ivr311::sip::message::Request,
+    std::net::SocketAddr,
+) {
     let mut file = FileConfig::default();
     file.emergency.method = Some(EmergencyMethod::Bridge);
     file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
@@ -354,8 +372,6 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     assert_eq!(ua.call("0 101").await.code, 200);
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("19").await;
-
-    // The 911 side is called with the caller's number in From and P-Asserted-Identity.
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))
         .await
@@ -363,6 +379,30 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     let ivr311::sip::message::Message::Request(inv) = msg else {
         panic!("not a request")
     };
+    (srv, ua, inv, from)
+}
+
+/// The 911 side's SDP: PCMA and telephone-event at its RTP socket.
+fn psap_sdp(trunk: &Trunk) -> String {
+    format!(
+        "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
+        trunk.rtp.local_addr().unwrap().port()
+    )
+}
+
+/// How many of `heard` (PCMU payloads) are frames of the ringback tone.
+fn ringback_frames(heard: &[Vec<u8>]) -> usize {
+    let tone = ivr311::media::prompt::ringback();
+    let frames: std::collections::HashSet<&[u8]> =
+        tone.encoded(Codec::Pcmu)[..16000].chunks(160).collect();
+    heard.iter().filter(|p| frames.contains(&p[..])).count()
+}
+
+#[tokio::test]
+async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
+    let trunk = Trunk::new().await;
+    // The 911 side is called with the caller's number in From and P-Asserted-Identity.
+    let (srv, mut ua, inv, from) = caller_presses_911_with_a_bridge(&trunk).await;
     assert_eq!(inv.method.as_str(), "INVITE");
     assert_eq!(inv.from.user(), Some("+15550001111"));
     assert!(inv
@@ -376,23 +416,13 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
         ivr311::sip::message::ResponseBuilder::new(&inv, 180, "Ringing", Some("psap1")).build();
     trunk.sip.send_to(&ringing, from).await.unwrap();
     let heard = ua.listen(Duration::from_millis(1500)).await;
-    let tone = ivr311::media::prompt::ringback();
-    let tone_frames: std::collections::HashSet<&[u8]> =
-        tone.encoded(Codec::Pcmu)[..16000].chunks(160).collect();
-    let rings = heard
-        .iter()
-        .filter(|p| tone_frames.contains(&p[..]))
-        .count();
+    let rings = ringback_frames(&heard);
     assert!(
         rings >= 50,
         "ringback frames heard while 911 rang: {rings} of {}",
         heard.len()
     );
-    let rtp = trunk.rtp.local_addr().unwrap();
-    let answer = format!(
-        "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
-        rtp.port()
-    );
+    let answer = psap_sdp(&trunk);
     let ok = ivr311::sip::message::ResponseBuilder::new(&inv, 200, "OK", Some("psap1"))
         .header(
             "Contact",
@@ -423,13 +453,7 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     let mut ua = caller_side.await.unwrap();
     assert!(got >= 15, "caller audio reached 911: {got} packets");
     // 911 -> caller.
-    let mut s = ivr311::media::rtp::RtpStream::new();
-    let mut out = [0u8; 200];
-    for _ in 0..20 {
-        let n = s.write(8, &[0xd5; 160], 160, &mut out);
-        trunk.rtp.send_to(&out[..n], offer.addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    trunk.send_rtp(offer.addr, 0xd5, 20).await;
     let heard = ua.listen(Duration::from_millis(300)).await;
     assert!(
         heard.len() >= 10,
@@ -464,58 +488,27 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
 
 #[tokio::test]
 async fn emergency_bridge_relays_the_911_sides_early_media_and_falls_back_when_it_fails() {
-    use ivr311::sip::message::{Message, ResponseBuilder};
+    use ivr311::sip::message::ResponseBuilder;
     let trunk = Trunk::new().await;
-    let mut file = FileConfig::default();
-    file.emergency.method = Some(EmergencyMethod::Bridge);
-    file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
-    let srv = start_server(file).await;
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
-    ua.keys("19").await;
-    let (msg, from) = trunk
-        .recv(Duration::from_secs(10))
-        .await
-        .expect("INVITE to 911");
-    let Message::Request(inv) = msg else {
-        panic!("not a request")
-    };
+    let (srv, mut ua, inv, from) = caller_presses_911_with_a_bridge(&trunk).await;
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
 
     // 183 Session Progress with SDP: the 911 side plays its own audio before answering (an
     // announcement, in PCMA). The caller hears that, not our ringback.
-    let sdp = format!(
-        "v=0\r\no=psap 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
-        trunk.rtp.local_addr().unwrap().port()
-    );
+    let sdp = psap_sdp(&trunk);
     let progress = ResponseBuilder::new(&inv, 183, "Session Progress", Some("psap1"))
         .body("application/sdp", sdp)
         .build();
     trunk.sip.send_to(&progress, from).await.unwrap();
     ua.listen(Duration::from_millis(150)).await;
-    let announcement = async {
-        let mut s = ivr311::media::rtp::RtpStream::new();
-        let mut out = [0u8; 200];
-        for _ in 0..30 {
-            let n = s.write(8, &[0x2a; 160], 160, &mut out);
-            trunk.rtp.send_to(&out[..n], offer.addr).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let (heard, ()) = tokio::join!(ua.listen(Duration::from_millis(800)), announcement);
+    let (heard, ()) = tokio::join!(
+        ua.listen(Duration::from_millis(800)),
+        trunk.send_rtp(offer.addr, 0x2a, 30)
+    );
     let mut expect = [0u8; 160];
     Codec::transcode(Codec::Pcma, Codec::Pcmu, &[0x2a; 160], &mut expect);
     let relayed = heard.iter().filter(|p| p[..] == expect[..]).count();
-    let tone = ivr311::media::prompt::ringback();
-    let rings = heard
-        .iter()
-        .filter(|p| {
-            tone.encoded(Codec::Pcmu)[..16000]
-                .chunks(160)
-                .any(|f| f == &p[..])
-        })
-        .count();
+    let rings = ringback_frames(&heard);
     assert!(
         relayed >= 20 && rings == 0,
         "early media relayed: {relayed}, ringback over it: {rings}, of {}",
