@@ -89,49 +89,22 @@ impl Default for QosConfig {
 /// are left clear). A failure only costs the marking, so callers log it and go on.
 /// An IPv6 socket also gets `IP_TOS`, for the IPv4 peers it reaches as mapped addresses.
 pub fn set_dscp(socket: &impl std::os::fd::AsRawFd, ipv6: bool, dscp: Dscp) -> std::io::Result<()> {
+    use crate::sockopt::set_int;
     let tos = libc::c_int::from(dscp.0) << 2;
-    let set = |level, name| {
-        // SAFETY: a valid socket, an int option of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                (&tos as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
+    let fd = socket.as_raw_fd();
     if ipv6 {
-        set(libc::IPPROTO_IPV6, libc::IPV6_TCLASS)?;
-        let _ = set(libc::IPPROTO_IP, libc::IP_TOS);
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
+        let _ = set_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos);
         Ok(())
     } else {
-        set(libc::IPPROTO_IP, libc::IP_TOS)
+        set_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos)
     }
 }
 
 /// The DSCP an IPv4 socket marks its packets with (tests).
 #[cfg(test)]
 pub(crate) fn dscp_of(socket: &impl std::os::fd::AsRawFd) -> u8 {
-    let mut tos: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid socket; `tos` and `len` outlive the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_TOS,
-            (&mut tos as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let tos = crate::sockopt::get_int(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_TOS).unwrap();
     (tos >> 2) as u8
 }
 

@@ -36,6 +36,7 @@
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
 //! | [`config`] | flags, environment and the `--config` YAML |
+//! | [`sockopt`] | the integer socket options std does not expose (DSCP, buffer sizes) |
 //!
 //! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
@@ -52,3 +53,4 @@ pub mod menu;
 pub mod metrics;
 pub mod server;
 pub mod sip;
+pub mod sockopt;

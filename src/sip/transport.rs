@@ -262,39 +262,13 @@ const SIP_RECEIVE_BUFFER: usize = 4 << 20;
 /// socket, each then costing the sender a retransmission timer (500 ms and up) of call setup.
 /// The kernel caps the size at `net.core.rmem_max`; what was granted is logged.
 fn grow_receive_buffer(udp: &UdpSocket) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let want = SIP_RECEIVE_BUFFER as libc::c_int;
-        // SAFETY: a valid socket, an int option of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                udp.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&want as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; `got` and `len` outlive the call.
-        unsafe {
-            libc::getsockopt(
-                udp.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&mut got as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        debug!(
-            asked = want,
-            granted = got,
-            ok = rc == 0,
-            "SIP UDP receive buffer"
-        );
-    }
+    use crate::sockopt::{get_int, set_int};
+    use std::os::fd::AsRawFd;
+    let fd = udp.as_raw_fd();
+    let want = SIP_RECEIVE_BUFFER as libc::c_int;
+    let asked = set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, want);
+    let granted = get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF);
+    debug!(asked = want, granted = ?granted.ok(), ok = asked.is_ok(), "SIP UDP receive buffer");
 }
 
 /// Bind UDP and TCP to the same port; with port 0, retry until one port is free for both.
