@@ -57,6 +57,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 pub const SUPPORTED_CODECS: [Codec; 2] = [Codec::Pcmu, Codec::Pcma];
 /// Packet time.
 pub const PTIME: Duration = Duration::from_millis(20);
+/// How long the 911 side's early media may fall silent before the caller hears our ringback
+/// again. Longer than a pause in a spoken announcement; shorter than the time in which a
+/// caller on a silent line decides it is dead.
+const EARLY_MEDIA_GAP: Duration = Duration::from_secs(2);
 /// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
 pub const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
@@ -582,7 +586,7 @@ struct Call {
     hangup_after_play: Option<EndReason>,
     /// Whether the media clock was last told to bridge the caller.
     /// The leg media the clock was last told to bridge to.
-    bridged_shown: Option<(Negotiated, SocketAddr)>,
+    bridged_shown: Option<((Negotiated, SocketAddr), bool)>,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
     /// A waiting caller's call-back ticket is being written (they stay in the queue until
@@ -698,12 +702,21 @@ impl Call {
             // Bridged to another leg: the media clock relays both ways, this task only
             // tells it when the bridge starts, moves (early media, then the answer from
             // elsewhere) and ends.
-            let target = self.leg.as_ref().and_then(Leg::media);
+            let target = self
+                .leg
+                .as_ref()
+                .and_then(|l| Some((l.media()?, l.answered.is_some())));
             if target != self.bridged_shown {
                 self.bridged_shown = target;
                 let bridge = self.leg.as_ref().and_then(|l| {
-                    let (neg, remote) = target?;
-                    Some(Bridge::new(l.port.clone(), remote, neg))
+                    let ((neg, remote), answered) = target?;
+                    let b = Bridge::new(l.port.clone(), remote, neg);
+                    // Before the answer it is early media: our ringback fills its silences.
+                    Some(if answered {
+                        b
+                    } else {
+                        b.filling(EARLY_MEDIA_GAP)
+                    })
                 });
                 self.media.lock().set_bridge(bridge);
             }
@@ -1192,7 +1205,7 @@ impl Call {
             }
             // The 911 leg rings on: so does the caller's line (see `prompt::ringback`).
             Some(EmergencyMethod::Bridge) => {
-                if self.leg.as_ref().is_some_and(|l| l.media().is_none()) {
+                if self.leg.as_ref().is_some_and(|l| l.answered.is_none()) {
                     self.media.lock().media.play(vec![ringback()]);
                 }
             }
@@ -1312,13 +1325,13 @@ impl Call {
                 }
                 // Early media (RFC 3960): what the 911 side plays before it answers (its
                 // ringback, "all lines are busy, stay on the line") is what the caller must
-                // hear, in place of our own ringback.
+                // hear, in place of our own ringback, which fills in while it sends nothing
+                // (see `Bridge::filling`).
                 let early = sdp.and_then(|b| crate::dispatch::offer::leg_answer(&b).ok());
                 if let (Some(l), Some(media)) = (&mut self.leg, early) {
                     if l.answered.is_none() && l.early != Some(media) {
-                        info!(codec = ?media.0.codec, "911 side sends early media; relayed to the caller");
+                        info!(codec = ?media.0.codec, "911 side offers early media; relayed to the caller");
                         l.early = Some(media);
-                        self.media.lock().media.stop();
                     }
                 }
             }

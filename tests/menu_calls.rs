@@ -493,14 +493,23 @@ async fn emergency_bridge_relays_the_911_sides_early_media_and_falls_back_when_i
     let (srv, mut ua, inv, from) = caller_presses_911_with_a_bridge(&trunk).await;
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
 
-    // 183 Session Progress with SDP: the 911 side plays its own audio before answering (an
-    // announcement, in PCMA). The caller hears that, not our ringback.
+    // 183 Session Progress with SDP: the 911 side may play its own audio before answering.
+    // Until it sends any, the caller keeps hearing our ringback, not silence.
     let sdp = psap_sdp(&trunk);
     let progress = ResponseBuilder::new(&inv, 183, "Session Progress", Some("psap1"))
         .body("application/sdp", sdp)
         .build();
     trunk.sip.send_to(&progress, from).await.unwrap();
     ua.listen(Duration::from_millis(150)).await;
+    let heard = ua.listen(Duration::from_millis(600)).await;
+    let rings = ringback_frames(&heard);
+    assert!(
+        rings >= 20,
+        "ringback while the 911 side's early media was silent: {rings} of {}",
+        heard.len()
+    );
+
+    // Its announcement (PCMA) reaches the caller transcoded, with no ringback over it.
     let (heard, ()) = tokio::join!(
         ua.listen(Duration::from_millis(800)),
         trunk.send_rtp(offer.addr, 0x2a, 30)
@@ -508,10 +517,26 @@ async fn emergency_bridge_relays_the_911_sides_early_media_and_falls_back_when_i
     let mut expect = [0u8; 160];
     Codec::transcode(Codec::Pcma, Codec::Pcmu, &[0x2a; 160], &mut expect);
     let relayed = heard.iter().filter(|p| p[..] == expect[..]).count();
-    let rings = ringback_frames(&heard);
+    let first = heard
+        .iter()
+        .position(|p| p[..] == expect[..])
+        .unwrap_or(heard.len());
+    let rings = ringback_frames(&heard[first..]);
     assert!(
         relayed >= 20 && rings == 0,
         "early media relayed: {relayed}, ringback over it: {rings}, of {}",
+        heard.len()
+    );
+
+    // The announcement stops and the 911 side still has not answered: after a short pause
+    // (a gap in speech must not bring the tone back), the caller hears ringing again.
+    let pause = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ringback_frames(&pause), 0, "ringback within the gap");
+    let heard = ua.listen(Duration::from_millis(2000)).await;
+    let rings = ringback_frames(&heard);
+    assert!(
+        rings >= 25,
+        "ringback after the 911 side's early media stopped: {rings} of {}",
         heard.len()
     );
 

@@ -166,6 +166,13 @@ pub struct Bridge {
     /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
     pub to_leg: Restamp,
     pub to_caller: Restamp,
+    /// Early media ([`Bridge::filling`]): after this long without a packet from the leg (or
+    /// before its first), the caller hears the call's own player again.
+    fill_gap: Option<Duration>,
+    /// When the leg's last packet was relayed (shard only).
+    leg_heard: Option<Instant>,
+    /// Packet times the player sat out while the leg had the caller's ear (shard only).
+    paused_ticks: u32,
 }
 
 impl Bridge {
@@ -178,7 +185,29 @@ impl Bridge {
             leg_neg,
             to_leg: Restamp::new(rand::random()),
             to_caller: Restamp::new(rand::random()),
+            fill_gap: None,
+            leg_heard: None,
+            paused_ticks: 0,
         }
+    }
+
+    /// A bridge to a leg's early media (a 183 with SDP, RFC 3960), which a trunk may offer
+    /// and then never send, or send and stop before it answers. The call's player (our
+    /// ringback) keeps playing to the caller until the leg's first packet, and again once the
+    /// leg has sent nothing for `gap`, so the caller never sits in silence: what the leg does
+    /// send is relayed, with nothing of ours over it. (Relaying blindly, a 911 caller heard
+    /// dead air for as long as the 911 side stayed silent, which invites a hang-up.)
+    pub fn filling(mut self, gap: Duration) -> Self {
+        self.fill_gap = Some(gap);
+        self
+    }
+
+    /// Whether the caller should hear our player at `now` rather than wait for the leg.
+    fn leg_silent(&self, now: Instant) -> bool {
+        self.fill_gap.is_some_and(|gap| {
+            self.leg_heard
+                .is_none_or(|t| now.saturating_duration_since(t) >= gap)
+        })
     }
 }
 
@@ -877,27 +906,7 @@ impl Slot {
                 st.media.skip_ticks(missed);
             }
             self.connect(st);
-            let (n, ev) = st.media.on_tick(&mut io.out);
-            if n > 0 {
-                // Non-blocking: a full socket buffer drops the packet, as a late one would be.
-                let remote = st.media.remote();
-                let sent = if st.connected == Some(remote) {
-                    self.port.socket.send(&io.out[..n])
-                } else {
-                    self.port.socket.send_to(&io.out[..n], remote)
-                };
-                if let Err(e) = sent {
-                    if !st.logged_send_error {
-                        st.logged_send_error = true;
-                        self.span.in_scope(|| debug!(error = %e, %remote, connected = ?st.connected, "RTP send failed"));
-                    }
-                }
-            }
-            if ev == Some(MediaEvent::PlayDone) {
-                self.note(MediaNote::PlayDone {
-                    stops: st.media.stops(),
-                });
-            }
+            self.play(st, io);
             if let Some(tap) = &st.tap {
                 if !st.record_ended && tap.meter.state(now) != RecordState::Recording {
                     st.record_ended = true;
@@ -915,6 +924,18 @@ impl Slot {
             }
             // A re-INVITE during the bridge may have moved the caller.
             self.connect(st);
+            // Early media that is not coming: the caller hears our player meanwhile.
+            if let Some(b) = &mut st.bridge {
+                if b.leg_silent(now) {
+                    let paused = std::mem::take(&mut b.paused_ticks) + missed;
+                    if paused > 0 {
+                        st.media.pause_ticks(paused);
+                    }
+                    self.play(st, io);
+                } else if b.fill_gap.is_some() {
+                    b.paused_ticks = b.paused_ticks.saturating_add(1 + missed);
+                }
+            }
         }
         if !st.no_media_reported
             && now.saturating_duration_since(st.media.last_rx()) > self.no_media
@@ -923,6 +944,32 @@ impl Slot {
             self.note(MediaNote::NoMedia);
         }
         true
+    }
+
+    /// One packet time of the call's player: send its packet to the caller, and say when the
+    /// prompt queue ran dry.
+    fn play(&self, st: &mut SlotState, io: &mut Batch) {
+        let (n, ev) = st.media.on_tick(&mut io.out);
+        if n > 0 {
+            // Non-blocking: a full socket buffer drops the packet, as a late one would be.
+            let remote = st.media.remote();
+            let sent = if st.connected == Some(remote) {
+                self.port.socket.send(&io.out[..n])
+            } else {
+                self.port.socket.send_to(&io.out[..n], remote)
+            };
+            if let Err(e) = sent {
+                if !st.logged_send_error {
+                    st.logged_send_error = true;
+                    self.span.in_scope(|| debug!(error = %e, %remote, connected = ?st.connected, "RTP send failed"));
+                }
+            }
+        }
+        if ev == Some(MediaEvent::PlayDone) {
+            self.note(MediaNote::PlayDone {
+                stops: st.media.stops(),
+            });
+        }
     }
 
     /// Read what a playing call's caller sent since the last tick (unless the caller is quiet
@@ -1011,6 +1058,7 @@ impl Slot {
                     let Some(b) = &mut st.bridge else { return };
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {
+                        b.leg_heard = Some(now);
                         b.to_caller.apply(&mut buf[..len], event);
                         let _ = self.port.socket.send_to(&buf[..len], caller_remote);
                     }

@@ -239,6 +239,12 @@ impl MediaSession {
         self.stats.late_ticks += ticks as u64;
         self.stream.skip(ticks * FRAME_SAMPLES as u32);
     }
+
+    /// Packet times passed in which another stream had the caller's ear (a bridge's early
+    /// media): move our timestamp on, so the next packet starts a talkspurt at the right time.
+    pub fn pause_ticks(&mut self, ticks: u32) {
+        self.stream.skip(ticks * FRAME_SAMPLES as u32);
+    }
 }
 
 #[cfg(test)]
