@@ -711,11 +711,16 @@ impl Call {
                 let bridge = self.leg.as_ref().and_then(|l| {
                     let ((neg, remote), answered) = target?;
                     let b = Bridge::new(l.port.clone(), remote, neg);
-                    // Before the answer it is early media: our ringback fills its silences.
-                    Some(if answered {
-                        b
-                    } else {
+                    Some(if !answered {
+                        // Before the answer it is early media: our ringback fills its
+                        // silences.
                         b.filling(EARLY_MEDIA_GAP)
+                    } else if l.agent.is_some() {
+                        // An operator's phone that goes silent is gone. (Never the 911
+                        // leg: a silent PSAP may be listening.)
+                        b.watch_leg(Duration::from_secs(self.ctx.limits.no_media_seconds))
+                    } else {
+                        b
                     })
                 });
                 self.media.lock().set_bridge(bridge);
@@ -764,6 +769,7 @@ impl Call {
                         info!(seconds = self.ctx.limits.no_media_seconds, "no media from the caller; hanging up");
                         return EndReason::NoMedia;
                     }
+                    MediaNote::LegSilent => self.operator_leg_silent().await,
                 },
                 Some(w) = work_rx.recv() => match w {
                     Work::Engine(i) => self.inputs.push_back(i),
@@ -1720,6 +1726,30 @@ impl Call {
             l.handle.release();
         }
         self.leg_events = None;
+    }
+
+    /// The operator's phone sent no audio for `limits.no_media_seconds` while bridged: it
+    /// crashed or lost its network without a BYE. Hang its leg up, free the operator, and
+    /// give the caller what a caller with no operator gets (a ticket, or the menu again)
+    /// rather than leave them in a silent bridge.
+    async fn operator_leg_silent(&mut self) {
+        let Some(agent) = self.leg.as_ref().and_then(|l| l.agent.clone()) else {
+            return;
+        };
+        warn!(
+            %agent,
+            seconds = self.ctx.limits.no_media_seconds,
+            "no audio from the operator's phone; ending its leg"
+        );
+        self.drop_agent_leg().await;
+        if let Some(q) = self.queue.take() {
+            if let (Some(h), Some(a)) = (&self.ctx.queues, q.connected) {
+                h.call_ended(&a).await;
+            }
+        }
+        self.queue_events = None;
+        self.media.lock().media.stop();
+        self.inputs.push_back(Input::QueueUnavailable);
     }
 
     /// Leave the queue (caller's choice, max wait, or 911).

@@ -669,7 +669,8 @@ impl Run {
                 if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
                     let mut st = m.lock();
                     st.media.stop();
-                    st.set_bridge(Some(Bridge::new(port.clone(), addr, neg)));
+                    let limit = Duration::from_secs(self.inner.limits.no_media_seconds);
+                    st.set_bridge(Some(Bridge::new(port.clone(), addr, neg).watch_leg(limit)));
                 }
                 self.served = true;
                 self.inner
@@ -757,6 +758,19 @@ impl Run {
                     "no media from the called-back caller; hanging up"
                 );
                 self.caller_gone().await
+            }
+            Some(MediaNote::LegSilent) => {
+                warn!(
+                    agent = self
+                        .agent
+                        .as_ref()
+                        .map(|a| a.id.as_str())
+                        .unwrap_or_default(),
+                    seconds = self.inner.limits.no_media_seconds,
+                    "no audio from the operator's phone; ending the call-back"
+                );
+                self.drop_agent().await;
+                Some(End::Served)
             }
             // Keys reach the operator through the bridge; nothing records a call-back.
             Some(MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded) => {

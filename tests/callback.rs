@@ -549,6 +549,40 @@ async fn a_called_back_phone_that_sends_no_audio_is_hung_up_and_the_offer_withdr
 }
 
 #[tokio::test]
+async fn a_called_back_callers_operator_whose_phone_goes_silent_is_hung_up() {
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut file = config(trunk_sip.local_addr().unwrap(), 3);
+    file.limits.no_media_seconds = 3;
+    let srv = start_server(file).await;
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk5").await;
+    let agent = Peer::agent(srv.sip_addr, "1001").await;
+    let inv = call_back_answered(&srv, &trunk).await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent
+        .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
+        .await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    let answered = tokio::time::Instant::now();
+    // The caller talks; the operator's phone sends nothing and no BYE (it lost its network).
+    // After `no_media_seconds` its leg is hung up, and so is the call-back.
+    let ((bye, waited), ()) = tokio::join!(
+        async {
+            let bye = agent.request("BYE", Duration::from_secs(8)).await;
+            (bye, answered.elapsed())
+        },
+        trunk.send_rtp(offer.addr, 0, 0xff, 250)
+    );
+    assert_eq!(bye.call_id, ainv.call_id);
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "hung up after {waited:?}, before the operator was silent for 3 s"
+    );
+    trunk.request("BYE", Duration::from_secs(3)).await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     let mut file = config("127.0.0.1:9".parse().unwrap(), 3);
     file.callback.trunk_uri = None;

@@ -193,3 +193,41 @@ async fn with_no_agent_logged_in_the_caller_is_told_at_once() {
     );
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_operator_phone_that_goes_silent_is_hung_up_and_the_caller_offered_a_ticket() {
+    let mut file = config(&["1001"], 20);
+    file.limits.no_media_seconds = 2;
+    let srv = start_server(file).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+
+    // The operator's phone loses its network: no BYE, no audio. The caller stays on the line
+    // (their phone keeps sending). After `no_media_seconds` the server gives up on the
+    // phone, not on the caller.
+    let (heard, bye) = tokio::join!(
+        ua.listen(Duration::from_millis(6000)),
+        agent.request("BYE", Duration::from_secs(5))
+    );
+    assert_eq!(bye.call_id, inv.call_id, "the operator's leg is hung up");
+    let ear = PromptEar::new(
+        "en",
+        &["operator_unavailable", "offer_general_ticket"],
+        ivr311::media::g711::Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard).first().map(String::as_str),
+        Some("operator_unavailable"),
+        "the caller is offered a ticket"
+    );
+    // The caller's call is still up, and the operator is free again.
+    let (_, calls) = http(srv.http_addr, "GET", "/admin/calls", &[], b"").await;
+    let calls: serde_json::Value = serde_json::from_str(&calls).unwrap();
+    assert_eq!(calls.as_array().map(Vec::len), Some(1), "{calls}");
+    let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
+    assert!(!agents.contains("on_call"), "{agents}");
+    srv.shutdown().await;
+}

@@ -127,6 +127,9 @@ pub enum MediaNote {
     RecordingEnded,
     /// No valid RTP from the caller for the configured time.
     NoMedia,
+    /// No RTP from the bridged leg for its limit ([`Bridge::watch_leg`]), reported once per
+    /// bridge.
+    LegSilent,
 }
 
 /// A call's media state, shared between its task and its shard.
@@ -173,6 +176,11 @@ pub struct Bridge {
     leg_heard: Option<Instant>,
     /// Packet times the player sat out while the leg had the caller's ear (shard only).
     paused_ticks: u32,
+    /// [`Bridge::watch_leg`]: the longest the leg may send nothing.
+    leg_limit: Option<Duration>,
+    /// When the shard started relaying this bridge (shard only).
+    relaying_since: Option<Instant>,
+    leg_silence_reported: bool,
 }
 
 impl Bridge {
@@ -188,7 +196,18 @@ impl Bridge {
             fill_gap: None,
             leg_heard: None,
             paused_ticks: 0,
+            leg_limit: None,
+            relaying_since: None,
+            leg_silence_reported: false,
         }
+    }
+
+    /// Report [`MediaNote::LegSilent`] when the leg sends nothing for `limit` (counted from the
+    /// bridge's start): a phone that crashed or lost its network sends no BYE, and without
+    /// this the caller would sit in a silent bridge until they gave up.
+    pub fn watch_leg(mut self, limit: Duration) -> Self {
+        self.leg_limit = Some(limit);
+        self
     }
 
     /// A bridge to a leg's early media (a 183 with SDP, RFC 3960), which a trunk may offer
@@ -886,7 +905,8 @@ impl Slot {
         let st = &mut *guard;
         if st.relay_epoch != st.bridge_epoch {
             watch.sync(self, st);
-            if let Some(b) = &st.bridge {
+            if let Some(b) = &mut st.bridge {
+                b.relaying_since = Some(now);
                 // The leg's port was not read while its phone rang: what waits there is early
                 // media from before the answer (a ringback tone, an announcement), up to a
                 // socket buffer of it. Relayed, it would reach the caller as one burst of
@@ -934,6 +954,15 @@ impl Slot {
                     self.play(st, io);
                 } else if b.fill_gap.is_some() {
                     b.paused_ticks = b.paused_ticks.saturating_add(1 + missed);
+                }
+            }
+            if let Some(b) = &mut st.bridge {
+                if let (Some(limit), false) = (b.leg_limit, b.leg_silence_reported) {
+                    let last = b.leg_heard.or(b.relaying_since).unwrap_or(now);
+                    if now.saturating_duration_since(last) > limit {
+                        b.leg_silence_reported = true;
+                        self.note(MediaNote::LegSilent);
+                    }
                 }
             }
         }
