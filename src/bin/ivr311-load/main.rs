@@ -154,6 +154,13 @@ struct Args {
     /// server's.
     #[arg(long, default_value_t = 0)]
     generator_nice: i32,
+    /// Run the generator's call and agent threads at real-time priority (SCHED_FIFO 1, below
+    /// the media clock's 10; needs root or CAP_SYS_NICE). On two cores shared with the server
+    /// the phones then keep their 20 ms schedule, so bridge pacing at the ends measures the
+    /// server's relay rather than our own late sends; but they also go ahead of everything at
+    /// normal priority, the server's SIP threads included (see BENCHMARKS.md, "Stop 14").
+    #[arg(long)]
+    generator_realtime: bool,
     /// --spawn-server: run the server's media clock at real-time priority
     /// (`media: {realtime: true}`, SCHED_FIFO; needs root or CAP_SYS_NICE), as `asterisk -p`.
     #[arg(long)]
@@ -291,6 +298,7 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
 
     let shared = Arc::new(Shared::new(args.threads));
     let nice = args.generator_nice;
+    let realtime = args.generator_realtime;
     let (tx, rx) = mpsc::channel();
     let run_id: u32 = rand::random();
     let mut handles = Vec::new();
@@ -313,6 +321,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
                 .name(format!("load-{id}"))
                 .spawn(move || {
                     net::nice_this_thread(nice);
+                    if realtime {
+                        net::realtime_this_thread();
+                    }
                     w.run()
                 })?,
         );
@@ -343,6 +354,9 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
                 .name(format!("agents-{i}"))
                 .spawn(move || {
                     net::nice_this_thread(nice);
+                    if realtime {
+                        net::realtime_this_thread();
+                    }
                     w.run()
                 })?,
         );

@@ -221,6 +221,17 @@ pub fn nice_this_thread(nice: i32) {
     }
 }
 
+/// Put the calling thread at real-time priority (Linux `SCHED_FIFO` 1, per thread): ahead of
+/// every normal thread, behind the server's media clock.
+pub fn realtime_this_thread() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "generator thread stays at normal priority (real-time refused)");
+    }
+}
+
 /// Raise the open-files soft limit to the hard limit (one RTP socket per call).
 pub fn raise_nofile() -> u64 {
     let mut r = libc::rlimit {
