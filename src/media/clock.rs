@@ -1759,6 +1759,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn early_media_that_stops_gives_the_caller_our_prompt_again_in_time() {
+        let clock = MediaClock::start(1).unwrap();
+        let pool = pool();
+        let port = pool.allocate().unwrap();
+        let leg_port = Arc::new(pool.allocate().unwrap());
+        let leg_ours = SocketAddr::new("127.0.0.1".parse().unwrap(), leg_port.port);
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let trunk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
+        // Ten seconds of "ringback".
+        let ring = Arc::new(Prompt::from_pcm("ring", &[3000i16; 80_000], 8000, 1).unwrap());
+        session.play([ring]);
+        let (media, _notes) = clock.attach(port, session, Duration::from_secs(60), Span::none());
+        media.lock().set_bridge(Some(
+            Bridge::new(leg_port.clone(), trunk.local_addr().unwrap(), neg())
+                .filling(Duration::from_millis(500)),
+        ));
+        /// The next packet the caller hears: SSRC, timestamp, marker, first payload byte.
+        async fn heard(caller: &tokio::net::UdpSocket) -> (u32, u32, bool, u8) {
+            let mut buf = [0u8; 512];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(1), caller.recv_from(&mut buf))
+                .await
+                .expect("the caller hears something")
+                .unwrap();
+            let p = crate::media::rtp::parse(&buf[..n]).unwrap();
+            (p.ssrc, p.timestamp, p.marker, p.payload[0])
+        }
+        let next = || heard(&caller);
+        // The leg sends nothing yet: the caller hears our prompt.
+        let mut ours_last = next().await;
+        for _ in 0..5 {
+            ours_last = next().await;
+        }
+        let ours_ssrc = ours_last.0;
+
+        // The leg's early media arrives (0x2a): relayed, with none of ours over it.
+        let mut s = RtpStream::with_origin(77, 1, 0);
+        let mut pkt = [0u8; 200];
+        let sent_at = tokio::time::Instant::now();
+        for _ in 0..10 {
+            let n = s.write(0, &[0x2a; 160], 160, &mut pkt);
+            trunk.send_to(&pkt[..n], leg_ours).await.unwrap();
+            tokio::time::sleep(PTIME).await;
+        }
+        let (mut relayed, mut ours_after) = (0, 0);
+        let resumed = loop {
+            let p = next().await;
+            if p.3 == 0x2a {
+                relayed += 1;
+                assert_ne!(p.0, ours_ssrc, "relayed under the bridge's SSRC");
+            } else if relayed == 0 {
+                ours_last = p; // in flight before the leg's first packet
+            } else if p.0 == ours_ssrc {
+                break p;
+            } else {
+                ours_after += 1;
+            }
+        };
+        assert_eq!(relayed, 10);
+        assert_eq!(ours_after, 0);
+        // Our prompt came back after the gap, as the start of a talkspurt whose timestamp
+        // counts the time it sat out (not a burst, not a jump back).
+        let gap = sent_at.elapsed();
+        assert!(gap >= Duration::from_millis(650), "resumed after {gap:?}");
+        assert!(resumed.2, "marker bit on the first packet after the pause");
+        let ticks = resumed.1.wrapping_sub(ours_last.1) / 160;
+        let expect = (gap.as_millis() / 20) as u32;
+        assert!(
+            ticks + 10 >= expect && ticks <= expect + 10,
+            "timestamp moved {ticks} packet times over {gap:?}"
+        );
+        drop(media);
+        clock.stop();
+    }
+
+    #[tokio::test]
     async fn after_latching_only_the_caller_is_heard_until_a_reinvite_moves_it() {
         let clock = MediaClock::start(1).unwrap();
         let pool = pool();
