@@ -24,7 +24,7 @@
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, leg_offer, AgentLegStep, OperatorOffer,
+    agent_leg_step, asserted_identity, AgentLegStep, LegReoffer, LegSdp, OperatorOffer,
 };
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
@@ -61,6 +61,9 @@ pub const PTIME: Duration = Duration::from_millis(20);
 /// again. Longer than a pause in a spoken announcement; shorter than the time in which a
 /// caller on a silent line decides it is dead.
 const EARLY_MEDIA_GAP: Duration = Duration::from_secs(2);
+/// How long a leg that holds the call may send nothing before the caller hears our hold
+/// music (a phone that plays its own music on hold is heard instead).
+const HOLD_FILL_GAP: Duration = Duration::from_millis(500);
 /// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
 pub const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
@@ -529,12 +532,47 @@ struct Leg {
     answered: Option<(Negotiated, SocketAddr)>,
     /// The 911 leg's early media (a 183 with SDP), relayed to the caller until it answers.
     early: Option<(Negotiated, SocketAddr)>,
+    /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
+    sdp: LegSdp,
 }
 
 impl Leg {
     /// Where the caller's bridge goes now: the answer, else the 911 side's early media.
     fn media(&self) -> Option<(Negotiated, SocketAddr)> {
         self.answered.or(self.early)
+    }
+
+    /// The far end put the call on hold: it wants none of our media (we answered its offer
+    /// recvonly or inactive).
+    fn holds(&self) -> bool {
+        self.answered.is_some_and(|(n, _)| !n.direction.sends())
+    }
+}
+
+/// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
+/// - early media (`answered` false): our player (ringback) fills its silences;
+/// - a leg that holds the call: our player (hold music) fills its silences, and no silence
+///   watch, since a held phone may send nothing for as long as the hold lasts;
+/// - an answered operator's phone: watched for silence (`no_media`), since a phone that
+///   died sends no BYE;
+/// - the answered 911 leg: relayed as it is, never cut for silence (a PSAP may be listening).
+pub(crate) fn leg_bridge(
+    port: Arc<RtpPort>,
+    addr: SocketAddr,
+    neg: Negotiated,
+    answered: bool,
+    operator: bool,
+    no_media: Duration,
+) -> Bridge {
+    let b = Bridge::new(port, addr, neg);
+    if !answered {
+        b.filling(EARLY_MEDIA_GAP)
+    } else if !neg.direction.sends() {
+        b.filling(HOLD_FILL_GAP)
+    } else if operator {
+        b.watch_leg(no_media)
+    } else {
+        b
     }
 }
 
@@ -708,20 +746,17 @@ impl Call {
                 .and_then(|l| Some((l.media()?, l.answered.is_some())));
             if target != self.bridged_shown {
                 self.bridged_shown = target;
+                let no_media = Duration::from_secs(self.ctx.limits.no_media_seconds);
                 let bridge = self.leg.as_ref().and_then(|l| {
                     let ((neg, remote), answered) = target?;
-                    let b = Bridge::new(l.port.clone(), remote, neg);
-                    Some(if !answered {
-                        // Before the answer it is early media: our ringback fills its
-                        // silences.
-                        b.filling(EARLY_MEDIA_GAP)
-                    } else if l.agent.is_some() {
-                        // An operator's phone that goes silent is gone. (Never the 911
-                        // leg: a silent PSAP may be listening.)
-                        b.watch_leg(Duration::from_secs(self.ctx.limits.no_media_seconds))
-                    } else {
-                        b
-                    })
+                    Some(leg_bridge(
+                        l.port.clone(),
+                        remote,
+                        neg,
+                        answered,
+                        l.agent.is_some(),
+                        no_media,
+                    ))
                 });
                 self.media.lock().set_bridge(bridge);
             }
@@ -877,6 +912,12 @@ impl Call {
     }
 
     async fn on_play_done(&mut self) {
+        if self.leg.as_ref().is_some_and(Leg::holds) {
+            // Hold music, looped, while the far end holds the call.
+            let p = self.prompts(&["hold_music".into()]);
+            self.media.lock().media.play(p);
+            return;
+        }
         if self.emergency.is_some() {
             self.emergency_played().await;
             return;
@@ -1276,8 +1317,8 @@ impl Call {
             .ports
             .allocate()
             .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
-        let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let offer = leg_offer(local, self.media.lock().media.codec());
+        let sdp = LegSdp::new(SocketAddr::new(self.local_media.ip(), port.port));
+        let offer = sdp.offer(self.media.lock().media.codec());
         let caller = self.meta.caller.clone();
         let headers = vec![
             asserted_identity(&caller, self.local_media.ip()),
@@ -1301,6 +1342,7 @@ impl Call {
             .await;
         self.leg = Some(Leg {
             handle: call.handle,
+            sdp,
             port: Arc::new(port),
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
@@ -1312,6 +1354,17 @@ impl Call {
     }
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
+        if let Some(LegEvent::Dialog(DialogEvent::Reoffer {
+            txn, method, body, ..
+        })) = &ev
+        {
+            let span = self.leg.as_ref().map(|l| l.span.clone());
+            let span = span.unwrap_or_else(tracing::Span::current);
+            Box::pin(self.on_leg_reoffer(*txn, method, body))
+                .instrument(span)
+                .await;
+            return self.end.take();
+        }
         if let Some(l) = self.leg.as_ref().filter(|l| l.agent.is_some()) {
             // Everything about the operator leg logs in its own span, under the call's.
             let span = l.span.clone();
@@ -1616,8 +1669,8 @@ impl Call {
                 .await;
             return;
         };
-        let local = SocketAddr::new(self.local_media.ip(), port.port);
-        let offer = leg_offer(local, self.media.lock().media.codec());
+        let sdp = LegSdp::new(SocketAddr::new(self.local_media.ip(), port.port));
+        let offer = sdp.offer(self.media.lock().media.codec());
         let Some(q) = &self.queue else { return };
         let caller = self.meta.caller.clone();
         let headers = OperatorOffer {
@@ -1648,6 +1701,7 @@ impl Call {
             .await;
         self.leg = Some(Leg {
             handle: call.handle,
+            sdp,
             port: Arc::new(port),
             agent: Some(agent.clone()),
             span,
@@ -1750,6 +1804,54 @@ impl Call {
         self.queue_events = None;
         self.media.lock().media.stop();
         self.inputs.push_back(Input::QueueUnavailable);
+    }
+
+    /// A re-INVITE or UPDATE from the leg's far end (an operator putting the caller on hold
+    /// or taking them off it, a trunk refreshing the session or moving its media). Left
+    /// unanswered, the phone would retransmit it for 32 s and then end the call.
+    async fn on_leg_reoffer(&mut self, txn: u64, method: &Method, body: &[u8]) {
+        let Some(l) = &mut self.leg else { return };
+        let was_held = l.holds();
+        let current = l.media().map_or(
+            Negotiated {
+                codec: Codec::Pcmu,
+                payload_type: 0,
+                telephone_event: Some(101),
+                direction: crate::media::sdp::Direction::SendRecv,
+            },
+            |(n, _)| n,
+        );
+        let (code, reply) = match l.sdp.reoffer(method, body, &current) {
+            LegReoffer::Refresh => (200, None),
+            LegReoffer::OfferOurs(sdp) => (200, Some(sdp)),
+            LegReoffer::Answer { sdp, neg, addr } => {
+                info!(direction = ?neg.direction, codec = ?neg.codec, "leg media renegotiated");
+                if l.answered.is_some() {
+                    l.answered = Some((neg, addr));
+                } else if l.agent.is_none() {
+                    // The 911 side's early media moved.
+                    l.early = Some((neg, addr));
+                }
+                (200, Some(sdp))
+            }
+            LegReoffer::Refused(e) => {
+                warn!(error = %e, "leg re-offer refused; 488 and the call goes on");
+                (488, None)
+            }
+        };
+        let body = reply.map(|s| ("application/sdp".to_owned(), Bytes::from(s)));
+        l.handle.answer_reoffer(txn, code, body).await;
+        let held = l.holds();
+        if held && !was_held {
+            info!("the far end holds the call; the caller hears hold music");
+            let p = self.prompts(&["hold_music".into()]);
+            let mut m = self.media.lock();
+            m.media.stop();
+            m.media.play(p);
+        } else if was_held && !held {
+            info!("the far end took the call off hold");
+            self.media.lock().media.stop();
+        }
     }
 
     /// Leave the queue (caller's choice, max wait, or 911).

@@ -49,15 +49,16 @@
 use crate::call::{MenuHolder, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, leg_offer, AgentLegStep, OperatorOffer,
+    agent_leg_step, asserted_identity, AgentLegStep, LegReoffer, LegSdp, OperatorOffer,
 };
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
-use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
+use crate::media::clock::{MediaClock, MediaHandle, MediaNote};
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::Prompt;
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::MediaSession;
+use crate::sip::message::Method;
 use crate::sip::transport::Flow;
 use crate::sip::ua::{DialogEvent, DialogHandle, LegEvent, OutboundHandle};
 use bytes::Bytes;
@@ -262,7 +263,16 @@ struct AgentLeg {
     handle: DialogHandle,
     ring_until: Option<tokio::time::Instant>,
     answered: Option<(Negotiated, SocketAddr)>,
+    /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
+    sdp: LegSdp,
     span: Span,
+}
+
+impl AgentLeg {
+    /// The operator put the caller on hold (we answered its offer recvonly or inactive).
+    fn holds(&self) -> bool {
+        self.answered.is_some_and(|(n, _)| !n.direction.sends())
+    }
 }
 
 struct Run {
@@ -608,7 +618,8 @@ impl Run {
                 .await;
             return;
         };
-        let offer = leg_offer(SocketAddr::new(self.req.local_ip, port.port), codec);
+        let sdp = LegSdp::new(SocketAddr::new(self.req.local_ip, port.port));
+        let offer = sdp.offer(codec);
         let number = self.req.number.clone();
         let headers = OperatorOffer {
             number: &number,
@@ -641,13 +652,77 @@ impl Run {
             handle: call.handle,
             ring_until: Some(tokio::time::Instant::now() + ring_timeout),
             answered: None,
+            sdp,
             span,
         });
         self.agent_events = Some(call.events);
         self.agent_port = Some(port);
     }
 
+    /// Bridge the caller to the operator's leg as it now is (answered, perhaps on hold).
+    fn bridge_agent(&self) {
+        let (Some(m), Some(port), Some(a)) = (self.trunk_media(), &self.agent_port, &self.agent)
+        else {
+            return;
+        };
+        let Some((neg, addr)) = a.answered else {
+            return;
+        };
+        let no_media = Duration::from_secs(self.inner.limits.no_media_seconds);
+        let bridge = crate::call::leg_bridge(port.clone(), addr, neg, true, true, no_media);
+        m.lock().set_bridge(Some(bridge));
+    }
+
+    /// A re-INVITE or UPDATE from the operator's phone (hold, resume, a session refresh):
+    /// answered as a live call's operator leg is (see `Call::on_leg_reoffer`).
+    async fn on_agent_reoffer(&mut self, txn: u64, method: &Method, body: &[u8]) {
+        let Some(a) = &mut self.agent else { return };
+        let Some((current, before)) = a.answered else {
+            // Not answered yet: nothing of ours to renegotiate (RFC 3311 §5.2).
+            a.handle.answer_reoffer(txn, 491, None).await;
+            return;
+        };
+        let was_held = a.holds();
+        let (code, reply) = match a.sdp.reoffer(method, body, &current) {
+            LegReoffer::Refresh => (200, None),
+            LegReoffer::OfferOurs(sdp) => (200, Some(sdp)),
+            LegReoffer::Answer { sdp, neg, addr } => {
+                info!(direction = ?neg.direction, codec = ?neg.codec, "operator leg renegotiated");
+                a.answered = Some((neg, addr));
+                (200, Some(sdp))
+            }
+            LegReoffer::Refused(e) => {
+                warn!(error = %e, "operator re-offer refused; 488 and the call goes on");
+                (488, None)
+            }
+        };
+        let body = reply.map(|s| ("application/sdp".to_owned(), Bytes::from(s)));
+        a.handle.answer_reoffer(txn, code, body).await;
+        let held = a.holds();
+        if a.answered != Some((current, before)) {
+            self.bridge_agent();
+        }
+        if held && !was_held {
+            info!("the operator holds the call; the caller hears hold music");
+            if let Some(m) = self.trunk_media() {
+                m.lock().media.stop();
+            }
+            self.hold_music();
+        } else if was_held && !held {
+            if let Some(m) = self.trunk_media() {
+                m.lock().media.stop();
+            }
+        }
+    }
+
     async fn on_agent_event(&mut self, ev: Option<LegEvent>) -> Option<End> {
+        if let Some(LegEvent::Dialog(DialogEvent::Reoffer {
+            txn, method, body, ..
+        })) = &ev
+        {
+            self.on_agent_reoffer(*txn, method, body).await;
+            return None;
+        }
         let agent = self
             .agent
             .as_ref()
@@ -666,12 +741,10 @@ impl Run {
                 }
                 // From the clock's next pass the caller hears the operator (and nothing the
                 // operator's phone sent before it answered: the clock drops that).
-                if let (Some(m), Some(port)) = (self.trunk_media(), &self.agent_port) {
-                    let mut st = m.lock();
-                    st.media.stop();
-                    let limit = Duration::from_secs(self.inner.limits.no_media_seconds);
-                    st.set_bridge(Some(Bridge::new(port.clone(), addr, neg).watch_leg(limit)));
+                if let Some(m) = self.trunk_media() {
+                    m.lock().media.stop();
                 }
+                self.bridge_agent();
                 self.served = true;
                 self.inner
                     .queues
@@ -738,10 +811,12 @@ impl Run {
                 None
             }
             Some(MediaNote::PlayDone { stops }) => {
-                // A note from before the queue changed, or from before the bridge, is stale.
+                // A note from before the queue changed, or from before the bridge, is stale
+                // (unless the operator holds the call: then the hold music loops).
+                let held = self.agent.as_ref().is_some_and(AgentLeg::holds);
                 let current = self.trunk_media().is_some_and(|m| {
                     let st = m.lock();
-                    !st.bridged() && !st.media.is_playing() && st.media.stops() == stops
+                    (!st.bridged() || held) && !st.media.is_playing() && st.media.stops() == stops
                 });
                 if !current {
                     return None;

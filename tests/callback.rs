@@ -583,6 +583,70 @@ async fn a_called_back_callers_operator_whose_phone_goes_silent_is_hung_up() {
 }
 
 #[tokio::test]
+async fn a_called_back_callers_operator_can_refresh_and_hold_the_call() {
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let srv = start_server(config(trunk_sip.local_addr().unwrap(), 3)).await;
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk6").await;
+    let agent = Peer::agent(srv.sip_addr, "1001").await;
+    let inv = call_back_answered(&srv, &trunk).await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent
+        .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
+        .await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    let final_response = |cseq: u32| {
+        let agent = &agent;
+        async move {
+            loop {
+                match agent.recv(Duration::from_secs(5)).await {
+                    Some(Message::Response(r)) if r.code >= 200 && r.cseq == cseq => return r,
+                    Some(_) => continue,
+                    None => panic!("no final response to CSeq {cseq}"),
+                }
+            }
+        }
+    };
+
+    // A session refresh (UPDATE, no body): 200 without an offer.
+    let update = from_agent(&srv, &agent.sip, &ainv, "UPDATE", 2, None);
+    agent
+        .sip
+        .send_to(update.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(2).await;
+    assert_eq!((r.code, r.body.is_empty()), (200, true));
+
+    // Hold: 200 recvonly, and the called-back caller hears our hold music meanwhile.
+    let hold = agent
+        .answer_sdp(0)
+        .replace("a=rtpmap:0", "a=sendonly\r\na=rtpmap:0");
+    let reinvite = from_agent(&srv, &agent.sip, &ainv, "INVITE", 3, Some(&hold));
+    agent
+        .sip
+        .send_to(reinvite.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(3).await;
+    assert_eq!(r.code, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("a=recvonly"));
+    let ack = from_agent(&srv, &agent.sip, &ainv, "ACK", 3, None);
+    agent
+        .sip
+        .send_to(ack.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let (heard, ()) = tokio::join!(
+        trunk.hear(0, Duration::from_millis(1500)),
+        trunk.send_rtp(offer.addr, 0, 0xff, 75)
+    );
+    let ear = PromptEar::new("en", &["hold_music"], Codec::Pcmu);
+    assert_eq!(ear.playbacks(&heard), vec!["hold_music".to_string()]);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     let mut file = config("127.0.0.1:9".parse().unwrap(), 3);
     file.callback.trunk_uri = None;

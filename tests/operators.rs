@@ -231,3 +231,115 @@ async fn an_operator_phone_that_goes_silent_is_hung_up_and_the_caller_offered_a_
     assert!(!agents.contains("on_call"), "{agents}");
     srv.shutdown().await;
 }
+
+/// The final response `agent` gets to its request with CSeq `cseq`.
+async fn final_response(agent: &Agent, cseq: u32) -> ivr311::sip::message::Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match agent.recv(left).await {
+            Some(ivr311::sip::message::Message::Response(r)) if r.code >= 200 && r.cseq == cseq => {
+                return r
+            }
+            Some(_) => continue,
+            None => panic!("no final response to CSeq {cseq}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+
+    // A session refresh (RFC 4028 by UPDATE, no body): 200 with no offer in it (RFC 3311).
+    let update = from_agent(&srv, &agent.sip, &inv, "UPDATE", 2, None);
+    agent
+        .sip
+        .send_to(update.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(&agent, 2).await;
+    assert_eq!(r.code, 200);
+    assert!(r.body.is_empty(), "no offer in a 2xx to UPDATE");
+
+    // The operator puts the caller on hold (re-INVITE, sendonly): 200 with recvonly. The
+    // phone sends nothing while it holds; the caller hears our hold music, and none of the
+    // caller's audio goes to the phone.
+    let hold = agent
+        .answer_sdp()
+        .replace("a=rtpmap:0", "a=sendonly\r\na=rtpmap:0");
+    let reinvite = from_agent(&srv, &agent.sip, &inv, "INVITE", 3, Some(&hold));
+    agent
+        .sip
+        .send_to(reinvite.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(&agent, 3).await;
+    assert_eq!(r.code, 200);
+    let answer = String::from_utf8_lossy(&r.body).to_string();
+    assert!(answer.contains("a=recvonly"), "{answer}");
+    let ack = from_agent(&srv, &agent.sip, &inv, "ACK", 3, None);
+    agent
+        .sip
+        .send_to(ack.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    let ear = PromptEar::new("en", &["hold_music"], ivr311::media::g711::Codec::Pcmu);
+    assert_eq!(ear.playbacks(&heard), vec!["hold_music".to_string()]);
+    let mut buf = [0u8; 2048];
+    let mut to_phone = 0;
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(100), agent.rtp.recv_from(&mut buf)).await
+    {
+        to_phone += 1;
+    }
+    assert!(
+        to_phone <= 5,
+        "caller audio sent to a phone that holds: {to_phone}"
+    );
+
+    // Off hold (sendrecv again): the caller's audio reaches the operator's phone.
+    let resume = from_agent(
+        &srv,
+        &agent.sip,
+        &inv,
+        "INVITE",
+        4,
+        Some(&agent.answer_sdp()),
+    );
+    agent
+        .sip
+        .send_to(resume.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(&agent, 4).await;
+    assert_eq!(r.code, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("a=sendrecv"));
+    let ack = from_agent(&srv, &agent.sip, &inv, "ACK", 4, None);
+    agent
+        .sip
+        .send_to(ack.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let speaking = tokio::spawn(async move {
+        ua.speak(15).await;
+        ua
+    });
+    let mut got = 0;
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(500), agent.rtp.recv_from(&mut buf)).await
+    {
+        if rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 0) {
+            got += 1;
+        }
+    }
+    let _ua = speaking.await.unwrap();
+    assert!(got >= 10, "caller audio after the hold: {got}");
+    srv.shutdown().await;
+}

@@ -9,28 +9,102 @@
 use crate::dispatch::queue::OfferFailure;
 use crate::media::g711::Codec;
 use crate::media::sdp;
-use crate::sip::message::sanitize_quoted;
+use crate::sip::message::{sanitize_quoted, Method};
 use crate::sip::ua::{DialogEvent, LegEvent};
 use std::net::{IpAddr, SocketAddr};
 use tracing::{debug, info, warn};
 
-/// The SDP offer of a new leg whose media is at `local`: the caller's codec first (so the
-/// bridge need not transcode when the far end takes it), the other G.711 law second, and
-/// RFC 4733 events at 101.
-pub fn leg_offer(local: SocketAddr, caller_codec: Codec) -> String {
-    let other = if caller_codec == Codec::Pcmu {
-        Codec::Pcma
-    } else {
-        Codec::Pcmu
-    };
-    sdp::build_offer(
-        local,
-        rand::random::<u32>() as u64,
-        1,
-        &[caller_codec, other],
-        Some(101),
-        sdp::Direction::SendRecv,
-    )
+/// Our side of an outbound leg's SDP: where the leg's media is, and the `o=` line's session
+/// id and version, which every later SDP of ours on the leg must carry (RFC 3264 §8: the same
+/// id, the version one more than the last).
+#[derive(Debug, Clone, Copy)]
+pub struct LegSdp {
+    pub local: SocketAddr,
+    id: u64,
+    version: u64,
+}
+
+/// What to reply to a re-INVITE or UPDATE on an outbound leg (the far phone put the call on
+/// hold or took it off, moved its media, or refreshed the session), and the leg's media after.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LegReoffer {
+    /// An UPDATE without an offer (a session refresh, RFC 4028): 200 with no body, since a
+    /// 2xx to UPDATE may only carry an answer (RFC 3311 §5.2).
+    Refresh,
+    /// A re-INVITE without an offer: 200 with our SDP for the media as it is (RFC 3261
+    /// §14.2); the ACK's answer leaves it as it is.
+    OfferOurs(String),
+    /// An offer we can take: 200 with this answer; the leg's media is now `neg` at `addr`.
+    Answer {
+        sdp: String,
+        neg: sdp::Negotiated,
+        addr: SocketAddr,
+    },
+    /// An offer we cannot take: 488, and the leg keeps its media (RFC 3261 §14.2).
+    Refused(String),
+}
+
+impl LegSdp {
+    /// A new leg with its media at `local`.
+    pub fn new(local: SocketAddr) -> Self {
+        LegSdp {
+            local,
+            id: rand::random::<u32>() as u64,
+            version: 1,
+        }
+    }
+
+    /// The leg's INVITE offer: the caller's codec first (so the bridge need not transcode
+    /// when the far end takes it), the other G.711 law second, and RFC 4733 events at 101.
+    pub fn offer(&self, caller_codec: Codec) -> String {
+        let other = if caller_codec == Codec::Pcmu {
+            Codec::Pcma
+        } else {
+            Codec::Pcmu
+        };
+        sdp::build_offer(
+            self.local,
+            self.id,
+            self.version,
+            &[caller_codec, other],
+            Some(101),
+            sdp::Direction::SendRecv,
+        )
+    }
+
+    /// Read a re-INVITE or UPDATE (`method`, `body`) on the leg, whose media is `current`.
+    pub fn reoffer(
+        &mut self,
+        method: &Method,
+        body: &[u8],
+        current: &sdp::Negotiated,
+    ) -> LegReoffer {
+        if body.is_empty() {
+            if *method == Method::Invite {
+                self.version += 1;
+                return LegReoffer::OfferOurs(sdp::build_answer(
+                    self.local,
+                    self.id,
+                    self.version,
+                    current,
+                ));
+            }
+            return LegReoffer::Refresh;
+        }
+        let parsed = sdp::parse(body).and_then(|offer| {
+            let neg = sdp::negotiate(&offer, &crate::call::SUPPORTED_CODECS)?;
+            let answer =
+                sdp::build_answer_for_offer(body, self.local, self.id, self.version + 1, &neg)?;
+            Ok((answer, neg, offer.addr))
+        });
+        match parsed {
+            Ok((sdp, neg, addr)) => {
+                self.version += 1;
+                LegReoffer::Answer { sdp, neg, addr }
+            }
+            Err(e) => LegReoffer::Refused(e.to_string()),
+        }
+    }
 }
 
 /// The far end's answer to a [`leg_offer`]: the codec agreed among those we support, and
@@ -231,9 +305,57 @@ mod tests {
 
     #[test]
     fn a_leg_offer_puts_the_callers_codec_first() {
-        let o = leg_offer("127.0.0.1:40000".parse().unwrap(), Codec::Pcma);
+        let o = LegSdp::new("127.0.0.1:40000".parse().unwrap()).offer(Codec::Pcma);
         let m = o.lines().find(|l| l.starts_with("m=audio")).unwrap();
         assert_eq!(m, "m=audio 40000 RTP/AVP 8 0 101");
+    }
+
+    fn origin(sdp: &str) -> (String, u64) {
+        let o: Vec<&str> = sdp
+            .lines()
+            .find(|l| l.starts_with("o="))
+            .unwrap()
+            .split(' ')
+            .collect();
+        (o[1].to_owned(), o[2].parse().unwrap())
+    }
+
+    #[test]
+    fn a_leg_answers_hold_refresh_and_garbage_as_rfc_3264_and_3311_say() {
+        let mut leg = LegSdp::new("127.0.0.1:40000".parse().unwrap());
+        let first = origin(&leg.offer(Codec::Pcmu));
+        let (current, _) = leg_answer(b"v=0\r\no=- 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n").unwrap();
+        // An UPDATE with no body refreshes the session: 200, no offer of ours.
+        assert_eq!(
+            leg.reoffer(&Method::Update, b"", &current),
+            LegReoffer::Refresh
+        );
+        // Hold: the phone offers sendonly from a new port; we answer recvonly, same session
+        // id, next version, and the leg's media moves.
+        let hold = b"v=0\r\no=- 1 2 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4002 RTP/AVP 8 0\r\na=sendonly\r\n";
+        let LegReoffer::Answer { sdp, neg, addr } = leg.reoffer(&Method::Invite, hold, &current)
+        else {
+            panic!("an answer")
+        };
+        assert!(sdp.contains("a=recvonly"), "{sdp}");
+        assert_eq!(origin(&sdp), (first.0.clone(), first.1 + 1));
+        assert_eq!(neg.direction, sdp::Direction::RecvOnly);
+        assert_eq!(addr, "192.0.2.7:4002".parse().unwrap());
+        // A re-INVITE with no body gets our SDP as an offer, the version again one more.
+        let LegReoffer::OfferOurs(ours) = leg.reoffer(&Method::Invite, b"", &neg) else {
+            panic!("our offer")
+        };
+        assert_eq!(origin(&ours), (first.0.clone(), first.1 + 2));
+        // An offer we cannot take: 488, and the version does not move.
+        let g729 = b"v=0\r\no=- 1 3 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4002 RTP/AVP 18\r\n";
+        assert!(matches!(
+            leg.reoffer(&Method::Invite, g729, &neg),
+            LegReoffer::Refused(_)
+        ));
+        let LegReoffer::OfferOurs(ours) = leg.reoffer(&Method::Invite, b"", &neg) else {
+            panic!("our offer")
+        };
+        assert_eq!(origin(&ours).1, first.1 + 3);
     }
 
     #[test]

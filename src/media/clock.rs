@@ -1078,6 +1078,11 @@ impl Slot {
                         continue;
                     }
                     let Some(b) = &mut st.bridge else { return };
+                    // A leg that holds the call (we answered it recvonly or inactive) is sent
+                    // nothing (RFC 3264 §6.1).
+                    if !b.leg_neg.direction.sends() {
+                        continue;
+                    }
                     if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
                     {
                         b.to_leg.apply(&mut buf[..len], event);

@@ -858,3 +858,30 @@ pub fn prompts_heard(ear: &PromptEar, payloads: &[Vec<u8>]) -> Vec<String> {
     }
     out
 }
+
+/// A request the called party sends inside the dialog that `inv` (our server's INVITE to it,
+/// answered with tag `ag1001`) created: `method`, CSeq `cseq`, with an SDP body or none.
+pub fn from_agent(
+    srv: &ivr311::server::RunningServer,
+    sip: &UdpSocket,
+    inv: &Request,
+    method: &str,
+    cseq: u32,
+    sdp: Option<&str>,
+) -> String {
+    let body = sdp.unwrap_or("");
+    let ctype = if sdp.is_some() {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "{method} sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKag{method}{cseq}\r\nMax-Forwards: 70\r\nFrom: {to};tag=ag1001\r\nTo: {fr}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\nContact: <sip:1001@{me}>\r\n{ctype}Content-Length: {len}\r\n\r\n{body}",
+        srv = srv.sip_addr,
+        me = sip.local_addr().unwrap(),
+        to = inv.to.raw,
+        fr = inv.from.raw,
+        cid = inv.call_id,
+        len = body.len(),
+    )
+}
