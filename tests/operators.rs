@@ -343,3 +343,58 @@ async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     assert!(got >= 10, "caller audio after the hold: {got}");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_caller_who_holds_the_bridge_is_sent_nothing_until_they_resume() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    ua.listen(Duration::from_millis(100)).await;
+    let talk = |n: usize| {
+        let agent = &agent;
+        async move {
+            let mut s = rtp::RtpStream::new();
+            let mut out = [0u8; 200];
+            for _ in 0..n {
+                let len = s.write(0, &[0x55; 160], 160, &mut out);
+                agent.rtp.send_to(&out[..len], offer.addr).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // The caller's phone holds the call (sendonly): the operator's audio is not sent to it.
+    let hold = ua.offer("0 101").replace("a=sendrecv", "a=sendonly");
+    let reinv = ua.in_dialog("INVITE", "Content-Type: application/sdp\r\n", &hold);
+    ua.send_raw(&reinv).await;
+    let r = ua
+        .expect_response("INVITE", 200, Duration::from_secs(5))
+        .await;
+    assert!(String::from_utf8_lossy(&r.body).contains("a=recvonly"));
+    ua.ack().await;
+    let (heard, ()) = tokio::join!(ua.listen(Duration::from_millis(500)), talk(20));
+    let relayed = heard.iter().filter(|p| p[0] == 0x55).count();
+    assert!(
+        relayed <= 1,
+        "operator audio sent to a held caller: {relayed}"
+    );
+
+    // Off hold: it is relayed again.
+    let unhold = ua.offer("0 101");
+    let reinv = ua.in_dialog("INVITE", "Content-Type: application/sdp\r\n", &unhold);
+    ua.send_raw(&reinv).await;
+    ua.expect_response("INVITE", 200, Duration::from_secs(5))
+        .await;
+    ua.ack().await;
+    let (heard, ()) = tokio::join!(ua.listen(Duration::from_millis(500)), talk(20));
+    let relayed = heard.iter().filter(|p| p[0] == 0x55).count();
+    assert!(
+        relayed >= 15,
+        "operator audio after the caller resumed: {relayed}"
+    );
+    srv.shutdown().await;
+}

@@ -1093,6 +1093,10 @@ impl Slot {
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {
                         b.leg_heard = Some(now);
+                        // Nor is a caller who holds the call.
+                        if !caller_neg.direction.sends() {
+                            continue;
+                        }
                         b.to_caller.apply(&mut buf[..len], event);
                         let _ = self.port.socket.send_to(&buf[..len], caller_remote);
                     }
