@@ -719,6 +719,17 @@ Content-Length: {len}\r\n\r\n{sdp}",
         let seq = u16::from_be_bytes([b[2], b[3]]);
         let s = &mut io.stats;
         let mark = payload::rtp_payload(b).and_then(payload::read);
+        if let (Some((payload::FROM_AGENT, _)), Phase::Inviting) = (mark, call.phase) {
+            // No operator can be heard before our call is answered: this is another call's
+            // bridge, still relayed to the address our socket took over from it (the kernel
+            // reuses a closed call's ephemeral port, and a server that has not yet handled
+            // that call's BYE still sends there). Until the 200 connects our socket to the
+            // server's port, such frames would be taken for our operator: the call would
+            // then count the server's prompts as foreign, its keys as unanswered and itself
+            // as silent.
+            s.bridge.at_caller_foreign += 1;
+            return Some(stamp);
+        }
         if let Some((payload::FROM_AGENT, sent)) = mark {
             let bs = &mut s.bridge;
             if call.agent_rx == 0 {
