@@ -24,7 +24,8 @@
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, AgentLegStep, LegReoffer, LegSdp, OperatorOffer,
+    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegReoffer, LegSdp,
+    OperatorOffer,
 };
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
@@ -534,6 +535,8 @@ struct Leg {
     early: Option<(Negotiated, SocketAddr)>,
     /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
     sdp: LegSdp,
+    /// The in-dialog OPTIONS asking a silent operator's phone whether it is still there.
+    probe: Option<u64>,
 }
 
 impl Leg {
@@ -804,7 +807,7 @@ impl Call {
                         info!(seconds = self.ctx.limits.no_media_seconds, "no media from the caller; hanging up");
                         return EndReason::NoMedia;
                     }
-                    MediaNote::LegSilent => self.operator_leg_silent().await,
+                    MediaNote::LegSilent => self.probe_operator_leg().await,
                 },
                 Some(w) = work_rx.recv() => match w {
                     Work::Engine(i) => self.inputs.push_back(i),
@@ -1343,6 +1346,7 @@ impl Call {
         self.leg = Some(Leg {
             handle: call.handle,
             sdp,
+            probe: None,
             port: Arc::new(port),
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
@@ -1354,6 +1358,14 @@ impl Call {
     }
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
+        if let Some(LegEvent::Dialog(DialogEvent::RequestOutcome { req, code, .. })) = &ev {
+            if self.leg.as_ref().is_some_and(|l| l.probe == Some(*req)) {
+                let span = self.leg.as_ref().map(|l| l.span.clone());
+                let span = span.unwrap_or_else(tracing::Span::current);
+                Box::pin(self.on_probe_answer(*code)).instrument(span).await;
+                return self.end.take();
+            }
+        }
         if let Some(LegEvent::Dialog(DialogEvent::Reoffer {
             txn, method, body, ..
         })) = &ev
@@ -1702,6 +1714,7 @@ impl Call {
         self.leg = Some(Leg {
             handle: call.handle,
             sdp,
+            probe: None,
             port: Arc::new(port),
             agent: Some(agent.clone()),
             span,
@@ -1782,18 +1795,54 @@ impl Call {
         self.leg_events = None;
     }
 
-    /// The operator's phone sent no audio for `limits.no_media_seconds` while bridged: it
-    /// crashed or lost its network without a BYE. Hang its leg up, free the operator, and
-    /// give the caller what a caller with no operator gets (a ticket, or the menu again)
-    /// rather than leave them in a silent bridge.
-    async fn operator_leg_silent(&mut self) {
+    /// The operator's phone sent nothing for `limits.no_media_seconds` while bridged. Either
+    /// it crashed or lost its network without a BYE, or it suppresses silence and the
+    /// operator is listening: ask it with an in-dialog OPTIONS before doing anything.
+    async fn probe_operator_leg(&mut self) {
+        let Some(l) = self
+            .leg
+            .as_mut()
+            .filter(|l| l.agent.is_some() && l.probe.is_none())
+        else {
+            return;
+        };
+        let req = rand::random::<u64>();
+        l.probe = Some(req);
+        info!(
+            seconds = self.ctx.limits.no_media_seconds,
+            "no audio from the operator's phone; asking whether it is still there"
+        );
+        l.handle.request(req, Method::Options, vec![], None).await;
+    }
+
+    /// The silent operator's phone answered the OPTIONS (or it timed out: 408).
+    async fn on_probe_answer(&mut self, code: u16) {
+        if probe_says_gone(code) {
+            self.operator_leg_silent(code).await;
+            return;
+        }
+        if let Some(l) = &mut self.leg {
+            l.probe = None;
+        }
+        info!(
+            code,
+            "the operator's phone is still there (silence suppression?); the bridge stays"
+        );
+        self.media.lock().rearm_leg_watch(std::time::Instant::now());
+    }
+
+    /// The operator's phone is gone (no audio, and no answer to OPTIONS, or 481): hang its
+    /// leg up, free the operator, and give the caller what a caller with no operator gets (a
+    /// ticket, or the menu again) rather than leave them in a silent bridge.
+    async fn operator_leg_silent(&mut self, code: u16) {
         let Some(agent) = self.leg.as_ref().and_then(|l| l.agent.clone()) else {
             return;
         };
         warn!(
             %agent,
             seconds = self.ctx.limits.no_media_seconds,
-            "no audio from the operator's phone; ending its leg"
+            options = code,
+            "the operator's phone is gone (no audio, OPTIONS failed); ending its leg"
         );
         self.drop_agent_leg().await;
         if let Some(q) = self.queue.take() {
@@ -1821,25 +1870,16 @@ impl Call {
             },
             |(n, _)| n,
         );
-        let (code, reply) = match l.sdp.reoffer(method, body, &current) {
-            LegReoffer::Refresh => (200, None),
-            LegReoffer::OfferOurs(sdp) => (200, Some(sdp)),
-            LegReoffer::Answer { sdp, neg, addr } => {
-                info!(direction = ?neg.direction, codec = ?neg.codec, "leg media renegotiated");
-                if l.answered.is_some() {
-                    l.answered = Some((neg, addr));
-                } else if l.agent.is_none() {
-                    // The 911 side's early media moved.
-                    l.early = Some((neg, addr));
-                }
-                (200, Some(sdp))
+        let reoffer = l.sdp.reoffer(method, body, &current);
+        if let LegReoffer::Answer { neg, addr, .. } = reoffer {
+            if l.answered.is_some() {
+                l.answered = Some((neg, addr));
+            } else if l.agent.is_none() {
+                // The 911 side's early media moved.
+                l.early = Some((neg, addr));
             }
-            LegReoffer::Refused(e) => {
-                warn!(error = %e, "leg re-offer refused; 488 and the call goes on");
-                (488, None)
-            }
-        };
-        let body = reply.map(|s| ("application/sdp".to_owned(), Bytes::from(s)));
+        }
+        let (code, body) = reoffer.response();
         l.handle.answer_reoffer(txn, code, body).await;
         let held = l.holds();
         if held && !was_held {

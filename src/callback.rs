@@ -49,7 +49,8 @@
 use crate::call::{MenuHolder, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, AgentLegStep, LegReoffer, LegSdp, OperatorOffer,
+    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegReoffer, LegSdp,
+    OperatorOffer,
 };
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
@@ -265,6 +266,8 @@ struct AgentLeg {
     answered: Option<(Negotiated, SocketAddr)>,
     /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
     sdp: LegSdp,
+    /// The in-dialog OPTIONS asking a silent phone whether it is still there.
+    probe: Option<u64>,
     span: Span,
 }
 
@@ -653,6 +656,7 @@ impl Run {
             ring_until: Some(tokio::time::Instant::now() + ring_timeout),
             answered: None,
             sdp,
+            probe: None,
             span,
         });
         self.agent_events = Some(call.events);
@@ -683,20 +687,11 @@ impl Run {
             return;
         };
         let was_held = a.holds();
-        let (code, reply) = match a.sdp.reoffer(method, body, &current) {
-            LegReoffer::Refresh => (200, None),
-            LegReoffer::OfferOurs(sdp) => (200, Some(sdp)),
-            LegReoffer::Answer { sdp, neg, addr } => {
-                info!(direction = ?neg.direction, codec = ?neg.codec, "operator leg renegotiated");
-                a.answered = Some((neg, addr));
-                (200, Some(sdp))
-            }
-            LegReoffer::Refused(e) => {
-                warn!(error = %e, "operator re-offer refused; 488 and the call goes on");
-                (488, None)
-            }
-        };
-        let body = reply.map(|s| ("application/sdp".to_owned(), Bytes::from(s)));
+        let reoffer = a.sdp.reoffer(method, body, &current);
+        if let LegReoffer::Answer { neg, addr, .. } = reoffer {
+            a.answered = Some((neg, addr));
+        }
+        let (code, body) = reoffer.response();
         a.handle.answer_reoffer(txn, code, body).await;
         let held = a.holds();
         if a.answered != Some((current, before)) {
@@ -716,6 +711,27 @@ impl Run {
     }
 
     async fn on_agent_event(&mut self, ev: Option<LegEvent>) -> Option<End> {
+        if let Some(LegEvent::Dialog(DialogEvent::RequestOutcome { req, code, .. })) = &ev {
+            let a = self.agent.as_mut().filter(|a| a.probe == Some(*req))?;
+            a.probe = None;
+            if !probe_says_gone(*code) {
+                info!(
+                    code,
+                    "the operator's phone is still there; the bridge stays"
+                );
+                if let Some(m) = self.trunk_media() {
+                    m.lock().rearm_leg_watch(std::time::Instant::now());
+                }
+                return None;
+            }
+            warn!(
+                agent = %a.id,
+                options = code,
+                "the operator's phone is gone (no audio, OPTIONS failed); ending the call-back"
+            );
+            self.drop_agent().await;
+            return Some(End::Served);
+        }
         if let Some(LegEvent::Dialog(DialogEvent::Reoffer {
             txn, method, body, ..
         })) = &ev
@@ -835,17 +851,17 @@ impl Run {
                 self.caller_gone().await
             }
             Some(MediaNote::LegSilent) => {
-                warn!(
-                    agent = self
-                        .agent
-                        .as_ref()
-                        .map(|a| a.id.as_str())
-                        .unwrap_or_default(),
+                // As for a live call's operator (`Call::probe_operator_leg`): ask first.
+                let a = self.agent.as_mut().filter(|a| a.probe.is_none())?;
+                let req = rand::random::<u64>();
+                a.probe = Some(req);
+                info!(
+                    agent = %a.id,
                     seconds = self.inner.limits.no_media_seconds,
-                    "no audio from the operator's phone; ending the call-back"
+                    "no audio from the operator's phone; asking whether it is still there"
                 );
-                self.drop_agent().await;
-                Some(End::Served)
+                a.handle.request(req, Method::Options, vec![], None).await;
+                None
             }
             // Keys reach the operator through the bridge; nothing records a call-back.
             Some(MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded) => {

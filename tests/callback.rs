@@ -290,6 +290,23 @@ async fn call_back_answered(srv: &ivr311::server::RunningServer, trunk: &Peer) -
     inv
 }
 
+/// The caller is called back and answers, then the operator answers: the caller's RTP
+/// address at the server (from the call-back INVITE) and the operator's INVITE.
+async fn operator_answers_call_back(
+    srv: &ivr311::server::RunningServer,
+    trunk: &Peer,
+    agent: &Peer,
+) -> (ivr311::media::sdp::RemoteMedia, Request) {
+    let inv = call_back_answered(srv, trunk).await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent
+        .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
+        .await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    (offer, ainv)
+}
+
 /// The operator's ringing phone gets CANCEL for `ainv`, and the queue counts the called-back
 /// caller as abandoned.
 async fn offer_withdrawn_caller_abandoned(
@@ -556,19 +573,18 @@ async fn a_called_back_callers_operator_whose_phone_goes_silent_is_hung_up() {
     let srv = start_server(file).await;
     let trunk = trunk_peer(trunk_sip, &srv, "trunk5").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
-    let inv = call_back_answered(&srv, &trunk).await;
-    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
-    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
-    agent
-        .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
-        .await;
-    agent.request("ACK", Duration::from_secs(3)).await;
+    let (offer, ainv) = operator_answers_call_back(&srv, &trunk, &agent).await;
     let answered = tokio::time::Instant::now();
-    // The caller talks; the operator's phone sends nothing and no BYE (it lost its network).
+    // The caller talks; the operator's phone sends nothing and no BYE (it restarted).
     // After `no_media_seconds` its leg is hung up, and so is the call-back.
+    // It is asked with an in-dialog OPTIONS first; a restarted phone answers 481.
     let ((bye, waited), ()) = tokio::join!(
         async {
-            let bye = agent.request("BYE", Duration::from_secs(8)).await;
+            let options = agent.request("OPTIONS", Duration::from_secs(8)).await;
+            agent
+                .reply(&options, 481, "Call/Transaction Does Not Exist", None)
+                .await;
+            let bye = agent.request("BYE", Duration::from_secs(3)).await;
             (bye, answered.elapsed())
         },
         trunk.send_rtp(offer.addr, 0, 0xff, 250)
@@ -588,55 +604,19 @@ async fn a_called_back_callers_operator_can_refresh_and_hold_the_call() {
     let srv = start_server(config(trunk_sip.local_addr().unwrap(), 3)).await;
     let trunk = trunk_peer(trunk_sip, &srv, "trunk6").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
-    let inv = call_back_answered(&srv, &trunk).await;
-    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
-    let ainv = agent.request("INVITE", Duration::from_secs(5)).await;
-    agent
-        .reply(&ainv, 200, "OK", Some(agent.answer_sdp(0)))
-        .await;
-    agent.request("ACK", Duration::from_secs(3)).await;
-    let final_response = |cseq: u32| {
-        let agent = &agent;
-        async move {
-            loop {
-                match agent.recv(Duration::from_secs(5)).await {
-                    Some(Message::Response(r)) if r.code >= 200 && r.cseq == cseq => return r,
-                    Some(_) => continue,
-                    None => panic!("no final response to CSeq {cseq}"),
-                }
-            }
-        }
-    };
+    let (offer, ainv) = operator_answers_call_back(&srv, &trunk, &agent).await;
 
     // A session refresh (UPDATE, no body): 200 without an offer.
-    let update = from_agent(&srv, &agent.sip, &ainv, "UPDATE", 2, None);
-    agent
-        .sip
-        .send_to(update.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
-    let r = final_response(2).await;
+    let r = agent_request(&srv, &agent.sip, &ainv, "UPDATE", 2, None).await;
     assert_eq!((r.code, r.body.is_empty()), (200, true));
 
     // Hold: 200 recvonly, and the called-back caller hears our hold music meanwhile.
     let hold = agent
         .answer_sdp(0)
         .replace("a=rtpmap:0", "a=sendonly\r\na=rtpmap:0");
-    let reinvite = from_agent(&srv, &agent.sip, &ainv, "INVITE", 3, Some(&hold));
-    agent
-        .sip
-        .send_to(reinvite.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
-    let r = final_response(3).await;
+    let r = agent_request(&srv, &agent.sip, &ainv, "INVITE", 3, Some(&hold)).await;
     assert_eq!(r.code, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("a=recvonly"));
-    let ack = from_agent(&srv, &agent.sip, &ainv, "ACK", 3, None);
-    agent
-        .sip
-        .send_to(ack.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
     let (heard, ()) = tokio::join!(
         trunk.hear(0, Duration::from_millis(1500)),
         trunk.send_rtp(offer.addr, 0, 0xff, 75)

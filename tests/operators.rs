@@ -41,6 +41,18 @@ async fn caller_presses_zero(srv: &ivr311::server::RunningServer) -> TestUa {
     ua
 }
 
+/// Caller presses 0 and operator 1001 answers at once: the call is bridged.
+async fn bridged_to_1001(
+    srv: &ivr311::server::RunningServer,
+) -> (Agent, TestUa, ivr311::sip::message::Request) {
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let ua = caller_presses_zero(srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    (agent, ua, inv)
+}
+
 #[tokio::test]
 async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_ways() {
     let srv = start_server(config(&["1001"], 20)).await;
@@ -195,23 +207,37 @@ async fn with_no_agent_logged_in_the_caller_is_told_at_once() {
 }
 
 #[tokio::test]
-async fn an_operator_phone_that_goes_silent_is_hung_up_and_the_caller_offered_a_ticket() {
+async fn an_operator_phone_that_goes_silent_is_asked_then_hung_up_and_the_caller_offered_a_ticket()
+{
     let mut file = config(&["1001"], 20);
     file.limits.no_media_seconds = 2;
     let srv = start_server(file).await;
-    let agent = Agent::login(srv.sip_addr, "1001").await;
-    let mut ua = caller_presses_zero(&srv).await;
-    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
-    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
-    agent.request("ACK", Duration::from_secs(3)).await;
+    let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
 
-    // The operator's phone loses its network: no BYE, no audio. The caller stays on the line
-    // (their phone keeps sending). After `no_media_seconds` the server gives up on the
-    // phone, not on the caller.
-    let (heard, bye) = tokio::join!(
-        ua.listen(Duration::from_millis(6000)),
-        agent.request("BYE", Duration::from_secs(5))
-    );
+    // The operator's phone sends nothing (silence suppression while the operator listens).
+    // After `no_media_seconds` the server asks it with an in-dialog OPTIONS; it answers, so
+    // the bridge stays.
+    let (_, first) = tokio::join!(ua.listen(Duration::from_millis(4000)), async {
+        let options = agent.request("OPTIONS", Duration::from_secs(4)).await;
+        agent.reply(&options, 200, "OK", None).await;
+        options
+    });
+    assert_eq!(first.call_id, inv.call_id, "asked inside the dialog");
+
+    // Then the phone restarts: no BYE, no audio, and the next OPTIONS gets 481. The server
+    // gives up on the phone, not on the caller (whose phone keeps sending).
+    let (heard, bye) = tokio::join!(ua.listen(Duration::from_millis(7000)), async {
+        let options = loop {
+            let o = agent.request("OPTIONS", Duration::from_secs(4)).await;
+            if o.header("CSeq") != first.header("CSeq") {
+                break o;
+            }
+        };
+        agent
+            .reply(&options, 481, "Call/Transaction Does Not Exist", None)
+            .await;
+        agent.request("BYE", Duration::from_secs(3)).await
+    });
     assert_eq!(bye.call_id, inv.call_id, "the operator's leg is hung up");
     let ear = PromptEar::new(
         "en",
@@ -232,38 +258,13 @@ async fn an_operator_phone_that_goes_silent_is_hung_up_and_the_caller_offered_a_
     srv.shutdown().await;
 }
 
-/// The final response `agent` gets to its request with CSeq `cseq`.
-async fn final_response(agent: &Agent, cseq: u32) -> ivr311::sip::message::Response {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match agent.recv(left).await {
-            Some(ivr311::sip::message::Message::Response(r)) if r.code >= 200 && r.cseq == cseq => {
-                return r
-            }
-            Some(_) => continue,
-            None => panic!("no final response to CSeq {cseq}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     let srv = start_server(config(&["1001"], 20)).await;
-    let agent = Agent::login(srv.sip_addr, "1001").await;
-    let mut ua = caller_presses_zero(&srv).await;
-    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
-    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
-    agent.request("ACK", Duration::from_secs(3)).await;
+    let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
 
     // A session refresh (RFC 4028 by UPDATE, no body): 200 with no offer in it (RFC 3311).
-    let update = from_agent(&srv, &agent.sip, &inv, "UPDATE", 2, None);
-    agent
-        .sip
-        .send_to(update.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
-    let r = final_response(&agent, 2).await;
+    let r = agent_request(&srv, &agent.sip, &inv, "UPDATE", 2, None).await;
     assert_eq!(r.code, 200);
     assert!(r.body.is_empty(), "no offer in a 2xx to UPDATE");
 
@@ -273,22 +274,10 @@ async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     let hold = agent
         .answer_sdp()
         .replace("a=rtpmap:0", "a=sendonly\r\na=rtpmap:0");
-    let reinvite = from_agent(&srv, &agent.sip, &inv, "INVITE", 3, Some(&hold));
-    agent
-        .sip
-        .send_to(reinvite.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
-    let r = final_response(&agent, 3).await;
+    let r = agent_request(&srv, &agent.sip, &inv, "INVITE", 3, Some(&hold)).await;
     assert_eq!(r.code, 200);
     let answer = String::from_utf8_lossy(&r.body).to_string();
     assert!(answer.contains("a=recvonly"), "{answer}");
-    let ack = from_agent(&srv, &agent.sip, &inv, "ACK", 3, None);
-    agent
-        .sip
-        .send_to(ack.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new("en", &["hold_music"], ivr311::media::g711::Codec::Pcmu);
     assert_eq!(ear.playbacks(&heard), vec!["hold_music".to_string()]);
@@ -305,28 +294,17 @@ async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     );
 
     // Off hold (sendrecv again): the caller's audio reaches the operator's phone.
-    let resume = from_agent(
+    let r = agent_request(
         &srv,
         &agent.sip,
         &inv,
         "INVITE",
         4,
         Some(&agent.answer_sdp()),
-    );
-    agent
-        .sip
-        .send_to(resume.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
-    let r = final_response(&agent, 4).await;
+    )
+    .await;
     assert_eq!(r.code, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("a=sendrecv"));
-    let ack = from_agent(&srv, &agent.sip, &inv, "ACK", 4, None);
-    agent
-        .sip
-        .send_to(ack.as_bytes(), srv.sip_addr)
-        .await
-        .unwrap();
     let speaking = tokio::spawn(async move {
         ua.speak(15).await;
         ua
@@ -347,12 +325,8 @@ async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
 #[tokio::test]
 async fn a_caller_who_holds_the_bridge_is_sent_nothing_until_they_resume() {
     let srv = start_server(config(&["1001"], 20)).await;
-    let agent = Agent::login(srv.sip_addr, "1001").await;
-    let mut ua = caller_presses_zero(&srv).await;
-    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
-    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
-    agent.request("ACK", Duration::from_secs(3)).await;
     ua.listen(Duration::from_millis(100)).await;
     let talk = |n: usize| {
         let agent = &agent;

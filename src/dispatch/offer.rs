@@ -44,6 +44,25 @@ pub enum LegReoffer {
     Refused(String),
 }
 
+impl LegReoffer {
+    /// The final response to send: its code and body (logging a refusal).
+    pub fn response(&self) -> (u16, Option<(String, bytes::Bytes)>) {
+        let sdp = |s: &String| Some(("application/sdp".to_owned(), bytes::Bytes::from(s.clone())));
+        match self {
+            LegReoffer::Refresh => (200, None),
+            LegReoffer::OfferOurs(s) => (200, sdp(s)),
+            LegReoffer::Answer { sdp: s, neg, .. } => {
+                info!(direction = ?neg.direction, codec = ?neg.codec, "leg media renegotiated");
+                (200, sdp(s))
+            }
+            LegReoffer::Refused(e) => {
+                warn!(error = %e, "leg re-offer refused; 488 and the call goes on");
+                (488, None)
+            }
+        }
+    }
+}
+
 impl LegSdp {
     /// A new leg with its media at `local`.
     pub fn new(local: SocketAddr) -> Self {
@@ -158,6 +177,14 @@ pub fn agent_leg_step(agent: &str, ev: LegEvent) -> AgentLegStep {
         }
         LegEvent::Dialog(_) => AgentLegStep::Nothing,
     }
+}
+
+/// The answer to an in-dialog OPTIONS sent to a leg that went silent: whether its phone is
+/// gone. No answer (408) or no such dialog any more (481, a phone that restarted) is gone;
+/// any other answer, even 405 or 501 from a phone that takes no OPTIONS, came from a phone
+/// that still holds the call (silence suppression, a muted operator).
+pub fn probe_says_gone(code: u16) -> bool {
+    matches!(code, 408 | 481)
 }
 
 /// `P-Asserted-Identity: <sip:NUMBER@HOST>` with the caller's number as the trunk gave it.

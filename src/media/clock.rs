@@ -178,8 +178,8 @@ pub struct Bridge {
     paused_ticks: u32,
     /// [`Bridge::watch_leg`]: the longest the leg may send nothing.
     leg_limit: Option<Duration>,
-    /// When the shard started relaying this bridge (shard only).
-    relaying_since: Option<Instant>,
+    /// When the leg last sent anything (any packet, relayed or not), or the watch started.
+    leg_alive: Option<Instant>,
     leg_silence_reported: bool,
 }
 
@@ -197,14 +197,16 @@ impl Bridge {
             leg_heard: None,
             paused_ticks: 0,
             leg_limit: None,
-            relaying_since: None,
+            leg_alive: None,
             leg_silence_reported: false,
         }
     }
 
     /// Report [`MediaNote::LegSilent`] when the leg sends nothing for `limit` (counted from the
-    /// bridge's start): a phone that crashed or lost its network sends no BYE, and without
-    /// this the caller would sit in a silent bridge until they gave up.
+    /// bridge's start, or from [`SlotState::rearm_leg_watch`]): a phone that crashed or lost
+    /// its network sends no BYE, and without this the caller would sit in a silent bridge
+    /// until they gave up. (A phone with silence suppression also goes quiet: the call asks
+    /// it over SIP before it acts.)
     pub fn watch_leg(mut self, limit: Duration) -> Self {
         self.leg_limit = Some(limit);
         self
@@ -250,6 +252,15 @@ impl SlotState {
     pub fn set_bridge(&mut self, bridge: Option<Bridge>) {
         self.bridge = bridge;
         self.bridge_epoch += 1;
+    }
+
+    /// The leg's silence was looked into (the phone still answers over SIP): watch it afresh
+    /// from `now`.
+    pub fn rearm_leg_watch(&mut self, now: Instant) {
+        if let Some(b) = &mut self.bridge {
+            b.leg_alive = Some(now);
+            b.leg_silence_reported = false;
+        }
     }
 
     /// Whether the shard relays this call to another leg.
@@ -906,7 +917,7 @@ impl Slot {
         if st.relay_epoch != st.bridge_epoch {
             watch.sync(self, st);
             if let Some(b) = &mut st.bridge {
-                b.relaying_since = Some(now);
+                b.leg_alive = Some(now);
                 // The leg's port was not read while its phone rang: what waits there is early
                 // media from before the answer (a ringback tone, an announcement), up to a
                 // socket buffer of it. Relayed, it would reach the caller as one burst of
@@ -958,7 +969,7 @@ impl Slot {
             }
             if let Some(b) = &mut st.bridge {
                 if let (Some(limit), false) = (b.leg_limit, b.leg_silence_reported) {
-                    let last = b.leg_heard.or(b.relaying_since).unwrap_or(now);
+                    let last = b.leg_alive.unwrap_or(now);
                     if now.saturating_duration_since(last) > limit {
                         b.leg_silence_reported = true;
                         self.note(MediaNote::LegSilent);
@@ -1090,6 +1101,7 @@ impl Slot {
                     }
                 } else {
                     let Some(b) = &mut st.bridge else { return };
+                    b.leg_alive = Some(now);
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {
                         b.leg_heard = Some(now);

@@ -885,3 +885,42 @@ pub fn from_agent(
         len = body.len(),
     )
 }
+
+/// The final response that arrives on `sip` for the request with CSeq `cseq` (other traffic
+/// is skipped).
+pub async fn final_response(sip: &UdpSocket, cseq: u32) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let got = tokio::time::timeout_at(deadline, sip.recv_from(&mut buf)).await;
+        let Ok(Ok((n, _))) = got else {
+            panic!("no final response to CSeq {cseq}")
+        };
+        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65536) {
+            if r.code >= 200 && r.cseq == cseq {
+                return r;
+            }
+        }
+    }
+}
+
+/// Send `method` (CSeq `cseq`, SDP `sdp` or no body) inside the dialog of `inv` from the called
+/// party's socket `sip` (see [`from_agent`]), wait for its final response, ACK it if it
+/// answered an INVITE, and return it.
+pub async fn agent_request(
+    srv: &ivr311::server::RunningServer,
+    sip: &UdpSocket,
+    inv: &Request,
+    method: &str,
+    cseq: u32,
+    sdp: Option<&str>,
+) -> Response {
+    let req = from_agent(srv, sip, inv, method, cseq, sdp);
+    sip.send_to(req.as_bytes(), srv.sip_addr).await.unwrap();
+    let r = final_response(sip, cseq).await;
+    if method == "INVITE" {
+        let ack = from_agent(srv, sip, inv, "ACK", cseq, None);
+        sip.send_to(ack.as_bytes(), srv.sip_addr).await.unwrap();
+    }
+    r
+}
