@@ -365,16 +365,18 @@ impl Linphonec {
     }
 
     /// Wait until liblinphone listens for SIP (it does so on its first iteration, once it finds
-    /// the network up; a call placed before that fails at once).
+    /// the network up; a call placed before that fails at once). Up to 30 s: before that it
+    /// loads every mediastreamer plugin (H.264 and OpenGL ones included), which took over 10 s
+    /// in a CI run with the rest of the suite running beside it.
     pub async fn ready(&self) {
-        for _ in 0..100 {
+        for _ in 0..300 {
             if self.debug_log().contains("Creating listening point") {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!(
-            "linphonec did not start listening within 10 s:\n{}",
+            "linphonec did not start listening within 30 s:\n{}",
             self.log()
         );
     }
