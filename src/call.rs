@@ -24,8 +24,8 @@
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegReoffer, LegSdp,
-    OperatorOffer,
+    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegProbe, LegReoffer, LegSdp,
+    OperatorOffer, PROBE_ANSWER_WITHIN,
 };
 use crate::dispatch::queue::{OfferFailure, Position, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket, Status, TicketStore};
@@ -536,7 +536,7 @@ struct Leg {
     /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
     sdp: LegSdp,
     /// The in-dialog OPTIONS asking a silent operator's phone whether it is still there.
-    probe: Option<u64>,
+    probe: Option<LegProbe>,
 }
 
 impl Leg {
@@ -556,8 +556,8 @@ impl Leg {
 /// - early media (`answered` false): our player (ringback) fills its silences;
 /// - a leg that holds the call: our player (hold music) fills its silences, and no silence
 ///   watch, since a held phone may send nothing for as long as the hold lasts;
-/// - an answered operator's phone: watched for silence (`no_media`), since a phone that
-///   died sends no BYE;
+/// - an answered operator's phone: watched for `silence` (`limits.operator_silence_seconds`;
+///   zero: not watched), since a phone that died sends no BYE;
 /// - the answered 911 leg: relayed as it is, never cut for silence (a PSAP may be listening).
 pub(crate) fn leg_bridge(
     port: Arc<RtpPort>,
@@ -565,15 +565,15 @@ pub(crate) fn leg_bridge(
     neg: Negotiated,
     answered: bool,
     operator: bool,
-    no_media: Duration,
+    silence: Duration,
 ) -> Bridge {
     let b = Bridge::new(port, addr, neg);
     if !answered {
         b.filling(EARLY_MEDIA_GAP)
     } else if !neg.direction.sends() {
         b.filling(HOLD_FILL_GAP)
-    } else if operator {
-        b.watch_leg(no_media)
+    } else if operator && !silence.is_zero() {
+        b.watch_leg(silence)
     } else {
         b
     }
@@ -749,7 +749,7 @@ impl Call {
                 .and_then(|l| Some((l.media()?, l.answered.is_some())));
             if target != self.bridged_shown {
                 self.bridged_shown = target;
-                let no_media = Duration::from_secs(self.ctx.limits.no_media_seconds);
+                let silence = Duration::from_secs(self.ctx.limits.operator_silence_seconds);
                 let bridge = self.leg.as_ref().and_then(|l| {
                     let ((neg, remote), answered) = target?;
                     Some(leg_bridge(
@@ -758,7 +758,7 @@ impl Call {
                         neg,
                         answered,
                         l.agent.is_some(),
-                        no_media,
+                        silence,
                     ))
                 });
                 self.media.lock().set_bridge(bridge);
@@ -770,6 +770,7 @@ impl Call {
                 .as_ref()
                 .and_then(|q| q.ringing.as_ref().map(|(_, at)| *at));
             let emergency_deadline = self.emergency.as_ref().and_then(|e| e.deadline);
+            let probe_deadline = self.leg.as_ref().and_then(|l| Some(l.probe?.give_up_at));
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return EndReason::Shutdown,
@@ -842,6 +843,16 @@ impl Call {
                 _ = sleep_opt(timer) => {
                     self.timer = None;
                     self.inputs.push_back(Input::Timeout);
+                }
+                _ = sleep_opt(probe_deadline) => {
+                    // No answer to the OPTIONS in time: as good as its transaction's 408.
+                    let span = self.leg.as_ref().map(|l| l.span.clone());
+                    let span = span.unwrap_or_else(tracing::Span::current);
+                    span.in_scope(|| info!(seconds = PROBE_ANSWER_WITHIN.as_secs(), "the operator's phone did not answer the OPTIONS"));
+                    Box::pin(self.on_probe_answer(408)).instrument(span).await;
+                    if let Some(r) = self.end.take() {
+                        return r;
+                    }
                 }
                 _ = sleep_opt(emergency_deadline) => {
                     if let Some(e) = &mut self.emergency {
@@ -1359,7 +1370,11 @@ impl Call {
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
         if let Some(LegEvent::Dialog(DialogEvent::RequestOutcome { req, code, .. })) = &ev {
-            if self.leg.as_ref().is_some_and(|l| l.probe == Some(*req)) {
+            if self
+                .leg
+                .as_ref()
+                .is_some_and(|l| l.probe.is_some_and(|p| p.req == *req))
+            {
                 let span = self.leg.as_ref().map(|l| l.span.clone());
                 let span = span.unwrap_or_else(tracing::Span::current);
                 Box::pin(self.on_probe_answer(*code)).instrument(span).await;
@@ -1795,7 +1810,7 @@ impl Call {
         self.leg_events = None;
     }
 
-    /// The operator's phone sent nothing for `limits.no_media_seconds` while bridged. Either
+    /// The operator's phone sent nothing for `limits.operator_silence_seconds` while bridged. Either
     /// it crashed or lost its network without a BYE, or it suppresses silence and the
     /// operator is listening: ask it with an in-dialog OPTIONS before doing anything.
     async fn probe_operator_leg(&mut self) {
@@ -1806,16 +1821,18 @@ impl Call {
         else {
             return;
         };
-        let req = rand::random::<u64>();
-        l.probe = Some(req);
+        let probe = LegProbe::new(tokio::time::Instant::now());
+        l.probe = Some(probe);
         info!(
-            seconds = self.ctx.limits.no_media_seconds,
+            seconds = self.ctx.limits.operator_silence_seconds,
             "no audio from the operator's phone; asking whether it is still there"
         );
-        l.handle.request(req, Method::Options, vec![], None).await;
+        l.handle
+            .request(probe.req, Method::Options, vec![], None)
+            .await;
     }
 
-    /// The silent operator's phone answered the OPTIONS (or it timed out: 408).
+    /// The silent operator's phone answered the OPTIONS (or did not in time: 408).
     async fn on_probe_answer(&mut self, code: u16) {
         if probe_says_gone(code) {
             self.operator_leg_silent(code).await;
@@ -1840,7 +1857,7 @@ impl Call {
         };
         warn!(
             %agent,
-            seconds = self.ctx.limits.no_media_seconds,
+            seconds = self.ctx.limits.operator_silence_seconds,
             options = code,
             "the operator's phone is gone (no audio, OPTIONS failed); ending its leg"
         );

@@ -49,8 +49,8 @@
 use crate::call::{MenuHolder, SUPPORTED_CODECS};
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::offer::{
-    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegReoffer, LegSdp,
-    OperatorOffer,
+    agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegProbe, LegReoffer, LegSdp,
+    OperatorOffer, PROBE_ANSWER_WITHIN,
 };
 use crate::dispatch::queue::{CallbackEvent, CallerId, OfferFailure, QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
@@ -267,7 +267,7 @@ struct AgentLeg {
     /// Our SDP on the leg (for answering its re-INVITEs and UPDATEs).
     sdp: LegSdp,
     /// The in-dialog OPTIONS asking a silent phone whether it is still there.
-    probe: Option<u64>,
+    probe: Option<LegProbe>,
     span: Span,
 }
 
@@ -346,6 +346,7 @@ impl Run {
             let trunk_ring = self.trunk.as_ref().and_then(|t| t.ring_until);
             let agent_ring = self.agent.as_ref().and_then(|a| a.ring_until);
             let hang_up_at = self.trunk.as_ref().and_then(|t| t.hang_up_at);
+            let probe_deadline = self.agent.as_ref().and_then(|a| Some(a.probe?.give_up_at));
             let step = tokio::select! {
                 biased;
                 () = cancel.cancelled() => Some(End::Shutdown),
@@ -379,6 +380,12 @@ impl Run {
                     None
                 }
                 note = recv_opt(&mut self.notes) => self.on_note(note).await,
+                () = sleep_opt(probe_deadline) => {
+                    // No answer to the OPTIONS in time: as good as its transaction's 408.
+                    let span = self.agent.as_ref().map_or_else(Span::none, |a| a.span.clone());
+                    span.in_scope(|| info!(seconds = PROBE_ANSWER_WITHIN.as_secs(), "the operator's phone did not answer the OPTIONS"));
+                    self.on_probe_answer(408).instrument(span).await
+                }
                 () = sleep_opt(hang_up_at) => {
                     info!("call-back reached the maximum call length; hanging up");
                     self.caller_gone().await
@@ -672,8 +679,8 @@ impl Run {
         let Some((neg, addr)) = a.answered else {
             return;
         };
-        let no_media = Duration::from_secs(self.inner.limits.no_media_seconds);
-        let bridge = crate::call::leg_bridge(port.clone(), addr, neg, true, true, no_media);
+        let silence = Duration::from_secs(self.inner.limits.operator_silence_seconds);
+        let bridge = crate::call::leg_bridge(port.clone(), addr, neg, true, true, silence);
         m.lock().set_bridge(Some(bridge));
     }
 
@@ -712,25 +719,11 @@ impl Run {
 
     async fn on_agent_event(&mut self, ev: Option<LegEvent>) -> Option<End> {
         if let Some(LegEvent::Dialog(DialogEvent::RequestOutcome { req, code, .. })) = &ev {
-            let a = self.agent.as_mut().filter(|a| a.probe == Some(*req))?;
-            a.probe = None;
-            if !probe_says_gone(*code) {
-                info!(
-                    code,
-                    "the operator's phone is still there; the bridge stays"
-                );
-                if let Some(m) = self.trunk_media() {
-                    m.lock().rearm_leg_watch(std::time::Instant::now());
-                }
-                return None;
+            let probed = self.agent.as_ref().and_then(|a| a.probe);
+            if probed.is_some_and(|p| p.req == *req) {
+                return self.on_probe_answer(*code).await;
             }
-            warn!(
-                agent = %a.id,
-                options = code,
-                "the operator's phone is gone (no audio, OPTIONS failed); ending the call-back"
-            );
-            self.drop_agent().await;
-            return Some(End::Served);
+            return None;
         }
         if let Some(LegEvent::Dialog(DialogEvent::Reoffer {
             txn, method, body, ..
@@ -790,6 +783,30 @@ impl Run {
             }
         }
         None
+    }
+
+    /// The silent operator's phone answered the OPTIONS (or did not in time: 408): keep the
+    /// bridge, or hang the phone up and end the call-back (the caller was served).
+    async fn on_probe_answer(&mut self, code: u16) -> Option<End> {
+        let a = self.agent.as_mut()?;
+        a.probe = None;
+        if !probe_says_gone(code) {
+            info!(
+                code,
+                "the operator's phone is still there; the bridge stays"
+            );
+            if let Some(m) = self.trunk_media() {
+                m.lock().rearm_leg_watch(std::time::Instant::now());
+            }
+            return None;
+        }
+        warn!(
+            agent = %a.id,
+            options = code,
+            "the operator's phone is gone (no audio, OPTIONS failed); ending the call-back"
+        );
+        self.drop_agent().await;
+        Some(End::Served)
     }
 
     async fn agent_failed(&mut self, agent: &str, why: OfferFailure) {
@@ -853,14 +870,16 @@ impl Run {
             Some(MediaNote::LegSilent) => {
                 // As for a live call's operator (`Call::probe_operator_leg`): ask first.
                 let a = self.agent.as_mut().filter(|a| a.probe.is_none())?;
-                let req = rand::random::<u64>();
-                a.probe = Some(req);
+                let probe = LegProbe::new(tokio::time::Instant::now());
+                a.probe = Some(probe);
                 info!(
                     agent = %a.id,
-                    seconds = self.inner.limits.no_media_seconds,
+                    seconds = self.inner.limits.operator_silence_seconds,
                     "no audio from the operator's phone; asking whether it is still there"
                 );
-                a.handle.request(req, Method::Options, vec![], None).await;
+                a.handle
+                    .request(probe.req, Method::Options, vec![], None)
+                    .await;
                 None
             }
             // Keys reach the operator through the bridge; nothing records a call-back.

@@ -398,6 +398,14 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// A call with no RTP from the caller for this long is ended with BYE. Default 60.
     pub no_media_seconds: u64,
+    /// A bridged operator's phone (a live call's or a call-back's) that sends nothing for this
+    /// long is asked with an in-dialog OPTIONS whether it is still there; with no answer
+    /// within 4 s, or 481, its leg is hung up and the caller offered what a caller with no
+    /// operator gets. A phone that answers (silence suppression while the operator listens)
+    /// keeps the call and is asked again after as long. Shorter than `no_media_seconds`
+    /// because the caller is the one left in silence: a crashed phone sends no BYE. Default
+    /// 10.
+    pub operator_silence_seconds: u64,
     /// Longest call, seconds (a stuck caller cannot hold a port forever). Default 3600.
     pub max_call_seconds: u64,
     /// On shutdown, how long calls in progress may continue. Default 30.
@@ -422,6 +430,7 @@ impl Default for Limits {
             max_calls: 5000,
             max_message_bytes: 64 * 1024,
             no_media_seconds: 60,
+            operator_silence_seconds: 10,
             max_call_seconds: 3600,
             drain_seconds: 30,
             max_tcp_connections: 1024,
@@ -552,6 +561,7 @@ mod tests {
         let c = FileConfig::parse(Path::new("x.yaml"), "").unwrap();
         assert_eq!(c.limits.max_calls, 5000);
         assert_eq!(c.limits.no_media_seconds, 60);
+        assert_eq!(c.limits.operator_silence_seconds, 10);
         assert_eq!(c.media.default_language, "en");
         assert_eq!(c.limits.options_per_second, 10);
         assert_eq!(c.limits.options_burst, 40);

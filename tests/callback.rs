@@ -569,30 +569,34 @@ async fn a_called_back_phone_that_sends_no_audio_is_hung_up_and_the_offer_withdr
 async fn a_called_back_callers_operator_whose_phone_goes_silent_is_hung_up() {
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut file = config(trunk_sip.local_addr().unwrap(), 3);
-    file.limits.no_media_seconds = 3;
+    file.limits.operator_silence_seconds = 3;
     let srv = start_server(file).await;
     let trunk = trunk_peer(trunk_sip, &srv, "trunk5").await;
     let agent = Peer::agent(srv.sip_addr, "1001").await;
     let (offer, ainv) = operator_answers_call_back(&srv, &trunk, &agent).await;
     let answered = tokio::time::Instant::now();
-    // The caller talks; the operator's phone sends nothing and no BYE (it restarted).
-    // After `no_media_seconds` its leg is hung up, and so is the call-back.
-    // It is asked with an in-dialog OPTIONS first; a restarted phone answers 481.
-    let ((bye, waited), ()) = tokio::join!(
+    // The caller talks; the operator's phone sends nothing and no BYE (it lost its network).
+    // After `operator_silence_seconds` it is asked with an in-dialog OPTIONS; it answers
+    // nothing, and a few seconds later (not at the OPTIONS' Timer F, 32 s) its leg is hung
+    // up, and so is the call-back.
+    let ((bye, silent, asked), ()) = tokio::join!(
         async {
-            let options = agent.request("OPTIONS", Duration::from_secs(8)).await;
-            agent
-                .reply(&options, 481, "Call/Transaction Does Not Exist", None)
-                .await;
-            let bye = agent.request("BYE", Duration::from_secs(3)).await;
-            (bye, answered.elapsed())
+            agent.request("OPTIONS", Duration::from_secs(8)).await;
+            let silent = answered.elapsed();
+            let asked = tokio::time::Instant::now();
+            let bye = agent.request("BYE", Duration::from_secs(8)).await;
+            (bye, silent, asked.elapsed())
         },
-        trunk.send_rtp(offer.addr, 0, 0xff, 250)
+        trunk.send_rtp(offer.addr, 0, 0xff, 400)
     );
     assert_eq!(bye.call_id, ainv.call_id);
     assert!(
-        waited >= Duration::from_millis(2500),
-        "hung up after {waited:?}, before the operator was silent for 3 s"
+        silent >= Duration::from_millis(2500),
+        "asked after {silent:?}, before the operator was silent for 3 s"
+    );
+    assert!(
+        asked >= Duration::from_secs(3),
+        "hung up {asked:?} after asking, before the phone had time to answer"
     );
     trunk.request("BYE", Duration::from_secs(3)).await;
     srv.shutdown().await;

@@ -210,12 +210,12 @@ async fn with_no_agent_logged_in_the_caller_is_told_at_once() {
 async fn an_operator_phone_that_goes_silent_is_asked_then_hung_up_and_the_caller_offered_a_ticket()
 {
     let mut file = config(&["1001"], 20);
-    file.limits.no_media_seconds = 2;
+    file.limits.operator_silence_seconds = 2;
     let srv = start_server(file).await;
     let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
 
     // The operator's phone sends nothing (silence suppression while the operator listens).
-    // After `no_media_seconds` the server asks it with an in-dialog OPTIONS; it answers, so
+    // After `operator_silence_seconds` the server asks it with an in-dialog OPTIONS; it answers, so
     // the bridge stays.
     let (_, first) = tokio::join!(ua.listen(Duration::from_millis(4000)), async {
         let options = agent.request("OPTIONS", Duration::from_secs(4)).await;
@@ -253,6 +253,43 @@ async fn an_operator_phone_that_goes_silent_is_asked_then_hung_up_and_the_caller
     let (_, calls) = http(srv.http_addr, "GET", "/admin/calls", &[], b"").await;
     let calls: serde_json::Value = serde_json::from_str(&calls).unwrap();
     assert_eq!(calls.as_array().map(Vec::len), Some(1), "{calls}");
+    let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
+    assert!(!agents.contains("on_call"), "{agents}");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operator_phone_that_answers_nothing_is_hung_up_in_seconds_not_at_timer_f() {
+    let mut file = config(&["1001"], 20);
+    file.limits.operator_silence_seconds = 2;
+    let srv = start_server(file).await;
+    let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
+
+    // The phone lost its network: no audio, no BYE, and the OPTIONS goes unanswered. The
+    // caller is not left in silence until the OPTIONS transaction gives up (Timer F, 32 s):
+    // a few seconds after asking, the server hangs the phone up and offers the caller a
+    // ticket.
+    let (heard, (asked, bye)) = tokio::join!(ua.listen(Duration::from_millis(9000)), async {
+        agent.request("OPTIONS", Duration::from_secs(4)).await;
+        let asked = tokio::time::Instant::now();
+        (asked, agent.request("BYE", Duration::from_secs(8)).await)
+    });
+    let waited = asked.elapsed();
+    assert_eq!(bye.call_id, inv.call_id, "the operator's leg is hung up");
+    assert!(
+        waited >= Duration::from_secs(3),
+        "hung up {waited:?} after asking, before the phone had time to answer"
+    );
+    let ear = PromptEar::new(
+        "en",
+        &["operator_unavailable", "offer_general_ticket"],
+        ivr311::media::g711::Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard).first().map(String::as_str),
+        Some("operator_unavailable"),
+        "the caller is offered a ticket"
+    );
     let (_, agents) = http(srv.http_addr, "GET", "/admin/agents", &[], b"").await;
     assert!(!agents.contains("on_call"), "{agents}");
     srv.shutdown().await;

@@ -12,6 +12,7 @@ use crate::media::sdp;
 use crate::sip::message::{sanitize_quoted, Method};
 use crate::sip::ua::{DialogEvent, LegEvent};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 use tracing::{debug, info, warn};
 
 /// Our side of an outbound leg's SDP: where the leg's media is, and the `o=` line's session
@@ -176,6 +177,32 @@ pub fn agent_leg_step(agent: &str, ev: LegEvent) -> AgentLegStep {
             AgentLegStep::HungUp
         }
         LegEvent::Dialog(_) => AgentLegStep::Nothing,
+    }
+}
+
+/// How long a silent operator's phone has to answer the OPTIONS that asks whether it is still
+/// there ([`LegProbe`]). The request's own transaction would report no answer (408) only at
+/// Timer F, 32 s; a caller should not sit that long in a silent bridge. Over UDP the request
+/// goes out four times in these 4 s (T1 = 0.5 s, doubling), enough for a live phone on a
+/// lossy line; a phone's SIP stack answers OPTIONS at once.
+pub const PROBE_ANSWER_WITHIN: Duration = Duration::from_secs(4);
+
+/// The in-dialog OPTIONS asking a silent operator's phone whether it still holds the call:
+/// the request id its outcome comes back with, and when to stop waiting for that outcome and
+/// take the phone for gone (as a 408).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegProbe {
+    pub req: u64,
+    pub give_up_at: tokio::time::Instant,
+}
+
+impl LegProbe {
+    /// A probe sent at `now`.
+    pub fn new(now: tokio::time::Instant) -> Self {
+        LegProbe {
+            req: rand::random(),
+            give_up_at: now + PROBE_ANSWER_WITHIN,
+        }
     }
 }
 
