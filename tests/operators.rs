@@ -296,6 +296,62 @@ async fn an_operator_phone_that_answers_nothing_is_hung_up_in_seconds_not_at_tim
 }
 
 #[tokio::test]
+async fn an_operator_behind_nat_hears_the_caller_at_the_address_its_audio_comes_from() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let agent = Agent::login(srv.sip_addr, "1001").await;
+    let mut ua = caller_presses_zero(&srv).await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    // An operator working from home: the phone's SDP names its address on the home network,
+    // which the server cannot reach (here a socket that stands for it); its audio comes from
+    // the NAT's public address (here the phone's real socket).
+    let private = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let public_port = agent.rtp.local_addr().unwrap().port();
+    let sdp = agent.answer_sdp().replace(
+        &format!("m=audio {public_port} "),
+        &format!("m=audio {} ", private.local_addr().unwrap().port()),
+    );
+    agent.reply(&inv, 200, "OK", Some(sdp)).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    // The operator says hello; the caller hears it.
+    let mut s = rtp::RtpStream::new();
+    let mut out = [0u8; 200];
+    for _ in 0..10 {
+        let n = s.write(0, &[0x55; 160], 160, &mut out);
+        agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard = ua.listen(Duration::from_millis(300)).await;
+    assert!(heard.iter().filter(|p| p[0] == 0x55).count() >= 5);
+    // The caller answers: their audio goes where the operator's came from.
+    let speaking = tokio::spawn(async move { ua.speak(25).await });
+    let (mut got, mut lost) = (0, 0);
+    let (mut buf, mut elsewhere) = ([0u8; 2048], [0u8; 2048]);
+    loop {
+        tokio::select! {
+            r = agent.rtp.recv_from(&mut buf) => {
+                let (n, _) = r.unwrap();
+                if rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 0) {
+                    got += 1;
+                }
+            }
+            r = private.recv_from(&mut elsewhere) => {
+                r.unwrap();
+                lost += 1;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(700)) => break,
+        }
+    }
+    speaking.await.unwrap();
+    assert!(got >= 15, "the caller reached the operator's phone: {got}");
+    assert_eq!(
+        lost, 0,
+        "sent to the SDP address after the phone's audio came from elsewhere"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     let srv = start_server(config(&["1001"], 20)).await;
     let (agent, mut ua, inv) = bridged_to_1001(&srv).await;

@@ -83,6 +83,7 @@
 use crate::media::bridge::{relay, Relay, Restamp};
 use crate::media::ports::RtpPort;
 use crate::media::record::{RecordState, VoiceMeter};
+use crate::media::rtp::{self, Latch, LatchDecision};
 use crate::media::sdp::Negotiated;
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
 use std::collections::{HashMap, HashSet};
@@ -163,8 +164,13 @@ pub struct SlotState {
 pub struct Bridge {
     /// The leg's port (shared with the call's task; it goes back to the pool when both let go).
     pub leg: Arc<RtpPort>,
-    /// Where the leg's media goes, and what it negotiated.
-    pub leg_remote: SocketAddr,
+    /// Where the leg's media goes: its SDP address until its first RTP packet, then that
+    /// packet's source (symmetric RTP, as for the caller: an operator working from home sits
+    /// behind NAT, and the private address in its phone's SDP is unreachable; before this,
+    /// such an operator heard nothing while the caller heard them). After latching, packets
+    /// from elsewhere are dropped.
+    leg_latch: Latch,
+    /// What the leg negotiated.
     pub leg_neg: Negotiated,
     /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
     pub to_leg: Restamp,
@@ -189,7 +195,7 @@ impl Bridge {
     pub fn new(leg: Arc<RtpPort>, leg_remote: SocketAddr, leg_neg: Negotiated) -> Self {
         Bridge {
             leg,
-            leg_remote,
+            leg_latch: Latch::new(leg_remote),
             leg_neg,
             to_leg: Restamp::new(rand::random()),
             to_caller: Restamp::new(rand::random()),
@@ -221,6 +227,15 @@ impl Bridge {
     pub fn filling(mut self, gap: Duration) -> Self {
         self.fill_gap = Some(gap);
         self
+    }
+
+    /// Whether a packet from `from` on the leg's socket is the leg's: before latching, any RTP
+    /// packet (which latches the leg to its source); after, only those from the latched source.
+    fn accept_leg_packet(&mut self, from: SocketAddr, packet: &[u8]) -> bool {
+        if !self.leg_latch.is_latched() && rtp::parse(packet).is_err() {
+            return false;
+        }
+        self.leg_latch.on_packet(from) != LatchDecision::Foreign
     }
 
     /// Whether the caller should hear our player at `now` rather than wait for the leg.
@@ -1097,10 +1112,13 @@ impl Slot {
                     if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
                     {
                         b.to_leg.apply(&mut buf[..len], event);
-                        let _ = leg.socket.send_to(&buf[..len], b.leg_remote);
+                        let _ = leg.socket.send_to(&buf[..len], b.leg_latch.remote());
                     }
                 } else {
                     let Some(b) = &mut st.bridge else { return };
+                    if !b.accept_leg_packet(from, &buf[..len]) {
+                        continue;
+                    }
                     b.leg_alive = Some(now);
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {
