@@ -362,26 +362,19 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
         reject(&call, 503, "Service Unavailable", retry()).await;
         return None;
     }
-    let is_sdp = call
-        .content_type
-        .as_deref()
-        .is_some_and(|c| c.trim().to_ascii_lowercase().starts_with("application/sdp"));
-    if !is_sdp || call.body.is_empty() {
-        // We do not do offerless INVITEs (offer in our 200, answer in ACK) yet.
-        warn!("INVITE without an SDP offer; 488");
-        ctx.registry.rejected.fetch_add(1, Ordering::Relaxed);
-        let w = vec![(
-            "Warning".into(),
-            "399 ivr311 \"an SDP offer is required\"".into(),
-        )];
-        reject(&call, 488, "Not Acceptable Here", w).await;
-        return None;
-    }
-    let negotiated = sdp::parse(&call.body).and_then(|offer| {
-        let neg = sdp::negotiate(&offer, &SUPPORTED_CODECS)?;
-        Ok((offer, neg))
-    });
-    let (offer, neg) = match negotiated {
+    // An INVITE without a body is a delayed offer (RFC 3261 §13.2.1): many trunks and PBXs
+    // send one (Cisco CUCM's SIP trunks by default). We offer in the 200 and the ACK answers.
+    // (The UA already refused a body that is not SDP with 415.)
+    let delayed = call.body.is_empty();
+    let negotiated = if delayed {
+        Ok(None)
+    } else {
+        sdp::parse(&call.body).and_then(|offer| {
+            let neg = sdp::negotiate(&offer, &SUPPORTED_CODECS)?;
+            Ok(Some((offer, neg)))
+        })
+    };
+    let offered = match negotiated {
         Ok(x) => x,
         Err(e) => {
             warn!(error = %e, "offer refused; 488");
@@ -428,15 +421,29 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
             let bound = port.socket.local_addr().ok()?.ip();
             (!bound.is_unspecified()).then_some(bound)
         })
-        .or_else(|| crate::sip::transport::local_ip_towards(offer.addr.ip()))
+        .or_else(|| {
+            let towards = offered
+                .as_ref()
+                .map_or(call.source.ip(), |(o, _)| o.addr.ip());
+            crate::sip::transport::local_ip_towards(towards)
+        })
         .unwrap_or(call.local.ip());
     let local_media = SocketAddr::new(ip, port.port);
     let session_id: u64 = rand::random::<u32>() as u64;
-    // The offer parsed a moment ago; building our answer from it cannot fail in practice,
-    // but if it does, fall back to a single audio line.
-    let answer = sdp::build_answer_for_offer(&call.body, local_media, session_id, 1, &neg)
-        .unwrap_or_else(|_| sdp::build_answer(local_media, session_id, 1, &neg));
-    let media = MediaSession::new(now(), neg, offer.addr);
+    let body = match &offered {
+        // The offer parsed a moment ago; building our answer from it cannot fail in
+        // practice, but if it does, fall back to a single audio line.
+        Some((_, neg)) => sdp::build_answer_for_offer(&call.body, local_media, session_id, 1, neg)
+            .unwrap_or_else(|_| sdp::build_answer(local_media, session_id, 1, neg)),
+        None => sdp::build_offer(
+            local_media,
+            session_id,
+            1,
+            &SUPPORTED_CODECS,
+            Some(TELEPHONE_EVENT_PT),
+            sdp::Direction::SendRecv,
+        ),
+    };
     let registry_id = ctx.registry.insert(CallInfo {
         call_id: call.call_id.clone(),
         caller: caller_id(&call),
@@ -446,15 +453,31 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
         state: "answering".into(),
         hangup: CancellationToken::new(),
     });
-    info!(codec = ?neg.codec, rtp_port = port.port, remote_media = %offer.addr, "answering");
+    match &offered {
+        Some((offer, neg)) => {
+            info!(codec = ?neg.codec, rtp_port = port.port, remote_media = %offer.addr, "answering")
+        }
+        None => info!(rtp_port = port.port, "answering a delayed offer with ours"),
+    }
     call.handle
         .respond(
             200,
             "OK",
             vec![],
-            Some(("application/sdp".into(), Bytes::from(answer))),
+            Some(("application/sdp".into(), Bytes::from(body))),
         )
         .await;
+    let (neg, remote) = match offered {
+        Some((offer, neg)) => (neg, offer.addr),
+        None => match ack_answer(&mut call).await {
+            Some(x) => x,
+            None => {
+                ctx.registry.remove(registry_id);
+                return None;
+            }
+        },
+    };
+    let media = MediaSession::new(now(), neg, remote);
     let meta = CallMeta {
         call_id: call.call_id.clone(),
         caller: caller_id(&call),
@@ -475,6 +498,37 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
 
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// The payload type we offer telephone-event (RFC 4733) at.
+const TELEPHONE_EVENT_PT: u8 = 101;
+
+/// After our 200 made the offer (a delayed-offer INVITE): wait for the ACK and read its
+/// answer. `None` when the call ends instead (hung up, no ACK) or the answer is missing or
+/// unusable; RFC 3261 §13.3.1.4 then has us end the call with BYE, as sent here.
+async fn ack_answer(call: &mut IncomingCall) -> Option<(Negotiated, SocketAddr)> {
+    loop {
+        match call.events.recv().await? {
+            DialogEvent::Confirmed { sdp } => {
+                return match crate::dispatch::offer::leg_answer(&sdp) {
+                    Ok((neg, addr)) => {
+                        info!(codec = ?neg.codec, remote_media = %addr, "the ACK answered our offer");
+                        Some((neg, addr))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, empty = sdp.is_empty(), "no usable answer in the ACK to our offer; BYE");
+                        call.handle.hangup().await;
+                        None
+                    }
+                };
+            }
+            DialogEvent::Bye | DialogEvent::Cancelled | DialogEvent::Timeout => {
+                info!("the call ended before the ACK answered our offer");
+                return None;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Why a call ended, for the log.
@@ -636,6 +690,8 @@ struct Call {
     /// (language, state) last written to the registry.
     shown: (String, String),
     hangup: CancellationToken,
+    /// Our 2xx to the caller's re-INVITE without SDP carried our offer: the ACK answers it.
+    answer_in_ack: bool,
 }
 
 /// One call's task.
@@ -695,6 +751,7 @@ async fn run_call(setup: CallSetup, ctx: CallContext, cancel: CancellationToken)
         callback_filing: false,
         shown: (String::new(), String::new()),
         hangup,
+        answer_in_ack: false,
     };
     let reason = c.run(&mut events, &mut notes, &mut work_rx, cancel).await;
     c.finish(reason).await;
@@ -1033,7 +1090,21 @@ impl Call {
 
     async fn on_dialog_event(&mut self, ev: DialogEvent) -> Option<EndReason> {
         match ev {
-            DialogEvent::Confirmed => None,
+            DialogEvent::Confirmed { sdp } => {
+                // Our 2xx to a re-INVITE without SDP carried our offer; this is the answer.
+                if std::mem::take(&mut self.answer_in_ack) && !sdp.is_empty() {
+                    match crate::dispatch::offer::leg_answer(&sdp) {
+                        Ok((neg, addr)) => {
+                            self.media.lock().media.renegotiate(neg, addr);
+                            info!(direction = ?neg.direction, "media renegotiated (answer in ACK)");
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "unusable answer in the ACK; the media stays as it was")
+                        }
+                    }
+                }
+                None
+            }
             DialogEvent::Cancelled => Some(EndReason::Cancelled),
             DialogEvent::Bye => Some(EndReason::CallerHungUp),
             DialogEvent::Timeout => Some(EndReason::SignallingTimeout),
@@ -1046,6 +1117,7 @@ impl Call {
             }
             DialogEvent::Reoffer { txn, body, .. } => {
                 self.version += 1;
+                self.answer_in_ack = body.is_empty();
                 let answer = reoffer(
                     &mut self.media.lock().media,
                     &body,
@@ -1391,6 +1463,12 @@ impl Call {
                 .instrument(span)
                 .await;
             return self.end.take();
+        }
+        if let Some(LegEvent::Dialog(DialogEvent::Confirmed { sdp })) = &ev {
+            let span = self.leg.as_ref().map(|l| l.span.clone());
+            let span = span.unwrap_or_else(tracing::Span::current);
+            span.in_scope(|| self.on_leg_ack(sdp));
+            return None;
         }
         if let Some(l) = self.leg.as_ref().filter(|l| l.agent.is_some()) {
             // Everything about the operator leg logs in its own span, under the call's.
@@ -1898,7 +1976,31 @@ impl Call {
         }
         let (code, body) = reoffer.response();
         l.handle.answer_reoffer(txn, code, body).await;
-        let held = l.holds();
+        self.leg_hold_changed(was_held);
+    }
+
+    /// The ACK to our 2xx on the leg: if that 2xx carried our offer (a re-INVITE without SDP),
+    /// the ACK's answer is the leg's media now.
+    fn on_leg_ack(&mut self, body: &[u8]) {
+        let Some(l) = &mut self.leg else { return };
+        let was_held = l.holds();
+        match l.sdp.ack(body) {
+            Some(Ok(media)) if l.answered.is_some() => {
+                info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the leg's ACK answered our offer");
+                l.answered = Some(media);
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "unusable answer in the leg's ACK; its media stays as it was")
+            }
+            _ => {}
+        }
+        self.leg_hold_changed(was_held);
+    }
+
+    /// After the leg's media changed: the caller hears hold music while the far end holds
+    /// the call, and the far end again once it takes the call off hold.
+    fn leg_hold_changed(&mut self, was_held: bool) {
+        let held = self.leg.as_ref().is_some_and(Leg::holds);
         if held && !was_held {
             info!("the far end holds the call; the caller hears hold music");
             let p = self.prompts(&["hold_music".into()]);

@@ -700,8 +700,33 @@ impl Run {
         }
         let (code, body) = reoffer.response();
         a.handle.answer_reoffer(txn, code, body).await;
+        self.agent_media_changed(Some((current, before)), was_held);
+    }
+
+    /// The ACK to our 2xx on the operator's leg: if that 2xx carried our offer (a re-INVITE
+    /// without SDP), the ACK's answer is the leg's media now.
+    fn on_agent_ack(&mut self, body: &[u8]) {
+        let Some(a) = &mut self.agent else { return };
+        let (before, was_held) = (a.answered, a.holds());
+        match a.sdp.ack(body) {
+            Some(Ok(media)) if a.answered.is_some() => {
+                info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the operator's ACK answered our offer");
+                a.answered = Some(media);
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "unusable answer in the operator's ACK; its media stays as it was")
+            }
+            _ => {}
+        }
+        self.agent_media_changed(before, was_held);
+    }
+
+    /// After the operator's leg renegotiated (its media was `before`): the bridge follows
+    /// it, and the caller hears hold music while the operator holds the call.
+    fn agent_media_changed(&mut self, before: Option<(Negotiated, SocketAddr)>, was_held: bool) {
+        let Some(a) = &self.agent else { return };
         let held = a.holds();
-        if a.answered != Some((current, before)) {
+        if a.answered != before {
             self.bridge_agent();
         }
         if held && !was_held {
@@ -730,6 +755,10 @@ impl Run {
         })) = &ev
         {
             self.on_agent_reoffer(*txn, method, body).await;
+            return None;
+        }
+        if let Some(LegEvent::Dialog(DialogEvent::Confirmed { sdp })) = &ev {
+            self.on_agent_ack(sdp);
             return None;
         }
         let agent = self

@@ -627,6 +627,36 @@ async fn a_called_back_callers_operator_can_refresh_and_hold_the_call() {
     );
     let ear = PromptEar::new("en", &["hold_music"], Codec::Pcmu);
     assert_eq!(ear.playbacks(&heard), vec!["hold_music".to_string()]);
+
+    // Off hold by a re-INVITE without SDP: our offer in the 200, the answer (sendrecv) in the
+    // ACK. The caller's audio reaches the operator's phone again.
+    let reinvite = from_agent(&srv, &agent.sip, &ainv, "INVITE", 4, None);
+    agent
+        .sip
+        .send_to(reinvite.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(&agent.sip, 4).await;
+    assert_eq!(r.code, 200);
+    assert!(!r.body.is_empty(), "our offer in the 200");
+    let resume = agent.answer_sdp(0);
+    let ack = from_agent(&srv, &agent.sip, &ainv, "ACK", 4, Some(&resume));
+    agent
+        .sip
+        .send_to(ack.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent.drain_rtp();
+    let (to_phone, ()) = tokio::join!(
+        agent.hear(0, Duration::from_millis(900)),
+        trunk.send_rtp(offer.addr, 0, 0xff, 40)
+    );
+    assert!(
+        to_phone.len() >= 20,
+        "the caller is heard again: {}",
+        to_phone.len()
+    );
     srv.shutdown().await;
 }
 

@@ -51,6 +51,52 @@ async fn answers_with_the_language_menu_and_hears_each_key_once() {
 }
 
 #[tokio::test]
+async fn a_delayed_offer_gets_our_offer_in_the_200_and_the_acks_answer_is_used() {
+    // Many trunks and PBXs (Cisco CUCM's SIP trunks by default) send INVITE without SDP. Such
+    // a call used to get 488; now the 200 offers both laws and RFC 4733 events, and the call
+    // uses what the ACK answered: PCMA, and keys at 101.
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let ok = ua.call_delayed_offer(Some("8 101")).await;
+    assert_eq!(ok.code, 200);
+    let offer = String::from_utf8_lossy(&ok.body).to_string();
+    for want in [
+        "PCMU/8000",
+        "PCMA/8000",
+        "telephone-event/8000",
+        "a=sendrecv",
+    ] {
+        assert!(offer.contains(want), "{want} offered: {offer}");
+    }
+    let ear = PromptEar::new("en", &["language_menu", "screening"], Codec::Pcma);
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["language_menu"],
+        "heard in PCMA"
+    );
+    ua.press('1').await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ear.playbacks(&heard), vec!["screening"]);
+    assert_eq!(ua.bye().await.code, 200);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_delayed_offer_whose_ack_answers_nothing_is_hung_up() {
+    // RFC 3261 §13.3.1.4: with no answer to our offer there is no session; we say so with BYE
+    // rather than leave the caller in silence.
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call_delayed_offer(None).await.code, 200);
+    let bye = ua.expect_request("BYE", Duration::from_secs(3)).await;
+    ua.answer_request(&bye).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(health(srv.http_addr).await["live_calls"], 0);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn pcma_is_chosen_when_the_caller_prefers_it_and_info_digits_work() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
@@ -279,6 +325,46 @@ async fn hold_and_unhold_by_reinvite_keep_the_call() {
         "audio is back"
     );
     assert_eq!(health(srv.http_addr).await["live_calls"], 1);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reinvite_without_sdp_gets_our_offer_and_the_acks_answer_moves_the_media() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    assert!(ua.listen(Duration::from_millis(300)).await.len() > 5);
+
+    // The caller's side re-INVITEs without SDP (a PBX after a transfer behind it): the 200
+    // carries our offer, and the ACK answers with the media somewhere else.
+    let moved = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let reinv = ua.in_dialog("INVITE", "", "");
+    ua.send_raw(&reinv).await;
+    let r = ua.expect_response("INVITE", 200, S).await;
+    let ours = String::from_utf8_lossy(&r.body).to_string();
+    assert!(ours.contains("m=audio"), "our offer in the 200: {ours}");
+    let old_port = ua.rtp.local_addr().unwrap().port();
+    let answer = ua.offer("0 101").replace(
+        &format!("m=audio {old_port} "),
+        &format!("m=audio {} ", moved.local_addr().unwrap().port()),
+    );
+    let ack = ua.in_dialog("ACK", "Content-Type: application/sdp\r\n", &answer);
+    ua.send_raw(&ack).await;
+    let mut buf = [0u8; 2048];
+    let mut got = 0;
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(300), moved.recv_from(&mut buf)).await
+    {
+        got += 1;
+        if got == 20 {
+            break;
+        }
+    }
+    assert_eq!(
+        got, 20,
+        "prompts follow the ACK's answer to the new address"
+    );
     ua.bye().await;
     srv.shutdown().await;
 }

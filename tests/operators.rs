@@ -352,6 +352,41 @@ async fn an_operator_behind_nat_hears_the_caller_at_the_address_its_audio_comes_
 }
 
 #[tokio::test]
+async fn an_operator_phone_reinviting_without_sdp_gets_our_offer_and_its_acks_answer_counts() {
+    let srv = start_server(config(&["1001"], 20)).await;
+    let (agent, mut ua, inv) = bridged_to_1001(&srv).await;
+    // Some phones and PBXs re-INVITE without SDP (to hold, after a transfer behind them): the
+    // 200 carries our offer and the ACK the answer. Here the answer holds the call.
+    let reinvite = from_agent(&srv, &agent.sip, &inv, "INVITE", 2, None);
+    agent
+        .sip
+        .send_to(reinvite.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let r = final_response(&agent.sip, 2).await;
+    assert_eq!(r.code, 200);
+    let ours = ivr311::media::sdp::parse(&r.body).expect("our offer in the 200");
+    assert_eq!(ours.addr.ip(), srv.sip_addr.ip());
+    let hold = agent
+        .answer_sdp()
+        .replace("a=rtpmap:0", "a=sendonly\r\na=rtpmap:0");
+    let ack = from_agent(&srv, &agent.sip, &inv, "ACK", 2, Some(&hold));
+    agent
+        .sip
+        .send_to(ack.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    let ear = PromptEar::new("en", &["hold_music"], ivr311::media::g711::Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["hold_music".to_string()],
+        "the caller hears hold music while the phone holds"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_operator_phone_refreshing_or_holding_the_session_is_answered() {
     let srv = start_server(config(&["1001"], 20)).await;
     let (agent, mut ua, inv) = bridged_to_1001(&srv).await;

@@ -104,6 +104,21 @@ async fn sipp_caller_with_pcap_audio_and_dtmf() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_caller_with_a_delayed_offer_is_answered_and_heard() {
+    // INVITE without SDP: the 200 carries our offer and SIPp's ACK the answer (PCMA, events
+    // at 101); then the same media as above. Before, such a call got 488.
+    let srv = start_server(FileConfig::default()).await;
+    run_sipp(srv.sip_addr, "uac_delayed_offer.xml", 30).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = health(srv.http_addr).await;
+    assert_eq!(h["calls_completed"], 1, "{h}");
+    assert_eq!(h["digits_received"], 3, "{h}");
+    assert!(h["rtp_packets_received"].as_u64().unwrap() > 50, "{h}");
+    assert!(h["rtp_packets_sent"].as_u64().unwrap() > 150, "{h}");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_pothole_path_files_a_ticket() {
     let srv = start_server(FileConfig::default()).await;
     run_sipp(srv.sip_addr, "uac_pothole.xml", 60).await;

@@ -347,7 +347,7 @@ async fn in_dialog_requests_both_ways_then_our_hangup_sends_bye() {
         .await;
     assert!(matches!(
         event(&mut leg).await,
-        LegEvent::Dialog(DialogEvent::Confirmed)
+        LegEvent::Dialog(DialogEvent::Confirmed { .. })
     ));
 
     // A request we send inside the dialog, and its outcome.

@@ -23,6 +23,8 @@ pub struct LegSdp {
     pub local: SocketAddr,
     id: u64,
     version: u64,
+    /// Our 2xx to a re-INVITE without SDP carried our offer: the ACK brings the answer.
+    answer_in_ack: bool,
 }
 
 /// What to reply to a re-INVITE or UPDATE on an outbound leg (the far phone put the call on
@@ -71,6 +73,7 @@ impl LegSdp {
             local,
             id: rand::random::<u32>() as u64,
             version: 1,
+            answer_in_ack: false,
         }
     }
 
@@ -102,6 +105,7 @@ impl LegSdp {
         if body.is_empty() {
             if *method == Method::Invite {
                 self.version += 1;
+                self.answer_in_ack = true;
                 return LegReoffer::OfferOurs(sdp::build_answer(
                     self.local,
                     self.id,
@@ -127,8 +131,25 @@ impl LegSdp {
     }
 }
 
-/// The far end's answer to a [`leg_offer`]: the codec agreed among those we support, and
-/// where the leg's media goes.
+impl LegSdp {
+    /// The ACK for our 2xx arrived with `body` ([`DialogEvent::Confirmed`]). When that 2xx
+    /// carried our offer (a re-INVITE without SDP: [`LegReoffer::OfferOurs`]) the body is the
+    /// answer, and this is the leg's media from now on (RFC 3264 §5: the answer may move it or
+    /// hold the call). `None`: no answer was due, or the ACK carried none, and the media stays
+    /// as it was.
+    pub fn ack(
+        &mut self,
+        body: &[u8],
+    ) -> Option<Result<(sdp::Negotiated, SocketAddr), sdp::SdpError>> {
+        if !std::mem::take(&mut self.answer_in_ack) || body.is_empty() {
+            return None;
+        }
+        Some(leg_answer(body))
+    }
+}
+
+/// The far end's answer to an offer of ours (a leg's INVITE, our 2xx to a delayed offer): the
+/// codec agreed among those we support, and where the far end's media goes.
 pub fn leg_answer(body: &[u8]) -> Result<(sdp::Negotiated, SocketAddr), sdp::SdpError> {
     let a = sdp::parse(body)?;
     Ok((sdp::negotiate(&a, &crate::call::SUPPORTED_CODECS)?, a.addr))
@@ -316,7 +337,12 @@ mod tests {
             AgentLegStep::Nothing
         );
         assert_eq!(
-            agent_leg_step("1001", LegEvent::Dialog(DialogEvent::Confirmed)),
+            agent_leg_step(
+                "1001",
+                LegEvent::Dialog(DialogEvent::Confirmed {
+                    sdp: bytes::Bytes::new()
+                })
+            ),
             AgentLegStep::Nothing
         );
     }

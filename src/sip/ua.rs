@@ -127,8 +127,10 @@ pub enum AppEvent {
 /// What happens to a dialog, as its call sees it.
 #[derive(Debug)]
 pub enum DialogEvent {
-    /// The ACK for our 2xx arrived.
-    Confirmed,
+    /// The ACK for our 2xx arrived. `sdp`: its body, which is the answer when our 2xx carried
+    /// the offer (to an INVITE or re-INVITE that had none, RFC 3261 §13.2.1 and §14); empty
+    /// otherwise.
+    Confirmed { sdp: Bytes },
     /// The caller cancelled before we answered (the UA already sent 487).
     Cancelled,
     /// The caller hung up (the UA already answered 200).
@@ -611,6 +613,8 @@ struct DialogEntry {
     reoffers: HashMap<u64, ServerKey>,
     /// A hang-up asked for before the ACK arrived.
     bye_pending: bool,
+    /// The body of the ACK being applied, handed on with [`DialogEvent::Confirmed`].
+    ack_body: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -1227,25 +1231,34 @@ impl UaCore {
             return;
         };
         // The ACK belongs to the dialog's latest INVITE (the initial one or a re-INVITE).
-        let Some(invite) = self.dialogs.get(&d).and_then(|de| de.last_invite.clone()) else {
+        let Some(de) = self.dialogs.get_mut(&d) else {
             return;
         };
+        let Some(invite) = de.last_invite.clone() else {
+            return;
+        };
+        // Its answer, if our 2xx made the offer; a retransmitted ACK finds the transaction
+        // acked already and is absorbed.
+        de.ack_body = req.body.clone();
         if let Some((id, e)) = self.server.get_mut(&invite) {
             let id = *id;
             let out = e.tx.on_ack(now);
             self.apply_server(id, out, now).await;
         }
+        if let Some(de) = self.dialogs.get_mut(&d) {
+            de.ack_body = Bytes::new();
+        }
     }
 
     async fn on_dialog_acked(&mut self, d: DialogId, now: Instant) {
-        let bye_pending = match self.dialogs.get_mut(&d) {
+        let (bye_pending, sdp) = match self.dialogs.get_mut(&d) {
             Some(de) => {
                 de.dialog.state = DialogState::Confirmed { acked: true };
-                de.bye_pending
+                (de.bye_pending, std::mem::take(&mut de.ack_body))
             }
             None => return,
         };
-        self.dialog_event(d, DialogEvent::Confirmed);
+        self.dialog_event(d, DialogEvent::Confirmed { sdp });
         if bye_pending {
             self.send_bye(d, now).await;
         }
@@ -1332,6 +1345,7 @@ impl UaCore {
                 last_invite: Some(key),
                 reoffers: HashMap::new(),
                 bye_pending: false,
+                ack_body: Bytes::new(),
             },
         );
         let out = match self.server_entry(id) {
@@ -2060,6 +2074,7 @@ impl UaCore {
                 last_invite: None,
                 reoffers: HashMap::new(),
                 bye_pending: false,
+                ack_body: Bytes::new(),
             },
         );
         if wanted {

@@ -380,6 +380,52 @@ Content-Length: {len}\r\n\r\n{sdp}",
         }
     }
 
+    /// INVITE without SDP (a delayed offer, as many trunks send): the server's 200 carries its
+    /// offer, and our ACK carries the answer, `Some(codecs)` (payload types, as for
+    /// [`TestUa::offer`]), or no body at all. Returns the final response.
+    pub async fn call_delayed_offer(&mut self, answer: Option<&str>) -> Response {
+        let inv = self.invite_bytes("");
+        self.send_raw(&inv).await;
+        let r = loop {
+            match self.recv(Duration::from_secs(5)).await {
+                Some(Message::Response(r))
+                    if r.cseq_method.as_str() == "INVITE" && r.code >= 200 =>
+                {
+                    break r
+                }
+                Some(Message::Response(_)) => continue,
+                Some(other) => self.backlog.push(other),
+                None => panic!("no final response to INVITE"),
+            }
+        };
+        if r.code < 300 {
+            self.to_tag = r.to.tag().map(str::to_owned);
+            let offer = sdp::parse(&r.body).expect("the 200 carries an offer");
+            self.remote_rtp = Some(offer.addr);
+            let body = match answer {
+                Some(codecs) => {
+                    let a = self.offer(codecs);
+                    let neg = sdp::negotiate(
+                        &sdp::parse(a.as_bytes()).unwrap(),
+                        &[Codec::Pcmu, Codec::Pcma],
+                    )
+                    .unwrap();
+                    self.codec = neg.codec;
+                    a
+                }
+                None => String::new(),
+            };
+            let extra = if body.is_empty() {
+                ""
+            } else {
+                "Content-Type: application/sdp\r\n"
+            };
+            let ack = self.in_dialog("ACK", extra, &body);
+            self.send_raw(&ack).await;
+        }
+        r
+    }
+
     pub fn in_dialog(&mut self, method: &str, extra: &str, body: &str) -> Vec<u8> {
         if method != "ACK" {
             self.cseq += 1;
