@@ -238,6 +238,30 @@ impl Bridge {
         self.leg_latch.on_packet(from) != LatchDecision::Foreign
     }
 
+    /// One packet time (`missed` more were skipped): what the shard should do for the bridge.
+    fn tick(&mut self, now: Instant, missed: u32) -> BridgeTick {
+        let fill_after = if self.leg_silent(now) {
+            Some(std::mem::take(&mut self.paused_ticks) + missed)
+        } else {
+            if self.fill_gap.is_some() {
+                self.paused_ticks = self.paused_ticks.saturating_add(1 + missed);
+            }
+            None
+        };
+        let mut report_silent = false;
+        if let (Some(limit), false) = (self.leg_limit, self.leg_silence_reported) {
+            let last = self.leg_alive.unwrap_or(now);
+            if now.saturating_duration_since(last) > limit {
+                self.leg_silence_reported = true;
+                report_silent = true;
+            }
+        }
+        BridgeTick {
+            fill_after,
+            report_silent,
+        }
+    }
+
     /// Whether the caller should hear our player at `now` rather than wait for the leg.
     fn leg_silent(&self, now: Instant) -> bool {
         self.fill_gap.is_some_and(|gap| {
@@ -245,6 +269,15 @@ impl Bridge {
                 .is_none_or(|t| now.saturating_duration_since(t) >= gap)
         })
     }
+}
+
+/// What a bridge asks of its shard at one packet time ([`Bridge::tick`]).
+struct BridgeTick {
+    /// Play the call's player to the caller (the leg is silent and we fill in), after moving
+    /// its stream on by this many packet times it sat out.
+    fill_after: Option<u32>,
+    /// Tell the call the leg has sent nothing for its limit ([`MediaNote::LegSilent`]).
+    report_silent: bool,
 }
 
 /// A recording in progress, on the clock's side.
@@ -970,25 +1003,17 @@ impl Slot {
             }
             // A re-INVITE during the bridge may have moved the caller.
             self.connect(st);
-            // Early media that is not coming: the caller hears our player meanwhile.
-            if let Some(b) = &mut st.bridge {
-                if b.leg_silent(now) {
-                    let paused = std::mem::take(&mut b.paused_ticks) + missed;
+            if let Some(t) = st.bridge.as_mut().map(|b| b.tick(now, missed)) {
+                if t.report_silent {
+                    self.note(MediaNote::LegSilent);
+                }
+                // Early media that is not coming, or a leg on hold: the caller hears our
+                // player meanwhile.
+                if let Some(paused) = t.fill_after {
                     if paused > 0 {
                         st.media.pause_ticks(paused);
                     }
                     self.play(st, io);
-                } else if b.fill_gap.is_some() {
-                    b.paused_ticks = b.paused_ticks.saturating_add(1 + missed);
-                }
-            }
-            if let Some(b) = &mut st.bridge {
-                if let (Some(limit), false) = (b.leg_limit, b.leg_silence_reported) {
-                    let last = b.leg_alive.unwrap_or(now);
-                    if now.saturating_duration_since(last) > limit {
-                        b.leg_silence_reported = true;
-                        self.note(MediaNote::LegSilent);
-                    }
                 }
             }
         }
