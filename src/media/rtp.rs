@@ -168,10 +168,19 @@ impl Default for RtpStream {
 /// We start with the address from the SDP and latch once to the source of the first valid RTP
 /// packet, which is the right address behind NAT. After latching, packets from other addresses
 /// are dropped (and counted), so a third party cannot hijack the stream.
+///
+/// When a re-INVITE (or the answer in its ACK) moves the media, we send to the new address and
+/// latch again, but not to the source we were latched to before: packets still in flight from
+/// it (a phone's last few before the transfer or move) arrive after the new SDP, and latching
+/// to them sent our audio back to where the media had just left (seen in a test: one packet
+/// reached the new address, then none). They are still taken in (a relay that keeps its
+/// source across a re-INVITE is heard), only not latched to.
 #[derive(Debug, Clone)]
 pub struct Latch {
     signalled: SocketAddr,
     latched: Option<SocketAddr>,
+    /// Where we were latched before the last move, until the new source latches.
+    previous: Option<SocketAddr>,
 }
 
 /// What to do with a packet from a given source.
@@ -189,6 +198,7 @@ impl Latch {
         Latch {
             signalled,
             latched: None,
+            previous: None,
         }
     }
 
@@ -205,14 +215,16 @@ impl Latch {
     pub fn resignal(&mut self, addr: SocketAddr) {
         if addr != self.signalled {
             self.signalled = addr;
-            self.latched = None;
+            self.previous = self.latched.take().or(self.previous);
         }
     }
 
     pub fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
         match self.latched {
+            None if self.previous == Some(from) && from != self.signalled => LatchDecision::Accept,
             None => {
                 self.latched = Some(from);
+                self.previous = None;
                 LatchDecision::Latched
             }
             Some(a) if a == from => LatchDecision::Accept,
@@ -224,6 +236,27 @@ impl Latch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_stream_does_not_latch_back_to_its_old_source() {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let mut l = Latch::new(addr(4000));
+        assert_eq!(l.on_packet(addr(5000)), LatchDecision::Latched);
+        assert_eq!(l.remote(), addr(5000));
+        // A re-INVITE moves the media to 6000; a late packet from the old source is heard but
+        // does not take our audio back there.
+        l.resignal(addr(6000));
+        assert_eq!(l.remote(), addr(6000));
+        assert_eq!(l.on_packet(addr(5000)), LatchDecision::Accept);
+        assert_eq!(l.remote(), addr(6000));
+        // The new endpoint's first packet (from behind NAT: another address) latches.
+        assert_eq!(l.on_packet(addr(7000)), LatchDecision::Latched);
+        assert_eq!(l.remote(), addr(7000));
+        assert_eq!(l.on_packet(addr(5000)), LatchDecision::Foreign);
+        // Moved back to the first address later: its source may latch again.
+        l.resignal(addr(5000));
+        assert_eq!(l.on_packet(addr(5000)), LatchDecision::Latched);
+    }
 
     #[test]
     fn write_then_parse_round_trip_with_marker_on_first_packet() {
