@@ -161,6 +161,12 @@ pub struct TrunksConfig {
     /// Source networks INVITEs are accepted from, e.g. `["203.0.113.0/24", "2001:db8::/32",
     /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
     pub allow: Vec<crate::sip::guard::IpNet>,
+    /// Digest credentials for a trunk that challenges our outbound INVITEs (the 911 bridge,
+    /// call-backs) with 401 or 407, as registration-based SIP trunks do: `{username,
+    /// password, realm}` (`realm` optional: when set, only that realm's challenges are
+    /// answered). Operators' phones are never sent them. Default: none, and a challenged
+    /// INVITE fails (the 911 method then falls back to the next one).
+    pub auth: Option<crate::sip::registrar::Credentials>,
 }
 
 /// How agents' phones authenticate.

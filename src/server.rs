@@ -169,6 +169,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             .map(|a| (a.id.clone(), a.password.clone())),
         &file.registrar.digest_algorithms,
     )
+    .with_trunk_auth(file.trunks.auth.clone())
     .with_screening(
         Screening {
             trunks_allow: file.trunks.allow.clone(),

@@ -382,6 +382,92 @@ async fn caller_presses_911_with_a_bridge(
     (srv, ua, inv, from)
 }
 
+#[tokio::test]
+async fn emergency_bridge_through_a_trunk_that_asks_for_credentials_gets_through() {
+    use ivr311::sip::message::{Message, ResponseBuilder};
+    use md5::{Digest, Md5};
+    let trunk = Trunk::new().await;
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+        username: "city311".into(),
+        password: "s3cret".into(),
+        realm: Some("carrier".into()),
+    });
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    let Some((Message::Request(inv), from)) = trunk.recv(Duration::from_secs(10)).await else {
+        panic!("INVITE to 911")
+    };
+    assert!(inv.header("Proxy-Authorization").is_none());
+    // The carrier's trunk asks for credentials, as registration-based trunks do.
+    let challenge = ResponseBuilder::new(&inv, 407, "Proxy Authentication Required", Some("t1"))
+        .header(
+            "Proxy-Authenticate",
+            "Digest realm=\"carrier\", nonce=\"5f1e9a\", qop=\"auth\", algorithm=MD5, opaque=\"op\"",
+        )
+        .build();
+    trunk.sip.send_to(&challenge, from).await.unwrap();
+    // The 407 is ACKed and the INVITE sent again, as the same call, with the digest.
+    let again = loop {
+        match trunk.recv(Duration::from_secs(5)).await {
+            Some((Message::Request(r), _)) if r.method.as_str() == "INVITE" => break r,
+            Some(_) => continue,
+            None => panic!("no INVITE with credentials"),
+        }
+    };
+    assert_eq!(
+        (again.call_id.as_str(), again.cseq),
+        (inv.call_id.as_str(), inv.cseq + 1)
+    );
+    let auth = again.header("Proxy-Authorization").expect("credentials");
+    let param = |k: &str| -> String {
+        let at = auth
+            .find(&format!("{k}="))
+            .unwrap_or_else(|| panic!("{k} in {auth}"));
+        let v = &auth[at + k.len() + 1..];
+        match v.strip_prefix('"') {
+            Some(q) => q[..q.find('"').unwrap()].to_owned(),
+            None => v.split([',', ' ']).next().unwrap().to_owned(),
+        }
+    };
+    let md5 = |s: String| format!("{:x}", Md5::digest(s.as_bytes()));
+    assert_eq!(param("uri"), inv.uri);
+    let ha1 = md5("city311:carrier:s3cret".into());
+    let ha2 = md5(format!("INVITE:{}", inv.uri));
+    let want = md5(format!(
+        "{ha1}:5f1e9a:{}:{}:auth:{ha2}",
+        param("nc"),
+        param("cnonce")
+    ));
+    assert_eq!(param("response"), want, "the digest is right: {auth}");
+    assert_eq!(param("opaque"), "op");
+    // The PSAP answers: the caller is bridged and hears it.
+    let ok = ResponseBuilder::new(&again, 200, "OK", Some("psap1"))
+        .header(
+            "Contact",
+            format!("<sip:911@{}>", trunk.sip.local_addr().unwrap()),
+        )
+        .body("application/sdp", psap_sdp(&trunk))
+        .build();
+    trunk.sip.send_to(&ok, from).await.unwrap();
+    let offer = ivr311::media::sdp::parse(&again.body).unwrap();
+    trunk.send_rtp(offer.addr, 0xd5, 20).await;
+    let heard = ua.listen(Duration::from_millis(300)).await;
+    assert!(heard.len() >= 10, "911 audio reached the caller");
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("connected via bridge"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
 /// The 911 side's SDP: PCMA and telephone-event at its RTP socket.
 fn psap_sdp(trunk: &Trunk) -> String {
     format!(

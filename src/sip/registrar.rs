@@ -37,6 +37,10 @@
 //! `403 Forbidden` (no challenge) for the next 60 s, whatever it sends. A missing
 //! `Authorization`, a stale nonce and a successful registration do not count. At most 10,000
 //! addresses are tracked (the oldest is forgotten first), and at most 10,000 nonces in use.
+//!
+//! The client side of the same digest lives here too ([`answer_challenge`]): the UA answers a
+//! SIP trunk's `401`/`407` to our outbound INVITEs (911 bridges, call-backs) with the
+//! configured [`Credentials`].
 
 use crate::sip::message::{sanitize_quoted, split_list, NameAddr, Request};
 use crate::sip::transport::Flow;
@@ -940,6 +944,111 @@ fn parse_digest(value: &str) -> Option<HashMap<String, String>> {
     Some(out)
 }
 
+/// What our UA answers a trunk's digest challenge with (`trunks.auth` in the config).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    /// Answer only challenges of this realm (a phone or proxy elsewhere on the path cannot
+    /// then collect a digest of the trunk's password). Default: any realm.
+    #[serde(default)]
+    pub realm: Option<String>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `Authorization` (or `Proxy-Authorization`) value that answers one of `challenges` (the
+/// values of a 401's `WWW-Authenticate` or a 407's `Proxy-Authenticate`) for `method` on
+/// `uri`, as a client (RFC 7616 §3.4): SHA-256 preferred to MD5, `qop=auth` with `cnonce` and
+/// `nc=00000001` when the challenge offers it, else the RFC 2069 form; `opaque` echoed. `None`
+/// when no challenge is a Digest one we can answer (unknown algorithm, `auth-int` only, another
+/// realm than the credentials').
+pub fn answer_challenge<'a>(
+    challenges: impl Iterator<Item = &'a str>,
+    creds: &Credentials,
+    method: &str,
+    uri: &str,
+    cnonce: &str,
+) -> Option<String> {
+    let mut best: Option<(Algorithm, HashMap<String, String>)> = None;
+    for c in challenges {
+        let Some(p) = parse_digest(c) else { continue };
+        let algorithm = match p.get("algorithm").map(String::as_str) {
+            None => Algorithm::Md5,
+            Some(a) if a.eq_ignore_ascii_case("MD5") => Algorithm::Md5,
+            Some(a) if a.eq_ignore_ascii_case("SHA-256") => Algorithm::Sha256,
+            Some(_) => continue,
+        };
+        let (Some(realm), Some(_)) = (p.get("realm"), p.get("nonce")) else {
+            continue;
+        };
+        if creds.realm.as_ref().is_some_and(|r| r != realm) {
+            continue;
+        }
+        let offers_auth = |q: &String| q.split(',').any(|q| q.trim().eq_ignore_ascii_case("auth"));
+        if p.get("qop").is_some_and(|q| !offers_auth(q)) {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(a, _)| *a == Algorithm::Md5 && algorithm == Algorithm::Sha256)
+        {
+            best = Some((algorithm, p));
+        }
+    }
+    let (algorithm, p) = best?;
+    let (realm, nonce) = (&p["realm"], &p["nonce"]);
+    let user = &creds.username;
+    let ha1 = algorithm.hex(&format!("{user}:{realm}:{}", creds.password));
+    let ha2 = algorithm.hex(&format!("{method}:{uri}"));
+    let name = match algorithm {
+        Algorithm::Md5 => "MD5",
+        Algorithm::Sha256 => "SHA-256",
+    };
+    // A quoted-string (RFC 3261 §25.1): backslash before `"` and `\`, no control characters.
+    let q = |v: &str| -> String {
+        let mut o = String::with_capacity(v.len());
+        for c in v.chars().filter(|c| !c.is_control()) {
+            if c == '"' || c == '\\' {
+                o.push('\\');
+            }
+            o.push(c);
+        }
+        o
+    };
+    let mut out = format!(
+        "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", algorithm={name}",
+        q(user),
+        q(realm),
+        q(nonce),
+        q(uri)
+    );
+    if p.contains_key("qop") {
+        let nc = "00000001";
+        let response = algorithm.hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"));
+        let _ = write!(
+            out,
+            ", response=\"{response}\", qop=auth, nc={nc}, cnonce=\"{}\"",
+            q(cnonce)
+        );
+    } else {
+        let response = algorithm.hex(&format!("{ha1}:{nonce}:{ha2}"));
+        let _ = write!(out, ", response=\"{response}\"");
+    }
+    if let Some(o) = p.get("opaque") {
+        let _ = write!(out, ", opaque=\"{}\"", q(o));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1108,6 +1217,89 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    fn creds(password: &str, realm: Option<&str>) -> Credentials {
+        Credentials {
+            username: "1001".into(),
+            password: password.into(),
+            realm: realm.map(str::to_owned),
+        }
+    }
+
+    /// Answer a registrar's 401 with [`answer_challenge`], as a trunk's challenge is answered.
+    fn login_as_client(r: &mut Registrar, c: &Credentials, challenges: &[String]) -> u16 {
+        let now = Instant::now();
+        let mut phone = Phone::new("1001", "unused", 5071);
+        let (challenge, _) = phone.send(r, now, &["<sip:1001@192.0.2.1:5071>"], &[]);
+        assert_eq!(challenge.code, 401);
+        let offered: Vec<String> = if challenges.is_empty() {
+            challenge
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "WWW-Authenticate")
+                .map(|(_, v)| v.clone())
+                .collect()
+        } else {
+            challenges.to_vec()
+        };
+        let Some(value) = answer_challenge(
+            offered.iter().map(String::as_str),
+            c,
+            "REGISTER",
+            "sip:127.0.0.1",
+            "ab\"cd",
+        ) else {
+            return 0;
+        };
+        let extra = [format!("Authorization: {value}")];
+        phone
+            .send(r, now, &["<sip:1001@192.0.2.1:5071>"], &extra)
+            .0
+            .code
+    }
+
+    #[test]
+    fn our_client_digest_is_accepted_by_a_verifier_and_prefers_sha256() {
+        // Both algorithms offered: the answer is SHA-256, and our own registrar (which real
+        // phones log in to) accepts it.
+        let mut r = registrar();
+        assert_eq!(login_as_client(&mut r, &creds("pw", None), &[]), 200);
+        // MD5 alone (as `digest_algorithms: [MD5]` offers): accepted too.
+        let mut r = registrar().with_algorithms(&["MD5".into()]);
+        assert_eq!(
+            login_as_client(&mut r, &creds("pw", Some("ivr311")), &[]),
+            200
+        );
+        // A wrong password is computed all the same, and refused.
+        let mut r = registrar();
+        assert_eq!(login_as_client(&mut r, &creds("nope", None), &[]), 401);
+    }
+
+    #[test]
+    fn challenges_we_cannot_or_must_not_answer_get_no_credentials() {
+        let c = creds("pw", Some("city-trunk"));
+        let answer = |ch: &str, c: &Credentials| {
+            answer_challenge(std::iter::once(ch), c, "INVITE", "sip:911@192.0.2.10", "x")
+        };
+        // Another realm than the credentials are for: a phone or proxy fishing for a digest.
+        assert!(answer("Digest realm=\"other\", nonce=\"n\", qop=\"auth\"", &c).is_none());
+        // auth-int only, an unknown algorithm, Basic.
+        let any = creds("pw", None);
+        assert!(answer("Digest realm=\"r\", nonce=\"n\", qop=\"auth-int\"", &any).is_none());
+        assert!(answer(
+            "Digest realm=\"r\", nonce=\"n\", algorithm=SHA-512-256",
+            &any
+        )
+        .is_none());
+        assert!(answer("Basic realm=\"r\"", &any).is_none());
+        // RFC 2069 form (no qop): response = H(HA1:nonce:HA2), no nc or cnonce.
+        let v = answer("Digest realm=\"r\", nonce=\"n\", opaque=\"o\"", &any).unwrap();
+        let ha1 = Algorithm::Md5.hex("1001:r:pw");
+        let ha2 = Algorithm::Md5.hex("INVITE:sip:911@192.0.2.10");
+        let want = Algorithm::Md5.hex(&format!("{ha1}:n:{ha2}"));
+        assert!(v.contains(&format!("response=\"{want}\"")), "{v}");
+        assert!(v.contains("opaque=\"o\"") && !v.contains("nc="), "{v}");
     }
 
     #[test]

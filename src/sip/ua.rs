@@ -75,7 +75,7 @@ use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
     Request, RequestBuilder, Response, ResponseBuilder,
 };
-use crate::sip::registrar::{AgentEvent, Registrar};
+use crate::sip::registrar::{answer_challenge, AgentEvent, Credentials, Registrar};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
 use bytes::Bytes;
@@ -558,9 +558,20 @@ struct OutboundLeg {
     events: mpsc::Sender<LegEvent>,
     /// The INVITE client transaction.
     invite: ClientKey,
+    /// What a digest challenge to the INVITE is answered with, once (trunk legs only).
+    auth: Option<Box<AuthRetry>>,
     state: LegState,
     /// After a CANCEL: when to stop waiting for the INVITE's final response (64·T1, §9.1).
     cancel_deadline: Option<Instant>,
+}
+
+/// How to send an outbound INVITE again with credentials.
+#[derive(Debug)]
+struct AuthRetry {
+    creds: Credentials,
+    flow: Flow,
+    headers: Vec<(String, String)>,
+    sdp: Bytes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -648,6 +659,8 @@ pub struct UaCore {
     stats: Arc<UaStats>,
     /// Agents' log-in; None when no agents are configured (REGISTER is then refused).
     registrar: Option<Registrar>,
+    /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
+    trunk_auth: Option<Credentials>,
     /// The registrar expiry the timer heap holds (earliest scheduled).
     registrar_timer: Option<Instant>,
     /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
@@ -700,6 +713,7 @@ impl UaCore {
             next_id: 1,
             stats: Arc::new(UaStats::default()),
             registrar: None,
+            trunk_auth: None,
             registrar_timer: None,
             agent_tx: None,
             agent_contacts: Arc::new(DashMap::new()),
@@ -721,6 +735,15 @@ impl UaCore {
     /// `Allow`). Without one, REGISTER gets 403.
     pub fn with_registrar(mut self, registrar: Registrar) -> Self {
         self.registrar = Some(registrar);
+        self
+    }
+
+    /// Answer a `401`/`407` to an outbound INVITE sent to a target URI (a trunk: the 911 side,
+    /// call-backs; not an operator's phone reached over its registration) once, with these
+    /// credentials (RFC 3261 §22.2, digest as RFC 7616). Without them, or if the answer is
+    /// challenged again, the leg fails with that code.
+    pub fn with_trunk_auth(mut self, creds: Option<Credentials>) -> Self {
+        self.trunk_auth = creds;
         self
     }
 
@@ -1843,35 +1866,35 @@ impl UaCore {
             local_uri,
             local_tag,
         };
-        let mut b = RequestBuilder::new(
-            &Method::Invite,
-            &sent.uri,
-            flow.transport.via_name(),
-            local,
-            &sent.branch,
-        )
-        .header("From", &sent.from)
-        .header("To", &sent.to)
-        .header("Call-ID", &sent.call_id)
-        .header("CSeq", format_args!("{} INVITE", sent.cseq))
-        .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
-        .header("Allow", self.allow())
-        .header("User-Agent", &self.user_agent);
-        for (name, value) in headers {
-            match extra_header(&name, &value) {
-                Some((name, value)) => b = b.header(&name, value),
-                None => warn!(header = %name, "extra header refused on outbound INVITE"),
-            }
-        }
-        let bytes = b.body("application/sdp", sdp).build();
+        let headers: Vec<(String, String)> = headers
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let h = extra_header(&name, &value);
+                if h.is_none() {
+                    warn!(header = %name, "extra header refused on outbound INVITE");
+                }
+                h
+            })
+            .collect();
+        let bytes = self.invite_bytes(&sent, flow, &headers, &sdp, None);
         info!(call_id = %sent.call_id, target = %sent.uri, "outbound INVITE");
         let key = (sent.branch.clone(), Method::Invite);
+        let auth = match (&self.trunk_auth, via.is_none()) {
+            (Some(creds), true) => Some(Box::new(AuthRetry {
+                creds: creds.clone(),
+                flow,
+                headers,
+                sdp,
+            })),
+            _ => None,
+        };
         let (tx, out) = ClientTransaction::new(now, true, flow.transport.is_reliable(), bytes);
         self.outbound.insert(
             d,
             OutboundLeg {
                 events,
                 invite: key.clone(),
+                auth,
                 state: LegState::Calling,
                 cancel_deadline: None,
             },
@@ -1891,6 +1914,118 @@ impl UaCore {
             out,
         )
         .await;
+    }
+
+    /// An outbound INVITE as `sent` describes it, with the extra `headers`, our `sdp`, and
+    /// the answer to a digest challenge if there is one (`(header name, value)`).
+    fn invite_bytes(
+        &self,
+        sent: &SentInvite,
+        flow: Flow,
+        headers: &[(String, String)],
+        sdp: &Bytes,
+        auth: Option<(&str, &str)>,
+    ) -> Bytes {
+        let mut b = RequestBuilder::new(
+            &Method::Invite,
+            &sent.uri,
+            flow.transport.via_name(),
+            sent.local,
+            &sent.branch,
+        )
+        .header("From", &sent.from)
+        .header("To", &sent.to)
+        .header("Call-ID", &sent.call_id)
+        .header("CSeq", format_args!("{} INVITE", sent.cseq))
+        .header(
+            "Contact",
+            format_args!("<{}>", contact_uri(sent.local, flow)),
+        )
+        .header("Allow", self.allow())
+        .header("User-Agent", &self.user_agent);
+        if let Some((name, value)) = auth {
+            b = b.header(name, value);
+        }
+        for (name, value) in headers {
+            b = b.header(name, value);
+        }
+        b.body("application/sdp", sdp.clone()).build()
+    }
+
+    /// A 401/407 to an outbound INVITE (`key`): send it again once with the trunk's
+    /// credentials, as a new transaction (same Call-ID and From tag, CSeq + 1, RFC 3261
+    /// §22.2). Whether it was sent; if not, the leg fails with the code.
+    async fn retry_with_auth(
+        &mut self,
+        key: &ClientKey,
+        d: DialogId,
+        resp: &Response,
+        now: Instant,
+    ) -> bool {
+        let Some(leg) = self.outbound.get_mut(&d) else {
+            return false;
+        };
+        if leg.state.cancelled() || leg.invite != *key {
+            return false;
+        }
+        let Some(retry) = leg.auth.take() else {
+            return false;
+        };
+        let Some(sent) = self.client.get(key).and_then(|(_, e)| e.invite.clone()) else {
+            return false;
+        };
+        let (challenge, answer) = if resp.code == 407 {
+            ("Proxy-Authenticate", "Proxy-Authorization")
+        } else {
+            ("WWW-Authenticate", "Authorization")
+        };
+        let cnonce = random_token(16);
+        let Some(value) = answer_challenge(
+            resp.headers_named(challenge),
+            &retry.creds,
+            "INVITE",
+            &sent.uri,
+            &cnonce,
+        ) else {
+            warn!(code = resp.code, "no digest challenge we can answer");
+            return false;
+        };
+        let sent = SentInvite {
+            branch: new_branch(),
+            cseq: sent.cseq + 1,
+            ..sent
+        };
+        let bytes = self.invite_bytes(
+            &sent,
+            retry.flow,
+            &retry.headers,
+            &retry.sdp,
+            Some((answer, &value)),
+        );
+        info!(call_id = %sent.call_id, code = resp.code, "outbound INVITE challenged; sent again with credentials");
+        let new_key = (sent.branch.clone(), Method::Invite);
+        let (tx, out) =
+            ClientTransaction::new(now, true, retry.flow.transport.is_reliable(), bytes);
+        if let Some(leg) = self.outbound.get_mut(&d) {
+            leg.invite = new_key.clone();
+            leg.state = LegState::Calling;
+        }
+        self.start_client(
+            new_key,
+            ClientEntry {
+                tx,
+                flow: retry.flow,
+                dialog: Some(d),
+                req: 0,
+                method: Method::Invite,
+                kind: ClientKind::OutboundInvite,
+                invite: Some(sent),
+                acks: HashMap::new(),
+            },
+            out,
+        )
+        .await;
+        true
     }
 
     /// Hang up an outbound leg that has not been answered: CANCEL once it is allowed (§9.1).
@@ -1994,6 +2129,7 @@ impl UaCore {
                 }
             }
             200..=299 => self.on_outbound_2xx(key, d, resp, now).await,
+            401 | 407 if self.retry_with_auth(key, d, resp, now).await => {}
             _ => {
                 let Some(leg) = self.outbound.remove(&d) else {
                     return;
@@ -2731,6 +2867,76 @@ mod tests {
             );
         }
         assert!(r.ua.client.is_empty());
+    }
+
+    /// The far end answers `req` with `code` and a digest challenge in `header`.
+    async fn challenge(r: &mut Rig, req: &Request, to: SocketAddr, code: u16, header: &str) {
+        let bytes = ResponseBuilder::new(req, code, "Authentication Required", Some("far"))
+            .header(header, "Digest realm=\"trunk\", nonce=\"n1\", qop=\"auth\"")
+            .build();
+        r.far.send_to(&bytes, to).await.unwrap();
+        let m = timeout(Duration::from_secs(2), r.inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        r.ua.on_inbound(m).await;
+    }
+
+    /// The next request of `method` the far end receives (skipping the ACKs of finals).
+    async fn far_request(r: &Rig, method: Method) -> Option<(Request, SocketAddr)> {
+        loop {
+            let (req, from) = r.far_recv().await?;
+            if req.method == method {
+                return Some((req, from));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_challenged_trunk_invite_is_sent_once_more_with_credentials_then_fails() {
+        let creds = Credentials {
+            username: "city".into(),
+            password: "pw".into(),
+            realm: None,
+        };
+        let mut r = rig_with(|ua| ua.with_trunk_auth(Some(creds))).await;
+        let (_, mut events) = r.invite().await;
+        let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
+        challenge(&mut r, &inv, src, 401, "WWW-Authenticate").await;
+        let (again, src) = far_request(&r, Method::Invite).await.expect("INVITE again");
+        assert_eq!(
+            (again.call_id.as_str(), again.cseq),
+            (inv.call_id.as_str(), 2)
+        );
+        assert_ne!(
+            again.vias[0].branch, inv.vias[0].branch,
+            "a new transaction"
+        );
+        let auth = again.header("Authorization").expect("Authorization");
+        assert!(
+            auth.contains("username=\"city\"") && auth.contains("realm=\"trunk\""),
+            "{auth}"
+        );
+        assert!(events.try_recv().is_err(), "the leg goes on");
+        // Challenged again (a wrong password): no third try; the leg fails with the code.
+        challenge(&mut r, &again, src, 401, "WWW-Authenticate").await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 401, .. }) => {}
+            other => panic!("expected Failed 401, got {other:?}"),
+        }
+        assert!(far_request(&r, Method::Invite).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn without_trunk_credentials_a_407_fails_the_leg() {
+        let mut r = rig().await;
+        let (_, mut events) = r.invite().await;
+        let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
+        challenge(&mut r, &inv, src, 407, "Proxy-Authenticate").await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 407, .. }) => {}
+            other => panic!("expected Failed 407, got {other:?}"),
+        }
     }
 
     #[tokio::test]
