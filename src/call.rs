@@ -1984,16 +1984,7 @@ impl Call {
     fn on_leg_ack(&mut self, body: &[u8]) {
         let Some(l) = &mut self.leg else { return };
         let was_held = l.holds();
-        match l.sdp.ack(body) {
-            Some(Ok(media)) if l.answered.is_some() => {
-                info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the leg's ACK answered our offer");
-                l.answered = Some(media);
-            }
-            Some(Err(e)) => {
-                warn!(error = %e, "unusable answer in the leg's ACK; its media stays as it was")
-            }
-            _ => {}
-        }
+        l.sdp.ack(body, &mut l.answered);
         self.leg_hold_changed(was_held);
     }
 

@@ -708,16 +708,7 @@ impl Run {
     fn on_agent_ack(&mut self, body: &[u8]) {
         let Some(a) = &mut self.agent else { return };
         let (before, was_held) = (a.answered, a.holds());
-        match a.sdp.ack(body) {
-            Some(Ok(media)) if a.answered.is_some() => {
-                info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the operator's ACK answered our offer");
-                a.answered = Some(media);
-            }
-            Some(Err(e)) => {
-                warn!(error = %e, "unusable answer in the operator's ACK; its media stays as it was")
-            }
-            _ => {}
-        }
+        a.sdp.ack(body, &mut a.answered);
         self.agent_media_changed(before, was_held);
     }
 

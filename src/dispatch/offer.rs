@@ -134,17 +134,23 @@ impl LegSdp {
 impl LegSdp {
     /// The ACK for our 2xx arrived with `body` ([`DialogEvent::Confirmed`]). When that 2xx
     /// carried our offer (a re-INVITE without SDP: [`LegReoffer::OfferOurs`]) the body is the
-    /// answer, and this is the leg's media from now on (RFC 3264 §5: the answer may move it or
-    /// hold the call). `None`: no answer was due, or the ACK carried none, and the media stays
-    /// as it was.
-    pub fn ack(
-        &mut self,
-        body: &[u8],
-    ) -> Option<Result<(sdp::Negotiated, SocketAddr), sdp::SdpError>> {
+    /// answer, and the leg's media from now on (RFC 3264 §5: it may move or hold the call):
+    /// `answered` takes it if the leg has answered. No answer due, or none in the ACK, or an
+    /// unusable one: the media stays as it was.
+    pub fn ack(&mut self, body: &[u8], answered: &mut Option<(sdp::Negotiated, SocketAddr)>) {
         if !std::mem::take(&mut self.answer_in_ack) || body.is_empty() {
-            return None;
+            return;
         }
-        Some(leg_answer(body))
+        match leg_answer(body) {
+            Ok(media) if answered.is_some() => {
+                info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the leg's ACK answered our offer");
+                *answered = Some(media);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "unusable answer in the leg's ACK; its media stays as it was")
+            }
+        }
     }
 }
 

@@ -1888,7 +1888,6 @@ impl UaCore {
             })),
             _ => None,
         };
-        let (tx, out) = ClientTransaction::new(now, true, flow.transport.is_reliable(), bytes);
         self.outbound.insert(
             d,
             OutboundLeg {
@@ -1899,6 +1898,22 @@ impl UaCore {
                 cancel_deadline: None,
             },
         );
+        self.start_invite_transaction(key, d, sent, flow, bytes, now)
+            .await;
+    }
+
+    /// Start the INVITE client transaction `key` of outbound leg `d` (whose `invite` already
+    /// names it).
+    async fn start_invite_transaction(
+        &mut self,
+        key: ClientKey,
+        d: DialogId,
+        sent: SentInvite,
+        flow: Flow,
+        bytes: Bytes,
+        now: Instant,
+    ) {
+        let (tx, out) = ClientTransaction::new(now, true, flow.transport.is_reliable(), bytes);
         self.start_client(
             key,
             ClientEntry {
@@ -2004,27 +2019,12 @@ impl UaCore {
         );
         info!(call_id = %sent.call_id, code = resp.code, "outbound INVITE challenged; sent again with credentials");
         let new_key = (sent.branch.clone(), Method::Invite);
-        let (tx, out) =
-            ClientTransaction::new(now, true, retry.flow.transport.is_reliable(), bytes);
         if let Some(leg) = self.outbound.get_mut(&d) {
             leg.invite = new_key.clone();
             leg.state = LegState::Calling;
         }
-        self.start_client(
-            new_key,
-            ClientEntry {
-                tx,
-                flow: retry.flow,
-                dialog: Some(d),
-                req: 0,
-                method: Method::Invite,
-                kind: ClientKind::OutboundInvite,
-                invite: Some(sent),
-                acks: HashMap::new(),
-            },
-            out,
-        )
-        .await;
+        self.start_invite_transaction(new_key, d, sent, retry.flow, bytes, now)
+            .await;
         true
     }
 
