@@ -1071,15 +1071,19 @@ impl Slot {
 
     /// Keep the socket `connect`ed to the latched caller (Linux), and return where it is
     /// connected. A connected UDP socket sends without a route lookup per packet, and the
-    /// kernel then drops packets from other sources, exactly what the latch does after the
-    /// first packet (so they are no longer counted in `foreign_in`). Before latching, and
-    /// again after a re-INVITE names a new address, the socket is unconnected so the caller's
-    /// first packet can come from anywhere.
+    /// kernel then drops packets from other sources, which the latch would drop anyway (so
+    /// they are no longer counted in `foreign_in`).
+    ///
+    /// Only once the caller is latched at the address its SDP names: until then (before the
+    /// first packet, after a re-INVITE names a new address, or latched to another source as
+    /// behind NAT) a packet from the SDP's address may still take the latch, so the kernel
+    /// must let it through. Connecting to whatever came first let a stray stream that reached
+    /// a freshly given port keep the caller's audio for the whole call.
     fn connect(&self, st: &mut SlotState) -> Option<SocketAddr> {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
-            let want = st.media.is_latched().then(|| st.media.remote());
+            let want = st.media.is_settled().then(|| st.media.remote());
             if want != st.connected {
                 let ok = match want {
                     Some(a) => self.port.socket.connect(a).is_ok(),

@@ -175,6 +175,14 @@ impl Default for RtpStream {
 /// to them sent our audio back to where the media had just left (seen in a test: one packet
 /// reached the new address, then none). They are still taken in (a relay that keeps its
 /// source across a re-INVITE is heard), only not latched to.
+///
+/// A packet from the address the SDP names always takes the latch, even from another source.
+/// Without that, whatever reached our port first kept it: a stream still aimed at a port we
+/// had just been given (its previous call ended without the far end stopping; seen in CI as
+/// two tests' audio crossed) took the caller's audio away for the whole call, and the caller's
+/// own packets were dropped as foreign. The SDP's address is what signalling vouches for, so
+/// it cannot be a worse choice than the first stranger; behind NAT it never sends, and the
+/// first-packet rule still finds the phone.
 #[derive(Debug, Clone)]
 pub struct Latch {
     signalled: SocketAddr,
@@ -211,6 +219,12 @@ impl Latch {
         self.latched.is_some()
     }
 
+    /// Latched to the address the SDP names: no later packet can move the latch, so packets
+    /// from anywhere else may as well be dropped by the kernel.
+    pub fn is_settled(&self) -> bool {
+        self.latched == Some(self.signalled)
+    }
+
     /// A new SDP (re-INVITE) names a new address: follow it and latch again.
     pub fn resignal(&mut self, addr: SocketAddr) {
         if addr != self.signalled {
@@ -220,6 +234,11 @@ impl Latch {
     }
 
     pub fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
+        if from == self.signalled && self.latched != Some(from) {
+            self.latched = Some(from);
+            self.previous = None;
+            return LatchDecision::Latched;
+        }
         match self.latched {
             None if self.previous == Some(from) && from != self.signalled => LatchDecision::Accept,
             None => {
@@ -349,5 +368,18 @@ mod tests {
         assert_eq!(l.remote(), real);
         l.resignal(other);
         assert_eq!(l.on_packet(other), LatchDecision::Latched);
+    }
+
+    #[test]
+    fn the_sdp_address_takes_the_latch_back_from_a_stray_stream() {
+        let sdp: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let stray: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut l = Latch::new(sdp);
+        // Someone else's stream reached the port first.
+        assert_eq!(l.on_packet(stray), LatchDecision::Latched);
+        assert_eq!(l.on_packet(sdp), LatchDecision::Latched);
+        assert_eq!(l.remote(), sdp);
+        assert_eq!(l.on_packet(stray), LatchDecision::Foreign);
+        assert_eq!(l.on_packet(sdp), LatchDecision::Accept);
     }
 }

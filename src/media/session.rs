@@ -96,11 +96,10 @@ impl MediaSession {
         self.latch.remote()
     }
 
-    /// Whether the caller's source address is known (the first packet came): from then on
-    /// only packets from [`MediaSession::remote`] are accepted, until a re-INVITE names
-    /// another address.
-    pub fn is_latched(&self) -> bool {
-        self.latch.is_latched()
+    /// Latched to the address the SDP names, where it stays until a re-INVITE: see
+    /// [`rtp::Latch`].
+    pub fn is_settled(&self) -> bool {
+        self.latch.is_settled()
     }
 
     /// When the last valid RTP packet arrived (or the session started).

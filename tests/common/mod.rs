@@ -26,8 +26,20 @@ pub fn repo() -> PathBuf {
 }
 
 /// A random RTP port range so parallel test binaries rarely meet (the pool skips busy ports).
+/// A 200-port RTP range of its own for each server a test binary starts: servers of one binary
+/// run side by side, and two with the same range handed out the same ports, so one call's RTP
+/// (still sent by a test's phone as its server stopped) reached another test's call.
 fn rtp_range() -> String {
-    let lo = 20000 + (rand::random::<u16>() % 200) * 200;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let _ = NEXT.compare_exchange(
+        u16::MAX,
+        rand::random::<u16>() % 200,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let slot = NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+    let lo = 20000 + slot * 200;
     format!("{lo}-{}", lo + 198)
 }
 
