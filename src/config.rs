@@ -167,6 +167,10 @@ pub struct TrunksConfig {
     /// answered). Operators' phones are never sent them. Default: none, and a challenged
     /// INVITE fails (the 911 method then falls back to the next one).
     pub auth: Option<crate::sip::registrar::Credentials>,
+    /// Register with a registration-based trunk so that it sends us the 311 line's calls:
+    /// `{registrar, user, domain, expires}` (see `crate::sip::trunk`); its challenges are
+    /// answered with `auth`. Default: none (an IP-authenticated trunk sends calls unasked).
+    pub register: Option<crate::sip::trunk::RegisterConfig>,
 }
 
 /// How agents' phones authenticate.

@@ -80,6 +80,7 @@ pub struct RunningServer {
     cancel: CancellationToken,
     tracker: TaskTracker,
     drain: Duration,
+    ua: Arc<crate::sip::ua::UaStats>,
 }
 
 impl RunningServer {
@@ -87,6 +88,18 @@ impl RunningServer {
     /// end the rest and stop every task.
     pub async fn shutdown(self) {
         self.draining.cancel();
+        // The UA removes our trunk registration as the drain starts; give the removal (and
+        // its challenge) time to be answered before the UA stops, or the trunk keeps sending
+        // calls here until the binding lapses.
+        let deadline = Instant::now() + UNBIND_TIME;
+        while Instant::now() < deadline
+            && self
+                .ua
+                .trunk_registration()
+                .is_some_and(|t| t.state != "unregistered")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let deadline = Instant::now() + self.drain;
         while !self.registry.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -110,6 +123,9 @@ impl RunningServer {
         self.clock.stop();
     }
 }
+
+/// How long a stop waits for the trunk to answer the removal of our registration.
+const UNBIND_TIME: Duration = Duration::from_secs(4);
 
 /// How long calls get to hear the closing goodbye before the final stop.
 const GOODBYE_TIME: Duration = Duration::from_secs(10);
@@ -156,6 +172,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    // Cancelled when the stop begins: calls are refused and the trunk registration removed.
+    let draining = CancellationToken::new();
     let ua = UaCore::new(
         transport.clone(),
         advertised,
@@ -170,6 +188,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         &file.registrar.digest_algorithms,
     )
     .with_trunk_auth(file.trunks.auth.clone())
+    .with_trunk_registration(file.trunks.register.clone(), draining.clone())
+    .map_err(StartError::Config)?
     .with_screening(
         Screening {
             trunks_allow: file.trunks.allow.clone(),
@@ -186,7 +206,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     tracker.spawn(ua.run(in_rx, cancel.clone()));
 
     let registry = Arc::new(CallRegistry::default());
-    let draining = CancellationToken::new();
     // Operators: with agents configured, a queue dispatcher fed by their registrations.
     let queues = (!file.agents.is_empty()).then(|| {
         let handle = spawn_dispatcher(
@@ -276,7 +295,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         })?;
     let router = api::router(ApiState {
         registry: registry.clone(),
-        ua: ua_stats,
+        ua: ua_stats.clone(),
         transport: transport.stats.clone(),
         started: Instant::now(),
         tickets: tickets.clone(),
@@ -307,6 +326,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         cancel,
         tracker,
         drain: Duration::from_secs(file.limits.drain_seconds),
+        ua: ua_stats,
     })
 }
 

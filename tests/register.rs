@@ -346,3 +346,105 @@ Content-Length: 0\r\n\r\n",
     assert_eq!(r.headers_named("WWW-Authenticate").count(), 0);
     without.shutdown().await;
 }
+
+/// Poll `/health` until the trunk registration is in `state` (or give up after `within`).
+async fn trunk_state(http: SocketAddr, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let h = common::health(http).await;
+        if h["trunk_registration"]["state"] == state || tokio::time::Instant::now() > deadline {
+            return h["trunk_registration"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn registering_node(trunk: &RunningServer, password: &str) -> FileConfig {
+    let mut file = FileConfig::default();
+    file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {
+        registrar: format!("sip:{}", trunk.sip_addr),
+        user: "city311".into(),
+        domain: None,
+        expires: 600,
+    });
+    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+        username: "city311".into(),
+        password: password.into(),
+        realm: None,
+    });
+    file
+}
+
+/// A 311 line behind a registration-based trunk: the node registers (the trunk here is another
+/// ivr311, whose registrar checks the digest exactly as it does for operators' phones), shows
+/// it in `/health` and `/metrics`, and removes the binding as soon as it starts draining, so
+/// the trunk stops sending calls to a node that would refuse them.
+#[tokio::test]
+async fn a_node_registers_with_a_trunk_that_asks_for_credentials_and_unbinds_when_draining() {
+    let mut trunk_file = agents();
+    trunk_file.agents[0].id = "city311".into();
+    trunk_file.agents[0].password = "s3cret".into();
+    let trunk = common::start_server(trunk_file).await;
+    assert_eq!(
+        common::agent_state(trunk.http_addr, "city311").await,
+        "logged_out"
+    );
+
+    let node = common::start_server(registering_node(&trunk, "s3cret")).await;
+    let status = trunk_state(node.http_addr, "registered", Duration::from_secs(3)).await;
+    assert_eq!(status["state"], "registered", "{status}");
+    assert_eq!(status["aor"], format!("sip:city311@{}", trunk.sip_addr));
+    // Our registrar grants what was asked (600 s, within its limits).
+    let left = status["expires_in"].as_u64().unwrap();
+    assert!((590..=600).contains(&left), "{status}");
+    // The trunk has the binding: its "agent" is logged in.
+    assert_eq!(
+        common::agent_state(trunk.http_addr, "city311").await,
+        "available"
+    );
+    let (_, metrics) = common::http(node.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(metrics.contains("ivr311_trunk_registered 1"), "{metrics}");
+
+    // Stop: the binding goes at the start of the drain, not when the process ends.
+    let stop = tokio::spawn(node.shutdown());
+    let mut state = String::new();
+    for _ in 0..40 {
+        state = common::agent_state(trunk.http_addr, "city311").await;
+        if state == "logged_out" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "logged_out", "the trunk still sends us calls");
+    stop.await.unwrap();
+    trunk.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_trunk_password_is_reported_not_retried_in_a_loop() {
+    let mut trunk_file = agents();
+    trunk_file.agents[0].id = "city311".into();
+    trunk_file.agents[0].password = "s3cret".into();
+    let trunk = common::start_server(trunk_file).await;
+    let node = common::start_server(registering_node(&trunk, "wrong")).await;
+    let status = trunk_state(node.http_addr, "failed", Duration::from_secs(3)).await;
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("401 Unauthorized: the registrar refused trunks.auth"),
+        "{status}"
+    );
+    // The next try is tens of seconds away (30 s with jitter), not an immediate loop.
+    let retry = status["retry_in"].as_u64().unwrap();
+    assert!((14..=30).contains(&retry), "{status}");
+    let (_, metrics) = common::http(node.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(metrics.contains("ivr311_trunk_registered 0"), "{metrics}");
+    assert_eq!(
+        common::agent_state(trunk.http_addr, "city311").await,
+        "logged_out"
+    );
+    node.shutdown().await;
+    trunk.shutdown().await;
+}

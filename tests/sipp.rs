@@ -161,3 +161,79 @@ async fn sipp_emergency_path_is_told_to_dial_911_and_audited() {
     );
     srv.shutdown().await;
 }
+
+/// A registration-based trunk played by SIPp: its own digest code checks our MD5 answer (no
+/// qop), it grants less than we asked, and it sees the binding removed when we drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_trunk_registrar_checks_our_digest_and_sees_the_binding_removed() {
+    let port = free_udp_port();
+    let dir = std::env::temp_dir().join(format!("ivr311-sipp-reg-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("registrar.log");
+    let args: Vec<String> = vec![
+        "-sf".into(),
+        repo()
+            .join("tests/sipp/uas_registrar.xml")
+            .display()
+            .to_string(),
+        "-i".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-m".into(),
+        "1".into(),
+        "-nostdin".into(),
+        "-timeout".into(),
+        "30".into(),
+        "-timeout_error".into(),
+        "-trace_logs".into(),
+        "-log_file".into(),
+        log.display().to_string(),
+    ];
+    let registrar = tokio::task::spawn_blocking(move || sipp(&args));
+    tokio::time::sleep(Duration::from_millis(300)).await; // SIPp binds its port
+
+    let mut file = FileConfig::default();
+    file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {
+        registrar: format!("sip:127.0.0.1:{port}"),
+        user: "city311".into(),
+        domain: Some("carrier.example.net".into()),
+        expires: 600,
+    });
+    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+        username: "city311".into(),
+        password: "s3cret".into(),
+        realm: Some("carrier.example.net".into()),
+    });
+    let srv = start_server(file).await;
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        status = health(srv.http_addr).await["trunk_registration"].clone();
+        if status["state"] == "registered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status["state"], "registered", "{status}");
+    assert_eq!(status["aor"], "sip:city311@carrier.example.net");
+    // SIPp granted 120 s of the 600 asked: that is what we keep (and refresh at 60 s).
+    let left = status["expires_in"].as_u64().unwrap();
+    assert!((110..=120).contains(&left), "{status}");
+
+    srv.shutdown().await;
+    let out = registrar.await.unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "SIPp as the trunk's registrar failed (wrong digest, or no removal on drain):\n{}\n{}\n{logged}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(logged.contains("digest verified for city311"), "{logged}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -294,6 +294,14 @@ async fn metrics(
             s.started.elapsed().as_secs_f64(),
         ),
     ];
+    let mut gauges = gauges.to_vec();
+    if let Some(t) = s.ua.trunk_registration() {
+        gauges.push((
+            "ivr311_trunk_registered",
+            "1 while our registration with the trunk (trunks.register) holds, else 0.",
+            if t.state == "registered" { 1.0 } else { 0.0 },
+        ));
+    }
     let mut text = s.metrics.render(&gauges);
     if let Some(q) = &s.queues {
         use std::fmt::Write as _;

@@ -56,6 +56,9 @@ pub struct Health {
     pub rtp_packets_received: u64,
     pub rtp_packets_sent: u64,
     pub digits_received: u64,
+    /// Our registration with the trunk (`trunks.register`), when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trunk_registration: Option<crate::sip::trunk::RegistrationStatus>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -81,5 +84,6 @@ async fn health(State(s): State<ApiState>) -> Json<Health> {
         rtp_packets_received: s.registry.rtp_in.load(Ordering::Relaxed),
         rtp_packets_sent: s.registry.rtp_out.load(Ordering::Relaxed),
         digits_received: s.registry.digits.load(Ordering::Relaxed),
+        trunk_registration: s.ua.trunk_registration(),
     })
 }

@@ -8,4 +8,5 @@ pub mod message;
 pub mod registrar;
 pub mod transaction;
 pub mod transport;
+pub mod trunk;
 pub mod ua;

@@ -78,6 +78,7 @@ use crate::sip::message::{
 use crate::sip::registrar::{answer_challenge, AgentEvent, Credentials, Registrar};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
+use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegistration};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::cmp::Reverse;
@@ -423,6 +424,18 @@ pub struct UaStats {
     pub dialogs: AtomicUsize,
     pub server_transactions: AtomicUsize,
     pub client_transactions: AtomicUsize,
+    /// Our registration with the trunk, as of the instant stored with it (`None` without
+    /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
+    trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
+}
+
+impl UaStats {
+    /// Our registration with the trunk (`trunks.register`) as it stands now.
+    pub fn trunk_registration(&self) -> Option<RegistrationStatus> {
+        let guard = self.trunk.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, status) = guard.as_ref()?;
+        Some(status.aged(at.elapsed().as_secs()))
+    }
 }
 
 /// Server transaction key (RFC 3261 §17.2.3): branch, sent-by, and method (ACK matches INVITE).
@@ -496,6 +509,8 @@ enum ClientKind {
     OutboundInvite,
     /// The CANCEL of an outbound INVITE.
     Cancel,
+    /// Our REGISTER to the trunk ([`UaCore::with_trunk_registration`]).
+    TrunkRegister,
 }
 
 struct ClientEntry {
@@ -636,6 +651,8 @@ enum TimerRef {
     Leg(DialogId),
     /// The registrar's next binding expiry.
     Registrar,
+    /// Our registration with the trunk is due for its next REGISTER.
+    TrunkRegister,
 }
 
 /// The UA core task's state.
@@ -673,6 +690,13 @@ pub struct UaCore {
     limiter: RateLimiter,
     /// Where dropped requests are counted.
     metrics: Option<Arc<Metrics>>,
+    /// Our registration with the trunk ([`UaCore::with_trunk_registration`]), where its
+    /// REGISTERs go, and the key of the one in flight (answers to older ones are ignored).
+    trunk_reg: Option<TrunkRegistration>,
+    trunk_reg_flow: Option<Flow>,
+    trunk_reg_txn: Option<ClientKey>,
+    /// Cancelled when the server starts draining: the trunk registration is then removed.
+    draining: Option<CancellationToken>,
 }
 
 /// What [`UaCore::with_screening`] drops.
@@ -720,6 +744,10 @@ impl UaCore {
             trunks_allow: Vec::new(),
             limiter: RateLimiter::new(0, 0, 1),
             metrics: None,
+            trunk_reg: None,
+            trunk_reg_flow: None,
+            trunk_reg_txn: None,
+            draining: None,
         }
     }
 
@@ -745,6 +773,32 @@ impl UaCore {
     pub fn with_trunk_auth(mut self, creds: Option<Credentials>) -> Self {
         self.trunk_auth = creds;
         self
+    }
+
+    /// Register with the trunk as `cfg` says (see [`crate::sip::trunk`]), answering its
+    /// challenges with the [`UaCore::with_trunk_auth`] credentials (so call that first), and
+    /// remove the binding once `draining` is cancelled. An unusable `cfg` is refused.
+    pub fn with_trunk_registration(
+        mut self,
+        cfg: Option<RegisterConfig>,
+        draining: CancellationToken,
+    ) -> Result<Self, String> {
+        let Some(cfg) = cfg else { return Ok(self) };
+        cfg.check()?;
+        let remote = outbound_target(&cfg.registrar, self.local)
+            .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
+        let reg = TrunkRegistration::new(cfg, self.trunk_auth.clone(), Self::now());
+        self.timers
+            .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
+        self.trunk_reg = Some(reg);
+        self.trunk_reg_flow = Some(Flow {
+            transport: Transport::Udp,
+            remote,
+            conn: 0,
+        });
+        self.draining = Some(draining);
+        self.publish_trunk_status(Self::now());
+        Ok(self)
     }
 
     /// [`UaCore::with_registrar`] for these `(agent id, password)` pairs, with digest realm
@@ -817,6 +871,8 @@ impl UaCore {
 
     /// Run until cancelled or the transport closes.
     pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
+        let draining = self.draining.take();
+        let mut unbound = draining.is_none();
         loop {
             let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
@@ -825,9 +881,19 @@ impl UaCore {
                     None => std::future::pending().await,
                 }
             };
+            let drain = async {
+                match &draining {
+                    Some(d) => d.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
+                _ = drain, if !unbound => {
+                    unbound = true;
+                    self.unregister_trunk(Self::now()).await;
+                }
                 m = inbound.recv() => match m {
                     Some(m) => self.on_inbound(m).await,
                     None => return,
@@ -1806,6 +1872,108 @@ impl UaCore {
         }
     }
 
+    // ---- registration with the trunk (UAC REGISTER) -------------------------------------------
+
+    /// The trunk registration's timer: send the REGISTER that is due, if any.
+    async fn poll_trunk_registration(&mut self, now: Instant) {
+        let Some(flow) = self.trunk_reg_flow else {
+            return;
+        };
+        let local = self.local_for(flow.remote);
+        let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.poll(now, local)) else {
+            self.after_trunk_change(now);
+            return;
+        };
+        self.send_trunk_register(out, now).await;
+    }
+
+    /// The server is draining: remove our binding so the trunk sends new calls elsewhere.
+    async fn unregister_trunk(&mut self, now: Instant) {
+        let Some(flow) = self.trunk_reg_flow else {
+            return;
+        };
+        let local = self.local_for(flow.remote);
+        if let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.unregister(local)) {
+            info!("draining: removing our registration with the trunk");
+            self.send_trunk_register(out, now).await;
+        }
+        self.after_trunk_change(now);
+    }
+
+    async fn on_trunk_register_final(&mut self, key: &ClientKey, resp: &Response, now: Instant) {
+        if self.trunk_reg_txn.as_ref() != Some(key) {
+            return; // superseded (an unbinding went out meanwhile)
+        }
+        self.trunk_reg_txn = None;
+        let next = self.trunk_reg.as_mut().and_then(|r| r.on_final(now, resp));
+        match next {
+            Some(out) => self.send_trunk_register(out, now).await,
+            None => self.after_trunk_change(now),
+        }
+    }
+
+    async fn send_trunk_register(&mut self, out: Outgoing, now: Instant) {
+        let Some(flow) = self.trunk_reg_flow else {
+            return;
+        };
+        let key = (out.branch, Method::Register);
+        let (tx, first) =
+            ClientTransaction::new(now, false, flow.transport.is_reliable(), out.bytes);
+        self.trunk_reg_txn = Some(key.clone());
+        self.start_client(
+            key,
+            ClientEntry {
+                tx,
+                flow,
+                dialog: None,
+                req: 0,
+                method: Method::Register,
+                kind: ClientKind::TrunkRegister,
+                invite: None,
+                acks: HashMap::new(),
+            },
+            first,
+        )
+        .await;
+        self.after_trunk_change(now);
+    }
+
+    /// Re-arm the registration's timer, publish its status, and log a change of state.
+    fn after_trunk_change(&mut self, now: Instant) {
+        if let Some(at) = self.trunk_reg.as_ref().and_then(TrunkRegistration::due) {
+            self.timers.push(Reverse((at, TimerRef::TrunkRegister)));
+        }
+        let before = self
+            .stats
+            .trunk_registration()
+            .map(|s| (s.state, s.last_error));
+        let now_status = self.publish_trunk_status(now);
+        let Some(s) = now_status else { return };
+        if before == Some((s.state.clone(), s.last_error.clone())) {
+            return;
+        }
+        match s.state.as_str() {
+            "registered" => {
+                info!(aor = %s.aor, registrar = %s.registrar, expires_in = ?s.expires_in, "registered with the trunk")
+            }
+            "failed" => warn!(
+                aor = %s.aor,
+                registrar = %s.registrar,
+                error = s.last_error.as_deref().unwrap_or_default(),
+                retry_in = ?s.retry_in,
+                "registration with the trunk failed; calls from it cannot reach us until it succeeds"
+            ),
+            _ => debug!(state = %s.state, "trunk registration"),
+        }
+    }
+
+    fn publish_trunk_status(&self, now: Instant) -> Option<RegistrationStatus> {
+        let status = self.trunk_reg.as_ref().map(|r| r.status(now));
+        *self.stats.trunk.lock().unwrap_or_else(|e| e.into_inner()) =
+            status.clone().map(|s| (now, s));
+        status
+    }
+
     // ---- outbound calls (UAC) -----------------------------------------------------------------
 
     async fn start_outbound(&mut self, inv: InviteCommand, now: Instant) {
@@ -2304,11 +2472,17 @@ impl UaCore {
             return;
         };
         let (kind, dialog, req, method) = (e.kind, e.dialog, e.req, e.method.clone());
+        if kind == ClientKind::TrunkRegister {
+            if resp.code >= 200 {
+                self.on_trunk_register_final(key, resp, now).await;
+            }
+            return;
+        }
         let Some(d) = dialog else {
             return;
         };
         match kind {
-            ClientKind::Cancel => {}
+            ClientKind::Cancel | ClientKind::TrunkRegister => {}
             ClientKind::OutboundInvite => self.on_outbound_response(key, d, resp, now).await,
             ClientKind::InDialog => {
                 if resp.code < 200 {
@@ -2368,11 +2542,21 @@ impl UaCore {
             return;
         };
         let (kind, dialog, req, method) = (e.kind, e.dialog, e.req, e.method.clone());
+        if kind == ClientKind::TrunkRegister {
+            if self.trunk_reg_txn.as_ref() == Some(key) {
+                self.trunk_reg_txn = None;
+                if let Some(reg) = &mut self.trunk_reg {
+                    reg.on_timeout(Self::now());
+                }
+                self.after_trunk_change(Self::now());
+            }
+            return;
+        }
         let Some(d) = dialog else {
             return;
         };
         match kind {
-            ClientKind::Cancel => debug!("CANCEL got no answer"),
+            ClientKind::Cancel | ClientKind::TrunkRegister => debug!("CANCEL got no answer"),
             ClientKind::OutboundInvite => {
                 let Some(leg) = self.outbound.remove(&d) else {
                     return;
@@ -2448,6 +2632,7 @@ impl UaCore {
                 }
                 TimerRef::Leg(d) => self.on_cancel_deadline(d, now),
                 TimerRef::Registrar => self.on_registrar_timer(now),
+                TimerRef::TrunkRegister => self.poll_trunk_registration(now).await,
             }
         }
     }

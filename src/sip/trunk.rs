@@ -1,0 +1,731 @@
+//! Registering with a SIP trunk (RFC 3261 §10.2), sans-IO: `trunks.register` in the config.
+//!
+//! Registration-based trunks (most carriers' "SIP trunk with credentials" offers, and a PBX in
+//! front of a city's lines) only send calls to a number once its PBX has REGISTERed a contact
+//! for it, and forget that contact when the registration lapses. Without this the 311 number
+//! would ring nowhere: the trunk answers its callers with 404 or 480 while ivr311 sits idle.
+//!
+//! [`TrunkRegistration`] decides what to send and when; the UA core carries each REGISTER in a
+//! client transaction (retransmissions, timer F) and hands back its final response or timeout.
+//! - The first REGISTER goes out at start. Its 2xx says how long the binding lasts (the
+//!   `expires` of our Contact in it, else its `Expires`, else what we asked), and the refresh
+//!   goes at half that, so a lost refresh still has a retransmission window before the binding
+//!   ends.
+//! - A 401/407 is answered once with `trunks.auth` (same Call-ID, CSeq + 1, as §22.2 asks),
+//!   again only if the registrar says the nonce was `stale`. A second plain challenge means the
+//!   credentials were refused.
+//! - 423 Interval Too Brief is retried at once with the registrar's `Min-Expires`.
+//! - Any other failure (no answer, 403, 5xx) is retried after a back-off of 30 s doubling to
+//!   30 min with jitter (the schedule of RFC 5626 §4.5), or after the `Retry-After` the answer
+//!   names, so a carrier's outage is not met with a REGISTER storm from every node.
+//! - When the server starts draining, the binding is removed (`Expires: 0`): the trunk stops
+//!   sending new calls to a node that would refuse them and, with a second node registered,
+//!   sends them there.
+//!
+//! Every REGISTER of one registration shares a Call-ID and increments CSeq (§10.2.4): a
+//! registrar orders refreshes by them.
+
+use crate::sip::message::{new_branch, random_token, RequestBuilder, Response};
+use crate::sip::registrar::{answer_challenge, Credentials};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// `trunks.register` in the config.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// Where REGISTERs are sent: a `sip:` URI whose host is an IP address, e.g.
+    /// `sip:198.51.100.10:5060` (as for `emergency.target`: no DNS lookups).
+    pub registrar: String,
+    /// User part of our address of record: the trunk account or the 311 line's number.
+    pub user: String,
+    /// Domain of the address of record (Request-URI, From and To), when the trunk wants its
+    /// name there rather than the registrar's address, e.g. `sip.carrier.example.net`.
+    /// Default: the registrar's host and port.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Seconds the binding is asked to last (the registrar may grant less). Default 600.
+    #[serde(default = "default_expires")]
+    pub expires: u32,
+}
+
+fn default_expires() -> u32 {
+    600
+}
+
+impl RegisterConfig {
+    /// Refuse what would make a malformed REGISTER (the registrar's address is checked by the
+    /// UA core, which knows which address family it is bound to).
+    pub fn check(&self) -> Result<(), String> {
+        let user_ok = !self.user.is_empty()
+            && self
+                .user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-._~".contains(c));
+        if !user_ok {
+            return Err(format!(
+                "trunks.register.user {:?}: letters, digits and + - . _ ~ only",
+                self.user
+            ));
+        }
+        if let Some(d) = &self.domain {
+            let ok = !d.is_empty()
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+            if !ok {
+                return Err(format!(
+                    "trunks.register.domain {d:?}: a host name or address (and port)"
+                ));
+            }
+        }
+        if self.expires < 60 {
+            return Err(format!(
+                "trunks.register.expires {}: at least 60 seconds",
+                self.expires
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// First retry after a failure, doubled per consecutive failure up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_secs(30);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1800);
+
+/// What `/health` shows of the registration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistrationStatus {
+    /// `registering`, `registered`, `failed` (retrying later), `unregistering` (draining, the
+    /// binding's removal not answered yet) or `unregistered`.
+    pub state: String,
+    pub aor: String,
+    pub registrar: String,
+    /// Seconds until the binding lapses, while registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u64>,
+    /// Why the last attempt failed, while failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Seconds until the next attempt, while failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in: Option<u64>,
+}
+
+impl RegistrationStatus {
+    /// This status `secs` seconds later (the countdowns run down, to zero).
+    pub fn aged(&self, secs: u64) -> Self {
+        RegistrationStatus {
+            expires_in: self.expires_in.map(|e| e.saturating_sub(secs)),
+            retry_in: self.retry_in.map(|r| r.saturating_sub(secs)),
+            ..self.clone()
+        }
+    }
+}
+
+/// A REGISTER to send: its bytes and its Via branch (the client transaction's key).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub bytes: Bytes,
+    pub branch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Send a REGISTER at this time; `bound_until` is when the current binding lapses.
+    Idle {
+        at: Instant,
+        bound_until: Option<Instant>,
+    },
+    /// A REGISTER is in its transaction.
+    InFlight { bound_until: Option<Instant> },
+    /// The last attempt failed; the next goes at `at`.
+    Failed { at: Instant, error: String },
+    /// Unbound for good (the server is draining).
+    Stopped,
+}
+
+/// One registration with the trunk's registrar (see the module docs).
+#[derive(Debug)]
+pub struct TrunkRegistration {
+    cfg: RegisterConfig,
+    creds: Option<Credentials>,
+    /// `sip:domain`, the Request-URI.
+    request_uri: String,
+    /// `sip:user@domain`, in From and To.
+    aor: String,
+    call_id: String,
+    from_tag: String,
+    cseq: u32,
+    /// What we ask for (raised by a 423's `Min-Expires`).
+    expires: u32,
+    phase: Phase,
+    /// Credentials the REGISTER in flight carries (a second challenge then refuses them),
+    /// and challenges already answered with `stale=true`.
+    answered: bool,
+    stale_retries: u8,
+    /// A 423 was already followed once for the REGISTER in flight.
+    raised: bool,
+    /// The REGISTER in flight removes the binding.
+    removing: bool,
+    failures: u32,
+    /// What the REGISTER in flight was built with, to send it again with credentials.
+    local: Option<SocketAddr>,
+}
+
+impl TrunkRegistration {
+    /// A registration that sends its first REGISTER at `now`. The registrar URI must already
+    /// have been checked (the UA core refuses unusable targets before this).
+    pub fn new(cfg: RegisterConfig, creds: Option<Credentials>, now: Instant) -> Self {
+        let domain = cfg
+            .domain
+            .clone()
+            .unwrap_or_else(|| registrar_hostport(&cfg.registrar));
+        TrunkRegistration {
+            request_uri: format!("sip:{domain}"),
+            aor: format!("sip:{}@{domain}", cfg.user),
+            call_id: format!("{}@ivr311", random_token(20)),
+            from_tag: random_token(12),
+            cseq: 0,
+            expires: cfg.expires.max(1),
+            cfg,
+            creds,
+            phase: Phase::Idle {
+                at: now,
+                bound_until: None,
+            },
+            answered: false,
+            stale_retries: 0,
+            raised: false,
+            removing: false,
+            failures: 0,
+            local: None,
+        }
+    }
+
+    pub fn registrar(&self) -> &str {
+        &self.cfg.registrar
+    }
+
+    /// When the next REGISTER is due; `None` while one is in flight or after unbinding.
+    pub fn due(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Idle { at, .. } | Phase::Failed { at, .. } => Some(*at),
+            Phase::InFlight { .. } | Phase::Stopped => None,
+        }
+    }
+
+    /// The REGISTER that is due at `now` (refresh or retry), sent from `local`.
+    pub fn poll(&mut self, now: Instant, local: SocketAddr) -> Option<Outgoing> {
+        if self.due().is_none_or(|at| at > now) {
+            return None;
+        }
+        let bound_until = self.bound_until(now);
+        self.phase = Phase::InFlight { bound_until };
+        self.answered = false;
+        self.stale_retries = 0;
+        self.raised = false;
+        Some(self.build(local, self.expires, None))
+    }
+
+    /// Remove the binding (draining): `Expires: 0` now if we may hold one (bound, or a
+    /// REGISTER in flight), and nothing after.
+    pub fn unregister(&mut self, local: SocketAddr) -> Option<Outgoing> {
+        let had = match &self.phase {
+            Phase::Idle { bound_until, .. } => bound_until.is_some(),
+            Phase::InFlight { bound_until } => bound_until.is_some(),
+            Phase::Failed { .. } | Phase::Stopped => false,
+        };
+        self.phase = Phase::Stopped;
+        if !had {
+            return None;
+        }
+        self.removing = true;
+        self.answered = false;
+        self.stale_retries = 0;
+        Some(self.build(local, 0, None))
+    }
+
+    /// The final response to our REGISTER; returns a REGISTER to send at once (the challenge
+    /// answered, or a longer interval after 423).
+    pub fn on_final(&mut self, now: Instant, resp: &Response) -> Option<Outgoing> {
+        let local = self.local?;
+        let bound_until = self.bound_until(now);
+        if self.removing {
+            // Unbinding: answer a challenge once; whatever else comes, we are done.
+            if matches!(resp.code, 401 | 407) && !self.answered {
+                return self.answer(resp, local, 0);
+            }
+            self.removing = false;
+            return None;
+        }
+        if self.phase == Phase::Stopped {
+            // The first REGISTER was still unanswered when the stop began. Bound after all:
+            // unbind at once. (A challenge is left unanswered: nothing is bound.)
+            if (200..300).contains(&resp.code) {
+                self.removing = true;
+                self.answered = false;
+                return Some(self.build(local, 0, None));
+            }
+            return None;
+        }
+        match resp.code {
+            200..=299 => {
+                let granted = self.granted(resp, local);
+                self.failures = 0;
+                // Refresh halfway through (at least a second from now).
+                let refresh = Duration::from_secs(u64::from(granted / 2).max(1));
+                self.phase = Phase::Idle {
+                    at: now + refresh,
+                    bound_until: Some(now + Duration::from_secs(u64::from(granted))),
+                };
+                None
+            }
+            401 | 407 => {
+                let stale = resp.headers_named(challenge_header(resp.code)).any(|c| {
+                    c.to_ascii_lowercase()
+                        .replace(' ', "")
+                        .contains("stale=true")
+                });
+                let again = !self.answered || (stale && self.stale_retries == 0);
+                if self.creds.is_none() {
+                    self.fail(
+                        now,
+                        resp,
+                        "the registrar asks for credentials: set trunks.auth",
+                    );
+                    return None;
+                }
+                if !again {
+                    self.fail(now, resp, "the registrar refused trunks.auth");
+                    return None;
+                }
+                if self.answered {
+                    self.stale_retries += 1;
+                }
+                let expires = self.expires;
+                let out = self.answer(resp, local, expires);
+                if out.is_none() {
+                    self.fail(now, resp, "no digest challenge we can answer");
+                } else {
+                    self.phase = Phase::InFlight { bound_until };
+                }
+                out
+            }
+            423 => {
+                let min = resp
+                    .header("Min-Expires")
+                    .and_then(|v| v.trim().parse::<u32>().ok());
+                match min {
+                    Some(min) if !self.raised && min > self.expires => {
+                        self.raised = true;
+                        self.expires = min;
+                        self.answered = false;
+                        Some(self.build(local, min, None))
+                    }
+                    _ => {
+                        self.fail(now, resp, "423 without a usable Min-Expires");
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.fail(now, resp, "");
+                None
+            }
+        }
+    }
+
+    /// Our REGISTER got no final answer (timer F).
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.removing || self.phase == Phase::Stopped {
+            self.removing = false;
+            return;
+        }
+        self.failed_with(now, "no answer from the registrar".into(), None);
+    }
+
+    /// What `/health` shows.
+    pub fn status(&self, now: Instant) -> RegistrationStatus {
+        let mut s = RegistrationStatus {
+            state: "registering".into(),
+            aor: self.aor.clone(),
+            registrar: self.cfg.registrar.clone(),
+            expires_in: None,
+            last_error: None,
+            retry_in: None,
+        };
+        match &self.phase {
+            Phase::Stopped if self.removing => s.state = "unregistering".into(),
+            Phase::Stopped => s.state = "unregistered".into(),
+            Phase::Failed { at, error } => {
+                s.state = "failed".into();
+                s.last_error = Some(error.clone());
+                s.retry_in = Some(at.saturating_duration_since(now).as_secs());
+            }
+            Phase::Idle { .. } | Phase::InFlight { .. } => {
+                if let Some(until) = self.bound_until(now) {
+                    s.state = "registered".into();
+                    s.expires_in = Some(until.saturating_duration_since(now).as_secs());
+                }
+            }
+        }
+        s
+    }
+
+    /// Bound now (a binding we were granted has not lapsed).
+    pub fn is_registered(&self, now: Instant) -> bool {
+        self.bound_until(now).is_some()
+    }
+
+    fn bound_until(&self, now: Instant) -> Option<Instant> {
+        match &self.phase {
+            Phase::Idle { bound_until, .. } | Phase::InFlight { bound_until } => {
+                bound_until.filter(|u| *u > now)
+            }
+            Phase::Failed { .. } | Phase::Stopped => None,
+        }
+    }
+
+    fn fail(&mut self, now: Instant, resp: &Response, why: &str) {
+        let what = if why.is_empty() {
+            format!("{} {}", resp.code, resp.reason)
+        } else {
+            format!("{} {}: {why}", resp.code, resp.reason)
+        };
+        let retry_after = resp
+            .header("Retry-After")
+            .and_then(|v| v.split([';', '(']).next())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        self.failed_with(now, what, retry_after);
+    }
+
+    fn failed_with(&mut self, now: Instant, error: String, retry_after: Option<Duration>) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = retry_after
+            .map(|r| r.clamp(Duration::from_secs(1), BACKOFF_MAX))
+            .unwrap_or_else(|| backoff(self.failures, rand::random::<f64>()));
+        self.phase = Phase::Failed {
+            at: now + wait,
+            error,
+        };
+    }
+
+    /// How long the 2xx says our binding lasts.
+    fn granted(&self, resp: &Response, local: SocketAddr) -> u32 {
+        let ours = self.contact_uri(local);
+        let from_contact = resp
+            .contacts()
+            .into_iter()
+            .find(|c| same_contact(&c.uri, &ours))
+            .and_then(|c| {
+                c.param("expires")
+                    .and_then(|e| e.trim().parse::<u32>().ok())
+            });
+        from_contact
+            .or_else(|| {
+                resp.header("Expires")
+                    .and_then(|e| e.trim().parse::<u32>().ok())
+            })
+            .unwrap_or(self.expires)
+    }
+
+    fn answer(&mut self, resp: &Response, local: SocketAddr, expires: u32) -> Option<Outgoing> {
+        let creds = self.creds.as_ref()?;
+        let value = answer_challenge(
+            resp.headers_named(challenge_header(resp.code)),
+            creds,
+            "REGISTER",
+            &self.request_uri,
+            &random_token(16),
+        )?;
+        let header = if resp.code == 407 {
+            "Proxy-Authorization"
+        } else {
+            "Authorization"
+        };
+        self.answered = true;
+        Some(self.build(local, expires, Some((header, value))))
+    }
+
+    fn contact_uri(&self, local: SocketAddr) -> String {
+        format!("sip:{}@{local}", self.cfg.user)
+    }
+
+    fn build(&mut self, local: SocketAddr, expires: u32, auth: Option<(&str, String)>) -> Outgoing {
+        self.cseq += 1;
+        self.local = Some(local);
+        let branch = new_branch();
+        let mut b = RequestBuilder::new(
+            &crate::sip::message::Method::Register,
+            &self.request_uri,
+            "UDP",
+            local,
+            &branch,
+        )
+        .header("From", format_args!("<{}>;tag={}", self.aor, self.from_tag))
+        .header("To", format_args!("<{}>", self.aor))
+        .header("Call-ID", &self.call_id)
+        .header("CSeq", format_args!("{} REGISTER", self.cseq))
+        .header("Contact", format_args!("<{}>", self.contact_uri(local)))
+        .header("Expires", expires);
+        if let Some((name, value)) = auth {
+            b = b.header(name, value);
+        }
+        Outgoing {
+            bytes: b
+                .header("User-Agent", concat!("ivr311/", env!("CARGO_PKG_VERSION")))
+                .build(),
+            branch,
+        }
+    }
+}
+
+/// Wait before retry number `failures` (1 = the first failure): 30 s doubling to 30 min, times
+/// `jitter` in [0.5, 1] (RFC 5626 §4.5), so nodes that failed together do not retry together.
+pub fn backoff(failures: u32, unit: f64) -> Duration {
+    let doubled = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
+    doubled
+        .min(BACKOFF_MAX)
+        .mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
+fn challenge_header(code: u16) -> &'static str {
+    if code == 407 {
+        "Proxy-Authenticate"
+    } else {
+        "WWW-Authenticate"
+    }
+}
+
+/// `sip:198.51.100.10:5060;transport=udp` → `198.51.100.10:5060`.
+fn registrar_hostport(uri: &str) -> String {
+    let rest = uri.split_once(':').map_or(uri, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    rest.split([';', '?']).next().unwrap_or(rest).to_owned()
+}
+
+/// Whether a Contact URI in a 2xx is ours (user and host:port; parameters ignored, as a
+/// registrar may add some).
+fn same_contact(theirs: &str, ours: &str) -> bool {
+    let strip = |u: &str| u.split([';', '?']).next().unwrap_or(u).to_ascii_lowercase();
+    strip(theirs) == strip(ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{parse_datagram, Message, Request};
+    use crate::sip::registrar::Registrar;
+    use crate::sip::transport::{Flow, Transport};
+
+    fn cfg() -> RegisterConfig {
+        RegisterConfig {
+            registrar: "sip:127.0.0.1:5090".into(),
+            user: "city311".into(),
+            domain: None,
+            expires: 600,
+        }
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            username: "city311".into(),
+            password: "s3cret".into(),
+            realm: None,
+        }
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:5060".parse().unwrap()
+    }
+
+    fn request(o: &Outgoing) -> Request {
+        match parse_datagram(&o.bytes, 65535).unwrap() {
+            Message::Request(r) => r,
+            Message::Response(_) => panic!("a request"),
+        }
+    }
+
+    fn response(req: &Request, code: u16, extra: &str) -> Response {
+        let text = format!(
+            "SIP/2.0 {code} X\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=r1\r\nCall-ID: {}\r\nCSeq: {} REGISTER\r\n{extra}Content-Length: 0\r\n\r\n",
+            req.top_via().raw,
+            req.from.raw,
+            req.to.raw,
+            req.call_id,
+            req.cseq
+        );
+        match parse_datagram(text.as_bytes(), 65535).unwrap() {
+            Message::Response(r) => r,
+            Message::Request(_) => panic!("a response"),
+        }
+    }
+
+    #[test]
+    fn registers_answers_the_challenge_and_refreshes_halfway() {
+        let t0 = Instant::now();
+        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let first = reg.poll(t0, local()).expect("due at start");
+        let r1 = request(&first);
+        assert_eq!(r1.uri, "sip:127.0.0.1:5090");
+        assert_eq!(r1.header("Expires"), Some("600"));
+        assert_eq!(r1.contacts()[0].uri, "sip:city311@127.0.0.1:5060");
+        assert!(reg.poll(t0, local()).is_none(), "one REGISTER at a time");
+
+        // Our own registrar (the one agents log in to) is the far end.
+        let mut registrar = Registrar::new(
+            "carrier".into(),
+            &[("city311".into(), "s3cret".into())],
+            [7; 32],
+        );
+        let flow = Flow {
+            transport: Transport::Udp,
+            remote: local(),
+            conn: 0,
+        };
+        let (challenge, _) = registrar.handle(t0, &r1, flow);
+        assert_eq!(challenge.code, 401);
+        let extra: String = challenge
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
+        let again = reg
+            .on_final(t0, &response(&r1, 401, &extra))
+            .expect("answers the challenge");
+        let r2 = request(&again);
+        assert_eq!(r2.call_id, r1.call_id, "same Call-ID");
+        assert_eq!(r2.cseq, r1.cseq + 1, "CSeq + 1");
+        let (ok, _) = registrar.handle(t0, &r2, flow);
+        assert_eq!(ok.code, 200, "our registrar takes the digest");
+        // Granted 120 s in our Contact's expires: refresh at 60 s.
+        let ok = response(
+            &r2,
+            200,
+            "Contact: <sip:city311@127.0.0.1:5060>;expires=120\r\n",
+        );
+        assert!(reg.on_final(t0, &ok).is_none());
+        assert!(reg.is_registered(t0));
+        assert_eq!(reg.status(t0).expires_in, Some(120));
+        assert_eq!(reg.due(), Some(t0 + Duration::from_secs(60)));
+        assert!(reg.poll(t0 + Duration::from_secs(59), local()).is_none());
+        let refresh = reg.poll(t0 + Duration::from_secs(60), local()).unwrap();
+        assert_eq!(request(&refresh).cseq, r2.cseq + 1);
+        assert!(
+            reg.is_registered(t0 + Duration::from_secs(60)),
+            "still bound while refreshing"
+        );
+    }
+
+    #[test]
+    fn refused_credentials_and_outages_back_off_and_say_why() {
+        let t0 = Instant::now();
+        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        let ch = "WWW-Authenticate: Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\"\r\n";
+        let r2 = request(&reg.on_final(t0, &response(&r1, 401, ch)).unwrap());
+        assert!(r2.header("Authorization").is_some());
+        // A second plain challenge: the password is wrong. No loop, a clear reason.
+        assert!(reg.on_final(t0, &response(&r2, 401, ch)).is_none());
+        let s = reg.status(t0);
+        assert_eq!(s.state, "failed");
+        assert!(s.last_error.unwrap().contains("refused trunks.auth"));
+        let wait = reg.due().unwrap() - t0;
+        assert!((Duration::from_secs(15)..=Duration::from_secs(30)).contains(&wait));
+
+        // A stale nonce is answered once more.
+        let t1 = reg.due().unwrap();
+        let r3 = request(&reg.poll(t1, local()).unwrap());
+        let r4 = request(&reg.on_final(t1, &response(&r3, 401, ch)).unwrap());
+        let stale = "WWW-Authenticate: Digest realm=\"carrier\", nonce=\"n2\", stale=true\r\n";
+        assert!(reg.on_final(t1, &response(&r4, 401, stale)).is_some());
+
+        // 503 with Retry-After: the registrar's time, not ours.
+        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        assert!(reg
+            .on_final(t0, &response(&r1, 503, "Retry-After: 120\r\n"))
+            .is_none());
+        assert_eq!(reg.due(), Some(t0 + Duration::from_secs(120)));
+        // No answer at all, again and again: 30 s doubling, never past 30 min.
+        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            reg.poll(now, local()).unwrap();
+            reg.on_timeout(now);
+            let at = reg.due().unwrap();
+            waits.push((at - now).as_secs());
+            now = at;
+        }
+        assert!(waits[0] >= 15 && waits[0] <= 30, "{waits:?}");
+        assert!(waits[3] >= 120 && waits[3] <= 240, "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= 1800), "{waits:?}");
+        assert!(waits[8] >= 900, "{waits:?}");
+        // Never bound: a stop sends nothing to the unreachable registrar.
+        assert!(reg.unregister(local()).is_none());
+        assert_eq!(reg.status(now).state, "unregistered");
+    }
+
+    #[test]
+    fn no_credentials_interval_too_brief_and_unbinding() {
+        let t0 = Instant::now();
+        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        let ch = "WWW-Authenticate: Digest realm=\"carrier\", nonce=\"n1\"\r\n";
+        assert!(reg.on_final(t0, &response(&r1, 401, ch)).is_none());
+        assert!(reg
+            .status(t0)
+            .last_error
+            .unwrap()
+            .contains("set trunks.auth"));
+
+        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        let r2 = request(
+            &reg.on_final(t0, &response(&r1, 423, "Min-Expires: 1800\r\n"))
+                .expect("asks again for longer"),
+        );
+        assert_eq!(r2.header("Expires"), Some("1800"));
+        // Granted by Expires (no Contact in the 2xx).
+        assert!(reg
+            .on_final(t0, &response(&r2, 200, "Expires: 1800\r\n"))
+            .is_none());
+        assert_eq!(reg.due(), Some(t0 + Duration::from_secs(900)));
+
+        let bye = request(&reg.unregister(local()).expect("removes the binding"));
+        assert_eq!(bye.header("Expires"), Some("0"));
+        assert_eq!(reg.status(t0).state, "unregistering");
+        assert!(reg.on_final(t0, &response(&bye, 200, "")).is_none());
+        assert_eq!(reg.status(t0).state, "unregistered");
+        assert_eq!(reg.due(), None, "nothing after unbinding");
+        assert!(reg.unregister(local()).is_none(), "once");
+
+        // The stop begins while the first REGISTER is unanswered: nothing to remove yet, and
+        // nothing is sent to a registrar that may be down; if the 200 still comes, the
+        // binding it made is removed at once.
+        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        assert!(reg.unregister(local()).is_none());
+        assert_eq!(reg.status(t0).state, "unregistered");
+        let late = reg
+            .on_final(t0, &response(&r1, 200, "Expires: 600\r\n"))
+            .expect("the late binding is removed");
+        assert_eq!(request(&late).header("Expires"), Some("0"));
+        assert_eq!(reg.due(), None);
+        reg.on_timeout(t0);
+        assert_eq!(reg.status(t0).state, "unregistered");
+    }
+
+    #[test]
+    fn backoff_doubles_from_30_s_to_30_min_with_jitter() {
+        assert_eq!(backoff(1, 1.0), Duration::from_secs(30));
+        assert_eq!(backoff(1, 0.0), Duration::from_secs(15));
+        assert_eq!(backoff(3, 1.0), Duration::from_secs(120));
+        assert_eq!(backoff(7, 1.0), Duration::from_secs(1800));
+        assert_eq!(backoff(40, 1.0), Duration::from_secs(1800));
+    }
+}
