@@ -186,6 +186,43 @@ async fn no_common_codec_gets_488() {
     srv.shutdown().await;
 }
 
+/// Some carrier and IMS trunks require reliable provisional responses (RFC 3262) on every
+/// INVITE. We send them none on such a call, so there is nothing to PRACK: the call is answered
+/// after the ring time, without a 180, and works. Other required extensions still get 420.
+#[tokio::test]
+async fn an_invite_that_requires_100rel_is_answered_without_an_unreliable_180() {
+    let mut file = FileConfig::default();
+    file.media.answer_after_ms = 400;
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let (provisional, ok) = ua
+        .call_with("0 101", "Supported: 100rel, timer\r\nRequire: 100rel\r\n")
+        .await;
+    assert_eq!(ok.code, 200);
+    assert!(
+        provisional.iter().all(|c| *c == 100),
+        "only 100 Trying before the 200: {provisional:?}"
+    );
+    let heard = ua.listen(Duration::from_millis(600)).await;
+    assert!(heard.len() >= 20, "the call has audio: {}", heard.len());
+    ua.bye().await;
+
+    // Without Require: 100rel the same server rings first, as before.
+    let mut ringing = TestUa::udp(srv.sip_addr).await;
+    let (provisional, ok) = ringing.call_with("0 101", "Supported: 100rel\r\n").await;
+    assert_eq!(ok.code, 200);
+    assert!(provisional.contains(&180), "{provisional:?}");
+    ringing.bye().await;
+
+    let mut other = TestUa::udp(srv.sip_addr).await;
+    let (_, refused) = other
+        .call_with("0 101", "Require: 100rel, precondition\r\n")
+        .await;
+    assert_eq!(refused.code, 420);
+    assert_eq!(refused.header("Unsupported"), Some("precondition"));
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn cancel_before_answer_gives_200_and_487() {
     let mut file = FileConfig::default();

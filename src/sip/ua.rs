@@ -1038,14 +1038,21 @@ impl UaCore {
 
     /// Refusals that come before method handling (RFC 3261 §8.2.2-8.2.3, RFC 4475 §3.3.5,
     /// §3.3.6, §3.3.15): a `Require`d extension we do not support (420, listing it in
-    /// `Unsupported`; we support none), an INVITE body that is not SDP (415), and an INVITE
-    /// whose `Accept` excludes SDP, so that no answer we could send is acceptable (406).
+    /// `Unsupported`), an INVITE body that is not SDP (415), and an INVITE whose `Accept`
+    /// excludes SDP, so that no answer we could send is acceptable (406).
+    ///
+    /// The one extension an INVITE may require is `100rel` (RFC 3262): it asks that
+    /// provisional responses other than 100 be sent reliably, and we honour it by sending none
+    /// on that call (no 180 while `answer_after_ms` rings; see [`UaCore::respond_invite`]), so
+    /// there is nothing to PRACK. Some carrier and IMS trunks require it on every INVITE, and a
+    /// 420 refused all their callers.
     fn refuse_extension_or_body(&self, req: &Request) -> Option<(u16, Bytes)> {
         let required: Vec<&str> = req
             .headers_named("Require")
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| !t.is_empty())
+            .filter(|t| !(req.method == Method::Invite && t.eq_ignore_ascii_case("100rel")))
             .collect();
         if !required.is_empty() {
             let resp = self
@@ -1633,6 +1640,15 @@ impl UaCore {
         let Some(request) = e.request.as_deref() else {
             return;
         };
+        if (101..200).contains(&code) && requires_100rel(request) {
+            // It would have to be sent reliably (PRACK); the caller hears ringback from its own
+            // side until the 200 instead.
+            debug!(
+                code,
+                "provisional response not sent: the INVITE requires 100rel"
+            );
+            return;
+        }
         let mut b = ResponseBuilder::new(request, code, reason, Some(&local_tag))
             .header("Server", &self.user_agent);
         if (101..300).contains(&code) {
@@ -2690,6 +2706,13 @@ fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'stat
         return Err("target is IPv6 but SIP is bound to IPv4");
     }
     Ok(addr)
+}
+
+/// Whether the request has `Require: 100rel` (RFC 3262).
+fn requires_100rel(req: &Request) -> bool {
+    req.headers_named("Require")
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("100rel"))
 }
 
 /// No characters that would break out of a Request-URI or a `<...>`.

@@ -337,6 +337,11 @@ impl TestUa {
     }
 
     pub fn invite_bytes(&mut self, sdp: &str) -> Vec<u8> {
+        self.invite_bytes_with(sdp, "")
+    }
+
+    /// [`TestUa::invite_bytes`] with `extra` header lines (each ending in CRLF).
+    pub fn invite_bytes_with(&mut self, sdp: &str, extra: &str) -> Vec<u8> {
         self.invite_branch = format!("z9hG4bK{}", rand::random::<u64>());
         format!(
             "INVITE sip:311@{srv} SIP/2.0\r\n\
@@ -347,7 +352,7 @@ To: <sip:311@{srv}>\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} INVITE\r\n\
 Contact: <sip:caller@{me}>\r\n\
-Content-Type: application/sdp\r\n\
+{extra}Content-Type: application/sdp\r\n\
 Content-Length: {len}\r\n\r\n{sdp}",
             srv = self.server,
             tr = self.transport(),
@@ -363,17 +368,25 @@ Content-Length: {len}\r\n\r\n{sdp}",
 
     /// INVITE with our offer; returns the final response (after ACKing a 2xx).
     pub async fn call(&mut self, codecs: &str) -> Response {
+        self.call_with(codecs, "").await.1
+    }
+
+    /// [`TestUa::call`] with `extra` header lines in the INVITE; also returns the codes of the
+    /// provisional responses that came before the final one.
+    pub async fn call_with(&mut self, codecs: &str, extra: &str) -> (Vec<u16>, Response) {
         let sdp = self.offer(codecs);
-        let inv = self.invite_bytes(&sdp);
+        let inv = self.invite_bytes_with(&sdp, extra);
         self.send_raw(&inv).await;
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut provisional = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv(left).await {
                 Some(Message::Response(r))
                     if r.cseq_method.as_str() == "INVITE" && r.code < 200 =>
                 {
-                    continue
+                    provisional.push(r.code);
+                    continue;
                 }
                 Some(Message::Response(r)) if r.cseq_method.as_str() == "INVITE" => {
                     if r.code < 300 {
@@ -384,7 +397,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
                         self.codec = neg.codec;
                         self.ack().await;
                     }
-                    return r;
+                    return (provisional, r);
                 }
                 Some(other) => self.backlog.push(other),
                 None => panic!("no final response to INVITE"),
