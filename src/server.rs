@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +198,16 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         },
         metrics.clone(),
     );
+    if let Some(reg) = &file.trunks.register {
+        let ip = crate::sip::message::uri_socket_addr(&reg.registrar).map(|a| a.ip());
+        if ip.is_some_and(|ip| !crate::sip::guard::allowed(&file.trunks.allow, ip)) {
+            warn!(
+                registrar = %reg.registrar,
+                "trunks.allow does not take INVITEs from the registrar's address: calls the \
+                 trunk sends from there will be dropped"
+            );
+        }
+    }
     let mut ua = ua;
     let agent_rx = ua.agent_events();
     let agent_contacts = ua.agent_contacts();
