@@ -276,7 +276,8 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackConfig {
-    /// Where call-backs go: a `sip:` URI whose host is an IP literal (with optional port).
+    /// Where call-backs go: a `sip:` URI whose host is an IP literal or a host name (looked up
+    /// for each call, A/AAAA), with optional port.
     /// `{number}` in it is replaced by the caller's number; without it the number becomes the
     /// URI's user part. With none, a call-back request becomes a ticket flagged for call-back.
     pub trunk_uri: Option<String>,
@@ -312,8 +313,8 @@ impl Default for CallbackConfig {
 /// Why the `callback` section cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallbackConfigError {
-    /// `trunk_uri` is not `sip:[{number}@]IP[:port]`.
-    #[error("callback.trunk_uri {0:?} must be sip:[{{number}}@]IP[:port] (an IP literal host)")]
+    /// `trunk_uri` is not `sip:[{number}@]host[:port]`.
+    #[error("callback.trunk_uri {0:?} must be sip:[{{number}}@]host[:port] (an IP address or a host name)")]
     TrunkUri(String),
     /// `from_user` is empty or has characters a SIP user part cannot carry unescaped.
     #[error("callback.from_user {0:?} must be digits, letters, '+', '-', '.' or '_'")]
@@ -351,13 +352,22 @@ impl CallbackConfig {
         if user.is_some_and(|u| u != "{number}") {
             return None;
         }
-        // The host must be an IP literal with an optional port (the UA does no DNS).
+        // An IP literal or a host name (looked up per call), with an optional port.
+        let named = |h: &str| {
+            let (name, port) = match h.rsplit_once(':') {
+                Some((n, p)) => (n, Some(p)),
+                None => (h, None),
+            };
+            crate::sip::resolve::valid_hostname(name)
+                && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+        };
         let ok_host = host.parse::<SocketAddr>().is_ok()
             || host.parse::<std::net::IpAddr>().is_ok()
             || host
                 .strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
-                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+            || named(host);
         ok_host.then(|| format!("sip:{number}@{host}"))
     }
 }
@@ -643,8 +653,15 @@ mod tests {
             c("sip:[::1]:5070").target_for("1").as_deref(),
             Some("sip:1@[::1]:5070")
         );
+        assert_eq!(
+            c("sip:{number}@trunk.example.com:5080")
+                .target_for("5551234")
+                .as_deref(),
+            Some("sip:5551234@trunk.example.com:5080")
+        );
         for bad in [
-            "sip:trunk.example.com",
+            "sip:trunk_example.com",
+            "sip:trunk.example.com:0",
             "tel:+1555",
             "sip:911@192.0.2.1",
             "http://x",

@@ -323,6 +323,23 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             .with_graceful_shutdown(async move { c.cancelled().await })
             .await;
     });
+    // Names we will send INVITEs to are looked up per call; say now if one does not resolve,
+    // rather than at a 911 caller's bridge.
+    let named: Vec<(&'static str, String)> = [
+        ("emergency.uri", file.emergency.uri.clone()),
+        ("callback.trunk_uri", file.callback.target_for("311")),
+    ]
+    .into_iter()
+    .filter_map(|(what, uri)| Some((what, uri?)))
+    .filter(|(_, uri)| crate::sip::resolve::needs_lookup(uri) && uri.starts_with("sip:"))
+    .collect();
+    tracker.spawn(async move {
+        for (what, uri) in named {
+            if let Err(why) = crate::sip::resolve::resolve(&uri, sip_addr).await {
+                warn!(%uri, %why, "{what} does not resolve now; calls to it fail until it does");
+            }
+        }
+    });
     info!(%sip_addr, %http_addr, "ivr311 serving");
     Ok(RunningServer {
         sip_addr,

@@ -382,6 +382,69 @@ async fn caller_presses_911_with_a_bridge(
     (srv, ua, inv, from)
 }
 
+/// PSAPs and carriers hand out host names. The bridge looks the name up for the call and
+/// sends the INVITE there, with the name kept in the Request-URI; a name that does not
+/// resolve fails the bridge at once and the caller hears the announcement instead.
+#[tokio::test]
+async fn emergency_bridge_to_a_psap_named_by_host_name_gets_through() {
+    use ivr311::sip::message::{Message, ResponseBuilder};
+    let trunk = Trunk::new().await;
+    let port = trunk.sip.local_addr().unwrap().port();
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@localhost:{port}"));
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    let Some((Message::Request(inv), from)) = trunk.recv(Duration::from_secs(10)).await else {
+        panic!("no INVITE reached the PSAP named localhost")
+    };
+    assert_eq!(inv.uri, format!("sip:911@localhost:{port}"));
+    let ok = ResponseBuilder::new(&inv, 200, "OK", Some("psap1"))
+        .header("Contact", format!("<sip:911@127.0.0.1:{port}>"))
+        .body("application/sdp", psap_sdp(&trunk))
+        .build();
+    trunk.sip.send_to(&ok, from).await.unwrap();
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    trunk.send_rtp(offer.addr, 0xd5, 20).await;
+    let heard = ua.listen(Duration::from_millis(300)).await;
+    assert!(heard.len() >= 10, "911 audio reached the caller");
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("connected via bridge"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+
+    // RFC 2606: .invalid never resolves.
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some("sip:911@no-such-psap.invalid".into());
+    file.emergency.announce_repeats = 1;
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    let heard = ua.listen(Duration::from_millis(4000)).await;
+    let ear = PromptEar::new("en", &["emergency_announce"], Codec::Pcmu);
+    assert!(ear
+        .playbacks(&heard)
+        .contains(&"emergency_announce".to_string()));
+    ua.expect_request("BYE", Duration::from_secs(20)).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.starts_with("announced")
+            && audits[0].outcome.contains("no-such-psap.invalid"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn emergency_bridge_through_a_trunk_that_asks_for_credentials_gets_through() {
     use ivr311::sip::message::{Message, ResponseBuilder};

@@ -359,10 +359,12 @@ async fn trunk_state(http: SocketAddr, state: &str, within: Duration) -> serde_j
     }
 }
 
-fn registering_node(trunk: &RunningServer, password: &str) -> FileConfig {
+/// A node that registers with `trunk` as `city311`, naming the registrar by `host` (with the
+/// trunk's port).
+fn registering_node(trunk: &RunningServer, host: &str, password: &str) -> FileConfig {
     let mut file = FileConfig::default();
     file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {
-        registrar: format!("sip:{}", trunk.sip_addr),
+        registrar: format!("sip:{host}:{}", trunk.sip_addr.port()),
         user: "city311".into(),
         domain: None,
         expires: 600,
@@ -390,10 +392,14 @@ async fn a_node_registers_with_a_trunk_that_asks_for_credentials_and_unbinds_whe
         "logged_out"
     );
 
-    let node = common::start_server(registering_node(&trunk, "s3cret")).await;
+    // The registrar named as carriers name theirs: by host name, looked up before each REGISTER.
+    let node = common::start_server(registering_node(&trunk, "localhost", "s3cret")).await;
     let status = trunk_state(node.http_addr, "registered", Duration::from_secs(3)).await;
     assert_eq!(status["state"], "registered", "{status}");
-    assert_eq!(status["aor"], format!("sip:city311@{}", trunk.sip_addr));
+    assert_eq!(
+        status["aor"],
+        format!("sip:city311@localhost:{}", trunk.sip_addr.port())
+    );
     // Our registrar grants what was asked (600 s, within its limits).
     let left = status["expires_in"].as_u64().unwrap();
     assert!((590..=600).contains(&left), "{status}");
@@ -426,7 +432,7 @@ async fn a_refused_trunk_password_is_reported_not_retried_in_a_loop() {
     trunk_file.agents[0].id = "city311".into();
     trunk_file.agents[0].password = "s3cret".into();
     let trunk = common::start_server(trunk_file).await;
-    let node = common::start_server(registering_node(&trunk, "wrong")).await;
+    let node = common::start_server(registering_node(&trunk, "127.0.0.1", "wrong")).await;
     let status = trunk_state(node.http_addr, "failed", Duration::from_secs(3)).await;
     assert_eq!(status["state"], "failed", "{status}");
     assert!(
@@ -444,6 +450,24 @@ async fn a_refused_trunk_password_is_reported_not_retried_in_a_loop() {
     assert_eq!(
         common::agent_state(trunk.http_addr, "city311").await,
         "logged_out"
+    );
+    node.shutdown().await;
+
+    // A registrar name that does not resolve (RFC 2606 .invalid): failed, saying which name.
+    let node = common::start_server(registering_node(
+        &trunk,
+        "no-such-registrar.invalid",
+        "s3cret",
+    ))
+    .await;
+    let status = trunk_state(node.http_addr, "failed", Duration::from_secs(5)).await;
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-registrar.invalid"),
+        "{status}"
     );
     node.shutdown().await;
     trunk.shutdown().await;

@@ -433,6 +433,16 @@ pub fn uri_user(uri: &str) -> Option<&str> {
     (!user.is_empty()).then_some(user)
 }
 
+/// `host` and `port` of a SIP URI (5060 when none is given); the host as written (a name, an
+/// IPv4 address, or an IPv6 reference in brackets).
+pub fn uri_host_port(uri: &str) -> Option<(&str, u16)> {
+    let rest = uri.split_once(':')?.1;
+    let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = hostport.split([';', '?']).next()?;
+    let (host, port) = split_host_port(hostport)?;
+    (!host.is_empty()).then_some((host, port.unwrap_or(5060)))
+}
+
 /// `host[:port]` of a SIP URI as a socket address, when the host is an IP literal.
 pub fn uri_socket_addr(uri: &str) -> Option<SocketAddr> {
     let rest = uri.split_once(':')?.1;

@@ -6,6 +6,7 @@ pub mod dialog;
 pub mod guard;
 pub mod message;
 pub mod registrar;
+pub mod resolve;
 pub mod transaction;
 pub mod transport;
 pub mod trunk;

@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterConfig {
-    /// Where REGISTERs are sent: a `sip:` URI whose host is an IP address, e.g.
-    /// `sip:198.51.100.10:5060` (as for `emergency.target`: no DNS lookups).
+    /// Where REGISTERs are sent: a `sip:` URI with an IP address or a host name, e.g.
+    /// `sip:198.51.100.10:5060` or `sip:sip.carrier.example.net` (looked up before each
+    /// REGISTER, A/AAAA: see [`crate::sip::resolve`]).
     pub registrar: String,
     /// User part of our address of record: the trunk account or the 311 line's number.
     pub user: String,
@@ -344,6 +345,13 @@ impl TrunkRegistration {
             return;
         }
         self.failed_with(now, "no answer from the registrar".into(), None);
+    }
+
+    /// The registrar's host name did not resolve: the REGISTER that was due is retried later.
+    pub fn unreachable(&mut self, now: Instant, why: String) {
+        if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
+            self.failed_with(now, why, None);
+        }
     }
 
     /// What `/health` shows.

@@ -185,12 +185,15 @@ pub struct OutboundCall {
 #[derive(Debug, Clone)]
 pub struct OutboundHandle {
     tx: mpsc::Sender<Command>,
+    /// Our SIP socket's address: a target's host name is looked up in its family.
+    bound: SocketAddr,
 }
 
 impl OutboundHandle {
     /// Send an INVITE with our SDP offer `sdp` to `target`, a `sip:` URI whose host is an IP
-    /// literal (e.g. `sip:911@127.0.0.1:5080`; no port means 5060). DNS and TCP are out of
-    /// scope: any other target fails at once with [`LegEvent::Failed`] 503.
+    /// literal or a name (e.g. `sip:911@127.0.0.1:5080`, `sip:911@psap.example.gov`; no port
+    /// means 5060). A name is looked up first (A/AAAA, see [`crate::sip::resolve`]); one that
+    /// does not resolve fails at once with [`LegEvent::Failed`] 503, as does a TCP target.
     ///
     /// From is `"<from_display>" <sip:<from_user>@<our address>>;tag=...`, so that the far end
     /// (a 911 centre) sees the caller's number; `from_user` is %-escaped where needed and the
@@ -253,9 +256,32 @@ impl OutboundHandle {
     ) -> OutboundCall {
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (reply_tx, reply_rx) = oneshot::channel();
+        // A host name is looked up here, in the caller's task: the UA task never waits on DNS.
+        let resolved = if via.is_none() && crate::sip::resolve::needs_lookup(target.trim()) {
+            match crate::sip::resolve::resolve(target.trim(), self.bound).await {
+                Ok(a) => Some(a),
+                Err(why) => {
+                    warn!(%target, %why, "outbound call refused");
+                    let _ = ev_tx.try_send(LegEvent::Failed {
+                        code: 503,
+                        reason: why,
+                    });
+                    return OutboundCall {
+                        handle: DialogHandle {
+                            id: 0,
+                            tx: self.tx.clone(),
+                        },
+                        events: ev_rx,
+                    };
+                }
+            }
+        } else {
+            None
+        };
         let cmd = Command::Invite(Box::new(InviteCommand {
             target: target.to_owned(),
             via,
+            resolved,
             from_user: from_user.to_owned(),
             from_display: from_display.map(str::to_owned),
             headers: extra_headers,
@@ -300,6 +326,8 @@ struct InviteCommand {
     target: String,
     /// Send along this flow instead of to the target's host ([`OutboundHandle::invite_via`]).
     via: Option<Flow>,
+    /// The address the target's host name was looked up to.
+    resolved: Option<SocketAddr>,
     from_user: String,
     from_display: Option<String>,
     headers: Vec<(String, String)>,
@@ -340,6 +368,8 @@ enum Command {
     Drop {
         dialog: DialogId,
     },
+    /// The trunk registrar's host name was looked up.
+    TrunkResolved(Result<SocketAddr, String>),
 }
 
 /// A call's handle on its dialog. Cloneable; commands are queued to the UA task.
@@ -695,6 +725,11 @@ pub struct UaCore {
     trunk_reg: Option<TrunkRegistration>,
     trunk_reg_flow: Option<Flow>,
     trunk_reg_txn: Option<ClientKey>,
+    /// The registrar is named by a host name: looked up before each REGISTER (`resolving`
+    /// while a lookup runs, `resolved` once its address is in `trunk_reg_flow`).
+    trunk_reg_lookup: bool,
+    trunk_reg_resolving: bool,
+    trunk_reg_resolved: bool,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
 }
@@ -747,6 +782,9 @@ impl UaCore {
             trunk_reg: None,
             trunk_reg_flow: None,
             trunk_reg_txn: None,
+            trunk_reg_lookup: false,
+            trunk_reg_resolving: false,
+            trunk_reg_resolved: false,
             draining: None,
         }
     }
@@ -785,8 +823,32 @@ impl UaCore {
     ) -> Result<Self, String> {
         let Some(cfg) = cfg else { return Ok(self) };
         cfg.check()?;
-        let remote = outbound_target(&cfg.registrar, self.local)
-            .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
+        // A host name is looked up before each REGISTER ([`UaCore::poll_trunk_registration`]);
+        // until then a documentation address of our family stands in, for the checks.
+        self.trunk_reg_lookup = crate::sip::resolve::needs_lookup(&cfg.registrar);
+        let stand_in = if self.local.is_ipv4() {
+            SocketAddr::from(([192, 0, 2, 1], 5060))
+        } else {
+            SocketAddr::from((
+                std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+                5060,
+            ))
+        };
+        if self.trunk_reg_lookup {
+            let host = crate::sip::message::uri_host_port(&cfg.registrar).map(|(h, _)| h);
+            if !host.is_some_and(crate::sip::resolve::valid_hostname) {
+                return Err(format!(
+                    "trunks.register.registrar {:?}: the host is not an IP address or a name",
+                    cfg.registrar
+                ));
+            }
+        }
+        let remote = outbound_target(
+            &cfg.registrar,
+            self.local,
+            self.trunk_reg_lookup.then_some(stand_in),
+        )
+        .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
         let reg = TrunkRegistration::new(cfg, self.trunk_auth.clone(), Self::now());
         self.timers
             .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
@@ -866,6 +928,7 @@ impl UaCore {
     pub fn outbound(&self) -> OutboundHandle {
         OutboundHandle {
             tx: self.cmd_tx.clone(),
+            bound: self.transport.local_addr(),
         }
     }
 
@@ -1680,6 +1743,7 @@ impl UaCore {
         let now = Self::now();
         match c {
             Command::Invite(inv) => self.start_outbound(*inv, now).await,
+            Command::TrunkResolved(found) => self.on_trunk_resolved(found, now).await,
             Command::Hangup { dialog } | Command::Drop { dialog }
                 if self.outbound.contains_key(&dialog) =>
             {
@@ -1895,12 +1959,56 @@ impl UaCore {
         let Some(flow) = self.trunk_reg_flow else {
             return;
         };
+        let due = self
+            .trunk_reg
+            .as_ref()
+            .and_then(TrunkRegistration::due)
+            .is_some_and(|at| at <= now);
+        if self.trunk_reg_lookup && due && !self.trunk_reg_resolved {
+            // Look the registrar's name up afresh (off this task), then send.
+            if !self.trunk_reg_resolving {
+                self.trunk_reg_resolving = true;
+                let uri = self
+                    .trunk_reg
+                    .as_ref()
+                    .map(|r| r.registrar().to_owned())
+                    .unwrap_or_default();
+                let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
+                tokio::spawn(async move {
+                    let found = crate::sip::resolve::resolve(&uri, bound).await;
+                    let _ = tx.send(Command::TrunkResolved(found)).await;
+                });
+            }
+            return;
+        }
+        self.trunk_reg_resolved = false;
         let local = self.local_for(flow.remote);
         let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.poll(now, local)) else {
             self.after_trunk_change(now);
             return;
         };
         self.send_trunk_register(out, now).await;
+    }
+
+    /// The registrar's name was looked up: send the REGISTER that waited for it, or count the
+    /// failure (retried later, as any other).
+    async fn on_trunk_resolved(&mut self, found: Result<SocketAddr, String>, now: Instant) {
+        self.trunk_reg_resolving = false;
+        match found {
+            Ok(addr) => {
+                if let Some(flow) = &mut self.trunk_reg_flow {
+                    flow.remote = addr;
+                }
+                self.trunk_reg_resolved = true;
+                self.poll_trunk_registration(now).await;
+            }
+            Err(why) => {
+                if let Some(reg) = &mut self.trunk_reg {
+                    reg.unreachable(now, why);
+                }
+                self.after_trunk_change(now);
+            }
+        }
     }
 
     /// The server is draining: remove our binding so the trunk sends new calls elsewhere.
@@ -1997,6 +2105,7 @@ impl UaCore {
         let InviteCommand {
             target,
             via,
+            resolved,
             from_user,
             from_display,
             headers,
@@ -2009,7 +2118,7 @@ impl UaCore {
         let bound = self.transport.local_addr();
         let flow = match via {
             Some(flow) => via_flow(&target, flow, bound),
-            None => outbound_target(&target, bound).map(|remote| Flow {
+            None => outbound_target(&target, bound, resolved).map(|remote| Flow {
                 transport: Transport::Udp,
                 remote,
                 conn: 0,
@@ -2677,7 +2786,13 @@ impl UaCore {
 
 /// Check an outbound target: a `sip:` URI with an IP-literal host, over UDP, that our socket
 /// (bound to `bound`) can reach.
-fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'static str> {
+/// Check an outbound target and say where it goes: its IP literal, or `resolved`, what its host
+/// name was looked up to.
+fn outbound_target(
+    target: &str,
+    bound: SocketAddr,
+    resolved: Option<SocketAddr>,
+) -> Result<SocketAddr, &'static str> {
     let scheme_ok = target
         .get(..4)
         .is_some_and(|s| s.eq_ignore_ascii_case("sip:"));
@@ -2697,8 +2812,10 @@ fn outbound_target(target: &str, bound: SocketAddr) -> Result<SocketAddr, &'stat
             return Err("only UDP is supported for outbound calls");
         }
     }
-    let addr =
-        uri_socket_addr(target).ok_or("target host is not an IP address (no DNS lookups)")?;
+    let addr = match resolved {
+        Some(a) => a,
+        None => uri_socket_addr(target).ok_or("target host is not an IP address or a name")?,
+    };
     if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
         return Err("target address is not usable");
     }
@@ -2859,6 +2976,7 @@ mod tests {
                 .on_command(Command::Invite(Box::new(InviteCommand {
                     target,
                     via: None,
+                    resolved: None,
                     from_user: "+15551234567".into(),
                     from_display: Some("Caller".into()),
                     headers: vec![],
@@ -3017,6 +3135,7 @@ mod tests {
         r.ua.on_command(Command::Invite(Box::new(InviteCommand {
             target: contact.clone(),
             via: Some(flow),
+            resolved: None,
             from_user: "+15551234567".into(),
             from_display: None,
             headers: vec![],
@@ -3061,6 +3180,7 @@ mod tests {
                     remote: remote.parse().unwrap(),
                     conn: 0,
                 }),
+                resolved: None,
                 from_user: "x".into(),
                 from_display: None,
                 headers: vec![],

@@ -1,0 +1,100 @@
+//! Host names in the URIs we send requests to: the 911 side (`emergency.uri`), the call-back
+//! trunk (`callback.trunk_uri`) and the trunk's registrar (`trunks.register.registrar`).
+//!
+//! Carriers and PSAPs hand out names (`sip:911@psap.city.example.gov`), and a bridge to 911 that
+//! only took IP literals failed at the worst moment: at the emergency call, falling back to
+//! telling the caller to dial 911 themselves. A name is now looked up for every INVITE (and
+//! every REGISTER), so a changed DNS record takes effect without a restart.
+//!
+//! The lookup is A/AAAA through the system resolver (`getaddrinfo`, which also reads
+//! `/etc/hosts`), run off the async threads by tokio, and limited to [`RESOLVE_WITHIN`]: a
+//! stalled resolver fails the request instead of holding a 911 caller. SRV and NAPTR
+//! (RFC 3263) are not consulted, so give the port when it is not 5060. Only UDP targets are
+//! used, as before; of the addresses a name has, the first of the family our SIP socket is
+//! bound to is taken.
+
+use crate::sip::message::{uri_host_port, uri_socket_addr};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How long a lookup may take before the request fails.
+pub const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Whether `uri`'s host is a name (not an IP literal), i.e. needs [`resolve`].
+pub fn needs_lookup(uri: &str) -> bool {
+    uri_socket_addr(uri).is_none() && uri_host_port(uri).is_some()
+}
+
+/// A host name as RFC 3261's `hostname` allows it: labels of letters, digits and hyphens.
+pub fn valid_hostname(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// The address to send to for `uri`: its IP literal as it is, or its host name looked up (an
+/// address of `bound`'s family).
+pub async fn resolve(uri: &str, bound: SocketAddr) -> Result<SocketAddr, String> {
+    if let Some(a) = uri_socket_addr(uri) {
+        return Ok(a);
+    }
+    let (host, port) = uri_host_port(uri).ok_or_else(|| format!("no host in {uri:?}"))?;
+    if !valid_hostname(host) {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    let found = tokio::time::timeout(RESOLVE_WITHIN, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| format!("looking up {host} took over {RESOLVE_WITHIN:?}"))?
+        .map_err(|e| format!("cannot look up {host}: {e}"))?;
+    let mut other_family = None;
+    for a in found {
+        if a.is_ipv4() == bound.is_ipv4() {
+            return Ok(a);
+        }
+        other_family.get_or_insert(a);
+    }
+    Err(match other_family {
+        Some(a) => format!("{host} has only {a} and the like, not of our SIP socket's family"),
+        None => format!("{host} has no address"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_literals() {
+        assert!(needs_lookup("sip:911@psap.example.gov"));
+        assert!(needs_lookup("sip:carrier.example.net:5080;transport=udp"));
+        assert!(!needs_lookup("sip:911@192.0.2.10:5060"));
+        assert!(!needs_lookup("sip:[2001:db8::1]"));
+        assert!(valid_hostname("psap.example.gov"));
+        assert!(valid_hostname("localhost"));
+        assert!(!valid_hostname("bad_host.example"));
+        assert!(!valid_hostname("-x.example"));
+        assert!(!valid_hostname("a..b"));
+    }
+
+    #[tokio::test]
+    async fn localhost_is_looked_up_in_our_family_and_invalid_names_fail() {
+        let v4: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        let a = resolve("sip:911@localhost:5099", v4).await.unwrap();
+        assert_eq!(a, "127.0.0.1:5099".parse().unwrap());
+        // Literals are taken as they are.
+        let b = resolve("sip:192.0.2.7", v4).await.unwrap();
+        assert_eq!(b, "192.0.2.7:5060".parse().unwrap());
+        // RFC 2606: .invalid never resolves.
+        let e = resolve("sip:911@no-such-psap.invalid", v4)
+            .await
+            .unwrap_err();
+        assert!(e.contains("no-such-psap.invalid"), "{e}");
+    }
+}
