@@ -74,9 +74,13 @@ async fn run_sipp(sip: std::net::SocketAddr, scenario: &str, timeout_s: u32) {
     let out = tokio::task::spawn_blocking(move || sipp(&args))
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "sipp failed: {}\n{}",
+    assert!(out.status.success(), "sipp failed: {}", report(&out));
+}
+
+/// The end of SIPp's screen (last 30 lines, newest first) and its stderr.
+fn report(out: &std::process::Output) -> String {
+    format!(
+        "{}\n{}",
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .rev()
@@ -84,7 +88,7 @@ async fn run_sipp(sip: std::net::SocketAddr, scenario: &str, timeout_s: u32) {
             .collect::<Vec<_>>()
             .join("\n"),
         String::from_utf8_lossy(&out.stderr)
-    );
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,14 +229,8 @@ async fn sipp_trunk_registrar_checks_our_digest_and_sees_the_binding_removed() {
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         out.status.success(),
-        "SIPp as the trunk's registrar failed (wrong digest, or no removal on drain):\n{}\n{}\n{logged}",
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        String::from_utf8_lossy(&out.stderr)
+        "SIPp as the trunk's registrar failed (wrong digest, or no removal on drain):\n{}\n{logged}",
+        report(&out)
     );
     assert!(logged.contains("digest verified for city311"), "{logged}");
     let _ = std::fs::remove_dir_all(&dir);
