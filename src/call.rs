@@ -564,6 +564,10 @@ enum Work {
 struct EmergencyRun {
     plan: VecDeque<EmergencyMethod>,
     current: Option<EmergencyMethod>,
+    /// Where the next bridge attempts call (`emergency.uri`, then `backup_uris`), and where
+    /// the current one called.
+    bridge_targets: VecDeque<String>,
+    target: Option<String>,
     audit: Option<Option<i64>>,
     connecting_played: bool,
     deadline: Option<tokio::time::Instant>,
@@ -1287,6 +1291,8 @@ impl Call {
         self.emergency = Some(EmergencyRun {
             plan,
             current: None,
+            bridge_targets: self.ctx.emergency.bridge_targets().into(),
+            target: None,
             audit: None,
             connecting_played: false,
             deadline: None,
@@ -1395,14 +1401,21 @@ impl Call {
         }
     }
 
-    /// Call the emergency URI with the caller's number in From and P-Asserted-Identity.
+    /// Call the next 911 route with the caller's number in From and P-Asserted-Identity.
     async fn start_bridge(&mut self) -> Result<(), String> {
-        let uri = self.ctx.emergency.uri.clone().unwrap_or_default();
+        let uri = self
+            .emergency
+            .as_mut()
+            .and_then(|e| {
+                e.target = e.bridge_targets.pop_front();
+                e.target.clone()
+            })
+            .ok_or_else(|| "no route left".to_owned())?;
         let port = self
             .ctx
             .ports
             .allocate()
-            .ok_or_else(|| "bridge: no RTP port free".to_owned())?;
+            .ok_or_else(|| "no RTP port free".to_owned())?;
         let sdp = LegSdp::new(SocketAddr::new(self.local_media.ip(), port.port));
         let offer = sdp.offer(self.media.lock().media.codec());
         let caller = self.meta.caller.clone();
@@ -1517,14 +1530,14 @@ impl Call {
                         if let Some(l) = self.leg.take() {
                             l.handle.hangup().await;
                         }
-                        self.emergency_failed(&format!("bridge: unusable answer: {e}"))
+                        self.emergency_failed(&format!("unusable answer: {e}"))
                             .await;
                     }
                 }
             }
             LegEvent::Failed { code, reason } => {
                 self.leg = None;
-                self.emergency_failed(&format!("bridge answered {code} {reason}"))
+                self.emergency_failed(&format!("answered {code} {reason}"))
                     .await;
             }
             LegEvent::Dialog(DialogEvent::Bye) => {
@@ -1584,9 +1597,12 @@ impl Call {
         // Ringback for a leg that failed stops; the next method brings its own sound.
         self.media.lock().media.stop();
         let Some(e) = &mut self.emergency else { return };
-        warn!(method = ?e.current, reason = why, "911 method failed; trying the next");
-        e.failures
-            .push(format!("{}: {why}", e.current.map_or("?", |m| m.as_str())));
+        warn!(method = ?e.current, target = ?e.target, reason = why, "911 method failed; trying the next");
+        let method = e.current.map_or("?", |m| m.as_str());
+        e.failures.push(match (e.current, e.target.take()) {
+            (Some(EmergencyMethod::Bridge), Some(to)) => format!("{method} to {to}: {why}"),
+            _ => format!("{method}: {why}"),
+        });
         e.current = None;
         e.deadline = None;
         e.refer_accepted = false;

@@ -325,14 +325,18 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     });
     // Names we will send INVITEs to are looked up per call; say now if one does not resolve,
     // rather than at a 911 caller's bridge.
-    let named: Vec<(&'static str, String)> = [
-        ("emergency.uri", file.emergency.uri.clone()),
-        ("callback.trunk_uri", file.callback.target_for("311")),
-    ]
-    .into_iter()
-    .filter_map(|(what, uri)| Some((what, uri?)))
-    .filter(|(_, uri)| crate::sip::resolve::needs_lookup(uri) && uri.starts_with("sip:"))
-    .collect();
+    let named: Vec<(&'static str, String)> = file
+        .emergency
+        .bridge_targets()
+        .into_iter()
+        .map(|u| ("emergency route", u))
+        .chain(
+            file.callback
+                .target_for("311")
+                .map(|u| ("callback.trunk_uri", u)),
+        )
+        .filter(|(_, uri)| crate::sip::resolve::needs_lookup(uri) && uri.starts_with("sip:"))
+        .collect();
     tracker.spawn(async move {
         for (what, uri) in named {
             if let Err(why) = crate::sip::resolve::resolve(&uri, sip_addr).await {

@@ -247,7 +247,10 @@ async fn refused_refer_falls_back_to_the_announcement() {
     let outcome = announced_then_hung_up(&mut ua, &srv).await;
     assert!(outcome.contains("refer: REFER answered 501"), "{outcome}");
     // The bridge was tried in between (nothing answers at 127.0.0.1:5999).
-    assert!(outcome.contains("bridge: "), "{outcome}");
+    assert!(
+        outcome.contains("bridge to sip:911@127.0.0.1:5999: "),
+        "{outcome}"
+    );
     srv.shutdown().await;
 }
 
@@ -418,6 +421,30 @@ async fn announced_then_hung_up(ua: &mut TestUa, srv: &ivr311::server::RunningSe
         audits[0].outcome
     );
     audits[0].outcome.clone()
+}
+
+/// A second route to 911 (another carrier, the PSAP's alternate) is tried when the first
+/// fails, before the caller is told to dial 911 themselves.
+#[tokio::test]
+async fn emergency_bridge_takes_the_backup_route_when_the_first_fails() {
+    let backup = Trunk::new().await;
+    let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
+    let mut file = FileConfig::default();
+    file.emergency.backup_uris = vec![backup_uri.clone()];
+    // The first route's name does not resolve (RFC 2606), so it fails at once.
+    let (srv, mut ua, inv, from) =
+        caller_presses_911_bridged_to("sip:911@first-route.invalid", file, &backup).await;
+    assert_eq!(inv.uri, backup_uri);
+    psap_answers_and_is_heard(&backup, &inv, from, &mut ua, &srv).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0]
+            .outcome
+            .contains("after bridge to sip:911@first-route.invalid: answered 503"),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
 }
 
 #[tokio::test]

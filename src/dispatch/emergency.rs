@@ -42,6 +42,10 @@ pub struct EmergencyConfig {
     pub method: Option<EmergencyMethod>,
     /// Where 911 is reached, e.g. `sip:911@psap.example.gov`.
     pub uri: Option<String>,
+    /// Further routes to 911 that the bridge tries, in order, when the one before fails (no
+    /// answer within a few seconds, refused, a name that does not resolve): a second carrier,
+    /// the PSAP's alternate route. `sip:` URIs. Default none: after `uri`, the announcement.
+    pub backup_uris: Vec<String>,
     /// How many times `announce` speaks the instruction. Default 2.
     pub announce_repeats: u32,
     /// How long to wait for a REFER's final NOTIFY or a bridged leg's answer. Default 30.
@@ -53,6 +57,7 @@ impl Default for EmergencyConfig {
         EmergencyConfig {
             method: None,
             uri: None,
+            backup_uris: Vec::new(),
             announce_repeats: 2,
             timeout_seconds: 30,
         }
@@ -60,17 +65,25 @@ impl Default for EmergencyConfig {
 }
 
 impl EmergencyConfig {
-    /// The methods to try, in order; always ends with `Announce`.
+    /// The methods to try, in order; always ends with `Announce`. `Bridge` comes once for
+    /// each of [`EmergencyConfig::bridge_targets`].
     pub fn plan(&self) -> Vec<EmergencyMethod> {
         use EmergencyMethod::*;
         if self.uri.is_none() {
             return vec![Announce];
         }
-        match self.method.unwrap_or(Refer) {
-            Refer => vec![Refer, Bridge, Announce],
-            Bridge => vec![Bridge, Announce],
-            Announce => vec![Announce],
-        }
+        let bridges = std::iter::repeat_n(Bridge, self.bridge_targets().len());
+        let first = match self.method.unwrap_or(Refer) {
+            Refer => vec![Refer],
+            Bridge => vec![],
+            Announce => return vec![Announce],
+        };
+        first.into_iter().chain(bridges).chain([Announce]).collect()
+    }
+
+    /// Where the bridge calls, in order: `uri`, then `backup_uris`.
+    pub fn bridge_targets(&self) -> Vec<String> {
+        self.uri.iter().chain(&self.backup_uris).cloned().collect()
     }
 
     /// Problems with the section, for start-up.
@@ -82,6 +95,16 @@ impl EmergencyConfig {
                     "emergency.uri {u:?} must be a sip:, sips: or tel: URI"
                 ));
             }
+        }
+        for u in &self.backup_uris {
+            if !u.starts_with("sip:") || u.len() <= 4 {
+                return Err(format!(
+                    "emergency.backup_uris: {u:?} must be a sip: URI (the bridge calls it)"
+                ));
+            }
+        }
+        if !self.backup_uris.is_empty() && self.uri.is_none() {
+            return Err("emergency.backup_uris needs emergency.uri (the first route)".into());
         }
         if matches!(
             self.method,
@@ -109,6 +132,16 @@ mod tests {
         assert_eq!(c.plan(), vec![Bridge, Announce]);
         c.method = Some(Announce);
         assert_eq!(c.plan(), vec![Announce]);
+        // Each backup route is one more bridge attempt before the announcement.
+        c.backup_uris = vec!["sip:911@alt-a".into(), "sip:911@alt-b".into()];
+        c.method = None;
+        assert_eq!(c.plan(), vec![Refer, Bridge, Bridge, Bridge, Announce]);
+        c.method = Some(Bridge);
+        assert_eq!(c.plan(), vec![Bridge, Bridge, Bridge, Announce]);
+        assert_eq!(
+            c.bridge_targets(),
+            vec!["sip:911@psap", "sip:911@alt-a", "sip:911@alt-b"]
+        );
     }
 
     #[test]
@@ -124,5 +157,16 @@ mod tests {
         };
         assert!(c.check().is_err());
         assert!(EmergencyConfig::default().check().is_ok());
+        let c = EmergencyConfig {
+            uri: Some("sip:911@psap".into()),
+            backup_uris: vec!["tel:911".into()],
+            ..Default::default()
+        };
+        assert!(c.check().is_err());
+        let c = EmergencyConfig {
+            backup_uris: vec!["sip:911@alt".into()],
+            ..Default::default()
+        };
+        assert!(c.check().is_err());
     }
 }
