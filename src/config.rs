@@ -162,11 +162,12 @@ pub struct TrunksConfig {
     /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
     pub allow: Vec<crate::sip::guard::IpNet>,
     /// Digest credentials for a trunk that challenges our outbound INVITEs (the 911 bridge,
-    /// call-backs) with 401 or 407, as registration-based SIP trunks do: `{username,
-    /// password, realm}` (`realm` optional: when set, only that realm's challenges are
-    /// answered). Operators' phones are never sent them. Default: none, and a challenged
-    /// INVITE fails (the 911 method then falls back to the next one).
-    pub auth: Option<crate::sip::registrar::Credentials>,
+    /// call-backs) or our REGISTER with 401 or 407, as registration-based SIP trunks do:
+    /// `{username, password, realm}` (`realm` optional: when set, only that realm's
+    /// challenges are answered), or a list of them, one per carrier's realm. Operators'
+    /// phones are never sent them. Default: none, and a challenged INVITE fails (the 911
+    /// method then falls back to the next route).
+    pub auth: crate::sip::registrar::TrunkCredentials,
     /// Register with a registration-based trunk so that it sends us the 311 line's calls:
     /// `{registrar, user, domain, expires}` (see `crate::sip::trunk`); its challenges are
     /// answered with `auth`. Default: none (an IP-authenticated trunk sends calls unasked).
@@ -541,6 +542,27 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trunk_credentials_one_or_a_list_per_realm() {
+        let parse = |t: &str| FileConfig::parse(Path::new("t.yaml"), t);
+        let one = parse("trunks:\n  auth: {username: u, password: p}\n").unwrap();
+        assert_eq!(one.trunks.auth.0.len(), 1);
+        let two = parse(
+            "trunks:\n  auth:\n    - {username: a, password: p, realm: carrier-a}\n    - {username: b, password: q, realm: carrier-b}\n",
+        )
+        .unwrap();
+        assert_eq!(two.trunks.auth.0[1].realm.as_deref(), Some("carrier-b"));
+        assert!(FileConfig::default().trunks.auth.is_empty());
+        // A misspelt key is named, at its line.
+        let err = parse("trunks:\n  auth:\n    - {username: a, pasword: p}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pasword") && err.contains("t.yaml:3:"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn qos_marks_voice_ef_and_signalling_cs3_unless_told_and_refuses_a_code_point_past_63() {

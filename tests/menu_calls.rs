@@ -453,11 +453,12 @@ async fn emergency_bridge_through_a_trunk_that_asks_for_credentials_gets_through
     use md5::{Digest, Md5};
     let trunk = Trunk::new().await;
     let mut file = FileConfig::default();
-    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+    file.trunks.auth = ivr311::sip::registrar::Credentials {
         username: "city311".into(),
         password: "s3cret".into(),
         realm: Some("carrier".into()),
-    });
+    }
+    .into();
     let uri = format!("sip:911@{}", trunk.sip.local_addr().unwrap());
     let (srv, mut ua, inv, from) = caller_presses_911_bridged_to(&uri, file, &trunk).await;
     assert!(inv.header("Proxy-Authorization").is_none());

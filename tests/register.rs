@@ -369,11 +369,12 @@ fn registering_node(trunk: &RunningServer, host: &str, password: &str) -> FileCo
         domain: None,
         expires: 600,
     });
-    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+    file.trunks.auth = ivr311::sip::registrar::Credentials {
         username: "city311".into(),
         password: password.into(),
         realm: None,
-    });
+    }
+    .into();
     file
 }
 

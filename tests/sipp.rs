@@ -204,11 +204,12 @@ async fn sipp_trunk_registrar_checks_our_digest_and_sees_the_binding_removed() {
         domain: Some("carrier.example.net".into()),
         expires: 600,
     });
-    file.trunks.auth = Some(ivr311::sip::registrar::Credentials {
+    file.trunks.auth = ivr311::sip::registrar::Credentials {
         username: "city311".into(),
         password: "s3cret".into(),
         realm: Some("carrier.example.net".into()),
-    });
+    }
+    .into();
     let srv = start_server(file).await;
     let mut status = serde_json::Value::Null;
     for _ in 0..100 {

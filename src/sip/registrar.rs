@@ -965,6 +965,72 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// `trunks.auth`: one set of [`Credentials`], or a list of them, one per realm: a second
+/// carrier (the backup 911 route) has its own account. A challenge is answered with the first
+/// credentials for its realm, else with the first that name no realm.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrunkCredentials(pub Vec<Credentials>);
+
+impl From<Credentials> for TrunkCredentials {
+    fn from(c: Credentials) -> Self {
+        TrunkCredentials(vec![c])
+    }
+}
+
+impl TrunkCredentials {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// [`answer_challenge`] with the credentials that fit: those for the challenge's realm
+    /// first, then those for any realm.
+    pub fn answer(
+        &self,
+        challenges: &[&str],
+        method: &str,
+        uri: &str,
+        cnonce: &str,
+    ) -> Option<String> {
+        let (for_realm, any): (Vec<&Credentials>, Vec<&Credentials>) =
+            self.0.iter().partition(|c| c.realm.is_some());
+        for_realm
+            .into_iter()
+            .chain(any)
+            .find_map(|c| answer_challenge(challenges.iter().copied(), c, method, uri, cnonce))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TrunkCredentials {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = TrunkCredentials;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{username, password, realm} or a list of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                <Credentials as serde::Deserialize>::deserialize(MapAccessDeserializer::new(m))
+                    .map(TrunkCredentials::from)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                s: A,
+            ) -> Result<Self::Value, A::Error> {
+                <Vec<Credentials> as serde::Deserialize>::deserialize(SeqAccessDeserializer::new(s))
+                    .map(TrunkCredentials)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(TrunkCredentials::default())
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
 /// The `Authorization` (or `Proxy-Authorization`) value that answers one of `challenges` (the
 /// values of a 401's `WWW-Authenticate` or a 407's `Proxy-Authenticate`) for `method` on
 /// `uri`, as a client (RFC 7616 §3.4): SHA-256 preferred to MD5, `qop=auth` with `cnonce` and
@@ -1274,6 +1340,33 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         // A wrong password is computed all the same, and refused.
         let mut r = registrar();
         assert_eq!(login_as_client(&mut r, &creds("nope", None), &[]), 401);
+    }
+
+    #[test]
+    fn each_carrier_realm_gets_its_own_credentials() {
+        let carrier_a = Credentials {
+            username: "a-acct".into(),
+            password: "pa".into(),
+            realm: Some("carrier-a".into()),
+        };
+        let any = Credentials {
+            username: "default".into(),
+            password: "pd".into(),
+            realm: None,
+        };
+        let both = TrunkCredentials(vec![any.clone(), carrier_a.clone()]);
+        let user = |ch: &str, c: &TrunkCredentials| {
+            c.answer(&[ch], "INVITE", "sip:911@192.0.2.10", "x")
+                .map(|v| v.split('"').nth(1).unwrap_or_default().to_owned())
+        };
+        // The realm's own account wins over the catch-all, whatever the order listed.
+        let a = "Digest realm=\"carrier-a\", nonce=\"n\"";
+        let b = "Digest realm=\"carrier-b\", nonce=\"n\"";
+        assert_eq!(user(a, &both).as_deref(), Some("a-acct"));
+        assert_eq!(user(b, &both).as_deref(), Some("default"));
+        // Only carrier A's account: carrier B's challenge gets nothing.
+        assert_eq!(user(b, &TrunkCredentials::from(carrier_a)), None);
+        assert_eq!(user(a, &TrunkCredentials::default()), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! registrar orders refreshes by them.
 
 use crate::sip::message::{new_branch, random_token, RequestBuilder, Response};
-use crate::sip::registrar::{answer_challenge, Credentials};
+use crate::sip::registrar::TrunkCredentials;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -151,7 +151,7 @@ enum Phase {
 #[derive(Debug)]
 pub struct TrunkRegistration {
     cfg: RegisterConfig,
-    creds: Option<Credentials>,
+    creds: TrunkCredentials,
     /// `sip:domain`, the Request-URI.
     request_uri: String,
     /// `sip:user@domain`, in From and To.
@@ -178,7 +178,7 @@ pub struct TrunkRegistration {
 impl TrunkRegistration {
     /// A registration that sends its first REGISTER at `now`. The registrar URI must already
     /// have been checked (the UA core refuses unusable targets before this).
-    pub fn new(cfg: RegisterConfig, creds: Option<Credentials>, now: Instant) -> Self {
+    pub fn new(cfg: RegisterConfig, creds: TrunkCredentials, now: Instant) -> Self {
         let domain = cfg
             .domain
             .clone()
@@ -290,7 +290,7 @@ impl TrunkRegistration {
                         .contains("stale=true")
                 });
                 let again = !self.answered || (stale && self.stale_retries == 0);
-                if self.creds.is_none() {
+                if self.creds.is_empty() {
                     self.fail(
                         now,
                         resp,
@@ -441,10 +441,10 @@ impl TrunkRegistration {
     }
 
     fn answer(&mut self, resp: &Response, local: SocketAddr, expires: u32) -> Option<Outgoing> {
-        let creds = self.creds.as_ref()?;
-        let value = answer_challenge(
-            resp.headers_named(challenge_header(resp.code)),
-            creds,
+        let value = self.creds.answer(
+            &resp
+                .headers_named(challenge_header(resp.code))
+                .collect::<Vec<_>>(),
             "REGISTER",
             &self.request_uri,
             &random_token(16),
@@ -526,7 +526,7 @@ fn same_contact(theirs: &str, ours: &str) -> bool {
 mod tests {
     use super::*;
     use crate::sip::message::{parse_datagram, Message, Request};
-    use crate::sip::registrar::Registrar;
+    use crate::sip::registrar::{Credentials, Registrar};
     use crate::sip::transport::{Flow, Transport};
 
     fn cfg() -> RegisterConfig {
@@ -575,7 +575,7 @@ mod tests {
     #[test]
     fn registers_answers_the_challenge_and_refreshes_halfway() {
         let t0 = Instant::now();
-        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
         let first = reg.poll(t0, local()).expect("due at start");
         let r1 = request(&first);
         assert_eq!(r1.uri, "sip:127.0.0.1:5090");
@@ -631,7 +631,7 @@ mod tests {
     #[test]
     fn refused_credentials_and_outages_back_off_and_say_why() {
         let t0 = Instant::now();
-        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
         let r1 = request(&reg.poll(t0, local()).unwrap());
         let ch = "WWW-Authenticate: Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\"\r\n";
         let r2 = request(&reg.on_final(t0, &response(&r1, 401, ch)).unwrap());
@@ -652,14 +652,14 @@ mod tests {
         assert!(reg.on_final(t1, &response(&r4, 401, stale)).is_some());
 
         // 503 with Retry-After: the registrar's time, not ours.
-        let mut reg = TrunkRegistration::new(cfg(), Some(creds()), t0);
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
         let r1 = request(&reg.poll(t0, local()).unwrap());
         assert!(reg
             .on_final(t0, &response(&r1, 503, "Retry-After: 120\r\n"))
             .is_none());
         assert_eq!(reg.due(), Some(t0 + Duration::from_secs(120)));
         // No answer at all, again and again: 30 s doubling, never past 30 min.
-        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let mut reg = TrunkRegistration::new(cfg(), TrunkCredentials::default(), t0);
         let mut now = t0;
         let mut waits = Vec::new();
         for _ in 0..9 {
@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn no_credentials_interval_too_brief_and_unbinding() {
         let t0 = Instant::now();
-        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let mut reg = TrunkRegistration::new(cfg(), TrunkCredentials::default(), t0);
         let r1 = request(&reg.poll(t0, local()).unwrap());
         let ch = "WWW-Authenticate: Digest realm=\"carrier\", nonce=\"n1\"\r\n";
         assert!(reg.on_final(t0, &response(&r1, 401, ch)).is_none());
@@ -691,7 +691,7 @@ mod tests {
             .unwrap()
             .contains("set trunks.auth"));
 
-        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let mut reg = TrunkRegistration::new(cfg(), TrunkCredentials::default(), t0);
         let r1 = request(&reg.poll(t0, local()).unwrap());
         let r2 = request(
             &reg.on_final(t0, &response(&r1, 423, "Min-Expires: 1800\r\n"))
@@ -715,7 +715,7 @@ mod tests {
         // The stop begins while the first REGISTER is unanswered: nothing to remove yet, and
         // nothing is sent to a registrar that may be down; if the 200 still comes, the
         // binding it made is removed at once.
-        let mut reg = TrunkRegistration::new(cfg(), None, t0);
+        let mut reg = TrunkRegistration::new(cfg(), TrunkCredentials::default(), t0);
         let r1 = request(&reg.poll(t0, local()).unwrap());
         assert!(reg.unregister(local()).is_none());
         assert_eq!(reg.status(t0).state, "unregistered");

@@ -75,7 +75,7 @@ use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
     Request, RequestBuilder, Response, ResponseBuilder,
 };
-use crate::sip::registrar::{answer_challenge, AgentEvent, Credentials, Registrar};
+use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
 use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegistration};
@@ -613,7 +613,7 @@ struct OutboundLeg {
 /// How to send an outbound INVITE again with credentials.
 #[derive(Debug)]
 struct AuthRetry {
-    creds: Credentials,
+    creds: TrunkCredentials,
     flow: Flow,
     headers: Vec<(String, String)>,
     sdp: Bytes,
@@ -707,7 +707,7 @@ pub struct UaCore {
     /// Agents' log-in; None when no agents are configured (REGISTER is then refused).
     registrar: Option<Registrar>,
     /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
-    trunk_auth: Option<Credentials>,
+    trunk_auth: TrunkCredentials,
     /// The registrar expiry the timer heap holds (earliest scheduled).
     registrar_timer: Option<Instant>,
     /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
@@ -772,7 +772,7 @@ impl UaCore {
             next_id: 1,
             stats: Arc::new(UaStats::default()),
             registrar: None,
-            trunk_auth: None,
+            trunk_auth: TrunkCredentials::default(),
             registrar_timer: None,
             agent_tx: None,
             agent_contacts: Arc::new(DashMap::new()),
@@ -808,7 +808,7 @@ impl UaCore {
     /// call-backs; not an operator's phone reached over its registration) once, with these
     /// credentials (RFC 3261 §22.2, digest as RFC 7616). Without them, or if the answer is
     /// challenged again, the leg fails with that code.
-    pub fn with_trunk_auth(mut self, creds: Option<Credentials>) -> Self {
+    pub fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
         self.trunk_auth = creds;
         self
     }
@@ -2172,15 +2172,14 @@ impl UaCore {
         let bytes = self.invite_bytes(&sent, flow, &headers, &sdp, None);
         info!(call_id = %sent.call_id, target = %sent.uri, "outbound INVITE");
         let key = (sent.branch.clone(), Method::Invite);
-        let auth = match (&self.trunk_auth, via.is_none()) {
-            (Some(creds), true) => Some(Box::new(AuthRetry {
-                creds: creds.clone(),
+        let auth = (via.is_none() && !self.trunk_auth.is_empty()).then(|| {
+            Box::new(AuthRetry {
+                creds: self.trunk_auth.clone(),
                 flow,
                 headers,
                 sdp,
-            })),
-            _ => None,
-        };
+            })
+        });
         self.outbound.insert(
             d,
             OutboundLeg {
@@ -2288,9 +2287,8 @@ impl UaCore {
             ("WWW-Authenticate", "Authorization")
         };
         let cnonce = random_token(16);
-        let Some(value) = answer_challenge(
-            resp.headers_named(challenge),
-            &retry.creds,
+        let Some(value) = retry.creds.answer(
+            &resp.headers_named(challenge).collect::<Vec<_>>(),
             "INVITE",
             &sent.uri,
             &cnonce,
@@ -3222,12 +3220,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_challenged_trunk_invite_is_sent_once_more_with_credentials_then_fails() {
-        let creds = Credentials {
+        let creds = crate::sip::registrar::Credentials {
             username: "city".into(),
             password: "pw".into(),
             realm: None,
         };
-        let mut r = rig_with(|ua| ua.with_trunk_auth(Some(creds))).await;
+        let mut r = rig_with(|ua| ua.with_trunk_auth(creds.into())).await;
         let (_, mut events) = r.invite().await;
         let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
         challenge(&mut r, &inv, src, 401, "WWW-Authenticate").await;
