@@ -223,6 +223,41 @@ async fn an_invite_that_requires_100rel_is_answered_without_an_unreliable_180() 
     srv.shutdown().await;
 }
 
+/// A carrier SBC that requires session timers (RFC 4028) gets a call with one: the interval
+/// and refresher in our 200, audio as usual, and its refresh answered with the interval.
+#[tokio::test]
+async fn a_trunk_that_requires_session_timers_gets_one() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let (_, ok) = ua
+        .call_with(
+            "0 101",
+            "Supported: timer\r\nRequire: timer\r\nSession-Expires: 1800;refresher=uac\r\nMin-SE: 90\r\n",
+        )
+        .await;
+    assert_eq!(ok.code, 200, "Require: timer used to get 420");
+    assert_eq!(ok.header("Session-Expires"), Some("1800;refresher=uac"));
+    assert_eq!(ok.header("Require"), Some("timer"));
+    assert!(ua.listen(Duration::from_millis(400)).await.len() >= 10);
+    // The refresh: an UPDATE without a body, answered 200 with the interval.
+    let update = ua.in_dialog(
+        "UPDATE",
+        "Supported: timer\r\nSession-Expires: 1800;refresher=uac\r\n",
+        "",
+    );
+    ua.send_raw(&update).await;
+    let r = ua.expect_response("UPDATE", 200, S).await;
+    assert_eq!(r.header("Session-Expires"), Some("1800;refresher=uac"));
+    // Too short an interval from a caller that supports timers: 422 with our Min-SE.
+    let mut brief = TestUa::udp(srv.sip_addr).await;
+    let (_, r) = brief
+        .call_with("0 101", "Supported: timer\r\nSession-Expires: 30\r\n")
+        .await;
+    assert_eq!((r.code, r.header("Min-SE")), (422, Some("90")));
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn cancel_before_answer_gives_200_and_487() {
     let mut file = FileConfig::default();

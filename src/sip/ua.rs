@@ -76,6 +76,7 @@ use crate::sip::message::{
     Request, RequestBuilder, Response, ResponseBuilder,
 };
 use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
+use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
 use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegistration};
@@ -93,6 +94,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Methods we implement, for `Allow`.
+/// The `req` number of the UA core's own session refreshes (RFC 4028), whose outcomes it keeps
+/// (calls number theirs from 0 up).
+const SESSION_REFRESH: u64 = u64::MAX;
+
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 /// `Allow` when agents can log in (a registrar is configured).
 pub const ALLOW_WITH_REGISTER: &str =
@@ -671,6 +676,12 @@ struct DialogEntry {
     bye_pending: bool,
     /// The body of the ACK being applied, handed on with [`DialogEvent::Confirmed`].
     ack_body: Bytes,
+    /// The session timer (RFC 4028) of a call we answered, when it asked for one, and when
+    /// the UA core next acts on it (our refresh, or the BYE for want of the caller's).
+    session: Option<SessionTimer>,
+    session_due: Option<Instant>,
+    /// The SDP of our last 2xx, sent again unchanged by a re-INVITE refresh.
+    local_sdp: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -683,6 +694,8 @@ enum TimerRef {
     Registrar,
     /// Our registration with the trunk is due for its next REGISTER.
     TrunkRegister,
+    /// A dialog's session timer (RFC 4028) is due: refresh, or BYE.
+    Session(DialogId),
 }
 
 /// The UA core task's state.
@@ -1046,7 +1059,7 @@ impl UaCore {
                     .response(&req, 200, "OK", None)
                     .header("Allow", self.allow())
                     .header("Accept", "application/sdp")
-                    .header("Supported", "")
+                    .header("Supported", "timer")
                     .build();
                 self.new_server_and_respond(key, req, flow, None, 200, resp, now)
                     .await;
@@ -1104,7 +1117,10 @@ impl UaCore {
     /// `Unsupported`), an INVITE body that is not SDP (415), and an INVITE whose `Accept`
     /// excludes SDP, so that no answer we could send is acceptable (406).
     ///
-    /// The one extension an INVITE may require is `100rel` (RFC 3262): it asks that
+    /// An INVITE or UPDATE may require `timer` (RFC 4028, see [`crate::sip::session_timer`]);
+    /// one asking for a session interval under our Min-SE gets 422 with `Min-SE: 90`.
+    ///
+    /// The other extension an INVITE may require is `100rel` (RFC 3262): it asks that
     /// provisional responses other than 100 be sent reliably, and we honour it by sending none
     /// on that call (no 180 while `answer_after_ms` rings; see [`UaCore::respond_invite`]), so
     /// there is nothing to PRACK. Some carrier and IMS trunks require it on every INVITE, and a
@@ -1116,6 +1132,10 @@ impl UaCore {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .filter(|t| !(req.method == Method::Invite && t.eq_ignore_ascii_case("100rel")))
+            .filter(|t| {
+                !(matches!(req.method, Method::Invite | Method::Update)
+                    && t.eq_ignore_ascii_case("timer"))
+            })
             .collect();
         if !required.is_empty() {
             let resp = self
@@ -1123,6 +1143,15 @@ impl UaCore {
                 .header("Unsupported", required.join(", "))
                 .build();
             return Some((420, resp));
+        }
+        if matches!(req.method, Method::Invite | Method::Update)
+            && session_timer::ask(req) == session_timer::Ask::TooSmall
+        {
+            let resp = self
+                .response(req, 422, "Session Interval Too Small", None)
+                .header("Min-SE", session_timer::MIN_SE)
+                .build();
+            return Some((422, resp));
         }
         if req.method != Method::Invite {
             return None;
@@ -1471,6 +1500,10 @@ impl UaCore {
 
     async fn on_invite(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
         let d = self.next_id();
+        let session = match session_timer::ask(&req) {
+            session_timer::Ask::Timer(t) => Some(t),
+            _ => None,
+        };
         let local_tag = crate::sip::message::random_token(12);
         let dialog = Dialog::from_invite(&req, local_tag.clone(), flow);
         let (ev_tx, ev_rx) = mpsc::channel(64);
@@ -1505,6 +1538,9 @@ impl UaCore {
                 reoffers: HashMap::new(),
                 bye_pending: false,
                 ack_body: Bytes::new(),
+                session,
+                session_due: None,
+                local_sdp: Bytes::new(),
             },
         );
         let out = match self.server_entry(id) {
@@ -1694,6 +1730,7 @@ impl UaCore {
         };
         let local_tag = de.dialog.local_tag.clone();
         let flow = de.dialog.flow;
+        let session = de.session.filter(|_| (200..300).contains(&code));
         let local = self.local_for(flow.remote);
         let Some((id, e)) = self.server.get_mut(&key) else {
             return;
@@ -1718,11 +1755,15 @@ impl UaCore {
             b = b
                 .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
                 .header("Allow", allow)
-                .header("Supported", "");
+                .header("Supported", "timer");
         }
-        for (k, v) in headers {
+        for (k, v) in headers
+            .into_iter()
+            .chain(session.iter().flat_map(SessionTimer::response_headers))
+        {
             b = b.header(&k, v);
         }
+        let sdp = body.as_ref().map(|(_, b)| b.clone());
         if let Some((ct, body)) = body {
             b = b.body(&ct, body);
         }
@@ -1730,7 +1771,11 @@ impl UaCore {
         if (200..300).contains(&code) {
             if let Some(de) = self.dialogs.get_mut(&d) {
                 de.dialog.state = DialogState::Confirmed { acked: false };
+                if let Some(sdp) = sdp {
+                    de.local_sdp = sdp;
+                }
             }
+            self.arm_session_timer(d, now);
         } else if code >= 300 {
             self.remove_dialog(d);
         }
@@ -1779,6 +1824,19 @@ impl UaCore {
                     .map(|de| de.dialog.local_tag.clone())
                     .unwrap_or_default();
                 let flow = self.dialogs.get(&dialog).map(|de| de.dialog.flow);
+                // A 2xx to a re-INVITE or UPDATE refreshes the session (RFC 4028 §9-10),
+                // with the interval the refresh asks for, if it asks.
+                let asked = self
+                    .server
+                    .get(&key)
+                    .and_then(|(_, e)| e.request.as_deref())
+                    .map(session_timer::ask);
+                let refreshed = match asked {
+                    Some(asked) if code < 300 => {
+                        self.refresh_session(dialog, asked, body.as_ref(), now)
+                    }
+                    _ => None,
+                };
                 let local = flow.map_or(self.local, |f| self.local_for(f.remote));
                 let ua = self.user_agent.clone();
                 let allow = self.allow();
@@ -1800,6 +1858,9 @@ impl UaCore {
                     b = b
                         .header("Contact", format_args!("<{}>", contact_uri(local, flow)))
                         .header("Allow", allow);
+                }
+                for (k, v) in refreshed.iter().flat_map(SessionTimer::response_headers) {
+                    b = b.header(&k, v);
                 }
                 if let Some((ct, body)) = body {
                     b = b.body(&ct, body);
@@ -1950,6 +2011,92 @@ impl UaCore {
         if let Some(at) = deadline {
             self.timers.push(Reverse((at, TimerRef::Client(id))));
         }
+    }
+
+    // ---- session timers (RFC 4028) on calls we answered ----------------------------------------
+
+    /// (Re)start dialog `d`'s session timer from `now`, if it has one.
+    fn arm_session_timer(&mut self, d: DialogId, now: Instant) {
+        let Some(de) = self.dialogs.get_mut(&d) else {
+            return;
+        };
+        let Some(t) = de.session else { return };
+        let at = now + t.next_action_after();
+        de.session_due = Some(at);
+        self.timers.push(Reverse((at, TimerRef::Session(d))));
+    }
+
+    /// A re-INVITE or UPDATE of dialog `d`, which `asked` for a session timer or not, is being
+    /// answered 2xx with `body`: the session is refreshed. Returns the timer, for the 2xx's
+    /// headers.
+    fn refresh_session(
+        &mut self,
+        d: DialogId,
+        asked: session_timer::Ask,
+        body: Option<&(String, Bytes)>,
+        now: Instant,
+    ) -> Option<SessionTimer> {
+        let de = self.dialogs.get_mut(&d)?;
+        if let Some((_, sdp)) = body.filter(|(ct, _)| ct.starts_with("application/sdp")) {
+            de.local_sdp = sdp.clone();
+        }
+        let old = de.session?;
+        if let session_timer::Ask::Timer(mut t) = asked {
+            t.use_update |= old.use_update;
+            de.session = Some(t);
+        }
+        let t = de.session;
+        self.arm_session_timer(d, now);
+        t
+    }
+
+    /// Dialog `d`'s session timer is due: send our refresh, or end a call whose caller has
+    /// stopped refreshing.
+    async fn on_session_timer(&mut self, d: DialogId, now: Instant) {
+        let Some(de) = self.dialogs.get(&d) else {
+            return;
+        };
+        let (Some(t), Some(due)) = (de.session, de.session_due) else {
+            return;
+        };
+        if due > now || de.dialog.state != (DialogState::Confirmed { acked: true }) {
+            return; // a stale entry (refreshed since), or not up (yet, or any more)
+        }
+        if t.we_refresh {
+            let (method, body) = if t.use_update {
+                (Method::Update, None)
+            } else {
+                let sdp = de.local_sdp.clone();
+                (Method::Invite, Some(("application/sdp".to_owned(), sdp)))
+            };
+            debug!(?method, interval = t.interval, "session refresh (RFC 4028)");
+            self.arm_session_timer(d, now);
+            self.send_request(d, SESSION_REFRESH, method, t.refresh_headers(), body, now)
+                .await;
+        } else {
+            self.session_expired(d, now, "no session refresh from the caller")
+                .await;
+        }
+    }
+
+    /// The caller's answer to our session refresh: 408 or 481 mean the call is gone (§10);
+    /// anything else (2xx, a 491 glare, a 501) leaves it up, refreshed or retried next time.
+    async fn on_refresh_outcome(&mut self, d: DialogId, code: u16, now: Instant) {
+        if matches!(code, 408 | 481) {
+            self.session_expired(d, now, "the caller did not answer our session refresh")
+                .await;
+        }
+    }
+
+    /// End dialog `d` for its session timer: the call hears BYE as from the caller, and the
+    /// caller gets our BYE (RFC 4028 §10).
+    async fn session_expired(&mut self, d: DialogId, now: Instant, why: &str) {
+        info!(why, "session timer: ending the call");
+        self.dialog_event(d, DialogEvent::Bye);
+        if let Some(de) = self.dialogs.get_mut(&d) {
+            de.session = None;
+        }
+        self.send_bye(d, now).await;
     }
 
     // ---- registration with the trunk (UAC REGISTER) -------------------------------------------
@@ -2502,6 +2649,9 @@ impl UaCore {
                 reoffers: HashMap::new(),
                 bye_pending: false,
                 ack_body: Bytes::new(),
+                session: None,
+                session_due: None,
+                local_sdp: Bytes::new(),
             },
         );
         if wanted {
@@ -2619,6 +2769,8 @@ impl UaCore {
                 }
                 if method == Method::Bye {
                     self.remove_dialog(d);
+                } else if req == SESSION_REFRESH {
+                    self.on_refresh_outcome(d, resp.code, now).await;
                 } else {
                     self.dialog_event(
                         d,
@@ -2699,6 +2851,14 @@ impl UaCore {
                 if method == Method::Bye {
                     debug!("BYE got no answer; dialog released");
                     self.remove_dialog(d);
+                } else if req == SESSION_REFRESH {
+                    // Our refresh got no answer (§10): the call ends, and its BYE goes when the
+                    // call lets the dialog go.
+                    info!("session timer: the caller did not answer our refresh; ending the call");
+                    if let Some(de) = self.dialogs.get_mut(&d) {
+                        de.session = None;
+                    }
+                    self.dialog_event(d, DialogEvent::Bye);
                 } else {
                     // As RFC 3261 §8.1.3.1 says: a timeout is a 408 to the TU.
                     self.dialog_event(
@@ -2756,6 +2916,7 @@ impl UaCore {
                 TimerRef::Leg(d) => self.on_cancel_deadline(d, now),
                 TimerRef::Registrar => self.on_registrar_timer(now),
                 TimerRef::TrunkRegister => self.poll_trunk_registration(now).await,
+                TimerRef::Session(d) => self.on_session_timer(d, now).await,
             }
         }
     }
@@ -2920,6 +3081,8 @@ mod tests {
     struct Rig {
         ua: UaCore,
         inbound: mpsc::Receiver<Inbound>,
+        /// Calls the UA core passes up (inbound INVITEs).
+        app: mpsc::Receiver<AppEvent>,
         far: UdpSocket,
         target: String,
         _cancel: CancellationToken,
@@ -2947,7 +3110,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let (app_tx, _) = mpsc::channel(4);
+        let (app_tx, app) = mpsc::channel(4);
         let ua = setup(UaCore::new(
             t.clone(),
             t.local_addr(),
@@ -2959,6 +3122,7 @@ mod tests {
         Rig {
             ua,
             inbound,
+            app,
             far,
             target,
             _cancel: cancel,
@@ -3399,5 +3563,157 @@ mod tests {
         assert_eq!(extra_header("f", "x"), None);
         assert_eq!(extra_header("Bad Name", "x"), None);
         assert!(extra_header("P-Asserted-Identity", "<sip:+15551234567@city>").is_some());
+    }
+
+    /// The far end calls us with `extra` session-timer headers; we answer 200 (and the far end
+    /// ACKs when `ack`). Returns the call and our 200 (or the final response we sent).
+    async fn called_with(r: &mut Rig, extra: &str, ack: bool) -> (Option<IncomingCall>, Response) {
+        let ua = r.ua.transport.local_addr();
+        let far = r.far.local_addr().unwrap();
+        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
+        let inv = format!(
+            "INVITE sip:311@{ua} SIP/2.0\r\nVia: SIP/2.0/UDP {far};branch=z9hG4bKst1\r\nMax-Forwards: 70\r\n\
+From: <sip:caller@{far}>;tag=c1\r\nTo: <sip:311@{ua}>\r\nCall-ID: st1\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:caller@{far}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        r.far_send(inv.as_bytes()).await;
+        let first = r.far_response().await.expect("a response");
+        if first.code >= 200 {
+            return (None, first);
+        }
+        let Ok(AppEvent::Invite(mut call)) = r.app.try_recv() else {
+            panic!("no call passed up")
+        };
+        let body = Bytes::from_static(sdp.as_bytes());
+        r.ua.respond_invite(
+            call.handle.id,
+            200,
+            "OK",
+            vec![],
+            Some(("application/sdp".into(), body)),
+            Instant::now(),
+        )
+        .await;
+        let ok = r.far_response().await.expect("200");
+        if ack {
+            let to = ok.to.raw.clone();
+            let ack = format!(
+                "ACK sip:311@{ua} SIP/2.0\r\nVia: SIP/2.0/UDP {far};branch=z9hG4bKst1ack\r\nMax-Forwards: 70\r\n\
+From: <sip:caller@{far}>;tag=c1\r\nTo: {to}\r\nCall-ID: st1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+            );
+            r.far_send(ack.as_bytes()).await;
+            assert!(matches!(
+                call.events.try_recv(),
+                Ok(DialogEvent::Confirmed { .. })
+            ));
+        }
+        (Some(call), ok)
+    }
+
+    #[tokio::test]
+    async fn a_carriers_session_timer_is_agreed_refreshed_and_a_silent_caller_hung_up() {
+        let mut r = rig().await;
+        let t0 = Instant::now();
+        let (call, ok) = called_with(
+            &mut r,
+            "Supported: timer\r\nRequire: timer\r\nSession-Expires: 120;refresher=uac\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n",
+            true,
+        )
+        .await;
+        let mut call = call.unwrap();
+        assert_eq!(ok.code, 200, "Require: timer is no longer refused");
+        assert_eq!(ok.header("Session-Expires"), Some("120;refresher=uac"));
+        assert_eq!(ok.header("Require"), Some("timer"));
+        // The carrier refreshes by UPDATE, asking for 600 s from now on.
+        let ua = r.ua.transport.local_addr();
+        let far = r.far.local_addr().unwrap();
+        let update = format!(
+            "UPDATE sip:311@{ua} SIP/2.0\r\nVia: SIP/2.0/UDP {far};branch=z9hG4bKst2\r\nMax-Forwards: 70\r\n\
+From: <sip:caller@{far}>;tag=c1\r\nTo: {}\r\nCall-ID: st1\r\nCSeq: 2 UPDATE\r\n\
+Supported: timer\r\nSession-Expires: 600;refresher=uac\r\nContent-Length: 0\r\n\r\n",
+            ok.to.raw
+        );
+        r.far_send(update.as_bytes()).await;
+        let Ok(DialogEvent::Reoffer { txn, .. }) = call.events.try_recv() else {
+            panic!("the UPDATE reaches the call")
+        };
+        r.ua.on_command(Command::ReofferAnswer {
+            dialog: call.handle.id,
+            txn,
+            code: 200,
+            body: None,
+        })
+        .await;
+        let refreshed = r.far_response().await.expect("200 to UPDATE");
+        assert_eq!(
+            refreshed.header("Session-Expires"),
+            Some("600;refresher=uac")
+        );
+        // Without that refresh the call would have ended 88 s in (120 - 32); it does not.
+        r.ua.on_timers(t0 + Duration::from_secs(100)).await;
+        assert!(r.far_recv().await.is_none(), "nothing sent yet");
+        assert!(call.events.try_recv().is_err());
+        // No refresh after that: 568 s on, BYE to the caller, and the call hears it ended.
+        r.ua.on_timers(t0 + Duration::from_secs(600)).await;
+        let (bye, _) = r.far_recv().await.expect("BYE");
+        assert_eq!(bye.method, Method::Bye);
+        assert!(matches!(call.events.try_recv(), Ok(DialogEvent::Bye)));
+    }
+
+    #[tokio::test]
+    async fn we_refresh_when_asked_and_a_caller_that_forgot_the_call_is_hung_up() {
+        let mut r = rig().await;
+        let t0 = Instant::now();
+        let (call, ok) = called_with(
+            &mut r,
+            "Supported: timer\r\nSession-Expires: 120;refresher=uas\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n",
+            true,
+        )
+        .await;
+        let mut call = call.unwrap();
+        assert_eq!(ok.header("Session-Expires"), Some("120;refresher=uas"));
+        r.ua.on_timers(t0 + Duration::from_secs(59)).await;
+        assert!(r.far_recv().await.is_none(), "not before half the interval");
+        r.ua.on_timers(t0 + Duration::from_secs(61)).await;
+        let (update, src) = r.far_recv().await.expect("our refresh");
+        assert_eq!(update.method, Method::Update);
+        assert_eq!(update.header("Session-Expires"), Some("120;refresher=uas"));
+        assert!(update.body.is_empty());
+        // The far end no longer knows the call.
+        r.answer(&update, src, 481, "Call/Transaction Does Not Exist")
+            .await;
+        assert!(matches!(call.events.try_recv(), Ok(DialogEvent::Bye)));
+        let (bye, _) = r.far_recv().await.expect("BYE");
+        assert_eq!(bye.method, Method::Bye);
+    }
+
+    #[tokio::test]
+    async fn without_update_our_refresh_is_a_reinvite_with_the_same_sdp() {
+        let mut r = rig().await;
+        let t0 = Instant::now();
+        // A proxy asked for a timer the caller knows nothing of: we refresh, by re-INVITE.
+        let (call, ok) = called_with(&mut r, "Session-Expires: 100\r\n", true).await;
+        assert!(call.is_some());
+        assert_eq!(ok.header("Session-Expires"), Some("100;refresher=uas"));
+        assert_eq!(
+            ok.header("Require"),
+            None,
+            "the caller does not support timers"
+        );
+        r.ua.on_timers(t0 + Duration::from_secs(51)).await;
+        let (reinvite, _) = r.far_recv().await.expect("our refresh");
+        assert_eq!(reinvite.method, Method::Invite);
+        assert_eq!(reinvite.body, ok.body, "the SDP of our 200, unchanged");
+    }
+
+    #[tokio::test]
+    async fn an_interval_under_90_s_gets_422_with_min_se() {
+        let mut r = rig().await;
+        let (call, refused) =
+            called_with(&mut r, "Supported: timer\r\nSession-Expires: 60\r\n", false).await;
+        assert!(call.is_none());
+        assert_eq!(refused.code, 422);
+        assert_eq!(refused.header("Min-SE"), Some("90"));
     }
 }
