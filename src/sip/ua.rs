@@ -622,6 +622,9 @@ struct AuthRetry {
     flow: Flow,
     headers: Vec<(String, String)>,
     sdp: Bytes,
+    /// Credentials went once already: only a `stale=true` challenge (the nonce expired in
+    /// between, RFC 7616 §3.3) is answered again, once.
+    answered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2325,6 +2328,7 @@ impl UaCore {
                 flow,
                 headers,
                 sdp,
+                answered: false,
             })
         });
         self.outbound.insert(
@@ -2422,7 +2426,7 @@ impl UaCore {
         if leg.state.cancelled() || leg.invite != *key {
             return false;
         }
-        let Some(retry) = leg.auth.take() else {
+        let Some(mut retry) = leg.auth.take() else {
             return false;
         };
         let Some(sent) = self.client.get(key).and_then(|(_, e)| e.invite.clone()) else {
@@ -2433,6 +2437,17 @@ impl UaCore {
         } else {
             ("WWW-Authenticate", "Authorization")
         };
+        if retry.answered {
+            let stale = resp.headers_named(challenge).any(|c| {
+                c.to_ascii_lowercase()
+                    .replace(' ', "")
+                    .contains("stale=true")
+            });
+            if !stale {
+                warn!(code = resp.code, "the trunk refused our credentials");
+                return false;
+            }
+        }
         let cnonce = random_token(16);
         let Some(value) = retry.creds.answer(
             &resp.headers_named(challenge).collect::<Vec<_>>(),
@@ -2457,11 +2472,17 @@ impl UaCore {
         );
         info!(call_id = %sent.call_id, code = resp.code, "outbound INVITE challenged; sent again with credentials");
         let new_key = (sent.branch.clone(), Method::Invite);
+        let flow = retry.flow;
+        let again = (!retry.answered).then(|| {
+            retry.answered = true;
+            retry
+        });
         if let Some(leg) = self.outbound.get_mut(&d) {
             leg.invite = new_key.clone();
             leg.state = LegState::Calling;
+            leg.auth = again;
         }
-        self.start_invite_transaction(new_key, d, sent, retry.flow, bytes, now)
+        self.start_invite_transaction(new_key, d, sent, flow, bytes, now)
             .await;
         true
     }
@@ -3361,8 +3382,20 @@ mod tests {
 
     /// The far end answers `req` with `code` and a digest challenge in `header`.
     async fn challenge(r: &mut Rig, req: &Request, to: SocketAddr, code: u16, header: &str) {
+        let value = "Digest realm=\"trunk\", nonce=\"n1\", qop=\"auth\"";
+        challenge_with(r, req, to, code, header, value).await;
+    }
+
+    async fn challenge_with(
+        r: &mut Rig,
+        req: &Request,
+        to: SocketAddr,
+        code: u16,
+        header: &str,
+        value: &str,
+    ) {
         let bytes = ResponseBuilder::new(req, code, "Authentication Required", Some("far"))
-            .header(header, "Digest realm=\"trunk\", nonce=\"n1\", qop=\"auth\"")
+            .header(header, value)
             .build();
         r.far.send_to(&bytes, to).await.unwrap();
         let m = timeout(Duration::from_secs(2), r.inbound.recv())
@@ -3413,6 +3446,37 @@ mod tests {
         match events.try_recv() {
             Ok(LegEvent::Failed { code: 401, .. }) => {}
             other => panic!("expected Failed 401, got {other:?}"),
+        }
+        assert!(far_request(&r, Method::Invite).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stale_nonce_on_the_retried_invite_is_answered_once_more() {
+        let creds = crate::sip::registrar::Credentials {
+            username: "city".into(),
+            password: "pw".into(),
+            realm: None,
+        };
+        let mut r = rig_with(|ua| ua.with_trunk_auth(creds.into())).await;
+        let (_, mut events) = r.invite().await;
+        let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
+        challenge(&mut r, &inv, src, 407, "Proxy-Authenticate").await;
+        let (again, src) = far_request(&r, Method::Invite).await.expect("INVITE again");
+        // The nonce expired between the two (RFC 7616 §3.3): answered with the new one.
+        let stale = "Digest realm=\"trunk\", nonce=\"n2\", qop=\"auth\", stale=true";
+        challenge_with(&mut r, &again, src, 407, "Proxy-Authenticate", stale).await;
+        let (third, src) = far_request(&r, Method::Invite)
+            .await
+            .expect("a third INVITE");
+        assert_eq!(third.cseq, 3);
+        let auth = third.header("Proxy-Authorization").expect("credentials");
+        assert!(auth.contains("nonce=\"n2\""), "{auth}");
+        assert!(events.try_recv().is_err(), "the leg goes on");
+        // Stale again: no loop.
+        challenge_with(&mut r, &third, src, 407, "Proxy-Authenticate", stale).await;
+        match events.try_recv() {
+            Ok(LegEvent::Failed { code: 407, .. }) => {}
+            other => panic!("expected Failed 407, got {other:?}"),
         }
         assert!(far_request(&r, Method::Invite).await.is_none());
     }
