@@ -123,6 +123,19 @@ async fn sipp_caller_with_a_delayed_offer_is_answered_and_heard() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_carrier_requiring_session_timers_is_answered_with_one_and_refreshes() {
+    // Require: timer and Session-Expires: 90;refresher=uac; the scenario checks our 200 and
+    // the 200 to its UPDATE refresh (uac_session_timer.xml). Before, the INVITE got 420.
+    let srv = start_server(FileConfig::default()).await;
+    run_sipp(srv.sip_addr, "uac_session_timer.xml", 20).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = health(srv.http_addr).await;
+    assert_eq!(h["calls_completed"], 1, "{h}");
+    assert!(h["rtp_packets_received"].as_u64().unwrap() > 20, "{h}");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_pothole_path_files_a_ticket() {
     let srv = start_server(FileConfig::default()).await;
     run_sipp(srv.sip_addr, "uac_pothole.xml", 60).await;
