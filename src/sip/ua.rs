@@ -28,6 +28,12 @@
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
+//! - Extensions: `Require: 100rel` is honoured by sending no provisional but 100; session
+//!   timers (RFC 4028) are agreed in our 2xx and kept by this task (refreshes counted, our own
+//!   sent, BYE when the caller stops: [`crate::sip::session_timer`]); any other required
+//!   extension gets 420.
+//! - Our own registration with a trunk (`trunks.register`, [`crate::sip::trunk`]): REGISTERs in
+//!   client transactions of their own, refreshed on the timer heap, removed when draining.
 //!
 //! Where we send: responses go back to the source address of the request (the `rport`
 //! behaviour of RFC 3581, applied whether or not the client asked), and requests we originate
@@ -36,7 +42,8 @@
 //! path known to work. The Route set from Record-Route is still honoured in the request.
 //!
 //! Outbound calls (UAC), for bridging a caller to 911 or an operator: [`OutboundHandle::invite`]
-//! sends an INVITE over UDP to a `sip:` URI with an IP-literal host and reports progress as
+//! sends an INVITE over UDP to a `sip:` URI (an IP literal, or a host name the caller's task
+//! looks up first: [`crate::sip::resolve`]) and reports progress as
 //! [`LegEvent`]s; [`OutboundHandle::invite_via`] sends it along a given flow instead (an agent's
 //! registration flow, which reaches phones behind NAT). On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
 //! itself (and ACKs every retransmission of that 2xx again), and from then on the dialog is
