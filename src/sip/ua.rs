@@ -3422,18 +3422,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_challenged_trunk_invite_is_sent_once_more_with_credentials_then_fails() {
+    /// A rig with trunk credentials (user `city`) whose INVITE the far end challenged once
+    /// with `code` and `header`: the leg's events, the first INVITE, and the one sent again
+    /// (with where it came from).
+    async fn challenged_once(
+        code: u16,
+        header: &str,
+    ) -> (Rig, mpsc::Receiver<LegEvent>, Request, Request, SocketAddr) {
         let creds = crate::sip::registrar::Credentials {
             username: "city".into(),
             password: "pw".into(),
             realm: None,
         };
         let mut r = rig_with(|ua| ua.with_trunk_auth(creds.into())).await;
-        let (_, mut events) = r.invite().await;
+        let (_, events) = r.invite().await;
         let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
-        challenge(&mut r, &inv, src, 401, "WWW-Authenticate").await;
+        challenge(&mut r, &inv, src, code, header).await;
         let (again, src) = far_request(&r, Method::Invite).await.expect("INVITE again");
+        (r, events, inv, again, src)
+    }
+
+    #[tokio::test]
+    async fn a_challenged_trunk_invite_is_sent_once_more_with_credentials_then_fails() {
+        let (mut r, mut events, inv, again, src) = challenged_once(401, "WWW-Authenticate").await;
         assert_eq!(
             (again.call_id.as_str(), again.cseq),
             (inv.call_id.as_str(), 2)
@@ -3459,16 +3470,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_nonce_on_the_retried_invite_is_answered_once_more() {
-        let creds = crate::sip::registrar::Credentials {
-            username: "city".into(),
-            password: "pw".into(),
-            realm: None,
-        };
-        let mut r = rig_with(|ua| ua.with_trunk_auth(creds.into())).await;
-        let (_, mut events) = r.invite().await;
-        let (inv, src) = far_request(&r, Method::Invite).await.expect("INVITE");
-        challenge(&mut r, &inv, src, 407, "Proxy-Authenticate").await;
-        let (again, src) = far_request(&r, Method::Invite).await.expect("INVITE again");
+        let (mut r, mut events, _, again, src) = challenged_once(407, "Proxy-Authenticate").await;
         // The nonce expired between the two (RFC 7616 §3.3): answered with the new one.
         let stale = "Digest realm=\"trunk\", nonce=\"n2\", qop=\"auth\", stale=true";
         challenge_with(&mut r, &again, src, 407, "Proxy-Authenticate", stale).await;
