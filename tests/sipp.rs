@@ -91,12 +91,19 @@ fn report(out: &std::process::Output) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sipp_caller_with_pcap_audio_and_dtmf() {
+/// One SIPp call of `scenario` against a server with the default config; `/health` after it.
+async fn one_sipp_call(scenario: &str, timeout_s: u32) -> serde_json::Value {
     let srv = start_server(FileConfig::default()).await;
-    run_sipp(srv.sip_addr, "uac_dtmf.xml", 30).await;
+    run_sipp(srv.sip_addr, scenario, timeout_s).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let h = health(srv.http_addr).await;
+    srv.shutdown().await;
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_caller_with_pcap_audio_and_dtmf() {
+    let h = one_sipp_call("uac_dtmf.xml", 30).await;
     assert_eq!(h["live_calls"], 0, "call ended: {h}");
     assert_eq!(h["calls_completed"], 1, "{h}");
     // Three key presses (1, 2, and 1 again from the identical pcap), each heard once.
@@ -104,35 +111,26 @@ async fn sipp_caller_with_pcap_audio_and_dtmf() {
     // The caller's pcap audio arrived and the server streamed back to SIPp's media port.
     assert!(h["rtp_packets_received"].as_u64().unwrap() > 50, "{h}");
     assert!(h["rtp_packets_sent"].as_u64().unwrap() > 150, "{h}");
-    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_caller_with_a_delayed_offer_is_answered_and_heard() {
     // INVITE without SDP: the 200 carries our offer and SIPp's ACK the answer (PCMA, events
     // at 101); then the same media as above. Before, such a call got 488.
-    let srv = start_server(FileConfig::default()).await;
-    run_sipp(srv.sip_addr, "uac_delayed_offer.xml", 30).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let h = health(srv.http_addr).await;
+    let h = one_sipp_call("uac_delayed_offer.xml", 30).await;
     assert_eq!(h["calls_completed"], 1, "{h}");
     assert_eq!(h["digits_received"], 3, "{h}");
     assert!(h["rtp_packets_received"].as_u64().unwrap() > 50, "{h}");
     assert!(h["rtp_packets_sent"].as_u64().unwrap() > 150, "{h}");
-    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_carrier_requiring_session_timers_is_answered_with_one_and_refreshes() {
     // Require: timer and Session-Expires: 90;refresher=uac; the scenario checks our 200 and
     // the 200 to its UPDATE refresh (uac_session_timer.xml). Before, the INVITE got 420.
-    let srv = start_server(FileConfig::default()).await;
-    run_sipp(srv.sip_addr, "uac_session_timer.xml", 20).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let h = health(srv.http_addr).await;
+    let h = one_sipp_call("uac_session_timer.xml", 20).await;
     assert_eq!(h["calls_completed"], 1, "{h}");
     assert!(h["rtp_packets_received"].as_u64().unwrap() > 20, "{h}");
-    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
