@@ -156,3 +156,56 @@ async fn a_server_on_the_ipv6_wildcard_answers_each_family_in_its_own() {
     }
     srv.shutdown().await;
 }
+
+/// Bound to `[::]` (dual-stack), an IPv4 caller's RTP arrives from an IPv4-mapped address
+/// (`::ffff:127.0.0.1`) while its SDP names `127.0.0.1`. The latch must see them as the same
+/// address: RTP from elsewhere that reaches the call's port first (a far end still sending to
+/// a port its call gave up) must not keep the caller's audio from them.
+#[tokio::test]
+async fn on_the_ipv6_wildcard_an_ipv4_callers_rtp_takes_its_port_back_from_a_stray_stream() {
+    if !ipv6_loopback() {
+        return;
+    }
+    if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1") {
+        eprintln!("skipped: net.ipv6.bindv6only=1, [::] is IPv6 only here");
+        return;
+    }
+    let srv = server_on("[::]:0").await;
+    let v4: SocketAddr = format!("127.0.0.1:{}", srv.sip_addr.port())
+        .parse()
+        .unwrap();
+    let mut ua = TestUa::udp(v4).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    let media = ua.remote_rtp.expect("answer names our media port");
+    assert!(media.is_ipv4(), "{media}");
+
+    let stray = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut out = ivr311::media::rtp::RtpStream::new();
+    let mut buf = [0u8; 200];
+    for _ in 0..5 {
+        let n = out.write(0, &[0xFF; 160], 160, &mut buf);
+        stray.send_to(&buf[..n], media).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The caller sends from the address its SDP names: the menu is theirs from then on.
+    let ear = PromptEar::new("en", &["language_menu", "screening"], Codec::Pcmu);
+    let heard = ua.listen(Duration::from_millis(1200)).await;
+    assert_eq!(ear.playbacks(&heard), ["language_menu"]);
+    ua.press('1').await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(
+        ear.playbacks(&heard),
+        ["screening"],
+        "the caller's key is heard"
+    );
+    let mut rx = [0u8; 2048];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(1), stray.recv_from(&mut rx)).await
+    {}
+    let late = tokio::time::timeout(Duration::from_millis(300), stray.recv_from(&mut rx)).await;
+    assert!(late.is_err(), "audio still goes to the stray source");
+    ua.bye().await;
+    srv.shutdown().await;
+}

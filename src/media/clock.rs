@@ -1320,7 +1320,8 @@ impl Batch {
             match s.recv_from(&mut self.bufs[n]) {
                 Ok((len, from)) => {
                     self.lens[n] = len;
-                    self.froms[n] = from;
+                    // As on Linux: an IPv4-mapped source is the IPv4 address its SDP names.
+                    self.froms[n] = SocketAddr::new(from.ip().to_canonical(), from.port());
                     n += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -1593,9 +1594,16 @@ mod linux {
                 // SAFETY: the family says this storage holds a sockaddr_in6.
                 let a =
                     unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                let port = u16::from_be(a.sin6_port);
+                // An IPv4 peer of a dual-stack socket (bound to `[::]`) comes from its mapped
+                // address; its SDP names the plain IPv4 one, and the latch compares the two.
+                if let Some(v4) = ip.to_ipv4_mapped() {
+                    return Some(SocketAddr::V4(SocketAddrV4::new(v4, port)));
+                }
                 Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(a.sin6_addr.s6_addr),
-                    u16::from_be(a.sin6_port),
+                    ip,
+                    port,
                     a.sin6_flowinfo,
                     a.sin6_scope_id,
                 )))
