@@ -354,15 +354,23 @@ type Pressed911 = (
 
 /// [`caller_presses_911_with_a_bridge`] with the bridge to `uri` (which reaches `trunk`) and
 /// the rest of the config from `file`.
-async fn caller_presses_911_bridged_to(
+async fn caller_presses_911_bridged_to(uri: &str, file: FileConfig, trunk: &Trunk) -> Pressed911 {
+    caller_presses_911_on(serve_args(), uri, file, trunk).await
+}
+
+/// [`caller_presses_911_bridged_to`] on a server started with `args`; the caller dials its
+/// port on 127.0.0.1.
+async fn caller_presses_911_on(
+    args: ivr311::config::ServeArgs,
     uri: &str,
     mut file: FileConfig,
     trunk: &Trunk,
 ) -> Pressed911 {
     file.emergency.method = Some(EmergencyMethod::Bridge);
     file.emergency.uri = Some(uri.to_owned());
-    let srv = start_server(file).await;
-    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let srv = start_server_with(args, file).await;
+    let dial = std::net::SocketAddr::from(([127, 0, 0, 1], srv.sip_addr.port()));
+    let mut ua = TestUa::udp(dial).await;
     assert_eq!(ua.call("0 101").await.code, 200);
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("19").await;
@@ -374,6 +382,28 @@ async fn caller_presses_911_bridged_to(
         panic!("not a request")
     };
     (srv, ua, inv, from)
+}
+
+/// A server bound to `[::]` (dual-stack, so it serves IPv4 and IPv6 callers on one port) still
+/// reaches a PSAP whose name has only an IPv4 address: the lookup takes either family there.
+#[tokio::test]
+async fn a_dual_stack_server_bridges_911_to_a_psap_name_with_only_an_ipv4_address() {
+    let dual = std::net::UdpSocket::bind("[::]:0").is_ok()
+        && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "0");
+    if !dual {
+        eprintln!("skipped: no dual-stack [::] socket on this machine");
+        return;
+    }
+    let trunk = Trunk::new().await;
+    let port = trunk.sip.local_addr().unwrap().port();
+    let mut args = serve_args();
+    args.sip = "[::]:0".parse().unwrap();
+    let named = format!("sip:911@localhost:{port}");
+    let (srv, mut ua, inv, from) =
+        caller_presses_911_on(args, &named, FileConfig::default(), &trunk).await;
+    assert_eq!(inv.uri, named);
+    psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    srv.shutdown().await;
 }
 
 /// PSAPs and carriers hand out host names. The bridge looks the name up for the call and

@@ -10,8 +10,8 @@
 //! `/etc/hosts`), run off the async threads by tokio, and limited to [`RESOLVE_WITHIN`]: a
 //! stalled resolver fails the request instead of holding a 911 caller. SRV and NAPTR
 //! (RFC 3263) are not consulted, so give the port when it is not 5060. Only UDP targets are
-//! used, as before; of the addresses a name has, the first of the family our SIP socket is
-//! bound to is taken.
+//! used, as before; of the addresses a name has, the first our SIP socket can reach is taken
+//! ([`reaches`]: its own family, or either family when it is bound to `[::]`, dual-stack).
 
 use crate::sip::message::{uri_host_port, uri_socket_addr};
 use std::net::SocketAddr;
@@ -39,8 +39,18 @@ pub fn valid_hostname(host: &str) -> bool {
         })
 }
 
-/// The address to send to for `uri`: its IP literal as it is, or its host name looked up (an
-/// address of `bound`'s family).
+/// Whether our SIP socket, bound to `bound`, can send to `addr`: an address of its own family,
+/// or either family when it is bound to the IPv6 wildcard. Such a socket is dual-stack (Linux's
+/// default, `net.ipv6.bindv6only=0`), and the transport sends to an IPv4 peer at its mapped
+/// address; where the system makes it IPv6-only, that send fails and says so. (Before this, a
+/// server on `[::]` took only the AAAA records of a name, so a PSAP with an A record alone got
+/// no INVITE and every 911 caller heard the announcement instead.)
+pub fn reaches(bound: SocketAddr, addr: SocketAddr) -> bool {
+    addr.is_ipv4() == bound.is_ipv4() || (bound.is_ipv6() && bound.ip().is_unspecified())
+}
+
+/// The address to send to for `uri`: its IP literal as it is, or its host name looked up (the
+/// first address [`reaches`] says `bound` can send to).
 pub async fn resolve(uri: &str, bound: SocketAddr) -> Result<SocketAddr, String> {
     if let Some(a) = uri_socket_addr(uri) {
         return Ok(a);
@@ -55,7 +65,7 @@ pub async fn resolve(uri: &str, bound: SocketAddr) -> Result<SocketAddr, String>
         .map_err(|e| format!("cannot look up {host}: {e}"))?;
     let mut other_family = None;
     for a in found {
-        if a.is_ipv4() == bound.is_ipv4() {
+        if reaches(bound, a) {
             return Ok(a);
         }
         other_family.get_or_insert(a);
@@ -96,5 +106,14 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("no-such-psap.invalid"), "{e}");
+        // Bound to [::] (dual-stack), a name with only an IPv4 address is reachable; bound to
+        // [::1] alone, it is not.
+        let dual: SocketAddr = "[::]:5060".parse().unwrap();
+        let a = resolve("sip:911@localhost:5099", dual).await.unwrap();
+        assert!(reaches(dual, a), "{a}");
+        let v6_only: SocketAddr = "[::1]:5060".parse().unwrap();
+        assert!(!reaches(v6_only, "127.0.0.1:5099".parse().unwrap()));
+        assert!(!reaches(v4, "[::1]:5099".parse().unwrap()));
+        assert!(reaches(v6_only, "[::1]:5099".parse().unwrap()));
     }
 }

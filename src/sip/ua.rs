@@ -3006,8 +3006,12 @@ fn outbound_target(
     if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
         return Err("target address is not usable");
     }
-    if bound.is_ipv4() && addr.is_ipv6() {
-        return Err("target is IPv6 but SIP is bound to IPv4");
+    if !crate::sip::resolve::reaches(bound, addr) {
+        return Err(if bound.is_ipv4() {
+            "target is IPv6 but SIP is bound to IPv4"
+        } else {
+            "target is IPv4 but SIP is bound to one IPv6 address"
+        });
     }
     Ok(addr)
 }
