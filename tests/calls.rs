@@ -349,6 +349,34 @@ async fn a_stray_stream_reaching_the_callers_port_first_does_not_take_the_caller
     srv.shutdown().await;
 }
 
+/// A phone or gateway that offers no `telephone-event` sends its keys as tones in the audio.
+/// The menu hears them there: 1 for English, 1 past the 911 screening, into the main menu.
+/// (Before, such a caller's keys, the 911 key among them, were never heard.)
+#[tokio::test]
+async fn a_caller_without_rfc4733_is_heard_pressing_keys_as_tones() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let ok = ua.call("0").await;
+    assert_eq!(ok.code, 200);
+    let sdp = String::from_utf8_lossy(&ok.body).into_owned();
+    assert!(!sdp.contains("telephone-event"), "{sdp}");
+    let ear = PromptEar::new(
+        "en",
+        &["language_menu", "screening", "main_menu"],
+        Codec::Pcmu,
+    );
+    let heard = ua.listen(Duration::from_millis(1000)).await;
+    assert_eq!(ear.playbacks(&heard), ["language_menu"]);
+    ua.press_tone('1').await;
+    let heard = ua.listen(Duration::from_millis(1500)).await;
+    assert_eq!(ear.playbacks(&heard), ["screening"]);
+    ua.press_tone('1').await;
+    let heard = ua.listen(Duration::from_millis(1200)).await;
+    assert_eq!(ear.playbacks(&heard), ["main_menu"]);
+    assert_eq!(ua.bye().await.code, 200);
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn options_ping_unknown_methods_and_unknown_dialogs() {
     let srv = start_server(FileConfig::default()).await;

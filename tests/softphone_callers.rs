@@ -229,9 +229,20 @@ impl Phone for Linphonec {
 }
 
 async fn linphone_walks_the_menu(transport: Transport) {
+    linphone_walks_the_menu_with(transport, linphonerc(-1, free_media_port()), false).await;
+}
+
+/// With `quiet`, the phone's voice is a faint hum (−36 dBFS, a quiet room) instead of the loud
+/// tone the other tests give it.
+async fn linphone_walks_the_menu_with(transport: Transport, rc: String, quiet: bool) {
     let work = WorkDir::new("linphone-caller");
     let srv = start_server(FileConfig::default()).await;
-    let mut phone = Linphonec::start(work.path(), &linphonerc(-1, free_media_port()), false);
+    let mut phone = Linphonec::start(work.path(), &rc, false);
+    if quiet {
+        let hum = work.path().join("hum.wav");
+        write_tone_at(&hum, 120.0, 20, 500.0);
+        phone.proc.send(&format!("play {}\n", hum.display()));
+    }
     phone.ready().await;
     phone.proc.send(&format!(
         "call sip:311@{}{}\n",
@@ -271,6 +282,14 @@ async fn linphone_caller_walks_the_menu_over_udp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linphone_caller_walks_the_menu_over_tcp() {
     linphone_walks_the_menu(Transport::Tcp).await;
+}
+
+/// linphonec set to send its keys as tones in the audio (no RFC 4733, no INFO), as a phone
+/// behind a PBX or gateway that does in-band DTMF: it walks the same menu.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linphone_caller_with_in_band_keys_walks_the_menu() {
+    let rc = linphonerc(-1, free_media_port()).replace("use_rfc2833=1", "use_rfc2833=0");
+    linphone_walks_the_menu_with(Transport::Udp, rc, true).await;
 }
 
 // ---------------------------------------------------------------------------------------------

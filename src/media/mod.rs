@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod clock;
 pub mod dtmf;
 pub mod g711;
+pub mod inband;
 pub mod ports;
 pub mod prompt;
 pub mod record;

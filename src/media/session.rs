@@ -14,6 +14,7 @@
 
 use crate::media::dtmf::DtmfDetector;
 use crate::media::g711::Codec;
+use crate::media::inband::InbandDetector;
 use crate::media::prompt::Prompt;
 use crate::media::rtp::{self, LatchDecision, RtpStream};
 use crate::media::sdp::{Direction, Negotiated};
@@ -54,6 +55,9 @@ pub struct MediaSession {
     stream: RtpStream,
     latch: rtp::Latch,
     dtmf: DtmfDetector,
+    /// Keys in the caller's audio, for a caller without `telephone-event` (boxed: most callers
+    /// have it, and this is ~450 bytes per call).
+    inband: Option<Box<InbandDetector>>,
     queue: VecDeque<Arc<Prompt>>,
     current: Option<(Arc<Prompt>, usize)>,
     last_rx: Instant,
@@ -73,6 +77,7 @@ impl MediaSession {
             stream: RtpStream::new(),
             latch: rtp::Latch::new(remote),
             dtmf: DtmfDetector::new(),
+            inband: Self::inband_for(&neg),
             queue: VecDeque::new(),
             current: None,
             last_rx: now,
@@ -81,6 +86,13 @@ impl MediaSession {
             silence: [neg.codec.silence_byte(); FRAME_SAMPLES],
             warned: false,
         }
+    }
+
+    /// An in-band key detector when the call has no RFC 4733 events to carry its keys.
+    fn inband_for(neg: &Negotiated) -> Option<Box<InbandDetector>> {
+        neg.telephone_event
+            .is_none()
+            .then(|| Box::new(InbandDetector::new()))
     }
 
     pub fn codec(&self) -> Codec {
@@ -111,6 +123,9 @@ impl MediaSession {
     pub fn renegotiate(&mut self, neg: Negotiated, remote: SocketAddr) {
         if neg.codec != self.neg.codec {
             self.silence = [neg.codec.silence_byte(); FRAME_SAMPLES];
+        }
+        if neg.telephone_event.is_some() != self.neg.telephone_event.is_some() {
+            self.inband = Self::inband_for(&neg);
         }
         self.neg = neg;
         self.latch.resignal(remote);
@@ -174,6 +189,16 @@ impl MediaSession {
         self.last_rx = now;
         if Some(p.payload_type) == self.neg.telephone_event {
             if let Ok(Some(d)) = self.dtmf.on_packet(now, p.timestamp, p.payload) {
+                self.stats.digits += 1;
+                return Ok(Some(MediaEvent::Digit(d)));
+            }
+        } else if let (Some(inband), true) =
+            (&mut self.inband, p.payload_type == self.neg.payload_type)
+        {
+            let mut pcm = [0i16; 480];
+            let n = p.payload.len().min(pcm.len());
+            self.neg.codec.decode(&p.payload[..n], &mut pcm[..n]);
+            if let Some(d) = inband.feed(&pcm[..n]) {
                 self.stats.digits += 1;
                 return Ok(Some(MediaEvent::Digit(d)));
             }

@@ -527,6 +527,40 @@ Contact: <sip:caller@{me}>\r\n\
         self.drain_rtp();
     }
 
+    /// Press a key as a phone without RFC 4733 does: 100 ms of its two DTMF tones (−10 dBFS
+    /// each) in the call's audio, then 60 ms of silence.
+    pub async fn press_tone(&mut self, digit: char) {
+        const KEYS: [&str; 4] = ["123A", "456B", "789C", "*0#D"];
+        let row = KEYS.iter().position(|r| r.contains(digit)).expect("digit");
+        let col = KEYS[row].find(digit).unwrap();
+        let (low, high) = (
+            [697.0f32, 770.0, 852.0, 941.0][row],
+            [1209.0f32, 1336.0, 1477.0, 1633.0][col],
+        );
+        let remote = self.remote_rtp.expect("call is up");
+        let mut buf = [0u8; 200];
+        let mut payload = [0u8; 160];
+        for p in 0..8usize {
+            let pcm: Vec<i16> = (0..160)
+                .map(|i| {
+                    if p >= 5 {
+                        return 0;
+                    }
+                    let t = (p * 160 + i) as f32 / 8000.0;
+                    let tau = std::f32::consts::TAU;
+                    (10_000.0 * ((tau * low * t).sin() + (tau * high * t).sin())) as i16
+                })
+                .collect();
+            self.codec.encode(&pcm, &mut payload);
+            let n = self
+                .rtp_out
+                .write(self.codec.payload_type(), &payload, 160, &mut buf);
+            self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.drain_rtp();
+    }
+
     /// Discard RTP already received (what was playing before a key press).
     pub fn drain_rtp(&self) {
         let mut buf = [0u8; 2048];

@@ -312,6 +312,11 @@ display=0\n"
 /// Write `seconds` of a `hz` tone at a third of full scale as a 16-bit 8 kHz mono WAV: the
 /// voice of a file-mode linphonec.
 pub fn write_tone(path: &Path, hz: f32, seconds: u32) {
+    write_tone_at(path, hz, seconds, 10000.0);
+}
+
+/// [`write_tone`] at `amplitude` (of 32767).
+pub fn write_tone_at(path: &Path, hz: f32, seconds: u32, amplitude: f32) {
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 8000,
@@ -321,7 +326,7 @@ pub fn write_tone(path: &Path, hz: f32, seconds: u32) {
     let mut w = hound::WavWriter::create(path, spec).unwrap();
     for i in 0..8000 * seconds {
         let t = i as f32 / 8000.0;
-        w.write_sample(((t * hz * std::f32::consts::TAU).sin() * 10000.0) as i16)
+        w.write_sample(((t * hz * std::f32::consts::TAU).sin() * amplitude) as i16)
             .unwrap();
     }
     w.finalize().unwrap();
