@@ -477,6 +477,34 @@ async fn emergency_bridge_takes_the_backup_route_when_the_first_fails() {
     srv.shutdown().await;
 }
 
+/// A TCP route whose far end refuses the connection fails at once (not after a transaction
+/// timeout), and the backup route takes the call.
+#[tokio::test]
+async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
+    let backup = Trunk::new().await;
+    let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let first = format!("sip:911@127.0.0.1:{closed};transport=tcp");
+    let mut file = FileConfig::default();
+    file.emergency.backup_uris = vec![backup_uri.clone()];
+    let (srv, mut ua, inv, from) = caller_presses_911_bridged_to(&first, file, &backup).await;
+    assert_eq!(inv.uri, backup_uri);
+    psap_answers_and_is_heard(&backup, &inv, from, &mut ua, &srv).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0].outcome.contains(&format!(
+            "after bridge to {first}: answered 503 TCP to 127.0.0.1:{closed}"
+        )),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn emergency_bridge_through_a_trunk_that_asks_for_credentials_gets_through() {
     use ivr311::sip::message::{Message, ResponseBuilder};

@@ -155,14 +155,7 @@ async fn sipp_pothole_path_files_a_ticket() {
 async fn sipp_emergency_path_is_told_to_dial_911_and_audited() {
     let srv = start_server(FileConfig::default()).await;
     run_sipp(srv.sip_addr, "uac_emergency.xml", 60).await;
-    let mut audits = vec![];
-    for _ in 0..30 {
-        audits = srv.tickets.emergency_audits(10).await.unwrap();
-        if audits.first().is_some_and(|a| a.outcome != "started") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let audits = settled_audits(&srv).await;
     assert_eq!(audits.len(), 1);
     assert_eq!(audits[0].caller.as_deref(), Some("+15557654321"));
     assert!(
@@ -174,6 +167,95 @@ async fn sipp_emergency_path_is_told_to_dial_911_and_audited() {
         srv.tickets.list(&Default::default()).await.unwrap().len(),
         0
     );
+    srv.shutdown().await;
+}
+
+/// The 911 audit rows once the first has an outcome (up to 15 s: "connecting you to 911"
+/// plays before a bridge starts).
+async fn settled_audits(
+    srv: &ivr311::server::RunningServer,
+) -> Vec<ivr311::dispatch::tickets::EmergencyAuditRow> {
+    let mut audits = vec![];
+    for _ in 0..150 {
+        audits = srv.tickets.emergency_audits(10).await.unwrap();
+        if audits.first().is_some_and(|a| a.outcome != "started") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    audits
+}
+
+/// Whether something listens on TCP port `port` of 127.0.0.1 (read from /proc/net/tcp, so
+/// that nothing connects to it to find out).
+fn tcp_listening(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1] == local && f[3] == "0A"
+    })
+}
+
+/// A 911 route that takes TCP only (`;transport=tcp`, as an ESInet border or some carriers
+/// ask), played by SIPp's own UAS over TCP: the bridge opens a connection, SIPp answers on it,
+/// and our BYE reaches it there when the caller hangs up. (Before, a TCP route failed at once
+/// and the caller got the announcement.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_psap_over_tcp_is_bridged_and_hung_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = [
+        "-sn",
+        "uas",
+        "-t",
+        "t1",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-mi",
+        "127.0.0.1",
+        "-mp",
+        &free_media_port().to_string(),
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "40",
+        "-timeout_error",
+    ]
+    .map(String::from)
+    .to_vec();
+    let psap = tokio::task::spawn_blocking(move || sipp(&args));
+    for _ in 0..100 {
+        if tcp_listening(port) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tcp_listening(port), "SIPp listens on TCP {port}");
+
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@127.0.0.1:{port};transport=tcp"));
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    let audits = settled_audits(&srv).await;
+    assert!(
+        audits[0].outcome.starts_with("connected via bridge"),
+        "{}",
+        audits[0].outcome
+    );
+    assert_eq!(ua.bye().await.code, 200);
+    let out = psap.await.unwrap();
+    assert!(out.status.success(), "SIPp as the PSAP: {}", report(&out));
     srv.shutdown().await;
 }
 

@@ -9,8 +9,9 @@
 //! The lookup is A/AAAA through the system resolver (`getaddrinfo`, which also reads
 //! `/etc/hosts`), run off the async threads by tokio, and limited to [`RESOLVE_WITHIN`]: a
 //! stalled resolver fails the request instead of holding a 911 caller. SRV and NAPTR
-//! (RFC 3263) are not consulted, so give the port when it is not 5060. Only UDP targets are
-//! used, as before; of the addresses a name has, the first our SIP socket can reach is taken
+//! (RFC 3263) are not consulted, so give the port when it is not 5060, and `;transport=tcp`
+//! when the target takes TCP only (otherwise UDP is used); of the addresses a name has, the
+//! first our SIP socket can reach is taken
 //! ([`reaches`]: its own family, or either family when it is bound to `[::]`, dual-stack).
 
 use crate::sip::message::{uri_host_port, uri_socket_addr};

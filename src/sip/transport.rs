@@ -144,21 +144,106 @@ struct RejectGuard {
     logs: LogThrottle,
 }
 
+/// What opening a TCP connection of our own needs: what the accept loop has.
+struct Connector {
+    limits: TransportLimits,
+    inbound: mpsc::Sender<Inbound>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    /// Connections we opened, by where they go: reused while open.
+    opened: DashMap<SocketAddr, u64>,
+}
+
+/// How long a TCP connection to a target may take to open before the request fails (a 911
+/// route that does not answer must give way to the next one quickly).
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+
+/// Connection ids, shared by accepted and opened connections.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
 /// Cloneable handle for sending.
 #[derive(Clone)]
 pub struct TransportHandle {
     udp: Arc<UdpSocket>,
     tcp: Arc<DashMap<u64, mpsc::Sender<Bytes>>>,
+    connector: Arc<Connector>,
     local: SocketAddr,
     pub stats: Arc<TransportStats>,
     /// Locked briefly by [`reject`] and the summary task; never held across an `.await`.
     reject: Arc<Mutex<RejectGuard>>,
 }
 
+impl std::fmt::Debug for TransportHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportHandle")
+            .field("local", &self.local)
+            .field("tcp_connections", &self.tcp.len())
+            .finish()
+    }
+}
+
 impl TransportHandle {
     /// The address the SIP sockets are bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// A TCP flow to `remote` for requests we send to a `transport=tcp` target (RFC 3261
+    /// §18.1.1): the connection we opened there before if it is still open, else a new one
+    /// (at most [`CONNECT_WITHIN`] to open). It is read like an accepted connection, so the
+    /// responses and the far end's requests come back along it, and closed after the same idle
+    /// time.
+    pub async fn connect_tcp(&self, remote: SocketAddr) -> std::io::Result<Flow> {
+        let c = &self.connector;
+        let flow = |conn| Flow {
+            transport: Transport::Tcp,
+            remote,
+            conn,
+        };
+        if let Some(conn) = c.opened.get(&remote).map(|e| *e) {
+            if self.tcp.contains_key(&conn) {
+                return Ok(flow(conn));
+            }
+        }
+        if self.tcp.len() >= c.limits.max_tcp_connections {
+            return Err(std::io::Error::other("too many TCP connections open"));
+        }
+        let stream = tokio::time::timeout(CONNECT_WITHIN, TcpStream::connect(remote))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting took over {CONNECT_WITHIN:?}"),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        if c.limits.dscp.0 != 0 {
+            let _ = set_dscp(&stream, remote.is_ipv6(), c.limits.dscp);
+        }
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        // Registered before the first send can look for it.
+        let rx = self.register(conn);
+        c.opened.retain(|_, id| self.tcp.contains_key(id));
+        c.opened.insert(remote, conn);
+        c.tracker.spawn(tcp_connection(
+            self.clone(),
+            stream,
+            rx,
+            remote,
+            conn,
+            c.limits,
+            c.inbound.clone(),
+            c.cancel.clone(),
+        ));
+        Ok(flow(conn))
+    }
+
+    /// Make connection `conn` reachable by [`TransportHandle::send`]; its writer reads the
+    /// returned queue.
+    fn register(&self, conn: u64) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
+        self.tcp.insert(conn, tx);
+        rx
     }
 
     /// Send bytes along a flow. Errors are logged, not returned: SIP retransmission covers loss.
@@ -224,6 +309,13 @@ pub async fn bind(
     let handle = TransportHandle {
         udp: udp.clone(),
         tcp: Arc::new(DashMap::new()),
+        connector: Arc::new(Connector {
+            limits,
+            inbound: inbound.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+            opened: DashMap::new(),
+        }),
         local,
         stats: Arc::new(TransportStats::default()),
         reject: Arc::new(Mutex::new(RejectGuard {
@@ -422,7 +514,6 @@ async fn tcp_accept_loop(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     loop {
         let (stream, remote) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -443,9 +534,11 @@ async fn tcp_accept_loop(
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let remote = crate::sip::guard::canonical(remote);
         let _ = stream.set_nodelay(true);
+        let rx = handle.register(conn);
         tracker.spawn(tcp_connection(
             handle.clone(),
             stream,
+            rx,
             remote,
             conn,
             limits,
@@ -455,9 +548,11 @@ async fn tcp_accept_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn tcp_connection(
     handle: TransportHandle,
     stream: TcpStream,
+    mut rx: mpsc::Receiver<Bytes>,
     remote: SocketAddr,
     conn: u64,
     limits: TransportLimits,
@@ -465,8 +560,6 @@ async fn tcp_connection(
     cancel: CancellationToken,
 ) {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
-    handle.tcp.insert(conn, tx);
     let flow = Flow {
         transport: Transport::Tcp,
         remote,

@@ -199,13 +199,18 @@ pub struct OutboundHandle {
     tx: mpsc::Sender<Command>,
     /// Our SIP socket's address: a target's host name is looked up in its family.
     bound: SocketAddr,
+    /// Opens the TCP connection a `transport=tcp` target asks for.
+    transport: TransportHandle,
 }
 
 impl OutboundHandle {
     /// Send an INVITE with our SDP offer `sdp` to `target`, a `sip:` URI whose host is an IP
     /// literal or a name (e.g. `sip:911@127.0.0.1:5080`, `sip:911@psap.example.gov`; no port
     /// means 5060). A name is looked up first (A/AAAA, see [`crate::sip::resolve`]); one that
-    /// does not resolve fails at once with [`LegEvent::Failed`] 503, as does a TCP target.
+    /// does not resolve fails at once with [`LegEvent::Failed`] 503. A target with
+    /// `;transport=tcp` (a PSAP's ESInet border, a carrier that takes TCP only) goes over a TCP
+    /// connection we open ([`TransportHandle::connect_tcp`]); one that cannot be opened within
+    /// 2 s fails the same way.
     ///
     /// From is `"<from_display>" <sip:<from_user>@<our address>>;tag=...`, so that the far end
     /// (a 911 centre) sees the caller's number; `from_user` is %-escaped where needed and the
@@ -268,27 +273,46 @@ impl OutboundHandle {
     ) -> OutboundCall {
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (reply_tx, reply_rx) = oneshot::channel();
-        // A host name is looked up here, in the caller's task: the UA task never waits on DNS.
-        let resolved = if via.is_none() && crate::sip::resolve::needs_lookup(target.trim()) {
-            match crate::sip::resolve::resolve(target.trim(), self.bound).await {
-                Ok(a) => Some(a),
-                Err(why) => {
-                    warn!(%target, %why, "outbound call refused");
-                    let _ = ev_tx.try_send(LegEvent::Failed {
-                        code: 503,
-                        reason: why,
-                    });
-                    return OutboundCall {
-                        handle: DialogHandle {
-                            id: 0,
-                            tx: self.tx.clone(),
-                        },
-                        events: ev_rx,
-                    };
+        // A host name is looked up here, in the caller's task: the UA task never waits on DNS
+        // (nor on a TCP connection being opened).
+        let prepared = async {
+            let resolved = if via.is_none() && crate::sip::resolve::needs_lookup(target.trim()) {
+                Some(crate::sip::resolve::resolve(target.trim(), self.bound).await?)
+            } else {
+                None
+            };
+            let via = match via {
+                None if wants_tcp(target) => {
+                    let remote = resolved
+                        .or_else(|| uri_socket_addr(target.trim()))
+                        .ok_or("target host is not an IP address or a name")?;
+                    let flow = self
+                        .transport
+                        .connect_tcp(remote)
+                        .await
+                        .map_err(|e| format!("TCP to {remote}: {e}"))?;
+                    Some(flow)
                 }
+                via => via,
+            };
+            Ok::<_, String>((resolved, via))
+        };
+        let (resolved, via) = match prepared.await {
+            Ok(p) => p,
+            Err(why) => {
+                warn!(%target, %why, "outbound call refused");
+                let _ = ev_tx.try_send(LegEvent::Failed {
+                    code: 503,
+                    reason: why,
+                });
+                return OutboundCall {
+                    handle: DialogHandle {
+                        id: 0,
+                        tx: self.tx.clone(),
+                    },
+                    events: ev_rx,
+                };
             }
-        } else {
-            None
         };
         let cmd = Command::Invite(Box::new(InviteCommand {
             target: target.to_owned(),
@@ -952,6 +976,7 @@ impl UaCore {
         OutboundHandle {
             tx: self.cmd_tx.clone(),
             bound: self.transport.local_addr(),
+            transport: self.transport.clone(),
         }
     }
 
@@ -3016,6 +3041,17 @@ fn outbound_target(
     Ok(addr)
 }
 
+/// Whether a target URI asks for TCP (`;transport=tcp`, any case).
+fn wants_tcp(target: &str) -> bool {
+    let lower = target.to_ascii_lowercase();
+    lower.find(";transport=").is_some_and(|i| {
+        lower[i + ";transport=".len()..]
+            .split([';', '?', '>'])
+            .next()
+            .is_some_and(|v| v.trim() == "tcp")
+    })
+}
+
 /// Whether the request has `Require: 100rel` (RFC 3262).
 fn requires_100rel(req: &Request) -> bool {
     req.headers_named("Require")
@@ -3604,6 +3640,15 @@ mod tests {
             Ok(LegEvent::Failed { code: 487, .. }) => {}
             other => panic!("expected Failed 487, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_target_asks_for_tcp_with_its_transport_parameter_only() {
+        assert!(wants_tcp("sip:911@192.0.2.1;transport=tcp"));
+        assert!(wants_tcp("sip:911@psap.example.gov:5060;Transport=TCP;lr"));
+        assert!(!wants_tcp("sip:911@192.0.2.1;transport=tcpx"));
+        assert!(!wants_tcp("sip:911@192.0.2.1;transport=udp"));
+        assert!(!wants_tcp("sip:tcp@192.0.2.1"));
     }
 
     #[tokio::test]
