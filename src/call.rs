@@ -1114,8 +1114,19 @@ impl Call {
             DialogEvent::Timeout => Some(EndReason::SignallingTimeout),
             DialogEvent::Info { content_type, body } => {
                 if let Some(d) = dtmf_info_digit(&content_type, &body) {
-                    self.media.lock().media.stats.digits += 1;
-                    self.on_digit(d);
+                    let repeat = {
+                        let mut st = self.media.lock();
+                        let repeat = st.media.on_info_key(d, std::time::Instant::now());
+                        if !repeat {
+                            st.media.stats.digits += 1;
+                        }
+                        repeat
+                    };
+                    if repeat {
+                        debug!(digit = %d, "INFO repeats the key heard in the audio");
+                    } else {
+                        self.on_digit(d);
+                    }
                 }
                 None
             }

@@ -377,6 +377,39 @@ async fn a_caller_without_rfc4733_is_heard_pressing_keys_as_tones() {
     srv.shutdown().await;
 }
 
+/// A gateway without RFC 4733 that sends each key by SIP INFO and also leaves its tone in the
+/// audio: each key counts once (a doubled 1 would skip the 911 screening), and after the first
+/// INFO the keys come from INFO alone.
+#[tokio::test]
+async fn a_gateway_sending_info_and_tones_for_each_key_presses_it_once() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0").await.code, 200);
+    let ear = PromptEar::new(
+        "en",
+        &["language_menu", "screening", "main_menu"],
+        Codec::Pcmu,
+    );
+    ua.listen(Duration::from_millis(300)).await;
+    for next in ["screening", "main_menu"] {
+        ua.press_tone('1').await;
+        let info = ua.in_dialog(
+            "INFO",
+            "Content-Type: application/dtmf-relay\r\n",
+            "Signal=1\r\nDuration=100\r\n",
+        );
+        ua.send_raw(&info).await;
+        ua.expect_response("INFO", 200, S).await;
+        let heard = ua.listen(Duration::from_millis(1200)).await;
+        assert_eq!(ear.playbacks(&heard), [next]);
+    }
+    ua.bye().await;
+    // Counted when the call ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(health(srv.http_addr).await["digits_received"], 2);
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn options_ping_unknown_methods_and_unknown_dialogs() {
     let srv = start_server(FileConfig::default()).await;

@@ -21,7 +21,7 @@ use crate::media::sdp::{Direction, Negotiated};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Samples in one 20 ms G.711 packet.
 pub const FRAME_SAMPLES: usize = 160;
@@ -58,6 +58,10 @@ pub struct MediaSession {
     /// Keys in the caller's audio, for a caller without `telephone-event` (boxed: most callers
     /// have it, and this is ~450 bytes per call).
     inband: Option<Box<InbandDetector>>,
+    /// The last key heard in the audio, and when.
+    last_inband: Option<(char, Instant)>,
+    /// A key came by SIP INFO: tones in the audio are not keys for the rest of the call.
+    keys_by_info: bool,
     queue: VecDeque<Arc<Prompt>>,
     current: Option<(Arc<Prompt>, usize)>,
     last_rx: Instant,
@@ -70,6 +74,10 @@ pub struct MediaSession {
     stops: u64,
 }
 
+/// How long after a key heard in the audio an INFO with the same key is taken as the same
+/// press (the gateway's INFO for the tone it also let through), not a second one.
+pub const INFO_AFTER_TONE: Duration = Duration::from_millis(500);
+
 impl MediaSession {
     pub fn new(now: Instant, neg: Negotiated, remote: SocketAddr) -> Self {
         MediaSession {
@@ -78,6 +86,8 @@ impl MediaSession {
             latch: rtp::Latch::new(remote),
             dtmf: DtmfDetector::new(),
             inband: Self::inband_for(&neg),
+            last_inband: None,
+            keys_by_info: false,
             queue: VecDeque::new(),
             current: None,
             last_rx: now,
@@ -86,6 +96,19 @@ impl MediaSession {
             silence: [neg.codec.silence_byte(); FRAME_SAMPLES],
             warned: false,
         }
+    }
+
+    /// A key came by SIP INFO at `now`. A caller that signals keys that way has them heard
+    /// from INFO only from now on: a gateway that sends INFO and leaves the tones in the audio
+    /// would otherwise press every key twice (and a doubled 1 skips the 911 screening).
+    /// Returns whether this INFO repeats the key just heard in the audio (within
+    /// [`INFO_AFTER_TONE`]), in which case it is not a new press.
+    pub fn on_info_key(&mut self, key: char, now: Instant) -> bool {
+        self.keys_by_info = true;
+        self.inband = None;
+        self.last_inband
+            .take()
+            .is_some_and(|(k, at)| k == key && now.saturating_duration_since(at) <= INFO_AFTER_TONE)
     }
 
     /// An in-band key detector when the call has no RFC 4733 events to carry its keys.
@@ -124,7 +147,8 @@ impl MediaSession {
         if neg.codec != self.neg.codec {
             self.silence = [neg.codec.silence_byte(); FRAME_SAMPLES];
         }
-        if neg.telephone_event.is_some() != self.neg.telephone_event.is_some() {
+        if neg.telephone_event.is_some() != self.neg.telephone_event.is_some() && !self.keys_by_info
+        {
             self.inband = Self::inband_for(&neg);
         }
         self.neg = neg;
@@ -200,6 +224,7 @@ impl MediaSession {
             self.neg.codec.decode(&p.payload[..n], &mut pcm[..n]);
             if let Some(d) = inband.feed(&pcm[..n]) {
                 self.stats.digits += 1;
+                self.last_inband = Some((d, now));
                 return Ok(Some(MediaEvent::Digit(d)));
             }
         }
@@ -290,6 +315,67 @@ mod tests {
             .map(|i| ((i as f32 * 0.785).sin() * 8000.0) as i16)
             .collect();
         Arc::new(Prompt::from_pcm(name, &samples, 8000, 1).unwrap())
+    }
+
+    /// Packets of key `5` as tones (770 + 1336 Hz) for `ms`, then silence, PCMU, from `seq`.
+    fn tone_key_packets(seq: u16) -> Vec<Vec<u8>> {
+        let mut s = RtpStream::with_origin(9, seq, 0);
+        (0..8usize)
+            .map(|p| {
+                let pcm: Vec<i16> = (0..160)
+                    .map(|i| {
+                        if p >= 5 {
+                            return 0;
+                        }
+                        let t = (p * 160 + i) as f32 / 8000.0;
+                        let tau = std::f32::consts::TAU;
+                        (6000.0 * ((tau * 770.0 * t).sin() + (tau * 1336.0 * t).sin())) as i16
+                    })
+                    .collect();
+                let mut payload = [0u8; 160];
+                Codec::Pcmu.encode(&pcm, &mut payload);
+                let mut out = [0u8; 200];
+                let n = s.write(0, &payload, 160, &mut out);
+                out[..n].to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tones_are_keys_without_telephone_event_until_the_caller_sends_keys_by_info() {
+        let t0 = Instant::now();
+        let from: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let plain = Negotiated {
+            telephone_event: None,
+            ..neg()
+        };
+        let keys = |m: &mut MediaSession, seq: u16, at: Instant| -> Vec<char> {
+            tone_key_packets(seq)
+                .iter()
+                .filter_map(|p| match m.on_rtp(at, from, p) {
+                    Ok(Some(MediaEvent::Digit(d))) => Some(d),
+                    _ => None,
+                })
+                .collect()
+        };
+        // With telephone-event negotiated, tones are audio.
+        let mut m = MediaSession::new(t0, neg(), from);
+        assert!(keys(&mut m, 1, t0).is_empty());
+        // Without, they are keys.
+        let mut m = MediaSession::new(t0, plain, from);
+        assert_eq!(keys(&mut m, 1, t0), ['5']);
+        // The gateway's INFO for the same press is not a second key, and from then on keys
+        // come by INFO only.
+        assert!(m.on_info_key('5', t0 + Duration::from_millis(200)));
+        assert!(keys(&mut m, 20, t0).is_empty());
+        assert!(!m.on_info_key('5', t0 + Duration::from_millis(400)));
+        // An INFO for another key, or long after, is a press of its own.
+        let mut m = MediaSession::new(t0, plain, from);
+        assert_eq!(keys(&mut m, 1, t0), ['5']);
+        assert!(!m.on_info_key('6', t0 + Duration::from_millis(100)));
+        let mut m = MediaSession::new(t0, plain, from);
+        assert_eq!(keys(&mut m, 1, t0), ['5']);
+        assert!(!m.on_info_key('5', t0 + Duration::from_secs(2)));
     }
 
     fn dtmf_packet(ts: u32, seq: u16, event: u8, end: bool) -> Vec<u8> {
