@@ -433,6 +433,10 @@ pub struct Limits {
     pub drain_seconds: u64,
     /// Most simultaneous TCP connections for SIP. Default 1024.
     pub max_tcp_connections: usize,
+    /// A SIP TCP connection the far end sends nothing on for this long is closed. One we
+    /// opened (a `transport=tcp` 911 route or trunk) is opened again when we next send on it,
+    /// so a long call keeps its BYE. Default 300.
+    pub tcp_idle_seconds: u64,
     /// Out-of-dialog requests other than INVITE (OPTIONS, REGISTER, MESSAGE, SUBSCRIBE..., and
     /// requests naming a dialog that does not exist) accepted per second from one source (an
     /// IPv4 address or an IPv6 /64). Past it they are dropped without an answer and counted in
@@ -455,6 +459,7 @@ impl Default for Limits {
             max_call_seconds: 3600,
             drain_seconds: 30,
             max_tcp_connections: 1024,
+            tcp_idle_seconds: 300,
             options_per_second: 10,
             options_burst: 40,
         }

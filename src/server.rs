@@ -154,6 +154,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
         max_tcp_connections: file.limits.max_tcp_connections,
+        tcp_idle: Duration::from_secs(file.limits.tcp_idle_seconds.max(1)),
         dscp: file.qos.sip_dscp,
         ..TransportLimits::default()
     };

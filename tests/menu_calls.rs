@@ -505,6 +505,95 @@ async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
     srv.shutdown().await;
 }
 
+/// One SIP message from a TCP connection (after `buf`'s leftovers), or `None` at its end.
+async fn read_tcp_message(
+    conn: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<ivr311::sip::message::Message> {
+    use ivr311::sip::message::{frame_stream, parse_stream_message, Frame};
+    use tokio::io::AsyncReadExt;
+    loop {
+        match frame_stream(buf, 65536).unwrap() {
+            Frame::Complete(n) => {
+                let msg = parse_stream_message(&buf[..n], 65536).unwrap();
+                buf.drain(..n);
+                return Some(msg);
+            }
+            Frame::KeepAlive(n) => {
+                buf.drain(..n);
+            }
+            Frame::Incomplete => {
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+                    .await
+                    .ok()?
+                    .ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// A 911 route over TCP that closes the connection while the call goes on (a border's idle
+/// timer): the BYE when the caller hangs up goes on a connection opened again, and the 911
+/// side gets it, so its call taker is not left on a dead line.
+#[tokio::test]
+async fn the_bye_to_a_tcp_route_goes_on_a_new_connection_after_the_first_closed() {
+    use ivr311::sip::message::{Message, ResponseBuilder};
+    use tokio::io::AsyncWriteExt;
+    let psap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = psap.local_addr().unwrap().port();
+    let media = Trunk::new().await;
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@127.0.0.1:{port};transport=tcp"));
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+
+    let (mut first, _) = tokio::time::timeout(Duration::from_secs(10), psap.accept())
+        .await
+        .expect("a TCP connection for the INVITE")
+        .unwrap();
+    let mut buf = Vec::new();
+    let Some(Message::Request(inv)) = read_tcp_message(&mut first, &mut buf).await else {
+        panic!("no INVITE")
+    };
+    assert_eq!(inv.method.as_str(), "INVITE");
+    let ok = ResponseBuilder::new(&inv, 200, "OK", Some("psap1"))
+        .header(
+            "Contact",
+            format!("<sip:911@127.0.0.1:{port};transport=tcp>"),
+        )
+        .body("application/sdp", psap_sdp(&media))
+        .build();
+    first.write_all(&ok).await.unwrap();
+    let Some(Message::Request(ack)) = read_tcp_message(&mut first, &mut buf).await else {
+        panic!("no ACK")
+    };
+    assert_eq!(ack.method.as_str(), "ACK");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(ua.bye().await.code, 200);
+    let (mut again, _) = tokio::time::timeout(Duration::from_secs(5), psap.accept())
+        .await
+        .expect("the BYE opens a connection again")
+        .unwrap();
+    let mut buf = Vec::new();
+    let Some(Message::Request(bye)) = read_tcp_message(&mut again, &mut buf).await else {
+        panic!("no BYE")
+    };
+    assert_eq!(bye.method.as_str(), "BYE");
+    assert_eq!(bye.header("Call-ID"), inv.header("Call-ID"));
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn emergency_bridge_through_a_trunk_that_asks_for_credentials_gets_through() {
     use ivr311::sip::message::{Message, ResponseBuilder};

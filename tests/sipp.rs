@@ -200,7 +200,8 @@ fn tcp_listening(port: u16) -> bool {
 /// A 911 route that takes TCP only (`;transport=tcp`, as an ESInet border or some carriers
 /// ask), played by SIPp's own UAS over TCP: the bridge opens a connection, SIPp answers on it,
 /// and our BYE reaches it there when the caller hangs up. (Before, a TCP route failed at once
-/// and the caller got the announcement.)
+/// and the caller got the announcement.) SIPp ends a call whose connection closes, so the
+/// connection opened again for a later BYE is tested against our own TCP peer, in menu_calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_psap_over_tcp_is_bridged_and_hung_up() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -150,7 +150,8 @@ struct Connector {
     inbound: mpsc::Sender<Inbound>,
     tracker: TaskTracker,
     cancel: CancellationToken,
-    /// Connections we opened, by where they go: reused while open.
+    /// Connections we opened, by where they go: reused while open, and opened again when a
+    /// request is sent after the last one closed.
     opened: DashMap<SocketAddr, u64>,
 }
 
@@ -223,7 +224,6 @@ impl TransportHandle {
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         // Registered before the first send can look for it.
         let rx = self.register(conn);
-        c.opened.retain(|_, id| self.tcp.contains_key(id));
         c.opened.insert(remote, conn);
         c.tracker.spawn(tcp_connection(
             self.clone(),
@@ -236,6 +236,17 @@ impl TransportHandle {
             c.cancel.clone(),
         ));
         Ok(flow(conn))
+    }
+
+    /// [`TransportHandle::connect_tcp`] for [`TransportHandle::send`], boxed: sending may open
+    /// a connection whose reader may send (an error answer), and the compiler needs the cycle
+    /// cut with a type it knows to be `Send`.
+    fn reconnect(
+        &self,
+        remote: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Flow>> + Send + '_>>
+    {
+        Box::pin(self.connect_tcp(remote))
     }
 
     /// Make connection `conn` reachable by [`TransportHandle::send`]; its writer reads the
@@ -267,6 +278,24 @@ impl TransportHandle {
                     Some(tx) => {
                         if tx.try_send(data).is_err() {
                             warn!(remote = %flow.remote, "tcp connection backlogged or closed; message dropped");
+                        }
+                    }
+                    // A connection we opened to a target that closed (its idle time or ours:
+                    // a 911 call outlasts both) is opened again for what we send next, as
+                    // RFC 3261 §18.1.1 lets a client; the far end matches it by its dialog.
+                    None if self.connector.opened.contains_key(&flow.remote) => {
+                        match self.reconnect(flow.remote).await {
+                            Ok(again) => match self.tcp.get(&again.conn).map(|s| s.clone()) {
+                                Some(tx) if tx.try_send(data).is_ok() => {
+                                    debug!(remote = %flow.remote, "tcp connection opened again")
+                                }
+                                _ => {
+                                    warn!(remote = %flow.remote, "tcp connection opened again but closed at once; message dropped")
+                                }
+                            },
+                            Err(e) => {
+                                warn!(remote = %flow.remote, error = %e, "tcp connection gone and cannot be opened again; message dropped")
+                            }
                         }
                     }
                     None => debug!(remote = %flow.remote, "tcp connection gone; message dropped"),
