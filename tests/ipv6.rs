@@ -179,15 +179,7 @@ async fn on_the_ipv6_wildcard_an_ipv4_callers_rtp_takes_its_port_back_from_a_str
     let media = ua.remote_rtp.expect("answer names our media port");
     assert!(media.is_ipv4(), "{media}");
 
-    let stray = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut out = ivr311::media::rtp::RtpStream::new();
-    let mut buf = [0u8; 200];
-    for _ in 0..5 {
-        let n = out.write(0, &[0xFF; 160], 160, &mut buf);
-        stray.send_to(&buf[..n], media).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stray = stray_stream(media).await;
 
     // The caller sends from the address its SDP names: the menu is theirs from then on.
     let ear = PromptEar::new("en", &["language_menu", "screening"], Codec::Pcmu);
@@ -200,12 +192,10 @@ async fn on_the_ipv6_wildcard_an_ipv4_callers_rtp_takes_its_port_back_from_a_str
         ["screening"],
         "the caller's key is heard"
     );
-    let mut rx = [0u8; 2048];
-    while let Ok(Ok(_)) =
-        tokio::time::timeout(Duration::from_millis(1), stray.recv_from(&mut rx)).await
-    {}
-    let late = tokio::time::timeout(Duration::from_millis(300), stray.recv_from(&mut rx)).await;
-    assert!(late.is_err(), "audio still goes to the stray source");
+    assert!(
+        gets_nothing_more(&stray).await,
+        "audio still goes to the stray source"
+    );
     ua.bye().await;
     srv.shutdown().await;
 }

@@ -370,10 +370,7 @@ async fn caller_presses_911_on(
     file.emergency.uri = Some(uri.to_owned());
     let srv = start_server_with(args, file).await;
     let dial = std::net::SocketAddr::from(([127, 0, 0, 1], srv.sip_addr.port()));
-    let mut ua = TestUa::udp(dial).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
-    ua.keys("19").await;
+    let ua = caller_pressing(dial, "19").await;
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))
         .await
@@ -547,14 +544,9 @@ async fn the_bye_to_a_tcp_route_goes_on_a_new_connection_after_the_first_closed(
     let psap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = psap.local_addr().unwrap().port();
     let media = Trunk::new().await;
-    let mut file = FileConfig::default();
-    file.emergency.method = Some(EmergencyMethod::Bridge);
-    file.emergency.uri = Some(format!("sip:911@127.0.0.1:{port};transport=tcp"));
-    let srv = start_server(file).await;
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
-    ua.keys("19").await;
+    let uri = format!("sip:911@127.0.0.1:{port};transport=tcp");
+    let srv = start_server(bridge_911_to(&uri)).await;
+    let mut ua = caller_pressing(srv.sip_addr, "19").await;
 
     let (mut first, _) = tokio::time::timeout(Duration::from_secs(10), psap.accept())
         .await

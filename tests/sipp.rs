@@ -240,14 +240,9 @@ async fn sipp_psap_over_tcp_is_bridged_and_hung_up() {
     }
     assert!(tcp_listening(port), "SIPp listens on TCP {port}");
 
-    let mut file = FileConfig::default();
-    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
-    file.emergency.uri = Some(format!("sip:911@127.0.0.1:{port};transport=tcp"));
-    let srv = start_server(file).await;
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
-    ua.keys("19").await;
+    let uri = format!("sip:911@127.0.0.1:{port};transport=tcp");
+    let srv = start_server(bridge_911_to(&uri)).await;
+    let mut ua = caller_pressing(srv.sip_addr, "19").await;
     let audits = settled_audits(&srv).await;
     assert!(
         audits[0].outcome.starts_with("connected via bridge"),

@@ -322,16 +322,10 @@ mod tests {
         let mut s = RtpStream::with_origin(9, seq, 0);
         (0..8usize)
             .map(|p| {
-                let pcm: Vec<i16> = (0..160)
-                    .map(|i| {
-                        if p >= 5 {
-                            return 0;
-                        }
-                        let t = (p * 160 + i) as f32 / 8000.0;
-                        let tau = std::f32::consts::TAU;
-                        (6000.0 * ((tau * 770.0 * t).sin() + (tau * 1336.0 * t).sin())) as i16
-                    })
-                    .collect();
+                let pcm = match p {
+                    0..5 => crate::media::inband::tone('5', p * 160, 160, 6000.0).unwrap(),
+                    _ => vec![0; 160],
+                };
                 let mut payload = [0u8; 160];
                 Codec::Pcmu.encode(&pcm, &mut payload);
                 let mut out = [0u8; 200];

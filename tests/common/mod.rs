@@ -530,27 +530,14 @@ Contact: <sip:caller@{me}>\r\n\
     /// Press a key as a phone without RFC 4733 does: 100 ms of its two DTMF tones (−10 dBFS
     /// each) in the call's audio, then 60 ms of silence.
     pub async fn press_tone(&mut self, digit: char) {
-        const KEYS: [&str; 4] = ["123A", "456B", "789C", "*0#D"];
-        let row = KEYS.iter().position(|r| r.contains(digit)).expect("digit");
-        let col = KEYS[row].find(digit).unwrap();
-        let (low, high) = (
-            [697.0f32, 770.0, 852.0, 941.0][row],
-            [1209.0f32, 1336.0, 1477.0, 1633.0][col],
-        );
         let remote = self.remote_rtp.expect("call is up");
         let mut buf = [0u8; 200];
         let mut payload = [0u8; 160];
         for p in 0..8usize {
-            let pcm: Vec<i16> = (0..160)
-                .map(|i| {
-                    if p >= 5 {
-                        return 0;
-                    }
-                    let t = (p * 160 + i) as f32 / 8000.0;
-                    let tau = std::f32::consts::TAU;
-                    (10_000.0 * ((tau * low * t).sin() + (tau * high * t).sin())) as i16
-                })
-                .collect();
+            let pcm = match p {
+                0..5 => ivr311::media::inband::tone(digit, p * 160, 160, 10_000.0).expect("a key"),
+                _ => vec![0; 160],
+            };
             self.codec.encode(&pcm, &mut payload);
             let n = self
                 .rtp_out
@@ -1028,4 +1015,48 @@ pub async fn agent_request(
         sip.send_to(ack.as_bytes(), srv.sip_addr).await.unwrap();
     }
     r
+}
+
+/// RTP from elsewhere reaching a call's media port `media` before the caller's own: a far end
+/// still sending to a port its call gave up, now given to another call. Five packets, 20 ms
+/// apart, then 100 ms for the server to see them; returns the stray source's socket.
+pub async fn stray_stream(media: SocketAddr) -> tokio::net::UdpSocket {
+    let stray = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut out = ivr311::media::rtp::RtpStream::new();
+    let mut buf = [0u8; 200];
+    for _ in 0..5 {
+        let n = out.write(0, &[0xFF; 160], 160, &mut buf);
+        stray.send_to(&buf[..n], media).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stray
+}
+
+/// Whether `sock` gets nothing for 300 ms, after what it already has is dropped.
+pub async fn gets_nothing_more(sock: &tokio::net::UdpSocket) -> bool {
+    let mut rx = [0u8; 2048];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(1), sock.recv_from(&mut rx)).await
+    {}
+    tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut rx))
+        .await
+        .is_err()
+}
+
+/// The default config with 911 as a bridge to `uri`.
+pub fn bridge_911_to(uri: &str) -> FileConfig {
+    let mut file = FileConfig::default();
+    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
+    file.emergency.uri = Some(uri.to_owned());
+    file
+}
+
+/// A caller (PCMU, RFC 4733) on `server` who hears the menu start and presses `keys`.
+pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
+    let mut ua = TestUa::udp(server).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys(keys).await;
+    ua
 }
