@@ -1872,17 +1872,31 @@ mod tests {
         clock.stop();
     }
 
-    /// An agent's phone that moves (a re-INVITE with a new address) is bridged again on the
-    /// same leg port. The shard `connect`s a leg's port once the leg is latched where its SDP
-    /// said; the new bridge must not inherit that, or the kernel drops the moved phone's audio.
-    #[tokio::test]
-    async fn a_leg_that_moves_on_the_same_port_is_heard_and_the_port_is_let_go_after() {
+    /// A one-shard clock, its port pool, the caller's port, a leg's port and the address it
+    /// listens on, and the caller's socket: what the bridge tests start from.
+    async fn bridge_rig() -> (
+        Arc<MediaClock>,
+        Arc<PortPool>,
+        RtpPort,
+        Arc<RtpPort>,
+        SocketAddr,
+        tokio::net::UdpSocket,
+    ) {
         let clock = MediaClock::start(1).unwrap();
         let pool = pool();
         let port = pool.allocate().unwrap();
         let leg_port = Arc::new(pool.allocate().unwrap());
         let leg_ours = SocketAddr::new("127.0.0.1".parse().unwrap(), leg_port.port);
         let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        (clock, pool, port, leg_port, leg_ours, caller)
+    }
+
+    /// An agent's phone that moves (a re-INVITE with a new address) is bridged again on the
+    /// same leg port. The shard `connect`s a leg's port once the leg is latched where its SDP
+    /// said; the new bridge must not inherit that, or the kernel drops the moved phone's audio.
+    #[tokio::test]
+    async fn a_leg_that_moves_on_the_same_port_is_heard_and_the_port_is_let_go_after() {
+        let (clock, _pool, port, leg_port, leg_ours, caller) = bridge_rig().await;
         let session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
         let (media, _notes) = clock.attach(port, session, Duration::from_secs(60), Span::none());
         let mut buf = [0u8; 512];
@@ -1952,12 +1966,7 @@ mod tests {
 
     #[tokio::test]
     async fn early_media_that_stops_gives_the_caller_our_prompt_again_in_time() {
-        let clock = MediaClock::start(1).unwrap();
-        let pool = pool();
-        let port = pool.allocate().unwrap();
-        let leg_port = Arc::new(pool.allocate().unwrap());
-        let leg_ours = SocketAddr::new("127.0.0.1".parse().unwrap(), leg_port.port);
-        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (clock, _pool, port, leg_port, leg_ours, caller) = bridge_rig().await;
         let trunk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut session = MediaSession::new(Instant::now(), neg(), caller.local_addr().unwrap());
         // Ten seconds of "ringback".
