@@ -317,7 +317,8 @@ mod tests {
         Arc::new(Prompt::from_pcm(name, &samples, 8000, 1).unwrap())
     }
 
-    /// Packets of key `5` as tones (770 + 1336 Hz) for `ms`, then silence, PCMU, from `seq`.
+    /// Key `5` as tones (770 + 1336 Hz) for 100 ms, then 60 ms of silence: PCMU packets from
+    /// sequence number `seq`.
     fn tone_key_packets(seq: u16) -> Vec<Vec<u8>> {
         let mut s = RtpStream::with_origin(9, seq, 0);
         (0..8usize)

@@ -283,20 +283,26 @@ impl TransportHandle {
                     // A connection we opened to a target that closed (its idle time or ours:
                     // a 911 call outlasts both) is opened again for what we send next, as
                     // RFC 3261 §18.1.1 lets a client; the far end matches it by its dialog.
+                    // In a task of its own: the UA task sends, and must not wait up to
+                    // CONNECT_WITHIN on a far end that does not answer.
                     None if self.connector.opened.contains_key(&flow.remote) => {
-                        match self.reconnect(flow.remote).await {
-                            Ok(again) => match self.tcp.get(&again.conn).map(|s| s.clone()) {
-                                Some(tx) if tx.try_send(data).is_ok() => {
-                                    debug!(remote = %flow.remote, "tcp connection opened again")
+                        let handle = self.clone();
+                        let remote = flow.remote;
+                        self.connector.tracker.spawn(async move {
+                            match handle.reconnect(remote).await {
+                                Ok(again) => match handle.tcp.get(&again.conn).map(|s| s.clone()) {
+                                    Some(tx) if tx.try_send(data).is_ok() => {
+                                        debug!(%remote, "tcp connection opened again")
+                                    }
+                                    _ => {
+                                        warn!(%remote, "tcp connection opened again but closed at once; message dropped")
+                                    }
+                                },
+                                Err(e) => {
+                                    warn!(%remote, error = %e, "tcp connection gone and cannot be opened again; message dropped")
                                 }
-                                _ => {
-                                    warn!(remote = %flow.remote, "tcp connection opened again but closed at once; message dropped")
-                                }
-                            },
-                            Err(e) => {
-                                warn!(remote = %flow.remote, error = %e, "tcp connection gone and cannot be opened again; message dropped")
                             }
-                        }
+                        });
                     }
                     None => debug!(remote = %flow.remote, "tcp connection gone; message dropped"),
                 }
