@@ -233,11 +233,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         handle
     });
     let ports = PortPool::with_dscp(args.rtp_ports, args.sip.ip(), file.qos.rtp_dscp);
-    let clock = MediaClock::start_with(
+    let clock = MediaClock::start_opts(
         file.media
             .clock_threads
             .unwrap_or_else(crate::media::clock::cores),
-        file.media.realtime,
+        crate::media::clock::ClockOptions {
+            realtime: file.media.realtime,
+            batch_sends: file.media.batch_sends,
+        },
     )
     .map_err(StartError::MediaClock)?;
     let closing = CancellationToken::new();
