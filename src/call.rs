@@ -254,6 +254,32 @@ impl CallRegistry {
     }
 }
 
+/// Our media address in the SDP offer of a leg (911, an operator's phone) whose far end is
+/// at `towards`: `preferred`, the address the caller's media uses (the advertised one, or
+/// the interface towards the caller), when it is of the far end's family. A server bound to
+/// `[::]` serves IPv4 and IPv6 on one port, so a caller over IPv6 may be bridged to a PSAP or
+/// phone reachable only over IPv4, which could never send to an IPv6 address: the leg then
+/// offers the local address of the far end's family that routes to it. Otherwise (a port
+/// bound to one family, nothing of the other to offer) `preferred` stays.
+pub fn leg_media_ip(preferred: IpAddr, port: &RtpPort, towards: Option<IpAddr>) -> IpAddr {
+    let Some(far) = towards else {
+        return preferred;
+    };
+    if preferred.is_ipv4() == far.is_ipv4() {
+        return preferred;
+    }
+    let dual_stack = port
+        .socket
+        .local_addr()
+        .is_ok_and(|a| a.is_ipv6() && a.ip().is_unspecified());
+    if !dual_stack {
+        return preferred;
+    }
+    crate::sip::transport::local_ip_towards(far)
+        .filter(|ip| ip.is_ipv4() == far.is_ipv4())
+        .unwrap_or(preferred)
+}
+
 /// Everything a call needs that outlives it.
 #[derive(Clone)]
 pub struct CallContext {
@@ -1427,11 +1453,17 @@ impl Call {
             .ports
             .allocate()
             .ok_or_else(|| "no RTP port free".to_owned())?;
-        let sdp = LegSdp::new(SocketAddr::new(self.local_media.ip(), port.port));
+        let destination = self.ctx.outbound.destination(&uri).await;
+        let ip = leg_media_ip(
+            self.local_media.ip(),
+            &port,
+            destination.as_ref().ok().map(|a| a.ip()),
+        );
+        let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(self.media.lock().media.codec());
         let caller = self.meta.caller.clone();
         let headers = vec![
-            asserted_identity(&caller, self.local_media.ip()),
+            asserted_identity(&caller, ip),
             ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
             (
                 "X-311-Language".to_owned(),
@@ -1442,8 +1474,9 @@ impl Call {
         let call = self
             .ctx
             .outbound
-            .invite(
+            .invite_to(
                 &uri,
+                destination,
                 &caller,
                 Some("311 caller"),
                 headers,
@@ -1801,13 +1834,14 @@ impl Call {
                 .await;
             return;
         };
-        let sdp = LegSdp::new(SocketAddr::new(self.local_media.ip(), port.port));
+        let ip = leg_media_ip(self.local_media.ip(), &port, Some(flow.remote.ip()));
+        let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(self.media.lock().media.codec());
         let Some(q) = &self.queue else { return };
         let caller = self.meta.caller.clone();
         let headers = OperatorOffer {
             number: &caller,
-            host: self.local_media.ip(),
+            host: ip,
             language: self.engine.language(),
             menu_path: &q.menu_path,
             queue: &q.name,
@@ -2300,4 +2334,39 @@ fn reoffer(
     media.renegotiate(neg, offer.addr);
     info!(direction = ?neg.direction, "media renegotiated");
     sdp::build_answer_for_offer(body, local_media, session_id, version, &neg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortRange;
+
+    fn port_on(ip: &str) -> Option<RtpPort> {
+        let probe = std::net::UdpSocket::bind((ip.parse::<IpAddr>().ok()?, 0)).ok()?;
+        let p = probe.local_addr().ok()?.port() & !1;
+        drop(probe);
+        PortPool::new(PortRange { lo: p, hi: p + 8 }, ip.parse().ok()?).allocate()
+    }
+
+    /// A leg's media address follows the far end's family only where the port can use
+    /// either (bound to `[::]`); the caller's own address is kept when the families match.
+    #[test]
+    fn a_legs_media_address_is_in_the_far_ends_family_on_a_dual_stack_port() {
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        let advertised: IpAddr = "203.0.113.7".parse().unwrap();
+        let Some(any4) = port_on("0.0.0.0") else {
+            return;
+        };
+        assert_eq!(leg_media_ip(advertised, &any4, Some(v4)), advertised);
+        assert_eq!(leg_media_ip(advertised, &any4, None), advertised);
+        // An IPv4-only port has no IPv6 address to offer.
+        assert_eq!(leg_media_ip(advertised, &any4, Some(v6)), advertised);
+        let Some(dual) = port_on("::") else {
+            return eprintln!("no IPv6 here: the dual-stack case is not tested");
+        };
+        assert_eq!(leg_media_ip(v6, &dual, Some(v4)), v4);
+        assert_eq!(leg_media_ip(v4, &dual, Some(v6)), v6);
+        assert_eq!(leg_media_ip(v6, &dual, Some(v6)), v6);
+    }
 }

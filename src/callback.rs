@@ -628,12 +628,13 @@ impl Run {
                 .await;
             return;
         };
-        let sdp = LegSdp::new(SocketAddr::new(self.req.local_ip, port.port));
+        let ip = crate::call::leg_media_ip(self.req.local_ip, &port, Some(flow.remote.ip()));
+        let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(codec);
         let number = self.req.number.clone();
         let headers = OperatorOffer {
             number: &number,
-            host: self.req.local_ip,
+            host: ip,
             language: &self.req.language,
             menu_path: &self.req.menu_path,
             queue: &self.req.queue,

@@ -363,13 +363,24 @@ async fn caller_presses_911_bridged_to(uri: &str, file: FileConfig, trunk: &Trun
 async fn caller_presses_911_on(
     args: ivr311::config::ServeArgs,
     uri: &str,
+    file: FileConfig,
+    trunk: &Trunk,
+) -> Pressed911 {
+    caller_presses_911_from([127, 0, 0, 1].into(), args, uri, file, trunk).await
+}
+
+/// [`caller_presses_911_on`], the caller dialling the server's port on `dial_ip`.
+async fn caller_presses_911_from(
+    dial_ip: std::net::IpAddr,
+    args: ivr311::config::ServeArgs,
+    uri: &str,
     mut file: FileConfig,
     trunk: &Trunk,
 ) -> Pressed911 {
     file.emergency.method = Some(EmergencyMethod::Bridge);
     file.emergency.uri = Some(uri.to_owned());
     let srv = start_server_with(args, file).await;
-    let dial = std::net::SocketAddr::from(([127, 0, 0, 1], srv.sip_addr.port()));
+    let dial = std::net::SocketAddr::new(dial_ip, srv.sip_addr.port());
     let ua = caller_pressing(dial, "19").await;
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))
@@ -381,13 +392,19 @@ async fn caller_presses_911_on(
     (srv, ua, inv, from)
 }
 
+/// Whether this machine gives dual-stack `[::]` sockets (IPv4 and IPv6 on one port) and
+/// has `::1`.
+fn dual_stack() -> bool {
+    std::net::UdpSocket::bind("[::]:0").is_ok()
+        && std::net::UdpSocket::bind("[::1]:0").is_ok()
+        && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "0")
+}
+
 /// A server bound to `[::]` (dual-stack, so it serves IPv4 and IPv6 callers on one port) still
 /// reaches a PSAP whose name has only an IPv4 address: the lookup takes either family there.
 #[tokio::test]
 async fn a_dual_stack_server_bridges_911_to_a_psap_name_with_only_an_ipv4_address() {
-    let dual = std::net::UdpSocket::bind("[::]:0").is_ok()
-        && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "0");
-    if !dual {
+    if !dual_stack() {
         eprintln!("skipped: no dual-stack [::] socket on this machine");
         return;
     }
@@ -400,6 +417,52 @@ async fn a_dual_stack_server_bridges_911_to_a_psap_name_with_only_an_ipv4_addres
         caller_presses_911_on(args, &named, FileConfig::default(), &trunk).await;
     assert_eq!(inv.uri, named);
     psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    srv.shutdown().await;
+}
+
+/// A caller over IPv6 on a dual-stack server, bridged to a PSAP reached over IPv4: the PSAP
+/// is offered an IPv4 media address (it cannot send to the caller's IPv6 one), named in
+/// P-Asserted-Identity too, and 911 and the caller hear each other.
+#[tokio::test]
+async fn a_caller_over_ipv6_is_bridged_to_an_ipv4_psap_with_ipv4_media() {
+    if !dual_stack() {
+        eprintln!("skipped: no dual-stack [::] socket on this machine");
+        return;
+    }
+    let trunk = Trunk::new().await;
+    let psap = trunk.sip.local_addr().unwrap();
+    let mut args = serve_args();
+    args.sip = "[::]:0".parse().unwrap();
+    let uri = format!("sip:911@{psap}");
+    let (srv, mut ua, inv, from) = caller_presses_911_from(
+        "::1".parse().unwrap(),
+        args,
+        &uri,
+        FileConfig::default(),
+        &trunk,
+    )
+    .await;
+    let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
+    assert_eq!(offer.addr.ip(), psap.ip(), "media offered to the PSAP");
+    let pai = inv.header("P-Asserted-Identity").unwrap();
+    assert!(pai.contains("@127.0.0.1"), "{pai}");
+    psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    // The caller's audio reaches the PSAP over IPv4.
+    let caller_side = tokio::spawn(async move {
+        ua.speak(25).await;
+        ua
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(700), trunk.rtp.recv_from(&mut buf)).await
+    {
+        if ivr311::media::rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 8) {
+            got += 1;
+        }
+    }
+    caller_side.await.unwrap();
+    assert!(got >= 15, "caller audio reached 911: {got} packets");
     srv.shutdown().await;
 }
 

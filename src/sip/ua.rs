@@ -230,8 +230,47 @@ impl OutboundHandle {
         extra_headers: Vec<(String, String)>,
         sdp: Bytes,
     ) -> OutboundCall {
-        self.start(target, None, from_user, from_display, extra_headers, sdp)
-            .await
+        self.start(
+            target,
+            None,
+            None,
+            from_user,
+            from_display,
+            extra_headers,
+            sdp,
+        )
+        .await
+    }
+
+    /// Where an INVITE to `target` would go: its IP literal, or its host name looked up in
+    /// our SIP socket's family ([`crate::sip::resolve::resolve`]). The 911 bridge asks first,
+    /// to offer media in the PSAP's address family, then hands the answer to
+    /// [`OutboundHandle::invite_to`] so a name is looked up once.
+    pub async fn destination(&self, target: &str) -> Result<SocketAddr, String> {
+        crate::sip::resolve::resolve(target.trim(), self.bound).await
+    }
+
+    /// [`OutboundHandle::invite`] to the `destination` [`OutboundHandle::destination`] gave
+    /// for `target` (a failed lookup fails the call at once with 503, as there).
+    pub async fn invite_to(
+        &self,
+        target: &str,
+        destination: Result<SocketAddr, String>,
+        from_user: &str,
+        from_display: Option<&str>,
+        extra_headers: Vec<(String, String)>,
+        sdp: Bytes,
+    ) -> OutboundCall {
+        self.start(
+            target,
+            None,
+            Some(destination),
+            from_user,
+            from_display,
+            extra_headers,
+            sdp,
+        )
+        .await
     }
 
     /// Like [`OutboundHandle::invite`], but the INVITE goes along `flow` instead of to the
@@ -254,6 +293,7 @@ impl OutboundHandle {
         self.start(
             target,
             Some(flow),
+            None,
             from_user,
             from_display,
             extra_headers,
@@ -262,10 +302,12 @@ impl OutboundHandle {
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
         target: &str,
         via: Option<Flow>,
+        looked_up: Option<Result<SocketAddr, String>>,
         from_user: &str,
         from_display: Option<&str>,
         extra_headers: Vec<(String, String)>,
@@ -276,10 +318,17 @@ impl OutboundHandle {
         // A host name is looked up here, in the caller's task: the UA task never waits on DNS
         // (nor on a TCP connection being opened).
         let prepared = async {
-            let resolved = if via.is_none() && crate::sip::resolve::needs_lookup(target.trim()) {
-                Some(crate::sip::resolve::resolve(target.trim(), self.bound).await?)
-            } else {
-                None
+            let name = crate::sip::resolve::needs_lookup(target.trim());
+            let resolved = match looked_up {
+                // An IP literal, or a name found.
+                Some(Ok(a)) => Some(a),
+                Some(Err(why)) if name => return Err(why),
+                // Not a name: the checks below say what is wrong with the target.
+                Some(Err(_)) => None,
+                None if via.is_none() && name => {
+                    Some(crate::sip::resolve::resolve(target.trim(), self.bound).await?)
+                }
+                None => None,
             };
             let via = match via {
                 None if wants_tcp(target) => {
