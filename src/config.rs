@@ -433,9 +433,10 @@ pub struct Limits {
     pub drain_seconds: u64,
     /// Most simultaneous TCP connections for SIP. Default 1024.
     pub max_tcp_connections: usize,
-    /// A SIP TCP connection the far end sends nothing on for this long is closed. One we
-    /// opened (a `transport=tcp` 911 route or trunk) is opened again when we next send on it,
-    /// so a long call keeps its BYE. Default 300.
+    /// A SIP TCP connection the far end sends nothing on for this long is closed, unless a
+    /// call runs over it (a caller on hold in a queue for half an hour keeps its connection,
+    /// so our BYE reaches the phone). One we opened (a `transport=tcp` 911 route or trunk)
+    /// that the far end closed is opened again when we next send on it. Default 300.
     pub tcp_idle_seconds: u64,
     /// Out-of-dialog requests other than INVITE (OPTIONS, REGISTER, MESSAGE, SUBSCRIBE..., and
     /// requests naming a dialog that does not exist) accepted per second from one source (an

@@ -556,6 +556,39 @@ async fn call_over_tcp() {
     srv.shutdown().await;
 }
 
+/// A phone's TCP connection stays open for as long as its call lasts, however quiet SIP is
+/// (a caller listening to prompts or waiting in a queue sends nothing on SIP for minutes):
+/// the server's BYE at the end still reaches the phone. A connection with no call on it is
+/// still closed after the idle time.
+#[tokio::test]
+async fn a_quiet_tcp_call_outlives_the_idle_timer_and_gets_our_bye() {
+    let mut file = FileConfig::default();
+    file.limits.tcp_idle_seconds = 1;
+    // No 911 route: pressing 9 plays the announcement once, then the server hangs up.
+    file.emergency.announce_repeats = 1;
+    let srv = start_server(file).await;
+    let mut ua = TestUa::tcp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
+    // Several idle periods pass with no SIP on the connection.
+    let bye = ua.expect_request("BYE", Duration::from_secs(20)).await;
+    assert_eq!(bye.method.as_str(), "BYE");
+
+    // No call on it: an idle connection is closed by the server.
+    let mut idle = tokio::net::TcpStream::connect(srv.sip_addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut buf),
+    )
+    .await
+    .expect("closed after the idle time")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "closed, nothing sent");
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn call_limit_gives_503_with_retry_after() {
     let mut file = FileConfig::default();

@@ -167,6 +167,9 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 pub struct TransportHandle {
     udp: Arc<UdpSocket>,
     tcp: Arc<DashMap<u64, mpsc::Sender<Bytes>>>,
+    /// TCP connections that carry a dialog, with how many: not closed for idleness
+    /// ([`TransportHandle::hold`]).
+    held: Arc<DashMap<u64, usize>>,
     connector: Arc<Connector>,
     local: SocketAddr,
     pub stats: Arc<TransportStats>,
@@ -247,6 +250,36 @@ impl TransportHandle {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Flow>> + Send + '_>>
     {
         Box::pin(self.connect_tcp(remote))
+    }
+
+    /// A dialog now runs over `flow`: if it is a TCP connection, keep it open however long it
+    /// stays quiet, until [`TransportHandle::release`] (or the far end closes it).
+    ///
+    /// Why: a caller waiting in an operator queue, or talking to an operator, sends nothing on
+    /// SIP for many minutes, and the idle timer (`limits.tcp_idle_seconds`) closed the
+    /// connection under the call. A phone's connection cannot be opened again from our side
+    /// (its port is ephemeral, its Contact usually behind NAT), so our BYE when the call ended
+    /// here was dropped and the phone stayed in a dead call. Idle connections without a
+    /// dialog are still closed, so a peer that opens many and walks away costs nothing.
+    pub fn hold(&self, flow: &Flow) {
+        if flow.transport == Transport::Tcp && flow.conn != 0 {
+            *self.held.entry(flow.conn).or_insert(0) += 1;
+        }
+    }
+
+    /// A dialog over `flow` ended ([`TransportHandle::hold`]).
+    pub fn release(&self, flow: &Flow) {
+        if flow.transport == Transport::Tcp && flow.conn != 0 {
+            self.held.remove_if_mut(&flow.conn, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+
+    /// Whether a dialog runs over TCP connection `conn`.
+    fn is_held(&self, conn: u64) -> bool {
+        self.held.contains_key(&conn)
     }
 
     /// Make connection `conn` reachable by [`TransportHandle::send`]; its writer reads the
@@ -344,6 +377,7 @@ pub async fn bind(
     let handle = TransportHandle {
         udp: udp.clone(),
         tcp: Arc::new(DashMap::new()),
+        held: Arc::new(DashMap::new()),
         connector: Arc::new(Connector {
             limits,
             inbound: inbound.clone(),
@@ -614,7 +648,10 @@ async fn tcp_connection(
             r = tokio::time::timeout(limits.tcp_idle, rd.read_buf(&mut buf)) => r,
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            // Idle: closed unless a call runs over it (see `TransportHandle::hold`).
+            Err(_) if handle.is_held(conn) => continue,
+            Err(_) => break,
             Ok(Ok(_)) => {}
         }
         loop {

@@ -1612,7 +1612,7 @@ impl UaCore {
         let id = self.insert_server(key.clone(), req, flow, Some(d));
         self.by_local_tag
             .insert((dialog.call_id.clone(), local_tag), d);
-        self.dialogs.insert(
+        self.insert_dialog(
             d,
             DialogEntry {
                 dialog,
@@ -1785,8 +1785,17 @@ impl UaCore {
         }
     }
 
+    /// Add a dialog; a TCP connection it runs over stays open while it lasts.
+    fn insert_dialog(&mut self, d: DialogId, entry: DialogEntry) {
+        self.transport.hold(&entry.dialog.flow);
+        if let Some(old) = self.dialogs.insert(d, entry) {
+            self.transport.release(&old.dialog.flow);
+        }
+    }
+
     fn remove_dialog(&mut self, d: DialogId) {
         if let Some(de) = self.dialogs.remove(&d) {
+            self.transport.release(&de.dialog.flow);
             let k = (de.dialog.call_id.clone(), de.dialog.local_tag.clone());
             // Another fork's dialog shares the Call-ID and our tag; only drop our own entry.
             if self.by_local_tag.get(&k) == Some(&d) {
@@ -2741,7 +2750,7 @@ impl UaCore {
         let tag_key = (dialog.call_id.clone(), dialog.local_tag.clone());
         let body = resp.body.clone();
         self.by_local_tag.entry(tag_key).or_insert(id);
-        self.dialogs.insert(
+        self.insert_dialog(
             id,
             DialogEntry {
                 dialog,
