@@ -448,21 +448,7 @@ async fn a_caller_over_ipv6_is_bridged_to_an_ipv4_psap_with_ipv4_media() {
     assert!(pai.contains("@127.0.0.1"), "{pai}");
     psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
     // The caller's audio reaches the PSAP over IPv4.
-    let caller_side = tokio::spawn(async move {
-        ua.speak(25).await;
-        ua
-    });
-    let mut got = 0;
-    let mut buf = [0u8; 2048];
-    while let Ok(Ok((n, _))) =
-        tokio::time::timeout(Duration::from_millis(700), trunk.rtp.recv_from(&mut buf)).await
-    {
-        if ivr311::media::rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 8) {
-            got += 1;
-        }
-    }
-    caller_side.await.unwrap();
-    assert!(got >= 15, "caller audio reached 911: {got} packets");
+    caller_is_heard_by_the_psap(ua, &trunk).await;
     srv.shutdown().await;
 }
 
@@ -740,6 +726,27 @@ async fn psap_answers_and_is_heard(
     );
 }
 
+/// The bridged caller speaks for half a second: the PSAP gets it as PCMA (its answer's
+/// codec). Returns the caller.
+async fn caller_is_heard_by_the_psap(mut ua: TestUa, trunk: &Trunk) -> TestUa {
+    let caller_side = tokio::spawn(async move {
+        ua.speak(25).await;
+        ua
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(700), trunk.rtp.recv_from(&mut buf)).await
+    {
+        if ivr311::media::rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 8) {
+            got += 1;
+        }
+    }
+    let ua = caller_side.await.unwrap();
+    assert!(got >= 15, "caller audio reached 911: {got} packets");
+    ua
+}
+
 /// The 911 side's SDP: PCMA and telephone-event at its RTP socket.
 fn psap_sdp(trunk: &Trunk) -> String {
     format!(
@@ -795,21 +802,7 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     );
 
     // Caller -> 911: the caller's PCMU arrives at the trunk as PCMA.
-    let caller_side = tokio::spawn(async move {
-        ua.speak(25).await;
-        ua
-    });
-    let mut got = 0;
-    let mut buf = [0u8; 2048];
-    while let Ok(Ok((n, _))) =
-        tokio::time::timeout(Duration::from_millis(700), trunk.rtp.recv_from(&mut buf)).await
-    {
-        if ivr311::media::rtp::parse(&buf[..n]).is_ok_and(|p| p.payload_type == 8) {
-            got += 1;
-        }
-    }
-    let mut ua = caller_side.await.unwrap();
-    assert!(got >= 15, "caller audio reached 911: {got} packets");
+    let mut ua = caller_is_heard_by_the_psap(ua, &trunk).await;
     // 911 -> caller.
     trunk.send_rtp(offer.addr, 0xd5, 20).await;
     let heard = ua.listen(Duration::from_millis(300)).await;
