@@ -484,7 +484,15 @@ impl Run {
             self.inner.queues.callback_failed(self.req.caller).await;
             return;
         };
-        let local = SocketAddr::new(self.req.local_ip, port.port);
+        // The trunk may be reached in the other address family than the caller's call
+        // came in on (a dual-stack server): offer media in the trunk's.
+        let destination = self.inner.outbound.destination(&self.target).await;
+        let ip = crate::call::leg_media_ip(
+            self.req.local_ip,
+            &port,
+            destination.as_ref().ok().map(|a| a.ip()),
+        );
+        let local = SocketAddr::new(ip, port.port);
         let offer = sdp::build_offer(
             local,
             rand::random::<u32>() as u64,
@@ -495,7 +503,7 @@ impl Run {
         );
         let from = self.inner.config.from_user.clone();
         let headers = vec![
-            asserted_identity(&from, self.req.local_ip),
+            asserted_identity(&from, ip),
             ("X-311-Callback".to_owned(), "yes".to_owned()),
             ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
         ];
@@ -503,8 +511,9 @@ impl Run {
         let call = self
             .inner
             .outbound
-            .invite(
+            .invite_to(
                 &self.target,
+                destination,
                 &from,
                 Some("311"),
                 headers,
