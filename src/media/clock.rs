@@ -1428,8 +1428,9 @@ const OUTBOX: usize = 256;
 /// packets keep their slot (so its socket stays open) until they are sent, at the end of the
 /// pass, and within the same pass as before, ahead of every read.
 struct Outbox {
-    /// Relayed packets can be as large as anything read ([`MAX_DATAGRAM`]).
-    bufs: Box<[[u8; MAX_DATAGRAM]; OUTBOX]>,
+    /// Relayed packets can be as large as anything read ([`MAX_DATAGRAM`]). [`OUTBOX`] of them
+    /// when batching, none otherwise (512 KiB a shard that would never be touched).
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
     lens: [usize; OUTBOX],
     results: [i32; OUTBOX],
     /// Whose packet each one is, and the bridge's leg port it goes out on (else the call's
@@ -1441,14 +1442,11 @@ struct Outbox {
 
 impl Outbox {
     fn new(batch_sends: bool) -> Self {
-        Outbox {
-            bufs: vec![[0; MAX_DATAGRAM]; OUTBOX]
-                .into_boxed_slice()
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("OUTBOX buffers")),
+        let mut outbox = Outbox {
+            bufs: Vec::new(),
             lens: [0; OUTBOX],
             results: [0; OUTBOX],
-            slots: Vec::with_capacity(OUTBOX),
+            slots: Vec::new(),
             #[cfg(target_os = "linux")]
             ring: batch_sends
                 .then(|| {
@@ -1459,7 +1457,14 @@ impl Outbox {
                         .ok()
                 })
                 .flatten(),
+        };
+        #[cfg(not(target_os = "linux"))]
+        let _ = batch_sends;
+        if outbox.batching() {
+            outbox.bufs = vec![[0; MAX_DATAGRAM]; OUTBOX];
+            outbox.slots = Vec::with_capacity(OUTBOX);
         }
+        outbox
     }
 
     /// Whether packets are queued (otherwise each is sent at once).
