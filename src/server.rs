@@ -146,7 +146,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         "menu and prompts loaded"
     );
     let tickets = TicketStore::open(&args.db).await?;
-    info!(db = %args.db.display(), "ticket store open");
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

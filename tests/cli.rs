@@ -80,7 +80,8 @@ async fn tickets_list_shows_filed_tickets_as_table_and_json() {
 }
 
 /// `ivr311 serve` as operators run it: SIGHUP reloads the menu; a broken one is refused and the
-/// old one keeps serving; SIGTERM stops it.
+/// old one keeps serving; SIGTERM stops it. Its log, read through a pipe as a service manager
+/// or a log file would, is plain text: no terminal colour codes.
 #[test]
 fn sighup_reloads_the_menu_and_sigterm_stops_the_server() {
     use std::io::{BufRead, BufReader};
@@ -103,7 +104,7 @@ fn sighup_reloads_the_menu_and_sigterm_stops_the_server() {
         .arg(&db)
         .current_dir(common::repo())
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -120,8 +121,12 @@ fn sighup_reloads_the_menu_and_sigterm_stops_the_server() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match rx.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return true,
-                Ok(_) => {}
+                Ok(l) => {
+                    assert!(!l.contains('\u{1b}'), "colour codes in a piped log: {l:?}");
+                    if l.contains(needle) {
+                        return true;
+                    }
+                }
                 Err(_) => return false,
             }
         }

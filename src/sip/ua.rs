@@ -1682,10 +1682,10 @@ impl UaCore {
         }
         match req.method.clone() {
             Method::Bye => {
+                debug!(call_id = %req.call_id, "far end hung up");
                 let resp = self.response(&req, 200, "OK", Some(&local_tag)).build();
                 self.new_server_and_respond(key, req, flow, None, 200, resp, now)
                     .await;
-                info!("caller hung up");
                 self.dialog_event(d, DialogEvent::Bye);
                 self.remove_dialog(d);
             }
