@@ -2,8 +2,9 @@
 //! calls its queue offers them.
 //!
 //! One thread holds a share of the agents, one SIP socket for all of them (each agent's
-//! Contact is `sip:load-NNNN@<that socket>`), one RTP socket per agent call, one epoll set and
-//! a 1 ms timerfd, like the callers' workers. Each agent REGISTERs with digest authentication
+//! Contact is `sip:load-NNNN@<that socket>`), one RTP socket per agent call (read at the call's
+//! turn on the wheel, not waited on: see [`net::RecvBatch`]), one epoll set and a 1 ms timerfd,
+//! like the callers' workers. Each agent REGISTERs with digest authentication
 //! (SHA-256 when offered, else MD5; every registration answers a fresh 401 challenge, so nonce
 //! counts never repeat) and refreshes at 80 % of its expiry. An INVITE is answered at once
 //! with 200 OK and an SDP answer in the law the server offered first (PCMU or PCMA) plus
@@ -13,7 +14,7 @@
 //! the server relays: pacing from kernel receive stamps, bursts, sequence gaps, transit time.
 //! CANCEL, OPTIONS and other requests get 200 OK. Nothing on the per-packet path allocates.
 
-use crate::net::{self, CmsgBuf, Epoll, Ticker};
+use crate::net::{self, CmsgBuf, Epoll, RecvBatch, Ticker};
 use crate::payload;
 use crate::stats::Stats;
 use crate::worker::{law, tone, Shared};
@@ -103,7 +104,6 @@ enum Phase {
 }
 
 struct AgentCall {
-    gen: u32,
     bucket: usize,
     pos: usize,
     agent: usize,
@@ -161,11 +161,12 @@ pub struct AgentWorker {
     shared: Arc<Shared>,
     tx: Sender<(usize, u32, Stats)>,
     io: Io,
+    /// What an agent call's RTP socket held at its last turn.
+    rtp_in: RecvBatch,
     epoll: Epoll,
     ticker: Ticker,
     agents: Vec<Agent>,
     calls: Vec<Option<Box<AgentCall>>>,
-    gens: Vec<u32>,
     free: Vec<usize>,
     by_call_id: HashMap<String, usize>,
     buckets: [Vec<usize>; PERIOD_MS as usize],
@@ -223,11 +224,11 @@ impl AgentWorker {
             cfg,
             shared,
             tx,
+            rtp_in: RecvBatch::new(),
             epoll,
             ticker,
             agents,
             calls: Vec::new(),
-            gens: Vec::new(),
             free: Vec::new(),
             by_call_id: HashMap::new(),
             buckets: Default::default(),
@@ -274,7 +275,7 @@ impl AgentWorker {
                 match ev.u64 {
                     TICK_TOKEN => self.ticker.clear(),
                     SIP_TOKEN => self.recv_sip(now_ms),
-                    t => self.recv_rtp(t),
+                    _ => {}
                 }
             }
         }
@@ -546,13 +547,10 @@ Content-Length: 0\r\n\r\n",
             Some(s) => s,
             None => {
                 self.calls.push(None);
-                self.gens.push(0);
                 self.calls.len() - 1
             }
         };
-        self.gens[slot] = self.gens[slot].wrapping_add(1).max(1);
-        let gen = self.gens[slot];
-        let sock = match self.rtp_socket(slot, gen, addr) {
+        let sock = match self.rtp_socket(addr) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open an agent RTP socket");
@@ -609,7 +607,6 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         }
         self.by_call_id.insert(req.call_id.clone(), slot);
         self.calls[slot] = Some(Box::new(AgentCall {
-            gen,
             bucket,
             pos,
             agent,
@@ -640,14 +637,12 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         self.shared.bridges.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn rtp_socket(&self, slot: usize, gen: u32, remote: SocketAddr) -> std::io::Result<UdpSocket> {
+    fn rtp_socket(&self, remote: SocketAddr) -> std::io::Result<UdpSocket> {
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
         net::buffer_and_count_drops(s.as_raw_fd(), net::RTP_RCVBUF)?;
         s.connect(remote)?;
-        self.epoll
-            .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
         Ok(s)
     }
 
@@ -720,7 +715,10 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             while i < self.buckets[b].len() {
                 let slot = self.buckets[b][i];
                 let end = match self.calls[slot].as_mut() {
-                    Some(call) => visit(&mut self.io, call, m),
+                    Some(call) => {
+                        read_rtp(&mut self.io, &mut self.rtp_in, call);
+                        visit(&mut self.io, call, m)
+                    }
                     None => Some(End::Cut),
                 };
                 match end {
@@ -731,74 +729,80 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         }
         self.done_ms = now_ms;
     }
+}
 
-    fn recv_rtp(&mut self, token: u64) {
-        let slot = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
-        let Some(call) = self.calls.get_mut(slot).and_then(|c| c.as_mut()) else {
-            return;
+/// Read what waited on the agent call's RTP socket since its last turn (everything, in
+/// batches).
+fn read_rtp(io: &mut Io, rtp_in: &mut RecvBatch, call: &mut AgentCall) {
+    loop {
+        let n = match rtp_in.recv(call.sock.as_raw_fd()) {
+            Ok(n) => n,
+            Err(_) => return,
         };
-        if call.gen != gen {
+        for i in 0..n {
+            let (pkt, stamp, drops) = rtp_in.get(i);
+            on_rtp(io, call, pkt, stamp, drops);
+        }
+        if n < net::RX_BATCH {
             return;
         }
-        let io = &mut self.io;
-        let (n, stamp, drops) =
-            match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
-                Ok(x) => x,
-                Err(_) => return,
-            };
-        if drops > call.drops {
-            io.stats.bridge.at_agent_dropped_here += u64::from(drops - call.drops);
-            call.drops = drops;
-        }
-        let stamp = if stamp == 0 {
-            io.stats.unstamped += 1;
-            net::realtime_ns()
-        } else {
-            stamp
-        };
-        let pkt = &io.rx[..n];
-        if n < 12 || pkt[0] >> 6 != 2 || (200..=204).contains(&pkt[1]) {
-            return;
-        }
-        let b = &mut io.stats.bridge;
-        let seq = u16::from_be_bytes([pkt[2], pkt[3]]);
-        let Some((payload::FROM_CALLER, sent)) = payload::rtp_payload(pkt).and_then(payload::read)
-        else {
-            if pkt[1] & 0x7f == call.te_pt {
-                // The caller's key into the queue, relayed (its End packets outlast the
-                // answer). Not audio: no pacing, but the numbering goes on.
-                b.at_agent_events += 1;
-                if call.rx > 0 {
-                    call.last_seq = seq;
-                }
-            } else {
-                b.at_agent_foreign += 1;
-            }
-            return;
-        };
-        if call.rx > 0 {
-            let d = stamp - call.last_rx_ns;
-            b.at_agent_pacing
-                .record((d - 20_000_000).unsigned_abs() / 1000);
-            b.to_agent_jitter
-                .record((d - (sent - call.last_sent_ns)).unsigned_abs() / 1000);
-            if d < 5_000_000 {
-                b.at_agent_bursts += 1;
-            }
-            let gap = seq.wrapping_sub(call.last_seq.wrapping_add(1));
-            if gap != 0 && gap < 1000 {
-                b.at_agent_gaps += u64::from(gap);
-            }
-        }
-        b.to_agent_transit
-            .record(((stamp - sent).max(0) / 1000) as u64);
-        b.at_agent_rx += 1;
-        call.rx += 1;
-        call.last_rx_ns = stamp;
-        call.last_sent_ns = sent;
-        call.last_seq = seq;
     }
+}
+
+/// Account one datagram of the caller's relayed audio, received at `stamp` (kernel realtime
+/// ns, 0: none), with the socket's drop count so far.
+fn on_rtp(io: &mut Io, call: &mut AgentCall, pkt: &[u8], stamp: i64, drops: u32) {
+    if drops > call.drops {
+        io.stats.bridge.at_agent_dropped_here += u64::from(drops - call.drops);
+        call.drops = drops;
+    }
+    let stamp = if stamp == 0 {
+        io.stats.unstamped += 1;
+        net::realtime_ns()
+    } else {
+        stamp
+    };
+    let n = pkt.len();
+    if n < 12 || pkt[0] >> 6 != 2 || (200..=204).contains(&pkt[1]) {
+        return;
+    }
+    let b = &mut io.stats.bridge;
+    let seq = u16::from_be_bytes([pkt[2], pkt[3]]);
+    let Some((payload::FROM_CALLER, sent)) = payload::rtp_payload(pkt).and_then(payload::read)
+    else {
+        if pkt[1] & 0x7f == call.te_pt {
+            // The caller's key into the queue, relayed (its End packets outlast the
+            // answer). Not audio: no pacing, but the numbering goes on.
+            b.at_agent_events += 1;
+            if call.rx > 0 {
+                call.last_seq = seq;
+            }
+        } else {
+            b.at_agent_foreign += 1;
+        }
+        return;
+    };
+    if call.rx > 0 {
+        let d = stamp - call.last_rx_ns;
+        b.at_agent_pacing
+            .record((d - 20_000_000).unsigned_abs() / 1000);
+        b.to_agent_jitter
+            .record((d - (sent - call.last_sent_ns)).unsigned_abs() / 1000);
+        if d < 5_000_000 {
+            b.at_agent_bursts += 1;
+        }
+        let gap = seq.wrapping_sub(call.last_seq.wrapping_add(1));
+        if gap != 0 && gap < 1000 {
+            b.at_agent_gaps += u64::from(gap);
+        }
+    }
+    b.to_agent_transit
+        .record(((stamp - sent).max(0) / 1000) as u64);
+    b.at_agent_rx += 1;
+    call.rx += 1;
+    call.last_rx_ns = stamp;
+    call.last_sent_ns = sent;
+    call.last_seq = seq;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

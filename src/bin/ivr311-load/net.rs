@@ -1,5 +1,6 @@
 //! The few Linux calls std does not offer: kernel receive timestamps (`SO_TIMESTAMPNS` read
-//! with `recvmsg`), epoll, a 1 ms timerfd, and the realtime clock the kernel stamps with.
+//! with `recvmsg`, or for RTP with `recvmmsg`), epoll, a 1 ms timerfd, and the realtime clock
+//! the kernel stamps with.
 //!
 //! Why kernel timestamps: the generator runs on the same two cores as the server, so the time
 //! at which our thread gets to read a packet includes our own scheduling delay. The kernel
@@ -81,11 +82,17 @@ pub fn recv_stamped_drops(
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    let (stamp, drops) = stamp_and_drops(&msg);
+    Ok((n as usize, stamp, drops))
+}
+
+/// The receive stamp (0 if none) and drop count (0 if none) in a message the kernel filled.
+fn stamp_and_drops(msg: &libc::msghdr) -> (i64, u32) {
     let mut stamp = 0i64;
     let mut drops = 0u32;
     // SAFETY: walking the control buffer the kernel filled, with the libc macros.
     unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut c = libc::CMSG_FIRSTHDR(msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
                 let ts: libc::timespec =
@@ -94,19 +101,94 @@ pub fn recv_stamped_drops(
             } else if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
                 drops = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u32);
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            c = libc::CMSG_NXTHDR(msg, c);
         }
     }
-    Ok((n as usize, stamp, drops))
+    (stamp, drops)
 }
 
-/// Events taken per `epoll_wait` by the generator's loops: more than the sockets a thread
-/// can have ready at once, so that each wait serves every ready socket. With a smaller buffer
-/// (1,024) and more ready sockets than that (an overloaded worker: every call's socket holding
-/// a backlog), the level-triggered set was seen on Linux 6.18 to report the same sockets wait
-/// after wait and leave the rest unread for seconds; their calls then showed no response to
-/// their keys although the server had sent it.
-pub const EVENTS: usize = 16 * 1024;
+/// Datagrams one [`RecvBatch::recv`] takes from a socket.
+pub const RX_BATCH: usize = 8;
+/// Largest RTP datagram read (ours are 172 bytes; anything longer is cut, and not ours).
+const RX_MAX: usize = 2048;
+
+/// Up to [`RX_BATCH`] datagrams from one socket in one `recvmmsg`, each with its kernel
+/// receive stamp and the socket's drop count (as [`recv_stamped_drops`] gives for one).
+///
+/// Why the generator reads its RTP sockets in batches at each call's turn on the wheel
+/// instead of sleeping on them in epoll: on loopback the kernel delivers a datagram in the
+/// *sender's* system call, and if a thread sleeps on the receiving socket it wakes it there
+/// too. A generator thread waiting in `epoll_wait` on thousands of RTP sockets made nearly
+/// every packet the server sent pay that wake-up, about 9% of the server's samples at ~500
+/// bridges (`sock_def_readable`), a cost a phone on another machine never charges the server.
+/// With no waiter on an RTP socket the kernel only queues the datagram; its kernel stamp
+/// still says when it arrived, so pacing and latency figures keep their precision, and a call
+/// reacts to what it heard at its next 20 ms turn.
+pub struct RecvBatch {
+    bufs: Box<[[u8; RX_MAX]; RX_BATCH]>,
+    cmsgs: [CmsgBuf; RX_BATCH],
+    lens: [usize; RX_BATCH],
+    stamps: [i64; RX_BATCH],
+    drops: [u32; RX_BATCH],
+}
+
+impl RecvBatch {
+    pub fn new() -> RecvBatch {
+        RecvBatch {
+            bufs: Box::new([[0; RX_MAX]; RX_BATCH]),
+            cmsgs: [[0; 8]; RX_BATCH],
+            lens: [0; RX_BATCH],
+            stamps: [0; RX_BATCH],
+            drops: [0; RX_BATCH],
+        }
+    }
+
+    /// Take what waits on `fd` (without blocking), up to [`RX_BATCH`] datagrams; how many.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut iovs: [libc::iovec; RX_BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.bufs[i].as_mut_ptr() as *mut libc::c_void,
+            iov_len: RX_MAX,
+        });
+        // SAFETY: a zeroed mmsghdr is valid; each is pointed at its own live iovec and
+        // control buffer below.
+        let mut msgs: [libc::mmsghdr; RX_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
+        }
+        // SAFETY: `msgs` and everything it points at outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                RX_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (i, m) in msgs[..n].iter().enumerate() {
+            self.lens[i] = (m.msg_len as usize).min(RX_MAX);
+            (self.stamps[i], self.drops[i]) = stamp_and_drops(&m.msg_hdr);
+        }
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes, receive stamp (0: none) and
+    /// the socket's drop count.
+    pub fn get(&self, i: usize) -> (&[u8], i64, u32) {
+        (&self.bufs[i][..self.lens[i]], self.stamps[i], self.drops[i])
+    }
+}
+
+/// Events taken per `epoll_wait` by the generator's loops: a thread's epoll set holds only its
+/// SIP socket and its 1 ms ticker (RTP sockets are read at their calls' turns: [`RecvBatch`]).
+pub const EVENTS: usize = 4;
 
 /// A level-triggered epoll set.
 pub struct Epoll {

@@ -4,12 +4,13 @@
 //! Every call sits in one of 20 one-millisecond slots of a wheel (its phase inside the 20 ms
 //! packet period, fixed when it is placed). Each millisecond the worker visits that slot's
 //! calls once: send this period's RTP packet (audio, or a DTMF event packet), run the script,
-//! retransmit INVITE/BYE per RFC 3261 timers A/E. Receiving is epoll-driven (level-triggered,
-//! one datagram per ready socket per wake-up) and every datagram carries its kernel receive
-//! stamp. Nothing on the per-packet path allocates: packets are written into one buffer, the
-//! histograms are fixed arrays, calls are found by the slot index in their epoll token.
+//! retransmit INVITE/BYE per RFC 3261 timers A/E. The SIP socket is read as it becomes ready
+//! (epoll); a call's RTP socket is read at the call's turn, before its visit, with one
+//! `recvmmsg` (see [`net::RecvBatch`] for why nobody sleeps on it), and every datagram
+//! carries its kernel receive stamp. Nothing on the per-packet path allocates: packets are
+//! written into one buffer, the histograms are fixed arrays.
 
-use crate::net::{self, CmsgBuf, Epoll, Ticker};
+use crate::net::{self, CmsgBuf, Epoll, RecvBatch, Ticker};
 use crate::payload;
 use crate::script::{Action, At, Script};
 use crate::stats::{Failure, Stats};
@@ -40,10 +41,6 @@ const END_PACKETS: u64 = 3;
 const RESPONSE_TIMEOUT_MS: u64 = 3000;
 
 const SIP_TOKEN: u64 = u64::MAX;
-/// Most packets read from one call's socket per readiness event.
-const RTP_DRAIN: usize = 64;
-/// A packet that waited this long in its socket means more are likely waiting behind it.
-const BACKLOG_NS: i64 = 10_000_000;
 const TICK_TOKEN: u64 = u64::MAX - 1;
 
 /// What the main thread and the workers share.
@@ -202,6 +199,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     tx: Sender<(usize, u32, Stats)>,
     io: Io,
+    /// What a call's RTP socket held at its last turn.
+    rtp_in: RecvBatch,
     epoll: Epoll,
     ticker: Ticker,
     calls: Vec<Option<Box<Call>>>,
@@ -271,6 +270,7 @@ impl Worker {
             cfg,
             shared,
             tx,
+            rtp_in: RecvBatch::new(),
             epoll,
             ticker,
             calls: Vec::new(),
@@ -321,7 +321,7 @@ impl Worker {
                 match token {
                     TICK_TOKEN => self.ticker.clear(),
                     SIP_TOKEN => self.recv_sip(now_ms),
-                    t => self.recv_rtp(t, now_ms),
+                    _ => {}
                 }
             }
         }
@@ -369,7 +369,7 @@ impl Worker {
         };
         self.gens[slot] = self.gens[slot].wrapping_add(1).max(1);
         let gen = self.gens[slot];
-        let sock = match self.rtp_socket(slot, gen) {
+        let sock = match self.rtp_socket() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open an RTP socket; call not placed");
@@ -441,13 +441,11 @@ impl Worker {
         self.set_live();
     }
 
-    fn rtp_socket(&self, slot: usize, gen: u32) -> std::io::Result<UdpSocket> {
+    fn rtp_socket(&self) -> std::io::Result<UdpSocket> {
         let s = UdpSocket::bind((self.cfg.local_ip, 0))?;
         s.set_nonblocking(true)?;
         net::enable_rx_timestamps(s.as_raw_fd())?;
         net::buffer_and_count_drops(s.as_raw_fd(), net::RTP_RCVBUF)?;
-        self.epoll
-            .add(s.as_raw_fd(), (u64::from(gen) << 32) | slot as u64)?;
         Ok(s)
     }
 
@@ -510,7 +508,10 @@ Content-Length: {len}\r\n\r\n{sdp}",
             while i < self.buckets[b].len() {
                 let slot = self.buckets[b][i];
                 let finished = match self.calls[slot].as_mut() {
-                    Some(call) => visit(&mut self.io, &self.cfg.script, call, m),
+                    Some(call) => {
+                        read_rtp(&mut self.io, &mut self.rtp_in, &self.cfg.script, call, m);
+                        visit(&mut self.io, &self.cfg.script, call, m)
+                    }
                     None => true,
                 };
                 if finished {
@@ -668,143 +669,144 @@ Content-Length: {len}\r\n\r\n{sdp}",
             self.finish(slot);
         }
     }
+}
 
-    /// Read what waits on a call's socket: one packet, and more while the ones read are
-    /// older than [`BACKLOG_NS`] (the worker fell behind and the socket holds a backlog). In
-    /// step with the server it costs one read per packet and no extra system call.
-    fn recv_rtp(&mut self, token: u64, now_ms: u64) {
-        for _ in 0..RTP_DRAIN {
-            match self.recv_rtp_one(token, now_ms) {
-                Some(stamp) if net::realtime_ns() - stamp > BACKLOG_NS => continue,
-                _ => return,
-            }
+/// Read what waited on the call's RTP socket since its last turn (everything, in batches).
+fn read_rtp(io: &mut Io, rtp_in: &mut RecvBatch, script: &Script, call: &mut Call, m: u64) {
+    loop {
+        let n = match rtp_in.recv(call.sock.as_raw_fd()) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        for i in 0..n {
+            let (pkt, stamp, drops) = rtp_in.get(i);
+            on_rtp(io, script, call, pkt, stamp, drops, m);
+        }
+        if n < net::RX_BATCH {
+            return;
         }
     }
+}
 
-    /// Read and account one packet from a call's socket: its receive time, if one was read.
-    fn recv_rtp_one(&mut self, token: u64, now_ms: u64) -> Option<i64> {
-        let slot = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
-        let call = self.calls.get_mut(slot).and_then(|c| c.as_mut())?;
-        if call.gen != gen {
-            return None;
-        }
-        let io = &mut self.io;
-        let (n, stamp, drops) =
-            match net::recv_stamped_drops(call.sock.as_raw_fd(), &mut io.rx[..], &mut io.cmsg) {
-                Ok(x) => x,
-                Err(_) => return None,
-            };
-        let stamp = if stamp == 0 {
-            io.stats.unstamped += 1;
-            net::realtime_ns()
-        } else {
-            stamp
-        };
-        if drops > call.drops {
-            // Once the operator is heard, whatever is lost is theirs.
-            let lost = u64::from(drops - call.drops);
-            if call.agent_rx > 0 {
-                io.stats.bridge.at_caller_dropped_here += lost;
-            } else {
-                io.stats.rtp_dropped_here += lost;
-            }
-            call.drops = drops;
-        }
-        let b = &io.rx[..n];
-        if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
-            return Some(stamp);
-        }
-        let marker = b[1] & 0x80 != 0;
-        let seq = u16::from_be_bytes([b[2], b[3]]);
-        let s = &mut io.stats;
-        let mark = payload::rtp_payload(b).and_then(payload::read);
-        if let (Some((payload::FROM_AGENT, _)), Phase::Inviting) = (mark, call.phase) {
-            // No operator can be heard before our call is answered: this is another call's
-            // bridge, still relayed to the address our socket took over from it (the kernel
-            // reuses a closed call's ephemeral port, and a server that has not yet handled
-            // that call's BYE still sends there). Until the 200 connects our socket to the
-            // server's port, such frames would be taken for our operator: the call would
-            // then count the server's prompts as foreign, its keys as unanswered and itself
-            // as silent.
-            s.bridge.at_caller_foreign += 1;
-            return Some(stamp);
-        }
-        if let Some((payload::FROM_AGENT, sent)) = mark {
-            let bs = &mut s.bridge;
-            if call.agent_rx == 0 {
-                bs.bridged += 1;
-                if call.last_press_rt > 0 {
-                    bs.press_to_agent_audio
-                        .record(((stamp - call.last_press_rt).max(0) / 1000) as u64);
-                }
-                if call.bridge_deadline_ms.take().is_some() {
-                    anchor(&self.cfg.script, call, now_ms);
-                }
-            } else {
-                let d = stamp - call.last_agent_rx_ns;
-                bs.at_caller_pacing
-                    .record((d - 20_000_000).unsigned_abs() / 1000);
-                bs.to_caller_jitter
-                    .record((d - (sent - call.last_agent_sent_ns)).unsigned_abs() / 1000);
-                if d < 5_000_000 {
-                    bs.at_caller_bursts += 1;
-                }
-                let gap = seq.wrapping_sub(call.last_agent_seq.wrapping_add(1));
-                if gap != 0 && gap < 1000 {
-                    bs.at_caller_gaps += u64::from(gap);
-                }
-            }
-            bs.to_caller_transit
-                .record(((stamp - sent).max(0) / 1000) as u64);
-            bs.at_caller_rx += 1;
-            call.agent_rx += 1;
-            call.last_agent_rx_ns = stamp;
-            call.last_agent_sent_ns = sent;
-            call.last_agent_seq = seq;
-            return Some(stamp);
-        }
+/// Account one datagram from the call's RTP socket, received at `stamp` (kernel realtime ns,
+/// 0: none) and read at ms `now_ms`, with the socket's drop count so far.
+fn on_rtp(
+    io: &mut Io,
+    script: &Script,
+    call: &mut Call,
+    b: &[u8],
+    stamp: i64,
+    drops: u32,
+    now_ms: u64,
+) {
+    let stamp = if stamp == 0 {
+        io.stats.unstamped += 1;
+        net::realtime_ns()
+    } else {
+        stamp
+    };
+    if drops > call.drops {
+        // Once the operator is heard, whatever is lost is theirs.
+        let lost = u64::from(drops - call.drops);
         if call.agent_rx > 0 {
-            // Bridged: anything else from the server is not the operator's audio.
-            s.bridge.at_caller_foreign += 1;
-            return Some(stamp);
+            io.stats.bridge.at_caller_dropped_here += lost;
+        } else {
+            io.stats.rtp_dropped_here += lost;
         }
-        if call.rx > 0 {
-            let d = stamp - call.last_rx_ns;
-            s.pacing.record((d - 20_000_000).unsigned_abs() / 1000);
+        call.drops = drops;
+    }
+    let n = b.len();
+    if n < 12 || b[0] >> 6 != 2 || (200..=204).contains(&b[1]) {
+        return;
+    }
+    let marker = b[1] & 0x80 != 0;
+    let seq = u16::from_be_bytes([b[2], b[3]]);
+    let s = &mut io.stats;
+    let mark = payload::rtp_payload(b).and_then(payload::read);
+    if let (Some((payload::FROM_AGENT, _)), Phase::Inviting) = (mark, call.phase) {
+        // No operator can be heard before our call is answered: this is another call's
+        // bridge, still relayed to the address our socket took over from it (the kernel
+        // reuses a closed call's ephemeral port, and a server that has not yet handled
+        // that call's BYE still sends there). Until the 200 connects our socket to the
+        // server's port, such frames would be taken for our operator: the call would
+        // then count the server's prompts as foreign, its keys as unanswered and itself
+        // as silent.
+        s.bridge.at_caller_foreign += 1;
+        return;
+    }
+    if let Some((payload::FROM_AGENT, sent)) = mark {
+        let bs = &mut s.bridge;
+        if call.agent_rx == 0 {
+            bs.bridged += 1;
+            if call.last_press_rt > 0 {
+                bs.press_to_agent_audio
+                    .record(((stamp - call.last_press_rt).max(0) / 1000) as u64);
+            }
+            if call.bridge_deadline_ms.take().is_some() {
+                anchor(script, call, now_ms);
+            }
+        } else {
+            let d = stamp - call.last_agent_rx_ns;
+            bs.at_caller_pacing
+                .record((d - 20_000_000).unsigned_abs() / 1000);
+            bs.to_caller_jitter
+                .record((d - (sent - call.last_agent_sent_ns)).unsigned_abs() / 1000);
             if d < 5_000_000 {
-                s.bursts += 1;
+                bs.at_caller_bursts += 1;
             }
-            let expected = call.last_seq.wrapping_add(1);
-            let gap = seq.wrapping_sub(expected);
+            let gap = seq.wrapping_sub(call.last_agent_seq.wrapping_add(1));
             if gap != 0 && gap < 1000 {
-                s.rtp_gaps += u64::from(gap);
+                bs.at_caller_gaps += u64::from(gap);
             }
         }
-        call.rx += 1;
-        call.last_rx_ns = stamp;
-        call.last_seq = seq;
-        s.rtp_rx += 1;
-        if marker {
-            if let Some(a) = call.awaiting {
-                if stamp > a.start_rt {
-                    s.press_to_response
-                        .record(((stamp - a.start_rt) / 1000) as u64);
-                    match a.end_rt {
-                        Some(end) if stamp > end => {
-                            s.end_to_response.record(((stamp - end) / 1000) as u64)
-                        }
-                        _ => {
-                            s.answered_before_end += 1;
-                            s.end_to_response.record(0);
-                        }
+        bs.to_caller_transit
+            .record(((stamp - sent).max(0) / 1000) as u64);
+        bs.at_caller_rx += 1;
+        call.agent_rx += 1;
+        call.last_agent_rx_ns = stamp;
+        call.last_agent_sent_ns = sent;
+        call.last_agent_seq = seq;
+        return;
+    }
+    if call.agent_rx > 0 {
+        // Bridged: anything else from the server is not the operator's audio.
+        s.bridge.at_caller_foreign += 1;
+        return;
+    }
+    if call.rx > 0 {
+        let d = stamp - call.last_rx_ns;
+        s.pacing.record((d - 20_000_000).unsigned_abs() / 1000);
+        if d < 5_000_000 {
+            s.bursts += 1;
+        }
+        let expected = call.last_seq.wrapping_add(1);
+        let gap = seq.wrapping_sub(expected);
+        if gap != 0 && gap < 1000 {
+            s.rtp_gaps += u64::from(gap);
+        }
+    }
+    call.rx += 1;
+    call.last_rx_ns = stamp;
+    call.last_seq = seq;
+    s.rtp_rx += 1;
+    if marker {
+        if let Some(a) = call.awaiting {
+            if stamp > a.start_rt {
+                s.press_to_response
+                    .record(((stamp - a.start_rt) / 1000) as u64);
+                match a.end_rt {
+                    Some(end) if stamp > end => {
+                        s.end_to_response.record(((stamp - end) / 1000) as u64)
                     }
-                    call.awaiting = None;
-                    anchor(&self.cfg.script, call, now_ms);
+                    _ => {
+                        s.answered_before_end += 1;
+                        s.end_to_response.record(0);
+                    }
                 }
+                call.awaiting = None;
+                anchor(script, call, now_ms);
             }
         }
-        Some(stamp)
     }
 }
 
