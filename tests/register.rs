@@ -427,6 +427,57 @@ async fn a_node_registers_with_a_trunk_that_asks_for_credentials_and_unbinds_whe
     trunk.shutdown().await;
 }
 
+/// A carrier that takes SIP over TCP only (`;transport=tcp` on the registrar): the node
+/// registers over a connection it opens (Via TCP, Contact `;transport=tcp`) and keeps that
+/// connection open past the idle limit, since the carrier sends the line's calls back along it
+/// (the only way to reach a node behind NAT); such a call is answered; and when the node
+/// drains, the binding is removed over the same connection.
+#[tokio::test]
+async fn a_node_registers_over_tcp_and_takes_the_trunks_calls_on_that_connection() {
+    let carrier = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = carrier.local_addr().unwrap().port();
+    let mut file = FileConfig::default();
+    file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {
+        registrar: format!("sip:127.0.0.1:{port};transport=tcp"),
+        user: "city311".into(),
+        domain: None,
+        expires: 600,
+    });
+    file.limits.tcp_idle_seconds = 1;
+    let node = common::start_server(file).await;
+    let (stream, _) = timeout(Duration::from_secs(5), carrier.accept())
+        .await
+        .expect("the node connects to the TCP registrar")
+        .unwrap();
+    let mut trunk = common::TestUa::tcp_accepted(stream, node.sip_addr).await;
+
+    // The REGISTER says TCP; the carrier grants it (a plain 200: the asked 600 s).
+    let reg = trunk
+        .expect_request("REGISTER", Duration::from_secs(5))
+        .await;
+    let via = reg.header("Via").unwrap_or_default().to_owned();
+    assert!(via.starts_with("SIP/2.0/TCP "), "{via}");
+    let contact = reg.header("Contact").unwrap_or_default().to_owned();
+    assert!(contact.contains(";transport=tcp"), "{contact}");
+    let status = trunk_state(node.http_addr, "registered", Duration::from_secs(3)).await;
+    assert_eq!(status["state"], "registered", "{status}");
+
+    // Past the node's idle limit, the carrier's call comes along the registration's
+    // connection and is answered there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let answer = trunk.call("0 101").await;
+    assert_eq!(answer.code, 200, "{answer:?}");
+    assert_eq!(trunk.bye().await.code, 200);
+
+    // Draining: the binding goes, over the same connection.
+    let stop = tokio::spawn(node.shutdown());
+    let unreg = trunk
+        .expect_request("REGISTER", Duration::from_secs(5))
+        .await;
+    assert_eq!(unreg.header("Expires"), Some("0"), "{unreg:?}");
+    stop.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_refused_trunk_password_is_reported_not_retried_in_a_loop() {
     let mut trunk_file = agents();

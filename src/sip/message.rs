@@ -433,6 +433,17 @@ pub fn uri_user(uri: &str) -> Option<&str> {
     (!user.is_empty()).then_some(user)
 }
 
+/// Whether a target URI asks for TCP (`;transport=tcp`, any case).
+pub fn wants_tcp(target: &str) -> bool {
+    let lower = target.to_ascii_lowercase();
+    lower.find(";transport=").is_some_and(|i| {
+        lower[i + ";transport=".len()..]
+            .split([';', '?', '>'])
+            .next()
+            .is_some_and(|v| v.trim() == "tcp")
+    })
+}
+
 /// `host` and `port` of a SIP URI (5060 when none is given); the host as written (a name, an
 /// IPv4 address, or an IPv6 reference in brackets).
 pub fn uri_host_port(uri: &str) -> Option<(&str, u16)> {

@@ -277,6 +277,11 @@ impl TransportHandle {
         }
     }
 
+    /// Whether `flow` can be sent on as it is: UDP, or a TCP connection still open.
+    pub fn is_open(&self, flow: &Flow) -> bool {
+        flow.transport == Transport::Udp || (flow.conn != 0 && self.tcp.contains_key(&flow.conn))
+    }
+
     /// Whether a dialog runs over TCP connection `conn`.
     fn is_held(&self, conn: u64) -> bool {
         self.held.contains_key(&conn)

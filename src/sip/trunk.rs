@@ -24,8 +24,13 @@
 //!
 //! Every REGISTER of one registration shares a Call-ID and increments CSeq (§10.2.4): a
 //! registrar orders refreshes by them.
+//!
+//! A registrar named with `;transport=tcp` (carriers that take SIP over TCP only) is sent the
+//! REGISTERs over a TCP connection the UA core opens and keeps open while the binding lasts;
+//! Via says TCP and our Contact carries `;transport=tcp`, so the trunk sends its calls back
+//! over TCP (most along that same connection, which is how they reach a node behind NAT).
 
-use crate::sip::message::{new_branch, random_token, RequestBuilder, Response};
+use crate::sip::message::{new_branch, random_token, wants_tcp, RequestBuilder, Response};
 use crate::sip::registrar::TrunkCredentials;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -38,7 +43,7 @@ use std::time::{Duration, Instant};
 pub struct RegisterConfig {
     /// Where REGISTERs are sent: a `sip:` URI with an IP address or a host name, e.g.
     /// `sip:198.51.100.10:5060` or `sip:sip.carrier.example.net` (looked up before each
-    /// REGISTER, A/AAAA: see [`crate::sip::resolve`]).
+    /// REGISTER, A/AAAA: see [`crate::sip::resolve`]); `;transport=tcp` registers over TCP.
     pub registrar: String,
     /// User part of our address of record: the trunk account or the 311 line's number.
     pub user: String,
@@ -207,6 +212,11 @@ impl TrunkRegistration {
 
     pub fn registrar(&self) -> &str {
         &self.cfg.registrar
+    }
+
+    /// Whether the registrar is reached over TCP (`;transport=tcp`).
+    pub fn over_tcp(&self) -> bool {
+        wants_tcp(&self.cfg.registrar)
     }
 
     /// When the next REGISTER is due; `None` while one is in flight or after unbinding.
@@ -459,7 +469,11 @@ impl TrunkRegistration {
     }
 
     fn contact_uri(&self, local: SocketAddr) -> String {
-        format!("sip:{}@{local}", self.cfg.user)
+        if self.over_tcp() {
+            format!("sip:{}@{local};transport=tcp", self.cfg.user)
+        } else {
+            format!("sip:{}@{local}", self.cfg.user)
+        }
     }
 
     fn build(&mut self, local: SocketAddr, expires: u32, auth: Option<(&str, String)>) -> Outgoing {
@@ -469,7 +483,7 @@ impl TrunkRegistration {
         let mut b = RequestBuilder::new(
             &crate::sip::message::Method::Register,
             &self.request_uri,
-            "UDP",
+            if self.over_tcp() { "TCP" } else { "UDP" },
             local,
             &branch,
         )

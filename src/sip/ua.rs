@@ -79,8 +79,8 @@ use crate::metrics::Metrics;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
 use crate::sip::guard::{self, IpNet, RateLimiter};
 use crate::sip::message::{
-    new_branch, random_token, sanitize_quoted, uri_socket_addr, Header, Message, Method, NameAddr,
-    Request, RequestBuilder, Response, ResponseBuilder,
+    new_branch, random_token, sanitize_quoted, uri_socket_addr, wants_tcp, Header, Message, Method,
+    NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
 };
 use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
 use crate::sip::session_timer::{self, SessionTimer};
@@ -455,6 +455,8 @@ enum Command {
     },
     /// The trunk registrar's host name was looked up.
     TrunkResolved(Result<SocketAddr, String>),
+    /// The TCP connection to the trunk registrar was opened (or could not be).
+    TrunkConnected(Result<Flow, String>),
 }
 
 /// A call's handle on its dialog. Cloneable; commands are queued to the UA task.
@@ -826,6 +828,10 @@ pub struct UaCore {
     trunk_reg_lookup: bool,
     trunk_reg_resolving: bool,
     trunk_reg_resolved: bool,
+    /// A `;transport=tcp` registrar's connection is being opened (off this task); once open it
+    /// is in `trunk_reg_flow` and held open while the binding lasts
+    /// ([`TransportHandle::hold`]): the trunk sends our calls along it.
+    trunk_reg_connecting: bool,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
 }
@@ -881,6 +887,7 @@ impl UaCore {
             trunk_reg_lookup: false,
             trunk_reg_resolving: false,
             trunk_reg_resolved: false,
+            trunk_reg_connecting: false,
             draining: None,
         }
     }
@@ -943,17 +950,23 @@ impl UaCore {
             &cfg.registrar,
             self.local,
             self.trunk_reg_lookup.then_some(stand_in),
+            true,
         )
         .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
         let reg = TrunkRegistration::new(cfg, self.trunk_auth.clone(), Self::now());
         self.timers
             .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
-        self.trunk_reg = Some(reg);
+        // Over TCP, `conn` 0 until the connection is opened before the first REGISTER.
         self.trunk_reg_flow = Some(Flow {
-            transport: Transport::Udp,
+            transport: if reg.over_tcp() {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
             remote,
             conn: 0,
         });
+        self.trunk_reg = Some(reg);
         self.draining = Some(draining);
         self.publish_trunk_status(Self::now());
         Ok(self)
@@ -1882,6 +1895,7 @@ impl UaCore {
         match c {
             Command::Invite(inv) => self.start_outbound(*inv, now).await,
             Command::TrunkResolved(found) => self.on_trunk_resolved(found, now).await,
+            Command::TrunkConnected(opened) => self.on_trunk_connected(opened, now).await,
             Command::Hangup { dialog } | Command::Drop { dialog }
                 if self.outbound.contains_key(&dialog) =>
             {
@@ -2221,6 +2235,21 @@ impl UaCore {
             }
             return;
         }
+        if due && flow.transport == Transport::Tcp && !self.transport.is_open(&flow) {
+            // Open (or open again) the registrar's connection (off this task), then send.
+            if !self.trunk_reg_connecting {
+                self.trunk_reg_connecting = true;
+                let (tx, transport) = (self.cmd_tx.clone(), self.transport.clone());
+                tokio::spawn(async move {
+                    let opened = transport
+                        .connect_tcp(flow.remote)
+                        .await
+                        .map_err(|e| format!("TCP to {}: {e}", flow.remote));
+                    let _ = tx.send(Command::TrunkConnected(opened)).await;
+                });
+            }
+            return;
+        }
         self.trunk_reg_resolved = false;
         let local = self.local_for(flow.remote);
         let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.poll(now, local)) else {
@@ -2237,9 +2266,46 @@ impl UaCore {
         match found {
             Ok(addr) => {
                 if let Some(flow) = &mut self.trunk_reg_flow {
+                    if flow.remote != addr && flow.conn != 0 {
+                        // The name moved: a TCP registration opens a connection to the new
+                        // address.
+                        self.transport.release(flow);
+                        flow.conn = 0;
+                    }
                     flow.remote = addr;
                 }
                 self.trunk_reg_resolved = true;
+                self.poll_trunk_registration(now).await;
+            }
+            Err(why) => {
+                if let Some(reg) = &mut self.trunk_reg {
+                    reg.unreachable(now, why);
+                }
+                self.after_trunk_change(now);
+            }
+        }
+    }
+
+    /// The registrar's TCP connection was opened: hold it open (the trunk sends our calls
+    /// along it) and send the REGISTER that waited for it, or count the failure (retried
+    /// later, as any other).
+    async fn on_trunk_connected(&mut self, opened: Result<Flow, String>, now: Instant) {
+        self.trunk_reg_connecting = false;
+        match opened {
+            Ok(new) => {
+                let Some(flow) = &mut self.trunk_reg_flow else {
+                    return;
+                };
+                if new.remote != flow.remote {
+                    // Opened to an address the registrar's name no longer has.
+                    self.poll_trunk_registration(now).await;
+                    return;
+                }
+                if new.conn != flow.conn {
+                    self.transport.release(flow);
+                    self.transport.hold(&new);
+                    *flow = new;
+                }
                 self.poll_trunk_registration(now).await;
             }
             Err(why) => {
@@ -2358,7 +2424,7 @@ impl UaCore {
         let bound = self.transport.local_addr();
         let flow = match via {
             Some(flow) => via_flow(&target, flow, bound),
-            None => outbound_target(&target, bound, resolved).map(|remote| Flow {
+            None => outbound_target(&target, bound, resolved, false).map(|remote| Flow {
                 transport: Transport::Udp,
                 remote,
                 conn: 0,
@@ -3054,14 +3120,14 @@ impl UaCore {
     }
 }
 
-/// Check an outbound target: a `sip:` URI with an IP-literal host, over UDP, that our socket
-/// (bound to `bound`) can reach.
-/// Check an outbound target and say where it goes: its IP literal, or `resolved`, what its host
-/// name was looked up to.
+/// Check an outbound target (a `sip:` URI, over UDP, or TCP where `tcp` allows it, that our
+/// socket bound to `bound` can reach) and say where it goes: its IP literal, or `resolved`,
+/// what its host name was looked up to.
 fn outbound_target(
     target: &str,
     bound: SocketAddr,
     resolved: Option<SocketAddr>,
+    tcp: bool,
 ) -> Result<SocketAddr, &'static str> {
     let scheme_ok = target
         .get(..4)
@@ -3078,7 +3144,7 @@ fn outbound_target(
             .split([';', '?'])
             .next()
             .unwrap_or_default();
-        if value != "udp" {
+        if value != "udp" && !(tcp && value == "tcp") {
             return Err("only UDP is supported for outbound calls");
         }
     }
@@ -3097,17 +3163,6 @@ fn outbound_target(
         });
     }
     Ok(addr)
-}
-
-/// Whether a target URI asks for TCP (`;transport=tcp`, any case).
-fn wants_tcp(target: &str) -> bool {
-    let lower = target.to_ascii_lowercase();
-    lower.find(";transport=").is_some_and(|i| {
-        lower[i + ";transport=".len()..]
-            .split([';', '?', '>'])
-            .next()
-            .is_some_and(|v| v.trim() == "tcp")
-    })
 }
 
 /// Whether the request has `Require: 100rel` (RFC 3262).

@@ -175,6 +175,21 @@ impl TestUa {
         .await
     }
 
+    /// A test user agent on a TCP connection the server opened to us (`stream`, accepted by
+    /// the test): a trunk that the server registered with, sending calls back along it.
+    pub async fn tcp_accepted(stream: TcpStream, server: SocketAddr) -> TestUa {
+        let local = stream.local_addr().unwrap();
+        Self::with(
+            Sip::Tcp(
+                tokio::sync::Mutex::new(stream),
+                tokio::sync::Mutex::new(Vec::new()),
+            ),
+            local,
+            server,
+        )
+        .await
+    }
+
     async fn with(sip: Sip, local: SocketAddr, server: SocketAddr) -> TestUa {
         let rtp = UdpSocket::bind(loopback_like(server)).await.unwrap();
         TestUa {
