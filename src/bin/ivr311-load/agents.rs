@@ -716,7 +716,12 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
                 let slot = self.buckets[b][i];
                 let end = match self.calls[slot].as_mut() {
                     Some(call) => {
-                        read_rtp(&mut self.io, &mut self.rtp_in, call);
+                        // What the agent heard since the call's last turn.
+                        let io = &mut self.io;
+                        self.rtp_in
+                            .drain(call.sock.as_raw_fd(), |pkt, stamp, drops| {
+                                on_rtp(io, call, pkt, stamp, drops)
+                            });
                         visit(&mut self.io, call, m)
                     }
                     None => Some(End::Cut),
@@ -728,24 +733,6 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             }
         }
         self.done_ms = now_ms;
-    }
-}
-
-/// Read what waited on the agent call's RTP socket since its last turn (everything, in
-/// batches).
-fn read_rtp(io: &mut Io, rtp_in: &mut RecvBatch, call: &mut AgentCall) {
-    loop {
-        let n = match rtp_in.recv(call.sock.as_raw_fd()) {
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        for i in 0..n {
-            let (pkt, stamp, drops) = rtp_in.get(i);
-            on_rtp(io, call, pkt, stamp, drops);
-        }
-        if n < net::RX_BATCH {
-            return;
-        }
     }
 }
 

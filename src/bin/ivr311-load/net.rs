@@ -108,7 +108,7 @@ fn stamp_and_drops(msg: &libc::msghdr) -> (i64, u32) {
 }
 
 /// Datagrams one [`RecvBatch::recv`] takes from a socket.
-pub const RX_BATCH: usize = 8;
+const RX_BATCH: usize = 8;
 /// Largest RTP datagram read (ours are 172 bytes; anything longer is cut, and not ours).
 const RX_MAX: usize = 2048;
 
@@ -144,7 +144,7 @@ impl RecvBatch {
     }
 
     /// Take what waits on `fd` (without blocking), up to [`RX_BATCH`] datagrams; how many.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let mut iovs: [libc::iovec; RX_BATCH] = std::array::from_fn(|i| libc::iovec {
             iov_base: self.bufs[i].as_mut_ptr() as *mut libc::c_void,
             iov_len: RX_MAX,
@@ -181,8 +181,24 @@ impl RecvBatch {
 
     /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes, receive stamp (0: none) and
     /// the socket's drop count.
-    pub fn get(&self, i: usize) -> (&[u8], i64, u32) {
+    fn get(&self, i: usize) -> (&[u8], i64, u32) {
         (&self.bufs[i][..self.lens[i]], self.stamps[i], self.drops[i])
+    }
+
+    /// Read everything waiting on `fd`, a batch at a time, handing each datagram to `each`
+    /// with its receive stamp (0: none) and the socket's drop count. Stops at the first
+    /// error (nothing left, or an ICMP error a connected socket reports once).
+    pub fn drain(&mut self, fd: RawFd, mut each: impl FnMut(&[u8], i64, u32)) {
+        loop {
+            let Ok(n) = self.recv(fd) else { return };
+            for i in 0..n {
+                let (pkt, stamp, drops) = self.get(i);
+                each(pkt, stamp, drops);
+            }
+            if n < RX_BATCH {
+                return;
+            }
+        }
     }
 }
 

@@ -509,7 +509,12 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 let slot = self.buckets[b][i];
                 let finished = match self.calls[slot].as_mut() {
                     Some(call) => {
-                        read_rtp(&mut self.io, &mut self.rtp_in, &self.cfg.script, call, m);
+                        // What the call heard since its last turn.
+                        let (io, script) = (&mut self.io, &self.cfg.script);
+                        self.rtp_in
+                            .drain(call.sock.as_raw_fd(), |pkt, stamp, drops| {
+                                on_rtp(io, script, call, pkt, stamp, drops, m)
+                            });
                         visit(&mut self.io, &self.cfg.script, call, m)
                     }
                     None => true,
@@ -667,23 +672,6 @@ Content-Length: {len}\r\n\r\n{sdp}",
         };
         if finished {
             self.finish(slot);
-        }
-    }
-}
-
-/// Read what waited on the call's RTP socket since its last turn (everything, in batches).
-fn read_rtp(io: &mut Io, rtp_in: &mut RecvBatch, script: &Script, call: &mut Call, m: u64) {
-    loop {
-        let n = match rtp_in.recv(call.sock.as_raw_fd()) {
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        for i in 0..n {
-            let (pkt, stamp, drops) = rtp_in.get(i);
-            on_rtp(io, script, call, pkt, stamp, drops, m);
-        }
-        if n < net::RX_BATCH {
-            return;
         }
     }
 }
