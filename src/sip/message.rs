@@ -433,15 +433,19 @@ pub fn uri_user(uri: &str) -> Option<&str> {
     (!user.is_empty()).then_some(user)
 }
 
+/// The `transport` parameter of a URI, lower-cased (`sip:a@h;transport=TCP` → `tcp`).
+pub fn uri_transport(uri: &str) -> Option<String> {
+    let lower = uri.to_ascii_lowercase();
+    let i = lower.find(";transport=")?;
+    lower[i + ";transport=".len()..]
+        .split([';', '?', '>'])
+        .next()
+        .map(|v| v.trim().to_owned())
+}
+
 /// Whether a target URI asks for TCP (`;transport=tcp`, any case).
 pub fn wants_tcp(target: &str) -> bool {
-    let lower = target.to_ascii_lowercase();
-    lower.find(";transport=").is_some_and(|i| {
-        lower[i + ";transport=".len()..]
-            .split([';', '?', '>'])
-            .next()
-            .is_some_and(|v| v.trim() == "tcp")
-    })
+    uri_transport(target).as_deref() == Some("tcp")
 }
 
 /// `host` and `port` of a SIP URI (5060 when none is given); the host as written (a name, an

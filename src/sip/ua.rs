@@ -79,8 +79,8 @@ use crate::metrics::Metrics;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
 use crate::sip::guard::{self, IpNet, RateLimiter};
 use crate::sip::message::{
-    new_branch, random_token, sanitize_quoted, uri_socket_addr, wants_tcp, Header, Message, Method,
-    NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
+    new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
+    Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
 };
 use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
 use crate::sip::session_timer::{self, SessionTimer};
@@ -3138,12 +3138,7 @@ fn outbound_target(
     if !clean_uri(target) {
         return Err("malformed target URI");
     }
-    let lower = target.to_ascii_lowercase();
-    if let Some(i) = lower.find(";transport=") {
-        let value = lower[i + ";transport=".len()..]
-            .split([';', '?'])
-            .next()
-            .unwrap_or_default();
+    if let Some(value) = uri_transport(target) {
         if value != "udp" && !(tcp && value == "tcp") {
             return Err("only UDP is supported for outbound calls");
         }

@@ -163,16 +163,7 @@ impl TestUa {
 
     pub async fn tcp(server: SocketAddr) -> TestUa {
         let s = TcpStream::connect(server).await.unwrap();
-        let local = s.local_addr().unwrap();
-        Self::with(
-            Sip::Tcp(
-                tokio::sync::Mutex::new(s),
-                tokio::sync::Mutex::new(Vec::new()),
-            ),
-            local,
-            server,
-        )
-        .await
+        Self::tcp_accepted(s, server).await
     }
 
     /// A test user agent on a TCP connection the server opened to us (`stream`, accepted by
