@@ -379,7 +379,7 @@ async fn a_gateway_sending_info_and_tones_for_each_key_presses_it_once() {
         Codec::Pcmu,
     );
     ua.listen(Duration::from_millis(300)).await;
-    for next in ["screening", "main_menu"] {
+    for (playing, next) in [("language_menu", "screening"), ("screening", "main_menu")] {
         ua.press_tone('1').await;
         let info = ua.in_dialog(
             "INFO",
@@ -388,8 +388,13 @@ async fn a_gateway_sending_info_and_tones_for_each_key_presses_it_once() {
         );
         ua.send_raw(&info).await;
         ua.expect_response("INFO", 200, S).await;
-        let heard = ua.listen(Duration::from_millis(1200)).await;
-        assert_eq!(ear.playbacks(&heard), [next]);
+        let mut heard = ear.playbacks(&ua.listen(Duration::from_millis(1200)).await);
+        // The prompt that played until the key took effect (the INFO, when the tone is
+        // ignored) may still be heard first; it must not start again, nor be skipped.
+        if heard.first().is_some_and(|p| p == playing) {
+            heard.remove(0);
+        }
+        assert_eq!(heard, [next]);
     }
     ua.bye().await;
     // Counted when the call ends.
