@@ -590,10 +590,10 @@ enum Work {
 struct EmergencyRun {
     plan: VecDeque<EmergencyMethod>,
     current: Option<EmergencyMethod>,
-    /// Where the next bridge attempts call (`emergency.uri`, then `backup_uris`), and where
-    /// the current one called.
-    bridge_targets: VecDeque<String>,
-    target: Option<String>,
+    /// Where the next bridge attempts call (`emergency.uri`, then `backup_uris`, each name
+    /// at each of its addresses once it is looked up), and where the current one called.
+    bridge_targets: VecDeque<Route>,
+    target: Option<Route>,
     audit: Option<Option<i64>>,
     connecting_played: bool,
     deadline: Option<tokio::time::Instant>,
@@ -602,6 +602,43 @@ struct EmergencyRun {
     failures: Vec<String>,
     /// The outcome has been recorded.
     finished: bool,
+}
+
+/// One way the 911 bridge calls: a configured route, and once its name is looked up, one of
+/// the name's addresses.
+///
+/// A PSAP or carrier that names its gateway with several addresses (DNS A/AAAA records) is
+/// reached at the next when one is down (RFC 3263 section 4.3: no response in time, a
+/// transport error, or 503) before the bridge moves on to the backup routes. Each address is
+/// one bridge attempt of the plan, with its own first-response deadline, so a dead first
+/// address costs a 911 caller [`BRIDGE_FIRST_RESPONSE`], not the whole route.
+#[derive(Debug, Clone, PartialEq)]
+struct Route {
+    uri: String,
+    /// The address this attempt calls; `None` until the name is looked up.
+    at: Option<SocketAddr>,
+    /// How many addresses the name had (1 for an IP literal or a name with one).
+    of: usize,
+}
+
+impl Route {
+    fn new(uri: String) -> Route {
+        Route {
+            uri,
+            at: None,
+            of: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    /// The URI, with the address when its name has several (the audit says which was down).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.at {
+            Some(a) if self.of > 1 => write!(f, "{} at {a}", self.uri),
+            _ => f.write_str(&self.uri),
+        }
+    }
 }
 
 /// An outbound leg bridged to the caller (the 911 trunk).
@@ -1328,7 +1365,9 @@ impl Call {
         self.emergency = Some(EmergencyRun {
             plan,
             current: None,
-            bridge_targets: self.ctx.emergency.bridge_targets().into(),
+            bridge_targets: (self.ctx.emergency.bridge_targets().into_iter())
+                .map(Route::new)
+                .collect(),
             target: None,
             audit: None,
             connecting_played: false,
@@ -1440,20 +1479,27 @@ impl Call {
 
     /// Call the next 911 route with the caller's number in From and P-Asserted-Identity.
     async fn start_bridge(&mut self) -> Result<(), String> {
-        let uri = self
+        let mut route = self
             .emergency
             .as_mut()
-            .and_then(|e| {
-                e.target = e.bridge_targets.pop_front();
-                e.target.clone()
-            })
+            .and_then(|e| e.bridge_targets.pop_front())
             .ok_or_else(|| "no route left".to_owned())?;
+        if let Some(e) = &mut self.emergency {
+            e.target = Some(route.clone());
+        }
         let port = self
             .ctx
             .ports
             .allocate()
             .ok_or_else(|| "no RTP port free".to_owned())?;
-        let destination = self.ctx.outbound.destination(&uri).await;
+        let destination = match route.at {
+            Some(a) => Ok(a),
+            None => {
+                let found = self.ctx.outbound.destinations(&route.uri).await;
+                found.map(|all| self.fan_out(&mut route, &all))
+            }
+        };
+        let uri = route.uri;
         let ip = leg_media_ip(
             self.local_media.ip(),
             &port,
@@ -1495,6 +1541,48 @@ impl Call {
         });
         self.leg_events = Some(call.events);
         Ok(())
+    }
+
+    /// `route`'s name has the addresses `all`: this attempt calls the first, and each other
+    /// becomes an attempt of its own, next in line (before the backup routes).
+    fn fan_out(&mut self, route: &mut Route, all: &[SocketAddr]) -> SocketAddr {
+        route.at = Some(all[0]);
+        route.of = all.len();
+        if let Some(e) = &mut self.emergency {
+            e.target = Some(route.clone());
+            for &a in all[1..].iter().rev() {
+                let next = Route {
+                    at: Some(a),
+                    ..route.clone()
+                };
+                e.bridge_targets.push_front(next);
+                e.plan.push_front(EmergencyMethod::Bridge);
+            }
+            if all.len() > 1 {
+                info!(uri = %route.uri, addresses = ?all, "911 route has several addresses; the next is tried if one is down");
+            }
+        }
+        all[0]
+    }
+
+    /// The current 911 route answered for itself (a final response other than 408 or 503,
+    /// RFC 3263 section 4.3): its name's other addresses would say the same, so they are not
+    /// tried; the backup routes still are.
+    fn skip_other_addresses(&mut self) {
+        let Some(e) = &mut self.emergency else { return };
+        let Some(uri) = e.target.as_ref().map(|r| r.uri.clone()) else {
+            return;
+        };
+        while e
+            .bridge_targets
+            .front()
+            .is_some_and(|r| r.uri == uri && r.at.is_some())
+        {
+            e.bridge_targets.pop_front();
+            if let Some(i) = e.plan.iter().position(|m| *m == EmergencyMethod::Bridge) {
+                e.plan.remove(i);
+            }
+        }
     }
 
     async fn on_leg_event(&mut self, ev: Option<LegEvent>) -> Option<EndReason> {
@@ -1540,6 +1628,9 @@ impl Call {
         match ev {
             LegEvent::Provisional { code, sdp } => {
                 debug!(code, early_media = sdp.is_some(), "911 leg ringing");
+                // The address answers: it is up, and its name's other addresses are not needed
+                // (whatever it says next, RFC 3263 section 4.3).
+                self.skip_other_addresses();
                 let timeout = Duration::from_secs(self.ctx.emergency.timeout_seconds);
                 if let Some(e) = &mut self.emergency {
                     e.deadline = Some(tokio::time::Instant::now() + timeout);
@@ -1581,6 +1672,9 @@ impl Call {
             }
             LegEvent::Failed { code, reason } => {
                 self.leg = None;
+                if !matches!(code, 408 | 503) {
+                    self.skip_other_addresses();
+                }
                 self.emergency_failed(&format!("answered {code} {reason}"))
                     .await;
             }
@@ -1641,7 +1735,7 @@ impl Call {
         // Ringback for a leg that failed stops; the next method brings its own sound.
         self.media.lock().media.stop();
         let Some(e) = &mut self.emergency else { return };
-        warn!(method = ?e.current, target = ?e.target, reason = why, "911 method failed; trying the next");
+        warn!(method = ?e.current, target = ?e.target.as_ref().map(Route::to_string), reason = why, "911 method failed; trying the next");
         let method = e.current.map_or("?", |m| m.as_str());
         e.failures.push(match (e.current, e.target.take()) {
             (Some(EmergencyMethod::Bridge), Some(to)) => format!("{method} to {to}: {why}"),

@@ -486,7 +486,9 @@ impl Run {
         };
         // The trunk may be reached in the other address family than the caller's call
         // came in on (a dual-stack server): offer media in the trunk's.
-        let destination = self.inner.outbound.destination(&self.target).await;
+        // Its first address: a call-back that fails is retried on the next attempt, looked up
+        // afresh.
+        let destination = (self.inner.outbound.destinations(&self.target).await).map(|a| a[0]);
         let ip = crate::call::leg_media_ip(
             self.req.local_ip,
             &port,

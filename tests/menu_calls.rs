@@ -551,6 +551,163 @@ async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
     srv.shutdown().await;
 }
 
+/// Runs the test `name` again in a child process whose host-name lookups (`getaddrinfo`) read
+/// `hosts` first, through nss_wrapper (the cwrap project's test resolver; `.ci/run` installs
+/// Debian's `libnss-wrapper`), and asserts it passed there. Returns `true` in that child, where
+/// the test's body is to run, and `false` in the parent once the child passed, or when the
+/// library is missing outside CI (the test is then skipped, and says so).
+///
+/// A PSAP or carrier name with several addresses is what these tests need, and the machine's
+/// own resolver has none to give (`localhost` is one address on most machines); the child's
+/// lookups still go through glibc's real `getaddrinfo` interface, as the server's do.
+fn with_hosts_file(name: &str, hosts: &str) -> bool {
+    if std::env::var_os("NSS_WRAPPER_HOSTS").is_some() {
+        return true;
+    }
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
+        "/usr/lib/aarch64-linux-gnu/libnss_wrapper.so",
+        "/usr/lib64/libnss_wrapper.so",
+        "/usr/lib/libnss_wrapper.so",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let Some(lib) = lib else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libnss_wrapper.so is missing: apt-get install libnss-wrapper"
+        );
+        eprintln!("skipped: no libnss_wrapper.so (apt-get install libnss-wrapper)");
+        return false;
+    };
+    let file = std::env::temp_dir().join(format!("ivr311-hosts-{}", rand::random::<u64>()));
+    std::fs::write(&file, hosts).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("LD_PRELOAD", lib)
+        .env("NSS_WRAPPER_HOSTS", &file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} under nss_wrapper:\n{text}"
+    );
+    false
+}
+
+/// The name psap.test has two addresses, the first of them down.
+const PSAP_HOSTS: &str = "127.0.0.2 psap.test\n127.0.0.1 psap.test\n";
+
+/// `trunk` (on 127.0.0.1) and a socket on 127.0.0.2 at the same port: the two addresses of
+/// [`PSAP_HOSTS`]' name, the second reached at the first's port.
+async fn psap_with_two_addresses(trunk: &Trunk) -> (tokio::net::UdpSocket, String) {
+    let port = trunk.sip.local_addr().unwrap().port();
+    let first = tokio::net::UdpSocket::bind(("127.0.0.2", port))
+        .await
+        .expect("127.0.0.2 is loopback on Linux");
+    (first, format!("sip:911@psap.test:{port}"))
+}
+
+/// The INVITE `socket` got, if any, within `within`.
+async fn invite_at(
+    socket: &tokio::net::UdpSocket,
+    within: Duration,
+) -> Option<(ivr311::sip::message::Request, std::net::SocketAddr)> {
+    let mut buf = vec![0u8; 65535];
+    let (n, from) = tokio::time::timeout(within, socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    match ivr311::sip::message::parse_datagram(&buf[..n], 65536).ok()? {
+        ivr311::sip::message::Message::Request(r) if r.method.as_str() == "INVITE" => {
+            Some((r, from))
+        }
+        _ => None,
+    }
+}
+
+/// A PSAP named with two addresses (DNS A records), the first of them down: the 911 bridge
+/// calls the first, hears nothing for a few seconds, and calls the second before anything
+/// else (RFC 3263 section 4.3); the caller is connected to 911, and the audit says which
+/// address was down.
+#[tokio::test]
+async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
+    let name = "a_psap_name_whose_first_address_is_down_is_reached_at_the_next";
+    if !with_hosts_file(name, PSAP_HOSTS) {
+        return;
+    }
+    let trunk = Trunk::new().await;
+    let (down, uri) = psap_with_two_addresses(&trunk).await;
+    let (srv, mut ua, inv, from) =
+        caller_presses_911_bridged_to(&uri, FileConfig::default(), &trunk).await;
+    // The first address got the INVITE (and said nothing); the name stays in the Request-URI.
+    let (first, _) = invite_at(&down, Duration::ZERO)
+        .await
+        .expect("the first address was called first");
+    assert_eq!(first.uri, uri);
+    assert_eq!(inv.uri, uri);
+    psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    let audits = settled_audits(&srv.tickets).await;
+    let port = trunk.sip.local_addr().unwrap().port();
+    assert!(
+        audits[0].outcome.contains(&format!(
+            "after bridge to {uri} at 127.0.0.2:{port}: no answer in time"
+        )),
+        "{}",
+        audits[0].outcome
+    );
+    srv.shutdown().await;
+}
+
+/// An address that answers for itself (403) is not second-guessed at the name's other address
+/// (RFC 3263: only no response, a transport error or 503 move on): the bridge goes straight to
+/// the backup route.
+#[tokio::test]
+async fn a_psap_address_that_refuses_is_not_retried_at_the_names_other_address() {
+    let name = "a_psap_address_that_refuses_is_not_retried_at_the_names_other_address";
+    if !with_hosts_file(name, PSAP_HOSTS) {
+        return;
+    }
+    let trunk = Trunk::new().await;
+    let (refusing, uri) = psap_with_two_addresses(&trunk).await;
+    let backup = Trunk::new().await;
+    let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
+    let mut file = FileConfig::default();
+    file.emergency.backup_uris = vec![backup_uri.clone()];
+    let answer = async {
+        let (inv, from) = invite_at(&refusing, Duration::from_secs(10))
+            .await
+            .expect("the first address was called");
+        let no =
+            ivr311::sip::message::ResponseBuilder::new(&inv, 403, "Forbidden", Some("x")).build();
+        refusing.send_to(&no, from).await.unwrap();
+    };
+    let ((srv, mut ua, inv, from), ()) =
+        tokio::join!(caller_presses_911_bridged_to(&uri, file, &backup), answer);
+    assert_eq!(inv.uri, backup_uri);
+    assert!(
+        trunk.recv(Duration::ZERO).await.is_none(),
+        "the name's second address was not called"
+    );
+    psap_answers_and_is_heard(&backup, &inv, from, &mut ua, &srv).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0]
+            .outcome
+            .contains(&format!("after bridge to {uri}")),
+        "{}",
+        audits[0].outcome
+    );
+    assert!(audits[0].outcome.contains("403"), "{}", audits[0].outcome);
+    srv.shutdown().await;
+}
+
 /// One SIP message from a TCP connection (after `buf`'s leftovers), or `None` at its end.
 async fn read_tcp_message(
     conn: &mut tokio::net::TcpStream,

@@ -10,9 +10,11 @@
 //! `/etc/hosts`), run off the async threads by tokio, and limited to [`RESOLVE_WITHIN`]: a
 //! stalled resolver fails the request instead of holding a 911 caller. SRV and NAPTR
 //! (RFC 3263) are not consulted, so give the port when it is not 5060, and `;transport=tcp`
-//! when the target takes TCP only (otherwise UDP is used); of the addresses a name has, the
-//! first our SIP socket can reach is taken
-//! ([`reaches`]: its own family, or either family when it is bound to `[::]`, dual-stack).
+//! when the target takes TCP only (otherwise UDP is used). Of the addresses a name has, those
+//! our SIP socket can reach ([`reaches`]: its own family, or either family when it is bound to
+//! `[::]`, dual-stack) are kept in the resolver's order ([`resolve_all`]); a request goes to the
+//! first, and the 911 bridge tries the next when one is down (RFC 3263 section 4.3: no response,
+//! a transport error, or 503), before it moves on to the backup routes.
 
 use crate::sip::message::{uri_host_port, uri_socket_addr};
 use std::net::SocketAddr;
@@ -50,11 +52,18 @@ pub fn reaches(bound: SocketAddr, addr: SocketAddr) -> bool {
     addr.is_ipv4() == bound.is_ipv4() || (bound.is_ipv6() && bound.ip().is_unspecified())
 }
 
-/// The address to send to for `uri`: its IP literal as it is, or its host name looked up (the
-/// first address [`reaches`] says `bound` can send to).
+/// The address to send to for `uri`: its IP literal as it is, or the first of its host name's
+/// addresses that `bound` can send to ([`resolve_all`]).
 pub async fn resolve(uri: &str, bound: SocketAddr) -> Result<SocketAddr, String> {
+    Ok(resolve_all(uri, bound).await?[0])
+}
+
+/// Every address `uri` may be reached at, in the order to try them: its IP literal alone, or
+/// its host name's addresses that [`reaches`] says `bound` can send to, in the resolver's order
+/// (RFC 6724's, which puts the likeliest first), each once. Never empty when `Ok`.
+pub async fn resolve_all(uri: &str, bound: SocketAddr) -> Result<Vec<SocketAddr>, String> {
     if let Some(a) = uri_socket_addr(uri) {
-        return Ok(a);
+        return Ok(vec![a]);
     }
     let (host, port) = uri_host_port(uri).ok_or_else(|| format!("no host in {uri:?}"))?;
     if !valid_hostname(host) {
@@ -64,17 +73,22 @@ pub async fn resolve(uri: &str, bound: SocketAddr) -> Result<SocketAddr, String>
         .await
         .map_err(|_| format!("looking up {host} took over {RESOLVE_WITHIN:?}"))?
         .map_err(|e| format!("cannot look up {host}: {e}"))?;
+    let mut usable = Vec::new();
     let mut other_family = None;
     for a in found {
-        if reaches(bound, a) {
-            return Ok(a);
+        if !reaches(bound, a) {
+            other_family.get_or_insert(a);
+        } else if !usable.contains(&a) {
+            usable.push(a);
         }
-        other_family.get_or_insert(a);
     }
-    Err(match other_family {
-        Some(a) => format!("{host} has only {a} and the like, not of our SIP socket's family"),
-        None => format!("{host} has no address"),
-    })
+    if usable.is_empty() {
+        return Err(match other_family {
+            Some(a) => format!("{host} has only {a} and the like, not of our SIP socket's family"),
+            None => format!("{host} has no address"),
+        });
+    }
+    Ok(usable)
 }
 
 #[cfg(test)]

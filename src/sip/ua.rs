@@ -242,15 +242,16 @@ impl OutboundHandle {
         .await
     }
 
-    /// Where an INVITE to `target` would go: its IP literal, or its host name looked up in
-    /// our SIP socket's family ([`crate::sip::resolve::resolve`]). The 911 bridge asks first,
-    /// to offer media in the PSAP's address family, then hands the answer to
-    /// [`OutboundHandle::invite_to`] so a name is looked up once.
-    pub async fn destination(&self, target: &str) -> Result<SocketAddr, String> {
-        crate::sip::resolve::resolve(target.trim(), self.bound).await
+    /// Where an INVITE to `target` may go, in the order to try: its IP literal, or its host
+    /// name's addresses in our SIP socket's family ([`crate::sip::resolve::resolve_all`]). The
+    /// 911 bridge and the call-back ask first, to offer media in the far end's address family,
+    /// then hand one address to [`OutboundHandle::invite_to`] so a name is looked up once (and
+    /// the bridge tries the next address when that one is down).
+    pub async fn destinations(&self, target: &str) -> Result<Vec<SocketAddr>, String> {
+        crate::sip::resolve::resolve_all(target.trim(), self.bound).await
     }
 
-    /// [`OutboundHandle::invite`] to the `destination` [`OutboundHandle::destination`] gave
+    /// [`OutboundHandle::invite`] to a `destination` [`OutboundHandle::destinations`] gave
     /// for `target` (a failed lookup fails the call at once with 503, as there).
     pub async fn invite_to(
         &self,
