@@ -486,9 +486,11 @@ impl Run {
         };
         // The trunk may be reached in the other address family than the caller's call
         // came in on (a dual-stack server): offer media in the trunk's.
-        // Its first address: a call-back that fails is retried on the next attempt, looked up
-        // afresh.
-        let destination = (self.inner.outbound.destinations(&self.target).await).map(|a| a[0]);
+        // A trunk named with several addresses is dialled at each in turn, an attempt each
+        // (the name looked up afresh every time): one address down costs an attempt, not
+        // every one.
+        let destination = (self.inner.outbound.destinations(&self.target).await)
+            .map(|a| a[(attempt.max(1) as usize - 1) % a.len()]);
         let ip = crate::call::leg_media_ip(
             self.req.local_ip,
             &port,

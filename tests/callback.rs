@@ -495,6 +495,40 @@ async fn a_callback_nobody_answers_is_retried_then_filed_as_a_flagged_ticket() {
     srv.shutdown().await;
 }
 
+/// A trunk named with two addresses, the first of them down: the first attempt goes there and
+/// gets nothing, the second goes to the other address (one address down costs an attempt, not
+/// the call-back).
+#[tokio::test]
+async fn a_callback_whose_trunk_name_has_a_dead_first_address_tries_the_next_one() {
+    let name = "a_callback_whose_trunk_name_has_a_dead_first_address_tries_the_next_one";
+    if !common::with_hosts_file(name, "127.0.0.2 trunk.test\n127.0.0.1 trunk.test\n") {
+        return;
+    }
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = trunk_sip.local_addr().unwrap().port();
+    let dead = UdpSocket::bind(("127.0.0.2", port))
+        .await
+        .expect("127.0.0.2 is loopback on Linux");
+    let mut cfg = config(trunk_sip.local_addr().unwrap(), 2);
+    cfg.callback.trunk_uri = Some(format!("sip:trunk.test:{port}"));
+    let srv = start_server(cfg).await;
+    let trunk = trunk_peer(trunk_sip, &srv, "trunk2").await;
+    let _agent = Peer::agent(srv.sip_addr, "1001").await;
+    caller_asks_for_a_callback(&srv).await;
+    assert_eq!(admin(&srv, "/admin/agents/1001/unpause").await.0 / 100, 2);
+
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), dead.recv_from(&mut buf))
+        .await
+        .expect("the first attempt goes to the first address")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"INVITE "));
+    let inv = trunk.request("INVITE", Duration::from_secs(8)).await;
+    assert_eq!(inv.uri, format!("sip:{CALLER}@trunk.test:{port}"));
+    trunk.reply(&inv, 486, "Busy Here", None).await;
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_callback_pending_at_shutdown_becomes_a_flagged_ticket() {
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();

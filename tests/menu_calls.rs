@@ -551,56 +551,6 @@ async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
     srv.shutdown().await;
 }
 
-/// Runs the test `name` again in a child process whose host-name lookups (`getaddrinfo`) read
-/// `hosts` first, through nss_wrapper (the cwrap project's test resolver; `.ci/run` installs
-/// Debian's `libnss-wrapper`), and asserts it passed there. Returns `true` in that child, where
-/// the test's body is to run, and `false` in the parent once the child passed, or when the
-/// library is missing outside CI (the test is then skipped, and says so).
-///
-/// A PSAP or carrier name with several addresses is what these tests need, and the machine's
-/// own resolver has none to give (`localhost` is one address on most machines); the child's
-/// lookups still go through glibc's real `getaddrinfo` interface, as the server's do.
-fn with_hosts_file(name: &str, hosts: &str) -> bool {
-    if std::env::var_os("NSS_WRAPPER_HOSTS").is_some() {
-        return true;
-    }
-    let lib = [
-        "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
-        "/usr/lib/aarch64-linux-gnu/libnss_wrapper.so",
-        "/usr/lib64/libnss_wrapper.so",
-        "/usr/lib/libnss_wrapper.so",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists());
-    let Some(lib) = lib else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "libnss_wrapper.so is missing: apt-get install libnss-wrapper"
-        );
-        eprintln!("skipped: no libnss_wrapper.so (apt-get install libnss-wrapper)");
-        return false;
-    };
-    let file = std::env::temp_dir().join(format!("ivr311-hosts-{}", rand::random::<u64>()));
-    std::fs::write(&file, hosts).unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("LD_PRELOAD", lib)
-        .env("NSS_WRAPPER_HOSTS", &file)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "{name} under nss_wrapper:\n{text}"
-    );
-    false
-}
-
 /// The name psap.test has two addresses, the first of them down.
 const PSAP_HOSTS: &str = "127.0.0.2 psap.test\n127.0.0.1 psap.test\n";
 
@@ -639,7 +589,7 @@ async fn invite_at(
 #[tokio::test]
 async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
     let name = "a_psap_name_whose_first_address_is_down_is_reached_at_the_next";
-    if !with_hosts_file(name, PSAP_HOSTS) {
+    if !common::with_hosts_file(name, PSAP_HOSTS) {
         return;
     }
     let trunk = Trunk::new().await;
@@ -671,7 +621,7 @@ async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
 #[tokio::test]
 async fn a_psap_address_that_refuses_is_not_retried_at_the_names_other_address() {
     let name = "a_psap_address_that_refuses_is_not_retried_at_the_names_other_address";
-    if !with_hosts_file(name, PSAP_HOSTS) {
+    if !common::with_hosts_file(name, PSAP_HOSTS) {
         return;
     }
     let trunk = Trunk::new().await;

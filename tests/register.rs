@@ -427,6 +427,52 @@ async fn a_node_registers_with_a_trunk_that_asks_for_credentials_and_unbinds_whe
     trunk.shutdown().await;
 }
 
+/// A carrier whose registrar name has two addresses, the first of them out of service (503,
+/// Retry-After 1): the node's next REGISTER goes to the second address, where it registers,
+/// (RFC 3263 section 4.3).
+#[tokio::test]
+async fn a_node_whose_registrar_name_has_a_failing_first_address_registers_at_the_next() {
+    let name = "a_node_whose_registrar_name_has_a_failing_first_address_registers_at_the_next";
+    if !common::with_hosts_file(name, "127.0.0.2 registrar.test\n127.0.0.1 registrar.test\n") {
+        return;
+    }
+    let mut trunk_file = agents();
+    trunk_file.agents[0].id = "city311".into();
+    trunk_file.agents[0].password = "s3cret".into();
+    let trunk = common::start_server(trunk_file).await;
+    let down = UdpSocket::bind(("127.0.0.2", trunk.sip_addr.port()))
+        .await
+        .expect("127.0.0.2 is loopback on Linux");
+    let refuse = async {
+        let mut buf = vec![0u8; 65535];
+        let (n, from) = timeout(Duration::from_secs(5), down.recv_from(&mut buf))
+            .await
+            .expect("the first address gets the first REGISTER")
+            .unwrap();
+        let Message::Request(reg) = parse_datagram(&buf[..n], 65536).unwrap() else {
+            panic!("not a request")
+        };
+        assert_eq!(reg.method.as_str(), "REGISTER");
+        let no = ivr311::sip::message::ResponseBuilder::new(&reg, 503, "Service Unavailable", None)
+            .header("Retry-After", "1")
+            .build();
+        down.send_to(&no, from).await.unwrap();
+    };
+    let node = common::start_server(registering_node(&trunk, "registrar.test", "s3cret"));
+    let (node, ()) = tokio::join!(node, refuse);
+    let status = trunk_state(node.http_addr, "registered", Duration::from_secs(5)).await;
+    assert_eq!(status["state"], "registered", "{status}");
+    assert_eq!(
+        common::agent_state(trunk.http_addr, "city311").await,
+        "available"
+    );
+    // Nothing more went to the failed address.
+    let mut buf = [0u8; 2048];
+    assert!(down.try_recv_from(&mut buf).is_err());
+    node.shutdown().await;
+    trunk.shutdown().await;
+}
+
 /// A carrier that takes SIP over TCP only (`;transport=tcp` on the registrar): the node
 /// registers over a connection it opens (Via TCP, Contact `;transport=tcp`) and keeps that
 /// connection open past the idle limit, since the carrier sends the line's calls back along it

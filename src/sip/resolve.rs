@@ -91,6 +91,19 @@ pub async fn resolve_all(uri: &str, bound: SocketAddr) -> Result<Vec<SocketAddr>
     Ok(usable)
 }
 
+/// Which of a name's addresses `all` (never empty) a repeated request goes to: the one it
+/// went to last (`current`) while that keeps working, the next after it once it `failed`, and
+/// the first when the last is not among them (the name moved, or nothing was sent yet). So a
+/// trunk registration whose registrar's first address is down registers at the second on its
+/// next attempt, and stays there.
+pub fn choose(all: &[SocketAddr], current: Option<SocketAddr>, failed: bool) -> SocketAddr {
+    match current.and_then(|c| all.iter().position(|a| *a == c)) {
+        Some(i) if failed => all[(i + 1) % all.len()],
+        Some(i) => all[i],
+        None => all[0],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +119,22 @@ mod tests {
         assert!(!valid_hostname("bad_host.example"));
         assert!(!valid_hostname("-x.example"));
         assert!(!valid_hostname("a..b"));
+    }
+
+    #[test]
+    fn a_repeated_request_stays_at_a_working_address_and_moves_on_from_a_failed_one() {
+        let a: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:5060".parse().unwrap();
+        let c: SocketAddr = "192.0.2.3:5060".parse().unwrap();
+        let all = [a, b, c];
+        assert_eq!(choose(&all, None, false), a);
+        assert_eq!(choose(&all, None, true), a);
+        assert_eq!(choose(&all, Some(b), false), b);
+        assert_eq!(choose(&all, Some(b), true), c);
+        assert_eq!(choose(&all, Some(c), true), a, "round again");
+        let gone: SocketAddr = "198.51.100.1:5060".parse().unwrap();
+        assert_eq!(choose(&all, Some(gone), true), a, "the name moved");
+        assert_eq!(choose(&[a], Some(a), true), a);
     }
 
     #[tokio::test]

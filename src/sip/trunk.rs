@@ -214,6 +214,11 @@ impl TrunkRegistration {
         &self.cfg.registrar
     }
 
+    /// Whether the last REGISTER failed (and the next is a retry).
+    pub fn failing(&self) -> bool {
+        self.failures > 0
+    }
+
     /// Whether the registrar is reached over TCP (`;transport=tcp`).
     pub fn over_tcp(&self) -> bool {
         wants_tcp(&self.cfg.registrar)

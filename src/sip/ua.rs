@@ -2223,14 +2223,18 @@ impl UaCore {
             // Look the registrar's name up afresh (off this task), then send.
             if !self.trunk_reg_resolving {
                 self.trunk_reg_resolving = true;
-                let uri = self
+                let (uri, failed) = self
                     .trunk_reg
                     .as_ref()
-                    .map(|r| r.registrar().to_owned())
+                    .map(|r| (r.registrar().to_owned(), r.failing()))
                     .unwrap_or_default();
+                // A registrar name with several addresses: stay at the one that works, move
+                // to the next when it failed (RFC 3263 section 4.3).
+                let current = self.trunk_reg_flow.as_ref().map(|f| f.remote);
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
                 tokio::spawn(async move {
-                    let found = crate::sip::resolve::resolve(&uri, bound).await;
+                    let found = crate::sip::resolve::resolve_all(&uri, bound).await;
+                    let found = found.map(|all| crate::sip::resolve::choose(&all, current, failed));
                     let _ = tx.send(Command::TrunkResolved(found)).await;
                 });
             }

@@ -1066,3 +1066,53 @@ pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
     ua.keys(keys).await;
     ua
 }
+
+/// Runs the test `name` again in a child process whose host-name lookups (`getaddrinfo`) read
+/// `hosts` first, through nss_wrapper (the cwrap project's test resolver; `.ci/run` installs
+/// Debian's `libnss-wrapper`), and asserts it passed there. Returns `true` in that child, where
+/// the test's body is to run, and `false` in the parent once the child passed, or when the
+/// library is missing outside CI (the test is then skipped, and says so).
+///
+/// A PSAP or carrier name with several addresses is what these tests need, and the machine's
+/// own resolver has none to give (`localhost` is one address on most machines); the child's
+/// lookups still go through glibc's real `getaddrinfo` interface, as the server's do.
+pub fn with_hosts_file(name: &str, hosts: &str) -> bool {
+    if std::env::var_os("NSS_WRAPPER_HOSTS").is_some() {
+        return true;
+    }
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
+        "/usr/lib/aarch64-linux-gnu/libnss_wrapper.so",
+        "/usr/lib64/libnss_wrapper.so",
+        "/usr/lib/libnss_wrapper.so",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let Some(lib) = lib else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libnss_wrapper.so is missing: apt-get install libnss-wrapper"
+        );
+        eprintln!("skipped: no libnss_wrapper.so (apt-get install libnss-wrapper)");
+        return false;
+    };
+    let file = std::env::temp_dir().join(format!("ivr311-hosts-{}", rand::random::<u64>()));
+    std::fs::write(&file, hosts).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("LD_PRELOAD", lib)
+        .env("NSS_WRAPPER_HOSTS", &file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} under nss_wrapper:\n{text}"
+    );
+    false
+}
