@@ -615,6 +615,29 @@ async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
     srv.shutdown().await;
 }
 
+/// A PSAP published the way carriers publish their gateways: the URI names the domain
+/// without a port, and its SRV record (`_sip._udp`) gives the gateway's host and port. The
+/// bridge follows it (RFC 3263 section 4.2) and reaches the PSAP, the domain kept in the
+/// Request-URI.
+#[tokio::test]
+async fn a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record() {
+    let name = "a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record";
+    if !common::with_hosts_file(name, "127.0.0.1 gw1.psap.test\n") {
+        return;
+    }
+    let trunk = Trunk::new().await;
+    let port = trunk.sip.local_addr().unwrap().port();
+    common::dns_records(&format!(
+        "SRV _sip._udp.psap.test gw1.psap.test {port} 10 50\n"
+    ));
+    let uri = "sip:911@psap.test";
+    let (srv, mut ua, inv, from) =
+        caller_presses_911_bridged_to(uri, FileConfig::default(), &trunk).await;
+    assert_eq!(inv.uri, uri);
+    psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    srv.shutdown().await;
+}
+
 /// An address that answers for itself (403) is not second-guessed at the name's other address
 /// (RFC 3263: only no response, a transport error or 503 move on): the bridge goes straight to
 /// the backup route.

@@ -451,11 +451,18 @@ pub fn wants_tcp(target: &str) -> bool {
 /// `host` and `port` of a SIP URI (5060 when none is given); the host as written (a name, an
 /// IPv4 address, or an IPv6 reference in brackets).
 pub fn uri_host_port(uri: &str) -> Option<(&str, u16)> {
+    let (host, port) = uri_host_and_port(uri)?;
+    Some((host, port.unwrap_or(5060)))
+}
+
+/// The host of a SIP URI and its port if the URI gives one (RFC 3263 looks up SRV records
+/// only for a name without a port).
+pub fn uri_host_and_port(uri: &str) -> Option<(&str, Option<u16>)> {
     let rest = uri.split_once(':')?.1;
     let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let hostport = hostport.split([';', '?']).next()?;
     let (host, port) = split_host_port(hostport)?;
-    (!host.is_empty()).then_some((host, port.unwrap_or(5060)))
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// `host[:port]` of a SIP URI as a socket address, when the host is an IP literal.
