@@ -21,15 +21,15 @@
 //!
 //! NAPTR records are not consulted (the transport is UDP unless the URI says
 //! `;transport=tcp`). Lookups run off the async threads and are limited: the SRV query to
-//! [`SRV_WITHIN`] (a resolver that does not answer it is taken as "no SRV records"), the whole
-//! to [`RESOLVE_WITHIN`], so a stalled resolver fails the request instead of holding a 911
-//! caller.
+//! [`SRV_WITHIN`] (a resolver that does not answer it is taken as "no SRV records"), the
+//! address lookups after it to [`RESOLVE_WITHIN`] together, so a stalled resolver fails the
+//! request within 3 s instead of holding a 911 caller.
 
 use crate::sip::message::{uri_host_and_port, uri_host_port, uri_socket_addr, uri_transport};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// How long a lookup may take before the request fails.
+/// How long the address lookups of one request may take together before it fails.
 pub const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long the SRV query may take before the name is taken as a plain host.
