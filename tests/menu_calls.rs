@@ -638,6 +638,39 @@ async fn a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record()
     srv.shutdown().await;
 }
 
+/// Over TCP the service is looked up as `_sip._tcp`: a PSAP that takes TCP only and publishes
+/// its gateway that way gets the INVITE on a connection to the record's host and port (a
+/// `_sip._udp` record for the same name, pointing elsewhere, is not used).
+#[tokio::test]
+async fn a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record() {
+    let name = "a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record";
+    if !common::with_hosts_file(name, "127.0.0.1 gw1.psap.test\n") {
+        return;
+    }
+    let psap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = psap.local_addr().unwrap().port();
+    common::dns_records(&format!(
+        "SRV _sip._tcp.psap.test gw1.psap.test {port} 10 50\n\
+         SRV _sip._udp.psap.test gw1.psap.test 9 10 50\n"
+    ));
+    let uri = "sip:911@psap.test;transport=tcp";
+    let srv = start_server(bridge_911_to(uri)).await;
+    let _ua = caller_pressing(srv.sip_addr, "19").await;
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), psap.accept())
+        .await
+        .expect("a TCP connection to the SRV record's port")
+        .unwrap();
+    let mut buf = Vec::new();
+    let Some(ivr311::sip::message::Message::Request(inv)) =
+        read_tcp_message(&mut conn, &mut buf).await
+    else {
+        panic!("no INVITE")
+    };
+    assert_eq!(inv.method.as_str(), "INVITE");
+    assert_eq!(inv.uri, uri);
+    srv.shutdown().await;
+}
+
 /// An address that answers for itself (403) is not second-guessed at the name's other address
 /// (RFC 3263: only no response, a transport error or 503 move on): the bridge goes straight to
 /// the backup route.
