@@ -1,0 +1,414 @@
+//! What the packets of N bridged calls cost this machine with nothing else to do: the floor
+//! under issue 7's bridge target (see BENCHMARKS.md, "Stop 21").
+//!
+//! A bridge is four UDP sockets on 127.0.0.1: the caller's phone, the relay's caller side, the
+//! relay's leg side and the agent's phone, each `connect`ed to its peer. The phone threads send
+//! one 172-byte packet (RTP header + 20 ms of G.711) from each phone of each bridge every 20 ms,
+//! spread over the 20 ms in 1 ms groups, and read what reaches their phones; the relay threads
+//! forward each packet to the other side. No RTP parsing, no timestamps, no pacing checks, no SIP:
+//! only one `send` and one `recv` per packet per hop and an epoll set per thread asked without
+//! waiting (nobody sleeps on a socket, so no sender pays a wake-up). Whatever ivr311 and
+//! `ivr311-load` spend beyond this is theirs; this much is the machine's.
+//!
+//! ```text
+//! cargo run --release --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2]
+//! ```
+//!
+//! It prints each side's CPU (from each thread's own CPU clock) and the packets each side moved,
+//! so a run that could not keep up shows it as packets missing, not as a hidden stall.
+
+#[cfg(target_os = "linux")]
+fn main() {
+    linux::main();
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("loopback_floor needs Linux (epoll)");
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+    use std::net::UdpSocket;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// RTP header and one 20 ms G.711 frame.
+    const PACKET: usize = 172;
+    /// Sends of one phone are this far apart.
+    const PTIME_MS: u64 = 20;
+    /// The relay looks at its sockets this often (ivr311's `RELAY_HOLD`).
+    const RELAY_HOLD: Duration = Duration::from_micros(500);
+    /// Figures are taken over the run minus this warm-up.
+    const WARM_UP: Duration = Duration::from_secs(3);
+
+    struct Bridge {
+        caller: UdpSocket,
+        relay_caller: UdpSocket,
+        relay_leg: UdpSocket,
+        agent: UdpSocket,
+    }
+
+    fn pair() -> io::Result<(UdpSocket, UdpSocket)> {
+        let a = UdpSocket::bind("127.0.0.1:0")?;
+        let b = UdpSocket::bind("127.0.0.1:0")?;
+        a.connect(b.local_addr()?)?;
+        b.connect(a.local_addr()?)?;
+        a.set_nonblocking(true)?;
+        b.set_nonblocking(true)?;
+        Ok((a, b))
+    }
+
+    fn bridge() -> io::Result<Bridge> {
+        let (caller, relay_caller) = pair()?;
+        let (relay_leg, agent) = pair()?;
+        Ok(Bridge {
+            caller,
+            relay_caller,
+            relay_leg,
+            agent,
+        })
+    }
+
+    /// Raise the open-file limit to its hard limit (four sockets per bridge).
+    fn raise_nofile() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid rlimit for both calls.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+
+    /// An epoll set asked without waiting; each token is an index the owner chose.
+    struct Ready {
+        fd: RawFd,
+        events: Vec<libc::epoll_event>,
+    }
+
+    impl Ready {
+        fn new() -> io::Result<Self> {
+            // SAFETY: plain system call.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Ready {
+                fd,
+                events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            })
+        }
+
+        fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
+            // SAFETY: `ev` is valid for the call.
+            if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// Tokens of the sockets with input now (level-triggered, no wait), at most
+        /// `events.len()` of them: the rest are reported at the next call, so a saturated
+        /// thread still comes back to its clock and its counters.
+        fn poll(&mut self, mut each: impl FnMut(u64)) {
+            // SAFETY: `events` has room for its length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.fd,
+                    self.events.as_mut_ptr(),
+                    self.events.len() as i32,
+                    0,
+                )
+            };
+            for e in &self.events[..n.max(0) as usize] {
+                each(e.u64);
+            }
+        }
+    }
+
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is valid for the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn sleep_until(t: Instant) {
+        let now = Instant::now();
+        if t > now {
+            std::thread::sleep(t - now);
+        }
+    }
+
+    /// Counters of one side, taken after the warm-up.
+    #[derive(Default)]
+    struct Side {
+        cpu_ns: AtomicU64,
+        sent: AtomicU64,
+        received: AtomicU64,
+    }
+
+    /// Phones: send from both phones of each bridge every 20 ms (bridge i in 1 ms group
+    /// i % 20), read whatever reached them once a millisecond.
+    fn phones(bridges: &[Arc<Bridge>], stop: &AtomicBool, side: &Side) -> io::Result<()> {
+        let mut ready = Ready::new()?;
+        for (i, b) in bridges.iter().enumerate() {
+            ready.add(b.caller.as_raw_fd(), (i as u64) << 1)?;
+            ready.add(b.agent.as_raw_fd(), (i as u64) << 1 | 1)?;
+        }
+        let packet = [0x80u8; PACKET];
+        let mut buf = [0u8; 2048];
+        let start = Instant::now();
+        let (mut sent, mut received, mut counting, mut cpu0) = (0u64, 0u64, false, Duration::ZERO);
+        let mut ms = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            if !counting && start.elapsed() >= WARM_UP {
+                (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
+            }
+            let group = ms % PTIME_MS;
+            for b in bridges
+                .iter()
+                .skip(group as usize)
+                .step_by(PTIME_MS as usize)
+            {
+                sent += (b.caller.send(&packet).is_ok() as u64)
+                    + (b.agent.send(&packet).is_ok() as u64);
+            }
+            ready.poll(|t| {
+                let b = &bridges[(t >> 1) as usize];
+                let s = if t & 1 == 0 { &b.caller } else { &b.agent };
+                // One read per report: a phone gets a packet per 20 ms and is asked every
+                // 1 ms, and a second packet is reported again at the next poll. (Reading until
+                // EAGAIN would add a failed system call per packet.)
+                received += s.recv(&mut buf).is_ok() as u64;
+            });
+            ms += 1;
+            sleep_until(start + Duration::from_millis(ms));
+        }
+        side.cpu_ns
+            .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
+        side.sent.fetch_add(sent, Ordering::Relaxed);
+        side.received.fetch_add(received, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Relay: every `RELAY_HOLD`, forward what arrived on either side of each bridge.
+    fn relay(bridges: &[Arc<Bridge>], stop: &AtomicBool, side: &Side) -> io::Result<()> {
+        let mut ready = Ready::new()?;
+        for (i, b) in bridges.iter().enumerate() {
+            ready.add(b.relay_caller.as_raw_fd(), (i as u64) << 1)?;
+            ready.add(b.relay_leg.as_raw_fd(), (i as u64) << 1 | 1)?;
+        }
+        let mut buf = [0u8; 2048];
+        let start = Instant::now();
+        let (mut sent, mut received, mut counting, mut cpu0) = (0u64, 0u64, false, Duration::ZERO);
+        let mut turn = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            if !counting && start.elapsed() >= WARM_UP {
+                (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
+            }
+            ready.poll(|t| {
+                let b = &bridges[(t >> 1) as usize];
+                let (from, to) = if t & 1 == 0 {
+                    (&b.relay_caller, &b.relay_leg)
+                } else {
+                    (&b.relay_leg, &b.relay_caller)
+                };
+                if let Ok(n) = from.recv(&mut buf) {
+                    received += 1;
+                    sent += to.send(&buf[..n]).is_ok() as u64;
+                }
+            });
+            turn += 1;
+            sleep_until(start + RELAY_HOLD * turn);
+        }
+        side.cpu_ns
+            .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
+        side.sent.fetch_add(sent, Ordering::Relaxed);
+        side.received.fetch_add(received, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn arg(i: usize, default: u64) -> u64 {
+        std::env::args()
+            .nth(i)
+            .map(|a| a.parse().expect("arguments are numbers"))
+            .unwrap_or(default)
+    }
+
+    pub fn main() {
+        raise_nofile();
+        if std::env::args().nth(1).as_deref() == Some("sipp") {
+            return sipp();
+        }
+        let (n, seconds, threads) = (arg(1, 1500) as usize, arg(2, 20), arg(3, 2).max(1) as usize);
+        let bridges: Vec<Arc<Bridge>> = (0..n)
+            .map(|_| bridge().map(Arc::new))
+            .collect::<io::Result<_>>()
+            .expect("cannot open the sockets (open-file limit?)");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (phone_side, relay_side) = (Arc::new(Side::default()), Arc::new(Side::default()));
+        let mut handles = Vec::new();
+        for t in 0..threads {
+            let mine: Vec<Arc<Bridge>> = bridges.iter().skip(t).step_by(threads).cloned().collect();
+            let (s, side) = (stop.clone(), phone_side.clone());
+            let m = mine.clone();
+            handles.push(std::thread::spawn(move || phones(&m, &s, &side)));
+            let (s, side) = (stop.clone(), relay_side.clone());
+            handles.push(std::thread::spawn(move || relay(&mine, &s, &side)));
+        }
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("thread").expect("socket error");
+        }
+        let window = Duration::from_secs(seconds)
+            .saturating_sub(WARM_UP)
+            .as_secs_f64();
+        let offered = n as f64 * 2.0 * (1000 / PTIME_MS) as f64;
+        let show = |name: &str, s: &Side| {
+            let cpu = s.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9 / window * 100.0;
+            let sent = s.sent.load(Ordering::Relaxed) as f64 / window;
+            let received = s.received.load(Ordering::Relaxed) as f64 / window;
+            println!(
+                "{name:6} CPU {cpu:5.1}% of one core  sent {sent:8.0}/s  received {received:8.0}/s  ({:.2} us of CPU per packet sent or received)",
+                cpu / 100.0 * 1e6 / (sent + received)
+            );
+            cpu
+        };
+        println!(
+            "{n} bridges, {threads} threads a side, {:.0} s measured: {offered:.0} packets/s offered to the relay (both directions)",
+            window
+        );
+        let total = show("phones", &phone_side) + show("relay", &relay_side);
+        println!(
+            "both   CPU {total:5.1}% of one core (the machine has {} cores)",
+            std::thread::available_parallelism().map_or(0, |p| p.get())
+        );
+    }
+
+    /// A raw `IPPROTO_UDP` socket bound to 127.0.0.1 and never read: what SIPp opens for each
+    /// pcap it plays (`play_pcap_audio`). Needs CAP_NET_RAW.
+    fn raw_socket() -> io::Result<RawFd> {
+        // SAFETY: plain system calls on a descriptor we own; `sin` is a valid sockaddr_in.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_UDP,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::bind(fd, &sin as *const _ as *const libc::sockaddr, len) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(fd)
+        }
+    }
+
+    /// `loopback_floor sipp [calls=800] [raw sockets=179] [seconds=20] [threads=2]`: what the
+    /// prompts of the SIPp run cost to send with nothing else to do. Each call's socket sends
+    /// 50 packets/s to one socket nobody reads (SIPp's `-mp` port), while `raw` raw sockets
+    /// like SIPp's pcap player's are open.
+    fn sipp() {
+        let (n, raws, seconds, threads) = (
+            arg(2, 800) as usize,
+            arg(3, 179),
+            arg(4, 20),
+            arg(5, 2).max(1) as usize,
+        );
+        let sink = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = sink.local_addr().expect("address");
+        let calls: Vec<Arc<UdpSocket>> = (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.1:0")?;
+                s.connect(to)?;
+                s.set_nonblocking(true)?;
+                Ok(Arc::new(s))
+            })
+            .collect::<io::Result<_>>()
+            .expect("cannot open the sockets");
+        let raw: Vec<RawFd> = (0..raws)
+            .map(|_| raw_socket())
+            .collect::<io::Result<_>>()
+            .expect("cannot open raw sockets (needs CAP_NET_RAW)");
+        let stop = Arc::new(AtomicBool::new(false));
+        let side = Arc::new(Side::default());
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<Arc<UdpSocket>> =
+                    calls.iter().skip(t).step_by(threads).cloned().collect();
+                let (stop, side) = (stop.clone(), side.clone());
+                std::thread::spawn(move || {
+                    let packet = [0x80u8; PACKET];
+                    let start = Instant::now();
+                    let (mut sent, mut counting, mut cpu0, mut ms) =
+                        (0u64, false, Duration::ZERO, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        if !counting && start.elapsed() >= WARM_UP {
+                            (counting, sent, cpu0) = (true, 0, thread_cpu());
+                        }
+                        for s in mine
+                            .iter()
+                            .skip((ms % PTIME_MS) as usize)
+                            .step_by(PTIME_MS as usize)
+                        {
+                            // The sink's queue is full: the kernel drops the packet there, as
+                            // at SIPp's media port; the send itself succeeds.
+                            sent += s.send(&packet).is_ok() as u64;
+                        }
+                        ms += 1;
+                        sleep_until(start + Duration::from_millis(ms));
+                    }
+                    side.cpu_ns
+                        .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
+                    side.sent.fetch_add(sent, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("thread");
+        }
+        let window = Duration::from_secs(seconds)
+            .saturating_sub(WARM_UP)
+            .as_secs_f64();
+        let cpu = side.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9 / window * 100.0;
+        let sent = side.sent.load(Ordering::Relaxed) as f64 / window;
+        println!(
+            "{n} calls' prompts, {} raw sockets open: CPU {cpu:5.1}% of one core, sent {sent:6.0}/s ({:.2} us per packet)",
+            raw.len(),
+            cpu / 100.0 * 1e6 / sent
+        );
+        for fd in raw {
+            // SAFETY: we opened it and nothing else uses it.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
