@@ -15,9 +15,15 @@
 //!   again only if the registrar says the nonce was `stale`. A second plain challenge means the
 //!   credentials were refused.
 //! - 423 Interval Too Brief is retried at once with the registrar's `Min-Expires`.
-//! - Any other failure (no answer, 403, 5xx) is retried after a back-off of 30 s doubling to
-//!   30 min with jitter (the schedule of RFC 5626 §4.5), or after the `Retry-After` the answer
-//!   names, so a carrier's outage is not met with a REGISTER storm from every node.
+//! - A registrar name with several addresses (A/AAAA records, or SRV targets): after no
+//!   answer (timer F), a TCP connection refused or a 503, the next REGISTER goes at once to the
+//!   name's next address (RFC 3263 §4.3), until each address has failed once. A carrier's
+//!   primary that answers `503` with `Retry-After: 300` must not keep the 311 number
+//!   unreachable for five minutes while its secondary is up.
+//! - Any other failure (403, other 5xx, and every address of the name failed) is retried after
+//!   a back-off of 30 s doubling to 30 min with jitter (the schedule of RFC 5626 §4.5), or after
+//!   the `Retry-After` the answer names, so a carrier's outage is not met with a REGISTER storm
+//!   from every node. The next round starts at the address after the last one tried.
 //! - When the server starts draining, the binding is removed (`Expires: 0`): the trunk stops
 //!   sending new calls to a node that would refuse them and, with a second node registered,
 //!   sends them there.
@@ -175,7 +181,13 @@ pub struct TrunkRegistration {
     raised: bool,
     /// The REGISTER in flight removes the binding.
     removing: bool,
+    /// Consecutive back-offs (the exponent of [`backoff`]).
     failures: u32,
+    /// How many addresses the registrar's name had at its last lookup (1 for an IP address).
+    addresses: usize,
+    /// Addresses that failed in a row since the last success or back-off; while fewer than
+    /// `addresses`, a failure moves on to the next address at once.
+    failed_over: usize,
     /// What the REGISTER in flight was built with, to send it again with credentials.
     local: Option<SocketAddr>,
 }
@@ -206,6 +218,8 @@ impl TrunkRegistration {
             raised: false,
             removing: false,
             failures: 0,
+            addresses: 1,
+            failed_over: 0,
             local: None,
         }
     }
@@ -214,9 +228,14 @@ impl TrunkRegistration {
         &self.cfg.registrar
     }
 
-    /// Whether the last REGISTER failed (and the next is a retry).
+    /// Whether the last REGISTER failed (and the next is a retry, at the name's next address).
     pub fn failing(&self) -> bool {
-        self.failures > 0
+        self.failures > 0 || self.failed_over > 0
+    }
+
+    /// The registrar's name was looked up and has `n` addresses.
+    pub fn set_addresses(&mut self, n: usize) {
+        self.addresses = n.max(1);
     }
 
     /// Whether the registrar is reached over TCP (`;transport=tcp`).
@@ -290,6 +309,7 @@ impl TrunkRegistration {
             200..=299 => {
                 let granted = self.granted(resp, local);
                 self.failures = 0;
+                self.failed_over = 0;
                 // Refresh halfway through (at least a second from now).
                 let refresh = Duration::from_secs(u64::from(granted / 2).max(1));
                 self.phase = Phase::Idle {
@@ -359,13 +379,21 @@ impl TrunkRegistration {
             self.removing = false;
             return;
         }
-        self.failed_with(now, "no answer from the registrar".into(), None);
+        self.failed_with(now, "no answer from the registrar".into(), None, true);
     }
 
     /// The registrar's host name did not resolve: the REGISTER that was due is retried later.
     pub fn unreachable(&mut self, now: Instant, why: String) {
         if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
-            self.failed_with(now, why, None);
+            self.failed_with(now, why, None, false);
+        }
+    }
+
+    /// The REGISTER that was due could not be sent to the address chosen (a TCP connection
+    /// refused): the name's next address is tried at once, as after a timeout.
+    pub fn transport_error(&mut self, now: Instant, why: String) {
+        if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
+            self.failed_with(now, why, None, true);
         }
     }
 
@@ -422,10 +450,30 @@ impl TrunkRegistration {
             .and_then(|v| v.split([';', '(']).next())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        self.failed_with(now, what, retry_after);
+        // RFC 3263 section 4.3: a 503 sends the request to the name's next address. (Its
+        // Retry-After is about the address that sent it.)
+        self.failed_with(now, what, retry_after, resp.code == 503);
     }
 
-    fn failed_with(&mut self, now: Instant, error: String, retry_after: Option<Duration>) {
+    /// Count a failure. With `next_address` (no answer, transport error, 503) and an address
+    /// of the name not yet failed in this round, the next REGISTER goes at once (to the next
+    /// address: [`TrunkRegistration::failing`]); otherwise after the back-off.
+    fn failed_with(
+        &mut self,
+        now: Instant,
+        error: String,
+        retry_after: Option<Duration>,
+        next_address: bool,
+    ) {
+        if next_address && self.failed_over + 1 < self.addresses {
+            self.failed_over += 1;
+            self.phase = Phase::Failed {
+                at: now,
+                error: format!("{error}; trying the registrar's next address"),
+            };
+            return;
+        }
+        self.failed_over = 0;
         self.failures = self.failures.saturating_add(1);
         let wait = retry_after
             .map(|r| r.clamp(Duration::from_secs(1), BACKOFF_MAX))
@@ -645,6 +693,57 @@ mod tests {
             reg.is_registered(t0 + Duration::from_secs(60)),
             "still bound while refreshing"
         );
+    }
+
+    #[test]
+    fn a_name_with_several_addresses_moves_on_at_once_and_backs_off_after_the_round() {
+        let t0 = Instant::now();
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
+        reg.set_addresses(3);
+        // The first address answers 503 with a long Retry-After: the second is tried now.
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        assert!(reg
+            .on_final(t0, &response(&r1, 503, "Retry-After: 300\r\n"))
+            .is_none());
+        assert_eq!(reg.due(), Some(t0), "the next address at once");
+        assert!(reg.failing(), "so the lookup moves on to the next address");
+        let s = reg.status(t0);
+        assert_eq!(s.state, "failed");
+        assert!(s.last_error.unwrap().contains("next address"));
+        // The second is silent (timer F): the third is tried now.
+        let t1 = t0 + Duration::from_secs(32);
+        reg.poll(t0, local()).unwrap();
+        reg.on_timeout(t1);
+        assert_eq!(reg.due(), Some(t1));
+        // The third refuses the TCP connection: every address failed, back off.
+        reg.transport_error(t1, "TCP to 192.0.2.3:5060: refused".into());
+        let wait = reg.due().unwrap() - t1;
+        assert!((Duration::from_secs(15)..=Duration::from_secs(30)).contains(&wait));
+        assert!(
+            reg.failing(),
+            "the next round starts after the last address"
+        );
+
+        // A 403 is the registrar's answer, not an outage: back off, same address.
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
+        reg.set_addresses(2);
+        let r1 = request(&reg.poll(t0, local()).unwrap());
+        assert!(reg.on_final(t0, &response(&r1, 403, "")).is_none());
+        assert!(reg.due().unwrap() - t0 >= Duration::from_secs(15));
+
+        // Registered at the second address, the round starts again: its failure later moves
+        // on at once again.
+        let mut reg = TrunkRegistration::new(cfg(), creds().into(), t0);
+        reg.set_addresses(2);
+        reg.poll(t0, local()).unwrap();
+        reg.on_timeout(t0);
+        let r2 = request(&reg.poll(t0, local()).unwrap());
+        assert!(reg.on_final(t0, &response(&r2, 200, "")).is_none());
+        assert!(reg.is_registered(t0) && !reg.failing());
+        let t2 = reg.due().unwrap();
+        reg.poll(t2, local()).unwrap();
+        reg.on_timeout(t2);
+        assert_eq!(reg.due(), Some(t2));
     }
 
     #[test]

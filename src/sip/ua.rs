@@ -455,7 +455,8 @@ enum Command {
         dialog: DialogId,
     },
     /// The trunk registrar's host name was looked up.
-    TrunkResolved(Result<SocketAddr, String>),
+    /// The address chosen, and how many the name has.
+    TrunkResolved(Result<(SocketAddr, usize), String>),
     /// The TCP connection to the trunk registrar was opened (or could not be).
     TrunkConnected(Result<Flow, String>),
 }
@@ -2234,7 +2235,12 @@ impl UaCore {
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
                 tokio::spawn(async move {
                     let found = crate::sip::resolve::resolve_all(&uri, bound).await;
-                    let found = found.map(|all| crate::sip::resolve::choose(&all, current, failed));
+                    let found = found.map(|all| {
+                        (
+                            crate::sip::resolve::choose(&all, current, failed),
+                            all.len(),
+                        )
+                    });
                     let _ = tx.send(Command::TrunkResolved(found)).await;
                 });
             }
@@ -2266,10 +2272,17 @@ impl UaCore {
 
     /// The registrar's name was looked up: send the REGISTER that waited for it, or count the
     /// failure (retried later, as any other).
-    async fn on_trunk_resolved(&mut self, found: Result<SocketAddr, String>, now: Instant) {
+    async fn on_trunk_resolved(
+        &mut self,
+        found: Result<(SocketAddr, usize), String>,
+        now: Instant,
+    ) {
         self.trunk_reg_resolving = false;
         match found {
-            Ok(addr) => {
+            Ok((addr, n)) => {
+                if let Some(reg) = &mut self.trunk_reg {
+                    reg.set_addresses(n);
+                }
                 if let Some(flow) = &mut self.trunk_reg_flow {
                     if flow.remote != addr && flow.conn != 0 {
                         // The name moved: a TCP registration opens a connection to the new
@@ -2315,7 +2328,7 @@ impl UaCore {
             }
             Err(why) => {
                 if let Some(reg) = &mut self.trunk_reg {
-                    reg.unreachable(now, why);
+                    reg.transport_error(now, why);
                 }
                 self.after_trunk_change(now);
             }
