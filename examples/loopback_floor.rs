@@ -11,8 +11,13 @@
 //! `ivr311-load` spend beyond this is theirs; this much is the machine's.
 //!
 //! ```text
-//! cargo run --release --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2]
+//! cargo run --release --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2] [uring=0]
 //! ```
+//!
+//! With `uring` 1 every thread hands its sends and reads to the kernel in batches through
+//! io_uring (one `io_uring_enter` for a millisecond's sends, one for the reads the epoll set
+//! reported, one for the relayed sends) instead of a system call per packet: what the most
+//! batching could save.
 //!
 //! It prints each side's CPU (from each thread's own CPU clock) and the packets each side moved,
 //! so a run that could not keep up shows it as packets missing, not as a hidden stall.
@@ -138,6 +143,115 @@ mod linux {
         }
     }
 
+    /// Largest datagram read.
+    const BUF: usize = 256;
+    /// Operations in flight at once.
+    const RING: usize = 1024;
+
+    /// Batches of sends and reads in one `io_uring_enter` each.
+    struct Uring {
+        ring: io_uring::IoUring,
+        ops: Vec<io_uring::squeue::Entry>,
+        results: Vec<i32>,
+        bufs: Vec<[u8; BUF]>,
+    }
+
+    impl Uring {
+        fn new() -> io::Result<Self> {
+            Ok(Uring {
+                ring: io_uring::IoUring::new(RING as u32)?,
+                ops: Vec::with_capacity(RING),
+                results: vec![0; RING],
+                bufs: vec![[0; BUF]; RING],
+            })
+        }
+
+        /// Send `packet` on each of `fds` (connected sockets); how many went.
+        fn send_each(&mut self, fds: &[RawFd], packet: &[u8]) -> io::Result<u64> {
+            let mut sent = 0;
+            for chunk in fds.chunks(RING) {
+                self.ops.clear();
+                for (i, &fd) in chunk.iter().enumerate() {
+                    let op = io_uring::opcode::Send::new(
+                        io_uring::types::Fd(fd),
+                        packet.as_ptr(),
+                        packet.len() as u32,
+                    );
+                    self.ops
+                        .push(op.flags(libc::MSG_DONTWAIT).build().user_data(i as u64));
+                }
+                self.run()?;
+                sent += self.results[..chunk.len()]
+                    .iter()
+                    .filter(|r| **r > 0)
+                    .count() as u64;
+            }
+            Ok(sent)
+        }
+
+        /// Read one datagram from each of `fds` (at most [`RING`]) into `bufs[i]`; the
+        /// lengths (or minus the errno) are in `results[i]`.
+        fn recv_each(&mut self, fds: &[RawFd]) -> io::Result<()> {
+            self.ops.clear();
+            for (i, &fd) in fds.iter().enumerate() {
+                let op = io_uring::opcode::Recv::new(
+                    io_uring::types::Fd(fd),
+                    self.bufs[i].as_mut_ptr(),
+                    BUF as u32,
+                );
+                self.ops
+                    .push(op.flags(libc::MSG_DONTWAIT).build().user_data(i as u64));
+            }
+            self.run()
+        }
+
+        /// Send `bufs[i][..lens[i]]` on `fds[i]` (at most [`RING`]); how many went.
+        fn send_bufs(&mut self, fds: &[RawFd], lens: &[usize]) -> io::Result<u64> {
+            self.ops.clear();
+            for (i, &fd) in fds.iter().enumerate() {
+                let op = io_uring::opcode::Send::new(
+                    io_uring::types::Fd(fd),
+                    self.bufs[i].as_ptr(),
+                    lens[i] as u32,
+                );
+                self.ops
+                    .push(op.flags(libc::MSG_DONTWAIT).build().user_data(i as u64));
+            }
+            self.run()?;
+            Ok(self.results[..fds.len()].iter().filter(|r| **r > 0).count() as u64)
+        }
+
+        /// Submit `ops` and wait for all their completions. With `MSG_DONTWAIT` each one
+        /// finishes within the call, so the buffers are free again when this returns.
+        fn run(&mut self) -> io::Result<()> {
+            let n = self.ops.len();
+            if n == 0 {
+                return Ok(());
+            }
+            {
+                let mut sq = self.ring.submission();
+                for op in &self.ops {
+                    // SAFETY: the buffers stay put until every completion is reaped below.
+                    unsafe { sq.push(op) }
+                        .map_err(|_| io::Error::other("submission queue full"))?;
+                }
+            }
+            let mut reaped = 0;
+            while reaped < n {
+                match self.ring.submit_and_wait(n - reaped) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                for c in self.ring.completion() {
+                    self.results[c.user_data() as usize] = c.result();
+                    reaped += 1;
+                }
+            }
+            Ok(())
+        }
+    }
+
     fn thread_cpu() -> Duration {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -165,8 +279,14 @@ mod linux {
 
     /// Phones: send from both phones of each bridge every 20 ms (bridge i in 1 ms group
     /// i % 20), read whatever reached them once a millisecond.
-    fn phones(bridges: &[Arc<Bridge>], stop: &AtomicBool, side: &Side) -> io::Result<()> {
+    fn phones(
+        bridges: &[Arc<Bridge>],
+        stop: &AtomicBool,
+        side: &Side,
+        mut uring: Option<Uring>,
+    ) -> io::Result<()> {
         let mut ready = Ready::new()?;
+        let mut fds: Vec<RawFd> = Vec::new();
         for (i, b) in bridges.iter().enumerate() {
             ready.add(b.caller.as_raw_fd(), (i as u64) << 1)?;
             ready.add(b.agent.as_raw_fd(), (i as u64) << 1 | 1)?;
@@ -181,11 +301,27 @@ mod linux {
                 (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
             }
             let group = ms % PTIME_MS;
-            for b in bridges
+            let mine = bridges
                 .iter()
                 .skip(group as usize)
-                .step_by(PTIME_MS as usize)
-            {
+                .step_by(PTIME_MS as usize);
+            if let Some(u) = &mut uring {
+                fds.clear();
+                fds.extend(mine.flat_map(|b| [b.caller.as_raw_fd(), b.agent.as_raw_fd()]));
+                sent += u.send_each(&fds, &packet)?;
+                fds.clear();
+                ready.poll(|t| {
+                    let b = &bridges[(t >> 1) as usize];
+                    let s = if t & 1 == 0 { &b.caller } else { &b.agent };
+                    fds.push(s.as_raw_fd());
+                });
+                u.recv_each(&fds)?;
+                received += u.results[..fds.len()].iter().filter(|r| **r > 0).count() as u64;
+                ms += 1;
+                sleep_until(start + Duration::from_millis(ms));
+                continue;
+            }
+            for b in mine {
                 sent += (b.caller.send(&packet).is_ok() as u64)
                     + (b.agent.send(&packet).is_ok() as u64);
             }
@@ -208,8 +344,14 @@ mod linux {
     }
 
     /// Relay: every `RELAY_HOLD`, forward what arrived on either side of each bridge.
-    fn relay(bridges: &[Arc<Bridge>], stop: &AtomicBool, side: &Side) -> io::Result<()> {
+    fn relay(
+        bridges: &[Arc<Bridge>],
+        stop: &AtomicBool,
+        side: &Side,
+        mut uring: Option<Uring>,
+    ) -> io::Result<()> {
         let mut ready = Ready::new()?;
+        let (mut from_fds, mut to_fds, mut lens) = (Vec::new(), Vec::new(), Vec::new());
         for (i, b) in bridges.iter().enumerate() {
             ready.add(b.relay_caller.as_raw_fd(), (i as u64) << 1)?;
             ready.add(b.relay_leg.as_raw_fd(), (i as u64) << 1 | 1)?;
@@ -221,6 +363,38 @@ mod linux {
         while !stop.load(Ordering::Relaxed) {
             if !counting && start.elapsed() >= WARM_UP {
                 (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
+            }
+            if let Some(u) = &mut uring {
+                from_fds.clear();
+                to_fds.clear();
+                ready.poll(|t| {
+                    let b = &bridges[(t >> 1) as usize];
+                    let (from, to) = if t & 1 == 0 {
+                        (&b.relay_caller, &b.relay_leg)
+                    } else {
+                        (&b.relay_leg, &b.relay_caller)
+                    };
+                    from_fds.push(from.as_raw_fd());
+                    to_fds.push(to.as_raw_fd());
+                });
+                u.recv_each(&from_fds)?;
+                // Forward what was read, each into the slot its read used.
+                lens.clear();
+                let mut k = 0;
+                for i in 0..from_fds.len() {
+                    let r = u.results[i];
+                    if r > 0 {
+                        received += 1;
+                        u.bufs.swap(k, i);
+                        to_fds[k] = to_fds[i];
+                        lens.push(r as usize);
+                        k += 1;
+                    }
+                }
+                sent += u.send_bufs(&to_fds[..k], &lens)?;
+                turn += 1;
+                sleep_until(start + RELAY_HOLD * turn);
+                continue;
             }
             ready.poll(|t| {
                 let b = &bridges[(t >> 1) as usize];
@@ -257,6 +431,8 @@ mod linux {
             return sipp();
         }
         let (n, seconds, threads) = (arg(1, 1500) as usize, arg(2, 20), arg(3, 2).max(1) as usize);
+        let batched = arg(4, 0) == 1;
+        let ring = || batched.then(|| Uring::new().expect("io_uring (kernel.io_uring_disabled?)"));
         let bridges: Vec<Arc<Bridge>> = (0..n)
             .map(|_| bridge().map(Arc::new))
             .collect::<io::Result<_>>()
@@ -268,9 +444,11 @@ mod linux {
             let mine: Vec<Arc<Bridge>> = bridges.iter().skip(t).step_by(threads).cloned().collect();
             let (s, side) = (stop.clone(), phone_side.clone());
             let m = mine.clone();
-            handles.push(std::thread::spawn(move || phones(&m, &s, &side)));
+            let u = ring();
+            handles.push(std::thread::spawn(move || phones(&m, &s, &side, u)));
             let (s, side) = (stop.clone(), relay_side.clone());
-            handles.push(std::thread::spawn(move || relay(&mine, &s, &side)));
+            let u = ring();
+            handles.push(std::thread::spawn(move || relay(&mine, &s, &side, u)));
         }
         std::thread::sleep(Duration::from_secs(seconds));
         stop.store(true, Ordering::Relaxed);
@@ -292,7 +470,8 @@ mod linux {
             cpu
         };
         println!(
-            "{n} bridges, {threads} threads a side, {:.0} s measured: {offered:.0} packets/s offered to the relay (both directions)",
+            "{n} bridges, {threads} threads a side, {}, {:.0} s measured: {offered:.0} packets/s offered to the relay (both directions)",
+            if batched { "io_uring batches" } else { "a system call per packet" },
             window
         );
         let total = show("phones", &phone_side) + show("relay", &relay_side);
