@@ -510,10 +510,11 @@ mod linux {
         }
     }
 
-    /// `loopback_floor sipp [calls=800] [raw sockets=179] [seconds=20] [threads=2]`: what the
-    /// prompts of the SIPp run cost to send with nothing else to do. Each call's socket sends
-    /// 50 packets/s to one socket nobody reads (SIPp's `-mp` port), while `raw` raw sockets
-    /// like SIPp's pcap player's are open.
+    /// `loopback_floor sipp [calls=800] [raw sockets=179] [seconds=20] [threads=2] [uring=0]`:
+    /// what the prompts of the SIPp run cost to send with nothing else to do. Each call's socket
+    /// sends 50 packets/s to one socket nobody reads (SIPp's `-mp` port), while `raw` raw
+    /// sockets like SIPp's pcap player's are open; with `uring` 1, each millisecond's sends go
+    /// in one `io_uring_enter`, as ivr311's media clock sends.
     fn sipp() {
         let (n, raws, seconds, threads) = (
             arg(2, 800) as usize,
@@ -521,6 +522,7 @@ mod linux {
             arg(4, 20),
             arg(5, 2).max(1) as usize,
         );
+        let batched = arg(6, 0) == 1;
         let sink = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let to = sink.local_addr().expect("address");
         let calls: Vec<Arc<UdpSocket>> = (0..n)
@@ -543,8 +545,10 @@ mod linux {
                 let mine: Vec<Arc<UdpSocket>> =
                     calls.iter().skip(t).step_by(threads).cloned().collect();
                 let (stop, side) = (stop.clone(), side.clone());
+                let mut uring = batched.then(|| Uring::new().expect("io_uring"));
                 std::thread::spawn(move || {
                     let packet = [0x80u8; PACKET];
+                    let mut fds: Vec<RawFd> = Vec::new();
                     let start = Instant::now();
                     let (mut sent, mut counting, mut cpu0, mut ms) =
                         (0u64, false, Duration::ZERO, 0u64);
@@ -552,14 +556,20 @@ mod linux {
                         if !counting && start.elapsed() >= WARM_UP {
                             (counting, sent, cpu0) = (true, 0, thread_cpu());
                         }
-                        for s in mine
+                        let group = mine
                             .iter()
                             .skip((ms % PTIME_MS) as usize)
-                            .step_by(PTIME_MS as usize)
-                        {
-                            // The sink's queue is full: the kernel drops the packet there, as
-                            // at SIPp's media port; the send itself succeeds.
-                            sent += s.send(&packet).is_ok() as u64;
+                            .step_by(PTIME_MS as usize);
+                        // The sink's queue is full: the kernel drops the packet there, as at
+                        // SIPp's media port; the send itself succeeds.
+                        if let Some(u) = &mut uring {
+                            fds.clear();
+                            fds.extend(group.map(|s| s.as_raw_fd()));
+                            sent += u.send_each(&fds, &packet).expect("io_uring");
+                        } else {
+                            for s in group {
+                                sent += s.send(&packet).is_ok() as u64;
+                            }
                         }
                         ms += 1;
                         sleep_until(start + Duration::from_millis(ms));
@@ -581,8 +591,9 @@ mod linux {
         let cpu = side.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9 / window * 100.0;
         let sent = side.sent.load(Ordering::Relaxed) as f64 / window;
         println!(
-            "{n} calls' prompts, {} raw sockets open: CPU {cpu:5.1}% of one core, sent {sent:6.0}/s ({:.2} us per packet)",
+            "{n} calls' prompts, {} raw sockets open, {}: CPU {cpu:5.1}% of one core, sent {sent:6.0}/s ({:.2} us per packet)",
             raw.len(),
+            if batched { "io_uring batches" } else { "a system call per packet" },
             cpu / 100.0 * 1e6 / sent
         );
         for fd in raw {
