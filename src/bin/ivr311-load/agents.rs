@@ -16,8 +16,8 @@
 
 use crate::net::{self, CmsgBuf, Epoll, RecvBatch, Ticker};
 use crate::payload;
-use crate::stats::Stats;
-use crate::worker::{law, tone, Shared};
+use crate::stats::{LastHeard, Stats};
+use crate::worker::{due_turns, law, tone, Shared};
 use ivr311::media::g711::Codec;
 use ivr311::media::rtp::RtpStream;
 use ivr311::sip::message::{parse_datagram, uri_user, Message, Request, Response, ResponseBuilder};
@@ -122,10 +122,8 @@ struct AgentCall {
     ts0: u32,
     media_start_ms: u64,
     last_k: Option<u64>,
-    rx: u64,
-    last_rx_ns: i64,
-    last_sent_ns: i64,
-    last_seq: u16,
+    /// The caller's audio heard so far.
+    heard: LastHeard,
     /// The socket's drop count last seen.
     drops: u32,
     tx: u64,
@@ -624,10 +622,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             ts0,
             media_start_ms,
             last_k: None,
-            rx: 0,
-            last_rx_ns: 0,
-            last_sent_ns: 0,
-            last_seq: 0,
+            heard: LastHeard::default(),
             drops: 0,
             tx: 0,
             answered_rt: net::realtime_ns(),
@@ -666,7 +661,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
             local = ?call.sock.local_addr().ok(),
             server_leg = ?call.sock.peer_addr().ok(),
             sent = call.tx,
-            received = call.rx,
+            received = call.heard.rx,
             ?why,
             "agent call ended"
         );
@@ -677,7 +672,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
         match why {
             End::NoAck => b.agent_no_ack += 1,
             End::Cut => b.agent_calls_cut += 1,
-            End::Bye if call.rx == 0 => b.agent_no_caller_audio += 1,
+            End::Bye if call.heard.rx == 0 => b.agent_no_caller_audio += 1,
             End::Bye => b.agent_calls_ok += 1,
         }
         self.free.push(slot);
@@ -694,22 +689,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
     }
 
     fn run_wheel(&mut self, now_ms: u64) {
-        if now_ms <= self.done_ms {
-            return;
-        }
-        let from = self.done_ms + 1;
-        let start = if now_ms - from >= PERIOD_MS {
-            self.io.stats.stalls += 1;
-            now_ms + 1 - PERIOD_MS
-        } else {
-            from
-        };
-        let real_us = self.epoch.elapsed().as_micros() as u64;
-        for m in start..=now_ms {
-            self.io
-                .stats
-                .send_lag
-                .record(real_us.saturating_sub(m * 1000));
+        for m in due_turns(self.done_ms, now_ms, self.epoch, &mut self.io.stats) {
             let b = (m % PERIOD_MS) as usize;
             let mut i = 0;
             while i < self.buckets[b].len() {
@@ -732,7 +712,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
                 }
             }
         }
-        self.done_ms = now_ms;
+        self.done_ms = self.done_ms.max(now_ms);
     }
 }
 
@@ -740,7 +720,7 @@ a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=sendre
 /// ns, 0: none), with the socket's drop count so far.
 fn on_rtp(io: &mut Io, call: &mut AgentCall, pkt: &[u8], stamp: i64, drops: u32) {
     if drops > call.drops {
-        io.stats.bridge.at_agent_dropped_here += u64::from(drops - call.drops);
+        io.stats.bridge.at_agent.dropped_here += u64::from(drops - call.drops);
         call.drops = drops;
     }
     let stamp = if stamp == 0 {
@@ -761,35 +741,15 @@ fn on_rtp(io: &mut Io, call: &mut AgentCall, pkt: &[u8], stamp: i64, drops: u32)
             // The caller's key into the queue, relayed (its End packets outlast the
             // answer). Not audio: no pacing, but the numbering goes on.
             b.at_agent_events += 1;
-            if call.rx > 0 {
-                call.last_seq = seq;
+            if call.heard.rx > 0 {
+                call.heard.seq = seq;
             }
         } else {
-            b.at_agent_foreign += 1;
+            b.at_agent.foreign += 1;
         }
         return;
     };
-    if call.rx > 0 {
-        let d = stamp - call.last_rx_ns;
-        b.at_agent_pacing
-            .record((d - 20_000_000).unsigned_abs() / 1000);
-        b.to_agent_jitter
-            .record((d - (sent - call.last_sent_ns)).unsigned_abs() / 1000);
-        if d < 5_000_000 {
-            b.at_agent_bursts += 1;
-        }
-        let gap = seq.wrapping_sub(call.last_seq.wrapping_add(1));
-        if gap != 0 && gap < 1000 {
-            b.at_agent_gaps += u64::from(gap);
-        }
-    }
-    b.to_agent_transit
-        .record(((stamp - sent).max(0) / 1000) as u64);
-    b.at_agent_rx += 1;
-    call.rx += 1;
-    call.last_rx_ns = stamp;
-    call.last_sent_ns = sent;
-    call.last_seq = seq;
+    b.at_agent.packet(&mut call.heard, stamp, sent, seq);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

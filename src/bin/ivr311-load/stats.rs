@@ -24,6 +24,79 @@ pub enum Failure {
     NotBridged,
 }
 
+/// One direction of bridged audio, as the phone at its end heard it: every packet carries the
+/// far phone's mark and send time ([`crate::payload`]), so the relay's share is measured apart
+/// from the sender's own lateness.
+#[derive(Clone, Default)]
+pub struct Heard {
+    /// |inter-arrival − 20 ms|, µs.
+    pub pacing: Hist,
+    /// What the relay added to the spacing: |Δreceive − Δsend| of consecutive packets (the
+    /// pacing figure without the far phone's own send jitter), µs.
+    pub jitter: Hist,
+    /// The far phone's send → this phone's kernel receive stamp, µs.
+    pub transit: Hist,
+    pub rx: u64,
+    /// Packets less than 5 ms after the one before.
+    pub bursts: u64,
+    /// Packets missing from the sequence.
+    pub gaps: u64,
+    /// Packets from the server that carried no mark of the far phone.
+    pub foreign: u64,
+    /// Packets this phone's socket dropped (receive buffer full), kernel's count.
+    pub dropped_here: u64,
+}
+
+/// The last packet one phone heard from the far one.
+#[derive(Clone, Copy, Default)]
+pub struct LastHeard {
+    /// Packets heard so far.
+    pub rx: u64,
+    /// Kernel receive stamp and the far phone's send time, ns.
+    pub rx_ns: i64,
+    pub sent_ns: i64,
+    pub seq: u16,
+}
+
+impl Heard {
+    /// Count a marked packet with sequence number `seq`, sent at `sent` and received at
+    /// `stamp` (ns), after `last` (updated).
+    pub fn packet(&mut self, last: &mut LastHeard, stamp: i64, sent: i64, seq: u16) {
+        if last.rx > 0 {
+            let d = stamp - last.rx_ns;
+            self.pacing.record((d - 20_000_000).unsigned_abs() / 1000);
+            self.jitter
+                .record((d - (sent - last.sent_ns)).unsigned_abs() / 1000);
+            if d < 5_000_000 {
+                self.bursts += 1;
+            }
+            let gap = seq.wrapping_sub(last.seq.wrapping_add(1));
+            if gap != 0 && gap < 1000 {
+                self.gaps += u64::from(gap);
+            }
+        }
+        self.transit.record(((stamp - sent).max(0) / 1000) as u64);
+        self.rx += 1;
+        *last = LastHeard {
+            rx: last.rx + 1,
+            rx_ns: stamp,
+            sent_ns: sent,
+            seq,
+        };
+    }
+
+    pub fn merge(&mut self, o: &Heard) {
+        self.pacing.merge(&o.pacing);
+        self.jitter.merge(&o.jitter);
+        self.transit.merge(&o.transit);
+        self.rx += o.rx;
+        self.bursts += o.bursts;
+        self.gaps += o.gaps;
+        self.foreign += o.foreign;
+        self.dropped_here += o.dropped_here;
+    }
+}
+
 /// The operator script's callers and the generator's agents (all zero for other scripts).
 #[derive(Clone, Default)]
 pub struct BridgeStats {
@@ -32,21 +105,10 @@ pub struct BridgeStats {
     pub bridged: u64,
     /// Key into the queue (its first packet sent) → first agent packet at the caller, µs.
     pub press_to_agent_audio: Hist,
-    /// |inter-arrival − 20 ms| of the agent audio the caller receives through the server, µs.
-    pub at_caller_pacing: Hist,
-    pub at_caller_bursts: u64,
-    pub at_caller_rx: u64,
-    pub at_caller_gaps: u64,
-    /// Agent's send → caller's kernel receive stamp, µs.
-    pub to_caller_transit: Hist,
-    /// What the relay added to the spacing: |Δreceive − Δsend| of consecutive agent packets
-    /// (the pacing figure without the agent's own send jitter), µs.
-    pub to_caller_jitter: Hist,
-    /// Packets from the server after the bridge that carried no agent mark (hold music
-    /// leftovers, transcoded audio).
-    pub at_caller_foreign: u64,
-    /// Agent audio the callers' sockets dropped (receive buffer full), kernel's count.
-    pub at_caller_dropped_here: u64,
+    /// The agent audio the callers receive through the server. `foreign`: packets from the
+    /// server after the bridge that carried no agent mark (hold music leftovers, transcoded
+    /// audio).
+    pub at_caller: Heard,
     // ---- agents --------------------------------------------------------------------------
     /// Successful REGISTERs (first ones and refreshes).
     pub registrations: u64,
@@ -73,20 +135,10 @@ pub struct BridgeStats {
     pub agent_calls_cut: u64,
     /// An INVITE for an agent that already had a call up.
     pub offers_to_busy_agent: u64,
-    /// |inter-arrival − 20 ms| of the caller audio the agent receives through the server, µs.
-    pub at_agent_pacing: Hist,
-    pub at_agent_bursts: u64,
-    pub at_agent_rx: u64,
-    pub at_agent_gaps: u64,
-    pub at_agent_foreign: u64,
+    /// The caller audio the agents receive through the server.
+    pub at_agent: Heard,
     /// RFC 4733 events relayed to the agent (the end of the caller's key into the queue).
     pub at_agent_events: u64,
-    /// Caller audio the agents' sockets dropped (receive buffer full), kernel's count.
-    pub at_agent_dropped_here: u64,
-    /// Caller's send → agent's kernel receive stamp, µs.
-    pub to_agent_transit: Hist,
-    /// |Δreceive − Δsend| of consecutive caller packets at the agent, µs.
-    pub to_agent_jitter: Hist,
     pub agent_tx: u64,
     pub agent_send_errors: u64,
     /// How long SIP messages waited on the agents' socket before an agent thread read them
@@ -104,8 +156,8 @@ impl BridgeStats {
             + self.register_failures
             + self.byes
             + self.agent_tx
-            + self.at_caller_rx
-            + self.at_agent_rx
+            + self.at_caller.rx
+            + self.at_agent.rx
             + self.agent_calls_cut
             > 0
     }
@@ -113,14 +165,7 @@ impl BridgeStats {
     pub fn merge(&mut self, o: &BridgeStats) {
         self.bridged += o.bridged;
         self.press_to_agent_audio.merge(&o.press_to_agent_audio);
-        self.at_caller_pacing.merge(&o.at_caller_pacing);
-        self.at_caller_bursts += o.at_caller_bursts;
-        self.at_caller_rx += o.at_caller_rx;
-        self.at_caller_gaps += o.at_caller_gaps;
-        self.to_caller_transit.merge(&o.to_caller_transit);
-        self.to_caller_jitter.merge(&o.to_caller_jitter);
-        self.at_caller_foreign += o.at_caller_foreign;
-        self.at_caller_dropped_here += o.at_caller_dropped_here;
+        self.at_caller.merge(&o.at_caller);
         self.registrations += o.registrations;
         self.register_failures += o.register_failures;
         self.offers += o.offers;
@@ -134,15 +179,8 @@ impl BridgeStats {
         self.agent_no_ack += o.agent_no_ack;
         self.agent_calls_cut += o.agent_calls_cut;
         self.offers_to_busy_agent += o.offers_to_busy_agent;
-        self.at_agent_pacing.merge(&o.at_agent_pacing);
-        self.at_agent_bursts += o.at_agent_bursts;
-        self.at_agent_rx += o.at_agent_rx;
-        self.at_agent_gaps += o.at_agent_gaps;
-        self.at_agent_foreign += o.at_agent_foreign;
+        self.at_agent.merge(&o.at_agent);
         self.at_agent_events += o.at_agent_events;
-        self.at_agent_dropped_here += o.at_agent_dropped_here;
-        self.to_agent_transit.merge(&o.to_agent_transit);
-        self.to_agent_jitter.merge(&o.to_agent_jitter);
         self.agent_tx += o.agent_tx;
         self.agent_send_errors += o.agent_send_errors;
         self.agent_sip_delay.merge(&o.agent_sip_delay);
@@ -411,8 +449,8 @@ impl StepReport {
         let b = &s.bridge;
         if b.active() {
             for (what, h) in [
-                ("bridge pacing at the caller", &b.at_caller_pacing),
-                ("bridge pacing at the agent", &b.at_agent_pacing),
+                ("bridge pacing at the caller", &b.at_caller.pacing),
+                ("bridge pacing at the agent", &b.at_agent.pacing),
             ] {
                 let p = h.quantile(0.99);
                 if p >= t.pacing_p99_us {
@@ -523,25 +561,25 @@ impl StepReport {
             "bridges_live_at_end": self.bridges_at_end,
             "press_to_agent_audio": pct(&b.press_to_agent_audio),
             "at_caller": {
-                "pacing_deviation": pct(&b.at_caller_pacing),
-                "received": b.at_caller_rx,
-                "bursts_under_5ms": b.at_caller_bursts,
-                "sequence_gaps": b.at_caller_gaps,
-                "unmarked": b.at_caller_foreign,
-                "dropped_by_our_socket": b.at_caller_dropped_here,
-                "transit_from_agent": pct(&b.to_caller_transit),
-                "relay_added_jitter": pct(&b.to_caller_jitter),
+                "pacing_deviation": pct(&b.at_caller.pacing),
+                "received": b.at_caller.rx,
+                "bursts_under_5ms": b.at_caller.bursts,
+                "sequence_gaps": b.at_caller.gaps,
+                "unmarked": b.at_caller.foreign,
+                "dropped_by_our_socket": b.at_caller.dropped_here,
+                "transit_from_agent": pct(&b.at_caller.transit),
+                "relay_added_jitter": pct(&b.at_caller.jitter),
             },
             "at_agent": {
-                "pacing_deviation": pct(&b.at_agent_pacing),
-                "received": b.at_agent_rx,
-                "bursts_under_5ms": b.at_agent_bursts,
-                "sequence_gaps": b.at_agent_gaps,
-                "unmarked": b.at_agent_foreign,
+                "pacing_deviation": pct(&b.at_agent.pacing),
+                "received": b.at_agent.rx,
+                "bursts_under_5ms": b.at_agent.bursts,
+                "sequence_gaps": b.at_agent.gaps,
+                "unmarked": b.at_agent.foreign,
                 "telephone_events": b.at_agent_events,
-                "dropped_by_our_socket": b.at_agent_dropped_here,
-                "transit_from_caller": pct(&b.to_agent_transit),
-                "relay_added_jitter": pct(&b.to_agent_jitter),
+                "dropped_by_our_socket": b.at_agent.dropped_here,
+                "transit_from_caller": pct(&b.at_agent.transit),
+                "relay_added_jitter": pct(&b.at_agent.jitter),
             },
             "agents": {
                 "registrations": b.registrations,
@@ -582,26 +620,26 @@ impl StepReport {
         );
         o += &format!(
             "  at caller pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit agent→caller {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  dropped by our sockets {}\n",
-            pct_line(&b.at_caller_pacing),
-            pct_line(&b.to_caller_jitter),
-            pct_line(&b.to_caller_transit),
-            b.at_caller_rx,
-            b.at_caller_bursts,
-            b.at_caller_gaps,
-            b.at_caller_foreign,
-            b.at_caller_dropped_here
+            pct_line(&b.at_caller.pacing),
+            pct_line(&b.at_caller.jitter),
+            pct_line(&b.at_caller.transit),
+            b.at_caller.rx,
+            b.at_caller.bursts,
+            b.at_caller.gaps,
+            b.at_caller.foreign,
+            b.at_caller.dropped_here
         );
         o += &format!(
             "  at agent  pacing |Δt−20ms|  {}\n            relay |Δrx−Δtx|   {}\n            transit caller→agent {}\n            received {}  bursts(<5ms) {}  seq gaps {}  unmarked {}  telephone-events {}  dropped by our sockets {}\n",
-            pct_line(&b.at_agent_pacing),
-            pct_line(&b.to_agent_jitter),
-            pct_line(&b.to_agent_transit),
-            b.at_agent_rx,
-            b.at_agent_bursts,
-            b.at_agent_gaps,
-            b.at_agent_foreign,
+            pct_line(&b.at_agent.pacing),
+            pct_line(&b.at_agent.jitter),
+            pct_line(&b.at_agent.transit),
+            b.at_agent.rx,
+            b.at_agent.bursts,
+            b.at_agent.gaps,
+            b.at_agent.foreign,
             b.at_agent_events,
-            b.at_agent_dropped_here
+            b.at_agent.dropped_here
         );
         o += &format!(
             "  agents    SIP read delay    {}\n            200 OK→ACK        {}\n",

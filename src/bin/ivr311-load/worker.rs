@@ -13,7 +13,7 @@
 use crate::net::{self, CmsgBuf, Epoll, RecvBatch, Ticker};
 use crate::payload;
 use crate::script::{Action, At, Script};
-use crate::stats::{Failure, Stats};
+use crate::stats::{Failure, LastHeard, Stats};
 use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
 use ivr311::media::g711::Codec;
 use ivr311::media::rtp::RtpStream;
@@ -168,11 +168,9 @@ struct Call {
     last_press_rt: i64,
     /// Waiting for an operator: give up at this ms.
     bridge_deadline_ms: Option<u64>,
-    /// Packets from an agent (operator script), the last one's stamp and sequence number.
-    agent_rx: u64,
-    last_agent_rx_ns: i64,
-    last_agent_sent_ns: i64,
-    last_agent_seq: u16,
+    /// The operator's audio heard so far (operator script): packets, the last one's stamps
+    /// and sequence number.
+    agent: LastHeard,
     /// The socket's drop count last seen.
     drops: u32,
 }
@@ -428,10 +426,7 @@ impl Worker {
             last_seq: 0,
             last_press_rt: 0,
             bridge_deadline_ms: None,
-            agent_rx: 0,
-            last_agent_rx_ns: 0,
-            last_agent_sent_ns: 0,
-            last_agent_seq: 0,
+            agent: LastHeard::default(),
             drops: 0,
         });
         call.invite_rt = net::realtime_ns();
@@ -487,22 +482,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
     }
 
     fn run_wheel(&mut self, now_ms: u64) {
-        if now_ms <= self.done_ms {
-            return;
-        }
-        let from = self.done_ms + 1;
-        let start = if now_ms - from >= PERIOD_MS {
-            self.io.stats.stalls += 1;
-            now_ms + 1 - PERIOD_MS
-        } else {
-            from
-        };
-        let real_us = self.epoch.elapsed().as_micros() as u64;
-        for m in start..=now_ms {
-            self.io
-                .stats
-                .send_lag
-                .record(real_us.saturating_sub(m * 1000));
+        for m in due_turns(self.done_ms, now_ms, self.epoch, &mut self.io.stats) {
             let b = (m % PERIOD_MS) as usize;
             let mut i = 0;
             while i < self.buckets[b].len() {
@@ -526,7 +506,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 }
             }
         }
-        self.done_ms = now_ms;
+        self.done_ms = self.done_ms.max(now_ms);
     }
 
     /// Take a call out: count its outcome, free its slot (closing its socket).
@@ -541,7 +521,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 c.pos = call.pos;
             }
         }
-        if call.rx == 0 && call.agent_rx == 0 && call.phase != Phase::Inviting {
+        if call.rx == 0 && call.agent.rx == 0 && call.phase != Phase::Inviting {
             self.io.stats.silent_calls += 1;
         }
         if call.outcome == Some(Failure::NotBridged) {
@@ -553,8 +533,8 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 "caller heard no operator"
             );
         }
-        if call.agent_rx > 0 {
-            tracing::debug!(call_id = %call.call_id, agent_packets = call.agent_rx, "caller heard an operator");
+        if call.agent.rx > 0 {
+            tracing::debug!(call_id = %call.call_id, agent_packets = call.agent.rx, "caller heard an operator");
         }
         match call.outcome {
             Some(f) => self.io.stats.fail(f),
@@ -678,6 +658,33 @@ Content-Length: {len}\r\n\r\n{sdp}",
 
 /// Account one datagram from the call's RTP socket, received at `stamp` (kernel realtime ns,
 /// 0: none) and read at ms `now_ms`, with the socket's drop count so far.
+/// The wheel's 1 ms turns that are due: those after `done_ms` up to `now_ms`, or only the last
+/// period's when the thread fell a whole period behind (a stall: the missed turns are skipped,
+/// not sent in a burst). Each turn's lateness goes to `send_lag`. (The callers' and the agents'
+/// wheels both turn this way.)
+pub fn due_turns(
+    done_ms: u64,
+    now_ms: u64,
+    epoch: Instant,
+    stats: &mut Stats,
+) -> std::ops::Range<u64> {
+    if now_ms <= done_ms {
+        return 0..0;
+    }
+    let from = done_ms + 1;
+    let start = if now_ms - from >= PERIOD_MS {
+        stats.stalls += 1;
+        now_ms + 1 - PERIOD_MS
+    } else {
+        from
+    };
+    let real_us = epoch.elapsed().as_micros() as u64;
+    for m in start..=now_ms {
+        stats.send_lag.record(real_us.saturating_sub(m * 1000));
+    }
+    start..now_ms + 1
+}
+
 fn on_rtp(
     io: &mut Io,
     script: &Script,
@@ -696,8 +703,8 @@ fn on_rtp(
     if drops > call.drops {
         // Once the operator is heard, whatever is lost is theirs.
         let lost = u64::from(drops - call.drops);
-        if call.agent_rx > 0 {
-            io.stats.bridge.at_caller_dropped_here += lost;
+        if call.agent.rx > 0 {
+            io.stats.bridge.at_caller.dropped_here += lost;
         } else {
             io.stats.rtp_dropped_here += lost;
         }
@@ -719,12 +726,12 @@ fn on_rtp(
         // server's port, such frames would be taken for our operator: the call would
         // then count the server's prompts as foreign, its keys as unanswered and itself
         // as silent.
-        s.bridge.at_caller_foreign += 1;
+        s.bridge.at_caller.foreign += 1;
         return;
     }
     if let Some((payload::FROM_AGENT, sent)) = mark {
         let bs = &mut s.bridge;
-        if call.agent_rx == 0 {
+        if call.agent.rx == 0 {
             bs.bridged += 1;
             if call.last_press_rt > 0 {
                 bs.press_to_agent_audio
@@ -733,32 +740,13 @@ fn on_rtp(
             if call.bridge_deadline_ms.take().is_some() {
                 anchor(script, call, now_ms);
             }
-        } else {
-            let d = stamp - call.last_agent_rx_ns;
-            bs.at_caller_pacing
-                .record((d - 20_000_000).unsigned_abs() / 1000);
-            bs.to_caller_jitter
-                .record((d - (sent - call.last_agent_sent_ns)).unsigned_abs() / 1000);
-            if d < 5_000_000 {
-                bs.at_caller_bursts += 1;
-            }
-            let gap = seq.wrapping_sub(call.last_agent_seq.wrapping_add(1));
-            if gap != 0 && gap < 1000 {
-                bs.at_caller_gaps += u64::from(gap);
-            }
         }
-        bs.to_caller_transit
-            .record(((stamp - sent).max(0) / 1000) as u64);
-        bs.at_caller_rx += 1;
-        call.agent_rx += 1;
-        call.last_agent_rx_ns = stamp;
-        call.last_agent_sent_ns = sent;
-        call.last_agent_seq = seq;
+        bs.at_caller.packet(&mut call.agent, stamp, sent, seq);
         return;
     }
-    if call.agent_rx > 0 {
+    if call.agent.rx > 0 {
         // Bridged: anything else from the server is not the operator's audio.
-        s.bridge.at_caller_foreign += 1;
+        s.bridge.at_caller.foreign += 1;
         return;
     }
     if call.rx > 0 {
@@ -1097,7 +1085,7 @@ fn media_tick(io: &mut Io, script: &Script, call: &mut Call, m: u64) {
                 return;
             }
             Action::AwaitBridge { timeout_ms } => {
-                if call.agent_rx > 0 {
+                if call.agent.rx > 0 {
                     // The operator came while the key's End packets were still going out.
                     anchor(script, call, m);
                 } else {
