@@ -534,10 +534,15 @@ mod linux {
             })
             .collect::<io::Result<_>>()
             .expect("cannot open the sockets");
-        let raw: Vec<RawFd> = (0..raws)
-            .map(|_| raw_socket())
-            .collect::<io::Result<_>>()
-            .expect("cannot open raw sockets (needs CAP_NET_RAW)");
+        let raw: Vec<RawFd> = match (0..raws).map(|_| raw_socket()).collect() {
+            Ok(raw) => raw,
+            Err(e) => {
+                eprintln!(
+                    "cannot open raw sockets ({e}): run as root or with CAP_NET_RAW, or ask for 0"
+                );
+                std::process::exit(1);
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let side = Arc::new(Side::default());
         let handles: Vec<_> = (0..threads)
