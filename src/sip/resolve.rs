@@ -339,6 +339,26 @@ pub fn choose(all: &[SocketAddr], current: Option<SocketAddr>, failed: bool) -> 
     }
 }
 
+/// [`choose`] for a request repeated after failures: once the last address `failed`, the next
+/// is the first of `all` not in `tried` (the addresses that failed since the last success), and
+/// only when every one of them has failed, the one after the last. A name's SRV records of equal
+/// priority come in a new weighted draw at each lookup (RFC 2782), so "the address after the
+/// one that failed" in the new order could be one that failed already, while another was never
+/// tried.
+pub fn choose_untried(
+    all: &[SocketAddr],
+    tried: &[SocketAddr],
+    current: Option<SocketAddr>,
+    failed: bool,
+) -> SocketAddr {
+    if failed {
+        if let Some(a) = all.iter().find(|a| !tried.contains(a)) {
+            return *a;
+        }
+    }
+    choose(all, current, failed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +483,16 @@ mod tests {
         let gone: SocketAddr = "198.51.100.1:5060".parse().unwrap();
         assert_eq!(choose(&all, Some(gone), true), a, "the name moved");
         assert_eq!(choose(&[a], Some(a), true), a);
+
+        // A new draw of equal-priority SRV records put the failed `a` after `c`: the next is
+        // `b`, which has not failed, not `a` again.
+        let redrawn = [c, a, b];
+        assert_eq!(choose(&redrawn, Some(c), true), a);
+        assert_eq!(choose_untried(&redrawn, &[a, c], Some(c), true), b);
+        // Every address failed: round again from the last.
+        assert_eq!(choose_untried(&redrawn, &[a, b, c], Some(b), true), c);
+        // Working: stay.
+        assert_eq!(choose_untried(&redrawn, &[a], Some(c), false), c);
     }
 
     #[tokio::test]

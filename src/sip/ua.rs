@@ -830,6 +830,9 @@ pub struct UaCore {
     trunk_reg_lookup: bool,
     trunk_reg_resolving: bool,
     trunk_reg_resolved: bool,
+    /// The registrar name's addresses a REGISTER failed at since the last success, so that the
+    /// next goes to one not yet tried ([`crate::sip::resolve::choose_untried`]).
+    trunk_reg_tried: Vec<SocketAddr>,
     /// A `;transport=tcp` registrar's connection is being opened (off this task); once open it
     /// is in `trunk_reg_flow` and held open while the binding lasts
     /// ([`TransportHandle::hold`]): the trunk sends our calls along it.
@@ -889,6 +892,7 @@ impl UaCore {
             trunk_reg_lookup: false,
             trunk_reg_resolving: false,
             trunk_reg_resolved: false,
+            trunk_reg_tried: Vec::new(),
             trunk_reg_connecting: false,
             draining: None,
         }
@@ -2230,16 +2234,23 @@ impl UaCore {
                     .map(|r| (r.registrar().to_owned(), r.failing()))
                     .unwrap_or_default();
                 // A registrar name with several addresses: stay at the one that works, move
-                // to the next when it failed (RFC 3263 section 4.3).
+                // to one not yet tried when it failed (RFC 3263 section 4.3).
                 let current = self.trunk_reg_flow.as_ref().map(|f| f.remote);
+                match current {
+                    Some(c) if failed && !self.trunk_reg_tried.contains(&c) => {
+                        self.trunk_reg_tried.push(c)
+                    }
+                    _ if !failed => self.trunk_reg_tried.clear(),
+                    _ => {}
+                }
+                let tried = self.trunk_reg_tried.clone();
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
                 tokio::spawn(async move {
                     let found = crate::sip::resolve::resolve_all(&uri, bound).await;
                     let found = found.map(|all| {
-                        (
-                            crate::sip::resolve::choose(&all, current, failed),
-                            all.len(),
-                        )
+                        let next =
+                            crate::sip::resolve::choose_untried(&all, &tried, current, failed);
+                        (next, all.len())
                     });
                     let _ = tx.send(Command::TrunkResolved(found)).await;
                 });
