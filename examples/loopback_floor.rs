@@ -277,6 +277,43 @@ mod linux {
         received: AtomicU64,
     }
 
+    /// One thread's counts, from the end of the warm-up on.
+    struct Tally {
+        start: Instant,
+        counting: bool,
+        cpu0: Duration,
+        sent: u64,
+        received: u64,
+    }
+
+    impl Tally {
+        fn new() -> Self {
+            Tally {
+                start: Instant::now(),
+                counting: false,
+                cpu0: Duration::ZERO,
+                sent: 0,
+                received: 0,
+            }
+        }
+
+        /// Start counting afresh once the warm-up is over.
+        fn warm_up(&mut self) {
+            if !self.counting && self.start.elapsed() >= WARM_UP {
+                (self.counting, self.sent, self.received) = (true, 0, 0);
+                self.cpu0 = thread_cpu();
+            }
+        }
+
+        /// Add this thread's counts to its side's.
+        fn add_to(&self, side: &Side) {
+            let cpu = (thread_cpu() - self.cpu0).as_nanos() as u64;
+            side.cpu_ns.fetch_add(cpu, Ordering::Relaxed);
+            side.sent.fetch_add(self.sent, Ordering::Relaxed);
+            side.received.fetch_add(self.received, Ordering::Relaxed);
+        }
+    }
+
     /// Phones: send from both phones of each bridge every 20 ms (bridge i in 1 ms group
     /// i % 20), read whatever reached them once a millisecond.
     fn phones(
@@ -293,13 +330,10 @@ mod linux {
         }
         let packet = [0x80u8; PACKET];
         let mut buf = [0u8; 2048];
-        let start = Instant::now();
-        let (mut sent, mut received, mut counting, mut cpu0) = (0u64, 0u64, false, Duration::ZERO);
+        let mut t = Tally::new();
         let mut ms = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            if !counting && start.elapsed() >= WARM_UP {
-                (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
-            }
+            t.warm_up();
             let group = ms % PTIME_MS;
             let mine = bridges
                 .iter()
@@ -308,38 +342,35 @@ mod linux {
             if let Some(u) = &mut uring {
                 fds.clear();
                 fds.extend(mine.flat_map(|b| [b.caller.as_raw_fd(), b.agent.as_raw_fd()]));
-                sent += u.send_each(&fds, &packet)?;
+                t.sent += u.send_each(&fds, &packet)?;
                 fds.clear();
-                ready.poll(|t| {
-                    let b = &bridges[(t >> 1) as usize];
-                    let s = if t & 1 == 0 { &b.caller } else { &b.agent };
+                ready.poll(|token| {
+                    let b = &bridges[(token >> 1) as usize];
+                    let s = if token & 1 == 0 { &b.caller } else { &b.agent };
                     fds.push(s.as_raw_fd());
                 });
                 u.recv_each(&fds)?;
-                received += u.results[..fds.len()].iter().filter(|r| **r > 0).count() as u64;
+                t.received += u.results[..fds.len()].iter().filter(|r| **r > 0).count() as u64;
                 ms += 1;
-                sleep_until(start + Duration::from_millis(ms));
+                sleep_until(t.start + Duration::from_millis(ms));
                 continue;
             }
             for b in mine {
-                sent += (b.caller.send(&packet).is_ok() as u64)
+                t.sent += (b.caller.send(&packet).is_ok() as u64)
                     + (b.agent.send(&packet).is_ok() as u64);
             }
-            ready.poll(|t| {
-                let b = &bridges[(t >> 1) as usize];
-                let s = if t & 1 == 0 { &b.caller } else { &b.agent };
+            ready.poll(|token| {
+                let b = &bridges[(token >> 1) as usize];
+                let s = if token & 1 == 0 { &b.caller } else { &b.agent };
                 // One read per report: a phone gets a packet per 20 ms and is asked every
                 // 1 ms, and a second packet is reported again at the next poll. (Reading until
                 // EAGAIN would add a failed system call per packet.)
-                received += s.recv(&mut buf).is_ok() as u64;
+                t.received += s.recv(&mut buf).is_ok() as u64;
             });
             ms += 1;
-            sleep_until(start + Duration::from_millis(ms));
+            sleep_until(t.start + Duration::from_millis(ms));
         }
-        side.cpu_ns
-            .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
-        side.sent.fetch_add(sent, Ordering::Relaxed);
-        side.received.fetch_add(received, Ordering::Relaxed);
+        t.add_to(side);
         Ok(())
     }
 
@@ -357,19 +388,16 @@ mod linux {
             ready.add(b.relay_leg.as_raw_fd(), (i as u64) << 1 | 1)?;
         }
         let mut buf = [0u8; 2048];
-        let start = Instant::now();
-        let (mut sent, mut received, mut counting, mut cpu0) = (0u64, 0u64, false, Duration::ZERO);
+        let mut t = Tally::new();
         let mut turn = 0u32;
         while !stop.load(Ordering::Relaxed) {
-            if !counting && start.elapsed() >= WARM_UP {
-                (counting, sent, received, cpu0) = (true, 0, 0, thread_cpu());
-            }
+            t.warm_up();
             if let Some(u) = &mut uring {
                 from_fds.clear();
                 to_fds.clear();
-                ready.poll(|t| {
-                    let b = &bridges[(t >> 1) as usize];
-                    let (from, to) = if t & 1 == 0 {
+                ready.poll(|token| {
+                    let b = &bridges[(token >> 1) as usize];
+                    let (from, to) = if token & 1 == 0 {
                         (&b.relay_caller, &b.relay_leg)
                     } else {
                         (&b.relay_leg, &b.relay_caller)
@@ -384,37 +412,34 @@ mod linux {
                 for i in 0..from_fds.len() {
                     let r = u.results[i];
                     if r > 0 {
-                        received += 1;
+                        t.received += 1;
                         u.bufs.swap(k, i);
                         to_fds[k] = to_fds[i];
                         lens.push(r as usize);
                         k += 1;
                     }
                 }
-                sent += u.send_bufs(&to_fds[..k], &lens)?;
+                t.sent += u.send_bufs(&to_fds[..k], &lens)?;
                 turn += 1;
-                sleep_until(start + RELAY_HOLD * turn);
+                sleep_until(t.start + RELAY_HOLD * turn);
                 continue;
             }
-            ready.poll(|t| {
-                let b = &bridges[(t >> 1) as usize];
-                let (from, to) = if t & 1 == 0 {
+            ready.poll(|token| {
+                let b = &bridges[(token >> 1) as usize];
+                let (from, to) = if token & 1 == 0 {
                     (&b.relay_caller, &b.relay_leg)
                 } else {
                     (&b.relay_leg, &b.relay_caller)
                 };
                 if let Ok(n) = from.recv(&mut buf) {
-                    received += 1;
-                    sent += to.send(&buf[..n]).is_ok() as u64;
+                    t.received += 1;
+                    t.sent += to.send(&buf[..n]).is_ok() as u64;
                 }
             });
             turn += 1;
-            sleep_until(start + RELAY_HOLD * turn);
+            sleep_until(t.start + RELAY_HOLD * turn);
         }
-        side.cpu_ns
-            .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
-        side.sent.fetch_add(sent, Ordering::Relaxed);
-        side.received.fetch_add(received, Ordering::Relaxed);
+        t.add_to(side);
         Ok(())
     }
 
@@ -554,13 +579,9 @@ mod linux {
                 std::thread::spawn(move || {
                     let packet = [0x80u8; PACKET];
                     let mut fds: Vec<RawFd> = Vec::new();
-                    let start = Instant::now();
-                    let (mut sent, mut counting, mut cpu0, mut ms) =
-                        (0u64, false, Duration::ZERO, 0u64);
+                    let (mut t, mut ms) = (Tally::new(), 0u64);
                     while !stop.load(Ordering::Relaxed) {
-                        if !counting && start.elapsed() >= WARM_UP {
-                            (counting, sent, cpu0) = (true, 0, thread_cpu());
-                        }
+                        t.warm_up();
                         let group = mine
                             .iter()
                             .skip((ms % PTIME_MS) as usize)
@@ -570,18 +591,16 @@ mod linux {
                         if let Some(u) = &mut uring {
                             fds.clear();
                             fds.extend(group.map(|s| s.as_raw_fd()));
-                            sent += u.send_each(&fds, &packet).expect("io_uring");
+                            t.sent += u.send_each(&fds, &packet).expect("io_uring");
                         } else {
                             for s in group {
-                                sent += s.send(&packet).is_ok() as u64;
+                                t.sent += s.send(&packet).is_ok() as u64;
                             }
                         }
                         ms += 1;
-                        sleep_until(start + Duration::from_millis(ms));
+                        sleep_until(t.start + Duration::from_millis(ms));
                     }
-                    side.cpu_ns
-                        .fetch_add((thread_cpu() - cpu0).as_nanos() as u64, Ordering::Relaxed);
-                    side.sent.fetch_add(sent, Ordering::Relaxed);
+                    t.add_to(&side);
                 })
             })
             .collect();
