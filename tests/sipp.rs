@@ -1,6 +1,6 @@
 //! Real peer: SIPp (the `sip-tester` package) calls the real server over loopback, plays
 //! `g711a.pcap`, presses RFC 4733 digits from SIPp's own DTMF pcaps, and hangs up.
-//! `.ci/run` installs SIPp; without it these tests fail and say so.
+//! `scripts/test` installs SIPp; without it these tests fail and say so.
 
 mod common;
 
@@ -41,7 +41,7 @@ pub fn sipp(args: &[String]) -> std::process::Output {
     let out = Command::new("sipp")
         .args(args)
         .output()
-        .expect("sipp is installed (apt-get install sip-tester; .ci/run does this)");
+        .expect("sipp is installed (apt-get install sip-tester; scripts/test does this)");
     out
 }
 

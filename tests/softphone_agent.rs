@@ -4,7 +4,7 @@
 //! emergency), 0 (operator), is queued and bridged to the phone, talks, hangs up. The caller is
 //! the test UA of `tests/common` (see [`call_the_operator`] for why not SIPp); the SIPp agent
 //! plays a pcap the caller must hear byte for byte.
-//! `.ci/run` installs all three; without them these tests fail and say so.
+//! `scripts/test` installs all three; without them these tests fail and say so.
 //!
 //! Everything runs on 127.0.0.1 with free ports; the phones and SIPp are killed by guards even
 //! when an assertion fails (and the phones quit by themselves when their stdin closes or, for

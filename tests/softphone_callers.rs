@@ -3,7 +3,7 @@
 //! server, press 1 (English), 1 (not an emergency) and 1 (streets) as RFC 4733 events, and the
 //! test watches the call walk the menu in `/admin/calls`: `language` → `screening` → `main` →
 //! `streets` (a menu no timeout leads to, so the keys were heard). What the phone heard is
-//! recorded by the phone itself and must not be silence. `.ci/run` installs the three.
+//! recorded by the phone itself and must not be silence. `scripts/test` installs the three.
 //!
 //! No sound card: baresip's `aubridge` feeds what it hears back in as its microphone and
 //! `sndfile` records the call; linphonec runs in its file mode (`soundcard use files`), playing
@@ -104,7 +104,7 @@ impl Baresip {
         assert!(
             Path::new(BARESIP_MODULES).join("aubridge.so").exists(),
             "baresip modules missing in {BARESIP_MODULES}: apt-get install baresip-core \
-             (.ci/run does this)"
+             (scripts/test does this)"
         );
         let config = format!(
             "sip_listen\t\t127.0.0.1:{sip}\n\

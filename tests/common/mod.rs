@@ -1068,7 +1068,7 @@ pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
 }
 
 /// Runs the test `name` again in a child process whose name lookups come from files the test
-/// gives, through the cwrap project's test resolvers (`.ci/run` installs Debian's
+/// gives, through the cwrap project's test resolvers (`scripts/test` installs Debian's
 /// `libnss-wrapper` and `libresolv-wrapper`), and asserts it passed there:
 /// - `getaddrinfo` (A/AAAA) reads `hosts` first (nss_wrapper, `NSS_WRAPPER_HOSTS`);
 /// - `res_query` (SRV) answers from the file at `$RESOLV_WRAPPER_HOSTS`, empty at the start:

@@ -33,7 +33,7 @@ impl Running {
     fn start(cmd: &mut Command, what: &'static str) -> Running {
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what} ({e}); .ci/run installs it"));
+            .unwrap_or_else(|e| panic!("cannot start {what} ({e}); scripts/test installs it"));
         let stdin = child.stdin.take();
         Running { child, stdin, what }
     }
