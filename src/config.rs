@@ -542,11 +542,18 @@ impl FileConfig {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((1, 1));
+            // serde_yaml ends its message with the location, which `path:line:col` already
+            // gives.
+            let message = e.to_string();
+            let message = message
+                .strip_suffix(&format!(" at line {line} column {column}"))
+                .unwrap_or(&message)
+                .to_owned();
             ConfigError::Yaml {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.to_string(),
+                message,
             }
         })
     }

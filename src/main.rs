@@ -83,17 +83,29 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 println!("{e}");
+                for h in hints(&anyhow::Error::new(e), &menu, &prompts, None) {
+                    eprintln!("hint: {h}");
+                }
                 ExitCode::FAILURE
             }
         },
-        Command::Serve(args) => run(serve(args)),
+        Command::Serve(args) => {
+            let (menu, prompts, db) = (args.menu.clone(), args.prompts.clone(), args.db.clone());
+            run(serve(args), |e| hints(e, &menu, &prompts, Some(&db)))
+        }
         Command::Tickets {
             command: TicketsCommand::List { db, json, limit },
-        } => run(list_tickets(db, json, limit)),
+        } => {
+            let at = db.clone();
+            run(list_tickets(db, json, limit), |e| db_hints(e, &at))
+        }
     }
 }
 
-fn run(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn run(
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+    hints: impl Fn(&anyhow::Error) -> Vec<String>,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -107,10 +119,99 @@ fn run(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ivr311: {e:#}");
+            eprintln!("ivr311: {}", describe(&e));
+            for h in hints(&e) {
+                eprintln!("hint: {h}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes for a person at a terminal, each cause once.
+///
+/// ivr311's error types name their cause in their own message, so that a log line written
+/// with `{e}` is complete on its own, and many library errors (sqlx's, serde_yaml's) do the
+/// same. Walking `source()` as well would print each cause again, so a cause whose text the
+/// message above it already contains is left out.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(text.trim()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { ": " });
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// What to try next, for the start-up failures a new user meets first: a prompts directory
+/// or menu looked up relative to another working directory, and a database the server
+/// cannot open.
+fn hints(
+    e: &anyhow::Error,
+    menu: &std::path::Path,
+    prompts: &std::path::Path,
+    db: Option<&std::path::Path>,
+) -> Vec<String> {
+    use ivr311::menu::validate::MenuError;
+    let mut out = Vec::new();
+    for cause in e.chain() {
+        if let Some(MenuError::Io { path, .. }) = cause.downcast_ref::<MenuError>() {
+            let (what, flag) = if path == prompts {
+                ("prompts directory", "--prompts DIR (IVR311_PROMPTS)")
+            } else if path == menu {
+                ("menu file", "--menu PATH (IVR311_MENU)")
+            } else {
+                continue;
+            };
+            let mut h = format!("the {what} is {}", path.display());
+            if path.is_relative() {
+                match std::env::current_dir() {
+                    Ok(cwd) => h.push_str(&format!(
+                        ", relative to the working directory {}",
+                        cwd.display()
+                    )),
+                    Err(_) => h.push_str(", relative to the working directory"),
+                }
+            }
+            h.push_str(&format!(
+                "; run ivr311 from the directory that holds it, or give {flag}"
+            ));
+            out.push(h);
+            break;
+        }
+    }
+    if let Some(db) = db {
+        out.extend(db_hints(e, db));
+    }
+    out
+}
+
+/// The forms `--db` takes, when the database could not be opened.
+fn db_hints(e: &anyhow::Error, db: &std::path::Path) -> Vec<String> {
+    use ivr311::dispatch::tickets::StoreError;
+    let opened = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::Open { .. })
+        )
+    });
+    if !opened {
+        return Vec::new();
+    }
+    let mut h = String::from(
+        "--db (IVR311_DB) takes the path of a SQLite database file, created if missing; its \
+         directory must exist and be writable by this user (e.g. --db /var/lib/ivr311/ivr311.db)",
+    );
+    if db.to_string_lossy().contains("://") {
+        h.push_str("; database URLs are not taken");
+    }
+    vec![h]
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -120,7 +221,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server = ivr311::server::start(&args, file)
         .await
-        .context("ivr311 could not start")?;
+        .context("could not start")?;
     wait_for_signal(&server).await;
     tracing::info!("shutting down: refusing new calls, draining calls in progress");
     server.shutdown().await;

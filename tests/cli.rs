@@ -156,3 +156,85 @@ fn sighup_reloads_the_menu_and_sigterm_stops_the_server() {
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     let _ = std::fs::remove_file(menu);
 }
+
+/// `ivr311 serve` with flags that cannot work, run as a new user would, from a directory that
+/// is not the repository: stderr says what failed, where and why, each cause once, with the
+/// hint that helps.
+fn serve_failure(dir: &std::path::Path, extra: &[&str]) -> String {
+    let menu = common::repo().join("menus/311.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_ivr311"))
+        .args(["serve", "--sip", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--menu")
+        .arg(&menu)
+        .args(extra)
+        .current_dir(dir)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(1), "start-up failure exits 1");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_start_up_failure_says_each_cause_once_with_a_hint() {
+    let dir = std::env::temp_dir().join(format!("ivr311-cwd-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cwd = dir.canonicalize().unwrap();
+
+    // No prompts directory where the server looks (relative to the working directory).
+    let text = serve_failure(&dir, &[]);
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        1,
+        "the cause once: {text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "the prompts directory is prompts, relative to the working directory {}",
+            cwd.display()
+        )) && text.contains("--prompts"),
+        "says where it looked and how to change it: {text}"
+    );
+
+    // A database the server cannot open.
+    let prompts = common::repo().join("prompts");
+    let prompts = prompts.to_str().unwrap();
+    for db in [
+        "/nonexistent-ivr311-dir/x.db",
+        "postgres://ivr@db.example/ivr",
+    ] {
+        let text = serve_failure(&dir, &["--prompts", prompts, "--db", db]);
+        assert_eq!(
+            text.matches("unable to open database file").count(),
+            1,
+            "the cause once: {text}"
+        );
+        assert_eq!(text.matches(db).count(), 1, "the path once: {text}");
+        assert!(
+            text.contains("--db (IVR311_DB) takes the path of a SQLite database file"),
+            "says which forms --db takes: {text}"
+        );
+        assert_eq!(
+            text.contains("database URLs are not taken"),
+            db.contains("://"),
+            "{text}"
+        );
+    }
+
+    // A config file with an unknown key: its location once, as path:line:col.
+    let config = dir.join("bad.yaml");
+    std::fs::write(&config, "emergency: {bogus: 1}\n").unwrap();
+    let text = serve_failure(&dir, &["--config", config.to_str().unwrap()]);
+    assert!(
+        text.contains(&format!(
+            "{}:1:13: emergency: unknown field `bogus`",
+            config.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("at line 1 column 13"),
+        "location twice: {text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
