@@ -1,7 +1,7 @@
 //! Smoke test of the load harness (`ivr311-load`): a few seconds, ~10 calls per script against
 //! the real server on loopback, asserting only that the harness works: every call succeeds,
 //! every key that should get a response got one, and the pothole callers filed tickets. No
-//! timing assertions (performance figures belong in bench/RESULTS-loadgen.md).
+//! timing assertions (performance figures belong in BENCHMARKS.md).
 
 mod common;
 

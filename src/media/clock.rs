@@ -50,9 +50,9 @@
 //! Why `poll` with a zero timeout and not epoll: a socket registered with an epoll instance
 //! sits on the socket's wait queue, and Linux then runs a wake-up over that queue for every
 //! packet the socket *sends* (`sock_wfree` → write space), whatever events were asked for.
-//! The quiet callers are the ones we still play prompts to, so with the stop-11 one-shot
-//! epoll set every prompt packet to a quiet caller paid a locked wake-up (3% of the server's
-//! samples under SIPp at 100 calls/s). A zero-timeout `poll` registers nothing: it only
+//! The quiet callers are the ones we still play prompts to, so with a one-shot epoll set
+//! every prompt packet to a quiet caller paid a locked wake-up (3% of the server's samples
+//! under SIPp at 100 calls/s). A zero-timeout `poll` registers nothing: it only
 //! looks at each socket's receive queue. (It costs about what it saves: the look at each
 //! quiet socket is a cache miss, as the wake-up was. It is kept for the simpler code: no
 //! registration to arm, mend or undo.) Before either, every playing call's socket was
@@ -71,7 +71,8 @@
 //! per packet, 3.7% of the server's samples at ~500 bridges, and all that one wake-up read
 //! goes out through the [`Outbox`] together); after a wake-up it waits
 //! [`RELAY_HOLD`] (0.5 ms) before looking again, so under load one wake-up carries many
-//! packets (see BENCHMARKS.md, "Bridged calls"). The first version relayed in the
+//! packets: at ~494 bridges the server took 55.7% of a core with the hold against 77.7%
+//! woken for every packet (BENCHMARKS.md, "Design choices"). The first version relayed in the
 //! call's task: two task wake-ups per packet through tokio's reactor, 200 a second per bridge,
 //! which is what a 1,500-bridge load cannot afford. The wait for the next tick is an
 //! `epoll_pwait2` with a nanosecond timeout, so pacing of the shard's other calls keeps the
@@ -613,7 +614,9 @@ const PHASE_FILL: usize = 256;
 /// traffic goes out in five groups instead of one burst. A call keeps its phase for life,
 /// so its own spacing stays 20 ms.
 ///
-/// Measured at 3,000 calls (RT ramp, BENCHMARKS.md "Stop 12"): pacing p99 went from
+/// Measured at 3,000 calls, builds alternated (`cargo run --release -p ivr311-load --
+/// --spawn-server --server-realtime --ramp 2500,3000 --step-seconds 20 --threads 2
+/// --keep-going --server-bin B`; BENCHMARKS.md, "Design choices"): pacing p99 went from
 /// 1.41–4.25 ms to 0.83–0.85 ms. Twenty phases 1 ms apart paced about as well (0.81–1.00
 /// ms, and a better p99.9) but cost about 7% more CPU at 3,000 calls, for four times the
 /// wake-ups; five cost none we could measure. Small loads fill a phase first
@@ -1417,10 +1420,12 @@ const OUTBOX: usize = 256;
 /// Why: with the callers' reads batched and quiet callers polled together, the sends were the
 /// one system call per packet left on the clock's path. Each paid the syscall entry and exit
 /// and the file lookup (`fdget` alone was 3% of the server's samples under SIPp at 100
-/// calls/s). A loopback micro-benchmark (800 connected sockets, one 172-byte packet each, to a
-/// socket nobody reads, as SIPp's media port is) measured 2.1 µs a packet through the ring
-/// against 2.6–2.9 µs with `send`. The kernel's own UDP path is unchanged; see BENCHMARKS.md
-/// "Stop 18" for what it saves in the server.
+/// calls/s). Sending 800 connected sockets' packets to a socket nobody reads, as SIPp's media
+/// port is, costs 4.9–5.1 µs a packet in io_uring batches against 5.6–6.2 µs with a `send`
+/// each (`cargo run --release -p ivr311-load --example loopback_floor -- sipp 800 0 15 2 1`,
+/// and without the last `1`). The kernel's own UDP path is unchanged. In the server, under
+/// SIPp at 100 calls/s, five alternated pairs of runs measured 35.9% of a core against 39.4%
+/// (BENCHMARKS.md, "Design choices").
 ///
 /// A packet to a caller not yet latched where its SDP said (the socket is not `connect`ed) is
 /// sent at once with `sendto`, as before; so is everything when the ring cannot be had (an old
