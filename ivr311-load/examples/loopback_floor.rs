@@ -11,7 +11,7 @@
 //! `ivr311-load` spend beyond this is theirs; this much is the machine's.
 //!
 //! ```text
-//! cargo run --release --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2] [uring=0]
+//! cargo run --release -p ivr311-load --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2] [uring=0]
 //! ```
 //!
 //! With `uring` 1 every thread hands its sends and reads to the kernel in batches through
