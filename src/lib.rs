@@ -42,6 +42,24 @@
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
 //! (calls act for it through channels). `callback` is a driver like `call`: it may use
 //! `sip`, `media`, `dispatch` and `call`'s shared pieces (menu holder), never a live call.
+//!
+//! Users outside this crate: `main.rs`, the tests, and the load generator (`ivr311-load/`, a
+//! member of the workspace), which uses only the protocol types a phone needs:
+//! [`sip::message`] (`parse_datagram`, `uri_user`, `Message`, `Method`, `Request`, `Response`,
+//! `ResponseBuilder`), [`media::g711::Codec`], [`media::rtp::RtpStream`],
+//! [`media::dtmf`] (`digit_to_event`, `TelephoneEvent`), [`media::sdp::parse`], and
+//! [`menu::schema`] (`parse`, `MenuFile`, `Action`, `TicketSteps`) to find a menu's keys.
+//!
+//! Platforms: Linux, and other Unix-like systems without what is Linux-only, each behind
+//! `cfg(target_os = "linux")`: elsewhere the media clock receives one datagram and sends one
+//! packet a system call (no `recvmmsg`, epoll or io_uring), never asks for real-time priority,
+//! and SIP host names are looked up by A/AAAA only (no SRV).
+
+#[cfg(not(unix))]
+compile_error!(
+    "ivr311 runs on Linux and other Unix-like systems: it sets socket options (DSCP, buffer sizes) \
+     on file descriptors and handles SIGTERM/SIGHUP"
+);
 
 pub mod api;
 pub mod call;

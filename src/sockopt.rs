@@ -1,7 +1,6 @@
 //! Integer socket options that std and tokio do not expose (`IP_TOS`, `IPV6_TCLASS`,
-//! `SO_RCVBUF` as granted, `SO_TIMESTAMPNS`, `SO_RXQ_OVFL`): one place for the `unsafe`
-//! `setsockopt`/`getsockopt` calls, used by the QoS marking ([`crate::config::set_dscp`]), the
-//! SIP socket's receive buffer and the load generator.
+//! `SO_RCVBUF` as granted): one place for the `unsafe` `setsockopt`/`getsockopt` calls, used by
+//! the QoS marking ([`crate::config::set_dscp`]) and the SIP socket's receive buffer.
 
 use std::io;
 use std::os::fd::RawFd;

@@ -85,7 +85,13 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (build the server with `cargo build --release -p ivr311`, or \
+                     name it with --server-bin)",
+                    bin.display()
+                )
+            })?;
         let mut s = Server {
             child,
             bin: bin.clone(),

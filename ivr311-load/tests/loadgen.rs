@@ -2,12 +2,112 @@
 //! the real server on loopback, asserting only that the harness works: every call succeeds,
 //! every key that should get a response got one, and the pothole callers filed tickets. No
 //! timing assertions (performance figures belong in BENCHMARKS.md).
+//!
+//! The server runs in this test's process, started through the `ivr311` library from its own
+//! command-line flags and config YAML, so it is always built from the same sources as the
+//! generator (a server binary found in the target directory could be stale or missing).
+#![cfg(target_os = "linux")]
 
-mod common;
-
-use common::*;
-use ivr311::config::FileConfig;
+use clap::Parser;
+use ivr311::config::{FileConfig, ServeArgs};
+use ivr311::server::RunningServer;
 use serde_json::Value;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+/// The workspace root: the server's menus and prompts.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the generator lives inside the workspace")
+        .to_owned()
+}
+
+/// `ivr311 serve`'s flags, parsed as the server's own command line parses them.
+#[derive(Parser)]
+struct Serve {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// A 200-port RTP range of its own for each server this test binary starts (they run side by
+/// side; the server's pool skips ports another process holds).
+fn rtp_range() -> String {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let _ = NEXT.compare_exchange(
+        u16::MAX,
+        rand::random::<u16>() % 200,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let slot = NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+    let lo = 20000 + slot * 200;
+    format!("{lo}-{}", lo + 198)
+}
+
+/// The real server on loopback, port 0, with the shipped menu and prompts, a database and
+/// recordings directory of its own, and the config YAML `limits` (more keys under `limits:`,
+/// indented) and `extra` (more top-level keys).
+struct Server {
+    srv: RunningServer,
+    dir: PathBuf,
+}
+
+impl Server {
+    async fn start(limits: &str, extra: &str) -> Server {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = std::env::temp_dir().join(format!("ivr311-loadgen-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (menu, prompts) = (repo().join("menus/311.yaml"), repo().join("prompts"));
+        let (db, rtp_ports) = (dir.join("tickets.db"), rtp_range());
+        let o = OsStr::new;
+        let flags = Serve::try_parse_from([
+            o("serve"),
+            o("--sip"),
+            o("127.0.0.1:0"),
+            o("--http"),
+            o("127.0.0.1:0"),
+            o("--menu"),
+            menu.as_os_str(),
+            o("--prompts"),
+            prompts.as_os_str(),
+            o("--db"),
+            db.as_os_str(),
+            o("--rtp-ports"),
+            o(&rtp_ports),
+        ])
+        .unwrap_or_else(|e| panic!("serve flags: {e}"));
+        let yaml = format!(
+            "storage:\n  recordings_dir: {:?}\nlimits:\n  drain_seconds: 0\n{limits}{extra}",
+            dir.join("recordings")
+        );
+        let file = FileConfig::parse(Path::new("loadgen-test.yaml"), &yaml)
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let srv = ivr311::server::start(&flags.args, file)
+            .await
+            .expect("server starts");
+        Server { srv, dir }
+    }
+
+    async fn stop(self) {
+        self.srv.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl std::ops::Deref for Server {
+    type Target = RunningServer;
+    fn deref(&self) -> &RunningServer {
+        &self.srv
+    }
+}
 
 /// Run the generator against `target` with `extra` flags and return its JSON report.
 async fn run_loadgen(target: std::net::SocketAddr, extra: &[&str]) -> Value {
@@ -47,7 +147,7 @@ fn assert_every_call_succeeded(report: &Value, calls: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asterisk_reference_calls_all_complete_and_both_digits_get_responses() {
-    let srv = start_server(FileConfig::default()).await;
+    let srv = Server::start("", "").await;
     let report = run_loadgen(
         srv.sip_addr,
         &["--script", "asterisk", "--calls", "10", "--rate", "5"],
@@ -63,12 +163,12 @@ async fn asterisk_reference_calls_all_complete_and_both_digits_get_responses() {
     );
     // The caller hung up every call; the server did not.
     assert_eq!(report["total"]["calls"]["server_byes_answered"], 0);
-    srv.shutdown().await;
+    srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pothole_callers_walk_the_menu_and_file_tickets() {
-    let srv = start_server(FileConfig::default()).await;
+    let srv = Server::start("", "").await;
     let report = run_loadgen(
         srv.sip_addr,
         &[
@@ -103,26 +203,24 @@ async fn pothole_callers_walk_the_menu_and_file_tickets() {
             t.call_id
         );
     }
-    srv.shutdown().await;
+    srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_callers_are_bridged_to_the_generators_agents_and_talk_both_ways() {
     // Four agents load-0001..load-0004 with the generator's default password, one queue.
-    let mut file = agents_config(&[], 10, 5);
-    file.agents = (1..=4)
-        .map(|n| ivr311::config::AgentConfig {
-            id: format!("load-{n:04}"),
-            password: "load-agent-pw".into(),
-            skills: vec![],
-            tier: 1,
-            name: None,
-        })
+    let agents: String = (1..=4)
+        .map(|n| format!("  - {{id: load-{n:04}, password: load-agent-pw}}\n"))
         .collect();
-    file.queues[0].wrap_up_seconds = 0;
-    // Every REGISTER comes from one address.
-    file.limits.options_per_second = 0;
-    let srv = start_server(file).await;
+    let srv = Server::start(
+        // Every REGISTER comes from one address.
+        "  options_per_second: 0\n",
+        &format!(
+            "agents:\n{agents}queues:\n  - name: general\n    ring_timeout_seconds: 10\n    \
+             no_answer_pause_seconds: 5\n    wrap_up_seconds: 0\n"
+        ),
+    )
+    .await;
     let report = run_loadgen(
         srv.sip_addr,
         &[
@@ -179,5 +277,5 @@ async fn operator_callers_are_bridged_to_the_generators_agents_and_talk_both_way
         b["press_to_agent_audio"]["count"], placed,
         "time to the operator measured for every call: {b}"
     );
-    srv.shutdown().await;
+    srv.stop().await;
 }

@@ -335,7 +335,7 @@ mod tests {
     use super::*;
 
     fn shipped_menu() -> MenuFile {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/menus/311.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../menus/311.yaml");
         ivr311::menu::schema::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 

@@ -7,9 +7,27 @@
 //! stamps each datagram when it is queued on our socket, which on loopback is the moment the
 //! server's `sendto` ran; pacing and latency figures use that stamp.
 
-use ivr311::sockopt::set_int;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Set an `int` socket option on `fd`.
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value points to a c_int of the size given; a bad fd is an error return.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// CLOCK_REALTIME in ns (the clock `SO_TIMESTAMPNS` uses).
 pub fn realtime_ns() -> i64 {

@@ -1,5 +1,5 @@
 //! What the packets of N bridged calls cost this machine with nothing else to do: the floor
-//! under issue 7's bridge target (see BENCHMARKS.md, "Stop 21").
+//! under issue 7's bridge target (see BENCHMARKS.md, "Bridged operator calls": the floor under this target).
 //!
 //! A bridge is four UDP sockets on 127.0.0.1: the caller's phone, the relay's caller side, the
 //! relay's leg side and the agent's phone, each `connect`ed to its peer. The phone threads send
@@ -11,7 +11,7 @@
 //! `ivr311-load` spend beyond this is theirs; this much is the machine's.
 //!
 //! ```text
-//! cargo run --release --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2] [uring=0]
+//! cargo run --release -p ivr311-load --example loopback_floor -- [bridges=1500] [seconds=20] [threads per side=2] [uring=0]
 //! ```
 //!
 //! With `uring` 1 every thread hands its sends and reads to the kernel in batches through

@@ -1,42 +1,18 @@
-//! `ivr311-load`: a load generator for SIP IVRs that sends full media and measures on the
-//! receiving side (issue 7's harness). See the README section "Load harness".
-//!
-//! It places calls over UDP SIP (`sip:311@target`), streams G.711 at 50 packets/s for the whole
-//! call, presses RFC 4733 keys from a script, hangs up, and reports per step: failed calls by
-//! reason, setup latency, the server's RTP pacing as received (kernel timestamps), digit to
-//! response latency, and the server's CPU and memory from /proc.
-//!
-//! With `--agents N` it also plays the operators: N SIP phones (`load-0001`...) register with
-//! the server and answer the calls its queue offers them; the `operator` script's callers walk
-//! the menu to the queue, wait to be bridged, and talk both ways through the server, which is
-//! measured at both ends (pacing, transit time, time to the operator).
-//!
-//! Layout: `script` (what a caller does, as data), `worker` (the per-thread call loop),
-//! `agents` (the operators' phones), `payload` (send-time marks in the audio), `net` (recvmsg
-//! timestamps, epoll, timerfd), `hist` (fixed histograms), `stats` (counts, targets, report),
-//! `procfs` (/proc readings), `spawn` (`--spawn-server`).
+//! The command line, and the run it drives: the plan of steps, the worker and agent threads,
+//! the per-step reports, `--spawn-server`.
 
-mod agents;
-mod hist;
-mod net;
-mod payload;
-mod procfs;
-mod script;
-mod spawn;
-mod stats;
-mod worker;
-
+use crate::procfs::{self, ProcSample};
+use crate::script::Script;
+use crate::stats::{Stats, StepReport, Targets};
+use crate::worker::{self, Shared, Worker};
+use crate::{agents, net, spawn};
 use clap::{Parser, ValueEnum};
-use procfs::ProcSample;
-use script::Script;
-use stats::{Stats, StepReport, Targets};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use worker::{Shared, Worker};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ScriptName {
@@ -158,7 +134,7 @@ struct Args {
     /// the media clock's 10; needs root or CAP_SYS_NICE). On two cores shared with the server
     /// the phones then keep their 20 ms schedule, so bridge pacing at the ends measures the
     /// server's relay rather than our own late sends; but they also go ahead of everything at
-    /// normal priority, the server's SIP threads included (see BENCHMARKS.md, "Stop 14").
+    /// normal priority, the server's SIP threads included (see BENCHMARKS.md, "Bridged operator calls").
     #[arg(long)]
     generator_realtime: bool,
     /// --spawn-server: run the server's media clock at real-time priority
@@ -171,7 +147,7 @@ struct Args {
     rtp_ports: Option<String>,
 }
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
