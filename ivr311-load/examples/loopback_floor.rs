@@ -1,5 +1,5 @@
 //! What the packets of N bridged calls cost this machine with nothing else to do: the floor
-//! under issue 7's bridge target (see BENCHMARKS.md, "Bridged operator calls": the floor under this target).
+//! under issue 7's bridge target (BENCHMARKS.md, "Bridged operator calls").
 //!
 //! A bridge is four UDP sockets on 127.0.0.1: the caller's phone, the relay's caller side, the
 //! relay's leg side and the agent's phone, each `connect`ed to its peer. The phone threads send
