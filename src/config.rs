@@ -140,6 +140,8 @@ pub struct FileConfig {
     pub registrar: RegistrarConfig,
     pub trunks: TrunksConfig,
     pub qos: QosConfig,
+    /// Where host names are looked up (see [`crate::sip::resolve`]).
+    pub dns: crate::sip::resolve::DnsConfig,
 }
 
 /// Where calls may come from.

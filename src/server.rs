@@ -14,6 +14,7 @@ use crate::media::clock::MediaClock;
 use crate::media::ports::PortPool;
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::registrar::AgentEvent;
+use crate::sip::resolve::{DnsError, Resolver};
 use crate::sip::transport::{self, TransportLimits};
 use crate::sip::ua::{Screening, UaCore};
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub enum StartError {
     Db(#[from] StoreError),
     #[error("config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     /// The media clock's threads could not be started.
     #[error("cannot start the media clock: {0}")]
     MediaClock(std::io::Error),
@@ -174,12 +177,15 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let metrics = Arc::new(crate::metrics::Metrics::default());
     // Cancelled when the stop begins: calls are refused and the trunk registration removed.
     let draining = CancellationToken::new();
+    // One resolver for every lookup, so that its cache serves them all.
+    let resolver = Resolver::new(&file.dns)?;
     let ua = UaCore::new(
         transport.clone(),
         advertised,
         format!("ivr311/{}", env!("CARGO_PKG_VERSION")),
         app_tx,
     )
+    .with_resolver(resolver.clone())
     .with_agents(
         "ivr311",
         file.agents
@@ -342,7 +348,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         .collect();
     tracker.spawn(async move {
         for (what, uri) in named {
-            if let Err(why) = crate::sip::resolve::resolve(&uri, sip_addr).await {
+            if let Err(why) = resolver.resolve(&uri, sip_addr).await {
                 warn!(%uri, %why, "{what} does not resolve now; calls to it fail until it does");
             }
         }

@@ -500,10 +500,9 @@ async fn a_callback_nobody_answers_is_retried_then_filed_as_a_flagged_ticket() {
 /// the call-back).
 #[tokio::test]
 async fn a_callback_whose_trunk_name_has_a_dead_first_address_tries_the_next_one() {
-    let name = "a_callback_whose_trunk_name_has_a_dead_first_address_tries_the_next_one";
-    if !common::with_hosts_file(name, "127.0.0.2 trunk.test\n127.0.0.1 trunk.test\n") {
-        return;
-    }
+    let dns = common::dns::TestDns::start().await;
+    dns.address("trunk.test", [127, 0, 0, 2].into())
+        .address("trunk.test", [127, 0, 0, 1].into());
     let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = trunk_sip.local_addr().unwrap().port();
     let dead = UdpSocket::bind(("127.0.0.2", port))
@@ -511,6 +510,7 @@ async fn a_callback_whose_trunk_name_has_a_dead_first_address_tries_the_next_one
         .expect("127.0.0.2 is loopback on Linux");
     let mut cfg = config(trunk_sip.local_addr().unwrap(), 2);
     cfg.callback.trunk_uri = Some(format!("sip:trunk.test:{port}"));
+    cfg.dns = dns.config();
     let srv = start_server(cfg).await;
     let trunk = trunk_peer(trunk_sip, &srv, "trunk2").await;
     let _agent = Peer::agent(srv.sip_addr, "1001").await;

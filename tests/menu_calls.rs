@@ -3,7 +3,9 @@
 
 mod common;
 
+use common::dns::TestDns;
 use common::*;
+use hickory_proto::rr::RecordType;
 use ivr311::config::FileConfig;
 use ivr311::dispatch::emergency::EmergencyMethod;
 use ivr311::dispatch::tickets::{Channel, NewTicket};
@@ -554,6 +556,14 @@ async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
 /// The name psap.test has two addresses, the first of them down.
 const PSAP_HOSTS: &str = "127.0.0.2 psap.test\n127.0.0.1 psap.test\n";
 
+/// A DNS server giving psap.test the two addresses of [`PSAP_HOSTS`] (A records, in that order).
+async fn psap_dns() -> TestDns {
+    let dns = TestDns::start().await;
+    dns.address("psap.test", [127, 0, 0, 2].into())
+        .address("psap.test", [127, 0, 0, 1].into());
+    dns
+}
+
 /// `trunk` (on 127.0.0.1) and a socket on 127.0.0.2 at the same port: the two addresses of
 /// [`PSAP_HOSTS`]' name, the second reached at the first's port.
 async fn psap_with_two_addresses(trunk: &Trunk) -> (tokio::net::UdpSocket, String) {
@@ -582,20 +592,23 @@ async fn invite_at(
     }
 }
 
-/// A PSAP named with two addresses (DNS A records), the first of them down: the 911 bridge
-/// calls the first, hears nothing for a few seconds, and calls the second before anything
-/// else (RFC 3263 section 4.3); the caller is connected to 911, and the audit says which
-/// address was down.
+/// A PSAP named with two addresses, the first of them down: the 911 bridge calls the first,
+/// hears nothing for a few seconds, and calls the second before anything else (RFC 3263
+/// section 4.3); the caller is connected to 911, and the audit says which address was down.
+/// The addresses are in the hosts file, as cities put their PSAPs' names there, and the hosts
+/// file wins over what DNS says for the name (an address where nothing listens).
 #[tokio::test]
 async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
-    let name = "a_psap_name_whose_first_address_is_down_is_reached_at_the_next";
-    if !common::with_hosts_file(name, PSAP_HOSTS) {
-        return;
-    }
+    let dns = TestDns::start().await;
+    dns.hosts_file(PSAP_HOSTS)
+        .address("psap.test", [127, 0, 0, 3].into());
+    let file = FileConfig {
+        dns: dns.config(),
+        ..Default::default()
+    };
     let trunk = Trunk::new().await;
     let (down, uri) = psap_with_two_addresses(&trunk).await;
-    let (srv, mut ua, inv, from) =
-        caller_presses_911_bridged_to(&uri, FileConfig::default(), &trunk).await;
+    let (srv, mut ua, inv, from) = caller_presses_911_bridged_to(&uri, file, &trunk).await;
     // The first address got the INVITE (and said nothing); the name stays in the Request-URI.
     let (first, _) = invite_at(&down, Duration::ZERO)
         .await
@@ -619,22 +632,78 @@ async fn a_psap_name_whose_first_address_is_down_is_reached_at_the_next() {
 /// without a port, and its SRV record (`_sip._udp`) gives the gateway's host and port. The
 /// bridge follows it (RFC 3263 section 4.2) and reaches the PSAP, the domain kept in the
 /// Request-URI.
+///
+/// The server looks the name up once at start (to warn when it does not resolve) and keeps
+/// the answers as long as their TTL says: the call asks DNS nothing more.
 #[tokio::test]
 async fn a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record() {
-    let name = "a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record";
-    if !common::with_hosts_file(name, "127.0.0.1 gw1.psap.test\n") {
-        return;
-    }
     let trunk = Trunk::new().await;
     let port = trunk.sip.local_addr().unwrap().port();
-    common::dns_records(&format!(
-        "SRV _sip._udp.psap.test gw1.psap.test {port} 10 50\n"
-    ));
-    let uri = "sip:911@psap.test";
-    let (srv, mut ua, inv, from) =
-        caller_presses_911_bridged_to(uri, FileConfig::default(), &trunk).await;
-    assert_eq!(inv.uri, uri);
+    let dns = TestDns::start().await;
+    dns.srv("_sip._udp.psap.test", "gw1.psap.test", port, 10, 50)
+        .address("gw1.psap.test", [127, 0, 0, 1].into());
+    let mut file = bridge_911_to("sip:911@psap.test");
+    file.dns = dns.config();
+    let srv = start_server(file).await;
+    // The lookup at start has been answered.
+    let start = tokio::time::Instant::now();
+    while dns.asked("gw1.psap.test", RecordType::A) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no lookup at start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ua = caller_pressing(srv.sip_addr, "19").await;
+    let (msg, from) = trunk
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE to 911");
+    let ivr311::sip::message::Message::Request(inv) = msg else {
+        panic!("not a request")
+    };
+    assert_eq!(inv.uri, "sip:911@psap.test");
     psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    assert_eq!(dns.asked("_sip._udp.psap.test", RecordType::SRV), 1);
+    assert_eq!(dns.asked("gw1.psap.test", RecordType::A), 1);
+    srv.shutdown().await;
+}
+
+/// A single SRV record whose target is "." says the domain offers no SIP service (RFC 2782):
+/// the bridge does not try the name as a host, it goes on to the backup route at once, and the
+/// audit says why.
+#[tokio::test]
+async fn a_psap_whose_srv_record_says_no_service_is_passed_over_for_the_backup_route() {
+    let dns = TestDns::start().await;
+    dns.srv("_sip._udp.psap.test", ".", 0, 0, 0)
+        .address("psap.test", [127, 0, 0, 2].into());
+    let not_a_psap = tokio::net::UdpSocket::bind("127.0.0.2:5060").await.ok();
+    let backup = Trunk::new().await;
+    let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
+    let mut file = FileConfig {
+        dns: dns.config(),
+        ..Default::default()
+    };
+    file.emergency.backup_uris = vec![backup_uri.clone()];
+    let (srv, mut ua, inv, from) =
+        caller_presses_911_bridged_to("sip:911@psap.test", file, &backup).await;
+    assert_eq!(inv.uri, backup_uri);
+    psap_answers_and_is_heard(&backup, &inv, from, &mut ua, &srv).await;
+    if let Some(s) = not_a_psap {
+        let mut buf = [0u8; 2048];
+        assert!(
+            s.try_recv_from(&mut buf).is_err(),
+            "the name was taken as a host"
+        );
+    }
+    let audits = settled_audits(&srv.tickets).await;
+    assert!(
+        audits[0]
+            .outcome
+            .contains("_sip._udp.psap.test says no SIP service there"),
+        "{}",
+        audits[0].outcome
+    );
     srv.shutdown().await;
 }
 
@@ -643,18 +712,16 @@ async fn a_psap_published_by_srv_is_reached_at_the_host_and_port_of_its_record()
 /// `_sip._udp` record for the same name, pointing elsewhere, is not used).
 #[tokio::test]
 async fn a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record() {
-    let name = "a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record";
-    if !common::with_hosts_file(name, "127.0.0.1 gw1.psap.test\n") {
-        return;
-    }
     let psap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = psap.local_addr().unwrap().port();
-    common::dns_records(&format!(
-        "SRV _sip._tcp.psap.test gw1.psap.test {port} 10 50\n\
-         SRV _sip._udp.psap.test gw1.psap.test 9 10 50\n"
-    ));
+    let dns = TestDns::start().await;
+    dns.srv("_sip._tcp.psap.test", "gw1.psap.test", port, 10, 50)
+        .srv("_sip._udp.psap.test", "gw1.psap.test", 9, 10, 50)
+        .address("gw1.psap.test", [127, 0, 0, 1].into());
     let uri = "sip:911@psap.test;transport=tcp";
-    let srv = start_server(bridge_911_to(uri)).await;
+    let mut file = bridge_911_to(uri);
+    file.dns = dns.config();
+    let srv = start_server(file).await;
     let _ua = caller_pressing(srv.sip_addr, "19").await;
     let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), psap.accept())
         .await
@@ -676,15 +743,15 @@ async fn a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record() {
 /// the backup route.
 #[tokio::test]
 async fn a_psap_address_that_refuses_is_not_retried_at_the_names_other_address() {
-    let name = "a_psap_address_that_refuses_is_not_retried_at_the_names_other_address";
-    if !common::with_hosts_file(name, PSAP_HOSTS) {
-        return;
-    }
+    let dns = psap_dns().await;
     let trunk = Trunk::new().await;
     let (refusing, uri) = psap_with_two_addresses(&trunk).await;
     let backup = Trunk::new().await;
     let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
-    let mut file = FileConfig::default();
+    let mut file = FileConfig {
+        dns: dns.config(),
+        ..Default::default()
+    };
     file.emergency.backup_uris = vec![backup_uri.clone()];
     let answer = async {
         let (inv, from) = invite_at(&refusing, Duration::from_secs(10))

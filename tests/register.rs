@@ -433,10 +433,9 @@ async fn a_node_registers_with_a_trunk_that_asks_for_credentials_and_unbinds_whe
 /// five minutes the first address asked for.
 #[tokio::test]
 async fn a_node_whose_registrar_name_has_a_failing_first_address_registers_at_the_next() {
-    let name = "a_node_whose_registrar_name_has_a_failing_first_address_registers_at_the_next";
-    if !common::with_hosts_file(name, "127.0.0.2 registrar.test\n127.0.0.1 registrar.test\n") {
-        return;
-    }
+    let dns = common::dns::TestDns::start().await;
+    dns.address("registrar.test", [127, 0, 0, 2].into())
+        .address("registrar.test", [127, 0, 0, 1].into());
     let mut trunk_file = agents();
     trunk_file.agents[0].id = "city311".into();
     trunk_file.agents[0].password = "s3cret".into();
@@ -459,7 +458,9 @@ async fn a_node_whose_registrar_name_has_a_failing_first_address_registers_at_th
             .build();
         down.send_to(&no, from).await.unwrap();
     };
-    let node = common::start_server(registering_node(&trunk, "registrar.test", "s3cret"));
+    let mut node_file = registering_node(&trunk, "registrar.test", "s3cret");
+    node_file.dns = dns.config();
+    let node = common::start_server(node_file);
     let (node, ()) = tokio::join!(node, refuse);
     let status = trunk_state(node.http_addr, "registered", Duration::from_secs(3)).await;
     assert_eq!(status["state"], "registered", "{status}");

@@ -83,6 +83,7 @@ use crate::sip::message::{
     Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
 };
 use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
+use crate::sip::resolve::Resolver;
 use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
@@ -199,6 +200,8 @@ pub struct OutboundHandle {
     tx: mpsc::Sender<Command>,
     /// Our SIP socket's address: a target's host name is looked up in its family.
     bound: SocketAddr,
+    /// Looks a target's host name up ([`UaCore::with_resolver`]).
+    resolver: Resolver,
     /// Opens the TCP connection a `transport=tcp` target asks for.
     transport: TransportHandle,
 }
@@ -243,12 +246,12 @@ impl OutboundHandle {
     }
 
     /// Where an INVITE to `target` may go, in the order to try: its IP literal, or its host
-    /// name's addresses in our SIP socket's family ([`crate::sip::resolve::resolve_all`]). The
+    /// name's addresses in our SIP socket's family ([`Resolver::resolve_all`]). The
     /// 911 bridge and the call-back ask first, to offer media in the far end's address family,
     /// then hand one address to [`OutboundHandle::invite_to`] so a name is looked up once (and
     /// the bridge tries the next address when that one is down).
     pub async fn destinations(&self, target: &str) -> Result<Vec<SocketAddr>, String> {
-        crate::sip::resolve::resolve_all(target.trim(), self.bound).await
+        self.resolver.resolve_all(target.trim(), self.bound).await
     }
 
     /// [`OutboundHandle::invite`] to a `destination` [`OutboundHandle::destinations`] gave
@@ -327,7 +330,7 @@ impl OutboundHandle {
                 // Not a name: the checks below say what is wrong with the target.
                 Some(Err(_)) => None,
                 None if via.is_none() && name => {
-                    Some(crate::sip::resolve::resolve(target.trim(), self.bound).await?)
+                    Some(self.resolver.resolve(target.trim(), self.bound).await?)
                 }
                 None => None,
             };
@@ -839,6 +842,8 @@ pub struct UaCore {
     trunk_reg_connecting: bool,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
+    /// Looks up the host names of outbound targets and of the trunk's registrar.
+    resolver: Resolver,
 }
 
 /// What [`UaCore::with_screening`] drops.
@@ -895,7 +900,15 @@ impl UaCore {
             trunk_reg_tried: Vec::new(),
             trunk_reg_connecting: false,
             draining: None,
+            resolver: Resolver::system(),
         }
+    }
+
+    /// Look host names up with `resolver` (shared, so its cache is). Default: one of the
+    /// system's configuration ([`Resolver::system`]).
+    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
@@ -1044,6 +1057,7 @@ impl UaCore {
         OutboundHandle {
             tx: self.cmd_tx.clone(),
             bound: self.transport.local_addr(),
+            resolver: self.resolver.clone(),
             transport: self.transport.clone(),
         }
     }
@@ -2245,8 +2259,9 @@ impl UaCore {
                 }
                 let tried = self.trunk_reg_tried.clone();
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
+                let resolver = self.resolver.clone();
                 tokio::spawn(async move {
-                    let found = crate::sip::resolve::resolve_all(&uri, bound).await;
+                    let found = resolver.resolve_all(&uri, bound).await;
                     let found = found.map(|all| {
                         let next =
                             crate::sip::resolve::choose_untried(&all, &tried, current, failed);

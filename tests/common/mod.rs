@@ -5,6 +5,8 @@
 //! server is playing by matching the RTP payload against the prompt files themselves.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use ivr311::config::{parse_port_range, FileConfig, ServeArgs};
 use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
 use ivr311::media::g711::Codec;
@@ -1065,75 +1067,4 @@ pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
     ua.listen(Duration::from_millis(200)).await;
     ua.keys(keys).await;
     ua
-}
-
-/// Runs the test `name` again in a child process whose name lookups come from files the test
-/// gives, through the cwrap project's test resolvers (`scripts/test` installs Debian's
-/// `libnss-wrapper` and `libresolv-wrapper`), and asserts it passed there:
-/// - `getaddrinfo` (A/AAAA) reads `hosts` first (nss_wrapper, `NSS_WRAPPER_HOSTS`);
-/// - `res_query` (SRV) answers from the file at `$RESOLV_WRAPPER_HOSTS`, empty at the start:
-///   the child writes records into it with [`dns_records`] once it knows its ports.
-///
-/// Returns `true` in that child, where the test's body is to run, and `false` in the parent
-/// once the child passed, or when a library is missing outside CI (the test is then skipped,
-/// and says so).
-///
-/// A PSAP or carrier name with several addresses, or published by SRV, is what these tests
-/// need, and the machine's own resolver has none to give; the child's lookups still go through
-/// glibc's real `getaddrinfo` and `res_query` interfaces, as the server's do.
-pub fn with_hosts_file(name: &str, hosts: &str) -> bool {
-    if std::env::var_os("NSS_WRAPPER_HOSTS").is_some() {
-        return true;
-    }
-    let find = |lib: &str| {
-        [
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib/aarch64-linux-gnu",
-            "/usr/lib64",
-            "/usr/lib",
-        ]
-        .into_iter()
-        .map(|dir| format!("{dir}/{lib}"))
-        .find(|p| std::path::Path::new(p).exists())
-    };
-    let (Some(nss), Some(resolv)) = (find("libnss_wrapper.so"), find("libresolv_wrapper.so"))
-    else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "apt-get install libnss-wrapper libresolv-wrapper: a wrapper library is missing"
-        );
-        eprintln!("skipped: apt-get install libnss-wrapper libresolv-wrapper");
-        return false;
-    };
-    let tag = rand::random::<u64>();
-    let file = std::env::temp_dir().join(format!("ivr311-hosts-{tag}"));
-    let dns = std::env::temp_dir().join(format!("ivr311-dns-{tag}"));
-    std::fs::write(&file, hosts).unwrap();
-    std::fs::write(&dns, "").unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("LD_PRELOAD", format!("{nss} {resolv}"))
-        .env("NSS_WRAPPER_HOSTS", &file)
-        .env("RESOLV_WRAPPER_HOSTS", &dns)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    let _ = std::fs::remove_file(&dns);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "{name} under nss_wrapper and resolv_wrapper:\n{text}"
-    );
-    false
-}
-
-/// In a [`with_hosts_file`] child: the DNS records `res_query` answers from now on, one a line
-/// (`SRV _sip._udp.example.test gw.example.test 5070 10 50`: target, port, priority, weight).
-pub fn dns_records(records: &str) {
-    let file = std::env::var_os("RESOLV_WRAPPER_HOSTS").expect("inside with_hosts_file");
-    std::fs::write(file, records).unwrap();
 }
