@@ -48,6 +48,7 @@ pub mod call;
 pub mod callback;
 pub mod config;
 pub mod dispatch;
+pub mod heartbeat;
 pub mod media;
 pub mod menu;
 pub mod metrics;

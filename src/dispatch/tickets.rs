@@ -855,7 +855,41 @@ impl TicketStore {
             .map_err(|e| fail("health", e))?;
         Ok(())
     }
+
+    /// Checks that a ticket could be filed now: inserts a ticket-sized row
+    /// ([`PROBE_BYTES`] of description) in a transaction and rolls it back, so a read-only
+    /// database, a full one (no room for another ticket) or a lock held past [`BUSY_TIMEOUT`]
+    /// fails here as it would fail a caller's ticket. Nothing is kept and nothing is logged
+    /// (the readiness check reports it).
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let now = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
+        let id = i64::try_from(rand::rng().random_range(ID_MIN..=ID_MAX)).unwrap_or(0);
+        let inserted = sqlx::query(
+            "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
+             description, requested_datetime, updated_datetime, channel) \
+             VALUES (?, 'readiness-probe', 'readiness probe', 'open', ?, ?, ?, 'web')",
+        )
+        .bind(id)
+        .bind("x".repeat(PROBE_BYTES))
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await;
+        let rolled_back = tx.rollback().await;
+        match inserted {
+            // The number is in use: the insert got as far as the constraint, so it could write.
+            Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {}
+            Err(e) => return Err(StoreError::from(e)),
+            Ok(_) => {}
+        }
+        rolled_back.map_err(StoreError::from)
+    }
 }
+
+/// The description length of the row [`TicketStore::probe_write`] tries: about a phone
+/// ticket with a long address and description.
+pub const PROBE_BYTES: usize = 512;
 
 impl Ticket {
     /// The ticket as just inserted.
