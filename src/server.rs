@@ -160,6 +160,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         "menu and prompts loaded"
     );
     let tickets = TicketStore::open(&args.db).await?;
+    if let Some(mode) = crate::media::record::loose_permissions(&file.storage.recordings_dir) {
+        warn!(
+            dir = %file.storage.recordings_dir.display(),
+            mode = format!("{mode:o}"),
+            "storage.recordings_dir lets other users list callers' recordings (the files \
+             themselves are 0600); chmod 700 it"
+        );
+    }
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
