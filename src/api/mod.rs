@@ -51,7 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
         .nest("/open311/v2", open311::router())
-        .merge(admin::router())
+        .merge(admin::router(state.clone()))
         .with_state(state)
 }
 
@@ -64,3 +64,4 @@ pub fn same_secret(given: &str, expected: &str) -> bool {
     Sha256::digest(given.as_bytes())
         .ct_eq(&Sha256::digest(expected.as_bytes()))
         .into()
+}

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 /// The answer to a connection over `http.max_connections`.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
-Content-Type: application/json\r\nContent-Length: 53\r\nConnection: close\r\n\r\n\
+Content-Type: application/json\r\nContent-Length: 54\r\nConnection: close\r\n\r\n\
 {\"error\":\"too many HTTP connections; try again later\"}";
 
 /// How often, at most, refused connections are logged (with the count since the last line).
