@@ -1368,7 +1368,10 @@ async fn callers_recordings_are_never_published() {
     let posted = post(
         a,
         "json",
-        &pothole_post(&[("media_url", "https://example.org/pothole.jpg")]),
+        &pothole_post(&[
+            ("address_string", "1 Main St"),
+            ("media_url", "https://example.org/pothole.jpg"),
+        ]),
     )
     .await;
     assert_eq!(posted.status, 200, "{}", posted.body);
