@@ -619,6 +619,31 @@ mod tests {
         assert!(FileConfig::default().media.batch_sends);
     }
 
+    /// The HTTP and Open311 limits the example shows are the defaults, as it says.
+    #[test]
+    fn the_example_shows_the_http_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let d = FileConfig::default();
+        assert_eq!(
+            (
+                c.http.header_read_timeout_seconds,
+                c.http.idle_timeout_seconds,
+                c.http.max_connections
+            ),
+            (
+                d.http.header_read_timeout_seconds,
+                d.http.idle_timeout_seconds,
+                d.http.max_connections
+            )
+        );
+        assert_eq!(
+            (c.open311.post_rate_per_minute, c.open311.post_burst),
+            (d.open311.post_rate_per_minute, d.open311.post_burst)
+        );
+        assert_eq!(c.admin.token, None, "no token ships: loopback only");
+    }
+
     #[test]
     fn trunk_credentials_one_or_a_list_per_realm() {
         let parse = |t: &str| FileConfig::parse(Path::new("t.yaml"), t);

@@ -1,6 +1,6 @@
 //! The admin API under `/admin/` and `/metrics`.
 //!
-//! Authorisation, checked for every route before its handler runs ([`guard`]):
+//! Authorisation, checked for every route before its handler runs (`guard`):
 //!
 //! * With `admin.token` configured, every request needs `Authorization: Bearer <token>`. The
 //!   token is compared as a SHA-256 digest in constant time, so neither its bytes nor its
@@ -44,7 +44,7 @@ use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
 /// Routes (nested at the root: they carry their own `/admin` and `/metrics` prefixes), each
-/// behind [`guard`].
+/// behind `guard`.
 pub fn router(state: ApiState) -> Router<ApiState> {
     Router::new()
         .route("/admin/calls", get(calls))

@@ -1,8 +1,9 @@
-//! The HTTP API (axum): `/health`, Open311 GeoReport v2 under `/open311/v2/` ([`open311`]),
-//! the admin API under `/admin/` and Prometheus metrics at `/metrics`.
+//! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
+//! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
+//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
-//! holder, UA counters); never touches sockets of the SIP or media layers.
+//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
 
 pub mod admin;
 pub mod health;
