@@ -592,3 +592,71 @@ async fn unpause(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
             .into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "LOCALHOST:8311",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:8311",
+            "127.3.4.5:1",
+            "[::1]",
+            "[::1]:8311",
+            "[::ffff:127.0.0.1]:8311",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:8311",
+            "[::2]:8311",
+            "::1",
+            "localhost:",
+            "localhost:99999x",
+            "[::1]x",
+            "0.0.0.0",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn without_a_token_only_direct_local_clients() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let uri: Uri = "/admin/calls".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8311".parse().unwrap());
+        assert_eq!(authorize(None, &h, &uri, local), Ok(()));
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        assert_eq!(authorize(None, &h, &uri, mapped), Ok(()));
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        assert_eq!(authorize(None, &h, &uri, remote), Err(Refusal::NotLoopback));
+        let mut proxied = h.clone();
+        proxied.insert("x-real-ip", "192.0.2.7".parse().unwrap());
+        assert_eq!(
+            authorize(None, &proxied, &uri, local),
+            Err(Refusal::Proxied("x-real-ip"))
+        );
+        // Two Host headers: every one must be loopback.
+        let mut two = h.clone();
+        two.append(header::HOST, "attacker.example".parse().unwrap());
+        assert_eq!(authorize(None, &two, &uri, local), Err(Refusal::Host));
+        // With a token, the token decides.
+        let mut with = proxied.clone();
+        with.insert(header::AUTHORIZATION, "Bearer t0k".parse().unwrap());
+        assert_eq!(authorize(Some("t0k"), &with, &uri, remote), Ok(()));
+        assert_eq!(
+            authorize(Some("t0k2"), &with, &uri, remote),
+            Err(Refusal::Token)
+        );
+    }
+}

@@ -66,3 +66,16 @@ pub fn same_secret(given: &str, expected: &str) -> bool {
         .ct_eq(&Sha256::digest(expected.as_bytes()))
         .into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_only_exactly() {
+        assert!(same_secret("s3cret", "s3cret"));
+        for wrong in ["s3cre", "s3cret ", "S3cret", "", "s3cret\0"] {
+            assert!(!same_secret(wrong, "s3cret"), "{wrong:?}");
+        }
+    }
+}
