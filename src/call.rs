@@ -1275,7 +1275,8 @@ impl Call {
         self.recorded.clear();
     }
 
-    /// Close the recording; returns the media URL of what was kept.
+    /// Close the recording; returns the file name (in the recordings directory) of what was
+    /// kept.
     fn close_recording(&mut self) -> Option<String> {
         let mut rec = self.recorder.take()?;
         self.media.lock().stop_recording(&mut self.recorded);
@@ -1285,8 +1286,7 @@ impl Call {
         match rec.finish() {
             Ok(Some(path)) => {
                 info!(seconds = secs, "recording kept");
-                path.file_name()
-                    .map(|n| format!("/recordings/{}", n.to_string_lossy()))
+                path.file_name().map(|n| n.to_string_lossy().into_owned())
             }
             Ok(None) => None,
             Err(e) => {
@@ -1316,7 +1316,7 @@ impl Call {
             zipcode: t.field("zipcode").map(str::to_owned),
             address_id: t.field("address").map(str::to_owned),
             phone: Some(self.meta.caller.clone()),
-            media_url: t.media_url.clone(),
+            recording: t.media_url.clone(),
             channel: Channel::Phone,
             language: Some(t.language.clone()),
             call_id: Some(self.meta.call_id.clone()),

@@ -132,6 +132,7 @@ pub struct FileConfig {
     pub storage: StorageConfig,
     pub open311: Open311Config,
     pub admin: AdminConfig,
+    pub http: HttpConfig,
     /// Operators who log in by registering a SIP phone.
     pub agents: Vec<AgentConfig>,
     /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
@@ -376,23 +377,72 @@ impl CallbackConfig {
 }
 
 /// The Open311 GeoReport v2 API.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Open311Config {
     /// Keys accepted for `POST requests` (`api_key`). With none, POST is refused (403).
     pub api_keys: Vec<String>,
     /// Our jurisdiction (accepted and ignored when it matches; any value is accepted if unset).
     pub jurisdiction_id: Option<String>,
-    /// Base URL of this server as residents reach it (for `media_url` of recordings).
+    /// Base URL of this server as residents reach it (the endpoint URL in discovery).
     pub public_url: Option<String>,
+    /// `POST requests` allowed per minute for each API key, after `post_burst`; past it the
+    /// answer is 429 with `Retry-After`. One key per app: raise it for an app that forwards
+    /// every resident's reports under one key. 0: no limit. Default 60.
+    pub post_rate_per_minute: u32,
+    /// Requests one key may post at once before `post_rate_per_minute` applies. Default 20.
+    pub post_burst: u32,
+}
+
+impl Default for Open311Config {
+    fn default() -> Self {
+        Open311Config {
+            api_keys: Vec::new(),
+            jurisdiction_id: None,
+            public_url: None,
+            post_rate_per_minute: 60,
+            post_burst: 20,
+        }
+    }
 }
 
 /// The admin API.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Bearer token for `/admin/*`. With none, the admin API answers only on loopback.
+    /// Bearer token for `/admin/*` and `/metrics`. With none, the admin API serves only
+    /// clients on loopback that name a loopback `Host` and carry no proxy headers
+    /// (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`): set a token before putting a reverse
+    /// proxy in front of it.
     pub token: Option<String>,
+}
+
+/// The HTTP server (`--http`): how long a client may take and how many may connect, so that
+/// slow or idle clients cannot hold its connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A request's header must arrive in full within this many seconds of the connection
+    /// opening or of the previous response; otherwise the connection is closed (a client
+    /// sending half a header, or keeping a connection open between requests, is cut off).
+    /// Default 10.
+    pub header_read_timeout_seconds: u64,
+    /// A connection on which nothing moves either way (no request body arriving, no response
+    /// being read) for this many seconds is closed. Default 30.
+    pub idle_timeout_seconds: u64,
+    /// Most connections open at once; a connection past it gets 503 with `Retry-After` and is
+    /// closed. Default 256.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout_seconds: 10,
+            idle_timeout_seconds: 30,
+            max_connections: 256,
+        }
+    }
 }
 
 /// Where files go.
@@ -576,6 +626,31 @@ mod tests {
         let off = FileConfig::parse(&path, "media:\n  batch_sends: false\n").unwrap();
         assert!(!off.media.batch_sends);
         assert!(FileConfig::default().media.batch_sends);
+    }
+
+    /// The HTTP and Open311 limits the example shows are the defaults, as it says.
+    #[test]
+    fn the_example_shows_the_http_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let d = FileConfig::default();
+        assert_eq!(
+            (
+                c.http.header_read_timeout_seconds,
+                c.http.idle_timeout_seconds,
+                c.http.max_connections
+            ),
+            (
+                d.http.header_read_timeout_seconds,
+                d.http.idle_timeout_seconds,
+                d.http.max_connections
+            )
+        );
+        assert_eq!(
+            (c.open311.post_rate_per_minute, c.open311.post_burst),
+            (d.open311.post_rate_per_minute, d.open311.post_burst)
+        );
+        assert_eq!(c.admin.token, None, "no token ships: loopback only");
     }
 
     #[test]

@@ -32,7 +32,8 @@
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
 //! | [`call`] | accepting calls, the per-call task (menu, 911, queue, bridge) |
 //! | [`callback`] | call-backs that keep the caller's place: dialling back through the trunk, bridging to the operator |
-//! | [`api`] | HTTP (axum): `/health`, Open311 GeoReport v2, admin API, `/metrics` |
+//! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics` |
+//! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
 //! | [`config`] | flags, environment and the `--config` YAML |
@@ -66,6 +67,7 @@ pub mod call;
 pub mod callback;
 pub mod config;
 pub mod dispatch;
+pub mod heartbeat;
 pub mod media;
 pub mod menu;
 pub mod metrics;

@@ -237,7 +237,8 @@ async fn list_tickets(db: PathBuf, json: bool, limit: u32) -> anyhow::Result<()>
     };
     let tickets = store.list(&q).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&tickets)?);
+        let text = serde_json::to_string_pretty(&tickets)?;
+        println!("{}", escape_for_terminal(&text));
         return Ok(());
     }
     println!(
@@ -248,16 +249,45 @@ async fn list_tickets(db: PathBuf, json: bool, limit: u32) -> anyhow::Result<()>
         println!(
             "{:<10} {:<20} {:<7} {:<6} {:<8} {:<16} {:<22}",
             t.service_request_id,
-            t.service_code,
+            printable(&t.service_code),
             t.status.as_str(),
-            t.zipcode.as_deref().unwrap_or("-"),
+            printable(t.zipcode.as_deref().unwrap_or("-")),
             t.channel.as_str(),
-            t.phone.as_deref().unwrap_or("-"),
+            printable(t.phone.as_deref().unwrap_or("-")),
             t.requested_datetime.to_string(),
         );
     }
     println!("{} ticket(s)", tickets.len());
     Ok(())
+}
+
+/// Characters a terminal may act on rather than show: C0 and C1 controls (an escape sequence
+/// in a web-submitted field could retitle the window, rewrite the screen or worse) and the
+/// bidirectional overrides that reorder what is shown.
+fn acts_on_terminal(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A stored value for the table: each such character shown as `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if acts_on_terminal(c) { '?' } else { c })
+        .collect()
+}
+
+/// JSON for a terminal: such characters that JSON lets through unescaped (DEL, C1, bidi
+/// overrides) written as `\uXXXX`, which reads back as the same text. They can only be inside
+/// strings: the rest of a JSON document is ASCII.
+fn escape_for_terminal(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if acts_on_terminal(c) && c != '\n' {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Wait for SIGTERM or Ctrl-C; SIGHUP reloads the menu (and prompts) for new calls.

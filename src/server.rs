@@ -125,6 +125,20 @@ impl RunningServer {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         self.clock.stop();
     }
+
+    /// Fault drill: stop every media clock thread for `d` (every call's audio stops), as a
+    /// starved or wedged machine would; `/health/ready` must report it.
+    pub fn drill_stall_media_clock(&self, d: Duration) {
+        for beat in self.clock.heartbeats() {
+            beat.drill_stall(d);
+        }
+    }
+
+    /// Fault drill: stop the SIP UA loop for `d` (no SIP message is answered meanwhile);
+    /// `/health/ready` must report it.
+    pub fn drill_stall_sip_loop(&self, d: Duration) {
+        self.ua.heartbeat.drill_stall(d);
+    }
 }
 
 /// How long a stop waits for the trunk to answer the removal of our registration.
@@ -149,6 +163,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         "menu and prompts loaded"
     );
     let tickets = TicketStore::open(&args.db).await?;
+    if let Some(mode) = crate::media::record::loose_permissions(&file.storage.recordings_dir) {
+        warn!(
+            dir = %file.storage.recordings_dir.display(),
+            mode = format!("{mode:o}"),
+            "storage.recordings_dir lets other users list callers' recordings (the files \
+             themselves are 0600); chmod 700 it"
+        );
+    }
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -324,14 +346,24 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         metrics: metrics.clone(),
         ports: ports.clone(),
         queues,
+        ready: Arc::new(api::health::ReadyState::new(
+            clock.heartbeats().to_vec(),
+            draining.clone(),
+        )),
+        recordings: file.storage.recordings_dir.clone(),
+        open311_posts: Arc::new(std::sync::Mutex::new(api::ratelimit::KeyLimiter::new(
+            file.open311.api_keys.len(),
+            file.open311.post_rate_per_minute,
+            file.open311.post_burst,
+        ))),
     });
-    let c = cancel.clone();
-    tracker.spawn(async move {
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await;
-    });
+    tracker.spawn(api::serve::run(
+        listener,
+        router,
+        (&file.http).into(),
+        tracker.clone(),
+        cancel.clone(),
+    ));
     // Names we will send INVITEs to are looked up per call; say now if one does not resolve,
     // rather than at a 911 caller's bridge.
     let named: Vec<(&'static str, String)> = file

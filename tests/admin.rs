@@ -8,6 +8,9 @@ use ivr311::dispatch::tickets::{Channel, NewTicket};
 use ivr311::media::g711::Codec;
 use std::time::Duration;
 
+/// Admin requests that change state declare a JSON body (even an empty one).
+const JSON: [(&str, &str); 1] = [("Content-Type", "application/json")];
+
 #[tokio::test]
 async fn live_calls_are_listed_and_can_be_hung_up() {
     let srv = start_server(FileConfig::default()).await;
@@ -29,13 +32,20 @@ async fn live_calls_are_listed_and_can_be_hung_up() {
         srv.http_addr,
         "POST",
         &format!("/admin/calls/{}/hangup", ua.call_id),
-        &[],
+        &JSON,
         b"",
     )
     .await;
     assert_eq!(code, 204);
     ua.expect_request("BYE", Duration::from_secs(3)).await;
-    let (code, _) = http(srv.http_addr, "POST", "/admin/calls/nope/hangup", &[], b"").await;
+    let (code, _) = http(
+        srv.http_addr,
+        "POST",
+        "/admin/calls/nope/hangup",
+        &JSON,
+        b"",
+    )
+    .await;
     assert_eq!(code, 404);
     srv.shutdown().await;
 }
@@ -109,7 +119,7 @@ async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
     );
     assert_ne!(text, changed, "the edit applies");
     std::fs::write(&menu, &changed).unwrap();
-    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &[], b"").await;
+    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &JSON, b"").await;
     assert_eq!(code, 200, "{body}");
 
     // The call in progress finishes on the menu it started with.
@@ -130,7 +140,7 @@ async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
         changed.replacen("{goto: streets}", "{goto: streetz}", 1),
     )
     .unwrap();
-    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &[], b"").await;
+    let (code, body) = http(srv.http_addr, "POST", "/admin/menu/reload", &JSON, b"").await;
     assert_eq!(code, 422, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "refused");
@@ -179,13 +189,20 @@ async fn staff_status_updates_reach_the_phone_lookup() {
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    let (code, _) = http(srv.http_addr, "POST", &path, &[], br#"{"status":"maybe"}"#).await;
+    let (code, _) = http(
+        srv.http_addr,
+        "POST",
+        &path,
+        &JSON,
+        br#"{"status":"maybe"}"#,
+    )
+    .await;
     assert_eq!(code, 400);
     let (code, _) = http(
         srv.http_addr,
         "POST",
         "/admin/requests/99999999",
-        &[],
+        &JSON,
         br#"{"status":"closed"}"#,
     )
     .await;
@@ -249,4 +266,132 @@ async fn metrics_count_outcomes_menus_and_emergencies() {
     }
     assert!(text.contains("# TYPE ivr311_rtp_packets_sent_total counter"));
     srv.shutdown().await;
+}
+
+/// A caller's recorded description is for staff: the Open311 API never shows it, the admin API
+/// serves it (with the token), and on disk only the server's user may read it.
+#[tokio::test]
+async fn a_callers_recording_is_for_staff_only() {
+    let recordings =
+        std::env::temp_dir().join(format!("ivr311-rec-staff-{}", rand::random::<u64>()));
+    let mut file = FileConfig::default();
+    file.admin.token = Some("s3cret".into());
+    file.open311.public_url = Some("https://311.example.gov".into());
+    file.storage.recordings_dir = recordings.clone();
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    // English, not an emergency, streets, pothole, ZIP 94103, then a spoken description.
+    ua.keys("1111").await;
+    ua.keys("94103").await;
+    ua.listen(Duration::from_millis(9000)).await;
+    ua.speak(50).await;
+    ua.press('#').await;
+    let mut filed = Vec::new();
+    for _ in 0..100 {
+        filed = srv.tickets.list(&Default::default()).await.unwrap();
+        if !filed.is_empty() {
+            break;
+        }
+        ua.listen(Duration::from_millis(100)).await;
+    }
+    assert_eq!(filed.len(), 1, "one ticket filed");
+    let t = &filed[0];
+    let name = t.recording.clone().expect("the description was recorded");
+    let id = t.service_request_id;
+
+    // Not in the public API.
+    let (code, body) = http(
+        srv.http_addr,
+        "GET",
+        &format!("/open311/v2/requests/{id}.json"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v[0]["media_url"].is_null(), "{body}");
+    assert!(!body.contains(&name), "{body}");
+
+    // Staff fetch it with the token.
+    let path = format!("/admin/requests/{id}/recording");
+    assert_eq!(http(srv.http_addr, "GET", &path, &[], b"").await.0, 403);
+    let auth = [("Authorization", "Bearer s3cret")];
+    let (status, head, wav) = http_bytes(srv.http_addr, &path, &auth).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: audio/wav"),
+        "{head}"
+    );
+    let reader = hound::WavReader::new(std::io::Cursor::new(wav)).expect("a WAV file");
+    assert_eq!(reader.spec().sample_rate, 8000);
+    assert!(
+        reader.duration() >= 8000 / 2,
+        "{} samples",
+        reader.duration()
+    );
+
+    // A ticket without a recording, and one that does not exist.
+    let web = srv
+        .tickets
+        .file(NewTicket {
+            service_code: "pothole".into(),
+            service_name: "Pothole".into(),
+            channel: Channel::Web,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let none = format!("/admin/requests/{}/recording", web.service_request_id);
+    assert_eq!(http(srv.http_addr, "GET", &none, &auth, b"").await.0, 404);
+    let missing = "/admin/requests/99999999/recording";
+    assert_eq!(http(srv.http_addr, "GET", missing, &auth, b"").await.0, 404);
+
+    // Only the server's user may read the file, or list the directory it created.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&recordings.join(&name)), 0o600);
+        assert_eq!(mode(&recordings), 0o700);
+    }
+    ua.bye().await;
+    srv.shutdown().await;
+    let _ = std::fs::remove_dir_all(&recordings);
+}
+
+/// GET `path` with `headers`: status, response head and the body as bytes.
+async fn http_bytes(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "a WAV is sent with its length: {head}"
+    );
+    (status, head, raw[split + 4..].to_vec())
 }

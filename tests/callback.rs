@@ -217,7 +217,15 @@ algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\"
 }
 
 async fn admin(srv: &ivr311::server::RunningServer, path: &str) -> (u16, String) {
-    http(srv.http_addr, "POST", path, &[], br#"{"reason":"meeting"}"#).await
+    let json = [("Content-Type", "application/json")];
+    http(
+        srv.http_addr,
+        "POST",
+        path,
+        &json,
+        br#"{"reason":"meeting"}"#,
+    )
+    .await
 }
 
 async fn general_queue(srv: &ivr311::server::RunningServer) -> serde_json::Value {

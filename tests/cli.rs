@@ -79,6 +79,58 @@ async fn tickets_list_shows_filed_tickets_as_table_and_json() {
     assert_eq!(v[0]["zipcode"], "94103");
 }
 
+/// Fields that reached the database with terminal escape sequences in them (from a web
+/// client, an older build, a hand edit) are shown inert: no escape, bell, C1 control or
+/// bidirectional override reaches the admin's terminal, in the table or in the JSON, and the
+/// JSON still reads back as the stored text.
+#[tokio::test]
+async fn tickets_list_never_prints_control_characters() {
+    let db = std::env::temp_dir().join(format!("ivr311-cli-esc-{}.db", rand::random::<u64>()));
+    let store = TicketStore::open(&db).await.unwrap();
+    let phone = "\u{1b}]0;owned\u{7}+1555\u{1b}[2J\u{9b}1m\u{202e}";
+    let t = store
+        .file(NewTicket {
+            service_code: "pothole\u{1b}[8m".into(),
+            service_name: "Pothole".into(),
+            zipcode: Some("9\r4103".into()),
+            phone: Some(phone.into()),
+            description: Some("\u{7f}\u{85}".into()),
+            channel: Channel::Web,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    let db_s = db.display().to_string();
+    let inert = |out: &[u8]| {
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let bad: Vec<char> = text
+            .chars()
+            .filter(|c| {
+                (c.is_control() && *c != '\n')
+                    || ('\u{202A}'..='\u{202E}').contains(c)
+                    || ('\u{2066}'..='\u{2069}').contains(c)
+            })
+            .collect();
+        assert!(bad.is_empty(), "{bad:?} in {text:?}");
+        text
+    };
+    let out = ivr311(&["tickets", "list", "--db", &db_s]);
+    assert!(out.status.success());
+    let text = inert(&out.stdout);
+    assert!(
+        text.contains(&t.service_request_id.to_string()) && text.contains("?]0;owned?+1555?[2J"),
+        "{text}"
+    );
+    let out = ivr311(&["tickets", "list", "--db", &db_s, "--json"]);
+    assert!(out.status.success());
+    inert(&out.stdout);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["phone"], phone, "the JSON reads back as stored");
+    assert_eq!(v[0]["description"], "\u{7f}\u{85}");
+    let _ = std::fs::remove_file(db);
+}
+
 /// `ivr311 serve` as operators run it: SIGHUP reloads the menu; a broken one is refused and the
 /// old one keeps serving; SIGTERM stops it. Its log, read through a pipe as a service manager
 /// or a log file would, is plain text: no terminal colour codes.

@@ -87,7 +87,7 @@ async fn a_caller_that_never_answers_our_bye_is_released_by_timer_f() {
         srv.http_addr,
         "POST",
         &format!("/admin/calls/{}/hangup", ua.call_id),
-        &[],
+        &[("Content-Type", "application/json")],
         b"",
     )
     .await;

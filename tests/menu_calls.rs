@@ -58,10 +58,14 @@ async fn pothole_ticket_with_zip_and_recording_is_filed_then_read_back() {
     assert_eq!(t.channel, Channel::Phone);
     assert_eq!(t.language.as_deref(), Some("en"));
     assert_eq!(t.call_id.as_deref(), Some(ua.call_id.as_str()));
-    let media = t.media_url.clone().expect("the description was recorded");
+    let recording = t.recording.clone().expect("the description was recorded");
     assert!(
-        media.starts_with("/recordings/") && media.ends_with(".wav"),
-        "{media}"
+        recording.ends_with(".wav") && !recording.contains('/'),
+        "{recording}"
+    );
+    assert_eq!(
+        t.media_url, None,
+        "a caller's recording is not public media"
     );
 
     // The number is read back digit by digit (after "your service request number is").
@@ -271,7 +275,7 @@ async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     let all = srv.tickets.list(&Default::default()).await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].zipcode.as_deref(), Some("94110"));
-    assert!(all[0].media_url.is_some(), "the partial recording is kept");
+    assert!(all[0].recording.is_some(), "the partial recording is kept");
     srv.shutdown().await;
 }
 

@@ -281,13 +281,11 @@ fn xml_fields(node: roxmltree::Node) -> Fields {
 }
 
 /// What a ticket should look like in the public API.
-fn expected_fields(t: &Ticket, public_url: Option<&str>) -> Fields {
+fn expected_fields(t: &Ticket) -> Fields {
     let iso = |t: OffsetDateTime| t.format(&Rfc3339).unwrap();
     let num = |x: Option<f64>| x.map(|x| x.to_string());
-    let media = t.media_url.clone().map(|m| match public_url {
-        Some(base) if m.starts_with('/') => format!("{}{m}", base.trim_end_matches('/')),
-        _ => m,
-    });
+    // Only media a client posted (an http(s) URL) is public; never a caller's recording.
+    let media = t.media_url.clone().filter(|m| m.starts_with("http"));
     let values = [
         Some(t.service_request_id.to_string()),
         Some(t.status.as_str().to_owned()),
@@ -316,8 +314,8 @@ fn expected_fields(t: &Ticket, public_url: Option<&str>) -> Fields {
 }
 
 /// `GET requests/{id}` in both formats must show exactly `t`'s public fields.
-async fn assert_readable(addr: SocketAddr, t: &Ticket, public_url: Option<&str>) {
-    let want = expected_fields(t, public_url);
+async fn assert_readable(addr: SocketAddr, t: &Ticket) {
+    let want = expected_fields(t);
     let r = get(addr, &format!("/requests/{}.json", t.service_request_id)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
@@ -352,9 +350,11 @@ async fn all_tickets(store: &TicketStore) -> Vec<Ticket> {
         .unwrap()
 }
 
+/// Posting open to [`KEY`], with no rate limit (tests of the limit set their own).
 fn keyed() -> FileConfig {
     let mut file = FileConfig::default();
     file.open311.api_keys = vec![KEY.into()];
+    file.open311.post_rate_per_minute = 0;
     file
 }
 
@@ -544,10 +544,15 @@ async fn service_definition_lists_the_zipcode_attribute() {
         assert_eq!(z["variable"], true);
         assert_eq!(z["code"], "zipcode");
         assert_eq!(z["datatype"], "string");
-        assert_eq!(z["required"], true);
+        // Any other location will do on the web; the phone always asks for it.
+        assert_eq!(z["required"], false);
         assert_eq!(z["datatype_description"], "5-digit ZIP code");
         assert_eq!(z["order"], 1);
-        assert!(!z["description"].as_str().unwrap().is_empty());
+        let d = z["description"].as_str().unwrap();
+        assert!(
+            d.contains("Required when the request gives no other location"),
+            "{d}"
+        );
 
         let r = get(a, &format!("/services/{code}.xml")).await;
         assert_eq!(r.status, 200);
@@ -565,7 +570,7 @@ async fn service_definition_lists_the_zipcode_attribute() {
         assert_eq!(child(x, "variable"), Some("true"));
         assert_eq!(child(x, "code"), Some("zipcode"));
         assert_eq!(child(x, "datatype"), Some("string"));
-        assert_eq!(child(x, "required"), Some("true"));
+        assert_eq!(child(x, "required"), Some("false"));
         assert_eq!(child(x, "datatype_description"), Some("5-digit ZIP code"));
         assert_eq!(child(x, "order"), Some("1"));
         assert_eq!(child(x, "description"), z["description"].as_str());
@@ -647,7 +652,7 @@ async fn post_files_a_web_ticket_that_reads_back_in_both_formats() {
         Some("http://farm3.static.flickr.com/2002/2212426634_5ed477a060.jpg")
     );
     assert_eq!(t.call_id, None);
-    assert_readable(a, &t, None).await;
+    assert_readable(a, &t).await;
 
     // The times carry a zone.
     let v = get(a, &format!("/requests/{id}.json")).await.json();
@@ -686,7 +691,7 @@ async fn post_files_a_web_ticket_that_reads_back_in_both_formats() {
     assert_eq!(t.zipcode.as_deref(), Some("94110"));
     assert_eq!(t.address.as_deref(), Some("Main St & 3rd"));
     assert_eq!(t.lat, None);
-    assert_readable(a, &t, None).await;
+    assert_readable(a, &t).await;
 
     // An address_id alone is a location too; a jurisdiction is optional.
     let r = post(a, "json", &pothole_post(&[("address_id", "77")])).await;
@@ -749,6 +754,8 @@ async fn invalid_posts_get_the_spec_errors_and_write_nothing() {
     let srv = start_server(file).await;
     let a = srv.http_addr;
     let long_description = "x".repeat(4001);
+    let long_name = "n".repeat(101);
+    let long_address = "a".repeat(501);
     let loc = ("address_string", "1 Main St");
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
     let cases: Vec<Case> = vec![
@@ -782,15 +789,22 @@ async fn invalid_posts_get_the_spec_errors_and_write_nothing() {
             pothole_post(&[loc, ("jurisdiction_id", "elsewhere.gov")]),
             404,
         ),
-        ("no location", pothole_post(&[]), 400),
+        (
+            "no location",
+            vec![("api_key", KEY), ("service_code", "pothole")],
+            400,
+        ),
         (
             "empty location fields",
-            pothole_post(&[
+            vec![
+                ("api_key", KEY),
+                ("service_code", "pothole"),
                 ("lat", ""),
                 ("long", ""),
                 ("address_string", ""),
                 ("address_id", ""),
-            ]),
+                ("attribute[zipcode]", ""),
+            ],
             400,
         ),
         ("lat without long", pothole_post(&[("lat", "37.7")]), 400),
@@ -820,8 +834,28 @@ async fn invalid_posts_get_the_spec_errors_and_write_nothing() {
             400,
         ),
         (
-            "missing required zipcode",
-            vec![("api_key", KEY), ("service_code", "pothole"), loc],
+            "an escape sequence in a name",
+            pothole_post(&[loc, ("first_name", "\u{1b}]0;owned\u{7}Eve")]),
+            400,
+        ),
+        (
+            "a line break in a phone number",
+            pothole_post(&[loc, ("phone", "555\r\n0100")]),
+            400,
+        ),
+        (
+            "a 101-character last name",
+            pothole_post(&[loc, ("last_name", &long_name)]),
+            400,
+        ),
+        (
+            "a 501-character address",
+            pothole_post(&[("address_string", &long_address)]),
+            400,
+        ),
+        (
+            "not an email address",
+            pothole_post(&[loc, ("email", "nobody")]),
             400,
         ),
         (
@@ -859,6 +893,7 @@ async fn invalid_posts_get_the_spec_errors_and_write_nothing() {
                 ("api_key", KEY),
                 ("service_code", "pothole"),
                 ("description", &long_description),
+                ("phone", "call me"),
             ],
         )
         .await;
@@ -924,17 +959,14 @@ async fn hostile_and_unicode_text_round_trips_exactly() {
     let mut ids = Vec::new();
     for (i, text) in texts.iter().enumerate() {
         let fmt = if i % 2 == 0 { "json" } else { "xml" };
-        let r = post(
-            a,
-            fmt,
-            &pothole_post(&[
-                ("description", text),
-                ("address_string", text),
-                ("address_id", text),
-                ("first_name", text),
-            ]),
-        )
-        .await;
+        // Line breaks and tabs are text in a description or an address, never in a
+        // one-line field.
+        let one_line = !text.chars().any(char::is_control);
+        let mut pairs = vec![("description", *text), ("address_string", *text)];
+        if one_line {
+            pairs.extend([("address_id", *text), ("first_name", *text)]);
+        }
+        let r = post(a, fmt, &pothole_post(&pairs)).await;
         assert_eq!(r.status, 200, "{text:?}: {}", r.body);
         let id: u64 = if fmt == "json" {
             r.json()[0]["service_request_id"]
@@ -950,9 +982,10 @@ async fn hostile_and_unicode_text_round_trips_exactly() {
         let t = srv.tickets.get(id).await.unwrap().unwrap();
         assert_eq!(t.description.as_deref(), Some(*text));
         assert_eq!(t.address.as_deref(), Some(*text));
-        assert_eq!(t.address_id.as_deref(), Some(*text));
-        assert_eq!(t.first_name.as_deref(), Some(*text));
-        assert_readable(a, &t, None).await;
+        let one_line_value = one_line.then_some(*text);
+        assert_eq!(t.address_id.as_deref(), one_line_value);
+        assert_eq!(t.first_name.as_deref(), one_line_value);
+        assert_readable(a, &t).await;
         ids.push(id);
     }
     // The table is intact and every ticket is listed.
@@ -1181,7 +1214,7 @@ async fn get_requests_filters_and_defaults() {
     // One request.
     let t = store.get(closed).await.unwrap().unwrap();
     assert_eq!(t.status_notes.as_deref(), Some("Fixed."));
-    assert_readable(a, &t, None).await;
+    assert_readable(a, &t).await;
     for fmt in ["json", "xml"] {
         // 8 digits that were never filed (ids start at 10000000), not a number, too big.
         for id in ["00000001", "abc", "99999999999999999999999"] {
@@ -1278,9 +1311,9 @@ async fn a_ticket_filed_by_phone_reads_back_through_open311() {
     assert_eq!(t.channel, Channel::Phone);
     assert_eq!(t.service_code, "pothole");
     assert_eq!(t.zipcode.as_deref(), Some("94103"));
-    assert_eq!(t.media_url, None, "the recording was skipped");
+    assert_eq!(t.recording, None, "the recording was skipped");
 
-    assert_readable(srv.http_addr, &t, Some("https://311.example.gov")).await;
+    assert_readable(srv.http_addr, &t).await;
     let v = get(
         srv.http_addr,
         &format!("/requests/{}.json", t.service_request_id),
@@ -1307,30 +1340,174 @@ async fn a_ticket_filed_by_phone_reads_back_through_open311() {
     srv.shutdown().await;
 }
 
+/// A phone ticket's recording is the caller's voice: personal data, never in the public
+/// API, whatever the configuration; `media_url` is only for media a client posted.
 #[tokio::test]
-async fn recordings_are_public_urls_when_public_url_is_set() {
-    let mut file = FileConfig::default();
+async fn callers_recordings_are_never_published() {
+    let mut file = keyed();
     file.open311.public_url = Some("https://311.example.gov/".into());
     let srv = start_server(file).await;
-    let t = srv
+    let a = srv.http_addr;
+    let recorded = srv
         .tickets
         .file(NewTicket {
-            media_url: Some("/recordings/abc.wav".into()),
+            recording: Some("1700000000-0a1b2c3d.wav".into()),
             ..pothole_ticket()
         })
         .await
         .unwrap();
-    let v = get(
-        srv.http_addr,
-        &format!("/requests/{}.json", t.service_request_id),
+    // A row as an older build stored it (a relative recording path in media_url).
+    let legacy = srv
+        .tickets
+        .file(NewTicket {
+            media_url: Some("/recordings/1700000001-0a1b2c3e.wav".into()),
+            ..pothole_ticket()
+        })
+        .await
+        .unwrap();
+    let posted = post(
+        a,
+        "json",
+        &pothole_post(&[
+            ("address_string", "1 Main St"),
+            ("media_url", "https://example.org/pothole.jpg"),
+        ]),
     )
-    .await
-    .json();
-    assert_eq!(
-        v[0]["media_url"],
-        "https://311.example.gov/recordings/abc.wav"
+    .await;
+    assert_eq!(posted.status, 200, "{}", posted.body);
+    let web_id = posted.json()[0]["service_request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    for fmt in ["json", "xml"] {
+        for path in [
+            format!("/requests.{fmt}"),
+            format!("/requests/{}.{fmt}", recorded.service_request_id),
+            format!("/requests/{}.{fmt}", legacy.service_request_id),
+        ] {
+            let r = get(a, &path).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            assert!(
+                !r.body.contains(".wav") && !r.body.contains("recordings"),
+                "{path} publishes a recording: {}",
+                r.body
+            );
+        }
+    }
+    for t in [&recorded, &legacy] {
+        let v = get(a, &format!("/requests/{}.json", t.service_request_id))
+            .await
+            .json();
+        assert!(v[0]["media_url"].is_null(), "{v}");
+    }
+    // What a client posted is public, as posted.
+    let v = get(a, &format!("/requests/{web_id}.json")).await.json();
+    assert_eq!(v[0]["media_url"], "https://example.org/pothole.jpg");
+    srv.shutdown().await;
+}
+
+/// What a city's app sends: a GPS position and the address it shows, no ZIP code. Accepted,
+/// and the location is kept and read back; with no location at all the ZIP is asked for.
+#[tokio::test]
+async fn a_gps_report_from_a_city_app_is_filed_without_a_zip() {
+    let srv = start_server(keyed()).await;
+    let a = srv.http_addr;
+    for fmt in ["json", "xml"] {
+        let r = post(
+            a,
+            fmt,
+            &[
+                ("api_key", KEY),
+                ("service_code", "pothole"),
+                ("lat", "37.76524078"),
+                ("long", "-122.4212043"),
+                ("address_string", "1234 5th street"),
+                ("description", "Deep pothole in the bike lane"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{fmt}: {}", r.body);
+        let id: u64 = if fmt == "json" {
+            r.json()[0]["service_request_id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        } else {
+            let doc = r.xml();
+            let req = elements(doc.root_element(), "request")[0];
+            child(req, "service_request_id").unwrap().parse().unwrap()
+        };
+        let t = srv.tickets.get(id).await.unwrap().unwrap();
+        assert_eq!(t.lat, Some(37.76524078));
+        assert_eq!(t.long, Some(-122.4212043));
+        assert_eq!(t.address.as_deref(), Some("1234 5th street"));
+        assert_eq!(t.zipcode, None);
+        assert_readable(a, &t).await;
+        let v = get(a, &format!("/requests/{id}.json")).await.json();
+        assert_eq!(v[0]["lat"], 37.76524078);
+        assert_eq!(v[0]["long"], -122.4212043);
+        assert_eq!(v[0]["address"], "1234 5th street");
+    }
+    // Lat/long alone, an address_id alone, a ZIP alone: each is a location.
+    for loc in [
+        vec![("lat", "37.7"), ("long", "-122.4")],
+        vec![("address_id", "545483")],
+        vec![("attribute[zipcode]", "94110")],
+    ] {
+        let mut pairs = vec![("api_key", KEY), ("service_code", "pothole")];
+        pairs.extend(loc.iter().copied());
+        let r = post(a, "json", &pairs).await;
+        assert_eq!(r.status, 200, "{loc:?}: {}", r.body);
+    }
+    // Nothing that says where: the ZIP is asked for, with the other choices.
+    let r = post(a, "json", &[("api_key", KEY), ("service_code", "pothole")]).await;
+    let d = assert_error(&r, "json", 400);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].contains("lat and long")
+            && d[0].contains("address_string")
+            && d[0].contains("attribute[zipcode]"),
+        "{d:?}"
     );
-    assert_readable(srv.http_addr, &t, Some("https://311.example.gov/")).await;
+    assert_eq!(all_tickets(&srv.tickets).await.len(), 5);
+    srv.shutdown().await;
+}
+
+/// Each API key may post a burst, then at its rate; past it 429 with Retry-After, and other
+/// keys are not affected.
+#[tokio::test]
+async fn posts_are_rate_limited_per_api_key() {
+    let mut file = FileConfig::default();
+    file.open311.api_keys = vec![KEY.into(), "k2".into()];
+    file.open311.post_rate_per_minute = 6;
+    file.open311.post_burst = 3;
+    let srv = start_server(file).await;
+    let a = srv.http_addr;
+    let loc = ("address_string", "1 Main St");
+    for i in 0..3 {
+        let r = post(a, "json", &pothole_post(&[loc])).await;
+        assert_eq!(r.status, 200, "post {i}: {}", r.body);
+    }
+    for fmt in ["json", "xml"] {
+        let r = post(a, fmt, &pothole_post(&[loc])).await;
+        assert_error(&r, fmt, 429);
+        let wait: u64 = r
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .unwrap();
+        assert!((1..=10).contains(&wait), "{wait}");
+    }
+    let other = post(
+        a,
+        "json",
+        &[("api_key", "k2"), ("service_code", "pothole"), loc],
+    )
+    .await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert_eq!(all_tickets(&srv.tickets).await.len(), 4);
     srv.shutdown().await;
 }
 

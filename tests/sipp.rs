@@ -145,7 +145,7 @@ async fn sipp_pothole_path_files_a_ticket() {
     assert_eq!(t.zipcode.as_deref(), Some("94103"));
     assert_eq!(t.phone.as_deref(), Some("+15557654321"));
     assert!(
-        t.media_url.is_some(),
+        t.recording.is_some(),
         "SIPp's pcap audio was recorded as the description"
     );
     srv.shutdown().await;

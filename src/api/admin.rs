@@ -1,8 +1,20 @@
 //! The admin API under `/admin/` and `/metrics`.
 //!
-//! Authorisation: with `admin.token` configured, every request needs
-//! `Authorization: Bearer <token>`; with none, only loopback clients are served (403 otherwise),
-//! so a fresh install never exposes call control to the network.
+//! Authorisation, checked for every route before its handler runs (`guard`):
+//!
+//! * With `admin.token` configured, every request needs `Authorization: Bearer <token>`. The
+//!   token is compared as a SHA-256 digest in constant time, so neither its bytes nor its
+//!   length leak through timing.
+//! * With none, only a client on this machine is served, and only when it talks to us
+//!   directly: the peer address must be loopback, the request must carry no proxy header
+//!   (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`: a reverse proxy on this host would
+//!   otherwise make the API public), and its `Host` (and an absolute request URI's authority)
+//!   must be a loopback name or address (`localhost`, `127.0.0.1`, `[::1]`, with any port), so
+//!   a web page that rebinds its own name to 127.0.0.1 (DNS rebinding) is refused.
+//! * Everywhere, a request that changes state (every method but GET and HEAD) needs
+//!   `Content-Type: application/json`, even with an empty body (415 otherwise): a web page can
+//!   make a browser send a cross-site `text/plain` or form POST without asking, never a JSON
+//!   one.
 //!
 //! | method | path | what |
 //! | --- | --- | --- |
@@ -10,6 +22,7 @@
 //! | POST | `/admin/calls/{call_id}/hangup` | hang a call up (BYE) |
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
 //! | POST | `/admin/requests/{id}` | staff status update: JSON `{"status": "open"/"closed", "status_notes": "..."}` |
+//! | GET | `/admin/requests/{id}/recording` | the caller's recorded description of a phone ticket (`audio/wav`) |
 //! | GET | `/admin/emergency` | the latest 911 redirect audit rows |
 //! | GET | `/admin/queues` | per queue: waiting, longest wait, agents by status, answered, abandoned, service level |
 //! | GET | `/admin/agents` | each operator: status, calls taken, idle since |
@@ -18,66 +31,168 @@
 
 use crate::api::ApiState;
 use crate::dispatch::tickets::Status;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
-/// Routes (nested at the root: they carry their own `/admin` and `/metrics` prefixes).
-pub fn router() -> Router<ApiState> {
+/// Routes (nested at the root: they carry their own `/admin` and `/metrics` prefixes), each
+/// behind `guard`.
+pub fn router(state: ApiState) -> Router<ApiState> {
     Router::new()
         .route("/admin/calls", get(calls))
         .route("/admin/calls/{call_id}/hangup", post(hangup))
         .route("/admin/menu/reload", post(reload))
         .route("/admin/requests/{id}", post(update_request))
+        .route("/admin/requests/{id}/recording", get(recording))
         .route("/admin/emergency", get(emergency))
         .route("/admin/queues", get(queues))
         .route("/admin/agents", get(agents))
         .route("/admin/agents/{id}/pause", post(pause))
         .route("/admin/agents/{id}/unpause", post(unpause))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state, guard))
+}
+
+/// Proxy headers: a request carrying one came through a proxy, whatever its peer address.
+const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+
+/// Why a request may not use the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `admin.token` is set and the request has no bearer token, or another one.
+    Token,
+    /// No token is configured and the peer is not on this machine.
+    NotLoopback,
+    /// No token is configured and the request came through a proxy (the header named).
+    Proxied(&'static str),
+    /// No token is configured and the request names a host that is not loopback.
+    Host,
+}
+
+impl Refusal {
+    fn message(&self) -> String {
+        match self {
+            Refusal::Token => "admin API: a valid bearer token is required".into(),
+            Refusal::NotLoopback => {
+                "admin API: without admin.token only clients on this machine are served".into()
+            }
+            Refusal::Proxied(h) => format!(
+                "admin API: without admin.token requests through a proxy ({h}) are refused; \
+                 configure admin.token"
+            ),
+            Refusal::Host => "admin API: without admin.token the Host must be localhost, \
+                 127.0.0.1 or [::1]"
+                .into(),
+        }
+    }
 }
 
 /// Whether this request may use the admin API.
-fn authorized(s: &ApiState, headers: &HeaderMap, remote: SocketAddr) -> bool {
-    match &s.admin.token {
-        Some(token) => headers
+pub fn authorize(
+    token: Option<&str>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    remote: SocketAddr,
+) -> Result<(), Refusal> {
+    if let Some(token) = token {
+        let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes())),
-        None => remote.ip().is_loopback(),
+            .and_then(|v| {
+                let (scheme, rest) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+            });
+        return match given {
+            Some(given) if crate::api::same_secret(given.trim(), token) => Ok(()),
+            _ => Err(Refusal::Token),
+        };
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    if !remote.ip().to_canonical().is_loopback() {
+        return Err(Refusal::NotLoopback);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    if let Some(h) = PROXY_HEADERS.into_iter().find(|h| headers.contains_key(*h)) {
+        return Err(Refusal::Proxied(h));
+    }
+    let hosts = headers
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .chain(uri.authority().map(|a| Some(a.as_str())));
+    for host in hosts {
+        if !host.is_some_and(loopback_host) {
+            return Err(Refusal::Host);
+        }
+    }
+    Ok(())
 }
 
-fn forbidden() -> Response {
-    (
-        StatusCode::FORBIDDEN,
-        Json(json!({"error": "admin API: a valid bearer token is required (or loopback when none is configured)"})),
-    )
-        .into_response()
-}
-
-macro_rules! guard {
-    ($s:expr, $h:expr, $r:expr) => {
-        if !authorized(&$s, &$h, $r) {
-            warn!(remote = %$r, "admin request refused");
-            return forbidden();
+/// `localhost`, a loopback address, either with a port.
+fn loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || valid_port(port) => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if valid_port(&format!(":{port}")) => name,
+            Some(_) => return false,
+            None => host,
         }
     };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// `:port` with a port number.
+fn valid_port(s: &str) -> bool {
+    s.strip_prefix(':')
+        .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether the body is declared JSON (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Runs before every admin route: authorisation, then the JSON rule for state changes.
+async fn guard(
+    State(s): State<ApiState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Err(why) = authorize(s.admin.token.as_deref(), req.headers(), req.uri(), remote) {
+        warn!(%remote, path = req.uri().path(), refusal = ?why, "admin request refused");
+        return (StatusCode::FORBIDDEN, Json(json!({"error": why.message()}))).into_response();
+    }
+    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+    if !reads && !is_json(req.headers()) {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({
+                "error": "admin API: requests that change state need Content-Type: application/json"
+            })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// One live call.
@@ -91,12 +206,7 @@ pub struct LiveCall {
     pub rtp_port: u16,
 }
 
-async fn calls(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+async fn calls(State(s): State<ApiState>) -> Response {
     let mut v: Vec<LiveCall> = s
         .registry
         .snapshot()
@@ -114,13 +224,7 @@ async fn calls(
     Json(v).into_response()
 }
 
-async fn hangup(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-    Path(call_id): Path<String>,
-) -> Response {
-    guard!(s, h, r);
+async fn hangup(State(s): State<ApiState>, Path(call_id): Path<String>) -> Response {
     if s.registry.hangup(&call_id) {
         info!(%call_id, "admin hung up a call");
         StatusCode::NO_CONTENT.into_response()
@@ -133,12 +237,7 @@ async fn hangup(
     }
 }
 
-async fn reload(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+async fn reload(State(s): State<ApiState>) -> Response {
     match s.menu.reload().await {
         Ok(m) => Json(json!({
             "status": "ok",
@@ -169,12 +268,9 @@ pub struct StatusUpdate {
 
 async fn update_request(
     State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    guard!(s, h, r);
     let bad = |msg: String| (StatusCode::BAD_REQUEST, Json(json!({"error": msg}))).into_response();
     let Ok(id) = id.parse::<u64>() else {
         return bad(format!("{id:?} is not a request number"));
@@ -223,12 +319,72 @@ async fn update_request(
     }
 }
 
-async fn emergency(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+/// `GET /admin/requests/{id}/recording`: the caller's recorded description, as filed.
+async fn recording(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let not_found =
+        |msg: &str| (StatusCode::NOT_FOUND, Json(json!({"error": msg}))).into_response();
+    let Ok(id) = id.parse::<u64>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{id:?} is not a request number")})),
+        )
+            .into_response();
+    };
+    let ticket = match s.tickets.get(id).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return not_found("no such request"),
+        Err(e) => {
+            warn!(error = %e, "recording lookup failed");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    let Some(name) = ticket.recording.as_deref() else {
+        return not_found("this request has no recording");
+    };
+    let Some(path) = crate::media::record::recording_path(&s.recordings, name) else {
+        warn!(
+            id,
+            recording = name,
+            "stored recording name is not a plain file name"
+        );
+        return not_found("this request has no recording");
+    };
+    match tokio::fs::read(&path).await {
+        Ok(wav) => {
+            info!(id, "recording fetched");
+            (
+                [
+                    (header::CONTENT_TYPE, "audio/wav".to_string()),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{id}.wav\""),
+                    ),
+                ],
+                wav,
+            )
+                .into_response()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!(id, path = %path.display(), "recording file missing");
+            not_found("the recording file is missing")
+        }
+        Err(e) => {
+            warn!(id, path = %path.display(), error = %e, "recording unreadable");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "the recording cannot be read"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn emergency(State(s): State<ApiState>) -> Response {
     match s.tickets.emergency_audits(100).await {
         Ok(rows) => Json(
             rows.into_iter()
@@ -245,12 +401,7 @@ async fn emergency(
     }
 }
 
-async fn metrics(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+async fn metrics(State(s): State<ApiState>) -> Response {
     let gauges = [
         (
             "ivr311_live_calls",
@@ -369,24 +520,14 @@ fn no_queues() -> Response {
         .into_response()
 }
 
-async fn queues(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+async fn queues(State(s): State<ApiState>) -> Response {
     match &s.queues {
         Some(q) => Json(q.figures().await).into_response(),
         None => Json(Vec::<()>::new()).into_response(),
     }
 }
 
-async fn agents(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-) -> Response {
-    guard!(s, h, r);
+async fn agents(State(s): State<ApiState>) -> Response {
     match &s.queues {
         Some(q) => Json(q.agents().await).into_response(),
         None => Json(Vec::<()>::new()).into_response(),
@@ -403,12 +544,9 @@ pub struct Pause {
 
 async fn pause(
     State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    guard!(s, h, r);
     let Some(q) = &s.queues else {
         return no_queues();
     };
@@ -439,13 +577,7 @@ async fn pause(
     }
 }
 
-async fn unpause(
-    State(s): State<ApiState>,
-    ConnectInfo(r): ConnectInfo<SocketAddr>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    guard!(s, h, r);
+async fn unpause(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let Some(q) = &s.queues else {
         return no_queues();
     };
@@ -458,5 +590,73 @@ async fn unpause(
             Json(json!({"error": "no such agent, or not paused"})),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "LOCALHOST:8311",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:8311",
+            "127.3.4.5:1",
+            "[::1]",
+            "[::1]:8311",
+            "[::ffff:127.0.0.1]:8311",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:8311",
+            "[::2]:8311",
+            "::1",
+            "localhost:",
+            "localhost:99999x",
+            "[::1]x",
+            "0.0.0.0",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn without_a_token_only_direct_local_clients() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let uri: Uri = "/admin/calls".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8311".parse().unwrap());
+        assert_eq!(authorize(None, &h, &uri, local), Ok(()));
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        assert_eq!(authorize(None, &h, &uri, mapped), Ok(()));
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        assert_eq!(authorize(None, &h, &uri, remote), Err(Refusal::NotLoopback));
+        let mut proxied = h.clone();
+        proxied.insert("x-real-ip", "192.0.2.7".parse().unwrap());
+        assert_eq!(
+            authorize(None, &proxied, &uri, local),
+            Err(Refusal::Proxied("x-real-ip"))
+        );
+        // Two Host headers: every one must be loopback.
+        let mut two = h.clone();
+        two.append(header::HOST, "attacker.example".parse().unwrap());
+        assert_eq!(authorize(None, &two, &uri, local), Err(Refusal::Host));
+        // With a token, the token decides.
+        let mut with = proxied.clone();
+        with.insert(header::AUTHORIZATION, "Bearer t0k".parse().unwrap());
+        assert_eq!(authorize(Some("t0k"), &with, &uri, remote), Ok(()));
+        assert_eq!(
+            authorize(Some("t0k2"), &with, &uri, remote),
+            Err(Refusal::Token)
+        );
     }
 }

@@ -1,22 +1,25 @@
-//! The HTTP API (axum): `/health`, Open311 GeoReport v2 under `/open311/v2/` ([`open311`]),
-//! the admin API under `/admin/` and Prometheus metrics at `/metrics`.
+//! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
+//! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
+//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
-//! holder, UA counters); never touches sockets of the SIP or media layers.
+//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
 
 pub mod admin;
+pub mod health;
 pub mod open311;
+pub mod ratelimit;
+pub mod serve;
+
+pub use health::{Health, Readiness};
 
 use crate::call::{CallRegistry, MenuHolder};
 use crate::config::{AdminConfig, Open311Config};
 use crate::dispatch::tickets::TicketStore;
 use crate::sip::transport::TransportStats;
 use crate::sip::ua::UaStats;
-use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router};
-use serde::Serialize;
-use std::sync::atomic::Ordering;
+use axum::Router;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,54 +39,43 @@ pub struct ApiState {
     pub ports: Arc<crate::media::ports::PortPool>,
     /// Operator queues (none when no agents are configured).
     pub queues: Option<crate::dispatch::queue::QueueHandle>,
-}
-
-/// `GET /health` body.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct Health {
-    pub status: String,
-    pub version: String,
-    pub live_calls: usize,
-    pub dialogs: usize,
-    pub uptime_seconds: u64,
-    pub calls_completed: u64,
-    pub calls_rejected: u64,
-    pub sip_messages_received: u64,
-    pub sip_messages_malformed: u64,
-    /// Malformed requests not answered: their source was over the error-answer rate limit.
-    pub sip_messages_malformed_unanswered: u64,
-    /// Over finished calls: RTP packets from callers, to callers, and keys heard.
-    pub rtp_packets_received: u64,
-    pub rtp_packets_sent: u64,
-    pub digits_received: u64,
-    /// Our registration with the trunk (`trunks.register`), when configured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trunk_registration: Option<crate::sip::trunk::RegistrationStatus>,
+    /// What `/health/ready` reads.
+    pub ready: Arc<health::ReadyState>,
+    /// Where callers' recordings are (`storage.recordings_dir`), for the admin API.
+    pub recordings: std::path::PathBuf,
+    /// `POST requests` allowance per Open311 API key.
+    pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/health", get(health))
+        .route("/health", get(health::health))
+        .route("/health/ready", get(health::ready))
         .nest("/open311/v2", open311::router())
-        .merge(admin::router())
+        .merge(admin::router(state.clone()))
         .with_state(state)
 }
 
-async fn health(State(s): State<ApiState>) -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        live_calls: s.registry.len(),
-        dialogs: s.ua.dialogs.load(Ordering::Relaxed),
-        uptime_seconds: s.started.elapsed().as_secs(),
-        calls_completed: s.registry.completed.load(Ordering::Relaxed),
-        calls_rejected: s.registry.rejected.load(Ordering::Relaxed),
-        sip_messages_received: s.transport.received.load(Ordering::Relaxed),
-        sip_messages_malformed: s.transport.malformed.load(Ordering::Relaxed),
-        sip_messages_malformed_unanswered: s.transport.malformed_unanswered.load(Ordering::Relaxed),
-        rtp_packets_received: s.registry.rtp_in.load(Ordering::Relaxed),
-        rtp_packets_sent: s.registry.rtp_out.load(Ordering::Relaxed),
-        digits_received: s.registry.digits.load(Ordering::Relaxed),
-        trunk_registration: s.ua.trunk_registration(),
-    })
+/// Whether a secret someone gave (an admin token, an API key) is `expected`, compared as
+/// SHA-256 digests in constant time: the time taken says nothing about how much of it, or
+/// how much of its length, was right.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_only_exactly() {
+        assert!(same_secret("s3cret", "s3cret"));
+        for wrong in ["s3cre", "s3cret ", "S3cret", "", "s3cret\0"] {
+            assert!(!same_secret(wrong, "s3cret"), "{wrong:?}");
+        }
+    }
 }

@@ -18,7 +18,8 @@
 //!
 //! * **Errors** are always the spec's array (`[{"code":400,"description":"..."}]`, XML
 //!   `<errors><error>...`), the body `code` equal to the HTTP status: 403 for a missing or
-//!   wrong `api_key` (also when no keys are configured: posting is then closed), 404 for
+//!   wrong `api_key` (also when no keys are configured: posting is then closed), 429 for a key
+//!   over its posting rate (with `Retry-After`), 404 for
 //!   anything that does not exist (unknown path or format extension, unknown `service_code`
 //!   in a path or a POST, unknown request number, a `jurisdiction_id` that is not ours), 400
 //!   for invalid input (every problem found is listed), 405 for a wrong method, 413 for a
@@ -37,12 +38,25 @@
 //! * **Personal data** (phone, email, names, call ids) is stored but never returned.
 //!   `device_id` is accepted and not stored; `account_id` is echoed in the POST response.
 //! * `service_request_id` is a string in JSON (the store's numbers are 8 digits).
+//! * **Location.** A POST needs one, as the spec says: `lat` and `long`, `address_string`,
+//!   `address_id`, or the service's location attribute (`attribute[zipcode]`, the ZIP code the
+//!   phone asks every caller for). The ZIP attribute is therefore `required: false` in the
+//!   service definition, with a description saying it is needed when no other location is
+//!   given. Everything given is kept and returned.
 //! * Attributes (`attribute[zipcode]=94103`) are checked against the service definition:
 //!   a required field missing or not matching the menu's digit rules is 400; `zipcode` fills
 //!   the ticket's `zipcode`, `address` its `address_id` (as on the phone); unknown attribute
 //!   codes are ignored.
-//! * `media_url` in a POST must be an absolute `http(s)` URL. Recordings (stored as
-//!   `/recordings/<file>.wav`) are returned prefixed with `public_url` when it is configured.
+//! * **Text fields** have a length limit each ([`MAX_DESCRIPTION_CHARS`] for `description`,
+//!   less for the others) and may not hold control characters (line breaks and tabs are
+//!   allowed in `description` and `address_string`); `phone` and `email` must look like one.
+//! * **Rate.** Each API key may post `open311.post_burst` requests at once, then
+//!   `open311.post_rate_per_minute` a minute; past it the answer is 429 with `Retry-After`.
+//! * **API keys** are compared as SHA-256 digests in constant time, every configured key
+//!   every time, so timing says nothing about a key's bytes or length.
+//! * `media_url` in a POST must be an absolute `http(s)` URL, and only such media, posted by a
+//!   client, is ever returned. A phone ticket's recording of the caller is personal data: it
+//!   is never in this API (staff fetch it through the admin API).
 
 use crate::api::ApiState;
 use crate::dispatch::tickets::{
@@ -283,6 +297,8 @@ fn document(format: Format, status: StatusCode, root: &str, node: &Node) -> Resp
 struct ApiError {
     status: StatusCode,
     descriptions: Vec<String>,
+    /// Seconds for a `Retry-After` header (429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -290,6 +306,7 @@ impl ApiError {
         ApiError {
             status,
             descriptions: vec![description],
+            retry_after: None,
         }
     }
 
@@ -316,7 +333,12 @@ impl ApiError {
             .iter()
             .map(|d| Node::Obj(vec![("code", Node::Int(code)), ("description", text(d))]))
             .collect();
-        document(format, self.status, "errors", &Node::List("error", items))
+        let mut r = document(format, self.status, "errors", &Node::List("error", items));
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -336,6 +358,7 @@ impl Problems {
             Err(ApiError {
                 status: StatusCode::BAD_REQUEST,
                 descriptions: self.0,
+                retry_after: None,
             })
         }
     }
@@ -547,16 +570,29 @@ fn datatype_description(c: &Collect) -> String {
     }
 }
 
+/// Said of a location attribute, which the phone always asks for but the web needs only when
+/// nothing else locates the problem.
+const LOCATION_ATTRIBUTE_RULE: &str =
+    "Required when the request gives no other location (lat and long, address_string or \
+     address_id).";
+
 fn attribute_description(c: &Collect) -> String {
     match c.field.as_str() {
-        "zipcode" => "The ZIP code of the location of the problem.".to_string(),
-        "address" => {
-            "The city's address ID of the location of the problem (from the city's address \
-             register)."
-                .to_string()
+        "zipcode" => {
+            format!("The ZIP code of the location of the problem. {LOCATION_ATTRIBUTE_RULE}")
         }
+        "address" => format!(
+            "The city's address ID of the location of the problem (from the city's address \
+             register). {LOCATION_ATTRIBUTE_RULE}"
+        ),
         other => format!("The {other} of the problem."),
     }
+}
+
+/// Whether a client must always send attribute `c` (a location attribute never: any other
+/// location will do).
+fn attribute_required(c: &Collect) -> bool {
+    !c.optional && !is_location_field(&c.field)
 }
 
 fn definition_node(file: &MenuFile, s: &Service) -> Node {
@@ -569,7 +605,7 @@ fn definition_node(file: &MenuFile, s: &Service) -> Node {
                 ("variable", Node::Bool(true)),
                 ("code", text(&c.field)),
                 ("datatype", text("string")),
-                ("required", Node::Bool(!c.optional)),
+                ("required", Node::Bool(attribute_required(c))),
                 ("datatype_description", text(datatype_description(c))),
                 ("order", Node::Int(i as u64 + 1)),
                 ("description", text(attribute_description(c))),
@@ -603,19 +639,9 @@ fn iso(t: OffsetDateTime) -> Option<String> {
     t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
 }
 
-/// Our recordings (`/recordings/x.wav`) under `public_url` when it is set.
-fn public_media_url(media: Option<&str>, public_url: Option<&str>) -> Option<String> {
-    let media = media?;
-    match public_url {
-        Some(base) if media.starts_with('/') => {
-            Some(format!("{}{media}", base.trim_end_matches('/')))
-        }
-        _ => Some(media.to_owned()),
-    }
-}
-
-/// The public view of a ticket: the spec's fields, no personal data.
-fn request_node(t: &Ticket, public_url: Option<&str>) -> Node {
+/// The public view of a ticket: the spec's fields, no personal data. `media_url` is only ever
+/// media a client posted (an absolute http(s) URL); a caller's recording never appears.
+fn request_node(t: &Ticket) -> Node {
     Node::Obj(vec![
         ("service_request_id", text(t.service_request_id.to_string())),
         ("status", text(t.status.as_str())),
@@ -641,16 +667,13 @@ fn request_node(t: &Ticket, public_url: Option<&str>) -> Node {
         ("long", Node::Num(t.long)),
         (
             "media_url",
-            Node::Text(public_media_url(t.media_url.as_deref(), public_url)),
+            opt_text(t.media_url.as_deref().filter(|m| absolute_http_url(m))),
         ),
     ])
 }
 
-fn requests_document(format: Format, tickets: &[Ticket], public_url: Option<&str>) -> Response {
-    let items = tickets
-        .iter()
-        .map(|t| request_node(t, public_url))
-        .collect();
+fn requests_document(format: Format, tickets: &[Ticket]) -> Response {
+    let items = tickets.iter().map(request_node).collect();
     document(
         format,
         StatusCode::OK,
@@ -779,15 +802,17 @@ fn requests_query(params: &Params, now: OffsetDateTime) -> Result<TicketQuery, A
     })
 }
 
-/// Constant-time comparison of equal-length byte strings.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn api_key_ok(given: &str, keys: &[String]) -> bool {
-    keys.iter().filter(|k| !k.is_empty()).fold(false, |ok, k| {
-        same_bytes(given.as_bytes(), k.as_bytes()) | ok
-    })
+/// The index of the configured key `given` is, if any. Every key is compared, each as a
+/// digest in constant time ([`crate::api::same_secret`]), so the time taken says nothing about
+/// which key, or how much of one, was right.
+fn api_key_index(given: &str, keys: &[String]) -> Option<usize> {
+    keys.iter()
+        .enumerate()
+        .filter(|(_, k)| !k.is_empty())
+        .fold(None, |found, (i, k)| {
+            let same = crate::api::same_secret(given, k);
+            found.or(same.then_some(i))
+        })
 }
 
 fn absolute_http_url(s: &str) -> bool {
@@ -815,8 +840,79 @@ fn coordinate(params: &Params, name: &str, max: f64, problems: &mut Problems) ->
     }
 }
 
+/// Whether a text field may hold line breaks and tabs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lines {
+    /// One line: no control character at all.
+    One,
+    /// Line breaks (CR, LF) and tabs allowed; no other control character.
+    Many,
+}
+
+/// The free-text fields a `POST requests` may carry: the longest value of each, in
+/// characters, and whether it may span lines. Control characters (an escape sequence, NUL,
+/// DEL) are refused in all of them: they are nothing a resident types, and they would reach
+/// staff terminals and other systems.
+const TEXT_FIELDS: &[(&str, usize, Lines)] = &[
+    ("description", MAX_DESCRIPTION_CHARS, Lines::Many),
+    ("address_string", 500, Lines::Many),
+    ("address_id", 100, Lines::One),
+    ("email", 254, Lines::One),
+    ("first_name", 100, Lines::One),
+    ("last_name", 100, Lines::One),
+    ("phone", 32, Lines::One),
+    ("account_id", 100, Lines::One),
+    ("device_id", 100, Lines::One),
+    ("media_url", 2000, Lines::One),
+];
+
+/// Checks the text fields against [`TEXT_FIELDS`] and the forms of `phone` and `email`.
+fn check_text_fields(params: &Params, problems: &mut Problems) {
+    for &(name, max, lines) in TEXT_FIELDS {
+        let Some(v) = params.get(name) else { continue };
+        let n = v.chars().count();
+        if n > max {
+            problems.add(format!(
+                "{name} is {n} characters; at most {max} are allowed"
+            ));
+        }
+        let allowed = |c: char| lines == Lines::Many && matches!(c, '\n' | '\r' | '\t');
+        if v.chars().any(|c| c.is_control() && !allowed(c)) {
+            problems.add(format!("{name} contains control characters"));
+        }
+    }
+    if let Some(p) = params.get("phone") {
+        let ok_chars = p
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '+' | '-' | '(' | ')' | '.'));
+        if !ok_chars || !p.chars().any(|c| c.is_ascii_digit()) {
+            problems.add(format!(
+                "phone {p:?} is not a phone number (digits, spaces and + - ( ) . only)"
+            ));
+        }
+    }
+    if let Some(e) = params.get("email") {
+        let ok = e.split_once('@').is_some_and(|(user, domain)| {
+            !user.is_empty() && !domain.is_empty() && !domain.contains('@')
+        }) && !e.chars().any(char::is_whitespace);
+        if !ok {
+            problems.add(format!("email {e:?} is not an email address"));
+        }
+    }
+}
+
+/// Collected fields that say where the problem is (as the phone asks for them).
+fn is_location_field(field: &str) -> bool {
+    matches!(field, "zipcode" | "address")
+}
+
 /// The ticket a `POST requests` asks for (after the key and jurisdiction checks), or the
 /// errors: 400 for missing or invalid input, 404 for an unknown service.
+///
+/// A location is required, as GeoReport v2 asks: `lat` and `long`, `address_string`,
+/// `address_id`, or one of the service's location attributes (`attribute[zipcode]`, which the
+/// phone asks every caller for). The ZIP code is therefore needed only when nothing else says
+/// where the problem is.
 fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
     let Some(code) = params.get("service_code") else {
         return Err(ApiError::bad_request(
@@ -829,6 +925,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         )));
     };
     let mut problems = Problems::default();
+    check_text_fields(params, &mut problems);
 
     let lat = coordinate(params, "lat", 90.0, &mut problems);
     let long = coordinate(params, "long", 180.0, &mut problems);
@@ -839,20 +936,36 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
     }
     let address = params.get("address_string");
     let mut address_id = params.get("address_id").map(str::to_owned);
-    if !lat_given && !long_given && address.is_none() && address_id.is_none() {
-        problems.add(
-            "a location is required: lat and long, or address_string, or address_id".to_string(),
-        );
-    }
-
-    let description = params.get("description");
-    if let Some(d) = description {
-        let n = d.chars().count();
-        if n > MAX_DESCRIPTION_CHARS {
-            problems.add(format!(
-                "description is {n} characters; at most {MAX_DESCRIPTION_CHARS} are allowed"
-            ));
+    let collect = &steps(file, &service.action).collect;
+    let attributes = params.attributes();
+    let attribute = |field: &str| {
+        attributes
+            .iter()
+            .find(|(code, _)| *code == field)
+            .map(|(_, v)| v.trim())
+    };
+    let location_attributes: Vec<&Collect> = collect
+        .iter()
+        .filter(|c| is_location_field(&c.field))
+        .collect();
+    let located = lat_given
+        || long_given
+        || address.is_some()
+        || address_id.is_some()
+        || location_attributes
+            .iter()
+            .any(|c| attribute(&c.field).is_some());
+    if !located {
+        let mut choices = "lat and long, address_string, address_id".to_string();
+        for c in &location_attributes {
+            let _ = write!(
+                choices,
+                ", or attribute[{}] ({})",
+                c.field,
+                datatype_description(c)
+            );
         }
+        problems.add(format!("a location is required: {choices}"));
     }
 
     let media_url = params.get("media_url");
@@ -862,15 +975,11 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         }
     }
 
-    let attributes = params.attributes();
     let mut zipcode = None;
-    for c in &steps(file, &service.action).collect {
-        let value = attributes
-            .iter()
-            .find(|(code, _)| *code == c.field)
-            .map(|(_, v)| v.trim());
-        match value {
-            None if !c.optional => problems.add(format!(
+    for c in collect {
+        match attribute(&c.field) {
+            // A missing location attribute was reported above if nothing else located it.
+            None if !c.optional && !is_location_field(&c.field) => problems.add(format!(
                 "attribute[{}] is required: {}",
                 c.field,
                 datatype_description(c)
@@ -894,7 +1003,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
     Ok(NewTicket {
         service_code: a.service,
         service_name: a.name,
-        description: owned(description),
+        description: owned(params.get("description")),
         agency_responsible: a.agency,
         service_notice: None,
         zipcode,
@@ -907,6 +1016,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         first_name: owned(params.get("first_name")),
         last_name: owned(params.get("last_name")),
         media_url: owned(media_url),
+        recording: None,
         channel: Channel::Web,
         language: None,
         call_id: None,
@@ -999,11 +1109,7 @@ async fn one_request(
         return not_found().respond(format);
     };
     match state.tickets.get(n).await {
-        Ok(Some(t)) => requests_document(
-            format,
-            std::slice::from_ref(&t),
-            state.open311.public_url.as_deref(),
-        ),
+        Ok(Some(t)) => requests_document(format, std::slice::from_ref(&t)),
         Ok(None) => not_found().respond(format),
         Err(e) => ApiError::store("get", &e).respond(format),
     }
@@ -1085,11 +1191,7 @@ async fn list_requests(
         }
         e => ApiError::store("list", &e),
     })?;
-    Ok(requests_document(
-        format,
-        &tickets,
-        state.open311.public_url.as_deref(),
-    ))
+    Ok(requests_document(format, &tickets))
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -1129,20 +1231,39 @@ async fn post_request(
     let params = Params::parse(&bytes);
 
     let keys = &state.open311.api_keys;
-    match params.get("api_key") {
+    let key = match params.get("api_key") {
         None => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "api_key was not provided".to_string(),
             ))
         }
-        Some(k) if !api_key_ok(k, keys) => {
-            return Err(ApiError::new(
+        Some(k) => api_key_index(k, keys).ok_or_else(|| {
+            ApiError::new(
                 StatusCode::FORBIDDEN,
                 "invalid api_key received -- can't proceed with create_request".to_string(),
-            ))
-        }
-        Some(_) => {}
+            )
+        })?,
+    };
+    let allowed = state
+        .open311_posts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take(key, std::time::Instant::now());
+    if let Err(wait) = allowed {
+        tracing::warn!(
+            key_index = key,
+            "open311: POST rate limit reached for an API key"
+        );
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this api_key may post {} requests a minute; try again later",
+                state.open311.post_rate_per_minute
+            ),
+        );
+        e.retry_after = Some(wait.as_secs().max(1));
+        return Err(e);
     }
     check_jurisdiction(state, &params)?;
     let new = {
@@ -1279,11 +1400,105 @@ mod tests {
 
     #[test]
     fn api_keys_must_match_exactly() {
-        let keys = vec!["k1".to_string(), String::new()];
-        assert!(api_key_ok("k1", &keys));
-        assert!(!api_key_ok("k", &keys));
-        assert!(!api_key_ok("", &keys));
-        assert!(!api_key_ok("k1", &[]));
+        let keys = vec!["k1".to_string(), String::new(), "other".to_string()];
+        assert_eq!(api_key_index("k1", &keys), Some(0));
+        assert_eq!(api_key_index("other", &keys), Some(2));
+        assert_eq!(api_key_index("k", &keys), None);
+        assert_eq!(api_key_index("k1 ", &keys), None);
+        assert_eq!(api_key_index("", &keys), None);
+        assert_eq!(api_key_index("k1", &[]), None);
+    }
+
+    fn pothole_menu() -> MenuFile {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("menus/311.yaml"),
+        )
+        .unwrap();
+        serde_yaml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn any_location_will_do_and_the_zip_only_without_one() {
+        let menu = pothole_menu();
+        let base = "service_code=pothole";
+        for loc in [
+            "lat=37.76&long=-122.42",
+            "address_string=1%20Main%20St",
+            "address_id=545483",
+            "attribute[zipcode]=94103",
+        ] {
+            let t = new_ticket(&menu, &params(&format!("{base}&{loc}")))
+                .unwrap_or_else(|e| panic!("{loc}: {e:?}"));
+            assert_eq!(t.channel, Channel::Web);
+        }
+        let e = new_ticket(&menu, &params(base)).unwrap_err();
+        assert_eq!(e.descriptions.len(), 1, "{e:?}");
+        assert!(
+            e.descriptions[0].starts_with("a location is required")
+                && e.descriptions[0].contains("attribute[zipcode]"),
+            "{e:?}"
+        );
+        // A ZIP given with another location must still be a ZIP.
+        let e = new_ticket(
+            &menu,
+            &params(&format!("{base}&lat=1&long=2&attribute[zipcode]=9410a")),
+        )
+        .unwrap_err();
+        assert!(e.descriptions[0].contains("attribute[zipcode]"), "{e:?}");
+    }
+
+    #[test]
+    fn text_fields_have_limits_and_no_control_characters() {
+        let menu = pothole_menu();
+        let ok = "service_code=pothole&lat=37.76&long=-122.42";
+        let long = |n: usize| "a".repeat(n);
+        for (field, max) in [
+            ("address_string", 500),
+            ("address_id", 100),
+            ("first_name", 100),
+            ("last_name", 100),
+            ("account_id", 100),
+            ("device_id", 100),
+        ] {
+            let at = format!("{ok}&{field}={}", long(max));
+            assert!(new_ticket(&menu, &params(&at)).is_ok(), "{field} at {max}");
+            let over = format!("{ok}&{field}={}", long(max + 1));
+            let e = new_ticket(&menu, &params(&over)).unwrap_err();
+            assert!(e.descriptions[0].starts_with(field), "{e:?}");
+        }
+        for (field, value) in [
+            ("first_name", "Eve%1B%5B2J"),
+            ("last_name", "a%0Ab"),
+            ("address_id", "1%00"),
+            ("phone", "555%1B]0;x%07"),
+            ("description", "hi%1B%5B31m"),
+            ("address_string", "x%7F"),
+            ("email", "a@b%C2%9B"),
+        ] {
+            let e = new_ticket(&menu, &params(&format!("{ok}&{field}={value}"))).unwrap_err();
+            assert!(
+                e.descriptions
+                    .iter()
+                    .any(|d| d == &format!("{field} contains control characters")),
+                "{field}: {e:?}"
+            );
+        }
+        // Line breaks and tabs are text in a description or an address.
+        let multi = format!("{ok}&description=a%0D%0Ab%09c&address_string=1%20Main%0AApt%202");
+        assert!(new_ticket(&menu, &params(&multi)).is_ok());
+        for bad in [
+            "phone=call%20me",
+            "phone=%2B%2B",
+            "email=nobody",
+            "email=a%20b@c",
+        ] {
+            assert!(
+                new_ticket(&menu, &params(&format!("{ok}&{bad}"))).is_err(),
+                "{bad}"
+            );
+        }
+        let good = format!("{ok}&phone=%2B1%20(415)%20555-0100&email=a.b@city.gov");
+        assert!(new_ticket(&menu, &params(&good)).is_ok());
     }
 
     #[test]
@@ -1294,13 +1509,5 @@ mod tests {
         assert!(!absolute_http_url("/recordings/x.wav"));
         assert!(!absolute_http_url("http://"));
         assert!(!absolute_http_url("http://a b"));
-        assert_eq!(
-            public_media_url(Some("/recordings/x.wav"), Some("https://311.city.gov/")),
-            Some("https://311.city.gov/recordings/x.wav".to_string())
-        );
-        assert_eq!(
-            public_media_url(Some("/recordings/x.wav"), None),
-            Some("/recordings/x.wav".to_string())
-        );
     }
 }

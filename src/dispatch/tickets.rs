@@ -314,7 +314,11 @@ pub struct NewTicket {
     pub first_name: Option<String>,
     /// Personal data.
     pub last_name: Option<String>,
+    /// Media a web client posted with the request (an absolute http(s) URL). Public.
     pub media_url: Option<String>,
+    /// The caller's recorded description: a file name in `storage.recordings_dir`. Personal
+    /// data, served only through the admin API.
+    pub recording: Option<String>,
     pub channel: Channel,
     /// Language of the call or request, e.g. `en`, `es`.
     pub language: Option<String>,
@@ -355,6 +359,8 @@ pub struct Ticket {
     pub lat: Option<f64>,
     pub long: Option<f64>,
     pub media_url: Option<String>,
+    /// The caller's recording (file name in `storage.recordings_dir`). Personal data.
+    pub recording: Option<String>,
     pub phone: Option<String>,
     pub email: Option<String>,
     pub first_name: Option<String>,
@@ -466,7 +472,8 @@ impl fmt::Debug for TicketStore {
 const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, status, \
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
-    email, first_name, last_name, media_url, channel, language, call_id, callback_requested";
+    email, first_name, last_name, media_url, recording, channel, language, call_id, \
+    callback_requested";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome";
 
@@ -615,9 +622,9 @@ impl TicketStore {
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
                  address_id, lat, long, phone, email, first_name, last_name, media_url, \
-                 channel, language, call_id, callback_requested) \
+                 recording, channel, language, call_id, callback_requested) \
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-                 ?, ?, ?, ?)",
+                 ?, ?, ?, ?, ?)",
             )
             .bind(id_sql)
             .bind(&t.service_code)
@@ -638,6 +645,7 @@ impl TicketStore {
             .bind(&t.first_name)
             .bind(&t.last_name)
             .bind(&t.media_url)
+            .bind(&t.recording)
             .bind(t.channel.as_str())
             .bind(&t.language)
             .bind(&t.call_id)
@@ -855,7 +863,41 @@ impl TicketStore {
             .map_err(|e| fail("health", e))?;
         Ok(())
     }
+
+    /// Checks that a ticket could be filed now: inserts a ticket-sized row
+    /// ([`PROBE_BYTES`] of description) in a transaction and rolls it back, so a read-only
+    /// database, a full one (no room for another ticket) or a lock held past [`BUSY_TIMEOUT`]
+    /// fails here as it would fail a caller's ticket. Nothing is kept and nothing is logged
+    /// (the readiness check reports it).
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let now = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
+        let id = i64::try_from(rand::rng().random_range(ID_MIN..=ID_MAX)).unwrap_or(0);
+        let inserted = sqlx::query(
+            "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
+             description, requested_datetime, updated_datetime, channel) \
+             VALUES (?, 'readiness-probe', 'readiness probe', 'open', ?, ?, ?, 'web')",
+        )
+        .bind(id)
+        .bind("x".repeat(PROBE_BYTES))
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await;
+        let rolled_back = tx.rollback().await;
+        match inserted {
+            // The number is in use: the insert got as far as the constraint, so it could write.
+            Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {}
+            Err(e) => return Err(StoreError::from(e)),
+            Ok(_) => {}
+        }
+        rolled_back.map_err(StoreError::from)
+    }
 }
+
+/// The description length of the row [`TicketStore::probe_write`] tries: about a phone
+/// ticket with a long address and description.
+pub const PROBE_BYTES: usize = 512;
 
 impl Ticket {
     /// The ticket as just inserted.
@@ -878,6 +920,7 @@ impl Ticket {
             lat: t.lat,
             long: t.long,
             media_url: t.media_url,
+            recording: t.recording,
             phone: t.phone,
             email: t.email,
             first_name: t.first_name,
@@ -974,6 +1017,7 @@ fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         lat: column(row, "lat")?,
         long: column(row, "long")?,
         media_url: column(row, "media_url")?,
+        recording: column(row, "recording")?,
         phone: column(row, "phone")?,
         email: column(row, "email")?,
         first_name: column(row, "first_name")?,
@@ -1054,6 +1098,7 @@ mod tests {
             first_name: Some(format!("first-{text}")),
             last_name: Some(format!("last-{text}")),
             media_url: Some(format!("media-{text}")),
+            recording: Some(format!("rec-{text}")),
             channel: Channel::Web,
             language: Some(format!("lang-{text}")),
             call_id: Some(format!("call-{text}")),
@@ -1103,6 +1148,86 @@ mod tests {
             store.get(bare.service_request_id).await.unwrap(),
             Some(bare)
         );
+    }
+
+    /// A database filed by a build that kept a phone ticket's recording in `media_url`: the
+    /// migration moves it to `recording`, so it is no longer published.
+    #[tokio::test]
+    async fn recordings_of_older_tickets_leave_media_url() {
+        let db = TempDb::new("recording-migration");
+        let old_migrations = std::env::temp_dir().join(format!(
+            "ivr311-old-migrations-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&old_migrations).unwrap();
+        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        for f in [
+            "20260301000001_tickets.sql",
+            "20260301000002_emergency_redirects.sql",
+        ] {
+            std::fs::copy(here.join(f), old_migrations.join(f)).unwrap();
+        }
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(&db.0)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            Migrator::new(old_migrations.as_path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            for (id, channel, media) in [
+                (11_111_111, "phone", "/recordings/1700000000-0a1b2c3d.wav"),
+                (22_222_222, "web", "https://example.org/photo.jpg"),
+            ] {
+                sqlx::query(
+                    "INSERT INTO tickets (service_request_id, service_code, service_name, \
+                     status, requested_datetime, updated_datetime, media_url, channel) \
+                     VALUES (?, 'pothole', 'Pothole', 'open', '2026-01-01T00:00:00Z', \
+                     '2026-01-01T00:00:00Z', ?, ?)",
+                )
+                .bind(id)
+                .bind(media)
+                .bind(channel)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        std::fs::remove_dir_all(&old_migrations).unwrap();
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let phone = store.get(11_111_111).await.unwrap().unwrap();
+        assert_eq!(phone.media_url, None);
+        assert_eq!(phone.recording.as_deref(), Some("1700000000-0a1b2c3d.wav"));
+        let web = store.get(22_222_222).await.unwrap().unwrap();
+        assert_eq!(
+            web.media_url.as_deref(),
+            Some("https://example.org/photo.jpg")
+        );
+        assert_eq!(web.recording, None);
+    }
+
+    #[tokio::test]
+    async fn the_write_probe_fails_as_a_ticket_would_and_leaves_nothing() {
+        let db = TempDb::new("probe");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        store.probe_write().await.unwrap();
+        assert!(store
+            .list(&TicketQuery::default())
+            .await
+            .unwrap()
+            .is_empty());
+        store.set_read_only(true).await.unwrap();
+        assert!(matches!(
+            store.probe_write().await,
+            Err(StoreError::ReadOnly(_))
+        ));
+        store.set_read_only(false).await.unwrap();
+        store.probe_write().await.unwrap();
     }
 
     #[tokio::test]

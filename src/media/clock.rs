@@ -474,6 +474,8 @@ pub struct MediaClock {
     ids: AtomicU64,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// One per shard, beaten on every turn of its loop (read by `/health/ready`).
+    beats: Vec<Arc<crate::heartbeat::Heartbeat>>,
 }
 
 impl MediaClock {
@@ -503,9 +505,12 @@ impl MediaClock {
         let stop = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
         let mut threads = Vec::new();
+        let mut beats = Vec::new();
         for i in 0..shards.max(1) {
             let (tx, rx) = std_mpsc::channel();
             let stop = stop.clone();
+            let beat = Arc::new(crate::heartbeat::Heartbeat::new(Instant::now()));
+            beats.push(beat.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ivr311-media-{i}"))
@@ -513,7 +518,7 @@ impl MediaClock {
                         if realtime {
                             set_realtime(i);
                         }
-                        run_shard(rx, stop, batch_sends)
+                        run_shard(rx, stop, batch_sends, beat)
                     })?,
             );
             senders.push(tx);
@@ -524,7 +529,14 @@ impl MediaClock {
             ids: AtomicU64::new(0),
             stop,
             threads: Mutex::new(threads),
+            beats,
         }))
+    }
+
+    /// Each shard's heartbeat: how long ago its loop last turned (idle or not, a running shard
+    /// turns at least every [`IDLE_POLL`]).
+    pub fn heartbeats(&self) -> &[Arc<crate::heartbeat::Heartbeat>] {
+        &self.beats
     }
 
     /// One shard per core.
@@ -732,12 +744,21 @@ impl Phases {
 
 /// One shard: serve each phase of its calls every 20 ms on a fixed grid while it has calls,
 /// relaying bridged calls' packets as they arrive in between.
-fn run_shard(rx: std_mpsc::Receiver<Arc<Slot>>, stop: Arc<AtomicBool>, batch_sends: bool) {
+fn run_shard(
+    rx: std_mpsc::Receiver<Arc<Slot>>,
+    stop: Arc<AtomicBool>,
+    batch_sends: bool,
+    beat: Arc<crate::heartbeat::Heartbeat>,
+) {
     let mut phases = Phases::new();
     let mut io = Box::new(Batch::new(batch_sends));
     let mut watch = Watch::new();
     let mut busy: Vec<usize> = Vec::new();
     while !stop.load(Ordering::Acquire) {
+        beat.beat(Instant::now());
+        if let Some(d) = beat.take_stall() {
+            std::thread::sleep(d);
+        }
         if phases.len == 0 {
             match rx.recv_timeout(IDLE_POLL) {
                 Ok(s) => phases.place(s, Instant::now()),

@@ -14,6 +14,48 @@ use std::time::{Duration, Instant};
 /// Mean absolute amplitude below which a 20 ms frame counts as silence (about -40 dBFS).
 const SILENCE_LEVEL: u32 = 330;
 
+/// Mode of a recording file: read and write for the server's user only.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Mode of a directory created for recordings.
+pub const PRIVATE_DIR: u32 = 0o700;
+
+/// Creates `dir` and any missing parents with mode [`PRIVATE_DIR`]; an existing directory is
+/// left as it is (see [`loose_permissions`]).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, PRIVATE_DIR);
+    b.create(dir)
+}
+
+/// The mode of `dir` when it lets users other than its owner in (group or other bits set),
+/// for a warning at start: recordings in it stay unreadable to them (files are 0600), but
+/// their names and times are listed.
+pub fn loose_permissions(dir: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// The path of recording `name` (as stored with a ticket) in `dir`, if `name` is a plain file
+/// name: nothing stored can point outside the recordings directory.
+pub fn recording_path(dir: &Path, name: &str) -> Option<PathBuf> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(n)), None) if n == name => Some(dir.join(n)),
+        _ => None,
+    }
+}
+
 /// Why recording stopped (or may go on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordState {
@@ -90,6 +132,9 @@ impl VoiceMeter {
 }
 
 impl Recorder {
+    /// Starts a new recording at `path` (which must not exist). The file is readable by the
+    /// server's user only (0600), and directories created for it likewise (0700): a recording
+    /// of a caller is personal data.
     pub fn create(
         path: &Path,
         now: Instant,
@@ -97,7 +142,7 @@ impl Recorder {
         silence: Duration,
     ) -> Result<Recorder, RecordError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| RecordError::Io {
+            create_private_dir(dir).map_err(|source| RecordError::Io {
                 path: dir.to_owned(),
                 source,
             })?;
@@ -108,9 +153,19 @@ impl Recorder {
             bits_per_sample: 16,
             sample_format: hound::SampleFormat::Int,
         };
-        let writer = hound::WavWriter::create(path, spec).map_err(|source| RecordError::Wav {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE_FILE);
+        let file = options.open(path).map_err(|source| RecordError::Io {
             path: path.to_owned(),
             source,
+        })?;
+        let writer = hound::WavWriter::new(BufWriter::new(file), spec).map_err(|source| {
+            RecordError::Wav {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Ok(Recorder {
             writer: Some(writer),
@@ -226,6 +281,54 @@ mod tests {
         assert_eq!(reader.spec().sample_rate, 8000);
         assert!(reader.duration() > 8000 * 2);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn recordings_are_private_to_the_server_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "ivr311-rec-private-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let p = dir.join("sub").join("call.wav");
+        let t0 = Instant::now();
+        let mut r =
+            Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        r.write(&[1000; 160]);
+        let path = r.finish().unwrap().expect("kept");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("sub")), 0o700);
+        assert_eq!(loose_permissions(&dir), None);
+        // A second recording never overwrites one already there.
+        assert!(Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(5)).is_err());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(loose_permissions(&dir), Some(0o755));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn recording_names_stay_in_the_directory() {
+        let d = Path::new("/var/lib/ivr311/recordings");
+        assert_eq!(
+            recording_path(d, "1700000000-0a1b2c3d.wav"),
+            Some(d.join("1700000000-0a1b2c3d.wav"))
+        );
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../x.wav",
+            "a/b.wav",
+            "/etc/passwd",
+            "./x.wav",
+            "x.wav/",
+        ] {
+            assert_eq!(recording_path(d, bad), None, "{bad:?}");
+        }
     }
 
     #[test]

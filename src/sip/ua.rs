@@ -549,7 +549,13 @@ pub struct UaStats {
     /// Our registration with the trunk, as of the instant stored with it (`None` without
     /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
     trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
+    /// Beaten on every turn of the UA loop, and at least every [`UA_HEARTBEAT`] when idle
+    /// (read by `/health/ready`).
+    pub heartbeat: crate::heartbeat::Heartbeat,
 }
+
+/// How often an idle UA loop turns anyway, to show it still would.
+pub const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl UaStats {
     /// Our registration with the trunk (`trunks.register`) as it stands now.
@@ -1066,6 +1072,7 @@ impl UaCore {
     pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
         let draining = self.draining.take();
         let mut unbound = draining.is_none();
+        let mut heartbeat = tokio::time::interval(UA_HEARTBEAT);
         loop {
             let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
@@ -1093,6 +1100,11 @@ impl UaCore {
                 },
                 Some(c) = self.cmd_rx.recv() => self.on_command(c).await,
                 _ = sleep => self.on_timers(Self::now()).await,
+                _ = heartbeat.tick() => {}
+            }
+            self.stats.heartbeat.beat(Self::now());
+            if let Some(d) = self.stats.heartbeat.take_stall() {
+                tokio::time::sleep(d).await;
             }
             self.stats
                 .dialogs

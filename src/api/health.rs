@@ -1,0 +1,220 @@
+//! `GET /health` (liveness) and `GET /health/ready` (readiness).
+//!
+//! * `/health` answers 200 whenever the process serves HTTP, with counters: restart the
+//!   process only when this stops answering.
+//! * `/health/ready` answers 200 `{"status": "ready"}` when the node can take calls, else 503
+//!   `{"status": "not ready", "reasons": [...]}` naming each problem. A load balancer,
+//!   Kamailio's dispatcher probe or systemd sends new calls elsewhere while it is 503. It is
+//!   not ready when:
+//!   - the ticket store cannot write (read-only, full, locked past its busy timeout, gone):
+//!     a ticket-sized insert is tried and rolled back ([`TicketStore::probe_write`]);
+//!   - a media clock thread has not turned for [`STALL_AFTER`] (every call on it is silent);
+//!   - the SIP UA loop has not turned for [`STALL_AFTER`] (no INVITE would be answered);
+//!   - the server is draining (stopping: new calls get 503).
+//!
+//! The checks run at most once per [`CHECK_EVERY`]; requests in between get the last answer,
+//! so a flood of probes cannot load the database. Readiness needs no token (it says nothing
+//! a caller could not learn by calling).
+//!
+//! [`TicketStore::probe_write`]: crate::dispatch::tickets::TicketStore::probe_write
+
+use crate::api::ApiState;
+use crate::heartbeat::Heartbeat;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A loop (media clock thread, SIP UA) that has not turned for this long is stalled. A media
+/// thread turns every 4 ms with calls and every 200 ms without; the UA at least every 250 ms.
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+/// The checks run at most this often; answers in between repeat the last result.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Longest the ticket-store write probe may take before it counts as failed.
+pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// `GET /health` body.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub live_calls: usize,
+    pub dialogs: usize,
+    pub uptime_seconds: u64,
+    pub calls_completed: u64,
+    pub calls_rejected: u64,
+    pub sip_messages_received: u64,
+    pub sip_messages_malformed: u64,
+    /// Malformed requests not answered: their source was over the error-answer rate limit.
+    pub sip_messages_malformed_unanswered: u64,
+    /// Over finished calls: RTP packets from callers, to callers, and keys heard.
+    pub rtp_packets_received: u64,
+    pub rtp_packets_sent: u64,
+    pub digits_received: u64,
+    /// Our registration with the trunk (`trunks.register`), when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trunk_registration: Option<crate::sip::trunk::RegistrationStatus>,
+}
+
+/// `GET /health/ready` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Readiness {
+    /// `ready` or `not ready`.
+    pub status: String,
+    /// Why not, one line per problem (empty when ready).
+    pub reasons: Vec<String>,
+}
+
+/// What the readiness check reads, and its last answer.
+pub struct ReadyState {
+    /// One per media clock thread.
+    pub media: Vec<Arc<Heartbeat>>,
+    /// Cancelled when the server starts to stop.
+    pub draining: CancellationToken,
+    last: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
+    /// Whether the last check found the node ready (to log changes only).
+    was_ready: AtomicBool,
+}
+
+impl ReadyState {
+    pub fn new(media: Vec<Arc<Heartbeat>>, draining: CancellationToken) -> ReadyState {
+        ReadyState {
+            media,
+            draining,
+            last: tokio::sync::Mutex::new(None),
+            was_ready: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The problems a check finds in the loops and the drain, at `now` (sans-IO part).
+pub fn loop_problems(
+    media: &[Arc<Heartbeat>],
+    sip: &Heartbeat,
+    draining: bool,
+    now: Instant,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, beat) in media.iter().enumerate() {
+        let age = beat.age(now);
+        if age >= STALL_AFTER {
+            out.push(format!(
+                "media clock stalled: thread {i} has not turned for {:.1} s",
+                age.as_secs_f64()
+            ));
+        }
+    }
+    let age = sip.age(now);
+    if age >= STALL_AFTER {
+        out.push(format!(
+            "SIP loop not answering: it has not turned for {:.1} s",
+            age.as_secs_f64()
+        ));
+    }
+    if draining {
+        out.push("draining: the server is stopping and refuses new calls".to_string());
+    }
+    out
+}
+
+pub async fn health(State(s): State<ApiState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        live_calls: s.registry.len(),
+        dialogs: s.ua.dialogs.load(Ordering::Relaxed),
+        uptime_seconds: s.started.elapsed().as_secs(),
+        calls_completed: s.registry.completed.load(Ordering::Relaxed),
+        calls_rejected: s.registry.rejected.load(Ordering::Relaxed),
+        sip_messages_received: s.transport.received.load(Ordering::Relaxed),
+        sip_messages_malformed: s.transport.malformed.load(Ordering::Relaxed),
+        sip_messages_malformed_unanswered: s.transport.malformed_unanswered.load(Ordering::Relaxed),
+        rtp_packets_received: s.registry.rtp_in.load(Ordering::Relaxed),
+        rtp_packets_sent: s.registry.rtp_out.load(Ordering::Relaxed),
+        digits_received: s.registry.digits.load(Ordering::Relaxed),
+        trunk_registration: s.ua.trunk_registration(),
+    })
+}
+
+pub async fn ready(State(s): State<ApiState>) -> Response {
+    let reasons = {
+        let mut last = s.ready.last.lock().await;
+        match &*last {
+            Some((at, reasons)) if at.elapsed() < CHECK_EVERY => reasons.clone(),
+            _ => {
+                let reasons = check(&s).await;
+                *last = Some((Instant::now(), reasons.clone()));
+                reasons
+            }
+        }
+    };
+    let ready = reasons.is_empty();
+    if s.ready.was_ready.swap(ready, Ordering::Relaxed) != ready {
+        if ready {
+            tracing::info!("ready again");
+        } else {
+            tracing::warn!(?reasons, "not ready");
+        }
+    }
+    let (code, status) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    (
+        code,
+        Json(Readiness {
+            status: status.into(),
+            reasons,
+        }),
+    )
+        .into_response()
+}
+
+async fn check(s: &ApiState) -> Vec<String> {
+    let mut reasons = Vec::new();
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, s.tickets.probe_write()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => reasons.push(format!("ticket store cannot write: {e}")),
+        Err(_) => reasons.push(format!(
+            "ticket store cannot write: no answer within {} s",
+            STORE_PROBE_TIMEOUT.as_secs()
+        )),
+    }
+    // Read the loops after the probe, which may have waited on a lock.
+    reasons.extend(loop_problems(
+        &s.ready.media,
+        &s.ua.heartbeat,
+        s.ready.draining.is_cancelled(),
+        Instant::now(),
+    ));
+    reasons
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_loops_and_the_drain_are_named() {
+        let t0 = Instant::now();
+        let media = vec![Arc::new(Heartbeat::new(t0)), Arc::new(Heartbeat::new(t0))];
+        let sip = Heartbeat::new(t0);
+        let later = t0 + STALL_AFTER + Duration::from_millis(500);
+        media[0].beat(later);
+        sip.beat(later - Duration::from_millis(100));
+        assert!(loop_problems(&media[..1], &sip, false, later).is_empty());
+        let p = loop_problems(&media, &sip, false, later);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("media clock stalled: thread 1"), "{p:?}");
+        let p = loop_problems(&media[..1], &sip, true, later + STALL_AFTER);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[1].starts_with("SIP loop not answering"), "{p:?}");
+        assert!(p[2].starts_with("draining"), "{p:?}");
+    }
+}
