@@ -176,7 +176,11 @@ mod tests {
         for _ in 0..200 {
             // One call at a time: each port goes back before the next call.
             let p = pool.allocate().expect("a free port");
-            assert!(p.port % 2 == 0 && (r.lo..=r.hi).contains(&p.port), "{}", p.port);
+            assert!(
+                p.port.is_multiple_of(2) && (r.lo..=r.hi).contains(&p.port),
+                "{}",
+                p.port
+            );
             if last.is_some_and(|l| p.port == l + 2) {
                 in_order += 1;
             }
@@ -184,7 +188,10 @@ mod tests {
             seen.insert(p.port);
         }
         // 21 even ports: in order, 199 of 200 would follow the last; at random about 1 in 21.
-        assert!(in_order < 40, "{in_order} of 200 calls got the port after the last");
+        assert!(
+            in_order < 40,
+            "{in_order} of 200 calls got the port after the last"
+        );
         assert!(seen.len() > 15, "only {} of 21 ports used", seen.len());
         assert_eq!(pool.available(), 21);
     }
