@@ -36,6 +36,14 @@
 //! hangs up (there is no answering-machine detection: a voicemail that answers is treated as
 //! the caller).
 //!
+//! Who is called back at all is decided before any of this, when the caller presses 2
+//! ([`CallbackConfig::callback_number`]): only a number a trusted trunk asserted (see
+//! [`crate::call::CallerIdentity`]), inside `callback.allowed_numbers` ([`NumberPattern`]) and
+//! outside `callback.refused_numbers`, and within `callback.per_number_per_day` (counted by the
+//! ticket store). A call-back costs the city a call to whatever number it dials, so a number a
+//! caller merely typed into From is never one; [`Callbacks::keep_place`] checks the patterns
+//! again where the dialling is.
+//!
 //! Bounds: at most `callback.max_pending` call-backs at once (more requests become flagged
 //! tickets at once), one trunk leg and one agent leg per task, `limits.no_media_seconds`
 //! without RTP from the answered caller and `limits.max_call_seconds` end the call.
