@@ -2341,6 +2341,16 @@ impl Call {
                     self.hangup_after_play = Some(EndReason::MenuHungUp);
                     return;
                 }
+                Err(
+                    why @ (crate::callback::NotKept::NotDialable
+                    | crate::callback::NotKept::NotAllowed),
+                ) => {
+                    // Checked above against the same settings; never filed for staff either.
+                    self.callback_filing = false;
+                    warn!(reason = %why, "the call-back trunk refused a number the policy allowed");
+                    self.callback_unavailable(crate::callback::Unavailable::NotAllowed);
+                    return;
+                }
                 Err(why) => info!(reason = %why, "place not kept; filing a ticket"),
             }
         }
