@@ -35,6 +35,7 @@ use crate::media::g711::Codec;
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::{ringback, Prompt, PromptStore};
 use crate::media::record::{Recorder, VoiceMeter};
+use crate::media::rtp::LatchScope;
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::MediaSession;
 use crate::menu::engine::{Engine, Input, Output, StatusResult, TicketRequest};
@@ -173,8 +174,11 @@ impl MenuHolder {
 #[derive(Debug, Clone)]
 pub struct CallMeta {
     pub call_id: String,
-    /// The caller's number (P-Asserted-Identity, else From user).
+    /// The caller's number as best known (asserted, else claimed: see [`CallerIdentity`]),
+    /// for tickets, the audit and the operator's phone.
     pub caller: String,
+    /// Whether anyone vouches for `caller`.
+    pub identity: CallerIdentity,
     /// The number dialled (Request-URI user), e.g. `311`.
     pub dialled: String,
 }
@@ -312,6 +316,13 @@ pub struct CallContext {
     pub closing: CancellationToken,
     /// Paces every call's RTP.
     pub clock: Arc<MediaClock>,
+    /// `trunks.allow`: the sources whose P-Asserted-Identity is believed (none when empty).
+    pub trusted: Arc<Vec<crate::sip::guard::IpNet>>,
+    /// Which numbers may be called back, and how often (also without a call-back trunk:
+    /// the flagged ticket asks staff to call).
+    pub callback: Arc<crate::config::CallbackConfig>,
+    /// How log lines show callers' numbers.
+    pub log: crate::config::LogConfig,
 }
 
 /// Take new calls from the UA core until it closes.
@@ -327,14 +338,18 @@ pub async fn accept_calls(
             ev = app_rx.recv() => match ev { Some(ev) => ev, None => return },
         };
         match ev {
-            AppEvent::Invite(call) => {
-                let span = info_span!("call", call_id = %call.call_id, caller = %caller_id(&call));
+            AppEvent::Invite(mut call) => {
+                // RFC 3325: P-Asserted-Identity only from inside the trust domain; from anyone
+                // else it is removed, so nothing further on can mistake it for verified.
+                let identity = identify(&mut call, &ctx.trusted);
+                let shown = ctx.log.number(identity.number());
+                let span = info_span!("call", call_id = %call.call_id, caller = %shown, verified = identity.is_verified());
                 let (ctx, cancel) = (ctx.clone(), cancel.clone());
                 // Each call sets itself up in its own task, so a slow answer (ringing) never
                 // holds up the next caller.
                 tracker.spawn(
                     async move {
-                        if let Some(setup) = setup_call(&ctx, call).await {
+                        if let Some(setup) = setup_call(&ctx, call, identity).await {
                             run_call(setup, ctx, cancel).await;
                         }
                     }
@@ -345,18 +360,75 @@ pub async fn accept_calls(
     }
 }
 
-/// The caller's number or user, for logs and tickets.
-pub fn caller_id(call: &IncomingCall) -> String {
-    // P-Asserted-Identity is the trunk's word for who is calling; prefer it.
-    let pai = call
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("P-Asserted-Identity"))
-        .and_then(|h| crate::sip::message::NameAddr::parse(&h.value).ok());
-    pai.as_ref()
-        .and_then(|n| n.user().map(str::to_owned))
-        .or_else(|| call.from.user().map(str::to_owned))
-        .unwrap_or_else(|| "anonymous".into())
+/// Who a caller is, as far as the server can tell (RFC 3325's trust model).
+///
+/// A number is *asserted* when it arrives in `P-Asserted-Identity` from a source in
+/// `trunks.allow`: the carrier, which authenticated the line, vouches for it. Everything else
+/// is *claimed*: `From` is written by the caller's own equipment, and so is a
+/// `P-Asserted-Identity` from anywhere outside the trust domain. Only an asserted number is
+/// called back ([`CallbackConfig::callback_number`](crate::config::CallbackConfig)) and
+/// asserted to 911 ([`Call::start_bridge`]); a claimed one is still shown to operators and
+/// kept on tickets, marked as what it is in the 911 audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// From `P-Asserted-Identity`, sent by a trusted trunk.
+    Asserted(String),
+    /// From `From` (or `anonymous` when it has no user part): unverified.
+    Claimed(String),
+}
+
+impl CallerIdentity {
+    /// The number (or user), asserted or not.
+    pub fn number(&self) -> &str {
+        match self {
+            CallerIdentity::Asserted(n) | CallerIdentity::Claimed(n) => n,
+        }
+    }
+
+    /// The number, if a trusted trunk asserted it.
+    pub fn asserted(&self) -> Option<&str> {
+        match self {
+            CallerIdentity::Asserted(n) => Some(n),
+            CallerIdentity::Claimed(_) => None,
+        }
+    }
+
+    pub fn is_verified(&self) -> bool {
+        matches!(self, CallerIdentity::Asserted(_))
+    }
+}
+
+/// Whether `ip` is inside the trust domain: in `trunks.allow`. An empty list (INVITEs taken
+/// from anywhere) trusts nobody.
+pub fn trusted_source(trusted: &[crate::sip::guard::IpNet], ip: IpAddr) -> bool {
+    trusted.iter().any(|n| n.contains(ip))
+}
+
+/// Who is calling: `P-Asserted-Identity` when the INVITE came from a trusted source
+/// ([`trusted_source`]), else `From`. An untrusted INVITE's `P-Asserted-Identity` headers are
+/// removed from `call`.
+pub fn identify(call: &mut IncomingCall, trusted: &[crate::sip::guard::IpNet]) -> CallerIdentity {
+    let is_pai =
+        |h: &crate::sip::message::Header| h.name.eq_ignore_ascii_case("P-Asserted-Identity");
+    if trusted_source(trusted, call.source.ip()) {
+        let asserted = call
+            .headers
+            .iter()
+            .find(|h| is_pai(h))
+            .and_then(|h| crate::sip::message::NameAddr::parse(&h.value).ok())
+            .and_then(|n| n.user().map(str::to_owned));
+        if let Some(n) = asserted {
+            return CallerIdentity::Asserted(n);
+        }
+    } else if call.headers.iter().any(is_pai) {
+        debug!(source = %call.source, "P-Asserted-Identity from an untrusted source removed");
+        call.headers.retain(|h| !is_pai(h));
+    }
+    CallerIdentity::Claimed(
+        call.from
+            .user()
+            .map_or_else(|| "anonymous".to_owned(), str::to_owned),
+    )
 }
 
 struct CallSetup {
@@ -374,7 +446,11 @@ async fn reject(call: &IncomingCall, code: u16, reason: &str, headers: Vec<(Stri
 }
 
 /// Limits, SDP offer/answer, RTP port, 200 OK.
-async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> {
+async fn setup_call(
+    ctx: &CallContext,
+    call: IncomingCall,
+    identity: CallerIdentity,
+) -> Option<CallSetup> {
     let retry = || vec![("Retry-After".to_owned(), "30".to_owned())];
     if ctx.draining.is_cancelled() {
         info!("shutting down; call refused");
@@ -472,7 +548,7 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
     };
     let registry_id = ctx.registry.insert(CallInfo {
         call_id: call.call_id.clone(),
-        caller: caller_id(&call),
+        caller: identity.number().to_owned(),
         started: now(),
         rtp_port: port.port,
         language: ctx.default_language.clone(),
@@ -493,20 +569,28 @@ async fn setup_call(ctx: &CallContext, call: IncomingCall) -> Option<CallSetup> 
             Some(("application/sdp".into(), Bytes::from(body))),
         )
         .await;
-    let (neg, remote) = match offered {
-        Some((offer, neg)) => (neg, offer.addr),
+    // The caller's media is taken from its SDP's address or from where its INVITE came from
+    // (behind NAT), nowhere else.
+    let scope = LatchScope::SdpOr(call.source.ip());
+    let media = match offered {
+        // Nothing is sent to the offer's address until the ACK (or the caller's own media)
+        // shows the caller is there: see `MediaSession::until_confirmed`.
+        Some((offer, neg)) => MediaSession::new(now(), neg, offer.addr)
+            .latch_scope(scope)
+            .until_confirmed(),
+        // A delayed offer: the ACK carries the answer, so the call is confirmed already.
         None => match ack_answer(&mut call).await {
-            Some(x) => x,
+            Some((neg, remote)) => MediaSession::new(now(), neg, remote).latch_scope(scope),
             None => {
                 ctx.registry.remove(registry_id);
                 return None;
             }
         },
     };
-    let media = MediaSession::new(now(), neg, remote);
     let meta = CallMeta {
         call_id: call.call_id.clone(),
-        caller: caller_id(&call),
+        caller: identity.number().to_owned(),
+        identity,
         dialled: crate::sip::message::uri_user(&call.request_uri)
             .unwrap_or_default()
             .to_owned(),
@@ -583,6 +667,9 @@ enum Work {
     Audited(Option<i64>),
     /// A waiting caller's call-back ticket is durable (`true`) or could not be written.
     CallbackFiled(bool),
+    /// Whether one of the number's daily call-backs was taken for this caller (`None`: the
+    /// count could not be read or written).
+    CallbackClaimed(Option<bool>, crate::callback::CallbackNumber),
 }
 
 /// A 911 redirect in progress.
@@ -658,6 +745,9 @@ struct Leg {
     sdp: LegSdp,
     /// The in-dialog OPTIONS asking a silent operator's phone whether it is still there.
     probe: Option<LegProbe>,
+    /// Where the leg's media may come from: an operator's phone's SDP address or the address
+    /// it registered from; for the 911 leg, anywhere.
+    scope: LatchScope,
 }
 
 impl Leg {
@@ -680,15 +770,17 @@ impl Leg {
 /// - an answered operator's phone: watched for `silence` (`limits.operator_silence_seconds`;
 ///   zero: not watched), since a phone that died sends no BYE;
 /// - the answered 911 leg: relayed as it is, never cut for silence (a PSAP may be listening).
+///
+/// The leg's packets are taken from the sources `scope` admits.
 pub(crate) fn leg_bridge(
     port: Arc<RtpPort>,
-    addr: SocketAddr,
+    (addr, scope): (SocketAddr, LatchScope),
     neg: Negotiated,
     answered: bool,
     operator: bool,
     silence: Duration,
 ) -> Bridge {
-    let b = Bridge::new(port, addr, neg);
+    let b = Bridge::new(port, addr, neg).latch_scope(scope);
     if !answered {
         b.filling(EARLY_MEDIA_GAP)
     } else if !neg.direction.sends() {
@@ -751,8 +843,9 @@ struct Call {
     bridged_shown: Option<((Negotiated, SocketAddr), bool)>,
     /// Keys pressed while waiting for an operator.
     queued_keys: VecDeque<char>,
-    /// A waiting caller's call-back ticket is being written (they stay in the queue until
-    /// it is durable, and only then hear that they will be called back).
+    /// A waiting caller's call-back request is being taken: its number's daily count, then
+    /// the call-back or its ticket (they stay in the queue until it is durable, and only
+    /// then hear that they will be called back).
     callback_filing: bool,
     /// (language, state) last written to the registry.
     shown: (String, String),
@@ -839,6 +932,12 @@ impl Call {
         loop {
             // Let the menu react to everything that happened before waiting again (unless the
             // call is saying its last words).
+            // Keys pressed while waiting come first: what they decide (1: leave the queue for
+            // a ticket) is menu input, handled in this same pass rather than left until the
+            // next event (which, for a caller on hold, may not come).
+            while let Some(d) = self.queued_keys.pop_front() {
+                self.on_queued_key(d).await;
+            }
             if self.hangup_after_play.is_some() {
                 self.inputs.clear();
             }
@@ -847,9 +946,6 @@ impl Call {
                 for o in outputs {
                     self.carry_out(o).await;
                 }
-            }
-            while let Some(d) = self.queued_keys.pop_front() {
-                self.on_queued_key(d).await;
             }
             if let Some(r) = self.end {
                 return r;
@@ -878,7 +974,7 @@ impl Call {
                     let ((neg, remote), answered) = target?;
                     Some(leg_bridge(
                         l.port.clone(),
-                        remote,
+                        (remote, l.scope),
                         neg,
                         answered,
                         l.agent.is_some(),
@@ -937,6 +1033,9 @@ impl Call {
                 Some(w) = work_rx.recv() => match w {
                     Work::Engine(i) => self.inputs.push_back(i),
                     Work::CallbackFiled(ok) => self.callback_filed(ok).await,
+                    Work::CallbackClaimed(claimed, number) => {
+                        self.callback_claimed(claimed, number).await
+                    }
                     Work::Audited(id) => {
                         if let Some(e) = &mut self.emergency {
                             e.audit = Some(id);
@@ -1158,6 +1257,9 @@ impl Call {
     async fn on_dialog_event(&mut self, ev: DialogEvent) -> Option<EndReason> {
         match ev {
             DialogEvent::Confirmed { sdp } => {
+                // The ACK: the caller is there, and our stream may start (if its media has
+                // not started it already).
+                self.media.lock().media.confirm();
                 // Our 2xx to a re-INVITE without SDP carried our offer; this is the answer.
                 if std::mem::take(&mut self.answer_in_ack) && !sdp.is_empty() {
                     match crate::dispatch::offer::leg_answer(&sdp) {
@@ -1385,6 +1487,7 @@ impl Call {
             menu_path,
             reason,
             method: method.as_str().to_owned(),
+            caller_verified: self.meta.identity.is_verified(),
         };
         self.ctx.tracker.spawn(
             async move {
@@ -1477,7 +1580,13 @@ impl Call {
         }
     }
 
-    /// Call the next 911 route with the caller's number in From and P-Asserted-Identity.
+    /// Call the next 911 route. A caller whose number a trusted trunk asserted
+    /// ([`CallerIdentity::Asserted`]) is presented with it in From and P-Asserted-Identity,
+    /// which 911 location lookup keys on. A caller whose number is only claimed is not: the
+    /// leg carries no P-Asserted-Identity and From is the line's own number
+    /// (`callback.from_user`), so the 911 side sees the city's trunk, as for any call it
+    /// cannot verify, and a forged number cannot send responders to someone else's address.
+    /// Either way the caller is connected.
     async fn start_bridge(&mut self) -> Result<(), String> {
         let mut route = self
             .emergency
@@ -1507,15 +1616,23 @@ impl Call {
         );
         let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(self.media.lock().media.codec());
-        let caller = self.meta.caller.clone();
-        let headers = vec![
-            asserted_identity(&caller, ip),
+        let mut headers = vec![
             ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
             (
                 "X-311-Language".to_owned(),
                 self.engine.language().to_owned(),
             ),
         ];
+        let caller = match self.meta.identity.asserted() {
+            Some(number) => {
+                headers.insert(0, asserted_identity(number, ip));
+                number.to_owned()
+            }
+            None => {
+                info!("the caller's number is not verified: 911 is not told it");
+                self.ctx.callback.from_user.clone()
+            }
+        };
         info!(%uri, "bridging the caller to 911");
         let call = self
             .ctx
@@ -1533,6 +1650,8 @@ impl Call {
             handle: call.handle,
             sdp,
             probe: None,
+            // A PSAP's audio is never refused for where it comes from.
+            scope: LatchScope::Anywhere,
             port: Arc::new(port),
             agent: None,
             span: tracing::info_span!("emergency_leg", %uri),
@@ -1859,45 +1978,33 @@ impl Call {
             }
             '2' => {
                 info!("caller asked for a call back");
-                if let (Some(cb), Some(q)) = (self.ctx.callbacks.clone(), &self.queue) {
-                    let req = crate::callback::CallbackRequest {
-                        caller: self.registry_id,
-                        number: self.meta.caller.clone(),
-                        call_id: self.meta.call_id.clone(),
-                        language: self.engine.language().to_owned(),
-                        menu_path: q.menu_path.clone(),
-                        queue: q.name.clone(),
-                        entered: q.entered,
-                        local_ip: self.local_media.ip(),
-                    };
-                    if q.ringing.is_some() {
-                        self.drop_agent_leg().await;
-                    }
-                    match cb.keep_place(req).await {
-                        Ok(()) => {
-                            // The place is the call-back's now: hang up without abandoning it.
-                            (self.queue, self.queue_events) = (None, None);
-                            let p = self.prompts(&["callback_kept".into()]);
-                            {
-                                let mut st = self.media.lock();
-                                st.media.stop();
-                                st.media.play(p);
-                            }
-                            self.hangup_after_play = Some(EndReason::MenuHungUp);
-                            return;
-                        }
-                        Err(why) => info!(reason = %why, "place not kept; filing a ticket"),
-                    }
-                }
                 if self.callback_filing {
-                    return; // pressed again while the first request is being written
+                    return; // pressed again while the first request is being taken
                 }
-                // Without a call-back trunk, the request becomes a ticket flagged for call-back
-                // with the caller's number, so an operator calls them. The caller keeps their
-                // place (and hold music) until the ticket is durable: only then are they told
-                // they will be called back ([`Call::callback_filed`]).
+                // Only a number a trusted trunk asserted, of a kind the city calls, and not
+                // past its call-backs for the day: anything else would have the city's trunk
+                // (or its staff) dial whatever a caller wrote in From.
+                let number = match self.ctx.callback.callback_number(&self.meta.identity) {
+                    Ok(n) => n,
+                    Err(why) => {
+                        self.callback_unavailable(why);
+                        return;
+                    }
+                };
                 self.callback_filing = true;
-                self.file_callback_ticket("Caller asked to be called back by an operator");
+                let store = self.ctx.tickets.clone();
+                let tx = self.work_tx.clone();
+                let (call_id, per_day) = (
+                    self.meta.call_id.clone(),
+                    self.ctx.callback.per_number_per_day,
+                );
+                self.ctx.tracker.spawn(
+                    async move {
+                        let claimed = store.claim_callback(&number.e164, &call_id, per_day).await;
+                        let _ = tx.send(Work::CallbackClaimed(claimed.ok(), number)).await;
+                    }
+                    .in_current_span(),
+                );
             }
             '9' => {
                 self.leave_queue().await;
@@ -1929,6 +2036,7 @@ impl Call {
             return;
         };
         let ip = leg_media_ip(self.local_media.ip(), &port, Some(flow.remote.ip()));
+        let scope = LatchScope::SdpOr(flow.remote.ip());
         let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(self.media.lock().media.codec());
         let Some(q) = &self.queue else { return };
@@ -1963,6 +2071,7 @@ impl Call {
             handle: call.handle,
             sdp,
             probe: None,
+            scope,
             port: Arc::new(port),
             agent: Some(agent.clone()),
             span,
@@ -2172,6 +2281,99 @@ impl Call {
         self.queue_events = None;
     }
 
+    /// The caller's number may be called back and the daily count was asked: keep their
+    /// place for a call-back through the trunk, or (without a trunk, or when the place
+    /// cannot be kept) file a ticket flagged for call-back.
+    async fn callback_claimed(
+        &mut self,
+        claimed: Option<bool>,
+        number: crate::callback::CallbackNumber,
+    ) {
+        let waiting = self.queue.as_ref().is_some_and(|q| q.connected.is_none());
+        if !waiting {
+            self.callback_filing = false;
+            info!("the caller is no longer waiting; call-back request dropped");
+            return;
+        }
+        match claimed {
+            Some(true) => {}
+            Some(false) => {
+                self.callback_filing = false;
+                self.callback_unavailable(crate::callback::Unavailable::DailyLimit);
+                return;
+            }
+            None => {
+                // The store said why in its own log line. Nothing was promised: the caller
+                // hears the apology and keeps waiting (pressing 2 again tries again).
+                self.callback_filing = false;
+                let p = self.prompts(&["db_error".into(), "hold_music".into()]);
+                let mut st = self.media.lock();
+                st.media.stop();
+                st.media.play(p);
+                return;
+            }
+        }
+        if let (Some(cb), Some(q)) = (self.ctx.callbacks.clone(), &self.queue) {
+            let req = crate::callback::CallbackRequest {
+                caller: self.registry_id,
+                number: number.dial.clone(),
+                call_id: self.meta.call_id.clone(),
+                language: self.engine.language().to_owned(),
+                menu_path: q.menu_path.clone(),
+                queue: q.name.clone(),
+                entered: q.entered,
+                local_ip: self.local_media.ip(),
+            };
+            if q.ringing.is_some() {
+                self.drop_agent_leg().await;
+            }
+            match cb.keep_place(req).await {
+                Ok(()) => {
+                    self.callback_filing = false;
+                    // The place is the call-back's now: hang up without abandoning it.
+                    (self.queue, self.queue_events) = (None, None);
+                    let p = self.prompts(&["callback_kept".into()]);
+                    {
+                        let mut st = self.media.lock();
+                        st.media.stop();
+                        st.media.play(p);
+                    }
+                    self.hangup_after_play = Some(EndReason::MenuHungUp);
+                    return;
+                }
+                Err(
+                    why @ (crate::callback::NotKept::NotDialable
+                    | crate::callback::NotKept::NotAllowed),
+                ) => {
+                    // Checked above against the same settings; never filed for staff either.
+                    self.callback_filing = false;
+                    warn!(reason = %why, "the call-back trunk refused a number the policy allowed");
+                    self.callback_unavailable(crate::callback::Unavailable::NotAllowed);
+                    return;
+                }
+                Err(why) => info!(reason = %why, "place not kept; filing a ticket"),
+            }
+        }
+        // Without a call-back trunk, the request becomes a ticket flagged for call-back with
+        // the caller's number, so an operator calls them. The caller keeps their place (and
+        // hold music) until the ticket is durable: only then are they told they will be
+        // called back ([`Call::callback_filed`]).
+        self.file_callback_ticket(
+            &number.dial,
+            "Caller asked to be called back by an operator",
+        );
+    }
+
+    /// The caller cannot be called back (`why`): they hear so, with the offer of a service
+    /// request instead (1), and keep their place in the queue.
+    fn callback_unavailable(&mut self, why: crate::callback::Unavailable) {
+        info!(reason = %why, "no call-back for this line; a ticket is offered instead");
+        let p = self.prompts(&["callback_unavailable".into()]);
+        let mut st = self.media.lock();
+        st.media.stop();
+        st.media.play(p);
+    }
+
     /// The call-back ticket of a waiting caller was written (or not). Saved: they leave the
     /// queue, hear that they will be called back, and are hung up. Not saved: they hear the
     /// apology and go on waiting for an operator (pressing 2 again tries again), so a request
@@ -2199,12 +2401,12 @@ impl Call {
         st.media.play(p);
     }
 
-    /// A call-back request: a ticket flagged for call-back with the caller's number; the
-    /// outcome comes back as [`Work::CallbackFiled`].
-    fn file_callback_ticket(&mut self, why: &str) {
+    /// A call-back request: a ticket flagged for call-back at `number`; the outcome comes
+    /// back as [`Work::CallbackFiled`].
+    fn file_callback_ticket(&mut self, number: &str, why: &str) {
         let new = crate::callback::flagged_ticket(
             why,
-            &self.meta.caller,
+            number,
             self.engine.language(),
             &self.meta.call_id,
         );

@@ -36,6 +36,14 @@
 //! hangs up (there is no answering-machine detection: a voicemail that answers is treated as
 //! the caller).
 //!
+//! Who is called back at all is decided before any of this, when the caller presses 2
+//! ([`CallbackConfig::callback_number`]): only a number a trusted trunk asserted (see
+//! [`crate::call::CallerIdentity`]), inside `callback.allowed_numbers` ([`NumberPattern`]) and
+//! outside `callback.refused_numbers`, and within `callback.per_number_per_day` (counted by the
+//! ticket store). A call-back costs the city a call to whatever number it dials, so a number a
+//! caller merely typed into From is never one; [`Callbacks::keep_place`] checks the patterns
+//! again where the dialling is.
+//!
 //! Bounds: at most `callback.max_pending` call-backs at once (more requests become flagged
 //! tickets at once), one trunk leg and one agent leg per task, `limits.no_media_seconds`
 //! without RTP from the answered caller and `limits.max_call_seconds` end the call.
@@ -47,7 +55,7 @@
 //! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
 
 use crate::call::{MenuHolder, SUPPORTED_CODECS};
-use crate::config::{CallbackConfig, Limits};
+use crate::config::{CallbackConfig, Limits, LogConfig};
 use crate::dispatch::offer::{
     agent_leg_step, asserted_identity, probe_says_gone, AgentLegStep, LegProbe, LegReoffer, LegSdp,
     OperatorOffer, PROBE_ANSWER_WITHIN,
@@ -57,6 +65,7 @@ use crate::dispatch::tickets::{Channel, NewTicket, TicketStore};
 use crate::media::clock::{MediaClock, MediaHandle, MediaNote};
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::prompt::Prompt;
+use crate::media::rtp::LatchScope;
 use crate::media::sdp::{self, Negotiated};
 use crate::media::session::MediaSession;
 use crate::sip::message::Method;
@@ -83,6 +92,9 @@ pub enum NotKept {
     /// The caller's number is not one a trunk can dial (anonymous, a name...).
     #[error("the caller's number cannot be dialled")]
     NotDialable,
+    /// The caller's number is not one `callback.allowed_numbers` lets call-backs dial.
+    #[error("the caller's number is not one call-backs may dial")]
+    NotAllowed,
     /// `callback.max_pending` call-backs are pending already.
     #[error("too many call-backs pending")]
     TooMany,
@@ -115,6 +127,303 @@ pub fn dialable(number: &str) -> bool {
     (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// `number` without the visual separators a `tel:` URI may carry (RFC 3966: `-`, `.`,
+/// `(`, `)`; and spaces): `+1-212-200-0123` → `+12122000123`.
+fn without_separators(number: &str) -> String {
+    number
+        .chars()
+        .filter(|c| !matches!(c, '-' | '.' | '(' | ')' | ' '))
+        .collect()
+}
+
+/// A caller's number in E.164 form (`+`, country code, number: at most 15 digits), or `None`
+/// when it cannot be read as one. A number without `+` is read in the North American
+/// numbering plan, the 311 service's: 11 digits starting with 1, or 10 digits starting
+/// with 2-9 (`2125550123` → `+12125550123`). Anything else without `+` (an international
+/// access code such as `011...`, an extension) is not a number call-backs dial.
+pub fn e164(number: &str) -> Option<String> {
+    let cleaned = without_separators(number);
+    let (plus, digits) = match cleaned.strip_prefix('+') {
+        Some(d) => (true, d),
+        None => (false, cleaned.as_str()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match (plus, digits.len(), digits.as_bytes()[0]) {
+        (true, 3..=15, _) => Some(format!("+{digits}")),
+        (false, 11, b'1') => Some(format!("+{digits}")),
+        (false, 10, b'2'..=b'9') => Some(format!("+1{digits}")),
+        _ => None,
+    }
+}
+
+/// NANP area codes that are not a place in the US or Canada: N11 service codes, 456
+/// (inbound international), 5XX personal-communications codes, 555, 600 and 622 (Canadian
+/// non-geographic), 700, 710 (US government), toll-free (800, 822, 833, 844, 855, 866, 877,
+/// 888, and the 88X block), 900 (premium), and the Caribbean and Atlantic countries that
+/// share +1 but are international calls (Bahamas 242, Barbados 246, Anguilla 264, Antigua
+/// 268, British Virgin Islands 284, Cayman 345, Bermuda 441, Grenada 473, Turks and Caicos
+/// 649, Jamaica 658 and 876, Montserrat 664, Sint Maarten 721, St Lucia 758, Dominica 767,
+/// St Vincent 784, Dominican Republic 809, 829 and 849, Trinidad 868, St Kitts 869: the
+/// area codes of the "one ring" toll-fraud scams). US territories (340, 670, 671, 684, 787,
+/// 939) are domestic and stay allowed.
+const NANP_NOT_GEOGRAPHIC: &[&str] = &[
+    "456", "500", "521", "522", "523", "524", "525", "526", "527", "528", "529", "533", "544",
+    "555", "566", "577", "588", "600", "622", "700", "710", "800", "822", "833", "844", "855",
+    "866", "877", "880", "881", "882", "883", "884", "885", "886", "887", "888", "889", "900",
+    "242", "246", "264", "268", "284", "345", "441", "473", "649", "658", "664", "721", "758",
+    "767", "784", "809", "829", "849", "868", "869", "876",
+];
+
+/// Exchange codes (the NXX after the area code) that are not a subscriber's line in any
+/// area: N11 service codes, 555 (directory assistance and fictional numbers), 950, 958 and
+/// 959 (carrier access and test codes) and 976 (premium information services).
+const NANP_NOT_SUBSCRIBER: &[&str] = &["555", "950", "958", "959", "976"];
+
+/// Whether an E.164 number is a geographic number in the US or Canada: `+1`, an area code
+/// (`NPA`: 2-9, 0-8, any digit) that is not in [`NANP_NOT_GEOGRAPHIC`], an exchange (`NXX`:
+/// 2-9, then any two) that is neither N11 nor in [`NANP_NOT_SUBSCRIBER`], and four digits.
+pub fn nanp_geographic(e164: &str) -> bool {
+    let Some(d) = e164.strip_prefix("+1") else {
+        return false;
+    };
+    let b = d.as_bytes();
+    if b.len() != 10 || !b.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let (npa, nxx) = (&d[..3], &d[3..6]);
+    let n = |c: u8| (b'2'..=b'9').contains(&c);
+    n(b[0])
+        && b[1] != b'9'
+        && &npa[1..] != "11"
+        && !NANP_NOT_GEOGRAPHIC.contains(&npa)
+        && n(b[3])
+        && &nxx[1..] != "11"
+        && !NANP_NOT_SUBSCRIBER.contains(&nxx)
+}
+
+/// A pattern of numbers for `callback.allowed_numbers` and `callback.refused_numbers`,
+/// matched against the caller's number in E.164 form ([`e164`]). Written as a dial plan is
+/// (Asterisk's notation):
+///
+/// - `+` first, then the number, position by position: a digit matches itself, `X` any
+///   digit, `N` 2-9, `Z` 1-9, `[...]` one digit of a set (`[2-9]`, `[0-35]`);
+/// - `.` at the end: one or more further digits (`+44X.`: any UK number);
+/// - spaces and `-` between positions are only for reading (`+1 NXX-NXX-XXXX`);
+/// - or the name `nanp-geographic`: a US or Canadian geographic number ([`nanp_geographic`]).
+///
+/// A pattern that does not parse is refused at start with its line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NumberPattern {
+    /// `nanp-geographic`.
+    NanpGeographic,
+    /// A dial-plan pattern: the digits each position takes (bit `d` for digit `d`), and
+    /// whether further digits may follow.
+    Digits {
+        text: String,
+        positions: Vec<u16>,
+        open: bool,
+    },
+}
+
+/// Why a number pattern did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("number pattern {0:?} must start with + (numbers are matched as +<country code><number>) or be nanp-geographic")]
+    NoPlus(String),
+    #[error("number pattern {0:?}: {1:?} is not a digit, X, N, Z, [set] or a final .")]
+    Character(String, char),
+    #[error("number pattern {0:?} has an unclosed or empty [set]")]
+    Set(String),
+    #[error("number pattern {0:?}: . may only end a pattern")]
+    Dot(String),
+    #[error("number pattern {0:?} has no digits")]
+    Empty(String),
+}
+
+impl std::str::FromStr for NumberPattern {
+    type Err = PatternError;
+
+    fn from_str(text: &str) -> Result<Self, PatternError> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("nanp-geographic") {
+            return Ok(NumberPattern::NanpGeographic);
+        }
+        let err_char = |c| PatternError::Character(text.to_owned(), c);
+        let rest = text
+            .strip_prefix('+')
+            .ok_or_else(|| PatternError::NoPlus(text.to_owned()))?;
+        let mut positions = Vec::new();
+        let mut open = false;
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            if open && !matches!(c, ' ' | '-') {
+                return Err(PatternError::Dot(text.to_owned()));
+            }
+            let set = match c {
+                ' ' | '-' => continue,
+                '.' => {
+                    open = true;
+                    continue;
+                }
+                '0'..='9' => 1u16 << (c as u8 - b'0'),
+                'X' | 'x' => 0x3ff,
+                'N' | 'n' => 0x3fc,
+                'Z' | 'z' => 0x3fe,
+                '[' => {
+                    let mut set = 0u16;
+                    let mut prev: Option<u8> = None;
+                    let mut range = false;
+                    let mut closed = false;
+                    for c in chars.by_ref() {
+                        match c {
+                            ']' => {
+                                closed = true;
+                                break;
+                            }
+                            '-' if prev.is_some() && !range => range = true,
+                            '0'..='9' => {
+                                let d = c as u8 - b'0';
+                                if range {
+                                    let lo = prev.unwrap_or(d);
+                                    if lo > d {
+                                        return Err(PatternError::Set(text.to_owned()));
+                                    }
+                                    for x in lo..=d {
+                                        set |= 1 << x;
+                                    }
+                                    range = false;
+                                    prev = None;
+                                } else {
+                                    set |= 1 << d;
+                                    prev = Some(d);
+                                }
+                            }
+                            _ => return Err(err_char(c)),
+                        }
+                    }
+                    if !closed || range || set == 0 {
+                        return Err(PatternError::Set(text.to_owned()));
+                    }
+                    set
+                }
+                c => return Err(err_char(c)),
+            };
+            positions.push(set);
+        }
+        if positions.is_empty() {
+            return Err(PatternError::Empty(text.to_owned()));
+        }
+        Ok(NumberPattern::Digits {
+            text: text.to_owned(),
+            positions,
+            open,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NumberPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for NumberPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NumberPattern::NanpGeographic => f.write_str("nanp-geographic"),
+            NumberPattern::Digits { text, .. } => f.write_str(text),
+        }
+    }
+}
+
+impl NumberPattern {
+    /// Whether `e164` (`+` and digits, as [`e164`] gives) is one of this pattern's numbers.
+    pub fn matches(&self, e164: &str) -> bool {
+        match self {
+            NumberPattern::NanpGeographic => nanp_geographic(e164),
+            NumberPattern::Digits {
+                positions, open, ..
+            } => {
+                let Some(digits) = e164.strip_prefix('+') else {
+                    return false;
+                };
+                let fits = if *open {
+                    digits.len() > positions.len()
+                } else {
+                    digits.len() == positions.len()
+                };
+                fits && digits.bytes().all(|b| b.is_ascii_digit())
+                    && digits
+                        .bytes()
+                        .zip(positions)
+                        .all(|(b, set)| set & (1 << (b - b'0')) != 0)
+            }
+        }
+    }
+}
+
+/// Why a caller cannot be called back (they hear that a call-back is not available for
+/// their line, and may leave a request instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// The number is only claimed (From, or P-Asserted-Identity from a source outside
+    /// `trunks.allow`): anyone can write any number there.
+    #[error("the caller's number is not asserted by a trusted trunk")]
+    Unverified,
+    /// Anonymous, a name, or not a number the server can read as E.164.
+    #[error("the caller's number cannot be dialled")]
+    NotDialable,
+    /// Outside `callback.allowed_numbers`, or inside `callback.refused_numbers`.
+    #[error("the caller's number is not one call-backs may dial")]
+    NotAllowed,
+    /// `callback.per_number_per_day` call-backs in the last 24 hours already.
+    #[error("the caller's number had its call-backs for today")]
+    DailyLimit,
+}
+
+/// A number the server may call back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackNumber {
+    /// As the trunk asserted it, without visual separators: what the call-back dials (the
+    /// trunk's own format).
+    pub dial: String,
+    /// Its E.164 form: what the patterns match and the daily count keys on.
+    pub e164: String,
+}
+
+impl CallbackConfig {
+    /// Whether call-backs may dial `e164`: one of `allowed_numbers` and none of
+    /// `refused_numbers`.
+    pub fn allows(&self, e164: &str) -> bool {
+        self.allowed_numbers.iter().any(|p| p.matches(e164))
+            && !self.refused_numbers.iter().any(|p| p.matches(e164))
+    }
+
+    /// The number to call `caller` back at, if they may be called back at all (the daily
+    /// count is the store's: [`crate::dispatch::tickets::TicketStore::claim_callback`]).
+    pub fn callback_number(
+        &self,
+        caller: &crate::call::CallerIdentity,
+    ) -> Result<CallbackNumber, Unavailable> {
+        let asserted = caller.asserted().ok_or(Unavailable::Unverified)?;
+        let dial = without_separators(asserted);
+        let e164 = e164(&dial).ok_or(Unavailable::NotDialable)?;
+        if !dialable(&dial) {
+            return Err(Unavailable::NotDialable);
+        }
+        if !self.allows(&e164) {
+            return Err(Unavailable::NotAllowed);
+        }
+        if self.per_number_per_day == 0 {
+            return Err(Unavailable::DailyLimit);
+        }
+        Ok(CallbackNumber { dial, e164 })
+    }
+}
+
 /// Starts call-backs; cheap to clone. Built by the server when `callback.trunk_uri` and
 /// agents are configured.
 #[derive(Clone)]
@@ -133,6 +442,7 @@ struct Inner {
     default_language: String,
     tickets: TicketStore,
     limits: Limits,
+    log: LogConfig,
     tracker: TaskTracker,
     cancel: CancellationToken,
     pending: AtomicUsize,
@@ -150,6 +460,8 @@ pub struct CallbackDeps {
     pub default_language: String,
     pub tickets: TicketStore,
     pub limits: Limits,
+    /// How log lines show the caller's number.
+    pub log: LogConfig,
     pub tracker: TaskTracker,
     /// Server stop: pending call-backs become flagged tickets.
     pub cancel: CancellationToken,
@@ -171,6 +483,7 @@ impl Callbacks {
                 default_language: deps.default_language,
                 tickets: deps.tickets,
                 limits: deps.limits,
+                log: deps.log,
                 tracker: deps.tracker,
                 cancel: deps.cancel,
                 pending: AtomicUsize::new(0),
@@ -190,6 +503,10 @@ impl Callbacks {
         if !dialable(&req.number) {
             return Err(NotKept::NotDialable);
         }
+        // The call checked this before asking; checked again here, where the dialling is.
+        if !e164(&req.number).is_some_and(|n| inner.config.allows(&n)) {
+            return Err(NotKept::NotAllowed);
+        }
         let target = inner
             .config
             .target_for(&req.number)
@@ -208,9 +525,9 @@ impl Callbacks {
             return Err(NotKept::NotWaiting);
         }
         // Its own root span: the call that asked is about to end.
-        let span =
-            info_span!(parent: None, "callback", caller = %req.number, call_id = %req.call_id);
-        span.in_scope(|| info!(%target, queue = %req.queue, "call-back keeps the caller's place"));
+        let log = &inner.log;
+        let span = info_span!(parent: None, "callback", caller = %log.number(&req.number), call_id = %req.call_id);
+        span.in_scope(|| info!(target = %log.uri(&target), queue = %req.queue, "call-back keeps the caller's place"));
         let run = Run::new(self.inner.clone(), req, target, span.clone());
         inner.tracker.spawn(
             async move {
@@ -256,6 +573,9 @@ struct TrunkLeg {
     media: Option<MediaHandle>,
     /// Once answered: when `limits.max_call_seconds` hangs up.
     hang_up_at: Option<tokio::time::Instant>,
+    /// The trunk address the INVITE went to (the caller's media may come from there as
+    /// well as from its SDP's address).
+    trunk_ip: Option<IpAddr>,
 }
 
 /// The operator's leg.
@@ -268,6 +588,8 @@ struct AgentLeg {
     sdp: LegSdp,
     /// The in-dialog OPTIONS asking a silent phone whether it is still there.
     probe: Option<LegProbe>,
+    /// The address the phone registered from (its media may come from there, behind NAT).
+    registered_from: IpAddr,
     span: Span,
 }
 
@@ -491,11 +813,8 @@ impl Run {
         // every one.
         let destination = (self.inner.outbound.destinations(&self.target).await)
             .map(|a| a[(attempt.max(1) as usize - 1) % a.len()]);
-        let ip = crate::call::leg_media_ip(
-            self.req.local_ip,
-            &port,
-            destination.as_ref().ok().map(|a| a.ip()),
-        );
+        let trunk_ip = destination.as_ref().ok().map(|a| a.ip());
+        let ip = crate::call::leg_media_ip(self.req.local_ip, &port, trunk_ip);
         let local = SocketAddr::new(ip, port.port);
         let offer = sdp::build_offer(
             local,
@@ -511,7 +830,7 @@ impl Run {
             ("X-311-Callback".to_owned(), "yes".to_owned()),
             ("X-311-Call-ID".to_owned(), self.req.call_id.clone()),
         ];
-        info!(target = %self.target, attempt, "calling the caller back");
+        info!(target = %self.inner.log.uri(&self.target), attempt, "calling the caller back");
         let call = self
             .inner
             .outbound
@@ -529,6 +848,7 @@ impl Run {
             ring_until: Some(tokio::time::Instant::now() + ring_timeout),
             media: None,
             hang_up_at: None,
+            trunk_ip,
         });
         self.trunk_events = Some(call.events);
         self.trunk_port = Some(port);
@@ -555,7 +875,11 @@ impl Run {
                         let max_call = Duration::from_secs(inner.limits.max_call_seconds);
                         // Early media (the trunk's ringback) is not the caller.
                         port.discard_queued();
-                        let session = MediaSession::new(clock(), neg, addr);
+                        let scope = match self.trunk.as_ref().and_then(|t| t.trunk_ip) {
+                            Some(ip) => LatchScope::SdpOr(ip),
+                            None => LatchScope::Sdp,
+                        };
+                        let session = MediaSession::new(clock(), neg, addr).latch_scope(scope);
                         let (media, notes) =
                             inner
                                 .clock
@@ -642,6 +966,7 @@ impl Run {
             return;
         };
         let ip = crate::call::leg_media_ip(self.req.local_ip, &port, Some(flow.remote.ip()));
+        let registered_from = flow.remote.ip();
         let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
         let offer = sdp.offer(codec);
         let number = self.req.number.clone();
@@ -678,6 +1003,7 @@ impl Run {
             answered: None,
             sdp,
             probe: None,
+            registered_from,
             span,
         });
         self.agent_events = Some(call.events);
@@ -694,7 +1020,8 @@ impl Run {
             return;
         };
         let silence = Duration::from_secs(self.inner.limits.operator_silence_seconds);
-        let bridge = crate::call::leg_bridge(port.clone(), addr, neg, true, true, silence);
+        let scope = LatchScope::SdpOr(a.registered_from);
+        let bridge = crate::call::leg_bridge(port.clone(), (addr, scope), neg, true, true, silence);
         m.lock().set_bridge(Some(bridge));
     }
 
@@ -1042,5 +1369,141 @@ mod tests {
         ] {
             assert!(!dialable(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn numbers_are_read_as_e164() {
+        for (raw, e) in [
+            ("+12122000123", Some("+12122000123")),
+            ("+1-212-200-0123", Some("+12122000123")),
+            ("12122000123", Some("+12122000123")),
+            ("2122000123", Some("+12122000123")),
+            ("(212) 200.0123", Some("+12122000123")),
+            ("+442079460000", Some("+442079460000")),
+            ("0114420794600", None),
+            ("1125550123", None),
+            ("5550123", None),
+            ("anonymous", None),
+            ("+", None),
+            ("+1234567890123456", None),
+        ] {
+            assert_eq!(e164(raw).as_deref(), e, "{raw}");
+        }
+    }
+
+    #[test]
+    fn nanp_geographic_is_us_and_canada_lines_only() {
+        for ok in [
+            "+12122000123", // New York
+            "+14162000123", // Toronto
+            "+17872000123", // Puerto Rico (US)
+            "+13402000123", // US Virgin Islands
+            "+15102000123", // a 5XX area code that is a place (Oakland)
+        ] {
+            assert!(nanp_geographic(ok), "{ok}");
+        }
+        for bad in [
+            "+19002000123", // premium
+            "+12129760123", // 976 exchange: premium
+            "+18002000123", // toll-free
+            "+18882000123",
+            "+18762000123",  // Jamaica
+            "+18092000123",  // Dominican Republic
+            "+12842000123",  // British Virgin Islands
+            "+15002000123",  // personal communications
+            "+14562000123",  // inbound international
+            "+13112000123",  // N11 area code
+            "+12124110123",  // N11 exchange
+            "+12120550123",  // exchange starting 0
+            "+12125550123",  // 555: directory assistance and fictional numbers
+            "+11122000123",  // area code starting 1
+            "+19922000123",  // area code with 9 in the middle
+            "+882345678901", // international network
+            "+442079460000", // UK
+            "+1212200012",   // too short
+        ] {
+            assert!(!nanp_geographic(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dial_plan_patterns() {
+        let p = |t: &str| t.parse::<NumberPattern>().unwrap();
+        assert!(p("+1 NXX-NXX-XXXX").matches("+12122000123"));
+        assert!(!p("+1NXXNXXXXXX").matches("+11125550123"));
+        assert!(!p("+1NXXNXXXXXX").matches("+121220001234"));
+        assert!(p("+44X.").matches("+442079460000"));
+        assert!(!p("+44X.").matches("+44"));
+        assert!(!p("+44X.").matches("+4"));
+        assert!(p("+1[2-46]12ZXXXXXX").matches("+16121555012"));
+        assert!(!p("+1[2-46]12ZXXXXXX").matches("+15121555012"));
+        assert!(!p("+1[2-46]12ZXXXXXX").matches("+16120555012"));
+        assert!(p("nanp-geographic").matches("+12122000123"));
+        assert_eq!(p("NANP-Geographic"), NumberPattern::NanpGeographic);
+        assert_eq!(p("+1NXX").to_string(), "+1NXX");
+        for bad in [
+            "1NXXNXXXXXX",
+            "+1NXQ",
+            "+1[2-",
+            "+1[]",
+            "+1[9-2]",
+            "+1.X",
+            "+",
+            "+--",
+        ] {
+            assert!(bad.parse::<NumberPattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_an_asserted_allowed_number_is_called_back() {
+        use crate::call::CallerIdentity::{Asserted, Claimed};
+        let c = CallbackConfig::default();
+        assert_eq!(
+            c.callback_number(&Asserted("+1-212-200-0123".into())),
+            Ok(CallbackNumber {
+                dial: "+12122000123".into(),
+                e164: "+12122000123".into()
+            })
+        );
+        // Dialled as the trunk wrote it; counted and matched as E.164.
+        assert_eq!(
+            c.callback_number(&Asserted("2122000123".into())),
+            Ok(CallbackNumber {
+                dial: "2122000123".into(),
+                e164: "+12122000123".into()
+            })
+        );
+        assert_eq!(
+            c.callback_number(&Claimed("+12122000123".into())),
+            Err(Unavailable::Unverified)
+        );
+        assert_eq!(
+            c.callback_number(&Asserted("anonymous".into())),
+            Err(Unavailable::NotDialable)
+        );
+        assert_eq!(
+            c.callback_number(&Asserted("+882345678901".into())),
+            Err(Unavailable::NotAllowed)
+        );
+        assert_eq!(
+            c.callback_number(&Asserted("+19002000123".into())),
+            Err(Unavailable::NotAllowed)
+        );
+        let mut c = CallbackConfig {
+            allowed_numbers: vec!["nanp-geographic".parse().unwrap(), "+44X.".parse().unwrap()],
+            refused_numbers: vec!["+1212XXXXXXX".parse().unwrap()],
+            ..CallbackConfig::default()
+        };
+        assert!(c.callback_number(&Asserted("+442079460000".into())).is_ok());
+        assert_eq!(
+            c.callback_number(&Asserted("+12122000123".into())),
+            Err(Unavailable::NotAllowed)
+        );
+        c.per_number_per_day = 0;
+        assert_eq!(
+            c.callback_number(&Asserted("+442079460000".into())),
+            Err(Unavailable::DailyLimit)
+        );
     }
 }

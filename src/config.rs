@@ -143,6 +143,86 @@ pub struct FileConfig {
     pub qos: QosConfig,
     /// Where host names are looked up (see [`crate::sip::resolve`]).
     pub dns: crate::sip::resolve::DnsConfig,
+    pub log: LogConfig,
+}
+
+impl FileConfig {
+    /// Settings that work but leave the line open to abuse, one sentence each: `ivr311 check
+    /// --config` prints them and `ivr311 serve` logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.callback.trunk_uri.is_some() && self.trunks.allow.is_empty() {
+            w.push(
+                "callback.trunk_uri is set but trunks.allow is empty: no caller's number is \
+                 verified (P-Asserted-Identity is trusted only from trunks.allow), so no caller \
+                 can be called back; list the carrier's signalling addresses in trunks.allow"
+                    .to_owned(),
+            );
+        }
+        let bridges =
+            (self.emergency.plan()).contains(&crate::dispatch::emergency::EmergencyMethod::Bridge);
+        if bridges && self.trunks.allow.is_empty() {
+            w.push(
+                "the 911 bridge is configured but trunks.allow is empty: no caller's number is \
+                 verified, so the bridge asserts none to 911 (P-Asserted-Identity is trusted \
+                 only from trunks.allow); list the carrier's signalling addresses in \
+                 trunks.allow so callers' numbers reach 911"
+                    .to_owned(),
+            );
+        }
+        w
+    }
+}
+
+/// What goes into the server's log lines (the `log:` section).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Show callers' numbers in log lines with only their last four digits (`***0123`): the
+    /// call's span, call-backs, and the call-back's outbound INVITE. Operations can still
+    /// match a line to a caller who gives their number; a leaked log names nobody. The
+    /// database, recordings and the admin API keep numbers whole. Default false.
+    pub redact_numbers: bool,
+}
+
+impl LogConfig {
+    /// `number` as log lines show it (see [`redact_number`]).
+    pub fn number(&self, number: &str) -> String {
+        if self.redact_numbers {
+            redact_number(number)
+        } else {
+            number.to_owned()
+        }
+    }
+
+    /// A SIP URI as log lines show it: its user part as [`LogConfig::number`] shows numbers.
+    pub fn uri(&self, uri: &str) -> String {
+        if !self.redact_numbers {
+            return uri.to_owned();
+        }
+        match uri.split_once(':').and_then(|(scheme, rest)| {
+            let (user, host) = rest.split_once('@')?;
+            Some((scheme, user, host))
+        }) {
+            Some((scheme, user, host)) => format!("{scheme}:{}@{host}", redact_number(user)),
+            None => uri.to_owned(),
+        }
+    }
+}
+
+/// A caller's number with all but its last four digits hidden: `+15550001111` → `***1111`.
+/// Short codes (four characters or fewer, such as `311`) and `anonymous` are shown as they
+/// are; anything else with fewer than four digits (a name) becomes `***`.
+pub fn redact_number(number: &str) -> String {
+    if number.chars().count() <= 4 || number.eq_ignore_ascii_case("anonymous") {
+        return number.to_owned();
+    }
+    let digits: Vec<char> = number.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 4 {
+        return "***".to_owned();
+    }
+    let tail: String = digits[digits.len() - 4..].iter().collect();
+    format!("***{tail}")
 }
 
 /// Where calls may come from.
@@ -276,6 +356,9 @@ impl Default for QueueConfig {
 ///   retry_after_seconds: 300
 ///   first_delay_seconds: 10
 ///   max_pending: 200
+///   allowed_numbers: [nanp-geographic]
+///   refused_numbers: []
+///   per_number_per_day: 3
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -298,6 +381,22 @@ pub struct CallbackConfig {
     pub first_delay_seconds: u64,
     /// Call-backs pending at once; beyond this a request becomes a flagged ticket. Default 200.
     pub max_pending: usize,
+    /// The numbers the server calls back (or files a ticket asking staff to call back): a
+    /// caller's number must match one of these patterns and none of `refused_numbers` (see
+    /// [`crate::callback::NumberPattern`]: `+1NXXNXXXXXX`, `+44X.`, or the named set
+    /// `nanp-geographic`). Only a number asserted by a trunk in `trunks.allow` is called
+    /// back at all. Default `[nanp-geographic]`: US and Canadian geographic numbers, not
+    /// toll-free, premium (900, 976), personal-communications or Caribbean NANP numbers, and
+    /// nothing outside +1.
+    pub allowed_numbers: Vec<crate::callback::NumberPattern>,
+    /// Patterns refused even when `allowed_numbers` matches (a block of numbers that
+    /// abused call-backs). Default none.
+    pub refused_numbers: Vec<crate::callback::NumberPattern>,
+    /// Call-backs one number may get in 24 hours (requests taken, whether dialled or filed
+    /// as a flagged ticket). Counted in the database, so a restart does not reset it; past
+    /// it the caller hears that a call-back is not available for their line. Default 3; 0
+    /// turns call-backs off.
+    pub per_number_per_day: u32,
 }
 
 impl Default for CallbackConfig {
@@ -310,6 +409,9 @@ impl Default for CallbackConfig {
             retry_after_seconds: 300,
             first_delay_seconds: 10,
             max_pending: 200,
+            allowed_numbers: vec![crate::callback::NumberPattern::NanpGeographic],
+            refused_numbers: Vec::new(),
+            per_number_per_day: 3,
         }
     }
 }
@@ -811,5 +913,74 @@ mod tests {
             ..CallbackConfig::default()
         };
         assert!(bad_from.check().is_err());
+    }
+
+    #[test]
+    fn callback_numbers_default_to_north_american_geographic_and_bad_patterns_are_located() {
+        let c = CallbackConfig::default();
+        assert_eq!(c.per_number_per_day, 3);
+        assert!(c.allows("+12122000123"));
+        assert!(!c.allows("+882345678901"));
+        let f = FileConfig::parse(
+            Path::new("c.yaml"),
+            "callback:\n  allowed_numbers: [\"+1NXXNXXXXXX\", \"+44X.\"]\n  refused_numbers: [\"+1NXX976XXXX\"]\n  per_number_per_day: 1\n",
+        )
+        .unwrap();
+        assert!(f.callback.allows("+442079460000"));
+        assert!(!f.callback.allows("+12129760123"));
+        assert_eq!(f.callback.per_number_per_day, 1);
+        let e = FileConfig::parse(
+            Path::new("c.yaml"),
+            "callback:\n  allowed_numbers:\n    - \"+1NXXNXXXXXX\"\n    - \"1NXX\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        // serde_yaml places the error at the list the pattern is in.
+        assert!(
+            e.starts_with("c.yaml:3:") && e.contains("\"1NXX\" must start with +"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_callback_trunk_or_a_911_bridge_without_trusted_trunks_is_warned_about() {
+        let parse = |t: &str| FileConfig::parse(Path::new("c.yaml"), t).unwrap();
+        assert!(FileConfig::default().warnings().is_empty());
+        let w = parse("callback:\n  trunk_uri: \"sip:192.0.2.1\"\n").warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("trunks.allow"), "{w:?}");
+        let w = parse("emergency:\n  method: bridge\n  uri: \"sip:911@192.0.2.9\"\n").warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            parse("emergency:\n  method: announce\n  uri: \"sip:911@192.0.2.9\"\n")
+                .warnings()
+                .is_empty()
+        );
+        let trusted =
+            parse("callback:\n  trunk_uri: \"sip:192.0.2.1\"\ntrunks:\n  allow: [192.0.2.0/24]\n");
+        assert!(trusted.warnings().is_empty());
+    }
+
+    #[test]
+    fn redacted_numbers_keep_their_last_four_digits() {
+        assert_eq!(redact_number("+15550001111"), "***1111");
+        assert_eq!(redact_number("2122000123"), "***0123");
+        assert_eq!(redact_number("311"), "311");
+        assert_eq!(redact_number("anonymous"), "anonymous");
+        assert_eq!(redact_number("alice.smith"), "***");
+        let on = LogConfig {
+            redact_numbers: true,
+        };
+        assert_eq!(on.number("+15550001111"), "***1111");
+        assert_eq!(
+            on.uri("sip:+15550001111@192.0.2.1:5060"),
+            "sip:***1111@192.0.2.1:5060"
+        );
+        assert_eq!(on.uri("sip:192.0.2.1"), "sip:192.0.2.1");
+        let off = LogConfig::default();
+        assert_eq!(off.number("+15550001111"), "+15550001111");
+        assert_eq!(off.uri("sip:+1555@h"), "sip:+1555@h");
+        let f = FileConfig::parse(Path::new("c.yaml"), "log:\n  redact_numbers: true\n").unwrap();
+        assert!(f.log.redact_numbers);
     }
 }

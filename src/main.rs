@@ -23,12 +23,17 @@ struct Cli {
 enum Command {
     /// Answer calls (the default command).
     Serve(ServeArgs),
-    /// Check a menu file: exit 0, or print `path:line:col: message` lines and exit 1.
+    /// Check a menu file (and with `--config`, the settings file): exit 0, or print
+    /// `path:line:col: message` lines and exit 1. Settings that work but leave the line open
+    /// to abuse are printed as `path: warning: ...` lines.
     Check {
         #[arg(long, env = "IVR311_MENU", default_value = "menus/311.yaml")]
         menu: PathBuf,
         #[arg(long, env = "IVR311_PROMPTS", default_value = "prompts")]
         prompts: PathBuf,
+        /// The `--config` YAML `serve` would use.
+        #[arg(long, env = "IVR311_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Service requests in the database.
     Tickets {
@@ -71,24 +76,34 @@ fn main() -> ExitCode {
                 None => unreachable!("serve parses"),
             });
     match command {
-        Command::Check { menu, prompts } => match ivr311::server::load_menu(&menu, &prompts) {
-            Ok(m) => {
-                println!(
-                    "{}: ok ({} menus, languages {})",
-                    menu.display(),
-                    m.file.menus.len(),
-                    m.file.languages.join(", ")
-                );
-                ExitCode::SUCCESS
+        Command::Check {
+            menu,
+            prompts,
+            config,
+        } => {
+            let settings = config.as_deref().map(check_config);
+            if settings.as_ref().is_some_and(Option::is_none) {
+                return ExitCode::FAILURE;
             }
-            Err(e) => {
-                println!("{e}");
-                for h in hints(&anyhow::Error::new(e), &menu, &prompts, None) {
-                    eprintln!("hint: {h}");
+            match ivr311::server::load_menu(&menu, &prompts) {
+                Ok(m) => {
+                    println!(
+                        "{}: ok ({} menus, languages {})",
+                        menu.display(),
+                        m.file.menus.len(),
+                        m.file.languages.join(", ")
+                    );
+                    ExitCode::SUCCESS
                 }
-                ExitCode::FAILURE
+                Err(e) => {
+                    println!("{e}");
+                    for h in hints(&anyhow::Error::new(e), &menu, &prompts, None) {
+                        eprintln!("hint: {h}");
+                    }
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Serve(args) => {
             let (menu, prompts, db) = (args.menu.clone(), args.prompts.clone(), args.db.clone());
             run(serve(args), |e| hints(e, &menu, &prompts, Some(&db)))
@@ -99,6 +114,37 @@ fn main() -> ExitCode {
             let at = db.clone();
             run(list_tickets(db, json, limit), |e| db_hints(e, &at))
         }
+    }
+}
+
+/// `check --config`: the file parses and its sections are usable (else their problems are
+/// printed and `None` returned); its warnings are printed.
+fn check_config(path: &std::path::Path) -> Option<FileConfig> {
+    let file = match FileConfig::load(path) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("{e}");
+            return None;
+        }
+    };
+    let problems: Vec<String> = [
+        file.emergency.check().err(),
+        file.callback.check().err().map(|e| e.to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for p in &problems {
+        println!("{}: {p}", path.display());
+    }
+    for w in file.warnings() {
+        println!("{}: warning: {w}", path.display());
+    }
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        Some(file)
+    } else {
+        None
     }
 }
 

@@ -153,6 +153,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     file.callback
         .check()
         .map_err(|e| StartError::Config(e.to_string()))?;
+    for w in file.warnings() {
+        warn!("config: {w}");
+    }
     let (m, p) = (args.menu.clone(), args.prompts.clone());
     let menu = tokio::task::spawn_blocking(move || load_active_menu(&m, &p)).await??;
     info!(
@@ -216,6 +219,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         &file.registrar.digest_algorithms,
     )
     .with_trunk_auth(file.trunks.auth.clone())
+    .with_log(file.log)
     .with_trunk_registration(file.trunks.register.clone(), draining.clone())
     .map_err(StartError::Config)?
     .with_screening(
@@ -289,6 +293,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
                 default_language: file.media.default_language.clone(),
                 tickets: tickets.clone(),
                 limits: file.limits.clone(),
+                log: file.log,
                 tracker: tracker.clone(),
                 cancel: cancel.clone(),
             },
@@ -314,6 +319,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         draining: draining.clone(),
         closing: closing.clone(),
         clock: clock.clone(),
+        trusted: Arc::new(file.trunks.allow.clone()),
+        callback: Arc::new(file.callback.clone()),
+        log: file.log,
     };
     tracker.spawn(call::accept_calls(
         app_rx,

@@ -14,7 +14,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::UdpSocket;
 
-const CALLER: &str = "+15550001111";
+/// The caller's number, as the trunk asserts it (P-Asserted-Identity from a source in
+/// `trunks.allow`): only such a number is called back.
+const CALLER: &str = "+12122000123";
+
+/// The P-Asserted-Identity header line the trunk (loopback, trusted here) sends.
+fn asserted() -> String {
+    format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n")
+}
 
 fn config(trunk: SocketAddr, attempts: u32) -> FileConfig {
     FileConfig {
@@ -37,6 +44,11 @@ fn config(trunk: SocketAddr, attempts: u32) -> FileConfig {
             retry_after_seconds: 1,
             first_delay_seconds: 0,
             ..CallbackConfig::default()
+        },
+        // The callers come through a trunk on loopback, which vouches for their numbers.
+        trunks: ivr311::config::TrunksConfig {
+            allow: vec!["127.0.0.1".parse().unwrap()],
+            ..Default::default()
         },
         ..FileConfig::default()
     }
@@ -244,7 +256,7 @@ async fn general_queue(srv: &ivr311::server::RunningServer) -> serde_json::Value
 async fn caller_asks_for_a_callback(srv: &ivr311::server::RunningServer) {
     assert_eq!(admin(srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
+    assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("110").await;
     ua.listen(Duration::from_millis(500)).await;
@@ -710,7 +722,7 @@ async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     let _agent = Peer::agent(srv.sip_addr, "1001").await;
     assert_eq!(admin(&srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
+    assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("110").await;
     ua.listen(Duration::from_millis(500)).await;

@@ -209,10 +209,14 @@ async fn with_no_operator_either_the_caller_is_told_to_call_again_not_offered_a_
 
 #[tokio::test]
 async fn a_waiting_callers_call_back_is_confirmed_only_once_it_is_saved() {
-    let srv = start_server(agents_config(&["1001"], 30, 2)).await;
+    // Only a number a trusted trunk asserts is called back: the caller comes through one.
+    let mut file = agents_config(&["1001"], 30, 2);
+    file.trunks.allow = vec!["127.0.0.1".parse().unwrap()];
+    let srv = start_server(file).await;
     let agent = TestAgent::login(srv.sip_addr, "1001").await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
+    let pai = "P-Asserted-Identity: <sip:+12122000123@127.0.0.1>\r\n";
+    assert_eq!(ua.call_with("0 101", pai).await.1.code, 200);
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("110").await;
     // Waiting: the operator's phone rings and nobody answers.
@@ -249,7 +253,7 @@ async fn a_waiting_callers_call_back_is_confirmed_only_once_it_is_saved() {
     let all = srv.tickets.list(&Default::default()).await.unwrap();
     assert_eq!(all.len(), 1, "one call-back ticket");
     assert!(all[0].callback_requested);
-    assert_eq!(all[0].phone.as_deref(), Some("+15550001111"));
+    assert_eq!(all[0].phone.as_deref(), Some("+12122000123"));
     let cancel = agent.request("CANCEL", Duration::from_secs(5)).await;
     agent.reply(&cancel, 200, "OK", None).await;
     agent.reply(&inv, 487, "Request Terminated", None).await;

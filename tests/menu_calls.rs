@@ -372,12 +372,15 @@ async fn caller_presses_911_on(
     file: FileConfig,
     trunk: &Trunk,
 ) -> Pressed911 {
-    caller_presses_911_from([127, 0, 0, 1].into(), args, uri, file, trunk).await
+    caller_presses_911_from([127, 0, 0, 1].into(), None, args, uri, file, trunk).await
 }
 
-/// [`caller_presses_911_on`], the caller dialling the server's port on `dial_ip`.
+/// [`caller_presses_911_on`], the caller dialling the server's port on `dial_ip`. With
+/// `asserted`, the caller comes through a trusted trunk (its address, `dial_ip`'s loopback,
+/// in `trunks.allow`) that asserts that number in P-Asserted-Identity.
 async fn caller_presses_911_from(
     dial_ip: std::net::IpAddr,
+    asserted: Option<&str>,
     args: ivr311::config::ServeArgs,
     uri: &str,
     mut file: FileConfig,
@@ -385,9 +388,18 @@ async fn caller_presses_911_from(
 ) -> Pressed911 {
     file.emergency.method = Some(EmergencyMethod::Bridge);
     file.emergency.uri = Some(uri.to_owned());
+    if asserted.is_some() {
+        file.trunks.allow = vec![dial_ip.to_string().parse().unwrap()];
+    }
     let srv = start_server_with(args, file).await;
     let dial = std::net::SocketAddr::new(dial_ip, srv.sip_addr.port());
-    let ua = caller_pressing(dial, "19").await;
+    let pai = asserted
+        .map(|n| format!("P-Asserted-Identity: <sip:{n}@{dial_ip}>\r\n"))
+        .unwrap_or_default();
+    let mut ua = TestUa::udp(dial).await;
+    assert_eq!(ua.call_with("0 101", &pai).await.1.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("19").await;
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))
         .await
@@ -442,6 +454,7 @@ async fn a_caller_over_ipv6_is_bridged_to_an_ipv4_psap_with_ipv4_media() {
     let uri = format!("sip:911@{psap}");
     let (srv, mut ua, inv, from) = caller_presses_911_from(
         "::1".parse().unwrap(),
+        Some("+15550001111"),
         args,
         &uri,
         FileConfig::default(),
@@ -450,7 +463,9 @@ async fn a_caller_over_ipv6_is_bridged_to_an_ipv4_psap_with_ipv4_media() {
     .await;
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
     assert_eq!(offer.addr.ip(), psap.ip(), "media offered to the PSAP");
+    // The number the trunk asserted, with our address in the PSAP's family.
     let pai = inv.header("P-Asserted-Identity").unwrap();
+    assert!(pai.contains("+15550001111"), "{pai}");
     assert!(pai.contains("@127.0.0.1"), "{pai}");
     psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
     // The caller's audio reaches the PSAP over IPv4.
@@ -1000,8 +1015,18 @@ fn ringback_frames(heard: &[Vec<u8>]) -> usize {
 #[tokio::test]
 async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
     let trunk = Trunk::new().await;
-    // The 911 side is called with the caller's number in From and P-Asserted-Identity.
-    let (srv, mut ua, inv, from) = caller_presses_911_with_a_bridge(&trunk).await;
+    // The 911 side is called with the caller's number, as the caller's trunk asserted it, in
+    // From and P-Asserted-Identity.
+    let uri = format!("sip:911@{}", trunk.sip.local_addr().unwrap());
+    let (srv, mut ua, inv, from) = caller_presses_911_from(
+        [127, 0, 0, 1].into(),
+        Some("+15550001111"),
+        serve_args(),
+        &uri,
+        FileConfig::default(),
+        &trunk,
+    )
+    .await;
     assert_eq!(inv.method.as_str(), "INVITE");
     assert_eq!(inv.from.user(), Some("+15550001111"));
     assert!(inv

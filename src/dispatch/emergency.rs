@@ -7,6 +7,12 @@
 //! trunk unless the caller's number travels in From and P-Asserted-Identity; so the method is
 //! the city's choice, and the plain instruction is always the last resort.
 //!
+//! The bridge puts the caller's number in From and P-Asserted-Identity only when a trusted
+//! trunk asserted it (`trunks.allow`, see [`crate::call::CallerIdentity`]): a number a caller
+//! typed into From would otherwise send responders to whoever it belongs to. An unverified
+//! caller is connected all the same, presented as the city's line; the audit records the
+//! number they claimed and that it was not verified.
+//!
 //! This module decides; the call carries it out (REFER through its dialog, an outbound INVITE
 //! for bridging) and writes the audit row through the ticket store before anything starts.
 

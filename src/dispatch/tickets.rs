@@ -401,6 +401,9 @@ pub struct EmergencyAudit {
     pub reason: Option<String>,
     /// How the caller is sent on, e.g. `refer`, `bridge`, `announce`.
     pub method: String,
+    /// `caller` was asserted by a trusted trunk (P-Asserted-Identity from `trunks.allow`);
+    /// false: only claimed (From), and nothing the bridge asserted to 911.
+    pub caller_verified: bool,
 }
 
 /// One row of the emergency-redirect audit.
@@ -416,6 +419,9 @@ pub struct EmergencyAuditRow {
     pub method: String,
     /// `started`, then `connected`, `failed:<why>` or `announced`.
     pub outcome: String,
+    /// Whether `caller` was asserted by a trusted trunk (`None`: a row from before this was
+    /// recorded).
+    pub caller_verified: Option<bool>,
 }
 
 /// The ticket database: a small SQLite connection pool.
@@ -475,7 +481,11 @@ const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, st
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
     callback_requested";
 
-const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome";
+const AUDIT_COLUMNS: &str =
+    "id, at, caller, call_id, menu_path, reason, method, outcome, caller_verified";
+
+/// The window `callback.per_number_per_day` counts over.
+pub const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
 
 impl TicketStore {
     /// Opens (creating if missing) the database file at `path` and applies the migrations.
@@ -804,8 +814,8 @@ impl TicketStore {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let result = sqlx::query(
             "INSERT INTO emergency_redirects \
-             (at, caller, call_id, menu_path, reason, method, outcome) \
-             VALUES (?, ?, ?, ?, ?, ?, 'started')",
+             (at, caller, call_id, menu_path, reason, method, outcome, caller_verified) \
+             VALUES (?, ?, ?, ?, ?, ?, 'started', ?)",
         )
         .bind(at)
         .bind(&e.caller)
@@ -813,6 +823,7 @@ impl TicketStore {
         .bind(&e.menu_path)
         .bind(&e.reason)
         .bind(&e.method)
+        .bind(e.caller_verified)
         .execute(&self.pool)
         .await
         .map_err(|err| fail("audit_emergency_start", err))?;
@@ -822,9 +833,65 @@ impl TicketStore {
             call_id = %e.call_id,
             menu_path = %e.menu_path,
             method = %e.method,
+            caller_verified = e.caller_verified,
             "emergency redirect started"
         );
         Ok(id)
+    }
+
+    /// Takes one of `number`'s call-backs for the last 24 hours, if it has fewer than
+    /// `per_day` there: true when taken (and durable), false when the number has had its
+    /// call-backs. One statement decides and records, so two calls from one number at once
+    /// cannot both take the last one; the count survives a restart. Rows past the window
+    /// are deleted first (they count for nothing, and a number is personal data).
+    pub async fn claim_callback(
+        &self,
+        number: &str,
+        call_id: &str,
+        per_day: u32,
+    ) -> Result<bool, StoreError> {
+        self.claim_callback_at(number, call_id, per_day, OffsetDateTime::now_utc())
+            .await
+    }
+
+    async fn claim_callback_at(
+        &self,
+        number: &str,
+        call_id: &str,
+        per_day: u32,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let now = whole_second_utc(now);
+        let since = iso(now - CALLBACK_WINDOW)?;
+        let now = iso(now)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| fail("claim_callback", e))?;
+        sqlx::query("DELETE FROM callback_requests WHERE at <= ?")
+            .bind(&since)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fail("claim_callback", e))?;
+        let taken = sqlx::query(
+            "INSERT INTO callback_requests (number, at, call_id) \
+             SELECT ?, ?, ? WHERE (SELECT COUNT(*) FROM callback_requests \
+             WHERE number = ? AND at > ?) < ?",
+        )
+        .bind(number)
+        .bind(&now)
+        .bind(call_id)
+        .bind(number)
+        .bind(&since)
+        .bind(per_day)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| fail("claim_callback", e))?
+        .rows_affected()
+            == 1;
+        tx.commit().await.map_err(|e| fail("claim_callback", e))?;
+        Ok(taken)
     }
 
     /// Sets the outcome of audit row `id`: `connected`, `failed:<why>` or `announced`.
@@ -1040,6 +1107,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
         reason: column(row, "reason")?,
         method: column(row, "method")?,
         outcome: column(row, "outcome")?,
+        caller_verified: column(row, "caller_verified")?,
     })
 }
 
@@ -1117,6 +1185,7 @@ mod tests {
     async fn count(store: &TicketStore, table: &str) -> i64 {
         let sql = match table {
             "tickets" => "SELECT COUNT(*) FROM tickets",
+            "callback_requests" => "SELECT COUNT(*) FROM callback_requests",
             _ => "SELECT COUNT(*) FROM emergency_redirects",
         };
         let row = sqlx::query(sql).fetch_one(&store.pool).await.unwrap();
@@ -1566,6 +1635,7 @@ mod tests {
                 menu_path: text.into(),
                 reason: Some(text.into()),
                 method: text.into(),
+                caller_verified: false,
             };
             let id = store.audit_emergency_start(&audit).await.unwrap();
             store.audit_emergency_outcome(id, text).await.unwrap();
@@ -1592,6 +1662,7 @@ mod tests {
             menu_path: "main>screen>1".into(),
             reason: Some("caller pressed 1: emergency".into()),
             method: "refer".into(),
+            caller_verified: true,
         };
         let before = whole_second_utc(OffsetDateTime::now_utc());
         let first = store.audit_emergency_start(&audit).await.unwrap();
@@ -1616,6 +1687,7 @@ mod tests {
         assert_eq!(rows[1].menu_path, "main>screen>1");
         assert_eq!(rows[1].method, "refer");
         assert_eq!(rows[1].caller.as_deref(), Some("+15551234567"));
+        assert_eq!(rows[1].caller_verified, Some(true));
         assert!(rows[1].at >= before);
 
         store
@@ -1646,6 +1718,13 @@ mod tests {
             .execute(&store.pool)
             .await;
         assert!(rewritten.is_err());
+        let unverified = sqlx::query("UPDATE emergency_redirects SET caller_verified = 0")
+            .execute(&store.pool)
+            .await;
+        assert!(
+            unverified.is_err(),
+            "whether the caller was verified is not rewritten"
+        );
         assert_eq!(count(&store, "emergency_redirects").await, 2);
         assert_eq!(
             store.emergency_audits(10).await.unwrap()[1]
@@ -1815,6 +1894,42 @@ mod tests {
         let err = err.expect("never filled up");
         assert!(matches!(err, StoreError::Full(_)), "{err}");
         assert!(err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn callbacks_are_counted_per_number_over_24_hours_and_the_count_survives_a_restart() {
+        let db = TempDb::new("callbacks");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let t0 = datetime!(2026-11-26 10:00:00 UTC);
+        let claim = |store: &TicketStore, n: &'static str, at| {
+            let store = store.clone();
+            async move { store.claim_callback_at(n, "c@h", 2, at).await.unwrap() }
+        };
+        assert!(claim(&store, "+12125550123", t0).await);
+        assert!(claim(&store, "+12125550123", t0 + time::Duration::hours(1)).await);
+        // The third in the same 24 hours is refused, and refusing records nothing.
+        assert!(!claim(&store, "+12125550123", t0 + time::Duration::hours(2)).await);
+        assert_eq!(count(&store, "callback_requests").await, 2);
+        // Another number has its own count.
+        assert!(claim(&store, "+13125550199", t0 + time::Duration::hours(2)).await);
+        // A restart (the file opened again) does not reset it.
+        store.close().await;
+        let store = TicketStore::open(&db.0).await.unwrap();
+        assert!(!claim(&store, "+12125550123", t0 + time::Duration::hours(23)).await);
+        // A day after the first, one is free again, and rows past the window are gone.
+        assert!(claim(&store, "+12125550123", t0 + time::Duration::hours(24)).await);
+        assert!(!claim(&store, "+12125550123", t0 + time::Duration::hours(24)).await);
+        assert!(claim(&store, "+12125550123", t0 + time::Duration::hours(25)).await);
+        // Left: the two at 24 h and 25 h, and the other number's at 2 h.
+        assert_eq!(count(&store, "callback_requests").await, 3);
+        // Ten at once for a fresh number: exactly its two are taken.
+        let at = t0 + time::Duration::hours(30);
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            all.spawn(claim(&store, "+14155550100", at));
+        }
+        let taken = all.join_all().await.into_iter().filter(|t| *t).count();
+        assert_eq!(taken, 2);
     }
 
     #[tokio::test]

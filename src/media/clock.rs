@@ -89,7 +89,7 @@
 use crate::media::bridge::{relay, Relay, Restamp};
 use crate::media::ports::RtpPort;
 use crate::media::record::{RecordState, VoiceMeter};
-use crate::media::rtp::{self, Latch, LatchDecision};
+use crate::media::rtp::{self, Latch, LatchDecision, LatchScope};
 use crate::media::sdp::Negotiated;
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
 use std::collections::{HashMap, HashSet};
@@ -202,10 +202,11 @@ pub struct Bridge {
 impl Bridge {
     /// A bridge to the leg on `leg`, answered from `leg_remote` with `leg_neg`; each direction
     /// gets its own random SSRC.
+    /// The leg's media is taken from the SDP's address only; see [`Bridge::latch_scope`].
     pub fn new(leg: Arc<RtpPort>, leg_remote: SocketAddr, leg_neg: Negotiated) -> Self {
         Bridge {
             leg,
-            leg_latch: Latch::new(leg_remote),
+            leg_latch: Latch::new(leg_remote, LatchScope::Sdp),
             leg_connected: None,
             leg_neg,
             to_leg: Restamp::new(rand::random()),
@@ -217,6 +218,13 @@ impl Bridge {
             leg_alive: None,
             leg_silence_reported: false,
         }
+    }
+
+    /// Take the leg's media from the sources `scope` admits (an operator's phone: its SDP's
+    /// address or the address it registered from; the 911 leg: anywhere).
+    pub fn latch_scope(mut self, scope: LatchScope) -> Self {
+        self.leg_latch.set_scope(scope);
+        self
     }
 
     /// Report [`MediaNote::LegSilent`] when the leg sends nothing for `limit` (counted from the
@@ -1273,6 +1281,9 @@ impl Slot {
                         }
                     }
                 } else {
+                    // Nothing reaches a caller that has not confirmed the call (see
+                    // `MediaSession::until_confirmed`).
+                    let confirmed = st.media.is_confirmed();
                     let Some(b) = &mut st.bridge else { return };
                     if !b.accept_leg_packet(from, &buf[..len]) {
                         continue;
@@ -1282,7 +1293,7 @@ impl Slot {
                     {
                         b.leg_heard = Some(now);
                         // Nor is a caller who holds the call.
-                        if !caller_neg.direction.sends() {
+                        if !caller_neg.direction.sends() || !confirmed {
                             continue;
                         }
                         b.to_caller.apply(&mut buf[..len], event);

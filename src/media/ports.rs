@@ -1,13 +1,18 @@
 //! The RTP port pool: one even port per call from `--rtp-ports`, bound when taken and returned
 //! when the call's [`RtpPort`] is dropped.
 //!
+//! Each port is drawn at random from the free ones. Handed out in order, the next call's port
+//! was the last one's plus two: anyone who made one call knew where the next caller's media
+//! would go, and could send to it first. (The latch admits only the caller's own addresses
+//! as well, see [`crate::media::rtp::LatchScope`]; a port nobody can predict keeps a stranger
+//! from even trying.)
+//!
 //! A port's socket is a plain non-blocking std socket, not registered with the tokio reactor:
 //! the media clock reads and writes it on its own schedule, and a registered socket would wake
 //! the reactor for every packet that arrives (bridged calls, call-back legs included, are
 //! relayed by the clock too).
 
 use crate::config::{set_dscp, Dscp, PortRange};
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +21,8 @@ use tracing::{debug, warn};
 /// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
 #[derive(Debug)]
 pub struct PortPool {
-    free: Mutex<VecDeque<u16>>,
+    /// Free ports, in no order that matters: [`PortPool::allocate`] draws at random.
+    free: Mutex<Vec<u16>>,
     bind_ip: IpAddr,
     /// How every port's packets are marked (`qos.rtp_dscp`); 0 leaves them unmarked.
     dscp: Dscp,
@@ -50,7 +56,7 @@ impl RtpPort {
 impl Drop for RtpPort {
     fn drop(&mut self) {
         if let Ok(mut f) = self.pool.free.lock() {
-            f.push_back(self.port);
+            f.push(self.port);
         }
     }
 }
@@ -78,17 +84,25 @@ impl PortPool {
         self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
-    /// Take a port and bind it; ports in use by another program are skipped (and kept out).
+    /// Take a free port, drawn at random, and bind it; ports in use by another program are
+    /// skipped (another is drawn) and stay in the pool, as they may be free later.
     pub fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
+        use rand::Rng;
         for _ in 0..64 {
-            let port = self.free.lock().ok()?.pop_front()?;
+            let port = {
+                let mut free = self.free.lock().ok()?;
+                if free.is_empty() {
+                    return None;
+                }
+                let i = rand::rng().random_range(0..free.len());
+                free.swap_remove(i)
+            };
             let std = match std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, port)) {
                 Ok(s) => s,
                 Err(e) => {
-                    debug!(port, error = %e, "rtp port busy; trying the next");
-                    // Put it at the back: it may be free later.
+                    debug!(port, error = %e, "rtp port busy; drawing another");
                     if let Ok(mut f) = self.free.lock() {
-                        f.push_back(port);
+                        f.push(port);
                     }
                     continue;
                 }
@@ -147,5 +161,38 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(p.discard_queued(), 5);
         assert_eq!(p.discard_queued(), 0);
+    }
+
+    /// Ports are drawn at random: calls one after another do not get ports in order (which
+    /// told anyone with one call where the next caller's media would go), and every port of
+    /// the range is used over time.
+    #[test]
+    fn ports_are_drawn_at_random_from_the_whole_range() {
+        let r = range();
+        let pool = PortPool::new(r, "127.0.0.1".parse().unwrap());
+        let mut seen = std::collections::HashSet::new();
+        let mut in_order = 0;
+        let mut last: Option<u16> = None;
+        for _ in 0..200 {
+            // One call at a time: each port goes back before the next call.
+            let p = pool.allocate().expect("a free port");
+            assert!(
+                p.port.is_multiple_of(2) && (r.lo..=r.hi).contains(&p.port),
+                "{}",
+                p.port
+            );
+            if last.is_some_and(|l| p.port == l + 2) {
+                in_order += 1;
+            }
+            last = Some(p.port);
+            seen.insert(p.port);
+        }
+        // 21 even ports: in order, 199 of 200 would follow the last; at random about 1 in 21.
+        assert!(
+            in_order < 40,
+            "{in_order} of 200 calls got the port after the last"
+        );
+        assert!(seen.len() > 15, "only {} of 21 ports used", seen.len());
+        assert_eq!(pool.available(), 21);
     }
 }

@@ -9,7 +9,7 @@
 
 use rtc_rtp::header::Header;
 use rtc_shared::marshal::{MarshalSize, Unmarshal};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// RTP fixed header length without CSRCs or extensions.
 pub const HEADER_LEN: usize = 12;
@@ -183,12 +183,45 @@ impl Default for RtpStream {
 /// own packets were dropped as foreign. The SDP's address is what signalling vouches for, so
 /// it cannot be a worse choice than the first stranger; behind NAT it never sends, and the
 /// first-packet rule still finds the phone.
+///
+/// Only sources the signalling vouches for may send at all ([`LatchScope`]): a packet whose IP
+/// is neither the SDP's address nor the IP the call's signalling came from (or went to) is
+/// foreign from the start, so a third party that learns or guesses a call's port can neither
+/// take the caller's audio nor press keys in their call. The port stays free to vary: NAT
+/// gives the phone's media a port of its own on the same public address as its signalling.
 #[derive(Debug, Clone)]
 pub struct Latch {
     signalled: SocketAddr,
+    scope: LatchScope,
     latched: Option<SocketAddr>,
     /// Where we were latched before the last move, until the new source latches.
     previous: Option<SocketAddr>,
+}
+
+/// Which sources may send to a port and take its latch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatchScope {
+    /// Only the IP address the SDP names.
+    Sdp,
+    /// The IP the SDP names, or this one: where the far end's signalling came from (a caller,
+    /// an operator's registration) or went to (a trunk we called). A phone behind NAT sends
+    /// its media from the public address its SIP comes from; a carrier's media gateway is the
+    /// address its SDP names.
+    SdpOr(IpAddr),
+    /// Any source (the 911 leg: a PSAP's media is never refused for where it comes from).
+    Anywhere,
+}
+
+impl LatchScope {
+    /// Whether a packet from `ip` may be taken, with `sdp` the SDP's address.
+    fn admits(self, ip: IpAddr, sdp: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match self {
+            LatchScope::Sdp => ip == sdp.to_canonical(),
+            LatchScope::SdpOr(other) => ip == sdp.to_canonical() || ip == other.to_canonical(),
+            LatchScope::Anywhere => true,
+        }
+    }
 }
 
 /// What to do with a packet from a given source.
@@ -197,14 +230,18 @@ pub enum LatchDecision {
     /// First packet: we now send to this address.
     Latched,
     Accept,
-    /// From somewhere else after latching: drop it.
+    /// From somewhere else after latching, or from a source outside the latch's
+    /// [`LatchScope`] at any time: drop it.
     Foreign,
 }
 
 impl Latch {
-    pub fn new(signalled: SocketAddr) -> Self {
+    /// A latch for media the SDP says comes from `signalled`, taking packets from the sources
+    /// `scope` admits.
+    pub fn new(signalled: SocketAddr, scope: LatchScope) -> Self {
         Latch {
             signalled,
+            scope,
             latched: None,
             previous: None,
         }
@@ -213,6 +250,11 @@ impl Latch {
     /// Where our packets go now.
     pub fn remote(&self) -> SocketAddr {
         self.latched.unwrap_or(self.signalled)
+    }
+
+    /// Take packets from the sources `scope` admits from now on.
+    pub fn set_scope(&mut self, scope: LatchScope) {
+        self.scope = scope;
     }
 
     pub fn is_latched(&self) -> bool {
@@ -234,6 +276,9 @@ impl Latch {
     }
 
     pub fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
+        if !self.scope.admits(from.ip(), self.signalled.ip()) {
+            return LatchDecision::Foreign;
+        }
         if from == self.signalled && self.latched != Some(from) {
             self.latched = Some(from);
             self.previous = None;
@@ -259,7 +304,7 @@ mod tests {
     #[test]
     fn a_moved_stream_does_not_latch_back_to_its_old_source() {
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let mut l = Latch::new(addr(4000));
+        let mut l = Latch::new(addr(4000), LatchScope::Sdp);
         assert_eq!(l.on_packet(addr(5000)), LatchDecision::Latched);
         assert_eq!(l.remote(), addr(5000));
         // A re-INVITE moves the media to 6000; a late packet from the old source is heard but
@@ -359,7 +404,7 @@ mod tests {
         let sdp: SocketAddr = "10.0.0.5:4000".parse().unwrap();
         let real: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let other: SocketAddr = "127.0.0.1:40002".parse().unwrap();
-        let mut l = Latch::new(sdp);
+        let mut l = Latch::new(sdp, LatchScope::SdpOr(real.ip()));
         assert_eq!(l.remote(), sdp);
         assert_eq!(l.on_packet(real), LatchDecision::Latched);
         assert_eq!(l.remote(), real);
@@ -374,12 +419,44 @@ mod tests {
     fn the_sdp_address_takes_the_latch_back_from_a_stray_stream() {
         let sdp: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let stray: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let mut l = Latch::new(sdp);
+        let mut l = Latch::new(sdp, LatchScope::Sdp);
         // Someone else's stream reached the port first.
         assert_eq!(l.on_packet(stray), LatchDecision::Latched);
         assert_eq!(l.on_packet(sdp), LatchDecision::Latched);
         assert_eq!(l.remote(), sdp);
         assert_eq!(l.on_packet(stray), LatchDecision::Foreign);
         assert_eq!(l.on_packet(sdp), LatchDecision::Accept);
+    }
+
+    /// Behind NAT the phone's SDP names a private address and its media comes from the NAT's
+    /// public address, the one its SIP came from: that latches. A third party elsewhere is
+    /// never heard and never takes the stream, before or after the phone's first packet.
+    #[test]
+    fn only_the_sdp_address_or_the_signalling_source_may_latch() {
+        let sdp: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let nat: SocketAddr = "198.51.100.7:31000".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+        let mut l = Latch::new(sdp, LatchScope::SdpOr(nat.ip()));
+        assert_eq!(l.on_packet(stranger), LatchDecision::Foreign);
+        assert_eq!(l.remote(), sdp, "a stranger first does not take our audio");
+        assert_eq!(l.on_packet(nat), LatchDecision::Latched);
+        assert_eq!(l.remote(), nat);
+        assert_eq!(l.on_packet(stranger), LatchDecision::Foreign);
+        // A carrier: signalling from its proxy, media from the gateway its SDP names (at a
+        // port of its choosing); an IPv4 source seen on a dual-stack socket counts as itself.
+        let gateway: SocketAddr = "192.0.2.20:20000".parse().unwrap();
+        let mut l = Latch::new(gateway, LatchScope::SdpOr("192.0.2.10".parse().unwrap()));
+        let mapped: SocketAddr = "[::ffff:192.0.2.20]:20002".parse().unwrap();
+        assert_eq!(l.on_packet(mapped), LatchDecision::Latched);
+        // Only the SDP's address.
+        let mut l = Latch::new(sdp, LatchScope::Sdp);
+        assert_eq!(l.on_packet(nat), LatchDecision::Foreign);
+        assert_eq!(
+            l.on_packet("10.0.0.5:4002".parse().unwrap()),
+            LatchDecision::Latched
+        );
+        // Anywhere: the first source latches, as for the 911 leg.
+        let mut l = Latch::new(sdp, LatchScope::Anywhere);
+        assert_eq!(l.on_packet(stranger), LatchDecision::Latched);
     }
 }

@@ -11,12 +11,20 @@
 //! While nothing is queued we keep sending silence: it keeps NAT bindings open and lets the
 //! caller's phone see a live stream. On hold (the caller's SDP says sendonly or inactive) we
 //! send nothing and the player pauses.
+//!
+//! A session for a call we answered starts [`MediaSession::until_confirmed`]: nothing is sent
+//! (and the player waits) until the caller's ACK ([`MediaSession::confirm`]) or its first
+//! valid RTP packet from an address the latch admits. An INVITE costs its sender one
+//! datagram and can name any address in its SDP, and with a forged source it never sees our
+//! answer; so before the caller shows it is really there, its SDP address is not sent a
+//! stream (prompts at 8 kB/s for as long as we wait for the ACK), and the server cannot be
+//! made to flood a third party.
 
 use crate::media::dtmf::DtmfDetector;
 use crate::media::g711::Codec;
 use crate::media::inband::InbandDetector;
 use crate::media::prompt::Prompt;
-use crate::media::rtp::{self, LatchDecision, RtpStream};
+use crate::media::rtp::{self, LatchDecision, LatchScope, RtpStream};
 use crate::media::sdp::{Direction, Negotiated};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -72,6 +80,9 @@ pub struct MediaSession {
     /// How many times playback was stopped (barge-in): tells a "queue ran dry" noticed before
     /// a stop from one that belongs to what was queued after it.
     stops: u64,
+    /// The far end has shown it is there (ACK, or RTP from an admitted source): until then we
+    /// send nothing.
+    confirmed: bool,
 }
 
 /// How long after a key heard in the audio an INFO with the same key is taken as the same
@@ -79,11 +90,13 @@ pub struct MediaSession {
 pub const INFO_AFTER_TONE: Duration = Duration::from_millis(500);
 
 impl MediaSession {
+    /// A session sending to `remote` (the SDP's address) from the first tick, and taking
+    /// media from that IP only (see [`MediaSession::latch_scope`]).
     pub fn new(now: Instant, neg: Negotiated, remote: SocketAddr) -> Self {
         MediaSession {
             neg,
             stream: RtpStream::new(),
-            latch: rtp::Latch::new(remote),
+            latch: rtp::Latch::new(remote, LatchScope::Sdp),
             dtmf: DtmfDetector::new(),
             inband: Self::inband_for(&neg),
             last_inband: None,
@@ -95,7 +108,32 @@ impl MediaSession {
             stops: 0,
             silence: [neg.codec.silence_byte(); FRAME_SAMPLES],
             warned: false,
+            confirmed: true,
         }
+    }
+
+    /// Take media from the sources `scope` admits: for a caller, `SdpOr(<where its INVITE
+    /// came from>)`, so a phone behind NAT is heard and a third party is not.
+    pub fn latch_scope(mut self, scope: LatchScope) -> Self {
+        self.latch.set_scope(scope);
+        self
+    }
+
+    /// Send nothing until [`MediaSession::confirm`] or the first valid RTP packet from an
+    /// admitted source (for a call we answered: see the module's notes).
+    pub fn until_confirmed(mut self) -> Self {
+        self.confirmed = false;
+        self
+    }
+
+    /// The far end confirmed the call (its ACK arrived): our stream may start.
+    pub fn confirm(&mut self) {
+        self.confirmed = true;
+    }
+
+    /// Whether our stream may flow (see [`MediaSession::until_confirmed`]).
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed
     }
 
     /// A key came by SIP INFO at `now`. A caller that signals keys that way has them heard
@@ -209,6 +247,8 @@ impl MediaSession {
             }
             LatchDecision::Latched | LatchDecision::Accept => {}
         }
+        // Media from where the signalling said: the caller is there, even if its ACK was lost.
+        self.confirmed = true;
         self.stats.packets_in += 1;
         self.last_rx = now;
         if Some(p.payload_type) == self.neg.telephone_event {
@@ -239,6 +279,11 @@ impl MediaSession {
     /// One packet time passed. Writes the packet to send into `out` and returns its length
     /// (0 when nothing is sent), plus an event when the queue just ran dry.
     pub fn on_tick(&mut self, out: &mut [u8; MAX_PACKET]) -> (usize, Option<MediaEvent>) {
+        if !self.confirmed {
+            // Nothing sent and nothing played: the first prompt starts when the caller is
+            // known to be there.
+            return (0, None);
+        }
         if !self.may_send() {
             self.stream.skip(FRAME_SAMPLES as u32);
             return (0, None);
@@ -469,6 +514,50 @@ mod tests {
         m.renegotiate(held, "127.0.0.1:4000".parse().unwrap());
         assert_eq!(m.on_tick(&mut out).0, 0);
         m.renegotiate(neg(), "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(m.on_tick(&mut out).0, 172);
+    }
+
+    /// Answered but not confirmed: nothing is sent and the prompt waits, whoever else sends
+    /// to the port. The ACK starts the stream; so does the caller's media when its ACK was
+    /// lost.
+    #[test]
+    fn nothing_is_sent_until_the_ack_or_the_callers_own_media() {
+        let t0 = Instant::now();
+        let sdp: SocketAddr = "192.0.2.5:4000".parse().unwrap();
+        let signalling: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        let started = || {
+            let mut m = MediaSession::new(t0, neg(), sdp)
+                .latch_scope(LatchScope::SdpOr(signalling))
+                .until_confirmed();
+            m.play([tone("hello", 40)]);
+            m
+        };
+        let mut out = [0u8; MAX_PACKET];
+        let mut m = started();
+        for _ in 0..50 {
+            assert_eq!(m.on_tick(&mut out), (0, None));
+        }
+        m.confirm();
+        let (n, _) = m.on_tick(&mut out);
+        assert_eq!(n, 172);
+        assert!(
+            rtp::parse(&out[..n]).unwrap().marker,
+            "the prompt starts from its beginning"
+        );
+
+        // A stranger's packets neither confirm nor latch; the caller's (from behind its NAT,
+        // at the signalling source's address) do.
+        let mut m = started();
+        let mut s = RtpStream::with_origin(1, 1, 0);
+        let mut pkt = [0u8; 200];
+        let len = s.write(0, &[0xff; 160], 160, &mut pkt);
+        let stranger: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        assert_eq!(m.on_rtp(t0, stranger, &pkt[..len]), Ok(None));
+        assert_eq!(m.on_tick(&mut out).0, 0);
+        assert_eq!(m.remote(), sdp);
+        let nat = SocketAddr::new(signalling, 31000);
+        assert_eq!(m.on_rtp(t0, nat, &pkt[..len]), Ok(None));
+        assert_eq!(m.remote(), nat);
         assert_eq!(m.on_tick(&mut out).0, 172);
     }
 }

@@ -59,6 +59,7 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     "callback_confirmed",
     "callback_kept",
     "callback_hello",
+    "callback_unavailable",
     // Said to callers still in a menu when the server stops (src/call.rs).
     "shutdown_goodbye",
 ];

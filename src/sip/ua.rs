@@ -204,6 +204,8 @@ pub struct OutboundHandle {
     resolver: Resolver,
     /// Opens the TCP connection a `transport=tcp` target asks for.
     transport: TransportHandle,
+    /// How log lines show a target's user part (a call-back's is the caller's number).
+    log: crate::config::LogConfig,
 }
 
 impl OutboundHandle {
@@ -353,7 +355,7 @@ impl OutboundHandle {
         let (resolved, via) = match prepared.await {
             Ok(p) => p,
             Err(why) => {
-                warn!(%target, %why, "outbound call refused");
+                warn!(target = %self.log.uri(target), %why, "outbound call refused");
                 let _ = ev_tx.try_send(LegEvent::Failed {
                     code: 503,
                     reason: why,
@@ -817,6 +819,8 @@ pub struct UaCore {
     registrar: Option<Registrar>,
     /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
     trunk_auth: TrunkCredentials,
+    /// How log lines show numbers ([`UaCore::with_log`]).
+    log: crate::config::LogConfig,
     /// The registrar expiry the timer heap holds (earliest scheduled).
     registrar_timer: Option<Instant>,
     /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
@@ -891,6 +895,7 @@ impl UaCore {
             stats: Arc::new(UaStats::default()),
             registrar: None,
             trunk_auth: TrunkCredentials::default(),
+            log: crate::config::LogConfig::default(),
             registrar_timer: None,
             agent_tx: None,
             agent_contacts: Arc::new(DashMap::new()),
@@ -938,6 +943,13 @@ impl UaCore {
     /// challenged again, the leg fails with that code.
     pub fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
         self.trunk_auth = creds;
+        self
+    }
+
+    /// Show the user part of outbound targets (a call-back dials the caller's number) as
+    /// `log` says; call before [`UaCore::outbound`].
+    pub fn with_log(mut self, log: crate::config::LogConfig) -> Self {
+        self.log = log;
         self
     }
 
@@ -1065,6 +1077,7 @@ impl UaCore {
             bound: self.transport.local_addr(),
             resolver: self.resolver.clone(),
             transport: self.transport.clone(),
+            log: self.log,
         }
     }
 
@@ -2489,7 +2502,7 @@ impl UaCore {
         let flow = match flow {
             Ok(f) => f,
             Err(why) => {
-                warn!(%target, why, "outbound call refused");
+                warn!(target = %self.log.uri(&target), why, "outbound call refused");
                 let _ = events.try_send(LegEvent::Failed {
                     code: 503,
                     reason: why.to_owned(),
@@ -2532,7 +2545,7 @@ impl UaCore {
             })
             .collect();
         let bytes = self.invite_bytes(&sent, flow, &headers, &sdp, None);
-        info!(call_id = %sent.call_id, target = %sent.uri, "outbound INVITE");
+        info!(call_id = %sent.call_id, target = %self.log.uri(&sent.uri), "outbound INVITE");
         let key = (sent.branch.clone(), Method::Invite);
         let auth = (via.is_none() && !self.trunk_auth.is_empty()).then(|| {
             Box::new(AuthRetry {

@@ -152,6 +152,8 @@ pub struct TestUa {
     pub remote_rtp: Option<SocketAddr>,
     pub codec: Codec,
     pub rtp_out: RtpStream,
+    /// The user part of our From (the number the caller claims). Default `+15550001111`.
+    pub from_user: String,
     /// SIP messages received but not consumed yet.
     backlog: Vec<Message>,
 }
@@ -198,6 +200,7 @@ impl TestUa {
             remote_rtp: None,
             codec: Codec::Pcmu,
             rtp_out: RtpStream::new(),
+            from_user: "+15550001111".to_owned(),
             backlog: Vec::new(),
         }
     }
@@ -355,7 +358,7 @@ impl TestUa {
             "INVITE sip:311@{srv} SIP/2.0\r\n\
 Via: SIP/2.0/{tr} {me};branch={br};rport\r\n\
 Max-Forwards: 70\r\n\
-From: \"Test Caller\" <sip:+15550001111@{me}>;tag={tag}\r\n\
+From: \"Test Caller\" <sip:{user}@{me}>;tag={tag}\r\n\
 To: <sip:311@{srv}>\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} INVITE\r\n\
@@ -366,6 +369,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
             tr = self.transport(),
             me = self.local,
             br = self.invite_branch,
+            user = self.from_user,
             tag = self.from_tag,
             cid = self.call_id,
             cseq = self.cseq,
@@ -472,7 +476,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
             "{method} sip:ivr311@{srv} SIP/2.0\r\n\
 Via: SIP/2.0/{tr} {me};branch={branch};rport\r\n\
 Max-Forwards: 70\r\n\
-From: <sip:+15550001111@{me}>;tag={tag}\r\n\
+From: <sip:{user}@{me}>;tag={tag}\r\n\
 To: <sip:311@{srv}>;tag={tt}\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} {method}\r\n\
@@ -481,6 +485,7 @@ Contact: <sip:caller@{me}>\r\n\
             srv = self.server,
             tr = self.transport(),
             me = self.local,
+            user = self.from_user,
             tag = self.from_tag,
             tt = self.to_tag.clone().unwrap_or_default(),
             cid = self.call_id,
