@@ -44,7 +44,8 @@ fn callback_config(trunk: SocketAddr, trusted: bool) -> FileConfig {
 async fn pause(srv: &RunningServer, paused: bool) {
     let what = if paused { "pause" } else { "unpause" };
     let path = format!("/admin/agents/1001/{what}");
-    let (code, _) = http(srv.http_addr, "POST", &path, &[], br#"{"reason":"test"}"#).await;
+    let json = [("Content-Type", "application/json")];
+    let (code, _) = http(srv.http_addr, "POST", &path, &json, br#"{"reason":"test"}"#).await;
     assert_eq!(code / 100, 2, "{path}");
 }
 
