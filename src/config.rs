@@ -431,12 +431,17 @@ pub struct Limits {
     pub max_call_seconds: u64,
     /// On shutdown, how long calls in progress may continue. Default 30.
     pub drain_seconds: u64,
-    /// Most simultaneous TCP connections for SIP. Default 1024.
+    /// Most simultaneous inbound TCP connections for SIP (those peers open to us). The
+    /// connections we open (to `transport=tcp` 911 routes, trunks, call-backs) have a budget
+    /// of the same size of their own, so peers holding every inbound slot cannot make a 911
+    /// bridge over TCP fail. Default 1024.
     pub max_tcp_connections: usize,
-    /// A SIP TCP connection the far end sends nothing on for this long is closed, unless a
+    /// A SIP TCP connection the far end sends no SIP message on for this long is closed
+    /// (CRLF keep-alives do not count: a peer cannot hold a slot with them alone), unless a
     /// call runs over it (a caller on hold in a queue for half an hour keeps its connection,
-    /// so our BYE reaches the phone). One we opened (a `transport=tcp` 911 route or trunk)
-    /// that the far end closed is opened again when we next send on it. Default 300.
+    /// so our BYE reaches the phone) or an operator's phone is registered over it (so calls
+    /// reach it). One we opened (a `transport=tcp` 911 route or trunk) that the far end
+    /// closed is opened again when we next send on it. Default 300.
     pub tcp_idle_seconds: u64,
     /// Out-of-dialog requests other than INVITE (OPTIONS, REGISTER, MESSAGE, SUBSCRIBE..., and
     /// requests naming a dialog that does not exist) accepted per second from one source (an
@@ -448,6 +453,29 @@ pub struct Limits {
     /// How many such requests one source may send at once before `options_per_second`
     /// applies. Default 40.
     pub options_burst: u32,
+    /// Most calls at once from one source (an IPv4 address or an IPv6 /64) that is not in
+    /// `trunks.allow`, counted from the INVITE until the call ends. Past it a new INVITE gets
+    /// `503` with `Retry-After: 10`, is counted in `/metrics`
+    /// (`ivr311_sip_invites_limited_total{limit="calls_per_source"}`) and logged once per
+    /// source and 10 s. So one source cannot take every call slot (`max_calls`) and keep
+    /// other callers out. A phone makes one call at a time; a PBX or SBC that forwards many
+    /// callers from one address belongs in `trunks.allow`, which is exempt. 0 turns the limit
+    /// off. Default 20.
+    pub max_calls_per_source: usize,
+    /// New INVITEs accepted per second from one source not in `trunks.allow`, after
+    /// `invites_burst`; past it `503` with Retry-After (`{limit="invite_rate"}` in
+    /// `/metrics`). 0 turns the limit off. Default 5.
+    pub invites_per_second: u32,
+    /// How many INVITEs one such source may send at once before `invites_per_second`
+    /// applies. Default 20.
+    pub invites_burst: u32,
+    /// Most inbound SIP TCP connections from one source (an IPv4 address or an IPv6 /64) not
+    /// in `trunks.allow`; further ones are closed at once and counted in `/metrics`
+    /// (`ivr311_sip_tcp_refused_total{limit="per_source"}`). Connections we open (911
+    /// routes, trunks, call-backs) never count against `max_tcp_connections` or this. An
+    /// office whose operators' phones all use TCP from behind one NAT address needs this
+    /// above their number. 0 turns the limit off. Default 64.
+    pub max_tcp_connections_per_source: usize,
 }
 
 impl Default for Limits {
@@ -463,6 +491,10 @@ impl Default for Limits {
             tcp_idle_seconds: 300,
             options_per_second: 10,
             options_burst: 40,
+            max_calls_per_source: 20,
+            invites_per_second: 5,
+            invites_burst: 20,
+            max_tcp_connections_per_source: 64,
         }
     }
 }

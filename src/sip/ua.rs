@@ -25,6 +25,14 @@
 //!   than INVITE and CANCEL past their source's token bucket are dropped without an answer and
 //!   counted in `ivr311_sip_requests_dropped_total{reason}`. Requests in an existing dialog are
 //!   never screened.
+//! - Per-source call limits ([`Screening::max_calls_per_source`], [`Screening::invites_per_second`],
+//!   [`guard::CallLimiter`]): a new INVITE from a source that is not a trusted trunk (listed in
+//!   `trunks.allow`) is refused with `503` and `Retry-After` when its source already has that
+//!   many calls, or is past its INVITE rate. The refusal is stateless (RFC 3261 §8.2.7): no
+//!   transaction is kept and the 503 is sent once, not retransmitted, so a flood with a
+//!   spoofed source costs no memory and is not amplified; past a bucket of refusals per source
+//!   the INVITE is dropped unanswered. Each is counted (`ivr311_sip_invites_limited_total`),
+//!   and logged once per source and 10 s, with a summary of the rest.
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
@@ -77,7 +85,7 @@
 
 use crate::metrics::Metrics;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
-use crate::sip::guard::{self, IpNet, RateLimiter};
+use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
 use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
     Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
@@ -100,11 +108,23 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Methods we implement, for `Allow`.
+/// The summary line of a log window of refused calls that ended with refusals unlogged.
+fn log_calls_suppressed(s: &guard::Suppressed) {
+    let from = s.from();
+    let secs = s.over.as_secs_f64().round() as u64;
+    warn!(
+        source = %from,
+        suppressed = s.count,
+        "{} more calls from {from} refused by per-source limits in the last {secs}s",
+        s.count
+    );
+}
+
 /// The `req` number of the UA core's own session refreshes (RFC 4028), whose outcomes it keeps
 /// (calls number theirs from 0 up).
 const SESSION_REFRESH: u64 = u64::MAX;
 
+/// Methods we implement, for `Allow`.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 /// `Allow` when agents can log in (a registrar is configured).
 pub const ALLOW_WITH_REGISTER: &str =
@@ -769,6 +789,8 @@ struct DialogEntry {
     session_due: Option<Instant>,
     /// The SDP of our last 2xx, sent again unchanged by a re-INVITE refresh.
     local_sdp: Bytes,
+    /// An inbound call counted against its source's call limits: the source's address.
+    counted: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -783,6 +805,8 @@ enum TimerRef {
     TrunkRegister,
     /// A dialog's session timer (RFC 4028) is due: refresh, or BYE.
     Session(DialogId),
+    /// The per-source call limits' log windows are due for a sweep.
+    CallLogSweep,
 }
 
 /// The UA core task's state.
@@ -818,6 +842,10 @@ pub struct UaCore {
     trunks_allow: Vec<IpNet>,
     /// Per-source limit on out-of-dialog requests other than INVITE.
     limiter: RateLimiter,
+    /// Per-source limits on new calls from sources not in `trunks_allow`.
+    calls: CallLimiter,
+    /// A sweep of `calls`' log windows is on the timer heap.
+    calls_sweep_due: bool,
     /// Where dropped requests are counted.
     metrics: Option<Arc<Metrics>>,
     /// Our registration with the trunk ([`UaCore::with_trunk_registration`]), where its
@@ -841,15 +869,42 @@ pub struct UaCore {
     draining: Option<CancellationToken>,
 }
 
-/// What [`UaCore::with_screening`] drops.
+/// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Screening {
-    /// Source networks INVITEs are taken from; empty takes them from anywhere.
+    /// Source networks INVITEs are taken from; empty takes them from anywhere. Sources listed
+    /// here are trusted trunks: the per-source call limits below do not apply to them.
     pub trunks_allow: Vec<IpNet>,
     /// Out-of-dialog requests other than INVITE/CANCEL per second per source; 0: no limit.
     pub per_second: u32,
     /// Burst allowed per source before `per_second` applies.
     pub burst: u32,
+    /// Calls at once per untrusted source (`limits.max_calls_per_source`); 0: no limit.
+    pub max_calls_per_source: usize,
+    /// New INVITEs per second per untrusted source (`limits.invites_per_second`); 0: no limit.
+    pub invites_per_second: u32,
+    /// INVITEs one untrusted source may send at once (`limits.invites_burst`).
+    pub invites_burst: u32,
+}
+
+/// How long after a source's first refused INVITE is logged its further ones are only counted.
+const CALL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What [`UaCore::screen`] does with a new request.
+enum Screened {
+    /// Handle it.
+    Pass,
+    /// A new call from an untrusted source that now counts against its source's limits.
+    Admitted,
+    /// Drop it unanswered, for this reason (a `/metrics` label).
+    Drop(&'static str),
+    /// A new call over its source's limits (see [`CallVerdict::Refuse`]).
+    Refuse {
+        limit: guard::CallLimit,
+        retry_after: u32,
+        answer: bool,
+        log: LogVerdict,
+    },
 }
 
 impl UaCore {
@@ -885,6 +940,8 @@ impl UaCore {
             agent_contacts: Arc::new(DashMap::new()),
             trunks_allow: Vec::new(),
             limiter: RateLimiter::new(0, 0, 1),
+            calls: CallLimiter::new(0, 0, 0, CALL_LOG_WINDOW),
+            calls_sweep_due: false,
             metrics: None,
             trunk_reg: None,
             trunk_reg_flow: None,
@@ -902,6 +959,12 @@ impl UaCore {
     pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
         self.trunks_allow = screening.trunks_allow;
         self.limiter = RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES);
+        self.calls = CallLimiter::new(
+            screening.max_calls_per_source,
+            screening.invites_per_second,
+            screening.invites_burst,
+            CALL_LOG_WINDOW,
+        );
         self.metrics = Some(metrics);
         self
     }
@@ -1130,19 +1193,36 @@ impl UaCore {
             self.on_cancel(req, key, flow, now).await;
             return;
         }
-        if let Some(reason) = self.screen(&req, &flow, now) {
-            debug!(remote = %flow.remote, method = %req.method, reason, "request dropped unanswered");
-            if let Some(m) = &self.metrics {
-                m.add(
-                    "ivr311_sip_requests_dropped_total",
-                    "SIP requests dropped without an answer (scanner, source not allowed, rate limited).",
-                    &[("reason", reason)],
-                    1,
-                );
+        let counted = match self.screen(&req, &flow, now) {
+            Screened::Pass => None,
+            Screened::Admitted => Some(flow.remote.ip()),
+            Screened::Drop(reason) => {
+                debug!(remote = %flow.remote, method = %req.method, reason, "request dropped unanswered");
+                if let Some(m) = &self.metrics {
+                    m.add(
+                        "ivr311_sip_requests_dropped_total",
+                        "SIP requests dropped without an answer (scanner, source not allowed, rate limited).",
+                        &[("reason", reason)],
+                        1,
+                    );
+                }
+                return;
             }
-            return;
-        }
+            Screened::Refuse {
+                limit,
+                retry_after,
+                answer,
+                log,
+            } => {
+                self.refuse_call(&req, &flow, limit, retry_after, answer, log, now)
+                    .await;
+                return;
+            }
+        };
         if let Some((code, resp)) = self.refuse_extension_or_body(&req) {
+            if let Some(ip) = counted {
+                self.calls.ended(ip);
+            }
             self.new_server_and_respond(key, req, flow, None, code, resp, now)
                 .await;
             return;
@@ -1156,7 +1236,7 @@ impl UaCore {
             return;
         }
         match req.method {
-            Method::Invite => self.on_invite(req, key, flow, now).await,
+            Method::Invite => self.on_invite(req, key, flow, counted, now).await,
             Method::Options => {
                 let resp = self
                     .response(&req, 200, "OK", None)
@@ -1194,25 +1274,123 @@ impl UaCore {
         }
     }
 
-    /// Why a new request (not ACK, CANCEL or a retransmission) is dropped unanswered, if it is:
-    /// requests inside a dialog we hold always pass.
-    fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Option<&'static str> {
+    /// What to do with a new request (not ACK, CANCEL or a retransmission): requests inside
+    /// a dialog we hold always pass; an INVITE outside one from a source that is not a trusted
+    /// trunk counts against its source's call limits (or is refused by them).
+    fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Screened {
         if let Some(tag) = req.to.tag() {
             if self
                 .by_local_tag
                 .contains_key(&(req.call_id.clone(), tag.to_owned()))
             {
-                return None;
+                return Screened::Pass;
             }
         }
         if req.header("User-Agent").is_some_and(guard::is_scanner) {
-            return Some("scanner");
+            return Screened::Drop("scanner");
         }
+        let ip = flow.remote.ip();
         if req.method == Method::Invite {
-            return (!guard::allowed(&self.trunks_allow, flow.remote.ip()))
-                .then_some("source_not_allowed");
+            if !guard::allowed(&self.trunks_allow, ip) {
+                return Screened::Drop("source_not_allowed");
+            }
+            if req.to.tag().is_some() {
+                // A re-INVITE for a dialog we do not hold: answered 481, no call to count.
+                return Screened::Pass;
+            }
+            if self.trunks_allow.iter().any(|n| n.contains(ip)) {
+                return Screened::Pass;
+            }
+            return match self.calls.admit(ip, now) {
+                CallVerdict::Admit => Screened::Admitted,
+                CallVerdict::Refuse {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                } => Screened::Refuse {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                },
+            };
         }
-        (!self.limiter.allow(flow.remote.ip(), now)).then_some("rate_limited")
+        if self.limiter.allow(ip, now) {
+            Screened::Pass
+        } else {
+            Screened::Drop("rate_limited")
+        }
+    }
+
+    /// Refuse a new call over its source's limits: a stateless 503 with Retry-After (when the
+    /// source is within its bucket of answered refusals), counted, and logged once per source
+    /// and window.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse_call(
+        &mut self,
+        req: &Request,
+        flow: &Flow,
+        limit: guard::CallLimit,
+        retry_after: u32,
+        answer: bool,
+        log: LogVerdict,
+        now: Instant,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.add(
+                "ivr311_sip_invites_limited_total",
+                "New INVITEs refused by a per-source limit (calls at once, INVITE rate).",
+                &[("limit", limit.label())],
+                1,
+            );
+            if !answer {
+                m.add(
+                    "ivr311_sip_invites_limited_unanswered_total",
+                    "INVITEs refused by a per-source limit and not answered: their source was past its answered refusals.",
+                    &[],
+                    1,
+                );
+            }
+        }
+        if let LogVerdict::LogAfter(sup) = &log {
+            log_calls_suppressed(sup);
+        }
+        if log != LogVerdict::Quiet {
+            warn!(
+                remote = %flow.remote,
+                limit = limit.label(),
+                active = self.calls.active(flow.remote.ip()),
+                answered = answer,
+                "new call refused: its source is over a per-source limit (503)"
+            );
+            if !self.calls_sweep_due {
+                self.calls_sweep_due = true;
+                self.timers
+                    .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+            }
+        }
+        if answer {
+            let resp = self
+                .response(req, 503, "Service Unavailable", None)
+                .header("Retry-After", retry_after.to_string())
+                .build();
+            self.transport.send(flow, resp).await;
+        }
+    }
+
+    /// Log the summaries of the call limiter's log windows that are over; sweep again later
+    /// while any is open.
+    fn sweep_call_logs(&mut self, now: Instant) {
+        self.calls_sweep_due = false;
+        for sup in self.calls.sweep(now) {
+            log_calls_suppressed(&sup);
+        }
+        if self.calls.has_log_windows() {
+            self.calls_sweep_due = true;
+            self.timers
+                .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+        }
     }
 
     /// Refusals that come before method handling (RFC 3261 §8.2.2-8.2.3, RFC 4475 §3.3.5,
@@ -1601,7 +1779,16 @@ impl UaCore {
         }
     }
 
-    async fn on_invite(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
+    /// A new call. `counted`: the source address it counts against in the per-source call
+    /// limits, until its dialog is gone.
+    async fn on_invite(
+        &mut self,
+        req: Request,
+        key: ServerKey,
+        flow: Flow,
+        counted: Option<std::net::IpAddr>,
+        now: Instant,
+    ) {
         let d = self.next_id();
         let session = match session_timer::ask(&req) {
             session_timer::Ask::Timer(t) => Some(t),
@@ -1644,6 +1831,7 @@ impl UaCore {
                 session,
                 session_due: None,
                 local_sdp: Bytes::new(),
+                counted,
             },
         );
         let out = match self.server_entry(id) {
@@ -1809,12 +1997,18 @@ impl UaCore {
         self.transport.hold(&entry.dialog.flow);
         if let Some(old) = self.dialogs.insert(d, entry) {
             self.transport.release(&old.dialog.flow);
+            if let Some(ip) = old.counted {
+                self.calls.ended(ip);
+            }
         }
     }
 
     fn remove_dialog(&mut self, d: DialogId) {
         if let Some(de) = self.dialogs.remove(&d) {
             self.transport.release(&de.dialog.flow);
+            if let Some(ip) = de.counted {
+                self.calls.ended(ip);
+            }
             let k = (de.dialog.call_id.clone(), de.dialog.local_tag.clone());
             // Another fork's dialog shares the Call-ID and our tag; only drop our own entry.
             if self.by_local_tag.get(&k) == Some(&d) {
@@ -2858,6 +3052,7 @@ impl UaCore {
                 session: None,
                 session_due: None,
                 local_sdp: Bytes::new(),
+                counted: None,
             },
         );
         if wanted {
@@ -3123,6 +3318,7 @@ impl UaCore {
                 TimerRef::Registrar => self.on_registrar_timer(now),
                 TimerRef::TrunkRegister => self.poll_trunk_registration(now).await,
                 TimerRef::Session(d) => self.on_session_timer(d, now).await,
+                TimerRef::CallLogSweep => self.sweep_call_logs(now),
             }
         }
     }

@@ -1,0 +1,176 @@
+//! Integration: attacks on the SIP edge, driven from outside against the real server on
+//! loopback, each while a real caller, a trusted trunk and an operator's phone keep working.
+//!
+//! - An INVITE flood from one source takes at most its share of the call slots
+//!   (`limits.max_calls_per_source`, `limits.invites_per_second`): the rest get 503 with
+//!   Retry-After, are counted, and another caller, a trunk and an operator still get through.
+//! - TCP: one source cannot hold every inbound connection, CRLF keep-alives do not keep an idle
+//!   connection open, and peers holding every inbound slot do not stop a 911 bridge over TCP.
+//! - Registrar: guesses at an agent's password lock out new addresses, not the agent's phone at
+//!   its usual address; spoofed guesses (which cannot see our challenges) count for nothing;
+//!   `/admin/agents` shows the lock; a password stored as `password_ha1` logs in.
+//! - A call that does not read its events is ended cleanly (BYE) and counted, and a BYE behind
+//!   a burst of events is never dropped.
+//!
+//! 127.0.0.2 and up are other sources: on Linux all of 127.0.0.0/8 is loopback.
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use ivr311::media::g711::Codec;
+use ivr311::sip::message::{parse_datagram, Message, Response};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+
+/// An INVITE with an SDP offer, from `me`, Call-ID unique per `n`.
+fn invite(server: SocketAddr, me: SocketAddr, n: usize, from_user: &str) -> Vec<u8> {
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
+        ip = me.ip(),
+        port = 40000 + (n % 1000) * 2
+    );
+    format!(
+        "INVITE sip:311@{server} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {me};branch=z9hG4bKflood{n}x{r};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:{from_user}@{me}>;tag=f{n}\r\n\
+To: <sip:311@{server}>\r\n\
+Call-ID: flood-{n}-{r}@test\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:{from_user}@{me}>\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: {len}\r\n\r\n{sdp}",
+        r = rand::random::<u32>(),
+        len = sdp.len()
+    )
+    .into_bytes()
+}
+
+/// The final responses that arrive on `sock` until none has for `quiet`, by Call-ID (the last
+/// one each: a 200 is retransmitted until ACKed).
+async fn finals(sock: &UdpSocket, quiet: Duration) -> std::collections::HashMap<String, Response> {
+    let mut out = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 65535];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(quiet, sock.recv_from(&mut buf)).await {
+        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
+            if r.code >= 200 {
+                out.insert(r.call_id.clone(), r);
+            }
+        }
+    }
+    out
+}
+
+/// A counter of `/metrics`, 0 when absent.
+async fn counter(http: SocketAddr, series: &str) -> f64 {
+    metrics(http).await.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_flood_takes_only_its_sources_share_and_callers_agents_and_trunks_go_on() {
+    // 25 call slots in all; the flood's source may hold 20 (the default) of them.
+    let mut file = agents_config(&["1001"], 20, 30);
+    file.limits.max_calls = 25;
+    let per_source = file.limits.max_calls_per_source;
+    assert_eq!(per_source, 20, "the shipped default");
+    let srv = start_server(file).await;
+    let sip = srv.sip_addr;
+
+    // The operator's phone logs in before the attack.
+    let agent = TestAgent::login(sip, "1001").await;
+
+    // 1,000 INVITEs from one socket on 127.0.0.2, never acknowledged.
+    let attacker = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let me = attacker.local_addr().unwrap();
+    let sent = 1000;
+    for n in 0..sent {
+        attacker
+            .send_to(&invite(sip, me, n, "attacker"), sip)
+            .await
+            .unwrap();
+        if n % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let got = finals(&attacker, Duration::from_millis(800)).await;
+    let answered = got.values().filter(|r| r.code == 200).count();
+    let refused: Vec<&Response> = got.values().filter(|r| r.code == 503).collect();
+    eprintln!(
+        "INVITE flood: {sent} sent, {answered} answered, {} refused with 503",
+        refused.len()
+    );
+    assert!(answered <= per_source, "{answered} calls from one source");
+    assert!(!refused.is_empty());
+    assert!(refused
+        .iter()
+        .all(|r| r.header("Retry-After").is_some_and(|v| v.parse::<u32>().is_ok())));
+    let limited = counter(
+        srv.http_addr,
+        "ivr311_sip_invites_limited_total{limit=\"calls_per_source\"}",
+    )
+    .await
+        + counter(
+            srv.http_addr,
+            "ivr311_sip_invites_limited_total{limit=\"invite_rate\"}",
+        )
+        .await;
+    // Every refusal is counted, answered or not (a datagram the kernel dropped is neither).
+    assert!(limited as usize >= refused.len());
+    assert!(limited as usize + answered <= sent);
+    assert!(limited as usize >= sent * 9 / 10, "{limited} counted");
+
+    // A real caller from another address is answered and hears the menu, and reaches the
+    // operator, whose phone still works.
+    let mut ua = TestUa::udp(sip).await;
+    assert_eq!(ua.call("0 101").await.code, 200, "a real caller during the flood");
+    let ear = PromptEar::new("en", &["language_menu"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&ua.listen(Duration::from_millis(800)).await),
+        ["language_menu"]
+    );
+    ua.keys("110").await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    assert_eq!(ua.bye().await.code, 200);
+    srv.shutdown().await;
+
+    // A trusted trunk (listed in trunks.allow) is exempt: more calls at once than a source's
+    // share, as fast as it sends them, are all answered.
+    let mut file = FileConfig::default();
+    file.trunks.allow = vec!["127.0.0.3/32".parse().unwrap()];
+    file.limits.max_calls_per_source = 2;
+    file.limits.invites_burst = 2;
+    let srv = start_server(file).await;
+    let trunk = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    let me = trunk.local_addr().unwrap();
+    for n in 0..8 {
+        trunk
+            .send_to(&invite(srv.sip_addr, me, n, "+15550001111"), srv.sip_addr)
+            .await
+            .unwrap();
+    }
+    let got = finals(&trunk, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 8, "{got:?}");
+    assert!(got.values().all(|r| r.code == 200), "{got:?}");
+    srv.shutdown().await;
+}
+
+/// Wait until `cond` holds (polled every 50 ms) or `within` passes; whether it held.
+async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
