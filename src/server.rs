@@ -150,11 +150,15 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (in_tx, in_rx) = mpsc::channel(8192);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
         max_tcp_connections: file.limits.max_tcp_connections,
+        max_tcp_connections_per_source: file.limits.max_tcp_connections_per_source,
+        trusted: file.trunks.allow.clone(),
         tcp_idle: Duration::from_secs(file.limits.tcp_idle_seconds.max(1)),
         dscp: file.qos.sip_dscp,
+        metrics: Some(metrics.clone()),
         ..TransportLimits::default()
     };
     let transport = transport::bind(args.sip, limits, in_tx, &tracker, cancel.clone())
@@ -171,7 +175,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         None => sip_addr,
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     // Cancelled when the stop begins: calls are refused and the trunk registration removed.
     let draining = CancellationToken::new();
     let ua = UaCore::new(

@@ -174,3 +174,148 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TCP connection to `server` from `ip`.
+async fn tcp_from(ip: &str, server: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    s.connect(server).await.unwrap()
+}
+
+/// Whether the server closed `conn` (end of stream or reset) within `within`.
+async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_hold_the_tcp_table_and_keep_alives_do_not_keep_a_connection() {
+    let mut file = FileConfig::default();
+    file.limits.max_tcp_connections_per_source = 4;
+    file.limits.tcp_idle_seconds = 2;
+    let srv = start_server(file).await;
+    let sip = srv.sip_addr;
+
+    // 50 connections from 127.0.0.2: its 4 are kept, the rest closed at once.
+    let mut conns = Vec::new();
+    for _ in 0..50 {
+        conns.push(tcp_from("127.0.0.2", sip).await);
+    }
+    let mut open = Vec::new();
+    for mut c in conns {
+        if !closed_within(&mut c, Duration::from_millis(150)).await {
+            open.push(c);
+        }
+    }
+    assert_eq!(open.len(), 4, "connections kept from one source");
+    assert_eq!(
+        counter(
+            srv.http_addr,
+            "ivr311_sip_tcp_refused_total{limit=\"per_source\"}"
+        )
+        .await,
+        46.0
+    );
+
+    // A caller over TCP from another address is served meanwhile.
+    let mut ua = TestUa::tcp(sip).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    let ear = PromptEar::new("en", &["language_menu"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&ua.listen(Duration::from_millis(800)).await),
+        ["language_menu"]
+    );
+
+    // CRLF keep-alives every 200 ms are not activity: the connection is closed once idle
+    // (2 s), however often they come.
+    use tokio::io::AsyncWriteExt;
+    let mut pinger = open.pop().unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(6) {
+        if pinger.write_all(b"\r\n\r\n").await.is_err()
+            || closed_within(&mut pinger, Duration::from_millis(200)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a connection sending only keep-alives stays open");
+    // The call over TCP, quiet on SIP meanwhile, keeps its connection.
+    assert_eq!(ua.bye().await.code, 200);
+    srv.shutdown().await;
+
+    // A trusted trunk may open more than a source's share.
+    let mut file = FileConfig::default();
+    file.limits.max_tcp_connections_per_source = 2;
+    file.trunks.allow = vec!["127.0.0.3/32".parse().unwrap()];
+    let srv = start_server(file).await;
+    let mut trunk = Vec::new();
+    for _ in 0..6 {
+        trunk.push(tcp_from("127.0.0.3", srv.sip_addr).await);
+    }
+    for c in &mut trunk {
+        assert!(!closed_within(c, Duration::from_millis(100)).await);
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_holding_every_inbound_tcp_slot_do_not_stop_911_over_tcp() {
+    use tokio::io::AsyncReadExt;
+    let psap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!(
+        "sip:911@127.0.0.1:{};transport=tcp",
+        psap.local_addr().unwrap().port()
+    );
+    let mut file = bridge_911_to(&uri);
+    file.limits.max_tcp_connections = 8;
+    file.limits.max_tcp_connections_per_source = 2;
+    let srv = start_server(file).await;
+    let sip = srv.sip_addr;
+
+    // Four sources hold two connections each: every inbound slot is taken.
+    let mut held = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        for _ in 0..2 {
+            held.push(tcp_from(ip, sip).await);
+        }
+    }
+    for c in &mut held {
+        assert!(!closed_within(c, Duration::from_millis(50)).await);
+    }
+    let mut one_more = tcp_from("127.0.0.6", sip).await;
+    assert!(
+        closed_within(&mut one_more, Duration::from_secs(1)).await,
+        "the table is full"
+    );
+    let http = srv.http_addr;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            counter(http, "ivr311_sip_tcp_refused_total{limit=\"total\"}").await >= 1.0
+        })
+        .await
+    );
+
+    // A caller presses 9 for 911: the bridge opens its own TCP connection to the PSAP.
+    let _ua = caller_pressing(sip, "19").await;
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), psap.accept())
+        .await
+        .expect("the 911 route over TCP is reached")
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the INVITE arrives")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"INVITE sip:911@"), "{:?}", &buf[..n.min(80)]);
+    srv.shutdown().await;
+}

@@ -1526,7 +1526,10 @@ impl UaCore {
         self.schedule_registrar();
     }
 
-    /// Keep [`UaCore::agent_contacts`] current and pass the events on.
+    /// Keep [`UaCore::agent_contacts`] current and pass the events on. The flow an agent's
+    /// phone is reached over is held open while it is logged in: a phone registered over TCP
+    /// may send nothing but keep-alives between registrations, and the connection is the only
+    /// way to reach it.
     fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
         for ev in events {
             match &ev {
@@ -1535,11 +1538,17 @@ impl UaCore {
                     contact,
                     flow,
                 } => {
+                    self.transport.hold(flow);
+                    if let Some((_, (_, old))) = self.agent_contacts.remove(agent) {
+                        self.transport.release(&old);
+                    }
                     self.agent_contacts
                         .insert(agent.clone(), (contact.clone(), *flow));
                 }
                 AgentEvent::LoggedOut { agent } => {
-                    self.agent_contacts.remove(agent);
+                    if let Some((_, (_, old))) = self.agent_contacts.remove(agent) {
+                        self.transport.release(&old);
+                    }
                 }
             }
             let Some(tx) = &self.agent_tx else {
