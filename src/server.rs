@@ -183,6 +183,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         format!("ivr311/{}", env!("CARGO_PKG_VERSION")),
         app_tx,
     )
+    .with_tasks(tracker.clone())
     .with_agents(
         "ivr311",
         file.agents

@@ -319,3 +319,160 @@ async fn peers_holding_every_inbound_tcp_slot_do_not_stop_911_over_tcp() {
     assert!(buf[..n].starts_with(b"INVITE sip:911@"), "{:?}", &buf[..n.min(80)]);
     srv.shutdown().await;
 }
+
+/// A bare UA core on loopback (as `tests/uac.rs` runs one) whose calls the test plays itself,
+/// so that a call can be made to stop reading its events.
+struct BareUa {
+    sip: SocketAddr,
+    app: tokio::sync::mpsc::Receiver<ivr311::sip::ua::AppEvent>,
+    stats: std::sync::Arc<ivr311::sip::ua::UaStats>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for BareUa {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn bare_ua() -> BareUa {
+    use ivr311::sip::transport::{self, TransportLimits};
+    use ivr311::sip::ua::UaCore;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(1024);
+    let t = transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        TransportLimits::default(),
+        in_tx,
+        &tracker,
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let sip = t.local_addr();
+    let (app_tx, app) = tokio::sync::mpsc::channel(16);
+    let ua = UaCore::new(t, sip, "ivr311-test".into(), app_tx).with_tasks(tracker.clone());
+    let stats = ua.stats();
+    tracker.spawn(ua.run(in_rx, cancel.clone()));
+    BareUa {
+        sip,
+        app,
+        stats,
+        cancel,
+    }
+}
+
+/// A caller calls the bare UA, which answers 200 with SDP; the call (whose events the test
+/// reads, or not) and the caller.
+async fn answered_call(ua: &mut BareUa) -> (ivr311::sip::ua::IncomingCall, TestUa) {
+    use ivr311::sip::ua::AppEvent;
+    let mut caller = TestUa::udp(ua.sip).await;
+    let answer = async {
+        let Some(AppEvent::Invite(call)) = ua.app.recv().await else {
+            panic!("no call")
+        };
+        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n";
+        call.handle
+            .respond(
+                200,
+                "OK",
+                vec![],
+                Some(("application/sdp".into(), bytes::Bytes::from(sdp))),
+            )
+            .await;
+        call
+    };
+    let (r, call) = tokio::join!(caller.call("0 101"), answer);
+    assert_eq!(r.code, 200);
+    (call, caller)
+}
+
+fn info(caller: &mut TestUa) -> Vec<u8> {
+    caller.in_dialog(
+        "INFO",
+        "Content-Type: application/dtmf-relay\r\n",
+        "Signal=1\r\nDuration=160\r\n",
+    )
+}
+
+/// Every event a call's channel holds until it closes (or nothing comes for 3 s).
+async fn all_events(
+    call: &mut ivr311::sip::ua::IncomingCall,
+) -> (Vec<ivr311::sip::ua::DialogEvent>, bool) {
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), call.events.recv()).await {
+            Ok(Some(ev)) => out.push(ev),
+            Ok(None) => return (out, true),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bye_behind_a_burst_of_events_reaches_a_call_that_was_not_reading() {
+    use ivr311::sip::ua::DialogEvent;
+    let mut ua = bare_ua().await;
+    let (mut call, mut caller) = answered_call(&mut ua).await;
+    // 80 INFO key presses while the call does not read (its channel holds 64), then BYE.
+    for _ in 0..80 {
+        let i = info(&mut caller);
+        caller.send_raw(&i).await;
+    }
+    for _ in 0..80 {
+        caller
+            .expect_response("INFO", 200, Duration::from_secs(5))
+            .await;
+    }
+    assert_eq!(caller.bye().await.code, 200);
+    let (events, closed) = all_events(&mut call).await;
+    let infos = events
+        .iter()
+        .filter(|e| matches!(e, DialogEvent::Info { .. }))
+        .count();
+    assert!(
+        matches!(events.first(), Some(DialogEvent::Confirmed { .. })),
+        "{:?}",
+        events.first()
+    );
+    assert_eq!(infos, 80, "every key press arrives");
+    assert!(
+        matches!(events.last(), Some(DialogEvent::Bye)),
+        "the BYE arrives, last: {:?}",
+        events.last()
+    );
+    assert!(closed, "and then the channel closes");
+    assert_eq!(
+        ua.stats
+            .ended_backlogged
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_keep_up_is_ended_cleanly_and_counted() {
+    use ivr311::sip::ua::{DialogEvent, MAX_EVENT_BACKLOG};
+    let mut ua = bare_ua().await;
+    let (mut call, mut caller) = answered_call(&mut ua).await;
+    // Far more events than the channel and the backlog hold, and the call never reads.
+    for _ in 0..300 {
+        let i = info(&mut caller);
+        caller.send_raw(&i).await;
+    }
+    // The caller is told the call is over, with a BYE.
+    let bye = caller.expect_request("BYE", Duration::from_secs(5)).await;
+    caller.answer_request(&bye).await;
+    assert_eq!(
+        ua.stats
+            .ended_backlogged
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The call gets what was queued, in order, and then its channel closes: it ends too.
+    let (events, closed) = all_events(&mut call).await;
+    assert!(closed, "the call's channel closes");
+    assert!(matches!(events.first(), Some(DialogEvent::Confirmed { .. })));
+    assert_eq!(events.len(), 64 + MAX_EVENT_BACKLOG + 1);
+}

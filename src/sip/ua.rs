@@ -43,6 +43,17 @@
 //! - Our own registration with a trunk (`trunks.register`, [`crate::sip::trunk`]): REGISTERs in
 //!   client transactions of their own, refreshed on the timer heap, removed when draining.
 //!
+//! Events are never dropped. A call (or an outbound leg's owner) reads its [`DialogEvent`]s
+//! from a bounded channel; when that channel is full, further events wait in order in a
+//! bounded backlog of the dialog ([`EventQueue`]), and a task (owned by the server's
+//! [`TaskTracker`], [`UaCore::with_tasks`]) waits for room and has the UA core deliver them.
+//! A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep up: its dialog is ended
+//! as if the call had released it (BYE, or 500 before the answer, CANCEL for an outbound leg
+//! not answered), counted in `ivr311_calls_ended_backlogged_total`, and the call, once it has
+//! read what was queued, finds its channel closed. When a dialog ends with events still
+//! queued (a BYE behind a burst of INFOs), a task hands them over in order (for up to 30 s)
+//! before the channel closes.
+//!
 //! Where we send: responses go back to the source address of the request (the `rport`
 //! behaviour of RFC 3581, applied whether or not the client asked), and requests we originate
 //! inside a dialog go back along the flow the dialog came in on rather than to the Contact.
@@ -98,7 +109,7 @@ use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegis
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,6 +117,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 /// The summary line of a log window of refused calls that ended with refusals unlogged.
@@ -479,6 +491,8 @@ enum Command {
     TrunkResolved(Result<(SocketAddr, usize), String>),
     /// The TCP connection to the trunk registrar was opened (or could not be).
     TrunkConnected(Result<Flow, String>),
+    /// Dialog `dialog`'s listener has room for the events queued for it.
+    Room { dialog: DialogId },
 }
 
 /// A call's handle on its dialog. Cloneable; commands are queued to the UA task.
@@ -563,6 +577,8 @@ pub struct UaStats {
     pub dialogs: AtomicUsize,
     pub server_transactions: AtomicUsize,
     pub client_transactions: AtomicUsize,
+    /// Calls and outbound legs ended because they fell too far behind their events.
+    pub ended_backlogged: std::sync::atomic::AtomicU64,
     /// Our registration with the trunk, as of the instant stored with it (`None` without
     /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
     trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
@@ -709,7 +725,7 @@ impl SentInvite {
 
 /// An outbound call between its INVITE and the first final response.
 struct OutboundLeg {
-    events: mpsc::Sender<LegEvent>,
+    events: EventQueue<LegEvent>,
     /// The INVITE client transaction.
     invite: ClientKey,
     /// What a digest challenge to the INVITE is answered with, once (trunk legs only).
@@ -749,23 +765,110 @@ impl LegState {
     }
 }
 
+/// Most events a dialog's listener may be behind beyond its channel; one more and the call
+/// is ended (see the module docs).
+pub const MAX_EVENT_BACKLOG: usize = 64;
+/// How long the events queued for a dialog that has ended wait for its listener to take them.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Events for one listener, in order: into its channel while there is room, else into a
+/// bounded backlog that [`Command::Room`] flushes.
+struct EventQueue<T> {
+    tx: mpsc::Sender<T>,
+    backlog: VecDeque<T>,
+    /// A task waits for room in the channel.
+    waiting: bool,
+    /// The listener fell [`MAX_EVENT_BACKLOG`] behind; its dialog is being ended and later
+    /// events are not queued.
+    overflowed: bool,
+}
+
+/// What became of an event given to an [`EventQueue`].
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    /// In the channel, or queued behind others (with a task waiting for room).
+    Taken,
+    /// Queued, and a task must now wait for room ([`UaCore::wait_for_room`]).
+    NeedsWaiter,
+    /// Queued last: the listener is too far behind, its dialog must end.
+    Overflow,
+    /// The listener is gone (or the dialog is being ended for its backlog): dropped.
+    Gone,
+}
+
+impl<T> EventQueue<T> {
+    fn new(tx: mpsc::Sender<T>) -> Self {
+        EventQueue {
+            tx,
+            backlog: VecDeque::new(),
+            waiting: false,
+            overflowed: false,
+        }
+    }
+
+    fn push(&mut self, ev: T) -> Queued {
+        if self.overflowed || self.tx.is_closed() {
+            return Queued::Gone;
+        }
+        if self.backlog.is_empty() {
+            match self.tx.try_send(ev) {
+                Ok(()) => return Queued::Taken,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Queued::Gone,
+                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+            }
+        } else {
+            self.backlog.push_back(ev);
+        }
+        if self.backlog.len() > MAX_EVENT_BACKLOG {
+            self.overflowed = true;
+            return Queued::Overflow;
+        }
+        if self.waiting {
+            Queued::Taken
+        } else {
+            self.waiting = true;
+            Queued::NeedsWaiter
+        }
+    }
+
+    /// Move what fits from the backlog into the channel; whether some is left (and a task must
+    /// wait for room again).
+    fn flush(&mut self) -> bool {
+        self.waiting = false;
+        while let Some(ev) = self.backlog.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.backlog.push_front(ev);
+                    self.waiting = true;
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
+
 /// Who hears a dialog's events.
 enum EventSink {
     /// An inbound call.
-    Call(mpsc::Sender<DialogEvent>),
+    Call(EventQueue<DialogEvent>),
     /// An outbound leg: events are wrapped in [`LegEvent::Dialog`].
-    Leg(mpsc::Sender<LegEvent>),
+    Leg(EventQueue<LegEvent>),
     /// Nobody: a dialog kept only to end it (a 2xx that crossed our CANCEL, another fork).
     Detached,
 }
 
 impl EventSink {
-    /// False when the listener is full or gone.
-    fn send(&self, ev: DialogEvent) -> bool {
+    fn push(&mut self, ev: DialogEvent) -> Queued {
         match self {
-            EventSink::Call(tx) => tx.try_send(ev).is_ok(),
-            EventSink::Leg(tx) => tx.try_send(LegEvent::Dialog(ev)).is_ok(),
-            EventSink::Detached => true,
+            EventSink::Call(q) => q.push(ev),
+            EventSink::Leg(q) => q.push(LegEvent::Dialog(ev)),
+            EventSink::Detached => Queued::Taken,
         }
     }
 }
@@ -867,6 +970,12 @@ pub struct UaCore {
     trunk_reg_connecting: bool,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
+    /// Owns the tasks this core starts (look-ups, connections, event deliveries).
+    tasks: TaskTracker,
+    /// Stops those tasks (the token [`UaCore::run`] was given).
+    cancel: CancellationToken,
+    /// Dialogs whose listener fell too far behind, to be ended ([`UaCore::end_backlogged`]).
+    backlogged: Vec<DialogId>,
 }
 
 /// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
@@ -952,7 +1061,18 @@ impl UaCore {
             trunk_reg_tried: Vec::new(),
             trunk_reg_connecting: false,
             draining: None,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            backlogged: Vec::new(),
         }
+    }
+
+    /// Start this core's own tasks (host name look-ups, TCP connections to trunks, deliveries
+    /// of queued events) on `tracker`, so that shutdown waits for them. Without it they run
+    /// on a tracker of the core's own.
+    pub fn with_tasks(mut self, tracker: TaskTracker) -> Self {
+        self.tasks = tracker;
+        self
     }
 
     /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
@@ -1113,6 +1233,7 @@ impl UaCore {
 
     /// Run until cancelled or the transport closes.
     pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
+        self.cancel = cancel.clone();
         let draining = self.draining.take();
         let mut unbound = draining.is_none();
         loop {
@@ -1169,6 +1290,7 @@ impl UaCore {
             Message::Request(req) => self.on_request(req, m.flow).await,
             Message::Response(resp) => self.on_response(resp).await,
         }
+        self.end_backlogged(Self::now()).await;
     }
 
     // ---- server side -------------------------------------------------------------------
@@ -1831,7 +1953,7 @@ impl UaCore {
             d,
             DialogEntry {
                 dialog,
-                events: EventSink::Call(ev_tx),
+                events: EventSink::Call(EventQueue::new(ev_tx)),
                 invite: Some(key.clone()),
                 last_invite: Some(key),
                 reoffers: HashMap::new(),
@@ -1993,11 +2115,133 @@ impl UaCore {
         }
     }
 
+    /// Hand `ev` to dialog `d`'s listener, now or, when it is behind, in order later (see the
+    /// module docs); never dropped while the listener is there.
     fn dialog_event(&mut self, d: DialogId, ev: DialogEvent) {
-        if let Some(de) = self.dialogs.get(&d) {
-            if !de.events.send(ev) {
-                debug!("call not listening; dialog event dropped");
+        let Some(de) = self.dialogs.get_mut(&d) else {
+            return;
+        };
+        match de.events.push(ev) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => match &de.events {
+                EventSink::Call(q) => {
+                    let tx = q.tx.clone();
+                    self.wait_for_room(d, tx);
+                }
+                EventSink::Leg(q) => {
+                    let tx = q.tx.clone();
+                    self.wait_for_room(d, tx);
+                }
+                EventSink::Detached => {}
+            },
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("call not listening; dialog event dropped"),
+        }
+    }
+
+    /// Have a task wait until `tx` (dialog `d`'s listener) has room, then tell this core
+    /// ([`Command::Room`]).
+    fn wait_for_room<T: Send + 'static>(&self, d: DialogId, tx: mpsc::Sender<T>) {
+        let (cmd, cancel) = (self.cmd_tx.clone(), self.cancel.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                room = tx.reserve() => {
+                    drop(room);
+                    let _ = cmd.send(Command::Room { dialog: d }).await;
+                }
             }
+        });
+    }
+
+    /// Dialog `d`'s listener has room: deliver what waits for it.
+    fn on_room(&mut self, d: DialogId) {
+        if let Some(de) = self.dialogs.get_mut(&d) {
+            match &mut de.events {
+                EventSink::Call(q) => {
+                    if q.flush() {
+                        let tx = q.tx.clone();
+                        self.wait_for_room(d, tx);
+                    }
+                }
+                EventSink::Leg(q) => {
+                    if q.flush() {
+                        let tx = q.tx.clone();
+                        self.wait_for_room(d, tx);
+                    }
+                }
+                EventSink::Detached => {}
+            }
+        } else if let Some(leg) = self.outbound.get_mut(&d) {
+            if leg.events.flush() {
+                let tx = leg.events.tx.clone();
+                self.wait_for_room(d, tx);
+            }
+        }
+    }
+
+    /// A listener whose dialog is over: a task hands it what is still queued, in order (for
+    /// up to [`DRAIN_WITHIN`]), then the channel closes.
+    fn drain_later<T: Send + 'static>(&self, q: EventQueue<T>) {
+        let EventQueue { tx, backlog, .. } = q;
+        if backlog.is_empty() {
+            return;
+        }
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let deliver = async {
+                for ev in backlog {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                done = tokio::time::timeout(DRAIN_WITHIN, deliver) => {
+                    if done.is_err() {
+                        warn!("a call did not take its last SIP events in time; dropped");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Outbound leg `leg` is over with `last` (its failure): its owner hears it after what is
+    /// queued.
+    fn finish_leg(&self, leg: OutboundLeg, last: LegEvent) {
+        let mut q = leg.events;
+        if !q.tx.is_closed() {
+            if q.backlog.is_empty() {
+                if let Err(mpsc::error::TrySendError::Full(ev)) = q.tx.try_send(last) {
+                    q.backlog.push_back(ev);
+                }
+            } else {
+                q.backlog.push_back(last);
+            }
+        }
+        self.drain_later(q);
+    }
+
+    /// End the dialogs whose listener fell [`MAX_EVENT_BACKLOG`] events behind, as if the call
+    /// had released them, and count them.
+    async fn end_backlogged(&mut self, now: Instant) {
+        for d in std::mem::take(&mut self.backlogged) {
+            warn!(
+                dialog = d,
+                backlog = MAX_EVENT_BACKLOG,
+                "a call is not taking its SIP events; ending it"
+            );
+            if let Some(m) = &self.metrics {
+                m.add(
+                    "ivr311_calls_ended_backlogged_total",
+                    "Calls and outbound legs ended because they fell too far behind their SIP events.",
+                    &[],
+                    1,
+                );
+            }
+            self.stats.ended_backlogged.fetch_add(1, Ordering::Relaxed);
+            self.release_dialog(d, now).await;
         }
     }
 
@@ -2017,6 +2261,11 @@ impl UaCore {
             self.transport.release(&de.dialog.flow);
             if let Some(ip) = de.counted {
                 self.calls.ended(ip);
+            }
+            match de.events {
+                EventSink::Call(q) => self.drain_later(q),
+                EventSink::Leg(q) => self.drain_later(q),
+                EventSink::Detached => {}
             }
             let k = (de.dialog.call_id.clone(), de.dialog.local_tag.clone());
             // Another fork's dialog shares the Call-ID and our tag; only drop our own entry.
@@ -2101,7 +2350,13 @@ impl UaCore {
 
     async fn on_command(&mut self, c: Command) {
         let now = Self::now();
+        self.command(c, now).await;
+        self.end_backlogged(now).await;
+    }
+
+    async fn command(&mut self, c: Command, now: Instant) {
         match c {
+            Command::Room { dialog } => self.on_room(dialog),
             Command::Invite(inv) => self.start_outbound(*inv, now).await,
             Command::TrunkResolved(found) => self.on_trunk_resolved(found, now).await,
             Command::TrunkConnected(opened) => self.on_trunk_connected(opened, now).await,
@@ -2219,25 +2474,31 @@ impl UaCore {
                     Some(DialogState::Terminating) | None => {}
                 }
             }
-            Command::Drop { dialog } => {
-                // The call is gone. If the dialog is still up, end it properly first.
-                let state = self.dialogs.get(&dialog).map(|de| de.dialog.state);
-                match state {
-                    Some(DialogState::Confirmed { acked: true }) => {
-                        self.send_bye(dialog, now).await
-                    }
-                    Some(DialogState::Early) => {
-                        self.respond_invite(dialog, 500, "Server Internal Error", vec![], None, now)
-                            .await
-                    }
-                    Some(DialogState::Confirmed { acked: false }) => {
-                        if let Some(de) = self.dialogs.get_mut(&dialog) {
-                            de.bye_pending = true;
-                        }
-                    }
-                    _ => {}
+            Command::Drop { dialog } => self.release_dialog(dialog, now).await,
+        }
+    }
+
+    /// The call is done with dialog `d` (or cannot keep up with it): if it is still up, end
+    /// it properly (BYE; 500 for an inbound call not answered; CANCEL for an outbound call
+    /// not answered).
+    async fn release_dialog(&mut self, d: DialogId, now: Instant) {
+        if self.outbound.contains_key(&d) {
+            self.cancel_leg(d, now).await;
+            return;
+        }
+        let state = self.dialogs.get(&d).map(|de| de.dialog.state);
+        match state {
+            Some(DialogState::Confirmed { acked: true }) => self.send_bye(d, now).await,
+            Some(DialogState::Early) => {
+                self.respond_invite(d, 500, "Server Internal Error", vec![], None, now)
+                    .await
+            }
+            Some(DialogState::Confirmed { acked: false }) => {
+                if let Some(de) = self.dialogs.get_mut(&d) {
+                    de.bye_pending = true;
                 }
             }
+            _ => {}
         }
     }
 
@@ -2448,7 +2709,7 @@ impl UaCore {
                 }
                 let tried = self.trunk_reg_tried.clone();
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let found = crate::sip::resolve::resolve_all(&uri, bound).await;
                     let found = found.map(|all| {
                         let next =
@@ -2465,7 +2726,7 @@ impl UaCore {
             if !self.trunk_reg_connecting {
                 self.trunk_reg_connecting = true;
                 let (tx, transport) = (self.cmd_tx.clone(), self.transport.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let opened = transport
                         .connect_tcp(flow.remote)
                         .await
@@ -2722,7 +2983,7 @@ impl UaCore {
         self.outbound.insert(
             d,
             OutboundLeg {
-                events,
+                events: EventQueue::new(events),
                 invite: key.clone(),
                 auth,
                 state: LegState::Calling,
@@ -2930,11 +3191,19 @@ impl UaCore {
         .await;
     }
 
-    fn leg_event(&self, d: DialogId, ev: LegEvent) {
-        if let Some(leg) = self.outbound.get(&d) {
-            if leg.events.try_send(ev).is_err() {
-                debug!("outbound call not listening; event dropped");
+    /// Hand `ev` to outbound leg `d`'s owner (not answered yet), now or in order later.
+    fn leg_event(&mut self, d: DialogId, ev: LegEvent) {
+        let Some(leg) = self.outbound.get_mut(&d) else {
+            return;
+        };
+        match leg.events.push(ev) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => {
+                let tx = leg.events.tx.clone();
+                self.wait_for_room(d, tx);
             }
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("outbound call not listening; event dropped"),
         }
     }
 
@@ -2966,7 +3235,7 @@ impl UaCore {
                     return;
                 };
                 match leg.state {
-                    LegState::Calling if leg.events.is_closed() => {
+                    LegState::Calling if leg.events.tx.is_closed() => {
                         // Nobody wants this call any more.
                         self.send_cancel(d, now).await
                     }
@@ -2982,10 +3251,13 @@ impl UaCore {
                     return;
                 };
                 info!(code = resp.code, reason = %resp.reason, "outbound call failed");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code: resp.code,
-                    reason: resp.reason.clone(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code: resp.code,
+                        reason: resp.reason.clone(),
+                    },
+                );
             }
         }
     }
@@ -3028,12 +3300,15 @@ impl UaCore {
         }
         let leg = self.outbound.remove(&d);
         let (id, events, wanted) = match leg {
-            Some(leg) if leg.state.cancelled() || leg.events.is_closed() => {
+            Some(leg) if leg.state.cancelled() || leg.events.tx.is_closed() => {
                 info!(call_id = %sent.call_id, "2xx crossed our CANCEL; ACK and BYE");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code: 487,
-                    reason: "Request Terminated".into(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code: 487,
+                        reason: "Request Terminated".into(),
+                    },
+                );
                 (d, EventSink::Detached, false)
             }
             Some(leg) => (d, EventSink::Leg(leg.events), true),
@@ -3073,14 +3348,21 @@ impl UaCore {
     }
 
     fn dialog_answered(&mut self, d: DialogId, sdp: Bytes) {
-        if let Some(DialogEntry {
-            events: EventSink::Leg(tx),
+        let Some(DialogEntry {
+            events: EventSink::Leg(q),
             ..
-        }) = self.dialogs.get(&d)
-        {
-            if tx.try_send(LegEvent::Answered { sdp }).is_err() {
-                debug!("outbound call not listening; answer dropped");
+        }) = self.dialogs.get_mut(&d)
+        else {
+            return;
+        };
+        match q.push(LegEvent::Answered { sdp }) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => {
+                let tx = q.tx.clone();
+                self.wait_for_room(d, tx);
             }
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("outbound call not listening; answer dropped"),
         }
     }
 
@@ -3252,10 +3534,13 @@ impl UaCore {
                     (408, "Request Timeout")
                 };
                 info!(code, "outbound INVITE got no answer");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code,
-                    reason: reason.into(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code,
+                        reason: reason.into(),
+                    },
+                );
             }
             ClientKind::InDialog => {
                 if method == Method::Bye {
@@ -3330,6 +3615,7 @@ impl UaCore {
                 TimerRef::CallLogSweep => self.sweep_call_logs(now),
             }
         }
+        self.end_backlogged(now).await;
     }
 
     /// 64·T1 after our CANCEL and still no final response for the INVITE: give up (§9.1).
@@ -3347,10 +3633,13 @@ impl UaCore {
         if let Some((id, _)) = self.client.remove(&leg.invite) {
             self.client_ids.remove(&id);
         }
-        let _ = leg.events.try_send(LegEvent::Failed {
-            code: 487,
-            reason: "Request Terminated".into(),
-        });
+        self.finish_leg(
+            leg,
+            LegEvent::Failed {
+                code: 487,
+                reason: "Request Terminated".into(),
+            },
+        );
     }
 }
 
