@@ -192,22 +192,113 @@ impl Default for RegistrarConfig {
 }
 
 /// One operator.
+///
+/// In YAML the secret is either `password: "..."` (plain text: start-up warns) or
+/// `password_ha1: {SHA-256: "<64 hex>", MD5: "<32 hex>"}`, the digest hashes
+/// `H(id:realm:password)` that `ivr311 agent-hash <id>` prints (realm `ivr311`), one for
+/// each algorithm `registrar.digest_algorithms` offers; never both.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "AgentYaml")]
 pub struct AgentConfig {
     /// SIP user name the phone registers with (e.g. "1001").
     pub id: String,
-    /// Digest password.
-    pub password: String,
+    /// The digest password, or its stored hashes.
+    pub password: crate::sip::registrar::AgentSecret,
     /// Skills/languages the agent can take (e.g. [en, es]). Empty: any call.
-    #[serde(default)]
     pub skills: Vec<String>,
     /// Lower tiers are offered calls first. Default 1.
-    #[serde(default = "one")]
     pub tier: u32,
     /// Display name for the admin view.
-    #[serde(default)]
     pub name: Option<String>,
+}
+
+/// [`AgentConfig`] as written in YAML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentYaml {
+    id: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_ha1: Option<crate::sip::registrar::PasswordHa1>,
+    #[serde(default)]
+    skills: Vec<String>,
+    #[serde(default = "one")]
+    tier: u32,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+impl TryFrom<AgentYaml> for AgentConfig {
+    type Error = String;
+
+    fn try_from(a: AgentYaml) -> Result<Self, String> {
+        use crate::sip::registrar::AgentSecret;
+        let password = match (a.password, a.password_ha1) {
+            (Some(p), None) => AgentSecret::Password(p),
+            (None, Some(h)) if h.md5.is_some() || h.sha256.is_some() => AgentSecret::Ha1(h),
+            (None, Some(_)) => {
+                return Err(format!(
+                    "agent {:?}: password_ha1 needs `SHA-256:` and/or `MD5:`",
+                    a.id
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "agent {:?}: give `password` or `password_ha1`, not both",
+                    a.id
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "agent {:?}: missing `password_ha1` (from `ivr311 agent-hash`) or `password`",
+                    a.id
+                ))
+            }
+        };
+        Ok(AgentConfig {
+            id: a.id,
+            password,
+            skills: a.skills,
+            tier: a.tier,
+            name: a.name,
+        })
+    }
+}
+
+impl FileConfig {
+    /// Agents whose stored hashes lack an algorithm the registrar offers (a phone answering
+    /// that challenge could never log in): one line per agent, empty when all is well.
+    pub fn agent_hash_problems(&self) -> Vec<String> {
+        use crate::sip::registrar::AgentSecret;
+        let offered: Vec<String> = self
+            .registrar
+            .digest_algorithms
+            .iter()
+            .map(|a| a.to_ascii_uppercase())
+            .collect();
+        self.agents
+            .iter()
+            .filter_map(|a| {
+                let AgentSecret::Ha1(h) = &a.password else {
+                    return None;
+                };
+                let has = h.algorithms();
+                let missing: Vec<&str> = ["SHA-256", "MD5"]
+                    .into_iter()
+                    .filter(|alg| offered.iter().any(|o| o == alg) && !has.contains(alg))
+                    .collect();
+                (!missing.is_empty()).then(|| {
+                    format!(
+                        "agent {:?}: password_ha1 has no {} hash, which registrar.digest_algorithms offers (add it with `ivr311 agent-hash`, or offer only {})",
+                        a.id,
+                        missing.join(" or "),
+                        has.join(", ")
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 fn one() -> u32 {
@@ -640,6 +731,47 @@ mod tests {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         set_dscp(&s, false, Dscp(46)).unwrap();
         assert_eq!(dscp_of(&s), 46);
+    }
+
+    #[test]
+    fn agents_take_a_password_or_its_stored_hashes_and_refuse_both_or_neither() {
+        use crate::sip::registrar::{AgentSecret, PasswordHa1, REALM};
+        let parse = |t: &str| FileConfig::parse(Path::new("a.yaml"), t);
+        let h = PasswordHa1::of("1001", REALM, "s3cret");
+        let (md5, sha) = (h.md5.clone().unwrap(), h.sha256.clone().unwrap());
+        let c = parse(&format!(
+            "agents:\n  - id: \"1001\"\n    password_ha1:\n      SHA-256: \"{sha}\"\n      MD5: \"{md5}\"\n  - {{id: \"1002\", password: pw, tier: 2}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.agents[0].password, AgentSecret::Ha1(h));
+        assert_eq!(c.agents[1].password, AgentSecret::Password("pw".into()));
+        assert_eq!(c.agents[1].tier, 2);
+        assert!(c.agent_hash_problems().is_empty());
+        // Only MD5 stored while SHA-256 is offered: named at start.
+        let c = parse(&format!(
+            "agents:\n  - id: \"1001\"\n    password_ha1: {{MD5: \"{md5}\"}}\n"
+        ))
+        .unwrap();
+        let p = c.agent_hash_problems();
+        assert!(p.len() == 1 && p[0].contains("no SHA-256"), "{p:?}");
+        let c = parse(&format!(
+            "registrar: {{digest_algorithms: [MD5]}}\nagents:\n  - id: \"1001\"\n    password_ha1: {{MD5: \"{md5}\"}}\n"
+        ))
+        .unwrap();
+        assert!(c.agent_hash_problems().is_empty());
+        for (bad, says) in [
+            ("agents:\n  - {id: \"1\", password: a, password_ha1: {MD5: x}}\n", "a.yaml:2:"),
+            ("agents:\n  - {id: \"1\"}\n", "missing"),
+            ("agents:\n  - {id: \"1\", password_ha1: {MD5: \"abc\"}}\n", "32 hex digits"),
+            ("agents:\n  - {id: \"1\", password_ha1: {SHA1: \"abc\"}}\n", "SHA1"),
+            ("agents:\n  - {id: \"1\", pasword: a}\n", "pasword"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says) && e.starts_with("a.yaml:"), "{bad}: {e}");
+        }
+        // Debug output never shows a password.
+        let c = parse("agents:\n  - {id: \"1\", password: hunter2}\n").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

@@ -133,6 +133,10 @@ const GOODBYE_TIME: Duration = Duration::from_secs(10);
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
     file.emergency.check().map_err(StartError::Config)?;
+    let hash_problems = file.agent_hash_problems();
+    if !hash_problems.is_empty() {
+        return Err(StartError::Config(hash_problems.join("\n")));
+    }
     file.callback
         .check()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -185,7 +189,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     )
     .with_tasks(tracker.clone())
     .with_agents(
-        "ivr311",
+        crate::sip::registrar::REALM,
         file.agents
             .iter()
             .map(|a| (a.id.clone(), a.password.clone())),

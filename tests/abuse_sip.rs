@@ -476,3 +476,197 @@ async fn a_call_that_cannot_keep_up_is_ended_cleanly_and_counted() {
     assert!(matches!(events.first(), Some(DialogEvent::Confirmed { .. })));
     assert_eq!(events.len(), 64 + MAX_EVENT_BACKLOG + 1);
 }
+
+fn sha256_hex(data: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One parameter of a `WWW-Authenticate` value.
+fn challenge_param(challenge: &str, name: &str) -> Option<String> {
+    let rest = challenge.strip_prefix("Digest ")?;
+    rest.split(", ").find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// A phone's registration socket on `ip`: REGISTERs as `user`, answering challenges with
+/// whatever password it is told.
+struct Registering {
+    sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    cseq: u32,
+}
+
+impl Registering {
+    async fn new(ip: &str, server: SocketAddr, user: &str) -> Registering {
+        Registering {
+            sock: UdpSocket::bind(format!("{ip}:0")).await.unwrap(),
+            server,
+            user: user.into(),
+            cseq: 0,
+        }
+    }
+
+    async fn send(&mut self, auth: Option<String>) -> Response {
+        self.cseq += 1;
+        let (me, server, user, cseq) = (
+            self.sock.local_addr().unwrap(),
+            self.server,
+            &self.user,
+            self.cseq,
+        );
+        let msg = format!(
+            "REGISTER sip:{server} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKr{cseq}x{r};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:{user}@{server}>;tag=r{cseq}\r\nTo: <sip:{user}@{server}>\r\n\
+Call-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{me}>\r\n{}Content-Length: 0\r\n\r\n",
+            auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default(),
+            r = rand::random::<u32>(),
+        );
+        self.sock.send_to(msg.as_bytes(), server).await.unwrap();
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(3), self.sock.recv_from(&mut buf))
+                .await
+                .expect("an answer to REGISTER")
+                .unwrap();
+            if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
+                if r.cseq == cseq && r.code >= 200 {
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// The SHA-256 credentials answering `challenge` (a 401) with `password`.
+    fn answer(&self, challenge: &Response, password: &str) -> String {
+        let c = challenge
+            .headers_named("WWW-Authenticate")
+            .find(|c| c.contains("SHA-256"))
+            .expect("a SHA-256 challenge");
+        let (realm, nonce, opaque) = (
+            challenge_param(c, "realm").unwrap(),
+            challenge_param(c, "nonce").unwrap(),
+            challenge_param(c, "opaque").unwrap(),
+        );
+        let uri = format!("sip:{}", self.server);
+        let user = &self.user;
+        let ha1 = sha256_hex(&format!("{user}:{realm}:{password}"));
+        let ha2 = sha256_hex(&format!("REGISTER:{uri}"));
+        let cnonce = format!("{:08x}", rand::random::<u32>());
+        let resp = sha256_hex(&format!("{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}"));
+        format!(
+            "Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+response=\"{resp}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"{cnonce}\", opaque=\"{opaque}\""
+        )
+    }
+
+    /// REGISTER, then answer the challenge with `password`: the second answer.
+    async fn login(&mut self, password: &str) -> Response {
+        let challenge = self.send(None).await;
+        assert_eq!(challenge.code, 401, "{challenge:?}");
+        let auth = self.answer(&challenge, password);
+        self.send(Some(auth)).await
+    }
+}
+
+/// `login_lock` of agent `id` in `GET /admin/agents`.
+async fn login_lock(http: SocketAddr, id: &str) -> serde_json::Value {
+    let (status, body) = common::http(http, "GET", "/admin/agents", &[], b"").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["id"] == id)
+        .unwrap_or_else(|| panic!("no agent {id}: {body}"))["login_lock"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guesses_lock_out_new_addresses_not_the_agents_phone() {
+    let srv = start_server(agents_config(&["1001"], 20, 30)).await;
+    let (sip, http) = (srv.sip_addr, srv.http_addr);
+    // The operator's phone logs in from its usual address, 127.0.0.1.
+    let _phone = TestAgent::login(sip, "1001").await;
+
+    // Spoofed guesses: sent as from the phone's address, but whoever sends them never sees
+    // our answers there, so they can only use a nonce got elsewhere (127.0.0.2), or none of
+    // ours. They count for nothing.
+    let mut elsewhere = Registering::new("127.0.0.2", sip, "1001").await;
+    let theirs = elsewhere.send(None).await;
+    let mut spoofed = Registering::new("127.0.0.1", sip, "1001").await;
+    for i in 0..10 {
+        let auth = spoofed.answer(&theirs, &format!("guess{i}"));
+        assert_eq!(spoofed.send(Some(auth)).await.code, 401);
+    }
+    assert!(login_lock(http, "1001").await.is_null());
+
+    // Real guesses from 127.0.0.2: after five, that source and the account's new addresses
+    // are refused.
+    let mut thief = Registering::new("127.0.0.2", sip, "1001").await;
+    for i in 0..5 {
+        assert_eq!(thief.login(&format!("guess{i}")).await.code, 401, "guess {i}");
+    }
+    assert_eq!(thief.login("guess5").await.code, 403);
+    let mut new_place = Registering::new("127.0.0.3", sip, "1001").await;
+    assert_eq!(
+        new_place.login("pw1001").await.code,
+        403,
+        "the right password from a new address is refused while locked"
+    );
+    let lock = login_lock(http, "1001").await;
+    assert!(
+        lock["new_sources_seconds"].as_u64().is_some_and(|s| s > 0 && s <= 60),
+        "{lock}"
+    );
+    assert!(lock["usual_sources_seconds"].is_null(), "{lock}");
+
+    // The agent's phone at its usual address logs in again (rebooted: a new socket and
+    // Call-ID) and takes a call.
+    let agent = TestAgent::login(sip, "1001").await;
+    let mut ua = TestUa::udp(sip).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("110").await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    assert_eq!(ua.bye().await.code, 200);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_stored_as_agent_hash_prints_it_logs_in() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ivr311"))
+        .args(["agent-hash", "1001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ivr311 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"pw1001\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains("pw1001"), "{printed}");
+    let yaml = format!("agents:\n{printed}queues:\n  - name: general\n");
+    let file = FileConfig::parse(std::path::Path::new("hash.yaml"), &yaml)
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let srv = start_server(file).await;
+    // The phone answers with SHA-256 (TestAgent), and with MD5 (another phone).
+    let _agent = TestAgent::login(srv.sip_addr, "1001").await;
+    let mut wrong = Registering::new("127.0.0.1", srv.sip_addr, "1001").await;
+    assert_eq!(wrong.login("pw1002").await.code, 401);
+    srv.shutdown().await;
+}

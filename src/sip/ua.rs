@@ -101,7 +101,7 @@ use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
     Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
 };
-use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
+use crate::sip::registrar::{AgentEvent, AgentSecret, Registrar, TrunkCredentials};
 use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
@@ -579,12 +579,43 @@ pub struct UaStats {
     pub client_transactions: AtomicUsize,
     /// Calls and outbound legs ended because they fell too far behind their events.
     pub ended_backlogged: std::sync::atomic::AtomicU64,
+    /// Agents locked out by the registrar's back-off, as of its last REGISTER.
+    locks: std::sync::Mutex<Vec<crate::sip::registrar::AccountLock>>,
     /// Our registration with the trunk, as of the instant stored with it (`None` without
     /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
     trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
 }
 
+/// An agent's log-ins refused for repeated failures ([`UaStats::login_locks`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoginLock {
+    pub agent: String,
+    /// Seconds left while log-ins from addresses the agent has not used are refused.
+    pub new_sources_seconds: Option<u64>,
+    /// Seconds left while log-ins from its usual addresses are refused too.
+    pub usual_sources_seconds: Option<u64>,
+}
+
 impl UaStats {
+    /// The agents whose log-ins are locked now ([`crate::sip::registrar`]'s back-off).
+    pub fn login_locks(&self) -> Vec<LoginLock> {
+        let now = Instant::now();
+        let left = |t: Option<Instant>| {
+            t.filter(|t| *t > now)
+                .map(|t| t.saturating_duration_since(now).as_secs().max(1))
+        };
+        let guard = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .iter()
+            .map(|l| LoginLock {
+                agent: l.agent.clone(),
+                new_sources_seconds: left(l.new_sources_until),
+                usual_sources_seconds: left(l.usual_sources_until),
+            })
+            .filter(|l| l.new_sources_seconds.is_some() || l.usual_sources_seconds.is_some())
+            .collect()
+    }
+
     /// Our registration with the trunk (`trunks.register`) as it stands now.
     pub fn trunk_registration(&self) -> Option<RegistrationStatus> {
         let guard = self.trunk.lock().unwrap_or_else(|e| e.into_inner());
@@ -1161,15 +1192,16 @@ impl UaCore {
         Ok(self)
     }
 
-    /// [`UaCore::with_registrar`] for these `(agent id, password)` pairs, with digest realm
+    /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with digest realm
     /// `realm` and a random nonce secret; no agents, no registrar.
-    pub fn with_agents(
+    pub fn with_agents<S: Into<AgentSecret>>(
         self,
         realm: &str,
-        agents: impl IntoIterator<Item = (String, String)>,
+        agents: impl IntoIterator<Item = (String, S)>,
         digest_algorithms: &[String],
     ) -> Self {
-        let agents: Vec<(String, String)> = agents.into_iter().collect();
+        let agents: Vec<(String, AgentSecret)> =
+            agents.into_iter().map(|(id, s)| (id, s.into())).collect();
         if agents.is_empty() {
             return self;
         }
@@ -1637,6 +1669,8 @@ impl UaCore {
             return;
         };
         let (reply, events) = registrar.handle(now, &req, flow);
+        let locks = registrar.locks(now);
+        *self.stats.locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
         let mut b = self.response(&req, reply.code, reply.reason, None);
         for (name, value) in &reply.headers {
             b = b.header(name, value);
