@@ -760,10 +760,19 @@ mod tests {
         .unwrap();
         assert!(c.agent_hash_problems().is_empty());
         for (bad, says) in [
-            ("agents:\n  - {id: \"1\", password: a, password_ha1: {MD5: x}}\n", "a.yaml:2:"),
+            (
+                "agents:\n  - {id: \"1\", password: a, password_ha1: {MD5: x}}\n",
+                "a.yaml:2:",
+            ),
             ("agents:\n  - {id: \"1\"}\n", "missing"),
-            ("agents:\n  - {id: \"1\", password_ha1: {MD5: \"abc\"}}\n", "32 hex digits"),
-            ("agents:\n  - {id: \"1\", password_ha1: {SHA1: \"abc\"}}\n", "SHA1"),
+            (
+                "agents:\n  - {id: \"1\", password_ha1: {MD5: \"abc\"}}\n",
+                "32 hex digits",
+            ),
+            (
+                "agents:\n  - {id: \"1\", password_ha1: {SHA1: \"abc\"}}\n",
+                "SHA1",
+            ),
             ("agents:\n  - {id: \"1\", pasword: a}\n", "pasword"),
         ] {
             let e = parse(bad).unwrap_err().to_string();

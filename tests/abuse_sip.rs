@@ -102,9 +102,9 @@ async fn an_invite_flood_takes_only_its_sources_share_and_callers_agents_and_tru
     );
     assert!(answered <= per_source, "{answered} calls from one source");
     assert!(!refused.is_empty());
-    assert!(refused
-        .iter()
-        .all(|r| r.header("Retry-After").is_some_and(|v| v.parse::<u32>().is_ok())));
+    assert!(refused.iter().all(|r| r
+        .header("Retry-After")
+        .is_some_and(|v| v.parse::<u32>().is_ok())));
     let limited = counter(
         srv.http_addr,
         "ivr311_sip_invites_limited_total{limit=\"calls_per_source\"}",
@@ -123,7 +123,11 @@ async fn an_invite_flood_takes_only_its_sources_share_and_callers_agents_and_tru
     // A real caller from another address is answered and hears the menu, and reaches the
     // operator, whose phone still works.
     let mut ua = TestUa::udp(sip).await;
-    assert_eq!(ua.call("0 101").await.code, 200, "a real caller during the flood");
+    assert_eq!(
+        ua.call("0 101").await.code,
+        200,
+        "a real caller during the flood"
+    );
     let ear = PromptEar::new("en", &["language_menu"], Codec::Pcmu);
     assert_eq!(
         ear.playbacks(&ua.listen(Duration::from_millis(800)).await),
@@ -316,7 +320,11 @@ async fn peers_holding_every_inbound_tcp_slot_do_not_stop_911_over_tcp() {
         .await
         .expect("the INVITE arrives")
         .unwrap();
-    assert!(buf[..n].starts_with(b"INVITE sip:911@"), "{:?}", &buf[..n.min(80)]);
+    assert!(
+        buf[..n].starts_with(b"INVITE sip:911@"),
+        "{:?}",
+        &buf[..n.min(80)]
+    );
     srv.shutdown().await;
 }
 
@@ -473,7 +481,10 @@ async fn a_call_that_cannot_keep_up_is_ended_cleanly_and_counted() {
     // The call gets what was queued, in order, and then its channel closes: it ends too.
     let (events, closed) = all_events(&mut call).await;
     assert!(closed, "the call's channel closes");
-    assert!(matches!(events.first(), Some(DialogEvent::Confirmed { .. })));
+    assert!(matches!(
+        events.first(),
+        Some(DialogEvent::Confirmed { .. })
+    ));
     assert_eq!(events.len(), 64 + MAX_EVENT_BACKLOG + 1);
 }
 
@@ -531,10 +542,11 @@ Call-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{me}>\
         self.sock.send_to(msg.as_bytes(), server).await.unwrap();
         let mut buf = vec![0u8; 65535];
         loop {
-            let (n, _) = tokio::time::timeout(Duration::from_secs(3), self.sock.recv_from(&mut buf))
-                .await
-                .expect("an answer to REGISTER")
-                .unwrap();
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(3), self.sock.recv_from(&mut buf))
+                    .await
+                    .expect("an answer to REGISTER")
+                    .unwrap();
             if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65535) {
                 if r.cseq == cseq && r.code >= 200 {
                     return r;
@@ -611,7 +623,11 @@ async fn password_guesses_lock_out_new_addresses_not_the_agents_phone() {
     // are refused.
     let mut thief = Registering::new("127.0.0.2", sip, "1001").await;
     for i in 0..5 {
-        assert_eq!(thief.login(&format!("guess{i}")).await.code, 401, "guess {i}");
+        assert_eq!(
+            thief.login(&format!("guess{i}")).await.code,
+            401,
+            "guess {i}"
+        );
     }
     assert_eq!(thief.login("guess5").await.code, 403);
     let mut new_place = Registering::new("127.0.0.3", sip, "1001").await;
@@ -622,7 +638,9 @@ async fn password_guesses_lock_out_new_addresses_not_the_agents_phone() {
     );
     let lock = login_lock(http, "1001").await;
     assert!(
-        lock["new_sources_seconds"].as_u64().is_some_and(|s| s > 0 && s <= 60),
+        lock["new_sources_seconds"]
+            .as_u64()
+            .is_some_and(|s| s > 0 && s <= 60),
         "{lock}"
     );
     assert!(lock["usual_sources_seconds"].is_null(), "{lock}");
@@ -650,12 +668,7 @@ async fn a_password_stored_as_agent_hash_prints_it_logs_in() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("ivr311 runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"pw1001\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"pw1001\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let printed = String::from_utf8(out.stdout).unwrap();

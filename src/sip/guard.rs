@@ -888,7 +888,12 @@ mod tests {
         };
         assert_eq!(
             (limit, retry_after, answer, log),
-            (CallLimit::Concurrent, RETRY_AFTER_CONCURRENT, true, LogVerdict::Log)
+            (
+                CallLimit::Concurrent,
+                RETRY_AFTER_CONCURRENT,
+                true,
+                LogVerdict::Log
+            )
         );
         assert!(matches!(
             verdicts[4],
@@ -921,7 +926,10 @@ mod tests {
             }
         ));
         // Half a second later one token more (2 per second).
-        assert_eq!(l.admit(a, t0 + Duration::from_millis(500)), CallVerdict::Admit);
+        assert_eq!(
+            l.admit(a, t0 + Duration::from_millis(500)),
+            CallVerdict::Admit
+        );
     }
 
     #[test]

@@ -927,9 +927,9 @@ impl Registrar {
         }
         let accounts = &mut self.accounts;
         self.name_order.retain(|n| {
-            let idle = accounts.get(n).is_none_or(|a| {
-                a.familiar.idle(now) && a.unfamiliar.idle(now)
-            });
+            let idle = accounts
+                .get(n)
+                .is_none_or(|a| a.familiar.idle(now) && a.unfamiliar.idle(now));
             if idle && !agents.contains_key(n) {
                 accounts.remove(n);
                 false
@@ -2287,7 +2287,10 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         let mut elsewhere = phone_at("1001", "pw", "203.0.113.99:5060");
         let (challenge, _) = elsewhere.send(&mut r, t0 + secs(6), &c, &[]);
         let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
-        assert_eq!(elsewhere.send(&mut r, t0 + secs(6), &c, &[auth]).0.code, 403);
+        assert_eq!(
+            elsewhere.send(&mut r, t0 + secs(6), &c, &[auth]).0.code,
+            403
+        );
         // The agent's phone at its usual address logs in, even rebooted (a new Call-ID).
         phone.call_id = "rebooted".into();
         assert_eq!(phone.login(&mut r, t0 + secs(7), &c, &[]).0.code, 200);
@@ -2330,7 +2333,10 @@ uri=\"sip:127.0.0.1\", response=\"{:064x}\", algorithm=SHA-256, qop=auth, nc=000
 cnonce=\"x\"",
                 i, i
             );
-            assert_eq!(spoofed.send(&mut r, t0 + secs(1), &c, &[made_up]).0.code, 401);
+            assert_eq!(
+                spoofed.send(&mut r, t0 + secs(1), &c, &[made_up]).0.code,
+                401
+            );
         }
         assert!(r.locks(t0 + secs(2)).is_empty());
         assert!(r.failures.is_empty());
@@ -2350,7 +2356,11 @@ cnonce=\"x\"",
         let c = ["<sip:1001@10.0.0.5>"];
         // A thief hopping through its /64, an address per guess.
         for i in 0..5u64 {
-            let mut thief = phone_at("1002", "guess", &format!("[2001:db8:1:2::{:x}]:5060", i + 1));
+            let mut thief = phone_at(
+                "1002",
+                "guess",
+                &format!("[2001:db8:1:2::{:x}]:5060", i + 1),
+            );
             assert_eq!(thief.login(&mut r, t0 + secs(i), &c, &[]).0.code, 401);
         }
         // The whole /64 is blocked, for every account it is not usual for.
@@ -2364,7 +2374,10 @@ cnonce=\"x\"",
         let (challenge, _) = neighbour.send(&mut r, t0 + secs(7), &c, &[]);
         neighbour.flow.remote = "[2001:db8:1:3::2]:5060".parse().unwrap();
         let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
-        assert_eq!(neighbour.send(&mut r, t0 + secs(7), &c, &[auth]).0.code, 200);
+        assert_eq!(
+            neighbour.send(&mut r, t0 + secs(7), &c, &[auth]).0.code,
+            200
+        );
     }
 
     #[test]
@@ -2400,7 +2413,11 @@ cnonce=\"x\"",
         }
         assert_eq!(r.failures.len(), MAX_TRACKED_IPS);
         assert!(r.failure_order.len() <= 2 * MAX_TRACKED_IPS + 64);
-        assert_eq!(r.accounts.len(), MAX_TRACKED_NAMES + 2, "the names and both agents");
+        assert_eq!(
+            r.accounts.len(),
+            MAX_TRACKED_NAMES + 2,
+            "the names and both agents"
+        );
         assert!(r.accounts.contains_key("1001") && r.accounts.contains_key("1002"));
     }
 

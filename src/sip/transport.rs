@@ -664,7 +664,10 @@ async fn summarise_suppressed(handle: TransportHandle, cancel: CancellationToken
         }
         let (done, tcp) = {
             let mut g = handle.reject_guard();
-            (g.logs.sweep(Instant::now()), g.tcp_logs.sweep(Instant::now()))
+            (
+                g.logs.sweep(Instant::now()),
+                g.tcp_logs.sweep(Instant::now()),
+            )
         };
         for s in &done {
             log_suppressed(s);

@@ -492,7 +492,9 @@ enum Command {
     /// The TCP connection to the trunk registrar was opened (or could not be).
     TrunkConnected(Result<Flow, String>),
     /// Dialog `dialog`'s listener has room for the events queued for it.
-    Room { dialog: DialogId },
+    Room {
+        dialog: DialogId,
+    },
 }
 
 /// A call's handle on its dialog. Cloneable; commands are queued to the UA task.
