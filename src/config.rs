@@ -152,9 +152,14 @@ pub struct FileConfig {
 /// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
 /// tell it both, and invite it to try other sources or spoofed ones.
 ///
+/// Sources listed here are trusted trunks: the per-source call and TCP connection limits
+/// (`limits.max_calls_per_source`, `invites_per_second`, `max_tcp_connections_per_source`)
+/// do not apply to them, since a trunk or an SBC carries many callers from one address.
+///
 /// Agents' phones are not covered: they log in with digest authentication (with guessing
-/// blocked per address, see `sip::registrar`), receive calls rather than make them, and work
-/// from wherever operators sit, so an address list would only lock out home workers.
+/// slowed per source and per account, see `sip::registrar`), receive calls rather than make
+/// them, and work from wherever operators sit, so an address list would only lock out home
+/// workers.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrunksConfig {

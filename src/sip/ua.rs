@@ -4505,4 +4505,64 @@ Supported: timer\r\nSession-Expires: 600;refresher=uac\r\nContent-Length: 0\r\n\
         assert_eq!(refused.code, 422);
         assert_eq!(refused.header("Min-SE"), Some("90"));
     }
+
+    #[tokio::test]
+    async fn invites_over_a_sources_limit_get_a_stateless_503_and_its_calls_count_until_they_end() {
+        let metrics = Arc::new(Metrics::default());
+        let mut r = rig_with(|ua| {
+            ua.with_screening(
+                Screening {
+                    max_calls_per_source: 1,
+                    invites_per_second: 100,
+                    invites_burst: 100,
+                    ..Screening::default()
+                },
+                metrics.clone(),
+            )
+        })
+        .await;
+        let ua = r.ua.transport.local_addr();
+        let far = r.far.local_addr().unwrap();
+        let invite = |n: u32| {
+            format!(
+                "INVITE sip:311@{ua} SIP/2.0\r\nVia: SIP/2.0/UDP {far};branch=z9hG4bKlim{n}\r\nMax-Forwards: 70\r\n\
+From: <sip:caller@{far}>;tag=l{n}\r\nTo: <sip:311@{ua}>\r\nCall-ID: lim{n}\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:caller@{far}>\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        r.far_send(invite(1).as_bytes()).await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(100));
+        let Ok(AppEvent::Invite(call)) = r.app.try_recv() else {
+            panic!("the first call is passed up")
+        };
+        let held = r.ua.server.len();
+        // The second call from the same source: 503 with Retry-After, no transaction, no call.
+        r.far_send(invite(2).as_bytes()).await;
+        let refused = r.far_response().await.expect("an answer");
+        assert_eq!(refused.code, 503);
+        assert_eq!(refused.header("Retry-After"), Some("10"));
+        assert!(refused.to.tag().is_some());
+        assert_eq!(r.ua.server.len(), held, "no transaction kept for a refusal");
+        assert!(r.app.try_recv().is_err());
+        assert_eq!(
+            metrics.get(
+                "ivr311_sip_invites_limited_total",
+                &[("limit", "calls_per_source")]
+            ),
+            1
+        );
+        // The first call is refused by its task: its source may call again.
+        r.ua.respond_invite(
+            call.handle.id,
+            486,
+            "Busy Here",
+            vec![],
+            None,
+            Instant::now(),
+        )
+        .await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(486));
+        r.far_send(invite(3).as_bytes()).await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(100));
+    }
 }
