@@ -894,7 +894,7 @@ impl Registrar {
             self.accounts
                 .insert(user.to_owned(), AccountGuard::default());
             self.name_order.push_back(user.to_owned());
-            self.evict_names(now);
+            self.evict_names();
         }
         let Some(a) = self.accounts.get_mut(user) else {
             return;
@@ -917,26 +917,10 @@ impl Registrar {
         }
     }
 
-    /// Keep the names that are no agent bounded: forget the oldest (agents are never
-    /// forgotten), first those with nothing left to remember.
-    fn evict_names(&mut self, now: Instant) {
-        let agents = &self.agents;
-        let extra = self.accounts.len().saturating_sub(agents.len());
-        if extra <= MAX_TRACKED_NAMES {
-            return;
-        }
-        let accounts = &mut self.accounts;
-        self.name_order.retain(|n| {
-            let idle = accounts
-                .get(n)
-                .is_none_or(|a| a.familiar.idle(now) && a.unfamiliar.idle(now));
-            if idle && !agents.contains_key(n) {
-                accounts.remove(n);
-                false
-            } else {
-                true
-            }
-        });
+    /// Keep the names that are no agent bounded: forget the oldest. Agents are never in
+    /// `name_order`, so never forgotten; names with nothing left to remember go at the next
+    /// housekeeping anyway.
+    fn evict_names(&mut self) {
         while self.accounts.len().saturating_sub(self.agents.len()) > MAX_TRACKED_NAMES {
             let Some(n) = self.name_order.pop_front() else {
                 break;
