@@ -5,7 +5,8 @@
 //!   (`limits.max_calls_per_source`, `limits.invites_per_second`): the rest get 503 with
 //!   Retry-After, are counted, and another caller, a trunk and an operator still get through.
 //! - TCP: one source cannot hold every inbound connection, CRLF keep-alives do not keep an idle
-//!   connection open, and peers holding every inbound slot do not stop a 911 bridge over TCP.
+//!   connection open (while an operator's phone registered over TCP keeps its connection), and
+//!   peers holding every inbound slot do not stop a 911 bridge over TCP.
 //! - Registrar: guesses at an agent's password lock out new addresses, not the agent's phone at
 //!   its usual address; spoofed guesses (which cannot see our challenges) count for nothing;
 //!   `/admin/agents` shows the lock; a password stored as `password_ha1` logs in.
@@ -557,6 +558,22 @@ Call-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{me}>\
 
     /// The SHA-256 credentials answering `challenge` (a 401) with `password`.
     fn answer(&self, challenge: &Response, password: &str) -> String {
+        digest_answer(challenge, &self.user, password, self.server)
+    }
+
+    /// REGISTER, then answer the challenge with `password`: the second answer.
+    async fn login(&mut self, password: &str) -> Response {
+        let challenge = self.send(None).await;
+        assert_eq!(challenge.code, 401, "{challenge:?}");
+        let auth = self.answer(&challenge, password);
+        self.send(Some(auth)).await
+    }
+}
+
+/// SHA-256 digest credentials of `user` with `password` answering the 401 `challenge` for a
+/// REGISTER to `server`.
+fn digest_answer(challenge: &Response, user: &str, password: &str, server: SocketAddr) -> String {
+    {
         let c = challenge
             .headers_named("WWW-Authenticate")
             .find(|c| c.contains("SHA-256"))
@@ -566,8 +583,7 @@ Call-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{me}>\
             challenge_param(c, "nonce").unwrap(),
             challenge_param(c, "opaque").unwrap(),
         );
-        let uri = format!("sip:{}", self.server);
-        let user = &self.user;
+        let uri = format!("sip:{server}");
         let ha1 = sha256_hex(&format!("{user}:{realm}:{password}"));
         let ha2 = sha256_hex(&format!("REGISTER:{uri}"));
         let cnonce = format!("{:08x}", rand::random::<u32>());
@@ -576,14 +592,6 @@ Call-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{me}>\
             "Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
 response=\"{resp}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         )
-    }
-
-    /// REGISTER, then answer the challenge with `password`: the second answer.
-    async fn login(&mut self, password: &str) -> Response {
-        let challenge = self.send(None).await;
-        assert_eq!(challenge.code, 401, "{challenge:?}");
-        let auth = self.answer(&challenge, password);
-        self.send(Some(auth)).await
     }
 }
 
@@ -681,5 +689,97 @@ async fn a_password_stored_as_agent_hash_prints_it_logs_in() {
     let _agent = TestAgent::login(srv.sip_addr, "1001").await;
     let mut wrong = Registering::new("127.0.0.1", srv.sip_addr, "1001").await;
     assert_eq!(wrong.login("pw1002").await.code, 401);
+    srv.shutdown().await;
+}
+
+/// The next SIP message on a TCP connection (`buf` keeps what came after it).
+async fn read_sip(
+    conn: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    within: Duration,
+) -> Message {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        while buf.starts_with(b"\r\n") {
+            buf.drain(..2);
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let msg: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                return parse_datagram(&msg, 65535).expect("a SIP message");
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+            .await
+            .expect("a SIP message in time")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_phone_registered_over_tcp_keeps_its_connection_past_the_idle_time() {
+    use ivr311::sip::message::Request;
+    use tokio::io::AsyncWriteExt;
+    let mut file = agents_config(&["1001"], 20, 30);
+    file.limits.tcp_idle_seconds = 1;
+    let srv = start_server(file).await;
+    let sip = srv.sip_addr;
+    let mut conn = tokio::net::TcpStream::connect(sip).await.unwrap();
+    let me = conn.local_addr().unwrap();
+    let register = |cseq: u32, auth: Option<String>| {
+        format!(
+            "REGISTER sip:{sip} SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKtcpreg{cseq}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:1001@{sip}>;tag=t{cseq}\r\nTo: <sip:1001@{sip}>\r\n\
+Call-ID: tcpreg@test\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:1001@{me};transport=tcp>\r\n\
+Expires: 600\r\n{}Content-Length: 0\r\n\r\n",
+            auth.map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default()
+        )
+    };
+    let mut buf = Vec::new();
+    conn.write_all(register(1, None).as_bytes()).await.unwrap();
+    let Message::Response(challenge) = read_sip(&mut conn, &mut buf, Duration::from_secs(3)).await
+    else {
+        panic!("a response")
+    };
+    assert_eq!(challenge.code, 401);
+    let auth = digest_answer(&challenge, "1001", "pw1001", sip);
+    conn.write_all(register(2, Some(auth)).as_bytes())
+        .await
+        .unwrap();
+    let Message::Response(ok) = read_sip(&mut conn, &mut buf, Duration::from_secs(3)).await else {
+        panic!("a response")
+    };
+    assert_eq!(ok.code, 200);
+
+    // Three idle times of nothing but keep-alives: the connection stays, as the phone's path.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        conn.write_all(b"\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A caller asks for an operator: the INVITE reaches the phone on that connection.
+    let mut ua = TestUa::udp(sip).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("110").await;
+    let inv: Request = loop {
+        match read_sip(&mut conn, &mut buf, Duration::from_secs(8)).await {
+            Message::Request(r) if r.method.as_str() == "INVITE" => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(inv.uri, format!("sip:1001@{me};transport=tcp"));
+    assert_eq!(ua.bye().await.code, 200);
     srv.shutdown().await;
 }
