@@ -45,7 +45,7 @@
 //!
 //! Events are never dropped. A call (or an outbound leg's owner) reads its [`DialogEvent`]s
 //! from a bounded channel; when that channel is full, further events wait in order in a
-//! bounded backlog of the dialog ([`EventQueue`]), and a task (owned by the server's
+//! bounded backlog of the dialog (`EventQueue`), and a task (owned by the server's
 //! [`TaskTracker`], [`UaCore::with_tasks`]) waits for room and has the UA core deliver them.
 //! A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep up: its dialog is ended
 //! as if the call had released it (BYE, or 500 before the answer, CANCEL for an outbound leg
