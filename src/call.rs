@@ -1197,7 +1197,7 @@ impl Call {
                 self.outcome.get_or_insert("info");
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
-                tokio::spawn(
+                self.ctx.tracker.spawn(
                     async move {
                         let r = match store.get(id).await {
                             Ok(Some(t)) => StatusResult::Found {

@@ -235,9 +235,14 @@ pub fn redact_number(number: &str) -> String {
 /// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
 /// tell it both, and invite it to try other sources or spoofed ones.
 ///
+/// Sources listed here are trusted trunks: the per-source call and TCP connection limits
+/// (`limits.max_calls_per_source`, `invites_per_second`, `max_tcp_connections_per_source`)
+/// do not apply to them, since a trunk or an SBC carries many callers from one address.
+///
 /// Agents' phones are not covered: they log in with digest authentication (with guessing
-/// blocked per address, see `sip::registrar`), receive calls rather than make them, and work
-/// from wherever operators sit, so an address list would only lock out home workers.
+/// slowed per source and per account, see `sip::registrar`), receive calls rather than make
+/// them, and work from wherever operators sit, so an address list would only lock out home
+/// workers.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrunksConfig {
@@ -275,22 +280,113 @@ impl Default for RegistrarConfig {
 }
 
 /// One operator.
+///
+/// In YAML the secret is either `password: "..."` (plain text: start-up warns) or
+/// `password_ha1: {SHA-256: "<64 hex>", MD5: "<32 hex>"}`, the digest hashes
+/// `H(id:realm:password)` that `ivr311 agent-hash <id>` prints (realm `ivr311`), one for
+/// each algorithm `registrar.digest_algorithms` offers; never both.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "AgentYaml")]
 pub struct AgentConfig {
     /// SIP user name the phone registers with (e.g. "1001").
     pub id: String,
-    /// Digest password.
-    pub password: String,
+    /// The digest password, or its stored hashes.
+    pub password: crate::sip::registrar::AgentSecret,
     /// Skills/languages the agent can take (e.g. [en, es]). Empty: any call.
-    #[serde(default)]
     pub skills: Vec<String>,
     /// Lower tiers are offered calls first. Default 1.
-    #[serde(default = "one")]
     pub tier: u32,
     /// Display name for the admin view.
-    #[serde(default)]
     pub name: Option<String>,
+}
+
+/// [`AgentConfig`] as written in YAML.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentYaml {
+    id: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_ha1: Option<crate::sip::registrar::PasswordHa1>,
+    #[serde(default)]
+    skills: Vec<String>,
+    #[serde(default = "one")]
+    tier: u32,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+impl TryFrom<AgentYaml> for AgentConfig {
+    type Error = String;
+
+    fn try_from(a: AgentYaml) -> Result<Self, String> {
+        use crate::sip::registrar::AgentSecret;
+        let password = match (a.password, a.password_ha1) {
+            (Some(p), None) => AgentSecret::Password(p),
+            (None, Some(h)) if h.md5.is_some() || h.sha256.is_some() => AgentSecret::Ha1(h),
+            (None, Some(_)) => {
+                return Err(format!(
+                    "agent {:?}: password_ha1 needs `SHA-256:` and/or `MD5:`",
+                    a.id
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "agent {:?}: give `password` or `password_ha1`, not both",
+                    a.id
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "agent {:?}: missing `password_ha1` (from `ivr311 agent-hash`) or `password`",
+                    a.id
+                ))
+            }
+        };
+        Ok(AgentConfig {
+            id: a.id,
+            password,
+            skills: a.skills,
+            tier: a.tier,
+            name: a.name,
+        })
+    }
+}
+
+impl FileConfig {
+    /// Agents whose stored hashes lack an algorithm the registrar offers (a phone answering
+    /// that challenge could never log in): one line per agent, empty when all is well.
+    pub fn agent_hash_problems(&self) -> Vec<String> {
+        use crate::sip::registrar::AgentSecret;
+        let offered: Vec<String> = self
+            .registrar
+            .digest_algorithms
+            .iter()
+            .map(|a| a.to_ascii_uppercase())
+            .collect();
+        self.agents
+            .iter()
+            .filter_map(|a| {
+                let AgentSecret::Ha1(h) = &a.password else {
+                    return None;
+                };
+                let has = h.algorithms();
+                let missing: Vec<&str> = ["SHA-256", "MD5"]
+                    .into_iter()
+                    .filter(|alg| offered.iter().any(|o| o == alg) && !has.contains(alg))
+                    .collect();
+                (!missing.is_empty()).then(|| {
+                    format!(
+                        "agent {:?}: password_ha1 has no {} hash, which registrar.digest_algorithms offers (add it with `ivr311 agent-hash`, or offer only {})",
+                        a.id,
+                        missing.join(" or "),
+                        has.join(", ")
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 fn one() -> u32 {
@@ -585,12 +681,17 @@ pub struct Limits {
     pub max_call_seconds: u64,
     /// On shutdown, how long calls in progress may continue. Default 30.
     pub drain_seconds: u64,
-    /// Most simultaneous TCP connections for SIP. Default 1024.
+    /// Most simultaneous inbound TCP connections for SIP (those peers open to us). The
+    /// connections we open (to `transport=tcp` 911 routes, trunks, call-backs) have a budget
+    /// of the same size of their own, so peers holding every inbound slot cannot make a 911
+    /// bridge over TCP fail. Default 1024.
     pub max_tcp_connections: usize,
-    /// A SIP TCP connection the far end sends nothing on for this long is closed, unless a
+    /// A SIP TCP connection the far end sends no SIP message on for this long is closed
+    /// (CRLF keep-alives do not count: a peer cannot hold a slot with them alone), unless a
     /// call runs over it (a caller on hold in a queue for half an hour keeps its connection,
-    /// so our BYE reaches the phone). One we opened (a `transport=tcp` 911 route or trunk)
-    /// that the far end closed is opened again when we next send on it. Default 300.
+    /// so our BYE reaches the phone) or an operator's phone is registered over it (so calls
+    /// reach it). One we opened (a `transport=tcp` 911 route or trunk) that the far end
+    /// closed is opened again when we next send on it. Default 300.
     pub tcp_idle_seconds: u64,
     /// Out-of-dialog requests other than INVITE (OPTIONS, REGISTER, MESSAGE, SUBSCRIBE..., and
     /// requests naming a dialog that does not exist) accepted per second from one source (an
@@ -602,6 +703,29 @@ pub struct Limits {
     /// How many such requests one source may send at once before `options_per_second`
     /// applies. Default 40.
     pub options_burst: u32,
+    /// Most calls at once from one source (an IPv4 address or an IPv6 /64) that is not in
+    /// `trunks.allow`, counted from the INVITE until the call ends. Past it a new INVITE gets
+    /// `503` with `Retry-After: 10`, is counted in `/metrics`
+    /// (`ivr311_sip_invites_limited_total{limit="calls_per_source"}`) and logged once per
+    /// source and 10 s. So one source cannot take every call slot (`max_calls`) and keep
+    /// other callers out. A phone makes one call at a time; a PBX or SBC that forwards many
+    /// callers from one address belongs in `trunks.allow`, which is exempt. 0 turns the limit
+    /// off. Default 20.
+    pub max_calls_per_source: usize,
+    /// New INVITEs accepted per second from one source not in `trunks.allow`, after
+    /// `invites_burst`; past it `503` with Retry-After (`{limit="invite_rate"}` in
+    /// `/metrics`). 0 turns the limit off. Default 5.
+    pub invites_per_second: u32,
+    /// How many INVITEs one such source may send at once before `invites_per_second`
+    /// applies. Default 20.
+    pub invites_burst: u32,
+    /// Most inbound SIP TCP connections from one source (an IPv4 address or an IPv6 /64) not
+    /// in `trunks.allow`; further ones are closed at once and counted in `/metrics`
+    /// (`ivr311_sip_tcp_refused_total{limit="per_source"}`). Connections we open (911
+    /// routes, trunks, call-backs) never count against `max_tcp_connections` or this. An
+    /// office whose operators' phones all use TCP from behind one NAT address needs this
+    /// above their number. 0 turns the limit off. Default 64.
+    pub max_tcp_connections_per_source: usize,
 }
 
 impl Default for Limits {
@@ -617,6 +741,10 @@ impl Default for Limits {
             tcp_idle_seconds: 300,
             options_per_second: 10,
             options_burst: 40,
+            max_calls_per_source: 20,
+            invites_per_second: 5,
+            invites_burst: 20,
+            max_tcp_connections_per_source: 64,
         }
     }
 }
@@ -794,6 +922,56 @@ mod tests {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         set_dscp(&s, false, Dscp(46)).unwrap();
         assert_eq!(dscp_of(&s), 46);
+    }
+
+    #[test]
+    fn agents_take_a_password_or_its_stored_hashes_and_refuse_both_or_neither() {
+        use crate::sip::registrar::{AgentSecret, PasswordHa1, REALM};
+        let parse = |t: &str| FileConfig::parse(Path::new("a.yaml"), t);
+        let h = PasswordHa1::of("1001", REALM, "s3cret");
+        let (md5, sha) = (h.md5.clone().unwrap(), h.sha256.clone().unwrap());
+        let c = parse(&format!(
+            "agents:\n  - id: \"1001\"\n    password_ha1:\n      SHA-256: \"{sha}\"\n      MD5: \"{md5}\"\n  - {{id: \"1002\", password: pw, tier: 2}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.agents[0].password, AgentSecret::Ha1(h));
+        assert_eq!(c.agents[1].password, AgentSecret::Password("pw".into()));
+        assert_eq!(c.agents[1].tier, 2);
+        assert!(c.agent_hash_problems().is_empty());
+        // Only MD5 stored while SHA-256 is offered: named at start.
+        let c = parse(&format!(
+            "agents:\n  - id: \"1001\"\n    password_ha1: {{MD5: \"{md5}\"}}\n"
+        ))
+        .unwrap();
+        let p = c.agent_hash_problems();
+        assert!(p.len() == 1 && p[0].contains("no SHA-256"), "{p:?}");
+        let c = parse(&format!(
+            "registrar: {{digest_algorithms: [MD5]}}\nagents:\n  - id: \"1001\"\n    password_ha1: {{MD5: \"{md5}\"}}\n"
+        ))
+        .unwrap();
+        assert!(c.agent_hash_problems().is_empty());
+        for (bad, says) in [
+            (
+                "agents:\n  - {id: \"1\", password: a, password_ha1: {MD5: x}}\n",
+                "a.yaml:2:",
+            ),
+            ("agents:\n  - {id: \"1\"}\n", "missing"),
+            (
+                "agents:\n  - {id: \"1\", password_ha1: {MD5: \"abc\"}}\n",
+                "32 hex digits",
+            ),
+            (
+                "agents:\n  - {id: \"1\", password_ha1: {SHA1: \"abc\"}}\n",
+                "SHA1",
+            ),
+            ("agents:\n  - {id: \"1\", pasword: a}\n", "pasword"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says) && e.starts_with("a.yaml:"), "{bad}: {e}");
+        }
+        // Debug output never shows a password.
+        let c = parse("agents:\n  - {id: \"1\", password: hunter2}\n").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

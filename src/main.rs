@@ -1,5 +1,5 @@
 //! `ivr311` command line: parse flags, load config, start the server or run a one-shot
-//! command (`check`, `tickets list`), and nothing more.
+//! command (`check`, `tickets list`, `agent-hash`), and nothing more.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -39,6 +39,13 @@ enum Command {
     Tickets {
         #[command(subcommand)]
         command: TicketsCommand,
+    },
+    /// Print an operator's `password_ha1` for the config: the digest hashes of the password
+    /// (read from standard input, without echo at a terminal, so that it stays out of shell
+    /// history and process lists), for each algorithm the registrar can offer.
+    AgentHash {
+        /// The agent's id: the SIP user name its phone registers with.
+        id: String,
     },
 }
 
@@ -113,6 +120,84 @@ fn main() -> ExitCode {
         } => {
             let at = db.clone();
             run(list_tickets(db, json, limit), |e| db_hints(e, &at))
+        }
+        Command::AgentHash { id } => match agent_hash(&id) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ivr311 agent-hash: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// `ivr311 agent-hash <id>`: read the password, print the config lines.
+fn agent_hash(id: &str) -> anyhow::Result<()> {
+    use ivr311::sip::registrar::{PasswordHa1, REALM};
+    anyhow::ensure!(!id.trim().is_empty(), "the agent id is empty");
+    let password = read_password(&format!("Password for agent {id}: "))
+        .context("cannot read the password from standard input")?;
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    let h = PasswordHa1::of(id, REALM, &password);
+    let quoted = serde_json::to_string(id)?;
+    println!("# agents: entry for {quoted}, digest realm \"{REALM}\" (ivr311 agent-hash)");
+    println!("- id: {quoted}");
+    println!("  password_ha1:");
+    println!("    SHA-256: \"{}\"", h.sha256.unwrap_or_default());
+    println!("    MD5: \"{}\"", h.md5.unwrap_or_default());
+    Ok(())
+}
+
+/// One line from standard input, without its line ending; at a terminal, after `prompt` (on
+/// standard error) and with echo off.
+fn read_password(prompt: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut line = String::new();
+    if tty {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+        let _echo = EchoOff::new();
+        stdin.lock().read_line(&mut line)?;
+        eprintln!();
+    } else {
+        stdin.lock().read_line(&mut line)?;
+    }
+    let end = line.trim_end_matches(['\n', '\r']).len();
+    line.truncate(end);
+    Ok(line)
+}
+
+/// Terminal echo off on standard input while it lives.
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own; a failure leaves the
+        // terminal as it was and is only reported by the return code.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return EchoOff(None);
+            }
+            let old = t;
+            t.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return EchoOff(None);
+            }
+            EchoOff(Some(old))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the settings read in `new` on the same descriptor.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, old);
+            }
         }
     }
 }

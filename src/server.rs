@@ -150,6 +150,10 @@ const GOODBYE_TIME: Duration = Duration::from_secs(10);
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
     file.emergency.check().map_err(StartError::Config)?;
+    let hash_problems = file.agent_hash_problems();
+    if !hash_problems.is_empty() {
+        return Err(StartError::Config(hash_problems.join("\n")));
+    }
     file.callback
         .check()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -178,11 +182,15 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (in_tx, in_rx) = mpsc::channel(8192);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
         max_tcp_connections: file.limits.max_tcp_connections,
+        max_tcp_connections_per_source: file.limits.max_tcp_connections_per_source,
+        trusted: file.trunks.allow.clone(),
         tcp_idle: Duration::from_secs(file.limits.tcp_idle_seconds.max(1)),
         dscp: file.qos.sip_dscp,
+        metrics: Some(metrics.clone()),
         ..TransportLimits::default()
     };
     let transport = transport::bind(args.sip, limits, in_tx, &tracker, cancel.clone())
@@ -199,7 +207,6 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         None => sip_addr,
     };
     let (app_tx, app_rx) = mpsc::channel(1024);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     // Cancelled when the stop begins: calls are refused and the trunk registration removed.
     let draining = CancellationToken::new();
     // One resolver for every lookup, so that its cache serves them all.
@@ -211,8 +218,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         app_tx,
     )
     .with_resolver(resolver.clone())
+    .with_tasks(tracker.clone())
     .with_agents(
-        "ivr311",
+        crate::sip::registrar::REALM,
         file.agents
             .iter()
             .map(|a| (a.id.clone(), a.password.clone())),
@@ -227,6 +235,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             trunks_allow: file.trunks.allow.clone(),
             per_second: file.limits.options_per_second,
             burst: file.limits.options_burst,
+            max_calls_per_source: file.limits.max_calls_per_source,
+            invites_per_second: file.limits.invites_per_second,
+            invites_burst: file.limits.invites_burst,
         },
         metrics.clone(),
     );

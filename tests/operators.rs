@@ -14,7 +14,7 @@ fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
             .iter()
             .map(|id| AgentConfig {
                 id: (*id).into(),
-                password: format!("pw{id}"),
+                password: format!("pw{id}").into(),
                 skills: vec![],
                 tier: 1,
                 name: None,

@@ -308,13 +308,16 @@ async fn a_flood_of_bad_attempts_gets_403() {
         let r = thief.login(&format!("guess{i}"), None, &[]).await;
         assert_eq!(r.code, 401, "attempt {i}");
     }
-    let blocked = thief.register(None, &[]).await;
+    // Blocked: still challenged (a phone there needs a challenge to prove itself), but every
+    // answer is refused with 403, without a new challenge.
+    let blocked = thief.login("guess5", None, &[]).await;
     assert_eq!(blocked.code, 403);
     assert_eq!(blocked.headers_named("WWW-Authenticate").count(), 0);
 
-    // Every port of that address is refused, even with the right password.
+    // Every port of that address is refused, even with the right password: it is not an
+    // address agent 1001 has logged in from.
     let mut same_host = Phone::new(&server, "1001").await;
-    assert_eq!(same_host.register(None, &[]).await.code, 403);
+    assert_eq!(same_host.login("pw", None, &[]).await.code, 403);
     server.shutdown().await;
 }
 

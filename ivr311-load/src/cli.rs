@@ -29,7 +29,7 @@ enum ScriptName {
 #[command(
     name = "ivr311-load",
     about = "Full-media SIP IVR load generator: places calls, streams G.711, presses RFC 4733 keys, measures the server",
-    after_help = "Operators (--agents N, --script operator): the generator registers N phones load-0001..load-NNNN (password --agent-password) and answers every call the server offers them. With --spawn-server the server's config gets those agents, a queue `general` (longest_idle, wrap_up_seconds 0, ring_timeout_seconds 10, large max_length/max_wait_seconds), limits.options_per_second 0, limits.max_calls 10000 and --rtp-ports 2000-9999 (two ports per bridge, clear of the default 10000-20000 other servers on this machine may hold). Against another server (--target/--server-pid) its config needs the same: agents `{id: load-0001, password: <--agent-password>}`... for every agent, a queue named as --queue reachable from the menu, limits.options_per_second: 0 (all REGISTERs come from one address), max_calls and --rtp-ports for two ports per bridge; its SIP replies must come from --target (the agents answer there)."
+    after_help = "Operators (--agents N, --script operator): the generator registers N phones load-0001..load-NNNN (password --agent-password) and answers every call the server offers them. With --spawn-server the server's config gets those agents, a queue `general` (longest_idle, wrap_up_seconds 0, ring_timeout_seconds 10, large max_length/max_wait_seconds), limits.options_per_second 0, limits.max_calls 10000, limits.max_calls_per_source 0, limits.invites_per_second 0 and --rtp-ports 2000-9999 (two ports per bridge, clear of the default 10000-20000 other servers on this machine may hold). Against another server (--target/--server-pid) its config needs the same: agents `{id: load-0001, password: <--agent-password>}`... for every agent, a queue named as --queue reachable from the menu, limits.options_per_second: 0 (all REGISTERs come from one address), max_calls_per_source: 0 and invites_per_second: 0 (so do all calls), max_calls and --rtp-ports for two ports per bridge; its SIP replies must come from --target (the agents answer there)."
 )]
 struct Args {
     /// SIP server (UDP).
@@ -561,18 +561,21 @@ fn run(mut args: Args) -> anyhow::Result<bool> {
 }
 
 /// The spawned server's config beyond storage and drain: (more `limits:` keys, other
-/// top-level keys). With agents: the agents, the queue, no REGISTER rate limit, room for the
-/// calls and their operator legs.
+/// top-level keys). Always: no per-source call limits (every call comes from this one
+/// address). With agents: the agents, the queue, no REGISTER rate limit, room for the calls
+/// and their operator legs.
 fn spawned_config(args: &Args) -> (String, String) {
     let media = if args.server_realtime {
         "media:\n  realtime: true\n".to_string()
     } else {
         String::new()
     };
+    // Every call comes from this one address: the per-source call limits are off.
+    let per_source = "  max_calls_per_source: 0\n  invites_per_second: 0\n";
     if args.agents == 0 {
-        return (String::new(), media);
+        return (per_source.to_string(), media);
     }
-    let limits = "  options_per_second: 0\n  max_calls: 10000\n".to_string();
+    let limits = format!("  options_per_second: 0\n  max_calls: 10000\n{per_source}");
     let mut extra = media + "agents:\n";
     for n in 1..=args.agents {
         extra += &format!(

@@ -25,7 +25,7 @@
 //! | GET | `/admin/requests/{id}/recording` | the caller's recorded description of a phone ticket (`audio/wav`) |
 //! | GET | `/admin/emergency` | the latest 911 redirect audit rows |
 //! | GET | `/admin/queues` | per queue: waiting, longest wait, agents by status, answered, abandoned, service level |
-//! | GET | `/admin/agents` | each operator: status, calls taken, idle since |
+//! | GET | `/admin/agents` | each operator: status, calls taken, idle since, `login_lock` (log-ins refused after failed guesses: seconds left for new addresses and for its usual ones, or null) |
 //! | POST | `/admin/agents/{id}/pause` | pause an operator, JSON `{"reason": "..."}`; `/unpause` to resume |
 //! | GET | `/metrics` | Prometheus text format |
 
@@ -528,10 +528,34 @@ async fn queues(State(s): State<ApiState>) -> Response {
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {
-    match &s.queues {
-        Some(q) => Json(q.agents().await).into_response(),
-        None => Json(Vec::<()>::new()).into_response(),
-    }
+    let Some(q) = &s.queues else {
+        return Json(Vec::<()>::new()).into_response();
+    };
+    // Each agent, with `login_lock`: null, or how long log-ins stay refused after repeated
+    // failed registrations (from new addresses; from its usual ones too).
+    let locks = s.ua.login_locks();
+    let list: Vec<serde_json::Value> = q
+        .agents()
+        .await
+        .into_iter()
+        .map(|a| {
+            let lock = locks.iter().find(|l| l.agent == a.id);
+            let mut v = serde_json::to_value(&a).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "login_lock".into(),
+                    lock.map_or(serde_json::Value::Null, |l| {
+                        json!({
+                            "new_sources_seconds": l.new_sources_seconds,
+                            "usual_sources_seconds": l.usual_sources_seconds,
+                        })
+                    }),
+                );
+            }
+            v
+        })
+        .collect();
+    Json(list).into_response()
 }
 
 /// Body of a pause.

@@ -2,7 +2,9 @@
 //! allow-list), per-source token buckets ([`RateLimiter`], for floods of OPTIONS, REGISTER and
 //! other out-of-dialog requests, and for the transport's answers to malformed messages),
 //! per-source log windows ([`LogThrottle`], one log line per source and window for a flood of
-//! garbage) and the User-Agent names of known SIP scanners.
+//! garbage), per-source limits on new calls from untrusted sources ([`CallLimiter`]: calls at
+//! once and INVITE rate), per-source caps on inbound TCP connections ([`ConnectionLimiter`])
+//! and the User-Agent names of known SIP scanners.
 //!
 //! Sans-IO: the UA core (or the transport) passes the source address and the time in and gets a
 //! yes or no back. Nothing here answers, logs per packet or reads a clock.
@@ -277,6 +279,14 @@ impl RateLimiter {
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }
+
+    /// Whole seconds until an empty bucket holds a token again (at least 1).
+    pub fn seconds_to_token(&self) -> u32 {
+        if self.rate <= 0.0 {
+            return 1;
+        }
+        (1.0 / self.rate).ceil().clamp(1.0, 3600.0) as u32
+    }
 }
 
 /// One log window of a source: when it opened and how many events in it were not logged.
@@ -440,6 +450,212 @@ fn step(w: &mut Window, source: Option<Source>, now: Instant, window: Duration) 
             count: before.suppressed,
             over: age,
         })
+    }
+}
+
+/// Which per-source limit refused a new call ([`CallLimiter::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallLimit {
+    /// The source already has `max_calls_per_source` calls up (or being set up).
+    Concurrent,
+    /// The source is past its INVITE rate (`invites_per_second` after `invites_burst`).
+    Rate,
+}
+
+impl CallLimit {
+    /// The label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallLimit::Concurrent => "calls_per_source",
+            CallLimit::Rate => "invite_rate",
+        }
+    }
+}
+
+/// What [`CallLimiter::admit`] says about a new INVITE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallVerdict {
+    /// Take the call; it now counts against its source until [`CallLimiter::ended`].
+    Admit,
+    /// Refuse it with 503 and this `Retry-After` (seconds), if `answer` (else drop it: the
+    /// source is past the refusals it gets answered, so a spoofed flood is not reflected at
+    /// whoever owns the address); `log` says whether to log it.
+    Refuse {
+        limit: CallLimit,
+        retry_after: u32,
+        answer: bool,
+        log: LogVerdict,
+    },
+}
+
+/// Refusals (503) one source gets answered at once, then [`REFUSALS_PER_SECOND`].
+pub const REFUSALS_BURST: u32 = 20;
+/// Refusals answered per second and source after [`REFUSALS_BURST`].
+pub const REFUSALS_PER_SECOND: u32 = 5;
+/// Retry-After of a refusal for too many calls from one source, seconds.
+pub const RETRY_AFTER_CONCURRENT: u32 = 10;
+
+/// Per-source limits on new calls from sources that are not trusted trunks: at most
+/// `max_per_source` calls at once per source, and INVITEs at `rate` per second after a burst
+/// of `burst` ([`RateLimiter`]). Sources are IPv4 addresses or IPv6 /64s ([`Source`]).
+///
+/// A refused INVITE is answered (503 with Retry-After) within a bucket of its own per source
+/// ([`REFUSALS_BURST`], [`REFUSALS_PER_SECOND`]), and logged once per source and window
+/// ([`LogThrottle`], summaries from [`CallLimiter::sweep`]).
+///
+/// Bounded: a source has an entry in the concurrency table only while it has calls (each of
+/// which is a dialog the UA core holds); the buckets and log windows are bounded as their
+/// types are.
+#[derive(Debug)]
+pub struct CallLimiter {
+    max_per_source: usize,
+    rate: RateLimiter,
+    active: HashMap<Source, usize>,
+    answers: RateLimiter,
+    logs: LogThrottle,
+}
+
+impl CallLimiter {
+    /// `max_per_source` 0 and `rate` 0 each turn their limit off.
+    pub fn new(max_per_source: usize, rate: u32, burst: u32, log_window: Duration) -> Self {
+        CallLimiter {
+            max_per_source,
+            rate: RateLimiter::new(rate, burst, MAX_SOURCES),
+            active: HashMap::new(),
+            answers: RateLimiter::new(REFUSALS_PER_SECOND, REFUSALS_BURST, MAX_SOURCES),
+            logs: LogThrottle::new(log_window, MAX_SOURCES),
+        }
+    }
+
+    /// A new INVITE from `ip` at `now`: admit it (and count it), or refuse it.
+    pub fn admit(&mut self, ip: IpAddr, now: Instant) -> CallVerdict {
+        let src = Source::of(ip);
+        let busy = self.active.get(&src).copied().unwrap_or(0);
+        let limit = if self.max_per_source > 0 && busy >= self.max_per_source {
+            Some(CallLimit::Concurrent)
+        } else if !self.rate.allow(ip, now) {
+            Some(CallLimit::Rate)
+        } else {
+            None
+        };
+        match limit {
+            None => {
+                *self.active.entry(src).or_insert(0) += 1;
+                CallVerdict::Admit
+            }
+            Some(limit) => CallVerdict::Refuse {
+                limit,
+                retry_after: match limit {
+                    CallLimit::Concurrent => RETRY_AFTER_CONCURRENT,
+                    CallLimit::Rate => self.rate.seconds_to_token(),
+                },
+                answer: self.answers.allow(ip, now),
+                log: self.logs.note(ip, now),
+            },
+        }
+    }
+
+    /// A call [`CallLimiter::admit`] let in from `ip` is over.
+    pub fn ended(&mut self, ip: IpAddr) {
+        let src = Source::of(ip);
+        if let Some(n) = self.active.get_mut(&src) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.active.remove(&src);
+            }
+        }
+    }
+
+    /// Calls up from the source of `ip`.
+    pub fn active(&self, ip: IpAddr) -> usize {
+        self.active.get(&Source::of(ip)).copied().unwrap_or(0)
+    }
+
+    /// Close the log windows that are over (see [`LogThrottle::sweep`]).
+    pub fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
+        self.logs.sweep(now)
+    }
+
+    /// Whether any log window is open (a sweep is then due later).
+    pub fn has_log_windows(&self) -> bool {
+        self.logs.tracked() > 0
+    }
+}
+
+/// Why an inbound TCP connection was refused ([`ConnectionLimiter::open`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// Every inbound slot (`max_tcp_connections`) is taken.
+    Total,
+    /// The source has `max_tcp_connections_per_source` open already.
+    PerSource,
+}
+
+impl ConnRefusal {
+    /// The label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnRefusal::Total => "total",
+            ConnRefusal::PerSource => "per_source",
+        }
+    }
+}
+
+/// Inbound TCP connections: at most `max_total`, and at most `max_per_source` from one source
+/// (an IPv4 address or an IPv6 /64) unless the source is in `trusted` (the trunks' networks,
+/// which may open many). Connections we open ourselves are not counted here.
+#[derive(Debug)]
+pub struct ConnectionLimiter {
+    max_total: usize,
+    max_per_source: usize,
+    trusted: Vec<IpNet>,
+    total: usize,
+    per_source: HashMap<Source, usize>,
+}
+
+impl ConnectionLimiter {
+    /// `max_per_source` 0: no per-source limit.
+    pub fn new(max_total: usize, max_per_source: usize, trusted: Vec<IpNet>) -> Self {
+        ConnectionLimiter {
+            max_total,
+            max_per_source,
+            trusted,
+            total: 0,
+            per_source: HashMap::new(),
+        }
+    }
+
+    /// Count a connection from `ip`, or say why not.
+    pub fn open(&mut self, ip: IpAddr) -> Result<(), ConnRefusal> {
+        if self.total >= self.max_total {
+            return Err(ConnRefusal::Total);
+        }
+        let src = Source::of(ip);
+        let n = self.per_source.get(&src).copied().unwrap_or(0);
+        let trusted = self.trusted.iter().any(|t| t.contains(ip));
+        if self.max_per_source > 0 && n >= self.max_per_source && !trusted {
+            return Err(ConnRefusal::PerSource);
+        }
+        self.per_source.insert(src, n + 1);
+        self.total += 1;
+        Ok(())
+    }
+
+    /// A connection [`ConnectionLimiter::open`] counted is closed.
+    pub fn close(&mut self, ip: IpAddr) {
+        let src = Source::of(ip);
+        if let Some(n) = self.per_source.get_mut(&src) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&src);
+            }
+            self.total = self.total.saturating_sub(1);
+        }
+    }
+
+    /// Inbound connections open.
+    pub fn total(&self) -> usize {
+        self.total
     }
 }
 
@@ -651,5 +867,121 @@ mod tests {
         let mut t = LogThrottle::new(Duration::ZERO, 1);
         assert!((0..100).all(|_| t.note(ip("192.0.2.1"), t0) == LogVerdict::Log));
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn calls_per_source_and_invite_rate_on_virtual_time() {
+        let t0 = Instant::now();
+        let mut l = CallLimiter::new(3, 2, 5, Duration::from_secs(10));
+        let a = ip("192.0.2.1");
+        let verdicts: Vec<CallVerdict> = (0..5).map(|_| l.admit(a, t0)).collect();
+        assert!(verdicts[..3].iter().all(|v| *v == CallVerdict::Admit));
+        // The fourth and fifth: three calls are up already; logged once, then counted.
+        let CallVerdict::Refuse {
+            limit,
+            retry_after,
+            answer,
+            log,
+        } = verdicts[3]
+        else {
+            panic!("{:?}", verdicts[3])
+        };
+        assert_eq!(
+            (limit, retry_after, answer, log),
+            (
+                CallLimit::Concurrent,
+                RETRY_AFTER_CONCURRENT,
+                true,
+                LogVerdict::Log
+            )
+        );
+        assert!(matches!(
+            verdicts[4],
+            CallVerdict::Refuse {
+                limit: CallLimit::Concurrent,
+                log: LogVerdict::Quiet,
+                ..
+            }
+        ));
+        assert_eq!(l.active(a), 3);
+        // Another source is not affected.
+        assert_eq!(l.admit(ip("192.0.2.2"), t0), CallVerdict::Admit);
+        // Two calls end: room for two, but the burst of 5 INVITEs is spent (3 admitted, and
+        // refusals for concurrency take no token): two more fit, and once every call has ended
+        // the rate refuses the next.
+        l.ended(a);
+        l.ended(a);
+        assert_eq!(l.admit(a, t0), CallVerdict::Admit);
+        assert_eq!(l.admit(a, t0), CallVerdict::Admit);
+        l.ended(a);
+        l.ended(a);
+        l.ended(a);
+        assert_eq!(l.active(a), 0);
+        assert!(matches!(
+            l.admit(a, t0),
+            CallVerdict::Refuse {
+                limit: CallLimit::Rate,
+                retry_after: 1,
+                ..
+            }
+        ));
+        // Half a second later one token more (2 per second).
+        assert_eq!(
+            l.admit(a, t0 + Duration::from_millis(500)),
+            CallVerdict::Admit
+        );
+    }
+
+    #[test]
+    fn refusals_are_answered_only_within_their_own_bucket() {
+        let t0 = Instant::now();
+        let mut l = CallLimiter::new(1, 0, 0, Duration::from_secs(10));
+        let a = ip("198.51.100.4");
+        assert_eq!(l.admit(a, t0), CallVerdict::Admit);
+        let answered = (0..1000)
+            .filter(|_| matches!(l.admit(a, t0), CallVerdict::Refuse { answer: true, .. }))
+            .count();
+        assert_eq!(answered, REFUSALS_BURST as usize);
+        // The flood's log: one line, the rest counted for the window's summary.
+        let done = l.sweep(t0 + Duration::from_secs(10));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].count, 999);
+        assert!(!l.has_log_windows());
+        // IPv6: one /64 is one source.
+        assert_eq!(l.admit(ip("2001:db8:1:2::1"), t0), CallVerdict::Admit);
+        assert!(matches!(
+            l.admit(ip("2001:db8:1:2::99"), t0),
+            CallVerdict::Refuse { .. }
+        ));
+        assert_eq!(l.admit(ip("2001:db8:1:3::1"), t0), CallVerdict::Admit);
+    }
+
+    #[test]
+    fn zero_turns_call_limits_off() {
+        let t0 = Instant::now();
+        let mut l = CallLimiter::new(0, 0, 0, Duration::from_secs(10));
+        assert!((0..5000).all(|_| l.admit(ip("192.0.2.1"), t0) == CallVerdict::Admit));
+    }
+
+    #[test]
+    fn inbound_connections_per_source_total_and_trusted_sources() {
+        let trunk: IpNet = "203.0.113.0/24".parse().unwrap();
+        let mut c = ConnectionLimiter::new(10, 3, vec![trunk]);
+        let a = ip("192.0.2.1");
+        assert!((0..3).all(|_| c.open(a).is_ok()));
+        assert_eq!(c.open(a), Err(ConnRefusal::PerSource));
+        assert_eq!(c.open(ip("::ffff:192.0.2.1")), Err(ConnRefusal::PerSource));
+        // A trunk may open more than a source's share.
+        assert!((0..5).all(|_| c.open(ip("203.0.113.9")).is_ok()));
+        assert_eq!(c.total(), 8);
+        assert!(c.open(ip("2001:db8::1")).is_ok());
+        assert!(c.open(ip("2001:db8::2")).is_ok());
+        assert_eq!(c.open(ip("192.0.2.99")), Err(ConnRefusal::Total));
+        c.close(a);
+        assert_eq!(c.total(), 9);
+        assert!(c.open(a).is_ok());
+        // Closing what was never counted changes nothing.
+        c.close(ip("198.51.100.1"));
+        assert_eq!(c.total(), 10);
     }
 }

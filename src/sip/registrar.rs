@@ -33,15 +33,41 @@
 //! password, and digests are compared in constant time), so the server never tells whether an
 //! agent id exists.
 //!
-//! Guessing is slowed per source IP: 5 failed attempts within 60 s and that address gets
-//! `403 Forbidden` (no challenge) for the next 60 s, whatever it sends. A missing
-//! `Authorization`, a stale nonce and a successful registration do not count. At most 10,000
-//! addresses are tracked (the oldest is forgotten first), and at most 10,000 nonces in use.
+//! Credentials: an agent's password, or only its stored digest hashes (`HA1 =
+//! H(id:realm:password)` for each algorithm offered, [`AgentSecret::Ha1`], made by
+//! `ivr311 agent-hash`), so that the config need not hold the password. A stored HA1 still
+//! lets whoever reads it log in as that agent here (digest needs no more), but it does not give
+//! away the password, which people reuse elsewhere, and it is bound to this realm ([`REALM`]).
+//!
+//! Guessing. Nonces are bound to the source they were sent to (an IPv4 address or an IPv6 /64,
+//! [`Source`]): the HMAC covers it, and a nonce answered from another source is not ours. A
+//! failed attempt counts only when it answers a nonce we sent to that same source, i.e. from
+//! a peer that receives our answers there: spoofed UDP, which never sees the challenge, counts
+//! for nothing and can lock nobody out. What counts:
+//!
+//! - per source: 5 failures within 60 s and the source is refused for 60 s (`403`, no
+//!   evaluation), for every account except those whose usual address it is (below);
+//! - per account, in two classes, as "smart lockout" does: attempts from the agent's usual
+//!   addresses (sources it logged in from successfully in the last 30 days, up to 8) and
+//!   attempts from anywhere else. 5 failures of a class within 10 minutes lock that class for
+//!   60 s, doubling with each further lock up to an hour; a success in the class resets it. So
+//!   guesses from elsewhere lock out new addresses only, and the agent's phone at its usual
+//!   address keeps logging in with the right password. A locked class gets `403` without its
+//!   digest being looked at. Names that are no agent are tracked the same way (bounded), so
+//!   the answers never tell whether an agent exists. [`Registrar::locks`] lists the agents
+//!   locked now (for `/admin/agents`).
+//!
+//! A request without credentials always gets a challenge (a phone behind a blocked source
+//! needs one to prove itself); stale nonces, replays and successes do not count as failures.
+//! At most 10,000 sources and 10,000 names are tracked (the oldest forgotten first; configured
+//! agents never are), and at most 10,000 nonces in use. Usual addresses are learned since
+//! start: after a restart an agent's first log-in comes from a new address.
 //!
 //! The client side of the same digest lives here too ([`answer_challenge`]): the UA answers a
 //! SIP trunk's `401`/`407` to our outbound INVITEs (911 bridges, call-backs) with the
 //! configured [`Credentials`].
 
+use crate::sip::guard::Source;
 use crate::sip::message::{sanitize_quoted, split_list, NameAddr, Request};
 use crate::sip::transport::Flow;
 use hmac::digest::KeyInit;
@@ -50,7 +76,6 @@ use md5::Md5;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
@@ -63,15 +88,35 @@ pub const MIN_EXPIRES: u64 = 60;
 pub const MAX_EXPIRES: u64 = 7200;
 /// How long a nonce may be used.
 pub const NONCE_LIFETIME: Duration = Duration::from_secs(300);
-/// Failed attempts from one address within [`FAILURE_WINDOW`] that get it blocked.
+/// The digest realm of the registrar (and of the `password_ha1` hashes `ivr311 agent-hash`
+/// makes).
+pub const REALM: &str = "ivr311";
+/// Failed attempts from one source within [`FAILURE_WINDOW`] that get it blocked.
 pub const MAX_FAILURES: usize = 5;
-/// The window failed attempts are counted in.
+/// The window failed attempts of a source are counted in.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// How long a blocked address gets 403.
+/// How long a blocked source gets 403.
 pub const BLOCK_FOR: Duration = Duration::from_secs(60);
+/// Failed attempts on one account, from one class of sources, within [`ACCOUNT_WINDOW`] that
+/// lock that class.
+pub const ACCOUNT_MAX_FAILURES: usize = 5;
+/// The window an account's failures are counted in.
+pub const ACCOUNT_WINDOW: Duration = Duration::from_secs(600);
+/// The first lock of an account's class; each further one doubles, up to [`LOCK_MAX`].
+pub const LOCK_BASE: Duration = Duration::from_secs(60);
+/// The longest lock.
+pub const LOCK_MAX: Duration = Duration::from_secs(3600);
+/// How long a source an agent logged in from stays one of its usual addresses.
+pub const USUAL_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most usual addresses per agent (the oldest is forgotten first).
+const MAX_USUAL: usize = 8;
 
-/// Most source addresses whose failures are tracked.
+/// Most sources whose failures are tracked.
 const MAX_TRACKED_IPS: usize = 10_000;
+/// Most names that are no agent whose failures are tracked.
+const MAX_TRACKED_NAMES: usize = 10_000;
+/// Longest user name tracked as is (longer ones share one entry per prefix).
+const MAX_NAME_LEN: usize = 64;
 /// Most nonces whose count is tracked.
 const MAX_TRACKED_NONCES: usize = 10_000;
 /// Most contacts per agent.
@@ -140,6 +185,225 @@ struct NonceUse {
     last_nc: u32,
 }
 
+/// An agent's secret as the config gives it: the password, or its digest hashes.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AgentSecret {
+    /// The password itself (`password:` in the config; start-up warns about it).
+    Password(String),
+    /// `HA1 = H(id:realm:password)` per algorithm, lower-case hex (`password_ha1:`).
+    Ha1(PasswordHa1),
+}
+
+/// Stored digest hashes of an agent's password, one per algorithm, for the realm [`REALM`].
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordHa1 {
+    /// `MD5(id:realm:password)`, 32 hex digits.
+    #[serde(rename = "MD5", default, deserialize_with = "hex_md5")]
+    pub md5: Option<String>,
+    /// `SHA-256(id:realm:password)`, 64 hex digits.
+    #[serde(rename = "SHA-256", default, deserialize_with = "hex_sha256")]
+    pub sha256: Option<String>,
+}
+
+fn hex_of_len<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    len: usize,
+) -> Result<Option<String>, D::Error> {
+    let v = String::deserialize(d)?;
+    let v = v.trim().to_ascii_lowercase();
+    if v.len() != len || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(serde::de::Error::custom(format!(
+            "expected {len} hex digits (as `ivr311 agent-hash` prints)"
+        )));
+    }
+    Ok(Some(v))
+}
+
+fn hex_md5<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    hex_of_len(d, 32)
+}
+
+fn hex_sha256<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    hex_of_len(d, 64)
+}
+
+use serde::Deserialize as _;
+
+impl PasswordHa1 {
+    /// The hashes of `password` for agent `id` in `realm`.
+    pub fn of(id: &str, realm: &str, password: &str) -> PasswordHa1 {
+        let data = format!("{id}:{realm}:{password}");
+        PasswordHa1 {
+            md5: Some(Algorithm::Md5.hex(&data)),
+            sha256: Some(Algorithm::Sha256.hex(&data)),
+        }
+    }
+
+    /// The names of the algorithms (as `registrar.digest_algorithms` spells them) with a hash.
+    pub fn algorithms(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.sha256.is_some() {
+            v.push("SHA-256");
+        }
+        if self.md5.is_some() {
+            v.push("MD5");
+        }
+        v
+    }
+
+    fn get(&self, a: Algorithm) -> Option<&str> {
+        match a {
+            Algorithm::Md5 => self.md5.as_deref(),
+            Algorithm::Sha256 => self.sha256.as_deref(),
+        }
+    }
+}
+
+impl fmt::Debug for PasswordHa1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PasswordHa1({:?})", self.algorithms())
+    }
+}
+
+impl fmt::Debug for AgentSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentSecret::Password(_) => f.write_str("Password(..)"),
+            AgentSecret::Ha1(h) => h.fmt(f),
+        }
+    }
+}
+
+impl From<String> for AgentSecret {
+    fn from(p: String) -> Self {
+        AgentSecret::Password(p)
+    }
+}
+
+impl From<&str> for AgentSecret {
+    fn from(p: &str) -> Self {
+        AgentSecret::Password(p.to_owned())
+    }
+}
+
+impl AgentSecret {
+    /// Whether there is nothing to check a log-in against.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            AgentSecret::Password(p) => p.is_empty(),
+            AgentSecret::Ha1(h) => h.md5.is_none() && h.sha256.is_none(),
+        }
+    }
+
+    /// The hashes for agent `id` in `realm`.
+    fn ha1(&self, id: &str, realm: &str) -> PasswordHa1 {
+        match self {
+            AgentSecret::Password(p) => PasswordHa1::of(id, realm, p),
+            AgentSecret::Ha1(h) => h.clone(),
+        }
+    }
+}
+
+/// Back-off of one class of an account's attempts.
+#[derive(Debug, Default, Clone)]
+struct Backoff {
+    /// Failures within [`ACCOUNT_WINDOW`], oldest first.
+    recent: VecDeque<Instant>,
+    locked_until: Option<Instant>,
+    /// Locks in a row: the next lasts [`LOCK_BASE`] × 2^level.
+    level: u32,
+    last_failure: Option<Instant>,
+}
+
+impl Backoff {
+    fn locked(&self, now: Instant) -> Option<Instant> {
+        self.locked_until.filter(|t| now < *t)
+    }
+
+    /// Count a failure; the new lock's end, if it locks the class.
+    fn fail(&mut self, now: Instant) -> Option<Instant> {
+        if self
+            .last_failure
+            .is_some_and(|t| now.saturating_duration_since(t) >= LOCK_MAX)
+        {
+            self.level = 0;
+        }
+        self.last_failure = Some(now);
+        self.recent
+            .retain(|t| now.saturating_duration_since(*t) < ACCOUNT_WINDOW);
+        self.recent.push_back(now);
+        if self.recent.len() < ACCOUNT_MAX_FAILURES {
+            return None;
+        }
+        self.recent.clear();
+        let lock = LOCK_BASE
+            .checked_mul(1u32 << self.level.min(16))
+            .unwrap_or(LOCK_MAX)
+            .min(LOCK_MAX);
+        self.level = self.level.saturating_add(1);
+        self.locked_until = now.checked_add(lock);
+        self.locked_until
+    }
+
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Whether it holds nothing worth keeping at `now`.
+    fn idle(&self, now: Instant) -> bool {
+        self.locked(now).is_none()
+            && self
+                .last_failure
+                .is_none_or(|t| now.saturating_duration_since(t) >= LOCK_MAX)
+    }
+}
+
+/// Attempts on one account (an agent, or a name that is none).
+#[derive(Debug, Default, Clone)]
+struct AccountGuard {
+    /// Sources the agent logged in from, with when it last did.
+    usual: Vec<(Source, Instant)>,
+    /// Attempts from usual sources.
+    familiar: Backoff,
+    /// Attempts from any other source.
+    unfamiliar: Backoff,
+}
+
+impl AccountGuard {
+    fn is_usual(&self, src: Source, now: Instant) -> bool {
+        self.usual
+            .iter()
+            .any(|(s, at)| *s == src && now.saturating_duration_since(*at) < USUAL_FOR)
+    }
+
+    fn class(&mut self, familiar: bool) -> &mut Backoff {
+        if familiar {
+            &mut self.familiar
+        } else {
+            &mut self.unfamiliar
+        }
+    }
+
+    fn learn(&mut self, src: Source, now: Instant) {
+        self.usual.retain(|(s, _)| *s != src);
+        self.usual.push((src, now));
+        if self.usual.len() > MAX_USUAL {
+            self.usual.remove(0);
+        }
+    }
+}
+
+/// An agent locked out (a class of its sources), as [`Registrar::locks`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountLock {
+    pub agent: String,
+    /// Until when log-ins from addresses the agent has not used are refused.
+    pub new_sources_until: Option<Instant>,
+    /// Until when log-ins from the agent's usual addresses are refused too.
+    pub usual_sources_until: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct FailRecord {
     /// Failures within the window, oldest first (never more than [`MAX_FAILURES`]).
@@ -153,11 +417,14 @@ struct FailRecord {
 enum Auth {
     /// The digest is right for this agent id, the nonce fresh and the count new.
     Ok(String),
-    /// Ask (again), without counting a failure: no credentials, or right credentials on a
-    /// nonce that is stale or not ours (`stale`).
+    /// Ask (again), without counting a failure: no credentials, unusable ones, right
+    /// credentials on a nonce that is stale or not ours (`stale`), a replay, or wrong ones on
+    /// a nonce this source was never sent.
     Challenge { stale: bool },
-    /// Wrong or unusable credentials: counts as a failure.
-    Failed(&'static str),
+    /// Wrong credentials for `user` answering a nonce sent to this source: a failure.
+    Failed { user: String, why: &'static str },
+    /// Refused unseen: `user`'s class of sources, or this source, is locked.
+    Locked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +446,10 @@ impl Algorithm {
 /// The registrar: agents' credentials, their bindings, nonce counts and failure counts.
 pub struct Registrar {
     realm: String,
-    passwords: HashMap<String, String>,
+    /// Each agent's HA1 per algorithm.
+    agents: HashMap<String, PasswordHa1>,
+    /// What an unknown name is checked against, so that it costs the same as an agent.
+    dummy: PasswordHa1,
     secret: [u8; 32],
     opaque: String,
     /// The first instant seen; nonce times are milliseconds since then.
@@ -192,9 +462,12 @@ pub struct Registrar {
     /// The contact last announced per agent (by [`AgentEvent::LoggedIn`]).
     published: HashMap<String, (String, Flow)>,
     binding_seq: u64,
-    failures: HashMap<IpAddr, FailRecord>,
-    failure_order: VecDeque<(IpAddr, u64)>,
+    failures: HashMap<Source, FailRecord>,
+    failure_order: VecDeque<(Source, u64)>,
     failure_seq: u64,
+    /// Attempts per account: every agent, and names that are none (bounded, oldest first).
+    accounts: HashMap<String, AccountGuard>,
+    name_order: VecDeque<String>,
     last_housekeeping: Option<Instant>,
     /// Digest algorithms offered in challenges, in order.
     algorithms: Vec<&'static str>,
@@ -204,36 +477,53 @@ impl fmt::Debug for Registrar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registrar")
             .field("realm", &self.realm)
-            .field("agents", &self.passwords.len())
+            .field("agents", &self.agents.len())
             .field("registered", &self.bindings.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Registrar {
-    /// `agents` are `(agent id, password)` pairs; `secret` keys the nonces (make it random at
-    /// start). Entries with an empty id or password are skipped with a warning.
-    pub fn new(realm: String, agents: &[(String, String)], secret: [u8; 32]) -> Registrar {
-        let mut passwords = HashMap::new();
-        for (id, password) in agents {
-            let id = id.trim();
-            if id.is_empty() || password.is_empty() {
-                warn!(agent = %id, "agent without an id or a password; it cannot log in");
-                continue;
-            }
-            if passwords.insert(id.to_owned(), password.clone()).is_some() {
-                warn!(agent = %id, "agent listed twice; the last password wins");
-            }
-        }
+    /// `agents` are `(agent id, secret)` pairs; `secret` keys the nonces (make it random at
+    /// start). Entries with an empty id or secret are skipped with a warning; agents given a
+    /// plain password are named in one warning (store `password_ha1` instead).
+    pub fn new(realm: String, agents: &[(String, AgentSecret)], secret: [u8; 32]) -> Registrar {
         let realm = sanitize_quoted(&realm);
         let realm = if realm.trim().is_empty() {
-            "ivr311".to_owned()
+            REALM.to_owned()
         } else {
             realm
         };
+        let mut table = HashMap::new();
+        let mut plain = Vec::new();
+        for (id, s) in agents {
+            let id = id.trim();
+            if id.is_empty() || s.is_empty() {
+                warn!(agent = %id, "agent without an id or a password; it cannot log in");
+                continue;
+            }
+            if matches!(s, AgentSecret::Password(_)) {
+                plain.push(id.to_owned());
+            }
+            if table.insert(id.to_owned(), s.ha1(id, &realm)).is_some() {
+                warn!(agent = %id, "agent listed twice; the last password wins");
+            }
+        }
+        if !plain.is_empty() {
+            warn!(
+                agents = ?plain,
+                "agents with a plain-text password in the config: store its hash instead \
+                 (password_ha1, made by `ivr311 agent-hash <id>`)"
+            );
+        }
+        let accounts = table
+            .keys()
+            .map(|id| (id.clone(), AccountGuard::default()))
+            .collect();
         let mut r = Registrar {
+            dummy: PasswordHa1::of("", &realm, DUMMY_PASSWORD),
             realm,
-            passwords,
+            agents: table,
             secret,
             opaque: String::new(),
             epoch: None,
@@ -244,6 +534,8 @@ impl Registrar {
             published: HashMap::new(),
             binding_seq: 0,
             failures: HashMap::new(),
+            accounts,
+            name_order: VecDeque::new(),
             algorithms: vec!["SHA-256", "MD5"],
             failure_order: VecDeque::new(),
             failure_seq: 0,
@@ -268,18 +560,15 @@ impl Registrar {
     ) -> (RegisterReply, Vec<AgentEvent>) {
         let mut events = self.expire(now);
         self.housekeeping(now);
-        let ip = flow.remote.ip();
-        if self.blocked(ip, now) {
-            debug!(%ip, "REGISTER from a blocked address refused");
-            return (RegisterReply::new(403, "Forbidden"), events);
-        }
-        let agent = match self.authenticate(now, req) {
+        let src = Source::of(flow.remote.ip());
+        let agent = match self.authenticate(now, req, src) {
             Auth::Ok(agent) => agent,
-            Auth::Challenge { stale } => return (self.challenge(now, stale), events),
-            Auth::Failed(why) => {
-                self.record_failure(ip, now, why);
-                return (self.challenge(now, false), events);
+            Auth::Challenge { stale } => return (self.challenge(now, stale, src), events),
+            Auth::Failed { user, why } => {
+                self.record_failure(src, &user, now, why);
+                return (self.challenge(now, false, src), events);
             }
+            Auth::Locked => return (RegisterReply::new(403, "Forbidden"), events),
         };
         // §10.3 step 3: an agent registers its own address-of-record only.
         if req.to.user() != Some(agent.as_str()) {
@@ -339,7 +628,7 @@ impl Registrar {
 
     // ---- authentication --------------------------------------------------------------------
 
-    fn authenticate(&mut self, now: Instant, req: &Request) -> Auth {
+    fn authenticate(&mut self, now: Instant, req: &Request, src: Source) -> Auth {
         let mut offered = false;
         let mut params = None;
         for value in req.headers_named("Authorization") {
@@ -354,52 +643,84 @@ impl Registrar {
         if !offered {
             return Auth::Challenge { stale: false };
         }
+        // Unusable credentials prove nothing about the password: asked again, not counted.
+        let unusable = |why: &'static str| {
+            debug!(why, "REGISTER credentials unusable");
+            Auth::Challenge { stale: false }
+        };
         let Some(p) = params else {
-            return Auth::Failed("no usable Digest credentials for our realm");
+            return unusable("no usable Digest credentials for our realm");
         };
         let get = |k: &str| p.get(k).map(String::as_str);
         let (Some(username), Some(nonce), Some(uri), Some(response)) =
             (get("username"), get("nonce"), get("uri"), get("response"))
         else {
-            return Auth::Failed("missing digest parameter");
+            return unusable("missing digest parameter");
         };
         let algorithm = match get("algorithm") {
             None => Algorithm::Md5,
             Some(a) if a.eq_ignore_ascii_case("MD5") => Algorithm::Md5,
             Some(a) if a.eq_ignore_ascii_case("SHA-256") => Algorithm::Sha256,
-            Some(_) => return Auth::Failed("unsupported algorithm"),
+            Some(_) => return unusable("unsupported algorithm"),
         };
         if get("userhash").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-            return Auth::Failed("userhash not supported");
+            return unusable("userhash not supported");
         }
         let (Some(qop), Some(cnonce), Some(nc_raw)) = (get("qop"), get("cnonce"), get("nc")) else {
-            return Auth::Failed("qop=auth required");
+            return unusable("qop=auth required");
         };
         if !qop.eq_ignore_ascii_case("auth") || cnonce.is_empty() {
-            return Auth::Failed("qop=auth required");
+            return unusable("qop=auth required");
         }
         let nc = match parse_nc(nc_raw) {
             Some(n) => n,
-            None => return Auth::Failed("bad nonce count"),
+            None => return unusable("bad nonce count"),
         };
         if !uri_matches(uri, &req.uri) {
-            return Auth::Failed("digest uri does not match the Request-URI");
+            return unusable("digest uri does not match the Request-URI");
+        }
+        // Locked (this account's class of sources, or this source) before the digest is
+        // looked at: a locked class learns nothing, right password or not.
+        let user = account_key(username);
+        let usual = self
+            .accounts
+            .get(&user)
+            .is_some_and(|a| a.is_usual(src, now));
+        let class_locked = self.accounts.get(&user).is_some_and(|a| {
+            if usual {
+                a.familiar.locked(now).is_some()
+            } else {
+                a.unfamiliar.locked(now).is_some()
+            }
+        });
+        if class_locked || (self.blocked(src, now) && !usual) {
+            debug!(%src, user = %user, usual, "REGISTER refused: locked");
+            return Auth::Locked;
         }
         // The same work for an unknown id as for a known one.
-        let known = self.passwords.get(username);
-        let password = known.map_or(DUMMY_PASSWORD, String::as_str);
-        let ha1 = algorithm.hex(&format!("{username}:{}:{password}", self.realm));
+        let known = self.agents.get(username).and_then(|h| h.get(algorithm));
+        let dummy = self.dummy.get(algorithm).unwrap_or_default();
+        let ha1 = known.unwrap_or(dummy);
         let ha2 = algorithm.hex(&format!("{}:{uri}", req.method));
         let expected = algorithm.hex(&format!("{ha1}:{nonce}:{nc_raw}:{cnonce}:{qop}:{ha2}"));
         let given = response.to_ascii_lowercase();
         let right = bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
-        if !(right & known.is_some()) {
-            return Auth::Failed("wrong credentials");
-        }
-        // The credentials are right; is the nonce ours, fresh, and this count new?
+        // Is the nonce one we sent to this source (and our opaque)?
         let ours = self
-            .nonce_time(nonce)
+            .nonce_time(nonce, src)
             .filter(|_| get("opaque").is_none_or(|o| o == self.opaque));
+        if !(right & known.is_some()) {
+            return match ours {
+                Some(_) => Auth::Failed {
+                    user,
+                    why: "wrong credentials",
+                },
+                // Not an answer to our challenge to this source: proves nothing, counts for
+                // nothing (spoofed, or a phone that moved between challenge and answer).
+                None => Auth::Challenge { stale: false },
+            };
+        }
+        // The credentials are right; is the nonce fresh, and this count new?
         let now_ms = self.millis(now);
         let Some(created) = ours else {
             return Auth::Challenge { stale: true };
@@ -408,7 +729,10 @@ impl Registrar {
             return Auth::Challenge { stale: true };
         }
         match self.nonces.get_mut(nonce) {
-            Some(u) if nc <= u.last_nc => return Auth::Failed("nonce count replayed"),
+            Some(u) if nc <= u.last_nc => {
+                debug!(%src, "REGISTER nonce count replayed");
+                return Auth::Challenge { stale: false };
+            }
             Some(u) => u.last_nc = nc,
             None if self.nonce_floor_ms.is_some_and(|f| created <= f) => {
                 return Auth::Challenge { stale: true }
@@ -423,6 +747,12 @@ impl Registrar {
                 );
                 self.evict_nonces(now_ms);
             }
+        }
+        // A success: this source is one of the agent's usual addresses, and its class starts
+        // afresh.
+        if let Some(a) = self.accounts.get_mut(&user) {
+            a.class(usual).reset();
+            a.learn(src, now);
         }
         Auth::Ok(username.to_owned())
     }
@@ -448,8 +778,8 @@ impl Registrar {
 
     /// A 401 with a fresh nonce: one challenge per offered algorithm (SHA-256 first, then MD5,
     /// by default).
-    fn challenge(&mut self, now: Instant, stale: bool) -> RegisterReply {
-        let nonce = self.new_nonce(now);
+    fn challenge(&mut self, now: Instant, stale: bool, src: Source) -> RegisterReply {
+        let nonce = self.new_nonce(now, src);
         let stale = if stale { ", stale=true" } else { "" };
         let mut reply = RegisterReply::new(401, "Unauthorized");
         for algorithm in self.algorithms.clone() {
@@ -481,26 +811,28 @@ impl Registrar {
         mac.finalize().into_bytes().into()
     }
 
-    /// time (8 bytes) ‖ counter (8 bytes) ‖ HMAC of both (16 bytes), in hex.
-    fn new_nonce(&mut self, now: Instant) -> String {
+    /// time (8 bytes) ‖ counter (8 bytes) ‖ HMAC of both and of the source it is sent to
+    /// (16 bytes), in hex.
+    fn new_nonce(&mut self, now: Instant, src: Source) -> String {
         let ts = self.millis(now);
         self.nonce_seq = self.nonce_seq.wrapping_add(1);
         let mut body = [0u8; 16];
         body[..8].copy_from_slice(&ts.to_be_bytes());
         body[8..].copy_from_slice(&self.nonce_seq.to_be_bytes());
-        let mac = self.mac(b"nonce", &body);
+        let mac = self.mac(b"nonce", &nonce_input(&body, src));
         let mut out = hex(&body);
         out.push_str(&hex(&mac[..16]));
         out
     }
 
-    /// The creation time of a nonce we made (None: not ours, or altered).
-    fn nonce_time(&self, nonce: &str) -> Option<u64> {
+    /// The creation time of a nonce we made and sent to `src` (None: not ours, altered, or
+    /// sent to another source).
+    fn nonce_time(&self, nonce: &str, src: Source) -> Option<u64> {
         let raw = unhex(nonce)?;
         if raw.len() != 32 {
             return None;
         }
-        let mac = self.mac(b"nonce", &raw[..16]);
+        let mac = self.mac(b"nonce", &nonce_input(&raw[..16], src));
         if !bool::from(mac[..16].ct_eq(&raw[16..])) {
             return None;
         }
@@ -534,7 +866,7 @@ impl Registrar {
 
     // ---- failures ----------------------------------------------------------------------------
 
-    fn blocked(&mut self, ip: IpAddr, now: Instant) -> bool {
+    fn blocked(&mut self, ip: Source, now: Instant) -> bool {
         let Some(r) = self.failures.get_mut(&ip) else {
             return false;
         };
@@ -550,7 +882,78 @@ impl Registrar {
         }
     }
 
-    fn record_failure(&mut self, ip: IpAddr, now: Instant, why: &'static str) {
+    /// A failed attempt on `user` from `ip` (that answered a nonce sent there): counted for
+    /// the source and for the account's class of sources.
+    fn record_failure(&mut self, ip: Source, user: &str, now: Instant, why: &'static str) {
+        self.record_account_failure(ip, user, now);
+        self.record_source_failure(ip, now, why);
+    }
+
+    fn record_account_failure(&mut self, src: Source, user: &str, now: Instant) {
+        if !self.accounts.contains_key(user) {
+            self.accounts
+                .insert(user.to_owned(), AccountGuard::default());
+            self.name_order.push_back(user.to_owned());
+            self.evict_names();
+        }
+        let Some(a) = self.accounts.get_mut(user) else {
+            return;
+        };
+        let usual = a.is_usual(src, now);
+        if let Some(until) = a.class(usual).fail(now) {
+            let secs = until.saturating_duration_since(now).as_secs();
+            let from = if usual {
+                "its usual addresses too"
+            } else {
+                "new addresses"
+            };
+            warn!(
+                user = %user,
+                %src,
+                seconds = secs,
+                "{ACCOUNT_MAX_FAILURES} failed registrations within {} min; refusing log-ins from {from} for {secs} s",
+                ACCOUNT_WINDOW.as_secs() / 60
+            );
+        }
+    }
+
+    /// Keep the names that are no agent bounded: forget the oldest. Agents are never in
+    /// `name_order`, so never forgotten; names with nothing left to remember go at the next
+    /// housekeeping anyway.
+    fn evict_names(&mut self) {
+        while self.accounts.len().saturating_sub(self.agents.len()) > MAX_TRACKED_NAMES {
+            let Some(n) = self.name_order.pop_front() else {
+                break;
+            };
+            if !self.agents.contains_key(&n) {
+                self.accounts.remove(&n);
+            }
+        }
+    }
+
+    /// The agents locked out now (for `/admin/agents`), sorted by id.
+    pub fn locks(&self, now: Instant) -> Vec<AccountLock> {
+        let mut v: Vec<AccountLock> = self
+            .agents
+            .keys()
+            .filter_map(|id| {
+                let a = self.accounts.get(id)?;
+                let new_sources_until = a.unfamiliar.locked(now);
+                let usual_sources_until = a.familiar.locked(now);
+                (new_sources_until.is_some() || usual_sources_until.is_some()).then(|| {
+                    AccountLock {
+                        agent: id.clone(),
+                        new_sources_until,
+                        usual_sources_until,
+                    }
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.agent.cmp(&b.agent));
+        v
+    }
+
+    fn record_source_failure(&mut self, ip: Source, now: Instant, why: &'static str) {
         if !self.failures.contains_key(&ip) {
             self.failure_seq += 1;
             let seq = self.failure_seq;
@@ -577,7 +980,7 @@ impl Registrar {
             r.blocked_until = Some(now.checked_add(BLOCK_FOR).unwrap_or(now));
             warn!(
                 %ip,
-                "{MAX_FAILURES} failed registrations within {} s; refusing this address for {} s",
+                "{MAX_FAILURES} failed registrations within {} s; refusing this source for {} s",
                 FAILURE_WINDOW.as_secs(),
                 BLOCK_FOR.as_secs()
             );
@@ -620,6 +1023,12 @@ impl Registrar {
                     .any(|t| now.saturating_duration_since(*t) < FAILURE_WINDOW)
         });
         self.compact_failure_order();
+        let agents = &self.agents;
+        self.accounts.retain(|n, a| {
+            agents.contains_key(n) || !(a.familiar.idle(now) && a.unfamiliar.idle(now))
+        });
+        let accounts = &self.accounts;
+        self.name_order.retain(|n| accounts.contains_key(n));
         let now_ms = self.millis(now);
         let life = millis(NONCE_LIFETIME);
         self.nonces
@@ -794,6 +1203,32 @@ impl Registrar {
             reply = reply.header("Contact", format!("<{}>;expires={secs}", b.uri));
         }
         reply
+    }
+}
+
+/// What a nonce's MAC covers: its body and the source it is sent to.
+fn nonce_input(body: &[u8], src: Source) -> Vec<u8> {
+    let mut v = body.to_vec();
+    match src {
+        Source::V4(a) => {
+            v.push(4);
+            v.extend_from_slice(&a.octets());
+        }
+        Source::V6Net(segs) => {
+            v.push(6);
+            for s in segs {
+                v.extend_from_slice(&s.to_be_bytes());
+            }
+        }
+    }
+    v
+}
+
+/// The key an attempt's user name is tracked under (long names cut, on a char boundary).
+fn account_key(username: &str) -> String {
+    match username.char_indices().nth(MAX_NAME_LEN) {
+        Some((i, _)) => username[..i].to_owned(),
+        None => username.to_owned(),
     }
 }
 
@@ -1775,28 +2210,158 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         assert!(r.registered().is_empty());
     }
 
+    /// A phone at `ip:port`.
+    fn phone_at(user: &'static str, password: &'static str, addr: &str) -> Phone {
+        let mut p = Phone::new(user, password, 5060);
+        p.flow.remote = addr.parse().expect("addr");
+        p.call_id = format!("reg-{user}-{addr}");
+        p
+    }
+
     #[test]
-    fn five_failures_block_the_address_for_a_minute() {
+    fn five_failures_block_the_source_for_a_minute_but_it_is_still_challenged() {
         let mut r = registrar();
         let t0 = Instant::now();
         let c = ["<sip:1001@10.0.0.5>"];
-        let mut thief = Phone::new("1001", "guess", 7000);
+        // 1002 logs in from here first: this address is usual for 1002, not for 1001.
+        let mut colleague = phone_at("1002", "other", "192.0.2.1:7009");
+        assert_eq!(colleague.login(&mut r, t0, &c, &[]).0.code, 200);
+        let mut thief = phone_at("1001", "guess", "192.0.2.1:7000");
         for i in 0..5 {
             let (reply, _) = thief.login(&mut r, t0 + secs(i), &c, &[]);
             assert_eq!(reply.code, 401, "attempt {i}");
         }
-        // Blocked: 403 without a challenge, even with the right password and no credentials.
-        let (reply, _) = thief.send(&mut r, t0 + secs(5), &c, &[]);
-        assert_eq!(reply, RegisterReply::new(403, "Forbidden"));
-        let mut same_ip = Phone::new("1001", "pw", 7001);
-        assert_eq!(same_ip.send(&mut r, t0 + secs(30), &c, &[]).0.code, 403);
-        // Another address is not affected.
-        let mut other = Phone::new("1001", "pw", 7002);
-        other.flow.remote = "198.51.100.7:7002".parse().expect("addr");
-        assert_eq!(other.login(&mut r, t0 + secs(30), &c, &[]).0.code, 200);
-        // 60 s after the fifth failure, allowed again.
-        assert_eq!(same_ip.send(&mut r, t0 + secs(63), &c, &[]).0.code, 403);
-        assert_eq!(same_ip.login(&mut r, t0 + secs(64), &c, &[]).0.code, 200);
+        // Blocked: still challenged (a phone there needs a challenge to prove itself), but
+        // every answer is refused unseen, the right password of 1001 included.
+        let (challenge, _) = thief.send(&mut r, t0 + secs(5), &c, &[]);
+        assert_eq!(challenge.code, 401);
+        let mut same_ip = phone_at("1001", "pw", "192.0.2.1:7001");
+        let (challenge, _) = same_ip.send(&mut r, t0 + secs(30), &c, &[]);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        assert_eq!(
+            same_ip.send(&mut r, t0 + secs(30), &c, &[auth]).0,
+            RegisterReply::new(403, "Forbidden")
+        );
+        // An agent whose usual address this is keeps logging in from it.
+        assert_eq!(colleague.login(&mut r, t0 + secs(31), &c, &[]).0.code, 200);
+        // 60 s after the fifth failure the source is free again (1001's new-address lock,
+        // 60 s from its fifth failure too, is over as well).
+        assert_eq!(same_ip.login(&mut r, t0 + secs(65), &c, &[]).0.code, 200);
+    }
+
+    #[test]
+    fn guesses_lock_new_addresses_out_of_an_account_but_not_the_agents_phone() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        let mut phone = phone_at("1001", "pw", "198.51.100.7:5060");
+        assert_eq!(phone.login(&mut r, t0, &c, &[]).0.code, 200);
+        // Guesses from five different sources (a botnet): no source reaches its own limit,
+        // but the account's new-address class does.
+        for i in 0..5u64 {
+            let mut thief = phone_at("1001", "guess", &format!("203.0.113.{}:5060", i + 1));
+            assert_eq!(thief.login(&mut r, t0 + secs(i), &c, &[]).0.code, 401);
+        }
+        let locks = r.locks(t0 + secs(5));
+        assert_eq!(locks.len(), 1);
+        assert_eq!(locks[0].agent, "1001");
+        assert_eq!(locks[0].new_sources_until, Some(t0 + secs(4) + LOCK_BASE));
+        assert_eq!(locks[0].usual_sources_until, None);
+        // From a new address even the right password is refused, unseen.
+        let mut elsewhere = phone_at("1001", "pw", "203.0.113.99:5060");
+        let (challenge, _) = elsewhere.send(&mut r, t0 + secs(6), &c, &[]);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        assert_eq!(
+            elsewhere.send(&mut r, t0 + secs(6), &c, &[auth]).0.code,
+            403
+        );
+        // The agent's phone at its usual address logs in, even rebooted (a new Call-ID).
+        phone.call_id = "rebooted".into();
+        assert_eq!(phone.login(&mut r, t0 + secs(7), &c, &[]).0.code, 200);
+        // Another agent is not affected.
+        let mut other = phone_at("1002", "other", "203.0.113.99:5061");
+        assert_eq!(other.login(&mut r, t0 + secs(8), &c, &[]).0.code, 200);
+        // The lock ends; five more failures lock for twice as long.
+        let t1 = t0 + secs(4) + LOCK_BASE;
+        assert!(r.locks(t1).is_empty());
+        for i in 0..5u64 {
+            let mut thief = phone_at("1001", "guess", &format!("203.0.113.{}:5060", i + 20));
+            assert_eq!(thief.login(&mut r, t1 + secs(i), &c, &[]).0.code, 401);
+        }
+        assert_eq!(
+            r.locks(t1 + secs(5))[0].new_sources_until,
+            Some(t1 + secs(4) + 2 * LOCK_BASE)
+        );
+    }
+
+    #[test]
+    fn spoofed_guesses_count_for_nothing() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        let mut phone = phone_at("1001", "pw", "198.51.100.7:5060");
+        assert_eq!(phone.login(&mut r, t0, &c, &[]).0.code, 200);
+        // An attacker gets challenges at its own address, and sends guesses that claim to
+        // come from the phone's address (spoofed UDP: our answers go to the phone, not to
+        // it), with its nonces, or with made-up ones.
+        let mut attacker = phone_at("1001", "guess", "203.0.113.5:5060");
+        let (theirs, _) = attacker.send(&mut r, t0, &c, &[]);
+        let mut spoofed = phone_at("1001", "guess", "198.51.100.7:6000");
+        for i in 0..50u32 {
+            let auth = authorization(&theirs, "SHA-256", "1001", &format!("guess{i}"), i + 1);
+            let (reply, _) = spoofed.send(&mut r, t0 + secs(1), &c, &[auth]);
+            assert_eq!(reply.code, 401);
+            let made_up = format!(
+                "Authorization: Digest username=\"1001\", realm=\"ivr311\", nonce=\"{:064x}\", \
+uri=\"sip:127.0.0.1\", response=\"{:064x}\", algorithm=SHA-256, qop=auth, nc=00000001, \
+cnonce=\"x\"",
+                i, i
+            );
+            assert_eq!(
+                spoofed.send(&mut r, t0 + secs(1), &c, &[made_up]).0.code,
+                401
+            );
+        }
+        assert!(r.locks(t0 + secs(2)).is_empty());
+        assert!(r.failures.is_empty());
+        assert_eq!(phone.login(&mut r, t0 + secs(2), &c, &[]).0.code, 200);
+        // A nonce sent to the attacker, answered with the right password from elsewhere, is
+        // not ours there either: asked again (stale), never let in on it.
+        let auth = authorization(&theirs, "SHA-256", "1001", "pw", 99);
+        let (reply, _) = phone.send(&mut r, t0 + secs(3), &c, &[auth]);
+        assert_eq!(reply.code, 401);
+        assert!(reply.headers[0].1.ends_with("stale=true"));
+    }
+
+    #[test]
+    fn ipv6_sources_are_one_slash_64() {
+        let mut r = registrar();
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        // A thief hopping through its /64, an address per guess.
+        for i in 0..5u64 {
+            let mut thief = phone_at(
+                "1002",
+                "guess",
+                &format!("[2001:db8:1:2::{:x}]:5060", i + 1),
+            );
+            assert_eq!(thief.login(&mut r, t0 + secs(i), &c, &[]).0.code, 401);
+        }
+        // The whole /64 is blocked, for every account it is not usual for.
+        let mut next = phone_at("1001", "pw", "[2001:db8:1:2:ffff::1]:5060");
+        let (challenge, _) = next.send(&mut r, t0 + secs(6), &c, &[]);
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        assert_eq!(next.send(&mut r, t0 + secs(6), &c, &[auth]).0.code, 403);
+        // The next /64 is another source; a nonce sent to one address of a /64 is good from
+        // another of the same /64 (privacy addresses change).
+        let mut neighbour = phone_at("1001", "pw", "[2001:db8:1:3::1]:5060");
+        let (challenge, _) = neighbour.send(&mut r, t0 + secs(7), &c, &[]);
+        neighbour.flow.remote = "[2001:db8:1:3::2]:5060".parse().unwrap();
+        let auth = authorization(&challenge, "SHA-256", "1001", "pw", 1);
+        assert_eq!(
+            neighbour.send(&mut r, t0 + secs(7), &c, &[auth]).0.code,
+            200
+        );
     }
 
     #[test]
@@ -1805,34 +2370,84 @@ cnonce=\"{cnonce}\", opaque=\"{opaque}\""
         let t0 = Instant::now();
         let c = ["<sip:1001@10.0.0.5>"];
         let mut thief = Phone::new("1001", "guess", 7000);
+        thief.flow.remote = "203.0.113.5:7000".parse().unwrap();
         let mut good = Phone::new("1001", "pw", 7001);
+        // One guess every 3 minutes: fewer than five in any 10 minutes.
         for i in 0..12 {
-            let (reply, _) = thief.login(&mut r, t0 + secs(i * 20), &c, &[]);
+            let (reply, _) = thief.login(&mut r, t0 + secs(i * 180), &c, &[]);
             assert_eq!(reply.code, 401, "attempt {i}");
-            let (reply, _) = good.login(&mut r, t0 + secs(i * 20 + 1), &c, &[]);
+            let (reply, _) = good.login(&mut r, t0 + secs(i * 180 + 1), &c, &[]);
             assert_eq!(reply.code, 200, "attempt {i}");
         }
     }
 
     #[test]
-    fn failure_table_is_bounded() {
+    fn failure_and_name_tables_are_bounded() {
         let mut r = registrar();
         let t0 = Instant::now();
-        let req = register(
-            "1001",
-            "x",
-            1,
-            &[],
-            &["Authorization: Digest nonsense".into()],
-        );
         for i in 0..(MAX_TRACKED_IPS as u32 + 500) {
             let mut f = flow(5060);
-            f.remote = std::net::SocketAddr::new(IpAddr::from(i.to_be_bytes()), 5060);
-            let (reply, _) = r.handle(t0, &req, f);
+            f.remote = std::net::SocketAddr::new(std::net::IpAddr::from(i.to_be_bytes()), 5060);
+            let user = format!("u{i}");
+            let first = register(&user, "x", 1, &[], &[]);
+            let (challenge, _) = r.handle(t0, &first, f);
+            let auth = authorization(&challenge, "SHA-256", &user, "guess", 1);
+            let (reply, _) = r.handle(t0, &register(&user, "x", 2, &[], &[auth]), f);
             assert_eq!(reply.code, 401);
         }
         assert_eq!(r.failures.len(), MAX_TRACKED_IPS);
         assert!(r.failure_order.len() <= 2 * MAX_TRACKED_IPS + 64);
+        assert_eq!(
+            r.accounts.len(),
+            MAX_TRACKED_NAMES + 2,
+            "the names and both agents"
+        );
+        assert!(r.accounts.contains_key("1001") && r.accounts.contains_key("1002"));
+    }
+
+    #[test]
+    fn stored_hashes_log_in_and_plain_passwords_still_do() {
+        let t0 = Instant::now();
+        let c = ["<sip:1001@10.0.0.5>"];
+        let hashed = PasswordHa1::of("1001", REALM, "s3cret");
+        let mut r = Registrar::new(
+            REALM.into(),
+            &[
+                ("1001".into(), AgentSecret::Ha1(hashed.clone())),
+                ("1002".into(), "other".into()),
+            ],
+            SECRET,
+        );
+        for alg in ["SHA-256", "MD5"] {
+            let mut phone = Phone::new("1001", "s3cret", 5070);
+            phone.call_id = format!("ha1-{alg}");
+            let (challenge, _) = phone.send(&mut r, t0, &c, &[]);
+            let auth = authorization(&challenge, alg, "1001", "s3cret", 1);
+            assert_eq!(phone.send(&mut r, t0, &c, &[auth]).0.code, 200, "{alg}");
+        }
+        let mut wrong = Phone::new("1001", "S3cret", 5071);
+        assert_eq!(wrong.login(&mut r, t0, &c, &[]).0.code, 401);
+        let mut plain = Phone::new("1002", "other", 5072);
+        assert_eq!(plain.login(&mut r, t0, &c, &[]).0.code, 200);
+        // Known vectors: the hashes are H(id:realm:password).
+        assert_eq!(
+            hashed.md5.as_deref(),
+            Some(Algorithm::Md5.hex("1001:ivr311:s3cret").as_str())
+        );
+        assert_eq!(hashed.algorithms(), ["SHA-256", "MD5"]);
+        assert_eq!(format!("{:?}", AgentSecret::from("s3cret")), "Password(..)");
+        // A hash of one algorithm only: the other cannot log in.
+        let md5_only = PasswordHa1 {
+            sha256: None,
+            ..hashed
+        };
+        let mut r = Registrar::new(
+            REALM.into(),
+            &[("1001".into(), AgentSecret::Ha1(md5_only))],
+            SECRET,
+        );
+        let mut phone = Phone::new("1001", "s3cret", 5073);
+        assert_eq!(phone.login(&mut r, t0, &c, &[]).0.code, 401);
     }
 
     #[test]

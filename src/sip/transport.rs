@@ -27,6 +27,21 @@
 //! share one bucket and one window). They sit behind one `std::sync::Mutex` in the
 //! [`TransportHandle`], shared by the UDP and TCP readers and held only for the look-up.
 //!
+//! TCP connections are bounded, so that no peer can take the table (and with it the 911 route):
+//!
+//! - inbound connections (those peers open) at most [`TransportLimits::max_tcp_connections`],
+//!   and at most [`TransportLimits::max_tcp_connections_per_source`] from one source (IPv4
+//!   address or IPv6 /64) unless it is a trusted trunk ([`TransportLimits::trusted`]); further
+//!   ones are closed at once, counted (`ivr311_sip_tcp_refused_total{limit}`) and logged once
+//!   per source and window ([`crate::sip::guard::ConnectionLimiter`]);
+//! - connections we open ([`TransportHandle::connect_tcp`]: `transport=tcp` 911 routes,
+//!   trunks, call-backs) have a budget of the same size of their own, so peers holding every
+//!   inbound slot cannot make a 911 bridge fail;
+//! - a connection the far end sends no SIP message on for [`TransportLimits::tcp_idle`] is
+//!   closed: CRLF keep-alives (RFC 5626) are consumed but are not activity, so a peer cannot
+//!   hold a slot with them alone. A connection a dialog or an operator's registration runs over
+//!   is kept ([`TransportHandle::hold`]).
+//!
 //! Sending goes through [`TransportHandle::send`] on a [`Flow`]: UDP sends to the flow's remote
 //! address; TCP writes to the connection the flow names (each connection has a writer task with a
 //! bounded queue).
@@ -39,12 +54,15 @@
 //! This module knows nothing of transactions, dialogs or calls.
 
 use crate::config::{set_dscp, Dscp};
-use crate::sip::guard::{self, LogThrottle, LogVerdict, RateLimiter, Suppressed};
+use crate::metrics::Metrics;
+use crate::sip::guard::{
+    self, ConnRefusal, ConnectionLimiter, IpNet, LogThrottle, LogVerdict, RateLimiter, Suppressed,
+};
 use crate::sip::message::{self, Frame, Message, ParseError};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,13 +110,19 @@ pub struct Inbound {
 }
 
 /// Transport limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TransportLimits {
     /// Largest message accepted on TCP (and UDP), in bytes.
     pub max_message_bytes: usize,
-    /// Most simultaneous TCP connections.
+    /// Most simultaneous inbound TCP connections; the connections we open have a budget of
+    /// this size of their own.
     pub max_tcp_connections: usize,
-    /// A TCP connection with no traffic for this long is closed.
+    /// Most simultaneous inbound TCP connections from one source not in `trusted`; 0: no limit.
+    pub max_tcp_connections_per_source: usize,
+    /// Sources exempt from `max_tcp_connections_per_source` (the trunks, `trunks.allow`).
+    pub trusted: Vec<IpNet>,
+    /// A TCP connection with no SIP message from the far end for this long is closed (unless
+    /// held, see [`TransportHandle::hold`]); keep-alives do not count.
     pub tcp_idle: Duration,
     /// Error answers to malformed requests per second and source, after the burst; 0: no limit.
     pub malformed_answers_per_second: u32,
@@ -110,6 +134,8 @@ pub struct TransportLimits {
     /// How SIP packets are marked (`qos.sip_dscp`; 0: unmarked). Set on the UDP socket and
     /// the TCP listener, whose accepted connections inherit it.
     pub dscp: Dscp,
+    /// Where refused TCP connections are counted (`/metrics`); none: not counted.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for TransportLimits {
@@ -117,11 +143,14 @@ impl Default for TransportLimits {
         TransportLimits {
             max_message_bytes: 64 * 1024,
             max_tcp_connections: 1024,
+            max_tcp_connections_per_source: 64,
+            trusted: Vec::new(),
             tcp_idle: Duration::from_secs(300),
             malformed_answers_per_second: 20,
             malformed_answers_burst: 50,
             malformed_log_window: Duration::from_secs(10),
             dscp: crate::config::QosConfig::default().sip_dscp,
+            metrics: None,
         }
     }
 }
@@ -137,11 +166,38 @@ pub struct TransportStats {
     pub dropped: AtomicU64,
 }
 
-/// Per-source state of the reject path: error answers left, and log windows.
+/// Per-source state of the reject path: error answers left, and log windows (for malformed
+/// messages, and for refused TCP connections).
 #[derive(Debug)]
 struct RejectGuard {
     answers: RateLimiter,
     logs: LogThrottle,
+    tcp_logs: LogThrottle,
+}
+
+/// Who opened a TCP connection: which budget it counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    /// A peer (counted in the inbound [`ConnectionLimiter`]).
+    Peer,
+    /// We did ([`TransportHandle::connect_tcp`]).
+    Us,
+}
+
+/// What a TCP connection's task needs of the limits.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
+    max_message_bytes: usize,
+    tcp_idle: Duration,
+}
+
+impl From<&TransportLimits> for StreamLimits {
+    fn from(l: &TransportLimits) -> Self {
+        StreamLimits {
+            max_message_bytes: l.max_message_bytes,
+            tcp_idle: l.tcp_idle,
+        }
+    }
 }
 
 /// What opening a TCP connection of our own needs: what the accept loop has.
@@ -153,6 +209,10 @@ struct Connector {
     /// Connections we opened, by where they go: reused while open, and opened again when a
     /// request is sent after the last one closed.
     opened: DashMap<SocketAddr, u64>,
+    /// Connections we opened that are open now (their own budget, `max_tcp_connections`).
+    ours: AtomicUsize,
+    /// Inbound connections, per source and in all. Locked only for the count.
+    inbound_limits: Mutex<ConnectionLimiter>,
 }
 
 /// How long a TCP connection to a target may take to open before the request fails (a 911
@@ -209,9 +269,28 @@ impl TransportHandle {
                 return Ok(flow(conn));
             }
         }
-        if self.tcp.len() >= c.limits.max_tcp_connections {
-            return Err(std::io::Error::other("too many TCP connections open"));
+        // Our own budget: peers' connections, however many, never stand in the way.
+        if c.ours.fetch_add(1, Ordering::Relaxed) >= c.limits.max_tcp_connections {
+            c.ours.fetch_sub(1, Ordering::Relaxed);
+            return Err(std::io::Error::other(
+                "too many TCP connections of our own open",
+            ));
         }
+        let opened = self.open_ours(remote).await;
+        if opened.is_err() {
+            c.ours.fetch_sub(1, Ordering::Relaxed);
+        }
+        opened
+    }
+
+    /// Open a TCP connection to `remote` (counted in `ours` by the caller) and start its task.
+    async fn open_ours(&self, remote: SocketAddr) -> std::io::Result<Flow> {
+        let c = &self.connector;
+        let flow = |conn| Flow {
+            transport: Transport::Tcp,
+            remote,
+            conn,
+        };
         let stream = tokio::time::timeout(CONNECT_WITHIN, TcpStream::connect(remote))
             .await
             .map_err(|_| {
@@ -234,7 +313,8 @@ impl TransportHandle {
             rx,
             remote,
             conn,
-            c.limits,
+            Opener::Us,
+            StreamLimits::from(&c.limits),
             c.inbound.clone(),
             c.cancel.clone(),
         ));
@@ -252,8 +332,9 @@ impl TransportHandle {
         Box::pin(self.connect_tcp(remote))
     }
 
-    /// A dialog now runs over `flow`: if it is a TCP connection, keep it open however long it
-    /// stays quiet, until [`TransportHandle::release`] (or the far end closes it).
+    /// A dialog (or an operator's registration) now runs over `flow`: if it is a TCP
+    /// connection, keep it open however long it stays quiet, until
+    /// [`TransportHandle::release`] (or the far end closes it).
     ///
     /// Why: a caller waiting in an operator queue, or talking to an operator, sends nothing on
     /// SIP for many minutes, and the idle timer (`limits.tcp_idle_seconds`) closed the
@@ -379,16 +460,23 @@ pub async fn bind(
         }
     }
     let udp = Arc::new(udp);
+    let inbound_limits = ConnectionLimiter::new(
+        limits.max_tcp_connections,
+        limits.max_tcp_connections_per_source,
+        limits.trusted.clone(),
+    );
     let handle = TransportHandle {
         udp: udp.clone(),
         tcp: Arc::new(DashMap::new()),
         held: Arc::new(DashMap::new()),
         connector: Arc::new(Connector {
-            limits,
+            limits: limits.clone(),
             inbound: inbound.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
             opened: DashMap::new(),
+            ours: AtomicUsize::new(0),
+            inbound_limits: Mutex::new(inbound_limits),
         }),
         local,
         stats: Arc::new(TransportStats::default()),
@@ -399,19 +487,20 @@ pub async fn bind(
                 guard::MAX_SOURCES,
             ),
             logs: LogThrottle::new(limits.malformed_log_window, guard::MAX_SOURCES),
+            tcp_logs: LogThrottle::new(limits.malformed_log_window, guard::MAX_SOURCES),
         })),
     };
     tracker.spawn(summarise_suppressed(handle.clone(), cancel.clone()));
     tracker.spawn(udp_loop(
         handle.clone(),
-        limits,
+        limits.max_message_bytes,
         inbound.clone(),
         cancel.clone(),
     ));
     tracker.spawn(tcp_accept_loop(
         handle.clone(),
         tcp,
-        limits,
+        StreamLimits::from(&limits),
         inbound,
         tracker.clone(),
         cancel,
@@ -457,7 +546,7 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
 
 async fn udp_loop(
     handle: TransportHandle,
-    limits: TransportLimits,
+    max_message_bytes: usize,
     inbound: mpsc::Sender<Inbound>,
     cancel: CancellationToken,
 ) {
@@ -486,7 +575,7 @@ async fn udp_loop(
             remote,
             conn: 0,
         };
-        match message::parse_datagram(data, limits.max_message_bytes) {
+        match message::parse_datagram(data, max_message_bytes) {
             Ok(msg) => {
                 if inbound.try_send(Inbound { msg, flow }).is_err() {
                     handle.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -573,17 +662,89 @@ async fn summarise_suppressed(handle: TransportHandle, cancel: CancellationToken
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let done = handle.reject_guard().logs.sweep(Instant::now());
+        let (done, tcp) = {
+            let mut g = handle.reject_guard();
+            (
+                g.logs.sweep(Instant::now()),
+                g.tcp_logs.sweep(Instant::now()),
+            )
+        };
         for s in &done {
             log_suppressed(s);
         }
+        for s in &tcp {
+            log_tcp_suppressed(s);
+        }
+    }
+}
+
+/// The summary line of a log window that ended with refused connections left unlogged.
+fn log_tcp_suppressed(s: &Suppressed) {
+    let from = s.from();
+    let secs = s.over.as_secs_f64().round() as u64;
+    warn!(
+        source = %from,
+        suppressed = s.count,
+        "{} more TCP connections from {from} refused in the last {secs}s",
+        s.count
+    );
+}
+
+impl TransportHandle {
+    /// Count an inbound connection from `remote`, or refuse it: counted in `/metrics`, logged
+    /// once per source and window.
+    fn admit_inbound(&self, remote: SocketAddr) -> bool {
+        let ip = remote.ip();
+        let refused = {
+            let mut l = self
+                .connector
+                .inbound_limits
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            l.open(ip).err()
+        };
+        let Some(why) = refused else {
+            return true;
+        };
+        if let Some(m) = &self.connector.limits.metrics {
+            m.add(
+                "ivr311_sip_tcp_refused_total",
+                "Inbound SIP TCP connections closed at once: all inbound slots taken (total), or their source's (per_source).",
+                &[("limit", why.label())],
+                1,
+            );
+        }
+        let log = self.reject_guard().tcp_logs.note(ip, Instant::now());
+        if let LogVerdict::LogAfter(s) = &log {
+            log_tcp_suppressed(s);
+        }
+        if log != LogVerdict::Quiet {
+            match why {
+                ConnRefusal::Total => {
+                    warn!(%remote, "every inbound TCP slot is taken; connection refused")
+                }
+                ConnRefusal::PerSource => {
+                    warn!(%remote, "too many TCP connections from this source; connection refused")
+                }
+            }
+        }
+        false
+    }
+
+    /// An inbound connection from `remote` closed.
+    fn inbound_closed(&self, remote: SocketAddr) {
+        self.connector
+            .inbound_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .close(remote.ip());
     }
 }
 
 async fn tcp_accept_loop(
     handle: TransportHandle,
     listener: TcpListener,
-    limits: TransportLimits,
+    limits: StreamLimits,
     inbound: mpsc::Sender<Inbound>,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -600,13 +761,12 @@ async fn tcp_accept_loop(
                 }
             },
         };
-        if handle.tcp.len() >= limits.max_tcp_connections {
-            warn!(%remote, "too many tcp connections; refusing");
+        let remote = crate::sip::guard::canonical(remote);
+        if !handle.admit_inbound(remote) {
             drop(stream);
             continue;
         }
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-        let remote = crate::sip::guard::canonical(remote);
         let _ = stream.set_nodelay(true);
         let rx = handle.register(conn);
         tracker.spawn(tcp_connection(
@@ -615,6 +775,7 @@ async fn tcp_accept_loop(
             rx,
             remote,
             conn,
+            Opener::Peer,
             limits,
             inbound.clone(),
             cancel.clone(),
@@ -629,7 +790,8 @@ async fn tcp_connection(
     mut rx: mpsc::Receiver<Bytes>,
     remote: SocketAddr,
     conn: u64,
-    limits: TransportLimits,
+    opener: Opener,
+    limits: StreamLimits,
     inbound: mpsc::Sender<Inbound>,
     cancel: CancellationToken,
 ) {
@@ -639,7 +801,7 @@ async fn tcp_connection(
         remote,
         conn,
     };
-    let writer = tokio::spawn(async move {
+    let writer = handle.connector.tracker.spawn(async move {
         while let Some(b) = rx.recv().await {
             if wr.write_all(&b).await.is_err() {
                 break;
@@ -647,16 +809,25 @@ async fn tcp_connection(
         }
     });
     let mut buf = BytesMut::with_capacity(8192);
+    // The last SIP message from the far end (keep-alives are not activity).
+    let mut active = tokio::time::Instant::now();
     'conn: loop {
         let read = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = tokio::time::timeout(limits.tcp_idle, rd.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(active + limits.tcp_idle, rd.read_buf(&mut buf)) => r,
         };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => break,
-            // Idle: closed unless a call runs over it (see `TransportHandle::hold`).
-            Err(_) if handle.is_held(conn) => continue,
-            Err(_) => break,
+            // Idle: closed unless a call or a registration runs over it (see
+            // `TransportHandle::hold`).
+            Err(_) if handle.is_held(conn) => {
+                active = tokio::time::Instant::now();
+                continue;
+            }
+            Err(_) => {
+                debug!(%remote, "tcp connection idle; closing");
+                break;
+            }
             Ok(Ok(_)) => {}
         }
         loop {
@@ -667,6 +838,7 @@ async fn tcp_connection(
                 }
                 Ok(Frame::Complete(n)) => {
                     let bytes = buf.split_to(n).freeze();
+                    active = tokio::time::Instant::now();
                     handle.stats.received.fetch_add(1, Ordering::Relaxed);
                     match message::parse_stream_message(&bytes, limits.max_message_bytes) {
                         Ok(msg) => {
@@ -695,6 +867,12 @@ async fn tcp_connection(
         }
     }
     handle.tcp.remove(&conn);
+    match opener {
+        Opener::Peer => handle.inbound_closed(remote),
+        Opener::Us => {
+            handle.connector.ours.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     // Let queued responses drain before the socket closes.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     debug!(%remote, "tcp connection closed");

@@ -25,6 +25,14 @@
 //!   than INVITE and CANCEL past their source's token bucket are dropped without an answer and
 //!   counted in `ivr311_sip_requests_dropped_total{reason}`. Requests in an existing dialog are
 //!   never screened.
+//! - Per-source call limits ([`Screening::max_calls_per_source`], [`Screening::invites_per_second`],
+//!   [`guard::CallLimiter`]): a new INVITE from a source that is not a trusted trunk (listed in
+//!   `trunks.allow`) is refused with `503` and `Retry-After` when its source already has that
+//!   many calls, or is past its INVITE rate. The refusal is stateless (RFC 3261 §8.2.7): no
+//!   transaction is kept and the 503 is sent once, not retransmitted, so a flood with a
+//!   spoofed source costs no memory and is not amplified; past a bucket of refusals per source
+//!   the INVITE is dropped unanswered. Each is counted (`ivr311_sip_invites_limited_total`),
+//!   and logged once per source and 10 s, with a summary of the rest.
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
@@ -34,6 +42,17 @@
 //!   extension gets 420.
 //! - Our own registration with a trunk (`trunks.register`, [`crate::sip::trunk`]): REGISTERs in
 //!   client transactions of their own, refreshed on the timer heap, removed when draining.
+//!
+//! Events are never dropped. A call (or an outbound leg's owner) reads its [`DialogEvent`]s
+//! from a bounded channel; when that channel is full, further events wait in order in a
+//! bounded backlog of the dialog (`EventQueue`), and a task (owned by the server's
+//! [`TaskTracker`], [`UaCore::with_tasks`]) waits for room and has the UA core deliver them.
+//! A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep up: its dialog is ended
+//! as if the call had released it (BYE, or 500 before the answer, CANCEL for an outbound leg
+//! not answered), counted in `ivr311_calls_ended_backlogged_total`, and the call, once it has
+//! read what was queued, finds its channel closed. When a dialog ends with events still
+//! queued (a BYE behind a burst of INFOs), a task hands them over in order (for up to 30 s)
+//! before the channel closes.
 //!
 //! Where we send: responses go back to the source address of the request (the `rport`
 //! behaviour of RFC 3581, applied whether or not the client asked), and requests we originate
@@ -77,12 +96,12 @@
 
 use crate::metrics::Metrics;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
-use crate::sip::guard::{self, IpNet, RateLimiter};
+use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
 use crate::sip::message::{
     new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
     Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
 };
-use crate::sip::registrar::{AgentEvent, Registrar, TrunkCredentials};
+use crate::sip::registrar::{AgentEvent, AgentSecret, Registrar, TrunkCredentials};
 use crate::sip::resolve::Resolver;
 use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
@@ -91,7 +110,7 @@ use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegis
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -99,13 +118,26 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-/// Methods we implement, for `Allow`.
+/// The summary line of a log window of refused calls that ended with refusals unlogged.
+fn log_calls_suppressed(s: &guard::Suppressed) {
+    let from = s.from();
+    let secs = s.over.as_secs_f64().round() as u64;
+    warn!(
+        source = %from,
+        suppressed = s.count,
+        "{} more calls from {from} refused by per-source limits in the last {secs}s",
+        s.count
+    );
+}
+
 /// The `req` number of the UA core's own session refreshes (RFC 4028), whose outcomes it keeps
 /// (calls number theirs from 0 up).
 const SESSION_REFRESH: u64 = u64::MAX;
 
+/// Methods we implement, for `Allow`.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 /// `Allow` when agents can log in (a registrar is configured).
 pub const ALLOW_WITH_REGISTER: &str =
@@ -464,6 +496,10 @@ enum Command {
     TrunkResolved(Result<(SocketAddr, usize), String>),
     /// The TCP connection to the trunk registrar was opened (or could not be).
     TrunkConnected(Result<Flow, String>),
+    /// Dialog `dialog`'s listener has room for the events queued for it.
+    Room {
+        dialog: DialogId,
+    },
 }
 
 /// A call's handle on its dialog. Cloneable; commands are queued to the UA task.
@@ -548,6 +584,10 @@ pub struct UaStats {
     pub dialogs: AtomicUsize,
     pub server_transactions: AtomicUsize,
     pub client_transactions: AtomicUsize,
+    /// Calls and outbound legs ended because they fell too far behind their events.
+    pub ended_backlogged: std::sync::atomic::AtomicU64,
+    /// Agents locked out by the registrar's back-off, as of its last REGISTER.
+    locks: std::sync::Mutex<Vec<crate::sip::registrar::AccountLock>>,
     /// Our registration with the trunk, as of the instant stored with it (`None` without
     /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
     trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
@@ -558,8 +598,36 @@ pub struct UaStats {
 
 /// How often an idle UA loop turns anyway, to show it still would.
 pub const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+/// An agent's log-ins refused for repeated failures ([`UaStats::login_locks`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoginLock {
+    pub agent: String,
+    /// Seconds left while log-ins from addresses the agent has not used are refused.
+    pub new_sources_seconds: Option<u64>,
+    /// Seconds left while log-ins from its usual addresses are refused too.
+    pub usual_sources_seconds: Option<u64>,
+}
 
 impl UaStats {
+    /// The agents whose log-ins are locked now ([`crate::sip::registrar`]'s back-off).
+    pub fn login_locks(&self) -> Vec<LoginLock> {
+        let now = Instant::now();
+        let left = |t: Option<Instant>| {
+            t.filter(|t| *t > now)
+                .map(|t| t.saturating_duration_since(now).as_secs().max(1))
+        };
+        let guard = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .iter()
+            .map(|l| LoginLock {
+                agent: l.agent.clone(),
+                new_sources_seconds: left(l.new_sources_until),
+                usual_sources_seconds: left(l.usual_sources_until),
+            })
+            .filter(|l| l.new_sources_seconds.is_some() || l.usual_sources_seconds.is_some())
+            .collect()
+    }
+
     /// Our registration with the trunk (`trunks.register`) as it stands now.
     pub fn trunk_registration(&self) -> Option<RegistrationStatus> {
         let guard = self.trunk.lock().unwrap_or_else(|e| e.into_inner());
@@ -700,7 +768,7 @@ impl SentInvite {
 
 /// An outbound call between its INVITE and the first final response.
 struct OutboundLeg {
-    events: mpsc::Sender<LegEvent>,
+    events: EventQueue<LegEvent>,
     /// The INVITE client transaction.
     invite: ClientKey,
     /// What a digest challenge to the INVITE is answered with, once (trunk legs only).
@@ -740,23 +808,110 @@ impl LegState {
     }
 }
 
+/// Most events a dialog's listener may be behind beyond its channel; one more and the call
+/// is ended (see the module docs).
+pub const MAX_EVENT_BACKLOG: usize = 64;
+/// How long the events queued for a dialog that has ended wait for its listener to take them.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Events for one listener, in order: into its channel while there is room, else into a
+/// bounded backlog that [`Command::Room`] flushes.
+struct EventQueue<T> {
+    tx: mpsc::Sender<T>,
+    backlog: VecDeque<T>,
+    /// A task waits for room in the channel.
+    waiting: bool,
+    /// The listener fell [`MAX_EVENT_BACKLOG`] behind; its dialog is being ended and later
+    /// events are not queued.
+    overflowed: bool,
+}
+
+/// What became of an event given to an [`EventQueue`].
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    /// In the channel, or queued behind others (with a task waiting for room).
+    Taken,
+    /// Queued, and a task must now wait for room ([`UaCore::wait_for_room`]).
+    NeedsWaiter,
+    /// Queued last: the listener is too far behind, its dialog must end.
+    Overflow,
+    /// The listener is gone (or the dialog is being ended for its backlog): dropped.
+    Gone,
+}
+
+impl<T> EventQueue<T> {
+    fn new(tx: mpsc::Sender<T>) -> Self {
+        EventQueue {
+            tx,
+            backlog: VecDeque::new(),
+            waiting: false,
+            overflowed: false,
+        }
+    }
+
+    fn push(&mut self, ev: T) -> Queued {
+        if self.overflowed || self.tx.is_closed() {
+            return Queued::Gone;
+        }
+        if self.backlog.is_empty() {
+            match self.tx.try_send(ev) {
+                Ok(()) => return Queued::Taken,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Queued::Gone,
+                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+            }
+        } else {
+            self.backlog.push_back(ev);
+        }
+        if self.backlog.len() > MAX_EVENT_BACKLOG {
+            self.overflowed = true;
+            return Queued::Overflow;
+        }
+        if self.waiting {
+            Queued::Taken
+        } else {
+            self.waiting = true;
+            Queued::NeedsWaiter
+        }
+    }
+
+    /// Move what fits from the backlog into the channel; whether some is left (and a task must
+    /// wait for room again).
+    fn flush(&mut self) -> bool {
+        self.waiting = false;
+        while let Some(ev) = self.backlog.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.backlog.push_front(ev);
+                    self.waiting = true;
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
+
 /// Who hears a dialog's events.
 enum EventSink {
     /// An inbound call.
-    Call(mpsc::Sender<DialogEvent>),
+    Call(EventQueue<DialogEvent>),
     /// An outbound leg: events are wrapped in [`LegEvent::Dialog`].
-    Leg(mpsc::Sender<LegEvent>),
+    Leg(EventQueue<LegEvent>),
     /// Nobody: a dialog kept only to end it (a 2xx that crossed our CANCEL, another fork).
     Detached,
 }
 
 impl EventSink {
-    /// False when the listener is full or gone.
-    fn send(&self, ev: DialogEvent) -> bool {
+    fn push(&mut self, ev: DialogEvent) -> Queued {
         match self {
-            EventSink::Call(tx) => tx.try_send(ev).is_ok(),
-            EventSink::Leg(tx) => tx.try_send(LegEvent::Dialog(ev)).is_ok(),
-            EventSink::Detached => true,
+            EventSink::Call(q) => q.push(ev),
+            EventSink::Leg(q) => q.push(LegEvent::Dialog(ev)),
+            EventSink::Detached => Queued::Taken,
         }
     }
 }
@@ -780,6 +935,8 @@ struct DialogEntry {
     session_due: Option<Instant>,
     /// The SDP of our last 2xx, sent again unchanged by a re-INVITE refresh.
     local_sdp: Bytes,
+    /// An inbound call counted against its source's call limits: the source's address.
+    counted: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -794,6 +951,8 @@ enum TimerRef {
     TrunkRegister,
     /// A dialog's session timer (RFC 4028) is due: refresh, or BYE.
     Session(DialogId),
+    /// The per-source call limits' log windows are due for a sweep.
+    CallLogSweep,
 }
 
 /// The UA core task's state.
@@ -831,6 +990,10 @@ pub struct UaCore {
     trunks_allow: Vec<IpNet>,
     /// Per-source limit on out-of-dialog requests other than INVITE.
     limiter: RateLimiter,
+    /// Per-source limits on new calls from sources not in `trunks_allow`.
+    calls: CallLimiter,
+    /// A sweep of `calls`' log windows is on the timer heap.
+    calls_sweep_due: bool,
     /// Where dropped requests are counted.
     metrics: Option<Arc<Metrics>>,
     /// Our registration with the trunk ([`UaCore::with_trunk_registration`]), where its
@@ -854,17 +1017,50 @@ pub struct UaCore {
     draining: Option<CancellationToken>,
     /// Looks up the host names of outbound targets and of the trunk's registrar.
     resolver: Resolver,
+    /// Owns the tasks this core starts (look-ups, connections, event deliveries).
+    tasks: TaskTracker,
+    /// Stops those tasks (the token [`UaCore::run`] was given).
+    cancel: CancellationToken,
+    /// Dialogs whose listener fell too far behind, to be ended ([`UaCore::end_backlogged`]).
+    backlogged: Vec<DialogId>,
 }
 
-/// What [`UaCore::with_screening`] drops.
+/// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Screening {
-    /// Source networks INVITEs are taken from; empty takes them from anywhere.
+    /// Source networks INVITEs are taken from; empty takes them from anywhere. Sources listed
+    /// here are trusted trunks: the per-source call limits below do not apply to them.
     pub trunks_allow: Vec<IpNet>,
     /// Out-of-dialog requests other than INVITE/CANCEL per second per source; 0: no limit.
     pub per_second: u32,
     /// Burst allowed per source before `per_second` applies.
     pub burst: u32,
+    /// Calls at once per untrusted source (`limits.max_calls_per_source`); 0: no limit.
+    pub max_calls_per_source: usize,
+    /// New INVITEs per second per untrusted source (`limits.invites_per_second`); 0: no limit.
+    pub invites_per_second: u32,
+    /// INVITEs one untrusted source may send at once (`limits.invites_burst`).
+    pub invites_burst: u32,
+}
+
+/// How long after a source's first refused INVITE is logged its further ones are only counted.
+const CALL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What [`UaCore::screen`] does with a new request.
+enum Screened {
+    /// Handle it.
+    Pass,
+    /// A new call from an untrusted source that now counts against its source's limits.
+    Admitted,
+    /// Drop it unanswered, for this reason (a `/metrics` label).
+    Drop(&'static str),
+    /// A new call over its source's limits (see [`CallVerdict::Refuse`]).
+    Refuse {
+        limit: guard::CallLimit,
+        retry_after: u32,
+        answer: bool,
+        log: LogVerdict,
+    },
 }
 
 impl UaCore {
@@ -901,6 +1097,8 @@ impl UaCore {
             agent_contacts: Arc::new(DashMap::new()),
             trunks_allow: Vec::new(),
             limiter: RateLimiter::new(0, 0, 1),
+            calls: CallLimiter::new(0, 0, 0, CALL_LOG_WINDOW),
+            calls_sweep_due: false,
             metrics: None,
             trunk_reg: None,
             trunk_reg_flow: None,
@@ -912,6 +1110,9 @@ impl UaCore {
             trunk_reg_connecting: false,
             draining: None,
             resolver: Resolver::system(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            backlogged: Vec::new(),
         }
     }
 
@@ -922,10 +1123,24 @@ impl UaCore {
         self
     }
 
+    /// Start this core's own tasks (host name look-ups, TCP connections to trunks, deliveries
+    /// of queued events) on `tracker`, so that shutdown waits for them. Without it they run
+    /// on a tracker of the core's own.
+    pub fn with_tasks(mut self, tracker: TaskTracker) -> Self {
+        self.tasks = tracker;
+        self
+    }
+
     /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
     pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
         self.trunks_allow = screening.trunks_allow;
         self.limiter = RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES);
+        self.calls = CallLimiter::new(
+            screening.max_calls_per_source,
+            screening.invites_per_second,
+            screening.invites_burst,
+            CALL_LOG_WINDOW,
+        );
         self.metrics = Some(metrics);
         self
     }
@@ -1009,15 +1224,16 @@ impl UaCore {
         Ok(self)
     }
 
-    /// [`UaCore::with_registrar`] for these `(agent id, password)` pairs, with digest realm
+    /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with digest realm
     /// `realm` and a random nonce secret; no agents, no registrar.
-    pub fn with_agents(
+    pub fn with_agents<S: Into<AgentSecret>>(
         self,
         realm: &str,
-        agents: impl IntoIterator<Item = (String, String)>,
+        agents: impl IntoIterator<Item = (String, S)>,
         digest_algorithms: &[String],
     ) -> Self {
-        let agents: Vec<(String, String)> = agents.into_iter().collect();
+        let agents: Vec<(String, AgentSecret)> =
+            agents.into_iter().map(|(id, s)| (id, s.into())).collect();
         if agents.is_empty() {
             return self;
         }
@@ -1083,6 +1299,7 @@ impl UaCore {
 
     /// Run until cancelled or the transport closes.
     pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
+        self.cancel = cancel.clone();
         let draining = self.draining.take();
         let mut unbound = draining.is_none();
         let mut heartbeat = tokio::time::interval(UA_HEARTBEAT);
@@ -1145,6 +1362,7 @@ impl UaCore {
             Message::Request(req) => self.on_request(req, m.flow).await,
             Message::Response(resp) => self.on_response(resp).await,
         }
+        self.end_backlogged(Self::now()).await;
     }
 
     // ---- server side -------------------------------------------------------------------
@@ -1169,19 +1387,36 @@ impl UaCore {
             self.on_cancel(req, key, flow, now).await;
             return;
         }
-        if let Some(reason) = self.screen(&req, &flow, now) {
-            debug!(remote = %flow.remote, method = %req.method, reason, "request dropped unanswered");
-            if let Some(m) = &self.metrics {
-                m.add(
-                    "ivr311_sip_requests_dropped_total",
-                    "SIP requests dropped without an answer (scanner, source not allowed, rate limited).",
-                    &[("reason", reason)],
-                    1,
-                );
+        let counted = match self.screen(&req, &flow, now) {
+            Screened::Pass => None,
+            Screened::Admitted => Some(flow.remote.ip()),
+            Screened::Drop(reason) => {
+                debug!(remote = %flow.remote, method = %req.method, reason, "request dropped unanswered");
+                if let Some(m) = &self.metrics {
+                    m.add(
+                        "ivr311_sip_requests_dropped_total",
+                        "SIP requests dropped without an answer (scanner, source not allowed, rate limited).",
+                        &[("reason", reason)],
+                        1,
+                    );
+                }
+                return;
             }
-            return;
-        }
+            Screened::Refuse {
+                limit,
+                retry_after,
+                answer,
+                log,
+            } => {
+                self.refuse_call(&req, &flow, limit, retry_after, answer, log, now)
+                    .await;
+                return;
+            }
+        };
         if let Some((code, resp)) = self.refuse_extension_or_body(&req) {
+            if let Some(ip) = counted {
+                self.calls.ended(ip);
+            }
             self.new_server_and_respond(key, req, flow, None, code, resp, now)
                 .await;
             return;
@@ -1195,7 +1430,7 @@ impl UaCore {
             return;
         }
         match req.method {
-            Method::Invite => self.on_invite(req, key, flow, now).await,
+            Method::Invite => self.on_invite(req, key, flow, counted, now).await,
             Method::Options => {
                 let resp = self
                     .response(&req, 200, "OK", None)
@@ -1233,25 +1468,123 @@ impl UaCore {
         }
     }
 
-    /// Why a new request (not ACK, CANCEL or a retransmission) is dropped unanswered, if it is:
-    /// requests inside a dialog we hold always pass.
-    fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Option<&'static str> {
+    /// What to do with a new request (not ACK, CANCEL or a retransmission): requests inside
+    /// a dialog we hold always pass; an INVITE outside one from a source that is not a trusted
+    /// trunk counts against its source's call limits (or is refused by them).
+    fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Screened {
         if let Some(tag) = req.to.tag() {
             if self
                 .by_local_tag
                 .contains_key(&(req.call_id.clone(), tag.to_owned()))
             {
-                return None;
+                return Screened::Pass;
             }
         }
         if req.header("User-Agent").is_some_and(guard::is_scanner) {
-            return Some("scanner");
+            return Screened::Drop("scanner");
         }
+        let ip = flow.remote.ip();
         if req.method == Method::Invite {
-            return (!guard::allowed(&self.trunks_allow, flow.remote.ip()))
-                .then_some("source_not_allowed");
+            if !guard::allowed(&self.trunks_allow, ip) {
+                return Screened::Drop("source_not_allowed");
+            }
+            if req.to.tag().is_some() {
+                // A re-INVITE for a dialog we do not hold: answered 481, no call to count.
+                return Screened::Pass;
+            }
+            if self.trunks_allow.iter().any(|n| n.contains(ip)) {
+                return Screened::Pass;
+            }
+            return match self.calls.admit(ip, now) {
+                CallVerdict::Admit => Screened::Admitted,
+                CallVerdict::Refuse {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                } => Screened::Refuse {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                },
+            };
         }
-        (!self.limiter.allow(flow.remote.ip(), now)).then_some("rate_limited")
+        if self.limiter.allow(ip, now) {
+            Screened::Pass
+        } else {
+            Screened::Drop("rate_limited")
+        }
+    }
+
+    /// Refuse a new call over its source's limits: a stateless 503 with Retry-After (when the
+    /// source is within its bucket of answered refusals), counted, and logged once per source
+    /// and window.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse_call(
+        &mut self,
+        req: &Request,
+        flow: &Flow,
+        limit: guard::CallLimit,
+        retry_after: u32,
+        answer: bool,
+        log: LogVerdict,
+        now: Instant,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.add(
+                "ivr311_sip_invites_limited_total",
+                "New INVITEs refused by a per-source limit (calls at once, INVITE rate).",
+                &[("limit", limit.label())],
+                1,
+            );
+            if !answer {
+                m.add(
+                    "ivr311_sip_invites_limited_unanswered_total",
+                    "INVITEs refused by a per-source limit and not answered: their source was past its answered refusals.",
+                    &[],
+                    1,
+                );
+            }
+        }
+        if let LogVerdict::LogAfter(sup) = &log {
+            log_calls_suppressed(sup);
+        }
+        if log != LogVerdict::Quiet {
+            warn!(
+                remote = %flow.remote,
+                limit = limit.label(),
+                active = self.calls.active(flow.remote.ip()),
+                answered = answer,
+                "new call refused: its source is over a per-source limit (503)"
+            );
+            if !self.calls_sweep_due {
+                self.calls_sweep_due = true;
+                self.timers
+                    .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+            }
+        }
+        if answer {
+            let resp = self
+                .response(req, 503, "Service Unavailable", None)
+                .header("Retry-After", retry_after.to_string())
+                .build();
+            self.transport.send(flow, resp).await;
+        }
+    }
+
+    /// Log the summaries of the call limiter's log windows that are over; sweep again later
+    /// while any is open.
+    fn sweep_call_logs(&mut self, now: Instant) {
+        self.calls_sweep_due = false;
+        for sup in self.calls.sweep(now) {
+            log_calls_suppressed(&sup);
+        }
+        if self.calls.has_log_windows() {
+            self.calls_sweep_due = true;
+            self.timers
+                .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+        }
     }
 
     /// Refusals that come before method handling (RFC 3261 §8.2.2-8.2.3, RFC 4475 §3.3.5,
@@ -1376,6 +1709,8 @@ impl UaCore {
             return;
         };
         let (reply, events) = registrar.handle(now, &req, flow);
+        let locks = registrar.locks(now);
+        *self.stats.locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
         let mut b = self.response(&req, reply.code, reply.reason, None);
         for (name, value) in &reply.headers {
             b = b.header(name, value);
@@ -1387,7 +1722,10 @@ impl UaCore {
         self.schedule_registrar();
     }
 
-    /// Keep [`UaCore::agent_contacts`] current and pass the events on.
+    /// Keep [`UaCore::agent_contacts`] current and pass the events on. The flow an agent's
+    /// phone is reached over is held open while it is logged in: a phone registered over TCP
+    /// may send nothing but keep-alives between registrations, and the connection is the only
+    /// way to reach it.
     fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
         for ev in events {
             match &ev {
@@ -1396,11 +1734,17 @@ impl UaCore {
                     contact,
                     flow,
                 } => {
+                    self.transport.hold(flow);
+                    if let Some((_, (_, old))) = self.agent_contacts.remove(agent) {
+                        self.transport.release(&old);
+                    }
                     self.agent_contacts
                         .insert(agent.clone(), (contact.clone(), *flow));
                 }
                 AgentEvent::LoggedOut { agent } => {
-                    self.agent_contacts.remove(agent);
+                    if let Some((_, (_, old))) = self.agent_contacts.remove(agent) {
+                        self.transport.release(&old);
+                    }
                 }
             }
             let Some(tx) = &self.agent_tx else {
@@ -1640,7 +1984,16 @@ impl UaCore {
         }
     }
 
-    async fn on_invite(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
+    /// A new call. `counted`: the source address it counts against in the per-source call
+    /// limits, until its dialog is gone.
+    async fn on_invite(
+        &mut self,
+        req: Request,
+        key: ServerKey,
+        flow: Flow,
+        counted: Option<std::net::IpAddr>,
+        now: Instant,
+    ) {
         let d = self.next_id();
         let session = match session_timer::ask(&req) {
             session_timer::Ask::Timer(t) => Some(t),
@@ -1674,7 +2027,7 @@ impl UaCore {
             d,
             DialogEntry {
                 dialog,
-                events: EventSink::Call(ev_tx),
+                events: EventSink::Call(EventQueue::new(ev_tx)),
                 invite: Some(key.clone()),
                 last_invite: Some(key),
                 reoffers: HashMap::new(),
@@ -1683,6 +2036,7 @@ impl UaCore {
                 session,
                 session_due: None,
                 local_sdp: Bytes::new(),
+                counted,
             },
         );
         let out = match self.server_entry(id) {
@@ -1835,11 +2189,133 @@ impl UaCore {
         }
     }
 
+    /// Hand `ev` to dialog `d`'s listener, now or, when it is behind, in order later (see the
+    /// module docs); never dropped while the listener is there.
     fn dialog_event(&mut self, d: DialogId, ev: DialogEvent) {
-        if let Some(de) = self.dialogs.get(&d) {
-            if !de.events.send(ev) {
-                debug!("call not listening; dialog event dropped");
+        let Some(de) = self.dialogs.get_mut(&d) else {
+            return;
+        };
+        match de.events.push(ev) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => match &de.events {
+                EventSink::Call(q) => {
+                    let tx = q.tx.clone();
+                    self.wait_for_room(d, tx);
+                }
+                EventSink::Leg(q) => {
+                    let tx = q.tx.clone();
+                    self.wait_for_room(d, tx);
+                }
+                EventSink::Detached => {}
+            },
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("call not listening; dialog event dropped"),
+        }
+    }
+
+    /// Have a task wait until `tx` (dialog `d`'s listener) has room, then tell this core
+    /// ([`Command::Room`]).
+    fn wait_for_room<T: Send + 'static>(&self, d: DialogId, tx: mpsc::Sender<T>) {
+        let (cmd, cancel) = (self.cmd_tx.clone(), self.cancel.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                room = tx.reserve() => {
+                    drop(room);
+                    let _ = cmd.send(Command::Room { dialog: d }).await;
+                }
             }
+        });
+    }
+
+    /// Dialog `d`'s listener has room: deliver what waits for it.
+    fn on_room(&mut self, d: DialogId) {
+        if let Some(de) = self.dialogs.get_mut(&d) {
+            match &mut de.events {
+                EventSink::Call(q) => {
+                    if q.flush() {
+                        let tx = q.tx.clone();
+                        self.wait_for_room(d, tx);
+                    }
+                }
+                EventSink::Leg(q) => {
+                    if q.flush() {
+                        let tx = q.tx.clone();
+                        self.wait_for_room(d, tx);
+                    }
+                }
+                EventSink::Detached => {}
+            }
+        } else if let Some(leg) = self.outbound.get_mut(&d) {
+            if leg.events.flush() {
+                let tx = leg.events.tx.clone();
+                self.wait_for_room(d, tx);
+            }
+        }
+    }
+
+    /// A listener whose dialog is over: a task hands it what is still queued, in order (for
+    /// up to [`DRAIN_WITHIN`]), then the channel closes.
+    fn drain_later<T: Send + 'static>(&self, q: EventQueue<T>) {
+        let EventQueue { tx, backlog, .. } = q;
+        if backlog.is_empty() {
+            return;
+        }
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let deliver = async {
+                for ev in backlog {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                done = tokio::time::timeout(DRAIN_WITHIN, deliver) => {
+                    if done.is_err() {
+                        warn!("a call did not take its last SIP events in time; dropped");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Outbound leg `leg` is over with `last` (its failure): its owner hears it after what is
+    /// queued.
+    fn finish_leg(&self, leg: OutboundLeg, last: LegEvent) {
+        let mut q = leg.events;
+        if !q.tx.is_closed() {
+            if q.backlog.is_empty() {
+                if let Err(mpsc::error::TrySendError::Full(ev)) = q.tx.try_send(last) {
+                    q.backlog.push_back(ev);
+                }
+            } else {
+                q.backlog.push_back(last);
+            }
+        }
+        self.drain_later(q);
+    }
+
+    /// End the dialogs whose listener fell [`MAX_EVENT_BACKLOG`] events behind, as if the call
+    /// had released them, and count them.
+    async fn end_backlogged(&mut self, now: Instant) {
+        for d in std::mem::take(&mut self.backlogged) {
+            warn!(
+                dialog = d,
+                backlog = MAX_EVENT_BACKLOG,
+                "a call is not taking its SIP events; ending it"
+            );
+            if let Some(m) = &self.metrics {
+                m.add(
+                    "ivr311_calls_ended_backlogged_total",
+                    "Calls and outbound legs ended because they fell too far behind their SIP events.",
+                    &[],
+                    1,
+                );
+            }
+            self.stats.ended_backlogged.fetch_add(1, Ordering::Relaxed);
+            self.release_dialog(d, now).await;
         }
     }
 
@@ -1848,12 +2324,23 @@ impl UaCore {
         self.transport.hold(&entry.dialog.flow);
         if let Some(old) = self.dialogs.insert(d, entry) {
             self.transport.release(&old.dialog.flow);
+            if let Some(ip) = old.counted {
+                self.calls.ended(ip);
+            }
         }
     }
 
     fn remove_dialog(&mut self, d: DialogId) {
         if let Some(de) = self.dialogs.remove(&d) {
             self.transport.release(&de.dialog.flow);
+            if let Some(ip) = de.counted {
+                self.calls.ended(ip);
+            }
+            match de.events {
+                EventSink::Call(q) => self.drain_later(q),
+                EventSink::Leg(q) => self.drain_later(q),
+                EventSink::Detached => {}
+            }
             let k = (de.dialog.call_id.clone(), de.dialog.local_tag.clone());
             // Another fork's dialog shares the Call-ID and our tag; only drop our own entry.
             if self.by_local_tag.get(&k) == Some(&d) {
@@ -1937,7 +2424,13 @@ impl UaCore {
 
     async fn on_command(&mut self, c: Command) {
         let now = Self::now();
+        self.command(c, now).await;
+        self.end_backlogged(now).await;
+    }
+
+    async fn command(&mut self, c: Command, now: Instant) {
         match c {
+            Command::Room { dialog } => self.on_room(dialog),
             Command::Invite(inv) => self.start_outbound(*inv, now).await,
             Command::TrunkResolved(found) => self.on_trunk_resolved(found, now).await,
             Command::TrunkConnected(opened) => self.on_trunk_connected(opened, now).await,
@@ -2055,25 +2548,31 @@ impl UaCore {
                     Some(DialogState::Terminating) | None => {}
                 }
             }
-            Command::Drop { dialog } => {
-                // The call is gone. If the dialog is still up, end it properly first.
-                let state = self.dialogs.get(&dialog).map(|de| de.dialog.state);
-                match state {
-                    Some(DialogState::Confirmed { acked: true }) => {
-                        self.send_bye(dialog, now).await
-                    }
-                    Some(DialogState::Early) => {
-                        self.respond_invite(dialog, 500, "Server Internal Error", vec![], None, now)
-                            .await
-                    }
-                    Some(DialogState::Confirmed { acked: false }) => {
-                        if let Some(de) = self.dialogs.get_mut(&dialog) {
-                            de.bye_pending = true;
-                        }
-                    }
-                    _ => {}
+            Command::Drop { dialog } => self.release_dialog(dialog, now).await,
+        }
+    }
+
+    /// The call is done with dialog `d` (or cannot keep up with it): if it is still up, end
+    /// it properly (BYE; 500 for an inbound call not answered; CANCEL for an outbound call
+    /// not answered).
+    async fn release_dialog(&mut self, d: DialogId, now: Instant) {
+        if self.outbound.contains_key(&d) {
+            self.cancel_leg(d, now).await;
+            return;
+        }
+        let state = self.dialogs.get(&d).map(|de| de.dialog.state);
+        match state {
+            Some(DialogState::Confirmed { acked: true }) => self.send_bye(d, now).await,
+            Some(DialogState::Early) => {
+                self.respond_invite(d, 500, "Server Internal Error", vec![], None, now)
+                    .await
+            }
+            Some(DialogState::Confirmed { acked: false }) => {
+                if let Some(de) = self.dialogs.get_mut(&d) {
+                    de.bye_pending = true;
                 }
             }
+            _ => {}
         }
     }
 
@@ -2285,7 +2784,7 @@ impl UaCore {
                 let tried = self.trunk_reg_tried.clone();
                 let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
                 let resolver = self.resolver.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let found = resolver.resolve_all(&uri, bound).await;
                     let found = found.map(|all| {
                         let next =
@@ -2302,7 +2801,7 @@ impl UaCore {
             if !self.trunk_reg_connecting {
                 self.trunk_reg_connecting = true;
                 let (tx, transport) = (self.cmd_tx.clone(), self.transport.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let opened = transport
                         .connect_tcp(flow.remote)
                         .await
@@ -2559,7 +3058,7 @@ impl UaCore {
         self.outbound.insert(
             d,
             OutboundLeg {
-                events,
+                events: EventQueue::new(events),
                 invite: key.clone(),
                 auth,
                 state: LegState::Calling,
@@ -2767,11 +3266,19 @@ impl UaCore {
         .await;
     }
 
-    fn leg_event(&self, d: DialogId, ev: LegEvent) {
-        if let Some(leg) = self.outbound.get(&d) {
-            if leg.events.try_send(ev).is_err() {
-                debug!("outbound call not listening; event dropped");
+    /// Hand `ev` to outbound leg `d`'s owner (not answered yet), now or in order later.
+    fn leg_event(&mut self, d: DialogId, ev: LegEvent) {
+        let Some(leg) = self.outbound.get_mut(&d) else {
+            return;
+        };
+        match leg.events.push(ev) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => {
+                let tx = leg.events.tx.clone();
+                self.wait_for_room(d, tx);
             }
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("outbound call not listening; event dropped"),
         }
     }
 
@@ -2803,7 +3310,7 @@ impl UaCore {
                     return;
                 };
                 match leg.state {
-                    LegState::Calling if leg.events.is_closed() => {
+                    LegState::Calling if leg.events.tx.is_closed() => {
                         // Nobody wants this call any more.
                         self.send_cancel(d, now).await
                     }
@@ -2819,10 +3326,13 @@ impl UaCore {
                     return;
                 };
                 info!(code = resp.code, reason = %resp.reason, "outbound call failed");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code: resp.code,
-                    reason: resp.reason.clone(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code: resp.code,
+                        reason: resp.reason.clone(),
+                    },
+                );
             }
         }
     }
@@ -2865,12 +3375,15 @@ impl UaCore {
         }
         let leg = self.outbound.remove(&d);
         let (id, events, wanted) = match leg {
-            Some(leg) if leg.state.cancelled() || leg.events.is_closed() => {
+            Some(leg) if leg.state.cancelled() || leg.events.tx.is_closed() => {
                 info!(call_id = %sent.call_id, "2xx crossed our CANCEL; ACK and BYE");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code: 487,
-                    reason: "Request Terminated".into(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code: 487,
+                        reason: "Request Terminated".into(),
+                    },
+                );
                 (d, EventSink::Detached, false)
             }
             Some(leg) => (d, EventSink::Leg(leg.events), true),
@@ -2898,6 +3411,7 @@ impl UaCore {
                 session: None,
                 session_due: None,
                 local_sdp: Bytes::new(),
+                counted: None,
             },
         );
         if wanted {
@@ -2909,14 +3423,21 @@ impl UaCore {
     }
 
     fn dialog_answered(&mut self, d: DialogId, sdp: Bytes) {
-        if let Some(DialogEntry {
-            events: EventSink::Leg(tx),
+        let Some(DialogEntry {
+            events: EventSink::Leg(q),
             ..
-        }) = self.dialogs.get(&d)
-        {
-            if tx.try_send(LegEvent::Answered { sdp }).is_err() {
-                debug!("outbound call not listening; answer dropped");
+        }) = self.dialogs.get_mut(&d)
+        else {
+            return;
+        };
+        match q.push(LegEvent::Answered { sdp }) {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => {
+                let tx = q.tx.clone();
+                self.wait_for_room(d, tx);
             }
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("outbound call not listening; answer dropped"),
         }
     }
 
@@ -3088,10 +3609,13 @@ impl UaCore {
                     (408, "Request Timeout")
                 };
                 info!(code, "outbound INVITE got no answer");
-                let _ = leg.events.try_send(LegEvent::Failed {
-                    code,
-                    reason: reason.into(),
-                });
+                self.finish_leg(
+                    leg,
+                    LegEvent::Failed {
+                        code,
+                        reason: reason.into(),
+                    },
+                );
             }
             ClientKind::InDialog => {
                 if method == Method::Bye {
@@ -3163,8 +3687,10 @@ impl UaCore {
                 TimerRef::Registrar => self.on_registrar_timer(now),
                 TimerRef::TrunkRegister => self.poll_trunk_registration(now).await,
                 TimerRef::Session(d) => self.on_session_timer(d, now).await,
+                TimerRef::CallLogSweep => self.sweep_call_logs(now),
             }
         }
+        self.end_backlogged(now).await;
     }
 
     /// 64·T1 after our CANCEL and still no final response for the INVITE: give up (§9.1).
@@ -3182,10 +3708,13 @@ impl UaCore {
         if let Some((id, _)) = self.client.remove(&leg.invite) {
             self.client_ids.remove(&id);
         }
-        let _ = leg.events.try_send(LegEvent::Failed {
-            code: 487,
-            reason: "Request Terminated".into(),
-        });
+        self.finish_leg(
+            leg,
+            LegEvent::Failed {
+                code: 487,
+                reason: "Request Terminated".into(),
+            },
+        );
     }
 }
 
@@ -4014,5 +4543,65 @@ Supported: timer\r\nSession-Expires: 600;refresher=uac\r\nContent-Length: 0\r\n\
         assert!(call.is_none());
         assert_eq!(refused.code, 422);
         assert_eq!(refused.header("Min-SE"), Some("90"));
+    }
+
+    #[tokio::test]
+    async fn invites_over_a_sources_limit_get_a_stateless_503_and_its_calls_count_until_they_end() {
+        let metrics = Arc::new(Metrics::default());
+        let mut r = rig_with(|ua| {
+            ua.with_screening(
+                Screening {
+                    max_calls_per_source: 1,
+                    invites_per_second: 100,
+                    invites_burst: 100,
+                    ..Screening::default()
+                },
+                metrics.clone(),
+            )
+        })
+        .await;
+        let ua = r.ua.transport.local_addr();
+        let far = r.far.local_addr().unwrap();
+        let invite = |n: u32| {
+            format!(
+                "INVITE sip:311@{ua} SIP/2.0\r\nVia: SIP/2.0/UDP {far};branch=z9hG4bKlim{n}\r\nMax-Forwards: 70\r\n\
+From: <sip:caller@{far}>;tag=l{n}\r\nTo: <sip:311@{ua}>\r\nCall-ID: lim{n}\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:caller@{far}>\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        r.far_send(invite(1).as_bytes()).await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(100));
+        let Ok(AppEvent::Invite(call)) = r.app.try_recv() else {
+            panic!("the first call is passed up")
+        };
+        let held = r.ua.server.len();
+        // The second call from the same source: 503 with Retry-After, no transaction, no call.
+        r.far_send(invite(2).as_bytes()).await;
+        let refused = r.far_response().await.expect("an answer");
+        assert_eq!(refused.code, 503);
+        assert_eq!(refused.header("Retry-After"), Some("10"));
+        assert!(refused.to.tag().is_some());
+        assert_eq!(r.ua.server.len(), held, "no transaction kept for a refusal");
+        assert!(r.app.try_recv().is_err());
+        assert_eq!(
+            metrics.get(
+                "ivr311_sip_invites_limited_total",
+                &[("limit", "calls_per_source")]
+            ),
+            1
+        );
+        // The first call is refused by its task: its source may call again.
+        r.ua.respond_invite(
+            call.handle.id,
+            486,
+            "Busy Here",
+            vec![],
+            None,
+            Instant::now(),
+        )
+        .await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(486));
+        r.far_send(invite(3).as_bytes()).await;
+        assert_eq!(r.far_response().await.map(|x| x.code), Some(100));
     }
 }

@@ -797,7 +797,7 @@ pub fn agents_config(agents: &[&str], ring_timeout: u64, no_answer_pause: u64) -
             .iter()
             .map(|id| ivr311::config::AgentConfig {
                 id: (*id).into(),
-                password: format!("pw{id}"),
+                password: format!("pw{id}").into(),
                 skills: vec![],
                 tier: 1,
                 name: None,
