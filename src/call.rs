@@ -843,7 +843,7 @@ impl Call {
                 self.inputs.clear();
             }
             while let Some(input) = self.inputs.pop_front() {
-                let outputs = self.engine.handle(input);
+                let outputs = self.engine.handle(now(), input);
                 for o in outputs {
                     self.carry_out(o).await;
                 }
@@ -1801,7 +1801,7 @@ impl Call {
                 });
                 self.queue_events = Some(rx);
                 let mut p = vec!["operator_queue".to_owned()];
-                p.extend(position_prompts(pos));
+                p.extend(position_prompts(self.engine.language(), pos));
                 let p = self.prompts(&p);
                 self.media.lock().media.play(p);
             }
@@ -1832,7 +1832,7 @@ impl Call {
             QueueEvent::Announce(pos) => {
                 if self.queue.as_ref().is_some_and(|q| q.connected.is_none()) {
                     self.media.lock().media.stop();
-                    let p = self.prompts(&position_prompts(pos));
+                    let p = self.prompts(&position_prompts(self.engine.language(), pos));
                     self.media.lock().media.play(p);
                 }
             }
@@ -2369,18 +2369,20 @@ impl Call {
     }
 }
 
-/// "You are caller number N. Your estimated wait is about M minutes." and the options.
-fn position_prompts(pos: Position) -> Vec<String> {
+/// "You are caller number twelve. Your estimated wait is about four minutes." and the options,
+/// in `lang` (quantities read as numbers, see [`crate::menu::say`]).
+fn position_prompts(lang: &str, pos: Position) -> Vec<String> {
+    use crate::menu::say::{number, Gender};
     let mut p = vec!["queue_position".to_owned()];
-    p.extend(crate::menu::engine::number_prompts(pos.place as u64));
+    p.extend(number(lang, pos.place as u64, Gender::Counting));
     let minutes = pos.ewt.as_secs().div_ceil(60).max(1);
-    p.push("queue_wait".into());
-    p.extend(crate::menu::engine::number_prompts(minutes));
-    p.push(if minutes == 1 {
-        "minute".into()
+    if minutes == 1 {
+        p.push("queue_wait_one".into());
     } else {
-        "minutes".into()
-    });
+        p.push("queue_wait".into());
+        p.extend(number(lang, minutes, Gender::Masculine));
+        p.push("minutes".into());
+    }
     p.push("queue_options".into());
     p
 }

@@ -201,7 +201,7 @@ async fn caller(sip: SocketAddr, start: Duration, emergency: bool, ear: Arc<Prom
     } else {
         ua.keys("1111").await;
         ua.keys("94103").await;
-        ua.press('#').await; // no description: file at once
+        ua.skip_description("en").await; // no description: file at once
     }
     let payloads = listen_until_silent(&ua, Duration::from_secs(20)).await;
     heard.prompts = ear.playbacks(&payloads);
