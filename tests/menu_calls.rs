@@ -1306,3 +1306,94 @@ async fn the_pound_after_a_request_number_is_not_a_menu_key() {
     );
     srv.shutdown().await;
 }
+
+/// How long after the 9 key the first SIP request toward 911 leaves, for each method and
+/// language: a bridge's INVITE goes out at the key, while "connecting you to 911" plays; a
+/// REFER (the caller's phone leaves the call) after that short notice. The audit row is
+/// written first either way. Prints the figures for BENCHMARKS.md ("911: key to first
+/// request"): `cargo test --test menu_calls key_to_911 -- --nocapture`.
+#[tokio::test]
+async fn key_to_911_request_bridge_at_once_refer_after_a_short_notice() {
+    const RUNS: usize = 3;
+    let mut lines = Vec::new();
+    for method in [EmergencyMethod::Bridge, EmergencyMethod::Refer] {
+        let trunk = Trunk::new().await;
+        let mut file = FileConfig::default();
+        file.emergency.method = Some(method);
+        file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+        let srv = start_server(file).await;
+        for (language_key, lang) in [('1', "en"), ('2', "es")] {
+            let mut took = Vec::new();
+            for _ in 0..RUNS {
+                let mut ua = TestUa::udp(srv.sip_addr).await;
+                assert_eq!(ua.call("0 101").await.code, 200);
+                ua.listen(Duration::from_millis(200)).await;
+                ua.press(language_key).await;
+                ua.listen_for(lang, "screening", Duration::from_secs(5))
+                    .await;
+                // The key: its first RFC 4733 packet, which is when the server hears it.
+                let key = std::time::Instant::now();
+                let at = match method {
+                    EmergencyMethod::Bridge => {
+                        // This call's INVITE (not a retransmission or CANCEL of the last).
+                        let call_id = ua.call_id.clone();
+                        let invite = async {
+                            loop {
+                                match trunk.recv(Duration::from_secs(15)).await {
+                                    Some((ivr311::sip::message::Message::Request(r), _))
+                                        if r.method.as_str() == "INVITE"
+                                            && r.header("X-311-Call-ID") == Some(&call_id) =>
+                                    {
+                                        return std::time::Instant::now()
+                                    }
+                                    Some(_) => continue,
+                                    None => panic!("{lang}: no INVITE toward 911"),
+                                }
+                            }
+                        };
+                        let (_, at) = tokio::join!(ua.press('9'), invite);
+                        at
+                    }
+                    _ => {
+                        ua.press('9').await;
+                        let r = ua.expect_request("REFER", Duration::from_secs(15)).await;
+                        assert!(r.header("Refer-To").unwrap().contains("911@"));
+                        std::time::Instant::now()
+                    }
+                };
+                // The audit row was written before the transfer started.
+                let audits = srv.tickets.emergency_audits(1).await.unwrap();
+                assert_eq!(audits[0].call_id, ua.call_id, "{lang}: the audit row");
+                took.push(at - key);
+                ua.bye().await;
+            }
+            took.sort();
+            let worst = *took.last().unwrap();
+            let limit = match method {
+                // The audit write and the INVITE: no prompt in between.
+                EmergencyMethod::Bridge => Duration::from_millis(500),
+                // "Connecting you to 911." (2.0 s rendered in English, 1.9 s in Spanish).
+                _ => Duration::from_millis(3000),
+            };
+            assert!(
+                worst < limit,
+                "{} {lang}: key to first request {took:?}, limit {limit:?}",
+                method.as_str()
+            );
+            let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+            lines.push(format!(
+                "| {} | {lang} | {} | {} | {} |",
+                method.as_str(),
+                ms(took[0]),
+                ms(took[RUNS / 2]),
+                ms(worst)
+            ));
+        }
+        srv.shutdown().await;
+    }
+    println!("| method | language | min ms | median ms | max ms |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for l in lines {
+        println!("{l}");
+    }
+}
