@@ -136,6 +136,10 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     file.callback
         .check()
         .map_err(|e| StartError::Config(e.to_string()))?;
+    for q in &file.queues {
+        q.check(&file.agents)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+    }
     let (m, p) = (args.menu.clone(), args.prompts.clone());
     let menu = tokio::task::spawn_blocking(move || load_active_menu(&m, &p)).await??;
     info!(
