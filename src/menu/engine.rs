@@ -17,8 +17,8 @@
 //!   it belongs to that entry and is consumed there, not carried into the next step (where
 //!   `#` would skip the recording, end the next entry empty, or go back a menu). The same
 //!   holds for the end key pressed again as a recording ends. Keys the current step does not
-//!   take (a digit during the recording prompt, anything but 1 while the ticket number is
-//!   read) are dropped without cutting the prompt short.
+//!   take (a digit during the recording prompt, anything but 1 or the emergency key while
+//!   the ticket number is read) are dropped without cutting the prompt short.
 //! - **911 everywhere**: after the language choice, the emergency key (default `9`) redirects
 //!   to 911 from every choice menu, whatever the menu's entries say; digit entry (ZIP code,
 //!   request number) and recording take keys literally.
