@@ -14,9 +14,10 @@
 # 150 ms after, so prompts played back to back (e.g. "ticket_filed" + digits)
 # get a short, natural gap.
 #
-# Also synthesizes (with sox, no speech) beep.wav (1000 Hz, 250 ms) and
-# hold_music.wav (~20 s soft chord progression) and copies them into every
-# language directory, because the server treats each sub-directory of the
+# Also synthesizes (with sox, no speech) beep.wav (1000 Hz, 250 ms),
+# hold_music.wav (~20 s soft chord progression) and pause.wav (400 ms of
+# silence, between the digit groups of a service request number) and copies
+# them into every language directory, because the server treats each sub-directory of the
 # prompts dir as a language (so no prompts/tones/ directory is left behind).
 #
 # Needs only bash, GNU coreutils/sed, espeak-ng and sox.
@@ -126,7 +127,7 @@ for l in "${langs[@]}"; do
 done
 [[ $bad -eq 0 ]] || die "prompt names differ between languages in $yaml"
 
-for reserved in beep hold_music; do
+for reserved in beep hold_music pause; do
     [[ -z "${texts[${langs[0]}/$reserved]+x}" ]] || die "'$reserved' is a generated tone; do not define it in $yaml"
 done
 
@@ -248,12 +249,18 @@ gen_hold_music() {
         reverb 40 50 60 highpass 150 lowpass 3000 trim 0 20 fade q 0.5 20 1.5 gain -n -6
 }
 
+# pause.wav: 400 ms of digital silence (-D: no dither, which would add ±1 LSB noise).
+gen_pause() {
+    sox -V1 -R -D -n "${FMT[@]}" "$1" trim 0 0.4
+}
+
 mkdir -p "$tmp/tones"
 gen_beep "$tmp/tones/beep.wav"
 gen_hold_music "$tmp/tones/hold_music.wav"
+gen_pause "$tmp/tones/pause.wav"
 tones_updated=0
 for l in "${langs[@]}"; do
-    for t in beep hold_music; do
+    for t in beep hold_music pause; do
         if fresh "$dir/$l/$t.wav" "$script_path" && cmp -s "$tmp/tones/$t.wav" "$dir/$l/$t.wav"; then
             continue
         fi
@@ -276,7 +283,7 @@ for l in "${langs[@]}"; do
     for f in "$dir/$l"/*.wav; do
         [[ -e "$f" ]] || continue
         name="$(basename "$f" .wav)"
-        [[ "$name" == beep || "$name" == hold_music || -n "${texts[$l/$name]+x}" ]] && continue
+        [[ "$name" == beep || "$name" == hold_music || "$name" == pause || -n "${texts[$l/$name]+x}" ]] && continue
         log "warning: $l/$name.wav is not listed in prompts.yaml"
     done
 done

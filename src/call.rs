@@ -17,9 +17,12 @@
 //!
 //! 911: the redirect is carried out here ([`EmergencyRun`]) with the policy of
 //! [`crate::dispatch::emergency`]: the caller hears "connecting you to 911" while the audit
-//! row is written, then the methods are tried in order. If the audit write fails the redirect
-//! goes ahead anyway (and the failure is logged as an error): nothing may stand between a
-//! caller and 911, not even our own database.
+//! row is written, and the first method starts as soon as the row is durable: a bridge's
+//! INVITE at once, during the notice (its ringback or early media follows the notice); a
+//! REFER, which takes the caller's phone out of the call, and the spoken announcement once the
+//! notice (about a second) has played. If the audit write fails the redirect goes ahead anyway
+//! (and the failure is logged as an error): nothing may stand between a caller and 911, not
+//! even our own database.
 
 use crate::config::Limits;
 use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
@@ -682,7 +685,10 @@ struct EmergencyRun {
     bridge_targets: VecDeque<Route>,
     target: Option<Route>,
     audit: Option<Option<i64>>,
+    /// "Connecting you to 911" has played (or was cut short by the 911 side answering).
     connecting_played: bool,
+    /// The 911 side's early media offered while the notice plays: relayed once it has played.
+    early_held: Option<(Negotiated, SocketAddr)>,
     deadline: Option<tokio::time::Instant>,
     refer_accepted: bool,
     announce_left: u32,
@@ -942,7 +948,7 @@ impl Call {
                 self.inputs.clear();
             }
             while let Some(input) = self.inputs.pop_front() {
-                let outputs = self.engine.handle(input);
+                let outputs = self.engine.handle(now(), input);
                 for o in outputs {
                     self.carry_out(o).await;
                 }
@@ -1473,6 +1479,7 @@ impl Call {
             target: None,
             audit: None,
             connecting_played: false,
+            early_held: None,
             deadline: None,
             refer_accepted: false,
             announce_left: self.ctx.emergency.announce_repeats.max(1),
@@ -1506,11 +1513,9 @@ impl Call {
 
     async fn emergency_played(&mut self) {
         let Some(e) = &mut self.emergency else { return };
+        let notice_ended = !std::mem::replace(&mut e.connecting_played, true);
         match e.current {
-            None => {
-                e.connecting_played = true;
-                self.emergency_step().await;
-            }
+            None => self.emergency_step().await,
             Some(EmergencyMethod::Announce) => {
                 e.announce_left = e.announce_left.saturating_sub(1);
                 if e.announce_left > 0 {
@@ -1521,9 +1526,19 @@ impl Call {
                     self.end = Some(EndReason::Emergency);
                 }
             }
-            // The 911 leg rings on: so does the caller's line (see `prompt::ringback`).
+            // The 911 leg rings on: so does the caller's line (see `prompt::ringback`), or the
+            // caller hears the early media the 911 side offered while the notice played.
             Some(EmergencyMethod::Bridge) => {
-                if self.leg.as_ref().is_some_and(|l| l.answered.is_none()) {
+                let held = if notice_ended {
+                    e.early_held.take()
+                } else {
+                    None
+                };
+                if let Some(l) = self.leg.as_mut().filter(|l| l.answered.is_none()) {
+                    if let Some(media) = held {
+                        info!(codec = ?media.0.codec, "911 side's early media relayed to the caller");
+                        l.early = Some(media);
+                    }
                     self.media.lock().media.play(vec![ringback()]);
                 }
             }
@@ -1531,12 +1546,17 @@ impl Call {
         }
     }
 
-    /// Start the next method once "connecting you to 911" has played and the audit is durable.
+    /// Start the next method once the audit is durable: a bridge at once (its INVITE goes out
+    /// while "connecting you to 911" plays), a REFER or the announcement once the notice has
+    /// played (a REFER takes the caller's phone out of the call, so the notice comes first).
     async fn emergency_step(&mut self) {
         let Some(e) = &mut self.emergency else { return };
-        if e.current.is_some() || !e.connecting_played || e.audit.is_none() {
+        let next = e.plan.front().copied().unwrap_or(EmergencyMethod::Announce);
+        let waits_for_notice = next != EmergencyMethod::Bridge;
+        if e.current.is_some() || e.audit.is_none() || (waits_for_notice && !e.connecting_played) {
             return;
         }
+        let notice_played = e.connecting_played;
         let method = e.plan.pop_front().unwrap_or(EmergencyMethod::Announce);
         e.current = Some(method);
         let timeout = Duration::from_secs(self.ctx.emergency.timeout_seconds);
@@ -1567,8 +1587,10 @@ impl Call {
                 // a few seconds is down, and the caller must not wait on it.
                 e.deadline = Some(tokio::time::Instant::now() + BRIDGE_FIRST_RESPONSE.min(timeout));
                 match self.start_bridge().await {
-                    // From the INVITE on, the caller hears ringing until 911 answers.
-                    Ok(()) => self.media.lock().media.play(vec![ringback()]),
+                    // From the INVITE on, the caller hears ringing until 911 answers (after
+                    // the notice, if it is still playing: see `emergency_played`).
+                    Ok(()) if notice_played => self.media.lock().media.play(vec![ringback()]),
+                    Ok(()) => {}
                     Err(why) => Box::pin(self.emergency_failed(&why)).await,
                 }
             }
@@ -1759,8 +1781,18 @@ impl Call {
                 // hear, in place of our own ringback, which fills in while it sends nothing
                 // (see `Bridge::filling`).
                 let early = sdp.and_then(|b| crate::dispatch::offer::leg_answer(&b).ok());
+                let notice_playing = self
+                    .emergency
+                    .as_ref()
+                    .is_some_and(|e| !e.connecting_played);
                 if let (Some(l), Some(media)) = (&mut self.leg, early) {
-                    if l.answered.is_none() && l.early != Some(media) {
+                    if notice_playing {
+                        // "Connecting you to 911" is heard to its end first.
+                        debug!(codec = ?media.0.codec, "911 side offers early media; relayed once the notice has played");
+                        if let Some(e) = &mut self.emergency {
+                            e.early_held = Some(media);
+                        }
+                    } else if l.answered.is_none() && l.early != Some(media) {
                         info!(codec = ?media.0.codec, "911 side offers early media; relayed to the caller");
                         l.early = Some(media);
                     }
@@ -1851,9 +1883,13 @@ impl Call {
                 l.handle.hangup().await; // CANCEL a leg still ringing
             }
         }
-        // Ringback for a leg that failed stops; the next method brings its own sound.
-        self.media.lock().media.stop();
+        // Ringback for a leg that failed stops; the next method brings its own sound. The
+        // notice, if it is still playing (a route that failed at once), is heard to its end.
+        if self.emergency.as_ref().is_none_or(|e| e.connecting_played) {
+            self.media.lock().media.stop();
+        }
         let Some(e) = &mut self.emergency else { return };
+        e.early_held = None;
         warn!(method = ?e.current, target = ?e.target.as_ref().map(Route::to_string), reason = why, "911 method failed; trying the next");
         let method = e.current.map_or("?", |m| m.as_str());
         e.failures.push(match (e.current, e.target.take()) {
@@ -1920,7 +1956,7 @@ impl Call {
                 });
                 self.queue_events = Some(rx);
                 let mut p = vec!["operator_queue".to_owned()];
-                p.extend(position_prompts(pos));
+                p.extend(position_prompts(self.engine.language(), pos));
                 let p = self.prompts(&p);
                 self.media.lock().media.play(p);
             }
@@ -1951,7 +1987,7 @@ impl Call {
             QueueEvent::Announce(pos) => {
                 if self.queue.as_ref().is_some_and(|q| q.connected.is_none()) {
                     self.media.lock().media.stop();
-                    let p = self.prompts(&position_prompts(pos));
+                    let p = self.prompts(&position_prompts(self.engine.language(), pos));
                     self.media.lock().media.play(p);
                 }
             }
@@ -2571,18 +2607,20 @@ impl Call {
     }
 }
 
-/// "You are caller number N. Your estimated wait is about M minutes." and the options.
-fn position_prompts(pos: Position) -> Vec<String> {
+/// "You are caller number twelve. Your estimated wait is about four minutes." and the options,
+/// in `lang` (quantities read as numbers, see [`crate::menu::say`]).
+fn position_prompts(lang: &str, pos: Position) -> Vec<String> {
+    use crate::menu::say::{number, Gender};
     let mut p = vec!["queue_position".to_owned()];
-    p.extend(crate::menu::engine::number_prompts(pos.place as u64));
+    p.extend(number(lang, pos.place as u64, Gender::Counting));
     let minutes = pos.ewt.as_secs().div_ceil(60).max(1);
-    p.push("queue_wait".into());
-    p.extend(crate::menu::engine::number_prompts(minutes));
-    p.push(if minutes == 1 {
-        "minute".into()
+    if minutes == 1 {
+        p.push("queue_wait_one".into());
     } else {
-        "minutes".into()
-    });
+        p.push("queue_wait".into());
+        p.extend(number(lang, minutes, Gender::Masculine));
+        p.push("minutes".into());
+    }
     p.push("queue_options".into());
     p
 }

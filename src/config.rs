@@ -424,6 +424,61 @@ pub struct QueueConfig {
     pub max_length: usize,
     /// Position and estimated wait are announced this often. Default 60.
     pub announce_every_seconds: u64,
+    /// The agents (ids, e.g. `[1001, 1002]`) who take this queue's callers. Absent (the
+    /// default): every agent. Skills still apply within the members.
+    #[serde(deserialize_with = "agent_ids")]
+    pub members: Option<Vec<String>>,
+}
+
+/// Agent ids as YAML gives them: `"1001"` or `1001`.
+fn agent_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(u64),
+    }
+    let ids: Option<Vec<Id>> = Option::deserialize(d)?;
+    Ok(ids.map(|ids| {
+        ids.into_iter()
+            .map(|id| match id {
+                Id::Text(s) => s,
+                Id::Number(n) => n.to_string(),
+            })
+            .collect()
+    }))
+}
+
+/// Why a `queues` entry cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueConfigError {
+    /// `members` names an id no agent has (a typo would leave the queue short of operators).
+    #[error("queue {queue:?}: member {member:?} is not one of the agents")]
+    UnknownMember { queue: String, member: String },
+    /// `members: []`: nobody could ever take the queue's callers.
+    #[error("queue {queue:?}: members is empty (leave it out to let every agent take the queue)")]
+    NoMembers { queue: String },
+}
+
+impl QueueConfig {
+    /// Problems with this queue against the configured `agents`, for start-up.
+    pub fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
+        let Some(members) = &self.members else {
+            return Ok(());
+        };
+        if members.is_empty() {
+            return Err(QueueConfigError::NoMembers {
+                queue: self.name.clone(),
+            });
+        }
+        match members.iter().find(|m| !agents.iter().any(|a| &a.id == *m)) {
+            Some(m) => Err(QueueConfigError::UnknownMember {
+                queue: self.name.clone(),
+                member: m.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -437,6 +492,7 @@ impl Default for QueueConfig {
             max_wait_seconds: 600,
             max_length: 50,
             announce_every_seconds: 60,
+            members: None,
         }
     }
 }
@@ -881,6 +937,40 @@ mod tests {
             (d.open311.post_rate_per_minute, d.open311.post_burst)
         );
         assert_eq!(c.admin.token, None, "no token ships: loopback only");
+    }
+
+    #[test]
+    fn queue_members_are_agent_ids_as_text_or_numbers_and_must_be_agents() {
+        let parse = |t: &str| FileConfig::parse(Path::new("q.yaml"), t);
+        let c = parse(
+            "agents:\n  - {id: \"1001\", password: p}\n  - {id: alice, password: p}\nqueues:\n  - {name: general}\n  - {name: permits, members: [1001, alice]}\n",
+        )
+        .unwrap();
+        assert_eq!(c.queues[0].members, None, "absent: every agent");
+        assert_eq!(
+            c.queues[1].members.as_deref(),
+            Some(&["1001".to_owned(), "alice".to_owned()][..])
+        );
+        for q in &c.queues {
+            assert_eq!(q.check(&c.agents), Ok(()));
+        }
+        let typo = parse(
+            "agents:\n  - {id: \"1001\", password: p}\nqueues:\n  - {name: permits, members: [1010]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            typo.queues[0].check(&typo.agents),
+            Err(QueueConfigError::UnknownMember {
+                queue: "permits".into(),
+                member: "1010".into()
+            })
+        );
+        let empty = parse("queues:\n  - {name: permits, members: []}\n").unwrap();
+        assert!(empty.queues[0].check(&empty.agents).is_err());
+        let err = parse("queues:\n  - {name: permits, members: {a: 1}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("q.yaml:2:"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
+//! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |

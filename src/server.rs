@@ -157,6 +157,10 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     file.callback
         .check()
         .map_err(|e| StartError::Config(e.to_string()))?;
+    for q in &file.queues {
+        q.check(&file.agents)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+    }
     for w in file.warnings() {
         warn!("config: {w}");
     }

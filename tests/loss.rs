@@ -280,7 +280,8 @@ async fn lossy_call(server: SocketAddr, seed: u64, ear: Arc<PromptEar>) -> Resul
         }
     }
     ua.keys("94103").await;
-    let heard = ua.listen(Duration::from_millis(1500)).await;
+    // The ZIP read back ("You entered 9 4 1 0 3"), then the recording prompt.
+    let heard = ua.listen(Duration::from_millis(5500)).await;
     pump(&mut ua).await;
     let got = prompts_heard(&ear, &heard);
     if !got.contains(&"record_description".to_owned()) {

@@ -27,6 +27,28 @@ async fn settled_audits(
     store.emergency_audits(10).await.unwrap()
 }
 
+/// Listen (the caller's RTP flowing) until the server is recording this caller: the read-back
+/// of the ZIP, the recording prompt and its beep have played. Returns what was heard.
+async fn until_recording(ua: &mut TestUa, srv: &ivr311::server::RunningServer) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut heard = Vec::new();
+    loop {
+        heard.extend(ua.listen(Duration::from_millis(100)).await);
+        let recording = srv
+            .registry
+            .snapshot()
+            .iter()
+            .any(|c| c.call_id == ua.call_id && c.state == "recording");
+        if recording {
+            return heard;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the caller was never recorded"
+        );
+    }
+}
+
 fn digits(id: u64) -> Vec<String> {
     id.to_string()
         .chars()
@@ -43,8 +65,9 @@ async fn pothole_ticket_with_zip_and_recording_is_filed_then_read_back() {
     // English, not an emergency, streets, pothole, ZIP 94103.
     ua.keys("1111").await;
     ua.keys("94103").await;
-    // "After the tone, describe..." then the beep: speak for a second, then press pound.
-    ua.listen(Duration::from_millis(9000)).await;
+    // "You entered 9 4 1 0 3. After the tone, describe..." then the beep: speak for a second,
+    // then press pound.
+    until_recording(&mut ua, &srv).await;
     ua.speak(50).await;
     ua.press('#').await;
     let heard = ua.listen(Duration::from_millis(10000)).await;
@@ -268,7 +291,7 @@ async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("1111").await;
     ua.keys("94110").await;
-    ua.listen(Duration::from_millis(9000)).await;
+    until_recording(&mut ua, &srv).await;
     ua.speak(40).await;
     ua.bye().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -290,7 +313,7 @@ async fn a_ticket_being_recorded_when_the_server_stops_is_still_filed() {
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("1111").await;
     ua.keys("94107").await;
-    ua.listen(Duration::from_millis(9000)).await;
+    until_recording(&mut ua, &srv).await;
     ua.speak(40).await;
     // SIGTERM while the caller describes the pothole: the drain runs out, the caller hears
     // goodbye and is hung up, and what they gave is filed.
@@ -505,11 +528,15 @@ async fn emergency_bridge_to_a_psap_named_by_host_name_gets_through() {
 /// The caller hears the dial-911 announcement (the 911 methods having failed) and is hung up;
 /// returns the audit's outcome, which says so.
 async fn announced_then_hung_up(ua: &mut TestUa, srv: &ivr311::server::RunningServer) -> String {
-    let heard = ua.listen(Duration::from_millis(4000)).await;
+    // A bridge that gets no answer gives way after a few seconds (BRIDGE_FIRST_RESPONSE).
+    let heard = ua
+        .listen_for("en", "emergency_announce", Duration::from_secs(12))
+        .await;
     let ear = PromptEar::new("en", &["emergency_announce"], Codec::Pcmu);
-    assert!(ear
-        .playbacks(&heard)
-        .contains(&"emergency_announce".to_string()));
+    assert!(
+        ear.frames_heard(&heard) >= 10,
+        "the caller is told to dial 911"
+    );
     ua.expect_request("BYE", Duration::from_secs(20)).await;
     let audits = settled_audits(&srv.tickets).await;
     assert!(
@@ -1004,6 +1031,25 @@ fn psap_sdp(trunk: &Trunk) -> String {
     )
 }
 
+/// Listen until "Connecting you to 911." (English) has played to its end; returns how many
+/// of its frames were heard. The bridge's INVITE goes out while it plays.
+async fn notice_heard(ua: &mut TestUa) -> usize {
+    let ear = PromptEar::new("en", &["connecting_911"], Codec::Pcmu);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut frames = 0;
+    loop {
+        let n = ear.frames_heard(&ua.listen(Duration::from_millis(200)).await);
+        if n == 0 && frames > 0 {
+            return frames;
+        }
+        frames += n;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notice did not end"
+        );
+    }
+}
+
 /// How many of `heard` (PCMU payloads) are frames of the ringback tone.
 fn ringback_frames(heard: &[Vec<u8>]) -> usize {
     let tone = ivr311::media::prompt::ringback();
@@ -1034,11 +1080,12 @@ async fn emergency_by_bridge_carries_the_callers_number_and_media_both_ways() {
         .unwrap()
         .contains("+15550001111"));
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
-    // While 911 rings, the caller hears the line ringing (not silence).
-    ua.listen(Duration::from_millis(100)).await;
     let ringing =
         ivr311::sip::message::ResponseBuilder::new(&inv, 180, "Ringing", Some("psap1")).build();
     trunk.sip.send_to(&ringing, from).await.unwrap();
+    // The INVITE went out while "Connecting you to 911." plays; it is heard to its end.
+    assert!(notice_heard(&mut ua).await >= 40, "the notice was heard");
+    // While 911 rings, the caller hears the line ringing (not silence).
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let rings = ringback_frames(&heard);
     assert!(
@@ -1104,12 +1151,14 @@ async fn emergency_bridge_relays_the_911_sides_early_media_and_falls_back_when_i
     let offer = ivr311::media::sdp::parse(&inv.body).unwrap();
 
     // 183 Session Progress with SDP: the 911 side may play its own audio before answering.
-    // Until it sends any, the caller keeps hearing our ringback, not silence.
+    // It comes while "Connecting you to 911." plays: the notice is heard to its end first.
+    // Until the 911 side sends any audio, the caller then hears our ringback, not silence.
     let sdp = psap_sdp(&trunk);
     let progress = ResponseBuilder::new(&inv, 183, "Session Progress", Some("psap1"))
         .body("application/sdp", sdp)
         .build();
     trunk.sip.send_to(&progress, from).await.unwrap();
+    assert!(notice_heard(&mut ua).await >= 40, "the notice was heard");
     ua.listen(Duration::from_millis(150)).await;
     let heard = ua.listen(Duration::from_millis(600)).await;
     let rings = ringback_frames(&heard);
@@ -1183,7 +1232,7 @@ async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() 
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("1111").await;
     ua.keys("94107").await;
-    ua.press('#').await; // skip the description: file at once
+    ua.skip_description("en").await; // file at once
     let heard = ua.listen(Duration::from_millis(6000)).await;
     let ear = PromptEar::new(
         "en",
@@ -1210,7 +1259,7 @@ async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() 
     ua.listen(Duration::from_millis(200)).await;
     ua.keys("1111").await;
     ua.keys("94107").await;
-    ua.press('#').await;
+    ua.skip_description("en").await;
     ua.listen(Duration::from_millis(1500)).await;
     assert_eq!(
         srv.tickets.list(&Default::default()).await.unwrap().len(),
@@ -1231,4 +1280,216 @@ async fn gas_smell_in_the_streets_menu_goes_to_911() {
     assert_eq!(audits.len(), 1);
     assert_eq!(audits[0].reason.as_deref(), Some("gas smell"));
     srv.shutdown().await;
+}
+
+/// A caller who follows the ZIP prompt to the letter ("Enter the 5-digit ZIP code of the
+/// location, then press pound": `1 0 4 5 8 #`, RFC 4733 keys) hears the ZIP read back, is
+/// recorded, and the ticket carries the recording, in English and in Spanish. The pound is the
+/// ZIP's: it must not skip the description that follows.
+#[tokio::test]
+async fn the_zip_prompts_pound_does_not_skip_the_description_in_either_language() {
+    for (language_key, lang) in [('1', "en"), ('2', "es")] {
+        let recordings =
+            std::env::temp_dir().join(format!("ivr311-rec-zip-{}", rand::random::<u64>()));
+        let mut file = FileConfig::default();
+        file.storage.recordings_dir = recordings.clone();
+        let srv = start_server(file).await;
+        let mut ua = TestUa::udp(srv.sip_addr).await;
+        assert_eq!(ua.call("0 101").await.code, 200);
+        ua.listen(Duration::from_millis(200)).await;
+        // Language, not an emergency, streets, pothole; then the ZIP and pound, as told.
+        ua.keys(&format!("{language_key}111")).await;
+        ua.keys("10458#").await;
+        let heard = until_recording(&mut ua, &srv).await;
+        let ear = PromptEar::new(
+            lang,
+            &[
+                "you_entered",
+                "record_description",
+                "digit_4",
+                "digit_5",
+                "digit_8",
+            ],
+            Codec::Pcmu,
+        );
+        let got = ear.playbacks(&heard);
+        assert_eq!(
+            got.first().map(String::as_str),
+            Some("you_entered"),
+            "{lang}: the ZIP is read back: {got:?}"
+        );
+        assert!(
+            got.ends_with(&[
+                "digit_4".into(),
+                "digit_5".into(),
+                "digit_8".into(),
+                "record_description".into()
+            ]),
+            "{lang}: {got:?}"
+        );
+        ua.speak(50).await;
+        ua.press('#').await;
+        let mut filed = Vec::new();
+        for _ in 0..100 {
+            filed = srv.tickets.list(&Default::default()).await.unwrap();
+            if !filed.is_empty() {
+                break;
+            }
+            ua.listen(Duration::from_millis(100)).await;
+        }
+        assert_eq!(filed.len(), 1, "{lang}: one ticket");
+        let t = &filed[0];
+        assert_eq!(t.zipcode.as_deref(), Some("10458"), "{lang}");
+        assert_eq!(t.language.as_deref(), Some(lang));
+        let media = t
+            .media_url
+            .as_deref()
+            .unwrap_or_else(|| panic!("{lang}: the description was recorded"));
+        let name = media.strip_prefix("/recordings/").expect(media);
+        let wav = hound::WavReader::open(recordings.join(name)).expect("the recording is there");
+        assert!(
+            wav.duration() >= 8000 / 2,
+            "{lang}: at least half a second of the caller's voice: {} samples",
+            wav.duration()
+        );
+        ua.bye().await;
+        srv.shutdown().await;
+        let _ = std::fs::remove_dir_all(&recordings);
+    }
+}
+
+/// The pound after a full request number is the number's, not "back" in the main menu that
+/// follows the status: the 911 audit's menu path (what an operator and the audit see of how
+/// the caller got there) has no `main:#` in it.
+#[tokio::test]
+async fn the_pound_after_a_request_number_is_not_a_menu_key() {
+    let mut file = FileConfig::default();
+    file.emergency.announce_repeats = 1;
+    let srv = start_server(file).await;
+    let t = srv
+        .tickets
+        .file(NewTicket {
+            service_code: "graffiti".into(),
+            service_name: "Graffiti".into(),
+            channel: Channel::Web,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.listen(Duration::from_millis(200)).await;
+    ua.keys("216").await; // Spanish, not an emergency, status
+    ua.keys(&format!("{}#", t.service_request_id)).await;
+    let heard = ua
+        .listen_for("es", "main_menu_short", Duration::from_secs(15))
+        .await;
+    let ear = PromptEar::new(
+        "es",
+        &["ticket_status_open", "updated_today", "main_menu_short"],
+        Codec::Pcmu,
+    );
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["ticket_status_open", "updated_today", "main_menu_short"]
+    );
+    ua.keys("9").await;
+    ua.expect_request("BYE", Duration::from_secs(30)).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert_eq!(
+        audits[0].menu_path,
+        "language:2 > screening:1 > main:6 > main:9"
+    );
+    srv.shutdown().await;
+}
+
+/// How long after the 9 key the first SIP request toward 911 leaves, for each method and
+/// language: a bridge's INVITE goes out at the key, while "connecting you to 911" plays; a
+/// REFER (the caller's phone leaves the call) after that short notice. The audit row is
+/// written first either way. Prints the figures for BENCHMARKS.md ("911: key to first
+/// request"): `cargo test --test menu_calls key_to_911 -- --nocapture`.
+#[tokio::test]
+async fn key_to_911_request_bridge_at_once_refer_after_a_short_notice() {
+    const RUNS: usize = 3;
+    let mut lines = Vec::new();
+    for method in [EmergencyMethod::Bridge, EmergencyMethod::Refer] {
+        let trunk = Trunk::new().await;
+        let mut file = FileConfig::default();
+        file.emergency.method = Some(method);
+        file.emergency.uri = Some(format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+        let srv = start_server(file).await;
+        for (language_key, lang) in [('1', "en"), ('2', "es")] {
+            let mut took = Vec::new();
+            for _ in 0..RUNS {
+                let mut ua = TestUa::udp(srv.sip_addr).await;
+                assert_eq!(ua.call("0 101").await.code, 200);
+                ua.listen(Duration::from_millis(200)).await;
+                ua.press(language_key).await;
+                ua.listen_for(lang, "screening", Duration::from_secs(5))
+                    .await;
+                // The key: its first RFC 4733 packet, which is when the server hears it.
+                let key = std::time::Instant::now();
+                let at = match method {
+                    EmergencyMethod::Bridge => {
+                        // This call's INVITE (not a retransmission or CANCEL of the last).
+                        let call_id = ua.call_id.clone();
+                        let invite = async {
+                            loop {
+                                match trunk.recv(Duration::from_secs(15)).await {
+                                    Some((ivr311::sip::message::Message::Request(r), _))
+                                        if r.method.as_str() == "INVITE"
+                                            && r.header("X-311-Call-ID") == Some(&call_id) =>
+                                    {
+                                        return std::time::Instant::now()
+                                    }
+                                    Some(_) => continue,
+                                    None => panic!("{lang}: no INVITE toward 911"),
+                                }
+                            }
+                        };
+                        let (_, at) = tokio::join!(ua.press('9'), invite);
+                        at
+                    }
+                    _ => {
+                        ua.press('9').await;
+                        let r = ua.expect_request("REFER", Duration::from_secs(15)).await;
+                        assert!(r.header("Refer-To").unwrap().contains("911@"));
+                        std::time::Instant::now()
+                    }
+                };
+                // The audit row was written before the transfer started.
+                let audits = srv.tickets.emergency_audits(1).await.unwrap();
+                assert_eq!(audits[0].call_id, ua.call_id, "{lang}: the audit row");
+                took.push(at - key);
+                ua.bye().await;
+            }
+            took.sort();
+            let worst = *took.last().unwrap();
+            let limit = match method {
+                // The audit write and the INVITE: no prompt in between.
+                EmergencyMethod::Bridge => Duration::from_millis(500),
+                // "Connecting you to 911." (2.0 s rendered in English, 1.9 s in Spanish).
+                _ => Duration::from_millis(3000),
+            };
+            assert!(
+                worst < limit,
+                "{} {lang}: key to first request {took:?}, limit {limit:?}",
+                method.as_str()
+            );
+            let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+            lines.push(format!(
+                "| {} | {lang} | {} | {} | {} |",
+                method.as_str(),
+                ms(took[0]),
+                ms(took[RUNS / 2]),
+                ms(worst)
+            ));
+        }
+        srv.shutdown().await;
+    }
+    println!("| method | language | min ms | median ms | max ms |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for l in lines {
+        println!("{l}");
+    }
 }

@@ -1295,8 +1295,7 @@ async fn a_ticket_filed_by_phone_reads_back_through_open311() {
     // prompt: no description.
     ua.keys("1111").await;
     ua.keys("94103").await;
-    ua.listen(Duration::from_millis(700)).await;
-    ua.press('#').await;
+    ua.skip_description("en").await;
 
     let mut filed = Vec::new();
     for _ in 0..100 {

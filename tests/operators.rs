@@ -500,3 +500,46 @@ async fn a_caller_who_holds_the_bridge_is_sent_nothing_until_they_resume() {
     );
     srv.shutdown().await;
 }
+
+/// The place in the queue and the estimated wait are read as numbers in the caller's language
+/// ("about eleven minutes", "unos veintiún minutos"), not digit by digit ("one one").
+///
+/// One call answered and ended makes the queue's handle time about 610 s (a 610 s wrap-up plus
+/// the talk); with the only operator in wrap-up, the next caller (English) waits one handle
+/// time, 11 minutes, and the one after (Spanish) two, 21 minutes.
+#[tokio::test]
+async fn queue_place_and_wait_are_read_as_numbers_in_english_and_spanish() {
+    let mut file = config(&["1001"], 20);
+    file.queues[0].wrap_up_seconds = 610;
+    let srv = start_server(file).await;
+    let (agent, mut first, _) = bridged_to_1001(&srv).await;
+    first.listen(Duration::from_millis(300)).await;
+    first.bye().await;
+    agent.request("BYE", Duration::from_secs(5)).await;
+    let mut waiting = Vec::new();
+
+    for (language_key, lang, place, minutes) in [
+        ('1', "en", None, "num_11"),
+        ('2', "es", Some("num_2"), "num_21_m"),
+    ] {
+        let mut ua = TestUa::udp(srv.sip_addr).await;
+        assert_eq!(ua.call("0 101").await.code, 200);
+        ua.listen(Duration::from_millis(200)).await;
+        ua.keys(&format!("{language_key}10")).await;
+        let heard = ua
+            .listen_for(lang, "queue_options", Duration::from_secs(30))
+            .await;
+        // Words also said as single digits ("one", "dos") sound the same either way and are
+        // left out; what tells numbers from digits is the minutes.
+        let mut names = vec!["queue_position", "queue_wait", minutes, "minutes"];
+        names.extend(place);
+        let ear = PromptEar::new(lang, &names, ivr311::media::g711::Codec::Pcmu);
+        let mut want = vec!["queue_position"];
+        want.extend(place);
+        want.extend(["queue_wait", minutes, "minutes"]);
+        assert_eq!(prompts_heard(&ear, &heard), want, "{lang}");
+        // Still waiting: the next caller is behind this one.
+        waiting.push(ua);
+    }
+    srv.shutdown().await;
+}

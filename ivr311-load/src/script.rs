@@ -194,6 +194,8 @@ impl Script {
     /// (choosing the first language, never an emergency entry), each key pressed after the
     /// menu it leads to has started playing; then the ticket's digit fields, the record end key
     /// during the record prompt, and hang up `listen_ms` after the ticket read-back starts.
+    /// After a field that fills its `max_digits` the end key waits out the inter-digit
+    /// timeout: pressed sooner, the server takes it for that field's terminator.
     pub fn pothole(menu: &MenuFile, service: &str, listen_ms: u32) -> Result<Script, ScriptError> {
         const MENU_KEY_DELAY: u32 = 400;
         const DIGIT_GAP: u32 = 200;
@@ -215,6 +217,8 @@ impl Script {
                 },
             });
         }
+        // Whether the last field filled all its digits (no terminator pressed).
+        let mut ended_full = false;
         for c in &steps_spec.collect {
             let mut digits = if c.field == "zipcode" && (c.min_digits..=c.max_digits).contains(&5) {
                 "94103".to_string()
@@ -232,7 +236,8 @@ impl Script {
                     });
                 }
             }
-            if digits.len() < c.max_digits {
+            ended_full = digits.len() >= c.max_digits;
+            if !ended_full {
                 digits.push(c.terminator);
             }
             let count = digits.chars().count();
@@ -251,8 +256,14 @@ impl Script {
             }
         }
         if let Some(r) = &steps_spec.record {
+            let claim_ms = (menu.defaults.inter_digit_timeout_seconds * 1000.0).ceil() as u32;
+            let delay = if ended_full {
+                MENU_KEY_DELAY + claim_ms
+            } else {
+                MENU_KEY_DELAY
+            };
             steps.push(Step {
-                at: At::AfterPrevious(MENU_KEY_DELAY),
+                at: At::AfterPrevious(delay),
                 action: Action::Press {
                     key: r.end_key,
                     expect_response: true,
@@ -351,6 +362,17 @@ mod tests {
         // Menu keys, the last ZIP digit and # expect a new prompt; the first four ZIP digits
         // do not.
         assert_eq!(s.responses_expected(), 6);
+        // The ZIP fills its five digits: # comes after the inter-digit timeout (3 s), or the
+        // server would take it for the ZIP's terminator.
+        let pound = s.steps.iter().rev().nth(1).unwrap();
+        assert_eq!(
+            pound.action,
+            Action::Press {
+                key: '#',
+                expect_response: true
+            }
+        );
+        assert_eq!(pound.at, At::AfterPrevious(3400));
     }
 
     #[test]

@@ -12,11 +12,17 @@
 //!
 //! # Routing
 //!
-//! Every configured agent serves every queue; skills do the routing. A caller with skill
-//! (language) `es` can go to an agent whose `skills` contain `es` (case-insensitively) or who
-//! has no skills at all; a caller with no skill can go to anyone. Callers are served in one
-//! global order, higher `priority` first, then earlier arrival (across queues, so no queue
-//! starves another). A caller nobody free can take does not block the callers behind it.
+//! A queue is served by its `members` (agent ids; a queue that lists none is served by every
+//! agent, as Asterisk's dynamic "every member" setups and FreeSWITCH tiers listing all agents
+//! would be), and within them skills do the routing. A caller with skill (language) `es` can
+//! go to a member whose `skills` contain `es` (case-insensitively) or who has no skills at
+//! all; a caller with no skill can go to any member. An agent may be a member of several
+//! queues. Callers are served in one global order, higher `priority` first, then earlier
+//! arrival (across queues, so no queue starves another). A caller nobody free can take does
+//! not block the callers behind it.
+//!
+//! Every caller the call layer queues today has priority 0: the field orders call-backs and
+//! live callers alike, and is there for callers a menu may one day mark as urgent.
 //!
 //! For each caller the eligible `Available` agents are narrowed to the lowest `tier` present
 //! (Asterisk's penalty), then the caller's queue strategy picks:
@@ -446,6 +452,8 @@ impl Agent {
 
 struct QueueState {
     name: String,
+    /// The agents (ids) who take this queue's callers; `None`: every agent.
+    members: Option<HashSet<String>>,
     strategy: Strategy,
     wrap_up: Duration,
     ring_timeout: Duration,
@@ -471,6 +479,7 @@ impl QueueState {
         let positive = |secs: u64| (secs > 0).then(|| setting(secs));
         QueueState {
             name: c.name.clone(),
+            members: c.members.as_ref().map(|m| m.iter().cloned().collect()),
             strategy: c.strategy,
             wrap_up: setting(c.wrap_up_seconds),
             ring_timeout: setting(c.ring_timeout_seconds.max(1)),
@@ -489,6 +498,11 @@ impl QueueState {
             callbacks_requested: 0,
             callbacks_unreached: 0,
         }
+    }
+
+    /// Whether `agent` takes this queue's callers.
+    fn serves(&self, agent: &Agent) -> bool {
+        self.members.as_ref().is_none_or(|m| m.contains(&agent.id))
     }
 
     fn aht(&self) -> Duration {
@@ -690,7 +704,7 @@ impl Dispatcher {
         let refuse = if !self
             .agents
             .iter()
-            .any(|a| a.logged_in() && a.can_take(skill))
+            .any(|a| a.logged_in() && self.takes(q, a, skill))
         {
             Some(Refusal::NoAgents)
         } else {
@@ -989,24 +1003,25 @@ impl Dispatcher {
     }
 
     /// Every queue (configured first, then those created on demand).
+    /// `agents` counts the queue's members (every agent for a queue without `members`).
     pub fn figures(&self) -> Vec<QueueFigures> {
-        let mut counts = AgentCounts::default();
-        for a in &self.agents {
-            let c = match a.status {
-                AgentStatus::LoggedOut => &mut counts.logged_out,
-                AgentStatus::Available => &mut counts.available,
-                AgentStatus::Ringing { .. } => &mut counts.ringing,
-                AgentStatus::OnCall { .. } => &mut counts.on_call,
-                AgentStatus::WrapUp { .. } => &mut counts.wrap_up,
-                AgentStatus::NoAnswerPause { .. } => &mut counts.no_answer_pause,
-                AgentStatus::Paused { .. } => &mut counts.paused,
-            };
-            *c += 1;
-        }
         self.queues
             .iter()
             .enumerate()
             .map(|(qi, q)| {
+                let mut counts = AgentCounts::default();
+                for a in self.agents.iter().filter(|a| q.serves(a)) {
+                    let c = match a.status {
+                        AgentStatus::LoggedOut => &mut counts.logged_out,
+                        AgentStatus::Available => &mut counts.available,
+                        AgentStatus::Ringing { .. } => &mut counts.ringing,
+                        AgentStatus::OnCall { .. } => &mut counts.on_call,
+                        AgentStatus::WrapUp { .. } => &mut counts.wrap_up,
+                        AgentStatus::NoAnswerPause { .. } => &mut counts.no_answer_pause,
+                        AgentStatus::Paused { .. } => &mut counts.paused,
+                    };
+                    *c += 1;
+                }
                 let here = || self.waiting.iter().filter(move |w| w.queue == qi);
                 let waiting = here().count();
                 let callbacks_pending = here().filter(|w| w.callback.is_some()).count();
@@ -1020,7 +1035,7 @@ impl Dispatcher {
                     strategy: strategy_name(q.strategy),
                     waiting,
                     longest_wait,
-                    agents: counts.clone(),
+                    agents: counts,
                     answered: q.answered,
                     abandoned: q.abandoned,
                     answered_within_30s: q.answered_in_sl,
@@ -1106,6 +1121,12 @@ impl Dispatcher {
         self.queues.len() - 1
     }
 
+    /// Whether `agent` may take a caller with `skill` waiting in queue `q`: a member of it
+    /// who speaks the caller's language.
+    fn takes(&self, q: usize, agent: &Agent, skill: Option<&str>) -> bool {
+        agent.can_take(skill) && self.queues.get(q).is_some_and(|qs| qs.serves(agent))
+    }
+
     fn waiting_idx(&self, caller: CallerId) -> Option<usize> {
         self.waiting.iter().position(|w| w.caller == caller)
     }
@@ -1155,7 +1176,7 @@ impl Dispatcher {
         };
         let mut staffed = 0usize;
         let mut free = 0usize;
-        for a in self.agents.iter().filter(|a| a.can_take(skill)) {
+        for a in self.agents.iter().filter(|a| self.takes(queue, a, skill)) {
             match a.status {
                 AgentStatus::LoggedOut | AgentStatus::Paused { .. } => {}
                 AgentStatus::Available => {
@@ -1257,10 +1278,12 @@ impl Dispatcher {
             if ringing.contains(&w.caller) {
                 continue;
             }
+            let member = |a: &Agent| self.queues.get(w.queue).is_some_and(|q| q.serves(a));
             if let Some(cb) = w.callback.as_mut() {
                 let free = self.agents.iter().enumerate().find(|(i, a)| {
                     a.status == AgentStatus::Available
                         && a.can_take(w.skill.as_deref())
+                        && member(a)
                         && !claimed.contains(i)
                 });
                 match cb.phase {
@@ -1288,9 +1311,6 @@ impl Dispatcher {
                     }
                 }
             }
-            let Some(q) = self.queues.get_mut(w.queue) else {
-                continue;
-            };
             let candidates: Vec<usize> = self
                 .agents
                 .iter()
@@ -1298,10 +1318,14 @@ impl Dispatcher {
                 .filter(|(i, a)| {
                     a.status == AgentStatus::Available
                         && a.can_take(w.skill.as_deref())
+                        && member(a)
                         && !claimed.contains(i)
                 })
                 .map(|(i, _)| i)
                 .collect();
+            let Some(q) = self.queues.get_mut(w.queue) else {
+                continue;
+            };
             let chosen = choose(q, &self.agents, candidates);
             for i in chosen {
                 let Some(a) = self.agents.get_mut(i) else {
@@ -1330,10 +1354,11 @@ impl Dispatcher {
             }
             let due = w.max_wait_at.is_some_and(|t| t <= now);
             let skill = w.skill.as_deref();
+            let queue = self.queues.get(w.queue);
             let stranded = !self
                 .agents
                 .iter()
-                .any(|a| a.logged_in() && a.can_take(skill));
+                .any(|a| a.logged_in() && a.can_take(skill) && queue.is_some_and(|q| q.serves(a)));
             if due || stranded {
                 w.max_wait_sent = true;
                 self.outbox.push(Action::MaxWait { caller: w.caller });
@@ -2364,6 +2389,92 @@ mod tests {
         assert_eq!(p.place, 2);
         t.d.unpause(t.t(5.0), "a");
         assert_eq!(offers(&t.poll(5.0)), [(3, "a")]);
+    }
+
+    /// A queue with `members` is served by them alone; a queue without is served by every
+    /// agent; an agent may serve several queues.
+    #[test]
+    fn queue_members_take_their_queues_callers_and_nobody_elses() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1), agent("c", &[], 1)],
+            &[
+                queue("general", Strategy::LongestIdle),
+                QueueConfig {
+                    members: Some(vec!["b".into(), "c".into()]),
+                    ..queue("permits", Strategy::LongestIdle)
+                },
+            ],
+        );
+        // a has been idle longest, but is not a member of permits.
+        t.login(0.0, &["a"]);
+        t.login(5.0, &["b"]);
+        t.login(6.0, &["c"]);
+        t.d.enqueue(t.t(10.0), 1, "permits", None, 0).unwrap();
+        assert_eq!(offers(&t.poll(10.0)), [(1, "b")]);
+        // The general queue takes anyone: a.
+        t.enqueue(11.0, 2, None);
+        assert_eq!(offers(&t.poll(11.0)), [(2, "a")]);
+        // Only c is left free; a permits caller gets c, a general caller would too.
+        t.d.enqueue(t.t(12.0), 3, "permits", None, 0).unwrap();
+        assert_eq!(offers(&t.poll(12.0)), [(3, "c")]);
+
+        let permits = |t: &T| {
+            t.d.figures()
+                .into_iter()
+                .find(|f| f.name == "permits")
+                .unwrap()
+        };
+        assert_eq!(
+            permits(&t).agents.ringing,
+            2,
+            "the queue counts its members"
+        );
+        assert_eq!(t.figures().agents.ringing, 3, "general counts everyone");
+    }
+
+    #[test]
+    fn a_queue_whose_members_are_logged_out_refuses_and_strands_its_callers() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[QueueConfig {
+                members: Some(vec!["b".into()]),
+                ..queue("permits", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        // a is logged in, but is no member: nobody can take a permits caller.
+        assert_eq!(
+            t.d.enqueue(t.t(1.0), 1, "permits", None, 0),
+            Err(Refusal::NoAgents)
+        );
+        t.login(2.0, &["b"]);
+        t.d.pause("b", "lunch");
+        let p = t.d.enqueue(t.t(3.0), 1, "permits", None, 0).unwrap();
+        assert_eq!(p.place, 1);
+        assert!(offers(&t.poll(3.0)).is_empty(), "a is free but no member");
+        // The last member logs out: the caller is told at once, not held for nothing.
+        t.d.agent_logged_out(t.t(4.0), "b");
+        let acts = t.poll(4.0);
+        assert!(acts.contains(&Action::MaxWait { caller: 1 }), "{acts:?}");
+    }
+
+    /// The estimated wait counts the members who could take the caller, not every agent.
+    #[test]
+    fn estimated_wait_counts_the_queues_members() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[QueueConfig {
+                members: Some(vec!["b".into()]),
+                ..queue("permits", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a", "b"]);
+        t.d.enqueue(t.t(1.0), 1, "permits", None, 0).unwrap();
+        assert_eq!(offers(&t.poll(1.0)), [(1, "b")]);
+        // b is ringing; a is free but no member: the next caller waits one handle time.
+        let p = t.d.enqueue(t.t(2.0), 2, "permits", None, 0).unwrap();
+        assert_eq!(p.place, 2);
+        assert_eq!(p.ewt, DEFAULT_AHT * 2);
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //! - **Type-ahead**: keys pressed before a menu is reached are kept in order; a menu entered
 //!   with keys waiting skips its greeting and takes the next key (`1 1` goes straight from the
 //!   main menu to streets to pothole).
+//! - **A key acts only on the step that asked for it.** An entry that completes at its
+//!   maximum length (the ZIP code's fifth digit) ends at once, but the terminator its prompt
+//!   asked for ("...then press pound") may still come: pressed within the inter-digit timeout,
+//!   it belongs to that entry and is consumed there, not carried into the next step (where
+//!   `#` would skip the recording, end the next entry empty, or go back a menu). The same
+//!   holds for the end key pressed again as a recording ends. Keys the current step does not
+//!   take (a digit during the recording prompt, anything but 1 or the emergency key while
+//!   the ticket number is read) are dropped without cutting the prompt short.
 //! - **911 everywhere**: after the language choice, the emergency key (default `9`) redirects
 //!   to 911 from every choice menu, whatever the menu's entries say; digit entry (ZIP code,
 //!   request number) and recording take keys literally.
@@ -19,10 +27,11 @@
 //! - Until an operator queue exists the call answers [`Input::QueueUnavailable`] and the caller
 //!   is offered a general service request instead, so nobody waits on hold forever.
 
+use crate::menu::say::{self, Gender};
 use crate::menu::schema::{Action, Collect, MenuFile, Record, TicketAction, TicketSteps};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The service code of the general request offered when no operator can take the call.
 pub const GENERAL_SERVICE: &str = "general";
@@ -30,6 +39,8 @@ pub const GENERAL_SERVICE: &str = "general";
 pub const GENERAL_SERVICE_NAME: &str = "General service request";
 /// How many digits a service request number has.
 pub const TICKET_DIGITS: usize = 8;
+/// A service request number is read back in groups of this many digits.
+pub const TICKET_DIGIT_GROUP: usize = 4;
 
 /// Something that happened to the call.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +183,15 @@ enum Purpose {
     TicketNumber,
 }
 
+/// A key that belongs to the step that just ended: the terminator of an entry that completed
+/// at its maximum length, or the end key of a recording that just ended. Pressed by `until`
+/// (the inter-digit timeout after the step ended), it is consumed, not passed on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Claim {
+    key: char,
+    until: Instant,
+}
+
 /// A ticket being put together.
 #[derive(Debug, Clone)]
 struct Draft {
@@ -190,6 +210,9 @@ pub struct Engine {
     /// Menus and keys so far, for tickets, the audit log and operators.
     path: Vec<String>,
     pending: VecDeque<char>,
+    /// The latest `now` given to [`Engine::handle`].
+    now: Option<Instant>,
+    claim: Option<Claim>,
     draft: Option<Draft>,
     /// The ticket could not be saved: do not offer another ticket.
     db_failed: bool,
@@ -223,6 +246,8 @@ impl Engine {
             stack: Vec::new(),
             path: Vec::new(),
             pending: VecDeque::new(),
+            now: None,
+            claim: None,
             draft: None,
             db_failed: false,
             out: Vec::new(),
@@ -277,16 +302,23 @@ impl Engine {
         })
     }
 
-    /// Feed one input; returns what to do, in order.
-    pub fn handle(&mut self, input: Input) -> Vec<Output> {
+    /// Feed one input that happened at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Output> {
+        self.now = Some(self.now.map_or(now, |n| n.max(now)));
         match input {
             Input::Start => {
                 let start = self.menu.start.clone();
                 self.enter_menu(&start, true);
             }
             Input::Digit(d) => {
-                self.pending.push_back(d);
-                self.drain();
+                let claimed = self
+                    .claim
+                    .take()
+                    .is_some_and(|c| c.key == d && now <= c.until);
+                if !claimed {
+                    self.pending.push_back(d);
+                    self.drain();
+                }
             }
             Input::PlayDone => self.on_play_done(),
             Input::Timeout => self.on_timeout(),
@@ -301,6 +333,15 @@ impl Engine {
 
     fn emit(&mut self, o: Output) {
         self.out.push(o);
+    }
+
+    /// `key`, pressed within the inter-digit timeout from now, belongs to the step ending now.
+    fn claim(&mut self, key: char) {
+        let window = Duration::from_secs_f64(self.defaults().inter_digit_timeout_seconds.max(0.0));
+        self.claim = self.now.map(|now| Claim {
+            key,
+            until: now + window,
+        });
     }
 
     fn play(&mut self, prompts: Vec<String>) {
@@ -389,9 +430,26 @@ impl Engine {
                 return;
             }
             self.pending.pop_front();
+            if !self.takes(d) {
+                continue;
+            }
             self.emit(Output::StopPlayback);
             self.emit(Output::Timer(None));
             self.on_key(d);
+        }
+    }
+
+    /// Whether the current step acts on `d` (and so interrupts its prompt). Keys it has no
+    /// use for are dropped and the prompt plays on: a stray digit must not silence the
+    /// recording prompt (recording starts when it has played), nor cut the ticket number
+    /// short while it is read.
+    fn takes(&self, d: char) -> bool {
+        match &self.state {
+            State::Record { spec, .. } => d == spec.end_key,
+            State::AfterTicket { waiting: false, .. } => {
+                d == '1' || d == self.defaults().emergency_key
+            }
+            _ => true,
         }
     }
 
@@ -572,8 +630,9 @@ impl Engine {
                     terminator: '#',
                     tries: 3,
                     optional: false,
+                    read_back: false,
                 };
-                self.start_collect(Purpose::TicketNumber, spec);
+                self.start_collect(Purpose::TicketNumber, spec, Vec::new());
             }
             Action::Queue(q) => {
                 self.state = State::Done;
@@ -634,18 +693,21 @@ impl Engine {
             },
             steps,
         });
-        self.next_ticket_step(0);
+        self.next_ticket_step(0, Vec::new());
     }
 
-    fn next_ticket_step(&mut self, index: usize) {
+    /// Go on to step `index` of the draft ticket; `lead` (the read-back of the entry just
+    /// made) is played before the step's own prompt.
+    fn next_ticket_step(&mut self, index: usize, lead: Vec<String>) {
         let Some(draft) = &self.draft else { return };
         if let Some(spec) = draft.steps.collect.get(index).cloned() {
-            self.start_collect(Purpose::TicketField { index }, spec);
+            self.start_collect(Purpose::TicketField { index }, spec, lead);
             return;
         }
         match draft.steps.record.clone() {
             Some(spec) => {
-                let mut prompts = vec![spec.prompt.clone()];
+                let mut prompts = lead;
+                prompts.push(spec.prompt.clone());
                 prompts.extend(spec.beep.clone());
                 self.state = State::Record {
                     spec,
@@ -655,13 +717,19 @@ impl Engine {
             }
             None => {
                 self.state = State::Filing;
+                if !lead.is_empty() {
+                    self.play(lead);
+                }
                 self.file_draft(None);
             }
         }
     }
 
-    fn start_collect(&mut self, purpose: Purpose, spec: Collect) {
-        let prompt = spec.prompt.clone();
+    /// Ask for digits. With keys typed ahead, the prompt (and `lead`) is skipped and they are
+    /// taken at once.
+    fn start_collect(&mut self, purpose: Purpose, spec: Collect, lead: Vec<String>) {
+        let mut prompts = lead;
+        prompts.push(spec.prompt.clone());
         self.state = State::Collect {
             purpose,
             spec,
@@ -670,7 +738,7 @@ impl Engine {
             waiting: false,
         };
         if self.pending.is_empty() {
-            self.play(vec![prompt]);
+            self.play(prompts);
         } else {
             self.drain();
         }
@@ -693,8 +761,11 @@ impl Engine {
         }
         digits.push(d);
         let full = digits.len() >= spec.max_digits;
+        let terminator = spec.terminator;
         let inter = self.defaults().inter_digit_timeout_seconds;
         if full {
+            // The prompt asked for the terminator after the digits: it may still come.
+            self.claim(terminator);
             self.finish_collect();
         } else {
             if let State::Collect { waiting, .. } = &mut self.state {
@@ -731,10 +802,18 @@ impl Engine {
         if Self::collect_valid(&spec, &digits) {
             match purpose {
                 Purpose::TicketField { index } => {
+                    // "You entered 1 0 4 5 8", before whatever comes next.
+                    let lead = if spec.read_back {
+                        let mut v = vec!["you_entered".to_owned()];
+                        v.extend(say::digits(&digits));
+                        v
+                    } else {
+                        Vec::new()
+                    };
                     if let Some(d) = &mut self.draft {
                         d.req.fields.push((spec.field.clone(), digits));
                     }
-                    self.next_ticket_step(index + 1);
+                    self.next_ticket_step(index + 1, lead);
                 }
                 Purpose::TicketNumber => {
                     let id = digits.parse().unwrap_or(0);
@@ -747,7 +826,9 @@ impl Engine {
         let tries = tries + 1;
         if tries >= spec.tries {
             match purpose {
-                Purpose::TicketField { index } if spec.optional => self.next_ticket_step(index + 1),
+                Purpose::TicketField { index } if spec.optional => {
+                    self.next_ticket_step(index + 1, Vec::new())
+                }
                 Purpose::TicketNumber => {
                     // Could not get a number: back to the main menu.
                     self.play(vec![spec.invalid_prompt.clone()]);
@@ -776,7 +857,11 @@ impl Engine {
     }
 
     fn on_recorded(&mut self, media_url: Option<String>) {
-        if let State::Record { .. } = self.state {
+        if let State::Record { spec, .. } = &self.state {
+            // Ended by its key, silence or the limit: the end key pressed (again) now is
+            // the caller finishing the recording, not a choice in what comes next.
+            let end_key = spec.end_key;
+            self.claim(end_key);
             self.state = State::Filing;
             self.file_draft(media_url);
         }
@@ -798,7 +883,7 @@ impl Engine {
         self.draft = None;
         // Keys typed before the number existed must not skip its read-back.
         self.pending.clear();
-        let digits = number_prompts(id);
+        let digits = say::digits_grouped(&id.to_string(), TICKET_DIGIT_GROUP);
         let mut prompts = vec!["ticket_filed".to_owned()];
         prompts.extend(digits.iter().cloned());
         prompts.push("ticket_again".into());
@@ -832,6 +917,8 @@ impl Engine {
         if self.state != State::LookingUp {
             return;
         }
+        // Keys typed while the request was looked up must not skip what is read about it.
+        self.pending.clear();
         let prompts = match r {
             StatusResult::NotFound => vec!["ticket_not_found".to_owned()],
             StatusResult::Failed => vec!["db_error".to_owned()],
@@ -844,12 +931,15 @@ impl Engine {
                 } else {
                     "ticket_status_closed".to_owned()
                 }];
-                if days_since_update == 0 {
-                    v.push("updated_today".into());
-                } else {
-                    v.push("updated_days_ago_pre".into());
-                    v.extend(number_prompts(days_since_update as u64));
-                    v.push("updated_days_ago_post".into());
+                // "The latest update was today / yesterday / twelve days ago."
+                match days_since_update {
+                    0 => v.push("updated_today".into()),
+                    1 => v.push("updated_yesterday".into()),
+                    n => {
+                        v.push("ticket_last_update".into());
+                        v.extend(say::number(&self.language, n.into(), Gender::Masculine));
+                        v.push("updated_days_ago_post".into());
+                    }
                 }
                 v
             }
@@ -1001,14 +1091,6 @@ impl Engine {
     }
 }
 
-/// `digit_N` prompts that read a number digit by digit.
-pub fn number_prompts(n: u64) -> Vec<String> {
-    n.to_string()
-        .chars()
-        .map(|c| format!("digit_{c}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1045,6 +1127,15 @@ menus:
     greet_short: streets_menu_short
     entries:
       "1": {ticket: {service: pothole, name: Pothole, agency: Streets}}
+      "2":
+        ticket:
+          service: streetlight
+          name: Streetlight
+          steps:
+            collect:
+              - {field: zipcode, prompt: enter_zip, min_digits: 5, max_digits: 5}
+              - {field: address, prompt: enter_pole_number, min_digits: 1, max_digits: 6}
+            record: null
       "5": {emergency: {reason: downed power lines}}
       "7": top
       "8": hangup
@@ -1065,16 +1156,29 @@ menus:
             .collect()
     }
 
+    /// Feed `i` at the engine's current (virtual) time: no time passes between inputs unless a
+    /// test says so with [`after`].
+    fn h(e: &mut Engine, i: Input) -> Vec<Output> {
+        let now = e.now.unwrap_or_else(Instant::now);
+        e.handle(now, i)
+    }
+
+    /// Feed `i` `secs` after the engine's latest input.
+    fn after(e: &mut Engine, secs: f64, i: Input) -> Vec<Output> {
+        let now = e.now.unwrap_or_else(Instant::now) + Duration::from_secs_f64(secs);
+        e.handle(now, i)
+    }
+
     fn keys(e: &mut Engine, ks: &str) -> Vec<Output> {
-        ks.chars().flat_map(|k| e.handle(Input::Digit(k))).collect()
+        ks.chars().flat_map(|k| h(e, Input::Digit(k))).collect()
     }
 
     /// Start, pick English, pass screening: now at the main menu with its greeting played.
     fn at_main() -> Engine {
         let mut e = engine();
-        e.handle(Input::Start);
+        h(&mut e, Input::Start);
         keys(&mut e, "11");
-        e.handle(Input::PlayDone);
+        h(&mut e, Input::PlayDone);
         assert_eq!(e.current_menu(), Some("main"));
         e
     }
@@ -1082,15 +1186,15 @@ menus:
     #[test]
     fn start_plays_language_menu_and_timeout_picks_english() {
         let mut e = engine();
-        assert_eq!(plays(&e.handle(Input::Start)), vec!["language_menu"]);
-        let out = e.handle(Input::PlayDone);
+        assert_eq!(plays(&h(&mut e, Input::Start)), vec!["language_menu"]);
+        let out = h(&mut e, Input::PlayDone);
         assert!(matches!(out[..], [Output::Timer(Some(_))]));
-        let out = e.handle(Input::Timeout);
+        let out = h(&mut e, Input::Timeout);
         assert!(out.contains(&Output::Language("en".into())));
         assert_eq!(plays(&out), vec!["screening"]);
-        e.handle(Input::PlayDone);
+        h(&mut e, Input::PlayDone);
         // Silence at screening goes to the main menu, never to 911.
-        let out = e.handle(Input::Timeout);
+        let out = h(&mut e, Input::Timeout);
         assert_eq!(plays(&out), vec!["main_menu"]);
         assert!(!out.iter().any(|o| matches!(o, Output::Emergency { .. })));
     }
@@ -1098,7 +1202,7 @@ menus:
     #[test]
     fn spanish_choice_switches_language() {
         let mut e = engine();
-        e.handle(Input::Start);
+        h(&mut e, Input::Start);
         let out = keys(&mut e, "2");
         assert!(out.contains(&Output::Language("es".into())));
         assert_eq!(e.language(), "es");
@@ -1108,7 +1212,7 @@ menus:
     fn emergency_key_works_in_every_choice_menu_after_screening() {
         // At screening.
         let mut e = engine();
-        e.handle(Input::Start);
+        h(&mut e, Input::Start);
         keys(&mut e, "1");
         let out = keys(&mut e, "9");
         assert!(
@@ -1139,7 +1243,19 @@ menus:
         keys(&mut e, "11"); // streets, pothole: asks for the ZIP
         let out = keys(&mut e, "90210");
         assert!(!out.iter().any(|o| matches!(o, Output::Emergency { .. })));
-        assert_eq!(plays(&out), vec!["record_description", "beep"]);
+        assert_eq!(
+            plays(&out),
+            vec![
+                "you_entered",
+                "digit_9",
+                "digit_0",
+                "digit_2",
+                "digit_1",
+                "digit_0",
+                "record_description",
+                "beep"
+            ]
+        );
     }
 
     #[test]
@@ -1149,16 +1265,26 @@ menus:
         assert_eq!(plays(&out), vec!["streets_menu"]);
         let out = keys(&mut e, "1");
         assert_eq!(plays(&out), vec!["enter_zip"]);
-        e.handle(Input::PlayDone);
+        h(&mut e, Input::PlayDone);
         let out = keys(&mut e, "12345");
-        assert_eq!(plays(&out), vec!["record_description", "beep"]);
-        let out = e.handle(Input::PlayDone);
+        let mut heard = vec!["you_entered".to_owned()];
+        heard.extend(say::digits("12345"));
+        heard.extend(["record_description".to_owned(), "beep".to_owned()]);
+        assert_eq!(
+            plays(&out),
+            heard,
+            "the ZIP read back, then the recording prompt"
+        );
+        let out = after(&mut e, 12.0, Input::PlayDone);
         assert!(matches!(out[..], [Output::StartRecording { .. }]));
-        let out = keys(&mut e, "#");
+        let out = after(&mut e, 10.0, Input::Digit('#'));
         assert!(out.contains(&Output::StopRecording));
-        let out = e.handle(Input::Recorded {
-            media_url: Some("file:///r/1.wav".into()),
-        });
+        let out = h(
+            &mut e,
+            Input::Recorded {
+                media_url: Some("file:///r/1.wav".into()),
+            },
+        );
         let Some(Output::FileTicket(t)) = out.last() else {
             panic!("{out:?}")
         };
@@ -1167,15 +1293,18 @@ menus:
         assert_eq!(t.media_url.as_deref(), Some("file:///r/1.wav"));
         assert_eq!(t.language, "en");
         assert_eq!(t.menu_path, "language:1 > screening:1 > main:1 > streets:1");
-        // Nothing is read back until the ticket is committed.
-        let out = e.handle(Input::TicketFiled { id: 12345678 });
+        // Nothing is read back until the ticket is committed; the number is read digit by
+        // digit, in two groups of four.
+        let out = h(&mut e, Input::TicketFiled { id: 12345678 });
         let p = plays(&out);
+        let number = say::digits_grouped("12345678", 4);
+        assert_eq!(number[4], say::PAUSE);
         assert_eq!(p[0], "ticket_filed");
-        assert_eq!(&p[1..9], &number_prompts(12345678)[..]);
-        assert_eq!(p[9], "ticket_again");
-        assert_eq!(&p[10..18], &number_prompts(12345678)[..]);
-        assert_eq!(p[18], "after_ticket");
-        e.handle(Input::PlayDone);
+        assert_eq!(&p[1..10], &number[..]);
+        assert_eq!(p[10], "ticket_again");
+        assert_eq!(&p[11..20], &number[..]);
+        assert_eq!(p[20], "after_ticket");
+        h(&mut e, Input::PlayDone);
         let out = keys(&mut e, "1");
         assert_eq!(plays(&out), vec!["main_menu_short"]);
     }
@@ -1193,7 +1322,7 @@ menus:
             "{out:?}"
         );
         // No operator queue yet: offered a general ticket instead.
-        let out = e.handle(Input::QueueUnavailable);
+        let out = h(&mut e, Input::QueueUnavailable);
         assert_eq!(
             plays(&out),
             vec!["operator_unavailable", "offer_general_ticket"]
@@ -1207,7 +1336,8 @@ menus:
         let mut e = at_main();
         keys(&mut e, "11");
         keys(&mut e, "12345");
-        let out = keys(&mut e, "#");
+        // "... To skip, press pound now": well after the ZIP's own pound could have come.
+        let out = after(&mut e, 8.0, Input::Digit('#'));
         let Some(Output::FileTicket(t)) = out.last() else {
             panic!("{out:?}")
         };
@@ -1224,12 +1354,12 @@ menus:
         assert!(matches!(out.last(), Some(Output::Queue { .. })), "{out:?}");
 
         let mut e = at_main();
-        let out = e.handle(Input::Timeout);
+        let out = h(&mut e, Input::Timeout);
         assert_eq!(plays(&out), vec!["no_entry", "main_menu_short"]);
-        e.handle(Input::PlayDone);
-        e.handle(Input::Timeout);
-        e.handle(Input::PlayDone);
-        let out = e.handle(Input::Timeout);
+        h(&mut e, Input::PlayDone);
+        h(&mut e, Input::Timeout);
+        h(&mut e, Input::PlayDone);
+        let out = h(&mut e, Input::Timeout);
         assert!(matches!(out.last(), Some(Output::Queue { .. })), "{out:?}");
     }
 
@@ -1237,13 +1367,13 @@ menus:
     fn stale_timeouts_are_ignored() {
         let mut e = at_main();
         keys(&mut e, "1"); // now in streets, greeting playing, not waiting
-        assert!(e.handle(Input::Timeout).is_empty());
+        assert!(h(&mut e, Input::Timeout).is_empty());
     }
 
     #[test]
     fn type_ahead_across_menus_skips_greetings() {
         let mut e = engine();
-        e.handle(Input::Start);
+        h(&mut e, Input::Start);
         // Everything typed during the language prompt: English, continue, streets, pothole.
         let out = keys(&mut e, "1111");
         assert_eq!(
@@ -1258,11 +1388,11 @@ menus:
         let mut e = at_main();
         keys(&mut e, "11");
         keys(&mut e, "12345");
-        keys(&mut e, "#");
+        after(&mut e, 8.0, Input::Digit('#'));
         assert!(keys(&mut e, "1").is_empty());
-        let out = e.handle(Input::TicketFiled { id: 10000001 });
+        let out = h(&mut e, Input::TicketFiled { id: 10000001 });
         assert_eq!(plays(&out).last().map(String::as_str), Some("after_ticket"));
-        assert_eq!(plays(&out).len(), 19, "the whole number, twice");
+        assert_eq!(plays(&out).len(), 21, "the whole number, twice, in groups");
     }
 
     #[test]
@@ -1272,7 +1402,7 @@ menus:
         keys(&mut e, "1");
         assert_eq!(plays(&keys(&mut e, "#")), vec!["main_menu_short"]);
         assert_eq!(plays(&keys(&mut e, "3")), vec!["recycling_info"]);
-        assert_eq!(plays(&e.handle(Input::PlayDone)), vec!["main_menu_short"]);
+        assert_eq!(plays(&h(&mut e, Input::PlayDone)), vec!["main_menu_short"]);
     }
 
     #[test]
@@ -1285,7 +1415,7 @@ menus:
         let out = keys(&mut e, "8");
         assert_eq!(plays(&out), vec!["goodbye"]);
         assert!(!out.contains(&Output::Hangup), "the goodbye is heard first");
-        assert_eq!(e.handle(Input::PlayDone), vec![Output::Hangup]);
+        assert_eq!(h(&mut e, Input::PlayDone), vec![Output::Hangup]);
     }
 
     #[test]
@@ -1294,23 +1424,26 @@ menus:
         assert_eq!(plays(&keys(&mut e, "6")), vec!["enter_ticket_number"]);
         let out = keys(&mut e, "12345678");
         assert_eq!(out.last(), Some(&Output::LookupTicket(12345678)));
-        let out = e.handle(Input::Status(StatusResult::Found {
-            open: true,
-            days_since_update: 3,
-        }));
+        let out = h(
+            &mut e,
+            Input::Status(StatusResult::Found {
+                open: true,
+                days_since_update: 3,
+            }),
+        );
         assert_eq!(
             plays(&out),
             vec![
                 "ticket_status_open",
-                "updated_days_ago_pre",
-                "digit_3",
+                "ticket_last_update",
+                "num_3",
                 "updated_days_ago_post"
             ]
         );
-        assert_eq!(plays(&e.handle(Input::PlayDone)), vec!["main_menu_short"]);
+        assert_eq!(plays(&h(&mut e, Input::PlayDone)), vec!["main_menu_short"]);
         keys(&mut e, "6");
         keys(&mut e, "99999999");
-        let out = e.handle(Input::Status(StatusResult::NotFound));
+        let out = h(&mut e, Input::Status(StatusResult::NotFound));
         assert_eq!(plays(&out), vec!["ticket_not_found"]);
     }
 
@@ -1318,14 +1451,15 @@ menus:
     fn database_failure_apologises_and_offers_the_operator() {
         let mut e = at_main();
         keys(&mut e, "11");
-        keys(&mut e, "12345#");
-        let out = e.handle(Input::TicketFailed);
+        keys(&mut e, "12345");
+        after(&mut e, 8.0, Input::Digit('#'));
+        let out = h(&mut e, Input::TicketFailed);
         assert_eq!(plays(&out), vec!["db_error"]);
         assert!(matches!(out.last(), Some(Output::Queue { .. })));
         // No operator either: told to call again, never offered another ticket.
-        let out = e.handle(Input::QueueUnavailable);
+        let out = h(&mut e, Input::QueueUnavailable);
         assert_eq!(plays(&out), vec!["call_again_later"]);
-        assert_eq!(e.handle(Input::PlayDone), vec![Output::Hangup]);
+        assert_eq!(h(&mut e, Input::PlayDone), vec![Output::Hangup]);
     }
 
     #[test]
@@ -1333,7 +1467,7 @@ menus:
         let mut e = at_main();
         keys(&mut e, "11");
         keys(&mut e, "12345");
-        e.handle(Input::PlayDone); // recording starts
+        h(&mut e, Input::PlayDone); // recording starts
         let t = e
             .abandon(Some("file:///partial.wav".into()))
             .expect("ticket kept");
@@ -1344,5 +1478,222 @@ menus:
         keys(&mut e, "11");
         keys(&mut e, "123");
         assert_eq!(e.abandon(None), None);
+    }
+
+    /// At the main menu in `lang` (1 English, 2 Spanish), then streets, pothole: asked for the
+    /// ZIP, its prompt played.
+    fn asked_for_the_zip(language_key: &str) -> Engine {
+        let mut e = engine();
+        h(&mut e, Input::Start);
+        keys(&mut e, language_key);
+        keys(&mut e, "1");
+        keys(&mut e, "11");
+        after(&mut e, 4.0, Input::PlayDone);
+        e
+    }
+
+    /// A caller who does what the ZIP prompt says (`1 0 4 5 8 #`, a key every 200 ms): the
+    /// pound belongs to the ZIP and the recording prompt plays on, in either language.
+    #[test]
+    fn the_zip_prompts_pound_is_consumed_by_the_zip_and_the_description_is_recorded() {
+        for (key, lang) in [("1", "en"), ("2", "es")] {
+            let mut e = asked_for_the_zip(key);
+            assert_eq!(e.language(), lang);
+            let mut out = Vec::new();
+            for d in "10458".chars() {
+                out = after(&mut e, 0.2, Input::Digit(d));
+            }
+            assert!(plays(&out).contains(&"record_description".to_owned()));
+            let out = after(&mut e, 0.2, Input::Digit('#'));
+            assert!(out.is_empty(), "{lang}: the pound is the ZIP's: {out:?}");
+            // The read-back and the prompt play to the end; then the recording.
+            let out = after(&mut e, 11.0, Input::PlayDone);
+            assert!(
+                matches!(out[..], [Output::StartRecording { .. }]),
+                "{lang}: {out:?}"
+            );
+            let out = after(&mut e, 6.0, Input::Digit('#'));
+            assert!(out.contains(&Output::StopRecording), "{lang}: {out:?}");
+            let out = h(
+                &mut e,
+                Input::Recorded {
+                    media_url: Some("/recordings/a.wav".into()),
+                },
+            );
+            let Some(Output::FileTicket(t)) = out.last() else {
+                panic!("{lang}: {out:?}")
+            };
+            assert_eq!(t.field("zipcode"), Some("10458"));
+            assert_eq!(t.media_url.as_deref(), Some("/recordings/a.wav"));
+            assert_eq!(t.language, lang);
+        }
+    }
+
+    /// The claim lasts the inter-digit timeout (3 s in the test menu's defaults) and only for
+    /// the terminator, once: later, or after another key, `#` is the next step's key again.
+    #[test]
+    fn the_claim_on_the_terminator_is_short_and_single() {
+        let mut e = asked_for_the_zip("1");
+        keys(&mut e, "10458");
+        let out = after(&mut e, 3.5, Input::Digit('#'));
+        assert!(
+            matches!(out.last(), Some(Output::FileTicket(t)) if t.media_url.is_none()),
+            "pressed at the recording prompt, pound skips the description: {out:?}"
+        );
+
+        let mut e = asked_for_the_zip("1");
+        keys(&mut e, "10458");
+        assert!(after(&mut e, 0.3, Input::Digit('#')).is_empty());
+        let out = after(&mut e, 0.3, Input::Digit('#'));
+        assert!(
+            matches!(out.last(), Some(Output::FileTicket(_))),
+            "a second pound is the caller skipping: {out:?}"
+        );
+
+        // An entry ended early by its terminator claims nothing.
+        let mut e = at_main();
+        keys(&mut e, "6");
+        keys(&mut e, "1234567#");
+        let out = after(&mut e, 0.2, Input::Digit('#'));
+        assert!(
+            plays(&out).contains(&"enter_ticket_number".to_owned()),
+            "a short number is asked again, and the pound is an empty entry: {out:?}"
+        );
+    }
+
+    /// A full-length entry that does not match is asked again; its pound is not a second,
+    /// empty try.
+    #[test]
+    fn the_pound_after_an_invalid_full_entry_is_not_another_try() {
+        let mut e = at_main();
+        keys(&mut e, "6");
+        // Status numbers are 8 digits of 0-9: `A` makes a full entry invalid.
+        let out = keys(&mut e, "1234567A");
+        assert_eq!(plays(&out), vec!["ticket_not_found", "enter_ticket_number"]);
+        assert!(after(&mut e, 0.2, Input::Digit('#')).is_empty());
+        let out = keys(&mut e, "1234567A");
+        assert_eq!(
+            plays(&out),
+            vec!["ticket_not_found", "enter_ticket_number"],
+            "second try, not the third"
+        );
+    }
+
+    /// Collect → collect: the first entry's pound does not end the second empty, and digits
+    /// typed ahead still go to the second.
+    #[test]
+    fn collect_then_collect() {
+        let mut e = at_main();
+        keys(&mut e, "12");
+        h(&mut e, Input::PlayDone);
+        let out = keys(&mut e, "94103");
+        assert_eq!(
+            plays(&out).last().map(String::as_str),
+            Some("enter_pole_number")
+        );
+        assert!(after(&mut e, 0.2, Input::Digit('#')).is_empty());
+        let out = keys(&mut e, "4711#");
+        let Some(Output::FileTicket(t)) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(t.field("zipcode"), Some("94103"));
+        assert_eq!(t.field("address"), Some("4711"));
+
+        // Typed ahead in one go: the pound between the entries is the ZIP's.
+        let mut e = at_main();
+        let out = keys(&mut e, "1294103#4711#");
+        let Some(Output::FileTicket(t)) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(t.field("address"), Some("4711"));
+    }
+
+    /// Collect → menu: the pound after a full request number is not "back" in the menu that
+    /// follows the status.
+    #[test]
+    fn collect_then_menu() {
+        let mut e = at_main();
+        keys(&mut e, "6");
+        let out = keys(&mut e, "12345678");
+        assert_eq!(out.last(), Some(&Output::LookupTicket(12345678)));
+        assert!(after(&mut e, 0.2, Input::Digit('#')).is_empty());
+        h(&mut e, Input::Status(StatusResult::NotFound));
+        let out = h(&mut e, Input::PlayDone);
+        assert_eq!(plays(&out), vec!["main_menu_short"]);
+        assert!(!e.menu_path().contains("main:#"), "{}", e.menu_path());
+        assert_eq!(plays(&keys(&mut e, "1")), vec!["streets_menu"]);
+    }
+
+    /// Keys the step has no use for do not cut its prompt: a digit during the recording
+    /// prompt (recording would never start), anything but 1 while the number is read.
+    #[test]
+    fn keys_a_step_does_not_take_leave_its_prompt_playing() {
+        let mut e = asked_for_the_zip("1");
+        keys(&mut e, "10458");
+        assert!(after(&mut e, 4.0, Input::Digit('5')).is_empty());
+        let out = h(&mut e, Input::PlayDone);
+        assert!(
+            matches!(out[..], [Output::StartRecording { .. }]),
+            "{out:?}"
+        );
+        after(&mut e, 5.0, Input::Digit('#'));
+        // Recording ended by the key; the caller presses it again as it ends.
+        h(&mut e, Input::Recorded { media_url: None });
+        assert!(after(&mut e, 0.3, Input::Digit('#')).is_empty());
+        let out = h(&mut e, Input::TicketFiled { id: 12345678 });
+        assert_eq!(plays(&out).len(), 21);
+        assert!(keys(&mut e, "7#").is_empty(), "the number is read on");
+        let out = keys(&mut e, "1");
+        assert!(out.contains(&Output::StopPlayback));
+        assert_eq!(plays(&out), vec!["main_menu_short"]);
+    }
+
+    /// After a recording that silence ended, the end key pressed within the window is the
+    /// caller finishing it, not a key for what follows.
+    #[test]
+    fn the_end_key_just_after_silence_ended_the_recording_is_consumed() {
+        let mut e = asked_for_the_zip("1");
+        keys(&mut e, "10458");
+        after(&mut e, 11.0, Input::PlayDone);
+        after(&mut e, 20.0, Input::Recorded { media_url: None });
+        assert!(after(&mut e, 0.5, Input::Digit('#')).is_empty());
+        assert!(e.pending.is_empty());
+    }
+
+    #[test]
+    fn status_reads_days_as_a_number_in_the_callers_language() {
+        for (key, lang, days, want) in [
+            (
+                "1",
+                "en",
+                12u32,
+                vec!["ticket_last_update", "num_12", "updated_days_ago_post"],
+            ),
+            (
+                "2",
+                "es",
+                21,
+                vec!["ticket_last_update", "num_21_m", "updated_days_ago_post"],
+            ),
+            ("2", "es", 1, vec!["updated_yesterday"]),
+            ("1", "en", 0, vec!["updated_today"]),
+        ] {
+            let mut e = engine();
+            h(&mut e, Input::Start);
+            keys(&mut e, key);
+            keys(&mut e, "1");
+            keys(&mut e, "6");
+            keys(&mut e, "12345678");
+            let out = h(
+                &mut e,
+                Input::Status(StatusResult::Found {
+                    open: false,
+                    days_since_update: days,
+                }),
+            );
+            let mut p = plays(&out);
+            assert_eq!(p.remove(0), "ticket_status_closed");
+            assert_eq!(p, want, "{lang} {days}");
+        }
     }
 }

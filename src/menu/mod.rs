@@ -1,8 +1,10 @@
 //! The menu language and the engine that walks callers through it.
 //!
 //! Ground floor: imports neither `sip` nor `media` nor `call`. [`engine`] is sans-IO: digits,
-//! timeouts and prompt-done events go in, actions come out.
+//! timeouts and prompt-done events go in, actions come out. [`say`] turns numbers into the
+//! prompts that read them, per language.
 
 pub mod engine;
+pub mod say;
 pub mod schema;
 pub mod validate;

@@ -1,9 +1,14 @@
 //! The menu language admins edit (`menus/*.yaml`), as serde types. This is the only place that
 //! knows `serde_yaml` exists, so swapping it for a maintained fork is a one-line change.
 //!
-//! The vocabulary follows what contact-centre admins know from FreeSWITCH IVR menus
-//! (greet-long, greet-short, invalid-sound, timeout, inter-digit-timeout, max-failures,
-//! max-timeouts, digit-len, confirm-key) in plain YAML. A menu file looks like:
+//! The vocabulary follows what contact-centre admins know from FreeSWITCH IVR menus, in plain
+//! YAML: greet-long and greet-short (`greet_long`, `greet_short`), invalid-sound
+//! (`invalid_prompt`), timeout (`timeout_seconds`), inter-digit-timeout
+//! (`inter_digit_timeout_seconds`), max-failures and max-timeouts, and digit-len with its
+//! terminators (a ticket's `collect` steps: `min_digits`/`max_digits`, `terminator`).
+//! FreeSWITCH's confirm-macro/confirm-key (confirming an entry before it is used) has no
+//! counterpart here: a digit entry is read back ("You entered ...", `read_back`) and not
+//! confirmed. A menu file looks like:
 //!
 //! ```yaml
 //! languages: [en, es]          # the first is the default
@@ -359,6 +364,13 @@ pub struct Collect {
     /// What happens when the tries run out: skip the field (true) or the exhausted action.
     #[serde(default)]
     pub optional: bool,
+    /// Read the entry back ("You entered 1 0 4 5 8") before the next step. Default true.
+    #[serde(default = "default_true")]
+    pub read_back: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_invalid_collect() -> String {
@@ -387,6 +399,7 @@ impl Collect {
             terminator: '#',
             tries: 3,
             optional: false,
+            read_back: true,
         }
     }
 }

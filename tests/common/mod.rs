@@ -108,8 +108,23 @@ impl PromptEar {
                 frames.insert(f.to_vec(), (n.to_string(), i));
             }
         }
-        frames.retain(|f, _| count[f] == 1 && f.iter().any(|b| *b != codec.silence_byte()));
+        // A frame heard in one prompt only, and not (nearly) silent: the quiet frames at the
+        // edges of words (peak under -50 dBFS) recur across prompts by chance.
+        let audible = |f: &[u8]| {
+            let mut pcm = [0i16; 160];
+            codec.decode(f, &mut pcm);
+            pcm.iter().any(|s| s.unsigned_abs() >= 100)
+        };
+        frames.retain(|f, _| count[f] == 1 && audible(f));
         PromptEar { frames }
+    }
+
+    /// How many of `payloads` are frames of the prompts this ear knows.
+    pub fn frames_heard(&self, payloads: &[Vec<u8>]) -> usize {
+        payloads
+            .iter()
+            .filter(|p| self.frames.contains_key(*p))
+            .count()
     }
 
     /// The sequence of prompt playbacks heard in `payloads` (a new playback when the prompt
@@ -605,6 +620,35 @@ Contact: <sip:caller@{me}>\r\n\
             self.press(k).await;
             tokio::time::sleep(Duration::from_millis(120)).await;
         }
+    }
+
+    /// Listen until the prompt `name` (in `lang`) has been playing for half a second, at most
+    /// `within`; returns everything heard.
+    pub async fn listen_for(&mut self, lang: &str, name: &str, within: Duration) -> Vec<Vec<u8>> {
+        let ear = PromptEar::new(lang, &[name], self.codec);
+        let deadline = tokio::time::Instant::now() + within;
+        let mut heard = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            heard.extend(self.listen(Duration::from_millis(100)).await);
+            // Ten frames of it: one or two quiet frames may be shared with another prompt.
+            if ear.frames_heard(&heard) >= 10 {
+                heard.extend(self.listen(Duration::from_millis(500)).await);
+                break;
+            }
+        }
+        heard
+    }
+
+    /// After a ticket's digit entries: wait for the recording prompt ("After the tone,
+    /// describe... To skip, press pound now.") and press pound there to skip the description.
+    /// (Pound pressed right after a ZIP code that filled its five digits is the ZIP's own
+    /// terminator, and skips nothing.)
+    pub async fn skip_description(&mut self, lang: &str) -> Vec<Vec<u8>> {
+        let heard = self
+            .listen_for(lang, "record_description", Duration::from_secs(15))
+            .await;
+        self.press('#').await;
+        heard
     }
 
     /// Collect RTP payloads (and count packets) for `dur`, while also keeping our stream alive.
