@@ -62,7 +62,7 @@ async fn caller_called_back(redact: bool, number: &str, log: &Captured) -> Strin
         srv.http_addr,
         "POST",
         "/admin/agents/1001/pause",
-        &[],
+        &[("Content-Type", "application/json")],
         b"{}",
     )
     .await;
@@ -79,7 +79,7 @@ async fn caller_called_back(redact: bool, number: &str, log: &Captured) -> Strin
         srv.http_addr,
         "POST",
         "/admin/agents/1001/unpause",
-        &[],
+        &[("Content-Type", "application/json")],
         b"{}",
     )
     .await;
