@@ -18,85 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Prompts the engine plays by itself, whatever the menus say: they must exist in every
-/// language of the file.
+/// Prompts the engine plays by itself, whatever the menus say, besides the number words and
+/// digits of [`super::say::PROMPTS`]; [`engine_prompts`] gives both.
 pub const ENGINE_PROMPTS: &[&str] = &[
-    "digit_0",
-    "digit_1",
-    "digit_2",
-    "digit_3",
-    "digit_4",
-    "digit_5",
-    "digit_6",
-    "digit_7",
-    "digit_8",
-    "digit_9",
-    // Between the digit groups of a service request number (`menu::say`).
-    "pause",
-    // Quantities read as numbers (`menu::say`): queue place and wait, days since an update.
-    "num_0",
-    "num_1",
-    "num_2",
-    "num_3",
-    "num_4",
-    "num_5",
-    "num_6",
-    "num_7",
-    "num_8",
-    "num_9",
-    "num_10",
-    "num_11",
-    "num_12",
-    "num_13",
-    "num_14",
-    "num_15",
-    "num_16",
-    "num_17",
-    "num_18",
-    "num_19",
-    "num_20",
-    "num_21",
-    "num_22",
-    "num_23",
-    "num_24",
-    "num_25",
-    "num_26",
-    "num_27",
-    "num_28",
-    "num_29",
-    "num_30",
-    "num_40",
-    "num_50",
-    "num_60",
-    "num_70",
-    "num_80",
-    "num_90",
-    "num_1_m",
-    "num_1_f",
-    "num_21_m",
-    "num_21_f",
-    "num_and",
-    "num_100",
-    "num_100_plus",
-    "num_200",
-    "num_300",
-    "num_400",
-    "num_500",
-    "num_600",
-    "num_700",
-    "num_800",
-    "num_900",
-    "num_200_f",
-    "num_300_f",
-    "num_400_f",
-    "num_500_f",
-    "num_600_f",
-    "num_700_f",
-    "num_800_f",
-    "num_900_f",
-    "num_thousand",
-    "num_million",
-    "num_millions",
     "you_entered",
     "ticket_filed",
     "ticket_again",
@@ -131,6 +55,12 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     // Said to callers still in a menu when the server stops (src/call.rs).
     "shutdown_goodbye",
 ];
+
+/// Every prompt the engine may play whatever the menus say: they must exist in every language
+/// of the file.
+pub fn engine_prompts() -> impl Iterator<Item = &'static str> + Clone {
+    ENGINE_PROMPTS.iter().chain(super::say::PROMPTS).copied()
+}
 
 /// The keys of a phone keypad (RFC 4733 events 0-15).
 pub const DTMF_KEYS: &[char] = &[
@@ -1141,7 +1071,7 @@ impl<'a> Checker<'a> {
 
     fn engine_prompts(&mut self) {
         let pos = self.t.key_pos(&["languages"]);
-        for name in ENGINE_PROMPTS {
+        for name in engine_prompts() {
             let missing = self.missing_langs(name);
             if !missing.is_empty() {
                 let message = format!("built-in {}", Self::missing_text(name, &missing));
@@ -1511,7 +1441,8 @@ mod tests {
             "recycling_info",
         ]
         .iter()
-        .chain(ENGINE_PROMPTS);
+        .copied()
+        .chain(engine_prompts());
         PromptIndex::from_names(
             names.flat_map(|n| langs.iter().map(move |l| (l.to_string(), n.to_string()))),
         )
