@@ -285,7 +285,7 @@ async fn a_callers_recording_is_for_staff_only() {
     // English, not an emergency, streets, pothole, ZIP 94103, then a spoken description.
     ua.keys("1111").await;
     ua.keys("94103").await;
-    ua.listen(Duration::from_millis(9000)).await;
+    until_recording(&mut ua, &srv).await;
     ua.speak(50).await;
     ua.press('#').await;
     let mut filed = Vec::new();

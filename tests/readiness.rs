@@ -14,7 +14,7 @@ use common::*;
 use ivr311::config::FileConfig;
 use ivr311::dispatch::tickets::{NewTicket, StoreError};
 use ivr311::server::RunningServer;
-use sqlx::Connection;
+use sqlx::{ConnectOptions, Connection};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -120,7 +120,11 @@ async fn a_ticket_store_that_cannot_write_is_not_ready() {
     wait_ready(a, 200, "", Duration::from_secs(5)).await;
 
     // Locked by another process's transaction.
-    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+    // With a busy timeout: the readiness probe's own write may hold the lock for a moment.
+    let mut lock = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
         .await
         .unwrap();
     sqlx::query("BEGIN EXCLUSIVE")

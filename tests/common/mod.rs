@@ -1117,3 +1117,25 @@ pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
     ua.keys(keys).await;
     ua
 }
+
+/// Listen (the caller's RTP flowing) until the server is recording this caller: the read-back
+/// of the ZIP, the recording prompt and its beep have played. Returns what was heard.
+pub async fn until_recording(ua: &mut TestUa, srv: &ivr311::server::RunningServer) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut heard = Vec::new();
+    loop {
+        heard.extend(ua.listen(Duration::from_millis(100)).await);
+        let recording = srv
+            .registry
+            .snapshot()
+            .iter()
+            .any(|c| c.call_id == ua.call_id && c.state == "recording");
+        if recording {
+            return heard;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the caller was never recorded"
+        );
+    }
+}
