@@ -6,6 +6,6 @@
 //! which lists and updates them.
 
 pub mod emergency;
-pub mod offer;
+pub mod numbers;
 pub mod queue;
 pub mod tickets;
