@@ -1457,7 +1457,8 @@ impl CallCore {
             self.engine.language(),
             &self.meta.call_id,
         );
-        self.actions.push_back(Action::FileCallbackTicket(Box::new(t)));
+        self.actions
+            .push_back(Action::FileCallbackTicket(Box::new(t)));
     }
 
     /// The caller cannot be called back (`why`): they hear so, with the offer of a service
@@ -1954,6 +1955,7 @@ mod tests {
         let (second, p) = placed(&out).unwrap();
         assert_ne!(first, second);
         assert_eq!(p.to, Dial::Agent("1002".into()));
+        assert_eq!(p.from_user, CALLER, "the caller's number");
         // Events of the first leg are not the second's.
         assert!(c.leg(first, answer()).is_empty());
     }
@@ -2391,6 +2393,53 @@ mod tests {
         ));
         assert_eq!(ended(&out), Some(EndReason::Emergency));
         assert!(hangs_up_caller(&out));
+    }
+
+    #[test]
+    fn a_refused_refer_and_a_failed_bridge_end_in_the_announcement_then_a_hang_up() {
+        let cfg = CoreConfig {
+            emergency: EmergencyConfig {
+                method: Some(EmergencyMethod::Refer),
+                uri: Some("sip:911@127.0.0.1:5999".into()),
+                ..EmergencyConfig::default()
+            },
+            ..config()
+        };
+        let (mut c, _) = Call::start(cfg, CallerIdentity::Asserted(CALLER.into()));
+        c.keys("19");
+        c.input(Input::Audited(Some(5)));
+        let out = c.played();
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::RequestCaller {
+                method: Method::Refer,
+                ..
+            }
+        )));
+        // A trunk that cannot act on REFER: the bridge next, with ringback.
+        let out = c.dialog(DialogEvent::RequestOutcome {
+            req: 1,
+            method: Method::Refer,
+            code: 501,
+        });
+        let (leg, _) = placed(&out).expect("the bridge is tried");
+        assert_eq!(prompts(&out), vec!["ringback"]);
+        // Nothing answers at the route within the first-response time.
+        let out = c.at(5.0);
+        assert_eq!(dropped(&out, leg), Some(LegEnd::HangUp));
+        assert_eq!(prompts(&out), vec!["emergency_announce"]);
+        assert!(ended(&c.played()).is_none(), "announced twice");
+        let out = c.played();
+        let outcome = out.iter().find_map(|a| match a {
+            Action::AuditOutcome { id: 5, outcome } => Some(outcome.as_str()),
+            _ => None,
+        });
+        assert_eq!(
+            outcome,
+            Some("announced via announce after refer: REFER answered 501; bridge to sip:911@127.0.0.1:5999: no answer in time")
+        );
+        assert_eq!(ended(&out), Some(EndReason::Emergency));
+        assert!(hangs_up_caller(&out), "the caller is hung up (BYE)");
     }
 
     #[test]
