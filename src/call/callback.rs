@@ -1,58 +1,60 @@
-//! Call-backs that keep the caller's place: the tokio driver.
+//! Call-backs that keep the caller's place: a small sans-IO core ([`CallbackCore`]) and its
+//! driver.
 //!
 //! A caller waiting for an operator presses 2 and hangs up; with `callback.trunk_uri`
 //! configured their queue entry stays where it was (see "Call-backs" in
 //! [`crate::dispatch::queue`] for the sans-IO rules: when the caller is dialled, retries, the
 //! agent held back meanwhile). The call hands the entry to [`Callbacks::keep_place`], which
-//! starts one task per call-back, owned by the server's tracker. The task:
+//! starts one task per call-back, owned by the server's tracker. Its core:
 //!
 //! 1. waits for [`CallbackEvent::DialBack`], then INVITEs `sip:<number>@<trunk>` with From
 //!    `<from_user>` (the 311 number) and reports the outcome to the queue (ring timeout:
-//!    CANCEL and report a failure; the queue retries or gives up);
+//!    CANCEL and report a failure; the queue retries or gives up); a trunk named with several
+//!    addresses is dialled at the next one on each attempt;
 //! 2. on answer plays `callback_hello` ("This is 311 calling you back; please hold for an
 //!    operator") in the caller's language, then hold music;
-//! 3. rings each agent the queue offers, with the same `X-311-*` headers as a live caller's
-//!    offer plus `X-311-Callback: yes`, From and P-Asserted-Identity the caller's number (one
-//!    phone at a time: with `ring_all`, the round's other offers are withdrawn at no cost);
-//! 4. on the agent's 200 bridges the two outbound legs: RTP is relayed with
-//!    [`crate::media::bridge::relay`] (PCMU⇄PCMA transcoding, RFC 4733 events passed on);
-//!    either side's BYE hangs up the other.
+//! 3. rings each agent the queue offers through an [`OperatorLeg`], the type live callers use:
+//!    the same `X-311-*` headers as a live caller's offer plus `X-311-Callback: yes`, From and
+//!    P-Asserted-Identity the caller's number, one phone at a time (with `ring_all`, the
+//!    round's other offers are withdrawn at no cost); the same hold, re-offer and silent-phone
+//!    handling;
+//! 4. on the agent's 200 bridges the two outbound legs; either side's BYE hangs up the other.
 //!
 //! The answered caller's leg is a slot on the [`MediaClock`], like a live caller's: the
-//! shards pace its prompts and hold music, watch it for silence
+//! clock's shards pace its prompts and hold music, watch it for silence
 //! ([`MediaNote::NoMedia`]) and, once an operator answers, relay the bridge themselves
-//! ([`SlotState::set_bridge`](crate::media::clock::SlotState::set_bridge)). The first
-//! version ran its own 20 ms tokio interval and read both legs in this task: two reactor
-//! wake-ups per relayed packet and prompt timing at the mercy of the runtime, which is what
-//! the live calls' bridges had moved away from already.
+//! ([`SlotState::set_bridge`](crate::media::clock::SlotState::set_bridge)), so the task does
+//! not wake per packet. Its prompts are those of the menu in service when the call-back was
+//! asked for (a reload does not change them, as for a live call).
 //!
 //! Nobody is lost: when every dial failed ([`CallbackEvent::Unreached`]), when the answered
-//! caller can be taken by no logged-in operator (`MaxWait`: they hear `callback_confirmed`),
-//! and when the server stops (or the queue goes away) before an operator took the call, the
-//! task files a ticket flagged for call-back with the caller's number. So pending call-backs
-//! do not survive a restart as queue entries, but each becomes a flagged ticket at shutdown
-//! (`ivr311 serve` allows 5 s for tasks to finish after the drain). A caller who answers and
-//! hangs up before an operator takes the call counts as abandoned, like a live caller who
-//! hangs up (there is no answering-machine detection: a voicemail that answers is treated as
-//! the caller).
+//! caller can be taken by no logged-in operator (`MaxWait`: they hear `callback_confirmed`
+//! once the ticket is saved), and when the server stops (or the queue goes away) before an
+//! operator took the call, the call-back files a ticket flagged for call-back with the
+//! caller's number. So pending call-backs do not survive a restart as queue entries, but each
+//! becomes a flagged ticket at shutdown (`ivr311 serve` allows 5 s for tasks to finish after
+//! the drain). A caller who answers and hangs up before an operator takes the call counts as
+//! abandoned, like a live caller who hangs up (there is no answering-machine detection: a
+//! voicemail that answers is treated as the caller).
 //!
 //! Who is called back at all is decided before any of this, when the caller presses 2
 //! ([`CallbackConfig::callback_number`]): only a number a trusted trunk asserted (see
-//! [`crate::call::CallerIdentity`]), inside `callback.allowed_numbers` ([`NumberPattern`]) and
-//! outside `callback.refused_numbers`, and within `callback.per_number_per_day` (counted by the
-//! ticket store). A call-back costs the city a call to whatever number it dials, so a number a
-//! caller merely typed into From is never one; [`Callbacks::keep_place`] checks the patterns
-//! again where the dialling is.
+//! [`crate::call::CallerIdentity`]), inside `callback.allowed_numbers`
+//! ([`crate::dispatch::numbers::NumberPattern`]) and outside `callback.refused_numbers`, and
+//! within `callback.per_number_per_day` (counted by the ticket store). A call-back costs the
+//! city a call to whatever number it dials, so a number a caller merely typed into From is
+//! never one; [`Callbacks::keep_place`] checks the patterns again where the dialling is.
 //!
 //! Bounds: at most `callback.max_pending` call-backs at once (more requests become flagged
 //! tickets at once), one trunk leg and one agent leg per task, `limits.no_media_seconds`
 //! without RTP from the answered caller and `limits.max_call_seconds` end the call.
 //!
-//! This module owns no queue logic and no SIP: it uses [`QueueHandle`] and
-//! [`OutboundHandle`], and must not reach into a live call's state ([`crate::call`] only
-//! calls [`Callbacks::keep_place`]). Call-back legs do not show in `/admin/calls` and the
-//! shutdown drain does not wait for a bridged call-back (it is hung up when the server stops);
-//! their entries show in `/admin/queues` (`waiting`, `callbacks_pending`).
+//! This module owns no queue logic and no SIP parsing: it talks to the queue through
+//! [`QueueHandle`] and places legs through the call driver's [`place_leg`], and must not reach
+//! into a live call's state (a live call only calls [`Callbacks::keep_place`]). Call-back legs
+//! do not show in `/admin/calls` and the shutdown drain does not wait for a bridged call-back
+//! (it is hung up when the server stops); their entries show in `/admin/queues` (`waiting`,
+//! `callbacks_pending`).
 
 use super::driver::{bridge_for, now, place_leg, LegDeps, Legs};
 use super::emergency::LegIds;

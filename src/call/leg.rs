@@ -143,7 +143,7 @@ impl LegSdp {
 }
 
 impl LegSdp {
-    /// The ACK for our 2xx arrived with `body` ([`DialogEvent::Confirmed`]). When that 2xx
+    /// The ACK for our 2xx arrived with `body` ([`DialogEvent::Confirmed`](crate::sip::ua::DialogEvent::Confirmed)). When that 2xx
     /// carried our offer (a re-INVITE without SDP: [`LegReoffer::OfferOurs`]) the body is the
     /// answer, and the leg's media from now on (RFC 3264 §5: it may move or hold the call):
     /// `answered` takes it if the leg has answered. No answer due, or none in the ACK, or an

@@ -76,7 +76,7 @@ pub async fn accept_calls(
 /// is *claimed*: `From` is written by the caller's own equipment, and so is a
 /// `P-Asserted-Identity` from anywhere outside the trust domain. Only an asserted number is
 /// called back ([`CallbackConfig::callback_number`](crate::config::CallbackConfig)) and
-/// asserted to 911 ([`Call::start_bridge`]); a claimed one is still shown to operators and
+/// asserted to 911 (see the 911 redirect in `call::emergency`); a claimed one is still shown to operators and
 /// kept on tickets, marked as what it is in the 911 audit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerIdentity {

@@ -67,8 +67,8 @@ const NANP_NOT_GEOGRAPHIC: &[&str] = &[
 const NANP_NOT_SUBSCRIBER: &[&str] = &["555", "950", "958", "959", "976"];
 
 /// Whether an E.164 number is a geographic number in the US or Canada: `+1`, an area code
-/// (`NPA`: 2-9, 0-8, any digit) that is not in [`NANP_NOT_GEOGRAPHIC`], an exchange (`NXX`:
-/// 2-9, then any two) that is neither N11 nor in [`NANP_NOT_SUBSCRIBER`], and four digits.
+/// (`NPA`: 2-9, 0-8, any digit) that is not in `NANP_NOT_GEOGRAPHIC`, an exchange (`NXX`:
+/// 2-9, then any two) that is neither N11 nor in `NANP_NOT_SUBSCRIBER`, and four digits.
 pub fn nanp_geographic(e164: &str) -> bool {
     let Some(d) = e164.strip_prefix("+1") else {
         return false;
