@@ -497,7 +497,7 @@ impl Default for QueueConfig {
     }
 }
 
-/// Calling callers back who asked to keep their place in the queue (see `crate::callback`).
+/// Calling callers back who asked to keep their place in the queue (see `crate::call::callback`).
 ///
 /// ```yaml
 /// callback:
@@ -535,15 +535,15 @@ pub struct CallbackConfig {
     pub max_pending: usize,
     /// The numbers the server calls back (or files a ticket asking staff to call back): a
     /// caller's number must match one of these patterns and none of `refused_numbers` (see
-    /// [`crate::callback::NumberPattern`]: `+1NXXNXXXXXX`, `+44X.`, or the named set
+    /// [`crate::dispatch::numbers::NumberPattern`]: `+1NXXNXXXXXX`, `+44X.`, or the named set
     /// `nanp-geographic`). Only a number asserted by a trunk in `trunks.allow` is called
     /// back at all. Default `[nanp-geographic]`: US and Canadian geographic numbers, not
     /// toll-free, premium (900, 976), personal-communications or Caribbean NANP numbers, and
     /// nothing outside +1.
-    pub allowed_numbers: Vec<crate::callback::NumberPattern>,
+    pub allowed_numbers: Vec<crate::dispatch::numbers::NumberPattern>,
     /// Patterns refused even when `allowed_numbers` matches (a block of numbers that
     /// abused call-backs). Default none.
-    pub refused_numbers: Vec<crate::callback::NumberPattern>,
+    pub refused_numbers: Vec<crate::dispatch::numbers::NumberPattern>,
     /// Call-backs one number may get in 24 hours (requests taken, whether dialled or filed
     /// as a flagged ticket). Counted in the database, so a restart does not reset it; past
     /// it the caller hears that a call-back is not available for their line. Default 3; 0
@@ -561,7 +561,7 @@ impl Default for CallbackConfig {
             retry_after_seconds: 300,
             first_delay_seconds: 10,
             max_pending: 200,
-            allowed_numbers: vec![crate::callback::NumberPattern::NanpGeographic],
+            allowed_numbers: vec![crate::dispatch::numbers::NumberPattern::NanpGeographic],
             refused_numbers: Vec::new(),
             per_number_per_day: 3,
         }
@@ -599,7 +599,7 @@ impl CallbackConfig {
     }
 
     /// The Request-URI that reaches `number` through the trunk, or `None` without a (usable)
-    /// trunk. `number` must already be dialable (see `crate::callback::dialable`).
+    /// trunk. `number` must already be dialable (see `crate::dispatch::numbers::dialable`).
     pub fn target_for(&self, number: &str) -> Option<String> {
         let uri = self.trunk_uri.as_deref()?;
         let rest = uri.strip_prefix("sip:")?;

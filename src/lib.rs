@@ -29,10 +29,10 @@
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
-//! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce) |
+//! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
+//! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
-//! | [`call`] | accepting calls, the per-call task (menu, 911, queue, bridge) |
-//! | [`callback`] | call-backs that keep the caller's place: dialling back through the trunk, bridging to the operator |
+//! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
 //! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics` |
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
@@ -42,8 +42,8 @@
 //!
 //! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
-//! (calls act for it through channels). `callback` is a driver like `call`: it may use
-//! `sip`, `media`, `dispatch` and `call`'s shared pieces (menu holder), never a live call.
+//! or SIP (calls act for it through channels); call-backs (`call::callback`) never reach into
+//! a live call.
 //!
 //! Users outside this crate: `main.rs`, the tests, and the load generator (`ivr311-load/`, a
 //! member of the workspace), which uses only the protocol types a phone needs:
@@ -65,7 +65,7 @@ compile_error!(
 
 pub mod api;
 pub mod call;
-pub mod callback;
+
 pub mod config;
 pub mod dispatch;
 pub mod heartbeat;

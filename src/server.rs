@@ -296,9 +296,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         args.prompts.clone(),
     ));
     let callbacks = queues.as_ref().and_then(|q| {
-        crate::callback::Callbacks::new(
+        crate::call::callback::Callbacks::new(
             &file.callback,
-            crate::callback::CallbackDeps {
+            crate::call::callback::CallbackDeps {
                 queues: q.clone(),
                 outbound: outbound.clone(),
                 ports: ports.clone(),

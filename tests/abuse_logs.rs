@@ -58,11 +58,12 @@ async fn caller_called_back(redact: bool, number: &str, log: &Captured) -> Strin
     file.log.redact_numbers = redact;
     let srv = start_server(file).await;
     let _agent = TestAgent::login(srv.sip_addr, "1001").await;
+    let json = [("Content-Type", "application/json")];
     let (code, _) = http(
         srv.http_addr,
         "POST",
         "/admin/agents/1001/pause",
-        &[("Content-Type", "application/json")],
+        &json,
         b"{}",
     )
     .await;
@@ -79,7 +80,7 @@ async fn caller_called_back(redact: bool, number: &str, log: &Captured) -> Strin
         srv.http_addr,
         "POST",
         "/admin/agents/1001/unpause",
-        &[("Content-Type", "application/json")],
+        &json,
         b"{}",
     )
     .await;

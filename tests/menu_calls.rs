@@ -229,39 +229,6 @@ async fn emergency_by_refer_follows_the_notify_and_is_audited() {
 }
 
 #[tokio::test]
-async fn refused_refer_falls_back_to_the_announcement() {
-    let mut file = FileConfig::default();
-    file.emergency.method = Some(EmergencyMethod::Refer);
-    file.emergency.uri = Some("sip:911@127.0.0.1:5999".into());
-    let srv = start_server(file).await;
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
-    ua.keys("19").await;
-    // A trunk that cannot act on REFER.
-    let refer = loop {
-        match ua.recv(Duration::from_secs(10)).await {
-            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "REFER" => {
-                break r
-            }
-            Some(_) => continue,
-            None => panic!("no REFER"),
-        }
-    };
-    let resp =
-        ivr311::sip::message::ResponseBuilder::new(&refer, 501, "Not Implemented", None).build();
-    ua.send_raw(&resp).await;
-    let outcome = announced_then_hung_up(&mut ua, &srv).await;
-    assert!(outcome.contains("refer: REFER answered 501"), "{outcome}");
-    // The bridge was tried in between (nothing answers at 127.0.0.1:5999).
-    assert!(
-        outcome.contains("bridge to sip:911@127.0.0.1:5999: "),
-        "{outcome}"
-    );
-    srv.shutdown().await;
-}
-
-#[tokio::test]
 async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
@@ -580,14 +547,6 @@ async fn a_tcp_route_that_refuses_the_connection_gives_way_to_the_backup() {
 /// The name psap.test has two addresses, the first of them down.
 const PSAP_HOSTS: &str = "127.0.0.2 psap.test\n127.0.0.1 psap.test\n";
 
-/// A DNS server giving psap.test the two addresses of [`PSAP_HOSTS`] (A records, in that order).
-async fn psap_dns() -> TestDns {
-    let dns = TestDns::start().await;
-    dns.address("psap.test", [127, 0, 0, 2].into())
-        .address("psap.test", [127, 0, 0, 1].into());
-    dns
-}
-
 /// `trunk` (on 127.0.0.1) and a socket on 127.0.0.2 at the same port: the two addresses of
 /// [`PSAP_HOSTS`]' name, the second reached at the first's port.
 async fn psap_with_two_addresses(trunk: &Trunk) -> (tokio::net::UdpSocket, String) {
@@ -759,49 +718,6 @@ async fn a_tcp_psap_published_by_srv_is_called_over_tcp_at_its_record() {
     };
     assert_eq!(inv.method.as_str(), "INVITE");
     assert_eq!(inv.uri, uri);
-    srv.shutdown().await;
-}
-
-/// An address that answers for itself (403) is not second-guessed at the name's other address
-/// (RFC 3263: only no response, a transport error or 503 move on): the bridge goes straight to
-/// the backup route.
-#[tokio::test]
-async fn a_psap_address_that_refuses_is_not_retried_at_the_names_other_address() {
-    let dns = psap_dns().await;
-    let trunk = Trunk::new().await;
-    let (refusing, uri) = psap_with_two_addresses(&trunk).await;
-    let backup = Trunk::new().await;
-    let backup_uri = format!("sip:911@{}", backup.sip.local_addr().unwrap());
-    let mut file = FileConfig {
-        dns: dns.config(),
-        ..Default::default()
-    };
-    file.emergency.backup_uris = vec![backup_uri.clone()];
-    let answer = async {
-        let (inv, from) = invite_at(&refusing, Duration::from_secs(10))
-            .await
-            .expect("the first address was called");
-        let no =
-            ivr311::sip::message::ResponseBuilder::new(&inv, 403, "Forbidden", Some("x")).build();
-        refusing.send_to(&no, from).await.unwrap();
-    };
-    let ((srv, mut ua, inv, from), ()) =
-        tokio::join!(caller_presses_911_bridged_to(&uri, file, &backup), answer);
-    assert_eq!(inv.uri, backup_uri);
-    assert!(
-        trunk.recv(Duration::ZERO).await.is_none(),
-        "the name's second address was not called"
-    );
-    psap_answers_and_is_heard(&backup, &inv, from, &mut ua, &srv).await;
-    let audits = settled_audits(&srv.tickets).await;
-    assert!(
-        audits[0]
-            .outcome
-            .contains(&format!("after bridge to {uri}")),
-        "{}",
-        audits[0].outcome
-    );
-    assert!(audits[0].outcome.contains("403"), "{}", audits[0].outcome);
     srv.shutdown().await;
 }
 

@@ -13,8 +13,9 @@
 //! caller is connected all the same, presented as the city's line; the audit records the
 //! number they claimed and that it was not verified.
 //!
-//! This module decides; the call carries it out (REFER through its dialog, an outbound INVITE
-//! for bridging) and writes the audit row through the ticket store before anything starts.
+//! This module decides; the call's redirect machine (`call::emergency`) carries it out (REFER
+//! through the caller's dialog, an outbound INVITE for bridging) and writes the audit row
+//! through the ticket store before anything starts.
 
 use serde::Deserialize;
 

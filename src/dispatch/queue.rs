@@ -1441,7 +1441,7 @@ pub enum QueueEvent {
     MaxWait,
 }
 
-/// What a call-back's driver (`crate::callback`) hears about, on the sender it gave to
+/// What a call-back's driver (`crate::call::callback`) hears about, on the sender it gave to
 /// [`QueueHandle::request_callback`]. The channel closing means the queue is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackEvent {

@@ -40,7 +40,7 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     "db_error",
     "call_again_later",
     "goodbye",
-    // Operator queue and call-back (src/call.rs, src/callback.rs).
+    // Operator queue and call-back (src/call/core.rs, src/call/callback.rs).
     "operator_queue",
     "queue_position",
     "queue_wait",
@@ -52,7 +52,7 @@ pub const ENGINE_PROMPTS: &[&str] = &[
     "callback_kept",
     "callback_hello",
     "callback_unavailable",
-    // Said to callers still in a menu when the server stops (src/call.rs).
+    // Said to callers still in a menu when the server stops (src/call/core.rs).
     "shutdown_goodbye",
 ];
 

@@ -1,0 +1,59 @@
+//! Calls: where a SIP dialog, its media, the menu engine and dispatch meet.
+//!
+//! A call is a sans-IO core driven by a thin async task, like the protocol cores below it
+//! (the SIP transactions, the menu engine, the queue):
+//!
+//! ```text
+//!  UA core ──AppEvent::Invite──▶ setup ──answered──▶ driver ◀──▶ core
+//!  (sip::ua)                     limits, SDP, port,  owns IO     decides: menu, queue,
+//!                                180/200             feeds now   operator leg, 911
+//! ```
+//!
+//! | file | owns | must not touch |
+//! | --- | --- | --- |
+//! | `setup` | accepting an INVITE: who is calling ([`CallerIdentity`], the trust model), limits, SDP offer/answer, an RTP port, 180 and 200, the delayed offer's ACK | anything after the answer |
+//! | `core` | the caller's call: `CallCore` takes inputs (dialog, legs, queue, media notes, results of work done elsewhere, timeouts) with `now` and gives actions; the menu engine inside; timers in one table | sockets, handles, channels, tokio, the clock |
+//! | `emergency` | the 911 redirect state machine (audit first; refer → bridge at each address of each route → announce) | the caller's dialog and media (it asks the core) |
+//! | `operator_leg` | one operator's leg: offer, ring deadline, answer, re-offers and ACK, hold, the silent-phone probe, BYE | the caller's side, the queue |
+//! | `leg` | what every placed leg shares: its id, our SDP on it, the request that places it, how the caller is bridged to it | IO |
+//! | `driver` | the call's task: the [`DialogHandle`](crate::sip::ua::DialogHandle), the media clock slot, the legs' dialogs and RTP ports, the queue channel, the recording file, database tasks; carries out the core's actions in order | decisions |
+//! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
+//! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
+//! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menu and prompts calls start on, reloads | calls |
+//!
+//! Why a core and a driver: everything a call decides, the 911 path above all, is tested on
+//! virtual time in milliseconds (`core`, `emergency`, `operator_leg` and `callback` have their
+//! unit tests), and the driver stays small enough to read in one sitting. The driver does no
+//! per-packet work: while the caller is bridged the media clock relays both legs itself.
+//! Work whose answer the core needs before anything else happens (a leg's INVITE, the queue's
+//! answer, a call-back taking the place) is awaited in the driver and fed straight back, as an
+//! input; database work runs in tasks on the server's tracker and reports back later.
+//!
+//! Leg ids are the call's own (`LegId`): the driver keys each leg's dialog, port and
+//! events on them, and reads the events of the legs the core has not let go of. The core has
+//! at most one operator leg or one 911 leg today; nothing in the driver assumes so.
+
+pub(crate) mod callback;
+mod core;
+pub(crate) mod driver;
+mod emergency;
+mod leg;
+mod menu_holder;
+mod operator_leg;
+mod registry;
+mod setup;
+
+use crate::media::g711::Codec;
+use std::time::Duration;
+
+pub use self::core::EndReason;
+pub(crate) use driver::CallContext;
+pub use menu_holder::{load_active_menu, ActiveMenu, MenuHolder, MenuLoadError};
+pub use registry::{CallInfo, CallRegistry};
+pub(crate) use setup::accept_calls;
+pub use setup::{CallMeta, CallerIdentity};
+
+/// Codecs we offer/accept, in our order of preference when the caller has none.
+pub const SUPPORTED_CODECS: [Codec; 2] = [Codec::Pcmu, Codec::Pcma];
+/// Packet time.
+pub const PTIME: Duration = Duration::from_millis(20);
