@@ -194,6 +194,64 @@ fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
     e
 }
 
+/// A write transaction on a connection of its own: `BEGIN IMMEDIATE` (the write lock at once,
+/// waiting at most the busy timeout), then [`commit`](Self::commit) or
+/// [`rollback`](Self::rollback).
+///
+/// Not sqlx's `Transaction`: sqlx counts the transactions it opened on each connection, and
+/// when SQLite ends one by itself (it rolls the whole transaction back on `SQLITE_FULL` and on
+/// some I/O errors) sqlx's count no longer matches. Its next `begin()` on that connection is
+/// then a `SAVEPOINT`, which opens a transaction that its rollback (`ROLLBACK TO`) never
+/// closes: an idle pooled connection keeps the write lock, and every other write, ours and
+/// other processes', gets `SQLITE_BUSY` until the server restarts. Here the statements are
+/// plain, and a connection whose transaction may still be open after an error is closed,
+/// not returned to the pool (closing a connection rolls back whatever it had open).
+struct WriteTxn {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl WriteTxn {
+    async fn begin(pool: &SqlitePool) -> Result<WriteTxn, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+        Ok(WriteTxn { conn: Some(conn) })
+    }
+
+    fn conn(&mut self) -> &mut sqlx::SqliteConnection {
+        match self.conn.as_mut() {
+            Some(c) => c,
+            None => unreachable!("a WriteTxn has its connection until it ends"),
+        }
+    }
+
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let done = sqlx::query("COMMIT").execute(self.conn()).await;
+        if done.is_ok() {
+            self.conn.take(); // back to the pool, with no transaction open
+        }
+        done.map(drop)
+    }
+
+    /// Rolls back. When SQLite refuses (it may have rolled back by itself already), the
+    /// connection is closed, which rolls back whatever it still had: either way nothing is
+    /// kept and no lock is held after this.
+    async fn rollback(mut self) {
+        if sqlx::query("ROLLBACK").execute(self.conn()).await.is_ok() {
+            self.conn.take();
+        }
+    }
+}
+
+impl Drop for WriteTxn {
+    /// Ended without commit or rollback, or either failed: the connection may still hold the
+    /// transaction, so it leaves the pool and is closed.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
 /// A ticket's state (Open311 `status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -864,14 +922,12 @@ impl TicketStore {
         let now = whole_second_utc(now);
         let since = iso(now - CALLBACK_WINDOW)?;
         let now = iso(now)?;
-        let mut tx = self
-            .pool
-            .begin()
+        let mut tx = WriteTxn::begin(&self.pool)
             .await
             .map_err(|e| fail("claim_callback", e))?;
         sqlx::query("DELETE FROM callback_requests WHERE at <= ?")
             .bind(&since)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await
             .map_err(|e| fail("claim_callback", e))?;
         let taken = sqlx::query(
@@ -885,7 +941,7 @@ impl TicketStore {
         .bind(number)
         .bind(&since)
         .bind(per_day)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await
         .map_err(|e| fail("claim_callback", e))?
         .rows_affected()
@@ -937,9 +993,11 @@ impl TicketStore {
     /// fails here as it would fail a caller's ticket. Nothing is kept and nothing is logged
     /// (the readiness check reports it).
     pub async fn probe_write(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let now = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let id = i64::try_from(rand::rng().random_range(ID_MIN..=ID_MAX)).unwrap_or(0);
+        let mut tx = WriteTxn::begin(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
         let inserted = sqlx::query(
             "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
              description, requested_datetime, updated_datetime, channel) \
@@ -949,16 +1007,15 @@ impl TicketStore {
         .bind("x".repeat(PROBE_BYTES))
         .bind(&now)
         .bind(&now)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await;
-        let rolled_back = tx.rollback().await;
+        tx.rollback().await;
         match inserted {
             // The number is in use: the insert got as far as the constraint, so it could write.
-            Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {}
-            Err(e) => return Err(StoreError::from(e)),
-            Ok(_) => {}
+            Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => Ok(()),
+            Err(e) => Err(StoreError::from(e)),
+            Ok(_) => Ok(()),
         }
-        rolled_back.map_err(StoreError::from)
     }
 }
 
@@ -1297,6 +1354,48 @@ mod tests {
         ));
         store.set_read_only(false).await.unwrap();
         store.probe_write().await.unwrap();
+    }
+
+    /// A write that fails with the database full (SQLite then ends the transaction itself)
+    /// leaves no transaction open on a pooled connection: once there is room again, another
+    /// process can take the write lock, whatever the store did in between.
+    #[tokio::test]
+    async fn a_full_database_leaves_no_write_lock_behind() {
+        use sqlx::{ConnectOptions, Connection};
+        let db = TempDb::new("full-lock");
+        let store = TicketStore::open(&db.0).await.unwrap();
+        store.set_max_pages(Some(1)).await.unwrap();
+        // Fill the pages there are.
+        let mut filed = 0;
+        while store.file(full_ticket("f")).await.is_ok() {
+            filed += 1;
+            assert!(filed < 10_000, "the cap never filled");
+        }
+        for _ in 0..3 {
+            assert!(matches!(
+                store.probe_write().await,
+                Err(StoreError::Full(_))
+            ));
+            let _ = store.claim_callback("+12125550100", "c", 3).await;
+        }
+        store.set_max_pages(None).await.unwrap();
+        for _ in 0..3 {
+            store.probe_write().await.unwrap();
+            store.claim_callback("+12125550100", "c", 3).await.unwrap();
+        }
+        let mut other = SqliteConnectOptions::new()
+            .filename(&db.0)
+            .busy_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("no connection of the store holds the write lock");
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        other.close().await.unwrap();
+        store.close().await;
     }
 
     #[tokio::test]
