@@ -37,8 +37,9 @@
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
-//! | [`config`] | flags, environment and the `--config` YAML |
-//! | [`sockopt`] | the integer socket options std does not expose (DSCP, buffer sizes) |
+//! | [`config`] | flags, environment and the `--config` YAML: aggregates the sections the modules own |
+//! | [`logging`] | what log lines may show of callers (`log:`, numbers redacted) |
+//! | [`sockopt`] | QoS marking (`qos:`, DSCP) and the integer socket options std does not expose |
 //!
 //! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
 //! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
@@ -69,6 +70,7 @@ pub mod callback;
 pub mod config;
 pub mod dispatch;
 pub mod heartbeat;
+pub mod logging;
 pub mod media;
 pub mod menu;
 pub mod metrics;

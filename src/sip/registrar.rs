@@ -80,6 +80,23 @@ use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
 
+/// How agents' phones authenticate (the `registrar:` section).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// Digest algorithms offered, in order. Default `[SHA-256, MD5]`. Phones built on libre
+    /// 1.x (Debian's baresip 1.0) give up when offered SHA-256: use `[MD5]` for them.
+    pub digest_algorithms: Vec<String>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
+        }
+    }
+}
+
 /// Expiry given to a binding when the REGISTER names none, in seconds.
 pub const DEFAULT_EXPIRES: u64 = 3600;
 /// Shortest binding accepted (shorter gets 423 with this as `Min-Expires`), in seconds.

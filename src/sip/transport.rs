@@ -53,12 +53,12 @@
 //!
 //! This module knows nothing of transactions, dialogs or calls.
 
-use crate::config::{set_dscp, Dscp};
 use crate::metrics::Metrics;
 use crate::sip::guard::{
     self, ConnRefusal, ConnectionLimiter, IpNet, LogThrottle, LogVerdict, RateLimiter, Suppressed,
 };
 use crate::sip::message::{self, Frame, Message, ParseError};
+use crate::sockopt::{set_dscp, Dscp};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -149,7 +149,7 @@ impl Default for TransportLimits {
             malformed_answers_per_second: 20,
             malformed_answers_burst: 50,
             malformed_log_window: Duration::from_secs(10),
-            dscp: crate::config::QosConfig::default().sip_dscp,
+            dscp: Dscp::CS3,
             metrics: None,
         }
     }
@@ -881,7 +881,7 @@ async fn tcp_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::dscp_of;
+    use crate::sockopt::dscp_of;
 
     #[tokio::test]
     async fn sip_over_udp_and_accepted_tcp_connections_carry_the_configured_dscp() {

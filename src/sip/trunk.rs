@@ -43,6 +43,43 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// Where calls may come from, and our account with the carrier (the `trunks:` section).
+///
+/// With `allow` empty (the default) INVITEs are taken from any address, as a public SIP line
+/// must be when callers reach it directly. A city that receives calls only through its carrier's
+/// SIP trunk lists the carrier's signalling networks, and INVITEs from anywhere else are
+/// dropped without an answer (counted in `/metrics` as
+/// `ivr311_sip_requests_dropped_total{reason="source_not_allowed"}`): a scanner learns nothing,
+/// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
+/// tell it both, and invite it to try other sources or spoofed ones.
+///
+/// Sources listed here are trusted trunks: the per-source call and TCP connection limits
+/// (`limits.max_calls_per_source`, `invites_per_second`, `max_tcp_connections_per_source`)
+/// do not apply to them, since a trunk or an SBC carries many callers from one address.
+///
+/// Agents' phones are not covered: they log in with digest authentication (with guessing
+/// slowed per source and per account, see `sip::registrar`), receive calls rather than make
+/// them, and work from wherever operators sit, so an address list would only lock out home
+/// workers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrunksConfig {
+    /// Source networks INVITEs are accepted from, e.g. `["203.0.113.0/24", "2001:db8::/32",
+    /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
+    pub allow: Vec<crate::sip::guard::IpNet>,
+    /// Digest credentials for a trunk that challenges our outbound INVITEs (the 911 bridge,
+    /// call-backs) or our REGISTER with 401 or 407, as registration-based SIP trunks do:
+    /// `{username, password, realm}` (`realm` optional: when set, only that realm's
+    /// challenges are answered), or a list of them, one per carrier's realm. Operators'
+    /// phones are never sent them. Default: none, and a challenged INVITE fails (the 911
+    /// method then falls back to the next route).
+    pub auth: TrunkCredentials,
+    /// Register with a registration-based trunk so that it sends us the 311 line's calls:
+    /// `{registrar, user, domain, expires}` (see the module docs); its challenges are
+    /// answered with `auth`. Default: none (an IP-authenticated trunk sends calls unasked).
+    pub register: Option<RegisterConfig>,
+}
+
 /// `trunks.register` in the config.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -237,7 +237,7 @@ pub struct OutboundHandle {
     /// Opens the TCP connection a `transport=tcp` target asks for.
     transport: TransportHandle,
     /// How log lines show a target's user part (a call-back's is the caller's number).
-    log: crate::config::LogConfig,
+    log: crate::logging::LogConfig,
 }
 
 impl OutboundHandle {
@@ -979,7 +979,7 @@ pub struct UaCore {
     /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
     trunk_auth: TrunkCredentials,
     /// How log lines show numbers ([`UaCore::with_log`]).
-    log: crate::config::LogConfig,
+    log: crate::logging::LogConfig,
     /// The registrar expiry the timer heap holds (earliest scheduled).
     registrar_timer: Option<Instant>,
     /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
@@ -1091,7 +1091,7 @@ impl UaCore {
             stats: Arc::new(UaStats::default()),
             registrar: None,
             trunk_auth: TrunkCredentials::default(),
-            log: crate::config::LogConfig::default(),
+            log: crate::logging::LogConfig::default(),
             registrar_timer: None,
             agent_tx: None,
             agent_contacts: Arc::new(DashMap::new()),
@@ -1163,7 +1163,7 @@ impl UaCore {
 
     /// Show the user part of outbound targets (a call-back dials the caller's number) as
     /// `log` says; call before [`UaCore::outbound`].
-    pub fn with_log(mut self, log: crate::config::LogConfig) -> Self {
+    pub fn with_log(mut self, log: crate::logging::LogConfig) -> Self {
         self.log = log;
         self
     }
