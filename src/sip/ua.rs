@@ -106,7 +106,7 @@ use crate::sip::resolve::Resolver;
 use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
 use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
-use crate::sip::trunk::{Outgoing, RegisterConfig, RegistrationStatus, TrunkRegistration};
+use crate::sip::trunk::{Network, RegisterConfig, RegistrationStatus, TrunkClient, TrunkNeed};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::cmp::Reverse;
@@ -491,9 +491,8 @@ enum Command {
     Drop {
         dialog: DialogId,
     },
-    /// The trunk registrar's host name was looked up.
-    /// The address chosen, and how many the name has.
-    TrunkResolved(Result<(SocketAddr, usize), String>),
+    /// The trunk registrar's host name was looked up: its addresses, in order.
+    TrunkResolved(Result<Vec<SocketAddr>, String>),
     /// The TCP connection to the trunk registrar was opened (or could not be).
     TrunkConnected(Result<Flow, String>),
     /// Dialog `dialog`'s listener has room for the events queued for it.
@@ -996,23 +995,8 @@ pub struct UaCore {
     calls_sweep_due: bool,
     /// Where dropped requests are counted.
     metrics: Option<Arc<Metrics>>,
-    /// Our registration with the trunk ([`UaCore::with_trunk_registration`]), where its
-    /// REGISTERs go, and the key of the one in flight (answers to older ones are ignored).
-    trunk_reg: Option<TrunkRegistration>,
-    trunk_reg_flow: Option<Flow>,
-    trunk_reg_txn: Option<ClientKey>,
-    /// The registrar is named by a host name: looked up before each REGISTER (`resolving`
-    /// while a lookup runs, `resolved` once its address is in `trunk_reg_flow`).
-    trunk_reg_lookup: bool,
-    trunk_reg_resolving: bool,
-    trunk_reg_resolved: bool,
-    /// The registrar name's addresses a REGISTER failed at since the last success, so that the
-    /// next goes to one not yet tried ([`crate::sip::resolve::choose_untried`]).
-    trunk_reg_tried: Vec<SocketAddr>,
-    /// A `;transport=tcp` registrar's connection is being opened (off this task); once open it
-    /// is in `trunk_reg_flow` and held open while the binding lasts
-    /// ([`TransportHandle::hold`]): the trunk sends our calls along it.
-    trunk_reg_connecting: bool,
+    /// Our registration with the trunk ([`UaCore::with_trunk_registration`]).
+    trunk: Option<TrunkClient>,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
     /// Looks up the host names of outbound targets and of the trunk's registrar.
@@ -1100,14 +1084,7 @@ impl UaCore {
             calls: CallLimiter::new(0, 0, 0, CALL_LOG_WINDOW),
             calls_sweep_due: false,
             metrics: None,
-            trunk_reg: None,
-            trunk_reg_flow: None,
-            trunk_reg_txn: None,
-            trunk_reg_lookup: false,
-            trunk_reg_resolving: false,
-            trunk_reg_resolved: false,
-            trunk_reg_tried: Vec::new(),
-            trunk_reg_connecting: false,
+            trunk: None,
             draining: None,
             resolver: Resolver::system(),
             tasks: TaskTracker::new(),
@@ -1178,9 +1155,9 @@ impl UaCore {
     ) -> Result<Self, String> {
         let Some(cfg) = cfg else { return Ok(self) };
         cfg.check()?;
-        // A host name is looked up before each REGISTER ([`UaCore::poll_trunk_registration`]);
-        // until then a documentation address of our family stands in, for the checks.
-        self.trunk_reg_lookup = crate::sip::resolve::needs_lookup(&cfg.registrar);
+        // A host name is looked up before each REGISTER ([`TrunkClient`]); until then a
+        // documentation address of our family stands in, for the checks.
+        let by_name = crate::sip::resolve::needs_lookup(&cfg.registrar);
         let stand_in = if self.local.is_ipv4() {
             SocketAddr::from(([192, 0, 2, 1], 5060))
         } else {
@@ -1189,7 +1166,7 @@ impl UaCore {
                 5060,
             ))
         };
-        if self.trunk_reg_lookup {
+        if by_name {
             let host = crate::sip::message::uri_host_port(&cfg.registrar).map(|(h, _)| h);
             if !host.is_some_and(crate::sip::resolve::valid_hostname) {
                 return Err(format!(
@@ -1201,24 +1178,14 @@ impl UaCore {
         let remote = outbound_target(
             &cfg.registrar,
             self.local,
-            self.trunk_reg_lookup.then_some(stand_in),
+            by_name.then_some(stand_in),
             true,
         )
         .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
-        let reg = TrunkRegistration::new(cfg, self.trunk_auth.clone(), Self::now());
+        let client = TrunkClient::new(cfg, self.trunk_auth.clone(), remote, Self::now());
         self.timers
             .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
-        // Over TCP, `conn` 0 until the connection is opened before the first REGISTER.
-        self.trunk_reg_flow = Some(Flow {
-            transport: if reg.over_tcp() {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
-            remote,
-            conn: 0,
-        });
-        self.trunk_reg = Some(reg);
+        self.trunk = Some(client);
         self.draining = Some(draining);
         self.publish_trunk_status(Self::now());
         Ok(self)
@@ -1267,11 +1234,7 @@ impl UaCore {
     /// or, when that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the
     /// local address that routes to the peer, so that IPv6 peers get an IPv6 Contact.
     fn local_for(&self, remote: SocketAddr) -> SocketAddr {
-        if !self.local.ip().is_unspecified() {
-            return self.local;
-        }
-        let ip = crate::sip::transport::local_ip_towards(remote.ip()).unwrap_or(self.local.ip());
-        SocketAddr::new(ip, self.local.port())
+        local_for(self.local, remote)
     }
 
     fn allow(&self) -> &'static str {
@@ -2754,191 +2717,120 @@ impl UaCore {
 
     /// The trunk registration's timer: send the REGISTER that is due, if any.
     async fn poll_trunk_registration(&mut self, now: Instant) {
-        let Some(flow) = self.trunk_reg_flow else {
+        let net = UaNet {
+            transport: &self.transport,
+            advertised: self.local,
+        };
+        let Some(needs) = self.trunk.as_mut().map(|t| t.poll(now, &net)) else {
             return;
         };
-        let due = self
-            .trunk_reg
-            .as_ref()
-            .and_then(TrunkRegistration::due)
-            .is_some_and(|at| at <= now);
-        if self.trunk_reg_lookup && due && !self.trunk_reg_resolved {
-            // Look the registrar's name up afresh (off this task), then send.
-            if !self.trunk_reg_resolving {
-                self.trunk_reg_resolving = true;
-                let (uri, failed) = self
-                    .trunk_reg
-                    .as_ref()
-                    .map(|r| (r.registrar().to_owned(), r.failing()))
-                    .unwrap_or_default();
-                // A registrar name with several addresses: stay at the one that works, move
-                // to one not yet tried when it failed (RFC 3263 section 4.3).
-                let current = self.trunk_reg_flow.as_ref().map(|f| f.remote);
-                match current {
-                    Some(c) if failed && !self.trunk_reg_tried.contains(&c) => {
-                        self.trunk_reg_tried.push(c)
-                    }
-                    _ if !failed => self.trunk_reg_tried.clear(),
-                    _ => {}
-                }
-                let tried = self.trunk_reg_tried.clone();
-                let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
-                let resolver = self.resolver.clone();
-                self.tasks.spawn(async move {
-                    let found = resolver.resolve_all(&uri, bound).await;
-                    let found = found.map(|all| {
-                        let next =
-                            crate::sip::resolve::choose_untried(&all, &tried, current, failed);
-                        (next, all.len())
-                    });
-                    let _ = tx.send(Command::TrunkResolved(found)).await;
-                });
-            }
-            return;
-        }
-        if due && flow.transport == Transport::Tcp && !self.transport.is_open(&flow) {
-            // Open (or open again) the registrar's connection (off this task), then send.
-            if !self.trunk_reg_connecting {
-                self.trunk_reg_connecting = true;
-                let (tx, transport) = (self.cmd_tx.clone(), self.transport.clone());
-                self.tasks.spawn(async move {
-                    let opened = transport
-                        .connect_tcp(flow.remote)
-                        .await
-                        .map_err(|e| format!("TCP to {}: {e}", flow.remote));
-                    let _ = tx.send(Command::TrunkConnected(opened)).await;
-                });
-            }
-            return;
-        }
-        self.trunk_reg_resolved = false;
-        let local = self.local_for(flow.remote);
-        let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.poll(now, local)) else {
-            self.after_trunk_change(now);
-            return;
-        };
-        self.send_trunk_register(out, now).await;
+        self.carry_trunk(needs, now).await;
     }
 
     /// The registrar's name was looked up: send the REGISTER that waited for it, or count the
     /// failure (retried later, as any other).
-    async fn on_trunk_resolved(
-        &mut self,
-        found: Result<(SocketAddr, usize), String>,
-        now: Instant,
-    ) {
-        self.trunk_reg_resolving = false;
-        match found {
-            Ok((addr, n)) => {
-                if let Some(reg) = &mut self.trunk_reg {
-                    reg.set_addresses(n);
-                }
-                if let Some(flow) = &mut self.trunk_reg_flow {
-                    if flow.remote != addr && flow.conn != 0 {
-                        // The name moved: a TCP registration opens a connection to the new
-                        // address.
-                        self.transport.release(flow);
-                        flow.conn = 0;
-                    }
-                    flow.remote = addr;
-                }
-                self.trunk_reg_resolved = true;
-                self.poll_trunk_registration(now).await;
-            }
-            Err(why) => {
-                if let Some(reg) = &mut self.trunk_reg {
-                    reg.unreachable(now, why);
-                }
-                self.after_trunk_change(now);
-            }
-        }
+    async fn on_trunk_resolved(&mut self, found: Result<Vec<SocketAddr>, String>, now: Instant) {
+        let net = UaNet {
+            transport: &self.transport,
+            advertised: self.local,
+        };
+        let Some(needs) = self.trunk.as_mut().map(|t| t.on_resolved(now, found, &net)) else {
+            return;
+        };
+        self.carry_trunk(needs, now).await;
     }
 
-    /// The registrar's TCP connection was opened: hold it open (the trunk sends our calls
-    /// along it) and send the REGISTER that waited for it, or count the failure (retried
-    /// later, as any other).
+    /// The registrar's TCP connection was opened (or could not be).
     async fn on_trunk_connected(&mut self, opened: Result<Flow, String>, now: Instant) {
-        self.trunk_reg_connecting = false;
-        match opened {
-            Ok(new) => {
-                let Some(flow) = &mut self.trunk_reg_flow else {
-                    return;
-                };
-                if new.remote != flow.remote {
-                    // Opened to an address the registrar's name no longer has.
-                    self.poll_trunk_registration(now).await;
-                    return;
-                }
-                if new.conn != flow.conn {
-                    self.transport.release(flow);
-                    self.transport.hold(&new);
-                    *flow = new;
-                }
-                self.poll_trunk_registration(now).await;
-            }
-            Err(why) => {
-                if let Some(reg) = &mut self.trunk_reg {
-                    reg.transport_error(now, why);
-                }
-                self.after_trunk_change(now);
-            }
-        }
+        let net = UaNet {
+            transport: &self.transport,
+            advertised: self.local,
+        };
+        let Some(needs) = self
+            .trunk
+            .as_mut()
+            .map(|t| t.on_connected(now, opened, &net))
+        else {
+            return;
+        };
+        self.carry_trunk(needs, now).await;
     }
 
     /// The server is draining: remove our binding so the trunk sends new calls elsewhere.
     async fn unregister_trunk(&mut self, now: Instant) {
-        let Some(flow) = self.trunk_reg_flow else {
+        let net = UaNet {
+            transport: &self.transport,
+            advertised: self.local,
+        };
+        let Some(needs) = self.trunk.as_mut().map(|t| t.unregister(&net)) else {
             return;
         };
-        let local = self.local_for(flow.remote);
-        if let Some(out) = self.trunk_reg.as_mut().and_then(|r| r.unregister(local)) {
+        if !needs.is_empty() {
             info!("draining: removing our registration with the trunk");
-            self.send_trunk_register(out, now).await;
         }
-        self.after_trunk_change(now);
+        self.carry_trunk(needs, now).await;
     }
 
     async fn on_trunk_register_final(&mut self, key: &ClientKey, resp: &Response, now: Instant) {
-        if self.trunk_reg_txn.as_ref() != Some(key) {
-            return; // superseded (an unbinding went out meanwhile)
-        }
-        self.trunk_reg_txn = None;
-        let next = self.trunk_reg.as_mut().and_then(|r| r.on_final(now, resp));
-        match next {
-            Some(out) => self.send_trunk_register(out, now).await,
-            None => self.after_trunk_change(now),
-        }
-    }
-
-    async fn send_trunk_register(&mut self, out: Outgoing, now: Instant) {
-        let Some(flow) = self.trunk_reg_flow else {
+        let Some(needs) = self.trunk.as_mut().map(|t| t.on_final(now, &key.0, resp)) else {
             return;
         };
-        let key = (out.branch, Method::Register);
-        let (tx, first) =
-            ClientTransaction::new(now, false, flow.transport.is_reliable(), out.bytes);
-        self.trunk_reg_txn = Some(key.clone());
-        self.start_client(
-            key,
-            ClientEntry {
-                tx,
-                flow,
-                dialog: None,
-                req: 0,
-                method: Method::Register,
-                kind: ClientKind::TrunkRegister,
-                invite: None,
-                acks: HashMap::new(),
-            },
-            first,
-        )
-        .await;
+        self.carry_trunk(needs, now).await;
+    }
+
+    /// Do what the trunk registration needs: look-ups and connections off this task (their
+    /// results come back as commands), REGISTERs in client transactions of their own.
+    async fn carry_trunk(&mut self, needs: Vec<TrunkNeed>, now: Instant) {
+        for need in needs {
+            match need {
+                TrunkNeed::Resolve(uri) => {
+                    let (tx, bound) = (self.cmd_tx.clone(), self.transport.local_addr());
+                    let resolver = self.resolver.clone();
+                    self.tasks.spawn(async move {
+                        let found = resolver.resolve_all(&uri, bound).await;
+                        let _ = tx.send(Command::TrunkResolved(found)).await;
+                    });
+                }
+                TrunkNeed::Connect(remote) => {
+                    let (tx, transport) = (self.cmd_tx.clone(), self.transport.clone());
+                    self.tasks.spawn(async move {
+                        let opened = transport
+                            .connect_tcp(remote)
+                            .await
+                            .map_err(|e| format!("TCP to {remote}: {e}"));
+                        let _ = tx.send(Command::TrunkConnected(opened)).await;
+                    });
+                }
+                TrunkNeed::Hold(flow) => self.transport.hold(&flow),
+                TrunkNeed::Release(flow) => self.transport.release(&flow),
+                TrunkNeed::Send(flow, out) => {
+                    let key = (out.branch, Method::Register);
+                    let (tx, first) =
+                        ClientTransaction::new(now, false, flow.transport.is_reliable(), out.bytes);
+                    self.start_client(
+                        key,
+                        ClientEntry {
+                            tx,
+                            flow,
+                            dialog: None,
+                            req: 0,
+                            method: Method::Register,
+                            kind: ClientKind::TrunkRegister,
+                            invite: None,
+                            acks: HashMap::new(),
+                        },
+                        first,
+                    )
+                    .await;
+                }
+            }
+        }
         self.after_trunk_change(now);
     }
 
     /// Re-arm the registration's timer, publish its status, and log a change of state.
     fn after_trunk_change(&mut self, now: Instant) {
-        if let Some(at) = self.trunk_reg.as_ref().and_then(TrunkRegistration::due) {
+        if let Some(at) = self.trunk.as_ref().and_then(TrunkClient::due) {
             self.timers.push(Reverse((at, TimerRef::TrunkRegister)));
         }
         let before = self
@@ -2966,7 +2858,7 @@ impl UaCore {
     }
 
     fn publish_trunk_status(&self, now: Instant) -> Option<RegistrationStatus> {
-        let status = self.trunk_reg.as_ref().map(|r| r.status(now));
+        let status = self.trunk.as_ref().map(|r| r.status(now));
         *self.stats.trunk.lock().unwrap_or_else(|e| e.into_inner()) =
             status.clone().map(|s| (now, s));
         status
@@ -3585,13 +3477,10 @@ impl UaCore {
         };
         let (kind, dialog, req, method) = (e.kind, e.dialog, e.req, e.method.clone());
         if kind == ClientKind::TrunkRegister {
-            if self.trunk_reg_txn.as_ref() == Some(key) {
-                self.trunk_reg_txn = None;
-                if let Some(reg) = &mut self.trunk_reg {
-                    reg.on_timeout(Self::now());
-                }
-                self.after_trunk_change(Self::now());
+            if let Some(t) = &mut self.trunk {
+                t.on_timeout(Self::now(), &key.0);
             }
+            self.after_trunk_change(Self::now());
             return;
         }
         let Some(d) = dialog else {
@@ -3715,6 +3604,33 @@ impl UaCore {
                 reason: "Request Terminated".into(),
             },
         );
+    }
+}
+
+/// The address to name in Via and Contact towards a peer at `remote`: `advertised`, or, when
+/// that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the local address
+/// that routes to the peer, so that IPv6 peers get an IPv6 Contact.
+fn local_for(advertised: SocketAddr, remote: SocketAddr) -> SocketAddr {
+    if !advertised.ip().is_unspecified() {
+        return advertised;
+    }
+    let ip = crate::sip::transport::local_ip_towards(remote.ip()).unwrap_or(advertised.ip());
+    SocketAddr::new(ip, advertised.port())
+}
+
+/// What the trunk registration asks of our sockets.
+struct UaNet<'a> {
+    transport: &'a TransportHandle,
+    advertised: SocketAddr,
+}
+
+impl Network for UaNet<'_> {
+    fn local_for(&self, remote: SocketAddr) -> SocketAddr {
+        local_for(self.advertised, remote)
+    }
+
+    fn is_open(&self, flow: &Flow) -> bool {
+        self.transport.is_open(flow)
     }
 }
 
