@@ -1,0 +1,562 @@
+//! The SIP user agent core: one tokio task that owns every transaction and dialog.
+//!
+//! Inputs: parsed messages from [`crate::sip::transport`], commands from calls
+//! ([`DialogHandle`]), and the earliest transaction deadline. Outputs: bytes to the transport,
+//! [`AppEvent::Invite`] for each new call, and [`DialogEvent`]s to the call that owns a dialog.
+//! All state lives in plain maps owned by this task, so nothing here takes a lock.
+//!
+//! What it answers by itself:
+//! - INVITE: `100 Trying` at once, then hands the call up; the call answers (200 with SDP, 488,
+//!   503...) through its [`DialogHandle`]. A 2xx is retransmitted until the ACK (timer G).
+//! - CANCEL: `200` for the CANCEL, `487` for the INVITE, and the call hears [`DialogEvent::Cancelled`].
+//! - In-dialog: BYE (200), INFO (200, passed up), re-INVITE/UPDATE (passed up, the call answers
+//!   with SDP), OPTIONS (200); CSeq going backwards gets 500; unknown dialogs get 481.
+//! - Out of dialog: OPTIONS gets 200 (monitoring pings); SUBSCRIBE, MESSAGE... get 405 with
+//!   `Allow`; methods we do not know get 501.
+//! - REGISTER (operators logging in): answered by the [`Registrar`] when agents are configured
+//!   ([`UaCore::with_registrar`], [`UaCore::with_agents`]; `Allow` then lists REGISTER), else
+//!   403. Log-ins and log-outs go out as [`AgentEvent`]s on their own channel
+//!   ([`UaCore::agent_events`], so the [`AppEvent`] consumers are untouched), and the preferred
+//!   contact of every agent logged in is kept in a shared map ([`UaCore::agent_contacts`]).
+//!   Binding expiry rides on the same timer heap as the transactions.
+//! - Screening, before any of the above and before any state is made ([`UaCore::with_screening`]):
+//!   requests from a known SIP scanner (by `User-Agent`, see [`crate::sip::guard`]) outside a
+//!   dialog, INVITEs from sources outside the trunk allow-list, and out-of-dialog requests other
+//!   than INVITE and CANCEL past their source's token bucket are dropped without an answer and
+//!   counted in `ivr311_sip_requests_dropped_total{reason}`. Requests in an existing dialog are
+//!   never screened.
+//! - Per-source call limits ([`Screening::max_calls_per_source`], [`Screening::invites_per_second`],
+//!   [`guard::CallLimiter`]): a new INVITE from a source that is not a trusted trunk (listed in
+//!   `trunks.allow`) is refused with `503` and `Retry-After` when its source already has that
+//!   many calls, or is past its INVITE rate. The refusal is stateless (RFC 3261 §8.2.7): no
+//!   transaction is kept and the 503 is sent once, not retransmitted, so a flood with a
+//!   spoofed source costs no memory and is not amplified; past a bucket of refusals per source
+//!   the INVITE is dropped unanswered. Each is counted (`ivr311_sip_invites_limited_total`),
+//!   and logged once per source and 10 s, with a summary of the rest.
+//! - Retransmitted requests are absorbed by their server transaction (the last response is sent
+//!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
+//!   never a second digit.
+//! - Extensions: `Require: 100rel` is honoured by sending no provisional but 100; session
+//!   timers (RFC 4028) are agreed in our 2xx and kept by this task (refreshes counted, our own
+//!   sent, BYE when the caller stops: [`crate::sip::session_timer`]); any other required
+//!   extension gets 420.
+//! - Our own registration with a trunk (`trunks.register`, [`crate::sip::trunk`]): REGISTERs in
+//!   client transactions of their own, refreshed on the timer heap, removed when draining.
+//!
+//! Events are never dropped. A call (or an outbound leg's owner) reads its [`DialogEvent`]s
+//! from a bounded channel; when that channel is full, further events wait in order in a
+//! bounded backlog of the dialog (`EventQueue`), and a task (owned by the server's
+//! [`TaskTracker`], [`UaCore::with_tasks`]) waits for room and has the UA core deliver them.
+//! A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep up: its dialog is ended
+//! as if the call had released it (BYE, or 500 before the answer, CANCEL for an outbound leg
+//! not answered), counted in `ivr311_calls_ended_backlogged_total`, and the call, once it has
+//! read what was queued, finds its channel closed. When a dialog ends with events still
+//! queued (a BYE behind a burst of INFOs), a task hands them over in order (for up to 30 s)
+//! before the channel closes.
+//!
+//! Where we send: responses go back to the source address of the request (the `rport`
+//! behaviour of RFC 3581, applied whether or not the client asked), and requests we originate
+//! inside a dialog go back along the flow the dialog came in on rather than to the Contact.
+//! 311 callers are often behind NAT, where the Contact is a private address; the flow is the one
+//! path known to work. The Route set from Record-Route is still honoured in the request.
+//!
+//! Outbound calls (UAC), for bridging a caller to 911 or an operator: [`OutboundHandle::invite`]
+//! sends an INVITE over UDP to a `sip:` URI (an IP literal, or a host name the caller's task
+//! looks up first: [`crate::sip::resolve`]) and reports progress as
+//! [`LegEvent`]s; [`OutboundHandle::invite_via`] sends it along a given flow instead (an agent's
+//! registration flow, which reaches phones behind NAT). On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
+//! itself (and ACKs every retransmission of that 2xx again), and from then on the dialog is
+//! handled exactly like an inbound one: the same [`DialogHandle`], the same in-dialog requests,
+//! with each [`DialogEvent`] wrapped in [`LegEvent::Dialog`]. Non-2xx finals are ACKed by the
+//! INVITE client transaction. Hanging up (or releasing) a leg that has not been answered CANCELs
+//! it (RFC 3261 §9.1: only once a provisional response has arrived; if none has, the CANCEL
+//! waits for the first one); a 2xx that crosses the CANCEL is ACKed and then BYEd. Further 2xx
+//! from other forks (other To tags) are ACKed and BYEd too.
+//!
+//! Ringing has no time limit here: RFC 3261 §17.1.1.2 stops timer B once a provisional response
+//! has arrived, and although our INVITE client transaction keeps it armed in Proceeding, the UA
+//! does not let it fire for an outbound leg that is ringing. How long to let a leg ring is the
+//! caller's decision ([`OutboundHandle::cancel`]). After a CANCEL the UA waits 64·T1 for the
+//! INVITE's final response, then gives up and reports [`LegEvent::Failed`] with 487.
+//!
+//! Memory. Over UDP a server transaction lingers 32 s after its final response (timers J and
+//! L), so with 8 s calls there are about 8 server transactions per live call (the INVITE and
+//! BYE of ~4 ended calls), which made the UA the largest per-call consumer: measured at 1,500
+//! concurrent calls (`ivr311-load --spawn-server --concurrent 1500 --duration 70 --threads 2`),
+//! 25 MB for the unboxed transaction table and ~1.8 KB of parsed request per transaction.
+//! Now a lingering transaction keeps only its boxed state, key, flow and the exact bytes of
+//! its last response (see [`ServerEntry`], [`crate::sip::transaction`]); the server's RSS per
+//! live call beyond idle went from 96 KiB to 48 KiB in that run. The allocator is left at
+//! glibc's defaults on purpose: after this change about a third of the remainder is free
+//! memory glibc keeps in the worker threads' arenas (mallinfo2: ~24 MB at 1,500 calls, flat
+//! after the first 45 s), and what would return it cost more than it saves: a periodic
+//! `malloc_trim(0)` saved 7 KiB per call but held each arena's lock for 2–45 ms per call of it
+//! (stalling SIP and the call tasks), `M_ARENA_MAX=1` saved ~3 KiB, and fixed trim/mmap
+//! thresholds nothing measurable.
+
+mod acceptor;
+mod core;
+mod events;
+mod handle;
+mod initiator;
+mod registrar;
+mod registration;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub use self::core::ServerKey;
+pub use events::{AppEvent, DialogEvent, IncomingCall, LegEvent, MAX_EVENT_BACKLOG};
+pub use handle::{DialogHandle, OutboundCall, OutboundHandle};
+
+use self::core::*;
+use acceptor::*;
+use events::*;
+use handle::*;
+use initiator::*;
+use session::*;
+
+use crate::metrics::Metrics;
+use crate::sip::dialog::{contact_uri, Dialog, DialogState};
+use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
+use crate::sip::message::{
+    new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
+    Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
+};
+use crate::sip::registrar::{AgentEvent, AgentSecret, Registrar, TrunkCredentials};
+use crate::sip::resolve::Resolver;
+use crate::sip::session_timer::{self, SessionTimer};
+use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
+use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
+use crate::sip::trunk::{Network, RegisterConfig, RegistrationStatus, TrunkClient, TrunkNeed};
+use bytes::Bytes;
+use dashmap::DashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Methods we implement, for `Allow`.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+
+/// `Allow` when agents can log in (a registrar is configured).
+pub const ALLOW_WITH_REGISTER: &str =
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REGISTER";
+
+/// Internal dialog id.
+pub type DialogId = u64;
+
+/// Figures for the HTTP API.
+#[derive(Debug, Default)]
+pub struct UaStats {
+    pub dialogs: AtomicUsize,
+    pub server_transactions: AtomicUsize,
+    pub client_transactions: AtomicUsize,
+    /// Calls and outbound legs ended because they fell too far behind their events.
+    pub ended_backlogged: std::sync::atomic::AtomicU64,
+    /// Agents locked out by the registrar's back-off, as of its last REGISTER.
+    locks: std::sync::Mutex<Vec<crate::sip::registrar::AccountLock>>,
+    /// Our registration with the trunk, as of the instant stored with it (`None` without
+    /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
+    trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
+    /// Beaten on every turn of the UA loop, and at least every [`UA_HEARTBEAT`] when idle
+    /// (read by `/health/ready`).
+    pub heartbeat: crate::heartbeat::Heartbeat,
+}
+
+/// How often an idle UA loop turns anyway, to show it still would.
+pub const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// An agent's log-ins refused for repeated failures ([`UaStats::login_locks`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoginLock {
+    pub agent: String,
+    /// Seconds left while log-ins from addresses the agent has not used are refused.
+    pub new_sources_seconds: Option<u64>,
+    /// Seconds left while log-ins from its usual addresses are refused too.
+    pub usual_sources_seconds: Option<u64>,
+}
+
+impl UaStats {
+    /// The agents whose log-ins are locked now ([`crate::sip::registrar`]'s back-off).
+    pub fn login_locks(&self) -> Vec<LoginLock> {
+        let now = Instant::now();
+        let left = |t: Option<Instant>| {
+            t.filter(|t| *t > now)
+                .map(|t| t.saturating_duration_since(now).as_secs().max(1))
+        };
+        let guard = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .iter()
+            .map(|l| LoginLock {
+                agent: l.agent.clone(),
+                new_sources_seconds: left(l.new_sources_until),
+                usual_sources_seconds: left(l.usual_sources_until),
+            })
+            .filter(|l| l.new_sources_seconds.is_some() || l.usual_sources_seconds.is_some())
+            .collect()
+    }
+
+    /// Our registration with the trunk (`trunks.register`) as it stands now.
+    pub fn trunk_registration(&self) -> Option<RegistrationStatus> {
+        let guard = self.trunk.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, status) = guard.as_ref()?;
+        Some(status.aged(at.elapsed().as_secs()))
+    }
+}
+
+/// The UA core task's state.
+pub struct UaCore {
+    transport: TransportHandle,
+    local: SocketAddr,
+    user_agent: String,
+    app: mpsc::Sender<AppEvent>,
+    cmd_tx: mpsc::Sender<Command>,
+    cmd_rx: mpsc::Receiver<Command>,
+    server: HashMap<ServerKey, (u64, Box<ServerEntry>)>,
+    server_ids: HashMap<u64, ServerKey>,
+    client: HashMap<ClientKey, (u64, ClientEntry)>,
+    client_ids: HashMap<u64, ClientKey>,
+    dialogs: HashMap<DialogId, DialogEntry>,
+    /// Outbound calls not answered (nor failed) yet.
+    outbound: HashMap<DialogId, OutboundLeg>,
+    by_local_tag: HashMap<(String, String), DialogId>,
+    timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
+    next_id: u64,
+    stats: Arc<UaStats>,
+    /// Agents' log-in; None when no agents are configured (REGISTER is then refused).
+    registrar: Option<Registrar>,
+    /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
+    trunk_auth: TrunkCredentials,
+    /// How log lines show numbers ([`UaCore::with_log`]).
+    log: crate::logging::LogConfig,
+    /// The registrar expiry the timer heap holds (earliest scheduled).
+    registrar_timer: Option<Instant>,
+    /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
+    agent_tx: Option<mpsc::Sender<AgentEvent>>,
+    /// Agent id → preferred contact URI and flow, kept by this task.
+    agent_contacts: Arc<DashMap<String, (String, Flow)>>,
+    /// Source networks INVITEs are taken from (empty: any).
+    trunks_allow: Vec<IpNet>,
+    /// Per-source limit on out-of-dialog requests other than INVITE.
+    limiter: RateLimiter,
+    /// Per-source limits on new calls from sources not in `trunks_allow`.
+    calls: CallLimiter,
+    /// A sweep of `calls`' log windows is on the timer heap.
+    calls_sweep_due: bool,
+    /// Where dropped requests are counted.
+    metrics: Option<Arc<Metrics>>,
+    /// Our registration with the trunk ([`UaCore::with_trunk_registration`]).
+    trunk: Option<TrunkClient>,
+    /// Cancelled when the server starts draining: the trunk registration is then removed.
+    draining: Option<CancellationToken>,
+    /// Looks up the host names of outbound targets and of the trunk's registrar.
+    resolver: Resolver,
+    /// Owns the tasks this core starts (look-ups, connections, event deliveries).
+    tasks: TaskTracker,
+    /// Stops those tasks (the token [`UaCore::run`] was given).
+    cancel: CancellationToken,
+    /// Dialogs whose listener fell too far behind, to be ended ([`UaCore::end_backlogged`]).
+    backlogged: Vec<DialogId>,
+}
+
+/// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Screening {
+    /// Source networks INVITEs are taken from; empty takes them from anywhere. Sources listed
+    /// here are trusted trunks: the per-source call limits below do not apply to them.
+    pub trunks_allow: Vec<IpNet>,
+    /// Out-of-dialog requests other than INVITE/CANCEL per second per source; 0: no limit.
+    pub per_second: u32,
+    /// Burst allowed per source before `per_second` applies.
+    pub burst: u32,
+    /// Calls at once per untrusted source (`limits.max_calls_per_source`); 0: no limit.
+    pub max_calls_per_source: usize,
+    /// New INVITEs per second per untrusted source (`limits.invites_per_second`); 0: no limit.
+    pub invites_per_second: u32,
+    /// INVITEs one untrusted source may send at once (`limits.invites_burst`).
+    pub invites_burst: u32,
+}
+
+impl UaCore {
+    /// `advertised` is the address put in Contact/Via (the bound address, or a configured one).
+    pub fn new(
+        transport: TransportHandle,
+        advertised: SocketAddr,
+        user_agent: String,
+        app: mpsc::Sender<AppEvent>,
+    ) -> UaCore {
+        let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+        UaCore {
+            transport,
+            local: advertised,
+            user_agent,
+            app,
+            cmd_tx,
+            cmd_rx,
+            server: HashMap::new(),
+            server_ids: HashMap::new(),
+            client: HashMap::new(),
+            client_ids: HashMap::new(),
+            dialogs: HashMap::new(),
+            outbound: HashMap::new(),
+            by_local_tag: HashMap::new(),
+            timers: BinaryHeap::new(),
+            next_id: 1,
+            stats: Arc::new(UaStats::default()),
+            registrar: None,
+            trunk_auth: TrunkCredentials::default(),
+            log: crate::logging::LogConfig::default(),
+            registrar_timer: None,
+            agent_tx: None,
+            agent_contacts: Arc::new(DashMap::new()),
+            trunks_allow: Vec::new(),
+            limiter: RateLimiter::new(0, 0, 1),
+            calls: CallLimiter::new(0, 0, 0, CALL_LOG_WINDOW),
+            calls_sweep_due: false,
+            metrics: None,
+            trunk: None,
+            draining: None,
+            resolver: Resolver::system(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            backlogged: Vec::new(),
+        }
+    }
+
+    /// Look host names up with `resolver` (shared, so its cache is). Default: one of the
+    /// system's configuration ([`Resolver::system`]).
+    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Start this core's own tasks (host name look-ups, TCP connections to trunks, deliveries
+    /// of queued events) on `tracker`, so that shutdown waits for them. Without it they run
+    /// on a tracker of the core's own.
+    pub fn with_tasks(mut self, tracker: TaskTracker) -> Self {
+        self.tasks = tracker;
+        self
+    }
+
+    /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
+    pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
+        self.trunks_allow = screening.trunks_allow;
+        self.limiter = RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES);
+        self.calls = CallLimiter::new(
+            screening.max_calls_per_source,
+            screening.invites_per_second,
+            screening.invites_burst,
+            CALL_LOG_WINDOW,
+        );
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Let agents log in through this registrar: REGISTER is answered by it (and listed in
+    /// `Allow`). Without one, REGISTER gets 403.
+    pub fn with_registrar(mut self, registrar: Registrar) -> Self {
+        self.registrar = Some(registrar);
+        self
+    }
+
+    /// Answer a `401`/`407` to an outbound INVITE sent to a target URI (a trunk: the 911 side,
+    /// call-backs; not an operator's phone reached over its registration) once, with these
+    /// credentials (RFC 3261 §22.2, digest as RFC 7616). Without them, or if the answer is
+    /// challenged again, the leg fails with that code.
+    pub fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
+        self.trunk_auth = creds;
+        self
+    }
+
+    /// Show the user part of outbound targets (a call-back dials the caller's number) as
+    /// `log` says; call before [`UaCore::outbound`].
+    pub fn with_log(mut self, log: crate::logging::LogConfig) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// Register with the trunk as `cfg` says (see [`crate::sip::trunk`]), answering its
+    /// challenges with the [`UaCore::with_trunk_auth`] credentials (so call that first), and
+    /// remove the binding once `draining` is cancelled. An unusable `cfg` is refused.
+    pub fn with_trunk_registration(
+        mut self,
+        cfg: Option<RegisterConfig>,
+        draining: CancellationToken,
+    ) -> Result<Self, String> {
+        let Some(cfg) = cfg else { return Ok(self) };
+        cfg.check()?;
+        // A host name is looked up before each REGISTER ([`TrunkClient`]); until then a
+        // documentation address of our family stands in, for the checks.
+        let by_name = crate::sip::resolve::needs_lookup(&cfg.registrar);
+        let stand_in = if self.local.is_ipv4() {
+            SocketAddr::from(([192, 0, 2, 1], 5060))
+        } else {
+            SocketAddr::from((
+                std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+                5060,
+            ))
+        };
+        if by_name {
+            let host = crate::sip::message::uri_host_port(&cfg.registrar).map(|(h, _)| h);
+            if !host.is_some_and(crate::sip::resolve::valid_hostname) {
+                return Err(format!(
+                    "trunks.register.registrar {:?}: the host is not an IP address or a name",
+                    cfg.registrar
+                ));
+            }
+        }
+        let remote = outbound_target(
+            &cfg.registrar,
+            self.local,
+            by_name.then_some(stand_in),
+            true,
+        )
+        .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
+        let client = TrunkClient::new(cfg, self.trunk_auth.clone(), remote, Self::now());
+        self.timers
+            .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
+        self.trunk = Some(client);
+        self.draining = Some(draining);
+        self.publish_trunk_status(Self::now());
+        Ok(self)
+    }
+
+    /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with digest realm
+    /// `realm` and a random nonce secret; no agents, no registrar.
+    pub fn with_agents<S: Into<AgentSecret>>(
+        self,
+        realm: &str,
+        agents: impl IntoIterator<Item = (String, S)>,
+        digest_algorithms: &[String],
+    ) -> Self {
+        let agents: Vec<(String, AgentSecret)> =
+            agents.into_iter().map(|(id, s)| (id, s.into())).collect();
+        if agents.is_empty() {
+            return self;
+        }
+        info!(
+            agents = agents.len(),
+            realm, "agents can log in by REGISTER"
+        );
+        let secret: [u8; 32] = rand::random();
+        self.with_registrar(
+            Registrar::new(realm.to_owned(), &agents, secret).with_algorithms(digest_algorithms),
+        )
+    }
+
+    /// Agents logging in and out, in order; take it before [`UaCore::run`]. Only the receiver
+    /// of the latest call hears events. Events are dropped (with a warning) when the receiver
+    /// lags 1024 behind; [`UaCore::agent_contacts`] is always current.
+    pub fn agent_events(&mut self) -> mpsc::Receiver<AgentEvent> {
+        let (tx, rx) = mpsc::channel(1024);
+        self.agent_tx = Some(tx);
+        rx
+    }
+
+    /// Agent id → (preferred contact URI, flow it registered over), for every agent logged in;
+    /// kept current by the UA task. Read it to place an INVITE to an agent with
+    /// [`OutboundHandle::invite_via`].
+    pub fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
+        self.agent_contacts.clone()
+    }
+
+    /// The address to name in Via and Contact towards a peer at `remote`: the advertised one,
+    /// or, when that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the
+    /// local address that routes to the peer, so that IPv6 peers get an IPv6 Contact.
+    fn local_for(&self, remote: SocketAddr) -> SocketAddr {
+        local_for(self.local, remote)
+    }
+
+    fn allow(&self) -> &'static str {
+        if self.registrar.is_some() {
+            ALLOW_WITH_REGISTER
+        } else {
+            ALLOW
+        }
+    }
+
+    pub fn stats(&self) -> Arc<UaStats> {
+        self.stats.clone()
+    }
+
+    /// A handle for starting outbound calls; take it before [`UaCore::run`].
+    pub fn outbound(&self) -> OutboundHandle {
+        OutboundHandle {
+            tx: self.cmd_tx.clone(),
+            bound: self.transport.local_addr(),
+            resolver: self.resolver.clone(),
+            transport: self.transport.clone(),
+            log: self.log,
+        }
+    }
+
+    /// Run until cancelled or the transport closes.
+    pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
+        self.cancel = cancel.clone();
+        let draining = self.draining.take();
+        let mut unbound = draining.is_none();
+        let mut heartbeat = tokio::time::interval(UA_HEARTBEAT);
+        loop {
+            let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let drain = async {
+                match &draining {
+                    Some(d) => d.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = drain, if !unbound => {
+                    unbound = true;
+                    self.unregister_trunk(Self::now()).await;
+                }
+                m = inbound.recv() => match m {
+                    Some(m) => self.on_inbound(m).await,
+                    None => return,
+                },
+                Some(c) = self.cmd_rx.recv() => self.on_command(c).await,
+                _ = sleep => self.on_timers(Self::now()).await,
+                _ = heartbeat.tick() => {}
+            }
+            self.stats.heartbeat.beat(Self::now());
+            if let Some(d) = self.stats.heartbeat.take_stall() {
+                tokio::time::sleep(d).await;
+            }
+            self.stats
+                .dialogs
+                .store(self.dialogs.len(), Ordering::Relaxed);
+            self.stats
+                .server_transactions
+                .store(self.server.len(), Ordering::Relaxed);
+            self.stats
+                .client_transactions
+                .store(self.client.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The address to name in Via and Contact towards a peer at `remote`: `advertised`, or, when
+/// that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the local address
+/// that routes to the peer, so that IPv6 peers get an IPv6 Contact.
+fn local_for(advertised: SocketAddr, remote: SocketAddr) -> SocketAddr {
+    if !advertised.ip().is_unspecified() {
+        return advertised;
+    }
+    let ip = crate::sip::transport::local_ip_towards(remote.ip()).unwrap_or(advertised.ip());
+    SocketAddr::new(ip, advertised.port())
+}
