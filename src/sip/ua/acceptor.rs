@@ -1,6 +1,113 @@
-//! Inbound requests: screening, new calls (INVITE), CANCEL, ACK and in-dialog requests.
+//! Inbound requests: screening, new calls (INVITE), CANCEL, ACK, requests inside the dialogs
+//! of calls we answer, and the call's answers (its responses to the INVITE, to re-INVITEs and
+//! UPDATEs).
+//!
+//! Owns the screening state ([`Acceptor`]: the trunk allow-list, the per-source rate limit of
+//! out-of-dialog requests, the per-source call limits) and the refusals that need no call (420,
+//! 422, 415, 406, 481, 405, 501, the stateless 503). Sans-IO like the rest of [`Core`]: it
+//! queues what to send and never waits. It does not send requests of its own (that is
+//! [`super::core`]'s `send_request`) and never touches an outbound leg.
 
-use super::*;
+use super::core::{Core, DialogEntry, ServerEntry, ServerKey, TimerRef};
+use super::events::{AppEvent, DialogEvent, EventQueue, EventSink, IncomingCall};
+use super::handle::DialogHandle;
+use super::DialogId;
+use super::Screening;
+use crate::sip::dialog::{contact_uri, Dialog, DialogState};
+use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
+use crate::sip::message::{Method, Request, ResponseBuilder};
+use crate::sip::session_timer::{self, SessionTimer};
+use crate::sip::transport::Flow;
+use bytes::Bytes;
+use std::net::IpAddr;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// The acceptor's own state: what new requests are screened with.
+pub(super) struct Acceptor {
+    /// Source networks INVITEs are taken from (empty: any); they are trusted trunks.
+    pub(super) trunks_allow: Vec<IpNet>,
+    /// Per-source limit on out-of-dialog requests other than INVITE.
+    pub(super) limiter: RateLimiter,
+    /// Per-source limits on new calls from sources not in `trunks_allow`.
+    pub(super) calls: CallLimiter,
+    /// A sweep of `calls`' log windows is on the timers table.
+    pub(super) sweep_due: bool,
+}
+
+impl Default for Acceptor {
+    /// Screens nothing.
+    fn default() -> Self {
+        Acceptor::new(Screening::default())
+    }
+}
+
+impl Acceptor {
+    pub(super) fn new(screening: Screening) -> Self {
+        Acceptor {
+            trunks_allow: screening.trunks_allow,
+            limiter: RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES),
+            calls: CallLimiter::new(
+                screening.max_calls_per_source,
+                screening.invites_per_second,
+                screening.invites_burst,
+                CALL_LOG_WINDOW,
+            ),
+            sweep_due: false,
+        }
+    }
+
+    /// What to do with a new request (not ACK, CANCEL or a retransmission) from `source`:
+    /// requests inside a dialog we hold (`in_dialog`) always pass; an INVITE outside one from
+    /// a source that is not a trusted trunk counts against its source's call limits (or is
+    /// refused by them).
+    pub(super) fn screen(
+        &mut self,
+        req: &Request,
+        source: IpAddr,
+        in_dialog: bool,
+        now: Instant,
+    ) -> Screened {
+        if in_dialog {
+            return Screened::Pass;
+        }
+        if req.header("User-Agent").is_some_and(guard::is_scanner) {
+            return Screened::Drop("scanner");
+        }
+        if req.method == Method::Invite {
+            if !guard::allowed(&self.trunks_allow, source) {
+                return Screened::Drop("source_not_allowed");
+            }
+            if req.to.tag().is_some() {
+                // A re-INVITE for a dialog we do not hold: answered 481, no call to count.
+                return Screened::Pass;
+            }
+            if self.trunks_allow.iter().any(|n| n.contains(source)) {
+                return Screened::Pass;
+            }
+            return match self.calls.admit(source, now) {
+                CallVerdict::Admit => Screened::Admitted,
+                CallVerdict::Refuse {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                } => Screened::Refuse(Refusal {
+                    limit,
+                    retry_after,
+                    answer,
+                    log,
+                }),
+            };
+        }
+        if self.limiter.allow(source, now) {
+            Screened::Pass
+        } else {
+            Screened::Drop("rate_limited")
+        }
+    }
+}
 
 /// The summary line of a log window of refused calls that ended with refusals unlogged.
 pub(super) fn log_calls_suppressed(s: &guard::Suppressed) {
@@ -17,7 +124,8 @@ pub(super) fn log_calls_suppressed(s: &guard::Suppressed) {
 /// How long after a source's first refused INVITE is logged its further ones are only counted.
 pub(super) const CALL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What [`UaCore::screen`] does with a new request.
+/// What [`Acceptor::screen`] does with a new request.
+#[derive(Debug, PartialEq)]
 pub(super) enum Screened {
     /// Handle it.
     Pass,
@@ -25,13 +133,19 @@ pub(super) enum Screened {
     Admitted,
     /// Drop it unanswered, for this reason (a `/metrics` label).
     Drop(&'static str),
-    /// A new call over its source's limits (see [`CallVerdict::Refuse`]).
-    Refuse {
-        limit: guard::CallLimit,
-        retry_after: u32,
-        answer: bool,
-        log: LogVerdict,
-    },
+    /// A new call over its source's limits.
+    Refuse(Refusal),
+}
+
+/// A new call refused by its source's limits (see [`CallVerdict::Refuse`]).
+#[derive(Debug, PartialEq)]
+pub(super) struct Refusal {
+    limit: guard::CallLimit,
+    /// Seconds, for `Retry-After`.
+    retry_after: u32,
+    /// Answer with 503 (else drop: the source is past its answered refusals).
+    answer: bool,
+    log: LogVerdict,
 }
 
 /// Whether the request has `Require: 100rel` (RFC 3262).
@@ -41,13 +155,13 @@ pub(super) fn requires_100rel(req: &Request) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("100rel"))
 }
 
-impl UaCore {
-    pub(super) async fn on_request(&mut self, req: Request, flow: Flow) {
-        let now = Self::now();
+impl Core {
+    /// A request from `flow` (every request comes in here).
+    pub(super) fn on_request(&mut self, req: Request, flow: Flow, now: Instant) {
         let key = ServerKey::of(&req);
 
         if req.method == Method::Ack {
-            self.on_ack(&req, &key, now).await;
+            self.on_ack(&req, &key, now);
             return;
         }
         // A retransmission of a request we already have a transaction for.
@@ -55,14 +169,19 @@ impl UaCore {
             let id = *id;
             let out = entry.tx.on_retransmission();
             debug!(call_id = %req.call_id, method = %req.method, "retransmission absorbed");
-            self.apply_server(id, out, now).await;
+            self.apply_server(id, out, now);
             return;
         }
         if req.method == Method::Cancel {
-            self.on_cancel(req, key, flow, now).await;
+            self.on_cancel(req, key, flow, now);
             return;
         }
-        let counted = match self.screen(&req, &flow, now) {
+        let in_dialog = req.to.tag().is_some_and(|tag| {
+            self.by_local_tag
+                .contains_key(&(req.call_id.clone(), tag.to_owned()))
+        });
+        let screened = self.acceptor.screen(&req, flow.remote.ip(), in_dialog, now);
+        let counted = match screened {
             Screened::Pass => None,
             Screened::Admitted => Some(flow.remote.ip()),
             Screened::Drop(reason) => {
@@ -77,35 +196,28 @@ impl UaCore {
                 }
                 return;
             }
-            Screened::Refuse {
-                limit,
-                retry_after,
-                answer,
-                log,
-            } => {
-                self.refuse_call(&req, &flow, limit, retry_after, answer, log, now)
-                    .await;
+            Screened::Refuse(refusal) => {
+                self.refuse_call(&req, flow, refusal, now);
                 return;
             }
         };
         if let Some((code, resp)) = self.refuse_extension_or_body(&req) {
             if let Some(ip) = counted {
-                self.calls.ended(ip);
+                self.acceptor.calls.ended(ip);
             }
-            self.new_server_and_respond(key, req, flow, None, code, resp, now)
-                .await;
+            self.new_server_and_respond(key, req, flow, None, (code, resp), now);
             return;
         }
         if req.method == Method::Register {
-            self.on_register(req, key, flow, now).await;
+            self.on_register(req, key, flow, now);
             return;
         }
         if req.to.tag().is_some() {
-            self.on_in_dialog(req, key, flow, now).await;
+            self.on_in_dialog(req, key, flow, now);
             return;
         }
         match req.method {
-            Method::Invite => self.on_invite(req, key, flow, counted, now).await,
+            Method::Invite => self.on_invite(req, key, flow, counted, now),
             Method::Options => {
                 let resp = self
                     .response(&req, 200, "OK", None)
@@ -113,99 +225,42 @@ impl UaCore {
                     .header("Accept", "application/sdp")
                     .header("Supported", "timer")
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 200, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (200, resp), now);
             }
             Method::Bye | Method::Info | Method::Update | Method::Notify | Method::Prack => {
                 // In-dialog methods without a To tag: there is no such dialog.
                 let resp = self
                     .response(&req, 481, "Call/Transaction Does Not Exist", None)
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 481, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (481, resp), now);
             }
             Method::Other(_) => {
                 let resp = self
                     .response(&req, 501, "Not Implemented", None)
                     .header("Allow", self.allow())
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 501, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (501, resp), now);
             }
             _ => {
                 let resp = self
                     .response(&req, 405, "Method Not Allowed", None)
                     .header("Allow", self.allow())
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 405, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (405, resp), now);
             }
-        }
-    }
-
-    /// What to do with a new request (not ACK, CANCEL or a retransmission): requests inside
-    /// a dialog we hold always pass; an INVITE outside one from a source that is not a trusted
-    /// trunk counts against its source's call limits (or is refused by them).
-    pub(super) fn screen(&mut self, req: &Request, flow: &Flow, now: Instant) -> Screened {
-        if let Some(tag) = req.to.tag() {
-            if self
-                .by_local_tag
-                .contains_key(&(req.call_id.clone(), tag.to_owned()))
-            {
-                return Screened::Pass;
-            }
-        }
-        if req.header("User-Agent").is_some_and(guard::is_scanner) {
-            return Screened::Drop("scanner");
-        }
-        let ip = flow.remote.ip();
-        if req.method == Method::Invite {
-            if !guard::allowed(&self.trunks_allow, ip) {
-                return Screened::Drop("source_not_allowed");
-            }
-            if req.to.tag().is_some() {
-                // A re-INVITE for a dialog we do not hold: answered 481, no call to count.
-                return Screened::Pass;
-            }
-            if self.trunks_allow.iter().any(|n| n.contains(ip)) {
-                return Screened::Pass;
-            }
-            return match self.calls.admit(ip, now) {
-                CallVerdict::Admit => Screened::Admitted,
-                CallVerdict::Refuse {
-                    limit,
-                    retry_after,
-                    answer,
-                    log,
-                } => Screened::Refuse {
-                    limit,
-                    retry_after,
-                    answer,
-                    log,
-                },
-            };
-        }
-        if self.limiter.allow(ip, now) {
-            Screened::Pass
-        } else {
-            Screened::Drop("rate_limited")
         }
     }
 
     /// Refuse a new call over its source's limits: a stateless 503 with Retry-After (when the
     /// source is within its bucket of answered refusals), counted, and logged once per source
     /// and window.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn refuse_call(
-        &mut self,
-        req: &Request,
-        flow: &Flow,
-        limit: guard::CallLimit,
-        retry_after: u32,
-        answer: bool,
-        log: LogVerdict,
-        now: Instant,
-    ) {
+    fn refuse_call(&mut self, req: &Request, flow: Flow, refusal: Refusal, now: Instant) {
+        let Refusal {
+            limit,
+            retry_after,
+            answer,
+            log,
+        } = refusal;
         if let Some(m) = &self.metrics {
             m.add(
                 "ivr311_sip_invites_limited_total",
@@ -229,14 +284,13 @@ impl UaCore {
             warn!(
                 remote = %flow.remote,
                 limit = limit.label(),
-                active = self.calls.active(flow.remote.ip()),
+                active = self.acceptor.calls.active(flow.remote.ip()),
                 answered = answer,
                 "new call refused: its source is over a per-source limit (503)"
             );
-            if !self.calls_sweep_due {
-                self.calls_sweep_due = true;
-                self.timers
-                    .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+            if !self.acceptor.sweep_due {
+                self.acceptor.sweep_due = true;
+                self.arm(now + CALL_LOG_WINDOW, TimerRef::CallLogSweep);
             }
         }
         if answer {
@@ -244,21 +298,20 @@ impl UaCore {
                 .response(req, 503, "Service Unavailable", None)
                 .header("Retry-After", retry_after.to_string())
                 .build();
-            self.transport.send(flow, resp).await;
+            self.transmit(flow, resp);
         }
     }
 
     /// Log the summaries of the call limiter's log windows that are over; sweep again later
     /// while any is open.
     pub(super) fn sweep_call_logs(&mut self, now: Instant) {
-        self.calls_sweep_due = false;
-        for sup in self.calls.sweep(now) {
+        self.acceptor.sweep_due = false;
+        for sup in self.acceptor.calls.sweep(now) {
             log_calls_suppressed(&sup);
         }
-        if self.calls.has_log_windows() {
-            self.calls_sweep_due = true;
-            self.timers
-                .push(Reverse((now + CALL_LOG_WINDOW, TimerRef::CallLogSweep)));
+        if self.acceptor.calls.has_log_windows() {
+            self.acceptor.sweep_due = true;
+            self.arm(now + CALL_LOG_WINDOW, TimerRef::CallLogSweep);
         }
     }
 
@@ -272,10 +325,10 @@ impl UaCore {
     ///
     /// The other extension an INVITE may require is `100rel` (RFC 3262): it asks that
     /// provisional responses other than 100 be sent reliably, and we honour it by sending none
-    /// on that call (no 180 while `answer_after_ms` rings; see [`UaCore::respond_invite`]), so
+    /// on that call (no 180 while `answer_after_ms` rings; see [`Core::respond_invite`]), so
     /// there is nothing to PRACK. Some carrier and IMS trunks require it on every INVITE, and a
     /// 420 refused all their callers.
-    pub(super) fn refuse_extension_or_body(&self, req: &Request) -> Option<(u16, Bytes)> {
+    fn refuse_extension_or_body(&self, req: &Request) -> Option<(u16, Bytes)> {
         let required: Vec<&str> = req
             .headers_named("Require")
             .flat_map(|v| v.split(','))
@@ -351,12 +404,14 @@ impl UaCore {
         None
     }
 
-    pub(super) async fn on_ack(&mut self, req: &Request, key: &ServerKey, now: Instant) {
+    /// ACK: of a non-2xx final (the INVITE's transaction absorbs it), or of our 2xx (it
+    /// confirms the dialog's latest INVITE).
+    fn on_ack(&mut self, req: &Request, key: &ServerKey, now: Instant) {
         // ACK for a non-2xx final: same branch as the INVITE.
         if let Some((id, e)) = self.server.get_mut(key) {
             let id = *id;
             let out = e.tx.on_ack(now);
-            self.apply_server(id, out, now).await;
+            self.apply_server(id, out, now);
             return;
         }
         // ACK for a 2xx: a new transaction, matched to the dialog.
@@ -381,14 +436,14 @@ impl UaCore {
         if let Some((id, e)) = self.server.get_mut(&invite) {
             let id = *id;
             let out = e.tx.on_ack(now);
-            self.apply_server(id, out, now).await;
+            self.apply_server(id, out, now);
         }
         if let Some(de) = self.dialogs.get_mut(&d) {
             de.ack_body = Bytes::new();
         }
     }
 
-    pub(super) async fn on_dialog_acked(&mut self, d: DialogId, now: Instant) {
+    pub(super) fn on_dialog_acked(&mut self, d: DialogId, now: Instant) {
         let (bye_pending, sdp) = match self.dialogs.get_mut(&d) {
             Some(de) => {
                 de.dialog.state = DialogState::Confirmed { acked: true };
@@ -398,21 +453,14 @@ impl UaCore {
         };
         self.dialog_event(d, DialogEvent::Confirmed { sdp });
         if bye_pending {
-            self.send_bye(d, now).await;
+            self.send_bye(d, now);
         }
     }
 
-    pub(super) async fn on_cancel(
-        &mut self,
-        req: Request,
-        key: ServerKey,
-        flow: Flow,
-        now: Instant,
-    ) {
-        let invite_key = ServerKey {
-            method: Method::Invite,
-            ..key.clone()
-        };
+    /// CANCEL of an INVITE we have not answered yet: 200 for the CANCEL, 487 for the INVITE,
+    /// and the call hears [`DialogEvent::Cancelled`]; 481 when there is no such INVITE.
+    fn on_cancel(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
+        let invite_key = key.invite();
         let found = self
             .server
             .get(&invite_key)
@@ -421,13 +469,11 @@ impl UaCore {
             let resp = self
                 .response(&req, 481, "Call/Transaction Does Not Exist", None)
                 .build();
-            self.new_server_and_respond(key, req, flow, None, 481, resp, now)
-                .await;
+            self.new_server_and_respond(key, req, flow, None, (481, resp), now);
             return;
         };
         let resp = self.response(&req, 200, "OK", None).build();
-        self.new_server_and_respond(key, req, flow, None, 200, resp, now)
-            .await;
+        self.new_server_and_respond(key, req, flow, None, (200, resp), now);
         if is_final {
             return; // too late: the call was already answered (or rejected)
         }
@@ -446,7 +492,7 @@ impl UaCore {
             }
             _ => return,
         };
-        self.apply_server(invite_id, resp, now).await;
+        self.apply_server(invite_id, resp, now);
         if let Some(d) = dialog {
             info!("caller cancelled before answer");
             self.dialog_event(d, DialogEvent::Cancelled);
@@ -456,12 +502,12 @@ impl UaCore {
 
     /// A new call. `counted`: the source address it counts against in the per-source call
     /// limits, until its dialog is gone.
-    pub(super) async fn on_invite(
+    fn on_invite(
         &mut self,
         req: Request,
         key: ServerKey,
         flow: Flow,
-        counted: Option<std::net::IpAddr>,
+        counted: Option<IpAddr>,
         now: Instant,
     ) {
         let d = self.next_id();
@@ -475,7 +521,7 @@ impl UaCore {
         let incoming = IncomingCall {
             handle: DialogHandle {
                 id: d,
-                tx: self.cmd_tx.clone(),
+                tx: self.commands.clone(),
             },
             events: ev_rx,
             call_id: req.call_id.clone(),
@@ -493,27 +539,16 @@ impl UaCore {
         let id = self.insert_server(key.clone(), req, flow, Some(d));
         self.by_local_tag
             .insert((dialog.call_id.clone(), local_tag), d);
-        self.insert_dialog(
-            d,
-            DialogEntry {
-                dialog,
-                events: EventSink::Call(EventQueue::new(ev_tx)),
-                invite: Some(key.clone()),
-                last_invite: Some(key),
-                reoffers: HashMap::new(),
-                bye_pending: false,
-                ack_body: Bytes::new(),
-                session,
-                session_due: None,
-                local_sdp: Bytes::new(),
-                counted,
-            },
-        );
+        let mut entry =
+            DialogEntry::new(dialog, EventSink::Call(EventQueue::new(ev_tx)), Some(key));
+        entry.session = session;
+        entry.counted = counted;
+        self.insert_dialog(d, entry);
         let out = match self.server_entry(id) {
             Some(e) => e.tx.respond(now, 100, trying),
             None => return,
         };
-        self.apply_server(id, out, now).await;
+        self.apply_server(id, out, now);
         if let Err(e) = self.app.try_send(AppEvent::Invite(incoming)) {
             warn!("call handler backlogged; answering 503");
             let AppEvent::Invite(inc) = match e {
@@ -526,18 +561,12 @@ impl UaCore {
                 vec![("Retry-After".into(), "5".into())],
                 None,
                 now,
-            )
-            .await;
+            );
         }
     }
 
-    pub(super) async fn on_in_dialog(
-        &mut self,
-        req: Request,
-        key: ServerKey,
-        flow: Flow,
-        now: Instant,
-    ) {
+    /// A request with a To tag: inside one of our dialogs, or 481.
+    fn on_in_dialog(&mut self, req: Request, key: ServerKey, flow: Flow, now: Instant) {
         let tag = req.to.tag().unwrap_or_default().to_owned();
         let d = self
             .by_local_tag
@@ -552,8 +581,7 @@ impl UaCore {
             let resp = self
                 .response(&req, 481, "Call/Transaction Does Not Exist", None)
                 .build();
-            self.new_server_and_respond(key, req, flow, None, 481, resp, now)
-                .await;
+            self.new_server_and_respond(key, req, flow, None, (481, resp), now);
             return;
         };
         let Some(de) = self.dialogs.get_mut(&d) else {
@@ -564,16 +592,14 @@ impl UaCore {
             let resp = ResponseBuilder::new(&req, 500, "Server Internal Error", None)
                 .header("Warning", format_args!("399 ivr311 \"{e}\""))
                 .build();
-            self.new_server_and_respond(key, req, flow, None, 500, resp, now)
-                .await;
+            self.new_server_and_respond(key, req, flow, None, (500, resp), now);
             return;
         }
         match req.method.clone() {
             Method::Bye => {
                 debug!(call_id = %req.call_id, "far end hung up");
                 let resp = self.response(&req, 200, "OK", Some(&local_tag)).build();
-                self.new_server_and_respond(key, req, flow, None, 200, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (200, resp), now);
                 self.dialog_event(d, DialogEvent::Bye);
                 self.remove_dialog(d);
             }
@@ -591,19 +617,17 @@ impl UaCore {
                     let resp = ResponseBuilder::new(&req, 500, "Server Internal Error", None)
                         .header("Retry-After", "1")
                         .build();
-                    self.new_server_and_respond(key, req, flow, None, 500, resp, now)
-                        .await;
+                    self.new_server_and_respond(key, req, flow, None, (500, resp), now);
                     return;
                 }
                 if let Some(de) = self.dialogs.get_mut(&d) {
                     de.dialog.refresh_target(&req);
                 }
-                let ev = DialogEvent::Reoffer {
-                    txn: 0,
-                    method: req.method.clone(),
-                    content_type: req.content_type().map(str::to_owned),
-                    body: req.body.clone(),
-                };
+                let (method, content_type, body) = (
+                    req.method.clone(),
+                    req.content_type().map(str::to_owned),
+                    req.body.clone(),
+                );
                 let id = self.insert_server(key.clone(), req, flow, Some(d));
                 if let Some(de) = self.dialogs.get_mut(&d) {
                     if de.dialog.state != DialogState::Early && key.method == Method::Invite {
@@ -611,19 +635,11 @@ impl UaCore {
                     }
                     de.reoffers.insert(id, key);
                 }
-                let ev = match ev {
-                    DialogEvent::Reoffer {
-                        method,
-                        content_type,
-                        body,
-                        ..
-                    } => DialogEvent::Reoffer {
-                        txn: id,
-                        method,
-                        content_type,
-                        body,
-                    },
-                    other => other,
+                let ev = DialogEvent::Reoffer {
+                    txn: id,
+                    method,
+                    content_type,
+                    body,
                 };
                 self.dialog_event(d, ev);
             }
@@ -640,8 +656,7 @@ impl UaCore {
                     }),
                     _ => None,
                 };
-                self.new_server_and_respond(key, req, flow, Some(d), 200, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, Some(d), (200, resp), now);
                 if let Some(ev) = ev {
                     self.dialog_event(d, ev);
                 }
@@ -651,21 +666,20 @@ impl UaCore {
                     .response(&req, 501, "Not Implemented", Some(&local_tag))
                     .header("Allow", self.allow())
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 501, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (501, resp), now);
             }
             _ => {
                 let resp = self
                     .response(&req, 405, "Method Not Allowed", Some(&local_tag))
                     .header("Allow", self.allow())
                     .build();
-                self.new_server_and_respond(key, req, flow, None, 405, resp, now)
-                    .await;
+                self.new_server_and_respond(key, req, flow, None, (405, resp), now);
             }
         }
     }
 
-    pub(super) async fn respond_invite(
+    /// The call's response to its INVITE (18x, 2xx with SDP, or a failure).
+    pub(super) fn respond_invite(
         &mut self,
         d: DialogId,
         code: u16,
@@ -733,11 +747,11 @@ impl UaCore {
         } else if code >= 300 {
             self.remove_dialog(d);
         }
-        self.apply_server(id, out, now).await;
+        self.apply_server(id, out, now);
     }
 
     /// The call's answer to re-INVITE/UPDATE `txn` of `dialog`.
-    pub(super) async fn answer_reoffer(
+    pub(super) fn answer_reoffer(
         &mut self,
         dialog: DialogId,
         txn: u64,
@@ -798,6 +812,76 @@ impl UaCore {
             b = b.body(&ct, body);
         }
         let out = e.tx.respond(now, code, b.build());
-        self.apply_server(id, out, now).await;
+        self.apply_server(id, out, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{parse_datagram, Message};
+
+    fn request(method: &str, user_agent: &str, to_tag: &str) -> Request {
+        let text = format!(
+            "{method} sip:311@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7;branch=z9hG4bK1\r\n\
+From: <sip:caller@198.51.100.7>;tag=f\r\nTo: <sip:311@192.0.2.1>{to_tag}\r\nCall-ID: c\r\n\
+CSeq: 1 {method}\r\nUser-Agent: {user_agent}\r\nContent-Length: 0\r\n\r\n"
+        );
+        match parse_datagram(text.as_bytes(), 65535) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn screening_drops_scanners_strangers_and_floods_and_counts_untrusted_calls_only() {
+        let now = Instant::now();
+        let trunk: IpAddr = "203.0.113.5".parse().unwrap();
+        let phone: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut a = Acceptor::new(Screening {
+            per_second: 1,
+            burst: 2,
+            max_calls_per_source: 1,
+            invites_per_second: 100,
+            invites_burst: 100,
+            ..Screening::default()
+        });
+        let invite = request("INVITE", "Zoiper", "");
+        assert_eq!(a.screen(&invite, phone, false, now), Screened::Admitted);
+        assert!(matches!(
+            a.screen(&invite, phone, false, now),
+            Screened::Refuse(Refusal { answer: true, .. })
+        ));
+        // A known scanner outside a dialog: dropped unanswered; inside one of ours it passes.
+        let scan = request("OPTIONS", "friendly-scanner", "");
+        assert_eq!(
+            a.screen(&scan, phone, false, now),
+            Screened::Drop("scanner")
+        );
+        let bye = request("BYE", "friendly-scanner", ";tag=ours");
+        assert_eq!(a.screen(&bye, phone, true, now), Screened::Pass);
+        // Out-of-dialog requests other than INVITE: a burst, then the rate.
+        let options = request("OPTIONS", "monitor", "");
+        let other: IpAddr = "198.51.100.8".parse().unwrap();
+        assert_eq!(a.screen(&options, other, false, now), Screened::Pass);
+        assert_eq!(a.screen(&options, other, false, now), Screened::Pass);
+        assert_eq!(
+            a.screen(&options, other, false, now),
+            Screened::Drop("rate_limited")
+        );
+        // With an allow-list: INVITEs from elsewhere are dropped, a listed trunk's calls are
+        // not counted against any limit.
+        let mut a = Acceptor::new(Screening {
+            trunks_allow: vec!["203.0.113.0/24".parse().unwrap()],
+            max_calls_per_source: 1,
+            ..Screening::default()
+        });
+        assert_eq!(
+            a.screen(&invite, phone, false, now),
+            Screened::Drop("source_not_allowed")
+        );
+        for _ in 0..3 {
+            assert_eq!(a.screen(&invite, trunk, false, now), Screened::Pass);
+        }
     }
 }

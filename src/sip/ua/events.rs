@@ -1,6 +1,25 @@
 //! What the UA core hands the application, and how: events are never dropped.
+//!
+//! Owns the public event types ([`IncomingCall`], [`AppEvent`], [`DialogEvent`], [`LegEvent`])
+//! and their delivery: each listener's events go into its bounded channel while there is
+//! room, else in order into a bounded backlog ([`EventQueue`]) that the driver flushes when
+//! the listener has room again ([`Action::WaitForRoom`], [`Command::Room`]). A listener more
+//! than [`MAX_EVENT_BACKLOG`] behind has its dialog ended (`Core::end_backlogged`). Nothing
+//! here waits: the waiting is the driver's. It does not touch transactions or dialogs' state
+//! beyond their event sinks.
 
-use super::*;
+use super::core::{Action, Core};
+use super::handle::DialogHandle;
+use super::DialogId;
+use crate::sip::message::{Header, Method, NameAddr};
+use crate::sip::transport::Transport;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
 
 /// A new call for the application.
 #[derive(Debug)]
@@ -79,24 +98,89 @@ pub const MAX_EVENT_BACKLOG: usize = 64;
 /// How long the events queued for a dialog that has ended wait for its listener to take them.
 pub(super) const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A listener's channel, for the driver to wait on until it has room.
+#[derive(Debug)]
+pub(super) enum Listener {
+    Call(mpsc::Sender<DialogEvent>),
+    Leg(mpsc::Sender<LegEvent>),
+}
+
+impl Listener {
+    /// Wait until the channel has room for one event (or is closed).
+    pub(super) async fn room(&self) {
+        let _ = match self {
+            Listener::Call(tx) => tx.reserve().await.map(drop),
+            Listener::Leg(tx) => tx.reserve().await.map(drop),
+        };
+    }
+}
+
+/// The events still queued for a listener whose dialog is over.
+#[derive(Debug)]
+pub(super) enum Backlog {
+    Call(mpsc::Sender<DialogEvent>, VecDeque<DialogEvent>),
+    Leg(mpsc::Sender<LegEvent>, VecDeque<LegEvent>),
+}
+
+impl Backlog {
+    /// Hand the events over in order, waiting for room; stop if the listener goes.
+    pub(super) async fn deliver(self) {
+        async fn each<T>(tx: mpsc::Sender<T>, events: VecDeque<T>) {
+            for ev in events {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        match self {
+            Backlog::Call(tx, events) => each(tx, events).await,
+            Backlog::Leg(tx, events) => each(tx, events).await,
+        }
+    }
+}
+
+/// An event type a listener reads: what its channel is as a [`Listener`] or a [`Backlog`].
+pub(super) trait Event: Sized {
+    fn listener(tx: &mpsc::Sender<Self>) -> Listener;
+    fn backlog(tx: mpsc::Sender<Self>, events: VecDeque<Self>) -> Backlog;
+}
+
+impl Event for DialogEvent {
+    fn listener(tx: &mpsc::Sender<Self>) -> Listener {
+        Listener::Call(tx.clone())
+    }
+    fn backlog(tx: mpsc::Sender<Self>, events: VecDeque<Self>) -> Backlog {
+        Backlog::Call(tx, events)
+    }
+}
+
+impl Event for LegEvent {
+    fn listener(tx: &mpsc::Sender<Self>) -> Listener {
+        Listener::Leg(tx.clone())
+    }
+    fn backlog(tx: mpsc::Sender<Self>, events: VecDeque<Self>) -> Backlog {
+        Backlog::Leg(tx, events)
+    }
+}
+
 /// Events for one listener, in order: into its channel while there is room, else into a
 /// bounded backlog that [`Command::Room`] flushes.
 pub(super) struct EventQueue<T> {
     pub(super) tx: mpsc::Sender<T>,
-    pub(super) backlog: VecDeque<T>,
-    /// A task waits for room in the channel.
-    pub(super) waiting: bool,
+    backlog: VecDeque<T>,
+    /// The driver waits for room in the channel.
+    waiting: bool,
     /// The listener fell [`MAX_EVENT_BACKLOG`] behind; its dialog is being ended and later
     /// events are not queued.
-    pub(super) overflowed: bool,
+    overflowed: bool,
 }
 
 /// What became of an event given to an [`EventQueue`].
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Queued {
-    /// In the channel, or queued behind others (with a task waiting for room).
+    /// In the channel, or queued behind others (with the driver waiting for room).
     Taken,
-    /// Queued, and a task must now wait for room ([`UaCore::wait_for_room`]).
+    /// Queued, and the driver must now wait for room ([`Action::WaitForRoom`]).
     NeedsWaiter,
     /// Queued last: the listener is too far behind, its dialog must end.
     Overflow,
@@ -104,7 +188,7 @@ pub(super) enum Queued {
     Gone,
 }
 
-impl<T> EventQueue<T> {
+impl<T: Event> EventQueue<T> {
     pub(super) fn new(tx: mpsc::Sender<T>) -> Self {
         EventQueue {
             tx,
@@ -139,8 +223,8 @@ impl<T> EventQueue<T> {
         }
     }
 
-    /// Move what fits from the backlog into the channel; whether some is left (and a task must
-    /// wait for room again).
+    /// Move what fits from the backlog into the channel; whether some is left (and the driver
+    /// must wait for room again).
     pub(super) fn flush(&mut self) -> bool {
         self.waiting = false;
         while let Some(ev) = self.backlog.pop_front() {
@@ -158,6 +242,30 @@ impl<T> EventQueue<T> {
             }
         }
         false
+    }
+
+    /// `last` after whatever is queued (the listener's last event, its dialog being over).
+    pub(super) fn push_last(&mut self, last: T) {
+        if self.tx.is_closed() {
+            return;
+        }
+        if self.backlog.is_empty() {
+            if let Err(mpsc::error::TrySendError::Full(ev)) = self.tx.try_send(last) {
+                self.backlog.push_back(ev);
+            }
+        } else {
+            self.backlog.push_back(last);
+        }
+    }
+
+    /// The listener's channel, to wait on.
+    pub(super) fn listener(&self) -> Listener {
+        T::listener(&self.tx)
+    }
+
+    /// What is still queued, for a listener whose dialog is over; none when nothing is.
+    pub(super) fn into_backlog(self) -> Option<Backlog> {
+        (!self.backlog.is_empty()).then(|| T::backlog(self.tx, self.backlog))
     }
 }
 
@@ -179,104 +287,96 @@ impl EventSink {
             EventSink::Detached => Queued::Taken,
         }
     }
+
+    fn listener(&self) -> Option<Listener> {
+        match self {
+            EventSink::Call(q) => Some(q.listener()),
+            EventSink::Leg(q) => Some(q.listener()),
+            EventSink::Detached => None,
+        }
+    }
+
+    /// Move what fits into the channel; the listener to wait on if some is left.
+    fn flush(&mut self) -> Option<Listener> {
+        match self {
+            EventSink::Call(q) => q.flush().then(|| q.listener()),
+            EventSink::Leg(q) => q.flush().then(|| q.listener()),
+            EventSink::Detached => None,
+        }
+    }
+
+    /// What is still queued, for a listener whose dialog is over.
+    pub(super) fn into_backlog(self) -> Option<Backlog> {
+        match self {
+            EventSink::Call(q) => q.into_backlog(),
+            EventSink::Leg(q) => q.into_backlog(),
+            EventSink::Detached => None,
+        }
+    }
 }
 
-impl UaCore {
+impl Core {
     /// Hand `ev` to dialog `d`'s listener, now or, when it is behind, in order later (see the
     /// module docs); never dropped while the listener is there.
     pub(super) fn dialog_event(&mut self, d: DialogId, ev: DialogEvent) {
         let Some(de) = self.dialogs.get_mut(&d) else {
             return;
         };
-        match de.events.push(ev) {
-            Queued::Taken => {}
-            Queued::NeedsWaiter => match &de.events {
-                EventSink::Call(q) => {
-                    let tx = q.tx.clone();
-                    self.wait_for_room(d, tx);
-                }
-                EventSink::Leg(q) => {
-                    let tx = q.tx.clone();
-                    self.wait_for_room(d, tx);
-                }
-                EventSink::Detached => {}
-            },
-            Queued::Overflow => self.backlogged.push(d),
-            Queued::Gone => debug!("call not listening; dialog event dropped"),
-        }
+        let queued = de.events.push(ev);
+        let listener = de.events.listener();
+        self.queued(
+            d,
+            queued,
+            listener,
+            "call not listening; dialog event dropped",
+        );
     }
 
-    /// Have a task wait until `tx` (dialog `d`'s listener) has room, then tell this core
-    /// ([`Command::Room`]).
-    pub(super) fn wait_for_room<T: Send + 'static>(&self, d: DialogId, tx: mpsc::Sender<T>) {
-        let (cmd, cancel) = (self.cmd_tx.clone(), self.cancel.clone());
-        self.tasks.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                room = tx.reserve() => {
-                    drop(room);
-                    let _ = cmd.send(Command::Room { dialog: d }).await;
+    /// Carry out what [`EventQueue::push`] says for listener `listener` of dialog `d`.
+    pub(super) fn queued(
+        &mut self,
+        d: DialogId,
+        queued: Queued,
+        listener: Option<Listener>,
+        gone: &'static str,
+    ) {
+        match queued {
+            Queued::Taken => {}
+            Queued::NeedsWaiter => {
+                if let Some(l) = listener {
+                    self.act(Action::WaitForRoom(d, l));
                 }
             }
-        });
+            Queued::Overflow => self.backlogged.push(d),
+            Queued::Gone => debug!("{gone}"),
+        }
     }
 
     /// Dialog `d`'s listener has room: deliver what waits for it.
     pub(super) fn on_room(&mut self, d: DialogId) {
-        if let Some(de) = self.dialogs.get_mut(&d) {
-            match &mut de.events {
-                EventSink::Call(q) => {
-                    if q.flush() {
-                        let tx = q.tx.clone();
-                        self.wait_for_room(d, tx);
-                    }
-                }
-                EventSink::Leg(q) => {
-                    if q.flush() {
-                        let tx = q.tx.clone();
-                        self.wait_for_room(d, tx);
-                    }
-                }
-                EventSink::Detached => {}
-            }
-        } else if let Some(leg) = self.outbound.get_mut(&d) {
-            if leg.events.flush() {
-                let tx = leg.events.tx.clone();
-                self.wait_for_room(d, tx);
-            }
+        let again = if let Some(de) = self.dialogs.get_mut(&d) {
+            de.events.flush()
+        } else if let Some(leg) = self.initiator.legs.get_mut(&d) {
+            leg.events.flush().then(|| leg.events.listener())
+        } else {
+            None
+        };
+        if let Some(l) = again {
+            self.act(Action::WaitForRoom(d, l));
         }
     }
 
-    /// A listener whose dialog is over: a task hands it what is still queued, in order (for
-    /// up to [`DRAIN_WITHIN`]), then the channel closes.
-    pub(super) fn drain_later<T: Send + 'static>(&self, q: EventQueue<T>) {
-        let EventQueue { tx, backlog, .. } = q;
-        if backlog.is_empty() {
-            return;
+    /// A listener whose dialog is over: the driver hands it what is still queued, in order
+    /// (for up to [`DRAIN_WITHIN`]), then the channel closes.
+    pub(super) fn drain_later(&mut self, backlog: Option<Backlog>) {
+        if let Some(b) = backlog {
+            self.act(Action::Drain(b));
         }
-        let cancel = self.cancel.clone();
-        self.tasks.spawn(async move {
-            let deliver = async {
-                for ev in backlog {
-                    if tx.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                done = tokio::time::timeout(DRAIN_WITHIN, deliver) => {
-                    if done.is_err() {
-                        warn!("a call did not take its last SIP events in time; dropped");
-                    }
-                }
-            }
-        });
     }
 
     /// End the dialogs whose listener fell [`MAX_EVENT_BACKLOG`] events behind, as if the call
     /// had released them, and count them.
-    pub(super) async fn end_backlogged(&mut self, now: Instant) {
+    pub(super) fn end_backlogged(&mut self, now: Instant) {
         for d in std::mem::take(&mut self.backlogged) {
             warn!(
                 dialog = d,
@@ -292,7 +392,94 @@ impl UaCore {
                 );
             }
             self.stats.ended_backlogged.fetch_add(1, Ordering::Relaxed);
-            self.release_dialog(d, now).await;
+            self.release_dialog(d, now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(n: u8) -> DialogEvent {
+        DialogEvent::Info {
+            content_type: "application/dtmf-relay".into(),
+            body: Bytes::from(vec![n]),
+        }
+    }
+
+    #[test]
+    fn a_full_channel_queues_in_order_asks_for_one_waiter_and_overflows_past_the_bound() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut q = EventQueue::new(tx);
+        assert_eq!(q.push(info(0)), Queued::Taken);
+        assert_eq!(q.push(info(1)), Queued::Taken);
+        assert_eq!(q.push(info(2)), Queued::NeedsWaiter, "full: one waiter");
+        assert_eq!(
+            q.push(info(3)),
+            Queued::Taken,
+            "the waiter is there already"
+        );
+        // The listener reads two; the flush moves the backlog in, in order.
+        for want in 0..2 {
+            assert!(matches!(rx.try_recv(), Ok(DialogEvent::Info { body, .. }) if body[0] == want));
+        }
+        assert!(!q.flush(), "all moved");
+        for want in 2..4 {
+            assert!(matches!(rx.try_recv(), Ok(DialogEvent::Info { body, .. }) if body[0] == want));
+        }
+        // A listener that stops reading: past the bound its dialog must end, and later events
+        // are not queued.
+        let mut overflowed = false;
+        for n in 0..(2 + MAX_EVENT_BACKLOG + 1) {
+            match q.push(info(n as u8)) {
+                Queued::Overflow => {
+                    overflowed = true;
+                    break;
+                }
+                Queued::Gone => panic!("dropped at {n}"),
+                _ => {}
+            }
+        }
+        assert!(overflowed);
+        assert_eq!(q.push(info(0)), Queued::Gone);
+        // What was queued is still handed over, after the call ended.
+        let Some(Backlog::Call(_, left)) = q.into_backlog() else {
+            panic!("a backlog")
+        };
+        assert_eq!(left.len(), MAX_EVENT_BACKLOG + 1);
+    }
+
+    #[test]
+    fn a_last_event_goes_after_what_is_queued() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut q = EventQueue::new(tx);
+        q.push(LegEvent::Provisional {
+            code: 180,
+            sdp: None,
+        });
+        q.push(LegEvent::Provisional {
+            code: 183,
+            sdp: None,
+        });
+        q.push_last(LegEvent::Failed {
+            code: 487,
+            reason: "Request Terminated".into(),
+        });
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(LegEvent::Provisional { code: 180, .. })
+        ));
+        let Some(Backlog::Leg(_, left)) = q.into_backlog() else {
+            panic!("a backlog")
+        };
+        let codes: Vec<u16> = left
+            .iter()
+            .map(|e| match e {
+                LegEvent::Provisional { code, .. } | LegEvent::Failed { code, .. } => *code,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(codes, [183, 487]);
     }
 }

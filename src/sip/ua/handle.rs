@@ -1,6 +1,20 @@
-//! What calls hold to act on their dialogs and to start outbound calls: commands to the UA task.
+//! What calls hold to act on their dialogs and to start outbound calls: [`DialogHandle`],
+//! [`OutboundHandle`], and the [`Command`]s they queue to the UA task.
+//!
+//! The handles run in the caller's task: an outbound target's host name is looked up and a
+//! `transport=tcp` target's connection opened here, before the INVITE is handed over, so the
+//! UA task never waits on DNS or a connection. Nothing here touches the UA core's state.
 
-use super::*;
+use super::events::LegEvent;
+use super::DialogId;
+use crate::logging::LogConfig;
+use crate::sip::message::{uri_socket_addr, wants_tcp, Method};
+use crate::sip::resolve::Resolver;
+use crate::sip::transport::{Flow, TransportHandle};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 /// An outbound call just started by [`OutboundHandle::invite`].
 #[derive(Debug)]
@@ -12,18 +26,18 @@ pub struct OutboundCall {
     pub events: mpsc::Receiver<LegEvent>,
 }
 
-/// Starts outbound calls through the UA core. Cloneable; get one from [`UaCore::outbound`].
+/// Starts outbound calls through the UA core. Cloneable; get one from [`super::UaCore::outbound`].
 #[derive(Debug, Clone)]
 pub struct OutboundHandle {
     pub(super) tx: mpsc::Sender<Command>,
     /// Our SIP socket's address: a target's host name is looked up in its family.
     pub(super) bound: SocketAddr,
-    /// Looks a target's host name up ([`UaCore::with_resolver`]).
+    /// Looks a target's host name up ([`super::UaCore::with_resolver`]).
     pub(super) resolver: Resolver,
     /// Opens the TCP connection a `transport=tcp` target asks for.
     pub(super) transport: TransportHandle,
     /// How log lines show a target's user part (a call-back's is the caller's number).
-    pub(super) log: crate::logging::LogConfig,
+    pub(super) log: LogConfig,
 }
 
 impl OutboundHandle {
@@ -99,7 +113,7 @@ impl OutboundHandle {
 
     /// Like [`OutboundHandle::invite`], but the INVITE goes along `flow` instead of to the
     /// target's host: for an agent's phone, pass the contact and flow from its registration
-    /// ([`AgentEvent::LoggedIn`], [`UaCore::agent_contacts`]). Phones behind NAT register a
+    /// ([`crate::sip::registrar::AgentEvent::LoggedIn`], [`super::UaCore::agent_contacts`]). Phones behind NAT register a
     /// private Contact; the flow (the address and port, or the TCP connection, the REGISTER
     /// came from) is the path that reaches them. `target` is only the Request-URI (and To): any
     /// `sip:`/`sips:` URI, its host need not be an IP address. A flow the UA cannot use (IPv6

@@ -1,28 +1,80 @@
-//! Outbound calls (UAC legs): INVITE, digest retry, CANCEL and 2xx races, forks.
+//! Outbound calls (UAC legs): the INVITE, a digest challenge answered once, CANCEL and the
+//! 2xx that crosses it, forks, and the end of a leg that never got a final response.
+//!
+//! Owns the legs not answered yet ([`Initiator`]: each an [`OutboundLeg`] with its
+//! [`LegState`]) and the checks of what a call may send to (target URIs, flows, From user
+//! parts, extra headers). Once a 2xx arrives the leg is a dialog like any other (its requests
+//! and BYE are [`super::core`]'s); a leg never touches an inbound call. Sans-IO: what is sent
+//! is queued, the timer after a CANCEL is on the core's table. Host names and TCP connections
+//! are not looked up or opened here but by [`super::OutboundHandle`], in the caller's task.
 
-use super::*;
+use super::core::{ClientEntry, ClientKey, ClientKind, Core, DialogEntry, TimerRef};
+use super::events::{EventQueue, EventSink, LegEvent};
+use super::handle::InviteCommand;
+use super::DialogId;
+use crate::sip::dialog::{contact_uri, Dialog, DialogState};
+use crate::sip::message::{
+    new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, Method,
+    RequestBuilder, Response,
+};
+use crate::sip::registrar::TrunkCredentials;
+use crate::sip::transaction::{ClientTransaction, T1};
+use crate::sip::transport::{Flow, Transport};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+/// The initiator's own state.
+#[derive(Default)]
+pub(super) struct Initiator {
+    /// Outbound calls not answered (nor failed) yet.
+    pub(super) legs: HashMap<DialogId, OutboundLeg>,
+    /// What an outbound INVITE to a trunk answers a 401/407 with
+    /// ([`super::UaCore::with_trunk_auth`]).
+    pub(super) auth: TrunkCredentials,
+}
 
 /// The parts of an INVITE we sent that its CANCEL (§9.1) and the ACK of a non-2xx final
 /// (§17.1.1.3) repeat: Request-URI, Via branch, From, Call-ID, CSeq number, Route.
 #[derive(Debug, Clone)]
 pub(super) struct SentInvite {
-    pub(super) uri: String,
-    pub(super) branch: String,
-    pub(super) transport: Transport,
-    pub(super) local: SocketAddr,
+    uri: String,
+    branch: String,
+    transport: Transport,
+    local: SocketAddr,
     /// The whole From value, with our tag.
-    pub(super) from: String,
+    from: String,
     /// The INVITE's To (no tag for an initial INVITE).
-    pub(super) to: String,
-    pub(super) call_id: String,
-    pub(super) cseq: u32,
-    pub(super) routes: Vec<String>,
+    to: String,
+    call_id: String,
+    cseq: u32,
+    routes: Vec<String>,
     /// Our From URI and tag, for the UAC dialog a 2xx creates.
-    pub(super) local_uri: String,
-    pub(super) local_tag: String,
+    local_uri: String,
+    local_tag: String,
 }
 
 impl SentInvite {
+    /// A re-INVITE we send in `dialog` with Via branch `branch`, from `local`.
+    pub(super) fn in_dialog(dialog: &Dialog, branch: &str, local: SocketAddr) -> Self {
+        SentInvite {
+            uri: dialog.remote_target.clone(),
+            branch: branch.to_owned(),
+            transport: dialog.flow.transport,
+            local,
+            from: format!("<{}>;tag={}", dialog.local_uri, dialog.local_tag),
+            to: dialog.remote_from.clone(),
+            call_id: dialog.call_id.clone(),
+            cseq: dialog.local_cseq,
+            routes: dialog.route_set.clone(),
+            local_uri: dialog.local_uri.clone(),
+            local_tag: dialog.local_tag.clone(),
+        }
+    }
+
     /// CANCEL (with the INVITE's To) or the ACK of a non-2xx final (with the response's To).
     pub(super) fn build(&self, method: &Method, to: &str) -> Bytes {
         let mut b = RequestBuilder::new(
@@ -47,26 +99,25 @@ impl SentInvite {
 pub(super) struct OutboundLeg {
     pub(super) events: EventQueue<LegEvent>,
     /// The INVITE client transaction.
-    pub(super) invite: ClientKey,
+    invite: ClientKey,
     /// What a digest challenge to the INVITE is answered with, once (trunk legs only).
-    pub(super) auth: Option<Box<AuthRetry>>,
+    auth: Option<Box<AuthRetry>>,
     pub(super) state: LegState,
-    /// After a CANCEL: when to stop waiting for the INVITE's final response (64·T1, §9.1).
-    pub(super) cancel_deadline: Option<Instant>,
 }
 
 /// How to send an outbound INVITE again with credentials.
 #[derive(Debug)]
-pub(super) struct AuthRetry {
-    pub(super) creds: TrunkCredentials,
-    pub(super) flow: Flow,
-    pub(super) headers: Vec<(String, String)>,
-    pub(super) sdp: Bytes,
+struct AuthRetry {
+    creds: TrunkCredentials,
+    flow: Flow,
+    headers: Vec<(String, String)>,
+    sdp: Bytes,
     /// Credentials went once already: only a `stale=true` challenge (the nonce expired in
     /// between, RFC 7616 §3.3) is answered again, once.
-    pub(super) answered: bool,
+    answered: bool,
 }
 
+/// Where an outbound leg stands before its final response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LegState {
     /// INVITE sent, no response yet.
@@ -75,13 +126,13 @@ pub(super) enum LegState {
     Proceeding,
     /// Cancelled before any provisional response: the CANCEL goes out with the first one.
     CancelPending,
-    /// CANCEL sent; waiting for the INVITE's final response.
-    Cancelling,
+    /// CANCEL sent; waiting for the INVITE's final response until `until` (64·T1, §9.1).
+    Cancelling { until: Instant },
 }
 
 impl LegState {
     pub(super) fn cancelled(self) -> bool {
-        matches!(self, LegState::CancelPending | LegState::Cancelling)
+        matches!(self, LegState::CancelPending | LegState::Cancelling { .. })
     }
 }
 
@@ -126,12 +177,12 @@ pub(super) fn outbound_target(
 }
 
 /// No characters that would break out of a Request-URI or a `<...>`.
-pub(super) fn clean_uri(uri: &str) -> bool {
+fn clean_uri(uri: &str) -> bool {
     !uri.chars()
         .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
 }
 
-/// Check an outbound target sent along a given flow ([`OutboundHandle::invite_via`]): a `sip:`
+/// Check an outbound target sent along a given flow ([`super::OutboundHandle::invite_via`]): a `sip:`
 /// or `sips:` URI, and a flow our sockets can use.
 pub(super) fn via_flow(target: &str, flow: Flow, bound: SocketAddr) -> Result<Flow, &'static str> {
     let scheme_ok = target.split_once(':').is_some_and(|(s, rest)| {
@@ -154,7 +205,7 @@ pub(super) fn via_flow(target: &str, flow: Flow, bound: SocketAddr) -> Result<Fl
 }
 
 /// The user part of our From URI: RFC 3261 `user` characters as they are, the rest %-escaped.
-pub(super) fn escape_user(user: &str) -> String {
+fn escape_user(user: &str) -> String {
     let mut out = String::new();
     for b in user.trim().bytes().take(64) {
         if b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,".contains(&b) {
@@ -171,7 +222,7 @@ pub(super) fn escape_user(user: &str) -> String {
 }
 
 /// Headers the UA writes itself on an outbound INVITE (compact forms are refused by length).
-pub(super) const OWN_HEADERS: &[&str] = &[
+const OWN_HEADERS: &[&str] = &[
     "via",
     "from",
     "to",
@@ -189,7 +240,7 @@ pub(super) const OWN_HEADERS: &[&str] = &[
 
 /// An extra header for an outbound INVITE, made safe: the name must be a token of two or more
 /// characters the UA does not write itself; control characters (CR, LF...) leave the value.
-pub(super) fn extra_header(name: &str, value: &str) -> Option<(String, String)> {
+fn extra_header(name: &str, value: &str) -> Option<(String, String)> {
     let name = name.trim();
     let token = name
         .bytes()
@@ -201,8 +252,10 @@ pub(super) fn extra_header(name: &str, value: &str) -> Option<(String, String)> 
     Some((name.to_owned(), value.trim().to_owned()))
 }
 
-impl UaCore {
-    pub(super) async fn start_outbound(&mut self, inv: InviteCommand, now: Instant) {
+impl Core {
+    /// Start an outbound call: check where it goes, send its INVITE. A target or flow that
+    /// cannot be used fails the leg at once with 503.
+    pub(super) fn start_outbound(&mut self, inv: InviteCommand, now: Instant) {
         let d = self.next_id();
         let InviteCommand {
             target,
@@ -217,7 +270,7 @@ impl UaCore {
         } = inv;
         let _ = reply.send(d);
         let target = target.trim().to_owned();
-        let bound = self.transport.local_addr();
+        let bound = self.bound;
         let flow = match via {
             Some(flow) => via_flow(&target, flow, bound),
             None => outbound_target(&target, bound, resolved, false).map(|remote| Flow {
@@ -274,61 +327,52 @@ impl UaCore {
         let bytes = self.invite_bytes(&sent, flow, &headers, &sdp, None);
         info!(call_id = %sent.call_id, target = %self.log.uri(&sent.uri), "outbound INVITE");
         let key = (sent.branch.clone(), Method::Invite);
-        let auth = (via.is_none() && !self.trunk_auth.is_empty()).then(|| {
+        let auth = (via.is_none() && !self.initiator.auth.is_empty()).then(|| {
             Box::new(AuthRetry {
-                creds: self.trunk_auth.clone(),
+                creds: self.initiator.auth.clone(),
                 flow,
                 headers,
                 sdp,
                 answered: false,
             })
         });
-        self.outbound.insert(
+        self.initiator.legs.insert(
             d,
             OutboundLeg {
                 events: EventQueue::new(events),
                 invite: key.clone(),
                 auth,
                 state: LegState::Calling,
-                cancel_deadline: None,
             },
         );
-        self.start_invite_transaction(key, d, sent, flow, bytes, now)
-            .await;
+        self.start_invite_transaction(key, d, sent, (flow, bytes), now);
     }
 
     /// Start the INVITE client transaction `key` of outbound leg `d` (whose `invite` already
     /// names it).
-    pub(super) async fn start_invite_transaction(
+    fn start_invite_transaction(
         &mut self,
         key: ClientKey,
         d: DialogId,
         sent: SentInvite,
-        flow: Flow,
-        bytes: Bytes,
+        (flow, bytes): (Flow, Bytes),
         now: Instant,
     ) {
         let (tx, out) = ClientTransaction::new(now, true, flow.transport.is_reliable(), bytes);
-        self.start_client(
-            key,
-            ClientEntry {
-                tx,
-                flow,
-                dialog: Some(d),
-                req: 0,
-                method: Method::Invite,
-                kind: ClientKind::OutboundInvite,
-                invite: Some(sent),
-                acks: HashMap::new(),
-            },
-            out,
-        )
-        .await;
+        let mut entry = ClientEntry::new(
+            tx,
+            flow,
+            ClientKind::OutboundInvite,
+            Method::Invite,
+            Some(d),
+        );
+        entry.invite = Some(sent);
+        self.start_client(key, entry, out);
     }
 
     /// An outbound INVITE as `sent` describes it, with the extra `headers`, our `sdp`, and
     /// the answer to a digest challenge if there is one (`(header name, value)`).
-    pub(super) fn invite_bytes(
+    fn invite_bytes(
         &self,
         sent: &SentInvite,
         flow: Flow,
@@ -365,14 +409,14 @@ impl UaCore {
     /// A 401/407 to an outbound INVITE (`key`): send it again once with the trunk's
     /// credentials, as a new transaction (same Call-ID and From tag, CSeq + 1, RFC 3261
     /// §22.2). Whether it was sent; if not, the leg fails with the code.
-    pub(super) async fn retry_with_auth(
+    fn retry_with_auth(
         &mut self,
         key: &ClientKey,
         d: DialogId,
         resp: &Response,
         now: Instant,
     ) -> bool {
-        let Some(leg) = self.outbound.get_mut(&d) else {
+        let Some(leg) = self.initiator.legs.get_mut(&d) else {
             return false;
         };
         if leg.state.cancelled() || leg.invite != *key {
@@ -429,19 +473,18 @@ impl UaCore {
             retry.answered = true;
             retry
         });
-        if let Some(leg) = self.outbound.get_mut(&d) {
+        if let Some(leg) = self.initiator.legs.get_mut(&d) {
             leg.invite = new_key.clone();
             leg.state = LegState::Calling;
             leg.auth = again;
         }
-        self.start_invite_transaction(new_key, d, sent, flow, bytes, now)
-            .await;
+        self.start_invite_transaction(new_key, d, sent, (flow, bytes), now);
         true
     }
 
     /// Hang up an outbound leg that has not been answered: CANCEL once it is allowed (§9.1).
-    pub(super) async fn cancel_leg(&mut self, d: DialogId, now: Instant) {
-        let Some(leg) = self.outbound.get_mut(&d) else {
+    pub(super) fn cancel_leg(&mut self, d: DialogId, now: Instant) {
+        let Some(leg) = self.initiator.legs.get_mut(&d) else {
             return;
         };
         match leg.state {
@@ -449,23 +492,24 @@ impl UaCore {
                 debug!("CANCEL held until a provisional response arrives");
                 leg.state = LegState::CancelPending;
             }
-            LegState::Proceeding => self.send_cancel(d, now).await,
-            LegState::CancelPending | LegState::Cancelling => {}
+            LegState::Proceeding => self.send_cancel(d, now),
+            LegState::CancelPending | LegState::Cancelling { .. } => {}
         }
     }
 
-    pub(super) async fn send_cancel(&mut self, d: DialogId, now: Instant) {
-        let Some(leg) = self.outbound.get_mut(&d) else {
+    /// CANCEL leg `d`'s INVITE (with its branch, §9.1), and give up on a final response to it
+    /// after 64·T1.
+    fn send_cancel(&mut self, d: DialogId, now: Instant) {
+        let Some(leg) = self.initiator.legs.get_mut(&d) else {
             return;
         };
-        if leg.state == LegState::Cancelling {
+        if matches!(leg.state, LegState::Cancelling { .. }) {
             return;
         }
-        leg.state = LegState::Cancelling;
         let deadline = now + 64 * T1;
-        leg.cancel_deadline = Some(deadline);
+        leg.state = LegState::Cancelling { until: deadline };
         let invite = leg.invite.clone();
-        self.timers.push(Reverse((deadline, TimerRef::Leg(d))));
+        self.arm(deadline, TimerRef::Leg(d));
         let Some((_, e)) = self.client.get(&invite) else {
             return;
         };
@@ -477,41 +521,27 @@ impl UaCore {
         let key = (sent.branch.clone(), Method::Cancel);
         let flow = e.flow;
         let (tx, out) = ClientTransaction::new(now, false, flow.transport.is_reliable(), bytes);
-        self.start_client(
-            key,
-            ClientEntry {
-                tx,
-                flow,
-                dialog: Some(d),
-                req: 0,
-                method: Method::Cancel,
-                kind: ClientKind::Cancel,
-                invite: None,
-                acks: HashMap::new(),
-            },
-            out,
-        )
-        .await;
+        let entry = ClientEntry::new(tx, flow, ClientKind::Cancel, Method::Cancel, Some(d));
+        self.start_client(key, entry, out);
     }
 
     /// Hand `ev` to outbound leg `d`'s owner (not answered yet), now or in order later.
-    pub(super) fn leg_event(&mut self, d: DialogId, ev: LegEvent) {
-        let Some(leg) = self.outbound.get_mut(&d) else {
+    fn leg_event(&mut self, d: DialogId, ev: LegEvent) {
+        let Some(leg) = self.initiator.legs.get_mut(&d) else {
             return;
         };
-        match leg.events.push(ev) {
-            Queued::Taken => {}
-            Queued::NeedsWaiter => {
-                let tx = leg.events.tx.clone();
-                self.wait_for_room(d, tx);
-            }
-            Queued::Overflow => self.backlogged.push(d),
-            Queued::Gone => debug!("outbound call not listening; event dropped"),
-        }
+        let queued = leg.events.push(ev);
+        let listener = Some(leg.events.listener());
+        self.queued(
+            d,
+            queued,
+            listener,
+            "outbound call not listening; event dropped",
+        );
     }
 
     /// A response to an outbound INVITE, as its transaction passed it up.
-    pub(super) async fn on_outbound_response(
+    pub(super) fn on_outbound_response(
         &mut self,
         key: &ClientKey,
         d: DialogId,
@@ -534,23 +564,23 @@ impl UaCore {
                         },
                     );
                 }
-                let Some(leg) = self.outbound.get_mut(&d) else {
+                let Some(leg) = self.initiator.legs.get_mut(&d) else {
                     return;
                 };
                 match leg.state {
                     LegState::Calling if leg.events.tx.is_closed() => {
                         // Nobody wants this call any more.
-                        self.send_cancel(d, now).await
+                        self.send_cancel(d, now)
                     }
                     LegState::Calling => leg.state = LegState::Proceeding,
-                    LegState::CancelPending => self.send_cancel(d, now).await,
-                    LegState::Proceeding | LegState::Cancelling => {}
+                    LegState::CancelPending => self.send_cancel(d, now),
+                    LegState::Proceeding | LegState::Cancelling { .. } => {}
                 }
             }
-            200..=299 => self.on_outbound_2xx(key, d, resp, now).await,
-            401 | 407 if self.retry_with_auth(key, d, resp, now).await => {}
+            200..=299 => self.on_outbound_2xx(key, d, resp, now),
+            401 | 407 if self.retry_with_auth(key, d, resp, now) => {}
             _ => {
-                let Some(leg) = self.outbound.remove(&d) else {
+                let Some(leg) = self.initiator.legs.remove(&d) else {
                     return;
                 };
                 info!(code = resp.code, reason = %resp.reason, "outbound call failed");
@@ -568,13 +598,7 @@ impl UaCore {
     /// A 2xx to an outbound INVITE: ACK it, and either hand the dialog to the leg (the first
     /// 2xx of a call still wanted) or BYE it (the call was cancelled, or another fork answered
     /// already). A retransmitted 2xx only gets its ACK again.
-    pub(super) async fn on_outbound_2xx(
-        &mut self,
-        key: &ClientKey,
-        d: DialogId,
-        resp: &Response,
-        now: Instant,
-    ) {
+    fn on_outbound_2xx(&mut self, key: &ClientKey, d: DialogId, resp: &Response, now: Instant) {
         let tag = resp.to.tag().unwrap_or_default().to_owned();
         let Some((_, e)) = self.client.get(key) else {
             return;
@@ -582,7 +606,7 @@ impl UaCore {
         let flow = e.flow;
         if let Some(ack) = e.acks.get(&tag).cloned() {
             debug!("2xx retransmitted; ACK sent again");
-            self.transport.send(&flow, ack).await;
+            self.transmit(flow, ack);
             return;
         }
         let Some(sent) = e.invite.clone() else {
@@ -597,11 +621,11 @@ impl UaCore {
             flow,
         );
         let ack = dialog.ack(sent.cseq, self.local_for(flow.remote), &[]);
-        self.transport.send(&flow, ack.clone()).await;
+        self.transmit(flow, ack.clone());
         if let Some((_, e)) = self.client.get_mut(key) {
             e.acks.insert(tag, ack);
         }
-        let leg = self.outbound.remove(&d);
+        let leg = self.initiator.legs.remove(&d);
         let (id, events, wanted) = match leg {
             Some(leg) if leg.state.cancelled() || leg.events.tx.is_closed() => {
                 info!(call_id = %sent.call_id, "2xx crossed our CANCEL; ACK and BYE");
@@ -626,31 +650,17 @@ impl UaCore {
         let tag_key = (dialog.call_id.clone(), dialog.local_tag.clone());
         let body = resp.body.clone();
         self.by_local_tag.entry(tag_key).or_insert(id);
-        self.insert_dialog(
-            id,
-            DialogEntry {
-                dialog,
-                events,
-                invite: None,
-                last_invite: None,
-                reoffers: HashMap::new(),
-                bye_pending: false,
-                ack_body: Bytes::new(),
-                session: None,
-                session_due: None,
-                local_sdp: Bytes::new(),
-                counted: None,
-            },
-        );
+        self.insert_dialog(id, DialogEntry::new(dialog, events, None));
         if wanted {
             info!(call_id = %sent.call_id, "outbound call answered");
             self.dialog_answered(id, body);
         } else {
-            self.send_bye(id, now).await;
+            self.send_bye(id, now);
         }
     }
 
-    pub(super) fn dialog_answered(&mut self, d: DialogId, sdp: Bytes) {
+    /// Leg `d`'s owner hears that it was answered (its dialog now hears the rest).
+    fn dialog_answered(&mut self, d: DialogId, sdp: Bytes) {
         let Some(DialogEntry {
             events: EventSink::Leg(q),
             ..
@@ -658,42 +668,34 @@ impl UaCore {
         else {
             return;
         };
-        match q.push(LegEvent::Answered { sdp }) {
-            Queued::Taken => {}
-            Queued::NeedsWaiter => {
-                let tx = q.tx.clone();
-                self.wait_for_room(d, tx);
-            }
-            Queued::Overflow => self.backlogged.push(d),
-            Queued::Gone => debug!("outbound call not listening; answer dropped"),
-        }
+        let queued = q.push(LegEvent::Answered { sdp });
+        let listener = Some(q.listener());
+        self.queued(
+            d,
+            queued,
+            listener,
+            "outbound call not listening; answer dropped",
+        );
     }
 
     /// Outbound leg `leg` is over with `last` (its failure): its owner hears it after what is
     /// queued.
-    pub(super) fn finish_leg(&self, leg: OutboundLeg, last: LegEvent) {
+    pub(super) fn finish_leg(&mut self, leg: OutboundLeg, last: LegEvent) {
         let mut q = leg.events;
-        if !q.tx.is_closed() {
-            if q.backlog.is_empty() {
-                if let Err(mpsc::error::TrySendError::Full(ev)) = q.tx.try_send(last) {
-                    q.backlog.push_back(ev);
-                }
-            } else {
-                q.backlog.push_back(last);
-            }
-        }
-        self.drain_later(q);
+        q.push_last(last);
+        self.drain_later(q.into_backlog());
     }
 
     /// 64·T1 after our CANCEL and still no final response for the INVITE: give up (§9.1).
     pub(super) fn on_cancel_deadline(&mut self, d: DialogId, now: Instant) {
-        let due = self.outbound.get(&d).is_some_and(|leg| {
-            leg.state == LegState::Cancelling && leg.cancel_deadline.is_some_and(|t| t <= now)
-        });
+        let due =
+            self.initiator.legs.get(&d).is_some_and(
+                |leg| matches!(leg.state, LegState::Cancelling { until } if until <= now),
+            );
         if !due {
             return;
         }
-        let Some(leg) = self.outbound.remove(&d) else {
+        let Some(leg) = self.initiator.legs.remove(&d) else {
             return;
         };
         warn!("no final response to a cancelled INVITE; giving up on it");
@@ -707,5 +709,60 @@ impl UaCore {
                 reason: "Request Terminated".into(),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::wants_tcp;
+
+    #[test]
+    fn a_target_asks_for_tcp_with_its_transport_parameter_only() {
+        assert!(wants_tcp("sip:911@192.0.2.1;transport=tcp"));
+        assert!(wants_tcp("sip:911@psap.example.gov:5060;Transport=TCP;lr"));
+        assert!(!wants_tcp("sip:911@192.0.2.1;transport=tcpx"));
+        assert!(!wants_tcp("sip:911@192.0.2.1;transport=udp"));
+        assert!(!wants_tcp("sip:tcp@192.0.2.1"));
+    }
+
+    #[test]
+    fn from_user_is_escaped_and_extra_headers_are_checked() {
+        assert_eq!(escape_user("+1 (555) 123"), "+1%20(555)%20123");
+        assert_eq!(escape_user("a@b;c"), "a%40b%3Bc");
+        assert_eq!(escape_user(""), "anonymous");
+        assert_eq!(
+            extra_header("X-311-Case", "42\r\nVia: evil"),
+            Some(("X-311-Case".to_owned(), "42Via: evil".to_owned()))
+        );
+        assert_eq!(extra_header("Call-ID", "x"), None);
+        assert_eq!(extra_header("f", "x"), None);
+        assert_eq!(extra_header("Bad Name", "x"), None);
+        assert!(extra_header("P-Asserted-Identity", "<sip:+15551234567@city>").is_some());
+    }
+
+    #[test]
+    fn targets_are_sip_uris_our_socket_can_reach() {
+        let v4: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        assert_eq!(
+            outbound_target("sip:911@192.0.2.9:5080", v4, None, false),
+            Ok("192.0.2.9:5080".parse().unwrap())
+        );
+        assert_eq!(
+            outbound_target("sip:911@192.0.2.9", v4, None, false),
+            Ok("192.0.2.9:5060".parse().unwrap()),
+            "no port: 5060"
+        );
+        let looked_up: SocketAddr = "198.51.100.7:5060".parse().unwrap();
+        assert_eq!(
+            outbound_target("sip:911@psap.example.gov", v4, Some(looked_up), false),
+            Ok(looked_up)
+        );
+        assert!(outbound_target("sip:911@psap.example.gov", v4, None, false).is_err());
+        assert!(outbound_target("sip:911@192.0.2.9;transport=tcp", v4, None, false).is_err());
+        assert!(outbound_target("sip:911@192.0.2.9;transport=tcp", v4, None, true).is_ok());
+        assert!(outbound_target("sip:911@[2001:db8::1]", v4, None, false).is_err());
+        assert!(outbound_target("sip:911@192.0.2.9:0", v4, None, false).is_err());
+        assert!(outbound_target("sips:911@192.0.2.9", v4, None, false).is_err());
     }
 }

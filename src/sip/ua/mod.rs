@@ -109,39 +109,26 @@ pub use self::core::ServerKey;
 pub use events::{AppEvent, DialogEvent, IncomingCall, LegEvent, MAX_EVENT_BACKLOG};
 pub use handle::{DialogHandle, OutboundCall, OutboundHandle};
 
-use self::core::*;
-use acceptor::*;
-use events::*;
-use handle::*;
-use initiator::*;
-use session::*;
-
+use self::core::{Action, Core};
+use crate::logging::LogConfig;
 use crate::metrics::Metrics;
-use crate::sip::dialog::{contact_uri, Dialog, DialogState};
-use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
-use crate::sip::message::{
-    new_branch, random_token, sanitize_quoted, uri_socket_addr, uri_transport, wants_tcp, Header,
-    Message, Method, NameAddr, Request, RequestBuilder, Response, ResponseBuilder,
-};
+use crate::sip::guard::IpNet;
 use crate::sip::registrar::{AgentEvent, AgentSecret, Registrar, TrunkCredentials};
 use crate::sip::resolve::Resolver;
-use crate::sip::session_timer::{self, SessionTimer};
-use crate::sip::transaction::{ClientState, ClientTransaction, Output, ServerTransaction, T1};
-use crate::sip::transport::{Flow, Inbound, Transport, TransportHandle};
-use crate::sip::trunk::{Network, RegisterConfig, RegistrationStatus, TrunkClient, TrunkNeed};
-use bytes::Bytes;
+use crate::sip::transport::{Flow, Inbound, TransportHandle};
+use crate::sip::trunk::{RegisterConfig, RegistrationStatus};
+use acceptor::Acceptor;
 use dashmap::DashMap;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::fmt::Write as _;
+use events::DRAIN_WITHIN;
+use handle::Command;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Methods we implement, for `Allow`.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
@@ -212,59 +199,19 @@ impl UaStats {
     }
 }
 
-/// The UA core task's state.
+/// The UA core task: the sans-IO [`Core`] (every transaction and dialog) and the IO around it
+/// (the transport, the commands from handles, the tasks it starts). Build it with
+/// [`UaCore::new`] and the `with_*` methods, take its handles, then [`UaCore::run`] it.
 pub struct UaCore {
+    core: Core,
     transport: TransportHandle,
-    local: SocketAddr,
-    user_agent: String,
-    app: mpsc::Sender<AppEvent>,
-    cmd_tx: mpsc::Sender<Command>,
-    cmd_rx: mpsc::Receiver<Command>,
-    server: HashMap<ServerKey, (u64, Box<ServerEntry>)>,
-    server_ids: HashMap<u64, ServerKey>,
-    client: HashMap<ClientKey, (u64, ClientEntry)>,
-    client_ids: HashMap<u64, ClientKey>,
-    dialogs: HashMap<DialogId, DialogEntry>,
-    /// Outbound calls not answered (nor failed) yet.
-    outbound: HashMap<DialogId, OutboundLeg>,
-    by_local_tag: HashMap<(String, String), DialogId>,
-    timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
-    next_id: u64,
-    stats: Arc<UaStats>,
-    /// Agents' log-in; None when no agents are configured (REGISTER is then refused).
-    registrar: Option<Registrar>,
-    /// What an outbound INVITE to a trunk answers a 401/407 with ([`UaCore::with_trunk_auth`]).
-    trunk_auth: TrunkCredentials,
-    /// How log lines show numbers ([`UaCore::with_log`]).
-    log: crate::logging::LogConfig,
-    /// The registrar expiry the timer heap holds (earliest scheduled).
-    registrar_timer: Option<Instant>,
-    /// Where [`AgentEvent`]s go, once someone asked ([`UaCore::agent_events`]).
-    agent_tx: Option<mpsc::Sender<AgentEvent>>,
-    /// Agent id → preferred contact URI and flow, kept by this task.
-    agent_contacts: Arc<DashMap<String, (String, Flow)>>,
-    /// Source networks INVITEs are taken from (empty: any).
-    trunks_allow: Vec<IpNet>,
-    /// Per-source limit on out-of-dialog requests other than INVITE.
-    limiter: RateLimiter,
-    /// Per-source limits on new calls from sources not in `trunks_allow`.
-    calls: CallLimiter,
-    /// A sweep of `calls`' log windows is on the timer heap.
-    calls_sweep_due: bool,
-    /// Where dropped requests are counted.
-    metrics: Option<Arc<Metrics>>,
-    /// Our registration with the trunk ([`UaCore::with_trunk_registration`]).
-    trunk: Option<TrunkClient>,
+    commands: mpsc::Receiver<Command>,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
     /// Looks up the host names of outbound targets and of the trunk's registrar.
     resolver: Resolver,
     /// Owns the tasks this core starts (look-ups, connections, event deliveries).
     tasks: TaskTracker,
-    /// Stops those tasks (the token [`UaCore::run`] was given).
-    cancel: CancellationToken,
-    /// Dialogs whose listener fell too far behind, to be ended ([`UaCore::end_backlogged`]).
-    backlogged: Vec<DialogId>,
 }
 
 /// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
@@ -293,41 +240,23 @@ impl UaCore {
         user_agent: String,
         app: mpsc::Sender<AppEvent>,
     ) -> UaCore {
-        let (cmd_tx, cmd_rx) = mpsc::channel(4096);
-        UaCore {
-            transport,
-            local: advertised,
+        let (cmd_tx, commands) = mpsc::channel(4096);
+        let links = transport.clone();
+        let core = Core::new(
+            advertised,
+            transport.local_addr(),
             user_agent,
             app,
             cmd_tx,
-            cmd_rx,
-            server: HashMap::new(),
-            server_ids: HashMap::new(),
-            client: HashMap::new(),
-            client_ids: HashMap::new(),
-            dialogs: HashMap::new(),
-            outbound: HashMap::new(),
-            by_local_tag: HashMap::new(),
-            timers: BinaryHeap::new(),
-            next_id: 1,
-            stats: Arc::new(UaStats::default()),
-            registrar: None,
-            trunk_auth: TrunkCredentials::default(),
-            log: crate::logging::LogConfig::default(),
-            registrar_timer: None,
-            agent_tx: None,
-            agent_contacts: Arc::new(DashMap::new()),
-            trunks_allow: Vec::new(),
-            limiter: RateLimiter::new(0, 0, 1),
-            calls: CallLimiter::new(0, 0, 0, CALL_LOG_WINDOW),
-            calls_sweep_due: false,
-            metrics: None,
-            trunk: None,
+            Box::new(move |flow: &Flow| links.is_open(flow)),
+        );
+        UaCore {
+            core,
+            transport,
+            commands,
             draining: None,
             resolver: Resolver::system(),
             tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
-            backlogged: Vec::new(),
         }
     }
 
@@ -348,22 +277,15 @@ impl UaCore {
 
     /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
     pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
-        self.trunks_allow = screening.trunks_allow;
-        self.limiter = RateLimiter::new(screening.per_second, screening.burst, guard::MAX_SOURCES);
-        self.calls = CallLimiter::new(
-            screening.max_calls_per_source,
-            screening.invites_per_second,
-            screening.invites_burst,
-            CALL_LOG_WINDOW,
-        );
-        self.metrics = Some(metrics);
+        self.core.acceptor = Acceptor::new(screening);
+        self.core.metrics = Some(metrics);
         self
     }
 
     /// Let agents log in through this registrar: REGISTER is answered by it (and listed in
     /// `Allow`). Without one, REGISTER gets 403.
     pub fn with_registrar(mut self, registrar: Registrar) -> Self {
-        self.registrar = Some(registrar);
+        self.core.agents.registrar = Some(registrar);
         self
     }
 
@@ -372,14 +294,14 @@ impl UaCore {
     /// credentials (RFC 3261 §22.2, digest as RFC 7616). Without them, or if the answer is
     /// challenged again, the leg fails with that code.
     pub fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
-        self.trunk_auth = creds;
+        self.core.initiator.auth = creds;
         self
     }
 
     /// Show the user part of outbound targets (a call-back dials the caller's number) as
     /// `log` says; call before [`UaCore::outbound`].
-    pub fn with_log(mut self, log: crate::logging::LogConfig) -> Self {
-        self.log = log;
+    pub fn with_log(mut self, log: LogConfig) -> Self {
+        self.core.log = log;
         self
     }
 
@@ -392,45 +314,13 @@ impl UaCore {
         draining: CancellationToken,
     ) -> Result<Self, String> {
         let Some(cfg) = cfg else { return Ok(self) };
-        cfg.check()?;
-        // A host name is looked up before each REGISTER ([`TrunkClient`]); until then a
-        // documentation address of our family stands in, for the checks.
-        let by_name = crate::sip::resolve::needs_lookup(&cfg.registrar);
-        let stand_in = if self.local.is_ipv4() {
-            SocketAddr::from(([192, 0, 2, 1], 5060))
-        } else {
-            SocketAddr::from((
-                std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
-                5060,
-            ))
-        };
-        if by_name {
-            let host = crate::sip::message::uri_host_port(&cfg.registrar).map(|(h, _)| h);
-            if !host.is_some_and(crate::sip::resolve::valid_hostname) {
-                return Err(format!(
-                    "trunks.register.registrar {:?}: the host is not an IP address or a name",
-                    cfg.registrar
-                ));
-            }
-        }
-        let remote = outbound_target(
-            &cfg.registrar,
-            self.local,
-            by_name.then_some(stand_in),
-            true,
-        )
-        .map_err(|e| format!("trunks.register.registrar {:?}: {e}", cfg.registrar))?;
-        let client = TrunkClient::new(cfg, self.trunk_auth.clone(), remote, Self::now());
-        self.timers
-            .push(Reverse((Self::now(), TimerRef::TrunkRegister)));
-        self.trunk = Some(client);
+        self.core.register_with_trunk(cfg, now())?;
         self.draining = Some(draining);
-        self.publish_trunk_status(Self::now());
         Ok(self)
     }
 
-    /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with digest realm
-    /// `realm` and a random nonce secret; no agents, no registrar.
+    /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with
+    /// digest realm `realm` and a random nonce secret; no agents, no registrar.
     pub fn with_agents<S: Into<AgentSecret>>(
         self,
         realm: &str,
@@ -457,7 +347,7 @@ impl UaCore {
     /// lags 1024 behind; [`UaCore::agent_contacts`] is always current.
     pub fn agent_events(&mut self) -> mpsc::Receiver<AgentEvent> {
         let (tx, rx) = mpsc::channel(1024);
-        self.agent_tx = Some(tx);
+        self.core.agents.events = Some(tx);
         rx
     }
 
@@ -465,47 +355,32 @@ impl UaCore {
     /// kept current by the UA task. Read it to place an INVITE to an agent with
     /// [`OutboundHandle::invite_via`].
     pub fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
-        self.agent_contacts.clone()
-    }
-
-    /// The address to name in Via and Contact towards a peer at `remote`: the advertised one,
-    /// or, when that is unspecified (bound to `0.0.0.0` or `[::]` with no `advertise_ip`), the
-    /// local address that routes to the peer, so that IPv6 peers get an IPv6 Contact.
-    fn local_for(&self, remote: SocketAddr) -> SocketAddr {
-        local_for(self.local, remote)
-    }
-
-    fn allow(&self) -> &'static str {
-        if self.registrar.is_some() {
-            ALLOW_WITH_REGISTER
-        } else {
-            ALLOW
-        }
+        self.core.agents.contacts.clone()
     }
 
     pub fn stats(&self) -> Arc<UaStats> {
-        self.stats.clone()
+        self.core.stats.clone()
     }
 
     /// A handle for starting outbound calls; take it before [`UaCore::run`].
     pub fn outbound(&self) -> OutboundHandle {
         OutboundHandle {
-            tx: self.cmd_tx.clone(),
+            tx: self.core.commands.clone(),
             bound: self.transport.local_addr(),
             resolver: self.resolver.clone(),
             transport: self.transport.clone(),
-            log: self.log,
+            log: self.core.log,
         }
     }
 
-    /// Run until cancelled or the transport closes.
+    /// Run until cancelled or the transport closes: feed the core what comes in (messages,
+    /// commands, its deadlines, the start of the drain) and carry out what it asks, in order.
     pub async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
-        self.cancel = cancel.clone();
         let draining = self.draining.take();
         let mut unbound = draining.is_none();
         let mut heartbeat = tokio::time::interval(UA_HEARTBEAT);
         loop {
-            let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
+            let deadline = self.core.next_deadline();
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -523,31 +398,83 @@ impl UaCore {
                 _ = cancel.cancelled() => return,
                 _ = drain, if !unbound => {
                     unbound = true;
-                    self.unregister_trunk(Self::now()).await;
+                    self.core.unregister_trunk(now());
                 }
                 m = inbound.recv() => match m {
-                    Some(m) => self.on_inbound(m).await,
+                    Some(m) => self.core.handle_message(now(), m.msg, m.flow),
                     None => return,
                 },
-                Some(c) = self.cmd_rx.recv() => self.on_command(c).await,
-                _ = sleep => self.on_timers(Self::now()).await,
+                Some(c) = self.commands.recv() => self.core.handle_command(now(), c),
+                _ = sleep => self.core.handle_timeout(now()),
                 _ = heartbeat.tick() => {}
             }
-            self.stats.heartbeat.beat(Self::now());
-            if let Some(d) = self.stats.heartbeat.take_stall() {
+            self.carry_out(&cancel).await;
+            self.core.stats.heartbeat.beat(now());
+            if let Some(d) = self.core.stats.heartbeat.take_stall() {
                 tokio::time::sleep(d).await;
             }
-            self.stats
-                .dialogs
-                .store(self.dialogs.len(), Ordering::Relaxed);
-            self.stats
-                .server_transactions
-                .store(self.server.len(), Ordering::Relaxed);
-            self.stats
-                .client_transactions
-                .store(self.client.len(), Ordering::Relaxed);
+            self.core.publish_counts();
         }
     }
+
+    /// Do what the core asks, in order: sends first-come first-sent, waits in tasks of their
+    /// own (on the server's tracker, stopped by `cancel`) whose results come back as commands.
+    async fn carry_out(&mut self, cancel: &CancellationToken) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Transmit(flow, bytes) => self.transport.send(&flow, bytes).await,
+                Action::Hold(flow) => self.transport.hold(&flow),
+                Action::Release(flow) => self.transport.release(&flow),
+                Action::WaitForRoom(dialog, listener) => {
+                    let (cmd, cancel) = (self.core.commands.clone(), cancel.clone());
+                    self.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            () = listener.room() => {
+                                let _ = cmd.send(Command::Room { dialog }).await;
+                            }
+                        }
+                    });
+                }
+                Action::Drain(backlog) => {
+                    let cancel = cancel.clone();
+                    self.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            done = tokio::time::timeout(DRAIN_WITHIN, backlog.deliver()) => {
+                                if done.is_err() {
+                                    warn!("a call did not take its last SIP events in time; dropped");
+                                }
+                            }
+                        }
+                    });
+                }
+                Action::ResolveTrunk(uri) => {
+                    let (cmd, bound) = (self.core.commands.clone(), self.transport.local_addr());
+                    let resolver = self.resolver.clone();
+                    self.tasks.spawn(async move {
+                        let found = resolver.resolve_all(&uri, bound).await;
+                        let _ = cmd.send(Command::TrunkResolved(found)).await;
+                    });
+                }
+                Action::ConnectTrunk(remote) => {
+                    let (cmd, transport) = (self.core.commands.clone(), self.transport.clone());
+                    self.tasks.spawn(async move {
+                        let opened = transport
+                            .connect_tcp(remote)
+                            .await
+                            .map_err(|e| format!("TCP to {remote}: {e}"));
+                        let _ = cmd.send(Command::TrunkConnected(opened)).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The time the core is told it is (tokio's clock, so tests can pause it).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// The address to name in Via and Contact towards a peer at `remote`: `advertised`, or, when

@@ -1,12 +1,26 @@
-//! Session timers (RFC 4028) on the calls we answer.
+//! Session timers (RFC 4028) on the calls we answer: when our refresh goes, when a caller that
+//! stopped refreshing is hung up, and what a refresh's answer means.
+//!
+//! What the INVITE asks and what our 2xx says is [`crate::sip::session_timer`]'s (sans-IO,
+//! no dialog); this file is its glue to the dialogs: each dialog's timer and its deadline live
+//! in its entry, the deadline on the core's timers table. It sends through
+//! [`Core::send_request`] and ends calls through [`Core::send_bye`]; it never answers a request.
 
-use super::*;
+use super::core::{Core, TimerRef};
+use super::events::DialogEvent;
+use super::DialogId;
+use crate::sip::dialog::DialogState;
+use crate::sip::message::Method;
+use crate::sip::session_timer::{self, SessionTimer};
+use bytes::Bytes;
+use std::time::Instant;
+use tracing::{debug, info};
 
 /// The `req` number of the UA core's own session refreshes (RFC 4028), whose outcomes it keeps
 /// (calls number theirs from 0 up).
 pub(super) const SESSION_REFRESH: u64 = u64::MAX;
 
-impl UaCore {
+impl Core {
     /// (Re)start dialog `d`'s session timer from `now`, if it has one.
     pub(super) fn arm_session_timer(&mut self, d: DialogId, now: Instant) {
         let Some(de) = self.dialogs.get_mut(&d) else {
@@ -15,7 +29,7 @@ impl UaCore {
         let Some(t) = de.session else { return };
         let at = now + t.next_action_after();
         de.session_due = Some(at);
-        self.timers.push(Reverse((at, TimerRef::Session(d))));
+        self.arm(at, TimerRef::Session(d));
     }
 
     /// A re-INVITE or UPDATE of dialog `d`, which `asked` for a session timer or not, is being
@@ -44,7 +58,7 @@ impl UaCore {
 
     /// Dialog `d`'s session timer is due: send our refresh, or end a call whose caller has
     /// stopped refreshing.
-    pub(super) async fn on_session_timer(&mut self, d: DialogId, now: Instant) {
+    pub(super) fn on_session_timer(&mut self, d: DialogId, now: Instant) {
         let Some(de) = self.dialogs.get(&d) else {
             return;
         };
@@ -63,31 +77,38 @@ impl UaCore {
             };
             debug!(?method, interval = t.interval, "session refresh (RFC 4028)");
             self.arm_session_timer(d, now);
-            self.send_request(d, SESSION_REFRESH, method, t.refresh_headers(), body, now)
-                .await;
+            self.send_request(d, SESSION_REFRESH, method, t.refresh_headers(), body, now);
         } else {
-            self.session_expired(d, now, "no session refresh from the caller")
-                .await;
+            self.session_expired(d, now, "no session refresh from the caller");
         }
+    }
+
+    /// Our refresh got no answer (§10): the call ends, and its BYE goes when the call lets the
+    /// dialog go.
+    pub(super) fn on_refresh_unanswered(&mut self, d: DialogId) {
+        info!("session timer: the caller did not answer our refresh; ending the call");
+        if let Some(de) = self.dialogs.get_mut(&d) {
+            de.session = None;
+        }
+        self.dialog_event(d, DialogEvent::Bye);
     }
 
     /// The caller's answer to our session refresh: 408 or 481 mean the call is gone (§10);
     /// anything else (2xx, a 491 glare, a 501) leaves it up, refreshed or retried next time.
-    pub(super) async fn on_refresh_outcome(&mut self, d: DialogId, code: u16, now: Instant) {
+    pub(super) fn on_refresh_outcome(&mut self, d: DialogId, code: u16, now: Instant) {
         if matches!(code, 408 | 481) {
-            self.session_expired(d, now, "the caller did not answer our session refresh")
-                .await;
+            self.session_expired(d, now, "the caller did not answer our session refresh");
         }
     }
 
     /// End dialog `d` for its session timer: the call hears BYE as from the caller, and the
     /// caller gets our BYE (RFC 4028 §10).
-    pub(super) async fn session_expired(&mut self, d: DialogId, now: Instant, why: &str) {
+    fn session_expired(&mut self, d: DialogId, now: Instant, why: &str) {
         info!(why, "session timer: ending the call");
         self.dialog_event(d, DialogEvent::Bye);
         if let Some(de) = self.dialogs.get_mut(&d) {
             de.session = None;
         }
-        self.send_bye(d, now).await;
+        self.send_bye(d, now);
     }
 }
