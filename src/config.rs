@@ -180,7 +180,7 @@ impl TryFrom<AgentYaml> for AgentConfig {
 impl FileConfig {
     /// Agents whose stored hashes lack an algorithm the registrar offers (a phone answering
     /// that challenge could never log in): one line per agent, empty when all is well.
-    pub fn agent_hash_problems(&self) -> Vec<String> {
+    pub(crate) fn agent_hash_problems(&self) -> Vec<String> {
         use crate::sip::registrar::AgentSecret;
         let offered: Vec<String> = self
             .registrar
@@ -285,7 +285,7 @@ pub enum QueueConfigError {
 
 impl QueueConfig {
     /// Problems with this queue against the configured `agents`, for start-up.
-    pub fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
+    pub(crate) fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
         let Some(members) = &self.members else {
             return Ok(());
         };
@@ -423,7 +423,7 @@ impl CallbackConfig {
 
     /// The Request-URI that reaches `number` through the trunk, or `None` without a (usable)
     /// trunk. `number` must already be dialable (see `crate::callback::dialable`).
-    pub fn target_for(&self, number: &str) -> Option<String> {
+    pub(crate) fn target_for(&self, number: &str) -> Option<String> {
         let uri = self.trunk_uri.as_deref()?;
         let rest = uri.strip_prefix("sip:")?;
         let (user, host) = match rest.split_once('@') {

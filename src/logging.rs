@@ -19,7 +19,7 @@ pub struct LogConfig {
 
 impl LogConfig {
     /// `number` as log lines show it (see [`redact_number`]).
-    pub fn number(&self, number: &str) -> String {
+    pub(crate) fn number(&self, number: &str) -> String {
         if self.redact_numbers {
             redact_number(number)
         } else {
@@ -28,7 +28,7 @@ impl LogConfig {
     }
 
     /// A SIP URI as log lines show it: its user part as [`LogConfig::number`] shows numbers.
-    pub fn uri(&self, uri: &str) -> String {
+    pub(crate) fn uri(&self, uri: &str) -> String {
         if !self.redact_numbers {
             return uri.to_owned();
         }
@@ -45,7 +45,7 @@ impl LogConfig {
 /// A caller's number with all but its last four digits hidden: `+15550001111` → `***1111`.
 /// Short codes (four characters or fewer, such as `311`) and `anonymous` are shown as they
 /// are; anything else with fewer than four digits (a name) becomes `***`.
-pub fn redact_number(number: &str) -> String {
+pub(crate) fn redact_number(number: &str) -> String {
     if number.chars().count() <= 4 || number.eq_ignore_ascii_case("anonymous") {
         return number.to_owned();
     }

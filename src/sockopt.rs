@@ -16,10 +16,10 @@ pub struct Dscp(pub u8);
 
 impl Dscp {
     /// Expedited Forwarding (RFC 3246), RFC 4594's class for telephony: our RTP by default.
-    pub const EF: Dscp = Dscp(46);
+    pub(crate) const EF: Dscp = Dscp(46);
     /// CS3: the call-signalling class of Cisco's QoS baseline and Asterisk's sample
     /// configuration; our SIP by default.
-    pub const CS3: Dscp = Dscp(24);
+    pub(crate) const CS3: Dscp = Dscp(24);
 }
 
 impl<'de> Deserialize<'de> for Dscp {
@@ -63,7 +63,7 @@ impl Default for QosConfig {
 /// Mark a socket's packets with `dscp` (IPv4 `IP_TOS` or IPv6 `IPV6_TCLASS`; the two ECN bits
 /// are left clear). A failure only costs the marking, so callers log it and go on.
 /// An IPv6 socket also gets `IP_TOS`, for the IPv4 peers it reaches as mapped addresses.
-pub fn set_dscp(socket: &impl AsRawFd, ipv6: bool, dscp: Dscp) -> io::Result<()> {
+pub(crate) fn set_dscp(socket: &impl AsRawFd, ipv6: bool, dscp: Dscp) -> io::Result<()> {
     let tos = libc::c_int::from(dscp.0) << 2;
     let fd = socket.as_raw_fd();
     if ipv6 {
@@ -107,7 +107,7 @@ pub fn set_int(
 }
 
 /// Read an `int` option of `fd`.
-pub fn get_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn get_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` outlive the call and describe a c_int.

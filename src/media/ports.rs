@@ -62,7 +62,7 @@ impl RtpPort {
     /// Drop every datagram waiting on the socket; how many there were. For a port nobody read
     /// while its phone rang: the media clock empties a leg's port as a bridge to it starts,
     /// and a call-back its caller's port as they answer (see the clock's `tick`).
-    pub fn discard_queued(&self) -> usize {
+    pub(crate) fn discard_queued(&self) -> usize {
         let mut buf = [0u8; 2048];
         let mut n = 0;
         // Non-blocking: stops at the first WouldBlock (or any other error).
@@ -83,12 +83,13 @@ impl Drop for RtpPort {
 
 impl PortPool {
     /// A pool whose packets are marked EF (the `qos.rtp_dscp` default).
-    pub fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
+    #[cfg(test)]
+    pub(crate) fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
         Self::with_dscp(range, bind_ip, Dscp::EF)
     }
 
     /// A pool whose packets are marked `dscp` (0: unmarked).
-    pub fn with_dscp(range: PortRange, bind_ip: IpAddr, dscp: Dscp) -> Arc<Self> {
+    pub(crate) fn with_dscp(range: PortRange, bind_ip: IpAddr, dscp: Dscp) -> Arc<Self> {
         // Even ports only (RFC 3550 §11), leaving odd ones for RTCP.
         let first = range.lo + (range.lo % 2);
         let free = (first..=range.hi).step_by(2).collect();
@@ -100,13 +101,13 @@ impl PortPool {
         })
     }
 
-    pub fn available(&self) -> usize {
+    pub(crate) fn available(&self) -> usize {
         self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
     /// Take a free port, drawn at random, and bind it; ports in use by another program are
     /// skipped (another is drawn) and stay in the pool, as they may be free later.
-    pub fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
+    pub(crate) fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
         use rand::Rng;
         for _ in 0..64 {
             let port = {

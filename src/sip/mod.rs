@@ -7,7 +7,7 @@ pub mod guard;
 pub mod message;
 pub mod registrar;
 pub mod resolve;
-pub mod session_timer;
+pub(crate) mod session_timer;
 pub mod transaction;
 pub mod transport;
 pub mod trunk;

@@ -80,7 +80,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn via_name(self) -> &'static str {
+    pub(crate) fn via_name(self) -> &'static str {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
@@ -88,7 +88,7 @@ impl Transport {
     }
 
     /// Reliable transports do not need SIP-level retransmission of requests.
-    pub fn is_reliable(self) -> bool {
+    pub(crate) fn is_reliable(self) -> bool {
         matches!(self, Transport::Tcp)
     }
 }
@@ -217,7 +217,7 @@ struct Connector {
 
 /// How long a TCP connection to a target may take to open before the request fails (a 911
 /// route that does not answer must give way to the next one quickly).
-pub const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 
 /// Connection ids, shared by accepted and opened connections.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -257,7 +257,7 @@ impl TransportHandle {
     /// (at most [`CONNECT_WITHIN`] to open). It is read like an accepted connection, so the
     /// responses and the far end's requests come back along it, and closed after the same idle
     /// time.
-    pub async fn connect_tcp(&self, remote: SocketAddr) -> std::io::Result<Flow> {
+    pub(crate) async fn connect_tcp(&self, remote: SocketAddr) -> std::io::Result<Flow> {
         let c = &self.connector;
         let flow = |conn| Flow {
             transport: Transport::Tcp,
@@ -342,14 +342,14 @@ impl TransportHandle {
     /// (its port is ephemeral, its Contact usually behind NAT), so our BYE when the call ended
     /// here was dropped and the phone stayed in a dead call. Idle connections without a
     /// dialog are still closed, so a peer that opens many and walks away costs nothing.
-    pub fn hold(&self, flow: &Flow) {
+    pub(crate) fn hold(&self, flow: &Flow) {
         if flow.transport == Transport::Tcp && flow.conn != 0 {
             *self.held.entry(flow.conn).or_insert(0) += 1;
         }
     }
 
     /// A dialog over `flow` ended ([`TransportHandle::hold`]).
-    pub fn release(&self, flow: &Flow) {
+    pub(crate) fn release(&self, flow: &Flow) {
         if flow.transport == Transport::Tcp && flow.conn != 0 {
             self.held.remove_if_mut(&flow.conn, |_, n| {
                 *n = n.saturating_sub(1);
@@ -359,7 +359,7 @@ impl TransportHandle {
     }
 
     /// Whether `flow` can be sent on as it is: UDP, or a TCP connection still open.
-    pub fn is_open(&self, flow: &Flow) -> bool {
+    pub(crate) fn is_open(&self, flow: &Flow) -> bool {
         flow.transport == Transport::Udp || (flow.conn != 0 && self.tcp.contains_key(&flow.conn))
     }
 
@@ -377,7 +377,7 @@ impl TransportHandle {
     }
 
     /// Send bytes along a flow. Errors are logged, not returned: SIP retransmission covers loss.
-    pub async fn send(&self, flow: &Flow, data: Bytes) {
+    pub(crate) async fn send(&self, flow: &Flow, data: Bytes) {
         match flow.transport {
             Transport::Udp => {
                 let to = match (self.local, flow.remote) {
@@ -431,7 +431,7 @@ impl TransportHandle {
 }
 
 /// The local IP that routes to `remote` (a UDP connect picks the route; nothing is sent).
-pub fn local_ip_towards(remote: IpAddr) -> Option<IpAddr> {
+pub(crate) fn local_ip_towards(remote: IpAddr) -> Option<IpAddr> {
     let bind = if remote.is_ipv4() {
         SocketAddr::from(([0u8; 4], 0))
     } else {

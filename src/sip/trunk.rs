@@ -113,7 +113,7 @@ fn default_expires() -> u32 {
 impl RegisterConfig {
     /// Refuse what would make a malformed REGISTER (the registrar's address is checked by the
     /// UA core, which knows which address family it is bound to).
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         let user_ok = !self.user.is_empty()
             && self
                 .user
@@ -146,8 +146,8 @@ impl RegisterConfig {
 }
 
 /// First retry after a failure, doubled per consecutive failure up to [`BACKOFF_MAX`].
-pub const BACKOFF_BASE: Duration = Duration::from_secs(30);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(1800);
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_secs(30);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1800);
 
 /// What `/health` shows of the registration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -170,7 +170,7 @@ pub struct RegistrationStatus {
 
 impl RegistrationStatus {
     /// This status `secs` seconds later (the countdowns run down, to zero).
-    pub fn aged(&self, secs: u64) -> Self {
+    pub(crate) fn aged(&self, secs: u64) -> Self {
         RegistrationStatus {
             expires_in: self.expires_in.map(|e| e.saturating_sub(secs)),
             retry_in: self.retry_in.map(|r| r.saturating_sub(secs)),
@@ -181,7 +181,7 @@ impl RegistrationStatus {
 
 /// A REGISTER to send: its bytes and its Via branch (the client transaction's key).
 #[derive(Debug)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     pub bytes: Bytes,
     pub branch: String,
 }
@@ -203,7 +203,7 @@ enum Phase {
 
 /// One registration with the trunk's registrar (see the module docs).
 #[derive(Debug)]
-pub struct TrunkRegistration {
+pub(crate) struct TrunkRegistration {
     cfg: RegisterConfig,
     creds: TrunkCredentials,
     /// `sip:domain`, the Request-URI.
@@ -238,7 +238,7 @@ pub struct TrunkRegistration {
 impl TrunkRegistration {
     /// A registration that sends its first REGISTER at `now`. The registrar URI must already
     /// have been checked (the UA core refuses unusable targets before this).
-    pub fn new(cfg: RegisterConfig, creds: TrunkCredentials, now: Instant) -> Self {
+    pub(crate) fn new(cfg: RegisterConfig, creds: TrunkCredentials, now: Instant) -> Self {
         let domain = cfg
             .domain
             .clone()
@@ -267,27 +267,27 @@ impl TrunkRegistration {
         }
     }
 
-    pub fn registrar(&self) -> &str {
+    pub(crate) fn registrar(&self) -> &str {
         &self.cfg.registrar
     }
 
     /// Whether the last REGISTER failed (and the next is a retry, at the name's next address).
-    pub fn failing(&self) -> bool {
+    pub(crate) fn failing(&self) -> bool {
         self.failures > 0 || self.failed_over > 0
     }
 
     /// The registrar's name was looked up and has `n` addresses.
-    pub fn set_addresses(&mut self, n: usize) {
+    pub(crate) fn set_addresses(&mut self, n: usize) {
         self.addresses = n.max(1);
     }
 
     /// Whether the registrar is reached over TCP (`;transport=tcp`).
-    pub fn over_tcp(&self) -> bool {
+    pub(crate) fn over_tcp(&self) -> bool {
         wants_tcp(&self.cfg.registrar)
     }
 
     /// When the next REGISTER is due; `None` while one is in flight or after unbinding.
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Idle { at, .. } | Phase::Failed { at, .. } => Some(*at),
             Phase::InFlight { .. } | Phase::Stopped => None,
@@ -295,7 +295,7 @@ impl TrunkRegistration {
     }
 
     /// The REGISTER that is due at `now` (refresh or retry), sent from `local`.
-    pub fn poll(&mut self, now: Instant, local: SocketAddr) -> Option<Outgoing> {
+    pub(crate) fn poll(&mut self, now: Instant, local: SocketAddr) -> Option<Outgoing> {
         if self.due().is_none_or(|at| at > now) {
             return None;
         }
@@ -309,7 +309,7 @@ impl TrunkRegistration {
 
     /// Remove the binding (draining): `Expires: 0` now if we may hold one (bound, or a
     /// REGISTER in flight), and nothing after.
-    pub fn unregister(&mut self, local: SocketAddr) -> Option<Outgoing> {
+    pub(crate) fn unregister(&mut self, local: SocketAddr) -> Option<Outgoing> {
         let had = match &self.phase {
             Phase::Idle { bound_until, .. } => bound_until.is_some(),
             Phase::InFlight { bound_until } => bound_until.is_some(),
@@ -327,7 +327,7 @@ impl TrunkRegistration {
 
     /// The final response to our REGISTER; returns a REGISTER to send at once (the challenge
     /// answered, or a longer interval after 423).
-    pub fn on_final(&mut self, now: Instant, resp: &Response) -> Option<Outgoing> {
+    pub(crate) fn on_final(&mut self, now: Instant, resp: &Response) -> Option<Outgoing> {
         let local = self.local?;
         let bound_until = self.bound_until(now);
         if self.removing {
@@ -417,7 +417,7 @@ impl TrunkRegistration {
     }
 
     /// Our REGISTER got no final answer (timer F).
-    pub fn on_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
         if self.removing || self.phase == Phase::Stopped {
             self.removing = false;
             return;
@@ -426,7 +426,7 @@ impl TrunkRegistration {
     }
 
     /// The registrar's host name did not resolve: the REGISTER that was due is retried later.
-    pub fn unreachable(&mut self, now: Instant, why: String) {
+    pub(crate) fn unreachable(&mut self, now: Instant, why: String) {
         if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
             self.failed_with(now, why, None, false);
         }
@@ -434,14 +434,14 @@ impl TrunkRegistration {
 
     /// The REGISTER that was due could not be sent to the address chosen (a TCP connection
     /// refused): the name's next address is tried at once, as after a timeout.
-    pub fn transport_error(&mut self, now: Instant, why: String) {
+    pub(crate) fn transport_error(&mut self, now: Instant, why: String) {
         if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
             self.failed_with(now, why, None, true);
         }
     }
 
     /// What `/health` shows.
-    pub fn status(&self, now: Instant) -> RegistrationStatus {
+    pub(crate) fn status(&self, now: Instant) -> RegistrationStatus {
         let mut s = RegistrationStatus {
             state: "registering".into(),
             aor: self.aor.clone(),
@@ -469,7 +469,8 @@ impl TrunkRegistration {
     }
 
     /// Bound now (a binding we were granted has not lapsed).
-    pub fn is_registered(&self, now: Instant) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_registered(&self, now: Instant) -> bool {
         self.bound_until(now).is_some()
     }
 
@@ -857,7 +858,7 @@ impl TrunkClient {
 
 /// Wait before retry number `failures` (1 = the first failure): 30 s doubling to 30 min, times
 /// `jitter` in [0.5, 1] (RFC 5626 §4.5), so nodes that failed together do not retry together.
-pub fn backoff(failures: u32, unit: f64) -> Duration {
+pub(crate) fn backoff(failures: u32, unit: f64) -> Duration {
     let doubled = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
     doubled
         .min(BACKOFF_MAX)

@@ -84,13 +84,13 @@ impl OutboundHandle {
     /// 911 bridge and the call-back ask first, to offer media in the far end's address family,
     /// then hand one address to [`OutboundHandle::invite_to`] so a name is looked up once (and
     /// the bridge tries the next address when that one is down).
-    pub async fn destinations(&self, target: &str) -> Result<Vec<SocketAddr>, String> {
+    pub(crate) async fn destinations(&self, target: &str) -> Result<Vec<SocketAddr>, String> {
         self.resolver.resolve_all(target.trim(), self.bound).await
     }
 
     /// [`OutboundHandle::invite`] to a `destination` [`OutboundHandle::destinations`] gave
     /// for `target` (a failed lookup fails the call at once with 503, as there).
-    pub async fn invite_to(
+    pub(crate) async fn invite_to(
         &self,
         target: &str,
         destination: Result<SocketAddr, String>,
@@ -119,7 +119,7 @@ impl OutboundHandle {
     /// `sip:`/`sips:` URI, its host need not be an IP address. A flow the UA cannot use (IPv6
     /// while SIP is bound to IPv4, port 0...) fails at once with 503; a TCP connection that has
     /// closed shows as no answer (408).
-    pub async fn invite_via(
+    pub(crate) async fn invite_via(
         &self,
         target: &str,
         flow: Flow,

@@ -131,14 +131,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// Methods we implement, for `Allow`.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 
 /// `Allow` when agents can log in (a registrar is configured).
-pub const ALLOW_WITH_REGISTER: &str =
+pub(crate) const ALLOW_WITH_REGISTER: &str =
     "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REGISTER";
 
 /// Internal dialog id.
-pub type DialogId = u64;
+pub(crate) type DialogId = u64;
 
 /// Figures for the HTTP API.
 #[derive(Debug, Default)]
@@ -159,7 +159,7 @@ pub struct UaStats {
 }
 
 /// How often an idle UA loop turns anyway, to show it still would.
-pub const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// An agent's log-ins refused for repeated failures ([`UaStats::login_locks`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -173,7 +173,7 @@ pub struct LoginLock {
 
 impl UaStats {
     /// The agents whose log-ins are locked now ([`crate::sip::registrar`]'s back-off).
-    pub fn login_locks(&self) -> Vec<LoginLock> {
+    pub(crate) fn login_locks(&self) -> Vec<LoginLock> {
         let now = Instant::now();
         let left = |t: Option<Instant>| {
             t.filter(|t| *t > now)
@@ -192,7 +192,7 @@ impl UaStats {
     }
 
     /// Our registration with the trunk (`trunks.register`) as it stands now.
-    pub fn trunk_registration(&self) -> Option<RegistrationStatus> {
+    pub(crate) fn trunk_registration(&self) -> Option<RegistrationStatus> {
         let guard = self.trunk.lock().unwrap_or_else(|e| e.into_inner());
         let (at, status) = guard.as_ref()?;
         Some(status.aged(at.elapsed().as_secs()))
@@ -262,7 +262,7 @@ impl UaCore {
 
     /// Look host names up with `resolver` (shared, so its cache is). Default: one of the
     /// system's configuration ([`Resolver::system`]).
-    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
+    pub(crate) fn with_resolver(mut self, resolver: Resolver) -> Self {
         self.resolver = resolver;
         self
     }
@@ -276,7 +276,7 @@ impl UaCore {
     }
 
     /// Drop what `screening` says (see the module docs), counting each drop in `metrics`.
-    pub fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_screening(mut self, screening: Screening, metrics: Arc<Metrics>) -> Self {
         self.core.acceptor = Acceptor::new(screening);
         self.core.metrics = Some(metrics);
         self
@@ -284,7 +284,7 @@ impl UaCore {
 
     /// Let agents log in through this registrar: REGISTER is answered by it (and listed in
     /// `Allow`). Without one, REGISTER gets 403.
-    pub fn with_registrar(mut self, registrar: Registrar) -> Self {
+    pub(crate) fn with_registrar(mut self, registrar: Registrar) -> Self {
         self.core.agents.registrar = Some(registrar);
         self
     }
@@ -293,14 +293,14 @@ impl UaCore {
     /// call-backs; not an operator's phone reached over its registration) once, with these
     /// credentials (RFC 3261 §22.2, digest as RFC 7616). Without them, or if the answer is
     /// challenged again, the leg fails with that code.
-    pub fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
+    pub(crate) fn with_trunk_auth(mut self, creds: TrunkCredentials) -> Self {
         self.core.initiator.auth = creds;
         self
     }
 
     /// Show the user part of outbound targets (a call-back dials the caller's number) as
     /// `log` says; call before [`UaCore::outbound`].
-    pub fn with_log(mut self, log: LogConfig) -> Self {
+    pub(crate) fn with_log(mut self, log: LogConfig) -> Self {
         self.core.log = log;
         self
     }
@@ -308,7 +308,7 @@ impl UaCore {
     /// Register with the trunk as `cfg` says (see [`crate::sip::trunk`]), answering its
     /// challenges with the [`UaCore::with_trunk_auth`] credentials (so call that first), and
     /// remove the binding once `draining` is cancelled. An unusable `cfg` is refused.
-    pub fn with_trunk_registration(
+    pub(crate) fn with_trunk_registration(
         mut self,
         cfg: Option<RegisterConfig>,
         draining: CancellationToken,
@@ -321,7 +321,7 @@ impl UaCore {
 
     /// [`UaCore::with_registrar`] for these `(agent id, password or its hashes)` pairs, with
     /// digest realm `realm` and a random nonce secret; no agents, no registrar.
-    pub fn with_agents<S: Into<AgentSecret>>(
+    pub(crate) fn with_agents<S: Into<AgentSecret>>(
         self,
         realm: &str,
         agents: impl IntoIterator<Item = (String, S)>,
@@ -345,7 +345,7 @@ impl UaCore {
     /// Agents logging in and out, in order; take it before [`UaCore::run`]. Only the receiver
     /// of the latest call hears events. Events are dropped (with a warning) when the receiver
     /// lags 1024 behind; [`UaCore::agent_contacts`] is always current.
-    pub fn agent_events(&mut self) -> mpsc::Receiver<AgentEvent> {
+    pub(crate) fn agent_events(&mut self) -> mpsc::Receiver<AgentEvent> {
         let (tx, rx) = mpsc::channel(1024);
         self.core.agents.events = Some(tx);
         rx
@@ -354,7 +354,7 @@ impl UaCore {
     /// Agent id → (preferred contact URI, flow it registered over), for every agent logged in;
     /// kept current by the UA task. Read it to place an INVITE to an agent with
     /// [`OutboundHandle::invite_via`].
-    pub fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
+    pub(crate) fn agent_contacts(&self) -> Arc<DashMap<String, (String, Flow)>> {
         self.core.agents.contacts.clone()
     }
 
