@@ -14,8 +14,10 @@
 //! | [`sip::message`] | the wire format (the only user of `rsip`), compact-form normalisation |
 //! | [`sip::transaction`] | sans-IO RFC 3261 transactions and their timers |
 //! | [`sip::dialog`] | dialog identifiers, route set, CSeq |
-//! | [`sip::ua`] | the UA core task: transactions + dialogs (inbound and outbound), events to calls |
+//! | [`sip::ua`] | the UA core: sans-IO by role (acceptor, initiator, session timers, agents' REGISTER, our trunk registration) behind one tokio task; events to calls |
 //! | [`sip::registrar`] | agents' REGISTER with digest authentication |
+//! | [`sip::trunk`] | our registration with a SIP trunk, sans-IO, and the `trunks:` section |
+//! | [`sip::resolve`] | host names in the URIs we send to (hickory-resolver), RFC 3263 order and failover |
 //! | [`sip::guard`] | trunk allow-lists, per-source rate limits, scanner User-Agents |
 //! | [`media::sdp`] | SDP offer/answer (webrtc-rs `rtc-sdp`) |
 //! | [`media::rtp`] | RTP packets (webrtc-rs `rtc-rtp`), symmetric-RTP latch |
@@ -41,8 +43,8 @@
 //! | [`logging`] | what log lines may show of callers (`log:`, numbers redacted) |
 //! | [`sockopt`] | QoS marking (`qos:`, DSCP) and the integer socket options std does not expose |
 //!
-//! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
-//! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
+//! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api`,
+//! `server` or `config` (each owns its settings types; `config` aggregates them); `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
 //! (calls act for it through channels). `callback` is a driver like `call`: it may use
 //! `sip`, `media`, `dispatch` and `call`'s shared pieces (menu holder), never a live call.
 //!

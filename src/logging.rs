@@ -1,5 +1,5 @@
 //! What the server's log lines may show of callers: the `log:` section ([`LogConfig`]) and
-//! the redaction of callers' numbers ([`redact_number`]).
+//! the redaction of callers' numbers (`redact_number`).
 //!
 //! Used by the SIP UA (outbound targets), the calls and the call-backs; imports nothing from
 //! the rest of the crate. Setting up the log output itself is `main.rs`'s.

@@ -1,5 +1,5 @@
 //! Socket options that std and tokio do not expose: the QoS marking of our packets (the
-//! `qos:` section, [`QosConfig`], [`set_dscp`]) and integer options such as `SO_RCVBUF` as
+//! `qos:` section, [`QosConfig`], `set_dscp`) and integer options such as `SO_RCVBUF` as
 //! granted. One place for the `unsafe` `setsockopt`/`getsockopt` calls, used by the SIP
 //! transport and the RTP port pool.
 //!

@@ -1,8 +1,8 @@
 //! SIP dialogs (RFC 3261 §12): identifiers, route set, remote target and CSeq.
 //!
 //! A [`Dialog`] is created by the UA core either when an INVITE arrives (UAS side,
-//! [`Dialog::from_invite`], filled in by the responses it sends) or when a 2xx answers an INVITE
-//! we sent (UAC side, [`Dialog::from_uac`]). It builds the in-dialog requests we originate (BYE,
+//! `Dialog::from_invite`, filled in by the responses it sends) or when a 2xx answers an INVITE
+//! we sent (UAC side, `Dialog::from_uac`). It builds the in-dialog requests we originate (BYE,
 //! REFER, INFO, and the ACK for a 2xx) and checks the CSeq of the ones we receive. No I/O, no
 //! timers.
 //!

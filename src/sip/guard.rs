@@ -1,9 +1,9 @@
 //! Who may talk to the SIP core, and how often: source networks ([`IpNet`], for the trunk
-//! allow-list), per-source token buckets ([`RateLimiter`], for floods of OPTIONS, REGISTER and
+//! allow-list), per-source token buckets (`RateLimiter`, for floods of OPTIONS, REGISTER and
 //! other out-of-dialog requests, and for the transport's answers to malformed messages),
-//! per-source log windows ([`LogThrottle`], one log line per source and window for a flood of
-//! garbage), per-source limits on new calls from untrusted sources ([`CallLimiter`]: calls at
-//! once and INVITE rate), per-source caps on inbound TCP connections ([`ConnectionLimiter`])
+//! per-source log windows (`LogThrottle`, one log line per source and window for a flood of
+//! garbage), per-source limits on new calls from untrusted sources (`CallLimiter`: calls at
+//! once and INVITE rate), per-source caps on inbound TCP connections (`ConnectionLimiter`)
 //! and the User-Agent names of known SIP scanners.
 //!
 //! Sans-IO: the UA core (or the transport) passes the source address and the time in and gets a

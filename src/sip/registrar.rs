@@ -40,7 +40,7 @@
 //! away the password, which people reuse elsewhere, and it is bound to this realm ([`REALM`]).
 //!
 //! Guessing. Nonces are bound to the source they were sent to (an IPv4 address or an IPv6 /64,
-//! [`Source`]): the HMAC covers it, and a nonce answered from another source is not ours. A
+//! `Source`): the HMAC covers it, and a nonce answered from another source is not ours. A
 //! failed attempt counts only when it answers a nonce we sent to that same source, i.e. from
 //! a peer that receives our answers there: spoofed UDP, which never sees the challenge, counts
 //! for nothing and can lock nobody out. What counts:
@@ -54,7 +54,7 @@
 //!   guesses from elsewhere lock out new addresses only, and the agent's phone at its usual
 //!   address keeps logging in with the right password. A locked class gets `403` without its
 //!   digest being looked at. Names that are no agent are tracked the same way (bounded), so
-//!   the answers never tell whether an agent exists. [`Registrar::locks`] lists the agents
+//!   the answers never tell whether an agent exists. `Registrar::locks` lists the agents
 //!   locked now (for `/admin/agents`).
 //!
 //! A request without credentials always gets a challenge (a phone behind a blocked source
@@ -63,7 +63,7 @@
 //! agents never are), and at most 10,000 nonces in use. Usual addresses are learned since
 //! start: after a restart an agent's first log-in comes from a new address.
 //!
-//! The client side of the same digest lives here too ([`answer_challenge`]): the UA answers a
+//! The client side of the same digest lives here too (`answer_challenge`): the UA answers a
 //! SIP trunk's `401`/`407` to our outbound INVITEs (911 bridges, call-backs) with the
 //! configured [`Credentials`].
 
@@ -411,7 +411,7 @@ impl AccountGuard {
     }
 }
 
-/// An agent locked out (a class of its sources), as [`Registrar::locks`] reports it.
+/// An agent locked out (a class of its sources), as `Registrar::locks` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountLock {
     pub agent: String,

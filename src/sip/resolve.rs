@@ -8,10 +8,10 @@
 //! as long as their TTL says: a changed DNS record takes effect when the old one expires,
 //! without a restart.
 //!
-//! How, after RFC 3263 section 4 ([`Resolver::resolve_all`]):
+//! How, after RFC 3263 section 4 (`Resolver::resolve_all`):
 //! - A name without a port is first looked up as a SIP service: the SRV records of
 //!   `_sip._udp.<name>` (`_sip._tcp.` for `;transport=tcp`), ordered by priority and, within
-//!   one, by a weighted random draw (RFC 2782: [`srv_order`]). Carriers publish their gateways
+//!   one, by a weighted random draw (RFC 2782: `srv_order`). Carriers publish their gateways
 //!   this way, each with its port. A name without SRV records (most of them) is taken as a host
 //!   at port 5060; a single record with the target "." says there is no SIP service there, and
 //!   the request fails.
@@ -22,13 +22,13 @@
 //!   either family when it is bound to `[::]`, dual-stack) are kept, in that order. A request
 //!   goes to the first, and the 911 bridge, the call-back and the registration move on to the
 //!   next when one is down (RFC 3263 section 4.3: no response, a transport error, or 503;
-//!   [`choose_untried`] for the registration).
+//!   `choose_untried` for the registration).
 //!
 //! DNS itself (the queries, the answers, the cache, `/etc/resolv.conf` or the name servers of
 //! `dns.nameservers`) is hickory-resolver's; the order and the failover are ours. NAPTR records
 //! are not consulted (the transport is UDP unless the URI says `;transport=tcp`). Lookups are
-//! limited: the SRV query to [`SRV_WITHIN`] (a resolver that does not answer it is taken as "no
-//! SRV records"), the address lookups after it to [`RESOLVE_WITHIN`] together, so a stalled
+//! limited: the SRV query to `SRV_WITHIN` (a resolver that does not answer it is taken as "no
+//! SRV records"), the address lookups after it to `RESOLVE_WITHIN` together, so a stalled
 //! resolver fails the request within 3 s instead of holding a 911 caller.
 
 use crate::sip::message::{uri_host_and_port, uri_host_port, uri_socket_addr, uri_transport};

@@ -3,10 +3,10 @@
 //! Each transaction is a plain state machine: the UA core feeds it what arrived and the current
 //! time (`now`), and it answers with [`Output`]s (bytes to transmit, a timeout to report, "I am
 //! done"). It never reads a clock, owns no socket and spawns nothing; [`crate::sip::ua`] drives
-//! every transaction from one tokio task and asks [`ServerTransaction::next_deadline`] /
-//! [`ClientTransaction::next_deadline`] when to wake up next.
+//! every transaction from one tokio task and asks `ServerTransaction::next_deadline` /
+//! `ClientTransaction::next_deadline` when to wake up next.
 //!
-//! Timers live in one table indexed by [`Timer`] ([`Timers`]), as RFC 3261 names them:
+//! Timers live in one table indexed by [`Timer`] (`Timers`), as RFC 3261 names them:
 //!
 //! | side | kind | timers |
 //! | --- | --- | --- |

@@ -11,7 +11,7 @@
 //! because otherwise they are an amplifier: a spoofed UDP source can make the server answer
 //! every datagram of a garbage flood (to a victim, at the server's bandwidth and CPU), and even
 //! an unanswerable flood would write a log line per packet, filling disks and burying real
-//! events. So (per IPv4 address or IPv6 /64, as [`crate::sip::guard::RateLimiter`] keys them):
+//! events. So (per IPv4 address or IPv6 /64, as `crate::sip::guard::RateLimiter` keys them):
 //!
 //! - error answers follow a token bucket, by default a burst of 50 and then 20 per second
 //!   ([`TransportLimits::malformed_answers_burst`], `malformed_answers_per_second`); past it the
@@ -21,9 +21,9 @@
 //! - the first malformed message of a source is logged (`warn`) with its reason; further ones
 //!   within 10 s ([`TransportLimits::malformed_log_window`]) are not, and when the window is
 //!   over one line says "N malformed messages from X suppressed in the last Ts"
-//!   ([`crate::sip::guard::LogThrottle`]; a task checks once a second).
+//!   (`crate::sip::guard::LogThrottle`; a task checks once a second).
 //!
-//! Both tables hold at most [`crate::sip::guard::MAX_SOURCES`] sources (beyond that newcomers
+//! Both tables hold at most `crate::sip::guard::MAX_SOURCES` sources (beyond that newcomers
 //! share one bucket and one window). They sit behind one `std::sync::Mutex` in the
 //! [`TransportHandle`], shared by the UDP and TCP readers and held only for the look-up.
 //!
@@ -33,16 +33,16 @@
 //!   and at most [`TransportLimits::max_tcp_connections_per_source`] from one source (IPv4
 //!   address or IPv6 /64) unless it is a trusted trunk ([`TransportLimits::trusted`]); further
 //!   ones are closed at once, counted (`ivr311_sip_tcp_refused_total{limit}`) and logged once
-//!   per source and window ([`crate::sip::guard::ConnectionLimiter`]);
-//! - connections we open ([`TransportHandle::connect_tcp`]: `transport=tcp` 911 routes,
+//!   per source and window (`crate::sip::guard::ConnectionLimiter`);
+//! - connections we open (`TransportHandle::connect_tcp`: `transport=tcp` 911 routes,
 //!   trunks, call-backs) have a budget of the same size of their own, so peers holding every
 //!   inbound slot cannot make a 911 bridge fail;
 //! - a connection the far end sends no SIP message on for [`TransportLimits::tcp_idle`] is
 //!   closed: CRLF keep-alives (RFC 5626) are consumed but are not activity, so a peer cannot
 //!   hold a slot with them alone. A connection a dialog or an operator's registration runs over
-//!   is kept ([`TransportHandle::hold`]).
+//!   is kept (`TransportHandle::hold`).
 //!
-//! Sending goes through [`TransportHandle::send`] on a [`Flow`]: UDP sends to the flow's remote
+//! Sending goes through `TransportHandle::send` on a [`Flow`]: UDP sends to the flow's remote
 //! address; TCP writes to the connection the flow names (each connection has a writer task with a
 //! bounded queue).
 //!
@@ -122,7 +122,7 @@ pub struct TransportLimits {
     /// Sources exempt from `max_tcp_connections_per_source` (the trunks, `trunks.allow`).
     pub trusted: Vec<IpNet>,
     /// A TCP connection with no SIP message from the far end for this long is closed (unless
-    /// held, see [`TransportHandle::hold`]); keep-alives do not count.
+    /// held, see `TransportHandle::hold`); keep-alives do not count.
     pub tcp_idle: Duration,
     /// Error answers to malformed requests per second and source, after the burst; 0: no limit.
     pub malformed_answers_per_second: u32,

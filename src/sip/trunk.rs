@@ -5,7 +5,7 @@
 //! for it, and forget that contact when the registration lapses. Without this the 311 number
 //! would ring nowhere: the trunk answers its callers with 404 or 480 while ivr311 sits idle.
 //!
-//! [`TrunkRegistration`] decides what to send and when. `TrunkClient` wraps it with where the
+//! `TrunkRegistration` decides what to send and when. `TrunkClient` wraps it with where the
 //! REGISTERs go: a registrar named by a host name is looked up before each REGISTER, a TCP
 //! connection is opened when none is, and what the REGISTER that is due waits for is one enum
 //! (`Reach`: idle, resolving, connecting). Both are sans-IO: the UA core

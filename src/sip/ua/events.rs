@@ -3,7 +3,7 @@
 //! Owns the public event types ([`IncomingCall`], [`AppEvent`], [`DialogEvent`], [`LegEvent`])
 //! and their delivery: each listener's events go into its bounded channel while there is
 //! room, else in order into a bounded backlog ([`EventQueue`]) that the driver flushes when
-//! the listener has room again ([`Action::WaitForRoom`], [`Command::Room`]). A listener more
+//! the listener has room again ([`Action::WaitForRoom`], [`super::handle::Command::Room`]). A listener more
 //! than [`MAX_EVENT_BACKLOG`] behind has its dialog ended (`Core::end_backlogged`). Nothing
 //! here waits: the waiting is the driver's. It does not touch transactions or dialogs' state
 //! beyond their event sinks.
@@ -164,7 +164,7 @@ impl Event for LegEvent {
 }
 
 /// Events for one listener, in order: into its channel while there is room, else into a
-/// bounded backlog that [`Command::Room`] flushes.
+/// bounded backlog that [`super::handle::Command::Room`] flushes.
 pub(super) struct EventQueue<T> {
     pub(super) tx: mpsc::Sender<T>,
     backlog: VecDeque<T>,

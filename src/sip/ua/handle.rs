@@ -46,7 +46,7 @@ impl OutboundHandle {
     /// means 5060). A name is looked up first (A/AAAA, see [`crate::sip::resolve`]); one that
     /// does not resolve fails at once with [`LegEvent::Failed`] 503. A target with
     /// `;transport=tcp` (a PSAP's ESInet border, a carrier that takes TCP only) goes over a TCP
-    /// connection we open ([`TransportHandle::connect_tcp`]); one that cannot be opened within
+    /// connection we open (`TransportHandle::connect_tcp`); one that cannot be opened within
     /// 2 s fails the same way.
     ///
     /// From is `"<from_display>" <sip:<from_user>@<our address>>;tag=...`, so that the far end
@@ -343,7 +343,7 @@ impl DialogHandle {
     }
 
     /// Send a request inside the dialog (REFER, INFO...); the outcome arrives as
-    /// [`DialogEvent::RequestOutcome`] with `req`.
+    /// [`super::DialogEvent::RequestOutcome`] with `req`.
     pub async fn request(
         &self,
         req: u64,

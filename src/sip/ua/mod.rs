@@ -1,11 +1,33 @@
 //! The SIP user agent core: one tokio task that owns every transaction and dialog.
 //!
 //! Inputs: parsed messages from [`crate::sip::transport`], commands from calls
-//! ([`DialogHandle`]), and the earliest transaction deadline. Outputs: bytes to the transport,
-//! [`AppEvent::Invite`] for each new call, and [`DialogEvent`]s to the call that owns a dialog.
-//! All state lives in plain maps owned by this task, so nothing here takes a lock.
+//! ([`DialogHandle`], [`OutboundHandle`]), and the earliest deadline. Outputs: bytes to the
+//! transport, [`AppEvent::Invite`] for each new call, [`DialogEvent`]s to the call that owns a
+//! dialog, [`LegEvent`]s to the owner of an outbound leg. All state lives in plain maps owned by
+//! this task, so nothing here takes a lock.
 //!
-//! What it answers by itself:
+//! # Layout
+//!
+//! The protocol logic is sans-IO: `Core` takes each input with `now` and never reads a clock,
+//! sends, spawns or waits; what must happen outside it comes out as actions that
+//! [`UaCore::run`] carries out in order (sending along a flow, holding a TCP connection open,
+//! waiting for room in a call's channel, looking up or connecting to the trunk's registrar).
+//! The unit tests drive `Core` on virtual time with no socket.
+//!
+//! | file | owns | does not touch |
+//! | --- | --- | --- |
+//! | `mod.rs` | the public types below, [`UaCore`]: its builder and the driver loop (the transport, the commands, the tasks on the server's tracker, the heartbeat) | protocol decisions |
+//! | `core.rs` | `Core`: the transaction and dialog tables, the timers table, routing each input to its role, requests we send in a dialog, hanging up | a role's own state |
+//! | `acceptor.rs` | inbound requests: screening and per-source call limits, INVITE, CANCEL, ACK, in-dialog requests, the call's answers | outbound legs |
+//! | `initiator.rs` | outbound legs until their final response: INVITE, digest retry, CANCEL and the 2xx that crosses it, forks; target checks | inbound calls |
+//! | `session.rs` | session-timer glue (RFC 4028, logic in `crate::sip::session_timer`): refreshes, BYE for a caller that stopped | answering requests |
+//! | `registrar.rs` | agents' REGISTER glue (logic in [`crate::sip::registrar`]): contacts, expiry, [`AgentEvent`]s | calls |
+//! | `registration.rs` | our registration with the trunk, glue to the trunk core ([`crate::sip::trunk`]) | dialogs, calls |
+//! | `events.rs` | the event types and their delivery: bounded channels and backlogs, never dropped | transactions |
+//! | `handle.rs` | [`DialogHandle`], [`OutboundHandle`] and their commands; DNS and TCP connects for outbound targets, in the caller's task | the core's state |
+//!
+//! # What it answers by itself
+//!
 //! - INVITE: `100 Trying` at once, then hands the call up; the call answers (200 with SDP, 488,
 //!   503...) through its [`DialogHandle`]. A 2xx is retransmitted until the ACK (timer G).
 //! - CANCEL: `200` for the CANCEL, `487` for the INVITE, and the call hears [`DialogEvent::Cancelled`].
@@ -14,64 +36,76 @@
 //! - Out of dialog: OPTIONS gets 200 (monitoring pings); SUBSCRIBE, MESSAGE... get 405 with
 //!   `Allow`; methods we do not know get 501.
 //! - REGISTER (operators logging in): answered by the [`Registrar`] when agents are configured
-//!   ([`UaCore::with_registrar`], [`UaCore::with_agents`]; `Allow` then lists REGISTER), else
-//!   403. Log-ins and log-outs go out as [`AgentEvent`]s on their own channel
-//!   ([`UaCore::agent_events`], so the [`AppEvent`] consumers are untouched), and the preferred
-//!   contact of every agent logged in is kept in a shared map ([`UaCore::agent_contacts`]).
-//!   Binding expiry rides on the same timer heap as the transactions.
-//! - Screening, before any of the above and before any state is made ([`UaCore::with_screening`]):
+//!   (`UaCore::with_agents`; `Allow` then lists REGISTER), else 403. Log-ins and log-outs go
+//!   out as [`AgentEvent`]s on their own channel (`UaCore::agent_events`, so the [`AppEvent`]
+//!   consumers are untouched), and the preferred contact of every agent logged in is kept in a
+//!   shared map (`UaCore::agent_contacts`). The flow a phone registered over is held open while
+//!   it is logged in (a phone on TCP is reached only along its connection). Binding expiry
+//!   rides on the same timers table as the transactions. Nonces are bound to their source and
+//!   repeated failures lock an account's log-ins, as [`crate::sip::registrar`] says; the locks
+//!   are published for `/admin/agents` ([`UaStats`]).
+//! - Screening, before any of the above and before any state is made (`UaCore::with_screening`):
 //!   requests from a known SIP scanner (by `User-Agent`, see [`crate::sip::guard`]) outside a
 //!   dialog, INVITEs from sources outside the trunk allow-list, and out-of-dialog requests other
 //!   than INVITE and CANCEL past their source's token bucket are dropped without an answer and
 //!   counted in `ivr311_sip_requests_dropped_total{reason}`. Requests in an existing dialog are
 //!   never screened.
-//! - Per-source call limits ([`Screening::max_calls_per_source`], [`Screening::invites_per_second`],
-//!   [`guard::CallLimiter`]): a new INVITE from a source that is not a trusted trunk (listed in
-//!   `trunks.allow`) is refused with `503` and `Retry-After` when its source already has that
-//!   many calls, or is past its INVITE rate. The refusal is stateless (RFC 3261 §8.2.7): no
-//!   transaction is kept and the 503 is sent once, not retransmitted, so a flood with a
-//!   spoofed source costs no memory and is not amplified; past a bucket of refusals per source
-//!   the INVITE is dropped unanswered. Each is counted (`ivr311_sip_invites_limited_total`),
-//!   and logged once per source and 10 s, with a summary of the rest.
+//! - Per-source call limits ([`Screening::max_calls_per_source`], [`Screening::invites_per_second`]):
+//!   a new INVITE from a source that is not a trusted trunk (listed in `trunks.allow`) is
+//!   refused with `503` and `Retry-After` when its source already has that many calls, or is
+//!   past its INVITE rate. The refusal is stateless (RFC 3261 §8.2.7): no transaction is kept
+//!   and the 503 is sent once, not retransmitted, so a flood with a spoofed source costs no
+//!   memory and is not amplified; past a bucket of refusals per source the INVITE is dropped
+//!   unanswered. Each is counted (`ivr311_sip_invites_limited_total`), and logged once per
+//!   source and 10 s, with a summary of the rest.
 //! - Retransmitted requests are absorbed by their server transaction (the last response is sent
 //!   again), so a retransmitted INVITE never becomes a second call and a retransmitted INFO is
 //!   never a second digit.
 //! - Extensions: `Require: 100rel` is honoured by sending no provisional but 100; session
 //!   timers (RFC 4028) are agreed in our 2xx and kept by this task (refreshes counted, our own
-//!   sent, BYE when the caller stops: [`crate::sip::session_timer`]); any other required
-//!   extension gets 420.
+//!   sent, BYE when the caller stops); any other required extension gets 420.
 //! - Our own registration with a trunk (`trunks.register`, [`crate::sip::trunk`]): REGISTERs in
-//!   client transactions of their own, refreshed on the timer heap, removed when draining.
+//!   client transactions of their own, the registrar's name looked up before each (by
+//!   [`Resolver`], off this task), refreshed on the timers table, removed when draining.
 //!
-//! Events are never dropped. A call (or an outbound leg's owner) reads its [`DialogEvent`]s
-//! from a bounded channel; when that channel is full, further events wait in order in a
-//! bounded backlog of the dialog (`EventQueue`), and a task (owned by the server's
-//! [`TaskTracker`], [`UaCore::with_tasks`]) waits for room and has the UA core deliver them.
-//! A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep up: its dialog is ended
-//! as if the call had released it (BYE, or 500 before the answer, CANCEL for an outbound leg
-//! not answered), counted in `ivr311_calls_ended_backlogged_total`, and the call, once it has
-//! read what was queued, finds its channel closed. When a dialog ends with events still
-//! queued (a BYE behind a burst of INFOs), a task hands them over in order (for up to 30 s)
-//! before the channel closes.
+//! # Events are never dropped
 //!
-//! Where we send: responses go back to the source address of the request (the `rport`
-//! behaviour of RFC 3581, applied whether or not the client asked), and requests we originate
-//! inside a dialog go back along the flow the dialog came in on rather than to the Contact.
-//! 311 callers are often behind NAT, where the Contact is a private address; the flow is the one
-//! path known to work. The Route set from Record-Route is still honoured in the request.
+//! A call (or an outbound leg's owner) reads its [`DialogEvent`]s from a bounded channel; when
+//! that channel is full, further events wait in order in a bounded backlog of the dialog, and a
+//! task (owned by the server's [`TaskTracker`], `UaCore::with_tasks`) waits for room and has
+//! the UA core deliver them. A call more than [`MAX_EVENT_BACKLOG`] events behind cannot keep
+//! up: its dialog is ended as if the call had released it (BYE, or 500 before the answer,
+//! CANCEL for an outbound leg not answered), counted in `ivr311_calls_ended_backlogged_total`,
+//! and the call, once it has read what was queued, finds its channel closed. When a dialog ends
+//! with events still queued (a BYE behind a burst of INFOs), a task hands them over in order
+//! (for up to 30 s) before the channel closes.
 //!
-//! Outbound calls (UAC), for bridging a caller to 911 or an operator: [`OutboundHandle::invite`]
-//! sends an INVITE over UDP to a `sip:` URI (an IP literal, or a host name the caller's task
-//! looks up first: [`crate::sip::resolve`]) and reports progress as
-//! [`LegEvent`]s; [`OutboundHandle::invite_via`] sends it along a given flow instead (an agent's
-//! registration flow, which reaches phones behind NAT). On the first 2xx the UA builds the UAC dialog ([`Dialog::from_uac`]), ACKs it
-//! itself (and ACKs every retransmission of that 2xx again), and from then on the dialog is
-//! handled exactly like an inbound one: the same [`DialogHandle`], the same in-dialog requests,
-//! with each [`DialogEvent`] wrapped in [`LegEvent::Dialog`]. Non-2xx finals are ACKed by the
-//! INVITE client transaction. Hanging up (or releasing) a leg that has not been answered CANCELs
-//! it (RFC 3261 §9.1: only once a provisional response has arrived; if none has, the CANCEL
-//! waits for the first one); a 2xx that crosses the CANCEL is ACKed and then BYEd. Further 2xx
-//! from other forks (other To tags) are ACKed and BYEd too.
+//! # Where we send
+//!
+//! Responses go back to the source address of the request (the `rport` behaviour of RFC 3581,
+//! applied whether or not the client asked), and requests we originate inside a dialog go back
+//! along the flow the dialog came in on rather than to the Contact. 311 callers are often behind
+//! NAT, where the Contact is a private address; the flow is the one path known to work. The
+//! Route set from Record-Route is still honoured in the request. A TCP connection a dialog runs
+//! over is held open while the dialog lasts, however quiet.
+//!
+//! # Outbound calls
+//!
+//! For bridging a caller to 911 or an operator, and for call-backs: [`OutboundHandle::invite`]
+//! sends an INVITE to a `sip:` URI (an IP literal, or a host name the caller's task looks up
+//! first with the server's [`Resolver`]: [`crate::sip::resolve`]; over TCP when the URI says
+//! `;transport=tcp`) and reports progress as [`LegEvent`]s; `OutboundHandle::invite_via` sends
+//! it along a given flow instead (an agent's registration flow, which reaches phones behind
+//! NAT). Log lines show the target's user part as `log.redact_numbers` says. On the first 2xx
+//! the UA builds the UAC dialog (`crate::sip::dialog::Dialog::from_uac`), ACKs it itself (and ACKs every
+//! retransmission of that 2xx again), and from then on the dialog is handled exactly like an
+//! inbound one: the same [`DialogHandle`], the same in-dialog requests, with each
+//! [`DialogEvent`] wrapped in [`LegEvent::Dialog`]. Non-2xx finals are ACKed by the INVITE
+//! client transaction; a 401/407 from a trunk is answered once with `trunks.auth` (once more
+//! for a `stale=true` nonce). Hanging up (or releasing) a leg that has not been answered
+//! CANCELs it (RFC 3261 §9.1: only once a provisional response has arrived; if none has, the
+//! CANCEL waits for the first one); a 2xx that crosses the CANCEL is ACKed and then BYEd.
+//! Further 2xx from other forks (other To tags) are ACKed and BYEd too.
 //!
 //! Ringing has no time limit here: RFC 3261 §17.1.1.2 stops timer B once a provisional response
 //! has arrived, and although our INVITE client transaction keeps it armed in Proceeding, the UA
@@ -79,20 +113,28 @@
 //! caller's decision ([`OutboundHandle::cancel`]). After a CANCEL the UA waits 64·T1 for the
 //! INVITE's final response, then gives up and reports [`LegEvent::Failed`] with 487.
 //!
-//! Memory. Over UDP a server transaction lingers 32 s after its final response (timers J and
-//! L), so with 8 s calls there are about 8 server transactions per live call (the INVITE and
-//! BYE of ~4 ended calls), which made the UA the largest per-call consumer: measured at 1,500
-//! concurrent calls (`ivr311-load --spawn-server --concurrent 1500 --duration 70 --threads 2`),
-//! 25 MB for the unboxed transaction table and ~1.8 KB of parsed request per transaction.
-//! Now a lingering transaction keeps only its boxed state, key, flow and the exact bytes of
-//! its last response (see [`ServerEntry`], [`crate::sip::transaction`]); the server's RSS per
-//! live call beyond idle went from 96 KiB to 48 KiB in that run. The allocator is left at
-//! glibc's defaults on purpose: after this change about a third of the remainder is free
-//! memory glibc keeps in the worker threads' arenas (mallinfo2: ~24 MB at 1,500 calls, flat
-//! after the first 45 s), and what would return it cost more than it saves: a periodic
-//! `malloc_trim(0)` saved 7 KiB per call but held each arena's lock for 2–45 ms per call of it
-//! (stalling SIP and the call tasks), `M_ARENA_MAX=1` saved ~3 KiB, and fixed trim/mmap
-//! thresholds nothing measurable.
+//! # Readiness
+//!
+//! The loop beats [`UaStats::heartbeat`] on every turn and at least every `UA_HEARTBEAT` when
+//! idle; `/health/ready` fails when it stops.
+//!
+//! # Memory
+//!
+//! Over UDP a server transaction lingers 32 s after its final response (timers J and L), so
+//! with 8 s calls there are about 8 server transactions per live call (the INVITE and BYE of
+//! ~4 ended calls), which makes the UA a large per-call consumer. A lingering transaction keeps
+//! only its boxed state, key, flow and the exact bytes of its last response (the parsed request
+//! is dropped once a final response has gone, see `ServerEntry` in `core.rs` and
+//! [`crate::sip::transaction`]): measured at 1,500 concurrent calls (`ivr311-load
+//! --spawn-server --concurrent 1500 --duration 70 --threads 2`), the server's RSS per live call
+//! beyond idle is 48 KiB with this layout against 96 KiB with unboxed entries holding their
+//! parsed requests (25 MB for the transaction table alone, ~1.8 KB of parsed request per
+//! transaction). The allocator is left at glibc's defaults on purpose: about a third of the
+//! remainder is free memory glibc keeps in the worker threads' arenas (mallinfo2: ~24 MB at
+//! 1,500 calls, flat after the first 45 s), and what would return it costs more than it saves:
+//! a periodic `malloc_trim(0)` saved 7 KiB per call but held each arena's lock for 2–45 ms per
+//! call of it (stalling SIP and the call tasks), `M_ARENA_MAX=1` saved ~3 KiB, and fixed
+//! trim/mmap thresholds nothing measurable.
 
 mod acceptor;
 mod core;
@@ -153,7 +195,7 @@ pub struct UaStats {
     /// Our registration with the trunk, as of the instant stored with it (`None` without
     /// `trunks.register`). Read it with [`UaStats::trunk_registration`].
     trunk: std::sync::Mutex<Option<(Instant, RegistrationStatus)>>,
-    /// Beaten on every turn of the UA loop, and at least every [`UA_HEARTBEAT`] when idle
+    /// Beaten on every turn of the UA loop, and at least every `UA_HEARTBEAT` when idle
     /// (read by `/health/ready`).
     pub heartbeat: crate::heartbeat::Heartbeat,
 }
@@ -161,7 +203,7 @@ pub struct UaStats {
 /// How often an idle UA loop turns anyway, to show it still would.
 pub(crate) const UA_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// An agent's log-ins refused for repeated failures ([`UaStats::login_locks`]).
+/// An agent's log-ins refused for repeated failures (`UaStats::login_locks`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LoginLock {
     pub agent: String,
@@ -199,7 +241,7 @@ impl UaStats {
     }
 }
 
-/// The UA core task: the sans-IO [`Core`] (every transaction and dialog) and the IO around it
+/// The UA core task: the sans-IO `Core` (every transaction and dialog) and the IO around it
 /// (the transport, the commands from handles, the tasks it starts). Build it with
 /// [`UaCore::new`] and the `with_*` methods, take its handles, then [`UaCore::run`] it.
 pub struct UaCore {
@@ -214,7 +256,7 @@ pub struct UaCore {
     tasks: TaskTracker,
 }
 
-/// What [`UaCore::with_screening`] drops or refuses. The default screens nothing.
+/// What `UaCore::with_screening` drops or refuses. The default screens nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Screening {
     /// Source networks INVITEs are taken from; empty takes them from anywhere. Sources listed
