@@ -123,7 +123,7 @@ fn parse(c: &mut Criterion) {
     g.finish();
 }
 
-/// What the UA core keeps per server transaction (`ServerEntry` in src/sip/ua.rs, private):
+/// What the UA core keeps per server transaction (`ServerEntry` in src/sip/ua/core.rs, private):
 /// the state machine, the flow and the request.
 type Entry = (u64, (ServerTransaction, Flow, Request));
 

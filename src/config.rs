@@ -4,10 +4,24 @@
 //!
 //! The YAML is parsed with `deny_unknown_fields`: a misspelt key is an error naming the file,
 //! line and column, never silently ignored.
+//!
+//! This module aggregates: a section whose settings belong to one part of the server is that
+//! part's type ([`QosConfig`] in [`crate::sockopt`], [`PortRange`] in [`crate::media::ports`],
+//! [`LogConfig`] in [`crate::logging`], [`RegistrarConfig`] in [`crate::sip::registrar`],
+//! [`TrunksConfig`] in [`crate::sip::trunk`], [`DnsConfig`] in [`crate::sip::resolve`],
+//! `emergency` in [`crate::dispatch::emergency`]), re-exported here. `sip`, `media` and `menu`
+//! never import this module; it imports their types.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+pub use crate::logging::LogConfig;
+pub use crate::media::ports::{parse_port_range, PortRange};
+pub use crate::sip::registrar::RegistrarConfig;
+pub use crate::sip::resolve::DnsConfig;
+pub use crate::sip::trunk::TrunksConfig;
+pub use crate::sockopt::{Dscp, QosConfig};
 
 /// `ivr311 serve` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,92 +49,6 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 }
 
-/// An inclusive port range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-/// A DSCP code point (RFC 2474): 0 to 63. Read from YAML as a number; anything larger is refused
-/// with the line and column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dscp(pub u8);
-
-impl<'de> Deserialize<'de> for Dscp {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = u8::deserialize(d)?;
-        if v > 63 {
-            return Err(serde::de::Error::custom(format!(
-                "DSCP {v} is out of range: a code point is 0 to 63 (46 = EF, 24 = CS3, 0 = unmarked)"
-            )));
-        }
-        Ok(Dscp(v))
-    }
-}
-
-/// How our packets are marked for the network's quality of service (the `qos:` section).
-///
-/// A city's network (or its carrier's) queues voice ahead of bulk traffic only if the packets
-/// say they are voice. Phones mark their own RTP EF; a server that leaves its RTP unmarked
-/// gets one-way quality problems under load that no phone-side setting fixes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct QosConfig {
-    /// RTP (every call's and every bridged leg's audio). Default 46: Expedited Forwarding
-    /// (RFC 3246), RFC 4594's class for telephony.
-    pub rtp_dscp: Dscp,
-    /// SIP (UDP, and TCP connections callers open). Default 24: CS3, the call-signalling
-    /// class of Cisco's QoS baseline and Asterisk's sample configuration (RFC 4594 suggests
-    /// CS5 = 40; set that if your network follows it).
-    pub sip_dscp: Dscp,
-}
-
-impl Default for QosConfig {
-    fn default() -> Self {
-        QosConfig {
-            rtp_dscp: Dscp(46),
-            sip_dscp: Dscp(24),
-        }
-    }
-}
-
-/// Mark a socket's packets with `dscp` (IPv4 `IP_TOS` or IPv6 `IPV6_TCLASS`; the two ECN bits
-/// are left clear). A failure only costs the marking, so callers log it and go on.
-/// An IPv6 socket also gets `IP_TOS`, for the IPv4 peers it reaches as mapped addresses.
-pub fn set_dscp(socket: &impl std::os::fd::AsRawFd, ipv6: bool, dscp: Dscp) -> std::io::Result<()> {
-    use crate::sockopt::set_int;
-    let tos = libc::c_int::from(dscp.0) << 2;
-    let fd = socket.as_raw_fd();
-    if ipv6 {
-        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
-        let _ = set_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos);
-        Ok(())
-    } else {
-        set_int(fd, libc::IPPROTO_IP, libc::IP_TOS, tos)
-    }
-}
-
-/// The DSCP an IPv4 socket marks its packets with (tests).
-#[cfg(test)]
-pub(crate) fn dscp_of(socket: &impl std::os::fd::AsRawFd) -> u8 {
-    let tos = crate::sockopt::get_int(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_TOS).unwrap();
-    (tos >> 2) as u8
-}
-
-/// Parse `LO-HI`.
-pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("expected LO-HI, got {s:?}"))?;
-    let lo: u16 = lo.trim().parse().map_err(|_| format!("bad port {lo:?}"))?;
-    let hi: u16 = hi.trim().parse().map_err(|_| format!("bad port {hi:?}"))?;
-    if lo == 0 || hi < lo {
-        return Err(format!("bad range {lo}-{hi}: need 0 < LO <= HI"));
-    }
-    Ok(PortRange { lo, hi })
-}
-
 /// The `--config` YAML.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,7 +70,7 @@ pub struct FileConfig {
     pub trunks: TrunksConfig,
     pub qos: QosConfig,
     /// Where host names are looked up (see [`crate::sip::resolve`]).
-    pub dns: crate::sip::resolve::DnsConfig,
+    pub dns: DnsConfig,
     pub log: LogConfig,
 }
 
@@ -171,111 +99,6 @@ impl FileConfig {
             );
         }
         w
-    }
-}
-
-/// What goes into the server's log lines (the `log:` section).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// Show callers' numbers in log lines with only their last four digits (`***0123`): the
-    /// call's span, call-backs, and the call-back's outbound INVITE. Operations can still
-    /// match a line to a caller who gives their number; a leaked log names nobody. The
-    /// database, recordings and the admin API keep numbers whole. Default false.
-    pub redact_numbers: bool,
-}
-
-impl LogConfig {
-    /// `number` as log lines show it (see [`redact_number`]).
-    pub fn number(&self, number: &str) -> String {
-        if self.redact_numbers {
-            redact_number(number)
-        } else {
-            number.to_owned()
-        }
-    }
-
-    /// A SIP URI as log lines show it: its user part as [`LogConfig::number`] shows numbers.
-    pub fn uri(&self, uri: &str) -> String {
-        if !self.redact_numbers {
-            return uri.to_owned();
-        }
-        match uri.split_once(':').and_then(|(scheme, rest)| {
-            let (user, host) = rest.split_once('@')?;
-            Some((scheme, user, host))
-        }) {
-            Some((scheme, user, host)) => format!("{scheme}:{}@{host}", redact_number(user)),
-            None => uri.to_owned(),
-        }
-    }
-}
-
-/// A caller's number with all but its last four digits hidden: `+15550001111` → `***1111`.
-/// Short codes (four characters or fewer, such as `311`) and `anonymous` are shown as they
-/// are; anything else with fewer than four digits (a name) becomes `***`.
-pub fn redact_number(number: &str) -> String {
-    if number.chars().count() <= 4 || number.eq_ignore_ascii_case("anonymous") {
-        return number.to_owned();
-    }
-    let digits: Vec<char> = number.chars().filter(char::is_ascii_digit).collect();
-    if digits.len() < 4 {
-        return "***".to_owned();
-    }
-    let tail: String = digits[digits.len() - 4..].iter().collect();
-    format!("***{tail}")
-}
-
-/// Where calls may come from.
-///
-/// With `allow` empty (the default) INVITEs are taken from any address, as a public SIP line
-/// must be when callers reach it directly. A city that receives calls only through its carrier's
-/// SIP trunk lists the carrier's signalling networks, and INVITEs from anywhere else are
-/// dropped without an answer (counted in `/metrics` as
-/// `ivr311_sip_requests_dropped_total{reason="source_not_allowed"}`): a scanner learns nothing,
-/// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
-/// tell it both, and invite it to try other sources or spoofed ones.
-///
-/// Sources listed here are trusted trunks: the per-source call and TCP connection limits
-/// (`limits.max_calls_per_source`, `invites_per_second`, `max_tcp_connections_per_source`)
-/// do not apply to them, since a trunk or an SBC carries many callers from one address.
-///
-/// Agents' phones are not covered: they log in with digest authentication (with guessing
-/// slowed per source and per account, see `sip::registrar`), receive calls rather than make
-/// them, and work from wherever operators sit, so an address list would only lock out home
-/// workers.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrunksConfig {
-    /// Source networks INVITEs are accepted from, e.g. `["203.0.113.0/24", "2001:db8::/32",
-    /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
-    pub allow: Vec<crate::sip::guard::IpNet>,
-    /// Digest credentials for a trunk that challenges our outbound INVITEs (the 911 bridge,
-    /// call-backs) or our REGISTER with 401 or 407, as registration-based SIP trunks do:
-    /// `{username, password, realm}` (`realm` optional: when set, only that realm's
-    /// challenges are answered), or a list of them, one per carrier's realm. Operators'
-    /// phones are never sent them. Default: none, and a challenged INVITE fails (the 911
-    /// method then falls back to the next route).
-    pub auth: crate::sip::registrar::TrunkCredentials,
-    /// Register with a registration-based trunk so that it sends us the 311 line's calls:
-    /// `{registrar, user, domain, expires}` (see `crate::sip::trunk`); its challenges are
-    /// answered with `auth`. Default: none (an IP-authenticated trunk sends calls unasked).
-    pub register: Option<crate::sip::trunk::RegisterConfig>,
-}
-
-/// How agents' phones authenticate.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistrarConfig {
-    /// Digest algorithms offered, in order. Default `[SHA-256, MD5]`. Phones built on libre
-    /// 1.x (Debian's baresip 1.0) give up when offered SHA-256: use `[MD5]` for them.
-    pub digest_algorithms: Vec<String>,
-}
-
-impl Default for RegistrarConfig {
-    fn default() -> Self {
-        RegistrarConfig {
-            digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
-        }
     }
 }
 
@@ -357,7 +180,7 @@ impl TryFrom<AgentYaml> for AgentConfig {
 impl FileConfig {
     /// Agents whose stored hashes lack an algorithm the registrar offers (a phone answering
     /// that challenge could never log in): one line per agent, empty when all is well.
-    pub fn agent_hash_problems(&self) -> Vec<String> {
+    pub(crate) fn agent_hash_problems(&self) -> Vec<String> {
         use crate::sip::registrar::AgentSecret;
         let offered: Vec<String> = self
             .registrar
@@ -462,7 +285,7 @@ pub enum QueueConfigError {
 
 impl QueueConfig {
     /// Problems with this queue against the configured `agents`, for start-up.
-    pub fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
+    pub(crate) fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
         let Some(members) = &self.members else {
             return Ok(());
         };
@@ -600,7 +423,7 @@ impl CallbackConfig {
 
     /// The Request-URI that reaches `number` through the trunk, or `None` without a (usable)
     /// trunk. `number` must already be dialable (see `crate::dispatch::numbers::dialable`).
-    pub fn target_for(&self, number: &str) -> Option<String> {
+    pub(crate) fn target_for(&self, number: &str) -> Option<String> {
         let uri = self.trunk_uri.as_deref()?;
         let rest = uri.strip_prefix("sip:")?;
         let (user, host) = match rest.split_once('@') {
@@ -1008,10 +831,6 @@ mod tests {
             shown.contains("server.yaml:2:") && shown.contains("DSCP 184 is out of range"),
             "{shown}"
         );
-        // Marking a socket: what the kernel then puts in every packet's header.
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        set_dscp(&s, false, Dscp(46)).unwrap();
-        assert_eq!(dscp_of(&s), 46);
     }
 
     #[test]
@@ -1062,20 +881,6 @@ mod tests {
         // Debug output never shows a password.
         let c = parse("agents:\n  - {id: \"1\", password: hunter2}\n").unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn port_ranges() {
-        assert_eq!(
-            parse_port_range("10000-20000"),
-            Ok(PortRange {
-                lo: 10000,
-                hi: 20000
-            })
-        );
-        assert!(parse_port_range("20000-10000").is_err());
-        assert!(parse_port_range("0-10").is_err());
-        assert!(parse_port_range("abc").is_err());
     }
 
     #[test]
@@ -1230,24 +1035,8 @@ mod tests {
     }
 
     #[test]
-    fn redacted_numbers_keep_their_last_four_digits() {
-        assert_eq!(redact_number("+15550001111"), "***1111");
-        assert_eq!(redact_number("2122000123"), "***0123");
-        assert_eq!(redact_number("311"), "311");
-        assert_eq!(redact_number("anonymous"), "anonymous");
-        assert_eq!(redact_number("alice.smith"), "***");
-        let on = LogConfig {
-            redact_numbers: true,
-        };
-        assert_eq!(on.number("+15550001111"), "***1111");
-        assert_eq!(
-            on.uri("sip:+15550001111@192.0.2.1:5060"),
-            "sip:***1111@192.0.2.1:5060"
-        );
-        assert_eq!(on.uri("sip:192.0.2.1"), "sip:192.0.2.1");
-        let off = LogConfig::default();
-        assert_eq!(off.number("+15550001111"), "+15550001111");
-        assert_eq!(off.uri("sip:+1555@h"), "sip:+1555@h");
+    fn the_log_section_turns_redaction_on() {
+        assert!(!FileConfig::default().log.redact_numbers);
         let f = FileConfig::parse(Path::new("c.yaml"), "log:\n  redact_numbers: true\n").unwrap();
         assert!(f.log.redact_numbers);
     }

@@ -14,8 +14,10 @@
 //! | [`sip::message`] | the wire format (the only user of `rsip`), compact-form normalisation |
 //! | [`sip::transaction`] | sans-IO RFC 3261 transactions and their timers |
 //! | [`sip::dialog`] | dialog identifiers, route set, CSeq |
-//! | [`sip::ua`] | the UA core task: transactions + dialogs (inbound and outbound), events to calls |
+//! | [`sip::ua`] | the UA core: sans-IO by role (acceptor, initiator, session timers, agents' REGISTER, our trunk registration) behind one tokio task; events to calls |
 //! | [`sip::registrar`] | agents' REGISTER with digest authentication |
+//! | [`sip::trunk`] | our registration with a SIP trunk, sans-IO, and the `trunks:` section |
+//! | [`sip::resolve`] | host names in the URIs we send to (hickory-resolver), RFC 3263 order and failover |
 //! | [`sip::guard`] | trunk allow-lists, per-source rate limits, scanner User-Agents |
 //! | [`media::sdp`] | SDP offer/answer (webrtc-rs `rtc-sdp`) |
 //! | [`media::rtp`] | RTP packets (webrtc-rs `rtc-rtp`), symmetric-RTP latch |
@@ -37,13 +39,15 @@
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
-//! | [`config`] | flags, environment and the `--config` YAML |
-//! | [`sockopt`] | the integer socket options std does not expose (DSCP, buffer sizes) |
+//! | [`config`] | flags, environment and the `--config` YAML: aggregates the sections the modules own |
+//! | [`logging`] | what log lines may show of callers (`log:`, numbers redacted) |
+//! | [`sockopt`] | QoS marking (`qos:`, DSCP) and the integer socket options std does not expose |
 //!
-//! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api` or
-//! `server`; `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets
-//! or SIP (calls act for it through channels); call-backs (`call::callback`) never reach into
-//! a live call.
+//! Dependency rule: `sip`, `media` and `menu` never import `call`, `dispatch`, `api`,
+//! `server` or `config` (each owns its settings types; `config` aggregates them);
+//! `menu::engine` imports neither `sip` nor `media`; `dispatch` never touches sockets or SIP
+//! (calls act for it through channels); call-backs (`call::callback`) never reach into a live
+//! call.
 //!
 //! Users outside this crate: `main.rs`, the tests, and the load generator (`ivr311-load/`, a
 //! member of the workspace), which uses only the protocol types a phone needs:
@@ -69,6 +73,7 @@ pub mod call;
 pub mod config;
 pub mod dispatch;
 pub mod heartbeat;
+pub mod logging;
 pub mod media;
 pub mod menu;
 pub mod metrics;

@@ -529,6 +529,44 @@ async fn a_node_registers_over_tcp_and_takes_the_trunks_calls_on_that_connection
     stop.await.unwrap();
 }
 
+/// A carrier that takes SIP over TCP only, whose registrar name has two addresses, the first
+/// refusing connections: the node's next REGISTER goes at once to the second address, over a
+/// connection opened there (RFC 3263 section 4.3), rather than to the refusing address again
+/// and then, after the back-off, nowhere for 30 s.
+#[tokio::test]
+async fn a_tcp_registrar_name_whose_first_address_refuses_connections_is_registered_at_the_next() {
+    let carrier = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = carrier.local_addr().unwrap().port();
+    // Nothing listens on 127.0.0.2 at that port: a connection there is refused at once.
+    let dns = common::dns::TestDns::start().await;
+    dns.address("registrar.test", [127, 0, 0, 2].into())
+        .address("registrar.test", [127, 0, 0, 1].into());
+    let mut file = FileConfig::default();
+    file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {
+        registrar: format!("sip:registrar.test:{port};transport=tcp"),
+        user: "city311".into(),
+        domain: None,
+        expires: 600,
+    });
+    file.dns = dns.config();
+    let node = common::start_server(file).await;
+    let (stream, _) = timeout(Duration::from_secs(5), carrier.accept())
+        .await
+        .expect("the node connects to the registrar's second address")
+        .unwrap();
+    let mut trunk = common::TestUa::tcp_accepted(stream, node.sip_addr).await;
+    let reg = trunk
+        .expect_request("REGISTER", Duration::from_secs(5))
+        .await;
+    assert!(reg
+        .header("Via")
+        .unwrap_or_default()
+        .starts_with("SIP/2.0/TCP "));
+    let status = trunk_state(node.http_addr, "registered", Duration::from_secs(3)).await;
+    assert_eq!(status["state"], "registered", "{status}");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_refused_trunk_password_is_reported_not_retried_in_a_loop() {
     let mut trunk_file = agents();

@@ -1919,10 +1919,10 @@ mod linux {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PortRange;
     use crate::media::dtmf::TelephoneEvent;
     use crate::media::g711::Codec;
     use crate::media::ports::PortPool;
+    use crate::media::ports::PortRange;
     use crate::media::prompt::Prompt;
     use crate::media::rtp::RtpStream;
     use crate::media::sdp::{Direction, Negotiated};

@@ -12,11 +12,31 @@
 //! the reactor for every packet that arrives (bridged calls, call-back legs included, are
 //! relayed by the clock too).
 
-use crate::config::{set_dscp, Dscp, PortRange};
+use crate::sockopt::{set_dscp, Dscp};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{debug, warn};
+
+/// An inclusive port range (`--rtp-ports LO-HI`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// Parse `LO-HI` (the `--rtp-ports` flag).
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected LO-HI, got {s:?}"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("bad port {lo:?}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("bad port {hi:?}"))?;
+    if lo == 0 || hi < lo {
+        return Err(format!("bad range {lo}-{hi}: need 0 < LO <= HI"));
+    }
+    Ok(PortRange { lo, hi })
+}
 
 /// The RTP port pool: one even port per call from `--rtp-ports`, returned when the call ends.
 #[derive(Debug)]
@@ -42,7 +62,7 @@ impl RtpPort {
     /// Drop every datagram waiting on the socket; how many there were. For a port nobody read
     /// while its phone rang: the media clock empties a leg's port as a bridge to it starts,
     /// and a call-back its caller's port as they answer (see the clock's `tick`).
-    pub fn discard_queued(&self) -> usize {
+    pub(crate) fn discard_queued(&self) -> usize {
         let mut buf = [0u8; 2048];
         let mut n = 0;
         // Non-blocking: stops at the first WouldBlock (or any other error).
@@ -63,12 +83,13 @@ impl Drop for RtpPort {
 
 impl PortPool {
     /// A pool whose packets are marked EF (the `qos.rtp_dscp` default).
-    pub fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
-        Self::with_dscp(range, bind_ip, crate::config::QosConfig::default().rtp_dscp)
+    #[cfg(test)]
+    pub(crate) fn new(range: PortRange, bind_ip: IpAddr) -> Arc<Self> {
+        Self::with_dscp(range, bind_ip, Dscp::EF)
     }
 
     /// A pool whose packets are marked `dscp` (0: unmarked).
-    pub fn with_dscp(range: PortRange, bind_ip: IpAddr, dscp: Dscp) -> Arc<Self> {
+    pub(crate) fn with_dscp(range: PortRange, bind_ip: IpAddr, dscp: Dscp) -> Arc<Self> {
         // Even ports only (RFC 3550 §11), leaving odd ones for RTCP.
         let first = range.lo + (range.lo % 2);
         let free = (first..=range.hi).step_by(2).collect();
@@ -80,13 +101,13 @@ impl PortPool {
         })
     }
 
-    pub fn available(&self) -> usize {
+    pub(crate) fn available(&self) -> usize {
         self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
     /// Take a free port, drawn at random, and bind it; ports in use by another program are
     /// skipped (another is drawn) and stay in the pool, as they may be free later.
-    pub fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
+    pub(crate) fn allocate(self: &Arc<Self>) -> Option<RtpPort> {
         use rand::Rng;
         for _ in 0..64 {
             let port = {
@@ -130,7 +151,21 @@ impl PortPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::dscp_of;
+    use crate::sockopt::dscp_of;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            parse_port_range("10000-20000"),
+            Ok(PortRange {
+                lo: 10000,
+                hi: 20000
+            })
+        );
+        assert!(parse_port_range("20000-10000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("abc").is_err());
+    }
 
     fn range() -> PortRange {
         let lo = 50000 + 2 * (rand::random::<u16>() % 4000);

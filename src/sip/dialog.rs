@@ -1,8 +1,8 @@
 //! SIP dialogs (RFC 3261 §12): identifiers, route set, remote target and CSeq.
 //!
 //! A [`Dialog`] is created by the UA core either when an INVITE arrives (UAS side,
-//! [`Dialog::from_invite`], filled in by the responses it sends) or when a 2xx answers an INVITE
-//! we sent (UAC side, [`Dialog::from_uac`]). It builds the in-dialog requests we originate (BYE,
+//! `Dialog::from_invite`, filled in by the responses it sends) or when a 2xx answers an INVITE
+//! we sent (UAC side, `Dialog::from_uac`). It builds the in-dialog requests we originate (BYE,
 //! REFER, INFO, and the ACK for a 2xx) and checks the CSeq of the ones we receive. No I/O, no
 //! timers.
 //!
@@ -59,7 +59,7 @@ pub struct Dialog {
 
 impl Dialog {
     /// The dialog an INVITE creates on our side.
-    pub fn from_invite(req: &Request, local_tag: String, flow: Flow) -> Dialog {
+    pub(crate) fn from_invite(req: &Request, local_tag: String, flow: Flow) -> Dialog {
         let remote_target = req
             .contacts()
             .first()
@@ -86,7 +86,7 @@ impl Dialog {
     /// Request-URI (the remote target if the 2xx carries no Contact); `invite_cseq` its CSeq
     /// number, which the ACK reuses and our next request increments. The remote CSeq starts
     /// empty (0): whatever the peer sends first is accepted.
-    pub fn from_uac(
+    pub(crate) fn from_uac(
         resp: &Response,
         local_uri: String,
         local_tag: String,
@@ -117,7 +117,7 @@ impl Dialog {
     }
 
     /// Check and record the CSeq of a new in-dialog request (not ACK/CANCEL).
-    pub fn check_remote_cseq(&mut self, cseq: u32) -> Result<(), CSeqError> {
+    pub(crate) fn check_remote_cseq(&mut self, cseq: u32) -> Result<(), CSeqError> {
         if cseq < self.remote_cseq {
             return Err(CSeqError::OutOfOrder {
                 got: cseq,
@@ -130,14 +130,14 @@ impl Dialog {
 
     /// A target refresh (re-INVITE/UPDATE with Contact) changes the remote target.
     /// So does the 2xx to a re-INVITE we sent (RFC 3261 §12.2.1.2).
-    pub fn refresh_target(&mut self, msg: &Common) {
+    pub(crate) fn refresh_target(&mut self, msg: &Common) {
         if let Some(c) = msg.contacts().first() {
             self.remote_target = c.uri.clone();
         }
     }
 
     /// Build an in-dialog request; returns (bytes, branch).
-    pub fn request(
+    pub(crate) fn request(
         &mut self,
         method: &Method,
         local: SocketAddr,
@@ -156,7 +156,12 @@ impl Dialog {
     /// The ACK for a 2xx to the INVITE with CSeq `invite_cseq` (RFC 3261 §13.2.2.4): a new
     /// transaction (fresh branch), the INVITE's CSeq number, sent along the route set. Does not
     /// touch the local CSeq.
-    pub fn ack(&self, invite_cseq: u32, local: SocketAddr, extra: &[(String, String)]) -> Bytes {
+    pub(crate) fn ack(
+        &self,
+        invite_cseq: u32,
+        local: SocketAddr,
+        extra: &[(String, String)],
+    ) -> Bytes {
         let branch = message::new_branch();
         let b = self.start(&Method::Ack, invite_cseq, local, &branch);
         Self::finish(b, extra, None)
@@ -199,7 +204,7 @@ impl Dialog {
 }
 
 /// Our Contact URI for a flow.
-pub fn contact_uri(local: SocketAddr, flow: Flow) -> String {
+pub(crate) fn contact_uri(local: SocketAddr, flow: Flow) -> String {
     match flow.transport {
         crate::sip::transport::Transport::Udp => format!("sip:ivr311@{local}"),
         crate::sip::transport::Transport::Tcp => format!("sip:ivr311@{local};transport=tcp"),

@@ -1,9 +1,9 @@
 //! Who may talk to the SIP core, and how often: source networks ([`IpNet`], for the trunk
-//! allow-list), per-source token buckets ([`RateLimiter`], for floods of OPTIONS, REGISTER and
+//! allow-list), per-source token buckets (`RateLimiter`, for floods of OPTIONS, REGISTER and
 //! other out-of-dialog requests, and for the transport's answers to malformed messages),
-//! per-source log windows ([`LogThrottle`], one log line per source and window for a flood of
-//! garbage), per-source limits on new calls from untrusted sources ([`CallLimiter`]: calls at
-//! once and INVITE rate), per-source caps on inbound TCP connections ([`ConnectionLimiter`])
+//! per-source log windows (`LogThrottle`, one log line per source and window for a flood of
+//! garbage), per-source limits on new calls from untrusted sources (`CallLimiter`: calls at
+//! once and INVITE rate), per-source caps on inbound TCP connections (`ConnectionLimiter`)
 //! and the User-Agent names of known SIP scanners.
 //!
 //! Sans-IO: the UA core (or the transport) passes the source address and the time in and gets a
@@ -34,15 +34,9 @@ pub enum IpNetError {
 }
 
 impl IpNet {
-    /// The network of `addr` with this prefix length (bits past it are ignored).
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<IpNet> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= max).then_some(IpNet { addr, prefix })
-    }
-
     /// Whether `ip` is in this network. An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, as a
     /// dual-stack socket reports IPv4 peers) counts as the IPv4 address it carries.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 prefix_eq(&net.octets(), &ip.octets(), self.prefix)
@@ -126,7 +120,7 @@ const SCANNER_AGENTS: &[&str] = &[
 ];
 
 /// Whether this User-Agent value names a known SIP scanner.
-pub fn is_scanner(user_agent: &str) -> bool {
+pub(crate) fn is_scanner(user_agent: &str) -> bool {
     let ua = user_agent.to_ascii_lowercase();
     SCANNER_AGENTS.iter().any(|s| ua.contains(s))
 }
@@ -134,7 +128,7 @@ pub fn is_scanner(user_agent: &str) -> bool {
 /// The unit a rate limit applies to: an IPv4 address, or an IPv6 /64 (one site or one
 /// subscriber holds a whole /64, so per-address buckets would be no limit at all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     V4(Ipv4Addr),
     V6Net([u16; 4]),
 }
@@ -154,7 +148,7 @@ impl fmt::Display for Source {
 
 impl Source {
     /// The source `ip` belongs to (an IPv4-mapped address is its IPv4 address).
-    pub fn of(ip: IpAddr) -> Source {
+    pub(crate) fn of(ip: IpAddr) -> Source {
         match ip.to_canonical() {
             IpAddr::V4(a) => Source::V4(a),
             IpAddr::V6(a) => {
@@ -189,7 +183,7 @@ impl Bucket {
 }
 
 /// Most sources with a bucket of their own.
-pub const MAX_SOURCES: usize = 10_000;
+pub(crate) const MAX_SOURCES: usize = 10_000;
 /// How often, at most, a full table is swept for buckets that have refilled.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
@@ -210,7 +204,7 @@ fn sweep_due(last: &mut Option<Instant>, now: Instant) -> bool {
 /// one overflow bucket: the flood as a whole gets `rate` per second, and the sources already
 /// known keep theirs.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     rate: f64,
     burst: f64,
     max_sources: usize,
@@ -221,7 +215,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// `rate` requests per second after a burst of `burst`; a rate of 0 turns limiting off.
-    pub fn new(rate: u32, burst: u32, max_sources: usize) -> RateLimiter {
+    pub(crate) fn new(rate: u32, burst: u32, max_sources: usize) -> RateLimiter {
         RateLimiter {
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
@@ -233,7 +227,7 @@ impl RateLimiter {
     }
 
     /// Whether a request from `ip` at `now` is within its source's limit (and count it).
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
@@ -276,12 +270,13 @@ impl RateLimiter {
     }
 
     /// Sources with a bucket of their own.
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
         self.buckets.len()
     }
 
     /// Whole seconds until an empty bucket holds a token again (at least 1).
-    pub fn seconds_to_token(&self) -> u32 {
+    pub(crate) fn seconds_to_token(&self) -> u32 {
         if self.rate <= 0.0 {
             return 1;
         }
@@ -307,7 +302,7 @@ impl Window {
 
 /// Events of one source (or of the overflow) that were not logged in a window now over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Suppressed {
+pub(crate) struct Suppressed {
     /// `None`: sources that arrived while the table was full, counted together.
     pub source: Option<Source>,
     pub count: u64,
@@ -317,7 +312,7 @@ pub struct Suppressed {
 
 impl Suppressed {
     /// The source for a log line: its address or /64, or `other sources` for the overflow.
-    pub fn from(&self) -> String {
+    pub(crate) fn from(&self) -> String {
         match self.source {
             Some(s) => s.to_string(),
             None => "other sources".to_owned(),
@@ -327,7 +322,7 @@ impl Suppressed {
 
 /// What to do with the log line of one event ([`LogThrottle::note`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogVerdict {
+pub(crate) enum LogVerdict {
     /// Log it: the first of its source in a new window.
     Log,
     /// Log it, after one summary line for the window before, which ended with events unlogged.
@@ -348,7 +343,7 @@ pub enum LogVerdict {
 ///
 /// [`sweep`]: LogThrottle::sweep
 #[derive(Debug)]
-pub struct LogThrottle {
+pub(crate) struct LogThrottle {
     window: Duration,
     max_sources: usize,
     windows: HashMap<Source, Window>,
@@ -357,7 +352,7 @@ pub struct LogThrottle {
 }
 
 impl LogThrottle {
-    pub fn new(window: Duration, max_sources: usize) -> LogThrottle {
+    pub(crate) fn new(window: Duration, max_sources: usize) -> LogThrottle {
         LogThrottle {
             window,
             max_sources: max_sources.max(1),
@@ -368,7 +363,7 @@ impl LogThrottle {
     }
 
     /// An event from `ip` at `now`: whether to log it (and a summary of the window before).
-    pub fn note(&mut self, ip: IpAddr, now: Instant) -> LogVerdict {
+    pub(crate) fn note(&mut self, ip: IpAddr, now: Instant) -> LogVerdict {
         if self.window.is_zero() {
             return LogVerdict::Log;
         }
@@ -394,7 +389,7 @@ impl LogThrottle {
     }
 
     /// Close every window that is over at `now`; the summaries of those with events unlogged.
-    pub fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
+    pub(crate) fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
         let window = self.window;
         let mut out = Vec::new();
         let mut close = |source: Option<Source>, w: &Window| {
@@ -429,7 +424,7 @@ impl LogThrottle {
     }
 
     /// Sources with a window of their own.
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.windows.len()
     }
 }
@@ -455,7 +450,7 @@ fn step(w: &mut Window, source: Option<Source>, now: Instant, window: Duration) 
 
 /// Which per-source limit refused a new call ([`CallLimiter::admit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallLimit {
+pub(crate) enum CallLimit {
     /// The source already has `max_calls_per_source` calls up (or being set up).
     Concurrent,
     /// The source is past its INVITE rate (`invites_per_second` after `invites_burst`).
@@ -464,7 +459,7 @@ pub enum CallLimit {
 
 impl CallLimit {
     /// The label in `/metrics`.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             CallLimit::Concurrent => "calls_per_source",
             CallLimit::Rate => "invite_rate",
@@ -474,7 +469,7 @@ impl CallLimit {
 
 /// What [`CallLimiter::admit`] says about a new INVITE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallVerdict {
+pub(crate) enum CallVerdict {
     /// Take the call; it now counts against its source until [`CallLimiter::ended`].
     Admit,
     /// Refuse it with 503 and this `Retry-After` (seconds), if `answer` (else drop it: the
@@ -489,11 +484,11 @@ pub enum CallVerdict {
 }
 
 /// Refusals (503) one source gets answered at once, then [`REFUSALS_PER_SECOND`].
-pub const REFUSALS_BURST: u32 = 20;
+pub(crate) const REFUSALS_BURST: u32 = 20;
 /// Refusals answered per second and source after [`REFUSALS_BURST`].
-pub const REFUSALS_PER_SECOND: u32 = 5;
+pub(crate) const REFUSALS_PER_SECOND: u32 = 5;
 /// Retry-After of a refusal for too many calls from one source, seconds.
-pub const RETRY_AFTER_CONCURRENT: u32 = 10;
+pub(crate) const RETRY_AFTER_CONCURRENT: u32 = 10;
 
 /// Per-source limits on new calls from sources that are not trusted trunks: at most
 /// `max_per_source` calls at once per source, and INVITEs at `rate` per second after a burst
@@ -507,7 +502,7 @@ pub const RETRY_AFTER_CONCURRENT: u32 = 10;
 /// which is a dialog the UA core holds); the buckets and log windows are bounded as their
 /// types are.
 #[derive(Debug)]
-pub struct CallLimiter {
+pub(crate) struct CallLimiter {
     max_per_source: usize,
     rate: RateLimiter,
     active: HashMap<Source, usize>,
@@ -517,7 +512,7 @@ pub struct CallLimiter {
 
 impl CallLimiter {
     /// `max_per_source` 0 and `rate` 0 each turn their limit off.
-    pub fn new(max_per_source: usize, rate: u32, burst: u32, log_window: Duration) -> Self {
+    pub(crate) fn new(max_per_source: usize, rate: u32, burst: u32, log_window: Duration) -> Self {
         CallLimiter {
             max_per_source,
             rate: RateLimiter::new(rate, burst, MAX_SOURCES),
@@ -528,7 +523,7 @@ impl CallLimiter {
     }
 
     /// A new INVITE from `ip` at `now`: admit it (and count it), or refuse it.
-    pub fn admit(&mut self, ip: IpAddr, now: Instant) -> CallVerdict {
+    pub(crate) fn admit(&mut self, ip: IpAddr, now: Instant) -> CallVerdict {
         let src = Source::of(ip);
         let busy = self.active.get(&src).copied().unwrap_or(0);
         let limit = if self.max_per_source > 0 && busy >= self.max_per_source {
@@ -556,7 +551,7 @@ impl CallLimiter {
     }
 
     /// A call [`CallLimiter::admit`] let in from `ip` is over.
-    pub fn ended(&mut self, ip: IpAddr) {
+    pub(crate) fn ended(&mut self, ip: IpAddr) {
         let src = Source::of(ip);
         if let Some(n) = self.active.get_mut(&src) {
             *n = n.saturating_sub(1);
@@ -567,24 +562,24 @@ impl CallLimiter {
     }
 
     /// Calls up from the source of `ip`.
-    pub fn active(&self, ip: IpAddr) -> usize {
+    pub(crate) fn active(&self, ip: IpAddr) -> usize {
         self.active.get(&Source::of(ip)).copied().unwrap_or(0)
     }
 
     /// Close the log windows that are over (see [`LogThrottle::sweep`]).
-    pub fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
+    pub(crate) fn sweep(&mut self, now: Instant) -> Vec<Suppressed> {
         self.logs.sweep(now)
     }
 
     /// Whether any log window is open (a sweep is then due later).
-    pub fn has_log_windows(&self) -> bool {
+    pub(crate) fn has_log_windows(&self) -> bool {
         self.logs.tracked() > 0
     }
 }
 
 /// Why an inbound TCP connection was refused ([`ConnectionLimiter::open`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnRefusal {
+pub(crate) enum ConnRefusal {
     /// Every inbound slot (`max_tcp_connections`) is taken.
     Total,
     /// The source has `max_tcp_connections_per_source` open already.
@@ -593,7 +588,7 @@ pub enum ConnRefusal {
 
 impl ConnRefusal {
     /// The label in `/metrics`.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             ConnRefusal::Total => "total",
             ConnRefusal::PerSource => "per_source",
@@ -605,7 +600,7 @@ impl ConnRefusal {
 /// (an IPv4 address or an IPv6 /64) unless the source is in `trusted` (the trunks' networks,
 /// which may open many). Connections we open ourselves are not counted here.
 #[derive(Debug)]
-pub struct ConnectionLimiter {
+pub(crate) struct ConnectionLimiter {
     max_total: usize,
     max_per_source: usize,
     trusted: Vec<IpNet>,
@@ -615,7 +610,7 @@ pub struct ConnectionLimiter {
 
 impl ConnectionLimiter {
     /// `max_per_source` 0: no per-source limit.
-    pub fn new(max_total: usize, max_per_source: usize, trusted: Vec<IpNet>) -> Self {
+    pub(crate) fn new(max_total: usize, max_per_source: usize, trusted: Vec<IpNet>) -> Self {
         ConnectionLimiter {
             max_total,
             max_per_source,
@@ -626,7 +621,7 @@ impl ConnectionLimiter {
     }
 
     /// Count a connection from `ip`, or say why not.
-    pub fn open(&mut self, ip: IpAddr) -> Result<(), ConnRefusal> {
+    pub(crate) fn open(&mut self, ip: IpAddr) -> Result<(), ConnRefusal> {
         if self.total >= self.max_total {
             return Err(ConnRefusal::Total);
         }
@@ -642,7 +637,7 @@ impl ConnectionLimiter {
     }
 
     /// A connection [`ConnectionLimiter::open`] counted is closed.
-    pub fn close(&mut self, ip: IpAddr) {
+    pub(crate) fn close(&mut self, ip: IpAddr) {
         let src = Source::of(ip);
         if let Some(n) = self.per_source.get_mut(&src) {
             *n -= 1;
@@ -654,13 +649,14 @@ impl ConnectionLimiter {
     }
 
     /// Inbound connections open.
-    pub fn total(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 }
 
 /// Turn an IPv4-mapped IPv6 socket address into the IPv4 one it stands for.
-pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+pub(crate) fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 

@@ -27,9 +27,9 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
 /// The SIP version we speak.
-pub const SIP_VERSION: &str = "SIP/2.0";
+pub(crate) const SIP_VERSION: &str = "SIP/2.0";
 /// The magic cookie of RFC 3261 branch parameters.
-pub const BRANCH_COOKIE: &str = "z9hG4bK";
+pub(crate) const BRANCH_COOKIE: &str = "z9hG4bK";
 
 /// A SIP request method.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,7 +54,7 @@ pub enum Method {
 
 impl Method {
     /// Parse a method token (case-sensitive, as RFC 3261 §7.1 says).
-    pub fn from_token(s: &str) -> Option<Method> {
+    pub(crate) fn from_token(s: &str) -> Option<Method> {
         Some(match s {
             "INVITE" => Method::Invite,
             "ACK" => Method::Ack,
@@ -166,7 +166,7 @@ impl ParseError {
     }
 
     /// The status code a UAS should answer this failure with.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self.kind {
             ParseErrorKind::Version(_) => 505,
             ParseErrorKind::UriScheme(_) => 416,
@@ -189,7 +189,7 @@ pub struct Salvage {
 
 impl Salvage {
     /// Build a stateless error response (e.g. 400 with a Warning saying why).
-    pub fn response(&self, code: u16, reason: &str, warning: &str, to_tag: &str) -> Bytes {
+    pub(crate) fn response(&self, code: u16, reason: &str, warning: &str, to_tag: &str) -> Bytes {
         let mut out = String::with_capacity(512);
         let _ = write!(out, "{SIP_VERSION} {code} {reason}\r\n");
         for v in &self.vias {
@@ -223,7 +223,7 @@ impl Salvage {
 }
 
 /// Strip characters that cannot appear inside a quoted string of a header.
-pub fn sanitize_quoted(s: &str) -> String {
+pub(crate) fn sanitize_quoted(s: &str) -> String {
     s.chars()
         .filter(|c| !c.is_control())
         .map(|c| if c == '"' || c == '\\' { '\'' } else { c })
@@ -251,7 +251,7 @@ pub struct Via {
 }
 
 impl Via {
-    pub fn parse(raw: &str) -> Result<Via, String> {
+    pub(crate) fn parse(raw: &str) -> Result<Via, String> {
         let raw = raw.trim();
         // RFC 3261 allows LWS around the slashes of the sent-protocol (`SIP / 2.0 / UDP`,
         // RFC 4475 wsinv): close it up before splitting off the sent-by.
@@ -363,7 +363,7 @@ pub struct NameAddr {
 }
 
 impl NameAddr {
-    pub fn parse(raw: &str) -> Result<NameAddr, String> {
+    pub(crate) fn parse(raw: &str) -> Result<NameAddr, String> {
         let raw = raw.trim();
         let (display, uri, rest) = if let Some(lt) = find_unquoted(raw, b'<') {
             let gt = raw[lt..].find('>').ok_or_else(|| "unclosed <".to_owned())? + lt;
@@ -434,7 +434,7 @@ pub fn uri_user(uri: &str) -> Option<&str> {
 }
 
 /// The `transport` parameter of a URI, lower-cased (`sip:a@h;transport=TCP` → `tcp`).
-pub fn uri_transport(uri: &str) -> Option<String> {
+pub(crate) fn uri_transport(uri: &str) -> Option<String> {
     let lower = uri.to_ascii_lowercase();
     let i = lower.find(";transport=")?;
     lower[i + ";transport=".len()..]
@@ -444,20 +444,20 @@ pub fn uri_transport(uri: &str) -> Option<String> {
 }
 
 /// Whether a target URI asks for TCP (`;transport=tcp`, any case).
-pub fn wants_tcp(target: &str) -> bool {
+pub(crate) fn wants_tcp(target: &str) -> bool {
     uri_transport(target).as_deref() == Some("tcp")
 }
 
 /// `host` and `port` of a SIP URI (5060 when none is given); the host as written (a name, an
 /// IPv4 address, or an IPv6 reference in brackets).
-pub fn uri_host_port(uri: &str) -> Option<(&str, u16)> {
+pub(crate) fn uri_host_port(uri: &str) -> Option<(&str, u16)> {
     let (host, port) = uri_host_and_port(uri)?;
     Some((host, port.unwrap_or(5060)))
 }
 
 /// The host of a SIP URI and its port if the URI gives one (RFC 3263 looks up SRV records
 /// only for a name without a port).
-pub fn uri_host_and_port(uri: &str) -> Option<(&str, Option<u16>)> {
+pub(crate) fn uri_host_and_port(uri: &str) -> Option<(&str, Option<u16>)> {
     let rest = uri.split_once(':')?.1;
     let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let hostport = hostport.split([';', '?']).next()?;
@@ -466,7 +466,7 @@ pub fn uri_host_and_port(uri: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// `host[:port]` of a SIP URI as a socket address, when the host is an IP literal.
-pub fn uri_socket_addr(uri: &str) -> Option<SocketAddr> {
+pub(crate) fn uri_socket_addr(uri: &str) -> Option<SocketAddr> {
     let rest = uri.split_once(':')?.1;
     let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let hostport = hostport.split([';', '?']).next()?;
@@ -500,7 +500,7 @@ fn find_unquoted(s: &str, needle: u8) -> Option<usize> {
 }
 
 /// Split a header value on commas that are not inside quotes or angle brackets.
-pub fn split_list(value: &str) -> Vec<&str> {
+pub(crate) fn split_list(value: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let (mut in_quote, mut in_angle, mut escaped) = (false, false, false);
     let mut start = 0;
@@ -574,7 +574,7 @@ impl Common {
     }
 
     /// Record-Route entries, in order, as they appeared (each `<uri;lr>`).
-    pub fn record_routes(&self) -> Vec<String> {
+    pub(crate) fn record_routes(&self) -> Vec<String> {
         self.headers_named("Record-Route")
             .flat_map(split_list)
             .map(str::to_owned)
@@ -652,7 +652,7 @@ const COMPACT: &[(u8, &str)] = &[
 
 /// The canonical spelling of a header name: compact forms expanded, well-known names in their
 /// usual case (so that `rsip` recognises them), others kept as sent.
-pub fn canonical_name(name: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn canonical_name(name: &str) -> std::borrow::Cow<'_, str> {
     if name.len() == 1 {
         let b = name.as_bytes()[0].to_ascii_lowercase();
         if let Some((_, long)) = COMPACT.iter().find(|(c, _)| *c == b) {
@@ -1239,7 +1239,7 @@ pub fn new_branch() -> String {
 }
 
 /// A fresh tag or Call-ID token of `n` hex characters.
-pub fn random_token(n: usize) -> String {
+pub(crate) fn random_token(n: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..n)

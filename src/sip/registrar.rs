@@ -40,7 +40,7 @@
 //! away the password, which people reuse elsewhere, and it is bound to this realm ([`REALM`]).
 //!
 //! Guessing. Nonces are bound to the source they were sent to (an IPv4 address or an IPv6 /64,
-//! [`Source`]): the HMAC covers it, and a nonce answered from another source is not ours. A
+//! `Source`): the HMAC covers it, and a nonce answered from another source is not ours. A
 //! failed attempt counts only when it answers a nonce we sent to that same source, i.e. from
 //! a peer that receives our answers there: spoofed UDP, which never sees the challenge, counts
 //! for nothing and can lock nobody out. What counts:
@@ -54,7 +54,7 @@
 //!   guesses from elsewhere lock out new addresses only, and the agent's phone at its usual
 //!   address keeps logging in with the right password. A locked class gets `403` without its
 //!   digest being looked at. Names that are no agent are tracked the same way (bounded), so
-//!   the answers never tell whether an agent exists. [`Registrar::locks`] lists the agents
+//!   the answers never tell whether an agent exists. `Registrar::locks` lists the agents
 //!   locked now (for `/admin/agents`).
 //!
 //! A request without credentials always gets a challenge (a phone behind a blocked source
@@ -63,7 +63,7 @@
 //! agents never are), and at most 10,000 nonces in use. Usual addresses are learned since
 //! start: after a restart an agent's first log-in comes from a new address.
 //!
-//! The client side of the same digest lives here too ([`answer_challenge`]): the UA answers a
+//! The client side of the same digest lives here too (`answer_challenge`): the UA answers a
 //! SIP trunk's `401`/`407` to our outbound INVITEs (911 bridges, call-backs) with the
 //! configured [`Credentials`].
 
@@ -80,34 +80,51 @@ use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, warn};
 
+/// How agents' phones authenticate (the `registrar:` section).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// Digest algorithms offered, in order. Default `[SHA-256, MD5]`. Phones built on libre
+    /// 1.x (Debian's baresip 1.0) give up when offered SHA-256: use `[MD5]` for them.
+    pub digest_algorithms: Vec<String>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
+        }
+    }
+}
+
 /// Expiry given to a binding when the REGISTER names none, in seconds.
-pub const DEFAULT_EXPIRES: u64 = 3600;
+pub(crate) const DEFAULT_EXPIRES: u64 = 3600;
 /// Shortest binding accepted (shorter gets 423 with this as `Min-Expires`), in seconds.
-pub const MIN_EXPIRES: u64 = 60;
+pub(crate) const MIN_EXPIRES: u64 = 60;
 /// Longest binding granted (longer requests are cut to this), in seconds.
-pub const MAX_EXPIRES: u64 = 7200;
+pub(crate) const MAX_EXPIRES: u64 = 7200;
 /// How long a nonce may be used.
-pub const NONCE_LIFETIME: Duration = Duration::from_secs(300);
+pub(crate) const NONCE_LIFETIME: Duration = Duration::from_secs(300);
 /// The digest realm of the registrar (and of the `password_ha1` hashes `ivr311 agent-hash`
 /// makes).
 pub const REALM: &str = "ivr311";
 /// Failed attempts from one source within [`FAILURE_WINDOW`] that get it blocked.
-pub const MAX_FAILURES: usize = 5;
+pub(crate) const MAX_FAILURES: usize = 5;
 /// The window failed attempts of a source are counted in.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a blocked source gets 403.
-pub const BLOCK_FOR: Duration = Duration::from_secs(60);
+pub(crate) const BLOCK_FOR: Duration = Duration::from_secs(60);
 /// Failed attempts on one account, from one class of sources, within [`ACCOUNT_WINDOW`] that
 /// lock that class.
-pub const ACCOUNT_MAX_FAILURES: usize = 5;
+pub(crate) const ACCOUNT_MAX_FAILURES: usize = 5;
 /// The window an account's failures are counted in.
-pub const ACCOUNT_WINDOW: Duration = Duration::from_secs(600);
+pub(crate) const ACCOUNT_WINDOW: Duration = Duration::from_secs(600);
 /// The first lock of an account's class; each further one doubles, up to [`LOCK_MAX`].
-pub const LOCK_BASE: Duration = Duration::from_secs(60);
+pub(crate) const LOCK_BASE: Duration = Duration::from_secs(60);
 /// The longest lock.
-pub const LOCK_MAX: Duration = Duration::from_secs(3600);
+pub(crate) const LOCK_MAX: Duration = Duration::from_secs(3600);
 /// How long a source an agent logged in from stays one of its usual addresses.
-pub const USUAL_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const USUAL_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most usual addresses per agent (the oldest is forgotten first).
 const MAX_USUAL: usize = 8;
 
@@ -241,7 +258,7 @@ impl PasswordHa1 {
     }
 
     /// The names of the algorithms (as `registrar.digest_algorithms` spells them) with a hash.
-    pub fn algorithms(&self) -> Vec<&'static str> {
+    pub(crate) fn algorithms(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
         if self.sha256.is_some() {
             v.push("SHA-256");
@@ -289,7 +306,7 @@ impl From<&str> for AgentSecret {
 
 impl AgentSecret {
     /// Whether there is nothing to check a log-in against.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         match self {
             AgentSecret::Password(p) => p.is_empty(),
             AgentSecret::Ha1(h) => h.md5.is_none() && h.sha256.is_none(),
@@ -394,7 +411,7 @@ impl AccountGuard {
     }
 }
 
-/// An agent locked out (a class of its sources), as [`Registrar::locks`] reports it.
+/// An agent locked out (a class of its sources), as `Registrar::locks` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountLock {
     pub agent: String,
@@ -487,7 +504,11 @@ impl Registrar {
     /// `agents` are `(agent id, secret)` pairs; `secret` keys the nonces (make it random at
     /// start). Entries with an empty id or secret are skipped with a warning; agents given a
     /// plain password are named in one warning (store `password_ha1` instead).
-    pub fn new(realm: String, agents: &[(String, AgentSecret)], secret: [u8; 32]) -> Registrar {
+    pub(crate) fn new(
+        realm: String,
+        agents: &[(String, AgentSecret)],
+        secret: [u8; 32],
+    ) -> Registrar {
         let realm = sanitize_quoted(&realm);
         let realm = if realm.trim().is_empty() {
             REALM.to_owned()
@@ -545,14 +566,9 @@ impl Registrar {
         r
     }
 
-    /// The digest realm in our challenges.
-    pub fn realm(&self) -> &str {
-        &self.realm
-    }
-
     /// Answer one REGISTER that arrived over `flow`. The events include those of bindings that
     /// expired before `now`.
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         now: Instant,
         req: &Request,
@@ -587,7 +603,7 @@ impl Registrar {
 
     /// Drop the bindings whose time is up (at or before `now`); an agent left with none is
     /// [`AgentEvent::LoggedOut`], one whose preferred contact went falls back to the next newest.
-    pub fn expire(&mut self, now: Instant) -> Vec<AgentEvent> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<AgentEvent> {
         let mut changed = Vec::new();
         self.bindings.retain(|agent, list| {
             let before = list.len();
@@ -606,12 +622,12 @@ impl Registrar {
     }
 
     /// When the next binding expires (call [`Registrar::expire`] then).
-    pub fn next_expiry(&self) -> Option<Instant> {
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
         self.bindings.values().flatten().map(|b| b.expires_at).min()
     }
 
     /// The agent's preferred contact (its newest binding) and the flow it registered over.
-    pub fn contact(&self, agent: &str) -> Option<(String, Flow)> {
+    pub(crate) fn contact(&self, agent: &str) -> Option<(String, Flow)> {
         self.bindings
             .get(agent)?
             .iter()
@@ -620,7 +636,8 @@ impl Registrar {
     }
 
     /// The agents with at least one binding, sorted.
-    pub fn registered(&self) -> Vec<String> {
+    #[cfg(test)]
+    pub(crate) fn registered(&self) -> Vec<String> {
         let mut v: Vec<String> = self.bindings.keys().cloned().collect();
         v.sort();
         v
@@ -761,7 +778,7 @@ impl Registrar {
     /// (libre 1.x, hence Debian's baresip 1.0) give up on a 401 that offers any algorithm they
     /// do not know, so a city with such phones offers MD5 alone. Unknown names are ignored;
     /// an empty list keeps the default (SHA-256 then MD5).
-    pub fn with_algorithms(mut self, names: &[String]) -> Self {
+    pub(crate) fn with_algorithms(mut self, names: &[String]) -> Self {
         let chosen: Vec<&'static str> = names
             .iter()
             .filter_map(|n| match n.to_ascii_uppercase().as_str() {
@@ -932,7 +949,7 @@ impl Registrar {
     }
 
     /// The agents locked out now (for `/admin/agents`), sorted by id.
-    pub fn locks(&self, now: Instant) -> Vec<AccountLock> {
+    pub(crate) fn locks(&self, now: Instant) -> Vec<AccountLock> {
         let mut v: Vec<AccountLock> = self
             .agents
             .keys()
@@ -1413,13 +1430,13 @@ impl From<Credentials> for TrunkCredentials {
 }
 
 impl TrunkCredentials {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
     /// [`answer_challenge`] with the credentials that fit: those for the challenge's realm
     /// first, then those for any realm.
-    pub fn answer(
+    pub(crate) fn answer(
         &self,
         challenges: &[&str],
         method: &str,
@@ -1472,7 +1489,7 @@ impl<'de> serde::Deserialize<'de> for TrunkCredentials {
 /// `nc=00000001` when the challenge offers it, else the RFC 2069 form; `opaque` echoed. `None`
 /// when no challenge is a Digest one we can answer (unknown algorithm, `auth-int` only, another
 /// realm than the credentials').
-pub fn answer_challenge<'a>(
+pub(crate) fn answer_challenge<'a>(
     challenges: impl Iterator<Item = &'a str>,
     creds: &Credentials,
     method: &str,

@@ -8,10 +8,10 @@
 //! as long as their TTL says: a changed DNS record takes effect when the old one expires,
 //! without a restart.
 //!
-//! How, after RFC 3263 section 4 ([`Resolver::resolve_all`]):
+//! How, after RFC 3263 section 4 (`Resolver::resolve_all`):
 //! - A name without a port is first looked up as a SIP service: the SRV records of
 //!   `_sip._udp.<name>` (`_sip._tcp.` for `;transport=tcp`), ordered by priority and, within
-//!   one, by a weighted random draw (RFC 2782: [`srv_order`]). Carriers publish their gateways
+//!   one, by a weighted random draw (RFC 2782: `srv_order`). Carriers publish their gateways
 //!   this way, each with its port. A name without SRV records (most of them) is taken as a host
 //!   at port 5060; a single record with the target "." says there is no SIP service there, and
 //!   the request fails.
@@ -22,13 +22,13 @@
 //!   either family when it is bound to `[::]`, dual-stack) are kept, in that order. A request
 //!   goes to the first, and the 911 bridge, the call-back and the registration move on to the
 //!   next when one is down (RFC 3263 section 4.3: no response, a transport error, or 503;
-//!   [`choose_untried`] for the registration).
+//!   `choose_untried` for the registration).
 //!
 //! DNS itself (the queries, the answers, the cache, `/etc/resolv.conf` or the name servers of
 //! `dns.nameservers`) is hickory-resolver's; the order and the failover are ours. NAPTR records
 //! are not consulted (the transport is UDP unless the URI says `;transport=tcp`). Lookups are
-//! limited: the SRV query to [`SRV_WITHIN`] (a resolver that does not answer it is taken as "no
-//! SRV records"), the address lookups after it to [`RESOLVE_WITHIN`] together, so a stalled
+//! limited: the SRV query to `SRV_WITHIN` (a resolver that does not answer it is taken as "no
+//! SRV records"), the address lookups after it to `RESOLVE_WITHIN` together, so a stalled
 //! resolver fails the request within 3 s instead of holding a 911 caller.
 
 use crate::sip::message::{uri_host_and_port, uri_host_port, uri_socket_addr, uri_transport};
@@ -47,10 +47,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// How long the address lookups of one request may take together before it fails.
-pub const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
+pub(crate) const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long the SRV query may take before the name is taken as a plain host.
-pub const SRV_WITHIN: Duration = Duration::from_secs(1);
+pub(crate) const SRV_WITHIN: Duration = Duration::from_secs(1);
 
 /// `dns:` in the config: where names are looked up.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -128,7 +128,7 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// A resolver as `cfg` says. Without `nameservers` it takes `/etc/resolv.conf`'s (and,
     /// where that has none or cannot be read, 127.0.0.1 as the system's resolver does).
-    pub fn new(cfg: &DnsConfig) -> Result<Resolver, DnsError> {
+    pub(crate) fn new(cfg: &DnsConfig) -> Result<Resolver, DnsError> {
         let (config, mut opts) = if cfg.nameservers.is_empty() {
             hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "no name server from /etc/resolv.conf; asking 127.0.0.1");
@@ -171,7 +171,7 @@ impl Resolver {
     }
 
     /// A resolver of the default [`DnsConfig`]: the system's configuration.
-    pub fn system() -> Resolver {
+    pub(crate) fn system() -> Resolver {
         // Building fails only for DNS over TLS, HTTPS or QUIC, which this crate does not use.
         Resolver::new(&DnsConfig::default())
             .unwrap_or_else(|e| unreachable!("the system's DNS configuration is usable: {e}"))
@@ -179,7 +179,7 @@ impl Resolver {
 
     /// The address to send to for `uri`: its IP literal as it is, or the first of its host
     /// name's addresses that `bound` can send to ([`Resolver::resolve_all`]).
-    pub async fn resolve(&self, uri: &str, bound: SocketAddr) -> Result<SocketAddr, String> {
+    pub(crate) async fn resolve(&self, uri: &str, bound: SocketAddr) -> Result<SocketAddr, String> {
         Ok(self.resolve_all(uri, bound).await?[0])
     }
 
@@ -187,7 +187,7 @@ impl Resolver {
     /// or the addresses its name leads to (SRV targets first when the URI gives no port, see
     /// the module's docs) that [`reaches`] says `bound` can send to, each once. Never empty
     /// when `Ok`.
-    pub async fn resolve_all(
+    pub(crate) async fn resolve_all(
         &self,
         uri: &str,
         bound: SocketAddr,
@@ -390,12 +390,12 @@ impl HostsFile {
 }
 
 /// Whether `uri`'s host is a name (not an IP literal), i.e. needs [`Resolver::resolve`].
-pub fn needs_lookup(uri: &str) -> bool {
+pub(crate) fn needs_lookup(uri: &str) -> bool {
     uri_socket_addr(uri).is_none() && uri_host_port(uri).is_some()
 }
 
 /// A host name as RFC 3261's `hostname` allows it: labels of letters, digits and hyphens.
-pub fn valid_hostname(host: &str) -> bool {
+pub(crate) fn valid_hostname(host: &str) -> bool {
     let host = host.strip_suffix('.').unwrap_or(host);
     !host.is_empty()
         && host.len() <= 253
@@ -420,7 +420,7 @@ pub fn reaches(bound: SocketAddr, addr: SocketAddr) -> bool {
 
 /// One SRV record (RFC 2782).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Srv {
+pub(crate) struct Srv {
     pub priority: u16,
     pub weight: u16,
     pub port: u16,
@@ -431,7 +431,7 @@ pub struct Srv {
 /// `records` in the order to try them (RFC 2782): lowest priority first; within a priority,
 /// each next one drawn at random in proportion to its weight (those of weight 0 first, so
 /// they are drawn only rarely, as the RFC asks). `draw(n)` is a random number below `n`.
-pub fn srv_order(mut records: Vec<Srv>, draw: &mut dyn FnMut(u32) -> u32) -> Vec<Srv> {
+pub(crate) fn srv_order(mut records: Vec<Srv>, draw: &mut dyn FnMut(u32) -> u32) -> Vec<Srv> {
     records.sort_by_key(|r| (r.priority, r.weight != 0));
     let mut out = Vec::with_capacity(records.len());
     while !records.is_empty() {
@@ -470,7 +470,7 @@ pub fn srv_order(mut records: Vec<Srv>, draw: &mut dyn FnMut(u32) -> u32) -> Vec
 /// the first when the last is not among them (the name moved, or nothing was sent yet). So a
 /// trunk registration whose registrar's first address is down registers at the second on its
 /// next attempt, and stays there.
-pub fn choose(all: &[SocketAddr], current: Option<SocketAddr>, failed: bool) -> SocketAddr {
+pub(crate) fn choose(all: &[SocketAddr], current: Option<SocketAddr>, failed: bool) -> SocketAddr {
     match current.and_then(|c| all.iter().position(|a| *a == c)) {
         Some(i) if failed => all[(i + 1) % all.len()],
         Some(i) => all[i],
@@ -484,7 +484,7 @@ pub fn choose(all: &[SocketAddr], current: Option<SocketAddr>, failed: bool) -> 
 /// priority come in a new weighted draw at each lookup (RFC 2782), so "the address after the
 /// one that failed" in the new order could be one that failed already, while another was never
 /// tried.
-pub fn choose_untried(
+pub(crate) fn choose_untried(
     all: &[SocketAddr],
     tried: &[SocketAddr],
     current: Option<SocketAddr>,

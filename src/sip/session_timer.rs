@@ -20,11 +20,11 @@ use crate::sip::message::Request;
 use std::time::Duration;
 
 /// Our `Min-SE`: the smallest interval RFC 4028 allows.
-pub const MIN_SE: u32 = 90;
+pub(crate) const MIN_SE: u32 = 90;
 
 /// The session timer agreed for a dialog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionTimer {
+pub(crate) struct SessionTimer {
     /// Seconds.
     pub interval: u32,
     /// We send the refreshes (`refresher=uas`); else the caller does.
@@ -37,7 +37,7 @@ pub struct SessionTimer {
 
 /// What an INVITE (or a refresh) asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ask {
+pub(crate) enum Ask {
     /// No `Session-Expires`: no session timer.
     Nothing,
     /// An interval under [`MIN_SE`] from a caller that supports timers: answer 422.
@@ -87,7 +87,7 @@ pub fn ask(req: &Request) -> Ask {
 
 impl SessionTimer {
     /// Headers for our 2xx (to the INVITE and to each refresh).
-    pub fn response_headers(&self) -> Vec<(String, String)> {
+    pub(crate) fn response_headers(&self) -> Vec<(String, String)> {
         let mut h = vec![(
             "Session-Expires".to_owned(),
             format!(
@@ -103,7 +103,7 @@ impl SessionTimer {
     }
 
     /// Headers for a refresh we send.
-    pub fn refresh_headers(&self) -> Vec<(String, String)> {
+    pub(crate) fn refresh_headers(&self) -> Vec<(String, String)> {
         vec![
             (
                 "Session-Expires".to_owned(),
@@ -115,7 +115,7 @@ impl SessionTimer {
 
     /// How long after a refresh (or the 2xx) the UA core acts: our next refresh at half the
     /// interval, or the BYE before the interval runs out with no refresh from the caller.
-    pub fn next_action_after(&self) -> Duration {
+    pub(crate) fn next_action_after(&self) -> Duration {
         let interval = Duration::from_secs(u64::from(self.interval));
         if self.we_refresh {
             interval / 2

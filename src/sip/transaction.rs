@@ -3,10 +3,10 @@
 //! Each transaction is a plain state machine: the UA core feeds it what arrived and the current
 //! time (`now`), and it answers with [`Output`]s (bytes to transmit, a timeout to report, "I am
 //! done"). It never reads a clock, owns no socket and spawns nothing; [`crate::sip::ua`] drives
-//! every transaction from one tokio task and asks [`ServerTransaction::next_deadline`] /
-//! [`ClientTransaction::next_deadline`] when to wake up next.
+//! every transaction from one tokio task and asks `ServerTransaction::next_deadline` /
+//! `ClientTransaction::next_deadline` when to wake up next.
 //!
-//! Timers live in one table indexed by [`Timer`] ([`Timers`]), as RFC 3261 names them:
+//! Timers live in one table indexed by [`Timer`] (`Timers`), as RFC 3261 names them:
 //!
 //! | side | kind | timers |
 //! | --- | --- | --- |
@@ -38,7 +38,7 @@ pub const T1: Duration = Duration::from_millis(500);
 /// Maximum retransmit interval for non-INVITE requests and INVITE responses.
 pub const T2: Duration = Duration::from_secs(4);
 /// Maximum duration a message remains in the network.
-pub const T4: Duration = Duration::from_secs(5);
+pub(crate) const T4: Duration = Duration::from_secs(5);
 
 /// The named RFC 3261 / RFC 6026 timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,30 +82,31 @@ impl Timer {
 
 /// One table of deadlines, indexed by timer name.
 #[derive(Debug, Clone, Default)]
-pub struct Timers {
+pub(crate) struct Timers {
     at: [Option<Instant>; TIMER_COUNT],
 }
 
 impl Timers {
-    pub fn set(&mut self, t: Timer, at: Instant) {
+    pub(crate) fn set(&mut self, t: Timer, at: Instant) {
         self.at[t.index()] = Some(at);
     }
 
-    pub fn clear(&mut self, t: Timer) {
+    pub(crate) fn clear(&mut self, t: Timer) {
         self.at[t.index()] = None;
     }
 
-    pub fn get(&self, t: Timer) -> Option<Instant> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, t: Timer) -> Option<Instant> {
         self.at[t.index()]
     }
 
     /// The earliest armed deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.at.iter().flatten().min().copied()
     }
 
     /// Disarm and return the timers that have fired by `now`, earliest first.
-    pub fn take_expired(&mut self, now: Instant) -> Vec<Timer> {
+    pub(crate) fn take_expired(&mut self, now: Instant) -> Vec<Timer> {
         let mut fired: Vec<(Instant, Timer)> = Timer::ALL
             .iter()
             .filter_map(|t| {
@@ -183,35 +184,34 @@ impl ServerTransaction {
         }
     }
 
-    pub fn state(&self) -> ServerState {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> ServerState {
         self.state
     }
 
-    pub fn is_invite(&self) -> bool {
-        self.invite
-    }
-
     /// The last response sent, if any.
-    pub fn last_response(&self) -> Option<&Bytes> {
+    #[cfg(test)]
+    pub(crate) fn last_response(&self) -> Option<&Bytes> {
         self.last_response.as_ref()
     }
 
     /// True once a final response has been sent.
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         !matches!(self.state, ServerState::Trying | ServerState::Proceeding)
     }
 
-    pub fn is_terminated(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_terminated(&self) -> bool {
         self.state == ServerState::Terminated
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.timers.next_deadline()
     }
 
     /// The TU sends a response. Returns what to do; a response after the final one is refused
     /// (empty output).
-    pub fn respond(&mut self, now: Instant, code: u16, bytes: Bytes) -> Vec<Output> {
+    pub(crate) fn respond(&mut self, now: Instant, code: u16, bytes: Bytes) -> Vec<Output> {
         if self.is_final() {
             return Vec::new();
         }
@@ -249,7 +249,7 @@ impl ServerTransaction {
 
     /// The same request arrived again: resend the last response, if any (none once an INVITE's
     /// final response has been ACKed: the retransmission is absorbed).
-    pub fn on_retransmission(&mut self) -> Vec<Output> {
+    pub(crate) fn on_retransmission(&mut self) -> Vec<Output> {
         match (&self.state, &self.last_response) {
             (
                 ServerState::Proceeding | ServerState::Completed | ServerState::Accepted { .. },
@@ -260,7 +260,7 @@ impl ServerTransaction {
     }
 
     /// An ACK for this INVITE arrived (for a non-2xx: same branch; for a 2xx: matched by dialog).
-    pub fn on_ack(&mut self, now: Instant) -> Vec<Output> {
+    pub(crate) fn on_ack(&mut self, now: Instant) -> Vec<Output> {
         match self.state {
             ServerState::Completed if self.invite => {
                 self.timers.clear(Timer::G);
@@ -288,7 +288,7 @@ impl ServerTransaction {
     }
 
     /// Fire every timer due by `now`.
-    pub fn on_timeout(&mut self, now: Instant) -> Vec<Output> {
+    pub(crate) fn on_timeout(&mut self, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
         for t in self.timers.take_expired(now) {
             match (t, self.state) {
@@ -329,7 +329,7 @@ impl ServerTransaction {
 
 /// Client transaction states (RFC 3261 §17.1, RFC 6026 §7.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientState {
+pub(crate) enum ClientState {
     /// INVITE sent, nothing heard (Trying for non-INVITE).
     Calling,
     Proceeding,
@@ -341,7 +341,7 @@ pub enum ClientState {
 
 /// A client transaction, INVITE or non-INVITE.
 #[derive(Debug, Clone)]
-pub struct ClientTransaction {
+pub(crate) struct ClientTransaction {
     invite: bool,
     reliable: bool,
     state: ClientState,
@@ -353,7 +353,12 @@ pub struct ClientTransaction {
 
 impl ClientTransaction {
     /// Start a transaction for `request`; the first output transmits it.
-    pub fn new(now: Instant, invite: bool, reliable: bool, request: Bytes) -> (Self, Vec<Output>) {
+    pub(crate) fn new(
+        now: Instant,
+        invite: bool,
+        reliable: bool,
+        request: Bytes,
+    ) -> (Self, Vec<Output>) {
         let mut timers = Timers::default();
         if invite {
             if !reliable {
@@ -381,25 +386,22 @@ impl ClientTransaction {
         )
     }
 
-    pub fn state(&self) -> ClientState {
+    pub(crate) fn state(&self) -> ClientState {
         self.state
     }
 
-    pub fn is_invite(&self) -> bool {
-        self.invite
-    }
-
-    pub fn is_terminated(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_terminated(&self) -> bool {
         self.state == ClientState::Terminated
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.timers.next_deadline()
     }
 
     /// A response for this transaction arrived. For a non-2xx final response to an INVITE the
     /// transaction must ACK it itself; `make_ack` builds that ACK (only called when needed).
-    pub fn on_response(
+    pub(crate) fn on_response(
         &mut self,
         now: Instant,
         code: u16,
@@ -464,7 +466,7 @@ impl ClientTransaction {
     }
 
     /// Fire every timer due by `now`.
-    pub fn on_timeout(&mut self, now: Instant) -> Vec<Output> {
+    pub(crate) fn on_timeout(&mut self, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
         for t in self.timers.take_expired(now) {
             match (t, self.state) {

@@ -11,7 +11,7 @@
 //! because otherwise they are an amplifier: a spoofed UDP source can make the server answer
 //! every datagram of a garbage flood (to a victim, at the server's bandwidth and CPU), and even
 //! an unanswerable flood would write a log line per packet, filling disks and burying real
-//! events. So (per IPv4 address or IPv6 /64, as [`crate::sip::guard::RateLimiter`] keys them):
+//! events. So (per IPv4 address or IPv6 /64, as `crate::sip::guard::RateLimiter` keys them):
 //!
 //! - error answers follow a token bucket, by default a burst of 50 and then 20 per second
 //!   ([`TransportLimits::malformed_answers_burst`], `malformed_answers_per_second`); past it the
@@ -21,9 +21,9 @@
 //! - the first malformed message of a source is logged (`warn`) with its reason; further ones
 //!   within 10 s ([`TransportLimits::malformed_log_window`]) are not, and when the window is
 //!   over one line says "N malformed messages from X suppressed in the last Ts"
-//!   ([`crate::sip::guard::LogThrottle`]; a task checks once a second).
+//!   (`crate::sip::guard::LogThrottle`; a task checks once a second).
 //!
-//! Both tables hold at most [`crate::sip::guard::MAX_SOURCES`] sources (beyond that newcomers
+//! Both tables hold at most `crate::sip::guard::MAX_SOURCES` sources (beyond that newcomers
 //! share one bucket and one window). They sit behind one `std::sync::Mutex` in the
 //! [`TransportHandle`], shared by the UDP and TCP readers and held only for the look-up.
 //!
@@ -33,16 +33,16 @@
 //!   and at most [`TransportLimits::max_tcp_connections_per_source`] from one source (IPv4
 //!   address or IPv6 /64) unless it is a trusted trunk ([`TransportLimits::trusted`]); further
 //!   ones are closed at once, counted (`ivr311_sip_tcp_refused_total{limit}`) and logged once
-//!   per source and window ([`crate::sip::guard::ConnectionLimiter`]);
-//! - connections we open ([`TransportHandle::connect_tcp`]: `transport=tcp` 911 routes,
+//!   per source and window (`crate::sip::guard::ConnectionLimiter`);
+//! - connections we open (`TransportHandle::connect_tcp`: `transport=tcp` 911 routes,
 //!   trunks, call-backs) have a budget of the same size of their own, so peers holding every
 //!   inbound slot cannot make a 911 bridge fail;
 //! - a connection the far end sends no SIP message on for [`TransportLimits::tcp_idle`] is
 //!   closed: CRLF keep-alives (RFC 5626) are consumed but are not activity, so a peer cannot
 //!   hold a slot with them alone. A connection a dialog or an operator's registration runs over
-//!   is kept ([`TransportHandle::hold`]).
+//!   is kept (`TransportHandle::hold`).
 //!
-//! Sending goes through [`TransportHandle::send`] on a [`Flow`]: UDP sends to the flow's remote
+//! Sending goes through `TransportHandle::send` on a [`Flow`]: UDP sends to the flow's remote
 //! address; TCP writes to the connection the flow names (each connection has a writer task with a
 //! bounded queue).
 //!
@@ -53,12 +53,12 @@
 //!
 //! This module knows nothing of transactions, dialogs or calls.
 
-use crate::config::{set_dscp, Dscp};
 use crate::metrics::Metrics;
 use crate::sip::guard::{
     self, ConnRefusal, ConnectionLimiter, IpNet, LogThrottle, LogVerdict, RateLimiter, Suppressed,
 };
 use crate::sip::message::{self, Frame, Message, ParseError};
+use crate::sockopt::{set_dscp, Dscp};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -80,7 +80,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn via_name(self) -> &'static str {
+    pub(crate) fn via_name(self) -> &'static str {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
@@ -88,7 +88,7 @@ impl Transport {
     }
 
     /// Reliable transports do not need SIP-level retransmission of requests.
-    pub fn is_reliable(self) -> bool {
+    pub(crate) fn is_reliable(self) -> bool {
         matches!(self, Transport::Tcp)
     }
 }
@@ -122,7 +122,7 @@ pub struct TransportLimits {
     /// Sources exempt from `max_tcp_connections_per_source` (the trunks, `trunks.allow`).
     pub trusted: Vec<IpNet>,
     /// A TCP connection with no SIP message from the far end for this long is closed (unless
-    /// held, see [`TransportHandle::hold`]); keep-alives do not count.
+    /// held, see `TransportHandle::hold`); keep-alives do not count.
     pub tcp_idle: Duration,
     /// Error answers to malformed requests per second and source, after the burst; 0: no limit.
     pub malformed_answers_per_second: u32,
@@ -149,7 +149,7 @@ impl Default for TransportLimits {
             malformed_answers_per_second: 20,
             malformed_answers_burst: 50,
             malformed_log_window: Duration::from_secs(10),
-            dscp: crate::config::QosConfig::default().sip_dscp,
+            dscp: Dscp::CS3,
             metrics: None,
         }
     }
@@ -217,7 +217,7 @@ struct Connector {
 
 /// How long a TCP connection to a target may take to open before the request fails (a 911
 /// route that does not answer must give way to the next one quickly).
-pub const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 
 /// Connection ids, shared by accepted and opened connections.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -257,7 +257,7 @@ impl TransportHandle {
     /// (at most [`CONNECT_WITHIN`] to open). It is read like an accepted connection, so the
     /// responses and the far end's requests come back along it, and closed after the same idle
     /// time.
-    pub async fn connect_tcp(&self, remote: SocketAddr) -> std::io::Result<Flow> {
+    pub(crate) async fn connect_tcp(&self, remote: SocketAddr) -> std::io::Result<Flow> {
         let c = &self.connector;
         let flow = |conn| Flow {
             transport: Transport::Tcp,
@@ -342,14 +342,14 @@ impl TransportHandle {
     /// (its port is ephemeral, its Contact usually behind NAT), so our BYE when the call ended
     /// here was dropped and the phone stayed in a dead call. Idle connections without a
     /// dialog are still closed, so a peer that opens many and walks away costs nothing.
-    pub fn hold(&self, flow: &Flow) {
+    pub(crate) fn hold(&self, flow: &Flow) {
         if flow.transport == Transport::Tcp && flow.conn != 0 {
             *self.held.entry(flow.conn).or_insert(0) += 1;
         }
     }
 
     /// A dialog over `flow` ended ([`TransportHandle::hold`]).
-    pub fn release(&self, flow: &Flow) {
+    pub(crate) fn release(&self, flow: &Flow) {
         if flow.transport == Transport::Tcp && flow.conn != 0 {
             self.held.remove_if_mut(&flow.conn, |_, n| {
                 *n = n.saturating_sub(1);
@@ -359,7 +359,7 @@ impl TransportHandle {
     }
 
     /// Whether `flow` can be sent on as it is: UDP, or a TCP connection still open.
-    pub fn is_open(&self, flow: &Flow) -> bool {
+    pub(crate) fn is_open(&self, flow: &Flow) -> bool {
         flow.transport == Transport::Udp || (flow.conn != 0 && self.tcp.contains_key(&flow.conn))
     }
 
@@ -377,7 +377,7 @@ impl TransportHandle {
     }
 
     /// Send bytes along a flow. Errors are logged, not returned: SIP retransmission covers loss.
-    pub async fn send(&self, flow: &Flow, data: Bytes) {
+    pub(crate) async fn send(&self, flow: &Flow, data: Bytes) {
         match flow.transport {
             Transport::Udp => {
                 let to = match (self.local, flow.remote) {
@@ -431,7 +431,7 @@ impl TransportHandle {
 }
 
 /// The local IP that routes to `remote` (a UDP connect picks the route; nothing is sent).
-pub fn local_ip_towards(remote: IpAddr) -> Option<IpAddr> {
+pub(crate) fn local_ip_towards(remote: IpAddr) -> Option<IpAddr> {
     let bind = if remote.is_ipv4() {
         SocketAddr::from(([0u8; 4], 0))
     } else {
@@ -881,7 +881,7 @@ async fn tcp_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::dscp_of;
+    use crate::sockopt::dscp_of;
 
     #[tokio::test]
     async fn sip_over_udp_and_accepted_tcp_connections_carry_the_configured_dscp() {

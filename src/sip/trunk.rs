@@ -5,8 +5,13 @@
 //! for it, and forget that contact when the registration lapses. Without this the 311 number
 //! would ring nowhere: the trunk answers its callers with 404 or 480 while ivr311 sits idle.
 //!
-//! [`TrunkRegistration`] decides what to send and when; the UA core carries each REGISTER in a
-//! client transaction (retransmissions, timer F) and hands back its final response or timeout.
+//! `TrunkRegistration` decides what to send and when. `TrunkClient` wraps it with where the
+//! REGISTERs go: a registrar named by a host name is looked up before each REGISTER, a TCP
+//! connection is opened when none is, and what the REGISTER that is due waits for is one enum
+//! (`Reach`: idle, resolving, connecting). Both are sans-IO: the UA core
+//! (`crate::sip::ua::registration`) does the look-ups and connections off its task, carries each
+//! REGISTER in a client transaction (retransmissions, timer F) and hands back its final
+//! response or timeout.
 //! - The first REGISTER goes out at start. Its 2xx says how long the binding lasts (the
 //!   `expires` of our Contact in it, else its `Expires`, else what we asked), and the refresh
 //!   goes at half that, so a lost refresh still has a retransmission window before the binding
@@ -38,10 +43,48 @@
 
 use crate::sip::message::{new_branch, random_token, wants_tcp, RequestBuilder, Response};
 use crate::sip::registrar::TrunkCredentials;
+use crate::sip::transport::{Flow, Transport};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// Where calls may come from, and our account with the carrier (the `trunks:` section).
+///
+/// With `allow` empty (the default) INVITEs are taken from any address, as a public SIP line
+/// must be when callers reach it directly. A city that receives calls only through its carrier's
+/// SIP trunk lists the carrier's signalling networks, and INVITEs from anywhere else are
+/// dropped without an answer (counted in `/metrics` as
+/// `ivr311_sip_requests_dropped_total{reason="source_not_allowed"}`): a scanner learns nothing,
+/// not even that a SIP server is there to refuse it, and costs us no transaction. A 403 would
+/// tell it both, and invite it to try other sources or spoofed ones.
+///
+/// Sources listed here are trusted trunks: the per-source call and TCP connection limits
+/// (`limits.max_calls_per_source`, `invites_per_second`, `max_tcp_connections_per_source`)
+/// do not apply to them, since a trunk or an SBC carries many callers from one address.
+///
+/// Agents' phones are not covered: they log in with digest authentication (with guessing
+/// slowed per source and per account, see `sip::registrar`), receive calls rather than make
+/// them, and work from wherever operators sit, so an address list would only lock out home
+/// workers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrunksConfig {
+    /// Source networks INVITEs are accepted from, e.g. `["203.0.113.0/24", "2001:db8::/32",
+    /// "198.51.100.7"]` (a bare address is one host). Empty: any source.
+    pub allow: Vec<crate::sip::guard::IpNet>,
+    /// Digest credentials for a trunk that challenges our outbound INVITEs (the 911 bridge,
+    /// call-backs) or our REGISTER with 401 or 407, as registration-based SIP trunks do:
+    /// `{username, password, realm}` (`realm` optional: when set, only that realm's
+    /// challenges are answered), or a list of them, one per carrier's realm. Operators'
+    /// phones are never sent them. Default: none, and a challenged INVITE fails (the 911
+    /// method then falls back to the next route).
+    pub auth: TrunkCredentials,
+    /// Register with a registration-based trunk so that it sends us the 311 line's calls:
+    /// `{registrar, user, domain, expires}` (see the module docs); its challenges are
+    /// answered with `auth`. Default: none (an IP-authenticated trunk sends calls unasked).
+    pub register: Option<RegisterConfig>,
+}
 
 /// `trunks.register` in the config.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -70,7 +113,7 @@ fn default_expires() -> u32 {
 impl RegisterConfig {
     /// Refuse what would make a malformed REGISTER (the registrar's address is checked by the
     /// UA core, which knows which address family it is bound to).
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         let user_ok = !self.user.is_empty()
             && self
                 .user
@@ -103,8 +146,8 @@ impl RegisterConfig {
 }
 
 /// First retry after a failure, doubled per consecutive failure up to [`BACKOFF_MAX`].
-pub const BACKOFF_BASE: Duration = Duration::from_secs(30);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(1800);
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_secs(30);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1800);
 
 /// What `/health` shows of the registration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -127,7 +170,7 @@ pub struct RegistrationStatus {
 
 impl RegistrationStatus {
     /// This status `secs` seconds later (the countdowns run down, to zero).
-    pub fn aged(&self, secs: u64) -> Self {
+    pub(crate) fn aged(&self, secs: u64) -> Self {
         RegistrationStatus {
             expires_in: self.expires_in.map(|e| e.saturating_sub(secs)),
             retry_in: self.retry_in.map(|r| r.saturating_sub(secs)),
@@ -138,7 +181,7 @@ impl RegistrationStatus {
 
 /// A REGISTER to send: its bytes and its Via branch (the client transaction's key).
 #[derive(Debug)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     pub bytes: Bytes,
     pub branch: String,
 }
@@ -160,7 +203,7 @@ enum Phase {
 
 /// One registration with the trunk's registrar (see the module docs).
 #[derive(Debug)]
-pub struct TrunkRegistration {
+pub(crate) struct TrunkRegistration {
     cfg: RegisterConfig,
     creds: TrunkCredentials,
     /// `sip:domain`, the Request-URI.
@@ -195,7 +238,7 @@ pub struct TrunkRegistration {
 impl TrunkRegistration {
     /// A registration that sends its first REGISTER at `now`. The registrar URI must already
     /// have been checked (the UA core refuses unusable targets before this).
-    pub fn new(cfg: RegisterConfig, creds: TrunkCredentials, now: Instant) -> Self {
+    pub(crate) fn new(cfg: RegisterConfig, creds: TrunkCredentials, now: Instant) -> Self {
         let domain = cfg
             .domain
             .clone()
@@ -224,27 +267,27 @@ impl TrunkRegistration {
         }
     }
 
-    pub fn registrar(&self) -> &str {
+    pub(crate) fn registrar(&self) -> &str {
         &self.cfg.registrar
     }
 
     /// Whether the last REGISTER failed (and the next is a retry, at the name's next address).
-    pub fn failing(&self) -> bool {
+    pub(crate) fn failing(&self) -> bool {
         self.failures > 0 || self.failed_over > 0
     }
 
     /// The registrar's name was looked up and has `n` addresses.
-    pub fn set_addresses(&mut self, n: usize) {
+    pub(crate) fn set_addresses(&mut self, n: usize) {
         self.addresses = n.max(1);
     }
 
     /// Whether the registrar is reached over TCP (`;transport=tcp`).
-    pub fn over_tcp(&self) -> bool {
+    pub(crate) fn over_tcp(&self) -> bool {
         wants_tcp(&self.cfg.registrar)
     }
 
     /// When the next REGISTER is due; `None` while one is in flight or after unbinding.
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Idle { at, .. } | Phase::Failed { at, .. } => Some(*at),
             Phase::InFlight { .. } | Phase::Stopped => None,
@@ -252,7 +295,7 @@ impl TrunkRegistration {
     }
 
     /// The REGISTER that is due at `now` (refresh or retry), sent from `local`.
-    pub fn poll(&mut self, now: Instant, local: SocketAddr) -> Option<Outgoing> {
+    pub(crate) fn poll(&mut self, now: Instant, local: SocketAddr) -> Option<Outgoing> {
         if self.due().is_none_or(|at| at > now) {
             return None;
         }
@@ -266,7 +309,7 @@ impl TrunkRegistration {
 
     /// Remove the binding (draining): `Expires: 0` now if we may hold one (bound, or a
     /// REGISTER in flight), and nothing after.
-    pub fn unregister(&mut self, local: SocketAddr) -> Option<Outgoing> {
+    pub(crate) fn unregister(&mut self, local: SocketAddr) -> Option<Outgoing> {
         let had = match &self.phase {
             Phase::Idle { bound_until, .. } => bound_until.is_some(),
             Phase::InFlight { bound_until } => bound_until.is_some(),
@@ -284,7 +327,7 @@ impl TrunkRegistration {
 
     /// The final response to our REGISTER; returns a REGISTER to send at once (the challenge
     /// answered, or a longer interval after 423).
-    pub fn on_final(&mut self, now: Instant, resp: &Response) -> Option<Outgoing> {
+    pub(crate) fn on_final(&mut self, now: Instant, resp: &Response) -> Option<Outgoing> {
         let local = self.local?;
         let bound_until = self.bound_until(now);
         if self.removing {
@@ -374,7 +417,7 @@ impl TrunkRegistration {
     }
 
     /// Our REGISTER got no final answer (timer F).
-    pub fn on_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
         if self.removing || self.phase == Phase::Stopped {
             self.removing = false;
             return;
@@ -383,7 +426,7 @@ impl TrunkRegistration {
     }
 
     /// The registrar's host name did not resolve: the REGISTER that was due is retried later.
-    pub fn unreachable(&mut self, now: Instant, why: String) {
+    pub(crate) fn unreachable(&mut self, now: Instant, why: String) {
         if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
             self.failed_with(now, why, None, false);
         }
@@ -391,14 +434,14 @@ impl TrunkRegistration {
 
     /// The REGISTER that was due could not be sent to the address chosen (a TCP connection
     /// refused): the name's next address is tried at once, as after a timeout.
-    pub fn transport_error(&mut self, now: Instant, why: String) {
+    pub(crate) fn transport_error(&mut self, now: Instant, why: String) {
         if matches!(self.phase, Phase::Idle { .. } | Phase::Failed { .. }) {
             self.failed_with(now, why, None, true);
         }
     }
 
     /// What `/health` shows.
-    pub fn status(&self, now: Instant) -> RegistrationStatus {
+    pub(crate) fn status(&self, now: Instant) -> RegistrationStatus {
         let mut s = RegistrationStatus {
             state: "registering".into(),
             aor: self.aor.clone(),
@@ -426,7 +469,8 @@ impl TrunkRegistration {
     }
 
     /// Bound now (a binding we were granted has not lapsed).
-    pub fn is_registered(&self, now: Instant) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_registered(&self, now: Instant) -> bool {
         self.bound_until(now).is_some()
     }
 
@@ -558,9 +602,263 @@ impl TrunkRegistration {
     }
 }
 
+/// What a registration needs of the network it runs over (the UA core answers).
+pub(crate) trait Network {
+    /// Our address as a peer at `remote` sees it (Via, Contact).
+    fn local_for(&self, remote: SocketAddr) -> SocketAddr;
+    /// Whether `flow` can be sent on as it is: UDP, or a TCP connection still open.
+    fn is_open(&self, flow: &Flow) -> bool;
+}
+
+/// What the UA core does for a [`TrunkClient`].
+#[derive(Debug)]
+pub(crate) enum TrunkNeed {
+    /// Look the registrar's name up (every address, in order:
+    /// [`crate::sip::resolve::Resolver::resolve_all`]), then [`TrunkClient::on_resolved`].
+    Resolve(String),
+    /// Open a TCP connection to this address, then [`TrunkClient::on_connected`].
+    Connect(SocketAddr),
+    /// Send this REGISTER along the flow in a client transaction of its own; its final
+    /// response goes to [`TrunkClient::on_final`], its timeout to [`TrunkClient::on_timeout`].
+    Send(Flow, Outgoing),
+    /// Keep this TCP connection open however quiet it is: the trunk sends our calls along it.
+    Hold(Flow),
+    /// No longer keep this connection open.
+    Release(Flow),
+}
+
+/// Where the REGISTER that is due stands on its way to the registrar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// Nothing under way: when a REGISTER falls due, a registrar named by a host name is
+    /// looked up, a TCP connection that is not open is opened, and the REGISTER goes.
+    Idle,
+    /// The registrar's name is being looked up. `current` is the address the last REGISTER
+    /// went to and `failed` whether it failed there: the look-up's answer picks the next one.
+    Resolving { current: SocketAddr, failed: bool },
+    /// The TCP connection to the flow's address is being opened; `looked_up`: the name was
+    /// looked up for this REGISTER already.
+    Connecting { looked_up: bool },
+}
+
+/// Our registration with the trunk as the UA core runs it: the REGISTER protocol
+/// ([`TrunkRegistration`]), where its REGISTERs go (the registrar's address, looked up before
+/// each REGISTER when it is a name, and over TCP the connection held open for it), and the
+/// REGISTER in flight. Sans-IO: time, look-up and connection results, final responses and
+/// timeouts go in; [`TrunkNeed`]s come out.
+#[derive(Debug)]
+pub(crate) struct TrunkClient {
+    reg: TrunkRegistration,
+    /// Where REGISTERs go: UDP, or TCP (`conn` 0 while no connection is open).
+    flow: Flow,
+    /// The registrar is named by a host name, looked up before each REGISTER.
+    by_name: bool,
+    /// The name's addresses a REGISTER failed at since the last success, so that the next
+    /// goes to one not yet tried ([`crate::sip::resolve::choose_untried`]).
+    tried: Vec<SocketAddr>,
+    reach: Reach,
+    /// The Via branch of the REGISTER in flight: answers to older ones are ignored.
+    in_flight: Option<String>,
+}
+
+impl TrunkClient {
+    /// A registration whose first REGISTER is due at `now`, going to `remote` (for a
+    /// registrar named by a host name, a stand-in until the first look-up).
+    pub(crate) fn new(
+        cfg: RegisterConfig,
+        creds: TrunkCredentials,
+        remote: SocketAddr,
+        now: Instant,
+    ) -> Self {
+        let by_name = crate::sip::resolve::needs_lookup(&cfg.registrar);
+        let reg = TrunkRegistration::new(cfg, creds, now);
+        let transport = if reg.over_tcp() {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
+        TrunkClient {
+            reg,
+            flow: Flow {
+                transport,
+                remote,
+                conn: 0,
+            },
+            by_name,
+            tried: Vec::new(),
+            reach: Reach::Idle,
+            in_flight: None,
+        }
+    }
+
+    /// When [`TrunkClient::poll`] next has something to do: the next REGISTER is due
+    /// ([`TrunkRegistration::due`]), unless a look-up or a connection for it is under way
+    /// (its result moves the registration on).
+    pub(crate) fn due(&self) -> Option<Instant> {
+        match self.reach {
+            Reach::Idle => self.reg.due(),
+            Reach::Resolving { .. } | Reach::Connecting { .. } => None,
+        }
+    }
+
+    /// What `/health` shows.
+    pub(crate) fn status(&self, now: Instant) -> RegistrationStatus {
+        self.reg.status(now)
+    }
+
+    /// The REGISTER's timer: send the one that is due, after looking the registrar up and
+    /// opening its connection where needed.
+    pub(crate) fn poll(&mut self, now: Instant, net: &impl Network) -> Vec<TrunkNeed> {
+        self.advance(now, net, false)
+    }
+
+    fn advance(&mut self, now: Instant, net: &impl Network, looked_up: bool) -> Vec<TrunkNeed> {
+        if self.reach != Reach::Idle {
+            return Vec::new(); // a look-up or a connection is under way; it carries on
+        }
+        let due = self.reg.due().is_some_and(|at| at <= now);
+        if due && self.by_name && !looked_up {
+            // A registrar name with several addresses: stay at the one that works, move to one
+            // not yet tried when it failed (RFC 3263 section 4.3).
+            let (current, failed) = (self.flow.remote, self.reg.failing());
+            if !failed {
+                self.tried.clear();
+            } else if !self.tried.contains(&current) {
+                self.tried.push(current);
+            }
+            self.reach = Reach::Resolving { current, failed };
+            return vec![TrunkNeed::Resolve(self.reg.registrar().to_owned())];
+        }
+        if due && self.flow.transport == Transport::Tcp && !net.is_open(&self.flow) {
+            self.reach = Reach::Connecting { looked_up };
+            return vec![TrunkNeed::Connect(self.flow.remote)];
+        }
+        let local = net.local_for(self.flow.remote);
+        self.reg
+            .poll(now, local)
+            .map(|out| self.send(out))
+            .into_iter()
+            .collect()
+    }
+
+    fn send(&mut self, out: Outgoing) -> TrunkNeed {
+        self.in_flight = Some(out.branch.clone());
+        TrunkNeed::Send(self.flow, out)
+    }
+
+    /// The registrar's name was looked up: send the REGISTER that waited for it to the address
+    /// chosen, or count the failure (retried later, as any other).
+    pub(crate) fn on_resolved(
+        &mut self,
+        now: Instant,
+        found: Result<Vec<SocketAddr>, String>,
+        net: &impl Network,
+    ) -> Vec<TrunkNeed> {
+        let Reach::Resolving { current, failed } = self.reach.clone() else {
+            return Vec::new();
+        };
+        self.reach = Reach::Idle;
+        match found {
+            Ok(all) if !all.is_empty() => {
+                let addr =
+                    crate::sip::resolve::choose_untried(&all, &self.tried, Some(current), failed);
+                self.reg.set_addresses(all.len());
+                let mut needs = Vec::new();
+                if self.flow.remote != addr && self.flow.conn != 0 {
+                    // The name moved: a TCP registration opens a connection to the new address.
+                    needs.push(TrunkNeed::Release(self.flow));
+                    self.flow.conn = 0;
+                }
+                self.flow.remote = addr;
+                needs.extend(self.advance(now, net, true));
+                needs
+            }
+            Ok(_) => {
+                self.reg.unreachable(now, "the name has no address".into());
+                Vec::new()
+            }
+            Err(why) => {
+                self.reg.unreachable(now, why);
+                Vec::new()
+            }
+        }
+    }
+
+    /// The registrar's TCP connection was opened: hold it open (the trunk sends our calls
+    /// along it) and send the REGISTER that waited for it; or count the failure, so that the
+    /// next REGISTER goes at once to the name's next address.
+    pub(crate) fn on_connected(
+        &mut self,
+        now: Instant,
+        opened: Result<Flow, String>,
+        net: &impl Network,
+    ) -> Vec<TrunkNeed> {
+        let Reach::Connecting { looked_up } = self.reach else {
+            return Vec::new();
+        };
+        self.reach = Reach::Idle;
+        match opened {
+            // Opened to an address the registrar's name no longer has: open one to the new.
+            Ok(new) if new.remote != self.flow.remote => self.advance(now, net, looked_up),
+            Ok(new) => {
+                let mut needs = Vec::new();
+                if new.conn != self.flow.conn {
+                    needs.push(TrunkNeed::Release(self.flow));
+                    needs.push(TrunkNeed::Hold(new));
+                    self.flow = new;
+                }
+                needs.extend(self.advance(now, net, looked_up));
+                needs
+            }
+            Err(why) => {
+                self.reg.transport_error(now, why);
+                Vec::new()
+            }
+        }
+    }
+
+    /// The final response to the REGISTER with Via branch `branch`: a REGISTER to send at once
+    /// (a challenge answered, a longer interval after 423), or none.
+    pub(crate) fn on_final(
+        &mut self,
+        now: Instant,
+        branch: &str,
+        resp: &Response,
+    ) -> Vec<TrunkNeed> {
+        if self.in_flight.as_deref() != Some(branch) {
+            return Vec::new(); // superseded (an unbinding went out meanwhile)
+        }
+        self.in_flight = None;
+        self.reg
+            .on_final(now, resp)
+            .map(|out| self.send(out))
+            .into_iter()
+            .collect()
+    }
+
+    /// The REGISTER with Via branch `branch` got no final response (timer F).
+    pub(crate) fn on_timeout(&mut self, now: Instant, branch: &str) {
+        if self.in_flight.as_deref() == Some(branch) {
+            self.in_flight = None;
+            self.reg.on_timeout(now);
+        }
+    }
+
+    /// The server is draining: remove our binding (if we may hold one), along the flow the
+    /// REGISTERs took.
+    pub(crate) fn unregister(&mut self, net: &impl Network) -> Vec<TrunkNeed> {
+        let local = net.local_for(self.flow.remote);
+        self.reg
+            .unregister(local)
+            .map(|out| self.send(out))
+            .into_iter()
+            .collect()
+    }
+}
+
 /// Wait before retry number `failures` (1 = the first failure): 30 s doubling to 30 min, times
 /// `jitter` in [0.5, 1] (RFC 5626 §4.5), so nodes that failed together do not retry together.
-pub fn backoff(failures: u32, unit: f64) -> Duration {
+pub(crate) fn backoff(failures: u32, unit: f64) -> Duration {
     let doubled = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
     doubled
         .min(BACKOFF_MAX)
@@ -594,7 +892,6 @@ mod tests {
     use super::*;
     use crate::sip::message::{parse_datagram, Message, Request};
     use crate::sip::registrar::{Credentials, Registrar};
-    use crate::sip::transport::{Flow, Transport};
 
     fn cfg() -> RegisterConfig {
         RegisterConfig {
@@ -853,5 +1150,187 @@ mod tests {
         assert_eq!(backoff(3, 1.0), Duration::from_secs(120));
         assert_eq!(backoff(7, 1.0), Duration::from_secs(1800));
         assert_eq!(backoff(40, 1.0), Duration::from_secs(1800));
+    }
+
+    /// The network as a [`TrunkClient`] sees it in these tests: TCP connections in `open`
+    /// are open.
+    struct Net {
+        open: Vec<u64>,
+    }
+
+    impl Network for Net {
+        fn local_for(&self, _: SocketAddr) -> SocketAddr {
+            local()
+        }
+        fn is_open(&self, flow: &Flow) -> bool {
+            flow.transport == Transport::Udp || self.open.contains(&flow.conn)
+        }
+    }
+
+    fn named(registrar: &str) -> RegisterConfig {
+        RegisterConfig {
+            registrar: registrar.into(),
+            ..cfg()
+        }
+    }
+
+    const STAND_IN: &str = "192.0.2.1:5060";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The REGISTER a need sends, and the flow it goes along.
+    fn sent(needs: Vec<TrunkNeed>) -> (Flow, Request) {
+        match needs.as_slice() {
+            [.., TrunkNeed::Send(flow, out)] => (*flow, request(out)),
+            other => panic!("expected a REGISTER, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_registrar_name_is_looked_up_before_each_register_and_a_silent_address_left_for_the_next() {
+        let t0 = Instant::now();
+        let net = Net { open: vec![] };
+        let (a, b) = (addr("127.0.0.2:5090"), addr("127.0.0.1:5090"));
+        let mut c = TrunkClient::new(
+            named("sip:registrar.test:5090"),
+            creds().into(),
+            addr(STAND_IN),
+            t0,
+        );
+        let needs = c.poll(t0, &net);
+        assert!(
+            matches!(needs.as_slice(), [TrunkNeed::Resolve(u)] if u == "sip:registrar.test:5090")
+        );
+        assert_eq!(c.due(), None, "nothing to do until the look-up answers");
+        assert!(c.poll(t0, &net).is_empty(), "one look-up at a time");
+        let (flow, r1) = sent(c.on_resolved(t0, Ok(vec![a, b]), &net));
+        assert_eq!((flow.transport, flow.remote), (Transport::Udp, a));
+        // No answer there (timer F): the next REGISTER goes at once, looked up again, to the
+        // address not yet tried.
+        c.on_timeout(t0, &r1.top_via().branch.clone().unwrap());
+        assert_eq!(c.due(), Some(t0));
+        assert!(matches!(
+            c.poll(t0, &net).as_slice(),
+            [TrunkNeed::Resolve(_)]
+        ));
+        let (flow, _) = sent(c.on_resolved(t0, Ok(vec![a, b]), &net));
+        assert_eq!(flow.remote, b);
+        // A name that does not resolve: retried after the back-off, not at once.
+        let mut c = TrunkClient::new(
+            named("sip:registrar.test:5090"),
+            creds().into(),
+            addr(STAND_IN),
+            t0,
+        );
+        c.poll(t0, &net);
+        assert!(c.on_resolved(t0, Err("NXDOMAIN".into()), &net).is_empty());
+        assert_eq!(c.status(t0).state, "failed");
+        assert!(c.due().is_some_and(|at| at >= t0 + BACKOFF_BASE / 2));
+    }
+
+    #[test]
+    fn over_tcp_a_refused_connection_moves_the_register_to_the_names_next_address() {
+        let t0 = Instant::now();
+        let (a, b) = (addr("127.0.0.2:5090"), addr("127.0.0.1:5090"));
+        let mut net = Net { open: vec![] };
+        let mut c = TrunkClient::new(
+            named("sip:registrar.test:5090;transport=tcp"),
+            creds().into(),
+            addr(STAND_IN),
+            t0,
+        );
+        assert!(matches!(
+            c.poll(t0, &net).as_slice(),
+            [TrunkNeed::Resolve(_)]
+        ));
+        let needs = c.on_resolved(t0, Ok(vec![a, b]), &net);
+        assert!(matches!(needs.as_slice(), [TrunkNeed::Connect(r)] if *r == a));
+        assert!(c.poll(t0, &net).is_empty(), "one connection at a time");
+        // Refused: the name is looked up again at once and the other address is tried.
+        assert!(c.on_connected(t0, Err("refused".into()), &net).is_empty());
+        assert!(matches!(
+            c.poll(t0, &net).as_slice(),
+            [TrunkNeed::Resolve(_)]
+        ));
+        let needs = c.on_resolved(t0, Ok(vec![a, b]), &net);
+        assert!(matches!(needs.as_slice(), [TrunkNeed::Connect(r)] if *r == b));
+        let opened = Flow {
+            transport: Transport::Tcp,
+            remote: b,
+            conn: 7,
+        };
+        net.open.push(7);
+        let needs = c.on_connected(t0, Ok(opened), &net);
+        assert!(
+            matches!(needs.first(), Some(TrunkNeed::Release(f)) if f.conn == 0),
+            "{needs:?}"
+        );
+        assert!(matches!(needs.get(1), Some(TrunkNeed::Hold(f)) if *f == opened));
+        let (flow, r) = sent(needs);
+        assert_eq!(flow, opened);
+        assert!(
+            r.top_via().raw.starts_with("SIP/2.0/TCP"),
+            "{}",
+            r.top_via().raw
+        );
+        // Registered there; the refresh looks the name up and goes along the same connection.
+        let ok = response(&r, 200, "Expires: 120\r\n");
+        assert!(c
+            .on_final(t0, &r.top_via().branch.clone().unwrap(), &ok)
+            .is_empty());
+        let t1 = t0 + Duration::from_secs(60);
+        assert!(matches!(
+            c.poll(t1, &net).as_slice(),
+            [TrunkNeed::Resolve(_)]
+        ));
+        let (flow, r) = sent(c.on_resolved(t1, Ok(vec![a, b]), &net));
+        assert_eq!(flow, opened, "no new connection while this one is open");
+        let ok = response(&r, 200, "Expires: 120\r\n");
+        assert!(c
+            .on_final(t1, &r.top_via().branch.clone().unwrap(), &ok)
+            .is_empty());
+        // The name moved to another address: the old connection is let go, a new one opened.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(matches!(
+            c.poll(t2, &net).as_slice(),
+            [TrunkNeed::Resolve(_)]
+        ));
+        let moved = addr("127.0.0.3:5090");
+        let needs = c.on_resolved(t2, Ok(vec![moved]), &net);
+        assert!(
+            matches!(needs.as_slice(), [TrunkNeed::Release(f), TrunkNeed::Connect(r)] if *f == opened && *r == moved),
+            "{needs:?}"
+        );
+    }
+
+    #[test]
+    fn answers_to_a_superseded_register_are_ignored_and_draining_unbinds_along_the_flow() {
+        let t0 = Instant::now();
+        let net = Net { open: vec![] };
+        let mut c = TrunkClient::new(cfg(), creds().into(), addr("127.0.0.1:5090"), t0);
+        let (flow, r1) = sent(c.poll(t0, &net));
+        assert_eq!(
+            flow.remote,
+            addr("127.0.0.1:5090"),
+            "an address: no look-up"
+        );
+        let ok = response(&r1, 200, "Expires: 600\r\n");
+        assert!(c.on_final(t0, "z9hG4bK-not-ours", &ok).is_empty());
+        assert_eq!(c.status(t0).state, "registering");
+        let b1 = r1.top_via().branch.clone().unwrap();
+        assert!(c.on_final(t0, &b1, &ok).is_empty());
+        assert_eq!(c.status(t0).state, "registered");
+        let (flow, unbind) = sent(c.unregister(&net));
+        assert_eq!(flow.remote, addr("127.0.0.1:5090"));
+        assert_eq!(unbind.header("Expires"), Some("0"));
+        // A late answer to the first REGISTER changes nothing.
+        assert!(c.on_final(t0, &b1, &ok).is_empty());
+        assert_eq!(c.status(t0).state, "unregistering");
+        let b2 = unbind.top_via().branch.clone().unwrap();
+        assert!(c.on_final(t0, &b2, &response(&unbind, 200, "")).is_empty());
+        assert_eq!(c.status(t0).state, "unregistered");
+        assert!(c.poll(t0 + Duration::from_secs(3600), &net).is_empty());
     }
 }
