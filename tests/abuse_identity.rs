@@ -286,6 +286,7 @@ async fn only_a_trunk_asserted_number_is_presented_to_911_and_every_caller_is_co
     for _ in 0..15 {
         let n = out.write(0, &[0x55; 160], 160, &mut buf);
         psap_rtp.send_to(&buf[..n], leg).await.unwrap();
+        // Paced as a phone sends, one packet each 20 ms: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let heard = ua.listen(Duration::from_millis(300)).await;

@@ -106,7 +106,7 @@ fn ear() -> PromptEar {
 async fn file_pothole(srv: &RunningServer, listen: Duration) -> (TestUa, Vec<String>) {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94107").await;
     ua.skip_description("en").await;

@@ -578,6 +578,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write_at(101, ts, i == 0, &ev.write(), &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for _ in 0..3 {
@@ -610,6 +611,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.drain_rtp();
@@ -631,6 +633,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -649,6 +652,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -657,6 +661,7 @@ Contact: <sip:caller@{me}>\r\n\
     pub async fn keys(&mut self, keys: &str) {
         for k in keys.chars() {
             self.press(k).await;
+            // The pause between two presses, as a person makes: not a wait.
             tokio::time::sleep(Duration::from_millis(120)).await;
         }
     }
@@ -1237,7 +1242,9 @@ pub async fn agent_request(
 
 /// RTP from elsewhere reaching a call's media port `media` before the caller's own: a far end
 /// still sending to a port its call gave up, now given to another call. Five packets, 20 ms
-/// apart, then 100 ms for the server to see them; returns the stray source's socket.
+/// apart; returns the stray source's socket. Over loopback a datagram is in the server's
+/// socket queue when `send_to` returns, so whatever the caller sends after this reaches the
+/// server after the stray packets.
 pub async fn stray_stream(media: SocketAddr) -> tokio::net::UdpSocket {
     let stray = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut out = ivr311::media::rtp::RtpStream::new();
@@ -1245,9 +1252,9 @@ pub async fn stray_stream(media: SocketAddr) -> tokio::net::UdpSocket {
     for _ in 0..5 {
         let n = out.write(0, &[0xFF; 160], 160, &mut buf);
         stray.send_to(&buf[..n], media).await.unwrap();
+        // Paced as a far end sends: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     stray
 }
 
@@ -1274,7 +1281,7 @@ pub fn bridge_911_to(uri: &str) -> FileConfig {
 pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
     let mut ua = TestUa::udp(server).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys(keys).await;
     ua
 }
