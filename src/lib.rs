@@ -67,7 +67,7 @@ compile_error!(
      on file descriptors and handles SIGTERM/SIGHUP"
 );
 
-pub mod api;
+pub(crate) mod api;
 pub mod call;
 
 pub mod config;

@@ -743,7 +743,7 @@ impl Driver {
         );
         let path = self.ctx.recordings.join(name);
         let t = now();
-        match Recorder::create(&path, t, max, silence) {
+        match Recorder::create(&path) {
             Ok(r) => {
                 info!(path = %path.display(), "recording");
                 self.recorder = Some(r);
