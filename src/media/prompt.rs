@@ -35,8 +35,8 @@ pub(crate) const MIN_SOURCE_RATE: u32 = 1000;
 /// Highest source sample rate accepted.
 pub(crate) const MAX_SOURCE_RATE: u32 = 384_000;
 
-/// Why a prompt could not be loaded. Every variant names the file (or, for
-/// [`Prompt::from_pcm`], a `<pcm:NAME>` pseudo-path).
+/// Why a prompt could not be loaded. Every variant names the file (or, for a prompt the unit
+/// tests build from samples, a `<pcm:NAME>` pseudo-path).
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
     /// The file or directory could not be opened or read.
@@ -175,8 +175,8 @@ impl Prompt {
     }
 
     /// Builds a prompt from interleaved 16-bit samples at any rate and channel
-    /// count (for tests and generated tones). A trailing partial frame of
-    /// interleaved samples is dropped.
+    /// count (for the unit tests). A trailing partial frame of interleaved samples is
+    /// dropped.
     #[cfg(test)]
     pub(crate) fn from_pcm(
         name: &str,
