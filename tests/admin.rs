@@ -18,7 +18,7 @@ async fn live_calls_are_listed_and_can_be_hung_up() {
     assert_eq!(ua.call("0 101").await.code, 200);
     ua.until_audio().await;
     ua.keys("211").await; // Spanish, continue, streets
-    ua.listen(Duration::from_millis(300)).await;
+    ua.until_state(srv.http_addr, "streets").await;
     let (code, body) = http(srv.http_addr, "GET", "/admin/calls", &[], b"").await;
     assert_eq!(code, 200, "{body}");
     let calls: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -284,9 +284,9 @@ async fn caller_asks_for_a_callback(srv: &ivr311::server::RunningServer) {
     assert_eq!(admin(srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new(
@@ -745,9 +745,9 @@ async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     assert_eq!(admin(&srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new(

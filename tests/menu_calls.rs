@@ -370,7 +370,7 @@ async fn caller_presses_911_from(
         .unwrap_or_default();
     let mut ua = TestUa::udp(dial).await;
     assert_eq!(ua.call_with("0 101", &pai).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await;
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))

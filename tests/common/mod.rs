@@ -736,6 +736,28 @@ Contact: <sip:caller@{me}>\r\n\
         self.until_packets(1).await
     }
 
+    /// Listen (our own audio flowing) until `GET /admin/calls` on `http_addr` shows this call in
+    /// `state` (a menu's name, `recording`, `waiting for operator`...), at most 10 s: the keys
+    /// pressed so far have been acted on. Returns what was heard.
+    pub async fn until_state(&mut self, http_addr: SocketAddr, state: &str) -> Vec<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut heard = Vec::new();
+        loop {
+            let calls = admin_calls(http_addr).await;
+            if calls
+                .iter()
+                .any(|c| c["call_id"] == self.call_id.as_str() && c["state"] == state)
+            {
+                return heard;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the call never reached {state}: {calls:?}"
+            );
+            heard.extend(self.listen(Duration::from_millis(50)).await);
+        }
+    }
+
     /// Listen until no audio has come for `quiet` (at most 10 s): the server stopped sending
     /// (on hold, after a BYE). Returns what came before.
     pub async fn until_quiet(&mut self, quiet: Duration) -> Vec<Vec<u8>> {
