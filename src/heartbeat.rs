@@ -26,7 +26,7 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     /// A heartbeat that beat at `now` (a loop about to start counts as alive).
-    pub fn new(now: Instant) -> Heartbeat {
+    pub(crate) fn new(now: Instant) -> Heartbeat {
         Heartbeat {
             base: now,
             last_ms: AtomicU64::new(0),
@@ -35,27 +35,27 @@ impl Heartbeat {
     }
 
     /// The loop turned at `now`.
-    pub fn beat(&self, now: Instant) {
+    pub(crate) fn beat(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.base).as_millis();
         self.last_ms
             .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// How long before `now` the loop last turned.
-    pub fn age(&self, now: Instant) -> Duration {
+    pub(crate) fn age(&self, now: Instant) -> Duration {
         let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         now.saturating_duration_since(last)
     }
 
     /// Fault drill: ask the loop to stop for `d` at its next turn.
-    pub fn drill_stall(&self, d: Duration) {
+    pub(crate) fn drill_stall(&self, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
         self.stall_ms.store(ms, Ordering::Relaxed);
     }
 
     /// A stall asked for by [`Heartbeat::drill_stall`] (once): the loop waits this long in
     /// place, doing nothing else.
-    pub fn take_stall(&self) -> Option<Duration> {
+    pub(crate) fn take_stall(&self) -> Option<Duration> {
         match self.stall_ms.swap(0, Ordering::Relaxed) {
             0 => None,
             ms => Some(Duration::from_millis(ms)),

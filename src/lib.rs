@@ -61,13 +61,18 @@
 //! packet a system call (no `recvmmsg`, epoll or io_uring), never asks for real-time priority,
 //! and SIP host names are looked up by A/AAAA only (no SRV).
 
+// The crate's documentation is for the people who work on it, built with its private items
+// (`cargo doc --document-private-items`, as `.ci/run` checks it): the map above and the module
+// docs link to crate-private modules and items on purpose.
+#![allow(rustdoc::private_intra_doc_links)]
+
 #[cfg(not(unix))]
 compile_error!(
     "ivr311 runs on Linux and other Unix-like systems: it sets socket options (DSCP, buffer sizes) \
      on file descriptors and handles SIGTERM/SIGHUP"
 );
 
-pub mod api;
+pub(crate) mod api;
 pub mod call;
 
 pub mod config;

@@ -24,7 +24,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Add `n` to counter `name` with these labels.
-    pub fn add(
+    pub(crate) fn add(
         &self,
         name: &'static str,
         help: &'static str,
@@ -45,7 +45,8 @@ impl Metrics {
     }
 
     /// The current value (for tests and the admin view).
-    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let f = match self.families.lock() {
             Ok(f) => f,
             Err(p) => p.into_inner(),
@@ -64,7 +65,7 @@ impl Metrics {
     }
 
     /// Render every counter, then the given gauges, in Prometheus text format.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    pub(crate) fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
         let f = match self.families.lock() {
             Ok(f) => f,

@@ -76,7 +76,7 @@ pub struct RunningServer {
     /// The menu new calls start on (replace it to reload).
     pub menu: Arc<MenuHolder>,
     /// Cancelled to refuse new calls while the ones in progress finish.
-    pub draining: CancellationToken,
+    pub(crate) draining: CancellationToken,
     /// Cancelled when the drain time is over: calls still in a menu hear a goodbye.
     closing: CancellationToken,
     clock: Arc<MediaClock>,

@@ -59,9 +59,9 @@ async fn asks_for_a_callback(
     let mut ua = TestUa::udp(srv.sip_addr).await;
     ua.from_user = from.to_owned();
     assert_eq!(ua.call_with("0 101", extra).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(2500)).await;
     let ear = PromptEar::new(
@@ -271,7 +271,7 @@ async fn only_a_trunk_asserted_number_is_presented_to_911_and_every_caller_is_co
     let srv = start_server(bridge_to(&psap)).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &pai(victim)).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await;
     let (inv, text) = psap_answers(&psap, &psap_rtp).await;
     assert_eq!(inv.header("P-Asserted-Identity"), None, "asserted to 911");
@@ -286,6 +286,7 @@ async fn only_a_trunk_asserted_number_is_presented_to_911_and_every_caller_is_co
     for _ in 0..15 {
         let n = out.write(0, &[0x55; 160], 160, &mut buf);
         psap_rtp.send_to(&buf[..n], leg).await.unwrap();
+        // Paced as a phone sends, one packet each 20 ms: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let heard = ua.listen(Duration::from_millis(300)).await;
@@ -303,7 +304,7 @@ async fn only_a_trunk_asserted_number_is_presented_to_911_and_every_caller_is_co
     let srv = start_server(file).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &pai(ASSERTED)).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await;
     let (inv, _) = psap_answers(&psap, &psap_rtp).await;
     let asserted = inv.header("P-Asserted-Identity").expect("PAI to 911");

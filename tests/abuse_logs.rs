@@ -71,9 +71,9 @@ async fn caller_called_back(redact: bool, number: &str, log: &Captured) -> Strin
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let pai = format!("P-Asserted-Identity: <sip:{number}@127.0.0.1>\r\n");
     assert_eq!(ua.call_with("0 101", &pai).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     ua.expect_request("BYE", Duration::from_secs(15)).await;
     let (code, _) = http(

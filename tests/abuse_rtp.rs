@@ -73,6 +73,7 @@ async fn press_from(sock: &UdpSocket, stream: &mut RtpStream, to: SocketAddr, di
         };
         let n = stream.write_at(101, ts, i == 0, &ev.write(), &mut buf);
         sock.send_to(&buf[..n], to).await.unwrap();
+        // Paced as a phone sends, one packet each 20 ms: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for _ in 0..3 {
@@ -86,6 +87,7 @@ async fn press_from(sock: &UdpSocket, stream: &mut RtpStream, to: SocketAddr, di
         sock.send_to(&buf[..n], to).await.unwrap();
     }
     stream.skip(960);
+    // The pause between two presses, as a person makes: not a wait.
     tokio::time::sleep(Duration::from_millis(150)).await;
 }
 
@@ -170,6 +172,7 @@ async fn a_third_party_sending_first_to_a_callers_port_neither_hears_it_nor_pres
     for _ in 0..10 {
         let n = stream.write(0, &[0xff; 160], 160, &mut buf);
         third.send_to(&buf[..n], port).await.unwrap();
+        // Paced as a phone sends: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     press_from(&third, &mut stream, port, '1').await;

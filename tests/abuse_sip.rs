@@ -91,6 +91,7 @@ async fn an_invite_flood_takes_only_its_sources_share_and_callers_agents_and_tru
             .await
             .unwrap();
         if n % 20 == 19 {
+            // Stay under the socket buffers: the limiter is what is tested, not the kernel.
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -658,7 +659,7 @@ async fn password_guesses_lock_out_new_addresses_not_the_agents_phone() {
     let agent = TestAgent::login(sip, "1001").await;
     let mut ua = TestUa::udp(sip).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
     let inv = agent.request("INVITE", Duration::from_secs(5)).await;
     agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
@@ -766,12 +767,13 @@ Expires: 600\r\n{}Content-Length: 0\r\n\r\n",
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         conn.write_all(b"\r\n\r\n").await.unwrap();
+        // A keep-alive every 300 ms, as the phone sends them: not a wait.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // A caller asks for an operator: the INVITE reaches the phone on that connection.
     let mut ua = TestUa::udp(sip).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
     let inv: Request = loop {
         match read_sip(&mut conn, &mut buf, Duration::from_secs(8)).await {

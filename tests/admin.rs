@@ -16,9 +16,9 @@ async fn live_calls_are_listed_and_can_be_hung_up() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("211").await; // Spanish, continue, streets
-    ua.listen(Duration::from_millis(300)).await;
+    ua.until_state(srv.http_addr, "streets").await;
     let (code, body) = http(srv.http_addr, "GET", "/admin/calls", &[], b"").await;
     assert_eq!(code, 200, "{body}");
     let calls: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -108,7 +108,7 @@ async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
     // A call in progress, still at the language menu.
     let mut old = TestUa::udp(srv.sip_addr).await;
     assert_eq!(old.call("0 101").await.code, 200);
-    old.listen(Duration::from_millis(200)).await;
+    old.until_audio().await;
 
     // The admin changes the main menu's greeting and reloads.
     let text = std::fs::read_to_string(&menu).unwrap();
@@ -129,7 +129,7 @@ async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
     // A new call gets the new menu.
     let mut new = TestUa::udp(srv.sip_addr).await;
     assert_eq!(new.call("0 101").await.code, 200);
-    new.listen(Duration::from_millis(200)).await;
+    new.until_audio().await;
     new.keys("11").await;
     let heard = new.listen(Duration::from_millis(1500)).await;
     assert_eq!(ear.playbacks(&heard), vec!["main_menu_short"]);
@@ -152,7 +152,7 @@ async fn reload_swaps_the_menu_for_new_calls_only_and_refuses_a_broken_one() {
     );
     let mut after = TestUa::udp(srv.sip_addr).await;
     assert_eq!(after.call("0 101").await.code, 200);
-    after.listen(Duration::from_millis(200)).await;
+    after.until_audio().await;
     after.keys("11").await;
     let heard = after.listen(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -217,7 +217,7 @@ async fn staff_status_updates_reach_the_phone_lookup() {
 
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("116").await;
     ua.keys(&t.service_request_id.to_string()).await;
     let heard = ua.listen(Duration::from_millis(5000)).await;
@@ -237,17 +237,18 @@ async fn metrics_count_outcomes_menus_and_emergencies() {
     // One caller presses 9 at screening; one hears recycling information and hangs up.
     let mut a = TestUa::udp(srv.sip_addr).await;
     assert_eq!(a.call("0 101").await.code, 200);
-    a.listen(Duration::from_millis(200)).await;
+    a.until_audio().await;
     a.keys("19").await;
     a.listen(Duration::from_millis(300)).await;
     a.bye().await;
     let mut b = TestUa::udp(srv.sip_addr).await;
     assert_eq!(b.call("0 101").await.code, 200);
-    b.listen(Duration::from_millis(200)).await;
+    b.until_audio().await;
     b.keys("11237").await; // trash, recycling information, then an invalid key in trash
     b.listen(Duration::from_millis(300)).await;
     b.bye().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both calls ended: their figures are in the metrics.
+    until_no_calls(srv.http_addr).await;
     let (code, text) = http(srv.http_addr, "GET", "/metrics", &[], b"").await;
     assert_eq!(code, 200);
     for line in [
@@ -281,7 +282,7 @@ async fn a_callers_recording_is_for_staff_only() {
     let srv = start_server(file).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     // English, not an emergency, streets, pothole, ZIP 94103, then a spoken description.
     ua.keys("1111").await;
     ua.keys("94103").await;

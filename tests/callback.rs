@@ -187,19 +187,28 @@ algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\"
         for _ in 0..n {
             let len = s.write(pt, &[payload; 160], 160, &mut out);
             self.rtp.send_to(&out[..len], to).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// RTP payloads of type `pt` that arrive within `dur`.
     async fn hear(&self, pt: u8, dur: Duration) -> Vec<Vec<u8>> {
+        self.hear_until(pt, usize::MAX, dur).await
+    }
+
+    /// RTP payloads of type `pt` until `n` have arrived, or `dur` has passed.
+    async fn hear_until(&self, pt: u8, n: usize, dur: Duration) -> Vec<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + dur;
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
-        while let Ok(Ok((n, _))) =
-            tokio::time::timeout_at(deadline, self.rtp.recv_from(&mut buf)).await
-        {
-            if let Ok(p) = rtp::parse(&buf[..n]) {
+        while got.len() < n {
+            let Ok(Ok((len, _))) =
+                tokio::time::timeout_at(deadline, self.rtp.recv_from(&mut buf)).await
+            else {
+                break;
+            };
+            if let Ok(p) = rtp::parse(&buf[..len]) {
                 if p.payload_type == pt {
                     got.push(p.payload.to_vec());
                 }
@@ -240,6 +249,24 @@ async fn admin(srv: &ivr311::server::RunningServer, path: &str) -> (u16, String)
     .await
 }
 
+/// Poll the general queue until `done` holds for it (at most 10 s); returns it. Panics with
+/// the last one read, saying `what` never happened.
+async fn queue_until(
+    srv: &ivr311::server::RunningServer,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = general_queue(srv).await;
+        if done(&q) {
+            return q;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: never: {q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn general_queue(srv: &ivr311::server::RunningServer) -> serde_json::Value {
     let (_, q) = http(srv.http_addr, "GET", "/admin/queues", &[], b"").await;
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
@@ -257,9 +284,9 @@ async fn caller_asks_for_a_callback(srv: &ivr311::server::RunningServer) {
     assert_eq!(admin(srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new(
@@ -338,13 +365,10 @@ async fn offer_withdrawn_caller_abandoned(
     assert_eq!(cancel.call_id, ainv.call_id);
     agent.reply(&cancel, 200, "OK", None).await;
     agent.reply(ainv, 487, "Request Terminated", None).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let q = general_queue(srv).await;
-    assert_eq!(
-        (q["waiting"].as_u64(), q["abandoned"].as_u64()),
-        (Some(0), Some(1)),
-        "{q}"
-    );
+    queue_until(srv, "the caller counted as abandoned", |q| {
+        (q["waiting"].as_u64(), q["abandoned"].as_u64()) == (Some(0), Some(1))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -449,9 +473,7 @@ async fn a_callback_keeps_the_place_rings_the_caller_back_and_bridges_them_to_th
     // The operator hangs up: the caller's leg gets BYE; the queue counts one answered.
     agent.bye(&ainv).await;
     trunk.request("BYE", Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let q = general_queue(&srv).await;
-    assert_eq!(q["answered"], 1, "{q}");
+    let q = queue_until(&srv, "the call counted as answered", |q| q["answered"] == 1).await;
     assert_eq!(
         (q["waiting"].as_u64(), q["callbacks_pending"].as_u64()),
         (Some(0), Some(0)),
@@ -700,12 +722,12 @@ async fn a_called_back_callers_operator_can_refresh_and_hold_the_call() {
         .send_to(ack.as_bytes(), srv.sip_addr)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     agent.drain_rtp();
-    let (to_phone, ()) = tokio::join!(
-        agent.hear(0, Duration::from_millis(900)),
-        trunk.send_rtp(offer.addr, 0, 0xff, 40)
-    );
+    // The caller talks on (up to 5 s) until twenty packets reach the phone.
+    let to_phone = tokio::select! {
+        heard = agent.hear_until(0, 20, Duration::from_secs(5)) => heard,
+        () = trunk.send_rtp(offer.addr, 0, 0xff, 250) => Vec::new(),
+    };
     assert!(
         to_phone.len() >= 20,
         "the caller is heard again: {}",
@@ -723,9 +745,9 @@ async fn without_a_trunk_a_callback_request_is_a_flagged_ticket_at_once() {
     assert_eq!(admin(&srv, "/admin/agents/1001/pause").await.0 / 100, 2);
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call_with("0 101", &asserted()).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
-    ua.listen(Duration::from_millis(500)).await;
+    ua.until_state(srv.http_addr, "waiting for operator").await;
     ua.press('2').await;
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new(

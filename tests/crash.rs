@@ -186,6 +186,7 @@ async fn try_call(ua: &mut TestUa) -> bool {
 }
 
 async fn caller(sip: SocketAddr, start: Duration, emergency: bool, ear: Arc<PromptEar>) -> Heard {
+    // Callers arrive one after another (the schedule under test): not a wait.
     tokio::time::sleep(start).await;
     let mut ua = TestUa::udp(sip).await;
     let mut heard = Heard {
@@ -321,6 +322,7 @@ async fn kill_9_during_filing_loses_no_ticket_read_back_and_no_audit_row() {
                 ear.clone(),
             ));
         }
+        // The moment of the crash is what each round varies: not a wait.
         tokio::time::sleep(Duration::from_millis(kill_ms)).await;
         server.child.kill().expect("SIGKILL");
         server.child.wait().unwrap();

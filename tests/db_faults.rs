@@ -106,7 +106,7 @@ fn ear() -> PromptEar {
 async fn file_pothole(srv: &RunningServer, listen: Duration) -> (TestUa, Vec<String>) {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94107").await;
     ua.skip_description("en").await;
@@ -217,7 +217,7 @@ async fn a_waiting_callers_call_back_is_confirmed_only_once_it_is_saved() {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let pai = "P-Asserted-Identity: <sip:+12122000123@127.0.0.1>\r\n";
     assert_eq!(ua.call_with("0 101", pai).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
     // Waiting: the operator's phone rings and nobody answers.
     let inv = agent.request("INVITE", Duration::from_secs(10)).await;

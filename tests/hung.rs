@@ -79,7 +79,7 @@ async fn a_caller_that_never_answers_our_bye_is_released_by_timer_f() {
     let ports_idle = metric(srv.http_addr, "ivr311_rtp_ports_free").await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(300)).await;
+    ua.until_audio().await;
     assert_eq!(admin_calls(srv.http_addr).await.len(), 1);
 
     // The admin ends the call: the server sends BYE, which we never answer.
@@ -125,7 +125,7 @@ async fn an_agent_phone_that_vanishes_mid_ring_is_skipped_and_not_left_ringing()
     let a2 = TestAgent::login(srv.sip_addr, "1002").await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
 
     // 1001 (idle longest) is offered the call, and its phone is gone: not even 100 Trying.

@@ -328,7 +328,7 @@ async fn calls_complete_through_loss_duplication_and_reordering_and_leave_nothin
         let ear = ear.clone();
         let server = srv.sip_addr;
         set.spawn(async move {
-            // Spread the calls out a little, as real ones are.
+            // Spread the calls out a little, as real ones are (a schedule, not a wait).
             tokio::time::sleep(Duration::from_millis(150 * seed)).await;
             lossy_call(server, seed, ear).await
         });

@@ -39,7 +39,7 @@ async fn pothole_ticket_with_zip_and_recording_is_filed_then_read_back() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     // English, not an emergency, streets, pothole, ZIP 94103.
     ua.keys("1111").await;
     ua.keys("94103").await;
@@ -121,7 +121,7 @@ async fn status_lookup_of_a_filed_ticket_and_of_a_missing_one() {
         .unwrap();
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("116").await;
     ua.keys(&t.service_request_id.to_string()).await;
     let heard = ua.listen(Duration::from_millis(8000)).await;
@@ -148,7 +148,7 @@ async fn spanish_callers_hear_spanish() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("21").await;
     let heard = ua.listen(Duration::from_millis(1500)).await;
     let ear = PromptEar::new("es", &["main_menu"], Codec::Pcmu);
@@ -162,7 +162,7 @@ async fn emergency_with_no_uri_announces_and_hangs_up_and_is_audited() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await; // English, then 9 at screening
     let heard = ua.listen(Duration::from_millis(4000)).await;
     let ear = PromptEar::new("en", &["connecting_911", "emergency_announce"], Codec::Pcmu);
@@ -199,7 +199,7 @@ async fn emergency_by_refer_follows_the_notify_and_is_audited() {
     let srv = start_server(file).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     // English, not an emergency, streets, downed power lines (an emergency entry).
     ua.keys("1115").await;
     let refer = ua.expect_request("REFER", Duration::from_secs(10)).await;
@@ -233,14 +233,17 @@ async fn caller_hanging_up_mid_recording_still_files_the_ticket() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94110").await;
     until_recording(&mut ua, &srv).await;
     ua.speak(40).await;
     ua.bye().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all = srv.tickets.list(&Default::default()).await.unwrap();
+    let all = until("the ticket is filed", Duration::from_secs(10), async || {
+        let t = srv.tickets.list(&Default::default()).await.unwrap();
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].zipcode.as_deref(), Some("94110"));
     assert!(all[0].recording.is_some(), "the partial recording is kept");
@@ -255,7 +258,7 @@ async fn a_ticket_being_recorded_when_the_server_stops_is_still_filed() {
     let tickets = srv.tickets.clone();
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94107").await;
     until_recording(&mut ua, &srv).await;
@@ -292,6 +295,7 @@ impl Trunk {
         for _ in 0..n {
             let len = s.write(8, &[byte; 160], 160, &mut out);
             self.rtp.send_to(&out[..len], to).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -366,7 +370,7 @@ async fn caller_presses_911_from(
         .unwrap_or_default();
     let mut ua = TestUa::udp(dial).await;
     assert_eq!(ua.call_with("0 101", &pai).await.1.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await;
     let (msg, from) = trunk
         .recv(Duration::from_secs(10))
@@ -463,7 +467,7 @@ async fn emergency_bridge_to_a_psap_named_by_host_name_gets_through() {
     let srv = start_server(file).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("19").await;
     let outcome = announced_then_hung_up(&mut ua, &srv).await;
     assert!(outcome.contains("no-such-psap.invalid"), "{outcome}");
@@ -789,6 +793,8 @@ async fn the_bye_to_a_tcp_route_goes_on_a_new_connection_after_the_first_closed(
     };
     assert_eq!(ack.method.as_str(), "ACK");
     drop(first);
+    // Not a wait: the case under test is a connection the border closed a while before the
+    // caller hangs up (the server has no gauge of open connections to wait on).
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     assert_eq!(ua.bye().await.code, 200);
@@ -1123,7 +1129,7 @@ async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() 
 
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94107").await;
     ua.skip_description("en").await; // file at once
@@ -1150,7 +1156,7 @@ async fn locked_database_when_filing_gets_an_apology_and_nothing_half_written() 
     );
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1111").await;
     ua.keys("94107").await;
     ua.skip_description("en").await;
@@ -1167,7 +1173,7 @@ async fn gas_smell_in_the_streets_menu_goes_to_911() {
     let srv = start_server(FileConfig::default()).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("1116").await;
     ua.listen(Duration::from_millis(500)).await;
     let audits = srv.tickets.emergency_audits(10).await.unwrap();
@@ -1190,7 +1196,7 @@ async fn the_zip_prompts_pound_does_not_skip_the_description_in_either_language(
         let srv = start_server(file).await;
         let mut ua = TestUa::udp(srv.sip_addr).await;
         assert_eq!(ua.call("0 101").await.code, 200);
-        ua.listen(Duration::from_millis(200)).await;
+        ua.until_audio().await;
         // Language, not an emergency, streets, pothole; then the ZIP and pound, as told.
         ua.keys(&format!("{language_key}111")).await;
         ua.keys("10458#").await;
@@ -1275,7 +1281,7 @@ async fn the_pound_after_a_request_number_is_not_a_menu_key() {
         .unwrap();
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("216").await; // Spanish, not an emergency, status
     ua.keys(&format!("{}#", t.service_request_id)).await;
     let heard = ua
@@ -1320,7 +1326,7 @@ async fn key_to_911_request_bridge_at_once_refer_after_a_short_notice() {
             for _ in 0..RUNS {
                 let mut ua = TestUa::udp(srv.sip_addr).await;
                 assert_eq!(ua.call("0 101").await.code, 200);
-                ua.listen(Duration::from_millis(200)).await;
+                ua.until_audio().await;
                 ua.press(language_key).await;
                 ua.listen_for(lang, "screening", Duration::from_secs(5))
                     .await;

@@ -1290,7 +1290,7 @@ async fn a_ticket_filed_by_phone_reads_back_through_open311() {
     let srv = start_server(file).await;
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     // English, not an emergency, streets, pothole, ZIP 94103, then # during the recording
     // prompt: no description.
     ua.keys("1111").await;

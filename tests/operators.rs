@@ -36,7 +36,7 @@ use common::TestAgent as Agent;
 async fn caller_presses_zero(srv: &ivr311::server::RunningServer) -> TestUa {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys("110").await;
     ua
 }
@@ -82,6 +82,7 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
         let n = early.write(0, &[0x11; 160], 160, &mut out);
         agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
     }
+    // Not a wait: the phone answers a moment after its early media, as phones do.
     tokio::time::sleep(Duration::from_millis(100)).await;
     agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
     assert_eq!(
@@ -114,6 +115,7 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
     for _ in 0..20 {
         let n = s.write(0, &[0x55; 160], 160, &mut out);
         agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+        // Paced as a phone sends, one packet each 20 ms: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let heard = ua.listen(Duration::from_millis(300)).await;
@@ -150,10 +152,16 @@ async fn caller_is_bridged_to_a_registered_agent_with_context_and_media_both_way
         .await
         .unwrap();
     ua.expect_request("BYE", Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, q) = http(srv.http_addr, "GET", "/admin/queues", &[], b"").await;
-    let q: serde_json::Value = serde_json::from_str(&q).unwrap();
-    assert_eq!(q[0]["answered"], 1, "{q}");
+    let q = until(
+        "the call counted as answered",
+        Duration::from_secs(10),
+        async || {
+            let (_, q) = http(srv.http_addr, "GET", "/admin/queues", &[], b"").await;
+            let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+            (q[0]["answered"] == 1).then_some(q)
+        },
+    )
+    .await;
     assert_eq!(q[0]["waiting"], 0, "{q}");
     srv.shutdown().await;
 }
@@ -264,6 +272,7 @@ async fn an_operator_behind_nat_hears_the_caller_at_the_address_its_audio_comes_
     for _ in 0..10 {
         let n = s.write(0, &[0x55; 160], 160, &mut out);
         agent.rtp.send_to(&out[..n], offer.addr).await.unwrap();
+        // Paced as a phone sends, one packet each 20 ms: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let heard = ua.listen(Duration::from_millis(300)).await;
@@ -284,6 +293,7 @@ async fn an_operator_behind_nat_hears_the_caller_at_the_address_its_audio_comes_
                 r.unwrap();
                 lost += 1;
             }
+            // The end of the window: nothing more came for 700 ms.
             _ = tokio::time::sleep(Duration::from_millis(700)) => break,
         }
     }
@@ -409,6 +419,7 @@ async fn a_caller_who_holds_the_bridge_is_sent_nothing_until_they_resume() {
             for _ in 0..n {
                 let len = s.write(0, &[0x55; 160], 160, &mut out);
                 agent.rtp.send_to(&out[..len], offer.addr).await.unwrap();
+                // Paced as a phone sends: not a wait.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -469,7 +480,7 @@ async fn queue_place_and_wait_are_read_as_numbers_in_english_and_spanish() {
     ] {
         let mut ua = TestUa::udp(srv.sip_addr).await;
         assert_eq!(ua.call("0 101").await.code, 200);
-        ua.listen(Duration::from_millis(200)).await;
+        ua.until_audio().await;
         ua.keys(&format!("{language_key}10")).await;
         let heard = ua
             .listen_for(lang, "queue_options", Duration::from_secs(30))

@@ -181,7 +181,7 @@ async fn a_draining_server_is_not_ready() {
     // A call in progress keeps the stopping server up (it hears the goodbye first).
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     let stop = tokio::spawn(srv.shutdown());
     wait_ready(a, 503, "draining", Duration::from_secs(5)).await;
     let h = health(a).await;

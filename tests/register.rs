@@ -448,7 +448,9 @@ async fn a_node_whose_registrar_name_has_a_failing_first_address_registers_at_th
         .expect("127.0.0.2 is loopback on Linux");
     let refuse = async {
         let mut buf = vec![0u8; 65535];
-        let (n, from) = timeout(Duration::from_secs(5), down.recv_from(&mut buf))
+        // The deadline covers the node's start too (prompts loaded, database opened), which
+        // takes seconds on a loaded machine.
+        let (n, from) = timeout(Duration::from_secs(30), down.recv_from(&mut buf))
             .await
             .expect("the first address gets the first REGISTER")
             .unwrap();
@@ -514,7 +516,7 @@ async fn a_node_registers_over_tcp_and_takes_the_trunks_calls_on_that_connection
     assert_eq!(status["state"], "registered", "{status}");
 
     // Past the node's idle limit, the carrier's call comes along the registration's
-    // connection and is answered there.
+    // connection and is answered there. (Not a wait: the idle time passing is the case.)
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let answer = trunk.call("0 101").await;
     assert_eq!(answer.code, 200, "{answer:?}");

@@ -95,8 +95,7 @@ fn report(out: &std::process::Output) -> String {
 async fn one_sipp_call(scenario: &str, timeout_s: u32) -> serde_json::Value {
     let srv = start_server(FileConfig::default()).await;
     run_sipp(srv.sip_addr, scenario, timeout_s).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let h = health(srv.http_addr).await;
+    let h = until_no_calls(srv.http_addr).await;
     srv.shutdown().await;
     h
 }
@@ -137,8 +136,11 @@ async fn sipp_carrier_requiring_session_timers_is_answered_with_one_and_refreshe
 async fn sipp_pothole_path_files_a_ticket() {
     let srv = start_server(FileConfig::default()).await;
     run_sipp(srv.sip_addr, "uac_pothole.xml", 60).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let tickets = srv.tickets.list(&Default::default()).await.unwrap();
+    let tickets = until("the ticket is filed", Duration::from_secs(10), async || {
+        let t = srv.tickets.list(&Default::default()).await.unwrap();
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
     assert_eq!(tickets.len(), 1, "one ticket");
     let t = &tickets[0];
     assert_eq!(t.service_code, "pothole");
@@ -184,6 +186,15 @@ async fn settled_audits(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     audits
+}
+
+/// Whether a socket is bound to UDP port `port` of 127.0.0.1 (read from /proc/net/udp).
+fn udp_bound(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
 }
 
 /// Whether something listens on TCP port `port` of 127.0.0.1 (read from /proc/net/tcp, so
@@ -284,7 +295,10 @@ async fn sipp_trunk_registrar_checks_our_digest_and_sees_the_binding_removed() {
         log.display().to_string(),
     ];
     let registrar = tokio::task::spawn_blocking(move || sipp(&args));
-    tokio::time::sleep(Duration::from_millis(300)).await; // SIPp binds its port
+    until("SIPp binds its port", Duration::from_secs(10), async || {
+        udp_bound(port).then_some(())
+    })
+    .await;
 
     let mut file = FileConfig::default();
     file.trunks.register = Some(ivr311::sip::trunk::RegisterConfig {

@@ -36,6 +36,13 @@ const WALK: [(&str, &str); 3] = [("1", "screening"), ("1", "main"), ("1", "stree
 
 /// A softphone driven through its command line on stdin.
 trait Phone {
+    /// Whether the phone says its call is answered: a key typed before that goes nowhere.
+    fn in_call(&self) -> bool;
+    /// Whether the phone is still sending one of the keys typed so far (one that is drops the
+    /// next key typed).
+    fn sending_a_key(&self) -> bool {
+        false
+    }
     /// Type one DTMF key.
     fn press(&mut self, key: &str);
     /// Hang up and quit.
@@ -54,7 +61,10 @@ async fn walk_the_menu(phone: &mut impl Phone, http_addr: SocketAddr) {
             tail(&phone.log(), 60)
         );
     }
+    // The server's call is up once it answers; the phone's, once the answer reaches it.
+    phone_until(phone, "says its call is answered", |p| p.in_call()).await;
     for (key, menu) in WALK {
+        phone_until(phone, "finishes sending its key", |p| !p.sending_a_key()).await;
         phone.press(key);
         if let Err(calls) = call_reaches(http_addr, menu, STEP).await {
             panic!(
@@ -64,7 +74,7 @@ async fn walk_the_menu(phone: &mut impl Phone, http_addr: SocketAddr) {
             );
         }
     }
-    // Hear the streets menu for a while.
+    // Hear the streets menu for a while (not a wait: the caller stays on, then hangs up).
     tokio::time::sleep(Duration::from_secs(2)).await;
     phone.hang_up();
     let deadline = std::time::Instant::now() + STEP;
@@ -72,6 +82,19 @@ async fn walk_the_menu(phone: &mut impl Phone, http_addr: SocketAddr) {
         assert!(
             std::time::Instant::now() < deadline,
             "the phone's hang-up ended the call:\n{}",
+            tail(&phone.log(), 60)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait (at most [`STEP`]) until `done` holds for the phone; panics with its log otherwise.
+async fn phone_until<P: Phone>(phone: &P, what: &str, done: impl Fn(&P) -> bool) {
+    let deadline = std::time::Instant::now() + STEP;
+    while !done(phone) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the phone never {what}:\n{}",
             tail(&phone.log(), 60)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -149,6 +172,10 @@ module_app\t\tmenu.so\n",
 }
 
 impl Phone for Baresip {
+    fn in_call(&self) -> bool {
+        self.log().contains("Call established")
+    }
+
     fn press(&mut self, key: &str) {
         // The `stdio` module reads single keys; in a call a digit is sent as RFC 4733.
         self.proc.send(key);
@@ -213,18 +240,42 @@ async fn baresip_caller_walks_the_menu_over_tcp() {
 // ---------------------------------------------------------------------------------------------
 // linphonec
 
-impl Phone for Linphonec {
+/// linphonec as a caller, with what it was told to do with keys.
+struct LinphoneCaller {
+    phone: Linphonec,
+    /// Keys sent as RFC 4733 events (`use_rfc2833=1`), not as tones.
+    rfc4733: bool,
+    pressed: usize,
+}
+
+impl Phone for LinphoneCaller {
+    fn in_call(&self) -> bool {
+        self.phone.output().contains("connected.")
+    }
+
+    fn sending_a_key(&self) -> bool {
+        // linphone logs the end of each RFC 4733 key (of tones, nothing).
+        self.rfc4733
+            && self
+                .phone
+                .debug_log()
+                .matches("Finished sending RFC2833 dtmf")
+                .count()
+                < self.pressed
+    }
+
     fn press(&mut self, key: &str) {
         // A lone digit on the command line is a DTMF key (RFC 4733 with use_rfc2833).
-        self.proc.send(&format!("{key}\n"));
+        self.phone.proc.send(&format!("{key}\n"));
+        self.pressed += 1;
     }
 
     fn hang_up(&mut self) {
-        self.proc.send("terminate\n");
+        self.phone.proc.send("terminate\n");
     }
 
     fn log(&self) -> String {
-        Linphonec::log(self)
+        self.phone.log()
     }
 }
 
@@ -237,6 +288,7 @@ async fn linphone_walks_the_menu(transport: Transport) {
 async fn linphone_walks_the_menu_with(transport: Transport, rc: String, quiet: bool) {
     let work = WorkDir::new("linphone-caller");
     let srv = start_server(FileConfig::default()).await;
+    let rfc4733 = rc.contains("use_rfc2833=1");
     let mut phone = Linphonec::start(work.path(), &rc, false);
     if quiet {
         let hum = work.path().join("hum.wav");
@@ -249,7 +301,13 @@ async fn linphone_walks_the_menu_with(transport: Transport, rc: String, quiet: b
         srv.sip_addr,
         transport.uri_param()
     ));
-    walk_the_menu(&mut phone, srv.http_addr).await;
+    let mut caller = LinphoneCaller {
+        phone,
+        rfc4733,
+        pressed: 0,
+    };
+    walk_the_menu(&mut caller, srv.http_addr).await;
+    let mut phone = caller.phone;
     phone.proc.send("quit\n");
     let status = phone.proc.wait(STEP).await;
     assert!(status.is_some(), "linphonec quit:\n{}", phone.log());
@@ -330,9 +388,7 @@ async fn sipp_caller_with_dtmf_over_tcp() {
         "sipp over TCP failed ({status:?}):\n{}",
         tail(&read_log(&out), 40)
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let h = health(srv.http_addr).await;
-    assert_eq!(h["live_calls"], 0, "{h}");
+    let h = until_no_calls(srv.http_addr).await;
     assert_eq!(h["calls_completed"], 1, "{h}");
     assert_eq!(h["digits_received"], 3, "{h}");
     assert!(h["rtp_packets_received"].as_u64().unwrap() > 50, "{h}");

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 /// Routes (nested at the root: they carry their own `/admin` and `/metrics` prefixes), each
 /// behind `guard`.
-pub fn router(state: ApiState) -> Router<ApiState> {
+pub(crate) fn router(state: ApiState) -> Router<ApiState> {
     Router::new()
         .route("/admin/calls", get(calls))
         .route("/admin/calls/{call_id}/hangup", post(hangup))
@@ -66,7 +66,7 @@ const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
 
 /// Why a request may not use the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// `admin.token` is set and the request has no bearer token, or another one.
     Token,
     /// No token is configured and the peer is not on this machine.
@@ -96,7 +96,7 @@ impl Refusal {
 }
 
 /// Whether this request may use the admin API.
-pub fn authorize(
+pub(crate) fn authorize(
     token: Option<&str>,
     headers: &HeaderMap,
     uri: &Uri,
@@ -197,13 +197,13 @@ async fn guard(
 
 /// One live call.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct LiveCall {
-    pub call_id: String,
-    pub caller: String,
-    pub language: String,
-    pub state: String,
-    pub seconds: u64,
-    pub rtp_port: u16,
+pub(crate) struct LiveCall {
+    pub(crate) call_id: String,
+    pub(crate) caller: String,
+    pub(crate) language: String,
+    pub(crate) state: String,
+    pub(crate) seconds: u64,
+    pub(crate) rtp_port: u16,
 }
 
 async fn calls(State(s): State<ApiState>) -> Response {
@@ -260,10 +260,10 @@ async fn reload(State(s): State<ApiState>) -> Response {
 /// Body of a staff status update.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StatusUpdate {
-    pub status: String,
+pub(crate) struct StatusUpdate {
+    pub(crate) status: String,
     #[serde(default)]
-    pub status_notes: Option<String>,
+    pub(crate) status_notes: Option<String>,
 }
 
 async fn update_request(
@@ -561,9 +561,9 @@ async fn agents(State(s): State<ApiState>) -> Response {
 /// Body of a pause.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Pause {
+pub(crate) struct Pause {
     #[serde(default)]
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
 }
 
 async fn pause(

@@ -32,57 +32,57 @@ use tokio_util::sync::CancellationToken;
 
 /// A loop (media clock thread, SIP UA) that has not turned for this long is stalled. A media
 /// thread turns every 4 ms with calls and every 200 ms without; the UA at least every 250 ms.
-pub const STALL_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(2);
 /// The checks run at most this often; answers in between repeat the last result.
-pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest the ticket-store write probe may take before it counts as failed.
-pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+pub(crate) const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `GET /health` body.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Health {
-    pub status: String,
-    pub version: String,
-    pub live_calls: usize,
-    pub dialogs: usize,
-    pub uptime_seconds: u64,
-    pub calls_completed: u64,
-    pub calls_rejected: u64,
-    pub sip_messages_received: u64,
-    pub sip_messages_malformed: u64,
+pub(crate) struct Health {
+    pub(crate) status: String,
+    pub(crate) version: String,
+    pub(crate) live_calls: usize,
+    pub(crate) dialogs: usize,
+    pub(crate) uptime_seconds: u64,
+    pub(crate) calls_completed: u64,
+    pub(crate) calls_rejected: u64,
+    pub(crate) sip_messages_received: u64,
+    pub(crate) sip_messages_malformed: u64,
     /// Malformed requests not answered: their source was over the error-answer rate limit.
-    pub sip_messages_malformed_unanswered: u64,
+    pub(crate) sip_messages_malformed_unanswered: u64,
     /// Over finished calls: RTP packets from callers, to callers, and keys heard.
-    pub rtp_packets_received: u64,
-    pub rtp_packets_sent: u64,
-    pub digits_received: u64,
+    pub(crate) rtp_packets_received: u64,
+    pub(crate) rtp_packets_sent: u64,
+    pub(crate) digits_received: u64,
     /// Our registration with the trunk (`trunks.register`), when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trunk_registration: Option<crate::sip::trunk::RegistrationStatus>,
+    pub(crate) trunk_registration: Option<crate::sip::trunk::RegistrationStatus>,
 }
 
 /// `GET /health/ready` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// `ready` or `not ready`.
-    pub status: String,
+    pub(crate) status: String,
     /// Why not, one line per problem (empty when ready).
-    pub reasons: Vec<String>,
+    pub(crate) reasons: Vec<String>,
 }
 
 /// What the readiness check reads, and its last answer.
-pub struct ReadyState {
+pub(crate) struct ReadyState {
     /// One per media clock thread.
-    pub media: Vec<Arc<Heartbeat>>,
+    pub(crate) media: Vec<Arc<Heartbeat>>,
     /// Cancelled when the server starts to stop.
-    pub draining: CancellationToken,
+    pub(crate) draining: CancellationToken,
     last: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
     /// Whether the last check found the node ready (to log changes only).
     was_ready: AtomicBool,
 }
 
 impl ReadyState {
-    pub fn new(media: Vec<Arc<Heartbeat>>, draining: CancellationToken) -> ReadyState {
+    pub(crate) fn new(media: Vec<Arc<Heartbeat>>, draining: CancellationToken) -> ReadyState {
         ReadyState {
             media,
             draining,
@@ -93,7 +93,7 @@ impl ReadyState {
 }
 
 /// The problems a check finds in the loops and the drain, at `now` (sans-IO part).
-pub fn loop_problems(
+pub(crate) fn loop_problems(
     media: &[Arc<Heartbeat>],
     sip: &Heartbeat,
     draining: bool,
@@ -122,7 +122,7 @@ pub fn loop_problems(
     out
 }
 
-pub async fn health(State(s): State<ApiState>) -> Json<Health> {
+pub(crate) async fn health(State(s): State<ApiState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -141,7 +141,7 @@ pub async fn health(State(s): State<ApiState>) -> Json<Health> {
     })
 }
 
-pub async fn ready(State(s): State<ApiState>) -> Response {
+pub(crate) async fn ready(State(s): State<ApiState>) -> Response {
     let reasons = {
         let mut last = s.ready.last.lock().await;
         match &*last {

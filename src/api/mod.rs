@@ -5,13 +5,11 @@
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
 //! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
 
-pub mod admin;
-pub mod health;
-pub mod open311;
-pub mod ratelimit;
-pub mod serve;
-
-pub use health::{Health, Readiness};
+pub(crate) mod admin;
+pub(crate) mod health;
+pub(crate) mod open311;
+pub(crate) mod ratelimit;
+pub(crate) mod serve;
 
 use crate::call::{CallRegistry, MenuHolder};
 use crate::config::{AdminConfig, Open311Config};
@@ -25,29 +23,29 @@ use std::time::Instant;
 
 /// What the handlers read.
 #[derive(Clone)]
-pub struct ApiState {
-    pub registry: Arc<CallRegistry>,
-    pub ua: Arc<UaStats>,
-    pub transport: Arc<TransportStats>,
-    pub started: Instant,
-    pub tickets: TicketStore,
+pub(crate) struct ApiState {
+    pub(crate) registry: Arc<CallRegistry>,
+    pub(crate) ua: Arc<UaStats>,
+    pub(crate) transport: Arc<TransportStats>,
+    pub(crate) started: Instant,
+    pub(crate) tickets: TicketStore,
     /// The menu new calls start on (Open311 services are derived from it).
-    pub menu: Arc<MenuHolder>,
-    pub open311: Arc<Open311Config>,
-    pub admin: Arc<AdminConfig>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub ports: Arc<crate::media::ports::PortPool>,
+    pub(crate) menu: Arc<MenuHolder>,
+    pub(crate) open311: Arc<Open311Config>,
+    pub(crate) admin: Arc<AdminConfig>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) ports: Arc<crate::media::ports::PortPool>,
     /// Operator queues (none when no agents are configured).
-    pub queues: Option<crate::dispatch::queue::QueueHandle>,
+    pub(crate) queues: Option<crate::dispatch::queue::QueueHandle>,
     /// What `/health/ready` reads.
-    pub ready: Arc<health::ReadyState>,
+    pub(crate) ready: Arc<health::ReadyState>,
     /// Where callers' recordings are (`storage.recordings_dir`), for the admin API.
-    pub recordings: std::path::PathBuf,
+    pub(crate) recordings: std::path::PathBuf,
     /// `POST requests` allowance per Open311 API key.
-    pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
+    pub(crate) open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
 }
 
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
@@ -59,7 +57,7 @@ pub fn router(state: ApiState) -> Router {
 /// Whether a secret someone gave (an admin token, an API key) is `expected`, compared as
 /// SHA-256 digests in constant time: the time taken says nothing about how much of it, or
 /// how much of its length, was right.
-pub fn same_secret(given: &str, expected: &str) -> bool {
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     Sha256::digest(given.as_bytes())

@@ -77,17 +77,17 @@ use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
 /// Largest `POST requests` body accepted; larger ones get 413.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest `description`, in characters (the spec's limit).
-pub const MAX_DESCRIPTION_CHARS: usize = 4000;
+pub(crate) const MAX_DESCRIPTION_CHARS: usize = 4000;
 /// Most requests one `GET requests` returns (the spec's default limit).
-pub const MAX_RESULTS: u32 = 1000;
+pub(crate) const MAX_RESULTS: u32 = 1000;
 /// Widest `start_date`..`end_date` span, and the default search window.
-pub const MAX_SPAN_DAYS: i64 = 90;
+pub(crate) const MAX_SPAN_DAYS: i64 = 90;
 /// The `specification` token of this API in the discovery document.
-pub const SPECIFICATION: &str = "http://wiki.open311.org/GeoReport_v2";
+pub(crate) const SPECIFICATION: &str = "http://wiki.open311.org/GeoReport_v2";
 /// Where this router is mounted (for discovery's endpoint URL).
-pub const BASE_PATH: &str = "/open311/v2";
+pub(crate) const BASE_PATH: &str = "/open311/v2";
 
 const JSON_TYPE: &str = "application/json; charset=utf-8";
 const XML_TYPE: &str = "text/xml; charset=utf-8";
@@ -96,7 +96,7 @@ const GENERAL_DESCRIPTION: &str =
     "Any other non-emergency request for city services that is not listed separately.";
 
 /// Routes under `/open311/v2`.
-pub fn router() -> Router<ApiState> {
+pub(crate) fn router() -> Router<ApiState> {
     Router::new()
         .route("/{file}", any(top_level))
         .route("/services/{file}", any(service_definition))

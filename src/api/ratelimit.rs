@@ -12,7 +12,7 @@ struct Bucket {
 
 /// Buckets for a fixed set of keys, by index.
 #[derive(Debug)]
-pub struct KeyLimiter {
+pub(crate) struct KeyLimiter {
     /// Tokens a second; 0 turns the limit off.
     rate: f64,
     burst: f64,
@@ -21,7 +21,7 @@ pub struct KeyLimiter {
 
 impl KeyLimiter {
     /// `keys` keys, each `burst` at once then `per_minute` a minute (0: no limit).
-    pub fn new(keys: usize, per_minute: u32, burst: u32) -> KeyLimiter {
+    pub(crate) fn new(keys: usize, per_minute: u32, burst: u32) -> KeyLimiter {
         let burst = f64::from(burst.max(1));
         KeyLimiter {
             rate: f64::from(per_minute) / 60.0,
@@ -38,7 +38,7 @@ impl KeyLimiter {
 
     /// Takes one request of key `key` at `now`: `Ok`, or `Err(wait)` with how long until the
     /// next one would be allowed (for `Retry-After`).
-    pub fn take(&mut self, key: usize, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn take(&mut self, key: usize, now: Instant) -> Result<(), Duration> {
         if self.rate <= 0.0 {
             return Ok(());
         }

@@ -41,10 +41,10 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The bounds of [`HttpConfig`] as durations.
 #[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
+pub(crate) struct HttpLimits {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 impl From<&HttpConfig> for HttpLimits {
@@ -58,7 +58,7 @@ impl From<&HttpConfig> for HttpLimits {
 }
 
 /// Accepts connections on `listener` and serves `router` on each until `cancel`.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,

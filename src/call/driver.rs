@@ -743,7 +743,7 @@ impl Driver {
         );
         let path = self.ctx.recordings.join(name);
         let t = now();
-        match Recorder::create(&path, t, max, silence) {
+        match Recorder::create(&path) {
             Ok(r) => {
                 info!(path = %path.display(), "recording");
                 self.recorder = Some(r);
@@ -791,12 +791,12 @@ impl Driver {
         }
     }
 
-    /// The call is over: what the core did not let go of is, the registry forgets the call,
-    /// and its figures are counted.
+    /// The call is over: what the core did not let go of is, its figures are counted, and
+    /// the registry forgets the call. In that order: once `/health` shows a call gone, its
+    /// packets, digits and metrics are in the totals.
     async fn finish(mut self, core: &CallCore, reason: EndReason) {
         self.legs.hang_up_all().await;
         self.handle.release();
-        self.ctx.registry.remove(self.registry_id);
         let s = self.media.lock().media.stats;
         let registry = &self.ctx.registry;
         registry.rtp_in.fetch_add(s.packets_in, Ordering::Relaxed);
@@ -813,6 +813,7 @@ impl Driver {
             foreign_in = s.foreign_in,
             "call ended"
         );
+        self.ctx.registry.remove(self.registry_id);
     }
 
     fn record_metrics(&self, core: &CallCore, reason: EndReason, s: MediaStats) {

@@ -56,7 +56,7 @@ pub struct EmergencyConfig {
     /// How many times `announce` speaks the instruction. Default 2.
     pub announce_repeats: u32,
     /// How long to wait for a REFER's final NOTIFY or a bridged leg's answer. Default 30.
-    pub timeout_seconds: u64,
+    pub(crate) timeout_seconds: u64,
 }
 
 impl Default for EmergencyConfig {
@@ -74,7 +74,7 @@ impl Default for EmergencyConfig {
 impl EmergencyConfig {
     /// The methods to try, in order; always ends with `Announce`. `Bridge` comes once for
     /// each of [`EmergencyConfig::bridge_targets`].
-    pub fn plan(&self) -> Vec<EmergencyMethod> {
+    pub(crate) fn plan(&self) -> Vec<EmergencyMethod> {
         use EmergencyMethod::*;
         if self.uri.is_none() {
             return vec![Announce];
@@ -89,7 +89,7 @@ impl EmergencyConfig {
     }
 
     /// Where the bridge calls, in order: `uri`, then `backup_uris`.
-    pub fn bridge_targets(&self) -> Vec<String> {
+    pub(crate) fn bridge_targets(&self) -> Vec<String> {
         self.uri.iter().chain(&self.backup_uris).cloned().collect()
     }
 

@@ -8,6 +8,6 @@
 //! touches SIP or a socket: calls ([`crate::call`]) act for dispatch through channels.
 
 pub mod emergency;
-pub mod numbers;
-pub mod queue;
+pub(crate) mod numbers;
+pub(crate) mod queue;
 pub mod tickets;

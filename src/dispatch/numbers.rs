@@ -7,7 +7,7 @@
 //! `crate::call::callback`), and nothing here touches SIP or a call.
 
 /// A number a trunk can dial: an optional `+`, then 3 to 20 digits.
-pub fn dialable(number: &str) -> bool {
+pub(crate) fn dialable(number: &str) -> bool {
     let digits = number.strip_prefix('+').unwrap_or(number);
     (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
 }
@@ -26,7 +26,7 @@ pub(crate) fn without_separators(number: &str) -> String {
 /// numbering plan, the 311 service's: 11 digits starting with 1, or 10 digits starting
 /// with 2-9 (`2125550123` → `+12125550123`). Anything else without `+` (an international
 /// access code such as `011...`, an extension) is not a number call-backs dial.
-pub fn e164(number: &str) -> Option<String> {
+pub(crate) fn e164(number: &str) -> Option<String> {
     let cleaned = without_separators(number);
     let (plus, digits) = match cleaned.strip_prefix('+') {
         Some(d) => (true, d),
@@ -69,7 +69,7 @@ const NANP_NOT_SUBSCRIBER: &[&str] = &["555", "950", "958", "959", "976"];
 /// Whether an E.164 number is a geographic number in the US or Canada: `+1`, an area code
 /// (`NPA`: 2-9, 0-8, any digit) that is not in `NANP_NOT_GEOGRAPHIC`, an exchange (`NXX`:
 /// 2-9, then any two) that is neither N11 nor in `NANP_NOT_SUBSCRIBER`, and four digits.
-pub fn nanp_geographic(e164: &str) -> bool {
+pub(crate) fn nanp_geographic(e164: &str) -> bool {
     let Some(d) = e164.strip_prefix("+1") else {
         return false;
     };
@@ -226,7 +226,7 @@ impl std::fmt::Display for NumberPattern {
 
 impl NumberPattern {
     /// Whether `e164` (`+` and digits, as [`e164`] gives) is one of this pattern's numbers.
-    pub fn matches(&self, e164: &str) -> bool {
+    pub(crate) fn matches(&self, e164: &str) -> bool {
         match self {
             NumberPattern::NanpGeographic => nanp_geographic(e164),
             NumberPattern::Digits {
@@ -276,7 +276,7 @@ pub struct CallbackNumber {
     /// trunk's own format).
     pub dial: String,
     /// Its E.164 form: what the patterns match and the daily count keys on.
-    pub e164: String,
+    pub(crate) e164: String,
 }
 
 #[cfg(test)]

@@ -145,10 +145,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Identifies one waiting call (chosen by the call layer, unique while the call lives).
-pub type CallerId = u64;
+pub(crate) type CallerId = u64;
 
 /// Answered within this counts toward the service level.
-pub const SERVICE_LEVEL_TARGET: Duration = Duration::from_secs(30);
+pub(crate) const SERVICE_LEVEL_TARGET: Duration = Duration::from_secs(30);
 /// How many recent calls the average handle time is taken over.
 const AHT_SAMPLES: usize = 20;
 /// Average handle time before the queue has ended a call.
@@ -160,7 +160,7 @@ const MAX_SETTING_SECS: u64 = 365 * 86_400;
 
 /// What an agent is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentStatus {
+pub(crate) enum AgentStatus {
     LoggedOut,
     Available,
     Ringing { caller: CallerId },
@@ -172,7 +172,7 @@ pub enum AgentStatus {
 
 impl AgentStatus {
     /// `snake_case` name, as in the admin JSON.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             AgentStatus::LoggedOut => "logged_out",
             AgentStatus::Available => "available",
@@ -187,24 +187,24 @@ impl AgentStatus {
 
 /// A caller's place in its queue and the estimated wait (see the module docs for EWT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Position {
+pub(crate) struct Position {
     /// 1-based place among the callers waiting in the same queue.
-    pub place: usize,
+    pub(crate) place: usize,
     #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
-    pub ewt: Duration,
+    pub(crate) ewt: Duration,
 }
 
 /// How call-backs are dialled (from the `callback` config section).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallbackPolicy {
+pub(crate) struct CallbackPolicy {
     /// How long the caller's phone may ring per attempt.
-    pub ring_timeout: Duration,
+    pub(crate) ring_timeout: Duration,
     /// Dials before the entry gives up (at least 1).
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Wait after a failed dial before the entry may be dialled again.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
     /// The earliest first dial after the request.
-    pub first_delay: Duration,
+    pub(crate) first_delay: Duration,
 }
 
 impl Default for CallbackPolicy {
@@ -226,7 +226,7 @@ impl From<&crate::config::CallbackConfig> for CallbackPolicy {
 
 /// Why a caller was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// No logged-in agent could ever take this caller (skill): say so now, never hold.
     #[error("no operator who can take this call is logged in")]
     NoAgents,
@@ -237,7 +237,7 @@ pub enum Refusal {
 
 /// Why an offer to an agent failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OfferFailure {
+pub(crate) enum OfferFailure {
     /// Rang for the whole ring timeout.
     NoAnswer,
     Busy,
@@ -248,7 +248,7 @@ pub enum OfferFailure {
 
 impl OfferFailure {
     /// What an operator phone's final answer to our INVITE means for the queue.
-    pub fn from_status(code: u16) -> OfferFailure {
+    pub(crate) fn from_status(code: u16) -> OfferFailure {
         match code {
             486 | 600 => OfferFailure::Busy,
             603 | 403 => OfferFailure::Rejected,
@@ -261,7 +261,7 @@ impl OfferFailure {
 
 /// What the core asks the outside to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Ring `agent` for `caller` (INVITE), then report `offer_answered` or `offer_failed`.
     Offer {
         caller: CallerId,
@@ -293,7 +293,7 @@ pub enum Action {
 
 impl Action {
     /// The caller this action concerns.
-    pub fn caller(&self) -> CallerId {
+    pub(crate) fn caller(&self) -> CallerId {
         match self {
             Action::Offer { caller, .. }
             | Action::CancelOffer { caller, .. }
@@ -307,76 +307,76 @@ impl Action {
 
 /// Agents of a queue by status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AgentCounts {
-    pub logged_out: usize,
-    pub available: usize,
-    pub ringing: usize,
-    pub on_call: usize,
-    pub wrap_up: usize,
-    pub no_answer_pause: usize,
-    pub paused: usize,
+pub(crate) struct AgentCounts {
+    pub(crate) logged_out: usize,
+    pub(crate) available: usize,
+    pub(crate) ringing: usize,
+    pub(crate) on_call: usize,
+    pub(crate) wrap_up: usize,
+    pub(crate) no_answer_pause: usize,
+    pub(crate) paused: usize,
 }
 
 /// One queue's live figures and counters (since server start).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct QueueFigures {
-    pub name: String,
-    pub strategy: &'static str,
+pub(crate) struct QueueFigures {
+    pub(crate) name: String,
+    pub(crate) strategy: &'static str,
     /// Callers waiting now (including those an agent's phone is ringing for).
-    pub waiting: usize,
+    pub(crate) waiting: usize,
     #[serde(rename = "longest_wait_seconds", serialize_with = "whole_seconds")]
-    pub longest_wait: Duration,
+    pub(crate) longest_wait: Duration,
     /// All agents (every agent serves every queue), by status.
-    pub agents: AgentCounts,
-    pub answered: u64,
+    pub(crate) agents: AgentCounts,
+    pub(crate) answered: u64,
     /// Left unanswered (hung up, or left after `MaxWait`).
-    pub abandoned: u64,
-    pub answered_within_30s: u64,
-    pub abandoned_within_30s: u64,
+    pub(crate) abandoned: u64,
+    pub(crate) answered_within_30s: u64,
+    pub(crate) abandoned_within_30s: u64,
     /// `MaxWait` actions issued.
-    pub max_wait_reached: u64,
+    pub(crate) max_wait_reached: u64,
     /// Refused at `enqueue` (no agents, queue full).
-    pub refused: u64,
+    pub(crate) refused: u64,
     /// `answered_within_30s / (answered + abandoned)`; `None` before anyone left the queue.
-    pub service_level: Option<f64>,
+    pub(crate) service_level: Option<f64>,
     #[serde(rename = "average_handle_seconds", serialize_with = "whole_seconds")]
-    pub average_handle_time: Duration,
+    pub(crate) average_handle_time: Duration,
     /// Estimated wait for a caller (no skill) joining now.
     #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
-    pub ewt: Duration,
+    pub(crate) ewt: Duration,
     /// Of `waiting`: call-backs keeping their place (parked, dialling, or answered and
     /// waiting for an agent).
-    pub callbacks_pending: usize,
+    pub(crate) callbacks_pending: usize,
     /// Call-backs asked for since start.
-    pub callbacks_requested: u64,
+    pub(crate) callbacks_requested: u64,
     /// Call-backs given up after every dial failed (filed as flagged tickets; also counted in
     /// `abandoned`).
-    pub callbacks_unreached: u64,
+    pub(crate) callbacks_unreached: u64,
 }
 
 /// One agent, for the admin view.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AgentView {
-    pub id: String,
-    pub name: Option<String>,
+pub(crate) struct AgentView {
+    pub(crate) id: String,
+    pub(crate) name: Option<String>,
     #[serde(skip)]
-    pub status: AgentStatus,
+    pub(crate) status: AgentStatus,
     /// `status` as a `snake_case` word.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
     /// The caller ringing or connected.
-    pub caller: Option<CallerId>,
+    pub(crate) caller: Option<CallerId>,
     /// Why paused, or the reason of a pause that starts when the current call ends.
-    pub pause_reason: Option<String>,
+    pub(crate) pause_reason: Option<String>,
     /// Seconds left of wrap-up or no-answer pause.
-    pub seconds_left: Option<u64>,
-    pub calls_taken: u64,
+    pub(crate) seconds_left: Option<u64>,
+    pub(crate) calls_taken: u64,
     /// Last call end or login (`None` while logged out).
     #[serde(skip)]
-    pub idle_since: Option<Instant>,
+    pub(crate) idle_since: Option<Instant>,
     /// Seconds since `idle_since`, while available.
-    pub idle_seconds: Option<u64>,
-    pub skills: Vec<String>,
-    pub tier: u32,
+    pub(crate) idle_seconds: Option<u64>,
+    pub(crate) skills: Vec<String>,
+    pub(crate) tier: u32,
 }
 
 fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -555,7 +555,7 @@ impl Waiting {
 }
 
 /// The sans-IO queue core. See the module docs.
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     agents: Vec<Agent>,
     queues: Vec<QueueState>,
     /// Sorted: higher priority first, then arrival (new callers go after their equals).
@@ -568,7 +568,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Agents start logged out. Duplicate agent ids or queue names: the first wins.
-    pub fn new(agents: &[AgentConfig], queues: &[QueueConfig]) -> Self {
+    pub(crate) fn new(agents: &[AgentConfig], queues: &[QueueConfig]) -> Self {
         let mut d = Dispatcher {
             agents: Vec::with_capacity(agents.len()),
             queues: Vec::with_capacity(queues.len()),
@@ -603,7 +603,7 @@ impl Dispatcher {
     }
 
     /// How call-backs are dialled (default: [`CallbackPolicy::default`]).
-    pub fn with_callback_policy(mut self, policy: CallbackPolicy) -> Self {
+    pub(crate) fn with_callback_policy(mut self, policy: CallbackPolicy) -> Self {
         self.callback_policy = CallbackPolicy {
             attempts: policy.attempts.max(1),
             ring_timeout: policy.ring_timeout.max(Duration::from_secs(1)),
@@ -613,7 +613,7 @@ impl Dispatcher {
     }
 
     /// `LoggedOut → Available`, idle since `now`. Other states (and unknown ids) unchanged.
-    pub fn agent_logged_in(&mut self, now: Instant, agent: &str) {
+    pub(crate) fn agent_logged_in(&mut self, now: Instant, agent: &str) {
         self.touch(now);
         if let Some(a) = self.agent_mut(agent) {
             if a.status == AgentStatus::LoggedOut {
@@ -625,7 +625,7 @@ impl Dispatcher {
 
     /// Any state → `LoggedOut`. A ringing offer is withdrawn (`CancelOffer`; the caller keeps
     /// its place). A call in progress is forgotten (it is not counted in the handle time).
-    pub fn agent_logged_out(&mut self, now: Instant, agent: &str) {
+    pub(crate) fn agent_logged_out(&mut self, now: Instant, agent: &str) {
         self.touch(now);
         let Some(i) = self.agent_idx(agent) else {
             return;
@@ -648,7 +648,7 @@ impl Dispatcher {
 
     /// Stop offering calls to `agent`. While ringing or on a call the pause starts when that
     /// ends. `false` for an unknown or logged-out agent.
-    pub fn pause(&mut self, agent: &str, reason: &str) -> bool {
+    pub(crate) fn pause(&mut self, agent: &str, reason: &str) -> bool {
         let Some(a) = self.agent_mut(agent) else {
             return false;
         };
@@ -669,7 +669,7 @@ impl Dispatcher {
 
     /// `Paused` or `NoAnswerPause` → `Available`, or cancel a pending pause. `false` if there
     /// was nothing to undo.
-    pub fn unpause(&mut self, now: Instant, agent: &str) -> bool {
+    pub(crate) fn unpause(&mut self, now: Instant, agent: &str) -> bool {
         self.touch(now);
         let Some(a) = self.agent_mut(agent) else {
             return false;
@@ -688,7 +688,7 @@ impl Dispatcher {
 
     /// Queue a caller. Returns its position at once (no `Announce` for it); offers follow from
     /// the next `poll`. A caller already waiting gets its current position back.
-    pub fn enqueue(
+    pub(crate) fn enqueue(
         &mut self,
         now: Instant,
         caller: CallerId,
@@ -741,7 +741,7 @@ impl Dispatcher {
 
     /// The caller hung up or left. Waiting (or ringing): removed, counted as abandoned, any
     /// ringing agents get `CancelOffer`. Connected to an agent: that agent's call ended.
-    pub fn abandon(&mut self, now: Instant, caller: CallerId) {
+    pub(crate) fn abandon(&mut self, now: Instant, caller: CallerId) {
         self.touch(now);
         if let Some(wi) = self.waiting_idx(caller) {
             let w = self.waiting.remove(wi);
@@ -764,7 +764,7 @@ impl Dispatcher {
     /// `agent` answered for `caller`: it goes `OnCall`, the caller leaves the queue, other
     /// agents ringing for it (ring-all) get `CancelOffer`. Ignored unless that agent is
     /// ringing for that caller.
-    pub fn offer_answered(&mut self, now: Instant, caller: CallerId, agent: &str) {
+    pub(crate) fn offer_answered(&mut self, now: Instant, caller: CallerId, agent: &str) {
         self.touch(now);
         let Some(i) = self.agent_idx(agent) else {
             return;
@@ -800,7 +800,13 @@ impl Dispatcher {
     /// The offer to `agent` failed: the agent rests for `no_answer_pause_seconds` (or starts a
     /// pending pause); the caller keeps its place and is offered again on the next `poll`.
     /// Ignored unless that agent is ringing for that caller.
-    pub fn offer_failed(&mut self, now: Instant, caller: CallerId, agent: &str, why: OfferFailure) {
+    pub(crate) fn offer_failed(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        agent: &str,
+        why: OfferFailure,
+    ) {
         self.touch(now);
         if let Some(i) = self.agent_idx(agent) {
             if self.agents.get(i).is_some_and(|a| a.ringing_for(caller)) {
@@ -814,7 +820,7 @@ impl Dispatcher {
     /// and becomes a parked call-back (see the module docs), first dialled no earlier than
     /// `first_delay` from now. Agents ringing for it get `CancelOffer` (no penalty). `false`
     /// (and nothing changes) unless the caller is waiting on the line.
-    pub fn request_callback(&mut self, now: Instant, caller: CallerId) -> bool {
+    pub(crate) fn request_callback(&mut self, now: Instant, caller: CallerId) -> bool {
         self.touch(now);
         let first = self.callback_policy.first_delay;
         let Some(w) = self
@@ -843,7 +849,7 @@ impl Dispatcher {
     /// The caller answered the call-back: the entry is on the line again, at its place, and
     /// is offered to agents from the next `poll`; `max_wait_seconds` counts from now.
     /// Ignored unless that call-back is dialling.
-    pub fn callback_answered(&mut self, now: Instant, caller: CallerId) {
+    pub(crate) fn callback_answered(&mut self, now: Instant, caller: CallerId) {
         self.touch(now);
         let Some(wi) = self.waiting_idx(caller) else {
             return;
@@ -867,7 +873,7 @@ impl Dispatcher {
     /// The call-back dial failed (no answer, busy, unreachable): parked again for
     /// `retry_after`, or, after the last attempt, removed with `CallbackUnreached`. Ignored
     /// unless that call-back is dialling (a caller who hangs up after answering is `abandon`).
-    pub fn callback_failed(&mut self, now: Instant, caller: CallerId) {
+    pub(crate) fn callback_failed(&mut self, now: Instant, caller: CallerId) {
         self.touch(now);
         let Some(wi) = self.waiting_idx(caller) else {
             return;
@@ -902,7 +908,7 @@ impl Dispatcher {
     }
 
     /// `OnCall → WrapUp` for the queue's wrap-up time (or `Paused` if a pause was asked for).
-    pub fn call_ended(&mut self, now: Instant, agent: &str) {
+    pub(crate) fn call_ended(&mut self, now: Instant, agent: &str) {
         self.touch(now);
         if let Some(i) = self.agent_idx(agent) {
             self.end_call(now, i);
@@ -911,7 +917,7 @@ impl Dispatcher {
 
     /// Advance to `now`: end wrap-ups and pauses that are over, give up on unreported offers,
     /// make offers, send `MaxWait` and announcements. Returns everything to do, in order.
-    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+    pub(crate) fn poll(&mut self, now: Instant) -> Vec<Action> {
         self.touch(now);
         // Rests that are over.
         for a in &mut self.agents {
@@ -966,7 +972,7 @@ impl Dispatcher {
     }
 
     /// When `poll` next has something to do (`None`: only after the next input).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if !self.outbox.is_empty() {
             return self.now;
         }
@@ -998,13 +1004,13 @@ impl Dispatcher {
     }
 
     /// A waiting caller's place and EWT (`None` if not waiting).
-    pub fn position(&self, caller: CallerId) -> Option<Position> {
+    pub(crate) fn position(&self, caller: CallerId) -> Option<Position> {
         self.waiting_idx(caller).map(|wi| self.position_at(wi))
     }
 
     /// Every queue (configured first, then those created on demand).
     /// `agents` counts the queue's members (every agent for a queue without `members`).
-    pub fn figures(&self) -> Vec<QueueFigures> {
+    pub(crate) fn figures(&self) -> Vec<QueueFigures> {
         self.queues
             .iter()
             .enumerate()
@@ -1054,7 +1060,7 @@ impl Dispatcher {
     }
 
     /// Every agent, in config order.
-    pub fn agents(&self) -> Vec<AgentView> {
+    pub(crate) fn agents(&self) -> Vec<AgentView> {
         self.agents
             .iter()
             .map(|a| {
@@ -1227,7 +1233,7 @@ impl Dispatcher {
     /// Withdraw an offer that could not be delivered (or that the caller's side will not
     /// ring, e.g. the extra phones of a `ring_all` round for a call-back), at no cost to the
     /// agent. Ignored unless that agent is ringing for that caller.
-    pub fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
+    pub(crate) fn withdraw_offer(&mut self, caller: CallerId, agent: &str) {
         if let Some(a) = self.agent_mut(agent) {
             if a.ringing_for(caller) {
                 a.release();
@@ -1429,7 +1435,7 @@ fn choose(q: &QueueState, agents: &[Agent], candidates: Vec<usize>) -> Vec<usize
 /// What a queued call hears about, on the sender it registered at `enqueue`. The channel
 /// closing means the queue is gone (shutdown).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QueueEvent {
+pub(crate) enum QueueEvent {
     Offer {
         agent: String,
         ring_timeout: Duration,
@@ -1444,7 +1450,7 @@ pub enum QueueEvent {
 /// What a call-back's driver (`crate::call::callback`) hears about, on the sender it gave to
 /// [`QueueHandle::request_callback`]. The channel closing means the queue is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallbackEvent {
+pub(crate) enum CallbackEvent {
     /// Ring the caller back now (see [`Action::DialBack`]).
     DialBack {
         attempt: u32,
@@ -1522,14 +1528,14 @@ enum Cmd {
 /// A cheap handle on the running dispatcher, for calls and the admin API. Once the driver has
 /// stopped, `enqueue` answers `NoAgents`, `pause`/`unpause` `false`, lists are empty.
 #[derive(Clone)]
-pub struct QueueHandle {
+pub(crate) struct QueueHandle {
     tx: mpsc::Sender<Cmd>,
 }
 
 impl QueueHandle {
     /// Queue a caller; its events go to `events` until it is answered and its call ends, or
     /// it abandons. If `events` closes (the call is gone), the caller is abandoned.
-    pub async fn enqueue(
+    pub(crate) async fn enqueue(
         &self,
         caller: CallerId,
         queue: &str,
@@ -1552,14 +1558,14 @@ impl QueueHandle {
         rx.await.unwrap_or(Err(Refusal::NoAgents))
     }
 
-    pub async fn abandon(&self, caller: CallerId) {
+    pub(crate) async fn abandon(&self, caller: CallerId) {
         self.send(Cmd::Abandon(caller)).await;
     }
 
     /// The waiting `caller` asks for a call-back that keeps its place
     /// ([`Dispatcher::request_callback`]); from now on its events go to `events` (the call
     /// can hang up). `false` if it was not waiting (or the queue has stopped).
-    pub async fn request_callback(
+    pub(crate) async fn request_callback(
         &self,
         caller: CallerId,
         events: mpsc::Sender<CallbackEvent>,
@@ -1575,58 +1581,58 @@ impl QueueHandle {
     }
 
     /// The offer will not be rung (see [`Dispatcher::withdraw_offer`]).
-    pub async fn offer_withdrawn(&self, caller: CallerId, agent: &str) {
+    pub(crate) async fn offer_withdrawn(&self, caller: CallerId, agent: &str) {
         self.send(Cmd::Withdraw(caller, agent.to_owned())).await;
     }
 
-    pub async fn callback_answered(&self, caller: CallerId) {
+    pub(crate) async fn callback_answered(&self, caller: CallerId) {
         self.send(Cmd::CallbackAnswered(caller)).await;
     }
 
-    pub async fn callback_failed(&self, caller: CallerId) {
+    pub(crate) async fn callback_failed(&self, caller: CallerId) {
         self.send(Cmd::CallbackFailed(caller)).await;
     }
 
-    pub async fn offer_answered(&self, caller: CallerId, agent: &str) {
+    pub(crate) async fn offer_answered(&self, caller: CallerId, agent: &str) {
         self.send(Cmd::Answered(caller, agent.to_owned())).await;
     }
 
-    pub async fn offer_failed(&self, caller: CallerId, agent: &str, why: OfferFailure) {
+    pub(crate) async fn offer_failed(&self, caller: CallerId, agent: &str, why: OfferFailure) {
         self.send(Cmd::Failed(caller, agent.to_owned(), why)).await;
     }
 
-    pub async fn call_ended(&self, agent: &str) {
+    pub(crate) async fn call_ended(&self, agent: &str) {
         self.send(Cmd::CallEnded(agent.to_owned())).await;
     }
 
-    pub async fn agent_logged_in(&self, agent: &str) {
+    pub(crate) async fn agent_logged_in(&self, agent: &str) {
         self.send(Cmd::LoggedIn(agent.to_owned())).await;
     }
 
-    pub async fn agent_logged_out(&self, agent: &str) {
+    pub(crate) async fn agent_logged_out(&self, agent: &str) {
         self.send(Cmd::LoggedOut(agent.to_owned())).await;
     }
 
-    pub async fn pause(&self, agent: &str, reason: &str) -> bool {
+    pub(crate) async fn pause(&self, agent: &str, reason: &str) -> bool {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Pause(agent.to_owned(), reason.to_owned(), reply))
             .await;
         rx.await.unwrap_or(false)
     }
 
-    pub async fn unpause(&self, agent: &str) -> bool {
+    pub(crate) async fn unpause(&self, agent: &str) -> bool {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Unpause(agent.to_owned(), reply)).await;
         rx.await.unwrap_or(false)
     }
 
-    pub async fn figures(&self) -> Vec<QueueFigures> {
+    pub(crate) async fn figures(&self) -> Vec<QueueFigures> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Figures(reply)).await;
         rx.await.unwrap_or_default()
     }
 
-    pub async fn agents(&self) -> Vec<AgentView> {
+    pub(crate) async fn agents(&self) -> Vec<AgentView> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Agents(reply)).await;
         rx.await.unwrap_or_default()
@@ -1640,7 +1646,7 @@ impl QueueHandle {
 }
 
 /// Run `dispatcher` in a task on `tracker` until `cancel` (or every handle is dropped).
-pub fn spawn_dispatcher(
+pub(crate) fn spawn_dispatcher(
     dispatcher: Dispatcher,
     tracker: &TaskTracker,
     cancel: CancellationToken,

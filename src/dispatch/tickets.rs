@@ -49,22 +49,22 @@ use time::OffsetDateTime;
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Smallest ticket number: 8 digits, no leading zero.
-pub const ID_MIN: u64 = 10_000_000;
+pub(crate) const ID_MIN: u64 = 10_000_000;
 /// Largest ticket number.
-pub const ID_MAX: u64 = 99_999_999;
+pub(crate) const ID_MAX: u64 = 99_999_999;
 /// How many random numbers [`TicketStore::file`] tries before giving up.
-pub const ID_ATTEMPTS: u32 = 32;
+pub(crate) const ID_ATTEMPTS: u32 = 32;
 /// Rows returned by [`TicketStore::list`] when [`TicketQuery::limit`] is `None`.
-pub const DEFAULT_LIST_LIMIT: u32 = 1000;
+pub(crate) const DEFAULT_LIST_LIMIT: u32 = 1000;
 /// Most `ids` plus `service_codes` one [`TicketQuery`] may carry.
-pub const MAX_FILTER_VALUES: usize = 1000;
+pub(crate) const MAX_FILTER_VALUES: usize = 1000;
 /// How long a statement waits for another writer's lock before failing with
 /// [`StoreError::Busy`].
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections in the pool of a file database.
-pub const MAX_CONNECTIONS: u32 = 4;
+pub(crate) const MAX_CONNECTIONS: u32 = 4;
 /// How long a query waits for a free pooled connection before [`StoreError::PoolTimeout`].
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite's largest `max_page_count` (its default): no cap.
 const SQLITE_MAX_PAGES: u64 = 4_294_967_294;
 
@@ -150,7 +150,7 @@ pub enum StoreError {
 impl StoreError {
     /// True when retrying later may succeed: busy/locked, disk full, read-only, pool
     /// exhausted. The caller should hear an apology and be offered the operator.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             StoreError::Busy(_)
@@ -285,7 +285,7 @@ pub struct UnknownValue {
     /// `status` or `channel`.
     pub kind: &'static str,
     /// The string given.
-    pub value: String,
+    pub(crate) value: String,
 }
 
 impl FromStr for Status {
@@ -448,20 +448,20 @@ pub struct TicketQuery {
 
 /// What the call flow records just before it starts an emergency transfer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EmergencyAudit {
+pub(crate) struct EmergencyAudit {
     /// Caller's number, if known.
-    pub caller: Option<String>,
+    pub(crate) caller: Option<String>,
     /// SIP Call-ID.
-    pub call_id: String,
+    pub(crate) call_id: String,
     /// Keys and menu nodes that led here, e.g. `main>1>emergency`.
-    pub menu_path: String,
+    pub(crate) menu_path: String,
     /// Why (screening answer, keyword, operator), if known.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// How the caller is sent on, e.g. `refer`, `bridge`, `announce`.
-    pub method: String,
+    pub(crate) method: String,
     /// `caller` was asserted by a trusted trunk (P-Asserted-Identity from `trunks.allow`);
     /// false: only claimed (From), and nothing the bridge asserted to 911.
-    pub caller_verified: bool,
+    pub(crate) caller_verified: bool,
 }
 
 /// One row of the emergency-redirect audit.
@@ -543,7 +543,7 @@ const AUDIT_COLUMNS: &str =
     "id, at, caller, call_id, menu_path, reason, method, outcome, caller_verified";
 
 /// The window `callback.per_number_per_day` counts over.
-pub const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
+pub(crate) const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
 
 impl TicketStore {
     /// Opens (creating if missing) the database file at `path` and applies the migrations.
@@ -583,7 +583,8 @@ impl TicketStore {
 
     /// Opens a private in-memory database (one connection, gone when the store is
     /// dropped). For tests and demos.
-    pub async fn open_in_memory() -> Result<TicketStore, StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn open_in_memory() -> Result<TicketStore, StoreError> {
         let path = PathBuf::from(":memory:");
         // "sqlite::memory:" gets a unique shared-cache name per call.
         let options = SqliteConnectOptions::from_str("sqlite::memory:")
@@ -868,7 +869,10 @@ impl TicketStore {
     /// Records an emergency redirect with outcome `started`, before the transfer begins.
     /// Durable when this returns; the row id is for
     /// [`audit_emergency_outcome`](Self::audit_emergency_outcome).
-    pub async fn audit_emergency_start(&self, e: &EmergencyAudit) -> Result<i64, StoreError> {
+    pub(crate) async fn audit_emergency_start(
+        &self,
+        e: &EmergencyAudit,
+    ) -> Result<i64, StoreError> {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let result = sqlx::query(
             "INSERT INTO emergency_redirects \
@@ -902,7 +906,7 @@ impl TicketStore {
     /// call-backs. One statement decides and records, so two calls from one number at once
     /// cannot both take the last one; the count survives a restart. Rows past the window
     /// are deleted first (they count for nothing, and a number is personal data).
-    pub async fn claim_callback(
+    pub(crate) async fn claim_callback(
         &self,
         number: &str,
         call_id: &str,
@@ -951,7 +955,11 @@ impl TicketStore {
     }
 
     /// Sets the outcome of audit row `id`: `connected`, `failed:<why>` or `announced`.
-    pub async fn audit_emergency_outcome(&self, id: i64, outcome: &str) -> Result<(), StoreError> {
+    pub(crate) async fn audit_emergency_outcome(
+        &self,
+        id: i64,
+        outcome: &str,
+    ) -> Result<(), StoreError> {
         let result = sqlx::query("UPDATE emergency_redirects SET outcome = ? WHERE id = ?")
             .bind(outcome)
             .bind(id)
@@ -979,7 +987,8 @@ impl TicketStore {
     }
 
     /// Checks that the database answers (`SELECT 1`).
-    pub async fn health(&self) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn health(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
@@ -992,7 +1001,7 @@ impl TicketStore {
     /// database, a full one (no room for another ticket) or a lock held past [`BUSY_TIMEOUT`]
     /// fails here as it would fail a caller's ticket. Nothing is kept and nothing is logged
     /// (the readiness check reports it).
-    pub async fn probe_write(&self) -> Result<(), StoreError> {
+    pub(crate) async fn probe_write(&self) -> Result<(), StoreError> {
         let now = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let id = i64::try_from(rand::rng().random_range(ID_MIN..=ID_MAX)).unwrap_or(0);
         let mut tx = WriteTxn::begin(&self.pool)
@@ -1021,7 +1030,7 @@ impl TicketStore {
 
 /// The description length of the row [`TicketStore::probe_write`] tries: about a phone
 /// ticket with a long address and description.
-pub const PROBE_BYTES: usize = 512;
+pub(crate) const PROBE_BYTES: usize = 512;
 
 impl Ticket {
     /// The ticket as just inserted.

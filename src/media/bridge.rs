@@ -58,7 +58,7 @@ pub fn relay(buf: &mut [u8], len: usize, from: &Negotiated, to: &Negotiated) -> 
 /// One direction of a bridge, as the receiving phone sees it: our SSRC, and sequence numbers
 /// and timestamps that continue across a change of the sending stream.
 #[derive(Debug, Clone)]
-pub struct Restamp {
+pub(crate) struct Restamp {
     ssrc: u32,
     /// The sending stream we are following, and the offsets that map it onto ours.
     source: Option<u32>,
@@ -70,7 +70,7 @@ pub struct Restamp {
 }
 
 impl Restamp {
-    pub fn new(ssrc: u32) -> Self {
+    pub(crate) fn new(ssrc: u32) -> Self {
         Restamp {
             ssrc,
             source: None,
@@ -84,7 +84,7 @@ impl Restamp {
     /// Rewrite the header of a packet [`relay`] forwarded (`buf` starts with a parsed RTP
     /// header). A new sending stream continues one packet after the last one sent, and its
     /// first audio packet carries the marker (a new talk spurt, so the phone resyncs).
-    pub fn apply(&mut self, buf: &mut [u8], event: bool) {
+    pub(crate) fn apply(&mut self, buf: &mut [u8], event: bool) {
         if buf.len() < rtp::HEADER_LEN {
             return;
         }

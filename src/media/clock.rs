@@ -105,7 +105,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn, Span};
 
 /// One packet time.
-pub const PTIME: Duration = Duration::from_millis(20);
+pub(crate) const PTIME: Duration = Duration::from_millis(20);
 /// Datagrams read from one socket per system call.
 const BATCH: usize = 8;
 /// Largest datagram we read (RTP from a phone is ~200 bytes; anything larger is not ours).
@@ -117,11 +117,11 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Empty reads in a row after which a caller counts as quiet: its socket moves to the
 /// shard's quiet set instead of being read every tick (100 ms: a streaming phone's jitter
 /// leaves at most one or two empty ticks).
-pub const QUIET_AFTER: u32 = 5;
+pub(crate) const QUIET_AFTER: u32 = 5;
 
 /// What the clock tells a call's task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MediaNote {
+pub(crate) enum MediaNote {
     /// A key press (RFC 4733), reported once.
     Digit(char),
     /// The prompt queue ran dry, with [`MediaSession::stops`] at that moment. Stale if the
@@ -140,8 +140,8 @@ pub enum MediaNote {
 }
 
 /// A call's media state, shared between its task and its shard.
-pub struct SlotState {
-    pub media: MediaSession,
+pub(crate) struct SlotState {
+    pub(crate) media: MediaSession,
     /// The caller's recording while it runs: metered here, written by the call's task.
     tap: Option<Tap>,
     /// Bridged to another leg: the shard relays instead of playing.
@@ -167,9 +167,9 @@ pub struct SlotState {
 }
 
 /// The other leg of a bridged call, as the shard relays it.
-pub struct Bridge {
+pub(crate) struct Bridge {
     /// The leg's port (shared with the call's task; it goes back to the pool when both let go).
-    pub leg: Arc<RtpPort>,
+    pub(crate) leg: Arc<RtpPort>,
     /// Where the leg's media goes: its SDP address until its first RTP packet, then that
     /// packet's source (symmetric RTP, as for the caller: an operator working from home sits
     /// behind NAT, and the private address in its phone's SDP is unreachable; before this,
@@ -181,10 +181,10 @@ pub struct Bridge {
     /// each, and the kernel drops what comes from elsewhere before we read it.
     leg_connected: Option<SocketAddr>,
     /// What the leg negotiated.
-    pub leg_neg: Negotiated,
+    pub(crate) leg_neg: Negotiated,
     /// The caller's stream as the leg sees it, and the leg's as the caller sees it.
-    pub to_leg: Restamp,
-    pub to_caller: Restamp,
+    pub(crate) to_leg: Restamp,
+    pub(crate) to_caller: Restamp,
     /// Early media ([`Bridge::filling`]): after this long without a packet from the leg (or
     /// before its first), the caller hears the call's own player again.
     fill_gap: Option<Duration>,
@@ -203,7 +203,7 @@ impl Bridge {
     /// A bridge to the leg on `leg`, answered from `leg_remote` with `leg_neg`; each direction
     /// gets its own random SSRC.
     /// The leg's media is taken from the SDP's address only; see [`Bridge::latch_scope`].
-    pub fn new(leg: Arc<RtpPort>, leg_remote: SocketAddr, leg_neg: Negotiated) -> Self {
+    pub(crate) fn new(leg: Arc<RtpPort>, leg_remote: SocketAddr, leg_neg: Negotiated) -> Self {
         Bridge {
             leg,
             leg_latch: Latch::new(leg_remote, LatchScope::Sdp),
@@ -222,7 +222,7 @@ impl Bridge {
 
     /// Take the leg's media from the sources `scope` admits (an operator's phone: its SDP's
     /// address or the address it registered from; the 911 leg: anywhere).
-    pub fn latch_scope(mut self, scope: LatchScope) -> Self {
+    pub(crate) fn latch_scope(mut self, scope: LatchScope) -> Self {
         self.leg_latch.set_scope(scope);
         self
     }
@@ -232,7 +232,7 @@ impl Bridge {
     /// its network sends no BYE, and without this the caller would sit in a silent bridge
     /// until they gave up. (A phone with silence suppression also goes quiet: the call asks
     /// it over SIP before it acts.)
-    pub fn watch_leg(mut self, limit: Duration) -> Self {
+    pub(crate) fn watch_leg(mut self, limit: Duration) -> Self {
         self.leg_limit = Some(limit);
         self
     }
@@ -243,7 +243,7 @@ impl Bridge {
     /// leg has sent nothing for `gap`, so the caller never sits in silence: what the leg does
     /// send is relayed, with nothing of ours over it. (Relaying blindly, a 911 caller heard
     /// dead air for as long as the 911 side stayed silent, which invites a hang-up.)
-    pub fn filling(mut self, gap: Duration) -> Self {
+    pub(crate) fn filling(mut self, gap: Duration) -> Self {
         self.fill_gap = Some(gap);
         self
     }
@@ -329,14 +329,14 @@ const TAP_MAX: usize = 8000 * 10;
 impl SlotState {
     /// Bridge the caller to another leg (`Some`: the shard relays both ways from its next
     /// tick and stops playing), or end the bridge (`None`: prompts play again).
-    pub fn set_bridge(&mut self, bridge: Option<Bridge>) {
+    pub(crate) fn set_bridge(&mut self, bridge: Option<Bridge>) {
         self.bridge = bridge;
         self.bridge_epoch += 1;
     }
 
     /// The leg's silence was looked into (the phone still answers over SIP): watch it afresh
     /// from `now`.
-    pub fn rearm_leg_watch(&mut self, now: Instant) {
+    pub(crate) fn rearm_leg_watch(&mut self, now: Instant) {
         if let Some(b) = &mut self.bridge {
             b.leg_alive = Some(now);
             b.leg_silence_reported = false;
@@ -344,13 +344,14 @@ impl SlotState {
     }
 
     /// Whether the shard relays this call to another leg.
-    pub fn bridged(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn bridged(&self) -> bool {
         self.bridge.is_some()
     }
 
     /// Start recording the caller: samples are kept for [`SlotState::take_recorded`] and the
     /// meter decides when it ends ([`MediaNote::RecordingEnded`]).
-    pub fn start_recording(&mut self, meter: VoiceMeter) {
+    pub(crate) fn start_recording(&mut self, meter: VoiceMeter) {
         self.tap = Some(Tap {
             meter,
             pending: Vec::with_capacity(TAP_FLUSH + 160),
@@ -361,7 +362,7 @@ impl SlotState {
 
     /// Swap the samples recorded since the last call into `into` (which should be empty; its
     /// allocation is reused next time).
-    pub fn take_recorded(&mut self, into: &mut Vec<i16>) {
+    pub(crate) fn take_recorded(&mut self, into: &mut Vec<i16>) {
         if let Some(t) = &mut self.tap {
             std::mem::swap(&mut t.pending, into);
             t.asked = false;
@@ -369,7 +370,7 @@ impl SlotState {
     }
 
     /// Stop recording; the samples not yet taken go into `into`.
-    pub fn stop_recording(&mut self, into: &mut Vec<i16>) {
+    pub(crate) fn stop_recording(&mut self, into: &mut Vec<i16>) {
         self.take_recorded(into);
         self.tap = None;
     }
@@ -424,28 +425,23 @@ struct Slot {
 }
 
 /// The call task's side of its slot.
-pub struct MediaHandle {
+pub(crate) struct MediaHandle {
     slot: Arc<Slot>,
 }
 
 impl MediaHandle {
     /// The call's media state (held briefly, never across an `.await`).
-    pub fn lock(&self) -> MutexGuard<'_, SlotState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SlotState> {
         self.slot
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The call's RTP port number.
-    pub fn port(&self) -> u16 {
-        self.slot.port.port
-    }
-
     /// The call is over: the shard sends nothing more and lets go of the slot when its
     /// phase's turn comes (dropping the handle does the same; this is for a call that still
     /// reads its statistics while it winds down).
-    pub fn end(&self) {
+    pub(crate) fn end(&self) {
         self.slot.detached.store(true, Ordering::Release);
     }
 }
@@ -458,12 +454,12 @@ impl Drop for MediaHandle {
 
 /// How the shard threads run.
 #[derive(Debug, Clone, Copy)]
-pub struct ClockOptions {
+pub(crate) struct ClockOptions {
     /// `SCHED_FIFO` 10 (see `media.realtime` in the config). Default false.
-    pub realtime: bool,
+    pub(crate) realtime: bool,
     /// Send each pass's packets together through io_uring where the kernel allows
     /// ([`Outbox`]); false: one `send` per packet. Default true.
-    pub batch_sends: bool,
+    pub(crate) batch_sends: bool,
 }
 
 impl Default for ClockOptions {
@@ -476,7 +472,7 @@ impl Default for ClockOptions {
 }
 
 /// The shard threads.
-pub struct MediaClock {
+pub(crate) struct MediaClock {
     shards: Mutex<Vec<std_mpsc::Sender<Arc<Slot>>>>,
     next: AtomicUsize,
     ids: AtomicU64,
@@ -488,13 +484,15 @@ pub struct MediaClock {
 
 impl MediaClock {
     /// Start `shards` threads (at least one) at normal priority.
-    pub fn start(shards: usize) -> io::Result<Arc<MediaClock>> {
+    #[cfg(test)]
+    pub(crate) fn start(shards: usize) -> io::Result<Arc<MediaClock>> {
         Self::start_with(shards, false)
     }
 
     /// Start `shards` threads (at least one), at real-time priority when `realtime` (and the
     /// process may; otherwise a warning and normal priority).
-    pub fn start_with(shards: usize, realtime: bool) -> io::Result<Arc<MediaClock>> {
+    #[cfg(test)]
+    pub(crate) fn start_with(shards: usize, realtime: bool) -> io::Result<Arc<MediaClock>> {
         Self::start_opts(
             shards,
             ClockOptions {
@@ -505,7 +503,7 @@ impl MediaClock {
     }
 
     /// Start `shards` threads (at least one) as `opts` says.
-    pub fn start_opts(shards: usize, opts: ClockOptions) -> io::Result<Arc<MediaClock>> {
+    pub(crate) fn start_opts(shards: usize, opts: ClockOptions) -> io::Result<Arc<MediaClock>> {
         let ClockOptions {
             realtime,
             batch_sends,
@@ -543,17 +541,12 @@ impl MediaClock {
 
     /// Each shard's heartbeat: how long ago its loop last turned (idle or not, a running shard
     /// turns at least every [`IDLE_POLL`]).
-    pub fn heartbeats(&self) -> &[Arc<crate::heartbeat::Heartbeat>] {
+    pub(crate) fn heartbeats(&self) -> &[Arc<crate::heartbeat::Heartbeat>] {
         &self.beats
     }
 
-    /// One shard per core.
-    pub fn per_core() -> io::Result<Arc<MediaClock>> {
-        Self::start(cores())
-    }
-
     /// Hand a call's port and session to a shard.
-    pub fn attach(
+    pub(crate) fn attach(
         &self,
         port: RtpPort,
         media: MediaSession,
@@ -572,7 +565,7 @@ impl MediaClock {
     }
 
     /// Stop the threads (calls still attached stop getting media).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.shards
             .lock()
@@ -593,7 +586,7 @@ impl Drop for MediaClock {
 }
 
 /// The machine's cores (the default number of shards).
-pub fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -618,7 +611,7 @@ fn set_realtime(shard: usize) {
 
 /// Phases a shard spreads its calls over within each packet time: phase `p` is served
 /// `p` × [`PHASE_SPAN`] after the start of each 20 ms round.
-pub const PHASES: usize = 5;
+pub(crate) const PHASES: usize = 5;
 /// Time between two phases.
 const PHASE_SPAN: Duration = Duration::from_nanos(PTIME.as_nanos() as u64 / PHASES as u64);
 /// Calls a phase takes before a new call goes to the next phase. Below this many calls per

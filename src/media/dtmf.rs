@@ -73,7 +73,7 @@ impl TelephoneEvent {
 
 /// Maps an RFC 4733 event code to its keypad character:
 /// 0–9 → `'0'`–`'9'`, 10 → `'*'`, 11 → `'#'`, 12–15 → `'A'`–`'D'`, others → `None`.
-pub fn event_to_digit(event: u8) -> Option<char> {
+pub(crate) fn event_to_digit(event: u8) -> Option<char> {
     match event {
         0..=9 => Some(char::from(b'0' + event)),
         10 => Some('*'),
@@ -98,13 +98,13 @@ pub fn digit_to_event(digit: char) -> Option<u8> {
 /// An event with the same RTP timestamp and code as an event that has ended is
 /// a *new* press only if that event's last packet arrived more than this long
 /// ago. See [`DtmfDetector`] for why.
-pub const SAME_TIMESTAMP_REPRESS_GAP: Duration = Duration::from_millis(250);
+pub(crate) const SAME_TIMESTAMP_REPRESS_GAP: Duration = Duration::from_millis(250);
 
 /// An event whose End packets were all lost is considered over once no packet
 /// of it has arrived for this long (continuation packets normally come every
 /// 50 ms). This lets a SIPp-style replay of the same event be seen as a new
 /// press even when the first replay's End packets never arrived.
-pub const UNENDED_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const UNENDED_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How many recent events are remembered, so that a late (reordered)
 /// retransmission of an earlier event is not mistaken for a new press.

@@ -34,7 +34,7 @@ impl Codec {
     }
 
     /// SDP `a=rtpmap` encoding name: "PCMU" or "PCMA".
-    pub fn encoding_name(self) -> &'static str {
+    pub(crate) fn encoding_name(self) -> &'static str {
         match self {
             Codec::Pcmu => "PCMU",
             Codec::Pcma => "PCMA",
@@ -42,7 +42,7 @@ impl Codec {
     }
 
     /// Parses an SDP encoding name, case-insensitively ("pcmu", "PCMA", ...).
-    pub fn from_encoding_name(name: &str) -> Option<Codec> {
+    pub(crate) fn from_encoding_name(name: &str) -> Option<Codec> {
         let name = name.trim();
         if name.eq_ignore_ascii_case("PCMU") {
             Some(Codec::Pcmu)
@@ -116,7 +116,7 @@ impl Codec {
 
     /// [`Codec::transcode`] in place, for relaying a packet without a second buffer. When
     /// `from == to` nothing changes.
-    pub fn transcode_in_place(from: Codec, to: Codec, buf: &mut [u8]) {
+    pub(crate) fn transcode_in_place(from: Codec, to: Codec, buf: &mut [u8]) {
         let table = match (from, to) {
             (Codec::Pcmu, Codec::Pcma) => &ULAW_TO_ALAW,
             (Codec::Pcma, Codec::Pcmu) => &ALAW_TO_ULAW,
@@ -141,7 +141,7 @@ const fn top_bit(x: u32) -> u32 {
 }
 
 /// Encodes one 16-bit linear sample to µ-law.
-pub const fn ulaw_encode(s: i16) -> u8 {
+pub(crate) const fn ulaw_encode(s: i16) -> u8 {
     let linear = s as i32;
     // Negative values use the one's complement (-x - 1) so that x and -x-1
     // map to mirror-image codes and -32768 needs no special case.
@@ -161,12 +161,13 @@ pub const fn ulaw_encode(s: i16) -> u8 {
 }
 
 /// Decodes one µ-law byte to 16-bit linear (range -32124..=32124).
-pub fn ulaw_decode(b: u8) -> i16 {
+#[cfg(test)]
+pub(crate) fn ulaw_decode(b: u8) -> i16 {
     ULAW_TO_LINEAR[usize::from(b)]
 }
 
 /// Encodes one 16-bit linear sample to A-law.
-pub const fn alaw_encode(s: i16) -> u8 {
+pub(crate) const fn alaw_encode(s: i16) -> u8 {
     let linear = s as i32;
     let (magnitude, mask) = if linear >= 0 {
         (linear, ALAW_AMI_MASK | 0x80)
@@ -181,7 +182,8 @@ pub const fn alaw_encode(s: i16) -> u8 {
 }
 
 /// Decodes one A-law byte to 16-bit linear (range -32256..=32256).
-pub fn alaw_decode(b: u8) -> i16 {
+#[cfg(test)]
+pub(crate) fn alaw_decode(b: u8) -> i16 {
     ALAW_TO_LINEAR[usize::from(b)]
 }
 

@@ -26,7 +26,7 @@
 
 /// Samples per analysis block: 102 at 8 kHz (12.75 ms), short enough for two blocks to fit in
 /// a 40 ms key and long enough to tell 697 Hz from 770 Hz.
-pub const BLOCK: usize = 102;
+pub(crate) const BLOCK: usize = 102;
 /// Row (low group) and column (high group) frequencies, Hz.
 const ROWS: [f32; 4] = [697.0, 770.0, 852.0, 941.0];
 const COLS: [f32; 4] = [1209.0, 1336.0, 1477.0, 1633.0];
@@ -38,13 +38,13 @@ const KEYS: [[char; 4]; 4] = [
 ];
 /// The quietest tone (amplitude, of 32767) a key may have: about −44 dBFS, well under what a
 /// phone sends (−6 to −10 dBm0 per tone) and what a line leaves of it.
-pub const MIN_TONE: f32 = 200.0;
+pub(crate) const MIN_TONE: f32 = 200.0;
 /// Largest power ratio between the two tones of a key (8 dB).
-pub const TWIST: f32 = 6.31;
+pub(crate) const TWIST: f32 = 6.31;
 /// How far (power ratio, 8 dB) every other frequency of a group must be under the strongest.
-pub const PEAK: f32 = 6.31;
+pub(crate) const PEAK: f32 = 6.31;
 /// Share of the block's energy the two tones must carry.
-pub const IN_TONES: f32 = 0.7;
+pub(crate) const IN_TONES: f32 = 0.7;
 
 /// One Goertzel filter: `2 cos(2π f / 8000)`.
 fn coefficient(f: f32) -> f32 {
@@ -118,7 +118,7 @@ pub fn tone(key: char, start: usize, len: usize, amplitude: f32) -> Option<Vec<i
 
 /// Turns one caller's audio into key presses, each reported once.
 #[derive(Debug, Clone)]
-pub struct InbandDetector {
+pub(crate) struct InbandDetector {
     block: [f32; BLOCK],
     filled: usize,
     /// What the last block held.
@@ -134,7 +134,7 @@ impl Default for InbandDetector {
 }
 
 impl InbandDetector {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         InbandDetector {
             block: [0.0; BLOCK],
             filled: 0,
@@ -146,7 +146,7 @@ impl InbandDetector {
     /// Feed decoded audio (8 kHz, 16-bit); the key whose press completed in it, if any. (Two
     /// keys in one call would need a 20 ms packet to hold the end of one and a whole second:
     /// not possible with [`BLOCK`]-sample blocks and the two-block rule.)
-    pub fn feed(&mut self, pcm: &[i16]) -> Option<char> {
+    pub(crate) fn feed(&mut self, pcm: &[i16]) -> Option<char> {
         let mut pressed = None;
         for &s in pcm {
             self.block[self.filled] = f32::from(s);

@@ -11,7 +11,7 @@ pub mod g711;
 pub mod inband;
 pub mod ports;
 pub mod prompt;
-pub mod record;
+pub(crate) mod record;
 pub mod rtp;
 pub mod sdp;
 pub mod session;

@@ -25,18 +25,18 @@ use rubato::{FftFixedInOut, Resampler};
 use crate::media::g711::Codec;
 
 /// Sample rate of every prompt after loading.
-pub const SAMPLE_RATE: u32 = 8000;
+pub(crate) const SAMPLE_RATE: u32 = 8000;
 /// Samples (= G.711 bytes) in one 20 ms frame at 8 kHz.
-pub const FRAME_SAMPLES: usize = 160;
+pub(crate) const FRAME_SAMPLES: usize = 160;
 /// Longest prompt accepted, to bound memory on a bad or hostile file.
-pub const MAX_PROMPT_SECONDS: u64 = 15 * 60;
+pub(crate) const MAX_PROMPT_SECONDS: u64 = 15 * 60;
 /// Lowest source sample rate accepted.
-pub const MIN_SOURCE_RATE: u32 = 1000;
+pub(crate) const MIN_SOURCE_RATE: u32 = 1000;
 /// Highest source sample rate accepted.
-pub const MAX_SOURCE_RATE: u32 = 384_000;
+pub(crate) const MAX_SOURCE_RATE: u32 = 384_000;
 
-/// Why a prompt could not be loaded. Every variant names the file (or, for
-/// [`Prompt::from_pcm`], a `<pcm:NAME>` pseudo-path).
+/// Why a prompt could not be loaded. Every variant names the file (or, for a prompt the unit
+/// tests build from samples, a `<pcm:NAME>` pseudo-path).
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
     /// The file or directory could not be opened or read.
@@ -175,9 +175,10 @@ impl Prompt {
     }
 
     /// Builds a prompt from interleaved 16-bit samples at any rate and channel
-    /// count (for tests and generated tones). A trailing partial frame of
-    /// interleaved samples is dropped.
-    pub fn from_pcm(
+    /// count (for the unit tests). A trailing partial frame of interleaved samples is
+    /// dropped.
+    #[cfg(test)]
+    pub(crate) fn from_pcm(
         name: &str,
         samples: &[i16],
         sample_rate: u32,
@@ -240,7 +241,7 @@ impl Prompt {
     }
 
     /// Playing time (samples / 8000 s, without frame padding).
-    pub fn duration(&self) -> Duration {
+    pub(crate) fn duration(&self) -> Duration {
         // One sample at 8 kHz is exactly 125 µs.
         Duration::from_micros(self.pcm.len() as u64 * 125)
     }
@@ -411,7 +412,7 @@ pub struct PromptStore {
 
 impl PromptStore {
     /// An empty store.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -464,7 +465,7 @@ impl PromptStore {
     }
 
     /// Adds (or replaces) `prompt` under `(lang, prompt.name)`.
-    pub fn insert(&mut self, lang: &str, prompt: Prompt) {
+    pub(crate) fn insert(&mut self, lang: &str, prompt: Prompt) {
         let key = (lang.to_string(), prompt.name.clone());
         if self.prompts.insert(key, Arc::new(prompt)).is_some() {
             tracing::debug!(lang, "replaced an existing prompt");
@@ -472,7 +473,7 @@ impl PromptStore {
     }
 
     /// Languages that have at least one prompt, sorted.
-    pub fn languages(&self) -> Vec<String> {
+    pub(crate) fn languages(&self) -> Vec<String> {
         let mut langs: Vec<String> = self.prompts.keys().map(|(l, _)| l.clone()).collect();
         langs.sort();
         langs.dedup();
@@ -480,17 +481,18 @@ impl PromptStore {
     }
 
     /// Number of prompts over all languages.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.prompts.len()
     }
 
     /// Whether the store has no prompts.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.prompts.is_empty()
     }
 
     /// Prompt names in language `lang`, sorted.
-    pub fn names(&self, lang: &str) -> Vec<String> {
+    #[cfg(test)]
+    pub(crate) fn names(&self, lang: &str) -> Vec<String> {
         let mut names: Vec<String> = self
             .prompts
             .keys()

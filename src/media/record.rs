@@ -1,11 +1,11 @@
 //! Recording a caller (the spoken description of a problem) to a WAV file with hound.
 //!
-//! The call task feeds each audio payload it receives; the recorder decodes G.711 to 16-bit
-//! PCM, writes 8 kHz mono WAV, and says when to stop: after `silence` of quiet (once the caller
-//! has spoken) or at `max`. Time is passed in. File names are chosen by the caller of
-//! [`Recorder::create`] (generated, never taken from caller input).
+//! Two halves: the media clock meters each packet as it arrives ([`VoiceMeter`]: stop after
+//! `silence` of quiet once the caller has spoken, or at `max`; time is passed in), and the call
+//! writes the decoded 16-bit samples to an 8 kHz mono WAV file ([`Recorder`]), off the clock's
+//! thread. File names are chosen by the caller of [`Recorder::create`] (generated, never taken
+//! from caller input).
 
-use crate::media::g711::Codec;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 const SILENCE_LEVEL: u32 = 330;
 
 /// Mode of a recording file: read and write for the server's user only.
-pub const PRIVATE_FILE: u32 = 0o600;
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
 /// Mode of a directory created for recordings.
-pub const PRIVATE_DIR: u32 = 0o700;
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
 
 /// Creates `dir` and any missing parents with mode [`PRIVATE_DIR`]; an existing directory is
 /// left as it is (see [`loose_permissions`]).
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
@@ -32,7 +32,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// The mode of `dir` when it lets users other than its owner in (group or other bits set),
 /// for a warning at start: recordings in it stay unreadable to them (files are 0600), but
 /// their names and times are listed.
-pub fn loose_permissions(dir: &Path) -> Option<u32> {
+pub(crate) fn loose_permissions(dir: &Path) -> Option<u32> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -48,7 +48,7 @@ pub fn loose_permissions(dir: &Path) -> Option<u32> {
 
 /// The path of recording `name` (as stored with a ticket) in `dir`, if `name` is a plain file
 /// name: nothing stored can point outside the recordings directory.
-pub fn recording_path(dir: &Path, name: &str) -> Option<PathBuf> {
+pub(crate) fn recording_path(dir: &Path, name: &str) -> Option<PathBuf> {
     let mut parts = Path::new(name).components();
     match (parts.next(), parts.next()) {
         (Some(std::path::Component::Normal(n)), None) if n == name => Some(dir.join(n)),
@@ -58,7 +58,7 @@ pub fn recording_path(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// Why recording stopped (or may go on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordState {
+pub(crate) enum RecordState {
     Recording,
     /// Quiet for the silence limit after the caller spoke.
     Silence,
@@ -67,7 +67,7 @@ pub enum RecordState {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
+pub(crate) enum RecordError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,10 +78,9 @@ pub enum RecordError {
 }
 
 /// One recording in progress.
-pub struct Recorder {
+pub(crate) struct Recorder {
     writer: Option<hound::WavWriter<BufWriter<File>>>,
     path: PathBuf,
-    meter: VoiceMeter,
     samples: u64,
 }
 
@@ -89,7 +88,7 @@ pub struct Recorder {
 /// file: the media clock meters each packet as it arrives and leaves the writing to the call
 /// (a disk that stalls must not stall the packets of every call on that clock).
 #[derive(Debug, Clone)]
-pub struct VoiceMeter {
+pub(crate) struct VoiceMeter {
     started: Instant,
     last_voice: Option<Instant>,
     max: Duration,
@@ -97,7 +96,7 @@ pub struct VoiceMeter {
 }
 
 impl VoiceMeter {
-    pub fn new(now: Instant, max: Duration, silence: Duration) -> Self {
+    pub(crate) fn new(now: Instant, max: Duration, silence: Duration) -> Self {
         VoiceMeter {
             started: now,
             last_voice: None,
@@ -107,7 +106,7 @@ impl VoiceMeter {
     }
 
     /// Hear one packet's samples.
-    pub fn hear(&mut self, now: Instant, pcm: &[i16]) -> RecordState {
+    pub(crate) fn hear(&mut self, now: Instant, pcm: &[i16]) -> RecordState {
         let level = if pcm.is_empty() {
             0
         } else {
@@ -119,7 +118,7 @@ impl VoiceMeter {
         self.state(now)
     }
 
-    pub fn state(&self, now: Instant) -> RecordState {
+    pub(crate) fn state(&self, now: Instant) -> RecordState {
         if now.duration_since(self.started) >= self.max {
             return RecordState::MaxLength;
         }
@@ -135,12 +134,7 @@ impl Recorder {
     /// Starts a new recording at `path` (which must not exist). The file is readable by the
     /// server's user only (0600), and directories created for it likewise (0700): a recording
     /// of a caller is personal data.
-    pub fn create(
-        path: &Path,
-        now: Instant,
-        max: Duration,
-        silence: Duration,
-    ) -> Result<Recorder, RecordError> {
+    pub(crate) fn create(path: &Path) -> Result<Recorder, RecordError> {
         if let Some(dir) = path.parent() {
             create_private_dir(dir).map_err(|source| RecordError::Io {
                 path: dir.to_owned(),
@@ -170,31 +164,17 @@ impl Recorder {
         Ok(Recorder {
             writer: Some(writer),
             path: path.to_owned(),
-            meter: VoiceMeter::new(now, max, silence),
             samples: 0,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Seconds recorded so far.
-    pub fn seconds(&self) -> f64 {
+    pub(crate) fn seconds(&self) -> f64 {
         self.samples as f64 / 8000.0
     }
 
-    /// Add one received audio payload.
-    pub fn push(&mut self, now: Instant, codec: Codec, payload: &[u8]) -> RecordState {
-        let mut pcm = [0i16; 1024];
-        let n = payload.len().min(pcm.len());
-        codec.decode(&payload[..n], &mut pcm[..n]);
-        self.write(&pcm[..n]);
-        self.meter.hear(now, &pcm[..n])
-    }
-
-    /// Append samples already metered elsewhere (see [`VoiceMeter`]).
-    pub fn write(&mut self, pcm: &[i16]) {
+    /// Append samples metered elsewhere (see [`VoiceMeter`]).
+    pub(crate) fn write(&mut self, pcm: &[i16]) {
         if let Some(w) = &mut self.writer {
             for s in pcm {
                 if w.write_sample(*s).is_err() {
@@ -205,11 +185,7 @@ impl Recorder {
         self.samples += pcm.len() as u64;
     }
 
-    pub fn state(&self, now: Instant) -> RecordState {
-        self.meter.state(now)
-    }
-
-    pub fn finish(mut self) -> Result<Option<PathBuf>, RecordError> {
+    pub(crate) fn finish(mut self) -> Result<Option<PathBuf>, RecordError> {
         if let Some(w) = self.writer.take() {
             w.finalize().map_err(|source| RecordError::Wav {
                 path: self.path.clone(),
@@ -236,17 +212,32 @@ impl Drop for Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::g711::Codec;
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ivr311-rec-{}-{name}.wav", std::process::id()))
+    }
+
+    /// One received payload, as the clock meters it and the call writes it.
+    fn push(
+        r: &mut Recorder,
+        meter: &mut VoiceMeter,
+        now: Instant,
+        codec: Codec,
+        payload: &[u8],
+    ) -> RecordState {
+        let mut pcm = vec![0i16; payload.len()];
+        codec.decode(payload, &mut pcm);
+        r.write(&pcm);
+        meter.hear(now, &pcm)
     }
 
     #[test]
     fn records_until_silence_after_speech() {
         let t0 = Instant::now();
         let p = tmp("silence");
-        let mut r =
-            Recorder::create(&p, t0, Duration::from_secs(60), Duration::from_secs(2)).unwrap();
+        let mut r = Recorder::create(&p).unwrap();
+        let mut meter = VoiceMeter::new(t0, Duration::from_secs(60), Duration::from_secs(2));
         let mut loud = [0u8; 160];
         let pcm: Vec<i16> = (0..160)
             .map(|i| if i % 2 == 0 { 8000 } else { -8000 })
@@ -256,7 +247,7 @@ mod tests {
         let ms = Duration::from_millis;
         for i in 0..50 {
             assert_eq!(
-                r.push(t0 + ms(20 * i), Codec::Pcmu, &loud),
+                push(&mut r, &mut meter, t0 + ms(20 * i), Codec::Pcmu, &loud),
                 RecordState::Recording
             );
         }
@@ -264,7 +255,7 @@ mod tests {
         let mut stopped = None;
         for i in 0..200 {
             t = t0 + ms(1000 + 20 * i);
-            if r.push(t, Codec::Pcmu, &quiet) == RecordState::Silence {
+            if push(&mut r, &mut meter, t, Codec::Pcmu, &quiet) == RecordState::Silence {
                 stopped = Some(t);
                 break;
             }
@@ -293,9 +284,7 @@ mod tests {
             rand::random::<u32>()
         ));
         let p = dir.join("sub").join("call.wav");
-        let t0 = Instant::now();
-        let mut r =
-            Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        let mut r = Recorder::create(&p).unwrap();
         r.write(&[1000; 160]);
         let path = r.finish().unwrap().expect("kept");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -304,7 +293,7 @@ mod tests {
         assert_eq!(mode(&dir.join("sub")), 0o700);
         assert_eq!(loose_permissions(&dir), None);
         // A second recording never overwrites one already there.
-        assert!(Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(5)).is_err());
+        assert!(Recorder::create(&p).is_err());
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(loose_permissions(&dir), Some(0o755));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -335,8 +324,12 @@ mod tests {
     fn max_length_and_empty_recordings() {
         let t0 = Instant::now();
         let p = tmp("max");
-        let r = Recorder::create(&p, t0, Duration::from_secs(5), Duration::from_secs(60)).unwrap();
-        assert_eq!(r.state(t0 + Duration::from_secs(5)), RecordState::MaxLength);
+        let r = Recorder::create(&p).unwrap();
+        let meter = VoiceMeter::new(t0, Duration::from_secs(5), Duration::from_secs(60));
+        assert_eq!(
+            meter.state(t0 + Duration::from_secs(5)),
+            RecordState::MaxLength
+        );
         assert_eq!(r.finish().unwrap(), None, "nothing recorded, no file");
         assert!(!p.exists());
     }

@@ -30,7 +30,7 @@ pub enum RtpError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Incoming<'a> {
     pub payload_type: u8,
-    pub marker: bool,
+    pub(crate) marker: bool,
     pub sequence: u16,
     pub timestamp: u32,
     pub ssrc: u32,
@@ -98,16 +98,12 @@ impl RtpStream {
         }
     }
 
-    pub fn ssrc(&self) -> u32 {
-        self.ssrc
-    }
-
     pub fn timestamp(&self) -> u32 {
         self.timestamp
     }
 
     /// The next packet starts a talk spurt (RFC 3551 §4.1: marker bit).
-    pub fn start_talkspurt(&mut self) {
+    pub(crate) fn start_talkspurt(&mut self) {
         self.marker_next = true;
     }
 
@@ -190,7 +186,7 @@ impl Default for RtpStream {
 /// take the caller's audio nor press keys in their call. The port stays free to vary: NAT
 /// gives the phone's media a port of its own on the same public address as its signalling.
 #[derive(Debug, Clone)]
-pub struct Latch {
+pub(crate) struct Latch {
     signalled: SocketAddr,
     scope: LatchScope,
     latched: Option<SocketAddr>,
@@ -200,7 +196,7 @@ pub struct Latch {
 
 /// Which sources may send to a port and take its latch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LatchScope {
+pub(crate) enum LatchScope {
     /// Only the IP address the SDP names.
     Sdp,
     /// The IP the SDP names, or this one: where the far end's signalling came from (a caller,
@@ -226,7 +222,7 @@ impl LatchScope {
 
 /// What to do with a packet from a given source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LatchDecision {
+pub(crate) enum LatchDecision {
     /// First packet: we now send to this address.
     Latched,
     Accept,
@@ -238,7 +234,7 @@ pub enum LatchDecision {
 impl Latch {
     /// A latch for media the SDP says comes from `signalled`, taking packets from the sources
     /// `scope` admits.
-    pub fn new(signalled: SocketAddr, scope: LatchScope) -> Self {
+    pub(crate) fn new(signalled: SocketAddr, scope: LatchScope) -> Self {
         Latch {
             signalled,
             scope,
@@ -248,34 +244,34 @@ impl Latch {
     }
 
     /// Where our packets go now.
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         self.latched.unwrap_or(self.signalled)
     }
 
     /// Take packets from the sources `scope` admits from now on.
-    pub fn set_scope(&mut self, scope: LatchScope) {
+    pub(crate) fn set_scope(&mut self, scope: LatchScope) {
         self.scope = scope;
     }
 
-    pub fn is_latched(&self) -> bool {
+    pub(crate) fn is_latched(&self) -> bool {
         self.latched.is_some()
     }
 
     /// Latched to the address the SDP names: no later packet can move the latch, so packets
     /// from anywhere else may as well be dropped by the kernel.
-    pub fn is_settled(&self) -> bool {
+    pub(crate) fn is_settled(&self) -> bool {
         self.latched == Some(self.signalled)
     }
 
     /// A new SDP (re-INVITE) names a new address: follow it and latch again.
-    pub fn resignal(&mut self, addr: SocketAddr) {
+    pub(crate) fn resignal(&mut self, addr: SocketAddr) {
         if addr != self.signalled {
             self.signalled = addr;
             self.previous = self.latched.take().or(self.previous);
         }
     }
 
-    pub fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
+    pub(crate) fn on_packet(&mut self, from: SocketAddr) -> LatchDecision {
         if !self.scope.admits(from.ip(), self.signalled.ip()) {
             return LatchDecision::Foreign;
         }

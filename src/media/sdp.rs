@@ -73,16 +73,17 @@ use crate::media::g711::Codec;
 
 /// Largest SDP body [`parse`] accepts. Real audio offers are well under 2 KiB; this only
 /// bounds the work done on hostile input.
-pub const MAX_SDP_LEN: usize = 64 * 1024;
+pub(crate) const MAX_SDP_LEN: usize = 64 * 1024;
 
 /// RTP clock rate of G.711 and of the only `telephone-event` we accept.
-pub const G711_CLOCK_RATE: u32 = 8000;
+pub(crate) const G711_CLOCK_RATE: u32 = 8000;
 
 /// Packetization time we ask for and send, in milliseconds.
-pub const PTIME_MS: u32 = 20;
+pub(crate) const PTIME_MS: u32 = 20;
 
 /// The payload type conventionally used for `telephone-event/8000` in our own offers.
-pub const DEFAULT_TELEPHONE_EVENT_PT: u8 = 101;
+#[cfg(test)]
+pub(crate) const DEFAULT_TELEPHONE_EVENT_PT: u8 = 101;
 
 /// The RFC 4733 events we accept: DTMF 0-9, *, #, A-D (0-15) and flash (16).
 const TELEPHONE_EVENT_FMTP: &str = "0-16";
@@ -106,7 +107,7 @@ pub enum Direction {
 impl Direction {
     /// The direction an answerer uses for a stream offered with `self`:
     /// sendonly → recvonly, recvonly → sendonly, sendrecv and inactive unchanged.
-    pub fn answer(self) -> Direction {
+    pub(crate) fn answer(self) -> Direction {
         match self {
             Direction::SendOnly => Direction::RecvOnly,
             Direction::RecvOnly => Direction::SendOnly,
@@ -115,7 +116,7 @@ impl Direction {
     }
 
     /// The SDP attribute name (`sendrecv`, `sendonly`, `recvonly`, `inactive`).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::SendRecv => "sendrecv",
             Direction::SendOnly => "sendonly",
@@ -125,12 +126,13 @@ impl Direction {
     }
 
     /// Whether the side with this direction sends RTP media.
-    pub fn sends(self) -> bool {
+    pub(crate) fn sends(self) -> bool {
         matches!(self, Direction::SendRecv | Direction::SendOnly)
     }
 
     /// Whether the side with this direction expects to receive RTP media.
-    pub fn receives(self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn receives(self) -> bool {
         matches!(self, Direction::SendRecv | Direction::RecvOnly)
     }
 
@@ -170,7 +172,7 @@ pub struct RemoteMedia {
     /// do not send there; `direction` is then `SendOnly`/`Inactive`.
     pub addr: SocketAddr,
     /// Every RTP payload type on the `m=` line (0..=127), in the offer's preference order.
-    pub payload_types: Vec<u8>,
+    pub(crate) payload_types: Vec<u8>,
     /// G.711 formats offered, in preference order: static 0/8 even without `a=rtpmap`,
     /// dynamic PTs mapped by `a=rtpmap` name PCMU/PCMA at 8000 Hz (mono).
     pub codecs: Vec<(u8, Codec)>,
@@ -180,13 +182,13 @@ pub struct RemoteMedia {
     /// `a=sendrecv/sendonly/recvonly/inactive` from the SDP author's point of view,
     /// media-level over session-level, default `SendRecv`; `c=0.0.0.0` (RFC 2543 hold)
     /// removes the receive half (sendrecv → sendonly, recvonly → inactive).
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// `a=ptime` (media-level over session-level), in milliseconds.
-    pub ptime: Option<u32>,
+    pub(crate) ptime: Option<u32>,
     /// `o=` session version; changes when the author changes its SDP (RFC 3264 §8).
-    pub session_version: u64,
+    pub(crate) session_version: u64,
     /// `o=` session id.
-    pub session_id: u64,
+    pub(crate) session_id: u64,
 }
 
 /// The result of offer/answer: what we send and what we accept.
@@ -272,7 +274,7 @@ pub fn negotiate(offer: &RemoteMedia, supported: &[Codec]) -> Result<Negotiated,
 ///
 /// RFC 3264 requires the answer to have as many `m=` lines as the offer; when the offer may
 /// have several (video, disabled or SRTP audio streams), use [`build_answer_for_offer`].
-pub fn build_answer(
+pub(crate) fn build_answer(
     local: SocketAddr,
     session_id: u64,
     session_version: u64,
@@ -331,7 +333,7 @@ pub fn build_answer_for_offer(
 /// the given preference order at their static PTs (duplicates dropped; PCMU if empty, since
 /// an `m=` line needs a format), then `telephone_event` (skipped if it collides with a codec
 /// PT), `a=fmtp:<te> 0-16`, `a=ptime:20` and `direction`.
-pub fn build_offer(
+pub(crate) fn build_offer(
     local: SocketAddr,
     session_id: u64,
     session_version: u64,

@@ -49,12 +49,12 @@ pub enum MediaEvent {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MediaStats {
     pub packets_in: u64,
-    pub packets_out: u64,
+    pub(crate) packets_out: u64,
     pub malformed_in: u64,
     pub foreign_in: u64,
     pub digits: u64,
     /// Packet times missed because the call's task was late (sent as a timestamp gap).
-    pub late_ticks: u64,
+    pub(crate) late_ticks: u64,
 }
 
 /// Per-call media state.
@@ -87,7 +87,7 @@ pub struct MediaSession {
 
 /// How long after a key heard in the audio an INFO with the same key is taken as the same
 /// press (the gateway's INFO for the tone it also let through), not a second one.
-pub const INFO_AFTER_TONE: Duration = Duration::from_millis(500);
+pub(crate) const INFO_AFTER_TONE: Duration = Duration::from_millis(500);
 
 impl MediaSession {
     /// A session sending to `remote` (the SDP's address) from the first tick, and taking
@@ -114,25 +114,25 @@ impl MediaSession {
 
     /// Take media from the sources `scope` admits: for a caller, `SdpOr(<where its INVITE
     /// came from>)`, so a phone behind NAT is heard and a third party is not.
-    pub fn latch_scope(mut self, scope: LatchScope) -> Self {
+    pub(crate) fn latch_scope(mut self, scope: LatchScope) -> Self {
         self.latch.set_scope(scope);
         self
     }
 
     /// Send nothing until [`MediaSession::confirm`] or the first valid RTP packet from an
     /// admitted source (for a call we answered: see the module's notes).
-    pub fn until_confirmed(mut self) -> Self {
+    pub(crate) fn until_confirmed(mut self) -> Self {
         self.confirmed = false;
         self
     }
 
     /// The far end confirmed the call (its ACK arrived): our stream may start.
-    pub fn confirm(&mut self) {
+    pub(crate) fn confirm(&mut self) {
         self.confirmed = true;
     }
 
     /// Whether our stream may flow (see [`MediaSession::until_confirmed`]).
-    pub fn is_confirmed(&self) -> bool {
+    pub(crate) fn is_confirmed(&self) -> bool {
         self.confirmed
     }
 
@@ -141,7 +141,7 @@ impl MediaSession {
     /// would otherwise press every key twice (and a doubled 1 skips the 911 screening).
     /// Returns whether this INFO repeats the key just heard in the audio (within
     /// [`INFO_AFTER_TONE`]), in which case it is not a new press.
-    pub fn on_info_key(&mut self, key: char, now: Instant) -> bool {
+    pub(crate) fn on_info_key(&mut self, key: char, now: Instant) -> bool {
         self.keys_by_info = true;
         self.inband = None;
         self.last_inband
@@ -156,32 +156,32 @@ impl MediaSession {
             .then(|| Box::new(InbandDetector::new()))
     }
 
-    pub fn codec(&self) -> Codec {
+    pub(crate) fn codec(&self) -> Codec {
         self.neg.codec
     }
 
-    pub fn negotiated(&self) -> Negotiated {
+    pub(crate) fn negotiated(&self) -> Negotiated {
         self.neg
     }
 
     /// Where our packets go.
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         self.latch.remote()
     }
 
     /// Latched to the address the SDP names, where it stays until a re-INVITE: see
     /// [`rtp::Latch`].
-    pub fn is_settled(&self) -> bool {
+    pub(crate) fn is_settled(&self) -> bool {
         self.latch.is_settled()
     }
 
     /// When the last valid RTP packet arrived (or the session started).
-    pub fn last_rx(&self) -> Instant {
+    pub(crate) fn last_rx(&self) -> Instant {
         self.last_rx
     }
 
     /// A new offer/answer inside the call (re-INVITE: hold, unhold, new address or codec).
-    pub fn renegotiate(&mut self, neg: Negotiated, remote: SocketAddr) {
+    pub(crate) fn renegotiate(&mut self, neg: Negotiated, remote: SocketAddr) {
         if neg.codec != self.neg.codec {
             self.silence = [neg.codec.silence_byte(); FRAME_SAMPLES];
         }
@@ -200,7 +200,7 @@ impl MediaSession {
     }
 
     /// Stop playing and forget the queue (barge-in).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stops += 1;
         self.queue.clear();
         if self.current.take().is_some() {
@@ -209,11 +209,11 @@ impl MediaSession {
     }
 
     /// See [`MediaSession::stop`]; compare with the value when an event was noticed.
-    pub fn stops(&self) -> u64 {
+    pub(crate) fn stops(&self) -> u64 {
         self.stops
     }
 
-    pub fn is_playing(&self) -> bool {
+    pub(crate) fn is_playing(&self) -> bool {
         self.current.is_some() || !self.queue.is_empty()
     }
 
@@ -271,11 +271,6 @@ impl MediaSession {
         Ok(None)
     }
 
-    /// Whether the last foreign-source packet count changed (for one-time logging).
-    pub fn foreign_count(&self) -> u64 {
-        self.stats.foreign_in
-    }
-
     /// One packet time passed. Writes the packet to send into `out` and returns its length
     /// (0 when nothing is sent), plus an event when the queue just ran dry.
     pub fn on_tick(&mut self, out: &mut [u8; MAX_PACKET]) -> (usize, Option<MediaEvent>) {
@@ -329,14 +324,14 @@ impl MediaSession {
 
     /// Packet times were missed (the task was stalled): move our timestamp on instead of
     /// sending a burst of late packets.
-    pub fn skip_ticks(&mut self, ticks: u32) {
+    pub(crate) fn skip_ticks(&mut self, ticks: u32) {
         self.stats.late_ticks += ticks as u64;
         self.stream.skip(ticks * FRAME_SAMPLES as u32);
     }
 
     /// Packet times passed in which another stream had the caller's ear (a bridge's early
     /// media): move our timestamp on, so the next packet starts a talkspurt at the right time.
-    pub fn pause_ticks(&mut self, ticks: u32) {
+    pub(crate) fn pause_ticks(&mut self, ticks: u32) {
         self.stream.skip(ticks * FRAME_SAMPLES as u32);
     }
 }

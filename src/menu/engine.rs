@@ -38,9 +38,9 @@ pub const GENERAL_SERVICE: &str = "general";
 /// Its name.
 pub const GENERAL_SERVICE_NAME: &str = "General service request";
 /// How many digits a service request number has.
-pub const TICKET_DIGITS: usize = 8;
+pub(crate) const TICKET_DIGITS: usize = 8;
 /// A service request number is read back in groups of this many digits.
-pub const TICKET_DIGIT_GROUP: usize = 4;
+pub(crate) const TICKET_DIGIT_GROUP: usize = 4;
 
 /// Something that happened to the call.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,19 +82,19 @@ pub enum StatusResult {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TicketRequest {
     pub service_code: String,
-    pub service_name: String,
-    pub agency: Option<String>,
-    pub description: Option<String>,
+    pub(crate) service_name: String,
+    pub(crate) agency: Option<String>,
+    pub(crate) description: Option<String>,
     /// Collected fields (`zipcode`, `address`...).
-    pub fields: Vec<(String, String)>,
-    pub media_url: Option<String>,
-    pub language: String,
+    pub(crate) fields: Vec<(String, String)>,
+    pub(crate) media_url: Option<String>,
+    pub(crate) language: String,
     /// How the caller got here, e.g. `language:1 > screening:1 > main:1 > streets:1`.
-    pub menu_path: String,
+    pub(crate) menu_path: String,
 }
 
 impl TicketRequest {
-    pub fn field(&self, name: &str) -> Option<&str> {
+    pub(crate) fn field(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()
             .find(|(k, _)| k == name)
@@ -223,11 +223,11 @@ pub struct Engine {
 
 /// What one caller did, for metrics: invalid keys and silent waits per menu, information heard.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineStats {
-    pub invalid: std::collections::BTreeMap<String, u32>,
-    pub timeouts: std::collections::BTreeMap<String, u32>,
-    pub heard_info: bool,
-    pub menus: Vec<String>,
+pub(crate) struct EngineStats {
+    pub(crate) invalid: std::collections::BTreeMap<String, u32>,
+    pub(crate) timeouts: std::collections::BTreeMap<String, u32>,
+    pub(crate) heard_info: bool,
+    pub(crate) menus: Vec<String>,
 }
 
 impl Engine {
@@ -256,16 +256,16 @@ impl Engine {
     }
 
     /// Invalid keys, timeouts and menus visited so far.
-    pub fn stats(&self) -> &EngineStats {
+    pub(crate) fn stats(&self) -> &EngineStats {
         &self.stats
     }
 
-    pub fn language(&self) -> &str {
+    pub(crate) fn language(&self) -> &str {
         &self.language
     }
 
     /// The menu path so far, `menu:key > menu:key ...`.
-    pub fn menu_path(&self) -> String {
+    pub(crate) fn menu_path(&self) -> String {
         self.path.join(" > ")
     }
 
@@ -278,13 +278,14 @@ impl Engine {
     }
 
     /// True once the engine has handed the call over or hung up.
-    pub fn is_done(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
     }
 
     /// The caller hung up. If a ticket had all its digit fields (the description is optional),
     /// it is returned so the call can still file it, with whatever recording was kept.
-    pub fn abandon(&mut self, media_url: Option<String>) -> Option<TicketRequest> {
+    pub(crate) fn abandon(&mut self, media_url: Option<String>) -> Option<TicketRequest> {
         let draft = self.draft.take()?;
         let complete = match &self.state {
             State::Record { .. } => true,

@@ -5,6 +5,6 @@
 //! prompts that read them, per language.
 
 pub mod engine;
-pub mod say;
+pub(crate) mod say;
 pub mod schema;
 pub mod validate;

@@ -18,7 +18,7 @@
 
 /// How a number agrees with what it counts. Only Spanish tells the three apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gender {
+pub(crate) enum Gender {
     /// The number on its own ("caller number twenty-one": "el número veintiuno").
     Counting,
     /// Before a masculine noun ("veintiún minutos", "un día").
@@ -28,10 +28,10 @@ pub enum Gender {
 }
 
 /// The silence between digit groups of an identifier (`scripts/render-prompts.sh` makes it).
-pub const PAUSE: &str = "pause";
+pub(crate) const PAUSE: &str = "pause";
 
 /// Every prompt name this module can produce: they must exist in every language.
-pub const PROMPTS: &[&str] = &[
+pub(crate) const PROMPTS: &[&str] = &[
     "num_0",
     "num_1",
     "num_2",
@@ -109,7 +109,7 @@ pub const PROMPTS: &[&str] = &[
 ];
 
 /// The largest number read as words; larger ones are read digit by digit.
-pub const MAX_WORDS: u64 = 999_999_999;
+pub(crate) const MAX_WORDS: u64 = 999_999_999;
 
 /// Which rules a language code follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,7 @@ fn rules(lang: &str) -> Rules {
 
 /// `n` as words in `lang`, agreeing with `gender` (see the module docs). Numbers above
 /// [`MAX_WORDS`] are read digit by digit.
-pub fn number(lang: &str, n: u64, gender: Gender) -> Vec<String> {
+pub(crate) fn number(lang: &str, n: u64, gender: Gender) -> Vec<String> {
     if n > MAX_WORDS {
         return digits(&n.to_string());
     }
@@ -142,7 +142,7 @@ pub fn number(lang: &str, n: u64, gender: Gender) -> Vec<String> {
 }
 
 /// Each digit of `s` (other characters are skipped): `digit_N` prompts.
-pub fn digits(s: &str) -> Vec<String> {
+pub(crate) fn digits(s: &str) -> Vec<String> {
     s.chars()
         .filter(char::is_ascii_digit)
         .map(|c| format!("digit_{c}"))
@@ -151,7 +151,7 @@ pub fn digits(s: &str) -> Vec<String> {
 
 /// An identifier read digit by digit in groups of `group` from the left, with a [`PAUSE`]
 /// between groups (a service request number `1234 5678`).
-pub fn digits_grouped(s: &str, group: usize) -> Vec<String> {
+pub(crate) fn digits_grouped(s: &str, group: usize) -> Vec<String> {
     let ds = digits(s);
     let mut out = Vec::with_capacity(ds.len() + ds.len() / group.max(1));
     for (i, d) in ds.into_iter().enumerate() {

@@ -72,21 +72,21 @@ pub struct Defaults {
     /// Seconds allowed between keys while entering digits (ZIP, request number). Default 3.
     pub inter_digit_timeout_seconds: f64,
     /// Invalid keys allowed in a menu before `on_exhausted`. Default 3.
-    pub max_failures: u32,
+    pub(crate) max_failures: u32,
     /// Silent waits allowed in a menu before `on_exhausted`. Default 3.
-    pub max_timeouts: u32,
+    pub(crate) max_timeouts: u32,
     /// What happens when failures or timeouts run out. Default: the operator queue `general`.
-    pub on_exhausted: Action,
+    pub(crate) on_exhausted: Action,
     /// Played after an invalid key. Default `invalid_entry`.
-    pub invalid_prompt: String,
+    pub(crate) invalid_prompt: String,
     /// Played after a silent wait. Default `no_entry`.
-    pub timeout_prompt: String,
+    pub(crate) timeout_prompt: String,
     /// Repeats the current menu. Default `*`.
-    pub repeat_key: char,
+    pub(crate) repeat_key: char,
     /// Goes back one menu (and ends digit entry). Default `#`.
-    pub back_key: char,
+    pub(crate) back_key: char,
     /// Redirects to 911 from every choice menu after screening. Default `9`.
-    pub emergency_key: char,
+    pub(crate) emergency_key: char,
     /// Steps every ticket takes unless it sets its own: a ZIP code and a spoken description.
     pub ticket: TicketSteps,
 }
@@ -120,26 +120,26 @@ pub struct Menu {
     pub greet_long: String,
     /// Played instead when the menu is repeated (greet-short). Defaults to `greet_long`.
     #[serde(default)]
-    pub greet_short: Option<String>,
+    pub(crate) greet_short: Option<String>,
     /// The service group this menu's tickets belong to (Open311 `group`).
     #[serde(default)]
-    pub category: Option<String>,
+    pub(crate) category: Option<String>,
     #[serde(default)]
-    pub timeout_seconds: Option<f64>,
+    pub(crate) timeout_seconds: Option<f64>,
     #[serde(default)]
-    pub max_failures: Option<u32>,
+    pub(crate) max_failures: Option<u32>,
     #[serde(default)]
-    pub max_timeouts: Option<u32>,
+    pub(crate) max_timeouts: Option<u32>,
     #[serde(default)]
-    pub invalid_prompt: Option<String>,
+    pub(crate) invalid_prompt: Option<String>,
     #[serde(default)]
-    pub timeout_prompt: Option<String>,
+    pub(crate) timeout_prompt: Option<String>,
     /// Instead of re-prompting after a silent wait, do this (e.g. the language menu picks
     /// English; the screening menu goes on to the main menu).
     #[serde(default)]
     pub on_timeout: Option<Action>,
     #[serde(default)]
-    pub on_exhausted: Option<Action>,
+    pub(crate) on_exhausted: Option<Action>,
     /// Keys and what they do.
     pub entries: BTreeMap<String, Action>,
 }
@@ -262,7 +262,7 @@ pub struct LanguageSwitch {
 #[serde(from = "QueueTargetRepr")]
 pub struct QueueTarget {
     pub queue: String,
-    pub skill: Option<String>,
+    pub(crate) skill: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -303,7 +303,7 @@ pub struct TicketAction {
     /// Open311 `service_code`, e.g. `pothole`.
     pub service: String,
     /// Open311 `service_name`, e.g. `Pothole`.
-    pub name: String,
+    pub(crate) name: String,
     /// Open311 service `description`.
     #[serde(default)]
     pub description: Option<String>,
@@ -345,10 +345,10 @@ impl Default for TicketSteps {
 pub struct Collect {
     /// Ticket field: `zipcode` or `address` (address_id).
     pub field: String,
-    pub prompt: String,
+    pub(crate) prompt: String,
     /// Played when the entry does not match; then the prompt again.
     #[serde(default = "default_invalid_collect")]
-    pub invalid_prompt: String,
+    pub(crate) invalid_prompt: String,
     #[serde(default = "default_min")]
     pub min_digits: usize,
     pub max_digits: usize,
@@ -360,13 +360,13 @@ pub struct Collect {
     pub terminator: char,
     /// Tries before giving up on this field. Default 3.
     #[serde(default = "default_tries")]
-    pub tries: u32,
+    pub(crate) tries: u32,
     /// What happens when the tries run out: skip the field (true) or the exhausted action.
     #[serde(default)]
-    pub optional: bool,
+    pub(crate) optional: bool,
     /// Read the entry back ("You entered 1 0 4 5 8") before the next step. Default true.
     #[serde(default = "default_true")]
-    pub read_back: bool,
+    pub(crate) read_back: bool,
 }
 
 fn default_true() -> bool {
@@ -388,7 +388,7 @@ fn default_tries() -> u32 {
 
 impl Collect {
     /// The shipped ZIP-code entry.
-    pub fn zipcode() -> Collect {
+    pub(crate) fn zipcode() -> Collect {
         Collect {
             field: "zipcode".into(),
             prompt: "enter_zip".into(),
@@ -410,10 +410,10 @@ impl Collect {
 pub struct Record {
     pub prompt: String,
     /// Played before recording starts (a beep).
-    pub beep: Option<String>,
-    pub max_seconds: u32,
+    pub(crate) beep: Option<String>,
+    pub(crate) max_seconds: u32,
     /// This much silence ends the recording.
-    pub silence_seconds: u32,
+    pub(crate) silence_seconds: u32,
     /// Ends the recording (or skips it when pressed at once).
     pub end_key: char,
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 /// Prompts the engine plays by itself, whatever the menus say, besides the number words and
 /// digits of [`super::say::PROMPTS`]; [`engine_prompts`] gives both.
-pub const ENGINE_PROMPTS: &[&str] = &[
+pub(crate) const ENGINE_PROMPTS: &[&str] = &[
     "you_entered",
     "ticket_filed",
     "ticket_again",
@@ -63,12 +63,12 @@ pub fn engine_prompts() -> impl Iterator<Item = &'static str> + Clone {
 }
 
 /// The keys of a phone keypad (RFC 4733 events 0-15).
-pub const DTMF_KEYS: &[char] = &[
+pub(crate) const DTMF_KEYS: &[char] = &[
     '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '*', '#', 'A', 'B', 'C', 'D',
 ];
 
 /// Ticket fields a digit entry can fill (`address` is the Open311 `address_id`).
-pub const COLLECT_FIELDS: &[&str] = &["zipcode", "address"];
+pub(crate) const COLLECT_FIELDS: &[&str] = &["zipcode", "address"];
 
 const KEYS_TEXT: &str = "0-9, *, #, A-D";
 const MAX_TIMEOUT_SECONDS: f64 = 120.0;
@@ -95,7 +95,7 @@ impl fmt::Display for Problem {
 pub struct LoadedMenu {
     pub file: MenuFile,
     /// Where it was read from (for reload and for messages).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The main menu: where the screening menu leads on its timeout (or its first `goto`
     /// entry); [`Action::Top`] goes there.
     pub main: String,
@@ -177,7 +177,7 @@ impl PromptIndex {
     }
 
     /// Whether the language has any prompt at all.
-    pub fn has_language(&self, lang: &str) -> bool {
+    pub(crate) fn has_language(&self, lang: &str) -> bool {
         self.by_lang.get(lang).is_some_and(|n| !n.is_empty())
     }
 }

@@ -171,6 +171,8 @@ pub struct TestUa {
     pub from_user: String,
     /// SIP messages received but not consumed yet.
     backlog: Vec<Message>,
+    /// The Via branches of the requests we sent: responses to others are strays.
+    branches: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestUa {
@@ -217,6 +219,7 @@ impl TestUa {
             rtp_out: RtpStream::new(),
             from_user: "+15550001111".to_owned(),
             backlog: Vec::new(),
+            branches: Default::default(),
         }
     }
 
@@ -228,6 +231,18 @@ impl TestUa {
     }
 
     pub async fn send_raw(&self, bytes: &[u8]) {
+        // The Via branches we send (found loosely, so that requests broken on purpose count).
+        let text = String::from_utf8_lossy(bytes);
+        for part in text.split("branch=").skip(1) {
+            let branch: String = part
+                .chars()
+                .take_while(|c| !matches!(c, ';' | ',' | ' ' | '\r' | '\n'))
+                .collect();
+            let mut ours = self.branches.lock().unwrap();
+            if !branch.is_empty() && !ours.contains(&branch) {
+                ours.push(branch);
+            }
+        }
         match &self.sip {
             Sip::Udp(s) => {
                 s.send_to(bytes, self.server).await.unwrap();
@@ -238,7 +253,25 @@ impl TestUa {
         }
     }
 
-    /// Receive the next SIP message within `timeout`.
+    /// A response to a request this UA never sent (its top Via branch is none of ours). Over
+    /// UDP, a port this UA was given may have been another socket's a moment ago, in this test
+    /// process or another: a server that answered that socket's INVITE with an error
+    /// retransmits the response until it is ACKed (RFC 3261 section 17.2.1, for up to 64·T1),
+    /// to this port. A phone discards such a response (section 18.1.2), and so does this UA.
+    fn stray(&self, m: &Message) -> bool {
+        let Message::Response(r) = m else {
+            return false;
+        };
+        let branch = r.header("Via").and_then(|v| {
+            v.split(';')
+                .find_map(|p| p.trim().strip_prefix("branch="))
+                .map(|b| b.split(',').next().unwrap_or(b).trim().to_owned())
+        });
+        branch.is_some_and(|b| !self.branches.lock().unwrap().contains(&b))
+    }
+
+    /// Receive the next SIP message within `timeout`. Datagrams from anything but the server,
+    /// and responses to requests this UA never sent, are not for this UA and are dropped.
     pub async fn recv(&mut self, timeout: Duration) -> Option<Message> {
         if !self.backlog.is_empty() {
             return Some(self.backlog.remove(0));
@@ -247,13 +280,19 @@ impl TestUa {
         match &self.sip {
             Sip::Udp(s) => {
                 let mut buf = vec![0u8; 65535];
-                let (n, _) = tokio::time::timeout_at(deadline, s.recv_from(&mut buf))
-                    .await
-                    .ok()?
-                    .ok()?;
-                match parse_datagram(&buf[..n], 65536) {
-                    Ok(m) => Some(m),
-                    Err(e) => panic!("server sent unparseable SIP: {e}"),
+                loop {
+                    let (n, from) = tokio::time::timeout_at(deadline, s.recv_from(&mut buf))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    let m = match parse_datagram(&buf[..n], 65536) {
+                        Ok(m) => m,
+                        Err(e) if from == self.server => panic!("server sent unparseable SIP: {e}"),
+                        Err(_) => continue,
+                    };
+                    if from == self.server && !self.stray(&m) {
+                        return Some(m);
+                    }
                 }
             }
             Sip::Tcp(s, pending) => {
@@ -539,6 +578,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write_at(101, ts, i == 0, &ev.write(), &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for _ in 0..3 {
@@ -571,6 +611,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.drain_rtp();
@@ -592,6 +633,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -610,6 +652,7 @@ Contact: <sip:caller@{me}>\r\n\
                 .rtp_out
                 .write(self.codec.payload_type(), &payload, 160, &mut buf);
             self.rtp.send_to(&buf[..n], remote).await.unwrap();
+            // Paced as a phone sends, one packet each 20 ms: not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -618,6 +661,7 @@ Contact: <sip:caller@{me}>\r\n\
     pub async fn keys(&mut self, keys: &str) {
         for k in keys.chars() {
             self.press(k).await;
+            // The pause between two presses, as a person makes: not a wait.
             tokio::time::sleep(Duration::from_millis(120)).await;
         }
     }
@@ -652,7 +696,94 @@ Contact: <sip:caller@{me}>\r\n\
     }
 
     /// Collect RTP payloads (and count packets) for `dur`, while also keeping our stream alive.
+    /// For a window whose content is what a test checks; to wait for something, use
+    /// [`TestUa::listen_until`] and the helpers built on it.
     pub async fn listen(&mut self, dur: Duration) -> Vec<Vec<u8>> {
+        self.hear(dur, |_| false).await.0
+    }
+
+    /// Listen (our own audio flowing, as [`TestUa::listen`]) until `done` holds for what was
+    /// heard, at most `within`; panics saying the call never got `what` otherwise. Returns what
+    /// was heard.
+    pub async fn listen_until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let (heard, ok) = self.hear(within, done).await;
+        assert!(
+            ok,
+            "the caller never got {what} within {within:?} ({} packets heard)",
+            heard.len()
+        );
+        heard
+    }
+
+    /// Listen until `n` packets of the server's audio have arrived (at most 10 s).
+    pub async fn until_packets(&mut self, n: usize) -> Vec<Vec<u8>> {
+        self.listen_until(
+            &format!("{n} audio packets"),
+            Duration::from_secs(10),
+            |h| h.len() >= n,
+        )
+        .await
+    }
+
+    /// Listen until the server's audio reaches us (at most 10 s): the call's media is up and
+    /// its first prompt playing, as a caller hears before pressing a key.
+    pub async fn until_audio(&mut self) -> Vec<Vec<u8>> {
+        self.until_packets(1).await
+    }
+
+    /// Listen (our own audio flowing) until `GET /admin/calls` on `http_addr` shows this call in
+    /// `state` (a menu's name, `recording`, `waiting for operator`...), at most 10 s: the keys
+    /// pressed so far have been acted on. Returns what was heard.
+    pub async fn until_state(&mut self, http_addr: SocketAddr, state: &str) -> Vec<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut heard = Vec::new();
+        loop {
+            let calls = admin_calls(http_addr).await;
+            if calls
+                .iter()
+                .any(|c| c["call_id"] == self.call_id.as_str() && c["state"] == state)
+            {
+                return heard;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the call never reached {state}: {calls:?}"
+            );
+            heard.extend(self.listen(Duration::from_millis(50)).await);
+        }
+    }
+
+    /// Listen until no audio has come for `quiet` (at most 10 s): the server stopped sending
+    /// (on hold, after a BYE). Returns what came before.
+    pub async fn until_quiet(&mut self, quiet: Duration) -> Vec<Vec<u8>> {
+        let within = Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + within;
+        let mut heard = Vec::new();
+        loop {
+            let got = self.listen(quiet).await;
+            if got.is_empty() {
+                return heard;
+            }
+            heard.extend(got);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server's audio never stopped for {quiet:?} within {within:?}"
+            );
+        }
+    }
+
+    /// Listen for at most `dur`, stopping early once `done` holds for what was heard; returns
+    /// what was heard and whether `done` held.
+    async fn hear(
+        &mut self,
+        dur: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> (Vec<Vec<u8>>, bool) {
         let deadline = tokio::time::Instant::now() + dur;
         let mut out = Vec::new();
         let mut buf = [0u8; 2048];
@@ -666,6 +797,9 @@ Contact: <sip:caller@{me}>\r\n\
                     let Ok(Ok((n, _))) = r else { break };
                     if let Ok(p) = rtp::parse(&buf[..n]) {
                         out.push(p.payload.to_vec());
+                        if done(&out) {
+                            return (out, true);
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(next_send) => {
@@ -677,7 +811,8 @@ Contact: <sip:caller@{me}>\r\n\
                 }
             }
         }
-        out
+        let ok = done(&out);
+        (out, ok)
     }
 }
 
@@ -811,6 +946,59 @@ pub async fn settle_metric(http_addr: SocketAddr, name: &str, want: f64, within:
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Poll `probe` every 20 ms until it gives a value, at most `within`; panics saying `what`
+/// never happened otherwise.
+pub async fn until<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Poll `GET /health` until `done` holds for it (at most 10 s); returns it. Panics with the
+/// last one read, saying `what` never happened.
+pub async fn health_until(
+    http_addr: SocketAddr,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = health(http_addr).await;
+        if done(&h) {
+            return h;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: never: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the server has no call left (`live_calls` 0 in `/health`: every call that
+/// ended has been counted); returns that `/health`.
+pub async fn until_no_calls(http_addr: SocketAddr) -> serde_json::Value {
+    health_until(http_addr, "every call ended", |h| h["live_calls"] == 0).await
+}
+
+/// Wait until the server is draining: `/health/ready` answers 503 and says so.
+pub async fn until_draining(http_addr: SocketAddr) {
+    until("the server drains", Duration::from_secs(10), async || {
+        let (status, body) = http(http_addr, "GET", "/health/ready", &[], b"").await;
+        (status == 503 && body.contains("draining")).then_some(())
+    })
+    .await
 }
 
 /// `GET /admin/calls` as JSON (loopback needs no token).
@@ -1076,7 +1264,9 @@ pub async fn agent_request(
 
 /// RTP from elsewhere reaching a call's media port `media` before the caller's own: a far end
 /// still sending to a port its call gave up, now given to another call. Five packets, 20 ms
-/// apart, then 100 ms for the server to see them; returns the stray source's socket.
+/// apart; returns the stray source's socket. Over loopback a datagram is in the server's
+/// socket queue when `send_to` returns, so whatever the caller sends after this reaches the
+/// server after the stray packets.
 pub async fn stray_stream(media: SocketAddr) -> tokio::net::UdpSocket {
     let stray = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut out = ivr311::media::rtp::RtpStream::new();
@@ -1084,9 +1274,9 @@ pub async fn stray_stream(media: SocketAddr) -> tokio::net::UdpSocket {
     for _ in 0..5 {
         let n = out.write(0, &[0xFF; 160], 160, &mut buf);
         stray.send_to(&buf[..n], media).await.unwrap();
+        // Paced as a far end sends: not a wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     stray
 }
 
@@ -1113,7 +1303,7 @@ pub fn bridge_911_to(uri: &str) -> FileConfig {
 pub async fn caller_pressing(server: SocketAddr, keys: &str) -> TestUa {
     let mut ua = TestUa::udp(server).await;
     assert_eq!(ua.call("0 101").await.code, 200);
-    ua.listen(Duration::from_millis(200)).await;
+    ua.until_audio().await;
     ua.keys(keys).await;
     ua
 }
