@@ -35,6 +35,7 @@
 
 pub(crate) mod callback;
 mod core;
+pub mod dialplan;
 pub(crate) mod driver;
 mod emergency;
 mod leg;
@@ -42,6 +43,7 @@ mod menu_holder;
 mod operator_leg;
 mod registry;
 mod setup;
+pub(crate) mod transfer;
 
 use crate::media::g711::Codec;
 use std::time::Duration;
