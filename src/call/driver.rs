@@ -459,9 +459,15 @@ pub(crate) async fn run_call(
             Some(input) = work_rx.recv() => core.handle(now(), input),
             Some(cmd) = commands.recv() => match cmd {
                 CallCommand::Transfer { to, reply } => {
-                    // Answered by the core's `AdminTransferAnswer`, in this same turn.
+                    // Answered by the core's `AdminTransferAnswer`, among the actions of
+                    // this same turn.
                     d.admin_reply = Some(reply);
                     core.handle(now(), Input::AdminTransfer { to });
+                    while let Some(a) = core.poll_action() {
+                        if let Some(input) = d.carry_out(a).await {
+                            core.handle(now(), input);
+                        }
+                    }
                     if let Some(reply) = d.admin_reply.take() {
                         let _ = reply.send(Err((409, "the call is ending".into())));
                     }
@@ -671,7 +677,7 @@ impl Driver {
             Action::CountTransfer { kind, outcome } => self.ctx.metrics.add(
                 "ivr311_transfers_total",
                 "Transfers operators and admins asked for, by target kind and outcome.",
-                &[("target", kind), ("outcome", outcome)],
+                &[("outcome", outcome), ("target", kind)],
                 1,
             ),
             Action::CountRefusal(reason) => self.ctx.metrics.add(
