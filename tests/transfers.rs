@@ -185,12 +185,244 @@ impl Phone {
         self.response(cseq).await
     }
 
+    /// Send `method` in the answered call's dialog with this SDP body.
+    async fn send_sdp(&mut self, method: &str, sdp: &str) -> u32 {
+        let inv = self.inv.clone().expect("a call answered");
+        self.cseq += 1;
+        let me = self.a.sip.local_addr().unwrap();
+        let msg = format!(
+            "{method} sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{rand}\r\nMax-Forwards: 70\r\nFrom: {to};tag=ag{id}\r\nTo: {fr}\r\nCall-ID: {cid}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{id}@{me}>\r\nContent-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{sdp}",
+            srv = self.a.server,
+            rand = rand::random::<u64>(),
+            to = inv.to.raw,
+            id = self.a.id,
+            fr = inv.from.raw,
+            cid = inv.call_id,
+            cseq = self.cseq,
+            len = sdp.len(),
+        );
+        self.a
+            .sip
+            .send_to(msg.as_bytes(), self.a.server)
+            .await
+            .unwrap();
+        self.cseq
+    }
+
+    /// Put the caller on hold (`a=sendonly`) or take them off it (`a=sendrecv`): a
+    /// re-INVITE on the answered call, ACKed.
+    async fn hold(&mut self, on: bool) {
+        let dir = if on { "sendonly" } else { "sendrecv" };
+        let sdp = self
+            .a
+            .answer_sdp()
+            .replace("t=0 0\r\n", &format!("t=0 0\r\na={dir}\r\n"));
+        let cseq = self.send_sdp("INVITE", &sdp).await;
+        assert_eq!(self.response(cseq).await.code, 200, "re-INVITE ({dir})");
+        let inv = self.inv.clone().unwrap();
+        let me = self.a.sip.local_addr().unwrap();
+        let ack = format!(
+            "ACK sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{rand}\r\nMax-Forwards: 70\r\nFrom: {to};tag=ag{id}\r\nTo: {fr}\r\nCall-ID: {cid}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n",
+            srv = self.a.server,
+            rand = rand::random::<u64>(),
+            to = inv.to.raw,
+            id = self.a.id,
+            fr = inv.from.raw,
+            cid = inv.call_id,
+        );
+        self.a
+            .sip
+            .send_to(ack.as_bytes(), self.a.server)
+            .await
+            .unwrap();
+    }
+
+    /// Call `user` from the phone (its own call, not the caller's), answering the server's
+    /// digest challenge as a registered phone does; then [`Phone::dialled`] for the answer.
+    async fn dial(&mut self, user: &str) -> Consultation {
+        let mut c = Consultation {
+            call_id: format!("consult-{}@test", rand::random::<u32>()),
+            tag: format!("c{}", rand::random::<u32>()),
+            remote_tag: None,
+            uri: format!("sip:{user}@{}", self.a.server),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            branch: String::new(),
+            cseq: 1,
+            server_media: None,
+        };
+        self.invite(&mut c, None).await;
+        let challenge = self.final_of(&c, Duration::from_secs(3)).await;
+        assert_eq!(challenge.code, 401, "an agent's phone is challenged");
+        self.ack(&c, &challenge).await;
+        let auth =
+            digest_authorization(&sha256_challenge(&challenge), &self.a.id, "INVITE", &c.uri);
+        c.cseq = 2;
+        self.invite(&mut c, Some(auth)).await;
+        c
+    }
+
+    async fn invite(&mut self, c: &mut Consultation, auth: Option<String>) {
+        let me = self.a.sip.local_addr().unwrap();
+        c.branch = format!("z9hG4bKc{}", rand::random::<u64>());
+        let p = c.rtp.local_addr().unwrap().port();
+        let sdp = format!("v=0\r\no=phone 2 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {p} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n");
+        let msg = format!(
+            "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:{id}@{srv}>;tag={tag}\r\nTo: <{uri}>\r\nCall-ID: {cid}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:{id}@{me}>\r\n{auth}Content-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{sdp}",
+            uri = c.uri,
+            branch = c.branch,
+            id = self.a.id,
+            srv = self.a.server,
+            tag = c.tag,
+            cid = c.call_id,
+            cseq = c.cseq,
+            auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default(),
+            len = sdp.len(),
+        );
+        self.a
+            .sip
+            .send_to(msg.as_bytes(), self.a.server)
+            .await
+            .unwrap();
+    }
+
+    /// The final response to the phone's INVITE `c` (provisional ones skipped), within `t`.
+    async fn final_of(&mut self, c: &Consultation, t: Duration) -> Response {
+        let (cid, cseq) = (c.call_id.clone(), c.cseq);
+        match self
+            .wait_for(t, |m| {
+                matches!(m, Message::Response(r) if r.call_id == cid && r.cseq == cseq && r.code >= 200)
+            })
+            .await
+        {
+            Some(Message::Response(r)) => r,
+            _ => panic!("no final response to the phone's INVITE to {}", c.uri),
+        }
+    }
+
+    /// ACK a final response to the phone's INVITE.
+    async fn ack(&self, c: &Consultation, r: &Response) {
+        let me = self.a.sip.local_addr().unwrap();
+        let branch = if r.code >= 300 {
+            c.branch.clone()
+        } else {
+            format!("z9hG4bKa{}", rand::random::<u64>())
+        };
+        let msg = format!(
+            "ACK {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:{id}@{srv}>;tag={tag}\r\nTo: {to}\r\nCall-ID: {cid}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n",
+            uri = c.uri,
+            id = self.a.id,
+            srv = self.a.server,
+            tag = c.tag,
+            to = r.to.raw,
+            cid = c.call_id,
+            cseq = c.cseq,
+        );
+        self.a
+            .sip
+            .send_to(msg.as_bytes(), self.a.server)
+            .await
+            .unwrap();
+    }
+
+    /// The answer to the phone's call `c` (ACKed): its status; on 200 the dialog is up.
+    async fn dialled(&mut self, c: &mut Consultation, t: Duration) -> u16 {
+        let r = self.final_of(c, t).await;
+        self.ack(c, &r).await;
+        if r.code == 200 {
+            c.remote_tag = r.to.tag().map(str::to_owned);
+            c.server_media = Some(ivr311::media::sdp::parse(&r.body).unwrap().addr);
+        }
+        r.code
+    }
+
+    /// Hang up the phone's own call `c` (BYE), answered 200.
+    async fn hang_up(&mut self, c: &mut Consultation) {
+        let me = self.a.sip.local_addr().unwrap();
+        c.cseq += 1;
+        let msg = format!(
+            "BYE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKb{rand};rport\r\nMax-Forwards: 70\r\nFrom: <sip:{id}@{srv}>;tag={tag}\r\nTo: <{uri}>;tag={rt}\r\nCall-ID: {cid}\r\nCSeq: {cseq} BYE\r\nContent-Length: 0\r\n\r\n",
+            uri = c.uri,
+            rand = rand::random::<u64>(),
+            id = self.a.id,
+            srv = self.a.server,
+            tag = c.tag,
+            rt = c.remote_tag.as_deref().unwrap_or(""),
+            cid = c.call_id,
+            cseq = c.cseq,
+        );
+        self.a
+            .sip
+            .send_to(msg.as_bytes(), self.a.server)
+            .await
+            .unwrap();
+        let cseq = c.cseq;
+        let r = self
+            .wait_for(
+                Duration::from_secs(3),
+                |m| matches!(m, Message::Response(r) if r.cseq == cseq && r.code >= 200),
+            )
+            .await;
+        assert!(
+            matches!(r, Some(Message::Response(r)) if r.code == 200),
+            "BYE answered"
+        );
+    }
+
+    /// REFER on the caller's call with `Replaces` naming the phone's own call `c` to
+    /// `user` (the phone's attended transfer, RFC 3891).
+    async fn refer_replacing(&mut self, c: &Consultation, user: &str) -> Response {
+        let replaces = format!(
+            "{}%3Bto-tag%3D{}%3Bfrom-tag%3D{}",
+            c.call_id,
+            c.remote_tag.as_deref().unwrap_or(""),
+            c.tag
+        );
+        self.refer(&format!(
+            "<sip:{user}@{}?Replaces={replaces}>",
+            self.a.server
+        ))
+        .await
+    }
+
     /// Send our voice (a 1 kHz tone) to the server's media address of the answered call.
     async fn speak(&self, out: &mut RtpStream, packets: usize) {
         let inv = self.inv.as_ref().unwrap();
         let to = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
         send_tone(&self.a.rtp, to, out, 1000.0, packets).await;
     }
+}
+
+/// The phone's own call (a consultation, or 911 for the caller it holds).
+struct Consultation {
+    call_id: String,
+    tag: String,
+    remote_tag: Option<String>,
+    uri: String,
+    /// The phone's media for this call.
+    rtp: UdpSocket,
+    /// The last INVITE's branch (a non-2xx is ACKed on it).
+    branch: String,
+    cseq: u32,
+    /// The server's media for this call, from its 200.
+    server_media: Option<SocketAddr>,
+}
+
+/// RTP payloads received on `sock` for `d`.
+async fn hear_on(sock: &UdpSocket, d: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + d;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        sock.recv_from(&mut buf),
+    )
+    .await
+    {
+        if let Ok(p) = rtp::parse(&buf[..n]) {
+            out.push(p.payload.to_vec());
+        }
+    }
+    out
 }
 
 /// `packets` of a `hz` tone (PCMU, 20 ms apart) from `sock` to `to`.
@@ -873,5 +1105,286 @@ async fn refers_the_server_cannot_take_are_refused_counted_and_the_call_goes_on(
     );
     assert!(level(&heard) > 0.05);
     caller.bye().await;
+    srv.shutdown().await;
+}
+
+/// The call's transfer records once none is `started` any more, at least `n` of them.
+async fn transfers_n(
+    srv: &ivr311::server::RunningServer,
+    call_id: &str,
+    n: usize,
+) -> Vec<ivr311::dispatch::tickets::TransferRow> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows = transfers_done(srv, call_id).await;
+        if rows.len() >= n {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The latest 911 audit row once its outcome satisfies `done`.
+async fn audit_when(
+    srv: &ivr311::server::RunningServer,
+    done: impl Fn(&str) -> bool,
+) -> ivr311::dispatch::tickets::EmergencyAuditRow {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = srv.tickets.emergency_audits(1).await.unwrap().remove(0);
+        if done(&a.outcome) {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "{}", a.outcome);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_dials_911_for_the_held_caller_then_hands_them_over_with_replaces() {
+    let mut psap = Target::bind().await;
+    let mut file = config(vec![]);
+    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", psap.addr()));
+    let srv = start_server(file).await;
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    op.hold(true).await;
+
+    // The operator's own call to 911 presents the caller's number, not the operator's.
+    let mut c = op.dial("911").await;
+    let inv = psap.invite().await;
+    assert_eq!(inv.from.user(), Some(CALLER), "From: {}", inv.from.raw);
+    assert!(h(&inv, "P-Asserted-Identity").is_some_and(|p| p.contains(CALLER)));
+    call_state(&srv, "consulting").await;
+    psap.respond(&inv, 200, "OK").await;
+    assert_eq!(op.dialled(&mut c, Duration::from_secs(5)).await, 200);
+    let audit = audit_when(&srv, |o| o == "connected via bridge").await;
+    assert_eq!(audit.operator.as_deref(), Some("1001"));
+    assert_eq!(audit.requested_via.as_deref(), Some("phone_call"));
+    assert_eq!(audit.caller.as_deref(), Some(CALLER));
+    // The operator talks to the PSAP.
+    let psap_leg = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    let mut out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        send_tone(&psap.rtp, psap_leg, &mut out, 1000.0, 50),
+        hear_on(&c.rtp, Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the PSAP's voice at the operator: {:.3}",
+        level(&heard)
+    );
+
+    // The transfer key: REFER on the caller's call, replacing the call to 911.
+    assert_eq!(op.refer_replacing(&c, "911").await.code, 202);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
+    assert_eq!(
+        op.notify(Duration::from_secs(3)).await,
+        (200, "terminated;reason=noresource".into())
+    );
+    // Both of the operator's calls are released.
+    let byes = [
+        op.request("BYE", Duration::from_secs(3)).await,
+        op.request("BYE", Duration::from_secs(3)).await,
+    ];
+    assert!(
+        byes.iter().any(|b| b.call_id == c.call_id),
+        "the call to 911 released"
+    );
+    assert!(
+        byes.iter().any(|b| b.call_id != c.call_id),
+        "the caller's operator leg released"
+    );
+    call_state(&srv, "emergency").await;
+    // The caller and the PSAP hear each other.
+    let (_, heard) = tokio::join!(
+        send_tone(&psap.rtp, psap_leg, &mut out, 1000.0, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the PSAP's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let (_, heard) = tokio::join!(caller.speak(60), psap.hear(Duration::from_millis(1500)));
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at the PSAP: {:.3}",
+        level(&heard)
+    );
+    let rows = transfers_n(&srv, &caller.call_id, 1).await;
+    assert_eq!(
+        (
+            rows[0].target.as_str(),
+            rows[0].requested_via.as_str(),
+            rows[0].outcome.as_str()
+        ),
+        ("911", "phone_call", "connected"),
+        "{rows:?}"
+    );
+    caller.bye().await;
+    assert!(psap.next("BYE", Duration::from_secs(3)).await.is_some());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_911_route_down_on_the_operators_own_call_leaves_the_caller_with_them() {
+    let mut psap = Target::bind().await;
+    let mut file = config(vec![]);
+    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", psap.addr()));
+    let srv = start_server(file).await;
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    op.hold(true).await;
+    let mut c = op.dial("911").await;
+    let inv = psap.invite().await;
+    psap.respond(&inv, 503, "Service Unavailable").await;
+    assert_eq!(
+        op.dialled(&mut c, Duration::from_secs(5)).await,
+        503,
+        "the phone hears why"
+    );
+    let audit = audit_when(&srv, |o| o.starts_with("returned to operator")).await;
+    assert_eq!(audit.operator.as_deref(), Some("1001"));
+    call_state(&srv, "with operator").await;
+    op.hold(false).await;
+    let mut out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        op.speak(&mut out, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller is with the operator: {:.3}",
+        level(&heard)
+    );
+    caller.bye().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consultation_abandoned_resumes_the_caller_and_a_second_one_is_joined_by_replaces() {
+    let mut crisis = Target::bind().await;
+    let srv = start_server(config(vec![line("crisis", "988", crisis.addr(), 20)])).await;
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    let call_id = caller.call_id.clone();
+    op.hold(true).await;
+
+    // First consultation: the line answers, the operator hangs up on it.
+    let mut c = op.dial("988").await;
+    let inv = crisis.invite().await;
+    assert_eq!(
+        inv.from.user(),
+        Some(CALLER),
+        "the caller's number: {}",
+        inv.from.raw
+    );
+    assert_eq!(h(&inv, "X-311-Transferred-By"), Some("1001"));
+    assert_eq!(h(&inv, "X-311-Call-ID"), Some(call_id.as_str()));
+    crisis.respond(&inv, 180, "Ringing").await;
+    crisis.respond(&inv, 200, "OK").await;
+    assert_eq!(op.dialled(&mut c, Duration::from_secs(5)).await, 200);
+    call_state(&srv, "consulting").await;
+    op.hang_up(&mut c).await;
+    assert!(
+        crisis.next("BYE", Duration::from_secs(3)).await.is_some(),
+        "the line is released"
+    );
+    call_state(&srv, "with operator").await;
+    // The operator takes the caller off hold: they talk again.
+    op.hold(false).await;
+    let mut out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        op.speak(&mut out, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(level(&heard) > 0.05, "resumed: {:.3}", level(&heard));
+
+    // Second consultation, then the transfer key: the caller and the line are joined.
+    op.hold(true).await;
+    let mut c = op.dial("988").await;
+    let inv = crisis.invite().await;
+    crisis.respond(&inv, 200, "OK").await;
+    assert_eq!(op.dialled(&mut c, Duration::from_secs(5)).await, 200);
+    assert_eq!(op.refer_replacing(&c, "988").await.code, 202);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 200);
+    op.request("BYE", Duration::from_secs(3)).await;
+    op.request("BYE", Duration::from_secs(3)).await;
+    call_state(&srv, "transferred").await;
+    let line_leg = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    let mut line_out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        send_tone(&crisis.rtp, line_leg, &mut line_out, 1000.0, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the line's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let (_, heard) = tokio::join!(caller.speak(60), crisis.hear(Duration::from_millis(1500)));
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at the line: {:.3}",
+        level(&heard)
+    );
+    let state = agent_state(srv.http_addr, "1001").await;
+    assert!(state == "wrap_up" || state == "available", "{state}");
+    let rows = transfers_n(&srv, &call_id, 2).await;
+    assert!(
+        rows[0]
+            .outcome
+            .starts_with("consultation ended by the operator"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        (rows[1].requested_via.as_str(), rows[1].outcome.as_str()),
+        ("phone_call", "connected")
+    );
+    metric_is(
+        &srv,
+        "ivr311_transfers_total{outcome=\"connected\",target=\"line\"}",
+        1.0,
+    )
+    .await;
+    caller.bye().await;
+    assert!(crisis.next("BYE", Duration::from_secs(3)).await.is_some());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_phone_dialling_outside_the_plan_is_refused_and_counted() {
+    let srv = start_server(config(vec![])).await;
+    let mut op = Phone::login(&srv, "1001").await;
+    for (user, code) in [
+        ("5550199", 403),
+        ("bob", 404),
+        ("general", 403),
+        ("1001", 403),
+    ] {
+        let mut c = op.dial(user).await;
+        assert_eq!(
+            op.dialled(&mut c, Duration::from_secs(3)).await,
+            code,
+            "{user}"
+        );
+    }
+    for reason in [
+        "forbidden_number",
+        "not_found",
+        "queue_by_phone",
+        "themselves",
+    ] {
+        metric_is(
+            &srv,
+            &format!("ivr311_transfer_refusals_total{{reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await;
+    }
+    // None of these reached the menu.
+    assert!(admin_calls(srv.http_addr).await.is_empty());
     srv.shutdown().await;
 }

@@ -21,12 +21,12 @@
 
 use super::callback::{CallbackRequest, NotKept};
 use super::dialplan::{Destination, DialPlan};
-use super::emergency::{self, ByOperator, Caller, Emergency, LegIds, Sound};
+use super::emergency::{self, Caller, Emergency, LegIds, Sound};
 use super::leg::{BridgeTo, LegEnd, LegId, Media, NotPlaced, PlaceLeg, Placed};
 use super::menu_holder::ActiveMenu;
 use super::operator_leg::{LegStep, MediaChange, OperatorLeg, OperatorOffer};
 use super::setup::CallMeta;
-use super::transfer::{self, Connected, Start, Transfer, TransferId, Via};
+use super::transfer::{self, Connected, Transfer, TransferId, Via};
 use super::SUPPORTED_CODECS;
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::emergency::EmergencyConfig;
@@ -149,6 +149,11 @@ pub(crate) enum Input {
     RangDirect(Result<(), &'static str>),
     /// The queue's answer to [`QueueCommand::Rejoin`].
     Rejoined(Result<Position, Refusal>),
+    /// The operator is consulting this target from their phone (`None`: no longer).
+    Consulting(Option<String>),
+    /// The answer to [`Action::JoinConsult`]: the consulted party (the transfer that rang it,
+    /// connected, and the target), or why not (the NOTIFY's status).
+    ConsultJoined(Result<Box<(Transfer, Connected)>, (u16, String)>),
     /// The server's drain time is over.
     Closing,
     /// The server is stopping.
@@ -304,7 +309,7 @@ pub(crate) enum Action {
     RecordTransfer(TransferView),
     /// A transfer ended: its record's outcome, and (connected) what the call's tickets note.
     TransferOutcome {
-        id: TransferId,
+        record: crate::dispatch::tickets::TransferRecord,
         outcome: String,
         ticket_note: Option<String>,
     },
@@ -315,6 +320,12 @@ pub(crate) enum Action {
     },
     /// Count a transfer request refused, by reason (`ivr311_transfer_refusals_total`).
     CountRefusal(&'static str),
+    /// Ask operator `agent`'s consultation on `dialog` for its target (an attended transfer);
+    /// answer with [`Input::ConsultJoined`] (the target's legs join the call's).
+    JoinConsult {
+        dialog: crate::sip::ua::DialogId,
+        agent: String,
+    },
     /// The call is over; nothing follows.
     End(EndReason),
 }
@@ -501,6 +512,10 @@ pub(crate) struct CallCore {
     /// A return to the front of a queue asked for, until the queue answers: for a transfer
     /// to that queue (`true`), or after a transfer failed with the operator gone.
     pending_rejoin: Option<(String, bool)>,
+    /// What the operator consults from their phone meanwhile (for `/admin/calls`).
+    consulting: Option<String>,
+    /// An attended transfer waits for the consulted party to be handed over.
+    joining: bool,
     /// Where the caller was placed by the latest return to a queue.
     rejoined_at: Option<Position>,
     /// The operator the registry was last told of.
@@ -557,6 +572,8 @@ impl CallCore {
             pending_callback: None,
             pending_skill: None,
             pending_rejoin: None,
+            consulting: None,
+            joining: false,
             rejoined_at: None,
             shown_operator: None,
             shown_transfer: None,
@@ -719,6 +736,8 @@ impl CallCore {
                 self.drain_transfer();
             }
             Input::Rejoined(result) => self.on_rejoined(now, result),
+            Input::Consulting(target) => self.consulting = target,
+            Input::ConsultJoined(result) => self.consult_joined(result),
             Input::Closing => self.say_goodbye(now),
             Input::Shutdown => self.finish(now, EndReason::Shutdown),
         }
@@ -922,7 +941,8 @@ impl CallCore {
         match &self.phase {
             Phase::Emergency(_) => "emergency",
             Phase::Line(_) => "transferred",
-            Phase::Queue(q) if q.transfer.is_some() => "transferring",
+            Phase::Queue(q) if q.transfer.is_some() || self.joining => "transferring",
+            Phase::Queue(q) if q.connected.is_some() && self.consulting.is_some() => "consulting",
             Phase::Queue(q) if q.connected.is_some() => "with operator",
             Phase::Queue(_) => "waiting for operator",
             Phase::Menu if self.recording == Recording::On => "recording",
@@ -1733,7 +1753,7 @@ impl CallCore {
     /// start the transfer, or refuse it and let the call go on.
     fn on_operator_refer(&mut self, now: Instant, leg: LegId, agent: String, r: Box<Refer>) {
         let txn = r.txn;
-        if self.transfer().is_some() {
+        if self.transfer().is_some() || self.joining {
             info!("REFER while a transfer is in progress: 491");
             return self.refuse_refer(
                 Some(leg),
@@ -1760,9 +1780,25 @@ impl CallCore {
                 "the call is not bridged",
             );
         }
+        if let (Some(_), Some(dialog)) = (&refer_to.replaces, r.replaces_dialog) {
+            // An attended transfer: `Replaces` names the operator's own call to the target
+            // (a consultation from their phone), which is handed to this call.
+            info!(%agent, "attended transfer: the consulted party joins the caller");
+            self.actions.push_back(Action::AnswerRequest {
+                leg: Some(leg),
+                txn,
+                code: 202,
+                headers: Vec::new(),
+            });
+            self.joining = true;
+            self.notify_operator(100);
+            self.stop_playback();
+            self.play(vec![ringback()]);
+            self.actions
+                .push_back(Action::JoinConsult { dialog, agent });
+            return;
+        }
         if refer_to.replaces.is_some() {
-            // An attended transfer names the operator's own call to the target; none of
-            // ours here.
             info!("REFER with Replaces naming no call of ours: 481");
             return self.refuse_refer(
                 Some(leg),
@@ -1786,6 +1822,36 @@ impl CallCore {
                     headers: Vec::new(),
                 });
                 self.start_transfer(now, dest, Via::Refer);
+            }
+        }
+    }
+
+    /// The consulted party of an attended transfer is handed over (or not).
+    fn consult_joined(&mut self, result: Result<Box<(Transfer, Connected)>, (u16, String)>) {
+        if !std::mem::take(&mut self.joining) {
+            return;
+        }
+        match result {
+            Ok(joined) => {
+                let (t, c) = *joined;
+                self.consulting = None;
+                self.notify_operator(200);
+                if let Phase::Queue(q) = &mut self.phase {
+                    q.transfer = Some(Box::new(t));
+                }
+                self.transfer_connected(c);
+            }
+            Err((code, why)) => {
+                info!(code, reason = %why, "attended transfer failed; the caller stays with the operator");
+                if code == 481 {
+                    self.actions
+                        .push_back(Action::CountRefusal("no_such_dialog"));
+                }
+                self.notify_operator(code);
+                self.stop_playback();
+                if self.leg_holds() {
+                    self.play_names(&["hold_music"]);
+                }
             }
         }
     }
@@ -1814,17 +1880,14 @@ impl CallCore {
         }
     }
 
-    /// Start a transfer of the caller (with their operator) to `dest`.
-    fn start_transfer(&mut self, now: Instant, dest: Destination, via: Via) -> TransferId {
-        let id = transfer::new_id();
-        let (label, kind) = (dest.label(), dest.kind());
+    /// What a transfer's target is told of the caller (while they are with an operator).
+    fn transfer_context(&self, now: Instant) -> Option<transfer::Context> {
         let Phase::Queue(q) = &self.phase else {
-            return id;
+            return None;
         };
-        let operator = q.connected.clone();
-        let by = operator.clone().unwrap_or_else(|| "admin".into());
+        let by = q.connected.clone().unwrap_or_else(|| "admin".into());
         let language = self.engine.language().to_owned();
-        let mut headers = vec![
+        let headers = vec![
             ("X-311-Language".to_owned(), language.clone()),
             ("X-311-Menu-Path".to_owned(), q.menu_path.clone()),
             ("X-311-Queue".to_owned(), q.name.clone()),
@@ -1837,83 +1900,43 @@ impl CallCore {
             ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
             ("X-311-Transferred-By".to_owned(), by.clone()),
         ];
-        let (codec, local_ip) = (self.media.neg.codec, self.media.local.ip());
-        let queue_name = q.name.clone();
-        let start = match dest {
-            Destination::Line(l) => {
-                headers.extend(l.headers_for(&language, &queue_name, &self.meta.call_id));
-                let span = tracing::info_span!("transfer_leg", transfer = id, line = %l.name);
-                let place = PlaceLeg {
-                    leg: self.legs.next(),
-                    to: super::leg::Dial::Uri {
-                        uri: l.uri.clone(),
-                        at: None,
-                        pick: 0,
-                    },
-                    from_user: self.meta.caller.clone(),
-                    from_display: "311 caller",
-                    // The caller's number is asserted onward only if a trusted trunk
-                    // asserted it to us.
-                    asserted: self.meta.identity.asserted().map(str::to_owned),
-                    headers,
-                    codec,
-                    local_ip,
-                    span,
-                };
-                Start::Line {
-                    name: l.name.clone(),
-                    place: Box::new(place),
-                    ring: Duration::from_secs(l.ring_timeout_seconds),
-                }
-            }
-            Destination::Agent(agent) => {
-                let span = tracing::info_span!("transfer_leg", transfer = id, %agent);
-                let place = PlaceLeg {
-                    leg: self.legs.next(),
-                    to: super::leg::Dial::Agent(agent.clone()),
-                    from_user: self.meta.caller.clone(),
-                    from_display: "311 caller",
-                    asserted: Some(self.meta.caller.clone()),
-                    headers,
-                    codec,
-                    local_ip,
-                    span,
-                };
-                Start::Agent {
-                    agent,
-                    place: Box::new(place),
-                    ring: self.config.agent_ring,
-                }
-            }
-            Destination::Emergency => {
-                let caller = Caller {
-                    call_id: self.meta.call_id.clone(),
-                    number: self.meta.caller.clone(),
-                    asserted: self.meta.identity.asserted().map(str::to_owned),
-                    line: self.config.callback.from_user.clone(),
-                    language,
-                    codec,
-                    local_ip,
-                };
-                let e = Emergency::for_operator(
-                    &self.config.emergency,
-                    caller,
-                    Some(format!(
-                        "operator {by} transferred the caller ({})",
-                        via.as_str()
-                    )),
-                    format!("{} > operator:{by}", q.menu_path),
-                    ByOperator {
-                        agent: by.clone(),
-                        via: via.as_str(),
-                        consult: false,
-                    },
-                );
-                self.outcome = Some("emergency");
-                Start::Emergency(Box::new(e))
-            }
-            Destination::Queue(queue) => Start::Queue(queue),
+        Some(transfer::Context {
+            call_id: self.meta.call_id.clone(),
+            number: self.meta.caller.clone(),
+            asserted: self.meta.identity.asserted().map(str::to_owned),
+            line: self.config.callback.from_user.clone(),
+            language,
+            queue: q.name.clone(),
+            headers,
+            by,
+            codec: self.media.neg.codec,
+            local_ip: self.media.local.ip(),
+        })
+    }
+
+    /// Start a transfer of the caller (with their operator) to `dest`.
+    fn start_transfer(&mut self, now: Instant, dest: Destination, via: Via) -> TransferId {
+        let id = transfer::new_id();
+        let (label, kind) = (dest.label(), dest.kind());
+        let Some(cx) = self.transfer_context(now) else {
+            return id;
         };
+        let Phase::Queue(q) = &self.phase else {
+            return id;
+        };
+        let operator = q.connected.clone();
+        if dest == Destination::Emergency {
+            self.outcome = Some("emergency");
+        }
+        let menu_path = q.menu_path.clone();
+        let start = transfer::start_for(
+            id,
+            dest,
+            &cx,
+            via,
+            (&self.config.emergency, self.config.agent_ring, &menu_path),
+            &mut self.legs,
+        );
         let t = Transfer::start(now, id, (label, kind), via, operator, start);
         let rings = t.wants_ringback();
         self.stop_playback();
@@ -2156,7 +2179,13 @@ impl CallCore {
             outcome: counted,
         });
         self.actions.push_back(Action::TransferOutcome {
-            id: t.id,
+            record: crate::dispatch::tickets::TransferRecord {
+                id: t.id,
+                call_id: self.meta.call_id.clone(),
+                operator: t.operator.clone(),
+                target: t.target.clone(),
+                requested_via: t.via.as_str().to_owned(),
+            },
             outcome: recorded.clone(),
             ticket_note,
         });

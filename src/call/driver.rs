@@ -458,6 +458,7 @@ pub(crate) async fn run_call(
             }
             Some(input) = work_rx.recv() => core.handle(now(), input),
             Some(cmd) = commands.recv() => match cmd {
+                CallCommand::Consulting(target) => core.handle(now(), Input::Consulting(target)),
                 CallCommand::Transfer { to, reply } => {
                     // Answered by the core's `AdminTransferAnswer`, among the actions of
                     // this same turn.
@@ -520,6 +521,37 @@ struct Driver {
 }
 
 impl Driver {
+    /// Ask operator `agent`'s consultation on `dialog` for its target; its legs become ours.
+    async fn join_consult(&mut self, dialog: crate::sip::ua::DialogId, agent: &str) -> Input {
+        let Some((owner, tx)) = self.ctx.registry.consult(dialog) else {
+            return Input::ConsultJoined(Err((481, "Replaces names no call of ours".into())));
+        };
+        if owner != agent {
+            warn!(%agent, %owner, "Replaces names another operator's call");
+            return Input::ConsultJoined(Err((403, "another operator's call".into())));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if tx
+            .send(super::registry::ConsultCommand::HandOver { reply })
+            .await
+            .is_err()
+        {
+            return Input::ConsultJoined(Err((481, "the consultation has ended".into())));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(Ok(joined))) => {
+                for io in joined.legs {
+                    self.legs.add(io);
+                }
+                Input::ConsultJoined(Ok(Box::new((*joined.transfer, joined.connected))))
+            }
+            Ok(Ok(Err(e))) => Input::ConsultJoined(Err(e)),
+            Ok(Err(_)) | Err(_) => {
+                Input::ConsultJoined(Err((481, "the consultation has ended".into())))
+            }
+        }
+    }
+
     /// A key sent by SIP INFO, unless the same key was heard in the audio a moment ago.
     fn info_key(&mut self, content_type: &str, body: &[u8]) -> Option<char> {
         let d = dtmf_info_digit(content_type, body)?;
@@ -654,7 +686,7 @@ impl Driver {
                 );
             }
             Action::TransferOutcome {
-                id,
+                record,
                 outcome,
                 ticket_note,
             } => {
@@ -662,7 +694,7 @@ impl Driver {
                 let call_id = self.call_id.clone();
                 self.ctx.tracker.spawn(
                     async move {
-                        if let Err(e) = store.transfer_outcome(id, &outcome).await {
+                        if let Err(e) = store.transfer_outcome(&record, &outcome).await {
                             error!(error = %e, "transfer outcome not written");
                         }
                         if let Some(note) = ticket_note {
@@ -680,6 +712,9 @@ impl Driver {
                 &[("outcome", outcome), ("target", kind)],
                 1,
             ),
+            Action::JoinConsult { dialog, agent } => {
+                return Some(self.join_consult(dialog, &agent).await)
+            }
             Action::CountRefusal(reason) => self.ctx.metrics.add(
                 "ivr311_transfer_refusals_total",
                 "Transfer requests (REFER, an agent's call, the admin API) refused, by reason.",

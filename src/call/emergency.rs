@@ -54,14 +54,18 @@ use tracing::{debug, info, warn};
 /// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
 pub(crate) const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
-/// Hands out leg ids unique within a call (the call core owns one and lends it).
+/// Hands out leg ids (the call core owns one and lends it). They are unique on the server,
+/// not only within the call, so that a leg can move from one call to another (an operator's
+/// consultation joined to the caller they hold) and keep its id.
 #[derive(Debug, Default)]
-pub(crate) struct LegIds(u64);
+pub(crate) struct LegIds;
+
+/// The last leg id handed out on this server.
+static LAST_LEG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl LegIds {
     pub(crate) fn next(&mut self) -> LegId {
-        self.0 += 1;
-        LegId(self.0)
+        LegId(LAST_LEG.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
     }
 }
 
@@ -331,11 +335,13 @@ impl Emergency {
 
     /// Whether the redirect is over without reaching 911 (the caller went back to the
     /// operator) or with the call ended.
+    #[cfg(test)]
     pub(crate) fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
     }
 
     /// The caller is ringing 911 (a leg is out and has not answered).
+    #[cfg(test)]
     pub(crate) fn ringing(&self) -> bool {
         matches!(self.state, State::Bridging { leg: Some(_), .. })
     }

@@ -9,7 +9,8 @@
 //! finished).
 
 use super::core::{OperatorView, TransferView};
-use super::transfer::TransferId;
+use super::driver::LegIo;
+use super::transfer::{Connected, Transfer, TransferId};
 use crate::sip::ua::DialogId;
 use dashmap::DashMap;
 use serde::Serialize;
@@ -29,11 +30,39 @@ const COMMAND_WITHIN: Duration = Duration::from_secs(5);
 /// What the API (and operators' own calls) ask of a live call.
 #[derive(Debug)]
 pub(crate) enum CallCommand {
+    /// The caller's operator is consulting this target from their phone (`None`: no more).
+    Consulting(Option<String>),
     /// Transfer the caller to `to` (the dial plan's admin forms).
     Transfer {
         to: String,
         reply: oneshot::Sender<Result<TransferId, (u16, String)>>,
     },
+}
+
+/// What a caller's call asks of an operator's consultation ([`super::consult`]).
+#[derive(Debug)]
+pub(crate) enum ConsultCommand {
+    /// Hand the consulted party over (the operator transferred with `Replaces`).
+    HandOver {
+        reply: oneshot::Sender<Result<Joined, (u16, String)>>,
+    },
+}
+
+/// A consulted party handed over to the caller's call: the transfer (connected), the
+/// target, and its legs' IO.
+pub(crate) struct Joined {
+    pub(crate) transfer: Box<Transfer>,
+    pub(crate) connected: Connected,
+    pub(crate) legs: Vec<LegIo>,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined")
+            .field("transfer", &self.transfer.id)
+            .field("legs", &self.legs.len())
+            .finish()
+    }
 }
 
 /// A transfer, as `GET /admin/transfers/{id}` shows it.
@@ -80,6 +109,9 @@ pub struct CallRegistry {
     calls: DashMap<u64, CallInfo>,
     /// Each call's command channel.
     commands: DashMap<u64, mpsc::Sender<CallCommand>>,
+    /// Operators' consultations from their phones, by the dialog with the phone: the agent
+    /// and where the consultation takes commands.
+    consults: DashMap<DialogId, (String, mpsc::Sender<ConsultCommand>)>,
     /// Who each call's caller is talking to, with the dialog of the operator's leg.
     operators: DashMap<u64, (OperatorView, Option<DialogId>)>,
     /// Transfers by id, and the finished ones oldest first (to forget them in order).
@@ -177,6 +209,36 @@ impl CallRegistry {
             .iter()
             .find(|e| e.value().0.agent == agent)
             .map(|e| (*e.key(), e.value().0.clone(), e.value().1))
+    }
+
+    /// Agent `agent`'s consultation on dialog `dialog` takes commands at `tx`.
+    pub(crate) fn add_consult(
+        &self,
+        dialog: DialogId,
+        agent: &str,
+        tx: mpsc::Sender<ConsultCommand>,
+    ) {
+        self.consults.insert(dialog, (agent.to_owned(), tx));
+    }
+
+    pub(crate) fn remove_consult(&self, dialog: DialogId) {
+        self.consults.remove(&dialog);
+    }
+
+    /// The consultation on `dialog`: its agent and where it takes commands.
+    pub(crate) fn consult(
+        &self,
+        dialog: DialogId,
+    ) -> Option<(String, mpsc::Sender<ConsultCommand>)> {
+        self.consults.get(&dialog).map(|e| e.value().clone())
+    }
+
+    /// Tell call `id` something that needs no answer (best effort: a full or closed channel
+    /// drops it).
+    pub(crate) fn tell(&self, id: u64, cmd: CallCommand) {
+        if let Some(tx) = self.commands.get(&id) {
+            let _ = tx.value().try_send(cmd);
+        }
     }
 
     /// Where call `id` takes commands.

@@ -103,6 +103,121 @@ pub(crate) enum Start {
     Queue(String),
 }
 
+/// What a transfer's target is told of the caller, and what its legs need: built by whoever
+/// starts the transfer (the caller's call, or an operator's consultation from their phone).
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    /// The caller's call's Call-ID (the record's and the audit's).
+    pub(crate) call_id: String,
+    /// The caller's number as best known (From, the audit).
+    pub(crate) number: String,
+    /// The number a trusted trunk asserted, if any (P-Asserted-Identity onward).
+    pub(crate) asserted: Option<String>,
+    /// The city line's own number (From toward 911 when the caller's is not asserted).
+    pub(crate) line: String,
+    pub(crate) language: String,
+    pub(crate) queue: String,
+    /// The `X-311-*` headers, `X-311-Transferred-By` among them.
+    pub(crate) headers: Vec<(String, String)>,
+    /// Who asked (`admin` when no operator did).
+    pub(crate) by: String,
+    /// The codec offered first on the target's leg, and our address toward it.
+    pub(crate) codec: crate::media::g711::Codec,
+    pub(crate) local_ip: std::net::IpAddr,
+}
+
+/// How a transfer to `dest` starts (`None` for none: a queue), its legs' ids from `ids`.
+pub(crate) fn start_for(
+    id: TransferId,
+    dest: super::dialplan::Destination,
+    cx: &Context,
+    via: Via,
+    (emergency, agent_ring, menu_path): (
+        &crate::dispatch::emergency::EmergencyConfig,
+        Duration,
+        &str,
+    ),
+    ids: &mut emergency::LegIds,
+) -> Start {
+    use super::dialplan::Destination;
+    use super::leg::Dial;
+    match dest {
+        Destination::Line(l) => {
+            let mut headers = cx.headers.clone();
+            headers.extend(l.headers_for(&cx.language, &cx.queue, &cx.call_id));
+            let span = tracing::info_span!("transfer_leg", transfer = id, line = %l.name);
+            let place = PlaceLeg {
+                leg: ids.next(),
+                to: Dial::Uri {
+                    uri: l.uri.clone(),
+                    at: None,
+                    pick: 0,
+                },
+                from_user: cx.number.clone(),
+                from_display: "311 caller",
+                // The caller's number is asserted onward only if a trusted trunk asserted
+                // it to us.
+                asserted: cx.asserted.clone(),
+                headers,
+                codec: cx.codec,
+                local_ip: cx.local_ip,
+                span,
+            };
+            Start::Line {
+                name: l.name.clone(),
+                place: Box::new(place),
+                ring: Duration::from_secs(l.ring_timeout_seconds),
+            }
+        }
+        Destination::Agent(agent) => {
+            let span = tracing::info_span!("transfer_leg", transfer = id, %agent);
+            let place = PlaceLeg {
+                leg: ids.next(),
+                to: Dial::Agent(agent.clone()),
+                from_user: cx.number.clone(),
+                from_display: "311 caller",
+                asserted: Some(cx.number.clone()),
+                headers: cx.headers.clone(),
+                codec: cx.codec,
+                local_ip: cx.local_ip,
+                span,
+            };
+            Start::Agent {
+                agent,
+                place: Box::new(place),
+                ring: agent_ring,
+            }
+        }
+        Destination::Emergency => {
+            let caller = emergency::Caller {
+                call_id: cx.call_id.clone(),
+                number: cx.number.clone(),
+                asserted: cx.asserted.clone(),
+                line: cx.line.clone(),
+                language: cx.language.clone(),
+                codec: cx.codec,
+                local_ip: cx.local_ip,
+            };
+            let by = &cx.by;
+            Start::Emergency(Box::new(Emergency::for_operator(
+                emergency,
+                caller,
+                Some(format!(
+                    "operator {by} transferred the caller ({})",
+                    via.as_str()
+                )),
+                format!("{menu_path} > operator:{by}"),
+                emergency::ByOperator {
+                    agent: by.clone(),
+                    via: via.as_str(),
+                    consult: via == Via::PhoneCall,
+                },
+            )))
+        }
+        Destination::Queue(queue) => Start::Queue(queue),
+    }
+}
+
 /// What the caller is connected to when a transfer succeeds: what the call becomes.
 #[derive(Debug)]
 pub(crate) enum Connected {
@@ -308,14 +423,6 @@ impl Transfer {
     /// Whether the transfer is over (connected or failed).
     pub(crate) fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
-    }
-
-    /// The leg being rung, if any.
-    pub(crate) fn leg(&self) -> Option<LegId> {
-        match &self.state {
-            State::Calling { leg, .. } => Some(leg.id),
-            _ => None,
-        }
     }
 
     /// What the admin API shows: `claiming`, `calling`, `ringing`, `calling 911`,

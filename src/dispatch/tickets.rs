@@ -1006,7 +1006,8 @@ impl TicketStore {
         Ok(())
     }
 
-    /// Records a transfer as it starts (outcome `started`), in the call's record.
+    /// Records a transfer as it starts (outcome `started`), in the call's record; nothing if
+    /// its outcome is written already (the two writes run side by side).
     pub async fn record_transfer(&self, t: &TransferRecord) -> Result<(), StoreError> {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let id = i64::try_from(t.id).map_err(|_| StoreError::BadRow {
@@ -1015,7 +1016,7 @@ impl TicketStore {
         })?;
         sqlx::query(
             "INSERT INTO transfers (id, at, call_id, operator, target, requested_via, outcome) \
-             VALUES (?, ?, ?, ?, ?, ?, 'started')",
+             VALUES (?, ?, ?, ?, ?, ?, 'started') ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
         .bind(at)
@@ -1029,15 +1030,34 @@ impl TicketStore {
         Ok(())
     }
 
-    /// Sets the outcome of transfer `id` (`connected`, `failed: ...`) and when it ended.
-    pub async fn transfer_outcome(&self, id: u64, outcome: &str) -> Result<(), StoreError> {
+    /// Sets the outcome of transfer `t` (`connected`, `failed: ...`) and when it ended; the
+    /// row is written whole if its start is not written yet, so the order in which the two
+    /// writes land does not matter.
+    pub async fn transfer_outcome(
+        &self,
+        t: &TransferRecord,
+        outcome: &str,
+    ) -> Result<(), StoreError> {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
-        let id = i64::try_from(id).unwrap_or(-1);
-        sqlx::query("UPDATE transfers SET outcome = ?, ended_at = ? WHERE id = ?")
-            .bind(outcome)
-            .bind(at)
-            .bind(id)
-            .execute(&self.pool)
+        let id = i64::try_from(t.id).map_err(|_| StoreError::BadRow {
+            column: "id",
+            value: t.id.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO transfers \
+             (id, at, call_id, operator, target, requested_via, outcome, ended_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET outcome = excluded.outcome, ended_at = excluded.ended_at",
+        )
+        .bind(id)
+        .bind(&at)
+        .bind(&t.call_id)
+        .bind(&t.operator)
+        .bind(&t.target)
+        .bind(&t.requested_via)
+        .bind(outcome)
+        .bind(&at)
+        .execute(&self.pool)
             .await
             .map_err(|e| fail("transfer_outcome", e))?;
         Ok(())
