@@ -769,8 +769,15 @@ async fn an_admin_transfers_the_caller_to_another_agent_and_watches_its_progress
     assert_eq!(p["operator"], "1001");
     assert!(p["state"] == "calling" || p["state"] == "ringing", "{p}");
     assert_eq!(p["done"], false);
-    // A second transfer meanwhile: refused.
-    let (s, _) = http(srv.http_addr, "POST", &path, &json, br#"{"to": "911"}"#).await;
+    // A second transfer meanwhile (not to 911, which never waits): refused.
+    let (s, _) = http(
+        srv.http_addr,
+        "POST",
+        &path,
+        &json,
+        br#"{"to": "queue:general"}"#,
+    )
+    .await;
     assert_eq!(s, 409);
 
     second
@@ -1386,5 +1393,85 @@ async fn an_operators_phone_dialling_outside_the_plan_is_refused_and_counted() {
     }
     // None of these reached the menu.
     assert!(admin_calls(srv.http_addr).await.is_empty());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sends_the_caller_to_911_even_while_another_transfer_rings() {
+    let mut crisis = Target::bind().await;
+    let mut psap = Target::bind().await;
+    let mut file = config(vec![line("crisis", "988", crisis.addr(), 20)]);
+    file.emergency.method = Some(ivr311::dispatch::emergency::EmergencyMethod::Bridge);
+    file.emergency.uri = Some(format!("sip:911@{}", psap.addr()));
+    let srv = start_server(file).await;
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    let call_id = caller.call_id.clone();
+    assert_eq!(op.refer("<sip:988@127.0.0.1>").await.code, 202);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
+    let inv = crisis.invite().await;
+    crisis.respond(&inv, 180, "Ringing").await;
+
+    // The caller mentions a fire: the supervisor sends them to 911 at once.
+    let path = format!("/admin/calls/{call_id}/transfer");
+    let json = [("Content-Type", "application/json")];
+    let (s, body) = http(srv.http_addr, "POST", &path, &json, br#"{"to": "911"}"#).await;
+    assert_eq!(s, 202, "never refused for 911: {body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["transfer_id"]
+        .as_u64()
+        .unwrap();
+    crisis
+        .next("CANCEL", Duration::from_secs(3))
+        .await
+        .expect("the line is called off");
+    crisis.respond(&inv, 487, "Request Terminated").await;
+    assert_eq!(
+        op.notify(Duration::from_secs(3)).await.0,
+        487,
+        "the phone's REFER is over"
+    );
+    let inv = psap.invite().await;
+    assert_eq!(inv.from.user(), Some(CALLER), "From: {}", inv.from.raw);
+    assert!(h(&inv, "P-Asserted-Identity").is_some_and(|p| p.contains(CALLER)));
+    psap.respond(&inv, 200, "OK").await;
+    op.request("BYE", Duration::from_secs(5)).await;
+    call_state(&srv, "emergency").await;
+    let audit = audit_when(&srv, |o| o == "connected via bridge").await;
+    assert_eq!(audit.operator.as_deref(), Some("1001"));
+    assert_eq!(audit.requested_via.as_deref(), Some("admin"));
+    let (s, body) = http(
+        srv.http_addr,
+        "GET",
+        &format!("/admin/transfers/{id}"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (p["target"].as_str(), p["requested_via"].as_str()),
+        (Some("911"), Some("admin"))
+    );
+    let psap_leg = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    let mut out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        send_tone(&psap.rtp, psap_leg, &mut out, 1000.0, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the PSAP's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let rows = transfers_n(&srv, &call_id, 2).await;
+    let outcome = |target: &str| {
+        rows.iter()
+            .find(|r| r.target == target)
+            .map(|r| r.outcome.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(outcome("crisis"), "called off for a transfer to 911");
+    assert_eq!(outcome("911"), "connected");
+    caller.bye().await;
     srv.shutdown().await;
 }

@@ -1753,6 +1753,19 @@ impl CallCore {
     /// start the transfer, or refuse it and let the call go on.
     fn on_operator_refer(&mut self, now: Instant, leg: LegId, agent: String, r: Box<Refer>) {
         let txn = r.txn;
+        // 911 is never refused because another transfer is under way: that one gives way.
+        let to_911 = r
+            .refer_to
+            .as_ref()
+            .ok()
+            .filter(|t| t.replaces.is_none())
+            .and_then(|t| t.user())
+            .is_some_and(|u| {
+                self.config.dialplan.route(u, Some(&agent)) == Ok(Destination::Emergency)
+            });
+        if to_911 && !self.joining {
+            self.supersede_transfer();
+        }
         if self.transfer().is_some() || self.joining {
             info!("REFER while a transfer is in progress: 491");
             return self.refuse_refer(
@@ -1856,8 +1869,29 @@ impl CallCore {
         }
     }
 
+    /// A transfer to 911 is asked for while another (not to 911) is under way: that one is
+    /// called off (its target let go of, the phone told 487) and recorded so.
+    fn supersede_transfer(&mut self) {
+        match self.transfer_mut() {
+            Some(t) if t.kind != "911" => t.supersede(),
+            _ => return,
+        }
+        self.drain_transfer();
+        let Phase::Queue(q) = &mut self.phase else {
+            return;
+        };
+        if let Some(t) = q.transfer.take() {
+            info!(transfer = t.id, target = %t.target, "transfer called off for 911");
+            self.end_transfer(&t, None);
+        }
+    }
+
     /// `POST /admin/calls/{call_id}/transfer`: the transfer's id, or why not (HTTP status).
     fn admin_transfer(&mut self, now: Instant, to: &str) -> Result<TransferId, (u16, String)> {
+        let by = self.queued().and_then(|q| q.connected.clone());
+        if self.config.dialplan.route_admin(to, by.as_deref()) == Ok(Destination::Emergency) {
+            self.supersede_transfer();
+        }
         let agent = match &self.phase {
             Phase::Queue(q) if q.transfer.is_some() => {
                 self.actions.push_back(Action::CountRefusal("in_progress"));
@@ -2164,6 +2198,8 @@ impl CallCore {
             "connected"
         } else if outcome == "caller hung up" {
             "caller_hung_up"
+        } else if outcome == transfer::SUPERSEDED {
+            "superseded"
         } else if self.operator().is_some() {
             "returned_to_operator"
         } else {

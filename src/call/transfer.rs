@@ -61,6 +61,9 @@ pub(crate) const FIRST_RESPONSE: Duration = Duration::from_secs(5);
 /// (`Subscription-State: active;expires=`); it ends with the final NOTIFY.
 pub(crate) const SUBSCRIPTION_SECONDS: u64 = 60;
 
+/// The outcome of a transfer called off for one to 911.
+pub(crate) const SUPERSEDED: &str = "called off for a transfer to 911";
+
 /// How a transfer was asked for (the audit's and the record's `requested_via`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Via {
@@ -724,6 +727,15 @@ impl Transfer {
         if self.is_done() {
             return;
         }
+        info!(transfer = self.id, "the caller left during the transfer");
+        self.call_off("caller hung up");
+    }
+
+    /// Let go of the target and tell the operator's phone (487); the outcome is `outcome`.
+    fn call_off(&mut self, outcome: &str) {
+        if self.is_done() {
+            return;
+        }
         match std::mem::replace(&mut self.state, State::Done) {
             State::Calling { mut leg, agent, .. } => {
                 leg.drop_leg();
@@ -739,9 +751,15 @@ impl Transfer {
             State::Emergency(e) => self.state = State::Emergency(e),
             State::Queueing { .. } | State::Done => {}
         }
-        info!(transfer = self.id, "the caller left during the transfer");
         self.finish_notify(487);
-        self.outcome = Some("caller hung up".into());
+        self.outcome = Some(outcome.into());
+    }
+
+    /// A transfer to 911 replaces this one: the target is let go of and the operator's phone
+    /// told (487).
+    pub(crate) fn supersede(&mut self) {
+        info!(transfer = self.id, "transfer called off for 911");
+        self.call_off(SUPERSEDED);
     }
 
     /// The transfer failed: the operator's phone is told `code`, the core hears why.
