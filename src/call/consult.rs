@@ -655,11 +655,14 @@ impl ConsultCore {
 
     /// The held caller's call asks for the target: it is theirs once it answered.
     fn hand_over(&mut self) {
-        let (Some(c), Some(t)) = (self.connected.take(), self.transfer.take()) else {
+        if self.connected.is_none() || self.transfer.is_none() {
             self.actions.push_back(Action::RefuseHandOver(
                 480,
                 "the consulted party has not answered".into(),
             ));
+            return;
+        }
+        let (Some(c), Some(t)) = (self.connected.take(), self.transfer.take()) else {
             return;
         };
         let legs: Vec<LegId> = match &c {
@@ -1214,4 +1217,341 @@ pub(crate) fn spawn(
 ) {
     let span = tracing::info_span!("operator_call", call_id = %call.call_id, %agent);
     tracker.spawn(run_consult(call, agent, ctx, cancel).instrument(span));
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every path of an operator's own call on virtual time.
+
+    use super::*;
+    use crate::call::dialplan::TransferLine;
+    use crate::call::leg::{Dial, LegSdp};
+    use crate::dispatch::emergency::{EmergencyConfig, EmergencyMethod};
+    use crate::media::g711::Codec;
+
+    const CALLER: &str = "+12125550123";
+    const PHONE_SDP: &[u8] = b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+    const TARGET_SDP: &[u8] = b"v=0\r\no=t 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+
+    fn context() -> transfer::Context {
+        transfer::Context {
+            call_id: "caller-1@test".into(),
+            number: CALLER.into(),
+            asserted: Some(CALLER.into()),
+            line: "311".into(),
+            language: "en".into(),
+            queue: "general".into(),
+            headers: vec![
+                ("X-311-Call-ID".into(), "caller-1@test".into()),
+                ("X-311-Transferred-By".into(), "1001".into()),
+            ],
+            by: "1001".into(),
+            codec: Codec::Pcmu,
+            local_ip: "127.0.0.1".parse().unwrap(),
+        }
+    }
+
+    fn crisis() -> Destination {
+        Destination::Line(TransferLine {
+            name: "crisis".into(),
+            number: "988".into(),
+            uri: "sip:988@192.0.2.30".into(),
+            headers: Default::default(),
+            ring_timeout_seconds: 20,
+        })
+    }
+
+    fn emergency() -> EmergencyConfig {
+        EmergencyConfig {
+            method: Some(EmergencyMethod::Bridge),
+            uri: Some("sip:911@192.0.2.20".into()),
+            ..EmergencyConfig::default()
+        }
+    }
+
+    struct Run {
+        c: ConsultCore,
+        t0: Instant,
+        now: Instant,
+    }
+
+    impl Run {
+        fn start(dest: Destination) -> (Run, Vec<Action>) {
+            let t0 = Instant::now();
+            let neg = sdp::negotiate(&sdp::parse(PHONE_SDP).unwrap(), &SUPPORTED_CODECS).unwrap();
+            let media = PhoneMedia {
+                local: "127.0.0.1:30000".parse().unwrap(),
+                session_id: 1,
+                neg,
+            };
+            let c = ConsultCore::new(
+                t0,
+                "1001".into(),
+                dest,
+                &context(),
+                Some("caller-1@test".into()),
+                (&emergency(), Duration::from_secs(20), "main:0"),
+                media,
+            );
+            let mut r = Run { c, t0, now: t0 };
+            let out = r.out();
+            (r, out)
+        }
+
+        fn out(&mut self) -> Vec<Action> {
+            std::iter::from_fn(|| self.c.poll_action()).collect()
+        }
+
+        fn input(&mut self, i: Input) -> Vec<Action> {
+            self.c.handle(self.now, i);
+            self.out()
+        }
+
+        fn at(&mut self, secs: u64) -> Vec<Action> {
+            self.now = self.t0 + Duration::from_secs(secs);
+            self.c.handle_timeout(self.now);
+            self.out()
+        }
+
+        fn placed(&mut self, leg: LegId) -> Vec<Action> {
+            let p = Placed {
+                sdp: LegSdp::new("127.0.0.1:40000".parse().unwrap()),
+                toward: None,
+                looked_up: None,
+            };
+            self.input(Input::Placed(leg, Ok(p)))
+        }
+
+        /// Place the target's leg and let it answer; the leg.
+        fn answered_line(&mut self, out: &[Action]) -> (LegId, Vec<Action>) {
+            let (leg, _) = place(out).expect("the line is called");
+            self.placed(leg);
+            let out = self.input(Input::Leg(
+                leg,
+                Some(LegEvent::Answered {
+                    sdp: Bytes::from_static(TARGET_SDP),
+                }),
+            ));
+            (leg, out)
+        }
+    }
+
+    fn place(out: &[Action]) -> Option<(LegId, &PlaceLeg)> {
+        out.iter().find_map(|a| match a {
+            Action::PlaceLeg(p) => Some((p.leg, &**p)),
+            _ => None,
+        })
+    }
+
+    fn refused(out: &[Action]) -> Option<u16> {
+        out.iter().find_map(|a| match a {
+            Action::Refuse { code, .. } => Some(*code),
+            _ => None,
+        })
+    }
+
+    fn ends(out: &[Action]) -> bool {
+        out.iter().any(|a| matches!(a, Action::End))
+    }
+
+    fn outcome(out: &[Action]) -> Option<&str> {
+        out.iter().find_map(|a| match a {
+            Action::TransferOutcome { outcome, .. } => Some(outcome.as_str()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_call_to_911_writes_the_audit_first_presents_the_held_callers_number_and_answers_with_911()
+    {
+        let (mut r, out) = Run::start(Destination::Emergency);
+        assert!(out.iter().any(|a| matches!(a, Action::Ringing)), "{out:?}");
+        assert!(place(&out).is_none(), "the audit comes first: {out:?}");
+        let Some(Action::AuditStart(audit)) =
+            out.iter().find(|a| matches!(a, Action::AuditStart(_)))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(audit.operator.as_deref(), Some("1001"));
+        assert_eq!(audit.requested_via.as_deref(), Some("phone_call"));
+        assert_eq!(audit.caller.as_deref(), Some(CALLER));
+        let out = r.input(Input::Audited(Some(7)));
+        let (leg, p) = place(&out).expect("911 is called");
+        assert_eq!(
+            p.asserted.as_deref(),
+            Some(CALLER),
+            "the caller's number, not the operator's"
+        );
+        assert!(matches!(&p.to, Dial::Uri { uri, .. } if uri == "sip:911@192.0.2.20"));
+        r.placed(leg);
+        let out = r.input(Input::Leg(
+            leg,
+            Some(LegEvent::Answered {
+                sdp: Bytes::from_static(TARGET_SDP),
+            }),
+        ));
+        assert!(out.iter().any(|a| matches!(a, Action::Answer)), "{out:?}");
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::SetBridge(Some(b)) if b.leg == leg && b.answered)),
+            "the phone is bridged to 911: {out:?}"
+        );
+        assert!(!ends(&out));
+    }
+
+    #[test]
+    fn every_911_route_failing_answers_the_phone_503_and_the_caller_stays_with_the_operator() {
+        let (mut r, _) = Run::start(Destination::Emergency);
+        let out = r.input(Input::Audited(Some(7)));
+        let (leg, _) = place(&out).unwrap();
+        r.placed(leg);
+        let out = r.input(Input::Leg(
+            leg,
+            Some(LegEvent::Failed {
+                code: 503,
+                reason: "Service Unavailable".into(),
+            }),
+        ));
+        assert_eq!(refused(&out), Some(503), "{out:?}");
+        assert!(
+            out.iter().any(|a| matches!(a, Action::AuditOutcome { outcome, .. } if outcome.starts_with("returned to operator"))),
+            "{out:?}"
+        );
+        assert!(outcome(&out).is_some_and(|o| o.ends_with("the caller stays with the operator")));
+        assert!(ends(&out));
+    }
+
+    #[test]
+    fn a_line_that_says_nothing_is_unreachable_and_one_that_rings_is_relayed_as_ringing() {
+        let (mut r, out) = Run::start(crisis());
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Ringing)),
+            "not before it rings"
+        );
+        let (leg, p) = place(&out).unwrap();
+        assert_eq!(p.from_user, CALLER);
+        assert!(p
+            .headers
+            .iter()
+            .any(|(k, v)| k == "X-311-Transferred-By" && v == "1001"));
+        r.placed(leg);
+        assert!(r.at(4).is_empty());
+        let out = r.at(5);
+        assert_eq!(refused(&out), Some(408), "{out:?}");
+        assert!(ends(&out));
+
+        let (mut r, out) = Run::start(crisis());
+        let (leg, _) = place(&out).unwrap();
+        r.placed(leg);
+        let out = r.input(Input::Leg(
+            leg,
+            Some(LegEvent::Provisional {
+                code: 180,
+                sdp: None,
+            }),
+        ));
+        assert!(out.iter().any(|a| matches!(a, Action::Ringing)), "{out:?}");
+        // Rings past the line's 20 s: no answer.
+        let out = r.at(21);
+        assert_eq!(refused(&out), Some(480), "{out:?}");
+    }
+
+    #[test]
+    fn the_operator_hanging_up_while_the_line_rings_lets_it_go() {
+        let (mut r, out) = Run::start(crisis());
+        let (leg, _) = place(&out).unwrap();
+        r.placed(leg);
+        let out = r.input(Input::Phone(Some(DialogEvent::Cancelled)));
+        assert!(
+            out.iter().any(|a| matches!(a, Action::DropLeg { leg: l, how: LegEnd::HangUpAndRelease } if *l == leg)),
+            "{out:?}"
+        );
+        assert!(!out.iter().any(|a| matches!(a, Action::Answer)));
+        assert!(outcome(&out).is_some_and(|o| o.starts_with("consultation ended by the operator")));
+        assert!(ends(&out));
+        assert_eq!(r.c.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_target_is_handed_over_only_once_it_answered() {
+        let (mut r, out) = Run::start(crisis());
+        let (leg, _) = place(&out).unwrap();
+        r.placed(leg);
+        let out = r.input(Input::HandOver);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::RefuseHandOver(480, _))),
+            "{out:?}"
+        );
+        assert!(!ends(&out), "the consultation goes on");
+        let out = r.input(Input::Leg(
+            leg,
+            Some(LegEvent::Answered {
+                sdp: Bytes::from_static(TARGET_SDP),
+            }),
+        ));
+        assert!(out.iter().any(|a| matches!(a, Action::Answer)));
+        let out = r.input(Input::HandOver);
+        let Some(Action::HandOver(joined, legs)) =
+            out.iter().find(|a| matches!(a, Action::HandOver(..)))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(legs, &vec![leg]);
+        assert!(matches!(&joined.1, Connected::Line { name, .. } if name == "crisis"));
+        assert_eq!(joined.0.outcome.as_deref(), Some("connected"));
+        assert!(out.iter().any(|a| matches!(a, Action::HangUpPhone)));
+        assert!(
+            outcome(&out).is_none(),
+            "the caller's call records the transfer"
+        );
+        assert!(ends(&out));
+    }
+
+    #[test]
+    fn the_consulted_party_hanging_up_hangs_up_the_phone() {
+        let (mut r, out) = Run::start(crisis());
+        let (leg, _) = r.answered_line(&out);
+        let out = r.input(Input::Leg(leg, Some(LegEvent::Dialog(DialogEvent::Bye))));
+        assert!(
+            out.iter().any(|a| matches!(a, Action::HangUpPhone)),
+            "{out:?}"
+        );
+        assert!(ends(&out));
+    }
+
+    #[test]
+    fn the_phone_holding_the_consultation_is_answered_from_the_same_session() {
+        let (mut r, out) = Run::start(crisis());
+        r.answered_line(&out);
+        let hold = b"v=0\r\no=phone 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=sendonly\r\n";
+        let out = r.input(Input::Phone(Some(DialogEvent::Reoffer {
+            txn: 3,
+            method: crate::sip::message::Method::Invite,
+            content_type: Some("application/sdp".into()),
+            body: Bytes::from_static(hold),
+        })));
+        let Some(Action::ReplyPhone {
+            txn: 3,
+            code: 200,
+            body: Some((_, sdp)),
+        }) = out.iter().find(|a| matches!(a, Action::ReplyPhone { .. }))
+        else {
+            panic!("{out:?}")
+        };
+        let sdp = String::from_utf8_lossy(sdp);
+        assert!(sdp.contains("a=recvonly"), "{sdp}");
+        let origin: Vec<&str> = sdp
+            .lines()
+            .find(|l| l.starts_with("o="))
+            .unwrap()
+            .split(' ')
+            .collect();
+        assert_eq!(
+            (origin[1], origin[2]),
+            ("1", "2"),
+            "same session, next version: {sdp}"
+        );
+        assert!(out.iter().any(|a| matches!(a, Action::Renegotiate(_))));
+    }
 }
