@@ -484,7 +484,7 @@ impl CallbackCore {
             trunk: Trunk::Idle,
             operator: None,
             span,
-            legs: LegIds::default(),
+            legs: LegIds,
             timers: [None; 3],
             playing: false,
             caller_codec: None,

@@ -555,7 +555,7 @@ impl CallCore {
             recording: Recording::Off,
             phase: Phase::Menu,
             timers,
-            legs: LegIds::default(),
+            legs: LegIds,
             next_req: 1,
             inputs: VecDeque::from([engine::Input::Start]),
             queued_keys: VecDeque::new(),
@@ -1655,7 +1655,7 @@ impl CallCore {
                 self.operator_left_mid_transfer(LegEnd::HangUpAndRelease)
             }
             LegStep::Gone { .. } => self.operator_gone(),
-            LegStep::Refer(r) => self.on_operator_refer(now, id, agent, r),
+            LegStep::Refer(r) => self.on_operator_refer(now, id, agent, *r),
         }
     }
 
@@ -1751,7 +1751,7 @@ impl CallCore {
 
     /// The operator's phone sent REFER on their leg (its transfer key): accept it (202) and
     /// start the transfer, or refuse it and let the call go on.
-    fn on_operator_refer(&mut self, now: Instant, leg: LegId, agent: String, r: Box<Refer>) {
+    fn on_operator_refer(&mut self, now: Instant, leg: LegId, agent: String, r: Refer) {
         let txn = r.txn;
         // 911 is never refused because another transfer is under way: that one gives way.
         let to_911 = r

@@ -976,7 +976,7 @@ mod tests {
             );
             let mut r = Run {
                 e,
-                ids: LegIds::default(),
+                ids: LegIds,
                 t0,
                 now: t0,
             };
@@ -1001,7 +1001,7 @@ mod tests {
             );
             let mut r = Run {
                 e,
-                ids: LegIds::default(),
+                ids: LegIds,
                 t0,
                 now: t0,
             };

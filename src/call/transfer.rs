@@ -282,7 +282,7 @@ enum State {
     },
     /// A line's or an agent's phone is being called.
     Calling {
-        leg: OperatorLeg,
+        leg: Box<OperatorLeg>,
         /// The agent rung (else a line).
         agent: Option<String>,
         /// The target's early media, relayed to the caller until it answers.
@@ -341,7 +341,7 @@ impl Transfer {
         }
         let state = match start {
             Start::Line { name, place, ring } => {
-                let leg = OperatorLeg::dial(&place, name, ring);
+                let leg = Box::new(OperatorLeg::dial(&place, name, ring));
                 out.push_back(Out::Place(place));
                 State::Calling {
                     leg,
@@ -535,7 +535,7 @@ impl Transfer {
         };
         match result {
             Ok(()) => {
-                let leg = OperatorLeg::dial(&place, agent.clone(), ring);
+                let leg = Box::new(OperatorLeg::dial(&place, agent.clone(), ring));
                 self.out.push_back(Out::Place(place));
                 self.state = State::Calling {
                     leg,
@@ -695,10 +695,10 @@ impl Transfer {
         self.finish_notify(200);
         self.outcome = Some("connected".into());
         let c = match agent {
-            Some(_) => Connected::Agent(leg),
+            Some(_) => Connected::Agent(*leg),
             None => Connected::Line {
                 name: leg.agent.clone(),
-                leg,
+                leg: *leg,
             },
         };
         self.out.push_back(Out::Connected(c));
@@ -842,7 +842,7 @@ mod tests {
             );
             let mut r = Run {
                 t,
-                ids: LegIds::default(),
+                ids: LegIds,
                 t0,
                 now: t0,
             };
