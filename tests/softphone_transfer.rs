@@ -1,8 +1,10 @@
-//! Transfers from real phones: baresip (Debian's 1.0, `baresip-core`) as the operator, logged
-//! in as agent 1001, auto-answering the queued caller; its `/transfer` command sends REFER on
-//! the call (its desk-phone transfer key). The caller is the test UA of `tests/common`, its
-//! number asserted by a trusted trunk (the loopback); the PSAP is a test UA here that records
-//! the INVITE it gets and talks back.
+//! Transfers from real phones, logged in as agent 1001 and auto-answering the queued caller:
+//! baresip (Debian's 1.0, `baresip-core`), whose `/transfer` command sends REFER on the call
+//! (a desk phone's transfer key), and linphonec (`linphone-cli`), which calls the target from
+//! the same phone (holding the caller) and joins them with `transfer 1 --to-call 2` (REFER
+//! with `Replaces`, RFC 3891). The caller is the test UA of `tests/common`, its number
+//! asserted by a trusted trunk (the loopback); the PSAP and the crisis line are test UAs here
+//! that record the INVITE they get and talk back.
 //!
 //! Asserted: the PSAP's INVITE carries the caller's number (From and P-Asserted-Identity), not
 //! the operator's; the phone sees `202` and the NOTIFY progress (`message/sipfrag` 100 then
@@ -92,7 +94,8 @@ fn level(payloads: &[Vec<u8>]) -> f64 {
     }
 }
 
-/// The PSAP: takes the server's INVITE, answers it with media of its own.
+/// A target (the PSAP, a crisis line): takes the server's INVITE, answers it with media of
+/// its own.
 struct Psap {
     sip: UdpSocket,
     rtp: UdpSocket,
@@ -316,6 +319,226 @@ async fn baresip_operator_transfers_the_caller_to_911_with_its_transfer_command(
     assert!(
         psap.next("BYE", Duration::from_secs(3)).await.is_some(),
         "the PSAP hears the hang-up"
+    );
+    srv.shutdown().await;
+}
+
+/// `packets` of a 1 kHz tone (PCMU, 20 ms apart) from `sock` to `to`.
+async fn send_tone(sock: &UdpSocket, to: SocketAddr, packets: usize) {
+    let pcm: Vec<i16> = (0..160)
+        .map(|i| ((i as f32 * std::f32::consts::TAU * 1000.0 / 8000.0).sin() * 12000.0) as i16)
+        .collect();
+    let mut payload = [0u8; 160];
+    Codec::Pcmu.encode(&pcm, &mut payload);
+    let mut out = RtpStream::new();
+    let mut buf = [0u8; 200];
+    for _ in 0..packets {
+        let n = out.write(0, &payload, 160, &mut buf);
+        sock.send_to(&buf[..n], to).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// RTP payloads received on `sock` for `d`.
+async fn hear_on(sock: &UdpSocket, d: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + d;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        sock.recv_from(&mut buf),
+    )
+    .await
+    {
+        if let Ok(p) = rtp::parse(&buf[..n]) {
+            got.push(p.payload.to_vec());
+        }
+    }
+    got
+}
+
+/// The only live call's state, once it is `want`.
+async fn call_state(http_addr: SocketAddr, want: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let calls = admin_calls(http_addr).await;
+        if calls.len() == 1 && calls[0]["state"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call {want:?}: {calls:?}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it() {
+    let work = WorkDir::new("linphone-attended");
+    let line = Psap {
+        sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let mut file = FileConfig {
+        agents: vec![AgentConfig {
+            id: AGENT.into(),
+            password: PASSWORD.into(),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        }],
+        queues: vec![QueueConfig {
+            name: "general".into(),
+            ring_timeout_seconds: 20,
+            ..QueueConfig::default()
+        }],
+        ..FileConfig::default()
+    };
+    file.trunks.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    file.transfers = ivr311::config::TransfersConfig(vec![ivr311::config::TransferLine {
+        name: "crisis".into(),
+        number: "988".into(),
+        uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
+        headers: Default::default(),
+        ring_timeout_seconds: 20,
+    }]);
+    let srv = start_server(file).await;
+    let mut phone = Linphonec::start(
+        work.path(),
+        &linphonerc(i32::from(free_sip_port()), free_media_port()),
+        true,
+    );
+    phone.ready().await;
+    phone.proc.send(&format!(
+        "register sip:{AGENT}@{srv} sip:{srv} {PASSWORD}\n",
+        srv = srv.sip_addr
+    ));
+    if let Err(e) = agent_logs_in(srv.http_addr, AGENT, Duration::from_secs(10)).await {
+        panic!("linphonec did not log in ({e}):\n{}", phone.log());
+    }
+
+    // The caller reaches the operator; linphonec answers by itself (call 1).
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    caller.from_user = CALLER.into();
+    let (_, r) = caller
+        .call_with(
+            "0 101",
+            &format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n"),
+        )
+        .await;
+    assert_eq!(r.code, 200);
+    caller.listen(Duration::from_millis(500)).await;
+    caller.keys("110").await;
+    call_state(srv.http_addr, "with operator", || phone.log()).await;
+
+    // The operator holds the caller and calls the crisis line from the same phone (call 2).
+    phone.proc.send("pause 1\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !phone.output().to_lowercase().contains("paused") {
+        assert!(
+            Instant::now() < deadline,
+            "linphonec held call 1:\n{}",
+            phone.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    phone.proc.send(&format!("call sip:988@{}\n", srv.sip_addr));
+    let (inv, from) = line
+        .next("INVITE", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("the line got no INVITE:\n{}", phone.log()));
+    assert_eq!(
+        inv.from.user(),
+        Some(CALLER),
+        "the held caller's number: {}",
+        inv.from.raw
+    );
+    assert_eq!(inv.header("X-311-Transferred-By"), Some(AGENT));
+    line.answer(&inv, from).await;
+    call_state(srv.http_addr, "consulting", || phone.log()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !phone
+        .output()
+        .lines()
+        .any(|l| l.contains("Call 2 with") && l.contains("connected"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "linphonec's call 2 is up:\n{}",
+            phone.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Attended transfer: REFER on call 1 replacing call 2.
+    phone.proc.send("transfer 1 --to-call 2\n");
+    call_state(srv.http_addr, "transferred", || phone.log()).await;
+    let refer = phone
+        .debug_log()
+        .split("REFER sip:")
+        .nth(1)
+        .map(|r| r.lines().take(20).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default();
+    assert!(refer.contains("Replaces="), "linphonec's REFER: {refer}");
+    assert!(
+        line.next("INVITE", Duration::from_millis(500))
+            .await
+            .is_none(),
+        "the line is not called again: the consultation's leg is joined"
+    );
+    // Both of the phone's calls end; the operator is free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = agent(srv.http_addr, AGENT).await["state"].clone();
+        let ended = phone.output().matches("ended").count() >= 2
+            || phone.output().matches("Call ended").count() >= 2;
+        if (state == "wrap_up" || state == "available") && ended {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator's calls ended ({state}):\n{}",
+            phone.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The caller and the line hear each other.
+    let leg = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    let (_, heard) = tokio::join!(
+        send_tone(&line.rtp, leg, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the line's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let (_, heard) = tokio::join!(
+        caller.speak(60),
+        hear_on(&line.rtp, Duration::from_millis(1500))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at the line: {:.3}",
+        level(&heard)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows = srv.tickets.transfers_of(&caller.call_id).await.unwrap();
+        if rows.iter().any(|r| r.outcome == "connected") {
+            assert_eq!(rows.last().unwrap().requested_via, "phone_call", "{rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    phone.proc.send("quit\n");
+    caller.bye().await;
+    assert!(
+        line.next("BYE", Duration::from_secs(3)).await.is_some(),
+        "the line hears the hang-up"
     );
     srv.shutdown().await;
 }
