@@ -1475,3 +1475,76 @@ async fn an_admin_sends_the_caller_to_911_even_while_another_transfer_rings() {
     caller.bye().await;
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_consults_another_operator_who_then_takes_the_caller() {
+    let srv = start_server(config(vec![])).await;
+    let mut second = Phone::login(&srv, "1002").await;
+    set_paused(&srv, "1002", true).await;
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    set_paused(&srv, "1002", false).await;
+    op.hold(true).await;
+
+    let mut c = op.dial("1002").await;
+    let inv = second.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(
+        inv.from.user(),
+        Some(CALLER),
+        "the held caller's number: {}",
+        inv.from.raw
+    );
+    assert_eq!(h(&inv, "X-311-Transferred-By"), Some("1001"));
+    assert_eq!(h(&inv, "X-311-Call-ID"), Some(caller.call_id.as_str()));
+    second
+        .a
+        .reply(&inv, 200, "OK", Some(second.a.answer_sdp()))
+        .await;
+    second.inv = Some(inv.clone());
+    assert_eq!(op.dialled(&mut c, Duration::from_secs(5)).await, 200);
+    assert_eq!(agent_state(srv.http_addr, "1002").await, "on_call");
+    call_state(&srv, "consulting").await;
+    // One call from the phone at a time (besides 911).
+    let mut again = op.dial("1002").await;
+    assert_eq!(op.dialled(&mut again, Duration::from_secs(3)).await, 486);
+    metric_is(&srv, "ivr311_transfer_refusals_total{reason=\"busy\"}", 1.0).await;
+
+    assert_eq!(op.refer_replacing(&c, "1002").await.code, 202);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
+    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 200);
+    op.request("BYE", Duration::from_secs(3)).await;
+    op.request("BYE", Duration::from_secs(3)).await;
+    // 1002 is the caller's operator now, on the leg it answered.
+    call_state(&srv, "with operator").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let first = agent_state(srv.http_addr, "1001").await;
+        if first == "wrap_up" || first == "available" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "1001 is free: {first}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent_state(srv.http_addr, "1002").await, "on_call");
+    let mut out = RtpStream::new();
+    let (_, heard) = tokio::join!(
+        second.speak(&mut out, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "1002's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let (_, heard) = tokio::join!(
+        caller.speak(60),
+        hear_on(&second.a.rtp, Duration::from_millis(1500))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at 1002: {:.3}",
+        level(&heard)
+    );
+    caller.bye().await;
+    second.request("BYE", Duration::from_secs(3)).await;
+    srv.shutdown().await;
+}

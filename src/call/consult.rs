@@ -7,8 +7,9 @@
 //! reaches the menu. Its Request-URI user is routed by the operators' dial plan
 //! ([`super::dialplan`]): `911`, a `transfers` line's number or name, another agent's id.
 //! A number the plan does not list is refused (`403`), anything else `404`, a queue's name
-//! `403` (a caller is put in a queue by transferring them), each refusal counted in
-//! `ivr311_transfer_refusals_total`. `911` is never refused by policy.
+//! `403` (a caller is put in a queue by transferring them), a second call while the phone
+//! has one going `486`, each refusal counted in `ivr311_transfer_refusals_total`. `911` is
+//! never refused by policy.
 //!
 //! The target is rung by the same [`Transfer`] machine a blind transfer uses
 //! ([`Via::PhoneCall`]), with the context of the caller the operator holds (found in the
@@ -58,6 +59,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument, Span};
+
+/// Calls from one operator's phone at a time (911 is never refused).
+const MAX_CONSULTS_PER_AGENT: usize = 1;
 
 /// How a consultation's outcome is counted in `ivr311_transfers_total` when it does not end
 /// in a transfer (the caller's call counts the transfer when it is joined).
@@ -752,6 +756,16 @@ pub(crate) async fn run_consult(
         }
     };
     let is_911 = dest == Destination::Emergency;
+    // One call from a phone at a time besides 911 (which is never refused by policy).
+    if !is_911 && ctx.registry.consults_of(&agent) >= MAX_CONSULTS_PER_AGENT {
+        info!(%agent, "the operator's phone has a call of its own going already; 486");
+        count("busy");
+        let (code, w) = refuse(486, "one call from the phone at a time".into());
+        call.handle
+            .respond(code, reason_phrase(code), w, None)
+            .await;
+        return;
+    }
     if ctx.draining.is_cancelled() && !is_911 {
         call.handle
             .respond(

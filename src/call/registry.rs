@@ -225,6 +225,14 @@ impl CallRegistry {
         self.consults.remove(&dialog);
     }
 
+    /// How many consultations agent `agent` has going.
+    pub(crate) fn consults_of(&self, agent: &str) -> usize {
+        self.consults
+            .iter()
+            .filter(|e| e.value().0 == agent)
+            .count()
+    }
+
     /// The consultation on `dialog`: its agent and where it takes commands.
     pub(crate) fn consult(
         &self,
