@@ -1232,6 +1232,7 @@ async fn an_operator_dials_911_for_the_held_caller_then_hands_them_over_with_rep
     );
     caller.bye().await;
     assert!(psap.next("BYE", Duration::from_secs(3)).await.is_some());
+    metric_is(&srv, "ivr311_calls_total{outcome=\"emergency\"}", 1.0).await;
     srv.shutdown().await;
 }
 

@@ -1848,6 +1848,9 @@ impl CallCore {
             Ok(joined) => {
                 let (t, c) = *joined;
                 self.consulting = None;
+                if matches!(c, Connected::Emergency(_)) {
+                    self.outcome = Some("emergency");
+                }
                 self.notify_operator(200);
                 if let Phase::Queue(q) = &mut self.phase {
                     q.transfer = Some(Box::new(t));
