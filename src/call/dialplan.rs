@@ -106,8 +106,8 @@ fn digits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
-/// The `transfers:` section, checked entry by entry and for duplicates as it is read (a
-/// duplicate is placed at the entry that repeats a name or number).
+/// The `transfers:` section, checked entry by entry and for duplicates as it is read (a bad
+/// entry is placed at that entry, a repeated name or number at the list).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransfersConfig(pub Vec<TransferLine>);
 
