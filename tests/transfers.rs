@@ -105,8 +105,18 @@ impl Phone {
 
     /// The next NOTIFY's sipfrag status and Subscription-State.
     async fn notify(&mut self, t: Duration) -> (u16, String) {
+        let (code, state, event) = self.notify_event(t).await;
+        assert!(
+            event == "refer" || event.starts_with("refer;id="),
+            "Event: {event}"
+        );
+        (code, state)
+    }
+
+    /// The next NOTIFY's sipfrag status, Subscription-State and Event.
+    async fn notify_event(&mut self, t: Duration) -> (u16, String, String) {
         let n = self.request("NOTIFY", t).await;
-        assert_eq!(n.header("Event"), Some("refer"), "Event: refer");
+        let event = n.header("Event").unwrap_or("").to_owned();
         assert!(
             n.content_type()
                 .is_some_and(|c| c.starts_with("message/sipfrag")),
@@ -120,7 +130,7 @@ impl Phone {
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
         let state = n.header("Subscription-State").unwrap_or("").to_owned();
-        (code, state)
+        (code, state, event)
     }
 
     /// Answer the server's offer (the caller, queued) with 200 and our SDP.
@@ -842,7 +852,7 @@ async fn a_busy_or_silent_target_returns_the_caller_to_the_operator_who_hears_wh
     let (mut caller, mut op) = caller_with_1001(&srv).await;
 
     assert_eq!(op.refer("<sip:7001@127.0.0.1>").await.code, 202);
-    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
+    assert_eq!(op.notify_event(Duration::from_secs(3)).await.2, "refer");
     let inv = busy.invite().await;
     busy.respond(&inv, 486, "Busy Here").await;
     assert_eq!(
@@ -862,11 +872,15 @@ async fn a_busy_or_silent_target_returns_the_caller_to_the_operator_who_hears_wh
         level(&heard)
     );
 
-    // A target that says nothing: unreachable after 5 s.
+    // A target that says nothing: unreachable after 5 s. The NOTIFYs of this second REFER in
+    // the dialog name it by its CSeq (RFC 3515 §2.4.6); the first REFER's did not.
     let started = Instant::now();
     assert_eq!(op.refer("<sip:nowhere@127.0.0.1>").await.code, 202);
-    assert_eq!(op.notify(Duration::from_secs(3)).await.0, 100);
-    assert_eq!(op.notify(Duration::from_secs(8)).await.0, 408);
+    let id = format!("refer;id={}", op.cseq);
+    let (code, _, event) = op.notify_event(Duration::from_secs(3)).await;
+    assert_eq!((code, event.as_str()), (100, id.as_str()));
+    let (code, _, event) = op.notify_event(Duration::from_secs(8)).await;
+    assert_eq!((code, event.as_str()), (408, id.as_str()));
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "{:?}",

@@ -481,6 +481,9 @@ pub(crate) struct CallCore {
     timers: Timers,
     legs: LegIds,
     next_req: u64,
+    /// REFERs accepted on the operator leg so far, and the `Event` id of the NOTIFYs of the
+    /// latest (its CSeq, from the second REFER of a dialog on).
+    refers: (Option<LegId>, u32, Option<u32>),
     /// The menu's inputs not yet handled.
     inputs: VecDeque<engine::Input>,
     /// Keys pressed while waiting for an operator.
@@ -557,6 +560,7 @@ impl CallCore {
             timers,
             legs: LegIds,
             next_req: 1,
+            refers: (None, 0, None),
             inputs: VecDeque::from([engine::Input::Start]),
             queued_keys: VecDeque::new(),
             hangup_after_play: None,
@@ -1803,6 +1807,7 @@ impl CallCore {
                 code: 202,
                 headers: Vec::new(),
             });
+            self.refer_accepted(leg, r.cseq);
             self.joining = true;
             self.notify_operator(100);
             self.stop_playback();
@@ -1834,9 +1839,18 @@ impl CallCore {
                     code: 202,
                     headers: Vec::new(),
                 });
+                self.refer_accepted(leg, r.cseq);
                 self.start_transfer(now, dest, Via::Refer);
             }
         }
+    }
+
+    /// A REFER on operator leg `leg` was accepted: from the second on that leg, its NOTIFYs
+    /// carry its CSeq as the `Event` id (RFC 3515 §2.4.6).
+    fn refer_accepted(&mut self, leg: LegId, cseq: u32) {
+        let (on, n, _) = self.refers;
+        let n = if on == Some(leg) { n } else { 0 };
+        self.refers = (Some(leg), n + 1, (n > 0).then_some(cseq));
     }
 
     /// The consulted party of an attended transfer is handed over (or not).
@@ -2047,7 +2061,11 @@ impl CallCore {
             leg,
             req,
             method: Method::Notify,
-            headers: crate::sip::refer::notify_headers(code, transfer::SUBSCRIPTION_SECONDS),
+            headers: crate::sip::refer::notify_headers(
+                code,
+                transfer::SUBSCRIPTION_SECONDS,
+                self.refers.2,
+            ),
             body: Some((
                 "message/sipfrag;version=2.0".to_owned(),
                 crate::sip::refer::sipfrag(code),
@@ -2513,7 +2531,7 @@ impl CallCore {
                             leg,
                             req,
                             method: Method::Notify,
-                            headers: crate::sip::refer::notify_headers(code, 0),
+                            headers: crate::sip::refer::notify_headers(code, 0, self.refers.2),
                             body: Some((
                                 "message/sipfrag;version=2.0".to_owned(),
                                 crate::sip::refer::sipfrag(code),
@@ -3180,6 +3198,7 @@ mod tests {
     fn refer(txn: u64, to: &str) -> LegEvent {
         LegEvent::Dialog(DialogEvent::Refer(Box::new(Refer {
             txn,
+            cseq: 2,
             refer_to: crate::sip::refer::refer_to([to].into_iter()),
             referred_by: Some("sip:1001@198.51.100.9".into()),
             replaces_dialog: None,
@@ -3453,6 +3472,7 @@ mod tests {
         // From the caller's side.
         let out = c.dialog(DialogEvent::Refer(Box::new(Refer {
             txn: 1,
+            cseq: 2,
             refer_to: crate::sip::refer::refer_to(["<sip:988@x>"].into_iter()),
             referred_by: None,
             replaces_dialog: None,

@@ -201,16 +201,20 @@ pub fn sipfrag(code: u16) -> Bytes {
 }
 
 /// The headers of a NOTIFY of the implicit subscription a REFER created (RFC 3515 §2.4.4):
-/// `Event: refer`, and `Subscription-State` active for `expires` seconds while the transfer
-/// goes on, terminated once `code` is final.
-pub fn notify_headers(code: u16, expires: u64) -> Vec<(String, String)> {
+/// `Event: refer` (with `;id=<the REFER's CSeq>` when `id` is given: a REFER after the first
+/// in its dialog, §2.4.6), and `Subscription-State` active for `expires` seconds while the
+/// transfer goes on, terminated once `code` is final.
+pub fn notify_headers(code: u16, expires: u64, id: Option<u32>) -> Vec<(String, String)> {
     let state = if code >= 200 {
         "terminated;reason=noresource".to_owned()
     } else {
         format!("active;expires={expires}")
     };
     vec![
-        ("Event".to_owned(), "refer".to_owned()),
+        (
+            "Event".to_owned(),
+            id.map_or_else(|| "refer".to_owned(), |id| format!("refer;id={id}")),
+        ),
         ("Subscription-State".to_owned(), state),
     ]
 }
@@ -341,10 +345,11 @@ mod tests {
             Some(180)
         );
         assert_eq!(sipfrag_code(b"garbage"), None);
-        let h = notify_headers(100, 60);
+        let h = notify_headers(100, 60, None);
         assert!(h.contains(&("Subscription-State".into(), "active;expires=60".into())));
         assert!(h.contains(&("Event".into(), "refer".into())));
-        let h = notify_headers(503, 60);
+        let h = notify_headers(503, 60, Some(7));
+        assert!(h.contains(&("Event".into(), "refer;id=7".into())));
         assert!(h.contains(&(
             "Subscription-State".into(),
             "terminated;reason=noresource".into()

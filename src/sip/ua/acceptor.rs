@@ -700,12 +700,14 @@ impl Core {
                     .ok()
                     .and_then(|r| r.replaces.as_ref())
                     .and_then(|r| self.dialog_named(r));
+                let cseq = req.cseq;
                 let id = self.insert_server(key.clone(), req, flow, Some(d));
                 if let Some(de) = self.dialogs.get_mut(&d) {
                     de.requests.insert(id, key);
                 }
                 let ev = DialogEvent::Refer(Box::new(Refer {
                     txn: id,
+                    cseq,
                     refer_to,
                     referred_by,
                     replaces_dialog,

@@ -87,6 +87,9 @@ pub enum DialogEvent {
 pub struct Refer {
     /// Answer with [`DialogHandle::answer_request`].
     pub txn: u64,
+    /// The REFER's CSeq number: the NOTIFYs of a REFER after the first in its dialog name it
+    /// (`Event: refer;id=`, RFC 3515 §2.4.6).
+    pub cseq: u32,
     /// Where to transfer the call, or why `Refer-To` cannot be used (answer 400).
     pub refer_to: Result<ReferTo, ReferError>,
     /// The `Referred-By` URI, if any.
