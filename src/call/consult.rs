@@ -152,6 +152,8 @@ pub(crate) enum Action {
         outcome: &'static str,
     },
     RecordTransfer(TransferView),
+    /// The transfer's progress for `/admin/transfers/{id}` (its end).
+    ShowTransfer(TransferView),
     TransferOutcome {
         record: TransferRecord,
         outcome: String,
@@ -688,18 +690,33 @@ impl ConsultCore {
     fn record(&mut self, outcome: String, counted: &'static str) {
         let Some(t) = &self.transfer else { return };
         let kind = t.kind;
-        let record = self.held_call.as_ref().map(|call_id| TransferRecord {
-            id: t.id,
-            call_id: call_id.clone(),
-            operator: Some(self.agent.clone()),
-            target: t.target.clone(),
-            requested_via: t.via.as_str().to_owned(),
+        let record = self.held_call.as_ref().map(|call_id| {
+            let record = TransferRecord {
+                id: t.id,
+                call_id: call_id.clone(),
+                operator: Some(self.agent.clone()),
+                target: t.target.clone(),
+                requested_via: t.via.as_str().to_owned(),
+            };
+            let view = TransferView {
+                id: t.id,
+                call_id: call_id.clone(),
+                target: t.target.clone(),
+                via: t.via.as_str(),
+                operator: Some(self.agent.clone()),
+                state: outcome.clone(),
+                caller: "with operator".into(),
+                started: t.started,
+                done: true,
+            };
+            (record, view)
         });
         self.actions.push_back(Action::CountTransfer {
             kind,
             outcome: counted,
         });
-        if let Some(record) = record {
+        if let Some((record, view)) = record {
+            self.actions.push_back(Action::ShowTransfer(view));
             self.actions
                 .push_back(Action::TransferOutcome { record, outcome });
         }
@@ -988,7 +1005,7 @@ impl ConsultDriver {
             .get_or_insert_with(|| (rand::random::<u64>() >> 1) | (1 << 62))
     }
 
-    async fn carry_out(&mut self, a: Action, call: &IncomingCall) -> Option<super::consult::Input> {
+    async fn carry_out(&mut self, a: Action, call: &IncomingCall) -> Option<Input> {
         match a {
             Action::Ringing => call.handle.respond(180, "Ringing", vec![], None).await,
             Action::Refuse { code, why } => {
@@ -1165,6 +1182,7 @@ impl ConsultDriver {
                     .in_current_span(),
                 );
             }
+            Action::ShowTransfer(view) => self.ctx.registry.show_transfer(&view),
             Action::TransferOutcome { record, outcome } => {
                 let store = self.ctx.tickets.clone();
                 self.ctx.tracker.spawn(
@@ -1482,6 +1500,12 @@ mod tests {
         );
         assert!(!out.iter().any(|a| matches!(a, Action::Answer)));
         assert!(outcome(&out).is_some_and(|o| o.starts_with("consultation ended by the operator")));
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::ShowTransfer(v) if v.done && v.state.starts_with("consultation ended"))
+            ),
+            "/admin/transfers shows it over: {out:?}"
+        );
         assert!(ends(&out));
         assert_eq!(r.c.next_deadline(), None);
     }
