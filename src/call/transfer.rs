@@ -3,9 +3,12 @@
 //! stays on the call until the target answers.
 //!
 //! A sans-IO state machine ([`Transfer`]) that the call core ([`super::core`]) starts beside
-//! the operator's leg when the operator's phone sends REFER ([`Via::Refer`], RFC 3515), when
-//! an admin asks ([`Via::Admin`]), or when the operator's own call to a target is joined to
-//! the caller ([`Via::PhoneCall`]). Inputs and `now` go in, [`Out`]s come out, and
+//! the operator's leg when the operator's phone sends REFER ([`Via::Refer`], RFC 3515) or an
+//! admin asks ([`Via::Admin`]), and that an operator's own call from their phone
+//! ([`super::consult`], [`Via::PhoneCall`]) rings its target with; a consultation's
+//! connected target is handed to the caller's core on an attended transfer. What the target
+//! is told of the caller is a [`Context`], and [`start_for`] builds the start for either
+//! side. Inputs and `now` go in, [`Out`]s come out, and
 //! [`Transfer::next_deadline`] says when time matters. What it does, by target
 //! ([`super::dialplan::Destination`]):
 //!
