@@ -900,7 +900,9 @@ pub(crate) async fn run_consult(
     let dialog = call.handle.id;
     ctx.registry.add_consult(dialog, &agent, tx);
     if let Some(id) = held_id {
-        ctx.registry.tell(id, CallCommand::Consulting(Some(label)));
+        ctx.registry
+            .tell(id, CallCommand::Consulting(Some(label)))
+            .await;
     }
     let scope = LatchScope::SdpOr(call.source.ip());
     let mut d = ConsultDriver {
@@ -948,7 +950,7 @@ pub(crate) async fn run_consult(
     }
     ctx.registry.remove_consult(dialog);
     if let Some(id) = held_id {
-        ctx.registry.tell(id, CallCommand::Consulting(None));
+        ctx.registry.tell(id, CallCommand::Consulting(None)).await;
     }
     if let Some(m) = &d.phone_media {
         m.end();

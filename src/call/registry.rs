@@ -241,11 +241,17 @@ impl CallRegistry {
         self.consults.get(&dialog).map(|e| e.value().clone())
     }
 
-    /// Tell call `id` something that needs no answer (best effort: a full or closed channel
-    /// drops it).
-    pub(crate) fn tell(&self, id: u64, cmd: CallCommand) {
-        if let Some(tx) = self.commands.get(&id) {
-            let _ = tx.value().try_send(cmd);
+    /// Tell call `id` something that needs no answer: waits for room in its channel up to
+    /// [`COMMAND_WITHIN`] (a call that ended meanwhile is not told).
+    pub(crate) async fn tell(&self, id: u64, cmd: CallCommand) {
+        let Some(tx) = self.commands.get(&id).map(|t| t.value().clone()) else {
+            return;
+        };
+        if tokio::time::timeout(COMMAND_WITHIN, tx.send(cmd))
+            .await
+            .is_err()
+        {
+            tracing::warn!(call = id, "a call did not take a command in time");
         }
     }
 
