@@ -9,13 +9,15 @@
 //! part's type ([`QosConfig`] in [`crate::sockopt`], [`PortRange`] in [`crate::media::ports`],
 //! [`LogConfig`] in [`crate::logging`], [`RegistrarConfig`] in [`crate::sip::registrar`],
 //! [`TrunksConfig`] in [`crate::sip::trunk`], [`DnsConfig`] in [`crate::sip::resolve`],
-//! `emergency` in [`crate::dispatch::emergency`]), re-exported here. `sip`, `media` and `menu`
+//! `emergency` in [`crate::dispatch::emergency`], [`TransfersConfig`] in
+//! [`crate::call::dialplan`]), re-exported here. `sip`, `media` and `menu`
 //! never import this module; it imports their types.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::call::dialplan::{TransferLine, TransfersConfig};
 pub use crate::logging::LogConfig;
 pub use crate::media::ports::{parse_port_range, PortRange};
 pub use crate::sip::registrar::RegistrarConfig;
@@ -66,6 +68,8 @@ pub struct FileConfig {
     /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
     pub queues: Vec<QueueConfig>,
     pub callback: CallbackConfig,
+    /// Lines operators may transfer callers to (see [`crate::call::dialplan`]).
+    pub transfers: TransfersConfig,
     pub registrar: RegistrarConfig,
     pub trunks: TrunksConfig,
     pub qos: QosConfig,

@@ -34,7 +34,7 @@
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
-//! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
+//! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect, transfers) driven by a thin task; call-backs; operators' own calls and the dial plan |
 //! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics` |
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |

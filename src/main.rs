@@ -215,6 +215,9 @@ fn check_config(path: &std::path::Path) -> Option<FileConfig> {
     let problems: Vec<String> = [
         file.emergency.check().err(),
         file.callback.check().err().map(|e| e.to_string()),
+        ivr311::call::dialplan::check_transfers(&file.transfers, &file.agents, &file.queues)
+            .err()
+            .map(|e| e.to_string()),
     ]
     .into_iter()
     .flatten()

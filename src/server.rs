@@ -161,6 +161,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         q.check(&file.agents)
             .map_err(|e| StartError::Config(e.to_string()))?;
     }
+    crate::call::dialplan::check_transfers(&file.transfers, &file.agents, &file.queues)
+        .map_err(|e| StartError::Config(e.to_string()))?;
     for w in file.warnings() {
         warn!("config: {w}");
     }
@@ -337,6 +339,24 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         trusted: Arc::new(file.trunks.allow.clone()),
         callback: Arc::new(file.callback.clone()),
         log: file.log,
+        dialplan: crate::call::dialplan::DialPlan::new(
+            &file.transfers,
+            &file.agents.iter().map(|a| a.id.clone()).collect::<Vec<_>>(),
+            &file
+                .queues
+                .iter()
+                .map(|q| q.name.clone())
+                .collect::<Vec<_>>(),
+        ),
+        agent_ring: Duration::from_secs(
+            file.queues
+                .first()
+                .map_or(
+                    crate::config::QueueConfig::default().ring_timeout_seconds,
+                    |q| q.ring_timeout_seconds,
+                )
+                .max(1),
+        ),
     };
     tracker.spawn(call::accept_calls(
         app_rx,

@@ -290,3 +290,46 @@ fn a_start_up_failure_says_each_cause_once_with_a_hint() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn check_config_refuses_a_transfers_list_that_cannot_work_and_says_where() {
+    let dir = std::env::temp_dir().join(format!("ivr311-transfers-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "agents:\n  - {id: \"1001\", password: \"pw\"}\ntransfers:\n  - {name: crisis, number: \"988\", uri: \"sip:988@198.51.100.30\"}\n  - {name: crisis2, number: \"988\", uri: \"sip:x@198.51.100.31\"}\n",
+            ":4:3: transfers: two entries have the number \"988\"",
+        ),
+        (
+            "agents:\n  - {id: \"1001\", password: \"pw\"}\ntransfers:\n  - {name: desk, number: \"1001\", uri: \"sip:988@198.51.100.30\"}\n",
+            ": transfers: \"1001\" is also an agent's id",
+        ),
+        (
+            "transfers:\n  - {name: desk, number: \"911\", uri: \"sip:911@198.51.100.30\"}\n",
+            "911",
+        ),
+        (
+            "transfers:\n  - {name: desk, number: \"7001\", uri: \"http://198.51.100.30/\"}\n",
+            ":2:3: transfers: desk: uri \"http://198.51.100.30/\" must be sip:",
+        ),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("c{i}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        let out = ivr311(&["check", "--config", path.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{yaml}: {text}");
+        assert!(
+            text.contains(&format!(
+                "{}{want}",
+                if want.starts_with(':') {
+                    path.display().to_string()
+                } else {
+                    String::new()
+                }
+            )),
+            "{yaml}: {text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

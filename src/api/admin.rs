@@ -20,6 +20,8 @@
 //! | --- | --- | --- |
 //! | GET | `/admin/calls` | live calls: caller, language, current menu or state, seconds in call |
 //! | POST | `/admin/calls/{call_id}/hangup` | hang a call up (BYE) |
+//! | POST | `/admin/calls/{call_id}/transfer` | transfer the caller away from their operator, JSON `{"to": "911" \| "<transfers name or number>" \| "agent:<id>" \| "queue:<name>"}`: 202 with `{"transfer_id": n}`; 404 no such call or target, 403 a number the plan forbids, 409 not with an operator or a transfer in progress |
+//! | GET | `/admin/transfers/{id}` | a transfer's progress: `state` (`calling`, `ringing`, `calling 911`, then `connected` or `failed: ...` and where the caller went), `caller_state`, `done` |
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
 //! | POST | `/admin/requests/{id}` | staff status update: JSON `{"status": "open"/"closed", "status_notes": "..."}` |
 //! | GET | `/admin/requests/{id}/recording` | the caller's recorded description of a phone ticket (`audio/wav`) |
@@ -49,6 +51,8 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
     Router::new()
         .route("/admin/calls", get(calls))
         .route("/admin/calls/{call_id}/hangup", post(hangup))
+        .route("/admin/calls/{call_id}/transfer", post(transfer))
+        .route("/admin/transfers/{id}", get(transfer_progress))
         .route("/admin/menu/reload", post(reload))
         .route("/admin/requests/{id}", post(update_request))
         .route("/admin/requests/{id}/recording", get(recording))
@@ -234,6 +238,57 @@ async fn hangup(State(s): State<ApiState>, Path(call_id): Path<String>) -> Respo
             Json(json!({"error": "no such call"})),
         )
             .into_response()
+    }
+}
+
+/// `POST /admin/calls/{call_id}/transfer` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferBody {
+    to: String,
+}
+
+async fn transfer(
+    State(s): State<ApiState>,
+    Path(call_id): Path<String>,
+    body: Result<Json<TransferBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "expected JSON {\"to\": \"911\" | \"<transfers name or number>\" | \"agent:<id>\" | \"queue:<name>\"}"})),
+        )
+            .into_response();
+    };
+    match s.registry.transfer(&call_id, &body.to).await {
+        Ok(id) => {
+            info!(%call_id, to = %body.to, transfer = id, "admin asked for a transfer");
+            (StatusCode::ACCEPTED, Json(json!({"transfer_id": id}))).into_response()
+        }
+        Err((code, why)) => {
+            if code == 404 && why == "no such call" {
+                // Counted where the call refuses; a call that does not exist is counted here.
+                s.metrics.add(
+                    "ivr311_transfer_refusals_total",
+                    "Transfer requests (REFER, an agent's call, the admin API) refused, by reason.",
+                    &[("reason", "no_such_call")],
+                    1,
+                );
+            }
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT);
+            (status, Json(json!({"error": why}))).into_response()
+        }
+    }
+}
+
+async fn transfer_progress(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
+    match s.registry.transfer_info(id) {
+        Some(t) => Json(t).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such transfer (finished ones are kept for a while)"})),
+        )
+            .into_response(),
     }
 }
 

@@ -370,6 +370,13 @@ pub(crate) enum Action {
         code: u16,
         body: Option<(String, Bytes)>,
     },
+    /// Answer a request a leg's phone sent (REFER).
+    AnswerLegRequest {
+        leg: LegId,
+        txn: u64,
+        code: u16,
+        headers: Vec<(String, String)>,
+    },
     Queue(QueueCommand),
     /// File the flagged ticket that stands in for this call-back; [`Input::Filed`] follows.
     FileTicket(Box<NewTicket>),
@@ -477,7 +484,7 @@ impl CallbackCore {
             trunk: Trunk::Idle,
             operator: None,
             span,
-            legs: LegIds::default(),
+            legs: LegIds,
             timers: [None; 3],
             playing: false,
             caller_codec: None,
@@ -838,8 +845,25 @@ impl CallbackCore {
                 self.trunk = Trunk::Idle;
                 self.caller_gone();
             }
+            LegEvent::Dialog(DialogEvent::Refer(r)) => {
+                // The called-back caller's side cannot make the city's server dial out.
+                if let Some(leg) = self.trunk.leg() {
+                    self.refuse_refer(leg, r.txn, "a caller's line cannot transfer the call");
+                }
+            }
             LegEvent::Dialog(_) => {}
         }
+    }
+
+    /// Answer a REFER on `leg` with 403 (transfers are taken on live calls' operator legs).
+    fn refuse_refer(&mut self, leg: LegId, txn: u64, why: &str) {
+        info!(reason = why, "REFER on a call-back refused");
+        self.actions.push_back(Action::AnswerLegRequest {
+            leg,
+            txn,
+            code: 403,
+            headers: vec![("Warning".into(), format!("399 ivr311 \"{why}\""))],
+        });
     }
 
     /// The answered caller left: end the operator's side too.
@@ -950,6 +974,9 @@ impl CallbackCore {
             LegStep::Gone { .. } => {
                 self.drop_operator(LegEnd::HangUpAndRelease);
                 self.end(End::Served);
+            }
+            LegStep::Refer(r) => {
+                self.refuse_refer(id, r.txn, "transfers are not available on a call-back")
             }
         }
     }
@@ -1195,6 +1222,16 @@ impl CallbackDriver {
             Action::RequestLeg { leg, req, method } => {
                 if let Some(l) = self.legs.get(leg) {
                     l.handle.request(req, method, vec![], None).await;
+                }
+            }
+            Action::AnswerLegRequest {
+                leg,
+                txn,
+                code,
+                headers,
+            } => {
+                if let Some(l) = self.legs.get(leg) {
+                    l.handle.answer_request(txn, code, headers).await;
                 }
             }
             Action::ReplyLeg {

@@ -20,11 +20,13 @@
 //! tokio, and it never reads the clock.
 
 use super::callback::{CallbackRequest, NotKept};
+use super::dialplan::{Destination, DialPlan};
 use super::emergency::{self, Caller, Emergency, LegIds, Sound};
 use super::leg::{BridgeTo, LegEnd, LegId, Media, NotPlaced, PlaceLeg, Placed};
 use super::menu_holder::ActiveMenu;
 use super::operator_leg::{LegStep, MediaChange, OperatorLeg, OperatorOffer};
 use super::setup::CallMeta;
+use super::transfer::{self, Connected, Transfer, TransferId, Via};
 use super::SUPPORTED_CODECS;
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::emergency::EmergencyConfig;
@@ -35,7 +37,7 @@ use crate::media::prompt::{ringback, Prompt};
 use crate::media::sdp::{self, Negotiated};
 use crate::menu::engine::{self, Engine, EngineStats, Output, TicketRequest};
 use crate::sip::message::Method;
-use crate::sip::ua::{DialogEvent, LegEvent};
+use crate::sip::ua::{DialogEvent, LegEvent, Refer};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -59,6 +61,8 @@ pub enum EndReason {
     Admin,
     /// The operator ended the bridged call.
     AgentHungUp,
+    /// The line the caller was transferred to hung up.
+    TargetHungUp,
 }
 
 impl EndReason {
@@ -88,6 +92,10 @@ pub(crate) struct CoreConfig {
     pub(crate) operators: bool,
     /// A call-back trunk is configured (else a call-back request becomes a flagged ticket).
     pub(crate) callbacks: bool,
+    /// Where operators may transfer callers.
+    pub(crate) dialplan: DialPlan,
+    /// How long an agent's phone rings for a caller transferred to them.
+    pub(crate) agent_ring: Duration,
 }
 
 /// What happens to the call, as the driver reports it.
@@ -134,6 +142,18 @@ pub(crate) enum Input {
     CallbackFiled(bool),
     /// An admin hangs the call up.
     AdminHangup,
+    /// An admin asks for the caller to be transferred to `to` (the dial plan's admin forms);
+    /// [`Action::AdminTransferAnswer`] follows.
+    AdminTransfer { to: String },
+    /// The queue's answer to [`QueueCommand::RingDirect`] (`Err`: the agent's state).
+    RangDirect(Result<(), &'static str>),
+    /// The queue's answer to [`QueueCommand::Rejoin`].
+    Rejoined(Result<Position, Refusal>),
+    /// The operator is consulting this target from their phone (`None`: no longer).
+    Consulting(Option<String>),
+    /// The answer to [`Action::JoinConsult`]: the consulted party (the transfer that rang it,
+    /// connected, and the target), or why not (the NOTIFY's status).
+    ConsultJoined(Result<Box<(Transfer, Connected)>, (u16, String)>),
     /// The server's drain time is over.
     Closing,
     /// The server is stopping.
@@ -160,6 +180,20 @@ pub(crate) enum QueueCommand {
     OfferWithdrawn(String),
     /// The call with this agent is over.
     CallEnded(String),
+    /// Wait at the front of `queue`, the wait counted from `since` (the queue's answer comes
+    /// back as [`Input::Rejoined`], its events as [`Input::Queue`]).
+    Rejoin {
+        queue: String,
+        skill: Option<String>,
+        since: Instant,
+    },
+    /// Ring `agent` directly for this caller if they are free ([`Input::RangDirect`]).
+    RingDirect {
+        agent: String,
+        ring_timeout: Duration,
+    },
+    /// The agent rung directly answered.
+    DirectAnswered(String),
 }
 
 /// What the core asks the driver to do.
@@ -205,11 +239,20 @@ pub(crate) enum Action {
     EndMedia,
     /// Place a leg; [`Input::Placed`] follows.
     PlaceLeg(Box<PlaceLeg>),
-    /// Send a request in a leg's dialog (the OPTIONS probe).
+    /// Send a request in a leg's dialog (the OPTIONS probe, a transfer's NOTIFY).
     RequestLeg {
         leg: LegId,
         req: u64,
         method: Method,
+        headers: Vec<(String, String)>,
+        body: Option<(String, Bytes)>,
+    },
+    /// Answer a request a dialog passed up (REFER): on a leg, or the caller's (`None`).
+    AnswerRequest {
+        leg: Option<LegId>,
+        txn: u64,
+        code: u16,
+        headers: Vec<(String, String)>,
     },
     /// Answer a leg's re-INVITE or UPDATE.
     ReplyLeg {
@@ -254,6 +297,35 @@ pub(crate) enum Action {
         language: String,
         state: String,
     },
+    /// The registry shows who the caller is talking to: the agent, on the leg (for their
+    /// phone's calls that name it), and the caller's context for those calls.
+    ShowOperator(Option<OperatorView>),
+    /// The answer to [`Input::AdminTransfer`]: the transfer's id, or a refusal (HTTP status
+    /// and why).
+    AdminTransferAnswer(Result<TransferId, (u16, String)>),
+    /// A transfer's progress, as `/admin/transfers/{id}` shows it.
+    ShowTransfer(TransferView),
+    /// Write the call's record of a transfer that started.
+    RecordTransfer(TransferView),
+    /// A transfer ended: its record's outcome, and (connected) what the call's tickets note.
+    TransferOutcome {
+        record: crate::dispatch::tickets::TransferRecord,
+        outcome: String,
+        ticket_note: Option<String>,
+    },
+    /// Count a transfer by target kind and outcome (`ivr311_transfers_total`).
+    CountTransfer {
+        kind: &'static str,
+        outcome: &'static str,
+    },
+    /// Count a transfer request refused, by reason (`ivr311_transfer_refusals_total`).
+    CountRefusal(&'static str),
+    /// Ask operator `agent`'s consultation on `dialog` for its target (an attended transfer);
+    /// answer with [`Input::ConsultJoined`] (the target's legs join the call's).
+    JoinConsult {
+        dialog: crate::sip::ua::DialogId,
+        agent: String,
+    },
     /// The call is over; nothing follows.
     End(EndReason),
 }
@@ -267,20 +339,23 @@ pub(crate) enum Timer {
     Menu = 1,
     /// The 911 redirect's current method.
     Emergency = 2,
+    /// A transfer's target: its first response, its ring timeout (or its 911 redirect's).
+    Transfer = 3,
     /// `limits.max_call_seconds`.
-    MaxCall = 3,
+    MaxCall = 4,
 }
 
-const TIMERS: [Timer; 4] = [
+const TIMERS: [Timer; 5] = [
     Timer::Operator,
     Timer::Menu,
     Timer::Emergency,
+    Timer::Transfer,
     Timer::MaxCall,
 ];
 
 /// When each [`Timer`] fires.
 #[derive(Debug, Default, Clone, Copy)]
-struct Timers([Option<Instant>; 4]);
+struct Timers([Option<Instant>; 5]);
 
 impl Timers {
     fn get(&self, t: Timer) -> Option<Instant> {
@@ -300,12 +375,60 @@ impl Timers {
 #[derive(Debug)]
 pub(crate) struct Queued {
     name: String,
+    /// The skill the queue matches operators on (the caller's language unless the menu
+    /// says).
+    skill: Option<String>,
+    /// When the caller first joined a queue (a transfer or a return to the front keeps it).
     entered: Instant,
     menu_path: String,
     /// The operator leg: ringing, or answered.
     operator: Option<OperatorLeg>,
     /// The agent the caller is talking to.
     connected: Option<String>,
+    /// A transfer the operator asked for, going on beside their leg.
+    transfer: Option<Box<Transfer>>,
+}
+
+/// A caller transferred to a line (`transfers` entry): bridged to it until either hangs up.
+#[derive(Debug)]
+pub(crate) struct LineCall {
+    leg: OperatorLeg,
+    name: String,
+}
+
+/// Who the caller is talking to, for the registry (their phone's own calls find the caller
+/// by it).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct OperatorView {
+    pub(crate) agent: String,
+    /// The operator's leg.
+    pub(crate) leg: LegId,
+    /// The caller's number, and whether a trusted trunk asserted it.
+    pub(crate) number: String,
+    pub(crate) asserted: bool,
+    /// The `X-311-*` headers of the caller's context.
+    pub(crate) context: Vec<(String, String)>,
+    pub(crate) language: String,
+    pub(crate) queue: String,
+    pub(crate) menu_path: String,
+    pub(crate) entered: Instant,
+}
+
+/// A transfer as `/admin/transfers/{id}` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TransferView {
+    pub(crate) id: TransferId,
+    pub(crate) call_id: String,
+    /// `911`, a line's name, `agent:<id>`, `queue:<name>`.
+    pub(crate) target: String,
+    pub(crate) via: &'static str,
+    pub(crate) operator: Option<String>,
+    /// `calling`, `ringing`, `calling 911`, ..., then `connected`, `failed: <why>`.
+    pub(crate) state: String,
+    /// Where the caller is now (`with operator`, `transferred`, `waiting for operator`...).
+    pub(crate) caller: String,
+    pub(crate) started: Instant,
+    pub(crate) done: bool,
 }
 
 /// What the call is doing.
@@ -317,6 +440,8 @@ pub(crate) enum Phase {
     Queue(Box<Queued>),
     /// Being sent to 911 (to the end of the call).
     Emergency(Box<Emergency>),
+    /// Transferred to a line (to the end of the call).
+    Line(Box<LineCall>),
 }
 
 /// The caller's side of the call as answered: our media address, the SDP session, and what
@@ -356,6 +481,9 @@ pub(crate) struct CallCore {
     timers: Timers,
     legs: LegIds,
     next_req: u64,
+    /// REFERs accepted on the operator leg so far, and the `Event` id of the NOTIFYs of the
+    /// latest (its CSeq, from the second REFER of a dialog on).
+    refers: (Option<LegId>, u32, Option<u32>),
     /// The menu's inputs not yet handled.
     inputs: VecDeque<engine::Input>,
     /// Keys pressed while waiting for an operator.
@@ -382,6 +510,21 @@ pub(crate) struct CallCore {
     pending_queue: Option<(String, String)>,
     /// The number a call-back was asked for, until the call-backs answer.
     pending_callback: Option<CallbackNumber>,
+    /// The skill asked for with `pending_queue`.
+    pending_skill: Option<String>,
+    /// A return to the front of a queue asked for, until the queue answers: for a transfer
+    /// to that queue (`true`), or after a transfer failed with the operator gone.
+    pending_rejoin: Option<(String, bool)>,
+    /// What the operator consults from their phone meanwhile (for `/admin/calls`).
+    consulting: Option<String>,
+    /// An attended transfer waits for the consulted party to be handed over.
+    joining: bool,
+    /// Where the caller was placed by the latest return to a queue.
+    rejoined_at: Option<Position>,
+    /// The operator the registry was last told of.
+    shown_operator: Option<OperatorView>,
+    /// The transfer state last shown (id, state).
+    shown_transfer: Option<(TransferId, String)>,
     actions: VecDeque<Action>,
 }
 
@@ -415,8 +558,9 @@ impl CallCore {
             recording: Recording::Off,
             phase: Phase::Menu,
             timers,
-            legs: LegIds::default(),
+            legs: LegIds,
             next_req: 1,
+            refers: (None, 0, None),
             inputs: VecDeque::from([engine::Input::Start]),
             queued_keys: VecDeque::new(),
             hangup_after_play: None,
@@ -430,6 +574,13 @@ impl CallCore {
             bridged: None,
             pending_queue: None,
             pending_callback: None,
+            pending_skill: None,
+            pending_rejoin: None,
+            consulting: None,
+            joining: false,
+            rejoined_at: None,
+            shown_operator: None,
+            shown_transfer: None,
             actions: VecDeque::new(),
         }
     }
@@ -495,6 +646,14 @@ impl CallCore {
                     }
                     self.drain_emergency();
                 }
+                Timer::Transfer => {
+                    if let Phase::Queue(q) = &mut self.phase {
+                        if let Some(t) = q.transfer.as_mut() {
+                            t.on_timeout(now, &mut self.legs);
+                        }
+                    }
+                    self.drain_transfer();
+                }
                 Timer::MaxCall => {
                     info!("call reached its maximum length; hanging up");
                     self.finish(now, EndReason::MaxDuration);
@@ -558,7 +717,7 @@ impl CallCore {
             }
             Input::Engine(i) => self.inputs.push_back(i),
             Input::Audited(id) => {
-                if let Phase::Emergency(e) = &mut self.phase {
+                if let Some(e) = emergency_in(&mut self.phase) {
                     e.audited(now, id, &mut self.legs);
                 }
                 self.drain_emergency();
@@ -570,6 +729,19 @@ impl CallCore {
                 info!("hung up by an admin");
                 self.finish(now, EndReason::Admin);
             }
+            Input::AdminTransfer { to } => {
+                let answer = self.admin_transfer(now, &to);
+                self.actions.push_back(Action::AdminTransferAnswer(answer));
+            }
+            Input::RangDirect(result) => {
+                if let Some(t) = self.transfer_mut() {
+                    t.claimed(result);
+                }
+                self.drain_transfer();
+            }
+            Input::Rejoined(result) => self.on_rejoined(now, result),
+            Input::Consulting(target) => self.consulting = target,
+            Input::ConsultJoined(result) => self.consult_joined(result),
             Input::Closing => self.say_goodbye(now),
             Input::Shutdown => self.finish(now, EndReason::Shutdown),
         }
@@ -620,6 +792,66 @@ impl CallCore {
             _ => None,
         };
         self.timers.set(Timer::Emergency, emergency);
+        let transfer = self.transfer().and_then(|t| t.next_deadline());
+        self.timers.set(Timer::Transfer, transfer);
+        let view = self.operator_view(now);
+        if view != self.shown_operator {
+            self.shown_operator = view.clone();
+            self.actions.push_back(Action::ShowOperator(view));
+        }
+        let view = self
+            .transfer()
+            .filter(|t| self.shown_transfer.as_ref() != Some(&(t.id, t.state_word().to_owned())))
+            .map(|t| self.transfer_view(t));
+        if let Some(view) = view {
+            self.shown_transfer = Some((view.id, view.state.clone()));
+            self.actions.push_back(Action::ShowTransfer(view));
+        }
+    }
+
+    /// Who the caller talks to now, for the registry: an answered operator.
+    fn operator_view(&self, now: Instant) -> Option<OperatorView> {
+        let Phase::Queue(q) = &self.phase else {
+            return None;
+        };
+        let leg = q.operator.as_ref().filter(|l| l.answered())?;
+        let agent = q.connected.clone()?;
+        let _ = now;
+        let context = vec![
+            (
+                "X-311-Language".to_owned(),
+                self.engine.language().to_owned(),
+            ),
+            ("X-311-Menu-Path".to_owned(), q.menu_path.clone()),
+            ("X-311-Queue".to_owned(), q.name.clone()),
+            ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
+        ];
+        Some(OperatorView {
+            agent,
+            leg: leg.id,
+            number: self.meta.caller.clone(),
+            asserted: self.meta.identity.asserted().is_some(),
+            context,
+            language: self.engine.language().to_owned(),
+            queue: q.name.clone(),
+            menu_path: q.menu_path.clone(),
+            entered: q.entered,
+        })
+    }
+
+    /// A transfer, as `/admin/transfers/{id}` shows it.
+    fn transfer_view(&self, t: &Transfer) -> TransferView {
+        TransferView {
+            id: t.id,
+            call_id: self.meta.call_id.clone(),
+            target: t.target.clone(),
+            via: t.via.as_str(),
+            operator: t.operator.clone(),
+            state: t.state_word().to_owned(),
+            caller: self.state_name().to_owned(),
+            started: t.started,
+            done: t.is_done(),
+        }
     }
 
     /// Where the caller's bridge goes: the answered operator, or the 911 leg (its early
@@ -627,6 +859,15 @@ impl CallCore {
     fn bridge_target(&self) -> Option<BridgeTo> {
         match &self.phase {
             Phase::Menu => None,
+            // While a transfer's target rings: its early media, or nothing (our ringback).
+            Phase::Queue(q) if q.transfer.is_some() => q.transfer.as_ref()?.bridge(),
+            Phase::Line(l) => Some(BridgeTo {
+                leg: l.leg.id,
+                media: l.leg.media()?,
+                scope: l.leg.scope(),
+                answered: true,
+                operator: false,
+            }),
             Phase::Queue(q) => {
                 let leg = q.operator.as_ref()?;
                 Some(BridgeTo {
@@ -641,12 +882,15 @@ impl CallCore {
         }
     }
 
-    /// Whether the caller is bridged to an answered leg (operator or 911).
+    /// Whether the caller is bridged to an answered leg (operator, a line or 911), or being
+    /// transferred (not to be talked over either).
     fn bridged(&self) -> bool {
         match &self.phase {
             Phase::Menu => false,
+            Phase::Queue(q) if q.transfer.is_some() => true,
             Phase::Queue(q) => q.operator.as_ref().is_some_and(OperatorLeg::answered),
             Phase::Emergency(e) => e.connected(),
+            Phase::Line(l) => l.leg.answered(),
         }
     }
 
@@ -654,8 +898,24 @@ impl CallCore {
     fn leg_holds(&self) -> bool {
         match &self.phase {
             Phase::Menu => false,
+            Phase::Queue(q) if q.transfer.is_some() => false,
             Phase::Queue(q) => q.operator.as_ref().is_some_and(OperatorLeg::holds),
             Phase::Emergency(e) => e.holds(),
+            Phase::Line(l) => l.leg.holds(),
+        }
+    }
+
+    fn transfer(&self) -> Option<&Transfer> {
+        match &self.phase {
+            Phase::Queue(q) => q.transfer.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn transfer_mut(&mut self) -> Option<&mut Transfer> {
+        match &mut self.phase {
+            Phase::Queue(q) => q.transfer.as_deref_mut(),
+            _ => None,
         }
     }
 
@@ -684,6 +944,9 @@ impl CallCore {
     fn state_name(&self) -> &str {
         match &self.phase {
             Phase::Emergency(_) => "emergency",
+            Phase::Line(_) => "transferred",
+            Phase::Queue(q) if q.transfer.is_some() || self.joining => "transferring",
+            Phase::Queue(q) if q.connected.is_some() && self.consulting.is_some() => "consulting",
             Phase::Queue(q) if q.connected.is_some() => "with operator",
             Phase::Queue(_) => "waiting for operator",
             Phase::Menu if self.recording == Recording::On => "recording",
@@ -740,9 +1003,19 @@ impl CallCore {
             self.play_names(&["hold_music"]);
             return;
         }
-        if let Phase::Emergency(e) = &mut self.phase {
+        if let Some(e) = emergency_in(&mut self.phase) {
             e.played(now, &mut self.legs);
             self.drain_emergency();
+            return;
+        }
+        if let Some(t) = self.transfer() {
+            // Ringback, looped, while the transfer's target rings.
+            if t.wants_ringback() {
+                self.play(vec![ringback()]);
+            }
+            return;
+        }
+        if matches!(self.phase, Phase::Line(_)) {
             return;
         }
         if let Some(r) = self.hangup_after_play {
@@ -820,7 +1093,7 @@ impl CallCore {
             }
             DialogEvent::RequestOutcome { method, code, .. } => {
                 if method == Method::Refer {
-                    if let Phase::Emergency(e) = &mut self.phase {
+                    if let Some(e) = emergency_in(&mut self.phase) {
                         e.refer_answered(now, code, &mut self.legs);
                     }
                     self.drain_emergency();
@@ -828,11 +1101,22 @@ impl CallCore {
             }
             DialogEvent::Notify { event, body } => {
                 if event.to_ascii_lowercase().starts_with("refer") {
-                    if let Phase::Emergency(e) = &mut self.phase {
+                    if let Some(e) = emergency_in(&mut self.phase) {
                         e.refer_notify(now, &body, &mut self.legs);
                     }
                     self.drain_emergency();
                 }
+            }
+            DialogEvent::Refer(r) => {
+                // Callers cannot make the city's server dial out.
+                info!("REFER from the caller's side refused");
+                self.refuse_refer(
+                    None,
+                    r.txn,
+                    403,
+                    "not_operator",
+                    "only an operator can transfer the call",
+                );
             }
         }
     }
@@ -863,6 +1147,8 @@ impl CallCore {
     fn on_digit(&mut self, d: char) {
         match &self.phase {
             Phase::Emergency(_) => {} // a 911 redirect is not interrupted by keys
+            Phase::Line(_) => {}      // the bridge relays them to the line
+            Phase::Queue(q) if q.transfer.is_some() => {} // nor is a transfer
             _ if self.hangup_after_play.is_some() => {} // nor are the last words
             Phase::Queue(_) => self.queued_keys.push_back(d),
             Phase::Menu => self.inputs.push_back(engine::Input::Digit(d)),
@@ -988,13 +1274,27 @@ impl CallCore {
         self.drain_emergency();
     }
 
-    /// Carry out what the 911 redirect asks.
+    /// Carry out what the 911 redirect asks (the menu's, or a transfer's).
     fn drain_emergency(&mut self) {
+        if self.transfer().is_some() {
+            self.drain_transfer();
+            return;
+        }
         loop {
             let Phase::Emergency(e) = &mut self.phase else {
                 return;
             };
             let Some(out) = e.poll() else { return };
+            self.emergency_out(out);
+            if self.ended || self.ending.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Carry out one thing a 911 redirect asks.
+    fn emergency_out(&mut self, out: emergency::Out) {
+        {
             match out {
                 emergency::Out::Play(sound) => {
                     let p = match sound {
@@ -1045,9 +1345,8 @@ impl CallCore {
                 }),
                 emergency::Out::Held(held) => self.hold_changed(!held, held),
                 emergency::Out::End => self.end = Some(EndReason::Emergency),
-            }
-            if self.ended || self.ending.is_some() {
-                return;
+                // Only a transfer's redirect returns the caller; the transfer takes it.
+                emergency::Out::BackToOperator => {}
             }
         }
     }
@@ -1059,6 +1358,12 @@ impl CallCore {
             Phase::Emergency(e) => {
                 e.placed(now, id, placed, &mut self.legs);
                 self.drain_emergency();
+            }
+            Phase::Queue(q) if q.operator.as_ref().is_none_or(|l| l.id != id) => {
+                if let Some(t) = q.transfer.as_mut() {
+                    t.placed(now, id, placed, &mut self.legs);
+                }
+                self.drain_transfer();
             }
             Phase::Queue(q) => {
                 let Some(leg) = q.operator.as_mut().filter(|l| l.id == id) else {
@@ -1079,15 +1384,36 @@ impl CallCore {
                     }
                 }
             }
-            Phase::Menu => {}
+            Phase::Menu | Phase::Line(_) => {}
         }
     }
 
     fn on_leg_event(&mut self, now: Instant, id: LegId, ev: Option<LegEvent>) {
+        let operator = self.operator().is_some_and(|l| l.id == id);
+        if let Some(LegEvent::Dialog(DialogEvent::Refer(r))) = &ev {
+            if !operator {
+                // A line, 911 or a ringing target: only the caller's operator transfers.
+                info!(leg = %id, "REFER from a leg that is not the caller's operator refused");
+                self.refuse_refer(
+                    Some(id),
+                    r.txn,
+                    403,
+                    "not_operator",
+                    "only the caller's operator can transfer the call",
+                );
+                return;
+            }
+        }
         match &mut self.phase {
             Phase::Emergency(e) => {
                 e.on_leg_event(now, id, ev, &mut self.legs);
                 self.drain_emergency();
+            }
+            Phase::Queue(q) if !operator => {
+                if let Some(t) = q.transfer.as_mut() {
+                    t.on_leg_event(now, id, ev, &mut self.legs);
+                }
+                self.drain_transfer();
             }
             Phase::Queue(q) => {
                 let Some(leg) = q.operator.as_mut().filter(|l| l.id == id) else {
@@ -1096,7 +1422,11 @@ impl CallCore {
                 let step = leg.on_event(ev);
                 self.operator_step(now, step);
             }
-            Phase::Menu => {}
+            Phase::Line(l) if l.leg.id == id => {
+                let step = l.leg.on_event(ev);
+                self.line_step(now, step);
+            }
+            Phase::Menu | Phase::Line(_) => {}
         }
     }
 
@@ -1112,6 +1442,7 @@ impl CallCore {
         // otherwise.
         let skill = skill.or_else(|| Some(self.engine.language().to_owned()));
         self.pending_queue = Some((queue.clone(), menu_path));
+        self.pending_skill = skill.clone();
         self.actions
             .push_back(Action::Queue(QueueCommand::Enqueue { queue, skill }));
     }
@@ -1125,10 +1456,12 @@ impl CallCore {
                 info!(%queue, place = pos.place, ewt = pos.ewt.as_secs(), "waiting for an operator");
                 self.phase = Phase::Queue(Box::new(Queued {
                     name: queue,
+                    skill: self.pending_skill.take(),
                     entered: now,
                     menu_path,
                     operator: None,
                     connected: None,
+                    transfer: None,
                 }));
                 let mut p = vec!["operator_queue".to_owned()];
                 p.extend(position_prompts(self.engine.language(), pos));
@@ -1283,9 +1616,81 @@ impl CallCore {
                 self.drop_operator_leg();
                 self.queue_offer_failed(&agent, OfferFailure::NoAnswer);
             }
+            LegStep::HungUp if self.transfer().is_some() => {
+                self.operator_left_mid_transfer(LegEnd::Forget)
+            }
             LegStep::HungUp => {
                 self.forget_operator_leg(LegEnd::Forget);
                 self.finish(now, EndReason::AgentHungUp);
+            }
+            LegStep::Reply {
+                txn,
+                code,
+                body,
+                change,
+            } => {
+                self.actions.push_back(Action::ReplyLeg {
+                    leg: id,
+                    txn,
+                    code,
+                    body,
+                });
+                // While a transfer goes on the caller hears its ringback, whatever the
+                // operator's phone does with its own leg.
+                if let (Some(MediaChange { was_held, held, .. }), None) = (change, self.transfer())
+                {
+                    self.hold_changed(was_held, held);
+                }
+            }
+            LegStep::MediaChanged(c) => {
+                if self.transfer().is_none() {
+                    self.hold_changed(c.was_held, c.held)
+                }
+            }
+            LegStep::Probe { req } => self.actions.push_back(Action::RequestLeg {
+                leg: id,
+                req,
+                method: Method::Options,
+                headers: Vec::new(),
+                body: None,
+            }),
+            LegStep::StillThere => self.actions.push_back(Action::RearmLegWatch),
+            LegStep::Gone { .. } if self.transfer().is_some() => {
+                self.operator_left_mid_transfer(LegEnd::HangUpAndRelease)
+            }
+            LegStep::Gone { .. } => self.operator_gone(),
+            LegStep::Refer(r) => self.on_operator_refer(now, id, agent, *r),
+        }
+    }
+
+    /// The operator's phone left while their transfer goes on: the agent is free, the
+    /// transfer carries on, and if it fails the caller goes to the front of the queue.
+    fn operator_left_mid_transfer(&mut self, how: LegEnd) {
+        info!("the operator hung up during the transfer; the transfer goes on");
+        self.forget_operator_leg(how);
+        if let Phase::Queue(q) = &mut self.phase {
+            if let Some(agent) = q.connected.take() {
+                self.actions
+                    .push_back(Action::Queue(QueueCommand::CallEnded(agent)));
+            }
+        }
+    }
+
+    /// The line the caller was transferred to: its hold, re-offers, hang-up.
+    fn line_step(&mut self, now: Instant, step: LegStep) {
+        let Phase::Line(l) = &self.phase else { return };
+        let id = l.leg.id;
+        match step {
+            LegStep::HungUp | LegStep::Gone { .. } => {
+                info!(line = %l.name, "the line the caller was transferred to hung up");
+                if let Phase::Line(l) = &mut self.phase {
+                    l.leg.drop_leg();
+                }
+                self.actions.push_back(Action::DropLeg {
+                    leg: id,
+                    how: LegEnd::Forget,
+                });
+                self.finish(now, EndReason::TargetHungUp);
             }
             LegStep::Reply {
                 txn,
@@ -1304,14 +1709,548 @@ impl CallCore {
                 }
             }
             LegStep::MediaChanged(c) => self.hold_changed(c.was_held, c.held),
-            LegStep::Probe { req } => self.actions.push_back(Action::RequestLeg {
-                leg: id,
-                req,
-                method: Method::Options,
-            }),
-            LegStep::StillThere => self.actions.push_back(Action::RearmLegWatch),
-            LegStep::Gone { .. } => self.operator_gone(),
+            LegStep::Refer(r) => self.refuse_refer(
+                Some(id),
+                r.txn,
+                403,
+                "not_operator",
+                "only the caller's operator can transfer the call",
+            ),
+            LegStep::Nothing
+            | LegStep::Answered
+            | LegStep::Unusable
+            | LegStep::Failed(_)
+            | LegStep::NoAnswer
+            | LegStep::Probe { .. }
+            | LegStep::StillThere => {}
         }
+    }
+
+    // ---- transfers ----------------------------------------------------------------------
+
+    /// Refuse a REFER (on leg `leg`, or the caller's own dialog) with `code`, counted by
+    /// `reason`; `why` goes in a Warning.
+    fn refuse_refer(
+        &mut self,
+        leg: Option<LegId>,
+        txn: u64,
+        code: u16,
+        reason: &'static str,
+        why: &str,
+    ) {
+        self.actions.push_back(Action::AnswerRequest {
+            leg,
+            txn,
+            code,
+            headers: vec![(
+                "Warning".into(),
+                format!(
+                    "399 ivr311 \"{}\"",
+                    crate::sip::message::sanitize_quoted(why)
+                ),
+            )],
+        });
+        self.actions.push_back(Action::CountRefusal(reason));
+    }
+
+    /// The operator's phone sent REFER on their leg (its transfer key): accept it (202) and
+    /// start the transfer, or refuse it and let the call go on.
+    fn on_operator_refer(&mut self, now: Instant, leg: LegId, agent: String, r: Refer) {
+        let txn = r.txn;
+        // 911 is never refused because another transfer is under way: that one gives way.
+        let to_911 = r
+            .refer_to
+            .as_ref()
+            .ok()
+            .filter(|t| t.replaces.is_none())
+            .and_then(|t| t.user())
+            .is_some_and(|u| {
+                self.config.dialplan.route(u, Some(&agent)) == Ok(Destination::Emergency)
+            });
+        if to_911 && !self.joining {
+            self.supersede_transfer();
+        }
+        if self.transfer().is_some() || self.joining {
+            info!("REFER while a transfer is in progress: 491");
+            return self.refuse_refer(
+                Some(leg),
+                txn,
+                491,
+                "in_progress",
+                "a transfer is in progress",
+            );
+        }
+        let refer_to = match &r.refer_to {
+            Ok(t) => t,
+            Err(e) => {
+                info!(error = %e, "REFER with an unusable Refer-To: 400");
+                return self.refuse_refer(Some(leg), txn, 400, "bad_refer_to", &e.to_string());
+            }
+        };
+        let connected = matches!(&self.phase, Phase::Queue(q) if q.connected.is_some());
+        if !connected {
+            return self.refuse_refer(
+                Some(leg),
+                txn,
+                403,
+                "not_bridged",
+                "the call is not bridged",
+            );
+        }
+        if let (Some(_), Some(dialog)) = (&refer_to.replaces, r.replaces_dialog) {
+            // An attended transfer: `Replaces` names the operator's own call to the target
+            // (a consultation from their phone), which is handed to this call.
+            info!(%agent, "attended transfer: the consulted party joins the caller");
+            self.actions.push_back(Action::AnswerRequest {
+                leg: Some(leg),
+                txn,
+                code: 202,
+                headers: Vec::new(),
+            });
+            self.refer_accepted(leg, r.cseq);
+            self.joining = true;
+            self.notify_operator(100);
+            self.stop_playback();
+            self.play(vec![ringback()]);
+            self.actions
+                .push_back(Action::JoinConsult { dialog, agent });
+            return;
+        }
+        if refer_to.replaces.is_some() {
+            info!("REFER with Replaces naming no call of ours: 481");
+            return self.refuse_refer(
+                Some(leg),
+                txn,
+                481,
+                "no_such_dialog",
+                "Replaces names no call of ours",
+            );
+        }
+        let dialled = refer_to.user().unwrap_or("").to_owned();
+        match self.config.dialplan.route(&dialled, Some(&agent)) {
+            Err(no) => {
+                info!(%dialled, reason = %no, "REFER to a target the dial plan refuses");
+                self.refuse_refer(Some(leg), txn, no.code(), no.label(), &no.to_string());
+            }
+            Ok(dest) => {
+                self.actions.push_back(Action::AnswerRequest {
+                    leg: Some(leg),
+                    txn,
+                    code: 202,
+                    headers: Vec::new(),
+                });
+                self.refer_accepted(leg, r.cseq);
+                self.start_transfer(now, dest, Via::Refer);
+            }
+        }
+    }
+
+    /// A REFER on operator leg `leg` was accepted: from the second on that leg, its NOTIFYs
+    /// carry its CSeq as the `Event` id (RFC 3515 §2.4.6).
+    fn refer_accepted(&mut self, leg: LegId, cseq: u32) {
+        let (on, n, _) = self.refers;
+        let n = if on == Some(leg) { n } else { 0 };
+        self.refers = (Some(leg), n + 1, (n > 0).then_some(cseq));
+    }
+
+    /// The consulted party of an attended transfer is handed over (or not).
+    fn consult_joined(&mut self, result: Result<Box<(Transfer, Connected)>, (u16, String)>) {
+        if !std::mem::take(&mut self.joining) {
+            return;
+        }
+        match result {
+            Ok(joined) => {
+                let (t, c) = *joined;
+                self.consulting = None;
+                if matches!(c, Connected::Emergency(_)) {
+                    self.outcome = Some("emergency");
+                }
+                self.notify_operator(200);
+                if let Phase::Queue(q) = &mut self.phase {
+                    q.transfer = Some(Box::new(t));
+                }
+                self.transfer_connected(c);
+            }
+            Err((code, why)) => {
+                info!(code, reason = %why, "attended transfer failed; the caller stays with the operator");
+                if code == 481 {
+                    self.actions
+                        .push_back(Action::CountRefusal("no_such_dialog"));
+                }
+                self.notify_operator(code);
+                self.stop_playback();
+                if self.leg_holds() {
+                    self.play_names(&["hold_music"]);
+                }
+            }
+        }
+    }
+
+    /// A transfer to 911 is asked for while another (not to 911) is under way: that one is
+    /// called off (its target let go of, the phone told 487) and recorded so.
+    fn supersede_transfer(&mut self) {
+        match self.transfer_mut() {
+            Some(t) if t.kind != "911" => t.supersede(),
+            _ => return,
+        }
+        self.drain_transfer();
+        let Phase::Queue(q) = &mut self.phase else {
+            return;
+        };
+        if let Some(t) = q.transfer.take() {
+            info!(transfer = t.id, target = %t.target, "transfer called off for 911");
+            self.end_transfer(&t, None);
+        }
+    }
+
+    /// `POST /admin/calls/{call_id}/transfer`: the transfer's id, or why not (HTTP status).
+    fn admin_transfer(&mut self, now: Instant, to: &str) -> Result<TransferId, (u16, String)> {
+        let by = self.queued().and_then(|q| q.connected.clone());
+        if self.config.dialplan.route_admin(to, by.as_deref()) == Ok(Destination::Emergency) {
+            self.supersede_transfer();
+        }
+        let agent = match &self.phase {
+            Phase::Queue(q) if q.transfer.is_some() => {
+                self.actions.push_back(Action::CountRefusal("in_progress"));
+                return Err((409, "a transfer is in progress".into()));
+            }
+            Phase::Queue(q) if q.operator.as_ref().is_some_and(OperatorLeg::answered) => {
+                q.connected.clone()
+            }
+            _ => {
+                self.actions.push_back(Action::CountRefusal("not_bridged"));
+                return Err((409, "the call is not with an operator".into()));
+            }
+        };
+        match self.config.dialplan.route_admin(to, agent.as_deref()) {
+            Err(no) => {
+                self.actions.push_back(Action::CountRefusal(no.label()));
+                Err((no.code(), no.to_string()))
+            }
+            Ok(dest) => Ok(self.start_transfer(now, dest, Via::Admin)),
+        }
+    }
+
+    /// What a transfer's target is told of the caller (while they are with an operator).
+    fn transfer_context(&self, now: Instant) -> Option<transfer::Context> {
+        let Phase::Queue(q) = &self.phase else {
+            return None;
+        };
+        let by = q.connected.clone().unwrap_or_else(|| "admin".into());
+        let language = self.engine.language().to_owned();
+        let headers = vec![
+            ("X-311-Language".to_owned(), language.clone()),
+            ("X-311-Menu-Path".to_owned(), q.menu_path.clone()),
+            ("X-311-Queue".to_owned(), q.name.clone()),
+            (
+                "X-311-Waited".to_owned(),
+                now.saturating_duration_since(q.entered)
+                    .as_secs()
+                    .to_string(),
+            ),
+            ("X-311-Call-ID".to_owned(), self.meta.call_id.clone()),
+            ("X-311-Transferred-By".to_owned(), by.clone()),
+        ];
+        Some(transfer::Context {
+            call_id: self.meta.call_id.clone(),
+            number: self.meta.caller.clone(),
+            asserted: self.meta.identity.asserted().map(str::to_owned),
+            line: self.config.callback.from_user.clone(),
+            language,
+            queue: q.name.clone(),
+            headers,
+            by,
+            codec: self.media.neg.codec,
+            local_ip: self.media.local.ip(),
+        })
+    }
+
+    /// Start a transfer of the caller (with their operator) to `dest`.
+    fn start_transfer(&mut self, now: Instant, dest: Destination, via: Via) -> TransferId {
+        let id = transfer::new_id();
+        let (label, kind) = (dest.label(), dest.kind());
+        let Some(cx) = self.transfer_context(now) else {
+            return id;
+        };
+        let Phase::Queue(q) = &self.phase else {
+            return id;
+        };
+        let operator = q.connected.clone();
+        if dest == Destination::Emergency {
+            self.outcome = Some("emergency");
+        }
+        let menu_path = q.menu_path.clone();
+        let start = transfer::start_for(
+            id,
+            dest,
+            &cx,
+            via,
+            (&self.config.emergency, self.config.agent_ring, &menu_path),
+            &mut self.legs,
+        );
+        let t = Transfer::start(now, id, (label, kind), via, operator, start);
+        let rings = t.wants_ringback();
+        self.stop_playback();
+        if rings {
+            self.play(vec![ringback()]);
+        }
+        let view = self.transfer_view(&t);
+        self.actions.push_back(Action::RecordTransfer(view));
+        if let Phase::Queue(q) = &mut self.phase {
+            q.transfer = Some(Box::new(t));
+        }
+        self.drain_transfer();
+        id
+    }
+
+    /// Carry out what the transfer asks.
+    fn drain_transfer(&mut self) {
+        loop {
+            if self.ended || self.ending.is_some() {
+                return;
+            }
+            let Some(out) = self.transfer_mut().and_then(Transfer::poll) else {
+                return;
+            };
+            match out {
+                transfer::Out::RingDirect {
+                    agent,
+                    ring_timeout,
+                } => self
+                    .actions
+                    .push_back(Action::Queue(QueueCommand::RingDirect {
+                        agent,
+                        ring_timeout,
+                    })),
+                transfer::Out::Place(p) => self.actions.push_back(Action::PlaceLeg(p)),
+                transfer::Out::DropLeg { leg, how } => {
+                    self.actions.push_back(Action::DropLeg { leg, how })
+                }
+                transfer::Out::ReplyLeg {
+                    leg,
+                    txn,
+                    code,
+                    body,
+                } => self.actions.push_back(Action::ReplyLeg {
+                    leg,
+                    txn,
+                    code,
+                    body,
+                }),
+                transfer::Out::Withdraw(agent) => self
+                    .actions
+                    .push_back(Action::Queue(QueueCommand::OfferWithdrawn(agent))),
+                transfer::Out::Rejoin(queue) => self.rejoin(queue, true),
+                transfer::Out::Emergency(o) => self.emergency_out(o),
+                transfer::Out::Notify(code) => self.notify_operator(code),
+                transfer::Out::Connected(c) => self.transfer_connected(c),
+                transfer::Out::Failed { code, why } => self.transfer_failed(code, &why),
+            }
+        }
+    }
+
+    /// Report a transfer's progress to the operator's phone (NOTIFY on its leg), while the
+    /// leg lasts.
+    fn notify_operator(&mut self, code: u16) {
+        let Some(leg) = self.operator().filter(|l| l.answered()).map(|l| l.id) else {
+            return;
+        };
+        let req = self.next_req;
+        self.next_req += 1;
+        self.actions.push_back(Action::RequestLeg {
+            leg,
+            req,
+            method: Method::Notify,
+            headers: crate::sip::refer::notify_headers(
+                code,
+                transfer::SUBSCRIPTION_SECONDS,
+                self.refers.2,
+            ),
+            body: Some((
+                "message/sipfrag;version=2.0".to_owned(),
+                crate::sip::refer::sipfrag(code),
+            )),
+        });
+    }
+
+    /// Ask the queue to take the caller back at the front of `queue` (for a transfer to it,
+    /// or after a transfer failed with the operator gone).
+    fn rejoin(&mut self, queue: String, for_transfer: bool) {
+        let Phase::Queue(q) = &self.phase else { return };
+        let (skill, since) = (q.skill.clone(), q.entered);
+        self.pending_rejoin = Some((queue.clone(), for_transfer));
+        self.actions.push_back(Action::Queue(QueueCommand::Rejoin {
+            queue,
+            skill,
+            since,
+        }));
+    }
+
+    /// The queue's answer to [`QueueCommand::Rejoin`].
+    fn on_rejoined(&mut self, _now: Instant, result: Result<Position, Refusal>) {
+        let Some((queue, for_transfer)) = self.pending_rejoin.take() else {
+            return;
+        };
+        if for_transfer {
+            self.rejoined_at = result.as_ref().ok().copied();
+            if let Some(t) = self.transfer_mut() {
+                t.queued(result.map(|_| ()).map_err(|r| r.to_string()));
+            }
+            self.drain_transfer();
+            return;
+        }
+        match result {
+            Ok(pos) => {
+                info!(%queue, place = pos.place, "the caller is back at the front of the queue");
+                self.stop_playback();
+                let mut p = vec!["operator_queue".to_owned()];
+                p.extend(position_prompts(self.engine.language(), pos));
+                let names: Vec<&str> = p.iter().map(String::as_str).collect();
+                self.play_names(&names);
+            }
+            Err(why) => {
+                info!(%queue, reason = %why, "no operator can take the caller back; offering a ticket");
+                self.phase = Phase::Menu;
+                self.actions
+                    .push_back(Action::Queue(QueueCommand::StopListening));
+                self.stop_playback();
+                self.inputs.push_back(engine::Input::QueueUnavailable);
+            }
+        }
+    }
+
+    /// The transfer reached its target: the operator is released and the call becomes what
+    /// it reached.
+    fn transfer_connected(&mut self, c: Connected) {
+        let Phase::Queue(q) = &mut self.phase else {
+            return;
+        };
+        let Some(t) = q.transfer.take() else { return };
+        let old = q.operator.take();
+        let old_agent = q.connected.take();
+        if let Some(mut leg) = old {
+            leg.drop_leg();
+            self.actions.push_back(Action::DropLeg {
+                leg: leg.id,
+                how: LegEnd::HangUpAndRelease,
+            });
+        }
+        if let Some(a) = old_agent {
+            self.actions
+                .push_back(Action::Queue(QueueCommand::CallEnded(a)));
+        }
+        self.stop_playback();
+        let note = format!(
+            "transferred to {} by {} ({})",
+            t.target,
+            t.operator.as_deref().unwrap_or("an admin"),
+            t.via.as_str()
+        );
+        match c {
+            Connected::Agent(leg) => {
+                let agent = leg.agent.clone();
+                info!(transfer = t.id, %agent, "the caller is with the new operator");
+                self.actions
+                    .push_back(Action::Queue(QueueCommand::DirectAnswered(agent.clone())));
+                if let Phase::Queue(q) = &mut self.phase {
+                    q.operator = Some(leg);
+                    q.connected = Some(agent);
+                }
+            }
+            Connected::Line { leg, name } => {
+                info!(transfer = t.id, line = %name, "the caller is with the line");
+                self.actions
+                    .push_back(Action::Queue(QueueCommand::StopListening));
+                self.phase = Phase::Line(Box::new(LineCall { leg, name }));
+            }
+            Connected::Emergency(e) => {
+                info!(transfer = t.id, "the caller is with 911");
+                self.actions
+                    .push_back(Action::Queue(QueueCommand::StopListening));
+                self.phase = Phase::Emergency(e);
+            }
+            Connected::Queue(name) => {
+                info!(transfer = t.id, queue = %name, "the caller waits at the front of the queue");
+                if let Phase::Queue(q) = &mut self.phase {
+                    q.name = name;
+                }
+                if let Some(pos) = self.rejoined_at.take() {
+                    let mut p = vec!["operator_queue".to_owned()];
+                    p.extend(position_prompts(self.engine.language(), pos));
+                    let names: Vec<&str> = p.iter().map(String::as_str).collect();
+                    self.play_names(&names);
+                }
+            }
+        }
+        self.end_transfer(&t, Some(note));
+    }
+
+    /// The transfer failed: the caller goes back to the operator if they are still on the
+    /// call, else to the front of the queue.
+    fn transfer_failed(&mut self, code: u16, why: &str) {
+        let Phase::Queue(q) = &mut self.phase else {
+            return;
+        };
+        let Some(t) = q.transfer.take() else { return };
+        let name = q.name.clone();
+        self.stop_playback();
+        let back = self.operator().is_some_and(OperatorLeg::answered);
+        if back {
+            info!(
+                transfer = t.id,
+                code,
+                reason = why,
+                "transfer failed; the caller goes back to the operator"
+            );
+            if self.leg_holds() {
+                self.play_names(&["hold_music"]);
+            }
+        } else {
+            info!(transfer = t.id, code, reason = why, "transfer failed and the operator has left; the caller goes back to the front of the queue");
+            self.rejoin(name, false);
+        }
+        self.end_transfer(&t, None);
+    }
+
+    /// A transfer is over: its record, its count, and the admin view.
+    fn end_transfer(&mut self, t: &Transfer, ticket_note: Option<String>) {
+        let outcome = t.outcome.clone().unwrap_or_else(|| "done".into());
+        let counted = if outcome == "connected" {
+            "connected"
+        } else if outcome == "caller hung up" {
+            "caller_hung_up"
+        } else if outcome == transfer::SUPERSEDED {
+            "superseded"
+        } else if self.operator().is_some() {
+            "returned_to_operator"
+        } else {
+            "requeued"
+        };
+        let recorded = match counted {
+            "returned_to_operator" => format!("{outcome}; back to the operator"),
+            "requeued" => format!("{outcome}; back to the front of the queue"),
+            _ => outcome,
+        };
+        self.actions.push_back(Action::CountTransfer {
+            kind: t.kind,
+            outcome: counted,
+        });
+        self.actions.push_back(Action::TransferOutcome {
+            record: crate::dispatch::tickets::TransferRecord {
+                id: t.id,
+                call_id: self.meta.call_id.clone(),
+                operator: t.operator.clone(),
+                target: t.target.clone(),
+                requested_via: t.via.as_str().to_owned(),
+            },
+            outcome: recorded.clone(),
+            ticket_note,
+        });
+        let mut view = self.transfer_view(t);
+        view.state = recorded;
+        view.done = true;
+        self.shown_transfer = Some((t.id, view.state.clone()));
+        self.actions.push_back(Action::ShowTransfer(view));
     }
 
     /// The operator's phone is gone (no audio, and no answer to OPTIONS, or 481): hang its
@@ -1529,6 +2468,9 @@ impl CallCore {
                 self.drain_emergency_at_end();
             }
             Phase::Queue(mut q) => {
+                if let Some(mut t) = q.transfer.take() {
+                    self.end_transfer_with_call(&mut t, &q, reason == EndReason::CallerHungUp);
+                }
                 let command = match q.connected.take() {
                     Some(agent) => QueueCommand::CallEnded(agent),
                     None => QueueCommand::Abandon,
@@ -1541,6 +2483,13 @@ impl CallCore {
                     });
                 }
             }
+            Phase::Line(mut l) => {
+                l.leg.drop_leg();
+                self.actions.push_back(Action::DropLeg {
+                    leg: l.leg.id,
+                    how: LegEnd::HangUpAndRelease,
+                });
+            }
             Phase::Menu => {}
         }
         if !matches!(
@@ -1552,6 +2501,70 @@ impl CallCore {
         self.ending = None;
         self.ended = true;
         self.actions.push_back(Action::End(reason));
+    }
+
+    /// The call ends during a transfer: the target is let go of, the operator's phone told
+    /// (before its leg is hung up), a 911 redirect ended as the menu's is, the record written.
+    fn end_transfer_with_call(&mut self, t: &mut Transfer, q: &Queued, caller_hung_up: bool) {
+        t.cancel();
+        if let Some(e) = t.emergency_mut() {
+            e.end_call(caller_hung_up);
+            while let Some(out) = e.poll() {
+                self.emergency_out_at_end(out);
+            }
+        }
+        let op = q.operator.as_ref().filter(|l| l.answered()).map(|l| l.id);
+        while let Some(out) = t.poll() {
+            match out {
+                transfer::Out::DropLeg { leg, .. } => self.actions.push_back(Action::DropLeg {
+                    leg,
+                    how: LegEnd::HangUpAndRelease,
+                }),
+                transfer::Out::Withdraw(agent) => self
+                    .actions
+                    .push_back(Action::Queue(QueueCommand::OfferWithdrawn(agent))),
+                transfer::Out::Notify(code) => {
+                    if let Some(leg) = op {
+                        let req = self.next_req;
+                        self.next_req += 1;
+                        self.actions.push_back(Action::RequestLeg {
+                            leg,
+                            req,
+                            method: Method::Notify,
+                            headers: crate::sip::refer::notify_headers(code, 0, self.refers.2),
+                            body: Some((
+                                "message/sipfrag;version=2.0".to_owned(),
+                                crate::sip::refer::sipfrag(code),
+                            )),
+                        });
+                    }
+                }
+                transfer::Out::Emergency(o) => self.emergency_out_at_end(o),
+                _ => {}
+            }
+        }
+        if t.outcome.is_none() {
+            t.outcome = Some("call ended".into());
+        }
+        self.end_transfer(t, None);
+    }
+
+    /// What a 911 redirect asks at the call's end: its outcome recorded and counted, its leg
+    /// let go of (hung up and released).
+    fn emergency_out_at_end(&mut self, out: emergency::Out) {
+        match out {
+            emergency::Out::AuditOutcome { id, outcome } => {
+                self.actions.push_back(Action::AuditOutcome { id, outcome })
+            }
+            emergency::Out::Counted { method, outcome } => self
+                .actions
+                .push_back(Action::CountEmergency { method, outcome }),
+            emergency::Out::DropLeg { leg, .. } => self.actions.push_back(Action::DropLeg {
+                leg,
+                how: LegEnd::HangUpAndRelease,
+            }),
+            _ => {}
+        }
     }
 
     /// At the end, the 911 redirect records its outcome and lets its leg go (hung up and
@@ -1575,6 +2588,15 @@ impl CallCore {
                 _ => {}
             }
         }
+    }
+}
+
+/// The 911 redirect going on in `phase`: the menu's, or a transfer's.
+fn emergency_in(phase: &mut Phase) -> Option<&mut Emergency> {
+    match phase {
+        Phase::Emergency(e) => Some(e),
+        Phase::Queue(q) => q.transfer.as_mut().and_then(|t| t.emergency_mut()),
+        Phase::Menu | Phase::Line(_) => None,
     }
 }
 
@@ -1642,6 +2664,13 @@ mod tests {
     }
 
     fn config() -> CoreConfig {
+        let crisis = crate::call::dialplan::TransferLine {
+            name: "crisis".into(),
+            number: "988".into(),
+            uri: "sip:988@198.51.100.30".into(),
+            headers: [("X-Language".to_owned(), "{language}".to_owned())].into(),
+            ring_timeout_seconds: 15,
+        };
         CoreConfig {
             limits: Limits::default(),
             emergency: EmergencyConfig::default(),
@@ -1649,6 +2678,12 @@ mod tests {
             default_language: "en".into(),
             operators: true,
             callbacks: false,
+            dialplan: DialPlan::new(
+                &crate::call::dialplan::TransfersConfig(vec![crisis]),
+                &["1001".into(), "1002".into()],
+                &["general".into(), "permits".into()],
+            ),
+            agent_ring: Duration::from_secs(20),
         }
     }
 
@@ -1665,6 +2700,10 @@ mod tests {
         enqueued: Result<Position, Refusal>,
         /// What `KeepPlace` gets.
         kept: Result<(), NotKept>,
+        /// What `RingDirect` gets.
+        direct: Result<(), &'static str>,
+        /// What `Rejoin` gets.
+        rejoined: Result<Position, Refusal>,
     }
 
     impl Call {
@@ -1696,6 +2735,11 @@ mod tests {
                     ewt: Duration::from_secs(60),
                 }),
                 kept: Ok(()),
+                direct: Ok(()),
+                rejoined: Ok(Position {
+                    place: 1,
+                    ewt: Duration::from_secs(30),
+                }),
             };
             c.core.start(t0);
             let out = c.drive();
@@ -1723,6 +2767,12 @@ mod tests {
                         Some(Input::Enqueued(self.enqueued))
                     }
                     Action::KeepPlace(_) => Some(Input::CallbackKept(self.kept)),
+                    Action::Queue(QueueCommand::RingDirect { .. }) => {
+                        Some(Input::RangDirect(self.direct))
+                    }
+                    Action::Queue(QueueCommand::Rejoin { .. }) => {
+                        Some(Input::Rejoined(self.rejoined))
+                    }
                     Action::CloseRecording { report: true } => Some(Input::RecordingClosed {
                         media_url: Some("rec.wav".into()),
                     }),
@@ -2141,6 +3191,456 @@ mod tests {
         assert!(bridge(&out)
             .flatten()
             .is_some_and(|b| b.media.0.direction == sdp::Direction::SendRecv));
+    }
+
+    // ---- transfers ----------------------------------------------------------------------
+
+    fn refer(txn: u64, to: &str) -> LegEvent {
+        LegEvent::Dialog(DialogEvent::Refer(Box::new(Refer {
+            txn,
+            cseq: 2,
+            refer_to: crate::sip::refer::refer_to([to].into_iter()),
+            referred_by: Some("sip:1001@198.51.100.9".into()),
+            replaces_dialog: None,
+        })))
+    }
+
+    fn answered_request(
+        out: &[Action],
+        leg: Option<LegId>,
+    ) -> Option<(u16, Vec<(String, String)>)> {
+        out.iter().find_map(|a| match a {
+            Action::AnswerRequest {
+                leg: l,
+                code,
+                headers,
+                ..
+            } if *l == leg => Some((*code, headers.clone())),
+            _ => None,
+        })
+    }
+
+    /// The NOTIFYs sent on `leg`: their sipfrag status and Subscription-State.
+    fn notifies(out: &[Action], leg: LegId) -> Vec<(u16, String)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::RequestLeg {
+                    leg: l,
+                    method: Method::Notify,
+                    headers,
+                    body: Some((ct, body)),
+                    ..
+                } if *l == leg => {
+                    assert!(ct.starts_with("message/sipfrag"), "{ct}");
+                    assert!(headers.contains(&("Event".to_owned(), "refer".to_owned())));
+                    let state = headers
+                        .iter()
+                        .find(|(k, _)| k == "Subscription-State")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    Some((crate::sip::refer::sipfrag_code(body).unwrap_or(0), state))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refusals(out: &[Action]) -> Vec<&'static str> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::CountRefusal(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn target_answer() -> LegEvent {
+        LegEvent::Answered {
+            sdp: Bytes::from_static(b"v=0\r\no=t 1 1 IN IP4 198.51.100.30\r\ns=-\r\nc=IN IP4 198.51.100.30\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n"),
+        }
+    }
+
+    #[test]
+    fn an_operators_refer_to_a_line_rings_it_for_the_caller_and_releases_the_operator() {
+        let (mut c, _) = Call::verified();
+        let op = c.with_operator();
+        c.now = c.t0 + Duration::from_secs(60);
+        let out = c.leg(op, refer(11, "<sip:988@192.0.2.1>"));
+        assert_eq!(answered_request(&out, Some(op)).map(|a| a.0), Some(202));
+        assert_eq!(
+            notifies(&out, op),
+            vec![(100, "active;expires=60".to_owned())],
+            "100 Trying on the implicit subscription"
+        );
+        let (target, p) = placed(&out).expect("the line is called");
+        assert!(matches!(&p.to, Dial::Uri { uri, .. } if uri == "sip:988@198.51.100.30"));
+        assert_eq!(p.from_user, CALLER, "the caller's number");
+        assert_eq!(
+            p.asserted.as_deref(),
+            Some(CALLER),
+            "asserted: a trusted trunk did"
+        );
+        let header = |n: &str| {
+            p.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header("X-311-Transferred-By").as_deref(), Some("1001"));
+        assert_eq!(header("X-311-Call-ID").as_deref(), Some("call-1@test"));
+        assert_eq!(header("X-Language").as_deref(), Some("en"));
+        // The caller leaves the operator's bridge and hears ringback.
+        assert_eq!(bridge(&out), Some(None));
+        assert_eq!(prompts(&out), vec!["ringback"]);
+        assert_eq!(shown(&out).as_deref(), Some("transferring"));
+        assert!(out.iter().any(
+            |a| matches!(a, Action::RecordTransfer(v) if v.target == "crisis" && v.via == "refer")
+        ));
+        // Ringback loops while it rings; keys go nowhere.
+        c.leg(
+            target,
+            LegEvent::Provisional {
+                code: 180,
+                sdp: None,
+            },
+        );
+        assert_eq!(prompts(&c.played()), vec!["ringback"]);
+        assert!(
+            c.keys("9").is_empty(),
+            "not even 9: the caller is being connected"
+        );
+        let out = c.leg(target, target_answer());
+        assert_eq!(
+            notifies(&out, op),
+            vec![(200, "terminated;reason=noresource".to_owned())]
+        );
+        assert_eq!(
+            dropped(&out, op),
+            Some(LegEnd::HangUpAndRelease),
+            "the operator is released"
+        );
+        assert_eq!(
+            queue_cmds(&out),
+            vec![
+                QueueCommand::CallEnded("1001".into()),
+                QueueCommand::StopListening
+            ]
+        );
+        let b = bridge(&out).flatten().expect("bridged to the line");
+        assert!(b.leg == target && b.answered && !b.operator);
+        assert_eq!(shown(&out).as_deref(), Some("transferred"));
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::TransferOutcome { outcome, ticket_note: Some(note), .. }
+                if outcome == "connected" && note == "transferred to crisis by 1001 (refer)"
+        )));
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::CountTransfer {
+                kind: "line",
+                outcome: "connected"
+            }
+        )));
+        // The line hangs up: so does the caller's call.
+        let out = c.leg(target, LegEvent::Dialog(DialogEvent::Bye));
+        assert_eq!(ended(&out), Some(EndReason::TargetHungUp));
+        assert!(hangs_up_caller(&out));
+    }
+
+    #[test]
+    fn a_failed_transfer_returns_the_caller_to_the_operator_who_is_told_why() {
+        let (mut c, _) = Call::verified();
+        let op = c.with_operator();
+        let out = c.leg(op, refer(11, "<sip:crisis@192.0.2.1>"));
+        let (target, _) = placed(&out).unwrap();
+        let out = c.leg(
+            target,
+            LegEvent::Failed {
+                code: 486,
+                reason: "Busy Here".into(),
+            },
+        );
+        assert_eq!(
+            notifies(&out, op),
+            vec![(486, "terminated;reason=noresource".to_owned())]
+        );
+        let b = bridge(&out).flatten().expect("back with the operator");
+        assert!(b.leg == op && b.operator);
+        assert!(queue_cmds(&out).is_empty(), "the operator keeps the call");
+        assert_eq!(shown(&out).as_deref(), Some("with operator"));
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::TransferOutcome { outcome, ticket_note: None, .. }
+                if outcome == "failed: answered 486 Busy Here; back to the operator"
+        )));
+        // Another transfer may follow.
+        let out = c.leg(op, refer(12, "<sip:988@192.0.2.1>"));
+        assert_eq!(answered_request(&out, Some(op)).map(|a| a.0), Some(202));
+    }
+
+    #[test]
+    fn the_operator_hanging_up_mid_transfer_then_a_failure_puts_the_caller_first_in_line() {
+        let (mut c, _) = Call::verified();
+        c.now = c.t0 + Duration::from_secs(10);
+        c.queued();
+        c.now = c.t0 + Duration::from_secs(40);
+        let offer = c.offer("1001");
+        let op = placed(&offer).unwrap().0;
+        c.leg(op, answer());
+        let out = c.leg(op, refer(11, "<sip:988@192.0.2.1>"));
+        let (target, _) = placed(&out).unwrap();
+        c.leg(
+            target,
+            LegEvent::Provisional {
+                code: 180,
+                sdp: None,
+            },
+        );
+        // The phone hangs up after the 202, as many do for a blind transfer.
+        let out = c.leg(op, LegEvent::Dialog(DialogEvent::Bye));
+        assert!(ended(&out).is_none(), "the transfer goes on");
+        assert_eq!(
+            queue_cmds(&out),
+            vec![QueueCommand::CallEnded("1001".into())]
+        );
+        // Nobody answers at the line.
+        let out = c.at(40.0 + 15.0);
+        assert_eq!(dropped(&out, target), Some(LegEnd::HangUpAndRelease));
+        let since = c.t0 + Duration::from_secs(10);
+        assert_eq!(
+            queue_cmds(&out),
+            vec![QueueCommand::Rejoin {
+                queue: "general".into(),
+                skill: Some("en".into()),
+                since
+            }],
+            "the front of the line, the wait kept"
+        );
+        assert!(notifies(&out, op).is_empty(), "the phone is gone");
+        assert!(
+            prompts(&out).starts_with(&["operator_queue".to_owned()]),
+            "{:?}",
+            prompts(&out)
+        );
+        assert_eq!(shown(&out).as_deref(), Some("waiting for operator"));
+        assert!(ended(&out).is_none());
+        // The next operator is rung with the original wait.
+        c.now = c.t0 + Duration::from_secs(70);
+        let out = c.offer("1002");
+        let (_, p) = placed(&out).unwrap();
+        let waited = p.headers.iter().find(|(k, _)| k == "X-311-Waited").unwrap();
+        assert_eq!(waited.1, "60");
+    }
+
+    #[test]
+    fn the_caller_hanging_up_mid_transfer_cancels_the_target_and_tells_the_phone() {
+        let (mut c, _) = Call::verified();
+        let op = c.with_operator();
+        let out = c.leg(op, refer(11, "<sip:988@192.0.2.1>"));
+        let (target, _) = placed(&out).unwrap();
+        let out = c.dialog(DialogEvent::Bye);
+        assert_eq!(dropped(&out, target), Some(LegEnd::HangUpAndRelease));
+        let notify = out
+            .iter()
+            .position(|a| {
+                matches!(
+                    a,
+                    Action::RequestLeg {
+                        method: Method::Notify,
+                        ..
+                    }
+                )
+            })
+            .expect("the phone hears 487");
+        let drop_op = out
+            .iter()
+            .position(|a| matches!(a, Action::DropLeg { leg, .. } if *leg == op))
+            .unwrap();
+        assert!(notify < drop_op, "before its leg is hung up");
+        assert_eq!(notifies(&out, op)[0].0, 487);
+        assert_eq!(
+            queue_cmds(&out),
+            vec![QueueCommand::CallEnded("1001".into())]
+        );
+        assert_eq!(ended(&out), Some(EndReason::CallerHungUp));
+    }
+
+    #[test]
+    fn refers_that_cannot_be_taken_are_refused_counted_and_the_call_goes_on() {
+        let (mut c, _) = Call::verified();
+        let op = c.with_operator();
+        // From the caller's side.
+        let out = c.dialog(DialogEvent::Refer(Box::new(Refer {
+            txn: 1,
+            cseq: 2,
+            refer_to: crate::sip::refer::refer_to(["<sip:988@x>"].into_iter()),
+            referred_by: None,
+            replaces_dialog: None,
+        })));
+        assert_eq!(answered_request(&out, None).map(|a| a.0), Some(403));
+        assert_eq!(refusals(&out), vec!["not_operator"]);
+        for (to, code, reason) in [
+            ("<sip:+12125550199@192.0.2.1>", 403, "forbidden_number"),
+            ("<sip:bob@192.0.2.1>", 404, "not_found"),
+            ("<sip:1001@192.0.2.1>", 403, "themselves"),
+            ("<http://x>", 400, "bad_refer_to"),
+            (
+                "<sip:1002@x?Replaces=a%3Bto-tag%3D1%3Bfrom-tag%3D2>",
+                481,
+                "no_such_dialog",
+            ),
+        ] {
+            let out = c.leg(op, refer(2, to));
+            let (got, headers) = answered_request(&out, Some(op)).unwrap();
+            assert_eq!(got, code, "{to}");
+            assert!(headers.iter().any(|(k, _)| k == "Warning"), "{to}");
+            assert_eq!(refusals(&out), vec![reason], "{to}");
+            assert!(ended(&out).is_none() && placed(&out).is_none());
+        }
+        // One at a time.
+        c.leg(op, refer(3, "<sip:988@x>"));
+        let out = c.leg(op, refer(4, "<sip:988@x>"));
+        assert_eq!(answered_request(&out, Some(op)).map(|a| a.0), Some(491));
+        assert_eq!(refusals(&out), vec!["in_progress"]);
+    }
+
+    fn bridge_911() -> CoreConfig {
+        CoreConfig {
+            emergency: EmergencyConfig {
+                method: Some(EmergencyMethod::Bridge),
+                uri: Some("sip:911@198.51.100.20".into()),
+                ..EmergencyConfig::default()
+            },
+            ..config()
+        }
+    }
+
+    #[test]
+    fn a_refer_to_911_takes_the_emergency_routes_and_the_caller_stays_with_the_operator_if_all_fail(
+    ) {
+        let (mut c, _) = Call::start(bridge_911(), CallerIdentity::Asserted(CALLER.into()));
+        let op = c.with_operator();
+        let out = c.leg(op, refer(11, "<sip:911@anything.example>"));
+        assert_eq!(
+            answered_request(&out, Some(op)).map(|a| a.0),
+            Some(202),
+            "never refused"
+        );
+        assert_eq!(prompts(&out), vec!["connecting_911"]);
+        let Some(Action::AuditStart(a)) = out.iter().find(|a| matches!(a, Action::AuditStart(_)))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.operator.as_deref(), Some("1001"));
+        assert_eq!(a.requested_via.as_deref(), Some("refer"));
+        assert_eq!(a.caller.as_deref(), Some(CALLER));
+        let out = c.input(Input::Audited(Some(4)));
+        let (leg, p) = placed(&out).expect("the route is called");
+        assert_eq!(
+            (p.from_user.as_str(), p.asserted.as_deref()),
+            (CALLER, Some(CALLER))
+        );
+        c.played();
+        let out = c.leg(
+            leg,
+            LegEvent::Failed {
+                code: 503,
+                reason: "Service Unavailable".into(),
+            },
+        );
+        assert_eq!(notifies(&out, op)[0].0, 503);
+        assert!(!prompts(&out).contains(&"emergency_announce".to_owned()));
+        assert!(out.iter().any(|a| matches!(a, Action::AuditOutcome { id: 4, outcome } if outcome.starts_with("returned to operator"))));
+        let b = bridge(&out).flatten().expect("back with the operator");
+        assert_eq!(b.leg, op);
+        assert!(ended(&out).is_none());
+        // 911 answering instead: the operator is released and the call is 911's.
+        let (mut c, _) = Call::start(bridge_911(), CallerIdentity::Asserted(CALLER.into()));
+        let op = c.with_operator();
+        c.leg(op, refer(11, "<tel:911>"));
+        let (leg, _) = placed(&c.input(Input::Audited(Some(4)))).unwrap();
+        let out = c.leg(leg, answer());
+        assert_eq!(notifies(&out, op)[0].0, 200);
+        assert_eq!(dropped(&out, op), Some(LegEnd::HangUpAndRelease));
+        assert_eq!(shown(&out).as_deref(), Some("emergency"));
+        assert!(bridge(&out)
+            .flatten()
+            .is_some_and(|b| b.leg == leg && b.answered));
+    }
+
+    #[test]
+    fn an_admin_transfer_to_another_agent_rings_them_and_makes_them_the_operator() {
+        let (mut c, _) = Call::verified();
+        // Not with an operator yet: refused.
+        let out = c.input(Input::AdminTransfer {
+            to: "agent:1002".into(),
+        });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::AdminTransferAnswer(Err((409, _))))));
+        let op = c.with_operator();
+        let out = c.input(Input::AdminTransfer {
+            to: "agent:1002".into(),
+        });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::AdminTransferAnswer(Ok(_)))));
+        assert!(queue_cmds(&out).contains(&QueueCommand::RingDirect {
+            agent: "1002".into(),
+            ring_timeout: Duration::from_secs(20)
+        }));
+        let (leg, p) = placed(&out).expect("1002's phone rings");
+        assert_eq!(p.to, Dial::Agent("1002".into()));
+        assert!(notifies(&out, op).is_empty(), "not asked by the phone");
+        let out = c.leg(leg, answer());
+        assert_eq!(dropped(&out, op), Some(LegEnd::HangUpAndRelease));
+        assert_eq!(
+            queue_cmds(&out),
+            vec![
+                QueueCommand::CallEnded("1001".into()),
+                QueueCommand::DirectAnswered("1002".into())
+            ]
+        );
+        let b = bridge(&out).flatten().unwrap();
+        assert!(b.leg == leg && b.operator);
+        assert_eq!(shown(&out).as_deref(), Some("with operator"));
+        // 1002 can transfer in turn; a busy agent fails at once.
+        c.direct = Err("on_call");
+        let out = c.leg(leg, refer(5, "<sip:1001@x>"));
+        assert_eq!(answered_request(&out, Some(leg)).map(|a| a.0), Some(202));
+        assert!(placed(&out).is_none());
+        assert_eq!(notifies(&out, leg).last().map(|n| n.0), Some(486));
+        // Unknown targets: the API's answer.
+        let out = c.input(Input::AdminTransfer { to: "555".into() });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::AdminTransferAnswer(Err((403, _))))));
+    }
+
+    #[test]
+    fn a_refer_to_a_queue_puts_the_caller_at_its_front_and_frees_the_operator() {
+        let (mut c, _) = Call::verified();
+        let op = c.with_operator();
+        let out = c.leg(op, refer(11, "<sip:permits@192.0.2.1>"));
+        assert!(
+            matches!(
+                queue_cmds(&out).as_slice(),
+                [QueueCommand::Rejoin { queue, .. }, QueueCommand::CallEnded(a)] if queue == "permits" && a == "1001"
+            ),
+            "{:?}",
+            queue_cmds(&out)
+        );
+        assert_eq!(notifies(&out, op).last().map(|n| n.0), Some(200));
+        assert_eq!(dropped(&out, op), Some(LegEnd::HangUpAndRelease));
+        assert_eq!(shown(&out).as_deref(), Some("waiting for operator"));
+        assert!(prompts(&out).contains(&"operator_queue".to_owned()));
+        // Refused by the queue: back to the operator.
+        let (mut c, _) = Call::verified();
+        c.rejoined = Err(Refusal::NoAgents);
+        let op = c.with_operator();
+        let out = c.leg(op, refer(11, "<sip:permits@192.0.2.1>"));
+        assert_eq!(notifies(&out, op).last().map(|n| n.0), Some(480));
+        assert!(bridge(&out).flatten().is_some_and(|b| b.leg == op));
     }
 
     #[test]

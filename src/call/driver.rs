@@ -21,7 +21,9 @@ use super::leg::{
     asserted_identity, BridgeTo, Dial, LegEnd, LegId, LegSdp, NotPlaced, PlaceLeg, Placed,
 };
 use super::menu_holder::MenuHolder;
+use super::registry::CallCommand;
 use super::setup::CallSetup;
+use super::transfer::TransferId;
 use super::CallRegistry;
 use crate::config::Limits;
 use crate::dispatch::emergency::EmergencyConfig;
@@ -60,6 +62,8 @@ const EARLY_MEDIA_GAP: Duration = Duration::from_secs(2);
 const HOLD_FILL_GAP: Duration = Duration::from_millis(500);
 /// Work results a call may have unread (they are few: each is one ticket, lookup or audit).
 const WORK_QUEUE: usize = 16;
+/// Commands (an admin's transfer) a call may have unread.
+const COMMANDS: usize = 4;
 
 /// The time now, on tokio's clock (paused in tests).
 pub(crate) fn now() -> Instant {
@@ -131,6 +135,10 @@ pub(crate) struct CallContext {
     pub(crate) callback: Arc<crate::config::CallbackConfig>,
     /// How log lines show callers' numbers.
     pub(crate) log: crate::config::LogConfig,
+    /// Where operators may transfer callers.
+    pub(crate) dialplan: super::dialplan::DialPlan,
+    /// How long an agent's phone rings for a caller transferred to them.
+    pub(crate) agent_ring: Duration,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -172,6 +180,8 @@ impl CallContext {
             default_language: self.default_language.clone(),
             operators: self.queues.is_some(),
             callbacks: self.callbacks.is_some(),
+            dialplan: self.dialplan.clone(),
+            agent_ring: self.agent_ring,
         }
     }
 }
@@ -393,6 +403,8 @@ pub(crate) async fn run_call(
     let no_media = Duration::from_secs(ctx.limits.no_media_seconds);
     let (media, mut notes) = ctx.clock.attach(port, media, no_media, Span::current());
     let hangup = ctx.registry.hangup_token(registry_id);
+    let (command_tx, mut commands) = mpsc::channel(COMMANDS);
+    ctx.registry.set_commands(registry_id, command_tx);
     let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
     let call_id = meta.call_id.clone();
     let mut core = CallCore::new(now(), config, menu, meta, registry_id, caller_media);
@@ -408,6 +420,7 @@ pub(crate) async fn run_call(
         registry_id,
         call_id,
         ended: None,
+        admin_reply: None,
     };
     core.start(now());
     let mut closing = false;
@@ -444,6 +457,23 @@ pub(crate) async fn run_call(
                 }
             }
             Some(input) = work_rx.recv() => core.handle(now(), input),
+            Some(cmd) = commands.recv() => match cmd {
+                CallCommand::Consulting(target) => core.handle(now(), Input::Consulting(target)),
+                CallCommand::Transfer { to, reply } => {
+                    // Answered by the core's `AdminTransferAnswer`, among the actions of
+                    // this same turn.
+                    d.admin_reply = Some(reply);
+                    core.handle(now(), Input::AdminTransfer { to });
+                    while let Some(a) = core.poll_action() {
+                        if let Some(input) = d.carry_out(a).await {
+                            core.handle(now(), input);
+                        }
+                    }
+                    if let Some(reply) = d.admin_reply.take() {
+                        let _ = reply.send(Err((409, "the call is ending".into())));
+                    }
+                }
+            },
             qe = recv_opt(&mut d.queue_events) => match qe {
                 Some(qe) => core.handle(now(), Input::Queue(qe)),
                 None => d.queue_events = None,
@@ -486,9 +516,42 @@ struct Driver {
     registry_id: u64,
     call_id: String,
     ended: Option<EndReason>,
+    /// Where the answer to the admin's transfer goes (set while the core decides).
+    admin_reply: Option<tokio::sync::oneshot::Sender<Result<TransferId, (u16, String)>>>,
 }
 
 impl Driver {
+    /// Ask operator `agent`'s consultation on `dialog` for its target; its legs become ours.
+    async fn join_consult(&mut self, dialog: crate::sip::ua::DialogId, agent: &str) -> Input {
+        let Some((owner, tx)) = self.ctx.registry.consult(dialog) else {
+            return Input::ConsultJoined(Err((481, "Replaces names no call of ours".into())));
+        };
+        if owner != agent {
+            warn!(%agent, %owner, "Replaces names another operator's call");
+            return Input::ConsultJoined(Err((403, "another operator's call".into())));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if tx
+            .send(super::registry::ConsultCommand::HandOver { reply })
+            .await
+            .is_err()
+        {
+            return Input::ConsultJoined(Err((481, "the consultation has ended".into())));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(Ok(joined))) => {
+                for io in joined.legs {
+                    self.legs.add(io);
+                }
+                Input::ConsultJoined(Ok(Box::new((*joined.transfer, joined.connected))))
+            }
+            Ok(Ok(Err(e))) => Input::ConsultJoined(Err(e)),
+            Ok(Err(_)) | Err(_) => {
+                Input::ConsultJoined(Err((481, "the consultation has ended".into())))
+            }
+        }
+    }
+
     /// A key sent by SIP INFO, unless the same key was heard in the audio a moment ago.
     fn info_key(&mut self, content_type: &str, body: &[u8]) -> Option<char> {
         let d = dtmf_info_digit(content_type, body)?;
@@ -564,11 +627,100 @@ impl Driver {
                 }
                 return Some(Input::Placed(leg, placed));
             }
-            Action::RequestLeg { leg, req, method } => {
+            Action::RequestLeg {
+                leg,
+                req,
+                method,
+                headers,
+                body,
+            } => {
                 if let Some(l) = self.legs.get(leg) {
-                    l.handle.request(req, method, vec![], None).await;
+                    l.handle.request(req, method, headers, body).await;
                 }
             }
+            Action::AnswerRequest {
+                leg,
+                txn,
+                code,
+                headers,
+            } => match leg {
+                None => self.handle.answer_request(txn, code, headers).await,
+                Some(leg) => {
+                    if let Some(l) = self.legs.get(leg) {
+                        l.handle.answer_request(txn, code, headers).await;
+                    }
+                }
+            },
+            Action::ShowOperator(view) => {
+                let dialog = view
+                    .as_ref()
+                    .and_then(|v| self.legs.get(v.leg))
+                    .map(|l| l.handle.id);
+                self.ctx
+                    .registry
+                    .show_operator(self.registry_id, view, dialog);
+            }
+            Action::AdminTransferAnswer(answer) => {
+                if let Some(reply) = self.admin_reply.take() {
+                    let _ = reply.send(answer);
+                }
+            }
+            Action::ShowTransfer(view) => self.ctx.registry.show_transfer(&view),
+            Action::RecordTransfer(view) => {
+                self.ctx.registry.show_transfer(&view);
+                let store = self.ctx.tickets.clone();
+                self.ctx.tracker.spawn(
+                    async move {
+                        let record = crate::dispatch::tickets::TransferRecord {
+                            id: view.id,
+                            call_id: view.call_id,
+                            operator: view.operator,
+                            target: view.target,
+                            requested_via: view.via.to_owned(),
+                        };
+                        if let Err(e) = store.record_transfer(&record).await {
+                            error!(error = %e, "transfer record not written");
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            Action::TransferOutcome {
+                record,
+                outcome,
+                ticket_note,
+            } => {
+                let store = self.ctx.tickets.clone();
+                let call_id = self.call_id.clone();
+                self.ctx.tracker.spawn(
+                    async move {
+                        if let Err(e) = store.transfer_outcome(&record, &outcome).await {
+                            error!(error = %e, "transfer outcome not written");
+                        }
+                        if let Some(note) = ticket_note {
+                            if let Err(e) = store.note_transfer(&call_id, &note).await {
+                                error!(error = %e, "the call's tickets could not note the transfer");
+                            }
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            Action::CountTransfer { kind, outcome } => self.ctx.metrics.add(
+                "ivr311_transfers_total",
+                "Transfers operators and admins asked for, by target kind and outcome.",
+                &[("outcome", outcome), ("target", kind)],
+                1,
+            ),
+            Action::JoinConsult { dialog, agent } => {
+                return Some(self.join_consult(dialog, &agent).await)
+            }
+            Action::CountRefusal(reason) => self.ctx.metrics.add(
+                "ivr311_transfer_refusals_total",
+                "Transfer requests (REFER, an agent's call, the admin API) refused, by reason.",
+                &[("reason", reason)],
+                1,
+            ),
             Action::ReplyLeg {
                 leg,
                 txn,
@@ -728,6 +880,27 @@ impl Driver {
             QueueCommand::OfferFailed(agent, why) => q.offer_failed(caller, &agent, why).await,
             QueueCommand::OfferWithdrawn(agent) => q.offer_withdrawn(caller, &agent).await,
             QueueCommand::CallEnded(agent) => q.call_ended(&agent).await,
+            QueueCommand::Rejoin {
+                queue,
+                skill,
+                since,
+            } => {
+                let (tx, rx) = mpsc::channel(16);
+                let result = q.rejoin(caller, &queue, skill, since, tx).await;
+                if result.is_ok() {
+                    self.queue_events = Some(rx);
+                }
+                return Some(Input::Rejoined(result));
+            }
+            QueueCommand::RingDirect {
+                agent,
+                ring_timeout,
+            } => {
+                return Some(Input::RangDirect(
+                    q.ring_direct(caller, &agent, ring_timeout).await,
+                ))
+            }
+            QueueCommand::DirectAnswered(agent) => q.direct_answered(caller, &agent).await,
         }
         None
     }

@@ -54,14 +54,18 @@ use tracing::{debug, info, warn};
 /// How long a 911 trunk may stay silent (no ringing, no answer) before the next method.
 pub(crate) const BRIDGE_FIRST_RESPONSE: Duration = Duration::from_secs(5);
 
-/// Hands out leg ids unique within a call (the call core owns one and lends it).
+/// Hands out leg ids (the call core owns one and lends it). They are unique on the server,
+/// not only within the call, so that a leg can move from one call to another (an operator's
+/// consultation joined to the caller they hold) and keep its id.
 #[derive(Debug, Default)]
-pub(crate) struct LegIds(u64);
+pub(crate) struct LegIds;
+
+/// The last leg id handed out on this server.
+static LAST_LEG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl LegIds {
     pub(crate) fn next(&mut self) -> LegId {
-        self.0 += 1;
-        LegId(self.0)
+        LegId(LAST_LEG.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
     }
 }
 
@@ -110,6 +114,24 @@ pub(crate) enum Out {
     Held(bool),
     /// The call is over (transferred, announced to, or the 911 side hung up).
     End,
+    /// Every route failed on a redirect an operator asked for: the caller goes back to them
+    /// (instead of the announcement).
+    BackToOperator,
+}
+
+/// A redirect an operator asked for (their phone's transfer key, a call from their phone,
+/// the admin API) rather than the menu: the audit names them and how, and when every route
+/// fails the caller goes back to the operator instead of hearing "hang up and dial 911".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ByOperator {
+    /// The operator's agent id.
+    pub(crate) agent: String,
+    /// How they asked: `refer`, `phone_call` or `admin`.
+    pub(crate) via: &'static str,
+    /// The operator's own call to 911 from their phone (a consultation before the caller is
+    /// handed over): only the bridge routes are tried, and nothing is played (the phone is
+    /// not answered until 911 is).
+    pub(crate) consult: bool,
 }
 
 /// Who is being redirected, and from where.
@@ -231,6 +253,8 @@ pub(crate) struct Emergency {
     /// The audit row, once written (`None` before, or if it could not be).
     audit: Option<i64>,
     failures: Vec<String>,
+    /// Who asked, when an operator did.
+    operator: Option<ByOperator>,
     state: State,
     out: VecDeque<Out>,
 }
@@ -244,8 +268,35 @@ impl Emergency {
         reason: Option<String>,
         menu_path: String,
     ) -> Emergency {
-        let plan: VecDeque<EmergencyMethod> = config.plan().into();
-        warn!(?reason, %menu_path, plan = ?plan, "redirecting caller to 911");
+        Self::begin(config, caller, reason, menu_path, None)
+    }
+
+    /// Start a redirect operator `by` asked for: as [`Emergency::start`], with the operator
+    /// in the audit, and [`Out::BackToOperator`] where the menu's redirect would announce.
+    pub(crate) fn for_operator(
+        config: &EmergencyConfig,
+        caller: Caller,
+        reason: Option<String>,
+        menu_path: String,
+        by: ByOperator,
+    ) -> Emergency {
+        Self::begin(config, caller, reason, menu_path, Some(by))
+    }
+
+    fn begin(
+        config: &EmergencyConfig,
+        caller: Caller,
+        reason: Option<String>,
+        menu_path: String,
+        operator: Option<ByOperator>,
+    ) -> Emergency {
+        let mut plan: VecDeque<EmergencyMethod> = config.plan().into();
+        let consult = operator.as_ref().is_some_and(|o| o.consult);
+        if consult {
+            // The operator's phone is the one calling: nobody to REFER, nothing to announce.
+            plan.retain(|m| *m == EmergencyMethod::Bridge);
+        }
+        warn!(?reason, %menu_path, plan = ?plan, operator = operator.as_ref().map(|o| o.agent.as_str()), "redirecting caller to 911");
         let method = plan.front().copied().unwrap_or(EmergencyMethod::Announce);
         let audit = EmergencyAudit {
             caller: Some(caller.number.clone()),
@@ -254,8 +305,18 @@ impl Emergency {
             reason,
             method: method.as_str().to_owned(),
             caller_verified: caller.asserted.is_some(),
+            operator: operator.as_ref().map(|o| o.agent.clone()),
+            requested_via: operator.as_ref().map(|o| o.via.to_owned()),
+        };
+        let out = if consult {
+            VecDeque::from([Out::WriteAudit(audit)])
+        } else {
+            VecDeque::from([Out::Stop, Out::Play(Sound::Notice), Out::WriteAudit(audit)])
         };
         Emergency {
+            operator,
+            notice_played: consult,
+            out,
             uri: config.uri.clone(),
             timeout: Duration::from_secs(config.timeout_seconds),
             repeats: config.announce_repeats.max(1),
@@ -265,13 +326,24 @@ impl Emergency {
                 .into_iter()
                 .map(Route::new)
                 .collect(),
-            notice_played: false,
             audit: None,
             failures: Vec::new(),
             state: State::Auditing,
-            out: VecDeque::from([Out::Stop, Out::Play(Sound::Notice), Out::WriteAudit(audit)]),
             caller,
         }
+    }
+
+    /// Whether the redirect is over without reaching 911 (the caller went back to the
+    /// operator) or with the call ended.
+    #[cfg(test)]
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// The caller is ringing 911 (a leg is out and has not answered).
+    #[cfg(test)]
+    pub(crate) fn ringing(&self) -> bool {
+        matches!(self.state, State::Bridging { leg: Some(_), .. })
     }
 
     /// The next thing the redirect asks of the call.
@@ -673,12 +745,35 @@ impl Emergency {
                 });
             }
             EmergencyMethod::Bridge => self.bridge_next(now, ids),
+            EmergencyMethod::Announce if self.operator.is_some() => self.back_to_operator(),
             EmergencyMethod::Announce => {
                 info!("announcing: hang up and dial 911");
                 self.state = State::Announcing { left: self.repeats };
                 self.out.push_back(Out::Play(Sound::Announcement));
             }
         }
+    }
+
+    /// Every route of a redirect an operator asked for failed: the caller goes back to the
+    /// operator, and the audit says so.
+    fn back_to_operator(&mut self) {
+        warn!(
+            failures = ?self.failures,
+            "every 911 route failed; the caller goes back to the operator"
+        );
+        self.out.push_back(Out::Counted {
+            method: "operator",
+            outcome: "returned to operator",
+        });
+        if let Some(id) = self.audit {
+            let mut text = "returned to operator".to_owned();
+            if !self.failures.is_empty() {
+                text.push_str(&format!(" after {}", self.failures.join("; ")));
+            }
+            self.out.push_back(Out::AuditOutcome { id, outcome: text });
+        }
+        self.state = State::Done;
+        self.out.push_back(Out::BackToOperator);
     }
 
     /// Call the next 911 route (see the module docs for whose number it carries).
@@ -881,7 +976,32 @@ mod tests {
             );
             let mut r = Run {
                 e,
-                ids: LegIds::default(),
+                ids: LegIds,
+                t0,
+                now: t0,
+            };
+            let out = r.out();
+            (r, out)
+        }
+
+        /// A redirect operator 1001 asked for (`consult`: by calling 911 from their phone).
+        fn by_operator(config: &EmergencyConfig, consult: bool) -> (Run, Vec<Out>) {
+            let t0 = Instant::now();
+            let by = ByOperator {
+                agent: "1001".into(),
+                via: if consult { "phone_call" } else { "refer" },
+                consult,
+            };
+            let e = Emergency::for_operator(
+                config,
+                caller(true),
+                Some("operator 1001 transferred the caller".into()),
+                "language:1 > screening:1 > main:0".into(),
+                by,
+            );
+            let mut r = Run {
+                e,
+                ids: LegIds,
                 t0,
                 now: t0,
             };
@@ -1030,6 +1150,76 @@ mod tests {
         // Durable: the bridge's INVITE leaves at once.
         let out = r.audited(Some(7));
         assert!(placed_leg(&out).is_some(), "{out:?}");
+    }
+
+    #[test]
+    fn an_operators_redirect_names_them_and_returns_the_caller_when_every_route_fails() {
+        let (mut r, out) = Run::by_operator(&config(Some(Bridge), &[BACKUP]), false);
+        assert!(plays(&out, Sound::Notice), "the caller hears 911 is called");
+        let Some(Out::WriteAudit(a)) = out.iter().find(|o| matches!(o, Out::WriteAudit(_))) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.operator.as_deref(), Some("1001"));
+        assert_eq!(a.requested_via.as_deref(), Some("refer"));
+        let out = r.audited(Some(7));
+        let (first, _) = placed_leg(&out).unwrap();
+        r.placed(first, None);
+        r.played();
+        let out = r.leg(first, failed(503, "Service Unavailable"));
+        let (second, to) = placed_leg(&out).expect("the backup route");
+        assert!(matches!(to, Dial::Uri { uri, .. } if uri == BACKUP));
+        r.placed(second, None);
+        let out = r.leg(second, failed(486, "Busy Here"));
+        assert!(
+            !plays(&out, Sound::Announcement),
+            "no announcement: {out:?}"
+        );
+        assert!(
+            out.iter().any(|o| matches!(o, Out::BackToOperator)),
+            "{out:?}"
+        );
+        assert!(!ends(&out));
+        assert_eq!(counted(&out), Some(("operator", "returned to operator")));
+        assert_eq!(
+            outcome(&out),
+            Some("returned to operator after bridge to sip:911@psap.example.gov: answered 503 Service Unavailable; bridge to sip:911@198.51.100.20: answered 486 Busy Here")
+        );
+        assert!(r.e.is_done() && r.e.next_deadline().is_none());
+        // No route configured at all: straight back, never a refusal.
+        let (mut r, _) = Run::by_operator(&EmergencyConfig::default(), false);
+        r.audited(Some(7));
+        let out = r.played();
+        assert!(
+            out.iter().any(|o| matches!(o, Out::BackToOperator)),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn an_operators_own_call_to_911_tries_the_bridge_routes_only_and_plays_nothing() {
+        // REFER first in the config: a consultation has nobody to REFER.
+        let (mut r, out) = Run::by_operator(&config(None, &[]), true);
+        assert!(!plays(&out, Sound::Notice), "{out:?}");
+        let Some(Out::WriteAudit(a)) = out.iter().find(|o| matches!(o, Out::WriteAudit(_))) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (a.method.as_str(), a.requested_via.as_deref()),
+            ("bridge", Some("phone_call"))
+        );
+        let out = r.audited(Some(7));
+        let p = place(&out);
+        assert_eq!(
+            p.asserted.as_deref(),
+            Some("+12125550123"),
+            "the caller's number"
+        );
+        let leg = p.leg;
+        r.placed(leg, None);
+        assert!(r.e.ringing());
+        let out = r.leg(leg, answered());
+        assert_eq!(counted(&out), Some(("bridge", "connected")));
+        assert!(r.e.connected());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::sip::message::{sanitize_quoted, Method};
 use std::net::{IpAddr, SocketAddr};
 use tracing::{info, warn, Span};
 
-/// A leg's id, unique within its call (the driver keys the leg's dialog, port and events on
+/// A leg's id, unique on the server (the driver keys the leg's dialog, port and events on
 /// it; events of a leg the call has let go of are not read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct LegId(pub(crate) u64);

@@ -17,24 +17,30 @@
 //! | `operator_leg` | one operator's leg: offer, ring deadline, answer, re-offers and ACK, hold, the silent-phone probe, BYE | the caller's side, the queue |
 //! | `leg` | what every placed leg shares: its id, our SDP on it, the request that places it, how the caller is bridged to it | IO |
 //! | `driver` | the call's task: the [`DialogHandle`](crate::sip::ua::DialogHandle), the media clock slot, the legs' dialogs and RTP ports, the queue channel, the recording file, database tasks; carries out the core's actions in order | decisions |
+//! | `transfer` | a transfer's state machine (REFER, admin, or a consultation's target): claim an agent, ring a line or agent, or 911 through `emergency`; NOTIFY progress; connected or failed | where the caller goes after a failure (the core decides) |
+//! | `dialplan` | the operators' dial plan as a pure function, the `transfers:` config and its checks | calls |
+//! | `consult` | an operator's own call from their phone (a consultation, 911 for the caller they hold): routed by the dial plan, its target rung by a `transfer`, handed to the held caller's call on an attended transfer | the held caller's call (it asks through the registry) |
 //! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
 //! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
 //! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menu and prompts calls start on, reloads | calls |
 //!
 //! Why a core and a driver: everything a call decides, the 911 path above all, is tested on
-//! virtual time in milliseconds (`core`, `emergency`, `operator_leg` and `callback` have their
+//! virtual time in milliseconds (`core`, `emergency`, `operator_leg`, `transfer`, `consult` and `callback` have their
 //! unit tests), and the driver stays small enough to read in one sitting. The driver does no
 //! per-packet work: while the caller is bridged the media clock relays both legs itself.
 //! Work whose answer the core needs before anything else happens (a leg's INVITE, the queue's
 //! answer, a call-back taking the place) is awaited in the driver and fed straight back, as an
 //! input; database work runs in tasks on the server's tracker and reports back later.
 //!
-//! Leg ids are the call's own (`LegId`): the driver keys each leg's dialog, port and
+//! Leg ids (`LegId`) are unique on the server: the driver keys each leg's dialog, port and
 //! events on them, and reads the events of the legs the core has not let go of. The core has
-//! at most one operator leg or one 911 leg today; nothing in the driver assumes so.
+//! at most one operator leg and one transfer target, or one 911 leg; nothing in the driver
+//! assumes so.
 
 pub(crate) mod callback;
+mod consult;
 mod core;
+pub mod dialplan;
 pub(crate) mod driver;
 mod emergency;
 mod leg;
@@ -42,6 +48,7 @@ mod menu_holder;
 mod operator_leg;
 mod registry;
 mod setup;
+pub(crate) mod transfer;
 
 use crate::media::g711::Codec;
 use std::time::Duration;

@@ -23,7 +23,7 @@ use crate::dispatch::queue::OfferFailure;
 use crate::media::g711::Codec;
 use crate::media::rtp::LatchScope;
 use crate::sip::message::Method;
-use crate::sip::ua::{DialogEvent, LegEvent};
+use crate::sip::ua::{DialogEvent, LegEvent, Refer};
 use bytes::Bytes;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -158,6 +158,9 @@ pub(crate) enum LegStep {
     /// The silent phone is gone (the OPTIONS got `code`, or nothing in time: 408): hang the
     /// leg up.
     Gone { code: u16 },
+    /// The phone asks for the call to be transferred (its transfer key sent REFER): the owner
+    /// answers it ([`crate::call::transfer`]).
+    Refer(Box<Refer>),
 }
 
 /// An operator's leg (see the module docs).
@@ -199,14 +202,19 @@ impl OperatorLeg {
             local_ip,
             span: span.clone(),
         };
-        let leg = OperatorLeg {
-            id,
-            agent,
-            span,
+        (OperatorLeg::dial(&place, agent, ring_timeout), place)
+    }
+
+    /// A leg that `place` places to `who` (an agent's id, or the name of a line a caller is
+    /// transferred to), ringing for up to `ring_timeout` once the INVITE is out.
+    pub(crate) fn dial(place: &PlaceLeg, who: String, ring_timeout: Duration) -> OperatorLeg {
+        OperatorLeg {
+            id: place.leg,
+            agent: who,
+            span: place.span.clone(),
             scope: LatchScope::Sdp,
             state: State::Dialling { ring_timeout },
-        };
-        (leg, place)
+        }
     }
 
     /// The INVITE is out (at `now`) with our SDP `sdp`, to a phone that registered from
@@ -367,6 +375,7 @@ impl OperatorLeg {
                     LegStep::Nothing
                 }
             }
+            LegEvent::Dialog(DialogEvent::Refer(r)) => LegStep::Refer(r),
             LegEvent::Dialog(
                 DialogEvent::Cancelled | DialogEvent::Info { .. } | DialogEvent::Notify { .. },
             ) => LegStep::Nothing,

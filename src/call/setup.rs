@@ -47,6 +47,12 @@ pub async fn accept_calls(
             ev = app_rx.recv() => match ev { Some(ev) => ev, None => return },
         };
         match ev {
+            // An agent's phone calling out (authenticated by the UA core): the operators'
+            // dial plan, never the menu.
+            AppEvent::Invite(call) if call.agent.is_some() => {
+                let agent = call.agent.clone().unwrap_or_default();
+                super::consult::spawn(call, agent, ctx.clone(), &tracker, cancel.clone());
+            }
             AppEvent::Invite(mut call) => {
                 // RFC 3325: P-Asserted-Identity only from inside the trust domain; from anyone
                 // else it is removed, so nothing further on can mistake it for verified.

@@ -696,6 +696,35 @@ impl Dispatcher {
         skill: Option<&str>,
         priority: i32,
     ) -> Result<Position, Refusal> {
+        self.insert(now, caller, queue, skill, Some(priority), now)
+    }
+
+    /// Queue a caller an operator sent on (a transfer to this queue, or one that failed after
+    /// the operator left) at the front of the line, ahead of every caller waiting whatever
+    /// their priority, with its wait counted from `since` (when it first joined a queue):
+    /// the caller already waited their turn. Refused as [`Dispatcher::enqueue`] is.
+    pub fn rejoin(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<&str>,
+        since: Instant,
+    ) -> Result<Position, Refusal> {
+        self.insert(now, caller, queue, skill, None, since.min(now))
+    }
+
+    /// [`Dispatcher::enqueue`] (`priority`: in priority order) or [`Dispatcher::rejoin`]
+    /// (`None`: first).
+    fn insert(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<&str>,
+        priority: Option<i32>,
+        since: Instant,
+    ) -> Result<Position, Refusal> {
         self.touch(now);
         if let Some(p) = self.position(caller) {
             return Ok(p);
@@ -722,21 +751,70 @@ impl Dispatcher {
             qs.refused += 1;
             return Err(r);
         }
+        // At the front: as high a priority as the first caller's, so the line stays sorted.
+        let (priority, front) = match priority {
+            Some(p) => (p, false),
+            None => (self.waiting.first().map_or(0, |w| w.priority.max(0)), true),
+        };
         let w = Waiting {
             caller,
             queue: q,
             skill: skill.map(str::to_owned),
             priority,
-            since: now,
+            since,
             next_announce: qs.announce_every.map(|e| later(now, e)),
             max_wait_at: qs.max_wait.map(|m| later(now, m)),
             max_wait_sent: false,
             callback: None,
         };
         // After every caller of the same or higher priority (all arrived earlier).
-        let at = self.waiting.partition_point(|x| x.priority >= priority);
+        let at = if front {
+            0
+        } else {
+            self.waiting.partition_point(|x| x.priority >= priority)
+        };
         self.waiting.insert(at, w);
         Ok(self.position_at(at))
+    }
+
+    /// Ring `agent` for `caller` outside the queues (an operator transfers the caller to
+    /// them): `Available → Ringing`, given up as no answer `ring_timeout` + 5 s on if the
+    /// outcome never comes. The call reports [`Dispatcher::direct_answered`], or
+    /// [`Dispatcher::withdraw_offer`] when the phone did not take it (no penalty: the agent
+    /// was not offered a queue's caller). `Err` with the agent's state word when it cannot
+    /// take a call now (on a call, paused, logged out...).
+    pub fn ring_direct(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        agent: &str,
+        ring_timeout: Duration,
+    ) -> Result<(), &'static str> {
+        self.touch(now);
+        let Some(a) = self.agent_mut(agent) else {
+            return Err("unknown");
+        };
+        if a.status != AgentStatus::Available {
+            return Err(a.status.as_str());
+        }
+        a.status = AgentStatus::Ringing { caller };
+        a.offer_expires = Some(later(now, ring_timeout + OFFER_GRACE));
+        Ok(())
+    }
+
+    /// `agent`, rung by [`Dispatcher::ring_direct`], answered: it goes `OnCall` with `caller`
+    /// (counted in its calls taken, not in any queue's figures). Ignored unless that agent is
+    /// ringing for that caller.
+    pub fn direct_answered(&mut self, now: Instant, caller: CallerId, agent: &str) {
+        self.touch(now);
+        if let Some(a) = self.agent_mut(agent) {
+            if a.ringing_for(caller) {
+                a.status = AgentStatus::OnCall { caller };
+                a.offer_expires = None;
+                a.calls_taken += 1;
+                a.call = None;
+            }
+        }
     }
 
     /// The caller hung up or left. Waiting (or ringing): removed, counted as abandoned, any
@@ -1137,13 +1215,14 @@ impl Dispatcher {
         self.waiting.iter().position(|w| w.caller == caller)
     }
 
-    /// Whether the caller is waiting or connected (the driver keeps its events sender so long).
+    /// Whether the caller is waiting, connected, or ringing an agent directly (the driver
+    /// keeps its events sender so long).
     fn holds(&self, caller: CallerId) -> bool {
         self.waiting_idx(caller).is_some()
-            || self
-                .agents
-                .iter()
-                .any(|a| a.status == AgentStatus::OnCall { caller })
+            || self.agents.iter().any(|a| {
+                a.status == AgentStatus::OnCall { caller }
+                    || a.status == AgentStatus::Ringing { caller }
+            })
     }
 
     fn ringing_callers(&self) -> HashSet<CallerId> {
@@ -1505,6 +1584,21 @@ enum Cmd {
         events: mpsc::Sender<QueueEvent>,
         reply: oneshot::Sender<Result<Position, Refusal>>,
     },
+    Rejoin {
+        caller: CallerId,
+        queue: String,
+        skill: Option<String>,
+        since: Instant,
+        events: mpsc::Sender<QueueEvent>,
+        reply: oneshot::Sender<Result<Position, Refusal>>,
+    },
+    RingDirect {
+        caller: CallerId,
+        agent: String,
+        ring_timeout: Duration,
+        reply: oneshot::Sender<Result<(), &'static str>>,
+    },
+    DirectAnswered(CallerId, String),
     Abandon(CallerId),
     RequestCallback {
         caller: CallerId,
@@ -1560,6 +1654,54 @@ impl QueueHandle {
 
     pub(crate) async fn abandon(&self, caller: CallerId) {
         self.send(Cmd::Abandon(caller)).await;
+    }
+
+    /// [`Dispatcher::rejoin`]: the caller back at the front of `queue`, its wait counted from
+    /// `since`; its events go to `events` as for [`QueueHandle::enqueue`].
+    pub async fn rejoin(
+        &self,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<String>,
+        since: Instant,
+        events: mpsc::Sender<QueueEvent>,
+    ) -> Result<Position, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Rejoin {
+            caller,
+            queue: queue.to_owned(),
+            skill,
+            since,
+            events,
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Err(Refusal::NoAgents);
+        }
+        rx.await.unwrap_or(Err(Refusal::NoAgents))
+    }
+
+    /// [`Dispatcher::ring_direct`]; `Err` with the agent's state when it cannot take a call.
+    pub async fn ring_direct(
+        &self,
+        caller: CallerId,
+        agent: &str,
+        ring_timeout: Duration,
+    ) -> Result<(), &'static str> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::RingDirect {
+            caller,
+            agent: agent.to_owned(),
+            ring_timeout,
+            reply,
+        })
+        .await;
+        rx.await.unwrap_or(Err("logged_out"))
+    }
+
+    pub async fn direct_answered(&self, caller: CallerId, agent: &str) {
+        self.send(Cmd::DirectAnswered(caller, agent.to_owned()))
+            .await;
     }
 
     /// The waiting `caller` asks for a call-back that keeps its place
@@ -1712,6 +1854,29 @@ impl Driver {
                 }
                 let _ = reply.send(r);
             }
+            Cmd::Rejoin {
+                caller,
+                queue,
+                skill,
+                since,
+                events,
+                reply,
+            } => {
+                let r = d.rejoin(now, caller, &queue, skill.as_deref(), since);
+                if r.is_ok() {
+                    self.events.insert(caller, Listener::Call(events));
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::RingDirect {
+                caller,
+                agent,
+                ring_timeout,
+                reply,
+            } => {
+                let _ = reply.send(d.ring_direct(now, caller, &agent, ring_timeout));
+            }
+            Cmd::DirectAnswered(caller, agent) => d.direct_answered(now, caller, &agent),
             Cmd::Abandon(caller) => d.abandon(now, caller),
             Cmd::RequestCallback {
                 caller,
@@ -1841,6 +2006,77 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_caller_sent_back_by_an_operator_rejoins_at_the_front_with_their_wait() {
+        let mut t = T::new(
+            &[agent("1001", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["1001"]);
+        t.d.pause("1001", "lunch");
+        t.enqueue(10.0, 1, None);
+        t.enqueue(20.0, 2, None);
+        // Caller 9 first joined at 5 s, talked to an operator, and comes back at 100 s.
+        let p =
+            t.d.rejoin(t.t(100.0), 9, "general", None, t.t(5.0))
+                .unwrap();
+        assert_eq!(p.place, 1, "at the front");
+        assert_eq!(t.d.position(1).unwrap().place, 2);
+        assert_eq!(
+            t.figures().longest_wait,
+            Duration::from_secs(95),
+            "its wait kept"
+        );
+        t.d.unpause(t.t(101.0), "1001");
+        assert_eq!(offers(&t.poll(101.0)), vec![(9, "1001")]);
+        // Refused as any caller is when nobody could take it.
+        let mut t = T::new(
+            &[agent("1001", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        assert_eq!(
+            t.d.rejoin(t.t(1.0), 9, "general", None, t.t(0.0)),
+            Err(Refusal::NoAgents)
+        );
+    }
+
+    #[test]
+    fn an_agent_rung_directly_for_a_transfer_is_busy_until_the_call_ends() {
+        let mut t = T::new(
+            &[agent("1001", &[], 1), agent("1002", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["1001", "1002"]);
+        t.enqueue(1.0, 7, None);
+        let first = offers(&t.poll(1.0))[0].1.to_owned();
+        t.answer(2.0, 7, &first);
+        let other = if first == "1001" { "1002" } else { "1001" };
+        // The operator transfers caller 7 to the other agent.
+        assert_eq!(
+            t.d.ring_direct(t.t(3.0), 7, &first, Duration::from_secs(20)),
+            Err("on_call")
+        );
+        t.d.ring_direct(t.t(3.0), 7, other, Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(t.status(other), AgentStatus::Ringing { caller: 7 });
+        // A new caller is not offered to the ringing agent.
+        t.enqueue(4.0, 8, None);
+        assert!(offers(&t.poll(4.0)).is_empty());
+        t.d.abandon(t.t(4.5), 8);
+        t.d.direct_answered(t.t(5.0), 7, other);
+        assert_eq!(t.status(other), AgentStatus::OnCall { caller: 7 });
+        t.end(6.0, &first);
+        assert!(matches!(t.status(&first), AgentStatus::WrapUp { .. }));
+        t.end(60.0, other);
+        assert!(matches!(t.status(other), AgentStatus::WrapUp { .. }));
+        // A direct ring nobody reports on is given up, as a queue offer is.
+        t.poll(100.0);
+        t.d.ring_direct(t.t(100.0), 10, other, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let a = t.poll(125.1);
+        assert!(cancels(&a).contains(&(10, other)), "{a:?}");
+    }
 
     #[test]
     fn operator_phone_answers_map_to_offer_failures() {

@@ -427,6 +427,32 @@ pub struct Ticket {
     pub language: Option<String>,
     pub call_id: Option<String>,
     pub callback_requested: bool,
+    /// The transfer that took the call that filed it on to someone else (`transferred to
+    /// crisis by 1001 (refer)`). Private: staff only, never in Open311 output.
+    #[serde(default)]
+    pub transfer: Option<String>,
+}
+
+/// The start of a transfer, for the call's record ([`TicketStore::record_transfer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub id: u64,
+    pub call_id: String,
+    /// The operator who asked (`None`: an admin, with no operator on the call).
+    pub operator: Option<String>,
+    /// `911`, a `transfers` name, `agent:<id>` or `queue:<name>`.
+    pub target: String,
+    /// `refer`, `phone_call` or `admin`.
+    pub requested_via: String,
+}
+
+/// One transfer of a call, as its record keeps it ([`TicketStore::transfers_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransferRow {
+    pub target: String,
+    pub operator: Option<String>,
+    pub requested_via: String,
+    pub outcome: String,
 }
 
 /// Filters for [`TicketStore::list`]; all given filters must match. The default lists the
@@ -462,6 +488,11 @@ pub(crate) struct EmergencyAudit {
     /// `caller` was asserted by a trusted trunk (P-Asserted-Identity from `trunks.allow`);
     /// false: only claimed (From), and nothing the bridge asserted to 911.
     pub(crate) caller_verified: bool,
+    /// The operator (agent id) who sent the caller to 911; `None` for the menu's redirects.
+    pub(crate) operator: Option<String>,
+    /// How the operator asked: `refer` (their phone's transfer), `phone_call` (they dialled
+    /// 911 from their phone) or `admin` (the admin API); `None` for the menu's.
+    pub(crate) requested_via: Option<String>,
 }
 
 /// One row of the emergency-redirect audit.
@@ -480,6 +511,10 @@ pub struct EmergencyAuditRow {
     /// Whether `caller` was asserted by a trusted trunk (`None`: a row from before this was
     /// recorded).
     pub caller_verified: Option<bool>,
+    /// The operator who sent the caller to 911 (`None`: the menu did).
+    pub operator: Option<String>,
+    /// How the operator asked (`refer`, `phone_call`, `admin`).
+    pub requested_via: Option<String>,
 }
 
 /// The ticket database: a small SQLite connection pool.
@@ -537,10 +572,10 @@ const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, st
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested";
+    callback_requested, transfer";
 
-const AUDIT_COLUMNS: &str =
-    "id, at, caller, call_id, menu_path, reason, method, outcome, caller_verified";
+const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
+    caller_verified, operator, requested_via";
 
 /// The window `callback.per_number_per_day` counts over.
 pub(crate) const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
@@ -876,8 +911,9 @@ impl TicketStore {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
         let result = sqlx::query(
             "INSERT INTO emergency_redirects \
-             (at, caller, call_id, menu_path, reason, method, outcome, caller_verified) \
-             VALUES (?, ?, ?, ?, ?, ?, 'started', ?)",
+             (at, caller, call_id, menu_path, reason, method, outcome, caller_verified, \
+             operator, requested_via) \
+             VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?)",
         )
         .bind(at)
         .bind(&e.caller)
@@ -886,6 +922,8 @@ impl TicketStore {
         .bind(&e.reason)
         .bind(&e.method)
         .bind(e.caller_verified)
+        .bind(&e.operator)
+        .bind(&e.requested_via)
         .execute(&self.pool)
         .await
         .map_err(|err| fail("audit_emergency_start", err))?;
@@ -896,6 +934,8 @@ impl TicketStore {
             menu_path = %e.menu_path,
             method = %e.method,
             caller_verified = e.caller_verified,
+            operator = e.operator.as_deref(),
+            requested_via = e.requested_via.as_deref(),
             "emergency redirect started"
         );
         Ok(id)
@@ -971,6 +1011,96 @@ impl TicketStore {
             return Err(StoreError::NoSuchAudit { id });
         }
         tracing::info!(audit_id = id, outcome, "emergency redirect outcome");
+        Ok(())
+    }
+
+    /// Records a transfer as it starts (outcome `started`), in the call's record; nothing if
+    /// its outcome is written already (the two writes run side by side).
+    pub async fn record_transfer(&self, t: &TransferRecord) -> Result<(), StoreError> {
+        let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
+        let id = i64::try_from(t.id).map_err(|_| StoreError::BadRow {
+            column: "id",
+            value: t.id.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO transfers (id, at, call_id, operator, target, requested_via, outcome) \
+             VALUES (?, ?, ?, ?, ?, ?, 'started') ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(&t.call_id)
+        .bind(&t.operator)
+        .bind(&t.target)
+        .bind(&t.requested_via)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fail("record_transfer", e))?;
+        Ok(())
+    }
+
+    /// Sets the outcome of transfer `t` (`connected`, `failed: ...`) and when it ended; the
+    /// row is written whole if its start is not written yet, so the order in which the two
+    /// writes land does not matter.
+    pub async fn transfer_outcome(
+        &self,
+        t: &TransferRecord,
+        outcome: &str,
+    ) -> Result<(), StoreError> {
+        let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
+        let id = i64::try_from(t.id).map_err(|_| StoreError::BadRow {
+            column: "id",
+            value: t.id.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO transfers \
+             (id, at, call_id, operator, target, requested_via, outcome, ended_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET outcome = excluded.outcome, ended_at = excluded.ended_at",
+        )
+        .bind(id)
+        .bind(&at)
+        .bind(&t.call_id)
+        .bind(&t.operator)
+        .bind(&t.target)
+        .bind(&t.requested_via)
+        .bind(outcome)
+        .bind(&at)
+        .execute(&self.pool)
+            .await
+            .map_err(|e| fail("transfer_outcome", e))?;
+        Ok(())
+    }
+
+    /// The transfers of call `call_id`, oldest first.
+    pub async fn transfers_of(&self, call_id: &str) -> Result<Vec<TransferRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT target, operator, requested_via, outcome FROM transfers \
+             WHERE call_id = ? ORDER BY at",
+        )
+        .bind(call_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| fail("transfers_of", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(TransferRow {
+                    target: column(r, "target")?,
+                    operator: column(r, "operator")?,
+                    requested_via: column(r, "requested_via")?,
+                    outcome: column(r, "outcome")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Note on the tickets filed by call `call_id` that it was transferred (`note`).
+    pub async fn note_transfer(&self, call_id: &str, note: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tickets SET transfer = ? WHERE call_id = ?")
+            .bind(note)
+            .bind(call_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| fail("note_transfer", e))?;
         Ok(())
     }
 
@@ -1062,6 +1192,7 @@ impl Ticket {
             language: t.language,
             call_id: t.call_id,
             callback_requested: t.callback_requested,
+            transfer: None,
         }
     }
 }
@@ -1159,6 +1290,7 @@ fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         language: column(row, "language")?,
         call_id: column(row, "call_id")?,
         callback_requested: column(row, "callback_requested")?,
+        transfer: column(row, "transfer")?,
     })
 }
 
@@ -1174,6 +1306,8 @@ fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
         method: column(row, "method")?,
         outcome: column(row, "outcome")?,
         caller_verified: column(row, "caller_verified")?,
+        operator: column(row, "operator")?,
+        requested_via: column(row, "requested_via")?,
     })
 }
 
@@ -1744,6 +1878,8 @@ mod tests {
                 reason: Some(text.into()),
                 method: text.into(),
                 caller_verified: false,
+                operator: Some(text.into()),
+                requested_via: Some(text.into()),
             };
             let id = store.audit_emergency_start(&audit).await.unwrap();
             store.audit_emergency_outcome(id, text).await.unwrap();
@@ -1755,6 +1891,8 @@ mod tests {
             assert_eq!(row.reason.as_deref(), Some(text));
             assert_eq!(row.method, text);
             assert_eq!(row.outcome, text);
+            assert_eq!(row.operator.as_deref(), Some(text));
+            assert_eq!(row.requested_via.as_deref(), Some(text));
         }
         assert_eq!(count(&store, "tickets").await, 8);
         assert_eq!(count(&store, "emergency_redirects").await, 8);
@@ -1771,6 +1909,7 @@ mod tests {
             reason: Some("caller pressed 1: emergency".into()),
             method: "refer".into(),
             caller_verified: true,
+            ..EmergencyAudit::default()
         };
         let before = whole_second_utc(OffsetDateTime::now_utc());
         let first = store.audit_emergency_start(&audit).await.unwrap();

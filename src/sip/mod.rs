@@ -8,6 +8,7 @@
 pub mod dialog;
 pub mod guard;
 pub mod message;
+pub mod refer;
 pub mod registrar;
 pub mod resolve;
 pub(crate) mod session_timer;

@@ -160,6 +160,17 @@ pub enum AgentEvent {
     LoggedOut { agent: String },
 }
 
+/// What [`Registrar::authorize_call`] makes of an INVITE.
+#[derive(Debug, PartialEq)]
+pub(crate) enum CallAuth {
+    /// Not an agent's phone: a caller like any other.
+    NotAgent,
+    /// Agent `0`'s phone, authenticated.
+    Agent(String),
+    /// Answer this (401 with a challenge, or 403) and drop the INVITE.
+    Refuse(RegisterReply),
+}
+
 /// The answer to a REGISTER: status, reason, and the headers to add to the response (the UA
 /// core writes Via, From, To, Call-ID and CSeq itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -599,6 +610,41 @@ impl Registrar {
             Err(reply) => reply,
         };
         (reply, events)
+    }
+
+    /// Whether an INVITE is an agent's phone calling out, and if so whether it proved it:
+    /// its From names an agent with a binding registered from the INVITE's source address,
+    /// and it carries that agent's digest credentials for the Request-URI (the same
+    /// nonces, counts and lock-outs as REGISTER). Any other INVITE is a caller's
+    /// ([`CallAuth::NotAgent`]), so a caller who writes an agent's id in From reaches the
+    /// menu, never the operators' dial plan.
+    pub(crate) fn authorize_call(&mut self, now: Instant, req: &Request, flow: Flow) -> CallAuth {
+        let Some(user) = req.from.user() else {
+            return CallAuth::NotAgent;
+        };
+        let from_binding = self.bindings.get(user).is_some_and(|list| {
+            list.iter()
+                .any(|b| b.expires_at > now && b.flow.remote.ip() == flow.remote.ip())
+        });
+        if !from_binding {
+            return CallAuth::NotAgent;
+        }
+        let user = user.to_owned();
+        self.housekeeping(now);
+        let src = Source::of(flow.remote.ip());
+        match self.authenticate(now, req, src) {
+            Auth::Ok(agent) if agent == user => CallAuth::Agent(agent),
+            Auth::Ok(agent) => {
+                info!(%agent, from = %user, "an agent's credentials on a call from another agent's id");
+                CallAuth::Refuse(RegisterReply::new(403, "Forbidden"))
+            }
+            Auth::Challenge { stale } => CallAuth::Refuse(self.challenge(now, stale, src)),
+            Auth::Failed { user, why } => {
+                self.record_failure(src, &user, now, why);
+                CallAuth::Refuse(self.challenge(now, false, src))
+            }
+            Auth::Locked => CallAuth::Refuse(RegisterReply::new(403, "Forbidden")),
+        }
     }
 
     /// Drop the bindings whose time is up (at or before `now`); an agent left with none is

@@ -1069,6 +1069,31 @@ fn sha256_hex(data: &str) -> String {
         .collect()
 }
 
+/// The `Authorization` value agent `id` (password `pw<id>`) answers a SHA-256 digest
+/// `challenge` (a `WWW-Authenticate` value) with, for `method` on `uri`.
+pub fn digest_authorization(challenge: &str, id: &str, method: &str, uri: &str) -> String {
+    let (realm, nonce, opaque) = (
+        digest_param(challenge, "realm").unwrap(),
+        digest_param(challenge, "nonce").unwrap(),
+        digest_param(challenge, "opaque").unwrap(),
+    );
+    let ha1 = sha256_hex(&format!("{id}:{realm}:pw{id}"));
+    let ha2 = sha256_hex(&format!("{method}:{uri}"));
+    let resp = sha256_hex(&format!("{ha1}:{nonce}:00000001:abcdef:auth:{ha2}"));
+    format!(
+        "Digest username=\"{id}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", \
+algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"abcdef\", opaque=\"{opaque}\""
+    )
+}
+
+/// The SHA-256 challenge among a 401's `WWW-Authenticate` values.
+pub fn sha256_challenge(r: &Response) -> String {
+    r.headers_named("WWW-Authenticate")
+        .find(|c| digest_param(c, "algorithm").as_deref() == Some("SHA-256"))
+        .expect("SHA-256 challenge")
+        .to_owned()
+}
+
 impl TestAgent {
     pub async fn login(server: SocketAddr, id: &str) -> TestAgent {
         let a = TestAgent {

@@ -9,13 +9,14 @@
 //! [`super::core`]'s `send_request`) and never touches an outbound leg.
 
 use super::core::{Core, DialogEntry, ServerEntry, ServerKey, TimerRef};
-use super::events::{AppEvent, DialogEvent, EventQueue, EventSink, IncomingCall};
+use super::events::{AppEvent, DialogEvent, EventQueue, EventSink, IncomingCall, Refer};
 use super::handle::DialogHandle;
 use super::DialogId;
 use super::Screening;
 use crate::sip::dialog::{contact_uri, Dialog, DialogState};
 use crate::sip::guard::{self, CallLimiter, CallVerdict, IpNet, LogVerdict, RateLimiter};
 use crate::sip::message::{Method, Request, ResponseBuilder};
+use crate::sip::registrar::CallAuth;
 use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transport::Flow;
 use bytes::Bytes;
@@ -226,6 +227,20 @@ impl Core {
                     .header("Supported", "timer")
                     .build();
                 self.new_server_and_respond(key, req, flow, None, (200, resp), now);
+            }
+            Method::Refer => {
+                // Callers cannot make the city's server dial out: a REFER is taken only on a
+                // call's own dialog, where the call decides.
+                info!(remote = %flow.remote, "REFER outside a dialog refused");
+                self.count_refusal("outside_dialog");
+                let resp = self
+                    .response(&req, 403, "Forbidden", None)
+                    .header(
+                        "Warning",
+                        "399 ivr311 \"REFER is taken only inside a call\"",
+                    )
+                    .build();
+                self.new_server_and_respond(key, req, flow, None, (403, resp), now);
             }
             Method::Bye | Method::Info | Method::Update | Method::Notify | Method::Prack => {
                 // In-dialog methods without a To tag: there is no such dialog.
@@ -510,6 +525,37 @@ impl Core {
         counted: Option<IpAddr>,
         now: Instant,
     ) {
+        // An agent's phone calling out (a consultation, 911, another line): it must prove it
+        // is the agent it says it is, as its REGISTER did, before the call is routed by the
+        // operators' dial plan rather than the menu.
+        let auth = match self.agents.registrar.as_mut() {
+            Some(r) => {
+                let a = r.authorize_call(now, &req, flow);
+                let locks = r.locks(now);
+                *self.stats.locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
+                a
+            }
+            None => CallAuth::NotAgent,
+        };
+        let agent = match auth {
+            CallAuth::NotAgent => None,
+            CallAuth::Agent(agent) => {
+                info!(%agent, "call from an agent's phone");
+                Some(agent)
+            }
+            CallAuth::Refuse(reply) => {
+                if let Some(ip) = counted {
+                    self.acceptor.calls.ended(ip);
+                }
+                let mut b = self.response(&req, reply.code, reply.reason, None);
+                for (name, value) in &reply.headers {
+                    b = b.header(name, value);
+                }
+                let resp = b.build();
+                self.new_server_and_respond(key, req, flow, None, (reply.code, resp), now);
+                return;
+            }
+        };
         let d = self.next_id();
         let session = match session_timer::ask(&req) {
             session_timer::Ask::Timer(t) => Some(t),
@@ -534,6 +580,7 @@ impl Core {
             content_type: req.content_type().map(str::to_owned),
             body: req.body.clone(),
             headers: req.headers.clone(),
+            agent,
         };
         let trying = ResponseBuilder::new(&req, 100, "Trying", None).build();
         let id = self.insert_server(key.clone(), req, flow, Some(d));
@@ -643,6 +690,30 @@ impl Core {
                 };
                 self.dialog_event(d, ev);
             }
+            Method::Refer => {
+                let refer_to = crate::sip::refer::refer_to(req.headers_named("Refer-To"));
+                let referred_by = req
+                    .header("Referred-By")
+                    .and_then(crate::sip::refer::referred_by);
+                let replaces_dialog = refer_to
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.replaces.as_ref())
+                    .and_then(|r| self.dialog_named(r));
+                let cseq = req.cseq;
+                let id = self.insert_server(key.clone(), req, flow, Some(d));
+                if let Some(de) = self.dialogs.get_mut(&d) {
+                    de.requests.insert(id, key);
+                }
+                let ev = DialogEvent::Refer(Box::new(Refer {
+                    txn: id,
+                    cseq,
+                    refer_to,
+                    referred_by,
+                    replaces_dialog,
+                }));
+                self.dialog_event(d, ev);
+            }
             Method::Info | Method::Notify | Method::Options => {
                 let resp = self.response(&req, 200, "OK", Some(&local_tag)).build();
                 let ev = match req.method {
@@ -747,6 +818,75 @@ impl Core {
         } else if code >= 300 {
             self.remove_dialog(d);
         }
+        self.apply_server(id, out, now);
+    }
+
+    /// The dialog a `Replaces` names (RFC 3891 §3): its Call-ID, our tag and the far end's.
+    /// Phones differ on which tag they call "to" when the dialog is one they placed to us and
+    /// one we placed to them, so either order matches.
+    fn dialog_named(&self, r: &crate::sip::refer::Replaces) -> Option<DialogId> {
+        [(&r.to_tag, &r.from_tag), (&r.from_tag, &r.to_tag)]
+            .into_iter()
+            .find_map(|(ours, theirs)| {
+                let d = *self.by_local_tag.get(&(r.call_id.clone(), ours.clone()))?;
+                let de = self.dialogs.get(&d)?;
+                (de.dialog.remote_tag == *theirs).then_some(d)
+            })
+    }
+
+    /// Count a transfer request refused here (`ivr311_transfer_refusals_total{reason}`).
+    pub(super) fn count_refusal(&self, reason: &str) {
+        if let Some(m) = &self.metrics {
+            m.add(
+                "ivr311_transfer_refusals_total",
+                "Transfer requests (REFER, an agent's call, the admin API) refused, by reason.",
+                &[("reason", reason)],
+                1,
+            );
+        }
+    }
+
+    /// The call's answer to a request it was asked to answer (REFER): `code` with its usual
+    /// reason phrase and `headers`.
+    pub(super) fn answer_request(
+        &mut self,
+        dialog: DialogId,
+        txn: u64,
+        code: u16,
+        headers: Vec<(String, String)>,
+        now: Instant,
+    ) {
+        let Some(key) = self
+            .dialogs
+            .get_mut(&dialog)
+            .and_then(|de| de.requests.remove(&txn))
+        else {
+            return;
+        };
+        let local_tag = self
+            .dialogs
+            .get(&dialog)
+            .map(|de| de.dialog.local_tag.clone())
+            .unwrap_or_default();
+        let ua = self.user_agent.clone();
+        let Some((id, e)) = self.server.get_mut(&key) else {
+            return;
+        };
+        let id = *id;
+        let Some(request) = e.request.as_deref() else {
+            return;
+        };
+        let mut b = ResponseBuilder::new(
+            request,
+            code,
+            crate::sip::refer::reason_phrase(code),
+            Some(&local_tag),
+        )
+        .header("Server", ua);
+        for (k, v) in headers {
+            b = b.header(&k, v);
+        }
+        let out = e.tx.respond(now, code, b.build());
         self.apply_server(id, out, now);
     }
 

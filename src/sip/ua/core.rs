@@ -168,6 +168,8 @@ pub(super) struct DialogEntry {
     pub(super) last_invite: Option<ServerKey>,
     /// re-INVITE/UPDATE server transactions waiting for the call's answer, by txn number.
     pub(super) reoffers: HashMap<u64, ServerKey>,
+    /// Other requests passed up for the call to answer (REFER), by txn number.
+    pub(super) requests: HashMap<u64, ServerKey>,
     /// A hang-up asked for before the ACK arrived.
     pub(super) bye_pending: bool,
     /// The body of the ACK being applied, handed on with [`DialogEvent::Confirmed`].
@@ -192,6 +194,7 @@ impl DialogEntry {
             last_invite: invite.clone(),
             invite,
             reoffers: HashMap::new(),
+            requests: HashMap::new(),
             bye_pending: false,
             ack_body: Bytes::new(),
             session: None,
@@ -357,6 +360,12 @@ impl Core {
                 code,
                 body,
             } => self.answer_reoffer(dialog, txn, code, body, now),
+            Command::AnswerRequest {
+                dialog,
+                txn,
+                code,
+                headers,
+            } => self.answer_request(dialog, txn, code, headers, now),
             Command::Request {
                 dialog,
                 req,

@@ -12,6 +12,7 @@ use super::core::{Action, Core};
 use super::handle::DialogHandle;
 use super::DialogId;
 use crate::sip::message::{Header, Method, NameAddr};
+use crate::sip::refer::{ReferError, ReferTo};
 use crate::sip::transport::Transport;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -37,6 +38,10 @@ pub struct IncomingCall {
     pub content_type: Option<String>,
     pub body: Bytes,
     pub headers: Vec<Header>,
+    /// The agent whose phone placed this call: its From names an agent logged in from this
+    /// source, and the INVITE carried that agent's digest credentials (the UA challenged it
+    /// first). `None` for every other caller.
+    pub agent: Option<String>,
 }
 
 /// Events the UA core raises for the application.
@@ -69,9 +74,30 @@ pub enum DialogEvent {
     RequestOutcome { req: u64, method: Method, code: u16 },
     /// A NOTIFY inside the dialog (REFER progress), already answered 200.
     Notify { event: String, body: Bytes },
+    /// A REFER inside the dialog (RFC 3515): the phone asks us to transfer the call. Answer
+    /// it with [`DialogHandle::answer_request`] (202, or a refusal) using its `txn`.
+    Refer(Box<Refer>),
     /// No ACK came for our 2xx to the dialog's INVITE: the peer is gone. (A request we send in
     /// a dialog that gets no answer is a [`DialogEvent::RequestOutcome`] with code 408.)
     Timeout,
+}
+
+/// A REFER received in a dialog, its headers parsed at the edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refer {
+    /// Answer with [`DialogHandle::answer_request`].
+    pub txn: u64,
+    /// The REFER's CSeq number: the NOTIFYs of a REFER after the first in its dialog name it
+    /// (`Event: refer;id=`, RFC 3515 §2.4.6).
+    pub cseq: u32,
+    /// Where to transfer the call, or why `Refer-To` cannot be used (answer 400).
+    pub refer_to: Result<ReferTo, ReferError>,
+    /// The `Referred-By` URI, if any.
+    pub referred_by: Option<String>,
+    /// The dialog of ours that `Refer-To`'s `Replaces` names (matched on its Call-ID and both
+    /// tags, whichever side the phone took for "to"), if it names one; `None` without
+    /// `Replaces` or when it names no dialog we hold (answer 481).
+    pub replaces_dialog: Option<DialogId>,
 }
 
 /// What happens to an outbound call (UAC leg), as its owner sees it.

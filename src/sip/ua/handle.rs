@@ -277,6 +277,13 @@ pub(super) enum Command {
         code: u16,
         body: Option<(String, Bytes)>,
     },
+    /// The call's answer to a request passed up for it to answer (REFER).
+    AnswerRequest {
+        dialog: DialogId,
+        txn: u64,
+        code: u16,
+        headers: Vec<(String, String)>,
+    },
     Request {
         dialog: DialogId,
         req: u64,
@@ -338,6 +345,20 @@ impl DialogHandle {
                 txn,
                 code,
                 body,
+            })
+            .await;
+    }
+
+    /// Answer a request the dialog passed up for the call to answer ([`super::DialogEvent::Refer`]):
+    /// `code` with its usual reason phrase and `headers` (a `Warning` with a refusal).
+    pub async fn answer_request(&self, txn: u64, code: u16, headers: Vec<(String, String)>) {
+        let _ = self
+            .tx
+            .send(Command::AnswerRequest {
+                dialog: self.id,
+                txn,
+                code,
+                headers,
             })
             .await;
     }

@@ -148,7 +148,7 @@ mod session;
 mod tests;
 
 pub use self::core::ServerKey;
-pub use events::{AppEvent, DialogEvent, IncomingCall, LegEvent, MAX_EVENT_BACKLOG};
+pub use events::{AppEvent, DialogEvent, IncomingCall, LegEvent, Refer, MAX_EVENT_BACKLOG};
 pub use handle::{DialogHandle, OutboundCall, OutboundHandle};
 
 use self::core::{Action, Core};
@@ -173,11 +173,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// Methods we implement, for `Allow`.
-pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REFER";
 
 /// `Allow` when agents can log in (a registrar is configured).
 pub(crate) const ALLOW_WITH_REGISTER: &str =
-    "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REGISTER";
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, REFER, REGISTER";
 
 /// Internal dialog id.
 pub(crate) type DialogId = u64;
