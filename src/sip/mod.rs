@@ -8,7 +8,7 @@
 pub mod dialog;
 pub mod guard;
 pub mod message;
-pub mod refer;
+pub(crate) mod refer;
 pub mod registrar;
 pub mod resolve;
 pub(crate) mod session_timer;
