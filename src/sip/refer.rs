@@ -153,7 +153,9 @@ pub fn unescape(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("not UTF-8: {s:?}"))
 }
 
-/// `s` escaped for a URI header value (RFC 3261's `hvalue`: unreserved and a few marks kept).
+/// `s` escaped for a URI header value (RFC 3261's `hvalue`: unreserved and a few marks kept);
+/// the tests build Refer-To values with it, as a phone does.
+#[cfg(test)]
 pub fn escape_header_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for b in s.bytes() {
@@ -219,7 +221,8 @@ pub fn notify_headers(code: u16, expires: u64, id: Option<u32>) -> Vec<(String, 
     ]
 }
 
-/// The status code of a `message/sipfrag` body (`SIP/2.0 200 OK` → 200).
+/// The status code of a `message/sipfrag` body (`SIP/2.0 200 OK` → 200), as the phone reads it.
+#[cfg(test)]
 pub fn sipfrag_code(body: &[u8]) -> Option<u16> {
     let text = std::str::from_utf8(body).ok()?;
     let line = text.lines().next()?;
