@@ -310,7 +310,10 @@ mod tests {
         assert!(sdp.contains("a=recvonly"), "{sdp}");
         assert_eq!(origin(&sdp), (first.0.clone(), first.1 + 1));
         assert_eq!(neg.direction, sdp::Direction::RecvOnly);
-        assert_eq!(addr, "192.0.2.7:4002".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4002".parse::<std::net::SocketAddr>().unwrap()
+        );
         // A re-INVITE with no body gets our SDP as an offer, the version again one more.
         let LegReoffer::OfferOurs(ours) = leg.reoffer(&Method::Invite, b"", &neg) else {
             panic!("our offer")
@@ -333,7 +336,10 @@ mod tests {
         let body = b"v=0\r\no=- 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         let (neg, addr) = leg_answer(body).unwrap();
         assert_eq!(neg.codec, Codec::Pcma);
-        assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert!(leg_answer(b"garbage").is_err());
     }
 }

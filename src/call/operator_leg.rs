@@ -570,7 +570,10 @@ mod tests {
         assert_eq!(leg.on_event(Some(pcma())), LegStep::Answered);
         let (neg, addr) = leg.media().unwrap();
         assert_eq!(neg.codec, Codec::Pcma);
-        assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(
             leg.scope(),
             LatchScope::SdpOr("198.51.100.9".parse().unwrap())
@@ -661,7 +664,10 @@ mod tests {
         );
         assert!(leg.holds());
         assert_eq!(leg.media().unwrap().0.direction, Direction::RecvOnly);
-        assert_eq!(leg.media().unwrap().1, "192.0.2.7:4002".parse().unwrap());
+        assert_eq!(
+            leg.media().unwrap().1,
+            "192.0.2.7:4002".parse::<std::net::SocketAddr>().unwrap()
+        );
         let step = leg.on_event(in_dialog(DialogEvent::Reoffer {
             txn: 6,
             method: Method::Invite,
@@ -747,7 +753,10 @@ mod tests {
                 moved: true
             })
         );
-        assert_eq!(leg.media().unwrap().1, "192.0.2.7:4010".parse().unwrap());
+        assert_eq!(
+            leg.media().unwrap().1,
+            "192.0.2.7:4010".parse::<std::net::SocketAddr>().unwrap()
+        );
         // An ACK with nothing due changes nothing.
         assert_eq!(
             leg.on_event(in_dialog(DialogEvent::Confirmed { sdp: Bytes::new() })),
