@@ -1,15 +1,18 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
-//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
+//! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), served by
+//! [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
-//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
+//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers (a
+//! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub mod admin;
 pub mod health;
 pub mod open311;
 pub mod ratelimit;
 pub mod serve;
+pub mod sip_ws;
 
 pub use health::{Health, Readiness};
 
@@ -45,12 +48,15 @@ pub struct ApiState {
     pub recordings: std::path::PathBuf,
     /// `POST requests` allowance per Open311 API key.
     pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
+    /// SIP over WebSocket at `/sip` (none: not served).
+    pub sip_ws: Option<sip_ws::SipWebSocket>,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
+        .route("/sip", get(sip_ws::upgrade))
         .nest("/open311/v2", open311::router())
         .merge(admin::router(state.clone()))
         .with_state(state)

@@ -826,7 +826,7 @@ impl CallbackCore {
                 self.trunk = Trunk::Idle;
                 self.queue(QueueCommand::CallbackFailed);
             }
-            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
+            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout | DialogEvent::Lost) => {
                 info!("the caller hung up");
                 if let Some(leg) = self.trunk.leg() {
                     self.actions.push_back(Action::EndCallerMedia);
@@ -947,7 +947,7 @@ impl CallbackCore {
                 method: Method::Options,
             }),
             LegStep::StillThere => self.actions.push_back(Action::RearmLegWatch),
-            LegStep::Gone { .. } => {
+            LegStep::Gone { .. } | LegStep::Lost => {
                 self.drop_operator(LegEnd::HangUpAndRelease);
                 self.end(End::Served);
             }

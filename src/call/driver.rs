@@ -728,6 +728,7 @@ impl Driver {
             QueueCommand::OfferFailed(agent, why) => q.offer_failed(caller, &agent, why).await,
             QueueCommand::OfferWithdrawn(agent) => q.offer_withdrawn(caller, &agent).await,
             QueueCommand::CallEnded(agent) => q.call_ended(&agent).await,
+            QueueCommand::Requeue(agent) => q.requeue(caller, &agent).await,
         }
         None
     }

@@ -141,6 +141,10 @@ pub(crate) enum LegStep {
     NoAnswer,
     /// The operator hung up (or their dialog died): the leg is over.
     HungUp,
+    /// The operator's browser is gone with the call (its WebSocket closed and did not come
+    /// back; or, reported by the media clock, its media failed): the leg is over, and the
+    /// caller did not choose to end the call.
+    Lost,
     /// Answer the phone's re-INVITE or UPDATE `txn` with `code` and `body`; its media changed
     /// as `change` says.
     Reply {
@@ -354,6 +358,11 @@ impl OperatorLeg {
                 self.state = State::Over;
                 LegStep::HungUp
             }
+            LegEvent::Dialog(DialogEvent::Lost) => {
+                warn!(%agent, "the operator's browser is gone (its connection closed)");
+                self.state = State::Over;
+                LegStep::Lost
+            }
             LegEvent::Dialog(DialogEvent::Reoffer {
                 txn, method, body, ..
             }) => self.reoffer(txn, &method, &body),
@@ -371,6 +380,18 @@ impl OperatorLeg {
                 DialogEvent::Cancelled | DialogEvent::Info { .. } | DialogEvent::Notify { .. },
             ) => LegStep::Nothing,
         }
+    }
+
+    /// The media clock gave up on the leg's media (a browser's DTLS failed or its consent
+    /// expired, `why`): an answered leg is lost.
+    pub(crate) fn on_media_failed(&mut self, why: &str) -> LegStep {
+        if !self.answered() {
+            return LegStep::Nothing;
+        }
+        self.span
+            .in_scope(|| warn!(agent = %self.agent, %why, "the operator's media failed"));
+        self.state = State::Over;
+        LegStep::Lost
     }
 
     /// The silent phone's OPTIONS was answered with `code` (408: not in time).
