@@ -18,7 +18,7 @@
 //!
 //! It must not touch the caller's side (prompts, the queue, the bridge): that is the owner's.
 
-use super::leg::{leg_answer, Dial, LegId, LegReoffer, LegSdp, Media, PlaceLeg};
+use super::leg::{Dial, LegId, LegReoffer, LegSdp, Media, PlaceLeg};
 use crate::dispatch::queue::OfferFailure;
 use crate::media::g711::Codec;
 use crate::media::rtp::LatchScope;
@@ -325,14 +325,14 @@ impl OperatorLeg {
                 LegStep::Nothing
             }
             LegEvent::Answered { sdp: body } => {
-                let sdp = match std::mem::replace(&mut self.state, State::Over) {
+                let mut sdp = match std::mem::replace(&mut self.state, State::Over) {
                     State::Ringing { sdp, .. } | State::Answered { sdp, .. } => sdp,
                     other => {
                         self.state = other;
                         return LegStep::Nothing;
                     }
                 };
-                match leg_answer(&body) {
+                match sdp.answer(&body) {
                     Ok(media) => {
                         info!(%agent, codec = ?media.0.codec, "operator answered; caller bridged");
                         self.state = State::Answered {
