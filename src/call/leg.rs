@@ -104,11 +104,6 @@ impl LegSdp {
         }
     }
 
-    /// Whether the leg is a browser's (WebRTC).
-    pub(crate) fn is_webrtc(&self) -> bool {
-        self.webrtc.is_some()
-    }
-
     /// The far end's answer to our offer (or the answer in an ACK): the codec agreed and where
     /// its media is. A browser's leg takes only WebRTC, a phone's only plain RTP; a browser's
     /// answer also settles the DTLS role our later SDP states.

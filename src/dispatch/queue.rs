@@ -1205,8 +1205,12 @@ impl Dispatcher {
     }
 
     /// Whether the caller is waiting or connected (the driver keeps its events sender so long).
+    /// Connected means talking to an agent, or answered by one whose agent has logged out
+    /// since (a browser whose connection dropped): such a caller may be requeued and must
+    /// still hear its offers.
     fn holds(&self, caller: CallerId) -> bool {
         self.waiting_idx(caller).is_some()
+            || self.connected.contains_key(&caller)
             || self
                 .agents
                 .iter()

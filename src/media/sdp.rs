@@ -919,7 +919,7 @@ impl Remote {
 pub fn parse_any(sdp: &[u8]) -> Result<Remote, SdpError> {
     let desc = unmarshal(sdp)?;
     match select_audio(&desc) {
-        Ok(index) => return remote_media(&desc, index).map(Remote::Plain),
+        Ok(index) => remote_media(&desc, index).map(Remote::Plain),
         Err(SdpError::Encrypted(proto)) => {
             let Some(index) = select_webrtc_audio(&desc) else {
                 return Err(SdpError::Encrypted(proto));

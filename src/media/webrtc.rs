@@ -148,6 +148,14 @@ impl DtlsIdentity {
         }))
     }
 
+    /// The process's certificate, made on first use (a key generation, a few milliseconds)
+    /// and shared by every browser leg after.
+    pub fn shared() -> Result<Arc<DtlsIdentity>, WebRtcError> {
+        static SHARED: std::sync::OnceLock<Result<Arc<DtlsIdentity>, WebRtcError>> =
+            std::sync::OnceLock::new();
+        SHARED.get_or_init(DtlsIdentity::generate).clone()
+    }
+
     /// Our certificate's fingerprint, for `a=fingerprint`.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
