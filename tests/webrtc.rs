@@ -493,3 +493,126 @@ async fn a_browser_agent_answers_over_webrtc_hears_and_is_heard_and_a_lost_webso
     );
     drop(browser);
 }
+
+/// Headless Chromium as the agent's phone: JsSIP, served by ivr311 itself, registers over
+/// `ws://` and answers a caller who pressed 0 with the fake microphone, which plays a 1 kHz
+/// tone; the caller hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_jssip_registers_over_websocket_answers_and_the_caller_hears_its_microphone()
+{
+    use common::browser::{tone_wav, Browser, BrowserOptions};
+    let srv = start_server(agents_config(&["1001"], 20, 0)).await;
+    let wav = std::env::temp_dir().join(format!("ivr311-tone-{}.wav", rand::random::<u64>()));
+    tone_wav(&wav, 1000.0, 5);
+    let browser = Browser::start(BrowserOptions {
+        fake_audio: Some(wav.clone()),
+    })
+    .await;
+    // The page: any of ivr311's own (a secure context on 127.0.0.1, the same origin as /sip),
+    // with JsSIP loaded from where ivr311 serves it.
+    browser
+        .goto(&format!("http://{}/health", srv.http_addr))
+        .await;
+    browser
+        .execute(
+            "const s = document.createElement('script'); \
+             s.src = '/console/assets/jssip.min.js'; document.head.appendChild(s);",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for(
+            "JsSIP loaded",
+            "return typeof JsSIP !== 'undefined' && JsSIP.version",
+            Duration::from_secs(10),
+        )
+        .await;
+    let agent_js =
+        std::fs::read_to_string(repo().join("tests/fixtures/browser/jssip-agent.js")).unwrap();
+    browser
+        .execute(
+            &agent_js,
+            vec![
+                format!("ws://{}/sip", srv.http_addr).into(),
+                srv.sip_addr.to_string().into(),
+                "1001".into(),
+                "pw1001".into(),
+            ],
+        )
+        .await;
+    browser
+        .wait_for(
+            "the agent registered",
+            "return window.agent.state.failed || window.agent.state.registered",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .execute("return window.agent.state.failed", vec![])
+            .await,
+        serde_json::Value::Null
+    );
+    assert_eq!(agent_state(srv.http_addr, "1001").await, "available");
+
+    let mut caller = caller_pressing(srv.sip_addr, "110").await;
+    let incoming = browser
+        .wait_for(
+            "the call is offered",
+            "return window.agent.state.incoming",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(incoming["queue"], "general", "{incoming}");
+    assert_eq!(incoming["from"], "+15550001111", "{incoming}");
+    browser.execute("window.agent.answer()", vec![]).await;
+    browser
+        .wait_for(
+            "the call is up",
+            "const s = window.agent.state; return s.failed || s.confirmed",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .execute("return window.agent.state.failed", vec![])
+            .await,
+        serde_json::Value::Null
+    );
+
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tone_frames(&heard, 1000.0) < 25 {
+        if tokio::time::Instant::now() >= deadline {
+            let log = browser
+                .execute("return window.agent.state.log", vec![])
+                .await;
+            browser.screenshot("silent").await;
+            panic!(
+                "the caller did not hear the browser's microphone: {} tone frames of {} (page: {log})",
+                tone_frames(&heard, 1000.0),
+                heard.len()
+            );
+        }
+        heard.extend(caller.listen(Duration::from_millis(100)).await);
+    }
+    let _ = std::fs::remove_file(&wav);
+}
+
+/// The embedded JsSIP is served as the vendored file, revalidated by its entity tag.
+#[tokio::test]
+async fn jssip_is_served_from_the_binary() {
+    let srv = start_server(ivr311::config::FileConfig::default()).await;
+    let (status, body) = http(
+        srv.http_addr,
+        "GET",
+        "/console/assets/jssip.min.js",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let vendored = std::fs::read_to_string(repo().join("web/vendor/jssip/jssip.min.js")).unwrap();
+    assert_eq!(body.len(), vendored.len());
+    assert!(body.contains("JsSIP"));
+}

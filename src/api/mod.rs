@@ -1,6 +1,7 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
-//! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), served by
+//! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), the embedded
+//! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), served by
 //! [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
@@ -13,6 +14,7 @@ pub mod open311;
 pub mod ratelimit;
 pub mod serve;
 pub mod sip_ws;
+pub mod vendor;
 
 pub use health::{Health, Readiness};
 
@@ -57,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
         .route("/sip", get(sip_ws::upgrade))
+        .route("/console/assets/jssip.min.js", get(vendor::jssip))
         .nest("/open311/v2", open311::router())
         .merge(admin::router(state.clone()))
         .with_state(state)
