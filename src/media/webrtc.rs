@@ -30,8 +30,9 @@
 //! (told apart by the payload type, RFC 5761 §4). Anything else, and anything from an address
 //! no authenticated check came from, is dropped.
 //!
-//! Failure ends the leg: no completed handshake within [`CONNECT_WITHIN`] of the leg's
-//! start, a handshake the far end aborts or whose certificate does not match, the browser's
+//! Failure ends the leg: no completed handshake within [`CONNECT_WITHIN`] of the far end's
+//! SDP ([`WebRtcLeg::set_remote`]: a browser's answer comes when its operator picks up, however
+//! long it rang), a handshake the far end aborts or whose certificate does not match, the browser's
 //! `close_notify`, or nothing authenticated from it for [`CONSENT_WITHIN`] (RFC 7675: a browser
 //! sends a consent check every 5 s or so). Each is reported once as [`WebRtcEvent::Failed`].
 
@@ -56,7 +57,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a leg has, from its start, to finish ICE and the DTLS handshake.
+/// How long a leg has, from the far end's SDP, to finish ICE and the DTLS handshake.
 pub const CONNECT_WITHIN: Duration = Duration::from_secs(15);
 /// How long a connected leg may go without an authenticated packet (a consent check or SRTP)
 /// from the browser before it counts as gone (RFC 7675 §5.1 uses 30 s).
@@ -332,6 +333,9 @@ impl WebRtcLeg {
         self.local.setup = ours;
         self.remote = Some(remote);
         self.role = Some(role);
+        // The browser starts ICE once it has answered: however long its operator let it
+        // ring, the leg has its full time from here.
+        self.started = now;
         let config = match self.identity.handshake_config(role == Role::Client) {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -1095,6 +1099,25 @@ mod tests {
         leg.handle_timeout(t + CONNECT_WITHIN * 2);
         assert_eq!(leg.poll_event(), None);
         assert_eq!(leg.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_browser_answering_after_a_long_ring_gets_its_full_time_to_connect() {
+        let t = Instant::now();
+        let mut leg = WebRtcLeg::new(DtlsIdentity::generate().unwrap(), t);
+        let b = Browser::new("192.0.2.10:50000", true);
+        // The operator let it ring for longer than the connect deadline.
+        let answered = t + CONNECT_WITHIN + Duration::from_secs(5);
+        leg.set_remote(answered, b.remote(Setup::Active)).unwrap();
+        assert_eq!(leg.poll_timeout(), Some(answered + CONNECT_WITHIN));
+        leg.handle_timeout(answered + Duration::from_millis(20));
+        assert_eq!(leg.poll_event(), None);
+        assert!(!leg.is_failed());
+        leg.handle_timeout(answered + CONNECT_WITHIN);
+        assert_eq!(
+            leg.poll_event(),
+            Some(WebRtcEvent::Failed(WebRtcError::Timeout(CONNECT_WITHIN)))
+        );
     }
 
     #[test]
