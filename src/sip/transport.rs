@@ -984,6 +984,16 @@ impl TransportHandle {
     }
 }
 
+/// What one WebSocket frame from a browser carries (RFC 7118 §5: one SIP message per frame,
+/// no framing by Content-Length across frames): `None` for a keep-alive (whitespace only, as
+/// CRLF pings are), else the message as the datagram parser reads it, no larger than `limit`.
+pub fn ws_frame(data: &[u8], limit: usize) -> Option<Result<Message, message::ParseError>> {
+    if data.iter().all(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    Some(message::parse_datagram(data, limit))
+}
+
 impl WsConn {
     pub fn flow(&self) -> Flow {
         self.flow
@@ -997,13 +1007,13 @@ impl WsConn {
     /// One frame from the browser: a SIP message for the UA core, or a stateless error answer;
     /// CRLF keep-alives are taken and are not activity. `false`: the UA core is gone, close.
     pub async fn on_frame(&mut self, data: &[u8]) -> bool {
-        if data.iter().all(|b| b.is_ascii_whitespace()) {
+        let Some(parsed) = ws_frame(data, self.limits.max_message_bytes) else {
             return true;
-        }
+        };
         self.active = tokio::time::Instant::now();
         let h = &self.handle;
         h.stats.received.fetch_add(1, Ordering::Relaxed);
-        match message::parse_datagram(data, self.limits.max_message_bytes) {
+        match parsed {
             Ok(msg) => {
                 let inbound = Inbound {
                     msg,
