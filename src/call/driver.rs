@@ -27,7 +27,7 @@ use crate::config::Limits;
 use crate::dispatch::emergency::EmergencyConfig;
 use crate::dispatch::queue::{QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Status, TicketStore};
-use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote, SharedWebRtc};
+use crate::media::clock::{Bridge, BrowserMedia, MediaClock, MediaHandle, MediaNote, SharedWebRtc};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::record::{Recorder, VoiceMeter};
@@ -202,7 +202,7 @@ impl LegIo {
             return;
         };
         let mut w = w.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = w.set_remote(Instant::now(), remote) {
+        if let Err(e) = w.leg.set_remote(Instant::now(), remote) {
             warn!(error = %e, "the browser's answer cannot carry media");
         }
     }
@@ -339,9 +339,8 @@ pub(crate) async fn place_leg(
     let webrtc = match browser {
         false => None,
         true => match DtlsIdentity::shared() {
-            Ok(identity) => Some(Arc::new(std::sync::Mutex::new(WebRtcLeg::new(
-                identity,
-                Instant::now(),
+            Ok(identity) => Some(Arc::new(std::sync::Mutex::new(BrowserMedia::new(
+                WebRtcLeg::new(identity, Instant::now()),
             )))),
             Err(e) => {
                 error!(error = %e, "no DTLS certificate: cannot call a browser");
@@ -355,6 +354,7 @@ pub(crate) async fn place_leg(
             local,
             w.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .leg
                 .local()
                 .clone(),
         ),

@@ -144,13 +144,29 @@ pub enum MediaNote {
     LegMediaFailed,
 }
 
-/// A browser leg's ICE, DTLS and SRTP ([`WebRtcLeg`]), shared by the call's task (which
-/// creates it with our offer and settles its far end from the answer) and the bridges that
-/// relay it: one leg keeps its DTLS association and keys across the bridges a call sets
-/// (hold, resume, a moved leg). Locked per packet by the shard, never contended in practice.
-pub type SharedWebRtc = Arc<Mutex<WebRtcLeg>>;
+/// A browser leg as its bridges share it: its ICE, DTLS and SRTP ([`WebRtcLeg`]), and the
+/// stream we send it. Made by the call's task with our offer (which settles the leg's far end
+/// from the answer) and shared with every bridge the call sets to the leg (hold, resume, a
+/// moved leg), so the leg keeps its DTLS association and keys, and our stream keeps the one
+/// SSRC our SDP announced with sequence numbers that go on from bridge to bridge (SRTP's
+/// replay window and rollover count follow them: restarting them would get our packets
+/// dropped as replays). Locked per packet by the shard, never contended in practice.
+pub struct BrowserMedia {
+    pub leg: WebRtcLeg,
+    to_leg: Restamp,
+}
 
-fn lock_webrtc(w: &SharedWebRtc) -> MutexGuard<'_, WebRtcLeg> {
+impl BrowserMedia {
+    pub fn new(leg: WebRtcLeg) -> Self {
+        let to_leg = Restamp::new(leg.local().ssrc);
+        BrowserMedia { leg, to_leg }
+    }
+}
+
+/// See [`BrowserMedia`].
+pub type SharedWebRtc = Arc<Mutex<BrowserMedia>>;
+
+fn lock_webrtc(w: &SharedWebRtc) -> MutexGuard<'_, BrowserMedia> {
     w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -241,10 +257,10 @@ impl Bridge {
 
     /// The leg is a browser's: what arrives on its port is STUN, DTLS and SRTP for `leg`,
     /// which answers the checks, runs the handshake and unprotects the media; what goes to it
-    /// is protected and sent where ICE found the browser. The leg's stream carries the SSRC
-    /// our SDP announced.
+    /// is protected and sent where ICE found the browser, as the leg's one stream
+    /// ([`BrowserMedia`]).
     pub fn webrtc(mut self, leg: SharedWebRtc) -> Self {
-        self.to_leg = Restamp::new(lock_webrtc(&leg).local().ssrc);
+        lock_webrtc(&leg).to_leg.resume();
         self.webrtc = Some(leg);
         self
     }
@@ -1272,10 +1288,10 @@ impl Slot {
         let Some(b) = &mut st.bridge else { return };
         let Some(w) = b.webrtc.clone() else { return };
         let mut w = lock_webrtc(&w);
-        if w.poll_timeout().is_some_and(|t| t <= now) {
-            w.handle_timeout(now);
+        if w.leg.poll_timeout().is_some_and(|t| t <= now) {
+            w.leg.handle_timeout(now);
         }
-        self.webrtc_out(b, &mut w);
+        self.webrtc_out(b, &mut w.leg);
     }
 
     /// Send what a browser leg queued (STUN answers, DTLS records) and act on its events.
@@ -1337,13 +1353,15 @@ impl Slot {
                     }
                     if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
                     {
-                        b.to_leg.apply(&mut buf[..len], event);
                         if let Some(w) = &b.webrtc {
-                            if let Some((srtp, to)) = lock_webrtc(w).protect(&buf[..len]) {
+                            let mut w = lock_webrtc(w);
+                            w.to_leg.apply(&mut buf[..len], event);
+                            if let Some((srtp, to)) = w.leg.protect(&buf[..len]) {
                                 let _ = leg.socket.send_to(&srtp, to);
                             }
                             continue;
                         }
+                        b.to_leg.apply(&mut buf[..len], event);
                         let to = b.leg_latch.remote();
                         if b.leg_connected != Some(to) {
                             let _ = leg.socket.send_to(&buf[..len], to);
@@ -1361,8 +1379,8 @@ impl Slot {
                     let len = match b.webrtc.clone() {
                         Some(w) => {
                             let mut w = lock_webrtc(&w);
-                            let got = w.handle_datagram(now, from, buf, len);
-                            self.webrtc_out(b, &mut w);
+                            let got = w.leg.handle_datagram(now, from, buf, len);
+                            self.webrtc_out(b, &mut w.leg);
                             match got {
                                 Datagram::Media { len } => len,
                                 Datagram::Handled => {
