@@ -824,18 +824,16 @@ mod tests {
         }
 
         fn read(&mut self, now: Instant, data: &[u8]) {
-            match data[0] {
-                20..=63 => {
-                    let events = self.dtls.read(now, DTLS_PEER, None, BytesMut::from(data));
-                    for ev in events.unwrap_or_default() {
-                        if matches!(ev, EndpointEvent::HandshakeComplete) {
-                            self.derive();
-                        }
-                    }
-                    self.flush();
-                }
-                _ => {}
+            if !(20..=63).contains(&data[0]) {
+                return;
             }
+            let events = self.dtls.read(now, DTLS_PEER, None, BytesMut::from(data));
+            for ev in events.unwrap_or_default() {
+                if matches!(ev, EndpointEvent::HandshakeComplete) {
+                    self.derive();
+                }
+            }
+            self.flush();
         }
 
         fn derive(&mut self) {
