@@ -130,12 +130,16 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
     args.rtp_ports = parse_port_range("30000-39999").unwrap();
     let srv = start_server_with(args, file).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let measure = Arc::new(AtomicBool::new(false));
     let jitter = Arc::new(Mutex::new(Vec::new()));
+    // Each browser's own record, so the window's start can clear them all.
+    let browser_jitter: Arc<Mutex<Vec<Arc<Mutex<Vec<f32>>>>>> = Arc::default();
 
     // The operators log in and answer whatever they are offered.
     let mut agents = Vec::new();
     for id in &ids {
         let (id, stop, jitter) = (id.clone(), stop.clone(), jitter.clone());
+        let browser_jitter = browser_jitter.clone();
         let (http, sip) = (srv.http_addr, srv.sip_addr);
         agents.push(tokio::spawn(async move {
             match kind {
@@ -151,14 +155,17 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
                     let inv = agent.request("INVITE", Duration::from_secs(300)).await;
                     let offer = String::from_utf8(inv.body.to_vec()).unwrap();
                     let (browser, answer) = Browser::answer(&offer).await;
+                    browser_jitter
+                        .lock()
+                        .unwrap()
+                        .push(browser.jitter_ms.clone());
                     agent.reply(&inv, 200, "OK", Some(answer)).await;
                     while !stop.load(Ordering::Relaxed) {
                         // Keep the WebSocket read (the server's requests are answered by
                         // nobody; none come while the call is up).
                         let _ = agent.recv(Duration::from_millis(200)).await;
                     }
-                    let j = std::mem::take(&mut *browser.jitter_ms.lock().unwrap());
-                    jitter.lock().unwrap().extend(j);
+                    drop(browser);
                 }
             }
         }));
@@ -169,19 +176,23 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
     let heard_tone = Arc::new(Mutex::new((0usize, 0usize)));
     let mut callers = Vec::new();
     for i in 0..n {
-        let (stop, heard_tone) = (stop.clone(), heard_tone.clone());
+        let (stop, measure, heard_tone) = (stop.clone(), measure.clone(), heard_tone.clone());
         let sip = srv.sip_addr;
         callers.push(tokio::spawn(async move {
             let mut ua = caller_pressing(sip, "110").await;
-            let mut measuring = false;
+            while !measure.load(Ordering::Relaxed) {
+                ua.listen(Duration::from_millis(100)).await;
+            }
+            // One stretch of listening for the whole window: its 20 ms sending grid is not
+            // restarted (the jitter measured at the operator is this stream's).
+            let heard = ua.listen(window).await;
+            {
+                let mut h = heard_tone.lock().unwrap();
+                h.0 += tone_frames(&heard, 1000.0);
+                h.1 += heard.len();
+            }
             while !stop.load(Ordering::Relaxed) {
-                let heard = ua.listen(Duration::from_millis(500)).await;
-                if measuring {
-                    let mut h = heard_tone.lock().unwrap();
-                    h.0 += tone_frames(&heard, 1000.0);
-                    h.1 += heard.len();
-                }
-                measuring = true;
+                ua.listen(Duration::from_millis(100)).await;
             }
             let _ = ua.bye().await;
         }));
@@ -190,13 +201,24 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
         }
     }
     let bridged = until_on_call(srv.http_addr, n, Duration::from_secs(120)).await;
-    // Let every stream settle, then measure over the window.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let every stream settle, then measure over the window (the callers' listening stretch,
+    // with a margin each side so that only steady streams are counted).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    measure.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     jitter.lock().unwrap().clear();
-    *heard_tone.lock().unwrap() = (0, 0);
+    for j in browser_jitter.lock().unwrap().iter() {
+        j.lock().unwrap().clear();
+    }
     let (c0, p0, t0) = (cpu(Some("ivr311-media")), cpu(None), Instant::now());
-    tokio::time::sleep(window).await;
+    tokio::time::sleep(window - Duration::from_secs(1)).await;
     let (c1, p1, elapsed) = (cpu(Some("ivr311-media")), cpu(None), t0.elapsed());
+    for j in browser_jitter.lock().unwrap().iter() {
+        let j = std::mem::take(&mut *j.lock().unwrap());
+        jitter.lock().unwrap().extend(j);
+    }
+    let jitter_window = std::mem::take(&mut *jitter.lock().unwrap());
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let on_call_at_end = on_call(srv.http_addr).await;
     stop.store(true, Ordering::Relaxed);
     for a in agents {
@@ -210,7 +232,7 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
         "{kind:?}: bridges were lost during the window"
     );
     let (tone, frames) = *heard_tone.lock().unwrap();
-    let jitter = std::mem::take(&mut *jitter.lock().unwrap());
+    let jitter = jitter_window;
     Outcome {
         bridged,
         clock_cpu: (c1 - c0).as_secs_f64() / elapsed.as_secs_f64(),
@@ -271,7 +293,7 @@ async fn until_on_call(http_addr: std::net::SocketAddr, n: usize, within: Durati
 #[ignore = "a measurement: run alone (see the module docs)"]
 async fn browser_bridges_against_desk_phone_bridges() {
     let n = env_or("IVR311_BRIDGES", 50) as usize;
-    let window = Duration::from_secs(env_or("IVR311_WINDOW_SECONDS", 20));
+    let window = Duration::from_secs(env_or("IVR311_WINDOW_SECONDS", 20).max(3));
     let mut rows = Vec::new();
     for kind in [Kind::DeskPhone, Kind::Browser] {
         let mut o = run(kind, n, window).await;

@@ -308,13 +308,6 @@ impl Browser {
                 }
                 while let Some(m) = pc.poll_read() {
                     if let RTCMessage::RtpPacket(_, p) = m.message {
-                        let at = Instant::now();
-                        if let Some((t0, ts0)) = last {
-                            let sent = p.header.timestamp.wrapping_sub(ts0) as i32 as f32 / 8.0;
-                            let got = at.duration_since(t0).as_secs_f32() * 1000.0;
-                            jitter2.lock().unwrap().push((got - sent).abs());
-                        }
-                        last = Some((at, p.header.timestamp));
                         heard2.lock().unwrap().push(p.payload.to_vec());
                     }
                 }
@@ -350,6 +343,18 @@ impl Browser {
                     }
                     r = sock.recv_from(&mut buf) => {
                         let Ok((n, peer)) = r else { return };
+                        // SRTP leaves the RTP header in the clear: the jitter is taken as
+                        // the datagram arrives, not when the peer connection hands it over.
+                        if n >= 12 && (128..=191).contains(&buf[0]) && !(200..=204).contains(&buf[1]) {
+                            let at = Instant::now();
+                            let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                            if let Some((t0, ts0)) = last {
+                                let sent = ts.wrapping_sub(ts0) as i32 as f32 / 8.0;
+                                let got = at.duration_since(t0).as_secs_f32() * 1000.0;
+                                jitter2.lock().unwrap().push((got - sent).abs());
+                            }
+                            last = Some((at, ts));
+                        }
                         let _ = pc.handle_read(TaggedBytesMut {
                             now: Instant::now(),
                             transport: TransportContext {
