@@ -124,6 +124,7 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
     let mut file = agents_config(&id_refs, 60, 0);
     file.limits.max_calls_per_source = 0;
     file.limits.invites_per_second = 0;
+    file.limits.options_per_second = 0;
     file.limits.max_tcp_connections_per_source = 0;
     file.limits.max_tcp_connections = 4 * n + 64;
     let mut args = serve_args();
