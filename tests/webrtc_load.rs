@@ -66,6 +66,9 @@ fn percentile(v: &mut [f32], p: f64) -> f32 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// One operator's jitter samples, shared with the test.
+type JitterRecord = Arc<Mutex<Vec<f32>>>;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     DeskPhone,
@@ -134,7 +137,7 @@ async fn run(kind: Kind, n: usize, window: Duration) -> Outcome {
     let measure = Arc::new(AtomicBool::new(false));
     let jitter = Arc::new(Mutex::new(Vec::new()));
     // Each browser's own record, so the window's start can clear them all.
-    let browser_jitter: Arc<Mutex<Vec<Arc<Mutex<Vec<f32>>>>>> = Arc::default();
+    let browser_jitter: Arc<Mutex<Vec<JitterRecord>>> = Arc::default();
 
     // The operators log in and answer whatever they are offered.
     let mut agents = Vec::new();
