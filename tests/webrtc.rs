@@ -252,3 +252,51 @@ async fn jssip_is_served_from_the_binary() {
     assert_eq!(body.len(), vendored.len());
     assert!(body.contains("JsSIP"));
 }
+
+/// A browser whose DTLS certificate is not the one its SDP names is never heard: the leg
+/// fails, the browser gets a BYE, and the caller waits in line again (with hold music) rather
+/// than in a dead bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_certificate_does_not_match_its_fingerprint_is_dropped_and_the_caller_requeued(
+) {
+    let srv = start_server(agents_config(&["1001"], 20, 0)).await;
+    let mut agent = WsAgent::login(srv.http_addr, srv.sip_addr, "1001").await;
+    let mut caller = caller_pressing(srv.sip_addr, "110").await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let offer = String::from_utf8(inv.body.to_vec()).unwrap();
+    let (browser, answer) = Browser::answer(&offer).await;
+    // Another certificate's fingerprint in place of the browser's own.
+    let theirs = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=fingerprint:sha-256 "))
+        .expect("the browser's answer names its fingerprint")
+        .trim()
+        .to_owned();
+    let other: String = theirs
+        .chars()
+        .map(|c| match c {
+            '0' => '1',
+            '1' => '0',
+            c => c,
+        })
+        .collect();
+    assert_ne!(other, theirs);
+    let forged = answer.replace(&theirs, &other);
+    agent.reply(&inv, 200, "OK", Some(forged)).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    // The browser completes its side of the handshake (our certificate is the one we named);
+    // ours refuses it: the leg is hung up.
+    agent.request("BYE", Duration::from_secs(10)).await;
+    until_waiting(srv.http_addr, 1).await;
+    let heard = caller.listen(Duration::from_millis(500)).await;
+    assert_eq!(
+        tone_frames(&heard, 1000.0),
+        0,
+        "the caller heard the browser whose certificate failed"
+    );
+    assert!(
+        heard.len() >= 15,
+        "the caller hears hold music, not silence"
+    );
+    drop(browser);
+}
