@@ -232,6 +232,45 @@ async fn chromium_with_jssip_registers_over_websocket_answers_and_the_caller_hea
         }
         heard.extend(caller.listen(Duration::from_millis(100)).await);
     }
+
+    // The operator holds the call and resumes it (JsSIP re-INVITEs, sendonly then sendrecv):
+    // the browser's audio reaches the caller again on the same DTLS-SRTP session.
+    browser
+        .execute("window.agent.state.session.hold()", vec![])
+        .await;
+    browser
+        .wait_for(
+            "the call is held",
+            "return window.agent.state.session.isOnHold().local",
+            Duration::from_secs(10),
+        )
+        .await;
+    caller.listen(Duration::from_millis(600)).await;
+    browser
+        .execute("window.agent.state.session.unhold()", vec![])
+        .await;
+    browser
+        .wait_for(
+            "the call is resumed",
+            "return !window.agent.state.session.isOnHold().local",
+            Duration::from_secs(10),
+        )
+        .await;
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tone_frames(&heard, 1000.0) < 25 {
+        if tokio::time::Instant::now() >= deadline {
+            let log = browser
+                .execute("return window.agent.state.log", vec![])
+                .await;
+            panic!(
+                "after resuming, the caller did not hear the browser: {} tone frames of {} (page: {log})",
+                tone_frames(&heard, 1000.0),
+                heard.len()
+            );
+        }
+        heard.extend(caller.listen(Duration::from_millis(100)).await);
+    }
     let _ = std::fs::remove_file(&wav);
 }
 
