@@ -108,6 +108,27 @@ async fn a_browser_agent_answers_over_webrtc_hears_and_is_heard_and_a_lost_webso
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A key the caller presses reaches the browser as RFC 4733 events (the console's
+    // operator sees it; an IVR behind a transfer would act on it).
+    caller.press('5').await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let got: Vec<_> = browser.events.lock().unwrap().clone();
+        let fives = got
+            .iter()
+            .filter_map(|p| ivr311::media::dtmf::TelephoneEvent::parse(p).ok())
+            .filter(|e| e.event == 5)
+            .count();
+        if fives >= 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser got no key 5 as RFC 4733 events: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A second caller waits behind the first.
     let second = caller_pressing(srv.sip_addr, "110").await;
     until_waiting(srv.http_addr, 1).await;

@@ -199,6 +199,8 @@ pub fn tone_frames(payloads: &[Vec<u8>], freq: f32) -> usize {
 /// server's offer, sending a 1 kHz tone once connected, keeping what it hears.
 pub struct Browser {
     pub heard: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// RFC 4733 event payloads received (payload type 101).
+    pub events: Arc<Mutex<Vec<Vec<u8>>>>,
     /// For each packet from the server after the first: |Δarrival − Δtimestamp| in ms.
     pub jitter_ms: Arc<Mutex<Vec<f32>>>,
     pub connected: Arc<std::sync::atomic::AtomicBool>,
@@ -220,6 +222,22 @@ impl Browser {
                         rtcp_feedback: vec![],
                     },
                     payload_type: 0,
+                },
+                RtpCodecKind::Audio,
+            )
+            .unwrap();
+        // RFC 4733 keys, at the payload type ivr311 offers them.
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: RTCRtpCodec {
+                        mime_type: "audio/telephone-event".to_owned(),
+                        clock_rate: 8000,
+                        channels: 0,
+                        sdp_fmtp_line: "0-16".to_owned(),
+                        rtcp_feedback: vec![],
+                    },
+                    payload_type: 101,
                 },
                 RtpCodecKind::Audio,
             )
@@ -281,6 +299,8 @@ impl Browser {
             .unwrap_or(answer.sdp);
 
         let heard = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let events2 = events.clone();
         let jitter_ms = Arc::new(Mutex::new(Vec::new()));
         let jitter2 = jitter_ms.clone();
         let mut last: Option<(Instant, u32)> = None;
@@ -308,7 +328,10 @@ impl Browser {
                 }
                 while let Some(m) = pc.poll_read() {
                     if let RTCMessage::RtpPacket(_, p) = m.message {
-                        heard2.lock().unwrap().push(p.payload.to_vec());
+                        match p.header.payload_type {
+                            101 => events2.lock().unwrap().push(p.payload.to_vec()),
+                            _ => heard2.lock().unwrap().push(p.payload.to_vec()),
+                        }
                     }
                 }
                 let timeout = pc
@@ -372,6 +395,7 @@ impl Browser {
         (
             Browser {
                 heard,
+                events,
                 jitter_ms,
                 connected,
                 task,
