@@ -10,7 +10,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`sip::transport`] | UDP and TCP sockets, framing, parse-at-the-edge, stateless 400s |
+//! | [`sip::transport`] | UDP and TCP sockets, SIP over WebSocket frames, framing, parse-at-the-edge, stateless 400s |
 //! | [`sip::message`] | the wire format (the only user of `rsip`), compact-form normalisation |
 //! | [`sip::transaction`] | sans-IO RFC 3261 transactions and their timers |
 //! | [`sip::dialog`] | dialog identifiers, route set, CSeq |
@@ -27,6 +27,7 @@
 //! | [`media::clock`] | the media clock: threads that pace every call's RTP on a 20 ms grid |
 //! | [`media::ports`] | the RTP port pool (plain sockets, not registered with the reactor) |
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
+//! | [`media::webrtc`] | a browser leg, sans-IO: ICE-lite, DTLS-SRTP and SRTP (webrtc-rs `rtc-dtls`, `rtc-srtp`, `rtc-stun`), driven by the media clock |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
@@ -34,8 +35,8 @@
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
-//! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect, transfers) driven by a thin task; call-backs; operators' own calls and the dial plan |
-//! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics` |
+//! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
+//! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics`, SIP over WebSocket (`/sip`), the embedded JsSIP |
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |

@@ -399,6 +399,11 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             file.open311.post_rate_per_minute,
             file.open311.post_burst,
         ))),
+        sip_ws: Some(api::sip_ws::SipWebSocket {
+            transport: transport.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        }),
     });
     tracker.spawn(api::serve::run(
         listener,

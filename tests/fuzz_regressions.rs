@@ -102,3 +102,73 @@ fn menu_yaml_seeds() {
         let _ = validate::check_text(Path::new("fuzz.yaml"), &text, &prompts);
     }
 }
+
+#[test]
+fn ws_frame_seeds() {
+    use ivr311::sip::transport::{ws_frame, TransportLimits};
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let max = TransportLimits::default().max_message_bytes;
+    let mut requests = 0;
+    for (path, data) in seeds("ws_frame") {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let mut ws =
+            WebSocket::from_raw_socket(std::io::Cursor::new(data), Role::Server, Some(config));
+        while let Ok(m) = ws.read() {
+            let payload = match m {
+                Ws::Text(t) => t.as_bytes().to_vec(),
+                Ws::Binary(b) => b.to_vec(),
+                _ => continue,
+            };
+            assert!(payload.len() <= max, "{}", path.display());
+            let Some(parsed) = ws_frame(&payload, max) else {
+                assert!(payload.iter().all(u8::is_ascii_whitespace));
+                continue;
+            };
+            if let Ok(Message::Request(req)) = parsed {
+                requests += 1;
+                let response = ResponseBuilder::new(&req, 400, "Bad Request", Some("t")).build();
+                assert!(
+                    matches!(parse_datagram(&response, 65536), Ok(Message::Response(_))),
+                    "{}: our 400 does not parse back",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(
+        requests >= 4,
+        "the seeds carry SIP requests in frames: {requests}"
+    );
+}
+
+#[test]
+fn sdp_webrtc_seeds() {
+    use ivr311::media::webrtc::{DtlsIdentity, WebRtcLeg};
+    let mut webrtc = 0;
+    for (path, data) in seeds("sdp_webrtc") {
+        let Ok(sdp::Remote::WebRtc(offer, theirs)) = sdp::parse_any(&data) else {
+            continue;
+        };
+        webrtc += 1;
+        let mut leg = WebRtcLeg::new(DtlsIdentity::shared().unwrap(), Instant::now());
+        let _ = leg.set_remote(Instant::now(), theirs);
+        let Ok(neg) = sdp::negotiate(&offer, &[Codec::Pcmu, Codec::Pcma]) else {
+            continue;
+        };
+        let local = "127.0.0.1:10000".parse().unwrap();
+        let Ok(answer) = sdp::build_webrtc_answer(&data, local, 1, 1, &neg, leg.local()) else {
+            continue;
+        };
+        match sdp::parse_any(answer.as_bytes()) {
+            Ok(sdp::Remote::WebRtc(media, ours)) => {
+                assert_eq!(media.addr, local, "{}", path.display());
+                assert_eq!(ours.ice_ufrag, leg.local().ice_ufrag, "{}", path.display());
+            }
+            other => panic!("{}: our answer reads back as {other:?}", path.display()),
+        }
+    }
+    assert!(webrtc >= 2, "the seeds hold browser SDP: {webrtc}");
+}

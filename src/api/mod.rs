@@ -1,15 +1,20 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
-//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
+//! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), the embedded
+//! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), served by
+//! [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
-//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
+//! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers (a
+//! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub(crate) mod admin;
 pub(crate) mod health;
 pub(crate) mod open311;
 pub(crate) mod ratelimit;
 pub(crate) mod serve;
+pub(crate) mod sip_ws;
+pub(crate) mod vendor;
 
 use crate::call::{CallRegistry, MenuHolder};
 use crate::config::{AdminConfig, Open311Config};
@@ -43,12 +48,16 @@ pub(crate) struct ApiState {
     pub(crate) recordings: std::path::PathBuf,
     /// `POST requests` allowance per Open311 API key.
     pub(crate) open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
+    /// SIP over WebSocket at `/sip` (none: not served).
+    pub(crate) sip_ws: Option<sip_ws::SipWebSocket>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
+        .route("/sip", get(sip_ws::upgrade))
+        .route("/console/assets/jssip.min.js", get(vendor::jssip))
         .nest("/open311/v2", open311::router())
         .merge(admin::router(state.clone()))
         .with_state(state)

@@ -11,7 +11,9 @@
 //!   open (a monitor, an admin) keep working and the timeouts above free slots.
 //!
 //! Each connection is a task on the server's [`TaskTracker`]; on shutdown, connections finish
-//! the request in progress and close.
+//! the request in progress and close. A connection upgraded to a WebSocket (`/sip`) leaves
+//! these bounds and its slot: it is a SIP connection from then on, bounded as one
+//! ([`super::sip_ws`]).
 
 use crate::config::HttpConfig;
 use crate::heartbeat::Heartbeat;
@@ -135,7 +137,9 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    let conn = builder.serve_connection(io, service);
+    // Upgrades (`/sip`'s WebSocket) take the connection out of hyper's hands, and out of the
+    // header and idle timeouts below: the upgraded socket is SIP's, with SIP's bounds.
+    let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let mut stopping = false;
     loop {

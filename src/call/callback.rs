@@ -317,6 +317,8 @@ pub(crate) enum Input {
     NoMedia,
     /// The bridged operator's phone sent nothing for `limits.operator_silence_seconds`.
     LegSilent,
+    /// The bridged operator's browser leg lost its media (ICE, DTLS or consent failed).
+    LegMediaFailed,
     /// The flagged ticket asked for by [`Action::FileTicket`] is durable (`true`), or not.
     Filed(bool),
     /// The server is stopping.
@@ -588,6 +590,13 @@ impl CallbackCore {
                 let step = leg.on_silent(now, silence);
                 self.operator_step(step);
             }
+            Input::LegMediaFailed => {
+                let Some(leg) = self.operator.as_mut() else {
+                    return;
+                };
+                let step = leg.on_media_failed("the browser's ICE, DTLS or consent failed");
+                self.operator_step(step);
+            }
             Input::Filed(saved) => self.filed(saved),
         }
         self.settle();
@@ -833,7 +842,7 @@ impl CallbackCore {
                 self.trunk = Trunk::Idle;
                 self.queue(QueueCommand::CallbackFailed);
             }
-            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout) => {
+            LegEvent::Dialog(DialogEvent::Bye | DialogEvent::Timeout | DialogEvent::Lost) => {
                 info!("the caller hung up");
                 if let Some(leg) = self.trunk.leg() {
                     self.actions.push_back(Action::EndCallerMedia);
@@ -971,7 +980,7 @@ impl CallbackCore {
                 method: Method::Options,
             }),
             LegStep::StillThere => self.actions.push_back(Action::RearmLegWatch),
-            LegStep::Gone { .. } => {
+            LegStep::Gone { .. } | LegStep::Lost => {
                 self.drop_operator(LegEnd::HangUpAndRelease);
                 self.end(End::Served);
             }
@@ -1150,6 +1159,7 @@ impl CallbackDriver {
             }
             MediaNote::NoMedia => Some(Input::NoMedia),
             MediaNote::LegSilent => Some(Input::LegSilent),
+            MediaNote::LegMediaFailed => Some(Input::LegMediaFailed),
             // Keys reach the operator through the bridge; nothing records a call-back.
             MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded => None,
         }
@@ -1206,10 +1216,7 @@ impl CallbackDriver {
             }
             Action::SetBridge(b) => {
                 let silence = Duration::from_secs(inner.limits.operator_silence_seconds);
-                let bridge = b.and_then(|b| {
-                    let port = self.legs.get(b.leg)?.port.clone()?;
-                    Some(bridge_for(port, &b, silence))
-                });
+                let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, silence));
                 if let Some(m) = &self.media {
                     m.lock().set_bridge(bridge);
                 }

@@ -541,9 +541,13 @@ impl ConsultCore {
 
     fn on_phone(&mut self, ev: Option<DialogEvent>) {
         match ev {
-            None | Some(DialogEvent::Bye | DialogEvent::Cancelled | DialogEvent::Timeout) => {
-                self.phone_left(false)
-            }
+            None
+            | Some(
+                DialogEvent::Bye
+                | DialogEvent::Cancelled
+                | DialogEvent::Timeout
+                | DialogEvent::Lost,
+            ) => self.phone_left(false),
             Some(DialogEvent::Reoffer { txn, body, .. }) => self.reoffer(txn, &body),
             Some(DialogEvent::Confirmed { .. }) => self.actions.push_back(Action::ConfirmMedia),
             Some(DialogEvent::Refer(r)) => {
@@ -1095,10 +1099,7 @@ impl ConsultDriver {
                 }
             }
             Action::SetBridge(b) => {
-                let bridge = b.and_then(|b| {
-                    let port = self.legs.get(b.leg)?.port.clone()?;
-                    Some(bridge_for(port, &b, Duration::ZERO))
-                });
+                let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, Duration::ZERO));
                 if let Some(m) = &self.phone_media {
                     m.lock().set_bridge(bridge);
                 }

@@ -129,6 +129,8 @@ pub(crate) enum Input {
     NoMedia,
     /// The bridged operator's phone sent nothing for `limits.operator_silence_seconds`.
     LegSilent,
+    /// The bridged leg's media failed for good (a browser's DTLS or consent), why.
+    LegMediaFailed(String),
     /// A result for the menu: a ticket filed or not, a status looked up.
     Engine(engine::Input),
     /// The 911 audit row is durable (its id), or could not be written.
@@ -194,6 +196,9 @@ pub(crate) enum QueueCommand {
     },
     /// The agent rung directly answered.
     DirectAnswered(String),
+    /// The operator (this agent) the caller was talking to is lost: back in line where the
+    /// caller stood.
+    Requeue(String),
 }
 
 /// What the core asks the driver to do.
@@ -715,6 +720,13 @@ impl CallCore {
                 };
                 self.operator_step(now, step);
             }
+            Input::LegMediaFailed(why) => {
+                let step = match self.operator_mut() {
+                    Some(leg) => leg.on_media_failed(&why),
+                    None => return,
+                };
+                self.operator_step(now, step);
+            }
             Input::Engine(i) => self.inputs.push_back(i),
             Input::Audited(id) => {
                 if let Some(e) = emergency_in(&mut self.phase) {
@@ -1069,7 +1081,9 @@ impl CallCore {
             }
             DialogEvent::Cancelled => self.finish(now, EndReason::Cancelled),
             DialogEvent::Bye => self.finish(now, EndReason::CallerHungUp),
-            DialogEvent::Timeout => self.finish(now, EndReason::SignallingTimeout),
+            DialogEvent::Timeout | DialogEvent::Lost => {
+                self.finish(now, EndReason::SignallingTimeout)
+            }
             // The driver turns INFO keys into `Input::Digit`; other INFO means nothing here.
             DialogEvent::Info { .. } => {}
             DialogEvent::Reoffer { txn, body, .. } => {
@@ -1659,8 +1673,35 @@ impl CallCore {
                 self.operator_left_mid_transfer(LegEnd::HangUpAndRelease)
             }
             LegStep::Gone { .. } => self.operator_gone(),
+            LegStep::Lost if self.transfer().is_some() => {
+                self.operator_left_mid_transfer(LegEnd::HangUpAndRelease)
+            }
+            LegStep::Lost => self.operator_lost(),
             LegStep::Refer(r) => self.on_operator_refer(now, id, agent, *r),
         }
+    }
+
+    /// The operator's browser is gone in the middle of the call (its connection closed and
+    /// did not come back, or its media failed): the caller did not choose this, so it goes
+    /// back in line where it stood (usually first) and hears hold music until the next
+    /// operator answers. Ringing, it is an offer that failed.
+    fn operator_lost(&mut self) {
+        let Some(agent) = self.operator().map(|l| l.agent.clone()) else {
+            return;
+        };
+        self.forget_operator_leg(LegEnd::HangUpAndRelease);
+        let Phase::Queue(q) = &mut self.phase else {
+            return;
+        };
+        if q.connected.take().is_none() {
+            self.queue_offer_failed(&agent, OfferFailure::Unreachable);
+            return;
+        }
+        info!(%agent, "the caller goes back to the front of the queue");
+        self.actions
+            .push_back(Action::Queue(QueueCommand::Requeue(agent)));
+        self.stop_playback();
+        self.play_names(&["hold_music"]);
     }
 
     /// The operator's phone left while their transfer goes on: the agent is free, the
@@ -1681,7 +1722,7 @@ impl CallCore {
         let Phase::Line(l) = &self.phase else { return };
         let id = l.leg.id;
         match step {
-            LegStep::HungUp | LegStep::Gone { .. } => {
+            LegStep::HungUp | LegStep::Gone { .. } | LegStep::Lost => {
                 info!(line = %l.name, "the line the caller was transferred to hung up");
                 if let Phase::Line(l) = &mut self.phase {
                     l.leg.drop_leg();

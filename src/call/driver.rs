@@ -29,15 +29,16 @@ use crate::config::Limits;
 use crate::dispatch::emergency::EmergencyConfig;
 use crate::dispatch::queue::{QueueEvent, QueueHandle};
 use crate::dispatch::tickets::{Status, TicketStore};
-use crate::media::clock::{Bridge, MediaClock, MediaHandle, MediaNote};
+use crate::media::clock::{Bridge, BrowserMedia, MediaClock, MediaHandle, MediaNote, SharedWebRtc};
 use crate::media::dtmf::dtmf_info_digit;
 use crate::media::ports::{PortPool, RtpPort};
 use crate::media::record::{Recorder, VoiceMeter};
 use crate::media::rtp::LatchScope;
 use crate::media::sdp::Negotiated;
 use crate::media::session::MediaStats;
+use crate::media::webrtc::{DtlsIdentity, WebRtcLeg};
 use crate::menu::engine::{self, StatusResult};
-use crate::sip::transport::Flow;
+use crate::sip::transport::{Flow, Transport};
 use crate::sip::ua::{DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundHandle};
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -194,6 +195,27 @@ pub(crate) struct LegIo {
     pub(crate) events: mpsc::Receiver<LegEvent>,
     /// `None` once a call-back's answered caller took it as their slot on the media clock.
     pub(crate) port: Option<Arc<RtpPort>>,
+    /// A browser's leg: its ICE, DTLS and SRTP, shared with the bridges that relay it.
+    pub(crate) webrtc: Option<SharedWebRtc>,
+}
+
+impl LegIo {
+    /// A browser leg's answer sets its far end's ICE credentials, fingerprint and DTLS role
+    /// (the core reads the same answer for its codec; one that is not WebRTC is refused
+    /// there).
+    fn on_event(&self, ev: &LegEvent) {
+        let (Some(w), LegEvent::Answered { sdp }) = (&self.webrtc, ev) else {
+            return;
+        };
+        let Ok(crate::media::sdp::Remote::WebRtc(_, remote)) = crate::media::sdp::parse_any(sdp)
+        else {
+            return;
+        };
+        let mut w = w.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = w.leg.set_remote(Instant::now(), remote) {
+            warn!(error = %e, "the browser's answer cannot carry media");
+        }
+    }
 }
 
 /// The legs a call has placed and not let go of, read together.
@@ -238,8 +260,15 @@ impl Legs {
             Poll::Pending
         })
         .await;
-        if ev.is_none() {
-            self.remove(id);
+        match &ev {
+            None => {
+                self.remove(id);
+            }
+            Some(ev) => {
+                if let Some(l) = self.get(id) {
+                    l.on_event(ev);
+                }
+            }
         }
         (id, ev)
     }
@@ -312,7 +341,34 @@ pub(crate) async fn place_leg(
         (None, _) => None,
     };
     let ip = leg_media_ip(p.local_ip, &port, toward);
-    let sdp = LegSdp::new(SocketAddr::new(ip, port.port));
+    let local = SocketAddr::new(ip, port.port);
+    // An agent registered over a WebSocket is a browser: its leg is WebRTC.
+    let browser = contact
+        .as_ref()
+        .is_some_and(|(_, flow)| matches!(flow.transport, Transport::Ws | Transport::Wss));
+    let webrtc = match browser {
+        false => None,
+        true => match DtlsIdentity::shared() {
+            Ok(identity) => Some(Arc::new(std::sync::Mutex::new(BrowserMedia::new(
+                WebRtcLeg::new(identity, Instant::now()),
+            )))),
+            Err(e) => {
+                error!(error = %e, "no DTLS certificate: cannot call a browser");
+                return (Err(NotPlaced::NoPhone), None);
+            }
+        },
+    };
+    let sdp = match &webrtc {
+        None => LegSdp::new(local),
+        Some(w) => LegSdp::new_webrtc(
+            local,
+            w.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .leg
+                .local()
+                .clone(),
+        ),
+    };
     let offer = Bytes::from(sdp.offer(p.codec));
     let mut headers = p.headers;
     if let Some(number) = &p.asserted {
@@ -354,6 +410,7 @@ pub(crate) async fn place_leg(
         handle: call.handle,
         events: call.events,
         port: Some(Arc::new(port)),
+        webrtc,
     };
     let placed = Placed {
         sdp,
@@ -363,16 +420,21 @@ pub(crate) async fn place_leg(
     (Ok(placed), Some(io))
 }
 
-/// The media clock's bridge for a [`BridgeTo`] on the leg's port.
-pub(crate) fn bridge_for(port: Arc<RtpPort>, b: &BridgeTo, silence: Duration) -> Bridge {
-    leg_bridge(
-        port,
+/// The media clock's bridge for a [`BridgeTo`] on the leg's port (`None`: the leg gave its
+/// port away).
+pub(crate) fn bridge_for(leg: &LegIo, b: &BridgeTo, silence: Duration) -> Option<Bridge> {
+    let bridge = leg_bridge(
+        leg.port.clone()?,
         (b.media.1, b.scope),
         b.media.0,
         b.answered,
         b.operator,
         silence,
-    )
+    );
+    Some(match &leg.webrtc {
+        Some(w) => bridge.webrtc(w.clone()),
+        None => bridge,
+    })
 }
 
 /// One call's task: from the answer to the end.
@@ -580,6 +642,9 @@ impl Driver {
             MediaNote::RecordingEnded => Some(Input::RecordingEnded),
             MediaNote::NoMedia => Some(Input::NoMedia),
             MediaNote::LegSilent => Some(Input::LegSilent),
+            MediaNote::LegMediaFailed => Some(Input::LegMediaFailed(
+                "the browser's ICE, DTLS or consent failed".to_owned(),
+            )),
         }
     }
 
@@ -601,10 +666,7 @@ impl Driver {
             Action::Renegotiate((neg, addr)) => self.media.lock().media.renegotiate(neg, addr),
             Action::SetBridge(b) => {
                 let silence = Duration::from_secs(self.ctx.limits.operator_silence_seconds);
-                let bridge = b.and_then(|b| {
-                    let port = self.legs.get(b.leg)?.port.clone()?;
-                    Some(bridge_for(port, &b, silence))
-                });
+                let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, silence));
                 self.media.lock().set_bridge(bridge);
             }
             Action::RearmLegWatch => self.media.lock().rearm_leg_watch(std::time::Instant::now()),
@@ -901,6 +963,7 @@ impl Driver {
                 ))
             }
             QueueCommand::DirectAnswered(agent) => q.direct_answered(caller, &agent).await,
+            QueueCommand::Requeue(agent) => q.requeue(caller, &agent).await,
         }
         None
     }

@@ -29,13 +29,20 @@ pub(crate) type Media = (sdp::Negotiated, SocketAddr);
 /// Our side of an outbound leg's SDP: where the leg's media is, and the `o=` line's session
 /// id and version, which every later SDP of ours on the leg must carry (RFC 3264 §8: the same
 /// id, the version one more than the last).
-#[derive(Debug, Clone, Copy)]
+///
+/// A leg to a browser (an agent registered over a WebSocket) is WebRTC: our SDP carries the
+/// leg's ICE credentials, DTLS fingerprint and role ([`sdp::WebRtcLocal`]), and only a WebRTC
+/// answer or re-offer is taken on it (a plain RTP one is refused, as WebRTC is on a phone's).
+#[derive(Debug, Clone)]
 pub(crate) struct LegSdp {
     pub(crate) local: SocketAddr,
     id: u64,
     version: u64,
     /// Our 2xx to a re-INVITE without SDP carried our offer: the ACK brings the answer.
     answer_in_ack: bool,
+    /// A browser's leg: what our SDP says of its ICE and DTLS (the role as settled by the
+    /// browser's answer).
+    webrtc: Option<sdp::WebRtcLocal>,
 }
 
 /// What to reply to a re-INVITE or UPDATE on an outbound leg (the far phone put the call on
@@ -85,6 +92,56 @@ impl LegSdp {
             id: rand::random::<u32>() as u64,
             version: 1,
             answer_in_ack: false,
+            webrtc: None,
+        }
+    }
+
+    /// A new leg to a browser with its media at `local`, ICE and DTLS as `webrtc` says.
+    pub(crate) fn new_webrtc(local: SocketAddr, webrtc: sdp::WebRtcLocal) -> Self {
+        LegSdp {
+            webrtc: Some(webrtc),
+            ..LegSdp::new(local)
+        }
+    }
+
+    /// The far end's answer to our offer (or the answer in an ACK): the codec agreed and where
+    /// its media is. A browser's leg takes only WebRTC, a phone's only plain RTP; a browser's
+    /// answer also settles the DTLS role our later SDP states.
+    pub(crate) fn answer(&mut self, body: &[u8]) -> Result<Media, sdp::SdpError> {
+        let Some(ours) = &mut self.webrtc else {
+            return leg_answer(body);
+        };
+        match sdp::parse_any(body)? {
+            sdp::Remote::WebRtc(a, theirs) => {
+                ours.setup = match theirs.setup {
+                    sdp::Setup::Passive => sdp::Setup::Active,
+                    _ => sdp::Setup::Passive,
+                };
+                Ok((sdp::negotiate(&a, &super::SUPPORTED_CODECS)?, a.addr))
+            }
+            sdp::Remote::Plain(_) => Err(sdp::SdpError::WebRtc("fingerprint")),
+        }
+    }
+
+    fn build_offer(&self, codecs: &[Codec], direction: sdp::Direction) -> String {
+        match &self.webrtc {
+            Some(w) => sdp::build_webrtc_offer(
+                self.local,
+                self.id,
+                self.version,
+                codecs,
+                Some(101),
+                direction,
+                w,
+            ),
+            None => sdp::build_offer(
+                self.local,
+                self.id,
+                self.version,
+                codecs,
+                Some(101),
+                direction,
+            ),
         }
     }
 
@@ -96,14 +153,7 @@ impl LegSdp {
         } else {
             Codec::Pcmu
         };
-        sdp::build_offer(
-            self.local,
-            self.id,
-            self.version,
-            &[caller_codec, other],
-            Some(101),
-            sdp::Direction::SendRecv,
-        )
+        self.build_offer(&[caller_codec, other], sdp::Direction::SendRecv)
     }
 
     /// Read a re-INVITE or UPDATE (`method`, `body`) on the leg, whose media is `current`.
@@ -117,6 +167,11 @@ impl LegSdp {
             if *method == Method::Invite {
                 self.version += 1;
                 self.answer_in_ack = true;
+                if self.webrtc.is_some() {
+                    return LegReoffer::OfferOurs(
+                        self.build_offer(&[current.codec], current.direction),
+                    );
+                }
                 return LegReoffer::OfferOurs(sdp::build_answer(
                     self.local,
                     self.id,
@@ -126,12 +181,30 @@ impl LegSdp {
             }
             return LegReoffer::Refresh;
         }
-        let parsed = sdp::parse(body).and_then(|offer| {
-            let neg = sdp::negotiate(&offer, &super::SUPPORTED_CODECS)?;
-            let answer =
-                sdp::build_answer_for_offer(body, self.local, self.id, self.version + 1, &neg)?;
-            Ok((answer, neg, offer.addr))
-        });
+        let parsed = match &self.webrtc {
+            None => sdp::parse(body).and_then(|offer| {
+                let neg = sdp::negotiate(&offer, &super::SUPPORTED_CODECS)?;
+                let answer =
+                    sdp::build_answer_for_offer(body, self.local, self.id, self.version + 1, &neg)?;
+                Ok((answer, neg, offer.addr))
+            }),
+            // A browser's re-offer (hold, resume) keeps the transport: same ICE, same DTLS.
+            Some(ours) => sdp::parse_any(body).and_then(|offer| match offer {
+                sdp::Remote::WebRtc(offer, _) => {
+                    let neg = sdp::negotiate(&offer, &super::SUPPORTED_CODECS)?;
+                    let answer = sdp::build_webrtc_answer(
+                        body,
+                        self.local,
+                        self.id,
+                        self.version + 1,
+                        &neg,
+                        ours,
+                    )?;
+                    Ok((answer, neg, offer.addr))
+                }
+                sdp::Remote::Plain(_) => Err(sdp::SdpError::WebRtc("fingerprint")),
+            }),
+        };
         match parsed {
             Ok((sdp, neg, addr)) => {
                 self.version += 1;
@@ -152,7 +225,7 @@ impl LegSdp {
         if !std::mem::take(&mut self.answer_in_ack) || body.is_empty() {
             return;
         }
-        match leg_answer(body) {
+        match self.answer(body) {
             Ok(media) if answered.is_some() => {
                 info!(codec = ?media.0.codec, direction = ?media.0.direction, remote_media = %media.1, "the leg's ACK answered our offer");
                 *answered = Some(media);
@@ -310,7 +383,10 @@ mod tests {
         assert!(sdp.contains("a=recvonly"), "{sdp}");
         assert_eq!(origin(&sdp), (first.0.clone(), first.1 + 1));
         assert_eq!(neg.direction, sdp::Direction::RecvOnly);
-        assert_eq!(addr, "192.0.2.7:4002".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4002".parse::<std::net::SocketAddr>().unwrap()
+        );
         // A re-INVITE with no body gets our SDP as an offer, the version again one more.
         let LegReoffer::OfferOurs(ours) = leg.reoffer(&Method::Invite, b"", &neg) else {
             panic!("our offer")
@@ -333,7 +409,10 @@ mod tests {
         let body = b"v=0\r\no=- 1 1 IN IP4 192.0.2.7\r\ns=-\r\nc=IN IP4 192.0.2.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         let (neg, addr) = leg_answer(body).unwrap();
         assert_eq!(neg.codec, Codec::Pcma);
-        assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert!(leg_answer(b"garbage").is_err());
     }
 }

@@ -18,7 +18,7 @@
 //!
 //! It must not touch the caller's side (prompts, the queue, the bridge): that is the owner's.
 
-use super::leg::{leg_answer, Dial, LegId, LegReoffer, LegSdp, Media, PlaceLeg};
+use super::leg::{Dial, LegId, LegReoffer, LegSdp, Media, PlaceLeg};
 use crate::dispatch::queue::OfferFailure;
 use crate::media::g711::Codec;
 use crate::media::rtp::LatchScope;
@@ -141,6 +141,10 @@ pub(crate) enum LegStep {
     NoAnswer,
     /// The operator hung up (or their dialog died): the leg is over.
     HungUp,
+    /// The operator's browser is gone with the call (its WebSocket closed and did not come
+    /// back; or, reported by the media clock, its media failed): the leg is over, and the
+    /// caller did not choose to end the call.
+    Lost,
     /// Answer the phone's re-INVITE or UPDATE `txn` with `code` and `body`; its media changed
     /// as `change` says.
     Reply {
@@ -329,14 +333,14 @@ impl OperatorLeg {
                 LegStep::Nothing
             }
             LegEvent::Answered { sdp: body } => {
-                let sdp = match std::mem::replace(&mut self.state, State::Over) {
+                let mut sdp = match std::mem::replace(&mut self.state, State::Over) {
                     State::Ringing { sdp, .. } | State::Answered { sdp, .. } => sdp,
                     other => {
                         self.state = other;
                         return LegStep::Nothing;
                     }
                 };
-                match leg_answer(&body) {
+                match sdp.answer(&body) {
                     Ok(media) => {
                         info!(%agent, codec = ?media.0.codec, "operator answered; caller bridged");
                         self.state = State::Answered {
@@ -362,6 +366,11 @@ impl OperatorLeg {
                 self.state = State::Over;
                 LegStep::HungUp
             }
+            LegEvent::Dialog(DialogEvent::Lost) => {
+                warn!(%agent, "the operator's browser is gone (its connection closed)");
+                self.state = State::Over;
+                LegStep::Lost
+            }
             LegEvent::Dialog(DialogEvent::Reoffer {
                 txn, method, body, ..
             }) => self.reoffer(txn, &method, &body),
@@ -380,6 +389,18 @@ impl OperatorLeg {
                 DialogEvent::Cancelled | DialogEvent::Info { .. } | DialogEvent::Notify { .. },
             ) => LegStep::Nothing,
         }
+    }
+
+    /// The media clock gave up on the leg's media (a browser's DTLS failed or its consent
+    /// expired, `why`): an answered leg is lost.
+    pub(crate) fn on_media_failed(&mut self, why: &str) -> LegStep {
+        if !self.answered() {
+            return LegStep::Nothing;
+        }
+        self.span
+            .in_scope(|| warn!(agent = %self.agent, %why, "the operator's media failed"));
+        self.state = State::Over;
+        LegStep::Lost
     }
 
     /// The silent phone's OPTIONS was answered with `code` (408: not in time).
@@ -579,7 +600,10 @@ mod tests {
         assert_eq!(leg.on_event(Some(pcma())), LegStep::Answered);
         let (neg, addr) = leg.media().unwrap();
         assert_eq!(neg.codec, Codec::Pcma);
-        assert_eq!(addr, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(
+            addr,
+            "192.0.2.7:4000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(
             leg.scope(),
             LatchScope::SdpOr("198.51.100.9".parse().unwrap())
@@ -670,7 +694,10 @@ mod tests {
         );
         assert!(leg.holds());
         assert_eq!(leg.media().unwrap().0.direction, Direction::RecvOnly);
-        assert_eq!(leg.media().unwrap().1, "192.0.2.7:4002".parse().unwrap());
+        assert_eq!(
+            leg.media().unwrap().1,
+            "192.0.2.7:4002".parse::<std::net::SocketAddr>().unwrap()
+        );
         let step = leg.on_event(in_dialog(DialogEvent::Reoffer {
             txn: 6,
             method: Method::Invite,
@@ -756,7 +783,10 @@ mod tests {
                 moved: true
             })
         );
-        assert_eq!(leg.media().unwrap().1, "192.0.2.7:4010".parse().unwrap());
+        assert_eq!(
+            leg.media().unwrap().1,
+            "192.0.2.7:4010".parse::<std::net::SocketAddr>().unwrap()
+        );
         // An ACK with nothing due changes nothing.
         assert_eq!(
             leg.on_event(in_dialog(DialogEvent::Confirmed { sdp: Bytes::new() })),

@@ -343,7 +343,10 @@ async fn ack_answer(call: &mut IncomingCall) -> Option<(Negotiated, SocketAddr)>
                     }
                 };
             }
-            DialogEvent::Bye | DialogEvent::Cancelled | DialogEvent::Timeout => {
+            DialogEvent::Bye
+            | DialogEvent::Cancelled
+            | DialogEvent::Timeout
+            | DialogEvent::Lost => {
                 info!("the call ended before the ACK answered our offer");
                 return None;
             }

@@ -661,7 +661,7 @@ impl Transfer {
                 }
                 self.fail(code, format!("answered {code} {reason}").trim().to_owned());
             }
-            LegStep::HungUp | LegStep::Gone { .. } => {
+            LegStep::HungUp | LegStep::Gone { .. } | LegStep::Lost => {
                 self.out.push_back(Out::DropLeg {
                     leg: id,
                     how: LegEnd::Release,

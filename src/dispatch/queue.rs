@@ -564,6 +564,18 @@ pub(crate) struct Dispatcher {
     /// The latest `now` seen.
     now: Option<Instant>,
     callback_policy: CallbackPolicy,
+    /// Callers talking to an agent, with the place they had in line: one whose operator is
+    /// lost goes back there ([`Dispatcher::requeue`]).
+    connected: HashMap<CallerId, Place>,
+}
+
+/// Where an answered caller stood in line.
+#[derive(Debug, Clone)]
+struct Place {
+    queue: usize,
+    skill: Option<String>,
+    priority: i32,
+    since: Instant,
 }
 
 impl Dispatcher {
@@ -576,6 +588,7 @@ impl Dispatcher {
             outbox: Vec::new(),
             now: None,
             callback_policy: CallbackPolicy::default(),
+            connected: HashMap::new(),
         };
         for a in agents {
             if d.agent_idx(&a.id).is_some() {
@@ -821,6 +834,7 @@ impl Dispatcher {
     /// ringing agents get `CancelOffer`. Connected to an agent: that agent's call ended.
     pub(crate) fn abandon(&mut self, now: Instant, caller: CallerId) {
         self.touch(now);
+        self.connected.remove(&caller);
         if let Some(wi) = self.waiting_idx(caller) {
             let w = self.waiting.remove(wi);
             self.cancel_offers(caller, None);
@@ -857,6 +871,15 @@ impl Dispatcher {
             return;
         };
         let w = self.waiting.remove(wi);
+        self.connected.insert(
+            caller,
+            Place {
+                queue: w.queue,
+                skill: w.skill.clone(),
+                priority: w.priority,
+                since: w.since,
+            },
+        );
         self.cancel_offers(caller, Some(i));
         if let Some(a) = self.agents.get_mut(i) {
             a.status = AgentStatus::OnCall { caller };
@@ -873,6 +896,51 @@ impl Dispatcher {
                 qs.answered_in_sl += 1;
             }
         }
+    }
+
+    /// The operator `agent` that `caller` was talking to is lost (a browser whose connection
+    /// closed and did not come back, or whose media failed): the agent's call ends, and the
+    /// caller goes back in line at the place it had (its arrival and priority: ahead of
+    /// everyone who came after it, so usually first), to be offered to the next agent at once.
+    /// Its announcements and maximum wait count again from now. `false` (nothing changes)
+    /// unless the caller was answered by an agent and has not left.
+    pub fn requeue(&mut self, now: Instant, caller: CallerId, agent: &str) -> bool {
+        self.touch(now);
+        if let Some(i) = self.agent_idx(agent) {
+            if self
+                .agents
+                .get(i)
+                .is_some_and(|a| a.status == AgentStatus::OnCall { caller })
+            {
+                self.end_call(now, i);
+            }
+        }
+        let Some(p) = self.connected.remove(&caller) else {
+            return false;
+        };
+        if self.waiting_idx(caller).is_some() {
+            return false;
+        }
+        let (announce, max_wait) = self
+            .queues
+            .get(p.queue)
+            .map_or((None, None), |qs| (qs.announce_every, qs.max_wait));
+        let w = Waiting {
+            caller,
+            queue: p.queue,
+            skill: p.skill,
+            priority: p.priority,
+            since: p.since,
+            next_announce: announce.map(|e| later(now, e)),
+            max_wait_at: max_wait.map(|m| later(now, m)),
+            max_wait_sent: false,
+            callback: None,
+        };
+        let at = self.waiting.partition_point(|x| {
+            x.priority > p.priority || (x.priority == p.priority && x.since <= p.since)
+        });
+        self.waiting.insert(at, w);
+        true
     }
 
     /// The offer to `agent` failed: the agent rests for `no_answer_pause_seconds` (or starts a
@@ -988,6 +1056,11 @@ impl Dispatcher {
     /// `OnCall → WrapUp` for the queue's wrap-up time (or `Paused` if a pause was asked for).
     pub(crate) fn call_ended(&mut self, now: Instant, agent: &str) {
         self.touch(now);
+        if let Some(AgentStatus::OnCall { caller }) =
+            self.agent_mut(agent).map(|a| a.status.clone())
+        {
+            self.connected.remove(&caller);
+        }
         if let Some(i) = self.agent_idx(agent) {
             self.end_call(now, i);
         }
@@ -1216,9 +1289,12 @@ impl Dispatcher {
     }
 
     /// Whether the caller is waiting, connected, or ringing an agent directly (the driver
-    /// keeps its events sender so long).
+    /// keeps its events sender so long). Connected means talking to an agent, or answered by
+    /// one whose agent has logged out since (a browser whose connection dropped): such a
+    /// caller may be requeued and must still hear its offers.
     fn holds(&self, caller: CallerId) -> bool {
         self.waiting_idx(caller).is_some()
+            || self.connected.contains_key(&caller)
             || self.agents.iter().any(|a| {
                 a.status == AgentStatus::OnCall { caller }
                     || a.status == AgentStatus::Ringing { caller }
@@ -1609,6 +1685,7 @@ enum Cmd {
     Withdraw(CallerId, String),
     CallbackFailed(CallerId),
     Answered(CallerId, String),
+    Requeue(CallerId, String),
     Failed(CallerId, String, OfferFailure),
     CallEnded(String),
     LoggedIn(String),
@@ -1737,6 +1814,11 @@ impl QueueHandle {
 
     pub(crate) async fn offer_answered(&self, caller: CallerId, agent: &str) {
         self.send(Cmd::Answered(caller, agent.to_owned())).await;
+    }
+
+    /// [`Dispatcher::requeue`]: the caller's operator is lost; back in line.
+    pub(crate) async fn requeue(&self, caller: CallerId, agent: &str) {
+        self.send(Cmd::Requeue(caller, agent.to_owned())).await;
     }
 
     pub(crate) async fn offer_failed(&self, caller: CallerId, agent: &str, why: OfferFailure) {
@@ -1893,6 +1975,11 @@ impl Driver {
             Cmd::Withdraw(caller, agent) => d.withdraw_offer(caller, &agent),
             Cmd::CallbackFailed(caller) => d.callback_failed(now, caller),
             Cmd::Answered(caller, agent) => d.offer_answered(now, caller, &agent),
+            Cmd::Requeue(caller, agent) => {
+                if !d.requeue(now, caller, &agent) {
+                    debug!(caller, %agent, "requeue of a caller no longer answered; ignored");
+                }
+            }
             Cmd::Failed(caller, agent, why) => d.offer_failed(now, caller, &agent, why),
             Cmd::CallEnded(agent) => d.call_ended(now, &agent),
             Cmd::LoggedIn(agent) => d.agent_logged_in(now, &agent),
@@ -2771,6 +2858,55 @@ mod tests {
         assert!(t.d.enqueue(t.t(2.0), 3, "other", None, 0).is_ok());
         t.d.abandon(t.t(3.0), 1);
         assert!(t.d.enqueue(t.t(3.0), 4, "general", None, 0).is_ok());
+    }
+
+    #[test]
+    fn a_caller_whose_operator_is_lost_goes_back_to_the_front_of_the_line() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        assert_eq!(offers(&t.poll(1.0)), [(1, "a")]);
+        t.answer(2.0, 1, "a");
+        // Two callers came later; nobody is free.
+        t.enqueue(3.0, 2, None);
+        t.enqueue(4.0, 3, None);
+        assert!(offers(&t.poll(4.0)).is_empty());
+        // Agent a's browser is gone (logged out by the registrar), then the call says so.
+        t.d.agent_logged_out(t.t(5.0), "a");
+        assert!(t.d.requeue(t.t(5.0), 1, "a"));
+        assert_eq!(
+            t.d.position(1).unwrap().place,
+            1,
+            "ahead of those who came later"
+        );
+        assert_eq!(t.d.position(2).unwrap().place, 2);
+        // The next free agent gets caller 1 first.
+        t.login(6.0, &["b"]);
+        assert_eq!(offers(&t.poll(6.0)), [(1, "b")]);
+        // Twice, or for a caller who was never answered: nothing.
+        assert!(!t.d.requeue(t.t(7.0), 1, "a"));
+        assert!(!t.d.requeue(t.t(7.0), 3, "b"));
+    }
+
+    #[test]
+    fn a_requeued_callers_agent_still_on_the_call_goes_to_wrap_up() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::LongestIdle)],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.answer(2.0, 1, "a");
+        assert!(t.d.requeue(t.t(3.0), 1, "a"));
+        assert!(matches!(t.status("a"), AgentStatus::WrapUp { .. }));
+        assert_eq!(t.d.position(1).unwrap().place, 1);
+        // A caller that hangs up after being requeued is gone for good.
+        t.d.abandon(t.t(4.0), 1);
+        assert!(t.d.position(1).is_none());
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub(crate) struct Restamp {
     /// The newest sequence number and timestamp we sent.
     last_seq: u16,
     last_ts: u32,
+    /// Something was sent: a new sending stream continues from `last_seq`.
+    sent: bool,
 }
 
 impl Restamp {
@@ -78,7 +80,16 @@ impl Restamp {
             ts_delta: 0,
             last_seq: 0,
             last_ts: 0,
+            sent: false,
         }
+    }
+
+    /// After a gap (a new bridge on the same leg): the next packet continues one after the
+    /// last one sent, even from the same sending stream, so the receiver sees no jump in
+    /// sequence numbers however long the gap was (SRTP's rollover count is guessed from them:
+    /// a jump of half their range would lose every packet after it).
+    pub fn resume(&mut self) {
+        self.source = None;
     }
 
     /// Rewrite the header of a packet [`relay`] forwarded (`buf` starts with a parsed RTP
@@ -91,7 +102,7 @@ impl Restamp {
         let seq = u16::from_be_bytes([buf[2], buf[3]]);
         let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
         let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
-        let first = self.source.is_none();
+        let first = !self.sent;
         if self.source != Some(ssrc) {
             let (next_seq, next_ts) = if first {
                 (seq, ts)
@@ -118,6 +129,7 @@ impl Restamp {
             self.last_seq = out_seq;
             self.last_ts = out_ts;
         }
+        self.sent = true;
     }
 }
 
@@ -209,6 +221,29 @@ mod tests {
     fn header(buf: &[u8]) -> (bool, u16, u32, u32) {
         let p = rtp::parse(buf).unwrap();
         (p.marker, p.sequence, p.timestamp, p.ssrc)
+    }
+
+    #[test]
+    fn after_a_gap_the_same_stream_continues_ours_without_a_jump() {
+        let mut r = Restamp::new(77);
+        let mut buf = [0u8; 200];
+        let mut a = RtpStream::with_origin(1, 1000, 50_000);
+        for _ in 0..2 {
+            let n = a.write(0, &[0xff; 160], 160, &mut buf);
+            r.apply(&mut buf[..n], false);
+        }
+        assert_eq!(header(&buf[..60]).1, 1001);
+        // The stream went on for a minute (a hold) with nothing relayed.
+        for _ in 0..3000 {
+            a.write(0, &[0xff; 160], 160, &mut buf);
+        }
+        r.resume();
+        let n = a.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]), (true, 1002, 50_320, 77));
+        let n = a.write(0, &[0xff; 160], 160, &mut buf);
+        r.apply(&mut buf[..n], false);
+        assert_eq!(header(&buf[..n]), (false, 1003, 50_480, 77));
     }
 
     #[test]

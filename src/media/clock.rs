@@ -92,6 +92,7 @@ use crate::media::record::{RecordState, VoiceMeter};
 use crate::media::rtp::{self, Latch, LatchDecision, LatchScope};
 use crate::media::sdp::Negotiated;
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
+use crate::media::webrtc::{Datagram, WebRtcEvent, WebRtcLeg};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
@@ -137,6 +138,36 @@ pub(crate) enum MediaNote {
     /// No RTP from the bridged leg for its limit ([`Bridge::watch_leg`]), reported once per
     /// bridge.
     LegSilent,
+    /// The bridged browser leg's media failed for good ([`Bridge::webrtc`]: no ICE and DTLS in
+    /// time, a failed handshake, DTLS closed, consent expired), reported once per leg; why is
+    /// logged in the call's span.
+    LegMediaFailed,
+}
+
+/// A browser leg as its bridges share it: its ICE, DTLS and SRTP ([`WebRtcLeg`]), and the
+/// stream we send it. Made by the call's task with our offer (which settles the leg's far end
+/// from the answer) and shared with every bridge the call sets to the leg (hold, resume, a
+/// moved leg), so the leg keeps its DTLS association and keys, and our stream keeps the one
+/// SSRC our SDP announced with sequence numbers that go on from bridge to bridge (SRTP's
+/// replay window and rollover count follow them: restarting them would get our packets
+/// dropped as replays). Locked per packet by the shard, never contended in practice.
+pub struct BrowserMedia {
+    pub leg: WebRtcLeg,
+    to_leg: Restamp,
+}
+
+impl BrowserMedia {
+    pub fn new(leg: WebRtcLeg) -> Self {
+        let to_leg = Restamp::new(leg.local().ssrc);
+        BrowserMedia { leg, to_leg }
+    }
+}
+
+/// See [`BrowserMedia`].
+pub type SharedWebRtc = Arc<Mutex<BrowserMedia>>;
+
+fn lock_webrtc(w: &SharedWebRtc) -> MutexGuard<'_, BrowserMedia> {
+    w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A call's media state, shared between its task and its shard.
@@ -197,6 +228,9 @@ pub(crate) struct Bridge {
     /// When the leg last sent anything (any packet, relayed or not), or the watch started.
     leg_alive: Option<Instant>,
     leg_silence_reported: bool,
+    /// A browser's leg ([`Bridge::webrtc`]): its datagrams go through ICE, DTLS and SRTP, and
+    /// it decides where the browser is (the latch is not used).
+    webrtc: Option<SharedWebRtc>,
 }
 
 impl Bridge {
@@ -217,7 +251,18 @@ impl Bridge {
             leg_limit: None,
             leg_alive: None,
             leg_silence_reported: false,
+            webrtc: None,
         }
+    }
+
+    /// The leg is a browser's: what arrives on its port is STUN, DTLS and SRTP for `leg`,
+    /// which answers the checks, runs the handshake and unprotects the media; what goes to it
+    /// is protected and sent where ICE found the browser, as the leg's one stream
+    /// ([`BrowserMedia`]).
+    pub fn webrtc(mut self, leg: SharedWebRtc) -> Self {
+        lock_webrtc(&leg).to_leg.resume();
+        self.webrtc = Some(leg);
+        self
     }
 
     /// Take the leg's media from the sources `scope` admits (an operator's phone: its SDP's
@@ -262,7 +307,7 @@ impl Bridge {
     /// port the shard disconnected when it took the old bridge down ([`Watch::forget_bridge`]).
     fn connect_leg(&mut self) {
         #[cfg(target_os = "linux")]
-        if self.leg_latch.is_settled() && self.leg_connected.is_none() {
+        if self.webrtc.is_none() && self.leg_latch.is_settled() && self.leg_connected.is_none() {
             let to = self.leg_latch.remote();
             if self.leg.socket.connect(to).is_ok() {
                 self.leg_connected = Some(to);
@@ -1061,10 +1106,16 @@ impl Slot {
                 // stale audio, which a phone's jitter buffer drops or plays late, pushing the
                 // answerer's first words back. So it goes; what the caller sent meanwhile is
                 // theirs and is relayed.
-                let early = b.leg.discard_queued();
-                if early > 0 {
-                    self.span
-                        .in_scope(|| debug!(packets = early, "the leg's early media dropped"));
+                // A browser's port holds its ICE checks and DTLS handshake instead, which are
+                // read (what media is among them is dropped until the keys are in place).
+                if b.webrtc.is_some() {
+                    self.relay_locked(st, LEG_SIDE, now, io);
+                } else {
+                    let early = b.leg.discard_queued();
+                    if early > 0 {
+                        self.span
+                            .in_scope(|| debug!(packets = early, "the leg's early media dropped"));
+                    }
                 }
                 self.relay_locked(st, CALLER_SIDE, now, io);
             }
@@ -1095,6 +1146,7 @@ impl Slot {
             if let Some(b) = &mut st.bridge {
                 b.connect_leg();
             }
+            self.webrtc_timers(st, now);
             if let Some(t) = st.bridge.as_mut().map(|b| b.tick(now, missed)) {
                 if t.report_silent {
                     self.note(MediaNote::LegSilent);
@@ -1223,6 +1275,37 @@ impl Slot {
         self.relay_locked(&mut guard, side, now, io);
     }
 
+    /// A browser leg's timers (DTLS retransmissions, the handshake and consent deadlines), at
+    /// each tick of its bridge.
+    fn webrtc_timers(&self, st: &mut SlotState, now: Instant) {
+        let Some(b) = &mut st.bridge else { return };
+        let Some(w) = b.webrtc.clone() else { return };
+        let mut w = lock_webrtc(&w);
+        if w.leg.poll_timeout().is_some_and(|t| t <= now) {
+            w.leg.handle_timeout(now);
+        }
+        self.webrtc_out(b, &mut w.leg);
+    }
+
+    /// Send what a browser leg queued (STUN answers, DTLS records) and act on its events.
+    fn webrtc_out(&self, b: &mut Bridge, w: &mut WebRtcLeg) {
+        while let Some((to, bytes)) = w.poll_transmit() {
+            let _ = b.leg.socket.send_to(&bytes, to);
+        }
+        while let Some(event) = w.poll_event() {
+            match event {
+                WebRtcEvent::Connected { remote, profile } => self
+                    .span
+                    .in_scope(|| debug!(%remote, profile, "the browser leg's DTLS-SRTP is up")),
+                WebRtcEvent::Failed(e) => {
+                    self.span
+                        .in_scope(|| warn!(error = %e, "the browser leg's media failed"));
+                    self.note(MediaNote::LegMediaFailed);
+                }
+            }
+        }
+    }
+
     /// Read everything waiting on one side of the bridge and forward it to the other side.
     /// The caller's packets still go through its session (latching, statistics, the silence
     /// watch); keys pass through to the leg as RFC 4733 events.
@@ -1263,6 +1346,14 @@ impl Slot {
                     }
                     if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
                     {
+                        if let Some(w) = &b.webrtc {
+                            let mut w = lock_webrtc(w);
+                            w.to_leg.apply(&mut buf[..len], event);
+                            if let Some((srtp, to)) = w.leg.protect(&buf[..len]) {
+                                let _ = leg.socket.send_to(&srtp, to);
+                            }
+                            continue;
+                        }
                         b.to_leg.apply(&mut buf[..len], event);
                         let to = b.leg_latch.remote();
                         if b.leg_connected != Some(to) {
@@ -1278,9 +1369,23 @@ impl Slot {
                     // `MediaSession::until_confirmed`).
                     let confirmed = st.media.is_confirmed();
                     let Some(b) = &mut st.bridge else { return };
-                    if !b.accept_leg_packet(from, &buf[..len]) {
-                        continue;
-                    }
+                    let len = match b.webrtc.clone() {
+                        Some(w) => {
+                            let mut w = lock_webrtc(&w);
+                            let got = w.leg.handle_datagram(now, from, buf, len);
+                            self.webrtc_out(b, &mut w.leg);
+                            match got {
+                                Datagram::Media { len } => len,
+                                Datagram::Handled => {
+                                    b.leg_alive = Some(now);
+                                    continue;
+                                }
+                                Datagram::Dropped => continue,
+                            }
+                        }
+                        None if b.accept_leg_packet(from, &buf[..len]) => len,
+                        None => continue,
+                    };
                     b.leg_alive = Some(now);
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {

@@ -1,4 +1,5 @@
-//! Media: SDP offer/answer, RTP, G.711, RFC 4733 DTMF, prompts, and the per-call media session.
+//! Media: SDP offer/answer, RTP, G.711, RFC 4733 DTMF, prompts, the per-call media session, and
+//! browser legs (ICE-lite, DTLS-SRTP: [`webrtc`]).
 //!
 //! Ground floor: no SIP, no menus. The cores (session, DTMF, G.711, RTP, SDP, bridge relay)
 //! touch no sockets and read no clock; two drivers do: [`ports`] binds each call's RTP port and
@@ -15,3 +16,4 @@ pub(crate) mod record;
 pub mod rtp;
 pub mod sdp;
 pub mod session;
+pub mod webrtc;

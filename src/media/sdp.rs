@@ -19,6 +19,12 @@
 //!   carrying `a=crypto` ("best-effort SRTP", as baresip `mediaenc=srtp` sends) is accepted
 //!   as plain RTP and answered without crypto.
 //! * G.711 (PCMU/PCMA at 8 kHz, mono) and RFC 4733 `telephone-event/8000` only.
+//! * WebRTC (browser) audio, `UDP/TLS/RTP/SAVPF` with ICE and DTLS-SRTP, is read by
+//!   [`parse_any`] only (never by [`parse`], so a phone that offers it gets 488 where only plain
+//!   RTP can be used), into the ICE credentials, DTLS fingerprint and setup role
+//!   [`crate::media::webrtc`] needs ([`WebRtcRemote`]); [`build_webrtc_offer`] and
+//!   [`build_webrtc_answer`] write ours: ICE-lite, one host candidate, `rtcp-mux`, BUNDLE of
+//!   the one audio section. See "WebRTC" below.
 //! * The first enabled (port ≠ 0) audio `m=` line with a plain RTP profile is used; other
 //!   streams (video, disabled audio, SRTP alternatives) are ignored by [`parse`] and rejected
 //!   with port 0 by [`build_answer_for_offer`].
@@ -239,6 +245,11 @@ pub enum SdpError {
     /// None of the offered formats is a G.711 codec we support.
     #[error("no codec in common (we support G.711 only)")]
     NoCommonCodec,
+    /// A WebRTC audio stream (`UDP/TLS/RTP/SAVPF`) without what ICE-lite and DTLS-SRTP need:
+    /// the attribute named is missing or unusable (`ice-ufrag`, `ice-pwd`, `fingerprint`,
+    /// `setup`, `rtcp-mux`).
+    #[error("WebRTC audio without a usable a={0}")]
+    WebRtc(&'static str),
 }
 
 /// Parse a peer's SDP (offer or answer) and extract the first usable audio stream.
@@ -549,6 +560,35 @@ fn remote_media(desc: &SessionDescription, index: usize) -> Result<RemoteMedia, 
     let port = u16::try_from(m.media_name.port.value)
         .map_err(|_| SdpError::BadPort(m.media_name.port.value))?;
 
+    let (payload_types, codecs, telephone_event) = formats(m);
+
+    let mut direction = media_direction(desc, m);
+    if ip.is_unspecified() {
+        // RFC 2543 hold: "do not send to me".
+        direction = direction.without_receive();
+    }
+
+    let ptime = m
+        .attribute("ptime")
+        .flatten()
+        .or_else(|| desc.attribute("ptime").map(String::as_str))
+        .and_then(parse_ptime);
+
+    Ok(RemoteMedia {
+        addr: SocketAddr::new(ip, port),
+        payload_types,
+        codecs,
+        telephone_event,
+        direction,
+        ptime,
+        session_version: desc.origin.session_version,
+        session_id: desc.origin.session_id,
+    })
+}
+
+/// The `m=` line's payload types in order, its G.711 formats (static 0/8 even without
+/// `a=rtpmap`), and its `telephone-event/8000` PT.
+fn formats(m: &MediaDescription) -> (Vec<u8>, Vec<(u8, Codec)>, Option<u8>) {
     let rtpmaps = m.codecs();
     let mut payload_types = Vec::with_capacity(m.media_name.formats.len());
     let mut codecs = Vec::new();
@@ -584,29 +624,7 @@ fn remote_media(desc: &SessionDescription, index: usize) -> Result<RemoteMedia, 
             },
         }
     }
-
-    let mut direction = media_direction(desc, m);
-    if ip.is_unspecified() {
-        // RFC 2543 hold: "do not send to me".
-        direction = direction.without_receive();
-    }
-
-    let ptime = m
-        .attribute("ptime")
-        .flatten()
-        .or_else(|| desc.attribute("ptime").map(String::as_str))
-        .and_then(parse_ptime);
-
-    Ok(RemoteMedia {
-        addr: SocketAddr::new(ip, port),
-        payload_types,
-        codecs,
-        telephone_event,
-        direction,
-        ptime,
-        session_version: desc.origin.session_version,
-        session_id: desc.origin.session_id,
-    })
+    (payload_types, codecs, telephone_event)
 }
 
 /// `c=` of the media section, else the session's; TTL/range suffix stripped.
@@ -775,6 +793,355 @@ fn rejected_media(offered: &MediaDescription) -> MediaDescription {
         },
         ..Default::default()
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// WebRTC
+// ---------------------------------------------------------------------------------------
+//
+// A browser's audio section is `UDP/TLS/RTP/SAVPF` with `a=ice-ufrag`, `a=ice-pwd`,
+// `a=fingerprint` and `a=setup` (media level, or session level as some stacks write them),
+// `a=rtcp-mux`, `a=mid` and usually a BUNDLE group. Its `c=` line often names no usable
+// address (`0.0.0.0`, port 9, its candidates hidden behind mDNS names): as an ICE-lite agent we
+// never send before the browser's connectivity checks reach us, and answer to where they come
+// from, so the address is read leniently and `c=0.0.0.0` is not taken for RFC 2543 hold.
+
+const PROTO_WEBRTC: &str = "UDP/TLS/RTP/SAVPF";
+/// ICE credentials longer than this are refused (RFC 8839 allows up to 256 characters).
+const MAX_ICE_CREDENTIAL: usize = 256;
+
+/// The DTLS role an `a=setup` attribute asks for (RFC 4145, RFC 5763 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// The SDP's author starts the DTLS handshake (it is the client).
+    Active,
+    /// The author waits for the handshake (it is the server).
+    Passive,
+    /// Either; the answerer chooses (offers only).
+    ActPass,
+}
+
+impl Setup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Setup::Active => "active",
+            Setup::Passive => "passive",
+            Setup::ActPass => "actpass",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Setup> {
+        [Setup::Active, Setup::Passive, Setup::ActPass]
+            .into_iter()
+            .find(|s| value.trim().eq_ignore_ascii_case(s.as_str()))
+    }
+}
+
+/// A certificate fingerprint (`a=fingerprint`, RFC 8122): the hash function's name, lower case,
+/// and the digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub algorithm: String,
+    pub value: Vec<u8>,
+}
+
+impl Fingerprint {
+    /// Read `sha-256 AB:CD:...` (the value of `a=fingerprint`).
+    pub fn parse(value: &str) -> Option<Fingerprint> {
+        let (alg, hex) = value.trim().split_once(char::is_whitespace)?;
+        let bytes: Option<Vec<u8>> = hex
+            .trim()
+            .split(':')
+            .map(|b| {
+                (b.len() == 2)
+                    .then(|| u8::from_str_radix(b, 16).ok())
+                    .flatten()
+            })
+            .collect();
+        let value = bytes.filter(|v| (16..=64).contains(&v.len()))?;
+        Some(Fingerprint {
+            algorithm: alg.to_ascii_lowercase(),
+            value,
+        })
+    }
+
+    /// `sha-256 AB:CD:...`, as written in `a=fingerprint`.
+    pub fn to_sdp(&self) -> String {
+        let hex: Vec<String> = self.value.iter().map(|b| format!("{b:02X}")).collect();
+        format!("{} {}", self.algorithm, hex.join(":"))
+    }
+}
+
+/// What a WebRTC peer's SDP says of its transport: how its connectivity checks authenticate,
+/// which certificate its DTLS handshake must present, and which side starts that handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebRtcRemote {
+    pub ice_ufrag: String,
+    pub ice_pwd: String,
+    pub fingerprint: Fingerprint,
+    pub setup: Setup,
+    /// The audio section's `a=mid`, echoed in our answer.
+    pub mid: Option<String>,
+}
+
+/// Our side of a WebRTC leg's SDP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebRtcLocal {
+    pub ice_ufrag: String,
+    pub ice_pwd: String,
+    /// Our certificate's (always SHA-256).
+    pub fingerprint: Fingerprint,
+    /// `actpass` in our offers; `active` or `passive` in answers and later offers.
+    pub setup: Setup,
+    /// The SSRC we send under (`a=ssrc`), so the browser ties the stream to its track.
+    pub ssrc: u32,
+}
+
+/// A peer's SDP as [`parse_any`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Remote {
+    /// Plain RTP, as [`parse`] reads it.
+    Plain(RemoteMedia),
+    /// A WebRTC audio section: its media, and its ICE and DTLS parameters.
+    WebRtc(RemoteMedia, WebRtcRemote),
+}
+
+impl Remote {
+    pub fn media(&self) -> &RemoteMedia {
+        match self {
+            Remote::Plain(m) | Remote::WebRtc(m, _) => m,
+        }
+    }
+}
+
+/// Parse a peer's SDP, plain RTP ([`parse`]) or WebRTC: a plain audio stream is preferred when
+/// both are offered; a `UDP/TLS/RTP/SAVPF` one is read only with ICE credentials, a
+/// fingerprint and `rtcp-mux` ([`SdpError::WebRtc`] names what is missing). Other SRTP
+/// (`RTP/SAVP` with `a=crypto`) is [`SdpError::Encrypted`], as for [`parse`].
+pub fn parse_any(sdp: &[u8]) -> Result<Remote, SdpError> {
+    let desc = unmarshal(sdp)?;
+    match select_audio(&desc) {
+        Ok(index) => remote_media(&desc, index).map(Remote::Plain),
+        Err(SdpError::Encrypted(proto)) => {
+            let Some(index) = select_webrtc_audio(&desc) else {
+                return Err(SdpError::Encrypted(proto));
+            };
+            let m = &desc.media_descriptions[index];
+            let security = webrtc_remote(&desc, m)?;
+            let media = webrtc_media(&desc, m)?;
+            Ok(Remote::WebRtc(media, security))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The first enabled audio section whose profile is `UDP/TLS/RTP/SAVPF`.
+fn select_webrtc_audio(desc: &SessionDescription) -> Option<usize> {
+    desc.media_descriptions.iter().position(|m| {
+        m.media_name.media.eq_ignore_ascii_case("audio")
+            && m.media_name.port.value != 0
+            && proto_string(m).eq_ignore_ascii_case(PROTO_WEBRTC)
+    })
+}
+
+/// An attribute's value, media level over session level.
+fn attribute_value<'a>(
+    desc: &'a SessionDescription,
+    m: &'a MediaDescription,
+    key: &str,
+) -> Option<&'a str> {
+    m.attribute(key)
+        .flatten()
+        .or_else(|| desc.attribute(key).map(String::as_str))
+}
+
+fn webrtc_remote(
+    desc: &SessionDescription,
+    m: &MediaDescription,
+) -> Result<WebRtcRemote, SdpError> {
+    let credential = |key: &'static str, min: usize| {
+        attribute_value(desc, m, key)
+            .map(str::trim)
+            .filter(|v| {
+                (min..=MAX_ICE_CREDENTIAL).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+            })
+            .map(str::to_owned)
+            .ok_or(SdpError::WebRtc(key))
+    };
+    let ice_ufrag = credential("ice-ufrag", 4)?;
+    let ice_pwd = credential("ice-pwd", 22)?;
+    let fingerprint = attribute_value(desc, m, "fingerprint")
+        .and_then(Fingerprint::parse)
+        .ok_or(SdpError::WebRtc("fingerprint"))?;
+    // RFC 5763 §5: an offer without `a=setup` means active; browsers always write it.
+    let setup = match attribute_value(desc, m, "setup") {
+        Some(v) => Setup::parse(v).ok_or(SdpError::WebRtc("setup"))?,
+        None => Setup::Active,
+    };
+    // Media and RTCP share the one port we give (RFC 5761); browsers require it too.
+    if m.attribute("rtcp-mux").is_none() {
+        return Err(SdpError::WebRtc("rtcp-mux"));
+    }
+    let mid = m
+        .attribute("mid")
+        .flatten()
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 32)
+        .map(str::to_owned);
+    Ok(WebRtcRemote {
+        ice_ufrag,
+        ice_pwd,
+        fingerprint,
+        setup,
+        mid,
+    })
+}
+
+/// A WebRTC section's formats and direction (as [`remote_media`]), with its address read
+/// leniently: `0.0.0.0` or a name gives the unspecified address, never hold.
+fn webrtc_media(desc: &SessionDescription, m: &MediaDescription) -> Result<RemoteMedia, SdpError> {
+    let port = u16::try_from(m.media_name.port.value)
+        .map_err(|_| SdpError::BadPort(m.media_name.port.value))?;
+    let ip = connection_ip(desc, m).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let (payload_types, codecs, telephone_event) = formats(m);
+    Ok(RemoteMedia {
+        addr: SocketAddr::new(ip, port),
+        payload_types,
+        codecs,
+        telephone_event,
+        direction: media_direction(desc, m),
+        ptime: attribute_value(desc, m, "ptime").and_then(parse_ptime),
+        session_version: desc.origin.session_version,
+        session_id: desc.origin.session_id,
+    })
+}
+
+/// Our WebRTC offer to a browser: ICE-lite, the one audio section `UDP/TLS/RTP/SAVPF` with
+/// `codecs` (at their static PTs) and `telephone_event`, `rtcp-mux`, `mid` 0 in a BUNDLE group,
+/// our ICE credentials, fingerprint and setup role, one host candidate at `local`, and our
+/// SSRC.
+pub fn build_webrtc_offer(
+    local: SocketAddr,
+    session_id: u64,
+    session_version: u64,
+    codecs: &[Codec],
+    telephone_event: Option<u8>,
+    direction: Direction,
+    ours: &WebRtcLocal,
+) -> String {
+    let mut formats: Vec<(u8, Codec)> = Vec::with_capacity(2);
+    for &codec in codecs {
+        if !formats.iter().any(|&(_, c)| c == codec) {
+            formats.push((codec.payload_type(), codec));
+        }
+    }
+    if formats.is_empty() {
+        formats.push((Codec::Pcmu.payload_type(), Codec::Pcmu));
+    }
+    let audio = webrtc_audio(local, &formats, telephone_event, direction, ours, "0");
+    webrtc_session(local.ip(), session_id, session_version, vec![audio], &["0"]).marshal()
+}
+
+/// Our answer to a browser's WebRTC offer (`offer_sdp`, the bytes given to [`parse_any`]): its
+/// audio section answered with `neg` as [`build_webrtc_offer`] writes it (its `mid` echoed),
+/// every other section rejected with port 0.
+pub fn build_webrtc_answer(
+    offer_sdp: &[u8],
+    local: SocketAddr,
+    session_id: u64,
+    session_version: u64,
+    neg: &Negotiated,
+    ours: &WebRtcLocal,
+) -> Result<String, SdpError> {
+    let offer = unmarshal(offer_sdp)?;
+    let chosen = select_webrtc_audio(&offer).ok_or(SdpError::NoAudio)?;
+    let mid_of = |m: &MediaDescription| {
+        m.attribute("mid")
+            .flatten()
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 32)
+            .map(str::to_owned)
+    };
+    let mut bundle = Vec::new();
+    let media = offer
+        .media_descriptions
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mid = mid_of(m);
+            if i == chosen {
+                let mid = mid.unwrap_or_else(|| "0".to_owned());
+                bundle.push(mid.clone());
+                webrtc_audio(
+                    local,
+                    &[(neg.payload_type, neg.codec)],
+                    neg.telephone_event,
+                    neg.direction,
+                    ours,
+                    &mid,
+                )
+            } else {
+                let r = rejected_media(m);
+                match mid {
+                    Some(mid) => r.with_value_attribute("mid".to_owned(), mid),
+                    None => r,
+                }
+            }
+        })
+        .collect();
+    let bundle: Vec<&str> = bundle.iter().map(String::as_str).collect();
+    Ok(webrtc_session(local.ip(), session_id, session_version, media, &bundle).marshal())
+}
+
+fn webrtc_session(
+    ip: IpAddr,
+    session_id: u64,
+    session_version: u64,
+    media: Vec<MediaDescription>,
+    bundle: &[&str],
+) -> SessionDescription {
+    let mut s = session(ip, session_id, session_version, media)
+        .with_property_attribute("ice-lite".to_owned());
+    if !bundle.is_empty() {
+        s = s.with_value_attribute("group".to_owned(), format!("BUNDLE {}", bundle.join(" ")));
+    }
+    s.with_value_attribute("msid-semantic".to_owned(), " WMS ivr311".to_owned())
+}
+
+fn webrtc_audio(
+    local: SocketAddr,
+    formats: &[(u8, Codec)],
+    telephone_event: Option<u8>,
+    direction: Direction,
+    ours: &WebRtcLocal,
+    mid: &str,
+) -> MediaDescription {
+    let ip = local.ip().to_canonical();
+    let candidate = format!(
+        "1 1 udp 2130706431 {ip} {port} typ host",
+        port = local.port()
+    );
+    let msid = "ivr311 ivr311-audio";
+    audio_media(
+        local.port(),
+        PROTO_WEBRTC,
+        formats,
+        telephone_event,
+        direction,
+    )
+    .with_value_attribute("mid".to_owned(), mid.to_owned())
+    .with_value_attribute("ice-ufrag".to_owned(), ours.ice_ufrag.clone())
+    .with_value_attribute("ice-pwd".to_owned(), ours.ice_pwd.clone())
+    .with_value_attribute("fingerprint".to_owned(), ours.fingerprint.to_sdp())
+    .with_value_attribute("setup".to_owned(), ours.setup.as_str().to_owned())
+    .with_property_attribute("rtcp-mux".to_owned())
+    .with_value_attribute("candidate".to_owned(), candidate)
+    .with_property_attribute("end-of-candidates".to_owned())
+    .with_value_attribute("msid".to_owned(), msid.to_owned())
+    .with_value_attribute("ssrc".to_owned(), format!("{} cname:ivr311", ours.ssrc))
+    .with_value_attribute("ssrc".to_owned(), format!("{} msid:{msid}", ours.ssrc))
 }
 
 #[cfg(test)]
@@ -1228,7 +1595,10 @@ a=rtcp-fb:* nack
     #[test]
     fn sipp_uac_pcmu() {
         let r = parse_lf(SIPP_UAC).unwrap();
-        assert_eq!(r.addr, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "127.0.0.1:6000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.payload_types, vec![0]);
         assert_eq!(r.codecs, vec![(0, Codec::Pcmu)]);
         assert_eq!(r.telephone_event, None);
@@ -1251,7 +1621,10 @@ a=rtcp-fb:* nack
     #[test]
     fn sipp_uac_pcap_pcma_with_te() {
         let r = parse_lf(SIPP_UAC_PCAP).unwrap();
-        assert_eq!(r.addr, "127.0.0.1:6004".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "127.0.0.1:6004".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.payload_types, vec![8, 101]);
         assert_eq!(r.codecs, vec![(8, Codec::Pcma)]);
         assert_eq!(r.telephone_event, Some(101));
@@ -1267,7 +1640,10 @@ a=rtcp-fb:* nack
     #[test]
     fn baresip_offer_preference_order() {
         let r = parse_lf(BARESIP_OFFER).unwrap();
-        assert_eq!(r.addr, "192.0.2.2:8512".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "192.0.2.2:8512".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.payload_types, vec![96, 9, 0, 8, 101]);
         assert_eq!(r.codecs, vec![(0, Codec::Pcmu), (8, Codec::Pcma)]);
         assert_eq!(r.telephone_event, Some(101));
@@ -1459,7 +1835,10 @@ a=rtcp-fb:* nack
     #[test]
     fn ipv6_loopback() {
         let r = parse_lf(IPV6_LOOPBACK).unwrap();
-        assert_eq!(r.addr, "[::1]:5012".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "[::1]:5012".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.codecs, vec![(0, Codec::Pcmu), (8, Codec::Pcma)]);
         assert_eq!(r.telephone_event, Some(101));
         let n = negotiate(&r, BOTH).unwrap();
@@ -1473,7 +1852,10 @@ a=rtcp-fb:* nack
     #[test]
     fn media_level_overrides_and_disabled_stream_skipped() {
         let r = parse_lf(OVERRIDES).unwrap();
-        assert_eq!(r.addr, "198.51.100.9:5014".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "198.51.100.9:5014".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.direction, Direction::RecvOnly);
         assert_eq!(r.ptime, Some(30));
         let n = negotiate(&r, BOTH).unwrap();
@@ -1690,7 +2072,10 @@ a=rtcp-fb:* nack
         let sdp = "v=0\no=- 1 1 IN IP4 203.0.113.5\ns=-\nu=see website\nb=AS:84\na=sendonly\n\
                    t=0 0\nc=IN IP4 203.0.113.5\nm=audio 5000 RTP/AVP 8\n";
         let r = parse_lf(sdp).unwrap();
-        assert_eq!(r.addr, "203.0.113.5:5000".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "203.0.113.5:5000".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(r.direction, Direction::SendOnly);
         let no_t = SIPP_UAC.replace("t=0 0\n", "");
         assert_eq!(parse_lf(&no_t).unwrap().addr.port(), 6000);
@@ -1701,7 +2086,7 @@ a=rtcp-fb:* nack
         let ttl = SIPP_UAC.replace("c=IN IP4 127.0.0.1", "c=IN IP4 127.0.0.1/127");
         assert_eq!(
             parse_lf(&ttl).unwrap().addr,
-            "127.0.0.1:6000".parse().unwrap()
+            "127.0.0.1:6000".parse::<std::net::SocketAddr>().unwrap()
         );
         let host = SIPP_UAC.replace("c=IN IP4 127.0.0.1", "c=IN IP4 pbx.example.org");
         assert!(
@@ -1822,12 +2207,202 @@ a=rtcp-fb:* nack
     #[test]
     fn rfc5118_ipv6_sdp_bodies() {
         let r = parse(&rfc5118_body("ipv6-in-sdp")).unwrap();
-        assert_eq!(r.addr, "[2001:db8::20]:6000".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "[2001:db8::20]:6000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+        );
         // Per-media c= lines: the audio one (IPv4) is ours, the IPv6 one is the video's.
         let r = parse(&rfc5118_body("mult-ip-in-sdp")).unwrap();
-        assert_eq!(r.addr, "192.0.2.1:22334".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "192.0.2.1:22334".parse::<std::net::SocketAddr>().unwrap()
+        );
         // An IPv4-mapped address is the IPv4 host.
         let r = parse(&rfc5118_body("ipv4-mapped-ipv6")).unwrap();
-        assert_eq!(r.addr, "192.0.2.2:6000".parse().unwrap());
+        assert_eq!(
+            r.addr,
+            "192.0.2.2:6000".parse::<std::net::SocketAddr>().unwrap()
+        );
+    }
+}
+
+#[cfg(test)]
+mod webrtc_tests {
+    use super::*;
+
+    /// Chromium's offer as JsSIP sends it (ICE gathered, host candidates behind mDNS names,
+    /// `c=0.0.0.0`), trimmed of its Opus-only lines.
+    const CHROME_OFFER: &str = "v=0\r\n\
+o=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0\r\n\
+a=extmap-allow-mixed\r\n\
+a=msid-semantic: WMS 7a7c2f0e\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9 0 8 13 110 126\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=candidate:1467250027 1 udp 2122260223 4a1b6f0e-7c5d-4c3e-9d6a-1c2b3d4e5f60.local 56143 typ host generation 0 network-id 1\r\n\
+a=ice-ufrag:Qx9/\r\n\
+a=ice-pwd:4rXk2m+LpQ1uVz8sYt3wN0aB\r\n\
+a=ice-options:trickle\r\n\
+a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n\
+a=setup:actpass\r\n\
+a=mid:0\r\n\
+a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+a=sendrecv\r\n\
+a=msid:7a7c2f0e 3c1d\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 opus/48000/2\r\n\
+a=rtcp-fb:111 transport-cc\r\n\
+a=fmtp:111 minptime=10;useinbandfec=1\r\n\
+a=rtpmap:63 red/48000/2\r\n\
+a=rtpmap:9 G722/8000\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:8 PCMA/8000\r\n\
+a=rtpmap:13 CN/8000\r\n\
+a=rtpmap:110 telephone-event/48000\r\n\
+a=rtpmap:126 telephone-event/8000\r\n\
+a=ssrc:3735928559 cname:abcdEFGHijklMNOP\r\n";
+
+    fn ours() -> WebRtcLocal {
+        WebRtcLocal {
+            ice_ufrag: "ufrg".to_owned(),
+            ice_pwd: "0123456789abcdefghijklmn".to_owned(),
+            fingerprint: Fingerprint {
+                algorithm: "sha-256".to_owned(),
+                value: (0..32).collect(),
+            },
+            setup: Setup::ActPass,
+            ssrc: 1234,
+        }
+    }
+
+    #[test]
+    fn a_chromium_offer_is_webrtc_with_its_ice_dtls_and_g711() {
+        let Remote::WebRtc(media, sec) = parse_any(CHROME_OFFER.as_bytes()).unwrap() else {
+            panic!("WebRTC")
+        };
+        assert_eq!(sec.ice_ufrag, "Qx9/");
+        assert_eq!(sec.ice_pwd, "4rXk2m+LpQ1uVz8sYt3wN0aB");
+        assert_eq!(sec.setup, Setup::ActPass);
+        assert_eq!(sec.mid.as_deref(), Some("0"));
+        assert_eq!(sec.fingerprint.algorithm, "sha-256");
+        assert_eq!(sec.fingerprint.value.len(), 32);
+        assert_eq!(sec.fingerprint.value[0], 0x7b);
+        // Not hold, whatever c= says; PCMU first of the G.711 formats, events at 8 kHz.
+        assert_eq!(media.direction, Direction::SendRecv);
+        assert_eq!(media.codecs, vec![(0, Codec::Pcmu), (8, Codec::Pcma)]);
+        assert_eq!(media.telephone_event, Some(126));
+        let neg = negotiate(&media, &[Codec::Pcmu, Codec::Pcma]).unwrap();
+        // The plain parser still refuses it: a phone leg cannot take WebRTC media.
+        assert!(matches!(
+            parse(CHROME_OFFER.as_bytes()),
+            Err(SdpError::Encrypted(_))
+        ));
+        // Our answer: its mid, BUNDLE, ICE-lite, our credentials and role, one host candidate.
+        let mut w = ours();
+        w.setup = Setup::Passive;
+        let answer = build_webrtc_answer(
+            CHROME_OFFER.as_bytes(),
+            "198.51.100.1:30000".parse().unwrap(),
+            7,
+            1,
+            &neg,
+            &w,
+        )
+        .unwrap();
+        for line in [
+            "a=ice-lite",
+            "a=group:BUNDLE 0",
+            "m=audio 30000 UDP/TLS/RTP/SAVPF 0 126",
+            "a=mid:0",
+            "a=ice-ufrag:ufrg",
+            "a=setup:passive",
+            "a=rtcp-mux",
+            "a=candidate:1 1 udp 2130706431 198.51.100.1 30000 typ host",
+            "a=ssrc:1234 cname:ivr311",
+        ] {
+            assert!(
+                answer.contains(&format!("{line}\r\n")),
+                "{line} in\n{answer}"
+            );
+        }
+        let Remote::WebRtc(back, sec) = parse_any(answer.as_bytes()).unwrap() else {
+            panic!("our answer reads back as WebRTC")
+        };
+        assert_eq!(back.codecs, vec![(0, Codec::Pcmu)]);
+        assert_eq!(sec.fingerprint, w.fingerprint);
+        assert_eq!(
+            back.addr,
+            "198.51.100.1:30000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn our_offer_reads_back_and_without_ice_or_rtcp_mux_webrtc_is_refused() {
+        let offer = build_webrtc_offer(
+            "203.0.113.5:40000".parse().unwrap(),
+            1,
+            1,
+            &[Codec::Pcma, Codec::Pcmu],
+            Some(101),
+            Direction::SendRecv,
+            &ours(),
+        );
+        assert!(
+            offer.contains("m=audio 40000 UDP/TLS/RTP/SAVPF 8 0 101\r\n"),
+            "{offer}"
+        );
+        assert!(offer.contains("a=setup:actpass\r\n"));
+        let Remote::WebRtc(m, sec) = parse_any(offer.as_bytes()).unwrap() else {
+            panic!("WebRTC")
+        };
+        assert_eq!(m.telephone_event, Some(101));
+        assert_eq!(sec.setup, Setup::ActPass);
+        for (drop, missing) in [
+            ("a=ice-ufrag:", "ice-ufrag"),
+            ("a=ice-pwd:", "ice-pwd"),
+            ("a=fingerprint:", "fingerprint"),
+            ("a=rtcp-mux", "rtcp-mux"),
+        ] {
+            let cut: String = offer
+                .split_inclusive("\r\n")
+                .filter(|l| !l.starts_with(drop))
+                .collect();
+            assert!(
+                matches!(parse_any(cut.as_bytes()), Err(SdpError::WebRtc(m)) if m == missing),
+                "{missing}"
+            );
+        }
+        // DTLS-SRTP without ICE (baresip's) stays "encrypted, unsupported".
+        let baresip = "v=0\r\no=- 1 1 IN IP4 192.0.2.2\r\ns=-\r\nc=IN IP4 192.0.2.2\r\nt=0 0\r\na=setup:actpass\r\na=fingerprint:SHA-256 C7:C3:1F:07:D0:4A:4B:ED:A3:45:56:80:00:2A:F7:74:DD:33:83:BD:7B:D1:4F:B2:1A:0D:AE:DB:D6:F4:01:32\r\nm=audio 27674 UDP/TLS/RTP/SAVPF 0\r\n";
+        assert!(matches!(
+            parse_any(baresip.as_bytes()),
+            Err(SdpError::WebRtc("ice-ufrag"))
+        ));
+        // A plain offer is plain.
+        let plain = "v=0\r\no=- 1 1 IN IP4 192.0.2.2\r\ns=-\r\nc=IN IP4 192.0.2.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        assert!(matches!(parse_any(plain.as_bytes()), Ok(Remote::Plain(_))));
+    }
+
+    #[test]
+    fn fingerprints_round_trip_and_bad_ones_are_refused() {
+        let f =
+            Fingerprint::parse("SHA-256 0A:ff:10:20:30:40:50:60:70:80:90:A0:B0:C0:D0:E0").unwrap();
+        assert_eq!(f.algorithm, "sha-256");
+        assert_eq!(Fingerprint::parse(&f.to_sdp()).unwrap(), f);
+        for bad in [
+            "sha-256",
+            "sha-256 0A:FF",
+            "sha-256 0A:GG:10:20:30:40:50:60:70:80:90:A0:B0:C0:D0:E0",
+            "sha-256 0AFF10",
+        ] {
+            assert!(Fingerprint::parse(bad).is_none(), "{bad}");
+        }
     }
 }

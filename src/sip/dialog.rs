@@ -208,6 +208,10 @@ pub(crate) fn contact_uri(local: SocketAddr, flow: Flow) -> String {
     match flow.transport {
         crate::sip::transport::Transport::Udp => format!("sip:ivr311@{local}"),
         crate::sip::transport::Transport::Tcp => format!("sip:ivr311@{local};transport=tcp"),
+        // RFC 7118 §5.2: a browser sends to us along its connection whatever our URI says.
+        crate::sip::transport::Transport::Ws | crate::sip::transport::Transport::Wss => {
+            format!("sip:ivr311@{local};transport=ws")
+        }
     }
 }
 

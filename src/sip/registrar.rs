@@ -667,6 +667,27 @@ impl Registrar {
         events
     }
 
+    /// The connection `flow` names closed (a browser's WebSocket): the bindings registered
+    /// over it cannot be reached any more and go, as if expired (RFC 5626 §5.1 treats a
+    /// failed flow so; a browser that reconnects registers again over its new connection).
+    pub(crate) fn flow_closed(&mut self, flow: Flow) -> Vec<AgentEvent> {
+        let mut changed = Vec::new();
+        self.bindings.retain(|agent, list| {
+            let before = list.len();
+            list.retain(|b| b.flow != flow);
+            if list.len() != before {
+                changed.push(agent.clone());
+            }
+            !list.is_empty()
+        });
+        changed.sort();
+        let mut events = Vec::new();
+        for agent in changed {
+            self.publish(&agent, &mut events);
+        }
+        events
+    }
+
     /// When the next binding expires (call [`Registrar::expire`] then).
     pub(crate) fn next_expiry(&self) -> Option<Instant> {
         self.bindings.values().flatten().map(|b| b.expires_at).min()

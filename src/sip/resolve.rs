@@ -631,7 +631,7 @@ mod tests {
         std::fs::write(&hosts, "127.0.0.3 psap.test\n").unwrap();
         assert_eq!(
             all(v4).await.unwrap(),
-            vec!["127.0.0.3:5099".parse().unwrap()]
+            vec!["127.0.0.3:5099".parse::<std::net::SocketAddr>().unwrap()]
         );
         // Only an IPv4 address, for a server on IPv6 alone.
         let e = all(v6_only).await.unwrap_err();
@@ -639,7 +639,7 @@ mod tests {
 
         // Literals are taken as they are.
         let b = r.resolve("sip:192.0.2.7", v4).await.unwrap();
-        assert_eq!(b, "192.0.2.7:5060".parse().unwrap());
+        assert_eq!(b, "192.0.2.7:5060".parse::<std::net::SocketAddr>().unwrap());
         // RFC 2606: .invalid never resolves.
         let e = r
             .resolve("sip:911@no-such-psap.invalid:5060", v4)

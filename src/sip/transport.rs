@@ -77,6 +77,10 @@ use tracing::{debug, warn};
 pub enum Transport {
     Udp,
     Tcp,
+    /// A WebSocket on the HTTP listener (RFC 7118): a browser's SIP.
+    Ws,
+    /// The same, reached through a reverse proxy that terminates TLS (`wss://`).
+    Wss,
 }
 
 impl Transport {
@@ -84,12 +88,25 @@ impl Transport {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
+            Transport::Ws => "WS",
+            Transport::Wss => "WSS",
         }
     }
 
     /// Reliable transports do not need SIP-level retransmission of requests.
     pub(crate) fn is_reliable(self) -> bool {
-        matches!(self, Transport::Tcp)
+        !matches!(self, Transport::Udp)
+    }
+
+    /// A WebSocket (a browser's): its far end is reached along the connection only, and its
+    /// media is WebRTC.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+
+    /// A connection (TCP or WebSocket): `Flow::conn` names it.
+    fn is_connection(self) -> bool {
+        !matches!(self, Transport::Udp)
     }
 }
 
@@ -235,6 +252,8 @@ pub struct TransportHandle {
     pub stats: Arc<TransportStats>,
     /// Locked briefly by [`reject`] and the summary task; never held across an `.await`.
     reject: Arc<Mutex<RejectGuard>>,
+    /// Where a closed WebSocket's flow is reported ([`TransportHandle::lost_flows`]).
+    lost: Arc<Mutex<Option<mpsc::Sender<Flow>>>>,
 }
 
 impl std::fmt::Debug for TransportHandle {
@@ -343,14 +362,14 @@ impl TransportHandle {
     /// here was dropped and the phone stayed in a dead call. Idle connections without a
     /// dialog are still closed, so a peer that opens many and walks away costs nothing.
     pub(crate) fn hold(&self, flow: &Flow) {
-        if flow.transport == Transport::Tcp && flow.conn != 0 {
+        if flow.transport.is_connection() && flow.conn != 0 {
             *self.held.entry(flow.conn).or_insert(0) += 1;
         }
     }
 
     /// A dialog over `flow` ended ([`TransportHandle::hold`]).
     pub(crate) fn release(&self, flow: &Flow) {
-        if flow.transport == Transport::Tcp && flow.conn != 0 {
+        if flow.transport.is_connection() && flow.conn != 0 {
             self.held.remove_if_mut(&flow.conn, |_, n| {
                 *n = n.saturating_sub(1);
                 *n == 0
@@ -358,7 +377,7 @@ impl TransportHandle {
         }
     }
 
-    /// Whether `flow` can be sent on as it is: UDP, or a TCP connection still open.
+    /// Whether `flow` can be sent on as it is: UDP, or a TCP or WebSocket connection still open.
     pub(crate) fn is_open(&self, flow: &Flow) -> bool {
         flow.transport == Transport::Udp || (flow.conn != 0 && self.tcp.contains_key(&flow.conn))
     }
@@ -389,6 +408,18 @@ impl TransportHandle {
                 };
                 if let Err(e) = self.udp.send_to(&data, to).await {
                     debug!(remote = %flow.remote, error = %e, "udp send failed");
+                }
+            }
+            Transport::Ws | Transport::Wss => {
+                let tx = self.tcp.get(&flow.conn).map(|s| s.clone());
+                match tx {
+                    Some(tx) => {
+                        if tx.try_send(data).is_err() {
+                            warn!(remote = %flow.remote, "websocket backlogged or closed; message dropped");
+                        }
+                    }
+                    // A browser's connection cannot be opened again from our side.
+                    None => debug!(remote = %flow.remote, "websocket gone; message dropped"),
                 }
             }
             Transport::Tcp => {
@@ -489,6 +520,7 @@ pub async fn bind(
             logs: LogThrottle::new(limits.malformed_log_window, guard::MAX_SOURCES),
             tcp_logs: LogThrottle::new(limits.malformed_log_window, guard::MAX_SOURCES),
         })),
+        lost: Arc::new(Mutex::new(None)),
     };
     tracker.spawn(summarise_suppressed(handle.clone(), cancel.clone()));
     tracker.spawn(udp_loop(
@@ -876,6 +908,162 @@ async fn tcp_connection(
     // Let queued responses drain before the socket closes.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     debug!(%remote, "tcp connection closed");
+}
+
+// ---- SIP over WebSocket (RFC 7118) ---------------------------------------------------------
+//
+// The HTTP server accepts the upgrade (`GET /sip`, subprotocol `sip`) and owns the socket; each
+// frame it reads comes here, one SIP message per frame, and is parsed exactly as a UDP
+// datagram is (same parser, same limits, same stateless 400s, same per-source error budget).
+// The connection counts as an inbound connection (`limits.max_tcp_connections`, per source
+// `limits.max_tcp_connections_per_source`), is closed after `limits.tcp_idle_seconds` with no
+// SIP message unless a registration or a dialog runs over it, and its flow is a
+// [`Transport::Ws`] (or [`Transport::Wss`] behind a TLS proxy) flow like a TCP connection's:
+// what is sent to it goes back along the connection. When it closes, its flow is reported on
+// [`TransportHandle::lost_flows`]: the UA logs out agents registered over it and ends the
+// dialogs that ran over it after a grace period.
+
+/// One browser's SIP-over-WebSocket connection, as the HTTP server hands it to SIP. Dropping
+/// it closes the flow.
+pub struct WsConn {
+    handle: TransportHandle,
+    flow: Flow,
+    outgoing: mpsc::Receiver<Bytes>,
+    /// When the far end last sent a SIP message.
+    active: tokio::time::Instant,
+    limits: StreamLimits,
+}
+
+impl std::fmt::Debug for WsConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsConn").field("flow", &self.flow).finish()
+    }
+}
+
+impl TransportHandle {
+    /// Take a WebSocket connection from `remote` (`secure`: the browser reached us over TLS,
+    /// through a proxy), if the inbound connection limits leave room; `None` refuses it (counted
+    /// and logged as a refused TCP connection).
+    pub fn open_websocket(&self, remote: SocketAddr, secure: bool) -> Option<WsConn> {
+        let remote = guard::canonical(remote);
+        if !self.admit_inbound(remote) {
+            return None;
+        }
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let outgoing = self.register(conn);
+        let flow = Flow {
+            transport: if secure {
+                Transport::Wss
+            } else {
+                Transport::Ws
+            },
+            remote,
+            conn,
+        };
+        debug!(%remote, conn, "SIP websocket open");
+        Some(WsConn {
+            handle: self.clone(),
+            flow,
+            outgoing,
+            active: tokio::time::Instant::now(),
+            limits: StreamLimits::from(&self.connector.limits),
+        })
+    }
+
+    /// The largest SIP message taken (`limits.max_message_bytes`): a WebSocket frame's bound.
+    pub fn max_message_bytes(&self) -> usize {
+        self.connector.limits.max_message_bytes
+    }
+
+    /// Closed WebSocket flows, in order; the UA core takes this once, before it runs. (A
+    /// second call takes the reports from the first.)
+    pub(crate) fn lost_flows(&self) -> mpsc::Receiver<Flow> {
+        let (tx, rx) = mpsc::channel(self.connector.limits.max_tcp_connections.max(16));
+        *self.lost.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+}
+
+/// What one WebSocket frame from a browser carries (RFC 7118 §5: one SIP message per frame,
+/// no framing by Content-Length across frames): `None` for a keep-alive (whitespace only, as
+/// CRLF pings are), else the message as the datagram parser reads it, no larger than `limit`.
+pub fn ws_frame(data: &[u8], limit: usize) -> Option<Result<Message, message::ParseError>> {
+    if data.iter().all(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    Some(message::parse_datagram(data, limit))
+}
+
+impl WsConn {
+    pub fn flow(&self) -> Flow {
+        self.flow
+    }
+
+    /// The next message for the browser (each one frame). `None` once nothing more can come.
+    pub async fn outgoing(&mut self) -> Option<Bytes> {
+        self.outgoing.recv().await
+    }
+
+    /// One frame from the browser: a SIP message for the UA core, or a stateless error answer;
+    /// CRLF keep-alives are taken and are not activity. `false`: the UA core is gone, close.
+    pub async fn on_frame(&mut self, data: &[u8]) -> bool {
+        let Some(parsed) = ws_frame(data, self.limits.max_message_bytes) else {
+            return true;
+        };
+        self.active = tokio::time::Instant::now();
+        let h = &self.handle;
+        h.stats.received.fetch_add(1, Ordering::Relaxed);
+        match parsed {
+            Ok(msg) => {
+                let inbound = Inbound {
+                    msg,
+                    flow: self.flow,
+                };
+                h.connector.inbound.send(inbound).await.is_ok()
+            }
+            Err(e) => {
+                reject(h, &self.flow, e).await;
+                true
+            }
+        }
+    }
+
+    /// When the connection is to close for want of SIP messages, unless it is held (a
+    /// registration or a dialog runs over it): then it is asked again a full idle time later.
+    pub fn idle_at(&mut self) -> tokio::time::Instant {
+        if self.handle.is_held(self.flow.conn) {
+            let now = tokio::time::Instant::now();
+            if self.active + self.limits.tcp_idle <= now {
+                self.active = now;
+            }
+        }
+        self.active + self.limits.tcp_idle
+    }
+
+    /// Whether the idle time is up now (see [`WsConn::idle_at`]).
+    pub fn idle(&mut self) -> bool {
+        self.idle_at() <= tokio::time::Instant::now()
+    }
+}
+
+impl Drop for WsConn {
+    fn drop(&mut self) {
+        let h = &self.handle;
+        h.tcp.remove(&self.flow.conn);
+        h.held.remove(&self.flow.conn);
+        h.inbound_closed(self.flow.remote);
+        debug!(remote = %self.flow.remote, conn = self.flow.conn, "SIP websocket closed");
+        let tx = h
+            .lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(tx) = tx {
+            if tx.try_send(self.flow).is_err() {
+                warn!(remote = %self.flow.remote, "websocket closed but the UA core was not told (backlogged)");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

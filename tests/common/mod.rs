@@ -5,6 +5,7 @@
 //! server is playing by matching the RTP payload against the prompt files themselves.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dns;
 
 use ivr311::config::{parse_port_range, FileConfig, ServeArgs};

@@ -220,6 +220,8 @@ pub(super) enum TimerRef {
     Session(DialogId),
     /// The per-source call limits' log windows are due for a sweep.
     CallLogSweep,
+    /// A closed WebSocket's grace is over (by connection id): its dialogs end.
+    LostFlow(u64),
 }
 
 /// What the UA core asks its driver to do, in order.
@@ -283,6 +285,8 @@ pub(super) struct Core {
     pub(super) trunk: Option<TrunkClient>,
     /// Dialogs whose listener fell too far behind, to be ended ([`Core::end_backlogged`]).
     pub(super) backlogged: Vec<DialogId>,
+    /// Closed WebSockets whose dialogs wait for the browser to come back (`lost.rs`).
+    pub(super) lost: super::lost::LostFlows,
 }
 
 impl Core {
@@ -320,6 +324,7 @@ impl Core {
             agents: Agents::default(),
             trunk: None,
             backlogged: Vec::new(),
+            lost: Default::default(),
         }
     }
 
@@ -424,6 +429,7 @@ impl Core {
                 TimerRef::TrunkRegister => self.poll_trunk_registration(now),
                 TimerRef::Session(d) => self.on_session_timer(d, now),
                 TimerRef::CallLogSweep => self.sweep_call_logs(now),
+                TimerRef::LostFlow(conn) => self.on_lost_flow_timer(now, conn),
             }
         }
         self.end_backlogged(now);

@@ -80,6 +80,9 @@ pub enum DialogEvent {
     /// No ACK came for our 2xx to the dialog's INVITE: the peer is gone. (A request we send in
     /// a dialog that gets no answer is a [`DialogEvent::RequestOutcome`] with code 408.)
     Timeout,
+    /// The browser's WebSocket the dialog ran over closed and it did not come back within the
+    /// grace period: nothing can reach it, and the UA has forgotten the dialog (no BYE).
+    Lost,
 }
 
 /// A REFER received in a dialog, its headers parsed at the edge.

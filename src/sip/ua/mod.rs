@@ -23,6 +23,7 @@
 //! | `session.rs` | session-timer glue (RFC 4028, logic in `crate::sip::session_timer`): refreshes, BYE for a caller that stopped | answering requests |
 //! | `registrar.rs` | agents' REGISTER glue (logic in [`crate::sip::registrar`]): contacts, expiry, [`AgentEvent`]s | calls |
 //! | `registration.rs` | our registration with the trunk, glue to the trunk core ([`crate::sip::trunk`]) | dialogs, calls |
+//! | `lost.rs` | closed WebSockets: their agents logged out, their dialogs ended after a grace unless the browser registers again ([`DialogEvent::Lost`]) | transactions |
 //! | `events.rs` | the event types and their delivery: bounded channels and backlogs, never dropped | transactions |
 //! | `handle.rs` | [`DialogHandle`], [`OutboundHandle`] and their commands; DNS and TCP connects for outbound targets, in the caller's task | the core's state |
 //!
@@ -141,6 +142,7 @@ mod core;
 mod events;
 mod handle;
 mod initiator;
+mod lost;
 mod registrar;
 mod registration;
 mod session;
@@ -150,6 +152,7 @@ mod tests;
 pub use self::core::ServerKey;
 pub use events::{AppEvent, DialogEvent, IncomingCall, LegEvent, Refer, MAX_EVENT_BACKLOG};
 pub use handle::{DialogHandle, OutboundCall, OutboundHandle};
+pub use lost::LOST_FLOW_GRACE;
 
 use self::core::{Action, Core};
 use crate::logging::LogConfig;
@@ -248,6 +251,8 @@ pub struct UaCore {
     core: Core,
     transport: TransportHandle,
     commands: mpsc::Receiver<Command>,
+    /// Browsers' WebSockets that closed ([`TransportHandle::lost_flows`]).
+    lost: mpsc::Receiver<Flow>,
     /// Cancelled when the server starts draining: the trunk registration is then removed.
     draining: Option<CancellationToken>,
     /// Looks up the host names of outbound targets and of the trunk's registrar.
@@ -292,10 +297,12 @@ impl UaCore {
             cmd_tx,
             Box::new(move |flow: &Flow| links.is_open(flow)),
         );
+        let lost = transport.lost_flows();
         UaCore {
             core,
             transport,
             commands,
+            lost,
             draining: None,
             resolver: Resolver::system(),
             tasks: TaskTracker::new(),
@@ -447,6 +454,7 @@ impl UaCore {
                     None => return,
                 },
                 Some(c) = self.commands.recv() => self.core.handle_command(now(), c),
+                Some(flow) = self.lost.recv() => self.core.flow_lost(now(), flow),
                 _ = sleep => self.core.handle_timeout(now()),
                 _ = heartbeat.tick() => {}
             }

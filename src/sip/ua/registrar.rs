@@ -59,7 +59,7 @@ impl Core {
     /// phone is reached over is held open while it is logged in: a phone registered over TCP
     /// may send nothing but keep-alives between registrations, and the connection is the only
     /// way to reach it.
-    fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
+    pub(super) fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
         for ev in events {
             match &ev {
                 AgentEvent::LoggedIn {
@@ -74,6 +74,9 @@ impl Core {
                     self.agents
                         .contacts
                         .insert(agent.clone(), (contact.clone(), *flow));
+                    if !self.lost.is_empty() {
+                        self.flow_back(contact, *flow);
+                    }
                 }
                 AgentEvent::LoggedOut { agent } => {
                     if let Some((_, (_, old))) = self.agents.contacts.remove(agent) {

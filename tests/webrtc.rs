@@ -1,0 +1,362 @@
+//! Browser operators (WebRTC): an agent whose phone is a browser registers over SIP over
+//! WebSocket (RFC 7118), is offered a caller who pressed 0 with a WebRTC offer, answers from a
+//! real WebRTC stack (webrtc-rs's `rtc` peer connection: full ICE, DTLS client, SRTP), and
+//! talks with the caller through the server's media clock; then its WebSocket is lost and the
+//! caller goes back to the front of the queue. And the same from headless Chromium with JsSIP.
+
+mod common;
+#[path = "common/webrtc_peer.rs"]
+mod webrtc_peer;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use webrtc_peer::*;
+async fn admin_post(srv: &ivr311::server::RunningServer, path: &str) -> u16 {
+    let json = [("Content-Type", "application/json")];
+    http(srv.http_addr, "POST", path, &json, b"{}").await.0
+}
+
+/// Poll `GET /admin/queues` until the `general` queue has `want` callers waiting.
+async fn until_waiting(http_addr: SocketAddr, want: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = http(http_addr, "GET", "/admin/queues", &[], b"").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let waiting = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|q| q["name"] == "general")
+            .and_then(|q| q["waiting"].as_u64());
+        if waiting == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue never had {want} waiting: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_agent_answers_over_webrtc_hears_and_is_heard_and_a_lost_websocket_requeues_the_caller(
+) {
+    let srv = start_server(agents_config(&["1001", "1002"], 20, 0)).await;
+    // A desk phone logged in but paused keeps the queue open without taking calls.
+    let phone = TestAgent::login(srv.sip_addr, "1002").await;
+    assert_eq!(admin_post(&srv, "/admin/agents/1002/pause").await / 100, 2);
+    let mut agent = WsAgent::login(srv.http_addr, srv.sip_addr, "1001").await;
+    let mut caller = caller_pressing(srv.sip_addr, "110").await;
+
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let offer = String::from_utf8(inv.body.to_vec()).unwrap();
+    for part in [
+        "m=audio ",
+        "UDP/TLS/RTP/SAVPF",
+        "a=ice-lite",
+        "a=ice-ufrag:",
+        "a=ice-pwd:",
+        "a=fingerprint:sha-256 ",
+        "a=setup:actpass",
+        "a=rtcp-mux",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "telephone-event/8000",
+        "a=candidate:",
+    ] {
+        assert!(offer.contains(part), "the offer has {part:?}:\n{offer}");
+    }
+    assert_eq!(inv.header("X-311-Queue"), Some("general"));
+    let (browser, answer) = Browser::answer(&offer).await;
+    agent.reply(&inv, 200, "OK", Some(answer)).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+
+    // ICE and DTLS-SRTP come up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !browser.connected.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The browser's tone reaches the caller, through SRTP and the media clock.
+    let mut caller_heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tone_frames(&caller_heard, 1000.0) < 25 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the caller did not hear the browser's tone: {} of {} frames",
+            tone_frames(&caller_heard, 1000.0),
+            caller_heard.len()
+        );
+        caller_heard.extend(caller.listen(Duration::from_millis(100)).await);
+    }
+    // And the caller's 400 Hz reaches the browser.
+    caller.speak(50).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tone_frames(&browser.heard(), 400.0) < 25 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser did not hear the caller's tone: {} of {} frames",
+            tone_frames(&browser.heard(), 400.0),
+            browser.heard().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A key the caller presses reaches the browser as RFC 4733 events (the console's
+    // operator sees it; an IVR behind a transfer would act on it).
+    caller.press('5').await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let got: Vec<_> = browser.events.lock().unwrap().clone();
+        let fives = got
+            .iter()
+            .filter_map(|p| ivr311::media::dtmf::TelephoneEvent::parse(p).ok())
+            .filter(|e| e.event == 5)
+            .count();
+        if fives >= 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser got no key 5 as RFC 4733 events: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A second caller waits behind the first.
+    let second = caller_pressing(srv.sip_addr, "110").await;
+    until_waiting(srv.http_addr, 1).await;
+
+    // The browser's connection drops mid-call: after the grace the first caller is back in
+    // line, ahead of the second, and the next operator to be ready is offered that caller.
+    drop(agent);
+    until_waiting(srv.http_addr, 2).await;
+    assert_eq!(
+        admin_post(&srv, "/admin/agents/1002/unpause").await / 100,
+        2
+    );
+    let offered = phone.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(
+        offered.header("X-311-Call-ID"),
+        Some(caller.call_id.as_str()),
+        "the first caller is offered first (the second is {})",
+        second.call_id
+    );
+    drop(browser);
+}
+
+/// Headless Chromium as the agent's phone: JsSIP, served by ivr311 itself, registers over
+/// `ws://` and answers a caller who pressed 0 with the fake microphone, which plays a 1 kHz
+/// tone; the caller hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_jssip_registers_over_websocket_answers_and_the_caller_hears_its_microphone()
+{
+    use common::browser::{tone_wav, Browser, BrowserOptions};
+    let srv = start_server(agents_config(&["1001"], 20, 0)).await;
+    let wav = std::env::temp_dir().join(format!("ivr311-tone-{}.wav", rand::random::<u64>()));
+    tone_wav(&wav, 1000.0, 5);
+    let browser = Browser::start(BrowserOptions {
+        fake_audio: Some(wav.clone()),
+    })
+    .await;
+    // The page: any of ivr311's own (a secure context on 127.0.0.1, the same origin as /sip),
+    // with JsSIP loaded from where ivr311 serves it.
+    browser
+        .goto(&format!("http://{}/health", srv.http_addr))
+        .await;
+    browser
+        .execute(
+            "const s = document.createElement('script'); \
+             s.src = '/console/assets/jssip.min.js'; document.head.appendChild(s);",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for(
+            "JsSIP loaded",
+            "return typeof JsSIP !== 'undefined' && JsSIP.version",
+            Duration::from_secs(10),
+        )
+        .await;
+    let agent_js =
+        std::fs::read_to_string(repo().join("tests/fixtures/browser/jssip-agent.js")).unwrap();
+    browser
+        .execute(
+            &agent_js,
+            vec![
+                format!("ws://{}/sip", srv.http_addr).into(),
+                srv.sip_addr.to_string().into(),
+                "1001".into(),
+                "pw1001".into(),
+            ],
+        )
+        .await;
+    browser
+        .wait_for(
+            "the agent registered",
+            "return window.agent.state.failed || window.agent.state.registered",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .execute("return window.agent.state.failed", vec![])
+            .await,
+        serde_json::Value::Null
+    );
+    assert_eq!(agent_state(srv.http_addr, "1001").await, "available");
+
+    let mut caller = caller_pressing(srv.sip_addr, "110").await;
+    let incoming = browser
+        .wait_for(
+            "the call is offered",
+            "return window.agent.state.incoming",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(incoming["queue"], "general", "{incoming}");
+    assert_eq!(incoming["from"], "+15550001111", "{incoming}");
+    browser.execute("window.agent.answer()", vec![]).await;
+    browser
+        .wait_for(
+            "the call is up",
+            "const s = window.agent.state; return s.failed || s.confirmed",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .execute("return window.agent.state.failed", vec![])
+            .await,
+        serde_json::Value::Null
+    );
+
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tone_frames(&heard, 1000.0) < 25 {
+        if tokio::time::Instant::now() >= deadline {
+            let log = browser
+                .execute("return window.agent.state.log", vec![])
+                .await;
+            browser.screenshot("silent").await;
+            panic!(
+                "the caller did not hear the browser's microphone: {} tone frames of {} (page: {log})",
+                tone_frames(&heard, 1000.0),
+                heard.len()
+            );
+        }
+        heard.extend(caller.listen(Duration::from_millis(100)).await);
+    }
+
+    // The operator holds the call and resumes it (JsSIP re-INVITEs, sendonly then sendrecv):
+    // the browser's audio reaches the caller again on the same DTLS-SRTP session.
+    browser
+        .execute("window.agent.state.session.hold()", vec![])
+        .await;
+    browser
+        .wait_for(
+            "the call is held",
+            "return window.agent.state.session.isOnHold().local",
+            Duration::from_secs(10),
+        )
+        .await;
+    caller.listen(Duration::from_millis(600)).await;
+    browser
+        .execute("window.agent.state.session.unhold()", vec![])
+        .await;
+    browser
+        .wait_for(
+            "the call is resumed",
+            "return !window.agent.state.session.isOnHold().local",
+            Duration::from_secs(10),
+        )
+        .await;
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tone_frames(&heard, 1000.0) < 25 {
+        if tokio::time::Instant::now() >= deadline {
+            let log = browser
+                .execute("return window.agent.state.log", vec![])
+                .await;
+            panic!(
+                "after resuming, the caller did not hear the browser: {} tone frames of {} (page: {log})",
+                tone_frames(&heard, 1000.0),
+                heard.len()
+            );
+        }
+        heard.extend(caller.listen(Duration::from_millis(100)).await);
+    }
+    let _ = std::fs::remove_file(&wav);
+}
+
+/// The embedded JsSIP is served as the vendored file, revalidated by its entity tag.
+#[tokio::test]
+async fn jssip_is_served_from_the_binary() {
+    let srv = start_server(ivr311::config::FileConfig::default()).await;
+    let (status, body) = http(
+        srv.http_addr,
+        "GET",
+        "/console/assets/jssip.min.js",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let vendored = std::fs::read_to_string(repo().join("web/vendor/jssip/jssip.min.js")).unwrap();
+    assert_eq!(body.len(), vendored.len());
+    assert!(body.contains("JsSIP"));
+}
+
+/// A browser whose DTLS certificate is not the one its SDP names is never heard: the leg
+/// fails, the browser gets a BYE, and the caller waits in line again (with hold music) rather
+/// than in a dead bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_certificate_does_not_match_its_fingerprint_is_dropped_and_the_caller_requeued(
+) {
+    let srv = start_server(agents_config(&["1001"], 20, 0)).await;
+    let mut agent = WsAgent::login(srv.http_addr, srv.sip_addr, "1001").await;
+    let mut caller = caller_pressing(srv.sip_addr, "110").await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    let offer = String::from_utf8(inv.body.to_vec()).unwrap();
+    let (browser, answer) = Browser::answer(&offer).await;
+    // Another certificate's fingerprint in place of the browser's own.
+    let theirs = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=fingerprint:sha-256 "))
+        .expect("the browser's answer names its fingerprint")
+        .trim()
+        .to_owned();
+    let other: String = theirs
+        .chars()
+        .map(|c| match c {
+            '0' => '1',
+            '1' => '0',
+            c => c,
+        })
+        .collect();
+    assert_ne!(other, theirs);
+    let forged = answer.replace(&theirs, &other);
+    agent.reply(&inv, 200, "OK", Some(forged)).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+    // The browser completes its side of the handshake (our certificate is the one we named);
+    // ours refuses it: the leg is hung up.
+    agent.request("BYE", Duration::from_secs(10)).await;
+    until_waiting(srv.http_addr, 1).await;
+    let heard = caller.listen(Duration::from_millis(500)).await;
+    assert_eq!(
+        tone_frames(&heard, 1000.0),
+        0,
+        "the caller heard the browser whose certificate failed"
+    );
+    assert!(
+        heard.len() >= 15,
+        "the caller hears hold music, not silence"
+    );
+    drop(browser);
+}
