@@ -136,6 +136,7 @@
 //! the dispatcher was given (the driver polls just before answering).
 
 use crate::config::{AgentConfig, QueueConfig, Strategy};
+use crate::history::{AgentStateRecord, History, QueueEventKind, QueueEventRecord, Record};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -415,6 +416,9 @@ struct Agent {
     call: Option<Connected>,
     /// Pause requested while ringing or on a call.
     pause_after: Option<String>,
+    /// The state the journal last saw, with its reason and since when (`None` before the
+    /// first log-in).
+    journaled: Option<(&'static str, Option<String>, Instant)>,
 }
 
 struct Connected {
@@ -561,9 +565,37 @@ pub struct Dispatcher {
     /// Sorted: higher priority first, then arrival (new callers go after their equals).
     waiting: Vec<Waiting>,
     outbox: Vec<Action>,
+    /// What happened, for the call history ([`Dispatcher::take_journal`]).
+    journal: Vec<Journal>,
     /// The latest `now` seen.
     now: Option<Instant>,
     callback_policy: CallbackPolicy,
+}
+
+/// What the queue records for the call history (see [`crate::history`]): queue events as
+/// Asterisk's `queue_log` has them, and the spans of time operators spent in each state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Journal {
+    Queue {
+        at: Instant,
+        queue: String,
+        caller: CallerId,
+        agent: Option<String>,
+        event: QueueEventKind,
+        /// `Answer`, `Abandon`: the caller's wait.
+        wait: Option<Duration>,
+        /// `Complete`: the talk time.
+        talk: Option<Duration>,
+        /// `Enter`: the place taken.
+        position: Option<usize>,
+    },
+    AgentState {
+        agent: String,
+        state: &'static str,
+        reason: Option<String>,
+        from: Instant,
+        to: Instant,
+    },
 }
 
 impl Dispatcher {
@@ -574,6 +606,7 @@ impl Dispatcher {
             queues: Vec::with_capacity(queues.len()),
             waiting: Vec::new(),
             outbox: Vec::new(),
+            journal: Vec::new(),
             now: None,
             callback_policy: CallbackPolicy::default(),
         };
@@ -592,6 +625,7 @@ impl Dispatcher {
                 offer_expires: None,
                 call: None,
                 pause_after: None,
+                journaled: None,
             });
         }
         for q in queues {
@@ -736,7 +770,13 @@ impl Dispatcher {
         // After every caller of the same or higher priority (all arrived earlier).
         let at = self.waiting.partition_point(|x| x.priority >= priority);
         self.waiting.insert(at, w);
-        Ok(self.position_at(at))
+        let position = self.position_at(at);
+        self.log(now, q, caller, None, QueueEventKind::Enter, |e| {
+            if let Journal::Queue { position: p, .. } = e {
+                *p = Some(position.place);
+            }
+        });
+        Ok(position)
     }
 
     /// The caller hung up or left. Waiting (or ringing): removed, counted as abandoned, any
@@ -746,6 +786,12 @@ impl Dispatcher {
         if let Some(wi) = self.waiting_idx(caller) {
             let w = self.waiting.remove(wi);
             self.cancel_offers(caller, None);
+            let wait = now.saturating_duration_since(w.since);
+            self.log(now, w.queue, caller, None, QueueEventKind::Abandon, |e| {
+                if let Journal::Queue { wait: x, .. } = e {
+                    *x = Some(wait);
+                }
+            });
             if let Some(qs) = self.queues.get_mut(w.queue) {
                 qs.abandoned += 1;
                 if now.saturating_duration_since(w.since) <= SERVICE_LEVEL_TARGET {
@@ -780,6 +826,19 @@ impl Dispatcher {
         };
         let w = self.waiting.remove(wi);
         self.cancel_offers(caller, Some(i));
+        let wait = now.saturating_duration_since(w.since);
+        self.log(
+            now,
+            w.queue,
+            caller,
+            Some(agent),
+            QueueEventKind::Answer,
+            |e| {
+                if let Journal::Queue { wait: x, .. } = e {
+                    *x = Some(wait);
+                }
+            },
+        );
         if let Some(a) = self.agents.get_mut(i) {
             a.status = AgentStatus::OnCall { caller };
             a.offer_expires = None;
@@ -836,6 +895,14 @@ impl Dispatcher {
         if let Some(qs) = self.queues.get_mut(q) {
             qs.callbacks_requested += 1;
         }
+        self.log(
+            now,
+            q,
+            caller,
+            None,
+            QueueEventKind::CallbackRequested,
+            |_| {},
+        );
         self.cancel_offers(caller, None);
         true
     }
@@ -894,6 +961,14 @@ impl Dispatcher {
             return;
         }
         let w = self.waiting.remove(wi);
+        self.log(
+            now,
+            w.queue,
+            caller,
+            None,
+            QueueEventKind::CallbackUnreached,
+            |_| {},
+        );
         if let Some(qs) = self.queues.get_mut(w.queue) {
             qs.callbacks_unreached += 1;
             qs.abandoned += 1;
@@ -1094,6 +1169,79 @@ impl Dispatcher {
 
     // ---- internals ----
 
+    /// Everything recorded since the last call, after noting the agents' states as of
+    /// `now`: each state an agent left gives its span.
+    pub fn take_journal(&mut self, now: Instant) -> Vec<Journal> {
+        for a in &mut self.agents {
+            let reason = match &a.status {
+                AgentStatus::Paused { reason } => Some(reason.clone()),
+                _ => None,
+            };
+            let state = a.status.as_str();
+            match &a.journaled {
+                None if a.status == AgentStatus::LoggedOut => {}
+                None => a.journaled = Some((state, reason, now)),
+                Some((s, r, _)) if *s == state && *r == reason => {}
+                Some(_) => {
+                    if let Some((s, r, from)) = a.journaled.replace((state, reason, now)) {
+                        self.journal.push(Journal::AgentState {
+                            agent: a.id.clone(),
+                            state: s,
+                            reason: r,
+                            from,
+                            to: now,
+                        });
+                    }
+                }
+            }
+        }
+        std::mem::take(&mut self.journal)
+    }
+
+    /// The spans of the states agents are in now, ended at `now` (the server is stopping).
+    pub fn close_journal(&mut self, now: Instant) -> Vec<Journal> {
+        let mut out = self.take_journal(now);
+        for a in &mut self.agents {
+            if let Some((state, reason, from)) = a.journaled.take() {
+                out.push(Journal::AgentState {
+                    agent: a.id.clone(),
+                    state,
+                    reason,
+                    from,
+                    to: now,
+                });
+            }
+        }
+        out
+    }
+
+    /// Record a queue event for the caller in queue `q`.
+    fn log(
+        &mut self,
+        now: Instant,
+        q: usize,
+        caller: CallerId,
+        agent: Option<&str>,
+        event: QueueEventKind,
+        fill: impl FnOnce(&mut Journal),
+    ) {
+        let Some(queue) = self.queues.get(q) else {
+            return;
+        };
+        let mut e = Journal::Queue {
+            at: now,
+            queue: queue.name.clone(),
+            caller,
+            agent: agent.map(str::to_owned),
+            event,
+            wait: None,
+            talk: None,
+            position: None,
+        };
+        fill(&mut e);
+        self.journal.push(e);
+    }
+
     fn touch(&mut self, now: Instant) {
         self.now = Some(self.now.map_or(now, |n| n.max(now)));
     }
@@ -1243,16 +1391,36 @@ impl Dispatcher {
             return;
         }
         let mut wrap_up = setting(QueueConfig::default().wrap_up_seconds);
+        let caller = match a.status {
+            AgentStatus::OnCall { caller } => caller,
+            _ => 0,
+        };
+        let agent = a.id.clone();
         if let Some(c) = a.call.take() {
+            let talk = now.saturating_duration_since(c.answered_at);
             if let Some(q) = self.queues.get_mut(c.queue) {
                 if q.talk_times.len() >= AHT_SAMPLES {
                     q.talk_times.pop_front();
                 }
-                q.talk_times
-                    .push_back(now.saturating_duration_since(c.answered_at));
+                q.talk_times.push_back(talk);
                 wrap_up = q.wrap_up;
             }
+            self.log(
+                now,
+                c.queue,
+                caller,
+                Some(&agent),
+                QueueEventKind::Complete,
+                |e| {
+                    if let Journal::Queue { talk: t, .. } = e {
+                        *t = Some(talk);
+                    }
+                },
+            );
         }
+        let Some(a) = self.agents.get_mut(i) else {
+            return;
+        };
         a.idle_since = Some(now);
         a.status = match a.pause_after.take() {
             Some(reason) => AgentStatus::Paused { reason },
@@ -1333,6 +1501,16 @@ impl Dispatcher {
                 };
                 a.status = AgentStatus::Ringing { caller: w.caller };
                 a.offer_expires = Some(later(now, q.ring_timeout + OFFER_GRACE));
+                self.journal.push(Journal::Queue {
+                    at: now,
+                    queue: q.name.clone(),
+                    caller: w.caller,
+                    agent: Some(a.id.clone()),
+                    event: QueueEventKind::Offer,
+                    wait: None,
+                    talk: None,
+                    position: None,
+                });
                 self.outbox.push(Action::Offer {
                     caller: w.caller,
                     agent: a.id.clone(),
@@ -1645,8 +1823,20 @@ pub fn spawn_dispatcher(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> QueueHandle {
+    spawn_dispatcher_with_history(dispatcher, History::disabled(), tracker, cancel)
+}
+
+/// [`spawn_dispatcher`], recording queue events and operators' states in `history`.
+pub fn spawn_dispatcher_with_history(
+    dispatcher: Dispatcher,
+    history: History,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> QueueHandle {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    tracker.spawn(Driver::new(dispatcher).run(rx, cancel));
+    let mut driver = Driver::new(dispatcher);
+    driver.history = history;
+    tracker.spawn(driver.run(rx, cancel));
     QueueHandle { tx }
 }
 
@@ -1657,6 +1847,7 @@ fn clock() -> Instant {
 struct Driver {
     core: Dispatcher,
     events: HashMap<CallerId, Listener>,
+    history: History,
 }
 
 impl Driver {
@@ -1664,6 +1855,48 @@ impl Driver {
         Driver {
             core,
             events: HashMap::new(),
+            history: History::disabled(),
+        }
+    }
+
+    /// Hand what the core recorded to the history.
+    fn journal(&mut self, entries: Vec<Journal>) {
+        for e in entries {
+            let r = match e {
+                Journal::Queue {
+                    at,
+                    queue,
+                    caller,
+                    agent,
+                    event,
+                    wait,
+                    talk,
+                    position,
+                } => Record::Queue(QueueEventRecord {
+                    at_ms: crate::history::wall_ms(at),
+                    call_id: self.history.call_id(caller),
+                    queue,
+                    agent,
+                    event,
+                    wait_ms: wait.map(|d| d.as_millis() as i64),
+                    talk_ms: talk.map(|d| d.as_millis() as i64),
+                    position: position.map(|p| p as i64),
+                }),
+                Journal::AgentState {
+                    agent,
+                    state,
+                    reason,
+                    from,
+                    to,
+                } => Record::AgentState(AgentStateRecord {
+                    agent,
+                    state,
+                    reason,
+                    started_ms: crate::history::wall_ms(from),
+                    ended_ms: crate::history::wall_ms(to),
+                }),
+            };
+            self.history.record(r);
         }
     }
 
@@ -1684,7 +1917,12 @@ impl Driver {
                 () = tokio::time::sleep_until(wake) => {}
             }
             self.settle();
+            let entries = self.core.take_journal(clock());
+            self.journal(entries);
         }
+        // Operators' states as they are at the stop end here.
+        let entries = self.core.close_journal(clock());
+        self.journal(entries);
         debug!("queue dispatcher stopped");
     }
 
