@@ -9,6 +9,7 @@ pub mod admin;
 pub mod health;
 pub mod open311;
 pub mod ratelimit;
+pub mod reports;
 pub mod serve;
 
 pub use health::{Health, Readiness};
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub ready: Arc<health::ReadyState>,
     /// Where callers' recordings are (`storage.recordings_dir`), for the admin API.
     pub recordings: std::path::PathBuf,
+    /// Service-level targets and short abandons, for the reports and the dashboard.
+    pub reports: Arc<crate::history::report::ReportsConfig>,
     /// `POST requests` allowance per Open311 API key.
     pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
 }

@@ -17,6 +17,7 @@
 //! and ends.
 
 use super::core::{Action, CallCore, CallerMedia, CoreConfig, EndReason, Input, QueueCommand};
+use super::facts::Facts;
 use super::leg::{
     asserted_identity, BridgeTo, Dial, LegEnd, LegId, LegSdp, NotPlaced, PlaceLeg, Placed,
 };
@@ -131,6 +132,8 @@ pub(crate) struct CallContext {
     pub(crate) callback: Arc<crate::config::CallbackConfig>,
     /// How log lines show callers' numbers.
     pub(crate) log: crate::config::LogConfig,
+    /// Where each call's row goes when it ends (never blocks).
+    pub(crate) history: crate::history::History,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -380,6 +383,7 @@ pub(crate) async fn run_call(
         local_media,
         session_id,
         registry_id,
+        arrived,
     } = setup;
     let IncomingCall {
         handle, mut events, ..
@@ -395,7 +399,10 @@ pub(crate) async fn run_call(
     let hangup = ctx.registry.hangup_token(registry_id);
     let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
     let call_id = meta.call_id.clone();
-    let mut core = CallCore::new(now(), config, menu, meta, registry_id, caller_media);
+    let answered = now();
+    let facts = Facts::new(arrived, answered);
+    let kept_meta = meta.clone();
+    let mut core = CallCore::new(answered, config, menu, meta, registry_id, caller_media);
     let mut d = Driver {
         ctx,
         handle,
@@ -408,6 +415,8 @@ pub(crate) async fn run_call(
         registry_id,
         call_id,
         ended: None,
+        facts,
+        meta: kept_meta,
     };
     core.start(now());
     let mut closing = false;
@@ -443,7 +452,10 @@ pub(crate) async fn run_call(
                     core.handle(now(), input);
                 }
             }
-            Some(input) = work_rx.recv() => core.handle(now(), input),
+            Some(input) = work_rx.recv() => {
+                d.note_result(&input);
+                core.handle(now(), input)
+            }
             qe = recv_opt(&mut d.queue_events) => match qe {
                 Some(qe) => core.handle(now(), Input::Queue(qe)),
                 None => d.queue_events = None,
@@ -486,9 +498,21 @@ struct Driver {
     registry_id: u64,
     call_id: String,
     ended: Option<EndReason>,
+    /// What the call did, for its row in the call history.
+    facts: Facts,
+    meta: super::setup::CallMeta,
 }
 
 impl Driver {
+    /// Results of work the history keeps (a ticket's number, the 911 audit row's id).
+    fn note_result(&mut self, input: &Input) {
+        match input {
+            Input::Engine(engine::Input::TicketFiled { id }) => self.facts.ticket_filed(*id),
+            Input::Audited(Some(id)) => self.facts.audited(*id),
+            _ => {}
+        }
+    }
+
     /// A key sent by SIP INFO, unless the same key was heard in the audio a moment ago.
     fn info_key(&mut self, content_type: &str, body: &[u8]) -> Option<char> {
         let d = dtmf_info_digit(content_type, body)?;
@@ -581,6 +605,7 @@ impl Driver {
             }
             Action::DropLeg { leg, how } => self.legs.drop_leg(leg, how).await,
             Action::FileTicket { ticket, report } => {
+                self.facts.ticket(&ticket.service_code);
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
                 let service = ticket.service_code.clone();
@@ -684,6 +709,9 @@ impl Driver {
                     Some(cb) => cb.keep_place(*req).await,
                     None => Err(super::callback::NotKept::NotWaiting),
                 };
+                if kept.is_ok() {
+                    self.facts.callback_kept(now());
+                }
                 return Some(Input::CallbackKept(kept));
             }
             Action::FileCallbackTicket(t) => {
@@ -698,6 +726,7 @@ impl Driver {
                 );
             }
             Action::Show { language, state } => {
+                self.facts.language(&language);
                 self.ctx
                     .registry
                     .update(self.registry_id, &language, &state)
@@ -715,19 +744,30 @@ impl Driver {
                 let (tx, rx) = mpsc::channel(16);
                 let result = q.enqueue(caller, &queue, skill, 0, tx).await;
                 if result.is_ok() {
+                    self.facts.queued(now(), &queue);
                     self.queue_events = Some(rx);
                 }
                 return Some(Input::Enqueued(result));
             }
             QueueCommand::Abandon => {
+                self.facts.left_queue(now());
                 q.abandon(caller).await;
                 self.queue_events = None;
             }
-            QueueCommand::StopListening => self.queue_events = None,
-            QueueCommand::OfferAnswered(agent) => q.offer_answered(caller, &agent).await,
+            QueueCommand::StopListening => {
+                self.facts.left_queue(now());
+                self.queue_events = None;
+            }
+            QueueCommand::OfferAnswered(agent) => {
+                self.facts.operator_answered(now(), &agent);
+                q.offer_answered(caller, &agent).await
+            }
             QueueCommand::OfferFailed(agent, why) => q.offer_failed(caller, &agent, why).await,
             QueueCommand::OfferWithdrawn(agent) => q.offer_withdrawn(caller, &agent).await,
-            QueueCommand::CallEnded(agent) => q.call_ended(&agent).await,
+            QueueCommand::CallEnded(agent) => {
+                self.facts.operator_call_ended(now());
+                q.call_ended(&agent).await
+            }
         }
         None
     }
@@ -803,6 +843,12 @@ impl Driver {
         registry.rtp_out.fetch_add(s.packets_out, Ordering::Relaxed);
         registry.digits.fetch_add(s.digits, Ordering::Relaxed);
         self.record_metrics(core, reason, s);
+        let row = self
+            .facts
+            .record(now(), &self.meta, core.outcome(), reason, core.menu_path());
+        self.ctx
+            .history
+            .record(crate::history::Record::Call(Box::new(row)));
         info!(
             ?reason,
             menu_path = %core.menu_path(),

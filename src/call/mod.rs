@@ -18,6 +18,7 @@
 //! | `leg` | what every placed leg shares: its id, our SDP on it, the request that places it, how the caller is bridged to it | IO |
 //! | `driver` | the call's task: the [`DialogHandle`](crate::sip::ua::DialogHandle), the media clock slot, the legs' dialogs and RTP ports, the queue channel, the recording file, database tasks; carries out the core's actions in order | decisions |
 //! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
+//! | `facts` | what a call did, noted by the driver as it happens, and the call's row in the call history ([`crate::history`]) | decisions, the clock |
 //! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
 //! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menu and prompts calls start on, reloads | calls |
 //!
@@ -37,6 +38,7 @@ pub(crate) mod callback;
 mod core;
 pub(crate) mod driver;
 mod emergency;
+mod facts;
 mod leg;
 mod menu_holder;
 mod operator_leg;

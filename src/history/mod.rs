@@ -99,7 +99,7 @@ impl AbandonedIn {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// A ticket was filed (its number once the store gave one).
-    Ticket { id: Option<u32>, service: String },
+    Ticket { id: Option<u64>, service: String },
     /// The caller heard information (hours, a ticket's status) and hung up.
     Info,
     /// Sent to 911; the audit row's id.

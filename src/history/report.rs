@@ -294,7 +294,11 @@ pub async fn call_sums(
         target.push_str(&format!(" WHEN ?{} THEN ?{}", n, n + 1));
         n += 2;
     }
-    target.push_str(&format!(" ELSE ?{n} END"));
+    if config.queue_service_level_seconds.is_empty() {
+        target = format!("?{n}");
+    } else {
+        target.push_str(&format!(" ELSE ?{n} END"));
+    }
     let filter = if range.queue.is_some() {
         format!(" AND queue = ?{}", n + 1)
     } else {
@@ -797,6 +801,17 @@ mod tests {
         assert_eq!(r.service_level, Some(3.0 / 6.0));
         let g = ten_oclock(Some("general")).await;
         assert_eq!(g.service_level, Some(2.0 / 5.0));
+    }
+
+    #[tokio::test]
+    async fn service_level_with_one_target_for_every_queue() {
+        let (store, _) = hand_made().await;
+        let r = calls(store.pool(), &ReportsConfig::default(), &hour_range(None))
+            .await
+            .unwrap();
+        // 10 s and 30 s within 30 s; 50 s and 45 s not.
+        assert_eq!(r.rows[0].answered_within_target, 2);
+        assert_eq!(r.rows[0].service_level, Some(2.0 / 6.0));
     }
 
     #[tokio::test]

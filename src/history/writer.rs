@@ -154,7 +154,7 @@ async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result
     let (mut rejected_code, mut rejected_why, mut callback_result) = (None, None, None);
     match &c.outcome {
         Outcome::Ticket { id, service } => {
-            ticket_id = id.map(i64::from);
+            ticket_id = id.map(|i| i as i64);
             ticket_service = Some(service.clone());
         }
         Outcome::Emergency { audit_id } => audit = *audit_id,

@@ -1,0 +1,245 @@
+//! Call history and reports, through SIP: calls placed by test phones (one answered by a test
+//! operator, one abandoned in the queue, one ticketed in the IVR, one sent to 911) give the
+//! exact counts and service level in `/admin/reports/calls`, and the same report after a
+//! restart on the same database.
+
+mod common;
+
+use common::*;
+use ivr311::config::FileConfig;
+use serde_json::Value;
+use std::time::{Duration, SystemTime};
+
+fn config() -> FileConfig {
+    let mut f = agents_config(&["1001"], 20, 30);
+    // Every unanswered caller counts as abandoned, however short the wait.
+    f.reports.short_abandon_seconds = 0;
+    f
+}
+
+fn iso(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+async fn get_json(http_addr: std::net::SocketAddr, path: &str) -> Value {
+    let (status, body) = http(http_addr, "GET", path, &[], b"").await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// The report once it counts `calls` calls (the history is written off the calls' path).
+async fn report_with(http_addr: std::net::SocketAddr, path: &str, calls: u64) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get_json(http_addr, path).await;
+        if r["total"]["calls"].as_u64() == Some(calls) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the report never counted {calls} calls: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn until_waiting(http_addr: std::net::SocketAddr, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = get_json(http_addr, "/admin/queues").await;
+        if q[0]["waiting"].as_u64() == Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} waiting: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn calls_through_sip_give_exact_counts_and_the_same_report_after_a_restart() {
+    let args = serve_args();
+    let srv = start_server_with(args.clone(), config()).await;
+    let now = SystemTime::now();
+    let (from, to) = (
+        iso(now - Duration::from_secs(3600)),
+        iso(now + Duration::from_secs(7200)),
+    );
+    let calls_path = format!("/admin/reports/calls?from={from}&to={to}&interval=day");
+    let agents_path = format!("/admin/reports/agents?from={from}&to={to}&interval=day");
+
+    // 1. Answered by the operator.
+    let agent = TestAgent::login(srv.sip_addr, "1001").await;
+    let mut answered = caller_pressing(srv.sip_addr, "110").await;
+    let inv = agent.request("INVITE", Duration::from_secs(5)).await;
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    agent.request("ACK", Duration::from_secs(3)).await;
+
+    // 2. Abandoned in the queue: the only operator is on the first call.
+    let mut abandoning = caller_pressing(srv.sip_addr, "110").await;
+    until_waiting(srv.http_addr, 1).await;
+    abandoning.bye().await;
+    until_waiting(srv.http_addr, 0).await;
+    answered.bye().await;
+
+    // 3. A pothole ticket filed in the IVR.
+    let mut ticketing = caller_pressing(srv.sip_addr, "1111").await;
+    ticketing.keys("94103").await;
+    until_recording(&mut ticketing, &srv).await;
+    ticketing.speak(25).await;
+    ticketing.press('#').await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while srv
+        .tickets
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no ticket filed");
+        ticketing.listen(Duration::from_millis(100)).await;
+    }
+    let ticket = srv.tickets.list(&Default::default()).await.unwrap()[0].service_request_id;
+    ticketing.bye().await;
+
+    // 4. Sent to 911 (announced: no 911 route configured); the server hangs up.
+    let mut emergency = caller_pressing(srv.sip_addr, "19").await;
+    emergency
+        .expect_request("BYE", Duration::from_secs(20))
+        .await;
+
+    let r = report_with(srv.http_addr, &calls_path, 4).await;
+    let t = &r["total"];
+    assert_eq!(r["rows"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(t["answered_by_ivr"], 4, "{t}");
+    assert_eq!(t["rejected"], 0, "{t}");
+    assert_eq!(t["offered"], 2, "{t}");
+    assert_eq!(t["answered"], 1, "{t}");
+    assert_eq!(t["abandoned"], 1, "{t}");
+    assert_eq!(t["short_abandoned"], 0, "{t}");
+    assert_eq!(t["answered_within_target"], 1, "{t}");
+    // 1 answered within 30 s ÷ (2 offered − 0 short abandons).
+    assert_eq!(t["service_level"], 0.5, "{t}");
+    assert_eq!(t["emergency_redirects"], 1, "{t}");
+    assert_eq!(t["tickets"], 1, "{t}");
+    assert_eq!(t["tickets_by_service"]["pothole"], 1, "{t}");
+    assert_eq!(t["self_service"], 1, "{t}");
+    assert_eq!(t["self_service_rate"], 0.25, "{t}");
+    assert!(t["asa_seconds"].as_f64().unwrap() < 30.0, "{t}");
+    assert!(t["longest_wait_seconds"].as_f64().unwrap() > 0.0, "{t}");
+
+    // The operator's figures agree: one call, talk time, logged in.
+    let a = report_with_agent(srv.http_addr, &agents_path).await;
+    let row = a["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "1001")
+        .cloned()
+        .unwrap_or_else(|| panic!("no 1001 in {a}"));
+    assert_eq!(row["calls"], 1, "{row}");
+    assert!(row["talk_seconds"].as_f64().unwrap() > 0.0, "{row}");
+
+    // The rows themselves: the ticket's number and the 911 audit row are kept with the call.
+    let calls: Vec<(String, Option<i64>, Option<i64>)> = {
+        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", args.db.display()))
+            .await
+            .unwrap();
+        let rows = sqlx::query_as(
+            "SELECT outcome, ticket_id, emergency_audit_id FROM call_history ORDER BY id",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        db.close().await;
+        rows
+    };
+    assert!(
+        calls.contains(&("ticket".into(), Some(ticket as i64), None)),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|(o, _, audit)| o == "emergency" && audit.is_some()),
+        "{calls:?}"
+    );
+
+    // CSV: the same total.
+    let (status, csv) = http(
+        srv.http_addr,
+        "GET",
+        &format!("{calls_path}&format=csv"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let total = csv.lines().find(|l| l.starts_with("total,")).unwrap();
+    assert!(
+        total.starts_with("total,4,4,0,2,1,1,0,1,0.5000,"),
+        "{total}"
+    );
+
+    srv.shutdown().await;
+    let srv = start_server_with(args, config()).await;
+    let again = get_json(srv.http_addr, &calls_path).await;
+    assert_eq!(again, r, "the report after a restart");
+    srv.shutdown().await;
+}
+
+async fn report_with_agent(http_addr: std::net::SocketAddr, path: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get_json(http_addr, path).await;
+        let has = r["totals"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|a| a["agent"] == "1001" && a["calls"] == 1));
+        if has {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no operator row: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn reports_need_the_admin_token_and_refuse_bad_ranges() {
+    let mut file = config();
+    file.admin.token = Some("s3cret-token".into());
+    let srv = start_server(file).await;
+    let (status, _) = http(srv.http_addr, "GET", "/admin/reports/calls", &[], b"").await;
+    assert_eq!(status, 403);
+    let auth = [("Authorization", "Bearer s3cret-token")];
+    let (status, body) = http(srv.http_addr, "GET", "/admin/reports/calls", &auth, b"").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        srv.http_addr,
+        "GET",
+        "/admin/reports/calls?from=2026-12-01&to=2026-11-01",
+        &auth,
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(
+        srv.http_addr,
+        "GET",
+        "/admin/reports/calls?from=last-tuesday",
+        &auth,
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("from"), "{body}");
+    srv.shutdown().await;
+}
