@@ -1170,7 +1170,9 @@ impl Dispatcher {
     // ---- internals ----
 
     /// Everything recorded since the last call, after noting the agents' states as of
-    /// `now`: each state an agent left gives its span.
+    /// `now`: each state an agent left gives its span. Call it after every input, with that
+    /// input's `now` (the driver does): states are noted when it is called, so a state that
+    /// begins and ends within one input (it lasted no time) is not seen.
     pub fn take_journal(&mut self, now: Instant) -> Vec<Journal> {
         for a in &mut self.agents {
             let reason = match &a.status {
@@ -2073,6 +2075,99 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The journal: queue events as `queue_log` has them, and each state an operator left
+    /// as a span, on virtual time.
+    #[test]
+    fn the_journal_has_queue_events_and_operators_state_spans() {
+        let mut t = T::new(
+            &[agent("1001", &[], 1)],
+            &[QueueConfig {
+                name: "general".into(),
+                wrap_up_seconds: 10,
+                ..QueueConfig::default()
+            }],
+        );
+        let mut j = Vec::new();
+        t.login(0.0, &["1001"]);
+        assert!(t.d.take_journal(t.t(0.0)).is_empty(), "nothing left yet");
+        t.enqueue(5.0, 7, None);
+        t.poll(5.0);
+        j.extend(t.d.take_journal(t.t(5.0)));
+        t.answer(12.0, 7, "1001");
+        j.extend(t.d.take_journal(t.t(12.0)));
+        t.enqueue(13.0, 8, None);
+        t.d.abandon(t.t(20.0), 8);
+        t.end(72.0, "1001");
+        j.extend(t.d.take_journal(t.t(72.0)));
+        t.poll(82.0);
+        j.extend(t.d.take_journal(t.t(82.0)));
+        let queue: Vec<(QueueEventKind, CallerId, Option<Duration>, Option<Duration>)> = j
+            .iter()
+            .filter_map(|e| match e {
+                Journal::Queue {
+                    event,
+                    caller,
+                    wait,
+                    talk,
+                    ..
+                } => Some((*event, *caller, *wait, *talk)),
+                _ => None,
+            })
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            queue,
+            vec![
+                (QueueEventKind::Enter, 7, None, None),
+                (QueueEventKind::Offer, 7, None, None),
+                (QueueEventKind::Answer, 7, Some(s(7)), None),
+                (QueueEventKind::Enter, 8, None, None),
+                (QueueEventKind::Abandon, 8, Some(s(7)), None),
+                (QueueEventKind::Complete, 7, None, Some(s(60))),
+            ]
+        );
+        let spans: Vec<(&str, Instant, Instant)> = j
+            .iter()
+            .filter_map(|e| match e {
+                Journal::AgentState {
+                    state, from, to, ..
+                } => Some((*state, *from, *to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("available", t.t(0.0), t.t(5.0)),
+                ("ringing", t.t(5.0), t.t(12.0)),
+                ("on_call", t.t(12.0), t.t(72.0)),
+                ("wrap_up", t.t(72.0), t.t(82.0)),
+            ]
+        );
+        t.d.pause("1001", "lunch");
+        assert_eq!(
+            t.d.take_journal(t.t(90.0)),
+            vec![Journal::AgentState {
+                agent: "1001".into(),
+                state: "available",
+                reason: None,
+                from: t.t(82.0),
+                to: t.t(90.0),
+            }]
+        );
+        let closed = t.d.close_journal(t.t(100.0));
+        assert_eq!(
+            closed,
+            vec![Journal::AgentState {
+                agent: "1001".into(),
+                state: "paused",
+                reason: Some("lunch".into()),
+                from: t.t(90.0),
+                to: t.t(100.0),
+            }]
+        );
+    }
 
     #[test]
     fn operator_phone_answers_map_to_offer_failures() {
