@@ -39,7 +39,8 @@ CREATE TABLE call_history (
     abandoned_in        TEXT CHECK (abandoned_in IN ('ringing', 'menu', 'queue')),
     abandoned_after_ms  INTEGER,
     callback_attempts   INTEGER,
-    -- 'pending', 'answered', 'unreached', 'ticket'.
+    -- 'pending' (until the call-back ends), 'served' (an operator talked to the caller),
+    -- 'answered' (the caller answered, no operator took it), 'unreached', 'stopped'.
     callback_result     TEXT,
     rejected_code       INTEGER,
     rejected_why        TEXT,

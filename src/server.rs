@@ -313,6 +313,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         crate::call::callback::Callbacks::new(
             &file.callback,
             crate::call::callback::CallbackDeps {
+                history: history.clone(),
                 queues: q.clone(),
                 outbound: outbound.clone(),
                 ports: ports.clone(),

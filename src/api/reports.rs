@@ -143,7 +143,8 @@ pub fn calls_csv(r: &CallsReport) -> String {
     let mut out = String::from(
         "interval_start,calls,answered_by_ivr,rejected,offered,answered,abandoned,\
          short_abandoned,answered_within_target,service_level,asa_seconds,aht_seconds,\
-         longest_wait_seconds,callbacks_requested,callbacks_completed,emergency_redirects,\
+         longest_wait_seconds,callbacks_requested,callbacks_completed,callbacks_unreached,\
+         emergency_redirects,\
          tickets,tickets_by_service,self_service,self_service_rate\n",
     );
     for row in r.rows.iter().chain(std::iter::once(&r.total)) {
@@ -154,7 +155,7 @@ pub fn calls_csv(r: &CallsReport) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             row.interval_start,
             row.calls,
             row.answered_by_ivr,
@@ -170,6 +171,7 @@ pub fn calls_csv(r: &CallsReport) -> String {
             row.longest_wait_seconds,
             row.callbacks_requested,
             row.callbacks_completed,
+            row.callbacks_unreached,
             row.emergency_redirects,
             row.tickets,
             csv_field(&services.join(";")),

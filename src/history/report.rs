@@ -20,7 +20,8 @@
 //! | `aht_seconds` | average handle time: Σ (talk + wrap-up) of answered calls ÷ answered |
 //! | `longest_wait_seconds` | the longest wait of any offered call (answered or not) |
 //! | `callbacks_requested` | offered calls that asked for a call-back keeping their place |
-//! | `callbacks_completed` | of those, the ones whose caller answered the call-back |
+//! | `callbacks_completed` | of those, the ones where the caller answered the call-back and talked to an operator |
+//! | `callbacks_unreached` | of those, the ones whose caller answered none of the attempts (a flagged ticket was filed) |
 //! | `emergency_redirects` | calls sent to 911 |
 //! | `tickets`, `tickets_by_service` | calls that filed a ticket, by service code |
 //! | `self_service` | answered calls that ended in the IVR with a ticket or information, never with an operator |
@@ -114,6 +115,7 @@ pub struct CallSums {
     pub handle_ms: i64,
     pub longest_wait_ms: i64,
     pub callbacks_completed: u64,
+    pub callbacks_unreached: u64,
     pub emergency_redirects: u64,
     pub tickets: u64,
     pub self_service: u64,
@@ -135,6 +137,7 @@ impl CallSums {
         self.handle_ms += o.handle_ms;
         self.longest_wait_ms = self.longest_wait_ms.max(o.longest_wait_ms);
         self.callbacks_completed += o.callbacks_completed;
+        self.callbacks_unreached += o.callbacks_unreached;
         self.emergency_redirects += o.emergency_redirects;
         self.tickets += o.tickets;
         self.self_service += o.self_service;
@@ -199,6 +202,7 @@ pub struct CallsRow {
     pub longest_wait_seconds: f64,
     pub callbacks_requested: u64,
     pub callbacks_completed: u64,
+    pub callbacks_unreached: u64,
     pub emergency_redirects: u64,
     pub tickets: u64,
     pub tickets_by_service: BTreeMap<String, u64>,
@@ -224,6 +228,7 @@ impl CallsRow {
             longest_wait_seconds: s.longest_wait_ms as f64 / 1000.0,
             callbacks_requested: s.callbacks_requested,
             callbacks_completed: s.callbacks_completed,
+            callbacks_unreached: s.callbacks_unreached,
             emergency_redirects: s.emergency_redirects,
             tickets: s.tickets,
             tickets_by_service: s.tickets_by_service.clone(),
@@ -323,8 +328,10 @@ pub async fn call_sums(
             coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL
                 THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END), 0) AS handle_ms,
             coalesce(max(CASE WHEN queue IS NOT NULL THEN wait_ms END), 0) AS longest_wait_ms,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'answered'), 0)
+            coalesce(sum(outcome = 'callback' AND callback_result = 'served'), 0)
                 AS callbacks_completed,
+            coalesce(sum(outcome = 'callback' AND callback_result = 'unreached'), 0)
+                AS callbacks_unreached,
             coalesce(sum(outcome = 'emergency'), 0) AS emergency_redirects,
             coalesce(sum(outcome = 'ticket'), 0) AS tickets,
             coalesce(sum(answered_ms IS NOT NULL AND agent IS NULL
@@ -364,6 +371,7 @@ pub async fn call_sums(
                 handle_ms: r.handle_ms,
                 longest_wait_ms: r.longest_wait_ms,
                 callbacks_completed: u(r.callbacks_completed),
+                callbacks_unreached: u(r.callbacks_unreached),
                 emergency_redirects: u(r.emergency_redirects),
                 tickets: u(r.tickets),
                 self_service: u(r.self_service),
@@ -414,6 +422,7 @@ struct SumsRow {
     handle_ms: i64,
     longest_wait_ms: i64,
     callbacks_completed: i64,
+    callbacks_unreached: i64,
     emergency_redirects: i64,
     tickets: i64,
     self_service: i64,
@@ -722,7 +731,7 @@ mod tests {
             Record::CallbackResult {
                 call_id: "c1".into(),
                 attempts: 1,
-                result: "answered",
+                result: "served",
             },
             // Operator 1001's wrap-ups after its two calls: 10 s and 20 s.
             Record::AgentState(AgentStateRecord {
