@@ -391,6 +391,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         )),
         recordings: file.storage.recordings_dir.clone(),
         reports: Arc::new(file.reports.clone()),
+        open_data: Arc::default(),
         open311_posts: Arc::new(std::sync::Mutex::new(api::ratelimit::KeyLimiter::new(
             file.open311.api_keys.len(),
             file.open311.post_rate_per_minute,

@@ -1,11 +1,13 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
-//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
+//! `/metrics` ([`admin`]), reports from the call history ([`reports`], admin), the public
+//! transparency page and open data ([`dashboard`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
 //! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
 
 pub mod admin;
+pub mod dashboard;
 pub mod health;
 pub mod open311;
 pub mod ratelimit;
@@ -46,6 +48,8 @@ pub struct ApiState {
     pub recordings: std::path::PathBuf,
     /// Service-level targets and short abandons, for the reports and the dashboard.
     pub reports: Arc<crate::history::report::ReportsConfig>,
+    /// The transparency page's figures, computed at most once a minute.
+    pub open_data: Arc<dashboard::OpenDataCache>,
     /// `POST requests` allowance per Open311 API key.
     pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
 }
@@ -55,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health", get(health::health))
         .route("/health/ready", get(health::ready))
         .nest("/open311/v2", open311::router())
+        .merge(dashboard::router())
         .merge(admin::router(state.clone()))
         .with_state(state)
 }

@@ -7,6 +7,7 @@
 //! | [`History`] | the handle calls and the queue report through: never blocks, never waits | SQL |
 //! | `writer` | the task that writes batches, prunes daily, drains on a clean stop | calls |
 //! | [`report`] | the report queries and their formulas | writing |
+//! | [`open_data`] | the public figures: aggregates only, small counts suppressed | call-level rows |
 //!
 //! Written off the call's path: a call (or the queue) hands a record to [`History`], which
 //! puts it on a bounded channel (`history.queue`, default 65,536 records) with `try_send`;
@@ -21,6 +22,7 @@
 //! Times are Unix epoch milliseconds (UTC). Cores hand in `Instant`s; [`wall_ms`] turns
 //! them into wall time as they are handed over.
 
+pub mod open_data;
 pub mod report;
 mod writer;
 
