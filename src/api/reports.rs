@@ -48,30 +48,44 @@ pub fn parse_time(s: &str) -> Option<i64> {
     Some(d.midnight().assume_utc().unix_timestamp() * 1000)
 }
 
-fn bad(msg: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({ "error": msg }))).into_response()
+/// Why a report's query was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("{name}: {value:?} is not a date (2026-11-30) or an RFC 3339 time")]
+    Time { name: &'static str, value: String },
+    #[error("from must be before to")]
+    Order,
+    #[error("at most {MAX_DAYS} days at a time")]
+    TooLong,
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": self.to_string() })),
+        )
+            .into_response()
+    }
 }
 
 impl ReportQuery {
-    fn range(&self) -> Result<Range, Response> {
-        let time = |name: &str, v: &Option<String>| -> Result<Option<i64>, Response> {
-            match v {
-                None => Ok(None),
-                Some(s) => parse_time(s).map(Some).ok_or_else(|| {
-                    bad(format!(
-                        "{name}: {s:?} is not a date (2026-11-30) or an RFC 3339 time"
-                    ))
-                }),
-            }
+    fn range(&self) -> Result<Range, QueryError> {
+        let time = |name: &'static str, v: &Option<String>| match v {
+            None => Ok(None),
+            Some(s) => parse_time(s).map(Some).ok_or_else(|| QueryError::Time {
+                name,
+                value: s.clone(),
+            }),
         };
         let interval = self.interval.unwrap_or(Interval::Hour);
         let to = time("to", &self.to)?.unwrap_or_else(crate::history::epoch_ms_now);
         let from = time("from", &self.from)?.unwrap_or(to - DAY_MS);
         if from >= to {
-            return Err(bad("from must be before to".into()));
+            return Err(QueryError::Order);
         }
         if to - from > MAX_DAYS * DAY_MS {
-            return Err(bad(format!("at most {MAX_DAYS} days at a time")));
+            return Err(QueryError::TooLong);
         }
         Ok(Range {
             from_ms: from,
@@ -126,7 +140,7 @@ fn opt(v: Option<f64>) -> String {
 pub async fn calls(State(s): State<ApiState>, q: Query<ReportQuery>) -> Response {
     let range = match q.range() {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let report = match report::calls(s.tickets.pool(), &s.reports, &range).await {
         Ok(r) => r,
@@ -186,7 +200,7 @@ pub fn calls_csv(r: &CallsReport) -> String {
 pub async fn agents(State(s): State<ApiState>, q: Query<ReportQuery>) -> Response {
     let range = match q.range() {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let report = match report::agents(s.tickets.pool(), &range).await {
         Ok(r) => r,
@@ -233,10 +247,10 @@ mod tests {
 
     #[test]
     fn times_are_dates_or_rfc3339() {
-        assert_eq!(parse_time("2026-11-30"), Some(1_796_083_200_000));
+        assert_eq!(parse_time("2026-11-30"), Some(1_795_996_800_000));
         assert_eq!(
             parse_time("2026-11-30T01:00:00Z"),
-            Some(1_796_083_200_000 + 3_600_000)
+            Some(1_795_996_800_000 + 3_600_000)
         );
         assert_eq!(parse_time("yesterday"), None);
     }
