@@ -73,7 +73,7 @@ async fn open_data_suppresses_small_counts_and_shows_no_caller() {
     let pothole = weekly
         .iter()
         .find(|r| r["service_code"] == "pothole")
-        .unwrap();
+        .unwrap_or_else(|| panic!("{d}"));
     let graffiti = weekly
         .iter()
         .find(|r| r["service_code"] == "graffiti")

@@ -96,6 +96,7 @@ pub async fn compute(
     now_ms: i64,
 ) -> Result<OpenData, HistoryError> {
     let day = 86_400_000;
+    // Ticket times are whole seconds: up to and including this one.
     let since = report::iso(now_ms - WEEKS * 7 * day);
     let now = report::iso(now_ms);
     // Opened and closed per week (a closed request's last update is when it was closed).
@@ -103,12 +104,12 @@ pub async fn compute(
         "SELECT week, service_code, max(service_name), sum(opened), sum(closed) FROM (
             SELECT date(substr(requested_datetime, 1, 10), '-6 days', 'weekday 1') AS week,
                    service_code, service_name, 1 AS opened, 0 AS closed
-            FROM tickets WHERE requested_datetime >= ?1 AND requested_datetime < ?2
+            FROM tickets WHERE requested_datetime >= ?1 AND requested_datetime <= ?2
             UNION ALL
             SELECT date(substr(updated_datetime, 1, 10), '-6 days', 'weekday 1'),
                    service_code, service_name, 0, 1
             FROM tickets WHERE status = 'closed' AND updated_datetime >= ?1
-                AND updated_datetime < ?2
+                AND updated_datetime <= ?2
          ) GROUP BY week, service_code ORDER BY week, service_code",
     )
     .bind(&since)
@@ -131,7 +132,7 @@ pub async fn compute(
         "SELECT service_code, service_name,
                 julianday(updated_datetime) - julianday(requested_datetime)
          FROM tickets WHERE status = 'closed' AND updated_datetime >= ?1
-            AND updated_datetime < ?2
+            AND updated_datetime <= ?2
          ORDER BY service_code",
     )
     .bind(&since)
