@@ -194,6 +194,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let (history, history_writer) = crate::history::spawn_writer(
         tickets.pool().clone(),
         file.history.clone(),
+        file.reports.clone(),
         metrics.clone(),
     );
     let limits = TransportLimits {

@@ -7,6 +7,7 @@
 //! | [`History`] | the handle calls and the queue report through: never blocks, never waits | SQL |
 //! | `writer` | the task that writes batches, prunes daily, drains on a clean stop | calls |
 //! | [`report`] | the report queries and their formulas | writing |
+//! | [`rollup`] | the calls report's sums per 15 minutes and queue, kept as rows are written | the record (it is derived, rebuilt when the thresholds change) |
 //! | [`open_data`] | the public figures: aggregates only, small counts suppressed | call-level rows |
 //!
 //! Written off the call's path: a call (or the queue) hands a record to [`History`], which
@@ -24,6 +25,7 @@
 
 pub mod open_data;
 pub mod report;
+pub mod rollup;
 mod writer;
 
 pub use writer::{spawn_writer, HistoryWriter};

@@ -284,7 +284,54 @@ pub async fn calls(
 }
 
 /// The sums per interval start (epoch ms).
+/// The aggregates of [`CallSums`] over `call_history` rows, named as its fields, with these
+/// SQL expressions for the short-abandon limit and the service-level target (ms).
+pub(crate) fn sums_columns(short: &str, target: &str) -> String {
+    format!(
+        "count(*) AS calls,
+            coalesce(sum(answered_ms IS NOT NULL), 0) AS answered_by_ivr,
+            coalesce(sum(outcome = 'rejected'), 0) AS rejected,
+            coalesce(sum(queue IS NOT NULL), 0) AS offered,
+            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL), 0) AS answered,
+            coalesce(sum(queue IS NOT NULL AND outcome = 'callback'), 0) AS callbacks_requested,
+            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'), 0)
+                AS unanswered,
+            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'
+                AND wait_ms < {short}), 0) AS short_abandoned,
+            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}), 0)
+                AS answered_within_target,
+            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END), 0)
+                AS answered_wait_ms,
+            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL
+                THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END), 0) AS handle_ms,
+            coalesce(max(CASE WHEN queue IS NOT NULL THEN wait_ms END), 0) AS longest_wait_ms,
+            coalesce(sum(outcome = 'callback' AND callback_result = 'served'), 0)
+                AS callbacks_completed,
+            coalesce(sum(outcome = 'callback' AND callback_result = 'unreached'), 0)
+                AS callbacks_unreached,
+            coalesce(sum(outcome = 'emergency'), 0) AS emergency_redirects,
+            coalesce(sum(outcome = 'ticket'), 0) AS tickets,
+            coalesce(sum(answered_ms IS NOT NULL AND agent IS NULL
+                AND outcome IN ('ticket', 'info')), 0) AS self_service"
+    )
+}
+
+/// The sums per interval start (epoch ms). A range on 15-minute boundaries (UTC) is read
+/// from the rollup the writer keeps ([`super::rollup`]); any other from `call_history`.
 pub async fn call_sums(
+    pool: &SqlitePool,
+    config: &ReportsConfig,
+    range: &Range,
+) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
+    if super::rollup::serves(range) {
+        super::rollup::call_sums(pool, range).await
+    } else {
+        call_sums_raw(pool, config, range).await
+    }
+}
+
+/// [`call_sums`] from `call_history` itself.
+pub async fn call_sums_raw(
     pool: &SqlitePool,
     config: &ReportsConfig,
     range: &Range,
@@ -309,33 +356,10 @@ pub async fn call_sums(
     } else {
         String::new()
     };
+    let columns = sums_columns("?3", &target);
     let sql = format!(
         "SELECT (started_ms - ?1) / ?2 AS b,
-            count(*) AS calls,
-            coalesce(sum(answered_ms IS NOT NULL), 0) AS answered_by_ivr,
-            coalesce(sum(outcome = 'rejected'), 0) AS rejected,
-            coalesce(sum(queue IS NOT NULL), 0) AS offered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL), 0) AS answered,
-            coalesce(sum(queue IS NOT NULL AND outcome = 'callback'), 0) AS callbacks_requested,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'), 0)
-                AS unanswered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'
-                AND wait_ms < ?3), 0) AS short_abandoned,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}), 0)
-                AS answered_within_target,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END), 0)
-                AS answered_wait_ms,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL
-                THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END), 0) AS handle_ms,
-            coalesce(max(CASE WHEN queue IS NOT NULL THEN wait_ms END), 0) AS longest_wait_ms,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'served'), 0)
-                AS callbacks_completed,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'unreached'), 0)
-                AS callbacks_unreached,
-            coalesce(sum(outcome = 'emergency'), 0) AS emergency_redirects,
-            coalesce(sum(outcome = 'ticket'), 0) AS tickets,
-            coalesce(sum(answered_ms IS NOT NULL AND agent IS NULL
-                AND outcome IN ('ticket', 'info')), 0) AS self_service
+            {columns}
          FROM call_history
          WHERE started_ms >= ?1 AND started_ms < ?4{filter}
          GROUP BY b ORDER BY b"
@@ -354,30 +378,7 @@ pub async fn call_sums(
     }
     let mut out = BTreeMap::new();
     for r in q.fetch_all(pool).await? {
-        let u = |v: i64| v.max(0) as u64;
-        out.insert(
-            range.from_ms + r.b * step,
-            CallSums {
-                calls: u(r.calls),
-                answered_by_ivr: u(r.answered_by_ivr),
-                rejected: u(r.rejected),
-                offered: u(r.offered),
-                answered: u(r.answered),
-                callbacks_requested: u(r.callbacks_requested),
-                unanswered: u(r.unanswered),
-                short_abandoned: u(r.short_abandoned),
-                answered_within_target: u(r.answered_within_target),
-                answered_wait_ms: r.answered_wait_ms,
-                handle_ms: r.handle_ms,
-                longest_wait_ms: r.longest_wait_ms,
-                callbacks_completed: u(r.callbacks_completed),
-                callbacks_unreached: u(r.callbacks_unreached),
-                emergency_redirects: u(r.emergency_redirects),
-                tickets: u(r.tickets),
-                self_service: u(r.self_service),
-                tickets_by_service: BTreeMap::new(),
-            },
-        );
+        out.insert(range.from_ms + r.b * step, r.sums());
     }
     let filter = if range.queue.is_some() {
         " AND queue = ?4"
@@ -405,10 +406,37 @@ pub async fn call_sums(
     Ok(out)
 }
 
+impl SumsRow {
+    pub(crate) fn sums(&self) -> CallSums {
+        let r = self;
+        let u = |v: i64| v.max(0) as u64;
+        CallSums {
+            calls: u(r.calls),
+            answered_by_ivr: u(r.answered_by_ivr),
+            rejected: u(r.rejected),
+            offered: u(r.offered),
+            answered: u(r.answered),
+            callbacks_requested: u(r.callbacks_requested),
+            unanswered: u(r.unanswered),
+            short_abandoned: u(r.short_abandoned),
+            answered_within_target: u(r.answered_within_target),
+            answered_wait_ms: r.answered_wait_ms,
+            handle_ms: r.handle_ms,
+            longest_wait_ms: r.longest_wait_ms,
+            callbacks_completed: u(r.callbacks_completed),
+            callbacks_unreached: u(r.callbacks_unreached),
+            emergency_redirects: u(r.emergency_redirects),
+            tickets: u(r.tickets),
+            self_service: u(r.self_service),
+            tickets_by_service: BTreeMap::new(),
+        }
+    }
+}
+
 /// One interval's sums as the database gives them.
 #[derive(sqlx::FromRow)]
-struct SumsRow {
-    b: i64,
+pub(crate) struct SumsRow {
+    pub(crate) b: i64,
     calls: i64,
     answered_by_ivr: i64,
     rejected: i64,
@@ -749,12 +777,22 @@ mod tests {
                 ended_ms: h + 25 * MIN + 20_000,
             }),
         ];
-        write(store.pool(), &records).await.unwrap();
         let mut config = ReportsConfig::default();
         config
             .queue_service_level_seconds
             .insert("spanish".into(), 60);
+        write(store.pool(), &config, &records).await.unwrap();
         (store, config)
+    }
+
+    /// The same range a millisecond wider at each end: read from `call_history` itself,
+    /// not the rollup (nothing happened in those milliseconds).
+    fn unaligned(r: Range) -> Range {
+        Range {
+            from_ms: r.from_ms - 1,
+            to_ms: r.to_ms + 1,
+            ..r
+        }
     }
 
     fn hour_range(queue: Option<&str>) -> Range {
@@ -771,6 +809,17 @@ mod tests {
         let r = calls(store.pool(), &config, &hour_range(queue))
             .await
             .unwrap();
+        let raw = calls(store.pool(), &config, &unaligned(hour_range(queue)))
+            .await
+            .unwrap();
+        assert_eq!(raw.rows.len(), r.rows.len());
+        for (a, b) in r.rows.iter().zip(&raw.rows) {
+            let b = CallsRow {
+                interval_start: a.interval_start.clone(),
+                ..b.clone()
+            };
+            assert_eq!(*a, b, "the rollup and the rows agree");
+        }
         // 10:00, and 11:00 (its ticket) unless one queue is asked for.
         assert_eq!(r.rows.len(), if queue.is_some() { 1 } else { 2 });
         assert_eq!(r.rows[0].interval_start, "2027-01-03T10:00:00Z");
@@ -815,12 +864,25 @@ mod tests {
     #[tokio::test]
     async fn service_level_with_one_target_for_every_queue() {
         let (store, _) = hand_made().await;
-        let r = calls(store.pool(), &ReportsConfig::default(), &hour_range(None))
-            .await
-            .unwrap();
-        // 10 s and 30 s within 30 s; 50 s and 45 s not.
-        assert_eq!(r.rows[0].answered_within_target, 2);
-        assert_eq!(r.rows[0].service_level, Some(2.0 / 6.0));
+        let config = ReportsConfig::default();
+        // The writer rebuilds the rollup when the thresholds change.
+        assert!(
+            super::super::rollup::rebuild_if_changed(store.pool(), &config)
+                .await
+                .unwrap()
+        );
+        for r in [
+            calls(store.pool(), &config, &hour_range(None))
+                .await
+                .unwrap(),
+            calls(store.pool(), &config, &unaligned(hour_range(None)))
+                .await
+                .unwrap(),
+        ] {
+            // 10 s and 30 s within 30 s; 50 s and 45 s not.
+            assert_eq!(r.rows[0].answered_within_target, 2);
+            assert_eq!(r.rows[0].service_level, Some(2.0 / 6.0));
+        }
     }
 
     #[tokio::test]
@@ -896,6 +958,125 @@ mod tests {
         assert_eq!(hours.total, d);
     }
 
+    /// A year of a busy city's history (10,000 calls a day, 3.65 million rows, generated in
+    /// SQL) and the year's report by day. `cargo test --lib year_of_history -- --ignored
+    /// --nocapture`; the timing is in BENCHMARKS.md.
+    #[tokio::test]
+    #[ignore = "builds a 3.65-million-row database (about a minute); a measurement"]
+    async fn year_of_history_reports_in_under_a_second() {
+        let path = std::env::temp_dir().join(format!("ivr311-year-{}.db", rand::random::<u64>()));
+        let store = TicketStore::open(&path).await.unwrap();
+        let pool = store.pool();
+        let per_day: i64 = 10_000;
+        let days: i64 = 365;
+        let t = std::time::Instant::now();
+        // Outcomes by a hash of the row number: 30 % reach the queue (85 % of those
+        // answered), 45 % tickets, 10 % information, 1 % 911, the rest abandoned in the menu.
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1),
+             r AS (SELECT i, (i * 2654435761) % 1000 AS h FROM n)
+             INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller,
+                 dialled, language, menu_path, outcome, ticket_id, ticket_service, queue,
+                 queue_entered_ms, wait_ms, agent, talk_ms, wrap_up_ms, abandoned_in,
+                 abandoned_after_ms)
+             SELECT 'gen-' || i, ?2 + i * (86400000 / ?3), ?2 + i * (86400000 / ?3) + 500,
+                 ?2 + i * (86400000 / ?3) + 180000, '+1555' || (1000000 + h * 7919 % 8999999),
+                 '311', CASE WHEN h % 5 = 0 THEN 'es' ELSE 'en' END, 'language:1 > main:1',
+                 CASE WHEN h < 255 THEN 'bridged' WHEN h < 300 THEN 'abandoned'
+                      WHEN h < 750 THEN 'ticket' WHEN h < 850 THEN 'info'
+                      WHEN h < 860 THEN 'emergency' ELSE 'abandoned' END,
+                 CASE WHEN h >= 300 AND h < 750 THEN 10000000 + i END,
+                 CASE WHEN h >= 300 AND h < 750 THEN 'svc' || (h % 12) END,
+                 CASE WHEN h < 300 THEN CASE WHEN h % 3 = 0 THEN 'spanish' ELSE 'general' END END,
+                 CASE WHEN h < 300 THEN ?2 + i * (86400000 / ?3) + 20000 END,
+                 CASE WHEN h < 300 THEN (h * 37) % 120000 END,
+                 CASE WHEN h < 255 THEN '10' || (h % 40) END,
+                 CASE WHEN h < 255 THEN 60000 + (h * 911) % 400000 END,
+                 CASE WHEN h < 255 THEN 10000 END,
+                 CASE WHEN h >= 255 AND h < 300 THEN 'queue'
+                      WHEN h >= 860 THEN 'menu' END,
+                 CASE WHEN h >= 255 AND h < 300 THEN (h * 37) % 120000
+                      WHEN h >= 860 THEN 30000 END
+             FROM r",
+        )
+        .bind(per_day * days)
+        .bind(T0 - days * 86_400_000)
+        .bind(per_day)
+        .execute(pool)
+        .await
+        .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        eprintln!("generated {n} rows in {:?}", t.elapsed());
+        // Rows made in SQL bypass the writer: build the rollup as a start would.
+        let t = std::time::Instant::now();
+        assert!(
+            super::super::rollup::rebuild_if_changed(pool, &ReportsConfig::default())
+                .await
+                .unwrap()
+        );
+        eprintln!("rollup rebuilt in {:?}", t.elapsed());
+        let range = Range {
+            from_ms: T0 - days * 86_400_000,
+            to_ms: T0,
+            interval: Interval::Day,
+            queue: None,
+        };
+        let config = ReportsConfig::default();
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let r = calls(pool, &config, &range).await.unwrap();
+            best = best.min(t.elapsed());
+            assert_eq!(r.rows.len(), days as usize);
+            assert_eq!(r.total.calls, n as u64);
+        }
+        let t = std::time::Instant::now();
+        let q = calls(
+            pool,
+            &config,
+            &Range {
+                queue: Some("general".into()),
+                ..range.clone()
+            },
+        )
+        .await
+        .unwrap();
+        let one_queue = t.elapsed();
+        let t = std::time::Instant::now();
+        let hours = calls(
+            pool,
+            &config,
+            &Range {
+                interval: Interval::Hour,
+                ..range.clone()
+            },
+        )
+        .await
+        .unwrap();
+        let by_hour = t.elapsed();
+        let t = std::time::Instant::now();
+        let raw = calls(pool, &config, &unaligned(range.clone()))
+            .await
+            .unwrap();
+        let from_rows = t.elapsed();
+        assert_eq!(raw.total.calls, n as u64);
+        eprintln!(
+            "year by day: {best:?} (best of 3); one queue: {one_queue:?}; by hour ({} rows): \
+             {by_hour:?}; from the rows themselves: {from_rows:?}",
+            hours.rows.len()
+        );
+        assert!(q.total.offered > 0);
+        store.close().await;
+        let _ = std::fs::remove_file(&path);
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+        assert!(best < std::time::Duration::from_secs(1), "{best:?}");
+    }
+
     #[tokio::test]
     async fn agent_figures_from_calls_and_state_spans() {
         let (store, _) = hand_made().await;
@@ -919,7 +1100,9 @@ mod tests {
                 })
             })
             .collect();
-        write(store.pool(), &records).await.unwrap();
+        write(store.pool(), &ReportsConfig::default(), &records)
+            .await
+            .unwrap();
         let r = agents(store.pool(), &hour_range(None)).await.unwrap();
         let ten = r
             .rows

@@ -3,9 +3,10 @@
 //! rows older than `history.keep_days` and hashes callers' numbers older than
 //! `history.hash_numbers_after_days`.
 
+use super::report::ReportsConfig;
 use super::{
-    epoch_ms_now, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError, Outcome,
-    QueueEventRecord, Record,
+    epoch_ms_now, rollup, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError,
+    Outcome, QueueEventRecord, Record,
 };
 use sha2::{Digest, Sha256};
 use sqlx::{Sqlite, SqlitePool, Transaction};
@@ -45,21 +46,34 @@ impl HistoryWriter {
 pub fn spawn_writer(
     pool: SqlitePool,
     config: HistoryConfig,
+    reports: ReportsConfig,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> (History, HistoryWriter) {
     let (tx, rx) = mpsc::channel(config.queue.max(1));
     let stop = CancellationToken::new();
-    let join = tokio::spawn(run(pool, config, rx, stop.clone(), metrics.clone()));
+    let join = tokio::spawn(run(
+        pool,
+        (config, reports),
+        rx,
+        stop.clone(),
+        metrics.clone(),
+    ));
     (History::new(tx, metrics), HistoryWriter { stop, join })
 }
 
 async fn run(
     pool: SqlitePool,
-    config: HistoryConfig,
+    (config, reports): (HistoryConfig, ReportsConfig),
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
+    // Records wait in the channel meanwhile.
+    match rollup::rebuild_if_changed(&pool, &reports).await {
+        Ok(true) => info!("report rollup rebuilt for the configured thresholds"),
+        Ok(false) => {}
+        Err(e) => error!(error = %e, "report rollup could not be rebuilt; reports may be off"),
+    }
     let mut daily = tokio::time::interval(Duration::from_secs(86_400));
     daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH);
@@ -71,7 +85,7 @@ async fn run(
                 if n == 0 {
                     break;
                 }
-                write_batch(&pool, &mut batch, &metrics).await;
+                write_batch(&pool, &reports, &mut batch, &metrics).await;
             }
             _ = daily.tick() => {
                 if let Err(e) = prune(&pool, &config, epoch_ms_now()).await {
@@ -85,18 +99,19 @@ async fn run(
     let mut left = 0;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         left += batch.len();
-        write_batch(&pool, &mut batch, &metrics).await;
+        write_batch(&pool, &reports, &mut batch, &metrics).await;
     }
     debug!(written_at_stop = left, "history writer stopped");
 }
 
 async fn write_batch(
     pool: &SqlitePool,
+    reports: &ReportsConfig,
     batch: &mut Vec<Record>,
     metrics: &crate::metrics::Metrics,
 ) {
     for attempt in 1..=WRITE_ATTEMPTS {
-        match write(pool, batch).await {
+        match write(pool, reports, batch).await {
             Ok(()) => {
                 batch.clear();
                 return;
@@ -119,12 +134,19 @@ async fn write_batch(
     batch.clear();
 }
 
-/// Write `records` in one transaction.
-pub(crate) async fn write(pool: &SqlitePool, records: &[Record]) -> Result<(), HistoryError> {
+/// Write `records` in one transaction (and the rollup with them).
+pub(crate) async fn write(
+    pool: &SqlitePool,
+    reports: &ReportsConfig,
+    records: &[Record],
+) -> Result<(), HistoryError> {
     let mut tx = pool.begin().await?;
     for r in records {
         match r {
-            Record::Call(c) => insert_call(&mut tx, c).await?,
+            Record::Call(c) => {
+                let id = insert_call(&mut tx, c).await?;
+                rollup::add_calls(&mut tx, reports, (id, id)).await?;
+            }
             Record::Queue(q) => insert_queue_event(&mut tx, q).await?,
             Record::AgentState(s) => insert_agent_state(&mut tx, s).await?,
             Record::CallbackResult {
@@ -132,15 +154,25 @@ pub(crate) async fn write(pool: &SqlitePool, records: &[Record]) -> Result<(), H
                 attempts,
                 result,
             } => {
-                sqlx::query(
-                    "UPDATE call_history SET callback_attempts = ?, callback_result = ? \
-                     WHERE call_id = ? AND outcome = 'callback'",
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM call_history WHERE call_id = ? AND outcome = 'callback' \
+                     AND callback_result = 'pending'",
                 )
-                .bind(*attempts as i64)
-                .bind(*result)
                 .bind(call_id)
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
+                for id in ids {
+                    sqlx::query(
+                        "UPDATE call_history SET callback_attempts = ?, callback_result = ? \
+                         WHERE id = ?",
+                    )
+                    .bind(*attempts as i64)
+                    .bind(*result)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    rollup::add_callback_result(&mut tx, id, result).await?;
+                }
             }
         }
     }
@@ -148,7 +180,8 @@ pub(crate) async fn write(pool: &SqlitePool, records: &[Record]) -> Result<(), H
     Ok(())
 }
 
-async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result<(), sqlx::Error> {
+/// Insert the call's row; its id.
+async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result<i64, sqlx::Error> {
     let (mut ticket_id, mut ticket_service, mut audit, mut ab_in, mut ab_after) =
         (None, None, None, None, None);
     let (mut rejected_code, mut rejected_why, mut callback_result) = (None, None, None);
@@ -170,7 +203,7 @@ async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result
         Outcome::Info | Outcome::Bridged => {}
     }
     let q = c.queue.as_ref();
-    sqlx::query(
+    Ok(sqlx::query(
         "INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller, \
          caller_verified, dialled, language, menu_path, outcome, end_reason, ticket_id, \
          ticket_service, emergency_audit_id, queue, queue_entered_ms, wait_ms, agent, talk_ms, \
@@ -202,8 +235,8 @@ async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result
     .bind(rejected_code)
     .bind(rejected_why)
     .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .await?
+    .last_insert_rowid())
 }
 
 async fn insert_queue_event(
@@ -245,18 +278,26 @@ async fn insert_agent_state(
     if s.state == "wrap_up" {
         // The operator's call that ended as this wrap-up began (the call's own clock and the
         // queue's differ by the moment the report took to arrive).
-        sqlx::query(
-            "UPDATE call_history SET wrap_up_ms = ? WHERE id = (SELECT id FROM call_history \
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM call_history \
              WHERE agent = ? AND outcome = 'bridged' AND wrap_up_ms IS NULL \
-             AND ended_ms BETWEEN ? AND ? ORDER BY abs(ended_ms - ?) LIMIT 1)",
+             AND ended_ms BETWEEN ? AND ? ORDER BY abs(ended_ms - ?) LIMIT 1",
         )
-        .bind(s.ended_ms - s.started_ms)
         .bind(&s.agent)
         .bind(s.started_ms - 10_000)
         .bind(s.started_ms + 10_000)
         .bind(s.started_ms)
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
+        if let Some(id) = id {
+            let wrap_up = s.ended_ms - s.started_ms;
+            sqlx::query("UPDATE call_history SET wrap_up_ms = ? WHERE id = ?")
+                .bind(wrap_up)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            rollup::add_wrap_up(tx, id, wrap_up).await?;
+        }
     }
     Ok(())
 }
@@ -296,6 +337,7 @@ pub async fn prune(
     now_ms: i64,
 ) -> Result<(u64, u64), HistoryError> {
     let cutoff = now_ms - i64::from(config.keep_days) * DAY_MS;
+    rollup::prune(pool, cutoff).await?;
     let mut deleted = 0;
     for (table, column) in [
         ("call_history", "started_ms"),
@@ -385,7 +427,9 @@ mod tests {
             Record::Call(Box::new(call("mid", now - 100 * DAY_MS, Outcome::Info))),
             Record::Call(Box::new(call("new", now - DAY_MS, Outcome::Info))),
         ];
-        write(&pool, &records).await.unwrap();
+        write(&pool, &ReportsConfig::default(), &records)
+            .await
+            .unwrap();
         let (deleted, hashed) = prune(&pool, &HistoryConfig::default(), now).await.unwrap();
         assert_eq!((deleted, hashed), (1, 1));
         let rows: Vec<(String, Option<String>)> =
@@ -420,9 +464,16 @@ mod tests {
             talk_ms: Some(40_000),
         });
         let ended = c.ended_ms;
-        write(&pool, &[Record::Call(Box::new(c))]).await.unwrap();
         write(
             &pool,
+            &ReportsConfig::default(),
+            &[Record::Call(Box::new(c))],
+        )
+        .await
+        .unwrap();
+        write(
+            &pool,
+            &ReportsConfig::default(),
             &[Record::AgentState(AgentStateRecord {
                 agent: "1001".into(),
                 state: "wrap_up",
@@ -450,7 +501,12 @@ mod tests {
             queue: 4,
             ..HistoryConfig::default()
         };
-        let (history, writer) = spawn_writer(pool.clone(), config, metrics.clone());
+        let (history, writer) = spawn_writer(
+            pool.clone(),
+            config,
+            ReportsConfig::default(),
+            metrics.clone(),
+        );
         // Hold the database's only connection so the writer cannot write meanwhile.
         let held = pool.acquire().await.unwrap();
         for i in 0..50 {
