@@ -317,13 +317,14 @@ pub(crate) fn sums_columns(short: &str, target: &str) -> String {
 }
 
 /// The sums per interval start (epoch ms). A range on 15-minute boundaries (UTC) is read
-/// from the rollup the writer keeps ([`super::rollup`]); any other from `call_history`.
+/// from the rollup the writer keeps ([`super::rollup`]) once it is built for `config`'s
+/// thresholds; any other from `call_history`.
 pub async fn call_sums(
     pool: &SqlitePool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
-    if super::rollup::serves(range) {
+    if super::rollup::serves(range) && super::rollup::ready(pool, config).await? {
         super::rollup::call_sums(pool, range).await
     } else {
         call_sums_raw(pool, config, range).await
@@ -781,6 +782,10 @@ mod tests {
         config
             .queue_service_level_seconds
             .insert("spanish".into(), 60);
+        // As the writer does: the rollup built at start (here, empty), then kept as it writes.
+        super::super::rollup::rebuild_if_changed(store.pool(), &config)
+            .await
+            .unwrap();
         write(store.pool(), &config, &records).await.unwrap();
         (store, config)
     }
@@ -809,6 +814,9 @@ mod tests {
         let r = calls(store.pool(), &config, &hour_range(queue))
             .await
             .unwrap();
+        assert!(super::super::rollup::ready(store.pool(), &config)
+            .await
+            .unwrap());
         let raw = calls(store.pool(), &config, &unaligned(hour_range(queue)))
             .await
             .unwrap();

@@ -71,6 +71,16 @@ fn fingerprint(config: &ReportsConfig) -> String {
 pub(crate) async fn add_calls(
     tx: &mut Transaction<'_, Sqlite>,
     config: &ReportsConfig,
+    ids: (i64, i64),
+) -> Result<(), sqlx::Error> {
+    add_where(tx, config, "id", ids).await
+}
+
+/// Add the calls whose `column` is in `first..=last`.
+async fn add_where(
+    tx: &mut Transaction<'_, Sqlite>,
+    config: &ReportsConfig,
+    column: &'static str,
     (first, last): (i64, i64),
 ) -> Result<(), sqlx::Error> {
     let (short, target) = thresholds(config);
@@ -84,7 +94,7 @@ pub(crate) async fn add_calls(
     let sql = format!(
         "INSERT INTO call_rollup (bucket_ms, queue, {names})
          SELECT started_ms - started_ms % {BUCKET_MS}, coalesce(queue, ''), {columns}
-         FROM call_history WHERE id BETWEEN ?1 AND ?2
+         FROM call_history WHERE {column} BETWEEN ?1 AND ?2
          GROUP BY 1, 2
          ON CONFLICT (bucket_ms, queue) DO UPDATE SET {updates}",
         names = SUMS.join(", "),
@@ -100,7 +110,7 @@ pub(crate) async fn add_calls(
         "INSERT INTO call_rollup_services (bucket_ms, queue, service, tickets)
          SELECT started_ms - started_ms % {BUCKET_MS}, coalesce(queue, ''),
                 coalesce(ticket_service, ''), count(*)
-         FROM call_history WHERE id BETWEEN ?1 AND ?2 AND outcome = 'ticket'
+         FROM call_history WHERE {column} BETWEEN ?1 AND ?2 AND outcome = 'ticket'
          GROUP BY 1, 2, 3
          ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = tickets + excluded.tickets"
     ))
@@ -163,36 +173,67 @@ pub(crate) async fn prune(pool: &SqlitePool, cutoff_ms: i64) -> Result<(), sqlx:
     Ok(())
 }
 
-/// Rebuild the rollup from `call_history` if it was computed with other thresholds (or
-/// never). Returns whether it did.
-pub async fn rebuild_if_changed(
-    pool: &SqlitePool,
-    config: &ReportsConfig,
-) -> Result<bool, HistoryError> {
-    let want = fingerprint(config);
+/// Whether the rollup was computed with `config`'s thresholds (reports read the calls
+/// themselves until it is).
+pub async fn ready(pool: &SqlitePool, config: &ReportsConfig) -> Result<bool, sqlx::Error> {
     let have: Option<String> =
         sqlx::query_scalar("SELECT value FROM history_meta WHERE key = 'rollup_thresholds'")
             .fetch_optional(pool)
             .await?;
-    if have.as_deref() == Some(want.as_str()) {
+    Ok(have.as_deref() == Some(fingerprint(config).as_str()))
+}
+
+/// How much of the history one rebuild transaction covers: the database's write lock (which
+/// ticket filing and the 911 audit also take) is held for one day's calls at a time.
+const REBUILD_CHUNK_MS: i64 = 86_400_000;
+
+/// Rebuild the rollup from `call_history` if it was computed with other thresholds (or
+/// never), a day of calls per transaction. Returns whether it did.
+pub async fn rebuild_if_changed(
+    pool: &SqlitePool,
+    config: &ReportsConfig,
+) -> Result<bool, HistoryError> {
+    if ready(pool, config).await? {
         return Ok(false);
     }
     let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM history_meta WHERE key = 'rollup_thresholds'")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM call_rollup")
         .execute(&mut *tx)
         .await?;
     sqlx::query("DELETE FROM call_rollup_services")
         .execute(&mut *tx)
         .await?;
-    add_calls(&mut tx, config, (i64::MIN, i64::MAX)).await?;
+    tx.commit().await?;
+    let (first, last): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT min(started_ms), max(started_ms) FROM call_history")
+            .fetch_one(pool)
+            .await?;
+    if let (Some(first), Some(last)) = (first, last) {
+        // Chunks start on bucket boundaries, so no bucket is split between two.
+        let mut at = first - first.rem_euclid(BUCKET_MS);
+        while at <= last {
+            let mut tx = pool.begin().await?;
+            add_where(
+                &mut tx,
+                config,
+                "started_ms",
+                (at, at + REBUILD_CHUNK_MS - 1),
+            )
+            .await?;
+            tx.commit().await?;
+            at += REBUILD_CHUNK_MS;
+        }
+    }
     sqlx::query(
         "INSERT INTO history_meta (key, value) VALUES ('rollup_thresholds', ?)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )
-    .bind(&want)
-    .execute(&mut *tx)
+    .bind(fingerprint(config))
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(true)
 }
 

@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-/// Records written in one transaction, at most.
-const BATCH: usize = 1024;
+/// Records written in one transaction, at most: the database's write lock (which ticket
+/// filing and the 911 audit also take) is held for a few milliseconds at a time.
+const BATCH: usize = 256;
 /// Rows deleted or hashed per statement, so a large prune never holds the write lock long.
 const PRUNE_CHUNK: i64 = 5000;
 const DAY_MS: i64 = 86_400_000;
