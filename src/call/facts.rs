@@ -3,7 +3,8 @@
 //! The driver notes each fact as it carries out the core's actions and reads the results of
 //! work (a ticket's number, the 911 audit row's id, the queue's answer, the operator's
 //! answer), with the same `now` it feeds the core; at the end [`Facts::record`] turns them
-//! into the call's row. Nothing here decides anything or reads a clock.
+//! into the call's row. Nothing here decides anything; the clock is read only to turn the
+//! instants into wall time for the row ([`wall_ms`]).
 
 use super::core::EndReason;
 use super::setup::CallMeta;
