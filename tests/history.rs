@@ -265,3 +265,57 @@ async fn reports_need_the_admin_token_and_refuse_bad_ranges() {
     assert!(body.contains("from"), "{body}");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn refused_calls_and_callers_who_give_up_ringing_are_in_the_history() {
+    let mut file = FileConfig::default();
+    file.limits.max_calls = 1;
+    // Ring before answering, so a caller can give up while it rings.
+    file.media.answer_after_ms = 1000;
+    let srv = start_server(file).await;
+    let mut first = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(first.call("0 101").await.code, 200);
+    // The limit is reached: 503.
+    let mut second = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(second.call("0 101").await.code, 503);
+    first.bye().await;
+    // A caller who hangs up while it rings: CANCEL before the answer.
+    let mut third = TestUa::udp(srv.sip_addr).await;
+    let invite = third.invite_bytes(&third.offer("0 101"));
+    third.send_raw(&invite).await;
+    third
+        .expect_response("INVITE", 180, Duration::from_secs(5))
+        .await;
+    let cancel = format!(
+        "CANCEL sip:311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch={br};rport\r\n\
+Max-Forwards: 70\r\nFrom: \"Test Caller\" <sip:+15550001111@{me}>;tag={tag}\r\n\
+To: <sip:311@{srv}>\r\nCall-ID: {cid}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        me = third.local,
+        br = third.invite_branch,
+        tag = third.from_tag,
+        cid = third.call_id
+    );
+    third.send_raw(cancel.as_bytes()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no 487");
+        if let Some(ivr311::sip::message::Message::Response(r)) =
+            third.recv(Duration::from_millis(500)).await
+        {
+            if r.cseq_method.to_string() == "INVITE" && r.code == 487 {
+                break;
+            }
+        }
+    }
+
+    let r = report_with(srv.http_addr, "/admin/reports/calls", 3).await;
+    let t = &r["total"];
+    assert_eq!(t["rejected"], 1, "{t}");
+    assert_eq!(t["answered_by_ivr"], 1, "{t}");
+    assert_eq!(t["offered"], 0, "{t}");
+    // The caller who gave up is an abandoned call, not a refused one: calls − answered −
+    // rejected.
+    assert_eq!(t["calls"], 3, "{t}");
+    srv.shutdown().await;
+}

@@ -3,7 +3,8 @@
 //! authorisation (they are routed in [`super::admin`]).
 //!
 //! Query: `from`, `to` (a date `2026-11-30`, or RFC 3339 `2026-11-30T08:00:00Z`; UTC; `to`
-//! is exclusive, a date means its midnight; default: the last 24 hours), `interval` (`15m`,
+//! is exclusive, a date means its midnight; default: the 24 hours up to the end of the
+//! current interval), `interval` (`15m`,
 //! `hour`, `day`; default `hour`), `queue` (one queue), `format` (`json`, the default, or
 //! `csv`). At most 400 days at a time.
 
@@ -79,7 +80,13 @@ impl ReportQuery {
             }),
         };
         let interval = self.interval.unwrap_or(Interval::Hour);
-        let to = time("to", &self.to)?.unwrap_or_else(crate::history::epoch_ms_now);
+        // By default the 24 hours up to the end of the current interval, on interval
+        // boundaries.
+        let to = time("to", &self.to)?.unwrap_or_else(|| {
+            let now = crate::history::epoch_ms_now();
+            let step = interval.millis();
+            now - now.rem_euclid(step) + step
+        });
         let from = time("from", &self.from)?.unwrap_or(to - DAY_MS);
         if from >= to {
             return Err(QueryError::Order);
