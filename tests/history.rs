@@ -167,20 +167,36 @@ async fn calls_through_sip_give_exact_counts_and_the_same_report_after_a_restart
     assert_eq!(row["calls"], 1, "{row}");
     assert!(row["talk_seconds"].as_f64().unwrap() > 0.0, "{row}");
 
-    // The rows themselves: the ticket's number and the 911 audit row are kept with the call.
-    let calls: Vec<(String, Option<i64>, Option<i64>)> = {
-        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", args.db.display()))
-            .await
-            .unwrap();
-        let rows = sqlx::query_as(
-            "SELECT outcome, ticket_id, emergency_audit_id FROM call_history ORDER BY id",
-        )
-        .fetch_all(&db)
+    // The rows themselves: the ticket's number and the 911 audit row are kept with the call,
+    // and the queue's events as queue_log has them, each with its call.
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", args.db.display()))
         .await
         .unwrap();
-        db.close().await;
-        rows
+    let calls: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT outcome, ticket_id, emergency_audit_id FROM call_history ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let events: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT event, call_id, agent FROM queue_events ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    let of = |call_id: &str| -> Vec<&str> {
+        events
+            .iter()
+            .filter(|(_, c, _)| c.as_deref() == Some(call_id))
+            .map(|(e, _, _)| e.as_str())
+            .collect()
     };
+    assert_eq!(
+        of(&answered.call_id),
+        ["enter", "offer", "answer", "complete"],
+        "{events:?}"
+    );
+    assert_eq!(of(&abandoning.call_id), ["enter", "abandon"], "{events:?}");
     assert!(
         calls.contains(&("ticket".into(), Some(ticket as i64), None)),
         "{calls:?}"

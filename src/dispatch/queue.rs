@@ -1850,6 +1850,9 @@ struct Driver {
     core: Dispatcher,
     events: HashMap<CallerId, Listener>,
     history: History,
+    /// Each queued caller's Call-ID, from its entry to its last event (the call may have
+    /// left the registry by the time its operator's call is reported complete).
+    call_ids: HashMap<CallerId, String>,
 }
 
 impl Driver {
@@ -1858,6 +1861,7 @@ impl Driver {
             core,
             events: HashMap::new(),
             history: History::disabled(),
+            call_ids: HashMap::new(),
         }
     }
 
@@ -1876,7 +1880,27 @@ impl Driver {
                     position,
                 } => Record::Queue(QueueEventRecord {
                     at_ms: crate::history::wall_ms(at),
-                    call_id: self.history.call_id(caller),
+                    call_id: {
+                        let id = match self.call_ids.get(&caller) {
+                            Some(id) => Some(id.clone()),
+                            None => self.history.call_id(caller),
+                        };
+                        match (event, &id) {
+                            (QueueEventKind::Enter, Some(id)) => {
+                                self.call_ids.insert(caller, id.clone());
+                            }
+                            (
+                                QueueEventKind::Abandon
+                                | QueueEventKind::Complete
+                                | QueueEventKind::CallbackUnreached,
+                                _,
+                            ) => {
+                                self.call_ids.remove(&caller);
+                            }
+                            _ => {}
+                        }
+                        id
+                    },
                     queue,
                     agent,
                     event,
