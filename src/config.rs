@@ -76,6 +76,10 @@ pub struct FileConfig {
     /// Where host names are looked up (see [`crate::sip::resolve`]).
     pub dns: DnsConfig,
     pub log: LogConfig,
+    /// Call history: retention and hashing of callers' numbers (see [`crate::history`]).
+    pub history: crate::history::HistoryConfig,
+    /// Report settings: service-level targets, short abandons (see [`crate::history::report`]).
+    pub reports: crate::history::report::ReportsConfig,
 }
 
 impl FileConfig {

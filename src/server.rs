@@ -8,7 +8,7 @@ use crate::api::{self, ApiState};
 use crate::call::{self, CallContext, CallRegistry, MenuHolder};
 use crate::call::{load_active_menu, MenuLoadError};
 use crate::config::{FileConfig, ServeArgs};
-use crate::dispatch::queue::{spawn_dispatcher, Dispatcher, QueueHandle};
+use crate::dispatch::queue::{spawn_dispatcher_with_history, Dispatcher, QueueHandle};
 use crate::dispatch::tickets::{StoreError, TicketStore};
 use crate::media::clock::MediaClock;
 use crate::media::ports::PortPool;
@@ -84,6 +84,8 @@ pub struct RunningServer {
     tracker: TaskTracker,
     drain: Duration,
     ua: Arc<crate::sip::ua::UaStats>,
+    /// Writes the call history; stopped last, so every call's row is written.
+    history: crate::history::HistoryWriter,
 }
 
 impl RunningServer {
@@ -124,6 +126,8 @@ impl RunningServer {
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         self.clock.stop();
+        // Every call has ended and said so: write what is still queued.
+        self.history.stop().await;
     }
 
     /// Fault drill: stop every media clock thread for `d` (every call's audio stops), as a
@@ -189,6 +193,12 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let tracker = TaskTracker::new();
     let (in_tx, in_rx) = mpsc::channel(8192);
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let (history, history_writer) = crate::history::spawn_writer(
+        tickets.pool().clone(),
+        file.history.clone(),
+        file.reports.clone(),
+        metrics.clone(),
+    );
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
         max_tcp_connections: file.limits.max_tcp_connections,
@@ -265,11 +275,16 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     tracker.spawn(ua.run(in_rx, cancel.clone()));
 
     let registry = Arc::new(CallRegistry::default());
+    let history = {
+        let registry = registry.clone();
+        history.with_call_ids(Arc::new(move |id| registry.call_id(id)))
+    };
     // Operators: with agents configured, a queue dispatcher fed by their registrations.
     let queues = (!file.agents.is_empty()).then(|| {
-        let handle = spawn_dispatcher(
+        let handle = spawn_dispatcher_with_history(
             Dispatcher::new(&file.agents, &file.queues)
                 .with_callback_policy((&file.callback).into()),
+            history.clone(),
             &tracker,
             cancel.clone(),
         );
@@ -301,6 +316,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         crate::call::callback::Callbacks::new(
             &file.callback,
             crate::call::callback::CallbackDeps {
+                history: history.clone(),
                 queues: q.clone(),
                 outbound: outbound.clone(),
                 ports: ports.clone(),
@@ -357,6 +373,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
                 )
                 .max(1),
         ),
+        history: history.clone(),
     };
     tracker.spawn(call::accept_calls(
         app_rx,
@@ -394,6 +411,8 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             draining.clone(),
         )),
         recordings: file.storage.recordings_dir.clone(),
+        reports: Arc::new(file.reports.clone()),
+        open_data: Arc::default(),
         open311_posts: Arc::new(std::sync::Mutex::new(api::ratelimit::KeyLimiter::new(
             file.open311.api_keys.len(),
             file.open311.post_rate_per_minute,
@@ -447,6 +466,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         tracker,
         drain: Duration::from_secs(file.limits.drain_seconds),
         ua: ua_stats,
+        history: history_writer,
     })
 }
 

@@ -534,6 +534,19 @@ async fn a_callback_nobody_answers_is_retried_then_filed_as_a_flagged_ticket() {
             .is_none(),
         "no third attempt"
     );
+    // The call history keeps the request and how it ended.
+    let mut total = serde_json::Value::Null;
+    for _ in 0..50 {
+        let (_, body) = http(srv.http_addr, "GET", "/admin/reports/calls", &[], b"").await;
+        total = serde_json::from_str::<serde_json::Value>(&body).unwrap()["total"].clone();
+        if total["callbacks_unreached"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(total["callbacks_requested"], 1, "{total}");
+    assert_eq!(total["callbacks_unreached"], 1, "{total}");
+    assert_eq!(total["callbacks_completed"], 0, "{total}");
     srv.shutdown().await;
 }
 

@@ -29,6 +29,8 @@
 //! | GET | `/admin/queues` | per queue: waiting, longest wait, agents by status, answered, abandoned, service level |
 //! | GET | `/admin/agents` | each operator: status, calls taken, idle since, `login_lock` (log-ins refused after failed guesses: seconds left for new addresses and for its usual ones, or null) |
 //! | POST | `/admin/agents/{id}/pause` | pause an operator, JSON `{"reason": "..."}`; `/unpause` to resume |
+//! | GET | `/admin/reports/calls` | calls by interval from the call history: offered, answered, abandoned, service level... ([`super::reports`]) |
+//! | GET | `/admin/reports/agents` | operators by interval: calls, talk, wrap-up, ready and not-ready time, occupancy |
 //! | GET | `/metrics` | Prometheus text format |
 
 use crate::api::ApiState;
@@ -61,6 +63,8 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/admin/agents", get(agents))
         .route("/admin/agents/{id}/pause", post(pause))
         .route("/admin/agents/{id}/unpause", post(unpause))
+        .route("/admin/reports/calls", get(super::reports::calls))
+        .route("/admin/reports/agents", get(super::reports::agents))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state, guard))
 }

@@ -1,7 +1,8 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
 //! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), the embedded
-//! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), served by
+//! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), reports from the call history
+//! ([`reports`], admin), the public transparency page and open data ([`dashboard`]), served by
 //! [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
@@ -9,9 +10,11 @@
 //! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub(crate) mod admin;
+pub(crate) mod dashboard;
 pub(crate) mod health;
 pub(crate) mod open311;
 pub(crate) mod ratelimit;
+pub(crate) mod reports;
 pub(crate) mod serve;
 pub(crate) mod sip_ws;
 pub(crate) mod vendor;
@@ -46,6 +49,10 @@ pub(crate) struct ApiState {
     pub(crate) ready: Arc<health::ReadyState>,
     /// Where callers' recordings are (`storage.recordings_dir`), for the admin API.
     pub(crate) recordings: std::path::PathBuf,
+    /// Service-level targets and short abandons, for the reports and the dashboard.
+    pub(crate) reports: Arc<crate::history::report::ReportsConfig>,
+    /// The transparency page's figures, computed at most once a minute.
+    pub(crate) open_data: Arc<dashboard::OpenDataCache>,
     /// `POST requests` allowance per Open311 API key.
     pub(crate) open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
     /// SIP over WebSocket at `/sip` (none: not served).
@@ -59,6 +66,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/sip", get(sip_ws::upgrade))
         .route("/console/assets/jssip.min.js", get(vendor::jssip))
         .nest("/open311/v2", open311::router())
+        .merge(dashboard::router())
         .merge(admin::router(state.clone()))
         .with_state(state)
 }

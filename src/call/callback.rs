@@ -177,10 +177,13 @@ struct Inner {
     tracker: TaskTracker,
     cancel: CancellationToken,
     pending: AtomicUsize,
+    history: crate::history::History,
 }
 
 /// Everything [`Callbacks`] uses that the server owns.
 pub struct CallbackDeps {
+    /// Where each call-back's attempts and result are kept (on its call's history row).
+    pub history: crate::history::History,
     pub queues: QueueHandle,
     pub outbound: OutboundHandle,
     pub ports: Arc<PortPool>,
@@ -218,6 +221,7 @@ impl Callbacks {
                 tracker: deps.tracker,
                 cancel: deps.cancel,
                 pending: AtomicUsize::new(0),
+                history: deps.history,
             }),
         })
     }
@@ -1084,8 +1088,10 @@ async fn run(inner: Arc<Inner>, mut core: CallbackCore, events: mpsc::Receiver<C
         media: None,
         notes: None,
         ended: false,
+        end: None,
     };
     let mut events = Some(events);
+    let mut attempts = 0;
     let cancel = d.inner.cancel.clone();
     loop {
         while let Some(a) = core.poll_action() {
@@ -1101,7 +1107,12 @@ async fn run(inner: Arc<Inner>, mut core: CallbackCore, events: mpsc::Receiver<C
             biased;
             () = cancel.cancelled() => core.handle(now(), Input::Shutdown),
             ev = recv_opt(&mut events) => match ev {
-                Some(ev) => core.handle(now(), Input::Queue(ev)),
+                Some(ev) => {
+                    if let CallbackEvent::DialBack { attempt, .. } = ev {
+                        attempts = attempt;
+                    }
+                    core.handle(now(), Input::Queue(ev))
+                }
                 None => {
                     events = None;
                     core.handle(now(), Input::QueueGone);
@@ -1121,6 +1132,19 @@ async fn run(inner: Arc<Inner>, mut core: CallbackCore, events: mpsc::Receiver<C
         }
     }
     d.legs.hang_up_all().await;
+    let result = match d.end {
+        Some(End::Served) => "served",
+        Some(End::CallerLeft | End::NoOperator) => "answered",
+        Some(End::Unreached) => "unreached",
+        Some(End::Shutdown) | None => "stopped",
+    };
+    d.inner
+        .history
+        .record(crate::history::Record::CallbackResult {
+            call_id: core.req.call_id.clone(),
+            attempts,
+            result,
+        });
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
@@ -1147,6 +1171,8 @@ struct CallbackDriver {
     media: Option<MediaHandle>,
     notes: Option<mpsc::Receiver<MediaNote>>,
     ended: bool,
+    /// How the call-back ended, for the call history.
+    end: Option<End>,
 }
 
 impl CallbackDriver {
@@ -1271,6 +1297,7 @@ impl CallbackDriver {
             Action::End(end) => {
                 debug!(?end, "call-back task done");
                 self.ended = true;
+                self.end = Some(end);
             }
         }
         None

@@ -17,6 +17,7 @@
 //! and ends.
 
 use super::core::{Action, CallCore, CallerMedia, CoreConfig, EndReason, Input, QueueCommand};
+use super::facts::Facts;
 use super::leg::{
     asserted_identity, BridgeTo, Dial, LegEnd, LegId, LegSdp, NotPlaced, PlaceLeg, Placed,
 };
@@ -140,6 +141,8 @@ pub(crate) struct CallContext {
     pub(crate) dialplan: super::dialplan::DialPlan,
     /// How long an agent's phone rings for a caller transferred to them.
     pub(crate) agent_ring: Duration,
+    /// Where each call's row goes when it ends (never blocks).
+    pub(crate) history: crate::history::History,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -452,6 +455,7 @@ pub(crate) async fn run_call(
         local_media,
         session_id,
         registry_id,
+        arrived,
     } = setup;
     let IncomingCall {
         handle, mut events, ..
@@ -469,7 +473,10 @@ pub(crate) async fn run_call(
     ctx.registry.set_commands(registry_id, command_tx);
     let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
     let call_id = meta.call_id.clone();
-    let mut core = CallCore::new(now(), config, menu, meta, registry_id, caller_media);
+    let answered = now();
+    let facts = Facts::new(arrived, answered);
+    let kept_meta = meta.clone();
+    let mut core = CallCore::new(answered, config, menu, meta, registry_id, caller_media);
     let mut d = Driver {
         ctx,
         handle,
@@ -483,6 +490,8 @@ pub(crate) async fn run_call(
         call_id,
         ended: None,
         admin_reply: None,
+        facts,
+        meta: kept_meta,
     };
     core.start(now());
     let mut closing = false;
@@ -518,7 +527,10 @@ pub(crate) async fn run_call(
                     core.handle(now(), input);
                 }
             }
-            Some(input) = work_rx.recv() => core.handle(now(), input),
+            Some(input) = work_rx.recv() => {
+                d.note_result(&input);
+                core.handle(now(), input)
+            }
             Some(cmd) = commands.recv() => match cmd {
                 CallCommand::Consulting(target) => core.handle(now(), Input::Consulting(target)),
                 CallCommand::Transfer { to, reply } => {
@@ -580,9 +592,21 @@ struct Driver {
     ended: Option<EndReason>,
     /// Where the answer to the admin's transfer goes (set while the core decides).
     admin_reply: Option<tokio::sync::oneshot::Sender<Result<TransferId, (u16, String)>>>,
+    /// What the call did, for its row in the call history.
+    facts: Facts,
+    meta: super::setup::CallMeta,
 }
 
 impl Driver {
+    /// Results of work the history keeps (a ticket's number, the 911 audit row's id).
+    fn note_result(&mut self, input: &Input) {
+        match input {
+            Input::Engine(engine::Input::TicketFiled { id }) => self.facts.ticket_filed(*id),
+            Input::Audited(Some(id)) => self.facts.audited(*id),
+            _ => {}
+        }
+    }
+
     /// Ask operator `agent`'s consultation on `dialog` for its target; its legs become ours.
     async fn join_consult(&mut self, dialog: crate::sip::ua::DialogId, agent: &str) -> Input {
         let Some((owner, tx)) = self.ctx.registry.consult(dialog) else {
@@ -795,6 +819,7 @@ impl Driver {
             }
             Action::DropLeg { leg, how } => self.legs.drop_leg(leg, how).await,
             Action::FileTicket { ticket, report } => {
+                self.facts.ticket(&ticket.service_code);
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
                 let service = ticket.service_code.clone();
@@ -898,6 +923,9 @@ impl Driver {
                     Some(cb) => cb.keep_place(*req).await,
                     None => Err(super::callback::NotKept::NotWaiting),
                 };
+                if kept.is_ok() {
+                    self.facts.callback_kept(now());
+                }
                 return Some(Input::CallbackKept(kept));
             }
             Action::FileCallbackTicket(t) => {
@@ -912,6 +940,7 @@ impl Driver {
                 );
             }
             Action::Show { language, state } => {
+                self.facts.language(&language);
                 self.ctx
                     .registry
                     .update(self.registry_id, &language, &state)
@@ -929,19 +958,30 @@ impl Driver {
                 let (tx, rx) = mpsc::channel(16);
                 let result = q.enqueue(caller, &queue, skill, 0, tx).await;
                 if result.is_ok() {
+                    self.facts.queued(now(), &queue);
                     self.queue_events = Some(rx);
                 }
                 return Some(Input::Enqueued(result));
             }
             QueueCommand::Abandon => {
+                self.facts.left_queue(now());
                 q.abandon(caller).await;
                 self.queue_events = None;
             }
-            QueueCommand::StopListening => self.queue_events = None,
-            QueueCommand::OfferAnswered(agent) => q.offer_answered(caller, &agent).await,
+            QueueCommand::StopListening => {
+                self.facts.left_queue(now());
+                self.queue_events = None;
+            }
+            QueueCommand::OfferAnswered(agent) => {
+                self.facts.operator_answered(now(), &agent);
+                q.offer_answered(caller, &agent).await
+            }
             QueueCommand::OfferFailed(agent, why) => q.offer_failed(caller, &agent, why).await,
             QueueCommand::OfferWithdrawn(agent) => q.offer_withdrawn(caller, &agent).await,
-            QueueCommand::CallEnded(agent) => q.call_ended(&agent).await,
+            QueueCommand::CallEnded(agent) => {
+                self.facts.operator_call_ended(now());
+                q.call_ended(&agent).await
+            }
             QueueCommand::Rejoin {
                 queue,
                 skill,
@@ -1039,6 +1079,12 @@ impl Driver {
         registry.rtp_out.fetch_add(s.packets_out, Ordering::Relaxed);
         registry.digits.fetch_add(s.digits, Ordering::Relaxed);
         self.record_metrics(core, reason, s);
+        let row = self
+            .facts
+            .record(now(), &self.meta, core.outcome(), reason, core.menu_path());
+        self.ctx
+            .history
+            .record(crate::history::Record::Call(Box::new(row)));
         info!(
             ?reason,
             menu_path = %core.menu_path(),

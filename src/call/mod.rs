@@ -21,6 +21,7 @@
 //! | `dialplan` | the operators' dial plan as a pure function, the `transfers:` config and its checks | calls |
 //! | `consult` | an operator's own call from their phone (a consultation, 911 for the caller they hold): routed by the dial plan, its target rung by a `transfer`, handed to the held caller's call on an attended transfer | the held caller's call (it asks through the registry) |
 //! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
+//! | `facts` | what a call did, noted by the driver as it happens, and the call's row in the call history ([`crate::history`]) | decisions, the clock |
 //! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
 //! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menu and prompts calls start on, reloads | calls |
 //!
@@ -43,6 +44,7 @@ mod core;
 pub mod dialplan;
 pub(crate) mod driver;
 mod emergency;
+mod facts;
 mod leg;
 mod menu_holder;
 mod operator_leg;

@@ -147,6 +147,11 @@ impl CallRegistry {
         id
     }
 
+    /// The Call-ID of live call `id`.
+    pub fn call_id(&self, id: u64) -> Option<String> {
+        self.calls.get(&id).map(|c| c.call_id.clone())
+    }
+
     /// Hang up the call with this Call-ID (admin). False if there is none.
     pub fn hangup(&self, call_id: &str) -> bool {
         match self.calls.iter().find(|c| c.value().call_id == call_id) {

@@ -154,10 +154,30 @@ pub(crate) struct CallSetup {
     pub(crate) local_media: SocketAddr,
     pub(crate) session_id: u64,
     pub(crate) registry_id: u64,
+    /// When the INVITE arrived.
+    pub(crate) arrived: std::time::Instant,
 }
 
-async fn reject(call: &IncomingCall, code: u16, reason: &str, headers: Vec<(String, String)>) {
+/// Refuse the call with `code`, and keep why in the call history.
+async fn reject(
+    (ctx, identity, arrived): (&CallContext, &CallerIdentity, std::time::Instant),
+    call: &IncomingCall,
+    (code, reason): (u16, &str),
+    why: &str,
+    headers: Vec<(String, String)>,
+) {
     call.handle.respond(code, reason, headers, None).await;
+    let dialled = crate::sip::message::uri_user(&call.request_uri).unwrap_or_default();
+    let row = super::facts::unanswered(
+        arrived,
+        now(),
+        &call.call_id,
+        identity,
+        dialled,
+        Some((code, why)),
+    );
+    ctx.history
+        .record(crate::history::Record::Call(Box::new(row)));
 }
 
 /// Limits, SDP offer/answer, RTP port, 200 OK.
@@ -167,16 +187,19 @@ async fn setup_call(
     identity: CallerIdentity,
 ) -> Option<CallSetup> {
     let retry = || vec![("Retry-After".to_owned(), "30".to_owned())];
+    let arrived = now();
+    let who = (ctx, &identity, arrived);
+    const UNAVAILABLE: (u16, &str) = (503, "Service Unavailable");
     if ctx.draining.is_cancelled() {
         info!("shutting down; call refused");
         ctx.registry.rejected.fetch_add(1, Ordering::Relaxed);
-        reject(&call, 503, "Service Unavailable", retry()).await;
+        reject(who, &call, UNAVAILABLE, "draining", retry()).await;
         return None;
     }
     if ctx.registry.len() >= ctx.limits.max_calls {
         warn!(max_calls = ctx.limits.max_calls, "call limit reached; 503");
         ctx.registry.rejected.fetch_add(1, Ordering::Relaxed);
-        reject(&call, 503, "Service Unavailable", retry()).await;
+        reject(who, &call, UNAVAILABLE, "max_calls", retry()).await;
         return None;
     }
     // An INVITE without a body is a delayed offer (RFC 3261 §13.2.1): many trunks and PBXs
@@ -203,7 +226,8 @@ async fn setup_call(
                     crate::sip::message::sanitize_quoted(&e.to_string())
                 ),
             )];
-            reject(&call, 488, "Not Acceptable Here", w).await;
+            let why = "no common codec";
+            reject(who, &call, (488, "Not Acceptable Here"), why, w).await;
             return None;
         }
     };
@@ -219,6 +243,18 @@ async fn setup_call(
                 ev = call.events.recv() => match ev {
                     Some(DialogEvent::Cancelled) | None => {
                         info!("caller gave up while ringing");
+                        let dialled = crate::sip::message::uri_user(&call.request_uri)
+                            .unwrap_or_default();
+                        let row = super::facts::unanswered(
+                            arrived,
+                            now(),
+                            &call.call_id,
+                            &identity,
+                            dialled,
+                            None,
+                        );
+                        ctx.history
+                            .record(crate::history::Record::Call(Box::new(row)));
                         return None;
                     }
                     Some(_) => {}
@@ -229,7 +265,7 @@ async fn setup_call(
     let Some(port) = ctx.ports.allocate() else {
         warn!("no RTP port free; 503");
         ctx.registry.rejected.fetch_add(1, Ordering::Relaxed);
-        reject(&call, 503, "Service Unavailable", retry()).await;
+        reject(who, &call, UNAVAILABLE, "no RTP port", retry()).await;
         return None;
     };
     let ip = ctx
@@ -318,6 +354,7 @@ async fn setup_call(
         local_media,
         session_id,
         registry_id,
+        arrived,
     })
 }
 

@@ -7,7 +7,7 @@
 //!   input carries `now`, and [`Dispatcher::poll`] returns the [`Action`]s to carry out
 //!   (ring an agent for a caller, stop ringing, tell a caller their place, offer a ticket after
 //!   the longest wait). [`Dispatcher::next_deadline`] says when to poll again.
-//! - [`spawn_dispatcher`] runs one core in a task and hands out [`QueueHandle`]s; each waiting
+//! - [`spawn_dispatcher_with_history`] runs one core in a task and hands out [`QueueHandle`]s; each waiting
 //!   call registers an `mpsc` sender and receives its [`QueueEvent`]s there.
 //!
 //! # Routing
@@ -136,6 +136,7 @@
 //! the dispatcher was given (the driver polls just before answering).
 
 use crate::config::{AgentConfig, QueueConfig, Strategy};
+use crate::history::{AgentStateRecord, History, QueueEventKind, QueueEventRecord, Record};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -415,6 +416,9 @@ struct Agent {
     call: Option<Connected>,
     /// Pause requested while ringing or on a call.
     pause_after: Option<String>,
+    /// The state the journal last saw, with its reason and since when (`None` before the
+    /// first log-in).
+    journaled: Option<(&'static str, Option<String>, Instant)>,
 }
 
 struct Connected {
@@ -561,6 +565,8 @@ pub(crate) struct Dispatcher {
     /// Sorted: higher priority first, then arrival (new callers go after their equals).
     waiting: Vec<Waiting>,
     outbox: Vec<Action>,
+    /// What happened, for the call history ([`Dispatcher::take_journal`]).
+    journal: Vec<Journal>,
     /// The latest `now` seen.
     now: Option<Instant>,
     callback_policy: CallbackPolicy,
@@ -578,6 +584,32 @@ struct Place {
     since: Instant,
 }
 
+/// What the queue records for the call history (see [`crate::history`]): queue events as
+/// Asterisk's `queue_log` has them, and the spans of time operators spent in each state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Journal {
+    Queue {
+        at: Instant,
+        queue: String,
+        caller: CallerId,
+        agent: Option<String>,
+        event: QueueEventKind,
+        /// `Answer`, `Abandon`: the caller's wait.
+        wait: Option<Duration>,
+        /// `Complete`: the talk time.
+        talk: Option<Duration>,
+        /// `Enter`: the place taken.
+        position: Option<usize>,
+    },
+    AgentState {
+        agent: String,
+        state: &'static str,
+        reason: Option<String>,
+        from: Instant,
+        to: Instant,
+    },
+}
+
 impl Dispatcher {
     /// Agents start logged out. Duplicate agent ids or queue names: the first wins.
     pub(crate) fn new(agents: &[AgentConfig], queues: &[QueueConfig]) -> Self {
@@ -586,6 +618,7 @@ impl Dispatcher {
             queues: Vec::with_capacity(queues.len()),
             waiting: Vec::new(),
             outbox: Vec::new(),
+            journal: Vec::new(),
             now: None,
             callback_policy: CallbackPolicy::default(),
             connected: HashMap::new(),
@@ -605,6 +638,7 @@ impl Dispatcher {
                 offer_expires: None,
                 call: None,
                 pause_after: None,
+                journaled: None,
             });
         }
         for q in queues {
@@ -787,7 +821,13 @@ impl Dispatcher {
             self.waiting.partition_point(|x| x.priority >= priority)
         };
         self.waiting.insert(at, w);
-        Ok(self.position_at(at))
+        let position = self.position_at(at);
+        self.log(now, q, caller, None, QueueEventKind::Enter, |e| {
+            if let Journal::Queue { position: p, .. } = e {
+                *p = Some(position.place);
+            }
+        });
+        Ok(position)
     }
 
     /// Ring `agent` for `caller` outside the queues (an operator transfers the caller to
@@ -838,6 +878,12 @@ impl Dispatcher {
         if let Some(wi) = self.waiting_idx(caller) {
             let w = self.waiting.remove(wi);
             self.cancel_offers(caller, None);
+            let wait = now.saturating_duration_since(w.since);
+            self.log(now, w.queue, caller, None, QueueEventKind::Abandon, |e| {
+                if let Journal::Queue { wait: x, .. } = e {
+                    *x = Some(wait);
+                }
+            });
             if let Some(qs) = self.queues.get_mut(w.queue) {
                 qs.abandoned += 1;
                 if now.saturating_duration_since(w.since) <= SERVICE_LEVEL_TARGET {
@@ -881,6 +927,19 @@ impl Dispatcher {
             },
         );
         self.cancel_offers(caller, Some(i));
+        let wait = now.saturating_duration_since(w.since);
+        self.log(
+            now,
+            w.queue,
+            caller,
+            Some(agent),
+            QueueEventKind::Answer,
+            |e| {
+                if let Journal::Queue { wait: x, .. } = e {
+                    *x = Some(wait);
+                }
+            },
+        );
         if let Some(a) = self.agents.get_mut(i) {
             a.status = AgentStatus::OnCall { caller };
             a.offer_expires = None;
@@ -988,6 +1047,14 @@ impl Dispatcher {
         if let Some(qs) = self.queues.get_mut(q) {
             qs.callbacks_requested += 1;
         }
+        self.log(
+            now,
+            q,
+            caller,
+            None,
+            QueueEventKind::CallbackRequested,
+            |_| {},
+        );
         self.cancel_offers(caller, None);
         true
     }
@@ -1046,6 +1113,14 @@ impl Dispatcher {
             return;
         }
         let w = self.waiting.remove(wi);
+        self.log(
+            now,
+            w.queue,
+            caller,
+            None,
+            QueueEventKind::CallbackUnreached,
+            |_| {},
+        );
         if let Some(qs) = self.queues.get_mut(w.queue) {
             qs.callbacks_unreached += 1;
             qs.abandoned += 1;
@@ -1251,6 +1326,81 @@ impl Dispatcher {
 
     // ---- internals ----
 
+    /// Everything recorded since the last call, after noting the agents' states as of
+    /// `now`: each state an agent left gives its span. Call it after every input, with that
+    /// input's `now` (the driver does): states are noted when it is called, so a state that
+    /// begins and ends within one input (it lasted no time) is not seen.
+    pub fn take_journal(&mut self, now: Instant) -> Vec<Journal> {
+        for a in &mut self.agents {
+            let reason = match &a.status {
+                AgentStatus::Paused { reason } => Some(reason.clone()),
+                _ => None,
+            };
+            let state = a.status.as_str();
+            match &a.journaled {
+                None if a.status == AgentStatus::LoggedOut => {}
+                None => a.journaled = Some((state, reason, now)),
+                Some((s, r, _)) if *s == state && *r == reason => {}
+                Some(_) => {
+                    if let Some((s, r, from)) = a.journaled.replace((state, reason, now)) {
+                        self.journal.push(Journal::AgentState {
+                            agent: a.id.clone(),
+                            state: s,
+                            reason: r,
+                            from,
+                            to: now,
+                        });
+                    }
+                }
+            }
+        }
+        std::mem::take(&mut self.journal)
+    }
+
+    /// The spans of the states agents are in now, ended at `now` (the server is stopping).
+    pub fn close_journal(&mut self, now: Instant) -> Vec<Journal> {
+        let mut out = self.take_journal(now);
+        for a in &mut self.agents {
+            if let Some((state, reason, from)) = a.journaled.take() {
+                out.push(Journal::AgentState {
+                    agent: a.id.clone(),
+                    state,
+                    reason,
+                    from,
+                    to: now,
+                });
+            }
+        }
+        out
+    }
+
+    /// Record a queue event for the caller in queue `q`.
+    fn log(
+        &mut self,
+        now: Instant,
+        q: usize,
+        caller: CallerId,
+        agent: Option<&str>,
+        event: QueueEventKind,
+        fill: impl FnOnce(&mut Journal),
+    ) {
+        let Some(queue) = self.queues.get(q) else {
+            return;
+        };
+        let mut e = Journal::Queue {
+            at: now,
+            queue: queue.name.clone(),
+            caller,
+            agent: agent.map(str::to_owned),
+            event,
+            wait: None,
+            talk: None,
+            position: None,
+        };
+        fill(&mut e);
+        self.journal.push(e);
+    }
+
     fn touch(&mut self, now: Instant) {
         self.now = Some(self.now.map_or(now, |n| n.max(now)));
     }
@@ -1404,16 +1554,36 @@ impl Dispatcher {
             return;
         }
         let mut wrap_up = setting(QueueConfig::default().wrap_up_seconds);
+        let caller = match a.status {
+            AgentStatus::OnCall { caller } => caller,
+            _ => 0,
+        };
+        let agent = a.id.clone();
         if let Some(c) = a.call.take() {
+            let talk = now.saturating_duration_since(c.answered_at);
             if let Some(q) = self.queues.get_mut(c.queue) {
                 if q.talk_times.len() >= AHT_SAMPLES {
                     q.talk_times.pop_front();
                 }
-                q.talk_times
-                    .push_back(now.saturating_duration_since(c.answered_at));
+                q.talk_times.push_back(talk);
                 wrap_up = q.wrap_up;
             }
+            self.log(
+                now,
+                c.queue,
+                caller,
+                Some(&agent),
+                QueueEventKind::Complete,
+                |e| {
+                    if let Journal::Queue { talk: t, .. } = e {
+                        *t = Some(talk);
+                    }
+                },
+            );
         }
+        let Some(a) = self.agents.get_mut(i) else {
+            return;
+        };
         a.idle_since = Some(now);
         a.status = match a.pause_after.take() {
             Some(reason) => AgentStatus::Paused { reason },
@@ -1494,6 +1664,16 @@ impl Dispatcher {
                 };
                 a.status = AgentStatus::Ringing { caller: w.caller };
                 a.offer_expires = Some(later(now, q.ring_timeout + OFFER_GRACE));
+                self.journal.push(Journal::Queue {
+                    at: now,
+                    queue: q.name.clone(),
+                    caller: w.caller,
+                    agent: Some(a.id.clone()),
+                    event: QueueEventKind::Offer,
+                    wait: None,
+                    talk: None,
+                    position: None,
+                });
                 self.outbox.push(Action::Offer {
                     caller: w.caller,
                     agent: a.id.clone(),
@@ -1869,14 +2049,29 @@ impl QueueHandle {
     }
 }
 
-/// Run `dispatcher` in a task on `tracker` until `cancel` (or every handle is dropped).
+/// Run `dispatcher` in a task on `tracker` until `cancel` (or every handle is dropped), keeping
+/// no history (the unit tests).
+#[cfg(test)]
 pub(crate) fn spawn_dispatcher(
     dispatcher: Dispatcher,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> QueueHandle {
+    spawn_dispatcher_with_history(dispatcher, History::disabled(), tracker, cancel)
+}
+
+/// Run `dispatcher` in a task on `tracker` until `cancel` (or every handle is dropped),
+/// recording queue events and operators' states in `history`.
+pub(crate) fn spawn_dispatcher_with_history(
+    dispatcher: Dispatcher,
+    history: History,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> QueueHandle {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    tracker.spawn(Driver::new(dispatcher).run(rx, cancel));
+    let mut driver = Driver::new(dispatcher);
+    driver.history = history;
+    tracker.spawn(driver.run(rx, cancel));
     QueueHandle { tx }
 }
 
@@ -1887,6 +2082,10 @@ fn clock() -> Instant {
 struct Driver {
     core: Dispatcher,
     events: HashMap<CallerId, Listener>,
+    history: History,
+    /// Each queued caller's Call-ID, from its entry to its last event (the call may have
+    /// left the registry by the time its operator's call is reported complete).
+    call_ids: HashMap<CallerId, String>,
 }
 
 impl Driver {
@@ -1894,6 +2093,69 @@ impl Driver {
         Driver {
             core,
             events: HashMap::new(),
+            history: History::disabled(),
+            call_ids: HashMap::new(),
+        }
+    }
+
+    /// Hand what the core recorded to the history.
+    fn journal(&mut self, entries: Vec<Journal>) {
+        for e in entries {
+            let r = match e {
+                Journal::Queue {
+                    at,
+                    queue,
+                    caller,
+                    agent,
+                    event,
+                    wait,
+                    talk,
+                    position,
+                } => Record::Queue(QueueEventRecord {
+                    at_ms: crate::history::wall_ms(at),
+                    call_id: {
+                        let id = match self.call_ids.get(&caller) {
+                            Some(id) => Some(id.clone()),
+                            None => self.history.call_id(caller),
+                        };
+                        match (event, &id) {
+                            (QueueEventKind::Enter, Some(id)) => {
+                                self.call_ids.insert(caller, id.clone());
+                            }
+                            (
+                                QueueEventKind::Abandon
+                                | QueueEventKind::Complete
+                                | QueueEventKind::CallbackUnreached,
+                                _,
+                            ) => {
+                                self.call_ids.remove(&caller);
+                            }
+                            _ => {}
+                        }
+                        id
+                    },
+                    queue,
+                    agent,
+                    event,
+                    wait_ms: wait.map(|d| d.as_millis() as i64),
+                    talk_ms: talk.map(|d| d.as_millis() as i64),
+                    position: position.map(|p| p as i64),
+                }),
+                Journal::AgentState {
+                    agent,
+                    state,
+                    reason,
+                    from,
+                    to,
+                } => Record::AgentState(AgentStateRecord {
+                    agent,
+                    state,
+                    reason,
+                    started_ms: crate::history::wall_ms(from),
+                    ended_ms: crate::history::wall_ms(to),
+                }),
+            };
+            self.history.record(r);
         }
     }
 
@@ -1914,7 +2176,12 @@ impl Driver {
                 () = tokio::time::sleep_until(wake) => {}
             }
             self.settle();
+            let entries = self.core.take_journal(clock());
+            self.journal(entries);
         }
+        // Operators' states as they are at the stop end here.
+        let entries = self.core.close_journal(clock());
+        self.journal(entries);
         debug!("queue dispatcher stopped");
     }
 
@@ -2093,6 +2360,99 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The journal: queue events as `queue_log` has them, and each state an operator left
+    /// as a span, on virtual time.
+    #[test]
+    fn the_journal_has_queue_events_and_operators_state_spans() {
+        let mut t = T::new(
+            &[agent("1001", &[], 1)],
+            &[QueueConfig {
+                name: "general".into(),
+                wrap_up_seconds: 10,
+                ..QueueConfig::default()
+            }],
+        );
+        let mut j = Vec::new();
+        t.login(0.0, &["1001"]);
+        assert!(t.d.take_journal(t.t(0.0)).is_empty(), "nothing left yet");
+        t.enqueue(5.0, 7, None);
+        t.poll(5.0);
+        j.extend(t.d.take_journal(t.t(5.0)));
+        t.answer(12.0, 7, "1001");
+        j.extend(t.d.take_journal(t.t(12.0)));
+        t.enqueue(13.0, 8, None);
+        t.d.abandon(t.t(20.0), 8);
+        t.end(72.0, "1001");
+        j.extend(t.d.take_journal(t.t(72.0)));
+        t.poll(82.0);
+        j.extend(t.d.take_journal(t.t(82.0)));
+        let queue: Vec<(QueueEventKind, CallerId, Option<Duration>, Option<Duration>)> = j
+            .iter()
+            .filter_map(|e| match e {
+                Journal::Queue {
+                    event,
+                    caller,
+                    wait,
+                    talk,
+                    ..
+                } => Some((*event, *caller, *wait, *talk)),
+                _ => None,
+            })
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            queue,
+            vec![
+                (QueueEventKind::Enter, 7, None, None),
+                (QueueEventKind::Offer, 7, None, None),
+                (QueueEventKind::Answer, 7, Some(s(7)), None),
+                (QueueEventKind::Enter, 8, None, None),
+                (QueueEventKind::Abandon, 8, Some(s(7)), None),
+                (QueueEventKind::Complete, 7, None, Some(s(60))),
+            ]
+        );
+        let spans: Vec<(&str, Instant, Instant)> = j
+            .iter()
+            .filter_map(|e| match e {
+                Journal::AgentState {
+                    state, from, to, ..
+                } => Some((*state, *from, *to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("available", t.t(0.0), t.t(5.0)),
+                ("ringing", t.t(5.0), t.t(12.0)),
+                ("on_call", t.t(12.0), t.t(72.0)),
+                ("wrap_up", t.t(72.0), t.t(82.0)),
+            ]
+        );
+        t.d.pause("1001", "lunch");
+        assert_eq!(
+            t.d.take_journal(t.t(90.0)),
+            vec![Journal::AgentState {
+                agent: "1001".into(),
+                state: "available",
+                reason: None,
+                from: t.t(82.0),
+                to: t.t(90.0),
+            }]
+        );
+        let closed = t.d.close_journal(t.t(100.0));
+        assert_eq!(
+            closed,
+            vec![Journal::AgentState {
+                agent: "1001".into(),
+                state: "paused",
+                reason: Some("lunch".into()),
+                from: t.t(90.0),
+                to: t.t(100.0),
+            }]
+        );
+    }
 
     #[test]
     fn a_caller_sent_back_by_an_operator_rejoins_at_the_front_with_their_wait() {

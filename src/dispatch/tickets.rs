@@ -651,6 +651,11 @@ impl TicketStore {
         Ok(TicketStore { pool, restrictions })
     }
 
+    /// The database's pool, for the other tables kept in it (call history).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Makes the store read-only (`PRAGMA query_only` on every connection, including ones
     /// opened later) or writable again. While read-only, filing and updates fail with
     /// [`StoreError::ReadOnly`] and reads work: for a maintenance window (a backup copying

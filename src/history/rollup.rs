@@ -1,0 +1,293 @@
+//! The calls report's sums per 15 minutes (UTC) and queue, kept by the writer as it writes
+//! `call_history` (`call_rollup`, `call_rollup_services`), so a report over a year reads
+//! tens of thousands of rows instead of millions (BENCHMARKS.md).
+//!
+//! Derived data, never the record: the same [`report::sums_columns`] over the same rows.
+//! The short-abandon limit and the service-level targets are part of the sums, so when they
+//! change in the config the writer rebuilds the rollup from `call_history` at start
+//! ([`rebuild_if_changed`]). A range that does not start and end on 15-minute boundaries
+//! is computed from `call_history` itself.
+
+use super::report::{self, CallSums, Range, ReportsConfig, SumsRow};
+use super::HistoryError;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use std::collections::BTreeMap;
+
+/// The rollup's granularity.
+pub const BUCKET_MS: i64 = 900_000;
+
+const SUMS: [&str; 17] = [
+    "calls",
+    "answered_by_ivr",
+    "rejected",
+    "offered",
+    "answered",
+    "callbacks_requested",
+    "unanswered",
+    "short_abandoned",
+    "answered_within_target",
+    "answered_wait_ms",
+    "handle_ms",
+    "longest_wait_ms",
+    "callbacks_completed",
+    "callbacks_unreached",
+    "emergency_redirects",
+    "tickets",
+    "self_service",
+];
+
+/// Whether the rollup can answer for `range` (its edges on 15-minute boundaries; every
+/// interval is a whole number of buckets).
+pub fn serves(range: &Range) -> bool {
+    range.from_ms.rem_euclid(BUCKET_MS) == 0 && range.to_ms.rem_euclid(BUCKET_MS) == 0
+}
+
+/// The thresholds as SQL literals (numbers, and queue names quoted).
+fn thresholds(config: &ReportsConfig) -> (String, String) {
+    let short = (config.short_abandon_seconds.saturating_mul(1000)).to_string();
+    let default = config.service_level_seconds.saturating_mul(1000);
+    if config.queue_service_level_seconds.is_empty() {
+        return (short, default.to_string());
+    }
+    let mut target = String::from("CASE queue");
+    for (queue, secs) in &config.queue_service_level_seconds {
+        target.push_str(&format!(
+            " WHEN '{}' THEN {}",
+            queue.replace('\'', "''"),
+            secs.saturating_mul(1000)
+        ));
+    }
+    target.push_str(&format!(" ELSE {default} END"));
+    (short, target)
+}
+
+/// What the rollup was computed with, as kept in `history_meta`.
+fn fingerprint(config: &ReportsConfig) -> String {
+    let (short, target) = thresholds(config);
+    format!("v1 short={short} target={target}")
+}
+
+/// Add the calls with ids `first..=last` (just written) to the rollup.
+pub(crate) async fn add_calls(
+    tx: &mut Transaction<'_, Sqlite>,
+    config: &ReportsConfig,
+    ids: (i64, i64),
+) -> Result<(), sqlx::Error> {
+    add_where(tx, config, "id", ids).await
+}
+
+/// Add the calls whose `column` is in `first..=last`.
+async fn add_where(
+    tx: &mut Transaction<'_, Sqlite>,
+    config: &ReportsConfig,
+    column: &'static str,
+    (first, last): (i64, i64),
+) -> Result<(), sqlx::Error> {
+    let (short, target) = thresholds(config);
+    let updates: Vec<String> = SUMS
+        .iter()
+        .map(|c| match *c {
+            "longest_wait_ms" => format!("{c} = max({c}, excluded.{c})"),
+            _ => format!("{c} = {c} + excluded.{c}"),
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO call_rollup (bucket_ms, queue, {names})
+         SELECT started_ms - started_ms % {BUCKET_MS}, coalesce(queue, ''), {columns}
+         FROM call_history WHERE {column} BETWEEN ?1 AND ?2
+         GROUP BY 1, 2
+         ON CONFLICT (bucket_ms, queue) DO UPDATE SET {updates}",
+        names = SUMS.join(", "),
+        columns = report::sums_columns(&short, &target),
+        updates = updates.join(", "),
+    );
+    sqlx::query(&sql)
+        .bind(first)
+        .bind(last)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(&format!(
+        "INSERT INTO call_rollup_services (bucket_ms, queue, service, tickets)
+         SELECT started_ms - started_ms % {BUCKET_MS}, coalesce(queue, ''),
+                coalesce(ticket_service, ''), count(*)
+         FROM call_history WHERE {column} BETWEEN ?1 AND ?2 AND outcome = 'ticket'
+         GROUP BY 1, 2, 3
+         ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = tickets + excluded.tickets"
+    ))
+    .bind(first)
+    .bind(last)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Call `id` got its wrap-up (`wrap_up_ms`): its handle time grows by that much.
+pub(crate) async fn add_wrap_up(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: i64,
+    wrap_up_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE call_rollup SET handle_ms = handle_ms + ?1
+         WHERE (bucket_ms, queue) = (SELECT started_ms - started_ms % {BUCKET_MS},
+             coalesce(queue, '') FROM call_history WHERE id = ?2 AND queue IS NOT NULL
+             AND agent IS NOT NULL)"
+    ))
+    .bind(wrap_up_ms)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Call `id`'s call-back ended with `result`.
+pub(crate) async fn add_callback_result(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: i64,
+    result: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE call_rollup SET
+             callbacks_completed = callbacks_completed + (?1 = 'served'),
+             callbacks_unreached = callbacks_unreached + (?1 = 'unreached')
+         WHERE (bucket_ms, queue) = (SELECT started_ms - started_ms % {BUCKET_MS},
+             coalesce(queue, '') FROM call_history WHERE id = ?2)"
+    ))
+    .bind(result)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Drop the buckets wholly before `cutoff_ms` (their rows were pruned).
+pub(crate) async fn prune(pool: &SqlitePool, cutoff_ms: i64) -> Result<(), sqlx::Error> {
+    for table in ["call_rollup", "call_rollup_services"] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE bucket_ms + {BUCKET_MS} <= ?"
+        ))
+        .bind(cutoff_ms)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether the rollup was computed with `config`'s thresholds (reports read the calls
+/// themselves until it is).
+pub async fn ready(pool: &SqlitePool, config: &ReportsConfig) -> Result<bool, sqlx::Error> {
+    let have: Option<String> =
+        sqlx::query_scalar("SELECT value FROM history_meta WHERE key = 'rollup_thresholds'")
+            .fetch_optional(pool)
+            .await?;
+    Ok(have.as_deref() == Some(fingerprint(config).as_str()))
+}
+
+/// How much of the history one rebuild transaction covers: the database's write lock (which
+/// ticket filing and the 911 audit also take) is held for one day's calls at a time.
+const REBUILD_CHUNK_MS: i64 = 86_400_000;
+
+/// Rebuild the rollup from `call_history` if it was computed with other thresholds (or
+/// never), a day of calls per transaction. Returns whether it did.
+pub async fn rebuild_if_changed(
+    pool: &SqlitePool,
+    config: &ReportsConfig,
+) -> Result<bool, HistoryError> {
+    if ready(pool, config).await? {
+        return Ok(false);
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM history_meta WHERE key = 'rollup_thresholds'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM call_rollup")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM call_rollup_services")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let (first, last): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT min(started_ms), max(started_ms) FROM call_history")
+            .fetch_one(pool)
+            .await?;
+    if let (Some(first), Some(last)) = (first, last) {
+        // Chunks start on bucket boundaries, so no bucket is split between two.
+        let mut at = first - first.rem_euclid(BUCKET_MS);
+        while at <= last {
+            let mut tx = pool.begin().await?;
+            add_where(
+                &mut tx,
+                config,
+                "started_ms",
+                (at, at + REBUILD_CHUNK_MS - 1),
+            )
+            .await?;
+            tx.commit().await?;
+            at += REBUILD_CHUNK_MS;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO history_meta (key, value) VALUES ('rollup_thresholds', ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(fingerprint(config))
+    .execute(pool)
+    .await?;
+    Ok(true)
+}
+
+/// [`report::call_sums`] from the rollup.
+pub async fn call_sums(
+    pool: &SqlitePool,
+    range: &Range,
+) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
+    let step = range.interval.millis();
+    let sums: Vec<String> = SUMS
+        .iter()
+        .map(|c| match *c {
+            "longest_wait_ms" => format!("coalesce(max({c}), 0) AS {c}"),
+            _ => format!("coalesce(sum({c}), 0) AS {c}"),
+        })
+        .collect();
+    let filter = if range.queue.is_some() {
+        " AND queue = ?4"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT (bucket_ms - ?1) / ?2 AS b, {sums} FROM call_rollup
+         WHERE bucket_ms >= ?1 AND bucket_ms < ?3{filter}
+         GROUP BY b ORDER BY b",
+        sums = sums.join(", ")
+    );
+    let mut q = sqlx::query_as::<_, SumsRow>(&sql)
+        .bind(range.from_ms)
+        .bind(step)
+        .bind(range.to_ms);
+    if let Some(queue) = &range.queue {
+        q = q.bind(queue.clone());
+    }
+    let mut out = BTreeMap::new();
+    for r in q.fetch_all(pool).await? {
+        out.insert(range.from_ms + r.b * step, r.sums());
+    }
+    let sql = format!(
+        "SELECT (bucket_ms - ?1) / ?2 AS b, service, sum(tickets) FROM call_rollup_services
+         WHERE bucket_ms >= ?1 AND bucket_ms < ?3{filter}
+         GROUP BY b, service"
+    );
+    let mut q = sqlx::query_as::<_, (i64, String, i64)>(&sql)
+        .bind(range.from_ms)
+        .bind(step)
+        .bind(range.to_ms);
+    if let Some(queue) = &range.queue {
+        q = q.bind(queue.clone());
+    }
+    for (b, service, n) in q.fetch_all(pool).await? {
+        if let Some(s) = out.get_mut(&(range.from_ms + b * step)) {
+            s.tickets_by_service.insert(service, n.max(0) as u64);
+        }
+    }
+    Ok(out)
+}
