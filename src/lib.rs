@@ -80,7 +80,7 @@ pub mod call;
 pub mod config;
 pub mod dispatch;
 pub mod heartbeat;
-pub mod history;
+pub(crate) mod history;
 pub mod logging;
 pub mod media;
 pub mod menu;

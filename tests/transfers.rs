@@ -643,7 +643,12 @@ async fn metric_is(srv: &ivr311::server::RunningServer, metric: &str, want: f64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blind_refer_to_a_line_connects_the_caller_with_their_number_and_two_way_audio() {
     let mut crisis = Target::bind().await;
-    let srv = start_server(config(vec![line("crisis", "988", crisis.addr(), 20)])).await;
+    let args = serve_args();
+    let srv = start_server_with(
+        args.clone(),
+        config(vec![line("crisis", "988", crisis.addr(), 20)]),
+    )
+    .await;
     let (mut caller, mut op) = caller_with_1001(&srv).await;
     let call_id = caller.call_id.clone();
 
@@ -732,6 +737,22 @@ async fn a_blind_refer_to_a_line_connects_the_caller_with_their_number_and_two_w
     caller.bye().await;
     assert!(crisis.next("BYE", Duration::from_secs(3)).await.is_some());
     srv.shutdown().await;
+
+    // The call history has the transfer among the call's queue events, by the operator.
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", args.db.display()))
+        .await
+        .unwrap();
+    let events: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT event, agent FROM queue_events WHERE call_id = ? ORDER BY id")
+            .bind(&call_id)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    assert!(
+        events.contains(&("transfer".to_owned(), Some("1001".to_owned()))),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -776,6 +776,14 @@ impl Driver {
                 outcome,
                 ticket_note,
             } => {
+                if outcome == "connected" {
+                    let event =
+                        self.facts
+                            .transferred(now(), &self.call_id, record.operator.clone());
+                    if let Some(e) = event {
+                        self.ctx.history.record(crate::history::Record::Queue(e));
+                    }
+                }
                 let store = self.ctx.tickets.clone();
                 let call_id = self.call_id.clone();
                 self.ctx.tracker.spawn(

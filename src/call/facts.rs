@@ -106,6 +106,28 @@ impl Facts {
         }
     }
 
+    /// The caller was transferred by `operator` to `target` at `now`: the queue event the
+    /// history keeps (Asterisk's `TRANSFER`), if the caller came through a queue.
+    pub(crate) fn transferred(
+        &self,
+        now: Instant,
+        call_id: &str,
+        operator: Option<String>,
+    ) -> Option<crate::history::QueueEventRecord> {
+        let q = self.queue.as_ref()?;
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_millis() as i64;
+        Some(crate::history::QueueEventRecord {
+            at_ms: wall_ms(now),
+            call_id: Some(call_id.to_owned()),
+            queue: q.name.clone(),
+            agent: operator.or_else(|| q.agent.clone()),
+            event: crate::history::QueueEventKind::Transfer,
+            wait_ms: q.entered.zip(q.connected).map(|(e, c)| ms(e, c)),
+            talk_ms: q.connected.map(|c| ms(c, now)),
+            position: None,
+        })
+    }
+
     /// The caller's place was handed to a call-back.
     pub(crate) fn callback_kept(&mut self, now: Instant) {
         self.left_queue(now);

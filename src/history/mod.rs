@@ -290,6 +290,7 @@ impl History {
     }
 
     /// Records dropped because the writer was behind.
+    #[cfg(test)]
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
