@@ -29,7 +29,9 @@ use super::SUPPORTED_CODECS;
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::emergency::EmergencyConfig;
 use crate::dispatch::numbers::{CallbackNumber, Unavailable};
-use crate::dispatch::queue::{CallerId, OfferFailure, Position, QueueEvent, Refusal};
+use crate::dispatch::queue::{
+    CallerContext, CallerId, OfferFailure, Position, QueueEvent, Refusal,
+};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket};
 use crate::media::prompt::{ringback, Prompt};
 use crate::media::sdp::{self, Negotiated};
@@ -148,6 +150,8 @@ pub(crate) enum QueueCommand {
     Enqueue {
         queue: String,
         skill: Option<String>,
+        /// Who the caller is, for the operators' consoles.
+        context: CallerContext,
     },
     /// Leave the queue, and stop listening to it.
     Abandon,
@@ -1111,9 +1115,18 @@ impl CallCore {
         // Callers are matched to operators who speak their language unless the menu says
         // otherwise.
         let skill = skill.or_else(|| Some(self.engine.language().to_owned()));
+        let context = CallerContext {
+            number: self.meta.caller.clone(),
+            call_id: self.meta.call_id.clone(),
+            language: self.engine.language().to_owned(),
+            menu_path: menu_path.clone(),
+        };
         self.pending_queue = Some((queue.clone(), menu_path));
-        self.actions
-            .push_back(Action::Queue(QueueCommand::Enqueue { queue, skill }));
+        self.actions.push_back(Action::Queue(QueueCommand::Enqueue {
+            queue,
+            skill,
+            context,
+        }));
     }
 
     fn on_enqueued(&mut self, now: Instant, result: Result<Position, Refusal>) {
@@ -1877,7 +1890,13 @@ mod tests {
             queue_cmds(&out),
             vec![QueueCommand::Enqueue {
                 queue: "general".into(),
-                skill: Some("en".into())
+                skill: Some("en".into()),
+                context: CallerContext {
+                    number: c.meta.caller.clone(),
+                    call_id: c.meta.call_id.clone(),
+                    language: "en".into(),
+                    menu_path: "language:1 > screening:1 > main:0".into(),
+                },
             }]
         );
         let heard = prompts(&out);

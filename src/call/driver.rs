@@ -711,8 +711,13 @@ impl Driver {
         let q = self.ctx.queues.clone()?;
         let caller = self.registry_id;
         match cmd {
-            QueueCommand::Enqueue { queue, skill } => {
+            QueueCommand::Enqueue {
+                queue,
+                skill,
+                context,
+            } => {
                 let (tx, rx) = mpsc::channel(16);
+                q.set_context(caller, context).await;
                 let result = q.enqueue(caller, &queue, skill, 0, tx).await;
                 if result.is_ok() {
                     self.queue_events = Some(rx);

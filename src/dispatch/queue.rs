@@ -138,8 +138,9 @@
 use crate::config::{AgentConfig, QueueConfig, Strategy};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -257,6 +258,41 @@ impl OfferFailure {
             _ => OfferFailure::Unreachable,
         }
     }
+}
+
+/// The longest wrap-up an operator can extend theirs to, from now.
+pub const MAX_WRAP_UP: Duration = Duration::from_secs(3600);
+
+/// What an operator asks for from the console ([`Dispatcher::agent_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRequest {
+    /// Take calls: ends a pause, a no-answer pause or wrap-up, cancels a pause asked for
+    /// during a call, and undoes `SignOff` (available once the phone is registered).
+    Ready,
+    /// Stop taking calls for `reason` (a pause; after the current call if there is one).
+    NotReady { reason: String },
+    /// Log out of the queues while the phone stays registered, until `Ready`. A ringing
+    /// offer is withdrawn at no cost; refused on a call.
+    SignOff,
+    /// End wrap-up now.
+    EndWrapUp,
+    /// Add this much to wrap-up (at most [`MAX_WRAP_UP`] from now in all).
+    ExtendWrapUp(Duration),
+}
+
+/// Why an operator's request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestRefusal {
+    #[error("no such agent")]
+    UnknownAgent,
+    /// Not ready needs a logged-in phone (nothing to pause otherwise).
+    #[error("the agent's phone is not registered")]
+    NotRegistered,
+    /// Logging out is refused on a call (hang up first).
+    #[error("the agent is on a call")]
+    OnCall,
+    #[error("the agent is not in wrap-up")]
+    NotInWrapUp,
 }
 
 /// What the core asks the outside to do.
@@ -377,6 +413,10 @@ pub struct AgentView {
     pub idle_seconds: Option<u64>,
     pub skills: Vec<String>,
     pub tier: u32,
+    /// The agent's phone (or console audio) is registered.
+    pub registered: bool,
+    /// Signed off at the console (logged out while the phone stays registered).
+    pub signed_off: bool,
 }
 
 fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -415,6 +455,11 @@ struct Agent {
     call: Option<Connected>,
     /// Pause requested while ringing or on a call.
     pause_after: Option<String>,
+    /// The agent's phone (or console audio) is registered.
+    registered: bool,
+    /// The operator signed off at the console: logged out while registered, until they ask
+    /// to be ready again.
+    signed_off: bool,
 }
 
 struct Connected {
@@ -592,6 +637,8 @@ impl Dispatcher {
                 offer_expires: None,
                 call: None,
                 pause_after: None,
+                registered: false,
+                signed_off: false,
             });
         }
         for q in queues {
@@ -612,11 +659,14 @@ impl Dispatcher {
         self
     }
 
-    /// `LoggedOut → Available`, idle since `now`. Other states (and unknown ids) unchanged.
+    /// The agent's phone registered: `LoggedOut → Available`, idle since `now`, unless the
+    /// operator signed off at the console ([`AgentRequest::SignOff`]). Other states (and
+    /// unknown ids) unchanged.
     pub fn agent_logged_in(&mut self, now: Instant, agent: &str) {
         self.touch(now);
         if let Some(a) = self.agent_mut(agent) {
-            if a.status == AgentStatus::LoggedOut {
+            a.registered = true;
+            if a.status == AgentStatus::LoggedOut && !a.signed_off {
                 a.status = AgentStatus::Available;
                 a.idle_since = Some(now);
             }
@@ -639,6 +689,7 @@ impl Dispatcher {
                 agent: a.id.clone(),
             });
         }
+        a.registered = false;
         a.status = AgentStatus::LoggedOut;
         a.idle_since = None;
         a.offer_expires = None;
@@ -684,6 +735,124 @@ impl Dispatcher {
             }
             _ => false,
         }
+    }
+
+    /// An operator's own request from the console (see [`AgentRequest`]).
+    pub fn agent_request(
+        &mut self,
+        now: Instant,
+        agent: &str,
+        req: AgentRequest,
+    ) -> Result<(), RequestRefusal> {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return Err(RequestRefusal::UnknownAgent);
+        };
+        let Some(a) = self.agents.get_mut(i) else {
+            return Err(RequestRefusal::UnknownAgent);
+        };
+        match req {
+            AgentRequest::Ready => {
+                a.signed_off = false;
+                match a.status {
+                    AgentStatus::LoggedOut if a.registered => {
+                        a.status = AgentStatus::Available;
+                        a.idle_since = Some(now);
+                    }
+                    // Available as soon as the phone registers.
+                    AgentStatus::LoggedOut => {}
+                    AgentStatus::Paused { .. }
+                    | AgentStatus::NoAnswerPause { .. }
+                    | AgentStatus::WrapUp { .. } => a.status = AgentStatus::Available,
+                    AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                        a.pause_after = None;
+                    }
+                    AgentStatus::Available => {}
+                }
+                Ok(())
+            }
+            AgentRequest::NotReady { reason } => match a.status {
+                AgentStatus::LoggedOut if !a.registered => Err(RequestRefusal::NotRegistered),
+                AgentStatus::LoggedOut => {
+                    a.signed_off = false;
+                    a.idle_since = Some(now);
+                    a.status = AgentStatus::Paused { reason };
+                    Ok(())
+                }
+                AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                    a.pause_after = Some(reason);
+                    Ok(())
+                }
+                _ => {
+                    a.status = AgentStatus::Paused { reason };
+                    Ok(())
+                }
+            },
+            AgentRequest::SignOff => {
+                match a.status {
+                    AgentStatus::OnCall { .. } => return Err(RequestRefusal::OnCall),
+                    AgentStatus::Ringing { caller } => {
+                        self.outbox.push(Action::CancelOffer {
+                            caller,
+                            agent: a.id.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+                a.signed_off = true;
+                a.status = AgentStatus::LoggedOut;
+                a.idle_since = None;
+                a.offer_expires = None;
+                a.pause_after = None;
+                Ok(())
+            }
+            AgentRequest::EndWrapUp => match a.status {
+                AgentStatus::WrapUp { .. } => {
+                    a.status = AgentStatus::Available;
+                    Ok(())
+                }
+                _ => Err(RequestRefusal::NotInWrapUp),
+            },
+            AgentRequest::ExtendWrapUp(by) => match a.status {
+                AgentStatus::WrapUp { until } => {
+                    let most = later(now, MAX_WRAP_UP);
+                    a.status = AgentStatus::WrapUp {
+                        until: later(until, by.min(MAX_WRAP_UP)).min(most),
+                    };
+                    Ok(())
+                }
+                _ => Err(RequestRefusal::NotInWrapUp),
+            },
+        }
+    }
+
+    /// The operator declined the offer ringing for `caller` (from the console): the offer is
+    /// withdrawn (`CancelOffer`, so the call stops ringing the phone) and counts as not
+    /// answered: the agent rests for `no_answer_pause_seconds` and the caller is offered to
+    /// the next agent. `false` unless that agent is ringing for that caller.
+    pub fn decline(&mut self, now: Instant, caller: CallerId, agent: &str) -> bool {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return false;
+        };
+        if !self.agents.get(i).is_some_and(|a| a.ringing_for(caller)) {
+            return false;
+        }
+        debug!(caller, agent, "operator declined the offer");
+        self.outbox.push(Action::CancelOffer {
+            caller,
+            agent: agent.to_owned(),
+        });
+        self.fail_offer(now, i, caller);
+        true
+    }
+
+    /// Where a waiting `caller` is: its queue's name, since when it waits, and whether it is
+    /// a call-back. `None` if it is not waiting.
+    pub fn waiting_info(&self, caller: CallerId) -> Option<(String, Instant, bool)> {
+        let w = self.waiting.get(self.waiting_idx(caller)?)?;
+        let q = self.queues.get(w.queue)?;
+        Some((q.name.clone(), w.since, w.callback.is_some()))
     }
 
     /// Queue a caller. Returns its position at once (no `Announce` for it); offers follow from
@@ -1087,6 +1256,8 @@ impl Dispatcher {
                     idle_seconds,
                     skills: a.skills.clone(),
                     tier: a.tier,
+                    registered: a.registered,
+                    signed_off: a.signed_off,
                 }
             })
             .collect()
@@ -1456,6 +1627,63 @@ pub enum CallbackEvent {
     Queue(QueueEvent),
 }
 
+/// What the call tells the queue about its caller, for the operator's screen
+/// ([`AgentNotice::Offer`]). Personal data (the number): shown to the operator, never
+/// logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CallerContext {
+    /// The caller's number as the call has it (From, or the asserted identity).
+    pub number: String,
+    pub call_id: String,
+    pub language: String,
+    /// How the caller got here, e.g. `language:1 > screening:1 > main:1 > streets:1`.
+    pub menu_path: String,
+}
+
+/// An offer to an operator, with the caller's context.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OfferView {
+    pub agent: String,
+    /// The queue's id of the caller (what `decline` names).
+    pub caller: CallerId,
+    pub queue: String,
+    /// Seconds waited in the queue so far.
+    pub waited_seconds: u64,
+    /// The server called the caller back.
+    pub callback: bool,
+    /// What the call told the queue (`None` for callers queued without it).
+    pub context: Option<Arc<CallerContext>>,
+}
+
+/// What the queue tells operators' consoles ([`QueueHandle::notices`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentNotice {
+    /// An agent's state changed (status, pause reason, caller, wrap-up end).
+    State(AgentView),
+    /// An agent's phone started ringing for a caller.
+    Offer(OfferView),
+}
+
+impl AgentNotice {
+    /// The agent it concerns.
+    pub fn agent(&self) -> &str {
+        match self {
+            AgentNotice::State(v) => &v.id,
+            AgentNotice::Offer(o) => &o.agent,
+        }
+    }
+}
+
+/// One agent as its console sees it: its state, and the caller ringing or connected.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConsoleView {
+    pub agent: AgentView,
+    pub offer: Option<OfferView>,
+}
+
+/// How many notices a slow console may fall behind before it must resynchronise.
+const NOTICE_BUFFER: usize = 256;
+
 /// Where a waiting entry's events go: the caller's own call, or its call-back driver.
 enum Listener {
     Call(mpsc::Sender<QueueEvent>),
@@ -1517,6 +1745,14 @@ enum Cmd {
     Unpause(String, oneshot::Sender<bool>),
     Figures(oneshot::Sender<Vec<QueueFigures>>),
     Agents(oneshot::Sender<Vec<AgentView>>),
+    Context(CallerId, Arc<CallerContext>),
+    Request(
+        String,
+        AgentRequest,
+        oneshot::Sender<Result<(), RequestRefusal>>,
+    ),
+    Decline(CallerId, String, oneshot::Sender<bool>),
+    Console(String, oneshot::Sender<Option<AgentConsoleView>>),
 }
 
 /// A cheap handle on the running dispatcher, for calls and the admin API. Once the driver has
@@ -1524,6 +1760,7 @@ enum Cmd {
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::Sender<Cmd>,
+    notices: broadcast::Sender<AgentNotice>,
 }
 
 impl QueueHandle {
@@ -1632,6 +1869,46 @@ impl QueueHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// Tell the queue who `caller` is, for the operators it is offered to. Send it before
+    /// `enqueue` (commands are handled in order); it is forgotten once the caller is neither
+    /// waiting nor ringing nor connected to an agent.
+    pub async fn set_context(&self, caller: CallerId, context: CallerContext) {
+        self.send(Cmd::Context(caller, Arc::new(context))).await;
+    }
+
+    /// An operator's request from the console ([`Dispatcher::agent_request`]).
+    pub async fn agent_request(
+        &self,
+        agent: &str,
+        req: AgentRequest,
+    ) -> Result<(), RequestRefusal> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Request(agent.to_owned(), req, reply)).await;
+        rx.await.unwrap_or(Err(RequestRefusal::UnknownAgent))
+    }
+
+    /// The operator declined the offer ringing for `caller` ([`Dispatcher::decline`]).
+    pub async fn decline(&self, caller: CallerId, agent: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Decline(caller, agent.to_owned(), reply))
+            .await;
+        rx.await.unwrap_or(false)
+    }
+
+    /// `agent`'s state and current offer or call, as its console shows them.
+    pub async fn console(&self, agent: &str) -> Option<AgentConsoleView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Console(agent.to_owned(), reply)).await;
+        rx.await.ok().flatten()
+    }
+
+    /// Every agent's state changes and offers, from now on. A receiver that falls more than
+    /// a few hundred notices behind gets `Lagged` and should read [`QueueHandle::console`]
+    /// again.
+    pub fn notices(&self) -> broadcast::Receiver<AgentNotice> {
+        self.notices.subscribe()
+    }
+
     async fn send(&self, cmd: Cmd) {
         if self.tx.send(cmd).await.is_err() {
             debug!("queue dispatcher has stopped; command dropped");
@@ -1646,8 +1923,9 @@ pub fn spawn_dispatcher(
     cancel: CancellationToken,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    tracker.spawn(Driver::new(dispatcher).run(rx, cancel));
-    QueueHandle { tx }
+    let (notices, _) = broadcast::channel(NOTICE_BUFFER);
+    tracker.spawn(Driver::new(dispatcher, notices.clone()).run(rx, cancel));
+    QueueHandle { tx, notices }
 }
 
 fn clock() -> Instant {
@@ -1657,13 +1935,24 @@ fn clock() -> Instant {
 struct Driver {
     core: Dispatcher,
     events: HashMap<CallerId, Listener>,
+    /// Who each caller is, for operators' consoles.
+    contexts: HashMap<CallerId, Arc<CallerContext>>,
+    /// The offer (or call) each agent has now, for its console.
+    offers: HashMap<String, OfferView>,
+    notices: broadcast::Sender<AgentNotice>,
+    /// What was last announced of each agent's state.
+    announced: HashMap<String, (AgentStatus, Option<String>)>,
 }
 
 impl Driver {
-    fn new(core: Dispatcher) -> Self {
+    fn new(core: Dispatcher, notices: broadcast::Sender<AgentNotice>) -> Self {
         Driver {
             core,
             events: HashMap::new(),
+            contexts: HashMap::new(),
+            offers: HashMap::new(),
+            notices,
+            announced: HashMap::new(),
         }
     }
 
@@ -1740,7 +2029,75 @@ impl Driver {
                 self.settle();
                 let _ = reply.send(self.core.agents());
             }
+            Cmd::Context(caller, context) => {
+                self.contexts.insert(caller, context);
+            }
+            Cmd::Request(agent, req, reply) => {
+                let _ = reply.send(d.agent_request(now, &agent, req));
+            }
+            Cmd::Decline(caller, agent, reply) => {
+                let _ = reply.send(d.decline(now, caller, &agent));
+            }
+            Cmd::Console(agent, reply) => {
+                self.settle();
+                let view = self
+                    .core
+                    .agents()
+                    .into_iter()
+                    .find(|a| a.id == agent)
+                    .map(|a| AgentConsoleView {
+                        offer: self.offers.get(&a.id).cloned(),
+                        agent: a,
+                    });
+                let _ = reply.send(view);
+            }
         }
+    }
+
+    /// Announce agents whose state changed since the last announcement, and forget offers
+    /// and contexts nobody needs any more.
+    fn announce(&mut self) {
+        let views = self.core.agents();
+        for v in &views {
+            let keep = match &v.status {
+                AgentStatus::Ringing { caller } | AgentStatus::OnCall { caller } => {
+                    self.offers.get(&v.id).is_some_and(|o| o.caller == *caller)
+                }
+                _ => false,
+            };
+            if !keep {
+                self.offers.remove(&v.id);
+            }
+            let key = (v.status.clone(), v.pause_reason.clone());
+            if self.announced.get(&v.id) != Some(&key) {
+                self.announced.insert(v.id.clone(), key);
+                // Nobody listening is fine: consoles read the state when they connect.
+                let _ = self.notices.send(AgentNotice::State(v.clone()));
+            }
+        }
+        let core = &self.core;
+        let offers = &self.offers;
+        self.contexts.retain(|caller, _| {
+            core.waiting_idx(*caller).is_some() || offers.values().any(|o| o.caller == *caller)
+        });
+    }
+
+    /// Note an offer for the agent's console.
+    fn offered(&mut self, now: Instant, caller: CallerId, agent: &str) {
+        let Some((queue, since, callback)) = self.core.waiting_info(caller) else {
+            return;
+        };
+        let offer = OfferView {
+            agent: agent.to_owned(),
+            caller,
+            queue,
+            waited_seconds: now.saturating_duration_since(since).as_secs(),
+            callback,
+            context: self.contexts.get(&caller).cloned(),
+        };
+        self.offers.insert(agent.to_owned(), offer.clone());
+        // The state (ringing) is announced after this, by `announce`.
+        let _ = self.notices.send(AgentNotice::Offer(offer));
     }
 
     /// Abandon callers whose call is gone, poll and deliver until nothing changes.
@@ -1769,11 +2126,17 @@ impl Driver {
         }
         let core = &self.core;
         self.events.retain(|caller, _| core.holds(*caller));
+        self.announce();
     }
 
     /// Hand one action to its caller; `true` if the caller turned out to be gone.
     fn deliver(&mut self, now: Instant, action: Action) -> bool {
         let caller = action.caller();
+        if let Action::Offer { agent, .. } = &action {
+            if self.events.contains_key(&caller) {
+                self.offered(now, caller, agent);
+            }
+        }
         let Some(tx) = self.events.get(&caller) else {
             return false;
         };
