@@ -1021,6 +1021,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         language: None,
         call_id: None,
         callback_requested: false,
+        agent_id: None,
     })
 }
 

@@ -1892,8 +1892,8 @@ mod tests {
                 queue: "general".into(),
                 skill: Some("en".into()),
                 context: CallerContext {
-                    number: c.meta.caller.clone(),
-                    call_id: c.meta.call_id.clone(),
+                    number: c.core.meta.caller.clone(),
+                    call_id: c.core.meta.call_id.clone(),
                     language: "en".into(),
                     menu_path: "language:1 > screening:1 > main:0".into(),
                 },

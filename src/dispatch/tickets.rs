@@ -312,14 +312,17 @@ pub enum Channel {
     Phone,
     /// Filed through the HTTP API (Open311 POST).
     Web,
+    /// Filed by an operator from the console (`agent_id` says who).
+    Operator,
 }
 
 impl Channel {
-    /// The stored spelling: `phone` or `web`.
+    /// The stored spelling: `phone`, `web` or `operator`.
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::Phone => "phone",
             Channel::Web => "web",
+            Channel::Operator => "operator",
         }
     }
 }
@@ -332,11 +335,12 @@ impl fmt::Display for Channel {
 
 impl FromStr for Channel {
     type Err = UnknownValue;
-    /// Parses `phone` or `web`.
+    /// Parses `phone`, `web` or `operator`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "phone" => Ok(Channel::Phone),
             "web" => Ok(Channel::Web),
+            "operator" => Ok(Channel::Operator),
             _ => Err(UnknownValue {
                 kind: "channel",
                 value: s.to_owned(),
@@ -384,6 +388,8 @@ pub struct NewTicket {
     pub call_id: Option<String>,
     /// The caller asked to be called back.
     pub callback_requested: bool,
+    /// The operator who filed it (channel `operator`).
+    pub agent_id: Option<String>,
 }
 
 /// A stored ticket. Serialises with the Open311 GeoReport v2 field names, plus our
@@ -427,6 +433,9 @@ pub struct Ticket {
     pub language: Option<String>,
     pub call_id: Option<String>,
     pub callback_requested: bool,
+    /// The operator who filed it (channel `operator`).
+    #[serde(default)]
+    pub agent_id: Option<String>,
 }
 
 /// Filters for [`TicketStore::list`]; all given filters must match. The default lists the
@@ -537,7 +546,7 @@ const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, st
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested";
+    callback_requested, agent_id";
 
 const AUDIT_COLUMNS: &str =
     "id, at, caller, call_id, menu_path, reason, method, outcome, caller_verified";
@@ -690,9 +699,9 @@ impl TicketStore {
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
                  address_id, lat, long, phone, email, first_name, last_name, media_url, \
-                 recording, channel, language, call_id, callback_requested) \
+                 recording, channel, language, call_id, callback_requested, agent_id) \
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-                 ?, ?, ?, ?, ?)",
+                 ?, ?, ?, ?, ?, ?)",
             )
             .bind(id_sql)
             .bind(&t.service_code)
@@ -718,6 +727,7 @@ impl TicketStore {
             .bind(&t.language)
             .bind(&t.call_id)
             .bind(t.callback_requested)
+            .bind(&t.agent_id)
             .execute(&self.pool)
             .await;
             match result {
@@ -819,6 +829,29 @@ impl TicketStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| fail("list", e))?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+
+    /// The newest tickets (at most `limit`) filed for the caller's number `phone` since
+    /// `since`, newest first: a caller's earlier requests, for the operator's screen.
+    pub async fn by_phone(
+        &self,
+        phone: &str,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        let since = iso(whole_second_utc(since))?;
+        let sql = format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE phone = ? AND requested_datetime >= ? \
+             ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(phone)
+            .bind(since)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("by_phone", e))?;
         rows.iter().map(ticket_from_row).collect()
     }
 
@@ -1053,6 +1086,7 @@ impl Ticket {
             language: t.language,
             call_id: t.call_id,
             callback_requested: t.callback_requested,
+            agent_id: t.agent_id,
         }
     }
 }
@@ -1150,6 +1184,7 @@ fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         language: column(row, "language")?,
         call_id: column(row, "call_id")?,
         callback_requested: column(row, "callback_requested")?,
+        agent_id: column(row, "agent_id")?,
     })
 }
 
@@ -1228,6 +1263,7 @@ mod tests {
             language: Some(format!("lang-{text}")),
             call_id: Some(format!("call-{text}")),
             callback_requested: true,
+            agent_id: Some(format!("agent-{text}")),
         }
     }
 
@@ -2175,13 +2211,48 @@ mod tests {
         let _ = all;
     }
 
+    #[tokio::test]
+    async fn a_callers_earlier_requests_are_found_by_number_newest_first_within_the_window() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        let at = |days_ago: i64| OffsetDateTime::now_utc() - time::Duration::days(days_ago);
+        let mut ids = 10_000_000u64;
+        let mut file = |phone: &str, days_ago: i64, channel: Channel| {
+            ids += 1;
+            let id = ids;
+            let t = NewTicket {
+                phone: Some(phone.into()),
+                channel,
+                agent_id: (channel == Channel::Operator).then(|| "1001".to_owned()),
+                ..pothole()
+            };
+            let store = store.clone();
+            async move { store.file_with(t, at(days_ago), &mut || id).await.unwrap() }
+        };
+        let old = file("+15551230001", 120, Channel::Phone).await;
+        let recent = file("+15551230001", 10, Channel::Phone).await;
+        let newest = file("+15551230001", 1, Channel::Operator).await;
+        let _other = file("+15551230002", 1, Channel::Phone).await;
+        let found = store
+            .by_phone("+15551230001", at(90), 20)
+            .await
+            .unwrap();
+        let numbers: Vec<u64> = found.iter().map(|t| t.service_request_id).collect();
+        assert_eq!(
+            numbers,
+            vec![newest.service_request_id, recent.service_request_id]
+        );
+        assert!(!numbers.contains(&old.service_request_id));
+        assert_eq!(found[0].channel, Channel::Operator);
+        assert_eq!(found[0].agent_id.as_deref(), Some("1001"));
+    }
+
     #[test]
     fn status_and_channel_parse_and_print() {
         for s in [Status::Open, Status::Closed] {
             assert_eq!(s.as_str().parse::<Status>(), Ok(s));
             assert_eq!(s.to_string(), s.as_str());
         }
-        for c in [Channel::Phone, Channel::Web] {
+        for c in [Channel::Phone, Channel::Web, Channel::Operator] {
             assert_eq!(c.as_str().parse::<Channel>(), Ok(c));
         }
         assert!("Open".parse::<Status>().is_err());
