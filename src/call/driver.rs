@@ -717,8 +717,9 @@ impl Driver {
                 context,
             } => {
                 let (tx, rx) = mpsc::channel(16);
-                q.set_context(caller, context).await;
-                let result = q.enqueue(caller, &queue, skill, 0, tx).await;
+                let result = q
+                    .enqueue_with_context(caller, &queue, skill, 0, Some(context), tx)
+                    .await;
                 if result.is_ok() {
                     self.queue_events = Some(rx);
                 }

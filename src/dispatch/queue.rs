@@ -1724,6 +1724,7 @@ enum Cmd {
         queue: String,
         skill: Option<String>,
         priority: i32,
+        context: Option<Arc<CallerContext>>,
         events: mpsc::Sender<QueueEvent>,
         reply: oneshot::Sender<Result<Position, Refusal>>,
     },
@@ -1745,7 +1746,6 @@ enum Cmd {
     Unpause(String, oneshot::Sender<bool>),
     Figures(oneshot::Sender<Vec<QueueFigures>>),
     Agents(oneshot::Sender<Vec<AgentView>>),
-    Context(CallerId, Arc<CallerContext>),
     Request(
         String,
         AgentRequest,
@@ -1774,12 +1774,28 @@ impl QueueHandle {
         priority: i32,
         events: mpsc::Sender<QueueEvent>,
     ) -> Result<Position, Refusal> {
+        self.enqueue_with_context(caller, queue, skill, priority, None, events)
+            .await
+    }
+
+    /// [`QueueHandle::enqueue`], telling the queue who the caller is, for the operators'
+    /// consoles it is offered to ([`AgentNotice::Offer`]).
+    pub async fn enqueue_with_context(
+        &self,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<String>,
+        priority: i32,
+        context: Option<CallerContext>,
+        events: mpsc::Sender<QueueEvent>,
+    ) -> Result<Position, Refusal> {
         let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Enqueue {
             caller,
             queue: queue.to_owned(),
             skill,
             priority,
+            context: context.map(Arc::new),
             events,
             reply,
         };
@@ -1867,13 +1883,6 @@ impl QueueHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Agents(reply)).await;
         rx.await.unwrap_or_default()
-    }
-
-    /// Tell the queue who `caller` is, for the operators it is offered to. Send it before
-    /// `enqueue` (commands are handled in order); it is forgotten once the caller is neither
-    /// waiting nor ringing nor connected to an agent.
-    pub async fn set_context(&self, caller: CallerId, context: CallerContext) {
-        self.send(Cmd::Context(caller, Arc::new(context))).await;
     }
 
     /// An operator's request from the console ([`Dispatcher::agent_request`]).
@@ -1986,12 +1995,16 @@ impl Driver {
                 queue,
                 skill,
                 priority,
+                context,
                 events,
                 reply,
             } => {
                 let r = d.enqueue(now, caller, &queue, skill.as_deref(), priority);
                 if r.is_ok() {
                     self.events.insert(caller, Listener::Call(events));
+                    if let Some(context) = context {
+                        self.contexts.insert(caller, context);
+                    }
                 }
                 let _ = reply.send(r);
             }
@@ -2028,9 +2041,6 @@ impl Driver {
             Cmd::Agents(reply) => {
                 self.settle();
                 let _ = reply.send(self.core.agents());
-            }
-            Cmd::Context(caller, context) => {
-                self.contexts.insert(caller, context);
             }
             Cmd::Request(agent, req, reply) => {
                 let _ = reply.send(d.agent_request(now, &agent, req));
@@ -3175,7 +3185,8 @@ mod tests {
             serde_json::json!([{
                 "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
                 "pause_reason": null, "seconds_left": null, "calls_taken": 0,
-                "idle_seconds": null, "skills": ["en", "es"], "tier": 1
+                "idle_seconds": null, "skills": ["en", "es"], "tier": 1,
+                "registered": true, "signed_off": false
             }])
         );
         let v = serde_json::to_value(t.d.figures()).unwrap();
@@ -3527,6 +3538,181 @@ mod tests {
         );
         assert!(!q.pause("a", "x").await);
         assert!(q.figures().await.is_empty());
+    }
+
+    #[test]
+    fn an_operator_signed_off_at_the_console_stays_out_while_the_phone_registers() {
+        let mut t = T::new(&[agent("a", &[], 1), agent("b", &[], 1)], &[]);
+        t.login(0.0, &["a", "b"]);
+        let now = t.t(1.0);
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::SignOff), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        // A registration refresh from a new address does not log them back in.
+        t.login(2.0, &["a"]);
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        t.enqueue(3.0, 1, None);
+        assert_eq!(offers(&t.poll(3.0)), [(1, "b")]);
+        // Ready: available at once, the phone being registered.
+        let now = t.t(4.0);
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::Ready), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        let view = t.d.agents().into_iter().find(|v| v.id == "a").unwrap();
+        assert!(view.registered && !view.signed_off);
+        // Ready without a registered phone: available once it registers.
+        let now = t.t(5.0);
+        t.d.agent_request(now, "a", AgentRequest::SignOff).unwrap();
+        t.d.agent_logged_out(now, "a");
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::Ready), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        assert_eq!(
+            t.d.agent_request(now, "a", AgentRequest::NotReady { reason: "break".into() }),
+            Err(RequestRefusal::NotRegistered)
+        );
+        t.login(6.0, &["a"]);
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        assert_eq!(
+            t.d.agent_request(now, "zz", AgentRequest::Ready),
+            Err(RequestRefusal::UnknownAgent)
+        );
+    }
+
+    #[test]
+    fn not_ready_skips_the_agent_and_ready_takes_calls_again() {
+        let mut t = T::new(&[agent("a", &[], 1), agent("b", &[], 2)], &[]);
+        t.login(0.0, &["a", "b"]);
+        let now = t.t(1.0);
+        let lunch = AgentRequest::NotReady {
+            reason: "lunch".into(),
+        };
+        t.d.agent_request(now, "a", lunch).unwrap();
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::Paused {
+                reason: "lunch".into()
+            }
+        );
+        t.enqueue(2.0, 1, None);
+        // `a` is the better tier but not ready: `b` rings.
+        assert_eq!(offers(&t.poll(2.0)), [(1, "b")]);
+        let now = t.t(3.0);
+        t.d.agent_request(now, "a", AgentRequest::Ready).unwrap();
+        t.enqueue(3.0, 2, None);
+        assert_eq!(offers(&t.poll(3.0)), [(2, "a")]);
+        // Signing off while ringing withdraws the offer; the caller is offered again.
+        let now = t.t(4.0);
+        t.d.agent_request(now, "a", AgentRequest::SignOff).unwrap();
+        assert_eq!(cancels(&t.poll(4.0)), [(2, "a")]);
+        // On a call, signing off is refused.
+        t.answer(5.0, 1, "b");
+        let now = t.t(5.0);
+        assert_eq!(
+            t.d.agent_request(now, "b", AgentRequest::SignOff),
+            Err(RequestRefusal::OnCall)
+        );
+    }
+
+    #[test]
+    fn wrap_up_ends_early_or_is_extended_within_a_bound() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 30,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.answer(2.0, 1, "a");
+        t.end(10.0, "a");
+        assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(40.0) });
+        let now = t.t(11.0);
+        assert_eq!(
+            t.d.agent_request(now, "a", AgentRequest::ExtendWrapUp(Duration::from_secs(60))),
+            Ok(())
+        );
+        assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(100.0) });
+        // Never past MAX_WRAP_UP from now.
+        t.d.agent_request(now, "a", AgentRequest::ExtendWrapUp(Duration::from_secs(99_999)))
+            .unwrap();
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::WrapUp {
+                until: now + MAX_WRAP_UP
+            }
+        );
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::EndWrapUp), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        assert_eq!(
+            t.d.agent_request(now, "a", AgentRequest::EndWrapUp),
+            Err(RequestRefusal::NotInWrapUp)
+        );
+    }
+
+    #[test]
+    fn a_declined_offer_is_withdrawn_and_counts_as_no_answer() {
+        let mut t = abc(Strategy::LongestIdle);
+        t.enqueue(1.0, 1, None);
+        let first = offers(&t.poll(1.0))[0].1.to_owned();
+        let now = t.t(2.0);
+        // Only the agent it rings for can decline it.
+        let other = if first == "a" { "b" } else { "a" };
+        assert!(!t.d.decline(now, 1, other));
+        assert!(t.d.decline(now, 1, &first));
+        let out = t.poll(2.0);
+        assert_eq!(cancels(&out), [(1, first.as_str())]);
+        assert!(matches!(t.status(&first), AgentStatus::NoAnswerPause { .. }));
+        // The caller keeps its place and rings the next agent at once.
+        assert_eq!(offers(&out).len(), 1);
+        assert_ne!(offers(&out)[0].1, first);
+    }
+
+    #[tokio::test]
+    async fn driver_tells_consoles_of_offers_with_the_callers_context_and_of_state_changes() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(&[agent("a", &[], 1)], &[]);
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        let mut notices = q.notices();
+        q.agent_logged_in("a").await;
+        let ctx = CallerContext {
+            number: "+15551230001".into(),
+            call_id: "c1@example".into(),
+            language: "es".into(),
+            menu_path: "language:2 > screening:1 > main:0".into(),
+        };
+        let (tx, _rx) = mpsc::channel(8);
+        q.enqueue_with_context(7, "general", None, 0, Some(ctx.clone()), tx)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while !seen.iter().any(|n| matches!(n, AgentNotice::State(v) if v.state == "ringing")) {
+            seen.push(notices.recv().await.unwrap());
+        }
+        let offer = seen
+            .iter()
+            .find_map(|n| match n {
+                AgentNotice::Offer(o) => Some(o.clone()),
+                _ => None,
+            })
+            .expect("an offer notice");
+        assert_eq!((offer.agent.as_str(), offer.caller), ("a", 7));
+        assert_eq!(offer.context.as_deref(), Some(&ctx));
+        let view = q.console("a").await.unwrap();
+        assert_eq!(view.offer.map(|o| o.caller), Some(7));
+        // Declined: the console hears the no-answer pause.
+        assert!(q.decline(7, "a").await);
+        loop {
+            if let AgentNotice::State(v) = notices.recv().await.unwrap() {
+                if v.state == "no_answer_pause" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(q.console("a").await.unwrap().offer, None);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[tokio::test]
