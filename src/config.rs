@@ -16,6 +16,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::api::console::ConsoleConfig;
 pub use crate::logging::LogConfig;
 pub use crate::media::ports::{parse_port_range, PortRange};
 pub use crate::sip::registrar::RegistrarConfig;
@@ -65,6 +66,8 @@ pub struct FileConfig {
     pub agents: Vec<AgentConfig>,
     /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
     pub queues: Vec<QueueConfig>,
+    /// The operator console in the browser (`/console`).
+    pub console: ConsoleConfig,
     pub callback: CallbackConfig,
     pub registrar: RegistrarConfig,
     pub trunks: TrunksConfig,

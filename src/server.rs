@@ -379,6 +379,11 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             file.open311.post_rate_per_minute,
             file.open311.post_burst,
         ))),
+        console: Arc::new(api::console::Console::new(
+            file.console.clone(),
+            &file.agents,
+            cancel.clone(),
+        )),
     });
     tracker.spawn(api::serve::run(
         listener,

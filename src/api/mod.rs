@@ -1,11 +1,12 @@
 //! The HTTP API (axum): `/health` and `/health/ready` ([`health`]), Open311 GeoReport v2 under
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
-//! `/metrics` ([`admin`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
+//! `/metrics` ([`admin`]), the operator console under `/console` ([`console`]), served by [`serve`] (header-read and idle timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
 //! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers.
 
 pub mod admin;
+pub mod console;
 pub mod health;
 pub mod open311;
 pub mod ratelimit;
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub recordings: std::path::PathBuf,
     /// `POST requests` allowance per Open311 API key.
     pub open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
+    /// The operator console's sessions and settings.
+    pub console: Arc<console::Console>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -53,6 +56,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/ready", get(health::ready))
         .nest("/open311/v2", open311::router())
         .merge(admin::router(state.clone()))
+        .merge(console::router(state.clone()))
         .with_state(state)
 }
 

@@ -67,6 +67,18 @@ impl CallRegistry {
         }
     }
 
+    /// Hang up the call the registry knows as `id` (the queue's caller id), e.g. for the
+    /// operator it is connected to. False if there is none.
+    pub fn hangup_id(&self, id: u64) -> bool {
+        match self.calls.get(&id) {
+            Some(c) => {
+                c.hangup.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(crate) fn update(&self, id: u64, language: &str, state: &str) {
         if let Some(mut c) = self.calls.get_mut(&id) {
             if c.language != language {

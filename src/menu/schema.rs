@@ -468,7 +468,7 @@ impl MenuFile {
     pub fn path_in_words(&self, path: &str) -> PathInWords {
         let mut words: Vec<String> = Vec::new();
         let mut service_code = None;
-        let mut say = |w: String, words: &mut Vec<String>| {
+        let say = |w: String, words: &mut Vec<String>| {
             if words.last() != Some(&w) {
                 words.push(w);
             }
