@@ -513,3 +513,61 @@ async fn a_ticket_filed_from_the_console_is_found_over_open311_with_channel_oper
     assert_eq!(v["state"], "available");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_911_button_sends_the_caller_to_911_with_their_number() {
+    let psap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("sip:911@{}", psap.local_addr().unwrap());
+    let mut file = agents_config(&["1001"], 20, 5);
+    file.emergency = bridge_911_to(&uri).emergency;
+    // The caller comes through a trusted trunk that asserts their number.
+    file.trunks.allow = vec!["127.0.0.1".parse().unwrap()];
+    let srv = start_server(file).await;
+    let phone = TestAgent::login(srv.sip_addr, "1001").await;
+    let c = Console::login(srv.http_addr, "1001").await;
+    // Not on a call: nothing to transfer.
+    let (status, _) = c
+        .post("/console/api/call/transfer", json!({"to": "911"}))
+        .await;
+    assert_eq!(status, 409);
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    let (_, ok) = caller
+        .call_with(
+            "0 101",
+            "P-Asserted-Identity: <sip:+15550001111@127.0.0.1>\r\n",
+        )
+        .await;
+    assert_eq!(ok.code, 200);
+    caller.listen(Duration::from_millis(200)).await;
+    caller.keys("110").await;
+    let inv = phone.request("INVITE", Duration::from_secs(5)).await;
+    phone.reply(&inv, 200, "OK", Some(phone.answer_sdp())).await;
+    phone.request("ACK", Duration::from_secs(3)).await;
+    assert_eq!(until_state(srv.http_addr, "1001", "on_call").await, "on_call");
+    let (status, _) = c
+        .post("/console/api/call/transfer", json!({"to": "555"}))
+        .await;
+    assert_eq!(status, 400);
+
+    let (status, v) = c
+        .post("/console/api/call/transfer", json!({"to": "911"}))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    // The operator's phone is hung up; the 911 centre is called with the caller's number.
+    phone.request("BYE", Duration::from_secs(5)).await;
+    let mut buf = vec![0u8; 65535];
+    let invite = loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(10), psap.recv_from(&mut buf))
+            .await
+            .expect("an INVITE to 911")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        if text.starts_with("INVITE ") {
+            break text;
+        }
+    };
+    assert!(invite.contains("+15550001111"), "{invite}");
+    let (_, audit) = common::http(srv.http_addr, "GET", "/admin/emergency", &[], b"").await;
+    assert!(audit.contains("operator 1001 transferred the caller to 911"), "{audit}");
+    srv.shutdown().await;
+}

@@ -136,6 +136,8 @@ pub(crate) enum Input {
     CallbackFiled(bool),
     /// An admin hangs the call up.
     AdminHangup,
+    /// The operator the caller is talking to sends them to 911 (from the console).
+    OperatorSendsTo911,
     /// The server's drain time is over.
     Closing,
     /// The server is stopping.
@@ -570,6 +572,7 @@ impl CallCore {
             Input::CallbackClaimed(claimed, number) => self.callback_claimed(claimed, number),
             Input::CallbackKept(result) => self.callback_kept(result),
             Input::CallbackFiled(ok) => self.callback_filed(ok),
+            Input::OperatorSendsTo911 => self.operator_sends_to_911(),
             Input::AdminHangup => {
                 info!("hung up by an admin");
                 self.finish(now, EndReason::Admin);
@@ -990,6 +993,27 @@ impl CallCore {
                 .push_back(Action::CloseRecording { report: false });
         }
         self.drain_emergency();
+    }
+
+    /// The operator talking to the caller sends them to 911: the operator's leg ends (their
+    /// call is over, as if they had hung up) and the caller is redirected as the menu's 911
+    /// key would, audited the same way. Ignored unless the caller is with an operator.
+    fn operator_sends_to_911(&mut self) {
+        let Some(agent) = self.queued().and_then(|q| q.connected.clone()) else {
+            return;
+        };
+        info!(%agent, "operator sends the caller to 911");
+        self.forget_operator_leg(LegEnd::HangUpAndRelease);
+        self.actions
+            .push_back(Action::Queue(QueueCommand::CallEnded(agent.clone())));
+        self.actions
+            .push_back(Action::Queue(QueueCommand::StopListening));
+        let path = format!("{} > operator:911", self.engine.menu_path());
+        self.outcome = Some("emergency");
+        self.start_emergency(
+            Some(format!("operator {agent} transferred the caller to 911")),
+            path,
+        );
     }
 
     /// Carry out what the 911 redirect asks.
@@ -1944,6 +1968,37 @@ mod tests {
         assert_eq!(dropped(&out, leg), Some(LegEnd::HangUpAndRelease));
         assert_eq!(ended(&out), Some(EndReason::CallerHungUp));
         assert!(!hangs_up_caller(&out));
+    }
+
+    #[test]
+    fn an_operator_sends_the_caller_to_911_their_leg_ends_and_the_redirect_is_audited() {
+        let (mut c, _) = Call::verified();
+        c.queued();
+        // Not with an operator yet: nothing happens.
+        assert!(c.input(Input::OperatorSendsTo911).is_empty());
+        let out = c.offer("1001");
+        let (leg, _) = placed(&out).unwrap();
+        c.leg(leg, answer());
+        let out = c.input(Input::OperatorSendsTo911);
+        assert_eq!(dropped(&out, leg), Some(LegEnd::HangUpAndRelease));
+        assert_eq!(
+            queue_cmds(&out),
+            vec![
+                QueueCommand::CallEnded("1001".into()),
+                QueueCommand::StopListening
+            ]
+        );
+        let audit = out
+            .iter()
+            .find_map(|a| match a {
+                Action::AuditStart(e) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("audited before the redirect");
+        assert!(audit.menu_path.ends_with("operator:911"), "{audit:?}");
+        assert!(prompts(&out).contains(&"connecting_911".to_owned()));
+        assert_eq!(bridge(&out), Some(None), "the operator's bridge ends");
+        assert!(ended(&out).is_none(), "the caller stays on the line");
     }
 
     #[test]

@@ -393,6 +393,8 @@ pub(crate) async fn run_call(
     let no_media = Duration::from_secs(ctx.limits.no_media_seconds);
     let (media, mut notes) = ctx.clock.attach(port, media, no_media, Span::current());
     let hangup = ctx.registry.hangup_token(registry_id);
+    let to_911 = ctx.registry.to_911_token(registry_id);
+    let mut sent_to_911 = false;
     let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
     let call_id = meta.call_id.clone();
     let mut core = CallCore::new(now(), config, menu, meta, registry_id, caller_media);
@@ -425,6 +427,10 @@ pub(crate) async fn run_call(
             biased;
             _ = cancel.cancelled() => core.handle(now(), Input::Shutdown),
             _ = hangup.cancelled() => core.handle(now(), Input::AdminHangup),
+            _ = to_911.cancelled(), if !sent_to_911 => {
+                sent_to_911 = true;
+                core.handle(now(), Input::OperatorSendsTo911);
+            }
             _ = d.ctx.closing.cancelled(), if !closing => {
                 closing = true;
                 core.handle(now(), Input::Closing);

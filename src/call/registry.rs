@@ -22,6 +22,8 @@ pub struct CallInfo {
     pub state: String,
     /// Cancelled by an admin to hang the call up.
     pub hangup: CancellationToken,
+    /// Cancelled when the operator the caller is talking to sends them to 911.
+    pub to_911: CancellationToken,
 }
 
 /// Live calls, shared with the HTTP API.
@@ -77,6 +79,26 @@ impl CallRegistry {
             }
             None => false,
         }
+    }
+
+    /// Send the caller of call `id` (the queue's caller id), who is talking to an operator,
+    /// to 911 the way the menu would. False if there is no such call.
+    pub fn send_to_911(&self, id: u64) -> bool {
+        match self.calls.get(&id) {
+            Some(c) => {
+                c.to_911.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The token [`CallRegistry::send_to_911`] cancels for call `id`.
+    pub(crate) fn to_911_token(&self, id: u64) -> CancellationToken {
+        self.calls
+            .get(&id)
+            .map(|c| c.to_911.clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn update(&self, id: u64, language: &str, state: &str) {

@@ -263,6 +263,7 @@ async fn setup_call(
         language: ctx.default_language.clone(),
         state: "answering".into(),
         hangup: CancellationToken::new(),
+        to_911: CancellationToken::new(),
     });
     match &offered {
         Some((offer, neg)) => {

@@ -338,7 +338,12 @@
     b.addEventListener("click", () => hook("sendDtmf", k));
     $("keypad").appendChild(b);
   }
-  $("btn-911").addEventListener("click", () => { if (hook("transfer", "911")) say(t("transferring")); });
+  // 911 always goes through the server (the menu's own 911 redirect, audited), whatever the
+  // phone or the browser's audio can do.
+  $("btn-911").addEventListener("click", async () => {
+    const r = await request("/console/api/call/transfer", { to: "911" });
+    if (r.status === 202) say(t("transferring"));
+  });
   $("transfer-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const to = $("transfer-to").value.trim();

@@ -19,6 +19,7 @@
 //! | POST | `/console/api/wrap-up/end`, `/console/api/wrap-up/extend` | end wrap-up now; add `{"seconds"}` (default `console.wrap_up_extend_seconds`) |
 //! | POST | `/console/api/offer/decline` | `{"caller"}`: decline the offer ringing (as if unanswered) |
 //! | POST | `/console/api/call/hangup` | hang up the call the agent is on (the caller's side too) |
+//! | POST | `/console/api/call/transfer` | `{"to": "911"}`: send the caller to 911 the way the menu does (`emergency:`), audited; the agent's leg ends |
 //! | GET | `/console/api/services` | the loaded menu's services (as Open311 lists them) |
 //! | POST | `/console/api/requests` | file a ticket: `channel: operator`, the agent's id, the caller's number and call from the agent's current call |
 //! | GET | `/console/api/requests/{id}` | one ticket, with the caller's details |
@@ -229,6 +230,7 @@ pub fn router(state: ApiState) -> Router<ApiState> {
         .route("/console/api/wrap-up/extend", post(wrap_up_extend))
         .route("/console/api/offer/decline", post(decline))
         .route("/console/api/call/hangup", post(hangup))
+        .route("/console/api/call/transfer", post(transfer))
         .route("/console/api/services", get(services))
         .route("/console/api/requests", post(file_request))
         .route("/console/api/requests/{id}", get(get_request).post(update_request))
@@ -876,6 +878,45 @@ async fn hangup(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(StatusCode::CONFLICT, "the call has already ended")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transfer {
+    to: String,
+}
+
+async fn transfer(
+    State(s): State<ApiState>,
+    Extension(agent): Extension<Agent>,
+    body: axum::body::Bytes,
+) -> Response {
+    let q = match queues(&s) {
+        Ok(q) => q.clone(),
+        Err(r) => return r,
+    };
+    let b: Transfer = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if b.to != "911" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the server transfers to 911 only (\"to\": \"911\"); transfer elsewhere from the phone",
+        );
+    }
+    let Some(call) = current_call(&q, &agent.id).await else {
+        return error(StatusCode::CONFLICT, "you are not on a call");
+    };
+    if s.registry.send_to_911(call.caller) {
+        warn!(agent = %agent.id, caller = call.caller, "operator sends the caller to 911");
+        StatusCode::ACCEPTED.into_response()
+    } else {
+        error(
+            StatusCode::CONFLICT,
+            "this call cannot be sent to 911 from here (a call-back); use the phone's transfer",
+        )
     }
 }
 
