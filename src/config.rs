@@ -740,6 +740,16 @@ mod tests {
         assert!(FileConfig::default().media.batch_sends);
     }
 
+    /// The console settings the example shows are the defaults.
+    #[test]
+    fn the_example_shows_the_console_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.console, ConsoleConfig::default());
+        let bad = FileConfig::parse(&path, "console:\n  not_ready_reason: [x]\n").unwrap_err();
+        assert!(bad.to_string().contains("not_ready_reason"), "{bad}");
+    }
+
     /// The HTTP and Open311 limits the example shows are the defaults, as it says.
     #[test]
     fn the_example_shows_the_http_defaults() {

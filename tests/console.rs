@@ -200,7 +200,10 @@ async fn an_operator_logs_in_with_a_strict_cookie_and_a_wrong_password_is_refuse
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(attr), "{cookie}");
     }
-    assert!(!cookie.contains("Secure"), "no Secure without console.secure_cookies");
+    assert!(
+        !cookie.contains("Secure"),
+        "no Secure without console.secure_cookies"
+    );
 
     let c = Console::login(srv.http_addr, "1001").await;
     let (status, me) = c.get("/console/api/session").await;
@@ -226,7 +229,9 @@ async fn an_operator_logs_in_with_a_strict_cookie_and_a_wrong_password_is_refuse
     let (status, head, body) = request(srv.http_addr, "GET", "/console", &[], "").await;
     assert_eq!(status, 200);
     assert!(body.contains("console.js"), "{body}");
-    assert!(head.to_ascii_lowercase().contains("content-security-policy"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-security-policy"));
     srv.shutdown().await;
 }
 
@@ -251,11 +256,17 @@ async fn log_ins_are_refused_after_repeated_failures_per_id_and_per_address() {
 async fn a_state_change_without_the_csrf_token_is_refused() {
     let srv = start_server(agents_config(&["1001"], 20, 5)).await;
     let _phone = TestAgent::login(srv.sip_addr, "1001").await;
-    assert_eq!(until_state(srv.http_addr, "1001", "available").await, "available");
+    assert_eq!(
+        until_state(srv.http_addr, "1001", "available").await,
+        "available"
+    );
     let c = Console::login(srv.http_addr, "1001").await;
     let body = json!({"state": "not_ready", "reason": "break"}).to_string();
     for headers in [
-        vec![("Cookie", c.cookie.as_str()), ("Content-Type", "application/json")],
+        vec![
+            ("Cookie", c.cookie.as_str()),
+            ("Content-Type", "application/json"),
+        ],
         vec![
             ("Cookie", c.cookie.as_str()),
             ("Content-Type", "application/json"),
@@ -283,15 +294,24 @@ async fn a_state_change_without_the_csrf_token_is_refused() {
     assert_eq!(status, 415);
     // A reason the config does not list is refused.
     let (status, _) = c
-        .post("/console/api/state", json!({"state": "not_ready", "reason": "nap"}))
+        .post(
+            "/console/api/state",
+            json!({"state": "not_ready", "reason": "nap"}),
+        )
         .await;
     assert_eq!(status, 400);
     let (status, v) = c
-        .post("/console/api/state", json!({"state": "not_ready", "reason": "break"}))
+        .post(
+            "/console/api/state",
+            json!({"state": "not_ready", "reason": "break"}),
+        )
         .await;
     assert_eq!(status, 200, "{v}");
     let a = admin_agent(srv.http_addr, "1001").await;
-    assert_eq!((a["state"].as_str(), a["pause_reason"].as_str()), (Some("paused"), Some("break")));
+    assert_eq!(
+        (a["state"].as_str(), a["pause_reason"].as_str()),
+        (Some("paused"), Some("break"))
+    );
     srv.shutdown().await;
 }
 
@@ -300,10 +320,16 @@ async fn a_not_ready_operator_is_skipped_and_logged_out_stays_out_while_the_phon
     let srv = start_server(agents_config(&["1001", "1002"], 20, 5)).await;
     let first = TestAgent::login(srv.sip_addr, "1001").await;
     let second = TestAgent::login(srv.sip_addr, "1002").await;
-    assert_eq!(until_state(srv.http_addr, "1002", "available").await, "available");
+    assert_eq!(
+        until_state(srv.http_addr, "1002", "available").await,
+        "available"
+    );
     let c = Console::login(srv.http_addr, "1001").await;
     let (status, v) = c
-        .post("/console/api/state", json!({"state": "not_ready", "reason": "lunch"}))
+        .post(
+            "/console/api/state",
+            json!({"state": "not_ready", "reason": "lunch"}),
+        )
         .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["state"], "paused");
@@ -313,7 +339,10 @@ async fn a_not_ready_operator_is_skipped_and_logged_out_stays_out_while_the_phon
     let _caller = caller_pressing(srv.sip_addr, "110").await;
     let inv = second.request("INVITE", Duration::from_secs(5)).await;
     assert!(inv.header("X-311-Queue").is_some());
-    assert!(first.recv(Duration::from_millis(300)).await.is_none(), "1001 was rung");
+    assert!(
+        first.recv(Duration::from_millis(300)).await.is_none(),
+        "1001 was rung"
+    );
     second.reply(&inv, 486, "Busy Here", None).await;
 
     // The caller waits (1002 rests after its busy); logged out at the console, 1001 stays
@@ -327,9 +356,14 @@ async fn a_not_ready_operator_is_skipped_and_logged_out_stays_out_while_the_phon
     let a = admin_agent(srv.http_addr, "1001").await;
     assert_eq!(a["state"], "logged_out", "{a}");
     assert_eq!(a["signed_off"], true, "{a}");
-    assert!(again.recv(Duration::from_millis(300)).await.is_none(), "rung while logged out");
+    assert!(
+        again.recv(Duration::from_millis(300)).await.is_none(),
+        "rung while logged out"
+    );
     // Ready again: the waiting caller rings 1001 at once.
-    let (status, v) = c.post("/console/api/state", json!({"state": "ready"})).await;
+    let (status, v) = c
+        .post("/console/api/state", json!({"state": "ready"}))
+        .await;
     assert_eq!(status, 200, "{v}");
     let inv = again.request("INVITE", Duration::from_secs(5)).await;
     assert!(inv.header("X-311-Queue").is_some());
@@ -474,7 +508,10 @@ async fn a_ticket_filed_from_the_console_is_found_over_open311_with_channel_oper
     let public: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(public[0]["service_code"], "pothole");
     assert_eq!(public[0]["address"], "100 Main St");
-    assert!(!body.contains("+15550001111"), "no caller's number in Open311");
+    assert!(
+        !body.contains("+15550001111"),
+        "no caller's number in Open311"
+    );
     let stored = srv.tickets.get(id.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(stored.channel, Channel::Operator);
     assert_eq!(stored.agent_id.as_deref(), Some("1001"));
@@ -504,8 +541,13 @@ async fn a_ticket_filed_from_the_console_is_found_over_open311_with_channel_oper
     assert_eq!(status, 204, "{v}");
     caller.expect_request("BYE", Duration::from_secs(5)).await;
     events.next("call_ended", Duration::from_secs(5)).await;
-    assert_eq!(until_state(srv.http_addr, "1001", "wrap_up").await, "wrap_up");
-    let (status, v) = c.post("/console/api/wrap-up/extend", json!({"seconds": 120})).await;
+    assert_eq!(
+        until_state(srv.http_addr, "1001", "wrap_up").await,
+        "wrap_up"
+    );
+    let (status, v) = c
+        .post("/console/api/wrap-up/extend", json!({"seconds": 120}))
+        .await;
     assert_eq!(status, 200, "{v}");
     assert!(v["seconds_left"].as_u64().unwrap() > 100, "{v}");
     let (status, v) = c.post("/console/api/wrap-up/end", json!({})).await;
@@ -543,7 +585,10 @@ async fn the_911_button_sends_the_caller_to_911_with_their_number() {
     let inv = phone.request("INVITE", Duration::from_secs(5)).await;
     phone.reply(&inv, 200, "OK", Some(phone.answer_sdp())).await;
     phone.request("ACK", Duration::from_secs(3)).await;
-    assert_eq!(until_state(srv.http_addr, "1001", "on_call").await, "on_call");
+    assert_eq!(
+        until_state(srv.http_addr, "1001", "on_call").await,
+        "on_call"
+    );
     let (status, _) = c
         .post("/console/api/call/transfer", json!({"to": "555"}))
         .await;
@@ -568,6 +613,9 @@ async fn the_911_button_sends_the_caller_to_911_with_their_number() {
     };
     assert!(invite.contains("+15550001111"), "{invite}");
     let (_, audit) = common::http(srv.http_addr, "GET", "/admin/emergency", &[], b"").await;
-    assert!(audit.contains("operator 1001 transferred the caller to 911"), "{audit}");
+    assert!(
+        audit.contains("operator 1001 transferred the caller to 911"),
+        "{audit}"
+    );
     srv.shutdown().await;
 }

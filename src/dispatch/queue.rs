@@ -3565,7 +3565,13 @@ mod tests {
         assert_eq!(t.d.agent_request(now, "a", AgentRequest::Ready), Ok(()));
         assert_eq!(t.status("a"), AgentStatus::LoggedOut);
         assert_eq!(
-            t.d.agent_request(now, "a", AgentRequest::NotReady { reason: "break".into() }),
+            t.d.agent_request(
+                now,
+                "a",
+                AgentRequest::NotReady {
+                    reason: "break".into()
+                }
+            ),
             Err(RequestRefusal::NotRegistered)
         );
         t.login(6.0, &["a"]);
@@ -3628,13 +3634,21 @@ mod tests {
         assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(40.0) });
         let now = t.t(11.0);
         assert_eq!(
-            t.d.agent_request(now, "a", AgentRequest::ExtendWrapUp(Duration::from_secs(60))),
+            t.d.agent_request(
+                now,
+                "a",
+                AgentRequest::ExtendWrapUp(Duration::from_secs(60))
+            ),
             Ok(())
         );
         assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(100.0) });
         // Never past MAX_WRAP_UP from now.
-        t.d.agent_request(now, "a", AgentRequest::ExtendWrapUp(Duration::from_secs(99_999)))
-            .unwrap();
+        t.d.agent_request(
+            now,
+            "a",
+            AgentRequest::ExtendWrapUp(Duration::from_secs(99_999)),
+        )
+        .unwrap();
         assert_eq!(
             t.status("a"),
             AgentStatus::WrapUp {
@@ -3661,7 +3675,10 @@ mod tests {
         assert!(t.d.decline(now, 1, &first));
         let out = t.poll(2.0);
         assert_eq!(cancels(&out), [(1, first.as_str())]);
-        assert!(matches!(t.status(&first), AgentStatus::NoAnswerPause { .. }));
+        assert!(matches!(
+            t.status(&first),
+            AgentStatus::NoAnswerPause { .. }
+        ));
         // The caller keeps its place and rings the next agent at once.
         assert_eq!(offers(&out).len(), 1);
         assert_ne!(offers(&out)[0].1, first);
@@ -3686,7 +3703,10 @@ mod tests {
             .await
             .unwrap();
         let mut seen = Vec::new();
-        while !seen.iter().any(|n| matches!(n, AgentNotice::State(v) if v.state == "ringing")) {
+        while !seen
+            .iter()
+            .any(|n| matches!(n, AgentNotice::State(v) if v.state == "ringing"))
+        {
             seen.push(notices.recv().await.unwrap());
         }
         let offer = seen

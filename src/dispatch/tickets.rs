@@ -2232,10 +2232,7 @@ mod tests {
         let recent = file("+15551230001", 10, Channel::Phone).await;
         let newest = file("+15551230001", 1, Channel::Operator).await;
         let _other = file("+15551230002", 1, Channel::Phone).await;
-        let found = store
-            .by_phone("+15551230001", at(90), 20)
-            .await
-            .unwrap();
+        let found = store.by_phone("+15551230001", at(90), 20).await.unwrap();
         let numbers: Vec<u64> = found.iter().map(|t| t.service_request_id).collect();
         assert_eq!(
             numbers,

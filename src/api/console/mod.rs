@@ -74,7 +74,7 @@ const SCRIPT: &str = include_str!("../../../web/console/console.js");
 const STYLE: &str = include_str!("../../../web/console/console.css");
 
 /// The `console:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleConfig {
     /// Reasons an operator can give for Not ready. Default
@@ -233,7 +233,10 @@ pub fn router(state: ApiState) -> Router<ApiState> {
         .route("/console/api/call/transfer", post(transfer))
         .route("/console/api/services", get(services))
         .route("/console/api/requests", post(file_request))
-        .route("/console/api/requests/{id}", get(get_request).post(update_request))
+        .route(
+            "/console/api/requests/{id}",
+            get(get_request).post(update_request),
+        )
         .route_layer(middleware::from_fn_with_state(state, guard));
     Router::new()
         .route("/console", get(page))
@@ -285,7 +288,10 @@ async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Respo
         return error(StatusCode::UNAUTHORIZED, "log in first");
     };
     let Some(session) = s.console.lock_sessions().touch(Instant::now(), &token) else {
-        return error(StatusCode::UNAUTHORIZED, "the session has ended; log in again");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "the session has ended; log in again",
+        );
     };
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
     if !reads {
@@ -336,7 +342,10 @@ async fn page() -> Response {
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }
 
@@ -348,9 +357,32 @@ async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}")))
+/// Why a console request was refused before its handler could act.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The JSON body does not fit the route (400).
+    #[error("body: {0}")]
+    Body(#[from] serde_json::Error),
+    /// The server has no agents, hence no queues (404).
+    #[error("no operators are configured")]
+    NoOperators,
+    /// A request number in the path that is not one (400).
+    #[error("{0:?} is not a request number")]
+    NotARequestNumber(String),
+}
+
+impl IntoResponse for ConsoleError {
+    fn into_response(self) -> Response {
+        let code = match self {
+            ConsoleError::Body(_) | ConsoleError::NotARequestNumber(_) => StatusCode::BAD_REQUEST,
+            ConsoleError::NoOperators => StatusCode::NOT_FOUND,
+        };
+        error(code, self.to_string())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ConsoleError> {
+    Ok(serde_json::from_slice(body)?)
 }
 
 #[derive(Deserialize)]
@@ -385,7 +417,7 @@ async fn login(
     }
     let l: Login = match parse(&body) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if l.agent.len() > 64 || l.password.len() > 256 {
         return error(StatusCode::BAD_REQUEST, "agent or password too long");
@@ -405,9 +437,7 @@ async fn login(
     }
     if !s.console.check_password(&l.agent, &l.password) {
         let known = s.console.operators.contains_key(&l.agent);
-        s.console
-            .lock_limiter()
-            .failed(now, &l.agent, known, ip);
+        s.console.lock_limiter().failed(now, &l.agent, known, ip);
         warn!(agent = %l.agent, %ip, "console log-in failed");
         return error(StatusCode::UNAUTHORIZED, "wrong agent id or password");
     }
@@ -436,7 +466,9 @@ async fn logout(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -
     if let Some(q) = &s.queues {
         match q.agent_request(&agent.id, AgentRequest::SignOff).await {
             Ok(()) | Err(RequestRefusal::UnknownAgent) => {}
-            Err(why) => warn!(agent = %agent.id, %why, "operator logged out of the console; still in the queues"),
+            Err(why) => {
+                warn!(agent = %agent.id, %why, "operator logged out of the console; still in the queues")
+            }
         }
     }
     s.console.lock_sessions().remove(&agent.token);
@@ -447,10 +479,8 @@ async fn logout(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -
     r
 }
 
-fn queues(s: &ApiState) -> Result<&QueueHandle, Response> {
-    s.queues
-        .as_ref()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "no operators are configured"))
+fn queues(s: &ApiState) -> Result<&QueueHandle, ConsoleError> {
+    s.queues.as_ref().ok_or(ConsoleError::NoOperators)
 }
 
 /// An offer (or the call it became) as the page shows it.
@@ -558,7 +588,11 @@ async fn session_info(State(s): State<ApiState>, Extension(agent): Extension<Age
         .touch(Instant::now(), &agent.token)
         .map(|x| x.csrf);
     let (snap, _) = snapshot(&s, &agent.id).await;
-    let name = s.console.operators.get(&agent.id).and_then(|o| o.name.clone());
+    let name = s
+        .console
+        .operators
+        .get(&agent.id)
+        .and_then(|o| o.name.clone());
     let mut r = Json(json!({
         "agent": agent.id,
         "name": name,
@@ -640,7 +674,7 @@ impl Stream {
 async fn events(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if !s
         .console
@@ -750,11 +784,11 @@ async fn set_state(
 ) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: SetState = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let req = match (b.state.as_str(), b.reason) {
         ("ready", None) => AgentRequest::Ready,
@@ -785,7 +819,7 @@ async fn set_state(
 async fn wrap_up_end(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     after_request(&s, &agent, &q, AgentRequest::EndWrapUp).await
 }
@@ -804,19 +838,17 @@ async fn wrap_up_extend(
 ) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: Extend = if body.is_empty() {
         Extend::default()
     } else {
         match parse(&body) {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(e) => return e.into_response(),
         }
     };
-    let secs = b
-        .seconds
-        .unwrap_or(s.console.config.wrap_up_extend_seconds);
+    let secs = b.seconds.unwrap_or(s.console.config.wrap_up_extend_seconds);
     after_request(
         &s,
         &agent,
@@ -839,11 +871,11 @@ async fn decline(
 ) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: Decline = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if q.decline(b.caller, &agent.id).await {
         info!(agent = %agent.id, caller = b.caller, "operator declined an offer");
@@ -868,7 +900,7 @@ async fn current_call(q: &QueueHandle, agent: &str) -> Option<OfferView> {
 async fn hangup(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Some(call) = current_call(&q, &agent.id).await else {
         return error(StatusCode::CONFLICT, "you are not on a call");
@@ -894,11 +926,11 @@ async fn transfer(
 ) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: Transfer = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if b.to != "911" {
         return error(
@@ -966,8 +998,7 @@ fn text_field(
     if t.chars().count() > max {
         return Err(format!("{name} longer than {max} characters"));
     }
-    if t
-        .chars()
+    if t.chars()
         .any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t')))
     {
         return Err(format!("{name} holds control characters"));
@@ -1003,13 +1034,16 @@ async fn file_request(
 ) -> Response {
     let b: FileRequest = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let menu = s.menu.get();
     let Some(service) = crate::api::open311::find_service(&menu.file, &b.service_code) else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("service_code {:?} is not a service of the menu", b.service_code),
+            format!(
+                "service_code {:?} is not a service of the menu",
+                b.service_code
+            ),
         );
     };
     let fields = (|| {
@@ -1042,7 +1076,10 @@ async fn file_request(
         description,
         address,
         zipcode,
-        phone: ctx.as_ref().map(|c| c.number.clone()).filter(|n| !n.is_empty()),
+        phone: ctx
+            .as_ref()
+            .map(|c| c.number.clone())
+            .filter(|n| !n.is_empty()),
         language: ctx.as_ref().map(|c| c.language.clone()),
         call_id: ctx.as_ref().map(|c| c.call_id.clone()),
         callback_requested: call.as_ref().is_some_and(|c| c.callback),
@@ -1059,15 +1096,15 @@ async fn file_request(
     }
 }
 
-fn request_id(id: &str) -> Result<u64, Response> {
+fn request_id(id: &str) -> Result<u64, ConsoleError> {
     id.parse::<u64>()
-        .map_err(|_| error(StatusCode::BAD_REQUEST, format!("{id:?} is not a request number")))
+        .map_err(|_| ConsoleError::NotARequestNumber(id.to_owned()))
 }
 
 async fn get_request(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let id = match request_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match s.tickets.get(id).await {
         Ok(Some(t)) => Json(ticket_json(&t)).into_response(),
@@ -1092,11 +1129,11 @@ async fn update_request(
 ) -> Response {
     let id = match request_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: UpdateRequest = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Ok(status) = b.status.parse::<Status>() else {
         return error(
@@ -1130,11 +1167,7 @@ mod tests {
             tier: 1,
             name: None,
         };
-        Console::new(
-            ConsoleConfig::default(),
-            &[agent],
-            CancellationToken::new(),
-        )
+        Console::new(ConsoleConfig::default(), &[agent], CancellationToken::new())
     }
 
     #[test]

@@ -229,7 +229,11 @@ impl LoginLimiter {
     pub fn failed(&mut self, now: Instant, id: &str, known: bool, ip: IpAddr) {
         self.make_room(now);
         if known {
-            self.by_id.entry(id.to_owned()).or_default().0.push_back(now);
+            self.by_id
+                .entry(id.to_owned())
+                .or_default()
+                .0
+                .push_back(now);
         }
         self.by_ip
             .entry(ip.to_canonical())
@@ -283,7 +287,10 @@ mod tests {
         assert_eq!(a.token.len(), 64);
         assert_ne!(a.token, a.csrf);
         let got = s.touch(t0 + Duration::from_secs(50), &a.token).unwrap();
-        assert_eq!((got.agent.as_str(), got.csrf.as_str()), ("1001", a.csrf.as_str()));
+        assert_eq!(
+            (got.agent.as_str(), got.csrf.as_str()),
+            ("1001", a.csrf.as_str())
+        );
         assert!(s.touch(t0, "not-a-token").is_none());
         // Used at 50 s: alive until 110 s.
         assert!(s.touch(t0 + Duration::from_secs(105), &a.token).is_some());
@@ -344,7 +351,10 @@ mod tests {
             l.failed(at(i), "1001", true, ip);
         }
         // The id is locked from every address; the address for every id.
-        assert_eq!(l.check(at(10), "1001", other), Err(Duration::from_secs(290)));
+        assert_eq!(
+            l.check(at(10), "1001", other),
+            Err(Duration::from_secs(290))
+        );
         assert!(l.check(at(10), "1002", ip).is_err());
         assert_eq!(l.check(at(10), "1002", other), Ok(()));
         // Open again once the first failure leaves the window.
