@@ -35,7 +35,7 @@
       session_over: "Your session has ended. Log in again.", saved: "Request saved.",
       updated: "Request updated.", not_found: "No such request.", failed: "That did not work:",
       call_ended: "The call has ended.", offline: "Connection lost; reconnecting…",
-      transferring: "Transferring…",
+      transferring: "Transferring…", choose_service: "Choose a service…",
     },
     es: {
       title: "Consola de operador 311", agent: "Agente", ready: "Disponible", not_ready: "No disponible",
@@ -61,7 +61,7 @@
       session_over: "Su sesión terminó. Inicie sesión de nuevo.", saved: "Solicitud guardada.",
       updated: "Solicitud actualizada.", not_found: "No existe esa solicitud.", failed: "No funcionó:",
       call_ended: "La llamada terminó.", offline: "Conexión perdida; reconectando…",
-      transferring: "Transfiriendo…",
+      transferring: "Transfiriendo…", choose_service: "Elija un servicio…",
     },
   };
 
@@ -83,6 +83,7 @@
     $("lang-en").setAttribute("aria-pressed", String(lang === "en"));
     $("lang-es").setAttribute("aria-pressed", String(lang === "es"));
     fillReasons();
+    if (st.services.length) { const keep = $("t-service").value; fillServices(); $("t-service").value = keep; }
     showState();
     showOffer();
   }
@@ -190,6 +191,7 @@
   function onSnapshot(d) {
     st.state = d.state || null;
     st.offer = d.offer || null;
+    if (st.offer) st.offer.received = Date.now();
     showState(); showOffer();
   }
 
@@ -202,6 +204,7 @@
   }
 
   function onOffer(o) {
+    o.received = Date.now();
     st.offer = o;
     prefill(o);
     showOffer();
@@ -261,6 +264,17 @@
     ring = null;
   }
 
+  // Seconds waited so far: what the server said at the offer, plus the time since.
+  function waited(o) {
+    return o.waited_seconds + Math.floor((Date.now() - (o.received || Date.now())) / 1000);
+  }
+  const LANGS = { en: "English", es: "Español" };
+  setInterval(() => {
+    const o = st.offer;
+    if (!o || !st.state || st.state.state !== "ringing") return;
+    $("c-waited").textContent = `${waited(o)} ${t("seconds")}`;
+  }, 1000);
+
   function showOffer() {
     const o = st.offer;
     const state = st.state && st.state.state;
@@ -268,7 +282,7 @@
     $("banner").hidden = !ringing;
     if (ringing) {
       $("banner-number").textContent = o.number || "";
-      const bits = [o.queue, o.language, `${o.waited_seconds} ${t("seconds")}`];
+      const bits = [o.queue, LANGS[o.language] || o.language, `${waited(o)} ${t("seconds")}`];
       if (o.callback) bits.push(t("callback"));
       $("banner-detail").textContent = bits.filter(Boolean).join(" · ");
       startRing();
@@ -285,10 +299,10 @@
     hist.textContent = "";
     if (!o) return;
     $("c-number").textContent = o.number || "";
-    $("c-language").textContent = o.language || "";
+    $("c-language").textContent = LANGS[o.language] || o.language || "";
     $("c-path").textContent = o.menu_words || o.menu_path || "";
     $("c-queue").textContent = o.queue || "";
-    $("c-waited").textContent = `${o.waited_seconds} ${t("seconds")}`;
+    $("c-waited").textContent = `${waited(o)} ${t("seconds")}`;
     $("c-callback").textContent = o.callback ? t("yes") : t("no");
     if (!o.history || !o.history.length) {
       const tr = document.createElement("tr");
@@ -355,6 +369,9 @@
   function fillServices() {
     const sel = $("t-service");
     sel.textContent = "";
+    const pick = document.createElement("option");
+    pick.value = ""; pick.textContent = t("choose_service");
+    sel.appendChild(pick);
     const groups = new Map();
     for (const s of st.services) {
       const g = s.group || "";
