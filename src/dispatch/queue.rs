@@ -52,6 +52,16 @@
 //! after this call"); `unpause` also ends a no-answer pause early. Pausing does not change
 //! how long an agent counts as idle (as in both Asterisk and FreeSWITCH).
 //!
+//! An operator's own requests from the console ([`Dispatcher::agent_request`]): `Ready`
+//! (ends a pause, a no-answer pause or wrap-up), `NotReady` (a pause with a reason),
+//! `EndWrapUp`, `ExtendWrapUp` (at most [`MAX_WRAP_UP`] from now), and `SignOff`: logged out
+//! while the phone stays registered. A signed-off agent stays `LoggedOut` through
+//! registrations until `Ready` (the core tracks `registered` apart from the status for this).
+//! [`Dispatcher::decline`] is the no-answer rule asked for by the operator: `CancelOffer`,
+//! then the failed offer's rest. The driver tells consoles of offers (with the
+//! [`CallerContext`] the call gave at `enqueue`) and of every agent's state change
+//! ([`AgentNotice`], [`QueueHandle::notices`]).
+//!
 //! If the call never reports an offer's outcome, the core gives up `ring_timeout + 5 s` after
 //! the offer: `CancelOffer`, then treated as no answer, so a lost report cannot hold an agent.
 //!

@@ -391,7 +391,6 @@
 
   function prefill(o) {
     if (o && o.service_code) $("t-service").value = o.service_code;
-    if (o && o.zipcode) $("t-zip").value = o.zipcode;
     $("filed").hidden = true;
   }
 

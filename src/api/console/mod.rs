@@ -424,8 +424,9 @@ async fn login(
     }
     let now = Instant::now();
     let ip = remote.ip();
-    if let Err(wait) = s.console.lock_limiter().check(now, &l.agent, ip) {
-        warn!(agent = %l.agent, %ip, "console log-in refused: too many failed attempts");
+    let known = s.console.operators.contains_key(&l.agent);
+    if let Err(wait) = s.console.lock_limiter().begin(now, &l.agent, known, ip) {
+        warn!(agent = ?l.agent, %ip, "console log-in refused: too many failed attempts");
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed log-ins; try again later",
@@ -436,12 +437,10 @@ async fn login(
         return r;
     }
     if !s.console.check_password(&l.agent, &l.password) {
-        let known = s.console.operators.contains_key(&l.agent);
-        s.console.lock_limiter().failed(now, &l.agent, known, ip);
-        warn!(agent = %l.agent, %ip, "console log-in failed");
+        warn!(agent = ?l.agent, %ip, "console log-in failed");
         return error(StatusCode::UNAUTHORIZED, "wrong agent id or password");
     }
-    s.console.lock_limiter().succeeded(&l.agent);
+    s.console.lock_limiter().succeeded(now, &l.agent, ip);
     let new = s.console.lock_sessions().create(now, &l.agent);
     info!(agent = %l.agent, %ip, "operator logged in to the console");
     let name = s
@@ -909,7 +908,10 @@ async fn hangup(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -
         info!(agent = %agent.id, caller = call.caller, "operator hung up from the console");
         StatusCode::NO_CONTENT.into_response()
     } else {
-        error(StatusCode::CONFLICT, "the call has already ended")
+        error(
+            StatusCode::CONFLICT,
+            "no live call for this caller here (it ended, or it is a call-back: hang up on the phone)",
+        )
     }
 }
 

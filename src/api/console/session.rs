@@ -8,7 +8,8 @@
 //! * [`LoginLimiter`]: failed log-ins counted per agent id and per source address in a sliding
 //!   window; at the limit, log-ins for that id, or from that address, are refused until the
 //!   oldest failure leaves the window (even with the right password, so guessing cannot go on
-//!   by waiting for one lucky answer).
+//!   by waiting for one lucky answer). An attempt counts as a failure from the moment it
+//!   begins until it succeeds, so attempts sent in parallel cannot outrun the limit.
 
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
@@ -203,8 +204,20 @@ impl LoginLimiter {
         }
     }
 
-    /// `Err(retry_after)` while log-ins for `id` or from `ip` are refused.
-    pub fn check(&mut self, now: Instant, id: &str, ip: IpAddr) -> Result<(), Duration> {
+    /// A log-in attempt for `id` from `ip` begins: `Err(retry_after)` while log-ins for that
+    /// id or from that address are refused; otherwise the attempt is counted as a failure
+    /// at once (so attempts made in parallel cannot outrun the limit) until
+    /// [`LoginLimiter::succeeded`] takes it back. `known` says whether `id` is an agent
+    /// (unknown ids count only against the address, so nobody can fill the table with
+    /// made-up ids).
+    pub fn begin(
+        &mut self,
+        now: Instant,
+        id: &str,
+        known: bool,
+        ip: IpAddr,
+    ) -> Result<(), Duration> {
+        let ip = ip.to_canonical();
         let (max, window) = (self.max, self.window);
         let wait = |f: Option<&mut Failures>| -> Option<Duration> {
             let f = f?;
@@ -217,16 +230,10 @@ impl LoginLimiter {
             Some(window.saturating_sub(now.saturating_duration_since(*t)))
         };
         let a = wait(self.by_id.get_mut(id));
-        let b = wait(self.by_ip.get_mut(&ip.to_canonical()));
-        match a.max(b) {
-            Some(d) => Err(d.max(Duration::from_secs(1))),
-            None => Ok(()),
+        let b = wait(self.by_ip.get_mut(&ip));
+        if let Some(d) = a.max(b) {
+            return Err(d.max(Duration::from_secs(1)));
         }
-    }
-
-    /// A failed log-in for `id` from `ip`. `known` says whether `id` is an agent (unknown ids
-    /// count only against the address, so nobody can fill the table with made-up ids).
-    pub fn failed(&mut self, now: Instant, id: &str, known: bool, ip: IpAddr) {
         self.make_room(now);
         if known {
             self.by_id
@@ -235,16 +242,19 @@ impl LoginLimiter {
                 .0
                 .push_back(now);
         }
-        self.by_ip
-            .entry(ip.to_canonical())
-            .or_default()
-            .0
-            .push_back(now);
+        self.by_ip.entry(ip).or_default().0.push_back(now);
+        Ok(())
     }
 
-    /// A successful log-in for `id`: its failures are forgotten (the address's are not).
-    pub fn succeeded(&mut self, id: &str) {
+    /// The attempt [`LoginLimiter::begin`] counted at `at` succeeded: it is taken back, and
+    /// the id's earlier failures are forgotten (the address's are not).
+    pub fn succeeded(&mut self, at: Instant, id: &str, ip: IpAddr) {
         self.by_id.remove(id);
+        if let Some(f) = self.by_ip.get_mut(&ip.to_canonical()) {
+            if let Some(i) = f.0.iter().rposition(|t| *t == at) {
+                f.0.remove(i);
+            }
+        }
     }
 
     fn make_room(&mut self, now: Instant) {
@@ -346,30 +356,38 @@ mod tests {
         let mut l = LoginLimiter::new(3, Duration::from_secs(300));
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let other: IpAddr = "192.0.2.8".parse().unwrap();
+        // Three attempts begun (say, in parallel): a fourth is refused before any answer.
         for i in 0..3 {
-            assert_eq!(l.check(at(i), "1001", ip), Ok(()));
-            l.failed(at(i), "1001", true, ip);
+            assert_eq!(l.begin(at(i), "1001", true, ip), Ok(()));
         }
-        // The id is locked from every address; the address for every id.
         assert_eq!(
-            l.check(at(10), "1001", other),
+            l.begin(at(10), "1001", true, other),
             Err(Duration::from_secs(290))
         );
-        assert!(l.check(at(10), "1002", ip).is_err());
-        assert_eq!(l.check(at(10), "1002", other), Ok(()));
+        // The address is spent for every id; another address may try another id.
+        assert!(l.begin(at(10), "1002", true, ip).is_err());
+        assert_eq!(l.begin(at(10), "1002", true, other), Ok(()));
+        l.succeeded(at(10), "1002", other);
         // Open again once the first failure leaves the window.
-        assert_eq!(l.check(at(300), "1001", other), Ok(()));
+        assert_eq!(l.begin(at(300), "1001", true, other), Ok(()));
         // Unknown ids count only against the address.
+        let mut l = LoginLimiter::new(3, Duration::from_secs(300));
         for i in 0..3 {
-            l.failed(at(400 + i), "nobody", false, other);
+            l.begin(at(i), &format!("nobody{i}"), false, other).unwrap();
         }
-        assert!(l.check(at(410), "nobody", ip).is_ok());
-        assert!(l.check(at(410), "1002", other).is_err());
-        // Success clears the id.
+        assert!(l.begin(at(5), "1002", true, ip).is_ok());
+        assert!(l.begin(at(5), "1002", true, other).is_err());
+        // A success takes its attempt back and clears the id.
         let mut l = LoginLimiter::new(2, Duration::from_secs(300));
-        l.failed(at(0), "1001", true, ip);
-        l.succeeded("1001");
-        l.failed(at(1), "1001", true, other);
-        assert_eq!(l.check(at(2), "1001", "192.0.2.9".parse().unwrap()), Ok(()));
+        l.begin(at(0), "1001", true, ip).unwrap();
+        l.begin(at(1), "1001", true, ip).unwrap();
+        l.succeeded(at(1), "1001", ip);
+        assert_eq!(l.begin(at(2), "1001", true, other), Ok(()));
+        // The address keeps its one failure (at 0): one more attempt, then it is spent.
+        assert_eq!(l.begin(at(3), "1003", true, ip), Ok(()));
+        assert_eq!(
+            l.begin(at(4), "1004", true, ip),
+            Err(Duration::from_secs(296))
+        );
     }
 }
