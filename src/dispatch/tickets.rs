@@ -1312,6 +1312,78 @@ mod tests {
         );
     }
 
+    /// A database from before operator tickets: the table is rebuilt to take `channel:
+    /// operator` and `agent_id`, and the rows it held are kept whole.
+    #[tokio::test]
+    async fn tickets_from_before_operator_tickets_are_kept_whole() {
+        let db = TempDb::new("operator-migration");
+        let old_migrations = std::env::temp_dir().join(format!(
+            "ivr311-pre-operator-migrations-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&old_migrations).unwrap();
+        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        for f in std::fs::read_dir(&here).unwrap() {
+            let name = f.unwrap().file_name();
+            if name.to_string_lossy().as_ref() < "20261201000001" {
+                std::fs::copy(here.join(&name), old_migrations.join(&name)).unwrap();
+            }
+        }
+        let t = full_ticket("old");
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(&db.0)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            Migrator::new(old_migrations.as_path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
+                 description, requested_datetime, updated_datetime, zipcode, phone, recording, \
+                 channel, callback_requested) \
+                 VALUES (33333333, ?, ?, 'open', ?, '2026-01-01T00:00:00Z', \
+                 '2026-01-01T00:00:00Z', ?, ?, ?, 'phone', ?)",
+            )
+            .bind(&t.service_code)
+            .bind(&t.service_name)
+            .bind(&t.description)
+            .bind(&t.zipcode)
+            .bind(&t.phone)
+            .bind(&t.recording)
+            .bind(t.callback_requested)
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        std::fs::remove_dir_all(&old_migrations).unwrap();
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let got = store.get(33_333_333).await.unwrap().unwrap();
+        assert_eq!(got.service_code, t.service_code);
+        assert_eq!(got.description, t.description);
+        assert_eq!(got.zipcode, t.zipcode);
+        assert_eq!(got.phone, t.phone);
+        assert_eq!(got.recording, t.recording);
+        assert_eq!(got.callback_requested, t.callback_requested);
+        assert_eq!((got.channel, got.agent_id), (Channel::Phone, None));
+        let op = store
+            .file(NewTicket {
+                channel: Channel::Operator,
+                agent_id: Some("1001".into()),
+                ..pothole()
+            })
+            .await
+            .unwrap();
+        let op = store.get(op.service_request_id).await.unwrap().unwrap();
+        assert_eq!(op.channel, Channel::Operator);
+        assert_eq!(op.agent_id.as_deref(), Some("1001"));
+    }
+
     /// A database filed by a build that kept a phone ticket's recording in `media_url`: the
     /// migration moves it to `recording`, so it is no longer published.
     #[tokio::test]
