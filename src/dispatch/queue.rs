@@ -55,7 +55,7 @@
 //! An operator's own requests from the console ([`Dispatcher::agent_request`]): `Ready`
 //! (ends a pause, a no-answer pause or wrap-up), `NotReady` (a pause with a reason),
 //! `EndWrapUp`, `ExtendWrapUp` (at most [`MAX_WRAP_UP`] from now), and `SignOff`: logged out
-//! while the phone stays registered. A signed-off agent stays `LoggedOut` through
+//! while the phone stays registered (after the current call, if there is one). A signed-off agent stays `LoggedOut` through
 //! registrations until `Ready` (the core tracks `registered` apart from the status for this).
 //! [`Dispatcher::decline`] is the no-answer rule asked for by the operator: `CancelOffer`,
 //! then the failed offer's rest. The driver tells consoles of offers (with the
@@ -282,7 +282,7 @@ pub enum AgentRequest {
     /// Stop taking calls for `reason` (a pause; after the current call if there is one).
     NotReady { reason: String },
     /// Log out of the queues while the phone stays registered, until `Ready`. A ringing
-    /// offer is withdrawn at no cost; refused on a call.
+    /// offer is withdrawn at no cost; on a call, it takes effect when the call ends.
     SignOff,
     /// End wrap-up now.
     EndWrapUp,
@@ -298,9 +298,6 @@ pub enum RequestRefusal {
     /// Not ready needs a logged-in phone (nothing to pause otherwise).
     #[error("the agent's phone is not registered")]
     NotRegistered,
-    /// Logging out is refused on a call (hang up first).
-    #[error("the agent is on a call")]
-    OnCall,
     #[error("the agent is not in wrap-up")]
     NotInWrapUp,
 }
@@ -799,8 +796,11 @@ impl Dispatcher {
                 }
             },
             AgentRequest::SignOff => {
+                a.signed_off = true;
+                a.pause_after = None;
                 match a.status {
-                    AgentStatus::OnCall { .. } => return Err(RequestRefusal::OnCall),
+                    // Logged out when the call ends.
+                    AgentStatus::OnCall { .. } => return Ok(()),
                     AgentStatus::Ringing { caller } => {
                         self.outbox.push(Action::CancelOffer {
                             caller,
@@ -809,11 +809,9 @@ impl Dispatcher {
                     }
                     _ => {}
                 }
-                a.signed_off = true;
                 a.status = AgentStatus::LoggedOut;
                 a.idle_since = None;
                 a.offer_expires = None;
-                a.pause_after = None;
                 Ok(())
             }
             AgentRequest::EndWrapUp => match a.status {
@@ -1436,6 +1434,10 @@ impl Dispatcher {
         }
         a.idle_since = Some(now);
         a.status = match a.pause_after.take() {
+            _ if a.signed_off => {
+                a.idle_since = None;
+                AgentStatus::LoggedOut
+            }
             Some(reason) => AgentStatus::Paused { reason },
             None => AgentStatus::WrapUp {
                 until: later(now, wrap_up),
@@ -3618,13 +3620,13 @@ mod tests {
         let now = t.t(4.0);
         t.d.agent_request(now, "a", AgentRequest::SignOff).unwrap();
         assert_eq!(cancels(&t.poll(4.0)), [(2, "a")]);
-        // On a call, signing off is refused.
+        // On a call, signing off takes effect when the call ends.
         t.answer(5.0, 1, "b");
         let now = t.t(5.0);
-        assert_eq!(
-            t.d.agent_request(now, "b", AgentRequest::SignOff),
-            Err(RequestRefusal::OnCall)
-        );
+        assert_eq!(t.d.agent_request(now, "b", AgentRequest::SignOff), Ok(()));
+        assert_eq!(t.status("b"), AgentStatus::OnCall { caller: 1 });
+        t.end(9.0, "b");
+        assert_eq!(t.status("b"), AgentStatus::LoggedOut);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! | --- | --- | --- |
 //! | GET | `/console` | the page (plus `/console/console.js`, `/console/console.css`) |
 //! | POST | `/console/login` | `{"agent", "password"}` → the session (cookie) and its `csrf_token` |
-//! | POST | `/console/logout` | sign the agent off (out of the queues) and end the session |
+//! | POST | `/console/logout` | sign the agent off (out of the queues; after the current call) and end the session |
 //! | GET | `/console/api/session` | the agent, its state, the offer or call with the caller's context and history, the not-ready reasons, the services |
 //! | GET | `/console/events` | server-sent events: `snapshot`, `state`, `offer`, `call_ended` |
 //! | POST | `/console/api/state` | `{"state": "ready"}`, `{"state": "not_ready", "reason"}`, `{"state": "logged_out"}` |
@@ -753,9 +753,7 @@ struct SetState {
 fn refusal(why: RequestRefusal) -> Response {
     let code = match why {
         RequestRefusal::UnknownAgent => StatusCode::NOT_FOUND,
-        RequestRefusal::NotRegistered | RequestRefusal::OnCall | RequestRefusal::NotInWrapUp => {
-            StatusCode::CONFLICT
-        }
+        RequestRefusal::NotRegistered | RequestRefusal::NotInWrapUp => StatusCode::CONFLICT,
     };
     error(code, why.to_string())
 }
