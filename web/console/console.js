@@ -226,10 +226,9 @@
 
   async function request(path, body) {
     const r = await api("POST", path, body);
-    if (r.status >= 200 && r.status < 300) {
-      if (r.data && r.data.state) { st.state = r.data; showState(); }
-      return r;
-    }
+    // The event stream is the one source of the agent's state: an answer computed before
+    // the latest event would show a stale state.
+    if (r.status >= 200 && r.status < 300) return r;
     if (r.status !== 401) say(`${t("failed")} ${(r.data && r.data.error) || r.status}`, true);
     return r;
   }
