@@ -17,6 +17,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::api::console::ConsoleConfig;
 pub use crate::call::dialplan::{TransferLine, TransfersConfig};
 pub use crate::logging::LogConfig;
 pub use crate::media::ports::{parse_port_range, PortRange};
@@ -67,6 +68,8 @@ pub struct FileConfig {
     pub agents: Vec<AgentConfig>,
     /// Operator queues (the menu's `{queue: name}` actions refer to these by name).
     pub queues: Vec<QueueConfig>,
+    /// The operator console in the browser (`/console`).
+    pub console: ConsoleConfig,
     pub callback: CallbackConfig,
     /// Lines operators may transfer callers to (see [`crate::call::dialplan`]).
     pub transfers: TransfersConfig,
@@ -743,6 +746,16 @@ mod tests {
         let off = FileConfig::parse(&path, "media:\n  batch_sends: false\n").unwrap();
         assert!(!off.media.batch_sends);
         assert!(FileConfig::default().media.batch_sends);
+    }
+
+    /// The console settings the example shows are the defaults.
+    #[test]
+    fn the_example_shows_the_console_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.console, ConsoleConfig::default());
+        let bad = FileConfig::parse(&path, "console:\n  not_ready_reason: [x]\n").unwrap_err();
+        assert!(bad.to_string().contains("not_ready_reason"), "{bad}");
     }
 
     /// The HTTP and Open311 limits the example shows are the defaults, as it says.

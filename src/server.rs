@@ -423,6 +423,11 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             tracker: tracker.clone(),
             cancel: cancel.clone(),
         }),
+        console: Arc::new(api::console::Console::new(
+            file.console.clone(),
+            &file.agents,
+            cancel.clone(),
+        )),
     });
     tracker.spawn(api::serve::run(
         listener,

@@ -2,14 +2,16 @@
 //! `/open311/v2/` ([`open311`]), the admin API under `/admin/` and Prometheus metrics at
 //! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), the embedded
 //! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), reports from the call history
-//! ([`reports`], admin), the public transparency page and open data ([`dashboard`]), served by
-//! [`serve`] (header-read and idle timeouts, a connection cap).
+//! ([`reports`], admin), the public transparency page and open data ([`dashboard`]), the
+//! operator console under `/console` ([`console`]); served by [`serve`] (header-read and idle
+//! timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
 //! holder, UA counters, heartbeats); never touches sockets of the SIP or media layers (a
 //! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub(crate) mod admin;
+pub(crate) mod console;
 pub(crate) mod dashboard;
 pub(crate) mod health;
 pub(crate) mod open311;
@@ -57,6 +59,8 @@ pub(crate) struct ApiState {
     pub(crate) open311_posts: Arc<std::sync::Mutex<ratelimit::KeyLimiter>>,
     /// SIP over WebSocket at `/sip` (none: not served).
     pub(crate) sip_ws: Option<sip_ws::SipWebSocket>,
+    /// The operator console's sessions and settings.
+    pub(crate) console: Arc<console::Console>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -68,6 +72,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .nest("/open311/v2", open311::router())
         .merge(dashboard::router())
         .merge(admin::router(state.clone()))
+        .merge(console::router(state.clone()))
         .with_state(state)
 }
 

@@ -477,15 +477,15 @@ fn check_jurisdiction(state: &ApiState, params: &Params) -> Result<(), ApiError>
 
 /// A ticket the menu can file, with the group of the menu it is in.
 #[derive(Debug, Clone)]
-struct Service {
-    action: TicketAction,
-    group: String,
+pub(crate) struct Service {
+    pub(crate) action: TicketAction,
+    pub(crate) group: String,
 }
 
 /// One service per distinct ticket action (by code, first one wins) in menu order (menus by
 /// id, entries by key, then `on_timeout`, `on_exhausted`), then the defaults'
 /// `on_exhausted`, then the general service if the menu does not define it.
-fn services(file: &MenuFile) -> Vec<Service> {
+pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
     let mut out: Vec<Service> = Vec::new();
     let mut push = |action: &Action, group: Option<&String>| {
         if let Action::Ticket(t) = action {
@@ -525,7 +525,7 @@ fn services(file: &MenuFile) -> Vec<Service> {
     out
 }
 
-fn find_service(file: &MenuFile, code: &str) -> Option<Service> {
+pub(crate) fn find_service(file: &MenuFile, code: &str) -> Option<Service> {
     services(file)
         .into_iter()
         .find(|s| s.action.service == code)
@@ -1021,6 +1021,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         language: None,
         call_id: None,
         callback_requested: false,
+        agent_id: None,
     })
 }
 

@@ -31,7 +31,9 @@ use super::SUPPORTED_CODECS;
 use crate::config::{CallbackConfig, Limits};
 use crate::dispatch::emergency::EmergencyConfig;
 use crate::dispatch::numbers::{CallbackNumber, Unavailable};
-use crate::dispatch::queue::{CallerId, OfferFailure, Position, QueueEvent, Refusal};
+use crate::dispatch::queue::{
+    CallerContext, CallerId, OfferFailure, Position, QueueEvent, Refusal,
+};
 use crate::dispatch::tickets::{Channel, EmergencyAudit, NewTicket};
 use crate::media::prompt::{ringback, Prompt};
 use crate::media::sdp::{self, Negotiated};
@@ -146,7 +148,7 @@ pub(crate) enum Input {
     AdminHangup,
     /// An admin asks for the caller to be transferred to `to` (the dial plan's admin forms);
     /// [`Action::AdminTransferAnswer`] follows.
-    AdminTransfer { to: String },
+    AdminTransfer { to: String, via: Via },
     /// The queue's answer to [`QueueCommand::RingDirect`] (`Err`: the agent's state).
     RangDirect(Result<(), &'static str>),
     /// The queue's answer to [`QueueCommand::Rejoin`].
@@ -170,6 +172,8 @@ pub(crate) enum QueueCommand {
     Enqueue {
         queue: String,
         skill: Option<String>,
+        /// Who the caller is, for the operators' consoles.
+        context: CallerContext,
     },
     /// Leave the queue, and stop listening to it.
     Abandon,
@@ -741,8 +745,8 @@ impl CallCore {
                 info!("hung up by an admin");
                 self.finish(now, EndReason::Admin);
             }
-            Input::AdminTransfer { to } => {
-                let answer = self.admin_transfer(now, &to);
+            Input::AdminTransfer { to, via } => {
+                let answer = self.admin_transfer(now, &to, via);
                 self.actions.push_back(Action::AdminTransferAnswer(answer));
             }
             Input::RangDirect(result) => {
@@ -1455,10 +1459,19 @@ impl CallCore {
         // Callers are matched to operators who speak their language unless the menu says
         // otherwise.
         let skill = skill.or_else(|| Some(self.engine.language().to_owned()));
+        let context = CallerContext {
+            number: self.meta.caller.clone(),
+            call_id: self.meta.call_id.clone(),
+            language: self.engine.language().to_owned(),
+            menu_path: menu_path.clone(),
+        };
         self.pending_queue = Some((queue.clone(), menu_path));
         self.pending_skill = skill.clone();
-        self.actions
-            .push_back(Action::Queue(QueueCommand::Enqueue { queue, skill }));
+        self.actions.push_back(Action::Queue(QueueCommand::Enqueue {
+            queue,
+            skill,
+            context,
+        }));
     }
 
     fn on_enqueued(&mut self, now: Instant, result: Result<Position, Refusal>) {
@@ -1944,8 +1957,14 @@ impl CallCore {
         }
     }
 
-    /// `POST /admin/calls/{call_id}/transfer`: the transfer's id, or why not (HTTP status).
-    fn admin_transfer(&mut self, now: Instant, to: &str) -> Result<TransferId, (u16, String)> {
+    /// `POST /admin/calls/{call_id}/transfer` (or the operator's console, `via`): the
+    /// transfer's id, or why not (HTTP status).
+    fn admin_transfer(
+        &mut self,
+        now: Instant,
+        to: &str,
+        via: Via,
+    ) -> Result<TransferId, (u16, String)> {
         let by = self.queued().and_then(|q| q.connected.clone());
         if self.config.dialplan.route_admin(to, by.as_deref()) == Ok(Destination::Emergency) {
             self.supersede_transfer();
@@ -1968,7 +1987,7 @@ impl CallCore {
                 self.actions.push_back(Action::CountRefusal(no.label()));
                 Err((no.code(), no.to_string()))
             }
-            Ok(dest) => Ok(self.start_transfer(now, dest, Via::Admin)),
+            Ok(dest) => Ok(self.start_transfer(now, dest, via)),
         }
     }
 
@@ -2968,7 +2987,13 @@ mod tests {
             queue_cmds(&out),
             vec![QueueCommand::Enqueue {
                 queue: "general".into(),
-                skill: Some("en".into())
+                skill: Some("en".into()),
+                context: CallerContext {
+                    number: c.core.meta.caller.clone(),
+                    call_id: c.core.meta.call_id.clone(),
+                    language: "en".into(),
+                    menu_path: "language:1 > screening:1 > main:0".into(),
+                },
             }]
         );
         let heard = prompts(&out);
@@ -3615,6 +3640,7 @@ mod tests {
         // Not with an operator yet: refused.
         let out = c.input(Input::AdminTransfer {
             to: "agent:1002".into(),
+            via: Via::Admin,
         });
         assert!(out
             .iter()
@@ -3622,6 +3648,7 @@ mod tests {
         let op = c.with_operator();
         let out = c.input(Input::AdminTransfer {
             to: "agent:1002".into(),
+            via: Via::Admin,
         });
         assert!(out
             .iter()
@@ -3652,7 +3679,10 @@ mod tests {
         assert!(placed(&out).is_none());
         assert_eq!(notifies(&out, leg).last().map(|n| n.0), Some(486));
         // Unknown targets: the API's answer.
-        let out = c.input(Input::AdminTransfer { to: "555".into() });
+        let out = c.input(Input::AdminTransfer {
+            to: "555".into(),
+            via: Via::Admin,
+        });
         assert!(out
             .iter()
             .any(|a| matches!(a, Action::AdminTransferAnswer(Err((403, _))))));

@@ -533,11 +533,11 @@ pub(crate) async fn run_call(
             }
             Some(cmd) = commands.recv() => match cmd {
                 CallCommand::Consulting(target) => core.handle(now(), Input::Consulting(target)),
-                CallCommand::Transfer { to, reply } => {
+                CallCommand::Transfer { to, via, reply } => {
                     // Answered by the core's `AdminTransferAnswer`, among the actions of
                     // this same turn.
                     d.admin_reply = Some(reply);
-                    core.handle(now(), Input::AdminTransfer { to });
+                    core.handle(now(), Input::AdminTransfer { to, via });
                     while let Some(a) = core.poll_action() {
                         if let Some(input) = d.carry_out(a).await {
                             core.handle(now(), input);
@@ -962,9 +962,15 @@ impl Driver {
         let q = self.ctx.queues.clone()?;
         let caller = self.registry_id;
         match cmd {
-            QueueCommand::Enqueue { queue, skill } => {
+            QueueCommand::Enqueue {
+                queue,
+                skill,
+                context,
+            } => {
                 let (tx, rx) = mpsc::channel(16);
-                let result = q.enqueue(caller, &queue, skill, 0, tx).await;
+                let result = q
+                    .enqueue_with_context(caller, &queue, skill, 0, Some(context), tx)
+                    .await;
                 if result.is_ok() {
                     self.facts.queued(now(), &queue);
                     self.queue_events = Some(rx);

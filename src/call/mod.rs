@@ -61,6 +61,7 @@ pub use menu_holder::{load_active_menu, ActiveMenu, MenuHolder, MenuLoadError};
 pub use registry::{CallInfo, CallRegistry};
 pub(crate) use setup::accept_calls;
 pub use setup::{CallMeta, CallerIdentity};
+pub(crate) use transfer::Via as TransferVia;
 
 /// Codecs we offer/accept, in our order of preference when the caller has none.
 pub const SUPPORTED_CODECS: [Codec; 2] = [Codec::Pcmu, Codec::Pcma];

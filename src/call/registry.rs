@@ -32,9 +32,10 @@ const COMMAND_WITHIN: Duration = Duration::from_secs(5);
 pub(crate) enum CallCommand {
     /// The caller's operator is consulting this target from their phone (`None`: no more).
     Consulting(Option<String>),
-    /// Transfer the caller to `to` (the dial plan's admin forms).
+    /// Transfer the caller to `to` (the dial plan's admin forms), as `via` asks.
     Transfer {
         to: String,
+        via: super::transfer::Via,
         reply: oneshot::Sender<Result<TransferId, (u16, String)>>,
     },
 }
@@ -72,7 +73,7 @@ pub struct TransferInfo {
     pub call_id: String,
     /// `911`, a `transfers` name, `agent:<id>` or `queue:<name>`.
     pub target: String,
-    /// `refer`, `phone_call` or `admin`.
+    /// `refer`, `phone_call`, `admin` or `console`.
     pub requested_via: &'static str,
     /// The operator who asked (absent for an admin's transfer of a call with none).
     pub operator: Option<String>,
@@ -157,6 +158,18 @@ impl CallRegistry {
         match self.calls.iter().find(|c| c.value().call_id == call_id) {
             Some(c) => {
                 c.value().hangup.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hang up the call the registry knows as `id` (the queue's caller id), e.g. for the
+    /// operator it is connected to. False if there is none.
+    pub fn hangup_id(&self, id: u64) -> bool {
+        match self.calls.get(&id) {
+            Some(c) => {
+                c.hangup.cancel();
                 true
             }
             None => false,
@@ -268,6 +281,17 @@ impl CallRegistry {
     /// Ask the call with this Call-ID to transfer its caller to `to`: the transfer's id, or
     /// why not (HTTP status and message; 404 when there is no such call).
     pub async fn transfer(&self, call_id: &str, to: &str) -> Result<TransferId, (u16, String)> {
+        self.transfer_via(call_id, to, super::transfer::Via::Admin)
+            .await
+    }
+
+    /// [`CallRegistry::transfer`], asked for by `via` (the admin API or an operator's console).
+    pub(crate) async fn transfer_via(
+        &self,
+        call_id: &str,
+        to: &str,
+        via: super::transfer::Via,
+    ) -> Result<TransferId, (u16, String)> {
         let tx = self
             .calls
             .iter()
@@ -278,6 +302,7 @@ impl CallRegistry {
         let gone = || (404, "the call has ended".to_owned());
         tx.send(CallCommand::Transfer {
             to: to.to_owned(),
+            via,
             reply,
         })
         .await

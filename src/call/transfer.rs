@@ -76,6 +76,8 @@ pub(crate) enum Via {
     PhoneCall,
     /// `POST /admin/calls/{call_id}/transfer`.
     Admin,
+    /// The operator's console (`POST /console/api/call/transfer`).
+    Console,
 }
 
 impl Via {
@@ -84,6 +86,7 @@ impl Via {
             Via::Refer => "refer",
             Via::PhoneCall => "phone_call",
             Via::Admin => "admin",
+            Via::Console => "console",
         }
     }
 }

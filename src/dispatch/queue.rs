@@ -52,6 +52,16 @@
 //! after this call"); `unpause` also ends a no-answer pause early. Pausing does not change
 //! how long an agent counts as idle (as in both Asterisk and FreeSWITCH).
 //!
+//! An operator's own requests from the console ([`Dispatcher::agent_request`]): `Ready`
+//! (ends a pause, a no-answer pause or wrap-up), `NotReady` (a pause with a reason),
+//! `EndWrapUp`, `ExtendWrapUp` (at most [`MAX_WRAP_UP`] from now), and `SignOff`: logged out
+//! while the phone stays registered (after the current call, if there is one). A signed-off agent stays `LoggedOut` through
+//! registrations until `Ready` (the core tracks `registered` apart from the status for this).
+//! [`Dispatcher::decline`] is the no-answer rule asked for by the operator: `CancelOffer`,
+//! then the failed offer's rest. The driver tells consoles of offers (with the
+//! [`CallerContext`] the call gave at `enqueue`) and of every agent's state change
+//! ([`AgentNotice`], [`QueueHandle::notices`]).
+//!
 //! If the call never reports an offer's outcome, the core gives up `ring_timeout + 5 s` after
 //! the offer: `CancelOffer`, then treated as no answer, so a lost report cannot hold an agent.
 //!
@@ -139,8 +149,9 @@ use crate::config::{AgentConfig, QueueConfig, Strategy};
 use crate::history::{AgentStateRecord, History, QueueEventKind, QueueEventRecord, Record};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -258,6 +269,38 @@ impl OfferFailure {
             _ => OfferFailure::Unreachable,
         }
     }
+}
+
+/// The longest wrap-up an operator can extend theirs to, from now.
+pub const MAX_WRAP_UP: Duration = Duration::from_secs(3600);
+
+/// What an operator asks for from the console ([`Dispatcher::agent_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRequest {
+    /// Take calls: ends a pause, a no-answer pause or wrap-up, cancels a pause asked for
+    /// during a call, and undoes `SignOff` (available once the phone is registered).
+    Ready,
+    /// Stop taking calls for `reason` (a pause; after the current call if there is one).
+    NotReady { reason: String },
+    /// Log out of the queues while the phone stays registered, until `Ready`. A ringing
+    /// offer is withdrawn at no cost; on a call, it takes effect when the call ends.
+    SignOff,
+    /// End wrap-up now.
+    EndWrapUp,
+    /// Add this much to wrap-up (at most [`MAX_WRAP_UP`] from now in all).
+    ExtendWrapUp(Duration),
+}
+
+/// Why an operator's request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestRefusal {
+    #[error("no such agent")]
+    UnknownAgent,
+    /// Not ready needs a logged-in phone (nothing to pause otherwise).
+    #[error("the agent's phone is not registered")]
+    NotRegistered,
+    #[error("the agent is not in wrap-up")]
+    NotInWrapUp,
 }
 
 /// What the core asks the outside to do.
@@ -378,6 +421,10 @@ pub(crate) struct AgentView {
     pub(crate) idle_seconds: Option<u64>,
     pub(crate) skills: Vec<String>,
     pub(crate) tier: u32,
+    /// The agent's phone (or console audio) is registered.
+    pub(crate) registered: bool,
+    /// Signed off at the console (logged out while the phone stays registered).
+    pub(crate) signed_off: bool,
 }
 
 fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -419,6 +466,11 @@ struct Agent {
     /// The state the journal last saw, with its reason and since when (`None` before the
     /// first log-in).
     journaled: Option<(&'static str, Option<String>, Instant)>,
+    /// The agent's phone (or console audio) is registered.
+    registered: bool,
+    /// The operator signed off at the console: logged out while registered, until they ask
+    /// to be ready again.
+    signed_off: bool,
 }
 
 struct Connected {
@@ -639,6 +691,8 @@ impl Dispatcher {
                 call: None,
                 pause_after: None,
                 journaled: None,
+                registered: false,
+                signed_off: false,
             });
         }
         for q in queues {
@@ -659,11 +713,14 @@ impl Dispatcher {
         self
     }
 
-    /// `LoggedOut → Available`, idle since `now`. Other states (and unknown ids) unchanged.
+    /// The agent's phone registered: `LoggedOut → Available`, idle since `now`, unless the
+    /// operator signed off at the console ([`AgentRequest::SignOff`]). Other states (and
+    /// unknown ids) unchanged.
     pub(crate) fn agent_logged_in(&mut self, now: Instant, agent: &str) {
         self.touch(now);
         if let Some(a) = self.agent_mut(agent) {
-            if a.status == AgentStatus::LoggedOut {
+            a.registered = true;
+            if a.status == AgentStatus::LoggedOut && !a.signed_off {
                 a.status = AgentStatus::Available;
                 a.idle_since = Some(now);
             }
@@ -686,6 +743,7 @@ impl Dispatcher {
                 agent: a.id.clone(),
             });
         }
+        a.registered = false;
         a.status = AgentStatus::LoggedOut;
         a.idle_since = None;
         a.offer_expires = None;
@@ -731,6 +789,125 @@ impl Dispatcher {
             }
             _ => false,
         }
+    }
+
+    /// An operator's own request from the console (see [`AgentRequest`]).
+    pub fn agent_request(
+        &mut self,
+        now: Instant,
+        agent: &str,
+        req: AgentRequest,
+    ) -> Result<(), RequestRefusal> {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return Err(RequestRefusal::UnknownAgent);
+        };
+        let Some(a) = self.agents.get_mut(i) else {
+            return Err(RequestRefusal::UnknownAgent);
+        };
+        match req {
+            AgentRequest::Ready => {
+                a.signed_off = false;
+                match a.status {
+                    AgentStatus::LoggedOut if a.registered => {
+                        a.status = AgentStatus::Available;
+                        a.idle_since = Some(now);
+                    }
+                    // Available as soon as the phone registers.
+                    AgentStatus::LoggedOut => {}
+                    AgentStatus::Paused { .. }
+                    | AgentStatus::NoAnswerPause { .. }
+                    | AgentStatus::WrapUp { .. } => a.status = AgentStatus::Available,
+                    AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                        a.pause_after = None;
+                    }
+                    AgentStatus::Available => {}
+                }
+                Ok(())
+            }
+            AgentRequest::NotReady { reason } => match a.status {
+                AgentStatus::LoggedOut if !a.registered => Err(RequestRefusal::NotRegistered),
+                AgentStatus::LoggedOut => {
+                    a.signed_off = false;
+                    a.idle_since = Some(now);
+                    a.status = AgentStatus::Paused { reason };
+                    Ok(())
+                }
+                AgentStatus::Ringing { .. } | AgentStatus::OnCall { .. } => {
+                    a.pause_after = Some(reason);
+                    Ok(())
+                }
+                _ => {
+                    a.status = AgentStatus::Paused { reason };
+                    Ok(())
+                }
+            },
+            AgentRequest::SignOff => {
+                a.signed_off = true;
+                a.pause_after = None;
+                match a.status {
+                    // Logged out when the call ends.
+                    AgentStatus::OnCall { .. } => return Ok(()),
+                    AgentStatus::Ringing { caller } => {
+                        self.outbox.push(Action::CancelOffer {
+                            caller,
+                            agent: a.id.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+                a.status = AgentStatus::LoggedOut;
+                a.idle_since = None;
+                a.offer_expires = None;
+                Ok(())
+            }
+            AgentRequest::EndWrapUp => match a.status {
+                AgentStatus::WrapUp { .. } => {
+                    a.status = AgentStatus::Available;
+                    Ok(())
+                }
+                _ => Err(RequestRefusal::NotInWrapUp),
+            },
+            AgentRequest::ExtendWrapUp(by) => match a.status {
+                AgentStatus::WrapUp { until } => {
+                    let most = later(now, MAX_WRAP_UP);
+                    a.status = AgentStatus::WrapUp {
+                        until: later(until, by.min(MAX_WRAP_UP)).min(most),
+                    };
+                    Ok(())
+                }
+                _ => Err(RequestRefusal::NotInWrapUp),
+            },
+        }
+    }
+
+    /// The operator declined the offer ringing for `caller` (from the console): the offer is
+    /// withdrawn (`CancelOffer`, so the call stops ringing the phone) and counts as not
+    /// answered: the agent rests for `no_answer_pause_seconds` and the caller is offered to
+    /// the next agent. `false` unless that agent is ringing for that caller.
+    pub fn decline(&mut self, now: Instant, caller: CallerId, agent: &str) -> bool {
+        self.touch(now);
+        let Some(i) = self.agent_idx(agent) else {
+            return false;
+        };
+        if !self.agents.get(i).is_some_and(|a| a.ringing_for(caller)) {
+            return false;
+        }
+        debug!(caller, agent, "operator declined the offer");
+        self.outbox.push(Action::CancelOffer {
+            caller,
+            agent: agent.to_owned(),
+        });
+        self.fail_offer(now, i, caller);
+        true
+    }
+
+    /// Where a waiting `caller` is: its queue's name, since when it waits, and whether it is
+    /// a call-back. `None` if it is not waiting.
+    pub fn waiting_info(&self, caller: CallerId) -> Option<(String, Instant, bool)> {
+        let w = self.waiting.get(self.waiting_idx(caller)?)?;
+        let q = self.queues.get(w.queue)?;
+        Some((q.name.clone(), w.since, w.callback.is_some()))
     }
 
     /// Queue a caller. Returns its position at once (no `Announce` for it); offers follow from
@@ -1319,6 +1496,8 @@ impl Dispatcher {
                     idle_seconds,
                     skills: a.skills.clone(),
                     tier: a.tier,
+                    registered: a.registered,
+                    signed_off: a.signed_off,
                 }
             })
             .collect()
@@ -1586,6 +1765,10 @@ impl Dispatcher {
         };
         a.idle_since = Some(now);
         a.status = match a.pause_after.take() {
+            _ if a.signed_off => {
+                a.idle_since = None;
+                AgentStatus::LoggedOut
+            }
             Some(reason) => AgentStatus::Paused { reason },
             None => AgentStatus::WrapUp {
                 until: later(now, wrap_up),
@@ -1797,6 +1980,63 @@ pub(crate) enum CallbackEvent {
     Queue(QueueEvent),
 }
 
+/// What the call tells the queue about its caller, for the operator's screen
+/// ([`AgentNotice::Offer`]). Personal data (the number): shown to the operator, never
+/// logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CallerContext {
+    /// The caller's number as the call has it (From, or the asserted identity).
+    pub number: String,
+    pub call_id: String,
+    pub language: String,
+    /// How the caller got here, e.g. `language:1 > screening:1 > main:1 > streets:1`.
+    pub menu_path: String,
+}
+
+/// An offer to an operator, with the caller's context.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OfferView {
+    pub agent: String,
+    /// The queue's id of the caller (what `decline` names).
+    pub caller: CallerId,
+    pub queue: String,
+    /// Seconds waited in the queue so far.
+    pub waited_seconds: u64,
+    /// The server called the caller back.
+    pub callback: bool,
+    /// What the call told the queue (`None` for callers queued without it).
+    pub context: Option<Arc<CallerContext>>,
+}
+
+/// What the queue tells operators' consoles ([`QueueHandle::notices`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentNotice {
+    /// An agent's state changed (status, pause reason, caller, wrap-up end).
+    State(AgentView),
+    /// An agent's phone started ringing for a caller.
+    Offer(OfferView),
+}
+
+impl AgentNotice {
+    /// The agent it concerns.
+    pub fn agent(&self) -> &str {
+        match self {
+            AgentNotice::State(v) => &v.id,
+            AgentNotice::Offer(o) => &o.agent,
+        }
+    }
+}
+
+/// One agent as its console sees it: its state, and the caller ringing or connected.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConsoleView {
+    pub agent: AgentView,
+    pub offer: Option<OfferView>,
+}
+
+/// How many notices a slow console may fall behind before it must resynchronise.
+const NOTICE_BUFFER: usize = 256;
+
 /// Where a waiting entry's events go: the caller's own call, or its call-back driver.
 enum Listener {
     Call(mpsc::Sender<QueueEvent>),
@@ -1837,6 +2077,7 @@ enum Cmd {
         queue: String,
         skill: Option<String>,
         priority: i32,
+        context: Option<Arc<CallerContext>>,
         events: mpsc::Sender<QueueEvent>,
         reply: oneshot::Sender<Result<Position, Refusal>>,
     },
@@ -1874,6 +2115,13 @@ enum Cmd {
     Unpause(String, oneshot::Sender<bool>),
     Figures(oneshot::Sender<Vec<QueueFigures>>),
     Agents(oneshot::Sender<Vec<AgentView>>),
+    Request(
+        String,
+        AgentRequest,
+        oneshot::Sender<Result<(), RequestRefusal>>,
+    ),
+    Decline(CallerId, String, oneshot::Sender<bool>),
+    Console(String, oneshot::Sender<Option<AgentConsoleView>>),
 }
 
 /// A cheap handle on the running dispatcher, for calls and the admin API. Once the driver has
@@ -1881,11 +2129,13 @@ enum Cmd {
 #[derive(Clone)]
 pub(crate) struct QueueHandle {
     tx: mpsc::Sender<Cmd>,
+    notices: broadcast::Sender<AgentNotice>,
 }
 
 impl QueueHandle {
     /// Queue a caller; its events go to `events` until it is answered and its call ends, or
     /// it abandons. If `events` closes (the call is gone), the caller is abandoned.
+    #[cfg(test)]
     pub(crate) async fn enqueue(
         &self,
         caller: CallerId,
@@ -1894,12 +2144,28 @@ impl QueueHandle {
         priority: i32,
         events: mpsc::Sender<QueueEvent>,
     ) -> Result<Position, Refusal> {
+        self.enqueue_with_context(caller, queue, skill, priority, None, events)
+            .await
+    }
+
+    /// [`QueueHandle::enqueue`], telling the queue who the caller is, for the operators'
+    /// consoles it is offered to ([`AgentNotice::Offer`]).
+    pub async fn enqueue_with_context(
+        &self,
+        caller: CallerId,
+        queue: &str,
+        skill: Option<String>,
+        priority: i32,
+        context: Option<CallerContext>,
+        events: mpsc::Sender<QueueEvent>,
+    ) -> Result<Position, Refusal> {
         let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Enqueue {
             caller,
             queue: queue.to_owned(),
             skill,
             priority,
+            context: context.map(Arc::new),
             events,
             reply,
         };
@@ -2042,6 +2308,39 @@ impl QueueHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// An operator's request from the console ([`Dispatcher::agent_request`]).
+    pub async fn agent_request(
+        &self,
+        agent: &str,
+        req: AgentRequest,
+    ) -> Result<(), RequestRefusal> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Request(agent.to_owned(), req, reply)).await;
+        rx.await.unwrap_or(Err(RequestRefusal::UnknownAgent))
+    }
+
+    /// The operator declined the offer ringing for `caller` ([`Dispatcher::decline`]).
+    pub async fn decline(&self, caller: CallerId, agent: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Decline(caller, agent.to_owned(), reply))
+            .await;
+        rx.await.unwrap_or(false)
+    }
+
+    /// `agent`'s state and current offer or call, as its console shows them.
+    pub async fn console(&self, agent: &str) -> Option<AgentConsoleView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Console(agent.to_owned(), reply)).await;
+        rx.await.ok().flatten()
+    }
+
+    /// Every agent's state changes and offers, from now on. A receiver that falls more than
+    /// a few hundred notices behind gets `Lagged` and should read [`QueueHandle::console`]
+    /// again.
+    pub fn notices(&self) -> broadcast::Receiver<AgentNotice> {
+        self.notices.subscribe()
+    }
+
     async fn send(&self, cmd: Cmd) {
         if self.tx.send(cmd).await.is_err() {
             debug!("queue dispatcher has stopped; command dropped");
@@ -2069,10 +2368,11 @@ pub(crate) fn spawn_dispatcher_with_history(
     cancel: CancellationToken,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let mut driver = Driver::new(dispatcher);
+    let (notices, _) = broadcast::channel(NOTICE_BUFFER);
+    let mut driver = Driver::new(dispatcher, notices.clone());
     driver.history = history;
     tracker.spawn(driver.run(rx, cancel));
-    QueueHandle { tx }
+    QueueHandle { tx, notices }
 }
 
 fn clock() -> Instant {
@@ -2086,15 +2386,26 @@ struct Driver {
     /// Each queued caller's Call-ID, from its entry to its last event (the call may have
     /// left the registry by the time its operator's call is reported complete).
     call_ids: HashMap<CallerId, String>,
+    /// Who each caller is, for operators' consoles.
+    contexts: HashMap<CallerId, Arc<CallerContext>>,
+    /// The offer (or call) each agent has now, for its console.
+    offers: HashMap<String, OfferView>,
+    notices: broadcast::Sender<AgentNotice>,
+    /// What was last announced of each agent's state.
+    announced: HashMap<String, (AgentStatus, Option<String>)>,
 }
 
 impl Driver {
-    fn new(core: Dispatcher) -> Self {
+    fn new(core: Dispatcher, notices: broadcast::Sender<AgentNotice>) -> Self {
         Driver {
             core,
             events: HashMap::new(),
             history: History::disabled(),
             call_ids: HashMap::new(),
+            contexts: HashMap::new(),
+            offers: HashMap::new(),
+            notices,
+            announced: HashMap::new(),
         }
     }
 
@@ -2194,12 +2505,16 @@ impl Driver {
                 queue,
                 skill,
                 priority,
+                context,
                 events,
                 reply,
             } => {
                 let r = d.enqueue(now, caller, &queue, skill.as_deref(), priority);
                 if r.is_ok() {
                     self.events.insert(caller, Listener::Call(events));
+                    if let Some(context) = context {
+                        self.contexts.insert(caller, context);
+                    }
                 }
                 let _ = reply.send(r);
             }
@@ -2265,7 +2580,72 @@ impl Driver {
                 self.settle();
                 let _ = reply.send(self.core.agents());
             }
+            Cmd::Request(agent, req, reply) => {
+                let _ = reply.send(d.agent_request(now, &agent, req));
+            }
+            Cmd::Decline(caller, agent, reply) => {
+                let _ = reply.send(d.decline(now, caller, &agent));
+            }
+            Cmd::Console(agent, reply) => {
+                self.settle();
+                let view = self
+                    .core
+                    .agents()
+                    .into_iter()
+                    .find(|a| a.id == agent)
+                    .map(|a| AgentConsoleView {
+                        offer: self.offers.get(&a.id).cloned(),
+                        agent: a,
+                    });
+                let _ = reply.send(view);
+            }
         }
+    }
+
+    /// Announce agents whose state changed since the last announcement, and forget offers
+    /// and contexts nobody needs any more.
+    fn announce(&mut self) {
+        let views = self.core.agents();
+        for v in &views {
+            let keep = match &v.status {
+                AgentStatus::Ringing { caller } | AgentStatus::OnCall { caller } => {
+                    self.offers.get(&v.id).is_some_and(|o| o.caller == *caller)
+                }
+                _ => false,
+            };
+            if !keep {
+                self.offers.remove(&v.id);
+            }
+            let key = (v.status.clone(), v.pause_reason.clone());
+            if self.announced.get(&v.id) != Some(&key) {
+                self.announced.insert(v.id.clone(), key);
+                // Nobody listening is fine: consoles read the state when they connect.
+                let _ = self.notices.send(AgentNotice::State(v.clone()));
+            }
+        }
+        let core = &self.core;
+        let offers = &self.offers;
+        self.contexts.retain(|caller, _| {
+            core.waiting_idx(*caller).is_some() || offers.values().any(|o| o.caller == *caller)
+        });
+    }
+
+    /// Note an offer for the agent's console.
+    fn offered(&mut self, now: Instant, caller: CallerId, agent: &str) {
+        let Some((queue, since, callback)) = self.core.waiting_info(caller) else {
+            return;
+        };
+        let offer = OfferView {
+            agent: agent.to_owned(),
+            caller,
+            queue,
+            waited_seconds: now.saturating_duration_since(since).as_secs(),
+            callback,
+            context: self.contexts.get(&caller).cloned(),
+        };
+        self.offers.insert(agent.to_owned(), offer.clone());
+        // The state (ringing) is announced after this, by `announce`.
+        let _ = self.notices.send(AgentNotice::Offer(offer));
     }
 
     /// Abandon callers whose call is gone, poll and deliver until nothing changes.
@@ -2294,11 +2674,17 @@ impl Driver {
         }
         let core = &self.core;
         self.events.retain(|caller, _| core.holds(*caller));
+        self.announce();
     }
 
     /// Hand one action to its caller; `true` if the caller turned out to be gone.
     fn deliver(&mut self, now: Instant, action: Action) -> bool {
         let caller = action.caller();
+        if let Action::Offer { agent, .. } = &action {
+            if self.events.contains_key(&caller) {
+                self.offered(now, caller, agent);
+            }
+        }
         let Some(tx) = self.events.get(&caller) else {
             return false;
         };
@@ -3550,7 +3936,8 @@ mod tests {
             serde_json::json!([{
                 "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
                 "pause_reason": null, "seconds_left": null, "calls_taken": 0,
-                "idle_seconds": null, "skills": ["en", "es"], "tier": 1
+                "idle_seconds": null, "skills": ["en", "es"], "tier": 1,
+                "registered": true, "signed_off": false
             }])
         );
         let v = serde_json::to_value(t.d.figures()).unwrap();
@@ -3902,6 +4289,201 @@ mod tests {
         );
         assert!(!q.pause("a", "x").await);
         assert!(q.figures().await.is_empty());
+    }
+
+    #[test]
+    fn an_operator_signed_off_at_the_console_stays_out_while_the_phone_registers() {
+        let mut t = T::new(&[agent("a", &[], 1), agent("b", &[], 1)], &[]);
+        t.login(0.0, &["a", "b"]);
+        let now = t.t(1.0);
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::SignOff), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        // A registration refresh from a new address does not log them back in.
+        t.login(2.0, &["a"]);
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        t.enqueue(3.0, 1, None);
+        assert_eq!(offers(&t.poll(3.0)), [(1, "b")]);
+        // Ready: available at once, the phone being registered.
+        let now = t.t(4.0);
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::Ready), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        let view = t.d.agents().into_iter().find(|v| v.id == "a").unwrap();
+        assert!(view.registered && !view.signed_off);
+        // Ready without a registered phone: available once it registers.
+        let now = t.t(5.0);
+        t.d.agent_request(now, "a", AgentRequest::SignOff).unwrap();
+        t.d.agent_logged_out(now, "a");
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::Ready), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::LoggedOut);
+        assert_eq!(
+            t.d.agent_request(
+                now,
+                "a",
+                AgentRequest::NotReady {
+                    reason: "break".into()
+                }
+            ),
+            Err(RequestRefusal::NotRegistered)
+        );
+        t.login(6.0, &["a"]);
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        assert_eq!(
+            t.d.agent_request(now, "zz", AgentRequest::Ready),
+            Err(RequestRefusal::UnknownAgent)
+        );
+    }
+
+    #[test]
+    fn not_ready_skips_the_agent_and_ready_takes_calls_again() {
+        let mut t = T::new(&[agent("a", &[], 1), agent("b", &[], 2)], &[]);
+        t.login(0.0, &["a", "b"]);
+        let now = t.t(1.0);
+        let lunch = AgentRequest::NotReady {
+            reason: "lunch".into(),
+        };
+        t.d.agent_request(now, "a", lunch).unwrap();
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::Paused {
+                reason: "lunch".into()
+            }
+        );
+        t.enqueue(2.0, 1, None);
+        // `a` is the better tier but not ready: `b` rings.
+        assert_eq!(offers(&t.poll(2.0)), [(1, "b")]);
+        let now = t.t(3.0);
+        t.d.agent_request(now, "a", AgentRequest::Ready).unwrap();
+        t.enqueue(3.0, 2, None);
+        assert_eq!(offers(&t.poll(3.0)), [(2, "a")]);
+        // Signing off while ringing withdraws the offer; the caller is offered again.
+        let now = t.t(4.0);
+        t.d.agent_request(now, "a", AgentRequest::SignOff).unwrap();
+        assert_eq!(cancels(&t.poll(4.0)), [(2, "a")]);
+        // On a call, signing off takes effect when the call ends.
+        t.answer(5.0, 1, "b");
+        let now = t.t(5.0);
+        assert_eq!(t.d.agent_request(now, "b", AgentRequest::SignOff), Ok(()));
+        assert_eq!(t.status("b"), AgentStatus::OnCall { caller: 1 });
+        t.end(9.0, "b");
+        assert_eq!(t.status("b"), AgentStatus::LoggedOut);
+    }
+
+    #[test]
+    fn wrap_up_ends_early_or_is_extended_within_a_bound() {
+        let mut t = T::new(
+            &[agent("a", &[], 1)],
+            &[QueueConfig {
+                wrap_up_seconds: 30,
+                ..queue("general", Strategy::LongestIdle)
+            }],
+        );
+        t.login(0.0, &["a"]);
+        t.enqueue(1.0, 1, None);
+        t.poll(1.0);
+        t.answer(2.0, 1, "a");
+        t.end(10.0, "a");
+        assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(40.0) });
+        let now = t.t(11.0);
+        assert_eq!(
+            t.d.agent_request(
+                now,
+                "a",
+                AgentRequest::ExtendWrapUp(Duration::from_secs(60))
+            ),
+            Ok(())
+        );
+        assert_eq!(t.status("a"), AgentStatus::WrapUp { until: t.t(100.0) });
+        // Never past MAX_WRAP_UP from now.
+        t.d.agent_request(
+            now,
+            "a",
+            AgentRequest::ExtendWrapUp(Duration::from_secs(99_999)),
+        )
+        .unwrap();
+        assert_eq!(
+            t.status("a"),
+            AgentStatus::WrapUp {
+                until: now + MAX_WRAP_UP
+            }
+        );
+        assert_eq!(t.d.agent_request(now, "a", AgentRequest::EndWrapUp), Ok(()));
+        assert_eq!(t.status("a"), AgentStatus::Available);
+        assert_eq!(
+            t.d.agent_request(now, "a", AgentRequest::EndWrapUp),
+            Err(RequestRefusal::NotInWrapUp)
+        );
+    }
+
+    #[test]
+    fn a_declined_offer_is_withdrawn_and_counts_as_no_answer() {
+        let mut t = abc(Strategy::LongestIdle);
+        t.enqueue(1.0, 1, None);
+        let first = offers(&t.poll(1.0))[0].1.to_owned();
+        let now = t.t(2.0);
+        // Only the agent it rings for can decline it.
+        let other = if first == "a" { "b" } else { "a" };
+        assert!(!t.d.decline(now, 1, other));
+        assert!(t.d.decline(now, 1, &first));
+        let out = t.poll(2.0);
+        assert_eq!(cancels(&out), [(1, first.as_str())]);
+        assert!(matches!(
+            t.status(&first),
+            AgentStatus::NoAnswerPause { .. }
+        ));
+        // The caller keeps its place and rings the next agent at once.
+        assert_eq!(offers(&out).len(), 1);
+        assert_ne!(offers(&out)[0].1, first);
+    }
+
+    #[tokio::test]
+    async fn driver_tells_consoles_of_offers_with_the_callers_context_and_of_state_changes() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(&[agent("a", &[], 1)], &[]);
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        let mut notices = q.notices();
+        q.agent_logged_in("a").await;
+        let ctx = CallerContext {
+            number: "+15551230001".into(),
+            call_id: "c1@example".into(),
+            language: "es".into(),
+            menu_path: "language:2 > screening:1 > main:0".into(),
+        };
+        let (tx, _rx) = mpsc::channel(8);
+        q.enqueue_with_context(7, "general", None, 0, Some(ctx.clone()), tx)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|n| matches!(n, AgentNotice::State(v) if v.state == "ringing"))
+        {
+            seen.push(notices.recv().await.unwrap());
+        }
+        let offer = seen
+            .iter()
+            .find_map(|n| match n {
+                AgentNotice::Offer(o) => Some(o.clone()),
+                _ => None,
+            })
+            .expect("an offer notice");
+        assert_eq!((offer.agent.as_str(), offer.caller), ("a", 7));
+        assert_eq!(offer.context.as_deref(), Some(&ctx));
+        let view = q.console("a").await.unwrap();
+        assert_eq!(view.offer.map(|o| o.caller), Some(7));
+        // Declined: the console hears the no-answer pause.
+        assert!(q.decline(7, "a").await);
+        loop {
+            if let AgentNotice::State(v) = notices.recv().await.unwrap() {
+                if v.state == "no_answer_pause" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(q.console("a").await.unwrap().offer, None);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[tokio::test]

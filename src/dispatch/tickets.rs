@@ -312,14 +312,17 @@ pub enum Channel {
     Phone,
     /// Filed through the HTTP API (Open311 POST).
     Web,
+    /// Filed by an operator from the console (`agent_id` says who).
+    Operator,
 }
 
 impl Channel {
-    /// The stored spelling: `phone` or `web`.
+    /// The stored spelling: `phone`, `web` or `operator`.
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::Phone => "phone",
             Channel::Web => "web",
+            Channel::Operator => "operator",
         }
     }
 }
@@ -332,11 +335,12 @@ impl fmt::Display for Channel {
 
 impl FromStr for Channel {
     type Err = UnknownValue;
-    /// Parses `phone` or `web`.
+    /// Parses `phone`, `web` or `operator`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "phone" => Ok(Channel::Phone),
             "web" => Ok(Channel::Web),
+            "operator" => Ok(Channel::Operator),
             _ => Err(UnknownValue {
                 kind: "channel",
                 value: s.to_owned(),
@@ -384,6 +388,8 @@ pub struct NewTicket {
     pub call_id: Option<String>,
     /// The caller asked to be called back.
     pub callback_requested: bool,
+    /// The operator who filed it (channel `operator`).
+    pub agent_id: Option<String>,
 }
 
 /// A stored ticket. Serialises with the Open311 GeoReport v2 field names, plus our
@@ -431,6 +437,9 @@ pub struct Ticket {
     /// crisis by 1001 (refer)`). Private: staff only, never in Open311 output.
     #[serde(default)]
     pub transfer: Option<String>,
+    /// The operator who filed it (channel `operator`).
+    #[serde(default)]
+    pub agent_id: Option<String>,
 }
 
 /// The start of a transfer, for the call's record ([`TicketStore::record_transfer`]).
@@ -442,7 +451,7 @@ pub struct TransferRecord {
     pub operator: Option<String>,
     /// `911`, a `transfers` name, `agent:<id>` or `queue:<name>`.
     pub target: String,
-    /// `refer`, `phone_call` or `admin`.
+    /// `refer`, `phone_call`, `admin` or `console`.
     pub requested_via: String,
 }
 
@@ -491,7 +500,8 @@ pub(crate) struct EmergencyAudit {
     /// The operator (agent id) who sent the caller to 911; `None` for the menu's redirects.
     pub(crate) operator: Option<String>,
     /// How the operator asked: `refer` (their phone's transfer), `phone_call` (they dialled
-    /// 911 from their phone) or `admin` (the admin API); `None` for the menu's.
+    /// 911 from their phone), `admin` (the admin API) or `console` (the operator's console);
+    /// `None` for the menu's.
     pub(crate) requested_via: Option<String>,
 }
 
@@ -572,7 +582,7 @@ const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, st
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested, transfer";
+    callback_requested, transfer, agent_id";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
     caller_verified, operator, requested_via";
@@ -731,9 +741,9 @@ impl TicketStore {
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
                  address_id, lat, long, phone, email, first_name, last_name, media_url, \
-                 recording, channel, language, call_id, callback_requested) \
+                 recording, channel, language, call_id, callback_requested, agent_id) \
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-                 ?, ?, ?, ?, ?)",
+                 ?, ?, ?, ?, ?, ?)",
             )
             .bind(id_sql)
             .bind(&t.service_code)
@@ -759,6 +769,7 @@ impl TicketStore {
             .bind(&t.language)
             .bind(&t.call_id)
             .bind(t.callback_requested)
+            .bind(&t.agent_id)
             .execute(&self.pool)
             .await;
             match result {
@@ -860,6 +871,29 @@ impl TicketStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| fail("list", e))?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+
+    /// The newest tickets (at most `limit`) filed for the caller's number `phone` since
+    /// `since`, newest first: a caller's earlier requests, for the operator's screen.
+    pub async fn by_phone(
+        &self,
+        phone: &str,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        let since = iso(whole_second_utc(since))?;
+        let sql = format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE phone = ? AND requested_datetime >= ? \
+             ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(phone)
+            .bind(since)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("by_phone", e))?;
         rows.iter().map(ticket_from_row).collect()
     }
 
@@ -1198,6 +1232,7 @@ impl Ticket {
             call_id: t.call_id,
             callback_requested: t.callback_requested,
             transfer: None,
+            agent_id: t.agent_id,
         }
     }
 }
@@ -1296,6 +1331,7 @@ fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         call_id: column(row, "call_id")?,
         callback_requested: column(row, "callback_requested")?,
         transfer: column(row, "transfer")?,
+        agent_id: column(row, "agent_id")?,
     })
 }
 
@@ -1376,6 +1412,7 @@ mod tests {
             language: Some(format!("lang-{text}")),
             call_id: Some(format!("call-{text}")),
             callback_requested: true,
+            agent_id: Some(format!("agent-{text}")),
         }
     }
 
@@ -1422,6 +1459,83 @@ mod tests {
             store.get(bare.service_request_id).await.unwrap(),
             Some(bare)
         );
+    }
+
+    /// A database from before operator tickets: the table is rebuilt to take `channel:
+    /// operator` and `agent_id`, and the rows it held are kept whole.
+    #[tokio::test]
+    async fn tickets_from_before_operator_tickets_are_kept_whole() {
+        let db = TempDb::new("operator-migration");
+        let old_migrations = std::env::temp_dir().join(format!(
+            "ivr311-pre-operator-migrations-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&old_migrations).unwrap();
+        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        for f in std::fs::read_dir(&here).unwrap() {
+            let name = f.unwrap().file_name();
+            if name.to_string_lossy().as_ref() < "20261201000003" {
+                std::fs::copy(here.join(&name), old_migrations.join(&name)).unwrap();
+            }
+        }
+        let t = full_ticket("old");
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(&db.0)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            Migrator::new(old_migrations.as_path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
+                 description, requested_datetime, updated_datetime, zipcode, phone, recording, \
+                 channel, callback_requested, transfer) \
+                 VALUES (33333333, ?, ?, 'open', ?, '2026-01-01T00:00:00Z', \
+                 '2026-01-01T00:00:00Z', ?, ?, ?, 'phone', ?, \
+                 'transferred to crisis by 1001 (refer)')",
+            )
+            .bind(&t.service_code)
+            .bind(&t.service_name)
+            .bind(&t.description)
+            .bind(&t.zipcode)
+            .bind(&t.phone)
+            .bind(&t.recording)
+            .bind(t.callback_requested)
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        std::fs::remove_dir_all(&old_migrations).unwrap();
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let got = store.get(33_333_333).await.unwrap().unwrap();
+        assert_eq!(got.service_code, t.service_code);
+        assert_eq!(got.description, t.description);
+        assert_eq!(got.zipcode, t.zipcode);
+        assert_eq!(got.phone, t.phone);
+        assert_eq!(got.recording, t.recording);
+        assert_eq!(got.callback_requested, t.callback_requested);
+        assert_eq!((got.channel, got.agent_id), (Channel::Phone, None));
+        assert_eq!(
+            got.transfer.as_deref(),
+            Some("transferred to crisis by 1001 (refer)")
+        );
+        let op = store
+            .file(NewTicket {
+                channel: Channel::Operator,
+                agent_id: Some("1001".into()),
+                ..pothole()
+            })
+            .await
+            .unwrap();
+        let op = store.get(op.service_request_id).await.unwrap().unwrap();
+        assert_eq!(op.channel, Channel::Operator);
+        assert_eq!(op.agent_id.as_deref(), Some("1001"));
     }
 
     /// A database filed by a build that kept a phone ticket's recording in `media_url`: the
@@ -2328,13 +2442,45 @@ mod tests {
         let _ = all;
     }
 
+    #[tokio::test]
+    async fn a_callers_earlier_requests_are_found_by_number_newest_first_within_the_window() {
+        let store = TicketStore::open_in_memory().await.unwrap();
+        let at = |days_ago: i64| OffsetDateTime::now_utc() - time::Duration::days(days_ago);
+        let mut ids = 10_000_000u64;
+        let mut file = |phone: &str, days_ago: i64, channel: Channel| {
+            ids += 1;
+            let id = ids;
+            let t = NewTicket {
+                phone: Some(phone.into()),
+                channel,
+                agent_id: (channel == Channel::Operator).then(|| "1001".to_owned()),
+                ..pothole()
+            };
+            let store = store.clone();
+            async move { store.file_with(t, at(days_ago), &mut || id).await.unwrap() }
+        };
+        let old = file("+15551230001", 120, Channel::Phone).await;
+        let recent = file("+15551230001", 10, Channel::Phone).await;
+        let newest = file("+15551230001", 1, Channel::Operator).await;
+        let _other = file("+15551230002", 1, Channel::Phone).await;
+        let found = store.by_phone("+15551230001", at(90), 20).await.unwrap();
+        let numbers: Vec<u64> = found.iter().map(|t| t.service_request_id).collect();
+        assert_eq!(
+            numbers,
+            vec![newest.service_request_id, recent.service_request_id]
+        );
+        assert!(!numbers.contains(&old.service_request_id));
+        assert_eq!(found[0].channel, Channel::Operator);
+        assert_eq!(found[0].agent_id.as_deref(), Some("1001"));
+    }
+
     #[test]
     fn status_and_channel_parse_and_print() {
         for s in [Status::Open, Status::Closed] {
             assert_eq!(s.as_str().parse::<Status>(), Ok(s));
             assert_eq!(s.to_string(), s.as_str());
         }
-        for c in [Channel::Phone, Channel::Web] {
+        for c in [Channel::Phone, Channel::Web, Channel::Operator] {
             assert_eq!(c.as_str().parse::<Channel>(), Ok(c));
         }
         assert!("Open".parse::<Status>().is_err());

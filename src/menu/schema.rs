@@ -450,6 +450,90 @@ pub fn parse(text: &str) -> Result<MenuFile, SchemaError> {
     })
 }
 
+/// How the caller got somewhere, in words an operator reads: a menu path as the engine records
+/// it (`language:1 > screening:1 > main:1 > streets:1`) becomes
+/// `Streets and infrastructure > Pothole`, and the service the caller was filing, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PathInWords {
+    pub words: String,
+    /// The `service` code of the last ticket entry on the path.
+    pub service_code: Option<String>,
+}
+
+impl MenuFile {
+    /// [`PathInWords`] for `path`. The language choice and the 911 screening are left out
+    /// (every caller passes them); a menu reads as its `category`, or its id with
+    /// underscores as spaces; a ticket as its service's name; steps this file does not know
+    /// (a menu since reloaded) as they are.
+    pub fn path_in_words(&self, path: &str) -> PathInWords {
+        let mut words: Vec<String> = Vec::new();
+        let mut service_code = None;
+        let say = |w: String, words: &mut Vec<String>| {
+            if words.last() != Some(&w) {
+                words.push(w);
+            }
+        };
+        for step in path.split(" > ").map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((id, key)) = step.rsplit_once(':') else {
+                say(step.to_owned(), &mut words);
+                continue;
+            };
+            if id == self.start || id == self.screening {
+                continue;
+            }
+            let Some(menu) = self.menus.get(id) else {
+                if !matches!(id, "after_ticket" | "offer") {
+                    say(step.to_owned(), &mut words);
+                }
+                continue;
+            };
+            let action = match key {
+                "timeout" => menu.on_timeout.as_ref(),
+                "exhausted" => menu
+                    .on_exhausted
+                    .as_ref()
+                    .or(Some(&self.defaults.on_exhausted)),
+                k => menu.entries.get(k),
+            };
+            match action {
+                Some(Action::Goto(next)) => {
+                    if let Some(m) = self.menus.get(next) {
+                        say(menu_words(next, m), &mut words);
+                    }
+                }
+                Some(Action::Ticket(t)) => {
+                    if let Some(cat) = &menu.category {
+                        say(cat.clone(), &mut words);
+                    }
+                    say(t.name.clone(), &mut words);
+                    service_code = Some(t.service.clone());
+                }
+                Some(Action::Queue(_)) => say("Operator".into(), &mut words),
+                Some(Action::Status) => say("Request status".into(), &mut words),
+                Some(Action::Info(_)) => say(menu_words(id, menu), &mut words),
+                Some(Action::Emergency(_)) => say("911".into(), &mut words),
+                _ => {}
+            }
+        }
+        PathInWords {
+            words: words.join(" > "),
+            service_code,
+        }
+    }
+}
+
+/// A menu as an operator reads it: its category, or its id in words.
+fn menu_words(id: &str, m: &Menu) -> String {
+    m.category.clone().unwrap_or_else(|| {
+        let mut w = id.replace('_', " ");
+        if let Some(first) = w.get(..1) {
+            let up = first.to_uppercase();
+            w.replace_range(..1, &up);
+        }
+        w
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,5 +576,21 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.line, 8);
         assert!(e.message.contains("gotoo"));
+    }
+
+    #[test]
+    fn a_menu_path_reads_in_words_with_the_service_it_was_filing() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("menus/311.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file: MenuFile = serde_yaml::from_str(&text).unwrap();
+        let p = file.path_in_words("language:1 > screening:1 > main:1 > streets:1");
+        assert_eq!(p.words, "Streets and infrastructure > Pothole");
+        assert_eq!(p.service_code.as_deref(), Some("pothole"));
+        let p = file.path_in_words("language:2 > screening:1 > main:0");
+        assert_eq!(p.words, "Operator");
+        assert_eq!(p.service_code, None);
+        let p = file.path_in_words("language:1 > screening:1 > main:4 > gone:3");
+        assert!(p.words.ends_with("gone:3"), "{}", p.words);
+        assert_eq!(file.path_in_words("").words, "");
     }
 }
