@@ -33,6 +33,12 @@
 //! answer, a call-back taking the place) is awaited in the driver and fed straight back, as an
 //! input; database work runs in tasks on the server's tracker and reports back later.
 //!
+//! Why a task per call and not one task per core driving many cores: the per-call task also
+//! owns the call's dialog handle, leg channels, media slot and database tasks, so one task
+//! driving thousands of cores would need its own timer wheel and channel multiplexing (a second
+//! scheduler beside tokio's), for a saving the profile puts at part of the 16.6% tokio spends
+//! waking tasks. BENCHMARKS.md ("The call as a sans-IO core: before and after") has the figures.
+//!
 //! Leg ids (`LegId`) are unique on the server: the driver keys each leg's dialog, port and
 //! events on them, and reads the events of the legs the core has not let go of. The core has
 //! at most one operator leg and one transfer target, or one 911 leg; nothing in the driver
