@@ -2148,8 +2148,10 @@ impl QueueHandle {
             .await
     }
 
-    /// [`QueueHandle::enqueue`], telling the queue who the caller is, for the operators'
-    /// consoles it is offered to ([`AgentNotice::Offer`]).
+    /// Queue a caller, telling the queue who they are for the operators' consoles they are
+    /// offered to ([`AgentNotice::Offer`]); its events go to `events` until it is answered and
+    /// its call ends, or it abandons. If `events` closes (the call is gone), the caller is
+    /// abandoned.
     pub async fn enqueue_with_context(
         &self,
         caller: CallerId,
@@ -2180,7 +2182,7 @@ impl QueueHandle {
     }
 
     /// [`Dispatcher::rejoin`]: the caller back at the front of `queue`, its wait counted from
-    /// `since`; its events go to `events` as for [`QueueHandle::enqueue`].
+    /// `since`; its events go to `events` as for [`QueueHandle::enqueue_with_context`].
     pub async fn rejoin(
         &self,
         caller: CallerId,
