@@ -1584,3 +1584,104 @@ async fn an_operator_consults_another_operator_who_then_takes_the_caller() {
     second.request("BYE", Duration::from_secs(3)).await;
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_dials_a_queue_and_the_held_caller_goes_to_its_front_with_their_wait() {
+    let srv = start_server(config(vec![])).await;
+    let mut second = Phone::login(&srv, "1002").await;
+    set_paused(&srv, "1002", true).await;
+    let queued_by = Instant::now();
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    let call_id = caller.call_id.clone();
+    // Another caller comes in meanwhile and waits in the same queue (1001 is busy, 1002
+    // paused): a caller sent back to the queue goes before them.
+    let mut other = TestUa::udp(srv.sip_addr).await;
+    let (_, r) = other.call_with("0 101", "").await;
+    assert_eq!(r.code, 200);
+    other.listen(Duration::from_millis(200)).await;
+    other.keys("110").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin_calls(srv.http_addr)
+        .await
+        .iter()
+        .any(|c| c["call_id"] == other.call_id.as_str() && c["state"] == "waiting for operator")
+    {
+        assert!(Instant::now() < deadline, "the other caller waits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator talks with the caller for a while, holds them, and dials the queue.
+    let mut out = RtpStream::new();
+    op.speak(&mut out, 150).await;
+    op.hold(true).await;
+    let mut c = op.dial("general").await;
+    assert_eq!(
+        op.dialled(&mut c, Duration::from_secs(5)).await,
+        200,
+        "the phone's call to a queue is answered"
+    );
+    // The phone hears the confirmation, and both of its calls are hung up.
+    let heard = hear_on(&c.rtp, Duration::from_millis(1500)).await;
+    assert!(
+        level(&heard) > 0.01,
+        "the confirmation: RMS {:.3} over {} packets",
+        level(&heard),
+        heard.len()
+    );
+    let byes = [
+        op.request("BYE", Duration::from_secs(5)).await,
+        op.request("BYE", Duration::from_secs(5)).await,
+    ];
+    assert!(
+        byes.iter().any(|b| b.call_id == c.call_id),
+        "the phone's call to the queue hung up"
+    );
+    assert!(
+        byes.iter().any(|b| b.call_id != c.call_id),
+        "the operator's leg with the caller released"
+    );
+    let state = agent_state(srv.http_addr, "1001").await;
+    assert!(state == "wrap_up" || state == "available", "{state}");
+    let rows = transfers_done(&srv, &call_id).await;
+    assert_eq!(
+        (
+            rows[0].target.as_str(),
+            rows[0].operator.as_deref(),
+            rows[0].requested_via.as_str(),
+            rows[0].outcome.as_str()
+        ),
+        ("queue:general", Some("1001"), "phone_call", "connected"),
+        "{rows:?}"
+    );
+
+    // The next operator free gets the caller first, ahead of the one who waited meanwhile,
+    // and sees their whole wait (since they first joined the queue).
+    set_paused(&srv, "1002", false).await;
+    let inv = second.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(h(&inv, "X-311-Call-ID"), Some(call_id.as_str()));
+    assert_eq!(h(&inv, "X-311-Queue"), Some("general"));
+    let waited: u64 = h(&inv, "X-311-Waited").unwrap().parse().unwrap();
+    let least = queued_by.elapsed().as_secs().saturating_sub(2).max(3);
+    assert!(
+        waited >= least,
+        "X-311-Waited {waited}, the caller has waited at least {least} s"
+    );
+    second
+        .a
+        .reply(&inv, 200, "OK", Some(second.a.answer_sdp()))
+        .await;
+    second.inv = Some(inv);
+    second.request("ACK", Duration::from_secs(3)).await;
+    let (_, heard) = tokio::join!(
+        second.speak(&mut out, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller talks to 1002: {:.3}",
+        level(&heard)
+    );
+    caller.bye().await;
+    other.bye().await;
+    srv.shutdown().await;
+}
+
