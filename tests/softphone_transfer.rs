@@ -708,6 +708,11 @@ async fn sipp_operator_holds_consults_the_crisis_line_and_transfers_with_replace
         "SIPp as the operator failed ({status:?}):\n{}",
         sipp_text()
     );
+    assert!(
+        read_log(&log).contains(&format!("operator offered: {}", caller.call_id)),
+        "SIPp was offered the caller's call with its context:\n{}",
+        sipp_text()
+    );
     call_state(srv.http_addr, "transferred", sipp_text).await;
     let state = agent(srv.http_addr, AGENT).await["state"].clone();
     assert!(
