@@ -11,6 +11,12 @@
 //! 200) in its SIP trace; its leg is released; the caller and the PSAP hear each other; the
 //! 911 audit row names the operator and `refer`.
 //!
+//! SIPp (`sip-tester`) plays the attended case step by step as an operator's phone would
+//! (`tests/sipp/uas_operator_attended.xml`): it answers the caller, holds them (re-INVITE
+//! `sendonly`), calls the crisis line from the same phone (digest), REFERs on the caller's call
+//! with `Replaces` naming that call, and checks the `202`, the NOTIFYs and the BYEs of both
+//! of its calls.
+//!
 //! baresip 1.0 answers digest challenges with MD5 only (see `tests/softphone_agent.rs`), so
 //! the server is configured with `registrar.digest_algorithms: [MD5]`.
 
@@ -535,6 +541,229 @@ async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     phone.proc.send("quit\n");
+    caller.bye().await;
+    assert!(
+        line.next("BYE", Duration::from_secs(3)).await.is_some(),
+        "the line hears the hang-up"
+    );
+    srv.shutdown().await;
+}
+
+/// Whether a socket is bound to UDP port `port` of 127.0.0.1 (read from /proc/net/udp).
+fn udp_bound(port: u16) -> bool {
+    let table = fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_operator_holds_consults_the_crisis_line_and_transfers_with_replaces() {
+    let work = WorkDir::new("sipp-attended");
+    let line = Psap {
+        sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let mut file = FileConfig {
+        agents: vec![AgentConfig {
+            id: AGENT.into(),
+            password: PASSWORD.into(),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        }],
+        queues: vec![QueueConfig {
+            name: "general".into(),
+            ring_timeout_seconds: 20,
+            ..QueueConfig::default()
+        }],
+        // SIPp's `[authentication]` is MD5 only.
+        registrar: RegistrarConfig {
+            digest_algorithms: vec!["MD5".into()],
+        },
+        ..FileConfig::default()
+    };
+    file.trunks.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    // The scenario's phone sends no audio: its leg is not watched for silence.
+    file.limits.operator_silence_seconds = 0;
+    file.transfers = ivr311::config::TransfersConfig(vec![ivr311::config::TransferLine {
+        name: "crisis".into(),
+        number: "988".into(),
+        uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
+        headers: Default::default(),
+        ring_timeout_seconds: 20,
+    }]);
+    let srv = start_server(file).await;
+
+    // The operator's phone logs in (digest), then takes calls on the port it registered from.
+    let port = free_udp_port();
+    let reg_out = work.path().join("sipp-register.out");
+    let out = fs::File::create(&reg_out).unwrap();
+    let mut register = Running::spawn(
+        Command::new("sipp")
+            .arg(srv.sip_addr.to_string())
+            .arg("-sf")
+            .arg(repo().join("tests/sipp/uac_agent_register.xml"))
+            .args(["-s", AGENT, "-au", AGENT, "-ap", PASSWORD])
+            .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", "1", "-nostdin", "-timeout", "10", "-timeout_error"])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out),
+        "sipp",
+    );
+    let status = register.wait(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIPp's REGISTER failed ({status:?}):\n{}",
+        tail(&read_log(&reg_out), 40)
+    );
+    if let Err(a) = agent_logs_in(srv.http_addr, AGENT, Duration::from_secs(10)).await {
+        panic!("SIPp did not log in as {AGENT}: {a}");
+    }
+    let phone_out = work.path().join("sipp-operator.out");
+    let (log, msgs, errs) = (
+        work.path().join("sipp-operator.log"),
+        work.path().join("sipp-operator.msg"),
+        work.path().join("sipp-operator.err"),
+    );
+    let out = fs::File::create(&phone_out).unwrap();
+    let mut phone = Running::spawn(
+        Command::new("sipp")
+            .arg(srv.sip_addr.to_string())
+            .arg("-sf")
+            .arg(repo().join("tests/sipp/uas_operator_attended.xml"))
+            .args(["-s", AGENT, "-au", AGENT, "-ap", PASSWORD])
+            .args(["-key", "target", "988"])
+            // SIPp's digest `uri` is `sip:<remote host:port>` unless told: the INVITE's.
+            .args(["-auth_uri", &format!("988@{}", srv.sip_addr)])
+            .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-mi", "127.0.0.1", "-mp", &free_media_port().to_string()])
+            .args(["-m", "1", "-nostdin", "-timeout", "40", "-timeout_error"])
+            .arg("-trace_logs")
+            .arg("-log_file")
+            .arg(&log)
+            .arg("-trace_msg")
+            .arg("-message_file")
+            .arg(&msgs)
+            .arg("-trace_err")
+            .arg("-error_file")
+            .arg(&errs)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out),
+        "sipp",
+    );
+    let sipp_text = || {
+        format!(
+            "{}\n--- errors ---\n{}\n--- log ---\n{}\n--- messages ---\n{}",
+            tail(&read_log(&phone_out), 30),
+            read_log(&errs),
+            read_log(&log),
+            tail(&read_log(&msgs), 150)
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !udp_bound(port) {
+        assert!(Instant::now() < deadline, "SIPp listens:\n{}", sipp_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The caller reaches the operator; SIPp answers, holds them and calls 988.
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    caller.from_user = CALLER.into();
+    let (_, r) = caller
+        .call_with(
+            "0 101",
+            &format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n"),
+        )
+        .await;
+    assert_eq!(r.code, 200);
+    caller.listen(Duration::from_millis(500)).await;
+    caller.keys("110").await;
+    let (inv, from) = line
+        .next("INVITE", Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("the line got no INVITE:\n{}", sipp_text()));
+    assert_eq!(
+        inv.from.user(),
+        Some(CALLER),
+        "the held caller's number: {}",
+        inv.from.raw
+    );
+    assert!(
+        inv.header("P-Asserted-Identity")
+            .is_some_and(|p| p.contains(CALLER)),
+        "{:?}",
+        inv.header("P-Asserted-Identity")
+    );
+    assert_eq!(inv.header("X-311-Transferred-By"), Some(AGENT));
+    assert_eq!(inv.header("X-311-Call-ID"), Some(caller.call_id.as_str()));
+    line.answer(&inv, from).await;
+
+    // SIPp REFERs with Replaces; its scenario checks the 202, the NOTIFYs (100, then 200)
+    // and that both of its calls get BYE, and ends only then.
+    let status = phone.wait(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIPp as the operator failed ({status:?}):\n{}",
+        sipp_text()
+    );
+    assert!(
+        read_log(&log).contains(&format!("operator offered: {}", caller.call_id)),
+        "SIPp was offered the caller's call with its context:\n{}",
+        sipp_text()
+    );
+    call_state(srv.http_addr, "transferred", sipp_text).await;
+    let state = agent(srv.http_addr, AGENT).await["state"].clone();
+    assert!(
+        state == "wrap_up" || state == "available",
+        "the operator is free: {state}"
+    );
+    assert!(
+        line.next("INVITE", Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the line is not called again: the consultation's leg is joined"
+    );
+
+    // The caller and the line hear each other.
+    let leg = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    let (_, heard) = tokio::join!(
+        send_tone(&line.rtp, leg, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the line's voice at the caller: {:.3}",
+        level(&heard)
+    );
+    let (_, heard) = tokio::join!(
+        caller.speak(60),
+        hear_on(&line.rtp, Duration::from_millis(1500))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at the line: {:.3}",
+        level(&heard)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows = srv.tickets.transfers_of(&caller.call_id).await.unwrap();
+        if let Some(r) = rows.iter().find(|r| r.outcome == "connected") {
+            assert_eq!(
+                (
+                    r.target.as_str(),
+                    r.operator.as_deref(),
+                    r.requested_via.as_str()
+                ),
+                ("crisis", Some(AGENT), "phone_call"),
+                "{rows:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     caller.bye().await;
     assert!(
         line.next("BYE", Duration::from_secs(3)).await.is_some(),

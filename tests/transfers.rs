@@ -59,8 +59,12 @@ struct Phone {
 
 impl Phone {
     async fn login(srv: &ivr311::server::RunningServer, id: &str) -> Phone {
+        Phone::login_at(srv.sip_addr, id).await
+    }
+
+    async fn login_at(server: SocketAddr, id: &str) -> Phone {
         Phone {
-            a: TestAgent::login(srv.sip_addr, id).await,
+            a: TestAgent::login(server, id).await,
             inv: None,
             pending: VecDeque::new(),
             cseq: 1,
@@ -1583,4 +1587,213 @@ async fn an_operator_consults_another_operator_who_then_takes_the_caller() {
     caller.bye().await;
     second.request("BYE", Duration::from_secs(3)).await;
     srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_dials_a_queue_and_the_held_caller_goes_to_its_front_with_their_wait() {
+    let srv = start_server(config(vec![])).await;
+    let mut second = Phone::login(&srv, "1002").await;
+    set_paused(&srv, "1002", true).await;
+    let queued_by = Instant::now();
+    let (mut caller, mut op) = caller_with_1001(&srv).await;
+    let call_id = caller.call_id.clone();
+    // Another caller comes in meanwhile and waits in the same queue (1001 is busy, 1002
+    // paused): a caller sent back to the queue goes before them.
+    let mut other = TestUa::udp(srv.sip_addr).await;
+    let (_, r) = other.call_with("0 101", "").await;
+    assert_eq!(r.code, 200);
+    other.listen(Duration::from_millis(200)).await;
+    other.keys("110").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin_calls(srv.http_addr)
+        .await
+        .iter()
+        .any(|c| c["call_id"] == other.call_id.as_str() && c["state"] == "waiting for operator")
+    {
+        assert!(Instant::now() < deadline, "the other caller waits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator talks with the caller for a while, holds them, and dials the queue.
+    let mut out = RtpStream::new();
+    op.speak(&mut out, 150).await;
+    op.hold(true).await;
+    let mut c = op.dial("general").await;
+    assert_eq!(
+        op.dialled(&mut c, Duration::from_secs(5)).await,
+        200,
+        "the phone's call to a queue is answered"
+    );
+    // The phone hears the confirmation, and both of its calls are hung up.
+    let heard = hear_on(&c.rtp, Duration::from_millis(1500)).await;
+    assert!(
+        level(&heard) > 0.01,
+        "the confirmation: RMS {:.3} over {} packets",
+        level(&heard),
+        heard.len()
+    );
+    let byes = [
+        op.request("BYE", Duration::from_secs(5)).await,
+        op.request("BYE", Duration::from_secs(5)).await,
+    ];
+    assert!(
+        byes.iter().any(|b| b.call_id == c.call_id),
+        "the phone's call to the queue hung up"
+    );
+    assert!(
+        byes.iter().any(|b| b.call_id != c.call_id),
+        "the operator's leg with the caller released"
+    );
+    let state = agent_state(srv.http_addr, "1001").await;
+    assert!(state == "wrap_up" || state == "available", "{state}");
+    let rows = transfers_done(&srv, &call_id).await;
+    assert_eq!(
+        (
+            rows[0].target.as_str(),
+            rows[0].operator.as_deref(),
+            rows[0].requested_via.as_str(),
+            rows[0].outcome.as_str()
+        ),
+        ("queue:general", Some("1001"), "phone_call", "connected"),
+        "{rows:?}"
+    );
+
+    // The next operator free gets the caller first, ahead of the one who waited meanwhile,
+    // and sees their whole wait (since they first joined the queue).
+    set_paused(&srv, "1002", false).await;
+    let inv = second.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(h(&inv, "X-311-Call-ID"), Some(call_id.as_str()));
+    assert_eq!(h(&inv, "X-311-Queue"), Some("general"));
+    let waited: u64 = h(&inv, "X-311-Waited").unwrap().parse().unwrap();
+    let least = queued_by.elapsed().as_secs().saturating_sub(2).max(3);
+    assert!(
+        waited >= least,
+        "X-311-Waited {waited}, the caller has waited at least {least} s"
+    );
+    second
+        .a
+        .reply(&inv, 200, "OK", Some(second.a.answer_sdp()))
+        .await;
+    second.inv = Some(inv);
+    second.request("ACK", Duration::from_secs(3)).await;
+    let (_, heard) = tokio::join!(
+        second.speak(&mut out, 50),
+        caller.listen(Duration::from_millis(1000))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller talks to 1002: {:.3}",
+        level(&heard)
+    );
+    caller.bye().await;
+    other.bye().await;
+    srv.shutdown().await;
+}
+
+/// The server's CPU time so far (utime + stime, in clock ticks of 10 ms), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// BENCHMARKS.md's "Transfers": K blind transfers against a server started by hand (release
+/// build, `bench/transfers.yaml`) while `ivr311-load --target` keeps its IVR load on it; for
+/// each, REFER sent by the operator's phone -> INVITE received at the line, and the server's
+/// CPU per transferred call over the IVR load's own (measured for as long just before).
+///
+/// `IVR311_BENCH_SIP` (default 127.0.0.1:5060), `IVR311_BENCH_PID` (the server's pid),
+/// `IVR311_BENCH_TRANSFERS` (K, default 50); the line listens on 127.0.0.1:5990 as the
+/// config says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark against a server started by hand; see BENCHMARKS.md"]
+async fn bench_refer_to_first_invite_under_ivr_load() {
+    let env = |k: &str| std::env::var(k).ok();
+    let server: SocketAddr = env("IVR311_BENCH_SIP")
+        .unwrap_or_else(|| "127.0.0.1:5060".into())
+        .parse()
+        .unwrap();
+    let pid: u32 = env("IVR311_BENCH_PID")
+        .expect("IVR311_BENCH_PID")
+        .parse()
+        .unwrap();
+    let k: usize = env("IVR311_BENCH_TRANSFERS")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(50);
+    let mut line = Target {
+        sip: UdpSocket::bind("127.0.0.1:5990").await.unwrap(),
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        from: None,
+    };
+    let mut op = Phone::login_at(server, "1001").await;
+
+    let one = async |op: &mut Phone, line: &mut Target| -> Duration {
+        let mut caller = TestUa::udp(server).await;
+        caller.from_user = CALLER.into();
+        let (_, r) = caller
+            .call_with(
+                "0 101",
+                &format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n"),
+            )
+            .await;
+        assert_eq!(r.code, 200);
+        caller.listen(Duration::from_millis(200)).await;
+        caller.keys("110").await;
+        op.answer_offer().await;
+        op.pending.clear();
+        let sent = Instant::now();
+        let cseq = op
+            .send(
+                "REFER",
+                &format!("Refer-To: <sip:988@{server}>\r\nReferred-By: <sip:1001@127.0.0.1>\r\n"),
+            )
+            .await;
+        let inv = line.invite().await;
+        let took = sent.elapsed();
+        assert_eq!(op.response(cseq).await.code, 202);
+        line.respond(&inv, 200, "OK").await;
+        line.next("ACK", Duration::from_secs(3)).await.expect("ACK");
+        op.request("BYE", Duration::from_secs(5)).await;
+        caller.bye().await;
+        line.next("BYE", Duration::from_secs(5)).await.expect("BYE");
+        // The operator's wrap-up (bench/transfers.yaml: none) is over when it is offered again.
+        took
+    };
+
+    // The IVR load alone, for as long as the transfers will take (estimated from one).
+    let t = Instant::now();
+    let _ = one(&mut op, &mut line).await;
+    let window = t.elapsed() * k as u32;
+    let c0 = cpu_ticks(pid);
+    tokio::time::sleep(window).await;
+    let baseline = cpu_ticks(pid) - c0;
+
+    let mut took = Vec::with_capacity(k);
+    let c0 = cpu_ticks(pid);
+    let t = Instant::now();
+    for _ in 0..k {
+        took.push(one(&mut op, &mut line).await);
+    }
+    let elapsed = t.elapsed();
+    let with = cpu_ticks(pid) - c0;
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let pct = |p: f64| took[((took.len() as f64 * p).ceil() as usize).clamp(1, took.len()) - 1];
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "{k} blind transfers in {:.1} s: REFER -> INVITE at the line p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        elapsed.as_secs_f64(),
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        ms(*took.last().unwrap())
+    );
+    let scaled = baseline as f64 * elapsed.as_secs_f64() / window.as_secs_f64();
+    println!(
+        "server CPU: {:.2} s with the transfers, {:.2} s for the IVR load alone over as long; \
+         {:.1} ms per transferred call; load average {}",
+        with as f64 / 100.0,
+        scaled / 100.0,
+        (with as f64 - scaled) * 10.0 / k as f64,
+        load.trim()
+    );
 }

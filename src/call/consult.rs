@@ -5,11 +5,15 @@
 //! An INVITE whose From names a logged-in agent, sent from that agent's registered address
 //! and digest-authenticated (the UA core checks: see `Registrar::authorize_call`), never
 //! reaches the menu. Its Request-URI user is routed by the operators' dial plan
-//! ([`super::dialplan`]): `911`, a `transfers` line's number or name, another agent's id.
-//! A number the plan does not list is refused (`403`), anything else `404`, a queue's name
-//! `403` (a caller is put in a queue by transferring them), a second call while the phone
-//! has one going `486`, each refusal counted in `ivr311_transfer_refusals_total`. `911` is
-//! never refused by policy.
+//! ([`super::dialplan`]): `911`, a `transfers` line's number or name, another agent's id,
+//! a queue's name. A number the plan does not list is refused (`403`), anything else `404`,
+//! a second call while the phone has one going `486`, each refusal counted in
+//! `ivr311_transfer_refusals_total`. `911` is never refused by policy.
+//!
+//! A queue's name, dialled with a caller on hold, sends that caller to the front of the queue
+//! with their wait kept ([`send_to_queue`]: the caller's call transfers them, which hangs up
+//! the operator's leg with them); the phone's call is answered, hears "Thank you." and is
+//! hung up. Dialled with no caller, a queue's name is `403`.
 //!
 //! The target is rung by the same [`Transfer`] machine a blind transfer uses
 //! ([`Via::PhoneCall`]), with the context of the caller the operator holds (found in the
@@ -754,11 +758,14 @@ pub(crate) async fn run_consult(
     };
     let dest = match ctx.dialplan.route(&dialled, Some(&agent)) {
         Ok(Destination::Queue(q)) => {
-            info!(%dialled, queue = %q, "an operator dialled a queue; refused (a caller is transferred to a queue)");
+            if let Some((held, _, _)) = ctx.registry.caller_of(&agent) {
+                return send_to_queue(call, agent, q, held, ctx, cancel).await;
+            }
+            info!(%dialled, queue = %q, "an operator with no caller dialled a queue; refused");
             count("queue_by_phone");
             let (code, w) = refuse(
                 403,
-                format!("transfer the caller to queue {q} (REFER), it cannot be called"),
+                format!("queue {q} takes callers: dial it with your caller on hold"),
             );
             call.handle
                 .respond(code, reason_phrase(code), w, None)
@@ -965,6 +972,140 @@ pub(crate) async fn run_consult(
             .await;
     }
     d.legs.hang_up_all().await;
+    call.handle.release();
+}
+
+/// What the operator's call to a queue hears once the caller is in the queue.
+const QUEUED_CONFIRMATION: &str = "thank_you";
+
+/// Longest the operator's call to a queue lasts (ACK, then the confirmation).
+const QUEUED_CALL_WITHIN: Duration = Duration::from_secs(10);
+
+/// The operator dialled a queue's name with their caller on hold: the caller goes to the
+/// front of that queue with their wait kept (a transfer of the caller's call, asked
+/// [`Via::PhoneCall`], which hangs up the operator's leg with the caller); the phone's call
+/// is then answered, hears a short confirmation, and is hung up. When the caller's call
+/// refuses (no caller of theirs, a transfer already going, the queue will not take them),
+/// the phone's call is refused with its status and the caller stays with the operator.
+async fn send_to_queue(
+    mut call: IncomingCall,
+    agent: String,
+    queue: String,
+    held: u64,
+    ctx: CallContext,
+    cancel: CancellationToken,
+) {
+    let refuse = async |call: &IncomingCall, code: u16, why: &str| {
+        let w = vec![(
+            "Warning".to_owned(),
+            format!("399 ivr311 \"{}\"", sanitize_quoted(why)),
+        )];
+        call.handle
+            .respond(code, reason_phrase(code), w, None)
+            .await;
+    };
+    let offered = sdp::parse(&call.body).and_then(|offer| {
+        let neg = sdp::negotiate(&offer, &SUPPORTED_CODECS)?;
+        Ok((offer, neg))
+    });
+    let (offer, neg) = match offered {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, "an operator's call to a queue without an offer we can take; 488");
+            ctx.metrics.add(
+                "ivr311_transfer_refusals_total",
+                "Transfer requests (REFER, an agent's call, the admin API) refused, by reason.",
+                &[("reason", "no_offer")],
+                1,
+            );
+            return refuse(&call, 488, &e.to_string()).await;
+        }
+    };
+    let Some(port) = ctx.ports.allocate() else {
+        warn!("no RTP port free for an operator's call to a queue; 503");
+        return refuse(&call, 503, "no media port free").await;
+    };
+    if let Err((code, why)) = ctx.registry.queue_by_phone(held, &agent, &queue).await {
+        info!(%agent, %queue, code, reason = %why, "the caller was not sent to the queue; they stay with the operator");
+        return refuse(&call, code, &why).await;
+    }
+    info!(%agent, %queue, "the caller waits at the front of the queue; the operator hears it confirmed");
+    let ip = ctx
+        .advertise_ip
+        .or_else(|| {
+            let bound = port.socket.local_addr().ok()?.ip();
+            (!bound.is_unspecified()).then_some(bound)
+        })
+        .or_else(|| crate::sip::transport::local_ip_towards(offer.addr.ip()))
+        .unwrap_or(call.local.ip());
+    let local = SocketAddr::new(ip, port.port);
+    let session_id = u64::from(rand::random::<u32>());
+    let answer = sdp::build_answer_for_offer(&call.body, local, session_id, 1, &neg)
+        .unwrap_or_else(|_| sdp::build_answer(local, session_id, 1, &neg));
+    call.handle
+        .respond(
+            200,
+            "OK",
+            vec![],
+            Some(("application/sdp".into(), Bytes::from(answer.clone()))),
+        )
+        .await;
+    let session = MediaSession::new(now(), neg, offer.addr)
+        .latch_scope(LatchScope::SdpOr(call.source.ip()))
+        .until_confirmed();
+    let no_media = Duration::from_secs(ctx.limits.no_media_seconds);
+    let (media, mut notes) = ctx.clock.attach(port, session, no_media, Span::current());
+    let confirmation = ctx
+        .menu
+        .get()
+        .prompts
+        .get(&ctx.default_language, QUEUED_CONFIRMATION);
+    let until = tokio::time::Instant::now() + QUEUED_CALL_WITHIN;
+    let mut phone_left = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep_until(until) => {
+                debug!("the operator's call to a queue is over (time)");
+                break;
+            }
+            ev = call.events.recv() => match ev {
+                Some(DialogEvent::Confirmed { .. }) => {
+                    let mut slot = media.lock();
+                    slot.media.confirm();
+                    match &confirmation {
+                        Some(p) => slot.media.play([p.clone()]),
+                        None => break,
+                    }
+                }
+                None | Some(
+                    DialogEvent::Bye
+                    | DialogEvent::Cancelled
+                    | DialogEvent::Timeout
+                    | DialogEvent::Lost,
+                ) => {
+                    phone_left = true;
+                    break;
+                }
+                Some(DialogEvent::Reoffer { txn, .. }) => {
+                    let body = Some(("application/sdp".to_owned(), Bytes::from(answer.clone())));
+                    call.handle.answer_reoffer(txn, 200, body).await;
+                }
+                Some(DialogEvent::Refer(r)) => {
+                    call.handle.answer_request(r.txn, 403, vec![]).await;
+                }
+                Some(_) => {}
+            },
+            note = notes.recv() => match note {
+                Some(MediaNote::PlayDone { .. }) | None => break,
+                Some(_) => {}
+            },
+        }
+    }
+    media.end();
+    if !phone_left {
+        call.handle.hangup().await;
+    }
     call.handle.release();
 }
 

@@ -149,6 +149,10 @@ pub(crate) enum Input {
     /// An admin asks for the caller to be transferred to `to` (the dial plan's admin forms);
     /// [`Action::AdminTransferAnswer`] follows.
     AdminTransfer { to: String, via: Via },
+    /// The caller's operator `agent` dialled `queue`'s name from their phone: the caller goes
+    /// to that queue's front with their wait kept; [`Action::QueueByPhoneAnswer`] follows
+    /// once the queue took them, or the transfer failed or was refused.
+    QueueByPhone { agent: String, queue: String },
     /// The queue's answer to [`QueueCommand::RingDirect`] (`Err`: the agent's state).
     RangDirect(Result<(), &'static str>),
     /// The queue's answer to [`QueueCommand::Rejoin`].
@@ -312,6 +316,9 @@ pub(crate) enum Action {
     /// The answer to [`Input::AdminTransfer`]: the transfer's id, or a refusal (HTTP status
     /// and why).
     AdminTransferAnswer(Result<TransferId, (u16, String)>),
+    /// The answer to [`Input::QueueByPhone`]: the queue took the caller, or why not (the SIP
+    /// status for the operator's call, and why).
+    QueueByPhoneAnswer(Result<(), (u16, String)>),
     /// A transfer's progress, as `/admin/transfers/{id}` shows it.
     ShowTransfer(TransferView),
     /// Write the call's record of a transfer that started.
@@ -528,6 +535,9 @@ pub(crate) struct CallCore {
     consulting: Option<String>,
     /// An attended transfer waits for the consulted party to be handed over.
     joining: bool,
+    /// The transfer to a queue the operator asked for by dialling its name, until it ends
+    /// (the operator's call is answered then).
+    by_phone: Option<TransferId>,
     /// Where the caller was placed by the latest return to a queue.
     rejoined_at: Option<Position>,
     /// The operator the registry was last told of.
@@ -587,6 +597,7 @@ impl CallCore {
             pending_rejoin: None,
             consulting: None,
             joining: false,
+            by_phone: None,
             rejoined_at: None,
             shown_operator: None,
             shown_transfer: None,
@@ -749,6 +760,7 @@ impl CallCore {
                 let answer = self.admin_transfer(now, &to, via);
                 self.actions.push_back(Action::AdminTransferAnswer(answer));
             }
+            Input::QueueByPhone { agent, queue } => self.queue_by_phone(now, &agent, &queue),
             Input::RangDirect(result) => {
                 if let Some(t) = self.transfer_mut() {
                     t.claimed(result);
@@ -1991,6 +2003,36 @@ impl CallCore {
         }
     }
 
+    /// The caller's operator dialled a queue's name from their phone (their caller on hold):
+    /// the caller goes to the front of that queue with their wait kept, as a transfer asked
+    /// [`Via::PhoneCall`]; the answer follows when it ends ([`Self::end_transfer`]).
+    fn queue_by_phone(&mut self, now: Instant, agent: &str, queue: &str) {
+        let with_them = matches!(&self.phase, Phase::Queue(q)
+            if q.connected.as_deref() == Some(agent)
+                && q.operator.as_ref().is_some_and(OperatorLeg::answered));
+        if !with_them {
+            info!(%agent, %queue, "an operator dialled a queue with no caller of theirs; 403");
+            return self.refuse_queue_by_phone(
+                403,
+                "queue_by_phone",
+                "you hold no caller to send to the queue",
+            );
+        }
+        if self.transfer().is_some() || self.joining {
+            info!(%agent, %queue, "an operator dialled a queue while a transfer goes on; 491");
+            return self.refuse_queue_by_phone(491, "in_progress", "a transfer is in progress");
+        }
+        info!(%agent, %queue, "the operator sends the caller to the front of a queue");
+        let id = self.start_transfer(now, Destination::Queue(queue.to_owned()), Via::PhoneCall);
+        self.by_phone = Some(id);
+    }
+
+    fn refuse_queue_by_phone(&mut self, code: u16, reason: &'static str, why: &str) {
+        self.actions.push_back(Action::CountRefusal(reason));
+        self.actions
+            .push_back(Action::QueueByPhoneAnswer(Err((code, why.to_owned()))));
+    }
+
     /// What a transfer's target is told of the caller (while they are with an operator).
     fn transfer_context(&self, now: Instant) -> Option<transfer::Context> {
         let Phase::Queue(q) = &self.phase else {
@@ -2306,6 +2348,15 @@ impl CallCore {
             outcome: recorded.clone(),
             ticket_note,
         });
+        if self.by_phone == Some(t.id) {
+            self.by_phone = None;
+            let answer = if counted == "connected" {
+                Ok(())
+            } else {
+                Err((480, recorded.clone()))
+            };
+            self.actions.push_back(Action::QueueByPhoneAnswer(answer));
+        }
         let mut view = self.transfer_view(t);
         view.state = recorded;
         view.done = true;
@@ -3711,6 +3762,61 @@ mod tests {
         let op = c.with_operator();
         let out = c.leg(op, refer(11, "<sip:permits@192.0.2.1>"));
         assert_eq!(notifies(&out, op).last().map(|n| n.0), Some(480));
+        assert!(bridge(&out).flatten().is_some_and(|b| b.leg == op));
+    }
+
+    #[test]
+    fn an_operator_dialling_a_queue_sends_their_caller_to_its_front_and_is_answered_then() {
+        let (mut c, _) = Call::verified();
+        // No operator with the caller: refused, nothing moves.
+        let out = c.input(Input::QueueByPhone {
+            agent: "1001".into(),
+            queue: "permits".into(),
+        });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::QueueByPhoneAnswer(Err((403, _))))));
+        assert!(queue_cmds(&out).is_empty());
+        let op = c.with_operator();
+        // Another operator's phone cannot move this caller.
+        let out = c.input(Input::QueueByPhone {
+            agent: "1002".into(),
+            queue: "permits".into(),
+        });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::QueueByPhoneAnswer(Err((403, _))))));
+        let out = c.input(Input::QueueByPhone {
+            agent: "1001".into(),
+            queue: "permits".into(),
+        });
+        assert!(
+            matches!(
+                queue_cmds(&out).as_slice(),
+                [QueueCommand::Rejoin { queue, .. }, QueueCommand::CallEnded(a)] if queue == "permits" && a == "1001"
+            ),
+            "{:?}",
+            queue_cmds(&out)
+        );
+        assert_eq!(dropped(&out, op), Some(LegEnd::HangUpAndRelease));
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::QueueByPhoneAnswer(Ok(())))),
+            "answered once the queue took the caller"
+        );
+        assert!(notifies(&out, op).is_empty(), "no REFER to report on");
+        assert_eq!(shown(&out).as_deref(), Some("waiting for operator"));
+        // The queue refusing the caller: the phone hears why, the caller stays.
+        let (mut c, _) = Call::verified();
+        c.rejoined = Err(Refusal::NoAgents);
+        let op = c.with_operator();
+        let out = c.input(Input::QueueByPhone {
+            agent: "1001".into(),
+            queue: "permits".into(),
+        });
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::QueueByPhoneAnswer(Err((480, _))))));
         assert!(bridge(&out).flatten().is_some_and(|b| b.leg == op));
     }
 

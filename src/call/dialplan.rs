@@ -9,7 +9,7 @@
 //! | `911` | the configured emergency routes (never refused by policy) |
 //! | a `transfers` entry's `number` or `name` | that line's `uri` |
 //! | an agent's id | that agent's phone (not the operator's own) |
-//! | a queue's name | that queue, at its front, the caller's wait kept |
+//! | a queue's name | that queue, at its front, the caller's wait kept (from a phone: the caller it holds) |
 //! | digits not listed | refused: `403` (operators cannot dial through the city's trunk) |
 //! | anything else | `404` |
 //!

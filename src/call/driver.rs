@@ -490,6 +490,7 @@ pub(crate) async fn run_call(
         call_id,
         ended: None,
         admin_reply: None,
+        queue_reply: None,
         facts,
         meta: kept_meta,
     };
@@ -547,6 +548,13 @@ pub(crate) async fn run_call(
                         let _ = reply.send(Err((409, "the call is ending".into())));
                     }
                 }
+                CallCommand::QueueByPhone { agent, queue, reply } => {
+                    // Answered by the core's `QueueByPhoneAnswer` when the transfer ends
+                    // (the queue's answer comes within this turn); dropped, the phone's
+                    // call hears that the caller's call has ended.
+                    d.queue_reply = Some(reply);
+                    core.handle(now(), Input::QueueByPhone { agent, queue });
+                }
             },
             qe = recv_opt(&mut d.queue_events) => match qe {
                 Some(qe) => core.handle(now(), Input::Queue(qe)),
@@ -592,6 +600,8 @@ struct Driver {
     ended: Option<EndReason>,
     /// Where the answer to the admin's transfer goes (set while the core decides).
     admin_reply: Option<tokio::sync::oneshot::Sender<Result<TransferId, (u16, String)>>>,
+    /// Where the answer to the operator's call to a queue goes, until the transfer ends.
+    queue_reply: Option<tokio::sync::oneshot::Sender<Result<(), (u16, String)>>>,
     /// What the call did, for its row in the call history.
     facts: Facts,
     meta: super::setup::CallMeta,
@@ -748,6 +758,11 @@ impl Driver {
             }
             Action::AdminTransferAnswer(answer) => {
                 if let Some(reply) = self.admin_reply.take() {
+                    let _ = reply.send(answer);
+                }
+            }
+            Action::QueueByPhoneAnswer(answer) => {
+                if let Some(reply) = self.queue_reply.take() {
                     let _ = reply.send(answer);
                 }
             }

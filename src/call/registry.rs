@@ -38,6 +38,14 @@ pub(crate) enum CallCommand {
         via: super::transfer::Via,
         reply: oneshot::Sender<Result<TransferId, (u16, String)>>,
     },
+    /// The caller's operator `agent` dialled `queue`'s name from their phone: the caller
+    /// joins that queue at its front with their wait kept. Answered once the queue took the
+    /// caller (`Ok`) or the transfer failed or was refused (the SIP status and why).
+    QueueByPhone {
+        agent: String,
+        queue: String,
+        reply: oneshot::Sender<Result<(), (u16, String)>>,
+    },
 }
 
 /// What a caller's call asks of an operator's consultation ([`super::consult`]).
@@ -311,6 +319,36 @@ impl CallRegistry {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(gone()),
             Err(_) => Err((503, "the call did not answer in time".to_owned())),
+        }
+    }
+
+    /// Ask live call `id` to send its caller to the front of `queue`, for their operator
+    /// `agent` who dialled the queue's name from their phone: `Ok` once the queue took the
+    /// caller, or why not (the SIP status for the phone's call, and why).
+    pub(crate) async fn queue_by_phone(
+        &self,
+        id: u64,
+        agent: &str,
+        queue: &str,
+    ) -> Result<(), (u16, String)> {
+        let gone = || (481, "the caller's call has ended".to_owned());
+        let tx = self
+            .commands
+            .get(&id)
+            .map(|t| t.value().clone())
+            .ok_or_else(gone)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CallCommand::QueueByPhone {
+            agent: agent.to_owned(),
+            queue: queue.to_owned(),
+            reply,
+        })
+        .await
+        .map_err(|_| gone())?;
+        match tokio::time::timeout(COMMAND_WITHIN, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err((503, "the caller's call did not answer in time".to_owned())),
         }
     }
 
