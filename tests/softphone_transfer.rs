@@ -1,8 +1,8 @@
 //! Transfers from real phones, logged in as agent 1001 and auto-answering the queued caller:
 //! baresip (Debian's 1.0, `baresip-core`), whose `/transfer` command sends REFER on the call
-//! (a desk phone's transfer key), and linphonec (`linphone-cli`), which calls the target from
-//! the same phone (holding the caller) and joins them with `transfer 1 --to-call 2` (REFER
-//! with `Replaces`, RFC 3891). The caller is the test UA of `tests/common`, its number
+//! (a desk phone's transfer key), and linphonec (`linphone-cli`), blind with `transfer 1 <uri>`
+//! and attended: it calls the target from the same phone (holding the caller) and joins them
+//! with `transfer 1 --to-call 2` (REFER with `Replaces`, RFC 3891). The caller is the test UA of `tests/common`, its number
 //! asserted by a trusted trunk (the loopback); the PSAP and the crisis line are test UAs here
 //! that record the INVITE they get and talk back.
 //!
@@ -535,6 +535,125 @@ async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it(
         let rows = srv.tickets.transfers_of(&caller.call_id).await.unwrap();
         if rows.iter().any(|r| r.outcome == "connected") {
             assert_eq!(rows.last().unwrap().requested_via, "phone_call", "{rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    phone.proc.send("quit\n");
+    caller.bye().await;
+    assert!(
+        line.next("BYE", Duration::from_secs(3)).await.is_some(),
+        "the line hears the hang-up"
+    );
+    srv.shutdown().await;
+}
+
+/// linphonec's blind transfer (`transfer 1 <uri>`: REFER on the caller's call) to the crisis
+/// line: the line is called with the caller's number, answers, and the operator is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linphone_operator_blind_transfers_the_caller_to_the_crisis_line() {
+    let work = WorkDir::new("linphone-blind");
+    let line = Psap {
+        sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let mut file = FileConfig {
+        agents: vec![AgentConfig {
+            id: AGENT.into(),
+            password: PASSWORD.into(),
+            skills: vec![],
+            tier: 1,
+            name: None,
+        }],
+        queues: vec![QueueConfig {
+            name: "general".into(),
+            ring_timeout_seconds: 20,
+            ..QueueConfig::default()
+        }],
+        ..FileConfig::default()
+    };
+    file.trunks.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    file.transfers = ivr311::config::TransfersConfig(vec![ivr311::config::TransferLine {
+        name: "crisis".into(),
+        number: "988".into(),
+        uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
+        headers: Default::default(),
+        ring_timeout_seconds: 20,
+    }]);
+    let srv = start_server(file).await;
+    let mut phone = Linphonec::start(
+        work.path(),
+        &linphonerc(i32::from(free_sip_port()), free_media_port()),
+        true,
+    );
+    phone.ready().await;
+    phone.proc.send(&format!(
+        "register sip:{AGENT}@{srv} sip:{srv} {PASSWORD}\n",
+        srv = srv.sip_addr
+    ));
+    if let Err(e) = agent_logs_in(srv.http_addr, AGENT, Duration::from_secs(10)).await {
+        panic!("linphonec did not log in ({e}):\n{}", phone.log());
+    }
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    caller.from_user = CALLER.into();
+    let (_, r) = caller
+        .call_with(
+            "0 101",
+            &format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n"),
+        )
+        .await;
+    assert_eq!(r.code, 200);
+    caller.listen(Duration::from_millis(500)).await;
+    caller.keys("110").await;
+    call_state(srv.http_addr, "with operator", || phone.log()).await;
+
+    // Blind transfer: REFER on call 1 to the line's number.
+    phone
+        .proc
+        .send(&format!("transfer 1 sip:988@{}\n", srv.sip_addr));
+    let (inv, from) = line
+        .next("INVITE", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("the line got no INVITE:\n{}", phone.log()));
+    assert_eq!(
+        inv.from.user(),
+        Some(CALLER),
+        "the caller's number: {}",
+        inv.from.raw
+    );
+    assert_eq!(inv.header("X-311-Transferred-By"), Some(AGENT));
+    line.answer(&inv, from).await;
+    call_state(srv.http_addr, "transferred", || phone.log()).await;
+    // The operator's call ends and they are free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = agent(srv.http_addr, AGENT).await["state"].clone();
+        if state == "wrap_up" || state == "available" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator is released ({state}):\n{}",
+            phone.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The line hears the caller.
+    let (_, heard) = tokio::join!(
+        caller.speak(60),
+        hear_on(&line.rtp, Duration::from_millis(1500))
+    );
+    assert!(
+        level(&heard) > 0.05,
+        "the caller's voice at the line: {:.3}",
+        level(&heard)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows = srv.tickets.transfers_of(&caller.call_id).await.unwrap();
+        if rows.iter().any(|r| r.outcome == "connected") {
+            assert_eq!(rows.last().unwrap().requested_via, "refer", "{rows:?}");
             break;
         }
         assert!(Instant::now() < deadline, "{rows:?}");

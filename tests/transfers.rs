@@ -610,15 +610,24 @@ async fn set_paused(srv: &ivr311::server::RunningServer, id: &str, paused: bool)
     } else {
         (format!("/admin/agents/{id}/unpause"), b"")
     };
-    let (s, resp) = http(
-        srv.http_addr,
-        "POST",
-        &path,
-        &[("Content-Type", "application/json")],
-        body,
-    )
-    .await;
-    assert_eq!(s, 204, "{path}: {resp}");
+    // The agent's REGISTER reaches the queue a moment after its 200: until then the queue
+    // answers 404 (not logged in).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, resp) = http(
+            srv.http_addr,
+            "POST",
+            &path,
+            &[("Content-Type", "application/json")],
+            body,
+        )
+        .await;
+        if s == 204 {
+            return;
+        }
+        assert!(s == 404 && Instant::now() < deadline, "{path}: {s} {resp}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The call's transfer records once none is `started` any more (they are written as the
