@@ -380,9 +380,11 @@ async fn call_state(http_addr: SocketAddr, want: &str, log: impl Fn() -> String)
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it() {
-    let work = WorkDir::new("linphone-attended");
+/// linphonec logged in as agent 1001 with the crisis line (988) configured, and a caller with
+/// an asserted number who pressed 0 and is talking to it (linphonec answers by itself).
+async fn linphone_operator_with_caller(
+    work: &WorkDir,
+) -> (Psap, ivr311::server::RunningServer, Linphonec, TestUa) {
     let line = Psap {
         sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
         rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
@@ -438,6 +440,13 @@ async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it(
     caller.listen(Duration::from_millis(500)).await;
     caller.keys("110").await;
     call_state(srv.http_addr, "with operator", || phone.log()).await;
+    (line, srv, phone, caller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it() {
+    let work = WorkDir::new("linphone-attended");
+    let (line, srv, mut phone, mut caller) = linphone_operator_with_caller(&work).await;
 
     // The operator holds the caller and calls the crisis line from the same phone (call 2).
     phone.proc.send("pause 1\n");
@@ -554,59 +563,7 @@ async fn linphone_operator_consults_the_crisis_line_then_joins_the_caller_to_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linphone_operator_blind_transfers_the_caller_to_the_crisis_line() {
     let work = WorkDir::new("linphone-blind");
-    let line = Psap {
-        sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-    };
-    let mut file = FileConfig {
-        agents: vec![AgentConfig {
-            id: AGENT.into(),
-            password: PASSWORD.into(),
-            skills: vec![],
-            tier: 1,
-            name: None,
-        }],
-        queues: vec![QueueConfig {
-            name: "general".into(),
-            ring_timeout_seconds: 20,
-            ..QueueConfig::default()
-        }],
-        ..FileConfig::default()
-    };
-    file.trunks.allow = vec!["127.0.0.1/32".parse().unwrap()];
-    file.transfers = ivr311::config::TransfersConfig(vec![ivr311::config::TransferLine {
-        name: "crisis".into(),
-        number: "988".into(),
-        uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
-        headers: Default::default(),
-        ring_timeout_seconds: 20,
-    }]);
-    let srv = start_server(file).await;
-    let mut phone = Linphonec::start(
-        work.path(),
-        &linphonerc(i32::from(free_sip_port()), free_media_port()),
-        true,
-    );
-    phone.ready().await;
-    phone.proc.send(&format!(
-        "register sip:{AGENT}@{srv} sip:{srv} {PASSWORD}\n",
-        srv = srv.sip_addr
-    ));
-    if let Err(e) = agent_logs_in(srv.http_addr, AGENT, Duration::from_secs(10)).await {
-        panic!("linphonec did not log in ({e}):\n{}", phone.log());
-    }
-    let mut caller = TestUa::udp(srv.sip_addr).await;
-    caller.from_user = CALLER.into();
-    let (_, r) = caller
-        .call_with(
-            "0 101",
-            &format!("P-Asserted-Identity: <sip:{CALLER}@127.0.0.1>\r\n"),
-        )
-        .await;
-    assert_eq!(r.code, 200);
-    caller.listen(Duration::from_millis(500)).await;
-    caller.keys("110").await;
-    call_state(srv.http_addr, "with operator", || phone.log()).await;
+    let (line, srv, mut phone, mut caller) = linphone_operator_with_caller(&work).await;
 
     // Blind transfer: REFER on call 1 to the line's number.
     phone
