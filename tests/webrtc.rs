@@ -46,7 +46,19 @@ async fn a_browser_agent_answers_over_webrtc_hears_and_is_heard_and_a_lost_webso
     let srv = start_server(agents_config(&["1001", "1002"], 20, 0)).await;
     // A desk phone logged in but paused keeps the queue open without taking calls.
     let phone = TestAgent::login(srv.sip_addr, "1002").await;
-    assert_eq!(admin_post(&srv, "/admin/agents/1002/pause").await / 100, 2);
+    // The REGISTER reaches the queue a moment after its 200: until then pausing is a 404.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let code = admin_post(&srv, "/admin/agents/1002/pause").await;
+        if code / 100 == 2 {
+            break;
+        }
+        assert!(
+            code == 404 && tokio::time::Instant::now() < deadline,
+            "pausing 1002: {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut agent = WsAgent::login(srv.http_addr, srv.sip_addr, "1001").await;
     let mut caller = caller_pressing(srv.sip_addr, "110").await;
 
