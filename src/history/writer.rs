@@ -142,11 +142,22 @@ pub(crate) async fn write(
     records: &[Record],
 ) -> Result<(), HistoryError> {
     let mut tx = pool.begin().await?;
+    // Calls inserted and not yet in the rollup. Within one transaction the database's write
+    // lock keeps anyone else from inserting, so their ids form one range and the rollup
+    // takes them in one aggregate statement instead of one per call. A record that changes
+    // a call already written (a call-back's result, a wrap-up) needs that call in the
+    // rollup first, so the range is added before it.
+    let mut unrolled: Option<(i64, i64)> = None;
     for r in records {
+        if matches!(r, Record::CallbackResult { .. } | Record::AgentState(_)) {
+            if let Some(range) = unrolled.take() {
+                rollup::add_calls(&mut tx, reports, range).await?;
+            }
+        }
         match r {
             Record::Call(c) => {
                 let id = insert_call(&mut tx, c).await?;
-                rollup::add_calls(&mut tx, reports, (id, id)).await?;
+                unrolled = Some(unrolled.map_or((id, id), |(first, _)| (first, id)));
             }
             Record::Queue(q) => insert_queue_event(&mut tx, q).await?,
             Record::AgentState(s) => insert_agent_state(&mut tx, s).await?,
@@ -176,6 +187,9 @@ pub(crate) async fn write(
                 }
             }
         }
+    }
+    if let Some(range) = unrolled {
+        rollup::add_calls(&mut tx, reports, range).await?;
     }
     tx.commit().await?;
     Ok(())
