@@ -372,3 +372,56 @@ async fn a_browser_whose_certificate_does_not_match_its_fingerprint_is_dropped_a
     );
     drop(browser);
 }
+
+/// The status of a WebSocket upgrade to `/sip` with these extra header lines.
+async fn sip_upgrade(http_addr: SocketAddr, extra: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let req = format!(
+        "GET /sip HTTP/1.1\r\nHost: {http_addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: sip\r\n{extra}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer to the upgrade")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text}"))
+}
+
+/// A page on another site cannot open SIP over WebSocket from an operator's browser: its
+/// `Origin` is refused with 403, unless listed in `http.allowed_origins`. The console's own
+/// pages (this host) and clients that send no `Origin` (SIP phones) are let through.
+#[tokio::test]
+async fn sip_over_websocket_refuses_pages_from_other_sites() {
+    let mut file = ivr311::config::FileConfig::default();
+    file.http.allowed_origins = vec!["https://crm.example.org".to_owned().try_into().unwrap()];
+    let srv = start_server(file).await;
+    let own = format!("Origin: http://{}\r\n", srv.http_addr);
+    assert_eq!(sip_upgrade(srv.http_addr, &own).await, 101);
+    assert_eq!(sip_upgrade(srv.http_addr, "").await, 101, "no Origin: not a browser");
+    assert_eq!(
+        sip_upgrade(srv.http_addr, "Origin: https://crm.example.org\r\n").await,
+        101,
+        "a listed origin"
+    );
+    for other in [
+        "Origin: https://evil.example\r\n",
+        "Origin: null\r\n",
+        "Origin: http://127.0.0.1:1\r\n",
+    ] {
+        assert_eq!(sip_upgrade(srv.http_addr, other).await, 403, "{other}");
+    }
+    srv.shutdown().await;
+}
