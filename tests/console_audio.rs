@@ -66,8 +66,7 @@ async fn caller(srv: &ivr311::server::RunningServer, number: &str, keys: &str) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_with_only_a_browser_answers_talks_files_transfers_to_911_and_goes_not_ready()
-{
+async fn an_operator_with_only_a_browser_answers_talks_files_transfers_to_911_and_goes_not_ready() {
     let psap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut file = agents_config(&["1001", "1002"], 20, 0);
     file.emergency = bridge_911_to(&format!("sip:911@{}", psap.local_addr().unwrap())).emergency;

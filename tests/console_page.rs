@@ -36,7 +36,11 @@ async fn an_operator_on_a_desk_phone_works_a_call_from_the_page() {
     b.type_in("#login-password", "nope").await;
     b.click("#login-form button").await;
     b.text_until("#login-error", |t| t.contains("Wrong")).await;
-    b.execute("document.getElementById('login-password').value = ''", vec![]).await;
+    b.execute(
+        "document.getElementById('login-password').value = ''",
+        vec![],
+    )
+    .await;
     b.type_in("#login-password", "pw1001").await;
     b.click("#login-form button").await;
     b.text_until("#state", |t| t == "Ready").await;
@@ -67,7 +71,8 @@ async fn an_operator_on_a_desk_phone_works_a_call_from_the_page() {
     b.text_until("#state", |t| t.starts_with("Missed call pause"))
         .await;
     assert!(
-        b.execute("return document.getElementById('banner').hidden", vec![]).await
+        b.execute("return document.getElementById('banner').hidden", vec![])
+            .await
             == json!(true)
     );
 
@@ -77,7 +82,11 @@ async fn an_operator_on_a_desk_phone_works_a_call_from_the_page() {
     phone.reply(&inv, 200, "OK", Some(phone.answer_sdp())).await;
     phone.request("ACK", Duration::from_secs(3)).await;
     b.text_until("#state", |t| t == "On a call").await;
-    b.execute("document.getElementById('t-service').value = 'pothole'", vec![]).await;
+    b.execute(
+        "document.getElementById('t-service').value = 'pothole'",
+        vec![],
+    )
+    .await;
     b.type_in("#t-address", "100 Main St").await;
     b.type_in("#t-zip", "10458").await;
     b.click("#ticket-form button[type=submit]").await;

@@ -89,7 +89,11 @@ pub(crate) async fn upgrade(
         )
             .into_response();
     };
-    let header = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     if !origin_allowed(
         header(header::ORIGIN),
         header(header::HOST),
@@ -219,7 +223,12 @@ mod tests {
 
     #[test]
     fn an_allowed_origin_must_be_scheme_and_host() {
-        for bad in ["crm.example.org", "https://", "https://crm.example.org/app", "ftp://x"] {
+        for bad in [
+            "crm.example.org",
+            "https://",
+            "https://crm.example.org/app",
+            "ftp://x",
+        ] {
             assert!(WebOrigin::try_from(bad.to_owned()).is_err(), "{bad}");
         }
         assert_eq!(

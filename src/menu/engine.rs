@@ -121,7 +121,6 @@ impl Entered {
     }
 }
 
-
 /// What the call should do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -1355,7 +1354,10 @@ menus:
         );
         // The recording's end arriving after is not a ticket.
         let out = h(&mut e, Input::Recorded { media_url: None });
-        assert!(!out.iter().any(|o| matches!(o, Output::FileTicket(_))), "{out:?}");
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::FileTicket(_))),
+            "{out:?}"
+        );
     }
 
     #[test]

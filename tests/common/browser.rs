@@ -320,7 +320,11 @@ impl Browser {
     pub async fn click(&self, css: &str) {
         let e = self.find(css).await;
         if let Err(err) = self
-            .call("POST", self.path(&format!("/element/{e}/click")), Some(json!({})))
+            .call(
+                "POST",
+                self.path(&format!("/element/{e}/click")),
+                Some(json!({})),
+            )
             .await
         {
             self.fail(&format!("cannot click {css}: {err}")).await;
