@@ -28,12 +28,16 @@
     };
   }
 
+  const ANSWER_AHEAD_MS = 10000;
+
   const a = {
     ua: null,
     // The call the server offered (a JsSIP RTCSession) and the offer's call-id it is for.
     session: null,
-    // Answer the INVITE for this call-id as soon as it arrives (Answer was clicked first).
+    // Answer the INVITE for this call-id ("any": the offer named none) as soon as it arrives
+    // (Answer was clicked first), if it arrives within ANSWER_AHEAD_MS of the click.
     answerFor: null,
+    answerAt: 0,
     registered: false,
     connected: false,
     // WebAudio: one context for the page, the analyser on the caller's stream.
@@ -157,7 +161,8 @@
     });
     s.on("failed", (ev) => { if (ev.originator === "local" || ev.cause !== JsSIP.C.causes.CANCELED) failed(ev.cause); });
     s.on("ended", () => { if (a.session === s) a.session = null; });
-    if (a.answerFor && (a.answerFor === "any" || !s.callId || a.answerFor === s.callId)) {
+    const pending = a.answerFor && Date.now() - a.answerAt < ANSWER_AHEAD_MS;
+    if (pending && (a.answerFor === "any" || !s.callId || a.answerFor === s.callId)) {
       a.answerFor = null;
       answerNow(s);
     }
@@ -220,6 +225,7 @@
       answerNow(s);
     } else {
       a.answerFor = want || "any";
+      a.answerAt = Date.now();
       audioContext();
     }
     return true;
