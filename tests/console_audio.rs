@@ -6,7 +6,8 @@
 //! browser's tone and the page hears the caller's (read from its WebAudio analyser); a request
 //! is filed from the prefilled form and found over Open311 with `channel: operator`; the 911
 //! button sends the caller to the PSAP with their number; then Not ready, and the next caller
-//! is not offered to this operator but to the next one who is ready.
+//! is not offered to this operator but to the next one who is ready; and when the server's
+//! WebSocket goes, the page says its audio is lost.
 //!
 //! A screenshot of each step is saved under `target/tmp/browser-shots/` when a step fails.
 
@@ -253,7 +254,10 @@ async fn an_operator_with_only_a_browser_answers_talks_files_transfers_to_911_an
             .await,
         Value::Bool(true)
     );
+    // The server goes away: the page says its audio connection is lost.
+    srv.shutdown().await;
+    b.text_until("#audio-status", |t| t.starts_with("Browser audio lost"))
+        .await;
     drop(b);
     let _ = std::fs::remove_file(&wav);
-    srv.shutdown().await;
 }
