@@ -521,6 +521,54 @@ pub struct HttpConfig {
     /// Most connections open at once; a connection past it gets 503 with `Retry-After` and is
     /// closed. Default 256.
     pub max_connections: usize,
+    /// Web pages on other sites allowed to open SIP over WebSocket (`/sip`), as origins
+    /// (`https://crm.example.org`, `http://localhost:8080`). A browser names the page's origin
+    /// in every WebSocket upgrade; one from this server's own host (the request's `Host`) is
+    /// always allowed, any other not listed here is refused with 403, so a page elsewhere
+    /// cannot drive an operator's SIP log-in from their browser. Clients that send no `Origin`
+    /// (SIP phones, servers) are not browsers and are not affected: SIP digest still
+    /// authenticates them. A reverse proxy in front must pass the `Host` it was asked for, or
+    /// the console's own origin must be listed. Default empty: this host only.
+    pub allowed_origins: Vec<WebOrigin>,
+}
+
+/// A web origin, `scheme://host[:port]` (RFC 6454), lower-cased, as browsers send it in
+/// `Origin`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct WebOrigin(String);
+
+impl WebOrigin {
+    /// The origin as browsers write it (`https://crm.example.org`).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why an `allowed_origins` entry is not an origin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a web origin: write scheme://host[:port] (http or https), with no path")]
+pub struct BadOrigin(String);
+
+impl TryFrom<String> for WebOrigin {
+    type Error = BadOrigin;
+    fn try_from(s: String) -> Result<Self, BadOrigin> {
+        let lower = s.trim().to_ascii_lowercase();
+        let rest = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"));
+        let ok = rest.is_some_and(|host| {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        });
+        if ok {
+            Ok(WebOrigin(lower))
+        } else {
+            Err(BadOrigin(s))
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -529,6 +577,7 @@ impl Default for HttpConfig {
             header_read_timeout_seconds: 10,
             idle_timeout_seconds: 30,
             max_connections: 256,
+            allowed_origins: Vec::new(),
         }
     }
 }

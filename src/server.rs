@@ -422,6 +422,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             transport: transport.clone(),
             tracker: tracker.clone(),
             cancel: cancel.clone(),
+            allowed_origins: file.http.allowed_origins.clone().into(),
         }),
         console: Arc::new(api::console::Console::new(
             file.console.clone(),

@@ -457,6 +457,31 @@ async fn the_offer_event_carries_the_callers_context_and_history_and_decline_mov
     srv.shutdown().await;
 }
 
+/// A caller who chose a service and typed its ZIP code, then pressed 0 at the recording step,
+/// reaches the operator with both: the offer carries them for the page's ticket form.
+#[tokio::test]
+async fn the_service_and_zip_a_caller_entered_before_pressing_0_reach_the_operators_offer() {
+    let srv = start_server(agents_config(&["1001"], 20, 30)).await;
+    let _phone = TestAgent::login(srv.sip_addr, "1001").await;
+    let c = Console::login(srv.http_addr, "1001").await;
+    let mut events = c.events().await;
+    events.next("snapshot", Duration::from_secs(5)).await;
+    // English, past the 911 warning, streets, pothole; the ZIP; then 0 for an operator.
+    let caller = caller_pressing(srv.sip_addr, "1111104580").await;
+    let offer = events.next("offer", Duration::from_secs(10)).await;
+    assert_eq!(offer["service_code"], "pothole", "{offer}");
+    assert_eq!(offer["zipcode"], "10458", "{offer}");
+    assert_eq!(
+        offer["menu_words"], "Streets and infrastructure > Pothole > Operator",
+        "{offer}"
+    );
+    // The snapshot a reloaded page reads says the same.
+    let (_, session) = c.get("/console/api/session").await;
+    assert_eq!(session["offer"]["zipcode"], "10458", "{session}");
+    drop(caller);
+    srv.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_ticket_filed_from_the_console_is_found_over_open311_with_channel_operator() {
     let srv = start_server(agents_config(&["1001"], 20, 5)).await;

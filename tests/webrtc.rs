@@ -372,3 +372,138 @@ async fn a_browser_whose_certificate_does_not_match_its_fingerprint_is_dropped_a
     );
     drop(browser);
 }
+
+/// The status of a WebSocket upgrade to `/sip` with these extra header lines.
+async fn sip_upgrade(http_addr: SocketAddr, extra: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let req = format!(
+        "GET /sip HTTP/1.1\r\nHost: {http_addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: sip\r\n{extra}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer to the upgrade")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text}"))
+}
+
+/// A page on another site cannot open SIP over WebSocket from an operator's browser: its
+/// `Origin` is refused with 403, unless listed in `http.allowed_origins`. The console's own
+/// pages (this host) and clients that send no `Origin` (SIP phones) are let through.
+#[tokio::test]
+async fn sip_over_websocket_refuses_pages_from_other_sites() {
+    let mut file = ivr311::config::FileConfig::default();
+    file.http.allowed_origins = vec!["https://crm.example.org".to_owned().try_into().unwrap()];
+    let srv = start_server(file).await;
+    let own = format!("Origin: http://{}\r\n", srv.http_addr);
+    assert_eq!(sip_upgrade(srv.http_addr, &own).await, 101);
+    assert_eq!(
+        sip_upgrade(srv.http_addr, "").await,
+        101,
+        "no Origin: not a browser"
+    );
+    assert_eq!(
+        sip_upgrade(srv.http_addr, "Origin: https://crm.example.org\r\n").await,
+        101,
+        "a listed origin"
+    );
+    for other in [
+        "Origin: https://evil.example\r\n",
+        "Origin: null\r\n",
+        "Origin: http://127.0.0.1:1\r\n",
+    ] {
+        assert_eq!(sip_upgrade(srv.http_addr, other).await, 403, "{other}");
+    }
+    srv.shutdown().await;
+}
+
+/// A browser agent's own call (JsSIP dialling 911 with its WebRTC offer) is not answered
+/// with WebRTC, even with a 911 route configured: it is refused with 488 and a Warning that
+/// says why (the console transfers through its API instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_agents_own_call_is_refused_with_488_and_says_why() {
+    use common::browser::{Browser, BrowserOptions};
+    let psap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut file = agents_config(&["1001"], 20, 0);
+    file.emergency = bridge_911_to(&format!("sip:911@{}", psap.local_addr().unwrap())).emergency;
+    let srv = start_server(file).await;
+    let browser = Browser::start(BrowserOptions::default()).await;
+    browser
+        .goto(&format!("http://{}/health", srv.http_addr))
+        .await;
+    browser
+        .execute(
+            "const s = document.createElement('script'); \
+             s.src = '/console/assets/jssip.min.js'; document.head.appendChild(s);",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for(
+            "JsSIP loaded",
+            "return typeof JsSIP !== 'undefined' && JsSIP.version",
+            Duration::from_secs(10),
+        )
+        .await;
+    let agent_js =
+        std::fs::read_to_string(repo().join("tests/fixtures/browser/jssip-agent.js")).unwrap();
+    browser
+        .execute(
+            &agent_js,
+            vec![
+                format!("ws://{}/sip", srv.http_addr).into(),
+                srv.sip_addr.to_string().into(),
+                "1001".into(),
+                "pw1001".into(),
+            ],
+        )
+        .await;
+    browser
+        .wait_for(
+            "the agent registered",
+            "return window.agent.state.failed || window.agent.state.registered",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser
+        .execute(
+            "window.out = {}; \
+             const s = window.agent.ua.call(arguments[0], { \
+               mediaConstraints: { audio: true, video: false }, pcConfig: { iceServers: [] } }); \
+             s.on('failed', (e) => { window.out.failed = { cause: e.cause, \
+               code: e.message && e.message.status_code, \
+               warning: e.message && e.message.getHeader ? e.message.getHeader('Warning') : null }; }); \
+             s.on('confirmed', () => { window.out.confirmed = true; });",
+            vec![format!("sip:911@{}", srv.sip_addr).into()],
+        )
+        .await;
+    let out = browser
+        .wait_for(
+            "the call is answered or refused",
+            "return window.out.failed || window.out.confirmed",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(out["code"], 488, "{out}");
+    assert!(
+        out["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("only encrypted")),
+        "{out}"
+    );
+    drop(browser);
+    srv.shutdown().await;
+}

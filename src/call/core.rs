@@ -1220,9 +1220,10 @@ impl CallCore {
                 queue,
                 skill,
                 menu_path,
+                entered,
             } => {
                 self.outcome.get_or_insert("operator");
-                self.enter_queue(queue, skill, menu_path);
+                self.enter_queue(queue, skill, menu_path, entered);
             }
             Output::Language(l) => info!(language = %l, "language chosen"),
             Output::Hangup => self.end = Some(EndReason::MenuHungUp),
@@ -1462,7 +1463,13 @@ impl CallCore {
 
     // ---- operators --------------------------------------------------------------------
 
-    fn enter_queue(&mut self, queue: String, skill: Option<String>, menu_path: String) {
+    fn enter_queue(
+        &mut self,
+        queue: String,
+        skill: Option<String>,
+        menu_path: String,
+        entered: Option<engine::Entered>,
+    ) {
         if !self.config.operators {
             info!(%queue, "operator requested; no operators are configured");
             self.inputs.push_back(engine::Input::QueueUnavailable);
@@ -1476,6 +1483,11 @@ impl CallCore {
             call_id: self.meta.call_id.clone(),
             language: self.engine.language().to_owned(),
             menu_path: menu_path.clone(),
+            zipcode: entered
+                .as_ref()
+                .and_then(|e| e.field("zipcode"))
+                .map(str::to_owned),
+            service_code: entered.map(|e| e.service_code),
         };
         self.pending_queue = Some((queue.clone(), menu_path));
         self.pending_skill = skill.clone();
@@ -3044,6 +3056,7 @@ mod tests {
                     call_id: c.core.meta.call_id.clone(),
                     language: "en".into(),
                     menu_path: "language:1 > screening:1 > main:0".into(),
+                    ..CallerContext::default()
                 },
             }]
         );

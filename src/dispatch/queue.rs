@@ -1991,6 +1991,11 @@ pub struct CallerContext {
     pub language: String,
     /// How the caller got here, e.g. `language:1 > screening:1 > main:1 > streets:1`.
     pub menu_path: String,
+    /// The service of a request the caller started and did not file (they went to an
+    /// operator on the way), for the operator's ticket form.
+    pub service_code: Option<String>,
+    /// The ZIP code the caller typed for that request.
+    pub zipcode: Option<String>,
 }
 
 /// An offer to an operator, with the caller's context.
@@ -4450,6 +4455,7 @@ mod tests {
             call_id: "c1@example".into(),
             language: "es".into(),
             menu_path: "language:2 > screening:1 > main:0".into(),
+            ..CallerContext::default()
         };
         let (tx, _rx) = mpsc::channel(8);
         q.enqueue_with_context(7, "general", None, 0, Some(ctx.clone()), tx)

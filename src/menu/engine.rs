@@ -102,6 +102,25 @@ impl TicketRequest {
     }
 }
 
+/// What a caller entered for a service request that was not filed before they went to an
+/// operator: the service chosen and the fields typed so far (`zipcode`...), for the operator's
+/// screen and the console's ticket form.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Entered {
+    pub service_code: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Entered {
+    /// A field the caller typed (`zipcode`, `address`).
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// What the call should do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -129,6 +148,8 @@ pub enum Output {
         queue: String,
         skill: Option<String>,
         menu_path: String,
+        /// What the caller had entered for a request not filed (the operator takes it on).
+        entered: Option<Entered>,
     },
     /// The caller's language changed.
     Language(String),
@@ -199,6 +220,15 @@ struct Draft {
     steps: TicketSteps,
 }
 
+impl Draft {
+    fn into_entered(self) -> Entered {
+        Entered {
+            service_code: self.req.service_code,
+            fields: self.req.fields,
+        }
+    }
+}
+
 /// One caller's walk through the menu.
 pub struct Engine {
     menu: Arc<MenuFile>,
@@ -214,6 +244,9 @@ pub struct Engine {
     now: Option<Instant>,
     claim: Option<Claim>,
     draft: Option<Draft>,
+    /// The draft given up on the way to the action [`Engine::run`] is about to run: an operator
+    /// queue carries it on to the operator.
+    entered: Option<Entered>,
     /// The ticket could not be saved: do not offer another ticket.
     db_failed: bool,
     out: Vec<Output>,
@@ -249,6 +282,7 @@ impl Engine {
             now: None,
             claim: None,
             draft: None,
+            entered: None,
             db_failed: false,
             out: Vec::new(),
             stats: EngineStats::default(),
@@ -446,7 +480,9 @@ impl Engine {
     /// short while it is read.
     fn takes(&self, d: char) -> bool {
         match &self.state {
-            State::Record { spec, .. } => d == spec.end_key,
+            State::Record { spec, .. } => {
+                d == spec.end_key || Some(d) == self.defaults().operator_key
+            }
             State::AfterTicket { waiting: false, .. } => {
                 d == '1' || d == self.defaults().emergency_key
             }
@@ -508,6 +544,23 @@ impl Engine {
                         self.state = State::Filing;
                         self.file_draft(None);
                     }
+                } else if Some(d) == self.defaults().operator_key {
+                    // The caller would rather tell an operator: what they entered goes along.
+                    if recording {
+                        self.emit(Output::StopRecording);
+                    }
+                    self.emit(Output::StopPlayback);
+                    self.path.push(format!("record:{d}"));
+                    self.entered = self.draft.take().map(Draft::into_entered);
+                    let to = match &self.defaults().on_exhausted {
+                        Action::Queue(q) => q.clone(),
+                        _ => crate::menu::schema::QueueTarget {
+                            queue: "general".into(),
+                            skill: None,
+                        },
+                    };
+                    let from = self.main.clone();
+                    self.run(Action::Queue(to), &from);
                 }
             }
             State::AfterTicket { .. } => {
@@ -591,6 +644,7 @@ impl Engine {
     }
 
     fn run(&mut self, action: Action, from: &str) {
+        let entered = self.entered.take();
         match action {
             Action::Goto(to) => {
                 self.stack.push(from.to_owned());
@@ -642,6 +696,7 @@ impl Engine {
                     queue: q.queue,
                     skill: q.skill,
                     menu_path,
+                    entered,
                 });
             }
             Action::Emergency(e) => self.emergency(e.reason),
@@ -662,10 +717,12 @@ impl Engine {
     fn emergency_safe_fallback(&mut self) {
         self.state = State::Done;
         let menu_path = self.menu_path();
+        let entered = self.draft.take().map(Draft::into_entered);
         self.emit(Output::Queue {
             queue: "general".into(),
             skill: None,
             menu_path,
+            entered,
         });
     }
 
@@ -838,7 +895,7 @@ impl Engine {
                     self.enter_menu(&main, false);
                 }
                 Purpose::TicketField { .. } => {
-                    self.draft = None;
+                    self.entered = self.draft.take().map(Draft::into_entered);
                     let exhausted = self.defaults().on_exhausted.clone();
                     let from = self.main.clone();
                     self.run(exhausted, &from);
@@ -901,7 +958,7 @@ impl Engine {
         if self.state != State::Filing {
             return;
         }
-        self.draft = None;
+        self.entered = self.draft.take().map(Draft::into_entered);
         self.db_failed = true;
         self.play(vec!["db_error".into()]);
         let from = self.main.clone();
@@ -1256,6 +1313,69 @@ menus:
                 "record_description",
                 "beep"
             ]
+        );
+    }
+
+    #[test]
+    fn the_operator_key_at_the_recording_step_takes_the_service_and_zip_to_the_operator() {
+        // During the recording prompt.
+        let mut e = at_main();
+        keys(&mut e, "11");
+        keys(&mut e, "10458");
+        let out = keys(&mut e, "0");
+        assert!(out.contains(&Output::StopPlayback), "{out:?}");
+        let Some(Output::Queue {
+            queue,
+            entered: Some(entered),
+            menu_path,
+            ..
+        }) = out.last()
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(queue, "general");
+        assert_eq!(entered.service_code, "pothole");
+        assert_eq!(entered.field("zipcode"), Some("10458"));
+        assert!(menu_path.ends_with("streets:1 > record:0"), "{menu_path}");
+        // Nothing is filed behind the operator's back when the caller hangs up in the queue.
+        assert_eq!(e.abandon(None), None);
+
+        // While recording: the recording stops first.
+        let mut e = at_main();
+        keys(&mut e, "11");
+        keys(&mut e, "10458");
+        let out = after(&mut e, 12.0, Input::PlayDone);
+        assert!(matches!(out[..], [Output::StartRecording { .. }]));
+        let out = after(&mut e, 3.0, Input::Digit('0'));
+        assert!(out.contains(&Output::StopRecording), "{out:?}");
+        assert!(
+            matches!(out.last(), Some(Output::Queue { entered: Some(x), .. }) if x.field("zipcode") == Some("10458")),
+            "{out:?}"
+        );
+        // The recording's end arriving after is not a ticket.
+        let out = h(&mut e, Input::Recorded { media_url: None });
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::FileTicket(_))),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_given_up_after_wrong_zips_takes_its_service_to_the_operator() {
+        let mut e = at_main();
+        let out = keys(&mut e, "0");
+        assert!(
+            matches!(out.last(), Some(Output::Queue { entered: None, .. })),
+            "from a menu, nothing was entered: {out:?}"
+        );
+        let mut e = at_main();
+        keys(&mut e, "11");
+        keys(&mut e, "12#");
+        keys(&mut e, "12#");
+        let out = keys(&mut e, "12#");
+        assert!(
+            matches!(out.last(), Some(Output::Queue { entered: Some(x), .. }) if x.service_code == "pothole" && x.field("zipcode").is_none()),
+            "{out:?}"
         );
     }
 

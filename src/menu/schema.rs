@@ -87,6 +87,11 @@ pub struct Defaults {
     pub(crate) back_key: char,
     /// Redirects to 911 from every choice menu after screening. Default `9`.
     pub(crate) emergency_key: char,
+    /// During a request's recording step (its prompt or the recording), takes the caller to
+    /// an operator (the `on_exhausted` queue, or `general`) with what they entered so far
+    /// (the service, the ZIP code), which the operator's console shows and prefills. A
+    /// recording's `end_key` wins over it. `null`: no such key. Default `0`.
+    pub(crate) operator_key: Option<char>,
     /// Steps every ticket takes unless it sets its own: a ZIP code and a spoken description.
     pub ticket: TicketSteps,
 }
@@ -107,6 +112,7 @@ impl Default for Defaults {
             repeat_key: '*',
             back_key: '#',
             emergency_key: '9',
+            operator_key: Some('0'),
             ticket: TicketSteps::default(),
         }
     }
@@ -482,7 +488,10 @@ impl MenuFile {
                 continue;
             }
             let Some(menu) = self.menus.get(id) else {
-                if !matches!(id, "after_ticket" | "offer") {
+                if id == "record" {
+                    // The operator key at a request's recording step.
+                    say("Operator".into(), &mut words);
+                } else if !matches!(id, "after_ticket" | "offer") {
                     say(step.to_owned(), &mut words);
                 }
                 continue;
@@ -585,6 +594,9 @@ mod tests {
         let file: MenuFile = serde_yaml::from_str(&text).unwrap();
         let p = file.path_in_words("language:1 > screening:1 > main:1 > streets:1");
         assert_eq!(p.words, "Streets and infrastructure > Pothole");
+        assert_eq!(p.service_code.as_deref(), Some("pothole"));
+        let p = file.path_in_words("language:1 > screening:1 > main:1 > streets:1 > record:0");
+        assert_eq!(p.words, "Streets and infrastructure > Pothole > Operator");
         assert_eq!(p.service_code.as_deref(), Some("pothole"));
         let p = file.path_in_words("language:2 > screening:1 > main:0");
         assert_eq!(p.words, "Operator");

@@ -14,7 +14,9 @@
 //!   empty profile, fake media devices (the microphone plays [`BrowserOptions::fake_audio`],
 //!   permission prompts are granted), loopback allowed for WebRTC, and the flags that keep it
 //!   off the network (no QUIC, no background networking, no component updates, no sync).
-//! - [`Browser::goto`], [`Browser::execute`] (a script's `return` value as JSON),
+//! - [`Browser::goto`], [`Browser::click`], [`Browser::type_in`], [`Browser::text_until`]
+//!   (an element's text once it is what the test waits for), [`Browser::execute`] (a
+//!   script's `return` value as JSON),
 //!   [`Browser::wait_for`] (polls a script until it returns something truthy, with a deadline;
 //!   on time-out saves a screenshot and panics with what the page said), and
 //!   [`Browser::screenshot`] (PNG under `target/tmp/browser-shots/`).
@@ -30,6 +32,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// The element key of WebDriver answers.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// What the browser is started with.
 #[derive(Debug, Clone, Default)]
@@ -290,6 +295,78 @@ impl Browser {
             }
             if tokio::time::Instant::now() >= deadline {
                 self.fail(&format!("{what}: not within {within:?} (last: {last:?})"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The WebDriver id of the element `css` selects (fails the test when there is none).
+    pub async fn find(&self, css: &str) -> String {
+        let v = self
+            .call(
+                "POST",
+                self.path("/element"),
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        match v.as_ref().ok().and_then(|v| v[ELEMENT].as_str()) {
+            Some(id) => id.to_owned(),
+            None => self.fail(&format!("no element {css}: {v:?}")).await,
+        }
+    }
+
+    /// Click `css` as a user does (a user gesture to the page).
+    pub async fn click(&self, css: &str) {
+        let e = self.find(css).await;
+        if let Err(err) = self
+            .call(
+                "POST",
+                self.path(&format!("/element/{e}/click")),
+                Some(json!({})),
+            )
+            .await
+        {
+            self.fail(&format!("cannot click {css}: {err}")).await;
+        }
+    }
+
+    /// Type `text` into `css`, key by key.
+    pub async fn type_in(&self, css: &str, text: &str) {
+        let e = self.find(css).await;
+        if let Err(err) = self
+            .call(
+                "POST",
+                self.path(&format!("/element/{e}/value")),
+                Some(json!({ "text": text })),
+            )
+            .await
+        {
+            self.fail(&format!("cannot type into {css}: {err}")).await;
+        }
+    }
+
+    /// The text of `css` (shown: not inside anything `hidden`), once `ok` says it is what the
+    /// test waits for (within 10 s; else a screenshot and the test fails).
+    pub async fn text_until(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let script = format!(
+            "const e = document.querySelector({}); return e && !e.closest('[hidden]') ? e.textContent : null",
+            json!(css)
+        );
+        loop {
+            let v = self.try_execute(&script, vec![]).await;
+            let text = v
+                .as_ref()
+                .ok()
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if ok(&text) {
+                return text;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.fail(&format!("{css} never showed what was expected; last {v:?}"))
                     .await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

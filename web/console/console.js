@@ -2,11 +2,13 @@
 //
 // It talks to the server's console API (README: "Operator console"): log-in, the session,
 // server-sent events at /console/events, states, decline, hang-up and tickets. The call's
-// audio in the browser (SIP over WebSocket, WebRTC) plugs in through
-// `window.console311.audio`: an object with any of
-//   start({user, password, websocketPath}), stop(), answer(), mute(on), hold(on),
-//   sendDtmf(key), transfer(target)
-// When a hook is missing (an operator on a desk phone), the page says to use the phone.
+// audio in the browser (SIP over WebSocket, WebRTC) is audio.js, through
+// `window.console311.audio`:
+//   start({user, password, websocketPath}), stop(), active(), answer(offer), mute(on),
+//   hold(on), sendDtmf(key)
+// started at log-in when the operator ticks "Audio in this browser". Without it (an operator
+// on a desk phone), the page says to use the phone. audio.js shows its messages through
+// `window.console311.ui` ({say, t}).
 "use strict";
 
 (function () {
@@ -36,6 +38,12 @@
       updated: "Request updated.", not_found: "No such request.", failed: "That did not work:",
       call_ended: "The call has ended.", offline: "Connection lost; reconnecting…",
       transferring: "Transferring…", choose_service: "Choose a service…",
+      browser_audio: "Audio in this browser (headset)", audio_ready: "Browser audio ready",
+      audio_connecting: "Browser audio connecting…", audio_lost: "Browser audio lost: reconnecting…",
+      audio_off: "", audio_no_microphone: "The browser may not use the microphone: allow it for this page, then answer again.",
+      audio_no_codec: "This browser offers no audio codec the server speaks (G.711 PCMU/PCMA).",
+      audio_webrtc: "The browser's audio connection failed:", audio_call_failed: "The call's audio failed:",
+      audio_register_failed: "The browser's phone could not log in:", audio_blocked: "The browser did not play the call:",
     },
     es: {
       title: "Consola de operador 311", agent: "Agente", ready: "Disponible", not_ready: "No disponible",
@@ -62,6 +70,12 @@
       updated: "Solicitud actualizada.", not_found: "No existe esa solicitud.", failed: "No funcionó:",
       call_ended: "La llamada terminó.", offline: "Conexión perdida; reconectando…",
       transferring: "Transfiriendo…", choose_service: "Elija un servicio…",
+      browser_audio: "Audio en este navegador (auriculares)", audio_ready: "Audio del navegador listo",
+      audio_connecting: "Conectando el audio del navegador…", audio_lost: "Audio del navegador perdido: reconectando…",
+      audio_off: "", audio_no_microphone: "El navegador no puede usar el micrófono: permítalo para esta página y conteste de nuevo.",
+      audio_no_codec: "Este navegador no ofrece ningún códec de audio que el servidor use (G.711 PCMU/PCMA).",
+      audio_webrtc: "Falló la conexión de audio del navegador:", audio_call_failed: "Falló el audio de la llamada:",
+      audio_register_failed: "El teléfono del navegador no pudo iniciar sesión:", audio_blocked: "El navegador no reprodujo la llamada:",
     },
   };
 
@@ -75,6 +89,8 @@
   window.console311 = window.console311 || {};
   window.console311.audio = window.console311.audio || null;
   const audio = () => window.console311.audio;
+  // Browser audio hooks that are running (the operator chose audio in this browser).
+  const browserAudio = () => (audio() && audio().active && audio().active() ? audio() : null);
 
   function applyLang() {
     document.documentElement.lang = lang;
@@ -121,6 +137,7 @@
     $("login-error").textContent = msg || "";
   }
 
+  $("login-audio").checked = localStorage.getItem("console311.browserAudio") === "on";
   $("login-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const agent = $("login-agent").value.trim();
@@ -128,7 +145,10 @@
     const r = await api("POST", "/console/login", { agent, password });
     if (r.status === 200) {
       st.csrf = r.data.csrf_token;
-      st.password = password; // kept in memory only, for the browser's SIP log-in
+      // Kept in memory only, for the browser's SIP log-in (none: the operator uses a phone).
+      const inBrowser = $("login-audio").checked;
+      localStorage.setItem("console311.browserAudio", inBrowser ? "on" : "off");
+      st.password = inBrowser ? password : null;
       $("login-password").value = "";
       await start();
     } else {
@@ -322,7 +342,7 @@
 
   $("btn-answer").addEventListener("click", () => {
     stopRing();
-    if (audio() && audio().answer) audio().answer(st.offer);
+    if (browserAudio()) browserAudio().answer(st.offer);
     else say(t("answer_phone"));
   });
   $("btn-decline").addEventListener("click", async () => {
@@ -334,7 +354,7 @@
   // ---- call controls ------------------------------------------------------------------
 
   function hook(name, ...args) {
-    if (audio() && audio()[name]) { audio()[name](...args); return true; }
+    if (browserAudio() && browserAudio()[name]) { browserAudio()[name](...args); return true; }
     say(t("use_phone"));
     return false;
   }
@@ -391,6 +411,7 @@
 
   function prefill(o) {
     if (o && o.service_code) $("t-service").value = o.service_code;
+    if (o && o.zipcode) $("t-zip").value = o.zipcode;
     $("filed").hidden = true;
   }
 
@@ -433,6 +454,8 @@
   });
 
   // ---- start --------------------------------------------------------------------------
+
+  window.console311.ui = { say, t };
 
   $("lang-en").addEventListener("click", () => { lang = "en"; localStorage.setItem("console311.lang", lang); applyLang(); });
   $("lang-es").addEventListener("click", () => { lang = "es"; localStorage.setItem("console311.lang", lang); applyLang(); });

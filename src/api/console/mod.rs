@@ -10,7 +10,7 @@
 //!
 //! | method | path | what |
 //! | --- | --- | --- |
-//! | GET | `/console` | the page (plus `/console/console.js`, `/console/console.css`) |
+//! | GET | `/console` | the page (plus `/console/console.js`, `/console/audio.js`, `/console/console.css`; JsSIP at `/console/assets/jssip.min.js`) |
 //! | POST | `/console/login` | `{"agent", "password"}` → the session (cookie) and its `csrf_token` |
 //! | POST | `/console/logout` | sign the agent off (out of the queues; after the current call) and end the session |
 //! | GET | `/console/api/session` | the agent, its state, the offer or call with the caller's context and history, the not-ready reasons, the services |
@@ -71,6 +71,7 @@ const STREAM_CHECK: Duration = Duration::from_secs(10);
 
 const PAGE: &str = include_str!("../../../web/console/index.html");
 const SCRIPT: &str = include_str!("../../../web/console/console.js");
+const AUDIO: &str = include_str!("../../../web/console/audio.js");
 const STYLE: &str = include_str!("../../../web/console/console.css");
 
 /// The `console:` section.
@@ -234,6 +235,7 @@ pub fn router(state: ApiState) -> Router<ApiState> {
         .route("/console", get(page))
         .route("/console/", get(page))
         .route("/console/console.js", get(script))
+        .route("/console/audio.js", get(audio_script))
         .route("/console/console.css", get(style))
         .route("/console/login", post(login))
         .merge(api)
@@ -343,6 +345,10 @@ async fn page() -> Response {
 
 async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn audio_script() -> Response {
+    asset("text/javascript; charset=utf-8", AUDIO)
 }
 
 async fn style() -> Response {
@@ -490,6 +496,8 @@ struct OfferPayload {
     menu_words: Option<String>,
     /// The service the caller was filing, to prefill the ticket form.
     service_code: Option<String>,
+    /// The ZIP code the caller typed for it.
+    zipcode: Option<String>,
     /// The caller's earlier requests (newest first).
     history: Vec<HistoryRow>,
 }
@@ -543,7 +551,10 @@ async fn offer_payload(s: &ApiState, o: &OfferView) -> OfferPayload {
         call_id: ctx.map(|c| c.call_id.clone()),
         menu_path: ctx.map(|c| c.menu_path.clone()),
         menu_words: words.as_ref().map(|w| w.words.clone()),
-        service_code: words.and_then(|w| w.service_code),
+        service_code: ctx
+            .and_then(|c| c.service_code.clone())
+            .or_else(|| words.and_then(|w| w.service_code)),
+        zipcode: ctx.and_then(|c| c.zipcode.clone()),
         history,
     }
 }
