@@ -83,13 +83,18 @@ pub struct FileConfig {
     pub history: crate::history::HistoryConfig,
     /// Report settings: service-level targets, short abandons (see [`crate::history::report`]).
     pub reports: crate::history::report::ReportsConfig,
+    /// Forwarding tickets to the city's Open311 CRM, and the outbox's retries (see
+    /// [`crate::forward`]).
+    pub forward: crate::forward::ForwardConfig,
+    /// Signed JSON webhooks, delivered through the outbox (see [`crate::forward`]).
+    pub webhooks: Vec<crate::forward::WebhookConfig>,
 }
 
 impl FileConfig {
     /// Settings that work but leave the line open to abuse, one sentence each: `ivr311 check
     /// --config` prints them and `ivr311 serve` logs them at start.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w = crate::forward::ForwardConfig::warnings(&self.webhooks);
         if self.callback.trunk_uri.is_some() && self.trunks.allow.is_empty() {
             w.push(
                 "callback.trunk_uri is set but trunks.allow is empty: no caller's number is \
