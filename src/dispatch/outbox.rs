@@ -718,3 +718,177 @@ impl TicketStore {
         Ok(Some(t))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::tickets::{NewTicket, Status};
+
+    fn pothole() -> NewTicket {
+        NewTicket {
+            service_code: "pothole".into(),
+            service_name: "Pothole".into(),
+            phone: Some("+12125550100".into()),
+            ..NewTicket::default()
+        }
+    }
+
+    fn plan() -> OutboxPlan {
+        OutboxPlan {
+            open311: true,
+            webhooks: vec![WebhookPlan {
+                url: "http://127.0.0.1:9/hook".into(),
+                events: vec![Event::RequestCreated, Event::RequestUpdated],
+                fields: vec!["service_request_id".into(), "status".into()],
+            }],
+        }
+    }
+
+    async fn store() -> TicketStore {
+        TicketStore::open_in_memory()
+            .await
+            .unwrap()
+            .with_outbox(plan())
+    }
+
+    #[tokio::test]
+    async fn a_ticket_and_what_it_owes_commit_together() {
+        let store = store().await;
+        let t = store.file(pothole()).await.unwrap();
+        let rows = store.outbox_list(None, 10).await.unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let crm = rows.iter().find(|r| r.kind == Kind::Open311).unwrap();
+        let id = t.service_request_id.to_string();
+        assert_eq!(crm.service_request_id.as_deref(), Some(id.as_str()));
+        assert_eq!(
+            (crm.state.as_str(), crm.event.as_str()),
+            ("pending", "request.created")
+        );
+        // The webhook body carries only the fields asked for.
+        let items = store.outbox_claim(i64::MAX, 10).await.unwrap();
+        let hook = items.iter().find(|i| i.kind == Kind::Webhook).unwrap();
+        let body: serde_json::Value = serde_json::from_str(hook.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["event"], "request.created");
+        assert_eq!(
+            body["request"],
+            serde_json::json!({"service_request_id": id, "status": "open"})
+        );
+        assert!(!hook.body.as_deref().unwrap().contains("2125550100"));
+
+        // A ticket the database refuses leaves nothing owed behind.
+        let before = store.outbox_list(None, 10).await.unwrap().len();
+        let bad = NewTicket {
+            lat: Some(91.0),
+            long: Some(0.0),
+            ..pothole()
+        };
+        assert!(store.file(bad).await.is_err());
+        assert_eq!(store.outbox_list(None, 10).await.unwrap().len(), before);
+
+        // A status change owes request.updated; without webhooks for it, nothing.
+        store
+            .update_status(t.service_request_id, Status::Closed, Some("done"))
+            .await
+            .unwrap();
+        let updated = store.outbox_list(Some("pending"), 10).await.unwrap();
+        assert_eq!(updated.len(), 1, "{updated:?}");
+        assert_eq!(updated[0].event, "request.updated");
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_request_is_never_sent_again_and_an_interrupted_one_waits_for_an_admin()
+    {
+        let store = store().await;
+        let a = store.file(pothole()).await.unwrap();
+        let b = store.file(pothole()).await.unwrap();
+        let claimed = store.outbox_claim(i64::MAX, 10).await.unwrap();
+        assert_eq!(claimed.len(), 4);
+        assert!(claimed.iter().all(|i| i.attempts == 1));
+        assert!(store.outbox_claim(i64::MAX, 10).await.unwrap().is_empty());
+        let crm_a = claimed
+            .iter()
+            .find(|i| i.kind == Kind::Open311 && i.ticket_id == Some(a.service_request_id))
+            .unwrap();
+        store
+            .outbox_crm_done(crm_a.id, a.service_request_id, &Ack::Id("638344".into()), 5)
+            .await
+            .unwrap();
+        let got = store.get(a.service_request_id).await.unwrap().unwrap();
+        assert_eq!(got.external_id.as_deref(), Some("638344"));
+
+        // A stop mid-send: b's CRM request is dead-lettered, its webhook sent again, a's done
+        // request stays done.
+        assert_eq!(store.outbox_recover().await.unwrap(), (2, 1));
+        let dead = store.outbox_list(Some("dead"), 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        let b_id = b.service_request_id.to_string();
+        assert_eq!(dead[0].service_request_id.as_deref(), Some(b_id.as_str()));
+        assert_eq!(dead[0].last_error.as_deref(), Some(INTERRUPTED));
+        let again = store.outbox_claim(i64::MAX, 10).await.unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(again
+            .iter()
+            .all(|i| i.kind == Kind::Webhook && i.attempts == 2));
+
+        // A second CRM row for a ticket cannot exist.
+        let mut conn = store.pool().acquire().await.unwrap();
+        let dup = OutboxPlan {
+            open311: true,
+            webhooks: Vec::new(),
+        }
+        .ticket_filed(&mut conn, &got, OffsetDateTime::now_utc())
+        .await;
+        assert!(dup.is_err(), "one CRM request per ticket");
+        drop(conn);
+
+        // The admin checks the CRM and sends b again.
+        assert!(store.outbox_revive(dead[0].id, 7).await.unwrap());
+        assert!(!store.outbox_revive(dead[0].id, 7).await.unwrap());
+        let revived = store.outbox_claim(7, 10).await.unwrap();
+        assert_eq!(revived.len(), 1);
+        assert_eq!((revived[0].kind, revived[0].attempts), (Kind::Open311, 1));
+        let stats = store.outbox_stats().await.unwrap();
+        assert_eq!((stats.depth, stats.dead), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn the_crms_status_is_taken_only_when_it_changed() {
+        let store = store().await;
+        let t = store.file(pothole()).await.unwrap();
+        let id = t.service_request_id;
+        let now = OffsetDateTime::now_utc();
+        assert!(store
+            .crm_update(id, Status::Open, None, None, now)
+            .await
+            .unwrap()
+            .is_none());
+        let changed = store
+            .crm_update(
+                id,
+                Status::Closed,
+                Some("Filled by crew 7"),
+                Some("2026-12-09T13:00:00Z"),
+                now,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(changed.status, Status::Closed);
+        assert_eq!(changed.status_notes.as_deref(), Some("Filled by crew 7"));
+        assert_eq!(
+            changed.expected_datetime,
+            Some(time::macros::datetime!(2026-12-09 13:00:00 UTC))
+        );
+        assert!(store
+            .crm_update(
+                id,
+                Status::Closed,
+                Some("Filled by crew 7"),
+                Some("2026-12-09T13:00:00Z"),
+                now
+            )
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

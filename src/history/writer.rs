@@ -501,6 +501,7 @@ mod tests {
         write(
             &pool,
             &ReportsConfig::default(),
+            &OutboxPlan::default(),
             &[Record::Call(Box::new(c))],
         )
         .await
@@ -508,6 +509,7 @@ mod tests {
         write(
             &pool,
             &ReportsConfig::default(),
+            &OutboxPlan::default(),
             &[Record::AgentState(AgentStateRecord {
                 agent: "1001".into(),
                 state: "wrap_up",
