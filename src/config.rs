@@ -753,6 +753,38 @@ mod tests {
         assert!(FileConfig::default().media.batch_sends);
     }
 
+    /// The outbox settings the example shows are the defaults, and its commented-out CRM and
+    /// webhook, uncommented, are a config the server takes.
+    #[test]
+    fn the_example_shows_the_forward_defaults_and_a_valid_crm_and_webhook() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.forward, crate::forward::ForwardConfig::default());
+        assert!(c.webhooks.is_empty());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tail = &text[text.find("\nforward:").expect("a forward section")..];
+        let uncommented: String = tail
+            .lines()
+            .map(|l| match l.strip_prefix("  # ") {
+                Some(rest) if rest.starts_with("open311:") || rest.starts_with("  ") => {
+                    format!("  {rest}")
+                }
+                _ => match l.strip_prefix('#') {
+                    Some(rest) if rest.starts_with("  ") => rest.to_owned(),
+                    _ if l == "webhooks: []" => "webhooks:".to_owned(),
+                    _ => l.to_owned(),
+                },
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = FileConfig::parse(&path, &uncommented).unwrap_or_else(|e| panic!("{e}"));
+        let crm = c.forward.open311.as_ref().expect("the CRM example");
+        assert_eq!(crm.service_map["pothole"], "4fd3b167e750846744000005");
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.webhooks[0].events.len(), 4);
+        c.forward.check(&c.webhooks).unwrap();
+    }
+
     /// The console settings the example shows are the defaults.
     #[test]
     fn the_example_shows_the_console_defaults() {
