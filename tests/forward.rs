@@ -545,3 +545,151 @@ async fn status_changed_on_the_crm_flows_back_and_webhooks_are_signed_with_only_
     city.shutdown().await;
     crm.shutdown().await;
 }
+
+/// One request a fake CRM got.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    idempotency_key: String,
+}
+
+/// A scripted GeoReport server: `answer(n, method, path)` gives the status, the body and how
+/// long to wait first, for the n-th request (from 0).
+async fn fake_crm(
+    answer: fn(usize, &str, &str) -> (u16, &'static str, Duration),
+) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_owned();
+                            let idempotency_key = req
+                                .headers()
+                                .get("idempotency-key")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            let _ = req.into_body().collect().await?;
+                            let n = {
+                                let mut log = log.lock().unwrap();
+                                log.push(Seen {
+                                    method: method.clone(),
+                                    path: path.clone(),
+                                    idempotency_key,
+                                });
+                                log.len() - 1
+                            };
+                            let (status, body, wait) = answer(n, &method, &path);
+                            tokio::time::sleep(wait).await;
+                            Ok::<_, hyper::Error>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                        body.as_bytes(),
+                                    )))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_slow_crm_is_retried_and_a_token_it_answers_is_resolved_later() {
+    let (crm, seen) = fake_crm(|n, method, path| match (method, path) {
+        // The first POST takes longer than the timeout; the second gets a token.
+        ("POST", _) if n == 0 => (200, r#"[{"token":"tok-1"}]"#, Duration::from_secs(4)),
+        ("POST", _) => (200, r#"[{"token":"tok-1"}]"#, Duration::ZERO),
+        ("GET", "/open311/v2/tokens/tok-1.json") => (
+            200,
+            r#"[{"service_request_id":"CRM-77","token":"tok-1"}]"#,
+            Duration::ZERO,
+        ),
+        _ => (200, "[]", Duration::ZERO),
+    })
+    .await;
+    let mut cfg = city_config(crm, &[]);
+    cfg.forward.timeout_seconds = 1;
+    let city = start_server(cfg).await;
+    let id = file_by_api(city.http_addr, "slow crm").await;
+    let external = until_forwarded(city.http_addr, id, Duration::from_secs(15)).await;
+    assert_eq!(external, "CRM-77");
+    let seen = seen.lock().unwrap().clone();
+    let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
+    assert_eq!(
+        posts.len(),
+        2,
+        "timed out once, then acknowledged: {seen:?}"
+    );
+    for p in &posts {
+        assert_eq!(p.path, "/open311/v2/requests.json");
+        assert_eq!(p.idempotency_key, format!("ivr311-{id}"));
+    }
+    let done = outbox(city.http_addr, "?state=done").await;
+    assert_eq!(done.len(), 1, "{done:?}");
+    city.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_answers_are_retried_then_dead_lettered() {
+    let (crm, seen) = fake_crm(|_, method, _| match method {
+        "POST" => (200, "<html>down for maintenance</html>", Duration::ZERO),
+        _ => (200, "[]", Duration::ZERO),
+    })
+    .await;
+    let mut cfg = city_config(crm, &[]);
+    cfg.forward.garbage_attempts = 3;
+    let city = start_server(cfg).await;
+    let id = file_by_api(city.http_addr, "garbage").await;
+    let dead = until(
+        "dead-lettered after 3 answers",
+        Duration::from_secs(15),
+        async || {
+            outbox(city.http_addr, "?state=dead")
+                .await
+                .into_iter()
+                .next()
+        },
+    )
+    .await;
+    assert_eq!(dead["attempts"], 3, "{dead}");
+    assert!(
+        dead["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a GeoReport answer")),
+        "{dead}"
+    );
+    let posts = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method == "POST")
+        .count();
+    assert_eq!(posts, 3);
+    assert_eq!(
+        city_ticket(city.http_addr, id).await["external_id"],
+        Value::Null
+    );
+    city.shutdown().await;
+}

@@ -852,6 +852,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_emergency_redirect_tells_its_webhook_where_and_how_never_who_called() {
+        let store = TicketStore::open_in_memory()
+            .await
+            .unwrap()
+            .with_outbox(OutboxPlan {
+                open311: false,
+                webhooks: vec![WebhookPlan {
+                    url: "http://127.0.0.1:9/hook".into(),
+                    events: vec![Event::EmergencyRedirected],
+                    fields: Vec::new(),
+                }],
+            });
+        let audit = crate::dispatch::tickets::EmergencyAudit {
+            caller: Some("+12125550100".into()),
+            call_id: "call-1".into(),
+            menu_path: "main>9".into(),
+            method: "refer".into(),
+            ..Default::default()
+        };
+        let id = store.audit_emergency_start(&audit).await.unwrap();
+        assert_eq!(store.emergency_audits(1).await.unwrap()[0].id, id);
+        // A ticket is not what this webhook asked for.
+        store.file(pothole()).await.unwrap();
+        let items = store.outbox_claim(i64::MAX, 10).await.unwrap();
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(items[0].event, Event::EmergencyRedirected);
+        let body = items[0].body.as_deref().unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["redirect"]["menu_path"], "main>9");
+        assert_eq!(v["redirect"]["method"], "refer");
+        assert!(!body.contains("2125550100"), "{body}");
+    }
+
+    #[tokio::test]
     async fn the_crms_status_is_taken_only_when_it_changed() {
         let store = store().await;
         let t = store.file(pothole()).await.unwrap();

@@ -152,7 +152,7 @@ pub(crate) async fn write(
                 let id = insert_call(&mut tx, c).await?;
                 rollup::add_calls(&mut tx, reports, (id, id)).await?;
                 if outbox.wants(crate::dispatch::outbox::Event::CallEnded) {
-                    outbox.call_ended(&mut *tx, call_summary(c)).await?;
+                    outbox.call_ended(&mut tx, call_summary(c)).await?;
                 }
             }
             Record::Queue(q) => insert_queue_event(&mut tx, q).await?,
