@@ -83,13 +83,18 @@ pub struct FileConfig {
     pub history: crate::history::HistoryConfig,
     /// Report settings: service-level targets, short abandons (see [`crate::history::report`]).
     pub reports: crate::history::report::ReportsConfig,
+    /// Forwarding tickets to the city's Open311 CRM, and the outbox's retries (see
+    /// [`crate::forward`]).
+    pub forward: crate::forward::ForwardConfig,
+    /// Signed JSON webhooks, delivered through the outbox (see [`crate::forward`]).
+    pub webhooks: Vec<crate::forward::WebhookConfig>,
 }
 
 impl FileConfig {
     /// Settings that work but leave the line open to abuse, one sentence each: `ivr311 check
     /// --config` prints them and `ivr311 serve` logs them at start.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w = crate::forward::ForwardConfig::warnings(&self.webhooks);
         if self.callback.trunk_uri.is_some() && self.trunks.allow.is_empty() {
             w.push(
                 "callback.trunk_uri is set but trunks.allow is empty: no caller's number is \
@@ -795,6 +800,38 @@ mod tests {
         let off = FileConfig::parse(&path, "media:\n  batch_sends: false\n").unwrap();
         assert!(!off.media.batch_sends);
         assert!(FileConfig::default().media.batch_sends);
+    }
+
+    /// The outbox settings the example shows are the defaults, and its commented-out CRM and
+    /// webhook, uncommented, are a config the server takes.
+    #[test]
+    fn the_example_shows_the_forward_defaults_and_a_valid_crm_and_webhook() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+        let c = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.forward, crate::forward::ForwardConfig::default());
+        assert!(c.webhooks.is_empty());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tail = &text[text.find("\nforward:").expect("a forward section")..];
+        let uncommented: String = tail
+            .lines()
+            .map(|l| match l.strip_prefix("  # ") {
+                Some(rest) if rest.starts_with("open311:") || rest.starts_with("  ") => {
+                    format!("  {rest}")
+                }
+                _ => match l.strip_prefix('#') {
+                    Some(rest) if rest.starts_with("  ") => rest.to_owned(),
+                    _ if l == "webhooks: []" => "webhooks:".to_owned(),
+                    _ => l.to_owned(),
+                },
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = FileConfig::parse(&path, &uncommented).unwrap_or_else(|e| panic!("{e}"));
+        let crm = c.forward.open311.as_ref().expect("the CRM example");
+        assert_eq!(crm.service_map["pothole"], "4fd3b167e750846744000005");
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.webhooks[0].events.len(), 4);
+        c.forward.check(&c.webhooks).unwrap();
     }
 
     /// The console settings the example shows are the defaults.

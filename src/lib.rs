@@ -32,6 +32,8 @@
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
+//! | [`dispatch::outbox`] | the durable outbox (what the CRM and webhooks are owed), written in each change's transaction |
+//! | [`forward`] | delivering the outbox: the city's Open311 CRM (`forward:`) and signed webhooks (`webhooks:`), retries, the CRM's status polled back |
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
@@ -79,6 +81,7 @@ pub mod call;
 
 pub mod config;
 pub mod dispatch;
+pub mod forward;
 pub mod heartbeat;
 pub(crate) mod history;
 pub mod logging;

@@ -167,6 +167,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     }
     crate::call::dialplan::check_transfers(&file.transfers, &file.agents, &file.queues)
         .map_err(|e| StartError::Config(e.to_string()))?;
+    file.forward
+        .check(&file.webhooks)
+        .map_err(|e| StartError::Config(e.to_string()))?;
     for w in file.warnings() {
         warn!("config: {w}");
     }
@@ -179,7 +182,9 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         languages = ?menu.prompts.languages(),
         "menu and prompts loaded"
     );
-    let tickets = TicketStore::open(&args.db).await?;
+    let tickets = TicketStore::open(&args.db)
+        .await?
+        .with_outbox(file.forward.plan(&file.webhooks));
     if let Some(mode) = crate::media::record::loose_permissions(&file.storage.recordings_dir) {
         warn!(
             dir = %file.storage.recordings_dir.display(),
@@ -198,6 +203,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         file.history.clone(),
         file.reports.clone(),
         metrics.clone(),
+        tickets.outbox.clone(),
     );
     let limits = TransportLimits {
         max_message_bytes: file.limits.max_message_bytes,
@@ -273,6 +279,14 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
     let ua_stats = ua.stats();
     let outbound = ua.outbound();
     tracker.spawn(ua.run(in_rx, cancel.clone()));
+
+    crate::forward::spawn(
+        tickets.clone(),
+        &file.forward,
+        &file.webhooks,
+        &tracker,
+        cancel.clone(),
+    );
 
     let registry = Arc::new(CallRegistry::default());
     let history = {
@@ -406,10 +420,13 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         metrics: metrics.clone(),
         ports: ports.clone(),
         queues,
-        ready: Arc::new(api::health::ReadyState::new(
-            clock.heartbeats().to_vec(),
-            draining.clone(),
-        )),
+        ready: Arc::new(
+            api::health::ReadyState::new(clock.heartbeats().to_vec(), draining.clone())
+                .with_outbox(
+                    (file.forward.open311.is_some() || !file.webhooks.is_empty())
+                        .then(|| Duration::from_secs(file.forward.stuck_after_seconds.max(1))),
+                ),
+        ),
         recordings: file.storage.recordings_dir.clone(),
         reports: Arc::new(file.reports.clone()),
         open_data: Arc::default(),

@@ -201,7 +201,8 @@ fn assert_error(r: &Resp, fmt: &str, status: u16) -> Vec<String> {
 }
 
 /// The spec's request fields as strings (`None` for JSON null / an empty XML element), in
-/// the JSON of one request object.
+/// the JSON of one request object, and our `external_id` (the city CRM's number, once
+/// forwarded).
 const REQUEST_FIELDS: &[&str] = &[
     "service_request_id",
     "status",
@@ -220,6 +221,7 @@ const REQUEST_FIELDS: &[&str] = &[
     "lat",
     "long",
     "media_url",
+    "external_id",
 ];
 
 /// Fields nobody outside may see.
@@ -269,7 +271,10 @@ fn xml_fields(node: roxmltree::Node) -> Fields {
     for p in PRIVATE_FIELDS {
         assert!(child(node, p).is_none(), "{p} must not be exposed");
     }
-    assert_eq!(node.children().filter(|c| c.is_element()).count(), 17);
+    assert_eq!(
+        node.children().filter(|c| c.is_element()).count(),
+        REQUEST_FIELDS.len()
+    );
     REQUEST_FIELDS
         .iter()
         .map(|f| {
@@ -304,6 +309,7 @@ fn expected_fields(t: &Ticket) -> Fields {
         num(t.lat),
         num(t.long),
         media,
+        t.external_id.clone(),
     ];
     REQUEST_FIELDS
         .iter()

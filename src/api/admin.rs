@@ -23,7 +23,10 @@
 //! | POST | `/admin/calls/{call_id}/transfer` | transfer the caller away from their operator, JSON `{"to": "911" \| "<transfers name or number>" \| "agent:<id>" \| "queue:<name>"}`: 202 with `{"transfer_id": n}`; 404 no such call or target, 403 a number the plan forbids, 409 not with an operator or a transfer in progress |
 //! | GET | `/admin/transfers/{id}` | a transfer's progress: `state` (`calling`, `ringing`, `calling 911`, then `connected` or `failed: ...` and where the caller went), `caller_state`, `done` |
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
+//! | GET | `/admin/requests/{id}` | one ticket with every field (personal ones too), and `external_id`, the CRM's number for it once forwarded |
 //! | POST | `/admin/requests/{id}` | staff status update: JSON `{"status": "open"/"closed", "status_notes": "..."}` |
+//! | GET | `/admin/outbox` | the outbox, newest first: `?state=pending\|in_flight\|done\|dead`, `?limit=` (default 100, at most 1000); each row's kind (`open311`, `webhook`), target, ticket, event, state, attempts, times and `last_error` |
+//! | POST | `/admin/outbox/{id}/retry` | send a dead-lettered row again (after fixing the mapping): 200, or 404 if no dead row has that id |
 //! | GET | `/admin/requests/{id}/recording` | the caller's recorded description of a phone ticket (`audio/wav`) |
 //! | GET | `/admin/emergency` | the latest 911 redirect audit rows |
 //! | GET | `/admin/queues` | per queue: waiting, longest wait, agents by status, answered, abandoned, service level |
@@ -56,7 +59,12 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/admin/calls/{call_id}/transfer", post(transfer))
         .route("/admin/transfers/{id}", get(transfer_progress))
         .route("/admin/menu/reload", post(reload))
-        .route("/admin/requests/{id}", post(update_request))
+        .route(
+            "/admin/requests/{id}",
+            post(update_request).get(get_request),
+        )
+        .route("/admin/outbox", get(outbox))
+        .route("/admin/outbox/{id}/retry", post(outbox_retry))
         .route("/admin/requests/{id}/recording", get(recording))
         .route("/admin/emergency", get(emergency))
         .route("/admin/queues", get(queues))
@@ -325,6 +333,95 @@ pub(crate) struct StatusUpdate {
     pub(crate) status_notes: Option<String>,
 }
 
+async fn get_request(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{id:?} is not a request number")})),
+        )
+            .into_response();
+    };
+    match s.tickets.get(id).await {
+        Ok(Some(t)) => Json(t).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such request"})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboxQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn outbox(
+    State(s): State<ApiState>,
+    query: Result<axum::extract::Query<OutboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, Json(json!({"error": msg}))).into_response();
+    let q = match query {
+        Ok(q) => q.0,
+        Err(e) => return bad(e.body_text()),
+    };
+    if let Some(st) = &q.state {
+        if !["pending", "in_flight", "done", "dead"].contains(&st.as_str()) {
+            return bad(format!(
+                "state {st:?} must be pending, in_flight, done or dead"
+            ));
+        }
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match s.tickets.outbox_list(q.state.as_deref(), limit).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn outbox_retry(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{id:?} is not an outbox id")})),
+        )
+            .into_response();
+    };
+    let now_ms = crate::dispatch::outbox::epoch_ms(time::OffsetDateTime::now_utc());
+    match s.tickets.outbox_revive(id, now_ms).await {
+        Ok(true) => {
+            info!(
+                outbox_id = id,
+                "outbox: dead-lettered item sent again by an admin"
+            );
+            Json(json!({"id": id, "state": "pending"})).into_response()
+        }
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no dead-lettered outbox item with that id"})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
 async fn update_request(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -359,6 +456,7 @@ async fn update_request(
                 "service_request_id": t.service_request_id.to_string(),
                 "status": t.status.as_str(),
                 "status_notes": t.status_notes,
+                "external_id": t.external_id,
             }))
             .into_response()
         }
@@ -511,6 +609,27 @@ async fn metrics(State(s): State<ApiState>) -> Response {
             "1 while our registration with the trunk (trunks.register) holds, else 0.",
             if t.state == "registered" { 1.0 } else { 0.0 },
         ));
+    }
+    if s.ready.outbox_stuck_after.is_some() {
+        if let Ok(st) = s.tickets.outbox_stats().await {
+            let now_ms = crate::dispatch::outbox::epoch_ms(time::OffsetDateTime::now_utc());
+            gauges.push((
+                "ivr311_outbox_depth",
+                "Outbox items (to the CRM and webhooks) not yet delivered.",
+                st.depth as f64,
+            ));
+            gauges.push((
+                "ivr311_outbox_oldest_age_seconds",
+                "Age of the oldest outbox item not yet delivered (0 when none).",
+                st.oldest_ms
+                    .map_or(0.0, |o| now_ms.saturating_sub(o).max(0) as f64 / 1000.0),
+            ));
+            gauges.push((
+                "ivr311_outbox_dead",
+                "Outbox items dead-lettered (GET /admin/outbox?state=dead).",
+                st.dead as f64,
+            ));
+        }
     }
     let mut text = s.metrics.render(&gauges);
     if let Some(q) = &s.queues {

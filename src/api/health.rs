@@ -10,7 +10,10 @@
 //!     a ticket-sized insert is tried and rolled back ([`TicketStore::probe_write`]);
 //!   - a media clock thread has not turned for [`STALL_AFTER`] (every call on it is silent);
 //!   - the SIP UA loop has not turned for [`STALL_AFTER`] (no INVITE would be answered);
-//!   - the server is draining (stopping: new calls get 503).
+//!   - the server is draining (stopping: new calls get 503);
+//!   - the outbox is stuck: with forwarding or webhooks configured, its oldest undelivered
+//!     row is older than `forward.stuck_after_seconds` (the CRM or a receiver has been
+//!     failing that long; callers are still served, the city's other systems are behind).
 //!
 //! The checks run at most once per [`CHECK_EVERY`]; requests in between get the last answer,
 //! so a flood of probes cannot load the database. Readiness needs no token (it says nothing
@@ -79,6 +82,8 @@ pub(crate) struct ReadyState {
     last: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
     /// Whether the last check found the node ready (to log changes only).
     was_ready: AtomicBool,
+    /// With an outbox: how old its oldest undelivered row may be.
+    pub(crate) outbox_stuck_after: Option<Duration>,
 }
 
 impl ReadyState {
@@ -88,8 +93,32 @@ impl ReadyState {
             draining,
             last: tokio::sync::Mutex::new(None),
             was_ready: AtomicBool::new(true),
+            outbox_stuck_after: None,
         }
     }
+
+    /// Reports the outbox stuck when its oldest undelivered row is older than `after`.
+    pub(crate) fn with_outbox(mut self, after: Option<Duration>) -> ReadyState {
+        self.outbox_stuck_after = after;
+        self
+    }
+}
+
+/// The outbox problem, if its oldest undelivered row (created at `oldest_ms`) is older than
+/// `after` at `now_ms` (sans-IO part).
+pub(crate) fn outbox_problem(
+    oldest_ms: Option<i64>,
+    after: Duration,
+    now_ms: i64,
+) -> Option<String> {
+    let age_ms = now_ms.saturating_sub(oldest_ms?);
+    (u128::try_from(age_ms).unwrap_or(0) > after.as_millis()).then(|| {
+        format!(
+            "outbox stuck: its oldest undelivered item is {} s old (forward.stuck_after_seconds              is {}); see GET /admin/outbox",
+            age_ms / 1000,
+            after.as_secs()
+        )
+    })
 }
 
 /// The problems a check finds in the loops and the drain, at `now` (sans-IO part).
@@ -186,6 +215,16 @@ async fn check(s: &ApiState) -> Vec<String> {
             STORE_PROBE_TIMEOUT.as_secs()
         )),
     }
+    if let Some(after) = s.ready.outbox_stuck_after {
+        match s.tickets.outbox_stats().await {
+            Ok(st) => reasons.extend(outbox_problem(
+                st.oldest_ms,
+                after,
+                crate::dispatch::outbox::epoch_ms(time::OffsetDateTime::now_utc()),
+            )),
+            Err(e) => reasons.push(format!("outbox unreadable: {e}")),
+        }
+    }
     // Read the loops after the probe, which may have waited on a lock.
     reasons.extend(loop_problems(
         &s.ready.media,
@@ -199,6 +238,18 @@ async fn check(s: &ApiState) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_old_undelivered_item_is_a_stuck_outbox() {
+        let after = Duration::from_secs(900);
+        assert_eq!(outbox_problem(None, after, 5_000_000), None);
+        assert_eq!(outbox_problem(Some(4_100_000), after, 5_000_000), None);
+        let p = outbox_problem(Some(4_000_000), after, 5_000_000).unwrap();
+        assert!(
+            p.starts_with("outbox stuck: its oldest undelivered item is 1000 s old"),
+            "{p}"
+        );
+    }
 
     #[test]
     fn stalled_loops_and_the_drain_are_named() {

@@ -38,6 +38,9 @@
 //! * **Personal data** (phone, email, names, call ids) is stored but never returned.
 //!   `device_id` is accepted and not stored; `account_id` is echoed in the POST response.
 //! * `service_request_id` is a string in JSON (the store's numbers are 8 digits).
+//! * **external_id** (an extension, null until set) is the city CRM's `service_request_id`
+//!   for the ticket, once the outbox has forwarded it there (`forward.open311`, see
+//!   [`crate::forward`]), so an app can look the request up in either system.
 //! * **Location.** A POST needs one, as the spec says: `lat` and `long`, `address_string`,
 //!   `address_id`, or the service's location attribute (`attribute[zipcode]`, the ZIP code the
 //!   phone asks every caller for). The ZIP attribute is therefore `required: false` in the
@@ -669,6 +672,8 @@ fn request_node(t: &Ticket) -> Node {
             "media_url",
             opt_text(t.media_url.as_deref().filter(|m| absolute_http_url(m))),
         ),
+        // The city CRM's number for it, once forwarded (`forward.open311`); null before.
+        ("external_id", opt_text(t.external_id.as_deref())),
     ])
 }
 

@@ -9,5 +9,6 @@
 
 pub mod emergency;
 pub(crate) mod numbers;
+pub mod outbox;
 pub(crate) mod queue;
 pub mod tickets;

@@ -184,7 +184,7 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Logs a failed operation (transient ones as warnings) and converts it.
-fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
+pub(crate) fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
     let e = StoreError::from(e);
     if e.is_transient() {
         tracing::warn!(op, error = %e, "ticket store unavailable");
@@ -206,25 +206,25 @@ fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
 /// other processes', gets `SQLITE_BUSY` until the server restarts. Here the statements are
 /// plain, and a connection whose transaction may still be open after an error is closed,
 /// not returned to the pool (closing a connection rolls back whatever it had open).
-struct WriteTxn {
+pub(crate) struct WriteTxn {
     conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
 }
 
 impl WriteTxn {
-    async fn begin(pool: &SqlitePool) -> Result<WriteTxn, sqlx::Error> {
+    pub(crate) async fn begin(pool: &SqlitePool) -> Result<WriteTxn, sqlx::Error> {
         let mut conn = pool.acquire().await?;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         Ok(WriteTxn { conn: Some(conn) })
     }
 
-    fn conn(&mut self) -> &mut sqlx::SqliteConnection {
+    pub(crate) fn conn(&mut self) -> &mut sqlx::SqliteConnection {
         match self.conn.as_mut() {
             Some(c) => c,
             None => unreachable!("a WriteTxn has its connection until it ends"),
         }
     }
 
-    async fn commit(mut self) -> Result<(), sqlx::Error> {
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
         let done = sqlx::query("COMMIT").execute(self.conn()).await;
         if done.is_ok() {
             self.conn.take(); // back to the pool, with no transaction open
@@ -235,7 +235,7 @@ impl WriteTxn {
     /// Rolls back. When SQLite refuses (it may have rolled back by itself already), the
     /// connection is closed, which rolls back whatever it still had: either way nothing is
     /// kept and no lock is held after this.
-    async fn rollback(mut self) {
+    pub(crate) async fn rollback(mut self) {
         if sqlx::query("ROLLBACK").execute(self.conn()).await.is_ok() {
             self.conn.take();
         }
@@ -440,6 +440,10 @@ pub struct Ticket {
     /// The operator who filed it (channel `operator`).
     #[serde(default)]
     pub agent_id: Option<String>,
+    /// The city CRM's number for this request (its `service_request_id`), once the outbox
+    /// has delivered it to `forward.open311` (see [`crate::forward`]).
+    #[serde(default)]
+    pub external_id: Option<String>,
 }
 
 /// The start of a transfer, for the call's record ([`TicketStore::record_transfer`]).
@@ -532,6 +536,10 @@ pub struct EmergencyAuditRow {
 pub struct TicketStore {
     pool: SqlitePool,
     restrictions: Arc<Restrictions>,
+    /// What each change also writes to the outbox (nothing unless forwarding or webhooks
+    /// are configured), and the bell that wakes the outbox worker.
+    pub(crate) outbox: Arc<crate::dispatch::outbox::OutboxPlan>,
+    pub(crate) outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Write restrictions every connection of the pool carries, including ones opened later.
@@ -578,11 +586,11 @@ impl fmt::Debug for TicketStore {
     }
 }
 
-const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, status, \
+pub(crate) const TICKET_COLUMNS: &str = "service_request_id, service_code, service_name, status, \
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested, transfer, agent_id";
+    callback_requested, transfer, agent_id, external_id";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
     caller_verified, operator, requested_via";
@@ -658,7 +666,19 @@ impl TicketStore {
         restrictions: Arc<Restrictions>,
     ) -> Result<TicketStore, StoreError> {
         MIGRATOR.run(&pool).await?;
-        Ok(TicketStore { pool, restrictions })
+        Ok(TicketStore {
+            pool,
+            restrictions,
+            outbox: Arc::default(),
+            outbox_wake: Arc::default(),
+        })
+    }
+
+    /// The same store, with every change also written to the outbox as `plan` says, in the
+    /// change's own transaction.
+    pub(crate) fn with_outbox(mut self, plan: crate::dispatch::outbox::OutboxPlan) -> TicketStore {
+        self.outbox = Arc::new(plan);
+        self
     }
 
     /// The database's pool, for the other tables kept in it (call history).
@@ -736,7 +756,7 @@ impl TicketStore {
             let Ok(id_sql) = i64::try_from(id) else {
                 continue;
             };
-            let result = sqlx::query(
+            let query = sqlx::query(
                 "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
@@ -769,17 +789,45 @@ impl TicketStore {
             .bind(&t.language)
             .bind(&t.call_id)
             .bind(t.callback_requested)
-            .bind(&t.agent_id)
-            .execute(&self.pool)
-            .await;
+            .bind(&t.agent_id);
+            let result = if self.outbox.is_empty() {
+                query.execute(&self.pool).await.map(drop)
+            } else {
+                // The ticket and what it owes the CRM and the webhooks commit together.
+                let mut tx = WriteTxn::begin(&self.pool)
+                    .await
+                    .map_err(|e| fail("file", e))?;
+                match query.execute(tx.conn()).await {
+                    Ok(_) => {
+                        let filed = Ticket::filed(id, t.clone(), now);
+                        let queued = self
+                            .outbox
+                            .ticket_filed(tx.conn(), &filed, now)
+                            .await
+                            .map_err(|e| fail("file", e));
+                        if let Err(e) = queued {
+                            tx.rollback().await;
+                            return Err(e);
+                        }
+                        tx.commit().await
+                    }
+                    Err(e) => {
+                        tx.rollback().await;
+                        Err(e)
+                    }
+                }
+            };
             match result {
-                Ok(_) => {
+                Ok(()) => {
                     tracing::info!(
                         service_request_id = id,
                         service_code = %t.service_code,
                         channel = %t.channel,
                         "ticket filed"
                     );
+                    if !self.outbox.is_empty() {
+                        self.outbox_wake.notify_one();
+                    }
                     return Ok(Ticket::filed(id, t, now));
                 }
                 Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {
@@ -926,18 +974,49 @@ impl TicketStore {
              updated_datetime = MAX(?, updated_datetime) \
              WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}"
         );
-        let row = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(status.as_str())
             .bind(notes)
             .bind(now)
-            .bind(id_sql)
-            .fetch_optional(&self.pool)
+            .bind(id_sql);
+        use crate::dispatch::outbox::Event;
+        if !self.outbox.wants(Event::RequestUpdated) {
+            let row = query
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| fail("update_status", e))?;
+            if row.is_some() {
+                tracing::info!(service_request_id = id, status = %status, "ticket status updated");
+            }
+            return row.as_ref().map(ticket_from_row).transpose();
+        }
+        // The change and its webhooks commit together.
+        let mut tx = WriteTxn::begin(&self.pool)
             .await
             .map_err(|e| fail("update_status", e))?;
-        if row.is_some() {
-            tracing::info!(service_request_id = id, status = %status, "ticket status updated");
+        let row = match query.fetch_optional(tx.conn()).await {
+            Ok(row) => row,
+            Err(e) => {
+                tx.rollback().await;
+                return Err(fail("update_status", e));
+            }
+        };
+        let Some(ticket) = row.as_ref().map(ticket_from_row).transpose()? else {
+            tx.rollback().await;
+            return Ok(None);
+        };
+        let queued = self
+            .outbox
+            .ticket_event(tx.conn(), Event::RequestUpdated, &ticket)
+            .await;
+        if let Err(e) = queued {
+            tx.rollback().await;
+            return Err(fail("update_status", e));
         }
-        row.as_ref().map(ticket_from_row).transpose()
+        tx.commit().await.map_err(|e| fail("update_status", e))?;
+        self.outbox_wake.notify_one();
+        tracing::info!(service_request_id = id, status = %status, "ticket status updated");
+        Ok(Some(ticket))
     }
 
     /// Records an emergency redirect with outcome `started`, before the transfer begins.
@@ -948,13 +1027,13 @@ impl TicketStore {
         e: &EmergencyAudit,
     ) -> Result<i64, StoreError> {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
-        let result = sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO emergency_redirects \
              (at, caller, call_id, menu_path, reason, method, outcome, caller_verified, \
              operator, requested_via) \
              VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?)",
         )
-        .bind(at)
+        .bind(&at)
         .bind(&e.caller)
         .bind(&e.call_id)
         .bind(&e.menu_path)
@@ -962,11 +1041,37 @@ impl TicketStore {
         .bind(&e.method)
         .bind(e.caller_verified)
         .bind(&e.operator)
-        .bind(&e.requested_via)
-        .execute(&self.pool)
-        .await
-        .map_err(|err| fail("audit_emergency_start", err))?;
-        let id = result.last_insert_rowid();
+        .bind(&e.requested_via);
+        use crate::dispatch::outbox::Event;
+        let id = if self.outbox.wants(Event::EmergencyRedirected) {
+            // One commit for the audit row and its webhooks: the redirect waits no longer.
+            let mut tx = WriteTxn::begin(&self.pool)
+                .await
+                .map_err(|err| fail("audit_emergency_start", err))?;
+            let id = match query.execute(tx.conn()).await {
+                Ok(r) => r.last_insert_rowid(),
+                Err(err) => {
+                    tx.rollback().await;
+                    return Err(fail("audit_emergency_start", err));
+                }
+            };
+            let queued = self.outbox.emergency_redirected(tx.conn(), e, &at).await;
+            if let Err(err) = queued {
+                tx.rollback().await;
+                return Err(fail("audit_emergency_start", err));
+            }
+            tx.commit()
+                .await
+                .map_err(|err| fail("audit_emergency_start", err))?;
+            self.outbox_wake.notify_one();
+            id
+        } else {
+            query
+                .execute(&self.pool)
+                .await
+                .map_err(|err| fail("audit_emergency_start", err))?
+                .last_insert_rowid()
+        };
         tracing::warn!(
             audit_id = id,
             call_id = %e.call_id,
@@ -1233,6 +1338,7 @@ impl Ticket {
             callback_requested: t.callback_requested,
             transfer: None,
             agent_id: t.agent_id,
+            external_id: None,
         }
     }
 }
@@ -1258,17 +1364,17 @@ fn placeholders(n: usize) -> String {
 }
 
 /// UTC with the fraction of a second dropped: the stored precision.
-fn whole_second_utc(t: OffsetDateTime) -> OffsetDateTime {
+pub(crate) fn whole_second_utc(t: OffsetDateTime) -> OffsetDateTime {
     let t = t.to_offset(time::UtcOffset::UTC);
     t - time::Duration::nanoseconds(i64::from(t.nanosecond()))
 }
 
 /// `2026-11-26T03:22:09Z` for a [`whole_second_utc`] time.
-fn iso(t: OffsetDateTime) -> Result<String, StoreError> {
+pub(crate) fn iso(t: OffsetDateTime) -> Result<String, StoreError> {
     Ok(t.format(&Rfc3339)?)
 }
 
-fn column<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, StoreError>
+pub(crate) fn column<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
@@ -1278,7 +1384,7 @@ where
     })
 }
 
-fn datetime(column: &'static str, text: &str) -> Result<OffsetDateTime, StoreError> {
+pub(crate) fn datetime(column: &'static str, text: &str) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::parse(text, &Rfc3339).map_err(|_| StoreError::BadRow {
         column,
         value: text.to_owned(),
@@ -1292,7 +1398,7 @@ fn parsed<T: FromStr>(column: &'static str, text: String) -> Result<T, StoreErro
     })
 }
 
-fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
+pub(crate) fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
     let id: i64 = column(row, "service_request_id")?;
     let service_request_id = u64::try_from(id).map_err(|_| StoreError::BadRow {
         column: "service_request_id",
@@ -1332,6 +1438,7 @@ fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         callback_requested: column(row, "callback_requested")?,
         transfer: column(row, "transfer")?,
         agent_id: column(row, "agent_id")?,
+        external_id: column(row, "external_id")?,
     })
 }
 
@@ -2213,6 +2320,8 @@ mod tests {
                 .await
                 .unwrap(),
             restrictions: Arc::default(),
+            outbox: Arc::default(),
+            outbox_wake: Arc::default(),
         };
         let err = read_only.file(full_ticket("lost")).await.unwrap_err();
         assert!(matches!(err, StoreError::ReadOnly(_)), "{err}");
@@ -2249,6 +2358,8 @@ mod tests {
                 .await
                 .unwrap(),
             restrictions: Arc::default(),
+            outbox: Arc::default(),
+            outbox_wake: Arc::default(),
         };
         let mut err = None;
         for _ in 0..100 {

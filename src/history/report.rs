@@ -786,7 +786,9 @@ mod tests {
         super::super::rollup::rebuild_if_changed(store.pool(), &config)
             .await
             .unwrap();
-        write(store.pool(), &config, &records).await.unwrap();
+        write(store.pool(), &config, &Default::default(), &records)
+            .await
+            .unwrap();
         (store, config)
     }
 
@@ -1108,9 +1110,14 @@ mod tests {
                 })
             })
             .collect();
-        write(store.pool(), &ReportsConfig::default(), &records)
-            .await
-            .unwrap();
+        write(
+            store.pool(),
+            &ReportsConfig::default(),
+            &Default::default(),
+            &records,
+        )
+        .await
+        .unwrap();
         let r = agents(store.pool(), &hour_range(None)).await.unwrap();
         let ten = r
             .rows

@@ -8,6 +8,7 @@ use super::{
     epoch_ms_now, rollup, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError,
     Outcome, QueueEventRecord, Record,
 };
+use crate::dispatch::outbox::OutboxPlan;
 use sha2::{Digest, Sha256};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::sync::Arc;
@@ -49,12 +50,13 @@ pub fn spawn_writer(
     config: HistoryConfig,
     reports: ReportsConfig,
     metrics: Arc<crate::metrics::Metrics>,
+    outbox: Arc<OutboxPlan>,
 ) -> (History, HistoryWriter) {
     let (tx, rx) = mpsc::channel(config.queue.max(1));
     let stop = CancellationToken::new();
     let join = tokio::spawn(run(
         pool,
-        (config, reports),
+        (config, reports, outbox),
         rx,
         stop.clone(),
         metrics.clone(),
@@ -64,7 +66,7 @@ pub fn spawn_writer(
 
 async fn run(
     pool: SqlitePool,
-    (config, reports): (HistoryConfig, ReportsConfig),
+    (config, reports, outbox): (HistoryConfig, ReportsConfig, Arc<OutboxPlan>),
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
@@ -86,7 +88,7 @@ async fn run(
                 if n == 0 {
                     break;
                 }
-                write_batch(&pool, &reports, &mut batch, &metrics).await;
+                write_batch(&pool, (&reports, &outbox), &mut batch, &metrics).await;
             }
             _ = daily.tick() => {
                 if let Err(e) = prune(&pool, &config, epoch_ms_now()).await {
@@ -100,19 +102,19 @@ async fn run(
     let mut left = 0;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         left += batch.len();
-        write_batch(&pool, &reports, &mut batch, &metrics).await;
+        write_batch(&pool, (&reports, &outbox), &mut batch, &metrics).await;
     }
     debug!(written_at_stop = left, "history writer stopped");
 }
 
 async fn write_batch(
     pool: &SqlitePool,
-    reports: &ReportsConfig,
+    (reports, outbox): (&ReportsConfig, &OutboxPlan),
     batch: &mut Vec<Record>,
     metrics: &crate::metrics::Metrics,
 ) {
     for attempt in 1..=WRITE_ATTEMPTS {
-        match write(pool, reports, batch).await {
+        match write(pool, reports, outbox, batch).await {
             Ok(()) => {
                 batch.clear();
                 return;
@@ -135,10 +137,12 @@ async fn write_batch(
     batch.clear();
 }
 
-/// Write `records` in one transaction (and the rollup with them).
+/// Write `records` in one transaction (and the rollup with them, and `call.ended` for the
+/// webhooks that take it).
 pub(crate) async fn write(
     pool: &SqlitePool,
     reports: &ReportsConfig,
+    outbox: &OutboxPlan,
     records: &[Record],
 ) -> Result<(), HistoryError> {
     let mut tx = pool.begin().await?;
@@ -158,6 +162,9 @@ pub(crate) async fn write(
             Record::Call(c) => {
                 let id = insert_call(&mut tx, c).await?;
                 unrolled = Some(unrolled.map_or((id, id), |(first, _)| (first, id)));
+                if outbox.wants(crate::dispatch::outbox::Event::CallEnded) {
+                    outbox.call_ended(&mut tx, call_summary(c)).await?;
+                }
             }
             Record::Queue(q) => insert_queue_event(&mut tx, q).await?,
             Record::AgentState(s) => insert_agent_state(&mut tx, s).await?,
@@ -193,6 +200,27 @@ pub(crate) async fn write(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// A call as `call.ended` tells it: no caller number.
+fn call_summary(c: &CallRecord) -> serde_json::Value {
+    let ticket = match &c.outcome {
+        Outcome::Ticket { id, .. } => id.map(|i| i.to_string()),
+        _ => None,
+    };
+    serde_json::json!({
+        "call_id": c.call_id,
+        "started_ms": c.started_ms,
+        "answered_ms": c.answered_ms,
+        "ended_ms": c.ended_ms,
+        "language": c.language,
+        "menu_path": c.menu_path,
+        "outcome": c.outcome.as_str(),
+        "end_reason": c.end_reason,
+        "service_request_id": ticket,
+        "queue": c.queue.as_ref().map(|q| q.queue.clone()),
+        "agent": c.queue.as_ref().and_then(|q| q.agent.clone()),
+    })
 }
 
 /// Insert the call's row; its id.
@@ -442,9 +470,14 @@ mod tests {
             Record::Call(Box::new(call("mid", now - 100 * DAY_MS, Outcome::Info))),
             Record::Call(Box::new(call("new", now - DAY_MS, Outcome::Info))),
         ];
-        write(&pool, &ReportsConfig::default(), &records)
-            .await
-            .unwrap();
+        write(
+            &pool,
+            &ReportsConfig::default(),
+            &OutboxPlan::default(),
+            &records,
+        )
+        .await
+        .unwrap();
         let (deleted, hashed) = prune(&pool, &HistoryConfig::default(), now).await.unwrap();
         assert_eq!((deleted, hashed), (1, 1));
         let rows: Vec<(String, Option<String>)> =
@@ -482,6 +515,7 @@ mod tests {
         write(
             &pool,
             &ReportsConfig::default(),
+            &OutboxPlan::default(),
             &[Record::Call(Box::new(c))],
         )
         .await
@@ -489,6 +523,7 @@ mod tests {
         write(
             &pool,
             &ReportsConfig::default(),
+            &OutboxPlan::default(),
             &[Record::AgentState(AgentStateRecord {
                 agent: "1001".into(),
                 state: "wrap_up",
@@ -521,6 +556,7 @@ mod tests {
             config,
             ReportsConfig::default(),
             metrics.clone(),
+            Arc::default(),
         );
         // Hold the database's only connection so the writer cannot write meanwhile.
         let held = pool.acquire().await.unwrap();
