@@ -198,7 +198,8 @@ pub enum Alarm {
         waited_seconds: u64,
         threshold_seconds: u64,
     },
-    /// Callers wait and none of the queue's agents is ready.
+    /// Callers wait (no agent's phone ringing for them) and none of the queue's agents is
+    /// ready.
     NoAgentReady { queue: String, waiting: usize },
 }
 
@@ -234,10 +235,12 @@ pub fn alarms(queues: &[QueueBoard]) -> Vec<Alarm> {
                 });
             }
         }
-        if q.waiting > 0 && q.agents_ready == 0 {
+        // Callers an agent's phone rings for are being served.
+        let unserved = q.callers.iter().filter(|c| c.ringing.is_none()).count();
+        if unserved > 0 && q.agents_ready == 0 {
             out.push(Alarm::NoAgentReady {
                 queue: q.name.clone(),
-                waiting: q.waiting,
+                waiting: unserved,
             });
         }
         if q.max_wait_alarm_seconds > 0 {
@@ -784,6 +787,9 @@ mod tests {
                 threshold_seconds: 120
             }]
         );
+        let mut rung = queue(&[5], 0, None);
+        rung.callers[0].ringing = Some("1001".into());
+        assert_eq!(alarms(&[rung]), vec![]);
         let mut off = queue(&[500], 2, None);
         off.max_wait_alarm_seconds = 0;
         assert_eq!(alarms(&[off]), vec![]);
