@@ -315,7 +315,9 @@ pub enum QueueConfigError {
     #[error("queue {queue:?}: member {member:?} is not one of the agents")]
     UnknownMember { queue: String, member: String },
     /// `service_level_target` outside 0..=1 (a share, not a percentage).
-    #[error("queue {queue:?}: service_level_target {target} must be a share from 0 to 1 (0.8 for 80%)")]
+    #[error(
+        "queue {queue:?}: service_level_target {target} must be a share from 0 to 1 (0.8 for 80%)"
+    )]
     ServiceLevelTarget { queue: String, target: f64 },
     /// `members: []`: nobody could ever take the queue's callers.
     #[error("queue {queue:?}: members is empty (leave it out to let every agent take the queue)")]

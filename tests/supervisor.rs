@@ -180,9 +180,10 @@ fn queue<'a>(board: &'a Value, name: &str) -> &'a Value {
 }
 
 fn has_alarm(board: &Value, kind: &str) -> bool {
-    board["alarms"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|a| a["kind"] == kind && a["queue"] == "general"))
+    board["alarms"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|a| a["kind"] == kind && a["queue"] == "general")
+    })
 }
 
 #[tokio::test]
@@ -192,7 +193,9 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
     // The page itself is public (it shows the log-in); its API is not.
     let (status, head, _) = request(http, "GET", "/supervisor", &[], "").await;
     assert_eq!(status, 200);
-    assert!(head.to_ascii_lowercase().contains("content-security-policy"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-security-policy"));
     let (status, _, _) = request(http, "GET", "/supervisor/api/wallboard", &[], "").await;
     assert_eq!(status, 401);
     let (status, _, _) = request(
@@ -217,7 +220,10 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
         )
         .await;
     assert_eq!(status, 403, "{v}");
-    assert_eq!(op.post("/supervisor/api/calls/1/hangup", json!({})).await.0, 403);
+    assert_eq!(
+        op.post("/supervisor/api/calls/1/hangup", json!({})).await.0,
+        403
+    );
 
     // A supervisor's: the wallboard, and the login says the role.
     let sup = Session::login(http, "2001").await;
@@ -252,7 +258,10 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
     let (status, _) = sup
         .post_with(
             "/supervisor/api/agents/1001/state",
-            &[("X-CSRF-Token", "0".repeat(64).as_str()), ("Content-Type", "application/json")],
+            &[
+                ("X-CSRF-Token", "0".repeat(64).as_str()),
+                ("Content-Type", "application/json"),
+            ],
             body.clone(),
         )
         .await;
@@ -275,7 +284,10 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
         .await;
     assert_eq!(status, 400);
     let (status, _) = sup
-        .post("/supervisor/api/agents/9999/state", json!({"state": "ready"}))
+        .post(
+            "/supervisor/api/agents/9999/state",
+            json!({"state": "ready"}),
+        )
         .await;
     assert_eq!(status, 404);
     let (status, v) = sup.post("/supervisor/api/agents/1001/state", body).await;
@@ -343,7 +355,10 @@ async fn the_snapshot_shows_a_waiting_caller_and_no_agent_ready_and_a_forced_rea
 
     // Forced ready from the wallboard: the queue offers the waiting caller at once.
     let (status, v) = sup
-        .post("/supervisor/api/agents/1001/state", json!({"state": "ready"}))
+        .post(
+            "/supervisor/api/agents/1001/state",
+            json!({"state": "ready"}),
+        )
         .await;
     assert_eq!(status, 200, "{v}");
     let inv = phone.request("INVITE", Duration::from_secs(5)).await;
@@ -379,13 +394,18 @@ async fn a_call_hung_up_from_the_wallboard_ends_with_a_bye_to_the_caller() {
     .await;
     // Not a call id; a call that does not exist.
     assert_eq!(
-        sup.post("/supervisor/api/calls/abc/hangup", json!({})).await.0,
+        sup.post("/supervisor/api/calls/abc/hangup", json!({}))
+            .await
+            .0,
         400
     );
     assert_eq!(
-        sup.post(&format!("/supervisor/api/calls/{}/hangup", call + 1000), json!({}))
-            .await
-            .0,
+        sup.post(
+            &format!("/supervisor/api/calls/{}/hangup", call + 1000),
+            json!({})
+        )
+        .await
+        .0,
         404
     );
     let (status, v) = sup

@@ -148,9 +148,18 @@ async fn the_wallboard_shows_the_apis_numbers_and_raises_alarms_when_the_service
         Value::Null => String::new(),
         v => v.to_string(),
     };
-    assert_eq!(tile(&b, "t-offered").await, (want("offered"), want("offered")));
-    assert_eq!(tile(&b, "t-answered").await, (want("answered"), want("answered")));
-    assert_eq!(tile(&b, "t-abandoned").await, (want("abandoned"), want("abandoned")));
+    assert_eq!(
+        tile(&b, "t-offered").await,
+        (want("offered"), want("offered"))
+    );
+    assert_eq!(
+        tile(&b, "t-answered").await,
+        (want("answered"), want("answered"))
+    );
+    assert_eq!(
+        tile(&b, "t-abandoned").await,
+        (want("abandoned"), want("abandoned"))
+    );
     let (sl, sl_text) = tile(&b, "t-sl").await;
     assert_eq!(sl.parse::<f64>().ok(), total["service_level"].as_f64());
     assert_eq!(sl_text, pct(&total["service_level"]));
@@ -180,6 +189,7 @@ async fn the_wallboard_shows_the_apis_numbers_and_raises_alarms_when_the_service
         WITHIN,
     )
     .await;
+    b.resize(1500, 1400).await;
     let shot = b.screenshot("wallboard").await;
     keep_screenshot(&shot, "supervisor-wallboard.png");
 
@@ -238,7 +248,10 @@ async fn the_transparency_page_shows_the_open_data_numbers() {
     }
     let deadline = tokio::time::Instant::now() + WITHIN;
     while get_json(http, "/admin/reports/calls").await["total"]["calls"] != 5 {
-        assert!(tokio::time::Instant::now() < deadline, "calls not in the history");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls not in the history"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

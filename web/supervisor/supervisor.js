@@ -94,7 +94,7 @@
     document.querySelectorAll("[data-i18n]").forEach((e) => { e.textContent = t(e.dataset.i18n); });
     $("lang-en").setAttribute("aria-pressed", String(lang === "en"));
     $("lang-es").setAttribute("aria-pressed", String(lang === "es"));
-    if (window.board) render(window.board);
+    if (window.wallboard) render(window.wallboard);
   }
 
   async function api(method, path, body) {
@@ -265,7 +265,7 @@
   }
 
   function render(b) {
-    window.board = b;
+    window.wallboard = b;
     renderToday(b);
     renderAlarms(b);
     renderQueues(b);

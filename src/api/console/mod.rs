@@ -314,7 +314,10 @@ pub(crate) fn authenticate(s: &ApiState, req: &Request) -> Result<SessionAgent, 
             .unwrap_or("");
         if !crate::api::same_secret(given, &session.csrf) {
             warn!(agent = %session.agent, path = req.uri().path(), "console request without its CSRF token refused");
-            return Err(error(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token"));
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "missing or wrong X-CSRF-Token",
+            ));
         }
         if !is_json(req.headers()) {
             return Err(error(
