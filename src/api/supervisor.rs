@@ -388,7 +388,7 @@ pub fn router(state: ApiState) -> Router<ApiState> {
 async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
     let agent = match console::authenticate(&s, &req) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(why) => return why.into_response(),
     };
     if s.console.role(&agent.id) != Some(AgentRole::Supervisor) {
         warn!(agent = %agent.id, path = req.uri().path(), "an operator's session refused on the wallboard");
@@ -416,10 +416,29 @@ fn no_store(mut r: Response) -> Response {
     r
 }
 
-fn queues(s: &ApiState) -> Result<&QueueHandle, Response> {
-    s.queues
-        .as_ref()
-        .ok_or_else(|| console::error(StatusCode::NOT_FOUND, "no operators are configured"))
+/// Why a wallboard request was refused before its handler could act.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    /// The server has no agents, hence no queues (404).
+    #[error("no operators are configured")]
+    NoOperators,
+    /// A call id in the path that is not one (400).
+    #[error("{0:?} is not a call id of the wallboard")]
+    NotACallId(String),
+}
+
+impl IntoResponse for SupervisorError {
+    fn into_response(self) -> Response {
+        let code = match self {
+            SupervisorError::NoOperators => StatusCode::NOT_FOUND,
+            SupervisorError::NotACallId(_) => StatusCode::BAD_REQUEST,
+        };
+        console::error(code, self.to_string())
+    }
+}
+
+fn queues(s: &ApiState) -> Result<&QueueHandle, SupervisorError> {
+    s.queues.as_ref().ok_or(SupervisorError::NoOperators)
 }
 
 async fn session_info(
@@ -457,7 +476,7 @@ async fn logout(State(s): State<ApiState>, Extension(me): Extension<SessionAgent
 async fn wallboard(State(s): State<ApiState>) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     no_store(Json(board(&s, &q).await).into_response())
 }
@@ -504,7 +523,7 @@ impl Stream {
 async fn events(State(s): State<ApiState>, Extension(me): Extension<SessionAgent>) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if !s
         .console
@@ -592,7 +611,7 @@ async fn force_state(
 ) -> Response {
     let q = match queues(&s) {
         Ok(q) => q.clone(),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: SetState = match console::parse(&body) {
         Ok(b) => b,
@@ -635,13 +654,9 @@ async fn force_state(
     }
 }
 
-fn call_in_path(call: &str) -> Result<u64, Response> {
-    call.parse::<u64>().map_err(|_| {
-        console::error(
-            StatusCode::BAD_REQUEST,
-            format!("{call:?} is not a call id of the wallboard"),
-        )
-    })
+fn call_in_path(call: &str) -> Result<u64, SupervisorError> {
+    call.parse::<u64>()
+        .map_err(|_| SupervisorError::NotACallId(call.to_owned()))
 }
 
 async fn hangup(
@@ -651,7 +666,7 @@ async fn hangup(
 ) -> Response {
     let call = match call_in_path(&call) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if s.registry.hangup_id(call) {
         warn!(supervisor = %me.id, caller = call, "supervisor hung up a call");
@@ -678,7 +693,7 @@ async fn transfer(
 ) -> Response {
     let call = match call_in_path(&call) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let b: Transfer = match console::parse(&body) {
         Ok(b) => b,

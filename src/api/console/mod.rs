@@ -293,18 +293,43 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// Why a request was refused its session (see [`authenticate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AuthError {
+    /// No session cookie (401).
+    #[error("log in first")]
+    NoSession,
+    /// The cookie names no live session (401).
+    #[error("the session has ended; log in again")]
+    Ended,
+    /// A request that changes state without the session's CSRF token (403).
+    #[error("missing or wrong X-CSRF-Token")]
+    Csrf,
+    /// A request that changes state not declared JSON (415).
+    #[error("requests that change state need Content-Type: application/json")]
+    NotJson,
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let code = match self {
+            AuthError::NoSession | AuthError::Ended => StatusCode::UNAUTHORIZED,
+            AuthError::Csrf => StatusCode::FORBIDDEN,
+            AuthError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        };
+        error(code, self.to_string())
+    }
+}
+
 /// The live session a request carries and, for a request that changes state, its CSRF token
-/// and a JSON body: the session's agent and token, or the answer refusing it.
-pub(crate) fn authenticate(s: &ApiState, req: &Request) -> Result<SessionAgent, Response> {
-    let Some(token) = cookie(req.headers()) else {
-        return Err(error(StatusCode::UNAUTHORIZED, "log in first"));
-    };
-    let Some(session) = s.console.lock_sessions().touch(Instant::now(), &token) else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "the session has ended; log in again",
-        ));
-    };
+/// and a JSON body: the session's agent and token, or why not.
+pub(crate) fn authenticate(s: &ApiState, req: &Request) -> Result<SessionAgent, AuthError> {
+    let token = cookie(req.headers()).ok_or(AuthError::NoSession)?;
+    let session = s
+        .console
+        .lock_sessions()
+        .touch(Instant::now(), &token)
+        .ok_or(AuthError::Ended)?;
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
     if !reads {
         let given = req
@@ -314,16 +339,10 @@ pub(crate) fn authenticate(s: &ApiState, req: &Request) -> Result<SessionAgent, 
             .unwrap_or("");
         if !crate::api::same_secret(given, &session.csrf) {
             warn!(agent = %session.agent, path = req.uri().path(), "console request without its CSRF token refused");
-            return Err(error(
-                StatusCode::FORBIDDEN,
-                "missing or wrong X-CSRF-Token",
-            ));
+            return Err(AuthError::Csrf);
         }
         if !is_json(req.headers()) {
-            return Err(error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "requests that change state need Content-Type: application/json",
-            ));
+            return Err(AuthError::NotJson);
         }
     }
     Ok(SessionAgent {
@@ -340,7 +359,7 @@ async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Respo
             req.extensions_mut().insert(agent);
             next.run(req).await
         }
-        Err(r) => r,
+        Err(why) => why.into_response(),
     }
 }
 
