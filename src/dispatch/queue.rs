@@ -3986,7 +3986,6 @@ mod tests {
         let mut t = T::new(
             &[AgentConfig {
                 name: Some("Ana".into()),
-                role: Default::default(),
                 ..agent("1001", &["en", "es"], 1)
             }],
             &[queue("general", Strategy::RingAll)],
@@ -4005,7 +4004,7 @@ mod tests {
                 "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
                 "pause_reason": null, "seconds_left": null, "calls_taken": 0,
                 "idle_seconds": null, "skills": ["en", "es"], "tier": 1,
-                "registered": true, "signed_off": false
+                "registered": true, "signed_off": false, "state_seconds": null, "queue": null
             }])
         );
         let v = serde_json::to_value(t.d.figures()).unwrap();
