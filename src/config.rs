@@ -13,7 +13,7 @@
 //! [`crate::call::dialplan`]), re-exported here. `sip`, `media` and `menu`
 //! never import this module; it imports their types.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -137,6 +137,20 @@ pub struct AgentConfig {
     pub tier: u32,
     /// Display name for the admin view.
     pub name: Option<String>,
+    /// What the person may do with the console's log-in. Default `operator`.
+    pub role: AgentRole,
+}
+
+/// What an agent's log-in opens (`agents[].role`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentRole {
+    /// Takes calls: the console at `/console`.
+    #[default]
+    Operator,
+    /// Also watches and steers the centre: the wallboard at `/supervisor`, its actions on
+    /// every agent and call. A supervisor whose phone registers takes calls like an operator.
+    Supervisor,
 }
 
 /// [`AgentConfig`] as written in YAML.
@@ -154,6 +168,8 @@ struct AgentYaml {
     tier: u32,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    role: AgentRole,
 }
 
 impl TryFrom<AgentYaml> for AgentConfig {
@@ -189,6 +205,7 @@ impl TryFrom<AgentYaml> for AgentConfig {
             skills: a.skills,
             tier: a.tier,
             name: a.name,
+            role: a.role,
         })
     }
 }
@@ -267,6 +284,14 @@ pub struct QueueConfig {
     /// default): every agent. Skills still apply within the members.
     #[serde(deserialize_with = "agent_ids")]
     pub members: Option<Vec<String>>,
+    /// The share of callers to answer within the service-level time
+    /// (`reports.service_level_seconds`, or this queue's `reports.queue_service_level_seconds`),
+    /// from 0 to 1; the wallboard shows the service level against it and raises an alarm
+    /// when the last 15 minutes fall under it. Default 0.8.
+    pub service_level_target: f64,
+    /// A caller waiting this many seconds raises an alarm on the wallboard (0: never).
+    /// Default 120.
+    pub max_wait_alarm: u64,
 }
 
 /// Agent ids as YAML gives them: `"1001"` or `1001`.
@@ -289,11 +314,16 @@ fn agent_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String
 }
 
 /// Why a `queues` entry cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QueueConfigError {
     /// `members` names an id no agent has (a typo would leave the queue short of operators).
     #[error("queue {queue:?}: member {member:?} is not one of the agents")]
     UnknownMember { queue: String, member: String },
+    /// `service_level_target` outside 0..=1 (a share, not a percentage).
+    #[error(
+        "queue {queue:?}: service_level_target {target} must be a share from 0 to 1 (0.8 for 80%)"
+    )]
+    ServiceLevelTarget { queue: String, target: f64 },
     /// `members: []`: nobody could ever take the queue's callers.
     #[error("queue {queue:?}: members is empty (leave it out to let every agent take the queue)")]
     NoMembers { queue: String },
@@ -302,6 +332,12 @@ pub enum QueueConfigError {
 impl QueueConfig {
     /// Problems with this queue against the configured `agents`, for start-up.
     pub(crate) fn check(&self, agents: &[AgentConfig]) -> Result<(), QueueConfigError> {
+        if !(0.0..=1.0).contains(&self.service_level_target) {
+            return Err(QueueConfigError::ServiceLevelTarget {
+                queue: self.name.clone(),
+                target: self.service_level_target,
+            });
+        }
         let Some(members) = &self.members else {
             return Ok(());
         };
@@ -332,6 +368,8 @@ impl Default for QueueConfig {
             max_length: 50,
             announce_every_seconds: 60,
             members: None,
+            service_level_target: 0.8,
+            max_wait_alarm: 120,
         }
     }
 }

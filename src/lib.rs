@@ -38,7 +38,7 @@
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
 //! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
-//! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics`, SIP over WebSocket (`/sip`), the embedded JsSIP, the operator console (`/console`) |
+//! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics`, SIP over WebSocket (`/sip`), the embedded JsSIP, the operator console (`/console`), the supervisor's wallboard (`/supervisor`, `api::supervisor`) |
 //! | [`history`] | call history that lasts (calls, operators' states, queue events), written off the call's path; the reports' formulas |
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |

@@ -446,6 +446,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             &file.agents,
             cancel.clone(),
         )),
+        supervisor: Arc::new(api::supervisor::Wallboard::new(&file.queues)),
     });
     tracker.spawn(api::serve::run(
         listener,

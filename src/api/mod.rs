@@ -3,7 +3,8 @@
 //! `/metrics` ([`admin`]), SIP over WebSocket for browsers at `/sip` ([`sip_ws`]), the embedded
 //! JsSIP at `/console/assets/jssip.min.js` ([`vendor`]), reports from the call history
 //! ([`reports`], admin), the public transparency page and open data ([`dashboard`]), the
-//! operator console under `/console` ([`console`]); served by [`serve`] (header-read and idle
+//! operator console under `/console` ([`console`]), the supervisor's wallboard under
+//! `/supervisor` ([`supervisor`], on the console's sessions); served by [`serve`] (header-read and idle
 //! timeouts, a connection cap).
 //!
 //! Reads state through shared handles ([`crate::call::CallRegistry`], the ticket store, the menu
@@ -19,6 +20,7 @@ pub(crate) mod ratelimit;
 pub(crate) mod reports;
 pub(crate) mod serve;
 pub(crate) mod sip_ws;
+pub(crate) mod supervisor;
 pub(crate) mod vendor;
 
 use crate::call::{CallRegistry, MenuHolder};
@@ -61,6 +63,8 @@ pub(crate) struct ApiState {
     pub(crate) sip_ws: Option<sip_ws::SipWebSocket>,
     /// The operator console's sessions and settings.
     pub(crate) console: Arc<console::Console>,
+    /// The supervisor's wallboard: targets and the history figures it shows.
+    pub(crate) supervisor: Arc<supervisor::Wallboard>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -73,6 +77,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .merge(dashboard::router())
         .merge(admin::router(state.clone()))
         .merge(console::router(state.clone()))
+        .merge(supervisor::router(state.clone()))
         .with_state(state)
 }
 

@@ -78,6 +78,8 @@ pub(crate) enum Via {
     Admin,
     /// The operator's console (`POST /console/api/call/transfer`).
     Console,
+    /// A supervisor's wallboard (`POST /supervisor/api/calls/{call}/transfer`).
+    Supervisor,
 }
 
 impl Via {
@@ -87,6 +89,7 @@ impl Via {
             Via::PhoneCall => "phone_call",
             Via::Admin => "admin",
             Via::Console => "console",
+            Via::Supervisor => "supervisor",
         }
     }
 }

@@ -425,6 +425,23 @@ pub(crate) struct AgentView {
     pub(crate) registered: bool,
     /// Signed off at the console (logged out while the phone stays registered).
     pub(crate) signed_off: bool,
+    /// Seconds in the current state (`state` and `pause_reason`), as the history records
+    /// the spans; `None` before the first log-in.
+    pub(crate) state_seconds: Option<u64>,
+    /// The queue of the call the agent is on.
+    pub(crate) queue: Option<String>,
+}
+
+/// One caller waiting in a queue, for the wallboard. No personal data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct WaitingView {
+    pub(crate) caller: CallerId,
+    pub(crate) queue: String,
+    pub(crate) waited_seconds: u64,
+    /// A call-back keeping its place (parked, dialling, or answered and waiting).
+    pub(crate) callback: bool,
+    /// The agent whose phone rings for the caller.
+    pub(crate) ringing: Option<String>,
 }
 
 fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1498,7 +1515,42 @@ impl Dispatcher {
                     tier: a.tier,
                     registered: a.registered,
                     signed_off: a.signed_off,
+                    state_seconds: a
+                        .journaled
+                        .as_ref()
+                        .and_then(|(_, _, t)| since(*t))
+                        .map(|d| d.as_secs()),
+                    queue: a
+                        .call
+                        .as_ref()
+                        .and_then(|c| self.queues.get(c.queue))
+                        .map(|q| q.name.clone()),
                 }
+            })
+            .collect()
+    }
+
+    /// Every caller waiting, in the order they are served (call-backs keeping their place
+    /// included).
+    pub(crate) fn waiting_callers(&self) -> Vec<WaitingView> {
+        self.waiting
+            .iter()
+            .map(|w| WaitingView {
+                caller: w.caller,
+                queue: self
+                    .queues
+                    .get(w.queue)
+                    .map(|q| q.name.clone())
+                    .unwrap_or_default(),
+                waited_seconds: self
+                    .now
+                    .map_or(0, |n| n.saturating_duration_since(w.since).as_secs()),
+                callback: w.callback.is_some(),
+                ringing: self
+                    .agents
+                    .iter()
+                    .find(|a| a.ringing_for(w.caller))
+                    .map(|a| a.id.clone()),
             })
             .collect()
     }
@@ -2120,6 +2172,7 @@ enum Cmd {
     Unpause(String, oneshot::Sender<bool>),
     Figures(oneshot::Sender<Vec<QueueFigures>>),
     Agents(oneshot::Sender<Vec<AgentView>>),
+    Waiting(oneshot::Sender<Vec<WaitingView>>),
     Request(
         String,
         AgentRequest,
@@ -2312,6 +2365,13 @@ impl QueueHandle {
     pub(crate) async fn agents(&self) -> Vec<AgentView> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Agents(reply)).await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Every caller waiting ([`Dispatcher::waiting_callers`]).
+    pub(crate) async fn waiting(&self) -> Vec<WaitingView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Waiting(reply)).await;
         rx.await.unwrap_or_default()
     }
 
@@ -2586,6 +2646,10 @@ impl Driver {
             Cmd::Agents(reply) => {
                 self.settle();
                 let _ = reply.send(self.core.agents());
+            }
+            Cmd::Waiting(reply) => {
+                self.settle();
+                let _ = reply.send(self.core.waiting_callers());
             }
             Cmd::Request(agent, req, reply) => {
                 let _ = reply.send(d.agent_request(now, &agent, req));
@@ -2934,6 +2998,7 @@ mod tests {
             skills: skills.iter().map(|s| s.to_string()).collect(),
             tier,
             name: None,
+            role: Default::default(),
         }
     }
 
@@ -3944,7 +4009,7 @@ mod tests {
                 "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
                 "pause_reason": null, "seconds_left": null, "calls_taken": 0,
                 "idle_seconds": null, "skills": ["en", "es"], "tier": 1,
-                "registered": true, "signed_off": false
+                "registered": true, "signed_off": false, "state_seconds": null, "queue": null
             }])
         );
         let v = serde_json::to_value(t.d.figures()).unwrap();

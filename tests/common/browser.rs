@@ -373,6 +373,20 @@ impl Browser {
         }
     }
 
+    /// Resize the browser's window (for a screenshot of a whole page).
+    pub async fn resize(&self, width: u32, height: u32) {
+        if let Err(e) = self
+            .call(
+                "POST",
+                self.path("/window/rect"),
+                Some(json!({ "width": width, "height": height })),
+            )
+            .await
+        {
+            self.fail(&format!("cannot resize the window: {e}")).await;
+        }
+    }
+
     /// Save a PNG of the page as `<test>-<label>.png` under [`shots_dir`]; its path.
     pub async fn screenshot(&self, label: &str) -> PathBuf {
         let v = self

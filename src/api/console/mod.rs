@@ -121,6 +121,7 @@ impl Default for ConsoleConfig {
 struct Operator {
     name: Option<String>,
     secret: AgentSecret,
+    role: crate::config::AgentRole,
 }
 
 /// The console's shared state.
@@ -155,6 +156,7 @@ impl Console {
                     Operator {
                         name: a.name.clone(),
                         secret: a.password.clone(),
+                        role: a.role,
                     },
                 )
             })
@@ -174,7 +176,22 @@ impl Console {
         }
     }
 
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+    /// The role `agent` has in the config (`None`: no such agent).
+    pub(crate) fn role(&self, agent: &str) -> Option<crate::config::AgentRole> {
+        self.operators.get(agent).map(|o| o.role)
+    }
+
+    /// The not-ready reasons an operator (or a supervisor for them) may give.
+    pub(crate) fn not_ready_reasons(&self) -> &[String] {
+        &self.config.not_ready_reasons
+    }
+
+    /// Ends event streams at shutdown.
+    pub(crate) fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub(crate) fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -243,12 +260,15 @@ pub fn router(state: ApiState) -> Router<ApiState> {
 
 /// The session a request runs under (put there by `guard`).
 #[derive(Debug, Clone)]
-struct Agent {
-    id: String,
-    token: String,
+pub(crate) struct SessionAgent {
+    pub(crate) id: String,
+    /// The session's token (the cookie's value).
+    pub(crate) token: String,
 }
 
-fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+type Agent = SessionAgent;
+
+pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     let msg: String = msg.into();
     (code, Json(json!({ "error": msg }))).into_response()
 }
@@ -275,18 +295,43 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Runs before every route but the page and the log-in: a live session, and for a request
-/// that changes state, JSON and the session's CSRF token.
-async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let Some(token) = cookie(req.headers()) else {
-        return error(StatusCode::UNAUTHORIZED, "log in first");
-    };
-    let Some(session) = s.console.lock_sessions().touch(Instant::now(), &token) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "the session has ended; log in again",
-        );
-    };
+/// Why a request was refused its session (see [`authenticate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AuthError {
+    /// No session cookie (401).
+    #[error("log in first")]
+    NoSession,
+    /// The cookie names no live session (401).
+    #[error("the session has ended; log in again")]
+    Ended,
+    /// A request that changes state without the session's CSRF token (403).
+    #[error("missing or wrong X-CSRF-Token")]
+    Csrf,
+    /// A request that changes state not declared JSON (415).
+    #[error("requests that change state need Content-Type: application/json")]
+    NotJson,
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let code = match self {
+            AuthError::NoSession | AuthError::Ended => StatusCode::UNAUTHORIZED,
+            AuthError::Csrf => StatusCode::FORBIDDEN,
+            AuthError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        };
+        error(code, self.to_string())
+    }
+}
+
+/// The live session a request carries and, for a request that changes state, its CSRF token
+/// and a JSON body: the session's agent and token, or why not.
+pub(crate) fn authenticate(s: &ApiState, req: &Request) -> Result<SessionAgent, AuthError> {
+    let token = cookie(req.headers()).ok_or(AuthError::NoSession)?;
+    let session = s
+        .console
+        .lock_sessions()
+        .touch(Instant::now(), &token)
+        .ok_or(AuthError::Ended)?;
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
     if !reads {
         let given = req
@@ -296,23 +341,31 @@ async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Respo
             .unwrap_or("");
         if !crate::api::same_secret(given, &session.csrf) {
             warn!(agent = %session.agent, path = req.uri().path(), "console request without its CSRF token refused");
-            return error(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token");
+            return Err(AuthError::Csrf);
         }
         if !is_json(req.headers()) {
-            return error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "requests that change state need Content-Type: application/json",
-            );
+            return Err(AuthError::NotJson);
         }
     }
-    req.extensions_mut().insert(Agent {
+    Ok(SessionAgent {
         id: session.agent,
         token,
-    });
-    next.run(req).await
+    })
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+/// Runs before every route but the page and the log-in: a live session, and for a request
+/// that changes state, JSON and the session's CSRF token.
+async fn guard(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
+    match authenticate(&s, &req) {
+        Ok(agent) => {
+            req.extensions_mut().insert(agent);
+            next.run(req).await
+        }
+        Err(why) => why.into_response(),
+    }
+}
+
+pub(crate) fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),
@@ -325,7 +378,12 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn page() -> Response {
-    let mut r = asset("text/html; charset=utf-8", PAGE);
+    html_page(PAGE)
+}
+
+/// A page with the console's security headers (CSP: same origin only, no framing).
+pub(crate) fn html_page(body: &'static str) -> Response {
+    let mut r = asset("text/html; charset=utf-8", body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -379,7 +437,7 @@ impl IntoResponse for ConsoleError {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ConsoleError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ConsoleError> {
     Ok(serde_json::from_slice(body)?)
 }
 
@@ -390,7 +448,7 @@ struct Login {
     password: String,
 }
 
-fn set_cookie(console: &Console, value: &str, max_age: Option<u64>) -> HeaderValue {
+pub(crate) fn set_cookie(console: &Console, value: &str, max_age: Option<u64>) -> HeaderValue {
     let mut c = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict");
     if let Some(age) = max_age {
         c.push_str(&format!("; Max-Age={age}"));
@@ -446,9 +504,11 @@ async fn login(
         .operators
         .get(&l.agent)
         .and_then(|o| o.name.clone());
+    let role = s.console.role(&l.agent).unwrap_or_default();
     let mut r = Json(json!({
         "agent": l.agent,
         "name": name,
+        "role": role,
         "csrf_token": new.csrf,
     }))
     .into_response();
@@ -598,6 +658,7 @@ async fn session_info(State(s): State<ApiState>, Extension(agent): Extension<Age
     let mut r = Json(json!({
         "agent": agent.id,
         "name": name,
+        "role": s.console.role(&agent.id).unwrap_or_default(),
         "csrf_token": csrf,
         "state": snap["state"],
         "offer": snap["offer"],
@@ -635,7 +696,7 @@ impl Drop for Stream {
     }
 }
 
-fn event(name: &str, data: &impl Serialize) -> Event {
+pub(crate) fn event(name: &str, data: &impl Serialize) -> Event {
     Event::default()
         .event(name)
         .json_data(data)
@@ -753,7 +814,7 @@ struct SetState {
     reason: Option<String>,
 }
 
-fn refusal(why: RequestRefusal) -> Response {
+pub(crate) fn refusal(why: RequestRefusal) -> Response {
     let code = match why {
         RequestRefusal::UnknownAgent => StatusCode::NOT_FOUND,
         RequestRefusal::NotRegistered | RequestRefusal::NotInWrapUp => StatusCode::CONFLICT,
@@ -1192,6 +1253,7 @@ mod tests {
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         };
         Console::new(ConsoleConfig::default(), &[agent], CancellationToken::new())
     }
