@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::api::console::ConsoleConfig;
 pub use crate::call::dialplan::{TransferLine, TransfersConfig};
+pub use crate::call::monitor::MonitorConfig;
 pub use crate::logging::LogConfig;
 pub use crate::media::ports::{parse_port_range, PortRange};
 pub use crate::sip::registrar::RegistrarConfig;
@@ -83,6 +84,9 @@ pub struct FileConfig {
     pub history: crate::history::HistoryConfig,
     /// Report settings: service-level targets, short abandons (see [`crate::history::report`]).
     pub reports: crate::history::report::ReportsConfig,
+    /// The feature codes supervisors dial to listen, whisper or barge (see
+    /// [`crate::call::monitor`]).
+    pub monitor: MonitorConfig,
 }
 
 impl FileConfig {
@@ -132,6 +136,20 @@ pub struct AgentConfig {
     pub tier: u32,
     /// Display name for the admin view.
     pub name: Option<String>,
+    /// `operator` (default) or `supervisor` (may listen, whisper and barge on operators'
+    /// calls).
+    pub role: AgentRole,
+}
+
+/// What an agent may do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentRole {
+    /// Takes callers.
+    #[default]
+    Operator,
+    /// Also listens, whispers and barges on operators' calls.
+    Supervisor,
 }
 
 /// [`AgentConfig`] as written in YAML.
@@ -149,6 +167,8 @@ struct AgentYaml {
     tier: u32,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    role: AgentRole,
 }
 
 impl TryFrom<AgentYaml> for AgentConfig {
@@ -184,6 +204,7 @@ impl TryFrom<AgentYaml> for AgentConfig {
             skills: a.skills,
             tier: a.tier,
             name: a.name,
+            role: a.role,
         })
     }
 }

@@ -31,6 +31,7 @@ fn config(trunk: SocketAddr, attempts: u32) -> FileConfig {
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         queues: vec![QueueConfig {
             name: "general".into(),

@@ -121,6 +121,7 @@ impl Console {
             text: String::new(),
             at: 0,
             name: None,
+            role: Default::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ fn config(agents: &[&str], ring_timeout: u64) -> FileConfig {
                 skills: vec![],
                 tier: 1,
                 name: None,
+                role: Default::default(),
             })
             .collect(),
         queues: vec![QueueConfig {

@@ -24,6 +24,7 @@ fn agents() -> FileConfig {
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         ..FileConfig::default()
     }

@@ -115,6 +115,7 @@ fn agent(id: &str, password: &str) -> AgentConfig {
         skills: vec![],
         tier: 1,
         name: None,
+        role: Default::default(),
     }
 }
 

@@ -47,6 +47,7 @@ fn config(md5_only: bool) -> FileConfig {
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         queues: vec![QueueConfig {
             name: "general".into(),

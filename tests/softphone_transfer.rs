@@ -156,6 +156,7 @@ async fn baresip_operator_transfers_the_caller_to_911_with_its_transfer_command(
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         queues: vec![QueueConfig {
             name: "general".into(),
@@ -396,6 +397,7 @@ async fn linphone_operator_with_caller(
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         queues: vec![QueueConfig {
             name: "general".into(),
@@ -648,6 +650,7 @@ async fn sipp_operator_holds_consults_the_crisis_line_and_transfers_with_replace
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         }],
         queues: vec![QueueConfig {
             name: "general".into(),

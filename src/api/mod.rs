@@ -61,6 +61,8 @@ pub(crate) struct ApiState {
     pub(crate) sip_ws: Option<sip_ws::SipWebSocket>,
     /// The operator console's sessions and settings.
     pub(crate) console: Arc<console::Console>,
+    /// Supervisors joining operators' calls (listen, whisper, barge) at an API's request.
+    pub(crate) monitors: crate::call::monitor::Monitors,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {

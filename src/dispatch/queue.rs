@@ -2929,6 +2929,7 @@ mod tests {
             skills: skills.iter().map(|s| s.to_string()).collect(),
             tier,
             name: None,
+            role: Default::default(),
         }
     }
 

@@ -1034,6 +1034,7 @@ pub fn agents_config(agents: &[&str], ring_timeout: u64, no_answer_pause: u64) -
                 skills: vec![],
                 tier: 1,
                 name: None,
+                role: Default::default(),
             })
             .collect(),
         queues: vec![ivr311::config::QueueConfig {

@@ -1181,6 +1181,7 @@ mod tests {
             skills: vec![],
             tier: 1,
             name: None,
+            role: Default::default(),
         };
         Console::new(ConsoleConfig::default(), &[agent], CancellationToken::new())
     }
