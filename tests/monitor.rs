@@ -212,7 +212,11 @@ async fn invite(phone: &TestAgent, c: &mut Dialled, auth: Option<String>) {
         auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default(),
         len = sdp.len(),
     );
-    phone.sip.send_to(msg.as_bytes(), phone.server).await.unwrap();
+    phone
+        .sip
+        .send_to(msg.as_bytes(), phone.server)
+        .await
+        .unwrap();
 }
 
 async fn final_of(phone: &TestAgent, c: &Dialled) -> Response {
@@ -248,7 +252,11 @@ async fn ack(phone: &TestAgent, c: &Dialled, r: &Response) {
         cid = c.call_id,
         cseq = c.cseq.get(),
     );
-    phone.sip.send_to(msg.as_bytes(), phone.server).await.unwrap();
+    phone
+        .sip
+        .send_to(msg.as_bytes(), phone.server)
+        .await
+        .unwrap();
 }
 
 /// Hang up the supervisor's call (BYE), answered 200.
@@ -266,7 +274,11 @@ async fn hang_up(phone: &TestAgent, c: &Dialled) {
         cid = c.call_id,
         cseq = c.cseq.get(),
     );
-    phone.sip.send_to(msg.as_bytes(), phone.server).await.unwrap();
+    phone
+        .sip
+        .send_to(msg.as_bytes(), phone.server)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -324,7 +336,12 @@ const H: bool = true;
 const O: bool = false;
 
 /// The three parties' voices: caller, operator (answered `inv`), supervisor (call `c`).
-fn three<'a>(caller: &'a TestUa, op: &'a TestAgent, inv: &Request, c: &'a Dialled) -> Vec<Voice<'a>> {
+fn three<'a>(
+    caller: &'a TestUa,
+    op: &'a TestAgent,
+    inv: &Request,
+    c: &'a Dialled,
+) -> Vec<Voice<'a>> {
     vec![
         Voice::new(&caller.rtp, caller.remote_rtp.unwrap(), CALLER_HZ),
         Voice::new(&op.rtp, server_media(inv), OPERATOR_HZ),
@@ -350,15 +367,32 @@ async fn a_supervisor_listens_whispers_and_barges_and_each_party_hears_what_the_
     until_heard(&mut voices, &[[O, H, H], [H, O, H], [H, H, O]], "barge").await;
     // 4: back to listen on the same call.
     press(&mut voices[2], '4').await;
-    until_heard(&mut voices, &[[O, H, O], [H, O, O], [H, H, O]], "listen again").await;
+    until_heard(
+        &mut voices,
+        &[[O, H, O], [H, O, O], [H, H, O]],
+        "listen again",
+    )
+    .await;
     // The supervisor hangs up: caller and operator go on talking, and the supervisor's port
     // gets nothing more.
     hang_up(&sup, &c).await;
     voices.truncate(2);
-    until_heard(&mut voices, &[[O, H, O], [H, O, O]], "after the supervisor left").await;
+    until_heard(
+        &mut voices,
+        &[[O, H, O], [H, O, O]],
+        "after the supervisor left",
+    )
+    .await;
     drop(voices);
-    assert!(gets_nothing_more(&c.rtp).await, "no audio to a supervisor who left");
-    assert_eq!(admin_calls(srv.http_addr).await.len(), 1, "the call goes on");
+    assert!(
+        gets_nothing_more(&c.rtp).await,
+        "no audio to a supervisor who left"
+    );
+    assert_eq!(
+        admin_calls(srv.http_addr).await.len(),
+        1,
+        "the call goes on"
+    );
     caller.bye().await;
     srv.shutdown().await;
 }
@@ -369,7 +403,11 @@ async fn only_a_supervisor_may_monitor_and_only_an_agent_on_a_call() {
     let (mut caller, _op, _inv) = bridged(&srv).await;
     // An operator dialling the code: 403.
     let other = TestAgent::login(srv.sip_addr, "1002").await;
-    assert_eq!(dial(&other, "*511001").await.0, 403, "an operator may not listen");
+    assert_eq!(
+        dial(&other, "*511001").await.0,
+        403,
+        "an operator may not listen"
+    );
     let sup = TestAgent::login(srv.sip_addr, "1003").await;
     // An agent with no call: 480; no such agent: 404.
     assert_eq!(dial(&sup, "*521002").await.0, 480, "1002 is not on a call");
@@ -396,5 +434,40 @@ async fn a_supervisor_barging_in_gets_bye_when_the_caller_hangs_up() {
     caller.bye().await;
     until_bye(&sup, &c).await;
     until_no_calls(srv.http_addr).await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_has_the_server_call_the_supervisor_who_then_listens() {
+    let srv = start_server(config()).await;
+    let (mut caller, op, inv) = bridged(&srv).await;
+    let sup = TestAgent::login(srv.sip_addr, "1003").await;
+    let json = [("Content-Type", "application/json")];
+    let path = format!("/admin/calls/{}/monitor", caller.call_id);
+    // An operator is not a supervisor; a call that does not exist is 404.
+    let body = br#"{"mode": "listen", "supervisor": "1002"}"#;
+    assert_eq!(http(srv.http_addr, "POST", &path, &json, body).await.0, 403);
+    let body = br#"{"mode": "listen", "supervisor": "1003"}"#;
+    let nope = "/admin/calls/nope/monitor";
+    assert_eq!(http(srv.http_addr, "POST", nope, &json, body).await.0, 404);
+    let (status, text) = http(srv.http_addr, "POST", &path, &json, body).await;
+    assert_eq!(status, 202, "{text}");
+    // The supervisor's phone rings and answers.
+    let ring = sup.request("INVITE", Duration::from_secs(5)).await;
+    sup.reply(&ring, 200, "OK", Some(sup.answer_sdp())).await;
+    let mut voices = vec![
+        Voice::new(&caller.rtp, caller.remote_rtp.unwrap(), CALLER_HZ),
+        Voice::new(&op.rtp, server_media(&inv), OPERATOR_HZ),
+        Voice::new(&sup.rtp, server_media(&ring), SUPERVISOR_HZ),
+    ];
+    until_heard(
+        &mut voices,
+        &[[O, H, O], [H, O, O], [H, H, O]],
+        "listen (API)",
+    )
+    .await;
+    drop(voices);
+    caller.bye().await;
+    sup.request("BYE", Duration::from_secs(5)).await;
     srv.shutdown().await;
 }

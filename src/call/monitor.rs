@@ -112,7 +112,9 @@ impl TryFrom<MonitorYaml> for MonitorConfig {
         };
         let codes = [&c.listen, &c.whisper, &c.barge];
         for code in codes {
-            let keys = code.chars().all(|k| k.is_ascii_digit() || k == '*' || k == '#');
+            let keys = code
+                .chars()
+                .all(|k| k.is_ascii_digit() || k == '*' || k == '#');
             if code.is_empty() || code.len() > 8 || !keys {
                 return Err(MonitorConfigError::Code(code.clone()));
             }
@@ -262,9 +264,17 @@ pub(crate) async fn run_monitor(
     let scope = LatchScope::SdpOr(call.source.ip());
     let monitor = Monitor::new(port, (offer.addr, scope), neg, link.clone(), notes_tx);
     let call_id = ctx.registry.call_id(id).unwrap_or_default();
-    if let Err(r) = ctx.registry.monitor(id, MonitorRequest(Box::new(monitor))).await {
+    if let Err(r) = ctx
+        .registry
+        .monitor(id, MonitorRequest(Box::new(monitor)))
+        .await
+    {
         info!(%supervisor, %agent, code = r.0, reason = %r.1, "the call would not take a supervisor");
-        count(if r.0 == 486 { "monitored" } else { "not_on_call" });
+        count(if r.0 == 486 {
+            "monitored"
+        } else {
+            "not_on_call"
+        });
         return refuse(&call, r).await;
     }
     call.handle
@@ -444,9 +454,15 @@ impl Monitors {
             Ok(_) | Err((480, _)) => return Err((409, "the call is not with an operator".into())),
             Err(r) => return Err(r),
         }
-        let Some((contact, flow)) = ctx.agent_contacts.get(supervisor).map(|c| c.value().clone())
+        let Some((contact, flow)) = ctx
+            .agent_contacts
+            .get(supervisor)
+            .map(|c| c.value().clone())
         else {
-            return Err((409, format!("supervisor {supervisor}'s phone is not registered")));
+            return Err((
+                409,
+                format!("supervisor {supervisor}'s phone is not registered"),
+            ));
         };
         let Some(port) = ctx.ports.allocate() else {
             return Err((503, "no media port free".into()));
@@ -470,7 +486,14 @@ impl Monitors {
         info!(%supervisor, %agent, %call_id, mode = b.mode.as_str(), "calling a supervisor's phone to monitor a call");
         let call = ctx
             .outbound
-            .invite_via(&contact, flow, "monitor", Some("311 monitor"), headers, offer.clone())
+            .invite_via(
+                &contact,
+                flow,
+                "monitor",
+                Some("311 monitor"),
+                headers,
+                offer.clone(),
+            )
             .await;
         let who = Who {
             supervisor: supervisor.to_owned(),

@@ -302,7 +302,7 @@ mod tests {
         let mut m = Mixer::default();
         m.push(Caller, &[1000; FRAME]);
         m.push(Operator, &[-300; FRAME]);
-        m.push(Supervisor, &[30000; FRAME]);
+        m.push(Supervisor, &[32000; FRAME]);
         m.tick();
         let mut out = [0i16; FRAME];
         m.mix_for(MonitorMode::Listen, Supervisor, &mut out);
@@ -310,9 +310,9 @@ mod tests {
         m.mix_for(MonitorMode::Listen, Operator, &mut out);
         assert_eq!(out, [1000; FRAME]);
         m.mix_for(MonitorMode::Whisper, Operator, &mut out);
-        assert_eq!(out, [i16::MAX; FRAME], "1000 + 30000 clips");
+        assert_eq!(out, [i16::MAX; FRAME], "1000 + 32000 clips");
         m.mix_for(MonitorMode::Barge, Caller, &mut out);
-        assert_eq!(out, [29700; FRAME]);
+        assert_eq!(out, [31700; FRAME]);
 
         let mut a = [i16::MIN + 5, -10, 10, i16::MAX - 5];
         mix_into(&mut a, &[-100, -20, 20, 100]);
