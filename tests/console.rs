@@ -121,7 +121,6 @@ impl Console {
             text: String::new(),
             at: 0,
             name: None,
-            role: Default::default(),
         }
     }
 }

@@ -619,7 +619,7 @@ impl Driver {
         if slot.monitored() {
             return Err((486, "the call has a supervisor already".into()));
         }
-        slot.set_monitor(*m.0)
+        slot.set_monitor(m.0)
             .map_err(|_| (480, "the call is not with an operator".into()))
     }
 

@@ -180,7 +180,7 @@ pub(crate) struct SlotState {
     /// Bridged to another leg: the shard relays instead of playing.
     bridge: Option<Bridge>,
     /// A supervisor on the bridge ([`SlotState::set_monitor`]); ends with the bridge.
-    monitor: Option<Monitor>,
+    monitor: Option<Box<Monitor>>,
     /// Bumped by every [`SlotState::set_bridge`]; the shard compares it with `relay_epoch`.
     bridge_epoch: u64,
     /// The `bridge_epoch` the shard last acted on (written by the shard only).
@@ -507,7 +507,7 @@ impl SlotState {
 
     /// Put a supervisor on the bridge (listen, whisper, barge: [`crate::media::mix`]). Refused
     /// (given back) when the call is not bridged or already has a supervisor.
-    pub(crate) fn set_monitor(&mut self, m: Monitor) -> Result<(), Monitor> {
+    pub(crate) fn set_monitor(&mut self, m: Box<Monitor>) -> Result<(), Box<Monitor>> {
         if self.bridge.is_none() || self.monitor.as_ref().is_some_and(|m| !m.link.is_gone()) {
             return Err(m);
         }
