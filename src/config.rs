@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::api::console::ConsoleConfig;
 pub use crate::call::dialplan::{TransferLine, TransfersConfig};
+pub use crate::call::monitor::MonitorConfig;
 pub use crate::logging::LogConfig;
 pub use crate::media::ports::{parse_port_range, PortRange};
 pub use crate::sip::registrar::RegistrarConfig;
@@ -88,6 +89,9 @@ pub struct FileConfig {
     pub forward: crate::forward::ForwardConfig,
     /// Signed JSON webhooks, delivered through the outbox (see [`crate::forward`]).
     pub webhooks: Vec<crate::forward::WebhookConfig>,
+    /// The feature codes supervisors dial to listen, whisper or barge (see
+    /// [`crate::call::monitor`]).
+    pub monitor: MonitorConfig,
 }
 
 impl FileConfig {
@@ -149,7 +153,9 @@ pub enum AgentRole {
     #[default]
     Operator,
     /// Also watches and steers the centre: the wallboard at `/supervisor`, its actions on
-    /// every agent and call. A supervisor whose phone registers takes calls like an operator.
+    /// every agent and call, and listening, whispering and barging on operators' calls
+    /// ([`crate::call::monitor`]). A supervisor whose phone registers takes calls like an
+    /// operator.
     Supervisor,
 }
 

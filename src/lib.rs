@@ -27,6 +27,7 @@
 //! | [`media::clock`] | the media clock: threads that pace every call's RTP on a 20 ms grid |
 //! | [`media::ports`] | the RTP port pool (plain sockets, not registered with the reactor) |
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
+//! | [`media::mix`] | mixing a monitored bridge's three parties (listen, whisper, barge), sans-IO |
 //! | [`media::webrtc`] | a browser leg, sans-IO: ICE-lite, DTLS-SRTP and SRTP (webrtc-rs `rtc-dtls`, `rtc-srtp`, `rtc-stun`), driven by the media clock |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |

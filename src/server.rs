@@ -388,7 +388,12 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
                 .max(1),
         ),
         history: history.clone(),
+        monitoring: Arc::new(crate::call::monitor::Monitoring::new(
+            file.monitor.clone(),
+            &file.agents,
+        )),
     };
+    let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
     tracker.spawn(call::accept_calls(
         app_rx,
         ctx,
@@ -429,6 +434,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         ),
         recordings: file.storage.recordings_dir.clone(),
         reports: Arc::new(file.reports.clone()),
+        monitors,
         open_data: Arc::default(),
         open311_posts: Arc::new(std::sync::Mutex::new(api::ratelimit::KeyLimiter::new(
             file.open311.api_keys.len(),

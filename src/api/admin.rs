@@ -21,6 +21,7 @@
 //! | GET | `/admin/calls` | live calls: caller, language, current menu or state, seconds in call |
 //! | POST | `/admin/calls/{call_id}/hangup` | hang a call up (BYE) |
 //! | POST | `/admin/calls/{call_id}/transfer` | transfer the caller away from their operator, JSON `{"to": "911" \| "<transfers name or number>" \| "agent:<id>" \| "queue:<name>"}`: 202 with `{"transfer_id": n}`; 404 no such call or target, 403 a number the plan forbids, 409 not with an operator or a transfer in progress |
+//! | POST | `/admin/calls/{call_id}/monitor` | a supervisor listens, whispers or barges, JSON `{"mode": "listen" \| "whisper" \| "barge", "supervisor": "<agent id>"}`: the server calls the supervisor's registered phone and joins it when answered; 202, or 404 no such call, 403 not a supervisor, 409 not with an operator or the supervisor's phone not registered ([`crate::call::monitor`]) |
 //! | GET | `/admin/transfers/{id}` | a transfer's progress: `state` (`calling`, `ringing`, `calling 911`, then `connected` or `failed: ...` and where the caller went), `caller_state`, `done` |
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
 //! | GET | `/admin/requests/{id}` | one ticket with every field (personal ones too), and `external_id`, the CRM's number for it once forwarded |
@@ -57,6 +58,7 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/admin/calls", get(calls))
         .route("/admin/calls/{call_id}/hangup", post(hangup))
         .route("/admin/calls/{call_id}/transfer", post(transfer))
+        .route("/admin/calls/{call_id}/monitor", post(monitor))
         .route("/admin/transfers/{id}", get(transfer_progress))
         .route("/admin/menu/reload", post(reload))
         .route(
@@ -287,6 +289,31 @@ async fn transfer(
                     1,
                 );
             }
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT);
+            (status, Json(json!({"error": why}))).into_response()
+        }
+    }
+}
+
+async fn monitor(
+    State(s): State<ApiState>,
+    Path(call_id): Path<String>,
+    body: Result<Json<crate::call::monitor::MonitorBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "expected JSON {\"mode\": \"listen\" | \"whisper\" | \"barge\", \"supervisor\": \"<agent id>\"}"})),
+        )
+            .into_response();
+    };
+    match s.monitors.start(&call_id, &body).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"state": "calling the supervisor"})),
+        )
+            .into_response(),
+        Err((code, why)) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT);
             (status, Json(json!({"error": why}))).into_response()
         }

@@ -65,6 +65,8 @@ pub(crate) struct ApiState {
     pub(crate) console: Arc<console::Console>,
     /// The supervisor's wallboard: targets and the history figures it shows.
     pub(crate) supervisor: Arc<supervisor::Wallboard>,
+    /// Supervisors joining operators' calls (listen, whisper, barge) at an API's request.
+    pub(crate) monitors: crate::call::monitor::Monitors,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {

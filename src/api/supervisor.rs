@@ -95,7 +95,7 @@ impl Wallboard {
     pub fn new(queues: &[QueueConfig]) -> Self {
         Wallboard {
             queues: queues.iter().map(|q| (q.name.clone(), q.clone())).collect(),
-            monitoring: false,
+            monitoring: true,
             history: tokio::sync::Mutex::new(None),
         }
     }
@@ -374,6 +374,7 @@ pub fn router(state: ApiState) -> Router<ApiState> {
         .route("/supervisor/api/agents/{id}/state", post(force_state))
         .route("/supervisor/api/calls/{call}/hangup", post(hangup))
         .route("/supervisor/api/calls/{call}/transfer", post(transfer))
+        .route("/supervisor/api/calls/{call}/monitor", post(monitor))
         .route("/supervisor/api/transfers/{id}", get(transfer_progress))
         .route_layer(middleware::from_fn_with_state(state, guard));
     Router::new()
@@ -712,6 +713,53 @@ async fn transfer(
             (
                 StatusCode::ACCEPTED,
                 Json(json!({ "transfer_id": id, "progress": format!("/supervisor/api/transfers/{id}") })),
+            )
+                .into_response()
+        }
+        Err((code, why)) => console::error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT),
+            why,
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Monitor {
+    mode: crate::media::mix::MonitorMode,
+}
+
+/// Listen, whisper or barge on an operator's call: the server calls the supervisor's own
+/// registered phone (a desk phone, or a browser registered over `/sip`) and joins it to the
+/// call when it answers ([`crate::call::monitor`]). The session's agent is the supervisor:
+/// nobody can have another person's phone called in.
+async fn monitor(
+    State(s): State<ApiState>,
+    Extension(me): Extension<SessionAgent>,
+    Path(call): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let call = match call_in_path(&call) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let b: Monitor = match console::parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let Some(call_id) = s.registry.call_id(call) else {
+        return console::error(StatusCode::NOT_FOUND, "no live call with this id");
+    };
+    let request = crate::call::monitor::MonitorBody {
+        mode: b.mode,
+        supervisor: me.id.clone(),
+    };
+    match s.monitors.start(&call_id, &request).await {
+        Ok(()) => {
+            info!(supervisor = %me.id, caller = call, mode = ?b.mode, "supervisor joins a call");
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "status": "calling your phone" })),
             )
                 .into_response()
         }

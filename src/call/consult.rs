@@ -756,6 +756,10 @@ pub(crate) async fn run_consult(
             1,
         )
     };
+    if let Some((mode, target)) = ctx.monitoring.codes.parse(&dialled) {
+        let target = target.to_owned();
+        return super::monitor::run_monitor(call, agent, (mode, target), ctx, cancel).await;
+    }
     let dest = match ctx.dialplan.route(&dialled, Some(&agent)) {
         Ok(Destination::Queue(q)) => {
             if let Some((held, _, _)) = ctx.registry.caller_of(&agent) {

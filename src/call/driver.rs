@@ -143,6 +143,8 @@ pub(crate) struct CallContext {
     pub(crate) agent_ring: Duration,
     /// Where each call's row goes when it ends (never blocks).
     pub(crate) history: crate::history::History,
+    /// Supervisors and the feature codes they dial to listen, whisper or barge.
+    pub(crate) monitoring: Arc<super::monitor::Monitoring>,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -548,6 +550,9 @@ pub(crate) async fn run_call(
                         let _ = reply.send(Err((409, "the call is ending".into())));
                     }
                 }
+                CallCommand::Monitor { monitor, reply } => {
+                    let _ = reply.send(d.monitor(monitor));
+                }
                 CallCommand::QueueByPhone { agent, queue, reply } => {
                     // Answered by the core's `QueueByPhoneAnswer` when the transfer ends
                     // (the queue's answer comes within this turn); dropped, the phone's
@@ -608,6 +613,16 @@ struct Driver {
 }
 
 impl Driver {
+    /// Put a supervisor on the caller's bridge, if there is one and it has no supervisor.
+    fn monitor(&mut self, m: super::registry::MonitorRequest) -> Result<(), (u16, String)> {
+        let mut slot = self.media.lock();
+        if slot.monitored() {
+            return Err((486, "the call has a supervisor already".into()));
+        }
+        slot.set_monitor(m.0)
+            .map_err(|_| (480, "the call is not with an operator".into()))
+    }
+
     /// Results of work the history keeps (a ticket's number, the 911 audit row's id).
     fn note_result(&mut self, input: &Input) {
         match input {

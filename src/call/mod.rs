@@ -20,6 +20,7 @@
 //! | `transfer` | a transfer's state machine (REFER, admin, or a consultation's target): claim an agent, ring a line or agent, or 911 through `emergency`; NOTIFY progress; connected or failed | where the caller goes after a failure (the core decides) |
 //! | `dialplan` | the operators' dial plan as a pure function, the `transfers:` config and its checks | calls |
 //! | `consult` | an operator's own call from their phone (a consultation, 911 for the caller they hold): routed by the dial plan, its target rung by a `transfer`, handed to the held caller's call on an attended transfer | the held caller's call (it asks through the registry) |
+//! | `monitor` | a supervisor's call to listen, whisper or barge on an operator's call (feature codes, `monitor:` config, the audit); the mixing itself is the media clock's ([`crate::media::mix`]) | the caller's call (it asks through the registry) |
 //! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
 //! | `facts` | what a call did, noted by the driver as it happens, and the call's row in the call history ([`crate::history`]) | decisions, the clock |
 //! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
@@ -53,6 +54,7 @@ mod emergency;
 mod facts;
 mod leg;
 mod menu_holder;
+pub mod monitor;
 mod operator_leg;
 mod registry;
 mod setup;

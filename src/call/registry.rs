@@ -46,6 +46,21 @@ pub(crate) enum CallCommand {
         queue: String,
         reply: oneshot::Sender<Result<(), (u16, String)>>,
     },
+    /// A supervisor joins the caller's bridge ([`super::monitor`]): `Ok` once the media clock
+    /// mixes them in, or why not.
+    Monitor {
+        monitor: MonitorRequest,
+        reply: oneshot::Sender<Result<(), (u16, String)>>,
+    },
+}
+
+/// A supervisor's leg, on its way to the caller's media slot.
+pub(crate) struct MonitorRequest(pub(crate) Box<crate::media::clock::Monitor>);
+
+impl std::fmt::Debug for MonitorRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MonitorRequest")
+    }
 }
 
 /// What a caller's call asks of an operator's consultation ([`super::consult`]).
@@ -193,6 +208,19 @@ impl CallRegistry {
                 c.state = state.to_owned();
             }
         }
+    }
+
+    /// The registry id of the live call with this Call-ID.
+    pub(crate) fn id_of(&self, call_id: &str) -> Option<u64> {
+        self.calls
+            .iter()
+            .find(|c| c.value().call_id == call_id)
+            .map(|c| *c.key())
+    }
+
+    /// The agent live call `id`'s caller talks to (or is held by).
+    pub(crate) fn operator_on(&self, id: u64) -> Option<String> {
+        self.operators.get(&id).map(|o| o.value().0.agent.clone())
     }
 
     /// The token that hangs call `id` up ([`CallRegistry::hangup`]).
@@ -349,6 +377,30 @@ impl CallRegistry {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(gone()),
             Err(_) => Err((503, "the caller's call did not answer in time".to_owned())),
+        }
+    }
+
+    /// Put a supervisor on live call `id`'s bridge: `Ok` once it is mixed in, or why not (the
+    /// SIP status and why).
+    pub(crate) async fn monitor(
+        &self,
+        id: u64,
+        monitor: MonitorRequest,
+    ) -> Result<(), (u16, String)> {
+        let gone = || (480, "the call has ended".to_owned());
+        let tx = self
+            .commands
+            .get(&id)
+            .map(|t| t.value().clone())
+            .ok_or_else(gone)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CallCommand::Monitor { monitor, reply })
+            .await
+            .map_err(|_| gone())?;
+        match tokio::time::timeout(COMMAND_WITHIN, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err((503, "the call did not answer in time".to_owned())),
         }
     }
 

@@ -87,9 +87,11 @@
 //! (at most one packet time after the call ends). The threads stop when the clock is dropped.
 
 use crate::media::bridge::{relay, Relay, Restamp};
+use crate::media::dtmf::DtmfDetector;
+use crate::media::mix::{Mixer, MonitorMode, Party, FRAME};
 use crate::media::ports::RtpPort;
 use crate::media::record::{RecordState, VoiceMeter};
-use crate::media::rtp::{self, Latch, LatchDecision, LatchScope};
+use crate::media::rtp::{self, Latch, LatchDecision, LatchScope, RtpStream};
 use crate::media::sdp::Negotiated;
 use crate::media::session::{MediaEvent, MediaSession, MAX_PACKET};
 use crate::media::webrtc::{Datagram, WebRtcEvent, WebRtcLeg};
@@ -97,7 +99,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
@@ -177,6 +179,8 @@ pub(crate) struct SlotState {
     tap: Option<Tap>,
     /// Bridged to another leg: the shard relays instead of playing.
     bridge: Option<Bridge>,
+    /// A supervisor on the bridge ([`SlotState::set_monitor`]); ends with the bridge.
+    monitor: Option<Box<Monitor>>,
     /// Bumped by every [`SlotState::set_bridge`]; the shard compares it with `relay_epoch`.
     bridge_epoch: u64,
     /// The `bridge_epoch` the shard last acted on (written by the shard only).
@@ -348,6 +352,124 @@ impl Bridge {
     }
 }
 
+/// What a supervisor's call and the shard share about a monitor: its mode (switched by the
+/// supervisor's keys on the shard, or by the supervisor's call) and whether the supervisor
+/// left.
+#[derive(Debug)]
+pub(crate) struct MonitorLink {
+    mode: AtomicU8,
+    gone: AtomicBool,
+}
+
+impl MonitorLink {
+    pub(crate) fn new(mode: MonitorMode) -> Arc<MonitorLink> {
+        Arc::new(MonitorLink {
+            mode: AtomicU8::new(mode.to_u8()),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn mode(&self) -> MonitorMode {
+        MonitorMode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    /// Switch the mode; the shard mixes in it from its next packet time.
+    pub(crate) fn set_mode(&self, mode: MonitorMode) {
+        self.mode.store(mode.to_u8(), Ordering::Release);
+    }
+
+    /// The supervisor left: the shard takes the monitor off the bridge at its next tick.
+    pub(crate) fn leave(&self) {
+        self.gone.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+}
+
+/// What the shard tells a supervisor's call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MonitorNote {
+    /// A key on the supervisor's phone (4, 5 and 6 have already switched the mode).
+    Key(char),
+}
+
+/// A supervisor's leg on a bridged call, as the shard mixes it ([`crate::media::mix`]): the
+/// supervisor's port, where its phone is, what it negotiated, our stream to it, its keys,
+/// and the mixer. The supervisor's packets are read at each tick; what it hears is sent at
+/// each tick. Dropped with the bridge or the call, which closes `notes`: the supervisor's
+/// call then ends.
+pub(crate) struct Monitor {
+    port: RtpPort,
+    latch: Latch,
+    neg: Negotiated,
+    out: RtpStream,
+    dtmf: DtmfDetector,
+    mixer: Mixer,
+    link: Arc<MonitorLink>,
+    notes: mpsc::Sender<MonitorNote>,
+    /// The mixed streams to the operator and to the caller: each bridge direction's
+    /// [`Restamp`] continues them under the stream the phone already knows.
+    to_leg: RtpStream,
+    to_caller: RtpStream,
+}
+
+impl Monitor {
+    /// A supervisor's phone at `remote` (taking its media from the sources `scope` admits),
+    /// which negotiated `neg` with us on `port`.
+    pub(crate) fn new(
+        port: RtpPort,
+        (remote, scope): (SocketAddr, LatchScope),
+        neg: Negotiated,
+        link: Arc<MonitorLink>,
+        notes: mpsc::Sender<MonitorNote>,
+    ) -> Monitor {
+        Monitor {
+            port,
+            latch: Latch::new(remote, scope),
+            neg,
+            out: RtpStream::new(),
+            dtmf: DtmfDetector::new(),
+            mixer: Mixer::default(),
+            link,
+            notes,
+            to_leg: RtpStream::new(),
+            to_caller: RtpStream::new(),
+        }
+    }
+
+    /// Queue `talker`'s audio from a packet received on a leg that negotiated `neg` (anything
+    /// but audio of its codec is ignored).
+    fn hear(&mut self, talker: Party, packet: &[u8], neg: &Negotiated) {
+        if let Ok(p) = rtp::parse(packet) {
+            if p.payload_type == neg.payload_type {
+                self.mixer.push_g711(talker, neg.codec, p.payload);
+            }
+        }
+    }
+
+    /// Whether `listener` hears the mixer now (else the bridge's relay).
+    fn mixes_for(&self, listener: Party) -> bool {
+        self.link.mode().mixed_for(listener)
+    }
+
+    /// A mixed packet for `listener`, encoded as `neg` asks, written with `stream` into
+    /// `out`; its length.
+    fn packet_for(
+        mixer: &Mixer,
+        mode: MonitorMode,
+        listener: Party,
+        neg: &Negotiated,
+        stream: &mut RtpStream,
+        out: &mut [u8],
+    ) -> usize {
+        let mut payload = [0u8; FRAME];
+        mixer.encode_for(mode, listener, neg.codec, &mut payload);
+        stream.write(neg.payload_type, &payload, FRAME as u32, out)
+    }
+}
+
 /// What a bridge asks of its shard at one packet time ([`Bridge::tick`]).
 struct BridgeTick {
     /// Play the call's player to the caller (the leg is silent and we fill in), after moving
@@ -375,8 +497,27 @@ impl SlotState {
     /// Bridge the caller to another leg (`Some`: the shard relays both ways from its next
     /// tick and stops playing), or end the bridge (`None`: prompts play again).
     pub(crate) fn set_bridge(&mut self, bridge: Option<Bridge>) {
+        if bridge.is_none() {
+            // Nothing left to monitor: dropping the monitor tells the supervisor's call.
+            self.monitor = None;
+        }
         self.bridge = bridge;
         self.bridge_epoch += 1;
+    }
+
+    /// Put a supervisor on the bridge (listen, whisper, barge: [`crate::media::mix`]). Refused
+    /// (given back) when the call is not bridged or already has a supervisor.
+    pub(crate) fn set_monitor(&mut self, m: Box<Monitor>) -> Result<(), Box<Monitor>> {
+        if self.bridge.is_none() || self.monitor.as_ref().is_some_and(|m| !m.link.is_gone()) {
+            return Err(m);
+        }
+        self.monitor = Some(m);
+        Ok(())
+    }
+
+    /// Whether a supervisor is on the bridge.
+    pub(crate) fn monitored(&self) -> bool {
+        self.monitor.as_ref().is_some_and(|m| !m.link.is_gone())
     }
 
     /// The leg's silence was looked into (the phone still answers over SIP): watch it afresh
@@ -436,6 +577,7 @@ impl Slot {
                 media,
                 tap: None,
                 bridge: None,
+                monitor: None,
                 bridge_epoch: 0,
                 relay_epoch: 0,
                 connected: None,
@@ -1147,6 +1289,7 @@ impl Slot {
                 b.connect_leg();
             }
             self.webrtc_timers(st, now);
+            self.monitor_tick(st, now, io);
             if let Some(t) = st.bridge.as_mut().map(|b| b.tick(now, missed)) {
                 if t.report_silent {
                     self.note(MediaNote::LegSilent);
@@ -1338,6 +1481,13 @@ impl Slot {
                     if st.media.on_rtp(now, from, &buf[..len]).is_err() {
                         continue;
                     }
+                    // A supervisor hears the caller; the operator hears the caller through the
+                    // mixer when it also hears the supervisor (keys still pass through).
+                    let mut mixed = false;
+                    if let Some(m) = &mut st.monitor {
+                        m.hear(Party::Caller, &buf[..len], &caller_neg);
+                        mixed = m.mixes_for(Party::Operator);
+                    }
                     let Some(b) = &mut st.bridge else { return };
                     // A leg that holds the call (we answered it recvonly or inactive) is sent
                     // nothing (RFC 3264 §6.1).
@@ -1346,6 +1496,9 @@ impl Slot {
                     }
                     if let Relay::Forward { len, event } = relay(buf, len, &caller_neg, &b.leg_neg)
                     {
+                        if mixed && !event {
+                            continue;
+                        }
                         if let Some(w) = &b.webrtc {
                             let mut w = lock_webrtc(w);
                             w.to_leg.apply(&mut buf[..len], event);
@@ -1387,9 +1540,17 @@ impl Slot {
                         None => continue,
                     };
                     b.leg_alive = Some(now);
+                    let mut mixed = false;
+                    if let Some(m) = &mut st.monitor {
+                        m.hear(Party::Operator, &buf[..len], &b.leg_neg);
+                        mixed = m.mixes_for(Party::Caller);
+                    }
                     if let Relay::Forward { len, event } = relay(buf, len, &b.leg_neg, &caller_neg)
                     {
                         b.leg_heard = Some(now);
+                        if mixed && !event {
+                            continue;
+                        }
                         // Nor is a caller who holds the call.
                         if !caller_neg.direction.sends() || !confirmed {
                             continue;
@@ -1408,6 +1569,110 @@ impl Slot {
             if n < BATCH {
                 return;
             }
+        }
+    }
+
+    /// One packet time of a supervisor on the bridge ([`Monitor`]): read what its phone sent
+    /// (audio, keys: 4, 5 and 6 switch the mode), take a frame of every talker, and send each
+    /// party that hears two others its mix: the supervisor always, the operator in whisper and
+    /// barge, the caller in barge.
+    fn monitor_tick(self: &Arc<Self>, st: &mut SlotState, now: Instant, io: &mut Batch) {
+        if st.monitor.as_ref().is_some_and(|m| m.link.is_gone()) {
+            st.monitor = None;
+            self.span
+                .in_scope(|| debug!("the supervisor left the bridge"));
+        }
+        let caller_neg = st.media.negotiated();
+        let caller_remote = st.media.remote();
+        let caller_connected = st.connected == Some(caller_remote);
+        let confirmed = st.media.is_confirmed();
+        let (Some(m), Some(b)) = (&mut st.monitor, &mut st.bridge) else {
+            return;
+        };
+        loop {
+            let n = match io.recv(&m.port.socket) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.span
+                        .in_scope(|| debug!(error = %e, "RTP receive failed (supervisor)"));
+                    break;
+                }
+            };
+            for i in 0..n {
+                let (buf, from) = io.packet(i);
+                let Ok(p) = rtp::parse(buf) else { continue };
+                if m.latch.on_packet(from) == LatchDecision::Foreign {
+                    continue;
+                }
+                if p.payload_type == m.neg.payload_type {
+                    m.mixer.push_g711(Party::Supervisor, m.neg.codec, p.payload);
+                } else if Some(p.payload_type) == m.neg.telephone_event {
+                    if let Ok(Some(key)) = m.dtmf.on_packet(now, p.timestamp, p.payload) {
+                        if let Some(mode) = MonitorMode::from_key(key) {
+                            m.link.set_mode(mode);
+                        }
+                        let _ = m.notes.try_send(MonitorNote::Key(key));
+                    }
+                }
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        m.mixer.tick();
+        let mode = m.link.mode();
+        let mut out = [0u8; rtp::HEADER_LEN + FRAME];
+        if m.neg.direction.sends() {
+            let n = Monitor::packet_for(
+                &m.mixer,
+                mode,
+                Party::Supervisor,
+                &m.neg,
+                &mut m.out,
+                &mut out,
+            );
+            let _ = m.port.socket.send_to(&out[..n], m.latch.remote());
+        }
+        if mode.mixed_for(Party::Operator) && b.leg_neg.direction.sends() {
+            let n = Monitor::packet_for(
+                &m.mixer,
+                mode,
+                Party::Operator,
+                &b.leg_neg,
+                &mut m.to_leg,
+                &mut out,
+            );
+            if let Some(w) = &b.webrtc {
+                let mut w = lock_webrtc(w);
+                w.to_leg.apply(&mut out[..n], false);
+                if let Some((srtp, to)) = w.leg.protect(&out[..n]) {
+                    let _ = b.leg.socket.send_to(&srtp, to);
+                }
+            } else {
+                b.to_leg.apply(&mut out[..n], false);
+                let to = b.leg_latch.remote();
+                let _ = if b.leg_connected == Some(to) {
+                    b.leg.socket.send(&out[..n])
+                } else {
+                    b.leg.socket.send_to(&out[..n], to)
+                };
+            }
+        }
+        if mode.mixed_for(Party::Caller) && caller_neg.direction.sends() && confirmed {
+            let n = Monitor::packet_for(
+                &m.mixer,
+                mode,
+                Party::Caller,
+                &caller_neg,
+                &mut m.to_caller,
+                &mut out,
+            );
+            b.to_caller.apply(&mut out[..n], false);
+            let _ = if caller_connected {
+                self.port.socket.send(&out[..n])
+            } else {
+                self.port.socket.send_to(&out[..n], caller_remote)
+            };
         }
     }
 

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod dtmf;
 pub mod g711;
 pub mod inband;
+pub mod mix;
 pub mod ports;
 pub mod prompt;
 pub(crate) mod record;

@@ -853,6 +853,18 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _, body) = http_head(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// [`http`], with the response's head (status line and headers) too.
+pub async fn http_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -882,7 +894,65 @@ pub async fn http(
     {
         body = dechunk(&body);
     }
-    (status, body)
+    (status, head, body)
+}
+
+/// A console or wallboard log-in (`POST /console/login`, password `pw<id>`): its cookie and
+/// CSRF token, sent with every request as the page does.
+pub struct ConsoleSession {
+    pub http: SocketAddr,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl ConsoleSession {
+    pub async fn login(http: SocketAddr, agent: &str) -> ConsoleSession {
+        let body = serde_json::json!({"agent": agent, "password": format!("pw{agent}")});
+        let (status, head, body) = http_head(
+            http,
+            "POST",
+            "/console/login",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{head}\n{body}");
+        let cookie = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+            .and_then(|l| l.split_once(':'))
+            .and_then(|(_, v)| v.trim().split(';').next())
+            .expect("a session cookie")
+            .to_owned();
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        ConsoleSession {
+            http,
+            cookie,
+            csrf: body["csrf_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = http(self.http, "GET", path, &[("Cookie", &self.cookie)], b"").await;
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let headers = [
+            ("Cookie", self.cookie.as_str()),
+            ("X-CSRF-Token", self.csrf.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        let (status, body) = http(
+            self.http,
+            "POST",
+            path,
+            &headers,
+            body.to_string().as_bytes(),
+        )
+        .await;
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    }
 }
 
 fn dechunk(s: &str) -> String {
