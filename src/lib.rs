@@ -31,6 +31,7 @@
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
+//! | [`menu::schedule`] | opening hours: `schedules:` compiled in the city's time zone, and the wall clock calls read them by |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |

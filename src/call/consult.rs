@@ -1434,6 +1434,7 @@ mod tests {
             uri: "sip:988@192.0.2.30".into(),
             headers: Default::default(),
             ring_timeout_seconds: 20,
+            crisis: true,
         })
     }
 

@@ -14,6 +14,7 @@ use ivr311::media::g711::Codec;
 use ivr311::media::prompt::PromptStore;
 use ivr311::media::rtp::{self, RtpStream};
 use ivr311::media::sdp;
+use ivr311::menu::schedule::WallClock;
 use ivr311::server::{self, RunningServer};
 use ivr311::sip::message::{parse_datagram, Message, Request, Response};
 use std::collections::HashMap;
@@ -65,6 +66,11 @@ pub async fn start_server(file: FileConfig) -> RunningServer {
 
 /// Start the real server with these flags (loopback, port 0).
 pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServer {
+    start_server_at(args, file, WallClock::system()).await
+}
+
+/// Start the real server with its schedules read by `clock` (e.g. a Monday at 20:00).
+pub async fn start_server_at(args: ServeArgs, file: FileConfig, clock: WallClock) -> RunningServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -78,7 +84,9 @@ pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServ
         file.storage.recordings_dir =
             std::env::temp_dir().join(format!("ivr311-rec-{}", rand::random::<u64>()));
     }
-    server::start(&args, file).await.expect("server starts")
+    server::start_with_clock(&args, file, clock)
+        .await
+        .expect("server starts")
 }
 
 /// The shipped prompts, loaded once per test binary.
