@@ -2889,7 +2889,8 @@ mod tests {
                 caller: identity.number().to_owned(),
                 identity,
                 dialled: "311".into(),
-                answered_at: jiff::Timestamp::UNIX_EPOCH,
+                // A Monday at 10:00 in New York: the shipped menu's call centre is open.
+                answered_at: "2026-12-07T15:00:00Z".parse().unwrap(),
             };
             let media = CallerMedia {
                 local: "192.0.2.1:20000".parse().unwrap(),

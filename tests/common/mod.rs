@@ -64,9 +64,16 @@ pub async fn start_server(file: FileConfig) -> RunningServer {
     start_server_with(serve_args(), file).await
 }
 
-/// Start the real server with these flags (loopback, port 0).
+/// Start the real server with these flags (loopback, port 0). Its clock reads a Monday at
+/// 10:00 in New York, whenever the tests run, so that the shipped menu's call centre is open
+/// (its operator key reaches the queue); [`start_server_at`] sets another time.
 pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServer {
-    start_server_at(args, file, WallClock::system()).await
+    start_server_at(args, file, in_hours()).await
+}
+
+/// A clock that reads Monday 2026-12-07 10:00 in New York as a test starts, and runs on.
+pub fn in_hours() -> WallClock {
+    WallClock::starting_at("2026-12-07T15:00:00Z".parse().unwrap())
 }
 
 /// Start the real server with its schedules read by `clock` (e.g. a Monday at 20:00).
