@@ -68,9 +68,10 @@ voice_for() {
 }
 
 # Spoken-form fixes applied only to what espeak-ng reads, so prompts.yaml stays
-# readable: 311/911 are said digit by digit, ZIP as a word.
+# readable: 311/911/988 are said digit by digit, ZIP as a word.
 tts_text() {
-    sed -E -e 's/\b311\b/3 1 1/g' -e 's/\b911\b/9 1 1/g' -e 's/\bZIP\b/zip/g' <<<"$1"
+    sed -E -e 's/\b311\b/3 1 1/g' -e 's/\b911\b/9 1 1/g' -e 's/\b988\b/9 8 8/g' \
+        -e 's/\bZIP\b/zip/g' <<<"$1"
 }
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/render-prompts.XXXXXX")"

@@ -32,6 +32,7 @@
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
+//! | [`menu::schedule`] | opening hours: `schedules:` compiled in the city's time zone, and the wall clock calls read them by |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
 //! | [`dispatch::outbox`] | the durable outbox (what the CRM and webhooks are owed), written in each change's transaction |
 //! | [`forward`] | delivering the outbox: the city's Open311 CRM (`forward:`) and signed webhooks (`webhooks:`), retries, the CRM's status polled back |

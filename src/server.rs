@@ -12,6 +12,7 @@ use crate::dispatch::queue::{spawn_dispatcher_with_history, Dispatcher, QueueHan
 use crate::dispatch::tickets::{StoreError, TicketStore};
 use crate::media::clock::MediaClock;
 use crate::media::ports::PortPool;
+use crate::menu::schedule::WallClock;
 use crate::menu::validate::{self, LoadedMenu, MenuError, PromptIndex};
 use crate::sip::registrar::AgentEvent;
 use crate::sip::resolve::{DnsError, Resolver};
@@ -153,6 +154,16 @@ const GOODBYE_TIME: Duration = Duration::from_secs(10);
 
 /// Load prompts, bind sockets and start every task.
 pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, StartError> {
+    start_with_clock(args, file, WallClock::system()).await
+}
+
+/// [`start`], with the civil clock the menu's schedules are read by (tests set it to the hour
+/// they need; `ivr311 serve` always uses the system's).
+pub async fn start_with_clock(
+    args: &ServeArgs,
+    file: FileConfig,
+    wall_clock: WallClock,
+) -> Result<RunningServer, StartError> {
     file.emergency.check().map_err(StartError::Config)?;
     let hash_problems = file.agent_hash_problems();
     if !hash_problems.is_empty() {
@@ -182,6 +193,18 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         languages = ?menu.prompts.languages(),
         "menu and prompts loaded"
     );
+    {
+        let plan = crate::call::dialplan::DialPlan::new(&file.transfers, &[], &[]);
+        for to in menu.file.transfer_targets() {
+            if plan.crisis_line(to).is_none() {
+                warn!(
+                    line = to,
+                    "the menu transfers callers to \"{to}\", which is not a `transfers` entry \
+                     with `crisis: true`: they will hear its announcement instead"
+                );
+            }
+        }
+    }
     let tickets = TicketStore::open(&args.db)
         .await?
         .with_outbox(file.forward.plan(&file.webhooks));
@@ -392,6 +415,7 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             file.monitor.clone(),
             &file.agents,
         )),
+        wall_clock,
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
     tracker.spawn(call::accept_calls(

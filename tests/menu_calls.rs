@@ -1396,3 +1396,174 @@ async fn key_to_911_request_bridge_at_once_refer_after_a_short_notice() {
         println!("{l}");
     }
 }
+
+/// The shipped menu's server with its schedules read at `wall` (e.g. "2026-12-08T01:00:00Z").
+async fn shipped_menu_at(wall: &str) -> ivr311::server::RunningServer {
+    let clock = ivr311::menu::schedule::WallClock::starting_at(wall.parse().unwrap());
+    start_server_at(serve_args(), FileConfig::default(), clock).await
+}
+
+/// Monday 2026-12-07 at 20:00 in New York, after the call centre closed at 19:00: the
+/// operator key gives the hours and a message to be called back instead of a queue nobody
+/// staffs; the message becomes a `call_back` ticket with the caller's number.
+#[tokio::test]
+async fn after_hours_the_operator_key_gives_the_hours_and_takes_a_message() {
+    let srv = shipped_menu_at("2026-12-08T01:00:00Z").await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.until_audio().await;
+    // English, not an emergency, the operator.
+    ua.keys("110").await;
+    let heard = ua
+        .listen_for("en", "after_hours", Duration::from_secs(15))
+        .await;
+    let ear = PromptEar::new("en", &["after_hours", "operator_unavailable"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&heard),
+        vec!["after_hours".to_owned()],
+        "the hours, not the queue"
+    );
+    // A message to be called back: no ZIP, straight to the recording.
+    ua.keys("1").await;
+    until_recording(&mut ua, &srv).await;
+    ua.speak(50).await;
+    ua.press('#').await;
+    let filed = until(
+        "the call_back ticket",
+        Duration::from_secs(15),
+        async || {
+            let all = srv.tickets.list(&Default::default()).await.unwrap();
+            (!all.is_empty()).then_some(all)
+        },
+    )
+    .await;
+    assert_eq!(filed.len(), 1);
+    let t = &filed[0];
+    assert_eq!(t.service_code, "call_back");
+    assert_eq!(t.phone.as_deref(), Some("+15550001111"));
+    assert!(t.recording.is_some(), "the message was recorded");
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+/// The same Monday at 10:00 (and the hour after the spring DST change, when 10:00 EDT is
+/// 14:00Z): the operator key goes to the queue (none is configured here, so the caller is
+/// offered a general request, as any caller asking for an operator is).
+#[tokio::test]
+async fn in_hours_the_operator_key_goes_to_the_queue() {
+    for wall in ["2026-12-07T15:00:00Z", "2027-03-15T14:00:00Z"] {
+        let srv = shipped_menu_at(wall).await;
+        let mut ua = TestUa::udp(srv.sip_addr).await;
+        assert_eq!(ua.call("0 101").await.code, 200);
+        ua.until_audio().await;
+        ua.keys("110").await;
+        let heard = ua
+            .listen_for("en", "offer_general_ticket", Duration::from_secs(15))
+            .await;
+        let ear = PromptEar::new("en", &["after_hours", "offer_general_ticket"], Codec::Pcmu);
+        assert_eq!(
+            ear.playbacks(&heard),
+            vec!["offer_general_ticket".to_owned()],
+            "{wall}"
+        );
+        ua.bye().await;
+        srv.shutdown().await;
+    }
+}
+
+/// Christmas Day 2026, a Friday, at noon: a holiday, so closed.
+#[tokio::test]
+async fn on_a_holiday_the_operator_key_gives_the_hours() {
+    let srv = shipped_menu_at("2026-12-25T17:00:00Z").await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.until_audio().await;
+    ua.keys("110").await;
+    let heard = ua
+        .listen_for("en", "after_hours", Duration::from_secs(15))
+        .await;
+    let ear = PromptEar::new("en", &["after_hours"], Codec::Pcmu);
+    assert!(ear.frames_heard(&heard) >= 10);
+    ua.bye().await;
+    srv.shutdown().await;
+}
+
+/// The 988 lifeline from the screening menu (key 8): bridged like 911 to the `transfers`
+/// entry marked `crisis: true`, the audit row written first and naming the destination.
+#[tokio::test]
+async fn the_988_lifeline_is_reached_from_screening_and_audited() {
+    let trunk = Trunk::new().await;
+    // 911 goes to the same trunk: the request URI tells them apart.
+    let mut file = bridge_911_to(&format!("sip:911@{}", trunk.sip.local_addr().unwrap()));
+    file.transfers = ivr311::config::TransfersConfig(vec![ivr311::config::TransferLine {
+        name: "lifeline".into(),
+        number: "988".into(),
+        uri: format!("sip:988@{}", trunk.sip.local_addr().unwrap()),
+        headers: Default::default(),
+        ring_timeout_seconds: 20,
+        crisis: true,
+    }]);
+    let srv = start_server(file).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.until_audio().await;
+    // English, then 8 at the screening menu.
+    ua.keys("18").await;
+    let (msg, from) = trunk
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE to the lifeline");
+    let ivr311::sip::message::Message::Request(inv) = msg else {
+        panic!("not a request")
+    };
+    assert_eq!(inv.method.as_str(), "INVITE");
+    assert!(inv.uri.starts_with("sip:988@"), "{}", inv.uri);
+    // The audit row is there before the line answers, naming it.
+    let started = srv.tickets.emergency_audits(10).await.unwrap();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].destination.as_deref(), Some("lifeline"));
+    assert!(
+        started[0].menu_path.ends_with("screening:8"),
+        "{}",
+        started[0].menu_path
+    );
+    // It answers and talks: the caller hears it, and the audit says connected.
+    psap_answers_and_is_heard(&trunk, &inv, from, &mut ua, &srv).await;
+    let audits = settled_audits(&srv.tickets).await;
+    assert_eq!(audits.len(), 1, "one row: no 911 redirect besides");
+    assert_eq!(audits[0].destination.as_deref(), Some("lifeline"));
+    srv.shutdown().await;
+}
+
+/// Key 8 with no lifeline configured: the caller is told to dial 988 (audited, announced).
+#[tokio::test]
+async fn the_lifeline_key_with_no_line_configured_tells_the_caller_to_dial_988() {
+    let srv = start_server(FileConfig::default()).await;
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.until_audio().await;
+    ua.keys("18").await;
+    let heard = ua
+        .listen_for("en", "lifeline_unreachable", Duration::from_secs(15))
+        .await;
+    let ear = PromptEar::new(
+        "en",
+        &[
+            "connecting_transfer",
+            "lifeline_unreachable",
+            "emergency_announce",
+        ],
+        Codec::Pcmu,
+    );
+    let got = ear.playbacks(&heard);
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("connecting_transfer"),
+        "{got:?}"
+    );
+    assert!(got.contains(&"lifeline_unreachable".to_owned()), "{got:?}");
+    let audits = settled_audits(&srv.tickets).await;
+    assert_eq!(audits[0].destination.as_deref(), Some("lifeline"));
+    assert_eq!(audits[0].method, "announce");
+    srv.shutdown().await;
+}

@@ -127,7 +127,9 @@ fn every_fixture_has_a_test() {
         "bad_defaults_keys",
         "bad_key",
         "bad_limits",
+        "bad_schedules",
         "bypass_screening",
+        "crisis_on_timeout",
         "dangling_goto",
         "duplicate_field",
         "duplicate_key",
@@ -158,6 +160,44 @@ fn every_fixture_has_a_test() {
         .collect();
     found.sort();
     assert_eq!(found, known);
+}
+
+#[test]
+fn bad_schedules_and_when() {
+    expect(
+        "bad_schedules",
+        &[
+            (7, 16, "unknown time zone \"America/New_Yrok\""),
+            (13, 18, "sat 12:00-14:00 overlaps the hours of \"sat\""),
+            (14, 7, "\"tues\" is not a day"),
+            (
+                15,
+                12,
+                "02:30 does not exist on 2027-03-14 in America/Chicago",
+            ),
+            (16, 34, "\"12/26/2026\" is not a date"),
+            (17, 32, "\"9:00-12:00\" is not a range of hours"),
+            (33, 75, "on_timeout must not be emergency"),
+            (36, 77, "no menu named \"after\""),
+            (
+                42,
+                30,
+                "no schedule named \"night\" (schedules: centre, weekend)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn crisis_line_on_timeout_or_exhausted() {
+    expect(
+        "crisis_on_timeout",
+        &[
+            (17, 48, "prompt \"no_such_prompt\" is missing"),
+            (21, 17, "on_timeout must not transfer"),
+            (22, 19, "on_exhausted must not transfer"),
+        ],
+    );
 }
 
 #[test]

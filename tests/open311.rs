@@ -478,6 +478,7 @@ async fn services_list_every_ticket_of_the_menu_with_its_group_and_the_general_s
         "abandoned_vehicle",
         "blocked_driveway",
         "bulky_item",
+        "call_back",
         "dead_animal",
         "fallen_tree",
         "graffiti",

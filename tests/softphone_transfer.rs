@@ -413,6 +413,7 @@ async fn linphone_operator_with_caller(
         uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
         headers: Default::default(),
         ring_timeout_seconds: 20,
+        crisis: true,
     }]);
     let srv = start_server(file).await;
     let mut phone = Linphonec::start(
@@ -672,6 +673,7 @@ async fn sipp_operator_holds_consults_the_crisis_line_and_transfers_with_replace
         uri: format!("sip:988@{}", line.sip.local_addr().unwrap()),
         headers: Default::default(),
         ring_timeout_seconds: 20,
+        crisis: true,
     }]);
     let srv = start_server(file).await;
 

@@ -32,6 +32,7 @@ fn line(name: &str, number: &str, target: SocketAddr, ring: u64) -> TransferLine
         uri: format!("sip:{number}@{target}"),
         headers: [("X-Language".to_owned(), "{language}".to_owned())].into(),
         ring_timeout_seconds: ring,
+        crisis: false,
     }
 }
 

@@ -326,6 +326,11 @@ fn key_path(
             };
             let mut next = keys.clone();
             next.push(k);
+            // A `when` is followed by its open branch: load is run in opening hours.
+            let mut action = action;
+            while let MenuAction::When(w) = action {
+                action = &w.open;
+            }
             if want(action) {
                 return Some((next, action));
             }

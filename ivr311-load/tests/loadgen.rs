@@ -90,7 +90,10 @@ impl Server {
         );
         let file = FileConfig::parse(Path::new("loadgen-test.yaml"), &yaml)
             .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let srv = ivr311::server::start(&flags.args, file)
+        // A Monday at 10:00 in New York: the shipped menu's call centre is open.
+        let open =
+            ivr311::menu::schedule::WallClock::starting_at("2026-12-07T15:00:00Z".parse().unwrap());
+        let srv = ivr311::server::start_with_clock(&flags.args, file, open)
             .await
             .expect("server starts");
         Server { srv, dir }

@@ -485,21 +485,28 @@ pub(crate) struct Service {
     pub(crate) group: String,
 }
 
-/// One service per distinct ticket action (by code, first one wins) in menu order (menus by
-/// id, entries by key, then `on_timeout`, `on_exhausted`), then the defaults'
+/// One service per distinct ticket action (by code, first one wins; both branches of a
+/// `when`) in menu order (menus by id, entries by key, then `on_timeout`, `on_exhausted`),
+/// then the defaults'
 /// `on_exhausted`, then the general service if the menu does not define it.
 pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
-    let mut out: Vec<Service> = Vec::new();
-    let mut push = |action: &Action, group: Option<&String>| {
-        if let Action::Ticket(t) = action {
-            if !out.iter().any(|s| s.action.service == t.service) {
+    /// A ticket action, or the tickets of both branches of a `when` (open first).
+    fn push(out: &mut Vec<Service>, action: &Action, group: Option<&String>) {
+        match action {
+            Action::Ticket(t) if !out.iter().any(|s| s.action.service == t.service) => {
                 out.push(Service {
                     action: (**t).clone(),
                     group: group.cloned().unwrap_or_default(),
                 });
             }
+            Action::When(w) => {
+                push(out, &w.open, group);
+                push(out, &w.closed, group);
+            }
+            _ => {}
         }
-    };
+    }
+    let mut out: Vec<Service> = Vec::new();
     for menu in file.menus.values() {
         let group = menu.category.as_ref();
         for action in menu
@@ -508,10 +515,10 @@ pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
             .chain(menu.on_timeout.iter())
             .chain(menu.on_exhausted.iter())
         {
-            push(action, group);
+            push(&mut out, action, group);
         }
     }
-    push(&file.defaults.on_exhausted, None);
+    push(&mut out, &file.defaults.on_exhausted, None);
     if !out.iter().any(|s| s.action.service == GENERAL_SERVICE) {
         out.push(Service {
             action: TicketAction {

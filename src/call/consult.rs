@@ -1438,6 +1438,7 @@ mod tests {
             uri: "sip:988@192.0.2.30".into(),
             headers: Default::default(),
             ring_timeout_seconds: 20,
+            crisis: true,
         })
     }
 

@@ -558,7 +558,11 @@ impl CallCore {
         caller_id: CallerId,
         media: CallerMedia,
     ) -> CallCore {
-        let engine = Engine::new(menu.file.clone(), menu.main.clone());
+        let engine = Engine::new(menu.file.clone(), menu.main.clone()).with_calendar(
+            menu.schedules.clone(),
+            now,
+            meta.answered_at,
+        );
         let mut timers = Timers::default();
         timers.set(
             Timer::MaxCall,
@@ -1216,6 +1220,14 @@ impl CallCore {
                 self.outcome = Some("emergency");
                 self.start_emergency(reason, menu_path)
             }
+            Output::Transfer {
+                to,
+                announce,
+                menu_path,
+            } => {
+                self.outcome = Some("transfer");
+                self.start_line_redirect(to, announce, menu_path)
+            }
             Output::Queue {
                 queue,
                 skill,
@@ -1284,8 +1296,44 @@ impl CallCore {
     // ---- 911 --------------------------------------------------------------------------
 
     fn start_emergency(&mut self, reason: Option<String>, menu_path: String) {
-        self.timers.set(Timer::Menu, None);
-        let caller = Caller {
+        let caller = self.redirected_caller();
+        let e = Emergency::start(&self.config.emergency, caller, reason, menu_path);
+        self.begin_redirect(e);
+    }
+
+    /// A menu's `transfer` to the crisis line `to`: the 911 redirect's machine with the
+    /// line's URI as its route (refer or bridge as `emergency.method` says, then the
+    /// announcement). A name that is not a `transfers` entry marked `crisis: true` goes
+    /// straight to the announcement (audited as such).
+    fn start_line_redirect(&mut self, to: String, announce: Option<String>, menu_path: String) {
+        let caller = self.redirected_caller();
+        let base = &self.config.emergency;
+        let config = match self.config.dialplan.crisis_line(&to) {
+            Some(line) => EmergencyConfig {
+                method: base.method,
+                uri: Some(line.uri.clone()),
+                backup_uris: Vec::new(),
+                announce_repeats: base.announce_repeats,
+                timeout_seconds: line.ring_timeout_seconds,
+            },
+            None => {
+                warn!(line = %to, "the menu transfers to a line that is not a crisis entry of `transfers`; announcing");
+                EmergencyConfig {
+                    announce_repeats: base.announce_repeats,
+                    ..EmergencyConfig::default()
+                }
+            }
+        };
+        let line = emergency::LineRedirect {
+            name: to,
+            announce: announce.unwrap_or_else(|| "transfer_unreachable".into()),
+        };
+        let e = Emergency::to_line(&config, caller, line, menu_path);
+        self.begin_redirect(e);
+    }
+
+    fn redirected_caller(&self) -> Caller {
+        Caller {
             call_id: self.meta.call_id.clone(),
             number: self.meta.caller.clone(),
             asserted: self.meta.identity.asserted().map(str::to_owned),
@@ -1293,8 +1341,11 @@ impl CallCore {
             language: self.engine.language().to_owned(),
             codec: self.media.neg.codec,
             local_ip: self.media.local.ip(),
-        };
-        let e = Emergency::start(&self.config.emergency, caller, reason, menu_path);
+        }
+    }
+
+    fn begin_redirect(&mut self, e: Emergency) {
+        self.timers.set(Timer::Menu, None);
         self.phase = Phase::Emergency(Box::new(e));
         // What was recorded is kept (the file), but nothing more is.
         if self.recording == Recording::On {
@@ -1328,10 +1379,16 @@ impl CallCore {
         {
             match out {
                 emergency::Out::Play(sound) => {
-                    let p = match sound {
-                        Sound::Notice => self.prompts(&["connecting_911"]),
-                        Sound::Announcement => self.prompts(&["emergency_announce"]),
-                        Sound::Ringback => vec![ringback()],
+                    let line = match &self.phase {
+                        Phase::Emergency(e) => e.line().map(|l| l.announce.clone()),
+                        _ => None,
+                    };
+                    let p = match (sound, line) {
+                        (Sound::Notice, None) => self.prompts(&["connecting_911"]),
+                        (Sound::Notice, Some(_)) => self.prompts(&["connecting_transfer"]),
+                        (Sound::Announcement, None) => self.prompts(&["emergency_announce"]),
+                        (Sound::Announcement, Some(a)) => self.prompts(&[a.as_str()]),
+                        (Sound::Ringback, _) => vec![ringback()],
                     };
                     self.play(p);
                 }
@@ -1342,9 +1399,13 @@ impl CallCore {
                 emergency::Out::AuditOutcome { id, outcome } => {
                     self.actions.push_back(Action::AuditOutcome { id, outcome })
                 }
-                emergency::Out::Counted { method, outcome } => self
-                    .actions
-                    .push_back(Action::CountEmergency { method, outcome }),
+                emergency::Out::Counted { method, outcome } => {
+                    // `ivr311_emergency_redirects_total` counts 911 only.
+                    if !matches!(&self.phase, Phase::Emergency(e) if e.line().is_some()) {
+                        self.actions
+                            .push_back(Action::CountEmergency { method, outcome })
+                    }
+                }
                 emergency::Out::Refer { headers } => {
                     let req = self.next_req;
                     self.next_req += 1;
@@ -2696,12 +2757,13 @@ impl CallCore {
         let Phase::Emergency(e) = &mut self.phase else {
             return;
         };
+        let to_911 = e.line().is_none();
         while let Some(out) = e.poll() {
             match out {
                 emergency::Out::AuditOutcome { id, outcome } => {
                     self.actions.push_back(Action::AuditOutcome { id, outcome })
                 }
-                emergency::Out::Counted { method, outcome } => self
+                emergency::Out::Counted { method, outcome } if to_911 => self
                     .actions
                     .push_back(Action::CountEmergency { method, outcome }),
                 emergency::Out::DropLeg { leg, .. } => self.actions.push_back(Action::DropLeg {
@@ -2781,6 +2843,7 @@ mod tests {
                 main: loaded.main,
                 path: loaded.path,
                 prompts: Arc::new(prompts),
+                schedules: loaded.schedules,
             })
         })
         .clone()
@@ -2793,6 +2856,7 @@ mod tests {
             uri: "sip:988@198.51.100.30".into(),
             headers: [("X-Language".to_owned(), "{language}".to_owned())].into(),
             ring_timeout_seconds: 15,
+            crisis: true,
         };
         CoreConfig {
             limits: Limits::default(),
@@ -2837,6 +2901,8 @@ mod tests {
                 caller: identity.number().to_owned(),
                 identity,
                 dialled: "311".into(),
+                // A Monday at 10:00 in New York: the shipped menu's call centre is open.
+                answered_at: "2026-12-07T15:00:00Z".parse().unwrap(),
             };
             let media = CallerMedia {
                 local: "192.0.2.1:20000".parse().unwrap(),

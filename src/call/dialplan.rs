@@ -21,7 +21,7 @@
 //!
 //! ```yaml
 //! transfers:
-//!   - {name: crisis, number: "988", uri: "sip:988@198.51.100.30:5060"}
+//!   - {name: crisis, number: "988", uri: "sip:988@198.51.100.30:5060", crisis: true}
 //!   - {name: interpreter, number: "7002", uri: "sip:interp@198.51.100.40",
 //!      headers: {X-Language: "{language}"}}
 //! ```
@@ -56,6 +56,11 @@ pub struct TransferLine {
     /// operator). Default 30.
     #[serde(default = "default_ring")]
     pub ring_timeout_seconds: u64,
+    /// A crisis or utility emergency line (988, 211, the water or gas utility's emergency
+    /// number): the menu's `transfer` action may send callers here, with the 911 redirect's
+    /// fallback and audit. Default false: a line only operators transfer to.
+    #[serde(default)]
+    pub crisis: bool,
 }
 
 fn default_ring() -> u64 {
@@ -74,6 +79,8 @@ struct LineYaml {
     headers: BTreeMap<String, String>,
     #[serde(default = "default_ring")]
     ring_timeout_seconds: u64,
+    #[serde(default)]
+    crisis: bool,
 }
 
 impl TryFrom<LineYaml> for TransferLine {
@@ -86,6 +93,7 @@ impl TryFrom<LineYaml> for TransferLine {
             uri: y.uri,
             headers: y.headers,
             ring_timeout_seconds: y.ring_timeout_seconds,
+            crisis: y.crisis,
         };
         l.check()?;
         Ok(l)
@@ -409,6 +417,17 @@ pub struct DialPlan {
 }
 
 impl DialPlan {
+    /// The `transfers` entry named `name`, if it is a crisis line (`crisis: true`): where a
+    /// menu's `transfer` action may send a caller.
+    pub fn crisis_line(&self, name: &str) -> Option<&TransferLine> {
+        self.lines.iter().find(|l| l.name == name && l.crisis)
+    }
+
+    /// Every `transfers` entry, for start-up checks.
+    pub fn lines(&self) -> &[TransferLine] {
+        &self.lines
+    }
+
     pub fn new(lines: &TransfersConfig, agents: &[String], queues: &[String]) -> DialPlan {
         DialPlan {
             lines: lines.0.clone(),

@@ -141,6 +141,8 @@ pub(crate) struct CallContext {
     pub(crate) dialplan: super::dialplan::DialPlan,
     /// How long an agent's phone rings for a caller transferred to them.
     pub(crate) agent_ring: Duration,
+    /// The civil time schedules are read by (the system's, or a test's).
+    pub(crate) wall_clock: crate::menu::schedule::WallClock,
     /// Where each call's row goes when it ends (never blocks).
     pub(crate) history: crate::history::History,
     /// Supervisors and the feature codes they dial to listen, whisper or barge.
@@ -476,6 +478,8 @@ pub(crate) async fn run_call(
     let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
     let call_id = meta.call_id.clone();
     let answered = now();
+    let mut meta = meta;
+    meta.answered_at = ctx.wall_clock.now();
     let facts = Facts::new(arrived, answered);
     let kept_meta = meta.clone();
     let mut core = CallCore::new(answered, config, menu, meta, registry_id, caller_media);

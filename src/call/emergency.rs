@@ -134,6 +134,16 @@ pub(crate) struct ByOperator {
     pub(crate) consult: bool,
 }
 
+/// A menu's `transfer` to a crisis or utility line: the redirect's routes are the line's
+/// URI, and what the caller hears names no 911.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LineRedirect {
+    /// The `transfers` entry's name (the audit's `destination`).
+    pub(crate) name: String,
+    /// The prompt said when the line cannot be reached.
+    pub(crate) announce: String,
+}
+
 /// Who is being redirected, and from where.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
@@ -255,6 +265,8 @@ pub(crate) struct Emergency {
     failures: Vec<String>,
     /// Who asked, when an operator did.
     operator: Option<ByOperator>,
+    /// The crisis or utility line a menu's `transfer` sends the caller to; `None`: 911.
+    line: Option<LineRedirect>,
     state: State,
     out: VecDeque<Out>,
 }
@@ -268,7 +280,24 @@ impl Emergency {
         reason: Option<String>,
         menu_path: String,
     ) -> Emergency {
-        Self::begin(config, caller, reason, menu_path, None)
+        Self::begin(config, caller, reason, menu_path, None, None)
+    }
+
+    /// Send `caller` to a crisis or utility line as the menu sends them to 911: `config`
+    /// holds the line's URI as its only route (no `uri`: straight to the announcement), the
+    /// audit row names the line.
+    pub(crate) fn to_line(
+        config: &EmergencyConfig,
+        caller: Caller,
+        line: LineRedirect,
+        menu_path: String,
+    ) -> Emergency {
+        Self::begin(config, caller, None, menu_path, None, Some(line))
+    }
+
+    /// The line this redirect goes to, when it is not 911.
+    pub(crate) fn line(&self) -> Option<&LineRedirect> {
+        self.line.as_ref()
     }
 
     /// Start a redirect operator `by` asked for: as [`Emergency::start`], with the operator
@@ -280,7 +309,7 @@ impl Emergency {
         menu_path: String,
         by: ByOperator,
     ) -> Emergency {
-        Self::begin(config, caller, reason, menu_path, Some(by))
+        Self::begin(config, caller, reason, menu_path, Some(by), None)
     }
 
     fn begin(
@@ -289,6 +318,7 @@ impl Emergency {
         reason: Option<String>,
         menu_path: String,
         operator: Option<ByOperator>,
+        line: Option<LineRedirect>,
     ) -> Emergency {
         let mut plan: VecDeque<EmergencyMethod> = config.plan().into();
         let consult = operator.as_ref().is_some_and(|o| o.consult);
@@ -296,7 +326,8 @@ impl Emergency {
             // The operator's phone is the one calling: nobody to REFER, nothing to announce.
             plan.retain(|m| *m == EmergencyMethod::Bridge);
         }
-        warn!(?reason, %menu_path, plan = ?plan, operator = operator.as_ref().map(|o| o.agent.as_str()), "redirecting caller to 911");
+        let destination = line.as_ref().map(|l| l.name.clone());
+        warn!(?reason, %menu_path, plan = ?plan, operator = operator.as_ref().map(|o| o.agent.as_str()), destination = destination.as_deref().unwrap_or("911"), "redirecting caller");
         let method = plan.front().copied().unwrap_or(EmergencyMethod::Announce);
         let audit = EmergencyAudit {
             caller: Some(caller.number.clone()),
@@ -307,6 +338,7 @@ impl Emergency {
             caller_verified: caller.asserted.is_some(),
             operator: operator.as_ref().map(|o| o.agent.clone()),
             requested_via: operator.as_ref().map(|o| o.via.to_owned()),
+            destination,
         };
         let out = if consult {
             VecDeque::from([Out::WriteAudit(audit)])
@@ -315,6 +347,7 @@ impl Emergency {
         };
         Emergency {
             operator,
+            line,
             notice_played: consult,
             out,
             uri: config.uri.clone(),

@@ -20,6 +20,8 @@ pub struct ActiveMenu {
     pub main: String,
     pub path: PathBuf,
     pub prompts: Arc<PromptStore>,
+    /// The menu's schedules, compiled.
+    pub schedules: Arc<crate::menu::schedule::Schedules>,
 }
 
 /// Why a menu could not be (re)loaded. The menu in service stays.
@@ -59,6 +61,7 @@ pub fn load_active_menu(menu: &Path, prompts_dir: &Path) -> Result<ActiveMenu, M
         main: loaded.main,
         path: loaded.path,
         prompts: Arc::new(prompts),
+        schedules: loaded.schedules,
     })
 }
 

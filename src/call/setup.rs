@@ -31,6 +31,9 @@ pub struct CallMeta {
     pub identity: CallerIdentity,
     /// The number dialled (Request-URI user), e.g. `311`.
     pub dialled: String,
+    /// The server's wall clock when the call was answered: the menu's schedules are read
+    /// from it.
+    pub answered_at: jiff::Timestamp,
 }
 
 /// Take new calls from the UA core until it closes.
@@ -345,6 +348,7 @@ async fn setup_call(
         dialled: crate::sip::message::uri_user(&call.request_uri)
             .unwrap_or_default()
             .to_owned(),
+        answered_at: ctx.wall_clock.now(),
     };
     Some(CallSetup {
         call,

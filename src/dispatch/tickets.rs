@@ -507,6 +507,9 @@ pub(crate) struct EmergencyAudit {
     /// 911 from their phone), `admin` (the admin API) or `console` (the operator's console);
     /// `None` for the menu's.
     pub(crate) requested_via: Option<String>,
+    /// The `transfers` entry a menu's `transfer` action sent the caller to (a crisis or
+    /// utility line); `None` for 911.
+    pub(crate) destination: Option<String>,
 }
 
 /// One row of the emergency-redirect audit.
@@ -529,6 +532,9 @@ pub struct EmergencyAuditRow {
     pub operator: Option<String>,
     /// How the operator asked (`refer`, `phone_call`, `admin`).
     pub requested_via: Option<String>,
+    /// The crisis or utility line (`transfers` entry) the menu sent the caller to; `None`:
+    /// 911.
+    pub destination: Option<String>,
 }
 
 /// The ticket database: a small SQLite connection pool.
@@ -593,7 +599,7 @@ pub(crate) const TICKET_COLUMNS: &str = "service_request_id, service_code, servi
     callback_requested, transfer, agent_id, external_id";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
-    caller_verified, operator, requested_via";
+    caller_verified, operator, requested_via, destination";
 
 /// The window `callback.per_number_per_day` counts over.
 pub(crate) const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
@@ -1030,8 +1036,8 @@ impl TicketStore {
         let query = sqlx::query(
             "INSERT INTO emergency_redirects \
              (at, caller, call_id, menu_path, reason, method, outcome, caller_verified, \
-             operator, requested_via) \
-             VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?)",
+             operator, requested_via, destination) \
+             VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?)",
         )
         .bind(&at)
         .bind(&e.caller)
@@ -1041,7 +1047,8 @@ impl TicketStore {
         .bind(&e.method)
         .bind(e.caller_verified)
         .bind(&e.operator)
-        .bind(&e.requested_via);
+        .bind(&e.requested_via)
+        .bind(&e.destination);
         use crate::dispatch::outbox::Event;
         let id = if self.outbox.wants(Event::EmergencyRedirected) {
             // One commit for the audit row and its webhooks: the redirect waits no longer.
@@ -1080,6 +1087,7 @@ impl TicketStore {
             caller_verified = e.caller_verified,
             operator = e.operator.as_deref(),
             requested_via = e.requested_via.as_deref(),
+            destination = e.destination.as_deref().unwrap_or("911"),
             "emergency redirect started"
         );
         Ok(id)
@@ -1456,6 +1464,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
         caller_verified: column(row, "caller_verified")?,
         operator: column(row, "operator")?,
         requested_via: column(row, "requested_via")?,
+        destination: column(row, "destination")?,
     })
 }
 
@@ -2106,6 +2115,7 @@ mod tests {
                 caller_verified: false,
                 operator: Some(text.into()),
                 requested_via: Some(text.into()),
+                destination: Some(text.into()),
             };
             let id = store.audit_emergency_start(&audit).await.unwrap();
             store.audit_emergency_outcome(id, text).await.unwrap();
@@ -2119,6 +2129,7 @@ mod tests {
             assert_eq!(row.outcome, text);
             assert_eq!(row.operator.as_deref(), Some(text));
             assert_eq!(row.requested_via.as_deref(), Some(text));
+            assert_eq!(row.destination.as_deref(), Some(text));
         }
         assert_eq!(count(&store, "tickets").await, 8);
         assert_eq!(count(&store, "emergency_redirects").await, 8);
@@ -2197,6 +2208,13 @@ mod tests {
         assert!(
             unverified.is_err(),
             "whether the caller was verified is not rewritten"
+        );
+        let redirected = sqlx::query("UPDATE emergency_redirects SET destination = 'x'")
+            .execute(&store.pool)
+            .await;
+        assert!(
+            redirected.is_err(),
+            "where the caller went is not rewritten"
         );
         assert_eq!(count(&store, "emergency_redirects").await, 2);
         assert_eq!(

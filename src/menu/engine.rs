@@ -143,6 +143,14 @@ pub enum Output {
         reason: Option<String>,
         menu_path: String,
     },
+    /// Send the caller to the crisis or utility line named `to` (a `transfers` entry), with
+    /// the 911 redirect's fallback and audit; `announce` is said if it cannot be reached. The
+    /// engine is finished with the call.
+    Transfer {
+        to: String,
+        announce: Option<String>,
+        menu_path: String,
+    },
     /// Put the caller in an operator queue (answer `QueueUnavailable` if there is none).
     Queue {
         queue: String,
@@ -252,6 +260,17 @@ pub struct Engine {
     out: Vec<Output>,
     /// Per-call figures for metrics.
     stats: EngineStats,
+    /// The schedules `when` actions read, and the civil time at one instant of the call.
+    calendar: Option<Calendar>,
+}
+
+/// What `when` actions are decided by: the menu's compiled schedules and the wall clock as it
+/// read at `anchor` (the engine adds the time since from its own `now`).
+#[derive(Debug, Clone)]
+struct Calendar {
+    schedules: Arc<crate::menu::schedule::Schedules>,
+    anchor: Instant,
+    wall: jiff::Timestamp,
 }
 
 /// What one caller did, for metrics: invalid keys and silent waits per menu, information heard.
@@ -286,7 +305,43 @@ impl Engine {
             db_failed: false,
             out: Vec::new(),
             stats: EngineStats::default(),
+            calendar: None,
         }
+    }
+
+    /// Decide `when` actions by `schedules`, the civil time being `wall` at `anchor`. Without
+    /// it every schedule reads as open.
+    pub fn with_calendar(
+        mut self,
+        schedules: Arc<crate::menu::schedule::Schedules>,
+        anchor: Instant,
+        wall: jiff::Timestamp,
+    ) -> Engine {
+        self.calendar = Some(Calendar {
+            schedules,
+            anchor,
+            wall,
+        });
+        self
+    }
+
+    /// Whether `schedule` is open now (a schedule the menu does not have reads as open; the
+    /// checker refuses such a menu).
+    fn is_open(&self, schedule: &str) -> bool {
+        let Some(c) = &self.calendar else {
+            return true;
+        };
+        let Some(s) = c.schedules.get(schedule) else {
+            return true;
+        };
+        let since = self
+            .now
+            .map_or(Duration::ZERO, |n| n.saturating_duration_since(c.anchor));
+        let at = jiff::SignedDuration::try_from(since)
+            .ok()
+            .and_then(|d| c.wall.checked_add(d).ok())
+            .unwrap_or(c.wall);
+        s.is_open(at)
     }
 
     /// Invalid keys, timeouts and menus visited so far.
@@ -701,6 +756,26 @@ impl Engine {
             }
             Action::Emergency(e) => self.emergency(e.reason),
             Action::Hangup => self.goodbye(),
+            Action::Transfer(t) => {
+                self.state = State::Done;
+                self.pending.clear();
+                let menu_path = self.menu_path();
+                self.emit(Output::StopPlayback);
+                self.emit(Output::Timer(None));
+                self.emit(Output::Transfer {
+                    to: t.to,
+                    announce: t.announce,
+                    menu_path,
+                });
+            }
+            Action::When(w) => {
+                let branch = if self.is_open(&w.schedule) {
+                    w.open
+                } else {
+                    w.closed
+                };
+                self.run(branch, from);
+            }
         }
     }
 
@@ -1816,5 +1891,95 @@ menus:
             assert_eq!(p.remove(0), "ticket_status_closed");
             assert_eq!(p, want, "{lang} {days}");
         }
+    }
+
+    const HOURS_MENU: &str = r#"
+languages: [en]
+start: screening
+screening: screening
+schedules:
+  centre:
+    time_zone: America/New_York
+    open: {mon-fri: "07:00-19:00"}
+    closed_dates: ["2026-12-25"]
+menus:
+  screening:
+    greet_long: screening
+    on_timeout: {goto: main}
+    entries:
+      "1": {goto: main}
+      "9": emergency
+  main:
+    greet_long: main_menu
+    on_timeout: {when: {schedule: centre, open: {queue: general}, closed: repeat}}
+    entries:
+      "0": {when: {schedule: centre, open: {queue: general}, closed: {goto: after_hours}}}
+      "9": emergency
+  after_hours:
+    greet_long: after_hours
+    entries:
+      "1": top
+      "9": emergency
+"#;
+
+    /// At the main menu of [`HOURS_MENU`], the call answered at `wall` (its greeting played).
+    fn answered_at(wall: &str) -> Engine {
+        let f = parse(HOURS_MENU).unwrap();
+        let today = jiff::civil::date(2026, 12, 1);
+        let schedules: crate::menu::schedule::Schedules = f
+            .schedules
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::menu::schedule::compile(v, today).unwrap()))
+            .collect();
+        let t0 = Instant::now();
+        let mut e = Engine::new(Arc::new(f), "main".into()).with_calendar(
+            Arc::new(schedules),
+            t0,
+            wall.parse().unwrap(),
+        );
+        e.handle(t0, Input::Start);
+        keys(&mut e, "1");
+        h(&mut e, Input::PlayDone);
+        assert_eq!(e.current_menu(), Some("main"));
+        e
+    }
+
+    fn queued(out: &[Output]) -> bool {
+        out.iter().any(|o| matches!(o, Output::Queue { .. }))
+    }
+
+    #[test]
+    fn the_operator_key_follows_the_hours_as_the_call_goes_on() {
+        // Monday 2026-12-07, 18:59:30 in New York (23:59:30Z): open.
+        let mut e = answered_at("2026-12-07T23:59:30Z");
+        assert!(queued(&after(&mut e, 20.0, Input::Digit('0'))));
+        // The same call start, the key pressed 40 s later (19:00:10): closed.
+        let mut e = answered_at("2026-12-07T23:59:30Z");
+        let out = after(&mut e, 40.0, Input::Digit('0'));
+        assert!(!queued(&out));
+        assert_eq!(plays(&out), vec!["after_hours"]);
+        assert_eq!(e.current_menu(), Some("after_hours"));
+        // The 911 key still works there.
+        let out = keys(&mut e, "9");
+        assert!(out.iter().any(|o| matches!(o, Output::Emergency { .. })));
+    }
+
+    #[test]
+    fn a_holiday_is_closed_and_a_timeout_can_branch_too() {
+        // Friday 2026-12-25 at noon: a holiday.
+        let mut e = answered_at("2026-12-25T17:00:00Z");
+        let out = after(&mut e, 5.0, Input::Timeout);
+        assert!(!queued(&out));
+        assert_eq!(e.current_menu(), Some("main"));
+        // Monday 2026-12-28 at noon: open; silence reaches the operator.
+        let mut e = answered_at("2026-12-28T17:00:00Z");
+        assert!(queued(&after(&mut e, 5.0, Input::Timeout)));
+    }
+
+    #[test]
+    fn the_hour_after_the_spring_change_is_open() {
+        // Monday 2027-03-15 07:30 EDT is 11:30Z (it would be 06:30 in standard time).
+        let mut e = answered_at("2027-03-15T11:30:00Z");
+        assert!(queued(&keys(&mut e, "0")));
     }
 }

@@ -6,5 +6,6 @@
 
 pub mod engine;
 pub(crate) mod say;
+pub mod schedule;
 pub mod schema;
 pub mod validate;

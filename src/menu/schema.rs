@@ -59,6 +59,9 @@ pub struct MenuFile {
     pub screening: String,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Opening hours by name, for `when` actions (see [`crate::menu::schedule`]).
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ScheduleSpec>,
     /// Menus by id.
     pub menus: BTreeMap<String, Menu>,
 }
@@ -175,6 +178,11 @@ pub enum Action {
     Emergency(EmergencyEntry),
     /// Say goodbye and hang up.
     Hangup,
+    /// One action while a schedule is open, another while it is closed.
+    When(Box<When>),
+    /// Send the caller on to a crisis or utility line (a `transfers` entry of the server's
+    /// config marked `crisis: true`), as 911 is: audited first, with the same fallback.
+    Transfer(TransferTo),
 }
 
 /// The one-key-map forms of [`Action`].
@@ -192,6 +200,8 @@ enum ActionMap {
     Queue(QueueTarget),
     Emergency(EmergencyEntry),
     Hangup(Empty),
+    When(Box<When>),
+    Transfer(TransferTo),
 }
 
 /// `{}` or nothing, for `{back: {}}`-style spellings of word actions.
@@ -212,6 +222,8 @@ const ACTIONS: &[&str] = &[
     "queue",
     "emergency",
     "hangup",
+    "when",
+    "transfer",
 ];
 
 impl<'de> Deserialize<'de> for Action {
@@ -247,12 +259,57 @@ impl<'de> Deserialize<'de> for Action {
                     ActionMap::Queue(x) => Action::Queue(x),
                     ActionMap::Emergency(x) => Action::Emergency(x),
                     ActionMap::Hangup(_) => Action::Hangup,
+                    ActionMap::When(x) => Action::When(x),
+                    ActionMap::Transfer(x) => Action::Transfer(x),
                 })
             }
         }
         let _ = ACTIONS;
         d.deserialize_any(V)
     }
+}
+
+/// `{when: {schedule: call_centre, open: {queue: general}, closed: {goto: after_hours}}}`:
+/// decided when the caller reaches it, by the schedule's hours at that moment.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    /// A name under `schedules`.
+    pub schedule: String,
+    /// What happens while the schedule is open.
+    pub open: Action,
+    /// What happens while it is closed.
+    pub closed: Action,
+}
+
+/// `{transfer: {to: lifeline, announce: lifeline_unreachable}}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransferTo {
+    /// The name of a `transfers` entry in the server's config, marked `crisis: true`.
+    pub to: String,
+    /// Said (twice) when the line cannot be reached, instead of the built-in
+    /// `transfer_unreachable`; e.g. "Please hang up and dial 988".
+    #[serde(default)]
+    pub announce: Option<String>,
+}
+
+/// A named schedule as written; [`crate::menu::schedule::compile`] checks and compiles it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// An IANA time zone name, e.g. `America/New_York`.
+    pub time_zone: String,
+    /// Weekly hours: days (`mon-fri`, `sat`, `sat,sun`) to hours (`"07:00-19:00"`, several
+    /// separated by commas). Days not listed are closed.
+    #[serde(default)]
+    pub open: BTreeMap<String, String>,
+    /// Whole days closed (`"2026-12-25"`).
+    #[serde(default)]
+    pub closed_dates: Vec<String>,
+    /// Special hours on a date, instead of that weekday's.
+    #[serde(default)]
+    pub open_dates: BTreeMap<String, String>,
 }
 
 /// `{language: {set: es, goto: screening}}`.
@@ -467,6 +524,36 @@ pub struct PathInWords {
 }
 
 impl MenuFile {
+    /// The lines the menu's `transfer` actions name (the server checks them against its
+    /// `transfers` config).
+    pub fn transfer_targets(&self) -> std::collections::BTreeSet<&str> {
+        fn walk<'a>(a: &'a Action, out: &mut std::collections::BTreeSet<&'a str>) {
+            match a {
+                Action::Transfer(t) => {
+                    out.insert(t.to.as_str());
+                }
+                Action::When(w) => {
+                    walk(&w.open, out);
+                    walk(&w.closed, out);
+                }
+                _ => {}
+            }
+        }
+        let mut out = std::collections::BTreeSet::new();
+        walk(&self.defaults.on_exhausted, &mut out);
+        for m in self.menus.values() {
+            for a in m
+                .entries
+                .values()
+                .chain(&m.on_timeout)
+                .chain(&m.on_exhausted)
+            {
+                walk(a, &mut out);
+            }
+        }
+        out
+    }
+
     /// [`PathInWords`] for `path`. The language choice and the 911 screening are left out
     /// (every caller passes them); a menu reads as its `category`, or its id with
     /// underscores as spaces; a ticket as its service's name; steps this file does not know
@@ -479,7 +566,12 @@ impl MenuFile {
                 words.push(w);
             }
         };
-        for step in path.split(" > ").map(str::trim).filter(|s| !s.is_empty()) {
+        let steps: Vec<&str> = path
+            .split(" > ")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        for (i, step) in steps.iter().copied().enumerate() {
             let Some((id, key)) = step.rsplit_once(':') else {
                 say(step.to_owned(), &mut words);
                 continue;
@@ -504,6 +596,17 @@ impl MenuFile {
                     .or(Some(&self.defaults.on_exhausted)),
                 k => menu.entries.get(k),
             };
+            // A `when`: the branch the caller took, as the next step shows (a closed branch
+            // that went to a menu), else the open one.
+            let mut action = action;
+            while let Some(Action::When(w)) = action {
+                let next_menu = steps
+                    .get(i + 1)
+                    .and_then(|n| n.rsplit_once(':'))
+                    .map(|n| n.0);
+                let took_closed = goto_target_of(&w.closed).is_some_and(|m| Some(m) == next_menu);
+                action = Some(if took_closed { &w.closed } else { &w.open });
+            }
             match action {
                 Some(Action::Goto(next)) => {
                     if let Some(m) = self.menus.get(next) {
@@ -521,6 +624,7 @@ impl MenuFile {
                 Some(Action::Status) => say("Request status".into(), &mut words),
                 Some(Action::Info(_)) => say(menu_words(id, menu), &mut words),
                 Some(Action::Emergency(_)) => say("911".into(), &mut words),
+                Some(Action::Transfer(t)) => say(format!("Transfer to {}", t.to), &mut words),
                 _ => {}
             }
         }
@@ -528,6 +632,14 @@ impl MenuFile {
             words: words.join(" > "),
             service_code,
         }
+    }
+}
+
+fn goto_target_of(a: &Action) -> Option<&str> {
+    match a {
+        Action::Goto(m) => Some(m),
+        Action::Language(l) => Some(&l.goto),
+        _ => None,
     }
 }
 

@@ -13,6 +13,7 @@
 //!
 //! Imports only [`crate::menu::schema`]; the engine and the call layer import this.
 
+use super::schedule::{self, Schedules};
 use super::schema::{self, Action, Collect, MenuFile, Record, TicketAction, TicketSteps};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -35,6 +36,9 @@ pub(crate) const ENGINE_PROMPTS: &[&str] = &[
     "updated_days_ago_post",
     "connecting_911",
     "emergency_announce",
+    // A menu's `transfer` to a crisis or utility line (src/call/core.rs).
+    "connecting_transfer",
+    "transfer_unreachable",
     "operator_unavailable",
     "offer_general_ticket",
     "db_error",
@@ -99,6 +103,8 @@ pub struct LoadedMenu {
     /// The main menu: where the screening menu leads on its timeout (or its first `goto`
     /// entry); [`Action::Top`] goes there.
     pub main: String,
+    /// The file's `schedules`, compiled.
+    pub schedules: std::sync::Arc<Schedules>,
 }
 
 /// Why a menu file was refused.
@@ -225,15 +231,21 @@ pub fn check_text(
                 f: &file,
                 t: &tree,
                 prompts,
+                today: jiff::Timestamp::now()
+                    .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                    .date(),
+                schedules: Schedules::new(),
                 out: Vec::new(),
             };
             let main = checker.run();
             problems.append(&mut checker.out);
+            let schedules = std::sync::Arc::new(std::mem::take(&mut checker.schedules));
             match main {
                 Some(main) if problems.is_empty() => Ok(LoadedMenu {
                     file,
                     path: path.to_owned(),
                     main,
+                    schedules,
                 }),
                 _ => Err(finish(problems)),
             }
@@ -550,6 +562,7 @@ fn is_exit(a: &Action) -> bool {
             | Action::Status
             | Action::Queue(_)
             | Action::Emergency(_)
+            | Action::Transfer(_)
             | Action::Hangup
     )
 }
@@ -575,6 +588,10 @@ struct Checker<'a> {
     f: &'a MenuFile,
     t: &'a Tree,
     prompts: &'a PromptIndex,
+    /// Starts the window searched for days when a schedule's hours fall in a DST gap.
+    today: jiff::civil::Date,
+    /// The schedules that compiled.
+    schedules: Schedules,
     out: Vec<Problem>,
 }
 
@@ -600,6 +617,7 @@ impl<'a> Checker<'a> {
     /// Runs every check; returns the main menu id when there is one.
     fn run(&mut self) -> Option<String> {
         let sites = self.sites();
+        self.schedules();
         self.languages();
         self.top_level_refs();
         self.defaults();
@@ -613,42 +631,98 @@ impl<'a> Checker<'a> {
         main
     }
 
+    /// Every action of the file, and each branch of a `when` as an action of the same place
+    /// (what the caller gets, open or closed, obeys the rules of where it is written).
     fn sites(&self) -> Vec<Site<'a>> {
+        fn push<'a>(sites: &mut Vec<Site<'a>>, site: Site<'a>) {
+            if let Action::When(w) = site.action {
+                for (branch, action) in [("open", &w.open), ("closed", &w.closed)] {
+                    push(
+                        sites,
+                        Site {
+                            menu: site.menu,
+                            slot: site.slot,
+                            path: join(&site.path, &["when", branch]),
+                            action,
+                        },
+                    );
+                }
+            }
+            sites.push(site);
+        }
         let f: &'a MenuFile = self.f;
         let mut sites = Vec::new();
         for (id, m) in &f.menus {
             for (key, action) in &m.entries {
-                sites.push(Site {
-                    menu: Some(id),
-                    slot: Slot::Entry(key),
-                    path: vec!["menus", id, "entries", key],
-                    action,
-                });
+                push(
+                    &mut sites,
+                    Site {
+                        menu: Some(id),
+                        slot: Slot::Entry(key),
+                        path: vec!["menus", id, "entries", key],
+                        action,
+                    },
+                );
             }
             if let Some(action) = &m.on_timeout {
-                sites.push(Site {
-                    menu: Some(id),
-                    slot: Slot::OnTimeout,
-                    path: vec!["menus", id, "on_timeout"],
-                    action,
-                });
+                push(
+                    &mut sites,
+                    Site {
+                        menu: Some(id),
+                        slot: Slot::OnTimeout,
+                        path: vec!["menus", id, "on_timeout"],
+                        action,
+                    },
+                );
             }
             if let Some(action) = &m.on_exhausted {
-                sites.push(Site {
-                    menu: Some(id),
-                    slot: Slot::OnExhausted,
-                    path: vec!["menus", id, "on_exhausted"],
-                    action,
-                });
+                push(
+                    &mut sites,
+                    Site {
+                        menu: Some(id),
+                        slot: Slot::OnExhausted,
+                        path: vec!["menus", id, "on_exhausted"],
+                        action,
+                    },
+                );
             }
         }
-        sites.push(Site {
-            menu: None,
-            slot: Slot::DefaultOnExhausted,
-            path: vec!["defaults", "on_exhausted"],
-            action: &f.defaults.on_exhausted,
-        });
+        push(
+            &mut sites,
+            Site {
+                menu: None,
+                slot: Slot::DefaultOnExhausted,
+                path: vec!["defaults", "on_exhausted"],
+                action: &f.defaults.on_exhausted,
+            },
+        );
         sites
+    }
+
+    /// Each schedule compiles: a known time zone, well-formed days, hours and dates, no
+    /// overlaps, no boundary in a DST gap.
+    fn schedules(&mut self) {
+        let f: &'a MenuFile = self.f;
+        for (name, spec) in &f.schedules {
+            match schedule::compile(spec, self.today) {
+                Ok(s) => {
+                    self.schedules.insert(name.clone(), s);
+                }
+                Err(problems) => {
+                    for p in problems {
+                        let rel = p.at.path();
+                        let mut path = vec!["schedules", name.as_str()];
+                        path.extend(rel.iter().map(String::as_str));
+                        let message = format!("schedule \"{name}\": {}", p.message);
+                        if p.at.is_key() {
+                            self.at_key(&path, message);
+                        } else {
+                            self.at_value(&path, message);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The actions a menu can run: its entries, its timeout action and the `on_exhausted` it
@@ -886,11 +960,38 @@ impl<'a> Checker<'a> {
                     ),
                 ),
                 Action::Info(name) => self.prompt(&join(&s.path, &["info"]), name),
+                Action::When(w) if !f.schedules.contains_key(&w.schedule) => {
+                    let known: Vec<&str> = f.schedules.keys().map(String::as_str).collect();
+                    self.at_value(
+                        &join(&s.path, &["when", "schedule"]),
+                        format!(
+                            "no schedule named \"{}\" (schedules: {})",
+                            w.schedule,
+                            if known.is_empty() { "none".into() } else { known.join(", ") }
+                        ),
+                    )
+                }
                 Action::Queue(_) => self.queue_fields(&join(&s.path, &["queue"])),
                 Action::Ticket(t) => {
                     let tp = join(&s.path, &["ticket"]);
                     if let Some(steps) = &t.steps {
                         self.steps(&join(&tp, &["steps"]), steps);
+                    }
+                }
+                Action::Transfer(t) => {
+                    if let Some(a) = &t.announce {
+                        self.prompt(&join(&s.path, &["transfer", "announce"]), a);
+                    }
+                    match s.slot {
+                        Slot::OnExhausted | Slot::DefaultOnExhausted => self.at_value(
+                            &s.path,
+                            "on_exhausted must not transfer: callers who are confused or silent would be sent to a crisis line".into(),
+                        ),
+                        Slot::OnTimeout => self.at_value(
+                            &s.path,
+                            "on_timeout must not transfer: silence must not send a caller to a crisis line".into(),
+                        ),
+                        Slot::Entry(_) => {}
                     }
                 }
                 Action::Emergency(_) => match s.slot {
@@ -1096,6 +1197,7 @@ impl<'a> Checker<'a> {
                     Action::Top => "goes to the main menu".into(),
                     Action::Ticket(_) => "files a ticket".into(),
                     Action::Status => "reads a request status".into(),
+                    Action::Transfer(t) => format!("transfers to \"{}\"", t.to),
                     _ => continue,
                 };
                 let path = goto_path(&s.path, s.action);

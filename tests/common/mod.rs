@@ -14,6 +14,7 @@ use ivr311::media::g711::Codec;
 use ivr311::media::prompt::PromptStore;
 use ivr311::media::rtp::{self, RtpStream};
 use ivr311::media::sdp;
+use ivr311::menu::schedule::WallClock;
 use ivr311::server::{self, RunningServer};
 use ivr311::sip::message::{parse_datagram, Message, Request, Response};
 use std::collections::HashMap;
@@ -63,8 +64,20 @@ pub async fn start_server(file: FileConfig) -> RunningServer {
     start_server_with(serve_args(), file).await
 }
 
-/// Start the real server with these flags (loopback, port 0).
+/// Start the real server with these flags (loopback, port 0). Its clock reads a Monday at
+/// 10:00 in New York, whenever the tests run, so that the shipped menu's call centre is open
+/// (its operator key reaches the queue); [`start_server_at`] sets another time.
 pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServer {
+    start_server_at(args, file, in_hours()).await
+}
+
+/// A clock that reads Monday 2026-12-07 10:00 in New York as a test starts, and runs on.
+pub fn in_hours() -> WallClock {
+    WallClock::starting_at("2026-12-07T15:00:00Z".parse().unwrap())
+}
+
+/// Start the real server with its schedules read by `clock` (e.g. a Monday at 20:00).
+pub async fn start_server_at(args: ServeArgs, file: FileConfig, clock: WallClock) -> RunningServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -78,7 +91,9 @@ pub async fn start_server_with(args: ServeArgs, file: FileConfig) -> RunningServ
         file.storage.recordings_dir =
             std::env::temp_dir().join(format!("ivr311-rec-{}", rand::random::<u64>()));
     }
-    server::start(&args, file).await.expect("server starts")
+    server::start_with_clock(&args, file, clock)
+        .await
+        .expect("server starts")
 }
 
 /// The shipped prompts, loaded once per test binary.
