@@ -392,6 +392,13 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
             file.monitor.clone(),
             &file.agents,
         )),
+        recorded_queues: Arc::new(
+            file.queues
+                .iter()
+                .filter(|q| q.record)
+                .map(|q| q.name.clone())
+                .collect(),
+        ),
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
     tracker.spawn(call::accept_calls(

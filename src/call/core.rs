@@ -98,6 +98,8 @@ pub(crate) struct CoreConfig {
     pub(crate) dialplan: DialPlan,
     /// How long an agent's phone rings for a caller transferred to them.
     pub(crate) agent_ring: Duration,
+    /// The queues whose talks with operators are recorded (`record: true`).
+    pub(crate) recorded_queues: Arc<Vec<String>>,
 }
 
 /// What happens to the call, as the driver reports it.
@@ -895,6 +897,7 @@ impl CallCore {
                 scope: l.leg.scope(),
                 answered: true,
                 operator: false,
+                record: false,
             }),
             Phase::Queue(q) => {
                 let leg = q.operator.as_ref()?;
@@ -904,6 +907,7 @@ impl CallCore {
                     scope: leg.scope(),
                     answered: true,
                     operator: true,
+                    record: self.config.recorded_queues.contains(&q.name),
                 })
             }
             Phase::Emergency(e) => e.bridge(),
@@ -2807,6 +2811,7 @@ mod tests {
                 &["general".into(), "permits".into()],
             ),
             agent_ring: Duration::from_secs(20),
+            recorded_queues: Arc::new(Vec::new()),
         }
     }
 
