@@ -182,6 +182,22 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         languages = ?menu.prompts.languages(),
         "menu and prompts loaded"
     );
+    for q in &file.queues {
+        let Some(name) = &q.record_announcement else {
+            continue;
+        };
+        let missing: Vec<String> = (menu.prompts.languages().into_iter())
+            .filter(|lang| menu.prompts.get(lang, name).is_none())
+            .map(|lang| lang.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(StartError::Config(format!(
+                "queue {:?}: record_announcement {name:?} is not a prompt in {}",
+                q.name,
+                missing.join(", ")
+            )));
+        }
+    }
     let tickets = TicketStore::open(&args.db)
         .await?
         .with_outbox(file.forward.plan(&file.webhooks));
@@ -397,6 +413,12 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
                 .iter()
                 .filter(|q| q.record)
                 .map(|q| q.name.clone())
+                .collect(),
+        ),
+        queue_announcements: Arc::new(
+            file.queues
+                .iter()
+                .filter_map(|q| Some((q.name.clone(), q.record_announcement.clone()?)))
                 .collect(),
         ),
     };

@@ -284,3 +284,51 @@ async fn admin_calls_token(addr: SocketAddr) -> Vec<serde_json::Value> {
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
+
+/// Every 20 ms frame of prompt `name` in English, as PCMU.
+fn prompt_frames(name: &str) -> Vec<Vec<u8>> {
+    let p = prompts().get("en", name).expect("the prompt ships");
+    (0..p.frames())
+        .map(|i| {
+            let mut f = [0u8; 160];
+            p.frame(Codec::Pcmu, i, &mut f);
+            f.to_vec()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_hears_the_whole_recording_announcement_before_an_operator_is_rung() {
+    let (mut file, dir) = config(true);
+    file.queues[0].record_announcement = Some("call_recorded".into());
+    let srv = start_server(file).await;
+    let op = TestAgent::login(srv.sip_addr, "1001").await;
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    assert_eq!(caller.call("0 101").await.code, 200);
+    caller.until_audio().await;
+    caller.keys("110").await;
+    let mut heard = caller
+        .listen_for("en", "call_recorded", Duration::from_secs(10))
+        .await;
+    // A key (1 would leave a queue for a ticket) does not skip the announcement.
+    caller.press('1').await;
+    let (rest, inv) = hear_until_offered(&caller, &op).await;
+    heard.extend(rest);
+
+    let ear = PromptEar::new("en", &["call_recorded"], Codec::Pcmu);
+    assert_eq!(ear.playbacks(&heard), ["call_recorded"], "heard once");
+    let whole = ear.frames_heard(&prompt_frames("call_recorded"));
+    let got = ear.frames_heard(&heard);
+    assert!(
+        got * 100 >= whole * 95,
+        "{got} of the announcement's {whole} frames heard before the operator's phone rang"
+    );
+    // And the call goes on to the operator, recorded.
+    op.reply(&inv, 200, "OK", Some(op.answer_sdp())).await;
+    op.request("ACK", Duration::from_secs(3)).await;
+    talk(&caller, &op, &inv, Duration::from_secs(1)).await;
+    caller.bye().await;
+    fetch_recording(srv.http_addr, &caller.call_id).await;
+    srv.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -147,6 +147,8 @@ pub(crate) struct CallContext {
     pub(crate) monitoring: Arc<super::monitor::Monitoring>,
     /// The queues whose talks with operators are recorded (`record: true`).
     pub(crate) recorded_queues: Arc<Vec<String>>,
+    /// Per queue, its `record_announcement` prompt.
+    pub(crate) queue_announcements: Arc<Vec<(String, String)>>,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -191,6 +193,7 @@ impl CallContext {
             dialplan: self.dialplan.clone(),
             agent_ring: self.agent_ring,
             recorded_queues: self.recorded_queues.clone(),
+            queue_announcements: self.queue_announcements.clone(),
         }
     }
 }
