@@ -646,12 +646,17 @@ impl Default for HttpConfig {
 pub struct StorageConfig {
     /// Caller recordings (WAV). Default `recordings`.
     pub recordings_dir: PathBuf,
+    /// Recordings of operator calls (queues with `record: true`, in `<recordings_dir>/calls`)
+    /// are deleted this many days after they were made, by a daily pass audited in the log.
+    /// 0 keeps them. Default 90.
+    pub call_recordings_keep_days: u32,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             recordings_dir: PathBuf::from("recordings"),
+            call_recordings_keep_days: 90,
         }
     }
 }

@@ -423,6 +423,11 @@ pub async fn start(args: &ServeArgs, file: FileConfig) -> Result<RunningServer, 
         ),
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
+    tracker.spawn(crate::media::call_record::retention(
+        file.storage.recordings_dir.clone(),
+        file.storage.call_recordings_keep_days,
+        cancel.clone(),
+    ));
     tracker.spawn(call::accept_calls(
         app_rx,
         ctx,
