@@ -3087,6 +3087,39 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_announcement_plays_in_full_before_the_caller_is_enqueued_and_9_is_still_911() {
+        let announced = || {
+            let mut cfg = config();
+            cfg.queue_announcements = Arc::new(vec![("general".into(), "call_recorded".into())]);
+            Call::start(cfg, CallerIdentity::Asserted(CALLER.into())).0
+        };
+        let mut c = announced();
+        let out = c.queued();
+        assert_eq!(prompts(&out), ["call_recorded"]);
+        assert!(
+            queue_cmds(&out).is_empty(),
+            "not offered before the announcement"
+        );
+        // Keys do not skip it (1 would leave a queue for a ticket).
+        let out = c.keys("1#");
+        assert!(queue_cmds(&out).is_empty() && prompts(&out).is_empty());
+        let out = c.played();
+        assert!(matches!(
+            queue_cmds(&out).as_slice(),
+            [QueueCommand::Enqueue { queue, .. }] if queue == "general"
+        ));
+        assert!(prompts(&out).contains(&"operator_queue".to_owned()));
+
+        let mut c = announced();
+        c.queued();
+        let out = c.keys("9");
+        assert!(matches!(c.core.phase, Phase::Emergency(_)), "9 is 911");
+        assert!(queue_cmds(&out).is_empty());
+        let out = c.played();
+        assert!(queue_cmds(&out).is_empty(), "never enqueued after 911");
+    }
+
+    #[test]
     fn a_caller_is_offered_to_an_operator_with_context_and_bridged_when_they_answer() {
         let (mut c, _) = Call::verified();
         let out = c.queued();
