@@ -332,3 +332,45 @@ async fn the_caller_hears_the_whole_recording_announcement_before_an_operator_is
     srv.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_during_a_recorded_call_leaves_a_whole_wav() {
+    let (file, dir) = config(true);
+    let srv = start_server(file).await;
+    let (caller, op, _heard, inv) = to_operator(&srv).await;
+    talk(&caller, &op, &inv, Duration::from_secs(1)).await;
+    srv.shutdown().await;
+    let path = dir
+        .join("calls")
+        .join(format!("call-{}.wav", call_hash(&caller.call_id)));
+    let reader =
+        hound::WavReader::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(reader.spec().channels, 2);
+    assert!(
+        reader.duration() >= 8000 / 2,
+        "{} samples per channel",
+        reader.duration()
+    );
+    let parts = std::fs::read_dir(dir.join("calls"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".part")
+        })
+        .count();
+    assert_eq!(parts, 0, "no unfinished file left");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The first 16 bytes of the SHA-256 of `call_id`, in hex: the recording's file name.
+fn call_hash(call_id: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(call_id.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
