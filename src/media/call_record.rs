@@ -9,7 +9,8 @@
 //! ([`spawn_writer`]) writes the frames to `<name>.wav.part` and, when the tap is dropped (the
 //! call ends, the caller is transferred away from the operator, or the server stops),
 //! finalises the header and renames the file to `<name>.wav`: only whole recordings are
-//! served.
+//! served. A caller back with the operator after a transfer that failed goes on in the same
+//! file (appended).
 //!
 //! Files are named after a hash of the call's Call-ID ([`file_name`]), never after anything
 //! the caller sent, and are private (0600 in a 0700 directory) like ticket recordings.
@@ -116,27 +117,35 @@ pub(crate) fn spawn_writer(
     let part = final_path.with_extension("wav.part");
     let sub = dir.join(SUBDIR);
     create_private_dir(&sub).map_err(|source| CallRecordError::Io { path: sub, source })?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE_FILE);
-    let file = options.open(&part).map_err(|source| CallRecordError::Io {
-        path: part.clone(),
-        source,
-    })?;
-    let spec = hound::WavSpec {
-        channels: 2,
-        sample_rate: 8000,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer =
+    // The caller back with the operator (a transfer that failed): the talk goes on in the same
+    // file.
+    let mut writer = if std::fs::rename(&final_path, &part).is_ok() {
+        hound::WavWriter::append(&part).map_err(|source| CallRecordError::Wav {
+            path: part.clone(),
+            source,
+        })?
+    } else {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE_FILE);
+        let file = options.open(&part).map_err(|source| CallRecordError::Io {
+            path: part.clone(),
+            source,
+        })?;
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 8000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
         hound::WavWriter::new(std::io::BufWriter::new(file), spec).map_err(|source| {
             CallRecordError::Wav {
                 path: part.clone(),
                 source,
             }
-        })?;
+        })?
+    };
     let (tx, mut rx) = mpsc::channel::<Box<StereoFrame>>(QUEUE_FRAMES);
     let dropped = Arc::new(AtomicU64::new(0));
     let counted = dropped.clone();
@@ -273,6 +282,30 @@ mod tests {
         left.sort();
         assert_eq!(left, ["call-new.wav", "call-part.wav.part", "other.wav"]);
         assert_eq!(prune(&dir.join("none"), now, day).unwrap(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_stretch_of_the_same_call_goes_on_in_its_file() {
+        let dir = std::env::temp_dir().join(format!("ivr311-append-{}", rand::random::<u64>()));
+        let tracker = tokio_util::task::TaskTracker::new();
+        for _ in 0..2 {
+            let mut tap = spawn_writer(&dir, "c@test", &tracker).unwrap();
+            for _ in 0..50 {
+                tap.tick();
+            }
+            drop(tap);
+            tracker.close();
+            tracker.wait().await;
+            tracker.reopen();
+        }
+        let r = hound::WavReader::open(path_for(&dir, "c@test")).unwrap();
+        assert_eq!(r.spec().channels, 2);
+        assert_eq!(
+            r.duration(),
+            2 * 50 * FRAME as u32,
+            "both stretches, one file"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
