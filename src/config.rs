@@ -298,6 +298,13 @@ pub struct QueueConfig {
     /// A caller waiting this many seconds raises an alarm on the wallboard (0: never).
     /// Default 120.
     pub max_wait_alarm: u64,
+    /// Record the caller's talk with the operator: one stereo WAV per call (caller left,
+    /// operator right), private, served by the admin API only. Default false.
+    pub record: bool,
+    /// The prompt (a name in `prompts/<language>/`) played to every caller who enters the
+    /// queue, before any operator is offered the call and whatever keys they press (consent to
+    /// recording). Default none.
+    pub record_announcement: Option<String>,
 }
 
 /// Agent ids as YAML gives them: `"1001"` or `1001`.
@@ -376,6 +383,8 @@ impl Default for QueueConfig {
             members: None,
             service_level_target: 0.8,
             max_wait_alarm: 120,
+            record: false,
+            record_announcement: None,
         }
     }
 }
@@ -637,12 +646,17 @@ impl Default for HttpConfig {
 pub struct StorageConfig {
     /// Caller recordings (WAV). Default `recordings`.
     pub recordings_dir: PathBuf,
+    /// Recordings of operator calls (queues with `record: true`, in `<recordings_dir>/calls`)
+    /// are deleted this many days after they were made, by a daily pass audited in the log.
+    /// 0 keeps them. Default 90.
+    pub call_recordings_keep_days: u32,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             recordings_dir: PathBuf::from("recordings"),
+            call_recordings_keep_days: 90,
         }
     }
 }

@@ -205,6 +205,22 @@ pub async fn start_with_clock(
             }
         }
     }
+    for q in &file.queues {
+        let Some(name) = &q.record_announcement else {
+            continue;
+        };
+        let missing: Vec<String> = (menu.prompts.languages().into_iter())
+            .filter(|lang| menu.prompts.get(lang, name).is_none())
+            .map(|lang| lang.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(StartError::Config(format!(
+                "queue {:?}: record_announcement {name:?} is not a prompt in {}",
+                q.name,
+                missing.join(", ")
+            )));
+        }
+    }
     let tickets = TicketStore::open(&args.db)
         .await?
         .with_outbox(file.forward.plan(&file.webhooks));
@@ -416,8 +432,26 @@ pub async fn start_with_clock(
             &file.agents,
         )),
         wall_clock,
+        recorded_queues: Arc::new(
+            file.queues
+                .iter()
+                .filter(|q| q.record)
+                .map(|q| q.name.clone())
+                .collect(),
+        ),
+        queue_announcements: Arc::new(
+            file.queues
+                .iter()
+                .filter_map(|q| Some((q.name.clone(), q.record_announcement.clone()?)))
+                .collect(),
+        ),
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
+    tracker.spawn(crate::media::call_record::retention(
+        file.storage.recordings_dir.clone(),
+        file.storage.call_recordings_keep_days,
+        cancel.clone(),
+    ));
     tracker.spawn(call::accept_calls(
         app_rx,
         ctx,

@@ -22,6 +22,7 @@
 //! | POST | `/admin/calls/{call_id}/hangup` | hang a call up (BYE) |
 //! | POST | `/admin/calls/{call_id}/transfer` | transfer the caller away from their operator, JSON `{"to": "911" \| "<transfers name or number>" \| "agent:<id>" \| "queue:<name>"}`: 202 with `{"transfer_id": n}`; 404 no such call or target, 403 a number the plan forbids, 409 not with an operator or a transfer in progress |
 //! | POST | `/admin/calls/{call_id}/monitor` | a supervisor listens, whispers or barges, JSON `{"mode": "listen" \| "whisper" \| "barge", "supervisor": "<agent id>"}`: the server calls the supervisor's registered phone and joins it when answered; 202, or 404 no such call, 403 not a supervisor, 409 not with an operator or the supervisor's phone not registered ([`crate::call::monitor`]) |
+//! | GET | `/admin/calls/{call_id}/recording` | the recording of a caller's talk with an operator of a queue with `record: true` (`audio/wav`, stereo: caller left, operator right), once the talk ended; 404 if none ([`crate::media::call_record`]) |
 //! | GET | `/admin/transfers/{id}` | a transfer's progress: `state` (`calling`, `ringing`, `calling 911`, then `connected` or `failed: ...` and where the caller went), `caller_state`, `done` |
 //! | POST | `/admin/menu/reload` | validate the menu file and prompts again; swap for new calls only |
 //! | GET | `/admin/requests/{id}` | one ticket with every field (personal ones too), and `external_id`, the CRM's number for it once forwarded |
@@ -59,6 +60,7 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/admin/calls/{call_id}/hangup", post(hangup))
         .route("/admin/calls/{call_id}/transfer", post(transfer))
         .route("/admin/calls/{call_id}/monitor", post(monitor))
+        .route("/admin/calls/{call_id}/recording", get(call_recording))
         .route("/admin/transfers/{id}", get(transfer_progress))
         .route("/admin/menu/reload", post(reload))
         .route(
@@ -497,6 +499,43 @@ async fn update_request(
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"error": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /admin/calls/{call_id}/recording`: the recording of the caller's talk with an
+/// operator, once finished.
+async fn call_recording(State(s): State<ApiState>, Path(call_id): Path<String>) -> Response {
+    let path = crate::media::call_record::path_for(&s.recordings, &call_id);
+    let name = crate::media::call_record::file_name(&call_id);
+    match tokio::fs::read(&path).await {
+        Ok(wav) => {
+            info!(recording = %name, "call recording fetched");
+            (
+                [
+                    (header::CONTENT_TYPE, "audio/wav".to_string()),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{name}\""),
+                    ),
+                ],
+                wav,
+            )
+                .into_response()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "this call has no finished recording"})),
+        )
+            .into_response(),
+        Err(e) => {
+            warn!(recording = %name, error = %e, "call recording unreadable");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "the recording cannot be read"})),
             )
                 .into_response()
         }

@@ -618,6 +618,7 @@ impl CallbackCore {
                 scope: leg.scope(),
                 answered: true,
                 operator: true,
+                record: false,
             })
         });
         if bridge != self.bridged && matches!(self.trunk, Trunk::Answered { .. }) {

@@ -377,6 +377,7 @@ impl ConsultCore {
                 scope: leg.scope(),
                 answered: true,
                 operator: false,
+                record: false,
             }),
             Connected::Emergency(e) => e.bridge(),
             Connected::Queue(_) => None,

@@ -98,6 +98,11 @@ pub(crate) struct CoreConfig {
     pub(crate) dialplan: DialPlan,
     /// How long an agent's phone rings for a caller transferred to them.
     pub(crate) agent_ring: Duration,
+    /// The queues whose talks with operators are recorded (`record: true`).
+    pub(crate) recorded_queues: Arc<Vec<String>>,
+    /// Per queue, the prompt every caller hears before the queue offers them to an operator
+    /// (`record_announcement`).
+    pub(crate) queue_announcements: Arc<Vec<(String, String)>>,
 }
 
 /// What happens to the call, as the driver reports it.
@@ -524,6 +529,9 @@ pub(crate) struct CallCore {
     bridged: Option<BridgeTo>,
     /// The queue asked for and the menu path, until the queue answers.
     pending_queue: Option<(String, String)>,
+    /// The queue's announcement (consent to recording) plays: the caller is enqueued when it
+    /// ends, whatever keys they press meanwhile (but 9, still 911).
+    announcing: Option<QueueCommand>,
     /// The number a call-back was asked for, until the call-backs answer.
     pending_callback: Option<CallbackNumber>,
     /// The skill asked for with `pending_queue`.
@@ -596,6 +604,7 @@ impl CallCore {
             shown: (String::new(), String::new()),
             bridged: None,
             pending_queue: None,
+            announcing: None,
             pending_callback: None,
             pending_skill: None,
             pending_rejoin: None,
@@ -899,6 +908,7 @@ impl CallCore {
                 scope: l.leg.scope(),
                 answered: true,
                 operator: false,
+                record: false,
             }),
             Phase::Queue(q) => {
                 let leg = q.operator.as_ref()?;
@@ -908,6 +918,7 @@ impl CallCore {
                     scope: leg.scope(),
                     answered: true,
                     operator: true,
+                    record: self.config.recorded_queues.contains(&q.name),
                 })
             }
             Phase::Emergency(e) => e.bridge(),
@@ -1030,6 +1041,11 @@ impl CallCore {
     }
 
     fn on_play_done(&mut self, now: Instant) {
+        if let Some(enqueue) = self.announcing.take() {
+            // The announcement was heard in full: now the queue may offer the caller.
+            self.actions.push_back(Action::Queue(enqueue));
+            return;
+        }
         if self.leg_holds() {
             // Hold music, looped, while the far end holds the call.
             self.play_names(&["hold_music"]);
@@ -1184,6 +1200,19 @@ impl CallCore {
             Phase::Line(_) => {}      // the bridge relays them to the line
             Phase::Queue(q) if q.transfer.is_some() => {} // nor is a transfer
             _ if self.hangup_after_play.is_some() => {} // nor are the last words
+            // Nor the queue's announcement, but 9 still reaches 911.
+            Phase::Menu if self.announcing.is_some() => {
+                if d == '9' {
+                    self.announcing = None;
+                    self.pending_queue = None;
+                    let path = format!("{} > queue:9", self.engine.menu_path());
+                    self.outcome = Some("emergency");
+                    self.start_emergency(
+                        Some("caller pressed 9 during the queue's announcement".into()),
+                        path,
+                    );
+                }
+            }
             Phase::Queue(_) => self.queued_keys.push_back(d),
             Phase::Menu => self.inputs.push_back(engine::Input::Digit(d)),
         }
@@ -1552,11 +1581,24 @@ impl CallCore {
         };
         self.pending_queue = Some((queue.clone(), menu_path));
         self.pending_skill = skill.clone();
-        self.actions.push_back(Action::Queue(QueueCommand::Enqueue {
+        let announcement = (self.config.queue_announcements.iter())
+            .find(|(q, _)| *q == queue)
+            .map(|(_, prompt)| self.prompts(&[prompt.as_str()]))
+            .filter(|p| !p.is_empty());
+        let enqueue = QueueCommand::Enqueue {
             queue,
             skill,
             context,
-        }));
+        };
+        match announcement {
+            Some(prompts) => {
+                self.timers.set(Timer::Menu, None);
+                self.stop_playback();
+                self.play(prompts);
+                self.announcing = Some(enqueue);
+            }
+            None => self.actions.push_back(Action::Queue(enqueue)),
+        }
     }
 
     fn on_enqueued(&mut self, now: Instant, result: Result<Position, Refusal>) {
@@ -2871,6 +2913,8 @@ mod tests {
                 &["general".into(), "permits".into()],
             ),
             agent_ring: Duration::from_secs(20),
+            recorded_queues: Arc::new(Vec::new()),
+            queue_announcements: Arc::new(Vec::new()),
         }
     }
 
@@ -3106,6 +3150,39 @@ mod tests {
         assert!(out
             .iter()
             .any(|a| matches!(a, Action::Show { language, .. } if language == "en")));
+    }
+
+    #[test]
+    fn the_queue_announcement_plays_in_full_before_the_caller_is_enqueued_and_9_is_still_911() {
+        let announced = || {
+            let mut cfg = config();
+            cfg.queue_announcements = Arc::new(vec![("general".into(), "call_recorded".into())]);
+            Call::start(cfg, CallerIdentity::Asserted(CALLER.into())).0
+        };
+        let mut c = announced();
+        let out = c.queued();
+        assert_eq!(prompts(&out), ["call_recorded"]);
+        assert!(
+            queue_cmds(&out).is_empty(),
+            "not offered before the announcement"
+        );
+        // Keys do not skip it (1 would leave a queue for a ticket).
+        let out = c.keys("1#");
+        assert!(queue_cmds(&out).is_empty() && prompts(&out).is_empty());
+        let out = c.played();
+        assert!(matches!(
+            queue_cmds(&out).as_slice(),
+            [QueueCommand::Enqueue { queue, .. }] if queue == "general"
+        ));
+        assert!(prompts(&out).contains(&"operator_queue".to_owned()));
+
+        let mut c = announced();
+        c.queued();
+        let out = c.keys("9");
+        assert!(matches!(c.core.phase, Phase::Emergency(_)), "9 is 911");
+        assert!(queue_cmds(&out).is_empty());
+        let out = c.played();
+        assert!(queue_cmds(&out).is_empty(), "never enqueued after 911");
     }
 
     #[test]

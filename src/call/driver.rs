@@ -147,6 +147,10 @@ pub(crate) struct CallContext {
     pub(crate) history: crate::history::History,
     /// Supervisors and the feature codes they dial to listen, whisper or barge.
     pub(crate) monitoring: Arc<super::monitor::Monitoring>,
+    /// The queues whose talks with operators are recorded (`record: true`).
+    pub(crate) recorded_queues: Arc<Vec<String>>,
+    /// Per queue, its `record_announcement` prompt.
+    pub(crate) queue_announcements: Arc<Vec<(String, String)>>,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -190,6 +194,8 @@ impl CallContext {
             callbacks: self.callbacks.is_some(),
             dialplan: self.dialplan.clone(),
             agent_ring: self.agent_ring,
+            recorded_queues: self.recorded_queues.clone(),
+            queue_announcements: self.queue_announcements.clone(),
         }
     }
 }
@@ -719,8 +725,28 @@ impl Driver {
             Action::Renegotiate((neg, addr)) => self.media.lock().media.renegotiate(neg, addr),
             Action::SetBridge(b) => {
                 let silence = Duration::from_secs(self.ctx.limits.operator_silence_seconds);
+                let record = b.is_some_and(|b| b.record);
                 let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, silence));
-                self.media.lock().set_bridge(bridge);
+                let bridged = bridge.is_some();
+                let mut slot = self.media.lock();
+                slot.set_bridge(bridge);
+                if !(record && bridged) {
+                    slot.set_call_tap(None);
+                } else if !slot.recording_call() {
+                    match crate::media::call_record::spawn_writer(
+                        &self.ctx.recordings,
+                        &self.call_id,
+                        &self.ctx.tracker,
+                    ) {
+                        Ok(tap) => {
+                            info!("recording the talk with the operator");
+                            slot.set_call_tap(Some(tap));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "the talk with the operator cannot be recorded")
+                        }
+                    }
+                }
             }
             Action::RearmLegWatch => self.media.lock().rearm_leg_watch(std::time::Instant::now()),
             Action::StartRecording { max, silence } => return self.start_recording(max, silence),

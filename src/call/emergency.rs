@@ -402,6 +402,7 @@ impl Emergency {
             scope: LatchScope::Anywhere,
             answered: leg.answered.is_some(),
             operator: false,
+            record: false,
         })
     }
 

@@ -340,6 +340,8 @@ pub(crate) struct BridgeTo {
     pub(crate) answered: bool,
     /// An operator's phone (watched for silence), not a trunk.
     pub(crate) operator: bool,
+    /// The talk is recorded (an operator of a queue with `record: true`).
+    pub(crate) record: bool,
 }
 
 #[cfg(test)]

@@ -464,6 +464,7 @@ impl Transfer {
                 scope: LatchScope::Anywhere,
                 answered: false,
                 operator: false,
+                record: false,
             }),
             State::Emergency(e) => e.bridge(),
             _ => None,

@@ -181,6 +181,9 @@ pub(crate) struct SlotState {
     bridge: Option<Bridge>,
     /// A supervisor on the bridge ([`SlotState::set_monitor`]); ends with the bridge.
     monitor: Option<Box<Monitor>>,
+    /// The operator's talk with the caller being recorded ([`crate::media::call_record`]);
+    /// ends with the bridge.
+    call_tap: Option<Box<crate::media::call_record::CallTap>>,
     /// Bumped by every [`SlotState::set_bridge`]; the shard compares it with `relay_epoch`.
     bridge_epoch: u64,
     /// The `bridge_epoch` the shard last acted on (written by the shard only).
@@ -500,6 +503,7 @@ impl SlotState {
         if bridge.is_none() {
             // Nothing left to monitor: dropping the monitor tells the supervisor's call.
             self.monitor = None;
+            self.call_tap = None;
         }
         self.bridge = bridge;
         self.bridge_epoch += 1;
@@ -513,6 +517,17 @@ impl SlotState {
         }
         self.monitor = Some(m);
         Ok(())
+    }
+
+    /// Record the bridge (both sides, [`crate::media::call_record`]), or stop recording
+    /// (`None`: the writer finalises the file).
+    pub(crate) fn set_call_tap(&mut self, tap: Option<crate::media::call_record::CallTap>) {
+        self.call_tap = tap.map(Box::new);
+    }
+
+    /// Whether the bridge is being recorded.
+    pub(crate) fn recording_call(&self) -> bool {
+        self.call_tap.is_some()
     }
 
     /// Whether a supervisor is on the bridge.
@@ -578,6 +593,7 @@ impl Slot {
                 tap: None,
                 bridge: None,
                 monitor: None,
+                call_tap: None,
                 bridge_epoch: 0,
                 relay_epoch: 0,
                 connected: None,
@@ -1290,6 +1306,11 @@ impl Slot {
             }
             self.webrtc_timers(st, now);
             self.monitor_tick(st, now, io);
+            if let Some(t) = &mut st.call_tap {
+                for _ in 0..=missed {
+                    t.tick();
+                }
+            }
             if let Some(t) = st.bridge.as_mut().map(|b| b.tick(now, missed)) {
                 if t.report_silent {
                     self.note(MediaNote::LegSilent);
@@ -1483,6 +1504,13 @@ impl Slot {
                     }
                     // A supervisor hears the caller; the operator hears the caller through the
                     // mixer when it also hears the supervisor (keys still pass through).
+                    if let Some(t) = &mut st.call_tap {
+                        if let Ok(p) = rtp::parse(&buf[..len]) {
+                            if p.payload_type == caller_neg.payload_type {
+                                t.push_g711(false, caller_neg.codec, p.payload);
+                            }
+                        }
+                    }
                     let mut mixed = false;
                     if let Some(m) = &mut st.monitor {
                         m.hear(Party::Caller, &buf[..len], &caller_neg);
@@ -1540,6 +1568,13 @@ impl Slot {
                         None => continue,
                     };
                     b.leg_alive = Some(now);
+                    if let Some(t) = &mut st.call_tap {
+                        if let Ok(p) = rtp::parse(&buf[..len]) {
+                            if p.payload_type == b.leg_neg.payload_type {
+                                t.push_g711(true, b.leg_neg.codec, p.payload);
+                            }
+                        }
+                    }
                     let mut mixed = false;
                     if let Some(m) = &mut st.monitor {
                         m.hear(Party::Operator, &buf[..len], &b.leg_neg);

@@ -6,6 +6,7 @@
 //! [`clock`] paces every call's RTP on shared 20 ms threads.
 
 pub mod bridge;
+pub(crate) mod call_record;
 pub mod clock;
 pub mod dtmf;
 pub mod g711;
