@@ -1151,6 +1151,20 @@ impl ResponseBuilder {
         }
         let _ = write!(out, "Call-ID: {}\r\n", req.call_id);
         let _ = write!(out, "CSeq: {} {}\r\n", req.cseq, req.cseq_method);
+        // A response that establishes a dialog carries the request's Record-Route, so the far
+        // end's in-dialog requests pass the same proxies (RFC 3261 12.1.1): a proxy in front of
+        // several nodes (Kamailio's dispatcher) finds the node that has the call that way.
+        let establishes = (101..300).contains(&code)
+            && req.to.tag().is_none()
+            && matches!(
+                req.method,
+                Method::Invite | Method::Subscribe | Method::Refer
+            );
+        if establishes {
+            for rr in req.headers_named("Record-Route") {
+                let _ = write!(out, "Record-Route: {rr}\r\n");
+            }
+        }
         ResponseBuilder { out, body: None }
     }
 
@@ -1456,6 +1470,33 @@ l: 2\r\n\r\nhi";
         assert_eq!(resp.from.tag(), Some("abc"));
         assert_eq!(resp.top_via().branch.as_deref(), Some("z9hG4bK-1"));
         assert_eq!(&resp.body[..], b"v=0\r\n");
+    }
+
+    #[test]
+    fn a_response_establishing_a_dialog_carries_the_record_route_set() {
+        let with_rr = INVITE.replacen(
+            "Call-ID:",
+            "Record-Route: <sip:p1.example;lr>, <sip:p2.example;lr>\r\n\
+             Record-Route: <sip:p3.example;lr>\r\nCall-ID:",
+            1,
+        );
+        let r = req(&with_rr);
+        let routes = |code: u16| {
+            let bytes = ResponseBuilder::new(&r, code, "X", Some("srv")).build();
+            let Message::Response(resp) = parse_datagram(&bytes, 65536).unwrap() else {
+                panic!()
+            };
+            resp.record_routes()
+        };
+        let all = [
+            "<sip:p1.example;lr>",
+            "<sip:p2.example;lr>",
+            "<sip:p3.example;lr>",
+        ];
+        assert_eq!(routes(200), all, "in order, as received");
+        assert_eq!(routes(180), all);
+        assert!(routes(100).is_empty(), "100 Trying makes no dialog");
+        assert!(routes(486).is_empty(), "nor does a failure");
     }
 
     #[test]
