@@ -700,7 +700,9 @@ pub struct Limits {
     /// IPv4 address or an IPv6 /64). Past it they are dropped without an answer and counted in
     /// `/metrics` (`ivr311_sip_requests_dropped_total{reason="rate_limited"}`). A monitor
     /// pinging every second, a trunk's keep-alive OPTIONS and agents' phones registering stay
-    /// far below it; a scanner does not. 0 turns the limit off. Default 10.
+    /// far below it; a scanner does not. Sources in `trunks.allow` are not limited (an edge
+    /// proxy relays every operator's REGISTER from its one address). 0 turns the limit off.
+    /// Default 10.
     pub options_per_second: u32,
     /// How many such requests one source may send at once before `options_per_second`
     /// applies. Default 40.

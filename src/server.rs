@@ -471,7 +471,7 @@ pub async fn start_with_clock(
             addr: args.http,
             source,
         })?;
-    let router = api::router(ApiState {
+    let api_state = ApiState {
         registry: registry.clone(),
         ua: ua_stats.clone(),
         transport: transport.stats.clone(),
@@ -511,7 +511,9 @@ pub async fn start_with_clock(
             cancel.clone(),
         )),
         supervisor: Arc::new(api::supervisor::Wallboard::new(&file.queues)),
-    });
+    };
+    tracker.spawn(api::health::watch(api_state.clone(), cancel.clone()));
+    let router = api::router(api_state);
     tracker.spawn(api::serve::run(
         listener,
         router,

@@ -2,6 +2,8 @@
 //! taking calls is broken in turn (the ticket store read-only, full and locked; the media clock
 //! stalled; the SIP loop stalled; the server draining), and readiness answers 503 naming it,
 //! while `/health` (liveness) keeps answering 200. Once the fault is gone it is ready again.
+//! The SIP side says the same to an edge proxy's probe: an out-of-dialog OPTIONS is answered
+//! 503 while the node is not ready, and 200 again after.
 //!
 //! The faults are made as in tests/db_faults.rs (`PRAGMA query_only`, `max_page_count`, an
 //! exclusive lock held by the test's own connection) and with the server's fault drills for
@@ -59,6 +61,44 @@ async fn wait_ready(
     }
 }
 
+/// The answer to an out-of-dialog OPTIONS (a load balancer's probe).
+async fn options(sip: SocketAddr) -> u16 {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let probe = format!(
+        "OPTIONS sip:{sip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:edge@{me}>;tag=1\r\nTo: <sip:{sip}>\r\n\
+         Call-ID: {}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    sock.send_to(probe.as_bytes(), sip).await.unwrap();
+    let r = final_response(&sock, 1).await;
+    if r.code == 503 {
+        assert!(
+            r.header("Retry-After").is_some(),
+            "503 says when to come back"
+        );
+    }
+    r.code
+}
+
+/// Polls OPTIONS until it answers `code`; panics after `within`.
+async fn wait_options(sip: SocketAddr, code: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = options(sip).await;
+        if got == code {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "OPTIONS never answered {code}; last {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn assert_live(srv: &RunningServer) {
     let h = health(srv.http_addr).await;
     assert_eq!(h["status"], "ok", "liveness stays ok: {h}");
@@ -88,14 +128,18 @@ async fn a_ticket_store_that_cannot_write_is_not_ready() {
     wait_ready(a, 200, "", Duration::from_secs(5)).await;
 
     // Read-only.
+    wait_options(srv.sip_addr, 200, Duration::from_secs(5)).await;
     srv.tickets.set_read_only(true).await.unwrap();
     let reasons = wait_ready(a, 503, "ticket store cannot write", Duration::from_secs(5)).await;
     assert!(
         reasons.iter().any(|r| r.contains("read-only")),
         "{reasons:?}"
     );
+    // The edge's probe is told too, without anyone asking over HTTP.
+    wait_options(srv.sip_addr, 503, Duration::from_secs(5)).await;
     assert_live(&srv).await;
     srv.tickets.set_read_only(false).await.unwrap();
+    wait_options(srv.sip_addr, 200, Duration::from_secs(5)).await;
     wait_ready(a, 200, "", Duration::from_secs(5)).await;
 
     // Full: capped at its size, with the room left used up by the smallest tickets there are.
@@ -182,7 +226,10 @@ async fn a_draining_server_is_not_ready() {
     let mut ua = TestUa::udp(srv.sip_addr).await;
     assert_eq!(ua.call("0 101").await.code, 200);
     ua.until_audio().await;
+    let sip = srv.sip_addr;
+    assert_eq!(options(sip).await, 200);
     let stop = tokio::spawn(srv.shutdown());
+    wait_options(sip, 503, Duration::from_secs(2)).await;
     wait_ready(a, 503, "draining", Duration::from_secs(5)).await;
     let h = health(a).await;
     assert_eq!(h["status"], "ok", "liveness stays ok while draining: {h}");

@@ -19,6 +19,17 @@
 //! so a flood of probes cannot load the database. Readiness needs no token (it says nothing
 //! a caller could not learn by calling).
 //!
+//! The same answer reaches SIP: [`watch`] runs the checks every [`SIP_AVAILABILITY_EVERY`]
+//! (at once when the drain starts) and sets [`UaStats::out_of_service`], and while it is set an
+//! out-of-dialog OPTIONS (a SIP load balancer's probe: Kamailio's `dispatcher`,
+//! OpenSIPS' `ds_ping`) is answered `503` with `Retry-After` instead of `200`, so the edge
+//! takes the node out of its set before callers meet the problem. A stuck outbox is not one of
+//! these: it is the city's other systems that are failing, every node sees the same, and
+//! taking them all out would stop the line for a CRM outage. Reading the flag in the SIP loop
+//! costs one atomic load; the checks themselves stay off that loop.
+//!
+//! [`UaStats::out_of_service`]: crate::sip::ua::UaStats::out_of_service
+//!
 //! [`TicketStore::probe_write`]: crate::dispatch::tickets::TicketStore::probe_write
 
 use crate::api::ApiState;
@@ -40,6 +51,9 @@ pub(crate) const STALL_AFTER: Duration = Duration::from_secs(2);
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest the ticket-store write probe may take before it counts as failed.
 pub(crate) const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often [`watch`] refreshes the SIP side's availability from the checks: well inside the
+/// probe interval of an edge proxy (the shipped Kamailio configuration probes every 2 s).
+pub(crate) const SIP_AVAILABILITY_EVERY: Duration = Duration::from_secs(1);
 
 /// `GET /health` body.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -79,7 +93,7 @@ pub(crate) struct ReadyState {
     pub(crate) media: Vec<Arc<Heartbeat>>,
     /// Cancelled when the server starts to stop.
     pub(crate) draining: CancellationToken,
-    last: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Problems)>>,
     /// Whether the last check found the node ready (to log changes only).
     was_ready: AtomicBool,
     /// With an outbox: how old its oldest undelivered row may be.
@@ -170,18 +184,25 @@ pub(crate) async fn health(State(s): State<ApiState>) -> Json<Health> {
     })
 }
 
-pub(crate) async fn ready(State(s): State<ApiState>) -> Response {
-    let reasons = {
+/// The problems now: the last check's answer when it is younger than [`CHECK_EVERY`], else a
+/// new check. Logs the changes between ready and not ready, and keeps the SIP side's
+/// availability ([`UaStats::out_of_service`](crate::sip::ua::UaStats)) in step.
+async fn reasons(s: &ApiState) -> Vec<String> {
+    let problems = {
         let mut last = s.ready.last.lock().await;
         match &*last {
-            Some((at, reasons)) if at.elapsed() < CHECK_EVERY => reasons.clone(),
+            Some((at, problems)) if at.elapsed() < CHECK_EVERY => problems.clone(),
             _ => {
-                let reasons = check(&s).await;
-                *last = Some((Instant::now(), reasons.clone()));
-                reasons
+                let problems = check(s).await;
+                *last = Some((Instant::now(), problems.clone()));
+                problems
             }
         }
     };
+    s.ua.out_of_service
+        .store(!problems.node.is_empty(), Ordering::Relaxed);
+    let mut reasons = problems.node;
+    reasons.extend(problems.elsewhere);
     let ready = reasons.is_empty();
     if s.ready.was_ready.swap(ready, Ordering::Relaxed) != ready {
         if ready {
@@ -190,6 +211,29 @@ pub(crate) async fn ready(State(s): State<ApiState>) -> Response {
             tracing::warn!(?reasons, "not ready");
         }
     }
+    reasons
+}
+
+/// Keeps the SIP side's availability in step with readiness until `cancel`: a check every
+/// [`SIP_AVAILABILITY_EVERY`], and one at once when the drain starts.
+pub(crate) async fn watch(s: ApiState, cancel: CancellationToken) {
+    let draining = s.ready.draining.clone();
+    loop {
+        reasons(&s).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = draining.cancelled(), if !draining.is_cancelled() => {
+                // Forget the cached answer: the drain must show on the next OPTIONS.
+                *s.ready.last.lock().await = None;
+            }
+            _ = tokio::time::sleep(SIP_AVAILABILITY_EVERY) => {}
+        }
+    }
+}
+
+pub(crate) async fn ready(State(s): State<ApiState>) -> Response {
+    let reasons = reasons(&s).await;
+    let ready = reasons.is_empty();
     let (code, status) = if ready {
         (StatusCode::OK, "ready")
     } else {
@@ -205,8 +249,19 @@ pub(crate) async fn ready(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn check(s: &ApiState) -> Vec<String> {
+/// What a check found.
+#[derive(Debug, Clone, Default)]
+struct Problems {
+    /// This node cannot serve calls well: it should get none (OPTIONS answered 503).
+    node: Vec<String>,
+    /// Something beyond the node is failing (the outbox's receivers): readiness says so, the
+    /// node still takes calls.
+    elsewhere: Vec<String>,
+}
+
+async fn check(s: &ApiState) -> Problems {
     let mut reasons = Vec::new();
+    let mut elsewhere = Vec::new();
     match tokio::time::timeout(STORE_PROBE_TIMEOUT, s.tickets.probe_write()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => reasons.push(format!("ticket store cannot write: {e}")),
@@ -217,7 +272,7 @@ async fn check(s: &ApiState) -> Vec<String> {
     }
     if let Some(after) = s.ready.outbox_stuck_after {
         match s.tickets.outbox_stats().await {
-            Ok(st) => reasons.extend(outbox_problem(
+            Ok(st) => elsewhere.extend(outbox_problem(
                 st.oldest_ms,
                 after,
                 crate::dispatch::outbox::epoch_ms(time::OffsetDateTime::now_utc()),
@@ -232,7 +287,10 @@ async fn check(s: &ApiState) -> Vec<String> {
         s.ready.draining.is_cancelled(),
         Instant::now(),
     ));
-    reasons
+    Problems {
+        node: reasons,
+        elsewhere,
+    }
 }
 
 #[cfg(test)]

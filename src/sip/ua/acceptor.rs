@@ -21,6 +21,7 @@ use crate::sip::session_timer::{self, SessionTimer};
 use crate::sip::transport::Flow;
 use bytes::Bytes;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -102,7 +103,10 @@ impl Acceptor {
                 }),
             };
         }
-        if self.limiter.allow(source, now) {
+        // A listed trunk (the carrier, or the edge proxy in front of several nodes, which
+        // relays every operator's REGISTER and every probe from one address) is not rate
+        // limited: it is the infrastructure, and its bursts are everyone's requests.
+        if self.trunks_allow.iter().any(|n| n.contains(source)) || self.limiter.allow(source, now) {
             Screened::Pass
         } else {
             Screened::Drop("rate_limited")
@@ -219,6 +223,16 @@ impl Core {
         }
         match req.method {
             Method::Invite => self.on_invite(req, key, flow, counted, now),
+            Method::Options if self.stats.out_of_service.load(Ordering::Relaxed) => {
+                // A load balancer's probe: take this node out of the set while it cannot
+                // take calls (not ready, or draining).
+                let resp = self
+                    .response(&req, 503, "Service Unavailable", None)
+                    .header("Retry-After", "5")
+                    .header("Allow", self.allow())
+                    .build();
+                self.new_server_and_respond(key, req, flow, None, (503, resp), now);
+            }
             Method::Options => {
                 let resp = self
                     .response(&req, 200, "OK", None)
@@ -1014,6 +1028,8 @@ CSeq: 1 {method}\r\nUser-Agent: {user_agent}\r\nContent-Length: 0\r\n\r\n"
         let mut a = Acceptor::new(Screening {
             trunks_allow: vec!["203.0.113.0/24".parse().unwrap()],
             max_calls_per_source: 1,
+            per_second: 1,
+            burst: 2,
             ..Screening::default()
         });
         assert_eq!(
@@ -1023,5 +1039,16 @@ CSeq: 1 {method}\r\nUser-Agent: {user_agent}\r\nContent-Length: 0\r\n\r\n"
         for _ in 0..3 {
             assert_eq!(a.screen(&invite, trunk, false, now), Screened::Pass);
         }
+        // Nor are its other requests: an edge proxy relays everyone's REGISTERs and probes.
+        for _ in 0..100 {
+            assert_eq!(a.screen(&options, trunk, false, now), Screened::Pass);
+        }
+        for _ in 0..2 {
+            assert_eq!(a.screen(&options, phone, false, now), Screened::Pass);
+        }
+        assert_eq!(
+            a.screen(&options, phone, false, now),
+            Screened::Drop("rate_limited")
+        );
     }
 }

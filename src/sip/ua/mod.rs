@@ -34,7 +34,8 @@
 //! - CANCEL: `200` for the CANCEL, `487` for the INVITE, and the call hears [`DialogEvent::Cancelled`].
 //! - In-dialog: BYE (200), INFO (200, passed up), re-INVITE/UPDATE (passed up, the call answers
 //!   with SDP), OPTIONS (200); CSeq going backwards gets 500; unknown dialogs get 481.
-//! - Out of dialog: OPTIONS gets 200 (monitoring pings); SUBSCRIBE, MESSAGE... get 405 with
+//! - Out of dialog: OPTIONS gets 200 (monitoring pings), or 503 with `Retry-After` while the
+//!   node is not ready or draining ([`UaStats::out_of_service`]: an edge proxy's probe); SUBSCRIBE, MESSAGE... get 405 with
 //!   `Allow`; methods we do not know get 501.
 //! - REGISTER (operators logging in): answered by the [`Registrar`] when agents are configured
 //!   (`UaCore::with_agents`; `Allow` then lists REGISTER), else 403. Log-ins and log-outs go
@@ -201,6 +202,9 @@ pub struct UaStats {
     /// Beaten on every turn of the UA loop, and at least every `UA_HEARTBEAT` when idle
     /// (read by `/health/ready`).
     pub heartbeat: crate::heartbeat::Heartbeat,
+    /// Set while the node is not ready or is draining (kept by `api::health::watch`): an
+    /// out-of-dialog OPTIONS, a load balancer's probe, is then answered 503.
+    pub out_of_service: std::sync::atomic::AtomicBool,
 }
 
 /// How often an idle UA loop turns anyway, to show it still would.
