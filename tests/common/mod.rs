@@ -187,6 +187,9 @@ pub struct TestUa {
     pub from_user: String,
     /// SIP messages received but not consumed yet.
     backlog: Vec<Message>,
+    /// When the answer came through a proxy that record-routes: the far end's Contact and the
+    /// route set, which in-dialog requests then follow (RFC 3261 12.1.2).
+    route: Option<(String, Vec<String>)>,
     /// The Via branches of the requests we sent: responses to others are strays.
     branches: std::sync::Mutex<Vec<String>>,
 }
@@ -235,6 +238,7 @@ impl TestUa {
             rtp_out: RtpStream::new(),
             from_user: "+15550001111".to_owned(),
             backlog: Vec::new(),
+            route: None,
             branches: Default::default(),
         }
     }
@@ -473,6 +477,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
                 Some(Message::Response(r)) if r.cseq_method.as_str() == "INVITE" => {
                     if r.code < 300 {
                         self.to_tag = r.to.tag().map(str::to_owned);
+                        self.keep_route_set(&r);
                         let remote = sdp::parse(&r.body).expect("answer SDP parses");
                         self.remote_rtp = Some(remote.addr);
                         let neg = sdp::negotiate(&remote, &[Codec::Pcmu, Codec::Pcma]).unwrap();
@@ -533,19 +538,40 @@ Content-Length: {len}\r\n\r\n{sdp}",
         r
     }
 
+    /// Keep the route set of a 2xx that came through a record-routing proxy.
+    fn keep_route_set(&mut self, r: &Response) {
+        let mut routes: Vec<String> = r
+            .headers_named("Record-Route")
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect();
+        routes.reverse();
+        if let (false, Some(contact)) = (routes.is_empty(), r.contacts().first()) {
+            self.route = Some((contact.uri.clone(), routes));
+        }
+    }
+
     pub fn in_dialog(&mut self, method: &str, extra: &str, body: &str) -> Vec<u8> {
         if method != "ACK" {
             self.cseq += 1;
         }
+        let (target, routes) = match &self.route {
+            Some((target, routes)) => (
+                target.clone(),
+                routes.iter().map(|r| format!("Route: {r}\r\n")).collect(),
+            ),
+            None => (format!("sip:ivr311@{}", self.server), String::new()),
+        };
         let branch = if method == "ACK" {
             format!("z9hG4bKack{}", rand::random::<u32>())
         } else {
             format!("z9hG4bK{}", rand::random::<u64>())
         };
         format!(
-            "{method} sip:ivr311@{srv} SIP/2.0\r\n\
+            "{method} {target} SIP/2.0\r\n\
 Via: SIP/2.0/{tr} {me};branch={branch};rport\r\n\
-Max-Forwards: 70\r\n\
+{routes}Max-Forwards: 70\r\n\
 From: <sip:{user}@{me}>;tag={tag}\r\n\
 To: <sip:311@{srv}>;tag={tt}\r\n\
 Call-ID: {cid}\r\n\

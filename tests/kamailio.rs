@@ -1,0 +1,302 @@
+//! Two ivr311 nodes behind a real Kamailio with the shipped configuration
+//! (`deploy/kamailio/kamailio.cfg`), all on loopback: calls are spread over both nodes; when one
+//! is killed with SIGKILL, new calls reach the other (Kamailio fails the INVITE over at once,
+//! and its OPTIONS probe takes the dead node out) while the calls on the survivor go on; the
+//! dead node, restarted, rejoins by itself; a node drained with SIGTERM answers its probe 503,
+//! so new calls go to the other with not one failed, while its own call finishes.
+//!
+//! Each node here has its own SQLite file: what the nodes share (tickets, agents' claims,
+//! queues) is the PostgreSQL store's business. This is the SIP edge.
+
+mod common;
+
+use common::*;
+use ivr311::sip::message::Message;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Seconds between Kamailio's OPTIONS probes of each node.
+const PROBE_INTERVAL: u64 = 1;
+
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A child process, killed when dropped (a failing test leaves nothing behind).
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+/// One ivr311 node: the real binary with the shipped menu, its own database and RTP ports.
+struct Node {
+    name: &'static str,
+    sip: SocketAddr,
+    http: SocketAddr,
+    rtp: (u16, u16),
+    db: PathBuf,
+    config: PathBuf,
+    process: Option<Process>,
+}
+
+impl Node {
+    fn new(name: &'static str, dir: &Path, rtp: (u16, u16)) -> Node {
+        let config = dir.join(format!("{name}.yaml"));
+        // The edge is the trunk: its calls are not counted against one source's limits.
+        std::fs::write(
+            &config,
+            format!(
+                "trunks:\n  allow: [\"127.0.0.1/32\"]\nlimits:\n  drain_seconds: 20\n\
+                 storage:\n  recordings_dir: {}\n",
+                dir.join(format!("{name}-recordings")).display()
+            ),
+        )
+        .unwrap();
+        Node {
+            name,
+            sip: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            http: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            rtp,
+            db: dir.join(format!("{name}.db")),
+            config,
+            process: None,
+        }
+    }
+
+    async fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_ivr311"))
+            .arg("serve")
+            .args(["--sip", &self.sip.to_string()])
+            .args(["--http", &self.http.to_string()])
+            .args(["--db", &self.db.display().to_string()])
+            .args(["--rtp-ports", &format!("{}-{}", self.rtp.0, self.rtp.1)])
+            .args(["--config", &self.config.display().to_string()])
+            .current_dir(repo())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log())
+                    .unwrap(),
+            ))
+            .spawn()
+            .expect("the binary starts");
+        let mut p = Process(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.http).await.is_err() {
+            if let Ok(Some(status)) = p.0.try_wait() {
+                panic!("node {} exited at start: {status}", self.name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not come up",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.process = Some(p);
+    }
+
+    /// Where the node's log goes (kept with the test's files when the test fails).
+    fn log(&self) -> PathBuf {
+        self.db.with_extension("log")
+    }
+
+    /// Whether this node's media answered the call.
+    fn has(&self, ua: &TestUa) -> bool {
+        let port = ua.remote_rtp.expect("answered").port();
+        (self.rtp.0..=self.rtp.1).contains(&port)
+    }
+}
+
+/// Kamailio with the shipped configuration on a free port, in front of `nodes`.
+fn kamailio(dir: &Path, nodes: &[&Node]) -> (Process, SocketAddr) {
+    let list = dir.join("dispatcher.list");
+    let lines: String = nodes.iter().map(|n| format!("1 sip:{}\n", n.sip)).collect();
+    std::fs::write(&list, lines).unwrap();
+    let edge: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = Command::new("kamailio")
+        .args(["-DD", "-E", "-m", "64", "-M", "8"])
+        .args([
+            "-f",
+            &repo()
+                .join("deploy/kamailio/kamailio.cfg")
+                .display()
+                .to_string(),
+        ])
+        .args(["-A", &format!("DISPATCHER_LIST=\"{}\"", list.display())])
+        .args(["-A", &format!("PROBE_INTERVAL={PROBE_INTERVAL}")])
+        .args(["-l", &format!("udp:{edge}"), "-l", &format!("tcp:{edge}")])
+        .args(["-Y", &dir.display().to_string()])
+        .args(["-P", &dir.join("kamailio.pid").display().to_string()])
+        .args(["-w", &dir.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("kamailio.log")).unwrap(),
+        ))
+        .spawn()
+        .expect("kamailio is installed (scripts/test installs it)");
+    (Process(child), edge)
+}
+
+/// A call through the edge: answered (200, then ACK), or the final code it got.
+async fn call(edge: SocketAddr) -> Result<TestUa, u16> {
+    let mut ua = TestUa::udp(edge).await;
+    let r = ua.call("0 101").await;
+    if r.code == 200 {
+        Ok(ua)
+    } else {
+        Err(r.code)
+    }
+}
+
+/// A call the node answered, hung up at once (a caller who changed their mind).
+async fn short_call(edge: SocketAddr) -> TestUa {
+    let mut ua = call(edge).await.expect("the edge connects the call");
+    ua.until_audio().await;
+    assert_eq!(
+        ua.bye().await.code,
+        200,
+        "BYE reaches the node through the edge"
+    );
+    ua
+}
+
+/// Calls until one is answered by `node` (each hung up), within `within`.
+async fn until_a_call_reaches(edge: SocketAddr, node: &Node, within: Duration) -> TestUa {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut ua = call(edge).await.expect("the edge connects the call");
+        if node.has(&ua) {
+            return ua;
+        }
+        assert_eq!(ua.bye().await.code, 200);
+        assert!(
+            Instant::now() < deadline,
+            "no call reached node {} within {within:?}",
+            node.name
+        );
+    }
+}
+
+/// Audio keeps coming on `ua`'s call, and its BYE is answered.
+async fn goes_on_and_ends(mut ua: TestUa) {
+    ua.drain_rtp();
+    let heard = ua.listen(Duration::from_millis(600)).await;
+    assert!(
+        heard.len() >= 10,
+        "the call's audio goes on: {} frames",
+        heard.len()
+    );
+    assert_eq!(ua.bye().await.code, 200, "the call ends normally");
+}
+
+/// The edge answers its own OPTIONS once it is up.
+async fn until_edge_up(edge: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = sock.local_addr().unwrap();
+        let options = format!(
+            "OPTIONS sip:{edge} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:probe@{me}>;tag=1\r\nTo: <sip:{edge}>\r\n\
+             Call-ID: {}@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            rand::random::<u32>(),
+            rand::random::<u64>()
+        );
+        sock.send_to(options.as_bytes(), edge).await.unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await
+        {
+            if let Ok(Message::Response(r)) = ivr311::sip::message::parse_datagram(&buf[..n], 65535)
+            {
+                if r.code == 200 {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "kamailio did not come up");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_behind_kamailio_survive_a_kill_and_a_drain_without_a_failed_call() {
+    let dir = std::env::temp_dir().join(format!("ivr311-kamailio-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = serve_args().rtp_ports;
+    let mid = ports.lo + (ports.hi - ports.lo) / 2;
+    let mut a = Node::new("a", &dir, (ports.lo, mid - 1));
+    let mut b = Node::new("b", &dir, (mid, ports.hi));
+    a.start().await;
+    b.start().await;
+    let (_edge_process, edge) = kamailio(&dir, &[&a, &b]);
+    until_edge_up(edge).await;
+
+    // Calls are spread over both nodes.
+    let on_a = until_a_call_reaches(edge, &a, Duration::from_secs(20)).await;
+    let on_b = until_a_call_reaches(edge, &b, Duration::from_secs(20)).await;
+    goes_on_and_ends(on_a).await;
+
+    // A dies. B's call goes on; every new call is answered, by B.
+    a.process.take().unwrap().signal("-KILL");
+    for _ in 0..8 {
+        let ua = short_call(edge).await;
+        assert!(b.has(&ua), "a call after the kill went to the dead node");
+    }
+    goes_on_and_ends(on_b).await;
+
+    // A comes back on its own database and rejoins without anyone telling the edge.
+    a.start().await;
+    let back = until_a_call_reaches(edge, &a, Duration::from_secs(10 * PROBE_INTERVAL + 10)).await;
+
+    // A drains (SIGTERM) while it has a call: its probe answers 503 and its INVITEs 503, so
+    // every new call goes to B, and none fails. A's own call goes on to its end.
+    a.process.as_ref().unwrap().signal("-TERM");
+    until(
+        "node a reports draining",
+        Duration::from_secs(10),
+        async || (http(a.http, "GET", "/health/ready", &[], b"").await.0 == 503).then_some(()),
+    )
+    .await;
+    for _ in 0..8 {
+        let ua = short_call(edge).await;
+        assert!(
+            b.has(&ua),
+            "a call during the drain went to the draining node"
+        );
+    }
+    goes_on_and_ends(back).await;
+    let status = a.process.as_mut().unwrap().0.wait().unwrap();
+    assert!(
+        status.success(),
+        "node a exits cleanly after its last call: {status:?}"
+    );
+    a.process = None;
+    let _ = std::fs::remove_dir_all(&dir);
+}
