@@ -10,155 +10,19 @@ use ivr311::dispatch::tickets::{Channel, NewTicket};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// One HTTP/1.1 request: (status, head, body).
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
-    (status, head.to_owned(), body.to_owned())
-}
-
-/// A logged-in console: its cookie and CSRF token.
-struct Console {
-    http: SocketAddr,
-    cookie: String,
-    csrf: String,
-}
-
+/// `POST /console/login` with any password: (status, head, body).
 async fn login_raw(http: SocketAddr, agent: &str, password: &str) -> (u16, String, String) {
-    request(
+    http_head(
         http,
         "POST",
         "/console/login",
         &[("Content-Type", "application/json")],
-        &json!({"agent": agent, "password": password}).to_string(),
+        json!({"agent": agent, "password": password})
+            .to_string()
+            .as_bytes(),
     )
     .await
-}
-
-impl Console {
-    async fn login(http: SocketAddr, agent: &str) -> Console {
-        let (status, head, body) = login_raw(http, agent, &format!("pw{agent}")).await;
-        assert_eq!(status, 200, "{head}\n{body}");
-        let set = head
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
-            .expect("a session cookie");
-        let value = set
-            .split_once(':')
-            .unwrap()
-            .1
-            .trim()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_owned();
-        let body: Value = serde_json::from_str(&body).unwrap();
-        Console {
-            http,
-            cookie: value,
-            csrf: body["csrf_token"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let (status, _, body) =
-            request(self.http, "GET", path, &[("Cookie", &self.cookie)], "").await;
-        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let (status, _, body) = request(
-            self.http,
-            "POST",
-            path,
-            &[
-                ("Cookie", &self.cookie),
-                ("X-CSRF-Token", &self.csrf),
-                ("Content-Type", "application/json"),
-            ],
-            &body.to_string(),
-        )
-        .await;
-        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-    }
-
-    async fn events(&self) -> Events {
-        let mut s = TcpStream::connect(self.http).await.unwrap();
-        let req = format!(
-            "GET /console/events HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\nAccept: text/event-stream\r\n\r\n",
-            self.http, self.cookie
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        Events {
-            stream: s,
-            text: String::new(),
-            at: 0,
-            name: None,
-        }
-    }
-}
-
-/// A server-sent events stream, read line by line (chunk-size lines are skipped).
-struct Events {
-    stream: TcpStream,
-    text: String,
-    at: usize,
-    name: Option<String>,
-}
-
-impl Events {
-    /// The next event called `name` within `within` (others are skipped).
-    async fn next(&mut self, name: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            while let Some(end) = self.text[self.at..].find('\n') {
-                let line = self.text[self.at..self.at + end].trim_end().to_owned();
-                self.at += end + 1;
-                if let Some(n) = line.strip_prefix("event:") {
-                    self.name = Some(n.trim().to_owned());
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    if self.name.as_deref() == Some(name) {
-                        self.name = None;
-                        return serde_json::from_str(d.trim()).unwrap();
-                    }
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut buf = [0u8; 8192];
-            let n = match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => n,
-                _ => panic!("no {name:?} event within {within:?}; got:\n{}", self.text),
-            };
-            self.text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
 }
 
 /// Poll agent `id`'s state in `/admin/agents` until it is `want`.
@@ -205,7 +69,7 @@ async fn an_operator_logs_in_with_a_strict_cookie_and_a_wrong_password_is_refuse
         "no Secure without console.secure_cookies"
     );
 
-    let c = Console::login(srv.http_addr, "1001").await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
     let (status, me) = c.get("/console/api/session").await;
     assert_eq!(status, 200, "{me}");
     assert_eq!(me["agent"], "1001");
@@ -220,13 +84,13 @@ async fn an_operator_logs_in_with_a_strict_cookie_and_a_wrong_password_is_refuse
         .iter()
         .any(|s| s["service_code"] == "pothole"));
     // Without the cookie, or after log-out, nothing.
-    let (status, _, _) = request(srv.http_addr, "GET", "/console/api/session", &[], "").await;
+    let (status, _, _) = http_head(srv.http_addr, "GET", "/console/api/session", &[], b"").await;
     assert_eq!(status, 401);
     let (status, _) = c.post("/console/logout", json!({})).await;
     assert_eq!(status, 204);
     assert_eq!(c.get("/console/api/session").await.0, 401);
     // The page itself is served to anyone, with a strict content policy.
-    let (status, head, body) = request(srv.http_addr, "GET", "/console", &[], "").await;
+    let (status, head, body) = http_head(srv.http_addr, "GET", "/console", &[], b"").await;
     assert_eq!(status, 200);
     assert!(body.contains("console.js"), "{body}");
     assert!(head
@@ -260,7 +124,7 @@ async fn a_state_change_without_the_csrf_token_is_refused() {
         until_state(srv.http_addr, "1001", "available").await,
         "available"
     );
-    let c = Console::login(srv.http_addr, "1001").await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
     let body = json!({"state": "not_ready", "reason": "break"}).to_string();
     for headers in [
         vec![
@@ -273,13 +137,19 @@ async fn a_state_change_without_the_csrf_token_is_refused() {
             ("X-CSRF-Token", "0000"),
         ],
     ] {
-        let (status, _, b) =
-            request(srv.http_addr, "POST", "/console/api/state", &headers, &body).await;
+        let (status, _, b) = http_head(
+            srv.http_addr,
+            "POST",
+            "/console/api/state",
+            &headers,
+            body.as_bytes(),
+        )
+        .await;
         assert_eq!(status, 403, "{b}");
     }
     assert_eq!(agent_state(srv.http_addr, "1001").await, "available");
     // A form post (what a cross-site page could send) is refused even with the token.
-    let (status, _, _) = request(
+    let (status, _, _) = http_head(
         srv.http_addr,
         "POST",
         "/console/api/state",
@@ -288,7 +158,7 @@ async fn a_state_change_without_the_csrf_token_is_refused() {
             ("X-CSRF-Token", c.csrf.as_str()),
             ("Content-Type", "application/x-www-form-urlencoded"),
         ],
-        "state=logged_out",
+        b"state=logged_out",
     )
     .await;
     assert_eq!(status, 415);
@@ -324,7 +194,7 @@ async fn a_not_ready_operator_is_skipped_and_logged_out_stays_out_while_the_phon
         until_state(srv.http_addr, "1002", "available").await,
         "available"
     );
-    let c = Console::login(srv.http_addr, "1001").await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
     let (status, v) = c
         .post(
             "/console/api/state",
@@ -396,9 +266,9 @@ async fn the_offer_event_carries_the_callers_context_and_history_and_decline_mov
         .await
         .unwrap();
     let phone = TestAgent::login(srv.sip_addr, "1001").await;
-    let c = Console::login(srv.http_addr, "1001").await;
-    let other = Console::login(srv.http_addr, "1002").await;
-    let mut events = c.events().await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
+    let other = ConsoleSession::login(srv.http_addr, "1002").await;
+    let mut events = c.events("/console/events").await;
     let snap = events.next("snapshot", Duration::from_secs(5)).await;
     assert_eq!(snap["state"]["state"], "available", "{snap}");
 
@@ -463,8 +333,8 @@ async fn the_offer_event_carries_the_callers_context_and_history_and_decline_mov
 async fn the_service_and_zip_a_caller_entered_before_pressing_0_reach_the_operators_offer() {
     let srv = start_server(agents_config(&["1001"], 20, 30)).await;
     let _phone = TestAgent::login(srv.sip_addr, "1001").await;
-    let c = Console::login(srv.http_addr, "1001").await;
-    let mut events = c.events().await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
+    let mut events = c.events("/console/events").await;
     events.next("snapshot", Duration::from_secs(5)).await;
     // English, past the 911 warning, streets, pothole; the ZIP; then 0 for an operator.
     let caller = caller_pressing(srv.sip_addr, "1111104580").await;
@@ -486,8 +356,8 @@ async fn the_service_and_zip_a_caller_entered_before_pressing_0_reach_the_operat
 async fn a_ticket_filed_from_the_console_is_found_over_open311_with_channel_operator() {
     let srv = start_server(agents_config(&["1001"], 20, 5)).await;
     let phone = TestAgent::login(srv.sip_addr, "1001").await;
-    let c = Console::login(srv.http_addr, "1001").await;
-    let mut events = c.events().await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
+    let mut events = c.events("/console/events").await;
     events.next("snapshot", Duration::from_secs(5)).await;
     let mut caller = caller_pressing(srv.sip_addr, "110").await;
     let inv = phone.request("INVITE", Duration::from_secs(5)).await;
@@ -591,7 +461,7 @@ async fn the_911_button_sends_the_caller_to_911_with_their_number() {
     file.trunks.allow = vec!["127.0.0.1".parse().unwrap()];
     let srv = start_server(file).await;
     let phone = TestAgent::login(srv.sip_addr, "1001").await;
-    let c = Console::login(srv.http_addr, "1001").await;
+    let c = ConsoleSession::login(srv.http_addr, "1001").await;
     // Not on a call: nothing to transfer.
     let (status, _) = c
         .post("/console/api/call/transfer", json!({"to": "911"}))

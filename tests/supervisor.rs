@@ -10,152 +10,7 @@ use ivr311::config::AgentRole;
 use ivr311::server::RunningServer;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// One HTTP/1.1 request: (status, head, body).
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
-    (status, head.to_owned(), body.to_owned())
-}
-
-/// A logged-in session (the console's log-in): its cookie and CSRF token.
-struct Session {
-    http: SocketAddr,
-    cookie: String,
-    csrf: String,
-}
-
-impl Session {
-    async fn login(http: SocketAddr, agent: &str) -> Session {
-        let (status, head, body) = request(
-            http,
-            "POST",
-            "/console/login",
-            &[("Content-Type", "application/json")],
-            &json!({"agent": agent, "password": format!("pw{agent}")}).to_string(),
-        )
-        .await;
-        assert_eq!(status, 200, "{head}\n{body}");
-        let cookie = head
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
-            .and_then(|l| l.split_once(':'))
-            .and_then(|(_, v)| v.trim().split(';').next())
-            .expect("a session cookie")
-            .to_owned();
-        let body: Value = serde_json::from_str(&body).unwrap();
-        Session {
-            http,
-            cookie,
-            csrf: body["csrf_token"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let (status, _, body) =
-            request(self.http, "GET", path, &[("Cookie", &self.cookie)], "").await;
-        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-    }
-
-    async fn post_with(&self, path: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
-        let mut h = vec![("Cookie", self.cookie.as_str())];
-        h.extend_from_slice(headers);
-        let (status, _, body) = request(self.http, "POST", path, &h, &body.to_string()).await;
-        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.post_with(
-            path,
-            &[
-                ("X-CSRF-Token", &self.csrf),
-                ("Content-Type", "application/json"),
-            ],
-            body,
-        )
-        .await
-    }
-
-    async fn events(&self) -> Events {
-        let mut s = TcpStream::connect(self.http).await.unwrap();
-        let req = format!(
-            "GET /supervisor/events HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\nAccept: text/event-stream\r\n\r\n",
-            self.http, self.cookie
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        Events {
-            stream: s,
-            text: String::new(),
-            at: 0,
-            name: None,
-        }
-    }
-}
-
-/// A server-sent events stream, read line by line (chunk-size lines are skipped).
-struct Events {
-    stream: TcpStream,
-    text: String,
-    at: usize,
-    name: Option<String>,
-}
-
-impl Events {
-    /// The first `snapshot` for which `pred` holds, within `within`.
-    async fn snapshot_where(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + within;
-        let mut last = Value::Null;
-        loop {
-            while let Some(end) = self.text[self.at..].find('\n') {
-                let line = self.text[self.at..self.at + end].trim_end().to_owned();
-                self.at += end + 1;
-                if let Some(n) = line.strip_prefix("event:") {
-                    self.name = Some(n.trim().to_owned());
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    if self.name.take().as_deref() == Some("snapshot") {
-                        last = serde_json::from_str(d.trim()).unwrap();
-                        if pred(&last) {
-                            return last;
-                        }
-                    }
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut buf = [0u8; 16384];
-            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
-                _ => panic!("no such snapshot within {within:?}; the last:\n{last:#}"),
-            }
-        }
-    }
-}
+use std::time::Duration;
 
 /// Operator 1001 and supervisor 2001 (passwords `pw<id>`), one `general` queue.
 async fn server() -> RunningServer {
@@ -191,25 +46,25 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
     let srv = server().await;
     let http = srv.http_addr;
     // The page itself is public (it shows the log-in); its API is not.
-    let (status, head, _) = request(http, "GET", "/supervisor", &[], "").await;
+    let (status, head, _) = http_head(http, "GET", "/supervisor", &[], b"").await;
     assert_eq!(status, 200);
     assert!(head
         .to_ascii_lowercase()
         .contains("content-security-policy"));
-    let (status, _, _) = request(http, "GET", "/supervisor/api/wallboard", &[], "").await;
+    let (status, _, _) = http_head(http, "GET", "/supervisor/api/wallboard", &[], b"").await;
     assert_eq!(status, 401);
-    let (status, _, _) = request(
+    let (status, _, _) = http_head(
         http,
         "POST",
         "/supervisor/api/agents/1001/state",
         &[("Content-Type", "application/json")],
-        r#"{"state": "ready"}"#,
+        br#"{"state": "ready"}"#,
     )
     .await;
     assert_eq!(status, 401);
 
     // An operator's session: 403 everywhere, reads and actions alike.
-    let op = Session::login(http, "1001").await;
+    let op = ConsoleSession::login(http, "1001").await;
     assert_eq!(op.get("/supervisor/api/wallboard").await.0, 403);
     assert_eq!(op.get("/supervisor/events").await.0, 403);
     assert_eq!(op.get("/supervisor/api/reports/calls").await.0, 403);
@@ -226,7 +81,7 @@ async fn only_a_supervisors_session_reaches_the_wallboard_and_changes_need_the_c
     );
 
     // A supervisor's: the wallboard, and the login says the role.
-    let sup = Session::login(http, "2001").await;
+    let sup = ConsoleSession::login(http, "2001").await;
     let (status, me) = sup.get("/supervisor/api/session").await;
     assert_eq!(status, 200, "{me}");
     assert_eq!(me["role"], "supervisor");
@@ -304,10 +159,10 @@ async fn the_snapshot_shows_a_waiting_caller_and_no_agent_ready_and_a_forced_rea
     let http = srv.http_addr;
     let phone = TestAgent::login(srv.sip_addr, "1001").await;
     available(http, "1001").await;
-    let sup = Session::login(http, "2001").await;
-    let mut events = sup.events().await;
+    let sup = ConsoleSession::login(http, "2001").await;
+    let mut events = sup.events("/supervisor/events").await;
     let first = events
-        .snapshot_where(Duration::from_secs(5), |_| true)
+        .next_where("snapshot", Duration::from_secs(5), |_| true)
         .await;
     assert_eq!(queue(&first, "general")["waiting"], 0, "{first}");
     assert!(first["alarms"].as_array().unwrap().is_empty(), "{first}");
@@ -324,7 +179,7 @@ async fn the_snapshot_shows_a_waiting_caller_and_no_agent_ready_and_a_forced_rea
     // A caller presses 0: they wait, the wallboard shows them and the alarm, with no number.
     let mut caller = caller_pressing(srv.sip_addr, "110").await;
     let board = events
-        .snapshot_where(Duration::from_secs(10), |b| {
+        .next_where("snapshot", Duration::from_secs(10), |b| {
             queue(b, "general")["waiting"] == 1 && has_alarm(b, "no_agent_ready")
         })
         .await;
@@ -364,7 +219,9 @@ async fn the_snapshot_shows_a_waiting_caller_and_no_agent_ready_and_a_forced_rea
     let inv = phone.request("INVITE", Duration::from_secs(5)).await;
     assert!(inv.header("X-311-Queue").is_some());
     let board = events
-        .snapshot_where(Duration::from_secs(10), |b| !has_alarm(b, "no_agent_ready"))
+        .next_where("snapshot", Duration::from_secs(10), |b| {
+            !has_alarm(b, "no_agent_ready")
+        })
         .await;
     let agent = &board["agents"][0];
     assert_eq!(agent["state"], "ringing", "{board}");
@@ -378,7 +235,7 @@ async fn a_call_hung_up_from_the_wallboard_ends_with_a_bye_to_the_caller() {
     let http = srv.http_addr;
     let _phone = TestAgent::login(srv.sip_addr, "1001").await;
     available(http, "1001").await;
-    let sup = Session::login(http, "2001").await;
+    let sup = ConsoleSession::login(http, "2001").await;
     let (status, _) = sup
         .post(
             "/supervisor/api/agents/1001/state",

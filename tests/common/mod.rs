@@ -980,19 +980,87 @@ impl ConsoleSession {
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let headers = [
-            ("Cookie", self.cookie.as_str()),
             ("X-CSRF-Token", self.csrf.as_str()),
             ("Content-Type", "application/json"),
         ];
-        let (status, body) = http(
-            self.http,
-            "POST",
-            path,
-            &headers,
-            body.to_string().as_bytes(),
-        )
-        .await;
+        self.post_with(path, &headers, body).await
+    }
+
+    /// A POST with the session's cookie and only the other `headers` given (to leave out the
+    /// CSRF token, or send a wrong one).
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut all = vec![("Cookie", self.cookie.as_str())];
+        all.extend_from_slice(headers);
+        let (status, body) = http(self.http, "POST", path, &all, body.to_string().as_bytes()).await;
         (status, serde_json::from_str(&body).unwrap_or_default())
+    }
+
+    /// The session's server-sent events at `path` (`/console/events`, `/supervisor/events`).
+    pub async fn events(&self, path: &str) -> SseStream {
+        let mut stream = TcpStream::connect(self.http).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\nAccept: text/event-stream\r\n\r\n",
+            self.http, self.cookie
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        SseStream {
+            stream,
+            text: String::new(),
+            at: 0,
+            name: None,
+        }
+    }
+}
+
+/// A server-sent events stream, read line by line (chunk-size lines are skipped).
+pub struct SseStream {
+    stream: TcpStream,
+    text: String,
+    at: usize,
+    name: Option<String>,
+}
+
+impl SseStream {
+    /// The next event called `name` within `within` (others are skipped).
+    pub async fn next(&mut self, name: &str, within: Duration) -> serde_json::Value {
+        self.next_where(name, within, |_| true).await
+    }
+
+    /// The first event called `name` whose data `pred` accepts, within `within`.
+    pub async fn next_where(
+        &mut self,
+        name: &str,
+        within: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last = serde_json::Value::Null;
+        loop {
+            while let Some(end) = self.text[self.at..].find('\n') {
+                let line = self.text[self.at..self.at + end].trim_end().to_owned();
+                self.at += end + 1;
+                if let Some(n) = line.strip_prefix("event:") {
+                    self.name = Some(n.trim().to_owned());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    if self.name.take().as_deref() == Some(name) {
+                        last = serde_json::from_str(d.trim()).unwrap();
+                        if pred(&last) {
+                            return last;
+                        }
+                    }
+                }
+            }
+            let mut buf = [0u8; 16384];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => panic!("no such {name:?} event within {within:?}; the last:\n{last:#}"),
+            }
+        }
     }
 }
 
