@@ -31,7 +31,7 @@
 use super::console::{self, SessionAgent};
 use super::ApiState;
 use crate::config::{AgentRole, QueueConfig};
-use crate::dispatch::queue::{AgentNotice, AgentRequest, AgentView, QueueHandle, WaitingView};
+use crate::dispatch::queue::{AgentNotice, AgentView, QueueHandle, WaitingView};
 use crate::history::report::{self, CallsRow, Interval, Range};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -596,14 +596,6 @@ async fn events(State(s): State<ApiState>, Extension(me): Extension<SessionAgent
     )
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetState {
-    state: String,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 async fn force_state(
     State(s): State<ApiState>,
     Extension(me): Extension<SessionAgent>,
@@ -614,35 +606,13 @@ async fn force_state(
         Ok(q) => q.clone(),
         Err(e) => return e.into_response(),
     };
-    let b: SetState = match console::parse(&body) {
+    let b: console::SetState = match console::parse(&body) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let reasons = s.console.not_ready_reasons();
-    let req = match (b.state.as_str(), b.reason) {
-        ("ready", None) => AgentRequest::Ready,
-        ("not_ready", Some(reason)) if reasons.contains(&reason) => {
-            AgentRequest::NotReady { reason }
-        }
-        ("not_ready", Some(reason)) => {
-            return console::error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "reason {reason:?} is not one of console.not_ready_reasons: {}",
-                    reasons.join(", ")
-                ),
-            )
-        }
-        ("not_ready", None) => {
-            return console::error(StatusCode::BAD_REQUEST, "not_ready needs a reason")
-        }
-        ("logged_out", None) => AgentRequest::SignOff,
-        (st, _) => {
-            return console::error(
-                StatusCode::BAD_REQUEST,
-                format!("state {st:?} must be ready, not_ready (with a reason) or logged_out"),
-            )
-        }
+    let req = match b.request(s.console.not_ready_reasons()) {
+        Ok(req) => req,
+        Err(why) => return console::error(StatusCode::BAD_REQUEST, why),
     };
     let what = format!("{req:?}");
     match q.agent_request(&id, req).await {

@@ -806,12 +806,36 @@ async fn events(State(s): State<ApiState>, Extension(agent): Extension<Agent>) -
     r
 }
 
+/// A state change asked for by an operator (`/console/api/state`) or a supervisor for one
+/// (`/supervisor/api/agents/{id}/state`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SetState {
+pub(crate) struct SetState {
     state: String,
     #[serde(default)]
     reason: Option<String>,
+}
+
+impl SetState {
+    /// The queue's request, or why it is refused (a 400): a not-ready reason must be one of
+    /// `reasons` (`console.not_ready_reasons`).
+    pub(crate) fn request(self, reasons: &[String]) -> Result<AgentRequest, String> {
+        match (self.state.as_str(), self.reason) {
+            ("ready", None) => Ok(AgentRequest::Ready),
+            ("not_ready", Some(reason)) if reasons.contains(&reason) => {
+                Ok(AgentRequest::NotReady { reason })
+            }
+            ("not_ready", Some(reason)) => Err(format!(
+                "reason {reason:?} is not one of console.not_ready_reasons: {}",
+                reasons.join(", ")
+            )),
+            ("not_ready", None) => Err("not_ready needs a reason".into()),
+            ("logged_out", None) => Ok(AgentRequest::SignOff),
+            (st, _) => Err(format!(
+                "state {st:?} must be ready, not_ready (with a reason) or logged_out"
+            )),
+        }
+    }
 }
 
 pub(crate) fn refusal(why: RequestRefusal) -> Response {
@@ -851,28 +875,9 @@ async fn set_state(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let req = match (b.state.as_str(), b.reason) {
-        ("ready", None) => AgentRequest::Ready,
-        ("not_ready", Some(reason)) => {
-            if !s.console.config.not_ready_reasons.contains(&reason) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "reason {reason:?} is not one of console.not_ready_reasons: {}",
-                        s.console.config.not_ready_reasons.join(", ")
-                    ),
-                );
-            }
-            AgentRequest::NotReady { reason }
-        }
-        ("not_ready", None) => return error(StatusCode::BAD_REQUEST, "not_ready needs a reason"),
-        ("logged_out", None) => AgentRequest::SignOff,
-        (st, _) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("state {st:?} must be ready, not_ready (with a reason) or logged_out"),
-            )
-        }
+    let req = match b.request(&s.console.config.not_ready_reasons) {
+        Ok(req) => req,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     after_request(&s, &agent, &q, req).await
 }
