@@ -24,16 +24,18 @@
 //! caller's number.
 
 use super::driver::{now, CallContext};
-use super::leg::{leg_answer, LegSdp};
+use super::leg::LegSdp;
 use super::registry::MonitorRequest;
 use super::SUPPORTED_CODECS;
-use crate::media::clock::{Monitor, MonitorLink, MonitorNote};
+use crate::media::clock::{BrowserMedia, Monitor, MonitorLink, MonitorNote, SharedWebRtc};
 use crate::media::g711::Codec;
 use crate::media::mix::MonitorMode;
 use crate::media::rtp::LatchScope;
 use crate::media::sdp;
+use crate::media::webrtc::{DtlsIdentity, WebRtcLeg};
 use crate::sip::message::sanitize_quoted;
 use crate::sip::refer::reason_phrase;
+use crate::sip::transport::Transport;
 use crate::sip::ua::{DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundCall};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -42,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Keys a supervisor's phone may send unread before the newest are dropped.
 const NOTES: usize = 16;
@@ -390,6 +392,7 @@ async fn stay(
                         current = m;
                     }
                 }
+                Some(MonitorNote::MediaFailed) => break "media_failed",
                 // The bridge ended (the caller or the operator hung up, a transfer).
                 None => break "call_ended",
             },
@@ -412,6 +415,42 @@ pub struct MonitorBody {
     pub mode: MonitorMode,
     /// The supervisor's agent id: their registered phone is called.
     pub supervisor: String,
+    /// Sent back in the INVITE's `X-311-Monitor-Token` header, so that the page that asked
+    /// (the wallboard) knows that INVITE for its own and answers it by itself.
+    #[serde(default)]
+    pub token: Option<MonitorToken>,
+}
+
+/// A token naming one request to monitor a call: 8 to 64 letters, digits, `-` and `_`
+/// (it goes into a SIP header as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MonitorToken(String);
+
+/// Why a monitor token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a monitor token is 8 to 64 letters, digits, - and _")]
+pub struct BadMonitorToken;
+
+impl TryFrom<String> for MonitorToken {
+    type Error = BadMonitorToken;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        let ok = (8..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(MonitorToken(s))
+        } else {
+            Err(BadMonitorToken)
+        }
+    }
+}
+
+impl MonitorToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Monitoring started from HTTP: the server calls the supervisor's registered phone and
@@ -478,11 +517,33 @@ impl Monitors {
                 .unwrap_or(toward)
         });
         let ip = super::driver::leg_media_ip(preferred, &port, Some(toward));
-        let offer = Bytes::from(LegSdp::new(SocketAddr::new(ip, port.port)).offer(Codec::Pcmu));
-        let headers = vec![(
+        let local = SocketAddr::new(ip, port.port);
+        // A supervisor registered over a WebSocket is a browser (the wallboard): the leg is
+        // WebRTC, as an operator's leg to a browser is.
+        let webrtc = match flow.transport {
+            Transport::Ws | Transport::Wss => match DtlsIdentity::shared() {
+                Ok(identity) => Some(Arc::new(std::sync::Mutex::new(BrowserMedia::new(
+                    WebRtcLeg::new(identity, std::time::Instant::now()),
+                )))),
+                Err(e) => {
+                    error!(error = %e, "no DTLS certificate: cannot call a supervisor's browser");
+                    return Err((503, "no DTLS certificate for browser audio".into()));
+                }
+            },
+            _ => None,
+        };
+        let sdp = match &webrtc {
+            None => LegSdp::new(local),
+            Some(w) => LegSdp::new_webrtc(local, lock(w).leg.local().clone()),
+        };
+        let offer = Bytes::from(sdp.offer(Codec::Pcmu));
+        let mut headers = vec![(
             "X-311-Monitor".to_owned(),
             format!("{} {agent}", b.mode.as_str()),
         )];
+        if let Some(token) = &b.token {
+            headers.push(("X-311-Monitor-Token".to_owned(), token.as_str().to_owned()));
+        }
         info!(%supervisor, %agent, %call_id, mode = b.mode.as_str(), "calling a supervisor's phone to monitor a call");
         let call = ctx
             .outbound
@@ -504,7 +565,13 @@ impl Monitors {
         ctx.tracker.spawn(ring_and_join(
             ctx.clone(),
             call,
-            (port, toward, offer),
+            Ours {
+                port,
+                toward,
+                offer,
+                sdp,
+                webrtc,
+            },
             id,
             who,
             self.cancel.clone(),
@@ -513,11 +580,26 @@ impl Monitors {
     }
 }
 
+fn lock(w: &SharedWebRtc) -> std::sync::MutexGuard<'_, BrowserMedia> {
+    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Our side of the call to a supervisor's phone or browser.
+struct Ours {
+    port: crate::media::ports::RtpPort,
+    /// Where the supervisor registered from (their media may come from there).
+    toward: std::net::IpAddr,
+    offer: Bytes,
+    sdp: LegSdp,
+    /// A browser's leg: its ICE, DTLS and SRTP.
+    webrtc: Option<SharedWebRtc>,
+}
+
 /// Wait for the supervisor's phone to answer our call, then join it to call `id`.
 async fn ring_and_join(
     ctx: CallContext,
     call: OutboundCall,
-    (port, toward, offer): (crate::media::ports::RtpPort, std::net::IpAddr, Bytes),
+    ours: Ours,
     id: u64,
     who: Who,
     cancel: CancellationToken,
@@ -548,7 +630,29 @@ async fn ring_and_join(
         handle.release();
         return;
     };
-    let (neg, addr) = match leg_answer(&answer) {
+    let Ours {
+        port,
+        toward,
+        offer,
+        mut sdp,
+        webrtc,
+    } = ours;
+    // A browser's answer is WebRTC only (and a phone's plain RTP only); it also gives the
+    // browser's ICE credentials, fingerprint and DTLS role.
+    let remote = match (&webrtc, sdp::parse_any(&answer)) {
+        (Some(_), Ok(sdp::Remote::WebRtc(_, remote))) => Some(remote),
+        _ => None,
+    };
+    let media = sdp.answer(&answer).map_err(|e| e.to_string());
+    let media = media.and_then(|m| match (&webrtc, remote) {
+        (Some(w), Some(remote)) => lock(w)
+            .leg
+            .set_remote(std::time::Instant::now(), remote)
+            .map(|_| m)
+            .map_err(|e| e.to_string()),
+        _ => Ok(m),
+    });
+    let (neg, addr) = match media {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "the supervisor's phone answered with media we cannot take");
@@ -566,6 +670,10 @@ async fn ring_and_join(
         link.clone(),
         notes_tx,
     );
+    let monitor = match webrtc {
+        Some(w) => monitor.webrtc(w),
+        None => monitor,
+    };
     if let Err((code, why)) = ctx
         .registry
         .monitor(id, MonitorRequest(Box::new(monitor)))
