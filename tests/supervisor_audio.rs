@@ -5,11 +5,15 @@
 //! supervisor's fake microphone plays tone C (1800 Hz). What each SIP party hears is told by
 //! frequency at its RTP socket: in listen nobody hears C, in whisper the operator does and the
 //! caller does not, in barge both do; the page hears A and B (its WebAudio analyser). The
-//! page answers only the INVITE it asked for: another is declined.
+//! page answers only the INVITE it asked for: another is declined. And a supervisor's browser
+//! whose DTLS fails (webrtc-rs's peer answering with another certificate's fingerprint) is hung
+//! up while the call goes on.
 //!
 //! A screenshot of the page is saved under `target/tmp/browser-shots/` when a step fails.
 
 mod common;
+#[path = "common/webrtc_peer.rs"]
+mod webrtc_peer;
 
 use common::browser::{tone_wav, Browser, BrowserOptions};
 use common::voices::{until_heard, Voice};
@@ -215,4 +219,63 @@ async fn a_supervisor_on_the_wallboard_listens_whispers_and_barges_in_the_browse
     drop(b);
     srv.shutdown().await;
     let _ = std::fs::remove_file(&wav);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisors_browser_whose_media_fails_is_hung_up_and_the_call_goes_on() {
+    let srv = start_server(config()).await;
+    let (mut caller, op, inv) = bridged(&srv).await;
+    let mut sup = webrtc_peer::WsAgent::login(srv.http_addr, srv.sip_addr, "1003").await;
+    let path = format!("/admin/calls/{}/monitor", caller.call_id);
+    let json = [("Content-Type", "application/json")];
+    let body = br#"{"mode": "listen", "supervisor": "1003", "token": "t0k3n-for-this"}"#;
+    let (status, text) = http(srv.http_addr, "POST", &path, &json, body).await;
+    assert_eq!(status, 202, "{text}");
+    let ring = sup.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(ring.header("X-311-Monitor-Token"), Some("t0k3n-for-this"));
+    assert_eq!(ring.header("X-311-Monitor"), Some("listen 1001"));
+    let offer = String::from_utf8(ring.body.to_vec()).unwrap();
+    assert!(
+        offer.contains("a=fingerprint:sha-256 ") && offer.contains("UDP/TLS/RTP/SAVPF"),
+        "a browser is offered WebRTC: {offer}"
+    );
+    let (browser, answer) = webrtc_peer::Browser::answer(&offer).await;
+    // Another certificate's fingerprint in place of the browser's own: our side of the DTLS
+    // handshake refuses it.
+    let theirs = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("a=fingerprint:sha-256 "))
+        .expect("the browser's answer names its fingerprint")
+        .trim()
+        .to_owned();
+    let other: String = theirs
+        .chars()
+        .map(|c| match c {
+            '0' => '1',
+            '1' => '0',
+            c => c,
+        })
+        .collect();
+    assert_ne!(other, theirs);
+    sup.reply(&ring, 200, "OK", Some(answer.replace(&theirs, &other)))
+        .await;
+    sup.request("ACK", Duration::from_secs(3)).await;
+    sup.request("BYE", Duration::from_secs(10)).await;
+    // The caller and the operator still hear each other.
+    let mut voices = vec![
+        Voice::new(&caller.rtp, caller.remote_rtp.unwrap(), CALLER_HZ),
+        Voice::new(&op.rtp, server_media(&inv), OPERATOR_HZ),
+    ];
+    until_heard(
+        &mut voices,
+        TONES,
+        &[[O, H, O], [H, O, O]],
+        WITHIN,
+        "after the supervisor's browser failed",
+    )
+    .await;
+    drop(voices);
+    caller.bye().await;
+    drop(browser);
+    srv.shutdown().await;
 }

@@ -17,7 +17,15 @@
 //! While it lasts, keys 4, 5 and 6 on the supervisor's phone switch to listen, whisper and
 //! barge (as Asterisk's ChanSpy). It ends when the supervisor hangs up (the bridge goes on as
 //! before), or when the bridge ends (the caller or the operator hangs up, a transfer takes
-//! the caller elsewhere): the supervisor's phone then gets BYE.
+//! the caller elsewhere) or a browser's media fails for good (no ICE and DTLS in time,
+//! consent expired): the supervisor's phone then gets BYE.
+//!
+//! The admin API and the wallboard start the same with [`Monitors::start`]: the server calls
+//! the supervisor's registered contact, a phone with plain RTP or a browser (registered over
+//! `/sip`) with WebRTC, as an operator's leg to a browser is ([`crate::call::driver`]); the
+//! media clock then runs the browser's ICE, DTLS and SRTP on the monitor's port. The request's
+//! token, if any, goes back in the INVITE (`X-311-Monitor-Token`) so that the page that asked
+//! answers that INVITE and no other.
 //!
 //! Every start, mode change and stop is written to the admins' audit log (tracing target
 //! `ivr311::audit`, fields `supervisor`, `agent`, `call_id`, `mode`, `seconds`), never the
@@ -472,8 +480,8 @@ impl Monitors {
         Monitors { ctx, cancel }
     }
 
-    /// Call supervisor `b.supervisor`'s phone to monitor call `call_id` (its Call-ID, as
-    /// `/admin/calls` shows it) in `b.mode`. `Ok` once the phone is being called; the
+    /// Call supervisor `b.supervisor`'s phone (or browser, over WebRTC) to monitor call
+    /// `call_id` (its Call-ID, as `/admin/calls` shows it) in `b.mode`. `Ok` once the phone is being called; the
     /// supervisor joins when they answer. Otherwise the HTTP status and why: 404 no such call,
     /// 403 not a supervisor, 409 the call is not with an operator or the supervisor's phone is
     /// not registered, 503 no media port.
@@ -719,5 +727,26 @@ mod tests {
         assert!(yaml("{listen: \"*5\"}").is_err(), "*5 starts *52");
         assert!(yaml("{listen: \"ab\"}").is_err());
         assert!(yaml("{listne: \"*1\"}").is_err());
+    }
+
+    #[test]
+    fn a_monitor_token_is_a_short_word_fit_for_a_header() {
+        let body = |t: &str| {
+            serde_json::from_str::<MonitorBody>(&format!(
+                r#"{{"mode": "listen", "supervisor": "1003", "token": {t}}}"#
+            ))
+        };
+        let ok = body(r#""0123456789abcdef-_""#).unwrap();
+        assert_eq!(ok.token.unwrap().as_str(), "0123456789abcdef-_");
+        assert!(body("null").unwrap().token.is_none());
+        for bad in [
+            r#""short""#,
+            r#""has space in it""#,
+            r#""crlf
+X-Evil: 1""#,
+        ] {
+            assert!(body(bad).is_err(), "{bad}");
+        }
+        assert!(body(&format!("\"{}\"", "a".repeat(65))).is_err());
     }
 }

@@ -461,8 +461,9 @@ impl Monitor {
         self
     }
 
-    /// Send what the browser leg queued (STUN answers, DTLS records); a failure is told to
-    /// the supervisor's call once.
+    /// Send what the browser leg queued (STUN answers, DTLS records), and tell the
+    /// supervisor's call once that its media failed (tried again at each tick until the
+    /// call takes the note).
     fn webrtc_out(&mut self, w: &mut WebRtcLeg, span: &Span) {
         while let Some((to, bytes)) = w.poll_transmit() {
             let _ = self.port.socket.send_to(&bytes, to);
@@ -474,12 +475,11 @@ impl Monitor {
                 ),
                 WebRtcEvent::Failed(e) => {
                     span.in_scope(|| warn!(error = %e, "the supervisor's browser media failed"));
-                    if !self.failure_told {
-                        self.failure_told = true;
-                        let _ = self.notes.try_send(MonitorNote::MediaFailed);
-                    }
                 }
             }
+        }
+        if w.is_failed() && !self.failure_told {
+            self.failure_told = self.notes.try_send(MonitorNote::MediaFailed).is_ok();
         }
     }
 
