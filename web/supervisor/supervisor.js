@@ -175,6 +175,12 @@
 
   async function startMonitor(call, mode) {
     const a = browserAudio();
+    if (!a && audio() && audio().active()) {
+      // Audio in this browser, not registered (yet, or any more): the server would call this
+      // page, which could not answer.
+      showError(t("audio_connecting"));
+      return;
+    }
     if (!a) {
       // The server calls the supervisor's registered phone.
       const r = await act(`/supervisor/api/calls/${call}/monitor`, { mode });
