@@ -2,6 +2,7 @@
 //! (a test UA's RTP socket) sends its own sine tone, one PCMU packet each 20 ms as phones do,
 //! and what each hears is judged by frequency (Goertzel).
 
+use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
 use ivr311::media::g711::Codec;
 use ivr311::media::rtp::{self, RtpStream};
 use std::net::SocketAddr;
@@ -70,6 +71,25 @@ impl<'a> Voice<'a> {
         let mut buf = [0u8; 200];
         let n = self.out.write(0, &payload, 160, &mut buf);
         self.sock.send_to(&buf[..n], self.to).await.unwrap();
+    }
+
+    /// A key (RFC 4733 at payload type 101: three packets, then three End packets), on the
+    /// tone's stream.
+    pub async fn key(&mut self, key: char) {
+        let event = digit_to_event(key).unwrap();
+        let ts = self.out.timestamp();
+        let mut buf = [0u8; 64];
+        for i in 0..6u16 {
+            let ev = TelephoneEvent {
+                event,
+                end: i >= 3,
+                volume: 10,
+                duration: (i.min(3) + 1) * 160,
+            };
+            let n = self.out.write_at(101, ts, i == 0, &ev.write(), &mut buf);
+            self.sock.send_to(&buf[..n], self.to).await.unwrap();
+        }
+        self.out.skip(960);
     }
 
     /// What arrived since the last look, decoded (PCMU audio only).
