@@ -7,7 +7,8 @@
 //! caller does not, in barge both do; the page hears A and B (its WebAudio analyser). The
 //! page answers only the INVITE it asked for: another is declined. And a supervisor's browser
 //! whose DTLS fails (webrtc-rs's peer answering with another certificate's fingerprint) is hung
-//! up while the call goes on.
+//! up while the call goes on; one that offers its media again in a re-INVITE gets a WebRTC
+//! answer with the same ICE and DTLS.
 //!
 //! A screenshot of the page is saved under `target/tmp/browser-shots/` when a step fails.
 
@@ -277,5 +278,82 @@ async fn a_supervisors_browser_whose_media_fails_is_hung_up_and_the_call_goes_on
     drop(voices);
     caller.bye().await;
     drop(browser);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisors_browser_that_offers_its_media_again_gets_a_webrtc_answer() {
+    let srv = start_server(config()).await;
+    let (mut caller, _op, _inv) = bridged(&srv).await;
+    let mut sup = webrtc_peer::WsAgent::login(srv.http_addr, srv.sip_addr, "1003").await;
+    let path = format!("/admin/calls/{}/monitor", caller.call_id);
+    let json = [("Content-Type", "application/json")];
+    let body = br#"{"mode": "listen", "supervisor": "1003"}"#;
+    assert_eq!(http(srv.http_addr, "POST", &path, &json, body).await.0, 202);
+    let ring = sup.request("INVITE", Duration::from_secs(5)).await;
+    let offer = String::from_utf8(ring.body.to_vec()).unwrap();
+    let (browser, answer) = webrtc_peer::Browser::answer(&offer).await;
+    sup.reply(&ring, 200, "OK", Some(answer.clone())).await;
+    sup.request("ACK", Duration::from_secs(3)).await;
+
+    // The browser offers its media again in a re-INVITE (as a browser does to refresh or
+    // after a change of its own), its ICE and DTLS as they are.
+    let header = |name: &str| ring.header(name).unwrap().to_owned();
+    let target = header("Contact");
+    let target = target
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap()
+        .to_owned();
+    let reinvite = |method: &str, body: &str| {
+        format!(
+            "{method} {target} SIP/2.0\r\nVia: SIP/2.0/WS b1003.invalid;branch=z9hG4bKre{method}{}\r\n\
+Max-Forwards: 70\r\nFrom: {};tag=br1003\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 2 {method}\r\n\
+Contact: <sip:1003@b1003.invalid;transport=ws>\r\n{}Content-Length: {}\r\n\r\n{body}",
+            rand::random::<u32>(),
+            header("To"),
+            header("From"),
+            header("Call-ID"),
+            if body.is_empty() {
+                ""
+            } else {
+                "Content-Type: application/sdp\r\n"
+            },
+            body.len(),
+        )
+    };
+    sup.send(reinvite("INVITE", &answer).into()).await;
+    let ok = loop {
+        match sup.recv(Duration::from_secs(5)).await {
+            Some(ivr311::sip::message::Message::Response(r)) if r.code >= 200 => break r,
+            Some(_) => continue,
+            None => panic!("no final answer to the browser's re-INVITE"),
+        }
+    };
+    assert_eq!(ok.code, 200);
+    let ours = String::from_utf8(ok.body.to_vec()).unwrap();
+    let line = |sdp: &str, key: &str| {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+    };
+    // An answer (our DTLS role settled by the browser's first answer, not offered again), with
+    // the same ICE credentials and certificate as before.
+    assert!(ours.contains("UDP/TLS/RTP/SAVPF"), "{ours}");
+    let setup = line(&ours, "a=setup:");
+    assert!(
+        matches!(setup.as_deref(), Some("active" | "passive")),
+        "a=setup in an answer is active or passive: {ours}"
+    );
+    assert_eq!(line(&ours, "a=ice-ufrag:"), line(&offer, "a=ice-ufrag:"));
+    assert_eq!(
+        line(&ours, "a=fingerprint:"),
+        line(&offer, "a=fingerprint:")
+    );
+    sup.send(reinvite("ACK", "").into()).await;
+    drop(browser);
+    caller.bye().await;
+    sup.request("BYE", Duration::from_secs(5)).await;
     srv.shutdown().await;
 }

@@ -32,7 +32,7 @@
 //! caller's number.
 
 use super::driver::{now, CallContext};
-use super::leg::LegSdp;
+use super::leg::{LegReoffer, LegSdp};
 use super::registry::MonitorRequest;
 use super::SUPPORTED_CODECS;
 use crate::media::clock::{BrowserMedia, Monitor, MonitorLink, MonitorNote, SharedWebRtc};
@@ -41,7 +41,7 @@ use crate::media::mix::MonitorMode;
 use crate::media::rtp::LatchScope;
 use crate::media::sdp;
 use crate::media::webrtc::{DtlsIdentity, WebRtcLeg};
-use crate::sip::message::sanitize_quoted;
+use crate::sip::message::{sanitize_quoted, Method};
 use crate::sip::refer::reason_phrase;
 use crate::sip::transport::Transport;
 use crate::sip::ua::{DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundCall};
@@ -306,7 +306,7 @@ pub(crate) async fn run_monitor(
         &ctx,
         &handle,
         Events::Incoming(events),
-        Bytes::from(answer),
+        OurSdp::Answer(Bytes::from(answer)),
         (link, notes),
         who,
         cancel,
@@ -344,13 +344,47 @@ impl Events {
     }
 }
 
+/// What our side answers a re-INVITE or UPDATE of the supervisor's with.
+enum OurSdp {
+    /// The answer we gave to the supervisor's phone's own call: the media stays as it is.
+    Answer(Bytes),
+    /// Our call to the supervisor's phone or browser: the leg's SDP, its media as agreed, and
+    /// a phone's media address (a browser's is where ICE finds it, whatever its SDP says).
+    Leg(Box<LegSdp>, sdp::Negotiated, Option<SocketAddr>),
+}
+
+impl OurSdp {
+    /// The status and body for a re-offer (`method`, `body`). The media clock keeps mixing
+    /// the supervisor with the media agreed at the start, so an offer that would change its
+    /// codec or address is refused (488: the call goes on as it was, RFC 3261 §14.2);
+    /// a session refresh, or the same media offered again (a browser's re-INVITE carries its
+    /// ICE and DTLS as they are), is answered.
+    fn reoffer(&mut self, method: &Method, body: &[u8]) -> (u16, Option<(String, Bytes)>) {
+        let sdp_body = |s: Bytes| Some(("application/sdp".to_owned(), s));
+        match self {
+            OurSdp::Answer(ours) => (200, sdp_body(ours.clone())),
+            OurSdp::Leg(leg, neg, at) => match leg.reoffer(method, body, neg) {
+                LegReoffer::Answer { neg: n, addr, .. }
+                    if n.codec != neg.codec
+                        || n.payload_type != neg.payload_type
+                        || at.is_some_and(|at| at != addr) =>
+                {
+                    warn!("a supervisor's re-offer would move or change its media; 488");
+                    (488, None)
+                }
+                r => r.response(),
+            },
+        }
+    }
+}
+
 /// Keep the supervisor on the call (mixed in by the media clock) until they hang up or the
 /// call's bridge ends; audit the start, each mode change and the end.
 async fn stay(
     ctx: &CallContext,
     handle: &DialogHandle,
     mut events: Events,
-    ours: Bytes,
+    mut ours: OurSdp,
     (link, mut notes): (Arc<MonitorLink>, mpsc::Receiver<MonitorNote>),
     who: Who,
     cancel: CancellationToken,
@@ -384,9 +418,9 @@ async fn stay(
                     phone_left = true;
                     break "supervisor_hung_up";
                 }
-                Some(DialogEvent::Reoffer { txn, .. }) => {
-                    let body = Some(("application/sdp".to_owned(), ours.clone()));
-                    handle.answer_reoffer(txn, 200, body).await;
+                Some(DialogEvent::Reoffer { txn, method, body, .. }) => {
+                    let (code, body) = ours.reoffer(&method, &body);
+                    handle.answer_reoffer(txn, code, body).await;
                 }
                 Some(DialogEvent::Refer(r)) => {
                     handle.answer_request(r.txn, 403, vec![]).await;
@@ -561,7 +595,7 @@ impl Monitors {
                 "monitor",
                 Some("311 monitor"),
                 headers,
-                offer.clone(),
+                offer,
             )
             .await;
         let who = Who {
@@ -576,7 +610,6 @@ impl Monitors {
             Ours {
                 port,
                 toward,
-                offer,
                 sdp,
                 webrtc,
             },
@@ -597,7 +630,6 @@ struct Ours {
     port: crate::media::ports::RtpPort,
     /// Where the supervisor registered from (their media may come from there).
     toward: std::net::IpAddr,
-    offer: Bytes,
     sdp: LegSdp,
     /// A browser's leg: its ICE, DTLS and SRTP.
     webrtc: Option<SharedWebRtc>,
@@ -641,7 +673,6 @@ async fn ring_and_join(
     let Ours {
         port,
         toward,
-        offer,
         mut sdp,
         webrtc,
     } = ours;
@@ -671,6 +702,8 @@ async fn ring_and_join(
     };
     let link = MonitorLink::new(who.mode);
     let (notes_tx, notes) = mpsc::channel(NOTES);
+    let neg_kept = neg;
+    let phone_at = webrtc.is_none().then_some(addr);
     let monitor = Monitor::new(
         port,
         (addr, LatchScope::SdpOr(toward)),
@@ -696,7 +729,7 @@ async fn ring_and_join(
         &ctx,
         &handle,
         Events::Outgoing(events),
-        offer,
+        OurSdp::Leg(Box::new(sdp), neg_kept, phone_at),
         (link, notes),
         who,
         cancel,
