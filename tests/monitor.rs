@@ -6,11 +6,9 @@
 
 mod common;
 
+use common::voices::{self, Voice};
 use common::*;
 use ivr311::config::{AgentRole, FileConfig};
-use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};
-use ivr311::media::g711::Codec;
-use ivr311::media::rtp::{self, RtpStream};
 use ivr311::sip::message::{Message, Request, Response};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -29,117 +27,10 @@ fn config() -> FileConfig {
     f
 }
 
-/// The amplitude of `hz` in one 20 ms frame (Goertzel).
-fn amplitude(frame: &[i16], hz: f64) -> f64 {
-    let coeff = 2.0 * (std::f64::consts::TAU * hz / 8000.0).cos();
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for &x in frame {
-        let s = f64::from(x) + coeff * s1 - s2;
-        s2 = s1;
-        s1 = s;
-    }
-    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
-    2.0 * power.max(0.0).sqrt() / frame.len() as f64
-}
-
-/// Which of the three tones are in `pcm`: a tone counts when its median amplitude over the
-/// frames is over a quarter of what was sent (8000).
-fn tones_in(pcm: &[i16]) -> [bool; 3] {
-    let frames: Vec<&[i16]> = pcm.chunks_exact(160).collect();
-    if frames.is_empty() {
-        return [false; 3];
-    }
-    TONES.map(|hz| {
-        let mut a: Vec<f64> = frames.iter().map(|f| amplitude(f, hz)).collect();
-        a.sort_by(|x, y| x.total_cmp(y));
-        a[a.len() / 2] > 2000.0
-    })
-}
-
-/// One party's media: its socket, where the server wants its RTP, its stream and its tone.
-struct Voice<'a> {
-    sock: &'a UdpSocket,
-    to: SocketAddr,
-    out: RtpStream,
-    hz: f64,
-    /// Samples sent so far (the tone's phase runs on across packets).
-    n: u64,
-}
-
-impl<'a> Voice<'a> {
-    fn new(sock: &'a UdpSocket, to: SocketAddr, hz: f64) -> Self {
-        Voice {
-            sock,
-            to,
-            out: RtpStream::new(),
-            hz,
-            n: 0,
-        }
-    }
-
-    async fn send(&mut self) {
-        let pcm: Vec<i16> = (0..160)
-            .map(|i| {
-                let t = (self.n + i) as f64 / 8000.0;
-                ((t * std::f64::consts::TAU * self.hz).sin() * 8000.0) as i16
-            })
-            .collect();
-        self.n += 160;
-        let mut payload = [0u8; 160];
-        Codec::Pcmu.encode(&pcm, &mut payload);
-        let mut buf = [0u8; 200];
-        let n = self.out.write(0, &payload, 160, &mut buf);
-        self.sock.send_to(&buf[..n], self.to).await.unwrap();
-    }
-
-    /// What arrived since the last look, decoded (audio only).
-    fn heard(&self, into: &mut Vec<i16>) {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, _)) = self.sock.try_recv_from(&mut buf) {
-            if let Ok(p) = rtp::parse(&buf[..n]) {
-                if p.payload_type == 0 {
-                    let mut pcm = vec![0i16; p.payload.len()];
-                    Codec::Pcmu.decode(p.payload, &mut pcm);
-                    into.extend_from_slice(&pcm);
-                }
-            }
-        }
-    }
-}
-
-/// Every party talks (one packet each 20 ms, as phones send) for `window`; what each heard.
-async fn talk(voices: &mut [Voice<'_>], window: Duration) -> Vec<[bool; 3]> {
-    let mut heard = vec![Vec::new(); voices.len()];
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let end = tokio::time::Instant::now() + window;
-    while tokio::time::Instant::now() < end {
-        tick.tick().await;
-        for (v, h) in voices.iter_mut().zip(heard.iter_mut()) {
-            v.send().await;
-            v.heard(h);
-        }
-    }
-    // The first frames may be from before a change: judge the rest.
-    heard
-        .iter()
-        .map(|h| tones_in(&h[h.len().min(800)..]))
-        .collect()
-}
-
 /// Talk until what each party hears is `want` (caller, operator, supervisor: which tones), at
 /// most 8 s.
 async fn until_heard(voices: &mut [Voice<'_>], want: &[[bool; 3]], what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(8);
-    loop {
-        let got = talk(voices, Duration::from_millis(400)).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: heard {got:?}, expected {want:?} (caller, operator, supervisor; tones 440, 1000, 1800)"
-        );
-    }
+    voices::until_heard(voices, TONES, want, Duration::from_secs(8), what).await;
 }
 
 /// The caller presses 1, 1, 0 and operator 1001 answers: the server's INVITE to the phone.
@@ -296,21 +187,7 @@ async fn hang_up(phone: &TestAgent, c: &Dialled) {
 
 /// A key on the supervisor's phone (RFC 4733), sent on its call's media.
 async fn press(v: &mut Voice<'_>, key: char) {
-    let event = digit_to_event(key).unwrap();
-    let out = &mut v.out;
-    let ts = out.timestamp();
-    let mut buf = [0u8; 64];
-    for i in 0..6u16 {
-        let ev = TelephoneEvent {
-            event,
-            end: i >= 3,
-            volume: 10,
-            duration: (i.min(3) + 1) * 160,
-        };
-        let n = out.write_at(101, ts, i == 0, &ev.write(), &mut buf);
-        v.sock.send_to(&buf[..n], v.to).await.unwrap();
-    }
-    out.skip(960);
+    v.key(key).await;
 }
 
 /// A BYE for the supervisor's call arrives on its phone (answered 200).

@@ -697,11 +697,15 @@ async fn transfer(
 #[serde(deny_unknown_fields)]
 struct Monitor {
     mode: crate::media::mix::MonitorMode,
+    /// The page's token for this request, sent back in the INVITE (`X-311-Monitor-Token`)
+    /// so that the wallboard answers that INVITE, and no other, by itself.
+    #[serde(default)]
+    token: Option<crate::call::monitor::MonitorToken>,
 }
 
 /// Listen, whisper or barge on an operator's call: the server calls the supervisor's own
-/// registered phone (a desk phone, or a browser registered over `/sip`) and joins it to the
-/// call when it answers ([`crate::call::monitor`]). The session's agent is the supervisor:
+/// registered phone (a desk phone, or a browser registered over `/sip`, offered WebRTC) and
+/// joins it to the call when it answers ([`crate::call::monitor`]). The session's agent is the supervisor:
 /// nobody can have another person's phone called in.
 async fn monitor(
     State(s): State<ApiState>,
@@ -723,6 +727,7 @@ async fn monitor(
     let request = crate::call::monitor::MonitorBody {
         mode: b.mode,
         supervisor: me.id.clone(),
+        token: b.token,
     };
     match s.monitors.start(&call_id, &request).await {
         Ok(()) => {

@@ -17,23 +17,33 @@
 //! While it lasts, keys 4, 5 and 6 on the supervisor's phone switch to listen, whisper and
 //! barge (as Asterisk's ChanSpy). It ends when the supervisor hangs up (the bridge goes on as
 //! before), or when the bridge ends (the caller or the operator hangs up, a transfer takes
-//! the caller elsewhere): the supervisor's phone then gets BYE.
+//! the caller elsewhere) or a browser's media fails for good (no ICE and DTLS in time,
+//! consent expired): the supervisor's phone then gets BYE.
+//!
+//! The admin API and the wallboard start the same with [`Monitors::start`]: the server calls
+//! the supervisor's registered contact, a phone with plain RTP or a browser (registered over
+//! `/sip`) with WebRTC, as an operator's leg to a browser is ([`crate::call::driver`]); the
+//! media clock then runs the browser's ICE, DTLS and SRTP on the monitor's port. The request's
+//! token, if any, goes back in the INVITE (`X-311-Monitor-Token`) so that the page that asked
+//! answers that INVITE and no other.
 //!
 //! Every start, mode change and stop is written to the admins' audit log (tracing target
 //! `ivr311::audit`, fields `supervisor`, `agent`, `call_id`, `mode`, `seconds`), never the
 //! caller's number.
 
 use super::driver::{now, CallContext};
-use super::leg::{leg_answer, LegSdp};
+use super::leg::{LegReoffer, LegSdp};
 use super::registry::MonitorRequest;
 use super::SUPPORTED_CODECS;
-use crate::media::clock::{Monitor, MonitorLink, MonitorNote};
+use crate::media::clock::{BrowserMedia, Monitor, MonitorLink, MonitorNote, SharedWebRtc};
 use crate::media::g711::Codec;
 use crate::media::mix::MonitorMode;
 use crate::media::rtp::LatchScope;
 use crate::media::sdp;
-use crate::sip::message::sanitize_quoted;
+use crate::media::webrtc::{DtlsIdentity, WebRtcLeg};
+use crate::sip::message::{sanitize_quoted, Method};
 use crate::sip::refer::reason_phrase;
+use crate::sip::transport::Transport;
 use crate::sip::ua::{DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundCall};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -42,7 +52,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Keys a supervisor's phone may send unread before the newest are dropped.
 const NOTES: usize = 16;
@@ -296,7 +306,7 @@ pub(crate) async fn run_monitor(
         &ctx,
         &handle,
         Events::Incoming(events),
-        Bytes::from(answer),
+        OurSdp::Answer(Bytes::from(answer)),
         (link, notes),
         who,
         cancel,
@@ -334,13 +344,47 @@ impl Events {
     }
 }
 
+/// What our side answers a re-INVITE or UPDATE of the supervisor's with.
+enum OurSdp {
+    /// The answer we gave to the supervisor's phone's own call: the media stays as it is.
+    Answer(Bytes),
+    /// Our call to the supervisor's phone or browser: the leg's SDP, its media as agreed, and
+    /// a phone's media address (a browser's is where ICE finds it, whatever its SDP says).
+    Leg(Box<LegSdp>, sdp::Negotiated, Option<SocketAddr>),
+}
+
+impl OurSdp {
+    /// The status and body for a re-offer (`method`, `body`). The media clock keeps mixing
+    /// the supervisor with the media agreed at the start, so an offer that would change its
+    /// codec or address is refused (488: the call goes on as it was, RFC 3261 §14.2);
+    /// a session refresh, or the same media offered again (a browser's re-INVITE carries its
+    /// ICE and DTLS as they are), is answered.
+    fn reoffer(&mut self, method: &Method, body: &[u8]) -> (u16, Option<(String, Bytes)>) {
+        let sdp_body = |s: Bytes| Some(("application/sdp".to_owned(), s));
+        match self {
+            OurSdp::Answer(ours) => (200, sdp_body(ours.clone())),
+            OurSdp::Leg(leg, neg, at) => match leg.reoffer(method, body, neg) {
+                LegReoffer::Answer { neg: n, addr, .. }
+                    if n.codec != neg.codec
+                        || n.payload_type != neg.payload_type
+                        || at.is_some_and(|at| at != addr) =>
+                {
+                    warn!("a supervisor's re-offer would move or change its media; 488");
+                    (488, None)
+                }
+                r => r.response(),
+            },
+        }
+    }
+}
+
 /// Keep the supervisor on the call (mixed in by the media clock) until they hang up or the
 /// call's bridge ends; audit the start, each mode change and the end.
 async fn stay(
     ctx: &CallContext,
     handle: &DialogHandle,
     mut events: Events,
-    ours: Bytes,
+    mut ours: OurSdp,
     (link, mut notes): (Arc<MonitorLink>, mpsc::Receiver<MonitorNote>),
     who: Who,
     cancel: CancellationToken,
@@ -374,9 +418,9 @@ async fn stay(
                     phone_left = true;
                     break "supervisor_hung_up";
                 }
-                Some(DialogEvent::Reoffer { txn, .. }) => {
-                    let body = Some(("application/sdp".to_owned(), ours.clone()));
-                    handle.answer_reoffer(txn, 200, body).await;
+                Some(DialogEvent::Reoffer { txn, method, body, .. }) => {
+                    let (code, body) = ours.reoffer(&method, &body);
+                    handle.answer_reoffer(txn, code, body).await;
                 }
                 Some(DialogEvent::Refer(r)) => {
                     handle.answer_request(r.txn, 403, vec![]).await;
@@ -390,6 +434,7 @@ async fn stay(
                         current = m;
                     }
                 }
+                Some(MonitorNote::MediaFailed) => break "media_failed",
                 // The bridge ended (the caller or the operator hung up, a transfer).
                 None => break "call_ended",
             },
@@ -412,6 +457,42 @@ pub struct MonitorBody {
     pub mode: MonitorMode,
     /// The supervisor's agent id: their registered phone is called.
     pub supervisor: String,
+    /// Sent back in the INVITE's `X-311-Monitor-Token` header, so that the page that asked
+    /// (the wallboard) knows that INVITE for its own and answers it by itself.
+    #[serde(default)]
+    pub token: Option<MonitorToken>,
+}
+
+/// A token naming one request to monitor a call: 8 to 64 letters, digits, `-` and `_`
+/// (it goes into a SIP header as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MonitorToken(String);
+
+/// Why a monitor token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a monitor token is 8 to 64 letters, digits, - and _")]
+pub struct BadMonitorToken;
+
+impl TryFrom<String> for MonitorToken {
+    type Error = BadMonitorToken;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        let ok = (8..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(MonitorToken(s))
+        } else {
+            Err(BadMonitorToken)
+        }
+    }
+}
+
+impl MonitorToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Monitoring started from HTTP: the server calls the supervisor's registered phone and
@@ -433,8 +514,8 @@ impl Monitors {
         Monitors { ctx, cancel }
     }
 
-    /// Call supervisor `b.supervisor`'s phone to monitor call `call_id` (its Call-ID, as
-    /// `/admin/calls` shows it) in `b.mode`. `Ok` once the phone is being called; the
+    /// Call supervisor `b.supervisor`'s phone (or browser, over WebRTC) to monitor call
+    /// `call_id` (its Call-ID, as `/admin/calls` shows it) in `b.mode`. `Ok` once the phone is being called; the
     /// supervisor joins when they answer. Otherwise the HTTP status and why: 404 no such call,
     /// 403 not a supervisor, 409 the call is not with an operator or the supervisor's phone is
     /// not registered, 503 no media port.
@@ -478,11 +559,33 @@ impl Monitors {
                 .unwrap_or(toward)
         });
         let ip = super::driver::leg_media_ip(preferred, &port, Some(toward));
-        let offer = Bytes::from(LegSdp::new(SocketAddr::new(ip, port.port)).offer(Codec::Pcmu));
-        let headers = vec![(
+        let local = SocketAddr::new(ip, port.port);
+        // A supervisor registered over a WebSocket is a browser (the wallboard): the leg is
+        // WebRTC, as an operator's leg to a browser is.
+        let webrtc = match flow.transport {
+            Transport::Ws | Transport::Wss => match DtlsIdentity::shared() {
+                Ok(identity) => Some(Arc::new(std::sync::Mutex::new(BrowserMedia::new(
+                    WebRtcLeg::new(identity, std::time::Instant::now()),
+                )))),
+                Err(e) => {
+                    error!(error = %e, "no DTLS certificate: cannot call a supervisor's browser");
+                    return Err((503, "no DTLS certificate for browser audio".into()));
+                }
+            },
+            _ => None,
+        };
+        let sdp = match &webrtc {
+            None => LegSdp::new(local),
+            Some(w) => LegSdp::new_webrtc(local, lock(w).leg.local().clone()),
+        };
+        let offer = Bytes::from(sdp.offer(Codec::Pcmu));
+        let mut headers = vec![(
             "X-311-Monitor".to_owned(),
             format!("{} {agent}", b.mode.as_str()),
         )];
+        if let Some(token) = &b.token {
+            headers.push(("X-311-Monitor-Token".to_owned(), token.as_str().to_owned()));
+        }
         info!(%supervisor, %agent, %call_id, mode = b.mode.as_str(), "calling a supervisor's phone to monitor a call");
         let call = ctx
             .outbound
@@ -492,7 +595,7 @@ impl Monitors {
                 "monitor",
                 Some("311 monitor"),
                 headers,
-                offer.clone(),
+                offer,
             )
             .await;
         let who = Who {
@@ -504,7 +607,12 @@ impl Monitors {
         ctx.tracker.spawn(ring_and_join(
             ctx.clone(),
             call,
-            (port, toward, offer),
+            Ours {
+                port,
+                toward,
+                sdp,
+                webrtc,
+            },
             id,
             who,
             self.cancel.clone(),
@@ -513,11 +621,25 @@ impl Monitors {
     }
 }
 
+fn lock(w: &SharedWebRtc) -> std::sync::MutexGuard<'_, BrowserMedia> {
+    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Our side of the call to a supervisor's phone or browser.
+struct Ours {
+    port: crate::media::ports::RtpPort,
+    /// Where the supervisor registered from (their media may come from there).
+    toward: std::net::IpAddr,
+    sdp: LegSdp,
+    /// A browser's leg: its ICE, DTLS and SRTP.
+    webrtc: Option<SharedWebRtc>,
+}
+
 /// Wait for the supervisor's phone to answer our call, then join it to call `id`.
 async fn ring_and_join(
     ctx: CallContext,
     call: OutboundCall,
-    (port, toward, offer): (crate::media::ports::RtpPort, std::net::IpAddr, Bytes),
+    ours: Ours,
     id: u64,
     who: Who,
     cancel: CancellationToken,
@@ -548,7 +670,28 @@ async fn ring_and_join(
         handle.release();
         return;
     };
-    let (neg, addr) = match leg_answer(&answer) {
+    let Ours {
+        port,
+        toward,
+        mut sdp,
+        webrtc,
+    } = ours;
+    // A browser's answer is WebRTC only (and a phone's plain RTP only); it also gives the
+    // browser's ICE credentials, fingerprint and DTLS role.
+    let remote = match (&webrtc, sdp::parse_any(&answer)) {
+        (Some(_), Ok(sdp::Remote::WebRtc(_, remote))) => Some(remote),
+        _ => None,
+    };
+    let media = sdp.answer(&answer).map_err(|e| e.to_string());
+    let media = media.and_then(|m| match (&webrtc, remote) {
+        (Some(w), Some(remote)) => lock(w)
+            .leg
+            .set_remote(std::time::Instant::now(), remote)
+            .map(|_| m)
+            .map_err(|e| e.to_string()),
+        _ => Ok(m),
+    });
+    let (neg, addr) = match media {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "the supervisor's phone answered with media we cannot take");
@@ -559,6 +702,8 @@ async fn ring_and_join(
     };
     let link = MonitorLink::new(who.mode);
     let (notes_tx, notes) = mpsc::channel(NOTES);
+    let neg_kept = neg;
+    let phone_at = webrtc.is_none().then_some(addr);
     let monitor = Monitor::new(
         port,
         (addr, LatchScope::SdpOr(toward)),
@@ -566,6 +711,10 @@ async fn ring_and_join(
         link.clone(),
         notes_tx,
     );
+    let monitor = match webrtc {
+        Some(w) => monitor.webrtc(w),
+        None => monitor,
+    };
     if let Err((code, why)) = ctx
         .registry
         .monitor(id, MonitorRequest(Box::new(monitor)))
@@ -580,7 +729,7 @@ async fn ring_and_join(
         &ctx,
         &handle,
         Events::Outgoing(events),
-        offer,
+        OurSdp::Leg(Box::new(sdp), neg_kept, phone_at),
         (link, notes),
         who,
         cancel,
@@ -611,5 +760,26 @@ mod tests {
         assert!(yaml("{listen: \"*5\"}").is_err(), "*5 starts *52");
         assert!(yaml("{listen: \"ab\"}").is_err());
         assert!(yaml("{listne: \"*1\"}").is_err());
+    }
+
+    #[test]
+    fn a_monitor_token_is_a_short_word_fit_for_a_header() {
+        let body = |t: &str| {
+            serde_json::from_str::<MonitorBody>(&format!(
+                r#"{{"mode": "listen", "supervisor": "1003", "token": {t}}}"#
+            ))
+        };
+        let ok = body(r#""0123456789abcdef-_""#).unwrap();
+        assert_eq!(ok.token.unwrap().as_str(), "0123456789abcdef-_");
+        assert!(body("null").unwrap().token.is_none());
+        for bad in [
+            r#""short""#,
+            r#""has space in it""#,
+            r#""crlf
+X-Evil: 1""#,
+        ] {
+            assert!(body(bad).is_err(), "{bad}");
+        }
+        assert!(body(&format!("\"{}\"", "a".repeat(65))).is_err());
     }
 }

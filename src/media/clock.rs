@@ -396,6 +396,9 @@ impl MonitorLink {
 pub(crate) enum MonitorNote {
     /// A key on the supervisor's phone (4, 5 and 6 have already switched the mode).
     Key(char),
+    /// The supervisor's browser leg's media failed for good (no ICE and DTLS in time, a
+    /// failed handshake, consent expired): the supervisor's call ends.
+    MediaFailed,
 }
 
 /// A supervisor's leg on a bridged call, as the shard mixes it ([`crate::media::mix`]): the
@@ -416,6 +419,11 @@ pub(crate) struct Monitor {
     /// [`Restamp`] continues them under the stream the phone already knows.
     to_leg: RtpStream,
     to_caller: RtpStream,
+    /// A supervisor in a browser ([`Monitor::webrtc`]): what reaches its port is STUN, DTLS
+    /// and SRTP, and what it hears is protected and sent where ICE found it.
+    webrtc: Option<SharedWebRtc>,
+    /// The browser leg's failure was told to the supervisor's call.
+    failure_told: bool,
 }
 
 impl Monitor {
@@ -439,6 +447,56 @@ impl Monitor {
             notes,
             to_leg: RtpStream::new(),
             to_caller: RtpStream::new(),
+            webrtc: None,
+            failure_told: false,
+        }
+    }
+
+    /// The supervisor is a browser (registered over a WebSocket): its port carries `leg`'s
+    /// ICE checks, DTLS handshake and SRTP, and our stream to it is the one SSRC our SDP
+    /// announced ([`BrowserMedia`]). The latch is not used: ICE decides where the browser is.
+    pub(crate) fn webrtc(mut self, leg: SharedWebRtc) -> Self {
+        lock_webrtc(&leg).to_leg.resume();
+        self.webrtc = Some(leg);
+        self
+    }
+
+    /// Send what the browser leg queued (STUN answers, DTLS records), and tell the
+    /// supervisor's call once that its media failed (tried again at each tick until the
+    /// call takes the note).
+    fn webrtc_out(&mut self, w: &mut WebRtcLeg, span: &Span) {
+        while let Some((to, bytes)) = w.poll_transmit() {
+            let _ = self.port.socket.send_to(&bytes, to);
+        }
+        while let Some(event) = w.poll_event() {
+            match event {
+                WebRtcEvent::Connected { remote, profile } => span.in_scope(
+                    || debug!(%remote, profile, "the supervisor's browser DTLS-SRTP is up"),
+                ),
+                WebRtcEvent::Failed(e) => {
+                    span.in_scope(|| warn!(error = %e, "the supervisor's browser media failed"));
+                }
+            }
+        }
+        if w.is_failed() && !self.failure_told {
+            self.failure_told = self.notes.try_send(MonitorNote::MediaFailed).is_ok();
+        }
+    }
+
+    /// Send `packet` (plain RTP from our stream to the supervisor) to the supervisor: as it
+    /// is to a phone, protected (under the leg's announced stream) to a browser.
+    fn send_to_supervisor(&mut self, packet: &mut [u8]) {
+        match &self.webrtc {
+            Some(w) => {
+                let mut w = lock_webrtc(w);
+                w.to_leg.apply(packet, false);
+                if let Some((srtp, to)) = w.leg.protect(packet) {
+                    let _ = self.port.socket.send_to(&srtp, to);
+                }
+            }
+            None => {
+                let _ = self.port.socket.send_to(packet, self.latch.remote());
+            }
         }
     }
 
@@ -1634,11 +1692,21 @@ impl Slot {
                 }
             };
             for i in 0..n {
-                let (buf, from) = io.packet(i);
-                let Ok(p) = rtp::parse(buf) else { continue };
-                if m.latch.on_packet(from) == LatchDecision::Foreign {
+                let (mut len, from) = (io.lens[i], io.froms[i]);
+                if let Some(w) = m.webrtc.clone() {
+                    let mut w = lock_webrtc(&w);
+                    let got = w.leg.handle_datagram(now, from, &mut io.bufs[i], len);
+                    m.webrtc_out(&mut w.leg, &self.span);
+                    match got {
+                        Datagram::Media { len: plain } => len = plain,
+                        Datagram::Handled | Datagram::Dropped => continue,
+                    }
+                } else if m.latch.on_packet(from) == LatchDecision::Foreign {
                     continue;
                 }
+                let Ok(p) = rtp::parse(&io.bufs[i][..len]) else {
+                    continue;
+                };
                 if p.payload_type == m.neg.payload_type {
                     m.mixer.push_g711(Party::Supervisor, m.neg.codec, p.payload);
                 } else if Some(p.payload_type) == m.neg.telephone_event {
@@ -1654,6 +1722,13 @@ impl Slot {
                 break;
             }
         }
+        if let Some(w) = m.webrtc.clone() {
+            let mut w = lock_webrtc(&w);
+            if w.leg.poll_timeout().is_some_and(|t| t <= now) {
+                w.leg.handle_timeout(now);
+            }
+            m.webrtc_out(&mut w.leg, &self.span);
+        }
         m.mixer.tick();
         let mode = m.link.mode();
         let mut out = [0u8; rtp::HEADER_LEN + FRAME];
@@ -1666,7 +1741,7 @@ impl Slot {
                 &mut m.out,
                 &mut out,
             );
-            let _ = m.port.socket.send_to(&out[..n], m.latch.remote());
+            m.send_to_supervisor(&mut out[..n]);
         }
         if mode.mixed_for(Party::Operator) && b.leg_neg.direction.sends() {
             let n = Monitor::packet_for(

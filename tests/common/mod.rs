@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod dns;
+pub mod voices;
 
 use ivr311::config::{parse_port_range, FileConfig, ServeArgs};
 use ivr311::media::dtmf::{digit_to_event, TelephoneEvent};

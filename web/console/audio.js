@@ -6,9 +6,14 @@
 // and shows what goes wrong (no microphone, no common codec, the WebSocket lost) through
 // window.console311.ui.say. Plain JavaScript, no build step.
 //
+// The supervisor's wallboard uses it too: `start({..., onlyExpected: true})` declines (486)
+// every INVITE but the one the page asked for with `expect(match, withinMs, { muted })`, which
+// is answered as soon as it arrives (`match(request)`: e.g. its X-311-Monitor-Token header);
+// `mute`, `sendDtmf` and `hangup` then act on that call.
+//
 // The caller is heard through an <audio> element, and through a WebAudio AnalyserNode that
 // `level()` reads: { rms, frequency } of what the caller sends (the page's own meter, and what
-// the browser tests read).
+// the browser tests read), and `spectrum([hz...])` the level in dB at each of those frequencies.
 "use strict";
 
 (function () {
@@ -47,6 +52,13 @@
     buf: null,
     el: null,
     failure: null,
+    // The INVITE the page asked for (`expect`): { match, until, muted }.
+    expected: null,
+    onlyExpected: false,
+    // INVITEs declined because this page did not ask for them (`onlyExpected`).
+    declined: 0,
+    // Told of the call's changes ("ringing", "up", "ended"): the page's own display.
+    onChange: null,
   };
 
   function status() {
@@ -55,6 +67,7 @@
       registered: a.registered,
       call: a.session ? (a.session.isEstablished() ? "up" : a.session.isEnded() ? "ended" : "ringing") : null,
       failure: a.failure,
+      declined: a.declined,
     };
   }
 
@@ -119,6 +132,20 @@
     return { rms, frequency: Math.round(frequency) };
   }
 
+  // The level (dB, as the analyser reads it) at each of `freqs` (Hz) in what is heard now.
+  function spectrum(freqs) {
+    if (!a.analyser) return freqs.map(() => null);
+    const bins = new Float32Array(a.analyser.frequencyBinCount);
+    a.analyser.getFloatFrequencyData(bins);
+    const hz = a.ctx.sampleRate / a.analyser.fftSize;
+    return freqs.map((f) => {
+      const i = Math.round(f / hz);
+      return Math.max(bins[i - 1], bins[i], bins[i + 1]);
+    });
+  }
+
+  const changed = (what) => { if (a.onChange) a.onChange(what); };
+
   // G.711 is what the server speaks to browsers (RFC 3551 static types 0 and 8).
   function hasG711(sdp) {
     const m = /^m=audio \d+ [^ ]+ ([0-9 ]+)/m.exec(sdp || "");
@@ -140,6 +167,14 @@
       return;
     }
     const s = e.session;
+    const x = a.expected;
+    const expected = !!x && Date.now() < x.until && x.match(e.request);
+    if (a.onlyExpected && !expected) {
+      // This page takes only the calls it asked for.
+      a.declined += 1;
+      s.terminate({ status_code: 486, reason_phrase: "Busy Here" });
+      return;
+    }
     if (a.session && !a.session.isEnded()) {
       // One call at a time: the server offers one.
       s.terminate({ status_code: 486, reason_phrase: "Busy Here" });
@@ -159,8 +194,20 @@
         if (pc.connectionState === "failed") failed(JsSIP.C.causes.WEBRTC_ERROR);
       });
     });
-    s.on("failed", (ev) => { if (ev.originator === "local" || ev.cause !== JsSIP.C.causes.CANCELED) failed(ev.cause); });
-    s.on("ended", () => { if (a.session === s) a.session = null; });
+    s.on("failed", (ev) => {
+      if (ev.originator === "local" || ev.cause !== JsSIP.C.causes.CANCELED) failed(ev.cause);
+      if (a.session === s) { a.session = null; changed("ended"); }
+    });
+    s.on("ended", () => { if (a.session === s) { a.session = null; changed("ended"); } });
+    s.on("confirmed", () => changed("up"));
+    if (expected) {
+      a.expected = null;
+      // Muted from the start when asked (a supervisor who only listens).
+      if (x.muted) s.on("accepted", () => s.mute({ audio: true }));
+      changed("ringing");
+      answerNow(s);
+      return;
+    }
     const pending = a.answerFor && Date.now() - a.answerAt < ANSWER_AHEAD_MS;
     if (pending && (a.answerFor === "any" || !s.callId || a.answerFor === s.callId)) {
       a.answerFor = null;
@@ -177,8 +224,10 @@
     }
   }
 
-  function start({ user, password, websocketPath }) {
+  function start({ user, password, websocketPath, onlyExpected, onChange, userAgent }) {
     stop();
+    a.onlyExpected = !!onlyExpected;
+    a.onChange = onChange || null;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new JsSIP.WebSocketInterface(`${scheme}://${location.host}${websocketPath || "/sip"}`);
     const ua = new JsSIP.UA({
@@ -187,7 +236,7 @@
       password,
       register: true,
       session_timers: false,
-      user_agent: "ivr311-console",
+      user_agent: userAgent || "ivr311-console",
     });
     a.ua = ua;
     ua.on("connected", () => { a.connected = true; showStatus(); });
@@ -231,6 +280,14 @@
     return true;
   }
 
+  // Answer the next INVITE that `match(request)` accepts, if it arrives within `withinMs`,
+  // with the microphone muted if `muted`. Call it from the click (the audio context starts in
+  // the user's gesture) and before the request that makes the server call.
+  function expect(match, withinMs, { muted } = {}) {
+    a.expected = { match, until: Date.now() + withinMs, muted: !!muted };
+    audioContext();
+  }
+
   const live = () => (a.session && a.session.isEstablished() ? a.session : null);
 
   window.console311.audio = {
@@ -253,7 +310,9 @@
       s.sendDTMF(key, { transportType: "RFC2833", duration: 160, interToneGap: 80 });
       return true;
     },
+    expect,
     level,
+    spectrum,
     status,
     active: () => !!a.ua,
   };

@@ -1,7 +1,15 @@
 // The supervisor's wallboard: live queues, agents, today's figures and alarms from the
 // server's event stream (/supervisor/events), charts drawn here in SVG from the calls report,
-// and the supervisor's actions (force an agent's state, hang up, transfer). No library, no
-// CDN; text is set with textContent only.
+// and the supervisor's actions (force an agent's state, hang up, transfer, listen, whisper,
+// barge). No library, no CDN; text is set with textContent only.
+//
+// Listen, whisper and barge in the browser: with "Audio in this browser" at log-in, the page
+// registers the supervisor over SIP over WebSocket with the console's audio.js (JsSIP, /sip).
+// A click on Listen, Whisper or Barge asks the server to call the supervisor with a fresh
+// token; the server's INVITE carries it back (X-311-Monitor-Token) and is answered by the page
+// (WebRTC), while any other INVITE to this page is declined. The monitor bar switches the mode
+// with the keys 4, 5 and 6 (RFC 4733, as on a desk phone) and stops; the microphone is muted
+// while listening. Without browser audio the server calls the supervisor's desk phone.
 "use strict";
 
 (() => {
@@ -33,6 +41,16 @@
       a_no_agent_ready: "{n} waiting in queue {q} and no agent is ready",
       seconds: "s", none: "–", callback: "call-back",
       r_break: "Break", r_lunch: "Lunch", r_training: "Training", r_after_call_work: "After-call work",
+      browser_audio: "Audio in this browser (headset)", audio_ready: "Browser audio ready",
+      audio_connecting: "Browser audio connecting…", audio_lost: "Browser audio lost: reconnecting…",
+      audio_off: "", audio_no_microphone: "The browser may not use the microphone: allow it for this page, then try again.",
+      audio_no_codec: "This browser offers no audio codec the server speaks (G.711 PCMU/PCMA).",
+      audio_webrtc: "The browser's audio connection failed:", audio_call_failed: "The call's audio failed:",
+      audio_register_failed: "The browser's phone could not log in:", audio_blocked: "The browser did not play the call:",
+      monitoring: "Monitoring", stop: "Stop", mon_connecting: "Connecting to call {c}…",
+      mon_listen: "Listening to call {c}", mon_whisper: "Whispering to the operator on call {c}",
+      mon_barge: "Talking with both sides of call {c}", mon_phone: "Your phone is being called for call {c}",
+      mic_note: "Your microphone is off while you listen; in whisper the operator hears you, in barge both do.",
     },
     es: {
       title: "Panel de supervisión 311", supervisor: "Supervisor", logout: "Cerrar sesión",
@@ -61,6 +79,16 @@
       a_no_agent_ready: "{n} en espera en la cola {q} y ningún agente está listo",
       seconds: "s", none: "–", callback: "devolución",
       r_break: "Descanso", r_lunch: "Almuerzo", r_training: "Capacitación", r_after_call_work: "Trabajo posterior",
+      browser_audio: "Audio en este navegador (auriculares)", audio_ready: "Audio del navegador listo",
+      audio_connecting: "Conectando el audio del navegador…", audio_lost: "Audio del navegador perdido: reconectando…",
+      audio_off: "", audio_no_microphone: "El navegador no puede usar el micrófono: permítalo para esta página e inténtelo de nuevo.",
+      audio_no_codec: "Este navegador no ofrece ningún códec de audio que el servidor use (G.711 PCMU/PCMA).",
+      audio_webrtc: "Falló la conexión de audio del navegador:", audio_call_failed: "Falló el audio de la llamada:",
+      audio_register_failed: "El teléfono del navegador no pudo iniciar sesión:", audio_blocked: "El navegador no reprodujo la llamada:",
+      monitoring: "Supervisión", stop: "Terminar", mon_connecting: "Conectando con la llamada {c}…",
+      mon_listen: "Escuchando la llamada {c}", mon_whisper: "Susurrando al agente en la llamada {c}",
+      mon_barge: "Hablando con ambas partes de la llamada {c}", mon_phone: "Se está llamando a su teléfono para la llamada {c}",
+      mic_note: "Su micrófono está apagado mientras escucha; al susurrar le oye el agente, al intervenir le oyen ambos.",
     },
   };
   const stored = localStorage.getItem("wallboard311.lang");
@@ -72,6 +100,12 @@
   let csrf = null;
   let reasons = [];
   let monitoring = false;
+  // The SIP password, in memory only, when the supervisor chose audio in this browser.
+  let sipPassword = null;
+  // The call being monitored from this page: { call, mode, state: "connecting" | "up" }.
+  let mon = null;
+  const audio = () => (window.console311 && window.console311.audio) || null;
+  const browserAudio = () => (audio() && audio().active() && audio().status().registered ? audio() : null);
   let source = null;
   let lastToday = null;
 
@@ -95,6 +129,7 @@
     $("lang-en").setAttribute("aria-pressed", String(lang === "en"));
     $("lang-es").setAttribute("aria-pressed", String(lang === "es"));
     if (window.wallboard) render(window.wallboard);
+    renderMonitor();
   }
 
   async function api(method, path, body) {
@@ -111,6 +146,85 @@
   }
 
   function showError(msg) { $("error").textContent = msg || ""; }
+
+  // audio.js speaks through these.
+  window.console311 = window.console311 || {};
+  window.console311.ui = { say: (msg, bad) => showError(bad ? msg : ""), t };
+
+  // ---- listen, whisper, barge ----
+
+  const KEYS = { listen: "4", whisper: "5", barge: "6" };
+
+  function token() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+
+  function renderMonitor() {
+    $("monitor").hidden = !mon;
+    if (!mon) return;
+    const key = mon.state === "phone" ? "mon_phone" : mon.state === "up" ? "mon_" + mon.mode : "mon_connecting";
+    $("monitor-what").textContent = fill(t(key), { c: mon.call });
+    for (const b of document.querySelectorAll("#monitor .mode")) {
+      b.setAttribute("aria-pressed", String(b.dataset.mode === mon.mode));
+      b.disabled = mon.state !== "up";
+    }
+    $("mon-stop").disabled = mon.state === "phone";
+  }
+
+  async function startMonitor(call, mode) {
+    const a = browserAudio();
+    if (!a && audio() && audio().active()) {
+      // Audio in this browser, not registered (yet, or any more): the server would call this
+      // page, which could not answer.
+      showError(t("audio_connecting"));
+      return;
+    }
+    if (!a) {
+      // The server calls the supervisor's registered phone.
+      const r = await act(`/supervisor/api/calls/${call}/monitor`, { mode });
+      if (r.status < 400) { mon = { call, mode, state: "phone" }; renderMonitor(); setTimeout(() => { if (mon && mon.state === "phone") { mon = null; renderMonitor(); } }, 5000); }
+      return;
+    }
+    const tok = token();
+    a.expect((req) => req.getHeader("X-311-Monitor-Token") === tok, 30000, { muted: mode === "listen" });
+    mon = { call, mode, state: "connecting" };
+    renderMonitor();
+    const r = await act(`/supervisor/api/calls/${call}/monitor`, { mode, token: tok });
+    if (r.status >= 400) {
+      a.expect(() => false, 0);
+      mon = null;
+      renderMonitor();
+    }
+  }
+
+  // The mode as the phone switches it: the key first, then the microphone on (whisper,
+  // barge); or the microphone off first, then the key (listen).
+  function switchMode(mode) {
+    const a = browserAudio();
+    if (!a || !mon || mon.state !== "up" || mode === mon.mode) return;
+    if (mode === "listen") a.mute(true);
+    a.sendDtmf(KEYS[mode]);
+    if (mode !== "listen") a.mute(false);
+    mon.mode = mode;
+    renderMonitor();
+  }
+
+  function onAudioChange(what) {
+    if (!mon) return;
+    if (what === "up") mon.state = "up";
+    else if (what === "ended") mon = null;
+    renderMonitor();
+  }
+
+  for (const b of document.querySelectorAll("#monitor .mode")) b.addEventListener("click", () => switchMode(b.dataset.mode));
+  $("mon-stop").addEventListener("click", () => {
+    const a = audio();
+    if (a) a.hangup();
+    mon = null;
+    renderMonitor();
+  });
 
   async function act(path, body) {
     const r = await api("POST", path, body);
@@ -221,10 +335,9 @@
     if (bridged) {
       // Monitoring (listen / whisper / barge) is served by its own part of the server.
       for (const mode of ["listen", "whisper", "barge"]) {
-        const b = button(t(mode), "monitor m-" + mode, async () => {
-          await act(`/supervisor/api/calls/${call}/monitor`, { mode });
-        });
+        const b = button(t(mode), "monitor m-" + mode, () => startMonitor(call, mode));
         if (!monitoring) { b.disabled = true; b.title = t("monitor_off"); }
+        else if (mon && mon.state !== "phone") b.disabled = true;
         span.appendChild(b);
       }
     }
@@ -360,6 +473,10 @@
 
   function showLogin() {
     if (source) { source.close(); source = null; }
+    if (audio()) audio().stop();
+    sipPassword = null;
+    mon = null;
+    renderMonitor();
     $("board").hidden = true;
     $("who").hidden = true;
     $("btn-logout").hidden = true;
@@ -381,6 +498,13 @@
     $("who").hidden = false;
     $("btn-logout").hidden = false;
     $("board").hidden = false;
+    const a = audio();
+    if (a && sipPassword && !a.active()) {
+      a.start({
+        user: r.body.agent, password: sipPassword, websocketPath: "/sip",
+        onlyExpected: true, onChange: onAudioChange, userAgent: "ivr311-wallboard",
+      });
+    }
     connect();
   }
 
@@ -395,6 +519,9 @@
     if (r.status === 429) { $("login-error").textContent = t("too_many"); return; }
     if (r.status !== 200) { $("login-error").textContent = t("wrong_login"); return; }
     if (v.role !== "supervisor") { $("login-error").textContent = t("not_supervisor"); return; }
+    const inBrowser = $("login-audio").checked;
+    localStorage.setItem("wallboard311.browserAudio", inBrowser ? "on" : "off");
+    sipPassword = inBrowser ? $("login-password").value : null;
     $("login-password").value = "";
     start();
   });
@@ -408,6 +535,7 @@
 
   $("lang-en").addEventListener("click", () => { lang = "en"; localStorage.setItem("wallboard311.lang", lang); applyLang(); });
   $("lang-es").addEventListener("click", () => { lang = "es"; localStorage.setItem("wallboard311.lang", lang); applyLang(); });
+  $("login-audio").checked = localStorage.getItem("wallboard311.browserAudio") === "on";
   applyLang();
   start();
 })();
