@@ -72,7 +72,7 @@ pub(crate) const DTMF_KEYS: &[char] = &[
 ];
 
 /// Ticket fields a digit entry can fill (`address` is the Open311 `address_id`).
-pub(crate) const COLLECT_FIELDS: &[&str] = &["zipcode", "address"];
+pub(crate) const COLLECT_FIELDS: &[&str] = &["zipcode", "address", "house_number"];
 
 const KEYS_TEXT: &str = "0-9, *, #, A-D";
 const MAX_TIMEOUT_SECONDS: f64 = 120.0;
@@ -976,6 +976,11 @@ impl<'a> Checker<'a> {
                     let tp = join(&s.path, &["ticket"]);
                     if let Some(steps) = &t.steps {
                         self.steps(&join(&tp, &["steps"]), steps);
+                    }
+                    if t.house_number {
+                        let at = join(&tp, &["house_number"]);
+                        self.prompt(&at, &Collect::house_number().prompt);
+                        self.prompt(&at, super::schema::RECORD_STREET_PROMPT);
                     }
                 }
                 Action::Transfer(t) => {
