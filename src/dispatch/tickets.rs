@@ -1524,6 +1524,7 @@ mod tests {
             agency_responsible: Some(format!("agency-{text}")),
             service_notice: Some(format!("notice-{text}")),
             zipcode: Some(format!("zip-{text}")),
+            house_number: Some(format!("house-{text}")),
             address: Some(format!("address-{text}")),
             address_id: Some(format!("address_id-{text}")),
             lat: Some(40.712_776),

@@ -235,6 +235,7 @@ mod tests {
             address: Some("1 Main St".into()),
             address_id: None,
             zipcode: Some("10001".into()),
+            house_number: None,
             lat: Some(40.5),
             long: Some(-73.25),
             media_url: None,

@@ -2017,7 +2017,7 @@ menus:
         );
         let mut e = Engine::new(Arc::new(parse(&menu).unwrap()), "main".into());
         h(&mut e, Input::Start);
-        keys(&mut e, "113");
+        keys(&mut e, "1113");
         after(&mut e, 4.0, Input::PlayDone);
         let out = keys(&mut e, "10458");
         let p = plays(&out);
