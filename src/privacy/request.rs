@@ -35,13 +35,31 @@ struct Found {
     ticket_recordings: Vec<i64>,
 }
 
+/// SQL for `column` without the separators numbers are written with, so a prefilter on its
+/// last digits finds every form of a number; [`Phone::matches`] then decides.
+fn digits(column: &str) -> String {
+    format!(
+        "replace(replace(replace(replace(replace(replace({column}, '+', ''), '-', ''), ' ', ''), \
+         '(', ''), ')', ''), '.', '')"
+    )
+}
+
+/// The last 7 digits of the number: every stored form of it holds them.
+fn tail(phone: &Phone) -> &str {
+    let e = phone.e164();
+    &e[e.len().saturating_sub(7)..]
+}
+
 async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, PrivacyError> {
     let mut f = Found::default();
-    let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+    let tail = tail(phone);
+    let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(&format!(
         "SELECT service_request_id, phone, call_id, recording FROM tickets \
-         WHERE phone IS NOT NULL AND phone <> ?",
-    )
+         WHERE phone IS NOT NULL AND phone <> ? AND instr({}, ?) > 0",
+        digits("phone")
+    ))
     .bind(ERASED)
+    .bind(tail)
     .fetch_all(pool)
     .await?;
     for (id, number, call_id, recording) in rows {
@@ -55,15 +73,22 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
             f.ticket_recordings.push(id);
         }
     }
-    // Call history holds the number as received, or its keyed hash after a while.
+    // Call history holds the number as received, or its keyed hash after a while (one per
+    // form a trunk may deliver it in: three).
     let key = crate::history::hash_key(pool).await?;
     let hashes: BTreeSet<String> = (phone.received_forms().iter())
         .map(|n| crate::history::hash_number(&key, n))
         .collect();
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, caller, call_id FROM call_history WHERE caller IS NOT NULL AND caller <> ?",
-    )
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(&format!(
+        "SELECT id, caller, call_id FROM call_history WHERE caller IS NOT NULL AND caller <> ? \
+         AND (caller IN (?, ?, ?) OR instr({}, ?) > 0)",
+        digits("caller")
+    ))
     .bind(ERASED)
+    .bind(hashes.iter().next())
+    .bind(hashes.iter().nth(1))
+    .bind(hashes.iter().nth(2))
+    .bind(tail)
     .fetch_all(pool)
     .await?;
     for (id, caller, call_id) in rows {
@@ -72,28 +97,42 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
             f.call_ids.insert(call_id);
         }
     }
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, number FROM callback_requests WHERE number <> ?")
-            .bind(ERASED)
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT id, number FROM callback_requests WHERE number <> ? AND instr({}, ?) > 0",
+        digits("number")
+    ))
+    .bind(ERASED)
+    .bind(tail)
+    .fetch_all(pool)
+    .await?;
     f.callbacks = (rows.into_iter())
         .filter(|(_, n)| phone.matches(n))
         .map(|(id, _)| id)
         .collect();
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL \
+         AND instr({}, ?) > 0",
+        digits("caller")
+    ))
+    .bind(tail)
+    .fetch_all(pool)
+    .await?;
     f.emergency = (rows.into_iter())
         .filter(|(_, n)| phone.matches(n))
         .map(|(id, _)| id)
         .collect();
     let tickets: BTreeSet<i64> = f.tickets.iter().copied().collect();
-    let rows: Vec<(i64, Option<i64>, Option<String>)> =
-        sqlx::query_as("SELECT id, ticket_id, body FROM outbox")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, ticket_id, body FROM outbox WHERE ticket_id IN (SELECT service_request_id \
+         FROM tickets WHERE phone IS NOT NULL AND instr({}, ?) > 0) \
+         OR (body IS NOT NULL AND instr({}, ?) > 0)",
+        digits("phone"),
+        digits("body")
+    ))
+    .bind(tail)
+    .bind(tail)
+    .fetch_all(pool)
+    .await?;
     for (id, ticket, body) in rows {
         let about = ticket.is_some_and(|t| tickets.contains(&t));
         let holds = body.as_deref().is_some_and(|b| {
