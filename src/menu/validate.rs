@@ -1775,6 +1775,32 @@ menus:
     }
 
     #[test]
+    fn a_house_number_ticket_needs_its_prompts() {
+        let text = GOOD.replace(
+            "{ticket: {service: pothole, name: Pothole}}",
+            "{ticket: {service: pothole, name: Pothole, house_number: true}}",
+        );
+        let p = check(&text).unwrap_err();
+        let messages: Vec<&str> = p.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("\"enter_house_number\" is missing"))
+                && messages
+                    .iter()
+                    .any(|m| m.contains("\"record_street\" is missing")),
+            "{messages:?}"
+        );
+        let mut with = all_prompts(&["en", "es"]);
+        for lang in ["en", "es"] {
+            let names = with.by_lang.entry(lang.into()).or_default();
+            names.insert("enter_house_number".into());
+            names.insert("record_street".into());
+        }
+        assert!(check_text(Path::new("t.yaml"), &text, &with).is_ok());
+    }
+
+    #[test]
     fn missing_language_reported_once() {
         let p = check_text(Path::new("t"), GOOD, &all_prompts(&["en"])).unwrap_err();
         assert_eq!(p.len(), 1, "{p:?}");
