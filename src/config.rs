@@ -80,8 +80,12 @@ pub struct FileConfig {
     /// Where host names are looked up (see [`crate::sip::resolve`]).
     pub dns: DnsConfig,
     pub log: LogConfig,
-    /// Call history: retention and hashing of callers' numbers (see [`crate::history`]).
+    /// Call history: hashing of callers' numbers and the writer's queue (see
+    /// [`crate::history`]).
     pub history: crate::history::HistoryConfig,
+    /// How long recordings, callers' numbers and call history are kept (see
+    /// [`crate::privacy`]).
+    pub retention: crate::privacy::RetentionConfig,
     /// Report settings: service-level targets, short abandons (see [`crate::history::report`]).
     pub reports: crate::history::report::ReportsConfig,
     /// Forwarding tickets to the city's Open311 CRM, and the outbox's retries (see
@@ -644,19 +648,15 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Caller recordings (WAV). Default `recordings`.
+    /// Caller recordings (WAV); operator-call recordings in `<recordings_dir>/calls`. Kept
+    /// for `retention.recordings_days`. Default `recordings`.
     pub recordings_dir: PathBuf,
-    /// Recordings of operator calls (queues with `record: true`, in `<recordings_dir>/calls`)
-    /// are deleted this many days after they were made, by a daily pass audited in the log.
-    /// 0 keeps them. Default 90.
-    pub call_recordings_keep_days: u32,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             recordings_dir: PathBuf::from("recordings"),
-            call_recordings_keep_days: 90,
         }
     }
 }

@@ -42,6 +42,7 @@
 //! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
 //! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics`, SIP over WebSocket (`/sip`), the embedded JsSIP, the operator console (`/console`), the supervisor's wallboard (`/supervisor`, `api::supervisor`) |
 //! | [`history`] | call history that lasts (calls, operators' states, queue events), written off the call's path; the reports' formulas |
+//! | [`privacy`] | retention of callers' data (`retention:`, a daily audited pass) and residents' export and erasure requests |
 //! | [`heartbeat`] | when a loop (media clock thread, SIP UA) last turned, for readiness |
 //! | [`metrics`] | counters for `/metrics` |
 //! | [`server`] | starting and stopping all of the above |
@@ -90,6 +91,7 @@ pub mod logging;
 pub mod media;
 pub mod menu;
 pub mod metrics;
+pub mod privacy;
 pub mod server;
 pub mod sip;
 pub mod sockopt;

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: TicketsCommand,
     },
+    /// A resident's records request or erasure request, by phone number.
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
     /// Print an operator's `password_ha1` for the config: the digest hashes of the password
     /// (read from standard input, without echo at a terminal, so that it stays out of shell
     /// history and process lists), for each algorithm the registrar can offer.
@@ -61,6 +66,34 @@ enum TicketsCommand {
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct PrivacyArgs {
+    /// The resident's number: E.164 (`+12125550100`) or national (`212-555-0100`).
+    #[arg(long)]
+    phone: String,
+    #[arg(long, env = "IVR311_DB", default_value = "ivr311.db")]
+    db: PathBuf,
+    /// The `--config` YAML `serve` uses (for `storage.recordings_dir`).
+    #[arg(long, env = "IVR311_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// Print, as JSON, every row that holds the number (tickets, call history, call-backs,
+    /// the 911 audit, outbox items, transfers) and the paths of the recordings linked to it.
+    Export(PrivacyArgs),
+    /// Remove the number from every table (rows stay, replaced by `erased`), delete the
+    /// recordings linked to it, and record the erasure. The 911 audit is kept (README).
+    Erase {
+        #[command(flatten)]
+        args: PrivacyArgs,
+        /// Who asked for it, for the audit. Default: the user running the command.
+        #[arg(long)]
+        by: Option<String>,
     },
 }
 
@@ -120,6 +153,20 @@ fn main() -> ExitCode {
         } => {
             let at = db.clone();
             run(list_tickets(db, json, limit), |e| db_hints(e, &at))
+        }
+        Command::Privacy { command } => {
+            let (args, by) = match command {
+                PrivacyCommand::Export(a) => (a, None),
+                PrivacyCommand::Erase { args, by } => {
+                    let by = by
+                        .or_else(|| std::env::var("SUDO_USER").ok())
+                        .or_else(|| std::env::var("USER").ok())
+                        .unwrap_or_else(|| "unknown".to_owned());
+                    (args, Some(by))
+                }
+            };
+            let at = args.db.clone();
+            run(privacy(args, by), |e| db_hints(e, &at))
         }
         Command::AgentHash { id } => match agent_hash(&id) {
             Ok(()) => ExitCode::SUCCESS,
@@ -359,6 +406,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     wait_for_signal(&server).await;
     tracing::info!("shutting down: refusing new calls, draining calls in progress");
     server.shutdown().await;
+    Ok(())
+}
+
+/// `ivr311 privacy export|erase`: export when `by` is `None`, else erase on their behalf.
+async fn privacy(args: PrivacyArgs, by: Option<String>) -> anyhow::Result<()> {
+    use ivr311::dispatch::tickets::TicketStore;
+    use ivr311::privacy::{request, Phone};
+    let phone = Phone::parse(&args.phone)?;
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let dir = &file.storage.recordings_dir;
+    let store = TicketStore::open(&args.db).await?;
+    let out = match by {
+        None => request::export(&store, dir, &phone).await?,
+        Some(by) => {
+            let now = time::OffsetDateTime::now_utc();
+            let report = request::erase(&store, dir, &phone, &by, now).await?;
+            serde_json::json!({ "erased": report })
+        }
+    };
+    store.close().await;
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 

@@ -447,9 +447,11 @@ pub async fn start_with_clock(
         ),
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
-    tracker.spawn(crate::media::call_record::retention(
+    tracker.spawn(crate::privacy::retention::run(
+        tickets.pool().clone(),
         file.storage.recordings_dir.clone(),
-        file.storage.call_recordings_keep_days,
+        (file.retention.clone(), file.history.clone()),
+        wall_clock,
         cancel.clone(),
     ));
     tracker.spawn(call::accept_calls(

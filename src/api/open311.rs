@@ -528,6 +528,7 @@ pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
                 agency: None,
                 keywords: vec![],
                 steps: None,
+                house_number: false,
             },
             group: String::new(),
         });
@@ -1019,6 +1020,7 @@ fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
         agency_responsible: a.agency,
         service_notice: None,
         zipcode,
+        house_number: None,
         address: owned(address),
         address_id,
         lat,

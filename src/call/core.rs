@@ -1280,7 +1280,10 @@ impl CallCore {
 
     /// Commit a ticket; report to the menu when `report` (not after hang-up).
     fn file_ticket(&mut self, t: TicketRequest, report: bool) {
+        let house_number = t.field("house_number").map(str::to_owned);
         let ticket = NewTicket {
+            address: phone_address(house_number.as_deref(), t.field("zipcode")),
+            house_number,
             zipcode: t.field("zipcode").map(str::to_owned),
             address_id: t.field("address").map(str::to_owned),
             service_code: t.service_code,
@@ -2843,6 +2846,16 @@ fn position_prompts(lang: &str, pos: Position) -> Vec<String> {
     }
     p.push("queue_options".into());
     p
+}
+
+/// The address a phone ticket gives the CRM and Open311 when the caller keyed a house number:
+/// `"<house number>, ZIP <zip>"` (the street is in their recording).
+fn phone_address(house_number: Option<&str>, zipcode: Option<&str>) -> Option<String> {
+    match (house_number, zipcode) {
+        (Some(h), Some(z)) => Some(format!("{h}, ZIP {z}")),
+        (Some(h), None) => Some(h.to_owned()),
+        (None, _) => None,
+    }
 }
 
 #[cfg(test)]

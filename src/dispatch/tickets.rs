@@ -362,6 +362,8 @@ pub struct NewTicket {
     /// Open311 `service_notice`, e.g. "expect a visit within 5 business days".
     pub service_notice: Option<String>,
     pub zipcode: Option<String>,
+    /// The house number a caller keyed on the phone (services with `house_number: true`).
+    pub house_number: Option<String>,
     pub address: Option<String>,
     pub address_id: Option<String>,
     /// WGS84 latitude, −90..=90; given together with `long` or not at all.
@@ -420,6 +422,10 @@ pub struct Ticket {
     pub address: Option<String>,
     pub address_id: Option<String>,
     pub zipcode: Option<String>,
+    /// The house number a caller keyed on the phone; `address` then reads
+    /// `"<house number>, ZIP <zip>"`.
+    #[serde(default)]
+    pub house_number: Option<String>,
     pub lat: Option<f64>,
     pub long: Option<f64>,
     pub media_url: Option<String>,
@@ -596,7 +602,7 @@ pub(crate) const TICKET_COLUMNS: &str = "service_request_id, service_code, servi
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested, transfer, agent_id, external_id";
+    callback_requested, transfer, agent_id, external_id, house_number";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
     caller_verified, operator, requested_via, destination";
@@ -767,9 +773,10 @@ impl TicketStore {
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
                  address_id, lat, long, phone, email, first_name, last_name, media_url, \
-                 recording, channel, language, call_id, callback_requested, agent_id) \
+                 recording, channel, language, call_id, callback_requested, agent_id, \
+                 house_number) \
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-                 ?, ?, ?, ?, ?, ?)",
+                 ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(id_sql)
             .bind(&t.service_code)
@@ -795,7 +802,8 @@ impl TicketStore {
             .bind(&t.language)
             .bind(&t.call_id)
             .bind(t.callback_requested)
-            .bind(&t.agent_id);
+            .bind(&t.agent_id)
+            .bind(&t.house_number);
             let result = if self.outbox.is_empty() {
                 query.execute(&self.pool).await.map(drop)
             } else {
@@ -1332,6 +1340,7 @@ impl Ticket {
             address: t.address,
             address_id: t.address_id,
             zipcode: t.zipcode,
+            house_number: t.house_number,
             lat: t.lat,
             long: t.long,
             media_url: t.media_url,
@@ -1432,6 +1441,7 @@ pub(crate) fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         address: column(row, "address")?,
         address_id: column(row, "address_id")?,
         zipcode: column(row, "zipcode")?,
+        house_number: column(row, "house_number")?,
         lat: column(row, "lat")?,
         long: column(row, "long")?,
         media_url: column(row, "media_url")?,
@@ -1514,6 +1524,7 @@ mod tests {
             agency_responsible: Some(format!("agency-{text}")),
             service_notice: Some(format!("notice-{text}")),
             zipcode: Some(format!("zip-{text}")),
+            house_number: Some(format!("house-{text}")),
             address: Some(format!("address-{text}")),
             address_id: Some(format!("address_id-{text}")),
             lat: Some(40.712_776),

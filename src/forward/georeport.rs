@@ -44,7 +44,9 @@ pub(crate) fn post_form(
         ("media_url", &t.media_url),
     ];
     for (name, value) in pairs {
-        if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+        // A number removed by retention or an erasure is not sent as one.
+        let erased = name == "phone" && value.as_deref() == Some(crate::privacy::ERASED);
+        if let Some(v) = value.as_deref().filter(|v| !v.is_empty() && !erased) {
             f.append_pair(name, v);
         }
     }
@@ -235,6 +237,7 @@ mod tests {
             address: Some("1 Main St".into()),
             address_id: None,
             zipcode: Some("10001".into()),
+            house_number: None,
             lat: Some(40.5),
             long: Some(-73.25),
             media_url: None,
@@ -277,6 +280,16 @@ mod tests {
         let form = post_form(&ticket(), "k", None, &BTreeMap::new());
         assert!(form.contains("service_code=pothole"), "{form}");
         assert!(!form.contains("jurisdiction_id"), "{form}");
+    }
+
+    #[test]
+    fn an_erased_number_is_not_sent() {
+        let t = Ticket {
+            phone: Some(crate::privacy::ERASED.into()),
+            ..ticket()
+        };
+        let form = post_form(&t, "k", None, &BTreeMap::new());
+        assert!(!form.contains("phone"), "{form}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod report;
 pub mod rollup;
 mod writer;
 
+pub(crate) use writer::{hash_key, hash_number, prune};
 pub use writer::{spawn_writer, HistoryWriter};
 
 use serde::Deserialize;
@@ -41,9 +42,6 @@ use tracing::warn;
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
-    /// Rows older than this many days are deleted (daily). Default 400 (a year and a month,
-    /// for year-on-year reports).
-    pub keep_days: u32,
     /// Callers' numbers older than this many days are replaced by a keyed hash (the same
     /// caller still counts as the same, nobody can read the number back). Default 90;
     /// 0 hashes them at the next daily pass.
@@ -55,7 +53,6 @@ pub struct HistoryConfig {
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
-            keep_days: 400,
             hash_numbers_after_days: 90,
             queue: 65_536,
         }

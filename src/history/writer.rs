@@ -1,12 +1,13 @@
-//! The history writer: one task that takes what calls and the queue hand to [`History`],
-//! writes it in batches (one transaction for everything waiting), and once a day deletes
-//! rows older than `history.keep_days` and hashes callers' numbers older than
-//! `history.hash_numbers_after_days`.
+//! The history writer: one task that takes what calls and the queue hand to [`History`] and
+//! writes it in batches (one transaction for everything waiting); and [`prune`], which the
+//! daily retention pass (`crate::privacy::retention`) runs: rows older than
+//! `retention.history_days` deleted, callers' numbers older than
+//! `history.hash_numbers_after_days` hashed.
 
 use super::report::ReportsConfig;
 use super::{
-    epoch_ms_now, rollup, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError,
-    Outcome, QueueEventRecord, Record,
+    rollup, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError, Outcome,
+    QueueEventRecord, Record,
 };
 use crate::dispatch::outbox::OutboxPlan;
 use sha2::{Digest, Sha256};
@@ -56,7 +57,7 @@ pub fn spawn_writer(
     let stop = CancellationToken::new();
     let join = tokio::spawn(run(
         pool,
-        (config, reports, outbox),
+        (reports, outbox),
         rx,
         stop.clone(),
         metrics.clone(),
@@ -66,7 +67,7 @@ pub fn spawn_writer(
 
 async fn run(
     pool: SqlitePool,
-    (config, reports, outbox): (HistoryConfig, ReportsConfig, Arc<OutboxPlan>),
+    (reports, outbox): (ReportsConfig, Arc<OutboxPlan>),
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
@@ -77,8 +78,6 @@ async fn run(
         Ok(false) => {}
         Err(e) => error!(error = %e, "report rollup could not be rebuilt; reports may be off"),
     }
-    let mut daily = tokio::time::interval(Duration::from_secs(86_400));
-    daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
@@ -89,11 +88,6 @@ async fn run(
                     break;
                 }
                 write_batch(&pool, (&reports, &outbox), &mut batch, &metrics).await;
-            }
-            _ = daily.tick() => {
-                if let Err(e) = prune(&pool, &config, epoch_ms_now()).await {
-                    warn!(error = %e, "history prune failed; retried tomorrow");
-                }
             }
         }
     }
@@ -346,7 +340,7 @@ async fn insert_agent_state(
 }
 
 /// The key callers' numbers are hashed with, made on first use.
-async fn hash_key(pool: &SqlitePool) -> Result<Vec<u8>, sqlx::Error> {
+pub(crate) async fn hash_key(pool: &SqlitePool) -> Result<Vec<u8>, sqlx::Error> {
     let key: [u8; 32] = rand::random();
     sqlx::query("INSERT OR IGNORE INTO history_key (id, key) VALUES (1, ?)")
         .bind(&key[..])
@@ -372,14 +366,19 @@ pub(crate) fn hash_number(key: &[u8], number: &str) -> String {
     s
 }
 
-/// Delete rows older than `keep_days` and hash numbers older than `hash_numbers_after_days`,
-/// as of `now_ms`. Returns (rows deleted, numbers hashed).
-pub async fn prune(
+/// Delete rows older than `keep_days` (0 keeps them) and hash numbers older than
+/// `config.hash_numbers_after_days`, as of `now_ms`. Returns (rows deleted, numbers hashed).
+pub(crate) async fn prune(
     pool: &SqlitePool,
     config: &HistoryConfig,
+    keep_days: u32,
     now_ms: i64,
 ) -> Result<(u64, u64), HistoryError> {
-    let cutoff = now_ms - i64::from(config.keep_days) * DAY_MS;
+    let cutoff = if keep_days == 0 {
+        i64::MIN
+    } else {
+        now_ms - i64::from(keep_days) * DAY_MS
+    };
     rollup::prune(pool, cutoff).await?;
     let mut deleted = 0;
     for (table, column) in [
@@ -431,9 +430,6 @@ pub async fn prune(
         tx.commit().await?;
         hashed += rows.len() as u64;
     }
-    if deleted > 0 || hashed > 0 {
-        info!(deleted, hashed, "call history pruned");
-    }
     Ok((deleted, hashed))
 }
 
@@ -478,7 +474,9 @@ mod tests {
         )
         .await
         .unwrap();
-        let (deleted, hashed) = prune(&pool, &HistoryConfig::default(), now).await.unwrap();
+        let (deleted, hashed) = prune(&pool, &HistoryConfig::default(), 400, now)
+            .await
+            .unwrap();
         assert_eq!((deleted, hashed), (1, 1));
         let rows: Vec<(String, Option<String>)> =
             sqlx::query_as("SELECT call_id, caller FROM call_history ORDER BY started_ms")

@@ -222,38 +222,6 @@ pub(crate) fn prune(
     Ok(deleted)
 }
 
-/// Apply the retention of call recordings (`keep_days`; 0 keeps them) at start and daily
-/// until `cancel`, each pass audited in the log.
-pub(crate) async fn retention(
-    dir: PathBuf,
-    keep_days: u32,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    if keep_days == 0 {
-        return;
-    }
-    let keep = std::time::Duration::from_secs(u64::from(keep_days) * 86_400);
-    let mut daily = tokio::time::interval(std::time::Duration::from_secs(86_400));
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = daily.tick() => {}
-        }
-        let d = dir.clone();
-        let pass =
-            tokio::task::spawn_blocking(move || prune(&d, std::time::SystemTime::now(), keep))
-                .await;
-        match pass {
-            Ok(Ok(deleted)) => info!(
-                deleted,
-                keep_days, "call recordings past their retention deleted"
-            ),
-            Ok(Err(e)) => warn!(error = %e, "call recordings retention pass failed"),
-            Err(e) => warn!(error = %e, "call recordings retention pass failed"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

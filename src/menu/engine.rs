@@ -656,6 +656,7 @@ impl Engine {
                         agency: None,
                         keywords: vec![],
                         steps: None,
+                        house_number: false,
                     };
                     self.start_ticket(&t);
                 } else if d == '2' {
@@ -813,6 +814,11 @@ impl Engine {
             .steps
             .clone()
             .unwrap_or_else(|| self.defaults().ticket.clone());
+        let steps = if t.house_number {
+            with_house_number(steps)
+        } else {
+            steps
+        };
         self.draft = Some(Draft {
             req: TicketRequest {
                 service_code: t.service.clone(),
@@ -934,6 +940,10 @@ impl Engine {
         self.emit(Output::Timer(None));
         if Self::collect_valid(&spec, &digits) {
             match purpose {
+                Purpose::TicketField { index } if digits.is_empty() => {
+                    // An entry that may be empty (the house number), skipped with pound.
+                    self.next_ticket_step(index + 1, Vec::new());
+                }
                 Purpose::TicketField { index } => {
                     // "You entered 1 0 4 5 8", before whatever comes next.
                     let lead = if spec.read_back {
@@ -1222,6 +1232,22 @@ impl Engine {
             _ => {}
         }
     }
+}
+
+/// `steps` for a ticket with `house_number: true`: the house number asked right after the
+/// ZIP code (or after the last entry when there is no ZIP), and the shipped recording prompt
+/// replaced by the one that asks for the street.
+fn with_house_number(mut steps: TicketSteps) -> TicketSteps {
+    let at = (steps.collect.iter())
+        .position(|c| c.field == "zipcode")
+        .map_or(steps.collect.len(), |i| i + 1);
+    steps.collect.insert(at, Collect::house_number());
+    if let Some(r) = &mut steps.record {
+        if r.prompt == Record::default().prompt {
+            r.prompt = super::schema::RECORD_STREET_PROMPT.into();
+        }
+    }
+    steps
 }
 
 #[cfg(test)]
@@ -1981,5 +2007,78 @@ menus:
         // Monday 2027-03-15 07:30 EDT is 11:30Z (it would be 06:30 in standard time).
         let mut e = answered_at("2027-03-15T11:30:00Z");
         assert!(queued(&keys(&mut e, "0")));
+    }
+
+    fn asked_for_the_house_number() -> Engine {
+        let menu = MENU.replace(
+            "      \"5\": {emergency: {reason: downed power lines}}",
+            "      \"3\": {ticket: {service: tree, name: Tree, house_number: true}}\n      \
+             \"5\": {emergency: {reason: downed power lines}}",
+        );
+        let mut e = Engine::new(Arc::new(parse(&menu).unwrap()), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1113");
+        after(&mut e, 4.0, Input::PlayDone);
+        let out = keys(&mut e, "10458");
+        let p = plays(&out);
+        assert_eq!(p.first().map(String::as_str), Some("you_entered"), "{p:?}");
+        assert_eq!(
+            p.last().map(String::as_str),
+            Some("enter_house_number"),
+            "{p:?}"
+        );
+        e
+    }
+
+    fn recorded_ticket(e: &mut Engine) -> TicketRequest {
+        let out = after(e, 11.0, Input::PlayDone);
+        assert!(
+            matches!(out[..], [Output::StartRecording { .. }]),
+            "{out:?}"
+        );
+        after(e, 3.0, Input::Digit('#'));
+        let out = h(
+            e,
+            Input::Recorded {
+                media_url: Some("/recordings/a.wav".into()),
+            },
+        );
+        match out.last() {
+            Some(Output::FileTicket(t)) => t.clone(),
+            _ => panic!("{out:?}"),
+        }
+    }
+
+    #[test]
+    fn a_house_number_after_the_zip_is_kept_and_the_recording_asks_for_the_street() {
+        let mut e = asked_for_the_house_number();
+        let out = after(&mut e, 3.5, Input::Digit('4'));
+        assert!(plays(&out).is_empty(), "{out:?}");
+        keys(&mut e, "21");
+        let out = after(&mut e, 0.2, Input::Digit('#'));
+        assert_eq!(
+            plays(&out),
+            [
+                "you_entered",
+                "digit_4",
+                "digit_2",
+                "digit_1",
+                "record_street",
+                "beep"
+            ]
+        );
+        let t = recorded_ticket(&mut e);
+        assert_eq!(t.field("zipcode"), Some("10458"));
+        assert_eq!(t.field("house_number"), Some("421"));
+    }
+
+    #[test]
+    fn pound_alone_skips_the_house_number() {
+        let mut e = asked_for_the_house_number();
+        let out = after(&mut e, 3.5, Input::Digit('#'));
+        assert_eq!(plays(&out), ["record_street", "beep"]);
+        let t = recorded_ticket(&mut e);
+        assert_eq!(t.field("zipcode"), Some("10458"));
+        assert_eq!(t.field("house_number"), None);
     }
 }

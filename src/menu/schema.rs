@@ -379,6 +379,11 @@ pub struct TicketAction {
     /// Steps for this service; default: the file's `defaults.ticket`.
     #[serde(default)]
     pub steps: Option<TicketSteps>,
+    /// After the ZIP code, ask for the house number ([`Collect::house_number`]: optional,
+    /// pound alone skips it), and ask for the street in the recording (`record_street`
+    /// instead of `record_description`). Default false.
+    #[serde(default)]
+    pub house_number: bool,
 }
 
 /// What a ticket asks the caller for before filing. A `steps:` block that names only one of
@@ -466,6 +471,28 @@ impl Collect {
         }
     }
 }
+
+impl Collect {
+    /// The house-number entry of a ticket with `house_number: true`: up to 6 digits, pound
+    /// alone (or silence) skips it, read back.
+    pub(crate) fn house_number() -> Collect {
+        Collect {
+            field: "house_number".into(),
+            prompt: "enter_house_number".into(),
+            invalid_prompt: "invalid_entry".into(),
+            min_digits: 0,
+            max_digits: 6,
+            pattern: None,
+            terminator: '#',
+            tries: 2,
+            optional: true,
+            read_back: true,
+        }
+    }
+}
+
+/// The recording prompt of a ticket with `house_number: true`: "say the name of the street".
+pub(crate) const RECORD_STREET_PROMPT: &str = "record_street";
 
 /// Record the caller (hound WAV), ended by a key, silence or the maximum length.
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -72,7 +72,7 @@ pub(crate) const DTMF_KEYS: &[char] = &[
 ];
 
 /// Ticket fields a digit entry can fill (`address` is the Open311 `address_id`).
-pub(crate) const COLLECT_FIELDS: &[&str] = &["zipcode", "address"];
+pub(crate) const COLLECT_FIELDS: &[&str] = &["zipcode", "address", "house_number"];
 
 const KEYS_TEXT: &str = "0-9, *, #, A-D";
 const MAX_TIMEOUT_SECONDS: f64 = 120.0;
@@ -977,6 +977,11 @@ impl<'a> Checker<'a> {
                     if let Some(steps) = &t.steps {
                         self.steps(&join(&tp, &["steps"]), steps);
                     }
+                    if t.house_number {
+                        let at = join(&tp, &["house_number"]);
+                        self.prompt(&at, &Collect::house_number().prompt);
+                        self.prompt(&at, super::schema::RECORD_STREET_PROMPT);
+                    }
                 }
                 Action::Transfer(t) => {
                     if let Some(a) = &t.announce {
@@ -1767,6 +1772,32 @@ menus:
                 .any(|p| p.message.contains("must lead to the main menu")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_house_number_ticket_needs_its_prompts() {
+        let text = GOOD.replace(
+            "{ticket: {service: pothole, name: Pothole}}",
+            "{ticket: {service: pothole, name: Pothole, house_number: true}}",
+        );
+        let p = check(&text).unwrap_err();
+        let messages: Vec<&str> = p.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("\"enter_house_number\" is missing"))
+                && messages
+                    .iter()
+                    .any(|m| m.contains("\"record_street\" is missing")),
+            "{messages:?}"
+        );
+        let mut with = all_prompts(&["en", "es"]);
+        for lang in ["en", "es"] {
+            let names = with.by_lang.entry(lang.into()).or_default();
+            names.insert("enter_house_number".into());
+            names.insert("record_street".into());
+        }
+        assert!(check_text(Path::new("t.yaml"), &text, &with).is_ok());
     }
 
     #[test]
