@@ -528,6 +528,7 @@ pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
                 agency: None,
                 keywords: vec![],
                 steps: None,
+                duplicates: None,
             },
             group: String::new(),
         });
@@ -651,7 +652,7 @@ fn iso(t: OffsetDateTime) -> Option<String> {
 
 /// The public view of a ticket: the spec's fields, no personal data. `media_url` is only ever
 /// media a client posted (an absolute http(s) URL); a caller's recording never appears.
-fn request_node(t: &Ticket) -> Node {
+fn request_node(t: &Ticket, duplicates: u32) -> Node {
     Node::Obj(vec![
         ("service_request_id", text(t.service_request_id.to_string())),
         ("status", text(t.status.as_str())),
@@ -681,11 +682,24 @@ fn request_node(t: &Ticket) -> Node {
         ),
         // The city CRM's number for it, once forwarded (`forward.open311`); null before.
         ("external_id", opt_text(t.external_id.as_deref())),
+        // Callers who reported the same problem later and were added to this request
+        // instead of filing another (`duplicates` in the menu); 0 if none.
+        ("duplicates", Node::Int(duplicates.into())),
     ])
 }
 
-fn requests_document(format: Format, tickets: &[Ticket]) -> Response {
-    let items = tickets.iter().map(request_node).collect();
+fn requests_document(
+    format: Format,
+    tickets: &[Ticket],
+    duplicates: &std::collections::HashMap<u64, u32>,
+) -> Response {
+    let items = tickets
+        .iter()
+        .map(|t| {
+            let n = duplicates.get(&t.service_request_id).copied();
+            request_node(t, n.unwrap_or(0))
+        })
+        .collect();
     document(
         format,
         StatusCode::OK,
@@ -1122,7 +1136,10 @@ async fn one_request(
         return not_found().respond(format);
     };
     match state.tickets.get(n).await {
-        Ok(Some(t)) => requests_document(format, std::slice::from_ref(&t)),
+        Ok(Some(t)) => match state.tickets.duplicate_counts(&[n]).await {
+            Ok(d) => requests_document(format, std::slice::from_ref(&t), &d),
+            Err(e) => ApiError::store("get", &e).respond(format),
+        },
         Ok(None) => not_found().respond(format),
         Err(e) => ApiError::store("get", &e).respond(format),
     }
@@ -1179,10 +1196,15 @@ async fn discovery(state: &ApiState, format: Format) -> Response {
 fn service_list(state: &ApiState, params: &Params, format: Format) -> Result<Response, ApiError> {
     check_jurisdiction(state, params)?;
     let menu = state.menu.get();
-    let items = services(&menu.file)
-        .iter()
-        .map(|s| service_node(&menu.file, s))
-        .collect();
+    let mut list = services(&menu.file);
+    // The temporary services of the announcements active now.
+    let board = &state.announcements;
+    for (action, group) in board.snapshot().services_at(board.now()) {
+        if !list.iter().any(|s| s.action.service == action.service) {
+            list.push(Service { action, group });
+        }
+    }
+    let items = list.iter().map(|s| service_node(&menu.file, s)).collect();
     Ok(document(
         format,
         StatusCode::OK,
@@ -1204,7 +1226,10 @@ async fn list_requests(
         }
         e => ApiError::store("list", &e),
     })?;
-    Ok(requests_document(format, &tickets))
+    let ids: Vec<u64> = tickets.iter().map(|t| t.service_request_id).collect();
+    let duplicates = (state.tickets.duplicate_counts(&ids).await)
+        .map_err(|e| ApiError::store("list", &e))?;
+    Ok(requests_document(format, &tickets, &duplicates))
 }
 
 fn is_form(headers: &HeaderMap) -> bool {

@@ -8,6 +8,7 @@
 //! touches SIP or a socket: calls ([`crate::call`]) act for dispatch through channels.
 
 pub mod emergency;
+pub mod announcements;
 pub(crate) mod numbers;
 pub mod outbox;
 pub(crate) mod queue;

@@ -130,8 +130,22 @@ impl Prompt {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_wav_reader(name, path, BufReader::new(file))
+    }
+
+    /// Reads a WAV file held in memory (an uploaded announcement), as
+    /// [`Prompt::from_wav_file`]; `origin` names it in errors.
+    pub fn from_wav_bytes(name: &str, origin: &Path, bytes: &[u8]) -> Result<Prompt, PromptError> {
+        Self::from_wav_reader(name, origin, std::io::Cursor::new(bytes))
+    }
+
+    fn from_wav_reader<R: std::io::Read>(
+        name: &str,
+        path: &Path,
+        input: R,
+    ) -> Result<Prompt, PromptError> {
         let reader =
-            hound::WavReader::new(BufReader::new(file)).map_err(|source| PromptError::Wav {
+            hound::WavReader::new(input).map_err(|source| PromptError::Wav {
                 path: path.to_path_buf(),
                 source,
             })?;

@@ -64,6 +64,23 @@ pub struct MenuFile {
     pub schedules: BTreeMap<String, ScheduleSpec>,
     /// Menus by id.
     pub menus: BTreeMap<String, Menu>,
+    /// After screening, tell a caller whose number has an open request its number and age,
+    /// and offer its status (never for a withheld or anonymous number). Default false.
+    #[serde(default)]
+    pub repeat_callers: bool,
+    /// Look for an open request of the same service at the same ZIP code before filing one,
+    /// for every ticket that does not set its own `duplicates`. Default: none (no check).
+    #[serde(default)]
+    pub duplicates: Option<Duplicates>,
+}
+
+/// A duplicate check: a request of the same service at the same ZIP code, open and filed
+/// within the last `days`, is offered to the caller instead of a new one.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Duplicates {
+    /// How far back an open request counts, in days (1 to 365).
+    pub days: u32,
 }
 
 /// Settings every menu inherits unless it sets its own.
@@ -379,6 +396,9 @@ pub struct TicketAction {
     /// Steps for this service; default: the file's `defaults.ticket`.
     #[serde(default)]
     pub steps: Option<TicketSteps>,
+    /// This service's duplicate check; default: the file's `duplicates`.
+    #[serde(default)]
+    pub duplicates: Option<Duplicates>,
 }
 
 /// What a ticket asks the caller for before filing. A `steps:` block that names only one of

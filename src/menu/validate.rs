@@ -58,6 +58,20 @@ pub(crate) const ENGINE_PROMPTS: &[&str] = &[
     "callback_unavailable",
     // Said to callers still in a menu when the server stops (src/call/core.rs).
     "shutdown_goodbye",
+    // Emergency announcements after screening, and their fallback (src/call/core.rs).
+    "announcement_intro",
+    "announcement_fallback",
+    // A repeat caller's open request (`repeat_callers`).
+    "open_request",
+    "filed_today",
+    "filed_yesterday",
+    "filed_days_ago_pre",
+    "filed_days_ago_post",
+    "open_request_status",
+    // Duplicate reports (`duplicates`).
+    "already_reported",
+    "duplicate_choice",
+    "added_to_request",
 ];
 
 /// Every prompt the engine may play whatever the menus say: they must exist in every language
