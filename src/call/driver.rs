@@ -501,6 +501,7 @@ pub(crate) async fn run_call(
         let store = ctx.tickets.clone();
         let tx = work_tx.clone();
         let number = number.to_owned();
+        let wall = ctx.wall_clock.clone();
         ctx.tracker.spawn(
             async move {
                 let found = match store.open_request_of(&number).await {
@@ -512,8 +513,7 @@ pub(crate) async fn run_call(
                 };
                 let r = found.map(|(id, filed)| engine::OpenRequest {
                     id,
-                    days_ago: (time::OffsetDateTime::now_utc() - filed)
-                        .whole_days()
+                    days_ago: ((wall_now(&wall) - filed).whole_days())
                         .clamp(0, u32::MAX as i64) as u32,
                 });
                 let _ = tx.send(Input::Engine(engine::Input::OpenRequest(r))).await;
@@ -952,10 +952,10 @@ impl Driver {
             } => {
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
+                let now = wall_now(&self.ctx.wall_clock);
                 self.ctx.tracker.spawn(
                     async move {
-                        let since =
-                            time::OffsetDateTime::now_utc() - time::Duration::days(days.into());
+                        let since = now - time::Duration::days(days.into());
                         let r = match store.find_duplicate(&service_code, &zipcode, since).await
                         {
                             Ok(r) => r,
@@ -1365,4 +1365,10 @@ fn withholds_identity(call: &IncomingCall) -> bool {
 fn dialable_number(n: &str) -> bool {
     let digits = n.strip_prefix('+').unwrap_or(n);
     digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The wall clock the menu reads (the system's, or a test's), as the ticket store's type.
+fn wall_now(clock: &crate::menu::schedule::WallClock) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(clock.now().as_second())
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
 }
