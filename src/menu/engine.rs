@@ -1676,6 +1676,151 @@ menus:
         e
     }
 
+    /// An engine whose calendar reads `wall` now, with one announcement (id 4) from 14:00 to
+    /// 18:00 that adds key 7 (a storm debris ticket) to the main menu.
+    fn with_bulletin(wall: &str) -> Engine {
+        let ts = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let schedules = Arc::new(crate::menu::schedule::Schedules::default());
+        let b = Bulletin {
+            id: 4,
+            starts_at: ts("2026-12-07T14:00:00Z"),
+            ends_at: ts("2026-12-07T18:00:00Z"),
+            entries: vec![bulletin::TempEntry {
+                key: '7',
+                action: TempAction::Ticket(TicketAction {
+                    service: "storm_debris".into(),
+                    name: "Storm debris".into(),
+                    description: None,
+                    agency: None,
+                    keywords: vec![],
+                    steps: None,
+                    duplicates: None,
+                }),
+            }],
+        };
+        engine()
+            .with_calendar(schedules, Instant::now(), ts(wall))
+            .with_bulletins(Arc::new(vec![b]))
+    }
+
+    #[test]
+    fn announcement_plays_after_screening_only_and_pound_skips_it() {
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        assert_eq!(plays(&h(&mut e, Input::Start)), vec!["language_menu"]);
+        // The screening is not delayed by it.
+        assert_eq!(plays(&keys(&mut e, "1")), vec!["screening"]);
+        let out = keys(&mut e, "1");
+        assert_eq!(plays(&out), vec!["announcement_intro", "announcement:4"]);
+        // Digits other than # and 9 neither cut it nor act.
+        assert!(keys(&mut e, "3").is_empty());
+        let out = keys(&mut e, "#");
+        assert_eq!(out[0], Output::StopPlayback);
+        assert_eq!(plays(&out), vec!["main_menu"]);
+        // Its key 7 files a storm debris ticket from the main menu.
+        h(&mut e, Input::PlayDone);
+        let out = keys(&mut e, "7");
+        assert_eq!(plays(&out), vec!["enter_zip"]);
+    }
+
+    #[test]
+    fn nine_during_the_announcement_is_911_and_it_ends_into_the_main_menu() {
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "11");
+        let out = keys(&mut e, "9");
+        assert!(matches!(out.last(), Some(Output::Emergency { .. })), "{out:?}");
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "11");
+        assert_eq!(plays(&h(&mut e, Input::PlayDone)), vec!["main_menu"]);
+    }
+
+    #[test]
+    fn an_announcement_outside_its_hours_is_not_heard_and_its_key_is_invalid() {
+        for wall in ["2026-12-07T13:59:59Z", "2026-12-07T18:00:00Z"] {
+            let mut e = with_bulletin(wall);
+            h(&mut e, Input::Start);
+            keys(&mut e, "1");
+            let out = keys(&mut e, "1");
+            assert_eq!(plays(&out), vec!["main_menu"], "{wall}");
+            h(&mut e, Input::PlayDone);
+            assert_eq!(plays(&keys(&mut e, "7"))[0], "invalid_entry", "{wall}");
+        }
+        // An announcement starting while the call is in the menu is not heard at screening's
+        // end if it has not started by then (the engine reads its own clock).
+        let mut e = with_bulletin("2026-12-07T13:59:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "1");
+        let out = after(&mut e, 61.0, Input::Digit('1'));
+        assert_eq!(plays(&out), vec!["announcement_intro", "announcement:4"]);
+    }
+
+    #[test]
+    fn open_request_is_told_after_screening_when_the_menu_asks_and_1_reads_its_status() {
+        let mut f = parse(MENU).unwrap();
+        f.repeat_callers = true;
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        h(&mut e, Input::OpenRequest(Some(OpenRequest { id: 12345678, days_ago: 3 })));
+        keys(&mut e, "1");
+        let out = keys(&mut e, "1");
+        let p = plays(&out);
+        assert_eq!(p.first().map(String::as_str), Some("open_request"));
+        assert_eq!(
+            p[p.len() - 4..],
+            ["filed_days_ago_pre", "num_3", "filed_days_ago_post", "open_request_status"]
+        );
+        h(&mut e, Input::PlayDone);
+        let out = keys(&mut e, "1");
+        assert!(out.contains(&Output::LookupTicket(12345678)), "{out:?}");
+        // Off in the menu: nothing is told.
+        let mut e = engine();
+        h(&mut e, Input::Start);
+        h(&mut e, Input::OpenRequest(Some(OpenRequest { id: 12345678, days_ago: 3 })));
+        keys(&mut e, "1");
+        assert_eq!(plays(&keys(&mut e, "1")), vec!["main_menu"]);
+    }
+
+    #[test]
+    fn duplicate_check_after_the_zip_offers_to_join_or_file_anew() {
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        let out = keys(&mut e, "94103");
+        assert!(out.contains(&Output::FindDuplicate {
+            service_code: "pothole".into(),
+            zipcode: "94103".into(),
+            days: 7,
+        }));
+        let out = h(&mut e, Input::Duplicate(Some(12345678)));
+        assert_eq!(plays(&out)[0], "already_reported");
+        let out = keys(&mut e, "1");
+        assert!(out.contains(&Output::JoinRequest(12345678)));
+        let out = h(&mut e, Input::Joined { ok: true });
+        assert_eq!(plays(&out)[0], "added_to_request");
+        // 2 files anew: the recording step follows.
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        keys(&mut e, "94103");
+        h(&mut e, Input::Duplicate(Some(12345678)));
+        let out = keys(&mut e, "2");
+        assert_eq!(plays(&out), vec!["record_description", "beep"]);
+        // No duplicate (or a failed lookup): on as usual.
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        keys(&mut e, "94103");
+        let out = h(&mut e, Input::Duplicate(None));
+        assert_eq!(plays(&out), vec!["record_description", "beep"]);
+    }
+
     #[test]
     fn start_plays_language_menu_and_timeout_picks_english() {
         let mut e = engine();
