@@ -388,7 +388,7 @@ pub async fn start_with_clock(
     let announcements = Arc::new(crate::dispatch::announcements::Board::new(
         tickets.pool().clone(),
         Arc::new(crate::media::speech::NoSpeech),
-        wall_clock.clone(),
+        wall_clock,
     ));
     if let Err(e) = announcements.refresh().await {
         warn!(error = %e, "announcements could not be loaded; none is played until they are");

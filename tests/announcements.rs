@@ -218,9 +218,17 @@ async fn a_caller_pressing_9_at_screening_reaches_911_without_hearing_it() {
         Codec::Pcmu,
     );
     let got = prompts_heard(&ear, &heard);
-    assert_eq!(got.first().map(String::as_str), Some("connecting_911"), "{got:?}");
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("connecting_911"),
+        "{got:?}"
+    );
     assert!(!got.contains(&"announcement_intro".to_owned()), "{got:?}");
-    assert_eq!(SweepEar::new().heard(&heard), 0, "no announcement before 911");
+    assert_eq!(
+        SweepEar::new().heard(&heard),
+        0,
+        "no announcement before 911"
+    );
     ua.expect_request("BYE", Duration::from_secs(20)).await;
     srv.shutdown().await;
 }
@@ -242,7 +250,9 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     assert_eq!(code, 201, "{body}");
     assert_eq!(body["state"], "scheduled");
     let id = body["id"].as_i64().unwrap();
-    assert!(!open311_codes(srv.http_addr).await.contains(&"storm_debris".into()));
+    assert!(!open311_codes(srv.http_addr)
+        .await
+        .contains(&"storm_debris".into()));
     srv.shutdown().await;
 
     // A restart at 15:00: loaded from the database, active, heard, and its service listed.
@@ -251,24 +261,38 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["state"], "active");
     assert_eq!(list[0]["created_by"], "admin");
-    assert!(open311_codes(srv.http_addr).await.contains(&"storm_debris".into()));
+    assert!(open311_codes(srv.http_addr)
+        .await
+        .contains(&"storm_debris".into()));
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let sweep = SweepEar::new();
     through_screening(&mut ua, '1', Duration::ZERO).await;
-    ua.listen_until("the announcement after a restart", Duration::from_secs(15), |h| {
-        sweep.heard(h) >= 25
-    })
+    ua.listen_until(
+        "the announcement after a restart",
+        Duration::from_secs(15),
+        |h| sweep.heard(h) >= 25,
+    )
     .await;
     ua.bye().await;
     srv.shutdown().await;
 
     // After its end time: not heard, not listed, its service gone.
     let srv = start(&args, "2026-12-07T18:00:01Z").await;
-    assert_eq!(get_json(srv.http_addr, "/admin/announcements").await, serde_json::json!([]));
-    assert!(!open311_codes(srv.http_addr).await.contains(&"storm_debris".into()));
+    assert_eq!(
+        get_json(srv.http_addr, "/admin/announcements").await,
+        serde_json::json!([])
+    );
+    assert!(!open311_codes(srv.http_addr)
+        .await
+        .contains(&"storm_debris".into()));
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let heard = through_screening(&mut ua, '1', Duration::ZERO).await;
-    let heard = [heard, ua.listen_for("en", "main_menu", Duration::from_secs(10)).await].concat();
+    let heard = [
+        heard,
+        ua.listen_for("en", "main_menu", Duration::from_secs(10))
+            .await,
+    ]
+    .concat();
     let ear = PromptEar::new("en", &["announcement_intro", "main_menu"], Codec::Pcmu);
     assert_eq!(prompts_heard(&ear, &heard), vec!["main_menu"]);
     assert_eq!(sweep.heard(&heard), 0);
@@ -283,7 +307,9 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     assert_eq!(code, 201, "{body}");
     let second = body["id"].as_i64().unwrap();
     assert_ne!(second, id);
-    assert!(open311_codes(srv.http_addr).await.contains(&"storm_debris".into()));
+    assert!(open311_codes(srv.http_addr)
+        .await
+        .contains(&"storm_debris".into()));
     let path = format!("/admin/announcements/{second}");
     let (code, _) = common::http(
         srv.http_addr,
@@ -294,8 +320,13 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     )
     .await;
     assert_eq!(code, 200);
-    assert!(!open311_codes(srv.http_addr).await.contains(&"storm_debris".into()));
-    assert_eq!(get_json(srv.http_addr, "/admin/announcements").await, serde_json::json!([]));
+    assert!(!open311_codes(srv.http_addr)
+        .await
+        .contains(&"storm_debris".into()));
+    assert_eq!(
+        get_json(srv.http_addr, "/admin/announcements").await,
+        serde_json::json!([])
+    );
     let (code, _) = common::http(
         srv.http_addr,
         "DELETE",
@@ -319,11 +350,23 @@ async fn refused_keys_times_languages_and_text_that_cannot_be_spoken() {
     };
     let cases: Vec<(serde_json::Value, &str)> = vec![
         (with(&|v| v["entries"][0]["key"] = "9".into()), "911"),
-        (with(&|v| v["entries"][0]["key"] = "8".into()), "crisis line"),
-        (with(&|v| v["entries"][0]["key"] = "1".into()), "main menu uses it"),
-        (with(&|v| v["ends_at"] = "2026-12-07T13:00:00Z".into()), "after starts_at"),
         (
-            with(&|v| v["messages"]["fr"] = serde_json::json!({"wav_base64": v["messages"]["en"]["wav_base64"].clone()})),
+            with(&|v| v["entries"][0]["key"] = "8".into()),
+            "crisis line",
+        ),
+        (
+            with(&|v| v["entries"][0]["key"] = "1".into()),
+            "main menu uses it",
+        ),
+        (
+            with(&|v| v["ends_at"] = "2026-12-07T13:00:00Z".into()),
+            "after starts_at",
+        ),
+        (
+            with(&|v| {
+                v["messages"]["fr"] =
+                    serde_json::json!({"wav_base64": v["messages"]["en"]["wav_base64"].clone()})
+            }),
             "languages",
         ),
         (
@@ -342,9 +385,15 @@ async fn refused_keys_times_languages_and_text_that_cannot_be_spoken() {
     for (body, why) in cases {
         let (code, answer) = post(srv.http_addr, &body).await;
         assert_eq!(code, 422, "{why}: {answer}");
-        assert!(answer["errors"].to_string().contains(why), "{why}: {answer}");
+        assert!(
+            answer["errors"].to_string().contains(why),
+            "{why}: {answer}"
+        );
     }
-    assert_eq!(get_json(srv.http_addr, "/admin/announcements").await, serde_json::json!([]));
+    assert_eq!(
+        get_json(srv.http_addr, "/admin/announcements").await,
+        serde_json::json!([])
+    );
     // With an admin token, it is required.
     srv.shutdown().await;
     let mut file = FileConfig::default();

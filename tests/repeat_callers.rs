@@ -60,7 +60,10 @@ async fn file_ticket(
 }
 
 fn digits(id: u64) -> Vec<String> {
-    id.to_string().chars().map(|c| format!("digit_{c}")).collect()
+    id.to_string()
+        .chars()
+        .map(|c| format!("digit_{c}"))
+        .collect()
 }
 
 /// Call with `extra` headers, choose English, and go past the screening with 1.
@@ -92,14 +95,29 @@ async fn a_caller_with_an_open_request_hears_its_number_and_age_and_can_hear_its
     // status, press 1." (`num_3` sounds as `digit_3` does: the digits are checked apart.)
     let ear = PromptEar::new(
         "en",
-        &["open_request", "filed_days_ago_pre", "num_3", "filed_days_ago_post", "open_request_status"],
+        &[
+            "open_request",
+            "filed_days_ago_pre",
+            "num_3",
+            "filed_days_ago_post",
+            "open_request_status",
+        ],
         Codec::Pcmu,
     );
     let got = prompts_heard(&ear, &heard);
-    assert_eq!(got.first().map(String::as_str), Some("open_request"), "{got:?}");
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("open_request"),
+        "{got:?}"
+    );
     assert_eq!(
         got[got.len().saturating_sub(4)..],
-        ["filed_days_ago_pre", "num_3", "filed_days_ago_post", "open_request_status"],
+        [
+            "filed_days_ago_pre",
+            "num_3",
+            "filed_days_ago_post",
+            "open_request_status"
+        ],
         "{got:?}"
     );
     let mut number: Vec<String> = digits(id);
@@ -177,7 +195,10 @@ async fn a_duplicate_report_adds_to_the_open_request_instead_of_opening_another(
     let ear = PromptEar::new("en", &refs, Codec::Pcmu);
     let got = prompts_heard(&ear, &heard);
     // After the read-back of the ZIP code: "already reported ... number <digits>", the choice.
-    let at = got.iter().position(|p| p == "already_reported").expect("already reported");
+    let at = got
+        .iter()
+        .position(|p| p == "already_reported")
+        .expect("already reported");
     let mut want = vec!["already_reported".to_owned()];
     want.extend(digits(id));
     want.push("duplicate_choice".into());
@@ -232,7 +253,9 @@ async fn pressing_2_files_a_new_request_anyway() {
         (all.len() == 2).then_some(all)
     })
     .await;
-    assert!(all.iter().any(|t| t.service_request_id != id && t.service_code == "pothole"));
+    assert!(all
+        .iter()
+        .any(|t| t.service_request_id != id && t.service_code == "pothole"));
     let counts = srv.tickets.duplicate_counts(&[id]).await.unwrap();
     assert_eq!(counts.get(&id), Some(&0));
     ua.bye().await;

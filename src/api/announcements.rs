@@ -77,7 +77,10 @@ pub(crate) async fn post(State(s): State<ApiState>, body: axum::body::Bytes) -> 
         }
         Ok(Err(e)) => return unavailable(&e),
         Err(_) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": "validation stopped"})))
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "validation stopped"})),
+            )
                 .into_response()
         }
     };

@@ -12,10 +12,10 @@
 //! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub(crate) mod admin;
+pub(crate) mod announcements;
 pub(crate) mod console;
 pub(crate) mod dashboard;
 pub(crate) mod health;
-pub(crate) mod announcements;
 pub(crate) mod open311;
 pub(crate) mod ratelimit;
 pub(crate) mod reports;

@@ -1227,8 +1227,8 @@ async fn list_requests(
         e => ApiError::store("list", &e),
     })?;
     let ids: Vec<u64> = tickets.iter().map(|t| t.service_request_id).collect();
-    let duplicates = (state.tickets.duplicate_counts(&ids).await)
-        .map_err(|e| ApiError::store("list", &e))?;
+    let duplicates =
+        (state.tickets.duplicate_counts(&ids).await).map_err(|e| ApiError::store("list", &e))?;
     Ok(requests_document(format, &tickets, &duplicates))
 }
 

@@ -1033,8 +1033,7 @@ impl CallCore {
     /// An announcement's audio in the caller's language (else another it has), or the
     /// recorded fallback when it has none that can be played.
     fn announcement_prompt(&self, lang: &str, name: &str) -> Option<Arc<Prompt>> {
-        let found =
-            (self.announcements).prompt(lang, &self.config.default_language, name);
+        let found = (self.announcements).prompt(lang, &self.config.default_language, name);
         if found.is_none() {
             warn!(prompt = %name, language = %lang, "announcement audio missing; fallback played");
         }

@@ -496,12 +496,15 @@ pub(crate) async fn run_call(
         .with_announcements(ctx.announcements.snapshot());
     // The caller's open request, for `repeat_callers`: only for a number the trunk vouches
     // for and the caller does not withhold (a claimed number could be anyone's).
-    let known = kept_meta.identity.asserted().filter(|n| !withheld && dialable_number(n));
+    let known = kept_meta
+        .identity
+        .asserted()
+        .filter(|n| !withheld && dialable_number(n));
     if let (true, Some(number)) = (repeat_callers, known) {
         let store = ctx.tickets.clone();
         let tx = work_tx.clone();
         let number = number.to_owned();
-        let wall = ctx.wall_clock.clone();
+        let wall = ctx.wall_clock;
         ctx.tracker.spawn(
             async move {
                 let found = match store.open_request_of(&number).await {
@@ -513,8 +516,8 @@ pub(crate) async fn run_call(
                 };
                 let r = found.map(|(id, filed)| engine::OpenRequest {
                     id,
-                    days_ago: ((wall_now(&wall) - filed).whole_days())
-                        .clamp(0, u32::MAX as i64) as u32,
+                    days_ago: ((wall_now(&wall) - filed).whole_days()).clamp(0, u32::MAX as i64)
+                        as u32,
                 });
                 let _ = tx.send(Input::Engine(engine::Input::OpenRequest(r))).await;
             }
@@ -956,8 +959,7 @@ impl Driver {
                 self.ctx.tracker.spawn(
                     async move {
                         let since = now - time::Duration::days(days.into());
-                        let r = match store.find_duplicate(&service_code, &zipcode, since).await
-                        {
+                        let r = match store.find_duplicate(&service_code, &zipcode, since).await {
                             Ok(r) => r,
                             Err(e) => {
                                 // The caller files a new request as usual.
@@ -1314,6 +1316,34 @@ impl Driver {
     }
 }
 
+/// Whether the caller asked for their identity to be withheld (RFC 3323 `Privacy: id`,
+/// `header` or `user`, RFC 3325).
+fn withholds_identity(call: &IncomingCall) -> bool {
+    call.headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Privacy"))
+        .flat_map(|h| h.value.split(';'))
+        .any(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "id" | "header" | "user"
+            )
+        })
+}
+
+/// A number that names one line: digits (and a leading `+`), not `anonymous`, `unknown`,
+/// `restricted` and the like.
+fn dialable_number(n: &str) -> bool {
+    let digits = n.strip_prefix('+').unwrap_or(n);
+    digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The wall clock the menu reads (the system's, or a test's), as the ticket store's type.
+fn wall_now(clock: &crate::menu::schedule::WallClock) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(clock.now().as_second())
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1348,27 +1378,4 @@ mod tests {
         assert_eq!(leg_media_ip(v4, &dual, Some(v6)), v6);
         assert_eq!(leg_media_ip(v6, &dual, Some(v6)), v6);
     }
-}
-
-/// Whether the caller asked for their identity to be withheld (RFC 3323 `Privacy: id`,
-/// `header` or `user`, RFC 3325).
-fn withholds_identity(call: &IncomingCall) -> bool {
-    call.headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("Privacy"))
-        .flat_map(|h| h.value.split(';'))
-        .any(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "id" | "header" | "user"))
-}
-
-/// A number that names one line: digits (and a leading `+`), not `anonymous`, `unknown`,
-/// `restricted` and the like.
-fn dialable_number(n: &str) -> bool {
-    let digits = n.strip_prefix('+').unwrap_or(n);
-    digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// The wall clock the menu reads (the system's, or a test's), as the ticket store's type.
-fn wall_now(clock: &crate::menu::schedule::WallClock) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(clock.now().as_second())
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
 }

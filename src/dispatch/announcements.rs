@@ -21,8 +21,8 @@
 use crate::media::prompt::Prompt;
 use crate::media::speech::Speech;
 use crate::menu::bulletin::{self, Bulletin, TempAction, TempEntry};
-use crate::menu::schema::{Action, MenuFile, TicketAction};
 use crate::menu::schedule::WallClock;
+use crate::menu::schema::{Action, MenuFile, TicketAction};
 use base64::Engine as _;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -124,7 +124,7 @@ impl Announcement {
                 .filter_map(|e| {
                     let key = e.key.chars().next()?;
                     let action = match &e.ticket {
-                        Some(t) => TempAction::Ticket(t.action()),
+                        Some(t) => TempAction::Ticket(Box::new(t.action())),
                         None => TempAction::Info,
                     };
                     Some(TempEntry { key, action })
@@ -285,7 +285,8 @@ pub fn validate(
             (Some(t), None) => {
                 let code_ok = !t.service.is_empty()
                     && t.service.len() <= 64
-                    && (t.service.bytes()).all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    && (t.service.bytes())
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
                 if !code_ok {
                     errs.push(format!(
                         "{at}.ticket.service {:?} must be 1 to 64 of a-z, 0-9 and _",
@@ -300,7 +301,8 @@ pub fn validate(
                 if t.name.trim().is_empty() || t.name.chars().count() > 200 {
                     errs.push(format!("{at}.ticket.name must be 1 to 200 characters"));
                 }
-                let long = |o: &Option<String>| o.as_ref().is_some_and(|d| d.chars().count() > MAX_TEXT);
+                let long =
+                    |o: &Option<String>| o.as_ref().is_some_and(|d| d.chars().count() > MAX_TEXT);
                 if long(&t.description) || long(&t.group) {
                     errs.push(format!("{at}.ticket: description or group too long"));
                 }
@@ -368,7 +370,10 @@ fn check_messages(
                 menu.languages.join(", ")
             ));
         }
-        if m.text.as_ref().is_some_and(|t| t.chars().count() > MAX_TEXT) {
+        if m.text
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > MAX_TEXT)
+        {
             errs.push(format!("{at}.{lang}.text: at most {MAX_TEXT} characters"));
         }
         match &m.wav_base64 {
@@ -455,13 +460,13 @@ pub async fn current(
     now: Timestamp,
 ) -> Result<Vec<Announcement>, AnnouncementError> {
     // Times are RFC 3339 UTC, compared as instants after parsing (jiff may print fractions).
-    let rows: Vec<(i64, String, String, String, String, Option<String>, String)> =
-        sqlx::query_as(
-            "SELECT id, created_at, created_by, starts_at, ends_at, ended_at, spec \
+    type Row = (i64, String, String, String, String, Option<String>, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, created_at, created_by, starts_at, ends_at, ended_at, spec \
              FROM announcements WHERE ended_at IS NULL ORDER BY starts_at, id",
-        )
-        .fetch_all(pool)
-        .await?;
+    )
+    .fetch_all(pool)
+    .await?;
     let mut out = Vec::new();
     for (id, created_at, created_by, starts_at, ends_at, ended_at, spec) in rows {
         let ts = |s: &str, what| {

@@ -1014,7 +1014,10 @@ impl TicketStore {
         .await
         .map_err(|e| fail("add_duplicate", e))?;
         if done.rows_affected() == 1 {
-            tracing::info!(service_request_id = id, "caller added to a request as a duplicate");
+            tracing::info!(
+                service_request_id = id,
+                "caller added to a request as a duplicate"
+            );
         }
         Ok(done.rows_affected() == 1)
     }

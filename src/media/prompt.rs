@@ -144,11 +144,10 @@ impl Prompt {
         path: &Path,
         input: R,
     ) -> Result<Prompt, PromptError> {
-        let reader =
-            hound::WavReader::new(input).map_err(|source| PromptError::Wav {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let reader = hound::WavReader::new(input).map_err(|source| PromptError::Wav {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let spec = reader.spec();
         check_format(path, spec.sample_rate, spec.channels)?;
         let max_frames = u64::from(spec.sample_rate) * MAX_PROMPT_SECONDS;

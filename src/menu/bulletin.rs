@@ -42,7 +42,7 @@ pub struct TempEntry {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TempAction {
     /// File a request of this (temporary) service, with the menu's default steps.
-    Ticket(TicketAction),
+    Ticket(Box<TicketAction>),
     /// Play the entry's information message, then come back to the main menu.
     Info,
 }

@@ -1687,7 +1687,7 @@ menus:
             ends_at: ts("2026-12-07T18:00:00Z"),
             entries: vec![bulletin::TempEntry {
                 key: '7',
-                action: TempAction::Ticket(TicketAction {
+                action: TempAction::Ticket(Box::new(TicketAction {
                     service: "storm_debris".into(),
                     name: "Storm debris".into(),
                     description: None,
@@ -1695,7 +1695,7 @@ menus:
                     keywords: vec![],
                     steps: None,
                     duplicates: None,
-                }),
+                })),
             }],
         };
         engine()
@@ -1728,7 +1728,10 @@ menus:
         h(&mut e, Input::Start);
         keys(&mut e, "11");
         let out = keys(&mut e, "9");
-        assert!(matches!(out.last(), Some(Output::Emergency { .. })), "{out:?}");
+        assert!(
+            matches!(out.last(), Some(Output::Emergency { .. })),
+            "{out:?}"
+        );
         let mut e = with_bulletin("2026-12-07T15:00:00Z");
         h(&mut e, Input::Start);
         keys(&mut e, "11");
@@ -1761,14 +1764,25 @@ menus:
         f.repeat_callers = true;
         let mut e = Engine::new(Arc::new(f), "main".into());
         h(&mut e, Input::Start);
-        h(&mut e, Input::OpenRequest(Some(OpenRequest { id: 12345678, days_ago: 3 })));
+        h(
+            &mut e,
+            Input::OpenRequest(Some(OpenRequest {
+                id: 12345678,
+                days_ago: 3,
+            })),
+        );
         keys(&mut e, "1");
         let out = keys(&mut e, "1");
         let p = plays(&out);
         assert_eq!(p.first().map(String::as_str), Some("open_request"));
         assert_eq!(
             p[p.len() - 4..],
-            ["filed_days_ago_pre", "num_3", "filed_days_ago_post", "open_request_status"]
+            [
+                "filed_days_ago_pre",
+                "num_3",
+                "filed_days_ago_post",
+                "open_request_status"
+            ]
         );
         h(&mut e, Input::PlayDone);
         let out = keys(&mut e, "1");
@@ -1776,7 +1790,13 @@ menus:
         // Off in the menu: nothing is told.
         let mut e = engine();
         h(&mut e, Input::Start);
-        h(&mut e, Input::OpenRequest(Some(OpenRequest { id: 12345678, days_ago: 3 })));
+        h(
+            &mut e,
+            Input::OpenRequest(Some(OpenRequest {
+                id: 12345678,
+                days_ago: 3,
+            })),
+        );
         keys(&mut e, "1");
         assert_eq!(plays(&keys(&mut e, "1")), vec!["main_menu"]);
     }

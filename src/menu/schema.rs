@@ -40,6 +40,10 @@
 //!       "5": {emergency: {reason: downed power lines}}
 //! ```
 //!
+//! Top-level options for callers who already filed: `repeat_callers: true` (tell a caller
+//! their open request after screening) and `duplicates: {days: N}` (offer to join an open
+//! request of the same service at the same ZIP code; also per ticket).
+//!
 //! Actions are written as a one-key map (`{goto: streets}`) or, when they take nothing, as a
 //! plain word (`emergency`, `back`, `status`). Semantic checks (dangling menus, unreachable
 //! menus, shadowed emergency key, missing prompts...) live in [`crate::menu::validate`].

@@ -1810,8 +1810,10 @@ menus:
 
     #[test]
     fn duplicate_windows_out_of_range_are_located() {
-        let text = format!("{GOOD}repeat_callers: true\nduplicates: {{days: 0}}\n")
-            .replace("{service: pothole, name: Pothole}", "{service: pothole, name: Pothole, duplicates: {days: 400}}");
+        let text = format!("{GOOD}repeat_callers: true\nduplicates: {{days: 0}}\n").replace(
+            "{service: pothole, name: Pothole}",
+            "{service: pothole, name: Pothole, duplicates: {days: 400}}",
+        );
         let p = check(&text).unwrap_err();
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p.iter().all(|p| p.message.contains("1 to 365")), "{p:?}");
