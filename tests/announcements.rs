@@ -264,6 +264,9 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     assert!(open311_codes(srv.http_addr)
         .await
         .contains(&"storm_debris".into()));
+    let definition = "/open311/v2/services/storm_debris.json";
+    let (code, _) = common::http(srv.http_addr, "GET", definition, &[], b"").await;
+    assert_eq!(code, 200, "its definition while it lasts");
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let sweep = SweepEar::new();
     through_screening(&mut ua, '1', Duration::ZERO).await;
@@ -285,6 +288,8 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
     assert!(!open311_codes(srv.http_addr)
         .await
         .contains(&"storm_debris".into()));
+    let (code, _) = common::http(srv.http_addr, "GET", definition, &[], b"").await;
+    assert_eq!(code, 404, "no definition after it");
     let mut ua = TestUa::udp(srv.sip_addr).await;
     let heard = through_screening(&mut ua, '1', Duration::ZERO).await;
     let heard = [

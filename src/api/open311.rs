@@ -536,6 +536,15 @@ pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
     out
 }
 
+/// The temporary services of the emergency announcements active now (listed, defined and
+/// accepted while they last).
+fn temporary_services(state: &ApiState) -> Vec<Service> {
+    let board = &state.announcements;
+    (board.snapshot().services_at(board.now()).into_iter())
+        .map(|(action, group)| Service { action, group })
+        .collect()
+}
+
 pub(crate) fn find_service(file: &MenuFile, code: &str) -> Option<Service> {
     services(file)
         .into_iter()
@@ -939,13 +948,28 @@ fn is_location_field(field: &str) -> bool {
 /// `address_id`, or one of the service's location attributes (`attribute[zipcode]`, which the
 /// phone asks every caller for). The ZIP code is therefore needed only when nothing else says
 /// where the problem is.
+#[cfg(test)]
 fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
+    new_ticket_with(file, &[], params)
+}
+
+/// [`new_ticket`], also taking the temporary services of the announcements active now.
+fn new_ticket_with(
+    file: &MenuFile,
+    temporary: &[Service],
+    params: &Params,
+) -> Result<NewTicket, ApiError> {
     let Some(code) = params.get("service_code") else {
         return Err(ApiError::bad_request(
             "service_code was not provided".to_string(),
         ));
     };
-    let Some(service) = find_service(file, code.trim()) else {
+    let found = find_service(file, code.trim()).or_else(|| {
+        (temporary.iter())
+            .find(|s| s.action.service == code.trim())
+            .cloned()
+    });
+    let Some(service) = found else {
         return Err(ApiError::not_found(format!(
             "service_code {code:?} not found"
         )));
@@ -1101,6 +1125,7 @@ async fn service_definition(
     let result = check_jurisdiction(&state, &params).and_then(|()| {
         let menu = state.menu.get();
         let service = find_service(&menu.file, &code)
+            .or_else(|| (temporary_services(&state).into_iter()).find(|s| s.action.service == code))
             .ok_or_else(|| ApiError::not_found(format!("service_code {code:?} not found")))?;
         Ok(document(
             format,
@@ -1197,11 +1222,9 @@ fn service_list(state: &ApiState, params: &Params, format: Format) -> Result<Res
     check_jurisdiction(state, params)?;
     let menu = state.menu.get();
     let mut list = services(&menu.file);
-    // The temporary services of the announcements active now.
-    let board = &state.announcements;
-    for (action, group) in board.snapshot().services_at(board.now()) {
-        if !list.iter().any(|s| s.action.service == action.service) {
-            list.push(Service { action, group });
+    for t in temporary_services(state) {
+        if !list.iter().any(|s| s.action.service == t.action.service) {
+            list.push(t);
         }
     }
     let items = list.iter().map(|s| service_node(&menu.file, s)).collect();
@@ -1306,7 +1329,7 @@ async fn post_request(
     check_jurisdiction(state, &params)?;
     let new = {
         let menu = state.menu.get();
-        new_ticket(&menu.file, &params)?
+        new_ticket_with(&menu.file, &temporary_services(state), &params)?
     };
     let ticket = state.tickets.file(new).await.map_err(|e| match e {
         StoreError::InvalidCoordinates { .. } => {
