@@ -230,6 +230,15 @@ async fn a_caller_pressing_9_at_screening_reaches_911_without_hearing_it() {
         "no announcement before 911"
     );
     ua.expect_request("BYE", Duration::from_secs(20)).await;
+    // It was active all along: a caller pressing 1 at screening hears it.
+    let mut ua = TestUa::udp(srv.sip_addr).await;
+    let sweep = SweepEar::new();
+    through_screening(&mut ua, '1', Duration::ZERO).await;
+    ua.listen_until("the announcement", Duration::from_secs(15), |h| {
+        sweep.heard(h) >= 25
+    })
+    .await;
+    ua.bye().await;
     srv.shutdown().await;
 }
 

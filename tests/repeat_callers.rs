@@ -244,8 +244,14 @@ async fn pressing_2_files_a_new_request_anyway() {
     ua.listen_for("en", "enter_zip", Duration::from_secs(10))
         .await;
     ua.keys("94103").await;
-    ua.listen_for("en", "duplicate_choice", Duration::from_secs(20))
+    let heard = ua
+        .listen_for("en", "duplicate_choice", Duration::from_secs(20))
         .await;
+    let ear = PromptEar::new("en", &["duplicate_choice"], Codec::Pcmu);
+    assert!(
+        ear.frames_heard(&heard) >= 10,
+        "offered to join the open request"
+    );
     ua.press('2').await;
     ua.skip_description("en").await;
     let all = until("a second request", Duration::from_secs(15), || async {
