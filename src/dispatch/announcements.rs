@@ -645,3 +645,108 @@ fn render(rows: Vec<Announcement>, old: &Snapshot, speech: &dyn Speech) -> Snaps
         prompts,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn menu() -> MenuFile {
+        crate::menu::schema::parse(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("menus/311.yaml"),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn text_only(id: i64) -> Announcement {
+        Announcement {
+            id,
+            created_at: ts("2026-12-07T12:00:00Z"),
+            created_by: "admin".into(),
+            starts_at: ts("2026-12-07T12:00:00Z"),
+            ends_at: ts("2026-12-07T20:00:00Z"),
+            ended_at: None,
+            spec: AnnouncementSpec {
+                messages: BTreeMap::from([(
+                    "en".to_owned(),
+                    Message {
+                        text: Some("Boil your water before drinking it.".into()),
+                        wav_base64: None,
+                    },
+                )]),
+                starts_at: "2026-12-07T12:00:00Z".into(),
+                ends_at: "2026-12-07T20:00:00Z".into(),
+                entries: vec![],
+            },
+        }
+    }
+
+    /// Speaks every text as 0.1 s of a tone.
+    struct Beeper;
+
+    impl Speech for Beeper {
+        fn available(&self) -> bool {
+            true
+        }
+        fn render(&self, _lang: &str, name: &str, _text: &str) -> Option<Prompt> {
+            let pcm: Vec<i16> = (0..800)
+                .map(|i| if i % 16 < 8 { 8000 } else { -8000 })
+                .collect();
+            Some(Prompt::from_pcm_8k(name, pcm))
+        }
+    }
+
+    #[test]
+    fn text_is_spoken_by_the_speech_seam_or_left_to_the_recorded_fallback() {
+        let rows = vec![text_only(3)];
+        let spoken = render(rows.clone(), &Snapshot::default(), &Beeper);
+        let name = bulletin::message_prompt(3);
+        // Found in the caller's language, or another one the message has.
+        assert!(spoken.prompt("en", "en", &name).is_some());
+        assert!(spoken.prompt("es", "en", &name).is_some());
+        let silent = render(rows, &Snapshot::default(), &crate::media::speech::NoSpeech);
+        assert!(silent.prompt("en", "en", &name).is_none());
+        assert_eq!(silent.bulletins.len(), 1, "still heard, as the fallback");
+    }
+
+    #[test]
+    fn validation_refuses_text_only_without_speech_and_accepts_it_with() {
+        let m = menu();
+        let spec = text_only(1).spec;
+        let now = ts("2026-12-07T13:00:00Z");
+        let e = validate(spec.clone(), &m, "main", &[], &[], false, now).unwrap_err();
+        assert!(e.to_string().contains("cannot speak text"), "{e}");
+        let v = validate(spec, &m, "main", &[], &[], true, now).unwrap();
+        assert_eq!(v.ends_at, ts("2026-12-07T20:00:00Z"));
+    }
+
+    #[test]
+    fn a_key_another_announcement_uses_at_the_same_time_is_refused() {
+        let m = menu();
+        let entry = EntrySpec {
+            key: "7".into(),
+            ticket: Some(TempService {
+                service: "storm_debris".into(),
+                name: "Storm debris".into(),
+                description: None,
+                group: None,
+            }),
+            info: None,
+        };
+        let mut other = text_only(1);
+        other.spec.entries = vec![entry.clone()];
+        let mut spec = text_only(2).spec;
+        spec.entries = vec![entry];
+        let now = ts("2026-12-07T13:00:00Z");
+        let e = validate(spec.clone(), &m, "main", &[], &[], true, now);
+        assert!(e.is_ok());
+        let e = validate(spec, &m, "main", &[], &[other], true, now).unwrap_err();
+        assert!(e.to_string().contains("another announcement"), "{e}");
+    }
+}

@@ -259,7 +259,7 @@ impl Prompt {
         Duration::from_micros(self.pcm.len() as u64 * 125)
     }
 
-    fn from_pcm_8k(name: &str, pcm: Vec<i16>) -> Prompt {
+    pub(crate) fn from_pcm_8k(name: &str, pcm: Vec<i16>) -> Prompt {
         let mut ulaw = vec![0u8; pcm.len()];
         let mut alaw = vec![0u8; pcm.len()];
         Codec::Pcmu.encode(&pcm, &mut ulaw);
