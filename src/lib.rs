@@ -26,16 +26,19 @@
 //! | [`media::session`] | one call's media, sans-IO: player, RTP stream, DTMF |
 //! | [`media::clock`] | the media clock: threads that pace every call's RTP on a 20 ms grid |
 //! | [`media::ports`] | the RTP port pool (plain sockets, not registered with the reactor) |
+//! | [`media::speech`] | the seam for speaking text (announcements): a `Speech` trait, `NoSpeech` without synthesis |
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
 //! | [`media::mix`] | mixing a monitored bridge's three parties (listen, whisper, barge), sans-IO |
 //! | [`media::webrtc`] | a browser leg, sans-IO: ICE-lite, DTLS-SRTP and SRTP (webrtc-rs `rtc-dtls`, `rtc-srtp`, `rtc-stun`), driven by the media clock |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
 //! | [`menu::say`] | numbers as prompts per language ("twelve", "doce"), identifiers digit by digit |
+//! | [`menu::bulletin`] | emergency announcements as the engine sees them: when each is heard, its temporary main-menu keys |
 //! | [`menu::schedule`] | opening hours: `schedules:` compiled in the city's time zone, and the wall clock calls read them by |
 //! | [`dispatch::tickets`] | the ticket store (sqlx, SQLite) and the 911 audit table |
 //! | [`dispatch::outbox`] | the durable outbox (what the CRM and webhooks are owed), written in each change's transaction |
 //! | [`forward`] | delivering the outbox: the city's Open311 CRM (`forward:`) and signed webhooks (`webhooks:`), retries, the CRM's status polled back |
+//! | [`dispatch::announcements`] | emergency announcements: validated, stored, audio decoded or spoken once, reloaded for calls |
 //! | [`dispatch::emergency`] | 911 redirect policy (refer → bridge → announce); `call` carries it out |
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |

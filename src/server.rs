@@ -385,6 +385,15 @@ pub async fn start_with_clock(
             },
         )
     });
+    let announcements = Arc::new(crate::dispatch::announcements::Board::new(
+        tickets.pool().clone(),
+        Arc::new(crate::media::speech::NoSpeech),
+        wall_clock,
+    ));
+    if let Err(e) = announcements.refresh().await {
+        warn!(error = %e, "announcements could not be loaded; none is played until they are");
+    }
+    tracker.spawn(announcements.clone().run(cancel.clone()));
     let ctx = CallContext {
         registry: registry.clone(),
         ports: ports.clone(),
@@ -439,6 +448,7 @@ pub async fn start_with_clock(
                 .map(|q| q.name.clone())
                 .collect(),
         ),
+        announcements: announcements.clone(),
         queue_announcements: Arc::new(
             file.queues
                 .iter()
@@ -513,6 +523,7 @@ pub async fn start_with_clock(
             cancel.clone(),
         )),
         supervisor: Arc::new(api::supervisor::Wallboard::new(&file.queues)),
+        announcements,
     };
     tracker.spawn(api::health::watch(api_state.clone(), cancel.clone()));
     let router = api::router(api_state);

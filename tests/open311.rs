@@ -202,7 +202,7 @@ fn assert_error(r: &Resp, fmt: &str, status: u16) -> Vec<String> {
 
 /// The spec's request fields as strings (`None` for JSON null / an empty XML element), in
 /// the JSON of one request object, and our `external_id` (the city CRM's number, once
-/// forwarded).
+/// forwarded) and `duplicates` (later callers added to it).
 const REQUEST_FIELDS: &[&str] = &[
     "service_request_id",
     "status",
@@ -222,6 +222,7 @@ const REQUEST_FIELDS: &[&str] = &[
     "long",
     "media_url",
     "external_id",
+    "duplicates",
 ];
 
 /// Fields nobody outside may see.
@@ -310,6 +311,8 @@ fn expected_fields(t: &Ticket) -> Fields {
         num(t.long),
         media,
         t.external_id.clone(),
+        // Nobody has been added to these requests.
+        Some("0".to_owned()),
     ];
     REQUEST_FIELDS
         .iter()

@@ -36,6 +36,8 @@
 //! | POST | `/admin/agents/{id}/pause` | pause an operator, JSON `{"reason": "..."}`; `/unpause` to resume |
 //! | GET | `/admin/reports/calls` | calls by interval from the call history: offered, answered, abandoned, service level... ([`super::reports`]) |
 //! | GET | `/admin/reports/agents` | operators by interval: calls, talk, wrap-up, ready and not-ready time, occupancy |
+//! | POST, GET | `/admin/announcements` | set an emergency announcement, list those active or scheduled ([`super::announcements`]) |
+//! | DELETE | `/admin/announcements/{id}` | end one now |
 //! | GET | `/metrics` | Prometheus text format |
 
 use crate::api::ApiState;
@@ -77,6 +79,18 @@ pub(crate) fn router(state: ApiState) -> Router<ApiState> {
         .route("/admin/agents/{id}/unpause", post(unpause))
         .route("/admin/reports/calls", get(super::reports::calls))
         .route("/admin/reports/agents", get(super::reports::agents))
+        .route(
+            "/admin/announcements",
+            post(super::announcements::post)
+                .get(super::announcements::list)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::dispatch::announcements::MAX_WAV_BYTES * 3,
+                )),
+        )
+        .route(
+            "/admin/announcements/{id}",
+            axum::routing::delete(super::announcements::delete),
+        )
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state, guard))
 }

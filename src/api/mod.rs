@@ -12,6 +12,7 @@
 //! WebSocket it upgrades is handed to the SIP transport frame by frame).
 
 pub(crate) mod admin;
+pub(crate) mod announcements;
 pub(crate) mod console;
 pub(crate) mod dashboard;
 pub(crate) mod health;
@@ -67,6 +68,8 @@ pub(crate) struct ApiState {
     pub(crate) supervisor: Arc<supervisor::Wallboard>,
     /// Supervisors joining operators' calls (listen, whisper, barge) at an API's request.
     pub(crate) monitors: crate::call::monitor::Monitors,
+    /// The city's emergency announcements (`/admin/announcements`, Open311 `services`).
+    pub(crate) announcements: Arc<crate::dispatch::announcements::Board>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {

@@ -529,11 +529,21 @@ pub(crate) fn services(file: &MenuFile) -> Vec<Service> {
                 keywords: vec![],
                 steps: None,
                 house_number: false,
+                duplicates: None,
             },
             group: String::new(),
         });
     }
     out
+}
+
+/// The temporary services of the emergency announcements active now (listed, defined and
+/// accepted while they last).
+fn temporary_services(state: &ApiState) -> Vec<Service> {
+    let board = &state.announcements;
+    (board.snapshot().services_at(board.now()).into_iter())
+        .map(|(action, group)| Service { action, group })
+        .collect()
 }
 
 pub(crate) fn find_service(file: &MenuFile, code: &str) -> Option<Service> {
@@ -652,7 +662,7 @@ fn iso(t: OffsetDateTime) -> Option<String> {
 
 /// The public view of a ticket: the spec's fields, no personal data. `media_url` is only ever
 /// media a client posted (an absolute http(s) URL); a caller's recording never appears.
-fn request_node(t: &Ticket) -> Node {
+fn request_node(t: &Ticket, duplicates: u32) -> Node {
     Node::Obj(vec![
         ("service_request_id", text(t.service_request_id.to_string())),
         ("status", text(t.status.as_str())),
@@ -682,11 +692,24 @@ fn request_node(t: &Ticket) -> Node {
         ),
         // The city CRM's number for it, once forwarded (`forward.open311`); null before.
         ("external_id", opt_text(t.external_id.as_deref())),
+        // Callers who reported the same problem later and were added to this request
+        // instead of filing another (`duplicates` in the menu); 0 if none.
+        ("duplicates", Node::Int(duplicates.into())),
     ])
 }
 
-fn requests_document(format: Format, tickets: &[Ticket]) -> Response {
-    let items = tickets.iter().map(request_node).collect();
+fn requests_document(
+    format: Format,
+    tickets: &[Ticket],
+    duplicates: &std::collections::HashMap<u64, u32>,
+) -> Response {
+    let items = tickets
+        .iter()
+        .map(|t| {
+            let n = duplicates.get(&t.service_request_id).copied();
+            request_node(t, n.unwrap_or(0))
+        })
+        .collect();
     document(
         format,
         StatusCode::OK,
@@ -926,13 +949,28 @@ fn is_location_field(field: &str) -> bool {
 /// `address_id`, or one of the service's location attributes (`attribute[zipcode]`, which the
 /// phone asks every caller for). The ZIP code is therefore needed only when nothing else says
 /// where the problem is.
+#[cfg(test)]
 fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
+    new_ticket_with(file, &[], params)
+}
+
+/// [`new_ticket`], also taking the temporary services of the announcements active now.
+fn new_ticket_with(
+    file: &MenuFile,
+    temporary: &[Service],
+    params: &Params,
+) -> Result<NewTicket, ApiError> {
     let Some(code) = params.get("service_code") else {
         return Err(ApiError::bad_request(
             "service_code was not provided".to_string(),
         ));
     };
-    let Some(service) = find_service(file, code.trim()) else {
+    let found = find_service(file, code.trim()).or_else(|| {
+        (temporary.iter())
+            .find(|s| s.action.service == code.trim())
+            .cloned()
+    });
+    let Some(service) = found else {
         return Err(ApiError::not_found(format!(
             "service_code {code:?} not found"
         )));
@@ -1089,6 +1127,7 @@ async fn service_definition(
     let result = check_jurisdiction(&state, &params).and_then(|()| {
         let menu = state.menu.get();
         let service = find_service(&menu.file, &code)
+            .or_else(|| (temporary_services(&state).into_iter()).find(|s| s.action.service == code))
             .ok_or_else(|| ApiError::not_found(format!("service_code {code:?} not found")))?;
         Ok(document(
             format,
@@ -1124,7 +1163,10 @@ async fn one_request(
         return not_found().respond(format);
     };
     match state.tickets.get(n).await {
-        Ok(Some(t)) => requests_document(format, std::slice::from_ref(&t)),
+        Ok(Some(t)) => match state.tickets.duplicate_counts(&[n]).await {
+            Ok(d) => requests_document(format, std::slice::from_ref(&t), &d),
+            Err(e) => ApiError::store("get", &e).respond(format),
+        },
         Ok(None) => not_found().respond(format),
         Err(e) => ApiError::store("get", &e).respond(format),
     }
@@ -1181,10 +1223,13 @@ async fn discovery(state: &ApiState, format: Format) -> Response {
 fn service_list(state: &ApiState, params: &Params, format: Format) -> Result<Response, ApiError> {
     check_jurisdiction(state, params)?;
     let menu = state.menu.get();
-    let items = services(&menu.file)
-        .iter()
-        .map(|s| service_node(&menu.file, s))
-        .collect();
+    let mut list = services(&menu.file);
+    for t in temporary_services(state) {
+        if !list.iter().any(|s| s.action.service == t.action.service) {
+            list.push(t);
+        }
+    }
+    let items = list.iter().map(|s| service_node(&menu.file, s)).collect();
     Ok(document(
         format,
         StatusCode::OK,
@@ -1206,7 +1251,10 @@ async fn list_requests(
         }
         e => ApiError::store("list", &e),
     })?;
-    Ok(requests_document(format, &tickets))
+    let ids: Vec<u64> = tickets.iter().map(|t| t.service_request_id).collect();
+    let duplicates =
+        (state.tickets.duplicate_counts(&ids).await).map_err(|e| ApiError::store("list", &e))?;
+    Ok(requests_document(format, &tickets, &duplicates))
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -1283,7 +1331,7 @@ async fn post_request(
     check_jurisdiction(state, &params)?;
     let new = {
         let menu = state.menu.get();
-        new_ticket(&menu.file, &params)?
+        new_ticket_with(&menu.file, &temporary_services(state), &params)?
     };
     let ticket = state.tickets.file(new).await.map_err(|e| match e {
         StoreError::InvalidCoordinates { .. } => {

@@ -291,6 +291,14 @@ pub(crate) enum Action {
     },
     /// Look a ticket up for the menu.
     LookupTicket(u64),
+    /// Look for a duplicate of a request being filed; `engine::Input::Duplicate` follows.
+    FindDuplicate {
+        service_code: String,
+        zipcode: String,
+        days: u32,
+    },
+    /// Add the caller to a request; `engine::Input::Joined` follows.
+    JoinRequest(u64),
     /// Write the 911 audit row; [`Input::Audited`] follows.
     AuditStart(Box<EmergencyAudit>),
     /// Record the 911 outcome on the audit row.
@@ -553,6 +561,8 @@ pub(crate) struct CallCore {
     /// The transfer state last shown (id, state).
     shown_transfer: Option<(TransferId, String)>,
     actions: VecDeque<Action>,
+    /// The announcements this call hears, and their audio.
+    announcements: Arc<crate::dispatch::announcements::Snapshot>,
 }
 
 impl CallCore {
@@ -615,6 +625,7 @@ impl CallCore {
             shown_operator: None,
             shown_transfer: None,
             actions: VecDeque::new(),
+            announcements: Arc::default(),
         }
     }
 
@@ -1006,6 +1017,9 @@ impl CallCore {
         names
             .iter()
             .filter_map(|n| {
+                if n.starts_with(crate::menu::bulletin::PROMPT_PREFIX) {
+                    return self.announcement_prompt(lang, n);
+                }
                 let p = (self.menu.prompts.get(lang, n))
                     .or_else(|| self.menu.prompts.get(&self.config.default_language, n));
                 if p.is_none() {
@@ -1014,6 +1028,32 @@ impl CallCore {
                 p
             })
             .collect()
+    }
+
+    /// An announcement's audio in the caller's language (else another it has), or the
+    /// recorded fallback when it has none that can be played.
+    fn announcement_prompt(&self, lang: &str, name: &str) -> Option<Arc<Prompt>> {
+        let found = (self.announcements).prompt(lang, &self.config.default_language, name);
+        if found.is_none() {
+            warn!(prompt = %name, language = %lang, "announcement audio missing; fallback played");
+        }
+        found.or_else(|| {
+            (self.menu.prompts.get(lang, "announcement_fallback")).or_else(|| {
+                self.menu
+                    .prompts
+                    .get(&self.config.default_language, "announcement_fallback")
+            })
+        })
+    }
+
+    /// The city's announcements this call hears (taken as it is answered).
+    pub(crate) fn with_announcements(
+        mut self,
+        snapshot: Arc<crate::dispatch::announcements::Snapshot>,
+    ) -> CallCore {
+        self.engine.set_bulletins(snapshot.bulletins.clone());
+        self.announcements = snapshot;
+        self
     }
 
     fn play(&mut self, prompts: Vec<Arc<Prompt>>) {
@@ -1265,6 +1305,19 @@ impl CallCore {
             } => {
                 self.outcome.get_or_insert("operator");
                 self.enter_queue(queue, skill, menu_path, entered);
+            }
+            Output::FindDuplicate {
+                service_code,
+                zipcode,
+                days,
+            } => self.actions.push_back(Action::FindDuplicate {
+                service_code,
+                zipcode,
+                days,
+            }),
+            Output::JoinRequest(id) => {
+                self.outcome = Some("ticket");
+                self.actions.push_back(Action::JoinRequest(id));
             }
             Output::Language(l) => info!(language = %l, "language chosen"),
             Output::Hangup => self.end = Some(EndReason::MenuHungUp),

@@ -151,6 +151,8 @@ pub(crate) struct CallContext {
     pub(crate) recorded_queues: Arc<Vec<String>>,
     /// Per queue, its `record_announcement` prompt.
     pub(crate) queue_announcements: Arc<Vec<(String, String)>>,
+    /// The city's emergency announcements.
+    pub(crate) announcements: Arc<crate::dispatch::announcements::Board>,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -467,6 +469,7 @@ pub(crate) async fn run_call(
         registry_id,
         arrived,
     } = setup;
+    let withheld = withholds_identity(&call);
     let IncomingCall {
         handle, mut events, ..
     } = call;
@@ -488,7 +491,39 @@ pub(crate) async fn run_call(
     meta.answered_at = ctx.wall_clock.now();
     let facts = Facts::new(arrived, answered);
     let kept_meta = meta.clone();
-    let mut core = CallCore::new(answered, config, menu, meta, registry_id, caller_media);
+    let repeat_callers = menu.file.repeat_callers;
+    let mut core = CallCore::new(answered, config, menu, meta, registry_id, caller_media)
+        .with_announcements(ctx.announcements.snapshot());
+    // The caller's open request, for `repeat_callers`: only for a number the trunk vouches
+    // for and the caller does not withhold (a claimed number could be anyone's).
+    let known = kept_meta
+        .identity
+        .asserted()
+        .filter(|n| !withheld && dialable_number(n));
+    if let (true, Some(number)) = (repeat_callers, known) {
+        let store = ctx.tickets.clone();
+        let tx = work_tx.clone();
+        let number = number.to_owned();
+        let wall = ctx.wall_clock;
+        ctx.tracker.spawn(
+            async move {
+                let found = match store.open_request_of(&number).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        warn!(error = %e, "open request lookup failed");
+                        None
+                    }
+                };
+                let r = found.map(|(id, filed)| engine::OpenRequest {
+                    id,
+                    days_ago: ((wall_now(&wall) - filed).whole_days()).clamp(0, u32::MAX as i64)
+                        as u32,
+                });
+                let _ = tx.send(Input::Engine(engine::Input::OpenRequest(r))).await;
+            }
+            .in_current_span(),
+        );
+    }
     let mut d = Driver {
         ctx,
         handle,
@@ -913,6 +948,47 @@ impl Driver {
                     .in_current_span(),
                 );
             }
+            Action::FindDuplicate {
+                service_code,
+                zipcode,
+                days,
+            } => {
+                let store = self.ctx.tickets.clone();
+                let tx = self.work_tx.clone();
+                let now = wall_now(&self.ctx.wall_clock);
+                self.ctx.tracker.spawn(
+                    async move {
+                        let since = now - time::Duration::days(days.into());
+                        let r = match store.find_duplicate(&service_code, &zipcode, since).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                // The caller files a new request as usual.
+                                warn!(error = %e, "duplicate lookup failed");
+                                None
+                            }
+                        };
+                        let _ = tx.send(Input::Engine(engine::Input::Duplicate(r))).await;
+                    }
+                    .in_current_span(),
+                );
+            }
+            Action::JoinRequest(id) => {
+                let store = self.ctx.tickets.clone();
+                let tx = self.work_tx.clone();
+                self.ctx.tracker.spawn(
+                    async move {
+                        let ok = match store.add_duplicate(id).await {
+                            Ok(ok) => ok,
+                            Err(e) => {
+                                warn!(error = %e, "adding a caller to a request failed");
+                                false
+                            }
+                        };
+                        let _ = tx.send(Input::Engine(engine::Input::Joined { ok })).await;
+                    }
+                    .in_current_span(),
+                );
+            }
             Action::LookupTicket(id) => {
                 let store = self.ctx.tickets.clone();
                 let tx = self.work_tx.clone();
@@ -1238,6 +1314,34 @@ impl Driver {
             s.digits,
         );
     }
+}
+
+/// Whether the caller asked for their identity to be withheld (RFC 3323 `Privacy: id`,
+/// `header` or `user`, RFC 3325).
+fn withholds_identity(call: &IncomingCall) -> bool {
+    call.headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Privacy"))
+        .flat_map(|h| h.value.split(';'))
+        .any(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "id" | "header" | "user"
+            )
+        })
+}
+
+/// A number that names one line: digits (and a leading `+`), not `anonymous`, `unknown`,
+/// `restricted` and the like.
+fn dialable_number(n: &str) -> bool {
+    let digits = n.strip_prefix('+').unwrap_or(n);
+    digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The wall clock the menu reads (the system's, or a test's), as the ticket store's type.
+fn wall_now(clock: &crate::menu::schedule::WallClock) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(clock.now().as_second())
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! which lists and updates them. [`queue`] is sans-IO with a small tokio driver. Nothing here
 //! touches SIP or a socket: calls ([`crate::call`]) act for dispatch through channels.
 
+pub mod announcements;
 pub mod emergency;
 pub(crate) mod numbers;
 pub mod outbox;

@@ -959,6 +959,108 @@ impl TicketStore {
         rows.iter().map(ticket_from_row).collect()
     }
 
+    /// The newest open request filed from `phone`: its number and when it was filed.
+    pub async fn open_request_of(
+        &self,
+        phone: &str,
+    ) -> Result<Option<(u64, OffsetDateTime)>, StoreError> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT service_request_id, requested_datetime FROM tickets \
+             WHERE phone = ? AND status = 'open' \
+             ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1",
+        )
+        .bind(phone)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| fail("open_request_of", e))?;
+        row.map(|(id, at)| {
+            let id = u64::try_from(id).map_err(|_| StoreError::BadRow {
+                column: "service_request_id",
+                value: id.to_string(),
+            })?;
+            Ok((id, datetime("requested_datetime", &at)?))
+        })
+        .transpose()
+    }
+
+    /// The newest open request of `service_code` at `zipcode` filed since `since`: a report
+    /// of the same problem.
+    pub async fn find_duplicate(
+        &self,
+        service_code: &str,
+        zipcode: &str,
+        since: OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let since = iso(whole_second_utc(since))?;
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT service_request_id FROM tickets \
+             WHERE service_code = ? AND zipcode = ? AND status = 'open' \
+             AND requested_datetime >= ? \
+             ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1",
+        )
+        .bind(service_code)
+        .bind(zipcode)
+        .bind(since)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| fail("find_duplicate", e))?;
+        Ok(id.and_then(|id| u64::try_from(id).ok()))
+    }
+
+    /// Counts one more caller reporting open request `id` (its `duplicates`); false if there
+    /// is no such open request.
+    pub async fn add_duplicate(&self, id: u64) -> Result<bool, StoreError> {
+        let Ok(id_sql) = i64::try_from(id) else {
+            return Ok(false);
+        };
+        let done = sqlx::query(
+            "UPDATE tickets SET duplicates = duplicates + 1 \
+             WHERE service_request_id = ? AND status = 'open'",
+        )
+        .bind(id_sql)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fail("add_duplicate", e))?;
+        if done.rows_affected() == 1 {
+            tracing::info!(
+                service_request_id = id,
+                "caller added to a request as a duplicate"
+            );
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The `duplicates` count of each of `ids` that exists (at most [`MAX_FILTER_VALUES`]).
+    pub async fn duplicate_counts(
+        &self,
+        ids: &[u64],
+    ) -> Result<std::collections::HashMap<u64, u32>, StoreError> {
+        let ids: Vec<i64> = ids
+            .iter()
+            .take(MAX_FILTER_VALUES)
+            .filter_map(|&id| i64::try_from(id).ok())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let sql = format!(
+            "SELECT service_request_id, duplicates FROM tickets WHERE service_request_id IN ({})",
+            placeholders(ids.len())
+        );
+        let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
+        for id in ids {
+            q = q.bind(id);
+        }
+        let rows = q
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("duplicate_counts", e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, n)| Some((u64::try_from(id).ok()?, u32::try_from(n).ok()?)))
+            .collect())
+    }
+
     /// Sets the status, and the notes when `notes` is `Some` (`None` keeps the old notes),
     /// and bumps `updated_datetime`. `None` if there is no such ticket.
     pub async fn update_status(

@@ -18,4 +18,5 @@ pub(crate) mod record;
 pub mod rtp;
 pub mod sdp;
 pub mod session;
+pub mod speech;
 pub mod webrtc;

@@ -130,11 +130,24 @@ impl Prompt {
             path: path.to_path_buf(),
             source,
         })?;
-        let reader =
-            hound::WavReader::new(BufReader::new(file)).map_err(|source| PromptError::Wav {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        Self::from_wav_reader(name, path, BufReader::new(file))
+    }
+
+    /// Reads a WAV file held in memory (an uploaded announcement), as
+    /// [`Prompt::from_wav_file`]; `origin` names it in errors.
+    pub fn from_wav_bytes(name: &str, origin: &Path, bytes: &[u8]) -> Result<Prompt, PromptError> {
+        Self::from_wav_reader(name, origin, std::io::Cursor::new(bytes))
+    }
+
+    fn from_wav_reader<R: std::io::Read>(
+        name: &str,
+        path: &Path,
+        input: R,
+    ) -> Result<Prompt, PromptError> {
+        let reader = hound::WavReader::new(input).map_err(|source| PromptError::Wav {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let spec = reader.spec();
         check_format(path, spec.sample_rate, spec.channels)?;
         let max_frames = u64::from(spec.sample_rate) * MAX_PROMPT_SECONDS;
@@ -246,7 +259,7 @@ impl Prompt {
         Duration::from_micros(self.pcm.len() as u64 * 125)
     }
 
-    fn from_pcm_8k(name: &str, pcm: Vec<i16>) -> Prompt {
+    pub(crate) fn from_pcm_8k(name: &str, pcm: Vec<i16>) -> Prompt {
         let mut ulaw = vec![0u8; pcm.len()];
         let mut alaw = vec![0u8; pcm.len()];
         Codec::Pcmu.encode(&pcm, &mut ulaw);

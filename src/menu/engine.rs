@@ -27,8 +27,11 @@
 //! - Until an operator queue exists the call answers [`Input::QueueUnavailable`] and the caller
 //!   is offered a general service request instead, so nobody waits on hold forever.
 
+use crate::menu::bulletin::{self, Bulletin, TempAction};
 use crate::menu::say::{self, Gender};
-use crate::menu::schema::{Action, Collect, MenuFile, Record, TicketAction, TicketSteps};
+use crate::menu::schema::{
+    Action, Collect, Duplicates, MenuFile, Record, TicketAction, TicketSteps,
+};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +40,8 @@ use std::time::{Duration, Instant};
 pub const GENERAL_SERVICE: &str = "general";
 /// Its name.
 pub const GENERAL_SERVICE_NAME: &str = "General service request";
+/// The key that skips the announcements heard after screening (their introduction says so).
+pub const SKIP_KEY: char = '#';
 /// How many digits a service request number has.
 pub(crate) const TICKET_DIGITS: usize = 8;
 /// A service request number is read back in groups of this many digits.
@@ -64,6 +69,21 @@ pub enum Input {
     Status(StatusResult),
     /// No operator queue can take the caller.
     QueueUnavailable,
+    /// The answer to `FindOpenRequest`: the caller's newest open request, if any.
+    OpenRequest(Option<OpenRequest>),
+    /// The answer to `FindDuplicate`: an open request of the same service and ZIP code
+    /// (`None` also when the database could not be read: the caller files as usual).
+    Duplicate(Option<u64>),
+    /// The answer to `JoinRequest`: whether the caller was added to the request.
+    Joined { ok: bool },
+}
+
+/// A caller's open request, told after screening (`repeat_callers: true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub id: u64,
+    /// Whole days since it was filed.
+    pub days_ago: u32,
 }
 
 /// A looked-up request.
@@ -159,6 +179,15 @@ pub enum Output {
         /// What the caller had entered for a request not filed (the operator takes it on).
         entered: Option<Entered>,
     },
+    /// Look for an open request of `service_code` at `zipcode` filed within `days`, then
+    /// report `Duplicate`.
+    FindDuplicate {
+        service_code: String,
+        zipcode: String,
+        days: u32,
+    },
+    /// Add the caller to request `id` (its `duplicates` count), then report `Joined`.
+    JoinRequest(u64),
     /// The caller's language changed.
     Language(String),
     /// End the call.
@@ -201,8 +230,32 @@ enum State {
     Offer { failures: u32, waiting: bool },
     /// Saying goodbye; hang up when it has played.
     Goodbye,
+    /// Right after screening, before the main menu: the city's announcements, then the
+    /// caller's open request.
+    Notice(Notice),
+    /// Waiting for the duplicate check before ticket step `next`.
+    DupCheck { next: usize },
+    /// "This problem is already reported, number ... To add yourself, press 1; to file a new
+    /// request anyway, press 2."
+    Duplicate {
+        id: u64,
+        next: usize,
+        failures: u32,
+        waiting: bool,
+    },
+    /// Waiting for the caller to be added to request `id`.
+    Joining { id: u64 },
     /// Handed over (911, queue) or hung up: inputs are ignored.
     Done,
+}
+
+/// What is told between screening and the main menu.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Notice {
+    /// The announcements play: `#` skips them, the emergency key still reaches 911.
+    Announcement,
+    /// "You have an open request, number ... To hear its status, press 1."
+    OpenRequest { id: u64, waiting: bool },
 }
 
 /// Why digits are being collected.
@@ -226,6 +279,8 @@ struct Claim {
 struct Draft {
     req: TicketRequest,
     steps: TicketSteps,
+    /// The duplicate check for this service, until it has been made.
+    duplicates: Option<Duplicates>,
 }
 
 impl Draft {
@@ -262,6 +317,12 @@ pub struct Engine {
     stats: EngineStats,
     /// The schedules `when` actions read, and the civil time at one instant of the call.
     calendar: Option<Calendar>,
+    /// The city's announcements (heard while active by the calendar's time).
+    bulletins: Arc<Vec<Bulletin>>,
+    /// The announcements and open request have had their turn (once per call).
+    noticed: bool,
+    /// The caller's open request, once looked up.
+    open_request: Option<OpenRequest>,
 }
 
 /// What `when` actions are decided by: the menu's compiled schedules and the wall clock as it
@@ -306,7 +367,23 @@ impl Engine {
             out: Vec::new(),
             stats: EngineStats::default(),
             calendar: None,
+            bulletins: Arc::new(Vec::new()),
+            noticed: false,
+            open_request: None,
         }
+    }
+
+    /// The city's announcements: each is heard right after screening while it is active (by
+    /// the calendar's clock; without a calendar, none is), and its temporary keys work in the
+    /// main menu meanwhile.
+    pub fn with_bulletins(mut self, bulletins: Arc<Vec<Bulletin>>) -> Engine {
+        self.bulletins = bulletins;
+        self
+    }
+
+    /// [`Engine::with_bulletins`], on an engine already built.
+    pub fn set_bulletins(&mut self, bulletins: Arc<Vec<Bulletin>>) {
+        self.bulletins = bulletins;
     }
 
     /// Decide `when` actions by `schedules`, the civil time being `wall` at `anchor`. Without
@@ -328,20 +405,35 @@ impl Engine {
     /// Whether `schedule` is open now (a schedule the menu does not have reads as open; the
     /// checker refuses such a menu).
     fn is_open(&self, schedule: &str) -> bool {
-        let Some(c) = &self.calendar else {
+        let Some(s) = (self.calendar.as_ref()).and_then(|c| c.schedules.get(schedule)) else {
             return true;
         };
-        let Some(s) = c.schedules.get(schedule) else {
-            return true;
-        };
+        match self.wall_now() {
+            Some(at) => s.is_open(at),
+            None => true,
+        }
+    }
+
+    /// The civil time now, by the calendar.
+    fn wall_now(&self) -> Option<jiff::Timestamp> {
+        let c = self.calendar.as_ref()?;
         let since = self
             .now
             .map_or(Duration::ZERO, |n| n.saturating_duration_since(c.anchor));
-        let at = jiff::SignedDuration::try_from(since)
-            .ok()
-            .and_then(|d| c.wall.checked_add(d).ok())
-            .unwrap_or(c.wall);
-        s.is_open(at)
+        Some(
+            jiff::SignedDuration::try_from(since)
+                .ok()
+                .and_then(|d| c.wall.checked_add(d).ok())
+                .unwrap_or(c.wall),
+        )
+    }
+
+    /// The announcements active now.
+    fn active_bulletins(&self) -> Vec<&Bulletin> {
+        let Some(at) = self.wall_now() else {
+            return Vec::new();
+        };
+        self.bulletins.iter().filter(|b| b.active(at)).collect()
     }
 
     /// Invalid keys, timeouts and menus visited so far.
@@ -382,6 +474,9 @@ impl Engine {
                 purpose: Purpose::TicketField { index },
                 ..
             } => *index >= draft.steps.collect.len(),
+            State::DupCheck { next } | State::Duplicate { next, .. } => {
+                *next >= draft.steps.collect.len()
+            }
             _ => false,
         };
         self.state = State::Done;
@@ -417,6 +512,9 @@ impl Engine {
             Input::TicketFailed => self.on_file_failed(),
             Input::Status(r) => self.on_status(r),
             Input::QueueUnavailable => self.on_queue_unavailable(),
+            Input::OpenRequest(r) => self.open_request = r,
+            Input::Duplicate(r) => self.on_duplicate(r),
+            Input::Joined { ok } => self.on_joined(ok),
         }
         std::mem::take(&mut self.out)
     }
@@ -457,6 +555,12 @@ impl Engine {
     // ---- menus ---------------------------------------------------------------------------
 
     fn enter_menu(&mut self, id: &str, long: bool) {
+        if id == self.main && !self.noticed && self.screened() {
+            self.noticed = true;
+            if self.start_notice() {
+                return;
+            }
+        }
         let Some(menu) = self.menu.menus.get(id) else {
             // Validation makes this impossible; never strand the caller if it happens.
             self.emergency_safe_fallback();
@@ -541,6 +645,9 @@ impl Engine {
             State::AfterTicket { waiting: false, .. } => {
                 d == '1' || d == self.defaults().emergency_key
             }
+            State::Notice(Notice::Announcement) => {
+                d == SKIP_KEY || d == self.defaults().emergency_key
+            }
             _ => true,
         }
     }
@@ -548,7 +655,13 @@ impl Engine {
     fn accepts_keys(&self) -> bool {
         !matches!(
             self.state,
-            State::Idle | State::Filing | State::LookingUp | State::Goodbye | State::Done
+            State::Idle
+                | State::Filing
+                | State::LookingUp
+                | State::Goodbye
+                | State::Done
+                | State::DupCheck { .. }
+                | State::Joining { .. }
         )
     }
 
@@ -559,6 +672,9 @@ impl Engine {
                 if d == emergency_key && id != self.menu.start && self.screened() {
                     self.path.push(format!("{id}:{d}"));
                     self.emergency(None);
+                    return;
+                }
+                if id == self.main && self.temp_entry(d) {
                     return;
                 }
                 let action = self
@@ -657,6 +773,7 @@ impl Engine {
                         keywords: vec![],
                         steps: None,
                         house_number: false,
+                        duplicates: None,
                     };
                     self.start_ticket(&t);
                 } else if d == '2' {
@@ -674,7 +791,17 @@ impl Engine {
                     self.play(vec!["invalid_entry".into(), "offer_general_ticket".into()]);
                 }
             }
-            State::Idle | State::Filing | State::LookingUp | State::Goodbye | State::Done => {}
+            State::Notice(n) => self.notice_key(n, d),
+            State::Duplicate {
+                id, next, failures, ..
+            } => self.duplicate_key(id, next, failures, d),
+            State::Idle
+            | State::Filing
+            | State::LookingUp
+            | State::Goodbye
+            | State::Done
+            | State::DupCheck { .. }
+            | State::Joining { .. } => {}
         }
     }
 
@@ -820,6 +947,7 @@ impl Engine {
             steps
         };
         self.draft = Some(Draft {
+            duplicates: t.duplicates.or(self.menu.duplicates),
             req: TicketRequest {
                 service_code: t.service.clone(),
                 service_name: t.name.clone(),
@@ -956,7 +1084,7 @@ impl Engine {
                     if let Some(d) = &mut self.draft {
                         d.req.fields.push((spec.field.clone(), digits));
                     }
-                    self.next_ticket_step(index + 1, lead);
+                    self.after_field(index, lead);
                 }
                 Purpose::TicketNumber => {
                     let id = digits.parse().unwrap_or(0);
@@ -1111,6 +1239,209 @@ impl Engine {
         ]);
     }
 
+    // ---- after screening: announcements and the caller's open request ----------------------
+
+    /// Start what is told between screening and the main menu; false if there is nothing.
+    fn start_notice(&mut self) -> bool {
+        let messages: Vec<String> = self
+            .active_bulletins()
+            .iter()
+            .map(|b| bulletin::message_prompt(b.id))
+            .collect();
+        if messages.is_empty() {
+            return self.start_open_request();
+        }
+        let mut prompts = vec!["announcement_intro".to_owned()];
+        prompts.extend(messages);
+        self.state = State::Notice(Notice::Announcement);
+        self.play(prompts);
+        self.drain();
+        true
+    }
+
+    /// "You have an open request, number ..., filed three days ago. To hear its status, press
+    /// 1." False if the caller has none (or it was not known in time).
+    fn start_open_request(&mut self) -> bool {
+        let Some(r) = self.open_request.filter(|_| self.menu.repeat_callers) else {
+            return false;
+        };
+        let mut prompts = vec!["open_request".to_owned()];
+        prompts.extend(say::digits_grouped(&r.id.to_string(), TICKET_DIGIT_GROUP));
+        match r.days_ago {
+            0 => prompts.push("filed_today".into()),
+            1 => prompts.push("filed_yesterday".into()),
+            n => {
+                prompts.push("filed_days_ago_pre".into());
+                prompts.extend(say::number(&self.language, n.into(), Gender::Masculine));
+                prompts.push("filed_days_ago_post".into());
+            }
+        }
+        prompts.push("open_request_status".into());
+        self.state = State::Notice(Notice::OpenRequest {
+            id: r.id,
+            waiting: false,
+        });
+        self.play(prompts);
+        self.drain();
+        true
+    }
+
+    /// The announcements were heard (or skipped): the open request, else the main menu.
+    fn end_announcements(&mut self) {
+        if !self.start_open_request() {
+            let main = self.main.clone();
+            self.enter_menu(&main, true);
+        }
+    }
+
+    fn notice_key(&mut self, notice: Notice, d: char) {
+        if d == self.defaults().emergency_key {
+            self.path.push(format!("notice:{d}"));
+            self.emergency(None);
+            return;
+        }
+        match notice {
+            Notice::Announcement => {
+                // Only the skip key gets here (`takes`).
+                self.path.push(format!("announcement:{d}"));
+                self.end_announcements();
+            }
+            Notice::OpenRequest { id, .. } if d == '1' => {
+                self.path.push(format!("open_request:{d}"));
+                self.state = State::LookingUp;
+                self.emit(Output::LookupTicket(id));
+            }
+            Notice::OpenRequest { .. } => {
+                // Any other key is a choice in the main menu.
+                self.pending.push_front(d);
+                let main = self.main.clone();
+                self.enter_menu(&main, true);
+            }
+        }
+    }
+
+    /// A temporary key of an active announcement, pressed in the main menu: true if it was one.
+    fn temp_entry(&mut self, d: char) -> bool {
+        let found = self.active_bulletins().iter().find_map(|b| {
+            b.entries
+                .iter()
+                .find(|e| e.key == d)
+                .map(|e| (b.id, e.action.clone()))
+        });
+        let Some((id, action)) = found else {
+            return false;
+        };
+        let main = self.main.clone();
+        self.path.push(format!("{main}:{d}"));
+        match action {
+            TempAction::Ticket(t) => self.start_ticket(&t),
+            TempAction::Info => {
+                self.stats.heard_info = true;
+                self.state = State::Info { id: main };
+                self.play(vec![bulletin::entry_prompt(id, d)]);
+            }
+        }
+        true
+    }
+
+    // ---- duplicate reports -------------------------------------------------------------------
+
+    /// Ticket step `index` is done: check for a duplicate after the ZIP code (when the service
+    /// asks for it), else go on to the next step.
+    fn after_field(&mut self, index: usize, lead: Vec<String>) {
+        let check = self.draft.as_mut().and_then(|d| {
+            let zip = d.req.field("zipcode")?.to_owned();
+            let days = d.duplicates.take()?.days;
+            Some((d.req.service_code.clone(), zip, days))
+        });
+        let Some((service_code, zipcode, days)) = check else {
+            self.next_ticket_step(index + 1, lead);
+            return;
+        };
+        if !lead.is_empty() {
+            self.play(lead);
+        }
+        self.state = State::DupCheck { next: index + 1 };
+        self.emit(Output::FindDuplicate {
+            service_code,
+            zipcode,
+            days,
+        });
+    }
+
+    fn on_duplicate(&mut self, found: Option<u64>) {
+        let State::DupCheck { next } = self.state else {
+            return;
+        };
+        let Some(id) = found else {
+            self.next_ticket_step(next, Vec::new());
+            return;
+        };
+        // Keys typed meanwhile must not answer a question not yet asked.
+        self.pending.clear();
+        let mut prompts = vec!["already_reported".to_owned()];
+        prompts.extend(say::digits_grouped(&id.to_string(), TICKET_DIGIT_GROUP));
+        prompts.push("duplicate_choice".into());
+        self.state = State::Duplicate {
+            id,
+            next,
+            failures: 0,
+            waiting: false,
+        };
+        self.play(prompts);
+    }
+
+    /// A key (`'\0'`: silence) in answer to "already reported".
+    fn duplicate_key(&mut self, id: u64, next: usize, failures: u32, d: char) {
+        if d == self.defaults().emergency_key {
+            self.emergency(None);
+        } else if d == '1' {
+            self.path.push("duplicate:1".into());
+            self.state = State::Joining { id };
+            self.emit(Output::JoinRequest(id));
+        } else if d == '2' {
+            self.path.push("duplicate:2".into());
+            self.next_ticket_step(next, Vec::new());
+        } else if failures + 1 >= self.defaults().max_failures {
+            // Never lose the report: file it as a new request.
+            self.next_ticket_step(next, Vec::new());
+        } else {
+            let before = if d == '\0' {
+                "no_entry"
+            } else {
+                "invalid_entry"
+            };
+            self.state = State::Duplicate {
+                id,
+                next,
+                failures: failures + 1,
+                waiting: false,
+            };
+            self.play(vec![before.into(), "duplicate_choice".into()]);
+        }
+    }
+
+    fn on_joined(&mut self, ok: bool) {
+        let State::Joining { id } = self.state else {
+            return;
+        };
+        if !ok {
+            self.state = State::Filing;
+            self.on_file_failed();
+            return;
+        }
+        self.draft = None;
+        self.pending.clear();
+        let mut prompts = vec!["added_to_request".to_owned()];
+        prompts.extend(say::digits_grouped(&id.to_string(), TICKET_DIGIT_GROUP));
+        prompts.push("after_ticket".into());
+        self.state = State::AfterTicket {
+            timeouts: 0,
+            waiting: false,
+        };
+        self.play(prompts);
+    }
+
     // ---- time --------------------------------------------------------------------------------
 
     fn on_play_done(&mut self) {
@@ -1167,6 +1498,25 @@ impl Engine {
                 self.state = State::Done;
                 self.emit(Output::Hangup);
             }
+            State::Notice(Notice::Announcement) => self.end_announcements(),
+            State::Notice(Notice::OpenRequest { id, .. }) => {
+                self.state = State::Notice(Notice::OpenRequest { id, waiting: true });
+                let t = self.defaults().timeout_seconds;
+                self.timer(t);
+            }
+            State::Duplicate {
+                id, next, failures, ..
+            } => {
+                self.state = State::Duplicate {
+                    id,
+                    next,
+                    failures,
+                    waiting: true,
+                };
+                let t = self.defaults().timeout_seconds;
+                self.timer(t);
+            }
+            State::DupCheck { .. } | State::Joining { .. } => {}
             State::Idle
             | State::Record {
                 recording: true, ..
@@ -1215,6 +1565,16 @@ impl Engine {
                 self.finish_collect();
             }
             State::AfterTicket { waiting: true, .. } => self.goodbye(),
+            State::Notice(Notice::OpenRequest { waiting: true, .. }) => {
+                let main = self.main.clone();
+                self.enter_menu(&main, true);
+            }
+            State::Duplicate {
+                id,
+                next,
+                failures,
+                waiting: true,
+            } => self.duplicate_key(id, next, failures, '\0'),
             State::Offer {
                 failures,
                 waiting: true,
@@ -1340,6 +1700,172 @@ menus:
         h(&mut e, Input::PlayDone);
         assert_eq!(e.current_menu(), Some("main"));
         e
+    }
+
+    /// An engine whose calendar reads `wall` now, with one announcement (id 4) from 14:00 to
+    /// 18:00 that adds key 7 (a storm debris ticket) to the main menu.
+    fn with_bulletin(wall: &str) -> Engine {
+        let ts = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let schedules = Arc::new(crate::menu::schedule::Schedules::default());
+        let b = Bulletin {
+            id: 4,
+            starts_at: ts("2026-12-07T14:00:00Z"),
+            ends_at: ts("2026-12-07T18:00:00Z"),
+            entries: vec![bulletin::TempEntry {
+                key: '7',
+                action: TempAction::Ticket(Box::new(TicketAction {
+                    service: "storm_debris".into(),
+                    name: "Storm debris".into(),
+                    description: None,
+                    agency: None,
+                    keywords: vec![],
+                    steps: None,
+                    house_number: false,
+                    duplicates: None,
+                })),
+            }],
+        };
+        engine()
+            .with_calendar(schedules, Instant::now(), ts(wall))
+            .with_bulletins(Arc::new(vec![b]))
+    }
+
+    #[test]
+    fn announcement_plays_after_screening_only_and_pound_skips_it() {
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        assert_eq!(plays(&h(&mut e, Input::Start)), vec!["language_menu"]);
+        // The screening is not delayed by it.
+        assert_eq!(plays(&keys(&mut e, "1")), vec!["screening"]);
+        let out = keys(&mut e, "1");
+        assert_eq!(plays(&out), vec!["announcement_intro", "announcement:4"]);
+        // Digits other than # and 9 neither cut it nor act.
+        assert!(keys(&mut e, "3").is_empty());
+        let out = keys(&mut e, "#");
+        assert_eq!(out[0], Output::StopPlayback);
+        assert_eq!(plays(&out), vec!["main_menu"]);
+        // Its key 7 files a storm debris ticket from the main menu.
+        h(&mut e, Input::PlayDone);
+        let out = keys(&mut e, "7");
+        assert_eq!(plays(&out), vec!["enter_zip"]);
+    }
+
+    #[test]
+    fn nine_during_the_announcement_is_911_and_it_ends_into_the_main_menu() {
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "11");
+        let out = keys(&mut e, "9");
+        assert!(
+            matches!(out.last(), Some(Output::Emergency { .. })),
+            "{out:?}"
+        );
+        let mut e = with_bulletin("2026-12-07T15:00:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "11");
+        assert_eq!(plays(&h(&mut e, Input::PlayDone)), vec!["main_menu"]);
+    }
+
+    #[test]
+    fn an_announcement_outside_its_hours_is_not_heard_and_its_key_is_invalid() {
+        for wall in ["2026-12-07T13:59:59Z", "2026-12-07T18:00:00Z"] {
+            let mut e = with_bulletin(wall);
+            h(&mut e, Input::Start);
+            keys(&mut e, "1");
+            let out = keys(&mut e, "1");
+            assert_eq!(plays(&out), vec!["main_menu"], "{wall}");
+            h(&mut e, Input::PlayDone);
+            assert_eq!(plays(&keys(&mut e, "7"))[0], "invalid_entry", "{wall}");
+        }
+        // An announcement starting while the call is in the menu is not heard at screening's
+        // end if it has not started by then (the engine reads its own clock).
+        let mut e = with_bulletin("2026-12-07T13:59:00Z");
+        h(&mut e, Input::Start);
+        keys(&mut e, "1");
+        let out = after(&mut e, 61.0, Input::Digit('1'));
+        assert_eq!(plays(&out), vec!["announcement_intro", "announcement:4"]);
+    }
+
+    #[test]
+    fn open_request_is_told_after_screening_when_the_menu_asks_and_1_reads_its_status() {
+        let mut f = parse(MENU).unwrap();
+        f.repeat_callers = true;
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        h(
+            &mut e,
+            Input::OpenRequest(Some(OpenRequest {
+                id: 12345678,
+                days_ago: 3,
+            })),
+        );
+        keys(&mut e, "1");
+        let out = keys(&mut e, "1");
+        let p = plays(&out);
+        assert_eq!(p.first().map(String::as_str), Some("open_request"));
+        assert_eq!(
+            p[p.len() - 4..],
+            [
+                "filed_days_ago_pre",
+                "num_3",
+                "filed_days_ago_post",
+                "open_request_status"
+            ]
+        );
+        h(&mut e, Input::PlayDone);
+        let out = keys(&mut e, "1");
+        assert!(out.contains(&Output::LookupTicket(12345678)), "{out:?}");
+        // Off in the menu: nothing is told.
+        let mut e = engine();
+        h(&mut e, Input::Start);
+        h(
+            &mut e,
+            Input::OpenRequest(Some(OpenRequest {
+                id: 12345678,
+                days_ago: 3,
+            })),
+        );
+        keys(&mut e, "1");
+        assert_eq!(plays(&keys(&mut e, "1")), vec!["main_menu"]);
+    }
+
+    #[test]
+    fn duplicate_check_after_the_zip_offers_to_join_or_file_anew() {
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        let out = keys(&mut e, "94103");
+        assert!(out.contains(&Output::FindDuplicate {
+            service_code: "pothole".into(),
+            zipcode: "94103".into(),
+            days: 7,
+        }));
+        let out = h(&mut e, Input::Duplicate(Some(12345678)));
+        assert_eq!(plays(&out)[0], "already_reported");
+        let out = keys(&mut e, "1");
+        assert!(out.contains(&Output::JoinRequest(12345678)));
+        let out = h(&mut e, Input::Joined { ok: true });
+        assert_eq!(plays(&out)[0], "added_to_request");
+        // 2 files anew: the recording step follows.
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        keys(&mut e, "94103");
+        h(&mut e, Input::Duplicate(Some(12345678)));
+        let out = keys(&mut e, "2");
+        assert_eq!(plays(&out), vec!["record_description", "beep"]);
+        // No duplicate (or a failed lookup): on as usual.
+        let mut f = parse(MENU).unwrap();
+        f.duplicates = Some(Duplicates { days: 7 });
+        let mut e = Engine::new(Arc::new(f), "main".into());
+        h(&mut e, Input::Start);
+        keys(&mut e, "1111");
+        keys(&mut e, "94103");
+        let out = h(&mut e, Input::Duplicate(None));
+        assert_eq!(plays(&out), vec!["record_description", "beep"]);
     }
 
     #[test]

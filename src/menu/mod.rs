@@ -4,6 +4,7 @@
 //! timeouts and prompt-done events go in, actions come out. [`say`] turns numbers into the
 //! prompts that read them, per language.
 
+pub mod bulletin;
 pub mod engine;
 pub(crate) mod say;
 pub mod schedule;

@@ -40,6 +40,10 @@
 //!       "5": {emergency: {reason: downed power lines}}
 //! ```
 //!
+//! Top-level options for callers who already filed: `repeat_callers: true` (tell a caller
+//! their open request after screening) and `duplicates: {days: N}` (offer to join an open
+//! request of the same service at the same ZIP code; also per ticket).
+//!
 //! Actions are written as a one-key map (`{goto: streets}`) or, when they take nothing, as a
 //! plain word (`emergency`, `back`, `status`). Semantic checks (dangling menus, unreachable
 //! menus, shadowed emergency key, missing prompts...) live in [`crate::menu::validate`].
@@ -64,6 +68,23 @@ pub struct MenuFile {
     pub schedules: BTreeMap<String, ScheduleSpec>,
     /// Menus by id.
     pub menus: BTreeMap<String, Menu>,
+    /// After screening, tell a caller whose number has an open request its number and age,
+    /// and offer its status (never for a withheld or anonymous number). Default false.
+    #[serde(default)]
+    pub repeat_callers: bool,
+    /// Look for an open request of the same service at the same ZIP code before filing one,
+    /// for every ticket that does not set its own `duplicates`. Default: none (no check).
+    #[serde(default)]
+    pub duplicates: Option<Duplicates>,
+}
+
+/// A duplicate check: a request of the same service at the same ZIP code, open and filed
+/// within the last `days`, is offered to the caller instead of a new one.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Duplicates {
+    /// How far back an open request counts, in days (1 to 365).
+    pub days: u32,
 }
 
 /// Settings every menu inherits unless it sets its own.
@@ -384,6 +405,9 @@ pub struct TicketAction {
     /// instead of `record_description`). Default false.
     #[serde(default)]
     pub house_number: bool,
+    /// This service's duplicate check; default: the file's `duplicates`.
+    #[serde(default)]
+    pub duplicates: Option<Duplicates>,
 }
 
 /// What a ticket asks the caller for before filing. A `steps:` block that names only one of

@@ -58,6 +58,20 @@ pub(crate) const ENGINE_PROMPTS: &[&str] = &[
     "callback_unavailable",
     // Said to callers still in a menu when the server stops (src/call/core.rs).
     "shutdown_goodbye",
+    // Emergency announcements after screening, and their fallback (src/call/core.rs).
+    "announcement_intro",
+    "announcement_fallback",
+    // A repeat caller's open request (`repeat_callers`).
+    "open_request",
+    "filed_today",
+    "filed_yesterday",
+    "filed_days_ago_pre",
+    "filed_days_ago_post",
+    "open_request_status",
+    // Duplicate reports (`duplicates`).
+    "already_reported",
+    "duplicate_choice",
+    "added_to_request",
 ];
 
 /// Every prompt the engine may play whatever the menus say: they must exist in every language
@@ -624,11 +638,36 @@ impl<'a> Checker<'a> {
         self.menus();
         self.actions(&sites);
         self.services(&sites);
+        self.duplicates(&sites);
         self.engine_prompts();
         self.safety(&sites);
         let main = self.main_menu();
         self.reachability(&sites, main.as_deref());
         main
+    }
+
+    /// Duplicate checks look back 1 to 365 days.
+    fn duplicates(&mut self, sites: &[Site<'a>]) {
+        const RANGE: std::ops::RangeInclusive<u32> = 1..=365;
+        if let Some(d) = self.f.duplicates {
+            if !RANGE.contains(&d.days) {
+                self.at_value(
+                    &["duplicates", "days"],
+                    format!("duplicates.days must be 1 to 365, not {}", d.days),
+                );
+            }
+        }
+        for site in sites {
+            if let Action::Ticket(t) = site.action {
+                if let Some(d) = t.duplicates.filter(|d| !RANGE.contains(&d.days)) {
+                    let path = join(&site.path, &["ticket", "duplicates", "days"]);
+                    self.at_value(
+                        &path,
+                        format!("duplicates.days must be 1 to 365, not {}", d.days),
+                    );
+                }
+            }
+        }
     }
 
     /// Every action of the file, and each branch of a `when` as an action of the same place
@@ -1798,6 +1837,21 @@ menus:
             names.insert("record_street".into());
         }
         assert!(check_text(Path::new("t.yaml"), &text, &with).is_ok());
+    }
+
+    #[test]
+    fn duplicate_windows_out_of_range_are_located() {
+        let text = format!("{GOOD}repeat_callers: true\nduplicates: {{days: 0}}\n").replace(
+            "{service: pothole, name: Pothole}",
+            "{service: pothole, name: Pothole, duplicates: {days: 400}}",
+        );
+        let p = check(&text).unwrap_err();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().all(|p| p.message.contains("1 to 365")), "{p:?}");
+        let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+        assert!(lines.contains(&20) && lines.contains(&24), "{p:?}");
+        let ok = format!("{GOOD}repeat_callers: true\nduplicates: {{days: 7}}\n");
+        assert!(check(&ok).is_ok());
     }
 
     #[test]
