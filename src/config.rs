@@ -92,6 +92,9 @@ pub struct FileConfig {
     /// The feature codes supervisors dial to listen, whisper or barge (see
     /// [`crate::call::monitor`]).
     pub monitor: MonitorConfig,
+    /// Speech of dynamic text with espeak-ng: voices per language, the cache (see
+    /// [`crate::media::tts`]).
+    pub speech: crate::media::tts::SpeechConfig,
 }
 
 impl FileConfig {

@@ -218,6 +218,7 @@ fn check_config(path: &std::path::Path) -> Option<FileConfig> {
         ivr311::call::dialplan::check_transfers(&file.transfers, &file.agents, &file.queues)
             .err()
             .map(|e| e.to_string()),
+        file.speech.zone().err().map(|e| e.to_string()),
     ]
     .into_iter()
     .flatten()

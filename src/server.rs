@@ -445,6 +445,7 @@ pub async fn start_with_clock(
                 .filter_map(|q| Some((q.name.clone(), q.record_announcement.clone()?)))
                 .collect(),
         ),
+        speech: crate::media::tts::Speech::start(&file.speech),
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
     tracker.spawn(crate::media::call_record::retention(

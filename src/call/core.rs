@@ -140,6 +140,9 @@ pub(crate) enum Input {
     LegMediaFailed(String),
     /// A result for the menu: a ticket filed or not, a status looked up.
     Engine(engine::Input),
+    /// Text rendered for the menu's spoken placeholders (`@notes`, `@filed`), sent before
+    /// the [`engine::Input::Status`] that plays them.
+    Spoken(Vec<(String, Arc<Prompt>)>),
     /// The 911 audit row is durable (its id), or could not be written.
     Audited(Option<i64>),
     /// Whether one of the number's daily call-backs was taken (`None`: the count could not be
@@ -290,7 +293,11 @@ pub(crate) enum Action {
         report: bool,
     },
     /// Look a ticket up for the menu.
-    LookupTicket(u64),
+    LookupTicket {
+        id: u64,
+        /// The caller's language, for what is spoken about it.
+        language: String,
+    },
     /// Write the 911 audit row; [`Input::Audited`] follows.
     AuditStart(Box<EmergencyAudit>),
     /// Record the 911 outcome on the audit row.
@@ -490,6 +497,9 @@ pub(crate) struct CallCore {
     /// The caller's queue entry id (the registry's id for the call).
     caller_id: CallerId,
     engine: Engine,
+    /// Text spoken for this call (the looked-up request's notes and date), by the engine's
+    /// placeholder names (`@notes`, `@filed`); replaced by each lookup.
+    spoken: Vec<(String, Arc<Prompt>)>,
     media: CallerMedia,
     /// Our SDP's version on the caller's dialog.
     version: u64,
@@ -586,6 +596,7 @@ impl CallCore {
             version: 1,
             answer_in_ack: false,
             playing: false,
+            spoken: Vec::new(),
             recording: Recording::Off,
             phase: Phase::Menu,
             timers,
@@ -756,6 +767,7 @@ impl CallCore {
                 self.operator_step(now, step);
             }
             Input::Engine(i) => self.inputs.push_back(i),
+            Input::Spoken(v) => self.spoken = v,
             Input::Audited(id) => {
                 if let Some(e) = emergency_in(&mut self.phase) {
                     e.audited(now, id, &mut self.legs);
@@ -1006,6 +1018,13 @@ impl CallCore {
         names
             .iter()
             .filter_map(|n| {
+                if n.starts_with(crate::menu::say::SPOKEN) {
+                    // Speech that could not be rendered is left out: the recorded words
+                    // around it are said (the failure was logged where it happened).
+                    return (self.spoken.iter())
+                        .find(|(k, _)| k == n)
+                        .map(|(_, p)| p.clone());
+                }
                 let p = (self.menu.prompts.get(lang, n))
                     .or_else(|| self.menu.prompts.get(&self.config.default_language, n));
                 if p.is_none() {
@@ -1243,7 +1262,9 @@ impl CallCore {
             }
             Output::LookupTicket(id) => {
                 self.outcome.get_or_insert("info");
-                self.actions.push_back(Action::LookupTicket(id));
+                let language = self.engine.language().to_owned();
+                self.actions
+                    .push_back(Action::LookupTicket { id, language });
             }
             Output::Emergency { reason, menu_path } => {
                 self.outcome = Some("emergency");
