@@ -1011,6 +1011,11 @@ impl CallCore {
 
     // ---- media -------------------------------------------------------------------------
 
+    /// The line the caller dialled (its configured number, or `default`).
+    pub(crate) fn line(&self) -> &str {
+        &self.meta.line
+    }
+
     /// The prompts `names`, in the caller's language (else the default one); a missing one is
     /// skipped (and logged).
     fn prompts(&self, names: &[&str]) -> Vec<Arc<Prompt>> {
@@ -2966,6 +2971,7 @@ mod tests {
                 caller: identity.number().to_owned(),
                 identity,
                 dialled: "311".into(),
+                line: "default".into(),
                 // A Monday at 10:00 in New York: the shipped menu's call centre is open.
                 answered_at: "2026-12-07T15:00:00Z".parse().unwrap(),
             };

@@ -470,11 +470,11 @@ pub(crate) async fn run_call(
         session_id,
         registry_id,
         arrived,
+        menu,
     } = setup;
     let IncomingCall {
         handle, mut events, ..
     } = call;
-    let menu = ctx.menu.get();
     let caller_media = CallerMedia {
         local: local_media,
         session_id,
@@ -1190,10 +1190,17 @@ impl Driver {
         let m = &self.ctx.metrics;
         let st = core.menu_stats();
         let outcome = core.outcome();
+        let line = core.line();
         m.add(
             "ivr311_calls_total",
             "Finished calls by outcome.",
             &[("outcome", outcome)],
+            1,
+        );
+        m.add(
+            "ivr311_line_calls_total",
+            "Finished calls by line dialled (`default`: --menu) and outcome.",
+            &[("line", line), ("outcome", outcome)],
             1,
         );
         let reason = format!("{reason:?}");
@@ -1206,24 +1213,24 @@ impl Driver {
         for menu in &st.menus {
             m.add(
                 "ivr311_menu_visits_total",
-                "Times callers entered each menu.",
-                &[("menu", menu)],
+                "Times callers entered each menu, by line.",
+                &[("line", line), ("menu", menu)],
                 1,
             );
         }
         for (menu, n) in &st.invalid {
             m.add(
                 "ivr311_dtmf_invalid_total",
-                "Invalid keys pressed, by menu.",
-                &[("menu", menu)],
+                "Invalid keys pressed, by line and menu.",
+                &[("line", line), ("menu", menu)],
                 *n as u64,
             );
         }
         for (menu, n) in &st.timeouts {
             m.add(
                 "ivr311_dtmf_timeouts_total",
-                "Silent waits for a key, by menu.",
-                &[("menu", menu)],
+                "Silent waits for a key, by line and menu.",
+                &[("line", line), ("menu", menu)],
                 *n as u64,
             );
         }
