@@ -16,11 +16,12 @@
 //!
 //! # One thread, bounded queue, timeout
 //!
-//! espeak-ng keeps global state and is not thread-safe, and synthesis is CPU work (tens of
-//! milliseconds per sentence): it runs on ONE dedicated OS thread, never on a call's task or the
-//! media clock. [`Speech::render`] puts the job on a bounded queue (`speech.queue`; full: `None`
-//! at once) and awaits the answer for at most `speech.timeout_ms`; a late answer still fills
-//! the cache. Synthesis uses `AUDIO_OUTPUT_SYNCHRONOUS` with a callback that collects the
+//! espeak-ng keeps process-wide state and is not thread-safe, and synthesis is CPU work (tens
+//! of milliseconds per sentence): it runs on ONE dedicated OS thread per process (shared by
+//! every server the process runs, as the tests do), never on a call's task or the media clock.
+//! [`Speech::render`] puts the job on that thread's queue, at most `speech.queue` of a server's
+//! at once (more: `None` at once), and awaits the answer for at most `speech.timeout_ms`; a late
+//! answer still fills the cache, and a job whose caller gave up is skipped. Synthesis uses `AUDIO_OUTPUT_SYNCHRONOUS` with a callback that collects the
 //! samples; the text is plain UTF-8 (no SSML, no phoneme input), cut to `speech.max_chars`, and
 //! the audio to [`MAX_SECONDS`].
 //!
@@ -31,7 +32,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -297,10 +299,56 @@ impl Drop for Engine {
 
 /// One text to render, and where the answer goes.
 struct Job {
+    library: Arc<PathBuf>,
     lang: String,
     voice: String,
     text: String,
+    cache: Arc<Mutex<Cache>>,
     reply: oneshot::Sender<Option<Arc<Prompt>>>,
+    /// Holds the server's place in the queue until the job is done or dropped.
+    _place: Place,
+}
+
+/// What the speech thread is asked.
+enum Msg {
+    /// Open this library now (at a server's start), so that its failure is logged then.
+    Load(Arc<PathBuf>),
+    Render(Job),
+}
+
+/// One of a server's `speech.queue` places; given back when dropped.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Jobs the process's speech thread holds at most, across every server in the process (each
+/// also keeps to its own `speech.queue`).
+const PROCESS_QUEUE: usize = 1024;
+
+/// The process's one speech thread (espeak-ng has process-wide state, so every server of a
+/// process, as in the tests, shares it), started on first use; `None` if it cannot be started.
+/// It lives as long as the process: it holds no resource but the library and its queue.
+fn service() -> Option<&'static std::sync::mpsc::SyncSender<Msg>> {
+    static SERVICE: OnceLock<Option<std::sync::mpsc::SyncSender<Msg>>> = OnceLock::new();
+    SERVICE
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(PROCESS_QUEUE);
+            match std::thread::Builder::new()
+                .name("ivr311-speech".into())
+                .spawn(move || speech_thread(rx))
+            {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "speech thread not started; recorded words only");
+                    None
+                }
+            }
+        })
+        .as_ref()
 }
 
 /// Speech for the whole server: cheap to clone, shared by every call.
@@ -318,7 +366,12 @@ impl std::fmt::Debug for Speech {
 }
 
 struct Inner {
-    tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    /// The process's speech thread, when speech is on.
+    tx: Option<&'static std::sync::mpsc::SyncSender<Msg>>,
+    library: Arc<PathBuf>,
+    /// Jobs of this server queued or in synthesis, at most `queue`.
+    in_flight: Arc<AtomicUsize>,
+    queue: usize,
     voices: BTreeMap<String, String>,
     timeout: Duration,
     max_chars: usize,
@@ -327,28 +380,22 @@ struct Inner {
 }
 
 impl Speech {
-    /// Starts the speech thread (which opens the library); without one (`enabled: false`, or a
-    /// thread that cannot be started), every render answers `None`. A library that cannot be
-    /// loaded is logged once, by the thread, which then ends: renders answer `None`.
+    /// Speech for one server: the library is opened on the speech thread now (a failure is
+    /// logged once, and every render then answers `None`). With `enabled: false` or no voices
+    /// every render answers `None`.
     pub fn start(config: &SpeechConfig) -> Speech {
         let cache = Arc::new(Mutex::new(Cache::new(config.cache_entries)));
         let zone = config.zone().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "dates are said in UTC");
             jiff::tz::TimeZone::UTC
         });
+        let library = Arc::new(config.library.clone());
         let tx = if config.enabled && !config.voices.is_empty() {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.queue.max(1));
-            let (library, cache2) = (config.library.clone(), cache.clone());
-            let spawned = std::thread::Builder::new()
-                .name("ivr311-speech".into())
-                .spawn(move || speech_thread(&library, rx, &cache2));
-            match spawned {
-                Ok(_) => Some(tx),
-                Err(e) => {
-                    tracing::warn!(error = %e, "speech thread not started; recorded words only");
-                    None
-                }
+            let tx = service();
+            if let Some(tx) = tx {
+                let _ = tx.try_send(Msg::Load(library.clone()));
             }
+            tx
         } else {
             tracing::info!("speech off; recorded words only");
             None
@@ -356,6 +403,9 @@ impl Speech {
         Speech {
             inner: Arc::new(Inner {
                 tx,
+                library,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                queue: config.queue.max(1),
                 voices: config.voices.clone(),
                 timeout: Duration::from_millis(config.timeout_ms),
                 max_chars: config.max_chars,
@@ -403,16 +453,25 @@ impl Speech {
             if let Some(p) = inner.cache.lock().ok()?.get(&key) {
                 return Some(p);
             }
-            let tx = inner.tx.as_ref()?;
-            let (reply, answer) = oneshot::channel();
+            let tx = inner.tx?;
             let chars = text.chars().count();
+            if inner.in_flight.fetch_add(1, Ordering::Relaxed) >= inner.queue {
+                inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(chars, "speech queue full; saying recorded words instead");
+                return None;
+            }
+            let place = Place(inner.in_flight.clone());
+            let (reply, answer) = oneshot::channel();
             let job = Job {
+                library: inner.library.clone(),
                 lang,
                 voice,
                 text,
+                cache: inner.cache.clone(),
                 reply,
+                _place: place,
             };
-            if let Err(e) = tx.try_send(job) {
+            if let Err(e) = tx.try_send(Msg::Render(job)) {
                 match e {
                     std::sync::mpsc::TrySendError::Full(_) => {
                         tracing::warn!(chars, "speech queue full; saying recorded words instead")
@@ -470,25 +529,40 @@ fn clean(text: &str, max: usize) -> String {
     out
 }
 
-fn speech_thread(
-    library: &std::path::Path,
-    rx: std::sync::mpsc::Receiver<Job>,
-    cache: &Mutex<Cache>,
-) {
-    let mut engine = match Engine::load(library) {
-        Ok(e) => {
-            tracing::info!(library = %library.display(), rate = e.rate, "espeak-ng loaded; dynamic text is spoken");
-            e
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "speech unavailable; dynamic text falls back to recorded words");
-            return;
-        }
-    };
-    while let Ok(job) = rx.recv() {
+/// The speech thread: opens each library asked for once (remembering a failure, logged once),
+/// and renders jobs one at a time.
+fn speech_thread(rx: std::sync::mpsc::Receiver<Msg>) {
+    let mut engines: HashMap<PathBuf, Option<Engine>> = HashMap::new();
+    fn open<'a>(
+        engines: &'a mut HashMap<PathBuf, Option<Engine>>,
+        library: &std::path::Path,
+    ) -> Option<&'a mut Engine> {
+        let e = engines.entry(library.to_owned()).or_insert_with(|| match Engine::load(library) {
+            Ok(e) => {
+                tracing::info!(library = %library.display(), rate = e.rate, "espeak-ng loaded; dynamic text is spoken");
+                Some(e)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "speech unavailable; dynamic text falls back to recorded words");
+                None
+            }
+        });
+        e.as_mut()
+    }
+    while let Ok(msg) = rx.recv() {
+        let job = match msg {
+            Msg::Load(library) => {
+                open(&mut engines, &library);
+                continue;
+            }
+            Msg::Render(job) => job,
+        };
         if job.reply.is_closed() {
             continue;
         }
+        let Some(engine) = open(&mut engines, &job.library) else {
+            continue;
+        };
         let chars = job.text.chars().count();
         let started = std::time::Instant::now();
         let rendered = engine
@@ -504,7 +578,7 @@ fn speech_thread(
                     "text spoken"
                 );
                 let p = Arc::new(p);
-                if let Ok(mut c) = cache.lock() {
+                if let Ok(mut c) = job.cache.lock() {
                     c.put((job.lang, job.text), p.clone());
                 }
                 Some(p)
