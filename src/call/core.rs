@@ -3169,6 +3169,33 @@ mod tests {
     }
 
     #[test]
+    fn a_looked_up_request_plays_the_speech_rendered_for_it_and_skips_what_was_not() {
+        let (mut c, _) = Call::verified();
+        c.keys("11");
+        c.keys("6");
+        let out = c.keys("12345678");
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::LookupTicket { id: 12345678, language } if language == "en"
+        )));
+        let notes = Arc::new(Prompt::from_samples("spoken-notes", &[3000; 1600], 8000).unwrap());
+        c.input(Input::Spoken(vec![("@notes".into(), notes)]));
+        // The date was not rendered (speech failed or timed out): it is left out.
+        let out = c.input(Input::Engine(engine::Input::Status(
+            engine::StatusResult::Found {
+                open: true,
+                days_since_update: 0,
+                filed: true,
+                notes: true,
+            },
+        )));
+        assert_eq!(
+            prompts(&out),
+            ["ticket_status_open", "updated_today", "spoken-notes"]
+        );
+    }
+
+    #[test]
     fn the_menu_starts_and_the_registry_shows_where_the_caller_is() {
         let (mut c, out) = Call::verified();
         assert!(!prompts(&out).is_empty(), "the language menu plays");
