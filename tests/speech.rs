@@ -189,3 +189,25 @@ async fn without_the_library_the_recorded_status_is_said() {
     );
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_render_past_its_time_limit_answers_none_and_its_late_result_is_cached() {
+    let speech = Speech::start(&SpeechConfig {
+        timeout_ms: 1,
+        ..SpeechConfig::default()
+    });
+    let text = "Crews are clearing storm debris on every street of the fourth district this week.";
+    assert!(
+        speech.render("en", text).await.is_none(),
+        "synthesis takes longer than a millisecond"
+    );
+    // A synthesis already under way when its caller gave up still fills the cache: asked
+    // again, the text is soon answered from it.
+    let p = until(
+        "the late result cached",
+        Duration::from_secs(10),
+        async || speech.render("en", text).await,
+    )
+    .await;
+    assert!(p.pcm().len() > 8000, "{} samples", p.pcm().len());
+}
