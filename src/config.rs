@@ -96,6 +96,14 @@ pub struct FileConfig {
     /// The feature codes supervisors dial to listen, whisper or barge (see
     /// [`crate::call::monitor`]).
     pub monitor: MonitorConfig,
+    /// Speech of dynamic text with espeak-ng: voices per language, the cache (see
+    /// [`crate::media::tts`]).
+    pub speech: crate::media::tts::SpeechConfig,
+    /// Numbers answered with menus of their own; every other number gets `--menu` (see
+    /// [`crate::call::lines`]).
+    pub lines: Vec<crate::call::lines::LineConfig>,
+    /// How the lines' numbers are matched in E.164 and national forms.
+    pub numbering: crate::call::lines::NumberingConfig,
 }
 
 impl FileConfig {

@@ -29,6 +29,7 @@
 //! | [`media::speech`] | the seam for speaking text (announcements): a `Speech` trait, `NoSpeech` without synthesis |
 //! | [`media::bridge`], [`media::record`] | relaying RTP between legs; recording callers (hound) |
 //! | [`media::mix`] | mixing a monitored bridge's three parties (listen, whisper, barge), sans-IO |
+//! | [`media::tts`] | speech of dynamic text (status notes, dates): espeak-ng loaded at run time, on one thread, resampled to 8 kHz, cached |
 //! | [`media::webrtc`] | a browser leg, sans-IO: ICE-lite, DTLS-SRTP and SRTP (webrtc-rs `rtc-dtls`, `rtc-srtp`, `rtc-stun`), driven by the media clock |
 //! | [`menu::schema`], [`menu::validate`] | the menu YAML admins edit, and `ivr311 check` |
 //! | [`menu::engine`] | the sans-IO menu walk: keys, timeouts, prompts in; actions out |
@@ -43,6 +44,7 @@
 //! | [`dispatch::numbers`] | which numbers call-backs may dial (E.164, NANP, dial-plan patterns) |
 //! | [`dispatch::queue`] | operator queues, sans-IO, with a small tokio driver |
 //! | [`call`] | accepting calls; each call a sans-IO core (menu, queue, operator leg, the 911 redirect) driven by a thin task; call-backs |
+//! | [`call::lines`] | several lines on one server: the dialled number (P-Called-Party-ID, Diversion, Request-URI, To) chooses the menu |
 //! | [`api`] | HTTP (axum on hyper, with timeouts and a connection cap): `/health`, `/health/ready`, Open311 GeoReport v2, admin API, `/metrics`, SIP over WebSocket (`/sip`), the embedded JsSIP, the operator console (`/console`), the supervisor's wallboard (`/supervisor`, `api::supervisor`) |
 //! | [`history`] | call history that lasts (calls, operators' states, queue events), written off the call's path; the reports' formulas |
 //! | [`privacy`] | retention of callers' data (`retention:`, a daily audited pass) and residents' export and erasure requests |

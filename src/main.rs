@@ -23,8 +23,8 @@ struct Cli {
 enum Command {
     /// Answer calls (the default command).
     Serve(ServeArgs),
-    /// Check a menu file (and with `--config`, the settings file): exit 0, or print
-    /// `path:line:col: message` lines and exit 1. Settings that work but leave the line open
+    /// Check a menu file (and with `--config`, the settings file and every line's menu): exit
+    /// 0, or print `path:line:col: message` lines and exit 1. Settings that work but leave the line open
     /// to abuse are printed as `path: warning: ...` lines.
     Check {
         #[arg(long, env = "IVR311_MENU", default_value = "menus/311.yaml")]
@@ -122,26 +122,27 @@ fn main() -> ExitCode {
             config,
         } => {
             let settings = config.as_deref().map(check_config);
-            if settings.as_ref().is_some_and(Option::is_none) {
+            let Some(settings) = settings else {
+                return check_menu(&menu, &prompts);
+            };
+            let Some(settings) = settings else {
                 return ExitCode::FAILURE;
+            };
+            // The default line's menu, then each other line's menu file once.
+            let mut menus = vec![menu];
+            for l in &settings.lines {
+                if !menus.contains(&l.menu) {
+                    menus.push(l.menu.clone());
+                }
             }
-            match ivr311::server::load_menu(&menu, &prompts) {
-                Ok(m) => {
-                    println!(
-                        "{}: ok ({} menus, languages {})",
-                        menu.display(),
-                        m.file.menus.len(),
-                        m.file.languages.join(", ")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    println!("{e}");
-                    for h in hints(&anyhow::Error::new(e), &menu, &prompts, None) {
-                        eprintln!("hint: {h}");
-                    }
-                    ExitCode::FAILURE
-                }
+            let failed = (menus.iter())
+                .map(|m| check_menu(m, &prompts))
+                .filter(|c| *c != ExitCode::SUCCESS)
+                .count();
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Serve(args) => {
@@ -249,6 +250,28 @@ impl Drop for EchoOff {
     }
 }
 
+/// `check`: one menu file against the prompts, its problems printed.
+fn check_menu(menu: &std::path::Path, prompts: &std::path::Path) -> ExitCode {
+    match ivr311::server::load_menu(menu, prompts) {
+        Ok(m) => {
+            println!(
+                "{}: ok ({} menus, languages {})",
+                menu.display(),
+                m.file.menus.len(),
+                m.file.languages.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            for h in hints(&anyhow::Error::new(e), menu, prompts, None) {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `check --config`: the file parses and its sections are usable (else their problems are
 /// printed and `None` returned); its warnings are printed.
 fn check_config(path: &std::path::Path) -> Option<FileConfig> {
@@ -265,6 +288,7 @@ fn check_config(path: &std::path::Path) -> Option<FileConfig> {
         ivr311::call::dialplan::check_transfers(&file.transfers, &file.agents, &file.queues)
             .err()
             .map(|e| e.to_string()),
+        file.speech.zone().err().map(|e| e.to_string()),
     ]
     .into_iter()
     .flatten()

@@ -5,8 +5,8 @@
 //! run exactly what operators run (on port 0).
 
 use crate::api::{self, ApiState};
+use crate::call::MenuLoadError;
 use crate::call::{self, CallContext, CallRegistry, MenuHolder};
-use crate::call::{load_active_menu, MenuLoadError};
 use crate::config::{FileConfig, ServeArgs};
 use crate::dispatch::queue::{spawn_dispatcher_with_history, Dispatcher, QueueHandle};
 use crate::dispatch::tickets::{StoreError, TicketStore};
@@ -185,7 +185,14 @@ pub async fn start_with_clock(
         warn!("config: {w}");
     }
     let (m, p) = (args.menu.clone(), args.prompts.clone());
-    let menu = tokio::task::spawn_blocking(move || load_active_menu(&m, &p)).await??;
+    let (lines, numbering) = (file.lines.clone(), file.numbering.clone());
+    let menu_holder = Arc::new(
+        tokio::task::spawn_blocking(move || MenuHolder::load(&m, &p, &lines, &numbering)).await??,
+    );
+    let menu = menu_holder.get();
+    for (path, m) in menu_holder.menus().iter().skip(1) {
+        info!(menu = %path.display(), menus = m.file.menus.len(), "line menu loaded");
+    }
     info!(
         menu = %args.menu.display(),
         menus = menu.file.menus.len(),
@@ -360,11 +367,6 @@ pub async fn start_with_clock(
     )
     .map_err(StartError::MediaClock)?;
     let closing = CancellationToken::new();
-    let menu_holder = Arc::new(MenuHolder::new(
-        menu,
-        args.menu.clone(),
-        args.prompts.clone(),
-    ));
     let callbacks = queues.as_ref().and_then(|q| {
         crate::call::callback::Callbacks::new(
             &file.callback,
@@ -385,9 +387,10 @@ pub async fn start_with_clock(
             },
         )
     });
+    let speech = crate::media::tts::Speech::start(&file.speech);
     let announcements = Arc::new(crate::dispatch::announcements::Board::new(
         tickets.pool().clone(),
-        Arc::new(crate::media::speech::NoSpeech),
+        Arc::new(speech.clone()),
         wall_clock,
     ));
     if let Err(e) = announcements.refresh().await {
@@ -455,6 +458,7 @@ pub async fn start_with_clock(
                 .filter_map(|q| Some((q.name.clone(), q.record_announcement.clone()?)))
                 .collect(),
         ),
+        speech,
     };
     let monitors = crate::call::monitor::Monitors::new(ctx.clone(), cancel.clone());
     tracker.spawn(crate::privacy::retention::run(

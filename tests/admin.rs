@@ -254,9 +254,9 @@ async fn metrics_count_outcomes_menus_and_emergencies() {
     for line in [
         "ivr311_calls_total{outcome=\"emergency\"} 1",
         "ivr311_calls_total{outcome=\"info\"} 1",
-        "ivr311_menu_visits_total{menu=\"screening\"} 2",
-        "ivr311_menu_visits_total{menu=\"trash\"} 1",
-        "ivr311_dtmf_invalid_total{menu=\"trash\"} 1",
+        "ivr311_menu_visits_total{line=\"default\",menu=\"screening\"} 2",
+        "ivr311_menu_visits_total{line=\"default\",menu=\"trash\"} 1",
+        "ivr311_dtmf_invalid_total{line=\"default\",menu=\"trash\"} 1",
         "ivr311_emergency_redirects_total{method=\"announce\",outcome=\"caller hung up\"} 1",
         "ivr311_live_calls 0",
     ] {

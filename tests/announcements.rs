@@ -355,7 +355,10 @@ async fn survives_a_restart_lists_its_service_while_active_and_ends_on_time_or_w
 
 #[tokio::test]
 async fn refused_keys_times_languages_and_text_that_cannot_be_spoken() {
-    let srv = start_server(FileConfig::default()).await;
+    // Without speech, text alone cannot be heard (tests/speech.rs has it spoken).
+    let mut file = FileConfig::default();
+    file.speech.enabled = false;
+    let srv = start_server(file).await;
     let base = announcement("2026-12-07T14:00:00Z", "2026-12-08T02:00:00Z");
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v = base.clone();

@@ -333,3 +333,51 @@ fn check_config_refuses_a_transfers_list_that_cannot_work_and_says_where() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn check_config_checks_every_lines_menu() {
+    let dir = std::env::temp_dir().join(format!("ivr311-lines-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        "lines:\n  - {number: \"311\", menu: menus/311.yaml}\n  - {number: \"3115550199\", menu: menus/spanish-direct.yaml}\n",
+    )
+    .unwrap();
+    let out = ivr311(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("menus/311.yaml: ok"), "{text}");
+    assert!(text.contains("menus/spanish-direct.yaml: ok"), "{text}");
+
+    // A line's broken menu fails the check with its path:line:col, the others still checked.
+    let broken = dir.join("broken.yaml");
+    let good = std::fs::read_to_string(common::repo().join("menus/spanish-direct.yaml")).unwrap();
+    std::fs::write(
+        &broken,
+        good.replacen("{goto: streets}", "{goto: streetz}", 1),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "lines:\n  - {{number: \"3115550199\", menu: {}}}\n",
+            broken.display()
+        ),
+    )
+    .unwrap();
+    let out = ivr311(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("menus/311.yaml: ok"), "{text}");
+    let line = (text.lines())
+        .find(|l| l.contains("streetz"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let rest = line
+        .strip_prefix(&format!("{}:", broken.display()))
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut parts = rest.splitn(3, ':');
+    assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+    assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -949,12 +949,8 @@ fn is_location_field(field: &str) -> bool {
 /// `address_id`, or one of the service's location attributes (`attribute[zipcode]`, which the
 /// phone asks every caller for). The ZIP code is therefore needed only when nothing else says
 /// where the problem is.
-#[cfg(test)]
-fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
-    new_ticket_with(file, &[], params)
-}
-
-/// [`new_ticket`], also taking the temporary services of the announcements active now.
+///
+/// `temporary`: the services of the announcements active now, taken as the menu's own.
 fn new_ticket_with(
     file: &MenuFile,
     temporary: &[Service],
@@ -1075,6 +1071,12 @@ fn new_ticket_with(
         callback_requested: false,
         agent_id: None,
     })
+}
+
+/// [`new_ticket_with`] without temporary services.
+#[cfg(test)]
+fn new_ticket(file: &MenuFile, params: &Params) -> Result<NewTicket, ApiError> {
+    new_ticket_with(file, &[], params)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ pub(crate) enum Input {
     LegMediaFailed(String),
     /// A result for the menu: a ticket filed or not, a status looked up.
     Engine(engine::Input),
+    /// Text rendered for the menu's spoken placeholders (`@notes`, `@filed`), sent before
+    /// the [`engine::Input::Status`] that plays them.
+    Spoken(Vec<(String, Arc<Prompt>)>),
     /// The 911 audit row is durable (its id), or could not be written.
     Audited(Option<i64>),
     /// Whether one of the number's daily call-backs was taken (`None`: the count could not be
@@ -289,8 +292,6 @@ pub(crate) enum Action {
         ticket: Box<NewTicket>,
         report: bool,
     },
-    /// Look a ticket up for the menu.
-    LookupTicket(u64),
     /// Look for a duplicate of a request being filed; `engine::Input::Duplicate` follows.
     FindDuplicate {
         service_code: String,
@@ -299,6 +300,12 @@ pub(crate) enum Action {
     },
     /// Add the caller to a request; `engine::Input::Joined` follows.
     JoinRequest(u64),
+    /// Look a ticket up for the menu.
+    LookupTicket {
+        id: u64,
+        /// The caller's language, for what is spoken about it.
+        language: String,
+    },
     /// Write the 911 audit row; [`Input::Audited`] follows.
     AuditStart(Box<EmergencyAudit>),
     /// Record the 911 outcome on the audit row.
@@ -498,6 +505,9 @@ pub(crate) struct CallCore {
     /// The caller's queue entry id (the registry's id for the call).
     caller_id: CallerId,
     engine: Engine,
+    /// Text spoken for this call (the looked-up request's notes and date), by the engine's
+    /// placeholder names (`@notes`, `@filed`); replaced by each lookup.
+    spoken: Vec<(String, Arc<Prompt>)>,
     media: CallerMedia,
     /// Our SDP's version on the caller's dialog.
     version: u64,
@@ -596,6 +606,7 @@ impl CallCore {
             version: 1,
             answer_in_ack: false,
             playing: false,
+            spoken: Vec::new(),
             recording: Recording::Off,
             phase: Phase::Menu,
             timers,
@@ -767,6 +778,7 @@ impl CallCore {
                 self.operator_step(now, step);
             }
             Input::Engine(i) => self.inputs.push_back(i),
+            Input::Spoken(v) => self.spoken = v,
             Input::Audited(id) => {
                 if let Some(e) = emergency_in(&mut self.phase) {
                     e.audited(now, id, &mut self.legs);
@@ -1010,6 +1022,11 @@ impl CallCore {
 
     // ---- media -------------------------------------------------------------------------
 
+    /// The line the caller dialled (its configured number, or `default`).
+    pub(crate) fn line(&self) -> &str {
+        &self.meta.line
+    }
+
     /// The prompts `names`, in the caller's language (else the default one); a missing one is
     /// skipped (and logged).
     fn prompts(&self, names: &[&str]) -> Vec<Arc<Prompt>> {
@@ -1019,6 +1036,13 @@ impl CallCore {
             .filter_map(|n| {
                 if n.starts_with(crate::menu::bulletin::PROMPT_PREFIX) {
                     return self.announcement_prompt(lang, n);
+                }
+                if n.starts_with(crate::menu::say::SPOKEN) {
+                    // Speech that could not be rendered is left out: the recorded words
+                    // around it are said (the failure was logged where it happened).
+                    return (self.spoken.iter())
+                        .find(|(k, _)| k == n)
+                        .map(|(_, p)| p.clone());
                 }
                 let p = (self.menu.prompts.get(lang, n))
                     .or_else(|| self.menu.prompts.get(&self.config.default_language, n));
@@ -1283,7 +1307,9 @@ impl CallCore {
             }
             Output::LookupTicket(id) => {
                 self.outcome.get_or_insert("info");
-                self.actions.push_back(Action::LookupTicket(id));
+                let language = self.engine.language().to_owned();
+                self.actions
+                    .push_back(Action::LookupTicket { id, language });
             }
             Output::Emergency { reason, menu_path } => {
                 self.outcome = Some("emergency");
@@ -3011,6 +3037,7 @@ mod tests {
                 caller: identity.number().to_owned(),
                 identity,
                 dialled: "311".into(),
+                line: "default".into(),
                 // A Monday at 10:00 in New York: the shipped menu's call centre is open.
                 answered_at: "2026-12-07T15:00:00Z".parse().unwrap(),
             };
@@ -3205,6 +3232,33 @@ mod tests {
         LegEvent::Answered {
             sdp: Bytes::from_static(b"v=0\r\no=op 1 1 IN IP4 198.51.100.9\r\ns=-\r\nc=IN IP4 198.51.100.9\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n"),
         }
+    }
+
+    #[test]
+    fn a_looked_up_request_plays_the_speech_rendered_for_it_and_skips_what_was_not() {
+        let (mut c, _) = Call::verified();
+        c.keys("11");
+        c.keys("6");
+        let out = c.keys("12345678");
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::LookupTicket { id: 12345678, language } if language == "en"
+        )));
+        let notes = Arc::new(Prompt::from_samples("spoken-notes", &[3000; 1600], 8000).unwrap());
+        c.input(Input::Spoken(vec![("@notes".into(), notes)]));
+        // The date was not rendered (speech failed or timed out): it is left out.
+        let out = c.input(Input::Engine(engine::Input::Status(
+            engine::StatusResult::Found {
+                open: true,
+                days_since_update: 0,
+                filed: true,
+                notes: true,
+            },
+        )));
+        assert_eq!(
+            prompts(&out),
+            ["ticket_status_open", "updated_today", "spoken-notes"]
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ use crate::media::sdp::Negotiated;
 use crate::media::session::MediaStats;
 use crate::media::webrtc::{DtlsIdentity, WebRtcLeg};
 use crate::menu::engine::{self, StatusResult};
+use crate::menu::say;
 use crate::sip::transport::{Flow, Transport};
 use crate::sip::ua::{DialogEvent, DialogHandle, IncomingCall, LegEvent, OutboundHandle};
 use bytes::Bytes;
@@ -153,6 +154,9 @@ pub(crate) struct CallContext {
     pub(crate) queue_announcements: Arc<Vec<(String, String)>>,
     /// The city's emergency announcements.
     pub(crate) announcements: Arc<crate::dispatch::announcements::Board>,
+    /// Speech of dynamic text (status notes, dates, announcements); `None` answers mean the
+    /// recorded words are said instead.
+    pub(crate) speech: crate::media::tts::Speech,
 }
 
 /// How the media clock should relay a bridge to a leg with media `neg` at `addr`:
@@ -468,12 +472,12 @@ pub(crate) async fn run_call(
         session_id,
         registry_id,
         arrived,
+        menu,
     } = setup;
     let withheld = withholds_identity(&call);
     let IncomingCall {
         handle, mut events, ..
     } = call;
-    let menu = ctx.menu.get();
     let caller_media = CallerMedia {
         local: local_media,
         session_id,
@@ -989,20 +993,30 @@ impl Driver {
                     .in_current_span(),
                 );
             }
-            Action::LookupTicket(id) => {
+            Action::LookupTicket { id, language } => {
                 let store = self.ctx.tickets.clone();
+                let speech = self.ctx.speech.clone();
                 let tx = self.work_tx.clone();
+                // Speech is rendered here, in the lookup's own task (on the speech thread,
+                // with its time limit), never on the call's loop.
                 self.ctx.tracker.spawn(
                     async move {
                         let r = match store.get(id).await {
-                            Ok(Some(t)) => StatusResult::Found {
-                                open: t.status == Status::Open,
-                                days_since_update: (time::OffsetDateTime::now_utc()
-                                    - t.updated_datetime)
-                                    .whole_days()
-                                    .clamp(0, u32::MAX as i64)
-                                    as u32,
-                            },
+                            Ok(Some(t)) => {
+                                let spoken = speak_status(&speech, &language, &t).await;
+                                let r = StatusResult::Found {
+                                    open: t.status == Status::Open,
+                                    days_since_update: (time::OffsetDateTime::now_utc()
+                                        - t.updated_datetime)
+                                        .whole_days()
+                                        .clamp(0, u32::MAX as i64)
+                                        as u32,
+                                    filed: spoken.iter().any(|(k, _)| k == say::SPOKEN_FILED),
+                                    notes: spoken.iter().any(|(k, _)| k == say::SPOKEN_NOTES),
+                                };
+                                let _ = tx.send(Input::Spoken(spoken)).await;
+                                r
+                            }
                             Ok(None) => StatusResult::NotFound,
                             Err(e) => {
                                 warn!(error = %e, "status lookup failed");
@@ -1252,10 +1266,17 @@ impl Driver {
         let m = &self.ctx.metrics;
         let st = core.menu_stats();
         let outcome = core.outcome();
+        let line = core.line();
         m.add(
             "ivr311_calls_total",
             "Finished calls by outcome.",
             &[("outcome", outcome)],
+            1,
+        );
+        m.add(
+            "ivr311_line_calls_total",
+            "Finished calls by line dialled (`default`: --menu) and outcome.",
+            &[("line", line), ("outcome", outcome)],
             1,
         );
         let reason = format!("{reason:?}");
@@ -1268,24 +1289,24 @@ impl Driver {
         for menu in &st.menus {
             m.add(
                 "ivr311_menu_visits_total",
-                "Times callers entered each menu.",
-                &[("menu", menu)],
+                "Times callers entered each menu, by line.",
+                &[("line", line), ("menu", menu)],
                 1,
             );
         }
         for (menu, n) in &st.invalid {
             m.add(
                 "ivr311_dtmf_invalid_total",
-                "Invalid keys pressed, by menu.",
-                &[("menu", menu)],
+                "Invalid keys pressed, by line and menu.",
+                &[("line", line), ("menu", menu)],
                 *n as u64,
             );
         }
         for (menu, n) in &st.timeouts {
             m.add(
                 "ivr311_dtmf_timeouts_total",
-                "Silent waits for a key, by menu.",
-                &[("menu", menu)],
+                "Silent waits for a key, by line and menu.",
+                &[("line", line), ("menu", menu)],
                 *n as u64,
             );
         }
@@ -1342,6 +1363,56 @@ fn dialable_number(n: &str) -> bool {
 fn wall_now(clock: &crate::menu::schedule::WallClock) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(clock.now().as_second())
         .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+}
+
+/// What is spoken about a looked-up request, by placeholder: the date it was filed and its
+/// status notes (`"Update: ..."`). What cannot be rendered is left out (logged by [`Speech`]).
+///
+/// [`Speech`]: crate::media::tts::Speech
+async fn speak_status(
+    speech: &crate::media::tts::Speech,
+    language: &str,
+    t: &crate::dispatch::tickets::Ticket,
+) -> Vec<(String, Arc<crate::media::prompt::Prompt>)> {
+    let spanish = language == "es" || language.starts_with("es-");
+    let filed = jiff::Timestamp::from_second(t.requested_datetime.unix_timestamp())
+        .ok()
+        .map(|at| {
+            let today = jiff::Timestamp::now();
+            crate::media::tts::filed_on(language, at, today, speech.zone())
+        });
+    let notes = (t.status_notes.as_deref())
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if spanish {
+                format!("Actualización: {n}")
+            } else {
+                format!("Update: {n}")
+            }
+        });
+    let (filed, notes) = tokio::join!(
+        async {
+            match &filed {
+                Some(text) => speech.render(language, text).await,
+                None => None,
+            }
+        },
+        async {
+            match &notes {
+                Some(text) => speech.render(language, text).await,
+                None => None,
+            }
+        }
+    );
+    let mut v = Vec::new();
+    if let Some(p) = filed {
+        v.push((say::SPOKEN_FILED.to_owned(), p));
+    }
+    if let Some(p) = notes {
+        v.push((say::SPOKEN_NOTES.to_owned(), p));
+    }
+    v
 }
 
 #[cfg(test)]

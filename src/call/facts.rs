@@ -250,6 +250,7 @@ mod tests {
             caller: "+15551230000".into(),
             identity: CallerIdentity::Asserted("+15551230000".into()),
             dialled: "311".into(),
+            line: "default".into(),
             answered_at: jiff::Timestamp::UNIX_EPOCH,
         }
     }

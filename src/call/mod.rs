@@ -24,7 +24,8 @@
 //! | `callback` | call-backs that keep the caller's place: their own small core and driver, reusing `operator_leg` and the driver's leg placing | a live call's state |
 //! | `facts` | what a call did, noted by the driver as it happens, and the call's row in the call history ([`crate::history`]) | decisions, the clock |
 //! | `registry` | [`CallRegistry`], [`CallInfo`]: what `/admin/calls` and `/health` read, and the admin's hang-up | call state beyond what it shows |
-//! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menu and prompts calls start on, reloads | calls |
+//! | `menu_holder` | [`ActiveMenu`], [`MenuHolder`]: the menus and prompts calls start on, one per line, reloads | calls |
+//! | `lines` | several lines on one server: the `lines:` config, the dialled number read from an INVITE (which header wins), number matching | menus, calls |
 //!
 //! Why a core and a driver: everything a call decides, the 911 path above all, is tested on
 //! virtual time in milliseconds (`core`, `emergency`, `operator_leg`, `transfer`, `consult` and `callback` have their
@@ -53,6 +54,7 @@ pub(crate) mod driver;
 mod emergency;
 mod facts;
 mod leg;
+pub mod lines;
 mod menu_holder;
 pub mod monitor;
 mod operator_leg;
@@ -65,7 +67,9 @@ use std::time::Duration;
 
 pub use self::core::EndReason;
 pub(crate) use driver::CallContext;
-pub use menu_holder::{load_active_menu, ActiveMenu, MenuHolder, MenuLoadError};
+pub use menu_holder::{
+    load_active_menu, load_menus, ActiveMenu, LineChoice, MenuHolder, MenuLoadError, DEFAULT_LINE,
+};
 pub use registry::{CallInfo, CallRegistry};
 pub(crate) use setup::accept_calls;
 pub use setup::{CallMeta, CallerIdentity};

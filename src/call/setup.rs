@@ -29,8 +29,11 @@ pub struct CallMeta {
     pub caller: String,
     /// Whether anyone vouches for `caller`.
     pub identity: CallerIdentity,
-    /// The number dialled (Request-URI user), e.g. `311`.
+    /// The number dialled, e.g. `311`: the one that chose the line (see
+    /// [`super::lines`]), else the Request-URI user.
     pub dialled: String,
+    /// The line answered: its number as configured, or [`super::DEFAULT_LINE`].
+    pub line: String,
     /// The server's wall clock when the call was answered: the menu's schedules are read
     /// from it.
     pub answered_at: jiff::Timestamp,
@@ -159,6 +162,8 @@ pub(crate) struct CallSetup {
     pub(crate) registry_id: u64,
     /// When the INVITE arrived.
     pub(crate) arrived: std::time::Instant,
+    /// The menu of the line dialled.
+    pub(crate) menu: Arc<super::ActiveMenu>,
 }
 
 /// Refuse the call with `code`, and keep why in the call history.
@@ -341,13 +346,31 @@ async fn setup_call(
             }
         },
     };
+    let called = super::lines::called_numbers(
+        &call.request_uri,
+        call.to.user(),
+        &call.headers,
+        trusted_source(&ctx.trusted, call.source.ip()),
+    );
+    let choice = ctx.menu.for_call(&called);
+    let dialled = match &choice.dialled {
+        Some((from, number)) => {
+            info!(line = %choice.line, called_from = from.as_str(), "line chosen by the dialled number");
+            number.clone()
+        }
+        None => {
+            debug!(line = %choice.line, "no line's number dialled; the default line");
+            crate::sip::message::uri_user(&call.request_uri)
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
     let meta = CallMeta {
         call_id: call.call_id.clone(),
         caller: identity.number().to_owned(),
         identity,
-        dialled: crate::sip::message::uri_user(&call.request_uri)
-            .unwrap_or_default()
-            .to_owned(),
+        dialled,
+        line: choice.line,
         answered_at: ctx.wall_clock.now(),
     };
     Some(CallSetup {
@@ -359,6 +382,7 @@ async fn setup_call(
         session_id,
         registry_id,
         arrived,
+        menu: choice.menu,
     })
 }
 

@@ -1,5 +1,5 @@
 //! Media: SDP offer/answer, RTP, G.711, RFC 4733 DTMF, prompts, the per-call media session, and
-//! browser legs (ICE-lite, DTLS-SRTP: [`webrtc`]).
+//! browser legs (ICE-lite, DTLS-SRTP: [`webrtc`]), and speech of dynamic text ([`tts`], espeak-ng).
 //!
 //! Ground floor: no SIP, no menus. The cores (session, DTMF, G.711, RTP, SDP, bridge relay)
 //! touch no sockets and read no clock; two drivers do: [`ports`] binds each call's RTP port and
@@ -19,4 +19,5 @@ pub mod rtp;
 pub mod sdp;
 pub mod session;
 pub mod speech;
+pub mod tts;
 pub mod webrtc;

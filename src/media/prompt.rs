@@ -80,6 +80,7 @@ pub enum PromptError {
 }
 
 /// One prompt, converted to 8 kHz mono and pre-encoded in both laws, shared by every call (Arc).
+#[derive(Clone)]
 pub struct Prompt {
     /// Prompt name (the file stem for files, e.g. `welcome`).
     pub name: String,
@@ -213,6 +214,19 @@ impl Prompt {
                 sum / f32::from(channels)
             })
             .collect();
+        Self::from_mono_f32(name, &origin, mono, sample_rate)
+    }
+
+    /// Builds a prompt from mono 16-bit samples at `sample_rate` (resampled to 8 kHz with the
+    /// same anti-aliased resampler as files): rendered speech.
+    pub(crate) fn from_samples(
+        name: &str,
+        samples: &[i16],
+        sample_rate: u32,
+    ) -> Result<Prompt, PromptError> {
+        let origin = PathBuf::from(format!("<pcm:{name}>"));
+        check_format(&origin, sample_rate, 1)?;
+        let mono = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
         Self::from_mono_f32(name, &origin, mono, sample_rate)
     }
 

@@ -3,7 +3,8 @@
 //!
 //! [`Speech::render`] is called off the call loops (the announcement board renders each
 //! message once, on a blocking thread, when it is posted or loaded), never while a call waits
-//! on it. A server without synthesis uses [`NoSpeech`]: text then cannot be heard, so the
+//! on it. The server's espeak-ng speech ([`crate::media::tts::Speech`]) implements it; a
+//! server with speech off is like [`NoSpeech`]: text then cannot be heard, so the
 //! admin API refuses a message in a language that has text but no WAV, and a stored message
 //! that still cannot be rendered is heard as the recorded `announcement_fallback` prompt ("There
 //! is an important announcement from the city. Please visit the city's website for details.").

@@ -93,6 +93,10 @@ pub enum StatusResult {
     Found {
         open: bool,
         days_since_update: u32,
+        /// The date it was filed is spoken ([`say::SPOKEN_FILED`] is ready to play).
+        filed: bool,
+        /// Its status notes are spoken ([`say::SPOKEN_NOTES`] is ready to play).
+        notes: bool,
     },
     /// The database could not be read.
     Failed,
@@ -1196,12 +1200,18 @@ impl Engine {
             StatusResult::Found {
                 open,
                 days_since_update,
+                filed,
+                notes,
             } => {
                 let mut v = vec![if open {
                     "ticket_status_open".to_owned()
                 } else {
                     "ticket_status_closed".to_owned()
                 }];
+                // "Filed on December third, at 2:15 PM." (speech; nothing without it).
+                if filed {
+                    v.push(say::SPOKEN_FILED.to_owned());
+                }
                 // "The latest update was today / yesterday / twelve days ago."
                 match days_since_update {
                     0 => v.push("updated_today".into()),
@@ -1211,6 +1221,10 @@ impl Engine {
                         v.extend(say::number(&self.language, n.into(), Gender::Masculine));
                         v.push("updated_days_ago_post".into());
                     }
+                }
+                // What the city wrote about it, spoken (nothing without speech).
+                if notes {
+                    v.push(say::SPOKEN_NOTES.to_owned());
                 }
                 v
             }
@@ -2177,6 +2191,8 @@ menus:
             Input::Status(StatusResult::Found {
                 open: true,
                 days_since_update: 3,
+                filed: false,
+                notes: false,
             }),
         );
         assert_eq!(
@@ -2193,6 +2209,31 @@ menus:
         keys(&mut e, "99999999");
         let out = h(&mut e, Input::Status(StatusResult::NotFound));
         assert_eq!(plays(&out), vec!["ticket_not_found"]);
+    }
+
+    #[test]
+    fn status_lookup_speaks_the_date_and_the_notes_when_rendered() {
+        let mut e = at_main();
+        keys(&mut e, "6");
+        keys(&mut e, "12345678");
+        let out = h(
+            &mut e,
+            Input::Status(StatusResult::Found {
+                open: false,
+                days_since_update: 1,
+                filed: true,
+                notes: true,
+            }),
+        );
+        assert_eq!(
+            plays(&out),
+            vec![
+                "ticket_status_closed",
+                say::SPOKEN_FILED,
+                "updated_yesterday",
+                say::SPOKEN_NOTES
+            ]
+        );
     }
 
     #[test]
@@ -2437,6 +2478,8 @@ menus:
                 Input::Status(StatusResult::Found {
                     open: false,
                     days_since_update: days,
+                    filed: false,
+                    notes: false,
                 }),
             );
             let mut p = plays(&out);

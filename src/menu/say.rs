@@ -27,6 +27,13 @@ pub(crate) enum Gender {
     Feminine,
 }
 
+/// The prefix of a placeholder the call fills with speech rendered for it (never a file name).
+pub(crate) const SPOKEN: &str = "@";
+/// Placeholder: the date a looked-up request was filed, spoken.
+pub(crate) const SPOKEN_FILED: &str = "@filed";
+/// Placeholder: a looked-up request's status notes, spoken.
+pub(crate) const SPOKEN_NOTES: &str = "@notes";
+
 /// The silence between digit groups of an identifier (`scripts/render-prompts.sh` makes it).
 pub(crate) const PAUSE: &str = "pause";
 

@@ -186,6 +186,10 @@ pub struct TestUa {
     pub rtp_out: RtpStream,
     /// The user part of our From (the number the caller claims). Default `+15550001111`.
     pub from_user: String,
+    /// The user part of the INVITE's Request-URI (the number dialled). Default `311`.
+    pub request_user: String,
+    /// The user part of our To. Default `311`.
+    pub to_user: String,
     /// SIP messages received but not consumed yet.
     backlog: Vec<Message>,
     /// When the answer came through a proxy that record-routes: the far end's Contact and the
@@ -238,6 +242,8 @@ impl TestUa {
             codec: Codec::Pcmu,
             rtp_out: RtpStream::new(),
             from_user: "+15550001111".to_owned(),
+            request_user: "311".to_owned(),
+            to_user: "311".to_owned(),
             backlog: Vec::new(),
             route: None,
             branches: Default::default(),
@@ -430,11 +436,11 @@ impl TestUa {
     pub fn invite_bytes_with(&mut self, sdp: &str, extra: &str) -> Vec<u8> {
         self.invite_branch = format!("z9hG4bK{}", rand::random::<u64>());
         format!(
-            "INVITE sip:311@{srv} SIP/2.0\r\n\
+            "INVITE sip:{ruser}@{srv} SIP/2.0\r\n\
 Via: SIP/2.0/{tr} {me};branch={br};rport\r\n\
 Max-Forwards: 70\r\n\
 From: \"Test Caller\" <sip:{user}@{me}>;tag={tag}\r\n\
-To: <sip:311@{srv}>\r\n\
+To: <sip:{tuser}@{srv}>\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} INVITE\r\n\
 Contact: <sip:caller@{me}>\r\n\
@@ -445,6 +451,8 @@ Content-Length: {len}\r\n\r\n{sdp}",
             me = self.local,
             br = self.invite_branch,
             user = self.from_user,
+            ruser = self.request_user,
+            tuser = self.to_user,
             tag = self.from_tag,
             cid = self.call_id,
             cseq = self.cseq,
@@ -574,7 +582,7 @@ Content-Length: {len}\r\n\r\n{sdp}",
 Via: SIP/2.0/{tr} {me};branch={branch};rport\r\n\
 {routes}Max-Forwards: 70\r\n\
 From: <sip:{user}@{me}>;tag={tag}\r\n\
-To: <sip:311@{srv}>;tag={tt}\r\n\
+To: <sip:{tuser}@{srv}>;tag={tt}\r\n\
 Call-ID: {cid}\r\n\
 CSeq: {cseq} {method}\r\n\
 Contact: <sip:caller@{me}>\r\n\
@@ -583,6 +591,7 @@ Contact: <sip:caller@{me}>\r\n\
             tr = self.transport(),
             me = self.local,
             user = self.from_user,
+            tuser = self.to_user,
             tag = self.from_tag,
             tt = self.to_tag.clone().unwrap_or_default(),
             cid = self.call_id,
