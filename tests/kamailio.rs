@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use ivr311::sip::message::Message;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -218,31 +217,15 @@ async fn goes_on_and_ends(mut ua: TestUa) {
 
 /// The edge answers its own OPTIONS once it is up.
 async fn until_edge_up(edge: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let me = sock.local_addr().unwrap();
-        let options = format!(
-            "OPTIONS sip:{edge} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\n\
-             Max-Forwards: 70\r\nFrom: <sip:probe@{me}>;tag=1\r\nTo: <sip:{edge}>\r\n\
-             Call-ID: {}@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
-            rand::random::<u32>(),
-            rand::random::<u64>()
-        );
-        sock.send_to(options.as_bytes(), edge).await.unwrap();
-        let mut buf = [0u8; 2048];
-        if let Ok(Ok((n, _))) =
-            tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await
-        {
-            if let Ok(Message::Response(r)) = ivr311::sip::message::parse_datagram(&buf[..n], 65535)
-            {
-                if r.code == 200 {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "kamailio did not come up");
-    }
+    until(
+        "kamailio answers OPTIONS",
+        Duration::from_secs(20),
+        async || {
+            let r = options_probe(edge, Duration::from_millis(300)).await?;
+            (r.code == 200).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,17 +63,9 @@ async fn wait_ready(
 
 /// The answer to an out-of-dialog OPTIONS (a load balancer's probe).
 async fn options(sip: SocketAddr) -> u16 {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let me = sock.local_addr().unwrap();
-    let probe = format!(
-        "OPTIONS sip:{sip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\n\
-         Max-Forwards: 70\r\nFrom: <sip:edge@{me}>;tag=1\r\nTo: <sip:{sip}>\r\n\
-         Call-ID: {}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
-        rand::random::<u64>(),
-        rand::random::<u64>()
-    );
-    sock.send_to(probe.as_bytes(), sip).await.unwrap();
-    let r = final_response(&sock, 1).await;
+    let r = options_probe(sip, Duration::from_secs(5))
+        .await
+        .expect("OPTIONS is answered");
     if r.code == 503 {
         assert!(
             r.header("Retry-After").is_some(),

@@ -1441,6 +1441,34 @@ pub fn from_agent(
 
 /// The final response that arrives on `sip` for the request with CSeq `cseq` (other traffic
 /// is skipped).
+/// An out-of-dialog OPTIONS to `target` (a monitor's or a load balancer's probe) from a new
+/// socket: its final response, or `None` when none comes within `within`.
+pub async fn options_probe(target: SocketAddr, within: Duration) -> Option<Response> {
+    let sock = UdpSocket::bind(loopback_like(target)).await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let probe = format!(
+        "OPTIONS sip:{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:probe@{me}>;tag=1\r\nTo: <sip:{target}>\r\n\
+         Call-ID: {}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    sock.send_to(probe.as_bytes(), target).await.unwrap();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let Ok(Ok((n, _))) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await
+        else {
+            return None;
+        };
+        if let Ok(Message::Response(r)) = parse_datagram(&buf[..n], 65536) {
+            if r.code >= 200 {
+                return Some(r);
+            }
+        }
+    }
+}
+
 pub async fn final_response(sip: &UdpSocket, cseq: u32) -> Response {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut buf = vec![0u8; 65535];
