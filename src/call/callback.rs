@@ -78,6 +78,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,6 +89,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 /// Events buffered per call-back (the queue drops, never blocks, when full).
 const EVENTS: usize = 16;
+
+/// The shortest ring an operator gets for an offer held back by the recording announcement.
+const MIN_RING: Duration = Duration::from_secs(5);
 
 /// Why a call-back request could not keep the caller's place (the call files a flagged
 /// ticket instead).
@@ -123,6 +127,18 @@ pub struct CallbackRequest {
     pub entered: Instant,
     /// Our media address family/interface as the caller's call used it.
     pub local_ip: IpAddr,
+}
+
+/// How the caller's queue records its talks with operators, as a live call of that queue
+/// would (`record`, `record_announcement`).
+#[derive(Debug, Clone, Default)]
+pub struct CallbackRecording {
+    /// The recordings directory, when the queue records (`record: true`): the talk is written
+    /// to the recording of the call that asked for the call-back.
+    pub dir: Option<PathBuf>,
+    /// The prompt the answered caller hears in full, after `callback_hello`, before any
+    /// operator is rung.
+    pub announcement: Option<String>,
 }
 
 impl CallbackConfig {
@@ -228,7 +244,11 @@ impl Callbacks {
 
     /// Take over the waiting caller's queue entry: from now on it is a call-back that keeps
     /// its place, and the call may hang up. On `Err` nothing changed in the queue.
-    pub async fn keep_place(&self, req: CallbackRequest) -> Result<(), NotKept> {
+    pub async fn keep_place(
+        &self,
+        req: CallbackRequest,
+        recording: CallbackRecording,
+    ) -> Result<(), NotKept> {
         let inner = &self.inner;
         if !dialable(&req.number) {
             return Err(NotKept::NotDialable);
@@ -267,12 +287,14 @@ impl Callbacks {
             inner.menu.get().prompts.clone(),
             inner.log,
             span.clone(),
-        );
+        )
+        .recorded(recording.dir.is_some(), recording.announcement);
         let inner = self.inner.clone();
+        let recordings = recording.dir;
         self.inner.tracker.spawn(
             async move {
                 let _guard = guard;
-                run(inner, core, rx).await;
+                run(inner, core, rx, recordings).await;
             }
             .instrument(span),
         );
@@ -463,8 +485,25 @@ pub(crate) struct CallbackCore {
     /// Waiting for [`Input::Filed`] after `MaxWait`.
     filing: bool,
     bridged: Option<BridgeTo>,
+    /// The queue records its talks with operators: so is the bridge.
+    record: bool,
+    /// The queue's `record_announcement`, played after `callback_hello`.
+    announcement: Option<String>,
+    /// The announcement is queued or playing: no operator is rung until it has played.
+    announcing: bool,
+    /// The queue's offer that came while the announcement played: rung once it has.
+    deferred: Option<Deferred>,
     ended: bool,
     actions: VecDeque<Action>,
+}
+
+/// An offer held back until the recording announcement has played.
+#[derive(Debug)]
+struct Deferred {
+    agent: String,
+    ring_timeout: Duration,
+    /// When the queue made the offer (it expects an outcome within its ring timeout).
+    offered: Instant,
 }
 
 impl CallbackCore {
@@ -499,9 +538,21 @@ impl CallbackCore {
             ticket_filed: false,
             filing: false,
             bridged: None,
+            record: false,
+            announcement: None,
+            announcing: false,
+            deferred: None,
             ended: false,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The queue records the talk with the operator (`record`), and the caller hears
+    /// `announcement` after `callback_hello`, before any operator is rung.
+    pub(crate) fn recorded(mut self, record: bool, announcement: Option<String>) -> Self {
+        self.record = record;
+        self.announcement = announcement;
+        self
     }
 
     pub(crate) fn poll_action(&mut self) -> Option<Action> {
@@ -576,6 +627,9 @@ impl CallbackCore {
                     self.end(end);
                     return;
                 }
+                if std::mem::take(&mut self.announcing) {
+                    self.announced(now);
+                }
                 self.hold_music();
             }
             Input::NoMedia => {
@@ -618,7 +672,7 @@ impl CallbackCore {
                 scope: leg.scope(),
                 answered: true,
                 operator: true,
-                record: false,
+                record: self.record,
             })
         });
         if bridge != self.bridged && matches!(self.trunk, Trunk::Answered { .. }) {
@@ -692,6 +746,9 @@ impl CallbackCore {
                 ring_timeout,
             }) => self.offer_agent(now, agent, ring_timeout),
             CallbackEvent::Queue(QueueEvent::CancelOffer { agent }) => {
+                if self.deferred.as_ref().is_some_and(|d| d.agent == agent) {
+                    self.deferred = None;
+                }
                 let ringing =
                     (self.operator.as_ref()).is_some_and(|l| l.agent == agent && l.ringing());
                 if ringing {
@@ -705,6 +762,8 @@ impl CallbackCore {
                     return;
                 }
                 info!("no operator can take the called-back caller; filing a ticket instead");
+                self.deferred = None;
+                self.announcing = false;
                 self.drop_operator(LegEnd::HangUpAndRelease);
                 self.queue(QueueCommand::Abandon);
                 // The flagged ticket is written first: only a saved request is promised.
@@ -826,7 +885,7 @@ impl CallbackCore {
                             leg,
                             hang_up_at: now + max_call,
                         };
-                        self.play(&["callback_hello", "hold_music"]);
+                        self.greet();
                         self.queue(QueueCommand::CallbackAnswered);
                     }
                     Err(e) => {
@@ -891,13 +950,57 @@ impl CallbackCore {
         self.end(End::CallerLeft);
     }
 
+    /// The answered caller hears `callback_hello`, then the queue's recording announcement
+    /// (if it has one) in full before any operator is rung, then hold music.
+    fn greet(&mut self) {
+        let announcement = self.announcement.clone();
+        let announced = announcement
+            .as_deref()
+            .is_some_and(|a| !self.prompts(&[a]).is_empty());
+        match announcement.filter(|_| announced) {
+            Some(a) => {
+                self.play(&["callback_hello", a.as_str()]);
+                self.announcing = self.playing;
+            }
+            None => self.play(&["callback_hello", "hold_music"]),
+        }
+    }
+
+    /// The recording announcement has played: ring the operator the queue offered meanwhile,
+    /// for what is left of the queue's ring time (the queue gives up on an offer it hears
+    /// nothing of after that), or, with less than [`MIN_RING`] left, give the offer back at
+    /// no cost to the agent so the queue makes a fresh one.
+    fn announced(&mut self, now: Instant) {
+        let Some(d) = self.deferred.take() else {
+            return;
+        };
+        let left = d
+            .ring_timeout
+            .saturating_sub(now.saturating_duration_since(d.offered));
+        if left < MIN_RING {
+            debug!(agent = %d.agent, "offer outlived by the announcement; given back");
+            self.queue(QueueCommand::OfferWithdrawn(d.agent));
+            return;
+        }
+        self.offer_agent(now, d.agent, left);
+    }
+
     /// Ring an operator for the answered caller. One operator leg at a time: the other phones
     /// of a `ring_all` round are not rung for a call-back, and that costs their agents
     /// nothing.
     fn offer_agent(&mut self, now: Instant, agent: String, ring_timeout: Duration) {
-        if self.operator.is_some() {
+        if self.operator.is_some() || self.deferred.is_some() {
             debug!(%agent, "already ringing an operator; offer withdrawn");
             self.queue(QueueCommand::OfferWithdrawn(agent));
+            return;
+        }
+        if self.announcing {
+            debug!(%agent, "the recording announcement is playing; the operator is rung after it");
+            self.deferred = Some(Deferred {
+                agent,
+                ring_timeout,
+                offered: now,
+            });
             return;
         }
         let codec = match (&self.trunk, self.caller_codec) {
@@ -1081,9 +1184,16 @@ impl CallbackCore {
 }
 
 /// A call-back's task: carries out what its core asks, and feeds it what happens.
-async fn run(inner: Arc<Inner>, mut core: CallbackCore, events: mpsc::Receiver<CallbackEvent>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut core: CallbackCore,
+    events: mpsc::Receiver<CallbackEvent>,
+    recordings: Option<PathBuf>,
+) {
     let mut d = CallbackDriver {
         caller: core.req.caller,
+        call_id: core.req.call_id.clone(),
+        recordings,
         inner,
         legs: Legs::default(),
         media: None,
@@ -1162,11 +1272,32 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Record the bridge on `slot` to the recording of the call `call_id` under `dir` (appended
+/// to it if that call was recorded already), as a live call's bridge is.
+fn start_recording(
+    slot: &mut crate::media::clock::SlotState,
+    dir: &std::path::Path,
+    call_id: &str,
+    tracker: &TaskTracker,
+) {
+    match crate::media::call_record::spawn_writer(dir, call_id, tracker) {
+        Ok(tap) => {
+            info!("recording the talk with the operator");
+            slot.set_call_tap(Some(tap));
+        }
+        Err(e) => warn!(error = %e, "the talk with the operator cannot be recorded"),
+    }
+}
+
 /// The IO of one call-back.
 struct CallbackDriver {
     inner: Arc<Inner>,
     /// The caller's queue entry.
     caller: CallerId,
+    /// The Call-ID of the call that asked for the call-back: its recording is this one's.
+    call_id: String,
+    /// Where the talk with the operator is recorded (`None`: the queue does not record).
+    recordings: Option<PathBuf>,
     legs: Legs,
     /// The answered caller's slot on the media clock, and what the clock says of it.
     media: Option<MediaHandle>,
@@ -1187,7 +1318,8 @@ impl CallbackDriver {
             MediaNote::NoMedia => Some(Input::NoMedia),
             MediaNote::LegSilent => Some(Input::LegSilent),
             MediaNote::LegMediaFailed => Some(Input::LegMediaFailed),
-            // Keys reach the operator through the bridge; nothing records a call-back.
+            // Keys reach the operator through the bridge; the talk's recording (a call tap)
+            // sends no notes, and a call-back records no description.
             MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded => None,
         }
     }
@@ -1243,9 +1375,20 @@ impl CallbackDriver {
             }
             Action::SetBridge(b) => {
                 let silence = Duration::from_secs(inner.limits.operator_silence_seconds);
+                let record = b.is_some_and(|b| b.record);
                 let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, silence));
+                let bridged = bridge.is_some();
                 if let Some(m) = &self.media {
-                    m.lock().set_bridge(bridge);
+                    let mut slot = m.lock();
+                    slot.set_bridge(bridge);
+                    match &self.recordings {
+                        Some(dir) if record && bridged => {
+                            if !slot.recording_call() {
+                                start_recording(&mut slot, dir, &self.call_id, &inner.tracker);
+                            }
+                        }
+                        _ => slot.set_call_tap(None),
+                    }
                 }
             }
             Action::RearmLegWatch => {
