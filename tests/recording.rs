@@ -453,7 +453,10 @@ async fn a_callback_is_announced_then_recorded_in_stereo_as_the_call_that_asked_
     };
 
     // The operator is busy elsewhere: the caller waits, asks for a call-back and hangs up.
-    assert_eq!(admin_post(srv.http_addr, "/admin/agents/1001/pause").await / 100, 2);
+    assert_eq!(
+        admin_post(srv.http_addr, "/admin/agents/1001/pause").await / 100,
+        2
+    );
     let mut caller = TestUa::udp(srv.sip_addr).await;
     let pai = format!("P-Asserted-Identity: <sip:{CALLER_NUMBER}@127.0.0.1>\r\n");
     assert_eq!(caller.call_with("0 101", &pai).await.1.code, 200);
@@ -475,7 +478,10 @@ async fn a_callback_is_announced_then_recorded_in_stereo_as_the_call_that_asked_
     caller.expect_request("BYE", Duration::from_secs(15)).await;
 
     // The operator is back: the caller is called back and answers.
-    assert_eq!(admin_post(srv.http_addr, "/admin/agents/1001/unpause").await / 100, 2);
+    assert_eq!(
+        admin_post(srv.http_addr, "/admin/agents/1001/unpause").await / 100,
+        2
+    );
     let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
     assert_eq!(inv.header("X-311-Call-ID"), Some(caller.call_id.as_str()));
     let at_caller = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
@@ -523,7 +529,11 @@ From: {to};tag=agtrunk\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent
         from = inv.from.raw,
         cid = inv.call_id,
     );
-    trunk.sip.send_to(bye.as_bytes(), srv.sip_addr).await.unwrap();
+    trunk
+        .sip
+        .send_to(bye.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
 
     // The recording is the original call's: the caller left, the operator right.
     let wav = fetch_recording(srv.http_addr, &caller.call_id).await;
@@ -534,8 +544,14 @@ From: {to};tag=agtrunk\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent
     let right: Vec<i16> = samples.iter().skip(1).step_by(2).copied().collect();
     assert!(has_tone(&left, CALLER_HZ), "the caller is on the left");
     assert!(!has_tone(&left, OPERATOR_HZ), "only the caller on the left");
-    assert!(has_tone(&right, OPERATOR_HZ), "the operator is on the right");
-    assert!(!has_tone(&right, CALLER_HZ), "only the operator on the right");
+    assert!(
+        has_tone(&right, OPERATOR_HZ),
+        "the operator is on the right"
+    );
+    assert!(
+        !has_tone(&right, CALLER_HZ),
+        "only the operator on the right"
+    );
     let seconds = left.len() as f64 / 8000.0;
     assert!(
         (2.0..5.0).contains(&seconds),

@@ -1498,6 +1498,7 @@ mod tests {
                 "hold_music",
                 "callback_confirmed",
                 "db_error",
+                "call_recorded",
             ] {
                 prompts.insert("en", Prompt::from_pcm(name, &[0; 160], 8000, 1).unwrap());
             }
@@ -1523,6 +1524,13 @@ mod tests {
                 Span::none(),
             );
             Cb { core, t0, now: t0 }
+        }
+
+        /// A call-back of a queue that records, with a recording announcement.
+        fn recorded() -> Cb {
+            let mut c = Cb::new();
+            c.core = c.core.recorded(true, Some("call_recorded".into()));
+            c
         }
 
         fn drive(&mut self) -> Vec<Action> {
@@ -1654,6 +1662,75 @@ mod tests {
         assert_eq!(queue_cmds(&out), vec![QueueCommand::CallbackAnswered]);
         // Hold music loops.
         assert_eq!(prompts(&c.input(Input::PlayDone)), vec!["hold_music"]);
+    }
+
+    #[test]
+    fn a_recorded_queues_callback_announces_before_ringing_and_records_the_bridge() {
+        let mut c = Cb::recorded();
+        let (trunk, _) = c.dial(1);
+        let out = c.input(Input::Leg(trunk, Some(answer("198.51.100.30", 6000))));
+        assert_eq!(prompts(&out), vec!["callback_hello", "call_recorded"]);
+        assert_eq!(queue_cmds(&out), vec![QueueCommand::CallbackAnswered]);
+        // The queue's offer waits for the announcement; a second one is given back.
+        assert!(c.offer("1001").is_empty(), "no phone rings during it");
+        assert_eq!(
+            queue_cmds(&c.offer("1002")),
+            vec![QueueCommand::OfferWithdrawn("1002".into())]
+        );
+        // Played: the operator rings for what is left of the queue's 20 s, and hold music.
+        c.now = c.t0 + Duration::from_secs(6);
+        let out = c.input(Input::PlayDone);
+        let (leg, p) = placed(&out).expect("the operator is rung");
+        assert_eq!(p.to, Dial::Agent("1001".into()));
+        assert_eq!(prompts(&out), vec!["hold_music"]);
+        assert!(c.at(19).is_empty());
+        assert_eq!(
+            queue_cmds(&c.at(20)),
+            vec![QueueCommand::OfferFailed(
+                "1001".into(),
+                OfferFailure::NoAnswer
+            )]
+        );
+        // The next operator is rung at once, and the bridge is recorded.
+        let leg2 = placed(&c.offer("1002")).expect("rung").0;
+        assert_ne!(leg, leg2);
+        let out = c.input(Input::Leg(leg2, Some(answer("198.51.100.9", 4000))));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::SetBridge(Some(b)) if b.leg == leg2 && b.record)));
+    }
+
+    #[test]
+    fn an_offer_outlived_by_the_announcement_is_given_back_and_a_cancelled_one_forgotten() {
+        let mut c = Cb::recorded();
+        c.answered();
+        c.offer("1001");
+        c.now = c.t0 + Duration::from_secs(17);
+        let out = c.input(Input::PlayDone);
+        assert!(placed(&out).is_none());
+        assert_eq!(
+            queue_cmds(&out),
+            vec![QueueCommand::OfferWithdrawn("1001".into())]
+        );
+
+        let mut c = Cb::recorded();
+        c.answered();
+        c.offer("1001");
+        c.input(Input::Queue(CallbackEvent::Queue(
+            QueueEvent::CancelOffer {
+                agent: "1001".into(),
+            },
+        )));
+        let out = c.input(Input::PlayDone);
+        assert!(placed(&out).is_none() && queue_cmds(&out).is_empty());
+        // A queue that does not record: the bridge is not recorded, and nothing waits.
+        let mut c = Cb::new();
+        c.answered();
+        let leg = placed(&c.offer("1001")).expect("rung at once").0;
+        let out = c.input(Input::Leg(leg, Some(answer("198.51.100.9", 4000))));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::SetBridge(Some(b)) if !b.record)));
     }
 
     #[test]
