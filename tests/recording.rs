@@ -522,9 +522,9 @@ async fn a_callback_is_announced_then_recorded_in_stereo_as_the_call_that_asked_
     .await;
     let me = trunk.sip.local_addr().unwrap();
     let bye = format!(
-        "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKtrunkbye;rport\r\nMax-Forwards: 70\r\n\
+        "BYE sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKtrunkbye;rport\r\nMax-Forwards: 70\r\n\
 From: {to};tag=agtrunk\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        contact = format!("sip:ivr311@{}", srv.sip_addr),
+        srv = srv.sip_addr,
         to = inv.to.raw,
         from = inv.from.raw,
         cid = inv.call_id,

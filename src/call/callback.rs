@@ -12,13 +12,21 @@
 //!    CANCEL and report a failure; the queue retries or gives up); a trunk named with several
 //!    addresses is dialled at the next one on each attempt;
 //! 2. on answer plays `callback_hello` ("This is 311 calling you back; please hold for an
-//!    operator") in the caller's language, then hold music;
+//!    operator") in the caller's language, then, for a queue with a `record_announcement`,
+//!    that prompt in full (the caller answering a call-back has not heard it on this call):
+//!    an offer the queue makes meanwhile is held back and rung once it has played, for what
+//!    is left of the queue's ring time (given back at no cost when under [`MIN_RING`]); then
+//!    hold music;
 //! 3. rings each agent the queue offers through an [`OperatorLeg`], the type live callers use:
 //!    the same `X-311-*` headers as a live caller's offer plus `X-311-Callback: yes`, From and
 //!    P-Asserted-Identity the caller's number, one phone at a time (with `ring_all`, the
 //!    round's other offers are withdrawn at no cost); the same hold, re-offer and silent-phone
 //!    handling;
 //! 4. on the agent's 200 bridges the two outbound legs; either side's BYE hangs up the other.
+//!    A queue with `record: true` records the bridge as a live call's
+//!    ([`crate::media::call_record`]: stereo, caller left, operator right) in the recording
+//!    of the call that asked for the call-back (named after its Call-ID, appended to if that
+//!    call was recorded already), finished when either side hangs up or the server stops.
 //!
 //! The answered caller's leg is a slot on the [`MediaClock`], like a live caller's: the
 //! clock's shards pace its prompts and hold music, watch it for silence
