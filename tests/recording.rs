@@ -88,11 +88,17 @@ impl Voice<'_> {
 /// The RTP payloads (PCMU) the caller receives until operator 1001's phone gets the server's
 /// INVITE; the INVITE.
 async fn hear_until_offered(caller: &TestUa, op: &TestAgent) -> (Vec<Vec<u8>>, Request) {
+    hear_at_until_offered(&caller.rtp, op).await
+}
+
+/// The RTP payloads (PCMU) arriving at `rtp` until operator 1001's phone gets the server's
+/// INVITE; the INVITE.
+async fn hear_at_until_offered(rtp: &UdpSocket, op: &TestAgent) -> (Vec<Vec<u8>>, Request) {
     let mut heard = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut buf = [0u8; 2048];
-        while let Ok((n, _)) = caller.rtp.try_recv_from(&mut buf) {
+        while let Ok((n, _)) = rtp.try_recv_from(&mut buf) {
             if let Ok(p) = rtp::parse(&buf[..n]) {
                 if p.payload_type == 0 {
                     heard.push(p.payload.to_vec());
@@ -128,17 +134,33 @@ async fn to_operator(
 
 /// Both talk (one packet each 20 ms, as phones send) for `window`.
 async fn talk(caller: &TestUa, op: &TestAgent, inv: &Request, window: Duration) {
+    let at_op = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    talk_between(
+        (&caller.rtp, caller.remote_rtp.unwrap()),
+        (&op.rtp, at_op),
+        window,
+    )
+    .await;
+}
+
+/// The caller (its socket, where the server wants its RTP) sends 440 Hz and the operator
+/// 1000 Hz, one packet each 20 ms, for `window`.
+async fn talk_between(
+    caller: (&UdpSocket, SocketAddr),
+    op: (&UdpSocket, SocketAddr),
+    window: Duration,
+) {
     let mut voices = [
         Voice {
-            sock: &caller.rtp,
-            to: caller.remote_rtp.unwrap(),
+            sock: caller.0,
+            to: caller.1,
             out: RtpStream::new(),
             hz: CALLER_HZ,
             n: 0,
         },
         Voice {
-            sock: &op.rtp,
-            to: ivr311::media::sdp::parse(&inv.body).unwrap().addr,
+            sock: op.0,
+            to: op.1,
             out: RtpStream::new(),
             hz: OPERATOR_HZ,
             n: 0,
@@ -386,4 +408,155 @@ fn call_hash(call_id: &str) -> String {
         .take(16)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The number the trunk asserts for the caller (P-Asserted-Identity from a trusted source):
+/// only such a number is called back.
+const CALLER_NUMBER: &str = "+12122000123";
+
+/// `POST path` as the admin.
+async fn admin_post(addr: SocketAddr, path: &str) -> u16 {
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    http(addr, "POST", path, &headers, br#"{"reason":"meeting"}"#)
+        .await
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_is_announced_then_recorded_in_stereo_as_the_call_that_asked_for_it() {
+    // The trunk's stand-in is a bare SIP endpoint: bound first, so the config can name it.
+    let trunk_sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (mut file, dir) = config(true);
+    file.queues[0].record_announcement = Some("call_recorded".into());
+    file.callback = ivr311::config::CallbackConfig {
+        trunk_uri: Some(format!("sip:{}", trunk_sip.local_addr().unwrap())),
+        ring_timeout_seconds: 5,
+        attempts: 1,
+        first_delay_seconds: 0,
+        ..Default::default()
+    };
+    file.trunks = ivr311::config::TrunksConfig {
+        allow: vec!["127.0.0.1".parse().unwrap()],
+        ..Default::default()
+    };
+    let srv = start_server(file).await;
+    let op = TestAgent::login(srv.sip_addr, "1001").await;
+    let trunk = TestAgent {
+        id: "trunk".into(),
+        sip: trunk_sip,
+        rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        server: srv.sip_addr,
+    };
+
+    // The operator is busy elsewhere: the caller waits, asks for a call-back and hangs up.
+    assert_eq!(
+        admin_post(srv.http_addr, "/admin/agents/1001/pause").await / 100,
+        2
+    );
+    let mut caller = TestUa::udp(srv.sip_addr).await;
+    let pai = format!("P-Asserted-Identity: <sip:{CALLER_NUMBER}@127.0.0.1>\r\n");
+    assert_eq!(caller.call_with("0 101", &pai).await.1.code, 200);
+    caller.until_audio().await;
+    caller.keys("110").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let calls = admin_calls_token(srv.http_addr).await;
+        let waiting = calls.iter().any(|c| {
+            c["call_id"] == caller.call_id.as_str() && c["state"] == "waiting for operator"
+        });
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never waiting: {calls:?}");
+        caller.listen(Duration::from_millis(50)).await;
+    }
+    caller.press('2').await;
+    caller.expect_request("BYE", Duration::from_secs(15)).await;
+
+    // The operator is back: the caller is called back and answers.
+    assert_eq!(
+        admin_post(srv.http_addr, "/admin/agents/1001/unpause").await / 100,
+        2
+    );
+    let inv = trunk.request("INVITE", Duration::from_secs(5)).await;
+    assert_eq!(inv.header("X-311-Call-ID"), Some(caller.call_id.as_str()));
+    let at_caller = ivr311::media::sdp::parse(&inv.body).unwrap().addr;
+    trunk.reply(&inv, 200, "OK", Some(trunk.answer_sdp())).await;
+    trunk.request("ACK", Duration::from_secs(3)).await;
+
+    // The greeting, then the whole recording announcement, before the operator's phone rings.
+    let (heard, ainv) = hear_at_until_offered(&trunk.rtp, &op).await;
+    let ear = PromptEar::new("en", &["callback_hello", "call_recorded"], Codec::Pcmu);
+    assert_eq!(
+        ear.playbacks(&heard),
+        ["callback_hello", "call_recorded"],
+        "{} packets heard before the operator's phone rang",
+        heard.len()
+    );
+    let marks: Vec<Vec<u8>> = prompt_frames("call_recorded")
+        .into_iter()
+        .filter(|f| ear.frames_heard(std::slice::from_ref(f)) == 1)
+        .collect();
+    let tail_heard = marks[marks.len() - 10..]
+        .iter()
+        .filter(|f| heard.contains(f))
+        .count();
+    assert!(
+        tail_heard >= 7,
+        "only {tail_heard} of the announcement's last 10 frames heard before the operator's phone rang"
+    );
+
+    // The operator answers; they talk; the called-back caller hangs up.
+    op.reply(&ainv, 200, "OK", Some(op.answer_sdp())).await;
+    op.request("ACK", Duration::from_secs(3)).await;
+    let at_op = ivr311::media::sdp::parse(&ainv.body).unwrap().addr;
+    talk_between(
+        (&trunk.rtp, at_caller),
+        (&op.rtp, at_op),
+        Duration::from_secs(3),
+    )
+    .await;
+    let me = trunk.sip.local_addr().unwrap();
+    let bye = format!(
+        "BYE sip:ivr311@{srv} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKtrunkbye;rport\r\nMax-Forwards: 70\r\n\
+From: {to};tag=agtrunk\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        srv = srv.sip_addr,
+        to = inv.to.raw,
+        from = inv.from.raw,
+        cid = inv.call_id,
+    );
+    trunk
+        .sip
+        .send_to(bye.as_bytes(), srv.sip_addr)
+        .await
+        .unwrap();
+
+    // The recording is the original call's: the caller left, the operator right.
+    let wav = fetch_recording(srv.http_addr, &caller.call_id).await;
+    let mut reader = hound::WavReader::new(std::io::Cursor::new(wav)).expect("a WAV file");
+    assert_eq!(reader.spec().channels, 2, "stereo");
+    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+    let left: Vec<i16> = samples.iter().step_by(2).copied().collect();
+    let right: Vec<i16> = samples.iter().skip(1).step_by(2).copied().collect();
+    assert!(has_tone(&left, CALLER_HZ), "the caller is on the left");
+    assert!(!has_tone(&left, OPERATOR_HZ), "only the caller on the left");
+    assert!(
+        has_tone(&right, OPERATOR_HZ),
+        "the operator is on the right"
+    );
+    assert!(
+        !has_tone(&right, CALLER_HZ),
+        "only the operator on the right"
+    );
+    let seconds = left.len() as f64 / 8000.0;
+    assert!(
+        (2.0..5.0).contains(&seconds),
+        "{seconds:.2} s recorded for 3 s of talk"
+    );
+    srv.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -12,13 +12,21 @@
 //!    CANCEL and report a failure; the queue retries or gives up); a trunk named with several
 //!    addresses is dialled at the next one on each attempt;
 //! 2. on answer plays `callback_hello` ("This is 311 calling you back; please hold for an
-//!    operator") in the caller's language, then hold music;
+//!    operator") in the caller's language, then, for a queue with a `record_announcement`,
+//!    that prompt in full (the caller answering a call-back has not heard it on this call):
+//!    an offer the queue makes meanwhile is held back and rung once it has played, for what
+//!    is left of the queue's ring time (given back at no cost when under [`MIN_RING`]); then
+//!    hold music;
 //! 3. rings each agent the queue offers through an [`OperatorLeg`], the type live callers use:
 //!    the same `X-311-*` headers as a live caller's offer plus `X-311-Callback: yes`, From and
 //!    P-Asserted-Identity the caller's number, one phone at a time (with `ring_all`, the
 //!    round's other offers are withdrawn at no cost); the same hold, re-offer and silent-phone
 //!    handling;
 //! 4. on the agent's 200 bridges the two outbound legs; either side's BYE hangs up the other.
+//!    A queue with `record: true` records the bridge as a live call's
+//!    ([`crate::media::call_record`]: stereo, caller left, operator right) in the recording
+//!    of the call that asked for the call-back (named after its Call-ID, appended to if that
+//!    call was recorded already), finished when either side hangs up or the server stops.
 //!
 //! The answered caller's leg is a slot on the [`MediaClock`], like a live caller's: the
 //! clock's shards pace its prompts and hold music, watch it for silence
@@ -78,6 +86,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,6 +97,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 /// Events buffered per call-back (the queue drops, never blocks, when full).
 const EVENTS: usize = 16;
+
+/// The shortest ring an operator gets for an offer held back by the recording announcement.
+const MIN_RING: Duration = Duration::from_secs(5);
 
 /// Why a call-back request could not keep the caller's place (the call files a flagged
 /// ticket instead).
@@ -123,6 +135,18 @@ pub struct CallbackRequest {
     pub entered: Instant,
     /// Our media address family/interface as the caller's call used it.
     pub local_ip: IpAddr,
+}
+
+/// How the caller's queue records its talks with operators, as a live call of that queue
+/// would (`record`, `record_announcement`).
+#[derive(Debug, Clone, Default)]
+pub struct CallbackRecording {
+    /// The recordings directory, when the queue records (`record: true`): the talk is written
+    /// to the recording of the call that asked for the call-back.
+    pub dir: Option<PathBuf>,
+    /// The prompt the answered caller hears in full, after `callback_hello`, before any
+    /// operator is rung.
+    pub announcement: Option<String>,
 }
 
 impl CallbackConfig {
@@ -228,7 +252,11 @@ impl Callbacks {
 
     /// Take over the waiting caller's queue entry: from now on it is a call-back that keeps
     /// its place, and the call may hang up. On `Err` nothing changed in the queue.
-    pub async fn keep_place(&self, req: CallbackRequest) -> Result<(), NotKept> {
+    pub async fn keep_place(
+        &self,
+        req: CallbackRequest,
+        recording: CallbackRecording,
+    ) -> Result<(), NotKept> {
         let inner = &self.inner;
         if !dialable(&req.number) {
             return Err(NotKept::NotDialable);
@@ -267,12 +295,14 @@ impl Callbacks {
             inner.menu.get().prompts.clone(),
             inner.log,
             span.clone(),
-        );
+        )
+        .recorded(recording.dir.is_some(), recording.announcement);
         let inner = self.inner.clone();
+        let recordings = recording.dir;
         self.inner.tracker.spawn(
             async move {
                 let _guard = guard;
-                run(inner, core, rx).await;
+                run(inner, core, rx, recordings).await;
             }
             .instrument(span),
         );
@@ -463,8 +493,25 @@ pub(crate) struct CallbackCore {
     /// Waiting for [`Input::Filed`] after `MaxWait`.
     filing: bool,
     bridged: Option<BridgeTo>,
+    /// The queue records its talks with operators: so is the bridge.
+    record: bool,
+    /// The queue's `record_announcement`, played after `callback_hello`.
+    announcement: Option<String>,
+    /// The announcement is queued or playing: no operator is rung until it has played.
+    announcing: bool,
+    /// The queue's offer that came while the announcement played: rung once it has.
+    deferred: Option<Deferred>,
     ended: bool,
     actions: VecDeque<Action>,
+}
+
+/// An offer held back until the recording announcement has played.
+#[derive(Debug)]
+struct Deferred {
+    agent: String,
+    ring_timeout: Duration,
+    /// When the queue made the offer (it expects an outcome within its ring timeout).
+    offered: Instant,
 }
 
 impl CallbackCore {
@@ -499,9 +546,21 @@ impl CallbackCore {
             ticket_filed: false,
             filing: false,
             bridged: None,
+            record: false,
+            announcement: None,
+            announcing: false,
+            deferred: None,
             ended: false,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The queue records the talk with the operator (`record`), and the caller hears
+    /// `announcement` after `callback_hello`, before any operator is rung.
+    pub(crate) fn recorded(mut self, record: bool, announcement: Option<String>) -> Self {
+        self.record = record;
+        self.announcement = announcement;
+        self
     }
 
     pub(crate) fn poll_action(&mut self) -> Option<Action> {
@@ -576,6 +635,9 @@ impl CallbackCore {
                     self.end(end);
                     return;
                 }
+                if std::mem::take(&mut self.announcing) {
+                    self.announced(now);
+                }
                 self.hold_music();
             }
             Input::NoMedia => {
@@ -618,7 +680,7 @@ impl CallbackCore {
                 scope: leg.scope(),
                 answered: true,
                 operator: true,
-                record: false,
+                record: self.record,
             })
         });
         if bridge != self.bridged && matches!(self.trunk, Trunk::Answered { .. }) {
@@ -692,6 +754,9 @@ impl CallbackCore {
                 ring_timeout,
             }) => self.offer_agent(now, agent, ring_timeout),
             CallbackEvent::Queue(QueueEvent::CancelOffer { agent }) => {
+                if self.deferred.as_ref().is_some_and(|d| d.agent == agent) {
+                    self.deferred = None;
+                }
                 let ringing =
                     (self.operator.as_ref()).is_some_and(|l| l.agent == agent && l.ringing());
                 if ringing {
@@ -705,6 +770,8 @@ impl CallbackCore {
                     return;
                 }
                 info!("no operator can take the called-back caller; filing a ticket instead");
+                self.deferred = None;
+                self.announcing = false;
                 self.drop_operator(LegEnd::HangUpAndRelease);
                 self.queue(QueueCommand::Abandon);
                 // The flagged ticket is written first: only a saved request is promised.
@@ -826,7 +893,7 @@ impl CallbackCore {
                             leg,
                             hang_up_at: now + max_call,
                         };
-                        self.play(&["callback_hello", "hold_music"]);
+                        self.greet();
                         self.queue(QueueCommand::CallbackAnswered);
                     }
                     Err(e) => {
@@ -891,13 +958,57 @@ impl CallbackCore {
         self.end(End::CallerLeft);
     }
 
+    /// The answered caller hears `callback_hello`, then the queue's recording announcement
+    /// (if it has one) in full before any operator is rung, then hold music.
+    fn greet(&mut self) {
+        let announcement = self.announcement.clone();
+        let announced = announcement
+            .as_deref()
+            .is_some_and(|a| !self.prompts(&[a]).is_empty());
+        match announcement.filter(|_| announced) {
+            Some(a) => {
+                self.play(&["callback_hello", a.as_str()]);
+                self.announcing = self.playing;
+            }
+            None => self.play(&["callback_hello", "hold_music"]),
+        }
+    }
+
+    /// The recording announcement has played: ring the operator the queue offered meanwhile,
+    /// for what is left of the queue's ring time (the queue gives up on an offer it hears
+    /// nothing of after that), or, with less than [`MIN_RING`] left, give the offer back at
+    /// no cost to the agent so the queue makes a fresh one.
+    fn announced(&mut self, now: Instant) {
+        let Some(d) = self.deferred.take() else {
+            return;
+        };
+        let left = d
+            .ring_timeout
+            .saturating_sub(now.saturating_duration_since(d.offered));
+        if left < MIN_RING {
+            debug!(agent = %d.agent, "offer outlived by the announcement; given back");
+            self.queue(QueueCommand::OfferWithdrawn(d.agent));
+            return;
+        }
+        self.offer_agent(now, d.agent, left);
+    }
+
     /// Ring an operator for the answered caller. One operator leg at a time: the other phones
     /// of a `ring_all` round are not rung for a call-back, and that costs their agents
     /// nothing.
     fn offer_agent(&mut self, now: Instant, agent: String, ring_timeout: Duration) {
-        if self.operator.is_some() {
+        if self.operator.is_some() || self.deferred.is_some() {
             debug!(%agent, "already ringing an operator; offer withdrawn");
             self.queue(QueueCommand::OfferWithdrawn(agent));
+            return;
+        }
+        if self.announcing {
+            debug!(%agent, "the recording announcement is playing; the operator is rung after it");
+            self.deferred = Some(Deferred {
+                agent,
+                ring_timeout,
+                offered: now,
+            });
             return;
         }
         let codec = match (&self.trunk, self.caller_codec) {
@@ -1081,9 +1192,16 @@ impl CallbackCore {
 }
 
 /// A call-back's task: carries out what its core asks, and feeds it what happens.
-async fn run(inner: Arc<Inner>, mut core: CallbackCore, events: mpsc::Receiver<CallbackEvent>) {
+async fn run(
+    inner: Arc<Inner>,
+    mut core: CallbackCore,
+    events: mpsc::Receiver<CallbackEvent>,
+    recordings: Option<PathBuf>,
+) {
     let mut d = CallbackDriver {
         caller: core.req.caller,
+        call_id: core.req.call_id.clone(),
+        recordings,
         inner,
         legs: Legs::default(),
         media: None,
@@ -1162,11 +1280,32 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Record the bridge on `slot` to the recording of the call `call_id` under `dir` (appended
+/// to it if that call was recorded already), as a live call's bridge is.
+fn start_recording(
+    slot: &mut crate::media::clock::SlotState,
+    dir: &std::path::Path,
+    call_id: &str,
+    tracker: &TaskTracker,
+) {
+    match crate::media::call_record::spawn_writer(dir, call_id, tracker) {
+        Ok(tap) => {
+            info!("recording the talk with the operator");
+            slot.set_call_tap(Some(tap));
+        }
+        Err(e) => warn!(error = %e, "the talk with the operator cannot be recorded"),
+    }
+}
+
 /// The IO of one call-back.
 struct CallbackDriver {
     inner: Arc<Inner>,
     /// The caller's queue entry.
     caller: CallerId,
+    /// The Call-ID of the call that asked for the call-back: its recording is this one's.
+    call_id: String,
+    /// Where the talk with the operator is recorded (`None`: the queue does not record).
+    recordings: Option<PathBuf>,
     legs: Legs,
     /// The answered caller's slot on the media clock, and what the clock says of it.
     media: Option<MediaHandle>,
@@ -1187,7 +1326,8 @@ impl CallbackDriver {
             MediaNote::NoMedia => Some(Input::NoMedia),
             MediaNote::LegSilent => Some(Input::LegSilent),
             MediaNote::LegMediaFailed => Some(Input::LegMediaFailed),
-            // Keys reach the operator through the bridge; nothing records a call-back.
+            // Keys reach the operator through the bridge; the talk's recording (a call tap)
+            // sends no notes, and a call-back records no description.
             MediaNote::Digit(_) | MediaNote::RecordingData | MediaNote::RecordingEnded => None,
         }
     }
@@ -1243,9 +1383,20 @@ impl CallbackDriver {
             }
             Action::SetBridge(b) => {
                 let silence = Duration::from_secs(inner.limits.operator_silence_seconds);
+                let record = b.is_some_and(|b| b.record);
                 let bridge = b.and_then(|b| bridge_for(self.legs.get(b.leg)?, &b, silence));
+                let bridged = bridge.is_some();
                 if let Some(m) = &self.media {
-                    m.lock().set_bridge(bridge);
+                    let mut slot = m.lock();
+                    slot.set_bridge(bridge);
+                    match &self.recordings {
+                        Some(dir) if record && bridged => {
+                            if !slot.recording_call() {
+                                start_recording(&mut slot, dir, &self.call_id, &inner.tracker);
+                            }
+                        }
+                        _ => slot.set_call_tap(None),
+                    }
                 }
             }
             Action::RearmLegWatch => {
@@ -1355,6 +1506,7 @@ mod tests {
                 "hold_music",
                 "callback_confirmed",
                 "db_error",
+                "call_recorded",
             ] {
                 prompts.insert("en", Prompt::from_pcm(name, &[0; 160], 8000, 1).unwrap());
             }
@@ -1380,6 +1532,13 @@ mod tests {
                 Span::none(),
             );
             Cb { core, t0, now: t0 }
+        }
+
+        /// A call-back of a queue that records, with a recording announcement.
+        fn recorded() -> Cb {
+            let mut c = Cb::new();
+            c.core = c.core.recorded(true, Some("call_recorded".into()));
+            c
         }
 
         fn drive(&mut self) -> Vec<Action> {
@@ -1511,6 +1670,75 @@ mod tests {
         assert_eq!(queue_cmds(&out), vec![QueueCommand::CallbackAnswered]);
         // Hold music loops.
         assert_eq!(prompts(&c.input(Input::PlayDone)), vec!["hold_music"]);
+    }
+
+    #[test]
+    fn a_recorded_queues_callback_announces_before_ringing_and_records_the_bridge() {
+        let mut c = Cb::recorded();
+        let (trunk, _) = c.dial(1);
+        let out = c.input(Input::Leg(trunk, Some(answer("198.51.100.30", 6000))));
+        assert_eq!(prompts(&out), vec!["callback_hello", "call_recorded"]);
+        assert_eq!(queue_cmds(&out), vec![QueueCommand::CallbackAnswered]);
+        // The queue's offer waits for the announcement; a second one is given back.
+        assert!(c.offer("1001").is_empty(), "no phone rings during it");
+        assert_eq!(
+            queue_cmds(&c.offer("1002")),
+            vec![QueueCommand::OfferWithdrawn("1002".into())]
+        );
+        // Played: the operator rings for what is left of the queue's 20 s, and hold music.
+        c.now = c.t0 + Duration::from_secs(6);
+        let out = c.input(Input::PlayDone);
+        let (leg, p) = placed(&out).expect("the operator is rung");
+        assert_eq!(p.to, Dial::Agent("1001".into()));
+        assert_eq!(prompts(&out), vec!["hold_music"]);
+        assert!(c.at(19).is_empty());
+        assert_eq!(
+            queue_cmds(&c.at(20)),
+            vec![QueueCommand::OfferFailed(
+                "1001".into(),
+                OfferFailure::NoAnswer
+            )]
+        );
+        // The next operator is rung at once, and the bridge is recorded.
+        let leg2 = placed(&c.offer("1002")).expect("rung").0;
+        assert_ne!(leg, leg2);
+        let out = c.input(Input::Leg(leg2, Some(answer("198.51.100.9", 4000))));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::SetBridge(Some(b)) if b.leg == leg2 && b.record)));
+    }
+
+    #[test]
+    fn an_offer_outlived_by_the_announcement_is_given_back_and_a_cancelled_one_forgotten() {
+        let mut c = Cb::recorded();
+        c.answered();
+        c.offer("1001");
+        c.now = c.t0 + Duration::from_secs(17);
+        let out = c.input(Input::PlayDone);
+        assert!(placed(&out).is_none());
+        assert_eq!(
+            queue_cmds(&out),
+            vec![QueueCommand::OfferWithdrawn("1001".into())]
+        );
+
+        let mut c = Cb::recorded();
+        c.answered();
+        c.offer("1001");
+        c.input(Input::Queue(CallbackEvent::Queue(
+            QueueEvent::CancelOffer {
+                agent: "1001".into(),
+            },
+        )));
+        let out = c.input(Input::PlayDone);
+        assert!(placed(&out).is_none() && queue_cmds(&out).is_empty());
+        // A queue that does not record: the bridge is not recorded, and nothing waits.
+        let mut c = Cb::new();
+        c.answered();
+        let leg = placed(&c.offer("1001")).expect("rung at once").0;
+        let out = c.input(Input::Leg(leg, Some(answer("198.51.100.9", 4000))));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::SetBridge(Some(b)) if !b.record)));
     }
 
     #[test]

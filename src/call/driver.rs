@@ -1077,8 +1077,16 @@ impl Driver {
                 );
             }
             Action::KeepPlace(req) => {
+                // The call-back's talk with the operator is recorded as this call's would be.
+                let recording = super::callback::CallbackRecording {
+                    dir: (self.ctx.recorded_queues.contains(&req.queue))
+                        .then(|| self.ctx.recordings.clone()),
+                    announcement: (self.ctx.queue_announcements.iter())
+                        .find(|(q, _)| *q == req.queue)
+                        .map(|(_, prompt)| prompt.clone()),
+                };
                 let kept = match &self.ctx.callbacks {
-                    Some(cb) => cb.keep_place(*req).await,
+                    Some(cb) => cb.keep_place(*req, recording).await,
                     None => Err(super::callback::NotKept::NotWaiting),
                 };
                 if kept.is_ok() {
