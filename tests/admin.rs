@@ -220,12 +220,16 @@ async fn staff_status_updates_reach_the_phone_lookup() {
     ua.until_audio().await;
     ua.keys("116").await;
     ua.keys(&t.service_request_id.to_string()).await;
-    let heard = ua.listen(Duration::from_millis(5000)).await;
     let ear = PromptEar::new(
         "en",
         &["ticket_status_closed", "ticket_status_open"],
         Codec::Pcmu,
     );
+    let heard = ua
+        .listen_until("the status", Duration::from_secs(20), |h| {
+            !ear.playbacks(h).is_empty()
+        })
+        .await;
     assert_eq!(ear.playbacks(&heard), vec!["ticket_status_closed"]);
     ua.bye().await;
     srv.shutdown().await;

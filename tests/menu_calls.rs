@@ -124,12 +124,18 @@ async fn status_lookup_of_a_filed_ticket_and_of_a_missing_one() {
     ua.until_audio().await;
     ua.keys("116").await;
     ua.keys(&t.service_request_id.to_string()).await;
-    let heard = ua.listen(Duration::from_millis(8000)).await;
     let ear = PromptEar::new(
         "en",
         &["ticket_status_open", "updated_today", "ticket_not_found"],
         Codec::Pcmu,
     );
+    // The filing date is spoken between the two (rendered meanwhile: up to
+    // `speech.timeout_ms` on a loaded machine).
+    let heard = ua
+        .listen_until("the status and its update", Duration::from_secs(30), |h| {
+            ear.playbacks(h).iter().any(|p| p == "updated_today")
+        })
+        .await;
     assert_eq!(
         ear.playbacks(&heard),
         vec!["ticket_status_open", "updated_today"]
@@ -137,7 +143,11 @@ async fn status_lookup_of_a_filed_ticket_and_of_a_missing_one() {
     // A number that does not exist.
     ua.keys("6").await;
     ua.keys("99999998").await;
-    let heard = ua.listen(Duration::from_millis(3000)).await;
+    let heard = ua
+        .listen_until("not found", Duration::from_secs(15), |h| {
+            !ear.playbacks(h).is_empty()
+        })
+        .await;
     assert_eq!(ear.playbacks(&heard), vec!["ticket_not_found"]);
     ua.bye().await;
     srv.shutdown().await;
@@ -1284,8 +1294,9 @@ async fn the_pound_after_a_request_number_is_not_a_menu_key() {
     ua.until_audio().await;
     ua.keys("216").await; // Spanish, not an emergency, status
     ua.keys(&format!("{}#", t.service_request_id)).await;
+    // The spoken filing date comes between the status and its update.
     let heard = ua
-        .listen_for("es", "main_menu_short", Duration::from_secs(15))
+        .listen_for("es", "main_menu_short", Duration::from_secs(30))
         .await;
     let ear = PromptEar::new(
         "es",

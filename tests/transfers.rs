@@ -808,7 +808,12 @@ async fn an_admin_transfers_the_caller_to_another_agent_and_watches_its_progress
     let inv = second.request("INVITE", Duration::from_secs(5)).await;
     assert_eq!(h(&inv, "X-311-Transferred-By"), Some("1001"));
     assert_eq!(inv.from.user(), Some(CALLER));
-    let p = progress(id).await;
+    // The leg's INVITE may arrive before its progress is reported: wait for the report.
+    let p = until("the transfer calling", Duration::from_secs(5), async || {
+        let p = progress(id).await;
+        (p["state"] != "claiming").then_some(p)
+    })
+    .await;
     assert_eq!(p["target"], "agent:1002");
     assert_eq!(p["requested_via"], "admin");
     assert_eq!(p["operator"], "1001");
