@@ -136,7 +136,7 @@ fn main() -> ExitCode {
                 }
             }
             let failed = (menus.iter())
-                .map(|m| check_menu(m, &prompts))
+                .map(|m| check_menu_with(m, &prompts, Some(&settings)))
                 .filter(|c| *c != ExitCode::SUCCESS)
                 .count();
             if failed == 0 {
@@ -252,6 +252,16 @@ impl Drop for EchoOff {
 
 /// `check`: one menu file against the prompts, its problems printed.
 fn check_menu(menu: &std::path::Path, prompts: &std::path::Path) -> ExitCode {
+    check_menu_with(menu, prompts, None)
+}
+
+/// [`check_menu`], and with the settings, the warnings `serve` would log about the menu
+/// against them (a `transfer` to a line that is not a crisis entry of `transfers`).
+fn check_menu_with(
+    menu: &std::path::Path,
+    prompts: &std::path::Path,
+    settings: Option<&FileConfig>,
+) -> ExitCode {
     match ivr311::server::load_menu(menu, prompts) {
         Ok(m) => {
             println!(
@@ -260,6 +270,11 @@ fn check_menu(menu: &std::path::Path, prompts: &std::path::Path) -> ExitCode {
                 m.file.menus.len(),
                 m.file.languages.join(", ")
             );
+            if let Some(settings) = settings {
+                for (_, why) in ivr311::server::crisis_lines_missing(&m.file, &settings.transfers) {
+                    println!("{}: warning: {why}", menu.display());
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

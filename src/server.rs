@@ -57,6 +57,26 @@ pub enum StartError {
 }
 
 /// Load and check a menu against the prompts that exist (for `ivr311 check`).
+/// The lines a menu's `transfer` actions name that are not `transfers` entries with
+/// `crisis: true`, each with the warning `serve` logs and `check --config` prints: callers
+/// sent there hear the action's announcement (e.g. "dial 988") instead of being connected.
+pub fn crisis_lines_missing(
+    menu: &crate::menu::schema::MenuFile,
+    transfers: &crate::call::dialplan::TransfersConfig,
+) -> Vec<(String, String)> {
+    let plan = crate::call::dialplan::DialPlan::new(transfers, &[], &[]);
+    (menu.transfer_targets().into_iter())
+        .filter(|to| plan.crisis_line(to).is_none())
+        .map(|to| {
+            let why = format!(
+                "the menu transfers callers to \"{to}\", which is not a `transfers` entry with \
+                 `crisis: true`: they will hear its announcement instead"
+            );
+            (to.to_owned(), why)
+        })
+        .collect()
+}
+
 pub fn load_menu(
     path: &std::path::Path,
     prompts_dir: &std::path::Path,
@@ -200,17 +220,8 @@ pub async fn start_with_clock(
         languages = ?menu.prompts.languages(),
         "menu and prompts loaded"
     );
-    {
-        let plan = crate::call::dialplan::DialPlan::new(&file.transfers, &[], &[]);
-        for to in menu.file.transfer_targets() {
-            if plan.crisis_line(to).is_none() {
-                warn!(
-                    line = to,
-                    "the menu transfers callers to \"{to}\", which is not a `transfers` entry \
-                     with `crisis: true`: they will hear its announcement instead"
-                );
-            }
-        }
+    for (to, why) in crisis_lines_missing(&menu.file, &file.transfers) {
+        warn!(line = to, "{why}");
     }
     for q in &file.queues {
         let Some(name) = &q.record_announcement else {

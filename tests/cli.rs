@@ -381,3 +381,35 @@ fn check_config_checks_every_lines_menu() {
     assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `check --config` says what `serve` would log at start: a menu `transfer` to a line that is
+/// not a crisis entry of `transfers` (callers would hear "dial 988" instead of being put
+/// through). A warning, not a failure.
+#[test]
+fn check_config_warns_about_a_menu_transfer_to_a_line_that_is_not_configured() {
+    let dir = std::env::temp_dir().join(format!("ivr311-crisis-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, "agents: []\n").unwrap();
+    let out = ivr311(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let warning = (text.lines())
+        .find(|l| l.contains("\"lifeline\""))
+        .unwrap_or_else(|| panic!("no warning about the lifeline: {text}"));
+    assert!(
+        warning.starts_with("menus/311.yaml: warning: ") && warning.contains("crisis: true"),
+        "{warning}"
+    );
+
+    std::fs::write(
+        &config,
+        "transfers:\n  - {name: lifeline, number: \"988\", uri: \"sip:988@198.51.100.30\", crisis: true}\n",
+    )
+    .unwrap();
+    let out = ivr311(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("\"lifeline\""), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
