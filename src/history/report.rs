@@ -40,8 +40,9 @@
 //!
 //! A ratio whose denominator is zero is `null`.
 
+use crate::dispatch::db;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use std::collections::BTreeMap;
 
 use super::HistoryError;
@@ -262,7 +263,7 @@ pub fn iso(ms: i64) -> String {
 
 /// The calls report over `range`.
 pub async fn calls(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<CallsReport, HistoryError> {
@@ -320,7 +321,7 @@ pub(crate) fn sums_columns(short: &str, target: &str) -> String {
 /// from the rollup the writer keeps ([`super::rollup`]) once it is built for `config`'s
 /// thresholds; any other from `call_history`.
 pub async fn call_sums(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
@@ -333,7 +334,7 @@ pub async fn call_sums(
 
 /// [`call_sums`] from `call_history` itself.
 pub async fn call_sums_raw(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
@@ -365,6 +366,7 @@ pub async fn call_sums_raw(
          WHERE started_ms >= ?1 AND started_ms < ?4{filter}
          GROUP BY b ORDER BY b"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, SumsRow>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -391,6 +393,7 @@ pub async fn call_sums_raw(
          WHERE started_ms >= ?1 AND started_ms < ?3 AND outcome = 'ticket'{filter}
          GROUP BY b, ticket_service"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, (i64, Option<String>, i64)>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -536,7 +539,7 @@ impl AgentSums {
 }
 
 /// The agents report over `range`.
-pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, HistoryError> {
+pub async fn agents(pool: &AnyPool, range: &Range) -> Result<AgentsReport, HistoryError> {
     let step = range.interval.millis();
     let mut sums: BTreeMap<(i64, String), AgentSums> = BTreeMap::new();
     let filter = if range.queue.is_some() {
@@ -550,6 +553,7 @@ pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, Hi
          WHERE started_ms >= ?1 AND started_ms < ?3 AND agent IS NOT NULL{filter}
          GROUP BY b, agent"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, (i64, String, i64, i64)>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -563,10 +567,11 @@ pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, Hi
         s.talk_ms = talk;
     }
     // State spans overlapping the range, cut at the edges of each interval.
-    let spans: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(
+    let spans: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(&db::sql(
+        &pool,
         "SELECT agent, state, reason, started_ms, ended_ms FROM agent_states
          WHERE started_ms < ?2 AND ended_ms > ?1",
-    )
+    ))
     .bind(range.from_ms)
     .bind(range.to_ms)
     .fetch_all(pool)
@@ -982,7 +987,8 @@ mod tests {
         let t = std::time::Instant::now();
         // Outcomes by a hash of the row number: 30 % reach the queue (85 % of those
         // answered), 45 % tickets, 10 % information, 1 % 911, the rest abandoned in the menu.
-        sqlx::query(
+        sqlx::query(&db::sql(
+            &pool,
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1),
              r AS (SELECT i, (i * 2654435761) % 1000 AS h FROM n)
              INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller,
@@ -1008,14 +1014,14 @@ mod tests {
                  CASE WHEN h >= 255 AND h < 300 THEN (h * 37) % 120000
                       WHEN h >= 860 THEN 30000 END
              FROM r",
-        )
+        ))
         .bind(per_day * days)
         .bind(T0 - days * 86_400_000)
         .bind(per_day)
         .execute(pool)
         .await
         .unwrap();
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
+        let n: i64 = sqlx::query_scalar(&db::sql(&pool, "SELECT count(*) FROM call_history"))
             .fetch_one(pool)
             .await
             .unwrap();

@@ -1,0 +1,245 @@
+//! The database under the ticket store: embedded SQLite (the default, one node) or a shared
+//! PostgreSQL server (several nodes), behind one code path.
+//!
+//! Every durable table (tickets, the 911 audit, the outbox, call history, announcements,
+//! call-backs, privacy erasures) is read and written through sqlx's [`Any`](sqlx::Any)
+//! driver, so each query is written once. Why `Any` and not a store trait with one
+//! implementation per database: the queries are plain SQL that both databases accept, and
+//! the handful that are not (date arithmetic for open data, upserts that keep a maximum,
+//! substring search for records requests, per-connection write restrictions) branch on
+//! [`Dialect`] where they stand, next to their SQLite twin, so a reader sees both at once.
+//!
+//! # Placeholders
+//!
+//! Queries are written with SQLite's `?` and `?N` placeholders. [`sql`] rewrites them to
+//! PostgreSQL's `$N` (outside quoted text) when the database is PostgreSQL; on SQLite the
+//! text is used as written, so the embedded default runs exactly the SQL it always did.
+//!
+//! # Schemas
+//!
+//! `migrations/` is the SQLite schema and `migrations/postgres/` its PostgreSQL twin; each
+//! is run at start by the migrator of its dialect ([`migrator`]). PostgreSQL's migrator
+//! holds an advisory lock while it runs, so nodes starting at once apply each migration
+//! once.
+
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool};
+use std::borrow::Cow;
+use std::sync::Once;
+
+/// The SQLite schema, compiled in.
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// The PostgreSQL schema, compiled in.
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which database a pool or connection talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Embedded SQLite: one file, one node.
+    Sqlite,
+    /// A PostgreSQL server shared by every node.
+    Postgres,
+}
+
+impl Dialect {
+    /// The dialect of a database URL (`sqlite:…` or `postgres://…`/`postgresql://…`).
+    pub fn of_url(url: &str) -> Option<Dialect> {
+        let scheme = url.split_once(':')?.0;
+        match scheme {
+            "sqlite" => Some(Dialect::Sqlite),
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            _ => None,
+        }
+    }
+}
+
+/// Something that knows which database it talks to.
+pub trait HasDialect {
+    /// The database's dialect.
+    fn dialect(&self) -> Dialect;
+}
+
+impl HasDialect for Dialect {
+    fn dialect(&self) -> Dialect {
+        *self
+    }
+}
+
+impl HasDialect for AnyPool {
+    fn dialect(&self) -> Dialect {
+        Dialect::of_url(self.connect_options().database_url.as_str()).unwrap_or(Dialect::Sqlite)
+    }
+}
+
+impl HasDialect for sqlx::SqlitePool {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+}
+
+impl HasDialect for AnyConnection {
+    fn dialect(&self) -> Dialect {
+        if self.backend_name().eq_ignore_ascii_case("postgresql") {
+            Dialect::Postgres
+        } else {
+            Dialect::Sqlite
+        }
+    }
+}
+
+impl HasDialect for sqlx::Transaction<'_, sqlx::Any> {
+    fn dialect(&self) -> Dialect {
+        (**self).dialect()
+    }
+}
+
+impl HasDialect for sqlx::pool::PoolConnection<sqlx::Any> {
+    fn dialect(&self) -> Dialect {
+        (**self).dialect()
+    }
+}
+
+impl<T: HasDialect + ?Sized> HasDialect for &T {
+    fn dialect(&self) -> Dialect {
+        (**self).dialect()
+    }
+}
+
+impl<T: HasDialect + ?Sized> HasDialect for &mut T {
+    fn dialect(&self) -> Dialect {
+        (**self).dialect()
+    }
+}
+
+/// `query` as the database `on` wants it: unchanged for SQLite; for PostgreSQL each `?` and
+/// `?N` outside quoted text becomes `$N`, numbered the way SQLite numbers them (a bare `?`
+/// is one more than the largest number so far).
+pub fn sql<'a>(on: impl HasDialect, query: &'a str) -> Cow<'a, str> {
+    match on.dialect() {
+        Dialect::Sqlite => Cow::Borrowed(query),
+        Dialect::Postgres => {
+            if query.contains('?') {
+                Cow::Owned(numbered(query))
+            } else {
+                Cow::Borrowed(query)
+            }
+        }
+    }
+}
+
+fn numbered(query: &str) -> String {
+    let mut out = String::with_capacity(query.len() + 8);
+    let mut chars = query.chars().peekable();
+    let mut quote: Option<char> = None;
+    let mut largest = 0u32;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '?' => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                let n = match digits.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) => largest + 1,
+                };
+                largest = largest.max(n);
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// The migrator of a dialect's schema.
+pub fn migrator(dialect: Dialect) -> &'static Migrator {
+    match dialect {
+        Dialect::Sqlite => &SQLITE_MIGRATOR,
+        Dialect::Postgres => &POSTGRES_MIGRATOR,
+    }
+}
+
+/// Makes sqlx's `Any` driver able to open SQLite and PostgreSQL URLs. Idempotent.
+pub fn install_drivers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(sqlx::any::install_default_drivers);
+}
+
+/// A PostgreSQL URL with its password, if any, replaced by `***`: for logs and errors.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(an unparsable database URL)".to_owned(),
+    }
+}
+
+/// A unique-key violation: SQLite's `SQLITE_CONSTRAINT_PRIMARYKEY`/`UNIQUE` or PostgreSQL's
+/// `23505`.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("1555") | Some("2067") | Some("23505")
+        ),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        let q = "SELECT a FROM t WHERE b = ? AND c IN (?, ?) AND d = '?' AND e = ?";
+        assert_eq!(sql(Dialect::Sqlite, q), q);
+        assert_eq!(
+            sql(Dialect::Postgres, q),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3) AND d = '?' AND e = $4"
+        );
+        assert_eq!(
+            sql(Dialect::Postgres, "SELECT ?2, ?1, ?, ?1"),
+            "SELECT $2, $1, $3, $1"
+        );
+        assert_eq!(
+            sql(Dialect::Postgres, "SELECT 'it''s ?', ?"),
+            "SELECT 'it''s ?', $1"
+        );
+    }
+
+    #[test]
+    fn urls_name_their_dialect_and_hide_passwords() {
+        assert_eq!(Dialect::of_url("sqlite::memory:"), Some(Dialect::Sqlite));
+        assert_eq!(
+            Dialect::of_url("postgres://u@h/db"),
+            Some(Dialect::Postgres)
+        );
+        assert_eq!(
+            Dialect::of_url("postgresql://u@h/db"),
+            Some(Dialect::Postgres)
+        );
+        assert_eq!(Dialect::of_url("mysql://u@h/db"), None);
+        assert_eq!(
+            redacted("postgres://ivr:secret@db.city/311"),
+            "postgres://ivr:***@db.city/311"
+        );
+    }
+}
