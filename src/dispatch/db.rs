@@ -164,6 +164,45 @@ fn numbered(query: &str) -> String {
     out
 }
 
+/// The larger of two values: SQLite's two-argument `max`, PostgreSQL's `GREATEST`.
+pub fn greatest(on: impl HasDialect) -> &'static str {
+    match on.dialect() {
+        Dialect::Sqlite => "max",
+        Dialect::Postgres => "GREATEST",
+    }
+}
+
+/// The Monday (`YYYY-MM-DD`) of the week of an ISO 8601 text `column`.
+pub fn week_start(on: impl HasDialect, column: &str) -> String {
+    match on.dialect() {
+        Dialect::Sqlite => format!("date(substr({column}, 1, 10), '-6 days', 'weekday 1')"),
+        Dialect::Postgres => format!(
+            "to_char(date_trunc('week', CAST(substr({column}, 1, 10) AS DATE)), 'YYYY-MM-DD')"
+        ),
+    }
+}
+
+/// Days (fractional, a REAL/DOUBLE) from ISO 8601 text `earlier` to `later` (columns or
+/// placeholders).
+pub fn days_between(on: impl HasDialect, later: &str, earlier: &str) -> String {
+    match on.dialect() {
+        Dialect::Sqlite => format!("julianday({later}) - julianday({earlier})"),
+        Dialect::Postgres => format!(
+            "CAST(EXTRACT(EPOCH FROM (CAST({later} AS TIMESTAMPTZ) \
+             - CAST({earlier} AS TIMESTAMPTZ))) / 86400 AS DOUBLE PRECISION)"
+        ),
+    }
+}
+
+/// The function giving the 1-based position of a substring (0: absent): SQLite's `instr`,
+/// PostgreSQL's `strpos` (same arguments: text, then what to find).
+pub fn instr(on: impl HasDialect) -> &'static str {
+    match on.dialect() {
+        Dialect::Sqlite => "instr",
+        Dialect::Postgres => "strpos",
+    }
+}
+
 /// The migrator of a dialect's schema.
 pub fn migrator(dialect: Dialect) -> &'static Migrator {
     match dialect {

@@ -688,9 +688,11 @@ impl TicketStore {
         let now = crate::dispatch::tickets::iso(crate::dispatch::tickets::whole_second_utc(now))?;
         let sql = format!(
             "UPDATE tickets SET status = ?, status_notes = ?, expected_datetime = ?, \
-             updated_datetime = MAX(?, updated_datetime) \
-             WHERE service_request_id = ? AND (status IS NOT ? OR status_notes IS NOT ? \
-             OR expected_datetime IS NOT ?) RETURNING {TICKET_COLUMNS}"
+             updated_datetime = {greatest}(?, updated_datetime) \
+             WHERE service_request_id = ? AND (status IS DISTINCT FROM ? \
+             OR status_notes IS DISTINCT FROM ? OR expected_datetime IS DISTINCT FROM ?) \
+             RETURNING {TICKET_COLUMNS}",
+            greatest = db::greatest(self.pool()),
         );
         let id = i64::try_from(ticket).unwrap_or(0);
         let mut tx = WriteTxn::begin(self.pool())

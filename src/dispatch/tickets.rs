@@ -796,10 +796,30 @@ impl TicketStore {
     }
 
     /// Opens a private in-memory database (one connection, gone when the store is
-    /// dropped). For tests and demos.
+    /// dropped). For tests.
+    ///
+    /// With `IVR311_TEST_PG` set to a PostgreSQL server's URL (`postgres://user@host:port`),
+    /// a fresh database on that server instead: the unit tests of everything stored then run
+    /// on PostgreSQL (`scripts/test` does so with a throwaway cluster).
     #[cfg(test)]
     pub(crate) async fn open_in_memory() -> Result<TicketStore, StoreError> {
         db::install_drivers();
+        if let Ok(server) = std::env::var("IVR311_TEST_PG") {
+            use sqlx::Connection;
+            let name = format!("unit_{:016x}", rand::random::<u64>());
+            let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+                .await
+                .map_err(|source| StoreError::Open {
+                    path: PathBuf::from(db::redacted(&server)),
+                    source,
+                })?;
+            // `name` is hex digits made here, never input.
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .map_err(StoreError::Db)?;
+            return TicketStore::open_postgres(&format!("{server}/{name}")).await;
+        }
         let path = PathBuf::from(":memory:");
         // "sqlite::memory:" gets a unique shared-cache name per call.
         let options = AnyConnectOptions::from_str("sqlite::memory:")
@@ -1261,8 +1281,9 @@ impl TicketStore {
         // MAX keeps updated_datetime from going backwards if the clock does.
         let sql = format!(
             "UPDATE tickets SET status = ?, status_notes = COALESCE(?, status_notes), \
-             updated_datetime = MAX(?, updated_datetime) \
-             WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}"
+             updated_datetime = {greatest}(?, updated_datetime) \
+             WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}",
+            greatest = db::greatest(&self.pool),
         );
         let sql = db::sql(&self.pool, &sql);
         let query = sqlx::query(&sql)
@@ -2076,10 +2097,7 @@ mod tests {
             .execute(&mut other)
             .await
             .expect("no connection of the store holds the write lock");
-        sqlx::query("ROLLBACK")
-            .execute(&mut other)
-            .await
-            .unwrap();
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
         other.close().await.unwrap();
         store.close().await;
     }
@@ -2628,10 +2646,7 @@ mod tests {
             Some(kept.clone())
         );
 
-        sqlx::query("ROLLBACK")
-            .execute(&mut other)
-            .await
-            .unwrap();
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
         drop(other);
         assert_eq!(count(&store, "tickets").await, 1);
         assert_eq!(count(&store, "emergency_redirects").await, 0);

@@ -287,33 +287,51 @@ pub async fn calls(
 /// The sums per interval start (epoch ms).
 /// The aggregates of [`CallSums`] over `call_history` rows, named as its fields, with these
 /// SQL expressions for the short-abandon limit and the service-level target (ms).
+///
+/// Written for both databases: `count(*) FILTER (WHERE …)` counts rows that match (SQLite
+/// would also sum a boolean; PostgreSQL has no sum of booleans), and sums are cast back to
+/// BIGINT (PostgreSQL sums BIGINT into NUMERIC).
 pub(crate) fn sums_columns(short: &str, target: &str) -> String {
+    let n = |cond: &str| format!("count(*) FILTER (WHERE {cond})");
+    let s = |expr: &str| format!("CAST(coalesce(sum({expr}), 0) AS BIGINT)");
     format!(
         "count(*) AS calls,
-            coalesce(sum(answered_ms IS NOT NULL), 0) AS answered_by_ivr,
-            coalesce(sum(outcome = 'rejected'), 0) AS rejected,
-            coalesce(sum(queue IS NOT NULL), 0) AS offered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL), 0) AS answered,
-            coalesce(sum(queue IS NOT NULL AND outcome = 'callback'), 0) AS callbacks_requested,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'), 0)
-                AS unanswered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'
-                AND wait_ms < {short}), 0) AS short_abandoned,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}), 0)
-                AS answered_within_target,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END), 0)
-                AS answered_wait_ms,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL
-                THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END), 0) AS handle_ms,
+            {} AS answered_by_ivr,
+            {} AS rejected,
+            {} AS offered,
+            {} AS answered,
+            {} AS callbacks_requested,
+            {} AS unanswered,
+            {} AS short_abandoned,
+            {} AS answered_within_target,
+            {} AS answered_wait_ms,
+            {} AS handle_ms,
             coalesce(max(CASE WHEN queue IS NOT NULL THEN wait_ms END), 0) AS longest_wait_ms,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'served'), 0)
-                AS callbacks_completed,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'unreached'), 0)
-                AS callbacks_unreached,
-            coalesce(sum(outcome = 'emergency'), 0) AS emergency_redirects,
-            coalesce(sum(outcome = 'ticket'), 0) AS tickets,
-            coalesce(sum(answered_ms IS NOT NULL AND agent IS NULL
-                AND outcome IN ('ticket', 'info')), 0) AS self_service"
+            {} AS callbacks_completed,
+            {} AS callbacks_unreached,
+            {} AS emergency_redirects,
+            {} AS tickets,
+            {} AS self_service",
+        n("answered_ms IS NOT NULL"),
+        n("outcome = 'rejected'"),
+        n("queue IS NOT NULL"),
+        n("queue IS NOT NULL AND agent IS NOT NULL"),
+        n("queue IS NOT NULL AND outcome = 'callback'"),
+        n("queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'"),
+        n(&format!(
+            "queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback' AND wait_ms < {short}"
+        )),
+        n(&format!(
+            "queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}"
+        )),
+        s("CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END"),
+        s("CASE WHEN queue IS NOT NULL AND agent IS NOT NULL \
+           THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END"),
+        n("outcome = 'callback' AND callback_result = 'served'"),
+        n("outcome = 'callback' AND callback_result = 'unreached'"),
+        n("outcome = 'emergency'"),
+        n("outcome = 'ticket'"),
+        n("answered_ms IS NOT NULL AND agent IS NULL AND outcome IN ('ticket', 'info')"),
     )
 }
 
@@ -548,7 +566,7 @@ pub async fn agents(pool: &AnyPool, range: &Range) -> Result<AgentsReport, Histo
         ""
     };
     let sql = format!(
-        "SELECT (started_ms - ?1) / ?2 AS b, agent, count(*), coalesce(sum(talk_ms), 0)
+        "SELECT (started_ms - ?1) / ?2 AS b, agent, count(*), CAST(coalesce(sum(talk_ms), 0) AS BIGINT)
          FROM call_history
          WHERE started_ms >= ?1 AND started_ms < ?3 AND agent IS NOT NULL{filter}
          GROUP BY b, agent"

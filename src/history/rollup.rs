@@ -88,8 +88,11 @@ async fn add_where(
     let updates: Vec<String> = SUMS
         .iter()
         .map(|c| match *c {
-            "longest_wait_ms" => format!("{c} = max({c}, excluded.{c})"),
-            _ => format!("{c} = {c} + excluded.{c}"),
+            "longest_wait_ms" => format!(
+                "{c} = {greatest}(call_rollup.{c}, excluded.{c})",
+                greatest = db::greatest(&**tx)
+            ),
+            _ => format!("{c} = call_rollup.{c} + excluded.{c}"),
         })
         .collect();
     let sql = format!(
@@ -115,7 +118,7 @@ async fn add_where(
                 coalesce(ticket_service, ''), count(*)
          FROM call_history WHERE {column} BETWEEN ?1 AND ?2 AND outcome = 'ticket'
          GROUP BY 1, 2, 3
-         ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = tickets + excluded.tickets"
+         ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = call_rollup_services.tickets + excluded.tickets"
     ),
     ))
     .bind(first)
@@ -157,8 +160,8 @@ pub(crate) async fn add_callback_result(
         &**tx,
         &format!(
             "UPDATE call_rollup SET
-             callbacks_completed = callbacks_completed + (?1 = 'served'),
-             callbacks_unreached = callbacks_unreached + (?1 = 'unreached')
+             callbacks_completed = callbacks_completed + CASE WHEN ?1 = 'served' THEN 1 ELSE 0 END,
+             callbacks_unreached = callbacks_unreached + CASE WHEN ?1 = 'unreached' THEN 1 ELSE 0 END
          WHERE (bucket_ms, queue) = (SELECT started_ms - started_ms % {BUCKET_MS},
              coalesce(queue, '') FROM call_history WHERE id = ?2)"
         ),
@@ -266,7 +269,7 @@ pub async fn call_sums(
         .iter()
         .map(|c| match *c {
             "longest_wait_ms" => format!("coalesce(max({c}), 0) AS {c}"),
-            _ => format!("coalesce(sum({c}), 0) AS {c}"),
+            _ => format!("CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}"),
         })
         .collect();
     let filter = if range.queue.is_some() {
@@ -293,7 +296,7 @@ pub async fn call_sums(
         out.insert(range.from_ms + r.b * step, r.sums());
     }
     let sql = format!(
-        "SELECT (bucket_ms - ?1) / ?2 AS b, service, sum(tickets) FROM call_rollup_services
+        "SELECT (bucket_ms - ?1) / ?2 AS b, service, CAST(sum(tickets) AS BIGINT) FROM call_rollup_services
          WHERE bucket_ms >= ?1 AND bucket_ms < ?3{filter}
          GROUP BY b, service"
     );

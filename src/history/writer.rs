@@ -351,7 +351,7 @@ pub(crate) async fn hash_key(pool: &AnyPool) -> Result<Vec<u8>, sqlx::Error> {
     let key: [u8; 32] = rand::random();
     sqlx::query(&db::sql(
         &pool,
-        "INSERT OR IGNORE INTO history_key (id, key) VALUES (1, ?)",
+        "INSERT INTO history_key (id, key) VALUES (1, ?) ON CONFLICT DO NOTHING",
     ))
     .bind(&key[..])
     .execute(pool)

@@ -9,7 +9,7 @@
 
 use super::retention::{remove_file, scrub_json};
 use super::{Phone, PrivacyError, ERASED};
-use crate::dispatch::db;
+use crate::dispatch::db::{self, HasDialect};
 use crate::dispatch::tickets::{TicketStore, WriteTxn};
 use serde::Serialize;
 use sqlx::AnyPool;
@@ -58,8 +58,9 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         &pool,
         &format!(
             "SELECT service_request_id, phone, call_id, recording FROM tickets \
-         WHERE phone IS NOT NULL AND phone <> ? AND instr({}, ?) > 0",
-            digits("phone")
+         WHERE phone IS NOT NULL AND phone <> ? AND {instr}({}, ?) > 0",
+            digits("phone"),
+            instr = db::instr(pool)
         ),
     ))
     .bind(ERASED)
@@ -87,8 +88,9 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         &pool,
         &format!(
         "SELECT id, caller, call_id FROM call_history WHERE caller IS NOT NULL AND caller <> ? \
-         AND (caller IN (?, ?, ?) OR instr({}, ?) > 0)",
-        digits("caller")
+         AND (caller IN (?, ?, ?) OR {instr}({}, ?) > 0)",
+        digits("caller"),
+            instr = db::instr(pool)
     ),
     ))
     .bind(ERASED)
@@ -107,8 +109,9 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
     let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
         &pool,
         &format!(
-            "SELECT id, number FROM callback_requests WHERE number <> ? AND instr({}, ?) > 0",
-            digits("number")
+            "SELECT id, number FROM callback_requests WHERE number <> ? AND {instr}({}, ?) > 0",
+            digits("number"),
+            instr = db::instr(pool)
         ),
     ))
     .bind(ERASED)
@@ -123,8 +126,9 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         &pool,
         &format!(
             "SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL \
-         AND instr({}, ?) > 0",
-            digits("caller")
+         AND {instr}({}, ?) > 0",
+            digits("caller"),
+            instr = db::instr(pool)
         ),
     ))
     .bind(tail)
@@ -139,10 +143,11 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         &pool,
         &format!(
             "SELECT id, ticket_id, body FROM outbox WHERE ticket_id IN (SELECT service_request_id \
-         FROM tickets WHERE phone IS NOT NULL AND instr({}, ?) > 0) \
-         OR (body IS NOT NULL AND instr({}, ?) > 0)",
+         FROM tickets WHERE phone IS NOT NULL AND {instr}({}, ?) > 0) \
+         OR (body IS NOT NULL AND {instr}({}, ?) > 0)",
             digits("phone"),
-            digits("body")
+            digits("body"),
+            instr = db::instr(pool)
         ),
     ))
     .bind(tail)
@@ -168,7 +173,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
     Ok(f)
 }
 
-/// Rows of `table` as JSON objects (SQLite's `json_object` over `columns`) whose `key` is one
+/// Rows of `table` as JSON objects (`json_object`, PostgreSQL's `json_build_object`, over `columns`) whose `key` is one
 /// of `ids`.
 async fn rows_json(
     pool: &AnyPool,
@@ -178,10 +183,11 @@ async fn rows_json(
     ids: &[String],
 ) -> Result<Vec<serde_json::Value>, PrivacyError> {
     let object: Vec<String> = columns.iter().map(|c| format!("'{c}', {c}")).collect();
-    let sql = format!(
-        "SELECT json_object({}) FROM {table} WHERE {key} = ? ORDER BY 1",
-        object.join(", ")
-    );
+    let object = match pool.dialect() {
+        db::Dialect::Sqlite => format!("json_object({})", object.join(", ")),
+        db::Dialect::Postgres => format!("CAST(json_build_object({}) AS TEXT)", object.join(", ")),
+    };
+    let sql = format!("SELECT {object} FROM {table} WHERE {key} = ? ORDER BY 1");
     let mut out = Vec::new();
     for id in ids {
         let rows: Vec<String> = sqlx::query_scalar(&db::sql(&pool, &sql))
