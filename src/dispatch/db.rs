@@ -26,6 +26,8 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool};
 use std::borrow::Cow;
 use std::sync::Once;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The SQLite schema, compiled in.
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -200,6 +202,100 @@ pub fn instr(on: impl HasDialect) -> &'static str {
     match on.dialect() {
         Dialect::Sqlite => "instr",
         Dialect::Postgres => "strpos",
+    }
+}
+
+/// PostgreSQL advisory lock keys (`0x33_31_31_NN`: "311" and a number).
+pub mod locks {
+    /// Held by every write transaction ([`super::lock_writes`]).
+    pub const WRITE: i64 = 0x0033_3131;
+    /// Held by the node that delivers the outbox and polls the CRM ([`super::Leader`]).
+    pub const OUTBOX: i64 = 0x3331_3102;
+    /// Held while the report rollup is rebuilt.
+    pub const ROLLUP: i64 = 0x3331_3103;
+}
+
+/// Makes the transaction open on `conn` the only writing one until it ends: on PostgreSQL it
+/// takes the cluster-wide [`locks::WRITE`] advisory lock (released at commit or rollback); on
+/// SQLite the file's own write lock already does this, and nothing is done.
+///
+/// Why one lock for every write rather than row locks: the checks made inside writes (the
+/// call-back limit per number and day, duplicate reports, id ranges the report rollup adds
+/// in one statement) are then exact across nodes as they are in one SQLite file, with no
+/// serialization failures to retry. Writes are short (one ticket, one batch of history), so
+/// the cost is that they do not overlap, which is the embedded store's ceiling too.
+pub async fn lock_writes(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    if conn.dialect() == Dialect::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(locks::WRITE)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// How often a [`Leader`] checks that its lock's connection is alive, and how often a node
+/// waiting for the lock tries again.
+pub const LEADER_CHECK: Duration = Duration::from_secs(2);
+
+/// This node's turn at work that one node at a time may do (delivering the outbox: two
+/// nodes sending the same row would file it twice at the CRM).
+///
+/// On PostgreSQL, a session advisory lock held on a connection of its own, out of the pool:
+/// a node that dies or loses the database loses the lock with its connection, and the next
+/// node waiting takes it within [`LEADER_CHECK`]. On SQLite (one node) the turn is always
+/// this node's.
+pub struct Leader {
+    conn: Option<AnyConnection>,
+}
+
+impl Leader {
+    /// Waits until this node holds `key`, or `cancel` fires (`None`).
+    pub async fn acquire(pool: &AnyPool, key: i64, cancel: &CancellationToken) -> Option<Leader> {
+        if pool.dialect() == Dialect::Sqlite {
+            return Some(Leader { conn: None });
+        }
+        let mut waiting_since_logged = false;
+        loop {
+            match Leader::try_once(pool, key).await {
+                Ok(Some(conn)) => return Some(Leader { conn: Some(conn) }),
+                Ok(None) => {
+                    if !waiting_since_logged {
+                        tracing::info!(lock = key, "another node holds this work; waiting");
+                        waiting_since_logged = true;
+                    }
+                }
+                Err(e) => tracing::warn!(lock = key, error = %e, "cannot take the lock"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(LEADER_CHECK) => {}
+            }
+        }
+    }
+
+    async fn try_once(pool: &AnyPool, key: i64) -> Result<Option<AnyConnection>, sqlx::Error> {
+        let mut conn = pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(got.then_some(conn))
+    }
+
+    /// Resolves when the lock is lost (its connection broke). Never on SQLite.
+    pub async fn lost(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(LEADER_CHECK).await;
+            let alive =
+                tokio::time::timeout(LEADER_CHECK, sqlx::query("SELECT 1").execute(&mut *conn));
+            if !matches!(alive.await, Ok(Ok(_))) {
+                return;
+            }
+        }
     }
 }
 

@@ -442,7 +442,7 @@ impl TicketStore {
         let sql = format!(
             "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1 \
              WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_ms <= ? \
-             ORDER BY id LIMIT ?) RETURNING {ITEM_COLUMNS}"
+             ORDER BY id LIMIT ?) AND state = 'pending' RETURNING {ITEM_COLUMNS}"
         );
         let rows = sqlx::query(&db::sql(&self.pool(), &sql))
             .bind(now_ms)

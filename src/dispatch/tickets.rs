@@ -44,8 +44,6 @@ use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-/// The PostgreSQL advisory lock every [`WriteTxn`] holds: "311" in ASCII.
-pub(crate) const WRITE_LOCK: i64 = 0x0033_3131;
 /// Smallest ticket number: 8 digits, no leading zero.
 pub(crate) const ID_MIN: u64 = 10_000_000;
 /// Largest ticket number.
@@ -239,13 +237,8 @@ pub(crate) fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
 /// waiting at most the busy timeout), then [`commit`](Self::commit) or
 /// [`rollback`](Self::rollback).
 ///
-/// On PostgreSQL the transaction starts by taking one cluster-wide advisory lock
-/// ([`WRITE_LOCK`], held until it ends), so write transactions run one at a time across every
-/// node exactly as SQLite's write lock makes them run one at a time in one file. What that
-/// buys: checks made inside a write (the call-back limit per number and day, duplicate
-/// reports, the outbox claims) stay exact when two nodes file for the same caller at once,
-/// with no serialization failures to retry. What it costs: writes do not overlap, which is
-/// the same ceiling the embedded store has; reads never take the lock.
+/// On PostgreSQL the transaction starts with `BEGIN` and [`db::lock_writes`], so writes run
+/// one at a time across every node as SQLite's write lock makes them run in one file.
 ///
 /// Not sqlx's `Transaction`: sqlx counts the transactions it opened on each connection, and
 /// when SQLite ends one by itself (it rolls the whole transaction back on `SQLITE_FULL` and on
@@ -269,10 +262,7 @@ impl WriteTxn {
             Dialect::Postgres => {
                 sqlx::query("BEGIN").execute(&mut *conn).await?;
                 let mut txn = WriteTxn { conn: Some(conn) };
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(WRITE_LOCK)
-                    .execute(txn.conn())
-                    .await?;
+                db::lock_writes(txn.conn()).await?;
                 return Ok(txn);
             }
         }

@@ -13,6 +13,7 @@ use super::HistoryError;
 use crate::dispatch::db;
 use sqlx::{Any, AnyPool, Transaction};
 use std::collections::BTreeMap;
+use tokio_util::sync::CancellationToken;
 
 /// The rollup's granularity.
 pub const BUCKET_MS: i64 = 900_000;
@@ -212,7 +213,14 @@ pub async fn rebuild_if_changed(
     if ready(pool, config).await? {
         return Ok(false);
     }
+    // Nodes starting at once rebuild one after the other; the later ones find it ready.
+    let never = CancellationToken::new();
+    let _turn = db::Leader::acquire(pool, db::locks::ROLLUP, &never).await;
+    if ready(pool, config).await? {
+        return Ok(false);
+    }
     let mut tx = pool.begin().await?;
+    db::lock_writes(&mut tx).await?;
     sqlx::query(&db::sql(
         &*tx,
         "DELETE FROM history_meta WHERE key = 'rollup_thresholds'",
@@ -237,6 +245,7 @@ pub async fn rebuild_if_changed(
         let mut at = first - first.rem_euclid(BUCKET_MS);
         while at <= last {
             let mut tx = pool.begin().await?;
+            db::lock_writes(&mut tx).await?;
             add_where(
                 &mut tx,
                 config,

@@ -141,8 +141,9 @@ pub(crate) async fn write(
     records: &[Record],
 ) -> Result<(), HistoryError> {
     let mut tx = pool.begin().await?;
+    db::lock_writes(&mut tx).await?;
     // Calls inserted and not yet in the rollup. Within one transaction the database's write
-    // lock keeps anyone else from inserting, so their ids form one range and the rollup
+    // lock (on PostgreSQL, the write lock every node takes) keeps anyone else from inserting, so their ids form one range and the rollup
     // takes them in one aggregate statement instead of one per call. A record that changes
     // a call already written (a call-back's result, a wrap-up) needs that call in the
     // rollup first, so the range is added before it.
