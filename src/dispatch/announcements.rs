@@ -422,7 +422,7 @@ pub async fn insert(
         what: "spec",
     })?;
     let id: i64 = sqlx::query_scalar(&db::sql(
-        &pool,
+        pool,
         "INSERT INTO announcements (created_at, created_by, starts_at, ends_at, spec) \
          VALUES (?, ?, ?, ?, ?) RETURNING id",
     ))
@@ -445,7 +445,7 @@ pub async fn end(
 ) -> Result<bool, AnnouncementError> {
     let now = now.to_string();
     let r = sqlx::query(&db::sql(
-        &pool,
+        pool,
         "UPDATE announcements SET ended_at = ?, ended_by = ? \
          WHERE id = ? AND ended_at IS NULL AND ends_at > ?",
     ))
@@ -466,7 +466,7 @@ pub async fn current(
     // Times are RFC 3339 UTC, compared as instants after parsing (jiff may print fractions).
     type Row = (i64, String, String, String, String, Option<String>, String);
     let rows: Vec<Row> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         "SELECT id, created_at, created_by, starts_at, ends_at, ended_at, spec \
              FROM announcements WHERE ended_at IS NULL ORDER BY starts_at, id",
     ))

@@ -412,7 +412,7 @@ impl TicketStore {
     /// filed twice. Returns how many of each.
     pub(crate) async fn outbox_recover(&self) -> Result<(u64, u64), StoreError> {
         let resent = sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'pending' WHERE state = 'in_flight' AND kind = 'webhook'",
         ))
         .execute(self.pool())
@@ -420,7 +420,7 @@ impl TicketStore {
         .map_err(|e| fail("outbox_recover", e))?
         .rows_affected();
         let dead = sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'dead', last_error = ? \
              WHERE state = 'in_flight' AND kind = 'open311'",
         ))
@@ -444,7 +444,7 @@ impl TicketStore {
              WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_ms <= ? \
              ORDER BY id LIMIT ?) AND state = 'pending' RETURNING {ITEM_COLUMNS}"
         );
-        let rows = sqlx::query(&db::sql(&self.pool(), &sql))
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(now_ms)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -461,7 +461,7 @@ impl TicketStore {
     /// When the next `pending` row is due, if any.
     pub(crate) async fn outbox_next_due(&self) -> Result<Option<i64>, StoreError> {
         sqlx::query_scalar(&db::sql(
-            &self.pool(),
+            self.pool(),
             "SELECT MIN(next_ms) FROM outbox WHERE state = 'pending'",
         ))
         .fetch_one(self.pool())
@@ -472,7 +472,7 @@ impl TicketStore {
     /// Row `id` was delivered.
     pub(crate) async fn outbox_done(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
         sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'done', done_ms = ?, last_error = NULL WHERE id = ?",
         ))
         .bind(now_ms)
@@ -507,13 +507,13 @@ impl TicketStore {
             ),
         };
         let step = async {
-            sqlx::query(&db::sql(&tx.conn(), sql))
+            sqlx::query(&db::sql(tx.conn(), sql))
                 .bind(value)
                 .bind(ticket)
                 .execute(tx.conn())
                 .await?;
             sqlx::query(&db::sql(
-                &tx.conn(),
+                tx.conn(),
                 "UPDATE outbox SET state = 'done', done_ms = ?, last_error = NULL WHERE id = ?",
             ))
             .bind(now_ms)
@@ -537,7 +537,7 @@ impl TicketStore {
         error: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'pending', next_ms = ?, last_error = ? WHERE id = ?",
         ))
         .bind(next_ms)
@@ -552,7 +552,7 @@ impl TicketStore {
     /// Row `id` is given up (`reason` shown in `/admin/outbox`).
     pub(crate) async fn outbox_dead(&self, id: i64, reason: &str) -> Result<(), StoreError> {
         sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'dead', last_error = ? WHERE id = ?",
         ))
         .bind(reason)
@@ -567,7 +567,7 @@ impl TicketStore {
     /// False if there is no dead row `id`.
     pub(crate) async fn outbox_revive(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
         let n = sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE outbox SET state = 'pending', next_ms = ?, attempts = 0 \
              WHERE id = ? AND state = 'dead'",
         ))
@@ -593,7 +593,7 @@ impl TicketStore {
             "SELECT {ROW_COLUMNS} FROM outbox WHERE (? IS NULL OR state = ?) \
              ORDER BY id DESC LIMIT ?"
         );
-        let rows = sqlx::query(&db::sql(&self.pool(), &sql))
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(state)
             .bind(state)
             .bind(i64::from(limit))
@@ -606,7 +606,7 @@ impl TicketStore {
     /// Depth, dead rows and the oldest undelivered row.
     pub(crate) async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
         let row = sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "SELECT \
              (SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'in_flight')) AS depth, \
              (SELECT COUNT(*) FROM outbox WHERE state = 'dead') AS dead, \
@@ -632,7 +632,7 @@ impl TicketStore {
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE external_id IS NOT NULL \
              AND status = 'open' AND service_request_id > ? ORDER BY service_request_id LIMIT ?"
         );
-        let rows = sqlx::query(&db::sql(&self.pool(), &sql))
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(i64::try_from(after).unwrap_or(i64::MAX))
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -644,7 +644,7 @@ impl TicketStore {
     /// Tickets the CRM answered with a token it has not yet turned into a number.
     pub(crate) async fn crm_tokens(&self, limit: u32) -> Result<Vec<(u64, String)>, StoreError> {
         let rows = sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "SELECT service_request_id, external_token FROM tickets \
              WHERE external_token IS NOT NULL AND external_id IS NULL LIMIT ?",
         ))
@@ -663,7 +663,7 @@ impl TicketStore {
     /// The CRM's number for a ticket it had answered with a token.
     pub(crate) async fn crm_resolved(&self, ticket: u64, id: &str) -> Result<(), StoreError> {
         sqlx::query(&db::sql(
-            &self.pool(),
+            self.pool(),
             "UPDATE tickets SET external_id = ? WHERE service_request_id = ?",
         ))
         .bind(id)
@@ -698,7 +698,7 @@ impl TicketStore {
         let mut tx = WriteTxn::begin(self.pool())
             .await
             .map_err(|e| fail("crm_update", e))?;
-        let row = sqlx::query(&db::sql(&tx.conn(), &sql))
+        let row = sqlx::query(&db::sql(tx.conn(), &sql))
             .bind(status.as_str())
             .bind(notes)
             .bind(expected)

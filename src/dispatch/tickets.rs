@@ -1419,7 +1419,7 @@ impl TicketStore {
             .await
             .map_err(|e| fail("claim_callback", e))?;
         sqlx::query(&db::sql(
-            &tx.conn(),
+            tx.conn(),
             "DELETE FROM callback_requests WHERE at <= ?",
         ))
         .bind(&since)
@@ -1427,7 +1427,7 @@ impl TicketStore {
         .await
         .map_err(|e| fail("claim_callback", e))?;
         let taken = sqlx::query(&db::sql(
-            &tx.conn(),
+            tx.conn(),
             "INSERT INTO callback_requests (number, at, call_id) \
              SELECT ?, ?, ? WHERE (SELECT COUNT(*) FROM callback_requests \
              WHERE number = ? AND at > ?) < ?",
@@ -1597,7 +1597,7 @@ impl TicketStore {
             .await
             .map_err(StoreError::from)?;
         let inserted = sqlx::query(&db::sql(
-            &tx.conn(),
+            tx.conn(),
             "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
              description, requested_datetime, updated_datetime, channel) \
              VALUES (?, 'readiness-probe', 'readiness probe', 'open', ?, ?, ?, 'web')",

@@ -382,7 +382,7 @@ pub(crate) fn spawn(
     tracker.spawn(lead(f, cancel));
 }
 
-/// Delivers and polls while this node holds the outbox's [`Leader`] lock (always, on SQLite),
+/// Delivers and polls while this node holds the outbox's [`db::Leader`] lock (always, on SQLite),
 /// and waits for it again when it is lost: with several nodes on PostgreSQL one of them
 /// sends, so a row is never sent by two, and a node that dies hands the work to the next
 /// within [`db::LEADER_CHECK`]. The new holder starts with [`TicketStore::outbox_recover`],

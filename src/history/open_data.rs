@@ -102,7 +102,7 @@ pub async fn compute(
     let now = report::iso(now_ms);
     // Opened and closed per week (a closed request's last update is when it was closed).
     let rows: Vec<(String, String, String, i64, i64)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT week, service_code, max(service_name), count(*) FILTER (WHERE opened = 1),
                 count(*) FILTER (WHERE opened = 0) FROM (
@@ -134,7 +134,7 @@ pub async fn compute(
 
     // Days from request to close, per service, over requests closed in the period.
     let rows: Vec<(String, String, f64)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT service_code, service_name, {}
          FROM tickets WHERE status = 'closed' AND updated_datetime >= ?1
@@ -177,7 +177,7 @@ pub async fn compute(
 
     // Open requests by age.
     let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT service_code, max(service_name),
             count(*) FILTER (WHERE age <= 7), count(*) FILTER (WHERE age > 7 AND age <= 30),

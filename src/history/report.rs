@@ -586,7 +586,7 @@ pub async fn agents(pool: &AnyPool, range: &Range) -> Result<AgentsReport, Histo
     }
     // State spans overlapping the range, cut at the edges of each interval.
     let spans: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         "SELECT agent, state, reason, started_ms, ended_ms FROM agent_states
          WHERE started_ms < ?2 AND ended_ms > ?1",
     ))
@@ -1006,7 +1006,7 @@ mod tests {
         // Outcomes by a hash of the row number: 30 % reach the queue (85 % of those
         // answered), 45 % tickets, 10 % information, 1 % 911, the rest abandoned in the menu.
         sqlx::query(&db::sql(
-            &pool,
+            pool,
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1),
              r AS (SELECT i, (i * 2654435761) % 1000 AS h FROM n)
              INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller,
@@ -1039,7 +1039,7 @@ mod tests {
         .execute(pool)
         .await
         .unwrap();
-        let n: i64 = sqlx::query_scalar(&db::sql(&pool, "SELECT count(*) FROM call_history"))
+        let n: i64 = sqlx::query_scalar(&db::sql(pool, "SELECT count(*) FROM call_history"))
             .fetch_one(pool)
             .await
             .unwrap();

@@ -178,7 +178,7 @@ pub(crate) async fn add_callback_result(
 pub(crate) async fn prune(pool: &AnyPool, cutoff_ms: i64) -> Result<(), sqlx::Error> {
     for table in ["call_rollup", "call_rollup_services"] {
         sqlx::query(&db::sql(
-            &pool,
+            pool,
             &format!("DELETE FROM {table} WHERE bucket_ms + {BUCKET_MS} <= ?"),
         ))
         .bind(cutoff_ms)
@@ -192,7 +192,7 @@ pub(crate) async fn prune(pool: &AnyPool, cutoff_ms: i64) -> Result<(), sqlx::Er
 /// themselves until it is).
 pub async fn ready(pool: &AnyPool, config: &ReportsConfig) -> Result<bool, sqlx::Error> {
     let have: Option<String> = sqlx::query_scalar(&db::sql(
-        &pool,
+        pool,
         "SELECT value FROM history_meta WHERE key = 'rollup_thresholds'",
     ))
     .fetch_optional(pool)
@@ -235,7 +235,7 @@ pub async fn rebuild_if_changed(
         .await?;
     tx.commit().await?;
     let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         "SELECT min(started_ms), max(started_ms) FROM call_history",
     ))
     .fetch_one(pool)
@@ -258,7 +258,7 @@ pub async fn rebuild_if_changed(
         }
     }
     sqlx::query(&db::sql(
-        &pool,
+        pool,
         "INSERT INTO history_meta (key, value) VALUES ('rollup_thresholds', ?)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     ))

@@ -351,13 +351,13 @@ async fn insert_agent_state(
 pub(crate) async fn hash_key(pool: &AnyPool) -> Result<Vec<u8>, sqlx::Error> {
     let key: [u8; 32] = rand::random();
     sqlx::query(&db::sql(
-        &pool,
+        pool,
         "INSERT INTO history_key (id, key) VALUES (1, ?) ON CONFLICT DO NOTHING",
     ))
     .bind(&key[..])
     .execute(pool)
     .await?;
-    sqlx::query_scalar(&db::sql(&pool, "SELECT key FROM history_key WHERE id = 1"))
+    sqlx::query_scalar(&db::sql(pool, "SELECT key FROM history_key WHERE id = 1"))
         .fetch_one(pool)
         .await
 }
@@ -402,7 +402,7 @@ pub(crate) async fn prune(
                 "DELETE FROM {table} WHERE id IN \
                  (SELECT id FROM {table} WHERE {column} < ? LIMIT ?)"
             );
-            let n = sqlx::query(&db::sql(&pool, &sql))
+            let n = sqlx::query(&db::sql(pool, &sql))
                 .bind(cutoff)
                 .bind(PRUNE_CHUNK)
                 .execute(pool)
@@ -419,7 +419,7 @@ pub(crate) async fn prune(
     let mut hashed = 0;
     loop {
         let rows: Vec<(i64, Option<String>)> = sqlx::query_as(&db::sql(
-            &pool,
+            pool,
             "SELECT id, caller FROM call_history WHERE number_hashed = 0 AND started_ms < ? \
              LIMIT ?",
         ))

@@ -55,7 +55,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
     let mut f = Found::default();
     let tail = tail(phone);
     let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT service_request_id, phone, call_id, recording FROM tickets \
          WHERE phone IS NOT NULL AND phone <> ? AND {instr}({}, ?) > 0",
@@ -85,7 +85,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         .map(|n| crate::history::hash_number(&key, n))
         .collect();
     let rows: Vec<(i64, String, String)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
         "SELECT id, caller, call_id FROM call_history WHERE caller IS NOT NULL AND caller <> ? \
          AND (caller IN (?, ?, ?) OR {instr}({}, ?) > 0)",
@@ -107,7 +107,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         }
     }
     let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT id, number FROM callback_requests WHERE number <> ? AND {instr}({}, ?) > 0",
             digits("number"),
@@ -123,7 +123,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         .map(|(id, _)| id)
         .collect();
     let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL \
          AND {instr}({}, ?) > 0",
@@ -140,7 +140,7 @@ async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, Privac
         .collect();
     let tickets: BTreeSet<i64> = f.tickets.iter().copied().collect();
     let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(&db::sql(
-        &pool,
+        pool,
         &format!(
             "SELECT id, ticket_id, body FROM outbox WHERE ticket_id IN (SELECT service_request_id \
          FROM tickets WHERE phone IS NOT NULL AND {instr}({}, ?) > 0) \
@@ -190,7 +190,7 @@ async fn rows_json(
     let sql = format!("SELECT {object} FROM {table} WHERE {key} = ? ORDER BY 1");
     let mut out = Vec::new();
     for id in ids {
-        let rows: Vec<String> = sqlx::query_scalar(&db::sql(&pool, &sql))
+        let rows: Vec<String> = sqlx::query_scalar(&db::sql(pool, &sql))
             .bind(id)
             .fetch_all(pool)
             .await?;
@@ -510,7 +510,7 @@ mod tests {
     use super::*;
 
     async fn count(pool: &AnyPool, table: &str) -> i64 {
-        sqlx::query_scalar(&db::sql(&pool, &format!("SELECT COUNT(*) FROM {table}")))
+        sqlx::query_scalar(&db::sql(pool, &format!("SELECT COUNT(*) FROM {table}")))
             .fetch_one(pool)
             .await
             .unwrap()

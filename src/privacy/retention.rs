@@ -112,7 +112,7 @@ fn iso_text(t: OffsetDateTime) -> String {
 async fn chunked(pool: &AnyPool, sql: &str, cutoff: &str) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        let n = sqlx::query(&db::sql(&pool, sql))
+        let n = sqlx::query(&db::sql(pool, sql))
             .bind(ERASED)
             .bind(ERASED)
             .bind(cutoff)
@@ -131,7 +131,7 @@ async fn ticket_recordings(pool: &AnyPool, dir: &Path, cutoff: &str) -> Result<u
     let mut total = 0;
     loop {
         let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
-            &pool,
+            pool,
             "SELECT service_request_id, recording FROM tickets WHERE recording IS NOT NULL \
              AND requested_datetime < ? LIMIT ?",
         ))
@@ -147,7 +147,7 @@ async fn ticket_recordings(pool: &AnyPool, dir: &Path, cutoff: &str) -> Result<u
                 remove_file(&path)?;
             }
             sqlx::query(&db::sql(
-                &pool,
+                pool,
                 "UPDATE tickets SET recording = NULL WHERE service_request_id = ?",
             ))
             .bind(id)
@@ -205,7 +205,7 @@ async fn outbox_numbers(pool: &AnyPool, cutoff_ms: i64) -> Result<u64, sqlx::Err
     let mut total = 0;
     loop {
         let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
-            &pool,
+            pool,
             "SELECT id, body FROM outbox WHERE id > ? AND created_ms < ? AND body IS NOT NULL \
              ORDER BY id LIMIT ?",
         ))
@@ -223,7 +223,7 @@ async fn outbox_numbers(pool: &AnyPool, cutoff_ms: i64) -> Result<u64, sqlx::Err
                 continue;
             };
             if scrub_json(&mut v, &|key, _| key == "phone") {
-                sqlx::query(&db::sql(&pool, "UPDATE outbox SET body = ? WHERE id = ?"))
+                sqlx::query(&db::sql(pool, "UPDATE outbox SET body = ? WHERE id = ?"))
                     .bind(v.to_string())
                     .bind(id)
                     .execute(pool)
@@ -239,7 +239,7 @@ async fn history_numbers(pool: &AnyPool, cutoff_ms: i64) -> Result<u64, sqlx::Er
     let mut total = 0;
     loop {
         let n = sqlx::query(&db::sql(
-            &pool,
+            pool,
             "UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id IN (SELECT id FROM \
              call_history WHERE caller IS NOT NULL AND caller <> ? AND started_ms < ? LIMIT ?)",
         ))
@@ -328,7 +328,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         sqlx::query(&db::sql(
-            &store.pool(),
+            store.pool(),
             "UPDATE tickets SET requested_datetime = ? WHERE service_request_id = ?",
         ))
         .bind(filed)
@@ -370,7 +370,7 @@ pub(crate) mod tests {
         let day_ms = 86_400_000;
         let now_ms = epoch_ms(now);
         sqlx::query(&db::sql(
-            &pool,
+            pool,
             "INSERT INTO outbox (kind, target, event, body, state, created_ms, next_ms) VALUES \
              ('webhook', 'http://h', 'request.created', ?, 'done', ?, 0), \
              ('webhook', 'http://h', 'request.created', ?, 'done', ?, 0)",
@@ -383,7 +383,7 @@ pub(crate) mod tests {
         .await
         .unwrap();
         sqlx::query(&db::sql(
-            &pool,
+            pool,
             "INSERT INTO call_history (call_id, started_ms, ended_ms, caller, outcome) VALUES \
              ('b@x', ?, ?, '+12125550101', 'info'), ('c@x', ?, ?, '+12125550102', 'info')",
         ))
@@ -414,7 +414,7 @@ pub(crate) mod tests {
         assert!(!dir.join("old.wav").exists());
         assert!(dir.join("new.wav").exists());
         let phones: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(&db::sql(
-            &pool,
+            pool,
             "SELECT service_request_id, phone, recording FROM tickets",
         ))
         .fetch_all(pool)
@@ -432,7 +432,7 @@ pub(crate) mod tests {
             assert_eq!((phone, recording), want, "ticket {id}");
         }
         let bodies: Vec<String> =
-            sqlx::query_scalar(&db::sql(&pool, "SELECT body FROM outbox ORDER BY id"))
+            sqlx::query_scalar(&db::sql(pool, "SELECT body FROM outbox ORDER BY id"))
                 .fetch_all(pool)
                 .await
                 .unwrap();
@@ -442,7 +442,7 @@ pub(crate) mod tests {
         );
         assert!(bodies[1].contains("+12125550102"));
         let callers: Vec<String> = sqlx::query_scalar(&db::sql(
-            &pool,
+            pool,
             "SELECT caller FROM call_history ORDER BY started_ms",
         ))
         .fetch_all(pool)
