@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// The prompts directory (`<dir>/<lang>/<name>.wav`).
     #[arg(long, env = "IVR311_PROMPTS", default_value = "prompts")]
     pub prompts: PathBuf,
-    /// SQLite database file.
+    /// The store: a SQLite database file (one node), or a `postgres://user@host/db` URL (a
+    /// PostgreSQL database shared by several nodes).
     #[arg(long, env = "IVR311_DB", default_value = "ivr311.db")]
     pub db: PathBuf,
     /// RTP port range, `LO-HI` (one port per call).

@@ -426,10 +426,12 @@ fn db_hints(e: &anyhow::Error, db: &std::path::Path) -> Vec<String> {
     }
     let mut h = String::from(
         "--db (IVR311_DB) takes the path of a SQLite database file, created if missing; its \
-         directory must exist and be writable by this user (e.g. --db /var/lib/ivr311/ivr311.db)",
+         directory must exist and be writable by this user (e.g. --db /var/lib/ivr311/ivr311.db), \
+         or a PostgreSQL URL (postgres://user@host:5432/ivr311; the database must exist)",
     );
-    if db.to_string_lossy().contains("://") {
-        h.push_str("; database URLs are not taken");
+    let text = db.to_string_lossy();
+    if text.contains("://") && !text.starts_with("postgres") {
+        h.push_str("; of database URLs only postgres:// is taken");
     }
     vec![h]
 }

@@ -251,10 +251,7 @@ fn a_start_up_failure_says_each_cause_once_with_a_hint() {
     // A database the server cannot open.
     let prompts = common::repo().join("prompts");
     let prompts = prompts.to_str().unwrap();
-    for db in [
-        "/nonexistent-ivr311-dir/x.db",
-        "postgres://ivr@db.example/ivr",
-    ] {
+    for db in ["/nonexistent-ivr311-dir/x.db", "mysql://ivr@db.example/ivr"] {
         let text = serve_failure(&dir, &["--prompts", prompts, "--db", db]);
         assert_eq!(
             text.matches("unable to open database file").count(),
@@ -267,11 +264,32 @@ fn a_start_up_failure_says_each_cause_once_with_a_hint() {
             "says which forms --db takes: {text}"
         );
         assert_eq!(
-            text.contains("database URLs are not taken"),
+            text.contains("of database URLs only postgres:// is taken"),
             db.contains("://"),
             "{text}"
         );
     }
+    // A PostgreSQL server that cannot be reached: named once, its password never shown.
+    let text = serve_failure(
+        &dir,
+        &[
+            "--prompts",
+            prompts,
+            "--db",
+            "postgres://ivr:s3cret@db.invalid/ivr",
+        ],
+    );
+    assert_eq!(
+        text.matches("cannot open ticket database postgres://ivr:***@db.invalid/ivr")
+            .count(),
+        1,
+        "the database once, password hidden: {text}"
+    );
+    assert!(
+        !text.contains("s3cret"),
+        "the password is never printed: {text}"
+    );
+    assert!(text.contains("or a PostgreSQL URL"), "{text}");
 
     // A config file with an unknown key: its location once, as path:line:col.
     let config = dir.join("bad.yaml");

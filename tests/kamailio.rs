@@ -5,12 +5,15 @@
 //! dead node, restarted, rejoins by itself; a node drained with SIGTERM answers its probe 503,
 //! so new calls go to the other with not one failed, while its own call finishes.
 //!
-//! Each node here has its own SQLite file: what the nodes share (tickets, agents' claims,
-//! queues) is the PostgreSQL store's business. This is the SIP edge.
+//! The nodes share one PostgreSQL store, started by the test: callers filing tickets while a
+//! node is killed either heard their number, and then the ticket is in PostgreSQL exactly
+//! once, or did not.
 
 mod common;
 
+use common::postgres::Postgres;
 use common::*;
+use ivr311::media::g711::Codec;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,12 +60,13 @@ struct Node {
     http: SocketAddr,
     rtp: (u16, u16),
     db: PathBuf,
+    log: PathBuf,
     config: PathBuf,
     process: Option<Process>,
 }
 
 impl Node {
-    fn new(name: &'static str, dir: &Path, rtp: (u16, u16)) -> Node {
+    fn new(name: &'static str, dir: &Path, rtp: (u16, u16), db: &str) -> Node {
         let config = dir.join(format!("{name}.yaml"));
         // The edge is the trunk: its calls are not counted against one source's limits.
         std::fs::write(
@@ -79,7 +83,8 @@ impl Node {
             sip: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             http: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             rtp,
-            db: dir.join(format!("{name}.db")),
+            db: PathBuf::from(db),
+            log: dir.join(format!("{name}.log")),
             config,
             process: None,
         }
@@ -123,7 +128,7 @@ impl Node {
 
     /// Where the node's log goes (kept with the test's files when the test fails).
     fn log(&self) -> PathBuf {
-        self.db.with_extension("log")
+        self.log.clone()
     }
 
     /// Whether this node's media answered the call.
@@ -215,6 +220,25 @@ async fn goes_on_and_ends(mut ua: TestUa) {
     assert_eq!(ua.bye().await.code, 200, "the call ends normally");
 }
 
+/// A caller files a pothole report through the edge. Returns the call's Call-ID and
+/// whether the caller heard that the ticket was filed (its number follows); not when the call
+/// was cut before that (its node died).
+async fn filing_call(edge: SocketAddr) -> (String, bool) {
+    let ear = PromptEar::new("en", &["ticket_filed", "db_error"], Codec::Pcmu);
+    let mut ua = call(edge).await.expect("the edge connects the call");
+    let id = ua.call_id.clone();
+    ua.until_audio().await;
+    ua.keys("1111").await;
+    ua.keys("94107").await;
+    let mut heard = ua.skip_description("en").await;
+    heard.extend(ua.listen(Duration::from_millis(3000)).await);
+    let filed = ear.playbacks(&heard).iter().any(|p| p == "ticket_filed");
+    // Hang up; a node that died answers nothing (the edge times the BYE out).
+    let bye = ua.in_dialog("BYE", "", "");
+    ua.send_raw(&bye).await;
+    (id, filed)
+}
+
 /// The edge answers its own OPTIONS once it is up.
 async fn until_edge_up(edge: SocketAddr) {
     until(
@@ -232,10 +256,11 @@ async fn until_edge_up(edge: SocketAddr) {
 async fn two_nodes_behind_kamailio_survive_a_kill_and_a_drain_without_a_failed_call() {
     let dir = std::env::temp_dir().join(format!("ivr311-kamailio-{}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir).unwrap();
+    let pg = Postgres::start();
     let ports = serve_args().rtp_ports;
     let mid = ports.lo + (ports.hi - ports.lo) / 2;
-    let mut a = Node::new("a", &dir, (ports.lo, mid - 1));
-    let mut b = Node::new("b", &dir, (mid, ports.hi));
+    let mut a = Node::new("a", &dir, (ports.lo, mid - 1), &pg.url());
+    let mut b = Node::new("b", &dir, (mid, ports.hi), &pg.url());
     a.start().await;
     b.start().await;
     let (_edge_process, edge) = kamailio(&dir, &[&a, &b]);
@@ -246,15 +271,51 @@ async fn two_nodes_behind_kamailio_survive_a_kill_and_a_drain_without_a_failed_c
     let on_b = until_a_call_reaches(edge, &b, Duration::from_secs(20)).await;
     goes_on_and_ends(on_a).await;
 
-    // A dies. B's call goes on; every new call is answered, by B.
+    // Callers file tickets on both nodes, and A dies while they do.
+    let filers: Vec<_> = (0..6).map(|_| tokio::spawn(filing_call(edge))).collect();
+    until(
+        "a filing caller is on node a",
+        Duration::from_secs(10),
+        async || {
+            let (code, body) = http(a.http, "GET", "/admin/calls", &[], b"").await;
+            (code == 200 && body.contains("call_id")).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // into the menu: A's callers are keying
+                                                           // A dies. B's call goes on; every new call is answered, by B.
     a.process.take().unwrap().signal("-KILL");
     for _ in 0..8 {
         let ua = short_call(edge).await;
         assert!(b.has(&ua), "a call after the kill went to the dead node");
     }
     goes_on_and_ends(on_b).await;
+    // Every caller who heard their ticket filed has it in PostgreSQL, once.
+    let mut heard = 0;
+    for f in filers {
+        let (call_id, filed) = f.await.unwrap();
+        let stored: u32 = pg
+            .psql(
+                common::postgres::DATABASE,
+                &format!("SELECT count(*) FROM tickets WHERE call_id = '{call_id}'"),
+            )
+            .trim()
+            .parse()
+            .unwrap();
+        if filed {
+            heard += 1;
+            assert_eq!(
+                stored, 1,
+                "a caller heard a ticket filed: it is stored once"
+            );
+        } else {
+            // Cut off by the kill: stored or not, never twice.
+            assert!(stored <= 1, "a ticket is stored once at most");
+        }
+    }
+    assert!(heard > 0, "the callers on node b filed");
 
-    // A comes back on its own database and rejoins without anyone telling the edge.
+    // A comes back on the shared database and rejoins without anyone telling the edge.
     a.start().await;
     let back = until_a_call_reaches(edge, &a, Duration::from_secs(10 * PROBE_INTERVAL + 10)).await;
 

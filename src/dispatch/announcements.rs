@@ -18,6 +18,7 @@
 //! The menu engine sees them as [`Bulletin`]s and decides by its own clock whether each one is
 //! active; the call resolves the prompt names of their audio through [`Snapshot::prompt`].
 
+use crate::dispatch::db;
 use crate::media::prompt::Prompt;
 use crate::media::speech::Speech;
 use crate::menu::bulletin::{self, Bulletin, TempAction, TempEntry};
@@ -26,7 +27,7 @@ use crate::menu::schema::{Action, MenuFile, TicketAction};
 use base64::Engine as _;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -411,7 +412,7 @@ fn decode_wav(name: &str, b64: &str) -> Result<Prompt, String> {
 
 /// Stores a validated announcement; returns its id.
 pub async fn insert(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     v: &Valid,
     who: &str,
     now: Timestamp,
@@ -420,10 +421,11 @@ pub async fn insert(
         id: 0,
         what: "spec",
     })?;
-    let id: i64 = sqlx::query_scalar(
+    let id: i64 = sqlx::query_scalar(&db::sql(
+        pool,
         "INSERT INTO announcements (created_at, created_by, starts_at, ends_at, spec) \
          VALUES (?, ?, ?, ?, ?) RETURNING id",
-    )
+    ))
     .bind(now.to_string())
     .bind(who)
     .bind(v.starts_at.to_string())
@@ -436,16 +438,17 @@ pub async fn insert(
 
 /// Ends announcement `id` at `now`: false if there is none still running or scheduled.
 pub async fn end(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     id: i64,
     who: &str,
     now: Timestamp,
 ) -> Result<bool, AnnouncementError> {
     let now = now.to_string();
-    let r = sqlx::query(
+    let r = sqlx::query(&db::sql(
+        pool,
         "UPDATE announcements SET ended_at = ?, ended_by = ? \
          WHERE id = ? AND ended_at IS NULL AND ends_at > ?",
-    )
+    ))
     .bind(&now)
     .bind(who)
     .bind(id)
@@ -457,15 +460,16 @@ pub async fn end(
 
 /// The announcements not over at `now` (active or scheduled), by start.
 pub async fn current(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     now: Timestamp,
 ) -> Result<Vec<Announcement>, AnnouncementError> {
     // Times are RFC 3339 UTC, compared as instants after parsing (jiff may print fractions).
     type Row = (i64, String, String, String, String, Option<String>, String);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(&db::sql(
+        pool,
         "SELECT id, created_at, created_by, starts_at, ends_at, ended_at, spec \
              FROM announcements WHERE ended_at IS NULL ORDER BY starts_at, id",
-    )
+    ))
     .fetch_all(pool)
     .await?;
     let mut out = Vec::new();
@@ -537,14 +541,14 @@ impl Snapshot {
 
 /// Every announcement of one node: loaded from the database, rendered once.
 pub struct Board {
-    pool: SqlitePool,
+    pool: AnyPool,
     speech: Arc<dyn Speech>,
     clock: WallClock,
     current: RwLock<Arc<Snapshot>>,
 }
 
 impl Board {
-    pub fn new(pool: SqlitePool, speech: Arc<dyn Speech>, clock: WallClock) -> Board {
+    pub fn new(pool: AnyPool, speech: Arc<dyn Speech>, clock: WallClock) -> Board {
         Board {
             pool,
             speech,
@@ -569,7 +573,7 @@ impl Board {
         self.speech.available()
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 

@@ -8,6 +8,7 @@
 //! touches SIP or a socket: calls ([`crate::call`]) act for dispatch through channels.
 
 pub mod announcements;
+pub mod db;
 pub mod emergency;
 pub(crate) mod numbers;
 pub mod outbox;

@@ -15,12 +15,13 @@
 //! same transaction that stores the CRM's number on the ticket, so an acknowledged request
 //! is never sent again.
 
+use crate::dispatch::db;
 use crate::dispatch::tickets::{
     column, fail, ticket_from_row, StoreError, Ticket, TicketStore, WriteTxn, TICKET_COLUMNS,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
 use std::fmt;
 use std::str::FromStr;
 use time::OffsetDateTime;
@@ -148,16 +149,17 @@ impl OutboxPlan {
     /// and `request.created` for the webhooks that take it.
     pub(crate) async fn ticket_filed(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         t: &Ticket,
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error> {
         if self.open311 {
             let now_ms = epoch_ms(now);
-            sqlx::query(
+            sqlx::query(&db::sql(
+                &*conn,
                 "INSERT INTO outbox (kind, ticket_id, event, state, created_ms, next_ms) \
                  VALUES ('open311', ?, 'request.created', 'pending', ?, ?)",
-            )
+            ))
             .bind(i64::try_from(t.service_request_id).unwrap_or(0))
             .bind(now_ms)
             .bind(now_ms)
@@ -170,7 +172,7 @@ impl OutboxPlan {
     /// `event` about ticket `t`, for each webhook that takes it, with that webhook's fields.
     pub(crate) async fn ticket_event(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         event: Event,
         t: &Ticket,
     ) -> Result<(), sqlx::Error> {
@@ -199,7 +201,7 @@ impl OutboxPlan {
     /// who (an operator), never the caller's number.
     pub(crate) async fn emergency_redirected(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         e: &crate::dispatch::tickets::EmergencyAudit,
         at: &str,
     ) -> Result<(), sqlx::Error> {
@@ -231,7 +233,7 @@ impl OutboxPlan {
     /// caller number).
     pub(crate) async fn call_ended(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         call: serde_json::Value,
     ) -> Result<(), sqlx::Error> {
         let body = envelope(Event::CallEnded, serde_json::json!({ "call": call }));
@@ -265,17 +267,18 @@ fn envelope(event: Event, rest: serde_json::Value) -> String {
 }
 
 async fn insert_webhook(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     url: &str,
     event: Event,
     ticket: Option<u64>,
     body: &str,
 ) -> Result<(), sqlx::Error> {
     let now_ms = epoch_ms(OffsetDateTime::now_utc());
-    sqlx::query(
+    sqlx::query(&db::sql(
+        &*conn,
         "INSERT INTO outbox (kind, target, ticket_id, event, body, state, created_ms, next_ms) \
          VALUES ('webhook', ?, ?, ?, ?, 'pending', ?, ?)",
-    )
+    ))
     .bind(url)
     .bind(ticket.and_then(|t| i64::try_from(t).ok()))
     .bind(event.as_str())
@@ -359,12 +362,12 @@ fn kind(text: &str) -> Result<Kind, StoreError> {
     }
 }
 
-fn ticket_id(row: &SqliteRow) -> Result<Option<u64>, StoreError> {
+fn ticket_id(row: &AnyRow) -> Result<Option<u64>, StoreError> {
     let id: Option<i64> = column(row, "ticket_id")?;
     Ok(id.and_then(|i| u64::try_from(i).ok()))
 }
 
-fn item_from_row(row: &SqliteRow) -> Result<OutboxItem, StoreError> {
+fn item_from_row(row: &AnyRow) -> Result<OutboxItem, StoreError> {
     let k: String = column(row, "kind")?;
     let e: String = column(row, "event")?;
     let attempts: i64 = column(row, "attempts")?;
@@ -379,7 +382,7 @@ fn item_from_row(row: &SqliteRow) -> Result<OutboxItem, StoreError> {
     })
 }
 
-fn outbox_row(row: &SqliteRow) -> Result<OutboxRow, StoreError> {
+fn outbox_row(row: &AnyRow) -> Result<OutboxRow, StoreError> {
     let k: String = column(row, "kind")?;
     let attempts: i64 = column(row, "attempts")?;
     Ok(OutboxRow {
@@ -408,17 +411,19 @@ impl TicketStore {
     /// is dead-lettered with [`INTERRUPTED`], so a request the CRM may have filed is never
     /// filed twice. Returns how many of each.
     pub(crate) async fn outbox_recover(&self) -> Result<(u64, u64), StoreError> {
-        let resent = sqlx::query(
+        let resent = sqlx::query(&db::sql(
+            self.pool(),
             "UPDATE outbox SET state = 'pending' WHERE state = 'in_flight' AND kind = 'webhook'",
-        )
+        ))
         .execute(self.pool())
         .await
         .map_err(|e| fail("outbox_recover", e))?
         .rows_affected();
-        let dead = sqlx::query(
+        let dead = sqlx::query(&db::sql(
+            self.pool(),
             "UPDATE outbox SET state = 'dead', last_error = ? \
              WHERE state = 'in_flight' AND kind = 'open311'",
-        )
+        ))
         .bind(INTERRUPTED)
         .execute(self.pool())
         .await
@@ -437,11 +442,11 @@ impl TicketStore {
         let sql = format!(
             "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1 \
              WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_ms <= ? \
-             ORDER BY id LIMIT ?) RETURNING {ITEM_COLUMNS}"
+             ORDER BY id LIMIT ?) AND state = 'pending' RETURNING {ITEM_COLUMNS}"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(now_ms)
-            .bind(limit)
+            .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
             .map_err(|e| fail("outbox_claim", e))?;
@@ -455,17 +460,21 @@ impl TicketStore {
 
     /// When the next `pending` row is due, if any.
     pub(crate) async fn outbox_next_due(&self) -> Result<Option<i64>, StoreError> {
-        sqlx::query_scalar("SELECT MIN(next_ms) FROM outbox WHERE state = 'pending'")
-            .fetch_one(self.pool())
-            .await
-            .map_err(|e| fail("outbox_next_due", e))
+        sqlx::query_scalar(&db::sql(
+            self.pool(),
+            "SELECT MIN(next_ms) FROM outbox WHERE state = 'pending'",
+        ))
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| fail("outbox_next_due", e))
     }
 
     /// Row `id` was delivered.
     pub(crate) async fn outbox_done(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query(&db::sql(
+            self.pool(),
             "UPDATE outbox SET state = 'done', done_ms = ?, last_error = NULL WHERE id = ?",
-        )
+        ))
         .bind(now_ms)
         .bind(id)
         .execute(self.pool())
@@ -498,14 +507,15 @@ impl TicketStore {
             ),
         };
         let step = async {
-            sqlx::query(sql)
+            sqlx::query(&db::sql(tx.conn(), sql))
                 .bind(value)
                 .bind(ticket)
                 .execute(tx.conn())
                 .await?;
-            sqlx::query(
+            sqlx::query(&db::sql(
+                tx.conn(),
                 "UPDATE outbox SET state = 'done', done_ms = ?, last_error = NULL WHERE id = ?",
-            )
+            ))
             .bind(now_ms)
             .bind(id)
             .execute(tx.conn())
@@ -526,9 +536,10 @@ impl TicketStore {
         next_ms: i64,
         error: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query(&db::sql(
+            self.pool(),
             "UPDATE outbox SET state = 'pending', next_ms = ?, last_error = ? WHERE id = ?",
-        )
+        ))
         .bind(next_ms)
         .bind(error)
         .bind(id)
@@ -540,22 +551,26 @@ impl TicketStore {
 
     /// Row `id` is given up (`reason` shown in `/admin/outbox`).
     pub(crate) async fn outbox_dead(&self, id: i64, reason: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET state = 'dead', last_error = ? WHERE id = ?")
-            .bind(reason)
-            .bind(id)
-            .execute(self.pool())
-            .await
-            .map_err(|e| fail("outbox_dead", e))?;
+        sqlx::query(&db::sql(
+            self.pool(),
+            "UPDATE outbox SET state = 'dead', last_error = ? WHERE id = ?",
+        ))
+        .bind(reason)
+        .bind(id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| fail("outbox_dead", e))?;
         Ok(())
     }
 
     /// A dead row goes back to `pending`, due at `now_ms`, its attempts counted afresh.
     /// False if there is no dead row `id`.
     pub(crate) async fn outbox_revive(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        let n = sqlx::query(&db::sql(
+            self.pool(),
             "UPDATE outbox SET state = 'pending', next_ms = ?, attempts = 0 \
              WHERE id = ? AND state = 'dead'",
-        )
+        ))
         .bind(now_ms)
         .bind(id)
         .execute(self.pool())
@@ -578,10 +593,10 @@ impl TicketStore {
             "SELECT {ROW_COLUMNS} FROM outbox WHERE (? IS NULL OR state = ?) \
              ORDER BY id DESC LIMIT ?"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(state)
             .bind(state)
-            .bind(limit)
+            .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
             .map_err(|e| fail("outbox_list", e))?;
@@ -590,13 +605,14 @@ impl TicketStore {
 
     /// Depth, dead rows and the oldest undelivered row.
     pub(crate) async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = sqlx::query(
+        let row = sqlx::query(&db::sql(
+            self.pool(),
             "SELECT \
              (SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'in_flight')) AS depth, \
              (SELECT COUNT(*) FROM outbox WHERE state = 'dead') AS dead, \
              (SELECT MIN(created_ms) FROM outbox WHERE state IN ('pending', 'in_flight')) \
              AS oldest",
-        )
+        ))
         .fetch_one(self.pool())
         .await
         .map_err(|e| fail("outbox_stats", e))?;
@@ -616,9 +632,9 @@ impl TicketStore {
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE external_id IS NOT NULL \
              AND status = 'open' AND service_request_id > ? ORDER BY service_request_id LIMIT ?"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&db::sql(self.pool(), &sql))
             .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .bind(limit)
+            .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
             .map_err(|e| fail("crm_open", e))?;
@@ -627,11 +643,12 @@ impl TicketStore {
 
     /// Tickets the CRM answered with a token it has not yet turned into a number.
     pub(crate) async fn crm_tokens(&self, limit: u32) -> Result<Vec<(u64, String)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&db::sql(
+            self.pool(),
             "SELECT service_request_id, external_token FROM tickets \
              WHERE external_token IS NOT NULL AND external_id IS NULL LIMIT ?",
-        )
-        .bind(limit)
+        ))
+        .bind(i64::from(limit))
         .fetch_all(self.pool())
         .await
         .map_err(|e| fail("crm_tokens", e))?;
@@ -645,12 +662,15 @@ impl TicketStore {
 
     /// The CRM's number for a ticket it had answered with a token.
     pub(crate) async fn crm_resolved(&self, ticket: u64, id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE tickets SET external_id = ? WHERE service_request_id = ?")
-            .bind(id)
-            .bind(i64::try_from(ticket).unwrap_or(0))
-            .execute(self.pool())
-            .await
-            .map_err(|e| fail("crm_resolved", e))?;
+        sqlx::query(&db::sql(
+            self.pool(),
+            "UPDATE tickets SET external_id = ? WHERE service_request_id = ?",
+        ))
+        .bind(id)
+        .bind(i64::try_from(ticket).unwrap_or(0))
+        .execute(self.pool())
+        .await
+        .map_err(|e| fail("crm_resolved", e))?;
         Ok(())
     }
 
@@ -668,15 +688,17 @@ impl TicketStore {
         let now = crate::dispatch::tickets::iso(crate::dispatch::tickets::whole_second_utc(now))?;
         let sql = format!(
             "UPDATE tickets SET status = ?, status_notes = ?, expected_datetime = ?, \
-             updated_datetime = MAX(?, updated_datetime) \
-             WHERE service_request_id = ? AND (status IS NOT ? OR status_notes IS NOT ? \
-             OR expected_datetime IS NOT ?) RETURNING {TICKET_COLUMNS}"
+             updated_datetime = {greatest}(?, updated_datetime) \
+             WHERE service_request_id = ? AND (status IS DISTINCT FROM ? \
+             OR status_notes IS DISTINCT FROM ? OR expected_datetime IS DISTINCT FROM ?) \
+             RETURNING {TICKET_COLUMNS}",
+            greatest = db::greatest(self.pool()),
         );
         let id = i64::try_from(ticket).unwrap_or(0);
         let mut tx = WriteTxn::begin(self.pool())
             .await
             .map_err(|e| fail("crm_update", e))?;
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(&db::sql(tx.conn(), &sql))
             .bind(status.as_str())
             .bind(notes)
             .bind(expected)

@@ -28,14 +28,13 @@
 //! Schema: `migrations/` at the crate root, embedded with [`sqlx::migrate!`] and run by
 //! [`TicketStore::open`].
 
+use crate::dispatch::db::{self, Dialect, HasDialect};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Row};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::migrate::MigrateError;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyPool, ConnectOptions, Row};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -44,9 +43,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-
-/// The migrations in `migrations/`, compiled in.
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Smallest ticket number: 8 digits, no leading zero.
 pub(crate) const ID_MIN: u64 = 10_000_000;
@@ -63,6 +59,10 @@ pub(crate) const MAX_FILTER_VALUES: usize = 1000;
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections in the pool of a file database.
 pub(crate) const MAX_CONNECTIONS: u32 = 4;
+/// Connections in the pool of a PostgreSQL database, per node.
+pub(crate) const POSTGRES_CONNECTIONS: u32 = 8;
+/// The longest a statement may run on PostgreSQL before the server cancels it.
+pub(crate) const POSTGRES_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a query waits for a free pooled connection before [`StoreError::PoolTimeout`].
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite's largest `max_page_count` (its default): no cap.
@@ -73,8 +73,6 @@ const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
 const SQLITE_READONLY: i32 = 8;
 const SQLITE_FULL: i32 = 13;
-// Extended code: a PRIMARY KEY already in use.
-const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
 
 /// Everything the store can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +100,10 @@ pub enum StoreError {
     /// The database or its file system is read-only (`SQLITE_READONLY`). Transient.
     #[error("ticket database is read-only: {0}")]
     ReadOnly(#[source] sqlx::Error),
+    /// The database server cannot be reached or went away (PostgreSQL down, restarting,
+    /// or the network to it lost). Transient.
+    #[error("ticket database is unreachable: {0}")]
+    Unavailable(#[source] sqlx::Error),
     /// No pooled connection came free within [`ACQUIRE_TIMEOUT`]. Transient.
     #[error("no ticket database connection free within {ACQUIRE_TIMEOUT:?}")]
     PoolTimeout,
@@ -142,6 +144,9 @@ pub enum StoreError {
         /// The value found, or the decode error.
         value: String,
     },
+    /// What this database cannot do (a SQLite-only control on PostgreSQL).
+    #[error("the ticket database cannot do this: {0}")]
+    Unsupported(&'static str),
     /// Any other database error (SQL error, I/O error, corruption, pool closed).
     #[error("ticket database error: {0}")]
     Db(#[source] sqlx::Error),
@@ -157,6 +162,7 @@ impl StoreError {
                 | StoreError::Full(_)
                 | StoreError::ReadOnly(_)
                 | StoreError::PoolTimeout
+                | StoreError::Unavailable(_)
         )
     }
 }
@@ -164,15 +170,48 @@ impl StoreError {
 /// The primary SQLite result code of a database error, if it is one.
 fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
     match e {
-        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            db.code().and_then(|c| c.parse::<i32>().ok())
+        }
+        _ => None,
+    }
+}
+
+/// The SQLSTATE of a PostgreSQL error, if it is one.
+fn postgres_state(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .map(|pg| pg.code().to_owned()),
         _ => None,
     }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        if matches!(e, sqlx::Error::PoolTimedOut) {
-            return StoreError::PoolTimeout;
+        match e {
+            sqlx::Error::PoolTimedOut => return StoreError::PoolTimeout,
+            // A database server that is down, restarting or unreachable (PostgreSQL; an
+            // embedded SQLite file never fails this way).
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+                return StoreError::Unavailable(e)
+            }
+            _ => {}
+        }
+        if let Some(state) = postgres_state(&e) {
+            return match state.as_str() {
+                // serialization_failure, deadlock_detected, lock_not_available
+                "40001" | "40P01" | "55P03" => StoreError::Busy(e),
+                // disk_full, insufficient_resources, out_of_memory
+                "53100" | "53000" | "53200" => StoreError::Full(e),
+                // read_only_sql_transaction (a standby, or `set_read_only`)
+                "25006" => StoreError::ReadOnly(e),
+                // connection exceptions, admin/crash shutdown, cannot connect now
+                s if s.starts_with("08") || s.starts_with("57P") => StoreError::Unavailable(e),
+                _ => StoreError::Db(e),
+            };
         }
         match sqlite_code(&e).map(|c| c & 0xff) {
             Some(SQLITE_BUSY | SQLITE_LOCKED) => StoreError::Busy(e),
@@ -198,6 +237,9 @@ pub(crate) fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
 /// waiting at most the busy timeout), then [`commit`](Self::commit) or
 /// [`rollback`](Self::rollback).
 ///
+/// On PostgreSQL the transaction starts with `BEGIN` and [`db::lock_writes`], so writes run
+/// one at a time across every node as SQLite's write lock makes them run in one file.
+///
 /// Not sqlx's `Transaction`: sqlx counts the transactions it opened on each connection, and
 /// when SQLite ends one by itself (it rolls the whole transaction back on `SQLITE_FULL` and on
 /// some I/O errors) sqlx's count no longer matches. Its next `begin()` on that connection is
@@ -207,17 +249,27 @@ pub(crate) fn fail(op: &'static str, e: sqlx::Error) -> StoreError {
 /// plain, and a connection whose transaction may still be open after an error is closed,
 /// not returned to the pool (closing a connection rolls back whatever it had open).
 pub(crate) struct WriteTxn {
-    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
 }
 
 impl WriteTxn {
-    pub(crate) async fn begin(pool: &SqlitePool) -> Result<WriteTxn, sqlx::Error> {
+    pub(crate) async fn begin(pool: &AnyPool) -> Result<WriteTxn, sqlx::Error> {
         let mut conn = pool.acquire().await?;
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+        match conn.dialect() {
+            Dialect::Sqlite => {
+                sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+            }
+            Dialect::Postgres => {
+                sqlx::query("BEGIN").execute(&mut *conn).await?;
+                let mut txn = WriteTxn { conn: Some(conn) };
+                db::lock_writes(txn.conn()).await?;
+                return Ok(txn);
+            }
+        }
         Ok(WriteTxn { conn: Some(conn) })
     }
 
-    pub(crate) fn conn(&mut self) -> &mut sqlx::SqliteConnection {
+    pub(crate) fn conn(&mut self) -> &mut sqlx::AnyConnection {
         match self.conn.as_mut() {
             Some(c) => c,
             None => unreachable!("a WriteTxn has its connection until it ends"),
@@ -546,7 +598,7 @@ pub struct EmergencyAuditRow {
 /// The ticket database: a small SQLite connection pool.
 #[derive(Clone)]
 pub struct TicketStore {
-    pool: SqlitePool,
+    pool: AnyPool,
     restrictions: Arc<Restrictions>,
     /// What each change also writes to the outbox (nothing unless forwarding or webhooks
     /// are configured), and the bell that wakes the outbox worker.
@@ -569,8 +621,20 @@ impl Restrictions {
     }
 
     /// Applies the restrictions to one connection; returns the page cap now in force.
-    async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<u64, sqlx::Error> {
+    /// PostgreSQL has no page cap: there a write mode is all it carries (the cap is refused
+    /// earlier, by [`TicketStore::set_max_pages`]).
+    async fn apply(&self, conn: &mut sqlx::AnyConnection) -> Result<u64, sqlx::Error> {
         let read_only = self.read_only.load(Ordering::Relaxed);
+        if conn.dialect() == Dialect::Postgres {
+            sqlx::query(if read_only {
+                "SET default_transaction_read_only = on"
+            } else {
+                "SET default_transaction_read_only = off"
+            })
+            .execute(&mut *conn)
+            .await?;
+            return Ok(0);
+        }
         sqlx::query(if read_only {
             "PRAGMA query_only = ON"
         } else {
@@ -611,24 +675,47 @@ const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method,
 pub(crate) const CALLBACK_WINDOW: time::Duration = time::Duration::DAY;
 
 impl TicketStore {
-    /// Opens (creating if missing) the database file at `path` and applies the migrations.
+    /// Opens the store and applies the migrations: the SQLite file at `path` (created if
+    /// missing), or, when `path` is a `postgres://` (or `postgresql://`) URL, that PostgreSQL
+    /// database (see [`TicketStore::open_postgres`]).
     pub async fn open(path: &Path) -> Result<TicketStore, StoreError> {
-        let options = SqliteConnectOptions::new()
+        if let Some(url) = path
+            .to_str()
+            .filter(|p| Dialect::of_url(p) == Some(Dialect::Postgres))
+        {
+            return TicketStore::open_postgres(url).await;
+        }
+        db::install_drivers();
+        let url = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true)
+            .to_url_lossy();
+        let options = AnyConnectOptions::from_url(&url)
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?
             .disable_statement_logging();
         let restrictions = Arc::new(Restrictions::default());
         let on_connect = restrictions.clone();
-        let pool = SqlitePoolOptions::new()
+        let pool = AnyPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _| {
                 let r = on_connect.clone();
                 Box::pin(async move {
+                    // What SqliteConnectOptions would set, for a connection opened through
+                    // the `Any` driver (which takes only what a URL can say).
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = FULL",
+                        "PRAGMA foreign_keys = ON",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    // A number, never input.
+                    let busy = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+                    sqlx::query(&busy).execute(&mut *conn).await?;
                     if r.any() {
                         r.apply(conn).await?;
                     }
@@ -646,27 +733,106 @@ impl TicketStore {
         Ok(store)
     }
 
+    /// Opens the PostgreSQL database at `url` (`postgres://user[:password]@host[:port]/db`),
+    /// shared by every node, and applies the PostgreSQL migrations (under an advisory lock:
+    /// nodes starting at once apply each one once). A pool of [`POSTGRES_CONNECTIONS`],
+    /// each statement bounded by [`POSTGRES_STATEMENT_TIMEOUT`]; a server that cannot be
+    /// reached gives [`StoreError::Unavailable`] on each use until it is back.
+    pub async fn open_postgres(url: &str) -> Result<TicketStore, StoreError> {
+        db::install_drivers();
+        let shown = PathBuf::from(db::redacted(url));
+        let options = AnyConnectOptions::from_str(url)
+            .map_err(|source| StoreError::Open {
+                path: shown.clone(),
+                source,
+            })?
+            .disable_statement_logging();
+        let restrictions = Arc::new(Restrictions::default());
+        let on_connect = restrictions.clone();
+        let pool = AnyPoolOptions::new()
+            .max_connections(POSTGRES_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // A connection broken while idle (the server restarted) is found before use.
+            .test_before_acquire(true)
+            .after_connect(move |conn, _| {
+                let r = on_connect.clone();
+                Box::pin(async move {
+                    // Numbers, never input.
+                    let timeouts = [
+                        format!(
+                            "SET statement_timeout = {}",
+                            POSTGRES_STATEMENT_TIMEOUT.as_millis()
+                        ),
+                        format!("SET lock_timeout = {}", BUSY_TIMEOUT.as_millis()),
+                    ];
+                    for set in &timeouts {
+                        sqlx::query(set).execute(&mut *conn).await?;
+                    }
+                    if r.any() {
+                        r.apply(conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+        let store = TicketStore::migrated(pool, restrictions).await?;
+        tracing::info!(database = %shown.display(), "ticket store open on PostgreSQL");
+        Ok(store)
+    }
+
     /// Opens a private in-memory database (one connection, gone when the store is
-    /// dropped). For tests and demos.
+    /// dropped). For tests.
+    ///
+    /// With `IVR311_TEST_PG` set to a PostgreSQL server's URL (`postgres://user@host:port`),
+    /// a fresh database on that server instead: the unit tests of everything stored then run
+    /// on PostgreSQL (`scripts/test` does so with a throwaway cluster).
     #[cfg(test)]
     pub(crate) async fn open_in_memory() -> Result<TicketStore, StoreError> {
+        db::install_drivers();
+        if let Ok(server) = std::env::var("IVR311_TEST_PG") {
+            use sqlx::Connection;
+            let name = format!("unit_{:016x}", rand::random::<u64>());
+            let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+                .await
+                .map_err(|source| StoreError::Open {
+                    path: PathBuf::from(db::redacted(&server)),
+                    source,
+                })?;
+            // `name` is hex digits made here, never input.
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .map_err(StoreError::Db)?;
+            return TicketStore::open_postgres(&format!("{server}/{name}")).await;
+        }
         let path = PathBuf::from(":memory:");
         // "sqlite::memory:" gets a unique shared-cache name per call.
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+        let options = AnyConnectOptions::from_str("sqlite::memory:")
             .map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })?
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true)
             .disable_statement_logging();
         // One connection that never retires, or the database would vanish with it.
-        let pool = SqlitePoolOptions::new()
+        let pool = AnyPoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Open { path, source })?;
@@ -674,16 +840,21 @@ impl TicketStore {
     }
 
     async fn migrated(
-        pool: SqlitePool,
+        pool: AnyPool,
         restrictions: Arc<Restrictions>,
     ) -> Result<TicketStore, StoreError> {
-        MIGRATOR.run(&pool).await?;
+        db::migrator(pool.dialect()).run(&pool).await?;
         Ok(TicketStore {
             pool,
             restrictions,
             outbox: Arc::default(),
             outbox_wake: Arc::default(),
         })
+    }
+
+    /// Which database the store is on.
+    pub fn dialect(&self) -> Dialect {
+        self.pool.dialect()
     }
 
     /// The same store, with every change also written to the outbox as `plan` says, in the
@@ -694,7 +865,7 @@ impl TicketStore {
     }
 
     /// The database's pool, for the other tables kept in it (call history).
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
@@ -713,7 +884,13 @@ impl TicketStore {
     /// never sets it below the current size, so `Some(1)` freezes the database at its size
     /// now), or lifts the cap with `None`. A write that needs more room fails with
     /// [`StoreError::Full`], exactly as on a full disk. Returns the cap in force.
+    /// SQLite only: on PostgreSQL, [`StoreError::Unsupported`].
     pub async fn set_max_pages(&self, pages: Option<u64>) -> Result<u64, StoreError> {
+        if self.dialect() == Dialect::Postgres {
+            return Err(StoreError::Unsupported(
+                "a size cap (SQLite's max_page_count)",
+            ));
+        }
         self.restrictions
             .max_pages
             .store(pages.map_or(0, |p| p.max(1)), Ordering::Relaxed);
@@ -768,7 +945,8 @@ impl TicketStore {
             let Ok(id_sql) = i64::try_from(id) else {
                 continue;
             };
-            let query = sqlx::query(
+            let insert = db::sql(
+                &self.pool,
                 "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
                  status_notes, description, agency_responsible, service_notice, \
                  requested_datetime, updated_datetime, expected_datetime, zipcode, address, \
@@ -777,33 +955,34 @@ impl TicketStore {
                  house_number) \
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
                  ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id_sql)
-            .bind(&t.service_code)
-            .bind(&t.service_name)
-            .bind(Status::Open.as_str())
-            .bind(&t.description)
-            .bind(&t.agency_responsible)
-            .bind(&t.service_notice)
-            .bind(&now_text)
-            .bind(&now_text)
-            .bind(&t.zipcode)
-            .bind(&t.address)
-            .bind(&t.address_id)
-            .bind(t.lat)
-            .bind(t.long)
-            .bind(&t.phone)
-            .bind(&t.email)
-            .bind(&t.first_name)
-            .bind(&t.last_name)
-            .bind(&t.media_url)
-            .bind(&t.recording)
-            .bind(t.channel.as_str())
-            .bind(&t.language)
-            .bind(&t.call_id)
-            .bind(t.callback_requested)
-            .bind(&t.agent_id)
-            .bind(&t.house_number);
+            );
+            let query = sqlx::query(&insert)
+                .bind(id_sql)
+                .bind(&t.service_code)
+                .bind(&t.service_name)
+                .bind(Status::Open.as_str())
+                .bind(&t.description)
+                .bind(&t.agency_responsible)
+                .bind(&t.service_notice)
+                .bind(&now_text)
+                .bind(&now_text)
+                .bind(&t.zipcode)
+                .bind(&t.address)
+                .bind(&t.address_id)
+                .bind(t.lat)
+                .bind(t.long)
+                .bind(&t.phone)
+                .bind(&t.email)
+                .bind(&t.first_name)
+                .bind(&t.last_name)
+                .bind(&t.media_url)
+                .bind(&t.recording)
+                .bind(t.channel.as_str())
+                .bind(&t.language)
+                .bind(&t.call_id)
+                .bind(i64::from(t.callback_requested))
+                .bind(&t.agent_id)
+                .bind(&t.house_number);
             let result = if self.outbox.is_empty() {
                 query.execute(&self.pool).await.map(drop)
             } else {
@@ -844,7 +1023,7 @@ impl TicketStore {
                     }
                     return Ok(Ticket::filed(id, t, now));
                 }
-                Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => {
+                Err(e) if db::is_unique_violation(&e) => {
                     tracing::debug!(attempt, "ticket number taken, drawing another");
                 }
                 Err(e) => return Err(fail("file", e)),
@@ -862,7 +1041,7 @@ impl TicketStore {
             return Ok(None);
         };
         let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE service_request_id = ?");
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(&db::sql(&self.pool, &sql))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -912,6 +1091,7 @@ impl TicketStore {
         }
         sql.push_str(" ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?");
 
+        let sql = db::sql(&self.pool, &sql);
         let mut query = sqlx::query(&sql);
         for id in ids {
             query = query.bind(id);
@@ -928,7 +1108,7 @@ impl TicketStore {
         if let Some(end) = end {
             query = query.bind(end);
         }
-        query = query.bind(q.limit.unwrap_or(DEFAULT_LIST_LIMIT));
+        query = query.bind(i64::from(q.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
         let rows = query
             .fetch_all(&self.pool)
             .await
@@ -949,10 +1129,10 @@ impl TicketStore {
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE phone = ? AND requested_datetime >= ? \
              ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&db::sql(&self.pool, &sql))
             .bind(phone)
             .bind(since)
-            .bind(limit)
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(|e| fail("by_phone", e))?;
@@ -964,11 +1144,12 @@ impl TicketStore {
         &self,
         phone: &str,
     ) -> Result<Option<(u64, OffsetDateTime)>, StoreError> {
-        let row: Option<(i64, String)> = sqlx::query_as(
+        let row: Option<(i64, String)> = sqlx::query_as(&db::sql(
+            &self.pool,
             "SELECT service_request_id, requested_datetime FROM tickets \
              WHERE phone = ? AND status = 'open' \
              ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1",
-        )
+        ))
         .bind(phone)
         .fetch_optional(&self.pool)
         .await
@@ -992,12 +1173,13 @@ impl TicketStore {
         since: OffsetDateTime,
     ) -> Result<Option<u64>, StoreError> {
         let since = iso(whole_second_utc(since))?;
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<i64> = sqlx::query_scalar(&db::sql(
+            &self.pool,
             "SELECT service_request_id FROM tickets \
              WHERE service_code = ? AND zipcode = ? AND status = 'open' \
              AND requested_datetime >= ? \
              ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1",
-        )
+        ))
         .bind(service_code)
         .bind(zipcode)
         .bind(since)
@@ -1013,10 +1195,11 @@ impl TicketStore {
         let Ok(id_sql) = i64::try_from(id) else {
             return Ok(false);
         };
-        let done = sqlx::query(
+        let done = sqlx::query(&db::sql(
+            &self.pool,
             "UPDATE tickets SET duplicates = duplicates + 1 \
              WHERE service_request_id = ? AND status = 'open'",
-        )
+        ))
         .bind(id_sql)
         .execute(&self.pool)
         .await
@@ -1047,6 +1230,7 @@ impl TicketStore {
             "SELECT service_request_id, duplicates FROM tickets WHERE service_request_id IN ({})",
             placeholders(ids.len())
         );
+        let sql = db::sql(&self.pool, &sql);
         let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
         for id in ids {
             q = q.bind(id);
@@ -1087,9 +1271,11 @@ impl TicketStore {
         // MAX keeps updated_datetime from going backwards if the clock does.
         let sql = format!(
             "UPDATE tickets SET status = ?, status_notes = COALESCE(?, status_notes), \
-             updated_datetime = MAX(?, updated_datetime) \
-             WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}"
+             updated_datetime = {greatest}(?, updated_datetime) \
+             WHERE service_request_id = ? RETURNING {TICKET_COLUMNS}",
+            greatest = db::greatest(&self.pool),
         );
+        let sql = db::sql(&self.pool, &sql);
         let query = sqlx::query(&sql)
             .bind(status.as_str())
             .bind(notes)
@@ -1143,30 +1329,32 @@ impl TicketStore {
         e: &EmergencyAudit,
     ) -> Result<i64, StoreError> {
         let at = iso(whole_second_utc(OffsetDateTime::now_utc()))?;
-        let query = sqlx::query(
-            "INSERT INTO emergency_redirects \
+        const INSERT: &str = "INSERT INTO emergency_redirects \
              (at, caller, call_id, menu_path, reason, method, outcome, caller_verified, \
              operator, requested_via, destination) \
-             VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?)",
-        )
-        .bind(&at)
-        .bind(&e.caller)
-        .bind(&e.call_id)
-        .bind(&e.menu_path)
-        .bind(&e.reason)
-        .bind(&e.method)
-        .bind(e.caller_verified)
-        .bind(&e.operator)
-        .bind(&e.requested_via)
-        .bind(&e.destination);
+             VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?) RETURNING id";
+        let sql = db::sql(self.dialect(), INSERT);
+        let query = || {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .bind(at.clone())
+                .bind(e.caller.clone())
+                .bind(e.call_id.clone())
+                .bind(e.menu_path.clone())
+                .bind(e.reason.clone())
+                .bind(e.method.clone())
+                .bind(i64::from(e.caller_verified))
+                .bind(e.operator.clone())
+                .bind(e.requested_via.clone())
+                .bind(e.destination.clone())
+        };
         use crate::dispatch::outbox::Event;
         let id = if self.outbox.wants(Event::EmergencyRedirected) {
             // One commit for the audit row and its webhooks: the redirect waits no longer.
             let mut tx = WriteTxn::begin(&self.pool)
                 .await
                 .map_err(|err| fail("audit_emergency_start", err))?;
-            let id = match query.execute(tx.conn()).await {
-                Ok(r) => r.last_insert_rowid(),
+            let id = match query().fetch_one(tx.conn()).await {
+                Ok(id) => id,
                 Err(err) => {
                     tx.rollback().await;
                     return Err(fail("audit_emergency_start", err));
@@ -1183,11 +1371,10 @@ impl TicketStore {
             self.outbox_wake.notify_one();
             id
         } else {
-            query
-                .execute(&self.pool)
+            query()
+                .fetch_one(&self.pool)
                 .await
                 .map_err(|err| fail("audit_emergency_start", err))?
-                .last_insert_rowid()
         };
         tracing::warn!(
             audit_id = id,
@@ -1231,22 +1418,26 @@ impl TicketStore {
         let mut tx = WriteTxn::begin(&self.pool)
             .await
             .map_err(|e| fail("claim_callback", e))?;
-        sqlx::query("DELETE FROM callback_requests WHERE at <= ?")
-            .bind(&since)
-            .execute(tx.conn())
-            .await
-            .map_err(|e| fail("claim_callback", e))?;
-        let taken = sqlx::query(
+        sqlx::query(&db::sql(
+            tx.conn(),
+            "DELETE FROM callback_requests WHERE at <= ?",
+        ))
+        .bind(&since)
+        .execute(tx.conn())
+        .await
+        .map_err(|e| fail("claim_callback", e))?;
+        let taken = sqlx::query(&db::sql(
+            tx.conn(),
             "INSERT INTO callback_requests (number, at, call_id) \
              SELECT ?, ?, ? WHERE (SELECT COUNT(*) FROM callback_requests \
              WHERE number = ? AND at > ?) < ?",
-        )
+        ))
         .bind(number)
         .bind(&now)
         .bind(call_id)
         .bind(number)
         .bind(&since)
-        .bind(per_day)
+        .bind(i64::from(per_day))
         .execute(tx.conn())
         .await
         .map_err(|e| fail("claim_callback", e))?
@@ -1262,12 +1453,15 @@ impl TicketStore {
         id: i64,
         outcome: &str,
     ) -> Result<(), StoreError> {
-        let result = sqlx::query("UPDATE emergency_redirects SET outcome = ? WHERE id = ?")
-            .bind(outcome)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| fail("audit_emergency_outcome", e))?;
+        let result = sqlx::query(&db::sql(
+            &self.pool,
+            "UPDATE emergency_redirects SET outcome = ? WHERE id = ?",
+        ))
+        .bind(outcome)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fail("audit_emergency_outcome", e))?;
         if result.rows_affected() == 0 {
             tracing::error!(audit_id = id, "emergency audit row missing");
             return Err(StoreError::NoSuchAudit { id });
@@ -1284,10 +1478,11 @@ impl TicketStore {
             column: "id",
             value: t.id.to_string(),
         })?;
-        sqlx::query(
+        sqlx::query(&db::sql(
+            &self.pool,
             "INSERT INTO transfers (id, at, call_id, operator, target, requested_via, outcome) \
              VALUES (?, ?, ?, ?, ?, ?, 'started') ON CONFLICT (id) DO NOTHING",
-        )
+        ))
         .bind(id)
         .bind(at)
         .bind(&t.call_id)
@@ -1313,12 +1508,10 @@ impl TicketStore {
             column: "id",
             value: t.id.to_string(),
         })?;
-        sqlx::query(
-            "INSERT INTO transfers \
+        sqlx::query(&db::sql(&self.pool, "INSERT INTO transfers \
              (id, at, call_id, operator, target, requested_via, outcome, ended_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET outcome = excluded.outcome, ended_at = excluded.ended_at",
-        )
+             ON CONFLICT (id) DO UPDATE SET outcome = excluded.outcome, ended_at = excluded.ended_at",))
         .bind(id)
         .bind(&at)
         .bind(&t.call_id)
@@ -1335,10 +1528,11 @@ impl TicketStore {
 
     /// The transfers of call `call_id`, oldest first.
     pub async fn transfers_of(&self, call_id: &str) -> Result<Vec<TransferRow>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&db::sql(
+            &self.pool,
             "SELECT target, operator, requested_via, outcome FROM transfers \
              WHERE call_id = ? ORDER BY at",
-        )
+        ))
         .bind(call_id)
         .fetch_all(&self.pool)
         .await
@@ -1357,12 +1551,15 @@ impl TicketStore {
 
     /// Note on the tickets filed by call `call_id` that it was transferred (`note`).
     pub async fn note_transfer(&self, call_id: &str, note: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE tickets SET transfer = ? WHERE call_id = ?")
-            .bind(note)
-            .bind(call_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| fail("note_transfer", e))?;
+        sqlx::query(&db::sql(
+            &self.pool,
+            "UPDATE tickets SET transfer = ? WHERE call_id = ?",
+        ))
+        .bind(note)
+        .bind(call_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fail("note_transfer", e))?;
         Ok(())
     }
 
@@ -1370,8 +1567,8 @@ impl TicketStore {
     pub async fn emergency_audits(&self, limit: u32) -> Result<Vec<EmergencyAuditRow>, StoreError> {
         let sql =
             format!("SELECT {AUDIT_COLUMNS} FROM emergency_redirects ORDER BY id DESC LIMIT ?");
-        let rows = sqlx::query(&sql)
-            .bind(limit)
+        let rows = sqlx::query(&db::sql(&self.pool, &sql))
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(|e| fail("emergency_audits", e))?;
@@ -1381,7 +1578,7 @@ impl TicketStore {
     /// Checks that the database answers (`SELECT 1`).
     #[cfg(test)]
     pub(crate) async fn health(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
+        sqlx::query(&db::sql(&self.pool, "SELECT 1"))
             .execute(&self.pool)
             .await
             .map_err(|e| fail("health", e))?;
@@ -1399,11 +1596,12 @@ impl TicketStore {
         let mut tx = WriteTxn::begin(&self.pool)
             .await
             .map_err(StoreError::from)?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&db::sql(
+            tx.conn(),
             "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
              description, requested_datetime, updated_datetime, channel) \
              VALUES (?, 'readiness-probe', 'readiness probe', 'open', ?, ?, ?, 'web')",
-        )
+        ))
         .bind(id)
         .bind("x".repeat(PROBE_BYTES))
         .bind(&now)
@@ -1413,7 +1611,7 @@ impl TicketStore {
         tx.rollback().await;
         match inserted {
             // The number is in use: the insert got as far as the constraint, so it could write.
-            Err(e) if sqlite_code(&e) == Some(SQLITE_CONSTRAINT_PRIMARYKEY) => Ok(()),
+            Err(e) if db::is_unique_violation(&e) => Ok(()),
             Err(e) => Err(StoreError::from(e)),
             Ok(_) => Ok(()),
         }
@@ -1493,9 +1691,9 @@ pub(crate) fn iso(t: OffsetDateTime) -> Result<String, StoreError> {
     Ok(t.format(&Rfc3339)?)
 }
 
-pub(crate) fn column<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, StoreError>
+pub(crate) fn column<'r, T>(row: &'r AnyRow, column: &'static str) -> Result<T, StoreError>
 where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {
     row.try_get(column).map_err(|e| StoreError::BadRow {
         column,
@@ -1517,7 +1715,7 @@ fn parsed<T: FromStr>(column: &'static str, text: String) -> Result<T, StoreErro
     })
 }
 
-pub(crate) fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
+pub(crate) fn ticket_from_row(row: &AnyRow) -> Result<Ticket, StoreError> {
     let id: i64 = column(row, "service_request_id")?;
     let service_request_id = u64::try_from(id).map_err(|_| StoreError::BadRow {
         column: "service_request_id",
@@ -1555,14 +1753,14 @@ pub(crate) fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
         channel: parsed("channel", column(row, "channel")?)?,
         language: column(row, "language")?,
         call_id: column(row, "call_id")?,
-        callback_requested: column(row, "callback_requested")?,
+        callback_requested: column::<i64>(row, "callback_requested")? != 0,
         transfer: column(row, "transfer")?,
         agent_id: column(row, "agent_id")?,
         external_id: column(row, "external_id")?,
     })
 }
 
-fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
+fn audit_from_row(row: &AnyRow) -> Result<EmergencyAuditRow, StoreError> {
     let at: String = column(row, "at")?;
     Ok(EmergencyAuditRow {
         id: column(row, "id")?,
@@ -1573,7 +1771,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<EmergencyAuditRow, StoreError> {
         reason: column(row, "reason")?,
         method: column(row, "method")?,
         outcome: column(row, "outcome")?,
-        caller_verified: column(row, "caller_verified")?,
+        caller_verified: column::<Option<i64>>(row, "caller_verified")?.map(|v| v != 0),
         operator: column(row, "operator")?,
         requested_via: column(row, "requested_via")?,
         destination: column(row, "destination")?,
@@ -1659,7 +1857,10 @@ mod tests {
             "callback_requests" => "SELECT COUNT(*) FROM callback_requests",
             _ => "SELECT COUNT(*) FROM emergency_redirects",
         };
-        let row = sqlx::query(sql).fetch_one(&store.pool).await.unwrap();
+        let row = sqlx::query(&db::sql(&store.pool, sql))
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
         row.get(0)
     }
 
@@ -1713,28 +1914,29 @@ mod tests {
             let options = SqliteConnectOptions::new()
                 .filename(&db.0)
                 .create_if_missing(true);
-            let pool = SqlitePool::connect_with(options).await.unwrap();
-            Migrator::new(old_migrations.as_path())
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            sqlx::migrate::Migrator::new(old_migrations.as_path())
                 .await
                 .unwrap()
                 .run(&pool)
                 .await
                 .unwrap();
-            sqlx::query(
+            sqlx::query(&db::sql(
+                &pool,
                 "INSERT INTO tickets (service_request_id, service_code, service_name, status, \
                  description, requested_datetime, updated_datetime, zipcode, phone, recording, \
                  channel, callback_requested, transfer) \
                  VALUES (33333333, ?, ?, 'open', ?, '2026-01-01T00:00:00Z', \
                  '2026-01-01T00:00:00Z', ?, ?, ?, 'phone', ?, \
                  'transferred to crisis by 1001 (refer)')",
-            )
+            ))
             .bind(&t.service_code)
             .bind(&t.service_name)
             .bind(&t.description)
             .bind(&t.zipcode)
             .bind(&t.phone)
             .bind(&t.recording)
-            .bind(t.callback_requested)
+            .bind(i64::from(t.callback_requested))
             .execute(&pool)
             .await
             .unwrap();
@@ -1789,8 +1991,8 @@ mod tests {
             let options = SqliteConnectOptions::new()
                 .filename(&db.0)
                 .create_if_missing(true);
-            let pool = SqlitePool::connect_with(options).await.unwrap();
-            Migrator::new(old_migrations.as_path())
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            sqlx::migrate::Migrator::new(old_migrations.as_path())
                 .await
                 .unwrap()
                 .run(&pool)
@@ -1800,12 +2002,13 @@ mod tests {
                 (11_111_111, "phone", "/recordings/1700000000-0a1b2c3d.wav"),
                 (22_222_222, "web", "https://example.org/photo.jpg"),
             ] {
-                sqlx::query(
+                sqlx::query(&db::sql(
+                    &pool,
                     "INSERT INTO tickets (service_request_id, service_code, service_name, \
                      status, requested_datetime, updated_datetime, media_url, channel) \
                      VALUES (?, 'pothole', 'Pothole', 'open', '2026-01-01T00:00:00Z', \
                      '2026-01-01T00:00:00Z', ?, ?)",
-                )
+                ))
                 .bind(id)
                 .bind(media)
                 .bind(channel)
@@ -2307,24 +2510,33 @@ mod tests {
         assert!(matches!(err, StoreError::NoSuchAudit { id: 9999 }), "{err}");
 
         // The table refuses deletes and rewrites of anything but the outcome.
-        let deleted = sqlx::query("DELETE FROM emergency_redirects")
+        let deleted = sqlx::query(&db::sql(&store.pool, "DELETE FROM emergency_redirects"))
             .execute(&store.pool)
             .await;
         assert!(deleted.is_err());
-        let rewritten = sqlx::query("UPDATE emergency_redirects SET caller = 'x'")
-            .execute(&store.pool)
-            .await;
+        let rewritten = sqlx::query(&db::sql(
+            &store.pool,
+            "UPDATE emergency_redirects SET caller = 'x'",
+        ))
+        .execute(&store.pool)
+        .await;
         assert!(rewritten.is_err());
-        let unverified = sqlx::query("UPDATE emergency_redirects SET caller_verified = 0")
-            .execute(&store.pool)
-            .await;
+        let unverified = sqlx::query(&db::sql(
+            &store.pool,
+            "UPDATE emergency_redirects SET caller_verified = 0",
+        ))
+        .execute(&store.pool)
+        .await;
         assert!(
             unverified.is_err(),
             "whether the caller was verified is not rewritten"
         );
-        let redirected = sqlx::query("UPDATE emergency_redirects SET destination = 'x'")
-            .execute(&store.pool)
-            .await;
+        let redirected = sqlx::query(&db::sql(
+            &store.pool,
+            "UPDATE emergency_redirects SET destination = 'x'",
+        ))
+        .execute(&store.pool)
+        .await;
         assert!(
             redirected.is_err(),
             "where the caller went is not rewritten"
@@ -2435,6 +2647,26 @@ mod tests {
         assert_eq!(count(&store, "tickets").await, 2);
     }
 
+    /// A one-connection pool through the `Any` driver on SQLite `options` (what a URL can
+    /// carry), with `pragmas` run on connecting.
+    async fn any_pool(options: SqliteConnectOptions, pragmas: &'static [&'static str]) -> AnyPool {
+        db::install_drivers();
+        let options = AnyConnectOptions::from_url(&options.to_url_lossy()).unwrap();
+        AnyPoolOptions::new()
+            .max_connections(1)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    for p in pragmas {
+                        sqlx::query(p).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn read_only_database_makes_file_fail_transiently() {
         let db = TempDb::new("readonly");
@@ -2445,11 +2677,7 @@ mod tests {
             .read_only(true)
             .busy_timeout(BUSY_TIMEOUT);
         let read_only = TicketStore {
-            pool: SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await
-                .unwrap(),
+            pool: any_pool(options, &[]).await,
             restrictions: Arc::default(),
             outbox: Arc::default(),
             outbox_wake: Arc::default(),
@@ -2478,16 +2706,13 @@ mod tests {
         let db = TempDb::new("full");
         TicketStore::open(&db.0).await.unwrap().close().await;
         // Cap the file at its current size: the next page needed is "disk full".
-        let options = SqliteConnectOptions::new()
-            .filename(&db.0)
-            .journal_mode(SqliteJournalMode::Wal)
-            .pragma("max_page_count", "1");
+        let options = SqliteConnectOptions::new().filename(&db.0);
         let full = TicketStore {
-            pool: SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await
-                .unwrap(),
+            pool: any_pool(
+                options,
+                &["PRAGMA journal_mode = WAL", "PRAGMA max_page_count = 1"],
+            )
+            .await,
             restrictions: Arc::default(),
             outbox: Arc::default(),
             outbox_wake: Arc::default(),
@@ -2595,7 +2820,7 @@ mod tests {
         }
         for conn in &mut conns {
             let pragma = |name: &'static str| format!("PRAGMA {name}");
-            let mode: String = sqlx::query(&pragma("journal_mode"))
+            let mode: String = sqlx::query(&db::sql(&**conn, &pragma("journal_mode")))
                 .fetch_one(&mut **conn)
                 .await
                 .unwrap()
@@ -2606,7 +2831,7 @@ mod tests {
                 ("foreign_keys", 1),
                 ("busy_timeout", 2000),
             ] {
-                let got: i64 = sqlx::query(&pragma(name))
+                let got: i64 = sqlx::query(&db::sql(&**conn, &pragma(name)))
                     .fetch_one(&mut **conn)
                     .await
                     .unwrap()

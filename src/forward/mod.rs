@@ -36,6 +36,7 @@
 pub(crate) mod georeport;
 pub(crate) mod http;
 
+use crate::dispatch::db;
 use crate::dispatch::outbox::{
     epoch_ms, Event, Kind, OutboxItem, OutboxPlan, WebhookPlan, PERSONAL_FIELDS, TICKET_FIELDS,
 };
@@ -378,9 +379,39 @@ pub(crate) fn spawn(
         garbage_attempts: cfg.garbage_attempts.max(1),
         poll: (cfg.poll_seconds > 0).then(|| Duration::from_secs(cfg.poll_seconds)),
     });
-    tracker.spawn(deliver_loop(f.clone(), cancel.clone()));
-    if f.open311.is_some() && f.poll.is_some() {
-        tracker.spawn(poll_loop(f, cancel));
+    tracker.spawn(lead(f, cancel));
+}
+
+/// Delivers and polls while this node holds the outbox's [`db::Leader`] lock (always, on SQLite),
+/// and waits for it again when it is lost: with several nodes on PostgreSQL one of them
+/// sends, so a row is never sent by two, and a node that dies hands the work to the next
+/// within [`db::LEADER_CHECK`]. The new holder starts with [`TicketStore::outbox_recover`],
+/// which then only finds rows the old one left mid-send.
+async fn lead(f: Arc<Forwarder>, cancel: CancellationToken) {
+    let pool = f.store.pool().clone();
+    loop {
+        let Some(mut leader) = db::Leader::acquire(&pool, db::locks::OUTBOX, &cancel).await else {
+            return;
+        };
+        let turn = cancel.child_token();
+        let work = TaskTracker::new();
+        work.spawn(deliver_loop(f.clone(), turn.clone()));
+        if f.open311.is_some() && f.poll.is_some() {
+            work.spawn(poll_loop(f.clone(), turn.clone()));
+        }
+        work.close();
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = leader.lost() => {
+                tracing::warn!("outbox: lost the database connection that holds the outbox; \
+                    stopping deliveries until it is taken again");
+            }
+        }
+        turn.cancel();
+        work.wait().await;
+        if cancel.is_cancelled() {
+            return;
+        }
     }
 }
 

@@ -9,8 +9,9 @@
 
 use super::report::{self, Interval, Range, ReportsConfig};
 use super::HistoryError;
+use crate::dispatch::db;
 use serde::Serialize;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 
 /// Counts below this (and above zero) are suppressed.
 pub const MIN_CELL: u64 = 5;
@@ -91,7 +92,7 @@ fn u(n: i64) -> u64 {
 
 /// The figures as of `now_ms`.
 pub async fn compute(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     reports: &ReportsConfig,
     now_ms: i64,
 ) -> Result<OpenData, HistoryError> {
@@ -100,18 +101,22 @@ pub async fn compute(
     let since = report::iso(now_ms - WEEKS * 7 * day);
     let now = report::iso(now_ms);
     // Opened and closed per week (a closed request's last update is when it was closed).
-    let rows: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT week, service_code, max(service_name), sum(opened), sum(closed) FROM (
-            SELECT date(substr(requested_datetime, 1, 10), '-6 days', 'weekday 1') AS week,
-                   service_code, service_name, 1 AS opened, 0 AS closed
+    let rows: Vec<(String, String, String, i64, i64)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT week, service_code, max(service_name), count(*) FILTER (WHERE opened = 1),
+                count(*) FILTER (WHERE opened = 0) FROM (
+            SELECT {} AS week, service_code, service_name, 1 AS opened
             FROM tickets WHERE requested_datetime >= ?1 AND requested_datetime <= ?2
             UNION ALL
-            SELECT date(substr(updated_datetime, 1, 10), '-6 days', 'weekday 1'),
-                   service_code, service_name, 0, 1
+            SELECT {}, service_code, service_name, 0
             FROM tickets WHERE status = 'closed' AND updated_datetime >= ?1
                 AND updated_datetime <= ?2
-         ) GROUP BY week, service_code ORDER BY week, service_code",
-    )
+         ) AS w GROUP BY week, service_code ORDER BY week, service_code",
+            db::week_start(pool, "requested_datetime"),
+            db::week_start(pool, "updated_datetime"),
+        ),
+    ))
     .bind(&since)
     .bind(&now)
     .fetch_all(pool)
@@ -128,13 +133,16 @@ pub async fn compute(
         .collect();
 
     // Days from request to close, per service, over requests closed in the period.
-    let rows: Vec<(String, String, f64)> = sqlx::query_as(
-        "SELECT service_code, service_name,
-                julianday(updated_datetime) - julianday(requested_datetime)
+    let rows: Vec<(String, String, f64)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT service_code, service_name, {}
          FROM tickets WHERE status = 'closed' AND updated_datetime >= ?1
             AND updated_datetime <= ?2
          ORDER BY service_code",
-    )
+            db::days_between(pool, "updated_datetime", "requested_datetime"),
+        ),
+    ))
     .bind(&since)
     .bind(&now)
     .fetch_all(pool)
@@ -168,14 +176,18 @@ pub async fn compute(
     }
 
     // Open requests by age.
-    let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT service_code, max(service_name),
-            sum(age <= 7), sum(age > 7 AND age <= 30), sum(age > 30 AND age <= 90), sum(age > 90)
-         FROM (SELECT service_code, service_name,
-                      julianday(?1) - julianday(requested_datetime) AS age
-               FROM tickets WHERE status = 'open')
+    let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT service_code, max(service_name),
+            count(*) FILTER (WHERE age <= 7), count(*) FILTER (WHERE age > 7 AND age <= 30),
+            count(*) FILTER (WHERE age > 30 AND age <= 90), count(*) FILTER (WHERE age > 90)
+         FROM (SELECT service_code, service_name, {} AS age
+               FROM tickets WHERE status = 'open') AS o
          GROUP BY service_code ORDER BY service_code",
-    )
+            db::days_between(pool, "?1", "requested_datetime"),
+        ),
+    ))
     .bind(&now)
     .fetch_all(pool)
     .await?;

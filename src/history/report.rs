@@ -40,8 +40,9 @@
 //!
 //! A ratio whose denominator is zero is `null`.
 
+use crate::dispatch::db;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use std::collections::BTreeMap;
 
 use super::HistoryError;
@@ -262,7 +263,7 @@ pub fn iso(ms: i64) -> String {
 
 /// The calls report over `range`.
 pub async fn calls(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<CallsReport, HistoryError> {
@@ -286,33 +287,51 @@ pub async fn calls(
 /// The sums per interval start (epoch ms).
 /// The aggregates of [`CallSums`] over `call_history` rows, named as its fields, with these
 /// SQL expressions for the short-abandon limit and the service-level target (ms).
+///
+/// Written for both databases: `count(*) FILTER (WHERE …)` counts rows that match (SQLite
+/// would also sum a boolean; PostgreSQL has no sum of booleans), and sums are cast back to
+/// BIGINT (PostgreSQL sums BIGINT into NUMERIC).
 pub(crate) fn sums_columns(short: &str, target: &str) -> String {
+    let n = |cond: &str| format!("count(*) FILTER (WHERE {cond})");
+    let s = |expr: &str| format!("CAST(coalesce(sum({expr}), 0) AS BIGINT)");
     format!(
         "count(*) AS calls,
-            coalesce(sum(answered_ms IS NOT NULL), 0) AS answered_by_ivr,
-            coalesce(sum(outcome = 'rejected'), 0) AS rejected,
-            coalesce(sum(queue IS NOT NULL), 0) AS offered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL), 0) AS answered,
-            coalesce(sum(queue IS NOT NULL AND outcome = 'callback'), 0) AS callbacks_requested,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'), 0)
-                AS unanswered,
-            coalesce(sum(queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'
-                AND wait_ms < {short}), 0) AS short_abandoned,
-            coalesce(sum(queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}), 0)
-                AS answered_within_target,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END), 0)
-                AS answered_wait_ms,
-            coalesce(sum(CASE WHEN queue IS NOT NULL AND agent IS NOT NULL
-                THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END), 0) AS handle_ms,
+            {} AS answered_by_ivr,
+            {} AS rejected,
+            {} AS offered,
+            {} AS answered,
+            {} AS callbacks_requested,
+            {} AS unanswered,
+            {} AS short_abandoned,
+            {} AS answered_within_target,
+            {} AS answered_wait_ms,
+            {} AS handle_ms,
             coalesce(max(CASE WHEN queue IS NOT NULL THEN wait_ms END), 0) AS longest_wait_ms,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'served'), 0)
-                AS callbacks_completed,
-            coalesce(sum(outcome = 'callback' AND callback_result = 'unreached'), 0)
-                AS callbacks_unreached,
-            coalesce(sum(outcome = 'emergency'), 0) AS emergency_redirects,
-            coalesce(sum(outcome = 'ticket'), 0) AS tickets,
-            coalesce(sum(answered_ms IS NOT NULL AND agent IS NULL
-                AND outcome IN ('ticket', 'info')), 0) AS self_service"
+            {} AS callbacks_completed,
+            {} AS callbacks_unreached,
+            {} AS emergency_redirects,
+            {} AS tickets,
+            {} AS self_service",
+        n("answered_ms IS NOT NULL"),
+        n("outcome = 'rejected'"),
+        n("queue IS NOT NULL"),
+        n("queue IS NOT NULL AND agent IS NOT NULL"),
+        n("queue IS NOT NULL AND outcome = 'callback'"),
+        n("queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback'"),
+        n(&format!(
+            "queue IS NOT NULL AND agent IS NULL AND outcome <> 'callback' AND wait_ms < {short}"
+        )),
+        n(&format!(
+            "queue IS NOT NULL AND agent IS NOT NULL AND wait_ms <= {target}"
+        )),
+        s("CASE WHEN queue IS NOT NULL AND agent IS NOT NULL THEN wait_ms END"),
+        s("CASE WHEN queue IS NOT NULL AND agent IS NOT NULL \
+           THEN coalesce(talk_ms, 0) + coalesce(wrap_up_ms, 0) END"),
+        n("outcome = 'callback' AND callback_result = 'served'"),
+        n("outcome = 'callback' AND callback_result = 'unreached'"),
+        n("outcome = 'emergency'"),
+        n("outcome = 'ticket'"),
+        n("answered_ms IS NOT NULL AND agent IS NULL AND outcome IN ('ticket', 'info')"),
     )
 }
 
@@ -320,7 +339,7 @@ pub(crate) fn sums_columns(short: &str, target: &str) -> String {
 /// from the rollup the writer keeps ([`super::rollup`]) once it is built for `config`'s
 /// thresholds; any other from `call_history`.
 pub async fn call_sums(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
@@ -333,7 +352,7 @@ pub async fn call_sums(
 
 /// [`call_sums`] from `call_history` itself.
 pub async fn call_sums_raw(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
@@ -365,6 +384,7 @@ pub async fn call_sums_raw(
          WHERE started_ms >= ?1 AND started_ms < ?4{filter}
          GROUP BY b ORDER BY b"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, SumsRow>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -391,6 +411,7 @@ pub async fn call_sums_raw(
          WHERE started_ms >= ?1 AND started_ms < ?3 AND outcome = 'ticket'{filter}
          GROUP BY b, ticket_service"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, (i64, Option<String>, i64)>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -536,7 +557,7 @@ impl AgentSums {
 }
 
 /// The agents report over `range`.
-pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, HistoryError> {
+pub async fn agents(pool: &AnyPool, range: &Range) -> Result<AgentsReport, HistoryError> {
     let step = range.interval.millis();
     let mut sums: BTreeMap<(i64, String), AgentSums> = BTreeMap::new();
     let filter = if range.queue.is_some() {
@@ -545,11 +566,12 @@ pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, Hi
         ""
     };
     let sql = format!(
-        "SELECT (started_ms - ?1) / ?2 AS b, agent, count(*), coalesce(sum(talk_ms), 0)
+        "SELECT (started_ms - ?1) / ?2 AS b, agent, count(*), CAST(coalesce(sum(talk_ms), 0) AS BIGINT)
          FROM call_history
          WHERE started_ms >= ?1 AND started_ms < ?3 AND agent IS NOT NULL{filter}
          GROUP BY b, agent"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, (i64, String, i64, i64)>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -563,10 +585,11 @@ pub async fn agents(pool: &SqlitePool, range: &Range) -> Result<AgentsReport, Hi
         s.talk_ms = talk;
     }
     // State spans overlapping the range, cut at the edges of each interval.
-    let spans: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(
+    let spans: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(&db::sql(
+        pool,
         "SELECT agent, state, reason, started_ms, ended_ms FROM agent_states
          WHERE started_ms < ?2 AND ended_ms > ?1",
-    )
+    ))
     .bind(range.from_ms)
     .bind(range.to_ms)
     .fetch_all(pool)
@@ -982,7 +1005,8 @@ mod tests {
         let t = std::time::Instant::now();
         // Outcomes by a hash of the row number: 30 % reach the queue (85 % of those
         // answered), 45 % tickets, 10 % information, 1 % 911, the rest abandoned in the menu.
-        sqlx::query(
+        sqlx::query(&db::sql(
+            pool,
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1),
              r AS (SELECT i, (i * 2654435761) % 1000 AS h FROM n)
              INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller,
@@ -1008,14 +1032,14 @@ mod tests {
                  CASE WHEN h >= 255 AND h < 300 THEN (h * 37) % 120000
                       WHEN h >= 860 THEN 30000 END
              FROM r",
-        )
+        ))
         .bind(per_day * days)
         .bind(T0 - days * 86_400_000)
         .bind(per_day)
         .execute(pool)
         .await
         .unwrap();
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
+        let n: i64 = sqlx::query_scalar(&db::sql(pool, "SELECT count(*) FROM call_history"))
             .fetch_one(pool)
             .await
             .unwrap();

@@ -10,8 +10,10 @@
 
 use super::report::{self, CallSums, Range, ReportsConfig, SumsRow};
 use super::HistoryError;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use crate::dispatch::db;
+use sqlx::{Any, AnyPool, Transaction};
 use std::collections::BTreeMap;
+use tokio_util::sync::CancellationToken;
 
 /// The rollup's granularity.
 pub const BUCKET_MS: i64 = 900_000;
@@ -69,7 +71,7 @@ fn fingerprint(config: &ReportsConfig) -> String {
 
 /// Add the calls with ids `first..=last` (just written) to the rollup.
 pub(crate) async fn add_calls(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     config: &ReportsConfig,
     ids: (i64, i64),
 ) -> Result<(), sqlx::Error> {
@@ -78,7 +80,7 @@ pub(crate) async fn add_calls(
 
 /// Add the calls whose `column` is in `first..=last`.
 async fn add_where(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     config: &ReportsConfig,
     column: &'static str,
     (first, last): (i64, i64),
@@ -87,8 +89,11 @@ async fn add_where(
     let updates: Vec<String> = SUMS
         .iter()
         .map(|c| match *c {
-            "longest_wait_ms" => format!("{c} = max({c}, excluded.{c})"),
-            _ => format!("{c} = {c} + excluded.{c}"),
+            "longest_wait_ms" => format!(
+                "{c} = {greatest}(call_rollup.{c}, excluded.{c})",
+                greatest = db::greatest(&**tx)
+            ),
+            _ => format!("{c} = call_rollup.{c} + excluded.{c}"),
         })
         .collect();
     let sql = format!(
@@ -101,18 +106,21 @@ async fn add_where(
         columns = report::sums_columns(&short, &target),
         updates = updates.join(", "),
     );
-    sqlx::query(&sql)
+    sqlx::query(&db::sql(&**tx, &sql))
         .bind(first)
         .bind(last)
         .execute(&mut **tx)
         .await?;
-    sqlx::query(&format!(
+    sqlx::query(&db::sql(
+        &**tx,
+        &format!(
         "INSERT INTO call_rollup_services (bucket_ms, queue, service, tickets)
          SELECT started_ms - started_ms % {BUCKET_MS}, coalesce(queue, ''),
                 coalesce(ticket_service, ''), count(*)
          FROM call_history WHERE {column} BETWEEN ?1 AND ?2 AND outcome = 'ticket'
          GROUP BY 1, 2, 3
-         ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = tickets + excluded.tickets"
+         ON CONFLICT (bucket_ms, queue, service) DO UPDATE SET tickets = call_rollup_services.tickets + excluded.tickets"
+    ),
     ))
     .bind(first)
     .bind(last)
@@ -123,15 +131,18 @@ async fn add_where(
 
 /// Call `id` got its wrap-up (`wrap_up_ms`): its handle time grows by that much.
 pub(crate) async fn add_wrap_up(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     id: i64,
     wrap_up_ms: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE call_rollup SET handle_ms = handle_ms + ?1
+    sqlx::query(&db::sql(
+        &**tx,
+        &format!(
+            "UPDATE call_rollup SET handle_ms = handle_ms + ?1
          WHERE (bucket_ms, queue) = (SELECT started_ms - started_ms % {BUCKET_MS},
              coalesce(queue, '') FROM call_history WHERE id = ?2 AND queue IS NOT NULL
              AND agent IS NOT NULL)"
+        ),
     ))
     .bind(wrap_up_ms)
     .bind(id)
@@ -142,16 +153,19 @@ pub(crate) async fn add_wrap_up(
 
 /// Call `id`'s call-back ended with `result`.
 pub(crate) async fn add_callback_result(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     id: i64,
     result: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE call_rollup SET
-             callbacks_completed = callbacks_completed + (?1 = 'served'),
-             callbacks_unreached = callbacks_unreached + (?1 = 'unreached')
+    sqlx::query(&db::sql(
+        &**tx,
+        &format!(
+            "UPDATE call_rollup SET
+             callbacks_completed = callbacks_completed + CASE WHEN ?1 = 'served' THEN 1 ELSE 0 END,
+             callbacks_unreached = callbacks_unreached + CASE WHEN ?1 = 'unreached' THEN 1 ELSE 0 END
          WHERE (bucket_ms, queue) = (SELECT started_ms - started_ms % {BUCKET_MS},
              coalesce(queue, '') FROM call_history WHERE id = ?2)"
+        ),
     ))
     .bind(result)
     .bind(id)
@@ -161,10 +175,11 @@ pub(crate) async fn add_callback_result(
 }
 
 /// Drop the buckets wholly before `cutoff_ms` (their rows were pruned).
-pub(crate) async fn prune(pool: &SqlitePool, cutoff_ms: i64) -> Result<(), sqlx::Error> {
+pub(crate) async fn prune(pool: &AnyPool, cutoff_ms: i64) -> Result<(), sqlx::Error> {
     for table in ["call_rollup", "call_rollup_services"] {
-        sqlx::query(&format!(
-            "DELETE FROM {table} WHERE bucket_ms + {BUCKET_MS} <= ?"
+        sqlx::query(&db::sql(
+            pool,
+            &format!("DELETE FROM {table} WHERE bucket_ms + {BUCKET_MS} <= ?"),
         ))
         .bind(cutoff_ms)
         .execute(pool)
@@ -175,11 +190,13 @@ pub(crate) async fn prune(pool: &SqlitePool, cutoff_ms: i64) -> Result<(), sqlx:
 
 /// Whether the rollup was computed with `config`'s thresholds (reports read the calls
 /// themselves until it is).
-pub async fn ready(pool: &SqlitePool, config: &ReportsConfig) -> Result<bool, sqlx::Error> {
-    let have: Option<String> =
-        sqlx::query_scalar("SELECT value FROM history_meta WHERE key = 'rollup_thresholds'")
-            .fetch_optional(pool)
-            .await?;
+pub async fn ready(pool: &AnyPool, config: &ReportsConfig) -> Result<bool, sqlx::Error> {
+    let have: Option<String> = sqlx::query_scalar(&db::sql(
+        pool,
+        "SELECT value FROM history_meta WHERE key = 'rollup_thresholds'",
+    ))
+    .fetch_optional(pool)
+    .await?;
     Ok(have.as_deref() == Some(fingerprint(config).as_str()))
 }
 
@@ -190,32 +207,45 @@ const REBUILD_CHUNK_MS: i64 = 86_400_000;
 /// Rebuild the rollup from `call_history` if it was computed with other thresholds (or
 /// never), a day of calls per transaction. Returns whether it did.
 pub async fn rebuild_if_changed(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &ReportsConfig,
 ) -> Result<bool, HistoryError> {
     if ready(pool, config).await? {
         return Ok(false);
     }
+    // Nodes starting at once rebuild one after the other; the later ones find it ready.
+    let never = CancellationToken::new();
+    let _turn = db::Leader::acquire(pool, db::locks::ROLLUP, &never).await;
+    if ready(pool, config).await? {
+        return Ok(false);
+    }
     let mut tx = pool.begin().await?;
-    sqlx::query("DELETE FROM history_meta WHERE key = 'rollup_thresholds'")
+    db::lock_writes(&mut tx).await?;
+    sqlx::query(&db::sql(
+        &*tx,
+        "DELETE FROM history_meta WHERE key = 'rollup_thresholds'",
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&db::sql(&*tx, "DELETE FROM call_rollup"))
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM call_rollup")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM call_rollup_services")
+    sqlx::query(&db::sql(&*tx, "DELETE FROM call_rollup_services"))
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    let (first, last): (Option<i64>, Option<i64>) =
-        sqlx::query_as("SELECT min(started_ms), max(started_ms) FROM call_history")
-            .fetch_one(pool)
-            .await?;
+    let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(&db::sql(
+        pool,
+        "SELECT min(started_ms), max(started_ms) FROM call_history",
+    ))
+    .fetch_one(pool)
+    .await?;
     if let (Some(first), Some(last)) = (first, last) {
         // Chunks start on bucket boundaries, so no bucket is split between two.
         let mut at = first - first.rem_euclid(BUCKET_MS);
         while at <= last {
             let mut tx = pool.begin().await?;
+            db::lock_writes(&mut tx).await?;
             add_where(
                 &mut tx,
                 config,
@@ -227,10 +257,11 @@ pub async fn rebuild_if_changed(
             at += REBUILD_CHUNK_MS;
         }
     }
-    sqlx::query(
+    sqlx::query(&db::sql(
+        pool,
         "INSERT INTO history_meta (key, value) VALUES ('rollup_thresholds', ?)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
+    ))
     .bind(fingerprint(config))
     .execute(pool)
     .await?;
@@ -239,7 +270,7 @@ pub async fn rebuild_if_changed(
 
 /// [`report::call_sums`] from the rollup.
 pub async fn call_sums(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     range: &Range,
 ) -> Result<BTreeMap<i64, CallSums>, HistoryError> {
     let step = range.interval.millis();
@@ -247,7 +278,7 @@ pub async fn call_sums(
         .iter()
         .map(|c| match *c {
             "longest_wait_ms" => format!("coalesce(max({c}), 0) AS {c}"),
-            _ => format!("coalesce(sum({c}), 0) AS {c}"),
+            _ => format!("CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}"),
         })
         .collect();
     let filter = if range.queue.is_some() {
@@ -261,6 +292,7 @@ pub async fn call_sums(
          GROUP BY b ORDER BY b",
         sums = sums.join(", ")
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, SumsRow>(&sql)
         .bind(range.from_ms)
         .bind(step)
@@ -273,10 +305,11 @@ pub async fn call_sums(
         out.insert(range.from_ms + r.b * step, r.sums());
     }
     let sql = format!(
-        "SELECT (bucket_ms - ?1) / ?2 AS b, service, sum(tickets) FROM call_rollup_services
+        "SELECT (bucket_ms - ?1) / ?2 AS b, service, CAST(sum(tickets) AS BIGINT) FROM call_rollup_services
          WHERE bucket_ms >= ?1 AND bucket_ms < ?3{filter}
          GROUP BY b, service"
     );
+    let sql = db::sql(pool, &sql);
     let mut q = sqlx::query_as::<_, (i64, String, i64)>(&sql)
         .bind(range.from_ms)
         .bind(step)

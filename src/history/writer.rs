@@ -9,9 +9,10 @@ use super::{
     rollup, AgentStateRecord, CallRecord, History, HistoryConfig, HistoryError, Outcome,
     QueueEventRecord, Record,
 };
+use crate::dispatch::db;
 use crate::dispatch::outbox::OutboxPlan;
 use sha2::{Digest, Sha256};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Any, AnyPool, Transaction};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -47,7 +48,7 @@ impl HistoryWriter {
 
 /// Start the writer on `pool` (the ticket database, migrated).
 pub fn spawn_writer(
-    pool: SqlitePool,
+    pool: AnyPool,
     config: HistoryConfig,
     reports: ReportsConfig,
     metrics: Arc<crate::metrics::Metrics>,
@@ -66,7 +67,7 @@ pub fn spawn_writer(
 }
 
 async fn run(
-    pool: SqlitePool,
+    pool: AnyPool,
     (reports, outbox): (ReportsConfig, Arc<OutboxPlan>),
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
@@ -102,7 +103,7 @@ async fn run(
 }
 
 async fn write_batch(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     (reports, outbox): (&ReportsConfig, &OutboxPlan),
     batch: &mut Vec<Record>,
     metrics: &crate::metrics::Metrics,
@@ -134,14 +135,15 @@ async fn write_batch(
 /// Write `records` in one transaction (and the rollup with them, and `call.ended` for the
 /// webhooks that take it).
 pub(crate) async fn write(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     reports: &ReportsConfig,
     outbox: &OutboxPlan,
     records: &[Record],
 ) -> Result<(), HistoryError> {
     let mut tx = pool.begin().await?;
+    db::lock_writes(&mut tx).await?;
     // Calls inserted and not yet in the rollup. Within one transaction the database's write
-    // lock keeps anyone else from inserting, so their ids form one range and the rollup
+    // lock (on PostgreSQL, the write lock every node takes) keeps anyone else from inserting, so their ids form one range and the rollup
     // takes them in one aggregate statement instead of one per call. A record that changes
     // a call already written (a call-back's result, a wrap-up) needs that call in the
     // rollup first, so the range is added before it.
@@ -167,18 +169,20 @@ pub(crate) async fn write(
                 attempts,
                 result,
             } => {
-                let ids: Vec<i64> = sqlx::query_scalar(
+                let ids: Vec<i64> = sqlx::query_scalar(&db::sql(
+                    &*tx,
                     "SELECT id FROM call_history WHERE call_id = ? AND outcome = 'callback' \
                      AND callback_result = 'pending'",
-                )
+                ))
                 .bind(call_id)
                 .fetch_all(&mut *tx)
                 .await?;
                 for id in ids {
-                    sqlx::query(
+                    sqlx::query(&db::sql(
+                        &*tx,
                         "UPDATE call_history SET callback_attempts = ?, callback_result = ? \
                          WHERE id = ?",
-                    )
+                    ))
                     .bind(*attempts as i64)
                     .bind(*result)
                     .bind(id)
@@ -218,7 +222,7 @@ fn call_summary(c: &CallRecord) -> serde_json::Value {
 }
 
 /// Insert the call's row; its id.
-async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result<i64, sqlx::Error> {
+async fn insert_call(tx: &mut Transaction<'_, Any>, c: &CallRecord) -> Result<i64, sqlx::Error> {
     let (mut ticket_id, mut ticket_service, mut audit, mut ab_in, mut ab_after) =
         (None, None, None, None, None);
     let (mut rejected_code, mut rejected_why, mut callback_result) = (None, None, None);
@@ -240,13 +244,15 @@ async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result
         Outcome::Info | Outcome::Bridged => {}
     }
     let q = c.queue.as_ref();
-    Ok(sqlx::query(
+    sqlx::query_scalar(&db::sql(
+        &**tx,
         "INSERT INTO call_history (call_id, started_ms, answered_ms, ended_ms, caller, \
          caller_verified, dialled, language, menu_path, outcome, end_reason, ticket_id, \
          ticket_service, emergency_audit_id, queue, queue_entered_ms, wait_ms, agent, talk_ms, \
          abandoned_in, abandoned_after_ms, callback_result, rejected_code, rejected_why) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         RETURNING id",
+    ))
     .bind(&c.call_id)
     .bind(c.started_ms)
     .bind(c.answered_ms)
@@ -271,19 +277,16 @@ async fn insert_call(tx: &mut Transaction<'_, Sqlite>, c: &CallRecord) -> Result
     .bind(callback_result)
     .bind(rejected_code)
     .bind(rejected_why)
-    .execute(&mut **tx)
-    .await?
-    .last_insert_rowid())
+    .fetch_one(&mut **tx)
+    .await
 }
 
 async fn insert_queue_event(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     q: &QueueEventRecord,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO queue_events (at_ms, call_id, queue, agent, event, wait_ms, talk_ms, position) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
+    sqlx::query(&db::sql(&**tx, "INSERT INTO queue_events (at_ms, call_id, queue, agent, event, wait_ms, talk_ms, position) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",))
     .bind(q.at_ms)
     .bind(&q.call_id)
     .bind(&q.queue)
@@ -298,13 +301,14 @@ async fn insert_queue_event(
 }
 
 async fn insert_agent_state(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     s: &AgentStateRecord,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query(&db::sql(
+        &**tx,
         "INSERT INTO agent_states (agent, state, reason, started_ms, ended_ms) \
          VALUES (?, ?, ?, ?, ?)",
-    )
+    ))
     .bind(&s.agent)
     .bind(s.state)
     .bind(&s.reason)
@@ -315,11 +319,12 @@ async fn insert_agent_state(
     if s.state == "wrap_up" {
         // The operator's call that ended as this wrap-up began (the call's own clock and the
         // queue's differ by the moment the report took to arrive).
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<i64> = sqlx::query_scalar(&db::sql(
+            &**tx,
             "SELECT id FROM call_history \
              WHERE agent = ? AND outcome = 'bridged' AND wrap_up_ms IS NULL \
              AND ended_ms BETWEEN ? AND ? ORDER BY abs(ended_ms - ?) LIMIT 1",
-        )
+        ))
         .bind(&s.agent)
         .bind(s.started_ms - 10_000)
         .bind(s.started_ms + 10_000)
@@ -328,11 +333,14 @@ async fn insert_agent_state(
         .await?;
         if let Some(id) = id {
             let wrap_up = s.ended_ms - s.started_ms;
-            sqlx::query("UPDATE call_history SET wrap_up_ms = ? WHERE id = ?")
-                .bind(wrap_up)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(&db::sql(
+                &**tx,
+                "UPDATE call_history SET wrap_up_ms = ? WHERE id = ?",
+            ))
+            .bind(wrap_up)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
             rollup::add_wrap_up(tx, id, wrap_up).await?;
         }
     }
@@ -340,13 +348,16 @@ async fn insert_agent_state(
 }
 
 /// The key callers' numbers are hashed with, made on first use.
-pub(crate) async fn hash_key(pool: &SqlitePool) -> Result<Vec<u8>, sqlx::Error> {
+pub(crate) async fn hash_key(pool: &AnyPool) -> Result<Vec<u8>, sqlx::Error> {
     let key: [u8; 32] = rand::random();
-    sqlx::query("INSERT OR IGNORE INTO history_key (id, key) VALUES (1, ?)")
-        .bind(&key[..])
-        .execute(pool)
-        .await?;
-    sqlx::query_scalar("SELECT key FROM history_key WHERE id = 1")
+    sqlx::query(&db::sql(
+        pool,
+        "INSERT INTO history_key (id, key) VALUES (1, ?) ON CONFLICT DO NOTHING",
+    ))
+    .bind(&key[..])
+    .execute(pool)
+    .await?;
+    sqlx::query_scalar(&db::sql(pool, "SELECT key FROM history_key WHERE id = 1"))
         .fetch_one(pool)
         .await
 }
@@ -369,7 +380,7 @@ pub(crate) fn hash_number(key: &[u8], number: &str) -> String {
 /// Delete rows older than `keep_days` (0 keeps them) and hash numbers older than
 /// `config.hash_numbers_after_days`, as of `now_ms`. Returns (rows deleted, numbers hashed).
 pub(crate) async fn prune(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     config: &HistoryConfig,
     keep_days: u32,
     now_ms: i64,
@@ -391,7 +402,7 @@ pub(crate) async fn prune(
                 "DELETE FROM {table} WHERE id IN \
                  (SELECT id FROM {table} WHERE {column} < ? LIMIT ?)"
             );
-            let n = sqlx::query(&sql)
+            let n = sqlx::query(&db::sql(pool, &sql))
                 .bind(cutoff)
                 .bind(PRUNE_CHUNK)
                 .execute(pool)
@@ -407,10 +418,11 @@ pub(crate) async fn prune(
     let key = hash_key(pool).await?;
     let mut hashed = 0;
     loop {
-        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
+        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(&db::sql(
+            pool,
             "SELECT id, caller FROM call_history WHERE number_hashed = 0 AND started_ms < ? \
              LIMIT ?",
-        )
+        ))
         .bind(hash_before)
         .bind(PRUNE_CHUNK)
         .fetch_all(pool)
@@ -421,11 +433,14 @@ pub(crate) async fn prune(
         let mut tx = pool.begin().await?;
         for (id, caller) in &rows {
             let h = caller.as_deref().map(|c| hash_number(&key, c));
-            sqlx::query("UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id = ?")
-                .bind(h)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&db::sql(
+                &*tx,
+                "UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id = ?",
+            ))
+            .bind(h)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         hashed += rows.len() as u64;
@@ -478,11 +493,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((deleted, hashed), (1, 1));
-        let rows: Vec<(String, Option<String>)> =
-            sqlx::query_as("SELECT call_id, caller FROM call_history ORDER BY started_ms")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(&db::sql(
+            &pool,
+            "SELECT call_id, caller FROM call_history ORDER BY started_ms",
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         assert_eq!(rows.len(), 2);
         let mid = rows[0].1.as_deref().unwrap();
         assert!(
@@ -532,10 +549,11 @@ mod tests {
         )
         .await
         .unwrap();
-        let w: Option<i64> = sqlx::query_scalar("SELECT wrap_up_ms FROM call_history")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let w: Option<i64> =
+            sqlx::query_scalar(&db::sql(&pool, "SELECT wrap_up_ms FROM call_history"))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(w, Some(10_000));
         let _ = AbandonedIn::Menu;
     }
@@ -572,7 +590,7 @@ mod tests {
         );
         drop(held);
         writer.stop().await;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
+        let n: i64 = sqlx::query_scalar(&db::sql(&pool, "SELECT count(*) FROM call_history"))
             .fetch_one(&pool)
             .await
             .unwrap();

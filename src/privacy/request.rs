@@ -9,9 +9,10 @@
 
 use super::retention::{remove_file, scrub_json};
 use super::{Phone, PrivacyError, ERASED};
+use crate::dispatch::db::{self, HasDialect};
 use crate::dispatch::tickets::{TicketStore, WriteTxn};
 use serde::Serialize;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
@@ -50,13 +51,17 @@ fn tail(phone: &Phone) -> &str {
     &e[e.len().saturating_sub(7)..]
 }
 
-async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, PrivacyError> {
+async fn find(pool: &AnyPool, dir: &Path, phone: &Phone) -> Result<Found, PrivacyError> {
     let mut f = Found::default();
     let tail = tail(phone);
-    let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT service_request_id, phone, call_id, recording FROM tickets \
-         WHERE phone IS NOT NULL AND phone <> ? AND instr({}, ?) > 0",
-        digits("phone")
+    let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT service_request_id, phone, call_id, recording FROM tickets \
+         WHERE phone IS NOT NULL AND phone <> ? AND {instr}({}, ?) > 0",
+            digits("phone"),
+            instr = db::instr(pool)
+        ),
     ))
     .bind(ERASED)
     .bind(tail)
@@ -79,10 +84,14 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
     let hashes: BTreeSet<String> = (phone.received_forms().iter())
         .map(|n| crate::history::hash_number(&key, n))
         .collect();
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(&format!(
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
         "SELECT id, caller, call_id FROM call_history WHERE caller IS NOT NULL AND caller <> ? \
-         AND (caller IN (?, ?, ?) OR instr({}, ?) > 0)",
-        digits("caller")
+         AND (caller IN (?, ?, ?) OR {instr}({}, ?) > 0)",
+        digits("caller"),
+            instr = db::instr(pool)
+    ),
     ))
     .bind(ERASED)
     .bind(hashes.iter().next())
@@ -97,9 +106,13 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
             f.call_ids.insert(call_id);
         }
     }
-    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
-        "SELECT id, number FROM callback_requests WHERE number <> ? AND instr({}, ?) > 0",
-        digits("number")
+    let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT id, number FROM callback_requests WHERE number <> ? AND {instr}({}, ?) > 0",
+            digits("number"),
+            instr = db::instr(pool)
+        ),
     ))
     .bind(ERASED)
     .bind(tail)
@@ -109,10 +122,14 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
         .filter(|(_, n)| phone.matches(n))
         .map(|(id, _)| id)
         .collect();
-    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
-        "SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL \
-         AND instr({}, ?) > 0",
-        digits("caller")
+    let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT id, caller FROM emergency_redirects WHERE caller IS NOT NULL \
+         AND {instr}({}, ?) > 0",
+            digits("caller"),
+            instr = db::instr(pool)
+        ),
     ))
     .bind(tail)
     .fetch_all(pool)
@@ -122,12 +139,16 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
         .map(|(id, _)| id)
         .collect();
     let tickets: BTreeSet<i64> = f.tickets.iter().copied().collect();
-    let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT id, ticket_id, body FROM outbox WHERE ticket_id IN (SELECT service_request_id \
-         FROM tickets WHERE phone IS NOT NULL AND instr({}, ?) > 0) \
-         OR (body IS NOT NULL AND instr({}, ?) > 0)",
-        digits("phone"),
-        digits("body")
+    let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(&db::sql(
+        pool,
+        &format!(
+            "SELECT id, ticket_id, body FROM outbox WHERE ticket_id IN (SELECT service_request_id \
+         FROM tickets WHERE phone IS NOT NULL AND {instr}({}, ?) > 0) \
+         OR (body IS NOT NULL AND {instr}({}, ?) > 0)",
+            digits("phone"),
+            digits("body"),
+            instr = db::instr(pool)
+        ),
     ))
     .bind(tail)
     .bind(tail)
@@ -152,23 +173,27 @@ async fn find(pool: &SqlitePool, dir: &Path, phone: &Phone) -> Result<Found, Pri
     Ok(f)
 }
 
-/// Rows of `table` as JSON objects (SQLite's `json_object` over `columns`) whose `key` is one
+/// Rows of `table` as JSON objects (`json_object`, PostgreSQL's `json_build_object`, over `columns`) whose `key` is one
 /// of `ids`.
 async fn rows_json(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     table: &str,
     key: &str,
     columns: &[&str],
     ids: &[String],
 ) -> Result<Vec<serde_json::Value>, PrivacyError> {
     let object: Vec<String> = columns.iter().map(|c| format!("'{c}', {c}")).collect();
-    let sql = format!(
-        "SELECT json_object({}) FROM {table} WHERE {key} = ? ORDER BY 1",
-        object.join(", ")
-    );
+    let object = match pool.dialect() {
+        db::Dialect::Sqlite => format!("json_object({})", object.join(", ")),
+        db::Dialect::Postgres => format!("CAST(json_build_object({}) AS TEXT)", object.join(", ")),
+    };
+    let sql = format!("SELECT {object} FROM {table} WHERE {key} = ? ORDER BY 1");
     let mut out = Vec::new();
     for id in ids {
-        let rows: Vec<String> = sqlx::query_scalar(&sql).bind(id).fetch_all(pool).await?;
+        let rows: Vec<String> = sqlx::query_scalar(&db::sql(pool, &sql))
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
         for r in rows {
             out.push(serde_json::from_str(&r).unwrap_or(serde_json::Value::String(r)));
         }
@@ -401,46 +426,57 @@ pub async fn erase(
 }
 
 async fn erase_rows(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     f: &Found,
     phone: &Phone,
     (at, by, number_hash, report): (&str, &str, &str, &ErasureReport),
 ) -> Result<(), sqlx::Error> {
     for id in &f.tickets {
-        sqlx::query(
+        sqlx::query(&db::sql(
+            &*conn,
             "UPDATE tickets SET phone = ?, email = NULL, first_name = NULL, last_name = NULL \
              WHERE service_request_id = ?",
-        )
+        ))
         .bind(ERASED)
         .bind(id)
         .execute(&mut *conn)
         .await?;
     }
     for id in &f.ticket_recordings {
-        sqlx::query("UPDATE tickets SET recording = NULL WHERE service_request_id = ?")
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&db::sql(
+            &*conn,
+            "UPDATE tickets SET recording = NULL WHERE service_request_id = ?",
+        ))
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     }
     for id in &f.history {
-        sqlx::query("UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id = ?")
-            .bind(ERASED)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&db::sql(
+            &*conn,
+            "UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id = ?",
+        ))
+        .bind(ERASED)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     }
     for id in &f.callbacks {
-        sqlx::query("UPDATE callback_requests SET number = ? WHERE id = ?")
-            .bind(ERASED)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&db::sql(
+            &*conn,
+            "UPDATE callback_requests SET number = ? WHERE id = ?",
+        ))
+        .bind(ERASED)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     }
     for id in &f.outbox {
-        let body: Option<String> = sqlx::query_scalar("SELECT body FROM outbox WHERE id = ?")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
+        let body: Option<String> =
+            sqlx::query_scalar(&db::sql(&*conn, "SELECT body FROM outbox WHERE id = ?"))
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
         let Some(mut v) = body.and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
         else {
             continue;
@@ -449,15 +485,16 @@ async fn erase_rows(
         scrub_json(&mut v, &|key, s| {
             phone.matches(s) || CONTACT_FIELDS.contains(&key)
         });
-        sqlx::query("UPDATE outbox SET body = ? WHERE id = ?")
+        sqlx::query(&db::sql(&*conn, "UPDATE outbox SET body = ? WHERE id = ?"))
             .bind(v.to_string())
             .bind(id)
             .execute(&mut *conn)
             .await?;
     }
-    sqlx::query(
+    sqlx::query(&db::sql(
+        &*conn,
         "INSERT INTO privacy_erasures (at, by_whom, number_hash, counts) VALUES (?, ?, ?, ?)",
-    )
+    ))
     .bind(at)
     .bind(by)
     .bind(number_hash)
@@ -472,8 +509,8 @@ mod tests {
     use super::super::retention::tests::{phone_ticket, temp_dir};
     use super::*;
 
-    async fn count(pool: &SqlitePool, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+    async fn count(pool: &AnyPool, table: &str) -> i64 {
+        sqlx::query_scalar(&db::sql(pool, &format!("SELECT COUNT(*) FROM {table}")))
             .fetch_one(pool)
             .await
             .unwrap()
@@ -500,31 +537,31 @@ mod tests {
         phone_ticket(&store, "212-555-0100", None, "w", "2026-12-02T12:00:00Z").await;
         let other = phone_ticket(&store, "+12125550199", None, "o@x", "2026-12-02T12:00:00Z").await;
         let key = crate::history::hash_key(&pool).await.unwrap();
-        sqlx::query(
+        sqlx::query(&db::sql(
+            &pool,
             "INSERT INTO call_history (call_id, started_ms, ended_ms, caller, outcome) VALUES \
              ('a@x', 1, 2, '2125550100', 'ticket'), ('h@x', 1, 2, ?, 'info'), \
              ('o@x', 1, 2, '+12125550199', 'info')",
-        )
+        ))
         .bind(crate::history::hash_number(&key, "+12125550100"))
         .execute(&pool)
         .await
         .unwrap();
-        sqlx::query("INSERT INTO callback_requests (number, at) VALUES ('+12125550100', 'x')")
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query(
-            "INSERT INTO emergency_redirects (at, caller, call_id, menu_path, method, outcome) \
-             VALUES ('2026-12-01T12:00:00Z', '+12125550100', 'e@x', 'main:9', 'refer', 'connected')",
-        )
+        sqlx::query(&db::sql(
+            &pool,
+            "INSERT INTO callback_requests (number, at) VALUES ('+12125550100', 'x')",
+        ))
         .execute(&pool)
         .await
         .unwrap();
-        sqlx::query(
-            "INSERT INTO outbox (kind, target, event, body, state, created_ms, next_ms) VALUES \
+        sqlx::query(&db::sql(&pool, "INSERT INTO emergency_redirects (at, caller, call_id, menu_path, method, outcome) \
+             VALUES ('2026-12-01T12:00:00Z', '+12125550100', 'e@x', 'main:9', 'refer', 'connected')",))
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(&db::sql(&pool, "INSERT INTO outbox (kind, target, event, body, state, created_ms, next_ms) VALUES \
              ('webhook', 'http://h', 'request.created', \
-              '{\"request\":{\"phone\":\"+12125550100\",\"email\":\"r@example.org\"}}', 'done', 0, 0)",
-        )
+              '{\"request\":{\"phone\":\"+12125550100\",\"email\":\"r@example.org\"}}', 'done', 0, 0)",))
         .execute(&pool)
         .await
         .unwrap();
@@ -570,19 +607,23 @@ mod tests {
         let text = after.to_string() + &found["outbox"].to_string();
         assert!(!after.to_string().contains("r@example.org"), "{text}");
         // Someone else's ticket is untouched.
-        let theirs: String =
-            sqlx::query_scalar("SELECT phone FROM tickets WHERE service_request_id = ?")
-                .bind(other)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let theirs: String = sqlx::query_scalar(&db::sql(
+            &pool,
+            "SELECT phone FROM tickets WHERE service_request_id = ?",
+        ))
+        .bind(other)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         assert_eq!(theirs, "+12125550199");
         // The erasure is recorded without the number.
-        let (by, hash, counts): (String, String, String) =
-            sqlx::query_as("SELECT by_whom, number_hash, counts FROM privacy_erasures")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let (by, hash, counts): (String, String, String) = sqlx::query_as(&db::sql(
+            &pool,
+            "SELECT by_whom, number_hash, counts FROM privacy_erasures",
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         assert_eq!(by, "clerk");
         assert_eq!(hash, crate::history::hash_number(&key, "+12125550100"));
         assert!(
@@ -592,7 +633,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    async fn table_counts(pool: &SqlitePool) -> Vec<i64> {
+    async fn table_counts(pool: &AnyPool) -> Vec<i64> {
         let mut v = Vec::new();
         for t in [
             "tickets",

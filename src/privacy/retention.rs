@@ -5,11 +5,12 @@
 //! the task that calls it with the server's wall clock.
 
 use super::{PrivacyError, RetentionConfig, ERASED};
+use crate::dispatch::db;
 use crate::dispatch::tickets::iso;
 use crate::history::HistoryConfig;
 use crate::menu::schedule::WallClock;
 use serde::Serialize;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -52,7 +53,7 @@ fn epoch_ms(t: OffsetDateTime) -> i64 {
 /// `caller_numbers_days` removed, history older than `history_days` deleted (and numbers
 /// older than `history.hash_numbers_after_days` hashed). A period of 0 keeps that data.
 pub async fn apply(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     recordings_dir: &Path,
     config: &RetentionConfig,
     history: &HistoryConfig,
@@ -108,10 +109,10 @@ fn iso_text(t: OffsetDateTime) -> String {
 }
 
 /// Runs `sql` (binding ERASED, ERASED, `cutoff`, CHUNK) until it changes fewer than CHUNK rows.
-async fn chunked(pool: &SqlitePool, sql: &str, cutoff: &str) -> Result<u64, sqlx::Error> {
+async fn chunked(pool: &AnyPool, sql: &str, cutoff: &str) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        let n = sqlx::query(sql)
+        let n = sqlx::query(&db::sql(pool, sql))
             .bind(ERASED)
             .bind(ERASED)
             .bind(cutoff)
@@ -126,17 +127,14 @@ async fn chunked(pool: &SqlitePool, sql: &str, cutoff: &str) -> Result<u64, sqlx
     }
 }
 
-async fn ticket_recordings(
-    pool: &SqlitePool,
-    dir: &Path,
-    cutoff: &str,
-) -> Result<u64, PrivacyError> {
+async fn ticket_recordings(pool: &AnyPool, dir: &Path, cutoff: &str) -> Result<u64, PrivacyError> {
     let mut total = 0;
     loop {
-        let rows: Vec<(i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
+            pool,
             "SELECT service_request_id, recording FROM tickets WHERE recording IS NOT NULL \
              AND requested_datetime < ? LIMIT ?",
-        )
+        ))
         .bind(cutoff)
         .bind(CHUNK)
         .fetch_all(pool)
@@ -148,10 +146,13 @@ async fn ticket_recordings(
             if let Some(path) = crate::media::record::recording_path(dir, name) {
                 remove_file(&path)?;
             }
-            sqlx::query("UPDATE tickets SET recording = NULL WHERE service_request_id = ?")
-                .bind(id)
-                .execute(pool)
-                .await?;
+            sqlx::query(&db::sql(
+                pool,
+                "UPDATE tickets SET recording = NULL WHERE service_request_id = ?",
+            ))
+            .bind(id)
+            .execute(pool)
+            .await?;
             total += 1;
         }
     }
@@ -199,14 +200,15 @@ pub(crate) fn scrub_json(v: &mut serde_json::Value, hit: &dyn Fn(&str, &str) -> 
 }
 
 /// Webhook bodies written before `cutoff_ms` lose the `phone` field's value.
-async fn outbox_numbers(pool: &SqlitePool, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
+async fn outbox_numbers(pool: &AnyPool, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
     let mut after = 0i64;
     let mut total = 0;
     loop {
-        let rows: Vec<(i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, String)> = sqlx::query_as(&db::sql(
+            pool,
             "SELECT id, body FROM outbox WHERE id > ? AND created_ms < ? AND body IS NOT NULL \
              ORDER BY id LIMIT ?",
-        )
+        ))
         .bind(after)
         .bind(cutoff_ms)
         .bind(CHUNK)
@@ -221,7 +223,7 @@ async fn outbox_numbers(pool: &SqlitePool, cutoff_ms: i64) -> Result<u64, sqlx::
                 continue;
             };
             if scrub_json(&mut v, &|key, _| key == "phone") {
-                sqlx::query("UPDATE outbox SET body = ? WHERE id = ?")
+                sqlx::query(&db::sql(pool, "UPDATE outbox SET body = ? WHERE id = ?"))
                     .bind(v.to_string())
                     .bind(id)
                     .execute(pool)
@@ -233,13 +235,14 @@ async fn outbox_numbers(pool: &SqlitePool, cutoff_ms: i64) -> Result<u64, sqlx::
 }
 
 /// Call history rows from before `cutoff_ms` lose their caller (number or hash).
-async fn history_numbers(pool: &SqlitePool, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
+async fn history_numbers(pool: &AnyPool, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        let n = sqlx::query(
+        let n = sqlx::query(&db::sql(
+            pool,
             "UPDATE call_history SET caller = ?, number_hashed = 1 WHERE id IN (SELECT id FROM \
              call_history WHERE caller IS NOT NULL AND caller <> ? AND started_ms < ? LIMIT ?)",
-        )
+        ))
         .bind(ERASED)
         .bind(ERASED)
         .bind(cutoff_ms)
@@ -257,7 +260,7 @@ async fn history_numbers(pool: &SqlitePool, cutoff_ms: i64) -> Result<u64, sqlx:
 /// Apply retention at start and daily until `cancel`, each pass audited in the log. `clock`
 /// gives the date (the system's, or a test's).
 pub(crate) async fn run(
-    pool: SqlitePool,
+    pool: AnyPool,
     recordings_dir: PathBuf,
     (config, history): (RetentionConfig, HistoryConfig),
     clock: WallClock,
@@ -324,12 +327,15 @@ pub(crate) mod tests {
             })
             .await
             .unwrap();
-        sqlx::query("UPDATE tickets SET requested_datetime = ? WHERE service_request_id = ?")
-            .bind(filed)
-            .bind(t.service_request_id as i64)
-            .execute(store.pool())
-            .await
-            .unwrap();
+        sqlx::query(&db::sql(
+            store.pool(),
+            "UPDATE tickets SET requested_datetime = ? WHERE service_request_id = ?",
+        ))
+        .bind(filed)
+        .bind(t.service_request_id as i64)
+        .execute(store.pool())
+        .await
+        .unwrap();
         t.service_request_id as i64
     }
 
@@ -363,11 +369,12 @@ pub(crate) mod tests {
         .await;
         let day_ms = 86_400_000;
         let now_ms = epoch_ms(now);
-        sqlx::query(
+        sqlx::query(&db::sql(
+            pool,
             "INSERT INTO outbox (kind, target, event, body, state, created_ms, next_ms) VALUES \
              ('webhook', 'http://h', 'request.created', ?, 'done', ?, 0), \
              ('webhook', 'http://h', 'request.created', ?, 'done', ?, 0)",
-        )
+        ))
         .bind(r#"{"request":{"phone":"+12125550101","service_code":"pothole"}}"#)
         .bind(now_ms - 500 * day_ms)
         .bind(r#"{"request":{"phone":"+12125550102"}}"#)
@@ -375,10 +382,11 @@ pub(crate) mod tests {
         .execute(pool)
         .await
         .unwrap();
-        sqlx::query(
+        sqlx::query(&db::sql(
+            pool,
             "INSERT INTO call_history (call_id, started_ms, ended_ms, caller, outcome) VALUES \
              ('b@x', ?, ?, '+12125550101', 'info'), ('c@x', ?, ?, '+12125550102', 'info')",
-        )
+        ))
         .bind(now_ms - 401 * day_ms)
         .bind(now_ms - 401 * day_ms)
         .bind(now_ms - day_ms)
@@ -405,11 +413,13 @@ pub(crate) mod tests {
         );
         assert!(!dir.join("old.wav").exists());
         assert!(dir.join("new.wav").exists());
-        let phones: Vec<(i64, Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT service_request_id, phone, recording FROM tickets")
-                .fetch_all(pool)
-                .await
-                .unwrap();
+        let phones: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(&db::sql(
+            pool,
+            "SELECT service_request_id, phone, recording FROM tickets",
+        ))
+        .fetch_all(pool)
+        .await
+        .unwrap();
         for (id, phone, recording) in phones {
             let want = if id == old {
                 (Some(ERASED.to_owned()), None)
@@ -421,20 +431,23 @@ pub(crate) mod tests {
             };
             assert_eq!((phone, recording), want, "ticket {id}");
         }
-        let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM outbox ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+        let bodies: Vec<String> =
+            sqlx::query_scalar(&db::sql(pool, "SELECT body FROM outbox ORDER BY id"))
+                .fetch_all(pool)
+                .await
+                .unwrap();
         assert_eq!(
             bodies[0],
             r#"{"request":{"phone":"erased","service_code":"pothole"}}"#
         );
         assert!(bodies[1].contains("+12125550102"));
-        let callers: Vec<String> =
-            sqlx::query_scalar("SELECT caller FROM call_history ORDER BY started_ms")
-                .fetch_all(pool)
-                .await
-                .unwrap();
+        let callers: Vec<String> = sqlx::query_scalar(&db::sql(
+            pool,
+            "SELECT caller FROM call_history ORDER BY started_ms",
+        ))
+        .fetch_all(pool)
+        .await
+        .unwrap();
         assert_eq!(callers, [ERASED, "+12125550102"]);
         // A second pass finds nothing more.
         let again = apply(pool, &dir, &config, &HistoryConfig::default(), now)

@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod dns;
+pub mod postgres;
 pub mod voices;
 
 use ivr311::config::{parse_port_range, FileConfig, ServeArgs};
