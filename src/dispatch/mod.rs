@@ -9,6 +9,7 @@
 
 pub mod announcements;
 pub mod emergency;
+pub mod generate;
 pub(crate) mod numbers;
 pub mod outbox;
 pub(crate) mod queue;
