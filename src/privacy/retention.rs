@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 /// Rows changed per statement, so a large pass never holds the write lock long.
 const CHUNK: i64 = 2000;
+// The number retention's SQL and the partial index tickets_number_requested spell out.
+const _: () = assert!(matches!(ERASED.as_bytes(), b"erased"));
 
 /// What one pass removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -77,11 +79,14 @@ pub async fn apply(
     if config.caller_numbers_days > 0 {
         let cutoff = days_before(now, config.caller_numbers_days);
         let text = iso_text(cutoff);
+        // `phone <> 'erased'` is written out (ERASED) so that the partial index
+        // tickets_number_requested, which holds only numbers not yet removed, serves it: the
+        // pass reads the numbers it removes, not every ticket older than the cutoff.
         r.ticket_numbers = chunked(
             pool,
             "UPDATE tickets SET phone = ? WHERE service_request_id IN (SELECT \
-             service_request_id FROM tickets WHERE phone IS NOT NULL AND phone <> ? AND \
-             requested_datetime < ? LIMIT ?)",
+             service_request_id FROM tickets WHERE phone IS NOT NULL AND phone <> 'erased' AND \
+             phone <> ? AND requested_datetime < ? LIMIT ?)",
             &text,
         )
         .await?;
