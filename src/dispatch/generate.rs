@@ -37,7 +37,7 @@ const ROWS_PER_INSERT: usize = 500;
 const ROWS_PER_TRANSACTION: u64 = 100_000;
 /// Most tickets one store may be generated to hold: half the 8-digit numbers, so that
 /// [`TicketStore::file`] still finds a free number at the first or second draw.
-pub const MAX_TICKETS: u64 = (ID_MAX - ID_MIN + 1) / 2;
+pub const MAX_TICKETS: u64 = 45_000_000;
 /// Most years of requests.
 pub const MAX_YEARS: u32 = 30;
 /// Share of tickets left open at random (more stay open because they were filed too
