@@ -305,3 +305,38 @@ async fn the_open311_and_phone_queries_use_an_index() {
     pool.close().await;
     remove_db(&db);
 }
+
+/// The command as an admin runs it: it fills an empty database, says what it did, and then
+/// refuses to add to it without `--append`.
+#[test]
+fn tickets_generate_fills_an_empty_database_and_refuses_one_with_tickets() {
+    let db = temp_db("gen-cli");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ivr311"))
+            .args(["tickets", "generate", "--db"])
+            .arg(&db)
+            .args(["--count", "300", "--seed", "9", "--years", "1"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("300 ticket(s) written") && stdout.contains("300 in the database"),
+        "{stdout}"
+    );
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already holds 300 ticket(s)") && stderr.contains("--append"),
+        "{stderr}"
+    );
+    let out = run(&["--append"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("600 in the database"));
+    remove_db(&db);
+}
