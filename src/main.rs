@@ -1,5 +1,5 @@
 //! `ivr311` command line: parse flags, load config, start the server or run a one-shot
-//! command (`check`, `tickets list`, `agent-hash`), and nothing more.
+//! command (`check`, `tickets list`, `tickets generate`, `agent-hash`), and nothing more.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -66,6 +66,29 @@ enum TicketsCommand {
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+    },
+    /// Fill a database with synthetic tickets for benchmarks: the shipped menu's services,
+    /// requests spread over years (yearly growth, weekly and daily shape), ~85% closed,
+    /// ZIP codes, house numbers, coordinates, numbers in the fictional 555-01xx range.
+    /// Generation commits large transactions with synchronous=OFF on its own connection:
+    /// the result is a benchmark fixture. Refuses a database that already has tickets
+    /// unless --append.
+    Generate {
+        #[arg(long, env = "IVR311_DB")]
+        db: PathBuf,
+        /// How many tickets (at most 45,000,000 in one database).
+        #[arg(long)]
+        count: u64,
+        /// Random seed: the same seed, count and years give the same tickets on the same day.
+        /// Default: a random seed, printed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Spread the requests over this many years before now.
+        #[arg(long, default_value_t = 5)]
+        years: u32,
+        /// Add to a database that already has tickets.
+        #[arg(long)]
+        append: bool,
     },
 }
 
@@ -154,6 +177,26 @@ fn main() -> ExitCode {
         } => {
             let at = db.clone();
             run(list_tickets(db, json, limit), |e| db_hints(e, &at))
+        }
+        Command::Tickets {
+            command:
+                TicketsCommand::Generate {
+                    db,
+                    count,
+                    seed,
+                    years,
+                    append,
+                },
+        } => {
+            let at = db.clone();
+            let plan = ivr311::dispatch::generate::GeneratePlan {
+                count,
+                seed: seed.unwrap_or_else(rand::random),
+                years,
+                append,
+                now: time::OffsetDateTime::now_utc(),
+            };
+            run(generate_tickets(db, plan), |e| db_hints(e, &at))
         }
         Command::Privacy { command } => {
             let (args, by) = match command {
@@ -504,6 +547,40 @@ async fn list_tickets(db: PathBuf, json: bool, limit: u32) -> anyhow::Result<()>
         );
     }
     println!("{} ticket(s)", tickets.len());
+    Ok(())
+}
+
+/// `ivr311 tickets generate`: fill the database, then say what was done.
+async fn generate_tickets(
+    db: PathBuf,
+    plan: ivr311::dispatch::generate::GeneratePlan,
+) -> anyhow::Result<()> {
+    use ivr311::dispatch::tickets::TicketStore;
+    let store = TicketStore::open(&db).await?;
+    eprintln!(
+        "generating {} ticket(s) over {} year(s), seed {}",
+        plan.count, plan.years, plan.seed
+    );
+    let r = ivr311::dispatch::generate::generate(&store, &plan).await;
+    store.close().await;
+    let r = r?;
+    let total = r.existing + r.written;
+    println!(
+        "{} ticket(s) written ({} open) in {:.1} s, indexes built in {:.1} s; {} in the database",
+        r.written,
+        r.open,
+        r.insert_time.as_secs_f64(),
+        r.index_time.as_secs_f64(),
+        total
+    );
+    println!(
+        "ticket numbers redrawn because taken: {} ({:.4} per ticket); at {} tickets a new \
+         filing finds its first number taken with probability {:.4}",
+        r.redraws,
+        r.redraws as f64 / r.written.max(1) as f64,
+        total,
+        total as f64 / 90_000_000.0
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 pub mod announcements;
 pub mod db;
 pub mod emergency;
+pub mod generate;
 pub(crate) mod numbers;
 pub mod outbox;
 pub(crate) mod queue;
