@@ -686,6 +686,11 @@ impl TicketStore {
         now: OffsetDateTime,
     ) -> Result<Option<Ticket>, StoreError> {
         let now = crate::dispatch::tickets::iso(crate::dispatch::tickets::whole_second_utc(now))?;
+        // What a CRM wrote, stored as any ticket text is (a NUL cannot be, on PostgreSQL).
+        let notes = notes.map(crate::dispatch::tickets::without_nul);
+        let notes = notes.as_deref();
+        let expected = expected.map(crate::dispatch::tickets::without_nul);
+        let expected = expected.as_deref();
         let sql = format!(
             "UPDATE tickets SET status = ?, status_notes = ?, expected_datetime = ?, \
              updated_datetime = {greatest}(?, updated_datetime) \

@@ -794,21 +794,8 @@ impl TicketStore {
     #[cfg(test)]
     pub(crate) async fn open_in_memory() -> Result<TicketStore, StoreError> {
         db::install_drivers();
-        if let Ok(server) = std::env::var("IVR311_TEST_PG") {
-            use sqlx::Connection;
-            let name = format!("unit_{:016x}", rand::random::<u64>());
-            let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
-                .await
-                .map_err(|source| StoreError::Open {
-                    path: PathBuf::from(db::redacted(&server)),
-                    source,
-                })?;
-            // `name` is hex digits made here, never input.
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut admin)
-                .await
-                .map_err(StoreError::Db)?;
-            return TicketStore::open_postgres(&format!("{server}/{name}")).await;
+        if let Some(url) = TicketStore::test_postgres_database().await? {
+            return TicketStore::open_postgres(&url).await;
         }
         let path = PathBuf::from(":memory:");
         // "sqlite::memory:" gets a unique shared-cache name per call.
@@ -837,6 +824,28 @@ impl TicketStore {
             .await
             .map_err(|source| StoreError::Open { path, source })?;
         TicketStore::migrated(pool, Arc::default()).await
+    }
+
+    /// With `IVR311_TEST_PG` set, a new empty database on that server, by URL.
+    #[cfg(test)]
+    pub(crate) async fn test_postgres_database() -> Result<Option<String>, StoreError> {
+        use sqlx::Connection;
+        let Ok(server) = std::env::var("IVR311_TEST_PG") else {
+            return Ok(None);
+        };
+        let name = format!("unit_{:016x}", rand::random::<u64>());
+        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .map_err(|source| StoreError::Open {
+                path: PathBuf::from(db::redacted(&server)),
+                source,
+            })?;
+        // `name` is hex digits made here, never input.
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .map_err(StoreError::Db)?;
+        Ok(Some(format!("{server}/{name}")))
     }
 
     async fn migrated(
@@ -938,6 +947,7 @@ impl TicketStore {
         next_id: &mut (dyn FnMut() -> u64 + Send),
     ) -> Result<Ticket, StoreError> {
         check_coordinates(t.lat, t.long)?;
+        let t = t.without_nul();
         let now = whole_second_utc(now);
         let now_text = iso(now)?;
         for attempt in 1..=ID_ATTEMPTS {
@@ -1097,7 +1107,7 @@ impl TicketStore {
             query = query.bind(id);
         }
         for code in &q.service_codes {
-            query = query.bind(code);
+            query = query.bind(without_nul(code).into_owned());
         }
         if let Some(status) = q.status {
             query = query.bind(status.as_str());
@@ -1267,6 +1277,8 @@ impl TicketStore {
         let Ok(id_sql) = i64::try_from(id) else {
             return Ok(None);
         };
+        let notes = notes.map(without_nul);
+        let notes = notes.as_deref();
         let now = iso(whole_second_utc(now))?;
         // MAX keeps updated_datetime from going backwards if the clock does.
         let sql = format!(
@@ -1334,6 +1346,18 @@ impl TicketStore {
              operator, requested_via, destination) \
              VALUES (?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?) RETURNING id";
         let sql = db::sql(self.dialect(), INSERT);
+        let text = |s: &str| without_nul(s).into_owned();
+        let e = &EmergencyAudit {
+            caller: e.caller.as_deref().map(text),
+            call_id: text(&e.call_id),
+            menu_path: text(&e.menu_path),
+            reason: e.reason.as_deref().map(text),
+            method: text(&e.method),
+            caller_verified: e.caller_verified,
+            operator: e.operator.as_deref().map(text),
+            requested_via: e.requested_via.as_deref().map(text),
+            destination: e.destination.as_deref().map(text),
+        };
         let query = || {
             sqlx::query_scalar::<_, i64>(&sql)
                 .bind(at.clone())
@@ -1457,7 +1481,7 @@ impl TicketStore {
             &self.pool,
             "UPDATE emergency_redirects SET outcome = ? WHERE id = ?",
         ))
-        .bind(outcome)
+        .bind(without_nul(outcome).into_owned())
         .bind(id)
         .execute(&self.pool)
         .await
@@ -1686,6 +1710,53 @@ pub(crate) fn whole_second_utc(t: OffsetDateTime) -> OffsetDateTime {
     t - time::Duration::nanoseconds(i64::from(t.nanosecond()))
 }
 
+/// `text` with each NUL character replaced by U+FFFD: PostgreSQL text cannot hold NUL, and
+/// a ticket's text means the same on either store (a NUL is never meant in a 311 request).
+pub(crate) fn without_nul(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+impl NewTicket {
+    /// The ticket with [`without_nul`] applied to every text.
+    fn without_nul(mut self) -> NewTicket {
+        let clean = |s: &mut String| {
+            if s.contains('\0') {
+                *s = without_nul(s).into_owned();
+            }
+        };
+        clean(&mut self.service_code);
+        clean(&mut self.service_name);
+        for s in [
+            &mut self.description,
+            &mut self.agency_responsible,
+            &mut self.service_notice,
+            &mut self.zipcode,
+            &mut self.house_number,
+            &mut self.address,
+            &mut self.address_id,
+            &mut self.phone,
+            &mut self.email,
+            &mut self.first_name,
+            &mut self.last_name,
+            &mut self.media_url,
+            &mut self.recording,
+            &mut self.language,
+            &mut self.call_id,
+            &mut self.agent_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(s);
+        }
+        self
+    }
+}
+
 /// `2026-11-26T03:22:09Z` for a [`whole_second_utc`] time.
 pub(crate) fn iso(t: OffsetDateTime) -> Result<String, StoreError> {
     Ok(t.format(&Rfc3339)?)
@@ -1801,6 +1872,15 @@ mod tests {
             db
         }
 
+        /// A database for a test of behaviour both stores share: a SQLite file, or with
+        /// `IVR311_TEST_PG` set a new PostgreSQL database (its URL as the path).
+        async fn any(name: &str) -> TempDb {
+            match TicketStore::test_postgres_database().await.unwrap() {
+                Some(url) => TempDb(PathBuf::from(url)),
+                None => TempDb::new(name),
+            }
+        }
+
         fn remove(&self) {
             for suffix in ["", "-wal", "-shm"] {
                 let mut p = self.0.clone().into_os_string();
@@ -1866,7 +1946,7 @@ mod tests {
 
     #[tokio::test]
     async fn file_then_get_round_trips_every_field() {
-        let db = TempDb::new("roundtrip");
+        let db = TempDb::any("roundtrip").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let new = full_ticket("x");
         let filed = store.file(new.clone()).await.unwrap();
@@ -2132,7 +2212,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_are_8_digits_and_unique_across_2000_filings() {
-        let db = TempDb::new("ids");
+        let db = TempDb::any("ids").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let mut seen = HashSet::new();
         for _ in 0..2000 {
@@ -2180,7 +2260,7 @@ mod tests {
 
     #[tokio::test]
     async fn list_filters_and_orders_newest_first() {
-        let db = TempDb::new("list");
+        let db = TempDb::any("list").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let day = |d: u8| datetime!(2026-03-01 12:00:00 UTC).replace_day(d).unwrap();
         let mut ids = Vec::new();
@@ -2325,7 +2405,7 @@ mod tests {
 
     #[tokio::test]
     async fn update_status_bumps_updated_datetime_and_notes() {
-        let db = TempDb::new("update");
+        let db = TempDb::any("update").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let filed_at = datetime!(2020-01-05 08:00:00 UTC);
         let t = store
@@ -2389,7 +2469,7 @@ mod tests {
 
     #[tokio::test]
     async fn hostile_and_unicode_text_survives_unchanged() {
-        let db = TempDb::new("hostile");
+        let db = TempDb::any("hostile").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         for text in [
             "'); DROP TABLE tickets;--",
@@ -2401,21 +2481,24 @@ mod tests {
             "nul\0inside",
             "",
         ] {
-            let filed = store.file(full_ticket(text)).await.unwrap();
+            let raw = text;
+            let filed = store.file(full_ticket(raw)).await.unwrap();
             let got = store.get(filed.service_request_id).await.unwrap().unwrap();
             assert_eq!(got, filed, "{text:?}");
+            // Every character kept, but NUL (which PostgreSQL text cannot hold) as U+FFFD.
+            let text = &*raw.replace('\0', "\u{FFFD}");
             assert_eq!(
                 got.description.as_deref(),
                 Some(&*format!("description-{text}"))
             );
             let updated = store
-                .update_status(filed.service_request_id, Status::Closed, Some(text))
+                .update_status(filed.service_request_id, Status::Closed, Some(raw))
                 .await
                 .unwrap()
                 .unwrap();
             assert_eq!(updated.status_notes.as_deref(), Some(text));
             let q = TicketQuery {
-                service_codes: vec![format!("code-{text}")],
+                service_codes: vec![format!("code-{raw}")],
                 ..TicketQuery::default()
             };
             let listed = store.list(&q).await.unwrap();
@@ -2423,18 +2506,18 @@ mod tests {
             assert_eq!(listed[0].service_request_id, filed.service_request_id);
 
             let audit = EmergencyAudit {
-                caller: Some(text.into()),
-                call_id: text.into(),
-                menu_path: text.into(),
-                reason: Some(text.into()),
-                method: text.into(),
+                caller: Some(raw.into()),
+                call_id: raw.into(),
+                menu_path: raw.into(),
+                reason: Some(raw.into()),
+                method: raw.into(),
                 caller_verified: false,
-                operator: Some(text.into()),
-                requested_via: Some(text.into()),
-                destination: Some(text.into()),
+                operator: Some(raw.into()),
+                requested_via: Some(raw.into()),
+                destination: Some(raw.into()),
             };
             let id = store.audit_emergency_start(&audit).await.unwrap();
-            store.audit_emergency_outcome(id, text).await.unwrap();
+            store.audit_emergency_outcome(id, raw).await.unwrap();
             let row = store.emergency_audits(1).await.unwrap().remove(0);
             assert_eq!(row.id, id);
             assert_eq!(row.caller.as_deref(), Some(text));
@@ -2453,7 +2536,7 @@ mod tests {
 
     #[tokio::test]
     async fn emergency_audit_is_written_then_its_outcome_updated() {
-        let db = TempDb::new("audit");
+        let db = TempDb::any("audit").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let audit = EmergencyAudit {
             caller: Some("+15551234567".into()),
@@ -2552,7 +2635,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_only_store_refuses_writes_transiently_then_recovers() {
-        let db = TempDb::new("ro");
+        let db = TempDb::any("ro").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let kept = store.file(full_ticket("kept")).await.unwrap();
         store.set_read_only(true).await.unwrap();
@@ -2731,7 +2814,7 @@ mod tests {
 
     #[tokio::test]
     async fn callbacks_are_counted_per_number_over_24_hours_and_the_count_survives_a_restart() {
-        let db = TempDb::new("callbacks");
+        let db = TempDb::any("callbacks").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let t0 = datetime!(2026-11-26 10:00:00 UTC);
         let claim = |store: &TicketStore, n: &'static str, at| {
@@ -2767,7 +2850,7 @@ mod tests {
 
     #[tokio::test]
     async fn tickets_survive_reopening_the_file() {
-        let db = TempDb::new("reopen");
+        let db = TempDb::any("reopen").await;
         let store = TicketStore::open(&db.0).await.unwrap();
         let mut filed = Vec::new();
         for n in 0..5 {
