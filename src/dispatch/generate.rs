@@ -715,7 +715,10 @@ mod bulk {
     /// PostgreSQL: and gathers the statistics the planner needs).
     pub(super) async fn finish(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         let steps: &[&str] = match conn.dialect() {
-            Dialect::Sqlite => &["PRAGMA synchronous = FULL", "PRAGMA wal_checkpoint(TRUNCATE)"],
+            Dialect::Sqlite => &[
+                "PRAGMA synchronous = FULL",
+                "PRAGMA wal_checkpoint(TRUNCATE)",
+            ],
             Dialect::Postgres => &["SET synchronous_commit = on", "ANALYZE tickets"],
         };
         for step in steps {
