@@ -17,7 +17,6 @@ use common::*;
 use ivr311::config::FileConfig;
 use ivr311::dispatch::tickets::{NewTicket, StoreError, TicketStore};
 use ivr311::media::g711::Codec;
-use ivr311::server::RunningServer;
 use sqlx::Connection;
 use std::path::Path;
 use std::time::Duration;
@@ -91,33 +90,6 @@ async fn remove(fault: Fault, held: Held, store: &TicketStore) {
     }
 }
 
-fn ear() -> PromptEar {
-    PromptEar::new(
-        "en",
-        &[
-            "db_error",
-            "operator_queue",
-            "operator_unavailable",
-            "call_again_later",
-            "ticket_filed",
-        ],
-        Codec::Pcmu,
-    )
-}
-
-/// A caller files a pothole report (English, not an emergency, streets, pothole, ZIP, no
-/// description) and listens for `listen`.
-async fn file_pothole(srv: &RunningServer, listen: Duration) -> (TestUa, Vec<String>) {
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.until_audio().await;
-    ua.keys("1111").await;
-    ua.keys("94107").await;
-    ua.skip_description("en").await;
-    let heard = ua.listen(listen).await;
-    (ua, prompts_heard(&ear(), &heard))
-}
-
 async fn fault_during_filing_reaches_the_operator_and_recovers(fault: Fault) {
     let args = serve_args();
     let db = args.db.clone();
@@ -127,7 +99,7 @@ async fn fault_during_filing_reaches_the_operator_and_recovers(fault: Fault) {
     let before = srv.tickets.list(&Default::default()).await.unwrap().len();
 
     // The apology is 5 s long; a lock is waited on for the busy timeout (2 s) before it.
-    let (mut ua, got) = file_pothole(&srv, Duration::from_millis(9000)).await;
+    let (mut ua, got) = file_pothole(srv.sip_addr, Duration::from_millis(9000)).await;
     let apology = got.iter().position(|p| p == "db_error");
     let hold = got.iter().position(|p| p == "operator_queue");
     assert!(
@@ -160,7 +132,7 @@ async fn fault_during_filing_reaches_the_operator_and_recovers(fault: Fault) {
 
     // The database recovers: the next caller files normally.
     remove(fault, held, &srv.tickets).await;
-    let (mut ua2, got) = file_pothole(&srv, Duration::from_millis(3000)).await;
+    let (mut ua2, got) = file_pothole(srv.sip_addr, Duration::from_millis(3000)).await;
     assert!(
         got.contains(&"ticket_filed".to_owned()) && !got.contains(&"db_error".to_owned()),
         "{fault:?}: after recovery heard {got:?}"
@@ -195,7 +167,7 @@ async fn lock_held_by_another_connection() {
 async fn with_no_operator_either_the_caller_is_told_to_call_again_not_offered_a_ticket() {
     let srv = start_server(FileConfig::default()).await;
     srv.tickets.set_read_only(true).await.unwrap();
-    let (mut ua, got) = file_pothole(&srv, Duration::from_millis(7000)).await;
+    let (mut ua, got) = file_pothole(srv.sip_addr, Duration::from_millis(7000)).await;
     let apology = got.iter().position(|p| p == "db_error");
     let later = got.iter().position(|p| p == "call_again_later");
     assert!(

@@ -8,26 +8,11 @@ mod common;
 use common::postgres::Postgres;
 use common::*;
 use ivr311::config::FileConfig;
-use ivr311::media::g711::Codec;
 use ivr311::server::RunningServer;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "pg-nodes-test-key";
-
-fn ear() -> PromptEar {
-    PromptEar::new(
-        "en",
-        &[
-            "db_error",
-            "operator_queue",
-            "operator_unavailable",
-            "call_again_later",
-            "ticket_filed",
-        ],
-        Codec::Pcmu,
-    )
-}
 
 /// A node on `pg` with `file`'s settings.
 async fn node(pg: &Postgres, mut file: FileConfig) -> RunningServer {
@@ -36,19 +21,6 @@ async fn node(pg: &Postgres, mut file: FileConfig) -> RunningServer {
     file.open311.api_keys = vec![KEY.into()];
     file.open311.post_rate_per_minute = 0;
     start_server_with(args, file).await
-}
-
-/// A caller files a pothole report (English, not an emergency, streets, pothole, ZIP, no
-/// description) and listens for `listen`.
-async fn file_pothole(srv: &RunningServer, listen: Duration) -> (TestUa, Vec<String>) {
-    let mut ua = TestUa::udp(srv.sip_addr).await;
-    assert_eq!(ua.call("0 101").await.code, 200);
-    ua.until_audio().await;
-    ua.keys("1111").await;
-    ua.keys("94107").await;
-    ua.skip_description("en").await;
-    let heard = ua.listen(listen).await;
-    (ua, prompts_heard(&ear(), &heard))
 }
 
 /// `GET /health/ready`'s status code.
@@ -100,7 +72,7 @@ async fn two_nodes_on_one_postgresql_serve_each_others_tickets_reports_and_audit
     let b = node(&pg, FileConfig::default()).await;
 
     // A caller on node A files by phone and hears the number.
-    let (mut ua, got) = file_pothole(&a, Duration::from_millis(3000)).await;
+    let (mut ua, got) = file_pothole(a.sip_addr, Duration::from_millis(3000)).await;
     assert!(got.contains(&"ticket_filed".to_owned()), "heard {got:?}");
     ua.bye().await;
     let by_phone = a.tickets.list(&Default::default()).await.unwrap();
@@ -192,7 +164,7 @@ async fn when_postgresql_goes_away_callers_hear_the_apology_the_node_is_not_read
 
     // A caller still gets through the menu, hears the apology and is offered the operator,
     // and never hears a number that was not stored.
-    let (mut ua, got) = file_pothole(&srv, Duration::from_millis(12_000)).await;
+    let (mut ua, got) = file_pothole(srv.sip_addr, Duration::from_millis(12_000)).await;
     let apology = got.iter().position(|p| p == "db_error");
     let hold = got.iter().position(|p| p == "operator_queue");
     assert!(
@@ -210,7 +182,7 @@ async fn when_postgresql_goes_away_callers_hear_the_apology_the_node_is_not_read
     // The database comes back: the node is ready again by itself and the next caller files.
     pg.restart();
     until_ready_code(srv.http_addr, 200, Duration::from_secs(20)).await;
-    let (mut ua2, got) = file_pothole(&srv, Duration::from_millis(3000)).await;
+    let (mut ua2, got) = file_pothole(srv.sip_addr, Duration::from_millis(3000)).await;
     assert!(
         got.contains(&"ticket_filed".to_owned()) && !got.contains(&"db_error".to_owned()),
         "after recovery heard {got:?}"

@@ -1574,3 +1574,32 @@ pub async fn until_recording(ua: &mut TestUa, srv: &ivr311::server::RunningServe
         );
     }
 }
+
+/// The prompts a caller filing a ticket may hear when the store fails or works: the apology,
+/// the operator queue (or that no operator is free, or to call again), the ticket read back.
+pub fn filing_ear() -> PromptEar {
+    PromptEar::new(
+        "en",
+        &[
+            "db_error",
+            "operator_queue",
+            "operator_unavailable",
+            "call_again_later",
+            "ticket_filed",
+        ],
+        ivr311::media::g711::Codec::Pcmu,
+    )
+}
+
+/// A caller files a pothole report at `sip` (English, not an emergency, streets, pothole,
+/// ZIP, no description) and listens for `listen`: the call and the [`filing_ear`] prompts heard.
+pub async fn file_pothole(sip: SocketAddr, listen: Duration) -> (TestUa, Vec<String>) {
+    let mut ua = TestUa::udp(sip).await;
+    assert_eq!(ua.call("0 101").await.code, 200);
+    ua.until_audio().await;
+    ua.keys("1111").await;
+    ua.keys("94107").await;
+    ua.skip_description("en").await;
+    let heard = ua.listen(listen).await;
+    (ua, prompts_heard(&filing_ear(), &heard))
+}
