@@ -202,11 +202,12 @@ async fn get_bytes(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u
     (status, raw[split + 4..].to_vec())
 }
 
-/// The call's recording from the admin API, once it is there (at most 5 s).
+/// The call's recording from the admin API, once it is there (at most 20 s: it is finished
+/// after the call ends, off the call's path, which on a loaded machine takes a while).
 async fn fetch_recording(addr: SocketAddr, call_id: &str) -> Vec<u8> {
     let path = format!("/admin/calls/{call_id}/recording");
     let auth = format!("Bearer {TOKEN}");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, body) = get_bytes(addr, &path, &[("Authorization", &auth)]).await;
         if status == 200 {
