@@ -626,8 +626,10 @@ async fn insert(conn: &mut sqlx::AnyConnection, rows: &[Row]) -> Result<(), Gene
         "INSERT INTO tickets ({COLUMNS}) VALUES {}",
         vec![one.as_str(); rows.len()].join(", ")
     );
-    let sql = crate::dispatch::db::sql(&*conn, &sql);
-    let mut q = sqlx::query(&sql);
+    let dialect = crate::dispatch::db::HasDialect::dialect(&*conn);
+    let sql = crate::dispatch::db::sql(dialect, &sql);
+    // Not kept prepared on PostgreSQL (see `TicketStore::file`: a NULL f64 is declared float4).
+    let mut q = sqlx::query(&sql).persistent(dialect == crate::dispatch::db::Dialect::Sqlite);
     for r in rows {
         let s = &SERVICES[r.service];
         q = q

@@ -966,7 +966,11 @@ impl TicketStore {
                  VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
                  ?, ?, ?, ?, ?, ?, ?)",
             );
+            // Not kept prepared on PostgreSQL: sqlx's `Any` declares a NULL f64 as float4,
+            // and a statement first prepared for a ticket without coordinates would then
+            // refuse the 8-byte coordinates of the next ("incorrect binary data format").
             let query = sqlx::query(&insert)
+                .persistent(self.dialect() == Dialect::Sqlite)
                 .bind(id_sql)
                 .bind(&t.service_code)
                 .bind(&t.service_name)
@@ -2478,6 +2482,24 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_ticket_with_coordinates_files_after_one_without() {
+        let db = TempDb::any("coordinates").await;
+        let store = TicketStore::open(&db.0).await.unwrap();
+        // More than the pool's connections, so that each connection files both kinds.
+        for _ in 0..2 * POSTGRES_CONNECTIONS {
+            store.file(pothole()).await.unwrap();
+            let mut web = pothole();
+            (web.lat, web.long) = (Some(40.712_775_8), Some(-74.005_973_8));
+            let filed = store.file(web).await.unwrap();
+            let got = store.get(filed.service_request_id).await.unwrap().unwrap();
+            assert_eq!(
+                (got.lat, got.long),
+                (Some(40.712_775_8), Some(-74.005_973_8))
+            );
+        }
     }
 
     #[tokio::test]
