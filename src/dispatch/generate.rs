@@ -676,6 +676,8 @@ mod bulk {
             Dialect::Postgres => &[
                 "SET synchronous_commit = off",
                 "SET maintenance_work_mem = '256MB'",
+                // An index build over millions of rows outlasts the pool's statement timeout.
+                "SET statement_timeout = 0",
             ],
         };
         for set in settings {

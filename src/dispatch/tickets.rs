@@ -852,7 +852,24 @@ impl TicketStore {
         pool: AnyPool,
         restrictions: Arc<Restrictions>,
     ) -> Result<TicketStore, StoreError> {
-        db::migrator(pool.dialect()).run(&pool).await?;
+        match pool.dialect() {
+            Dialect::Sqlite => db::migrator(Dialect::Sqlite).run(&pool).await?,
+            Dialect::Postgres => {
+                // A migration that builds an index over a city's years outlasts the pool's
+                // statement timeout: it runs on a connection without one, closed after.
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(|e| StoreError::Migrate(MigrateError::Execute(e)))?
+                    .detach();
+                sqlx::query("SET statement_timeout = 0")
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| StoreError::Migrate(MigrateError::Execute(e)))?;
+                db::migrator(Dialect::Postgres).run(&mut conn).await?;
+                let _ = sqlx::Connection::close(conn).await;
+            }
+        }
         Ok(TicketStore {
             pool,
             restrictions,
