@@ -52,6 +52,9 @@ pub(crate) const ID_MAX: u64 = 99_999_999;
 pub(crate) const ID_ATTEMPTS: u32 = 32;
 /// Rows returned by [`TicketStore::list`] when [`TicketQuery::limit`] is `None`.
 pub(crate) const DEFAULT_LIST_LIMIT: u32 = 1000;
+/// Most service codes [`TicketStore::list`] merges from one index walk each; more go in one
+/// `IN (...)`.
+pub(crate) const MERGED_CODES: usize = 16;
 /// Most `ids` plus `service_codes` one [`TicketQuery`] may carry.
 pub(crate) const MAX_FILTER_VALUES: usize = 1000;
 /// How long a statement waits for another writer's lock before failing with
@@ -747,6 +750,28 @@ impl TicketStore {
                 source,
             })?
             .disable_statement_logging();
+        // Migrations first, on a connection of their own without the statement timeout: one
+        // that builds an index over a city's years outlasts it.
+        let migrating = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET statement_timeout = 0")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options.clone())
+            .await
+            .map_err(|source| StoreError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+        let migrated = db::migrator(Dialect::Postgres).run(&migrating).await;
+        migrating.close().await;
+        migrated?;
         let restrictions = Arc::new(Restrictions::default());
         let on_connect = restrictions.clone();
         let pool = AnyPoolOptions::new()
@@ -852,23 +877,9 @@ impl TicketStore {
         pool: AnyPool,
         restrictions: Arc<Restrictions>,
     ) -> Result<TicketStore, StoreError> {
-        match pool.dialect() {
-            Dialect::Sqlite => db::migrator(Dialect::Sqlite).run(&pool).await?,
-            Dialect::Postgres => {
-                // A migration that builds an index over a city's years outlasts the pool's
-                // statement timeout: it runs on a connection without one, closed after.
-                let mut conn = pool
-                    .acquire()
-                    .await
-                    .map_err(|e| StoreError::Migrate(MigrateError::Execute(e)))?
-                    .detach();
-                sqlx::query("SET statement_timeout = 0")
-                    .execute(&mut conn)
-                    .await
-                    .map_err(|e| StoreError::Migrate(MigrateError::Execute(e)))?;
-                db::migrator(Dialect::Postgres).run(&mut conn).await?;
-                let _ = sqlx::Connection::close(conn).await;
-            }
+        // PostgreSQL's are run by `open_postgres`, on a connection of their own.
+        if pool.dialect() == Dialect::Sqlite {
+            db::migrator(Dialect::Sqlite).run(&pool).await?;
         }
         Ok(TicketStore {
             pool,
@@ -1098,6 +1109,17 @@ impl TicketStore {
         }
         let start = q.start.map(|t| iso(whole_second_utc(t))).transpose()?;
         let end = q.end.map(|t| iso(whole_second_utc(t))).transpose()?;
+        let limit = i64::from(q.limit.unwrap_or(DEFAULT_LIST_LIMIT));
+        let mut codes: Vec<String> = Vec::new();
+        for code in &q.service_codes {
+            let code = without_nul(code).into_owned();
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
+        if ids.is_empty() && (2..=MERGED_CODES).contains(&codes.len()) {
+            return self.list_merged(&codes, q.status, start, end, limit).await;
+        }
 
         // Only fixed fragments and placeholders go into the text.
         let mut sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE 1 = 1");
@@ -1139,7 +1161,62 @@ impl TicketStore {
         if let Some(end) = end {
             query = query.bind(end);
         }
-        query = query.bind(i64::from(q.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+        query = query.bind(limit);
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| fail("list", e))?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+
+    /// [`list`](Self::list) for a few service codes: each code's newest `limit` from its own
+    /// index, merged in date order under one `limit`. One `service_code IN (...)` lets a
+    /// planner walk the date index and filter by code instead, which reads far when a code
+    /// is rare (PostgreSQL does, at ten million tickets: BENCHMARKS.md).
+    async fn list_merged(
+        &self,
+        codes: &[String],
+        status: Option<Status>,
+        start: Option<String>,
+        end: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        // Only fixed fragments and placeholders go into the text.
+        let mut branch = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE service_code = ?");
+        if status.is_some() {
+            branch.push_str(" AND status = ?");
+        }
+        if start.is_some() {
+            branch.push_str(" AND requested_datetime >= ?");
+        }
+        if end.is_some() {
+            branch.push_str(" AND requested_datetime <= ?");
+        }
+        branch.push_str(" ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?");
+        let mut sql = String::new();
+        for i in 0..codes.len() {
+            if i > 0 {
+                sql.push_str(" UNION ALL ");
+            }
+            sql.push_str(&format!("SELECT * FROM ({branch}) AS code{i}"));
+        }
+        sql.push_str(" ORDER BY requested_datetime DESC, service_request_id DESC LIMIT ?");
+        let sql = db::sql(&self.pool, &sql);
+        let mut query = sqlx::query(&sql);
+        for code in codes {
+            query = query.bind(code.clone());
+            if let Some(status) = status {
+                query = query.bind(status.as_str());
+            }
+            if let Some(start) = &start {
+                query = query.bind(start.clone());
+            }
+            if let Some(end) = &end {
+                query = query.bind(end.clone());
+            }
+            query = query.bind(limit);
+        }
+        query = query.bind(limit);
         let rows = query
             .fetch_all(&self.pool)
             .await
@@ -2359,6 +2436,13 @@ mod tests {
             ..TicketQuery::default()
         };
         assert_eq!(list(q).await, vec![ids[3], ids[1]]);
+        // A code named twice is one code; a limit holds over the codes merged.
+        let q = TicketQuery {
+            service_codes: vec!["pothole".into(), "noise".into(), "pothole".into()],
+            limit: Some(3),
+            ..TicketQuery::default()
+        };
+        assert_eq!(list(q).await, vec![ids[4], ids[3], ids[2]]);
         // status.
         let q = TicketQuery {
             status: Some(Status::Closed),
