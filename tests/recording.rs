@@ -454,10 +454,16 @@ async fn a_callback_is_announced_then_recorded_in_stereo_as_the_call_that_asked_
     };
 
     // The operator is busy elsewhere: the caller waits, asks for a call-back and hangs up.
-    assert_eq!(
-        admin_post(srv.http_addr, "/admin/agents/1001/pause").await / 100,
-        2
-    );
+    // (The queue learns of the registration just after the REGISTER is answered: until
+    // then the agent is unknown to it.)
+    until(
+        "the operator is paused",
+        Duration::from_secs(10),
+        async || {
+            (admin_post(srv.http_addr, "/admin/agents/1001/pause").await / 100 == 2).then_some(())
+        },
+    )
+    .await;
     let mut caller = TestUa::udp(srv.sip_addr).await;
     let pai = format!("P-Asserted-Identity: <sip:{CALLER_NUMBER}@127.0.0.1>\r\n");
     assert_eq!(caller.call_with("0 101", &pai).await.1.code, 200);
