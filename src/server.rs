@@ -333,6 +333,7 @@ pub async fn start_with_clock(
     let mut ua = ua;
     let agent_rx = ua.agent_events();
     let agent_contacts = ua.agent_contacts();
+    let agent_expiries = ua.agent_expiries();
     let ua_stats = ua.stats();
     let outbound = ua.outbound();
     tracker.spawn(ua.run(in_rx, cancel.clone()));
@@ -364,6 +365,28 @@ pub async fn start_with_clock(
             handle.clone(),
             cancel.clone(),
         ));
+        // Nodes sharing a PostgreSQL store share their operators and lines.
+        if tickets.dialect() == crate::dispatch::db::Dialect::Postgres {
+            let node = format!(
+                "{}/{}-{:08x}",
+                args.sip,
+                std::process::id(),
+                rand::random::<u32>()
+            );
+            crate::dispatch::cluster::spawn(
+                crate::dispatch::cluster::ClusterDeps {
+                    store: crate::dispatch::cluster::ClusterStore::new(
+                        tickets.pool().clone(),
+                        node,
+                    ),
+                    queue: handle.clone(),
+                    contacts: agent_contacts.clone(),
+                    expiries: agent_expiries.clone(),
+                },
+                &tracker,
+                cancel.clone(),
+            );
+        }
         handle
     });
     let ports = PortPool::with_dscp(args.rtp_ports, args.sip.ip(), file.qos.rtp_dscp);

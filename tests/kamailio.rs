@@ -62,18 +62,27 @@ struct Node {
     db: PathBuf,
     log: PathBuf,
     config: PathBuf,
+    menu: Option<PathBuf>,
     process: Option<Process>,
 }
 
 impl Node {
-    fn new(name: &'static str, dir: &Path, rtp: (u16, u16), db: &str) -> Node {
+    /// `extra` is added to the node's config (YAML); `menu` replaces the shipped menu.
+    fn new(
+        name: &'static str,
+        dir: &Path,
+        rtp: (u16, u16),
+        db: &str,
+        extra: &str,
+        menu: Option<PathBuf>,
+    ) -> Node {
         let config = dir.join(format!("{name}.yaml"));
         // The edge is the trunk: its calls are not counted against one source's limits.
         std::fs::write(
             &config,
             format!(
                 "trunks:\n  allow: [\"127.0.0.1/32\"]\nlimits:\n  drain_seconds: 20\n\
-                 storage:\n  recordings_dir: {}\n",
+                 storage:\n  recordings_dir: {}\n{extra}",
                 dir.join(format!("{name}-recordings")).display()
             ),
         )
@@ -86,6 +95,7 @@ impl Node {
             db: PathBuf::from(db),
             log: dir.join(format!("{name}.log")),
             config,
+            menu,
             process: None,
         }
     }
@@ -98,6 +108,11 @@ impl Node {
             .args(["--db", &self.db.display().to_string()])
             .args(["--rtp-ports", &format!("{}-{}", self.rtp.0, self.rtp.1)])
             .args(["--config", &self.config.display().to_string()])
+            .args(
+                self.menu
+                    .iter()
+                    .flat_map(|m| ["--menu".to_owned(), m.display().to_string()]),
+            )
             .current_dir(repo())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -259,8 +274,8 @@ async fn two_nodes_behind_kamailio_survive_a_kill_and_a_drain_without_a_failed_c
     let pg = Postgres::start();
     let ports = serve_args().rtp_ports;
     let mid = ports.lo + (ports.hi - ports.lo) / 2;
-    let mut a = Node::new("a", &dir, (ports.lo, mid - 1), &pg.url());
-    let mut b = Node::new("b", &dir, (mid, ports.hi), &pg.url());
+    let mut a = Node::new("a", &dir, (ports.lo, mid - 1), &pg.url(), "", None);
+    let mut b = Node::new("b", &dir, (mid, ports.hi), &pg.url(), "", None);
     a.start().await;
     b.start().await;
     let (_edge_process, edge) = kamailio(&dir, &[&a, &b]);
@@ -342,5 +357,252 @@ async fn two_nodes_behind_kamailio_survive_a_kill_and_a_drain_without_a_failed_c
         "node a exits cleanly after its last call: {status:?}"
     );
     a.process = None;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The shipped menu with its operators answering at every hour (the test runs any day).
+fn menu_open_all_hours(dir: &Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(repo().join("menus/311.yaml")).unwrap();
+    let mut lines: Vec<String> = Vec::new();
+    let mut in_call_centre = false;
+    for line in shipped.lines() {
+        if line.starts_with("  call_centre:") {
+            in_call_centre = true;
+            lines.push(line.to_owned());
+            lines.push("    time_zone: America/New_York".to_owned());
+            lines.push("    open: {mon-sun: \"00:00-24:00\"}".to_owned());
+            continue;
+        }
+        if in_call_centre {
+            if line.trim().is_empty() || !line.starts_with("    ") {
+                in_call_centre = false;
+            } else {
+                continue;
+            }
+        }
+        lines.push(line.to_owned());
+    }
+    let path = dir.join("menu.yaml");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// The next INVITE to the operator's phone (ACKs and retransmitted answers skipped).
+async fn operator_invite(agent: &TestAgent, within: Duration) -> ivr311::sip::message::Request {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match agent.recv(left).await {
+            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "INVITE" => {
+                return r
+            }
+            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "BYE" => {
+                panic!("a BYE while the operator waited for a call")
+            }
+            Some(_) => continue,
+            None => panic!("the operator's phone did not ring within {within:?}"),
+        }
+    }
+}
+
+/// The operator is on a call until it ends (the caller hangs up): any INVITE meanwhile is a
+/// second call offered at once. `within` bounds the wait for the BYE, answered 200.
+async fn operator_on_call_until_bye(agent: &TestAgent, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match agent.recv(left).await {
+            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "INVITE" => {
+                panic!(
+                    "the operator was offered a second call while on one: {:?}",
+                    r.header("X-311-Call-ID")
+                )
+            }
+            Some(ivr311::sip::message::Message::Request(r)) if r.method.as_str() == "BYE" => {
+                agent.reply(&r, 200, "OK", None).await;
+                return;
+            }
+            Some(_) => continue,
+            None => panic!("the call did not end within {within:?}"),
+        }
+    }
+}
+
+/// Where the node wants the operator's audio: the c= and m=audio of its offer.
+fn media_of(inv: &ivr311::sip::message::Request) -> SocketAddr {
+    let sdp = String::from_utf8_lossy(&inv.body).into_owned();
+    let ip = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("c=IN IP4 "))
+        .expect("c= line")
+        .trim()
+        .to_owned();
+    let port = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|m| m.split_whitespace().next())
+        .expect("m=audio line")
+        .to_owned();
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// The operator speaks: PCMU frames every 20 ms from its phone's RTP socket to `to`, for as
+/// long as this runs.
+async fn operator_talks(sock: &tokio::net::UdpSocket, to: SocketAddr) {
+    let ssrc: u32 = rand::random();
+    for seq in 0u16.. {
+        let mut pkt = vec![0x80, 0x00];
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        pkt.extend_from_slice(&ssrc.to_be_bytes());
+        pkt.extend(std::iter::repeat_n(0x55u8, 160));
+        let _ = sock.send_to(&pkt, to).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unreachable!("sixty-five thousand frames")
+}
+
+/// What `GET /admin/<what>` says on `node`.
+async fn admin_json(node: &Node, what: &str) -> serde_json::Value {
+    let (code, body) = http(node.http, "GET", &format!("/admin/{what}"), &[], b"").await;
+    assert_eq!(code, 200, "/admin/{what}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// How many callers wait in `node`'s queues.
+async fn waiting_on(node: &Node) -> u64 {
+    let q = admin_json(node, "queues").await;
+    q.as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| q["waiting"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A caller through the edge answered by `node`, asking for an operator (English, then 0).
+async fn caller_for_operator(edge: SocketAddr, node: &Node) -> TestUa {
+    let mut ua = until_a_call_reaches(edge, node, Duration::from_secs(30)).await;
+    ua.until_audio().await;
+    ua.keys("110").await;
+    ua
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operator_takes_both_nodes_callers_one_at_a_time_in_arrival_order_and_outlives_a_node()
+{
+    let dir = std::env::temp_dir().join(format!("ivr311-cluster-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pg = Postgres::start();
+    let ports = serve_args().rtp_ports;
+    let mid = ports.lo + (ports.hi - ports.lo) / 2;
+    let menu = menu_open_all_hours(&dir);
+    let operators = "agents:\n  - {id: \"1001\", password: \"pw1001\"}\n\
+                     queues:\n  - {name: general, ring_timeout_seconds: 20, wrap_up_seconds: 0}\n";
+    let mut a = Node::new(
+        "a",
+        &dir,
+        (ports.lo, mid - 1),
+        &pg.url(),
+        operators,
+        Some(menu.clone()),
+    );
+    let mut b = Node::new("b", &dir, (mid, ports.hi), &pg.url(), operators, Some(menu));
+    a.start().await;
+    b.start().await;
+    let (_edge_process, edge) = kamailio(&dir, &[&a, &b]);
+    until_edge_up(edge).await;
+
+    // The operator's phone registers through the edge, with one node (its "home"); the
+    // other learns of it from the store.
+    let agent = TestAgent::login(edge, "1001").await;
+    let home_node = until(
+        "the registration is shared",
+        Duration::from_secs(10),
+        async || {
+            let node = pg.psql(
+                common::postgres::DATABASE,
+                "SELECT node FROM cluster_agents WHERE agent_id = '1001'",
+            );
+            let node = node.trim().to_owned();
+            (!node.is_empty()).then_some(node)
+        },
+    )
+    .await;
+    let (home, other) = if home_node.starts_with(&format!("{}/", a.sip)) {
+        (&mut a, &mut b)
+    } else {
+        assert!(home_node.starts_with(&format!("{}/", b.sip)), "{home_node}");
+        (&mut b, &mut a)
+    };
+    until(
+        "the other node offers the operator calls",
+        Duration::from_secs(10),
+        async || (agent_state(other.http, "1001").await == "available").then_some(()),
+    )
+    .await;
+
+    // A caller on the home node gets the operator.
+    let mut first = caller_for_operator(edge, home).await;
+    let inv = operator_invite(&agent, Duration::from_secs(10)).await;
+    assert_eq!(inv.header("X-311-Call-ID"), Some(first.call_id.as_str()));
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+
+    // Meanwhile a caller waits on the other node, then one on the home node: the other node
+    // sees the operator busy, and nobody rings the operator a second time.
+    let mut second = caller_for_operator(edge, other).await;
+    until(
+        "the other node's caller waits, the operator busy elsewhere",
+        Duration::from_secs(10),
+        async || {
+            let busy = admin_json(other, "agents")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["id"] == "1001" && v["busy_elsewhere"] == true);
+            (busy && waiting_on(other).await == 1).then_some(())
+        },
+    )
+    .await;
+    let _third = caller_for_operator(edge, home).await;
+    until(
+        "the home node's caller waits",
+        Duration::from_secs(10),
+        async || (waiting_on(home).await == 1).then_some(()),
+    )
+    .await;
+
+    // The first caller hangs up: the operator is free, and the caller who came first, on the
+    // other node, gets the operator although the home node had its own caller waiting.
+    assert_eq!(first.bye().await.code, 200);
+    operator_on_call_until_bye(&agent, Duration::from_secs(10)).await;
+    let inv = operator_invite(&agent, Duration::from_secs(10)).await;
+    assert_eq!(
+        inv.header("X-311-Call-ID"),
+        Some(second.call_id.as_str()),
+        "the earlier caller, on the other node, goes first"
+    );
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+
+    // The home node, with the operator's registration and a waiting caller, dies. The call
+    // on the other node goes on; the operator keeps getting calls, from the other node.
+    home.process.take().unwrap().signal("-KILL");
+    second.drain_rtp();
+    let heard = tokio::select! {
+        heard = second.until_packets(10) => heard,
+        () = operator_talks(&agent.rtp, media_of(&inv)) => unreachable!(),
+    };
+    assert!(
+        heard.len() >= 10,
+        "the operator's voice reaches the caller on the surviving node"
+    );
+    assert_eq!(second.bye().await.code, 200);
+    operator_on_call_until_bye(&agent, Duration::from_secs(10)).await;
+    let mut fourth = caller_for_operator(edge, other).await;
+    let inv = operator_invite(&agent, Duration::from_secs(15)).await;
+    assert_eq!(inv.header("X-311-Call-ID"), Some(fourth.call_id.as_str()));
+    agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
+    assert_eq!(fourth.bye().await.code, 200);
+    operator_on_call_until_bye(&agent, Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

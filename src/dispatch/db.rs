@@ -213,6 +213,20 @@ pub mod locks {
     pub const OUTBOX: i64 = 0x3331_3102;
     /// Held while the report rollup is rebuilt.
     pub const ROLLUP: i64 = 0x3331_3103;
+    /// Held by every claim on an operator ([`crate::dispatch::cluster`]).
+    pub const CLAIMS: i64 = 0x3331_3104;
+}
+
+/// Holds advisory lock `key` until the transaction open on `conn` ends (PostgreSQL; on
+/// SQLite, one node, nothing is done).
+pub async fn lock_xact(conn: &mut AnyConnection, key: i64) -> Result<(), sqlx::Error> {
+    if conn.dialect() == Dialect::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Makes the transaction open on `conn` the only writing one until it ends: on PostgreSQL it
@@ -225,13 +239,7 @@ pub mod locks {
 /// serialization failures to retry. Writes are short (one ticket, one batch of history), so
 /// the cost is that they do not overlap, which is the embedded store's ceiling too.
 pub async fn lock_writes(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-    if conn.dialect() == Dialect::Postgres {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(locks::WRITE)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+    lock_xact(conn, locks::WRITE).await
 }
 
 /// How often a [`Leader`] checks that its lock's connection is alive, and how often a node

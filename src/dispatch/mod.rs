@@ -8,6 +8,7 @@
 //! touches SIP or a socket: calls ([`crate::call`]) act for dispatch through channels.
 
 pub mod announcements;
+pub(crate) mod cluster;
 pub mod db;
 pub mod emergency;
 pub mod generate;

@@ -146,6 +146,7 @@
 //! the dispatcher was given (the driver polls just before answering).
 
 use crate::config::{AgentConfig, QueueConfig, Strategy};
+use crate::dispatch::cluster::{ClaimReply, ClusterCmd};
 use crate::history::{AgentStateRecord, History, QueueEventKind, QueueEventRecord, Record};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -204,6 +205,48 @@ pub(crate) struct Position {
     pub(crate) place: usize,
     #[serde(rename = "ewt_seconds", serialize_with = "whole_seconds")]
     pub(crate) ewt: Duration,
+}
+
+/// A caller waiting on this node, as the other nodes of a cluster see it
+/// ([`Dispatcher::line`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LineEntry {
+    pub(crate) caller: CallerId,
+    pub(crate) queue: String,
+    pub(crate) skill: Option<String>,
+    pub(crate) priority: i32,
+    /// When the caller joined the line.
+    pub(crate) since: Instant,
+}
+
+/// Which callers one agent can take: its skills and whether each queue the core knows is
+/// served by it. A queue not listed is served by every agent (a default queue), as in the
+/// core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Takes {
+    pub(crate) skills: Vec<String>,
+    pub(crate) queues: Vec<(String, bool)>,
+}
+
+impl Takes {
+    /// Whether the agent could take a caller of `queue` needing `skill`, by the core's rules.
+    pub(crate) fn could_take(&self, queue: &str, skill: Option<&str>) -> bool {
+        let serves = self
+            .queues
+            .iter()
+            .find(|(name, _)| name == queue)
+            .is_none_or(|(_, serves)| *serves);
+        serves && has_skill(&self.skills, skill)
+    }
+}
+
+/// An agent with `skills` can take a caller needing `skill`: any caller when it lists none,
+/// or the skill listed (case-insensitively).
+fn has_skill(skills: &[String], skill: Option<&str>) -> bool {
+    match skill {
+        None => true,
+        Some(s) => skills.is_empty() || skills.iter().any(|k| k.eq_ignore_ascii_case(s)),
+    }
 }
 
 /// How call-backs are dialled (from the `callback` config section).
@@ -425,6 +468,9 @@ pub(crate) struct AgentView {
     pub(crate) registered: bool,
     /// Signed off at the console (logged out while the phone stays registered).
     pub(crate) signed_off: bool,
+    /// Another node of the cluster has the agent (ringing, on a call, wrapping up or paused
+    /// there): this node does not offer it calls.
+    pub(crate) busy_elsewhere: bool,
     /// Seconds in the current state (`state` and `pause_reason`), as the history records
     /// the spans; `None` before the first log-in.
     pub(crate) state_seconds: Option<u64>,
@@ -488,6 +534,12 @@ struct Agent {
     /// The operator signed off at the console: logged out while registered, until they ask
     /// to be ready again.
     signed_off: bool,
+    /// Another node of the cluster holds the agent (ringing, on a call, wrapping up or
+    /// paused there): not offered here ([`Dispatcher::set_held_elsewhere`]).
+    held_elsewhere: bool,
+    /// This node's claim on the agent was refused: not offered here before this instant
+    /// ([`Dispatcher::claim_refused`]).
+    not_before: Option<Instant>,
 }
 
 struct Connected {
@@ -497,16 +549,18 @@ struct Connected {
 
 impl Agent {
     fn can_take(&self, skill: Option<&str>) -> bool {
-        match skill {
-            None => true,
-            Some(s) => {
-                self.skills.is_empty() || self.skills.iter().any(|k| k.eq_ignore_ascii_case(s))
-            }
-        }
+        has_skill(&self.skills, skill)
     }
 
     fn logged_in(&self) -> bool {
         self.status != AgentStatus::LoggedOut
+    }
+
+    /// Available here and not held by another node.
+    fn offerable(&self, now: Instant) -> bool {
+        self.status == AgentStatus::Available
+            && !self.held_elsewhere
+            && self.not_before.is_none_or(|t| t <= now)
     }
 
     fn ringing_for(&self, caller: CallerId) -> bool {
@@ -710,6 +764,8 @@ impl Dispatcher {
                 journaled: None,
                 registered: false,
                 signed_off: false,
+                held_elsewhere: false,
+                not_before: None,
             });
         }
         for q in queues {
@@ -1043,6 +1099,9 @@ impl Dispatcher {
         };
         if a.status != AgentStatus::Available {
             return Err(a.status.as_str());
+        }
+        if a.held_elsewhere {
+            return Err("busy_elsewhere");
         }
         a.status = AgentStatus::Ringing { caller };
         a.offer_expires = Some(later(now, ring_timeout + OFFER_GRACE));
@@ -1397,12 +1456,16 @@ impl Dispatcher {
             return self.now;
         }
         let ringing = self.ringing_callers();
+        let now = self.now;
         let agents = self.agents.iter().filter_map(|a| match a.status {
             AgentStatus::WrapUp { until } | AgentStatus::NoAnswerPause { until } => Some(until),
             AgentStatus::Ringing { .. } => a.offer_expires,
+            // A refused claim's wait, when someone is waiting who might take the agent.
+            AgentStatus::Available if !self.waiting.is_empty() => {
+                a.not_before.filter(|t| now.is_none_or(|n| *t > n))
+            }
             _ => None,
         });
-        let now = self.now;
         let callers = self.waiting.iter().flat_map(|w| {
             let max_wait = if w.max_wait_sent || ringing.contains(&w.caller) {
                 None
@@ -1515,6 +1578,7 @@ impl Dispatcher {
                     tier: a.tier,
                     registered: a.registered,
                     signed_off: a.signed_off,
+                    busy_elsewhere: a.held_elsewhere,
                     state_seconds: a
                         .journaled
                         .as_ref()
@@ -1721,7 +1785,7 @@ impl Dispatcher {
         for a in self.agents.iter().filter(|a| self.takes(queue, a, skill)) {
             match a.status {
                 AgentStatus::LoggedOut | AgentStatus::Paused { .. } => {}
-                AgentStatus::Available => {
+                AgentStatus::Available if !a.held_elsewhere => {
                     staffed += 1;
                     free += 1;
                 }
@@ -1764,6 +1828,84 @@ impl Dispatcher {
                 },
             };
         }
+    }
+
+    /// Which agents another node of the cluster holds now (every other agent is free of
+    /// holds elsewhere). A held agent is not offered here; one ringing or talking here is
+    /// left alone (the holds are this node's own then).
+    pub(crate) fn set_held_elsewhere(&mut self, now: Instant, held: &HashSet<String>) {
+        self.touch(now);
+        for a in &mut self.agents {
+            a.held_elsewhere = held.contains(&a.id);
+        }
+    }
+
+    /// The cluster refused this node's claim on `agent` for `caller` (another node holds the
+    /// agent, or has an earlier caller the agent can take): the offer is withdrawn at no
+    /// cost to the agent, the caller keeps its place, and the agent is not offered here again
+    /// before `retry_after`. Ignored unless that agent is ringing for that caller.
+    pub(crate) fn claim_refused(
+        &mut self,
+        now: Instant,
+        caller: CallerId,
+        agent: &str,
+        retry_after: Duration,
+    ) {
+        self.touch(now);
+        if let Some(a) = self.agent_mut(agent) {
+            if a.ringing_for(caller) {
+                a.release();
+                a.not_before = Some(later(now, retry_after));
+            }
+        }
+    }
+
+    /// Whether `agent` is ringing for `caller` now.
+    pub(crate) fn is_ringing_for(&self, agent: &str, caller: CallerId) -> bool {
+        self.agent_idx(agent)
+            .and_then(|i| self.agents.get(i))
+            .is_some_and(|a| a.ringing_for(caller))
+    }
+
+    /// The callers waiting for an agent now, in line order: not call-backs still parked or
+    /// being dialled, not callers whose agent's phone rings. What other nodes of the
+    /// cluster see of this node's line.
+    pub(crate) fn line(&self) -> Vec<LineEntry> {
+        let ringing = self.ringing_callers();
+        self.waiting
+            .iter()
+            .filter(|w| w.offerable() && !ringing.contains(&w.caller))
+            .filter_map(|w| self.line_entry_of(w))
+            .collect()
+    }
+
+    /// [`Dispatcher::line`]'s entry for one waiting caller (ringing or not).
+    pub(crate) fn line_entry(&self, caller: CallerId) -> Option<LineEntry> {
+        let w = self.waiting.get(self.waiting_idx(caller)?)?;
+        self.line_entry_of(w)
+    }
+
+    fn line_entry_of(&self, w: &Waiting) -> Option<LineEntry> {
+        Some(LineEntry {
+            caller: w.caller,
+            queue: self.queues.get(w.queue)?.name.clone(),
+            skill: w.skill.clone(),
+            priority: w.priority,
+            since: w.since,
+        })
+    }
+
+    /// What decides which callers `agent` can take, for comparing with other nodes' lines.
+    pub(crate) fn takes_of(&self, agent: &str) -> Option<Takes> {
+        let a = self.agents.get(self.agent_idx(agent)?)?;
+        Some(Takes {
+            skills: a.skills.clone(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| (q.name.clone(), q.serves(a)))
+                .collect(),
+        })
     }
 
     /// Withdraw an offer that could not be delivered (or that the caller's side will not
@@ -1834,11 +1976,7 @@ impl Dispatcher {
         let mut claimed: HashSet<usize> = HashSet::new();
         let policy = self.callback_policy;
         for w in &mut self.waiting {
-            if !self
-                .agents
-                .iter()
-                .any(|a| a.status == AgentStatus::Available)
-            {
+            if !self.agents.iter().any(|a| a.offerable(now)) {
                 return;
             }
             if ringing.contains(&w.caller) {
@@ -1847,7 +1985,7 @@ impl Dispatcher {
             let member = |a: &Agent| self.queues.get(w.queue).is_some_and(|q| q.serves(a));
             if let Some(cb) = w.callback.as_mut() {
                 let free = self.agents.iter().enumerate().find(|(i, a)| {
-                    a.status == AgentStatus::Available
+                    a.offerable(now)
                         && a.can_take(w.skill.as_deref())
                         && member(a)
                         && !claimed.contains(i)
@@ -1882,7 +2020,7 @@ impl Dispatcher {
                 .iter()
                 .enumerate()
                 .filter(|(i, a)| {
-                    a.status == AgentStatus::Available
+                    a.offerable(now)
                         && a.can_take(w.skill.as_deref())
                         && member(a)
                         && !claimed.contains(i)
@@ -2100,6 +2238,36 @@ enum Listener {
     Callback(mpsc::Sender<CallbackEvent>),
 }
 
+impl ClusterLink {
+    /// Hold the agent in the cluster while this node has it busy (ringing, on a call, in
+    /// wrap-up or a no-answer pause, paused, signed off with the phone registered); let it go
+    /// when it is available or logged out here. A claim in flight is left to its answer.
+    fn keep_hold(&mut self, v: &AgentView) {
+        if self.pending.contains_key(&v.id) {
+            return;
+        }
+        let busy = match v.status {
+            AgentStatus::Available => false,
+            AgentStatus::LoggedOut => v.registered && v.signed_off,
+            _ => true,
+        };
+        let held = self.held.contains(&v.id);
+        let cmd = match (busy, held) {
+            (true, false) => ClusterCmd::Hold(v.id.clone()),
+            (false, true) => ClusterCmd::Release(v.id.clone()),
+            _ => return,
+        };
+        // Not sent (the cluster task is swamped): asked again at the next pass.
+        if self.tx.try_send(cmd).is_ok() {
+            if busy {
+                self.held.insert(v.id.clone());
+            } else {
+                self.held.remove(&v.id);
+            }
+        }
+    }
+}
+
 impl Listener {
     fn is_closed(&self) -> bool {
         match self {
@@ -2180,6 +2348,18 @@ enum Cmd {
     ),
     Decline(CallerId, String, oneshot::Sender<bool>),
     Console(String, oneshot::Sender<Option<AgentConsoleView>>),
+    /// From here on, offers are claimed through the cluster ([`crate::dispatch::cluster`]).
+    JoinCluster(mpsc::Sender<ClusterCmd>),
+    /// The cluster's answer to a [`ClusterCmd::Claim`].
+    Claimed {
+        caller: CallerId,
+        agent: String,
+        reply: ClaimReply,
+    },
+    /// The agents other nodes hold now.
+    HeldElsewhere(HashSet<String>),
+    /// This node's line for the other nodes, with each caller's arrival in epoch ms.
+    Line(oneshot::Sender<Vec<(LineEntry, i64)>>),
 }
 
 /// A cheap handle on the running dispatcher, for calls and the admin API. Once the driver has
@@ -2343,6 +2523,34 @@ impl QueueHandle {
         self.send(Cmd::LoggedOut(agent.to_owned())).await;
     }
 
+    /// Offers are claimed through the cluster from now on: each goes to the agent's phone
+    /// only once `cluster` granted it (see [`crate::dispatch::cluster`]).
+    pub(crate) async fn join_cluster(&self, cluster: mpsc::Sender<ClusterCmd>) {
+        self.send(Cmd::JoinCluster(cluster)).await;
+    }
+
+    /// The cluster's answer to a claim.
+    pub(crate) async fn claimed(&self, caller: CallerId, agent: String, reply: ClaimReply) {
+        self.send(Cmd::Claimed {
+            caller,
+            agent,
+            reply,
+        })
+        .await;
+    }
+
+    /// The agents other nodes of the cluster hold now.
+    pub(crate) async fn held_elsewhere(&self, held: HashSet<String>) {
+        self.send(Cmd::HeldElsewhere(held)).await;
+    }
+
+    /// The callers waiting here for an agent, with their arrival (epoch ms), for the cluster.
+    pub(crate) async fn line(&self) -> Vec<(LineEntry, i64)> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Line(reply)).await;
+        rx.await.unwrap_or_default()
+    }
+
     pub(crate) async fn pause(&self, agent: &str, reason: &str) -> bool {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Pause(agent.to_owned(), reason.to_owned(), reply))
@@ -2460,6 +2668,17 @@ struct Driver {
     notices: broadcast::Sender<AgentNotice>,
     /// What was last announced of each agent's state.
     announced: HashMap<String, (AgentStatus, Option<String>)>,
+    /// With more than one node: offers wait for the cluster's claim.
+    cluster: Option<ClusterLink>,
+}
+
+/// The dispatcher's side of the cluster ([`crate::dispatch::cluster`]).
+struct ClusterLink {
+    tx: mpsc::Sender<ClusterCmd>,
+    /// Offers waiting for the cluster's answer: agent → caller and ring timeout.
+    pending: HashMap<String, (CallerId, Duration)>,
+    /// Agents this node holds in the cluster (asked for; the cluster task keeps the leases).
+    held: HashSet<String>,
 }
 
 impl Driver {
@@ -2473,6 +2692,7 @@ impl Driver {
             offers: HashMap::new(),
             notices,
             announced: HashMap::new(),
+            cluster: None,
         }
     }
 
@@ -2657,6 +2877,30 @@ impl Driver {
             Cmd::Decline(caller, agent, reply) => {
                 let _ = reply.send(d.decline(now, caller, &agent));
             }
+            Cmd::JoinCluster(tx) => {
+                self.cluster = Some(ClusterLink {
+                    tx,
+                    pending: HashMap::new(),
+                    held: HashSet::new(),
+                });
+            }
+            Cmd::Claimed {
+                caller,
+                agent,
+                reply,
+            } => self.claimed(now, caller, agent, reply),
+            Cmd::HeldElsewhere(held) => d.set_held_elsewhere(now, &held),
+            Cmd::Line(reply) => {
+                let line = d
+                    .line()
+                    .into_iter()
+                    .map(|e| {
+                        let at = crate::history::wall_ms(e.since);
+                        (e, at)
+                    })
+                    .collect();
+                let _ = reply.send(line);
+            }
             Cmd::Console(agent, reply) => {
                 self.settle();
                 let view = self
@@ -2686,6 +2930,9 @@ impl Driver {
             };
             if !keep {
                 self.offers.remove(&v.id);
+            }
+            if let Some(link) = self.cluster.as_mut() {
+                link.keep_hold(v);
             }
             let key = (v.status.clone(), v.pause_reason.clone());
             if self.announced.get(&v.id) != Some(&key) {
@@ -2748,8 +2995,75 @@ impl Driver {
         self.announce();
     }
 
-    /// Hand one action to its caller; `true` if the caller turned out to be gone.
+    /// Hand one action to its caller; `true` if the caller turned out to be gone. In a
+    /// cluster an offer first goes to the cluster for a claim ([`Driver::claimed`]).
     fn deliver(&mut self, now: Instant, action: Action) -> bool {
+        if let (
+            Action::Offer {
+                caller,
+                agent,
+                ring_timeout,
+            },
+            Some(link),
+        ) = (&action, self.cluster.as_mut())
+        {
+            let entry = self.core.line_entry(*caller);
+            let takes = self.core.takes_of(agent);
+            if let (Some(entry), Some(takes)) = (entry, takes) {
+                let arrived_ms = crate::history::wall_ms(entry.since);
+                let claim = ClusterCmd::Claim {
+                    caller: *caller,
+                    agent: agent.clone(),
+                    entry,
+                    arrived_ms,
+                    takes,
+                };
+                link.pending.insert(agent.clone(), (*caller, *ring_timeout));
+                if link.tx.try_send(claim).is_ok() {
+                    return false;
+                }
+                // The cluster task is gone or swamped: ring as a single node would.
+                link.pending.remove(agent);
+                warn!(%agent, "cluster unavailable; offering without a claim");
+            }
+        }
+        self.deliver_now(now, action)
+    }
+
+    /// The cluster answered a claim: ring the agent, or leave the caller to the next agent.
+    fn claimed(&mut self, now: Instant, caller: CallerId, agent: String, reply: ClaimReply) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let ring_timeout = match link.pending.get(&agent) {
+            Some((c, t)) if *c == caller => *t,
+            _ => return,
+        };
+        link.pending.remove(&agent);
+        match reply {
+            ClaimReply::Granted | ClaimReply::Unavailable => {
+                if reply == ClaimReply::Granted {
+                    link.held.insert(agent.clone());
+                }
+                // An offer cancelled meanwhile is not rung; `announce` lets the hold go.
+                if self.core.is_ringing_for(&agent, caller) {
+                    let offer = Action::Offer {
+                        caller,
+                        agent,
+                        ring_timeout,
+                    };
+                    self.deliver_now(now, offer);
+                }
+            }
+            ClaimReply::Refused { retry_after } => {
+                debug!(caller, %agent, "another node has the agent or an earlier caller");
+                self.core.claim_refused(now, caller, &agent, retry_after);
+            }
+        }
+    }
+
+    /// [`Driver::deliver`] without the cluster.
+    fn deliver_now(&mut self, now: Instant, action: Action) -> bool {
         let caller = action.caller();
         if let Action::Offer { agent, .. } = &action {
             if self.events.contains_key(&caller) {
@@ -2817,6 +3131,62 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a cluster: an agent another node holds is not offered; a refused claim withdraws
+    /// the offer at no cost, the caller keeps its place and goes to the next agent, and the
+    /// refused agent comes back after the wait; the line shows waiting callers only.
+    #[test]
+    fn agents_held_by_another_node_are_not_offered_and_a_refused_claim_costs_nothing() {
+        let mut t = T::new(
+            &[agent("a", &[], 1), agent("b", &["es"], 1)],
+            &[QueueConfig {
+                name: "general".into(),
+                members: Some(vec!["a".into()]),
+                ..QueueConfig::default()
+            }],
+        );
+        t.login(0.0, &["a", "b"]);
+        t.d.set_held_elsewhere(t.t(0.0), &HashSet::from(["a".to_owned()]));
+        t.enqueue(1.0, 7, None);
+        assert!(
+            t.poll(1.0).is_empty(),
+            "a is held elsewhere, b is no member"
+        );
+        assert!(t.d.agents()[0].busy_elsewhere);
+        assert_eq!(
+            t.d.ring_direct(t.t(1.0), 99, "a", Duration::from_secs(5)),
+            Err("busy_elsewhere")
+        );
+        let line = t.d.line();
+        assert_eq!(line.len(), 1);
+        assert_eq!((line[0].caller, line[0].queue.as_str()), (7, "general"));
+        let takes = t.d.takes_of("a").unwrap();
+        assert!(takes.could_take("general", None) && takes.could_take("other", Some("fr")));
+        assert!(!t.d.takes_of("b").unwrap().could_take("general", None));
+        assert!(t.d.takes_of("b").unwrap().could_take("other", Some("ES")));
+        assert!(!t.d.takes_of("b").unwrap().could_take("other", Some("fr")));
+
+        t.d.set_held_elsewhere(t.t(2.0), &HashSet::new());
+        let offers = t.poll(2.0);
+        assert!(
+            matches!(offers.as_slice(), [Action::Offer { caller: 7, agent, .. }] if agent == "a"),
+            "{offers:?}"
+        );
+        assert!(
+            t.d.line().is_empty(),
+            "a caller whose agent rings is not in the line"
+        );
+        t.d.claim_refused(t.t(2.1), 7, "a", Duration::from_secs(1));
+        assert_eq!(t.status("a"), AgentStatus::Available, "no no-answer pause");
+        assert!(t.poll(2.5).is_empty(), "not offered again before the wait");
+        assert_eq!(t.d.next_deadline(), Some(t.t(3.1)));
+        let offers = t.poll(3.1);
+        assert!(
+            matches!(offers.as_slice(), [Action::Offer { caller: 7, .. }]),
+            "{offers:?}"
+        );
+        assert_eq!(t.d.position(7).map(|p| p.place), Some(1));
+    }
 
     /// The journal: queue events as `queue_log` has them, and each state an operator left
     /// as a span, on virtual time.
@@ -4009,7 +4379,8 @@ mod tests {
                 "id": "1001", "name": "Ana", "state": "ringing", "caller": 1,
                 "pause_reason": null, "seconds_left": null, "calls_taken": 0,
                 "idle_seconds": null, "skills": ["en", "es"], "tier": 1,
-                "registered": true, "signed_off": false, "state_seconds": null, "queue": null
+                "registered": true, "signed_off": false, "busy_elsewhere": false,
+                "state_seconds": null, "queue": null
             }])
         );
         let v = serde_json::to_value(t.d.figures()).unwrap();

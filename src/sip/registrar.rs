@@ -702,6 +702,14 @@ impl Registrar {
             .map(|b| (b.uri.clone(), b.flow))
     }
 
+    /// Each registered agent and when its last binding expires.
+    pub(crate) fn expiries(&self) -> impl Iterator<Item = (&str, Instant)> + '_ {
+        self.bindings.iter().filter_map(|(agent, bindings)| {
+            let last = bindings.iter().map(|b| b.expires_at).max()?;
+            Some((agent.as_str(), last))
+        })
+    }
+
     /// The agents with at least one binding, sorted.
     #[cfg(test)]
     pub(crate) fn registered(&self) -> Vec<String> {

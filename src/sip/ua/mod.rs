@@ -411,6 +411,12 @@ impl UaCore {
         self.core.agents.contacts.clone()
     }
 
+    /// Agent id → when its registration here expires, for every agent registered with this
+    /// node; kept current by the UA task.
+    pub(crate) fn agent_expiries(&self) -> Arc<DashMap<String, Instant>> {
+        self.core.agents.expiries.clone()
+    }
+
     pub fn stats(&self) -> Arc<UaStats> {
         self.core.stats.clone()
     }

@@ -28,6 +28,9 @@ pub(super) struct Agents {
     pub(super) events: Option<mpsc::Sender<AgentEvent>>,
     /// Agent id → preferred contact URI and flow, kept by the UA core.
     pub(super) contacts: Arc<DashMap<String, (String, Flow)>>,
+    /// Agent id → when its last binding expires, for every agent registered here (not the
+    /// operators of other nodes the cluster adds to `contacts`).
+    pub(super) expiries: Arc<DashMap<String, Instant>>,
 }
 
 impl Core {
@@ -60,6 +63,7 @@ impl Core {
     /// may send nothing but keep-alives between registrations, and the connection is the only
     /// way to reach it.
     pub(super) fn on_agent_events(&mut self, events: Vec<AgentEvent>) {
+        self.sync_expiries();
         for ev in events {
             match &ev {
                 AgentEvent::LoggedIn {
@@ -97,8 +101,24 @@ impl Core {
         }
     }
 
+    /// Publish when each registered agent's bindings expire.
+    fn sync_expiries(&mut self) {
+        let Some(registrar) = self.agents.registrar.as_ref() else {
+            return;
+        };
+        let now: std::collections::HashMap<&str, Instant> = registrar.expiries().collect();
+        let expiries = &self.agents.expiries;
+        expiries.retain(|agent, _| now.contains_key(agent.as_str()));
+        for (agent, at) in now {
+            if expiries.get(agent).is_none_or(|e| *e != at) {
+                expiries.insert(agent.to_owned(), at);
+            }
+        }
+    }
+
     /// Make sure the timers table wakes us for the registrar's next expiry.
     fn schedule_registrar(&mut self) {
+        self.sync_expiries();
         let Some(next) = self
             .agents
             .registrar
