@@ -66,6 +66,22 @@ pub const DEFER_LIMIT: Duration = Duration::from_secs(3);
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Commands waiting for the cluster task.
 const COMMANDS: usize = 1024;
+/// The longest the cluster task waits on the store for one step. A claim is on the path of a
+/// caller waiting for an operator: a store that does not answer within this is treated as
+/// unreachable, and claims are answered [`ClaimReply::Unavailable`] at once until a
+/// [`TICK`] reaches it again.
+const STORE_WAIT: Duration = Duration::from_secs(1);
+
+/// `step` on the store, given at most [`STORE_WAIT`].
+async fn within<T>(
+    step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STORE_WAIT, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {STORE_WAIT:?}")),
+    }
+}
 
 /// What the queue dispatcher asks of the cluster.
 #[derive(Debug)]
@@ -469,7 +485,7 @@ async fn run(deps: ClusterDeps, cancel: CancellationToken) {
 }
 
 impl Task {
-    fn reached<T>(&mut self, what: &str, r: Result<T, sqlx::Error>) -> Option<T> {
+    fn reached<T>(&mut self, what: &str, r: Result<T, String>) -> Option<T> {
         match r {
             Ok(v) => {
                 if !self.reachable {
@@ -498,24 +514,27 @@ impl Task {
                 arrived_ms,
                 takes,
             } => {
+                if !self.reachable {
+                    // Rings as one node would; the next pass finds out whether the store is back.
+                    let reply = ClaimReply::Unavailable;
+                    self.deps.queue.claimed(caller, agent, reply).await;
+                    return;
+                }
                 let deferred = &self.deferred;
                 let skip = |node: &str, other: i64| {
                     deferred
                         .get(&(agent.clone(), node.to_owned(), other))
                         .is_some_and(|t| t.elapsed() >= DEFER_LIMIT)
                 };
-                let r = self
-                    .deps
-                    .store
-                    .claim(
-                        now_ms,
-                        &agent,
-                        entry.priority,
-                        arrived_ms,
-                        |q, s| takes.could_take(q, s),
-                        skip,
-                    )
-                    .await;
+                let r = within(self.deps.store.claim(
+                    now_ms,
+                    &agent,
+                    entry.priority,
+                    arrived_ms,
+                    |q, s| takes.could_take(q, s),
+                    skip,
+                ))
+                .await;
                 let reply = match self.reached("claim", r) {
                     Some(Claim::Granted) => {
                         self.wanted.insert(agent.clone());
@@ -546,16 +565,23 @@ impl Task {
             }
             ClusterCmd::Hold(agent) => {
                 self.wanted.insert(agent.clone());
-                let r = self.deps.store.hold(now_ms, &agent).await;
+                if !self.reachable {
+                    return;
+                }
+                let r = within(self.deps.store.hold(now_ms, &agent)).await;
                 if self.reached("hold", r) == Some(true) {
                     self.got.insert(agent);
                 }
             }
             ClusterCmd::Release(agent) => {
                 self.wanted.remove(&agent);
-                self.got.remove(&agent);
-                let r = self.deps.store.release(&agent).await;
-                self.reached("release", r);
+                // Away, the next pass that reaches the store lets it go.
+                if self.reachable && self.got.contains(&agent) {
+                    let r = within(self.deps.store.release(&agent)).await;
+                    if self.reached("release", r).is_some() {
+                        self.got.remove(&agent);
+                    }
+                }
             }
         }
     }
@@ -563,20 +589,29 @@ impl Task {
     /// One [`TICK`]: leases, the others' holds, the line, the phones.
     async fn pass(&mut self) {
         let now_ms = crate::history::epoch_ms_now();
-        let r = self.deps.store.renew(now_ms).await;
-        if let Some(held) = self.reached("renew", r) {
-            self.deps.queue.held_elsewhere(held).await;
+        let r = within(self.deps.store.renew(now_ms)).await;
+        let Some(held) = self.reached("renew", r) else {
+            // Nothing else this pass: claims are answered at once meanwhile.
+            return;
+        };
+        self.deps.queue.held_elsewhere(held).await;
+        // Releases that could not be made while the store was away.
+        let stale: Vec<String> = self.got.difference(&self.wanted).cloned().collect();
+        for agent in stale {
+            if self.reached("release", within(self.deps.store.release(&agent)).await).is_some() {
+                self.got.remove(&agent);
+            }
         }
         // Holds asked for while another node still had the agent.
         let missing: Vec<String> = self.wanted.difference(&self.got).cloned().collect();
         for agent in missing {
-            let r = self.deps.store.hold(now_ms, &agent).await;
+            let r = within(self.deps.store.hold(now_ms, &agent)).await;
             if self.reached("hold", r) == Some(true) {
                 self.got.insert(agent);
             }
         }
         let line = self.deps.queue.line().await;
-        let r = self.deps.store.publish_line(now_ms, &line).await;
+        let r = within(self.deps.store.publish_line(now_ms, &line)).await;
         self.reached("line", r);
         self.deferred
             .retain(|_, t| t.elapsed() < DEFER_LIMIT + Duration::from_secs(60));
@@ -605,7 +640,7 @@ impl Task {
             .cloned()
             .collect();
         for agent in gone {
-            let r = self.deps.store.unregister(&agent).await;
+            let r = within(self.deps.store.unregister(&agent)).await;
             if self.reached("unregister", r).is_some() {
                 self.shared.remove(&agent);
             }
@@ -617,16 +652,13 @@ impl Task {
             if same {
                 continue;
             }
-            let r = self
-                .deps
-                .store
-                .register(&Registration {
-                    agent: agent.clone(),
-                    contact: contact.clone(),
-                    flow,
-                    expires_ms,
-                })
-                .await;
+            let r = within(self.deps.store.register(&Registration {
+                agent: agent.clone(),
+                contact: contact.clone(),
+                flow,
+                expires_ms,
+            }))
+            .await;
             if self.reached("register", r).is_some() {
                 self.shared.insert(agent, (contact, flow, expires_ms));
             }
@@ -635,7 +667,7 @@ impl Task {
 
     /// Logs in here the operators registered with other nodes, and out those gone.
     async fn log_in_remote(&mut self, now_ms: i64) {
-        let r = self.deps.store.remote_agents(now_ms).await;
+        let r = within(self.deps.store.remote_agents(now_ms)).await;
         let Some(rows) = self.reached("phones", r) else {
             return;
         };
