@@ -562,6 +562,14 @@ Content-Length: {len}\r\n\r\n{sdp}",
         }
     }
 
+    /// From now on send in-dialog requests as a phone with an outbound proxy that ignores
+    /// Record-Route does: to the proxy, addressed to the far end's Contact, with no Route.
+    pub fn ignore_record_route(&mut self) {
+        if let Some((_, routes)) = self.route.as_mut() {
+            routes.clear();
+        }
+    }
+
     pub fn in_dialog(&mut self, method: &str, extra: &str, body: &str) -> Vec<u8> {
         if method != "ACK" {
             self.cseq += 1;
