@@ -598,7 +598,10 @@ impl Task {
         // Releases that could not be made while the store was away.
         let stale: Vec<String> = self.got.difference(&self.wanted).cloned().collect();
         for agent in stale {
-            if self.reached("release", within(self.deps.store.release(&agent)).await).is_some() {
+            if self
+                .reached("release", within(self.deps.store.release(&agent)).await)
+                .is_some()
+            {
                 self.got.remove(&agent);
             }
         }

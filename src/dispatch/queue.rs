@@ -4667,6 +4667,84 @@ mod tests {
             .expect("channel open")
     }
 
+    /// In a cluster the phone rings only once the cluster granted the claim; a refused claim
+    /// leaves the caller waiting and the agent untried for the wait; the driver holds the
+    /// agent while it is busy here and lets it go when it is free.
+    #[tokio::test(start_paused = true)]
+    async fn driver_rings_an_agent_only_once_the_cluster_grants_the_claim() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::new(
+            &[agent("a", &[], 1)],
+            &[queue("general", Strategy::RingAll)],
+        );
+        let q = spawn_dispatcher(d, &tracker, cancel.clone());
+        let (ctx, mut crx) = mpsc::channel(16);
+        q.join_cluster(ctx).await;
+        q.agent_logged_in("a").await;
+        let (tx, mut rx) = mpsc::channel(8);
+        q.enqueue(2, "general", None, 0, tx).await.unwrap();
+        let claim = |c: Option<ClusterCmd>| match c {
+            Some(ClusterCmd::Claim { caller, agent, .. }) => (caller, agent),
+            other => panic!("expected a claim, got {other:?}"),
+        };
+        assert_eq!(claim(crx.recv().await), (2, "a".to_owned()));
+        assert!(
+            rx.try_recv().is_err(),
+            "the phone does not ring before the claim"
+        );
+        q.claimed(
+            2,
+            "a".into(),
+            ClaimReply::Refused {
+                retry_after: Duration::from_secs(1),
+            },
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(claim(crx.recv().await), (2, "a".to_owned()));
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "tried again after the wait"
+        );
+        assert_eq!(
+            q.agents().await[0].status,
+            AgentStatus::Ringing { caller: 2 }
+        );
+        q.claimed(2, "a".into(), ClaimReply::Granted).await;
+        assert_eq!(
+            recv(&mut rx).await,
+            QueueEvent::Offer {
+                agent: "a".into(),
+                ring_timeout: Duration::from_secs(20)
+            }
+        );
+        q.offer_answered(2, "a").await;
+        q.call_ended("a").await;
+        // Wrap-up over, the agent is free here: the hold is let go.
+        let released = loop {
+            match crx.recv().await {
+                Some(ClusterCmd::Release(agent)) => break agent,
+                Some(ClusterCmd::Hold(_)) => panic!("held again while already held"),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(released, "a");
+        // Held by another node: nothing offered; the queue shows it.
+        q.held_elsewhere(HashSet::from(["a".to_owned()])).await;
+        let (tx, _rx3) = mpsc::channel(8);
+        q.enqueue(3, "general", None, 0, tx).await.unwrap();
+        assert!(q.agents().await[0].busy_elsewhere);
+        assert_eq!(q.line().await.len(), 1);
+        assert!(
+            crx.try_recv().is_err(),
+            "no claim for an agent held elsewhere"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
     #[tokio::test]
     async fn driver_offers_connects_and_reports() {
         let tracker = TaskTracker::new();
