@@ -143,15 +143,37 @@ impl Node {
     }
 }
 
+/// Kamailio's main process, stopped when dropped with SIGTERM, which it passes on to its
+/// worker processes and waits for. SIGKILL would stop it alone and leave its workers running:
+/// holding the edge's port, probing nodes that are gone, registering with a carrier that is
+/// gone.
+pub struct Kamailio(Process);
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0 .0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.0 .0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Still up: the Process drop kills it.
+    }
+}
+
 /// Kamailio with the shipped configuration on a free port, in front of `nodes`.
-pub fn kamailio(dir: &Path, nodes: &[&Node]) -> (Process, SocketAddr) {
+pub fn kamailio(dir: &Path, nodes: &[&Node]) -> (Kamailio, SocketAddr) {
     let edge: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     (kamailio_on(dir, nodes, edge, &[]), edge)
 }
 
 /// Kamailio with the shipped configuration listening on `edge` (UDP and TCP), in front of
 /// `nodes`, with `defines` (each `NAME` or `NAME=value`) passed as `-A` after the test's own.
-pub fn kamailio_on(dir: &Path, nodes: &[&Node], edge: SocketAddr, defines: &[String]) -> Process {
+pub fn kamailio_on(dir: &Path, nodes: &[&Node], edge: SocketAddr, defines: &[String]) -> Kamailio {
     let list = dir.join("dispatcher.list");
     let lines: String = nodes.iter().map(|n| format!("1 sip:{}\n", n.sip)).collect();
     std::fs::write(&list, lines).unwrap();
@@ -177,7 +199,7 @@ pub fn kamailio_on(dir: &Path, nodes: &[&Node], edge: SocketAddr, defines: &[Str
         ))
         .spawn()
         .expect("kamailio is installed (scripts/test installs it)");
-    Process(child)
+    Kamailio(Process(child))
 }
 
 /// A call through the edge: answered (200, then ACK), or the final code it got.
