@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod dns;
+pub mod kamailio;
 pub mod postgres;
 pub mod voices;
 
