@@ -217,21 +217,29 @@ impl ClusterStore {
                 return Ok(Claim::Earlier { node, caller });
             }
         }
-        let holder: Option<(String, i64)> = sqlx::query_as(&db::sql(
-            &*tx,
-            "SELECT node, lease_ms FROM cluster_claims WHERE agent_id = ?",
-        ))
-        .bind(agent)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((node, lease)) = holder {
-            if node != self.node && lease > now_ms {
-                return Ok(Claim::Held { node });
-            }
+        if let Some(node) = self.other_holder(&mut tx, agent, now_ms).await? {
+            return Ok(Claim::Held { node });
         }
         Self::put_claim(&mut tx, agent, &self.node, now_ms).await?;
         tx.commit().await?;
         Ok(Claim::Granted)
+    }
+
+    /// The other node whose hold on `agent` runs at `now_ms`, if any.
+    async fn other_holder(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let holder: Option<(String, i64)> = sqlx::query_as(&db::sql(
+            &**tx,
+            "SELECT node, lease_ms FROM cluster_claims WHERE agent_id = ?",
+        ))
+        .bind(agent)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(holder.and_then(|(node, lease)| (node != self.node && lease > now_ms).then_some(node)))
     }
 
     async fn put_claim(
@@ -259,14 +267,7 @@ impl ClusterStore {
     pub async fn hold(&self, now_ms: i64, agent: &str) -> Result<bool, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         db::lock_xact(&mut tx, db::locks::CLAIMS).await?;
-        let holder: Option<(String, i64)> = sqlx::query_as(&db::sql(
-            &*tx,
-            "SELECT node, lease_ms FROM cluster_claims WHERE agent_id = ?",
-        ))
-        .bind(agent)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if holder.is_some_and(|(node, lease)| node != self.node && lease > now_ms) {
+        if self.other_holder(&mut tx, agent, now_ms).await?.is_some() {
             return Ok(false);
         }
         Self::put_claim(&mut tx, agent, &self.node, now_ms).await?;
@@ -276,14 +277,17 @@ impl ClusterStore {
 
     /// Lets `agent` go, if this node holds it.
     pub async fn release(&self, agent: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(&db::sql(
-            &self.pool,
-            "DELETE FROM cluster_claims WHERE agent_id = ? AND node = ?",
-        ))
-        .bind(agent)
-        .bind(&self.node)
-        .execute(&self.pool)
-        .await?;
+        self.delete_mine("cluster_claims", agent).await
+    }
+
+    /// Deletes this node's row of `agent` in `table` (one of the cluster tables).
+    async fn delete_mine(&self, table: &'static str, agent: &str) -> Result<(), sqlx::Error> {
+        let sql = format!("DELETE FROM {table} WHERE agent_id = ? AND node = ?");
+        sqlx::query(&db::sql(&self.pool, &sql))
+            .bind(agent)
+            .bind(&self.node)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -382,15 +386,7 @@ impl ClusterStore {
     /// Withdraws this node's registration of `agent` (the phone unregistered or its binding
     /// expired here). Another node's newer registration of the same phone stays.
     pub async fn unregister(&self, agent: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(&db::sql(
-            &self.pool,
-            "DELETE FROM cluster_agents WHERE agent_id = ? AND node = ?",
-        ))
-        .bind(agent)
-        .bind(&self.node)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.delete_mine("cluster_agents", agent).await
     }
 
     /// The phones other nodes registered that have not expired at `now_ms`.
