@@ -382,6 +382,7 @@ pub async fn start_with_clock(
                     queue: handle.clone(),
                     contacts: agent_contacts.clone(),
                     expiries: agent_expiries.clone(),
+                    metrics: metrics.clone(),
                 },
                 &tracker,
                 cancel.clone(),

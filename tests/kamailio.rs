@@ -359,6 +359,13 @@ async fn one_operator_takes_both_nodes_callers_one_at_a_time_in_arrival_order_an
     );
     agent.reply(&inv, 200, "OK", Some(agent.answer_sdp())).await;
 
+    // Each node counted the claim it was granted.
+    for node in [&*home, &*other] {
+        let claims = metrics(node.http).await;
+        let granted = claims.get("ivr311_cluster_claims_total{outcome=\"granted\"}");
+        assert!(granted >= Some(&1.0), "node {}: {claims:?}", node.name);
+    }
+
     // The home node, with the operator's registration and a waiting caller, dies. The call
     // on the other node goes on; the operator keeps getting calls, from the other node.
     home.process.take().unwrap().signal("-KILL");

@@ -427,6 +427,19 @@ pub(crate) struct ClusterDeps {
     pub(crate) contacts: Arc<DashMap<String, (String, Flow)>>,
     /// The expiry of each operator registered with this node (kept by the UA).
     pub(crate) expiries: Arc<DashMap<String, Instant>>,
+    /// `ivr311_cluster_claims_total{outcome}` goes here.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Counts a claim's outcome: `granted`, `held` (another node has the operator), `earlier`
+/// (another node has an earlier caller for them) or `unavailable` (no store: rung anyway).
+fn count_claim(metrics: &crate::metrics::Metrics, outcome: &str) {
+    metrics.add(
+        "ivr311_cluster_claims_total",
+        "Claims on an operator before ringing them, by outcome (nodes sharing a store).",
+        &[("outcome", outcome)],
+        1,
+    );
 }
 
 /// Starts the cluster task: claims for the queue, leases, the shared line and phones.
@@ -512,6 +525,7 @@ impl Task {
             } => {
                 if !self.reachable {
                     // Rings as one node would; the next pass finds out whether the store is back.
+                    count_claim(&self.deps.metrics, "unavailable");
                     let reply = ClaimReply::Unavailable;
                     self.deps.queue.claimed(caller, agent, reply).await;
                     return;
@@ -531,6 +545,13 @@ impl Task {
                     skip,
                 ))
                 .await;
+                let outcome = match &r {
+                    Ok(Claim::Granted) => "granted",
+                    Ok(Claim::Held { .. }) => "held",
+                    Ok(Claim::Earlier { .. }) => "earlier",
+                    Err(_) => "unavailable",
+                };
+                count_claim(&self.deps.metrics, outcome);
                 let reply = match self.reached("claim", r) {
                     Some(Claim::Granted) => {
                         self.wanted.insert(agent.clone());
