@@ -662,7 +662,7 @@ fn iso(t: OffsetDateTime) -> Option<String> {
 
 /// The public view of a ticket: the spec's fields, no personal data. `media_url` is only ever
 /// media a client posted (an absolute http(s) URL); a caller's recording never appears.
-fn request_node(t: &Ticket, duplicates: u32) -> Node {
+fn request_node(t: &Ticket) -> Node {
     Node::Obj(vec![
         ("service_request_id", text(t.service_request_id.to_string())),
         ("status", text(t.status.as_str())),
@@ -694,22 +694,12 @@ fn request_node(t: &Ticket, duplicates: u32) -> Node {
         ("external_id", opt_text(t.external_id.as_deref())),
         // Callers who reported the same problem later and were added to this request
         // instead of filing another (`duplicates` in the menu); 0 if none.
-        ("duplicates", Node::Int(duplicates.into())),
+        ("duplicates", Node::Int(t.duplicates.into())),
     ])
 }
 
-fn requests_document(
-    format: Format,
-    tickets: &[Ticket],
-    duplicates: &std::collections::HashMap<u64, u32>,
-) -> Response {
-    let items = tickets
-        .iter()
-        .map(|t| {
-            let n = duplicates.get(&t.service_request_id).copied();
-            request_node(t, n.unwrap_or(0))
-        })
-        .collect();
+fn requests_document(format: Format, tickets: &[Ticket]) -> Response {
+    let items = tickets.iter().map(request_node).collect();
     document(
         format,
         StatusCode::OK,
@@ -1165,10 +1155,7 @@ async fn one_request(
         return not_found().respond(format);
     };
     match state.tickets.get(n).await {
-        Ok(Some(t)) => match state.tickets.duplicate_counts(&[n]).await {
-            Ok(d) => requests_document(format, std::slice::from_ref(&t), &d),
-            Err(e) => ApiError::store("get", &e).respond(format),
-        },
+        Ok(Some(t)) => requests_document(format, std::slice::from_ref(&t)),
         Ok(None) => not_found().respond(format),
         Err(e) => ApiError::store("get", &e).respond(format),
     }
@@ -1253,10 +1240,7 @@ async fn list_requests(
         }
         e => ApiError::store("list", &e),
     })?;
-    let ids: Vec<u64> = tickets.iter().map(|t| t.service_request_id).collect();
-    let duplicates =
-        (state.tickets.duplicate_counts(&ids).await).map_err(|e| ApiError::store("list", &e))?;
-    Ok(requests_document(format, &tickets, &duplicates))
+    Ok(requests_document(format, &tickets))
 }
 
 fn is_form(headers: &HeaderMap) -> bool {

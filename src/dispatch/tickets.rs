@@ -505,6 +505,10 @@ pub struct Ticket {
     /// has delivered it to `forward.open311` (see [`crate::forward`]).
     #[serde(default)]
     pub external_id: Option<String>,
+    /// Callers who reported the same open problem later and were added to this request
+    /// instead of filing another ([`TicketStore::add_duplicate`]). Public: Open311 shows it.
+    #[serde(default)]
+    pub duplicates: u32,
 }
 
 /// The start of a transfer, for the call's record ([`TicketStore::record_transfer`]).
@@ -669,7 +673,7 @@ pub(crate) const TICKET_COLUMNS: &str = "service_request_id, service_code, servi
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested, transfer, agent_id, external_id, house_number";
+    callback_requested, transfer, agent_id, external_id, house_number, duplicates";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
     caller_verified, operator, requested_via, destination";
@@ -1321,38 +1325,6 @@ impl TicketStore {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The `duplicates` count of each of `ids` that exists (at most [`MAX_FILTER_VALUES`]).
-    pub async fn duplicate_counts(
-        &self,
-        ids: &[u64],
-    ) -> Result<std::collections::HashMap<u64, u32>, StoreError> {
-        let ids: Vec<i64> = ids
-            .iter()
-            .take(MAX_FILTER_VALUES)
-            .filter_map(|&id| i64::try_from(id).ok())
-            .collect();
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = format!(
-            "SELECT service_request_id, duplicates FROM tickets WHERE service_request_id IN ({})",
-            placeholders(ids.len())
-        );
-        let sql = db::sql(&self.pool, &sql);
-        let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
-        for id in ids {
-            q = q.bind(id);
-        }
-        let rows = q
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| fail("duplicate_counts", e))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, n)| Some((u64::try_from(id).ok()?, u32::try_from(n).ok()?)))
-            .collect())
-    }
-
     /// Sets the status, and the notes when `notes` is `Some` (`None` keeps the old notes),
     /// and bumps `updated_datetime`. `None` if there is no such ticket.
     pub async fn update_status(
@@ -1778,6 +1750,7 @@ impl Ticket {
             transfer: None,
             agent_id: t.agent_id,
             external_id: None,
+            duplicates: 0,
         }
     }
 }
@@ -1926,6 +1899,15 @@ pub(crate) fn ticket_from_row(row: &AnyRow) -> Result<Ticket, StoreError> {
         transfer: column(row, "transfer")?,
         agent_id: column(row, "agent_id")?,
         external_id: column(row, "external_id")?,
+        duplicates: count("duplicates", column(row, "duplicates")?)?,
+    })
+}
+
+/// A count column (`duplicates`), never negative.
+fn count(column: &'static str, n: i64) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| StoreError::BadRow {
+        column,
+        value: n.to_string(),
     })
 }
 
@@ -2583,6 +2565,116 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    /// What a 1,000-row list (the last 90 days, as Open311's default) costs in the store, in
+    /// parts: walking the date index alone (the ticket numbers it holds), the query with every
+    /// column (sqlx's rows), then [`ticket_from_row`] on those rows, and of that the three
+    /// datetimes' parsing. A measurement on a generated store in `IVR311_BENCH_DB`
+    /// (BENCHMARKS.md, "A store with ten million tickets"), not an assertion:
+    /// `cargo test --release --lib list_rows_at_scale -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: needs a generated store in IVR311_BENCH_DB"]
+    async fn list_rows_at_scale() {
+        let path = std::env::var("IVR311_BENCH_DB").expect("IVR311_BENCH_DB: a generated store");
+        let store = TicketStore::open(Path::new(&path)).await.unwrap();
+        let since = OffsetDateTime::now_utc() - time::Duration::days(90);
+        let since = iso(whole_second_utc(since)).unwrap();
+        let tail = "FROM tickets WHERE requested_datetime >= ? \
+                    ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1000";
+        let ids_sql = format!("SELECT service_request_id {tail}");
+        let ids_sql = db::sql(&store.pool, &ids_sql);
+        let rows_sql = format!("SELECT {TICKET_COLUMNS} {tail}");
+        let rows_sql = db::sql(&store.pool, &rows_sql);
+        let (mut walk, mut fetch, mut decode, mut dates) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            let ids: Vec<i64> = sqlx::query_scalar(&ids_sql)
+                .bind(&since)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            walk.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let rows = sqlx::query(&rows_sql)
+                .bind(&since)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            fetch.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let tickets: Vec<Ticket> = rows.iter().map(|r| ticket_from_row(r).unwrap()).collect();
+            decode.push(t.elapsed());
+            let t = std::time::Instant::now();
+            for r in &rows {
+                for c in ["requested_datetime", "updated_datetime"] {
+                    let text: String = column(r, c).unwrap();
+                    std::hint::black_box(datetime(c, &text).unwrap());
+                }
+                let e: Option<String> = column(r, "expected_datetime").unwrap();
+                std::hint::black_box(e.map(|e| datetime("expected_datetime", &e).unwrap()));
+            }
+            dates.push(t.elapsed());
+            assert_eq!((ids.len(), tickets.len()), (1000, 1000));
+        }
+        let ms = |d: &mut Vec<std::time::Duration>, q: f64| {
+            d.sort();
+            let i = ((d.len() as f64 * q).ceil() as usize).clamp(1, d.len()) - 1;
+            d[i].as_secs_f64() * 1000.0
+        };
+        for (name, d) in [
+            ("date index walk, numbers only", &mut walk),
+            ("query, every column (rows)", &mut fetch),
+            ("ticket_from_row x1000", &mut decode),
+            ("  of which the datetimes", &mut dates),
+        ] {
+            println!(
+                "{name:<32} p50 {:.2} ms  p99 {:.2} ms",
+                ms(d, 0.5),
+                ms(d, 0.99)
+            );
+        }
+        store.close().await;
+    }
+
+    /// `duplicates` is read with every other column: by `get`, `list` (all of a long list)
+    /// and the ticket a status change returns.
+    #[tokio::test]
+    async fn duplicates_come_with_the_ticket() {
+        let db = TempDb::any("duplicates").await;
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let mut filed = Vec::new();
+        for _ in 0..60 {
+            filed.push(store.file(pothole()).await.unwrap());
+        }
+        assert!(filed.iter().all(|t| t.duplicates == 0));
+        let id = filed[0].service_request_id;
+        assert!(store.add_duplicate(id).await.unwrap());
+        assert!(store.add_duplicate(id).await.unwrap());
+        assert_eq!(store.get(id).await.unwrap().unwrap().duplicates, 2);
+
+        let all = store.list(&TicketQuery::default()).await.unwrap();
+        assert_eq!(all.len(), 60);
+        for t in &all {
+            let want = if t.service_request_id == id { 2 } else { 0 };
+            assert_eq!(t.duplicates, want, "{}", t.service_request_id);
+        }
+        let by_id = TicketQuery {
+            ids: vec![id],
+            ..TicketQuery::default()
+        };
+        assert_eq!(store.list(&by_id).await.unwrap()[0].duplicates, 2);
+
+        // Closed: no more duplicates join it; the count stays.
+        let closed = store
+            .update_status(id, Status::Closed, Some("filled"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.duplicates, 2);
+        assert!(!store.add_duplicate(id).await.unwrap());
+        assert_eq!(store.get(id).await.unwrap().unwrap().duplicates, 2);
+        store.close().await;
     }
 
     #[tokio::test]
