@@ -10,7 +10,8 @@
 //!
 //! `serve_start_and_open311` starts `ivr311 serve` on the store (the binary this test was built
 //! with), times process start to `/health/ready` 200, then times Open311 `GET requests.json`
-//! with the spec's filters and durable Open311 POSTs over HTTP. `phone_lookups_and_filing`
+//! with the spec's filters (and the server's CPU time per answer, from `/proc`) and durable
+//! Open311 POSTs over HTTP. `phone_lookups_and_filing`
 //! opens the store in process and times the menu's status lookups (by ticket number, and the
 //! caller's open request by number), how often a random ticket number is taken, filing with
 //! concurrent filers through `TicketStore::file`, and this disk's fsync floor. Both add
@@ -172,6 +173,24 @@ async fn samples(store: &TicketStore, now: OffsetDateTime) -> (Vec<u64>, Vec<Str
     (ids, phones)
 }
 
+/// User and system CPU time process `pid` has used (Linux `/proc`; `None` elsewhere).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 struct Server {
     child: std::process::Child,
 }
@@ -234,7 +253,7 @@ async fn serve_start_and_open311() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let _server = Server { child };
+    let server = Server { child };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         assert!(Instant::now() < deadline, "not ready within 10 minutes");
@@ -320,9 +339,11 @@ async fn serve_start_and_open311() {
         ),
     ];
     println!("Open311 GET {base}, one client, {} requests each:", n());
+    let pid = server.child.id();
     for (name, query) in &kinds {
         let mut times = Vec::new();
         let mut rows = 0usize;
+        let cpu_before = cpu_time(pid);
         for _ in 0..n() {
             let q = query(&mut rng);
             let t = Instant::now();
@@ -331,8 +352,13 @@ async fn serve_start_and_open311() {
             assert_eq!(status, 200, "{q}: {body}");
             rows += body.matches("\"service_request_id\"").count();
         }
+        // The server's own CPU per answer: what it costs whatever else the machine runs.
+        let cpu = match (cpu_before, cpu_time(pid)) {
+            (Some(a), Some(b)) => format!("{:.1} ms", (b - a).as_secs_f64() * 1000.0 / n() as f64),
+            _ => "?".into(),
+        };
         println!(
-            "  {name:<32} {}  rows/response={}",
+            "  {name:<32} {}  rows/response={}  server CPU/response={cpu}",
             summary(&mut times),
             rows / n()
         );
