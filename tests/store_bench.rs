@@ -10,13 +10,16 @@
 //!
 //! `serve_start_and_open311` starts `ivr311 serve` on the store (the binary this test was built
 //! with), times process start to `/health/ready` 200, then times Open311 `GET requests.json`
-//! with the spec's filters and durable Open311 POSTs over HTTP. `phone_lookups_and_filing`
+//! with the spec's filters (and the server's CPU time per answer, from `/proc`) and durable
+//! Open311 POSTs over HTTP. `phone_lookups_and_filing`
 //! opens the store in process and times the menu's status lookups (by ticket number, and the
 //! caller's open request by number), how often a random ticket number is taken, filing with
 //! concurrent filers through `TicketStore::file`, and this disk's fsync floor. Both add
 //! tickets to the store (it is a fixture). `IVR311_BENCH_N` sets the requests per query kind
 //! (default 300); `IVR311_BENCH_SECONDS` each filing run's length (default 8).
 //! `IVR311_BENCH_DB` may also be a `postgres://` URL: the same measurements on PostgreSQL.
+//! `IVR311_BENCH_BIN` runs another `ivr311` binary as the server (another build, to compare
+//! two builds in runs alternated within the same minutes).
 
 use ivr311::dispatch::tickets::{Channel, NewTicket, TicketQuery, TicketStore};
 use rand::Rng;
@@ -170,6 +173,24 @@ async fn samples(store: &TicketStore, now: OffsetDateTime) -> (Vec<u64>, Vec<Str
     (ids, phones)
 }
 
+/// User and system CPU time process `pid` has used (Linux `/proc`; `None` elsewhere).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 struct Server {
     child: std::process::Child,
 }
@@ -211,7 +232,12 @@ async fn serve_start_and_open311() {
     let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
 
     let started = Instant::now();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ivr311"))
+    let bin = std::env::var_os("IVR311_BENCH_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_ivr311")),
+        PathBuf::from,
+    );
+    println!("server: {}", bin.display());
+    let child = std::process::Command::new(&bin)
         .arg("serve")
         .args(["--sip", "127.0.0.1:0", "--http", &http_addr.to_string()])
         .arg("--menu")
@@ -227,7 +253,7 @@ async fn serve_start_and_open311() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let _server = Server { child };
+    let server = Server { child };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         assert!(Instant::now() < deadline, "not ready within 10 minutes");
@@ -313,9 +339,11 @@ async fn serve_start_and_open311() {
         ),
     ];
     println!("Open311 GET {base}, one client, {} requests each:", n());
+    let pid = server.child.id();
     for (name, query) in &kinds {
         let mut times = Vec::new();
         let mut rows = 0usize;
+        let cpu_before = cpu_time(pid);
         for _ in 0..n() {
             let q = query(&mut rng);
             let t = Instant::now();
@@ -324,8 +352,13 @@ async fn serve_start_and_open311() {
             assert_eq!(status, 200, "{q}: {body}");
             rows += body.matches("\"service_request_id\"").count();
         }
+        // The server's own CPU per answer: what it costs whatever else the machine runs.
+        let cpu = match (cpu_before, cpu_time(pid)) {
+            (Some(a), Some(b)) => format!("{:.1} ms", (b - a).as_secs_f64() * 1000.0 / n() as f64),
+            _ => "?".into(),
+        };
         println!(
-            "  {name:<32} {}  rows/response={}",
+            "  {name:<32} {}  rows/response={}  server CPU/response={cpu}",
             summary(&mut times),
             rows / n()
         );
@@ -399,32 +432,31 @@ async fn phone_lookups_and_filing() {
         summary(&mut times)
     );
 
-    // What a 1000-row Open311 answer costs in the store alone (the list, then the
-    // duplicate counts of its numbers), without HTTP and JSON.
+    // What a 1000-row Open311 answer costs in the store alone, without HTTP and JSON: the
+    // public columns Open311 reads (`list_public`), and every column (`list`).
+    let last_90_days = TicketQuery {
+        start: Some(now - time::Duration::days(90)),
+        ..TicketQuery::default()
+    };
+    let mut public_times = Vec::new();
     let mut list_times = Vec::new();
-    let mut count_times = Vec::new();
     for _ in 0..n().min(200) {
         let t = Instant::now();
-        let found = store
-            .list(&TicketQuery {
-                start: Some(now - time::Duration::days(90)),
-                ..TicketQuery::default()
-            })
-            .await
-            .unwrap();
-        list_times.push(t.elapsed());
-        let numbers: Vec<u64> = found.iter().map(|t| t.service_request_id).collect();
+        let found = store.list_public(&last_90_days).await.unwrap();
+        public_times.push(t.elapsed());
+        assert_eq!(found.len(), 1000);
         let t = Instant::now();
-        store.duplicate_counts(&numbers).await.unwrap();
-        count_times.push(t.elapsed());
+        let found = store.list(&last_90_days).await.unwrap();
+        list_times.push(t.elapsed());
+        assert_eq!(found.len(), 1000);
     }
+    println!(
+        "TicketStore::list_public, 1000 rows:      {}",
+        summary(&mut public_times)
+    );
     println!(
         "TicketStore::list, 1000 rows:             {}",
         summary(&mut list_times)
-    );
-    println!(
-        "TicketStore::duplicate_counts, 1000:     {}",
-        summary(&mut count_times)
     );
 
     // How often `file`'s first random number is taken at this fill.

@@ -63,7 +63,7 @@
 
 use crate::api::ApiState;
 use crate::dispatch::tickets::{
-    Channel, NewTicket, Status, StoreError, Ticket, TicketQuery, MAX_FILTER_VALUES,
+    Channel, NewTicket, PublicTicket, Status, StoreError, TicketQuery, MAX_FILTER_VALUES,
 };
 use crate::menu::engine::{GENERAL_SERVICE, GENERAL_SERVICE_NAME};
 use crate::menu::schema::{Action, Collect, MenuFile, TicketAction, TicketSteps};
@@ -74,6 +74,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 use time::format_description::well_known::Rfc3339;
@@ -136,42 +137,56 @@ fn split_format(file: &str) -> Result<(&str, Format), ApiError> {
 }
 
 /// A document, written as JSON or as XML from one description, so the two always agree
-/// (the spec's JSON is a mapping of its XML).
+/// (the spec's JSON is a mapping of its XML). Text is borrowed where it can be (a ticket's
+/// fields), so a list of 1,000 requests is written without copying them first.
 #[derive(Debug, Clone, PartialEq)]
-enum Node {
+enum Node<'a> {
     /// A string; `None` is JSON `null` and an empty XML element.
-    Text(Option<String>),
+    Text(Option<Cow<'a, str>>),
+    /// A datetime, written in RFC 3339 in UTC; `None` (or a year RFC 3339 cannot carry) is
+    /// `null` / empty.
+    Time(Option<OffsetDateTime>),
     /// A number; `None` (or not finite) is `null` / empty.
     Num(Option<f64>),
     Int(u64),
     Bool(bool),
     /// A JSON array; in XML, one element named by the `&str` per item.
-    List(&'static str, Vec<Node>),
+    List(&'static str, Vec<Node<'a>>),
     /// A JSON object; in XML, child elements in this order.
-    Obj(Vec<(&'static str, Node)>),
+    Obj(Vec<(&'static str, Node<'a>)>),
 }
 
-fn text(s: impl Into<String>) -> Node {
+fn text<'a>(s: impl Into<Cow<'a, str>>) -> Node<'a> {
     Node::Text(Some(s.into()))
 }
 
-fn opt_text(s: Option<&str>) -> Node {
-    Node::Text(s.map(str::to_owned))
+fn opt_text(s: Option<&str>) -> Node<'_> {
+    Node::Text(s.map(Cow::Borrowed))
 }
 
-impl Node {
+impl Node<'_> {
     fn write_json(&self, out: &mut String) {
         match self {
             Node::Text(Some(s)) => json_string(s, out),
             Node::Text(None) => out.push_str("null"),
-            Node::Num(Some(n)) if n.is_finite() => {
-                // serde_json writes the shortest form that reads back as the same f64.
-                match serde_json::to_string(n) {
-                    Ok(s) => out.push_str(&s),
-                    Err(_) => out.push_str("null"),
+            Node::Time(t) => match t.and_then(Rfc3339Text::new) {
+                Some(t) => {
+                    // RFC 3339 text has nothing JSON escapes.
+                    out.push('"');
+                    out.push_str(t.as_str());
+                    out.push('"');
                 }
-            }
-            Node::Num(_) => out.push_str("null"),
+                None => out.push_str("null"),
+            },
+            // serde_json's shortest form that reads back as the same f64 (its `Number`
+            // writes a float as `serde_json::to_string` does).
+            Node::Num(Some(n)) => match serde_json::Number::from_f64(*n) {
+                Some(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                None => out.push_str("null"),
+            },
+            Node::Num(None) => out.push_str("null"),
             Node::Int(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -202,75 +217,184 @@ impl Node {
     }
 
     fn write_xml(&self, name: &str, out: &mut String) {
+        let open = |out: &mut String| {
+            out.push('<');
+            out.push_str(name);
+            out.push('>');
+        };
+        let close = |out: &mut String| {
+            out.push_str("</");
+            out.push_str(name);
+            out.push('>');
+        };
+        let empty = |out: &mut String| {
+            out.push('<');
+            out.push_str(name);
+            out.push_str("/>");
+        };
         match self {
-            Node::Text(None) | Node::Num(None) => {
-                let _ = write!(out, "<{name}/>");
-            }
-            Node::Num(Some(n)) if !n.is_finite() => {
-                let _ = write!(out, "<{name}/>");
-            }
+            Node::Text(None) | Node::Num(None) => empty(out),
+            Node::Num(Some(n)) if !n.is_finite() => empty(out),
             Node::Text(Some(s)) => {
-                let _ = write!(out, "<{name}>");
+                open(out);
                 xml_escape(s, out);
-                let _ = write!(out, "</{name}>");
+                close(out);
             }
+            Node::Time(t) => match t.and_then(Rfc3339Text::new) {
+                Some(t) => {
+                    open(out);
+                    out.push_str(t.as_str());
+                    close(out);
+                }
+                None => empty(out),
+            },
             Node::Num(Some(n)) => {
-                let _ = write!(out, "<{name}>{n}</{name}>");
+                open(out);
+                let _ = write!(out, "{n}");
+                close(out);
             }
             Node::Int(n) => {
-                let _ = write!(out, "<{name}>{n}</{name}>");
+                open(out);
+                let _ = write!(out, "{n}");
+                close(out);
             }
             Node::Bool(b) => {
-                let _ = write!(out, "<{name}>{b}</{name}>");
+                open(out);
+                out.push_str(if *b { "true" } else { "false" });
+                close(out);
             }
             Node::List(child, items) => {
-                let _ = write!(out, "<{name}>");
+                open(out);
                 for item in items {
                     item.write_xml(child, out);
                 }
-                let _ = write!(out, "</{name}>");
+                close(out);
             }
             Node::Obj(fields) => {
-                let _ = write!(out, "<{name}>");
+                open(out);
                 for (key, value) in fields {
                     value.write_xml(key, out);
                 }
-                let _ = write!(out, "</{name}>");
+                close(out);
             }
         }
     }
 }
 
+/// `s` as a JSON string, escaped as serde_json escapes it (`"`, `\`, and the C0 controls:
+/// `\n`, `\r`, `\t`, `\b`, `\f` short, the others `\u00XX`; everything else as is), straight
+/// into `out`.
 fn json_string(s: &str, out: &mut String) {
-    match serde_json::to_string(s) {
-        Ok(quoted) => out.push_str(&quoted),
-        // Serialising a &str cannot fail; an empty string keeps the document valid anyway.
-        Err(_) => out.push_str("\"\""),
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `b` is ASCII, so `i` is a character boundary.
+        out.push_str(&s[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// Escapes text for an XML 1.0 element. Characters XML 1.0 cannot carry at all (NUL and
 /// most C0 controls, U+FFFE, U+FFFF) become U+FFFD; a carriage return is kept as `&#13;`
 /// so parsers do not fold it into a newline.
 fn xml_escape(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\r' => out.push_str("&#13;"),
-            '\t' | '\n' => out.push(c),
-            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
-            c => out.push(c),
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        let replacement = match c {
+            '&' => "&amp;",
+            '<' => "&lt;",
+            '>' => "&gt;",
+            '"' => "&quot;",
+            '\'' => "&apos;",
+            '\r' => "&#13;",
+            '\t' | '\n' => continue,
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => "\u{FFFD}",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        out.push_str(replacement);
+        start = i + c.len_utf8();
+    }
+    out.push_str(&s[start..]);
+}
+
+/// A datetime as RFC 3339 text in UTC, as `time`'s `Rfc3339` writes it
+/// (`2026-11-26T03:22:09Z`). The store keeps whole seconds in UTC, which are written here
+/// digit by digit; anything else (fractions of a second) goes through the generic formatter.
+enum Rfc3339Text {
+    WholeSecond([u8; 20]),
+    Other(String),
+}
+
+impl Rfc3339Text {
+    /// `None` for a year RFC 3339 cannot carry (outside 0..=9999).
+    fn new(t: OffsetDateTime) -> Option<Rfc3339Text> {
+        let t = t.to_offset(UtcOffset::UTC);
+        let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+        if t.nanosecond() != 0 {
+            return t.format(&Rfc3339).ok().map(Rfc3339Text::Other);
+        }
+        let mut b = *b"0000-00-00T00:00:00Z";
+        let mut put = |at: usize, digits: usize, mut n: u32| {
+            for i in (at..at + digits).rev() {
+                // `n % 10` is one digit.
+                b[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, u32::from(u8::from(t.month())));
+        put(8, 2, u32::from(t.day()));
+        put(11, 2, u32::from(t.hour()));
+        put(14, 2, u32::from(t.minute()));
+        put(17, 2, u32::from(t.second()));
+        Some(Rfc3339Text::WholeSecond(b))
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Only ASCII digits and separators were written.
+            Rfc3339Text::WholeSecond(b) => std::str::from_utf8(b).unwrap_or_default(),
+            Rfc3339Text::Other(s) => s,
         }
     }
 }
 
 /// A response: `root` names the XML document element (JSON has no root).
 fn document(format: Format, status: StatusCode, root: &str, node: &Node) -> Response {
-    let mut body = String::new();
+    document_sized(format, status, root, node, 0)
+}
+
+/// [`document`], its body's buffer made `capacity` bytes at first.
+fn document_sized(
+    format: Format,
+    status: StatusCode,
+    root: &str,
+    node: &Node,
+    capacity: usize,
+) -> Response {
+    let mut body = String::with_capacity(capacity);
     let content_type = match format {
         Format::Json => {
             node.write_json(&mut body);
@@ -557,7 +681,7 @@ fn steps<'a>(file: &'a MenuFile, action: &'a TicketAction) -> &'a TicketSteps {
     action.steps.as_ref().unwrap_or(&file.defaults.ticket)
 }
 
-fn service_node(file: &MenuFile, s: &Service) -> Node {
+fn service_node<'a>(file: &MenuFile, s: &'a Service) -> Node<'a> {
     let a = &s.action;
     Node::Obj(vec![
         ("service_code", text(&a.service)),
@@ -616,7 +740,7 @@ fn attribute_required(c: &Collect) -> bool {
     !c.optional && !is_location_field(&c.field)
 }
 
-fn definition_node(file: &MenuFile, s: &Service) -> Node {
+fn definition_node<'a>(file: &'a MenuFile, s: &'a Service) -> Node<'a> {
     let attributes = steps(file, &s.action)
         .collect
         .iter()
@@ -662,25 +786,22 @@ fn iso(t: OffsetDateTime) -> Option<String> {
 
 /// The public view of a ticket: the spec's fields, no personal data. `media_url` is only ever
 /// media a client posted (an absolute http(s) URL); a caller's recording never appears.
-fn request_node(t: &Ticket, duplicates: u32) -> Node {
+fn request_node(t: &PublicTicket) -> Node<'_> {
     Node::Obj(vec![
         ("service_request_id", text(t.service_request_id.to_string())),
         ("status", text(t.status.as_str())),
         ("status_notes", opt_text(t.status_notes.as_deref())),
-        ("service_name", text(&t.service_name)),
-        ("service_code", text(&t.service_code)),
+        ("service_name", text(t.service_name.as_str())),
+        ("service_code", text(t.service_code.as_str())),
         ("description", opt_text(t.description.as_deref())),
         (
             "agency_responsible",
             opt_text(t.agency_responsible.as_deref()),
         ),
         ("service_notice", opt_text(t.service_notice.as_deref())),
-        ("requested_datetime", Node::Text(iso(t.requested_datetime))),
-        ("updated_datetime", Node::Text(iso(t.updated_datetime))),
-        (
-            "expected_datetime",
-            Node::Text(t.expected_datetime.and_then(iso)),
-        ),
+        ("requested_datetime", Node::Time(Some(t.requested_datetime))),
+        ("updated_datetime", Node::Time(Some(t.updated_datetime))),
+        ("expected_datetime", Node::Time(t.expected_datetime)),
         ("address", opt_text(t.address.as_deref())),
         ("address_id", opt_text(t.address_id.as_deref())),
         ("zipcode", opt_text(t.zipcode.as_deref())),
@@ -694,27 +815,21 @@ fn request_node(t: &Ticket, duplicates: u32) -> Node {
         ("external_id", opt_text(t.external_id.as_deref())),
         // Callers who reported the same problem later and were added to this request
         // instead of filing another (`duplicates` in the menu); 0 if none.
-        ("duplicates", Node::Int(duplicates.into())),
+        ("duplicates", Node::Int(t.duplicates.into())),
     ])
 }
 
-fn requests_document(
-    format: Format,
-    tickets: &[Ticket],
-    duplicates: &std::collections::HashMap<u64, u32>,
-) -> Response {
-    let items = tickets
-        .iter()
-        .map(|t| {
-            let n = duplicates.get(&t.service_request_id).copied();
-            request_node(t, n.unwrap_or(0))
-        })
-        .collect();
-    document(
+/// About the JSON of one request in a list, to size the answer's buffer once.
+const REQUEST_BYTES: usize = 640;
+
+fn requests_document(format: Format, tickets: &[PublicTicket]) -> Response {
+    let items = tickets.iter().map(request_node).collect();
+    document_sized(
         format,
         StatusCode::OK,
         "service_requests",
         &Node::List("request", items),
+        tickets.len() * REQUEST_BYTES,
     )
 }
 
@@ -1165,10 +1280,7 @@ async fn one_request(
         return not_found().respond(format);
     };
     match state.tickets.get(n).await {
-        Ok(Some(t)) => match state.tickets.duplicate_counts(&[n]).await {
-            Ok(d) => requests_document(format, std::slice::from_ref(&t), &d),
-            Err(e) => ApiError::store("get", &e).respond(format),
-        },
+        Ok(Some(t)) => requests_document(format, &[PublicTicket::from(t)]),
         Ok(None) => not_found().respond(format),
         Err(e) => ApiError::store("get", &e).respond(format),
     }
@@ -1247,16 +1359,17 @@ async fn list_requests(
 ) -> Result<Response, ApiError> {
     check_jurisdiction(state, params)?;
     let query = requests_query(params, OffsetDateTime::now_utc())?;
-    let tickets = state.tickets.list(&query).await.map_err(|e| match e {
-        StoreError::TooManyFilterValues { .. } => {
-            ApiError::bad_request(format!("too many filter values: {e}"))
-        }
-        e => ApiError::store("list", &e),
-    })?;
-    let ids: Vec<u64> = tickets.iter().map(|t| t.service_request_id).collect();
-    let duplicates =
-        (state.tickets.duplicate_counts(&ids).await).map_err(|e| ApiError::store("list", &e))?;
-    Ok(requests_document(format, &tickets, &duplicates))
+    let tickets = state
+        .tickets
+        .list_public(&query)
+        .await
+        .map_err(|e| match e {
+            StoreError::TooManyFilterValues { .. } => {
+                ApiError::bad_request(format!("too many filter values: {e}"))
+            }
+            e => ApiError::store("list", &e),
+        })?;
+    Ok(requests_document(format, &tickets))
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -1396,6 +1509,220 @@ mod tests {
              <s>&lt;a &amp; &apos;b&apos;&gt; &quot;c&quot;&#13;\n\u{FFFD}é🚧</s>\
              </request></service_requests>"
         );
+    }
+
+    /// Strings a client can post (or a CRM send back), JSON-escaped as serde_json does.
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        let mut hostile: Vec<String> = [
+            "",
+            "plain text",
+            "\"quoted\" and \\back\\slashed\\",
+            "\\\"",
+            "line\nbreak\r\ntab\tform\u{c}back\u{8}",
+            "\u{0}\u{1}\u{1f}\u{7f}\u{80}\u{9f}",
+            "line\u{2028}separator\u{2029}paragraph",
+            "non-BMP 🚧 𝄞 \u{10FFFF}",
+            "replacement \u{FFFD} \u{FFFE} \u{FFFF} \u{FEFF}",
+            "é à ü ñ 中文 Ω",
+            "</script><!-- & ' \" -->",
+            "ends with a control\u{1b}",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        hostile.push((0u8..0x80).map(char::from).collect());
+        hostile.push(hostile.concat());
+        for s in &hostile {
+            let mut out = String::from("x");
+            json_string(s, &mut out);
+            assert_eq!(out[1..], serde_json::to_string(s).unwrap(), "{s:?}");
+            let text: Node = text(s.as_str());
+            let mut doc = String::new();
+            text.write_json(&mut doc);
+            assert_eq!(serde_json::from_str::<String>(&doc).unwrap(), *s);
+        }
+    }
+
+    /// The same strings in XML, against the escaping rules spelt out one character at a time.
+    #[test]
+    fn xml_text_is_escaped_character_by_character() {
+        fn reference(s: &str) -> String {
+            s.chars()
+                .map(|c| match c {
+                    '&' => "&amp;".to_string(),
+                    '<' => "&lt;".to_string(),
+                    '>' => "&gt;".to_string(),
+                    '"' => "&quot;".to_string(),
+                    '\'' => "&apos;".to_string(),
+                    '\r' => "&#13;".to_string(),
+                    '\t' | '\n' => c.to_string(),
+                    c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => {
+                        '\u{FFFD}'.to_string()
+                    }
+                    c => c.to_string(),
+                })
+                .collect()
+        }
+        let mut hostile: Vec<String> = [
+            "",
+            "plain",
+            "<a & 'b'> \"c\"",
+            "&amp; is already escaped",
+            "\r\n\t\u{0}\u{1f}\u{7f}",
+            "\u{FFFE}\u{FFFF}\u{FFFD}\u{FEFF}",
+            "line\u{2028}separator 🚧 𝄞 中文",
+            "ends with <",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        hostile.push((0u8..0x80).map(char::from).collect());
+        hostile.push(hostile.concat());
+        for s in &hostile {
+            let mut out = String::from("x");
+            xml_escape(s, &mut out);
+            assert_eq!(out[1..], reference(s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_serde_json_writes_them() {
+        for n in [
+            0.0,
+            -0.0,
+            37.5,
+            40.712_776,
+            -74.005_974,
+            0.1 + 0.2,
+            1e-7,
+            123_456_789.0,
+            1e21,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            -90.0,
+            180.0,
+        ] {
+            let mut out = String::new();
+            Node::Num(Some(n)).write_json(&mut out);
+            assert_eq!(out, serde_json::to_string(&n).unwrap(), "{n}");
+        }
+        for n in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut out = String::new();
+            Node::Num(Some(n)).write_json(&mut out);
+            assert_eq!(out, "null");
+        }
+    }
+
+    /// Datetimes read as `time`'s RFC 3339 formatter writes them, in UTC.
+    #[test]
+    fn datetimes_are_written_as_rfc3339_in_utc() {
+        use time::macros::datetime;
+        let generic = |t: OffsetDateTime| t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok();
+        let mut times = vec![
+            datetime!(2026-11-26 03:22:09 UTC),
+            datetime!(2026-11-26 03:22:09.75 UTC),
+            datetime!(2026-11-26 03:22:09.000_000_001 UTC),
+            datetime!(2024-02-29 23:59:59 UTC),
+            datetime!(2026-11-26 22:30:00 -05:00),
+            datetime!(2026-01-01 00:30:00 +01:00),
+            datetime!(0000-01-01 00:00:00 UTC),
+            datetime!(0999-12-31 23:59:59 UTC),
+            datetime!(9999-12-31 23:59:59 UTC),
+        ];
+        // Every day of a few years, at a second that moves through the day.
+        let mut t = datetime!(1999-12-25 00:00:00 UTC);
+        for i in 0..5 * 366 {
+            times.push(t);
+            t += Duration::seconds(86_400 + 3_607 * (i % 24) + i % 60);
+        }
+        for t in times {
+            let fast = Rfc3339Text::new(t).map(|r| r.as_str().to_owned());
+            assert_eq!(fast, generic(t), "{t}");
+            let mut json = String::new();
+            Node::Time(Some(t)).write_json(&mut json);
+            assert_eq!(json, format!("\"{}\"", generic(t).unwrap()));
+        }
+        // Years RFC 3339 cannot carry are null, as the generic formatter fails on them.
+        for t in [
+            datetime!(-0001-12-31 23:59:59 UTC),
+            datetime!(0000-01-01 00:30:00 +01:00),
+        ] {
+            assert!(Rfc3339Text::new(t).is_none(), "{t}");
+            assert_eq!(generic(t), None);
+            let mut json = String::new();
+            Node::Time(Some(t)).write_json(&mut json);
+            assert_eq!(json, "null");
+            let mut xml = String::new();
+            Node::Time(Some(t)).write_xml("t", &mut xml);
+            assert_eq!(xml, "<t/>");
+        }
+        let mut xml = String::new();
+        Node::Time(Some(datetime!(2026-11-26 03:22:09 UTC))).write_xml("t", &mut xml);
+        Node::Time(None).write_xml("u", &mut xml);
+        assert_eq!(xml, "<t>2026-11-26T03:22:09Z</t><u/>");
+    }
+
+    /// 1,000 requests as a generated store holds them (a closing note on most, coordinates
+    /// on some).
+    fn thousand_requests() -> Vec<PublicTicket> {
+        let at = time::macros::datetime!(2026-11-26 03:22:09 UTC);
+        (0..1000u64)
+            .map(|i| PublicTicket {
+                service_request_id: 12_345_678 + i,
+                status: if i % 8 == 0 {
+                    Status::Open
+                } else {
+                    Status::Closed
+                },
+                status_notes: (i % 8 != 0).then(|| "Repaired by the street crew.".into()),
+                service_name: "Pothole".into(),
+                service_code: "pothole".into(),
+                description: Some(format!("A deep pothole in the right lane, report {i}")),
+                agency_responsible: Some("Department of Transportation".into()),
+                service_notice: None,
+                requested_datetime: at - Duration::minutes(i as i64),
+                updated_datetime: at,
+                expected_datetime: (i % 3 == 0).then_some(at + Duration::days(7)),
+                address: Some("1200, ZIP 94103".into()),
+                address_id: None,
+                zipcode: Some("94103".into()),
+                lat: (i % 2 == 0).then_some(37.774_929 + i as f64 * 1e-6),
+                long: (i % 2 == 0).then_some(-122.419_416),
+                media_url: None,
+                external_id: None,
+                duplicates: u32::from(i % 5 == 0),
+            })
+            .collect()
+    }
+
+    /// What writing an answer of 1,000 requests costs, JSON and XML. A measurement, not an
+    /// assertion: `cargo test --release --lib writing_1000_requests -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "measurement: run in a release build"]
+    async fn writing_1000_requests() {
+        let tickets = thousand_requests();
+        for format in [Format::Json, Format::Xml] {
+            let mut times = Vec::new();
+            let mut bytes = 0;
+            for _ in 0..300 {
+                let t = std::time::Instant::now();
+                let r = requests_document(format, &tickets);
+                let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                times.push(t.elapsed());
+                bytes = body.len();
+            }
+            times.sort();
+            let ms =
+                |q: f64| times[((times.len() as f64 * q) as usize).min(299)].as_secs_f64() * 1e3;
+            println!(
+                "{format:?}: {bytes} bytes, p50 {:.2} ms, p99 {:.2} ms",
+                ms(0.5),
+                ms(0.99)
+            );
+        }
     }
 
     #[test]

@@ -505,6 +505,63 @@ pub struct Ticket {
     /// has delivered it to `forward.open311` (see [`crate::forward`]).
     #[serde(default)]
     pub external_id: Option<String>,
+    /// Callers who reported the same open problem later and were added to this request
+    /// instead of filing another ([`TicketStore::add_duplicate`]). Public: Open311 shows it.
+    #[serde(default)]
+    pub duplicates: u32,
+}
+
+/// What Open311 publishes of a ticket: the GeoReport v2 fields and our public extensions,
+/// nothing personal (no caller, no recording, no call). [`TicketStore::list_public`] reads
+/// only these columns, so a public list never reads a caller's number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicTicket {
+    pub service_request_id: u64,
+    pub status: Status,
+    pub status_notes: Option<String>,
+    pub service_name: String,
+    pub service_code: String,
+    pub description: Option<String>,
+    pub agency_responsible: Option<String>,
+    pub service_notice: Option<String>,
+    pub requested_datetime: OffsetDateTime,
+    pub updated_datetime: OffsetDateTime,
+    pub expected_datetime: Option<OffsetDateTime>,
+    pub address: Option<String>,
+    pub address_id: Option<String>,
+    pub zipcode: Option<String>,
+    pub lat: Option<f64>,
+    pub long: Option<f64>,
+    /// As stored: Open311 shows only a client's absolute http(s) URL.
+    pub media_url: Option<String>,
+    pub external_id: Option<String>,
+    pub duplicates: u32,
+}
+
+impl From<Ticket> for PublicTicket {
+    fn from(t: Ticket) -> PublicTicket {
+        PublicTicket {
+            service_request_id: t.service_request_id,
+            status: t.status,
+            status_notes: t.status_notes,
+            service_name: t.service_name,
+            service_code: t.service_code,
+            description: t.description,
+            agency_responsible: t.agency_responsible,
+            service_notice: t.service_notice,
+            requested_datetime: t.requested_datetime,
+            updated_datetime: t.updated_datetime,
+            expected_datetime: t.expected_datetime,
+            address: t.address,
+            address_id: t.address_id,
+            zipcode: t.zipcode,
+            lat: t.lat,
+            long: t.long,
+            media_url: t.media_url,
+            external_id: t.external_id,
+            duplicates: t.duplicates,
+        }
+    }
 }
 
 /// The start of a transfer, for the call's record ([`TicketStore::record_transfer`]).
@@ -669,7 +726,13 @@ pub(crate) const TICKET_COLUMNS: &str = "service_request_id, service_code, servi
     status_notes, description, agency_responsible, service_notice, requested_datetime, \
     updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, phone, \
     email, first_name, last_name, media_url, recording, channel, language, call_id, \
-    callback_requested, transfer, agent_id, external_id, house_number";
+    callback_requested, transfer, agent_id, external_id, house_number, duplicates";
+
+/// The columns of a [`PublicTicket`], in the order [`public_from_row`] reads them.
+const PUBLIC_COLUMNS: &str = "service_request_id, service_code, service_name, status, \
+    status_notes, description, agency_responsible, service_notice, requested_datetime, \
+    updated_datetime, expected_datetime, zipcode, address, address_id, lat, long, media_url, \
+    external_id, duplicates";
 
 const AUDIT_COLUMNS: &str = "id, at, caller, call_id, menu_path, reason, method, outcome, \
     caller_verified, operator, requested_via, destination";
@@ -1094,6 +1157,19 @@ impl TicketStore {
     /// Tickets matching every filter in `q`, newest `requested_datetime` first (ties, within
     /// one second, by descending number).
     pub async fn list(&self, q: &TicketQuery) -> Result<Vec<Ticket>, StoreError> {
+        let rows = self.list_rows(q, TICKET_COLUMNS).await?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+
+    /// [`list`](Self::list), reading only what Open311 publishes: a third fewer columns to
+    /// carry from the database per row, and no caller's number among them.
+    pub async fn list_public(&self, q: &TicketQuery) -> Result<Vec<PublicTicket>, StoreError> {
+        let rows = self.list_rows(q, PUBLIC_COLUMNS).await?;
+        rows.iter().map(public_from_row).collect()
+    }
+
+    /// The rows of [`list`](Self::list), with `columns`.
+    async fn list_rows(&self, q: &TicketQuery, columns: &str) -> Result<Vec<AnyRow>, StoreError> {
         let count = q.ids.len() + q.service_codes.len();
         if count > MAX_FILTER_VALUES {
             return Err(StoreError::TooManyFilterValues { count });
@@ -1118,11 +1194,11 @@ impl TicketStore {
             }
         }
         if ids.is_empty() && (2..=MERGED_CODES).contains(&codes.len()) {
-            return self.list_merged(&codes, q.status, start, end, limit).await;
+            return (self.list_merged(columns, &codes, q.status, start, end, limit)).await;
         }
 
         // Only fixed fragments and placeholders go into the text.
-        let mut sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE 1 = 1");
+        let mut sql = format!("SELECT {columns} FROM tickets WHERE 1 = 1");
         if !ids.is_empty() {
             sql.push_str(" AND service_request_id IN (");
             sql.push_str(&placeholders(ids.len()));
@@ -1162,27 +1238,27 @@ impl TicketStore {
             query = query.bind(end);
         }
         query = query.bind(limit);
-        let rows = query
+        query
             .fetch_all(&self.pool)
             .await
-            .map_err(|e| fail("list", e))?;
-        rows.iter().map(ticket_from_row).collect()
+            .map_err(|e| fail("list", e))
     }
 
-    /// [`list`](Self::list) for a few service codes: each code's newest `limit` from its own
+    /// [`list_rows`](Self::list_rows) for a few service codes: each code's newest `limit` from its own
     /// index, merged in date order under one `limit`. One `service_code IN (...)` lets a
     /// planner walk the date index and filter by code instead, which reads far when a code
     /// is rare (PostgreSQL does, at ten million tickets: BENCHMARKS.md).
     async fn list_merged(
         &self,
+        columns: &str,
         codes: &[String],
         status: Option<Status>,
         start: Option<String>,
         end: Option<String>,
         limit: i64,
-    ) -> Result<Vec<Ticket>, StoreError> {
+    ) -> Result<Vec<AnyRow>, StoreError> {
         // Only fixed fragments and placeholders go into the text.
-        let mut branch = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE service_code = ?");
+        let mut branch = format!("SELECT {columns} FROM tickets WHERE service_code = ?");
         if status.is_some() {
             branch.push_str(" AND status = ?");
         }
@@ -1217,11 +1293,10 @@ impl TicketStore {
             query = query.bind(limit);
         }
         query = query.bind(limit);
-        let rows = query
+        query
             .fetch_all(&self.pool)
             .await
-            .map_err(|e| fail("list", e))?;
-        rows.iter().map(ticket_from_row).collect()
+            .map_err(|e| fail("list", e))
     }
 
     /// The newest tickets (at most `limit`) filed for the caller's number `phone` since
@@ -1319,38 +1394,6 @@ impl TicketStore {
             );
         }
         Ok(done.rows_affected() == 1)
-    }
-
-    /// The `duplicates` count of each of `ids` that exists (at most [`MAX_FILTER_VALUES`]).
-    pub async fn duplicate_counts(
-        &self,
-        ids: &[u64],
-    ) -> Result<std::collections::HashMap<u64, u32>, StoreError> {
-        let ids: Vec<i64> = ids
-            .iter()
-            .take(MAX_FILTER_VALUES)
-            .filter_map(|&id| i64::try_from(id).ok())
-            .collect();
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = format!(
-            "SELECT service_request_id, duplicates FROM tickets WHERE service_request_id IN ({})",
-            placeholders(ids.len())
-        );
-        let sql = db::sql(&self.pool, &sql);
-        let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
-        for id in ids {
-            q = q.bind(id);
-        }
-        let rows = q
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| fail("duplicate_counts", e))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, n)| Some((u64::try_from(id).ok()?, u32::try_from(n).ok()?)))
-            .collect())
     }
 
     /// Sets the status, and the notes when `notes` is `Some` (`None` keeps the old notes),
@@ -1778,6 +1821,7 @@ impl Ticket {
             transfer: None,
             agent_id: t.agent_id,
             external_id: None,
+            duplicates: 0,
         }
     }
 }
@@ -1926,6 +1970,59 @@ pub(crate) fn ticket_from_row(row: &AnyRow) -> Result<Ticket, StoreError> {
         transfer: column(row, "transfer")?,
         agent_id: column(row, "agent_id")?,
         external_id: column(row, "external_id")?,
+        duplicates: count("duplicates", column(row, "duplicates")?)?,
+    })
+}
+
+/// A count column (`duplicates`), never negative.
+fn count(column: &'static str, n: i64) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| StoreError::BadRow {
+        column,
+        value: n.to_string(),
+    })
+}
+
+/// A [`PublicTicket`] from a row of [`PUBLIC_COLUMNS`], each column read by its place.
+fn public_from_row(row: &AnyRow) -> Result<PublicTicket, StoreError> {
+    fn at<'r, T>(row: &'r AnyRow, i: usize, column: &'static str) -> Result<T, StoreError>
+    where
+        T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    {
+        row.try_get(i).map_err(|e| StoreError::BadRow {
+            column,
+            value: e.to_string(),
+        })
+    }
+    let id: i64 = at(row, 0, "service_request_id")?;
+    let service_request_id = u64::try_from(id).map_err(|_| StoreError::BadRow {
+        column: "service_request_id",
+        value: id.to_string(),
+    })?;
+    let requested: String = at(row, 8, "requested_datetime")?;
+    let updated: String = at(row, 9, "updated_datetime")?;
+    let expected: Option<String> = at(row, 10, "expected_datetime")?;
+    Ok(PublicTicket {
+        service_request_id,
+        service_code: at(row, 1, "service_code")?,
+        service_name: at(row, 2, "service_name")?,
+        status: parsed("status", at(row, 3, "status")?)?,
+        status_notes: at(row, 4, "status_notes")?,
+        description: at(row, 5, "description")?,
+        agency_responsible: at(row, 6, "agency_responsible")?,
+        service_notice: at(row, 7, "service_notice")?,
+        requested_datetime: datetime("requested_datetime", &requested)?,
+        updated_datetime: datetime("updated_datetime", &updated)?,
+        expected_datetime: expected
+            .map(|e| datetime("expected_datetime", &e))
+            .transpose()?,
+        zipcode: at(row, 11, "zipcode")?,
+        address: at(row, 12, "address")?,
+        address_id: at(row, 13, "address_id")?,
+        lat: at(row, 14, "lat")?,
+        long: at(row, 15, "long")?,
+        media_url: at(row, 16, "media_url")?,
+        external_id: at(row, 17, "external_id")?,
+        duplicates: count("duplicates", at(row, 18, "duplicates")?)?,
     })
 }
 
@@ -2583,6 +2680,198 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    /// What a 1,000-row list (the last 90 days, as Open311's default) costs in the store, in
+    /// parts: walking the date index alone (the ticket numbers it holds), the query with every
+    /// column (sqlx's rows), then [`ticket_from_row`] on those rows, and of that the three
+    /// datetimes' parsing; then the same with Open311's columns ([`TicketStore::list_public`]). A measurement on a generated store in `IVR311_BENCH_DB`
+    /// (BENCHMARKS.md, "A store with ten million tickets"), not an assertion:
+    /// `cargo test --release --lib list_rows_at_scale -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: needs a generated store in IVR311_BENCH_DB"]
+    async fn list_rows_at_scale() {
+        let path = std::env::var("IVR311_BENCH_DB").expect("IVR311_BENCH_DB: a generated store");
+        let store = TicketStore::open(Path::new(&path)).await.unwrap();
+        let since = OffsetDateTime::now_utc() - time::Duration::days(90);
+        let since = iso(whole_second_utc(since)).unwrap();
+        let tail = "FROM tickets WHERE requested_datetime >= ? \
+                    ORDER BY requested_datetime DESC, service_request_id DESC LIMIT 1000";
+        let ids_sql = format!("SELECT service_request_id {tail}");
+        let ids_sql = db::sql(&store.pool, &ids_sql);
+        let rows_sql = format!("SELECT {TICKET_COLUMNS} {tail}");
+        let rows_sql = db::sql(&store.pool, &rows_sql);
+        let public_sql = format!("SELECT {PUBLIC_COLUMNS} {tail}");
+        let public_sql = db::sql(&store.pool, &public_sql);
+        let (mut walk, mut fetch, mut decode, mut dates) = (vec![], vec![], vec![], vec![]);
+        let (mut public, mut public_decode) = (vec![], vec![]);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            let ids: Vec<i64> = sqlx::query_scalar(&ids_sql)
+                .bind(&since)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            walk.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let rows = sqlx::query(&rows_sql)
+                .bind(&since)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            fetch.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let tickets: Vec<Ticket> = rows.iter().map(|r| ticket_from_row(r).unwrap()).collect();
+            decode.push(t.elapsed());
+            let t = std::time::Instant::now();
+            for r in &rows {
+                for c in ["requested_datetime", "updated_datetime"] {
+                    let text: String = column(r, c).unwrap();
+                    std::hint::black_box(datetime(c, &text).unwrap());
+                }
+                let e: Option<String> = column(r, "expected_datetime").unwrap();
+                std::hint::black_box(e.map(|e| datetime("expected_datetime", &e).unwrap()));
+            }
+            dates.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let rows = sqlx::query(&public_sql)
+                .bind(&since)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            public.push(t.elapsed());
+            let t = std::time::Instant::now();
+            let listed: Vec<PublicTicket> =
+                rows.iter().map(|r| public_from_row(r).unwrap()).collect();
+            public_decode.push(t.elapsed());
+            assert_eq!(listed.len(), 1000);
+            assert_eq!((ids.len(), tickets.len(), rows.len()), (1000, 1000, 1000));
+        }
+        let ms = |d: &mut Vec<std::time::Duration>, q: f64| {
+            d.sort();
+            let i = ((d.len() as f64 * q).ceil() as usize).clamp(1, d.len()) - 1;
+            d[i].as_secs_f64() * 1000.0
+        };
+        for (name, d) in [
+            ("date index walk, numbers only", &mut walk),
+            ("query, every column (rows)", &mut fetch),
+            ("ticket_from_row x1000", &mut decode),
+            ("  of which the datetimes", &mut dates),
+            ("query, Open311's columns (rows)", &mut public),
+            ("public_from_row x1000", &mut public_decode),
+        ] {
+            println!(
+                "{name:<32} p50 {:.2} ms  p99 {:.2} ms",
+                ms(d, 0.5),
+                ms(d, 0.99)
+            );
+        }
+        store.close().await;
+    }
+
+    /// A public list reads the same tickets, in the same order, with the same public fields,
+    /// as the full one, whichever filters (the merged form of a few codes included).
+    #[tokio::test]
+    async fn public_lists_are_the_full_lists_public_fields() {
+        let db = TempDb::any("public").await;
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..30u32 {
+            let at = datetime!(2026-11-01 08:00:00 UTC) + time::Duration::hours(i64::from(i / 2));
+            let new = match i % 3 {
+                0 => full_ticket("a"),
+                1 => full_ticket("b"),
+                _ => pothole(),
+            };
+            let mut n = 20_000_000 + i;
+            let t = store
+                .file_with(new, at, &mut || {
+                    n += 1;
+                    u64::from(n)
+                })
+                .await
+                .unwrap();
+            if i % 4 == 0 {
+                store.add_duplicate(t.service_request_id).await.unwrap();
+            }
+            if i % 5 == 0 {
+                let closed =
+                    store.update_status_at(t.service_request_id, Status::Closed, Some("done"), at);
+                closed.await.unwrap();
+            }
+            ids.push(t.service_request_id);
+        }
+        let codes = |c: &[&str]| c.iter().map(|c| (*c).to_string()).collect::<Vec<_>>();
+        let queries = [
+            TicketQuery::default(),
+            TicketQuery {
+                ids: ids[3..9].to_vec(),
+                ..TicketQuery::default()
+            },
+            TicketQuery {
+                service_codes: codes(&["code-a"]),
+                ..TicketQuery::default()
+            },
+            TicketQuery {
+                service_codes: codes(&["code-a", "pothole"]),
+                status: Some(Status::Open),
+                limit: Some(7),
+                ..TicketQuery::default()
+            },
+            TicketQuery {
+                status: Some(Status::Closed),
+                start: Some(datetime!(2026-11-01 10:00:00 UTC)),
+                end: Some(datetime!(2026-11-01 16:00:00 UTC)),
+                ..TicketQuery::default()
+            },
+        ];
+        for q in &queries {
+            let full = store.list(q).await.unwrap();
+            assert!(!full.is_empty(), "{q:?}");
+            let want: Vec<PublicTicket> = full.into_iter().map(PublicTicket::from).collect();
+            assert_eq!(store.list_public(q).await.unwrap(), want, "{q:?}");
+        }
+        store.close().await;
+    }
+
+    /// `duplicates` is read with every other column: by `get`, `list` (all of a long list)
+    /// and the ticket a status change returns.
+    #[tokio::test]
+    async fn duplicates_come_with_the_ticket() {
+        let db = TempDb::any("duplicates").await;
+        let store = TicketStore::open(&db.0).await.unwrap();
+        let mut filed = Vec::new();
+        for _ in 0..60 {
+            filed.push(store.file(pothole()).await.unwrap());
+        }
+        assert!(filed.iter().all(|t| t.duplicates == 0));
+        let id = filed[0].service_request_id;
+        assert!(store.add_duplicate(id).await.unwrap());
+        assert!(store.add_duplicate(id).await.unwrap());
+        assert_eq!(store.get(id).await.unwrap().unwrap().duplicates, 2);
+
+        let all = store.list(&TicketQuery::default()).await.unwrap();
+        assert_eq!(all.len(), 60);
+        for t in &all {
+            let want = if t.service_request_id == id { 2 } else { 0 };
+            assert_eq!(t.duplicates, want, "{}", t.service_request_id);
+        }
+        let by_id = TicketQuery {
+            ids: vec![id],
+            ..TicketQuery::default()
+        };
+        assert_eq!(store.list(&by_id).await.unwrap()[0].duplicates, 2);
+
+        // Closed: no more duplicates join it; the count stays.
+        let closed = store
+            .update_status(id, Status::Closed, Some("filled"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.duplicates, 2);
+        assert!(!store.add_duplicate(id).await.unwrap());
+        assert_eq!(store.get(id).await.unwrap().unwrap().duplicates, 2);
+        store.close().await;
     }
 
     #[tokio::test]

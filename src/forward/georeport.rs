@@ -253,6 +253,7 @@ mod tests {
             transfer: None,
             agent_id: None,
             external_id: None,
+            duplicates: 0,
         }
     }
 
